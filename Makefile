@@ -1,0 +1,72 @@
+# ambient-agent: build, test and demo on a Debian 12 machine as root.
+# `make test` and `make demo` run `setup` and `build` themselves.
+
+SHELL := /bin/bash
+PREFIX ?= /usr/local
+APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 nftables iperf3 socat wrk hyperfine \
+	nghttp2-client tshark tcpdump curl python3 gcc make procps
+# One object: capture.c includes the per-hook files so that every program shares the same maps.
+BPF_SOURCES := bpf/capture.c
+BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)
+TS_SOURCES := $(shell find agent test -name '*.ts' 2>/dev/null)
+
+.PHONY: setup build bpf test test-unit test-e2e demo install host clean bench
+
+## setup: install the Debian packages and npm dependencies (quiet when all is present)
+setup: node_modules/.package-lock.json
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:$$missing"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+node_modules/.package-lock.json: package.json package-lock.json
+	@echo "setup: npm ci"
+	@npm ci --no-audit --no-fund --loglevel=error
+
+## build: the native library and the TypeScript (the prebuilt eBPF objects are used as they are)
+build: setup native/libagent.so dist/.built
+
+native/libagent.so: native/libagent.c $(wildcard native/*.h)
+	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ native/libagent.c -lbpf -lpthread
+
+dist/.built: $(TS_SOURCES) tsconfig.json package.json
+	@npx tsc -p tsconfig.json
+	@chmod +x dist/agent/cli/*.js
+	@touch $@
+
+## bpf: rebuild the eBPF objects from source with clang (the objects are committed)
+bpf: setup
+	@for src in $(BPF_SOURCES); do \
+	  echo "clang $$src"; \
+	  clang -O2 -g -target bpf -D__TARGET_ARCH_x86 -I bpf -c $$src -o $${src%.c}.bpf.o || exit 1; \
+	done
+
+## host: make this machine ready to run agents (bpffs mounted)
+host:
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+## test: unit and end-to-end tests (end-to-end tests need root)
+test: build host
+	npx ava
+
+test-unit: build
+	npx ava 'dist/test/unit/**/*.test.js'
+
+test-e2e: build host
+	npx ava 'dist/test/e2e/**/*.test.js'
+
+## demo: two nodes, five pods, two agents, allowed and denied traffic, then the audit records
+demo: build host
+	node dist/test/demo/demo.js
+
+## install: put ambient-agent and agentctl on PATH ($(PREFIX)/bin)
+install: build
+	ln -sf $(CURDIR)/dist/agent/cli/ambient-agent.js $(PREFIX)/bin/ambient-agent
+	ln -sf $(CURDIR)/dist/agent/cli/agentctl.js $(PREFIX)/bin/agentctl
+
+clean:
+	rm -rf dist native/libagent.so

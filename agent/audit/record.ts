@@ -1,0 +1,49 @@
+import type { Decision, Direction } from "../state/types";
+
+/** One side of a connection in an audit record. Fields are omitted when unknown. */
+export interface AuditPeer {
+  /** "ip:port". */
+  addr: string;
+  workload?: string;
+  namespace?: string;
+  /** SPIFFE URI, present only when proven by a certificate (source) or expected of the peer (destination). */
+  identity?: string;
+  service?: string;
+  /** Destination only: "ip:15008" when the connection went through an HBONE tunnel. */
+  hbone_addr?: string;
+}
+
+/** How the bytes travelled between the two nodes. */
+export type Transport = "hbone" | "plaintext";
+
+/** One connection seen by the agent; exactly one record per connection and direction. */
+export interface AuditRecord {
+  /** RFC 3339 time at which the connection ended. */
+  time: string;
+  /** RFC 3339 time at which the connection was accepted. */
+  start: string;
+  node: string;
+  connection_id: string;
+  direction: Direction;
+  src: AuditPeer;
+  dst: AuditPeer;
+  transport: Transport;
+  decision: Decision;
+  /** "namespace/name" of the AuthorizationPolicy that decided, absent when no policy decided. */
+  policy?: string;
+  /** Short machine-readable reason: allowed, no_policy, policy_denied, no_allow_match, ... */
+  reason: string;
+  bytes_sent: number;
+  bytes_recv: number;
+  duration_ms: number;
+  /** Stable error code and message when the connection failed; absent on success. */
+  error?: { code: string; message: string };
+}
+
+/** Where records go. write() must not throw and must not lose a record it accepted. */
+export interface AuditSink {
+  write(record: AuditRecord): void;
+  /** Resolves once every accepted record is durably written (or the sink gave up and said so). */
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,54 @@
+// One registry of error codes. Each code is stable (it appears in audit records and logs),
+// and maps to the HBONE status the inbound side answers with and a response flag.
+
+export interface ErrorSpec {
+  /** HTTP status for an HBONE CONNECT that fails this way, when the error can happen there. */
+  status?: number;
+  /** Response flag in audit records, in the style of ztunnel's access log. */
+  flag: string;
+  description: string;
+}
+
+export const ERROR_CODES = {
+  BAD_REQUEST: { status: 400, flag: "CONNECT", description: "CONNECT request with a bad method or :authority" },
+  AUTHORITY_MISMATCH: { status: 400, flag: "CONNECT", description: ":authority IP differs from the address the tunnel arrived on" },
+  POLICY_DENIED: { status: 401, flag: "DENY", description: "an AuthorizationPolicy denied the connection" },
+  UNKNOWN_DESTINATION: { status: 503, flag: "NO_ROUTE", description: "no local workload has the requested address" },
+  PROXY_PORT: { status: 503, flag: "NO_ROUTE", description: "the requested port is one of the proxy ports 15001, 15006, 15008" },
+  UPSTREAM_CONNECT_FAILED: { status: 503, flag: "CONNECT", description: "the connection to the application failed or timed out" },
+  TLS_FAILURE: { flag: "TLS_FAILURE", description: "the TLS handshake failed" },
+  IDENTITY_ERROR: { flag: "IDENTITY_ERROR", description: "the peer certificate did not carry the expected SPIFFE identity" },
+  TUNNEL_REJECTED: { flag: "CONNECT", description: "the destination ztunnel answered the CONNECT with a non-200 status" },
+  NO_ORIGINAL_DESTINATION: { flag: "NO_ROUTE", description: "no original destination was recorded for a captured connection" },
+  NO_CERTIFICATE: { flag: "IDENTITY_ERROR", description: "no workload certificate could be issued" },
+  STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },
+  CA_ERROR: { flag: "INTERNAL", description: "the embedded CA folder is missing, invalid or already initialized" },
+  INTERNAL: { flag: "INTERNAL", description: "an unexpected error inside the agent" },
+} as const satisfies Record<string, ErrorSpec>;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** An error with a registered code; the message says what failed, on which value, and what to check. */
+export class AgentError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "AgentError";
+    this.code = code;
+  }
+
+  get status(): number | undefined {
+    const spec: ErrorSpec = ERROR_CODES[this.code];
+    return spec.status;
+  }
+
+  get flag(): string {
+    return ERROR_CODES[this.code].flag;
+  }
+}
+
+/** Returns the registered code of any thrown value, INTERNAL for unknown errors. */
+export function errorCodeOf(error: unknown): ErrorCode {
+  return error instanceof AgentError ? error.code : "INTERNAL";
+}

@@ -1,0 +1,12 @@
+import type net from "node:net";
+
+/**
+ * The network of one pod, as the proxy uses it. In production every socket is made inside the
+ * pod's network namespace and marked so that capture skips it; tests may use loopback addresses.
+ */
+export interface PodNetwork {
+  /** Starts `server` listening on 0.0.0.0:port inside the pod. */
+  listen(server: net.Server, port: number): Promise<void>;
+  /** Opens a TCP connection from inside the pod; the socket emits "connect" or "error" as usual. */
+  connect(host: string, port: number): net.Socket;
+}

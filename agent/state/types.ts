@@ -1,0 +1,147 @@
+// The mesh vocabulary shared by every component: what discovery produces, what enrollment,
+// the proxy, authorization and audit consume. Plain data only, so that any source (manifest
+// files today, the Kubernetes API or istiod later) can fill it.
+
+/** A SPIFFE identity: spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>. */
+export interface Identity {
+  trustDomain: string;
+  namespace: string;
+  serviceAccount: string;
+}
+
+export type Labels = Readonly<Record<string, string>>;
+
+/** Where a Kubernetes object came from, for error messages and diagnostics. */
+export interface ObjectSource {
+  /** Manifest file path, or another source name such as "kubernetes". */
+  file: string;
+  /** Zero-based index of the YAML document inside the file. */
+  document: number;
+}
+
+export interface Namespace {
+  name: string;
+  labels: Labels;
+  source: ObjectSource;
+}
+
+/** A pod, as the mesh sees it. */
+export interface Workload {
+  /** "namespace/name", unique in the cluster. */
+  uid: string;
+  name: string;
+  namespace: string;
+  serviceAccount: string;
+  nodeName: string;
+  /** status.podIP; empty when the pod has no address yet. */
+  ip: string;
+  labels: Labels;
+  /** Named container ports (containers[].ports[].name → containerPort), for Services with named target ports. */
+  namedPorts: Readonly<Record<string, number>>;
+  hostNetwork: boolean;
+  source: ObjectSource;
+}
+
+export interface ServicePort {
+  name: string;
+  port: number;
+  /** A number, or the name of a container port resolved per workload. */
+  targetPort: number | string;
+  protocol: "TCP" | "UDP" | "SCTP";
+}
+
+export interface Service {
+  /** "namespace/name". */
+  uid: string;
+  name: string;
+  namespace: string;
+  /** spec.clusterIP(s); empty for headless Services. */
+  vips: string[];
+  selector: Labels;
+  ports: ServicePort[];
+  source: ObjectSource;
+}
+
+export type PolicyAction = "ALLOW" | "DENY" | "AUDIT" | "CUSTOM";
+
+/** Source fields of an AuthorizationPolicy rule's `from` entry; each list ORed, fields ANDed. */
+export interface PolicySource {
+  principals?: string[];
+  notPrincipals?: string[];
+  namespaces?: string[];
+  notNamespaces?: string[];
+  serviceAccounts?: string[];
+  notServiceAccounts?: string[];
+  ipBlocks?: string[];
+  notIpBlocks?: string[];
+  remoteIpBlocks?: string[];
+  notRemoteIpBlocks?: string[];
+  requestPrincipals?: string[];
+  notRequestPrincipals?: string[];
+}
+
+/** Operation fields of a rule's `to` entry. Only ports matter at L4; the HTTP fields are kept to warn about. */
+export interface PolicyOperation {
+  ports?: string[];
+  notPorts?: string[];
+  hosts?: string[];
+  notHosts?: string[];
+  methods?: string[];
+  notMethods?: string[];
+  paths?: string[];
+  notPaths?: string[];
+}
+
+export interface PolicyCondition {
+  key: string;
+  values?: string[];
+  notValues?: string[];
+}
+
+export interface PolicyRule {
+  from?: { source: PolicySource }[];
+  to?: { operation: PolicyOperation }[];
+  when?: PolicyCondition[];
+}
+
+/** A security.istio.io AuthorizationPolicy. */
+export interface AuthorizationPolicy {
+  /** "namespace/name". */
+  uid: string;
+  name: string;
+  namespace: string;
+  /** spec.selector.matchLabels; undefined means every workload of the namespace. */
+  selector?: Labels;
+  action: PolicyAction;
+  /** undefined: no `rules` field. An empty array: `rules: []`. Istio treats the two differently. */
+  rules?: PolicyRule[];
+  dryRun: boolean;
+  source: ObjectSource;
+}
+
+export type MtlsMode = "UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT";
+
+/** A security.istio.io PeerAuthentication. */
+export interface PeerAuthentication {
+  uid: string;
+  name: string;
+  namespace: string;
+  selector?: Labels;
+  mode: MtlsMode;
+  portLevelMtls: Readonly<Record<number, MtlsMode>>;
+  source: ObjectSource;
+}
+
+/** Everything the mesh knows at one moment. Immutable: a change builds a new snapshot. */
+export interface ClusterSnapshot {
+  namespaces: ReadonlyMap<string, Namespace>;
+  workloads: ReadonlyMap<string, Workload>;
+  services: ReadonlyMap<string, Service>;
+  authorizationPolicies: ReadonlyMap<string, AuthorizationPolicy>;
+  peerAuthentications: ReadonlyMap<string, PeerAuthentication>;
+}
+
+export type Direction = "inbound" | "outbound";
+
+/** The decision on one connection. */
+export type Decision = "allow" | "deny";

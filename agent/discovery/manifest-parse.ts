@@ -1,0 +1,169 @@
+// Reads Kubernetes manifests (multi-document YAML or JSON, also `kind: List`) into the mesh
+// vocabulary. Kinds the mesh does not use are skipped. Objects of known kinds are checked field
+// by field, and an invalid object is rejected alone with a problem naming the file and line.
+
+import { LineCounter, parseAllDocuments, type Document } from "yaml";
+import type { Logger } from "../log";
+import type { ObjectSource } from "../state/types";
+import { objectKey, type ManifestProblem, type ParsedObject, type ParseResult } from "./manifest-problem";
+import { readAuthorizationPolicy, readPeerAuthentication } from "./manifest-policies";
+import { describeValue, isMapping, ObjectReader, type DocumentContext, type FieldPath } from "./manifest-reader";
+import { readNamespace, readPod, readService } from "./manifest-workloads";
+
+const CORE_API = ["v1"];
+const SECURITY_API = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/** Aliases allowed per document, to stop "billion laughs" expansion. */
+const MAX_ALIAS_COUNT = 100;
+
+/**
+ * Parses one manifest file. A syntax error anywhere rejects the whole file (syntaxError is
+ * true and no object is returned); otherwise each invalid object is rejected alone.
+ */
+export function parseManifests(file: string, text: string, logger?: Logger): ParseResult {
+  const lineCounter = new LineCounter();
+  const documents = parseAllDocuments(text, { lineCounter });
+  const problems: ManifestProblem[] = [];
+  const objects: ParsedObject[] = [];
+
+  const syntaxProblems = findSyntaxErrors(file, documents as Document[]);
+  if (syntaxProblems.length > 0) return { objects, problems: syntaxProblems, syntaxError: true };
+
+  let unreadable = false;
+  (documents as Document[]).forEach((yaml, index) => {
+    const context: DocumentContext = { file, document: index, yaml, lineCounter, problems };
+    let value: unknown;
+    try {
+      value = yaml.toJS({ maxAliasCount: MAX_ALIAS_COUNT });
+    } catch (error) {
+      unreadable = true;
+      problems.push(documentProblem(context, `cannot be read: ${(error as Error).message}`));
+      return;
+    }
+    readDocument(context, value, objects, logger);
+  });
+  return unreadable ? { objects: [], problems, syntaxError: true } : { objects, problems, syntaxError: false };
+}
+
+function findSyntaxErrors(file: string, documents: Document[]): ManifestProblem[] {
+  const problems: ManifestProblem[] = [];
+  documents.forEach((yaml, index) => {
+    for (const error of yaml.errors) {
+      problems.push({
+        file,
+        document: index,
+        line: error.linePos?.[0].line,
+        object: `document ${index + 1}`,
+        field: "",
+        message: `invalid YAML: ${error.message.split("\n")[0]}; fix the syntax (the file's last valid version stays in use)`,
+      });
+    }
+  });
+  return problems;
+}
+
+function readDocument(context: DocumentContext, value: unknown, objects: ParsedObject[], logger?: Logger): void {
+  if (value === null || value === undefined) return;
+  if (!isMapping(value)) {
+    context.problems.push(documentProblem(context, `expected a Kubernetes object (a mapping with apiVersion and kind), found ${describeValue(value)}`));
+    return;
+  }
+  if (value.kind !== "List") {
+    readObject(context, value, [], `document ${context.document + 1}`, objects, logger);
+    return;
+  }
+  const items = value.items;
+  if (items === undefined || items === null) return;
+  if (!Array.isArray(items)) {
+    context.problems.push(documentProblem(context, `kind List needs a list in items, found ${describeValue(items)}`));
+    return;
+  }
+  items.forEach((item, index) => {
+    readObject(context, item, ["items", index], `document ${context.document + 1} item ${index + 1}`, objects, logger);
+  });
+}
+
+function readObject(
+  context: DocumentContext,
+  value: unknown,
+  basePath: FieldPath,
+  label: string,
+  objects: ParsedObject[],
+  logger?: Logger,
+): void {
+  const reader = new ObjectReader(context, value, basePath, label);
+  if (!isMapping(value)) {
+    reader.reject([], `expected a Kubernetes object (a mapping with apiVersion and kind), found ${describeValue(value)}`);
+    return;
+  }
+  const kind = reader.requiredString(["kind"]);
+  const apiVersion = reader.requiredString(["apiVersion"]);
+  if (kind === undefined || apiVersion === undefined) return;
+
+  const source: ObjectSource = { file: context.file, document: context.document };
+  const parsed = readKnownKind(reader, kind, apiVersion, source);
+  if (parsed === "unknown") {
+    logger?.debug({ file: context.file, document: context.document, kind, apiVersion }, "skipped manifest of a kind the mesh does not use");
+    return;
+  }
+  if (parsed !== undefined && !reader.failed) objects.push(parsed);
+}
+
+/** Reads an object of a kind the mesh uses; "unknown" for other kinds, undefined when rejected. */
+function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, source: ObjectSource): ParsedObject | undefined | "unknown" {
+  switch (kind) {
+    case "Namespace":
+    case "Pod":
+    case "Service":
+      if (!CORE_API.includes(apiVersion)) return "unknown";
+      return readCoreKind(reader, kind, source);
+    case "AuthorizationPolicy":
+    case "PeerAuthentication":
+      if (!apiVersion.startsWith("security.istio.io/")) return "unknown";
+      if (!SECURITY_API.includes(apiVersion)) {
+        reader.reject(["apiVersion"], `unsupported apiVersion ${describeValue(apiVersion)}; use ${SECURITY_API.join(" or ")}`);
+        return undefined;
+      }
+      return readSecurityKind(reader, kind, source);
+    default:
+      return "unknown";
+  }
+}
+
+function readCoreKind(reader: ObjectReader, kind: "Namespace" | "Pod" | "Service", source: ObjectSource): ParsedObject | undefined {
+  if (kind === "Namespace") {
+    const value = readNamespace(reader, source);
+    return value && { kind, key: objectKey(kind, undefined, value.name), value };
+  }
+  if (kind === "Pod") {
+    const value = readPod(reader, source);
+    return value && { kind, key: objectKey(kind, value.namespace, value.name), value };
+  }
+  const value = readService(reader, source);
+  return value && { kind, key: objectKey(kind, value.namespace, value.name), value };
+}
+
+function readSecurityKind(
+  reader: ObjectReader,
+  kind: "AuthorizationPolicy" | "PeerAuthentication",
+  source: ObjectSource,
+): ParsedObject | undefined {
+  if (kind === "AuthorizationPolicy") {
+    const value = readAuthorizationPolicy(reader, source);
+    return value && { kind, key: objectKey(kind, value.namespace, value.name), value };
+  }
+  const value = readPeerAuthentication(reader, source);
+  return value && { kind, key: objectKey(kind, value.namespace, value.name), value };
+}
+
+function documentProblem(context: DocumentContext, message: string): ManifestProblem {
+  const range = context.yaml.contents?.range;
+  return {
+    file: context.file,
+    document: context.document,
+    line: range ? context.lineCounter.linePos(range[0]).line : undefined,
+    object: `document ${context.document + 1}`,
+    field: "",
+    message,
+  };
+}

@@ -1,0 +1,187 @@
+// Readers for the core Kubernetes kinds the mesh uses: v1 Namespace, Pod and Service. Each
+// reads only the fields the agent uses and checks them as the Kubernetes API server would.
+
+import net from "node:net";
+import type { Namespace, ObjectSource, Service, ServicePort, Workload } from "../state/types";
+import { objectKey, type ObjectKind } from "./manifest-problem";
+import { describeValue, type ObjectReader } from "./manifest-reader";
+
+/** DNS-1123 subdomain: the syntax of most object names. */
+const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
+
+/** DNS-1123 label: the syntax of namespace names. */
+const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+/** IANA service name: the syntax of named container and Service ports. */
+const PORT_NAME = /^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+export interface Metadata {
+  name: string;
+  /** Undefined for cluster-scoped kinds. */
+  namespace?: string;
+  labels: Record<string, string>;
+  annotations: Record<string, string>;
+}
+
+/** Reads metadata.name, metadata.namespace (default "default" for namespaced kinds), labels and annotations. */
+export function readMetadata(reader: ObjectReader, kind: ObjectKind, namespaced: boolean): Metadata | undefined {
+  const name = reader.requiredString(["metadata", "name"]);
+  if (name === undefined) return undefined;
+  let namespace: string | undefined;
+  if (namespaced) {
+    namespace = reader.string(["metadata", "namespace"]) ?? "default";
+    if (namespace === "") namespace = "default";
+  }
+  reader.label = objectKey(kind, namespace, name);
+
+  if (name.length > 253 || !DNS_SUBDOMAIN.test(name)) {
+    reader.reject(["metadata", "name"], `invalid name ${describeValue(name)}; use lowercase letters, digits, '-' and '.'`);
+  }
+  if (namespace !== undefined && (namespace.length > 63 || !DNS_LABEL.test(namespace))) {
+    reader.reject(["metadata", "namespace"], `invalid namespace ${describeValue(namespace)}; use lowercase letters, digits and '-'`);
+  }
+
+  const labels = reader.stringMap(["metadata", "labels"]);
+  const annotations = reader.stringMap(["metadata", "annotations"]);
+  return { name, namespace, labels, annotations };
+}
+
+export function readNamespace(reader: ObjectReader, source: ObjectSource): Namespace | undefined {
+  const metadata = readMetadata(reader, "Namespace", false);
+  if (metadata === undefined) return undefined;
+  if (metadata.name.length > 63 || !DNS_LABEL.test(metadata.name)) {
+    reader.reject(["metadata", "name"], `invalid namespace name ${describeValue(metadata.name)}; use lowercase letters, digits and '-'`);
+  }
+  return { name: metadata.name, labels: metadata.labels, source };
+}
+
+export function readPod(reader: ObjectReader, source: ObjectSource): Workload | undefined {
+  const metadata = readMetadata(reader, "Pod", true);
+  if (metadata === undefined || metadata.namespace === undefined) return undefined;
+
+  const serviceAccount =
+    nonEmpty(reader.string(["spec", "serviceAccountName"])) ?? nonEmpty(reader.string(["spec", "serviceAccount"])) ?? "default";
+  const nodeName = reader.string(["spec", "nodeName"]) ?? "";
+  const hostNetwork = reader.boolean(["spec", "hostNetwork"], false);
+
+  const ip = reader.string(["status", "podIP"]) ?? "";
+  if (ip !== "" && net.isIP(ip) === 0) {
+    reader.reject(["status", "podIP"], `invalid IPv4 or IPv6 address ${describeValue(ip)}; fix the value or remove the field`);
+  }
+
+  return {
+    uid: `${metadata.namespace}/${metadata.name}`,
+    name: metadata.name,
+    namespace: metadata.namespace,
+    serviceAccount,
+    nodeName,
+    ip,
+    labels: metadata.labels,
+    namedPorts: readNamedPorts(reader),
+    hostNetwork,
+    source,
+  };
+}
+
+/** Reads containers[].ports[] and returns the named ones; checks every port. */
+function readNamedPorts(reader: ObjectReader): Record<string, number> {
+  const namedPorts: Record<string, number> = {};
+  const containers = reader.list(["spec", "containers"]) ?? [];
+  containers.forEach((_, containerIndex) => {
+    const portsPath = ["spec", "containers", containerIndex, "ports"];
+    const ports = reader.list(portsPath) ?? [];
+    ports.forEach((_, portIndex) => {
+      const path = [...portsPath, portIndex];
+      if (reader.mapping(path) === undefined) return;
+      const containerPort = reader.port([...path, "containerPort"]);
+      const name = reader.string([...path, "name"]);
+      if (name === undefined || name === "") return;
+      if (name.length > 15 || !PORT_NAME.test(name)) {
+        reader.reject([...path, "name"], `invalid port name ${describeValue(name)}; use at most 15 lowercase letters, digits and '-'`);
+        return;
+      }
+      if (containerPort !== undefined) namedPorts[name] = containerPort;
+    });
+  });
+  return namedPorts;
+}
+
+export function readService(reader: ObjectReader, source: ObjectSource): Service | undefined {
+  const metadata = readMetadata(reader, "Service", true);
+  if (metadata === undefined || metadata.namespace === undefined) return undefined;
+  return {
+    uid: `${metadata.namespace}/${metadata.name}`,
+    name: metadata.name,
+    namespace: metadata.namespace,
+    vips: readClusterIps(reader),
+    selector: reader.stringMap(["spec", "selector"]),
+    ports: readServicePorts(reader),
+    source,
+  };
+}
+
+/** Reads spec.clusterIPs, or spec.clusterIP when the list is absent; "None" (headless) gives no VIP. */
+function readClusterIps(reader: ObjectReader): string[] {
+  const list = reader.stringList(["spec", "clusterIPs"]);
+  const single = reader.string(["spec", "clusterIP"]);
+  const entries: [string, (string | number)[]][] =
+    list !== undefined && list.length > 0
+      ? list.map((ip, index) => [ip, ["spec", "clusterIPs", index]])
+      : single !== undefined
+        ? [[single, ["spec", "clusterIP"]]]
+        : [];
+  const vips: string[] = [];
+  for (const [ip, path] of entries) {
+    if (ip === "None" || ip === "") continue;
+    if (net.isIP(ip) === 0) {
+      reader.reject(path, `invalid IPv4 or IPv6 address ${describeValue(ip)}; use an address or "None" for a headless Service`);
+      continue;
+    }
+    vips.push(ip);
+  }
+  return vips;
+}
+
+function readServicePorts(reader: ObjectReader): ServicePort[] {
+  const ports: ServicePort[] = [];
+  const items = reader.list(["spec", "ports"]) ?? [];
+  items.forEach((_, index) => {
+    const path = ["spec", "ports", index];
+    if (reader.mapping(path) === undefined) return;
+    const port = reader.port([...path, "port"]);
+    const name = reader.string([...path, "name"]) ?? "";
+    const protocol = readProtocol(reader, [...path, "protocol"]);
+    const targetPort = readTargetPort(reader, [...path, "targetPort"]);
+    if (port === undefined || protocol === undefined || targetPort === null) return;
+    ports.push({ name, port, targetPort: targetPort ?? port, protocol });
+  });
+  return ports;
+}
+
+function readProtocol(reader: ObjectReader, path: (string | number)[]): ServicePort["protocol"] | undefined {
+  const protocol = reader.string(path) ?? "TCP";
+  if (protocol === "TCP" || protocol === "UDP" || protocol === "SCTP") return protocol;
+  reader.reject(path, `invalid protocol ${describeValue(protocol)}; use TCP, UDP or SCTP`);
+  return undefined;
+}
+
+/** Returns the target port (number or container port name), undefined when absent, null when invalid. */
+function readTargetPort(reader: ObjectReader, path: (string | number)[]): number | string | undefined | null {
+  const value = reader.value(path);
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === "number") return reader.port(path) ?? null;
+  if (typeof value === "string") {
+    if (/^[0-9]+$/.test(value)) {
+      const port = Number(value);
+      if (port >= 1 && port <= 65535) return port;
+    } else if (value.length <= 15 && PORT_NAME.test(value)) {
+      return value;
+    }
+  }
+  reader.reject(path, `invalid targetPort ${describeValue(value)}; use a port number 1-65535 or a container port name`);
+  return null;
+}
+
+function nonEmpty(value: string | undefined): string | undefined {
+  return value === "" ? undefined : value;
+}

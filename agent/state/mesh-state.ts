@@ -1,0 +1,220 @@
+// The mesh state at one moment: a ClusterSnapshot plus the indexes that the data path queries
+// per connection (workload by IP, Service by VIP, policies of a workload). It is immutable: a new
+// snapshot builds a new MeshState, so each connection reads one consistent view.
+
+import { canonicalIp } from "./ip";
+import type {
+  AuthorizationPolicy,
+  ClusterSnapshot,
+  Labels,
+  MtlsMode,
+  Namespace,
+  PeerAuthentication,
+  Service,
+  Workload,
+} from "./types";
+
+/** Istio's default root namespace: policies there apply mesh-wide. */
+export const DEFAULT_ROOT_NAMESPACE = "istio-system";
+
+/** The PeerAuthentications that apply to one workload, one per scope. */
+export interface PeerAuthenticationScopes {
+  /** In the root namespace, without selector. */
+  mesh?: PeerAuthentication;
+  /** In the workload's namespace, without selector. */
+  namespace?: PeerAuthentication;
+  /** In the workload's namespace, with a selector matching the workload's labels. */
+  workload?: PeerAuthentication;
+}
+
+/** An mTLS mode after inheritance: UNSET resolves to the parent scope, and to PERMISSIVE at the top. */
+export type EffectiveMtlsMode = Exclude<MtlsMode, "UNSET">;
+
+export function emptySnapshot(): ClusterSnapshot {
+  return {
+    namespaces: new Map(),
+    workloads: new Map(),
+    services: new Map(),
+    authorizationPolicies: new Map(),
+    peerAuthentications: new Map(),
+  };
+}
+
+/** Tells whether every matchLabels entry of `selector` is among `labels`; an empty selector matches all. */
+export function selectorMatches(selector: Labels, labels: Labels): boolean {
+  return Object.entries(selector).every(([key, value]) => labels[key] === value);
+}
+
+export class MeshState {
+  private readonly byIp = new Map<string, Workload>();
+  private readonly byVip = new Map<string, Service>();
+  private readonly byNode = new Map<string, Workload[]>();
+  private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
+  private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
+
+  constructor(readonly snapshot: ClusterSnapshot = emptySnapshot()) {
+    this.indexWorkloads();
+    this.indexServices();
+    groupByNamespace(snapshot.authorizationPolicies.values(), this.policiesByNamespace);
+    groupByNamespace(snapshot.peerAuthentications.values(), this.peerAuthenticationsByNamespace);
+  }
+
+  /** Returns the workload with this pod IP (any textual form of it). */
+  workloadByIp(ip: string): Workload | undefined {
+    return this.byIp.get(canonicalIp(ip));
+  }
+
+  /** Returns the workload with uid "namespace/name". */
+  workload(uid: string): Workload | undefined {
+    return this.snapshot.workloads.get(uid);
+  }
+
+  workloads(): Workload[] {
+    return [...this.snapshot.workloads.values()];
+  }
+
+  namespace(name: string): Namespace | undefined {
+    return this.snapshot.namespaces.get(name);
+  }
+
+  /** Returns the Service with this cluster IP. */
+  serviceByVip(ip: string): Service | undefined {
+    return this.byVip.get(canonicalIp(ip));
+  }
+
+  /** Returns the Service with uid "namespace/name". */
+  service(uid: string): Service | undefined {
+    return this.snapshot.services.get(uid);
+  }
+
+  services(): Service[] {
+    return [...this.snapshot.services.values()];
+  }
+
+  /** Returns the workloads scheduled on `node` (spec.nodeName), sorted by uid. */
+  workloadsOnNode(node: string): Workload[] {
+    return [...(this.byNode.get(node) ?? [])];
+  }
+
+  /** Returns the Services of the workload's namespace whose non-empty selector matches its labels. */
+  servicesForWorkload(workload: Workload): Service[] {
+    return this.services().filter(
+      (service) =>
+        service.namespace === workload.namespace &&
+        Object.keys(service.selector).length > 0 &&
+        selectorMatches(service.selector, workload.labels),
+    );
+  }
+
+  /** Returns the workloads a Service selects (none for a Service without selector). */
+  workloadsForService(service: Service): Workload[] {
+    if (Object.keys(service.selector).length === 0) return [];
+    return this.workloads().filter(
+      (workload) => workload.namespace === service.namespace && selectorMatches(service.selector, workload.labels),
+    );
+  }
+
+  /**
+   * Returns the AuthorizationPolicies that apply to a workload, sorted by uid:
+   * 1. policies of its namespace without selector (namespace-wide);
+   * 2. policies of its namespace whose selector matches its labels;
+   * 3. policies of the root namespace without selector (mesh-wide);
+   * 4. policies of the root namespace with a selector matching its labels: Istio applies a root
+   *    namespace selector to workloads in every namespace.
+   */
+  policiesForWorkload(workload: Workload, rootNamespace = DEFAULT_ROOT_NAMESPACE): AuthorizationPolicy[] {
+    const namespaces = new Set([workload.namespace, rootNamespace]);
+    const policies: AuthorizationPolicy[] = [];
+    for (const namespace of namespaces) {
+      for (const policy of this.policiesByNamespace.get(namespace) ?? []) {
+        if (policy.selector === undefined || selectorMatches(policy.selector, workload.labels)) policies.push(policy);
+      }
+    }
+    return policies.sort((a, b) => compare(a.uid, b.uid));
+  }
+
+  /**
+   * Returns the PeerAuthentications of each scope for a workload. Istio picks the oldest one when
+   * several share a scope; manifests carry no creation time, so the first by name is used instead.
+   */
+  peerAuthenticationsFor(workload: Workload, rootNamespace = DEFAULT_ROOT_NAMESPACE): PeerAuthenticationScopes {
+    const first = (candidates: PeerAuthentication[]) => candidates.sort((a, b) => compare(a.uid, b.uid))[0];
+    const inNamespace = this.peerAuthenticationsByNamespace.get(workload.namespace) ?? [];
+    const inRoot = this.peerAuthenticationsByNamespace.get(rootNamespace) ?? [];
+    const scopes: PeerAuthenticationScopes = {};
+    const mesh = first(inRoot.filter((policy) => isNamespaceWide(policy)));
+    const namespace = workload.namespace === rootNamespace ? undefined : first(inNamespace.filter((policy) => isNamespaceWide(policy)));
+    const selected = first(
+      inNamespace.filter((policy) => !isNamespaceWide(policy) && selectorMatches(policy.selector ?? {}, workload.labels)),
+    );
+    if (mesh !== undefined) scopes.mesh = mesh;
+    if (namespace !== undefined) scopes.namespace = namespace;
+    if (selected !== undefined) scopes.workload = selected;
+    return scopes;
+  }
+
+  /**
+   * Returns the mTLS mode for connections to `port` (a workload port) of a workload. Each scope
+   * overrides the one above it unless its mode is UNSET: mesh, namespace, workload, then the
+   * workload policy's portLevelMtls entry for the port. Nothing set means PERMISSIVE.
+   */
+  mtlsModeFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): EffectiveMtlsMode {
+    const scopes = this.peerAuthenticationsFor(workload, rootNamespace);
+    let mode: EffectiveMtlsMode = "PERMISSIVE";
+    for (const policy of [scopes.mesh, scopes.namespace, scopes.workload]) {
+      if (policy !== undefined && policy.mode !== "UNSET") mode = policy.mode;
+    }
+    const portMode = scopes.workload?.portLevelMtls[port];
+    if (portMode !== undefined && portMode !== "UNSET") mode = portMode;
+    return mode;
+  }
+
+  /**
+   * Indexes workloads by IP and node. When two workloads share an IP, a pod network workload wins
+   * over a hostNetwork one (those carry the node's IP), then the first by uid.
+   */
+  private indexWorkloads(): void {
+    const sorted = [...this.snapshot.workloads.values()].sort((a, b) => compare(a.uid, b.uid));
+    for (const workload of sorted) {
+      if (workload.ip !== "") {
+        const key = canonicalIp(workload.ip);
+        const existing = this.byIp.get(key);
+        if (existing === undefined || (existing.hostNetwork && !workload.hostNetwork)) this.byIp.set(key, workload);
+      }
+      if (workload.nodeName !== "") {
+        const onNode = this.byNode.get(workload.nodeName) ?? [];
+        onNode.push(workload);
+        this.byNode.set(workload.nodeName, onNode);
+      }
+    }
+  }
+
+  private indexServices(): void {
+    const sorted = [...this.snapshot.services.values()].sort((a, b) => compare(a.uid, b.uid));
+    for (const service of sorted) {
+      for (const vip of service.vips) {
+        const key = canonicalIp(vip);
+        if (!this.byVip.has(key)) this.byVip.set(key, service);
+      }
+    }
+  }
+}
+
+function isNamespaceWide(policy: PeerAuthentication): boolean {
+  return policy.selector === undefined || Object.keys(policy.selector).length === 0;
+}
+
+function groupByNamespace<T extends { namespace: string }>(items: Iterable<T>, into: Map<string, T[]>): void {
+  for (const item of items) {
+    const group = into.get(item.namespace) ?? [];
+    group.push(item);
+    into.set(item.namespace, group);
+  }
+}
+
+/** Orders strings by UTF-16 code units, the same order on every machine. */
+function compare(a: string, b: string): number {
+  if (a < b) return -1;
+  if (a > b) return 1;
+  return 0;
+}

@@ -1,0 +1,140 @@
+// The audit record of one proxied connection, filled in as the connection progresses and written
+// exactly once, from the proxies' finally paths, so that failures are recorded too.
+
+import crypto from "node:crypto";
+import type { AuditPeer, AuditRecord, AuditSink, Transport } from "../audit/record";
+import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
+import type { Logger } from "../log";
+import type { Decision, Direction, Workload } from "../state/types";
+
+export interface ConnectionRecordInit {
+  node: string;
+  direction: Direction;
+  transport: Transport;
+  src: AuditPeer;
+  dst: AuditPeer;
+}
+
+/** Describes a workload as one side of an audit record. */
+export function peerOf(addr: string, workload: Workload | undefined, identity?: string): AuditPeer {
+  const peer: AuditPeer = { addr };
+  if (workload) {
+    peer.workload = workload.name;
+    peer.namespace = workload.namespace;
+  }
+  if (identity) {
+    peer.identity = identity;
+  }
+  return peer;
+}
+
+export class ConnectionRecord {
+  readonly id = crypto.randomUUID();
+  readonly #startedAt = new Date();
+  readonly #startedNs = process.hrtime.bigint();
+  readonly #init: ConnectionRecordInit;
+  #written = false;
+
+  src: AuditPeer;
+  dst: AuditPeer;
+  transport: Transport;
+  decision: Decision = "allow";
+  reason = "allowed";
+  policy: string | undefined;
+  /** Bytes from the source to the destination. */
+  bytesSent = 0;
+  /** Bytes from the destination to the source. */
+  bytesRecv = 0;
+  error: { code: string; message: string } | undefined;
+
+  constructor(init: ConnectionRecordInit) {
+    this.#init = init;
+    this.src = { ...init.src };
+    this.dst = { ...init.dst };
+    this.transport = init.transport;
+  }
+
+  /** Records the first failure; later ones are consequences of it. */
+  fail(error: unknown): void {
+    this.error ??= {
+      code: errorCodeOf(error),
+      message: error instanceof Error ? error.message : String(error),
+    };
+  }
+
+  /** Records a refusal before any byte flowed: decision deny with a reason and the error behind it. */
+  deny(reason: string, error: AgentError, policy?: string): void {
+    this.decision = "deny";
+    this.reason = reason;
+    this.policy = policy;
+    this.fail(error);
+  }
+
+  /** Builds the record; the time is the end of the connection. */
+  toAuditRecord(): AuditRecord {
+    const record: AuditRecord = {
+      time: new Date().toISOString(),
+      start: this.#startedAt.toISOString(),
+      node: this.#init.node,
+      connection_id: this.id,
+      direction: this.#init.direction,
+      src: this.src,
+      dst: this.dst,
+      transport: this.transport,
+      decision: this.decision,
+      reason: this.reason,
+      bytes_sent: this.bytesSent,
+      bytes_recv: this.bytesRecv,
+      duration_ms: Number(process.hrtime.bigint() - this.#startedNs) / 1e6,
+    };
+    if (this.policy !== undefined) {
+      record.policy = this.policy;
+    }
+    if (this.error !== undefined) {
+      record.error = this.error;
+    }
+    return record;
+  }
+
+  /** Writes the record to the sink and logs the connection's end; every call after the first does nothing. */
+  write(sink: AuditSink, logger: Logger): void {
+    if (this.#written) {
+      return;
+    }
+    this.#written = true;
+    const record = this.toAuditRecord();
+    try {
+      sink.write(record);
+    } catch (error) {
+      logger.error({ err: error, connection_id: record.connection_id }, "audit sink rejected a connection record");
+    }
+    logConnectionEnd(logger, record);
+  }
+}
+
+function logConnectionEnd(logger: Logger, record: AuditRecord): void {
+  const fields = {
+    "src.addr": record.src.addr,
+    "src.identity": record.src.identity,
+    "dst.addr": record.dst.addr,
+    "dst.hbone_addr": record.dst.hbone_addr,
+    "dst.identity": record.dst.identity,
+    decision: record.decision,
+    policy: record.policy,
+    reason: record.reason,
+    bytes_sent: record.bytes_sent,
+    bytes_recv: record.bytes_recv,
+    duration_ms: Math.round(record.duration_ms * 1000) / 1000,
+    flag: record.error ? flagOf(record.error.code) : undefined,
+    error: record.error?.message,
+  };
+  if (record.error) {
+    logger.warn(fields, "connection failed");
+  } else {
+    logger.info(fields, "connection complete");
+  }
+}
+
+function flagOf(code: string): string {
+  return code in ERROR_CODES ? ERROR_CODES[code as keyof typeof ERROR_CODES].flag : "INTERNAL";
+}

@@ -1,0 +1,183 @@
+// The bidirectional copy between the two halves of a proxied connection: TCP sockets and HTTP/2
+// CONNECT streams. A TCP FIN maps to END_STREAM in that direction and back. An abort maps to an abort:
+// a TCP reset or socket error becomes an RST_STREAM, and an RST_STREAM with any code other than NO_ERROR
+// or CANCEL becomes a TCP reset. RST_STREAM NO_ERROR or CANCEL reads as end of stream, as in ztunnel.
+
+import http2 from "node:http2";
+import type net from "node:net";
+import type { Duplex } from "node:stream";
+import { AgentError } from "../errors";
+
+const { NGHTTP2_NO_ERROR, NGHTTP2_CANCEL } = http2.constants;
+
+/** One half of a proxied connection. */
+export interface CopyEndpoint {
+  /** Names the endpoint in errors: "client", "application", "tunnel". */
+  readonly name: string;
+  readonly duplex: Duplex;
+  /** Aborts the endpoint so that its remote side receives a reset. */
+  reset(): void;
+  /** Tells, once the endpoint closed, whether it closed normally rather than by an abort. */
+  closedNormally(): boolean;
+}
+
+export interface CopyResult {
+  /** Bytes read from the first endpoint and written to the second. */
+  bytesForward: number;
+  /** Bytes read from the second endpoint and written to the first. */
+  bytesBackward: number;
+  /** The first abort or error on either endpoint; absent when both closed normally. */
+  error?: AgentError;
+}
+
+/** Wraps a TCP socket. Half-open is enabled so that a FIN closes one direction only. */
+export function tcpEndpoint(name: string, socket: net.Socket): CopyEndpoint {
+  socket.allowHalfOpen = true;
+  let failed = false;
+  let readableEnded = false;
+  socket.once("error", () => (failed = true));
+  socket.once("end", () => (readableEnded = true));
+  return {
+    name,
+    duplex: socket,
+    reset: () => {
+      failed = true;
+      if (!socket.destroyed) {
+        resetSocket(socket);
+      }
+    },
+    closedNormally: () => !failed && readableEnded,
+  };
+}
+
+/** Wraps an HTTP/2 stream that carries a CONNECT tunnel. */
+export function streamEndpoint(name: string, stream: http2.Http2Stream): CopyEndpoint {
+  let failed = false;
+  stream.on("error", (error: NodeJS.ErrnoException) => {
+    // Node reports every RST_STREAM as an error; NO_ERROR and CANCEL are a normal end here.
+    if (!(error.code === "ERR_HTTP2_STREAM_ERROR" && isEndOfStreamCode(stream.rstCode))) {
+      failed = true;
+    }
+  });
+  return {
+    name,
+    duplex: stream,
+    reset: () => {
+      failed = true;
+      if (!stream.destroyed) {
+        // RFC 9113 section 8.5 specifies CONNECT_ERROR, but Node's close(code) first ends the writable
+        // side, and once that END_STREAM completes the stream the peer ignores the RST_STREAM behind it.
+        // destroy(error) sends RST_STREAM INTERNAL_ERROR at once, which peers also read as an abort.
+        stream.destroy(new AgentError("STREAM_RESET", `the ${name} stream was aborted because its other half failed`));
+      }
+    },
+    closedNormally: () => !failed && isEndOfStreamCode(stream.rstCode),
+  };
+}
+
+/** Sends a TCP RST when the socket has a handle, and destroys it otherwise. */
+export function resetSocket(socket: net.Socket): void {
+  if (socket.destroyed) {
+    return;
+  }
+  try {
+    socket.resetAndDestroy();
+  } catch {
+    // resetAndDestroy throws on a socket that is not a connected TCP socket.
+    socket.destroy();
+  }
+}
+
+/**
+ * Copies bytes both ways between `first` and `second` until both closed, with byte counts.
+ * Resolves, never rejects: failures come back as CopyResult.error.
+ */
+export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint): Promise<CopyResult> {
+  const result: CopyResult = { bytesForward: 0, bytesBackward: 0 };
+  const recordError = (endpoint: CopyEndpoint, error: unknown): void => {
+    result.error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, error), { cause: error });
+  };
+
+  return new Promise((resolve) => {
+    let open = 2;
+    const onClosed = (): void => {
+      open -= 1;
+      if (open === 0) {
+        resolve(result);
+      }
+    };
+    forwardOneWay(first, second, (bytes) => (result.bytesForward += bytes), recordError, onClosed);
+    forwardOneWay(second, first, (bytes) => (result.bytesBackward += bytes), recordError, onClosed);
+  });
+}
+
+/** Pipes source into target and propagates the source's end and close to the target. */
+function forwardOneWay(
+  source: CopyEndpoint,
+  target: CopyEndpoint,
+  count: (bytes: number) => void,
+  recordError: (endpoint: CopyEndpoint, error: unknown) => void,
+  onClosed: () => void,
+): void {
+  let lastError: unknown;
+  let sourceEnded = false;
+  source.duplex.on("error", (error) => (lastError ??= error));
+  source.duplex.pipe(target.duplex, { end: false });
+  source.duplex.on("data", (chunk: Buffer) => count(chunk.length));
+  source.duplex.once("end", () => {
+    sourceEnded = true;
+    endWritable(target.duplex);
+  });
+  source.duplex.once("close", () => {
+    if (source.closedNormally()) {
+      finishAfterNormalClose(target, sourceEnded);
+    } else {
+      recordError(source, lastError);
+      target.reset();
+    }
+    onClosed();
+  });
+}
+
+/**
+ * After the source closed normally, ends the target's writable side. A source that closed without
+ * its readable side ending (RST_STREAM NO_ERROR or CANCEL before END_STREAM) counts as end of stream.
+ */
+function finishAfterNormalClose(target: CopyEndpoint, sourceEnded: boolean): void {
+  if (!sourceEnded) {
+    endWritable(target.duplex);
+  }
+  // The closed source takes no more bytes, so the target's remaining input has nowhere to go:
+  // close the target once its output is flushed instead of stalling on a pipe that never drains.
+  const duplex = target.duplex;
+  if (!duplex.readableEnded && !duplex.destroyed) {
+    if (duplex.writableFinished) {
+      duplex.destroy();
+    } else {
+      duplex.once("finish", () => duplex.destroy());
+    }
+  }
+}
+
+function endWritable(duplex: Duplex): void {
+  if (!duplex.destroyed && !duplex.writableEnded) {
+    duplex.end();
+  }
+}
+
+function isEndOfStreamCode(code: number | undefined): boolean {
+  return code === undefined || code === NGHTTP2_NO_ERROR || code === NGHTTP2_CANCEL;
+}
+
+function describeAbort(endpoint: CopyEndpoint, error: unknown): string {
+  if (endpoint.duplex instanceof Object && "rstCode" in endpoint.duplex) {
+    const rstCode = (endpoint.duplex as http2.Http2Stream).rstCode;
+    return `the ${endpoint.name} stream was reset (RST_STREAM code ${rstCode}${error ? `, ${errorText(error)}` : ""})`;
+  }
+  return `the ${endpoint.name} connection was reset or aborted${error ? ` (${errorText(error)})` : ""}`;
+}
+
+function errorText(error: unknown): string {
+  const { code, message } = error as NodeJS.ErrnoException;
+  return code ? `${code}: ${message}` : String(message ?? error);
+}

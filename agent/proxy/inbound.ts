@@ -1,0 +1,303 @@
+// The inbound HBONE server of one enrolled pod: terminates mutual TLS on port 15008, checks the
+// client's SPIFFE identity, authorizes each CONNECT stream and connects it to the application.
+
+import http2 from "node:http2";
+import type net from "node:net";
+import type tls from "node:tls";
+import type { AuditSink } from "../audit/record";
+import { AgentError } from "../errors";
+import { hboneTlsOptions } from "../identity/certificate";
+import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-manager";
+import { formatSpiffeId } from "../identity/spiffe";
+import type { Logger } from "../log";
+import type { AuthorizationResult, RbacConnection } from "../rbac/types";
+import type { Identity, Workload } from "../state/types";
+import { ConnectionRecord, peerOf } from "./connection-record";
+import { copyBidirectional, streamEndpoint, tcpEndpoint } from "./copy";
+import {
+  CONNECT_TIMEOUT_MS,
+  CONNECTION_WINDOW_BYTES,
+  HBONE_PORT,
+  MAX_SESSION_MEMORY_MB,
+  PROXY_PORTS,
+  SERVER_SETTINGS,
+  parseAuthority,
+  parseForwardedFor,
+  peerIdentityOf,
+  type Authority,
+} from "./hbone";
+import type { PodNetwork } from "./pod-network";
+import { connectTcp, formatAddress, normalizeIp } from "./tcp";
+
+export interface InboundHboneServerOptions {
+  node: string;
+  /** The enrolled pod this server delivers to. */
+  workload: Workload;
+  identity: Identity;
+  network: PodNetwork;
+  certs: CertificateProvider;
+  /** Clients must present a certificate of this trust domain. */
+  trustDomain: string;
+  authorize(connection: RbacConnection): AuthorizationResult;
+  /** The workload that owns a source address, for the audit record only. */
+  lookupSource(ip: string): Workload | undefined;
+  audit: AuditSink;
+  logger: Logger;
+}
+
+/** The client facts that one HBONE connection (TLS session) proved. */
+interface TunnelPeer {
+  identity: Identity;
+  /** The tunnel's remote address. */
+  ip: string;
+  port: number;
+  /** The address the tunnel arrived on; every CONNECT on it must name this IP. */
+  localIp: string;
+}
+
+/** How often the server checks whether its certificate was re-issued, at most. */
+const MAX_ROTATION_CHECK_MS = 60_000;
+
+export class InboundHboneServer {
+  readonly #options: InboundHboneServerOptions;
+  readonly #logger: Logger;
+  readonly #peers = new WeakMap<http2.ServerHttp2Session, TunnelPeer>();
+  readonly #sessions = new Set<http2.ServerHttp2Session>();
+  readonly #streams = new Set<Promise<void>>();
+  #server: http2.Http2SecureServer | undefined;
+  #certificate: WorkloadCertificate | undefined;
+  #rotationTimer: NodeJS.Timeout | undefined;
+
+  constructor(options: InboundHboneServerOptions) {
+    this.#options = options;
+    this.#logger = options.logger.child({ component: "inbound" });
+  }
+
+  /** Gets the pod's certificate and listens on port 15008 inside the pod. */
+  async start(): Promise<void> {
+    const certificate = await this.#options.certs.get(this.#options.identity);
+    const server = http2.createSecureServer({
+      ...hboneTlsOptions(certificate),
+      requestCert: true,
+      rejectUnauthorized: true,
+      ALPNProtocols: ["h2"],
+      allowHTTP1: false,
+      // Node's default of 120 s would let a stalled handshake hold stop() open that long.
+      handshakeTimeout: CONNECT_TIMEOUT_MS,
+      settings: SERVER_SETTINGS,
+      maxSessionMemory: MAX_SESSION_MEMORY_MB,
+    });
+    server.on("session", (session) => this.#acceptSession(session));
+    server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
+    server.on("tlsClientError", (error, socket) =>
+      this.#logger.warn({ err: error, "src.addr": addressOf(socket) }, "HBONE TLS handshake failed"),
+    );
+    server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
+    await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
+    this.#server = server;
+    this.#certificate = certificate;
+    this.#scheduleRotationCheck();
+    this.#logger.info({ port: HBONE_PORT, workload: this.#options.workload.uid }, "inbound HBONE server started");
+  }
+
+  /** Closes the listener and every HBONE connection; resolves once each stream has written its record. */
+  async stop(): Promise<void> {
+    clearTimeout(this.#rotationTimer);
+    const server = this.#server;
+    this.#server = undefined;
+    const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
+    for (const session of this.#sessions) {
+      session.destroy();
+    }
+    await Promise.allSettled([...this.#streams]);
+    await closed;
+    this.#logger.info({ workload: this.#options.workload.uid }, "inbound HBONE server stopped");
+  }
+
+  /** Checks the client certificate's trust domain and remembers what the session proved. */
+  #acceptSession(session: http2.ServerHttp2Session): void {
+    const socket = session.socket as tls.TLSSocket;
+    const remote = addressOf(socket);
+    session.on("error", (error) => this.#logger.debug({ err: error, "src.addr": remote }, "HBONE session failed"));
+    const identity = peerIdentityOf(socket);
+    if (!identity || identity.trustDomain !== this.#options.trustDomain) {
+      this.#logger.warn(
+        { "src.addr": remote, "src.identity": identity ? formatSpiffeId(identity) : undefined, trustDomain: this.#options.trustDomain },
+        "HBONE client rejected: its certificate has no SPIFFE identity in this trust domain",
+      );
+      session.destroy();
+      return;
+    }
+    this.#peers.set(session, {
+      identity,
+      ip: normalizeIp(socket.remoteAddress ?? ""),
+      port: socket.remotePort ?? 0,
+      localIp: normalizeIp(socket.localAddress ?? ""),
+    });
+    this.#sessions.add(session);
+    session.once("close", () => this.#sessions.delete(session));
+    session.setLocalWindowSize(CONNECTION_WINDOW_BYTES);
+  }
+
+  #trackStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
+    const done = this.#handleStream(stream, headers).finally(() => this.#streams.delete(done));
+    this.#streams.add(done);
+  }
+
+  async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): Promise<void> {
+    stream.on("error", () => undefined);
+    const peer = this.#peers.get(stream.session as http2.ServerHttp2Session);
+    if (!peer) {
+      stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      return;
+    }
+    const record = this.#newRecord(peer, headers);
+    const logger = this.#logger.child({
+      connection_id: record.id,
+      "src.addr": record.src.addr,
+      "src.identity": record.src.identity,
+      forwarded: headers["forwarded"],
+      traceparent: headers["traceparent"],
+      baggage: headers["baggage"],
+    });
+    let upstream: net.Socket | undefined;
+    try {
+      const target = this.#validateRequest(peer, headers, record);
+      this.#authorize(peer, target, record);
+      upstream = await this.#connectApplication(target);
+      // respond() throws when the client reset the stream while the application connect was pending.
+      stream.respond({ ":status": 200 });
+      const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
+      record.bytesSent = result.bytesForward;
+      record.bytesRecv = result.bytesBackward;
+      if (result.error) {
+        record.fail(result.error);
+      }
+    } catch (error) {
+      record.fail(error);
+      upstream?.destroy();
+      answerFailure(stream, error);
+    } finally {
+      record.write(this.#options.audit, logger);
+    }
+  }
+
+  #newRecord(peer: TunnelPeer, headers: http2.IncomingHttpHeaders): ConnectionRecord {
+    // The forwarded header carries the client application's own port; its IP must be the tunnel's.
+    const forwarded = parseForwardedFor(headers["forwarded"]);
+    const source = forwarded && normalizeIp(forwarded.ip) === peer.ip ? forwarded : { ip: peer.ip, port: peer.port };
+    return new ConnectionRecord({
+      node: this.#options.node,
+      direction: "inbound",
+      transport: "hbone",
+      src: peerOf(formatAddress(source.ip, source.port), this.#options.lookupSource(peer.ip), formatSpiffeId(peer.identity)),
+      dst: {
+        ...peerOf(String(headers[":authority"] ?? "unknown"), this.#options.workload, formatSpiffeId(this.#options.identity)),
+        hbone_addr: formatAddress(peer.localIp, HBONE_PORT),
+      },
+    });
+  }
+
+  /** Checks the method, the authority, that it names the address the tunnel arrived on, and the port. */
+  #validateRequest(peer: TunnelPeer, headers: http2.IncomingHttpHeaders, record: ConnectionRecord): Authority {
+    try {
+      if (headers[":method"] !== "CONNECT") {
+        throw new AgentError("BAD_REQUEST", `HBONE request method ${String(headers[":method"])} is not CONNECT`);
+      }
+      const target = parseAuthority(headers[":authority"]);
+      record.dst.addr = formatAddress(target.ip, target.port);
+      if (normalizeIp(target.ip) !== peer.localIp) {
+        throw new AgentError(
+          "AUTHORITY_MISMATCH",
+          `CONNECT authority ${record.dst.addr} names another address than ${peer.localIp}, where the tunnel arrived`,
+        );
+      }
+      if (PROXY_PORTS.has(target.port)) {
+        throw new AgentError("PROXY_PORT", `CONNECT authority ${record.dst.addr} names a proxy port; tunnels may not target 15001, 15006 or 15008`);
+      }
+      return target;
+    } catch (error) {
+      const code = error instanceof AgentError ? error.code.toLowerCase() : "bad_request";
+      record.deny(code, error as AgentError);
+      throw error;
+    }
+  }
+
+  #authorize(peer: TunnelPeer, target: Authority, record: ConnectionRecord): void {
+    const result = this.#options.authorize({
+      sourceIdentity: peer.identity,
+      sourceIp: peer.ip,
+      destinationIp: target.ip,
+      destinationPort: target.port,
+    });
+    record.decision = result.decision;
+    record.reason = result.reason;
+    record.policy = result.policy;
+    if (result.decision === "deny") {
+      const error = new AgentError(
+        "POLICY_DENIED",
+        `${formatSpiffeId(peer.identity)} may not connect to ${record.dst.addr}: ${result.policy ? `AuthorizationPolicy ${result.policy}` : "no ALLOW policy matches"} (${result.reason})`,
+      );
+      record.deny(result.reason, error, result.policy);
+      throw error;
+    }
+  }
+
+  async #connectApplication(target: Authority): Promise<net.Socket> {
+    try {
+      const socket = await connectTcp(this.#options.network, target.ip, target.port, CONNECT_TIMEOUT_MS);
+      socket.on("error", () => undefined);
+      return socket;
+    } catch (error) {
+      throw new AgentError(
+        "UPSTREAM_CONNECT_FAILED",
+        `connect to the application at ${formatAddress(target.ip, target.port)} failed: ${(error as Error).message}`,
+        { cause: error },
+      );
+    }
+  }
+
+  /** Re-reads the pod's certificate periodically and installs a re-issued one for new TLS connections. */
+  #scheduleRotationCheck(): void {
+    const certificate = this.#certificate;
+    if (!certificate || !this.#server) {
+      return;
+    }
+    const lifetime = certificate.notAfter.getTime() - certificate.notBefore.getTime();
+    const delay = Math.max(1_000, Math.min(MAX_ROTATION_CHECK_MS, lifetime / 8));
+    this.#rotationTimer = setTimeout(() => void this.#checkRotation(), delay);
+    this.#rotationTimer.unref();
+  }
+
+  async #checkRotation(): Promise<void> {
+    try {
+      const certificate = await this.#options.certs.get(this.#options.identity);
+      if (this.#server && certificate !== this.#certificate) {
+        this.#server.setSecureContext(hboneTlsOptions(certificate));
+        this.#certificate = certificate;
+        this.#logger.info({ notAfter: certificate.notAfter.toISOString() }, "inbound HBONE certificate rotated");
+      }
+    } catch (error) {
+      this.#logger.error({ err: error }, "reading the inbound HBONE certificate failed; keeping the current one");
+    }
+    this.#scheduleRotationCheck();
+  }
+}
+
+/** Responds to a failed CONNECT with the error's HBONE status, or resets the stream when the response was already sent. */
+function answerFailure(stream: http2.ServerHttp2Stream, error: unknown): void {
+  if (stream.destroyed || stream.closed) {
+    return;
+  }
+  if (stream.headersSent) {
+    // destroy() resets the stream at once; see the reset of streamEndpoint in copy.ts for why not close(code).
+    stream.destroy(error instanceof Error ? error : new Error(String(error)));
+    return;
+  }
+  const status = error instanceof AgentError ? (error.status ?? 503) : 503;
+  stream.respond({ ":status": status }, { endStream: true });
+}
+
+function addressOf(socket: net.Socket | tls.TLSSocket): string {
+  return socket.remoteAddress ? formatAddress(normalizeIp(socket.remoteAddress), socket.remotePort ?? 0) : "unknown";
+}

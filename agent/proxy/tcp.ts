@@ -1,0 +1,46 @@
+// TCP helpers shared by the proxies: address formatting and connects with a deadline.
+
+import net from "node:net";
+import type { PodNetwork } from "./pod-network";
+
+/** Formats ip:port, with IPv6 addresses in brackets. */
+export function formatAddress(ip: string, port: number): string {
+  return net.isIPv6(ip) ? `[${ip}]:${port}` : `${ip}:${port}`;
+}
+
+/** Turns an IPv4-mapped IPv6 address (::ffff:a.b.c.d) into its IPv4 form; other addresses are returned as is. */
+export function normalizeIp(ip: string): string {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(ip);
+  return mapped ? mapped[1] : ip.toLowerCase();
+}
+
+/** Returns the remote address of a socket as ip:port, or "unknown" once the socket has lost it. */
+export function remoteAddressOf(socket: net.Socket): string {
+  return socket.remoteAddress ? formatAddress(normalizeIp(socket.remoteAddress), socket.remotePort ?? 0) : "unknown";
+}
+
+/**
+ * Connects through the pod's network and resolves once connected. Rejects with the socket error, or with
+ * an ETIMEDOUT error after timeoutMs; the socket is destroyed on failure.
+ */
+export function connectTcp(network: PodNetwork, ip: string, port: number, timeoutMs: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = network.connect(ip, port);
+    const timer = setTimeout(() => {
+      fail(Object.assign(new Error(`connect to ${formatAddress(ip, port)} timed out after ${timeoutMs} ms`), { code: "ETIMEDOUT" }));
+    }, timeoutMs);
+    const fail = (error: Error): void => {
+      clearTimeout(timer);
+      socket.off("connect", succeed);
+      socket.destroy();
+      reject(error);
+    };
+    const succeed = (): void => {
+      clearTimeout(timer);
+      socket.off("error", fail);
+      resolve(socket);
+    };
+    socket.once("connect", succeed);
+    socket.once("error", fail);
+  });
+}

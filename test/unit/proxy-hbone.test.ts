@@ -1,0 +1,105 @@
+import test from "ava";
+import { AgentError } from "../../agent/errors";
+import {
+  buildConnectHeaders,
+  identityFromSubjectAltName,
+  parseAuthority,
+  parseForwardedFor,
+} from "../../agent/proxy/hbone";
+import type { Workload } from "../../agent/state/types";
+
+const sleep = {
+  name: "sleep-7d9f",
+  namespace: "default",
+  labels: { app: "sleep", version: "v1" },
+} as unknown as Workload;
+
+test("buildConnectHeaders for IPv4", (t) => {
+  const headers = buildConnectHeaders({
+    destination: { ip: "10.0.0.2", port: 8080 },
+    source: { ip: "10.0.0.1", port: 40000 },
+    workload: sleep,
+  });
+
+  t.is(headers[":method"], "CONNECT");
+  t.is(headers[":authority"], "10.0.0.2:8080");
+  t.is(headers["forwarded"], 'for="10.0.0.1:40000"');
+  t.is(
+    headers["baggage"],
+    "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=sleep-7d9f,service.name=sleep,service.version=v1",
+  );
+  t.regex(String(headers["traceparent"]), /^00-[0-9a-f]{32}-[0-9a-f]{16}-00$/);
+});
+
+test("buildConnectHeaders brackets IPv6", (t) => {
+  const headers = buildConnectHeaders({
+    destination: { ip: "fd00::2", port: 443 },
+    source: { ip: "fd00::1", port: 5000 },
+    workload: sleep,
+    cluster: "east",
+    traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+  });
+
+  t.is(headers[":authority"], "[fd00::2]:443");
+  t.is(headers["forwarded"], 'for="[fd00::1]:5000"');
+  t.regex(String(headers["baggage"]), /^k8s\.cluster\.name=east,/);
+  t.is(headers["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
+});
+
+const authorities: [string, { ip: string; port: number }][] = [
+  ["10.0.0.2:8080", { ip: "10.0.0.2", port: 8080 }],
+  ["[fd00::2]:443", { ip: "fd00::2", port: 443 }],
+  ["[::ffff:10.0.0.2]:1", { ip: "::ffff:10.0.0.2", port: 1 }],
+  ["127.0.0.1:65535", { ip: "127.0.0.1", port: 65535 }],
+];
+
+for (const [authority, expected] of authorities) {
+  test(`parseAuthority accepts ${authority}`, (t) => {
+    t.deepEqual(parseAuthority(authority), expected);
+  });
+}
+
+const badAuthorities = [
+  undefined,
+  "",
+  "10.0.0.2",
+  "10.0.0.2:",
+  "10.0.0.2:0",
+  "10.0.0.2:65536",
+  "10.0.0.2:80a",
+  "10.0.0.256:80",
+  "fd00::2:443",
+  "[10.0.0.2]:80",
+  "[fd00::2]",
+  "echo.apps.svc:80",
+  " 10.0.0.2:80",
+];
+
+for (const authority of badAuthorities) {
+  test(`parseAuthority rejects ${JSON.stringify(authority)}`, (t) => {
+    const error = t.throws(() => parseAuthority(authority), { instanceOf: AgentError });
+    t.is(error?.code, "BAD_REQUEST");
+  });
+}
+
+test("parseForwardedFor reads the for address", (t) => {
+  t.deepEqual(parseForwardedFor('for="10.0.0.1:4000"'), { ip: "10.0.0.1", port: 4000 });
+  t.deepEqual(parseForwardedFor('for="[fd00::1]:4000";host=echo'), { ip: "fd00::1", port: 4000 });
+  t.is(parseForwardedFor("for=unknown"), undefined);
+  t.is(parseForwardedFor(undefined), undefined);
+});
+
+test("identityFromSubjectAltName takes the first SPIFFE URI", (t) => {
+  t.deepEqual(identityFromSubjectAltName("DNS:echo, URI:https://x/y, URI:spiffe://cluster.local/ns/a/sa/b, URI:spiffe://cluster.local/ns/c/sa/d"), {
+    trustDomain: "cluster.local",
+    namespace: "a",
+    serviceAccount: "b",
+  });
+  t.deepEqual(identityFromSubjectAltName('URI:"spiffe://cluster.local/ns/a/sa/b"'), {
+    trustDomain: "cluster.local",
+    namespace: "a",
+    serviceAccount: "b",
+  });
+  t.is(identityFromSubjectAltName("DNS:echo"), undefined);
+  t.is(identityFromSubjectAltName(undefined), undefined);
+});

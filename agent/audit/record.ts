@@ -31,7 +31,7 @@ export interface AuditRecord {
   decision: Decision;
   /** "namespace/name" of the AuthorizationPolicy that decided, absent when no policy decided. */
   policy?: string;
-  /** Short machine-readable reason: allowed, no_policy, policy_denied, no_allow_match, ... */
+  /** Machine-readable reason, such as allowed_by_policy, no_policy, denied_by_policy or no_allow_match (docs/audit.md lists all). */
   reason: string;
   bytes_sent: number;
   bytes_recv: number;

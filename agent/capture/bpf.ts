@@ -1,0 +1,163 @@
+// Capture: the eBPF programs that steer enrolled pods' TCP connections to the outbound proxy
+// and, inbound, to the pods' 15006 listeners, and the maps the agent shares with them. Maps,
+// links and programs are pinned under one bpffs directory, so capture keeps working while the
+// agent restarts:
+//   <pinRoot>/maps/<map name>          aa_enrolled, aa_orig_dst, aa_sk_orig, aa_inbound_pods,
+//                                      aa_inbound, aa_own_conns
+//   <pinRoot>/links/<program name>     one bpf_link per cgroup program, on the cgroup v2 root
+//   <pinRoot>/progs/aa_sk_lookup       the inbound program (see inbound.ts)
+//   <pinRoot>/links/sk_lookup-<cookie> one bpf_link per pod network namespace
+import fs from "node:fs";
+import path from "node:path";
+
+import type { Logger } from "../log";
+import { InboundCapture, type InboundPod } from "./inbound";
+import {
+  COOKIE_SIZE,
+  MAP_ENROLLED,
+  MAP_ORIGINAL_DESTINATION,
+  PROGRAM_NAMES,
+  STRUCT_LAYOUTS,
+  decodeCookie,
+  decodeOriginalDestination,
+  encodeCookie,
+  encodeOriginalDestinationKey,
+  encodePodInfo,
+} from "./layout";
+import {
+  captureAttach,
+  closeFd,
+  loadNative,
+  mapDelete,
+  mapKeys,
+  mapLookupAndDelete,
+  mapOpen,
+  mapUpdate,
+} from "./native";
+
+export interface CaptureOptions {
+  /** bpffs directory that contains this agent's pins, for example /sys/fs/bpf/ambient-agent/<node>. */
+  pinRoot: string;
+  /** cgroup v2 directory the programs attach to; the root (for example /sys/fs/cgroup/unified) covers every pod. */
+  cgroupPath: string;
+  /** The prebuilt object, bpf/capture.bpf.o. */
+  objectPath: string;
+}
+
+/** Upper bound of an enrolled-map walk. The map has at most 4096 entries (AA_MAX_ENROLLED in bpf/lib/config.h). */
+const MAX_ENROLLED_KEYS = 8192;
+
+export class Capture {
+  private enrolledFd: number;
+  private originalDestinationFd: number;
+
+  private constructor(
+    readonly pinRoot: string,
+    enrolledFd: number,
+    originalDestinationFd: number,
+    private readonly inbound: InboundCapture,
+  ) {
+    this.enrolledFd = enrolledFd;
+    this.originalDestinationFd = originalDestinationFd;
+  }
+
+  /**
+   * Loads the object with its maps pinned under pinRoot (reusing pinned maps and their
+   * contents), and attaches every program. Links pinned by an earlier run get the new program
+   * in place, so capture does not lapse across a restart.
+   */
+  static attach(options: CaptureOptions, logger: Logger): Capture {
+    loadNative();
+    const linkDirectory = path.join(options.pinRoot, "links");
+    const pinnedBefore = PROGRAM_NAMES.filter((name) => fs.existsSync(path.join(linkDirectory, name)));
+
+    const programs = captureAttach(options.objectPath, options.pinRoot, options.cgroupPath);
+    logger.info(
+      { pinRoot: options.pinRoot, cgroupPath: options.cgroupPath, objectPath: options.objectPath, programs, updatedInPlace: pinnedBefore },
+      pinnedBefore.length > 0 ? "capture programs updated in place" : "capture programs attached",
+    );
+
+    const opened: number[] = [];
+    try {
+      opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_ENROLLED)));
+      opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_ORIGINAL_DESTINATION)));
+      const inbound = InboundCapture.open(options.pinRoot, logger);
+      return new Capture(options.pinRoot, opened[0], opened[1], inbound);
+    } catch (error) {
+      for (const fd of opened) closeFd(fd);
+      throw error;
+    }
+  }
+
+  /** Starts capturing the pod whose network namespace has this cookie; its proxy listens on podIp:15001. */
+  enroll(cookie: bigint, podIp: string): void {
+    mapUpdate(this.enrolledFd, encodeCookie(cookie), encodePodInfo(podIp));
+  }
+
+  /** Stops capturing new connections of the pod; connections already redirected stay with the proxy. */
+  unenroll(cookie: bigint): void {
+    mapDelete(this.enrolledFd, encodeCookie(cookie));
+  }
+
+  enrolledCookies(): bigint[] {
+    return mapKeys(this.enrolledFd, COOKIE_SIZE, MAX_ENROLLED_KEYS).map(decodeCookie);
+  }
+
+  /**
+   * Returns and deletes the address that the application dialled, for a connection the
+   * outbound proxy accepted inside the pod with this netns cookie from sourceIp:sourcePort.
+   * Returns undefined when the connection was not captured (or the entry was already taken).
+   */
+  takeOriginalDestination(cookie: bigint, sourceIp: string, sourcePort: number): { ip: string; port: number } | undefined {
+    const key = encodeOriginalDestinationKey(cookie, sourceIp, sourcePort);
+    const value = Buffer.alloc(STRUCT_LAYOUTS.aa_orig_dst.size);
+    if (!mapLookupAndDelete(this.originalDestinationFd, key, value)) return undefined;
+    return decodeOriginalDestination(value);
+  }
+
+  /**
+   * Starts steering the pod's inbound TCP connections to its 15006 listener (listenerFd, a
+   * listening socket made in the pod's namespace). Links sk_lookup to the namespace at
+   * netnsPath, or reuses the link pinned for this cookie. See InboundCapture.attach.
+   */
+  attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
+    this.inbound.attach(netnsPath, cookie, podIp, listenerFd);
+  }
+
+  /** Stops steering the pod's inbound connections: deletes its entries and unpins its link. */
+  detachInbound(cookie: bigint, podIp: string): void {
+    this.inbound.detach(cookie, podIp);
+  }
+
+  /** Pods whose IP the inbound program guards, with their netns cookies. */
+  inboundPods(): InboundPod[] {
+    return this.inbound.pods();
+  }
+
+  /** Netns cookies that have a pinned inbound link, including links of pods since deleted. */
+  inboundLinkCookies(): bigint[] {
+    return this.inbound.linkedCookies();
+  }
+
+  /** Closes this process's map file descriptors. The pins stay, so the programs keep capturing. */
+  close(): void {
+    for (const fd of [this.enrolledFd, this.originalDestinationFd]) {
+      if (fd >= 0) closeFd(fd);
+    }
+    this.enrolledFd = -1;
+    this.originalDestinationFd = -1;
+    this.inbound.close();
+  }
+
+  /**
+   * Removes every pin under pinRoot. The links detach once no file descriptor refers to them, so
+   * capture stops. Does nothing when pinRoot does not exist.
+   */
+  static remove(pinRoot: string): void {
+    // Links first, so the hooks detach before the programs and maps lose their pins.
+    for (const directory of ["links", "progs", "maps"]) {
+      fs.rmSync(path.join(pinRoot, directory), { recursive: true, force: true });
+    }
+    fs.rmSync(pinRoot, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,243 @@
+// Bindings to native/libagent.so through ffi-rs. Every call is synchronous and short: the
+// namespace work runs on a helper thread inside the library, never on Node's event loop.
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { DataType, load, open } from "ffi-rs";
+
+import { AgentError } from "../errors";
+import { AGENT_MARK, COOKIE_SIZE, decodeCookie } from "./layout";
+
+const LIBRARY_KEY = "ambient-agent-libagent";
+const ERROR_BUFFER_SIZE = 2048;
+const ADDRESS_BUFFER_SIZE = 16 * 1024;
+
+let loadedPath: string | undefined;
+
+/**
+ * A failed native call. The message names the step, the value and what to check; `errno` is
+ * the positive errno value the library returned.
+ */
+export class NativeError extends AgentError {
+  readonly errno: number;
+
+  constructor(message: string, errno: number) {
+    // NOTE: the registry has no capture-specific code yet, so native failures use INTERNAL.
+    super("INTERNAL", message);
+    this.name = "NativeError";
+    this.errno = errno;
+  }
+}
+
+/** Path of native/libagent.so in the repository, from both agent/capture and dist/agent/capture. */
+function defaultLibraryPath(): string {
+  const candidates = [
+    path.resolve(__dirname, "../../native/libagent.so"),
+    path.resolve(__dirname, "../../../native/libagent.so"),
+  ];
+  return candidates.find((candidate) => fs.existsSync(candidate)) ?? candidates[1];
+}
+
+/** Opens the native library once; later calls with the same path do nothing. */
+export function loadNative(libraryPath: string = defaultLibraryPath()): void {
+  if (loadedPath === libraryPath) return;
+  if (!fs.existsSync(libraryPath)) {
+    throw new AgentError(
+      "INTERNAL",
+      `native library ${libraryPath} not found: build it with ` +
+        "`gcc -O2 -Wall -Wextra -fPIC -shared -o native/libagent.so native/libagent.c -lbpf -lpthread` (make native)",
+    );
+  }
+  open({ library: LIBRARY_KEY, path: libraryPath });
+  loadedPath = libraryPath;
+}
+
+function call(funcName: string, paramsType: DataType[], paramsValue: unknown[]): number {
+  loadNative(loadedPath);
+  return load({ library: LIBRARY_KEY, funcName, retType: DataType.I32, paramsType, paramsValue }) as number;
+}
+
+function lastError(): string {
+  const buffer = Buffer.alloc(ERROR_BUFFER_SIZE);
+  const length = call("aa_last_error", [DataType.U8Array, DataType.I32], [buffer, buffer.length]);
+  return buffer.toString("utf8", 0, Math.max(0, length));
+}
+
+function errnoName(errno: number): string {
+  const entry = Object.entries(os.constants.errno).find(([, value]) => value === errno);
+  return entry ? entry[0] : `errno ${errno}`;
+}
+
+/** Turns a negative return value into a NativeError: "<what> failed: <library detail> (ECODE). <fix>". */
+function check(result: number, what: string, fix: string): number {
+  if (result >= 0) return result;
+  const errno = -result;
+  const detail = lastError() || errnoName(errno);
+  throw new NativeError(`${what} failed: ${detail} (${errnoName(errno)}). ${fix}`, errno);
+}
+
+const NETNS_FIX = "Check that the network namespace exists and that the agent runs as root (CAP_SYS_ADMIN, CAP_NET_ADMIN).";
+
+export interface NetnsSocketOptions {
+  /** SO_MARK; default 0x539 so that capture skips the socket. 0 leaves the socket unmarked. */
+  mark?: number;
+  /** Address to bind; default 0.0.0.0 when a port is given, no bind otherwise. */
+  bindIp?: string;
+  port?: number;
+  /** Listen with this backlog when > 0. */
+  backlog?: number;
+  /** Set IP_TRANSPARENT, so the socket may bind a non-local address. */
+  transparent?: boolean;
+}
+
+/** Creates a TCP/IPv4 socket inside a network namespace and returns its file descriptor. */
+export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number {
+  const mark = opts.mark ?? AGENT_MARK;
+  const result = call(
+    "aa_netns_socket",
+    [DataType.String, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
+    [netnsPath, mark, opts.bindIp ?? "", opts.port ?? 0, opts.backlog ?? 0, opts.transparent ? 1 : 0],
+  );
+  const where = opts.port ? ` on ${opts.bindIp ?? "0.0.0.0"}:${opts.port}` : "";
+  return check(result, `creating a TCP socket${where} in network namespace ${netnsPath}`, NETNS_FIX);
+}
+
+/** Returns the cookie of a network namespace (SO_NETNS_COOKIE), the key of the enrolled map. */
+export function netnsCookie(netnsPath: string): bigint {
+  const buffer = Buffer.alloc(COOKIE_SIZE);
+  const result = call("aa_netns_cookie", [DataType.String, DataType.U8Array], [netnsPath, buffer]);
+  check(
+    result,
+    `reading the cookie of network namespace ${netnsPath}`,
+    result === -os.constants.errno.ENOPROTOOPT ? "The kernel lacks SO_NETNS_COOKIE (Linux 5.14 or later has it)." : NETNS_FIX,
+  );
+  return decodeCookie(buffer);
+}
+
+/** Returns the IPv4 addresses of every interface in a network namespace, loopback included. */
+export function netnsIpv4Addresses(netnsPath: string): string[] {
+  const buffer = Buffer.alloc(ADDRESS_BUFFER_SIZE);
+  const result = call(
+    "aa_netns_ipv4_addresses",
+    [DataType.String, DataType.U8Array, DataType.I32],
+    [netnsPath, buffer, buffer.length],
+  );
+  const length = check(result, `listing the IPv4 addresses of network namespace ${netnsPath}`, NETNS_FIX);
+  const text = buffer.toString("utf8", 0, length);
+  return text === "" ? [] : text.split(",");
+}
+
+/** Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned link; returns the program count. */
+export function captureAttach(objectPath: string, pinRoot: string, cgroupPath: string): number {
+  const result = call(
+    "aa_capture_attach",
+    [DataType.String, DataType.String, DataType.String],
+    [objectPath, pinRoot, cgroupPath],
+  );
+  return check(
+    result,
+    `attaching eBPF capture ${objectPath} to cgroup ${cgroupPath} with pins under ${pinRoot}`,
+    "Check that bpffs is mounted at the pin root, that the cgroup is a cgroup v2 directory, and that the agent runs as root. " +
+      "If a map layout changed, remove the old pins (agentctl capture remove) and attach again.",
+  );
+}
+
+/**
+ * Links the sk_lookup program pinned at programPinPath to a network namespace and pins the
+ * link at linkPinPath. Returns false when it created the link, true when a link was already
+ * pinned there (it is left as it is).
+ */
+export function netnsLink(programPinPath: string, netnsPath: string, linkPinPath: string): boolean {
+  const result = call(
+    "aa_netns_link",
+    [DataType.String, DataType.String, DataType.String],
+    [programPinPath, netnsPath, linkPinPath],
+  );
+  check(
+    result,
+    `linking sk_lookup program ${programPinPath} to network namespace ${netnsPath}`,
+    "Attach capture first, so that the program is pinned; then check that the network namespace exists " +
+      "and that the agent runs as root.",
+  );
+  return result === 1;
+}
+
+/** Loads the object and unloads it again: throws when this kernel rejects a program. */
+export function captureProbe(objectPath: string): void {
+  const result = call("aa_capture_probe", [DataType.String], [objectPath]);
+  check(
+    result,
+    `loading eBPF object ${objectPath}`,
+    "If the object is missing or not an eBPF object, rebuild bpf/capture.bpf.o (make bpf); " +
+      "otherwise the kernel lacks a program type or helper that capture needs.",
+  );
+}
+
+export function mapOpen(pinPath: string): number {
+  const result = call("aa_map_open", [DataType.String], [pinPath]);
+  return check(result, `opening pinned map ${pinPath}`, "Attach capture first, so that the map is pinned.");
+}
+
+const MAP_FIX = "The map may be full or the key layout may not match the loaded object.";
+
+/** Inserts or replaces a key. `what` and `fix` replace the generic wording of the error message. */
+export function mapUpdate(mapFd: number, key: Buffer, value: Buffer, what = "map update", fix = MAP_FIX): void {
+  check(call("aa_map_update", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, value]), what, fix);
+}
+
+/** Copies the value of a key into valueOut; returns false when the key is not there. */
+export function mapLookup(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
+  const result = call("aa_map_lookup", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, valueOut]);
+  if (result === -os.constants.errno.ENOENT) return false;
+  check(result, "map lookup", MAP_FIX);
+  return true;
+}
+
+/** Deletes a key; returns false when the key was not there. */
+export function mapDelete(mapFd: number, key: Buffer): boolean {
+  const result = call("aa_map_delete", [DataType.I32, DataType.U8Array], [mapFd, key]);
+  if (result === -os.constants.errno.ENOENT) return false;
+  check(result, "map delete", MAP_FIX);
+  return true;
+}
+
+/** Looks a key up and deletes it in one step; returns false when the key was not there. */
+export function mapLookupAndDelete(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
+  const result = call(
+    "aa_map_lookup_and_delete",
+    [DataType.I32, DataType.U8Array, DataType.U8Array],
+    [mapFd, key, valueOut],
+  );
+  if (result === -os.constants.errno.ENOENT) return false;
+  check(result, "map lookup and delete", MAP_FIX);
+  return true;
+}
+
+/**
+ * Returns every key of a map, each as a buffer of keySize bytes. A key deleted during the walk
+ * makes the kernel restart from the first key, so keys already seen are skipped and the walk
+ * stops after maxKeys steps.
+ */
+export function mapKeys(mapFd: number, keySize: number, maxKeys: number): Buffer[] {
+  const seen = new Map<string, Buffer>();
+  let current = Buffer.alloc(keySize);
+  let hasKey = 0;
+  for (let step = 0; step < maxKeys; step++) {
+    const next = Buffer.alloc(keySize);
+    const result = call(
+      "aa_map_next_key",
+      [DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array],
+      [mapFd, current, hasKey, next],
+    );
+    if (result === -os.constants.errno.ENOENT) break;
+    check(result, "map iteration", MAP_FIX);
+    seen.set(next.toString("hex"), next);
+    current = next;
+    hasKey = 1;
+  }
+  return [...seen.values()];
+}
+
+export function closeFd(fd: number): void {
+  check(call("aa_close", [DataType.I32], [fd]), `closing fd ${fd}`, "This is a bug in the agent.");
+}

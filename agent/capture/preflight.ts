@@ -1,0 +1,106 @@
+// Host checks before capture starts. Each problem states what is wrong and how to fix it.
+// Kernel features are probed by using them (a socket option, loading the object), not by
+// comparing kernel versions, because distributions backport features.
+import fs from "node:fs";
+import path from "node:path";
+
+import { captureProbe, loadNative, netnsCookie } from "./native";
+
+export interface HostProblem {
+  what: string;
+  fix: string;
+}
+
+export interface HostCheckOptions {
+  pinRoot: string;
+  cgroupPath: string;
+  objectPath: string;
+}
+
+/** statfs(2) f_type values, from linux/magic.h. */
+const BPF_FS_MAGIC = 0xcafe4a11;
+const CGROUP2_SUPER_MAGIC = 0x63677270;
+
+/** Returns every problem found; an empty list means capture can start. */
+export function checkHost(options: HostCheckOptions): HostProblem[] {
+  const problems: HostProblem[] = [];
+  const uid = process.getuid?.();
+  if (uid !== 0) {
+    problems.push({
+      what: `the agent runs as uid ${uid ?? "unknown"}, not root`,
+      fix: "run the agent as root (a privileged container) so that it can load eBPF programs and enter network namespaces",
+    });
+  }
+  problems.push(...checkFilesystems(options));
+  problems.push(...checkKernel(options, problems.length === 0));
+  return problems;
+}
+
+function checkFilesystems(options: HostCheckOptions): HostProblem[] {
+  const problems: HostProblem[] = [];
+  const pinMount = nearestExistingDirectory(options.pinRoot);
+  if (filesystemType(pinMount) !== BPF_FS_MAGIC) {
+    problems.push({
+      what: `no bpffs at ${pinMount}, which would hold the pin root ${options.pinRoot}`,
+      fix: "mount bpffs there (mount -t bpf bpf /sys/fs/bpf) or set the pin root to a directory under a bpffs mount",
+    });
+  }
+  if (filesystemType(options.cgroupPath) !== CGROUP2_SUPER_MAGIC) {
+    problems.push({
+      what: `${options.cgroupPath} is not a cgroup v2 directory`,
+      fix: "set the cgroup path to the cgroup v2 mount (for example /sys/fs/cgroup or /sys/fs/cgroup/unified)",
+    });
+  }
+  if (!fs.existsSync(options.objectPath)) {
+    problems.push({
+      what: `eBPF object ${options.objectPath} not found`,
+      fix: "build it with `make bpf` or point the object path at bpf/capture.bpf.o",
+    });
+  }
+  return problems;
+}
+
+/** Probes the kernel through the native library; skipped when an earlier problem would make every probe fail. */
+function checkKernel(options: HostCheckOptions, hostReady: boolean): HostProblem[] {
+  try {
+    loadNative();
+  } catch (error) {
+    return [{ what: (error as Error).message, fix: "build native/libagent.so (make native)" }];
+  }
+  if (!hostReady) return [];
+
+  const problems: HostProblem[] = [];
+  try {
+    netnsCookie("/proc/self/ns/net");
+  } catch (error) {
+    problems.push({
+      what: `SO_NETNS_COOKIE is unusable: ${(error as Error).message}`,
+      fix: "run on a kernel with SO_NETNS_COOKIE (Linux 5.14 or later, or a backport)",
+    });
+  }
+  try {
+    captureProbe(options.objectPath);
+  } catch (error) {
+    problems.push({
+      what: `the kernel rejected the capture programs: ${(error as Error).message}`,
+      fix: "run on a kernel with cgroup sock_addr and sockops programs, socket storage and bpf_get_netns_cookie in both (Linux 5.15 or later)",
+    });
+  }
+  return problems;
+}
+
+function nearestExistingDirectory(directory: string): string {
+  let current = path.resolve(directory);
+  while (!fs.existsSync(current) && path.dirname(current) !== current) {
+    current = path.dirname(current);
+  }
+  return current;
+}
+
+function filesystemType(target: string): number | undefined {
+  try {
+    return fs.statfsSync(target).type;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,116 @@
+// Finds the network namespace of a pod from its IP address. Container runtimes pin pod
+// namespaces under /var/run/netns (containerd, CRI-O); /proc/<pid>/ns/net covers the rest.
+import fs from "node:fs";
+import path from "node:path";
+
+import { netnsIpv4Addresses } from "../capture/native";
+import { createLogger, type Logger } from "../log";
+
+export interface NetnsRef {
+  /** A path that opens the namespace: /var/run/netns/<name> when one exists, else /proc/<pid>/ns/net. */
+  path: string;
+  /** Inode number of the namespace in nsfs; equal inodes mean the same namespace. */
+  inode: number;
+}
+
+const PINNED_NETNS_DIRECTORY = "/var/run/netns";
+const PROC_DIRECTORY = "/proc";
+/** How long the addresses read from a namespace are reused; a new pod may get its IP just after its namespace appears. */
+const ADDRESS_CACHE_TTL_MS = 2000;
+
+interface CachedAddresses {
+  addresses: string[];
+  expiresAt: number;
+}
+
+const addressCache = new Map<number, CachedAddresses>();
+let defaultLogger: Logger | undefined;
+
+/**
+ * Returns the network namespace that has `ip` on one of its interfaces, other than the host's
+ * and the agent's own. Returns undefined, with a warning, when several namespaces have it.
+ */
+export function findNetnsByIp(ip: string, logger?: Logger): NetnsRef | undefined {
+  const namespaces = listNetns();
+  pruneAddressCache(namespaces);
+
+  const matches = namespaces.filter((ref) => addressesOf(ref).includes(ip));
+  if (matches.length > 1) {
+    const log = logger ?? (defaultLogger ??= createLogger({ component: "netns" }));
+    log.warn({ ip, netns: matches.map((ref) => ref.path) }, "several network namespaces have the pod IP; not enrolling it");
+    return undefined;
+  }
+  return matches[0];
+}
+
+/** Lists every namespace once, by inode, skipping the host's (PID 1) and the agent's own. */
+export function listNetns(): NetnsRef[] {
+  const excluded = new Set<number>();
+  for (const own of ["/proc/1/ns/net", "/proc/self/ns/net"]) {
+    const inode = inodeOf(own);
+    if (inode !== undefined) excluded.add(inode);
+  }
+
+  const byInode = new Map<number, NetnsRef>();
+  const candidates = [...pinnedNetnsPaths(), ...processNetnsPaths()];
+  for (const candidate of candidates) {
+    const inode = inodeOf(candidate);
+    if (inode === undefined || excluded.has(inode) || byInode.has(inode)) continue;
+    byInode.set(inode, { path: candidate, inode });
+  }
+  return [...byInode.values()];
+}
+
+function pinnedNetnsPaths(): string[] {
+  return readDirectory(PINNED_NETNS_DIRECTORY).map((name) => path.join(PINNED_NETNS_DIRECTORY, name));
+}
+
+function processNetnsPaths(): string[] {
+  return readDirectory(PROC_DIRECTORY)
+    .filter((name) => /^\d+$/.test(name))
+    .map((pid) => path.join(PROC_DIRECTORY, pid, "ns", "net"));
+}
+
+function readDirectory(directory: string): string[] {
+  try {
+    return fs.readdirSync(directory);
+  } catch {
+    return [];
+  }
+}
+
+/** Inode of the namespace a path refers to; undefined when it vanished or is not readable. */
+function inodeOf(netnsPath: string): number | undefined {
+  try {
+    return fs.statSync(netnsPath).ino;
+  } catch {
+    return undefined;
+  }
+}
+
+function addressesOf(ref: NetnsRef): string[] {
+  const now = Date.now();
+  const cached = addressCache.get(ref.inode);
+  if (cached && cached.expiresAt > now) return cached.addresses;
+
+  let addresses: string[];
+  try {
+    addresses = netnsIpv4Addresses(ref.path);
+  } catch {
+    // The namespace (or its process) went away between the scan and this read.
+    addresses = [];
+  }
+  addressCache.set(ref.inode, { addresses, expiresAt: now + ADDRESS_CACHE_TTL_MS });
+  return addresses;
+}
+
+/**
+ * Forgets namespaces that are gone. NOTE: a namespace that dies and whose inode number is
+ * reused between two scans keeps the old addresses until the cache entry expires.
+ */
+function pruneAddressCache(current: NetnsRef[]): void {
+  const live = new Set(current.map((ref) => ref.inode));
+  for (const inode of addressCache.keys()) {
+    if (!live.has(inode)) addressCache.delete(inode);
+  }
+}

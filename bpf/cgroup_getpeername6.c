@@ -1,0 +1,32 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* cgroup/getpeername6: the getpeername4 rule for AF_INET6 sockets that connect6 captured,
+ * which always dialled an IPv4-mapped address. Built as part of capture.c.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/config.h"
+#include "lib/orig_dst.h"
+
+SEC("cgroup/getpeername6")
+int aa_getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct aa_orig_dst *orig;
+	struct bpf_sock *sk;
+
+	sk = ctx->sk;
+	if (!sk)
+		return AA_ALLOW;
+
+	orig = bpf_sk_storage_get(&aa_sk_orig, sk, NULL, 0);
+	if (!orig)
+		return AA_ALLOW;
+
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = bpf_htonl(0xffff);
+	ctx->user_ip6[3] = orig->ip4;
+	ctx->user_port = orig->port;
+	return AA_ALLOW;
+}

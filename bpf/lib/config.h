@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Constants shared by the capture programs and the agent (agent/capture/layout.ts). */
+#ifndef AA_CONFIG_H
+#define AA_CONFIG_H
+
+/* The agent marks every socket it opens inside a pod with SO_MARK 0x539. The inbound
+ * proxy's transparent sockets use 0x1539, so programs compare only the low 12 bits.
+ */
+#define AA_AGENT_MARK		0x539
+#define AA_AGENT_MARK_MASK	0xfff
+
+/* Proxy ports the agent listens on inside every enrolled pod. */
+#define AA_PORT_OUTBOUND	15001
+#define AA_PORT_INBOUND_PLAIN	15006
+#define AA_PORT_INBOUND_HBONE	15008
+
+/* Map sizes. A node runs a few hundred pods at most. The original-destination map contains
+ * one entry per outbound connection from connect() until the proxy's accept().
+ */
+#define AA_MAX_ENROLLED		4096
+#define AA_MAX_ORIG_DST		65536
+/* The agent's open connections from inside a pod to the pod's own IP: one per proxied
+ * inbound connection, the leg to the application.
+ */
+#define AA_MAX_OWN_CONNS	65536
+
+/* Socket constants from the C library, which BPF programs cannot include. */
+#define AA_SOCK_STREAM		1
+#define AA_AF_INET		2
+#define AA_IPPROTO_TCP		6
+
+/* Return values of cgroup sock_addr and sockops programs. */
+#define AA_ALLOW		1
+
+#endif /* AA_CONFIG_H */

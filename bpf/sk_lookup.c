@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* sk_lookup: steers TCP connections that arrive at an enrolled pod's IP to the pod's inbound
+ * plaintext listener on port 15006, so that no connection from outside reaches an
+ * application unseen. The agent links the program to each enrolled pod's network namespace.
+ * The accepted socket's local address is the address the client dialled. Built as part of
+ * capture.c.
+ *
+ * Connections pass to the normal socket lookup when they
+ *  1. are not TCP over IPv4, or are not addressed to a pod in aa_inbound_pods;
+ *  2. come from the pod's own IP or from 127.0.0.0/8;
+ *  3. are addressed to the agent's ports 15006 or 15008;
+ *  4. are the agent's own connections inside the pod (aa_own_conns).
+ * A connection to port 15001 from outside the pod is dropped: that listener is meant only
+ * for the pod's own redirected connections. Every other connection is assigned to the
+ * listener in aa_inbound, and dropped when that listener is missing, so that a pod whose
+ * proxy is down gets no inbound connections rather than unauthorized ones.
+ *
+ * NOTE: IPv4 only. IPv6 connections to the pod are not captured.
+ * NOTE: kubelet health probes come from the node's IP, so they are captured like any other
+ * client and reach the application only if the inbound proxy lets plaintext through.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/config.h"
+#include "lib/inbound.h"
+#include "lib/own_conns.h"
+
+static __always_inline int aa_is_loopback_ip4(__u32 addr)
+{
+	return (bpf_ntohl(addr) >> 24) == 127;
+}
+
+static __always_inline int aa_is_own_conn(const struct bpf_sk_lookup *ctx)
+{
+	struct aa_conn_key key = {
+		.src_ip4 = ctx->remote_ip4,
+		.dst_ip4 = ctx->local_ip4,
+		.src_port = bpf_ntohs(ctx->remote_port),
+		.dst_port = (__u16)ctx->local_port,
+	};
+
+	return bpf_map_lookup_elem(&aa_own_conns, &key) != NULL;
+}
+
+/* Assigns the pod's 15006 listener to the connection; drops it when there is none. */
+static __always_inline int aa_assign_inbound_listener(struct bpf_sk_lookup *ctx)
+{
+	struct aa_inbound_key key = {
+		.ip4 = ctx->local_ip4,
+		.port = AA_PORT_INBOUND_PLAIN,
+	};
+	struct bpf_sock *sk;
+	long err;
+
+	sk = bpf_map_lookup_elem(&aa_inbound, &key);
+	if (!sk)
+		return SK_DROP;
+
+	/* REPLACE: when another sk_lookup program chose a socket first, this choice wins. */
+	err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
+
+SEC("sk_lookup")
+int aa_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	__u32 local_ip4;
+	__u16 port;
+
+	if (ctx->family != AA_AF_INET || ctx->protocol != AA_IPPROTO_TCP)
+		return SK_PASS;
+
+	local_ip4 = ctx->local_ip4;
+	if (!bpf_map_lookup_elem(&aa_inbound_pods, &local_ip4))
+		return SK_PASS;
+
+	if (ctx->remote_ip4 == local_ip4 || aa_is_loopback_ip4(ctx->remote_ip4))
+		return SK_PASS;
+
+	port = (__u16)ctx->local_port;
+	if (port == AA_PORT_INBOUND_PLAIN || port == AA_PORT_INBOUND_HBONE)
+		return SK_PASS;
+	if (port == AA_PORT_OUTBOUND)
+		return SK_DROP;
+
+	if (aa_is_own_conn(ctx))
+		return SK_PASS;
+
+	return aa_assign_inbound_listener(ctx);
+}

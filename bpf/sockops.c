@@ -1,0 +1,124 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* sockops: publishes the original destination of a captured connection under the key the
+ * outbound proxy can compute from its accepted socket, records the agent's own connections
+ * to a pod's IP for sk_lookup, and deletes both entries when the connection closes. Built as
+ * part of capture.c.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/config.h"
+#include "lib/inbound.h"
+#include "lib/orig_dst.h"
+#include "lib/own_conns.h"
+#include "lib/redirect.h"
+
+static __always_inline void aa_orig_dst_key_of(struct bpf_sock_ops *ctx,
+					       struct aa_orig_dst_key *key)
+{
+	key->netns_cookie = bpf_get_netns_cookie(ctx);
+	key->local_ip4 = ctx->local_ip4;
+	key->local_port = (__u16)ctx->local_port;
+	key->pad = 0;
+}
+
+/* TCP_CONNECT_CB runs once the local port is assigned and before the SYN is sent, so the
+ * entry exists before the proxy can accept the connection.
+ */
+static __always_inline void aa_publish_orig_dst(struct bpf_sock_ops *ctx)
+{
+	struct aa_orig_dst_key key = {};
+	struct aa_orig_dst *orig;
+	struct bpf_sock *sk;
+
+	sk = ctx->sk;
+	if (!sk)
+		return;
+
+	orig = bpf_sk_storage_get(&aa_sk_orig, sk, NULL, 0);
+	if (!orig)
+		return;
+
+	aa_orig_dst_key_of(ctx, &key);
+	bpf_map_update_elem(&aa_orig_dst, &key, orig, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* The key sk_lookup computes for this connection: remote_port arrives in network byte
+ * order in the upper half of the u32 on little-endian CPUs, which bpf_ntohl turns into the
+ * port in host byte order on both byte orders.
+ */
+static __always_inline void aa_conn_key_of(struct bpf_sock_ops *ctx, struct aa_conn_key *key)
+{
+	key->src_ip4 = ctx->local_ip4;
+	key->dst_ip4 = ctx->remote_ip4;
+	key->src_port = (__u16)ctx->local_port;
+	key->dst_port = (__u16)bpf_ntohl(ctx->remote_port);
+}
+
+/* Records a marked agent socket that connects, from inside a pod whose inbound traffic is
+ * captured, to that pod's own IP: the inbound proxy's connection to the application. A marked
+ * socket in another namespace is not recorded, so the agent's connections from one pod to
+ * another are still captured by the destination pod.
+ */
+static __always_inline void aa_record_own_conn(struct bpf_sock_ops *ctx)
+{
+	struct aa_conn_key key = {};
+	struct aa_inbound_pod *pod;
+	struct bpf_sock *sk;
+	__u32 remote_ip4;
+	__u64 cookie;
+
+	if (ctx->family != AA_AF_INET)
+		return;
+	sk = ctx->sk;
+	if (!sk || !aa_is_agent_socket(sk))
+		return;
+
+	remote_ip4 = ctx->remote_ip4;
+	pod = bpf_map_lookup_elem(&aa_inbound_pods, &remote_ip4);
+	if (!pod)
+		return;
+	cookie = bpf_get_netns_cookie(ctx);
+	if (pod->netns_cookie != cookie)
+		return;
+
+	aa_conn_key_of(ctx, &key);
+	bpf_map_update_elem(&aa_own_conns, &key, &cookie, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Runs only for the sockets that aa_publish_orig_dst or aa_record_own_conn subscribed to
+ * state changes. Deleting a key that is not there is harmless.
+ */
+static __always_inline void aa_forget_connection(struct bpf_sock_ops *ctx)
+{
+	struct aa_orig_dst_key orig_key = {};
+	struct aa_conn_key conn_key = {};
+
+	if (ctx->args[1] != BPF_TCP_CLOSE)
+		return;
+
+	aa_orig_dst_key_of(ctx, &orig_key);
+	bpf_map_delete_elem(&aa_orig_dst, &orig_key);
+	aa_conn_key_of(ctx, &conn_key);
+	bpf_map_delete_elem(&aa_own_conns, &conn_key);
+}
+
+SEC("sockops")
+int aa_sockops(struct bpf_sock_ops *ctx)
+{
+	switch (ctx->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		aa_publish_orig_dst(ctx);
+		aa_record_own_conn(ctx);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		aa_forget_connection(ctx);
+		break;
+	default:
+		break;
+	}
+	return AA_ALLOW;
+}

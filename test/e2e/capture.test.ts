@@ -1,0 +1,384 @@
+// End-to-end test of capture on the real kernel: two network namespaces joined by a veth,
+// the capture programs attached to the cgroup v2 root, the enrolled namespace's connections
+// steered to a stub proxy on 15001. Needs root, bpffs and cgroup v2, and fails without them.
+import test from "ava";
+import { execFile, execFileSync } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+
+import { Capture } from "../../agent/capture/bpf";
+import { PROGRAM_NAMES } from "../../agent/capture/layout";
+import { NativeError, netnsCookie, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
+import { NetnsPodNetwork } from "../../agent/capture/netns-network";
+import { checkHost } from "../../agent/capture/preflight";
+import { findNetnsByIp } from "../../agent/enroll/netns";
+import { silentLogger } from "../../agent/log";
+import { createNetnsPair, deleteStaleNetns, type NetnsPair } from "../harness/netns-pair";
+
+const execFileAsync = promisify(execFile);
+const PREFIX = "aacap";
+const BPFFS = "/sys/fs/bpf";
+const CGROUP_ROOT = "/sys/fs/cgroup/unified";
+const PIN_PARENT = path.join(BPFFS, "ambient-agent");
+const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
+const REPO = path.resolve(__dirname, "../../..");
+const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
+const APP_PORT = 8080;
+const WAIT_MS = 5000;
+
+interface Fixture {
+  pair: NetnsPair;
+  capture: Capture;
+  cookieA: bigint;
+  /** Connections the stub proxy in A accepted, with the original destination it looked up. */
+  proxied: Array<{ peer: string; original: { ip: string; port: number } | undefined }>;
+  /** Peers of the connections that reached the application server in B. */
+  reachedB: string[];
+  servers: net.Server[];
+}
+
+let fixture: Fixture | undefined;
+
+function fx(): Fixture {
+  if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
+  return fixture;
+}
+
+function assertHostReady(): void {
+  if (process.getuid?.() !== 0) throw new Error("the capture test must run as root");
+  if (fs.statfsSync(BPFFS).type !== 0xcafe4a11) throw new Error(`no bpffs mounted at ${BPFFS}`);
+  if (fs.statfsSync(CGROUP_ROOT).type !== 0x63677270) throw new Error(`no cgroup v2 mounted at ${CGROUP_ROOT}`);
+}
+
+/** Removes pin roots and namespaces of earlier runs whose process is gone. */
+function removeStaleState(): void {
+  deleteStaleNetns(PREFIX);
+  if (!fs.existsSync(PIN_PARENT)) return;
+  for (const name of fs.readdirSync(PIN_PARENT)) {
+    const match = new RegExp(`^${PREFIX}-(\\d+)$`).exec(name);
+    if (match && !fs.existsSync(`/proc/${match[1]}`)) Capture.remove(path.join(PIN_PARENT, name));
+  }
+}
+
+/** Removes the shared parent of the test pin roots unless another run still uses it. */
+function removeIfEmpty(directory: string): void {
+  try {
+    fs.rmdirSync(directory);
+  } catch {
+    // Not empty, or already gone.
+  }
+}
+
+function listenOn(server: net.Server, fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen({ fd }, () => resolve());
+  });
+}
+
+/** Connects an unmarked socket made inside the namespace: what an application in the pod does. */
+function appConnect(netnsPath: string, host: string, port: number): net.Socket {
+  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { mark: 0 }) });
+  socket.connect(port, host);
+  return socket;
+}
+
+/** Reads everything the peer sends until it closes, within WAIT_MS. */
+function readAll(socket: net.Socket): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no end of stream within ${WAIT_MS} ms`));
+    }, WAIT_MS);
+    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
+    // Sockets from NetnsPodNetwork allow half-open connections: answer the peer's FIN with ours.
+    socket.on("end", () => socket.end());
+    socket.on("error", (error) => {
+      clearTimeout(timer);
+      reject(error);
+    });
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(chunks).toString());
+    });
+  });
+}
+
+/**
+ * Runs socat inside a namespace with a bounded timeout and returns what it printed. It runs
+ * asynchronously because the stub proxy that replies to it runs in this process.
+ */
+async function socatIn(netnsPath: string, address: string): Promise<string> {
+  const { stdout } = await execFileAsync("nsenter", [`--net=${netnsPath}`, "socat", "-T", "3", "-u", address, "-"], {
+    timeout: WAIT_MS,
+    encoding: "utf8",
+  });
+  return stdout;
+}
+
+function linkedProgramIds(): number[] {
+  return PROGRAM_NAMES.map((name) => {
+    const output = execFileSync("bpftool", ["-j", "link", "show", "pinned", path.join(PIN_ROOT, "links", name)], {
+      encoding: "utf8",
+    });
+    return (JSON.parse(output) as { prog_id: number }).prog_id;
+  });
+}
+
+function cgroupRootProgramIds(): number[] {
+  const output = execFileSync("bpftool", ["-j", "cgroup", "show", CGROUP_ROOT], { encoding: "utf8" }).trim();
+  if (output === "") return [];
+  return (JSON.parse(output) as Array<{ id: number }>).map((entry) => entry.id);
+}
+
+async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint): Promise<Fixture> {
+  const partial: Fixture = { pair, capture, cookieA, proxied: [], reachedB: [], servers: [] };
+
+  const proxy = net.createServer((socket) => {
+    // Clients may close before reading the reply; a reset must not fail the test run.
+    socket.on("error", () => undefined);
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    // partial.capture, not capture: a test replaces it with a newly attached instance.
+    const original = partial.capture.takeOriginalDestination(cookieA, socket.remoteAddress ?? "", socket.remotePort ?? 0);
+    partial.proxied.push({ peer, original });
+    socket.end(original ? `proxy ${original.ip}:${original.port}` : "proxy none");
+  });
+  partial.servers.push(proxy);
+  await new NetnsPodNetwork(pair.a.path, pair.a.ip).listen(proxy, 15001);
+
+  const appB = net.createServer((socket) => {
+    socket.on("error", () => undefined);
+    partial.reachedB.push(`${socket.remoteAddress}:${socket.remotePort}`);
+    socket.end("app-b");
+  });
+  partial.servers.push(appB);
+  await listenOn(appB, netnsSocket(pair.b.path, { bindIp: pair.b.ip, port: APP_PORT, backlog: 64 }));
+
+  const appA = net.createServer((socket) => {
+    socket.on("error", () => undefined);
+    socket.end("app-a");
+  });
+  partial.servers.push(appA);
+  await listenOn(appA, netnsSocket(pair.a.path, { bindIp: "0.0.0.0", port: APP_PORT, backlog: 64 }));
+  return partial;
+}
+
+test.before(async () => {
+  assertHostReady();
+  removeStaleState();
+  const pair = createNetnsPair(PREFIX, 200 + (process.pid % 50));
+  let capture: Capture | undefined;
+  try {
+    capture = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
+    const cookieA = netnsCookie(pair.a.path);
+    capture.enroll(cookieA, pair.a.ip);
+    fixture = await startServers(pair, capture, cookieA);
+  } catch (error) {
+    capture?.close();
+    Capture.remove(PIN_ROOT);
+    pair.destroy();
+    throw error;
+  }
+});
+
+/** Removes the namespaces and pins; synchronous, so it also runs from the process "exit" event. */
+function removeTestState(): void {
+  fixture?.pair.destroy();
+  Capture.remove(PIN_ROOT);
+  removeIfEmpty(PIN_PARENT);
+}
+
+// ava skips after.always hooks when a test throws an uncaught exception: clean up on exit too.
+process.once("exit", removeTestState);
+
+test.after.always(() => {
+  if (fixture) {
+    for (const server of fixture.servers) server.close();
+    fixture.capture.close();
+  }
+  removeTestState();
+});
+
+test.serial("enrolled netns cookie is listed", (t) => {
+  const { capture, cookieA } = fx();
+  t.true(cookieA > 0n);
+  t.deepEqual(capture.enrolledCookies(), [cookieA]);
+});
+
+test.serial("netns helpers read addresses and find the pod", (t) => {
+  const { pair } = fx();
+  t.true(netnsIpv4Addresses(pair.a.path).includes(pair.a.ip));
+  const found = findNetnsByIp(pair.b.ip, silentLogger());
+  t.is(found?.inode, fs.statSync(pair.b.path).ino);
+});
+
+test.serial("preflight passes on this host", (t) => {
+  t.deepEqual(checkHost({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }), []);
+});
+
+test.serial("preflight reports a bad cgroup and object", (t) => {
+  const problems = checkHost({ pinRoot: PIN_ROOT, cgroupPath: "/tmp", objectPath: "/nonexistent/capture.bpf.o" });
+  t.is(problems.length, 2);
+  t.regex(problems[0]?.what ?? "", /\/tmp is not a cgroup v2 directory/);
+  t.regex(problems[1]?.what ?? "", /\/nonexistent\/capture\.bpf\.o not found/);
+});
+
+test.serial("missing netns gives a clear error", (t) => {
+  const error = t.throws(() => netnsSocket("/var/run/netns/aacap-missing", {}), { instanceOf: NativeError });
+  t.is(error?.errno, os.constants.errno.ENOENT);
+  t.regex(error?.message ?? "", /network namespace \/var\/run\/netns\/aacap-missing/);
+  t.regex(error?.message ?? "", /ENOENT/);
+});
+
+test.serial("enrolled app connection reaches the proxy", async (t) => {
+  const { pair, proxied, reachedB } = fx();
+  const before = { proxied: proxied.length, reachedB: reachedB.length };
+
+  const socket = appConnect(pair.a.path, pair.b.ip, APP_PORT);
+  await new Promise<void>((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  // getpeername4 returns the address the application dialled, not podIP:15001.
+  t.is(socket.remoteAddress, pair.b.ip);
+  t.is(socket.remotePort, APP_PORT);
+  const localPort = socket.localPort;
+  const reply = await readAll(socket);
+
+  t.is(reply, `proxy ${pair.b.ip}:${APP_PORT}`);
+  t.is(proxied.length, before.proxied + 1);
+  t.is(proxied.at(-1)?.peer, `${pair.a.ip}:${localPort}`);
+  t.deepEqual(proxied.at(-1)?.original, { ip: pair.b.ip, port: APP_PORT });
+  t.is(reachedB.length, before.reachedB);
+});
+
+test.serial("original destination is taken once", (t) => {
+  const { capture, cookieA, pair } = fx();
+  const last = fx().proxied.at(-1);
+  t.truthy(last);
+  const port = Number(last!.peer.split(":")[1]);
+  t.is(capture.takeOriginalDestination(cookieA, pair.a.ip, port), undefined);
+});
+
+test.serial("socat in enrolled netns is captured", async (t) => {
+  const { pair, proxied } = fx();
+  const before = proxied.length;
+  t.is(await socatIn(pair.a.path, `TCP4:${pair.b.ip}:${APP_PORT}`), `proxy ${pair.b.ip}:${APP_PORT}`);
+  t.is(proxied.length, before + 1);
+});
+
+test.serial("IPv4-mapped IPv6 connection is captured", async (t) => {
+  const { pair, proxied } = fx();
+  const before = proxied.length;
+  t.is(await socatIn(pair.a.path, `TCP6:[::ffff:${pair.b.ip}]:${APP_PORT}`), `proxy ${pair.b.ip}:${APP_PORT}`);
+  t.is(proxied.length, before + 1);
+});
+
+test.serial("IPv4-mapped peer name is the dialled address", async (t) => {
+  const { pair } = fx();
+  const script = [
+    "import socket",
+    "s = socket.create_connection(('::ffff:" + pair.b.ip + "', " + APP_PORT + "), timeout=3)",
+    "print(s.getpeername()[0], s.getpeername()[1])",
+    "s.close()",
+  ].join("\n");
+  const { stdout } = await execFileAsync("nsenter", [`--net=${pair.a.path}`, "python3", "-c", script], {
+    timeout: WAIT_MS,
+    encoding: "utf8",
+  });
+  t.is(stdout.trim(), `::ffff:${pair.b.ip} ${APP_PORT}`);
+});
+
+test.serial("loopback in enrolled netns is not captured", async (t) => {
+  const { pair, proxied } = fx();
+  const before = proxied.length;
+  t.is(await readAll(appConnect(pair.a.path, "127.0.0.1", APP_PORT)), "app-a");
+  t.is(proxied.length, before);
+});
+
+test.serial("non-enrolled netns is not captured", async (t) => {
+  const { pair, proxied } = fx();
+  const before = proxied.length;
+  t.is(await readAll(appConnect(pair.b.path, pair.a.ip, APP_PORT)), "app-a");
+  t.is(proxied.length, before);
+});
+
+test.serial("marked proxy socket is not captured", async (t) => {
+  const { pair, proxied, reachedB } = fx();
+  const before = { proxied: proxied.length, reachedB: reachedB.length };
+  const socket = new NetnsPodNetwork(pair.a.path, pair.a.ip).connect(pair.b.ip, APP_PORT);
+  t.is(await readAll(socket), "app-b");
+  t.is(proxied.length, before.proxied);
+  t.is(reachedB.length, before.reachedB + 1);
+  t.true(reachedB.at(-1)!.startsWith(`${pair.a.ip}:`));
+});
+
+test.serial("unenrolled netns is no longer captured", async (t) => {
+  const { capture, cookieA, pair, proxied } = fx();
+  const before = proxied.length;
+  capture.unenroll(cookieA);
+  try {
+    t.deepEqual(capture.enrolledCookies(), []);
+    t.is(await readAll(appConnect(pair.a.path, pair.b.ip, APP_PORT)), "app-b");
+    t.is(proxied.length, before);
+  } finally {
+    capture.enroll(cookieA, pair.a.ip);
+  }
+});
+
+test.serial("close keeps capture attached", async (t) => {
+  const state = fx();
+  const ids = linkedProgramIds();
+  state.capture.close();
+  const attached = cgroupRootProgramIds();
+  for (const id of ids) t.true(attached.includes(id), `program ${id} stays attached without this process's descriptors`);
+
+  state.capture = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
+  t.deepEqual(state.capture.enrolledCookies(), [state.cookieA]);
+  const before = state.proxied.length;
+  t.is(await readAll(appConnect(state.pair.a.path, state.pair.b.ip, APP_PORT)), `proxy ${state.pair.b.ip}:${APP_PORT}`);
+  t.is(state.proxied.length, before + 1);
+});
+
+test.serial("attach again updates links in place", (t) => {
+  const { capture, cookieA } = fx();
+  const before = linkedProgramIds();
+  const again = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
+  try {
+    const after = linkedProgramIds();
+    t.is(after.length, PROGRAM_NAMES.length);
+    t.notDeepEqual(after, before);
+    // The pinned maps were reused, so the enrolled pod is still there.
+    t.deepEqual(again.enrolledCookies(), [cookieA]);
+    const attached = cgroupRootProgramIds();
+    for (const id of after) t.true(attached.includes(id), `program ${id} is attached to the cgroup root`);
+    for (const id of before) t.false(attached.includes(id), `old program ${id} was replaced`);
+  } finally {
+    again.close();
+  }
+  t.deepEqual(capture.enrolledCookies(), [cookieA]);
+});
+
+test.serial("remove detaches programs and unpins", async (t) => {
+  const { capture } = fx();
+  const ids = linkedProgramIds();
+  capture.close();
+  Capture.remove(PIN_ROOT);
+  t.false(fs.existsSync(PIN_ROOT));
+
+  // A link detaches when its last reference goes; allow the kernel a moment to release it.
+  const deadline = Date.now() + WAIT_MS;
+  let remaining = ids;
+  while (Date.now() < deadline) {
+    const attached = cgroupRootProgramIds();
+    remaining = ids.filter((id) => attached.includes(id));
+    if (remaining.length === 0) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  t.deepEqual(remaining, []);
+  t.notThrows(() => Capture.remove(PIN_ROOT));
+});

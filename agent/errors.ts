@@ -13,6 +13,7 @@ export const ERROR_CODES = {
   BAD_REQUEST: { status: 400, flag: "CONNECT", description: "CONNECT request with a bad method or :authority" },
   AUTHORITY_MISMATCH: { status: 400, flag: "CONNECT", description: ":authority IP differs from the address the tunnel arrived on" },
   POLICY_DENIED: { status: 401, flag: "DENY", description: "an AuthorizationPolicy denied the connection" },
+  MTLS_REQUIRED: { flag: "DENY", description: "a plaintext connection reached a port where PeerAuthentication is STRICT" },
   UNKNOWN_DESTINATION: { status: 503, flag: "NO_ROUTE", description: "no local workload has the requested address" },
   PROXY_PORT: { status: 503, flag: "NO_ROUTE", description: "the requested port is one of the proxy ports 15001, 15006, 15008" },
   UPSTREAM_CONNECT_FAILED: { status: 503, flag: "CONNECT", description: "the connection to the application failed or timed out" },

@@ -5,8 +5,11 @@ import type net from "node:net";
  * pod's network namespace and marked so that capture skips it; tests may use loopback addresses.
  */
 export interface PodNetwork {
-  /** Starts `server` listening on 0.0.0.0:port inside the pod. */
-  listen(server: net.Server, port: number): Promise<void>;
+  /**
+   * Starts `server` listening on 0.0.0.0:port inside the pod. `onListenerFd` receives the
+   * listener's file descriptor before the server accepts, where the network has one.
+   */
+  listen(server: net.Server, port: number, onListenerFd?: (fd: number) => void): Promise<void>;
   /** Opens a TCP connection from inside the pod; the socket emits "connect" or "error" as usual. */
   connect(host: string, port: number): net.Socket;
 }

@@ -1,0 +1,171 @@
+// The inbound plaintext server of one enrolled pod, on port 15006. sk_lookup steers here every TCP
+// connection to the pod that did not arrive through an HBONE tunnel, such as a client outside the
+// mesh. PeerAuthentication decides whether plaintext is accepted at all (STRICT rejects it); then
+// the pod's AuthorizationPolicies decide, with no peer identity, as for any plaintext source.
+
+import net from "node:net";
+import type { AuditSink } from "../audit/record";
+import { AgentError } from "../errors";
+import { formatSpiffeId } from "../identity/spiffe";
+import type { Logger } from "../log";
+import type { AuthorizationResult, RbacConnection } from "../rbac/types";
+import type { Identity, MtlsMode, Workload } from "../state/types";
+import { ConnectionRecord, peerOf } from "./connection-record";
+import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
+import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
+import type { PodNetwork } from "./pod-network";
+import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
+
+export interface InboundPlaintextServerOptions {
+  node: string;
+  workload: Workload;
+  identity: Identity;
+  network: PodNetwork;
+  /** The PeerAuthentication mode in force for a port of this workload. */
+  mtlsMode(port: number): Exclude<MtlsMode, "UNSET">;
+  authorize(connection: RbacConnection): AuthorizationResult;
+  lookupSource(ip: string): Workload | undefined;
+  audit: AuditSink;
+  logger: Logger;
+  /** Called with the listener's file descriptor before it accepts, so capture can steer to it. */
+  onListenerFd?(fd: number): void;
+}
+
+/** One accepted connection, so that stop() can abort it. */
+interface ActiveConnection {
+  client: net.Socket;
+  upstream?: net.Socket;
+  record: ConnectionRecord;
+  done: Promise<void>;
+}
+
+export class InboundPlaintextServer {
+  readonly #options: InboundPlaintextServerOptions;
+  readonly #logger: Logger;
+  readonly #active = new Set<ActiveConnection>();
+  #server: net.Server | undefined;
+
+  constructor(options: InboundPlaintextServerOptions) {
+    this.#options = options;
+    this.#logger = options.logger.child({ component: "inbound-plaintext" });
+  }
+
+  /** Listens on port 15006 inside the pod. */
+  async start(): Promise<void> {
+    // Paused until the connection is allowed, so no byte is read from a client that will be rejected.
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.#accept(client));
+    server.on("error", (error) => this.#logger.error({ err: error }, "inbound plaintext listener failed"));
+    await this.#options.network.listen(server, INBOUND_PLAINTEXT_PORT, this.#options.onListenerFd);
+    this.#server = server;
+    this.#logger.info({ port: INBOUND_PLAINTEXT_PORT, workload: this.#options.workload.uid }, "inbound plaintext server started");
+  }
+
+  /** Closes the listener and resets every open connection; resolves once each has written its record. */
+  async stop(): Promise<void> {
+    const server = this.#server;
+    this.#server = undefined;
+    const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
+    const stopping = new AgentError("STREAM_RESET", `the inbound plaintext server of ${this.#options.workload.uid} stopped`);
+    for (const connection of this.#active) {
+      connection.record.fail(stopping);
+      resetSocket(connection.client);
+      connection.upstream?.destroy();
+    }
+    await Promise.allSettled([...this.#active].map((connection) => connection.done));
+    await closed;
+  }
+
+  #accept(client: net.Socket): void {
+    client.on("error", () => undefined);
+    const sourceIp = normalizeIp(client.remoteAddress ?? "");
+    const record = new ConnectionRecord({
+      node: this.#options.node,
+      direction: "inbound",
+      transport: "plaintext",
+      src: peerOf(remoteAddressOf(client), this.#options.lookupSource(sourceIp)),
+      dst: peerOf(
+        formatAddress(normalizeIp(client.localAddress ?? ""), client.localPort ?? 0),
+        this.#options.workload,
+        formatSpiffeId(this.#options.identity),
+      ),
+    });
+    const connection: ActiveConnection = { client, record, done: Promise.resolve() };
+    connection.done = this.#serve(connection, sourceIp).finally(() => this.#active.delete(connection));
+    this.#active.add(connection);
+  }
+
+  async #serve(connection: ActiveConnection, sourceIp: string): Promise<void> {
+    const { client, record } = connection;
+    const logger = this.#logger.child({ connection_id: record.id, "src.addr": record.src.addr, "dst.addr": record.dst.addr });
+    try {
+      const port = this.#checkDestination(client, record);
+      this.#checkPeerAuthentication(port, record);
+      this.#authorize(sourceIp, port, record);
+      connection.upstream = await this.#connectApplication(port);
+      connection.upstream.on("error", () => undefined);
+      client.resume();
+      const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
+      record.bytesSent = result.bytesForward;
+      record.bytesRecv = result.bytesBackward;
+      if (result.error) record.fail(result.error);
+    } catch (error) {
+      record.fail(error);
+      connection.upstream?.destroy();
+      resetSocket(client);
+    } finally {
+      record.write(this.#options.audit, logger);
+    }
+  }
+
+  /** Returns the port the client dialled; the address must be this pod's and the port not a proxy port. */
+  #checkDestination(client: net.Socket, record: ConnectionRecord): number {
+    const ip = normalizeIp(client.localAddress ?? "");
+    const port = client.localPort ?? 0;
+    if (ip !== normalizeIp(this.#options.workload.ip)) {
+      const error = new AgentError("UNKNOWN_DESTINATION", `plaintext connection to ${record.dst.addr} is not for pod ${this.#options.workload.uid} at ${this.#options.workload.ip}`);
+      record.deny("unknown_destination", error);
+      throw error;
+    }
+    if (PROXY_PORTS.has(port)) {
+      const error = new AgentError("PROXY_PORT", `plaintext connection to the proxy port ${record.dst.addr} is not served`);
+      record.deny("proxy_port", error);
+      throw error;
+    }
+    return port;
+  }
+
+  #checkPeerAuthentication(port: number, record: ConnectionRecord): void {
+    if (this.#options.mtlsMode(port) !== "STRICT") return;
+    const error = new AgentError(
+      "MTLS_REQUIRED",
+      `plaintext connection from ${record.src.addr} to ${record.dst.addr} rejected: PeerAuthentication requires mutual TLS (STRICT) on this port`,
+    );
+    record.deny("mtls_required", error);
+    throw error;
+  }
+
+  #authorize(sourceIp: string, port: number, record: ConnectionRecord): void {
+    const result = this.#options.authorize({ sourceIp, destinationIp: normalizeIp(this.#options.workload.ip), destinationPort: port });
+    record.decision = result.decision;
+    record.reason = result.reason;
+    record.policy = result.policy;
+    if (result.decision === "allow") return;
+    const error = new AgentError(
+      "POLICY_DENIED",
+      `plaintext client ${record.src.addr} may not connect to ${record.dst.addr}: ${result.policy ? `AuthorizationPolicy ${result.policy}` : "no ALLOW policy matches"} (${result.reason})`,
+    );
+    record.deny(result.reason, error, result.policy);
+    throw error;
+  }
+
+  async #connectApplication(port: number): Promise<net.Socket> {
+    const ip = normalizeIp(this.#options.workload.ip);
+    try {
+      return await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS);
+    } catch (error) {
+      throw new AgentError("UPSTREAM_CONNECT_FAILED", `connect to the application at ${formatAddress(ip, port)} failed: ${(error as Error).message}`, {
+        cause: error,
+      });
+    }
+  }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env node
+// agentctl: node diagnostics and set-up for ambient-agent.
+
+import http from "node:http";
+import { parseArgs } from "node:util";
+import { Capture } from "../capture/bpf";
+import { initCa } from "../identity/ca";
+
+const USAGE = `usage: agentctl COMMAND [options]
+
+  ca init --dir DIR [--trust-domain TD] [--force]
+                     create an embedded CA (ECDSA P-256 root) in DIR; agents given the same DIR trust each other
+  capture remove --node NAME [--pin-root DIR]
+                     detach the node's eBPF programs and remove its pinned maps (capture stops)
+  config [--admin HOST:PORT]
+                     print what the running agent serves (from its admin API, default 127.0.0.1:15000)
+`;
+
+async function caInit(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: { dir: { type: "string" }, "trust-domain": { type: "string" }, force: { type: "boolean" } },
+  });
+  if (!values.dir) throw new Error("missing --dir: the folder that will hold the CA");
+  await initCa(values.dir, { trustDomain: values["trust-domain"], force: values.force });
+  process.stdout.write(`created CA in ${values.dir} (trust domain ${values["trust-domain"] ?? "cluster.local"})\n`);
+}
+
+function captureRemove(argv: string[]): void {
+  const { values } = parseArgs({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } });
+  if (!values.node && !values["pin-root"]) throw new Error("missing --node NAME (or --pin-root DIR)");
+  const pinRoot = values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`;
+  Capture.remove(pinRoot);
+  process.stdout.write(`removed capture pinned under ${pinRoot}\n`);
+}
+
+async function config(argv: string[]): Promise<void> {
+  const { values } = parseArgs({ args: argv, options: { admin: { type: "string" } } });
+  const address = values.admin ?? "127.0.0.1:15000";
+  const body = await new Promise<string>((resolve, reject) => {
+    http
+      .get(`http://${address}/config_dump`, (response) => {
+        let text = "";
+        response.setEncoding("utf8");
+        response.on("data", (chunk) => (text += chunk));
+        response.on("end", () => resolve(text));
+      })
+      .on("error", (error) => reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`)));
+  });
+  process.stdout.write(body);
+}
+
+async function main(argv: string[]): Promise<void> {
+  const [group, action, ...rest] = argv;
+  if (group === "ca" && action === "init") return caInit(rest);
+  if (group === "capture" && action === "remove") return captureRemove(rest);
+  if (group === "config") return config([action, ...rest].filter((value) => value !== undefined));
+  if (group === undefined || group === "help" || group === "--help") {
+    process.stdout.write(USAGE);
+    return;
+  }
+  throw new Error(`unknown command "${argv.join(" ")}"\n\n${USAGE}`);
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).catch((error: Error) => {
+    process.stderr.write(`agentctl: ${error.message}\n`);
+    process.exit(1);
+  });
+}

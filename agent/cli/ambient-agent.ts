@@ -1,0 +1,113 @@
+#!/usr/bin/env node
+// ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH`.
+
+import fs from "node:fs";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
+import { createLogger } from "../log";
+
+const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH [options]
+
+  --node NAME          this node's name; pods whose spec.nodeName equals it are served
+  --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, AuthorizationPolicy,
+                       PeerAuthentication), re-read when it changes
+  --ca-dir DIR         embedded CA folder made by \`agentctl ca init --dir DIR\`
+  --audit-file PATH    file that receives one JSON line per connection
+  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
+  --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
+  --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
+  --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
+  --root-namespace NS  namespace whose policies apply mesh-wide (default istio-system)
+`;
+
+/** Returns the cgroup v2 mount: /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup. */
+export function defaultCgroupPath(): string {
+  const unified = "/sys/fs/cgroup/unified";
+  if (fs.existsSync(path.join(unified, "cgroup.procs"))) return unified;
+  return "/sys/fs/cgroup";
+}
+
+function parseRunOptions(argv: string[]): AgentOptions {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      node: { type: "string" },
+      manifests: { type: "string" },
+      "ca-dir": { type: "string" },
+      "audit-file": { type: "string" },
+      "pin-root": { type: "string" },
+      cgroup: { type: "string" },
+      "bpf-object": { type: "string" },
+      admin: { type: "string" },
+      "root-namespace": { type: "string" },
+    },
+    strict: true,
+  });
+  const missing = ["node", "manifests", "ca-dir", "audit-file"].filter((name) => !values[name as keyof typeof values]);
+  if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.map((name) => `--${name}`).join(", ")}`);
+  const node = values.node!;
+  if (!/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(node)) {
+    throw new UsageError(`invalid --node "${node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
+  }
+  return {
+    node,
+    manifestsDir: path.resolve(values.manifests!),
+    caDir: path.resolve(values["ca-dir"]!),
+    auditFile: path.resolve(values["audit-file"]!),
+    pinRoot: values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`,
+    cgroupPath: values.cgroup ?? defaultCgroupPath(),
+    objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
+    adminAddress: values.admin ?? "127.0.0.1:15000",
+    rootNamespace: values["root-namespace"] ?? "istio-system",
+  };
+}
+
+class UsageError extends Error {}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === undefined || command === "--help" || command === "-h" || command === "help") {
+    process.stdout.write(USAGE);
+    return command === undefined ? 2 : 0;
+  }
+  if (command !== "run") {
+    process.stderr.write(`ambient-agent: unknown command "${command}"\n\n${USAGE}`);
+    return 2;
+  }
+  let options: AgentOptions;
+  try {
+    options = parseRunOptions(rest);
+  } catch (error) {
+    process.stderr.write(`ambient-agent: ${(error as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  const logger = createLogger({ node: options.node });
+  const agent = new Agent(options, logger);
+  try {
+    await agent.start();
+  } catch (error) {
+    const message = error instanceof HostNotReadyError ? error.message : `failed to start: ${(error as Error).message}`;
+    logger.fatal({ err: error }, message);
+    process.stderr.write(`ambient-agent: ${message}\n`);
+    await agent.stop().catch(() => undefined);
+    return 1;
+  }
+  await new Promise<void>((resolve) => {
+    process.once("SIGTERM", resolve);
+    process.once("SIGINT", resolve);
+  });
+  logger.info("signal received, stopping");
+  await agent.stop();
+  return 0;
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (error) => {
+      process.stderr.write(`ambient-agent: ${(error as Error).stack ?? error}\n`);
+      process.exit(1);
+    },
+  );
+}

@@ -1,0 +1,187 @@
+// `make demo`: two nodes, five pods, one agent per node. Clients on node1 call an HTTP server on
+// node2: one allowed by an AuthorizationPolicy, one denied, and one from a namespace outside the
+// mesh, which reaches a pod without policies in plaintext but not the policed one.
+// Prints who reached whom and how, then the audit records, and removes everything it made.
+
+import fs from "node:fs";
+import path from "node:path";
+import { curl, startHttpServer, type CurlResult } from "../harness/clients";
+import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
+import { PIN_PARENT } from "../harness/cluster";
+
+const PREFIX = "aademo";
+const WORK_DIR = "/tmp/ambient-agent-demo";
+const PID_FILE = path.join(WORK_DIR, "agents.pid");
+
+const POLICIES = `# Only the web service account of the shop namespace may call the API server, on port 8080.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: api-allow-web
+  namespace: backend
+spec:
+  selector:
+    matchLabels:
+      app: api
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/web"]
+      to:
+        - operation:
+            ports: ["8080"]
+---
+# The scraper service account is denied everywhere in the backend namespace.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-scraper
+  namespace: backend
+spec:
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/scraper"]
+`;
+
+interface Call {
+  from: string;
+  fromIp: string;
+  to: string;
+  toIp: string;
+  result: CurlResult;
+}
+
+/** Ends agent processes that a crashed demo left, recognised by the PID file and their command line. */
+function endLeftoverAgents(): void {
+  if (!fs.existsSync(PID_FILE)) return;
+  for (const pid of fs.readFileSync(PID_FILE, "utf8").split(/\s+/).filter(Boolean).map(Number)) {
+    try {
+      const commandLine = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
+      if (commandLine.includes("ambient-agent") && commandLine.includes(PREFIX)) process.kill(pid, "SIGKILL");
+    } catch {
+      // The process is gone already.
+    }
+  }
+  fs.rmSync(PID_FILE, { force: true });
+}
+
+const CURL_FAILURES: Record<number, string> = {
+  7: "connection refused",
+  28: "timed out",
+  52: "empty reply",
+  56: "connection reset",
+};
+
+/** One row of the summary: the call's outcome, how it travelled, and who decided. */
+function describe(call: Call, records: Record<string, any>[]): string[] {
+  const { exitCode, status } = call.result;
+  const outcome = exitCode === 0 ? `HTTP ${status}` : (CURL_FAILURES[exitCode] ?? `curl exit ${exitCode}`);
+  const record = records.find(
+    (entry) => String(entry.src?.addr).startsWith(call.fromIp + ":") && String(entry.dst?.addr).startsWith(call.toIp + ":"),
+  );
+  const path = record ? (record.transport === "hbone" ? "mTLS (HBONE)" : "plaintext, captured inbound") : "plaintext, not captured";
+  const decision = record ? `${record.decision}: ${record.policy ?? record.reason}` : "none: outside the mesh";
+  return [call.from, call.to, outcome, path, decision];
+}
+
+/** Prints rows as a table with aligned columns. */
+function printTable(rows: string[][]): void {
+  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
+  for (const row of rows) console.log("  " + row.map((cell, column) => cell.padEnd(widths[column])).join("   ").trimEnd());
+}
+
+async function main(): Promise<void> {
+  assertHostCapable();
+  endLeftoverAgents();
+  removeLeftovers(PREFIX);
+  fs.rmSync(WORK_DIR, { recursive: true, force: true });
+
+  console.log("Building two nodes and five pods as network namespaces...");
+  const cluster = Cluster.create({
+    prefix: PREFIX,
+    workDir: WORK_DIR,
+    nodes: [
+      {
+        name: "node1",
+        pods: [
+          { name: "web", namespace: "shop", serviceAccount: "web" },
+          { name: "scraper", namespace: "shop", serviceAccount: "scraper" },
+          { name: "legacy", namespace: "legacy", serviceAccount: "default" },
+        ],
+      },
+      {
+        name: "node2",
+        pods: [
+          { name: "api", namespace: "backend", serviceAccount: "api" },
+          { name: "db", namespace: "backend", serviceAccount: "db" },
+        ],
+      },
+    ],
+    namespaces: [
+      { name: "shop", ambient: true },
+      { name: "backend", ambient: true },
+      { name: "legacy", ambient: false },
+    ],
+    extraManifests: { "policies.yaml": POLICIES },
+  });
+
+  let finished = false;
+  const teardown = async (): Promise<void> => {
+    if (finished) return;
+    finished = true;
+    await cluster.destroy();
+    fs.rmSync(PID_FILE, { force: true });
+  };
+  const onSignal = (): void => {
+    console.log("\nInterrupted: tearing down...");
+    void teardown().then(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+
+  try {
+    const site = path.join(WORK_DIR, "site");
+    fs.mkdirSync(site, { recursive: true });
+    fs.writeFileSync(path.join(site, "index.html"), "hello from the api pod\n");
+    await startHttpServer(cluster.topology, "api", site, 8080);
+    await startHttpServer(cluster.topology, "db", site, 8080);
+
+    console.log("Starting one agent per node...");
+    await cluster.startAgents(["web", "scraper", "api", "db"]);
+    const pids = [...cluster.agents.values()].map((agent) => agent.pid).filter(Boolean);
+    fs.writeFileSync(PID_FILE, pids.join("\n") + "\n");
+
+    const calls: Call[] = [];
+    for (const [client, server] of [["web", "api"], ["scraper", "api"], ["legacy", "api"], ["legacy", "db"]]) {
+      const from = cluster.topology.pod(client);
+      const to = cluster.topology.pod(server);
+      const result = await curl(cluster.topology, client, `http://${to.ip}:8080/`, 5);
+      calls.push({ from: `${from.namespace}/${from.name} ${from.ip}`, fromIp: from.ip, to: `${to.namespace}/${to.name} ${to.ip}:8080`, toIp: to.ip, result });
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+
+    const outbound = cluster.auditRecords("node1");
+    const inbound = cluster.auditRecords("node2");
+    console.log("\nWho reached whom (curl on node1 to HTTP servers on node2):\n");
+    const rows = [["FROM", "TO", "RESULT", "PATH", "DECISION"]];
+    for (const call of calls) rows.push(describe(call, [...inbound, ...outbound]));
+    printTable(rows);
+    console.log(`\nAudit records on node1 (${cluster.auditFile("node1")}):`);
+    for (const record of outbound) console.log("  " + JSON.stringify(record));
+    console.log(`\nAudit records on node2 (${cluster.auditFile("node2")}):`);
+    for (const record of inbound) console.log("  " + JSON.stringify(record));
+  } finally {
+    console.log("\nTearing down: agents, pinned eBPF programs, namespaces...");
+    await teardown();
+    const left = fs.existsSync(PIN_PARENT) ? fs.readdirSync(PIN_PARENT).filter((name) => name.startsWith(PREFIX)) : [];
+    console.log(left.length === 0 ? `Done. Logs and audit files stay in ${WORK_DIR}.` : `Left behind under ${PIN_PARENT}: ${left.join(", ")}`);
+  }
+}
+
+main().catch((error: Error) => {
+  console.error(`demo failed: ${error.message}`);
+  process.exit(1);
+});

@@ -1,0 +1,291 @@
+// End to end on the real kernel: two nodes, pods as network namespaces, one agent process per node,
+// real eBPF capture, real TLS, curl and python3's HTTP server as the applications.
+
+import test from "ava";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { curl, PacketCapture, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
+import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
+import { writeManifest } from "../harness/manifests";
+import { listNetns } from "../harness/topology";
+
+const PREFIX_FAMILY = "aae2e";
+const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
+const MARKER = "plaintext-marker-7f3a9c1e";
+const BLOB_SIZE = 20 * 1024 * 1024;
+
+const POLICIES = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-web
+  namespace: backend
+spec:
+  selector:
+    matchLabels:
+      app: server
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/web"]
+      to:
+        - operation:
+            ports: ["8080"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-scraper
+  namespace: backend
+spec:
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/scraper"]
+`;
+
+const STRICT_MTLS = `apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: backend
+spec:
+  mtls:
+    mode: STRICT
+`;
+
+let cluster: Cluster | undefined;
+let blobSha = "";
+const agentPids: number[] = [];
+
+function theCluster(): Cluster {
+  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  return cluster;
+}
+
+function otherUrl(file: string): string {
+  return `http://${theCluster().topology.pod("other").ip}:8080/${file}`;
+}
+
+function serverUrl(file: string): string {
+  return `http://${theCluster().topology.pod("server").ip}:8080/${file}`;
+}
+
+test.before(async () => {
+  assertHostCapable();
+  removeLeftovers(PREFIX_FAMILY);
+  cluster = Cluster.create({
+    prefix: PREFIX,
+    nodes: [
+      {
+        name: "node1",
+        pods: [
+          { name: "web", namespace: "shop", serviceAccount: "web" },
+          { name: "scraper", namespace: "shop", serviceAccount: "scraper" },
+          { name: "legacy", namespace: "legacy", serviceAccount: "default" },
+        ],
+      },
+      {
+        name: "node2",
+        pods: [
+          { name: "server", namespace: "backend", serviceAccount: "api" },
+          { name: "other", namespace: "backend", serviceAccount: "other" },
+        ],
+      },
+    ],
+    namespaces: [
+      { name: "shop", ambient: true },
+      { name: "backend", ambient: true },
+      { name: "legacy", ambient: false },
+    ],
+    extraManifests: { "policies.yaml": POLICIES },
+  });
+  const site = path.join(cluster.workDir, "site");
+  fs.mkdirSync(site, { recursive: true });
+  fs.writeFileSync(path.join(site, "marker.html"), `${MARKER}\n`.repeat(64));
+  blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
+  await startHttpServer(cluster.topology, "server", site, 8080);
+  await startHttpServer(cluster.topology, "other", site, 8080);
+  await cluster.startAgents(["web", "scraper", "server", "other"]);
+  for (const agent of cluster.agents.values()) if (agent.pid) agentPids.push(agent.pid);
+});
+
+test.after.always(async () => {
+  await cluster?.destroy({ removeWorkDir: true });
+});
+
+test.serial("enrolled pods talk over mTLS HBONE across nodes", async (t) => {
+  const c = theCluster();
+  const pcap = path.join(c.workDir, "node-link.pcap");
+  const capture = await PacketCapture.start(c.topology, c.topology.node("node1").netns, "n-link", pcap);
+  const result = await curl(c.topology, "web", serverUrl("marker.html"));
+  await capture.stop();
+
+  t.is(result.exitCode, 0, result.stderr);
+  t.is(result.status, 200);
+  t.true(result.body.toString().includes(MARKER));
+
+  const raw = fs.readFileSync(pcap);
+  t.false(raw.includes(Buffer.from(MARKER)), "application bytes crossed the node link in plaintext");
+  const ports = execFileSync("tshark", ["-r", pcap, "-T", "fields", "-e", "tcp.dstport", "-e", "tcp.srcport"], { encoding: "utf8" })
+    .split("\n")
+    .filter((line) => line.trim() !== "")
+    .map((line) => line.split("\t").map(Number));
+  t.true(ports.length > 0, `no packet crossed the node link (${raw.length} bytes of capture)`);
+  t.true(ports.every(([dst, src]) => dst === 15008 || src === 15008), `traffic on ports other than 15008: ${JSON.stringify(ports.slice(0, 5))}`);
+  const tls = execFileSync(
+    "tshark",
+    ["-r", pcap, "-d", "tcp.port==15008,tls", "-Y", "tls.handshake.type == 1", "-T", "fields", "-e", "tls.handshake.extensions.supported_version", "-e", "tls.handshake.extensions_alpn_str"],
+    { encoding: "utf8" },
+  );
+  t.regex(tls, /0x0304/, "the client hello does not offer TLS 1.3");
+  t.regex(tls, /h2/, "the client hello does not offer ALPN h2");
+
+  const inbound = await c.waitForAudit("node2", (record) => record.direction === "inbound" && record.src.addr.startsWith(c.topology.pod("web").ip + ":"));
+  t.is(inbound.decision, "allow");
+  t.is(inbound.policy, "backend/allow-web");
+  t.is(inbound.src.identity, "spiffe://cluster.local/ns/shop/sa/web");
+  t.is(inbound.transport, "hbone");
+  const outbound = await c.waitForAudit("node1", (record) => record.direction === "outbound" && record.src.workload === "web");
+  t.is(outbound.transport, "hbone");
+  t.is(outbound.dst.addr, `${c.topology.pod("server").ip}:8080`);
+  t.is(outbound.dst.identity, "spiffe://cluster.local/ns/backend/sa/api");
+});
+
+test.serial("policy deny resets the client and writes a deny record", async (t) => {
+  const c = theCluster();
+  const result = await curl(c.topology, "scraper", serverUrl("marker.html"));
+  t.not(result.exitCode, 0);
+  t.is(result.status, 0);
+  t.regex(result.stderr, /reset by peer|Recv failure|Empty reply/i);
+
+  const inbound = await c.waitForAudit("node2", (record) => record.direction === "inbound" && record.src.identity === "spiffe://cluster.local/ns/shop/sa/scraper");
+  t.is(inbound.decision, "deny");
+  t.is(inbound.policy, "backend/deny-scraper");
+  t.is(inbound.bytes_sent, 0);
+  const outbound = await c.waitForAudit("node1", (record) => record.direction === "outbound" && record.src.workload === "scraper");
+  t.is(outbound.decision, "deny");
+});
+
+test.serial("pod outside the mesh is not captured outbound", async (t) => {
+  const c = theCluster();
+  const legacyIp = c.topology.pod("legacy").ip;
+  const result = await curl(c.topology, "legacy", otherUrl("marker.html"));
+  t.is(result.exitCode, 0, result.stderr);
+  t.true(result.body.toString().includes(MARKER));
+
+  const inbound = await c.waitForAudit("node2", (record) => String(record.src.addr).startsWith(legacyIp + ":"));
+  const captured = c.auditRecords("node1").filter((record) => String(record.src.addr).startsWith(legacyIp + ":"));
+  t.deepEqual(captured, [], "a connection of the legacy pod went through its node's agent");
+  t.is(inbound.transport, "plaintext");
+  t.is(inbound.src.identity, undefined);
+  t.is(inbound.decision, "allow");
+  t.is(inbound.reason, "no_policy");
+});
+
+test.serial("plaintext to a policed pod is denied at its inbound", async (t) => {
+  const c = theCluster();
+  const legacyIp = c.topology.pod("legacy").ip;
+  const result = await curl(c.topology, "legacy", serverUrl("marker.html"));
+  t.not(result.exitCode, 0);
+  t.is(result.status, 0);
+
+  const inbound = await c.waitForAudit("node2", (record) => String(record.src.addr).startsWith(legacyIp + ":") && record.decision === "deny");
+  t.is(inbound.transport, "plaintext");
+  t.is(inbound.reason, "no_allow_match");
+  t.is(inbound.bytes_sent, 0);
+});
+
+test.serial("STRICT PeerAuthentication rejects plaintext live", async (t) => {
+  const c = theCluster();
+  const node2 = c.agent("node2");
+  const mark = node2.lines.length;
+  writeManifest(c.manifestsDir, "strict.yaml", STRICT_MTLS);
+  await node2.waitForLog((entry) => entry.msg === "configuration updated", 10_000, "the PeerAuthentication", mark);
+
+  const plaintext = await curl(c.topology, "legacy", otherUrl("marker.html"));
+  t.not(plaintext.exitCode, 0, "plaintext reached a STRICT pod");
+  const record = await c.waitForAudit("node2", (entry) => entry.reason === "mtls_required");
+  t.is(record.decision, "deny");
+  t.is(record.error.code, "MTLS_REQUIRED");
+  const mutual = await curl(c.topology, "web", otherUrl("marker.html"));
+  t.is(mutual.exitCode, 0, mutual.stderr);
+
+  fs.rmSync(path.join(c.manifestsDir, "strict.yaml"));
+  await node2.waitForLog((entry) => entry.msg === "configuration updated", 10_000, "the PeerAuthentication removal", node2.lines.length);
+});
+
+test.serial("agent connections are never captured again", async (t) => {
+  const c = theCluster();
+  const result = await curl(c.topology, "web", serverUrl("marker.html"));
+  t.is(result.exitCode, 0, result.stderr);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const looped = c.auditRecords("node1").filter((record) => String(record.dst.addr).endsWith(":15008") || String(record.dst.addr).endsWith(":15001"));
+  t.deepEqual(looped, [], "the outbound proxy's own tunnel connection was captured");
+  const node2Outbound = c.auditRecords("node2").filter((record) => record.direction === "outbound");
+  t.deepEqual(node2Outbound, [], "the inbound proxy's connection to the application was captured outbound");
+  const serverIp = c.topology.pod("server").ip;
+  const recaptured = c.auditRecords("node2").filter((record) => String(record.src.addr).startsWith(serverIp + ":"));
+  t.deepEqual(recaptured, [], "the inbound proxy's connection to the application was captured inbound");
+});
+
+test.serial("20 MB transfer arrives byte-exact", async (t) => {
+  const c = theCluster();
+  const result = await curl(c.topology, "web", serverUrl("blob.bin"), 60);
+  t.is(result.exitCode, 0, result.stderr);
+  t.is(result.body.length, BLOB_SIZE);
+  t.is(sha256(result.body), blobSha);
+  const inbound = await c.waitForAudit("node2", (record) => record.direction === "inbound" && record.bytes_recv >= BLOB_SIZE);
+  t.true(inbound.bytes_recv >= BLOB_SIZE, "bytes_recv counts the bytes from the application back to the client");
+});
+
+test.serial("invalid manifest is rejected and last good state serves", async (t) => {
+  const c = theCluster();
+  const bad = `apiVersion: v1\nkind: Pod\nmetadata:\n  name: broken\n  namespace: shop\nspec:\n  nodeName: node1\nstatus:\n  podIP: 10.244.1.999\n`;
+  const mark = c.agent("node1").lines.length;
+  writeManifest(c.manifestsDir, "broken.yaml", bad);
+  const line = await c.agent("node1").waitForLog(
+    (entry) => typeof entry.msg === "string" && entry.msg.includes("broken.yaml"),
+    10_000,
+    "the rejection of broken.yaml",
+    mark,
+  );
+  t.regex(String(line.msg), /broken\.yaml/);
+  t.regex(String(line.msg), /Pod shop\/broken/);
+  t.regex(String(line.msg), /status\.podIP/);
+  const result = await curl(c.topology, "web", serverUrl("marker.html"));
+  t.is(result.exitCode, 0, result.stderr);
+  fs.rmSync(path.join(c.manifestsDir, "broken.yaml"));
+});
+
+test.serial("policy change applies live", async (t) => {
+  const c = theCluster();
+  const node2 = c.agent("node2");
+  const denyWeb = POLICIES.split("---\n")[1].replace("deny-scraper", "deny-web-now").replace("sa/scraper", "sa/web");
+  let mark = node2.lines.length;
+  writeManifest(c.manifestsDir, "deny-web.yaml", denyWeb);
+  await node2.waitForLog((entry) => entry.msg === "configuration updated" && entry.policies === 3, 10_000, "the new policy", mark);
+  const denied = await curl(c.topology, "web", serverUrl("marker.html"));
+  t.not(denied.exitCode, 0);
+  const record = await c.waitForAudit("node2", (entry) => entry.policy === "backend/deny-web-now");
+  t.is(record.decision, "deny");
+
+  mark = node2.lines.length;
+  fs.rmSync(path.join(c.manifestsDir, "deny-web.yaml"));
+  await node2.waitForLog((entry) => entry.msg === "configuration updated" && entry.policies === 2, 10_000, "the policy removal", mark);
+  const allowed = await curl(c.topology, "web", serverUrl("marker.html"));
+  t.is(allowed.exitCode, 0, allowed.stderr);
+});
+
+test.serial("teardown leaves no namespace, pin or process", async (t) => {
+  const c = theCluster();
+  const pinRoots = [...c.topology.nodes.keys()].map((node) => c.pinRoot(node));
+  await c.destroy();
+  t.deepEqual(listNetns().filter((name) => name.startsWith(PREFIX)), []);
+  for (const pinRoot of pinRoots) t.false(fs.existsSync(pinRoot), `${pinRoot} still exists`);
+  for (const pid of agentPids) t.false(fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z "), `agent ${pid} still runs`);
+  const attached = execFileSync("bpftool", ["cgroup", "show", "/sys/fs/cgroup/unified"], { encoding: "utf8" });
+  t.notRegex(attached, /aa_/, `programs of ours are still attached:\n${attached}`);
+});

@@ -1,0 +1,140 @@
+// Starts a real `ambient-agent run` process inside a node's network namespace and follows its log.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import readline from "node:readline";
+
+export const REPO_ROOT = path.resolve(__dirname, "..", "..", "..");
+export const AGENT_BIN = path.join(REPO_ROOT, "dist", "agent", "cli", "ambient-agent.js");
+export const AGENTCTL_BIN = path.join(REPO_ROOT, "dist", "agent", "cli", "agentctl.js");
+
+export interface AgentProcessOptions {
+  node: string;
+  nodeNetns: string;
+  manifestsDir: string;
+  caDir: string;
+  auditFile: string;
+  pinRoot: string;
+  /** Where the agent's log lines are copied, for debugging a failed run. */
+  logFile: string;
+}
+
+export interface LogLine {
+  msg?: string;
+  level?: number;
+  [key: string]: unknown;
+}
+
+export class AgentProcess {
+  readonly lines: LogLine[] = [];
+  private readonly child: ChildProcess;
+  private readonly waiters = new Set<() => void>();
+  private exited = false;
+
+  constructor(readonly options: AgentProcessOptions) {
+    const args = [
+      `--net=/var/run/netns/${options.nodeNetns}`,
+      "--",
+      process.execPath,
+      AGENT_BIN,
+      "run",
+      "--node", options.node,
+      "--manifests", options.manifestsDir,
+      "--ca-dir", options.caDir,
+      "--audit-file", options.auditFile,
+      "--pin-root", options.pinRoot,
+    ];
+    const log = fs.createWriteStream(options.logFile, { flags: "a" });
+    this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: "debug" } });
+    this.child.stdout!.pipe(log);
+    const reader = readline.createInterface({ input: this.child.stderr! });
+    reader.on("line", (text) => {
+      log.write(text + "\n");
+      try {
+        this.lines.push(JSON.parse(text) as LogLine);
+      } catch {
+        this.lines.push({ msg: text });
+      }
+      for (const wake of this.waiters) wake();
+    });
+    this.child.once("exit", () => {
+      this.exited = true;
+      for (const wake of this.waiters) wake();
+    });
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get running(): boolean {
+    return !this.exited;
+  }
+
+  /**
+   * Resolves with the first log line at index `fromLine` or later that satisfies `predicate`;
+   * rejects on timeout or exit. Pass `agent.lines.length` to wait for a line not yet written.
+   */
+  waitForLog(predicate: (line: LogLine) => boolean, timeoutMs = 15_000, description = "log line", fromLine = 0): Promise<LogLine> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        const found = this.lines.slice(fromLine).find(predicate);
+        if (found) {
+          finish();
+          resolve(found);
+          return true;
+        }
+        if (this.exited) {
+          finish();
+          reject(new Error(`agent ${this.options.node} exited before ${description}; log: ${this.options.logFile}\n${this.tail()}`));
+          return true;
+        }
+        return false;
+      };
+      const timer = setTimeout(() => {
+        finish();
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${description} from agent ${this.options.node}\n${this.tail()}`));
+      }, timeoutMs);
+      const finish = (): void => {
+        clearTimeout(timer);
+        this.waiters.delete(wake);
+      };
+      const wake = (): void => void check();
+      if (!check()) this.waiters.add(wake);
+    });
+  }
+
+  /** Resolves once the agent says it is ready. */
+  waitReady(timeoutMs = 20_000): Promise<LogLine> {
+    return this.waitForLog((line) => line.msg === "agent ready", timeoutMs, "readiness");
+  }
+
+  /** Resolves once the agent has enrolled the pod `uid` ("namespace/name"). */
+  waitEnrolled(uid: string, timeoutMs = 15_000): Promise<LogLine> {
+    return this.waitForLog((line) => line.msg === "workload enrolled" && line.workload === uid, timeoutMs, `enrollment of ${uid}`);
+  }
+
+  /** The last lines of the log, for error messages. */
+  tail(count = 20): string {
+    return this.lines.slice(-count).map((line) => JSON.stringify(line)).join("\n");
+  }
+
+  /** Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`. */
+  async stop(graceMs = 5_000): Promise<void> {
+    if (this.exited) return;
+    const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
+    this.child.kill("SIGTERM");
+    const timer = setTimeout(() => this.child.kill("SIGKILL"), graceMs);
+    await exited;
+    clearTimeout(timer);
+  }
+
+  /** Kills the agent at once, as a crash would. */
+  async kill(): Promise<void> {
+    if (this.exited) return;
+    const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
+    this.child.kill("SIGKILL");
+    await exited;
+  }
+}

@@ -1,0 +1,98 @@
+// Real clients and servers run inside pod namespaces: curl, python3's HTTP server, dumpcap.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import crypto from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import type { Topology } from "./topology";
+
+export interface CurlResult {
+  /** curl's exit code: 0 on success, 7 refused, 28 timed out, 52 empty reply, 56 receive failure (reset). */
+  exitCode: number;
+  /** The HTTP status, 0 when no response arrived. */
+  status: number;
+  body: Buffer;
+  stderr: string;
+}
+
+/** Runs curl inside a pod's namespace and returns its outcome; never throws for a failed request. */
+export function curl(topology: Topology, pod: string, url: string, timeoutSeconds = 10): Promise<CurlResult> {
+  const netns = topology.pod(pod).netns;
+  return new Promise((resolve, reject) => {
+    const child = spawn("ip", ["netns", "exec", netns, "curl", "-sS", "--max-time", String(timeoutSeconds), "-o", "-", "-w", "\n%{http_code}", url]);
+    const stdout: Buffer[] = [];
+    let stderr = "";
+    child.stdout.on("data", (chunk: Buffer) => stdout.push(chunk));
+    child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on("error", reject);
+    child.on("close", (code) => {
+      const output = Buffer.concat(stdout);
+      const newline = output.lastIndexOf(0x0a);
+      const status = Number(output.subarray(newline + 1).toString()) || 0;
+      resolve({ exitCode: code ?? -1, status, body: output.subarray(0, Math.max(newline, 0)), stderr: stderr.trim() });
+    });
+  });
+}
+
+/** Starts python3's HTTP server in a pod, serving `root` on `port`, and waits until it accepts connections. */
+export async function startHttpServer(topology: Topology, pod: string, root: string, port: number): Promise<ChildProcess> {
+  const server = topology.spawn(topology.pod(pod).netns, "python3", ["-m", "http.server", String(port), "--bind", "0.0.0.0", "--directory", root]);
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const listening = topology.exec(topology.pod(pod).netns, "ss", ["-Hltn", `sport = :${port}`], { allowFail: true });
+    if (listening.trim() !== "") return server;
+    if (server.exitCode !== null) throw new Error(`HTTP server in ${pod} exited with code ${server.exitCode}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`HTTP server in ${pod} did not listen on ${port} within 10 s`);
+}
+
+/** Writes a file of `size` random bytes and returns its SHA-256 in hex. */
+export function writeRandomFile(file: string, size: number): string {
+  const data = crypto.randomBytes(size);
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  fs.writeFileSync(file, data);
+  return crypto.createHash("sha256").update(data).digest("hex");
+}
+
+export function sha256(data: Buffer): string {
+  return crypto.createHash("sha256").update(data).digest("hex");
+}
+
+/** A packet capture running inside a namespace, written to a pcap file. */
+export class PacketCapture {
+  private constructor(
+    private readonly child: ChildProcess,
+    readonly file: string,
+  ) {}
+
+  /**
+   * Starts tcpdump on `iface` in `netns` and waits until it is capturing. Immediate mode matters:
+   * without it libpcap hands packets over in blocks, and a capture stopped within about a second
+   * reports them "received by filter" but writes none.
+   */
+  static async start(topology: Topology, netns: string, iface: string, file: string): Promise<PacketCapture> {
+    const logFile = `${file}.log`;
+    const log = fs.openSync(logFile, "w");
+    const args = ["-i", iface, "--immediate-mode", "-U", "-n", "-w", file, "tcp"];
+    const child = topology.spawn(netns, "tcpdump", args, { stdio: ["ignore", log, log] });
+    fs.closeSync(log);
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
+      const output = fs.readFileSync(logFile, "utf8");
+      if (/listening on/.test(output)) return new PacketCapture(child, file);
+      if (child.exitCode !== null) throw new Error(`tcpdump exited with code ${child.exitCode}: ${output.trim()}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    child.kill("SIGKILL");
+    throw new Error(`tcpdump did not start capturing on ${iface} within 10 s: ${fs.readFileSync(logFile, "utf8").trim()}`);
+  }
+
+  /** Stops the capture and waits until the file is complete. */
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null) return;
+    const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
+    this.child.kill("SIGINT");
+    await exited;
+  }
+}

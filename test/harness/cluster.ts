@@ -1,0 +1,162 @@
+// A whole test cluster on one machine: the namespace topology, an embedded CA, manifest files and
+// one real agent process per node. Used by the end-to-end tests and by the demo.
+
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
+import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
+import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
+
+export const PIN_PARENT = "/sys/fs/bpf/ambient-agent";
+
+export interface ClusterOptions {
+  /** Prefix of every namespace, pin folder and file of this cluster, unique per run. */
+  prefix: string;
+  nodes: NodeSpec[];
+  namespaces: NamespaceSpec[];
+  /** Extra manifest files (name → YAML), such as policies. */
+  extraManifests?: Record<string, string>;
+  /** Folder for the CA, manifests, audit files and logs; a new temporary folder by default. */
+  workDir?: string;
+}
+
+/** Checks what the end-to-end harness needs and throws one message naming everything that is missing. */
+export function assertHostCapable(): void {
+  const problems: string[] = [];
+  if (process.getuid?.() !== 0) problems.push("not running as root: run the tests as root (sudo make test)");
+  const mounts = fs.readFileSync("/proc/mounts", "utf8");
+  if (!/ \/sys\/fs\/bpf bpf /.test(mounts)) problems.push("bpffs is not mounted at /sys/fs/bpf: run `make host` or `mount -t bpf bpf /sys/fs/bpf`");
+  if (!/ cgroup2 /.test(mounts)) problems.push("no cgroup v2 hierarchy is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+  for (const tool of ["ip", "nsenter", "curl", "python3", "tcpdump", "tshark"]) {
+    try {
+      execFileSync("sh", ["-c", `command -v ${tool}`], { stdio: "ignore" });
+    } catch {
+      problems.push(`${tool} is not installed: run \`make setup\``);
+    }
+  }
+  if (problems.length > 0) throw new Error("the end-to-end harness cannot run here:\n  - " + problems.join("\n  - "));
+}
+
+/** Removes what a crashed run with the same prefix family left: namespaces and pinned capture. */
+export function removeLeftovers(prefixFamily: string): void {
+  removeNetnsWithPrefix(prefixFamily);
+  if (!fs.existsSync(PIN_PARENT)) return;
+  for (const name of fs.readdirSync(PIN_PARENT)) {
+    if (name.startsWith(prefixFamily)) fs.rmSync(path.join(PIN_PARENT, name), { recursive: true, force: true });
+  }
+}
+
+export class Cluster {
+  readonly agents = new Map<string, AgentProcess>();
+  readonly manifestsDir: string;
+  readonly caDir: string;
+
+  private constructor(
+    readonly options: ClusterOptions,
+    readonly topology: Topology,
+    readonly workDir: string,
+  ) {
+    this.manifestsDir = path.join(workDir, "manifests");
+    this.caDir = path.join(workDir, "ca");
+  }
+
+  /** Builds the topology, the CA and the manifests; agents start with startAgents(). */
+  static create(options: ClusterOptions): Cluster {
+    const workDir = options.workDir ?? fs.mkdtempSync(path.join(os.tmpdir(), `${options.prefix}-`));
+    fs.mkdirSync(workDir, { recursive: true });
+    const topology = Topology.create(options.prefix, options.nodes);
+    const cluster = new Cluster(options, topology, workDir);
+    try {
+      fs.mkdirSync(cluster.manifestsDir, { recursive: true });
+      execFileSync(process.execPath, [AGENTCTL_BIN, "ca", "init", "--dir", cluster.caDir, "--force"], { stdio: "pipe" });
+      writeManifest(cluster.manifestsDir, "namespaces.yaml", options.namespaces.map(namespaceYaml).join("---\n"));
+      writeManifest(cluster.manifestsDir, "pods.yaml", podsYaml(topology));
+      for (const [name, content] of Object.entries(options.extraManifests ?? {})) {
+        writeManifest(cluster.manifestsDir, name, content);
+      }
+    } catch (error) {
+      topology.destroy();
+      throw error;
+    }
+    return cluster;
+  }
+
+  pinRoot(node: string): string {
+    return path.join(PIN_PARENT, `${this.options.prefix}-${node}`);
+  }
+
+  auditFile(node: string): string {
+    return path.join(this.workDir, `audit-${node}.jsonl`);
+  }
+
+  logFile(node: string): string {
+    return path.join(this.workDir, `agent-${node}.log`);
+  }
+
+  /** Starts one agent per node and waits until each is ready and has enrolled its ambient pods. */
+  async startAgents(expectedEnrolled: string[] = []): Promise<void> {
+    for (const node of this.topology.nodes.values()) {
+      const agent = new AgentProcess({
+        node: node.name,
+        nodeNetns: node.netns,
+        manifestsDir: this.manifestsDir,
+        caDir: this.caDir,
+        auditFile: this.auditFile(node.name),
+        pinRoot: this.pinRoot(node.name),
+        logFile: this.logFile(node.name),
+      });
+      this.agents.set(node.name, agent);
+    }
+    await Promise.all([...this.agents.values()].map((agent) => agent.waitReady()));
+    for (const podName of expectedEnrolled) {
+      const pod = this.topology.pod(podName);
+      await this.agent(pod.node).waitEnrolled(`${pod.namespace}/${pod.name}`);
+    }
+  }
+
+  agent(node: string): AgentProcess {
+    const agent = this.agents.get(node);
+    if (!agent) throw new Error(`no agent for node ${node}`);
+    return agent;
+  }
+
+  /** Reads the audit records a node's agent has written so far. */
+  auditRecords(node: string): Record<string, any>[] {
+    const file = this.auditFile(node);
+    if (!fs.existsSync(file)) return [];
+    return fs
+      .readFileSync(file, "utf8")
+      .split("\n")
+      .filter((line) => line.trim() !== "")
+      .map((line) => JSON.parse(line));
+  }
+
+  /** Waits until `predicate` holds for some audit record of `node`. */
+  async waitForAudit(node: string, predicate: (record: Record<string, any>) => boolean, timeoutMs = 10_000): Promise<Record<string, any>> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const found = this.auditRecords(node).find(predicate);
+      if (found) return found;
+      if (Date.now() > deadline) {
+        throw new Error(`no matching audit record on ${node} within ${timeoutMs} ms; records:\n${JSON.stringify(this.auditRecords(node), null, 1)}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+
+  /** Stops the agents, removes their pinned capture, and removes every namespace; keeps the work folder. */
+  async destroy(options: { removeWorkDir?: boolean } = {}): Promise<void> {
+    await Promise.all([...this.agents.values()].map((agent) => agent.stop().catch(() => agent.kill())));
+    for (const node of this.topology.nodes.keys()) {
+      try {
+        execFileSync(process.execPath, [AGENTCTL_BIN, "capture", "remove", "--pin-root", this.pinRoot(node)], { stdio: "pipe" });
+      } catch {
+        fs.rmSync(this.pinRoot(node), { recursive: true, force: true });
+      }
+    }
+    this.topology.destroy();
+    if (options.removeWorkDir) fs.rmSync(this.workDir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,53 @@
+// Writes the Kubernetes objects of a topology as manifest files, the way the agent reads them.
+
+import fs from "node:fs";
+import path from "node:path";
+import type { Topology } from "./topology";
+
+export interface NamespaceSpec {
+  name: string;
+  ambient: boolean;
+}
+
+/** Renders a Namespace manifest. */
+export function namespaceYaml(spec: NamespaceSpec): string {
+  const labels = spec.ambient ? "\n  labels:\n    istio.io/dataplane-mode: ambient" : "";
+  return `apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ${spec.name}${labels}\n`;
+}
+
+/** Renders one Pod manifest per pod of the topology, with the node, service account and IP it really has. */
+export function podsYaml(topology: Topology): string {
+  return [...topology.pods.values()]
+    .map((pod) => {
+      const labels = Object.entries({ app: pod.name, ...pod.labels })
+        .map(([key, value]) => `    ${key}: "${value}"`)
+        .join("\n");
+      return [
+        "apiVersion: v1",
+        "kind: Pod",
+        "metadata:",
+        `  name: ${pod.name}`,
+        `  namespace: ${pod.namespace}`,
+        "  labels:",
+        labels,
+        "spec:",
+        `  nodeName: ${pod.node}`,
+        `  serviceAccountName: ${pod.serviceAccount}`,
+        "  containers:",
+        "    - name: app",
+        "      image: example.invalid/app",
+        "status:",
+        `  podIP: ${pod.ip}`,
+        "",
+      ].join("\n");
+    })
+    .join("---\n");
+}
+
+/** Writes `content` atomically (write then rename), so the agent never reads half a file. */
+export function writeManifest(dir: string, name: string, content: string): void {
+  const target = path.join(dir, name);
+  const temporary = path.join(dir, `.${name}.tmp`);
+  fs.writeFileSync(temporary, content);
+  fs.renameSync(temporary, target);
+}

@@ -1,0 +1,160 @@
+// A cluster without Kubernetes: each node and each pod is a network namespace. Pods hang off a
+// bridge in their node's namespace, and the nodes are joined by one veth link, so traffic between
+// pods on different nodes crosses that link where a capture can watch it.
+//
+//   pod netns (eth0 10.244.N.X/24) --veth-- node netns (bridge br0 10.244.N.1/24)
+//   node1 netns (n-link 10.200.0.1/30) --veth-- node2 netns (n-link 10.200.0.2/30)
+//
+// Every name starts with a prefix unique to the run, so a cleanup never touches namespaces it did
+// not make, and a run after a crash removes the leftovers of the same prefix family first.
+
+import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
+import fs from "node:fs";
+
+export interface PodSpec {
+  name: string;
+  namespace: string;
+  serviceAccount: string;
+  labels?: Record<string, string>;
+}
+
+export interface NodeSpec {
+  name: string;
+  pods: PodSpec[];
+}
+
+export interface PodHandle extends PodSpec {
+  node: string;
+  netns: string;
+  ip: string;
+}
+
+export interface NodeHandle {
+  name: string;
+  netns: string;
+  /** Interface of the node-to-node link inside the node's namespace. */
+  linkInterface: string;
+  linkIp: string;
+  podCidr: string;
+}
+
+/** Runs a command and returns its stdout; throws with the command line and stderr on failure. */
+export function run(command: string, args: string[], options: { input?: string; allowFail?: boolean } = {}): string {
+  try {
+    return execFileSync(command, args, { encoding: "utf8", input: options.input, stdio: ["pipe", "pipe", "pipe"] });
+  } catch (error) {
+    if (options.allowFail) return "";
+    const stderr = (error as { stderr?: string }).stderr ?? "";
+    throw new Error(`${command} ${args.join(" ")} failed: ${stderr.trim() || String(error)}`);
+  }
+}
+
+export function listNetns(): string[] {
+  const dir = "/var/run/netns";
+  return fs.existsSync(dir) ? fs.readdirSync(dir) : [];
+}
+
+/** Deletes every network namespace whose name starts with `prefix` (leftovers of a crashed run). */
+export function removeNetnsWithPrefix(prefix: string): string[] {
+  const removed = listNetns().filter((name) => name.startsWith(prefix));
+  for (const name of removed) run("ip", ["netns", "del", name], { allowFail: true });
+  return removed;
+}
+
+export class Topology {
+  readonly nodes = new Map<string, NodeHandle>();
+  readonly pods = new Map<string, PodHandle>();
+  private readonly children = new Set<ChildProcess>();
+
+  private constructor(readonly prefix: string) {}
+
+  /** Builds up to two nodes with their pods. Throws (after removing what it made) on any failure. */
+  static create(prefix: string, nodes: NodeSpec[]): Topology {
+    if (nodes.length < 1 || nodes.length > 2) throw new Error(`topology supports 1 or 2 nodes, got ${nodes.length}`);
+    const topology = new Topology(prefix);
+    try {
+      nodes.forEach((node, index) => topology.addNode(node, index + 1));
+      if (nodes.length === 2) topology.linkNodes();
+    } catch (error) {
+      topology.destroy();
+      throw error;
+    }
+    return topology;
+  }
+
+  pod(name: string): PodHandle {
+    const pod = this.pods.get(name);
+    if (!pod) throw new Error(`no pod named ${name} in the topology`);
+    return pod;
+  }
+
+  node(name: string): NodeHandle {
+    const node = this.nodes.get(name);
+    if (!node) throw new Error(`no node named ${name} in the topology`);
+    return node;
+  }
+
+  /** Runs a command inside a namespace and waits for it. */
+  exec(netns: string, command: string, args: string[], options: { input?: string; allowFail?: boolean } = {}): string {
+    return run("ip", ["netns", "exec", netns, command, ...args], options);
+  }
+
+  /** Starts a long-running process inside a namespace; destroy() ends it if it is still running. */
+  spawn(netns: string, command: string, args: string[], options: SpawnOptions = {}): ChildProcess {
+    const child = spawn("nsenter", [`--net=/var/run/netns/${netns}`, "--", command, ...args], {
+      stdio: ["ignore", "pipe", "pipe"],
+      ...options,
+    });
+    this.children.add(child);
+    child.once("exit", () => this.children.delete(child));
+    return child;
+  }
+
+  /** Ends the processes it started and removes every namespace (and so every veth and bridge) it made. */
+  destroy(): void {
+    for (const child of this.children) {
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    }
+    this.children.clear();
+    removeNetnsWithPrefix(this.prefix);
+  }
+
+  private addNode(spec: NodeSpec, index: number): void {
+    const netns = `${this.prefix}-${spec.name}`;
+    const podCidr = `10.244.${index}.0/24`;
+    run("ip", ["netns", "add", netns]);
+    this.exec(netns, "ip", ["link", "set", "lo", "up"]);
+    this.exec(netns, "sysctl", ["-qw", "net.ipv4.ip_forward=1"]);
+    this.exec(netns, "ip", ["link", "add", "br0", "type", "bridge"]);
+    this.exec(netns, "ip", ["addr", "add", `10.244.${index}.1/24`, "dev", "br0"]);
+    this.exec(netns, "ip", ["link", "set", "br0", "up"]);
+    const linkIp = `10.200.0.${index}`;
+    this.nodes.set(spec.name, { name: spec.name, netns, linkInterface: "n-link", linkIp, podCidr });
+    spec.pods.forEach((pod, podIndex) => this.addPod(spec.name, netns, index, pod, podIndex + 10));
+  }
+
+  private addPod(node: string, nodeNetns: string, nodeIndex: number, spec: PodSpec, hostByte: number): void {
+    const netns = `${this.prefix}-${spec.name}`;
+    const ip = `10.244.${nodeIndex}.${hostByte}`;
+    const hostSide = `v-${spec.name}`.slice(0, 15);
+    run("ip", ["netns", "add", netns]);
+    run("ip", ["link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", hostSide, "netns", nodeNetns]);
+    this.exec(netns, "ip", ["link", "set", "lo", "up"]);
+    this.exec(netns, "ip", ["addr", "add", `${ip}/24`, "dev", "eth0"]);
+    this.exec(netns, "ip", ["link", "set", "eth0", "up"]);
+    this.exec(netns, "ip", ["route", "add", "default", "via", `10.244.${nodeIndex}.1`]);
+    this.exec(nodeNetns, "ip", ["link", "set", hostSide, "master", "br0"]);
+    this.exec(nodeNetns, "ip", ["link", "set", hostSide, "up"]);
+    this.pods.set(spec.name, { ...spec, node, netns, ip });
+  }
+
+  private linkNodes(): void {
+    const [first, second] = [...this.nodes.values()];
+    run("ip", ["link", "add", "n-link", "netns", first.netns, "type", "veth", "peer", "name", "n-link", "netns", second.netns]);
+    for (const [self, other] of [[first, second], [second, first]] as const) {
+      this.exec(self.netns, "ip", ["addr", "add", `${self.linkIp}/30`, "dev", "n-link"]);
+      this.exec(self.netns, "ip", ["link", "set", "n-link", "up"]);
+      this.exec(self.netns, "ip", ["route", "add", other.podCidr, "via", other.linkIp]);
+    }
+  }
+}

@@ -10,7 +10,7 @@ BPF_SOURCES := bpf/capture.c
 BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)
 TS_SOURCES := $(shell find agent test -name '*.ts' 2>/dev/null)
 
-.PHONY: setup build bpf test test-unit test-e2e demo install host clean bench
+.PHONY: setup build bpf test test-unit test-e2e demo install host clean
 
 ## setup: install the Debian packages and npm dependencies (quiet when all is present)
 setup: node_modules/.package-lock.json
@@ -65,6 +65,7 @@ demo: build host
 
 ## install: put ambient-agent and agentctl on PATH ($(PREFIX)/bin)
 install: build
+	mkdir -p $(PREFIX)/bin
 	ln -sf $(CURDIR)/dist/agent/cli/ambient-agent.js $(PREFIX)/bin/ambient-agent
 	ln -sf $(CURDIR)/dist/agent/cli/agentctl.js $(PREFIX)/bin/agentctl
 

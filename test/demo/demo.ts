@@ -54,13 +54,18 @@ interface Call {
   result: CurlResult;
 }
 
-/** Ends agent processes that a crashed demo left, recognised by the PID file and their command line. */
-function endLeftoverAgents(): void {
+/** Records the PID of a process the demo started, so a run after a crash can end it. */
+function rememberPid(pid: number | undefined): void {
+  if (pid) fs.appendFileSync(PID_FILE, `${pid}\n`);
+}
+
+/** Ends the agents and servers that a crashed demo left, recognised by the PID file and their command line. */
+function endLeftoverProcesses(): void {
   if (!fs.existsSync(PID_FILE)) return;
   for (const pid of fs.readFileSync(PID_FILE, "utf8").split(/\s+/).filter(Boolean).map(Number)) {
     try {
       const commandLine = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
-      if (commandLine.includes("ambient-agent") && commandLine.includes(PREFIX)) process.kill(pid, "SIGKILL");
+      if (commandLine.includes(PREFIX) || commandLine.includes(WORK_DIR)) process.kill(pid, "SIGKILL");
     } catch {
       // The process is gone already.
     }
@@ -95,9 +100,10 @@ function printTable(rows: string[][]): void {
 
 async function main(): Promise<void> {
   assertHostCapable();
-  endLeftoverAgents();
+  endLeftoverProcesses();
   removeLeftovers(PREFIX);
   fs.rmSync(WORK_DIR, { recursive: true, force: true });
+  fs.mkdirSync(WORK_DIR, { recursive: true });
 
   console.log("Building two nodes and five pods as network namespaces...");
   const cluster = Cluster.create({
@@ -128,16 +134,15 @@ async function main(): Promise<void> {
     extraManifests: { "policies.yaml": POLICIES },
   });
 
-  let finished = false;
-  const teardown = async (): Promise<void> => {
-    if (finished) return;
-    finished = true;
-    await cluster.destroy();
-    fs.rmSync(PID_FILE, { force: true });
+  // One teardown, shared by the signal handler and the normal end, so neither exits while the other runs.
+  let teardown: Promise<void> | undefined;
+  const tearDown = (): Promise<void> => {
+    teardown ??= cluster.destroy().then(() => fs.rmSync(PID_FILE, { force: true }));
+    return teardown;
   };
   const onSignal = (): void => {
     console.log("\nInterrupted: tearing down...");
-    void teardown().then(() => process.exit(130));
+    void tearDown().then(() => process.exit(130));
   };
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
@@ -146,13 +151,11 @@ async function main(): Promise<void> {
     const site = path.join(WORK_DIR, "site");
     fs.mkdirSync(site, { recursive: true });
     fs.writeFileSync(path.join(site, "index.html"), "hello from the api pod\n");
-    await startHttpServer(cluster.topology, "api", site, 8080);
-    await startHttpServer(cluster.topology, "db", site, 8080);
+    rememberPid((await startHttpServer(cluster.topology, "api", site, 8080)).pid);
+    rememberPid((await startHttpServer(cluster.topology, "db", site, 8080)).pid);
 
     console.log("Starting one agent per node...");
-    await cluster.startAgents(["web", "scraper", "api", "db"]);
-    const pids = [...cluster.agents.values()].map((agent) => agent.pid).filter(Boolean);
-    fs.writeFileSync(PID_FILE, pids.join("\n") + "\n");
+    await cluster.startAgents(["web", "scraper", "api", "db"], (pids) => pids.forEach(rememberPid));
 
     const calls: Call[] = [];
     for (const [client, server] of [["web", "api"], ["scraper", "api"], ["legacy", "api"], ["legacy", "db"]]) {
@@ -175,7 +178,7 @@ async function main(): Promise<void> {
     for (const record of inbound) console.log("  " + JSON.stringify(record));
   } finally {
     console.log("\nTearing down: agents, pinned eBPF programs, namespaces...");
-    await teardown();
+    await tearDown();
     const left = fs.existsSync(PIN_PARENT) ? fs.readdirSync(PIN_PARENT).filter((name) => name.startsWith(PREFIX)) : [];
     console.log(left.length === 0 ? `Done. Logs and audit files stay in ${WORK_DIR}.` : `Left behind under ${PIN_PARENT}: ${left.join(", ")}`);
   }

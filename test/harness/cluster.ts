@@ -95,8 +95,11 @@ export class Cluster {
     return path.join(this.workDir, `agent-${node}.log`);
   }
 
-  /** Starts one agent per node and waits until each is ready and has enrolled its ambient pods. */
-  async startAgents(expectedEnrolled: string[] = []): Promise<void> {
+  /**
+   * Starts one agent per node and waits until each is ready and has enrolled its ambient pods.
+   * `onSpawned` receives the agents' PIDs before the wait, so a caller can record them for a later cleanup.
+   */
+  async startAgents(expectedEnrolled: string[] = [], onSpawned?: (pids: number[]) => void): Promise<void> {
     for (const node of this.topology.nodes.values()) {
       const agent = new AgentProcess({
         node: node.name,
@@ -109,6 +112,7 @@ export class Cluster {
       });
       this.agents.set(node.name, agent);
     }
+    onSpawned?.([...this.agents.values()].flatMap((agent) => (agent.pid ? [agent.pid] : [])));
     await Promise.all([...this.agents.values()].map((agent) => agent.waitReady()));
     for (const podName of expectedEnrolled) {
       const pod = this.topology.pod(podName);

@@ -30,8 +30,8 @@ node_modules/.package-lock.json: package.json package-lock.json
 ## build: the native library and the TypeScript (the prebuilt eBPF objects are used as they are)
 build: setup native/libagent.so dist/.built
 
-native/libagent.so: native/libagent.c $(wildcard native/*.h)
-	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ native/libagent.c -lbpf -lpthread
+native/libagent.so: $(wildcard native/*.c native/*.h)
+	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ $(wildcard native/*.c) -lbpf -lpthread
 
 dist/.built: $(TS_SOURCES) tsconfig.json package.json
 	@npx tsc -p tsconfig.json

@@ -44,8 +44,7 @@ export function loadNative(libraryPath: string = defaultLibraryPath()): void {
   if (!fs.existsSync(libraryPath)) {
     throw new AgentError(
       "INTERNAL",
-      `native library ${libraryPath} not found: build it with ` +
-        "`gcc -O2 -Wall -Wextra -fPIC -shared -o native/libagent.so native/libagent.c -lbpf -lpthread` (make native)",
+      `native library ${libraryPath} not found: build it with \`make build\` in the ambient-agent checkout`,
     );
   }
   open({ library: LIBRARY_KEY, path: libraryPath });

@@ -1,0 +1,30 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Declarations shared by the files of libagent; not part of its interface (libagent.h). */
+#ifndef AMBIENT_AGENT_INTERNAL_H
+#define AMBIENT_AGENT_INTERNAL_H
+
+#include "libagent.h"
+
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
+
+#define AA_ERROR_LEN 2048
+#define AA_PATH_LEN 4096
+/* Pinned links of sk_lookup programs are named <prefix><netns cookie>. */
+#define AA_NETNS_LINK_PREFIX "sk_lookup-"
+
+/* Records what failed and returns -err, so callers can write `return fail(err, ...)`. */
+int fail(int err, const char *format, ...) __attribute__((format(printf, 2, 3)));
+
+/* Clears the last failure and routes libbpf's warnings into it; call first in every entry point. */
+void reset_errors(void);
+
+/* Forgets libbpf's messages only, for failures that did not come from a libbpf call. */
+void clear_libbpf_log(void);
+
+/* The last failure of the calling thread, and a way to carry one over from another thread. */
+const char *last_error_text(void);
+void set_last_error(const char *text);
+
+#endif /* AMBIENT_AGENT_INTERNAL_H */

@@ -8,43 +8,12 @@ import path from "node:path";
 import { curl, startHttpServer, type CurlResult } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { PIN_PARENT } from "../harness/cluster";
+import { SCENARIO_ENROLLED, SCENARIO_NAMESPACES, SCENARIO_NODES, SCENARIO_POLICIES } from "../harness/scenario";
 
 const PREFIX = "aademo";
 const WORK_DIR = "/tmp/ambient-agent-demo";
 const PID_FILE = path.join(WORK_DIR, "agents.pid");
 
-const POLICIES = `# Only the web service account of the shop namespace may call the API server, on port 8080.
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: api-allow-web
-  namespace: backend
-spec:
-  selector:
-    matchLabels:
-      app: api
-  action: ALLOW
-  rules:
-    - from:
-        - source:
-            principals: ["cluster.local/ns/shop/sa/web"]
-      to:
-        - operation:
-            ports: ["8080"]
----
-# The scraper service account is denied everywhere in the backend namespace.
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-scraper
-  namespace: backend
-spec:
-  action: DENY
-  rules:
-    - from:
-        - source:
-            principals: ["cluster.local/ns/shop/sa/scraper"]
-`;
 
 interface Call {
   from: string;
@@ -109,29 +78,9 @@ async function main(): Promise<void> {
   const cluster = Cluster.create({
     prefix: PREFIX,
     workDir: WORK_DIR,
-    nodes: [
-      {
-        name: "node1",
-        pods: [
-          { name: "web", namespace: "shop", serviceAccount: "web" },
-          { name: "scraper", namespace: "shop", serviceAccount: "scraper" },
-          { name: "legacy", namespace: "legacy", serviceAccount: "default" },
-        ],
-      },
-      {
-        name: "node2",
-        pods: [
-          { name: "api", namespace: "backend", serviceAccount: "api" },
-          { name: "db", namespace: "backend", serviceAccount: "db" },
-        ],
-      },
-    ],
-    namespaces: [
-      { name: "shop", ambient: true },
-      { name: "backend", ambient: true },
-      { name: "legacy", ambient: false },
-    ],
-    extraManifests: { "policies.yaml": POLICIES },
+    nodes: SCENARIO_NODES,
+    namespaces: SCENARIO_NAMESPACES,
+    extraManifests: { "policies.yaml": SCENARIO_POLICIES },
   });
 
   // One teardown, shared by the signal handler and the normal end, so neither exits while the other runs.
@@ -155,7 +104,7 @@ async function main(): Promise<void> {
     rememberPid((await startHttpServer(cluster.topology, "db", site, 8080)).pid);
 
     console.log("Starting one agent per node...");
-    await cluster.startAgents(["web", "scraper", "api", "db"], (pids) => pids.forEach(rememberPid));
+    await cluster.startAgents(SCENARIO_ENROLLED, (pids) => pids.forEach(rememberPid));
 
     const calls: Call[] = [];
     for (const [client, server] of [["web", "api"], ["scraper", "api"], ["legacy", "api"], ["legacy", "db"]]) {

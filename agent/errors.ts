@@ -1,5 +1,5 @@
 // One registry of error codes. Each code is stable (it appears in audit records and logs),
-// and maps to the HBONE status the inbound side answers with and a response flag.
+// and maps to the HBONE status of the inbound side's response and to a response flag.
 
 export interface ErrorSpec {
   /** HTTP status for an HBONE CONNECT that fails this way, when the error can happen there. */
@@ -19,7 +19,7 @@ export const ERROR_CODES = {
   UPSTREAM_CONNECT_FAILED: { status: 503, flag: "CONNECT", description: "the connection to the application failed or timed out" },
   TLS_FAILURE: { flag: "TLS_FAILURE", description: "the TLS handshake failed" },
   IDENTITY_ERROR: { flag: "IDENTITY_ERROR", description: "the peer certificate did not carry the expected SPIFFE identity" },
-  TUNNEL_REJECTED: { flag: "CONNECT", description: "the destination ztunnel answered the CONNECT with a non-200 status" },
+  TUNNEL_REJECTED: { flag: "CONNECT", description: "the destination ztunnel responded to the CONNECT with a status other than 200" },
   NO_ORIGINAL_DESTINATION: { flag: "NO_ROUTE", description: "no original destination was recorded for a captured connection" },
   NO_CERTIFICATE: { flag: "IDENTITY_ERROR", description: "no workload certificate could be issued" },
   STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },
@@ -29,7 +29,7 @@ export const ERROR_CODES = {
 
 export type ErrorCode = keyof typeof ERROR_CODES;
 
-/** An error with a registered code; the message says what failed, on which value, and what to check. */
+/** An error with a registered code. Its message names what failed, on which value, and what to check. */
 export class AgentError extends Error {
   readonly code: ErrorCode;
 

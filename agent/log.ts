@@ -8,7 +8,7 @@ export function createLogger(bindings: Record<string, unknown> = {}): Logger {
   return pino({ level, base: { pid: process.pid, ...bindings } }, pino.destination(2));
 }
 
-/** A logger that discards everything, for unit tests. */
+/** Creates a logger that discards everything, for unit tests. */
 export function silentLogger(): Logger {
   return pino({ level: "silent" });
 }

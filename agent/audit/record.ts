@@ -13,7 +13,7 @@ export interface AuditPeer {
   hbone_addr?: string;
 }
 
-/** How the bytes travelled between the two nodes. */
+/** The transport of the bytes between the two nodes. */
 export type Transport = "hbone" | "plaintext";
 
 /** One connection seen by the agent; exactly one record per connection and direction. */
@@ -40,10 +40,10 @@ export interface AuditRecord {
   error?: { code: string; message: string };
 }
 
-/** Where records go. write() must not throw and must not lose a record it accepted. */
+/** A destination for records. write() must not throw and must not lose a record it accepted. */
 export interface AuditSink {
   write(record: AuditRecord): void;
-  /** Resolves once every accepted record is durably written (or the sink gave up and said so). */
+  /** Resolves once every accepted record is durably written, or the sink gave up and logged it. */
   flush(): Promise<void>;
   close(): Promise<void>;
 }

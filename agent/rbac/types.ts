@@ -1,6 +1,6 @@
 import type { Decision, Identity } from "../state/types";
 
-/** What L4 authorization knows about one inbound connection. */
+/** The facts of one inbound connection that L4 authorization uses. */
 export interface RbacConnection {
   /** The peer identity proven by mTLS; undefined for plaintext connections. */
   sourceIdentity?: Identity;

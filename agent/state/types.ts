@@ -11,7 +11,7 @@ export interface Identity {
 
 export type Labels = Readonly<Record<string, string>>;
 
-/** Where a Kubernetes object came from, for error messages and diagnostics. */
+/** The origin of a Kubernetes object, for error messages and diagnostics. */
 export interface ObjectSource {
   /** Manifest file path, or another source name such as "kubernetes". */
   file: string;
@@ -25,7 +25,7 @@ export interface Namespace {
   source: ObjectSource;
 }
 
-/** A pod, as the mesh sees it. */
+/** A pod, in the mesh's terms. */
 export interface Workload {
   /** "namespace/name", unique in the cluster. */
   uid: string;
@@ -132,7 +132,7 @@ export interface PeerAuthentication {
   source: ObjectSource;
 }
 
-/** Everything the mesh knows at one moment. Immutable: a change builds a new snapshot. */
+/** The whole mesh configuration at one moment. Immutable: a change builds a new snapshot. */
 export interface ClusterSnapshot {
   namespaces: ReadonlyMap<string, Namespace>;
   workloads: ReadonlyMap<string, Workload>;

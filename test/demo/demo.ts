@@ -49,14 +49,15 @@ const CURL_FAILURES: Record<number, string> = {
   56: "connection reset",
 };
 
-/** One row of the summary: the call's outcome, how it travelled, and who decided. */
+/** Builds one row of the summary: the call's outcome, its path, and the decision. */
 function describe(call: Call, records: Record<string, any>[]): string[] {
   const { exitCode, status } = call.result;
   const outcome = exitCode === 0 ? `HTTP ${status}` : (CURL_FAILURES[exitCode] ?? `curl exit ${exitCode}`);
   const record = records.find(
     (entry) => String(entry.src?.addr).startsWith(call.fromIp + ":") && String(entry.dst?.addr).startsWith(call.toIp + ":"),
   );
-  const path = record ? (record.transport === "hbone" ? "mTLS (HBONE)" : "plaintext, captured inbound") : "plaintext, not captured";
+  let path = "plaintext, not captured";
+  if (record) path = record.transport === "hbone" ? "mTLS (HBONE)" : "plaintext, captured inbound";
   const decision = record ? `${record.decision}: ${record.policy ?? record.reason}` : "none: outside the mesh";
   return [call.from, call.to, outcome, path, decision];
 }

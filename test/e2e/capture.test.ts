@@ -95,7 +95,7 @@ function readAll(socket: net.Socket): Promise<string> {
       reject(new Error(`no end of stream within ${WAIT_MS} ms`));
     }, WAIT_MS);
     socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    // Sockets from NetnsPodNetwork allow half-open connections: answer the peer's FIN with ours.
+    // Sockets from NetnsPodNetwork allow half-open connections, so the peer's FIN is followed by ours.
     socket.on("end", () => socket.end());
     socket.on("error", (error) => {
       clearTimeout(timer);

@@ -105,7 +105,7 @@ export class AgentProcess {
     });
   }
 
-  /** Resolves once the agent says it is ready. */
+  /** Resolves once the agent logs that it is ready. */
   waitReady(timeoutMs = 20_000): Promise<LogLine> {
     return this.waitForLog((line) => line.msg === "agent ready", timeoutMs, "readiness");
   }
@@ -115,7 +115,7 @@ export class AgentProcess {
     return this.waitForLog((line) => line.msg === "workload enrolled" && line.workload === uid, timeoutMs, `enrollment of ${uid}`);
   }
 
-  /** The last lines of the log, for error messages. */
+  /** Returns the last lines of the log, for error messages. */
   tail(count = 20): string {
     return this.lines.slice(-count).map((line) => JSON.stringify(line)).join("\n");
   }

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { curl, PacketCapture, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import { writeManifest } from "../harness/manifests";
+import { namespaceYaml, podsYaml, writeManifest } from "../harness/manifests";
 import { DENY_SCRAPER_POLICY, SCENARIO_ENROLLED, SCENARIO_NAMESPACES, SCENARIO_NODES, SCENARIO_POLICIES } from "../harness/scenario";
 import { listNetns } from "../harness/topology";
 
@@ -61,6 +61,7 @@ test.before(async () => {
   await startHttpServer(cluster.topology, "db", site, 8080);
   await cluster.startAgents(SCENARIO_ENROLLED);
   for (const agent of cluster.agents.values()) if (agent.pid) agentPids.push(agent.pid);
+  cluster.onAgentSpawned = (pid) => agentPids.push(pid);
 });
 
 test.after.always(async () => {
@@ -228,6 +229,71 @@ test.serial("policy change applies live", async (t) => {
   await node2.waitForLog((entry) => entry.msg === "configuration updated" && entry.policies === 2, 10_000, "the policy removal", mark);
   const allowed = await curl(c.topology, "web", apiUrl("marker.html"));
   t.is(allowed.exitCode, 0, allowed.stderr);
+});
+
+test.serial("namespace label and pod opt-out apply live", async (t) => {
+  const c = theCluster();
+  const node1 = c.agent("node1");
+  const webIp = c.topology.pod("web").ip;
+  const unenrolled = (uid: string, from: number) =>
+    node1.waitForLog((entry) => entry.msg === "workload unenrolled" && entry.workload === uid, 10_000, `unenrollment of ${uid}`, from);
+
+  // Without the namespace label, web is outside the mesh: its call to db is plaintext and not captured on node1.
+  let mark = node1.lines.length;
+  writeManifest(c.manifestsDir, "namespaces.yaml", SCENARIO_NAMESPACES.map((spec) => namespaceYaml({ ...spec, ambient: spec.ambient && spec.name !== "shop" })).join("---\n"));
+  await unenrolled("shop/web", mark);
+  const plaintext = await curl(c.topology, "web", dbUrl("marker.html"));
+  t.is(plaintext.exitCode, 0, plaintext.stderr);
+  const inbound = await c.waitForAudit("node2", (record) => String(record.src.addr).startsWith(webIp + ":") && record.transport === "plaintext");
+  t.is(inbound.src.identity, undefined);
+  t.deepEqual(c.auditRecords("node1").filter((record) => record.src.addr === inbound.src.addr), [], "node1 captured an unenrolled pod");
+
+  // The label back: web is enrolled again and reaches api over mTLS.
+  mark = node1.lines.length;
+  writeManifest(c.manifestsDir, "namespaces.yaml", SCENARIO_NAMESPACES.map(namespaceYaml).join("---\n"));
+  await c.waitEnrolled(["web"], () => mark);
+  const mutual = await curl(c.topology, "web", apiUrl("marker.html"));
+  t.is(mutual.exitCode, 0, mutual.stderr);
+
+  // The pod label istio.io/dataplane-mode=none opts web out while its namespace stays ambient.
+  mark = node1.lines.length;
+  c.topology.pod("web").labels = { "istio.io/dataplane-mode": "none" };
+  writeManifest(c.manifestsDir, "pods.yaml", podsYaml(c.topology));
+  await unenrolled("shop/web", mark);
+  t.false(
+    JSON.stringify(node1.lines.slice(mark)).includes('"msg":"workload enrolled","workload":"shop/web"'),
+    "web was enrolled again despite its opt-out label",
+  );
+
+  mark = node1.lines.length;
+  c.topology.pod("web").labels = {};
+  writeManifest(c.manifestsDir, "pods.yaml", podsYaml(c.topology));
+  await c.waitEnrolled(["web"], () => mark);
+});
+
+test.serial("killed agent fails closed and a restart serves again", async (t) => {
+  const c = theCluster();
+  await c.agent("node2").kill();
+
+  // Nothing serves db now: plaintext must not reach the application, and HBONE has no listener.
+  const plaintext = await curl(c.topology, "legacy", dbUrl("marker.html"), 3);
+  t.not(plaintext.exitCode, 0, "plaintext reached an enrolled pod while its agent was down");
+  t.is(plaintext.status, 0);
+  const mutual = await curl(c.topology, "web", dbUrl("marker.html"), 3);
+  t.not(mutual.exitCode, 0);
+
+  await c.restartAgent("node2", ["api", "db"]);
+  const served = await curl(c.topology, "web", dbUrl("marker.html"));
+  t.is(served.exitCode, 0, served.stderr);
+  const allowed = await curl(c.topology, "legacy", dbUrl("marker.html"));
+  t.is(allowed.exitCode, 0, allowed.stderr);
+
+  await c.agent("node1").kill();
+  const outbound = await curl(c.topology, "web", dbUrl("marker.html"), 3);
+  t.is(outbound.exitCode, 7, `an enrolled pod's connection was not refused while its agent was down: ${outbound.stderr}`);
+  await c.restartAgent("node1", ["web", "scraper"]);
+  const again = await curl(c.topology, "web", dbUrl("marker.html"));
+  t.is(again.exitCode, 0, again.stderr);
 });
 
 /** Returns the IDs of the programs behind the links pinned under `pinRoot`. */

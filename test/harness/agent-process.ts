@@ -110,9 +110,9 @@ export class AgentProcess {
     return this.waitForLog((line) => line.msg === "agent ready", timeoutMs, "readiness");
   }
 
-  /** Resolves once the agent has enrolled the pod `uid` ("namespace/name"). */
-  waitEnrolled(uid: string, timeoutMs = 15_000): Promise<LogLine> {
-    return this.waitForLog((line) => line.msg === "workload enrolled" && line.workload === uid, timeoutMs, `enrollment of ${uid}`);
+  /** Resolves once the agent has enrolled the pod `uid` ("namespace/name"), in a line at `fromLine` or later. */
+  waitEnrolled(uid: string, timeoutMs = 15_000, fromLine = 0): Promise<LogLine> {
+    return this.waitForLog((line) => line.msg === "workload enrolled" && line.workload === uid, timeoutMs, `enrollment of ${uid}`, fromLine);
   }
 
   /** Returns the last lines of the log, for error messages. */

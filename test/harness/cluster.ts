@@ -50,6 +50,8 @@ export function removeLeftovers(prefixFamily: string): void {
 
 export class Cluster {
   readonly agents = new Map<string, AgentProcess>();
+  /** Called with the PID of every agent started after this is set, for cleanup checks. */
+  onAgentSpawned: ((pid: number) => void) | undefined;
   readonly manifestsDir: string;
   readonly caDir: string;
 
@@ -100,24 +102,42 @@ export class Cluster {
    * `onSpawned` receives the agents' PIDs before the wait, so a caller can record them for a later cleanup.
    */
   async startAgents(expectedEnrolled: string[] = [], onSpawned?: (pids: number[]) => void): Promise<void> {
-    for (const node of this.topology.nodes.values()) {
-      const agent = new AgentProcess({
-        node: node.name,
-        nodeNetns: node.netns,
-        manifestsDir: this.manifestsDir,
-        caDir: this.caDir,
-        auditFile: this.auditFile(node.name),
-        pinRoot: this.pinRoot(node.name),
-        logFile: this.logFile(node.name),
-      });
-      this.agents.set(node.name, agent);
-    }
+    for (const node of this.topology.nodes.keys()) this.spawnAgent(node);
     onSpawned?.([...this.agents.values()].flatMap((agent) => (agent.pid ? [agent.pid] : [])));
     await Promise.all([...this.agents.values()].map((agent) => agent.waitReady()));
-    for (const podName of expectedEnrolled) {
+    await this.waitEnrolled(expectedEnrolled);
+  }
+
+  /** Starts a new agent for `node` in place of the one before (which must have exited). */
+  async restartAgent(node: string, expectedEnrolled: string[] = []): Promise<AgentProcess> {
+    if (this.agents.get(node)?.running) throw new Error(`the agent of ${node} is still running`);
+    const agent = this.spawnAgent(node);
+    await agent.waitReady();
+    await this.waitEnrolled(expectedEnrolled);
+    return agent;
+  }
+
+  /** Waits until the agent of each pod's node has enrolled it. */
+  async waitEnrolled(pods: string[], fromLine?: (node: string) => number): Promise<void> {
+    for (const podName of pods) {
       const pod = this.topology.pod(podName);
-      await this.agent(pod.node).waitEnrolled(`${pod.namespace}/${pod.name}`);
+      await this.agent(pod.node).waitEnrolled(`${pod.namespace}/${pod.name}`, 15_000, fromLine?.(pod.node));
     }
+  }
+
+  private spawnAgent(node: string): AgentProcess {
+    const agent = new AgentProcess({
+      node,
+      nodeNetns: this.topology.node(node).netns,
+      manifestsDir: this.manifestsDir,
+      caDir: this.caDir,
+      auditFile: this.auditFile(node),
+      pinRoot: this.pinRoot(node),
+      logFile: this.logFile(node),
+    });
+    this.agents.set(node, agent);
+    if (agent.pid) this.onAgentSpawned?.(agent.pid);
+    return agent;
   }
 
   agent(node: string): AgentProcess {

@@ -5,7 +5,8 @@
  * The accepted socket's local address is the address the client dialled. Built as part of
  * capture.c.
  *
- * Connections pass to the normal socket lookup when they
+ * TCP over IPv6 is dropped unless it is addressed to ::1. Other connections pass to the normal
+ * socket lookup when they
  *  1. are not TCP over IPv4, or are not addressed to a pod in aa_inbound_pods;
  *  2. come from the pod's own IP or from 127.0.0.0/8;
  *  3. are addressed to the agent's ports 15006 or 15008;
@@ -15,7 +16,8 @@
  * listener in aa_inbound, and dropped when that listener is missing, so that a pod whose
  * proxy is down gets no inbound connections rather than unauthorized ones.
  *
- * NOTE: IPv4 only. IPv6 connections to the pod are not captured.
+ * NOTE: capture supports IPv4 only, so IPv6 is dropped until it is supported, link-local
+ * (fe80::/10) addresses included. The agent's listeners are IPv4 and need no exception.
  * NOTE: kubelet health probes come from the node's IP, so they are captured like any other
  * client and reach the application only if the inbound proxy lets plaintext through.
  */
@@ -30,6 +32,12 @@
 static __always_inline int aa_is_loopback_ip4(__u32 addr)
 {
 	return (bpf_ntohl(addr) >> 24) == 127;
+}
+
+static __always_inline int aa_is_loopback_ip6(const struct bpf_sk_lookup *ctx)
+{
+	return ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
+	       ctx->local_ip6[3] == bpf_htonl(1);
 }
 
 static __always_inline int aa_is_own_conn(const struct bpf_sk_lookup *ctx)
@@ -70,7 +78,11 @@ int aa_sk_lookup(struct bpf_sk_lookup *ctx)
 	__u32 local_ip4;
 	__u16 port;
 
-	if (ctx->family != AA_AF_INET || ctx->protocol != AA_IPPROTO_TCP)
+	if (ctx->protocol != AA_IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == AA_AF_INET6)
+		return aa_is_loopback_ip6(ctx) ? SK_PASS : SK_DROP;
+	if (ctx->family != AA_AF_INET)
 		return SK_PASS;
 
 	local_ip4 = ctx->local_ip4;

@@ -8,6 +8,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "lib/agent_socks.h"
 #include "lib/config.h"
 #include "lib/inbound.h"
 #include "lib/orig_dst.h"
@@ -57,10 +58,10 @@ static __always_inline void aa_conn_key_of(struct bpf_sock_ops *ctx, struct aa_c
 	key->dst_port = (__u16)bpf_ntohl(ctx->remote_port);
 }
 
-/* Records a marked agent socket that connects, from inside a pod whose inbound traffic is
- * captured, to that pod's own IP: the inbound proxy's connection to the application. A marked
- * socket in another namespace is not recorded, so the agent's connections from one pod to
- * another are still captured by the destination pod.
+/* Records an agent socket (flagged in aa_agent_socks) that connects, from inside a pod whose
+ * inbound traffic is captured, to that pod's own IP: the inbound proxy's connection to the
+ * application. An agent socket in another namespace is not recorded, so the agent's connections
+ * from one pod to another are still captured by the destination pod.
  */
 static __always_inline void aa_record_own_conn(struct bpf_sock_ops *ctx)
 {

@@ -11,6 +11,8 @@
 
 #define AA_ERROR_LEN 2048
 #define AA_PATH_LEN 4096
+/* Value of a socket's entry in aa_agent_socks; AA_AGENT_SOCKET in bpf/lib/config.h. */
+#define AA_AGENT_SOCKET_FLAG 1
 /* Pinned links of sk_lookup programs are named <prefix><netns cookie>. */
 #define AA_NETNS_LINK_PREFIX "sk_lookup-"
 

@@ -19,12 +19,14 @@ int aa_last_error(char *out, int out_len);
 /*
  * Creates a TCP/IPv4 socket inside the network namespace at netns_path (for example
  * /var/run/netns/pod1 or /proc/PID/ns/net) and returns its file descriptor, close-on-exec.
- * SO_REUSEADDR is always set. mark != 0 sets SO_MARK, transparent != 0 sets IP_TRANSPARENT.
- * The socket is bound when bind_ip is not empty or port > 0 (an empty bind_ip means 0.0.0.0),
- * and listens when backlog > 0.
+ * agent_map_fd >= 0 is an open fd of the socket storage map aa_agent_socks: the socket gets its
+ * agent flag there before anything else is done with it, so capture lets it through; -1 leaves
+ * it unflagged, like an application's socket. SO_REUSEADDR is always set. mark != 0 sets SO_MARK,
+ * transparent != 0 sets IP_TRANSPARENT. The socket is bound when bind_ip is not empty or
+ * port > 0 (an empty bind_ip means 0.0.0.0), and listens when backlog > 0.
  */
-int aa_netns_socket(const char *netns_path, int mark, const char *bind_ip, int port,
-		    int backlog, int transparent);
+int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		    int port, int backlog, int transparent);
 
 /* Writes the cookie of the network namespace at netns_path to cookie_out (8 bytes, host
  * byte order), as getsockopt(SO_NETNS_COOKIE) reports it. Returns 0.

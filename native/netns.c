@@ -74,6 +74,7 @@ static int run_in_netns(const char *netns_path, int (*work)(void *arg), void *ar
 }
 
 struct socket_request {
+	int agent_map_fd;
 	int mark;
 	const char *bind_ip;
 	int port;
@@ -115,17 +116,34 @@ static int bind_socket(int fd, const struct socket_request *req)
 	return 0;
 }
 
+/* Writes the socket's entry in the socket storage map aa_agent_socks, whose key from user space
+ * is the socket's file descriptor.
+ */
+static int flag_agent_socket(int fd, int agent_map_fd)
+{
+	uint32_t flags = AA_AGENT_SOCKET_FLAG;
+	int err;
+
+	err = bpf_map_update_elem(agent_map_fd, &fd, &flags, BPF_ANY);
+	if (err)
+		return fail(-err, "flag socket fd %d as the agent's in map fd %d", fd, agent_map_fd);
+	return 0;
+}
+
 static int make_socket(void *arg)
 {
 	const struct socket_request *req = arg;
-	int fd, err;
+	int fd, err = 0;
 
 	/* NOTE: IPv4 only. The proxy's listeners and upstream sockets are AF_INET. */
 	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return fail(errno, "socket(AF_INET, SOCK_STREAM)");
 
-	err = configure_socket(fd, req);
+	if (req->agent_map_fd >= 0)
+		err = flag_agent_socket(fd, req->agent_map_fd);
+	if (!err)
+		err = configure_socket(fd, req);
 	if (!err && ((req->bind_ip && req->bind_ip[0]) || req->port > 0))
 		err = bind_socket(fd, req);
 	if (!err && req->backlog > 0 && listen(fd, req->backlog) != 0)
@@ -137,11 +155,11 @@ static int make_socket(void *arg)
 	return fd;
 }
 
-int aa_netns_socket(const char *netns_path, int mark, const char *bind_ip, int port,
-		    int backlog, int transparent)
+int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		    int port, int backlog, int transparent)
 {
 	struct socket_request req = {
-		.mark = mark, .bind_ip = bind_ip, .port = port,
+		.agent_map_fd = agent_map_fd, .mark = mark, .bind_ip = bind_ip, .port = port,
 		.backlog = backlog, .transparent = transparent,
 	};
 

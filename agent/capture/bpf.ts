@@ -3,7 +3,7 @@
 // links and programs are pinned under one bpffs directory, so capture keeps working while the
 // agent restarts:
 //   <pinRoot>/maps/<map name>          aa_enrolled, aa_orig_dst, aa_sk_orig, aa_inbound_pods,
-//                                      aa_inbound, aa_own_conns
+//                                      aa_inbound, aa_own_conns, aa_agent_socks
 //   <pinRoot>/links/<program name>     one bpf_link per cgroup program, on the cgroup v2 root
 //   <pinRoot>/progs/aa_sk_lookup       the inbound program (see inbound.ts)
 //   <pinRoot>/links/sk_lookup-<cookie> one bpf_link per pod network namespace
@@ -14,6 +14,7 @@ import type { Logger } from "../log";
 import { InboundCapture, type InboundPod } from "./inbound";
 import {
   COOKIE_SIZE,
+  MAP_AGENT_SOCKETS,
   MAP_ENROLLED,
   MAP_ORIGINAL_DESTINATION,
   PROGRAM_NAMES,
@@ -33,6 +34,8 @@ import {
   mapLookupAndDelete,
   mapOpen,
   mapUpdate,
+  registerAgentSocketMap,
+  unregisterAgentSocketMap,
 } from "./native";
 
 export interface CaptureOptions {
@@ -50,21 +53,27 @@ const MAX_ENROLLED_KEYS = 8192;
 export class Capture {
   private enrolledFd: number;
   private originalDestinationFd: number;
+  /** aa_agent_socks, registered with netnsSocket so that it flags the agent's sockets. */
+  private agentSocketsFd: number;
 
   private constructor(
     readonly pinRoot: string,
     enrolledFd: number,
     originalDestinationFd: number,
+    agentSocketsFd: number,
     private readonly inbound: InboundCapture,
   ) {
     this.enrolledFd = enrolledFd;
     this.originalDestinationFd = originalDestinationFd;
+    this.agentSocketsFd = agentSocketsFd;
+    registerAgentSocketMap(agentSocketsFd);
   }
 
   /**
    * Loads the object with its maps pinned under pinRoot (reusing pinned maps and their
    * contents), and attaches every program. Links pinned by an earlier run get the new program
-   * in place, so capture does not lapse across a restart.
+   * in place, so capture does not lapse across a restart. From then on netnsSocket flags the
+   * agent's sockets in aa_agent_socks, until close().
    */
   static attach(options: CaptureOptions, logger: Logger): Capture {
     loadNative();
@@ -81,15 +90,20 @@ export class Capture {
     try {
       opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_ENROLLED)));
       opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_ORIGINAL_DESTINATION)));
+      opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_AGENT_SOCKETS)));
       const inbound = InboundCapture.open(options.pinRoot, logger);
-      return new Capture(options.pinRoot, opened[0], opened[1], inbound);
+      return new Capture(options.pinRoot, opened[0], opened[1], opened[2], inbound);
     } catch (error) {
       for (const fd of opened) closeFd(fd);
       throw error;
     }
   }
 
-  /** Starts capturing the pod whose network namespace has this cookie; its proxy listens on podIp:15001. */
+  /**
+   * Starts capturing the pod whose network namespace has this cookie; its proxy listens on
+   * podIp:15001. Replaces the pod's entry when it is already enrolled. While nothing listens on
+   * podIp:15001, the pod's outbound connections are refused.
+   */
   enroll(cookie: bigint, podIp: string): void {
     mapUpdate(this.enrolledFd, encodeCookie(cookie), encodePodInfo(podIp));
   }
@@ -118,10 +132,20 @@ export class Capture {
   /**
    * Starts steering the pod's inbound TCP connections to its 15006 listener (listenerFd, a
    * listening socket made in the pod's namespace). Links sk_lookup to the namespace at
-   * netnsPath, or reuses the link pinned for this cookie. See InboundCapture.attach.
+   * netnsPath, or reuses the link pinned for this cookie. Calling it again for the pod, also
+   * after guardInbound, replaces the listener. See InboundCapture.attach.
    */
   attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
     this.inbound.attach(netnsPath, cookie, podIp, listenerFd);
+  }
+
+  /**
+   * Drops every inbound TCP connection to the pod until attachInbound supplies a listener: for a
+   * pod whose proxy could not start, so that it is isolated rather than open. Links sk_lookup to
+   * the namespace at netnsPath (or reuses the pinned link) and removes the pod's listener entry.
+   */
+  guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
+    this.inbound.guard(netnsPath, cookie, podIp);
   }
 
   /** Stops steering the pod's inbound connections: deletes its entries and unpins its link. */
@@ -139,13 +163,18 @@ export class Capture {
     return this.inbound.linkedCookies();
   }
 
-  /** Closes this process's map file descriptors. The pins stay, so the programs keep capturing. */
+  /**
+   * Closes this process's map file descriptors, after which netnsSocket no longer flags sockets
+   * through this instance. The pins stay, so the programs keep capturing.
+   */
   close(): void {
-    for (const fd of [this.enrolledFd, this.originalDestinationFd]) {
+    if (this.agentSocketsFd >= 0) unregisterAgentSocketMap(this.agentSocketsFd);
+    for (const fd of [this.enrolledFd, this.originalDestinationFd, this.agentSocketsFd]) {
       if (fd >= 0) closeFd(fd);
     }
     this.enrolledFd = -1;
     this.originalDestinationFd = -1;
+    this.agentSocketsFd = -1;
     this.inbound.close();
   }
 

@@ -1,6 +1,7 @@
 // Inbound capture: the sk_lookup program, linked to each enrolled pod's network namespace,
 // assigns TCP connections that arrive at the pod's IP to the pod's inbound plaintext listener
-// (15006), and drops them while that listener is missing. Pins under the capture pin root:
+// (15006), and drops them while that listener is missing. It also drops every TCP connection over
+// IPv6 to the pod, except to ::1. Pins under the capture pin root:
 //   progs/aa_sk_lookup        the program, pinned by Capture.attach
 //   links/sk_lookup-<cookie>  one link per pod network namespace, so capture outlives the agent
 //   maps/aa_inbound_pods      pod IP -> netns cookie: which IPs sk_lookup guards
@@ -66,20 +67,27 @@ export class InboundCapture {
    * created inside the pod's namespace and listening; it may be handed to Node before or after
    * this call. The listener goes into the sockhash first and the link comes last, so the
    * program never runs for the pod without its entries. A link pinned by an earlier run is
-   * reused.
+   * reused. Calling it again for the pod (with a new listener, or after guard) replaces the
+   * listener entry.
    */
   attach(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
     this.insertListener(podIp, listenerFd);
     mapUpdate(this.podsFd, encodeIpv4Key(podIp), encodeInboundPod(cookie));
 
-    let reused: boolean;
-    try {
-      reused = netnsLink(this.programPath(), netnsPath, this.linkPath(cookie));
-    } catch (error) {
-      this.deleteEntries(podIp);
-      throw error;
-    }
+    const reused = this.link(netnsPath, cookie, podIp);
     this.logger.info({ netnsPath, cookie: cookie.toString(), podIp, listenerFd, reusedLink: reused }, "inbound capture attached");
+  }
+
+  /**
+   * Guards the pod's IP with no listener, so that sk_lookup drops every inbound connection to
+   * the pod until attach supplies one. A listener entry left from an earlier attach is deleted.
+   */
+  guard(netnsPath: string, cookie: bigint, podIp: string): void {
+    mapDelete(this.listenersFd, encodeInboundKey(podIp, INBOUND_PLAINTEXT_PORT));
+    mapUpdate(this.podsFd, encodeIpv4Key(podIp), encodeInboundPod(cookie));
+
+    const reused = this.link(netnsPath, cookie, podIp);
+    this.logger.warn({ netnsPath, cookie: cookie.toString(), podIp, reusedLink: reused }, "inbound capture guards the pod with no listener: inbound connections are dropped");
   }
 
   /**
@@ -123,6 +131,16 @@ export class InboundCapture {
     }
     this.podsFd = -1;
     this.listenersFd = -1;
+  }
+
+  /** Links sk_lookup to the namespace; returns true when the pinned link was reused. On failure the pod's entries are deleted. */
+  private link(netnsPath: string, cookie: bigint, podIp: string): boolean {
+    try {
+      return netnsLink(this.programPath(), netnsPath, this.linkPath(cookie));
+    } catch (error) {
+      this.deleteEntries(podIp);
+      throw error;
+    }
   }
 
   private insertListener(podIp: string, listenerFd: number): void {

@@ -1,12 +1,18 @@
 // Names, constants and byte layouts shared with the eBPF programs in bpf/. The C side is
-// bpf/lib/config.h, enrolled.h, orig_dst.h, inbound.h and own_conns.h; test/unit/capture-layout.test.ts
+// bpf/lib/config.h, enrolled.h, orig_dst.h, inbound.h, own_conns.h and agent_socks.h; test/unit/capture-layout.test.ts
 // checks this file against the BTF of the prebuilt object and against config.h.
 import net from "node:net";
 import os from "node:os";
 
-/** SO_MARK of every socket the agent opens inside a pod; the programs skip (mark & 0xfff) == 0x539. */
+/**
+ * SO_MARK of every socket the agent opens inside a pod, for routing rules and operators. The
+ * programs do not trust it (CAP_NET_RAW is enough to set it): they skip only the sockets flagged
+ * in aa_agent_socks.
+ */
 export const AGENT_MARK = 0x539;
-export const AGENT_MARK_MASK = 0xfff;
+
+/** Value of a socket's entry in aa_agent_socks: the socket is the agent's. */
+export const AGENT_SOCKET_FLAG = 1;
 
 /** Proxy ports inside every enrolled pod. */
 export const OUTBOUND_PORT = 15001;
@@ -19,6 +25,8 @@ export const MAP_SOCKET_ORIGINAL_DESTINATION = "aa_sk_orig";
 export const MAP_INBOUND_PODS = "aa_inbound_pods";
 export const MAP_INBOUND_LISTENERS = "aa_inbound";
 export const MAP_OWN_CONNECTIONS = "aa_own_conns";
+/** Socket storage that flags the agent's own sockets; written only from user space (netnsSocket). */
+export const MAP_AGENT_SOCKETS = "aa_agent_socks";
 
 /** Cgroup programs in bpf/capture.bpf.o; each one's link is pinned at <pinRoot>/links/<name>. */
 export const PROGRAM_NAMES = [
@@ -43,6 +51,7 @@ export const STRUCT_LAYOUTS = {
   aa_inbound_pod: { size: 8, offsets: { netns_cookie: 0 } },
   aa_inbound_key: { size: 8, offsets: { ip4: 0, port: 4, pad: 6 } },
   aa_conn_key: { size: 12, offsets: { src_ip4: 0, dst_ip4: 4, src_port: 8, dst_port: 10 } },
+  aa_agent_sock: { size: 4, offsets: { flags: 0 } },
 } as const;
 
 /** Key size of aa_inbound_pods: an IPv4 address in network byte order. */

@@ -77,8 +77,32 @@ function check(result: number, what: string, fix: string): number {
 
 const NETNS_FIX = "Check that the network namespace exists and that the agent runs as root (CAP_SYS_ADMIN, CAP_NET_ADMIN).";
 
+/**
+ * Open file descriptors of the pinned aa_agent_socks map, one per attached Capture, newest last.
+ * netnsSocket flags agent sockets in the newest one. Every Capture of one pin root opens the same
+ * map, so a Capture closing while another stays attached leaves the flagging intact.
+ */
+const agentSocketMaps: number[] = [];
+
+/** Makes netnsSocket flag agent sockets in this open aa_agent_socks map; Capture.attach calls it. */
+export function registerAgentSocketMap(mapFd: number): void {
+  agentSocketMaps.push(mapFd);
+}
+
+/** Stops using a map registered with registerAgentSocketMap, before its fd is closed. */
+export function unregisterAgentSocketMap(mapFd: number): void {
+  const index = agentSocketMaps.lastIndexOf(mapFd);
+  if (index >= 0) agentSocketMaps.splice(index, 1);
+}
+
 export interface NetnsSocketOptions {
-  /** SO_MARK; default 0x539 so that capture skips the socket. 0 leaves the socket unmarked. */
+  /**
+   * Whether the socket is the agent's own: it is then flagged in aa_agent_socks, which is the only
+   * thing that makes capture let it through. Default true; needs an attached Capture in this
+   * process. false makes a socket that capture steers like any application's.
+   */
+  agentSocket?: boolean;
+  /** SO_MARK; default 0x539 for agent sockets and 0 otherwise. 0 leaves the socket unmarked. Capture ignores the mark. */
   mark?: number;
   /** Address to bind; default 0.0.0.0 when a port is given, no bind otherwise. */
   bindIp?: string;
@@ -89,13 +113,27 @@ export interface NetnsSocketOptions {
   transparent?: boolean;
 }
 
-/** Creates a TCP/IPv4 socket inside a network namespace and returns its file descriptor. */
+/**
+ * Creates a TCP/IPv4 socket inside a network namespace and returns its file descriptor. An agent
+ * socket (the default) is flagged in aa_agent_socks before it is returned, so that capture never
+ * steers it. Throws when no Capture is attached in this process, because an unflagged agent
+ * socket in an enrolled pod would be steered back to the pod's own proxy.
+ */
 export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number {
-  const mark = opts.mark ?? AGENT_MARK;
+  const agentSocket = opts.agentSocket ?? true;
+  const agentMapFd = agentSocket ? agentSocketMaps.at(-1) : -1;
+  if (agentMapFd === undefined) {
+    throw new AgentError(
+      "INTERNAL",
+      `creating an agent socket in network namespace ${netnsPath} failed: no capture is attached in this process, ` +
+        "so the socket cannot be flagged in aa_agent_socks and capture would steer it. Attach capture (Capture.attach) first.",
+    );
+  }
+  const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
   const result = call(
     "aa_netns_socket",
-    [DataType.String, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
-    [netnsPath, mark, opts.bindIp ?? "", opts.port ?? 0, opts.backlog ?? 0, opts.transparent ? 1 : 0],
+    [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
+    [netnsPath, agentMapFd, mark, opts.bindIp ?? "", opts.port ?? 0, opts.backlog ?? 0, opts.transparent ? 1 : 0],
   );
   const where = opts.port ? ` on ${opts.bindIp ?? "0.0.0.0"}:${opts.port}` : "";
   return check(result, `creating a TCP socket${where} in network namespace ${netnsPath}`, NETNS_FIX);

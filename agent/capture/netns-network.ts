@@ -1,5 +1,6 @@
 // PodNetwork backed by a pod's network namespace: every socket is created inside the pod by
-// the native library and marked 0x539, so capture never steers the proxy's own connections.
+// the native library and flagged in aa_agent_socks (and marked 0x539), so capture never steers
+// the proxy's own connections. A Capture must be attached in this process.
 import net from "node:net";
 
 import type { PodNetwork } from "../proxy/pod-network";
@@ -34,9 +35,9 @@ export class NetnsPodNetwork implements PodNetwork {
   }
 
   /**
-   * Opens a TCP connection from inside the pod. The socket is created unconnected and marked
+   * Opens a TCP connection from inside the pod. The socket is created unconnected and flagged
    * in the pod's namespace, then Node connects it: a socket keeps the namespace it was created
-   * in, and the mark makes connect4 let it through.
+   * in, and the flag in aa_agent_socks makes connect4 let it through.
    */
   connect(host: string, port: number): net.Socket {
     const fd = netnsSocket(this.netnsPath, {});

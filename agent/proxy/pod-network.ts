@@ -2,7 +2,7 @@ import type net from "node:net";
 
 /**
  * The network of one pod, as the proxy uses it. In production every socket is made inside the
- * pod's network namespace and marked so that capture skips it; tests may use loopback addresses.
+ * pod's network namespace and flagged as the agent's, so that capture skips it. Tests may use loopback addresses.
  */
 export interface PodNetwork {
   /**

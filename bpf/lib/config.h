@@ -3,11 +3,14 @@
 #ifndef AA_CONFIG_H
 #define AA_CONFIG_H
 
-/* The agent marks every socket it opens inside a pod with SO_MARK 0x539. The inbound
- * proxy's transparent sockets use 0x1539, so programs compare only the low 12 bits.
+/* The agent marks every socket it opens inside a pod with SO_MARK 0x539, and the inbound
+ * proxy's transparent sockets with 0x1539, for routing rules and operators to match on. The
+ * programs do not read the mark: an application with CAP_NET_RAW can set the same mark.
  */
 #define AA_AGENT_MARK		0x539
-#define AA_AGENT_MARK_MASK	0xfff
+
+/* Flag in aa_agent_socks (lib/agent_socks.h) of a socket that the agent opened. */
+#define AA_AGENT_SOCKET		1
 
 /* Proxy ports the agent listens on inside every enrolled pod. */
 #define AA_PORT_OUTBOUND	15001
@@ -27,9 +30,13 @@
 /* Socket constants from the C library, which BPF programs cannot include. */
 #define AA_SOCK_STREAM		1
 #define AA_AF_INET		2
+#define AA_AF_INET6		10
 #define AA_IPPROTO_TCP		6
 
-/* Return values of cgroup sock_addr and sockops programs. */
+/* Return values of cgroup sock_addr and sockops programs. A sock_addr program that returns
+ * AA_REJECT makes connect() fail with EPERM.
+ */
 #define AA_ALLOW		1
+#define AA_REJECT		0
 
 #endif /* AA_CONFIG_H */

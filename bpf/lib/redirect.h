@@ -7,14 +7,10 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "lib/agent_socks.h"
 #include "lib/config.h"
 #include "lib/enrolled.h"
 #include "lib/orig_dst.h"
-
-static __always_inline int aa_is_agent_socket(const struct bpf_sock *sk)
-{
-	return (sk->mark & AA_AGENT_MARK_MASK) == AA_AGENT_MARK;
-}
 
 /* 127.0.0.0/8 and 0.0.0.0 (which connect() treats as a local address) stay inside the pod. */
 static __always_inline int aa_is_local_ip4(__u32 daddr)
@@ -34,7 +30,7 @@ static __always_inline int aa_is_proxy_port(__u16 port)
  * captured. If so, records the original destination in the socket's storage and returns the
  * pod's entry, whose address the caller writes as the new destination. Returns NULL for
  * sockets that must pass unchanged: other network namespaces, other protocols, the agent's
- * own marked sockets, local destinations, and the pod's own proxy ports.
+ * own sockets (flagged in aa_agent_socks), local destinations, and the pod's own proxy ports.
  *
  * When the socket storage cannot be allocated the connection is still redirected: the proxy
  * then finds no original destination and closes it, so a failure never bypasses the proxy.

@@ -19,7 +19,8 @@ import {
 import { closeFd, mapLookup, mapOpen, netnsCookie, netnsSocket } from "../../agent/capture/native";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
-import { createNetnsPair, deleteNetns, deleteStaleNetns, type NetnsPair } from "../harness/netns-pair";
+import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
+import { createNetnsPair, deleteNetns, deleteStaleNetns, linkLocalAddress, type NetnsPair } from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aainb";
@@ -30,6 +31,8 @@ const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
 const REPO = path.resolve(__dirname, "../../..");
 const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
 const APP_PORT = 8080;
+/** Port of the IPv6-only application server in B. */
+const APP6_PORT = 8086;
 /** A port where nothing in B listens. */
 const CLOSED_PORT = 9099;
 const WAIT_MS = 5000;
@@ -60,6 +63,8 @@ interface Fixture {
   /** File descriptor of inboundServer's listening socket. */
   inboundFd: number;
   servers: net.Server[];
+  /** IPv6-only application server in B. */
+  app6: Ipv6Server;
 }
 
 let fixture: Fixture | undefined;
@@ -133,13 +138,13 @@ async function startInboundListener(
   return { inboundServer: server, inboundFd: fd };
 }
 
-async function startServers(pair: NetnsPair, capture: Capture, cookieB: bigint): Promise<Fixture> {
-  const state = { pair, capture, cookieB, inbound: [] as Accepted[], app: [] as Accepted[], outbound: [] as Accepted[] };
+async function startServers(pair: NetnsPair, capture: Capture, cookieB: bigint, app6: Ipv6Server): Promise<Fixture> {
+  const state = { pair, capture, cookieB, inbound: [] as Accepted[], app: [] as Accepted[], outbound: [] as Accepted[], app6 };
   const servers: net.Server[] = [];
 
   const app = recordingServer("app", state.app);
   servers.push(app);
-  await listenOn(app, netnsSocket(pair.b.path, { mark: 0, bindIp: "0.0.0.0", port: APP_PORT, backlog: 64 }));
+  await listenOn(app, netnsSocket(pair.b.path, { agentSocket: false, bindIp: "0.0.0.0", port: APP_PORT, backlog: 64 }));
 
   const hbone = recordingServer("hbone", []);
   servers.push(hbone);
@@ -154,9 +159,9 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieB: bigint):
   return { ...state, ...listener, servers };
 }
 
-/** Connects an unmarked socket made inside the namespace: what an application does. */
+/** Connects a socket made inside the namespace but not flagged as the agent's: what an application does. */
 function appConnect(netnsPath: string, host: string, port: number): net.Socket {
-  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { mark: 0 }) });
+  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { agentSocket: false }) });
   socket.connect(port, host);
   return socket;
 }
@@ -240,6 +245,12 @@ async function eventually(check: () => boolean): Promise<boolean> {
   return check();
 }
 
+/** Waits a moment for a server's output to arrive, then returns how many connections it accepted. */
+async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  return server.accepted.length;
+}
+
 function closeServer(server: net.Server): Promise<void> {
   return new Promise((resolve) => server.close(() => resolve()));
 }
@@ -249,11 +260,14 @@ test.before(async () => {
   removeStaleState();
   const pair = createNetnsPair(PREFIX, 150 + (process.pid % 50));
   let capture: Capture | undefined;
+  let app6: Ipv6Server | undefined;
   try {
     enableTransparentReplies(pair.b);
     capture = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
-    fixture = await startServers(pair, capture, netnsCookie(pair.b.path));
+    app6 = await startIpv6Server(pair.b.path, APP6_PORT);
+    fixture = await startServers(pair, capture, netnsCookie(pair.b.path), app6);
   } catch (error) {
+    app6?.stop();
     capture?.close();
     Capture.remove(PIN_ROOT);
     pair.destroy();
@@ -263,6 +277,7 @@ test.before(async () => {
 
 /** Removes the namespaces and pins; synchronous, so it also runs from the process "exit" event. */
 function removeTestState(): void {
+  fixture?.app6.stop();
   fixture?.pair.destroy();
   deleteNetns([GONE_NETNS]);
   Capture.remove(PIN_ROOT);
@@ -352,7 +367,7 @@ test.serial("loopback reaches the app", async (t) => {
   t.is(inbound.length, before);
 });
 
-test.serial("marked socket in the pod reaches the app", async (t) => {
+test.serial("agent socket in the pod reaches the app", async (t) => {
   const { pair, inbound, app } = fx();
   const before = { inbound: inbound.length, app: app.length };
   const socket = new NetnsPodNetwork(pair.b.path, pair.b.ip).connect(pair.b.ip, APP_PORT);
@@ -377,8 +392,10 @@ test.serial("transparent agent socket keeps client IP", async (t) => {
   const ownConnections = mapOpen(path.join(PIN_ROOT, "maps", MAP_OWN_CONNECTIONS));
   try {
     const value = Buffer.alloc(8);
-    t.true(mapLookup(ownConnections, key, value), "sockops recorded the connection before it was accepted");
-    t.is(await readAll(socket), `app ${pair.b.ip}:${APP_PORT}`);
+    const recorded = mapLookup(ownConnections, key, value);
+    const reply = await readAll(socket);
+    t.true(recorded, "sockops recorded the connection before it was accepted");
+    t.is(reply, `app ${pair.b.ip}:${APP_PORT}`);
     t.is(app.length, before.app + 1);
     t.is(app.at(-1)?.remote, `${pair.a.ip}:${sourcePort}`);
     t.is(inbound.length, before.inbound);
@@ -388,7 +405,74 @@ test.serial("transparent agent socket keeps client IP", async (t) => {
   }
 });
 
-test.serial("marked socket in another pod is captured", async (t) => {
+test.serial("marked app socket is not exempt", async (t) => {
+  const { pair, inbound, app } = fx();
+  const before = { inbound: inbound.length, app: app.length };
+  // A second local address in B: the connection comes neither from the pod IP nor from loopback,
+  // like the inbound proxy's transparent connections, and replies to it stay in B.
+  const sourceIp = pair.b.ip.replace(/\.2$/, ".3");
+  run("ip", ["-n", pair.b.name, "addr", "add", `${sourceIp}/32`, "dev", "lo"]);
+  const ownConnections = mapOpen(path.join(PIN_ROOT, "maps", MAP_OWN_CONNECTIONS));
+  try {
+    // The inbound proxy's mark, set by an application: the socket is not flagged as the agent's.
+    const fd = netnsSocket(pair.b.path, { agentSocket: false, mark: TRANSPARENT_MARK, bindIp: sourceIp, port: 0 });
+    const socket = new net.Socket({ fd });
+    socket.connect(APP_PORT, pair.b.ip);
+    await waitConnect(socket);
+    const sourcePort = socket.localPort!;
+    const key = encodeOwnConnectionKey(sourceIp, sourcePort, pair.b.ip, APP_PORT);
+    // Looked up while the connection is open; asserted after reading, so a failure leaves no socket open.
+    const recorded = mapLookup(ownConnections, key, Buffer.alloc(8));
+    const reply = await readAll(socket);
+    t.false(recorded, "sockops did not record the connection");
+    t.is(reply, `inbound ${pair.b.ip}:${APP_PORT}`);
+    t.is(inbound.length, before.inbound + 1);
+    t.is(inbound.at(-1)?.remote, `${sourceIp}:${sourcePort}`);
+    t.is(app.length, before.app);
+  } finally {
+    closeFd(ownConnections);
+    run("ip", ["-n", pair.b.name, "addr", "del", `${sourceIp}/32`, "dev", "lo"]);
+  }
+});
+
+test.serial("agent socket from a second address is exempt", async (t) => {
+  const { pair, inbound, app } = fx();
+  const before = { inbound: inbound.length, app: app.length };
+  const sourceIp = pair.b.ip.replace(/\.2$/, ".3");
+  run("ip", ["-n", pair.b.name, "addr", "add", `${sourceIp}/32`, "dev", "lo"]);
+  try {
+    const socket = new net.Socket({ fd: netnsSocket(pair.b.path, { bindIp: sourceIp, port: 0 }) });
+    socket.connect(APP_PORT, pair.b.ip);
+    t.is(await readAll(socket), `app ${pair.b.ip}:${APP_PORT}`);
+    t.is(app.length, before.app + 1);
+    t.true(app.at(-1)!.remote.startsWith(`${sourceIp}:`));
+    t.is(inbound.length, before.inbound);
+  } finally {
+    run("ip", ["-n", pair.b.name, "addr", "del", `${sourceIp}/32`, "dev", "lo"]);
+  }
+});
+
+test.serial("IPv6 to the pod is dropped", async (t) => {
+  const { pair, app6, inbound } = fx();
+  const before = { app6: app6.accepted.length, inbound: inbound.length };
+  const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;
+  await linkLocalAddress(pair.a);
+  // sk_lookup drops the SYN, so the kernel replies with a reset.
+  t.is(await connectIpv6(pair.a.path, linkLocal, APP6_PORT), "ECONNREFUSED", `connect to ${linkLocal}`);
+  t.is(await connectIpv6(pair.a.path, pair.b.ip6, APP6_PORT), "ECONNREFUSED", `connect to ${pair.b.ip6}`);
+  t.is(await acceptedAfterSettling(app6), before.app6);
+  t.is(inbound.length, before.inbound);
+});
+
+test.serial("IPv6 loopback in the pod works", async (t) => {
+  const { pair, app6 } = fx();
+  const before = app6.accepted.length;
+  t.is(await connectIpv6(pair.b.path, "::1", APP6_PORT), "connected app6");
+  t.is(app6.accepted.length, before + 1);
+  t.true(app6.accepted.at(-1)?.startsWith("::1 "), `peer ${app6.accepted.at(-1)}`);
+});
+
+test.serial("agent socket in another pod is captured", async (t) => {
   const { pair, inbound, app } = fx();
   const before = { inbound: inbound.length, app: app.length };
   const socket = new NetnsPodNetwork(pair.a.path, pair.a.ip).connect(pair.b.ip, APP_PORT);
@@ -407,19 +491,27 @@ test.serial("inbound pod and link are listed", (t) => {
   t.is(link.prog_id, program.id);
 });
 
-test.serial("attaching again reuses the pinned link", (t) => {
+test.serial("attaching again replaces the listener", async (t) => {
   const state = fx();
   const before = pinnedId("link", inboundLinkPath(state.cookieB)).id;
+  const replacementAccepted: Accepted[] = [];
+  const replacement = recordingServer("replacement", replacementAccepted);
   // Any listening socket can be inserted; port 15006 is taken by the served listener.
   const fd = netnsSocket(state.pair.b.path, { bindIp: "0.0.0.0", port: 0, backlog: 16 });
   try {
     state.capture.attachInbound(state.pair.b.path, state.cookieB, state.pair.b.ip, fd);
+    await listenOn(replacement, fd);
     t.is(pinnedId("link", inboundLinkPath(state.cookieB)).id, before);
+    t.is(await readAll(appConnect(state.pair.a.path, state.pair.b.ip, APP_PORT)), `replacement ${state.pair.b.ip}:${APP_PORT}`);
+    t.is(replacementAccepted.length, 1);
   } finally {
     // Closing the replacement deletes its sockhash entry, so put the served listener back.
-    closeFd(fd);
+    await closeServer(replacement);
     state.capture.attachInbound(state.pair.b.path, state.cookieB, state.pair.b.ip, state.inboundFd);
   }
+  const inboundBefore = state.inbound.length;
+  t.is(await readAll(appConnect(state.pair.a.path, state.pair.b.ip, APP_PORT)), `inbound ${state.pair.b.ip}:${APP_PORT}`);
+  t.is(state.inbound.length, inboundBefore + 1);
 });
 
 test.serial("capture attach moves the link to the new program", async (t) => {
@@ -500,6 +592,63 @@ test.serial("detach makes the app reachable directly", async (t) => {
   t.is(app.length, before.app + 1);
   t.is(inbound.length, before.inbound);
   t.true(await eventually(() => !liveLinkIds().includes(linkId)), `link ${linkId} detached`);
+});
+
+test.serial("detached pod is reachable over IPv6", async (t) => {
+  // The control for the IPv6 drop: without the pod's sk_lookup link the same connections succeed.
+  const { pair, app6 } = fx();
+  const before = app6.accepted.length;
+  const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;
+  t.is(await connectIpv6(pair.a.path, linkLocal, APP6_PORT), "connected app6");
+  t.is(await connectIpv6(pair.a.path, pair.b.ip6, APP6_PORT), "connected app6");
+  t.is(app6.accepted.length, before + 2);
+});
+
+test.serial("guard drops inbound connections", async (t) => {
+  const { capture, cookieB, pair, inbound, app, app6 } = fx();
+  capture.guardInbound(pair.b.path, cookieB, pair.b.ip);
+  t.true(fs.existsSync(inboundLinkPath(cookieB)));
+  t.deepEqual(capture.inboundPods(), [{ podIp: pair.b.ip, cookie: cookieB }]);
+
+  const before = { inbound: inbound.length, app: app.length, app6: app6.accepted.length };
+  for (const port of [APP_PORT, CLOSED_PORT]) {
+    const outcome = await connectOutcome(appConnect(pair.a.path, pair.b.ip, port));
+    t.log(`client outcome on port ${port}: ${outcome}`);
+    t.not(outcome, "connected");
+  }
+  t.is(await connectIpv6(pair.a.path, pair.b.ip6, APP6_PORT), "ECONNREFUSED");
+  t.is(app.length, before.app);
+  t.is(inbound.length, before.inbound);
+  t.is(await acceptedAfterSettling(app6), before.app6);
+  // The pod still reaches its own application.
+  t.is(await readAll(appConnect(pair.b.path, "127.0.0.1", APP_PORT)), `app 127.0.0.1:${APP_PORT}`);
+});
+
+test.serial("attach after guard lands on the listener", async (t) => {
+  const { capture, cookieB, pair, inbound, app, inboundFd } = fx();
+  const linkId = pinnedId("link", inboundLinkPath(cookieB)).id;
+  capture.attachInbound(pair.b.path, cookieB, pair.b.ip, inboundFd);
+  t.is(pinnedId("link", inboundLinkPath(cookieB)).id, linkId);
+
+  const before = { inbound: inbound.length, app: app.length };
+  t.is(await readAll(appConnect(pair.a.path, pair.b.ip, APP_PORT)), `inbound ${pair.b.ip}:${APP_PORT}`);
+  t.is(inbound.length, before.inbound + 1);
+  t.is(app.length, before.app);
+});
+
+test.serial("guard removes an existing listener", async (t) => {
+  const { capture, cookieB, pair, inbound, app, inboundFd } = fx();
+  capture.guardInbound(pair.b.path, cookieB, pair.b.ip);
+  const before = { inbound: inbound.length, app: app.length };
+  try {
+    const outcome = await connectOutcome(appConnect(pair.a.path, pair.b.ip, APP_PORT));
+    t.log(`client outcome: ${outcome}`);
+    t.not(outcome, "connected");
+    t.is(inbound.length, before.inbound);
+    t.is(app.length, before.app);
+  } finally {
+    capture.attachInbound(pair.b.path, cookieB, pair.b.ip, inboundFd);
+  }
 });
 
 test.serial("remove leaves no pins", async (t) => {

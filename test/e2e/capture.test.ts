@@ -10,13 +10,14 @@ import path from "node:path";
 import { promisify } from "node:util";
 
 import { Capture } from "../../agent/capture/bpf";
-import { PROGRAM_NAMES } from "../../agent/capture/layout";
-import { NativeError, netnsCookie, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
+import { AGENT_MARK, PROGRAM_NAMES } from "../../agent/capture/layout";
+import { NativeError, closeFd, netnsCookie, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { checkHost } from "../../agent/capture/preflight";
 import { findNetnsByIp } from "../../agent/enroll/netns";
 import { silentLogger } from "../../agent/log";
-import { createNetnsPair, deleteStaleNetns, type NetnsPair } from "../harness/netns-pair";
+import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
+import { createNetnsPair, deleteStaleNetns, linkLocalAddress, type NetnsPair } from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aacap";
@@ -27,6 +28,10 @@ const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
 const REPO = path.resolve(__dirname, "../../..");
 const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
 const APP_PORT = 8080;
+/** Port of the IPv6-only servers in A and B. */
+const APP6_PORT = 8086;
+/** Mark of the inbound proxy's transparent sockets. */
+const TRANSPARENT_MARK = 0x1539;
 const WAIT_MS = 5000;
 
 interface Fixture {
@@ -38,6 +43,8 @@ interface Fixture {
   /** Peers of the connections that reached the application server in B. */
   reachedB: string[];
   servers: net.Server[];
+  /** IPv6-only servers in A and B. */
+  ipv6: { a: Ipv6Server; b: Ipv6Server };
 }
 
 let fixture: Fixture | undefined;
@@ -79,9 +86,9 @@ function listenOn(server: net.Server, fd: number): Promise<void> {
   });
 }
 
-/** Connects an unmarked socket made inside the namespace: what an application in the pod does. */
-function appConnect(netnsPath: string, host: string, port: number): net.Socket {
-  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { mark: 0 }) });
+/** Connects a socket made inside the namespace but not flagged as the agent's: what an application in the pod does. */
+function appConnect(netnsPath: string, host: string, port: number, mark = 0): net.Socket {
+  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { agentSocket: false, mark }) });
   socket.connect(port, host);
   return socket;
 }
@@ -136,7 +143,15 @@ function cgroupRootProgramIds(): number[] {
 }
 
 async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint): Promise<Fixture> {
-  const partial: Fixture = { pair, capture, cookieA, proxied: [], reachedB: [], servers: [] };
+  const ipv6a = await startIpv6Server(pair.a.path, APP6_PORT);
+  let ipv6b: Ipv6Server;
+  try {
+    ipv6b = await startIpv6Server(pair.b.path, APP6_PORT);
+  } catch (error) {
+    ipv6a.stop();
+    throw error;
+  }
+  const partial: Fixture = { pair, capture, cookieA, proxied: [], reachedB: [], servers: [], ipv6: { a: ipv6a, b: ipv6b } };
 
   const proxy = net.createServer((socket) => {
     // Clients may close before reading the reply; a reset must not fail the test run.
@@ -187,6 +202,8 @@ test.before(async () => {
 
 /** Removes the namespaces and pins; synchronous, so it also runs from the process "exit" event. */
 function removeTestState(): void {
+  fixture?.ipv6.a.stop();
+  fixture?.ipv6.b.stop();
   fixture?.pair.destroy();
   Capture.remove(PIN_ROOT);
   removeIfEmpty(PIN_PARENT);
@@ -307,7 +324,7 @@ test.serial("non-enrolled netns is not captured", async (t) => {
   t.is(proxied.length, before);
 });
 
-test.serial("marked proxy socket is not captured", async (t) => {
+test.serial("agent socket is not captured", async (t) => {
   const { pair, proxied, reachedB } = fx();
   const before = { proxied: proxied.length, reachedB: reachedB.length };
   const socket = new NetnsPodNetwork(pair.a.path, pair.a.ip).connect(pair.b.ip, APP_PORT);
@@ -315,6 +332,78 @@ test.serial("marked proxy socket is not captured", async (t) => {
   t.is(proxied.length, before.proxied);
   t.is(reachedB.length, before.reachedB + 1);
   t.true(reachedB.at(-1)!.startsWith(`${pair.a.ip}:`));
+});
+
+test.serial("agent flag without a mark is not captured", async (t) => {
+  const { pair, proxied, reachedB } = fx();
+  const before = { proxied: proxied.length, reachedB: reachedB.length };
+  const socket = new net.Socket({ fd: netnsSocket(pair.a.path, { mark: 0 }) });
+  socket.connect(APP_PORT, pair.b.ip);
+  t.is(await readAll(socket), "app-b");
+  t.is(proxied.length, before.proxied);
+  t.is(reachedB.length, before.reachedB + 1);
+});
+
+for (const mark of [AGENT_MARK, TRANSPARENT_MARK]) {
+  test.serial(`app socket marked ${mark.toString(16)} is captured`, async (t) => {
+    const { pair, proxied, reachedB } = fx();
+    const before = { proxied: proxied.length, reachedB: reachedB.length };
+    t.is(await readAll(appConnect(pair.a.path, pair.b.ip, APP_PORT, mark)), `proxy ${pair.b.ip}:${APP_PORT}`);
+    t.is(proxied.length, before.proxied + 1);
+    t.is(reachedB.length, before.reachedB);
+  });
+}
+
+/** Waits a moment for a server's output to arrive, then returns how many connections it accepted. */
+async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  return server.accepted.length;
+}
+
+test.serial("native IPv6 from enrolled pod is rejected", async (t) => {
+  const { pair, ipv6 } = fx();
+  const before = ipv6.b.accepted.length;
+  const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;
+  await linkLocalAddress(pair.a);
+  t.is(await connectIpv6(pair.a.path, linkLocal, APP6_PORT), "EPERM", `connect to ${linkLocal}`);
+  t.is(await connectIpv6(pair.a.path, pair.b.ip6, APP6_PORT), "EPERM", `connect to ${pair.b.ip6}`);
+  t.is(await acceptedAfterSettling(ipv6.b), before);
+});
+
+test.serial("IPv6 loopback in enrolled pod works", async (t) => {
+  const { pair, ipv6, proxied } = fx();
+  const before = { accepted: ipv6.a.accepted.length, proxied: proxied.length };
+  t.is(await connectIpv6(pair.a.path, "::1", APP6_PORT), "connected app6");
+  t.is(ipv6.a.accepted.length, before.accepted + 1);
+  t.true(ipv6.a.accepted.at(-1)?.startsWith("::1 "), `peer ${ipv6.a.accepted.at(-1)}`);
+  t.is(proxied.length, before.proxied);
+});
+
+test.serial("unenrolled pod reaches IPv6 peer", async (t) => {
+  // The control for the rejection above: the same connections work once the pod is not enrolled.
+  const { capture, cookieA, pair, ipv6 } = fx();
+  const before = ipv6.b.accepted.length;
+  const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;
+  await linkLocalAddress(pair.a);
+  capture.unenroll(cookieA);
+  try {
+    t.is(await connectIpv6(pair.a.path, linkLocal, APP6_PORT), "connected app6");
+    t.is(await connectIpv6(pair.a.path, pair.b.ip6, APP6_PORT), "connected app6");
+  } finally {
+    capture.enroll(cookieA, pair.a.ip);
+  }
+  t.is(ipv6.b.accepted.length, before + 2);
+});
+
+test.serial("enroll replaces the pod entry", async (t) => {
+  const { capture, cookieA, pair, proxied } = fx();
+  // A wrong IP first: connections would go to 192.0.2.1:15001 if the second call did not replace it.
+  capture.enroll(cookieA, "192.0.2.1");
+  capture.enroll(cookieA, pair.a.ip);
+  t.deepEqual(capture.enrolledCookies(), [cookieA]);
+  const before = proxied.length;
+  t.is(await readAll(appConnect(pair.a.path, pair.b.ip, APP_PORT)), `proxy ${pair.b.ip}:${APP_PORT}`);
+  t.is(proxied.length, before + 1);
 });
 
 test.serial("unenrolled netns is no longer captured", async (t) => {
@@ -381,4 +470,12 @@ test.serial("remove detaches programs and unpins", async (t) => {
   }
   t.deepEqual(remaining, []);
   t.notThrows(() => Capture.remove(PIN_ROOT));
+});
+
+test.serial("agent socket needs an attached capture", (t) => {
+  // The previous test closed the last Capture of this process.
+  const { pair } = fx();
+  const error = t.throws(() => netnsSocket(pair.a.path, {}));
+  t.regex(error?.message ?? "", /no capture is attached in this process/);
+  t.notThrows(() => closeFd(netnsSocket(pair.a.path, { agentSocket: false })));
 });

@@ -7,6 +7,10 @@ export interface NetnsEnd {
   name: string;
   path: string;
   ip: string;
+  /** A unique local IPv6 address (fd00::/8), added with nodad so it is usable at once. */
+  ip6: string;
+  /** The end's veth interface. */
+  device: string;
 }
 
 export interface NetnsPair {
@@ -19,28 +23,65 @@ function ip(args: string[]): void {
   execFileSync("ip", args, { stdio: ["ignore", "ignore", "pipe"] });
 }
 
-/** Creates <prefix>-<pid>-a and -b with 10.<subnet>.0.1/24 and .2/24 on a veth between them. */
+/**
+ * Creates <prefix>-<pid>-a and -b with 10.<subnet>.0.1/24 and .2/24, and fd00:aa:<subnet>::1/64
+ * and ::2/64, on a veth between them. Each veth also gets an fe80::/64 link-local address, which
+ * is usable only once duplicate address detection ends (see linkLocalAddress).
+ */
 export function createNetnsPair(prefix: string, subnet: number): NetnsPair {
   const base = `${prefix}-${process.pid}`;
-  const a: NetnsEnd = { name: `${base}-a`, path: `/var/run/netns/${base}-a`, ip: `10.${subnet}.0.1` };
-  const b: NetnsEnd = { name: `${base}-b`, path: `/var/run/netns/${base}-b`, ip: `10.${subnet}.0.2` };
+  // Interface names are limited to 15 characters.
+  const a: NetnsEnd = {
+    name: `${base}-a`,
+    path: `/var/run/netns/${base}-a`,
+    ip: `10.${subnet}.0.1`,
+    ip6: `fd00:aa:${subnet}::1`,
+    device: "vcap-a",
+  };
+  const b: NetnsEnd = {
+    name: `${base}-b`,
+    path: `/var/run/netns/${base}-b`,
+    ip: `10.${subnet}.0.2`,
+    ip6: `fd00:aa:${subnet}::2`,
+    device: "vcap-b",
+  };
   const pair: NetnsPair = { a, b, destroy: () => deleteNetns([a.name, b.name]) };
   try {
     for (const end of [a, b]) {
       ip(["netns", "add", end.name]);
       ip(["-n", end.name, "link", "set", "lo", "up"]);
     }
-    // Interface names are limited to 15 characters.
-    ip(["link", "add", "vcap-a", "netns", a.name, "type", "veth", "peer", "name", "vcap-b", "netns", b.name]);
-    for (const [end, device] of [[a, "vcap-a"], [b, "vcap-b"]] as const) {
-      ip(["-n", end.name, "addr", "add", `${end.ip}/24`, "dev", device]);
-      ip(["-n", end.name, "link", "set", device, "up"]);
+    ip(["link", "add", a.device, "netns", a.name, "type", "veth", "peer", "name", b.device, "netns", b.name]);
+    for (const end of [a, b]) {
+      ip(["-n", end.name, "addr", "add", `${end.ip}/24`, "dev", end.device]);
+      ip(["-n", end.name, "-6", "addr", "add", `${end.ip6}/64`, "dev", end.device, "nodad"]);
+      ip(["-n", end.name, "link", "set", end.device, "up"]);
     }
   } catch (error) {
     pair.destroy();
     throw error;
   }
   return pair;
+}
+
+/**
+ * Returns the fe80:: address of the end's veth once duplicate address detection has finished
+ * with it (about 1-2 s after the link comes up). A client on the other end dials it as
+ * <address>%<its own device>. Throws after timeoutMs.
+ */
+export async function linkLocalAddress(end: NetnsEnd, timeoutMs = 5000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const output = execFileSync("ip", ["-n", end.name, "-6", "-o", "addr", "show", "dev", end.device, "scope", "link"], {
+      encoding: "utf8",
+    });
+    const match = /inet6 (fe80:[0-9a-f:]+)\/64 scope link(.*)$/m.exec(output);
+    if (match && !/tentative|dadfailed/.test(match[2])) return match[1];
+    if (Date.now() > deadline) {
+      throw new Error(`no usable link-local address on ${end.device} in ${end.name} within ${timeoutMs} ms: ${output.trim()}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
 }
 
 /** Deletes the named namespaces; the veth pair goes with them. Missing ones are ignored. */

@@ -1,6 +1,6 @@
 // The byte layouts in agent/capture/layout.ts must match the structs compiled into the
 // prebuilt bpf/capture.bpf.o (read from its BTF with bpftool) and the constants of
-// bpf/lib/config.h.
+// bpf/lib/config.h and native/internal.h.
 import test from "ava";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
@@ -9,10 +9,11 @@ import path from "node:path";
 
 import {
   AGENT_MARK,
-  AGENT_MARK_MASK,
+  AGENT_SOCKET_FLAG,
   INBOUND_HBONE_PORT,
   INBOUND_PLAINTEXT_PORT,
   INBOUND_PROGRAM_NAME,
+  MAP_AGENT_SOCKETS,
   MAP_ENROLLED,
   MAP_INBOUND_LISTENERS,
   MAP_INBOUND_PODS,
@@ -43,6 +44,7 @@ import {
 const REPO = path.resolve(__dirname, "../../..");
 const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
 const CONFIG_HEADER = path.join(REPO, "bpf/lib/config.h");
+const NATIVE_HEADER = path.join(REPO, "native/internal.h");
 
 interface BtfDump {
   structs: Map<string, BtfStruct>;
@@ -104,7 +106,7 @@ for (const [name, layout] of Object.entries(STRUCT_LAYOUTS)) {
 test("config.h constants match", (t) => {
   const defines = readDefines(CONFIG_HEADER);
   t.is(defines.get("AA_AGENT_MARK"), AGENT_MARK);
-  t.is(defines.get("AA_AGENT_MARK_MASK"), AGENT_MARK_MASK);
+  t.is(defines.get("AA_AGENT_SOCKET"), AGENT_SOCKET_FLAG);
   t.is(defines.get("AA_PORT_OUTBOUND"), OUTBOUND_PORT);
   t.is(defines.get("AA_PORT_INBOUND_PLAIN"), INBOUND_PLAINTEXT_PORT);
   t.is(defines.get("AA_PORT_INBOUND_HBONE"), INBOUND_HBONE_PORT);
@@ -112,10 +114,16 @@ test("config.h constants match", (t) => {
 
 test("object defines the maps and programs", (t) => {
   const maps = [MAP_ENROLLED, MAP_ORIGINAL_DESTINATION, MAP_SOCKET_ORIGINAL_DESTINATION];
-  const inboundMaps = [MAP_INBOUND_PODS, MAP_INBOUND_LISTENERS, MAP_OWN_CONNECTIONS];
+  const inboundMaps = [MAP_INBOUND_PODS, MAP_INBOUND_LISTENERS, MAP_OWN_CONNECTIONS, MAP_AGENT_SOCKETS];
   for (const name of [...maps, ...inboundMaps, ...PROGRAM_NAMES, INBOUND_PROGRAM_NAME]) {
     t.true(btf.symbols.has(name), `${name} is missing from the BTF of ${OBJECT_PATH}`);
   }
+});
+
+test("native agent flag matches config.h", (t) => {
+  // native/netns.c writes this value into aa_agent_socks; the programs test it against AA_AGENT_SOCKET.
+  t.is(readDefines(NATIVE_HEADER).get("AA_AGENT_SOCKET_FLAG"), AGENT_SOCKET_FLAG);
+  t.is(STRUCT_LAYOUTS.aa_agent_sock.size, 4);
 });
 
 test("cookie encodes in host byte order", (t) => {
@@ -209,5 +217,6 @@ test("inbound link name round trip", (t) => {
 test("inbound constants match config.h", (t) => {
   const defines = readDefines(CONFIG_HEADER);
   t.is(defines.get("AA_AF_INET"), 2);
+  t.is(defines.get("AA_AF_INET6"), 10);
   t.is(defines.get("AA_IPPROTO_TCP"), 6);
 });

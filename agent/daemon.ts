@@ -6,9 +6,9 @@ import { AdminServer } from "./admin/server";
 import { Capture } from "./capture/bpf";
 import { loadNative } from "./capture/native";
 import type { NetnsPodNetwork } from "./capture/netns-network";
+import { PinRootLock } from "./capture/pin-lock";
 import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
-import { formatManifestProblem } from "./discovery/manifests";
 import { enrolledWorkloads, isAmbient } from "./enroll/enrollment";
 import { EnrollmentReconciler, type WorkloadProxies } from "./enroll/reconciler";
 import { EmbeddedCa } from "./identity/ca";
@@ -56,6 +56,7 @@ export class Agent {
   private reconciler: EnrollmentReconciler | undefined;
   private admin: AdminServer | undefined;
   private certs: CertManager | undefined;
+  private lock: PinRootLock | undefined;
   private trustDomain = "cluster.local";
 
   constructor(
@@ -70,6 +71,7 @@ export class Agent {
       objectPath: this.options.objectPath,
     });
     if (problems.length > 0) throw new HostNotReadyError(problems);
+    this.lock = PinRootLock.acquire(this.options.pinRoot);
     loadNative();
 
     const ca = await EmbeddedCa.load(this.options.caDir);
@@ -78,11 +80,12 @@ export class Agent {
     this.audit = new AuditFileSink(this.options.auditFile, this.logger.child({ component: "audit" }));
 
     this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
-    this.source.on("problem", (problem) =>
-      this.logger.error({ problem }, `rejected manifest: ${formatManifestProblem(problem)}`),
-    );
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
+
+    // The admin port is taken before capture is touched, so a port conflict fails without side effects.
+    this.admin = new AdminServer(this.options.adminAddress, () => this.configDump(), this.logger.child({ component: "admin" }));
+    await this.admin.start();
 
     this.capture = Capture.attach(
       { pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath },
@@ -97,11 +100,8 @@ export class Agent {
     await this.reconciler.update(enrolledWorkloads(this.state, this.options.node));
     this.reconciler.removeStaleCookies();
     this.source.on("change", (snapshot: ClusterSnapshot) => void this.applySnapshot(snapshot));
-
-    this.admin = new AdminServer(this.options.adminAddress, () => this.configDump(), this.logger.child({ component: "admin" }));
-    await this.admin.start();
     this.logger.info(
-      { node: this.options.node, enrolled: this.reconciler.list().map((entry) => entry.workload.uid), admin: this.options.adminAddress },
+      { enrolled: this.reconciler.list().map((entry) => entry.workload.uid), admin: this.options.adminAddress },
       "agent ready",
     );
   }
@@ -113,14 +113,17 @@ export class Agent {
   async stop(): Promise<void> {
     this.source?.stop();
     await this.admin?.stop();
-    if (this.reconciler) await this.stopProxiesKeepingCapture(this.reconciler);
+    await this.reconciler?.stop();
     this.capture?.close();
     await this.audit?.close();
+    this.lock?.release();
     this.logger.info("agent stopped");
   }
 
-  private async stopProxiesKeepingCapture(reconciler: EnrollmentReconciler): Promise<void> {
-    await Promise.all(reconciler.list().map((entry) => entry.proxies.stop().catch(() => undefined)));
+  /** Re-reads every manifest file now, as on SIGHUP. */
+  async reload(): Promise<void> {
+    this.logger.info("re-reading the manifests");
+    await this.source?.refresh();
   }
 
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
@@ -197,6 +200,7 @@ export class Agent {
     return {
       node: this.options.node,
       trustDomain: this.trustDomain,
+      isolated: (this.reconciler?.listIsolated() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
       enrolled: (this.reconciler?.list() ?? []).map((entry) => ({
         workload: entry.workload.uid,
         ip: entry.workload.ip,

@@ -93,11 +93,14 @@ async function main(argv: string[]): Promise<number> {
     await agent.stop().catch(() => undefined);
     return 1;
   }
-  await new Promise<void>((resolve) => {
-    process.once("SIGTERM", resolve);
-    process.once("SIGINT", resolve);
+  const onHangup = (): void => void agent.reload().catch((error) => logger.error({ err: error }, "manifest reload failed"));
+  process.on("SIGHUP", onHangup);
+  const signal = await new Promise<string>((resolve) => {
+    process.once("SIGTERM", () => resolve("SIGTERM"));
+    process.once("SIGINT", () => resolve("SIGINT"));
   });
-  logger.info("signal received, stopping");
+  process.off("SIGHUP", onHangup);
+  logger.info({ signal }, "signal received, stopping");
   await agent.stop();
   return 0;
 }

@@ -27,14 +27,22 @@ const addressCache = new Map<number, CachedAddresses>();
 let defaultLogger: Logger | undefined;
 
 /**
+ * Returns every network namespace, other than the host's and the agent's own, that has `ip` on an interface.
+ * NOTE: this trusts the node. A process with CAP_NET_ADMIN in another namespace can add the IP of a pod whose
+ * namespace does not exist yet and be found in its place.
+ */
+export function findNetnsCandidates(ip: string): NetnsRef[] {
+  const namespaces = listNetns();
+  pruneAddressCache(namespaces);
+  return namespaces.filter((ref) => addressesOf(ref).includes(ip));
+}
+
+/**
  * Returns the network namespace that has `ip` on one of its interfaces, other than the host's
  * and the agent's own. Returns undefined, with a warning, when several namespaces have it.
  */
 export function findNetnsByIp(ip: string, logger?: Logger): NetnsRef | undefined {
-  const namespaces = listNetns();
-  pruneAddressCache(namespaces);
-
-  const matches = namespaces.filter((ref) => addressesOf(ref).includes(ip));
+  const matches = findNetnsCandidates(ip);
   if (matches.length > 1) {
     const log = logger ?? (defaultLogger ??= createLogger({ component: "netns" }));
     log.warn({ ip, netns: matches.map((ref) => ref.path) }, "several network namespaces have the pod IP; not enrolling it");

@@ -1,15 +1,19 @@
 // Keeps the node's enrolled workloads in step with the mesh state. For each enrolled workload it
 // finds the pod's network namespace and starts the in-pod listeners (15001 outbound, 15008 inbound
-// HBONE, 15006 inbound plaintext, which also links sk_lookup). Only then does it put the namespace's cookie in the capture map, so that no captured
-// connection meets a missing listener. Unenrolling runs the same steps backwards.
+// HBONE, 15006 inbound plaintext, which also links sk_lookup). Only then does it put the
+// namespace's cookie in the capture map, so that no captured connection meets a missing listener.
+//
+// Capture fails closed: a workload whose listeners cannot start is isolated (its cookie is in the
+// capture maps with no listener, so its connections are refused and inbound ones dropped) and
+// retried, and entries an earlier run left are removed only for pods that are no longer wanted.
 
 import type { Capture } from "../capture/bpf";
 import { netnsCookie } from "../capture/native";
 import { NetnsPodNetwork } from "../capture/netns-network";
-import { identityOf, formatSpiffeId } from "../identity/spiffe";
+import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
 import type { Identity, Workload } from "../state/types";
-import { findNetnsByIp } from "./netns";
+import { findNetnsCandidates } from "./netns";
 
 /** The proxies of one enrolled workload. */
 export interface WorkloadProxies {
@@ -25,6 +29,13 @@ export interface EnrolledWorkload {
   proxies: WorkloadProxies;
 }
 
+/** A wanted workload whose namespace is known but whose listeners could not start. */
+interface IsolatedWorkload {
+  workload: Workload;
+  netnsPath: string;
+  cookie: bigint;
+}
+
 export interface ReconcilerOptions {
   trustDomain: string;
   capture: Capture;
@@ -33,11 +44,14 @@ export interface ReconcilerOptions {
   logger: Logger;
 }
 
-/** How long to wait before looking again for a namespace that is not there yet. */
+/** How long to wait before trying again to enroll a workload that failed. */
 const RETRY_DELAY_MS = 1_000;
 
 export class EnrollmentReconciler {
   private readonly enrolled = new Map<string, EnrolledWorkload>();
+  private readonly isolated = new Map<string, IsolatedWorkload>();
+  /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
+  private readonly lastProblem = new Map<string, string>();
   private desired: Workload[] = [];
   private running: Promise<void> = Promise.resolve();
   private retryTimer: NodeJS.Timeout | undefined;
@@ -50,6 +64,11 @@ export class EnrollmentReconciler {
     return [...this.enrolled.values()];
   }
 
+  /** Lists the workloads that are isolated because their listeners could not start. */
+  listIsolated(): { workload: string; netns: string; cookie: bigint }[] {
+    return [...this.isolated.values()].map((entry) => ({ workload: entry.workload.uid, netns: entry.netnsPath, cookie: entry.cookie }));
+  }
+
   /** Sets the workloads that should be enrolled and reconciles; calls are serialized. */
   update(desired: Workload[]): Promise<void> {
     this.desired = desired;
@@ -57,25 +76,32 @@ export class EnrollmentReconciler {
     return this.running;
   }
 
-  /** Unenrolls everything this process enrolled and stops the proxies. */
+  /** Stops every proxy this process started; capture entries stay, so the pods stay closed. */
   async stop(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     await this.running;
-    for (const entry of [...this.enrolled.values()]) await this.unenroll(entry, "agent stopping");
+    await Promise.all(
+      [...this.enrolled.values()].map((entry) =>
+        entry.proxies.stop().catch((error) => this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to stop workload proxies")),
+      ),
+    );
   }
 
-  /** Removes capture entries for namespaces this process does not serve (left by an earlier run). */
+  /**
+   * Removes capture entries of network namespaces that no wanted workload has: pods that left
+   * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay closed.
+   */
   removeStaleCookies(): void {
-    const known = new Set([...this.enrolled.values()].map((entry) => entry.cookie));
+    const kept = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
     const capture = this.options.capture;
     for (const cookie of capture.enrolledCookies()) {
-      if (known.has(cookie)) continue;
+      if (kept.has(cookie)) continue;
       capture.unenroll(cookie);
       this.options.logger.info({ cookie: cookie.toString() }, "removed stale outbound capture entry");
     }
     for (const pod of capture.inboundPods()) {
-      if (known.has(pod.cookie)) continue;
+      if (kept.has(pod.cookie)) continue;
       capture.detachInbound(pod.cookie, pod.podIp);
       this.options.logger.info({ cookie: pod.cookie.toString(), ip: pod.podIp }, "removed stale inbound capture entry");
     }
@@ -87,51 +113,126 @@ export class EnrollmentReconciler {
     for (const entry of [...this.enrolled.values()]) {
       const next = wanted.get(entry.workload.uid);
       if (!next) await this.unenroll(entry, "no longer enrolled");
-      else if (next.ip !== entry.workload.ip || next.serviceAccount !== entry.workload.serviceAccount) {
-        await this.unenroll(entry, "address or service account changed");
-      } else {
-        entry.workload = next;
-      }
+      else if (next.ip !== entry.workload.ip || next.serviceAccount !== entry.workload.serviceAccount) await this.replace(entry, next);
+      else entry.workload = next;
     }
-    let missing = 0;
+    for (const entry of [...this.isolated.values()]) {
+      if (wanted.get(entry.workload.uid)?.ip === entry.workload.ip) continue;
+      this.release(entry);
+    }
+    for (const uid of this.lastProblem.keys()) if (!wanted.has(uid)) this.lastProblem.delete(uid);
+
+    let failed = 0;
     for (const workload of wanted.values()) {
       if (this.enrolled.has(workload.uid)) continue;
-      if (!(await this.enroll(workload))) missing++;
+      if (!(await this.enroll(workload))) failed++;
     }
-    this.scheduleRetry(missing);
+    this.scheduleRetry(failed);
   }
 
-  private scheduleRetry(missing: number): void {
+  private scheduleRetry(failed: number): void {
     clearTimeout(this.retryTimer);
-    if (missing === 0 || this.stopped) return;
+    if (failed === 0 || this.stopped) return;
     this.retryTimer = setTimeout(() => void this.update(this.desired), RETRY_DELAY_MS);
     this.retryTimer.unref();
   }
 
-  private async enroll(workload: Workload): Promise<boolean> {
+  /** Logs a failure at warn level the first time, and at debug level while it repeats unchanged. */
+  private report(workload: Workload, problem: string, fields: Record<string, unknown> = {}): void {
+    const repeated = this.lastProblem.get(workload.uid) === problem;
+    this.lastProblem.set(workload.uid, problem);
     const log = this.options.logger.child({ workload: workload.uid, ip: workload.ip });
-    const netns = findNetnsByIp(workload.ip);
-    if (!netns) {
-      log.warn("network namespace not found for the pod IP; will retry");
-      return false;
+    if (repeated) log.debug(fields, problem);
+    else log.warn(fields, `${problem}; retrying every ${RETRY_DELAY_MS / 1000} s`);
+  }
+
+  /** Finds the workload's namespace; reports why when there is not exactly one. */
+  private findNetns(workload: Workload): string | undefined {
+    if (workload.ip.includes(":")) {
+      this.report(workload, "IPv6 pod addresses are not supported: the pod is not enrolled");
+      return undefined;
     }
-    const identity = identityOf(workload, this.options.trustDomain);
-    let proxies: WorkloadProxies | undefined;
-    let cookie: bigint | undefined;
+    const candidates = findNetnsCandidates(workload.ip);
+    if (candidates.length === 1) return candidates[0].path;
+    if (candidates.length === 0) this.report(workload, "no network namespace on this node has the pod IP yet");
+    else this.report(workload, "several network namespaces have the pod IP: not enrolling it", { netns: candidates.map((ref) => ref.path) });
+    return undefined;
+  }
+
+  private async enroll(workload: Workload): Promise<boolean> {
+    const isolatedEntry = this.isolated.get(workload.uid);
+    const netnsPath = isolatedEntry?.netnsPath ?? this.findNetns(workload);
+    if (!netnsPath) return false;
+    let cookie: bigint;
     try {
-      cookie = netnsCookie(netns.path);
-      proxies = this.options.createProxies(workload, identity, new NetnsPodNetwork(netns.path, workload.ip), cookie);
-      await proxies.start();
-      this.options.capture.enroll(cookie, workload.ip);
-      this.enrolled.set(workload.uid, { workload, identity, netnsPath: netns.path, cookie, proxies });
-      log.info({ netns: netns.path, cookie: cookie.toString(), identity: formatSpiffeId(identity) }, "workload enrolled");
-      return true;
+      cookie = isolatedEntry?.cookie ?? netnsCookie(netnsPath);
     } catch (error) {
-      log.error({ err: error, netns: netns.path }, "failed to enroll workload; will retry");
-      await proxies?.stop().catch(() => undefined);
-      if (cookie !== undefined) this.options.capture.detachInbound(cookie, workload.ip);
+      this.report(workload, `failed to read the cookie of network namespace ${netnsPath}`, { err: error });
       return false;
     }
+    const entry = await this.startProxies(workload, netnsPath, cookie);
+    if (!entry) return false;
+    this.isolated.delete(workload.uid);
+    this.lastProblem.delete(workload.uid);
+    return true;
+  }
+
+  /**
+   * Starts the workload's proxies and enrolls its cookie. On failure the workload is isolated:
+   * enrolled with no listener, so it cannot talk around the mesh while the agent retries.
+   */
+  private async startProxies(workload: Workload, netnsPath: string, cookie: bigint): Promise<EnrolledWorkload | undefined> {
+    const identity = identityOf(workload, this.options.trustDomain);
+    const proxies = this.options.createProxies(workload, identity, new NetnsPodNetwork(netnsPath, workload.ip), cookie);
+    try {
+      await proxies.start();
+    } catch (error) {
+      await proxies.stop().catch(() => undefined);
+      this.isolate({ workload, netnsPath, cookie });
+      this.report(workload, `failed to start the workload's listeners in ${netnsPath}: ${(error as Error).message}`, { err: error });
+      return undefined;
+    }
+    this.options.capture.enroll(cookie, workload.ip);
+    const entry = { workload, identity, netnsPath, cookie, proxies };
+    this.enrolled.set(workload.uid, entry);
+    this.options.logger.info(
+      { workload: workload.uid, ip: workload.ip, netns: netnsPath, cookie: cookie.toString(), identity: formatSpiffeId(identity) },
+      "workload enrolled",
+    );
+    return entry;
+  }
+
+  private isolate(entry: IsolatedWorkload): void {
+    try {
+      this.options.capture.enroll(entry.cookie, entry.workload.ip);
+      this.options.capture.guardInbound(entry.netnsPath, entry.cookie, entry.workload.ip);
+      if (!this.isolated.has(entry.workload.uid)) {
+        this.options.logger.warn({ workload: entry.workload.uid, cookie: entry.cookie.toString() }, "workload isolated until its listeners start");
+      }
+      this.isolated.set(entry.workload.uid, entry);
+    } catch (error) {
+      this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to isolate workload");
+    }
+  }
+
+  /** Removes the capture entries of an isolated workload that is no longer wanted at that address. */
+  private release(entry: IsolatedWorkload): void {
+    this.isolated.delete(entry.workload.uid);
+    this.options.capture.unenroll(entry.cookie);
+    this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+    this.options.logger.info({ workload: entry.workload.uid }, "isolated workload released");
+  }
+
+  /**
+   * Restarts the proxies of a workload whose address or service account changed. Capture stays in
+   * place throughout: while no listener runs, the pod's connections are refused, never let through.
+   */
+  private async replace(entry: EnrolledWorkload, next: Workload): Promise<void> {
+    this.enrolled.delete(entry.workload.uid);
+    await this.stopProxies(entry);
+    const started = await this.startProxies(next, entry.netnsPath, entry.cookie);
+    if (next.ip !== entry.workload.ip) this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+    if (started) this.options.logger.info({ workload: next.uid, ip: next.ip, serviceAccount: next.serviceAccount }, "workload re-enrolled");
   }
 
   private async unenroll(entry: EnrolledWorkload, reason: string): Promise<void> {
@@ -139,11 +240,15 @@ export class EnrollmentReconciler {
     // Capture stops first, so that no new connection is steered to listeners that are closing.
     this.options.capture.unenroll(entry.cookie);
     this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+    await this.stopProxies(entry);
+    this.options.logger.info({ workload: entry.workload.uid, reason }, "workload unenrolled");
+  }
+
+  private async stopProxies(entry: EnrolledWorkload): Promise<void> {
     try {
       await entry.proxies.stop();
     } catch (error) {
       this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to stop workload proxies");
     }
-    this.options.logger.info({ workload: entry.workload.uid, reason }, "workload unenrolled");
   }
 }

@@ -2,9 +2,10 @@
 // real eBPF capture, real TLS, curl and python3's HTTP server as the applications.
 
 import test from "ava";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { AGENT_BIN } from "../harness/agent-process";
 import { curl, PacketCapture, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, podsYaml, writeManifest } from "../harness/manifests";
@@ -296,6 +297,73 @@ test.serial("killed agent fails closed and a restart serves again", async (t) =>
   t.is(again.exitCode, 0, again.stderr);
 });
 
+test.serial("second agent for a node is rejected", async (t) => {
+  const c = theCluster();
+  const first = c.agent("node1");
+  const second = spawnSync(
+    "nsenter",
+    [`--net=/var/run/netns/${c.topology.node("node1").netns}`, "--", process.execPath, AGENT_BIN, "run", "--node", "node1", "--manifests", c.manifestsDir,
+      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", c.pinRoot("node1"), "--admin", "127.0.0.1:15099"],
+    { encoding: "utf8", timeout: 20_000 },
+  );
+  t.is(second.status, 1);
+  t.regex(second.stderr, /another agent \(PID \d+\) already serves the pin root/);
+  t.true(first.running);
+  const result = await curl(c.topology, "web", apiUrl("marker.html"));
+  t.is(result.exitCode, 0, result.stderr);
+  const plaintext = await curl(c.topology, "legacy", apiUrl("marker.html"));
+  t.not(plaintext.exitCode, 0, "the second agent opened a policed pod");
+});
+
+test.serial("pod whose listeners fail stays isolated", async (t) => {
+  const c = theCluster();
+  await c.agent("node2").kill();
+  // A process in the db pod takes port 15008, so the restarted agent cannot start db's listeners.
+  const squatter = c.topology.spawn(c.topology.pod("db").netns, "python3", [
+    "-c",
+    "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0',15008)); s.listen(); print('bound', flush=True); time.sleep(60)",
+  ]);
+  await waitForOutput(squatter, /bound/, "the process taking port 15008");
+  const agent = await c.restartAgent("node2", ["api"]);
+  await agent.waitForLog((line) => line.msg === "workload isolated until its listeners start" && line.workload === "backend/db", 10_000, "isolation of db");
+
+  const plaintext = await curl(c.topology, "legacy", dbUrl("marker.html"), 3);
+  t.not(plaintext.exitCode, 0, "plaintext reached a pod whose listeners failed");
+  t.is(plaintext.status, 0);
+  const outbound = spawnSync("ip", ["netns", "exec", c.topology.pod("db").netns, "curl", "-sS", "--max-time", "3", apiUrl("marker.html")], { encoding: "utf8" });
+  t.not(outbound.status, 0, "an isolated pod reached another pod around the mesh");
+
+  const mark = agent.lines.length;
+  squatter.kill("SIGKILL");
+  await c.waitEnrolled(["db"], () => mark);
+  const served = await curl(c.topology, "legacy", dbUrl("marker.html"));
+  t.is(served.exitCode, 0, served.stderr);
+});
+
+/** Resolves once `child` prints a line matching `pattern`; rejects when it exits first or after 10 s. */
+function waitForOutput(child: ChildProcess, pattern: RegExp, description: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let output = "";
+    const timer = setTimeout(() => finish(new Error(`${description} printed nothing matching ${pattern} within 10 s: ${output}`)), 10_000);
+    const onData = (chunk: Buffer): void => {
+      output += chunk.toString();
+      if (pattern.test(output)) finish();
+    };
+    const onExit = (code: number | null): void => finish(new Error(`${description} exited with code ${code}: ${output}`));
+    const finish = (error?: Error): void => {
+      clearTimeout(timer);
+      child.stdout?.off("data", onData);
+      child.stderr?.off("data", onData);
+      child.off("exit", onExit);
+      if (error) reject(error);
+      else resolve();
+    };
+    child.stdout?.on("data", onData);
+    child.stderr?.on("data", onData);
+    child.once("exit", onExit);
+  });
+}
+
 /** Returns the IDs of the programs behind the links pinned under `pinRoot`. */
 function pinnedProgramIds(pinRoot: string): number[] {
   const links = path.join(pinRoot, "links");
@@ -317,7 +385,8 @@ test.serial("teardown leaves no namespace, pin or process", async (t) => {
   for (const pinRoot of pinRoots) t.false(fs.existsSync(pinRoot), `${pinRoot} still exists`);
   for (const pid of agentPids) t.false(fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z "), `agent ${pid} still runs`);
   // Other agents on the machine may attach programs of the same names, so compare IDs.
-  const attached = JSON.parse(execFileSync("bpftool", ["cgroup", "show", "/sys/fs/cgroup/unified", "-j"], { encoding: "utf8" })) as { id: number }[];
+  const listing = execFileSync("bpftool", ["cgroup", "show", "/sys/fs/cgroup/unified", "-j"], { encoding: "utf8" }).trim();
+  const attached = (listing === "" ? [] : JSON.parse(listing)) as { id: number }[];
   const left = attached.filter((program) => programIds.includes(program.id));
   t.deepEqual(left, [], "programs of this run are still attached to the cgroup");
 });

@@ -1,0 +1,61 @@
+// One agent per pin root: two agents serving the same node would fight over the same maps and
+// links, and the loser's clean-up would open the winner's pods. bpffs holds no regular files, so
+// the lock is a PID file under /run, taken with O_EXCL and taken over only from a dead process.
+
+import fs from "node:fs";
+import path from "node:path";
+import { AgentError } from "../errors";
+
+export const LOCK_DIRECTORY = "/run/ambient-agent";
+
+/** Returns the lock file of a pin root: its path with "/" replaced, under /run/ambient-agent. */
+export function lockFileOf(pinRoot: string, directory = LOCK_DIRECTORY): string {
+  const name = path.resolve(pinRoot).replace(/^\/+/, "").replace(/[^A-Za-z0-9._-]/g, "_");
+  return path.join(directory, `${name}.pid`);
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** An exclusive claim on a pin root for this process; release() gives it back. */
+export class PinRootLock {
+  private constructor(readonly file: string) {}
+
+  /** Takes the lock or throws an error naming the process that holds it. */
+  static acquire(pinRoot: string, directory = LOCK_DIRECTORY): PinRootLock {
+    const file = lockFileOf(pinRoot, directory);
+    fs.mkdirSync(directory, { recursive: true });
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.writeFileSync(file, `${process.pid}\n`, { flag: "wx" });
+        return new PinRootLock(file);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+      }
+      const holder = Number(fs.readFileSync(file, "utf8").trim());
+      if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && isRunning(holder)) {
+        throw new AgentError(
+          "INTERNAL",
+          `another agent (PID ${holder}) already serves the pin root ${pinRoot}; stop it first, or give this agent its own --node and --pin-root (lock file ${file})`,
+        );
+      }
+      // The holder is gone: its lock is stale.
+      fs.rmSync(file, { force: true });
+    }
+    throw new AgentError("INTERNAL", `could not take the lock ${file} for the pin root ${pinRoot}; remove the file if no agent runs`);
+  }
+
+  release(): void {
+    try {
+      if (fs.readFileSync(this.file, "utf8").trim() === String(process.pid)) fs.rmSync(this.file, { force: true });
+    } catch {
+      // Already gone.
+    }
+  }
+}

@@ -113,7 +113,7 @@ export class ConnectionRecord {
 }
 
 function logConnectionEnd(logger: Logger, record: AuditRecord): void {
-  const fields = {
+  const fields: Record<string, unknown> = {
     "src.addr": record.src.addr,
     "src.identity": record.src.identity,
     "dst.addr": record.dst.addr,
@@ -128,6 +128,11 @@ function logConnectionEnd(logger: Logger, record: AuditRecord): void {
     flag: record.error ? flagOf(record.error.code) : undefined,
     error: record.error?.message,
   };
+  // Fields the connection's child logger already carries would appear twice in the JSON line.
+  const bound = logger.bindings();
+  for (const key of Object.keys(fields)) {
+    if (key in bound) delete fields[key];
+  }
   if (record.error) {
     logger.warn(fields, "connection failed");
   } else {

@@ -57,7 +57,7 @@ export class InboundPlaintextServer {
     server.on("error", (error) => this.#logger.error({ err: error }, "inbound plaintext listener failed"));
     await this.#options.network.listen(server, INBOUND_PLAINTEXT_PORT, this.#options.onListenerFd);
     this.#server = server;
-    this.#logger.info({ port: INBOUND_PLAINTEXT_PORT, workload: this.#options.workload.uid }, "inbound plaintext server started");
+    this.#logger.info({ port: INBOUND_PLAINTEXT_PORT }, "inbound plaintext server started");
   }
 
   /** Closes the listener and resets every open connection; resolves once each has written its record. */

@@ -89,15 +89,16 @@ export class InboundHboneServer {
     });
     server.on("session", (session) => this.#acceptSession(session));
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
-    server.on("tlsClientError", (error, socket) =>
-      this.#logger.warn({ err: error, "src.addr": addressOf(socket) }, "HBONE TLS handshake failed"),
+    // Any client can cause this, so the line carries the reason without a stack trace.
+    server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) =>
+      this.#logger.warn({ error: error.message, code: error.code, "src.addr": addressOf(socket) }, "HBONE TLS handshake failed"),
     );
     server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
     this.#server = server;
     this.#certificate = certificate;
     this.#scheduleRotationCheck();
-    this.#logger.info({ port: HBONE_PORT, workload: this.#options.workload.uid }, "inbound HBONE server started");
+    this.#logger.info({ port: HBONE_PORT }, "inbound HBONE server started");
   }
 
   /** Closes the listener and every HBONE connection; resolves once each stream has written its record. */
@@ -111,7 +112,7 @@ export class InboundHboneServer {
     }
     await Promise.allSettled([...this.#streams]);
     await closed;
-    this.#logger.info({ workload: this.#options.workload.uid }, "inbound HBONE server stopped");
+    this.#logger.info("inbound HBONE server stopped");
   }
 
   /** Checks the client certificate's trust domain and remembers what the session proved. */

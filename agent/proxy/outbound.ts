@@ -77,7 +77,7 @@ export class OutboundProxy {
     server.on("error", (error) => this.#logger.error({ err: error }, "outbound listener failed"));
     await this.#options.network.listen(server, OUTBOUND_PORT);
     this.#server = server;
-    this.#logger.info({ port: OUTBOUND_PORT, workload: this.#options.workload.uid }, "outbound proxy started");
+    this.#logger.info({ port: OUTBOUND_PORT }, "outbound proxy started");
   }
 
   /** Closes the listener and resets every open connection; resolves once each has written its record. */
@@ -95,7 +95,7 @@ export class OutboundProxy {
     }
     await Promise.allSettled([...this.#active].map((connection) => connection.done));
     await closed;
-    this.#logger.info({ workload: this.#options.workload.uid }, "outbound proxy stopped");
+    this.#logger.info("outbound proxy stopped");
   }
 
   #accept(client: net.Socket): void {

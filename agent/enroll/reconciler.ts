@@ -3,9 +3,9 @@
 // HBONE, 15006 inbound plaintext, which also links sk_lookup). Only then does it put the
 // namespace's cookie in the capture map, so that no captured connection meets a missing listener.
 //
-// Capture fails closed: a workload whose listeners cannot start is isolated (its cookie is in the
-// capture maps with no listener, so its connections are refused and inbound ones dropped) and
-// retried, and entries an earlier run left are removed only for pods that are no longer wanted.
+// Capture fails closed. A workload whose listeners cannot start is isolated and retried: its cookie
+// is in the capture maps with no listener, so its connections are refused and inbound ones dropped.
+// Entries that an earlier run left are removed only for pods that are no longer wanted.
 
 import type { Capture } from "../capture/bpf";
 import { netnsCookie } from "../capture/native";
@@ -93,15 +93,15 @@ export class EnrollmentReconciler {
    * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay closed.
    */
   removeStaleCookies(): void {
-    const kept = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
+    const wantedCookies = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
     const capture = this.options.capture;
     for (const cookie of capture.enrolledCookies()) {
-      if (kept.has(cookie)) continue;
+      if (wantedCookies.has(cookie)) continue;
       capture.unenroll(cookie);
       this.options.logger.info({ cookie: cookie.toString() }, "removed stale outbound capture entry");
     }
     for (const pod of capture.inboundPods()) {
-      if (kept.has(pod.cookie)) continue;
+      if (wantedCookies.has(pod.cookie)) continue;
       capture.detachInbound(pod.cookie, pod.podIp);
       this.options.logger.info({ cookie: pod.cookie.toString(), ip: pod.podIp }, "removed stale inbound capture entry");
     }

@@ -80,6 +80,12 @@ export function resetSocket(socket: net.Socket): void {
   if (socket.destroyed) {
     return;
   }
+  // On Node 20, resetAndDestroy() while an end() is still being flushed fails with EINVAL and never
+  // emits "close", which leaks the descriptor and stalls the copy. Destroy such a socket instead.
+  if (socket.writableEnded && !socket.writableFinished) {
+    socket.destroy();
+    return;
+  }
   try {
     socket.resetAndDestroy();
   } catch {

@@ -57,6 +57,7 @@ export class Agent {
   private admin: AdminServer | undefined;
   private certs: CertManager | undefined;
   private lock: PinRootLock | undefined;
+  private nodeLock: PinRootLock | undefined;
   private trustDomain = "cluster.local";
 
   constructor(
@@ -71,6 +72,7 @@ export class Agent {
       objectPath: this.options.objectPath,
     });
     if (problems.length > 0) throw new HostNotReadyError(problems);
+    this.nodeLock = PinRootLock.acquireNode(this.options.node);
     this.lock = PinRootLock.acquire(this.options.pinRoot);
     loadNative();
 
@@ -117,6 +119,7 @@ export class Agent {
     this.capture?.close();
     await this.audit?.close();
     this.lock?.release();
+    this.nodeLock?.release();
     this.logger.info("agent stopped");
   }
 

@@ -10,6 +10,7 @@
 import fs from "node:fs";
 import path from "node:path";
 
+import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import { InboundCapture, type InboundPod } from "./inbound";
 import {
@@ -182,11 +183,37 @@ export class Capture {
    * Removes every pin under pinRoot. The links detach once no file descriptor refers to them, so
    * capture stops. Does nothing when pinRoot does not exist.
    */
-  static remove(pinRoot: string): void {
+  static remove(pinRoot: string): boolean {
+    if (!fs.existsSync(pinRoot)) return false;
+    assertCapturePinRoot(pinRoot);
     // Links first, so the hooks detach before the programs and maps lose their pins.
     for (const directory of ["links", "progs", "maps"]) {
-      fs.rmSync(path.join(pinRoot, directory), { recursive: true, force: true });
+      const folder = path.join(pinRoot, directory);
+      if (!fs.existsSync(folder)) continue;
+      for (const name of fs.readdirSync(folder)) fs.unlinkSync(path.join(folder, name));
+      fs.rmdirSync(folder);
     }
-    fs.rmSync(pinRoot, { recursive: true, force: true });
+    fs.rmdirSync(pinRoot);
+    return true;
+  }
+}
+
+/** Magic number of bpffs in statfs(2), from linux/magic.h. */
+const BPF_FS_MAGIC = 0xcafe4a11;
+
+/**
+ * Throws unless `pinRoot` is a folder on bpffs holding only the capture layout (links, progs, maps),
+ * so that a mistyped path never deletes anything else.
+ */
+function assertCapturePinRoot(pinRoot: string): void {
+  if (fs.statfsSync(pinRoot).type !== BPF_FS_MAGIC) {
+    throw new AgentError("INTERNAL", `${pinRoot} is not on bpffs, so it holds no capture pins; check the --pin-root or --node value`);
+  }
+  const unexpected = fs.readdirSync(pinRoot).filter((name) => !["links", "progs", "maps"].includes(name));
+  if (unexpected.length > 0) {
+    throw new AgentError(
+      "INTERNAL",
+      `${pinRoot} holds ${unexpected.join(", ")} besides the capture pins (links, progs, maps); it is not a capture pin root, so nothing was removed`,
+    );
   }
 }

@@ -1,5 +1,5 @@
-// One agent per pin root: two agents serving the same node would fight over the same maps and
-// links, and the loser's clean-up would open the winner's pods. bpffs holds no regular files, so
+// One agent per pin root and per node name: two agents serving the same node would fight over the
+// same maps, links or in-pod ports, and the loser's clean-up could open the winner's pods. bpffs holds no regular files, so
 // the lock is a PID file under /run, taken with O_EXCL and taken over only from a dead process.
 
 import fs from "node:fs";
@@ -23,13 +23,31 @@ function isRunning(pid: number): boolean {
   }
 }
 
-/** An exclusive claim on a pin root for this process; release() gives it back. */
+/** Returns the PID of the live process that holds the lock of `pinRoot`, if any. */
+export function lockHolder(pinRoot: string, directory = LOCK_DIRECTORY): number | undefined {
+  try {
+    const holder = Number(fs.readFileSync(lockFileOf(pinRoot, directory), "utf8").trim());
+    return Number.isInteger(holder) && holder > 0 && isRunning(holder) ? holder : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** An exclusive claim on a pin root, or on a node name, for this process; release() gives it back. */
 export class PinRootLock {
   private constructor(readonly file: string) {}
 
-  /** Takes the lock or throws an error naming the process that holds it. */
+  /** Takes the lock of a pin root or throws an error naming the process that holds it. */
   static acquire(pinRoot: string, directory = LOCK_DIRECTORY): PinRootLock {
-    const file = lockFileOf(pinRoot, directory);
+    return PinRootLock.acquireFile(lockFileOf(pinRoot, directory), `the pin root ${pinRoot}`, directory);
+  }
+
+  /** Takes the lock of a node name: two agents with one --node but different pin roots would still fight. */
+  static acquireNode(node: string, directory = LOCK_DIRECTORY): PinRootLock {
+    return PinRootLock.acquireFile(path.join(directory, `node-${node.replace(/[^A-Za-z0-9._-]/g, "_")}.pid`), `the node ${node}`, directory);
+  }
+
+  private static acquireFile(file: string, subject: string, directory: string): PinRootLock {
     fs.mkdirSync(directory, { recursive: true });
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
@@ -42,13 +60,13 @@ export class PinRootLock {
       if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && isRunning(holder)) {
         throw new AgentError(
           "INTERNAL",
-          `another agent (PID ${holder}) already serves the pin root ${pinRoot}; stop it first, or give this agent its own --node and --pin-root (lock file ${file})`,
+          `another agent (PID ${holder}) already serves ${subject}; stop it first, or give this agent its own --node and --pin-root (lock file ${file})`,
         );
       }
       // The holder is gone: its lock is stale.
       fs.rmSync(file, { force: true });
     }
-    throw new AgentError("INTERNAL", `could not take the lock ${file} for the pin root ${pinRoot}; remove the file if no agent runs`);
+    throw new AgentError("INTERNAL", `could not take the lock ${file} for ${subject}; remove the file if no agent runs`);
   }
 
   release(): void {

@@ -4,14 +4,18 @@
 import http from "node:http";
 import { parseArgs } from "node:util";
 import { Capture } from "../capture/bpf";
+import { lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
+
+const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
 
 const USAGE = `usage: agentctl COMMAND [options]
 
   ca init --dir DIR [--trust-domain TD] [--force]
                      create an embedded CA (ECDSA P-256 root) in DIR; agents given the same DIR trust each other
-  capture remove --node NAME [--pin-root DIR]
-                     detach the node's eBPF programs and remove its pinned maps (capture stops)
+  capture remove --node NAME [--pin-root DIR] [--force]
+                     detach the node's eBPF programs and remove its pinned maps (capture stops);
+                     refused while an agent serves them, unless --force
   config [--admin HOST:PORT]
                      print what the running agent serves (from its admin API, default 127.0.0.1:15000)
 `;
@@ -27,11 +31,23 @@ async function caInit(argv: string[]): Promise<void> {
 }
 
 function captureRemove(argv: string[]): void {
-  const { values } = parseArgs({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } });
+  const { values } = parseArgs({
+    args: argv,
+    options: { node: { type: "string" }, "pin-root": { type: "string" }, force: { type: "boolean" } },
+  });
   if (!values.node && !values["pin-root"]) throw new Error("missing --node NAME (or --pin-root DIR)");
+  if (values.node && !NODE_NAME.test(values.node)) {
+    throw new Error(`invalid --node "${values.node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
+  }
   const pinRoot = values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`;
-  Capture.remove(pinRoot);
-  process.stdout.write(`removed capture pinned under ${pinRoot}\n`);
+  const holder = lockHolder(pinRoot);
+  if (holder !== undefined && !values.force) {
+    throw new Error(
+      `the agent with PID ${holder} serves ${pinRoot}; removing its capture would open its pods. Stop the agent first, or pass --force`,
+    );
+  }
+  const removed = Capture.remove(pinRoot);
+  process.stdout.write(removed ? `removed capture pinned under ${pinRoot}\n` : `nothing pinned under ${pinRoot}\n`);
 }
 
 async function config(argv: string[]): Promise<void> {
@@ -52,6 +68,10 @@ async function config(argv: string[]): Promise<void> {
 
 async function main(argv: string[]): Promise<void> {
   const [group, action, ...rest] = argv;
+  if (argv.includes("--help") || argv.includes("-h")) {
+    process.stdout.write(USAGE);
+    return;
+  }
   if (group === "ca" && action === "init") return caInit(rest);
   if (group === "capture" && action === "remove") return captureRemove(rest);
   if (group === "config") return config([action, ...rest].filter((value) => value !== undefined));

@@ -65,11 +65,18 @@ function parseRunOptions(argv: string[]): AgentOptions {
 
 class UsageError extends Error {}
 
+/** How long a graceful stop may take before the process exits anyway. */
+const STOP_DEADLINE_MS = 10_000;
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === undefined || command === "--help" || command === "-h" || command === "help") {
     process.stdout.write(USAGE);
     return command === undefined ? 2 : 0;
+  }
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(USAGE);
+    return 0;
   }
   if (command !== "run") {
     process.stderr.write(`ambient-agent: unknown command "${command}"\n\n${USAGE}`);
@@ -101,7 +108,12 @@ async function main(argv: string[]): Promise<number> {
   });
   process.off("SIGHUP", onHangup);
   logger.info({ signal }, "signal received, stopping");
-  await agent.stop();
+  // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod: give up after a deadline.
+  const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), STOP_DEADLINE_MS).unref());
+  if ((await Promise.race([agent.stop().then(() => "stopped" as const), deadline])) === "timeout") {
+    logger.error({ deadlineMs: STOP_DEADLINE_MS }, "stopping took too long; exiting with connections still open");
+    return 1;
+  }
   return 0;
 }
 

@@ -9,12 +9,13 @@
  * socket lookup when they
  *  1. are not TCP over IPv4, or are not addressed to a pod in aa_inbound_pods;
  *  2. come from the pod's own IP or from 127.0.0.0/8;
- *  3. are addressed to the agent's ports 15006 or 15008;
- *  4. are the agent's own connections inside the pod (aa_own_conns).
- * A connection to port 15001 from outside the pod is dropped: that listener is meant only
- * for the pod's own redirected connections. Every other connection is assigned to the
- * listener in aa_inbound, and dropped when that listener is missing, so that a pod whose
- * proxy is down gets no inbound connections rather than unauthorized ones.
+ *  3. are the agent's own connections inside the pod (aa_own_conns).
+ * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound:
+ * the agent is not serving the pod then, so whatever listens on the proxy ports is not the
+ * agent, and a pod whose proxy is down gets no inbound connections rather than unauthorized
+ * ones. With the listener present, connections to the agent's ports 15006 and 15008 pass, a
+ * connection to port 15001 from outside the pod is dropped (that listener is meant only for
+ * the pod's own redirected connections), and every other one is assigned to the 15006 listener.
  *
  * NOTE: capture supports IPv4 only, so IPv6 is dropped until it is supported, link-local
  * (fe80::/10) addresses included. The agent's listeners are IPv4 and need no exception.
@@ -50,6 +51,22 @@ static __always_inline int aa_is_own_conn(const struct bpf_sk_lookup *ctx)
 	};
 
 	return bpf_map_lookup_elem(&aa_own_conns, &key) != NULL;
+}
+
+/* Returns whether the agent's 15006 listener of the pod is in aa_inbound. */
+static __always_inline int aa_has_inbound_listener(const struct bpf_sk_lookup *ctx)
+{
+	struct aa_inbound_key key = {
+		.ip4 = ctx->local_ip4,
+		.port = AA_PORT_INBOUND_PLAIN,
+	};
+	struct bpf_sock *sk;
+
+	sk = bpf_map_lookup_elem(&aa_inbound, &key);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
 }
 
 /* Assigns the pod's 15006 listener to the connection; drops it when there is none. */
@@ -92,14 +109,16 @@ int aa_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (ctx->remote_ip4 == local_ip4 || aa_is_loopback_ip4(ctx->remote_ip4))
 		return SK_PASS;
 
+	if (aa_is_own_conn(ctx))
+		return SK_PASS;
+	if (!aa_has_inbound_listener(ctx))
+		return SK_DROP;
+
 	port = (__u16)ctx->local_port;
 	if (port == AA_PORT_INBOUND_PLAIN || port == AA_PORT_INBOUND_HBONE)
 		return SK_PASS;
 	if (port == AA_PORT_OUTBOUND)
 		return SK_DROP;
-
-	if (aa_is_own_conn(ctx))
-		return SK_PASS;
 
 	return aa_assign_inbound_listener(ctx);
 }

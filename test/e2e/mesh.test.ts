@@ -303,11 +303,12 @@ test.serial("second agent for a node is rejected", async (t) => {
   const second = spawnSync(
     "nsenter",
     [`--net=/var/run/netns/${c.topology.node("node1").netns}`, "--", process.execPath, AGENT_BIN, "run", "--node", "node1", "--manifests", c.manifestsDir,
-      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", c.pinRoot("node1"), "--admin", "127.0.0.1:15099"],
+      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", `${c.pinRoot("node1")}-second`, "--admin", "127.0.0.1:15099"],
     { encoding: "utf8", timeout: 20_000 },
   );
   t.is(second.status, 1);
-  t.regex(second.stderr, /another agent \(PID \d+\) already serves the pin root/);
+  t.regex(second.stderr, /another agent \(PID \d+\) already serves the node node1/);
+  t.false(fs.existsSync(`${c.pinRoot("node1")}-second`), "the second agent attached capture before it gave up");
   t.true(first.running);
   const result = await curl(c.topology, "web", apiUrl("marker.html"));
   t.is(result.exitCode, 0, result.stderr);
@@ -330,6 +331,8 @@ test.serial("pod whose listeners fail stays isolated", async (t) => {
   const plaintext = await curl(c.topology, "legacy", dbUrl("marker.html"), 3);
   t.not(plaintext.exitCode, 0, "plaintext reached a pod whose listeners failed");
   t.is(plaintext.status, 0);
+  const squatted = await curl(c.topology, "legacy", `http://${c.topology.pod("db").ip}:15008/`, 3);
+  t.is(squatted.exitCode, 7, `a process holding the HBONE port of an isolated pod was reachable: ${squatted.stderr}`);
   const outbound = spawnSync("ip", ["netns", "exec", c.topology.pod("db").netns, "curl", "-sS", "--max-time", "3", apiUrl("marker.html")], { encoding: "utf8" });
   t.not(outbound.status, 0, "an isolated pod reached another pod around the mesh");
 

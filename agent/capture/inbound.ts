@@ -87,7 +87,8 @@ export class InboundCapture {
     mapUpdate(this.podsFd, encodeIpv4Key(podIp), encodeInboundPod(cookie));
 
     const reused = this.link(netnsPath, cookie, podIp);
-    this.logger.warn({ netnsPath, cookie: cookie.toString(), podIp, reusedLink: reused }, "inbound capture guards the pod with no listener: inbound connections are dropped");
+    // The reconciler logs the isolation once; this repeats on every retry, so it stays at debug level.
+    this.logger.debug({ netnsPath, cookie: cookie.toString(), podIp, reusedLink: reused }, "inbound capture guards the pod with no listener: inbound connections are dropped");
   }
 
   /**

@@ -157,9 +157,9 @@ export class InboundHboneServer {
       connection_id: record.id,
       "src.addr": record.src.addr,
       "src.identity": record.src.identity,
-      forwarded: headers["forwarded"],
-      traceparent: headers["traceparent"],
-      baggage: headers["baggage"],
+      forwarded: loggedHeader(headers["forwarded"]),
+      traceparent: loggedHeader(headers["traceparent"]),
+      baggage: loggedHeader(headers["baggage"]),
     });
     let upstream: net.Socket | undefined;
     try {
@@ -297,6 +297,16 @@ function answerFailure(stream: http2.ServerHttp2Stream, error: unknown): void {
   }
   const status = error instanceof AgentError ? (error.status ?? 503) : 503;
   stream.respond({ ":status": status }, { endStream: true });
+}
+
+/** Longest header value copied into a log line; clients choose these values. */
+const MAX_LOGGED_HEADER_CHARS = 256;
+
+/** Returns a request header for a log line, cut to MAX_LOGGED_HEADER_CHARS. */
+function loggedHeader(value: string | string[] | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  const text = Array.isArray(value) ? value.join(", ") : value;
+  return text.length > MAX_LOGGED_HEADER_CHARS ? `${text.slice(0, MAX_LOGGED_HEADER_CHARS)}...(${text.length} chars)` : text;
 }
 
 function addressOf(socket: net.Socket | tls.TLSSocket): string {

@@ -112,10 +112,12 @@ export function newTraceparent(): string {
 
 /** Parses a CONNECT `:authority` of the form ip:port or [ipv6]:port; throws AgentError BAD_REQUEST otherwise. */
 export function parseAuthority(authority: string | undefined): Authority {
-  const match = authority === undefined ? null : /^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(authority);
+  // The port has no leading zero, and an IPv4-mapped IPv6 address is not accepted in place of the IPv4 form.
+  const match = authority === undefined ? null : /^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([1-9]\d{0,4})$/.exec(authority);
   const ip = match?.[1] ?? match?.[2];
   const port = match ? Number(match[3]) : NaN;
-  const validIp = ip !== undefined && (match?.[1] !== undefined ? net.isIPv6(ip) : net.isIPv4(ip));
+  const mapped = match?.[1] !== undefined && /^::ffff:/i.test(match[1]);
+  const validIp = ip !== undefined && !mapped && (match?.[1] !== undefined ? net.isIPv6(ip) : net.isIPv4(ip));
   if (!validIp || !Number.isInteger(port) || port < 1 || port > 65535) {
     throw new AgentError(
       "BAD_REQUEST",

@@ -73,6 +73,9 @@ const badAuthorities = [
   "[fd00::2]",
   "echo.apps.svc:80",
   " 10.0.0.2:80",
+  "10.0.0.2:08080",
+  "[::ffff:10.0.0.2]:80",
+  "[::FFFF:10.0.0.2]:80",
 ];
 
 for (const authority of badAuthorities) {

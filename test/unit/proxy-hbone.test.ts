@@ -49,7 +49,6 @@ test("buildConnectHeaders brackets IPv6", (t) => {
 const authorities: [string, { ip: string; port: number }][] = [
   ["10.0.0.2:8080", { ip: "10.0.0.2", port: 8080 }],
   ["[fd00::2]:443", { ip: "fd00::2", port: 443 }],
-  ["[::ffff:10.0.0.2]:1", { ip: "::ffff:10.0.0.2", port: 1 }],
   ["127.0.0.1:65535", { ip: "127.0.0.1", port: 65535 }],
 ];
 

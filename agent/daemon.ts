@@ -118,9 +118,14 @@ export class Agent {
     await this.reconciler?.stop();
     this.capture?.close();
     await this.audit?.close();
+    this.releaseLocks();
+    this.logger.info("agent stopped");
+  }
+
+  /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
+  releaseLocks(): void {
     this.lock?.release();
     this.nodeLock?.release();
-    this.logger.info("agent stopped");
   }
 
   /** Re-reads every manifest file now, as on SIGHUP. */

@@ -112,6 +112,7 @@ async function main(argv: string[]): Promise<number> {
   const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), STOP_DEADLINE_MS).unref());
   if ((await Promise.race([agent.stop().then(() => "stopped" as const), deadline])) === "timeout") {
     logger.error({ deadlineMs: STOP_DEADLINE_MS }, "stopping took too long; exiting with connections still open");
+    agent.releaseLocks();
     return 1;
   }
   return 0;

@@ -386,6 +386,7 @@ test.serial("teardown leaves no namespace, pin or process", async (t) => {
   await c.destroy();
   t.deepEqual(listNetns().filter((name) => name.startsWith(PREFIX)), []);
   for (const pinRoot of pinRoots) t.false(fs.existsSync(pinRoot), `${pinRoot} still exists`);
+  for (const file of c.lockFiles()) t.false(fs.existsSync(file), `lock file ${file} still exists`);
   for (const pid of agentPids) t.false(fs.existsSync(`/proc/${pid}`) && !fs.readFileSync(`/proc/${pid}/stat`, "utf8").includes(") Z "), `agent ${pid} still runs`);
   // Other agents on the machine may attach programs of the same names, so compare IDs.
   const listing = execFileSync("bpftool", ["cgroup", "show", "/sys/fs/cgroup/unified", "-j"], { encoding: "utf8" }).trim();

@@ -120,8 +120,8 @@ export class AgentProcess {
     return this.lines.slice(-count).map((line) => JSON.stringify(line)).join("\n");
   }
 
-  /** Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`. */
-  async stop(graceMs = 5_000): Promise<void> {
+  /** Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`, longer than the agent's own 10 s stop deadline. */
+  async stop(graceMs = 15_000): Promise<void> {
     if (this.exited) return;
     const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
     this.child.kill("SIGTERM");

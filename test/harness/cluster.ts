@@ -5,6 +5,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { LOCK_DIRECTORY, lockFileOf } from "../../agent/capture/pin-lock";
 import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
 import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
@@ -170,6 +171,20 @@ export class Cluster {
     }
   }
 
+  /** The lock files of this cluster's agents, which a killed agent leaves behind. */
+  lockFiles(): string[] {
+    return [...this.topology.nodes.keys()].flatMap((node) => [lockFileOf(this.pinRoot(node)), path.join(LOCK_DIRECTORY, `node-${node}.pid`)]);
+  }
+
+  /** Removes lock files whose agent is gone; a live holder keeps its lock. */
+  private removeStaleLocks(): void {
+    for (const file of this.lockFiles()) {
+      if (!fs.existsSync(file)) continue;
+      const holder = Number(fs.readFileSync(file, "utf8").trim());
+      if (!fs.existsSync(`/proc/${holder}`)) fs.rmSync(file, { force: true });
+    }
+  }
+
   /** Stops the agents, removes their pinned capture, and removes every namespace; keeps the work folder. */
   async destroy(options: { removeWorkDir?: boolean } = {}): Promise<void> {
     await Promise.all([...this.agents.values()].map((agent) => agent.stop().catch(() => agent.kill())));
@@ -181,6 +196,7 @@ export class Cluster {
       }
     }
     this.topology.destroy();
+    this.removeStaleLocks();
     if (options.removeWorkDir) fs.rmSync(this.workDir, { recursive: true, force: true });
   }
 }

@@ -232,6 +232,17 @@ test.serial("policy change applies live", async (t) => {
   t.is(allowed.exitCode, 0, allowed.stderr);
 });
 
+test.serial("SIGHUP re-reads the manifests and keeps serving", async (t) => {
+  const c = theCluster();
+  const node2 = c.agent("node2");
+  const mark = node2.lines.length;
+  node2.signal("SIGHUP");
+  await node2.waitForLog((entry) => entry.msg === "re-reading the manifests", 10_000, "the reload", mark);
+  t.true(node2.running);
+  const result = await curl(c.topology, "web", apiUrl("marker.html"));
+  t.is(result.exitCode, 0, result.stderr);
+});
+
 test.serial("namespace label and pod opt-out apply live", async (t) => {
   const c = theCluster();
   const node1 = c.agent("node1");

@@ -130,6 +130,11 @@ export class AgentProcess {
     clearTimeout(timer);
   }
 
+  /** Sends a signal without waiting, for signals that do not stop the agent (SIGHUP). */
+  signal(name: NodeJS.Signals): void {
+    this.child.kill(name);
+  }
+
   /** Kills the agent at once, as a crash would. */
   async kill(): Promise<void> {
     if (this.exited) return;

@@ -20,7 +20,7 @@ import { closeFd, mapLookup, mapOpen, netnsCookie, netnsSocket } from "../../age
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { createNetnsPair, deleteNetns, deleteStaleNetns, linkLocalAddress, type NetnsPair } from "../harness/netns-pair";
+import { assertCaptureHost, createNetnsPair, deleteNetns, linkLocalAddress, removeStaleCaptureState, type NetnsPair } from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aainb";
@@ -74,21 +74,6 @@ function fx(): Fixture {
   return fixture;
 }
 
-function assertHostReady(): void {
-  if (process.getuid?.() !== 0) throw new Error("the inbound capture test must run as root");
-  if (fs.statfsSync(BPFFS).type !== 0xcafe4a11) throw new Error(`no bpffs mounted at ${BPFFS}`);
-  if (fs.statfsSync(CGROUP_ROOT).type !== 0x63677270) throw new Error(`no cgroup v2 mounted at ${CGROUP_ROOT}`);
-}
-
-/** Removes pin roots and namespaces of earlier runs whose process is gone. */
-function removeStaleState(): void {
-  deleteStaleNetns(PREFIX);
-  if (!fs.existsSync(PIN_PARENT)) return;
-  for (const name of fs.readdirSync(PIN_PARENT)) {
-    const match = new RegExp(`^${PREFIX}-(\\d+)$`).exec(name);
-    if (match && !fs.existsSync(`/proc/${match[1]}`)) Capture.remove(path.join(PIN_PARENT, name));
-  }
-}
 
 function run(command: string, args: string[]): void {
   execFileSync(command, args, { stdio: ["ignore", "ignore", "pipe"] });
@@ -256,8 +241,8 @@ function closeServer(server: net.Server): Promise<void> {
 }
 
 test.before(async () => {
-  assertHostReady();
-  removeStaleState();
+  assertCaptureHost(BPFFS, CGROUP_ROOT);
+  removeStaleCaptureState(PREFIX, PIN_PARENT);
   const pair = createNetnsPair(PREFIX, 150 + (process.pid % 50));
   let capture: Capture | undefined;
   let app6: Ipv6Server | undefined;

@@ -17,7 +17,7 @@ import { checkHost } from "../../agent/capture/preflight";
 import { findNetnsByIp } from "../../agent/enroll/netns";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { createNetnsPair, deleteStaleNetns, linkLocalAddress, type NetnsPair } from "../harness/netns-pair";
+import { assertCaptureHost, createNetnsPair, linkLocalAddress, removeStaleCaptureState, type NetnsPair } from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aacap";
@@ -52,22 +52,6 @@ let fixture: Fixture | undefined;
 function fx(): Fixture {
   if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
   return fixture;
-}
-
-function assertHostReady(): void {
-  if (process.getuid?.() !== 0) throw new Error("the capture test must run as root");
-  if (fs.statfsSync(BPFFS).type !== 0xcafe4a11) throw new Error(`no bpffs mounted at ${BPFFS}`);
-  if (fs.statfsSync(CGROUP_ROOT).type !== 0x63677270) throw new Error(`no cgroup v2 mounted at ${CGROUP_ROOT}`);
-}
-
-/** Removes pin roots and namespaces of earlier runs whose process is gone. */
-function removeStaleState(): void {
-  deleteStaleNetns(PREFIX);
-  if (!fs.existsSync(PIN_PARENT)) return;
-  for (const name of fs.readdirSync(PIN_PARENT)) {
-    const match = new RegExp(`^${PREFIX}-(\\d+)$`).exec(name);
-    if (match && !fs.existsSync(`/proc/${match[1]}`)) Capture.remove(path.join(PIN_PARENT, name));
-  }
 }
 
 /** Removes the shared parent of the test pin roots unless another run still uses it. */
@@ -183,8 +167,8 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint):
 }
 
 test.before(async () => {
-  assertHostReady();
-  removeStaleState();
+  assertCaptureHost(BPFFS, CGROUP_ROOT);
+  removeStaleCaptureState(PREFIX, PIN_PARENT);
   const pair = createNetnsPair(PREFIX, 200 + (process.pid % 50));
   let capture: Capture | undefined;
   try {

@@ -2,6 +2,8 @@
 // the test's prefix and PID, so a re-run after a crash can find and delete its leftovers.
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
+import path from "node:path";
+import { Capture } from "../../agent/capture/bpf";
 
 export interface NetnsEnd {
   name: string;
@@ -106,4 +108,21 @@ export function deleteStaleNetns(prefix: string): void {
     return match !== null && !fs.existsSync(`/proc/${match[1]}`);
   });
   deleteNetns(stale);
+}
+
+/** Throws, naming what is missing, unless this process is root with bpffs and cgroup v2 mounted. */
+export function assertCaptureHost(bpffs: string, cgroupRoot: string): void {
+  if (process.getuid?.() !== 0) throw new Error("the capture tests must run as root");
+  if (fs.statfsSync(bpffs).type !== 0xcafe4a11) throw new Error(`no bpffs mounted at ${bpffs}: mount -t bpf bpf ${bpffs}`);
+  if (fs.statfsSync(cgroupRoot).type !== 0x63677270) throw new Error(`no cgroup v2 mounted at ${cgroupRoot}`);
+}
+
+/** Removes namespaces and pin roots (under pinParent) named `<prefix>-<pid>` whose process is gone. */
+export function removeStaleCaptureState(prefix: string, pinParent: string): void {
+  deleteStaleNetns(prefix);
+  if (!fs.existsSync(pinParent)) return;
+  for (const name of fs.readdirSync(pinParent)) {
+    const match = new RegExp(`^${prefix}-(\\d+)$`).exec(name);
+    if (match && !fs.existsSync(`/proc/${match[1]}`)) Capture.remove(path.join(pinParent, name));
+  }
 }

@@ -8,9 +8,26 @@ import { AgentError } from "../errors";
 
 export const LOCK_DIRECTORY = "/run/ambient-agent";
 
-/** Returns the lock file of a pin root: its path with "/" replaced, under /run/ambient-agent. */
+/**
+ * Returns the absolute path of a pin root with every symbolic link resolved, so that two spellings of
+ * one folder share one lock. A pin root that does not exist yet keeps its own name under its resolved parent.
+ */
+export function canonicalPinRoot(pinRoot: string): string {
+  const absolute = path.resolve(pinRoot);
+  try {
+    return fs.realpathSync(absolute);
+  } catch {
+    try {
+      return path.join(fs.realpathSync(path.dirname(absolute)), path.basename(absolute));
+    } catch {
+      return absolute;
+    }
+  }
+}
+
+/** Returns the lock file of a pin root: its canonical path with "/" replaced, under /run/ambient-agent. */
 export function lockFileOf(pinRoot: string, directory = LOCK_DIRECTORY): string {
-  const name = path.resolve(pinRoot).replace(/^\/+/, "").replace(/[^A-Za-z0-9._-]/g, "_");
+  const name = canonicalPinRoot(pinRoot).replace(/^\/+/, "").replace(/[^A-Za-z0-9._-]/g, "_");
   return path.join(directory, `${name}.pid`);
 }
 

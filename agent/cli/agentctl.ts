@@ -4,7 +4,7 @@
 import http from "node:http";
 import { parseArgs } from "node:util";
 import { Capture } from "../capture/bpf";
-import { lockHolder } from "../capture/pin-lock";
+import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
@@ -39,7 +39,7 @@ function captureRemove(argv: string[]): void {
   if (values.node && !NODE_NAME.test(values.node)) {
     throw new Error(`invalid --node "${values.node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
   }
-  const pinRoot = values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`;
+  const pinRoot = canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`);
   const holder = lockHolder(pinRoot);
   if (holder !== undefined && !values.force) {
     throw new Error(

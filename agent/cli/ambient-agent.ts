@@ -4,6 +4,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
+import { canonicalPinRoot } from "../capture/pin-lock";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
 import { createLogger } from "../log";
 
@@ -55,7 +56,7 @@ function parseRunOptions(argv: string[]): AgentOptions {
     manifestsDir: path.resolve(values.manifests!),
     caDir: path.resolve(values["ca-dir"]!),
     auditFile: path.resolve(values["audit-file"]!),
-    pinRoot: values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`,
+    pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     adminAddress: values.admin ?? "127.0.0.1:15000",

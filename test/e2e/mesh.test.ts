@@ -5,7 +5,7 @@ import test from "ava";
 import { execFileSync, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { AGENT_BIN } from "../harness/agent-process";
+import { AGENT_BIN, AGENTCTL_BIN } from "../harness/agent-process";
 import { curl, PacketCapture, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, podsYaml, writeManifest } from "../harness/manifests";
@@ -321,6 +321,15 @@ test.serial("second agent for a node is rejected", async (t) => {
   t.regex(second.stderr, /another agent \(PID \d+\) already serves the node node1/);
   t.false(fs.existsSync(`${c.pinRoot("node1")}-second`), "the second agent attached capture before it gave up");
   t.true(first.running);
+
+  // Removing capture under a running agent is refused, also through a symbolic link to its pin root.
+  const link = path.join(c.workDir, "pin-root-link");
+  fs.symlinkSync(c.pinRoot("node1"), link);
+  const removal = spawnSync(process.execPath, [AGENTCTL_BIN, "capture", "remove", "--pin-root", link], { encoding: "utf8" });
+  t.is(removal.status, 1);
+  t.regex(removal.stderr, /serves .*; removing its capture would open its pods/);
+  t.true(fs.existsSync(path.join(c.pinRoot("node1"), "links")));
+
   const result = await curl(c.topology, "web", apiUrl("marker.html"));
   t.is(result.exitCode, 0, result.stderr);
   const plaintext = await curl(c.topology, "legacy", apiUrl("marker.html"));

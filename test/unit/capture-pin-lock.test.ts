@@ -33,6 +33,19 @@ test("lock of a dead process is taken over", (t) => {
   fs.rmSync(directory, { recursive: true, force: true });
 });
 
+test("symlinked pin root shares the lock", (t) => {
+  const directory = lockDirectory();
+  const real = path.join(directory, "real-root");
+  const link = path.join(directory, "link-root");
+  fs.mkdirSync(real);
+  fs.symlinkSync(real, link);
+  t.is(lockFileOf(link, directory), lockFileOf(real, directory));
+  const lock = PinRootLock.acquire(real, directory);
+  fs.writeFileSync(lock.file, "1\n"); // PID 1 always runs: another live holder
+  t.throws(() => PinRootLock.acquire(link, directory), { message: /already serves/ });
+  fs.rmSync(directory, { recursive: true, force: true });
+});
+
 test("separate pin roots lock separately", (t) => {
   const directory = lockDirectory();
   const first = PinRootLock.acquire("/pins/node1", directory);

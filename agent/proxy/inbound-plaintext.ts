@@ -101,7 +101,7 @@ export class InboundPlaintextServer {
       const port = this.#checkDestination(client, record);
       this.#checkPeerAuthentication(port, record);
       this.#authorize(sourceIp, port, record);
-      connection.upstream = await this.#connectApplication(port);
+      connection.upstream = await this.#connectApplication(port, connection);
       connection.upstream.on("error", () => undefined);
       client.resume();
       const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
@@ -158,10 +158,10 @@ export class InboundPlaintextServer {
     throw error;
   }
 
-  async #connectApplication(port: number): Promise<net.Socket> {
+  async #connectApplication(port: number, connection: ActiveConnection): Promise<net.Socket> {
     const ip = normalizeIp(this.#options.workload.ip);
     try {
-      return await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS);
+      return await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS, (pending) => (connection.upstream = pending));
     } catch (error) {
       throw new AgentError("UPSTREAM_CONNECT_FAILED", `connect to the application at ${formatAddress(ip, port)} failed: ${(error as Error).message}`, {
         cause: error,

@@ -64,6 +64,8 @@ export class InboundHboneServer {
   readonly #peers = new WeakMap<http2.ServerHttp2Session, TunnelPeer>();
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   readonly #streams = new Set<Promise<void>>();
+  /** Connects to the application not yet finished, so that stop() can abort them. */
+  readonly #pendingConnects = new Set<net.Socket>();
   #server: http2.Http2SecureServer | undefined;
   #certificate: WorkloadCertificate | undefined;
   #rotationTimer: NodeJS.Timeout | undefined;
@@ -109,6 +111,9 @@ export class InboundHboneServer {
     const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     for (const session of this.#sessions) {
       session.destroy();
+    }
+    for (const socket of this.#pendingConnects) {
+      socket.destroy();
     }
     await Promise.allSettled([...this.#streams]);
     await closed;
@@ -246,9 +251,17 @@ export class InboundHboneServer {
 
   async #connectApplication(target: Authority): Promise<net.Socket> {
     try {
-      const socket = await connectTcp(this.#options.network, target.ip, target.port, CONNECT_TIMEOUT_MS);
-      socket.on("error", () => undefined);
-      return socket;
+      let pending: net.Socket | undefined;
+      try {
+        const socket = await connectTcp(this.#options.network, target.ip, target.port, CONNECT_TIMEOUT_MS, (created) => {
+          pending = created;
+          this.#pendingConnects.add(created);
+        });
+        socket.on("error", () => undefined);
+        return socket;
+      } finally {
+        if (pending) this.#pendingConnects.delete(pending);
+      }
     } catch (error) {
       throw new AgentError(
         "UPSTREAM_CONNECT_FAILED",

@@ -187,8 +187,7 @@ export class OutboundProxy {
 
   async #connectUpstream(connection: ActiveConnection, ip: string, port: number): Promise<net.Socket> {
     try {
-      const socket = await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS);
-      connection.upstream.add(socket);
+      const socket = await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS, (pending) => connection.upstream.add(pending));
       socket.on("error", () => undefined);
       return socket;
     } catch (error) {

@@ -20,27 +20,39 @@ export function remoteAddressOf(socket: net.Socket): string {
 }
 
 /**
- * Connects through the pod's network and resolves once connected. Rejects with the socket error, or with
- * an ETIMEDOUT error after timeoutMs; the socket is destroyed on failure.
+ * Connects through the pod's network and resolves once connected. Rejects with the socket error, with
+ * an ETIMEDOUT error after timeoutMs, or when the socket is destroyed first; the socket is destroyed on
+ * failure. `onSocket` receives the socket at once, so that a proxy stopping can destroy a pending connect.
  */
-export function connectTcp(network: PodNetwork, ip: string, port: number, timeoutMs: number): Promise<net.Socket> {
+export function connectTcp(
+  network: PodNetwork,
+  ip: string,
+  port: number,
+  timeoutMs: number,
+  onSocket?: (socket: net.Socket) => void,
+): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const socket = network.connect(ip, port);
+    onSocket?.(socket);
     const timer = setTimeout(() => {
       fail(Object.assign(new Error(`connect to ${formatAddress(ip, port)} timed out after ${timeoutMs} ms`), { code: "ETIMEDOUT" }));
     }, timeoutMs);
     const fail = (error: Error): void => {
       clearTimeout(timer);
       socket.off("connect", succeed);
+      socket.off("close", closedEarly);
       socket.destroy();
       reject(error);
     };
+    const closedEarly = (): void => fail(new Error(`connect to ${formatAddress(ip, port)} was aborted`));
     const succeed = (): void => {
       clearTimeout(timer);
       socket.off("error", fail);
+      socket.off("close", closedEarly);
       resolve(socket);
     };
     socket.once("connect", succeed);
     socket.once("error", fail);
+    socket.once("close", closedEarly);
   });
 }

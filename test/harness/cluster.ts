@@ -7,6 +7,7 @@ import os from "node:os";
 import path from "node:path";
 import { LOCK_DIRECTORY, lockFileOf } from "../../agent/capture/pin-lock";
 import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
+import { endLeftoverProcesses, registerPid } from "./pid-registry";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
 import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
 
@@ -40,8 +41,9 @@ export function assertHostCapable(): void {
   if (problems.length > 0) throw new Error("the end-to-end harness cannot run here:\n  - " + problems.join("\n  - "));
 }
 
-/** Removes what a crashed run with the same prefix family left: namespaces and pinned capture. */
+/** Removes what a crashed run with the same prefix family left: processes, namespaces and pinned capture. */
 export function removeLeftovers(prefixFamily: string): void {
+  endLeftoverProcesses(prefixFamily);
   removeNetnsWithPrefix(prefixFamily);
   if (!fs.existsSync(PIN_PARENT)) return;
   for (const name of fs.readdirSync(PIN_PARENT)) {
@@ -137,6 +139,7 @@ export class Cluster {
       logFile: this.logFile(node),
     });
     this.agents.set(node, agent);
+    registerPid(this.options.prefix, agent.pid);
     if (agent.pid) this.onAgentSpawned?.(agent.pid);
     return agent;
   }

@@ -10,6 +10,7 @@
 
 import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
 import fs from "node:fs";
+import { forgetRun, registerPid } from "./pid-registry";
 
 export interface PodSpec {
   name: string;
@@ -106,6 +107,7 @@ export class Topology {
       ...options,
     });
     this.children.add(child);
+    registerPid(this.prefix, child.pid);
     child.once("exit", () => this.children.delete(child));
     return child;
   }
@@ -117,6 +119,7 @@ export class Topology {
     }
     this.children.clear();
     removeNetnsWithPrefix(this.prefix);
+    forgetRun(this.prefix);
   }
 
   private addNode(spec: NodeSpec, index: number): void {

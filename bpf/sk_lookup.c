@@ -10,9 +10,9 @@
  *  1. are not TCP over IPv4, or are not addressed to a pod in aa_inbound_pods;
  *  2. come from the pod's own IP or from 127.0.0.0/8;
  *  3. are the agent's own connections inside the pod (aa_own_conns).
- * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound:
- * the agent is not serving the pod then, so whatever listens on the proxy ports is not the
- * agent, and a pod whose proxy is down gets no inbound connections rather than unauthorized
+ * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound.
+ * The agent is not serving the pod then, so whatever listens on the proxy ports is not the
+ * agent. A pod whose proxy is down thus gets no inbound connections rather than unauthorized
  * ones. With the listener present, connections to the agent's ports 15006 and 15008 pass, a
  * connection to port 15001 from outside the pod is dropped (that listener is meant only for
  * the pod's own redirected connections), and every other one is assigned to the 15006 listener.

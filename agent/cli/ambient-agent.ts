@@ -109,7 +109,7 @@ async function main(argv: string[]): Promise<number> {
   });
   process.off("SIGHUP", onHangup);
   logger.info({ signal }, "signal received, stopping");
-  // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod: give up after a deadline.
+  // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
   const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), STOP_DEADLINE_MS).unref());
   if ((await Promise.race([agent.stop().then(() => "stopped" as const), deadline])) === "timeout") {
     logger.error({ deadlineMs: STOP_DEADLINE_MS }, "stopping took too long; exiting with connections still open");

@@ -312,7 +312,7 @@ function answerFailure(stream: http2.ServerHttp2Stream, error: unknown): void {
   stream.respond({ ":status": status }, { endStream: true });
 }
 
-/** Longest header value copied into a log line; clients choose these values. */
+/** Maximum length of a header value copied into a log line, because clients choose these values. */
 const MAX_LOGGED_HEADER_CHARS = 256;
 
 /** Returns a request header for a log line, cut to MAX_LOGGED_HEADER_CHARS. */

@@ -174,7 +174,7 @@ export class Cluster {
     }
   }
 
-  /** The lock files of this cluster's agents, which a killed agent leaves behind. */
+  /** Returns the lock files of this cluster's agents, which a killed agent leaves behind. */
   lockFiles(): string[] {
     return [...this.topology.nodes.keys()].flatMap((node) => [lockFileOf(this.pinRoot(node)), path.join(LOCK_DIRECTORY, `node-${node}.pid`)]);
   }

@@ -13,9 +13,10 @@
  * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound.
  * The agent is not serving the pod then, so whatever listens on the proxy ports is not the
  * agent. A pod whose proxy is down thus gets no inbound connections rather than unauthorized
- * ones. With the listener present, connections to the agent's ports 15006 and 15008 pass, a
- * connection to port 15001 from outside the pod is dropped (that listener is meant only for
- * the pod's own redirected connections), and every other one is assigned to the 15006 listener.
+ * ones. With the listener present, connections to the agent's ports 15006 and 15008 pass.
+ * A connection to port 15001 from outside the pod is dropped, because that listener is meant
+ * only for the pod's own redirected connections. Every other connection is assigned to the
+ * 15006 listener.
  *
  * NOTE: capture supports IPv4 only, so IPv6 is dropped until it is supported, link-local
  * (fe80::/10) addresses included. The agent's listeners are IPv4 and need no exception.

@@ -83,6 +83,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`ambient-agent: unknown command "${command}"\n\n${USAGE}`);
     return 2;
   }
+
   let options: AgentOptions;
   try {
     options = parseRunOptions(rest);
@@ -90,6 +91,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`ambient-agent: ${(error as Error).message}\n\n${USAGE}`);
     return 2;
   }
+
   const logger = createLogger({ node: options.node });
   const agent = new Agent(options, logger);
   try {
@@ -101,6 +103,7 @@ async function main(argv: string[]): Promise<number> {
     await agent.stop().catch(() => undefined);
     return 1;
   }
+
   const onHangup = (): void => void agent.reload().catch((error) => logger.error({ err: error }, "manifest reload failed"));
   process.on("SIGHUP", onHangup);
   const signal = await new Promise<string>((resolve) => {
@@ -108,6 +111,7 @@ async function main(argv: string[]): Promise<number> {
     process.once("SIGINT", () => resolve("SIGINT"));
   });
   process.off("SIGHUP", onHangup);
+
   logger.info({ signal }, "signal received, stopping");
   // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
   const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), STOP_DEADLINE_MS).unref());

@@ -20,16 +20,22 @@ import { closeFd, mapLookup, mapOpen, netnsCookie, netnsSocket } from "../../age
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { assertCaptureHost, createNetnsPair, deleteNetns, linkLocalAddress, removeStaleCaptureState, type NetnsPair } from "../harness/netns-pair";
+import {
+  assertCaptureHost,
+  BPFFS,
+  CGROUP_ROOT,
+  createNetnsPair,
+  OBJECT_PATH,
+  PIN_PARENT,
+  deleteNetns,
+  linkLocalAddress,
+  removeStaleCaptureState,
+  type NetnsPair,
+} from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aainb";
-const BPFFS = "/sys/fs/bpf";
-const CGROUP_ROOT = "/sys/fs/cgroup/unified";
-const PIN_PARENT = path.join(BPFFS, "ambient-agent");
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
-const REPO = path.resolve(__dirname, "../../..");
-const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
 const APP_PORT = 8080;
 /** Port of the IPv6-only application server in B. */
 const APP6_PORT = 8086;

@@ -17,16 +17,21 @@ import { checkHost } from "../../agent/capture/preflight";
 import { findNetnsByIp } from "../../agent/enroll/netns";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { assertCaptureHost, createNetnsPair, linkLocalAddress, removeStaleCaptureState, type NetnsPair } from "../harness/netns-pair";
+import {
+  assertCaptureHost,
+  BPFFS,
+  CGROUP_ROOT,
+  createNetnsPair,
+  OBJECT_PATH,
+  PIN_PARENT,
+  linkLocalAddress,
+  removeStaleCaptureState,
+  type NetnsPair,
+} from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aacap";
-const BPFFS = "/sys/fs/bpf";
-const CGROUP_ROOT = "/sys/fs/cgroup/unified";
-const PIN_PARENT = path.join(BPFFS, "ambient-agent");
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
-const REPO = path.resolve(__dirname, "../../..");
-const OBJECT_PATH = path.join(REPO, "bpf/capture.bpf.o");
 const APP_PORT = 8080;
 /** Port of the IPv6-only servers in A and B. */
 const APP6_PORT = 8086;

@@ -110,6 +110,12 @@ export function deleteStaleNetns(prefix: string): void {
   deleteNetns(stale);
 }
 
+/** Where the capture tests find bpffs, the cgroup v2 root, their pin roots and the prebuilt object. */
+export const BPFFS = "/sys/fs/bpf";
+export const CGROUP_ROOT = "/sys/fs/cgroup/unified";
+export const PIN_PARENT = path.join(BPFFS, "ambient-agent");
+export const OBJECT_PATH = path.resolve(__dirname, "../../../bpf/capture.bpf.o");
+
 /** Throws, naming what is missing, unless this process is root with bpffs and cgroup v2 mounted. */
 export function assertCaptureHost(bpffs: string, cgroupRoot: string): void {
   if (process.getuid?.() !== 0) throw new Error("the capture tests must run as root");

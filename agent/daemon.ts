@@ -150,7 +150,7 @@ export class Agent {
       ...common,
       originalDestination: (socket) =>
         this.capture!.takeOriginalDestination(cookie, socket.remoteAddress ?? "", socket.remotePort ?? 0),
-      resolveDestination: (ip) => this.resolveDestination(ip),
+      resolveDestination: (ip, port) => this.resolveDestination(ip, port),
     });
     const inbound = new InboundHboneServer({
       ...common,
@@ -177,12 +177,13 @@ export class Agent {
   }
 
   /** Decides how an outbound connection reaches `ip`: through an HBONE tunnel when the destination is in the mesh. */
-  private resolveDestination(ip: string): DestinationTarget {
+  private resolveDestination(ip: string, port: number): DestinationTarget {
+    const address = { ip, port };
     const workload = this.state?.workloadByIp(ip);
     if (workload && this.state && isAmbient(this.state, workload)) {
-      return { kind: "hbone", workload, identity: identityOf(workload, this.trustDomain) };
+      return { kind: "hbone", workload, identity: identityOf(workload, this.trustDomain), address };
     }
-    return { kind: "passthrough", workload };
+    return { kind: "passthrough", workload, address };
   }
 
   /** Authorizes an inbound connection with the policies that apply to the destination workload now. */

@@ -27,12 +27,18 @@ import {
 import type { PodNetwork } from "./pod-network";
 import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
 
-/** The route of an outbound connection to its original destination. */
+/**
+ * The route of an outbound connection. `address` is where the bytes go: the original destination, or
+ * for a Service VIP the chosen endpoint's pod IP and target port. `service` is the Service's
+ * "namespace/name" when the application dialled a VIP.
+ */
 export type DestinationTarget =
   /** Through an HBONE tunnel to the destination pod, whose certificate must carry `identity`. */
-  | { kind: "hbone"; workload: Workload; identity: Identity }
+  | { kind: "hbone"; workload: Workload; identity: Identity; address: Authority; service?: string }
   /** As plain TCP: the destination is outside the mesh. */
-  | { kind: "passthrough"; workload?: Workload };
+  | { kind: "passthrough"; workload?: Workload; address: Authority; service?: string }
+  /** Nowhere: a Service without a usable endpoint for the port. The connection is refused with `reason`. */
+  | { kind: "unavailable"; service: string; reason: string; message: string };
 
 export interface OutboundProxyOptions {
   node: string;
@@ -43,6 +49,7 @@ export interface OutboundProxyOptions {
   certs: CertificateProvider;
   /** The address the application dialled before capture redirected it; undefined when capture has no record. */
   originalDestination(socket: net.Socket): Authority | undefined;
+  /** Routes a connection the application made to ip:port. */
   resolveDestination(ip: string, port: number): DestinationTarget;
   audit: AuditSink;
   logger: Logger;
@@ -118,12 +125,19 @@ export class OutboundProxy {
     try {
       const destination = this.#originalDestination(client, record);
       const target = this.#options.resolveDestination(destination.ip, destination.port);
-      record.dst = peerOf(formatAddress(destination.ip, destination.port), target.workload);
-      logger.debug({ "dst.addr": record.dst.addr, kind: target.kind }, "connection opened");
+      if (target.kind === "unavailable") {
+        record.dst = { addr: formatAddress(destination.ip, destination.port), service: target.service };
+        const error = new AgentError("NO_HEALTHY_ENDPOINT", target.message);
+        record.deny(target.reason, error);
+        throw error;
+      }
+      record.dst = peerOf(formatAddress(target.address.ip, target.address.port), target.workload);
+      if (target.service !== undefined) record.dst.service = target.service;
+      logger.debug({ "dst.addr": record.dst.addr, "dst.service": target.service, kind: target.kind }, "connection opened");
       if (target.kind === "hbone") {
-        await this.#tunnel(connection, destination, target, logger);
+        await this.#tunnel(connection, target.address, target, logger);
       } else {
-        await this.#passthrough(connection, destination);
+        await this.#passthrough(connection, target.address);
       }
     } catch (error) {
       record.fail(error);

@@ -182,10 +182,10 @@ export async function startMesh(t: ExecutionContext, options: MeshOptions): Prom
     network: new LoopbackPodNetwork(clientIp),
     certs,
     originalDestination: () => mesh.destination ?? undefined,
-    resolveDestination: (ip): DestinationTarget =>
+    resolveDestination: (ip, port): DestinationTarget =>
       options.passthrough || ip !== serverIp
-        ? { kind: "passthrough" }
-        : { kind: "hbone", workload: serverWorkload, identity: options.expectedIdentity ?? serverIdentity },
+        ? { kind: "passthrough", address: { ip, port } }
+        : { kind: "hbone", workload: serverWorkload, identity: options.expectedIdentity ?? serverIdentity, address: { ip, port } },
     audit: sourceAudit,
     logger: silentLogger(),
   });

@@ -79,8 +79,48 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
     labels: metadata.labels,
     namedPorts: readNamedPorts(reader),
     hostNetwork,
+    ready: readReadiness(reader),
     source,
   };
+}
+
+/** Pod phases as the Kubernetes API defines them. */
+const POD_PHASES = ["Pending", "Running", "Succeeded", "Failed", "Unknown"];
+
+/**
+ * Tells whether a pod may serve Service traffic, as the Kubernetes endpoints controller decides: it
+ * is not being deleted, its phase is Running, and its Ready condition is "True" ("False" and
+ * "Unknown" are not ready). Manifests often carry no status, so an absent phase or Ready condition
+ * counts as ready.
+ */
+function readReadiness(reader: ObjectReader): boolean {
+  // Any value marks the pod as terminating; its format does not matter here.
+  const deletionTimestamp = reader.value(["metadata", "deletionTimestamp"]);
+  const deleting = deletionTimestamp !== undefined && deletionTimestamp !== null && deletionTimestamp !== "";
+  const phase = reader.string(["status", "phase"]);
+  if (phase !== undefined && !POD_PHASES.includes(phase)) {
+    reader.reject(["status", "phase"], `invalid phase ${describeValue(phase)}; use one of ${POD_PHASES.join(", ")}`);
+  }
+  const readyCondition = readReadyCondition(reader);
+  return !deleting && (phase === undefined || phase === "Running") && (readyCondition === undefined || readyCondition === "True");
+}
+
+/** Returns the status of the pod's Ready condition (status.conditions[type=Ready].status), undefined when absent. */
+function readReadyCondition(reader: ObjectReader): string | undefined {
+  const conditions = reader.list(["status", "conditions"]) ?? [];
+  let status: string | undefined;
+  conditions.forEach((_, index) => {
+    const path = ["status", "conditions", index];
+    if (reader.mapping(path) === undefined) return;
+    if (reader.string([...path, "type"]) !== "Ready") return;
+    const value = reader.string([...path, "status"]);
+    if (value !== undefined && value !== "True" && value !== "False" && value !== "Unknown") {
+      reader.reject([...path, "status"], `invalid condition status ${describeValue(value)}; use "True", "False" or "Unknown"`);
+      return;
+    }
+    status = value;
+  });
+  return status;
 }
 
 /** Reads containers[].ports[] and returns the named ones; checks every port. */

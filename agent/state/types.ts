@@ -39,6 +39,11 @@ export interface Workload {
   /** Named container ports (containers[].ports[].name → containerPort), for Services with named target ports. */
   namedPorts: Readonly<Record<string, number>>;
   hostNetwork: boolean;
+  /**
+   * Whether the pod may serve Service traffic: status.phase is Running, its Ready condition is
+   * "True" (either may be absent), and it is not being deleted (no metadata.deletionTimestamp).
+   */
+  ready: boolean;
   source: ObjectSource;
 }
 

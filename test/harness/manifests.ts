@@ -36,12 +36,48 @@ export function podsYaml(topology: Topology): string {
         "  containers:",
         "    - name: app",
         "      image: example.invalid/app",
+        ...containerPortsYaml(pod.namedPorts ?? {}),
         "status:",
         `  podIP: ${pod.ip}`,
         "",
       ].join("\n");
     })
     .join("---\n");
+}
+
+function containerPortsYaml(namedPorts: Record<string, number>): string[] {
+  const entries = Object.entries(namedPorts);
+  if (entries.length === 0) return [];
+  return ["      ports:", ...entries.map(([name, port]) => `        - {name: ${name}, containerPort: ${port}}`)];
+}
+
+export interface ServiceSpec {
+  name: string;
+  namespace: string;
+  /** The cluster IP, outside every pod and node range of the topology. */
+  vip: string;
+  selector: Record<string, string>;
+  /** Service port → target port (a number or a container port name). */
+  ports: { port: number; targetPort: number | string }[];
+}
+
+/** Renders a Service manifest with one cluster IP and TCP ports. */
+export function serviceYaml(spec: ServiceSpec): string {
+  const selector = Object.entries(spec.selector).map(([key, value]) => `    ${key}: "${value}"`);
+  const ports = spec.ports.map(({ port, targetPort }) => `    - {port: ${port}, targetPort: ${targetPort}, protocol: TCP}`);
+  return [
+    "apiVersion: v1",
+    "kind: Service",
+    "metadata:",
+    `  name: ${spec.name}`,
+    `  namespace: ${spec.namespace}`,
+    "spec:",
+    `  clusterIP: ${spec.vip}`,
+    ...(selector.length > 0 ? ["  selector:", ...selector] : []),
+    "  ports:",
+    ...ports,
+    "",
+  ].join("\n");
 }
 
 /** Writes `content` atomically (write then rename), so the agent never reads half a file. */

@@ -17,6 +17,8 @@ export interface PodSpec {
   namespace: string;
   serviceAccount: string;
   labels?: Record<string, string>;
+  /** Named container ports (name → port) written into the Pod manifest, for Services with named target ports. */
+  namedPorts?: Record<string, number>;
 }
 
 export interface NodeSpec {

@@ -83,7 +83,7 @@ test("enrolled workloads on node", (t) => {
 function workload(uid: string, ip: string, serviceAccount = "default"): Workload {
   const [namespace, name] = uid.split("/");
   return {
-    uid, name, namespace, serviceAccount, nodeName: "n", ip, labels: {}, namedPorts: {}, hostNetwork: false,
+    uid, name, namespace, serviceAccount, nodeName: "n", ip, labels: {}, namedPorts: {}, hostNetwork: false, ready: true,
     source: { file: "f", document: 0 },
   };
 }

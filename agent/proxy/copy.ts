@@ -100,8 +100,11 @@ export function resetSocket(socket: net.Socket): void {
  */
 export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint): Promise<CopyResult> {
   const result: CopyResult = { bytesForward: 0, bytesBackward: 0 };
-  const recordError = (endpoint: CopyEndpoint, error: unknown): void => {
-    result.error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, error), { cause: error });
+  const copy: CopyState = {
+    closedByCopy: new Set(),
+    recordError: (endpoint, error) => {
+      result.error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, error), { cause: error });
+    },
   };
 
   return new Promise((resolve) => {
@@ -112,9 +115,16 @@ export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint): Pr
         resolve(result);
       }
     };
-    forwardOneWay(first, second, (bytes) => (result.bytesForward += bytes), recordError, onClosed);
-    forwardOneWay(second, first, (bytes) => (result.bytesBackward += bytes), recordError, onClosed);
+    forwardOneWay(first, second, (bytes) => (result.bytesForward += bytes), copy, onClosed);
+    forwardOneWay(second, first, (bytes) => (result.bytesBackward += bytes), copy, onClosed);
   });
+}
+
+/** State shared by the two directions of one copy. */
+interface CopyState {
+  /** Endpoints the copy itself closed after their other half closed; their close is not an abort. */
+  closedByCopy: Set<CopyEndpoint>;
+  recordError(endpoint: CopyEndpoint, error: unknown): void;
 }
 
 /** Pipes source into target and propagates the source's end and close to the target. */
@@ -122,7 +132,7 @@ function forwardOneWay(
   source: CopyEndpoint,
   target: CopyEndpoint,
   count: (bytes: number) => void,
-  recordError: (endpoint: CopyEndpoint, error: unknown) => void,
+  copy: CopyState,
   onClosed: () => void,
 ): void {
   let lastError: unknown;
@@ -135,10 +145,10 @@ function forwardOneWay(
     endWritable(target.duplex);
   });
   source.duplex.once("close", () => {
-    if (source.closedNormally()) {
-      finishAfterNormalClose(target, sourceEnded);
+    if (source.closedNormally() || (copy.closedByCopy.has(source) && lastError === undefined)) {
+      finishAfterNormalClose(target, sourceEnded, copy);
     } else {
-      recordError(source, lastError);
+      copy.recordError(source, lastError);
       target.reset();
     }
     onClosed();
@@ -149,7 +159,7 @@ function forwardOneWay(
  * After the source closed normally, ends the target's writable side. A source that closed without
  * its readable side ending (RST_STREAM NO_ERROR or CANCEL before END_STREAM) counts as end of stream.
  */
-function finishAfterNormalClose(target: CopyEndpoint, sourceEnded: boolean): void {
+function finishAfterNormalClose(target: CopyEndpoint, sourceEnded: boolean, copy: CopyState): void {
   if (!sourceEnded) {
     endWritable(target.duplex);
   }
@@ -157,6 +167,7 @@ function finishAfterNormalClose(target: CopyEndpoint, sourceEnded: boolean): voi
   // close the target once its output is flushed instead of stalling on a pipe that never drains.
   const duplex = target.duplex;
   if (!duplex.readableEnded && !duplex.destroyed) {
+    copy.closedByCopy.add(target);
     if (duplex.writableFinished) {
       duplex.destroy();
     } else {

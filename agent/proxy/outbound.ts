@@ -4,27 +4,18 @@
 
 import http2 from "node:http2";
 import net from "node:net";
-import tls from "node:tls";
 import type { AuditSink } from "../audit/record";
 import { AgentError } from "../errors";
-import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-manager";
-import { formatSpiffeId, sameIdentity } from "../identity/spiffe";
+import type { CertificateProvider } from "../identity/cert-manager";
+import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
-import {
-  CLIENT_SETTINGS,
-  CONNECT_TIMEOUT_MS,
-  CONNECTION_WINDOW_BYTES,
-  HBONE_PORT,
-  MAX_SESSION_MEMORY_MB,
-  OUTBOUND_PORT,
-  buildConnectHeaders,
-  identityFromSubjectAltName,
-  type Authority,
-} from "./hbone";
+import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
+import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, buildConnectHeaders, type Authority } from "./hbone";
 import type { PodNetwork } from "./pod-network";
+import { HbonePool, type HbonePoolOptions, type PoolStats } from "./pool";
 import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
 
 /**
@@ -53,6 +44,8 @@ export interface OutboundProxyOptions {
   resolveDestination(ip: string, port: number): DestinationTarget;
   audit: AuditSink;
   logger: Logger;
+  /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
+  pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
 }
 
 /** One accepted connection, so that stop() can abort it. */
@@ -60,7 +53,7 @@ interface ActiveConnection {
   client: net.Socket;
   record: ConnectionRecord;
   /** Closes whatever the connection opened upstream. */
-  upstream: Set<{ destroy(): void }>;
+  upstream: Set<{ destroy(error?: Error): void }>;
   done: Promise<void>;
 }
 
@@ -69,12 +62,23 @@ export class OutboundProxy {
   readonly #logger: Logger;
   readonly #sourceIdentity: string;
   readonly #active = new Set<ActiveConnection>();
+  readonly #drain = new ConnectionDrain<ActiveConnection>(() => this.#active, (connection) => this.#abort(connection));
+  readonly #pool: HbonePool;
   #server: net.Server | undefined;
+  /** The outcome of the first stop() call; later calls can only shorten its deadline. */
+  #stopped: Promise<DrainSummary> | undefined;
+  #stopReason: AgentError | undefined;
 
   constructor(options: OutboundProxyOptions) {
     this.#options = options;
     this.#logger = options.logger.child({ component: "outbound" });
     this.#sourceIdentity = formatSpiffeId(options.identity);
+    this.#pool = new HbonePool({ ...options.pool, network: options.network, certs: options.certs, logger: this.#logger });
+  }
+
+  /** Counts the HBONE pool's connections and streams, for diagnostics. */
+  poolStats(): PoolStats {
+    return this.#pool.stats();
   }
 
   /** Listens on port 15001 inside the pod. */
@@ -87,22 +91,50 @@ export class OutboundProxy {
     this.#logger.info({ port: OUTBOUND_PORT }, "outbound proxy started");
   }
 
-  /** Closes the listener and resets every open connection; resolves once each has written its record. */
-  async stop(): Promise<void> {
+  /** Counts the connections open now, for the drain log. */
+  get openConnections(): number {
+    return this.#active.size;
+  }
+
+  /**
+   * Closes the listener at once, lets open connections finish for up to `graceMs`, then resets the
+   * rest. Resolves once every connection has written its record. A second call may shorten the
+   * deadline (0 aborts at once) and resolves with the same summary.
+   */
+  stop(graceMs = 0): Promise<DrainSummary> {
+    if (this.#stopped) {
+      void this.#drain.drain(graceMs);
+      return this.#stopped;
+    }
+    this.#stopReason = stopReason(`the outbound proxy of ${this.#options.workload.uid}`, graceMs);
+    this.#stopped = this.#closeAndDrain(graceMs);
+    return this.#stopped;
+  }
+
+  async #closeAndDrain(graceMs: number): Promise<DrainSummary> {
+    const closed = this.#closeListener();
+    const summary = await this.#drain.drain(graceMs);
+    await this.#pool.close();
+    await closed;
+    this.#logger.info(summary, "outbound proxy stopped");
+    return summary;
+  }
+
+  #closeListener(): Promise<void> {
     const server = this.#server;
     this.#server = undefined;
-    const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
-    const stopping = new AgentError("STREAM_RESET", `the outbound proxy of ${this.#options.workload.uid} stopped`);
-    for (const connection of this.#active) {
-      connection.record.fail(stopping);
-      resetSocket(connection.client);
-      for (const upstream of connection.upstream) {
-        upstream.destroy();
-      }
+    return server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
+  }
+
+  #abort(connection: ActiveConnection): void {
+    connection.record.fail(this.#stopReason);
+    resetSocket(connection.client);
+    for (const upstream of connection.upstream) {
+      // Both kinds must read as an abort at the destination: a TCP reset, or for a pooled CONNECT stream
+      // a destroy with an error, which sends RST_STREAM INTERNAL_ERROR and leaves the shared connection up.
+      if (upstream instanceof net.Socket) resetSocket(upstream);
+      else upstream.destroy(this.#stopReason);
     }
-    await Promise.allSettled([...this.#active].map((connection) => connection.done));
-    await closed;
-    this.#logger.info("outbound proxy stopped");
   }
 
   #accept(client: net.Socket): void {
@@ -179,15 +211,27 @@ export class OutboundProxy {
     record.dst.identity = formatSpiffeId(target.identity);
     record.dst.hbone_addr = formatAddress(target.workload.ip, HBONE_PORT);
 
-    const certificate = await this.#options.certs.get(this.#options.identity);
-    const tlsSocket = await this.#openTls(connection, target, certificate);
-    const session = this.#openSession(connection, tlsSocket, record.dst.hbone_addr, logger);
+    const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
+    const headers = buildConnectHeaders({ destination, source, workload: this.#options.workload });
+    // Lets stop() end the wait for a pooled connection that is still handshaking.
+    const waiting = new AbortController();
+    const pending = { destroy: () => waiting.abort() };
+    connection.upstream.add(pending);
+    const stream = await this.#pool
+      .request(
+        {
+          sourceIdentity: this.#options.identity,
+          sourceIp: this.#options.workload.ip,
+          destinationIdentities: [target.identity],
+          hboneAddress: { ip: target.workload.ip, port: HBONE_PORT },
+        },
+        headers,
+        waiting.signal,
+      )
+      .finally(() => connection.upstream.delete(pending));
+    connection.upstream.add(stream);
+    stream.on("error", (error) => logger.debug({ err: error }, "HBONE stream failed"));
     try {
-      const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
-      const stream = session.request(buildConnectHeaders({ destination, source, workload: this.#options.workload }), {
-        endStream: false,
-      });
-      stream.on("error", () => undefined);
       const status = await responseStatus(stream, record.dst.hbone_addr);
       if (status !== 200) {
         this.#rejectTunnel(record, status);
@@ -195,7 +239,7 @@ export class OutboundProxy {
       const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream));
       this.#recordCopy(record, result);
     } finally {
-      closeSession(session);
+      closeStream(stream);
     }
   }
 
@@ -211,48 +255,6 @@ export class OutboundProxy {
         { cause: error },
       );
     }
-  }
-
-  /**
-   * Runs the TLS 1.3 handshake with the destination's HBONE port: our workload certificate, ALPN h2,
-   * no SNI, the chain checked against our roots and the server's URI SAN against the expected identity.
-   */
-  async #openTls(
-    connection: ActiveConnection,
-    target: Extract<DestinationTarget, { kind: "hbone" }>,
-    certificate: WorkloadCertificate,
-  ): Promise<tls.TLSSocket> {
-    const raw = await this.#connectUpstream(connection, target.workload.ip, HBONE_PORT);
-    const hboneAddr = formatAddress(target.workload.ip, HBONE_PORT);
-    const tlsSocket = tls.connect({
-      socket: raw,
-      secureContext: certificate.secureContext,
-      ALPNProtocols: ["h2"],
-      // An empty servername sends no SNI: HBONE servers pick their certificate by the address dialled.
-      servername: "",
-      rejectUnauthorized: true,
-      checkServerIdentity: (_host, peer) => checkServerIdentity(peer, target.identity, hboneAddr),
-    });
-    connection.upstream.add(tlsSocket);
-    tlsSocket.on("error", () => undefined);
-    await handshake(tlsSocket, hboneAddr);
-    if (tlsSocket.alpnProtocol !== "h2") {
-      tlsSocket.destroy();
-      throw new AgentError("TLS_FAILURE", `${hboneAddr} did not negotiate ALPN h2 (got ${String(tlsSocket.alpnProtocol)})`);
-    }
-    return tlsSocket;
-  }
-
-  #openSession(connection: ActiveConnection, tlsSocket: tls.TLSSocket, hboneAddr: string, logger: Logger): http2.ClientHttp2Session {
-    const session = http2.connect(`https://${hboneAddr}`, {
-      createConnection: () => tlsSocket,
-      settings: CLIENT_SETTINGS,
-      maxSessionMemory: MAX_SESSION_MEMORY_MB,
-    });
-    connection.upstream.add(session);
-    session.on("error", (error) => logger.debug({ err: error, hbone_addr: hboneAddr }, "HBONE session failed"));
-    session.once("connect", () => session.setLocalWindowSize(CONNECTION_WINDOW_BYTES));
-    return session;
   }
 
   #rejectTunnel(record: ConnectionRecord, status: number): never {
@@ -277,42 +279,6 @@ export class OutboundProxy {
       record.fail(result.error);
     }
   }
-}
-
-/** Returns an error when the server's certificate does not carry the expected SPIFFE identity. */
-function checkServerIdentity(peer: tls.PeerCertificate, expected: Identity, hboneAddr: string): Error | undefined {
-  const presented = identityFromSubjectAltName(peer.subjectaltname);
-  if (presented && sameIdentity(presented, expected)) {
-    return undefined;
-  }
-  return new AgentError(
-    "IDENTITY_ERROR",
-    `${hboneAddr} presented ${presented ? formatSpiffeId(presented) : "no SPIFFE identity"}, expected ${formatSpiffeId(expected)}`,
-  );
-}
-
-/** Resolves on secureConnect; rejects with TLS_FAILURE (or the identity error) on failure or after the connect timeout. */
-function handshake(tlsSocket: tls.TLSSocket, hboneAddr: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => fail(new Error(`no TLS handshake after ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
-    const fail = (error: Error): void => {
-      clearTimeout(timer);
-      tlsSocket.off("secureConnect", succeed);
-      tlsSocket.destroy();
-      reject(
-        error instanceof AgentError
-          ? error
-          : new AgentError("TLS_FAILURE", `TLS handshake with ${hboneAddr} failed: ${error.message}`, { cause: error }),
-      );
-    };
-    const succeed = (): void => {
-      clearTimeout(timer);
-      tlsSocket.off("error", fail);
-      resolve();
-    };
-    tlsSocket.once("secureConnect", succeed);
-    tlsSocket.once("error", fail);
-  });
 }
 
 /** Waits for the CONNECT response and returns its status. */
@@ -340,11 +306,9 @@ function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string): Pro
   });
 }
 
-/** Closes an HTTP/2 session gracefully, and for good after a short grace period. */
-function closeSession(session: http2.ClientHttp2Session): void {
-  if (session.destroyed) {
-    return;
+/** Cancels a CONNECT stream that is still open, so that its pooled connection gets the slot back. */
+function closeStream(stream: http2.ClientHttp2Stream): void {
+  if (!stream.closed && !stream.destroyed) {
+    stream.close(http2.constants.NGHTTP2_CANCEL);
   }
-  session.close();
-  setTimeout(() => session.destroy(), 1_000).unref();
 }

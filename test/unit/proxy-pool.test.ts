@@ -1,0 +1,482 @@
+// The HBONE connection pool against a test HBONE server on loopback: real TLS 1.3 and HTTP/2, with
+// connection counts, stream limits, idle close, PING keepalive and failures the test controls.
+
+import http2 from "node:http2";
+import net from "node:net";
+import tls from "node:tls";
+import test, { type ExecutionContext } from "ava";
+import type { EmbeddedCa } from "../../agent/identity/ca";
+import { CertManager, type CertificateProvider, type WorkloadCertificate } from "../../agent/identity/cert-manager";
+import { hboneTlsOptions } from "../../agent/identity/certificate";
+import { silentLogger } from "../../agent/log";
+import { HBONE_PORT } from "../../agent/proxy/hbone";
+import { OutboundProxy } from "../../agent/proxy/outbound";
+import { HbonePool, poolKeyOf, type HboneDestination, type HbonePoolOptions } from "../../agent/proxy/pool";
+import type { Identity } from "../../agent/state/types";
+import {
+  LoopbackPodNetwork,
+  MemorySink,
+  createCa,
+  echo,
+  exchange,
+  identity,
+  startApp,
+  startMesh,
+  workload,
+  type Mesh,
+} from "./proxy-fixtures";
+
+const CLIENT_IDENTITY = identity("default", "sleep");
+const SERVER_IDENTITY = identity("apps", "echo");
+
+interface TestServerOptions {
+  ip: string;
+  port: number;
+  identity?: Identity;
+  /** SETTINGS_MAX_CONCURRENT_STREAMS the server advertises. */
+  maxConcurrentStreams?: number;
+}
+
+/** A minimal HBONE server: it responds to every CONNECT with status 200 and echoes the stream's bytes. */
+interface TestServer {
+  /** HTTP/2 sessions accepted so far. */
+  sessions: number;
+  /** HTTP/2 sessions closed so far. */
+  closedSessions: number;
+  /** The highest number of streams open at once on one session. */
+  maxOpenStreams: number;
+  /** While true, new connections get the server's SETTINGS and nothing else: the server never reads again. */
+  mute: boolean;
+  /** TCP connections accepted so far, including those whose TLS handshake failed. */
+  tcpConnections: number;
+  /** Serial numbers of the client certificates, one per accepted TLS connection. */
+  clientSerials: string[];
+  /** Live HTTP/2 sessions, for tests that act on them. */
+  live: Set<http2.ServerHttp2Session>;
+  setCertificate(certificate: WorkloadCertificate): void;
+  close(): Promise<void>;
+}
+
+async function startServer(t: ExecutionContext, ca: EmbeddedCa, options: TestServerOptions): Promise<TestServer> {
+  const certificate = await ca.issue(options.identity ?? SERVER_IDENTITY);
+  const sockets = new Set<net.Socket>();
+  const h2 = http2.createServer({ settings: { maxConcurrentStreams: options.maxConcurrentStreams ?? 200 } });
+  const tlsServer = tls.createServer({
+    ...hboneTlsOptions(certificate),
+    ALPNProtocols: ["h2"],
+    requestCert: true,
+    rejectUnauthorized: true,
+  });
+  const server: TestServer = {
+    sessions: 0,
+    closedSessions: 0,
+    maxOpenStreams: 0,
+    mute: false,
+    tcpConnections: 0,
+    clientSerials: [],
+    live: new Set(),
+    setCertificate: (next) => tlsServer.setSecureContext(hboneTlsOptions(next)),
+    close: () => closeServer(tlsServer, sockets),
+  };
+  trackSessions(h2, server);
+  tlsServer.on("connection", () => (server.tcpConnections += 1));
+  tlsServer.on("secureConnection", (socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => undefined);
+    server.clientSerials.push(socket.getPeerX509Certificate()?.serialNumber ?? "none");
+    if (server.mute) {
+      muteConnection(socket);
+    } else {
+      h2.emit("connection", socket);
+    }
+  });
+  await new Promise<void>((resolve) => tlsServer.listen(options.port, options.ip, resolve));
+  t.teardown(() => server.close());
+  return server;
+}
+
+function trackSessions(h2: http2.Http2Server, server: TestServer): void {
+  h2.on("session", (session) => {
+    server.sessions += 1;
+    server.live.add(session);
+    let open = 0;
+    session.on("error", () => undefined);
+    session.on("stream", (stream) => {
+      open += 1;
+      server.maxOpenStreams = Math.max(server.maxOpenStreams, open);
+      stream.once("close", () => (open -= 1));
+    });
+    session.once("close", () => {
+      server.closedSessions += 1;
+      server.live.delete(session);
+    });
+  });
+  h2.on("stream", (stream) => {
+    stream.on("error", () => undefined);
+    stream.respond({ ":status": 200 });
+    stream.pipe(stream);
+  });
+}
+
+/** Sends a server SETTINGS frame (MAX_CONCURRENT_STREAMS 100) and stops reading, so PINGs go unanswered. */
+function muteConnection(socket: tls.TLSSocket): void {
+  const frame = Buffer.from([0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x3, 0, 0, 0, 100]);
+  socket.write(frame);
+  socket.pause();
+}
+
+function closeServer(tlsServer: tls.Server, sockets: Set<net.Socket>): Promise<void> {
+  for (const socket of sockets) {
+    socket.destroy();
+  }
+  return new Promise((resolve) => tlsServer.close(() => resolve()));
+}
+
+interface PoolSetup {
+  pool: HbonePool;
+  destination: HboneDestination;
+}
+
+function createPool(
+  t: ExecutionContext,
+  subnet: number,
+  certs: CertificateProvider,
+  options: Partial<HbonePoolOptions> = {},
+): PoolSetup {
+  const clientIp = `127.77.${subnet}.1`;
+  const pool = new HbonePool({ network: new LoopbackPodNetwork(clientIp), certs, logger: silentLogger(), ...options });
+  t.teardown(() => pool.destroy());
+  const destination: HboneDestination = {
+    sourceIdentity: CLIENT_IDENTITY,
+    sourceIp: clientIp,
+    destinationIdentities: [SERVER_IDENTITY],
+    hboneAddress: { ip: `127.77.${subnet}.2`, port: HBONE_PORT },
+  };
+  return { pool, destination };
+}
+
+function certManager(t: ExecutionContext, ca: EmbeddedCa): CertManager {
+  const certs = new CertManager(ca, silentLogger());
+  t.teardown(() => certs.close());
+  return certs;
+}
+
+function connectHeaders(subnet: number): http2.OutgoingHttpHeaders {
+  return { ":method": "CONNECT", ":authority": `127.77.${subnet}.2:8080` };
+}
+
+/** Opens a tunnel and waits for the 200 response. */
+async function openTunnel(setup: PoolSetup, subnet: number): Promise<http2.ClientHttp2Stream> {
+  const stream = await setup.pool.request(setup.destination, connectHeaders(subnet));
+  const status = await new Promise<number>((resolve, reject) => {
+    stream.once("response", (headers) => resolve(Number(headers[":status"])));
+    stream.once("close", () => reject(new Error(`stream closed before its response (RST_STREAM code ${stream.rstCode})`)));
+    setTimeout(() => reject(new Error("no CONNECT response within 3 s")), 3_000).unref();
+  });
+  if (status !== 200) {
+    throw new Error(`CONNECT failed with status ${status}`);
+  }
+  return stream;
+}
+
+/** Writes `text` into a tunnel and resolves with what the echo server sends back. */
+function roundTrip(stream: http2.ClientHttp2Stream, text: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let received = "";
+    const onData = (chunk: Buffer): void => {
+      received += chunk.toString();
+      if (received.length >= text.length) {
+        stream.off("data", onData);
+        resolve(received);
+      }
+    };
+    stream.on("data", onData);
+    stream.once("error", reject);
+    stream.write(text);
+  });
+}
+
+async function waitFor(condition: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+function pooledConnections(pool: HbonePool): number {
+  return pool.stats().keys.reduce((sum, key) => sum + key.connections, 0);
+}
+
+/** Starts an outbound proxy on 127.77.<subnet>.1 whose HBONE destination is the test server on .2. */
+async function startProxy(t: ExecutionContext, subnet: number, certs: CertificateProvider): Promise<OutboundProxy> {
+  const clientIp = `127.77.${subnet}.1`;
+  const serverIp = `127.77.${subnet}.2`;
+  const serverWorkload = workload("echo", "apps", "echo", serverIp);
+  const proxy = new OutboundProxy({
+    node: "node-1",
+    workload: workload("sleep", "default", "sleep", clientIp),
+    identity: CLIENT_IDENTITY,
+    network: new LoopbackPodNetwork(clientIp),
+    certs,
+    originalDestination: () => ({ ip: serverIp, port: 8080 }),
+    resolveDestination: (ip, port) => ({ kind: "hbone", workload: serverWorkload, identity: SERVER_IDENTITY, address: { ip, port } }),
+    audit: new MemorySink(),
+    logger: silentLogger(),
+  });
+  await proxy.start();
+  t.teardown(() => proxy.stop().then(() => undefined));
+  return proxy;
+}
+
+test("pool key sorts destination identities", (t) => {
+  const base: HboneDestination = {
+    sourceIdentity: CLIENT_IDENTITY,
+    sourceIp: "10.0.0.1",
+    destinationIdentities: [identity("apps", "b"), identity("apps", "a")],
+    hboneAddress: { ip: "10.0.0.2", port: HBONE_PORT },
+  };
+  const swapped = { ...base, destinationIdentities: [identity("apps", "a"), identity("apps", "b")] };
+
+  t.is(poolKeyOf(base), poolKeyOf(swapped));
+  t.is(
+    poolKeyOf(base),
+    "spiffe://cluster.local/ns/default/sa/sleep spiffe://cluster.local/ns/apps/sa/a,spiffe://cluster.local/ns/apps/sa/b 10.0.0.2:15008 10.0.0.1",
+  );
+  t.not(poolKeyOf(base), poolKeyOf({ ...base, sourceIp: "10.0.0.3" }));
+  t.not(poolKeyOf(base), poolKeyOf({ ...base, hboneAddress: { ip: "10.0.0.4", port: HBONE_PORT } }));
+});
+
+test("proxy reuses one connection for sequential tunnels", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.60.2", port: HBONE_PORT });
+  const proxy = await startProxy(t, 60, certManager(t, ca));
+  const mesh = { clientIp: "127.77.60.1" } as Mesh;
+
+  const first = await exchange(mesh, Buffer.from("first"));
+  const second = await exchange(mesh, Buffer.from("second"));
+
+  t.is(first.received.toString(), "first");
+  t.is(second.received.toString(), "second");
+  t.is(server.sessions, 1);
+  t.is(server.clientSerials.length, 1);
+  const stats = proxy.poolStats();
+  t.is(stats.keys.length, 1);
+  t.is(stats.keys[0].connections, 1);
+  t.is(stats.keys[0].streams, 0);
+});
+
+test("proxy reuses one connection with the inbound server", async (t) => {
+  const mesh = await startMesh(t, { subnet: 61 });
+  await startApp(t, mesh.serverIp, 8080, echo);
+
+  const first = await exchange(mesh, Buffer.from("one"));
+  const second = await exchange(mesh, Buffer.from("two"));
+
+  t.is(first.received.toString(), "one");
+  t.is(second.received.toString(), "two");
+  const stats = mesh.outbound.poolStats();
+  t.is(stats.keys.length, 1);
+  t.is(stats.keys[0].connections, 1);
+  await waitFor(() => mesh.destinationAudit.records.length === 2, 2_000, "two inbound records");
+  t.is(mesh.destinationAudit.records.filter((record) => record.error === undefined).length, 2);
+});
+
+test("150 concurrent tunnels open 2 connections", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.62.2", port: HBONE_PORT });
+  const setup = createPool(t, 62, certManager(t, ca));
+
+  const streams = await Promise.all(Array.from({ length: 150 }, () => openTunnel(setup, 62)));
+
+  t.is(server.sessions, 2);
+  t.is(server.maxOpenStreams, 100);
+  const stats = setup.pool.stats();
+  t.is(stats.keys.length, 1);
+  t.is(stats.keys[0].connections, 2);
+  t.is(stats.keys[0].streams, 150);
+  t.is(stats.keys[0].waiting, 0);
+  t.is(await roundTrip(streams[149], "still echoing"), "still echoing");
+  for (const stream of streams) {
+    stream.close();
+  }
+  await waitFor(() => setup.pool.stats().keys[0]?.streams === 0, 2_000, "all streams to close");
+});
+
+test("peer limit of 10 opens 15 connections for 150", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.63.2", port: HBONE_PORT, maxConcurrentStreams: 10 });
+  const setup = createPool(t, 63, certManager(t, ca));
+
+  const streams = await Promise.all(Array.from({ length: 150 }, () => openTunnel(setup, 63)));
+
+  t.is(server.sessions, 15);
+  t.is(server.maxOpenStreams, 10);
+  const stats = setup.pool.stats();
+  t.is(stats.keys[0].connections, 15);
+  t.is(stats.keys[0].streams, 150);
+  for (const stream of streams) {
+    stream.close();
+  }
+});
+
+test("idle connection closes after the idle timeout", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.64.2", port: HBONE_PORT });
+  const setup = createPool(t, 64, certManager(t, ca), { idleTimeoutMs: 300 });
+
+  const stream = await openTunnel(setup, 64);
+  stream.close();
+  await waitFor(() => setup.pool.stats().keys[0]?.streams === 0, 1_000, "the stream to close");
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  t.is(pooledConnections(setup.pool), 1, "closed before the idle timeout");
+  t.is(server.closedSessions, 0);
+
+  await waitFor(() => server.closedSessions === 1, 2_000, "the server session to close");
+  t.is(pooledConnections(setup.pool), 0);
+  const next = await openTunnel(setup, 64);
+  t.is(await roundTrip(next, "after idle"), "after idle");
+  t.is(server.sessions, 2);
+});
+
+test("missed PING acknowledgement destroys the connection", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.65.2", port: HBONE_PORT });
+  const setup = createPool(t, 65, certManager(t, ca), { pingIntervalMs: 100, pingTimeoutMs: 300 });
+  server.mute = true;
+
+  const stuck = await setup.pool.request(setup.destination, connectHeaders(65));
+  const stuckError = new Promise<Error>((resolve, reject) => {
+    stuck.once("error", resolve);
+    setTimeout(() => reject(new Error("the stream on the silent connection was not reset within 3 s")), 3_000).unref();
+  });
+  t.is(pooledConnections(setup.pool), 1);
+  server.mute = false;
+
+  const error = await stuckError;
+  t.regex(error.message, /did not acknowledge a PING within 300 ms/);
+  t.is(pooledConnections(setup.pool), 0);
+  const next = await openTunnel(setup, 65);
+  t.is(await roundTrip(next, "alive"), "alive");
+  t.is(server.sessions, 1);
+  t.is(server.clientSerials.length, 2);
+});
+
+test("answered PINGs keep the connection", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.66.2", port: HBONE_PORT });
+  const setup = createPool(t, 66, certManager(t, ca), { pingIntervalMs: 50, pingTimeoutMs: 100 });
+
+  const stream = await openTunnel(setup, 66);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+
+  t.is(await roundTrip(stream, "still here"), "still here");
+  t.is(pooledConnections(setup.pool), 1);
+  t.is(server.sessions, 1);
+  stream.close();
+});
+
+test("connect failure does not poison later requests", async (t) => {
+  const ca = await createCa(t);
+  const setup = createPool(t, 67, certManager(t, ca));
+
+  const error = await t.throwsAsync(setup.pool.request(setup.destination, connectHeaders(67)));
+  t.is((error as { code?: string }).code, "UPSTREAM_CONNECT_FAILED");
+  t.regex(error.message, /connect to 127\.77\.67\.2:15008 failed/);
+  t.is(pooledConnections(setup.pool), 0);
+
+  await startServer(t, ca, { ip: "127.77.67.2", port: HBONE_PORT });
+  const stream = await openTunnel(setup, 67);
+  t.is(await roundTrip(stream, "back"), "back");
+});
+
+test("identity failure does not poison later requests", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.68.2", port: HBONE_PORT, identity: identity("apps", "impostor") });
+  const setup = createPool(t, 68, certManager(t, ca));
+
+  const failures = await Promise.allSettled([1, 2, 3].map(() => setup.pool.request(setup.destination, connectHeaders(68))));
+  for (const failure of failures) {
+    t.is(failure.status, "rejected");
+    const reason = (failure as PromiseRejectedResult).reason as { code?: string; message: string };
+    t.is(reason.code, "IDENTITY_ERROR");
+    t.regex(reason.message, /presented spiffe:\/\/cluster\.local\/ns\/apps\/sa\/impostor, expected spiffe:\/\/cluster\.local\/ns\/apps\/sa\/echo/);
+  }
+  t.is(server.tcpConnections, 1, "waiters on one handshake share it");
+  t.is(pooledConnections(setup.pool), 0);
+
+  server.setCertificate(await ca.issue(SERVER_IDENTITY));
+  const stream = await openTunnel(setup, 68);
+  t.is(await roundTrip(stream, "trusted"), "trusted");
+});
+
+test("aborted request leaves an idle connection", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.72.2", port: HBONE_PORT });
+  const setup = createPool(t, 72, certManager(t, ca), { idleTimeoutMs: 200 });
+  const abort = new AbortController();
+
+  const request = setup.pool.request(setup.destination, connectHeaders(72), abort.signal);
+  abort.abort();
+
+  const error = await t.throwsAsync(request);
+  t.is((error as { code?: string }).code, "STREAM_RESET");
+  t.regex(error.message, /aborted while its connection was being set up/);
+  await waitFor(() => server.sessions === 1, 2_000, "the handshake to finish");
+  await waitFor(() => server.closedSessions === 1, 2_000, "the idle connection to close");
+  t.is(pooledConnections(setup.pool), 0);
+});
+
+test("GOAWAY keeps open streams and moves new ones", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.69.2", port: HBONE_PORT });
+  const setup = createPool(t, 69, certManager(t, ca));
+  const open = await openTunnel(setup, 69);
+
+  for (const session of server.live) {
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR, 1);
+  }
+  await waitFor(() => pooledConnections(setup.pool) === 0, 1_000, "the connection to leave the pool");
+
+  t.is(setup.pool.stats().draining, 1);
+  t.is(await roundTrip(open, "draining"), "draining");
+  const next = await openTunnel(setup, 69);
+  t.is(await roundTrip(next, "fresh"), "fresh");
+  t.is(server.sessions, 2);
+});
+
+test("new connections use the rotated certificate", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.70.2", port: HBONE_PORT });
+  let current = await ca.issue(CLIENT_IDENTITY);
+  const certs: CertificateProvider = { get: async () => current };
+  const setup = createPool(t, 70, certs, { maxStreamsPerConnection: 1 });
+  const first = await openTunnel(setup, 70);
+
+  current = await ca.issue(CLIENT_IDENTITY);
+  const second = await openTunnel(setup, 70);
+
+  t.is(server.clientSerials.length, 2);
+  t.not(server.clientSerials[0], server.clientSerials[1]);
+  t.is(await roundTrip(first, "old certificate"), "old certificate");
+  t.is(await roundTrip(second, "new certificate"), "new certificate");
+});
+
+test("pool close sends GOAWAY and rejects requests", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.71.2", port: HBONE_PORT });
+  const setup = createPool(t, 71, certManager(t, ca), { closeGraceMs: 200 });
+  const stream = await openTunnel(setup, 71);
+
+  const started = Date.now();
+  await setup.pool.close();
+
+  t.true(Date.now() - started < 1_000);
+  t.true(stream.destroyed);
+  await waitFor(() => server.closedSessions === 1, 1_000, "the server session to close");
+  const error = await t.throwsAsync(setup.pool.request(setup.destination, connectHeaders(71)));
+  t.is((error as { code?: string }).code, "STREAM_RESET");
+});

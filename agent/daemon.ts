@@ -16,10 +16,12 @@ import { CertManager } from "./identity/cert-manager";
 import { identityOf } from "./identity/spiffe";
 import type { Logger } from "./log";
 import { InboundHboneServer } from "./proxy/inbound";
+import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
 import { authorize } from "./rbac/authorize";
 import type { RbacConnection } from "./rbac/types";
+import { EndpointPicker } from "./state/endpoints";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 
@@ -58,6 +60,8 @@ export class Agent {
   private certs: CertManager | undefined;
   private lock: PinRootLock | undefined;
   private nodeLock: PinRootLock | undefined;
+  /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
+  private readonly endpointPicker = new EndpointPicker();
   private trustDomain = "cluster.local";
 
   constructor(
@@ -109,17 +113,36 @@ export class Agent {
   }
 
   /**
-   * Stops serving. The pinned capture programs and map entries stay, so enrolled pods fail closed:
-   * their connections are refused until an agent serves them again. `agentctl capture remove` detaches them.
+   * Stops serving. Every listener closes at once. Open connections and HBONE streams may finish for
+   * up to `drainMs`, and the ones still open then are reset. Each connection writes its audit record,
+   * and the audit file is flushed before this resolves. The pinned capture programs and map entries
+   * stay, so enrolled pods fail closed: their connections are refused until an agent serves them
+   * again. `agentctl capture remove` detaches them.
    */
-  async stop(): Promise<void> {
+  async stop(drainMs = 0): Promise<void> {
     this.source?.stop();
+    await this.drain(drainMs);
     await this.admin?.stop();
-    await this.reconciler?.stop();
     this.capture?.close();
     await this.audit?.close();
     this.releaseLocks();
     this.logger.info("agent stopped");
+  }
+
+  /** Resets every connection that a running drain still waits for; the pending stop() then completes. */
+  abortDrain(): void {
+    if (!this.reconciler) return;
+    this.logger.warn({ open: this.reconciler.openConnections() }, "drain cut short: resetting the open connections now");
+    void this.reconciler.stop(0);
+  }
+
+  private async drain(drainMs: number): Promise<void> {
+    if (!this.reconciler) return;
+    const open = this.reconciler.openConnections();
+    this.logger.info({ open, drainTimeoutMs: drainMs }, "draining: closing the listeners and waiting for open connections");
+    const startedAt = Date.now();
+    const summary = await this.reconciler.stop(drainMs);
+    this.logger.info({ ...summary, durationMs: Date.now() - startedAt }, "drain finished");
   }
 
   /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
@@ -157,6 +180,7 @@ export class Agent {
       trustDomain: this.trustDomain,
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
+      currentWorkload: () => this.state?.workload(workload.uid),
     });
     const plaintext = new InboundPlaintextServer({
       ...common,
@@ -170,20 +194,43 @@ export class Agent {
       start: async () => {
         for (const server of servers) await server.start();
       },
-      stop: async () => {
-        await Promise.all(servers.map((server) => server.stop()));
-      },
+      // Each stop() closes its listener before its first await, so all three close in this tick.
+      stop: async (graceMs = 0) => sumDrains(await Promise.all(servers.map((server) => server.stop(graceMs)))),
+      openConnections: () => servers.reduce((open, server) => open + server.openConnections, 0),
     };
   }
 
-  /** Decides how an outbound connection reaches `ip`: through an HBONE tunnel when the destination is in the mesh. */
+  /**
+   * Decides how an outbound connection reaches `ip:port`. A Service VIP is replaced by one of the
+   * Service's ready endpoints (its pod IP and target port). The destination pod is then reached
+   * through an HBONE tunnel when it is in the mesh, and as plain TCP otherwise.
+   */
   private resolveDestination(ip: string, port: number): DestinationTarget {
-    const address = { ip, port };
-    const workload = this.state?.workloadByIp(ip);
-    if (workload && this.state && isAmbient(this.state, workload)) {
-      return { kind: "hbone", workload, identity: identityOf(workload, this.trustDomain), address };
+    const state = this.state;
+    if (state === undefined) return { kind: "passthrough", address: { ip, port } };
+
+    const choice = this.endpointPicker.pick(state, ip, port);
+    if (choice?.kind === "unavailable") {
+      return { kind: "unavailable", service: choice.service.uid, reason: choice.reason, message: choice.message };
     }
-    return { kind: "passthrough", workload, address };
+    if (choice?.kind === "endpoint") {
+      const { workload, targetPort } = choice.endpoint;
+      return this.routeToWorkload(state, workload, { ip: workload.ip, port: targetPort }, choice.service.uid);
+    }
+    return this.routeToWorkload(state, state.workloadByIp(ip), { ip, port });
+  }
+
+  private routeToWorkload(
+    state: MeshState,
+    workload: Workload | undefined,
+    address: { ip: string; port: number },
+    service?: string,
+  ): DestinationTarget {
+    const serviceField = service === undefined ? {} : { service };
+    if (workload && isAmbient(state, workload)) {
+      return { kind: "hbone", workload, identity: identityOf(workload, this.trustDomain), address, ...serviceField };
+    }
+    return { kind: "passthrough", workload, address, ...serviceField };
   }
 
   /** Authorizes an inbound connection with the policies that apply to the destination workload now. */

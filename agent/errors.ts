@@ -15,7 +15,7 @@ export const ERROR_CODES = {
   POLICY_DENIED: { status: 401, flag: "DENY", description: "an AuthorizationPolicy denied the connection" },
   MTLS_REQUIRED: { flag: "DENY", description: "a plaintext connection reached a port where PeerAuthentication is STRICT" },
   UNKNOWN_DESTINATION: { status: 503, flag: "NO_ROUTE", description: "no local workload has the requested address" },
-  NO_HEALTHY_ENDPOINT: { flag: "NO_ROUTE", description: "the Service dialled has no ready endpoint serving the port" },
+  NO_HEALTHY_ENDPOINT: { flag: "NO_ROUTE", description: "the Service dialled has no ready endpoint serving the port, or does not expose the port" },
   PROXY_PORT: { status: 503, flag: "NO_ROUTE", description: "the requested port is one of the proxy ports 15001, 15006, 15008" },
   UPSTREAM_CONNECT_FAILED: { status: 503, flag: "CONNECT", description: "the connection to the application failed or timed out" },
   TLS_FAILURE: { flag: "TLS_FAILURE", description: "the TLS handshake failed" },
@@ -24,6 +24,7 @@ export const ERROR_CODES = {
   NO_ORIGINAL_DESTINATION: { flag: "NO_ROUTE", description: "no original destination was recorded for a captured connection" },
   NO_CERTIFICATE: { flag: "IDENTITY_ERROR", description: "no workload certificate could be issued" },
   STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },
+  DRAIN_TIMEOUT: { flag: "RESET", description: "the agent stopped and the connection was still open when its drain deadline passed" },
   CA_ERROR: { flag: "INTERNAL", description: "the embedded CA folder is missing, invalid or already initialized" },
   INTERNAL: { flag: "INTERNAL", description: "an unexpected error inside the agent" },
 } as const satisfies Record<string, ErrorSpec>;

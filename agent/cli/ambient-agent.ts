@@ -20,6 +20,9 @@ const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
   --root-namespace NS  namespace whose policies apply mesh-wide (default istio-system)
+  --drain-timeout SECONDS
+                       on SIGTERM or SIGINT, how long open connections may finish before they are
+                       reset (default 5; 0 resets them at once). A second signal resets them at once.
 `;
 
 /** Returns the cgroup v2 mount: /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup. */
@@ -29,7 +32,29 @@ export function defaultCgroupPath(): string {
   return "/sys/fs/cgroup";
 }
 
-function parseRunOptions(argv: string[]): AgentOptions {
+/** The options of `ambient-agent run`: the agent's own, and how the process stops it. */
+interface RunOptions {
+  agent: AgentOptions;
+  drainTimeoutMs: number;
+}
+
+/**
+ * Default drain deadline in seconds. Kubernetes sends SIGKILL terminationGracePeriodSeconds (30 by
+ * default) after SIGTERM, so 5 s leaves room for the audit flush and the rest of the stop within it.
+ */
+const DEFAULT_DRAIN_TIMEOUT_S = 5;
+
+/** Parses --drain-timeout: a number of seconds, 0 or more, fractions allowed. */
+function parseDrainTimeout(value: string | undefined): number {
+  if (value === undefined) return DEFAULT_DRAIN_TIMEOUT_S * 1000;
+  const seconds = Number(value);
+  if (value.trim() === "" || !Number.isFinite(seconds) || seconds < 0) {
+    throw new UsageError(`invalid --drain-timeout "${value}": give the number of seconds, 0 or more (for example 5 or 0.5)`);
+  }
+  return Math.round(seconds * 1000);
+}
+
+function parseRunOptions(argv: string[]): RunOptions {
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -42,6 +67,7 @@ function parseRunOptions(argv: string[]): AgentOptions {
       "bpf-object": { type: "string" },
       admin: { type: "string" },
       "root-namespace": { type: "string" },
+      "drain-timeout": { type: "string" },
     },
     strict: true,
   });
@@ -51,7 +77,7 @@ function parseRunOptions(argv: string[]): AgentOptions {
   if (!/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(node)) {
     throw new UsageError(`invalid --node "${node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
   }
-  return {
+  const agent: AgentOptions = {
     node,
     manifestsDir: path.resolve(values.manifests!),
     caDir: path.resolve(values["ca-dir"]!),
@@ -62,11 +88,12 @@ function parseRunOptions(argv: string[]): AgentOptions {
     adminAddress: values.admin ?? "127.0.0.1:15000",
     rootNamespace: values["root-namespace"] ?? "istio-system",
   };
+  return { agent, drainTimeoutMs: parseDrainTimeout(values["drain-timeout"]) };
 }
 
 class UsageError extends Error {}
 
-/** How long a graceful stop may take before the process exits anyway. */
+/** How much longer than the drain timeout the whole stop may take (audit flush, admin and capture close) before the process exits anyway. */
 const STOP_DEADLINE_MS = 10_000;
 
 async function main(argv: string[]): Promise<number> {
@@ -84,7 +111,7 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
 
-  let options: AgentOptions;
+  let options: RunOptions;
   try {
     options = parseRunOptions(rest);
   } catch (error) {
@@ -92,8 +119,8 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
 
-  const logger = createLogger({ node: options.node });
-  const agent = new Agent(options, logger);
+  const logger = createLogger({ node: options.agent.node });
+  const agent = new Agent(options.agent, logger);
   try {
     await agent.start();
   } catch (error) {
@@ -112,11 +139,19 @@ async function main(argv: string[]): Promise<number> {
   });
   process.off("SIGHUP", onHangup);
 
-  logger.info({ signal }, "signal received, stopping");
+  logger.info({ signal, drainTimeoutMs: options.drainTimeoutMs }, "signal received, stopping");
+  const onSecondSignal = (second: string): void => {
+    logger.warn({ signal: second }, "second stop signal received");
+    agent.abortDrain();
+  };
+  process.on("SIGTERM", onSecondSignal);
+  process.on("SIGINT", onSecondSignal);
+
   // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
-  const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), STOP_DEADLINE_MS).unref());
-  if ((await Promise.race([agent.stop().then(() => "stopped" as const), deadline])) === "timeout") {
-    logger.error({ deadlineMs: STOP_DEADLINE_MS }, "stopping took too long; exiting with connections still open");
+  const deadlineMs = options.drainTimeoutMs + STOP_DEADLINE_MS;
+  const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
+  if ((await Promise.race([agent.stop(options.drainTimeoutMs).then(() => "stopped" as const), deadline])) === "timeout") {
+    logger.error({ deadlineMs }, "stopping took too long; exiting with connections still open");
     agent.releaseLocks();
     return 1;
   }

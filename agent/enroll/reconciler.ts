@@ -12,13 +12,20 @@ import { netnsCookie } from "../capture/native";
 import { NetnsPodNetwork } from "../capture/netns-network";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
+import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
 import type { Identity, Workload } from "../state/types";
 import { findNetnsCandidates } from "./netns";
 
 /** The proxies of one enrolled workload. */
 export interface WorkloadProxies {
   start(): Promise<void>;
-  stop(): Promise<void>;
+  /**
+   * Closes the listeners at once and lets open connections finish for up to `graceMs` (0: reset
+   * them now). A second call may shorten the deadline.
+   */
+  stop(graceMs?: number): Promise<DrainSummary>;
+  /** Counts the connections and HBONE streams open now. */
+  openConnections(): number;
 }
 
 export interface EnrolledWorkload {
@@ -56,6 +63,7 @@ export class EnrollmentReconciler {
   private running: Promise<void> = Promise.resolve();
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  private stopping: Promise<DrainSummary> | undefined;
 
   constructor(private readonly options: ReconcilerOptions) {}
 
@@ -76,16 +84,33 @@ export class EnrollmentReconciler {
     return this.running;
   }
 
-  /** Stops every proxy this process started; capture entries stay, so the pods stay closed. */
-  async stop(): Promise<void> {
+  /** Counts the connections and HBONE streams open now across every enrolled workload. */
+  openConnections(): number {
+    let open = 0;
+    for (const entry of this.enrolled.values()) open += entry.proxies.openConnections();
+    return open;
+  }
+
+  /**
+   * Stops every proxy this process started: listeners close at once, and open connections may
+   * finish for up to `graceMs` before they are reset. Capture entries stay, so the pods stay closed.
+   * A second call may shorten the deadline (0 resets what is left now) and resolves with the same summary.
+   */
+  stop(graceMs = 0): Promise<DrainSummary> {
+    if (this.stopping) {
+      for (const entry of this.enrolled.values()) void this.stopProxies(entry, graceMs);
+      return this.stopping;
+    }
     this.stopped = true;
     clearTimeout(this.retryTimer);
+    this.stopping = this.stopAll(graceMs);
+    return this.stopping;
+  }
+
+  private async stopAll(graceMs: number): Promise<DrainSummary> {
     await this.running;
-    await Promise.all(
-      [...this.enrolled.values()].map((entry) =>
-        entry.proxies.stop().catch((error) => this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to stop workload proxies")),
-      ),
-    );
+    const entries = [...this.enrolled.values()];
+    return sumDrains(await Promise.all(entries.map((entry) => this.stopProxies(entry, graceMs))));
   }
 
   /**
@@ -244,11 +269,12 @@ export class EnrollmentReconciler {
     this.options.logger.info({ workload: entry.workload.uid, reason }, "workload unenrolled");
   }
 
-  private async stopProxies(entry: EnrolledWorkload): Promise<void> {
+  private async stopProxies(entry: EnrolledWorkload, graceMs = 0): Promise<DrainSummary> {
     try {
-      await entry.proxies.stop();
+      return await entry.proxies.stop(graceMs);
     } catch (error) {
       this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to stop workload proxies");
+      return EMPTY_DRAIN;
     }
   }
 }

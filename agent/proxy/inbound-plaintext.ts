@@ -12,6 +12,7 @@ import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import type { Identity, MtlsMode, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
+import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
 import type { PodNetwork } from "./pod-network";
 import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
@@ -43,7 +44,11 @@ export class InboundPlaintextServer {
   readonly #options: InboundPlaintextServerOptions;
   readonly #logger: Logger;
   readonly #active = new Set<ActiveConnection>();
+  readonly #drain = new ConnectionDrain<ActiveConnection>(() => this.#active, (connection) => this.#abort(connection));
   #server: net.Server | undefined;
+  /** The outcome of the first stop() call; later calls can only shorten its deadline. */
+  #stopped: Promise<DrainSummary> | undefined;
+  #stopReason: AgentError | undefined;
 
   constructor(options: InboundPlaintextServerOptions) {
     this.#options = options;
@@ -60,19 +65,41 @@ export class InboundPlaintextServer {
     this.#logger.info({ port: INBOUND_PLAINTEXT_PORT }, "inbound plaintext server started");
   }
 
-  /** Closes the listener and resets every open connection; resolves once each has written its record. */
-  async stop(): Promise<void> {
+  /** Counts the connections open now, for the drain log. */
+  get openConnections(): number {
+    return this.#active.size;
+  }
+
+  /**
+   * Closes the listener at once, lets open connections finish for up to `graceMs`, then resets the
+   * rest. Resolves once every connection has written its record. A second call may shorten the
+   * deadline (0 aborts at once) and resolves with the same summary.
+   */
+  stop(graceMs = 0): Promise<DrainSummary> {
+    if (this.#stopped) {
+      void this.#drain.drain(graceMs);
+      return this.#stopped;
+    }
+    this.#stopReason = stopReason(`the inbound plaintext server of ${this.#options.workload.uid}`, graceMs);
+    this.#stopped = this.#closeAndDrain(graceMs);
+    return this.#stopped;
+  }
+
+  async #closeAndDrain(graceMs: number): Promise<DrainSummary> {
     const server = this.#server;
     this.#server = undefined;
+    // Once the listener is closed, sk_lookup finds no socket for the pod and drops new connections.
     const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
-    const stopping = new AgentError("STREAM_RESET", `the inbound plaintext server of ${this.#options.workload.uid} stopped`);
-    for (const connection of this.#active) {
-      connection.record.fail(stopping);
-      resetSocket(connection.client);
-      connection.upstream?.destroy();
-    }
-    await Promise.allSettled([...this.#active].map((connection) => connection.done));
+    const summary = await this.#drain.drain(graceMs);
     await closed;
+    this.#logger.info(summary, "inbound plaintext server stopped");
+    return summary;
+  }
+
+  #abort(connection: ActiveConnection): void {
+    connection.record.fail(this.#stopReason);
+    resetSocket(connection.client);
+    if (connection.upstream) resetSocket(connection.upstream);
   }
 
   #accept(client: net.Socket): void {

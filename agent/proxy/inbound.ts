@@ -14,12 +14,14 @@ import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, streamEndpoint, tcpEndpoint } from "./copy";
+import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import {
   CONNECT_TIMEOUT_MS,
   CONNECTION_WINDOW_BYTES,
   HBONE_PORT,
   MAX_SESSION_MEMORY_MB,
   PROXY_PORTS,
+  SERVER_MAX_CONCURRENT_STREAMS,
   SERVER_SETTINGS,
   parseAuthority,
   parseForwardedFor,
@@ -43,6 +45,15 @@ export interface InboundHboneServerOptions {
   lookupSource(ip: string): Workload | undefined;
   audit: AuditSink;
   logger: Logger;
+  /**
+   * Returns the workload this server delivers to as the mesh state has it now, or undefined once it
+   * left. Checked on every CONNECT. Without this option, `workload` counts as known for good.
+   */
+  currentWorkload?(): Workload | undefined;
+  /** Deadline of the connect to the application, in ms. Defaults to CONNECT_TIMEOUT_MS. */
+  connectTimeoutMs?: number;
+  /** Streams a client may open at once on one HBONE connection. Defaults to SERVER_MAX_CONCURRENT_STREAMS. */
+  maxConcurrentStreams?: number;
 }
 
 /** The client facts that one HBONE connection (TLS session) proved. */
@@ -55,6 +66,13 @@ interface TunnelPeer {
   localIp: string;
 }
 
+/** One CONNECT stream being served, so that stop() can wait for it or abort it. */
+interface ActiveStream {
+  stream: http2.ServerHttp2Stream;
+  /** Settles once the stream's record is written. */
+  done: Promise<void>;
+}
+
 /** How often the server checks whether its certificate was re-issued, at most. */
 const MAX_ROTATION_CHECK_MS = 60_000;
 
@@ -63,12 +81,18 @@ export class InboundHboneServer {
   readonly #logger: Logger;
   readonly #peers = new WeakMap<http2.ServerHttp2Session, TunnelPeer>();
   readonly #sessions = new Set<http2.ServerHttp2Session>();
-  readonly #streams = new Set<Promise<void>>();
+  readonly #streams = new Set<ActiveStream>();
+  /** The audit record of each stream being served, so that a drain's abort can record why it ended. */
+  readonly #records = new WeakMap<http2.ServerHttp2Stream, ConnectionRecord>();
+  readonly #drain = new ConnectionDrain<ActiveStream>(() => this.#streams, (active) => this.#abortStream(active));
   /** Connects to the application not yet finished, so that stop() can abort them. */
   readonly #pendingConnects = new Set<net.Socket>();
   #server: http2.Http2SecureServer | undefined;
   #certificate: WorkloadCertificate | undefined;
   #rotationTimer: NodeJS.Timeout | undefined;
+  /** The outcome of the first stop() call; later calls can only shorten its deadline. */
+  #stopped: Promise<DrainSummary> | undefined;
+  #stopReason: AgentError | undefined;
 
   constructor(options: InboundHboneServerOptions) {
     this.#options = options;
@@ -86,7 +110,7 @@ export class InboundHboneServer {
       allowHTTP1: false,
       // Node's default of 120 s would let a stalled handshake hold stop() open that long.
       handshakeTimeout: CONNECT_TIMEOUT_MS,
-      settings: SERVER_SETTINGS,
+      settings: { ...SERVER_SETTINGS, maxConcurrentStreams: this.#options.maxConcurrentStreams ?? SERVER_MAX_CONCURRENT_STREAMS },
       maxSessionMemory: MAX_SESSION_MEMORY_MB,
     });
     server.on("session", (session) => this.#acceptSession(session));
@@ -103,21 +127,53 @@ export class InboundHboneServer {
     this.#logger.info({ port: HBONE_PORT }, "inbound HBONE server started");
   }
 
-  /** Closes the listener and every HBONE connection; resolves once each stream has written its record. */
-  async stop(): Promise<void> {
+  /** Counts the CONNECT streams open now, for the drain log. */
+  get openConnections(): number {
+    return this.#streams.size;
+  }
+
+  /**
+   * Closes the listener at once and sends GOAWAY on every HBONE connection, so clients open no new
+   * stream here. Open streams keep flowing for up to `graceMs`. Then the rest are reset and every
+   * connection is closed. Resolves once each stream has written its record. A second call may
+   * shorten the deadline (0 aborts at once) and resolves with the same summary.
+   */
+  stop(graceMs = 0): Promise<DrainSummary> {
+    if (this.#stopped) {
+      void this.#drain.drain(graceMs);
+      return this.#stopped;
+    }
+    this.#stopReason = stopReason(`the inbound HBONE server of ${this.#options.workload.uid}`, graceMs);
+    this.#stopped = this.#closeAndDrain(graceMs);
+    return this.#stopped;
+  }
+
+  async #closeAndDrain(graceMs: number): Promise<DrainSummary> {
     clearTimeout(this.#rotationTimer);
     const server = this.#server;
     this.#server = undefined;
     const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     for (const session of this.#sessions) {
+      session.close();
+    }
+    const summary = await this.#drain.drain(graceMs);
+    for (const session of this.#sessions) {
       session.destroy();
     }
+    await closed;
+    this.#logger.info(summary, "inbound HBONE server stopped");
+    return summary;
+  }
+
+  /** Resets one stream at the drain deadline, and the client's outbound proxy then resets its application connection. */
+  #abortStream(active: ActiveStream): void {
+    this.#records.get(active.stream)?.fail(this.#stopReason);
+    // An error makes Node send RST_STREAM INTERNAL_ERROR. Without one it sends NO_ERROR, which reads as end of stream.
+    if (!active.stream.destroyed) active.stream.destroy(this.#stopReason);
+    // Every stream is aborted together, so every connect still pending to the application can go too.
     for (const socket of this.#pendingConnects) {
       socket.destroy();
     }
-    await Promise.allSettled([...this.#streams]);
-    await closed;
-    this.#logger.info("inbound HBONE server stopped");
   }
 
   /** Checks the client certificate's trust domain and remembers what the session proved. */
@@ -143,11 +199,15 @@ export class InboundHboneServer {
     this.#sessions.add(session);
     session.once("close", () => this.#sessions.delete(session));
     session.setLocalWindowSize(CONNECTION_WINDOW_BYTES);
+    // A handshake that completed after stop() began gets GOAWAY at once: no stream is served on it.
+    if (this.#stopped) session.close();
   }
 
   #trackStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
-    const done = this.#handleStream(stream, headers).finally(() => this.#streams.delete(done));
-    this.#streams.add(done);
+    const active: ActiveStream = { stream, done: Promise.resolve() };
+    this.#streams.add(active);
+    active.done = this.#handleStream(stream, headers).finally(() => this.#streams.delete(active));
+    if (this.#drain.expired) this.#drain.abort(active);
   }
 
   async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): Promise<void> {
@@ -158,6 +218,7 @@ export class InboundHboneServer {
       return;
     }
     const record = this.#newRecord(peer, headers);
+    this.#records.set(stream, record);
     const logger = this.#logger.child({
       connection_id: record.id,
       "src.addr": record.src.addr,
@@ -169,9 +230,9 @@ export class InboundHboneServer {
     let upstream: net.Socket | undefined;
     try {
       const target = this.#validateRequest(peer, headers, record);
+      this.#checkDestinationKnown(target, record);
       this.#authorize(peer, target, record);
-      upstream = await this.#connectApplication(target);
-      // respond() throws when the client reset the stream while the application connect was pending.
+      upstream = await this.#connectApplication(target, stream);
       stream.respond({ ":status": 200 });
       const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
       record.bytesSent = result.bytesForward;
@@ -229,6 +290,20 @@ export class InboundHboneServer {
     }
   }
 
+  /** Rejects a CONNECT to a workload that the mesh state no longer has at the requested address. */
+  #checkDestinationKnown(target: Authority, record: ConnectionRecord): void {
+    const current = this.#options.currentWorkload ? this.#options.currentWorkload() : this.#options.workload;
+    if (current && normalizeIp(current.ip) === normalizeIp(target.ip)) {
+      return;
+    }
+    const error = new AgentError(
+      "UNKNOWN_DESTINATION",
+      `no workload is known at ${record.dst.addr}: ${this.#options.workload.uid} left the mesh state or changed its address`,
+    );
+    record.deny("unknown_destination", error);
+    throw error;
+  }
+
   #authorize(peer: TunnelPeer, target: Authority, record: ConnectionRecord): void {
     const result = this.#options.authorize({
       sourceIdentity: peer.identity,
@@ -249,25 +324,39 @@ export class InboundHboneServer {
     }
   }
 
-  async #connectApplication(target: Authority): Promise<net.Socket> {
+  /** Connects to the application. A client reset of the stream meanwhile aborts the connect. */
+  async #connectApplication(target: Authority, stream: http2.ServerHttp2Stream): Promise<net.Socket> {
+    const address = formatAddress(target.ip, target.port);
+    let pending: net.Socket | undefined;
+    const abortConnect = (): void => {
+      pending?.destroy();
+    };
+    stream.once("close", abortConnect);
     try {
-      let pending: net.Socket | undefined;
-      try {
-        const socket = await connectTcp(this.#options.network, target.ip, target.port, CONNECT_TIMEOUT_MS, (created) => {
-          pending = created;
-          this.#pendingConnects.add(created);
-        });
-        socket.on("error", () => undefined);
-        return socket;
-      } finally {
-        if (pending) this.#pendingConnects.delete(pending);
+      const timeoutMs = this.#options.connectTimeoutMs ?? CONNECT_TIMEOUT_MS;
+      const socket = await connectTcp(this.#options.network, target.ip, target.port, timeoutMs, (created) => {
+        pending = created;
+        this.#pendingConnects.add(created);
+      });
+      socket.on("error", () => undefined);
+      if (stream.closed || stream.destroyed) {
+        socket.destroy();
+        throw resetDuringConnect(address);
       }
+      return socket;
     } catch (error) {
-      throw new AgentError(
-        "UPSTREAM_CONNECT_FAILED",
-        `connect to the application at ${formatAddress(target.ip, target.port)} failed: ${(error as Error).message}`,
-        { cause: error },
-      );
+      if (error instanceof AgentError) {
+        throw error;
+      }
+      if (stream.closed || stream.destroyed) {
+        throw resetDuringConnect(address, error);
+      }
+      throw new AgentError("UPSTREAM_CONNECT_FAILED", `connect to the application at ${address} failed: ${(error as Error).message}`, {
+        cause: error,
+      });
+    } finally {
+      stream.off("close", abortConnect);
+      if (pending) this.#pendingConnects.delete(pending);
     }
   }
 
@@ -296,6 +385,12 @@ export class InboundHboneServer {
     }
     this.#scheduleRotationCheck();
   }
+}
+
+function resetDuringConnect(address: string, cause?: unknown): AgentError {
+  return new AgentError("STREAM_RESET", `the client reset the CONNECT stream to ${address} before the connect to the application finished`, {
+    cause,
+  });
 }
 
 /** Responds to a failed CONNECT with the error's HBONE status, or resets the stream when the response was already sent. */

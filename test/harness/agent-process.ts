@@ -18,6 +18,8 @@ export interface AgentProcessOptions {
   pinRoot: string;
   /** Where the agent's log lines are copied, for debugging a failed run. */
   logFile: string;
+  /** More `ambient-agent run` options, such as ["--drain-timeout", "2"]. */
+  extraArgs?: string[];
 }
 
 export interface LogLine {
@@ -31,6 +33,7 @@ export class AgentProcess {
   private readonly child: ChildProcess;
   private readonly waiters = new Set<() => void>();
   private exited = false;
+  private exitStatus: { code: number | null; signal: NodeJS.Signals | null } | undefined;
 
   constructor(readonly options: AgentProcessOptions) {
     const args = [
@@ -44,6 +47,7 @@ export class AgentProcess {
       "--ca-dir", options.caDir,
       "--audit-file", options.auditFile,
       "--pin-root", options.pinRoot,
+      ...(options.extraArgs ?? []),
     ];
     const log = fs.createWriteStream(options.logFile, { flags: "a" });
     this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: "debug" } });
@@ -58,8 +62,9 @@ export class AgentProcess {
       }
       for (const wake of this.waiters) wake();
     });
-    this.child.once("exit", () => {
+    this.child.once("exit", (code, signal) => {
       this.exited = true;
+      this.exitStatus = { code, signal };
       for (const wake of this.waiters) wake();
     });
   }
@@ -70,6 +75,23 @@ export class AgentProcess {
 
   get running(): boolean {
     return !this.exited;
+  }
+
+  /** The exit code and signal once the agent exited; undefined while it runs. */
+  get exit(): { code: number | null; signal: NodeJS.Signals | null } | undefined {
+    return this.exitStatus;
+  }
+
+  /** Resolves with the exit status once the agent exited; rejects after `timeoutMs`. */
+  waitExit(timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    if (this.exitStatus) return Promise.resolve(this.exitStatus);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`agent ${this.options.node} did not exit within ${timeoutMs} ms\n${this.tail()}`)), timeoutMs);
+      this.child.once("exit", (code, signal) => {
+        clearTimeout(timer);
+        resolve({ code, signal });
+      });
+    });
   }
 
   /**
@@ -120,8 +142,11 @@ export class AgentProcess {
     return this.lines.slice(-count).map((line) => JSON.stringify(line)).join("\n");
   }
 
-  /** Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`, longer than the agent's own 10 s stop deadline. */
-  async stop(graceMs = 15_000): Promise<void> {
+  /**
+   * Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`, longer than the agent's own stop
+   * deadline (its drain timeout, 5 s by default, plus 10 s).
+   */
+  async stop(graceMs = 20_000): Promise<void> {
     if (this.exited) return;
     const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
     this.child.kill("SIGTERM");

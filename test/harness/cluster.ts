@@ -22,6 +22,8 @@ export interface ClusterOptions {
   extraManifests?: Record<string, string>;
   /** Folder for the CA, manifests, audit files and logs; a new temporary folder by default. */
   workDir?: string;
+  /** More `ambient-agent run` options for every agent, such as ["--drain-timeout", "2"]. */
+  agentArgs?: string[];
 }
 
 /** Checks what the end-to-end harness needs and throws one message naming everything that is missing. */
@@ -137,6 +139,7 @@ export class Cluster {
       auditFile: this.auditFile(node),
       pinRoot: this.pinRoot(node),
       logFile: this.logFile(node),
+      extraArgs: this.options.agentArgs,
     });
     this.agents.set(node, agent);
     registerPid(this.options.prefix, agent.pid);

@@ -85,6 +85,7 @@ export function workload(name: string, namespace: string, serviceAccount: string
     labels: { app: name },
     namedPorts: {},
     hostNetwork: false,
+    ready: true,
     source: { file: "test", document: 0 },
   };
 }

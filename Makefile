@@ -10,7 +10,7 @@ BPF_SOURCES := bpf/capture.c
 BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)
 TS_SOURCES := $(shell find agent test -name '*.ts' 2>/dev/null)
 
-.PHONY: setup build bpf test test-unit test-e2e demo install host clean
+.PHONY: setup build bpf test test-unit test-e2e demo bench install host clean
 
 ## setup: install the Debian packages and npm dependencies (quiet when all is present)
 setup: node_modules/.package-lock.json
@@ -62,6 +62,10 @@ test-e2e: build host
 ## demo: two nodes, five pods, two agents, allowed and denied traffic, then the audit records
 demo: build host
 	node dist/test/demo/demo.js
+
+## bench: throughput, CPU, latency, connection rate and memory of direct TCP, native TLS and the mesh (needs root)
+bench: build host
+	node dist/test/bench/bench.js
 
 ## install: put ambient-agent and agentctl on PATH ($(PREFIX)/bin)
 install: build

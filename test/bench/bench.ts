@@ -1,0 +1,318 @@
+// `make bench`: throughput, CPU, latency, connection rate and memory of the mesh, measured on the
+// namespace harness (real namespaces, veth, agents and eBPF) for one client pod on node bench-n1
+// and one server pod on node bench-n2. The same two pods carry three paths:
+//
+//   direct      plain TCP between the pods, before the agents start (nothing is captured yet)
+//   native_tls  a socat mutual-TLS tunnel pair between the pods, also before the agents start
+//   mesh        HBONE through both agents, after they start and enroll the pods
+//
+// Prints a table and writes bench-results.json at the project root. Pass --quick for a shorter run
+// (for checking the harness, not for figures), --markdown to print the table as Markdown too, and
+// --cpu-prof to profile both agents and print where their CPU time went.
+
+import type { ChildProcess } from "node:child_process";
+import os from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import { AGENT_BIN, REPO_ROOT } from "../harness/agent-process";
+import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
+import type { NamespaceSpec } from "../harness/manifests";
+import type { NodeSpec } from "../harness/topology";
+import { IPERF_PORT, runIperfClient, startIperfServer, type IperfResult } from "./iperf";
+import { summarizeProfiles, withCpuProfiles } from "./cpu-profile";
+import { makeCertificates, NATIVE_CLIENT_PORT, startNativeTunnel, stopNativeTunnel, tunnelCiphers } from "./native-tls";
+import { moveToBenchAddresses } from "./pod-ips";
+import { TcpBench, type IdleOpened } from "./tcp-bench";
+import { assertProcessRuns, cpuSeconds, rssKib } from "./proc-stats";
+import { describeMachine, formatMarkdown, formatTable, writeResults, type BenchResults } from "./report";
+import { round, type LatencySummary } from "./stats";
+
+const PREFIX_FAMILY = "aabench";
+const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
+const CLIENT = "client";
+const SERVER = "server";
+const ECHO_PORT = 7000;
+const RESULTS_FILE = path.join(REPO_ROOT, "bench-results.json");
+const GIB = 1024 ** 3;
+
+const NODES: NodeSpec[] = [
+  { name: "bench-n1", pods: [{ name: CLIENT, namespace: "bench-client", serviceAccount: "client" }] },
+  { name: "bench-n2", pods: [{ name: SERVER, namespace: "bench-server", serviceAccount: "server" }] },
+];
+const NAMESPACES: NamespaceSpec[] = [
+  { name: "bench-client", ambient: true },
+  { name: "bench-server", ambient: true },
+];
+/** One ALLOW policy, so that every mesh connection goes through a policy evaluation as in production. */
+const ALLOW_CLIENT_POLICY = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: server-allow-client
+  namespace: bench-server
+spec:
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/bench-client/sa/client"]
+`;
+
+interface Settings {
+  /** Folder for the agents' CPU profiles, or undefined for a run without profiling. */
+  profileDir?: string;
+  iperfSeconds: number;
+  latencyCount: number;
+  latencyWarmup: number;
+  rateSeconds: number;
+  rateThreads: number;
+  rateMaxCount: number;
+  idleCount: number;
+  /** Pause before each memory reading, so that work in flight finishes. */
+  settleMs: number;
+}
+
+const FULL: Settings = { iperfSeconds: 5, latencyCount: 10_000, latencyWarmup: 1000, rateSeconds: 4, rateThreads: 16, rateMaxCount: 200_000, idleCount: 1000, settleMs: 2000 };
+const QUICK: Settings = { iperfSeconds: 2, latencyCount: 2000, latencyWarmup: 200, rateSeconds: 2, rateThreads: 16, rateMaxCount: 100_000, idleCount: 1000, settleMs: 1000 };
+
+interface PathFigures {
+  iperf: IperfResult;
+  latency: LatencySummary;
+  connectionsPerSecond: number;
+}
+
+/** The cluster and the compiled TCP application of one run. */
+interface Run {
+  cluster: Cluster;
+  tcp: TcpBench;
+  settings: Settings;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function step(message: string): void {
+  process.stderr.write(`bench: ${message}\n`);
+}
+
+/** Tunes the pods' TCP, builds the TCP application and starts the servers, before any agent starts. */
+async function prepareRun(cluster: Cluster, settings: Settings): Promise<Run> {
+  moveToBenchAddresses(cluster);
+  for (const pod of [CLIENT, SERVER]) {
+    // The rate test closes tens of thousands of connections from the client side: reuse TIME_WAIT
+    // ports after 1 s and widen the ephemeral range, so the test never runs out of source ports.
+    const netns = cluster.topology.pod(pod).netns;
+    cluster.topology.exec(netns, "sysctl", ["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=20000 64999"]);
+  }
+  const tcp = TcpBench.build(cluster.topology, cluster.workDir);
+  await startIperfServer(cluster.topology, SERVER, cluster.workDir);
+  await tcp.startEchoServer(SERVER, ECHO_PORT);
+  return { cluster, tcp, settings };
+}
+
+function serverIp(run: Run): string {
+  return run.cluster.topology.pod(SERVER).ip;
+}
+
+async function measureRate(run: Run, name: string): Promise<number> {
+  const { settings } = run;
+  const result = await run.tcp.rate(CLIENT, serverIp(run), ECHO_PORT, settings.rateThreads, settings.rateSeconds, settings.rateMaxCount);
+  if (result.errors > 0) step(`${name}: ${result.errors} connections failed: ${JSON.stringify(result.error_codes)}`);
+  if (result.completed === 0) throw new Error(`${name}: no connection completed in the rate test: ${JSON.stringify(result.error_codes)}`);
+  return result.completed / result.elapsed_s;
+}
+
+/** Measures one path: throughput, round-trip latency and connection rate, in that order. */
+async function measurePath(run: Run, name: string, wrapIperf?: (iperf: () => Promise<IperfResult>) => Promise<IperfResult>): Promise<PathFigures> {
+  const { settings } = run;
+  step(`${name}: iperf3, one stream for ${settings.iperfSeconds} s`);
+  const runIperf = (): Promise<IperfResult> => runIperfClient(run.cluster.topology, CLIENT, serverIp(run), IPERF_PORT, settings.iperfSeconds);
+  const iperf = wrapIperf ? await wrapIperf(runIperf) : await runIperf();
+  step(`${name}: ${settings.latencyCount} round trips of 1 KiB`);
+  const latency = await run.tcp.latency(CLIENT, serverIp(run), ECHO_PORT, 1024, settings.latencyWarmup, settings.latencyCount);
+  step(`${name}: new connections for ${settings.rateSeconds} s from ${settings.rateThreads} threads`);
+  const connectionsPerSecond = await measureRate(run, name);
+  return { iperf, latency, connectionsPerSecond };
+}
+
+/** Runs iperf3 through a socat mutual-TLS tunnel pair between the pods. */
+async function measureNativeTls(run: Run): Promise<IperfResult> {
+  const { cluster, settings } = run;
+  step(`native_tls: iperf3 through a socat tunnel pair, one stream for ${settings.iperfSeconds} s`);
+  const certDir = path.join(cluster.workDir, "native-tls");
+  makeCertificates(certDir);
+  const tunnel = await startNativeTunnel(cluster.topology, CLIENT, SERVER, certDir);
+  try {
+    const result = await runIperfClient(cluster.topology, CLIENT, "127.0.0.1", NATIVE_CLIENT_PORT, settings.iperfSeconds);
+    step(`native_tls: TLS ciphers used: ${tunnelCiphers(tunnel).join(", ") || "none logged"}`);
+    return result;
+  } finally {
+    await stopNativeTunnel(tunnel);
+  }
+}
+
+/** Returns the PIDs of both agents, checked to be the agent processes themselves. */
+function agentPids(cluster: Cluster): number[] {
+  return [...cluster.agents.values()].map((agent) => {
+    if (!agent.pid || !agent.running) throw new Error(`the agent of ${agent.options.node} is not running; log: ${agent.options.logFile}`);
+    assertProcessRuns(agent.pid, AGENT_BIN);
+    return agent.pid;
+  });
+}
+
+/** Starts both agents, waits for enrollment, and checks that a client connection really goes through HBONE. */
+async function startMesh(run: Run): Promise<number[]> {
+  const { cluster } = run;
+  step("mesh: starting the agents");
+  const { profileDir } = run.settings;
+  const start = (): Promise<void> => cluster.startAgents([CLIENT, SERVER]);
+  await (profileDir ? withCpuProfiles(profileDir, start) : start());
+  await run.tcp.latency(CLIENT, serverIp(run), ECHO_PORT, 1024, 1, 10);
+  await cluster.waitForAudit("bench-n1", (record) => record.direction === "outbound" && record.transport === "hbone" && record.src?.workload === CLIENT);
+  await cluster.waitForAudit("bench-n2", (record) => record.direction === "inbound" && record.transport === "hbone" && record.decision === "allow");
+  return agentPids(cluster);
+}
+
+/** Runs iperf3 and returns its result with the agents' CPU seconds per GiB per hop during the run. */
+async function withAgentCpu(pids: number[], iperf: () => Promise<IperfResult>): Promise<{ iperf: IperfResult; cpuPerGibPerHop: number }> {
+  const before = pids.map(cpuSeconds);
+  const result = await iperf();
+  const used = pids.map((pid, index) => cpuSeconds(pid) - before[index]);
+  const gib = result.bytes / GIB;
+  step(`mesh: agent CPU seconds during iperf3: ${used.map((value) => value.toFixed(2)).join(" and ")} for ${gib.toFixed(2)} GiB`);
+  return { iperf: result, cpuPerGibPerHop: used.reduce((sum, value) => sum + value, 0) / pids.length / gib };
+}
+
+/** Reads JSON lines from a child's stdout until one satisfies `predicate`; rejects on exit or after `timeoutMs`. */
+function waitForJsonLine<T>(child: ChildProcess, predicate: (value: T) => boolean, timeoutMs: number, what: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const reader = readline.createInterface({ input: child.stdout! });
+    const timer = setTimeout(() => finish(new Error(`${what} timed out after ${timeoutMs} ms`)), timeoutMs);
+    const onExit = (code: number | null): void => finish(new Error(`${what} exited with code ${String(code)} before reporting`));
+    const finish = (error: Error | undefined, value?: T): void => {
+      clearTimeout(timer);
+      child.off("exit", onExit);
+      reader.close();
+      if (error) reject(error);
+      else resolve(value as T);
+    };
+    reader.on("line", (line) => {
+      const value = JSON.parse(line) as T;
+      if (predicate(value)) finish(undefined, value);
+    });
+    child.once("exit", onExit);
+  });
+}
+
+/** Opens idle connections through the mesh and returns the agents' RSS growth per connection, in KiB. */
+async function measureIdleConnections(run: Run, pids: number[]): Promise<number> {
+  const { settings } = run;
+  await sleep(settings.settleMs);
+  const rssBeforeKib = pids.map(rssKib);
+  step(`mesh: opening ${settings.idleCount} idle connections`);
+  const client = run.tcp.spawnIdle(CLIENT, serverIp(run), ECHO_PORT, settings.idleCount);
+  client.stderr?.resume();
+  try {
+    const opened = await waitForJsonLine<IdleOpened>(client, (value) => "opened" in value, 90_000, "the idle-connection client");
+    if (opened.opened === 0) throw new Error(`no idle connection could be opened through the mesh (${opened.failed} failed)`);
+    if (opened.failed > 0) step(`mesh: ${opened.failed} of ${settings.idleCount} idle connections failed to open`);
+    await sleep(settings.settleMs);
+    const rssAfterKib = pids.map(rssKib);
+    const growthKib = rssAfterKib.reduce((sum, value, index) => sum + value - rssBeforeKib[index], 0);
+    step(`mesh: agent RSS ${rssBeforeKib.join(" and ")} KiB before, ${rssAfterKib.join(" and ")} KiB with ${opened.opened} idle connections`);
+    const closed = waitForJsonLine<{ closed: number }>(client, (value) => "closed" in value, 30_000, "closing the idle connections");
+    client.stdin?.write("close\n");
+    await closed;
+    return growthKib / opened.opened;
+  } finally {
+    if (client.exitCode === null) client.kill("SIGKILL");
+  }
+}
+
+/** Returns the agents' mean RSS in MiB once they have been idle for the settle time. */
+async function measureSteadyRss(run: Run, pids: number[]): Promise<number> {
+  await sleep(run.settings.settleMs);
+  const rssKibs = pids.map(rssKib);
+  step(`mesh: agent RSS at rest after the load: ${rssKibs.join(" and ")} KiB`);
+  return rssKibs.reduce((sum, value) => sum + value, 0) / rssKibs.length / 1024;
+}
+
+function latencyFigures(name: string, summary: LatencySummary): { p50: number; p99: number } {
+  step(`${name}: round trips in µs: ${JSON.stringify(summary)}`);
+  return { p50: round(summary.p50, 1), p99: round(summary.p99, 1) };
+}
+
+async function runBenchmark(run: Run): Promise<BenchResults> {
+  const direct = await measurePath(run, "direct");
+  const nativeTls = await measureNativeTls(run);
+
+  const pids = await startMesh(run);
+  // Idle connections first: after the load tests the agents' heaps have free space that absorbs new
+  // connections without any growth of RSS, which would hide their cost.
+  const idleConnectionKib = await measureIdleConnections(run, pids);
+  let cpuPerGibPerHop = Number.NaN;
+  const mesh = await measurePath(run, "mesh", async (iperf) => {
+    const measured = await withAgentCpu(pids, iperf);
+    cpuPerGibPerHop = measured.cpuPerGibPerHop;
+    return measured.iperf;
+  });
+  const agentRssMb = await measureSteadyRss(run, pids);
+
+  return {
+    time: new Date().toISOString(),
+    machine: describeMachine(),
+    throughput_gbps: {
+      direct: round(direct.iperf.bitsPerSecond / 1e9, 3),
+      mesh: round(mesh.iperf.bitsPerSecond / 1e9, 3),
+      native_tls: round(nativeTls.bitsPerSecond / 1e9, 3),
+    },
+    cpu_s_per_gib_per_hop: round(cpuPerGibPerHop, 3),
+    latency_us: { direct: latencyFigures("direct", direct.latency), mesh: latencyFigures("mesh", mesh.latency) },
+    new_connections_per_s: { direct: round(direct.connectionsPerSecond, 0), mesh: round(mesh.connectionsPerSecond, 0) },
+    idle_connection_kib: round(idleConnectionKib, 1),
+    agent_rss_mb: round(agentRssMb, 1),
+  };
+}
+
+async function main(): Promise<void> {
+  const settings = { ...(process.argv.includes("--quick") ? QUICK : FULL) };
+  if (process.argv.includes("--cpu-prof")) settings.profileDir = path.join(os.tmpdir(), `${PREFIX}-profiles`);
+  assertHostCapable();
+  removeLeftovers(PREFIX_FAMILY);
+  step("building the cluster");
+
+  let cluster: Cluster | undefined;
+  let succeeded = false;
+  // A signal can arrive while a measurement is still failing on its own, so both paths await the
+  // same clean-up and the process exits only after it finished.
+  let cleanUpDone: Promise<void> | undefined;
+  const cleanUp = (): Promise<void> =>
+    (cleanUpDone ??= (async () => {
+      await cluster?.destroy({ removeWorkDir: succeeded });
+      if (cluster && !succeeded) step(`the run failed: agent logs and tool output are kept in ${cluster.workDir}`);
+    })());
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    // Repeated signals wait for the same clean-up, which ends on its own: the agents get SIGKILL after a grace period.
+    process.on(signal, () => void cleanUp().finally(() => process.exit(130)));
+  }
+
+  try {
+    cluster = Cluster.create({ prefix: PREFIX, nodes: NODES, namespaces: NAMESPACES, extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY } });
+    const results = await runBenchmark(await prepareRun(cluster, settings));
+    succeeded = true;
+    writeResults(RESULTS_FILE, results);
+    process.stdout.write(formatTable(results) + "\n");
+    if (process.argv.includes("--markdown")) process.stdout.write("\n" + formatMarkdown(results) + "\n");
+    process.stdout.write(`results written to ${RESULTS_FILE}\n`);
+  } finally {
+    await cleanUp();
+  }
+
+  // The agents write their profiles when they exit, so the profiles are complete only after the clean-up.
+  if (settings.profileDir) process.stdout.write("\n" + summarizeProfiles(settings.profileDir) + "\n");
+}
+
+main().catch((error: Error) => {
+  process.stderr.write(`bench failed: ${error.stack ?? error.message}\n`);
+  process.exit(1);
+});

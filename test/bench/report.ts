@@ -1,0 +1,80 @@
+// The benchmark's results: the JSON file the run writes and the table it prints, with the targets
+// next to the figures. The targets are printed, never asserted.
+
+import fs from "node:fs";
+import os from "node:os";
+import { round } from "./stats";
+
+export interface PathLatency {
+  p50: number;
+  p99: number;
+}
+
+/** The content of bench-results.json; the unit of each figure is in its name. */
+export interface BenchResults {
+  time: string;
+  machine: { cores: number; model: string };
+  throughput_gbps: { direct: number; mesh: number; native_tls: number };
+  cpu_s_per_gib_per_hop: number;
+  latency_us: { direct: PathLatency; mesh: PathLatency };
+  new_connections_per_s: { direct: number; mesh: number };
+  idle_connection_kib: number;
+  agent_rss_mb: number;
+}
+
+/** Describes the machine the run used. */
+export function describeMachine(): BenchResults["machine"] {
+  const cpus = os.cpus();
+  const fromCpuinfo = /^model name\s*:\s*(.+)$/m.exec(fs.readFileSync("/proc/cpuinfo", "utf8"))?.[1];
+  return { cores: cpus.length, model: (fromCpuinfo ?? cpus[0]?.model ?? "unknown").trim() };
+}
+
+/** Writes the results as pretty-printed JSON. */
+export function writeResults(file: string, results: BenchResults): void {
+  fs.writeFileSync(file, JSON.stringify(results, null, 2) + "\n");
+}
+
+interface Row {
+  figure: string;
+  direct: string;
+  mesh: string;
+  nativeTls: string;
+  target: string;
+  met: boolean | undefined;
+}
+
+function format(value: number, digits: number): string {
+  return Number.isFinite(value) ? String(round(value, digits)) : "n/a";
+}
+
+function buildRows(results: BenchResults): Row[] {
+  const latency = results.latency_us;
+  const addedP50 = latency.mesh.p50 - latency.direct.p50;
+  const addedP99 = latency.mesh.p99 - latency.direct.p99;
+  const throughput = results.throughput_gbps;
+  return [
+    { figure: "throughput, Gbit/s (1 stream)", direct: format(throughput.direct, 2), mesh: format(throughput.mesh, 2), nativeTls: format(throughput.native_tls, 2), target: "mesh >= native_tls", met: throughput.mesh >= throughput.native_tls },
+    { figure: "agent CPU-s per GiB per hop", direct: "", mesh: format(results.cpu_s_per_gib_per_hop, 3), nativeTls: "", target: "<= 1.0", met: results.cpu_s_per_gib_per_hop <= 1.0 },
+    { figure: "latency p50, µs (1 KiB echo)", direct: format(latency.direct.p50, 1), mesh: format(latency.mesh.p50, 1), nativeTls: "", target: `added <= 60 (now ${format(addedP50, 1)})`, met: addedP50 <= 60 },
+    { figure: "latency p99, µs (1 KiB echo)", direct: format(latency.direct.p99, 1), mesh: format(latency.mesh.p99, 1), nativeTls: "", target: `added <= 200 (now ${format(addedP99, 1)})`, met: addedP99 <= 200 },
+    { figure: "new connections per s", direct: format(results.new_connections_per_s.direct, 0), mesh: format(results.new_connections_per_s.mesh, 0), nativeTls: "", target: "mesh >= 5000", met: results.new_connections_per_s.mesh >= 5000 },
+    { figure: "KiB per idle connection", direct: "", mesh: format(results.idle_connection_kib, 1), nativeTls: "", target: "<= 30", met: results.idle_connection_kib <= 30 },
+    { figure: "agent RSS, MB (steady state)", direct: "", mesh: format(results.agent_rss_mb, 1), nativeTls: "", target: "", met: undefined },
+  ];
+}
+
+/** Renders the results as a plain-text table with one row per figure. */
+export function formatTable(results: BenchResults): string {
+  const header = ["figure", "direct", "mesh", "native_tls", "target", "met"];
+  const body = buildRows(results).map((row) => [row.figure, row.direct, row.mesh, row.nativeTls, row.target, row.met === undefined ? "" : row.met ? "yes" : "no"]);
+  const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
+  const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
+  const machine = `${results.machine.model}, ${results.machine.cores} cores, ${results.time}`;
+  return [line(header), line(widths.map((width) => "-".repeat(width))), ...body.map(line), "", `machine: ${machine}`].join("\n");
+}
+
+/** Renders the results as a Markdown table, for docs/benchmarks.md. */
+export function formatMarkdown(results: BenchResults): string {
+  const rows = buildRows(results).map((row) => `| ${row.figure} | ${row.direct} | ${row.mesh} | ${row.nativeTls} | ${row.target} | ${row.met === undefined ? "" : row.met ? "yes" : "no"} |`);
+  return ["| figure | direct | mesh | native_tls | target | met |", "|---|---|---|---|---|---|", ...rows].join("\n");
+}

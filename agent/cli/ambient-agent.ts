@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --single-threaded-gc
 // ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH`.
 
 import fs from "node:fs";
@@ -7,6 +7,7 @@ import { parseArgs } from "node:util";
 import { canonicalPinRoot } from "../capture/pin-lock";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
 import { createLogger } from "../log";
+import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
 
 const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH [options]
 
@@ -120,6 +121,12 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const logger = createLogger({ node: options.agent.node });
+  if (!runsWithAgentFlags()) {
+    logger.warn(
+      { expected: AGENT_NODE_FLAGS, got: process.execArgv },
+      `Node.js runs without ${AGENT_NODE_FLAGS.join(" ")}: the data path will use more CPU; start the agent as \`node ${AGENT_NODE_FLAGS.join(" ")} ambient-agent.js\` or through the ambient-agent script`,
+    );
+  }
   const agent = new Agent(options.agent, logger);
   try {
     await agent.start();

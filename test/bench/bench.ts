@@ -297,7 +297,14 @@ async function main(): Promise<void> {
   }
 
   try {
-    cluster = Cluster.create({ prefix: PREFIX, nodes: NODES, namespaces: NAMESPACES, extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY } });
+    // Agents log at info, as in production: debug adds a line per connection.
+    cluster = Cluster.create({
+      prefix: PREFIX,
+      nodes: NODES,
+      namespaces: NAMESPACES,
+      extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
+      agentLogLevel: "info",
+    });
     const results = await runBenchmark(await prepareRun(cluster, settings));
     succeeded = true;
     writeResults(RESULTS_FILE, results);

@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import readline from "node:readline";
+import { AGENT_NODE_FLAGS } from "../../agent/cli/node-flags";
 
 export const REPO_ROOT = path.resolve(__dirname, "..", "..", "..");
 export const AGENT_BIN = path.join(REPO_ROOT, "dist", "agent", "cli", "ambient-agent.js");
@@ -20,6 +21,8 @@ export interface AgentProcessOptions {
   logFile: string;
   /** More `ambient-agent run` options, such as ["--drain-timeout", "2"]. */
   extraArgs?: string[];
+  /** AMBIENT_AGENT_LOG_LEVEL of the agent; "debug" by default, so that tests can wait for debug lines. */
+  logLevel?: string;
 }
 
 export interface LogLine {
@@ -40,6 +43,7 @@ export class AgentProcess {
       `--net=/var/run/netns/${options.nodeNetns}`,
       "--",
       process.execPath,
+      ...AGENT_NODE_FLAGS,
       AGENT_BIN,
       "run",
       "--node", options.node,
@@ -50,7 +54,7 @@ export class AgentProcess {
       ...(options.extraArgs ?? []),
     ];
     const log = fs.createWriteStream(options.logFile, { flags: "a" });
-    this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: "debug" } });
+    this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
     this.child.stdout!.pipe(log);
     const reader = readline.createInterface({ input: this.child.stderr! });
     reader.on("line", (text) => {

@@ -24,6 +24,8 @@ export interface ClusterOptions {
   workDir?: string;
   /** More `ambient-agent run` options for every agent, such as ["--drain-timeout", "2"]. */
   agentArgs?: string[];
+  /** Log level of every agent; "debug" when absent. */
+  agentLogLevel?: string;
 }
 
 /** Checks what the end-to-end harness needs and throws one message naming everything that is missing. */
@@ -140,6 +142,7 @@ export class Cluster {
       pinRoot: this.pinRoot(node),
       logFile: this.logFile(node),
       extraArgs: this.options.agentArgs,
+      logLevel: this.options.agentLogLevel,
     });
     this.agents.set(node, agent);
     registerPid(this.options.prefix, agent.pid);

@@ -1,0 +1,15 @@
+// The Node.js flags the agent runs with. Every launcher passes them: the `ambient-agent` script's
+// shebang, the test harness and the benchmark.
+
+/**
+ * `--single-threaded-gc`: with V8's helper GC threads, an agent that streams data ran a full
+ * mark-compact about every 35 ms (external memory pressure from socket buffers) and spent a
+ * third of its CPU in the collector; with the collector on the main thread it ran none and used
+ * about 35% less CPU per GiB on a 2-core node. docs/benchmarks.md has the measurement.
+ */
+export const AGENT_NODE_FLAGS: readonly string[] = ["--single-threaded-gc"];
+
+/** Tells whether this process was started with every flag of AGENT_NODE_FLAGS. */
+export function runsWithAgentFlags(execArgv: readonly string[] = process.execArgv): boolean {
+  return AGENT_NODE_FLAGS.every((flag) => execArgv.includes(flag));
+}

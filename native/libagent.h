@@ -28,6 +28,15 @@ int aa_last_error(char *out, int out_len);
 int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
 		    int port, int backlog, int transparent);
 
+/*
+ * Creates count (1 to 1024) unconnected TCP/IPv4 sockets inside the network namespace at
+ * netns_path in one visit, as aa_netns_socket does with no bind and no listen: close-on-exec,
+ * SO_REUSEADDR, SO_MARK when mark != 0, and flagged in aa_agent_socks when agent_map_fd >= 0.
+ * Writes their file descriptors to fds_out (room for count ints) and returns count. On a
+ * failure it closes the sockets it made, so nothing in fds_out needs closing.
+ */
+int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int count, int *fds_out);
+
 /* Writes the cookie of the network namespace at netns_path to cookie_out (8 bytes, host
  * byte order), as getsockopt(SO_NETNS_COOKIE) reports it. Returns 0.
  */

@@ -166,6 +166,49 @@ int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const ch
 	return run_in_netns(netns_path, make_socket, &req);
 }
 
+/* Maximum number of sockets per aa_netns_sockets call, which bounds the time spent on the helper thread. */
+#define AA_MAX_SOCKET_BATCH 1024
+
+struct socket_batch {
+	struct socket_request req;
+	int count;
+	int *fds_out;
+};
+
+static int make_sockets(void *arg)
+{
+	struct socket_batch *batch = arg;
+	int created;
+
+	for (created = 0; created < batch->count; created++) {
+		int fd = make_socket(&batch->req);
+
+		if (fd < 0) {
+			while (created > 0)
+				close(batch->fds_out[--created]);
+			return fd;
+		}
+		batch->fds_out[created] = fd;
+	}
+	return created;
+}
+
+int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int count, int *fds_out)
+{
+	struct socket_batch batch = {
+		.req = { .agent_map_fd = agent_map_fd, .mark = mark },
+		.count = count,
+		.fds_out = fds_out,
+	};
+
+	if (!fds_out || count < 1 || count > AA_MAX_SOCKET_BATCH) {
+		reset_errors();
+		return fail(EINVAL, "socket batch of %d in network namespace %s: the count must be 1 to %d",
+			    count, netns_path ? netns_path : "(null)", AA_MAX_SOCKET_BATCH);
+	}
+	return run_in_netns(netns_path, make_sockets, &batch);
+}
+
 static int read_netns_cookie(void *arg)
 {
 	uint64_t cookie = 0;

@@ -83,16 +83,41 @@ const NETNS_FIX = "Check that the network namespace exists and that the agent ru
  * map, so a Capture closing while another stays attached leaves the flagging intact.
  */
 const agentSocketMaps: number[] = [];
+/** Counts changes to agentSocketMaps, so that a holder of spare sockets can tell its flags may be stale. */
+let agentSocketMapChanges = 0;
 
 /** Makes netnsSocket flag agent sockets in this open aa_agent_socks map; Capture.attach calls it. */
 export function registerAgentSocketMap(mapFd: number): void {
   agentSocketMaps.push(mapFd);
+  agentSocketMapChanges++;
 }
 
 /** Stops using a map registered with registerAgentSocketMap, before its fd is closed. */
 export function unregisterAgentSocketMap(mapFd: number): void {
   const index = agentSocketMaps.lastIndexOf(mapFd);
   if (index >= 0) agentSocketMaps.splice(index, 1);
+  agentSocketMapChanges++;
+}
+
+/**
+ * Returns a number that changes whenever a Capture registers or unregisters its aa_agent_socks
+ * map. Sockets made before a change may be flagged in a map that capture no longer reads.
+ */
+export function agentSocketMapVersion(): number {
+  return agentSocketMapChanges;
+}
+
+/** Returns the newest registered aa_agent_socks map fd. Throws when no Capture is attached in this process. */
+function currentAgentSocketMap(netnsPath: string): number {
+  const agentMapFd = agentSocketMaps.at(-1);
+  if (agentMapFd === undefined) {
+    throw new AgentError(
+      "INTERNAL",
+      `creating an agent socket in network namespace ${netnsPath} failed: no capture is attached in this process, ` +
+        "so the socket cannot be flagged in aa_agent_socks and capture would steer it. Attach capture (Capture.attach) first.",
+    );
+  }
+  return agentMapFd;
 }
 
 export interface NetnsSocketOptions {
@@ -121,14 +146,7 @@ export interface NetnsSocketOptions {
  */
 export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number {
   const agentSocket = opts.agentSocket ?? true;
-  const agentMapFd = agentSocket ? agentSocketMaps.at(-1) : -1;
-  if (agentMapFd === undefined) {
-    throw new AgentError(
-      "INTERNAL",
-      `creating an agent socket in network namespace ${netnsPath} failed: no capture is attached in this process, ` +
-        "so the socket cannot be flagged in aa_agent_socks and capture would steer it. Attach capture (Capture.attach) first.",
-    );
-  }
+  const agentMapFd = agentSocket ? currentAgentSocketMap(netnsPath) : -1;
   const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
   const result = call(
     "aa_netns_socket",
@@ -137,6 +155,32 @@ export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number
   );
   const where = opts.port ? ` on ${opts.bindIp ?? "0.0.0.0"}:${opts.port}` : "";
   return check(result, `creating a TCP socket${where} in network namespace ${netnsPath}`, NETNS_FIX);
+}
+
+/** Maximum number of sockets per netnsSockets call. The native library rejects larger batches. */
+export const MAX_SOCKET_BATCH = 1024;
+
+/**
+ * Creates `count` unconnected agent sockets inside a network namespace in one native call and
+ * returns their file descriptors. Each is what netnsSocket(netnsPath, {}) returns: TCP/IPv4,
+ * close-on-exec, marked 0x539 and flagged in aa_agent_socks. Throws, with no socket left open,
+ * when any of them fails or when no Capture is attached in this process.
+ */
+export function netnsSockets(netnsPath: string, count: number): number[] {
+  if (!Number.isInteger(count) || count < 1 || count > MAX_SOCKET_BATCH) {
+    throw new AgentError("INTERNAL", `socket batch size ${count} is invalid: use an integer from 1 to ${MAX_SOCKET_BATCH}`);
+  }
+  const agentMapFd = currentAgentSocketMap(netnsPath);
+  const fdsOut = Buffer.alloc(count * 4);
+  const result = call(
+    "aa_netns_sockets",
+    [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.U8Array],
+    [netnsPath, agentMapFd, AGENT_MARK, count, fdsOut],
+  );
+  const created = check(result, `creating ${count} TCP sockets in network namespace ${netnsPath}`, NETNS_FIX);
+  const fds: number[] = [];
+  for (let index = 0; index < created; index++) fds.push(fdsOut.readInt32LE(index * 4));
+  return fds;
 }
 
 /** Returns the cookie of a network namespace (SO_NETNS_COOKIE), the key of the enrolled map. */

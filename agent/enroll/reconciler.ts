@@ -34,6 +34,8 @@ export interface EnrolledWorkload {
   netnsPath: string;
   cookie: bigint;
   proxies: WorkloadProxies;
+  /** The pod network the proxies use. It is closed after they stop, which releases its spare sockets. */
+  network: NetnsPodNetwork;
 }
 
 /** A wanted workload whose namespace is known but whose listeners could not start. */
@@ -208,17 +210,19 @@ export class EnrollmentReconciler {
    */
   private async startProxies(workload: Workload, netnsPath: string, cookie: bigint): Promise<EnrolledWorkload | undefined> {
     const identity = identityOf(workload, this.options.trustDomain);
-    const proxies = this.options.createProxies(workload, identity, new NetnsPodNetwork(netnsPath, workload.ip), cookie);
+    const network = new NetnsPodNetwork(netnsPath, workload.ip);
+    const proxies = this.options.createProxies(workload, identity, network, cookie);
     try {
       await proxies.start();
     } catch (error) {
       await proxies.stop().catch(() => undefined);
+      network.close();
       this.isolate({ workload, netnsPath, cookie });
       this.report(workload, `failed to start the workload's listeners in ${netnsPath}: ${(error as Error).message}`, { err: error });
       return undefined;
     }
     this.options.capture.enroll(cookie, workload.ip);
-    const entry = { workload, identity, netnsPath, cookie, proxies };
+    const entry = { workload, identity, netnsPath, cookie, proxies, network };
     this.enrolled.set(workload.uid, entry);
     this.options.logger.info(
       { workload: workload.uid, ip: workload.ip, netns: netnsPath, cookie: cookie.toString(), identity: formatSpiffeId(identity) },
@@ -275,6 +279,8 @@ export class EnrollmentReconciler {
     } catch (error) {
       this.options.logger.error({ err: error, workload: entry.workload.uid }, "failed to stop workload proxies");
       return EMPTY_DRAIN;
+    } finally {
+      entry.network.close();
     }
   }
 }

@@ -96,8 +96,12 @@ export class ConnectionRecord {
     return record;
   }
 
-  /** Writes the record to the sink and logs the connection's end; every call after the first does nothing. */
-  write(sink: AuditSink, logger: Logger): void {
+  /**
+   * Writes the record to the sink and logs the connection's end; every call after the first does
+   * nothing. `context` adds fields to the log line only, such as request headers. The line carries
+   * the connection's id and addresses itself, so callers need no child logger per connection.
+   */
+  write(sink: AuditSink, logger: Logger, context?: Record<string, unknown>): void {
     if (this.#written) {
       return;
     }
@@ -108,17 +112,25 @@ export class ConnectionRecord {
     } catch (error) {
       logger.error({ err: error, connection_id: record.connection_id }, "audit sink rejected a connection record");
     }
-    logConnectionEnd(logger, record);
+    logConnectionEnd(logger, record, context);
   }
 }
 
-function logConnectionEnd(logger: Logger, record: AuditRecord): void {
+function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<string, unknown> | undefined): void {
+  const failed = record.error !== undefined;
+  if (!logger.isLevelEnabled(failed ? "warn" : "info")) {
+    return;
+  }
   const fields: Record<string, unknown> = {
+    connection_id: record.connection_id,
+    direction: record.direction,
     "src.addr": record.src.addr,
     "src.identity": record.src.identity,
     "dst.addr": record.dst.addr,
+    "dst.service": record.dst.service,
     "dst.hbone_addr": record.dst.hbone_addr,
     "dst.identity": record.dst.identity,
+    ...context,
     decision: record.decision,
     policy: record.policy,
     reason: record.reason,
@@ -128,12 +140,7 @@ function logConnectionEnd(logger: Logger, record: AuditRecord): void {
     flag: record.error ? flagOf(record.error.code) : undefined,
     error: record.error?.message,
   };
-  // Fields the connection's child logger already carries would appear twice in the JSON line.
-  const bound = logger.bindings();
-  for (const key of Object.keys(fields)) {
-    if (key in bound) delete fields[key];
-  }
-  if (record.error) {
+  if (failed) {
     logger.warn(fields, "connection failed");
   } else {
     logger.info(fields, "connection complete");

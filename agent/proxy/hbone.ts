@@ -105,9 +105,19 @@ export function buildBaggage(workload: Workload, cluster: string): string {
   return entries.map(([key, value]) => `${key}=${encodeURIComponent(value)}`).join(",");
 }
 
+/** Random bytes for trace ids, filled 256 ids at a time: two randomBytes() calls per CONNECT were 3% of the proxies' CPU on loopback. */
+const TRACE_ID_POOL = Buffer.alloc(24 * 256);
+let traceIdPoolOffset = TRACE_ID_POOL.length;
+
 /** A new W3C traceparent: version 00, random trace and parent ids, flags 00 (not sampled). */
 export function newTraceparent(): string {
-  return `00-${crypto.randomBytes(16).toString("hex")}-${crypto.randomBytes(8).toString("hex")}-00`;
+  if (traceIdPoolOffset === TRACE_ID_POOL.length) {
+    crypto.randomFillSync(TRACE_ID_POOL);
+    traceIdPoolOffset = 0;
+  }
+  const start = traceIdPoolOffset;
+  traceIdPoolOffset += 24;
+  return `00-${TRACE_ID_POOL.toString("hex", start, start + 16)}-${TRACE_ID_POOL.toString("hex", start + 16, start + 24)}-00`;
 }
 
 /** Parses a CONNECT `:authority` of the form ip:port or [ipv6]:port; throws AgentError BAD_REQUEST otherwise. */

@@ -58,7 +58,7 @@ export class InboundPlaintextServer {
   /** Listens on port 15006 inside the pod. */
   async start(): Promise<void> {
     // Paused until the connection is allowed, so no byte is read from a client that will be rejected.
-    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.#accept(client));
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (client) => this.#accept(client));
     server.on("error", (error) => this.#logger.error({ err: error }, "inbound plaintext listener failed"));
     await this.#options.network.listen(server, INBOUND_PLAINTEXT_PORT, this.#options.onListenerFd);
     this.#server = server;
@@ -123,7 +123,6 @@ export class InboundPlaintextServer {
 
   async #serve(connection: ActiveConnection, sourceIp: string): Promise<void> {
     const { client, record } = connection;
-    const logger = this.#logger.child({ connection_id: record.id, "src.addr": record.src.addr, "dst.addr": record.dst.addr });
     try {
       const port = this.#checkDestination(client, record);
       this.#checkPeerAuthentication(port, record);
@@ -140,7 +139,7 @@ export class InboundPlaintextServer {
       connection.upstream?.destroy();
       resetSocket(client);
     } finally {
-      record.write(this.#options.audit, logger);
+      record.write(this.#options.audit, this.#logger);
     }
   }
 

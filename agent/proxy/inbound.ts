@@ -108,6 +108,8 @@ export class InboundHboneServer {
       rejectUnauthorized: true,
       ALPNProtocols: ["h2"],
       allowHTTP1: false,
+      // Node's net.Server option, applied to each accepted TCP socket under the TLS session.
+      noDelay: true,
       // Node's default of 120 s would let a stalled handshake hold stop() open that long.
       handshakeTimeout: CONNECT_TIMEOUT_MS,
       settings: { ...SERVER_SETTINGS, maxConcurrentStreams: this.#options.maxConcurrentStreams ?? SERVER_MAX_CONCURRENT_STREAMS },
@@ -219,14 +221,6 @@ export class InboundHboneServer {
     }
     const record = this.#newRecord(peer, headers);
     this.#records.set(stream, record);
-    const logger = this.#logger.child({
-      connection_id: record.id,
-      "src.addr": record.src.addr,
-      "src.identity": record.src.identity,
-      forwarded: loggedHeader(headers["forwarded"]),
-      traceparent: loggedHeader(headers["traceparent"]),
-      baggage: loggedHeader(headers["baggage"]),
-    });
     let upstream: net.Socket | undefined;
     try {
       const target = this.#validateRequest(peer, headers, record);
@@ -245,7 +239,7 @@ export class InboundHboneServer {
       upstream?.destroy();
       answerFailure(stream, error);
     } finally {
-      record.write(this.#options.audit, logger);
+      record.write(this.#options.audit, this.#logger, requestContext(headers));
     }
   }
 
@@ -409,6 +403,15 @@ function answerFailure(stream: http2.ServerHttp2Stream, error: unknown): void {
 
 /** Maximum length of a header value copied into a log line, because clients choose these values. */
 const MAX_LOGGED_HEADER_CHARS = 256;
+
+/** Returns the request headers that the connection's log line carries. */
+function requestContext(headers: http2.IncomingHttpHeaders): Record<string, unknown> {
+  return {
+    forwarded: loggedHeader(headers["forwarded"]),
+    traceparent: loggedHeader(headers["traceparent"]),
+    baggage: loggedHeader(headers["baggage"]),
+  };
+}
 
 /** Returns a request header for a log line, cut to MAX_LOGGED_HEADER_CHARS. */
 function loggedHeader(value: string | string[] | undefined): string | undefined {

@@ -84,7 +84,7 @@ export class OutboundProxy {
   /** Listens on port 15001 inside the pod. */
   async start(): Promise<void> {
     // Paused until the destination is known, so no byte is read before there is somewhere to send it.
-    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.#accept(client));
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (client) => this.#accept(client));
     server.on("error", (error) => this.#logger.error({ err: error }, "outbound listener failed"));
     await this.#options.network.listen(server, OUTBOUND_PORT);
     this.#server = server;
@@ -153,7 +153,6 @@ export class OutboundProxy {
 
   async #handle(connection: ActiveConnection): Promise<void> {
     const { client, record } = connection;
-    const logger = this.#logger.child({ connection_id: record.id, "src.addr": record.src.addr });
     try {
       const destination = this.#originalDestination(client, record);
       const target = this.#options.resolveDestination(destination.ip, destination.port);
@@ -165,9 +164,14 @@ export class OutboundProxy {
       }
       record.dst = peerOf(formatAddress(target.address.ip, target.address.port), target.workload);
       if (target.service !== undefined) record.dst.service = target.service;
-      logger.debug({ "dst.addr": record.dst.addr, "dst.service": target.service, kind: target.kind }, "connection opened");
+      if (this.#logger.isLevelEnabled("debug")) {
+        this.#logger.debug(
+          { connection_id: record.id, "src.addr": record.src.addr, "dst.addr": record.dst.addr, "dst.service": target.service, kind: target.kind },
+          "connection opened",
+        );
+      }
       if (target.kind === "hbone") {
-        await this.#tunnel(connection, target.address, target, logger);
+        await this.#tunnel(connection, target.address, target);
       } else {
         await this.#passthrough(connection, target.address);
       }
@@ -175,7 +179,7 @@ export class OutboundProxy {
       record.fail(error);
       resetSocket(client);
     } finally {
-      record.write(this.#options.audit, logger);
+      record.write(this.#options.audit, this.#logger);
     }
   }
 
@@ -204,7 +208,6 @@ export class OutboundProxy {
     connection: ActiveConnection,
     destination: Authority,
     target: Extract<DestinationTarget, { kind: "hbone" }>,
-    logger: Logger,
   ): Promise<void> {
     const { client, record } = connection;
     record.transport = "hbone";
@@ -230,7 +233,9 @@ export class OutboundProxy {
       )
       .finally(() => connection.upstream.delete(pending));
     connection.upstream.add(stream);
-    stream.on("error", (error) => logger.debug({ err: error }, "HBONE stream failed"));
+    if (this.#logger.isLevelEnabled("debug")) {
+      stream.on("error", (error) => this.#logger.debug({ err: error, connection_id: record.id }, "HBONE stream failed"));
+    }
     try {
       const status = await responseStatus(stream, record.dst.hbone_addr);
       if (status !== 200) {

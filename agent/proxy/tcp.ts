@@ -20,7 +20,7 @@ export function remoteAddressOf(socket: net.Socket): string {
 }
 
 /**
- * Connects through the pod's network and resolves once connected. Rejects with the socket error, with
+ * Connects through the pod's network with Nagle's algorithm off, and resolves once connected. Rejects with the socket error, with
  * an ETIMEDOUT error after timeoutMs, or when the socket is destroyed first; the socket is destroyed on
  * failure. `onSocket` receives the socket at once, so that a proxy stopping can destroy a pending connect.
  */
@@ -33,6 +33,8 @@ export function connectTcp(
 ): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const socket = network.connect(ip, port);
+    // Proxied bytes must leave at once: Nagle would hold a small write until the previous one is acknowledged.
+    socket.setNoDelay(true);
     onSocket?.(socket);
     const timer = setTimeout(() => {
       fail(Object.assign(new Error(`connect to ${formatAddress(ip, port)} timed out after ${timeoutMs} ms`), { code: "ETIMEDOUT" }));

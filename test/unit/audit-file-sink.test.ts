@@ -157,3 +157,19 @@ test("close gives up after timeout", async (t) => {
   sink.write(record(2));
   t.true(messages.includes("audit record written after the sink was closed; record dropped"));
 });
+
+test("batch waits for delay unless flushed", async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, "audit.log");
+  const sink = new AuditFileSink(file, silentLogger(), { batchDelayMs: 60_000 });
+  sink.write(record(1));
+  sink.write(record(2));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  t.false(fs.existsSync(file), "the writer started before batchDelayMs");
+
+  const started = Date.now();
+  await sink.flush();
+  t.true(Date.now() - started < 5_000, "flush() waited for batchDelayMs");
+  t.deepEqual(readIds(file), ["c1", "c2"]);
+  await sink.close();
+});

@@ -5,6 +5,7 @@ import {
   identityFromSubjectAltName,
   parseAuthority,
   parseForwardedFor,
+  newTraceparent,
 } from "../../agent/proxy/hbone";
 import type { Workload } from "../../agent/state/types";
 
@@ -104,4 +105,14 @@ test("identityFromSubjectAltName takes the first SPIFFE URI", (t) => {
   });
   t.is(identityFromSubjectAltName("DNS:echo"), undefined);
   t.is(identityFromSubjectAltName(undefined), undefined);
+});
+
+test("newTraceparent ids are well-formed and distinct", (t) => {
+  // 1,000 ids span several refills of the random pool.
+  const ids = Array.from({ length: 1_000 }, () => newTraceparent());
+  for (const id of ids) {
+    t.regex(id, /^00-[0-9a-f]{32}-[0-9a-f]{16}-00$/);
+  }
+  t.is(new Set(ids.map((id) => id.slice(3, 35))).size, ids.length);
+  t.is(new Set(ids.map((id) => id.slice(36, 52))).size, ids.length);
 });

@@ -10,7 +10,7 @@
 // (for checking the harness, not for figures), --markdown to print the table as Markdown too, and
 // --cpu-prof to profile both agents and print where their CPU time went.
 
-import type { ChildProcess } from "node:child_process";
+import { execFileSync, type ChildProcess } from "node:child_process";
 import os from "node:os";
 import path from "node:path";
 import readline from "node:readline";
@@ -77,6 +77,8 @@ const QUICK: Settings = { iperfSeconds: 2, latencyCount: 2000, latencyWarmup: 20
 interface PathFigures {
   iperf: IperfResult;
   latency: LatencySummary;
+  /** Mesh only: the round trips with the agents free to run on any CPU. */
+  latencyAgentsUnpinned?: LatencySummary;
   connectionsPerSecond: number;
 }
 
@@ -122,17 +124,50 @@ async function measureRate(run: Run, name: string): Promise<number> {
   return result.completed / result.elapsed_s;
 }
 
-/** Measures one path: throughput, round-trip latency and connection rate, in that order. */
-async function measurePath(run: Run, name: string, wrapIperf?: (iperf: () => Promise<IperfResult>) => Promise<IperfResult>): Promise<PathFigures> {
+/**
+ * Measures one path: throughput, round-trip latency and connection rate, in that order. For the
+ * mesh, `agentPids` are the agents: the round trips run twice, with the agents free to run on any
+ * CPU and then on the client's CPU, as the client and echo server of the direct path are.
+ */
+async function measurePath(
+  run: Run,
+  name: string,
+  wrapIperf?: (iperf: () => Promise<IperfResult>) => Promise<IperfResult>,
+  agentPids?: number[],
+): Promise<PathFigures> {
   const { settings } = run;
   step(`${name}: iperf3, one stream for ${settings.iperfSeconds} s`);
   const runIperf = (): Promise<IperfResult> => runIperfClient(run.cluster.topology, CLIENT, serverIp(run), IPERF_PORT, settings.iperfSeconds);
   const iperf = wrapIperf ? await wrapIperf(runIperf) : await runIperf();
-  step(`${name}: ${settings.latencyCount} round trips of 1 KiB`);
-  const latency = await run.tcp.latency(CLIENT, serverIp(run), ECHO_PORT, 1024, settings.latencyWarmup, settings.latencyCount);
+  const roundTrips = (): Promise<LatencySummary> =>
+    run.tcp.latency(CLIENT, serverIp(run), ECHO_PORT, 1024, settings.latencyWarmup, settings.latencyCount);
+  let latencyAgentsUnpinned: LatencySummary | undefined;
+  let latency: LatencySummary;
+  if (agentPids && run.tcp.latencyCpu !== undefined) {
+    step(`${name}: ${settings.latencyCount} round trips of 1 KiB, agents on any CPU`);
+    latencyAgentsUnpinned = await roundTrips();
+    step(`${name}: ${settings.latencyCount} round trips of 1 KiB, agents on CPU ${run.tcp.latencyCpu}`);
+    latency = await withAffinity(agentPids, String(run.tcp.latencyCpu), roundTrips);
+  } else {
+    step(`${name}: ${settings.latencyCount} round trips of 1 KiB`);
+    latency = await roundTrips();
+  }
   step(`${name}: new connections for ${settings.rateSeconds} s from ${settings.rateThreads} threads`);
   const connectionsPerSecond = await measureRate(run, name);
-  return { iperf, latency, connectionsPerSecond };
+  return { iperf, latency, latencyAgentsUnpinned, connectionsPerSecond };
+}
+
+/** Runs `work` with every thread of each process in `pids` on `cpus` (a taskset CPU list), then restores their affinity. */
+async function withAffinity<T>(pids: number[], cpus: string, work: () => Promise<T>): Promise<T> {
+  const previous = pids.map((pid) => /: (\S+)\s*$/.exec(execFileSync("taskset", ["-c", "-p", String(pid)], { encoding: "utf8" }))?.[1] ?? "");
+  for (const pid of pids) execFileSync("taskset", ["-a", "-c", "-p", cpus, String(pid)], { stdio: "ignore" });
+  try {
+    return await work();
+  } finally {
+    pids.forEach((pid, index) => {
+      if (previous[index]) execFileSync("taskset", ["-a", "-c", "-p", previous[index], String(pid)], { stdio: "ignore" });
+    });
+  }
 }
 
 /** Runs iperf3 through a socat mutual-TLS tunnel pair between the pods. */
@@ -251,11 +286,16 @@ async function runBenchmark(run: Run): Promise<BenchResults> {
   // connections without any growth of RSS, which would hide their cost.
   const idleConnectionKib = await measureIdleConnections(run, pids);
   let cpuPerGibPerHop = Number.NaN;
-  const mesh = await measurePath(run, "mesh", async (iperf) => {
-    const measured = await withAgentCpu(pids, iperf);
-    cpuPerGibPerHop = measured.cpuPerGibPerHop;
-    return measured.iperf;
-  });
+  const mesh = await measurePath(
+    run,
+    "mesh",
+    async (iperf) => {
+      const measured = await withAgentCpu(pids, iperf);
+      cpuPerGibPerHop = measured.cpuPerGibPerHop;
+      return measured.iperf;
+    },
+    pids,
+  );
   const agentRssMb = await measureSteadyRss(run, pids);
 
   return {
@@ -267,7 +307,11 @@ async function runBenchmark(run: Run): Promise<BenchResults> {
       native_tls: round(nativeTls.bitsPerSecond / 1e9, 3),
     },
     cpu_s_per_gib_per_hop: round(cpuPerGibPerHop, 3),
-    latency_us: { direct: latencyFigures("direct", direct.latency), mesh: latencyFigures("mesh", mesh.latency) },
+    latency_us: {
+      direct: latencyFigures("direct", direct.latency),
+      mesh: latencyFigures("mesh", mesh.latency),
+      ...(mesh.latencyAgentsUnpinned ? { mesh_agents_unpinned: latencyFigures("mesh, agents unpinned", mesh.latencyAgentsUnpinned) } : {}),
+    },
     new_connections_per_s: { direct: round(direct.connectionsPerSecond, 0), mesh: round(mesh.connectionsPerSecond, 0) },
     idle_connection_kib: round(idleConnectionKib, 1),
     agent_rss_mb: round(agentRssMb, 1),

@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --single-threaded-gc
+#!/usr/bin/env -S node --single-threaded-gc --max-semi-space-size=2
 // ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH`.
 
 import fs from "node:fs";

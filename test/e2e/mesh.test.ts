@@ -194,6 +194,30 @@ test.serial("20 MB transfer arrives byte-exact", async (t) => {
   t.true(inbound.bytes_recv >= BLOB_SIZE, "bytes_recv counts the bytes from the application back to the client");
 });
 
+test.serial("sequential connections share one pooled HBONE connection", async (t) => {
+  const c = theCluster();
+  const pcap = path.join(c.workDir, "pool.pcap");
+  const capture = await PacketCapture.start(c.topology, c.topology.node("node1").netns, "n-link", pcap);
+  const results = [];
+  for (let index = 0; index < 5; index += 1) results.push(await curl(c.topology, "web", apiUrl("marker.html")));
+  await capture.stop();
+
+  for (const result of results) t.is(result.exitCode, 0, result.stderr);
+  const hellos = execFileSync("tshark", ["-r", pcap, "-d", "tcp.port==15008,tls", "-Y", "tls.handshake.type == 1", "-T", "fields", "-e", "frame.number"], {
+    encoding: "utf8",
+  })
+    .split("\n")
+    .filter((line) => line.trim() !== "");
+  // Earlier tests may have left a pooled connection from web to api open: then no handshake at all.
+  t.true(hellos.length <= 1, `${hellos.length} TLS handshakes for 5 connections; the pool should reuse one connection`);
+  const syns = execFileSync("tshark", ["-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0 && tcp.dstport == 15008", "-T", "fields", "-e", "frame.number"], {
+    encoding: "utf8",
+  })
+    .split("\n")
+    .filter((line) => line.trim() !== "");
+  t.true(syns.length <= 1, `${syns.length} TCP connections to 15008 for 5 tunnelled connections`);
+});
+
 test.serial("invalid manifest is rejected and last good state serves", async (t) => {
   const c = theCluster();
   const bad = `apiVersion: v1\nkind: Pod\nmetadata:\n  name: broken\n  namespace: shop\nspec:\n  nodeName: node1\nstatus:\n  podIP: 10.244.1.999\n`;

@@ -1,18 +1,22 @@
 // `make demo`: two nodes, five pods, one agent per node. Clients on node1 call an HTTP server on
-// node2: one allowed by an AuthorizationPolicy, one denied, and one from a namespace outside the
-// mesh, which reaches a pod without policies in plaintext but not the policed one.
+// node2: one allowed by an AuthorizationPolicy, one denied, one through a Service VIP, and one from
+// a namespace outside the mesh, which reaches a pod without policies in plaintext but not the
+// policed one.
 // Prints who reached whom and how, then the audit records, and removes everything it made.
 
 import fs from "node:fs";
 import path from "node:path";
 import { curl, startHttpServer, type CurlResult } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
+import { serviceYaml } from "../harness/manifests";
 import { PIN_PARENT } from "../harness/cluster";
 import { SCENARIO_ENROLLED, SCENARIO_NAMESPACES, SCENARIO_NODES, SCENARIO_POLICIES } from "../harness/scenario";
 
 const PREFIX = "aademo";
 const WORK_DIR = "/tmp/ambient-agent-demo";
 const PID_FILE = path.join(WORK_DIR, "agents.pid");
+/** A Service in front of the db pod: port 80 of this VIP goes to the pod's port 8080. */
+const DB_SERVICE = { name: "db", namespace: "backend", vip: "10.96.0.10", selector: { app: "db" }, ports: [{ port: 80, targetPort: 8080 }] };
 
 
 interface Call {
@@ -81,7 +85,7 @@ async function main(): Promise<void> {
     workDir: WORK_DIR,
     nodes: SCENARIO_NODES,
     namespaces: SCENARIO_NAMESPACES,
-    extraManifests: { "policies.yaml": SCENARIO_POLICIES },
+    extraManifests: { "policies.yaml": SCENARIO_POLICIES, "services.yaml": serviceYaml(DB_SERVICE) },
   });
 
   // One teardown, shared by the signal handler and the normal end, so neither exits while the other runs.
@@ -114,6 +118,16 @@ async function main(): Promise<void> {
       const result = await curl(cluster.topology, client, `http://${to.ip}:8080/`, 5);
       calls.push({ from: `${from.namespace}/${from.name} ${from.ip}`, fromIp: from.ip, to: `${to.namespace}/${to.name} ${to.ip}:8080`, toIp: to.ip, result });
     }
+    // Through the Service VIP: the outbound agent picks the db pod and tunnels to its port 8080.
+    const web = cluster.topology.pod("web");
+    const viaService = await curl(cluster.topology, "web", `http://${DB_SERVICE.vip}:80/`, 5);
+    calls.push({
+      from: `${web.namespace}/${web.name} ${web.ip}`,
+      fromIp: web.ip,
+      to: `Service ${DB_SERVICE.namespace}/${DB_SERVICE.name} ${DB_SERVICE.vip}:80`,
+      toIp: cluster.topology.pod("db").ip,
+      result: viaService,
+    });
     await new Promise((resolve) => setTimeout(resolve, 500));
 
     const outbound = cluster.auditRecords("node1");

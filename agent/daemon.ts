@@ -88,6 +88,7 @@ export class Agent {
     this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
+    this.warnVipConflicts(this.state);
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
     this.admin = new AdminServer(this.options.adminAddress, () => this.configDump(), this.logger.child({ component: "admin" }));
@@ -159,11 +160,22 @@ export class Agent {
 
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
     this.state = new MeshState(snapshot);
+    this.warnVipConflicts(this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size },
       "configuration updated",
     );
     await this.reconciler?.update(enrolledWorkloads(this.state, this.options.node));
+  }
+
+  /** Logs each Service cluster IP that is ignored because it is a pod's IP. */
+  private warnVipConflicts(state: MeshState): void {
+    for (const { service, vip, workload } of state.vipConflicts()) {
+      this.logger.warn(
+        { service: service.uid, vip, workload: workload.uid, file: service.source.file },
+        `Service ${service.uid} has cluster IP ${vip}, which is the IP of pod ${workload.uid}; the Service is not routed at that address. Give it a cluster IP from the Service range`,
+      );
+    }
   }
 
   private createProxies(workload: Workload, identity: Identity, network: NetnsPodNetwork, cookie: bigint): WorkloadProxies {

@@ -45,9 +45,17 @@ export function selectorMatches(selector: Labels, labels: Labels): boolean {
   return Object.entries(selector).every(([key, value]) => labels[key] === value);
 }
 
+/** A Service cluster IP that is also a pod's IP; the Service is not routed at that address. */
+export interface VipConflict {
+  service: Service;
+  vip: string;
+  workload: Workload;
+}
+
 export class MeshState {
   private readonly byIp = new Map<string, Workload>();
   private readonly byVip = new Map<string, Service>();
+  private readonly conflicts: VipConflict[] = [];
   private readonly byNode = new Map<string, Workload[]>();
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
@@ -80,6 +88,11 @@ export class MeshState {
   /** Returns the Service with this cluster IP. */
   serviceByVip(ip: string): Service | undefined {
     return this.byVip.get(canonicalIp(ip));
+  }
+
+  /** Returns the Service cluster IPs that are ignored because a pod has the same IP. */
+  vipConflicts(): readonly VipConflict[] {
+    return this.conflicts;
   }
 
   /** Returns the Service with uid "namespace/name". */
@@ -194,6 +207,13 @@ export class MeshState {
     for (const service of sorted) {
       for (const vip of service.vips) {
         const key = canonicalIp(vip);
+        // A pod's address is never a Service's: a manifest that says so would let a Service of any
+        // namespace take the pod's traffic, so the pod keeps the address.
+        const workload = this.byIp.get(key);
+        if (workload) {
+          this.conflicts.push({ service, vip, workload });
+          continue;
+        }
         if (!this.byVip.has(key)) this.byVip.set(key, service);
       }
     }

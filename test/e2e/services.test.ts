@@ -180,6 +180,30 @@ test.serial("VIP needs no route in the pod", async (t) => {
   }
 });
 
+test.serial("Service cannot take over a pod's IP", async (t) => {
+  const c = theCluster();
+  const agent = c.agent(CLIENT_NODE);
+  const victim = c.topology.pod("api-a");
+  const mark = agent.lines.length;
+  // A Service of another namespace claims api-a's IP as its cluster IP and selects the plain pod.
+  const hijack = serviceYaml({ name: "hijack", namespace: "outside", vip: victim.ip, selector: { app: "plain" }, ports: [{ port: 8080, targetPort: 8080 }] });
+  writeManifest(c.manifestsDir, "hijack.yaml", hijack);
+  try {
+    const warning = await agent.waitForLog((line) => line.service === "outside/hijack" && line.vip === victim.ip, 10_000, "the cluster IP warning", mark);
+    t.regex(String(warning.msg), /is the IP of pod shop\/api-a; the Service is not routed at that address/);
+    const answers = await countAnswers(`http://${victim.ip}:8080/`, 2);
+    t.deepEqual(sorted(answers), [["api-a", 2]]);
+    // Earlier tests reached api-a through the api Service; these two records are the ones without a Service.
+    const records = await outboundRecords((entry) => entry.dst.addr === `${victim.ip}:8080` && entry.dst.service === undefined, 2);
+    t.is(records.length, 2);
+    for (const record of records) t.is(record.transport, "hbone");
+    const hijacked = await outboundRecords((entry) => entry.dst.service === "outside/hijack", 0);
+    t.deepEqual(hijacked, []);
+  } finally {
+    fs.rmSync(path.join(c.manifestsDir, "hijack.yaml"), { force: true });
+  }
+});
+
 test.serial("unready pod leaves the rotation", async (t) => {
   const c = theCluster();
   const agent = c.agent(CLIENT_NODE);

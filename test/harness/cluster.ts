@@ -49,9 +49,34 @@ export function assertHostCapable(): void {
 export function removeLeftovers(prefixFamily: string): void {
   endLeftoverProcesses(prefixFamily);
   removeNetnsWithPrefix(prefixFamily);
+  removeStaleLocks(prefixFamily);
   if (!fs.existsSync(PIN_PARENT)) return;
   for (const name of fs.readdirSync(PIN_PARENT)) {
     if (name.startsWith(prefixFamily)) fs.rmSync(path.join(PIN_PARENT, name), { recursive: true, force: true });
+  }
+}
+
+/**
+ * Deletes the pin-root lock files of a crashed run's agents. An agent treats a lock whose holder is
+ * dead as stale anyway; this keeps /run/ambient-agent from filling up with them.
+ */
+function removeStaleLocks(prefixFamily: string): void {
+  if (!fs.existsSync(LOCK_DIRECTORY)) return;
+  const marker = lockFileOf(path.join(PIN_PARENT, prefixFamily)).slice(LOCK_DIRECTORY.length + 1, -".pid".length);
+  for (const name of fs.readdirSync(LOCK_DIRECTORY)) {
+    if (!name.startsWith(marker)) continue;
+    const file = path.join(LOCK_DIRECTORY, name);
+    const holder = Number(fs.readFileSync(file, "utf8").trim());
+    if (!Number.isInteger(holder) || holder <= 0 || !processRuns(holder)) fs.rmSync(file, { force: true });
+  }
+}
+
+function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

@@ -116,6 +116,25 @@ test("service by vip and selector", (t) => {
   t.deepEqual(mesh.workloadsForService(mesh.service("demo/web")!).map((workload) => workload.uid), ["demo/web"]);
 });
 
+test("service cluster IP that is a pod IP is not routed", (t) => {
+  const hijack = `
+apiVersion: v1
+kind: Service
+metadata: {name: hijack, namespace: other}
+spec: {clusterIP: 10.0.0.2, selector: {app: web}, ports: [{port: 8080, targetPort: 8080}]}
+`;
+  const result = parseManifests("state.yaml", MANIFESTS + "---" + hijack);
+  t.deepEqual(result.problems, []);
+  const mesh = new MeshState(buildSnapshot(result.objects));
+  t.is(mesh.serviceByVip("10.0.0.2"), undefined);
+  t.is(mesh.workloadByIp("10.0.0.2")?.uid, "demo/db");
+  t.deepEqual(
+    mesh.vipConflicts().map(({ service, vip, workload }) => [service.uid, vip, workload.uid]),
+    [["other/hijack", "10.0.0.2", "demo/db"]],
+  );
+  t.is(mesh.serviceByVip("10.96.0.10")?.uid, "demo/web");
+});
+
 test("workloads on node", (t) => {
   const mesh = state();
   t.deepEqual(mesh.workloadsOnNode("node-a").map((workload) => workload.uid), ["demo/web", "other/api"]);

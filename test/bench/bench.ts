@@ -118,9 +118,14 @@ function serverIp(run: Run): string {
   return run.cluster.topology.pod(SERVER).ip;
 }
 
-async function measureRate(run: Run, name: string): Promise<number> {
+async function measureRate(run: Run, name: string, agentPids: number[] = []): Promise<number> {
   const { settings } = run;
+  const cpuBefore = agentPids.map(cpuSeconds);
   const result = await run.tcp.rate(CLIENT, serverIp(run), ECHO_PORT, settings.rateThreads, settings.rateSeconds, settings.rateMaxCount);
+  if (agentPids.length > 0 && result.completed > 0) {
+    const perConnectionUs = agentPids.map((pid, index) => ((cpuSeconds(pid) - cpuBefore[index]) / result.completed) * 1e6);
+    step(`${name}: agent CPU per new connection: ${perConnectionUs.map((value) => value.toFixed(0)).join(" and ")} µs`);
+  }
   if (result.errors > 0) step(`${name}: ${result.errors} connections failed: ${JSON.stringify(result.error_codes)}`);
   if (result.completed === 0) throw new Error(`${name}: no connection completed in the rate test: ${JSON.stringify(result.error_codes)}`);
   return result.completed / result.elapsed_s;
@@ -156,7 +161,7 @@ async function measurePath(
     latency = await roundTrips();
   }
   step(`${name}: new connections for ${settings.rateSeconds} s from ${settings.rateThreads} threads`);
-  const connectionsPerSecond = await measureRate(run, name);
+  const connectionsPerSecond = await measureRate(run, name, agentPids);
   return { iperf, latency, latencyAgentsUnpinned, connectionsPerSecond };
 }
 

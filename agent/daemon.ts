@@ -159,7 +159,7 @@ export class Agent {
   }
 
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
-    this.state = new MeshState(snapshot);
+    this.state = new MeshState(snapshot, this.state);
     this.warnVipConflicts(this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size },
@@ -168,13 +168,26 @@ export class Agent {
     await this.reconciler?.update(enrolledWorkloads(this.state, this.options.node));
   }
 
-  /** Logs each Service cluster IP that is ignored because it is a pod's IP. */
+  /** Logs each Service cluster IP that is not routed to its Service, and why. */
   private warnVipConflicts(state: MeshState): void {
-    for (const { service, vip, workload } of state.vipConflicts()) {
-      this.logger.warn(
-        { service: service.uid, vip, workload: workload.uid, file: service.source.file },
-        `Service ${service.uid} has cluster IP ${vip}, which is the IP of pod ${workload.uid}; the Service is not routed at that address. Give it a cluster IP from the Service range`,
-      );
+    for (const { service, vip, workload, other } of state.vipConflicts()) {
+      const fields = { service: service.uid, vip, workload: workload?.uid, other: other?.uid, file: service.source.file };
+      if (workload) {
+        this.logger.warn(
+          fields,
+          `Service ${service.uid} has cluster IP ${vip}, which is the IP of pod ${workload.uid}; the Service is not routed at that address. Give it a cluster IP from the Service range`,
+        );
+      } else if (other && state.serviceByVip(vip)?.uid === other.uid) {
+        this.logger.warn(
+          fields,
+          `Service ${service.uid} has cluster IP ${vip}, which Service ${other.uid} already uses; ${other.uid} keeps it. Give ${service.uid} a cluster IP of its own`,
+        );
+      } else {
+        this.logger.warn(
+          fields,
+          `Services ${service.uid} and ${other?.uid} both have cluster IP ${vip}; neither is routed at that address until one of them changes it`,
+        );
+      }
     }
   }
 

@@ -45,11 +45,16 @@ export function selectorMatches(selector: Labels, labels: Labels): boolean {
   return Object.entries(selector).every(([key, value]) => labels[key] === value);
 }
 
-/** A Service cluster IP that is also a pod's IP; the Service is not routed at that address. */
+/**
+ * A Service cluster IP that is not routed to the Service: it is also a pod's IP (`workload`), or
+ * another Service's cluster IP (`other`). For two Services, the one that held the address in the
+ * previous state keeps it (`other` is then the holder); when neither held it, neither gets it.
+ */
 export interface VipConflict {
   service: Service;
   vip: string;
-  workload: Workload;
+  workload?: Workload;
+  other?: Service;
 }
 
 export class MeshState {
@@ -60,9 +65,16 @@ export class MeshState {
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
 
-  constructor(readonly snapshot: ClusterSnapshot = emptySnapshot()) {
+  /**
+   * `previous` is the state this one replaces: a cluster IP that two Services claim stays with the
+   * Service that had it there, so a new manifest cannot take an address that already serves.
+   */
+  constructor(
+    readonly snapshot: ClusterSnapshot = emptySnapshot(),
+    previous?: MeshState,
+  ) {
     this.indexWorkloads();
-    this.indexServices();
+    this.indexServices(previous);
     groupByNamespace(snapshot.authorizationPolicies.values(), this.policiesByNamespace);
     groupByNamespace(snapshot.peerAuthentications.values(), this.peerAuthenticationsByNamespace);
   }
@@ -202,7 +214,8 @@ export class MeshState {
     }
   }
 
-  private indexServices(): void {
+  private indexServices(previous: MeshState | undefined): void {
+    const claims = new Map<string, { vip: string; services: Service[] }>();
     const sorted = [...this.snapshot.services.values()].sort((a, b) => compare(a.uid, b.uid));
     for (const service of sorted) {
       for (const vip of service.vips) {
@@ -214,7 +227,23 @@ export class MeshState {
           this.conflicts.push({ service, vip, workload });
           continue;
         }
-        if (!this.byVip.has(key)) this.byVip.set(key, service);
+        const claim = claims.get(key) ?? { vip, services: [] };
+        claim.services.push(service);
+        claims.set(key, claim);
+      }
+    }
+    for (const [key, { vip, services }] of claims) {
+      if (services.length === 1) {
+        this.byVip.set(key, services[0]);
+        continue;
+      }
+      const holderUid = previous?.byVip.get(key)?.uid;
+      const holder = services.find((service) => service.uid === holderUid);
+      if (holder) this.byVip.set(key, holder);
+      // Without a holder, the first Service by uid stands for the others in the conflicts.
+      const other = holder ?? services[0];
+      for (const service of services) {
+        if (service !== other) this.conflicts.push({ service, vip, other });
       }
     }
   }

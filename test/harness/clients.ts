@@ -36,7 +36,10 @@ export function curl(topology: Topology, pod: string, url: string, timeoutSecond
 
 /** Starts python3's HTTP server in a pod, serving `root` on `port`, and waits until it accepts connections. */
 export async function startHttpServer(topology: Topology, pod: string, root: string, port: number): Promise<ChildProcess> {
-  const server = topology.spawn(topology.pod(pod).netns, "python3", ["-m", "http.server", String(port), "--bind", "0.0.0.0", "--directory", root]);
+  // Its request log goes nowhere: the tests read the agents' audit records instead.
+  const server = topology.spawn(topology.pod(pod).netns, "python3", ["-m", "http.server", String(port), "--bind", "0.0.0.0", "--directory", root], {
+    stdio: ["ignore", "ignore", "ignore"],
+  });
   const deadline = Date.now() + 10_000;
   while (Date.now() < deadline) {
     const listening = topology.exec(topology.pod(pod).netns, "ss", ["-Hltn", `sport = :${port}`], { allowFail: true });

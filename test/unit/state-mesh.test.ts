@@ -129,10 +129,34 @@ spec: {clusterIP: 10.0.0.2, selector: {app: web}, ports: [{port: 8080, targetPor
   t.is(mesh.serviceByVip("10.0.0.2"), undefined);
   t.is(mesh.workloadByIp("10.0.0.2")?.uid, "demo/db");
   t.deepEqual(
-    mesh.vipConflicts().map(({ service, vip, workload }) => [service.uid, vip, workload.uid]),
+    mesh.vipConflicts().map(({ service, vip, workload }) => [service.uid, vip, workload?.uid]),
     [["other/hijack", "10.0.0.2", "demo/db"]],
   );
   t.is(mesh.serviceByVip("10.96.0.10")?.uid, "demo/web");
+});
+
+test("two Services with one cluster IP: the earlier holder keeps it", (t) => {
+  const duplicate = `
+apiVersion: v1
+kind: Service
+metadata: {name: aaa-dup, namespace: other}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+`;
+  const before = state();
+  const result = parseManifests("state.yaml", MANIFESTS + "---" + duplicate);
+  t.deepEqual(result.problems, []);
+  const after = new MeshState(buildSnapshot(result.objects), before);
+  t.is(after.serviceByVip("10.96.0.10")?.uid, "demo/web");
+  t.deepEqual(
+    after.vipConflicts().map(({ service, vip, other }) => [service.uid, vip, other?.uid]),
+    [["other/aaa-dup", "10.96.0.10", "demo/web"]],
+  );
+  // With no earlier state, neither Service gets the address, whatever the order of names.
+  const fresh = new MeshState(buildSnapshot(result.objects));
+  t.is(fresh.serviceByVip("10.96.0.10"), undefined);
+  t.is(fresh.vipConflicts().length, 1);
+  // The second cluster IP of demo/web is not contested and keeps working.
+  t.is(fresh.serviceByVip("fd00:96::10")?.uid, "demo/web");
 });
 
 test("workloads on node", (t) => {

@@ -2,7 +2,7 @@
 // client's SPIFFE identity, authorizes each CONNECT stream and connects it to the application.
 
 import http2 from "node:http2";
-import type net from "node:net";
+import net from "node:net";
 import type tls from "node:tls";
 import type { AuditSink } from "../audit/record";
 import { AgentError } from "../errors";
@@ -117,9 +117,12 @@ export class InboundHboneServer {
     });
     server.on("session", (session) => this.#acceptSession(session));
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
+    // Node reports a failed handshake after the socket closed, when it no longer knows its peer:
+    // reading the address on accept makes the TCP socket keep it for the log line below.
+    server.on("connection", (socket: net.Socket) => void socket.remoteAddress);
     // Any client can cause this, so the line carries the reason without a stack trace.
     server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) =>
-      this.#logger.warn({ error: error.message, code: error.code, "src.addr": addressOf(socket) }, "HBONE TLS handshake failed"),
+      this.#logger.warn({ error: error.message, code: error.code, "src.addr": handshakePeerOf(socket) }, "HBONE TLS handshake failed"),
     );
     server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
@@ -422,4 +425,15 @@ function loggedHeader(value: string | string[] | undefined): string | undefined 
 
 function addressOf(socket: net.Socket | tls.TLSSocket): string {
   return socket.remoteAddress ? formatAddress(normalizeIp(socket.remoteAddress), socket.remotePort ?? 0) : "unknown";
+}
+
+/**
+ * The client of a failed TLS handshake. The TLS socket has lost its peer by then; the TCP socket
+ * under it (Node's undocumented `_parent`) kept the address read on accept. "unknown" otherwise.
+ */
+function handshakePeerOf(socket: tls.TLSSocket): string {
+  const own = addressOf(socket);
+  if (own !== "unknown") return own;
+  const parent = (socket as tls.TLSSocket & { _parent?: unknown })._parent;
+  return parent instanceof net.Socket ? addressOf(parent) : "unknown";
 }

@@ -4,12 +4,16 @@
 import { spawn } from "node:child_process";
 import http2 from "node:http2";
 import net from "node:net";
+import tls from "node:tls";
 import test, { type ExecutionContext } from "ava";
 import type { AuditRecord } from "../../agent/audit/record";
-import { CONNECT_TIMEOUT_MS } from "../../agent/proxy/hbone";
+import { CertManager } from "../../agent/identity/cert-manager";
+import { hboneTlsOptions } from "../../agent/identity/certificate";
+import { silentLogger } from "../../agent/log";
+import { CONNECT_TIMEOUT_MS, HBONE_PORT } from "../../agent/proxy/hbone";
 import type { InboundHboneServerOptions } from "../../agent/proxy/inbound";
-import { delay, openClientSession, startInboundPod, type InboundPod } from "./hbone-fixtures";
-import { connectStatus, echo, startApp, workload } from "./proxy-fixtures";
+import { LogCapture, delay, openClientSession, startInboundPod, type InboundPod } from "./hbone-fixtures";
+import { connectStatus, createCa, echo, startApp, workload } from "./proxy-fixtures";
 
 interface StatusCase {
   name: string;
@@ -267,3 +271,28 @@ async function startSynDroppingListener(t: ExecutionContext, pod: InboundPod): P
   });
   return port;
 }
+
+test("a failed client handshake is logged with the client's address", async (t) => {
+  const log = new LogCapture();
+  const pod = await startInboundPod(t, 209, { logger: log.logger });
+  // A certificate from another CA: the server rejects it after the client's side of the handshake.
+  const otherCa = await createCa(t);
+  const otherCerts = new CertManager(otherCa, silentLogger());
+  t.teardown(() => otherCerts.close());
+  const certificate = await otherCerts.get(pod.clientIdentity);
+  const options: tls.ConnectionOptions = {
+    ...hboneTlsOptions(certificate),
+    socket: net.connect({ host: pod.serverIp, port: HBONE_PORT, localAddress: pod.clientIp }),
+    ALPNProtocols: ["h2"],
+    servername: "",
+    rejectUnauthorized: false,
+  };
+  const socket = tls.connect(options);
+  socket.on("error", () => undefined);
+  t.teardown(() => socket.destroy());
+  const deadline = Date.now() + 5_000;
+  while (log.withMessage("HBONE TLS handshake failed").length === 0 && Date.now() < deadline) await delay(20);
+  const [line] = log.withMessage("HBONE TLS handshake failed");
+  t.truthy(line, "no log line for the failed handshake");
+  t.regex(String(line["src.addr"]), new RegExp(`^${pod.clientIp.replaceAll(".", "\\.")}:\\d+$`));
+});

@@ -117,8 +117,8 @@ export class InboundHboneServer {
     });
     server.on("session", (session) => this.#acceptSession(session));
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
-    // Node reports a failed handshake after the socket closed, when it no longer knows its peer:
-    // reading the address on accept makes the TCP socket keep it for the log line below.
+    // Node reports a failed handshake after the socket closed, when its peer address is gone.
+    // Reading the address on accept makes the TCP socket cache it for the log line below.
     server.on("connection", (socket: net.Socket) => void socket.remoteAddress);
     // Any client can cause this, so the line carries the reason without a stack trace.
     server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) =>
@@ -428,8 +428,8 @@ function addressOf(socket: net.Socket | tls.TLSSocket): string {
 }
 
 /**
- * The client of a failed TLS handshake. The TLS socket has lost its peer by then; the TCP socket
- * under it (Node's undocumented `_parent`) kept the address read on accept. "unknown" otherwise.
+ * Returns the client address of a failed TLS handshake, or "unknown". The TLS socket has lost its
+ * peer by then, but the TCP socket under it (Node's undocumented `_parent`) cached it on accept.
  */
 function handshakePeerOf(socket: tls.TLSSocket): string {
   const own = addressOf(socket);

@@ -47,8 +47,8 @@ export function selectorMatches(selector: Labels, labels: Labels): boolean {
 
 /**
  * A Service cluster IP that is not routed to the Service: it is also a pod's IP (`workload`), or
- * another Service's cluster IP (`other`). For two Services, the one that held the address in the
- * previous state keeps it (`other` is then the holder); when neither held it, neither gets it.
+ * another Service's cluster IP (`other`). Of two Services, the one that held the address in the
+ * previous state keeps it, and `other` names that holder. When neither held it, neither gets it.
  */
 export interface VipConflict {
   service: Service;
@@ -220,7 +220,7 @@ export class MeshState {
     for (const service of sorted) {
       for (const vip of service.vips) {
         const key = canonicalIp(vip);
-        // A pod's address is never a Service's: a manifest that says so would let a Service of any
+        // A pod's address is never a Service's: a manifest that claims so would let a Service of any
         // namespace take the pod's traffic, so the pod keeps the address.
         const workload = this.byIp.get(key);
         if (workload) {

@@ -108,8 +108,8 @@ export class Topology {
       stdio: ["ignore", "pipe", "pipe"],
       ...options,
     });
-    // A pipe that nobody reads fills after 64 KiB and then blocks the child's writes (python's
-    // http.server logs a line per request). Callers that read attach their listeners right after
+    // An unread pipe fills after 64 KiB and then blocks the child's writes (python's http.server
+    // logs a line per request). Callers that read attach their listeners right after
     // this returns, before any data event is emitted.
     child.stdout?.resume();
     child.stderr?.resume();

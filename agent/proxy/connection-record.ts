@@ -30,9 +30,11 @@ export function peerOf(addr: string, workload: Workload | undefined, identity?: 
 
 export class ConnectionRecord {
   readonly id = crypto.randomUUID();
-  readonly #startedAt = new Date();
+  /** Milliseconds since the epoch, kept as a number: a record lives as long as its connection. */
+  readonly #startedAt = Date.now();
   readonly #startedNs = process.hrtime.bigint();
-  readonly #init: ConnectionRecordInit;
+  readonly #node: string;
+  readonly #direction: Direction;
   #written = false;
 
   src: AuditPeer;
@@ -48,7 +50,8 @@ export class ConnectionRecord {
   error: { code: string; message: string } | undefined;
 
   constructor(init: ConnectionRecordInit) {
-    this.#init = init;
+    this.#node = init.node;
+    this.#direction = init.direction;
     this.src = { ...init.src };
     this.dst = { ...init.dst };
     this.transport = init.transport;
@@ -74,10 +77,10 @@ export class ConnectionRecord {
   toAuditRecord(): AuditRecord {
     const record: AuditRecord = {
       time: new Date().toISOString(),
-      start: this.#startedAt.toISOString(),
-      node: this.#init.node,
+      start: new Date(this.#startedAt).toISOString(),
+      node: this.#node,
       connection_id: this.id,
-      direction: this.#init.direction,
+      direction: this.#direction,
       src: this.src,
       dst: this.dst,
       transport: this.transport,

@@ -214,24 +214,7 @@ export class OutboundProxy {
     record.dst.identity = formatSpiffeId(target.identity);
     record.dst.hbone_addr = formatAddress(target.workload.ip, HBONE_PORT);
 
-    const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
-    const headers = buildConnectHeaders({ destination, source, workload: this.#options.workload });
-    // Lets stop() end the wait for a pooled connection that is still handshaking.
-    const waiting = new AbortController();
-    const pending = { destroy: () => waiting.abort() };
-    connection.upstream.add(pending);
-    const stream = await this.#pool
-      .request(
-        {
-          sourceIdentity: this.#options.identity,
-          sourceIp: this.#options.workload.ip,
-          destinationIdentities: [target.identity],
-          hboneAddress: { ip: target.workload.ip, port: HBONE_PORT },
-        },
-        headers,
-        waiting.signal,
-      )
-      .finally(() => connection.upstream.delete(pending));
+    const stream = await this.#openStream(connection, destination, target);
     connection.upstream.add(stream);
     if (this.#logger.isLevelEnabled("debug")) {
       stream.on("error", (error) => this.#logger.debug({ err: error, connection_id: record.id }, "HBONE stream failed"));
@@ -245,6 +228,38 @@ export class OutboundProxy {
       this.#recordCopy(record, result);
     } finally {
       closeStream(stream);
+    }
+  }
+
+  /**
+   * Takes a CONNECT stream to the destination from the pool. A function of its own so that what
+   * only the request needs (headers, abort controller) is garbage once the tunnel runs.
+   */
+  async #openStream(
+    connection: ActiveConnection,
+    destination: Authority,
+    target: Extract<DestinationTarget, { kind: "hbone" }>,
+  ): Promise<http2.ClientHttp2Stream> {
+    const { client } = connection;
+    const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
+    const headers = buildConnectHeaders({ destination, source, workload: this.#options.workload });
+    // Lets stop() end the wait for a pooled connection that is still handshaking.
+    const waiting = new AbortController();
+    const pending = { destroy: () => waiting.abort() };
+    connection.upstream.add(pending);
+    try {
+      return await this.#pool.request(
+        {
+          sourceIdentity: this.#options.identity,
+          sourceIp: this.#options.workload.ip,
+          destinationIdentities: [target.identity],
+          hboneAddress: { ip: target.workload.ip, port: HBONE_PORT },
+        },
+        headers,
+        waiting.signal,
+      );
+    } finally {
+      connection.upstream.delete(pending);
     }
   }
 

@@ -17,8 +17,11 @@ export interface CopyEndpoint {
   readonly duplex: Duplex;
   /** Aborts the endpoint so that its remote side receives a reset. */
   reset(): void;
-  /** Tells, once the endpoint closed, whether it closed normally rather than by an abort. */
-  closedNormally(): boolean;
+  /**
+   * Tells, once the endpoint closed, whether it closed normally rather than by an abort. `error` is
+   * the first error it emitted, `ended` whether its readable side ended.
+   */
+  closedNormally(error: unknown, ended: boolean): boolean;
 }
 
 export interface CopyResult {
@@ -30,49 +33,66 @@ export interface CopyResult {
   error?: AgentError;
 }
 
+/**
+ * A TCP socket as one half of a copy. Half-open is enabled so that a FIN closes one direction only.
+ * Endpoints are classes, and the copy listens for their events, so that an open connection holds
+ * no closures of its own here.
+ */
+class TcpEndpoint implements CopyEndpoint {
+  #aborted = false;
+
+  constructor(
+    readonly name: string,
+    readonly duplex: net.Socket,
+  ) {
+    duplex.allowHalfOpen = true;
+  }
+
+  reset(): void {
+    this.#aborted = true;
+    if (!this.duplex.destroyed) resetSocket(this.duplex);
+  }
+
+  closedNormally(error: unknown, ended: boolean): boolean {
+    return !this.#aborted && error === undefined && ended;
+  }
+}
+
+/** An HTTP/2 stream that carries a CONNECT tunnel, as one half of a copy. */
+class StreamEndpoint implements CopyEndpoint {
+  #aborted = false;
+
+  constructor(
+    readonly name: string,
+    readonly duplex: http2.Http2Stream,
+  ) {}
+
+  reset(): void {
+    this.#aborted = true;
+    if (!this.duplex.destroyed) {
+      // RFC 9113 section 8.5 specifies CONNECT_ERROR, but Node's close(code) first ends the writable
+      // side, and once that END_STREAM completes the stream the peer ignores the RST_STREAM behind it.
+      // destroy(error) sends RST_STREAM INTERNAL_ERROR at once, which peers also read as an abort.
+      this.duplex.destroy(new AgentError("STREAM_RESET", `the ${this.name} stream was aborted because its other half failed`));
+    }
+  }
+
+  closedNormally(error: unknown): boolean {
+    // Node reports every RST_STREAM as an error; NO_ERROR and CANCEL are a normal end here.
+    const rstCode = this.duplex.rstCode;
+    const errorIsEnd = error === undefined || ((error as NodeJS.ErrnoException).code === "ERR_HTTP2_STREAM_ERROR" && isEndOfStreamCode(rstCode));
+    return !this.#aborted && errorIsEnd && isEndOfStreamCode(rstCode);
+  }
+}
+
 /** Wraps a TCP socket. Half-open is enabled so that a FIN closes one direction only. */
 export function tcpEndpoint(name: string, socket: net.Socket): CopyEndpoint {
-  socket.allowHalfOpen = true;
-  let failed = false;
-  let readableEnded = false;
-  socket.once("error", () => (failed = true));
-  socket.once("end", () => (readableEnded = true));
-  return {
-    name,
-    duplex: socket,
-    reset: () => {
-      failed = true;
-      if (!socket.destroyed) {
-        resetSocket(socket);
-      }
-    },
-    closedNormally: () => !failed && readableEnded,
-  };
+  return new TcpEndpoint(name, socket);
 }
 
 /** Wraps an HTTP/2 stream that carries a CONNECT tunnel. */
 export function streamEndpoint(name: string, stream: http2.Http2Stream): CopyEndpoint {
-  let failed = false;
-  stream.on("error", (error: NodeJS.ErrnoException) => {
-    // Node reports every RST_STREAM as an error; NO_ERROR and CANCEL are a normal end here.
-    if (!(error.code === "ERR_HTTP2_STREAM_ERROR" && isEndOfStreamCode(stream.rstCode))) {
-      failed = true;
-    }
-  });
-  return {
-    name,
-    duplex: stream,
-    reset: () => {
-      failed = true;
-      if (!stream.destroyed) {
-        // RFC 9113 section 8.5 specifies CONNECT_ERROR, but Node's close(code) first ends the writable
-        // side, and once that END_STREAM completes the stream the peer ignores the RST_STREAM behind it.
-        // destroy(error) sends RST_STREAM INTERNAL_ERROR at once, which peers also read as an abort.
-        stream.destroy(new AgentError("STREAM_RESET", `the ${name} stream was aborted because its other half failed`));
-      }
-    },
-    closedNormally: () => !failed && isEndOfStreamCode(stream.rstCode),
-  };
+  return new StreamEndpoint(name, stream);
 }
 
 /** Sends a TCP RST when the socket has a handle, and destroys it otherwise. */
@@ -159,7 +179,7 @@ function forwardOneWay(
     endWritable(target.duplex);
   });
   source.duplex.once("close", () => {
-    if (source.closedNormally() || (copy.closedByCopy.has(source) && lastError === undefined)) {
+    if (source.closedNormally(lastError, sourceEnded) || (copy.closedByCopy.has(source) && lastError === undefined)) {
       finishAfterNormalClose(target, sourceEnded, copy);
     } else {
       copy.recordError(source, lastError);

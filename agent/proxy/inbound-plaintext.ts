@@ -15,7 +15,7 @@ import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
 import type { PodNetwork } from "./pod-network";
-import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
+import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 
 export interface InboundPlaintextServerOptions {
   node: string;
@@ -103,7 +103,7 @@ export class InboundPlaintextServer {
   }
 
   #accept(client: net.Socket): void {
-    client.on("error", () => undefined);
+    client.on("error", ignoreError);
     const sourceIp = normalizeIp(client.remoteAddress ?? "");
     const record = new ConnectionRecord({
       node: this.#options.node,
@@ -128,7 +128,7 @@ export class InboundPlaintextServer {
       this.#checkPeerAuthentication(port, record);
       this.#authorize(sourceIp, port, record);
       connection.upstream = await this.#connectApplication(port, connection);
-      connection.upstream.on("error", () => undefined);
+      connection.upstream.on("error", ignoreError);
       client.resume();
       const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
       record.bytesSent = result.bytesForward;

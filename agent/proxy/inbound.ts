@@ -29,7 +29,7 @@ import {
   type Authority,
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
-import { connectTcp, formatAddress, normalizeIp } from "./tcp";
+import { connectTcp, formatAddress, ignoreError, normalizeIp } from "./tcp";
 
 export interface InboundHboneServerOptions {
   node: string;
@@ -216,7 +216,7 @@ export class InboundHboneServer {
   }
 
   async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): Promise<void> {
-    stream.on("error", () => undefined);
+    stream.on("error", ignoreError);
     const peer = this.#peers.get(stream.session as http2.ServerHttp2Session);
     if (!peer) {
       stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
@@ -335,7 +335,7 @@ export class InboundHboneServer {
         pending = created;
         this.#pendingConnects.add(created);
       });
-      socket.on("error", () => undefined);
+      socket.on("error", ignoreError);
       if (stream.closed || stream.destroyed) {
         socket.destroy();
         throw resetDuringConnect(address);

@@ -16,7 +16,7 @@ import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, buildConnectHeaders, type Authority } from "./hbone";
 import type { PodNetwork } from "./pod-network";
 import { HbonePool, type HbonePoolOptions, type PoolStats } from "./pool";
-import { connectTcp, formatAddress, normalizeIp, remoteAddressOf } from "./tcp";
+import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 
 /**
  * The route of an outbound connection. `address` is where the bytes go: the original destination, or
@@ -138,7 +138,7 @@ export class OutboundProxy {
   }
 
   #accept(client: net.Socket): void {
-    client.on("error", () => undefined);
+    client.on("error", ignoreError);
     const record = new ConnectionRecord({
       node: this.#options.node,
       direction: "outbound",
@@ -266,7 +266,7 @@ export class OutboundProxy {
   async #connectUpstream(connection: ActiveConnection, ip: string, port: number): Promise<net.Socket> {
     try {
       const socket = await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS, (pending) => connection.upstream.add(pending));
-      socket.on("error", () => undefined);
+      socket.on("error", ignoreError);
       return socket;
     } catch (error) {
       throw new AgentError(

@@ -22,7 +22,7 @@ import type { Identity } from "../state/types";
 import { CONNECT_TIMEOUT_MS, type Authority } from "./hbone";
 import { connectHbone } from "./hbone-client";
 import type { PodNetwork } from "./pod-network";
-import { formatAddress } from "./tcp";
+import { formatAddress, ignoreError } from "./tcp";
 
 /** Streams one connection carries at most, even when the peer allows more (ztunnel uses 100). */
 export const MAX_STREAMS_PER_CONNECTION = 100;
@@ -356,7 +356,7 @@ export class HbonePool {
     clearTimeout(connection.idleTimer);
     connection.idleTimer = undefined;
     // The caller attaches its own handlers; this one keeps an early stream error from crashing the process.
-    stream.on("error", () => undefined);
+    stream.on("error", ignoreError);
     stream.once("close", () => {
       connection.streams -= 1;
       this.#scheduleIdleClose(connection);

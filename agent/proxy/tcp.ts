@@ -3,6 +3,13 @@
 import net from "node:net";
 import type { PodNetwork } from "./pod-network";
 
+/**
+ * An "error" listener that ignores the error, shared by every connection so that none allocates its
+ * own. Sockets and streams need one so that an error does not crash the process; the copy or the
+ * close event reports what happened.
+ */
+export function ignoreError(): void {}
+
 /** Formats ip:port, with IPv6 addresses in brackets. */
 export function formatAddress(ip: string, port: number): string {
   return net.isIPv6(ip) ? `[${ip}]:${port}` : `${ip}:${port}`;

@@ -2,6 +2,9 @@
 // CONNECT streams. A TCP FIN maps to END_STREAM in that direction and back. An abort maps to an abort:
 // a TCP reset or socket error becomes an RST_STREAM, and an RST_STREAM with any code other than NO_ERROR
 // or CANCEL becomes a TCP reset. RST_STREAM NO_ERROR or CANCEL reads as end of stream, as in ztunnel.
+// NOTE: a TCP reset that arrives while its connection is busy is sometimes read as end of file (seen on
+// Linux 6.18, with Node 20 readers, also without the agent in the path). The copy then forwards a FIN,
+// and the other side sees a clean close; reading SO_ERROR at end of file did not catch these cases.
 
 import http2 from "node:http2";
 import type net from "node:net";

@@ -11,23 +11,13 @@ import { promisify } from "node:util";
 
 import { Capture } from "../../agent/capture/bpf";
 import { AGENT_MARK, PROGRAM_NAMES } from "../../agent/capture/layout";
-import { NativeError, closeFd, netnsCookie, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
+import { NativeError, closeFd, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { checkHost } from "../../agent/capture/preflight";
 import { findNetnsByIp } from "../../agent/enroll/netns";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import {
-  assertCaptureHost,
-  BPFFS,
-  CGROUP_ROOT,
-  createNetnsPair,
-  OBJECT_PATH,
-  PIN_PARENT,
-  linkLocalAddress,
-  removeStaleCaptureState,
-  type NetnsPair,
-} from "../harness/netns-pair";
+import { CGROUP_ROOT, createEnrolledPair, linkLocalAddress, OBJECT_PATH, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aacap";
@@ -172,21 +162,8 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint):
 }
 
 test.before(async () => {
-  assertCaptureHost(BPFFS, CGROUP_ROOT);
-  removeStaleCaptureState(PREFIX, PIN_PARENT);
-  const pair = createNetnsPair(PREFIX, 200 + (process.pid % 50));
-  let capture: Capture | undefined;
-  try {
-    capture = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
-    const cookieA = netnsCookie(pair.a.path);
-    capture.enroll(cookieA, pair.a.ip);
-    fixture = await startServers(pair, capture, cookieA);
-  } catch (error) {
-    capture?.close();
-    Capture.remove(PIN_ROOT);
-    pair.destroy();
-    throw error;
-  }
+  const enrolled = await createEnrolledPair(PREFIX, 200 + (process.pid % 50), PIN_ROOT, startServers);
+  fixture = enrolled.extra;
 });
 
 /** Removes the namespaces and pins; synchronous, so it also runs from the process "exit" event. */

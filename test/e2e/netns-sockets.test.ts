@@ -10,22 +10,13 @@ import { DataType, load, open } from "ffi-rs";
 
 import { Capture } from "../../agent/capture/bpf";
 import { AGENT_MARK } from "../../agent/capture/layout";
-import { MAX_SOCKET_BATCH, NativeError, netnsCookie, netnsSocket, netnsSockets } from "../../agent/capture/native";
+import { MAX_SOCKET_BATCH, NativeError, netnsSocket, netnsSockets } from "../../agent/capture/native";
 import { NetnsPodNetwork, SPARE_SOCKET_BATCH } from "../../agent/capture/netns-network";
 import { EnrollmentReconciler } from "../../agent/enroll/reconciler";
 import { silentLogger } from "../../agent/log";
 import { EMPTY_DRAIN } from "../../agent/proxy/drain";
 import type { Workload } from "../../agent/state/types";
-import {
-  assertCaptureHost,
-  BPFFS,
-  CGROUP_ROOT,
-  createNetnsPair,
-  OBJECT_PATH,
-  PIN_PARENT,
-  removeStaleCaptureState,
-  type NetnsPair,
-} from "../harness/netns-pair";
+import { CGROUP_ROOT, createEnrolledPair, OBJECT_PATH, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
 
 const PREFIX = "aasock";
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
@@ -192,22 +183,9 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint):
 }
 
 test.before(async () => {
-  assertCaptureHost(BPFFS, CGROUP_ROOT);
   open({ library: LIBC, path: "" });
-  removeStaleCaptureState(PREFIX, PIN_PARENT);
-  const pair = createNetnsPair(PREFIX, 100 + (process.pid % 50));
-  let capture: Capture | undefined;
-  try {
-    capture = Capture.attach({ pinRoot: PIN_ROOT, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
-    const cookieA = netnsCookie(pair.a.path);
-    capture.enroll(cookieA, pair.a.ip);
-    fixture = await startServers(pair, capture, cookieA);
-  } catch (error) {
-    capture?.close();
-    Capture.remove(PIN_ROOT);
-    pair.destroy();
-    throw error;
-  }
+  const enrolled = await createEnrolledPair(PREFIX, 100 + (process.pid % 50), PIN_ROOT, startServers);
+  fixture = enrolled.extra;
 });
 
 /** Removes the namespaces and pins; synchronous, so it also runs from the process "exit" event. */

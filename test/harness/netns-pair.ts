@@ -4,6 +4,8 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { Capture } from "../../agent/capture/bpf";
+import { netnsCookie } from "../../agent/capture/native";
+import { silentLogger } from "../../agent/log";
 
 export interface NetnsEnd {
   name: string;
@@ -130,5 +132,41 @@ export function removeStaleCaptureState(prefix: string, pinParent: string): void
   for (const name of fs.readdirSync(pinParent)) {
     const match = new RegExp(`^${prefix}-(\\d+)$`).exec(name);
     if (match && !fs.existsSync(`/proc/${match[1]}`)) Capture.remove(path.join(pinParent, name));
+  }
+}
+
+/** A namespace pair with capture attached and namespace A enrolled, plus what the test starts on it. */
+export interface EnrolledPair<Extra> {
+  pair: NetnsPair;
+  capture: Capture;
+  cookieA: bigint;
+  extra: Extra;
+}
+
+/**
+ * Creates the namespace pair <prefix>-<pid>-a/-b on 10.<subnet>.0.0/24, attaches capture pinned at
+ * `pinRoot`, enrolls namespace A, then runs `start` (the test's servers). On any failure it removes
+ * all of that again before rethrowing, so a failed set-up leaves nothing behind.
+ */
+export async function createEnrolledPair<Extra>(
+  prefix: string,
+  subnet: number,
+  pinRoot: string,
+  start: (pair: NetnsPair, capture: Capture, cookieA: bigint) => Promise<Extra>,
+): Promise<EnrolledPair<Extra>> {
+  assertCaptureHost(BPFFS, CGROUP_ROOT);
+  removeStaleCaptureState(prefix, PIN_PARENT);
+  const pair = createNetnsPair(prefix, subnet);
+  let capture: Capture | undefined;
+  try {
+    capture = Capture.attach({ pinRoot, cgroupPath: CGROUP_ROOT, objectPath: OBJECT_PATH }, silentLogger());
+    const cookieA = netnsCookie(pair.a.path);
+    capture.enroll(cookieA, pair.a.ip);
+    return { pair, capture, cookieA, extra: await start(pair, capture, cookieA) };
+  } catch (error) {
+    capture?.close();
+    Capture.remove(pinRoot);
+    pair.destroy();
+    throw error;
   }
 }

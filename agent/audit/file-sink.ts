@@ -1,8 +1,9 @@
 // Appends audit records to a file, one JSON object per line. write() only queues, so the data path
-// never waits for the disk; one writer drains the queue in order. The writer starts batchDelayMs
-// after the first queued record, so a busy proxy writes many records per write(2) and per rotation check. When a write fails (folder
-// removed, disk full), the records stay queued and the writer retries with a capped backoff,
-// reopening the file each time: an accepted record is written exactly once, or is still queued.
+// never waits for the disk, and one writer drains the queue in order. The writer starts batchDelayMs
+// after the first queued record, so a busy proxy writes many records per write(2) and per rotation
+// check. When a write fails (folder removed, disk full), the records stay queued and the writer
+// retries with a capped backoff, reopening the file each time. An accepted record is therefore
+// written exactly once, or is still queued.
 // Before each batch the writer checks that its handle still refers to the file at the path, so a
 // renamed (rotated) or deleted file is replaced by a new one.
 

@@ -3,8 +3,8 @@
 // a TCP reset or socket error becomes an RST_STREAM, and an RST_STREAM with any code other than NO_ERROR
 // or CANCEL becomes a TCP reset. RST_STREAM NO_ERROR or CANCEL reads as end of stream, as in ztunnel.
 // NOTE: a TCP reset that arrives while its connection is busy is sometimes read as end of file (seen on
-// Linux 6.18, with Node 20 readers, also without the agent in the path). The copy then forwards a FIN,
-// and the other side sees a clean close; reading SO_ERROR at end of file did not catch these cases.
+// Linux 6.18 with Node 20 readers, also without the agent in the path). The copy then forwards a FIN,
+// so the other side gets a clean close. Reading SO_ERROR at end of file did not catch these cases.
 
 import http2 from "node:http2";
 import type net from "node:net";
@@ -38,8 +38,7 @@ export interface CopyResult {
 
 /**
  * A TCP socket as one half of a copy. Half-open is enabled so that a FIN closes one direction only.
- * Endpoints are classes, and the copy listens for their events, so that an open connection holds
- * no closures of its own here.
+ * Endpoints are classes fed by the copy's listeners, so an open connection keeps no closures here.
  */
 class TcpEndpoint implements CopyEndpoint {
   #aborted = false;

@@ -29,7 +29,7 @@ import {
   type Authority,
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
-import { connectTcp, formatAddress, ignoreError, normalizeIp } from "./tcp";
+import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 
 export interface InboundHboneServerOptions {
   node: string;
@@ -184,7 +184,7 @@ export class InboundHboneServer {
   /** Checks the client certificate's trust domain and remembers what the session proved. */
   #acceptSession(session: http2.ServerHttp2Session): void {
     const socket = session.socket as tls.TLSSocket;
-    const remote = addressOf(socket);
+    const remote = remoteAddressOf(socket);
     session.on("error", (error) => this.#logger.debug({ err: error, "src.addr": remote }, "HBONE session failed"));
     const identity = peerIdentityOf(socket);
     if (!identity || identity.trustDomain !== this.#options.trustDomain) {
@@ -423,17 +423,13 @@ function loggedHeader(value: string | string[] | undefined): string | undefined 
   return text.length > MAX_LOGGED_HEADER_CHARS ? `${text.slice(0, MAX_LOGGED_HEADER_CHARS)}...(${text.length} chars)` : text;
 }
 
-function addressOf(socket: net.Socket | tls.TLSSocket): string {
-  return socket.remoteAddress ? formatAddress(normalizeIp(socket.remoteAddress), socket.remotePort ?? 0) : "unknown";
-}
-
 /**
  * Returns the client address of a failed TLS handshake, or "unknown". The TLS socket has lost its
  * peer by then, but the TCP socket under it (Node's undocumented `_parent`) cached it on accept.
  */
 function handshakePeerOf(socket: tls.TLSSocket): string {
-  const own = addressOf(socket);
+  const own = remoteAddressOf(socket);
   if (own !== "unknown") return own;
   const parent = (socket as tls.TLSSocket & { _parent?: unknown })._parent;
-  return parent instanceof net.Socket ? addressOf(parent) : "unknown";
+  return parent instanceof net.Socket ? remoteAddressOf(parent) : "unknown";
 }

@@ -4,9 +4,9 @@ import net from "node:net";
 import type { PodNetwork } from "./pod-network";
 
 /**
- * An "error" listener that ignores the error, shared by every connection so that none allocates its
- * own. Sockets and streams need one so that an error does not crash the process; the copy or the
- * close event reports what happened.
+ * Ignores an "error" event. Sockets and streams need a listener so that an error does not crash
+ * the process, and sharing this one spares each connection a closure. The copy or the close event
+ * reports the error.
  */
 export function ignoreError(): void {}
 

@@ -61,6 +61,8 @@ export class MeshState {
   private readonly byIp = new Map<string, Workload>();
   private readonly byVip = new Map<string, Service>();
   private readonly conflicts: VipConflict[] = [];
+  /** Results of workloadsForService, by Service object of this snapshot. */
+  private readonly selected = new WeakMap<Service, Workload[]>();
   private readonly byNode = new Map<string, Workload[]>();
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
@@ -131,12 +133,21 @@ export class MeshState {
     );
   }
 
-  /** Returns the workloads a Service selects (none for a Service without selector). */
+  /**
+   * Returns the workloads a Service selects (none for a Service without selector). The outbound
+   * proxy calls this for every connection to a VIP and a state never changes, so results are cached.
+   */
   workloadsForService(service: Service): Workload[] {
-    if (Object.keys(service.selector).length === 0) return [];
-    return this.workloads().filter(
-      (workload) => workload.namespace === service.namespace && selectorMatches(service.selector, workload.labels),
-    );
+    const cached = this.selected.get(service);
+    if (cached) return [...cached];
+    const selected =
+      Object.keys(service.selector).length === 0
+        ? []
+        : this.workloads().filter(
+            (workload) => workload.namespace === service.namespace && selectorMatches(service.selector, workload.labels),
+          );
+    this.selected.set(service, selected);
+    return [...selected];
   }
 
   /**

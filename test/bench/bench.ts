@@ -179,8 +179,8 @@ async function withAffinity<T>(pids: number[], cpus: string, work: () => Promise
 }
 
 /**
- * Runs iperf3 `iperfRounds` times. The result's rate is the median of the rounds (one run on a
- * shared VM can be off by a fifth); its bytes and seconds are the totals, for CPU per GiB.
+ * Runs iperf3 `iperfRounds` times and returns the median rate, because one run on a shared VM can be
+ * off by a fifth. Bytes and seconds are the totals of the rounds, for CPU per GiB.
  */
 async function iperfRounds(run: Run, name: string, once: () => Promise<IperfResult>): Promise<IperfResult> {
   const rounds: IperfResult[] = [];

@@ -17,8 +17,8 @@ export interface BenchResults {
   throughput_gbps: { direct: number; mesh: number; native_tls: number };
   cpu_s_per_gib_per_hop: number;
   /**
-   * `mesh` runs the agents on the CPU of the client and echo server, as `direct` runs its two
-   * processes; `mesh_agents_unpinned` lets the scheduler place the agents.
+   * Round-trip latency. `mesh` runs the agents on the CPU of the client and echo server, as `direct`
+   * runs its two processes. `mesh_agents_unpinned` lets the scheduler place the agents.
    */
   latency_us: { direct: PathLatency; mesh: PathLatency; mesh_agents_unpinned?: PathLatency };
   new_connections_per_s: { direct: number; mesh: number };
@@ -79,10 +79,16 @@ function unpinnedRows(results: BenchResults): Row[] {
   ];
 }
 
+/** Returns the "met" cell of a row: yes, no, or empty for a figure without target. */
+function metText(met: boolean | undefined): string {
+  if (met === undefined) return "";
+  return met ? "yes" : "no";
+}
+
 /** Renders the results as a plain-text table with one row per figure. */
 export function formatTable(results: BenchResults): string {
   const header = ["figure", "direct", "mesh", "native_tls", "target", "met"];
-  const body = buildRows(results).map((row) => [row.figure, row.direct, row.mesh, row.nativeTls, row.target, row.met === undefined ? "" : row.met ? "yes" : "no"]);
+  const body = buildRows(results).map((row) => [row.figure, row.direct, row.mesh, row.nativeTls, row.target, metText(row.met)]);
   const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
   const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
   const machine = `${results.machine.model}, ${results.machine.cores} cores, ${results.time}`;

@@ -13,7 +13,7 @@
 //       pass or MAX connections are done; prints {"completed","errors","elapsed_s","error_codes"}.
 //   tcp-bench idle HOST PORT COUNT
 //       opens COUNT connections one after another, each with a 1-byte echo so that it is
-//       established end to end; prints {"opened","failed"}, holds them until a line arrives on
+//       established end to end; prints {"opened","failed"}, keeps them open until a line arrives on
 //       stdin, then closes them and prints {"closed"}.
 //
 // Arguments after the mode's own are ignored: the benchmark appends the run's prefix there, so that

@@ -37,7 +37,7 @@ export class TcpBench {
    */
   latencyCpu: number | undefined = 0;
 
-  /** The command and arguments that run the program, under taskset when pinned. */
+  /** Returns the command and arguments that run the program, under taskset when pinned. */
   private command(args: string[], pinned: boolean): [string, string[]] {
     if (pinned && this.latencyCpu !== undefined) return ["taskset", ["-c", String(this.latencyCpu), this.binary, ...args]];
     return [this.binary, args];
@@ -76,7 +76,7 @@ export class TcpBench {
   }
 
   /**
-   * Starts a client in `pod` that opens `count` connections and holds them. It prints an IdleOpened
+   * Starts a client in `pod` that opens `count` connections and keeps them open. It prints an IdleOpened
    * line when they are open, and closes them when a line is written to its stdin.
    */
   spawnIdle(pod: string, host: string, port: number, count: number): ChildProcess {

@@ -67,10 +67,12 @@ export async function startInboundPod(
   const ca = await createCa(t);
   const certs = new CertManager(ca, silentLogger());
   t.teardown(() => certs.close());
+
   const clientWorkload = workload("sleep", "default", "sleep", clientIp);
   const serverWorkload = workload("echo", "apps", "echo", serverIp);
   const audit = new MemorySink();
   const authorizations: RbacConnection[] = [];
+
   const server = new InboundHboneServer({
     node: "node-2",
     workload: serverWorkload,
@@ -89,6 +91,7 @@ export async function startInboundPod(
   });
   await server.start();
   t.teardown(() => server.stop());
+
   return {
     clientIp,
     serverIp,

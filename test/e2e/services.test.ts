@@ -7,7 +7,7 @@ import path from "node:path";
 import { curl, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { podsYaml, serviceYaml, writeManifest } from "../harness/manifests";
-import { listNetns, type NodeSpec } from "../harness/topology";
+import { listNetns, POD_NETWORK, type NodeSpec } from "../harness/topology";
 
 const PREFIX_FAMILY = "aasvc";
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
@@ -174,13 +174,13 @@ test.serial("VIP needs no route in the pod", async (t) => {
   if (gateway === undefined) throw new Error(`the client pod has no default route to replace`);
   c.topology.exec(client.netns, "ip", ["route", "del", "default"]);
   try {
-    c.topology.exec(client.netns, "ip", ["route", "add", "10.244.0.0/16", "via", gateway]);
+    c.topology.exec(client.netns, "ip", ["route", "add", `${POD_NETWORK}.0.0/16`, "via", gateway]);
     const lookup = c.topology.exec(client.netns, "ip", ["route", "get", API_VIP], { allowFail: true });
     t.is(lookup, "", `the pod still has a route to ${API_VIP}: ${lookup}`);
     const answers = await countAnswers(`http://${API_VIP}/`, ENDPOINTS.length);
     t.deepEqual(sorted(answers), ENDPOINTS.map((name) => [name, 1]));
   } finally {
-    c.topology.exec(client.netns, "ip", ["route", "del", "10.244.0.0/16"], { allowFail: true });
+    c.topology.exec(client.netns, "ip", ["route", "del", `${POD_NETWORK}.0.0/16`], { allowFail: true });
     c.topology.exec(client.netns, "ip", ["route", "add", "default", "via", gateway]);
   }
 });

@@ -12,6 +12,21 @@ import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from "node:
 import fs from "node:fs";
 import { forgetRun, registerPid } from "./pid-registry";
 
+/**
+ * First two octets of every cluster's pod addresses (10.244.<node>.<host>). Agents refuse a pod
+ * whose IP is on two namespaces, so two clusters that run at once on one machine need different
+ * values: set AA_TEST_POD_NET, for example to 10.245.
+ */
+export const POD_NETWORK = podNetworkFromEnv(process.env.AA_TEST_POD_NET);
+
+function podNetworkFromEnv(value: string | undefined): string {
+  if (value === undefined || value === "") return "10.244";
+  if (!/^10\.(?:[0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])$/.test(value)) {
+    throw new Error(`AA_TEST_POD_NET=${value} is not of the form 10.N (N from 0 to 255); unset it or use, for example, 10.245`);
+  }
+  return value;
+}
+
 export interface PodSpec {
   name: string;
   namespace: string;
@@ -131,12 +146,12 @@ export class Topology {
 
   private addNode(spec: NodeSpec, index: number): void {
     const netns = `${this.prefix}-${spec.name}`;
-    const podCidr = `10.244.${index}.0/24`;
+    const podCidr = `${POD_NETWORK}.${index}.0/24`;
     run("ip", ["netns", "add", netns]);
     this.exec(netns, "ip", ["link", "set", "lo", "up"]);
     this.exec(netns, "sysctl", ["-qw", "net.ipv4.ip_forward=1"]);
     this.exec(netns, "ip", ["link", "add", "br0", "type", "bridge"]);
-    this.exec(netns, "ip", ["addr", "add", `10.244.${index}.1/24`, "dev", "br0"]);
+    this.exec(netns, "ip", ["addr", "add", `${POD_NETWORK}.${index}.1/24`, "dev", "br0"]);
     this.exec(netns, "ip", ["link", "set", "br0", "up"]);
     const linkIp = `10.200.0.${index}`;
     this.nodes.set(spec.name, { name: spec.name, netns, linkInterface: "n-link", linkIp, podCidr });
@@ -145,14 +160,14 @@ export class Topology {
 
   private addPod(node: string, nodeNetns: string, nodeIndex: number, spec: PodSpec, hostByte: number): void {
     const netns = `${this.prefix}-${spec.name}`;
-    const ip = `10.244.${nodeIndex}.${hostByte}`;
+    const ip = `${POD_NETWORK}.${nodeIndex}.${hostByte}`;
     const hostSide = `v-${spec.name}`.slice(0, 15);
     run("ip", ["netns", "add", netns]);
     run("ip", ["link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", hostSide, "netns", nodeNetns]);
     this.exec(netns, "ip", ["link", "set", "lo", "up"]);
     this.exec(netns, "ip", ["addr", "add", `${ip}/24`, "dev", "eth0"]);
     this.exec(netns, "ip", ["link", "set", "eth0", "up"]);
-    this.exec(netns, "ip", ["route", "add", "default", "via", `10.244.${nodeIndex}.1`]);
+    this.exec(netns, "ip", ["route", "add", "default", "via", `${POD_NETWORK}.${nodeIndex}.1`]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "master", "br0"]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "up"]);
     this.pods.set(spec.name, { ...spec, node, netns, ip });

@@ -49,9 +49,13 @@ bpf: setup
 host:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
-## test: unit and end-to-end tests (end-to-end tests need root)
+# The agent-level end-to-end files run a second time with nftables capture, the fallback mode.
+NFTABLES_E2E := dist/test/e2e/mesh.test.js dist/test/e2e/services.test.js dist/test/e2e/drain.test.js
+
+## test: unit and end-to-end tests (end-to-end tests need root), then the agent-level ones in nftables mode
 test: build host
 	npx ava
+	AA_TEST_CAPTURE=nftables npx ava $(NFTABLES_E2E)
 
 test-unit: build
 	npx ava 'dist/test/unit/**/*.test.js'

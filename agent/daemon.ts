@@ -1,12 +1,23 @@
 // The node agent: wires discovery, state, capture, identity, the per-pod proxies, authorization
 // and audit together, and keeps them in step as the manifests change.
 
+import net from "node:net";
+import path from "node:path";
+
 import { AuditFileSink } from "./audit/file-sink";
 import { AdminServer } from "./admin/server";
-import { Capture } from "./capture/bpf";
-import { loadNative } from "./capture/native";
-import type { NetnsPodNetwork } from "./capture/netns-network";
-import { PinRootLock } from "./capture/pin-lock";
+import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
+import { DEFAULT_PROBE_SOURCES } from "./capture/exemptions";
+import { readCaptureEntries, type CaptureEntries } from "./capture/inspect";
+import { loadNative, useMarkOnlyAgentSockets } from "./capture/native";
+import { NftCapture } from "./capture/nft";
+import { NetnsPodNetwork } from "./capture/netns-network";
+import { LOCK_DIRECTORY, PinRootLock } from "./capture/pin-lock";
+import { isHostSetupFeature, probeCaptureFeatures, selectCaptureMode, type CaptureSelection, type RequestedCaptureMode } from "./capture/probe";
+import { Predecessor } from "./handover/client";
+import { handoverSocketPath } from "./handover/protocol";
+import { HandoverServer } from "./handover/server";
+import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, retryUntilBound, takeOver } from "./handover/takeover";
 import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
 import { enrolledWorkloads, isAmbient } from "./enroll/enrollment";
@@ -22,6 +33,7 @@ import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
 import { authorize } from "./rbac/authorize";
 import type { RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
+import { workloadIpOfFamily } from "./state/ip";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 
@@ -38,6 +50,25 @@ export interface AgentOptions {
   adminAddress: string;
   /** Namespace whose policies apply mesh-wide. */
   rootNamespace: string;
+  /** --capture: eBPF, nftables, or auto (eBPF when every hook works, else nftables). Default auto. */
+  capture?: RequestedCaptureMode;
+  /**
+   * Take the node over from the agent that serves it now, with no failed connection (see
+   * agent/handover). Without a running agent the start is a normal one.
+   */
+  replace?: boolean;
+  /** How long open connections may drain when this agent stops or hands the node over; default 0. */
+  drainTimeoutMs?: number;
+  /**
+   * Source addresses of kubelet health probes, which inbound capture lets through to the
+   * application. Default DEFAULT_PROBE_SOURCES; an empty list exempts no source.
+   */
+  probeSources?: readonly string[];
+  /**
+   * Whether the inbound proxies connect to applications from the client's address, so that
+   * applications see the real client as their peer. Default true.
+   */
+  transparentSource?: boolean;
 }
 
 /** The problems found before start, each with what is missing and how to fix it. */
@@ -53,13 +84,18 @@ export class HostNotReadyError extends Error {
 export class Agent {
   private state: MeshState | undefined;
   private source: ManifestSource | undefined;
-  private capture: Capture | undefined;
+  private capture: CaptureBackend | undefined;
+  private captureSelection: CaptureSelection | undefined;
   private audit: AuditFileSink | undefined;
   private reconciler: EnrollmentReconciler | undefined;
   private admin: AdminServer | undefined;
   private certs: CertManager | undefined;
   private lock: PinRootLock | undefined;
   private nodeLock: PinRootLock | undefined;
+  private handover: HandoverServer | undefined;
+  #handOver: () => void = () => undefined;
+  /** Settles once this agent handed the node over to a replacement; the process should then stop(). */
+  readonly replaced = new Promise<void>((resolve) => (this.#handOver = resolve));
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
   private trustDomain = "cluster.local";
@@ -70,14 +106,17 @@ export class Agent {
   ) {}
 
   async start(): Promise<void> {
+    const selection = this.selectCapture();
     const problems = checkHost({
       pinRoot: this.options.pinRoot,
       cgroupPath: this.options.cgroupPath,
       objectPath: this.options.objectPath,
+      capture: selection.mode,
     });
     if (problems.length > 0) throw new HostNotReadyError(problems);
-    this.nodeLock = PinRootLock.acquireNode(this.options.node);
-    this.lock = PinRootLock.acquire(this.options.pinRoot);
+    // A replacement takes the locks and the admin port only once the agent it replaces exits.
+    const predecessor = this.options.replace ? await this.contactPredecessor() : undefined;
+    if (!predecessor) this.takeLocks();
     loadNative();
 
     const ca = await EmbeddedCa.load(this.options.caDir);
@@ -86,29 +125,37 @@ export class Agent {
     this.audit = new AuditFileSink(this.options.auditFile, this.logger.child({ component: "audit" }));
 
     this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
+    this.logger.info({ dir: this.options.manifestsDir }, "reading the manifests");
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
     this.warnVipConflicts(this.state);
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
     this.admin = new AdminServer(this.options.adminAddress, () => this.configDump(), this.logger.child({ component: "admin" }));
-    await this.admin.start();
+    if (!predecessor) await this.admin.start();
 
-    this.capture = Capture.attach(
-      { pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath },
-      this.logger.child({ component: "capture" }),
-    );
+    this.capture = this.attachCapture(selection);
+    this.setProbeSources(this.capture);
     this.reconciler = new EnrollmentReconciler({
       trustDomain: this.trustDomain,
       capture: this.capture,
       createProxies: (workload, identity, network, cookie) => this.createProxies(workload, identity, network, cookie),
       logger: this.logger.child({ component: "enroll" }),
+      transparentSource: this.options.transparentSource ?? true,
     });
+    NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
     await this.reconciler.update(enrolledWorkloads(this.state, this.options.node));
+    NetnsPodNetwork.shareNewListeners = false;
+    if (predecessor) await this.takeOverFrom(predecessor);
     this.reconciler.removeStaleCookies();
     this.source.on("change", (snapshot: ClusterSnapshot) => void this.applySnapshot(snapshot));
+    this.handover = await HandoverServer.listen(
+      handoverSocketPath(this.options.node),
+      handoverHandlers(this.reconciler, this.capture, this.options.drainTimeoutMs ?? 0, () => this.#handOver(), this.logger.child({ component: "handover" })),
+      this.logger.child({ component: "handover" }),
+    );
     this.logger.info(
-      { enrolled: this.reconciler.list().map((entry) => entry.workload.uid), admin: this.options.adminAddress },
+      { enrolled: this.reconciler.list().map((entry) => entry.workload.uid), admin: this.options.adminAddress, replaced: predecessor?.pid },
       "agent ready",
     );
   }
@@ -121,6 +168,7 @@ export class Agent {
    * again. `agentctl capture remove` detaches them.
    */
   async stop(drainMs = 0): Promise<void> {
+    this.handover?.close();
     this.source?.stop();
     await this.drain(drainMs);
     await this.admin?.stop();
@@ -144,6 +192,85 @@ export class Agent {
     const startedAt = Date.now();
     const summary = await this.reconciler.stop(drainMs);
     this.logger.info({ ...summary, durationMs: Date.now() - startedAt }, "drain finished");
+  }
+
+  /**
+   * Probes the kernel and chooses the capture mode. Throws HostNotReadyError when eBPF was
+   * requested and a hook is missing, naming the hook and the kernel's error.
+   */
+  private selectCapture(): CaptureSelection {
+    const requested = this.options.capture ?? "auto";
+    // Without root every probe fails with EPERM; checkHost then reports the real problem.
+    const probe = requested !== "nftables" && process.getuid?.() === 0;
+    const features = probe
+      ? probeCaptureFeatures({ pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath })
+      : [];
+    const selection = selectCaptureMode(requested, features);
+    // checkHost names the fix for a missing mount or object; this error is for missing kernel hooks.
+    const setupIncomplete = selection.missing.some((feature) => isHostSetupFeature(feature.feature));
+    if (selection.mode === "ebpf" && selection.missing.length > 0 && !setupIncomplete) {
+      throw new HostNotReadyError(
+        selection.missing.map((feature) => ({
+          what: `eBPF capture needs ${feature.feature}, which failed: ${feature.error ?? "unknown error"}`,
+          fix: "start the agent with --capture nftables (or auto), or on a kernel that has this hook",
+        })),
+      );
+    }
+    this.captureSelection = selection;
+    this.logger.info(
+      { capture: selection.mode, requested, reason: selection.reason, missing: selection.missing.map((feature) => feature.feature) },
+      `capture mode ${selection.mode}: ${selection.reason}`,
+    );
+    return selection;
+  }
+
+  private attachCapture(selection: CaptureSelection): CaptureBackend {
+    const logger = this.logger.child({ component: "capture" });
+    if (selection.mode === "ebpf") {
+      return EbpfCaptureBackend.attach({ pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath }, logger);
+    }
+    // nftables rules tell the agent's sockets apart by their mark alone.
+    useMarkOnlyAgentSockets();
+    const stateDirectory = path.join(LOCK_DIRECTORY, `nftables-${this.options.node}`);
+    return new NftCaptureBackend(new NftCapture({ stateDirectory }, logger));
+  }
+
+  /** Fills aa_probe_sources with the configured probe source addresses, replacing what an earlier run left. */
+  private setProbeSources(capture: CaptureBackend): void {
+    const probeSources = this.options.probeSources ?? DEFAULT_PROBE_SOURCES;
+    capture.exemptions.setProbeSources(probeSources);
+    this.logger.info({ probeSources }, probeSources.length > 0 ? "kubelet probe sources exempt from inbound capture" : "no probe source is exempt from inbound capture");
+  }
+
+  private takeLocks(): void {
+    this.nodeLock = PinRootLock.acquireNode(this.options.node);
+    this.lock = PinRootLock.acquire(this.options.pinRoot);
+  }
+
+  /** Asks the agent that serves the node to prepare a hand-over; undefined when none runs. */
+  private async contactPredecessor(): Promise<Predecessor | undefined> {
+    const socketPath = handoverSocketPath(this.options.node);
+    const predecessor = await Predecessor.contact(socketPath, HANDOVER_REPLY_TIMEOUT_MS, this.logger.child({ component: "handover" }));
+    if (predecessor) {
+      this.logger.info({ predecessor: predecessor.pid, enrolled: predecessor.enrolled.length, socket: socketPath }, "replacing the running agent: starting listeners next to its own");
+    } else {
+      this.logger.info({ socket: socketPath }, "no running agent to replace: starting normally");
+    }
+    return predecessor;
+  }
+
+  /** Hands the node over from the predecessor, then takes its locks and its admin port. */
+  private async takeOverFrom(predecessor: Predecessor): Promise<void> {
+    await takeOver({
+      predecessor,
+      reconciler: this.reconciler!,
+      wanted: enrolledWorkloads(this.state!, this.options.node).map((workload) => workload.uid),
+      drainTimeoutMs: this.options.drainTimeoutMs ?? 0,
+      logger: this.logger.child({ component: "handover" }),
+    });
+    this.takeLocks();
+    const admin = this.admin!;
+    await retryUntilBound(() => admin.start(), `binding the admin API on ${this.options.adminAddress}`);
   }
 
   /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
@@ -196,8 +323,7 @@ export class Agent {
     const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger };
     const outbound = new OutboundProxy({
       ...common,
-      originalDestination: (socket) =>
-        this.capture!.takeOriginalDestination(cookie, socket.remoteAddress ?? "", socket.remotePort ?? 0),
+      originalDestination: (socket) => this.capture!.takeOriginalDestination(cookie, socket),
       resolveDestination: (ip, port) => this.resolveDestination(ip, port),
     });
     const inbound = new InboundHboneServer({
@@ -212,7 +338,11 @@ export class Agent {
       mtlsMode: (port) => this.mtlsModeFor(workload.uid, port),
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
-      onListenerFd: (fd) => this.capture!.attachInbound(network.netnsPath, cookie, workload.ip, fd),
+      onListenerFd: (fd, family) =>
+        family === 6 && network.podIp6 !== undefined
+          ? this.capture!.attachInbound6?.(cookie, network.podIp6, workload.ip, fd)
+          : this.capture!.attachInbound(network.netnsPath, cookie, workload.ip, fd),
+      inboundDestination: (socket) => this.capture!.inboundDestination(socket),
     });
     const servers = [inbound, plaintext, outbound];
     return {
@@ -240,7 +370,9 @@ export class Agent {
     }
     if (choice?.kind === "endpoint") {
       const { workload, targetPort } = choice.endpoint;
-      return this.routeToWorkload(state, workload, { ip: workload.ip, port: targetPort }, choice.service.uid);
+      // An IPv6 cluster IP leads to the endpoint's IPv6 address when it has one.
+      const endpointIp = workloadIpOfFamily(workload, net.isIP(ip) === 6 ? 6 : 4) ?? workload.ip;
+      return this.routeToWorkload(state, workload, { ip: endpointIp, port: targetPort }, choice.service.uid);
     }
     return this.routeToWorkload(state, state.workloadByIp(ip), { ip, port });
   }
@@ -290,6 +422,24 @@ export class Agent {
       })),
       workloads: state ? [...state.snapshot.workloads.values()].map((workload) => workload.uid) : [],
       policies: state ? [...state.snapshot.authorizationPolicies.keys()] : [],
+      capture: this.captureEntries(),
+      captureMode: this.captureSelection && {
+        mode: this.captureSelection.mode,
+        requested: this.captureSelection.requested,
+        reason: this.captureSelection.reason,
+        features: this.captureSelection.features,
+      },
     };
+  }
+
+  /** Reads the pinned capture entries for the config dump; an error is reported in their place. */
+  private captureEntries(): CaptureEntries | { error: string } {
+    if (!this.capture) return { error: "capture is not attached yet" };
+    if (this.capture.mode !== "ebpf") return { error: `capture runs in ${this.capture.mode} mode, which pins no eBPF entries` };
+    try {
+      return readCaptureEntries(this.options.pinRoot);
+    } catch (error) {
+      return { error: (error as Error).message };
+    }
   }
 }

@@ -26,6 +26,7 @@ export const ERROR_CODES = {
   STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },
   DRAIN_TIMEOUT: { flag: "RESET", description: "the agent stopped and the connection was still open when its drain deadline passed" },
   CA_ERROR: { flag: "INTERNAL", description: "the embedded CA folder is missing, invalid or already initialized" },
+  INVALID_ANNOTATION: { flag: "INTERNAL", description: "a pod annotation that the agent reads has an invalid value" },
   INTERNAL: { flag: "INTERNAL", description: "an unexpected error inside the agent" },
 } as const satisfies Record<string, ErrorSpec>;
 

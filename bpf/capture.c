@@ -15,6 +15,7 @@
 #include "cgroup_getpeername4.c"
 #include "cgroup_getpeername6.c"
 #include "sk_lookup.c"
+#include "cgroup_bind.c"
 
 /* bpf_sk_storage_get, bpf_get_netns_cookie and bpf_sk_assign need a GPL-compatible license. */
 char _license[] SEC("license") = "Dual BSD/GPL";

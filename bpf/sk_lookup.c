@@ -5,11 +5,13 @@
  * The accepted socket's local address is the address the client dialled. Built as part of
  * capture.c.
  *
- * TCP over IPv6 is dropped unless it is addressed to ::1. Other connections pass to the normal
- * socket lookup when they
- *  1. are not TCP over IPv4, or are not addressed to a pod in aa_inbound_pods;
+ * Connections pass to the normal socket lookup when they
+ *  1. are not TCP, or are IPv4 and not addressed to a pod in aa_inbound_pods;
  *  2. come from the pod's own IP or from 127.0.0.0/8;
- *  3. are the agent's own connections inside the pod (aa_own_conns).
+ *  3. are the agent's own connections inside the pod (aa_own_conns);
+ *  4. come from a kubelet probe source address (aa_probe_sources) to a port other than 15001,
+ *     or are addressed to a port that the pod's annotations exclude from inbound capture
+ *     (aa_excluded_ports). Both pass whether or not the pod's 15006 listener is present.
  * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound.
  * The agent is not serving the pod then, so whatever listens on the proxy ports is not the
  * agent. A pod whose proxy is down thus gets no inbound connections rather than unauthorized
@@ -18,28 +20,25 @@
  * only for the pod's own redirected connections. Every other connection is assigned to the
  * 15006 listener.
  *
- * NOTE: capture supports IPv4 only, so IPv6 is dropped until it is supported, link-local
- * (fe80::/10) addresses included. The agent's listeners are IPv4 and need no exception.
- * NOTE: kubelet health probes come from the node's IP, so they are captured like any other
- * client and reach the application only if the inbound proxy lets plaintext through.
+ * TCP over IPv6 follows the same rules with the IPv6 maps (sk_lookup6.h). A pod without IPv6
+ * capture gets no IPv6 connections but to ::1, and link-local (fe80::/10) addresses are always
+ * dropped.
+ * Kubelet health probes pass only when the node makes them come from a probe source address;
+ * probes from the node's own IP are captured like any other client.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "lib/config.h"
+#include "lib/exempt.h"
 #include "lib/inbound.h"
 #include "lib/own_conns.h"
+#include "sk_lookup6.h"
 
 static __always_inline int aa_is_loopback_ip4(__u32 addr)
 {
 	return (bpf_ntohl(addr) >> 24) == 127;
-}
-
-static __always_inline int aa_is_loopback_ip6(const struct bpf_sk_lookup *ctx)
-{
-	return ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
-	       ctx->local_ip6[3] == bpf_htonl(1);
 }
 
 static __always_inline int aa_is_own_conn(const struct bpf_sk_lookup *ctx)
@@ -52,6 +51,17 @@ static __always_inline int aa_is_own_conn(const struct bpf_sk_lookup *ctx)
 	};
 
 	return bpf_map_lookup_elem(&aa_own_conns, &key) != NULL;
+}
+
+/* Returns whether the connection is exempt from capture: it comes from a kubelet probe source, or
+ * its port is excluded by the pod's annotations. A probe source never reaches port 15001, the
+ * outbound listener, which expects only the pod's own redirected connections.
+ */
+static __always_inline int aa_is_exempt_ip4(const struct bpf_sk_lookup *ctx, __u16 port)
+{
+	if (port != AA_PORT_OUTBOUND && aa_is_probe_source_ip4(ctx->remote_ip4))
+		return 1;
+	return aa_is_excluded_port(ctx->local_ip4, port, AA_DIRECTION_INBOUND);
 }
 
 /* Returns whether the agent's 15006 listener of the pod is in aa_inbound. */
@@ -99,7 +109,7 @@ int aa_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (ctx->protocol != AA_IPPROTO_TCP)
 		return SK_PASS;
 	if (ctx->family == AA_AF_INET6)
-		return aa_is_loopback_ip6(ctx) ? SK_PASS : SK_DROP;
+		return aa_sk_lookup6(ctx);
 	if (ctx->family != AA_AF_INET)
 		return SK_PASS;
 
@@ -112,10 +122,14 @@ int aa_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	if (aa_is_own_conn(ctx))
 		return SK_PASS;
+
+	port = (__u16)ctx->local_port;
+	if (aa_is_exempt_ip4(ctx, port))
+		return SK_PASS;
+
 	if (!aa_has_inbound_listener(ctx))
 		return SK_DROP;
 
-	port = (__u16)ctx->local_port;
 	if (port == AA_PORT_INBOUND_PLAIN || port == AA_PORT_INBOUND_HBONE)
 		return SK_PASS;
 	if (port == AA_PORT_OUTBOUND)

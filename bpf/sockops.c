@@ -11,8 +11,11 @@
 #include "lib/agent_socks.h"
 #include "lib/config.h"
 #include "lib/inbound.h"
+#include "lib/inbound6.h"
 #include "lib/orig_dst.h"
+#include "lib/orig_dst6.h"
 #include "lib/own_conns.h"
+#include "lib/own_conns6.h"
 #include "lib/redirect.h"
 
 static __always_inline void aa_orig_dst_key_of(struct bpf_sock_ops *ctx,
@@ -90,6 +93,100 @@ static __always_inline void aa_record_own_conn(struct bpf_sock_ops *ctx)
 	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+static __always_inline void aa_orig_dst6_key_of(struct bpf_sock_ops *ctx,
+						struct aa_orig_dst6_key *key)
+{
+	key->netns_cookie = bpf_get_netns_cookie(ctx);
+	key->local_ip6[0] = ctx->local_ip6[0];
+	key->local_ip6[1] = ctx->local_ip6[1];
+	key->local_ip6[2] = ctx->local_ip6[2];
+	key->local_ip6[3] = ctx->local_ip6[3];
+	key->local_port = (__u16)ctx->local_port;
+	key->pad = 0;
+	key->pad2 = 0;
+}
+
+/* aa_publish_orig_dst for the native IPv6 connections that connect6 captured. */
+static __always_inline void aa_publish_orig_dst6(struct bpf_sock_ops *ctx)
+{
+	struct aa_orig_dst6_key key = {};
+	struct aa_orig_dst6 *orig;
+	struct bpf_sock *sk;
+
+	if (ctx->family != AA_AF_INET6)
+		return;
+	sk = ctx->sk;
+	if (!sk)
+		return;
+
+	orig = bpf_sk_storage_get(&aa_sk_orig6, sk, NULL, 0);
+	if (!orig)
+		return;
+
+	aa_orig_dst6_key_of(ctx, &key);
+	bpf_map_update_elem(&aa_orig_dst6, &key, orig, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void aa_conn6_key_of(struct bpf_sock_ops *ctx, struct aa_conn6_key *key)
+{
+	key->src_ip6[0] = ctx->local_ip6[0];
+	key->src_ip6[1] = ctx->local_ip6[1];
+	key->src_ip6[2] = ctx->local_ip6[2];
+	key->src_ip6[3] = ctx->local_ip6[3];
+	key->dst_ip6[0] = ctx->remote_ip6[0];
+	key->dst_ip6[1] = ctx->remote_ip6[1];
+	key->dst_ip6[2] = ctx->remote_ip6[2];
+	key->dst_ip6[3] = ctx->remote_ip6[3];
+	key->src_port = (__u16)ctx->local_port;
+	key->dst_port = (__u16)bpf_ntohl(ctx->remote_port);
+}
+
+/* aa_record_own_conn for an agent socket that connects to its pod's own IPv6 address. */
+static __always_inline void aa_record_own_conn6(struct bpf_sock_ops *ctx)
+{
+	struct aa_conn6_key key = {};
+	struct aa_ip6_key remote = {};
+	struct aa_inbound_pod6 *pod;
+	struct bpf_sock *sk;
+	__u64 cookie;
+
+	if (ctx->family != AA_AF_INET6)
+		return;
+	sk = ctx->sk;
+	if (!sk || !aa_is_agent_socket(sk))
+		return;
+
+	remote.ip6[0] = ctx->remote_ip6[0];
+	remote.ip6[1] = ctx->remote_ip6[1];
+	remote.ip6[2] = ctx->remote_ip6[2];
+	remote.ip6[3] = ctx->remote_ip6[3];
+	pod = bpf_map_lookup_elem(&aa_inbound_pods6, &remote);
+	if (!pod)
+		return;
+	cookie = bpf_get_netns_cookie(ctx);
+	if (pod->netns_cookie != cookie)
+		return;
+
+	aa_conn6_key_of(ctx, &key);
+	bpf_map_update_elem(&aa_own_conns6, &key, &cookie, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Deletes the IPv6 entries of a closing AF_INET6 socket; keys that are not there are ignored. */
+static __always_inline void aa_forget_connection6(struct bpf_sock_ops *ctx)
+{
+	struct aa_orig_dst6_key orig_key = {};
+	struct aa_conn6_key conn_key = {};
+
+	if (ctx->family != AA_AF_INET6)
+		return;
+	aa_orig_dst6_key_of(ctx, &orig_key);
+	bpf_map_delete_elem(&aa_orig_dst6, &orig_key);
+	aa_conn6_key_of(ctx, &conn_key);
+	bpf_map_delete_elem(&aa_own_conns6, &conn_key);
+}
+
 /* Runs only for the sockets that aa_publish_orig_dst or aa_record_own_conn subscribed to
  * state changes. Deleting a key that is not there is harmless.
  */
@@ -105,6 +202,7 @@ static __always_inline void aa_forget_connection(struct bpf_sock_ops *ctx)
 	bpf_map_delete_elem(&aa_orig_dst, &orig_key);
 	aa_conn_key_of(ctx, &conn_key);
 	bpf_map_delete_elem(&aa_own_conns, &conn_key);
+	aa_forget_connection6(ctx);
 }
 
 SEC("sockops")
@@ -114,6 +212,8 @@ int aa_sockops(struct bpf_sock_ops *ctx)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		aa_publish_orig_dst(ctx);
 		aa_record_own_conn(ctx);
+		aa_publish_orig_dst6(ctx);
+		aa_record_own_conn6(ctx);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		aa_forget_connection(ctx);

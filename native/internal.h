@@ -25,6 +25,16 @@ void reset_errors(void);
 /* Forgets libbpf's messages only, for failures that did not come from a libbpf call. */
 void clear_libbpf_log(void);
 
+/* Runs work(arg) on a short-lived thread inside the network namespace at netns_path and
+ * returns its result; the calling thread never changes namespace (netns.c).
+ */
+int run_in_netns(const char *netns_path, int (*work)(void *arg), void *arg);
+
+/* Sets net.ipv4.tcp_migrate_req to 1 in the calling thread's network namespace; a kernel
+ * without the sysctl (before Linux 5.14) is left as it is (handover.c).
+ */
+int enable_request_migration(void);
+
 /* The last failure of the calling thread, and a way to carry one over from another thread. */
 const char *last_error_text(void);
 void set_last_error(const char *text);

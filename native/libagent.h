@@ -37,16 +37,74 @@ int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const ch
  */
 int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int count, int *fds_out);
 
+/* Flags of aa_netns_listener. */
+/* Sets SO_REUSEPORT, so that a second listener of the same user can join the port while the
+ * first still listens, as a replacement agent does during a hand-over.
+ */
+#define AA_LISTENER_REUSEPORT 0x1
+/* Sets net.ipv4.tcp_migrate_req=1 in the namespace first (Linux 5.14 or later; older kernels
+ * are left as they are), so that connections queued on a closing listener move to another
+ * listener of its SO_REUSEPORT group instead of being reset.
+ */
+#define AA_LISTENER_MIGRATE_REQUESTS 0x2
+
+/*
+ * Creates a listening TCP/IPv4 socket inside the network namespace at netns_path, as
+ * aa_netns_socket does with port > 0 and backlog > 0, plus the AA_LISTENER_* flags. Returns its
+ * file descriptor.
+ */
+int aa_netns_listener(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		      int port, int backlog, int flags);
+
+/* Sets (on != 0) or clears SO_REUSEPORT on the socket fd, for example an agent's listener that a
+ * replacement agent is about to join. Returns 0.
+ */
+int aa_socket_set_reuseport(int fd, int on);
+
 /* Writes the cookie of the network namespace at netns_path to cookie_out (8 bytes, host
  * byte order), as getsockopt(SO_NETNS_COOKIE) reports it. Returns 0.
  */
 int aa_netns_cookie(const char *netns_path, unsigned char *cookie_out);
+
+/*
+ * aa_netns_socket and aa_netns_sockets for TCP/IPv6: the sockets are AF_INET6 with IPV6_V6ONLY
+ * set, so that an IPv6 listener and an IPv4 one can share a port. An empty bind_ip means ::.
+ * Fails with -EAFNOSUPPORT where the kernel has no IPv6.
+ */
+int aa_netns_socket6(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		     int port, int backlog);
+int aa_netns_sockets6(const char *netns_path, int agent_map_fd, int mark, int count, int *fds_out);
 
 /* Writes the IPv4 addresses of every interface in the network namespace at netns_path to
  * out as a comma-separated, NUL-terminated string (loopback included). Returns its length,
  * or -ENOSPC when out_len is too small.
  */
 int aa_netns_ipv4_addresses(const char *netns_path, char *out, int out_len);
+
+/* aa_netns_ipv4_addresses for IPv6: the IPv6 addresses of every interface (::1 and fe80::
+ * addresses included), in the compressed text form of inet_ntop. A namespace whose IPv6 is
+ * disabled (net.ipv6.conf.all.disable_ipv6=1) has none.
+ */
+int aa_netns_ipv6_addresses(const char *netns_path, char *out, int out_len);
+
+/*
+ * Installs (install != 0) or removes the policy routing that source-address transparency needs
+ * in the network namespace at netns_path: the rule `fwmark mark/mask lookup table` at the given
+ * priority, and the route `local 0.0.0.0/0 dev lo` in that table. Installing also sets the
+ * namespace's net.ipv4.tcp_fwmark_accept to 1; removing leaves it. Entries already present on
+ * install, or already gone on removal, count as done, so both are safe to repeat. Returns how
+ * many of the rule and route it added or deleted (0 to 2).
+ */
+int aa_netns_transparent_routing(const char *netns_path, int mark, int mask, int table, int priority,
+				 int install);
+
+/*
+ * Prepares the unconnected TCP/IPv4 socket fd to connect from a client's address: sets SO_MARK
+ * to mark and IP_TRANSPARENT, and binds it to ip with a port that the kernel picks. Works on
+ * any thread, because the socket keeps the namespace it was made in. Returns the bound port, or
+ * 0 when that port is avoid_port (the socket is then bound and of no further use).
+ */
+int aa_socket_bind_transparent(int fd, int mark, const char *ip, int avoid_port);
 
 /*
  * Loads the eBPF object at object_path with every map pinned at <pin_root>/maps/<name>
@@ -74,6 +132,21 @@ int aa_netns_link(const char *program_pin_path, const char *netns_path, const ch
  */
 int aa_capture_probe(const char *object_path);
 
+/*
+ * Probes every kernel feature eBPF capture needs by using it: creates each map type, loads each
+ * program of the object at object_path and links it to a throwaway cgroup under cgroup_path or a
+ * throwaway network namespace, then removes all of it. Writes one line per feature to out,
+ * "name<TAB>errno<TAB>detail", errno 0 when the feature works. Returns the text's length.
+ */
+int aa_capture_probe_features(const char *object_path, const char *cgroup_path, char *out, int out_len);
+
+/*
+ * Writes the destination that a connection accepted on fd had before netfilter NAT (REDIRECT)
+ * rewrote it, as read with SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6), to ip_out
+ * (at least INET6_ADDRSTRLEN bytes). Returns the port; -ENOENT when conntrack has no entry.
+ */
+int aa_original_dst(int fd, char *ip_out, int ip_len);
+
 /* Map access by pin path. aa_map_open returns a file descriptor; the others take it. */
 int aa_map_open(const char *pin_path);
 int aa_map_update(int map_fd, const unsigned char *key, const unsigned char *value);
@@ -82,6 +155,18 @@ int aa_map_lookup(int map_fd, const unsigned char *key, unsigned char *value_out
 int aa_map_lookup_and_delete(int map_fd, const unsigned char *key, unsigned char *value_out);
 /* Writes the key after key (the first key when has_key == 0) to next_out; -ENOENT at the end. */
 int aa_map_next_key(int map_fd, const unsigned char *key, int has_key, unsigned char *next_out);
+
+/*
+ * Runs the sk_lookup program pinned at program_pin_path once with BPF_PROG_TEST_RUN (Linux 5.13
+ * or later) on a made-up lookup: family AF_INET or AF_INET6, protocol IPPROTO_TCP or IPPROTO_UDP,
+ * remote_ip and local_ip in network byte order (4 bytes for AF_INET, 16 for AF_INET6), ports in
+ * host byte order. Writes to result_out (16 bytes, host byte order) the program's verdict as a
+ * u32 at offset 0 (1 SK_PASS, 0 SK_DROP) and, as a u64 at offset 8, the cookie of the socket the
+ * program assigned with bpf_sk_assign (0 when it assigned none). Returns 0.
+ */
+int aa_sk_lookup_test_run(const char *program_pin_path, int family, int protocol,
+			  const unsigned char *remote_ip, int remote_port,
+			  const unsigned char *local_ip, int local_port, unsigned char *result_out);
 
 /* Closes a file descriptor returned by this library. */
 int aa_close(int fd);

@@ -56,7 +56,7 @@ static void *netns_thread(void *opaque)
 /* Runs work(arg) on a new thread inside the network namespace at netns_path. The calling
  * thread keeps its namespace, and the helper thread exits before this function returns.
  */
-static int run_in_netns(const char *netns_path, int (*work)(void *arg), void *arg)
+int run_in_netns(const char *netns_path, int (*work)(void *arg), void *arg)
 {
 	struct netns_task task = { .netns_path = netns_path, .work = work, .arg = arg };
 	pthread_t thread;
@@ -74,12 +74,16 @@ static int run_in_netns(const char *netns_path, int (*work)(void *arg), void *ar
 }
 
 struct socket_request {
+	/* AF_INET, or AF_INET6 for an IPv6-only socket (IPV6_V6ONLY); 0 means AF_INET. */
+	int family;
 	int agent_map_fd;
 	int mark;
 	const char *bind_ip;
 	int port;
 	int backlog;
 	int transparent;
+	/* AA_LISTENER_* bits of aa_netns_listener; 0 for every other socket. */
+	int listener_flags;
 };
 
 static int set_int_option(int fd, int level, int name, int value, const char *what)
@@ -98,7 +102,27 @@ static int configure_socket(int fd, const struct socket_request *req)
 		err = set_int_option(fd, SOL_SOCKET, SO_MARK, req->mark, "SO_MARK");
 	if (!err && req->transparent)
 		err = set_int_option(fd, SOL_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT");
+	if (!err && (req->listener_flags & AA_LISTENER_REUSEPORT))
+		err = set_int_option(fd, SOL_SOCKET, SO_REUSEPORT, 1, "SO_REUSEPORT");
+	/* IPv6 only, so that [::]:port and 0.0.0.0:port can both be bound in one namespace. */
+	if (!err && req->family == AF_INET6)
+		err = set_int_option(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY");
 	return err;
+}
+
+static int bind_socket6(int fd, const struct socket_request *req)
+{
+	struct sockaddr_in6 addr = { .sin6_family = AF_INET6 };
+	const char *ip = req->bind_ip && req->bind_ip[0] ? req->bind_ip : "::";
+
+	if (req->port < 0 || req->port > 65535)
+		return fail(EINVAL, "bind port %d", req->port);
+	if (inet_pton(AF_INET6, ip, &addr.sin6_addr) != 1)
+		return fail(EINVAL, "bind address %s is not an IPv6 address", ip);
+	addr.sin6_port = htons((uint16_t)req->port);
+	if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+		return fail(errno, "bind [%s]:%d", ip, req->port);
+	return 0;
 }
 
 static int bind_socket(int fd, const struct socket_request *req)
@@ -135,17 +159,20 @@ static int make_socket(void *arg)
 	const struct socket_request *req = arg;
 	int fd, err = 0;
 
-	/* NOTE: IPv4 only. The proxy's listeners and upstream sockets are AF_INET. */
-	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (req->family == AF_INET6)
+		fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	else
+		fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
-		return fail(errno, "socket(AF_INET, SOCK_STREAM)");
+		return fail(errno, "socket(%s, SOCK_STREAM)",
+			    req->family == AF_INET6 ? "AF_INET6" : "AF_INET");
 
 	if (req->agent_map_fd >= 0)
 		err = flag_agent_socket(fd, req->agent_map_fd);
 	if (!err)
 		err = configure_socket(fd, req);
 	if (!err && ((req->bind_ip && req->bind_ip[0]) || req->port > 0))
-		err = bind_socket(fd, req);
+		err = req->family == AF_INET6 ? bind_socket6(fd, req) : bind_socket(fd, req);
 	if (!err && req->backlog > 0 && listen(fd, req->backlog) != 0)
 		err = fail(errno, "listen with backlog %d", req->backlog);
 	if (err) {
@@ -164,6 +191,36 @@ int aa_netns_socket(const char *netns_path, int agent_map_fd, int mark, const ch
 	};
 
 	return run_in_netns(netns_path, make_socket, &req);
+}
+
+static int make_listener(void *arg)
+{
+	const struct socket_request *req = arg;
+	int err;
+
+	if (req->listener_flags & AA_LISTENER_MIGRATE_REQUESTS) {
+		err = enable_request_migration();
+		if (err)
+			return err;
+	}
+	return make_socket(arg);
+}
+
+int aa_netns_listener(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		      int port, int backlog, int flags)
+{
+	struct socket_request req = {
+		.agent_map_fd = agent_map_fd, .mark = mark, .bind_ip = bind_ip, .port = port,
+		.backlog = backlog, .listener_flags = flags,
+	};
+
+	if (port <= 0 || backlog <= 0 || (flags & ~(AA_LISTENER_REUSEPORT | AA_LISTENER_MIGRATE_REQUESTS))) {
+		reset_errors();
+		return fail(EINVAL, "listener on port %d with backlog %d and flags 0x%x in network namespace %s: "
+			    "the port and backlog must be positive and the flags AA_LISTENER_* bits",
+			    port, backlog, (unsigned int)flags, netns_path ? netns_path : "(null)");
+	}
+	return run_in_netns(netns_path, make_listener, &req);
 }
 
 /* Maximum number of sockets per aa_netns_sockets call, which bounds the time spent on the helper thread. */
@@ -209,6 +266,33 @@ int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int cou
 	return run_in_netns(netns_path, make_sockets, &batch);
 }
 
+int aa_netns_socket6(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
+		     int port, int backlog)
+{
+	struct socket_request req = {
+		.family = AF_INET6, .agent_map_fd = agent_map_fd, .mark = mark, .bind_ip = bind_ip,
+		.port = port, .backlog = backlog,
+	};
+
+	return run_in_netns(netns_path, make_socket, &req);
+}
+
+int aa_netns_sockets6(const char *netns_path, int agent_map_fd, int mark, int count, int *fds_out)
+{
+	struct socket_batch batch = {
+		.req = { .family = AF_INET6, .agent_map_fd = agent_map_fd, .mark = mark },
+		.count = count,
+		.fds_out = fds_out,
+	};
+
+	if (!fds_out || count < 1 || count > AA_MAX_SOCKET_BATCH) {
+		reset_errors();
+		return fail(EINVAL, "IPv6 socket batch of %d in network namespace %s: the count must be 1 to %d",
+			    count, netns_path ? netns_path : "(null)", AA_MAX_SOCKET_BATCH);
+	}
+	return run_in_netns(netns_path, make_sockets, &batch);
+}
+
 static int read_netns_cookie(void *arg)
 {
 	uint64_t cookie = 0;
@@ -239,9 +323,11 @@ int aa_netns_cookie(const char *netns_path, unsigned char *cookie_out)
 struct address_list {
 	char *out;
 	int out_len;
+	/* AF_INET or AF_INET6; 0 means AF_INET. */
+	int family;
 };
 
-static int list_ipv4_addresses(void *arg)
+static int list_addresses(void *arg)
 {
 	struct address_list *list = arg;
 	struct ifaddrs *all, *ifa;
@@ -251,12 +337,18 @@ static int list_ipv4_addresses(void *arg)
 		return fail(errno, "getifaddrs");
 	list->out[0] = '\0';
 	for (ifa = all; ifa; ifa = ifa->ifa_next) {
-		char ip[INET_ADDRSTRLEN];
+		char ip[INET6_ADDRSTRLEN];
+		int family = list->family == AF_INET6 ? AF_INET6 : AF_INET;
 		int len;
 
-		if (!ifa->ifa_addr || ifa->ifa_addr->sa_family != AF_INET)
+		if (!ifa->ifa_addr || ifa->ifa_addr->sa_family != family)
 			continue;
-		inet_ntop(AF_INET, &((struct sockaddr_in *)ifa->ifa_addr)->sin_addr, ip, sizeof(ip));
+		if (family == AF_INET6)
+			inet_ntop(AF_INET6, &((struct sockaddr_in6 *)ifa->ifa_addr)->sin6_addr, ip,
+				  sizeof(ip));
+		else
+			inet_ntop(AF_INET, &((struct sockaddr_in *)ifa->ifa_addr)->sin_addr, ip,
+				  sizeof(ip));
 		len = snprintf(list->out + used, list->out_len - used, "%s%s", used ? "," : "", ip);
 		if (len < 0 || len >= list->out_len - used) {
 			freeifaddrs(all);
@@ -274,6 +366,14 @@ int aa_netns_ipv4_addresses(const char *netns_path, char *out, int out_len)
 
 	if (!out || out_len <= 0)
 		return -EINVAL;
-	return run_in_netns(netns_path, list_ipv4_addresses, &list);
+	return run_in_netns(netns_path, list_addresses, &list);
 }
 
+int aa_netns_ipv6_addresses(const char *netns_path, char *out, int out_len)
+{
+	struct address_list list = { .out = out, .out_len = out_len, .family = AF_INET6 };
+
+	if (!out || out_len <= 0)
+		return -EINVAL;
+	return run_in_netns(netns_path, list_addresses, &list);
+}

@@ -3,7 +3,10 @@
 // links and programs are pinned under one bpffs directory, so capture keeps working while the
 // agent restarts:
 //   <pinRoot>/maps/<map name>          aa_enrolled, aa_orig_dst, aa_sk_orig, aa_inbound_pods,
-//                                      aa_inbound, aa_own_conns, aa_agent_socks
+//                                      aa_inbound, aa_own_conns, aa_agent_socks,
+//                                      aa_probe_sources, aa_excluded_ports (see exemptions.ts)
+//                                      aa_enrolled6, aa_orig_dst6, aa_sk_orig6, aa_inbound_pods6,
+//                                      aa_inbound6, aa_own_conns6 (IPv6, see ipv6.ts)
 //   <pinRoot>/links/<program name>     one bpf_link per cgroup program, on the cgroup v2 root
 //   <pinRoot>/progs/aa_sk_lookup       the inbound program (see inbound.ts)
 //   <pinRoot>/links/sk_lookup-<cookie> one bpf_link per pod network namespace
@@ -12,7 +15,10 @@ import path from "node:path";
 
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
+import { CaptureExemptions } from "./exemptions";
 import { InboundCapture, type InboundPod } from "./inbound";
+import { Ipv6Capture } from "./ipv6";
+import { isNativeIpv6 } from "./layout-ip6";
 import {
   COOKIE_SIZE,
   MAP_AGENT_SOCKETS,
@@ -63,6 +69,10 @@ export class Capture {
     originalDestinationFd: number,
     agentSocketsFd: number,
     private readonly inbound: InboundCapture,
+    /** Probe sources and annotation-excluded ports, which capture lets through. */
+    readonly exemptions: CaptureExemptions,
+    /** The IPv6 maps: native IPv6 connections of pods that have an IPv6 address. */
+    private readonly ipv6: Ipv6Capture,
   ) {
     this.enrolledFd = enrolledFd;
     this.originalDestinationFd = originalDestinationFd;
@@ -93,7 +103,22 @@ export class Capture {
       opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_ORIGINAL_DESTINATION)));
       opened.push(mapOpen(path.join(options.pinRoot, "maps", MAP_AGENT_SOCKETS)));
       const inbound = InboundCapture.open(options.pinRoot, logger);
-      return new Capture(options.pinRoot, opened[0], opened[1], opened[2], inbound);
+      let exemptions: CaptureExemptions;
+      let ipv6: Ipv6Capture;
+      try {
+        exemptions = CaptureExemptions.open(options.pinRoot);
+      } catch (error) {
+        inbound.close();
+        throw error;
+      }
+      try {
+        ipv6 = Ipv6Capture.open(options.pinRoot, logger);
+      } catch (error) {
+        inbound.close();
+        exemptions.close();
+        throw error;
+      }
+      return new Capture(options.pinRoot, opened[0], opened[1], opened[2], inbound, exemptions, ipv6);
     } catch (error) {
       for (const fd of opened) closeFd(fd);
       throw error;
@@ -109,9 +134,19 @@ export class Capture {
     mapUpdate(this.enrolledFd, encodeCookie(cookie), encodePodInfo(podIp));
   }
 
-  /** Stops capturing new connections of the pod; connections already redirected stay with the proxy. */
+  /**
+   * Captures the pod's native IPv6 connections too, to [podIp6]:15001, for a pod enrolled with
+   * enroll(). undefined stops that: its native IPv6 connects then fail with EPERM, as for a pod
+   * without IPv6. While nothing listens on [podIp6]:15001, they are refused.
+   */
+  enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
+    this.ipv6.setPodIp(cookie, podIp6);
+  }
+
+  /** Stops capturing new connections of the pod (IPv4 and IPv6); connections already redirected stay with the proxy. */
   unenroll(cookie: bigint): void {
     mapDelete(this.enrolledFd, encodeCookie(cookie));
+    this.ipv6.setPodIp(cookie, undefined);
   }
 
   enrolledCookies(): bigint[] {
@@ -124,6 +159,7 @@ export class Capture {
    * Returns undefined when the connection was not captured (or the entry was already taken).
    */
   takeOriginalDestination(cookie: bigint, sourceIp: string, sourcePort: number): { ip: string; port: number } | undefined {
+    if (isNativeIpv6(sourceIp)) return this.ipv6.takeOriginalDestination(cookie, sourceIp, sourcePort);
     const key = encodeOriginalDestinationKey(cookie, sourceIp, sourcePort);
     const value = Buffer.alloc(STRUCT_LAYOUTS.aa_orig_dst.size);
     if (!mapLookupAndDelete(this.originalDestinationFd, key, value)) return undefined;
@@ -149,14 +185,43 @@ export class Capture {
     this.inbound.guard(netnsPath, cookie, podIp);
   }
 
-  /** Stops steering the pod's inbound connections: deletes its entries and unpins its link. */
+  /**
+   * Starts steering the pod's inbound IPv6 connections to podIp6 to its IPv6 15006 listener
+   * (listenerFd). Call it after attachInbound or guardInbound, which link sk_lookup to the pod's
+   * namespace. podIp4 is the pod's IPv4 address, under which its excluded ports are kept.
+   */
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
+    this.ipv6.attach(cookie, podIp6, podIp4, listenerFd);
+  }
+
+  /**
+   * Stops steering the pod's inbound connections to podIp. For an IPv4 address it deletes the
+   * pod's entries, every IPv6 one of the cookie included, and unpins its link; for an IPv6
+   * address only that address's entries go, and IPv6 to it is dropped while the link stays.
+   */
   detachInbound(cookie: bigint, podIp: string): void {
+    if (isNativeIpv6(podIp)) {
+      this.ipv6.detach(cookie, podIp);
+      return;
+    }
+    this.ipv6.detach(cookie);
     this.inbound.detach(cookie, podIp);
+  }
+
+  /** Deletes the inbound entries of one old IP of the pod and keeps its sk_lookup link. See InboundCapture.forget. */
+  forgetInboundIp(cookie: bigint, podIp: string): void {
+    this.inbound.forget(cookie, podIp);
+  }
+
+  /** Unpins the sk_lookup link of the netns with this cookie and leaves every map entry as it is. */
+  unlinkInbound(cookie: bigint): void {
+    this.inbound.unlink(cookie);
   }
 
   /** Pods whose IP the inbound program guards, with their netns cookies. */
   inboundPods(): InboundPod[] {
-    return this.inbound.pods();
+    const pods6 = this.ipv6.pods().map(({ podIp, cookie }) => ({ podIp, cookie }));
+    return [...this.inbound.pods(), ...pods6];
   }
 
   /** Netns cookies that have a pinned inbound link, including links of pods since deleted. */
@@ -177,6 +242,8 @@ export class Capture {
     this.originalDestinationFd = -1;
     this.agentSocketsFd = -1;
     this.inbound.close();
+    this.exemptions.close();
+    this.ipv6.close();
   }
 
   /**

@@ -103,6 +103,20 @@ export class InboundCapture {
     this.logger.info({ cookie: cookie.toString(), podIp, ownedByOtherPod: owner !== undefined && owner !== cookie }, "inbound capture detached");
   }
 
+  /**
+   * Stops guarding `podIp` for the pod with this cookie and keeps its link, for a pod whose
+   * namespace stays while its IP changes. Entries that another pod owns stay.
+   */
+  forget(cookie: bigint, podIp: string): void {
+    const owner = this.podOf(podIp);
+    if (owner === undefined || owner === cookie) this.deleteEntries(podIp);
+  }
+
+  /** Unpins the link of the netns with this cookie; the link detaches once no file descriptor refers to it. */
+  unlink(cookie: bigint): void {
+    fs.rmSync(this.linkPath(cookie), { force: true });
+  }
+
   /** Lists the pods whose IP sk_lookup guards. */
   pods(): InboundPod[] {
     const value = Buffer.alloc(STRUCT_LAYOUTS.aa_inbound_pod.size);

@@ -11,6 +11,20 @@ import os from "node:os";
  */
 export const AGENT_MARK = 0x539;
 
+/**
+ * SO_MARK of the inbound proxy's transparent sockets to the application, which carry the
+ * client's IP as their source. Inside each enrolled pod, the rule `fwmark
+ * TRANSPARENT_MARK/TRANSPARENT_MARK_MASK lookup TRANSPARENT_ROUTE_TABLE` at priority
+ * TRANSPARENT_RULE_PRIORITY sends packets with this mark to a table whose one route makes every
+ * address local, so the application's replies to the client stay in the pod.
+ * AGENT_MARK does not match the mask, so the agent's other sockets route as usual.
+ */
+export const TRANSPARENT_MARK = 0x1539;
+export const TRANSPARENT_MARK_MASK = 0xffff;
+export const TRANSPARENT_ROUTE_TABLE = 100;
+/** Before the main table's rule (32766), so the rule applies first. */
+export const TRANSPARENT_RULE_PRIORITY = 32765;
+
 /** Value of a socket's entry in aa_agent_socks: the socket is the agent's. */
 export const AGENT_SOCKET_FLAG = 1;
 
@@ -27,6 +41,17 @@ export const MAP_INBOUND_LISTENERS = "aa_inbound";
 export const MAP_OWN_CONNECTIONS = "aa_own_conns";
 /** Socket storage that flags the agent's own sockets; written only from user space (netnsSocket). */
 export const MAP_AGENT_SOCKETS = "aa_agent_socks";
+/** Source addresses of kubelet health probes, which sk_lookup lets through to the application. */
+export const MAP_PROBE_SOURCES = "aa_probe_sources";
+/** Ports that pod annotations exclude from capture, per pod IPv4 address and direction. */
+export const MAP_EXCLUDED_PORTS = "aa_excluded_ports";
+
+/** Maximum entries of aa_probe_sources and aa_excluded_ports (AA_MAX_PROBE_SOURCES, AA_MAX_EXCLUDED_PORTS). */
+export const MAX_PROBE_SOURCES = 16;
+export const MAX_EXCLUDED_PORTS = 16384;
+
+/** Direction byte of an aa_excluded_ports key (AA_DIRECTION_INBOUND, AA_DIRECTION_OUTBOUND). */
+export const DIRECTION_CODES = { inbound: 1, outbound: 2 } as const;
 
 /** Cgroup programs in bpf/capture.bpf.o; each one's link is pinned at <pinRoot>/links/<name>. */
 export const PROGRAM_NAMES = [
@@ -35,6 +60,8 @@ export const PROGRAM_NAMES = [
   "aa_sockops",
   "aa_getpeername4",
   "aa_getpeername6",
+  "aa_bind4",
+  "aa_bind6",
 ] as const;
 
 /**
@@ -52,6 +79,16 @@ export const STRUCT_LAYOUTS = {
   aa_inbound_key: { size: 8, offsets: { ip4: 0, port: 4, pad: 6 } },
   aa_conn_key: { size: 12, offsets: { src_ip4: 0, dst_ip4: 4, src_port: 8, dst_port: 10 } },
   aa_agent_sock: { size: 4, offsets: { flags: 0 } },
+  // IPv6 capture (layout-ip6.ts).
+  aa_pod_info6: { size: 16, offsets: { pod_ip6: 0 } },
+  aa_orig_dst6_key: { size: 32, offsets: { netns_cookie: 0, local_ip6: 8, local_port: 24, pad: 26, pad2: 28 } },
+  aa_orig_dst6: { size: 20, offsets: { ip6: 0, port: 16, pad: 18 } },
+  aa_ip6_key: { size: 16, offsets: { ip6: 0 } },
+  aa_inbound_pod6: { size: 16, offsets: { netns_cookie: 0, pod_ip4: 8, pad: 12 } },
+  aa_inbound6_key: { size: 20, offsets: { ip6: 0, port: 16, pad: 18 } },
+  aa_conn6_key: { size: 36, offsets: { src_ip6: 0, dst_ip6: 16, src_port: 32, dst_port: 34 } },
+  aa_probe_source_key: { size: 16, offsets: { ip6: 0 } },
+  aa_excluded_port_key: { size: 8, offsets: { pod_ip4: 0, port: 4, direction: 6, pad: 7 } },
 } as const;
 
 /** Key size of aa_inbound_pods: an IPv4 address in network byte order. */

@@ -6,7 +6,16 @@ import path from "node:path";
 import { DataType, load, open } from "ffi-rs";
 
 import { AgentError } from "../errors";
-import { AGENT_MARK, COOKIE_SIZE, decodeCookie } from "./layout";
+import { ipBytes } from "./ip-bytes";
+import {
+  AGENT_MARK,
+  COOKIE_SIZE,
+  TRANSPARENT_MARK,
+  TRANSPARENT_MARK_MASK,
+  TRANSPARENT_ROUTE_TABLE,
+  TRANSPARENT_RULE_PRIORITY,
+  decodeCookie,
+} from "./layout";
 
 const LIBRARY_KEY = "ambient-agent-libagent";
 const ERROR_BUFFER_SIZE = 2048;
@@ -107,9 +116,24 @@ export function agentSocketMapVersion(): number {
   return agentSocketMapChanges;
 }
 
-/** Returns the newest registered aa_agent_socks map fd. Throws when no Capture is attached in this process. */
+/** Whether agent sockets are told apart by their mark alone, as nftables capture does. */
+let markOnlyAgentSockets = false;
+
+/**
+ * Makes netnsSocket and netnsSockets accept agent sockets with no aa_agent_socks map registered:
+ * they are then only marked 0x539, which is all that nftables capture checks.
+ */
+export function useMarkOnlyAgentSockets(): void {
+  markOnlyAgentSockets = true;
+}
+
+/**
+ * Returns the newest registered aa_agent_socks map fd, or -1 in mark-only mode. Throws when no
+ * Capture is attached in this process otherwise.
+ */
 function currentAgentSocketMap(netnsPath: string): number {
   const agentMapFd = agentSocketMaps.at(-1);
+  if (agentMapFd === undefined && markOnlyAgentSockets) return -1;
   if (agentMapFd === undefined) {
     throw new AgentError(
       "INTERNAL",
@@ -157,6 +181,40 @@ export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number
   return check(result, `creating a TCP socket${where} in network namespace ${netnsPath}`, NETNS_FIX);
 }
 
+/** Flags of netnsListener, the AA_LISTENER_* values of native/libagent.h. */
+const LISTENER_REUSEPORT = 0x1;
+const LISTENER_MIGRATE_REQUESTS = 0x2;
+
+export interface NetnsListenerOptions {
+  /** Address to bind; default 0.0.0.0. */
+  bindIp?: string;
+  port: number;
+  backlog: number;
+  /** Set SO_REUSEPORT, so that a replacement agent's listener can join this port during a hand-over. */
+  reusePort?: boolean;
+}
+
+/**
+ * Creates a listening agent socket inside a network namespace, as netnsSocket does, and first
+ * sets net.ipv4.tcp_migrate_req=1 in that namespace (Linux 5.14 or later), so that connections
+ * queued on a closing listener move to another listener of its SO_REUSEPORT group.
+ */
+export function netnsListener(netnsPath: string, opts: NetnsListenerOptions): number {
+  const bindIp = opts.bindIp ?? "0.0.0.0";
+  const flags = LISTENER_MIGRATE_REQUESTS | (opts.reusePort ? LISTENER_REUSEPORT : 0);
+  const result = call(
+    "aa_netns_listener",
+    [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
+    [netnsPath, currentAgentSocketMap(netnsPath), AGENT_MARK, bindIp, opts.port, opts.backlog, flags],
+  );
+  return check(result, `creating a TCP listener on ${bindIp}:${opts.port} in network namespace ${netnsPath}`, NETNS_FIX);
+}
+
+/** Sets or clears SO_REUSEPORT on an open socket of this process. */
+export function setReusePort(fd: number, on: boolean): void {
+  check(call("aa_socket_set_reuseport", [DataType.I32, DataType.I32], [fd, on ? 1 : 0]), `setting SO_REUSEPORT=${on ? 1 : 0} on fd ${fd}`, "Pass an open socket.");
+}
+
 /** Maximum number of sockets per netnsSockets call. The native library rejects larger batches. */
 export const MAX_SOCKET_BATCH = 1024;
 
@@ -183,6 +241,41 @@ export function netnsSockets(netnsPath: string, count: number): number[] {
   return fds;
 }
 
+/** Options of netnsSocket6: netnsSocket's, without IP_TRANSPARENT. */
+export type NetnsSocket6Options = Omit<NetnsSocketOptions, "transparent">;
+
+/**
+ * Creates a TCP/IPv6 socket inside a network namespace, as netnsSocket does for IPv4: flagged in
+ * aa_agent_socks unless agentSocket is false, marked, bound when a port or bindIp is given (default
+ * ::), listening when backlog > 0. IPV6_V6ONLY is set, so the socket shares its port with an IPv4
+ * listener and never sees IPv4-mapped peers.
+ */
+export function netnsSocket6(netnsPath: string, opts: NetnsSocket6Options): number {
+  const agentSocket = opts.agentSocket ?? true;
+  const agentMapFd = agentSocket ? currentAgentSocketMap(netnsPath) : -1;
+  const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
+  const result = call(
+    "aa_netns_socket6",
+    [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32],
+    [netnsPath, agentMapFd, mark, opts.bindIp ?? "", opts.port ?? 0, opts.backlog ?? 0],
+  );
+  const where = opts.port ? ` on [${opts.bindIp ?? "::"}]:${opts.port}` : "";
+  return check(result, `creating a TCP/IPv6 socket${where} in network namespace ${netnsPath}`, NETNS_FIX);
+}
+
+/** Returns the IPv6 addresses of every interface in a network namespace (::1 and fe80:: included), compressed. */
+export function netnsIpv6Addresses(netnsPath: string): string[] {
+  const buffer = Buffer.alloc(ADDRESS_BUFFER_SIZE);
+  const result = call(
+    "aa_netns_ipv6_addresses",
+    [DataType.String, DataType.U8Array, DataType.I32],
+    [netnsPath, buffer, buffer.length],
+  );
+  const length = check(result, `listing the IPv6 addresses of network namespace ${netnsPath}`, NETNS_FIX);
+  const text = buffer.toString("utf8", 0, length);
+  return text === "" ? [] : text.split(",");
+}
+
 /** Returns the cookie of a network namespace (SO_NETNS_COOKIE), the key of the enrolled map. */
 export function netnsCookie(netnsPath: string): bigint {
   const buffer = Buffer.alloc(COOKIE_SIZE);
@@ -206,6 +299,32 @@ export function netnsIpv4Addresses(netnsPath: string): string[] {
   const length = check(result, `listing the IPv4 addresses of network namespace ${netnsPath}`, NETNS_FIX);
   const text = buffer.toString("utf8", 0, length);
   return text === "" ? [] : text.split(",");
+}
+
+/**
+ * Installs (install true) or removes the policy routing of source-address transparency in a
+ * network namespace: the rule for TRANSPARENT_MARK and the local route of its table, and on
+ * install net.ipv4.tcp_fwmark_accept=1. Safe to repeat. Returns how many of the rule and route
+ * it added or deleted (0 when everything was already in place, or already gone).
+ */
+export function netnsTransparentRouting(netnsPath: string, install: boolean): number {
+  const result = call(
+    "aa_netns_transparent_routing",
+    [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.I32, DataType.I32],
+    [netnsPath, TRANSPARENT_MARK, TRANSPARENT_MARK_MASK, TRANSPARENT_ROUTE_TABLE, TRANSPARENT_RULE_PRIORITY, install ? 1 : 0],
+  );
+  return check(result, `${install ? "installing" : "removing"} the transparent-source routing in network namespace ${netnsPath}`, NETNS_FIX);
+}
+
+/**
+ * Sets TRANSPARENT_MARK and IP_TRANSPARENT on an unconnected agent socket and binds it to
+ * `ip` with a port the kernel picks. Returns the port, or undefined when the kernel picked
+ * `avoidPort` (the socket is then of no further use, so close it).
+ */
+export function bindTransparent(fd: number, ip: string, avoidPort = 0): number | undefined {
+  const result = call("aa_socket_bind_transparent", [DataType.I32, DataType.I32, DataType.String, DataType.I32], [fd, TRANSPARENT_MARK, ip, avoidPort]);
+  const port = check(result, `binding socket fd ${fd} to the client address ${ip}`, NETNS_FIX);
+  return port === 0 ? undefined : port;
 }
 
 /** Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned link; returns the program count. */
@@ -319,6 +438,113 @@ export function mapKeys(mapFd: number, keySize: number, maxKeys: number): Buffer
   return [...seen.values()];
 }
 
+/** A connection for skLookupTestRun. Addresses are IPv4 for AF_INET and IPv6 for AF_INET6. */
+export interface SkLookupTestInput {
+  /** 2 (AF_INET) or 10 (AF_INET6). */
+  family: number;
+  /** 6 (TCP) or 17 (UDP). */
+  protocol: number;
+  remoteIp: string;
+  remotePort: number;
+  localIp: string;
+  localPort: number;
+}
+
+export interface SkLookupTestResult {
+  /** 1 (SK_PASS) or 0 (SK_DROP). */
+  verdict: number;
+  /** Cookie of the socket the program assigned; 0n when it assigned none. */
+  cookie: bigint;
+}
+
+/** Writes a test address in network byte order, checking that it belongs to the family. */
+function encodeTestAddress(ip: string, family: number): Buffer {
+  const bytes = ipBytes(ip);
+  if ((family === 2 && bytes.length === 4) || (family === 10 && bytes.length === 16)) return Buffer.concat([bytes], 16);
+  throw new RangeError(`invalid address ${JSON.stringify(ip)} for address family ${family}: use IPv4 for 2 (AF_INET) and IPv6 for 10 (AF_INET6)`);
+}
+
+/**
+ * Runs the sk_lookup program pinned at programPinPath on a made-up lookup with BPF_PROG_TEST_RUN
+ * (Linux 5.13 or later) and returns its verdict and the socket it assigned. Maps are read as
+ * they are, so the caller fills them first. For tests: nothing in the agent calls it.
+ */
+export function skLookupTestRun(programPinPath: string, input: SkLookupTestInput): SkLookupTestResult {
+  const result = Buffer.alloc(16);
+  const code = call(
+    "aa_sk_lookup_test_run",
+    [DataType.String, DataType.I32, DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array],
+    [
+      programPinPath,
+      input.family,
+      input.protocol,
+      encodeTestAddress(input.remoteIp, input.family),
+      input.remotePort,
+      encodeTestAddress(input.localIp, input.family),
+      input.localPort,
+      result,
+    ],
+  );
+  check(
+    code,
+    `test run of sk_lookup program ${programPinPath} for ${input.remoteIp}:${input.remotePort} -> ${input.localIp}:${input.localPort}`,
+    "Check that the program is pinned (Capture.attach) and that the kernel supports BPF_PROG_TEST_RUN for sk_lookup (Linux 5.13 or later).",
+  );
+  const littleEndian = os.endianness() === "LE";
+  return {
+    verdict: littleEndian ? result.readUInt32LE(0) : result.readUInt32BE(0),
+    cookie: littleEndian ? result.readBigUInt64LE(8) : result.readBigUInt64BE(8),
+  };
+}
+
 export function closeFd(fd: number): void {
   check(call("aa_close", [DataType.I32], [fd]), `closing fd ${fd}`, "This is a bug in the agent.");
+}
+
+/** Size of the probe report buffer: a dozen lines of at most about 500 bytes each. */
+const PROBE_REPORT_SIZE = 16 * 1024;
+
+/** One line of the native feature probe: the feature's name, and errno 0 when it works. */
+export interface NativeProbeLine {
+  feature: string;
+  errno: number;
+  detail: string;
+}
+
+/**
+ * Probes every map type, program and link eBPF capture needs, by creating, loading and linking
+ * each one (links go to a throwaway cgroup under cgroupPath or a throwaway network namespace,
+ * and are removed again). Returns one line per feature.
+ */
+export function captureProbeFeatures(objectPath: string, cgroupPath: string): NativeProbeLine[] {
+  const buffer = Buffer.alloc(PROBE_REPORT_SIZE);
+  const result = call(
+    "aa_capture_probe_features",
+    [DataType.String, DataType.String, DataType.U8Array, DataType.I32],
+    [objectPath, cgroupPath, buffer, buffer.length],
+  );
+  const length = check(result, `probing the kernel for eBPF capture with ${objectPath}`, "This is a bug in the agent.");
+  return buffer
+    .toString("utf8", 0, length)
+    .split("\n")
+    .filter((line) => line !== "")
+    .map((line) => {
+      const [feature, errno, ...detail] = line.split("\t");
+      return { feature, errno: Number(errno), detail: detail.join(" ") };
+    });
+}
+
+/** Buffer for an address from aa_original_dst: INET6_ADDRSTRLEN (46) and room to spare. */
+const ORIGINAL_DESTINATION_BUFFER_SIZE = 64;
+
+/**
+ * Returns the destination a connection accepted on fd had before netfilter's REDIRECT rewrote it
+ * (SO_ORIGINAL_DST), or undefined when conntrack has no entry for it.
+ */
+export function originalDestinationOfFd(fd: number): { ip: string; port: number } | undefined {
+  const buffer = Buffer.alloc(ORIGINAL_DESTINATION_BUFFER_SIZE);
+  const result = call("aa_original_dst", [DataType.I32, DataType.U8Array, DataType.I32], [fd, buffer, buffer.length]);
+  if (result === -os.constants.errno.ENOENT) return undefined;
+  const port = check(result, `reading the original destination of socket fd ${fd}`, "Check that the connection was redirected by the pod's nftables rules.");
+  return { ip: buffer.toString("utf8", 0, buffer.indexOf(0)), port };
 }

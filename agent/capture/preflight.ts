@@ -1,10 +1,12 @@
 // Host checks before capture starts. Each problem states what is wrong and how to fix it.
 // Kernel features are probed by using them (a socket option, loading the object), not by
 // comparing kernel versions, because distributions backport features.
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 
 import { captureProbe, loadNative, netnsCookie } from "./native";
+import { nftBinary } from "./nft";
 
 export interface HostProblem {
   what: string;
@@ -15,6 +17,8 @@ export interface HostCheckOptions {
   pinRoot: string;
   cgroupPath: string;
   objectPath: string;
+  /** The capture mode chosen; nftables needs neither bpffs, cgroup v2 nor the eBPF object, but the nft tool. Default ebpf. */
+  capture?: "ebpf" | "nftables";
 }
 
 /** statfs(2) f_type values, from linux/magic.h. */
@@ -31,8 +35,27 @@ export function checkHost(options: HostCheckOptions): HostProblem[] {
       fix: "run the agent as root (a privileged container) so that it can load eBPF programs and enter network namespaces",
     });
   }
+  if (options.capture === "nftables") {
+    problems.push(...checkNftables());
+    return problems;
+  }
   problems.push(...checkFilesystems(options));
   problems.push(...checkKernel(options, problems.length === 0));
+  return problems;
+}
+
+/** nftables capture runs `nsenter ... nft -f -` for each pod. */
+function checkNftables(): HostProblem[] {
+  const problems: HostProblem[] = [];
+  for (const tool of [nftBinary(), "nsenter"]) {
+    const result = spawnSync(tool, ["--version"], { stdio: "ignore" });
+    if (result.error) {
+      problems.push({
+        what: `${tool} is not installed or not on PATH (${result.error.message})`,
+        fix: tool === "nsenter" ? "install util-linux, which provides nsenter" : "install the nftables package, or run with --capture ebpf",
+      });
+    }
+  }
   return problems;
 }
 

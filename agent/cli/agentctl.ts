@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 // agentctl: node diagnostics and set-up for ambient-agent.
 
+import fs from "node:fs";
 import http from "node:http";
 import { parseArgs } from "node:util";
 import { Capture } from "../capture/bpf";
+import { readCaptureEntries } from "../capture/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
 
@@ -16,6 +18,9 @@ const USAGE = `usage: agentctl COMMAND [options]
   capture remove --node NAME [--pin-root DIR] [--force]
                      detach the node's eBPF programs and remove its pinned maps (capture stops);
                      refused while an agent serves them, unless --force
+  capture list --node NAME [--pin-root DIR]
+                     print the node's pinned capture entries as JSON (enrolled netns cookies, guarded pod
+                     IPs, inbound listeners, sk_lookup links); works while the agent is down
   config [--admin HOST:PORT]
                      print what the running agent serves (from its admin API, default 127.0.0.1:15000)
 `;
@@ -30,16 +35,28 @@ async function caInit(argv: string[]): Promise<void> {
   process.stdout.write(`created CA in ${values.dir} (trust domain ${values["trust-domain"] ?? "cluster.local"})\n`);
 }
 
+/** Returns the pin root that --node or --pin-root names. */
+function pinRootOption(values: { node?: string; "pin-root"?: string }): string {
+  if (!values.node && !values["pin-root"]) throw new Error("missing --node NAME (or --pin-root DIR)");
+  if (values.node && !NODE_NAME.test(values.node)) {
+    throw new Error(`invalid --node "${values.node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
+  }
+  return canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`);
+}
+
+function captureList(argv: string[]): void {
+  const { values } = parseArgs({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } });
+  const pinRoot = pinRootOption(values);
+  if (!fs.existsSync(pinRoot)) throw new Error(`nothing is pinned under ${pinRoot}: no agent has attached capture for this node`);
+  process.stdout.write(JSON.stringify(readCaptureEntries(pinRoot), null, 2) + "\n");
+}
+
 function captureRemove(argv: string[]): void {
   const { values } = parseArgs({
     args: argv,
     options: { node: { type: "string" }, "pin-root": { type: "string" }, force: { type: "boolean" } },
   });
-  if (!values.node && !values["pin-root"]) throw new Error("missing --node NAME (or --pin-root DIR)");
-  if (values.node && !NODE_NAME.test(values.node)) {
-    throw new Error(`invalid --node "${values.node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
-  }
-  const pinRoot = canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`);
+  const pinRoot = pinRootOption(values);
   const holder = lockHolder(pinRoot);
   if (holder !== undefined && !values.force) {
     throw new Error(
@@ -74,6 +91,7 @@ async function main(argv: string[]): Promise<void> {
   }
   if (group === "ca" && action === "init") return caInit(rest);
   if (group === "capture" && action === "remove") return captureRemove(rest);
+  if (group === "capture" && action === "list") return captureList(rest);
   if (group === "config") return config([action, ...rest].filter((value) => value !== undefined));
   if (group === undefined || group === "help" || group === "--help") {
     process.stdout.write(USAGE);

@@ -5,9 +5,11 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { canonicalPinRoot } from "../capture/pin-lock";
+import { parseCaptureMode, type RequestedCaptureMode } from "../capture/probe";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
 import { createLogger } from "../log";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
+import { parseProbeSources } from "./probe-sources";
 
 const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH [options]
 
@@ -21,9 +23,25 @@ const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
   --root-namespace NS  namespace whose policies apply mesh-wide (default istio-system)
+  --capture MODE       how pods' traffic is steered to the agent: ebpf, nftables, or auto (default),
+                       which probes the kernel and takes ebpf when every hook works, else nftables
+  --probe-source ADDRESS[,ADDRESS...]
+                       source address of kubelet health probes, which inbound capture lets through
+                       to the application; repeatable (default 169.254.7.127 and
+                       fd16:9254:7127:1337:ffff:ffff:ffff:ffff, "none" for no exemption). The node
+                       must SNAT kubelet's probes to it; the agent installs no SNAT rule
   --drain-timeout SECONDS
                        on SIGTERM or SIGINT, how long open connections may finish before they are
                        reset (default 5; 0 resets them at once). A second signal resets them at once.
+  --replace            take the node over from the agent that serves it now, with no failed
+                       connection: start listeners next to its own, then let it drain and exit
+                       (it waits --drain-timeout of that agent). Fails, leaving that agent
+                       serving, when it does not reply within 5 s. With no agent running, a
+                       normal start
+  --no-transparent-source
+                       inbound proxies connect to applications from the pod's own address, so
+                       applications see that address as every client's (default: the client's
+                       address, with a policy routing rule installed in each enrolled pod)
 `;
 
 /** Returns the cgroup v2 mount: /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup. */
@@ -68,7 +86,12 @@ function parseRunOptions(argv: string[]): RunOptions {
       "bpf-object": { type: "string" },
       admin: { type: "string" },
       "root-namespace": { type: "string" },
+      capture: { type: "string" },
       "drain-timeout": { type: "string" },
+      replace: { type: "boolean" },
+      "probe-source": { type: "string", multiple: true },
+      "transparent-source": { type: "boolean" },
+      "no-transparent-source": { type: "boolean" },
     },
     strict: true,
   });
@@ -88,11 +111,29 @@ function parseRunOptions(argv: string[]): RunOptions {
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     adminAddress: values.admin ?? "127.0.0.1:15000",
     rootNamespace: values["root-namespace"] ?? "istio-system",
+    capture: parseCaptureFlag(values.capture),
+    probeSources: parseProbeSources(values["probe-source"]),
+    transparentSource: parseTransparentSource(values["transparent-source"], values["no-transparent-source"]),
   };
-  return { agent, drainTimeoutMs: parseDrainTimeout(values["drain-timeout"]) };
+  const drainTimeoutMs = parseDrainTimeout(values["drain-timeout"]);
+  return { agent: { ...agent, replace: values.replace ?? false, drainTimeoutMs }, drainTimeoutMs };
+}
+
+/** Reads --transparent-source and --no-transparent-source; on unless the second is given. */
+function parseTransparentSource(on: boolean | undefined, off: boolean | undefined): boolean {
+  if (on && off) throw new UsageError("--transparent-source and --no-transparent-source contradict each other: give one of them");
+  return !off;
 }
 
 class UsageError extends Error {}
+
+function parseCaptureFlag(value: string | undefined): RequestedCaptureMode {
+  try {
+    return parseCaptureMode(value);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
 
 /** How much longer than the drain timeout the whole stop may take (audit flush, admin and capture close) before the process exits anyway. */
 const STOP_DEADLINE_MS = 10_000;
@@ -140,13 +181,15 @@ async function main(argv: string[]): Promise<number> {
 
   const onHangup = (): void => void agent.reload().catch((error) => logger.error({ err: error }, "manifest reload failed"));
   process.on("SIGHUP", onHangup);
+  // A replacement agent ends this one through the hand-over socket, as a signal would.
   const signal = await new Promise<string>((resolve) => {
     process.once("SIGTERM", () => resolve("SIGTERM"));
     process.once("SIGINT", () => resolve("SIGINT"));
+    void agent.replaced.then(() => resolve("hand-over"));
   });
   process.off("SIGHUP", onHangup);
 
-  logger.info({ signal, drainTimeoutMs: options.drainTimeoutMs }, "signal received, stopping");
+  logger.info({ signal, drainTimeoutMs: options.drainTimeoutMs }, signal === "hand-over" ? "node handed over, stopping" : "signal received, stopping");
   const onSecondSignal = (second: string): void => {
     logger.warn({ signal: second }, "second stop signal received");
     agent.abortDrain();

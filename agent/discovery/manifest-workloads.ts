@@ -2,6 +2,7 @@
 // reads only the fields the agent uses and checks them as the Kubernetes API server would.
 
 import net from "node:net";
+import { canonicalIp } from "../state/ip";
 import type { Namespace, ObjectSource, Service, ServicePort, Workload } from "../state/types";
 import { objectKey, type ObjectKind } from "./manifest-problem";
 import { describeValue, type ObjectReader } from "./manifest-reader";
@@ -64,10 +65,12 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
   const nodeName = reader.string(["spec", "nodeName"]) ?? "";
   const hostNetwork = reader.boolean(["spec", "hostNetwork"], false);
 
-  const ip = reader.string(["status", "podIP"]) ?? "";
-  if (ip !== "" && net.isIP(ip) === 0) {
-    reader.reject(["status", "podIP"], `invalid IPv4 or IPv6 address ${describeValue(ip)}; fix the value or remove the field`);
+  const podIp = reader.string(["status", "podIP"]) ?? "";
+  if (podIp !== "" && net.isIP(podIp) === 0) {
+    reader.reject(["status", "podIP"], `invalid IPv4 or IPv6 address ${describeValue(podIp)}; fix the value or remove the field`);
   }
+  const ips = readPodIps(reader, podIp);
+  const ip = podIp !== "" ? podIp : (ips[0] ?? "");
 
   return {
     uid: `${metadata.namespace}/${metadata.name}`,
@@ -76,12 +79,44 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
     serviceAccount,
     nodeName,
     ip,
+    ips,
     labels: metadata.labels,
+    annotations: metadata.annotations,
     namedPorts: readNamedPorts(reader),
     hostNetwork,
     ready: readReadiness(reader),
     source,
   };
+}
+
+/**
+ * Reads status.podIPs ([{ip}], at most one address per family) and returns every pod IP in
+ * canonical form, status.podIP first. Kubernetes writes status.podIP as the first entry of
+ * status.podIPs; a podIP that the list lacks is kept in front of it.
+ */
+function readPodIps(reader: ObjectReader, podIp: string): string[] {
+  const ips: string[] = net.isIP(podIp) !== 0 ? [canonicalIp(podIp)] : [];
+  const families = new Set(ips.map((ip) => net.isIP(ip)));
+  const entries = reader.list(["status", "podIPs"]) ?? [];
+  entries.forEach((_, index) => {
+    const path = ["status", "podIPs", index, "ip"];
+    if (reader.mapping(["status", "podIPs", index]) === undefined) return;
+    const text = reader.string(path);
+    if (text === undefined || text === "") return;
+    if (net.isIP(text) === 0) {
+      reader.reject(path, `invalid IPv4 or IPv6 address ${describeValue(text)}; fix the value or remove the entry`);
+      return;
+    }
+    const ip = canonicalIp(text);
+    if (ips.includes(ip)) return;
+    if (families.has(net.isIP(ip))) {
+      reader.reject(path, `second IPv${net.isIP(ip)} address ${describeValue(text)}; a pod has at most one IPv4 and one IPv6 address`);
+      return;
+    }
+    families.add(net.isIP(ip));
+    ips.push(ip);
+  });
+  return ips;
 }
 
 /** Pod phases as the Kubernetes API defines them. */

@@ -32,9 +32,21 @@ let defaultLogger: Logger | undefined;
  * namespace does not exist yet and be found in its place.
  */
 export function findNetnsCandidates(ip: string): NetnsRef[] {
+  return scanNetns()(ip);
+}
+
+/** Returns the namespaces, other than the host's and the agent's own, that have an IP; see findNetnsCandidates. */
+export type NetnsScan = (ip: string) => NetnsRef[];
+
+/**
+ * Lists the node's network namespaces once and returns a lookup by IP over that listing, for
+ * finding many pods' namespaces without listing /proc again for each. A namespace made after
+ * the scan is not found by it.
+ */
+export function scanNetns(): NetnsScan {
   const namespaces = listNetns();
   pruneAddressCache(namespaces);
-  return namespaces.filter((ref) => addressesOf(ref).includes(ip));
+  return (ip) => namespaces.filter((ref) => addressesOf(ref).includes(ip));
 }
 
 /**

@@ -59,6 +59,10 @@ async function connectSocket(options: HboneConnectOptions, hboneAddr: string): P
   try {
     const socket = await connectTcp(options.network, ip, port, options.timeoutMs, options.onSocket);
     socket.on("error", () => undefined);
+    // Pod sockets allow half-open connections for proxied applications, and the TLS socket
+    // inherits that setting. A half-open HBONE connection outlives the FIN of a peer agent that
+    // died, so the pool would keep it and streams opened on it would hang until the PING timeout.
+    socket.allowHalfOpen = false;
     // Set on the TCP socket: session.socket.setNoDelay() throws on Node 20.
     socket.setNoDelay(true);
     return socket;

@@ -9,6 +9,7 @@ import { AgentError } from "../errors";
 import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
+import { hasWorkloadIp } from "../state/ip";
 import type { Identity, MtlsMode, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
@@ -16,6 +17,7 @@ import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
 import type { PodNetwork } from "./pod-network";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
+import { applicationSourceFor } from "./transparency";
 
 export interface InboundPlaintextServerOptions {
   node: string;
@@ -28,13 +30,23 @@ export interface InboundPlaintextServerOptions {
   lookupSource(ip: string): Workload | undefined;
   audit: AuditSink;
   logger: Logger;
-  /** Called with the listener's file descriptor before it accepts, so capture can steer to it. */
-  onListenerFd?(fd: number): void;
+  /**
+   * Called with each listener's file descriptor before it accepts, so capture can steer to it:
+   * the IPv4 one, and for a dual-stack pod the IPv6 one (family 6).
+   */
+  onListenerFd?(fd: number, family: 4 | 6): void;
+  /**
+   * The address the client dialled, when capture rewrote the destination (nftables REDIRECT).
+   * When absent or undefined, the accepted socket's local address is the dialled address.
+   */
+  inboundDestination?(socket: net.Socket): { ip: string; port: number } | undefined;
 }
 
 /** One accepted connection, so that stop() can abort it. */
 interface ActiveConnection {
   client: net.Socket;
+  /** The pod address and port the client dialled. */
+  dialled: { ip: string; port: number };
   upstream?: net.Socket;
   record: ConnectionRecord;
   done: Promise<void>;
@@ -105,18 +117,19 @@ export class InboundPlaintextServer {
   #accept(client: net.Socket): void {
     client.on("error", ignoreError);
     const sourceIp = normalizeIp(client.remoteAddress ?? "");
+    const dialled = this.#dialledAddress(client);
     const record = new ConnectionRecord({
       node: this.#options.node,
       direction: "inbound",
       transport: "plaintext",
       src: peerOf(remoteAddressOf(client), this.#options.lookupSource(sourceIp)),
       dst: peerOf(
-        formatAddress(normalizeIp(client.localAddress ?? ""), client.localPort ?? 0),
+        formatAddress(normalizeIp(dialled.ip), dialled.port),
         this.#options.workload,
         formatSpiffeId(this.#options.identity),
       ),
     });
-    const connection: ActiveConnection = { client, record, done: Promise.resolve() };
+    const connection: ActiveConnection = { client, dialled, record, done: Promise.resolve() };
     connection.done = this.#serve(connection, sourceIp).finally(() => this.#active.delete(connection));
     this.#active.add(connection);
   }
@@ -124,10 +137,10 @@ export class InboundPlaintextServer {
   async #serve(connection: ActiveConnection, sourceIp: string): Promise<void> {
     const { client, record } = connection;
     try {
-      const port = this.#checkDestination(client, record);
+      const port = this.#checkDestination(connection.dialled, record);
       this.#checkPeerAuthentication(port, record);
-      this.#authorize(sourceIp, port, record);
-      connection.upstream = await this.#connectApplication(port, connection);
+      this.#authorize(sourceIp, arrivalIp(connection.dialled.ip, this.#options.workload), port, record);
+      connection.upstream = await this.#connectApplication(port, connection, sourceIp);
       connection.upstream.on("error", ignoreError);
       client.resume();
       const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
@@ -143,11 +156,17 @@ export class InboundPlaintextServer {
     }
   }
 
+  /** Returns the address the client dialled: from capture when it rewrote the destination, else the socket's local address. */
+  #dialledAddress(client: net.Socket): { ip: string; port: number } {
+    const fromCapture = this.#options.inboundDestination?.(client);
+    return fromCapture ?? { ip: client.localAddress ?? "", port: client.localPort ?? 0 };
+  }
+
   /** Returns the port the client dialled; the address must be this pod's and the port not a proxy port. */
-  #checkDestination(client: net.Socket, record: ConnectionRecord): number {
-    const ip = normalizeIp(client.localAddress ?? "");
-    const port = client.localPort ?? 0;
-    if (ip !== normalizeIp(this.#options.workload.ip)) {
+  #checkDestination(dialled: { ip: string; port: number }, record: ConnectionRecord): number {
+    const ip = normalizeIp(dialled.ip);
+    const port = dialled.port;
+    if (!hasWorkloadIp(this.#options.workload, ip)) {
       const error = new AgentError("UNKNOWN_DESTINATION", `plaintext connection to ${record.dst.addr} is not for pod ${this.#options.workload.uid} at ${this.#options.workload.ip}`);
       record.deny("unknown_destination", error);
       throw error;
@@ -170,8 +189,8 @@ export class InboundPlaintextServer {
     throw error;
   }
 
-  #authorize(sourceIp: string, port: number, record: ConnectionRecord): void {
-    const result = this.#options.authorize({ sourceIp, destinationIp: normalizeIp(this.#options.workload.ip), destinationPort: port });
+  #authorize(sourceIp: string, destinationIp: string, port: number, record: ConnectionRecord): void {
+    const result = this.#options.authorize({ sourceIp, destinationIp, destinationPort: port });
     record.decision = result.decision;
     record.reason = result.reason;
     record.policy = result.policy;
@@ -184,14 +203,26 @@ export class InboundPlaintextServer {
     throw error;
   }
 
-  async #connectApplication(port: number, connection: ActiveConnection): Promise<net.Socket> {
-    const ip = normalizeIp(this.#options.workload.ip);
+  /** Connects to the application, from the client's address where the pod network can keep it. */
+  async #connectApplication(port: number, connection: ActiveConnection, sourceIp: string): Promise<net.Socket> {
+    const ip = arrivalIp(connection.dialled.ip, this.#options.workload);
+    const client = { ip: sourceIp, port: connection.client.remotePort ?? 0 };
+    const source = applicationSourceFor(this.#options.network, client, ip, this.#logger, true);
     try {
-      return await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS, (pending) => (connection.upstream = pending));
+      return await connectTcp(this.#options.network, ip, port, CONNECT_TIMEOUT_MS, (pending) => (connection.upstream = pending), source);
     } catch (error) {
       throw new AgentError("UPSTREAM_CONNECT_FAILED", `connect to the application at ${formatAddress(ip, port)} failed: ${(error as Error).message}`, {
         cause: error,
       });
     }
   }
+}
+
+/**
+ * Returns the pod address a plaintext client dialled: the IPv4 or, for a dual-stack pod, the IPv6
+ * address, as the accepted socket's local address shows it. Falls back to the primary pod IP once
+ * the socket has lost its address.
+ */
+function arrivalIp(dialledIp: string, workload: Workload): string {
+  return normalizeIp(dialledIp === "" ? workload.ip : dialledIp);
 }

@@ -11,6 +11,7 @@ import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-
 import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
+import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, streamEndpoint, tcpEndpoint } from "./copy";
@@ -30,6 +31,7 @@ import {
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
+import { applicationSourceFor } from "./transparency";
 
 export interface InboundHboneServerOptions {
   node: string;
@@ -229,7 +231,7 @@ export class InboundHboneServer {
       const target = this.#validateRequest(peer, headers, record);
       this.#checkDestinationKnown(target, record);
       this.#authorize(peer, target, record);
-      upstream = await this.#connectApplication(target, stream);
+      upstream = await this.#connectApplication(peer, target, stream);
       stream.respond({ ":status": 200 });
       const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
       record.bytesSent = result.bytesForward;
@@ -290,7 +292,7 @@ export class InboundHboneServer {
   /** Rejects a CONNECT to a workload that the mesh state no longer has at the requested address. */
   #checkDestinationKnown(target: Authority, record: ConnectionRecord): void {
     const current = this.#options.currentWorkload ? this.#options.currentWorkload() : this.#options.workload;
-    if (current && normalizeIp(current.ip) === normalizeIp(target.ip)) {
+    if (current && hasWorkloadIp(current, target.ip)) {
       return;
     }
     const error = new AgentError(
@@ -321,9 +323,13 @@ export class InboundHboneServer {
     }
   }
 
-  /** Connects to the application. A client reset of the stream meanwhile aborts the connect. */
-  async #connectApplication(target: Authority, stream: http2.ServerHttp2Stream): Promise<net.Socket> {
+  /**
+   * Connects to the application, from the tunnel's source address (the client pod's IP) where the
+   * pod network can keep it. A client reset of the stream meanwhile aborts the connect.
+   */
+  async #connectApplication(peer: TunnelPeer, target: Authority, stream: http2.ServerHttp2Stream): Promise<net.Socket> {
     const address = formatAddress(target.ip, target.port);
+    const source = applicationSourceFor(this.#options.network, peer, target.ip, this.#logger, false);
     let pending: net.Socket | undefined;
     const abortConnect = (): void => {
       pending?.destroy();
@@ -334,7 +340,7 @@ export class InboundHboneServer {
       const socket = await connectTcp(this.#options.network, target.ip, target.port, timeoutMs, (created) => {
         pending = created;
         this.#pendingConnects.add(created);
-      });
+      }, source);
       socket.on("error", ignoreError);
       if (stream.closed || stream.destroyed) {
         socket.destroy();

@@ -9,6 +9,7 @@ import { AgentError } from "../errors";
 import type { CertificateProvider } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
+import { workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
@@ -212,7 +213,8 @@ export class OutboundProxy {
     const { client, record } = connection;
     record.transport = "hbone";
     record.dst.identity = formatSpiffeId(target.identity);
-    record.dst.hbone_addr = formatAddress(target.workload.ip, HBONE_PORT);
+    // The tunnel goes to the address the route chose, so an IPv6 destination gets an IPv6 tunnel.
+    record.dst.hbone_addr = formatAddress(destination.ip, HBONE_PORT);
 
     const stream = await this.#openStream(connection, destination, target);
     connection.upstream.add(stream);
@@ -251,9 +253,9 @@ export class OutboundProxy {
       return await this.#pool.request(
         {
           sourceIdentity: this.#options.identity,
-          sourceIp: this.#options.workload.ip,
+          sourceIp: workloadIpOfFamily(this.#options.workload, net.isIP(destination.ip) === 6 ? 6 : 4) ?? this.#options.workload.ip,
           destinationIdentities: [target.identity],
-          hboneAddress: { ip: target.workload.ip, port: HBONE_PORT },
+          hboneAddress: { ip: destination.ip, port: HBONE_PORT },
         },
         headers,
         waiting.signal,

@@ -1,7 +1,8 @@
 // TCP helpers shared by the proxies: address formatting and connects with a deadline.
 
 import net from "node:net";
-import type { PodNetwork } from "./pod-network";
+import { canonicalIp } from "../state/ip";
+import type { ApplicationSource, PodNetwork } from "./pod-network";
 
 /**
  * Ignores an "error" event. Sockets and streams need a listener so that an error does not crash
@@ -15,10 +16,14 @@ export function formatAddress(ip: string, port: number): string {
   return net.isIPv6(ip) ? `[${ip}]:${port}` : `${ip}:${port}`;
 }
 
-/** Turns an IPv4-mapped IPv6 address (::ffff:a.b.c.d) into its IPv4 form; other addresses are returned as is. */
+/**
+ * Returns the canonical text of an address (canonicalIp): an IPv4-mapped IPv6 address becomes its
+ * IPv4 form and other IPv6 addresses the lowercase compressed form. Other text is lowercased.
+ */
 export function normalizeIp(ip: string): string {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(ip);
-  return mapped ? mapped[1] : ip.toLowerCase();
+  // Node reports IPv4 peers in dotted form, which is canonical already: skip the parse on the common path.
+  if (!ip.includes(":")) return ip;
+  return canonicalIp(ip).toLowerCase();
 }
 
 /** Returns the remote address of a socket as ip:port, or "unknown" once the socket has lost it. */
@@ -30,6 +35,7 @@ export function remoteAddressOf(socket: net.Socket): string {
  * Connects through the pod's network with Nagle's algorithm off, and resolves once connected. Rejects with the socket error, with
  * an ETIMEDOUT error after timeoutMs, or when the socket is destroyed first; the socket is destroyed on
  * failure. `onSocket` receives the socket at once, so that a proxy stopping can destroy a pending connect.
+ * With `source`, the connection keeps the client's address as its source (PodNetwork.connect).
  */
 export function connectTcp(
   network: PodNetwork,
@@ -37,9 +43,10 @@ export function connectTcp(
   port: number,
   timeoutMs: number,
   onSocket?: (socket: net.Socket) => void,
+  source?: ApplicationSource,
 ): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const socket = network.connect(ip, port);
+    const socket = network.connect(ip, port, source);
     // Proxied bytes must leave at once: Nagle would hold a small write until the previous one is acknowledged.
     socket.setNoDelay(true);
     onSocket?.(socket);

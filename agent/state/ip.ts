@@ -76,3 +76,19 @@ function ipToBigInt(ip: string, family: number): bigint {
   const groups = tail === undefined ? headGroups : [...headGroups, ...Array(8 - headGroups.length - tailGroups.length).fill("0"), ...tailGroups];
   return groups.reduce((value, group) => (value << 16n) | BigInt(parseInt(group, 16)), 0n);
 }
+
+/** Returns every IP of a workload (Workload.ips, or [ip] when absent), canonical, primary first; [] without an address. */
+export function workloadIps(workload: { ip: string; ips?: readonly string[] }): string[] {
+  const ips = workload.ips ?? (workload.ip === "" ? [] : [workload.ip]);
+  return [...new Set(ips.map(canonicalIp))];
+}
+
+/** Returns the workload's first IP of the family (4 or 6), canonical; undefined when it has none. */
+export function workloadIpOfFamily(workload: { ip: string; ips?: readonly string[] }, family: 4 | 6): string | undefined {
+  return workloadIps(workload).find((ip) => net.isIP(ip) === family);
+}
+
+/** Tells whether `ip`, in any text form, is one of the workload's IPs. */
+export function hasWorkloadIp(workload: { ip: string; ips?: readonly string[] }, ip: string): boolean {
+  return workloadIps(workload).includes(canonicalIp(ip));
+}

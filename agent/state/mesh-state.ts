@@ -2,7 +2,7 @@
 // per connection (workload by IP, Service by VIP, policies of a workload). It is immutable: a new
 // snapshot builds a new MeshState, so each connection reads one consistent view.
 
-import { canonicalIp } from "./ip";
+import { canonicalIp, workloadIps } from "./ip";
 import type {
   AuthorizationPolicy,
   ClusterSnapshot,
@@ -81,7 +81,7 @@ export class MeshState {
     groupByNamespace(snapshot.peerAuthentications.values(), this.peerAuthenticationsByNamespace);
   }
 
-  /** Returns the workload with this pod IP (any textual form of it). */
+  /** Returns the workload with this pod IP (any textual form of it, and any of a dual-stack pod's IPs). */
   workloadByIp(ip: string): Workload | undefined {
     return this.byIp.get(canonicalIp(ip));
   }
@@ -212,8 +212,7 @@ export class MeshState {
   private indexWorkloads(): void {
     const sorted = [...this.snapshot.workloads.values()].sort((a, b) => compare(a.uid, b.uid));
     for (const workload of sorted) {
-      if (workload.ip !== "") {
-        const key = canonicalIp(workload.ip);
+      for (const key of workloadIps(workload)) {
         const existing = this.byIp.get(key);
         if (existing === undefined || (existing.hostNetwork && !workload.hostNetwork)) this.byIp.set(key, workload);
       }

@@ -35,7 +35,18 @@ export interface Workload {
   nodeName: string;
   /** status.podIP; empty when the pod has no address yet. */
   ip: string;
+  /**
+   * Every pod IP: status.podIPs (a dual-stack pod has one IPv4 and one IPv6 address), with
+   * status.podIP first, in canonical text form (see canonicalIp). Absent means [ip], as for
+   * workloads built by sources that read status.podIP only. Use workloadIps() to read it.
+   */
+  ips?: readonly string[];
   labels: Labels;
+  /**
+   * metadata.annotations. Enrollment reads the traffic.sidecar.istio.io/exclude*Ports ones.
+   * Absent means none, as for workloads built by sources that do not read annotations.
+   */
+  annotations?: Readonly<Record<string, string>>;
   /** Named container ports (containers[].ports[].name → containerPort), for Services with named target ports. */
   namedPorts: Readonly<Record<string, number>>;
   hostNetwork: boolean;

@@ -26,6 +26,16 @@
  * inbound connection, the leg to the application.
  */
 #define AA_MAX_OWN_CONNS	65536
+/* Source addresses of kubelet health probes (aa_probe_sources): the defaults are one IPv4 and
+ * one IPv6 address, and --probe-source may add a few.
+ */
+#define AA_MAX_PROBE_SOURCES	16
+/* Ports excluded from capture by pod annotations (aa_excluded_ports), both directions, all pods. */
+#define AA_MAX_EXCLUDED_PORTS	16384
+
+/* Direction byte of an aa_excluded_ports key. */
+#define AA_DIRECTION_INBOUND	1
+#define AA_DIRECTION_OUTBOUND	2
 
 /* Socket constants from the C library, which BPF programs cannot include. */
 #define AA_SOCK_STREAM		1

@@ -10,6 +10,7 @@
 #include "lib/agent_socks.h"
 #include "lib/config.h"
 #include "lib/enrolled.h"
+#include "lib/exempt.h"
 #include "lib/orig_dst.h"
 
 /* 127.0.0.0/8 and 0.0.0.0 (which connect() treats as a local address) stay inside the pod. */
@@ -30,7 +31,8 @@ static __always_inline int aa_is_proxy_port(__u16 port)
  * captured. If so, records the original destination in the socket's storage and returns the
  * pod's entry, whose address the caller writes as the new destination. Returns NULL for
  * sockets that must pass unchanged: other network namespaces, other protocols, the agent's
- * own sockets (flagged in aa_agent_socks), local destinations, and the pod's own proxy ports.
+ * own sockets (flagged in aa_agent_socks), local destinations, the pod's own proxy ports, and
+ * destination ports that the pod's annotations exclude (aa_excluded_ports).
  *
  * When the socket storage cannot be allocated the connection is still redirected: the proxy
  * then finds no original destination and closes it, so a failure never bypasses the proxy.
@@ -56,6 +58,8 @@ aa_capture_ip4(struct bpf_sock_addr *ctx, __u32 daddr, __u16 dport)
 	if (aa_is_local_ip4(daddr))
 		return NULL;
 	if (daddr == pod->pod_ip4 && aa_is_proxy_port(bpf_ntohs(dport)))
+		return NULL;
+	if (aa_is_excluded_port(pod->pod_ip4, bpf_ntohs(dport), AA_DIRECTION_OUTBOUND))
 		return NULL;
 
 	orig = bpf_sk_storage_get(&aa_sk_orig, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);

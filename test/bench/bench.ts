@@ -6,11 +6,17 @@
 //   native_tls  a socat mutual-TLS tunnel pair between the pods, also before the agents start
 //   mesh        HBONE through both agents, after they start and enroll the pods
 //
+// Before those, it measures the capture layer on its own: how long one agent takes to serve 100 pods
+// that exist when it starts (enrollment.ts), and the cost of the original-destination lookup per
+// new connection (lookup.ts).
+//
 // Prints a table and writes bench-results.json at the project root. Pass --quick for a shorter run
-// (for checking the harness, not for figures), --markdown to print the table as Markdown too, and
-// --cpu-prof to profile both agents and print where their CPU time went.
+// (for checking the harness, not for figures), --markdown to print the table as Markdown too,
+// --cpu-prof to profile both agents and print where their CPU time went, and --capture-only to
+// measure the capture layer alone (its table is printed, no results file is written).
 
 import { execFileSync, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import readline from "node:readline";
@@ -20,11 +26,13 @@ import type { NamespaceSpec } from "../harness/manifests";
 import type { NodeSpec } from "../harness/topology";
 import { IPERF_PORT, runIperfClient, startIperfServer, type IperfResult } from "./iperf";
 import { summarizeProfiles, withCpuProfiles } from "./cpu-profile";
+import { measureEnrollment } from "./enrollment";
+import { measureLookup } from "./lookup";
 import { makeCertificates, NATIVE_CLIENT_PORT, startNativeTunnel, stopNativeTunnel, tunnelCiphers } from "./native-tls";
 import { moveToBenchAddresses } from "./pod-ips";
 import { TcpBench, type IdleOpened } from "./tcp-bench";
 import { assertProcessRuns, cpuSeconds, rssKib } from "./proc-stats";
-import { describeMachine, formatMarkdown, formatTable, writeResults, type BenchResults } from "./report";
+import { describeMachine, formatCaptureTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
 
 const PREFIX_FAMILY = "aabench";
@@ -71,10 +79,15 @@ interface Settings {
   idleCount: number;
   /** Pause before each memory reading, so that work in flight finishes. */
   settleMs: number;
+  /** Pods of the enrolment node, and agent starts with them (the first cold, the rest restarts). */
+  enrollPods: number;
+  enrollStarts: number;
+  /** Rounds of 1,000 original-destination lookups per case. */
+  lookupRounds: number;
 }
 
-const FULL: Settings = { iperfSeconds: 4, iperfRounds: 3, latencyCount: 10_000, latencyWarmup: 1000, rateSeconds: 4, rateThreads: 16, rateMaxCount: 200_000, idleCount: 1000, settleMs: 2000 };
-const QUICK: Settings = { iperfSeconds: 2, iperfRounds: 1, latencyCount: 2000, latencyWarmup: 200, rateSeconds: 2, rateThreads: 16, rateMaxCount: 100_000, idleCount: 1000, settleMs: 1000 };
+const FULL: Settings = { iperfSeconds: 4, iperfRounds: 3, latencyCount: 10_000, latencyWarmup: 1000, rateSeconds: 4, rateThreads: 16, rateMaxCount: 200_000, idleCount: 1000, settleMs: 2000, enrollPods: 100, enrollStarts: 3, lookupRounds: 20 };
+const QUICK: Settings = { iperfSeconds: 2, iperfRounds: 1, latencyCount: 2000, latencyWarmup: 200, rateSeconds: 2, rateThreads: 16, rateMaxCount: 100_000, idleCount: 1000, settleMs: 1000, enrollPods: 100, enrollStarts: 1, lookupRounds: 5 };
 
 interface PathFigures {
   iperf: IperfResult;
@@ -344,12 +357,22 @@ async function runBenchmark(run: Run): Promise<BenchResults> {
   };
 }
 
+/** Measures enrolment time and the original-destination lookup, each on capture of its own. */
+async function measureCapture(settings: Settings): Promise<CaptureFigures> {
+  const enrollment = await measureEnrollment(`${PREFIX}e`, settings.enrollPods, settings.enrollStarts, step);
+  const workDir = fs.mkdtempSync(path.join(os.tmpdir(), `${PREFIX}-lookup-`));
+  try {
+    return { enrollment, original_destination_lookup: measureLookup(PREFIX, workDir, settings.lookupRounds, step) };
+  } finally {
+    fs.rmSync(workDir, { recursive: true, force: true });
+  }
+}
+
 async function main(): Promise<void> {
   const settings = { ...(process.argv.includes("--quick") ? QUICK : FULL) };
   if (process.argv.includes("--cpu-prof")) settings.profileDir = path.join(os.tmpdir(), `${PREFIX}-profiles`);
   assertHostCapable();
   removeLeftovers(PREFIX_FAMILY);
-  step("building the cluster");
 
   let cluster: Cluster | undefined;
   let succeeded = false;
@@ -367,6 +390,12 @@ async function main(): Promise<void> {
   }
 
   try {
+    const capture = await measureCapture(settings);
+    if (process.argv.includes("--capture-only")) {
+      process.stdout.write(formatCaptureTable(capture, describeMachine(), new Date().toISOString()) + "\n");
+      return;
+    }
+    step("building the cluster");
     // Agents log at info, as in production: debug adds a line per connection.
     cluster = Cluster.create({
       prefix: PREFIX,
@@ -375,7 +404,7 @@ async function main(): Promise<void> {
       extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
       agentLogLevel: "info",
     });
-    const results = await runBenchmark(await prepareRun(cluster, settings));
+    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture };
     succeeded = true;
     writeResults(RESULTS_FILE, results);
     process.stdout.write(formatTable(results) + "\n");

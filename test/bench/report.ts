@@ -3,6 +3,8 @@
 
 import fs from "node:fs";
 import os from "node:os";
+import type { EnrollmentFigures } from "./enrollment";
+import type { LookupFigures } from "./lookup";
 import { round } from "./stats";
 
 export interface PathLatency {
@@ -24,7 +26,20 @@ export interface BenchResults {
   new_connections_per_s: { direct: number; mesh: number };
   idle_connection_kib: number;
   agent_rss_mb: number;
+  /** Enrolment time and original-destination lookups; absent from runs before they were measured. */
+  capture?: CaptureFigures;
 }
+
+/** The figures of the capture layer, which `--capture-only` measures alone. */
+export interface CaptureFigures {
+  enrollment: EnrollmentFigures;
+  original_destination_lookup: LookupFigures;
+}
+
+/** Target of enrolment: every pod of a node served within this many ms of reading the manifests. */
+const ENROLLMENT_TARGET_MS = 2000;
+/** Target of one original-destination lookup, in µs. */
+const LOOKUP_TARGET_US = 10;
 
 /** Describes the machine the run used. */
 export function describeMachine(): BenchResults["machine"] {
@@ -65,7 +80,33 @@ function buildRows(results: BenchResults): Row[] {
     { figure: "new connections per s", direct: format(results.new_connections_per_s.direct, 0), mesh: format(results.new_connections_per_s.mesh, 0), nativeTls: "", target: "mesh >= 5000", met: results.new_connections_per_s.mesh >= 5000 },
     { figure: "KiB per idle connection", direct: "", mesh: format(results.idle_connection_kib, 1), nativeTls: "", target: "<= 30", met: results.idle_connection_kib <= 30 },
     { figure: "agent RSS, MB (steady state)", direct: "", mesh: format(results.agent_rss_mb, 1), nativeTls: "", target: "", met: undefined },
+    ...(results.capture ? captureRows(results.capture) : []),
   ];
+}
+
+/** Rows for the capture layer: enrolment time and the original-destination lookup. */
+function captureRows(capture: CaptureFigures): Row[] {
+  const { enrollment, original_destination_lookup: lookup } = capture;
+  const row = (figure: string, value: string, target: string, met: boolean | undefined): Row => ({ figure, direct: "", mesh: value, nativeTls: "", target, met });
+  const rows = [
+    row(`enrolment, ms (${enrollment.pods} pods, median)`, format(enrollment.median_ms, 0), `<= ${ENROLLMENT_TARGET_MS}`, enrollment.median_ms <= ENROLLMENT_TARGET_MS),
+    row("orig-dst lookup, µs (hit, ffi-rs)", format(lookup.ffi_hit_us, 2), `<= ${LOOKUP_TARGET_US}`, lookup.ffi_hit_us <= LOOKUP_TARGET_US),
+    row("orig-dst lookup, µs (miss, ffi-rs)", format(lookup.ffi_miss_us, 2), `<= ${LOOKUP_TARGET_US}`, lookup.ffi_miss_us <= LOOKUP_TARGET_US),
+  ];
+  if (lookup.napi_hit_us !== undefined && lookup.napi_miss_us !== undefined) {
+    rows.push(row("orig-dst lookup, µs (hit, Node-API)", format(lookup.napi_hit_us, 2), "(comparison)", undefined));
+    rows.push(row("orig-dst lookup, µs (miss, Node-API)", format(lookup.napi_miss_us, 2), "(comparison)", undefined));
+  }
+  return rows;
+}
+
+/** Renders the capture-layer figures alone, for a `--capture-only` run. */
+export function formatCaptureTable(capture: CaptureFigures, machine: BenchResults["machine"], time: string): string {
+  const header = ["figure", "value", "target", "met"];
+  const body = captureRows(capture).map((row) => [row.figure, row.mesh, row.target, metText(row.met)]);
+  const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
+  const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
+  return [line(header), line(widths.map((width) => "-".repeat(width))), ...body.map(line), "", `machine: ${machine.model}, ${machine.cores} cores, ${time}`].join("\n");
 }
 
 /** Rows for the mesh round trips with the agents free to run on any CPU, when measured. */

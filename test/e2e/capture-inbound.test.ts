@@ -443,7 +443,7 @@ test.serial("agent socket from a second address is exempt", async (t) => {
   }
 });
 
-test.serial("IPv6 to the pod is dropped", async (t) => {
+test.serial("IPv6 to pod without IPv6 capture is dropped", async (t) => {
   const { pair, app6, inbound } = fx();
   const before = { app6: app6.accepted.length, inbound: inbound.length };
   const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;

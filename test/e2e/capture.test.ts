@@ -300,6 +300,36 @@ test.serial("agent socket is not captured", async (t) => {
   t.true(reachedB.at(-1)!.startsWith(`${pair.a.ip}:`));
 });
 
+/** Binds a TCP socket of family `family` to `host`:`port` in the namespace, as an application would; returns "bound" or the errno name. */
+async function bindAsApplication(netnsPath: string, family: "inet" | "inet6", host: string, port: number): Promise<string> {
+  const script = [
+    "import errno, socket, sys",
+    `s = socket.socket(socket.AF_${family.toUpperCase()}, socket.SOCK_STREAM)`,
+    "try:",
+    `    s.bind((${JSON.stringify(host)}, ${port}))`,
+    "    print('bound')",
+    "except OSError as e:",
+    "    print(errno.errorcode.get(e.errno, str(e.errno)))",
+  ].join("\n");
+  const { stdout } = await execFileAsync("nsenter", [`--net=${netnsPath}`, "python3", "-c", script], { timeout: WAIT_MS });
+  return stdout.trim();
+}
+
+test.serial("application cannot bind a proxy port in an enrolled pod", async (t) => {
+  const { pair } = fx();
+  for (const port of [15001, 15006, 15008]) {
+    t.is(await bindAsApplication(pair.a.path, "inet", pair.a.ip, port), "EPERM", `bind ${pair.a.ip}:${port}`);
+    t.is(await bindAsApplication(pair.a.path, "inet6", "::", port), "EPERM", `bind [::]:${port}`);
+  }
+  t.is(await bindAsApplication(pair.a.path, "inet", pair.a.ip, 15009), "bound", "a port next to the proxy ports");
+});
+
+test.serial("application binds proxy ports outside the mesh", async (t) => {
+  // The control for the rejection above: namespace b is not enrolled.
+  const { pair } = fx();
+  t.is(await bindAsApplication(pair.b.path, "inet", pair.b.ip, 15008), "bound");
+});
+
 test.serial("agent flag without a mark is not captured", async (t) => {
   const { pair, proxied, reachedB } = fx();
   const before = { proxied: proxied.length, reachedB: reachedB.length };
@@ -326,7 +356,7 @@ async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
   return server.accepted.length;
 }
 
-test.serial("native IPv6 from enrolled pod is rejected", async (t) => {
+test.serial("native IPv6 from pod without IPv6 is rejected", async (t) => {
   const { pair, ipv6 } = fx();
   const before = ipv6.b.accepted.length;
   const linkLocal = `${await linkLocalAddress(pair.b)}%${pair.a.device}`;

@@ -7,11 +7,12 @@ import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { sha256, writeRandomFile } from "../harness/clients";
+import { testPrefixFamily } from "../harness/agent-process";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import type { NamespaceSpec } from "../harness/manifests";
 import type { NodeSpec, Topology } from "../harness/topology";
 
-const PREFIX_FAMILY = "aadrn";
+const PREFIX_FAMILY = testPrefixFamily("aadrn");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
 const DRAIN_TIMEOUT_S = 2;
 const PAYLOAD_SIZE = 1024 * 1024;

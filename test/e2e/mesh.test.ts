@@ -1,18 +1,18 @@
 // End to end on the real kernel: two nodes, pods as network namespaces, one agent process per node,
 // real eBPF capture, real TLS, curl and python3's HTTP server as the applications.
 
-import test from "ava";
+import test, { type ExecutionContext } from "ava";
 import { execFileSync, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { AGENT_BIN, AGENTCTL_BIN } from "../harness/agent-process";
+import { AGENT_BIN, AGENTCTL_BIN, NFTABLES_CAPTURE, TEST_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, PacketCapture, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, podsYaml, writeManifest } from "../harness/manifests";
 import { DENY_SCRAPER_POLICY, SCENARIO_ENROLLED, SCENARIO_NAMESPACES, SCENARIO_NODES, SCENARIO_POLICIES } from "../harness/scenario";
 import { listNetns } from "../harness/topology";
 
-const PREFIX_FAMILY = "aae2e";
+const PREFIX_FAMILY = testPrefixFamily("aae2e");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
 const MARKER = "plaintext-marker-7f3a9c1e";
 const BLOB_SIZE = 20 * 1024 * 1024;
@@ -338,21 +338,18 @@ test.serial("second agent for a node is rejected", async (t) => {
   const second = spawnSync(
     "nsenter",
     [`--net=/var/run/netns/${c.topology.node("node1").netns}`, "--", process.execPath, AGENT_BIN, "run", "--node", "node1", "--manifests", c.manifestsDir,
-      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", `${c.pinRoot("node1")}-second`, "--admin", "127.0.0.1:15099"],
+      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", `${c.pinRoot("node1")}-second`, "--admin", "127.0.0.1:15099",
+      "--capture", TEST_CAPTURE],
     { encoding: "utf8", timeout: 20_000 },
   );
-  t.is(second.status, 1);
+  t.is(second.status, 1, second.stderr);
   t.regex(second.stderr, /another agent \(PID \d+\) already serves the node node1/);
   t.false(fs.existsSync(`${c.pinRoot("node1")}-second`), "the second agent attached capture before it gave up");
   t.true(first.running);
 
-  // Removing capture under a running agent is refused, also through a symbolic link to its pin root.
-  const link = path.join(c.workDir, "pin-root-link");
-  fs.symlinkSync(c.pinRoot("node1"), link);
-  const removal = spawnSync(process.execPath, [AGENTCTL_BIN, "capture", "remove", "--pin-root", link], { encoding: "utf8" });
-  t.is(removal.status, 1);
-  t.regex(removal.stderr, /serves .*; removing its capture would open its pods/);
-  t.true(fs.existsSync(path.join(c.pinRoot("node1"), "links")));
+  // Removing capture under a running agent is refused, also through a symbolic link to its pin
+  // root. nftables capture pins nothing, so there is nothing to remove.
+  if (!NFTABLES_CAPTURE) assertPinnedCaptureKept(t, c);
 
   const result = await curl(c.topology, "web", apiUrl("marker.html"));
   t.is(result.exitCode, 0, result.stderr);
@@ -386,6 +383,16 @@ test.serial("pod whose listeners fail stays isolated", async (t) => {
   const served = await curl(c.topology, "legacy", dbUrl("marker.html"));
   t.is(served.exitCode, 0, served.stderr);
 });
+
+/** Checks that `agentctl capture remove` refuses to remove the pins of a running agent, also through a symbolic link. */
+function assertPinnedCaptureKept(t: ExecutionContext, c: Cluster): void {
+  const link = path.join(c.workDir, "pin-root-link");
+  fs.symlinkSync(c.pinRoot("node1"), link);
+  const removal = spawnSync(process.execPath, [AGENTCTL_BIN, "capture", "remove", "--pin-root", link], { encoding: "utf8" });
+  t.is(removal.status, 1);
+  t.regex(removal.stderr, /serves .*; removing its capture would open its pods/);
+  t.true(fs.existsSync(path.join(c.pinRoot("node1"), "links")));
+}
 
 /** Resolves once `child` prints a line matching `pattern`; rejects when it exits first or after 10 s. */
 function waitForOutput(child: ChildProcess, pattern: RegExp, description: string): Promise<void> {
@@ -425,7 +432,7 @@ test.serial("teardown leaves no namespace, pin or process", async (t) => {
   const c = theCluster();
   const pinRoots = [...c.topology.nodes.keys()].map((node) => c.pinRoot(node));
   const programIds = pinRoots.flatMap(pinnedProgramIds);
-  t.true(programIds.length >= 4, `expected pinned links of both agents, found programs ${programIds.join(", ")}`);
+  if (!NFTABLES_CAPTURE) t.true(programIds.length >= 4, `expected pinned links of both agents, found programs ${programIds.join(", ")}`);
 
   await c.destroy();
   t.deepEqual(listNetns().filter((name) => name.startsWith(PREFIX)), []);

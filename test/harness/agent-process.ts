@@ -10,6 +10,30 @@ export const REPO_ROOT = path.resolve(__dirname, "..", "..", "..");
 export const AGENT_BIN = path.join(REPO_ROOT, "dist", "agent", "cli", "ambient-agent.js");
 export const AGENTCTL_BIN = path.join(REPO_ROOT, "dist", "agent", "cli", "agentctl.js");
 
+/**
+ * The capture mode every harness agent runs in, from AA_TEST_CAPTURE: "ebpf" (the default),
+ * "nftables" or "auto". The default is not auto, so that a broken eBPF hook fails the tests
+ * instead of falling back to nftables unnoticed.
+ */
+export const TEST_CAPTURE = testCaptureFromEnv(process.env.AA_TEST_CAPTURE);
+
+function testCaptureFromEnv(value: string | undefined): "ebpf" | "nftables" | "auto" {
+  if (value === undefined || value === "") return "ebpf";
+  if (value === "ebpf" || value === "nftables" || value === "auto") return value;
+  throw new Error(`AA_TEST_CAPTURE=${value} is not a capture mode: use ebpf, nftables or auto, or unset it`);
+}
+
+/** Whether the harness agents capture with nftables, so that tests can skip what only eBPF capture does. */
+export const NFTABLES_CAPTURE = TEST_CAPTURE === "nftables";
+
+/**
+ * Returns the prefix family of a test file's namespaces, pins and processes. An nftables run gets
+ * a family of its own, so that its clean-up never touches an eBPF run of the same file.
+ */
+export function testPrefixFamily(family: string): string {
+  return NFTABLES_CAPTURE ? `nft${family}` : family;
+}
+
 export interface AgentProcessOptions {
   node: string;
   nodeNetns: string;
@@ -51,6 +75,7 @@ export class AgentProcess {
       "--ca-dir", options.caDir,
       "--audit-file", options.auditFile,
       "--pin-root", options.pinRoot,
+      ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),
       ...(options.extraArgs ?? []),
     ];
     const log = fs.createWriteStream(options.logFile, { flags: "a" });

@@ -26,6 +26,8 @@ export interface ClusterOptions {
   agentArgs?: string[];
   /** Log level of every agent; "debug" when absent. */
   agentLogLevel?: string;
+  /** Gives pods, bridges and the node link IPv6 addresses as well (see TopologyOptions). */
+  dualStack?: boolean;
 }
 
 /** Checks what the end-to-end harness needs and throws one message naming everything that is missing. */
@@ -100,7 +102,7 @@ export class Cluster {
   static create(options: ClusterOptions): Cluster {
     const workDir = options.workDir ?? fs.mkdtempSync(path.join(os.tmpdir(), `${options.prefix}-`));
     fs.mkdirSync(workDir, { recursive: true });
-    const topology = Topology.create(options.prefix, options.nodes);
+    const topology = Topology.create(options.prefix, options.nodes, { dualStack: options.dualStack });
     const cluster = new Cluster(options, topology, workDir);
     try {
       fs.mkdirSync(cluster.manifestsDir, { recursive: true });

@@ -1,6 +1,6 @@
-// IPv6 servers and clients inside a network namespace, for the capture tests that check that
-// IPv6 is rejected. The agent's native library makes IPv4 sockets only, so these run python3
-// under nsenter. Every process is bounded in time and stopped by its PID.
+// IPv6 servers and clients inside a network namespace, for the capture tests of IPv6: these are
+// an application's sockets, not flagged as the agent's, so they run python3 under nsenter. Every
+// process is bounded in time and stopped by its PID.
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { promisify } from "node:util";
 

@@ -2,7 +2,7 @@
 
 import fs from "node:fs";
 import path from "node:path";
-import type { Topology } from "./topology";
+import type { PodHandle, Topology } from "./topology";
 
 export interface NamespaceSpec {
   name: string;
@@ -39,10 +39,17 @@ export function podsYaml(topology: Topology): string {
         ...containerPortsYaml(pod.namedPorts ?? {}),
         "status:",
         `  podIP: ${pod.ip}`,
+        ...podIpsYaml(pod),
         "",
       ].join("\n");
     })
     .join("---\n");
+}
+
+/** Renders status.podIPs of a dual-stack pod, IPv4 first like status.podIP, and nothing for an IPv4-only pod. */
+function podIpsYaml(pod: PodHandle): string[] {
+  if (pod.ip6 === undefined) return [];
+  return ["  podIPs:", `    - ip: ${pod.ip}`, `    - ip: "${pod.ip6}"`];
 }
 
 function containerPortsYaml(namedPorts: Record<string, number>): string[] {

@@ -5,6 +5,11 @@
 //   pod netns (eth0 10.244.N.X/24) --veth-- node netns (bridge br0 10.244.N.1/24)
 //   node1 netns (n-link 10.200.0.1/30) --veth-- node2 netns (n-link 10.200.0.2/30)
 //
+// A dual-stack topology (TopologyOptions.dualStack) adds IPv6 beside every IPv4 address. Pods get
+// fd00:<P>:N::X/64, where P is the second octet of POD_NETWORK with its decimal digits used as a
+// hex group. The bridge gets fd00:<P>:N::1, and the node link fd00:<P>:ff::1 and ::2/64. Addresses
+// skip duplicate address detection (nodad), so they are usable as soon as they are added.
+//
 // Every name starts with a prefix unique to the run, so a cleanup never touches namespaces it did
 // not make, and a run after a crash removes the leftovers of the same prefix family first.
 
@@ -34,6 +39,8 @@ export interface PodSpec {
   labels?: Record<string, string>;
   /** Named container ports (name → port) written into the Pod manifest, for Services with named target ports. */
   namedPorts?: Record<string, number>;
+  /** In a dual-stack topology, false leaves this pod IPv4-only; ignored otherwise. */
+  ipv6?: boolean;
 }
 
 export interface NodeSpec {
@@ -45,6 +52,13 @@ export interface PodHandle extends PodSpec {
   node: string;
   netns: string;
   ip: string;
+  /** The pod's IPv6 address in a dual-stack topology; undefined for IPv4-only pods. */
+  ip6?: string;
+}
+
+export interface TopologyOptions {
+  /** Gives every pod (except those with `ipv6: false`), bridge and node link an IPv6 address too. */
+  dualStack?: boolean;
 }
 
 export interface NodeHandle {
@@ -54,6 +68,14 @@ export interface NodeHandle {
   linkInterface: string;
   linkIp: string;
   podCidr: string;
+  /** The node link's IPv6 address and the pods' IPv6 prefix, in a dual-stack topology. */
+  linkIp6?: string;
+  podCidr6?: string;
+}
+
+/** Returns the IPv6 prefix of a node's pods without its length, such as fd00:237:1:: . */
+function podPrefix6(nodeIndex: number): string {
+  return `fd00:${POD_NETWORK.split(".")[1]}:${nodeIndex}::`;
 }
 
 /** Runs a command and returns its stdout; throws with the command line and stderr on failure. */
@@ -84,12 +106,15 @@ export class Topology {
   readonly pods = new Map<string, PodHandle>();
   private readonly children = new Set<ChildProcess>();
 
-  private constructor(readonly prefix: string) {}
+  private constructor(
+    readonly prefix: string,
+    readonly dualStack: boolean,
+  ) {}
 
   /** Builds up to two nodes with their pods. Throws (after removing what it made) on any failure. */
-  static create(prefix: string, nodes: NodeSpec[]): Topology {
+  static create(prefix: string, nodes: NodeSpec[], options: TopologyOptions = {}): Topology {
     if (nodes.length < 1 || nodes.length > 2) throw new Error(`topology supports 1 or 2 nodes, got ${nodes.length}`);
-    const topology = new Topology(prefix);
+    const topology = new Topology(prefix, options.dualStack ?? false);
     try {
       nodes.forEach((node, index) => topology.addNode(node, index + 1));
       if (nodes.length === 2) topology.linkNodes();
@@ -154,7 +179,14 @@ export class Topology {
     this.exec(netns, "ip", ["addr", "add", `${POD_NETWORK}.${index}.1/24`, "dev", "br0"]);
     this.exec(netns, "ip", ["link", "set", "br0", "up"]);
     const linkIp = `10.200.0.${index}`;
-    this.nodes.set(spec.name, { name: spec.name, netns, linkInterface: "n-link", linkIp, podCidr });
+    const node: NodeHandle = { name: spec.name, netns, linkInterface: "n-link", linkIp, podCidr };
+    if (this.dualStack) {
+      this.exec(netns, "sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"]);
+      this.exec(netns, "ip", ["-6", "addr", "add", `${podPrefix6(index)}1/64`, "dev", "br0", "nodad"]);
+      node.linkIp6 = `fd00:${POD_NETWORK.split(".")[1]}:ff::${index}`;
+      node.podCidr6 = `${podPrefix6(index)}/64`;
+    }
+    this.nodes.set(spec.name, node);
     spec.pods.forEach((pod, podIndex) => this.addPod(spec.name, netns, index, pod, podIndex + 10));
   }
 
@@ -170,7 +202,12 @@ export class Topology {
     this.exec(netns, "ip", ["route", "add", "default", "via", `${POD_NETWORK}.${nodeIndex}.1`]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "master", "br0"]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "up"]);
-    this.pods.set(spec.name, { ...spec, node, netns, ip });
+    const ip6 = this.dualStack && spec.ipv6 !== false ? `${podPrefix6(nodeIndex)}${hostByte}` : undefined;
+    if (ip6 !== undefined) {
+      this.exec(netns, "ip", ["-6", "addr", "add", `${ip6}/64`, "dev", "eth0", "nodad"]);
+      this.exec(netns, "ip", ["-6", "route", "add", "default", "via", `${podPrefix6(nodeIndex)}1`]);
+    }
+    this.pods.set(spec.name, { ...spec, node, netns, ip, ip6 });
   }
 
   private linkNodes(): void {
@@ -180,6 +217,10 @@ export class Topology {
       this.exec(self.netns, "ip", ["addr", "add", `${self.linkIp}/30`, "dev", "n-link"]);
       this.exec(self.netns, "ip", ["link", "set", "n-link", "up"]);
       this.exec(self.netns, "ip", ["route", "add", other.podCidr, "via", other.linkIp]);
+      if (self.linkIp6 !== undefined && other.linkIp6 !== undefined && other.podCidr6 !== undefined) {
+        this.exec(self.netns, "ip", ["-6", "addr", "add", `${self.linkIp6}/64`, "dev", "n-link", "nodad"]);
+        this.exec(self.netns, "ip", ["-6", "route", "add", other.podCidr6, "via", other.linkIp6]);
+      }
     }
   }
 }

@@ -14,11 +14,16 @@ import {
   INBOUND_PLAINTEXT_PORT,
   INBOUND_PROGRAM_NAME,
   MAP_AGENT_SOCKETS,
+  DIRECTION_CODES,
   MAP_ENROLLED,
+  MAP_EXCLUDED_PORTS,
   MAP_INBOUND_LISTENERS,
   MAP_INBOUND_PODS,
   MAP_ORIGINAL_DESTINATION,
   MAP_OWN_CONNECTIONS,
+  MAP_PROBE_SOURCES,
+  MAX_EXCLUDED_PORTS,
+  MAX_PROBE_SOURCES,
   MAP_SOCKET_ORIGINAL_DESTINATION,
   OUTBOUND_PORT,
   PROGRAM_NAMES,
@@ -97,9 +102,15 @@ const btf = readBtf(OBJECT_PATH);
 for (const [name, layout] of Object.entries(STRUCT_LAYOUTS)) {
   test(`struct ${name} matches BTF`, (t) => {
     const compiled = btf.structs.get(name);
-    t.truthy(compiled, `struct ${name} is missing from the BTF of ${OBJECT_PATH}`);
-    t.is(compiled?.size, layout.size);
-    t.deepEqual(compiled?.offsets, layout.offsets);
+    if (!compiled) return t.fail(`struct ${name} is missing from the BTF of ${OBJECT_PATH}`);
+    t.is(compiled.size, layout.size, `sizeof(struct ${name}) in C differs from STRUCT_LAYOUTS.${name}.size`);
+    const offsets: Record<string, number> = layout.offsets;
+    for (const [field, offset] of Object.entries(offsets)) {
+      t.is(compiled.offsets[field], offset, `offset of ${name}.${field} in C differs from STRUCT_LAYOUTS (undefined: no such C field)`);
+    }
+    for (const field of Object.keys(compiled.offsets)) {
+      t.true(field in offsets, `C field ${name}.${field} is missing from STRUCT_LAYOUTS.${name}.offsets`);
+    }
   });
 }
 
@@ -212,6 +223,17 @@ test("inbound link name round trip", (t) => {
   t.is(parseInboundLinkName("sk_lookup-4097"), 4097n);
   t.is(parseInboundLinkName("aa_sockops"), undefined);
   t.is(parseInboundLinkName("sk_lookup-12x"), undefined);
+});
+
+test("exemption constants match config.h", (t) => {
+  const defines = readDefines(CONFIG_HEADER);
+  t.is(defines.get("AA_MAX_PROBE_SOURCES"), MAX_PROBE_SOURCES, "AA_MAX_PROBE_SOURCES");
+  t.is(defines.get("AA_MAX_EXCLUDED_PORTS"), MAX_EXCLUDED_PORTS, "AA_MAX_EXCLUDED_PORTS");
+  t.is(defines.get("AA_DIRECTION_INBOUND"), DIRECTION_CODES.inbound, "AA_DIRECTION_INBOUND");
+  t.is(defines.get("AA_DIRECTION_OUTBOUND"), DIRECTION_CODES.outbound, "AA_DIRECTION_OUTBOUND");
+  for (const name of [MAP_PROBE_SOURCES, MAP_EXCLUDED_PORTS]) {
+    t.true(btf.symbols.has(name), `${name} is missing from the BTF of ${OBJECT_PATH}`);
+  }
 });
 
 test("inbound constants match config.h", (t) => {

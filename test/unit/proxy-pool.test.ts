@@ -480,3 +480,27 @@ test("pool close sends GOAWAY and rejects requests", async (t) => {
   const error = await t.throwsAsync(setup.pool.request(setup.destination, connectHeaders(71)));
   t.is((error as { code?: string }).code, "STREAM_RESET");
 });
+
+/** Pod sockets as NetnsPodNetwork makes them: half-open allowed, for proxied applications. */
+class HalfOpenLoopbackPodNetwork extends LoopbackPodNetwork {
+  override connect(host: string, port: number): net.Socket {
+    return net.connect({ host, port, localAddress: this.ip, allowHalfOpen: true });
+  }
+}
+
+test("peer FIN on a half-open pod socket drops the connection", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.73.2", port: HBONE_PORT });
+  const setup = createPool(t, 73, certManager(t, ca), { network: new HalfOpenLoopbackPodNetwork("127.77.73.1") });
+  const first = await openTunnel(setup, 73);
+  t.is(await roundTrip(first, "before"), "before");
+  first.close();
+
+  // The server closes its TCP connections without a GOAWAY, as an agent that is killed does.
+  await server.close();
+  await waitFor(() => pooledConnections(setup.pool) === 0, 2_000, "the pool to drop the connection the server closed");
+
+  await startServer(t, ca, { ip: "127.77.73.2", port: HBONE_PORT });
+  const next = await openTunnel(setup, 73);
+  t.is(await roundTrip(next, "after"), "after");
+});

@@ -1,0 +1,203 @@
+// The capture backend: what the enrollment reconciler and the proxies need from capture, with one
+// implementation per mode. eBPF wraps the pinned programs and maps (Capture); nftables writes a
+// table into each pod's network namespace (NftCapture).
+import type net from "node:net";
+
+import type { Logger } from "../log";
+import { Capture, type CaptureOptions } from "./bpf";
+import type { CaptureExemptions } from "./exemptions";
+import type { InboundPod } from "./inbound";
+import { NftCapture } from "./nft";
+import type { CaptureMode } from "./probe";
+
+/** The exemptions a backend stores: probe sources and the ports pods' annotations exclude. */
+export type CaptureExemptionStore = Pick<CaptureExemptions, "setProbeSources" | "setExcludedPorts" | "clearExcludedPorts" | "excludedPorts">;
+
+/**
+ * Steers the TCP connections of enrolled pods to their in-pod proxies. Pods are keyed by the
+ * cookie of their network namespace. Every method fails closed: a pod stays captured until
+ * unenroll() and detachInbound() both ran for it.
+ */
+export interface CaptureBackend {
+  readonly mode: CaptureMode;
+  readonly exemptions: CaptureExemptionStore;
+  /** Starts capturing the pod's outbound connections to its 15001 listener. */
+  enroll(cookie: bigint, podIp: string): void;
+  /** Stops capturing the pod's new outbound connections. */
+  unenroll(cookie: bigint): void;
+  enrolledCookies(): bigint[];
+  /** Starts steering the pod's inbound connections to its 15006 listener (listenerFd, made in the pod). */
+  attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void;
+  /**
+   * Captures the enrolled pod's native IPv6 connections to [podIp6]:15001 (undefined: rejects
+   * them again). Absent in a backend without IPv6 capture, whose pods get no IPv6 listeners.
+   */
+  enrollIpv6?(cookie: bigint, podIp6: string | undefined): void;
+  /**
+   * Steers inbound IPv6 connections to podIp6 to the pod's IPv6 15006 listener, after
+   * attachInbound or guardInbound. podIp4 is the pod's IPv4 address. Absent without IPv6 capture.
+   */
+  attachInbound6?(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void;
+  /** Makes every inbound connection to the pod fail until attachInbound supplies a listener. */
+  guardInbound(netnsPath: string, cookie: bigint, podIp: string): void;
+  /** Stops steering the pod's inbound connections. */
+  detachInbound(cookie: bigint, podIp: string): void;
+  /** Forgets one old IP of a pod whose address changed inside the same namespace. */
+  forgetInboundIp(cookie: bigint, podIp: string): void;
+  /** Removes what inbound capture keeps per namespace (the eBPF link) for a namespace no wanted pod has. */
+  unlinkInbound(cookie: bigint): void;
+  inboundPods(): InboundPod[];
+  inboundLinkCookies(): bigint[];
+  /**
+   * Returns the address the application dialled, for a connection the outbound proxy of the pod
+   * with this cookie accepted; undefined when capture has no record of it.
+   */
+  takeOriginalDestination(cookie: bigint, socket: net.Socket): { ip: string; port: number } | undefined;
+  /**
+   * Returns the address an inbound client dialled, for a connection the 15006 listener accepted.
+   * eBPF assigns the connection without rewriting it, so that is the socket's local address.
+   */
+  inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined;
+  /** Releases this process's handles; capture itself stays, so pods fail closed while no agent runs. */
+  close(): void;
+}
+
+/** The part of a backend that the enrollment reconciler uses. Capture has it as well. */
+export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "close">;
+
+/** eBPF capture: the pinned programs and maps of Capture. */
+export class EbpfCaptureBackend implements CaptureBackend {
+  readonly mode = "ebpf" as const;
+
+  constructor(readonly capture: Capture) {}
+
+  static attach(options: CaptureOptions, logger: Logger): EbpfCaptureBackend {
+    return new EbpfCaptureBackend(Capture.attach(options, logger));
+  }
+
+  get exemptions(): CaptureExemptionStore {
+    return this.capture.exemptions;
+  }
+
+  enroll(cookie: bigint, podIp: string): void {
+    this.capture.enroll(cookie, podIp);
+  }
+
+  unenroll(cookie: bigint): void {
+    this.capture.unenroll(cookie);
+  }
+
+  enrolledCookies(): bigint[] {
+    return this.capture.enrolledCookies();
+  }
+
+  attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
+    this.capture.attachInbound(netnsPath, cookie, podIp, listenerFd);
+  }
+
+  enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
+    this.capture.enrollIpv6(cookie, podIp6);
+  }
+
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
+    this.capture.attachInbound6(cookie, podIp6, podIp4, listenerFd);
+  }
+
+  guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
+    this.capture.guardInbound(netnsPath, cookie, podIp);
+  }
+
+  detachInbound(cookie: bigint, podIp: string): void {
+    this.capture.detachInbound(cookie, podIp);
+  }
+
+  forgetInboundIp(cookie: bigint, podIp: string): void {
+    this.capture.forgetInboundIp(cookie, podIp);
+  }
+
+  unlinkInbound(cookie: bigint): void {
+    this.capture.unlinkInbound(cookie);
+  }
+
+  inboundPods(): InboundPod[] {
+    return this.capture.inboundPods();
+  }
+
+  inboundLinkCookies(): bigint[] {
+    return this.capture.inboundLinkCookies();
+  }
+
+  takeOriginalDestination(cookie: bigint, socket: net.Socket): { ip: string; port: number } | undefined {
+    return this.capture.takeOriginalDestination(cookie, socket.remoteAddress ?? "", socket.remotePort ?? 0);
+  }
+
+  inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined {
+    return socket.localAddress === undefined || socket.localPort === undefined ? undefined : { ip: socket.localAddress, port: socket.localPort };
+  }
+
+  close(): void {
+    this.capture.close();
+  }
+}
+
+/** nftables capture: one table per pod network namespace. See nft.ts. */
+export class NftCaptureBackend implements CaptureBackend {
+  readonly mode = "nftables" as const;
+
+  constructor(readonly capture: NftCapture) {}
+
+  get exemptions(): CaptureExemptionStore {
+    return this.capture.exemptions;
+  }
+
+  enroll(cookie: bigint, podIp: string): void {
+    this.capture.enroll(cookie, podIp);
+  }
+
+  unenroll(cookie: bigint): void {
+    this.capture.unenroll(cookie);
+  }
+
+  enrolledCookies(): bigint[] {
+    return this.capture.enrolledCookies();
+  }
+
+  attachInbound(netnsPath: string, cookie: bigint, podIp: string): void {
+    this.capture.attachInbound(netnsPath, cookie, podIp);
+  }
+
+  guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
+    this.capture.guardInbound(netnsPath, cookie, podIp);
+  }
+
+  detachInbound(cookie: bigint, podIp: string): void {
+    this.capture.detachInbound(cookie, podIp);
+  }
+
+  /** The table is rewritten for the new IP when the new listener is attached, so the old IP needs nothing. */
+  forgetInboundIp(): void {}
+
+  /** A table has no per-namespace link. */
+  unlinkInbound(): void {}
+
+  inboundPods(): InboundPod[] {
+    return this.capture.inboundPods();
+  }
+
+  inboundLinkCookies(): bigint[] {
+    return [];
+  }
+
+  takeOriginalDestination(_cookie: bigint, socket: net.Socket): { ip: string; port: number } | undefined {
+    return this.capture.takeOriginalDestination(socket);
+  }
+
+  /** REDIRECT rewrote the destination to the listener's port; conntrack keeps the original. */
+  inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined {
+    return this.capture.takeOriginalDestination(socket);
+  }
+
+  close(): void {
+    this.capture.close();
+  }
+}

@@ -1,0 +1,104 @@
+// The steps of a hand-over inside the daemon, on both sides. The running agent shares its
+// listeners' ports, and after an abort puts its 15006 listeners back in the sk_lookup map. The
+// replacement checks that it serves every pod the running agent serves, hands over, and waits for
+// the running agent to exit before it takes the node's lock and admin port.
+
+import type { EnrollmentCapture } from "../capture/backend";
+import type { EnrollmentReconciler } from "../enroll/reconciler";
+import { AgentError } from "../errors";
+import type { Logger } from "../log";
+import { INBOUND_PLAINTEXT_PORT } from "../proxy/hbone";
+import type { Predecessor } from "./client";
+import { handoverBlockers } from "./protocol";
+import type { HandoverHandlers } from "./server";
+
+/** How long each request of a hand-over may wait for the running agent's reply. */
+export const HANDOVER_REPLY_TIMEOUT_MS = 5_000;
+/**
+ * How much longer than its drain timeout the running agent may take to exit after the hand-over.
+ * The agent's own stop deadline is its drain timeout plus 10 s, after which it exits anyway.
+ */
+const EXIT_MARGIN_MS = 15_000;
+/** How long the replacement retries binding the admin port that the exited agent held. */
+export const ADMIN_RETRY_TIMEOUT_MS = 10_000;
+const ADMIN_RETRY_DELAY_MS = 100;
+
+/** Returns the running agent's side of the hand-over, working on its enrolled workloads. */
+export function handoverHandlers(
+  reconciler: EnrollmentReconciler,
+  capture: Pick<EnrollmentCapture, "attachInbound">,
+  drainTimeoutMs: number,
+  release: () => void,
+  logger: Logger,
+): HandoverHandlers {
+  return {
+    prepare: () => {
+      const entries = reconciler.list();
+      for (const entry of entries) entry.network.shareListeners();
+      return { enrolled: entries.map((entry) => entry.workload.uid), drainTimeoutMs };
+    },
+    resume: () => {
+      for (const entry of reconciler.list()) {
+        const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT);
+        if (fd === undefined) continue;
+        capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
+      }
+      logger.info("inbound capture points at this agent's listeners again");
+    },
+    release,
+  };
+}
+
+export interface TakeOverOptions {
+  predecessor: Predecessor;
+  reconciler: EnrollmentReconciler;
+  /** The workloads this agent wants to serve on the node. */
+  wanted: string[];
+  /** How long this agent's own connections may drain if it aborts. */
+  drainTimeoutMs: number;
+  logger: Logger;
+}
+
+/**
+ * Finishes a replacement's start once its listeners run next to the running agent's: hands the
+ * node over and resolves once the running agent has exited. When this agent could not start the
+ * listeners of a pod that the running agent serves, it aborts instead: the running agent keeps
+ * serving, this agent drains its own connections and the returned promise rejects.
+ */
+export async function takeOver(options: TakeOverOptions): Promise<void> {
+  const { predecessor, reconciler, logger } = options;
+  const enrolledHere = reconciler.list().map((entry) => entry.workload.uid);
+  const blockers = handoverBlockers(predecessor.enrolled, options.wanted, enrolledHere);
+  if (blockers.length > 0) {
+    logger.error({ workloads: blockers, predecessor: predecessor.pid }, "aborting the hand-over: this agent could not start the listeners of pods the running agent serves");
+    await predecessor.abort(HANDOVER_REPLY_TIMEOUT_MS).catch((error) => logger.error({ err: error }, "the running agent did not confirm the abort"));
+    await reconciler.stop(options.drainTimeoutMs);
+    throw new AgentError(
+      "INTERNAL",
+      `replacing the agent (PID ${predecessor.pid}) aborted: this agent could not start the listeners of ${blockers.join(", ")}, which that agent serves; it keeps serving the node. See the warnings above for each pod`,
+    );
+  }
+
+  await predecessor.handOver(HANDOVER_REPLY_TIMEOUT_MS);
+  logger.info({ predecessor: predecessor.pid, drainTimeoutMs: predecessor.drainTimeoutMs }, "the running agent handed the node over; waiting for it to drain and exit");
+  await predecessor.waitExit(predecessor.drainTimeoutMs + EXIT_MARGIN_MS);
+}
+
+/**
+ * Calls start until it resolves, for the admin port that an exiting agent may still hold.
+ * Rethrows the last error, with the time spent, after timeoutMs.
+ */
+export async function retryUntilBound(start: () => Promise<void>, what: string, timeoutMs = ADMIN_RETRY_TIMEOUT_MS): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      await start();
+      return;
+    } catch (error) {
+      if (Date.now() >= deadline) {
+        throw new AgentError("INTERNAL", `${what} failed for ${timeoutMs / 1000} s after the replaced agent exited: ${(error as Error).message}`, { cause: error });
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, ADMIN_RETRY_DELAY_MS));
+  }
+}

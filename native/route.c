@@ -1,0 +1,240 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * libagent: source-address transparency for the inbound proxy. Inside a pod, the proxy's socket
+ * to the application is bound to the client's IP with IP_TRANSPARENT and marked. A policy
+ * routing rule sends packets with that mark to a table whose only route makes every address
+ * local, so the application's replies to the client's IP stay in the pod and reach the proxy.
+ * The rule and route are written through rtnetlink on a helper thread inside the pod's network
+ * namespace, with no `ip` process. See libagent.h.
+ */
+#define _GNU_SOURCE
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fib_rules.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* The sysctl that gives an accepted socket the mark of the SYN that opened it, so the
+ * application's replies carry the proxy's mark and match the rule. It is per network
+ * namespace, and /proc/sys/net resolves to the namespace of the thread that opens it.
+ */
+#define AA_FWMARK_ACCEPT_SYSCTL "/proc/sys/net/ipv4/tcp_fwmark_accept"
+
+#define AA_NETLINK_BUFFER 512
+
+struct routing_request {
+	uint32_t mark;
+	uint32_t mask;
+	uint32_t table;
+	uint32_t priority;
+	int install;
+};
+
+struct netlink_message {
+	struct nlmsghdr header;
+	char payload[AA_NETLINK_BUFFER];
+};
+
+static void *message_tail(struct netlink_message *msg)
+{
+	return (char *)&msg->header + NLMSG_ALIGN(msg->header.nlmsg_len);
+}
+
+static void put_u32_attribute(struct netlink_message *msg, unsigned short type, uint32_t value)
+{
+	struct rtattr *attr = message_tail(msg);
+
+	attr->rta_type = type;
+	attr->rta_len = RTA_LENGTH(sizeof(value));
+	memcpy(RTA_DATA(attr), &value, sizeof(value));
+	msg->header.nlmsg_len = NLMSG_ALIGN(msg->header.nlmsg_len) + RTA_ALIGN(attr->rta_len);
+}
+
+/* Sends one request and reads its acknowledgement. Returns 0 or -errno from the kernel. */
+static int netlink_transact(int sock, struct netlink_message *msg)
+{
+	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+	char reply[AA_NETLINK_BUFFER];
+	struct nlmsghdr *header;
+	int len;
+
+	msg->header.nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
+	if (sendto(sock, msg, msg->header.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
+		return -errno;
+	for (;;) {
+		len = (int)recv(sock, reply, sizeof(reply), 0);
+		if (len < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		for (header = (struct nlmsghdr *)reply; NLMSG_OK(header, len);
+		     header = NLMSG_NEXT(header, len)) {
+			if (header->nlmsg_seq != msg->header.nlmsg_seq)
+				continue;
+			if (header->nlmsg_type == NLMSG_ERROR)
+				return ((struct nlmsgerr *)NLMSG_DATA(header))->error;
+		}
+	}
+}
+
+/* `ip rule add|del fwmark MARK/MASK lookup TABLE priority PRIORITY`. The explicit priority
+ * makes a second add fail with EEXIST instead of adding a copy of the rule.
+ */
+static int change_rule(int sock, const struct routing_request *req, uint32_t seq)
+{
+	struct netlink_message msg = { 0 };
+	struct fib_rule_hdr *rule = NLMSG_DATA(&msg.header);
+
+	msg.header.nlmsg_len = NLMSG_LENGTH(sizeof(*rule));
+	msg.header.nlmsg_type = req->install ? RTM_NEWRULE : RTM_DELRULE;
+	msg.header.nlmsg_flags = req->install ? NLM_F_CREATE | NLM_F_EXCL : 0;
+	msg.header.nlmsg_seq = seq;
+	rule->family = AF_INET;
+	rule->action = FR_ACT_TO_TBL;
+	rule->table = req->table < 256 ? (uint8_t)req->table : RT_TABLE_UNSPEC;
+	put_u32_attribute(&msg, FRA_PRIORITY, req->priority);
+	put_u32_attribute(&msg, FRA_FWMARK, req->mark);
+	put_u32_attribute(&msg, FRA_FWMASK, req->mask);
+	put_u32_attribute(&msg, FRA_TABLE, req->table);
+	return netlink_transact(sock, &msg);
+}
+
+/* `ip route add|del local 0.0.0.0/0 dev lo table TABLE`. */
+static int change_route(int sock, const struct routing_request *req, uint32_t seq)
+{
+	struct netlink_message msg = { 0 };
+	struct rtmsg *route = NLMSG_DATA(&msg.header);
+	unsigned int loopback = if_nametoindex("lo");
+
+	if (loopback == 0)
+		return -errno;
+	msg.header.nlmsg_len = NLMSG_LENGTH(sizeof(*route));
+	msg.header.nlmsg_type = req->install ? RTM_NEWROUTE : RTM_DELROUTE;
+	msg.header.nlmsg_flags = req->install ? NLM_F_CREATE | NLM_F_EXCL : 0;
+	msg.header.nlmsg_seq = seq;
+	route->rtm_family = AF_INET;
+	route->rtm_table = req->table < 256 ? (unsigned char)req->table : RT_TABLE_UNSPEC;
+	route->rtm_protocol = RTPROT_BOOT;
+	route->rtm_scope = RT_SCOPE_HOST;
+	route->rtm_type = RTN_LOCAL;
+	put_u32_attribute(&msg, RTA_TABLE, req->table);
+	put_u32_attribute(&msg, RTA_OIF, loopback);
+	return netlink_transact(sock, &msg);
+}
+
+static int enable_fwmark_accept(void)
+{
+	int fd = open(AA_FWMARK_ACCEPT_SYSCTL, O_WRONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return fail(errno, "open %s", AA_FWMARK_ACCEPT_SYSCTL);
+	if (write(fd, "1\n", 2) != 2) {
+		int err = errno;
+
+		close(fd);
+		return fail(err, "write 1 to %s", AA_FWMARK_ACCEPT_SYSCTL);
+	}
+	close(fd);
+	return 0;
+}
+
+/* Installs the route, the rule and the sysctl; an entry already present counts as done.
+ * Returns how many of the route and rule were new (0 to 2).
+ */
+static int install_routing(int sock, const struct routing_request *req)
+{
+	int added = 0, err;
+
+	err = change_route(sock, req, 1);
+	if (err && err != -EEXIST)
+		return fail(-err, "add route local 0.0.0.0/0 dev lo table %u", req->table);
+	added += err ? 0 : 1;
+	err = change_rule(sock, req, 2);
+	if (err && err != -EEXIST)
+		return fail(-err, "add rule fwmark 0x%x/0x%x lookup %u priority %u", req->mark,
+			    req->mask, req->table, req->priority);
+	added += err ? 0 : 1;
+	err = enable_fwmark_accept();
+	return err ? err : added;
+}
+
+/* Deletes the rule, then the route; an entry already gone counts as done. Returns how many
+ * were deleted (0 to 2). The sysctl stays, because without marked sockets it changes nothing.
+ */
+static int remove_routing(int sock, const struct routing_request *req)
+{
+	int removed = 0, err;
+
+	err = change_rule(sock, req, 1);
+	if (err && err != -ENOENT)
+		return fail(-err, "delete rule fwmark 0x%x/0x%x lookup %u priority %u", req->mark,
+			    req->mask, req->table, req->priority);
+	removed += err ? 0 : 1;
+	err = change_route(sock, req, 2);
+	if (err && err != -ESRCH && err != -ENOENT)
+		return fail(-err, "delete route local 0.0.0.0/0 dev lo table %u", req->table);
+	removed += err ? 0 : 1;
+	return removed;
+}
+
+static int change_routing(void *arg)
+{
+	const struct routing_request *req = arg;
+	int sock, result;
+
+	sock = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	if (sock < 0)
+		return fail(errno, "socket(AF_NETLINK, NETLINK_ROUTE)");
+	result = req->install ? install_routing(sock, req) : remove_routing(sock, req);
+	close(sock);
+	return result;
+}
+
+int aa_netns_transparent_routing(const char *netns_path, int mark, int mask, int table, int priority,
+				 int install)
+{
+	struct routing_request req = {
+		.mark = (uint32_t)mark, .mask = (uint32_t)mask, .table = (uint32_t)table,
+		.priority = (uint32_t)priority, .install = install,
+	};
+
+	if (table <= 0 || priority <= 0 || mark == 0) {
+		reset_errors();
+		return fail(EINVAL, "transparent routing with mark 0x%x, table %d, priority %d: each must be > 0",
+			    (unsigned int)mark, table, priority);
+	}
+	return run_in_netns(netns_path, change_routing, &req);
+}
+
+int aa_socket_bind_transparent(int fd, int mark, const char *ip, int avoid_port)
+{
+	struct sockaddr_in addr = { .sin_family = AF_INET };
+	socklen_t len = sizeof(addr);
+	int one = 1, port;
+
+	reset_errors();
+	if (!ip || inet_pton(AF_INET, ip, &addr.sin_addr) != 1)
+		return fail(EINVAL, "transparent source %s is not an IPv4 address", ip ? ip : "(null)");
+	if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
+		return fail(errno, "setsockopt SO_MARK=0x%x on fd %d", (unsigned int)mark, fd);
+	if (setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0)
+		return fail(errno, "setsockopt IP_TRANSPARENT on fd %d", fd);
+	if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+		return fail(errno, "bind fd %d to %s:0", fd, ip);
+	if (getsockname(fd, (struct sockaddr *)&addr, &len) != 0)
+		return fail(errno, "getsockname of fd %d", fd);
+	port = ntohs(addr.sin_port);
+	return port == avoid_port ? 0 : port;
+}

@@ -1,0 +1,98 @@
+import test from "ava";
+
+import { NATIVE_FEATURES, parseCaptureMode, selectCaptureMode, type FeatureProbe } from "../../agent/capture/probe";
+import { renderPodRuleset, renderRemoval } from "../../agent/capture/nft";
+
+const ALL_OK: FeatureProbe[] = ["bpffs", "cgroup2", "object", ...NATIVE_FEATURES].map((feature) => ({ feature, ok: true }));
+
+/** Returns the body of one chain of a rendered ruleset. */
+function chain(rules: string, name: string): string {
+  const match = new RegExp(`chain ${name} \\{\\n([\\s\\S]*?)\\n  \\}`).exec(rules);
+  if (!match) throw new Error(`no chain ${name} in:\n${rules}`);
+  return match[1];
+}
+
+function withFailure(feature: string, error: string): FeatureProbe[] {
+  return ALL_OK.map((probe) => (probe.feature === feature ? { feature, ok: false, error } : probe));
+}
+
+test("auto takes ebpf when every hook works", (t) => {
+  const selection = selectCaptureMode("auto", ALL_OK);
+  t.is(selection.mode, "ebpf");
+  t.is(selection.reason, "all hooks present");
+  t.deepEqual(selection.missing, []);
+});
+
+test("auto falls back to nftables naming the hook", (t) => {
+  const selection = selectCaptureMode("auto", withFailure("sk_lookup", "Invalid argument"));
+  t.is(selection.mode, "nftables");
+  t.is(selection.reason, "sk_lookup unavailable: Invalid argument");
+  t.deepEqual(selection.missing.map((probe) => probe.feature), ["sk_lookup"]);
+});
+
+test("auto keeps ebpf when bpffs is not mounted", (t) => {
+  const selection = selectCaptureMode("auto", withFailure("bpffs", "no bpffs at /sys/fs/bpf"));
+  t.is(selection.mode, "ebpf");
+  t.is(selection.reason, "host set-up incomplete: no bpffs at /sys/fs/bpf");
+});
+
+test("explicit ebpf keeps the missing hooks", (t) => {
+  const selection = selectCaptureMode("ebpf", withFailure("map:sk_storage", "Operation not supported"));
+  t.is(selection.mode, "ebpf");
+  t.deepEqual(selection.missing.map((probe) => probe.feature), ["map:sk_storage"]);
+});
+
+test("explicit nftables needs no probe", (t) => {
+  const selection = selectCaptureMode("nftables", []);
+  t.is(selection.mode, "nftables");
+  t.is(selection.reason, "requested with --capture nftables");
+});
+
+test("capture flag values", (t) => {
+  t.is(parseCaptureMode(undefined), "auto");
+  t.is(parseCaptureMode("ebpf"), "ebpf");
+  t.is(parseCaptureMode("nftables"), "nftables");
+  t.throws(() => parseCaptureMode("iptables"), { message: /invalid --capture "iptables": use auto, ebpf, nftables/ });
+});
+
+test("pod ruleset redirects both directions", (t) => {
+  const rules = renderPodRuleset("10.1.2.3");
+  t.true(rules.startsWith("table inet ambient_agent\ndelete table inet ambient_agent\ntable inet ambient_agent {"), "the table is not replaced in one transaction");
+  const outbound = chain(rules, "outbound");
+  t.regex(outbound, /type nat hook output priority -100;/);
+  t.regex(outbound, /meta mark & 0xfff == 0x539 accept/);
+  t.regex(outbound, /meta l4proto tcp redirect to :15001$/);
+  const inbound = chain(rules, "inbound");
+  t.regex(inbound, /type nat hook prerouting priority -100;/);
+  t.regex(inbound, /tcp dport \{ 15006, 15008 \} accept/);
+  t.regex(inbound, /meta l4proto tcp redirect to :15006$/);
+  t.regex(rules, /ip daddr 10\.1\.2\.3 tcp dport \{ 15001, 15006, 15008 \} accept/);
+  t.regex(rules, /ip daddr 127\.0\.0\.0\/8 accept/);
+  t.regex(rules, /tcp dport 15001 drop/);
+  t.notRegex(rules, /iifname != "lo"/, "a captured pod's inbound connections are rejected as if it were isolated");
+});
+
+test("isolated ruleset rejects inbound and passes no HBONE", (t) => {
+  const rules = renderPodRuleset("10.1.2.3", "isolated");
+  t.regex(rules, /iifname != "lo" ip saddr != 10\.1\.2\.3 meta l4proto tcp reject with tcp reset/);
+  t.notRegex(rules, /tcp dport \{ 15006, 15008 \} accept/);
+});
+
+test("ruleset carries exemptions", (t) => {
+  const rules = renderPodRuleset("10.1.2.3", "captured", {
+    probeSources: ["169.254.7.127", "fd16::1"],
+    excludedPorts: { inbound: [9090, 9091], outbound: [5432] },
+  });
+  t.regex(rules, /ip saddr \{ 169\.254\.7\.127 \} accept/);
+  t.notRegex(rules, /fd16::1/);
+  t.regex(rules, /tcp dport \{ 9090, 9091 \} accept\n    meta l4proto tcp redirect to :15006/);
+  t.regex(rules, /tcp dport \{ 5432 \} accept\n    meta l4proto tcp redirect to :15001/);
+});
+
+test("ruleset rejects an IPv6 pod", (t) => {
+  t.throws(() => renderPodRuleset("fd00::1"), { message: /handles IPv4 pods only/ });
+});
+
+test("removal succeeds without a table", (t) => {
+  t.is(renderRemoval(), "table inet ambient_agent\ndelete table inet ambient_agent\n");
+});

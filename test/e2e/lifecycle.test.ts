@@ -263,6 +263,25 @@ function deletePod(pod: PodHandle): void {
   run("ip", ["netns", "del", pod.netns]);
 }
 
+/** The lowest unicast MAC address, below every random veth address. */
+const LOWEST_MAC = "00:00:00:00:00:01";
+const LOW_MAC_VETH = "v-lowmac";
+
+/** Reads the MAC address of a link in a namespace. */
+function linkMac(netns: string, link: string): string {
+  const [details] = JSON.parse(theCluster().topology.exec(netns, "ip", ["-j", "link", "show", link])) as { address: string }[];
+  return details.address;
+}
+
+/** Waits until `link` no longer exists in `netns`: a deleted namespace's veth goes away shortly after. */
+async function waitLinkGone(netns: string, link: string, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (theCluster().topology.exec(netns, "ip", ["-j", "link", "show", link], { allowFail: true }).trim() !== "") {
+    if (Date.now() > deadline) throw new Error(`${link} still exists in ${netns} ${timeoutMs} ms after its peer's namespace was deleted`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
 // ---- Tests ----
 
 test.serial("pods present at start are enrolled and tunnelled", async (t) => {
@@ -393,6 +412,35 @@ test.serial("pod deleted while the agent runs leaves nothing", async (t) => {
   } finally {
     fs.closeSync(netnsFd);
   }
+});
+
+test.serial("node bridge keeps its MAC", async (t) => {
+  const c = theCluster();
+  const pod = c.topology.pod("client");
+  const nodeNetns = c.topology.node(CLIENT_NODE).netns;
+  const gatewayMac = linkMac(nodeNetns, "br0");
+
+  // A pod whose bridge-side veth has the lowest possible MAC joins and leaves the client's node.
+  // A bridge that takes its MAC from its ports would take that veth's MAC while it is there. The
+  // client, made to learn the gateway's MAC again meanwhile, would then send its tunnel's packets
+  // to a MAC that nothing on the bridge owns once the veth is gone.
+  const netns = `${PREFIX}-lowmac`;
+  run("ip", ["netns", "add", netns]);
+  try {
+    run("ip", ["link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", LOW_MAC_VETH, "netns", nodeNetns]);
+    c.topology.exec(nodeNetns, "ip", ["link", "set", LOW_MAC_VETH, "address", LOWEST_MAC]);
+    c.topology.exec(nodeNetns, "ip", ["link", "set", LOW_MAC_VETH, "master", "br0"]);
+    c.topology.exec(nodeNetns, "ip", ["link", "set", LOW_MAC_VETH, "up"]);
+    t.is(linkMac(nodeNetns, "br0"), gatewayMac, "the bridge took the MAC of a pod that joined");
+    c.topology.exec(pod.netns, "ip", ["neigh", "flush", "dev", "eth0"]);
+    await assertTunnelled(t, pod);
+  } finally {
+    run("ip", ["netns", "del", netns]);
+  }
+
+  await waitLinkGone(nodeNetns, LOW_MAC_VETH);
+  t.is(linkMac(nodeNetns, "br0"), gatewayMac, "the bridge changed MAC when a pod left");
+  await assertTunnelled(t, pod);
 });
 
 test.serial("pod deleted while the agent is down is removed at start", async (t) => {

@@ -138,7 +138,7 @@ export class AgentProcess {
         }
         if (this.exited) {
           finish();
-          reject(new Error(`agent ${this.options.node} exited before ${description}; log: ${this.options.logFile}\n${this.tail()}`));
+          reject(new Error(`agent ${this.options.node} exited (code ${this.exitStatus?.code}, signal ${this.exitStatus?.signal}) before ${description}; log: ${this.options.logFile}\n${this.tail()}`));
           return true;
         }
         return false;

@@ -73,6 +73,14 @@ export interface NodeHandle {
   podCidr6?: string;
 }
 
+/**
+ * Returns the fixed MAC address of a node's bridge: locally administered, with the node index in
+ * the fifth byte. No two bridges share a layer-2 segment, so clusters may reuse the same values.
+ */
+function bridgeMac(nodeIndex: number): string {
+  return `02:00:00:00:${nodeIndex.toString(16).padStart(2, "0")}:01`;
+}
+
 /** Returns the IPv6 prefix of a node's pods without its length, such as fd00:237:1:: . */
 function podPrefix6(nodeIndex: number): string {
   return `fd00:${POD_NETWORK.split(".")[1]}:${nodeIndex}::`;
@@ -175,7 +183,12 @@ export class Topology {
     run("ip", ["netns", "add", netns]);
     this.exec(netns, "ip", ["link", "set", "lo", "up"]);
     this.exec(netns, "sysctl", ["-qw", "net.ipv4.ip_forward=1"]);
-    this.exec(netns, "ip", ["link", "add", "br0", "type", "bridge"]);
+    // A bridge without an address of its own takes the lowest MAC among its ports, so adding or
+    // deleting a pod can change the gateway's MAC. Once the port whose MAC the bridge had leaves,
+    // frames that pods still send to that MAC are flooded to the other ports and never reach the
+    // bridge. That lasts until the kernel probes the pods' neighbor entries again: with the default
+    // timers (base_reachable_time 30 s) a reachable entry is used for 15 to 45 s before a probe.
+    this.exec(netns, "ip", ["link", "add", "br0", "address", bridgeMac(index), "type", "bridge"]);
     this.exec(netns, "ip", ["addr", "add", `${POD_NETWORK}.${index}.1/24`, "dev", "br0"]);
     this.exec(netns, "ip", ["link", "set", "br0", "up"]);
     const linkIp = `10.200.0.${index}`;

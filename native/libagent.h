@@ -47,10 +47,15 @@ int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int cou
  * listener of its SO_REUSEPORT group instead of being reset.
  */
 #define AA_LISTENER_MIGRATE_REQUESTS 0x2
+/* Makes the listener TCP/IPv6 with IPV6_V6ONLY, as aa_netns_socket6 does; bind_ip is then an
+ * IPv6 address (empty means ::).
+ */
+#define AA_LISTENER_IPV6 0x4
 
 /*
- * Creates a listening TCP/IPv4 socket inside the network namespace at netns_path, as
- * aa_netns_socket does with port > 0 and backlog > 0, plus the AA_LISTENER_* flags. Returns its
+ * Creates a listening TCP/IPv4 socket (TCP/IPv6 with AA_LISTENER_IPV6) inside the network
+ * namespace at netns_path, as aa_netns_socket does with port > 0 and backlog > 0, plus the
+ * AA_LISTENER_* flags. Returns its
  * file descriptor.
  */
 int aa_netns_listener(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
@@ -99,10 +104,20 @@ int aa_netns_transparent_routing(const char *netns_path, int mark, int mask, int
 				 int install);
 
 /*
- * Prepares the unconnected TCP/IPv4 socket fd to connect from a client's address: sets SO_MARK
- * to mark and IP_TRANSPARENT, and binds it to ip with a port that the kernel picks. Works on
- * any thread, because the socket keeps the namespace it was made in. Returns the bound port, or
- * 0 when that port is avoid_port (the socket is then bound and of no further use).
+ * aa_netns_transparent_routing for IPv6: the IPv6 rule and the route `local ::/0 dev lo`.
+ * net.ipv4.tcp_fwmark_accept covers TCP over IPv6 as well. Installing fails with -EAFNOSUPPORT
+ * when the kernel has no IPv6 and with -EACCES when IPv6 is disabled on lo in the namespace.
+ * Removing in a kernel without IPv6 returns 0.
+ */
+int aa_netns_transparent_routing6(const char *netns_path, int mark, int mask, int table,
+				  int priority, int install);
+
+/*
+ * Prepares the unconnected TCP socket fd (IPv4 or IPv6) to connect from a client's address.
+ * Sets SO_MARK to mark and IP_TRANSPARENT (IPV6_TRANSPARENT for IPv6), then binds fd to ip, an
+ * address of the socket's family, with a port that the kernel picks. Works on any thread,
+ * because the socket keeps the namespace it was made in. Returns the bound port, or 0 when that
+ * port is avoid_port (the socket is then bound and of no further use).
  */
 int aa_socket_bind_transparent(int fd, int mark, const char *ip, int avoid_port);
 
@@ -146,6 +161,17 @@ int aa_capture_probe_features(const char *object_path, const char *cgroup_path, 
  * (at least INET6_ADDRSTRLEN bytes). Returns the port; -ENOENT when conntrack has no entry.
  */
 int aa_original_dst(int fd, char *ip_out, int ip_len);
+
+/* Returns 0 when libnftables (libnftables.so.1) can be loaded; -ENOENT or -ENOSYS otherwise. */
+int aa_nft_available(void);
+
+/*
+ * Runs an nftables script (the syntax of `nft -f`) inside the network namespace at netns_path,
+ * through libnftables on a helper thread. The script is one transaction. Copies what nftables
+ * printed (a listing, for list commands) to out when out is not NULL, and returns its length;
+ * -EINVAL with nftables' message when it rejected the script, -ENOSPC when out is too small.
+ */
+int aa_nft_run(const char *netns_path, const char *script, char *out, int out_len);
 
 /* Map access by pin path. aa_map_open returns a file descriptor; the others take it. */
 int aa_map_open(const char *pin_path);

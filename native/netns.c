@@ -212,9 +212,11 @@ int aa_netns_listener(const char *netns_path, int agent_map_fd, int mark, const 
 	struct socket_request req = {
 		.agent_map_fd = agent_map_fd, .mark = mark, .bind_ip = bind_ip, .port = port,
 		.backlog = backlog, .listener_flags = flags,
+		.family = (flags & AA_LISTENER_IPV6) ? AF_INET6 : AF_INET,
 	};
 
-	if (port <= 0 || backlog <= 0 || (flags & ~(AA_LISTENER_REUSEPORT | AA_LISTENER_MIGRATE_REQUESTS))) {
+	if (port <= 0 || backlog <= 0 ||
+	    (flags & ~(AA_LISTENER_REUSEPORT | AA_LISTENER_MIGRATE_REQUESTS | AA_LISTENER_IPV6))) {
 		reset_errors();
 		return fail(EINVAL, "listener on port %d with backlog %d and flags 0x%x in network namespace %s: "
 			    "the port and backlog must be positive and the flags AA_LISTENER_* bits",

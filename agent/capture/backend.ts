@@ -140,7 +140,7 @@ export class EbpfCaptureBackend implements CaptureBackend {
   }
 }
 
-/** nftables capture: one table per pod network namespace. See nft.ts. */
+/** nftables capture: one table per pod network namespace, IPv4 and IPv6. See nft.ts and nft-ruleset.ts. */
 export class NftCaptureBackend implements CaptureBackend {
   readonly mode = "nftables" as const;
 
@@ -164,6 +164,15 @@ export class NftCaptureBackend implements CaptureBackend {
 
   attachInbound(netnsPath: string, cookie: bigint, podIp: string): void {
     this.capture.attachInbound(netnsPath, cookie, podIp);
+  }
+
+  enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
+    this.capture.enrollIpv6(cookie, podIp6);
+  }
+
+  /** REDIRECT finds the IPv6 15006 listener by its port, so only the address is recorded. */
+  attachInbound6(cookie: bigint, podIp6: string): void {
+    this.capture.attachInbound6(cookie, podIp6);
   }
 
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {

@@ -32,18 +32,8 @@ import {
   encodeOriginalDestinationKey,
   encodePodInfo,
 } from "./layout";
-import {
-  captureAttach,
-  closeFd,
-  loadNative,
-  mapDelete,
-  mapKeys,
-  mapLookupAndDelete,
-  mapOpen,
-  mapUpdate,
-  registerAgentSocketMap,
-  unregisterAgentSocketMap,
-} from "./native";
+import { closeFd, loadNative, registerAgentSocketMap, unregisterAgentSocketMap } from "./native";
+import { captureAttach, mapDelete, mapKeys, mapLookupAndDelete, mapOpen, mapUpdate } from "./native-bpf";
 
 export interface CaptureOptions {
   /** bpffs directory that contains this agent's pins, for example /sys/fs/bpf/ambient-agent/<node>. */

@@ -23,7 +23,8 @@ import {
   OUTBOUND_PORT,
   STRUCT_LAYOUTS,
 } from "./layout";
-import { closeFd, mapDelete, mapKeys, mapOpen, mapUpdate } from "./native";
+import { closeFd } from "./native";
+import { mapDelete, mapKeys, mapOpen, mapUpdate } from "./native-bpf";
 
 /**
  * The addresses that istio-cni SNATs kubelet health probes to, IPv4 and IPv6. The node must make

@@ -26,7 +26,8 @@ import {
   inboundLinkName,
   parseInboundLinkName,
 } from "./layout";
-import { closeFd, mapDelete, mapKeys, mapLookup, mapOpen, mapUpdate, netnsLink } from "./native";
+import { closeFd } from "./native";
+import { mapDelete, mapKeys, mapLookup, mapOpen, mapUpdate, netnsLink } from "./native-bpf";
 
 /** Upper bound of a walk of aa_inbound_pods, which has at most 4096 entries (AA_MAX_ENROLLED). */
 const MAX_INBOUND_PODS = 8192;

@@ -17,7 +17,8 @@ import {
   decodePodInfo,
   parseInboundLinkName,
 } from "./layout";
-import { closeFd, loadNative, mapKeys, mapLookup, mapOpen } from "./native";
+import { closeFd, loadNative } from "./native";
+import { mapKeys, mapLookup, mapOpen } from "./native-bpf";
 
 /** Upper bound of a map walk; each map has at most 4096 entries (AA_MAX_ENROLLED in bpf/lib/config.h). */
 const MAX_KEYS = 8192;

@@ -8,7 +8,7 @@
 // and accepted IPv4 connections keep their plain IPv4 addresses.
 import net from "node:net";
 
-import { closeFd, netnsSocket6 } from "./native";
+import { closeFd, netnsListener } from "./native";
 
 /** The net.Server options that shape each accepted socket; Node keeps them as instance fields. */
 interface AcceptOptions {
@@ -21,7 +21,10 @@ interface AcceptOptions {
  * Listens on [::]:port inside the pod's namespace and hands every accepted connection to
  * `server`, as if `server` had accepted it: its "connection" handlers run, TLS included for a
  * tls or http2 server. `server.close()` closes the IPv6 socket too. `onListenerFd` receives the
- * socket's descriptor, with family 6, before anything is accepted. Resolves once listening.
+ * socket's descriptor, with family 6, before anything is accepted. The socket is made like the
+ * IPv4 listener: net.ipv4.tcp_migrate_req is set in the namespace (it covers IPv6 too), and
+ * `reusePort` sets SO_REUSEPORT before the bind, so that it can join a running agent's IPv6
+ * listener during a hand-over. Resolves once listening.
  */
 export function listenIpv6(
   netnsPath: string,
@@ -29,8 +32,9 @@ export function listenIpv6(
   port: number,
   backlog: number,
   onListenerFd?: (fd: number, family: 4 | 6) => void,
+  reusePort = false,
 ): Promise<void> {
-  const fd = netnsSocket6(netnsPath, { port, backlog });
+  const fd = netnsListener(netnsPath, { ipv6: true, port, backlog, reusePort });
   try {
     onListenerFd?.(fd, 6);
   } catch (error) {

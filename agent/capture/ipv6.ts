@@ -25,7 +25,8 @@ import {
   encodeOriginalDestination6Key,
   encodePodInfo6,
 } from "./layout-ip6";
-import { closeFd, mapDelete, mapKeys, mapLookup, mapLookupAndDelete, mapOpen, mapUpdate } from "./native";
+import { closeFd } from "./native";
+import { mapDelete, mapKeys, mapLookup, mapLookupAndDelete, mapOpen, mapUpdate } from "./native-bpf";
 
 /** Upper bound of a walk of a per-pod map, which has at most 4096 entries (AA_MAX_ENROLLED). */
 const MAX_POD_KEYS = 8192;

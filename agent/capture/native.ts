@@ -1,12 +1,13 @@
-// Bindings to native/libagent.so through ffi-rs. Every call is synchronous and short: the
-// namespace work runs on a helper thread inside the library, never on Node's event loop.
+// Bindings to native/libagent.so through ffi-rs: loading the library, and sockets, addresses and
+// rules inside network namespaces. Every call is synchronous and short: the namespace work runs on
+// a helper thread inside the library, never on Node's event loop. The eBPF calls (object, maps,
+// links, probes) are in native-bpf.ts.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { DataType, load, open } from "ffi-rs";
 
 import { AgentError } from "../errors";
-import { ipBytes } from "./ip-bytes";
 import {
   AGENT_MARK,
   COOKIE_SIZE,
@@ -60,7 +61,8 @@ export function loadNative(libraryPath: string = defaultLibraryPath()): void {
   loadedPath = libraryPath;
 }
 
-function call(funcName: string, paramsType: DataType[], paramsValue: unknown[]): number {
+/** Calls a libagent function that returns an int (>= 0 on success, -errno on failure). */
+export function call(funcName: string, paramsType: DataType[], paramsValue: unknown[]): number {
   loadNative(loadedPath);
   return load({ library: LIBRARY_KEY, funcName, retType: DataType.I32, paramsType, paramsValue }) as number;
 }
@@ -77,7 +79,7 @@ function errnoName(errno: number): string {
 }
 
 /** Turns a negative return value into a NativeError: "<what> failed: <library detail> (ECODE). <fix>". */
-function check(result: number, what: string, fix: string): number {
+export function check(result: number, what: string, fix: string): number {
   if (result >= 0) return result;
   const errno = -result;
   const detail = lastError() || errnoName(errno);
@@ -184,10 +186,13 @@ export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number
 /** Flags of netnsListener, the AA_LISTENER_* values of native/libagent.h. */
 const LISTENER_REUSEPORT = 0x1;
 const LISTENER_MIGRATE_REQUESTS = 0x2;
+const LISTENER_IPV6 = 0x4;
 
 export interface NetnsListenerOptions {
-  /** Address to bind; default 0.0.0.0. */
+  /** Address to bind; default 0.0.0.0, or :: for an IPv6 listener. */
   bindIp?: string;
+  /** Make a TCP/IPv6 listener with IPV6_V6ONLY, as netnsSocket6 does, instead of a TCP/IPv4 one. */
+  ipv6?: boolean;
   port: number;
   backlog: number;
   /** Set SO_REUSEPORT, so that a replacement agent's listener can join this port during a hand-over. */
@@ -200,14 +205,15 @@ export interface NetnsListenerOptions {
  * queued on a closing listener move to another listener of its SO_REUSEPORT group.
  */
 export function netnsListener(netnsPath: string, opts: NetnsListenerOptions): number {
-  const bindIp = opts.bindIp ?? "0.0.0.0";
-  const flags = LISTENER_MIGRATE_REQUESTS | (opts.reusePort ? LISTENER_REUSEPORT : 0);
+  const bindIp = opts.bindIp ?? (opts.ipv6 ? "::" : "0.0.0.0");
+  const flags = LISTENER_MIGRATE_REQUESTS | (opts.reusePort ? LISTENER_REUSEPORT : 0) | (opts.ipv6 ? LISTENER_IPV6 : 0);
   const result = call(
     "aa_netns_listener",
     [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
     [netnsPath, currentAgentSocketMap(netnsPath), AGENT_MARK, bindIp, opts.port, opts.backlog, flags],
   );
-  return check(result, `creating a TCP listener on ${bindIp}:${opts.port} in network namespace ${netnsPath}`, NETNS_FIX);
+  const where = opts.ipv6 ? `[${bindIp}]:${opts.port}` : `${bindIp}:${opts.port}`;
+  return check(result, `creating a TCP listener on ${where} in network namespace ${netnsPath}`, NETNS_FIX);
 }
 
 /** Sets or clears SO_REUSEPORT on an open socket of this process. */
@@ -236,6 +242,29 @@ export function netnsSockets(netnsPath: string, count: number): number[] {
     [netnsPath, agentMapFd, AGENT_MARK, count, fdsOut],
   );
   const created = check(result, `creating ${count} TCP sockets in network namespace ${netnsPath}`, NETNS_FIX);
+  const fds: number[] = [];
+  for (let index = 0; index < created; index++) fds.push(fdsOut.readInt32LE(index * 4));
+  return fds;
+}
+
+/**
+ * Creates `count` unconnected TCP/IPv6 agent sockets inside a network namespace in one native
+ * call, as netnsSockets does for IPv4. Each is what netnsSocket6(netnsPath, {}) returns: IPv6
+ * only, close-on-exec, marked 0x539 and flagged in aa_agent_socks. Throws, with no socket left
+ * open, when any of them fails or when no Capture is attached in this process.
+ */
+export function netnsSockets6(netnsPath: string, count: number): number[] {
+  if (!Number.isInteger(count) || count < 1 || count > MAX_SOCKET_BATCH) {
+    throw new AgentError("INTERNAL", `socket batch size ${count} is invalid: use an integer from 1 to ${MAX_SOCKET_BATCH}`);
+  }
+  const agentMapFd = currentAgentSocketMap(netnsPath);
+  const fdsOut = Buffer.alloc(count * 4);
+  const result = call(
+    "aa_netns_sockets6",
+    [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.U8Array],
+    [netnsPath, agentMapFd, AGENT_MARK, count, fdsOut],
+  );
+  const created = check(result, `creating ${count} TCP/IPv6 sockets in network namespace ${netnsPath}`, NETNS_FIX);
   const fds: number[] = [];
   for (let index = 0; index < created; index++) fds.push(fdsOut.readInt32LE(index * 4));
   return fds;
@@ -302,23 +331,29 @@ export function netnsIpv4Addresses(netnsPath: string): string[] {
 }
 
 /**
- * Installs (install true) or removes the policy routing of source-address transparency in a
- * network namespace: the rule for TRANSPARENT_MARK and the local route of its table, and on
- * install net.ipv4.tcp_fwmark_accept=1. Safe to repeat. Returns how many of the rule and route
- * it added or deleted (0 when everything was already in place, or already gone).
+ * Installs (install true) or removes the policy routing of source-address transparency for one
+ * address family in a network namespace: the rule for TRANSPARENT_MARK and the local route of
+ * its table (`local 0.0.0.0/0` or `local ::/0`), and on install net.ipv4.tcp_fwmark_accept=1,
+ * which covers TCP over both families. Safe to repeat. Returns how many of the rule and route it
+ * added or deleted (0 when everything was already in place, or already gone). Installing for
+ * family 6 fails with errno EAFNOSUPPORT in a kernel without IPv6 and EACCES where IPv6 is
+ * disabled on the namespace's lo.
  */
-export function netnsTransparentRouting(netnsPath: string, install: boolean): number {
+export function netnsTransparentRouting(netnsPath: string, install: boolean, family: 4 | 6 = 4): number {
   const result = call(
-    "aa_netns_transparent_routing",
+    family === 6 ? "aa_netns_transparent_routing6" : "aa_netns_transparent_routing",
     [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.I32, DataType.I32],
     [netnsPath, TRANSPARENT_MARK, TRANSPARENT_MARK_MASK, TRANSPARENT_ROUTE_TABLE, TRANSPARENT_RULE_PRIORITY, install ? 1 : 0],
   );
-  return check(result, `${install ? "installing" : "removing"} the transparent-source routing in network namespace ${netnsPath}`, NETNS_FIX);
+  const what = `${install ? "installing" : "removing"} the IPv${family} transparent-source routing in network namespace ${netnsPath}`;
+  const ipv6Missing = family === 6 && (result === -os.constants.errno.EACCES || result === -os.constants.errno.EAFNOSUPPORT);
+  return check(result, what, ipv6Missing ? "Enable IPv6 in the namespace (net.ipv6.conf.lo.disable_ipv6=0), or ignore this for a pod without IPv6." : NETNS_FIX);
 }
 
 /**
- * Sets TRANSPARENT_MARK and IP_TRANSPARENT on an unconnected agent socket and binds it to
- * `ip` with a port the kernel picks. Returns the port, or undefined when the kernel picked
+ * Sets TRANSPARENT_MARK and IP_TRANSPARENT (IPV6_TRANSPARENT on an IPv6 socket) on an
+ * unconnected agent socket and binds it to `ip`, an address of the socket's family, with a port
+ * the kernel picks. Returns the port, or undefined when the kernel picked
  * `avoidPort` (the socket is then of no further use, so close it).
  */
 export function bindTransparent(fd: number, ip: string, avoidPort = 0): number | undefined {
@@ -327,211 +362,8 @@ export function bindTransparent(fd: number, ip: string, avoidPort = 0): number |
   return port === 0 ? undefined : port;
 }
 
-/** Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned link; returns the program count. */
-export function captureAttach(objectPath: string, pinRoot: string, cgroupPath: string): number {
-  const result = call(
-    "aa_capture_attach",
-    [DataType.String, DataType.String, DataType.String],
-    [objectPath, pinRoot, cgroupPath],
-  );
-  return check(
-    result,
-    `attaching eBPF capture ${objectPath} to cgroup ${cgroupPath} with pins under ${pinRoot}`,
-    "Check that bpffs is mounted at the pin root, that the cgroup is a cgroup v2 directory, and that the agent runs as root. " +
-      "If a map layout changed, remove the old pins (agentctl capture remove) and attach again.",
-  );
-}
-
-/**
- * Links the sk_lookup program pinned at programPinPath to a network namespace and pins the
- * link at linkPinPath. Returns false when it created the link, true when a link was already
- * pinned there (it is left as it is).
- */
-export function netnsLink(programPinPath: string, netnsPath: string, linkPinPath: string): boolean {
-  const result = call(
-    "aa_netns_link",
-    [DataType.String, DataType.String, DataType.String],
-    [programPinPath, netnsPath, linkPinPath],
-  );
-  check(
-    result,
-    `linking sk_lookup program ${programPinPath} to network namespace ${netnsPath}`,
-    "Attach capture first, so that the program is pinned; then check that the network namespace exists " +
-      "and that the agent runs as root.",
-  );
-  return result === 1;
-}
-
-/** Loads the object and unloads it again: throws when this kernel rejects a program. */
-export function captureProbe(objectPath: string): void {
-  const result = call("aa_capture_probe", [DataType.String], [objectPath]);
-  check(
-    result,
-    `loading eBPF object ${objectPath}`,
-    "If the object is missing or not an eBPF object, rebuild bpf/capture.bpf.o (make bpf); " +
-      "otherwise the kernel lacks a program type or helper that capture needs.",
-  );
-}
-
-export function mapOpen(pinPath: string): number {
-  const result = call("aa_map_open", [DataType.String], [pinPath]);
-  return check(result, `opening pinned map ${pinPath}`, "Attach capture first, so that the map is pinned.");
-}
-
-const MAP_FIX = "The map may be full or the key layout may not match the loaded object.";
-
-/** Inserts or replaces a key. `what` and `fix` replace the generic wording of the error message. */
-export function mapUpdate(mapFd: number, key: Buffer, value: Buffer, what = "map update", fix = MAP_FIX): void {
-  check(call("aa_map_update", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, value]), what, fix);
-}
-
-/** Copies the value of a key into valueOut; returns false when the key is not there. */
-export function mapLookup(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
-  const result = call("aa_map_lookup", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, valueOut]);
-  if (result === -os.constants.errno.ENOENT) return false;
-  check(result, "map lookup", MAP_FIX);
-  return true;
-}
-
-/** Deletes a key; returns false when the key was not there. */
-export function mapDelete(mapFd: number, key: Buffer): boolean {
-  const result = call("aa_map_delete", [DataType.I32, DataType.U8Array], [mapFd, key]);
-  if (result === -os.constants.errno.ENOENT) return false;
-  check(result, "map delete", MAP_FIX);
-  return true;
-}
-
-/** Looks a key up and deletes it in one step; returns false when the key was not there. */
-export function mapLookupAndDelete(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
-  const result = call(
-    "aa_map_lookup_and_delete",
-    [DataType.I32, DataType.U8Array, DataType.U8Array],
-    [mapFd, key, valueOut],
-  );
-  if (result === -os.constants.errno.ENOENT) return false;
-  check(result, "map lookup and delete", MAP_FIX);
-  return true;
-}
-
-/**
- * Returns every key of a map, each as a buffer of keySize bytes. A key deleted during the walk
- * makes the kernel restart from the first key, so keys already seen are skipped and the walk
- * stops after maxKeys steps.
- */
-export function mapKeys(mapFd: number, keySize: number, maxKeys: number): Buffer[] {
-  const seen = new Map<string, Buffer>();
-  let current = Buffer.alloc(keySize);
-  let hasKey = 0;
-  for (let step = 0; step < maxKeys; step++) {
-    const next = Buffer.alloc(keySize);
-    const result = call(
-      "aa_map_next_key",
-      [DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array],
-      [mapFd, current, hasKey, next],
-    );
-    if (result === -os.constants.errno.ENOENT) break;
-    check(result, "map iteration", MAP_FIX);
-    seen.set(next.toString("hex"), next);
-    current = next;
-    hasKey = 1;
-  }
-  return [...seen.values()];
-}
-
-/** A connection for skLookupTestRun. Addresses are IPv4 for AF_INET and IPv6 for AF_INET6. */
-export interface SkLookupTestInput {
-  /** 2 (AF_INET) or 10 (AF_INET6). */
-  family: number;
-  /** 6 (TCP) or 17 (UDP). */
-  protocol: number;
-  remoteIp: string;
-  remotePort: number;
-  localIp: string;
-  localPort: number;
-}
-
-export interface SkLookupTestResult {
-  /** 1 (SK_PASS) or 0 (SK_DROP). */
-  verdict: number;
-  /** Cookie of the socket the program assigned; 0n when it assigned none. */
-  cookie: bigint;
-}
-
-/** Writes a test address in network byte order, checking that it belongs to the family. */
-function encodeTestAddress(ip: string, family: number): Buffer {
-  const bytes = ipBytes(ip);
-  if ((family === 2 && bytes.length === 4) || (family === 10 && bytes.length === 16)) return Buffer.concat([bytes], 16);
-  throw new RangeError(`invalid address ${JSON.stringify(ip)} for address family ${family}: use IPv4 for 2 (AF_INET) and IPv6 for 10 (AF_INET6)`);
-}
-
-/**
- * Runs the sk_lookup program pinned at programPinPath on a made-up lookup with BPF_PROG_TEST_RUN
- * (Linux 5.13 or later) and returns its verdict and the socket it assigned. Maps are read as
- * they are, so the caller fills them first. For tests: nothing in the agent calls it.
- */
-export function skLookupTestRun(programPinPath: string, input: SkLookupTestInput): SkLookupTestResult {
-  const result = Buffer.alloc(16);
-  const code = call(
-    "aa_sk_lookup_test_run",
-    [DataType.String, DataType.I32, DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array],
-    [
-      programPinPath,
-      input.family,
-      input.protocol,
-      encodeTestAddress(input.remoteIp, input.family),
-      input.remotePort,
-      encodeTestAddress(input.localIp, input.family),
-      input.localPort,
-      result,
-    ],
-  );
-  check(
-    code,
-    `test run of sk_lookup program ${programPinPath} for ${input.remoteIp}:${input.remotePort} -> ${input.localIp}:${input.localPort}`,
-    "Check that the program is pinned (Capture.attach) and that the kernel supports BPF_PROG_TEST_RUN for sk_lookup (Linux 5.13 or later).",
-  );
-  const littleEndian = os.endianness() === "LE";
-  return {
-    verdict: littleEndian ? result.readUInt32LE(0) : result.readUInt32BE(0),
-    cookie: littleEndian ? result.readBigUInt64LE(8) : result.readBigUInt64BE(8),
-  };
-}
-
 export function closeFd(fd: number): void {
   check(call("aa_close", [DataType.I32], [fd]), `closing fd ${fd}`, "This is a bug in the agent.");
-}
-
-/** Size of the probe report buffer: a dozen lines of at most about 500 bytes each. */
-const PROBE_REPORT_SIZE = 16 * 1024;
-
-/** One line of the native feature probe: the feature's name, and errno 0 when it works. */
-export interface NativeProbeLine {
-  feature: string;
-  errno: number;
-  detail: string;
-}
-
-/**
- * Probes every map type, program and link eBPF capture needs, by creating, loading and linking
- * each one (links go to a throwaway cgroup under cgroupPath or a throwaway network namespace,
- * and are removed again). Returns one line per feature.
- */
-export function captureProbeFeatures(objectPath: string, cgroupPath: string): NativeProbeLine[] {
-  const buffer = Buffer.alloc(PROBE_REPORT_SIZE);
-  const result = call(
-    "aa_capture_probe_features",
-    [DataType.String, DataType.String, DataType.U8Array, DataType.I32],
-    [objectPath, cgroupPath, buffer, buffer.length],
-  );
-  const length = check(result, `probing the kernel for eBPF capture with ${objectPath}`, "This is a bug in the agent.");
-  return buffer
-    .toString("utf8", 0, length)
-    .split("\n")
-    .filter((line) => line !== "")
-    .map((line) => {
-      const [feature, errno, ...detail] = line.split("\t");
-      return { feature, errno: Number(errno), detail: detail.join(" ") };
-    });
 }
 
 /** Buffer for an address from aa_original_dst: INET6_ADDRSTRLEN (46) and room to spare. */
@@ -547,4 +379,24 @@ export function originalDestinationOfFd(fd: number): { ip: string; port: number 
   if (result === -os.constants.errno.ENOENT) return undefined;
   const port = check(result, `reading the original destination of socket fd ${fd}`, "Check that the connection was redirected by the pod's nftables rules.");
   return { ip: buffer.toString("utf8", 0, buffer.indexOf(0)), port };
+}
+
+/** Returns whether libnftables can be loaded, so that nftables scripts can run without the nft tool. */
+export function libnftablesAvailable(): boolean {
+  return call("aa_nft_available", [], []) === 0;
+}
+
+/** Size of the buffer for what nftables prints: a pod's table lists in about 2 KiB. */
+const NFTABLES_OUTPUT_SIZE = 64 * 1024;
+
+/**
+ * Runs an nftables script (`nft -f` syntax, one transaction) inside the network namespace at
+ * netnsPath through libnftables, on a helper thread, and returns what nftables printed (the
+ * listing, for a list command). Throws NativeError with nftables' message.
+ */
+export function runNftablesScript(netnsPath: string, script: string, what: string): string {
+  const buffer = Buffer.alloc(NFTABLES_OUTPUT_SIZE);
+  const result = call("aa_nft_run", [DataType.String, DataType.String, DataType.U8Array, DataType.I32], [netnsPath, script, buffer, buffer.length]);
+  const length = check(result, what, "Check that the kernel has nf_tables with nat, reject and socket support.");
+  return buffer.toString("utf8", 0, length);
 }

@@ -8,16 +8,13 @@ import { AgentError } from "../errors";
 import type { ApplicationSource, PodNetwork, TransparentSourceState } from "../proxy/pod-network";
 import { listenIpv6 } from "./ipv6-listener";
 import { isNativeIpv6 } from "./layout-ip6";
-import { agentSocketMapVersion, bindTransparent, closeFd, netnsListener, netnsSocket, netnsSocket6, netnsSockets, netnsTransparentRouting, setReusePort } from "./native";
+import { bindTransparent, closeFd, netnsListener, netnsSocket, netnsSocket6, netnsSockets, netnsSockets6, netnsTransparentRouting, setReusePort } from "./native";
+import { SpareSockets } from "./spare-sockets";
+
+export { SPARE_SOCKET_BATCH } from "./spare-sockets";
 
 /** Backlog of the in-pod listeners; Node passes the same value to listen(2) by default. */
 const LISTEN_BACKLOG = 511;
-
-/**
- * Sockets made per visit to the pod's namespace when the reserve is empty. One visit costs a
- * thread, a setns(2) and an ffi call, so a batch spreads that cost over many connections.
- */
-export const SPARE_SOCKET_BATCH = 32;
 
 /**
  * Sockets tried per transparent connect before it fails. A socket is discarded and another tried
@@ -27,14 +24,19 @@ const TRANSPARENT_BIND_TRIES = 4;
 
 export class NetnsPodNetwork implements PodNetwork {
   /**
-   * Unconnected agent sockets made in the pod's namespace, waiting for connect(). Each keeps the
-   * namespace alive, so close() must run when the pod's proxies stop.
+   * Unconnected IPv4 and IPv6 agent sockets made in the pod's namespace, waiting for connect().
+   * Each keeps the namespace alive, so close() must run when the pod's proxies stop.
    */
-  private spares: number[] = [];
-  /** agentSocketMapVersion() when the spares were made. */
-  private sparesMapVersion = -1;
-  private closed = false;
+  readonly #spares4 = new SpareSockets({
+    batch: (count) => netnsSockets(this.netnsPath, count),
+    one: () => netnsSocket(this.netnsPath, {}),
+  });
+  readonly #spares6 = new SpareSockets({
+    batch: (count) => netnsSockets6(this.netnsPath, count),
+    one: () => netnsSocket6(this.netnsPath, {}),
+  });
   #transparentSource: TransparentSourceState = "off";
+  #transparentSourceIpv6: TransparentSourceState = "off";
 
   /**
    * podIp6 is the pod's IPv6 address when it has one in its namespace: the pod then gets an IPv6
@@ -51,8 +53,10 @@ export class NetnsPodNetwork implements PodNetwork {
    * starts its listeners next to the running agent's; see agent/handover/.
    */
   static shareNewListeners = false;
-  /** The file descriptor of each open listener by port, for a hand-over. */
+  /** The file descriptor of each open IPv4 listener by port, for a hand-over. */
   readonly #listeners = new Map<number, number>();
+  /** The file descriptor of each open IPv6 listener by port, for a hand-over. */
+  readonly #listeners6 = new Map<number, number>();
 
   /**
    * Starts `server` on 0.0.0.0:port inside the pod, with a socket made and bound there, and for a
@@ -61,8 +65,19 @@ export class NetnsPodNetwork implements PodNetwork {
    */
   async listen(server: net.Server, port: number, onListenerFd?: (fd: number, family: 4 | 6) => void): Promise<void> {
     await this.listenIpv4(server, port, onListenerFd && ((fd) => onListenerFd(fd, 4)));
-    // NOTE: the IPv6 listener is not in #listeners, so a hand-over passes on the IPv4 one only.
-    if (this.podIp6 !== undefined) await listenIpv6(this.netnsPath, server, port, LISTEN_BACKLOG, onListenerFd);
+    if (this.podIp6 !== undefined) await this.listenIpv6(server, port, onListenerFd);
+  }
+
+  private listenIpv6(server: net.Server, port: number, onListenerFd?: (fd: number, family: 4 | 6) => void): Promise<void> {
+    // Recorded only once onListenerFd accepted it: listenIpv6 closes a descriptor it rejected.
+    const record = (fd: number, family: 4 | 6): void => {
+      onListenerFd?.(fd, family);
+      this.#listeners6.set(port, fd);
+      server.once("close", () => {
+        if (this.#listeners6.get(port) === fd) this.#listeners6.delete(port);
+      });
+    };
+    return listenIpv6(this.netnsPath, server, port, LISTEN_BACKLOG, record, NetnsPodNetwork.shareNewListeners);
   }
 
   private listenIpv4(server: net.Server, port: number, onListenerFd?: (fd: number) => void): Promise<void> {
@@ -93,29 +108,39 @@ export class NetnsPodNetwork implements PodNetwork {
    * in, and the flag in aa_agent_socks makes connect4 let it through.
    */
   connect(host: string, port: number, source?: ApplicationSource): net.Socket {
-    if (isNativeIpv6(host)) return this.connectIpv6(host, port);
-    const fd = source && this.#transparentSource === "ready" ? this.takeTransparent(source) : this.takeSpare();
+    const fd = isNativeIpv6(host) ? this.takeIpv6(source) : this.takeIpv4(source);
     // `readable: false` must not be passed: Node would end the readable side for good.
     const socket = new net.Socket({ fd, allowHalfOpen: true });
     socket.connect(port, host);
     return socket;
   }
 
-  /**
-   * connect() for an IPv6 destination, from an IPv6 agent socket. The source address is the
-   * pod's own: transparency is for IPv4 clients only.
-   * NOTE: one namespace visit per connection, without the spare-socket reserve of IPv4.
-   */
-  private connectIpv6(host: string, port: number): net.Socket {
-    const fd = netnsSocket6(this.netnsPath, {});
-    const socket = new net.Socket({ fd, allowHalfOpen: true });
-    socket.connect(port, host);
-    return socket;
+  /** Returns an IPv4 agent socket for connect(), bound to `source` when transparency is ready. */
+  private takeIpv4(source: ApplicationSource | undefined): number {
+    if (source && this.#transparentSource === "ready") return this.takeTransparent(this.#spares4, source);
+    return this.#spares4.take();
   }
 
-  /** Whether connect() can keep a client's address as the source; see enableTransparentSource(). */
+  /** Returns an IPv6 agent socket for connect(), bound to `source` when IPv6 transparency is ready. */
+  private takeIpv6(source: ApplicationSource | undefined): number {
+    if (source && this.#transparentSourceIpv6 === "ready") return this.takeTransparent(this.#spares6, source);
+    return this.#spares6.take();
+  }
+
+  /**
+   * Whether connect() can keep an IPv4 client's address as the source; see
+   * enableTransparentSource().
+   */
   get transparentSource(): TransparentSourceState {
     return this.#transparentSource;
+  }
+
+  /**
+   * Whether connect() can keep an IPv6 client's address as the source; see
+   * enableTransparentSourceIpv6().
+   */
+  get transparentSourceIpv6(): TransparentSourceState {
+    return this.#transparentSourceIpv6;
   }
 
   /**
@@ -143,50 +168,71 @@ export class NetnsPodNetwork implements PodNetwork {
     return netnsTransparentRouting(this.netnsPath, false);
   }
 
-  /** Returns the file descriptor of the open listener on `port`, if there is one. */
-  listenerFd(port: number): number | undefined {
-    return this.#listeners.get(port);
-  }
-
-  /** Sets SO_REUSEPORT on every open listener, so that a replacement agent's listeners can join them. */
-  shareListeners(): void {
-    for (const fd of this.#listeners.values()) setReusePort(fd, true);
-  }
-
-  /** Counts the unconnected sockets held for later connect() calls. */
-  get spareCount(): number {
-    return this.spares.length;
+  /**
+   * enableTransparentSource() for IPv6 clients: installs the IPv6 rule and the route
+   * `local ::/0 dev lo`. Call it only for a pod with an IPv6 address. Returns how many of the
+   * rule and route were new. On failure, including a namespace whose IPv6 is disabled,
+   * transparentSourceIpv6 becomes "unavailable" and the error is thrown.
+   */
+  enableTransparentSourceIpv6(): number {
+    try {
+      const added = netnsTransparentRouting(this.netnsPath, true, 6);
+      this.#transparentSourceIpv6 = "ready";
+      return added;
+    } catch (error) {
+      this.#transparentSourceIpv6 = "unavailable";
+      throw error;
+    }
   }
 
   /**
-   * Closes the spare sockets. connect() still works afterwards, one socket per call with no
-   * reserve, for connections that a draining proxy opens late. Safe to call more than once.
+   * Removes the pod's IPv6 transparent-source routing and turns IPv6 transparency off. Returns
+   * how many of the rule and route it deleted. Call it only once no transparent connection is open.
+   */
+  disableTransparentSourceIpv6(): number {
+    this.#transparentSourceIpv6 = "off";
+    return netnsTransparentRouting(this.netnsPath, false, 6);
+  }
+
+  /** Returns the file descriptor of the open listener of `family` on `port`, if there is one. */
+  listenerFd(port: number, family: 4 | 6 = 4): number | undefined {
+    return (family === 6 ? this.#listeners6 : this.#listeners).get(port);
+  }
+
+  /**
+   * Sets SO_REUSEPORT on every open listener, IPv4 and IPv6, so that a replacement agent's
+   * listeners can join them.
+   */
+  shareListeners(): void {
+    for (const fd of [...this.#listeners.values(), ...this.#listeners6.values()]) setReusePort(fd, true);
+  }
+
+  /** Counts the unconnected IPv4 sockets held for later connect() calls. */
+  get spareCount(): number {
+    return this.#spares4.count;
+  }
+
+  /** Counts the unconnected IPv6 sockets held for later connect() calls. */
+  get spareCount6(): number {
+    return this.#spares6.count;
+  }
+
+  /**
+   * Closes the spare sockets of both families. connect() still works afterwards, one socket per
+   * call with no reserve, for connections that a draining proxy opens late. Safe to call more than once.
    */
   close(): void {
-    this.closed = true;
-    this.dropSpares();
-  }
-
-  /** Returns an agent socket for connect(), refilling the reserve in one batch when it is empty. */
-  private takeSpare(): number {
-    // Sockets flagged before a Capture attached or closed may be flagged in a map that the
-    // programs no longer read. Re-attaching with the same pins keeps the same aa_agent_socks
-    // map, whose flags stay valid. After `capture remove` and a new attach, the programs read a
-    // new map, and a socket flagged only in the old one would be steered. Dropping the spares on
-    // every change covers both cases. A restarted agent is a new process with no spares at all.
-    if (this.sparesMapVersion !== agentSocketMapVersion()) this.dropSpares();
-    if (this.closed) return netnsSocket(this.netnsPath, {});
-    if (this.spares.length === 0) this.refill();
-    return this.spares.pop()!;
+    this.#spares4.close();
+    this.#spares6.close();
   }
 
   /**
-   * Returns an agent socket bound to the client's address, transparent and marked
+   * Returns an agent socket from `spares` bound to the client's address, transparent and marked
    * TRANSPARENT_MARK. A socket that got the client's own port is closed and another one tried.
    */
-  private takeTransparent(source: ApplicationSource): number {
+  private takeTransparent(spares: SpareSockets, source: ApplicationSource): number {
     for (let tries = 0; tries < TRANSPARENT_BIND_TRIES; tries++) {
-      const fd = this.takeSpare();
+      const fd = spares.take();
       try {
         if (bindTransparent(fd, source.ip, source.avoidPort) !== undefined) return fd;
       } catch (error) {
@@ -199,23 +245,5 @@ export class NetnsPodNetwork implements PodNetwork {
       "INTERNAL",
       `binding a socket to the client address ${source.ip} failed: the kernel picked the client's own port ${source.avoidPort} ${TRANSPARENT_BIND_TRIES} times`,
     );
-  }
-
-  private refill(): void {
-    const version = agentSocketMapVersion();
-    try {
-      this.spares = netnsSockets(this.netnsPath, SPARE_SOCKET_BATCH);
-    } catch {
-      // A batch needs SPARE_SOCKET_BATCH free descriptors at once. Fall back to one socket,
-      // which throws the error to report when even that fails.
-      this.spares = [netnsSocket(this.netnsPath, {})];
-    }
-    this.sparesMapVersion = version;
-  }
-
-  private dropSpares(): void {
-    const spares = this.spares;
-    this.spares = [];
-    for (const fd of spares) fs.closeSync(fd);
   }
 }

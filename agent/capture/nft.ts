@@ -1,23 +1,13 @@
 // nftables capture: the fallback for kernels that lack a hook eBPF capture needs. Each enrolled
-// pod's network namespace gets a table of its own, `table inet ambient_agent`, which steers TCP
-// as the eBPF programs do:
-//   - outbound: TCP that the pod's applications open to anything but loopback and the pod's own
-//     proxy ports is redirected (nat output REDIRECT) to the outbound proxy on 15001;
-//   - inbound: TCP that reaches the pod from outside is redirected (nat prerouting REDIRECT) to
-//     the inbound plaintext proxy on 15006, except HBONE on 15008 and 15006 itself. Port 15001 is
-//     dropped when it does not come from the pod itself.
-// The proxies read the address the client dialled with SO_ORIGINAL_DST. conntrack reverses the
-// REDIRECT on replies, so the application's getpeername() still shows the address it dialled.
+// pod's network namespace gets a table of its own (nft-ruleset.ts), which this file writes,
+// keeps track of and removes. The proxies read the address the client dialled with
+// SO_ORIGINAL_DST. conntrack reverses the REDIRECT on replies, so the application's
+// getpeername() still shows the address it dialled.
 //
-// The agent's own sockets carry SO_MARK 0x539 (mask 0xfff; the transparent inbound sockets use
-// 0x1539), and the rules let marked traffic through. A process with CAP_NET_RAW can set the same
-// mark and so escape capture: pods should run without CAP_NET_RAW.
-//
-// The table is replaced in one `nft -f` transaction and stays when the agent stops, so a pod
-// whose agent is gone fails closed: redirected connections meet no listener and are reset.
-//
-// NOTE: IPv4 only. Rules match IPv4 addresses; IPv6 TCP is redirected as well, but the proxies
-// listen on IPv4 only, so IPv6 connections of an enrolled pod are reset.
+// The table stays when the agent stops, so a pod whose agent is gone fails closed: redirected
+// connections meet no listener and are reset. An agent that starts again keeps a pod's table as
+// it is when the table still lists exactly as the earlier agent wrote it, so restarts rewrite
+// nothing.
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
@@ -26,103 +16,33 @@ import path from "node:path";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "./exemptions";
-import { AGENT_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "./layout";
-import { netnsCookie, originalDestinationOfFd } from "./native";
+import { INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "./layout";
+import { libnftablesAvailable, netnsCookie, originalDestinationOfFd, runNftablesScript } from "./native";
+import {
+  renderListing,
+  renderPodIp6Change,
+  renderPodRecreation,
+  renderPodRuleset,
+  renderPodTable,
+  renderRemoval,
+  type NftExemptions,
+  type NftPodState,
+} from "./nft-ruleset";
 
-export const NFT_TABLE_FAMILY = "inet";
-export const NFT_TABLE_NAME = "ambient_agent";
-
-/** Mask applied to a socket mark before it is compared with AGENT_MARK; 0x1539 passes too. */
-export const AGENT_MARK_MASK = 0xfff;
+export {
+  AGENT_MARK_MASK,
+  NFT_TABLE_FAMILY,
+  NFT_TABLE_NAME,
+  NO_EXEMPTIONS,
+  renderPodRuleset,
+  renderPodTable,
+  renderRemoval,
+  type NftExemptions,
+  type NftPodState,
+} from "./nft-ruleset";
 
 /** How long one `nft -f` may run before it is killed. */
 const NFT_TIMEOUT_MS = 10_000;
-
-/** The ruleset variants: normal capture, or isolation of a pod whose listeners could not start. */
-export type NftPodState = "captured" | "isolated";
-
-/** What capture lets through for a pod: kubelet probe sources and the ports its annotations exclude. */
-export interface NftExemptions {
-  probeSources: readonly string[];
-  excludedPorts: ExcludedPorts;
-}
-
-export const NO_EXEMPTIONS: NftExemptions = { probeSources: [], excludedPorts: NO_EXCLUDED_PORTS };
-
-/** Renders an nft anonymous set, `{ a, b }`. */
-function nftSet(values: readonly (string | number)[]): string {
-  return `{ ${values.join(", ")} }`;
-}
-
-/**
- * Renders the nft script that replaces the pod's table in one transaction. "isolated" rejects
- * every inbound TCP connection from outside the pod, including HBONE, until the listeners start.
- * NOTE: IPv6 probe sources are left out, because the rules match IPv4 only.
- */
-export function renderPodRuleset(podIp: string, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS): string {
-  if (!net.isIPv4(podIp)) {
-    throw new AgentError("INTERNAL", `invalid pod IP ${JSON.stringify(podIp)} for nftables capture: it handles IPv4 pods only`);
-  }
-  const mark = `meta mark & 0x${AGENT_MARK_MASK.toString(16)} == 0x${AGENT_MARK.toString(16)}`;
-  const proxyPorts = nftSet([OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT]);
-  const probeSources = exemptions.probeSources.filter((ip) => net.isIPv4(ip));
-  const { inbound: inboundExcluded, outbound: outboundExcluded } = exemptions.excludedPorts;
-  const inboundPass =
-    state === "captured"
-      ? [
-          `    tcp dport { ${INBOUND_PLAINTEXT_PORT}, ${INBOUND_HBONE_PORT} } accept`,
-          ...(probeSources.length > 0 ? [`    ip saddr ${nftSet(probeSources)} accept`] : []),
-          ...(inboundExcluded.length > 0 ? [`    tcp dport ${nftSet(inboundExcluded)} accept`] : []),
-        ]
-      : [];
-  const outboundPass = outboundExcluded.length > 0 ? [`    tcp dport ${nftSet(outboundExcluded)} accept`] : [];
-  const isolation = state === "isolated" ? [`    iifname != "lo" ip saddr != ${podIp} meta l4proto tcp reject with tcp reset`] : [];
-  return [
-    // Declaring the table first makes the delete succeed when it does not exist yet.
-    `table ${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME}`,
-    `delete table ${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME}`,
-    `table ${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME} {`,
-    `  chain prerouting_guard {`,
-    `    type filter hook prerouting priority mangle; policy accept;`,
-    `    iifname "lo" accept`,
-    `    ip saddr ${podIp} accept`,
-    `    tcp dport ${OUTBOUND_PORT} drop`,
-    `  }`,
-    `  chain inbound {`,
-    `    type nat hook prerouting priority -100; policy accept;`,
-    `    meta l4proto != tcp accept`,
-    `    iifname "lo" accept`,
-    `    ip saddr ${podIp} accept`,
-    `    ${mark} accept`,
-    ...inboundPass,
-    `    meta l4proto tcp redirect to :${INBOUND_PLAINTEXT_PORT}`,
-    `  }`,
-    `  chain input_guard {`,
-    `    type filter hook input priority filter; policy accept;`,
-    ...isolation,
-    // A redirected connection must reach the agent's listener, which carries the agent's mark,
-    // and never a process of the pod that took the port while the agent was down.
-    `    ct status dnat tcp dport ${INBOUND_PLAINTEXT_PORT} ct state new socket mark & 0x${AGENT_MARK_MASK.toString(16)} != 0x${AGENT_MARK.toString(16)} reject with tcp reset`,
-    `  }`,
-    `  chain outbound {`,
-    `    type nat hook output priority -100; policy accept;`,
-    `    meta l4proto != tcp accept`,
-    `    ${mark} accept`,
-    `    ip daddr 127.0.0.0/8 accept`,
-    `    ip6 daddr ::1 accept`,
-    `    ip daddr ${podIp} tcp dport ${proxyPorts} accept`,
-    ...outboundPass,
-    `    meta l4proto tcp redirect to :${OUTBOUND_PORT}`,
-    `  }`,
-    `}`,
-    "",
-  ].join("\n");
-}
-
-/** Renders the nft script that removes the pod's table, and succeeds when there is none. */
-export function renderRemoval(): string {
-  return [`table ${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME}`, `delete table ${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME}`, ""].join("\n");
-}
 
 /**
  * Folders searched for the nft tool before PATH. PATH alone is not enough: under npm scripts and
@@ -138,8 +58,21 @@ export function nftBinary(): string {
   return nftPath;
 }
 
-/** Runs `nft -f -` with `script` inside the network namespace at netnsPath. Throws with nft's message on failure. */
-export function runNft(netnsPath: string, script: string, what: string): void {
+let useLibnftables: boolean | undefined;
+
+/**
+ * Runs `script` as one nftables transaction inside the network namespace at netnsPath and returns
+ * what nftables printed. Throws with nftables' message on failure. libnftables runs on a native
+ * thread without starting nsenter and nft, so the nft tool is used only when libnftables is missing.
+ */
+export function runNft(netnsPath: string, script: string, what: string): string {
+  useLibnftables ??= libnftablesAvailable();
+  if (useLibnftables) return runNftablesScript(netnsPath, script, `${what} in network namespace ${netnsPath}`);
+  return runNftTool(netnsPath, script, what);
+}
+
+/** Runs `nft -f -` with `script` inside the network namespace at netnsPath and returns its output. Throws with nft's message on failure. */
+export function runNftTool(netnsPath: string, script: string, what: string): string {
   const result = spawnSync("nsenter", [`--net=${netnsPath}`, "--", nftBinary(), "-f", "-"], {
     input: script,
     encoding: "utf8",
@@ -157,13 +90,20 @@ export function runNft(netnsPath: string, script: string, what: string): void {
         "Check that the kernel has nf_tables with nat, reject and socket support",
     );
   }
+  return result.stdout;
 }
 
 /** A pod that has our table, as stored in the state folder. */
 interface NftPod {
   netnsPath: string;
   podIp: string;
+  /** The pod's captured IPv6 address, in the table's pod_ip6 set. */
+  podIp6?: string;
   state: NftPodState;
+  /** The table definition last written (renderPodTable). */
+  table?: string;
+  /** The kernel's listing of the table right after it was written, to tell whether it changed since. */
+  listing?: string;
 }
 
 export interface NftCaptureOptions {
@@ -180,7 +120,7 @@ export interface NftCaptureOptions {
  * is isolated), which always happens before enroll().
  */
 export class NftCapture {
-  /** Pods whose table this process wrote. */
+  /** Pods whose table this process wrote or kept. */
   private readonly pods = new Map<bigint, NftPod>();
   /** Pods whose table an earlier run wrote and this one has not rewritten yet; removeStale-style callers remove them. */
   private readonly leftovers = new Map<bigint, NftPod>();
@@ -217,26 +157,48 @@ export class NftCapture {
     return [...new Set([...this.pods.keys(), ...this.leftovers.keys()])];
   }
 
-  /** Writes the pod's table with capture in both directions. REDIRECT finds the 15006 listener by its port. */
+  /**
+   * Writes the pod's table with capture in both directions. REDIRECT finds the 15006 listener by
+   * its port. The pod's captured IPv6 address, if the table has one, stays until enrollIpv6 or
+   * detachInbound changes it, so that a restart of the pod's listeners rewrites nothing.
+   */
   attachInbound(netnsPath: string, cookie: bigint, podIp: string): void {
-    this.apply(cookie, { netnsPath, podIp, state: "captured" });
+    const podIp6 = (this.pods.get(cookie) ?? this.leftovers.get(cookie))?.podIp6;
+    this.apply(cookie, { netnsPath, podIp, podIp6, state: "captured" });
   }
 
-  /** Writes the pod's table in its isolated form: every inbound TCP connection from outside is reset. */
+  /** Captures the pod's IPv6 connections at podIp6, once its IPv6 15006 listener runs; call after attachInbound. */
+  attachInbound6(cookie: bigint, podIp6: string): void {
+    this.setPodIp6(cookie, podIp6);
+  }
+
+  /** Sets the pod's captured IPv6 address; undefined makes its native IPv6 connections fail again. */
+  enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
+    this.setPodIp6(cookie, podIp6);
+  }
+
+  /** Writes the pod's table in its isolated form: every inbound TCP connection from outside is reset, and IPv6 fails closed. */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
     this.apply(cookie, { netnsPath, podIp, state: "isolated" });
   }
 
-  /** Removes the pod's table, unless the cookie's table now serves another IP (the pod's address changed). */
+  /**
+   * Removes the pod's table, unless the cookie's table now serves another IP (the pod's address
+   * changed). For the pod's captured IPv6 address, stops capturing IPv6 only.
+   */
   detachInbound(cookie: bigint, podIp: string): void {
     const pod = this.pods.get(cookie) ?? this.leftovers.get(cookie);
-    if (pod === undefined || pod.podIp !== podIp) return;
-    this.remove(cookie, pod);
+    if (pod === undefined) return;
+    if (pod.podIp6 !== undefined && pod.podIp6 === podIp) this.setPodIp6(cookie, undefined);
+    else if (pod.podIp === podIp) this.remove(cookie, pod);
   }
 
   inboundPods(): { podIp: string; cookie: bigint }[] {
     const all = new Map([...this.leftovers, ...this.pods]);
-    return [...all.entries()].map(([cookie, pod]) => ({ podIp: pod.podIp, cookie }));
+    return [...all.entries()].flatMap(([cookie, pod]) => [
+      { podIp: pod.podIp, cookie },
+      ...(pod.podIp6 === undefined ? [] : [{ podIp: pod.podIp6, cookie }]),
+    ]);
   }
 
   /** Returns the address a redirected connection was dialled to, from conntrack; undefined when it was not redirected. */
@@ -256,17 +218,80 @@ export class NftCapture {
     }
   }
 
+  /**
+   * Changes the pod's captured IPv6 address in place: adding a set element is cheap, and the
+   * table's other rules stay. Does nothing for a pod without a table written by this process.
+   */
+  private setPodIp6(cookie: bigint, podIp6: string | undefined): void {
+    const pod = this.pods.get(cookie);
+    if (pod === undefined || pod.podIp6 === podIp6) return;
+    if (pod.state === "isolated" && podIp6 !== undefined) {
+      throw new AgentError("INTERNAL", `capturing IPv6 address ${podIp6} of isolated pod ${pod.podIp} is not possible: attach its inbound listener first`);
+    }
+    const startedAt = process.hrtime.bigint();
+    const what = `changing the captured IPv6 address of pod ${pod.podIp} from ${pod.podIp6 ?? "none"} to ${podIp6 ?? "none"}`;
+    runNft(pod.netnsPath, renderPodIp6Change(pod.podIp6, podIp6), what);
+    const table = renderPodTable(pod.podIp, pod.state, this.exemptions.of(pod.podIp), podIp6);
+    this.record(cookie, { ...pod, podIp6, table }, startedAt);
+  }
+
   private apply(cookie: bigint, pod: NftPod): void {
     const startedAt = process.hrtime.bigint();
-    const script = renderPodRuleset(pod.podIp, pod.state, this.exemptions.of(pod.podIp));
-    runNft(pod.netnsPath, script, `writing the nftables capture table of pod ${pod.podIp}`);
-    this.pods.set(cookie, pod);
+    const table = renderPodTable(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6);
+    if (this.keepLeftover(cookie, pod, table)) return;
+    const what = `writing the nftables capture table of pod ${pod.podIp}`;
+    try {
+      runNft(pod.netnsPath, renderPodRuleset(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
+    } catch (error) {
+      // A table an earlier agent version wrote may declare a chain with another hook or priority.
+      this.logger.warn({ err: error, netnsPath: pod.netnsPath, podIp: pod.podIp }, "replacing the nftables capture table in place failed; recreating it");
+      runNft(pod.netnsPath, renderPodRecreation(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
+    }
+    this.record(cookie, { ...pod, table }, startedAt);
+  }
+
+  /**
+   * Adopts the table an earlier run wrote for this pod when it would be written the same and
+   * the kernel still lists it exactly as it did after that write. Rewriting it would cost an
+   * RCU grace period per pod on every agent start.
+   */
+  private keepLeftover(cookie: bigint, pod: NftPod, table: string): boolean {
+    const leftover = this.leftovers.get(cookie);
+    if (leftover === undefined || leftover.table !== table || leftover.netnsPath !== pod.netnsPath || leftover.listing === undefined) return false;
+    if (this.listTable(pod.netnsPath) !== leftover.listing) return false;
+    this.pods.set(cookie, leftover);
     this.leftovers.delete(cookie);
-    this.saveState(cookie, pod);
+    this.logger.debug({ netnsPath: pod.netnsPath, cookie: cookie.toString(), podIp: pod.podIp }, "nftables capture table kept as an earlier run wrote it");
+    return true;
+  }
+
+  /** Stores the pod after a write, with the kernel's listing of its table. */
+  private record(cookie: bigint, pod: NftPod, startedAt: bigint): void {
+    const written = { ...pod, listing: this.listTable(pod.netnsPath) };
+    this.pods.set(cookie, written);
+    this.leftovers.delete(cookie);
+    this.saveState(cookie, written);
     this.logger.debug(
-      { netnsPath: pod.netnsPath, cookie: cookie.toString(), podIp: pod.podIp, state: pod.state, durationMs: Number(process.hrtime.bigint() - startedAt) / 1e6 },
+      {
+        netnsPath: pod.netnsPath,
+        cookie: cookie.toString(),
+        podIp: pod.podIp,
+        podIp6: pod.podIp6,
+        state: pod.state,
+        durationMs: Number(process.hrtime.bigint() - startedAt) / 1e6,
+      },
       "nftables capture table written",
     );
+  }
+
+  /** Returns the kernel's listing of the pod's table, or undefined when it cannot be listed. */
+  private listTable(netnsPath: string): string | undefined {
+    try {
+      return runNft(netnsPath, renderListing(), "listing the nftables capture table");
+    } catch (error) {
+      this.logger.debug({ err: error, netnsPath }, "listing the nftables capture table failed");
+      return undefined;
+    }
   }
 
   private remove(cookie: bigint, pod: NftPod): void {

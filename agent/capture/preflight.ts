@@ -5,7 +5,8 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 
-import { captureProbe, loadNative, netnsCookie } from "./native";
+import { loadNative, netnsCookie } from "./native";
+import { captureProbe } from "./native-bpf";
 import { nftBinary } from "./nft";
 
 export interface HostProblem {

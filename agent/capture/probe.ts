@@ -4,7 +4,8 @@
 import fs from "node:fs";
 import path from "node:path";
 
-import { captureProbeFeatures, loadNative } from "./native";
+import { loadNative } from "./native";
+import { captureProbeFeatures } from "./native-bpf";
 
 export type CaptureMode = "ebpf" | "nftables";
 /** The value of --capture: a mode, or "auto" to take eBPF when every hook works and nftables otherwise. */

@@ -2,7 +2,7 @@
 // only when all of these hold, and otherwise stays closed (native IPv6 connects fail with EPERM,
 // inbound IPv6 is dropped) exactly as for a pod without IPv6:
 //  - the workload has an IPv6 address (status.podIPs);
-//  - the capture backend handles IPv6 (eBPF does, nftables does not);
+//  - the capture backend handles IPv6 (both eBPF and nftables do);
 //  - the pod's network namespace has that address, so IPv6 is not disabled there.
 
 import type { EnrollmentCapture } from "../capture/backend";

@@ -1,14 +1,16 @@
 // Per-pod set-up of source-address transparency: the policy routing that lets the inbound
-// proxies connect to the application from the client's address. A failure here never blocks
-// enrolment: the pod's proxies then connect from the pod's own address, as without transparency.
+// proxies connect to the application from the client's address, for IPv4 and, in a pod with an
+// IPv6 address, for IPv6. A failure here never blocks enrolment: the pod's proxies then connect
+// from the pod's own address for that family, as without transparency.
 
 import type { NetnsPodNetwork } from "../capture/netns-network";
 import type { Logger } from "../log";
 import type { Workload } from "../state/types";
 
 /**
- * Installs the transparent-source routing in the pod, or keeps what an earlier run installed.
- * Logs a warning and leaves transparency off for this pod when the set-up fails.
+ * Installs the transparent-source routing in the pod, or keeps what an earlier run installed:
+ * the IPv4 routing always, and the IPv6 routing when the pod has an IPv6 address. Logs a warning
+ * and leaves transparency off for the family whose set-up failed.
  */
 export function enableTransparentSource(network: NetnsPodNetwork, workload: Workload, logger: Logger): void {
   const log = logger.child({ workload: workload.uid, netns: network.netnsPath });
@@ -18,19 +20,39 @@ export function enableTransparentSource(network: NetnsPodNetwork, workload: Work
   } catch (error) {
     log.warn({ err: error }, "installing the transparent-source routing failed; the application sees the pod's own address as the client of inbound connections");
   }
+  if (network.podIp6 === undefined) return;
+  try {
+    const added = network.enableTransparentSourceIpv6();
+    log.debug({ added }, added === 0 ? "IPv6 transparent-source routing already in place" : "IPv6 transparent-source routing installed");
+  } catch (error) {
+    log.warn(
+      { err: error, podIp6: network.podIp6 },
+      "installing the IPv6 transparent-source routing failed; the application sees the pod's own IPv6 address as the client of inbound IPv6 connections",
+    );
+  }
 }
 
 /**
- * Removes the transparent-source routing from a pod that left the mesh; call it after its
- * proxies stopped. A namespace that is already gone needs no clean-up, so failures are logged at debug level.
+ * Removes the transparent-source routing of both families from a pod that left the mesh; call it
+ * after its proxies stopped. A namespace that is already gone needs no clean-up, so failures are
+ * logged at debug level.
  */
 export function disableTransparentSource(network: NetnsPodNetwork, workload: Workload, logger: Logger): void {
-  if (network.transparentSource === "off") return;
   const log = logger.child({ workload: workload.uid, netns: network.netnsPath });
-  try {
-    const removed = network.disableTransparentSource();
-    log.debug({ removed }, "transparent-source routing removed");
-  } catch (error) {
-    log.debug({ err: error }, "removing the transparent-source routing failed");
+  if (network.transparentSource !== "off") {
+    try {
+      const removed = network.disableTransparentSource();
+      log.debug({ removed }, "transparent-source routing removed");
+    } catch (error) {
+      log.debug({ err: error }, "removing the transparent-source routing failed");
+    }
+  }
+  if (network.transparentSourceIpv6 !== "off") {
+    try {
+      const removed = network.disableTransparentSourceIpv6();
+      log.debug({ removed }, "IPv6 transparent-source routing removed");
+    } catch (error) {
+      log.debug({ err: error }, "removing the IPv6 transparent-source routing failed");
+    }
   }
 }

@@ -26,7 +26,7 @@ const ADMIN_RETRY_DELAY_MS = 100;
 /** Returns the running agent's side of the hand-over, working on its enrolled workloads. */
 export function handoverHandlers(
   reconciler: EnrollmentReconciler,
-  capture: Pick<EnrollmentCapture, "attachInbound">,
+  capture: Pick<EnrollmentCapture, "attachInbound" | "attachInbound6">,
   drainTimeoutMs: number,
   release: () => void,
   logger: Logger,
@@ -39,9 +39,11 @@ export function handoverHandlers(
     },
     resume: () => {
       for (const entry of reconciler.list()) {
-        const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT);
-        if (fd === undefined) continue;
-        capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
+        const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 4);
+        if (fd !== undefined) capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
+        const podIp6 = entry.network.podIp6;
+        const fd6 = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 6);
+        if (podIp6 !== undefined && fd6 !== undefined) capture.attachInbound6?.(entry.cookie, podIp6, entry.workload.ip, fd6);
       }
       logger.info("inbound capture points at this agent's listeners again");
     },

@@ -216,13 +216,8 @@ export class OutboundProxy {
     // The tunnel goes to the address the route chose, so an IPv6 destination gets an IPv6 tunnel.
     record.dst.hbone_addr = formatAddress(destination.ip, HBONE_PORT);
 
-    const stream = await this.#openStream(connection, destination, target);
-    connection.upstream.add(stream);
-    if (this.#logger.isLevelEnabled("debug")) {
-      stream.on("error", (error) => this.#logger.debug({ err: error, connection_id: record.id }, "HBONE stream failed"));
-    }
+    const { stream, status } = await this.#requestTunnel(connection, destination, target);
     try {
-      const status = await responseStatus(stream, record.dst.hbone_addr);
       if (status !== 200) {
         this.#rejectTunnel(record, status);
       }
@@ -230,6 +225,41 @@ export class OutboundProxy {
       this.#recordCopy(record, result);
     } finally {
       closeStream(stream);
+    }
+  }
+
+  /**
+   * Opens a CONNECT stream and waits for its response status. A stream that the peer refused
+   * without processing it is sent again once, on a fresh connection. The peer signals this with
+   * REFUSED_STREAM: in RST_STREAM, or implicitly for a stream above the last-stream-id of its
+   * GOAWAY, as an agent that hands its node over sends. No application byte has been sent by
+   * then, because copying starts only after the response.
+   */
+  async #requestTunnel(
+    connection: ActiveConnection,
+    destination: Authority,
+    target: Extract<DestinationTarget, { kind: "hbone" }>,
+  ): Promise<{ stream: http2.ClientHttp2Stream; status: number }> {
+    const { record } = connection;
+    const hboneAddr = formatAddress(destination.ip, HBONE_PORT);
+    for (let attempt = 1; ; attempt += 1) {
+      const stream = await this.#openStream(connection, destination, target);
+      // A closed stream no longer refers to its session, which a retry must avoid.
+      const session = stream.session;
+      connection.upstream.add(stream);
+      if (this.#logger.isLevelEnabled("debug")) {
+        stream.on("error", (error) => this.#logger.debug({ err: error, connection_id: record.id }, "HBONE stream failed"));
+      }
+      try {
+        return { stream, status: await responseStatus(stream, hboneAddr) };
+      } catch (error) {
+        connection.upstream.delete(stream);
+        if (attempt >= MAX_TUNNEL_ATTEMPTS || stream.rstCode !== http2.constants.NGHTTP2_REFUSED_STREAM) {
+          throw error;
+        }
+        if (session) this.#pool.retire(session);
+        this.#logger.debug({ connection_id: record.id, hbone_addr: hboneAddr }, "HBONE peer refused the CONNECT stream unprocessed; retrying on a fresh connection");
+      }
     }
   }
 
@@ -302,6 +332,13 @@ export class OutboundProxy {
     }
   }
 }
+
+/**
+ * CONNECT attempts per connection: the first, and one retry when the peer refused the stream
+ * unprocessed. A second refusal fails the connection, so a peer that refuses everything costs
+ * two streams per connection, not a loop.
+ */
+const MAX_TUNNEL_ATTEMPTS = 2;
 
 /** Waits for the CONNECT response and returns its status. */
 function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string): Promise<number> {

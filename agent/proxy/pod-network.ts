@@ -9,7 +9,7 @@ export type TransparentSourceState = "off" | "ready" | "unavailable";
 
 /** The client address that a connection to the application keeps as its source. */
 export interface ApplicationSource {
-  /** The client's IPv4 address. */
+  /** The client's IPv4 or IPv6 address, of the same family as the application's address. */
   ip: string;
   /**
    * A port the connection must not take: the plaintext client's own. The connection from the
@@ -33,9 +33,11 @@ export interface PodNetwork {
   /**
    * Opens a TCP connection from inside the pod; the socket emits "connect" or "error" as usual.
    * With `source`, the connection's source address is the client's (only when
-   * transparentSource is "ready").
+   * transparentSource, or transparentSourceIpv6 for an IPv6 destination, is "ready").
    */
   connect(host: string, port: number, source?: ApplicationSource): net.Socket;
-  /** Whether connect() can take a `source`; absent means "off". */
+  /** Whether connect() can take an IPv4 `source`; absent means "off". */
   readonly transparentSource?: TransparentSourceState;
+  /** Whether connect() can take an IPv6 `source`; absent means "off". */
+  readonly transparentSourceIpv6?: TransparentSourceState;
 }

@@ -186,6 +186,23 @@ export class HbonePool {
     );
   }
 
+  /**
+   * Takes the connection of `session` out of the pool, so that the next request opens a fresh
+   * connection. Its open streams run until they end. Does nothing when the connection already
+   * left the pool, as after a GOAWAY.
+   */
+  retire(session: http2.Http2Session): void {
+    const connection = [...this.#connections].find((candidate) => candidate.session === session);
+    if (!connection || connection.state !== "ready") {
+      return;
+    }
+    connection.logger.debug({ streams: connection.streams }, "HBONE connection retired after it refused a stream");
+    this.#leavePool(connection);
+    connection.state = "draining";
+    // Sends GOAWAY and closes the session once its last stream ends; no stream is cut short.
+    connection.session?.close();
+  }
+
   /** Counts pooled connections and their streams per key. */
   stats(): PoolStats {
     const keys: PoolKeyStats[] = [];

@@ -360,9 +360,10 @@ async function runBenchmark(run: Run): Promise<BenchResults> {
 /** Measures enrolment time and the original-destination lookup, each on capture of its own. */
 async function measureCapture(settings: Settings): Promise<CaptureFigures> {
   const enrollment = await measureEnrollment(`${PREFIX}e`, settings.enrollPods, settings.enrollStarts, step);
+  const enrollmentNftables = await measureEnrollment(`${PREFIX}f`, settings.enrollPods, settings.enrollStarts, step, "nftables");
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), `${PREFIX}-lookup-`));
   try {
-    return { enrollment, original_destination_lookup: measureLookup(PREFIX, workDir, settings.lookupRounds, step) };
+    return { enrollment, enrollment_nftables: enrollmentNftables, original_destination_lookup: measureLookup(PREFIX, workDir, settings.lookupRounds, step) };
   } finally {
     fs.rmSync(workDir, { recursive: true, force: true });
   }

@@ -15,7 +15,8 @@ import {
   encodeOriginalDestination,
   encodeOriginalDestinationKey,
 } from "../../agent/capture/layout";
-import { closeFd, mapOpen, mapUpdate } from "../../agent/capture/native";
+import { closeFd } from "../../agent/capture/native";
+import { mapOpen, mapUpdate } from "../../agent/capture/native-bpf";
 import { silentLogger } from "../../agent/log";
 import { CGROUP_ROOT, OBJECT_PATH, PIN_PARENT } from "../harness/netns-pair";
 import { nearestRank, round } from "./stats";

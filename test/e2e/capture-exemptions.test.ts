@@ -33,17 +33,8 @@ import {
   encodeIpv4Key,
   encodeOwnConnectionKey,
 } from "../../agent/capture/layout";
-import {
-  closeFd,
-  mapDelete,
-  mapLookup,
-  mapOpen,
-  mapUpdate,
-  netnsCookie,
-  netnsSocket,
-  skLookupTestRun,
-  type SkLookupTestInput,
-} from "../../agent/capture/native";
+import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
+import { mapDelete, mapLookup, mapOpen, mapUpdate, skLookupTestRun, type SkLookupTestInput } from "../../agent/capture/native-bpf";
 import { createEnrolledPair, PIN_PARENT, type EnrolledPair } from "../harness/netns-pair";
 
 const PREFIX = "aaexm";

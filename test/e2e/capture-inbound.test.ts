@@ -16,7 +16,8 @@ import {
   encodeOwnConnectionKey,
   inboundLinkName,
 } from "../../agent/capture/layout";
-import { closeFd, mapLookup, mapOpen, netnsCookie, netnsSocket } from "../../agent/capture/native";
+import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
+import { mapLookup, mapOpen } from "../../agent/capture/native-bpf";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";

@@ -1,14 +1,15 @@
 // End to end on the real kernel: an agent replaced with --replace under steady load. Two nodes run
-// one real agent each. A client pod on the first node opens short HTTP connections to a server pod
-// on the second, while the second node's agent and then the first node's are replaced. Every
-// connection must succeed, be audited with mTLS, and cross the node link only as HBONE.
+// one real agent each, and pods have an IPv4 and an IPv6 address. A client pod on the first node
+// opens short HTTP connections to a server pod on the second, over IPv4 and over IPv6 at once,
+// while the second node's agent and then the first node's are replaced. Every connection must
+// succeed, be audited with mTLS, and cross the node link only as HBONE.
 
 import test from "ava";
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { AgentProcess, testPrefixFamily } from "../harness/agent-process";
-import { curl, PacketCapture, startHttpServer } from "../harness/clients";
+import { curl, PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import type { NamespaceSpec } from "../harness/manifests";
 import { registerPid } from "../harness/pid-registry";
@@ -84,6 +85,27 @@ function serverUrl(): string {
   return `http://${theCluster().topology.pod("server").ip}:8080/marker.html`;
 }
 
+function serverIp6(): string {
+  const ip6 = theCluster().topology.pod("server").ip6;
+  if (ip6 === undefined) throw new Error("the server pod has no IPv6 address; the cluster must be dual-stack");
+  return ip6;
+}
+
+/** Starts python3's HTTP server on [::]:port, which serves IPv4 and IPv6, and waits until it listens. */
+async function startDualStackHttpServer(c: Cluster, pod: string, root: string, port: number): Promise<void> {
+  const netns = c.topology.pod(pod).netns;
+  const server = c.topology.spawn(netns, "python3", ["-m", "http.server", String(port), "--bind", "::", "--directory", root], {
+    stdio: ["ignore", "ignore", "ignore"],
+  });
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    if (c.topology.exec(netns, "ss", ["-Hltn", `sport = :${port}`], { allowFail: true }).trim() !== "") return;
+    if (server.exitCode !== null) throw new Error(`HTTP server in ${pod} exited with code ${server.exitCode}`);
+    await sleep(100);
+  }
+  throw new Error(`HTTP server in ${pod} did not listen on [::]:${port} within 10 s`);
+}
+
 /** Starts an agent with --replace for `node`, next to the one that runs, and makes it the node's agent. */
 function spawnReplacement(node: string): AgentProcess {
   const c = theCluster();
@@ -110,10 +132,10 @@ interface LoadResult {
   errors: string;
 }
 
-/** Runs the load client in the client pod until `stopFile` appears; resolves with its results. */
-function runLoad(stopFile: string): { child: ChildProcess; done: Promise<LoadResult> } {
+/** Runs the load client in the client pod against `host` until `stopFile` appears; resolves with its results. */
+function runLoad(host: string, stopFile: string): { child: ChildProcess; done: Promise<LoadResult> } {
   const c = theCluster();
-  const args = ["-c", LOAD_CLIENT, c.topology.pod("server").ip, "8080", String(LOAD_MAX_SECONDS), String(LOAD_MAX_CONNECTIONS), stopFile, MARKER];
+  const args = ["-c", LOAD_CLIENT, host, "8080", String(LOAD_MAX_SECONDS), String(LOAD_MAX_CONNECTIONS), stopFile, MARKER];
   const child = c.topology.spawn(c.topology.pod("client").netns, "python3", args);
   let output = "";
   let errors = "";
@@ -144,11 +166,12 @@ test.before(async () => {
     nodes: NODES,
     namespaces: NAMESPACES,
     agentArgs: ["--drain-timeout", String(DRAIN_TIMEOUT_S)],
+    dualStack: true,
   });
   const site = path.join(cluster.workDir, "site");
   fs.mkdirSync(site, { recursive: true });
   fs.writeFileSync(path.join(site, "marker.html"), `${MARKER}\n`);
-  await startHttpServer(cluster.topology, "server", site, 8080);
+  await startDualStackHttpServer(cluster, "server", site, 8080);
   await cluster.startAgents(["client", "server"]);
 });
 
@@ -161,9 +184,11 @@ test.serial("replacing both agents under load fails no connection", async (t) =>
   const pcap = path.join(c.workDir, "node-link.pcap");
   const wire = await PacketCapture.start(c.topology, c.topology.node("rst1").netns, "n-link", pcap);
   const stopFile = path.join(c.workDir, "stop-load");
-  const load = runLoad(stopFile);
+  const load4 = runLoad(c.topology.pod("server").ip, stopFile);
+  const load6 = runLoad(serverIp6(), stopFile);
 
-  let result: LoadResult;
+  let result4: LoadResult;
+  let result6: LoadResult;
   try {
     await sleep(2_000);
     const second = await replaceAgent("rst2");
@@ -175,23 +200,37 @@ test.serial("replacing both agents under load fails no connection", async (t) =>
     t.truthy(second.replacement.lines.find((line) => line.msg === "agent ready" && typeof line.replaced === "number"), "the new agent of rst2 did not log whom it replaced");
   } finally {
     fs.writeFileSync(stopFile, "");
-    result = await load.done;
+    result4 = await load4.done;
+    result6 = await load6.done;
     await wire.stop();
   }
 
-  t.log(`${result.ok.length} connections succeeded, ${result.failures.length} failed`);
-  t.deepEqual(result.failures, [], `${result.failures.length} of ${result.failures.length + result.ok.length} connections failed`);
-  t.true(result.ok.length >= 50, `only ${result.ok.length} connections ran during the replacements; load client stderr: ${result.errors}`);
+  for (const [family, result] of [["IPv4", result4], ["IPv6", result6]] as const) {
+    t.log(`${family}: ${result.ok.length} connections succeeded, ${result.failures.length} failed`);
+    t.deepEqual(result.failures, [], `${result.failures.length} of ${result.failures.length + result.ok.length} ${family} connections failed`);
+    t.true(result.ok.length >= 50, `only ${result.ok.length} ${family} connections ran during the replacements; load client stderr: ${result.errors}`);
+  }
 
   // Every connection was audited with mTLS on both nodes, by whichever agent served it.
-  const clientIp = c.topology.pod("client").ip;
   await sleep(500);
   const outbound = new Map(c.auditRecords("rst1").filter((record) => record.direction === "outbound").map((record) => [record.src.addr, record]));
   const inbound = new Map(c.auditRecords("rst2").filter((record) => record.direction === "inbound").map((record) => [record.src.addr, record]));
-  const missingOutbound = result.ok.filter((port) => outbound.get(`${clientIp}:${port}`)?.transport !== "hbone");
-  const missingInbound = result.ok.filter((port) => inbound.get(`${clientIp}:${port}`)?.transport !== "hbone");
-  t.deepEqual(missingOutbound, [], "connections without an HBONE outbound record on rst1");
-  t.deepEqual(missingInbound, [], "connections without an HBONE inbound record on rst2");
+  const clientIp = c.topology.pod("client").ip;
+  const clientIp6 = c.topology.pod("client").ip6;
+  const sources = [
+    ["IPv4", result4, (port: number) => `${clientIp}:${port}`],
+    ["IPv6", result6, (port: number) => `[${clientIp6}]:${port}`],
+  ] as const;
+  for (const [family, result, source] of sources) {
+    for (const failure of result.failures) {
+      const port = Number(failure.split(" ")[1]);
+      t.log(`${family} ${failure}: outbound record ${JSON.stringify(outbound.get(source(port)))}, inbound record ${JSON.stringify(inbound.get(source(port)))}`);
+    }
+    const missingOutbound = result.ok.filter((port) => outbound.get(source(port))?.transport !== "hbone");
+    const missingInbound = result.ok.filter((port) => inbound.get(source(port))?.transport !== "hbone");
+    t.deepEqual(missingOutbound, [], `${family} connections without an HBONE outbound record on rst1`);
+    t.deepEqual(missingInbound, [], `${family} connections without an HBONE inbound record on rst2`);
+  }
   const inboundIdentities = new Set([...inbound.values()].map((record) => record.src.identity));
   t.deepEqual([...inboundIdentities], ["spiffe://cluster.local/ns/front/sa/client"]);
 

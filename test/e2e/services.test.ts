@@ -166,10 +166,11 @@ test.serial("VIP of pods outside the mesh passes through", async (t) => {
   }
 });
 
-// nftables REDIRECT runs after the route lookup, so under nftables capture a pod needs a route to the VIP.
-(NFTABLES_CAPTURE ? test.skip : test.serial)("VIP needs no route in the pod", async (t) => {
-  // eBPF capture rewrites the destination in connect() before the kernel looks up a route, so a
-  // pod whose routes cover only the pod network still reaches a VIP.
+/**
+ * Replaces the client pod's default route with a route to the pod network only, runs `check`,
+ * and puts the default route back.
+ */
+async function withoutDefaultRoute(check: () => Promise<void>): Promise<void> {
   const c = theCluster();
   const client = c.topology.pod("client");
   const gateway = c.topology.exec(client.netns, "ip", ["-4", "route", "show", "default"]).match(/via (\S+)/)?.[1];
@@ -177,15 +178,53 @@ test.serial("VIP of pods outside the mesh passes through", async (t) => {
   c.topology.exec(client.netns, "ip", ["route", "del", "default"]);
   try {
     c.topology.exec(client.netns, "ip", ["route", "add", `${POD_NETWORK}.0.0/16`, "via", gateway]);
-    const lookup = c.topology.exec(client.netns, "ip", ["route", "get", API_VIP], { allowFail: true });
-    t.is(lookup, "", `the pod still has a route to ${API_VIP}: ${lookup}`);
-    const answers = await countAnswers(`http://${API_VIP}/`, ENDPOINTS.length);
-    t.deepEqual(sorted(answers), ENDPOINTS.map((name) => [name, 1]));
+    await check();
   } finally {
     c.topology.exec(client.netns, "ip", ["route", "del", `${POD_NETWORK}.0.0/16`], { allowFail: true });
     c.topology.exec(client.netns, "ip", ["route", "add", "default", "via", gateway]);
   }
-});
+}
+
+if (NFTABLES_CAPTURE) {
+  // nftables REDIRECT runs after the kernel's route lookup, so a pod without a route to the VIP
+  // fails at connect() before capture gets the connection. Nothing leaves the pod uncaptured.
+  test.serial("VIP without a route fails in the pod", async (t) => {
+    const c = theCluster();
+    const client = c.topology.pod("client");
+    const serverRecordsBefore = c.auditRecords(SERVER_NODE).length;
+    await withoutDefaultRoute(async () => {
+      const lookup = c.topology.exec(client.netns, "ip", ["route", "get", API_VIP], { allowFail: true });
+      t.is(lookup, "", `the pod still has a route to ${API_VIP}: ${lookup}`);
+      const unrouted = await curl(c.topology, "client", `http://${API_VIP}/`);
+      t.is(unrouted.exitCode, 7, unrouted.stderr);
+      const connect = `import errno, socket\ntry:\n    socket.create_connection(("${API_VIP}", 80), timeout=5)\n    print("connected")\nexcept OSError as error:\n    print(errno.errorcode.get(error.errno, str(error)))`;
+      t.is(c.topology.exec(client.netns, "python3", ["-c", connect]).trim(), "ENETUNREACH");
+    });
+    const unroutedRecords = await outboundRecords((entry) => entry.dst.addr === `${API_VIP}:80` && entry.dst.service === undefined, 0);
+    t.deepEqual(unroutedRecords, [], "the unrouted connection reached the agent");
+    t.is(c.auditRecords(SERVER_NODE).length, serverRecordsBefore, "the unrouted connection reached an endpoint's agent");
+
+    // With the default route back, the same VIP is captured and tunnelled.
+    const routedBefore = (await outboundRecords((entry) => entry.dst.service === "shop/api", 0)).length;
+    const answers = await countAnswers(`http://${API_VIP}/`, 1);
+    t.is([...answers.values()].reduce((sum, count) => sum + count, 0), 1);
+    const routed = await outboundRecords((entry) => entry.dst.service === "shop/api", routedBefore + 1);
+    t.is(routed.length, routedBefore + 1);
+    t.is(routed.at(-1)?.transport, "hbone");
+  });
+} else {
+  test.serial("VIP needs no route in the pod", async (t) => {
+    // eBPF capture rewrites the destination in connect() before the kernel looks up a route, so a
+    // pod whose routes cover only the pod network still reaches a VIP.
+    const c = theCluster();
+    await withoutDefaultRoute(async () => {
+      const lookup = c.topology.exec(c.topology.pod("client").netns, "ip", ["route", "get", API_VIP], { allowFail: true });
+      t.is(lookup, "", `the pod still has a route to ${API_VIP}: ${lookup}`);
+      const answers = await countAnswers(`http://${API_VIP}/`, ENDPOINTS.length);
+      t.deepEqual(sorted(answers), ENDPOINTS.map((name) => [name, 1]));
+    });
+  });
+}
 
 test.serial("Service cannot take over a pod's IP", async (t) => {
   const c = theCluster();

@@ -1,7 +1,8 @@
 // End to end on the real kernel: source-address transparency of the inbound proxies. Two nodes run
-// one real agent each. The application in the server pod replies with the peer address that
-// getpeername() gives it, so the test reads which client address the application saw, for an
-// HBONE connection from another node and for plaintext through port 15006.
+// one real agent each, in a dual-stack cluster. The application in the server pod replies with the
+// peer address that getpeername() gives it, so the test reads which client address the
+// application saw. The cases are an HBONE connection from another node and plaintext through
+// port 15006, each over IPv4 and over IPv6.
 
 import test from "ava";
 import { execFile, execFileSync } from "node:child_process";
@@ -36,20 +37,31 @@ const NAMESPACES: NamespaceSpec[] = [
   { name: "plain", ambient: false },
 ];
 
-/** Accepts connections and writes each one's peer address, as getpeername() returns it, then closes it. */
+/**
+ * Listens on 0.0.0.0:port and [::]:port, accepts connections and writes each one's peer address,
+ * as getpeername() returns it, then closes it.
+ */
 const PEER_SERVER = `
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(64)
+import selectors, socket, sys
+port = int(sys.argv[1])
+selector = selectors.DefaultSelector()
+for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    server = socket.socket(family)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    server.bind((host, port))
+    server.listen(64)
+    selector.register(server, selectors.EVENT_READ)
 while True:
-    connection, _ = server.accept()
-    try:
-        connection.sendall(("%s:%d\\n" % connection.getpeername()).encode())
-    except OSError:
-        pass
-    connection.close()
+    for key, _ in selector.select():
+        connection, _ = key.fileobj.accept()
+        try:
+            peer = connection.getpeername()
+            connection.sendall(("%s:%d\\n" % (peer[0], peer[1])).encode())
+        except OSError:
+            pass
+        connection.close()
 `;
 
 /**
@@ -59,8 +71,8 @@ while True:
 const PEER_CLIENT = `
 import socket, sys
 connection = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-peer = "%s:%d" % connection.getpeername()
-own = "%s:%d" % connection.getsockname()
+peer = "%s:%d" % connection.getpeername()[:2]
+own = "%s:%d" % connection.getsockname()[:2]
 reply = b""
 while True:
     chunk = connection.recv(4096)
@@ -90,12 +102,22 @@ function serverIp(): string {
   return theCluster().topology.pod("server").ip;
 }
 
-/** Runs PEER_CLIENT in a pod against the server's application and parses its output. */
-async function exchange(pod: string): Promise<PeerExchange> {
+function ip6Of(pod: string): string {
+  const ip6 = theCluster().topology.pod(pod).ip6;
+  if (ip6 === undefined) throw new Error(`pod ${pod} has no IPv6 address`);
+  return ip6;
+}
+
+/**
+ * Runs PEER_CLIENT in a pod against the server's application, at its IPv4 or IPv6 address, and
+ * parses its output. Addresses come without brackets, as ip:port.
+ */
+async function exchange(pod: string, family: 4 | 6 = 4): Promise<PeerExchange> {
   const c = theCluster();
+  const server = family === 6 ? ip6Of("server") : serverIp();
   const { stdout } = await execFileAsync(
     "ip",
-    ["netns", "exec", c.topology.pod(pod).netns, "python3", "-c", PEER_CLIENT, serverIp(), String(APP_PORT)],
+    ["netns", "exec", c.topology.pod(pod).netns, "python3", "-c", PEER_CLIENT, server, String(APP_PORT)],
     { timeout: 15_000 },
   );
   const [dialled, own, seenByApp] = stdout.trim().split(" ");
@@ -110,15 +132,19 @@ function portOf(address: string): number {
   return Number(address.slice(address.lastIndexOf(":") + 1));
 }
 
-/** Returns the IPv4 policy rules of a pod, one per line. */
-function rulesOf(pod: string): string {
+/** Returns the policy rules of one address family in a pod, one per line. */
+function rulesOf(pod: string, family: 4 | 6 = 4): string {
   const c = theCluster();
-  return c.topology.exec(c.topology.pod(pod).netns, "ip", ["-4", "rule", "show"]);
+  return c.topology.exec(c.topology.pod(pod).netns, "ip", [`-${family}`, "rule", "show"]);
 }
 
-function table100Of(pod: string): string {
+/**
+ * Returns the routes of table 100 in a pod, or "" when the table does not exist: `ip -6` fails
+ * for an IPv6 table that was never created.
+ */
+function table100Of(pod: string, family: 4 | 6 = 4): string {
   const c = theCluster();
-  return c.topology.exec(c.topology.pod(pod).netns, "ip", ["-4", "route", "show", "table", "100"]);
+  return c.topology.exec(c.topology.pod(pod).netns, "ip", [`-${family}`, "route", "show", "table", "100"], { allowFail: family === 6 });
 }
 
 /** Returns [source port, destination port] of each TCP packet in a capture file. */
@@ -153,10 +179,12 @@ async function restartAgentWith(node: string, extraArgs: string[], pods: string[
 test.before(async () => {
   assertHostCapable();
   removeLeftovers(PREFIX_FAMILY);
-  cluster = Cluster.create({ prefix: PREFIX, nodes: NODES, namespaces: NAMESPACES });
+  cluster = Cluster.create({ prefix: PREFIX, nodes: NODES, namespaces: NAMESPACES, dualStack: true });
   const server = cluster.topology.spawn(cluster.topology.pod("server").netns, "python3", ["-c", PEER_SERVER, String(APP_PORT)]);
   const deadline = Date.now() + 10_000;
-  while (cluster.topology.exec(cluster.topology.pod("server").netns, "ss", ["-Hltn", `sport = :${APP_PORT}`]).trim() === "") {
+  const listening = (): number =>
+    cluster!.topology.exec(cluster!.topology.pod("server").netns, "ss", ["-Hltn", `sport = :${APP_PORT}`]).trim().split("\n").filter(Boolean).length;
+  while (listening() < 2) {
     if (server.exitCode !== null) throw new Error(`the peer server exited with code ${server.exitCode}`);
     if (Date.now() > deadline) throw new Error(`the peer server did not listen on ${APP_PORT} within 10 s`);
     await new Promise((resolve) => setTimeout(resolve, 100));
@@ -175,6 +203,12 @@ test.serial("enrolment installs transparent routing", (t) => {
   const sysctl = c.topology.exec(c.topology.pod("server").netns, "sysctl", ["-n", "net.ipv4.tcp_fwmark_accept"]);
   t.is(sysctl.trim(), "1");
   t.notRegex(rulesOf("outsider"), /0x1539/, "a pod outside the mesh got the rule");
+});
+
+test.serial("enrolment installs IPv6 transparent routing", (t) => {
+  t.regex(rulesOf("server", 6), /^32765:\s+from all fwmark 0x1539\/0xffff lookup 100\s*$/m);
+  t.regex(table100Of("server", 6), /^local default dev lo\b/m);
+  t.notRegex(rulesOf("outsider", 6), /0x1539/, "a pod outside the mesh got the IPv6 rule");
 });
 
 test.serial("HBONE app sees the client pod IP", async (t) => {
@@ -240,13 +274,81 @@ test.serial("plaintext app sees the outside client IP", async (t) => {
   );
 });
 
+test.serial("HBONE over IPv6: app sees the client pod IPv6", async (t) => {
+  const c = theCluster();
+  const pcap = path.join(c.workDir, "server-veth6.pcap");
+  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  let result: PeerExchange;
+  try {
+    result = await exchange("client", 6);
+  } finally {
+    await capture.stop();
+  }
+
+  const client6 = ip6Of("client");
+  t.is(result.dialled, `${ip6Of("server")}:${APP_PORT}`, "getpeername in the client app returns the dialled IPv6 address");
+  t.is(ipOf(result.own), client6);
+  t.is(ipOf(result.seenByApp), client6);
+  const inbound = await c.waitForAudit("tpx2", (record) => record.transport === "hbone" && String(record.src.addr).startsWith(`[${client6}]:`));
+  t.is(inbound.direction, "inbound");
+  t.is(inbound.decision, "allow");
+  t.is(inbound.dst.addr, `[${ip6Of("server")}]:${APP_PORT}`);
+  // Had sk_lookup not found the proxy's own connection in aa_own_conns6, 15006 would have
+  // recorded it as a plaintext connection from the client pod's IPv6 address.
+  t.false(
+    c.auditRecords("tpx2").some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${client6}]:`)),
+    "the IPv6 connection to the application was captured again",
+  );
+  const ports = packetPorts(pcap);
+  t.true(ports.some(([source, destination]) => source === 15008 || destination === 15008), "no HBONE packet crossed the server pod's veth");
+  t.deepEqual(
+    ports.filter(([source, destination]) => source === APP_PORT || destination === APP_PORT),
+    [],
+    "packets of the application's port crossed the server pod's veth",
+  );
+});
+
+test.serial("plaintext over IPv6: app sees the outside client IPv6", async (t) => {
+  const c = theCluster();
+  const pcap = path.join(c.workDir, "server-veth6-plain.pcap");
+  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  let result: PeerExchange;
+  try {
+    result = await exchange("outsider", 6);
+  } finally {
+    await capture.stop();
+  }
+
+  const outsider6 = ip6Of("outsider");
+  t.is(result.dialled, `${ip6Of("server")}:${APP_PORT}`);
+  t.is(ipOf(result.own), outsider6);
+  t.is(ipOf(result.seenByApp), outsider6);
+  t.not(portOf(result.seenByApp), portOf(result.own), "the proxy's IPv6 connection reused the client's port");
+  const inbound = await c.waitForAudit("tpx2", (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${outsider6}]:`));
+  t.is(inbound.decision, "allow");
+  t.is(inbound.dst.addr, `[${ip6Of("server")}]:${APP_PORT}`);
+  const clientPort = portOf(result.own);
+  const ports = packetPorts(pcap);
+  t.true(ports.length > 0, "no packet crossed the server pod's veth");
+  t.deepEqual(
+    ports.filter(([source, destination]) => source !== clientPort && destination !== clientPort),
+    [],
+    "packets of another connection crossed the server pod's veth",
+  );
+});
+
 test.serial("restart finds the routing in place", async (t) => {
   const agent = await restartAgentWith("tpx2", [], ["server"]);
   const line = await agent.waitForLog((entry) => String(entry.msg).startsWith("transparent-source routing"), 5_000, "the transparent-source log line");
   t.is(line.msg, "transparent-source routing already in place");
+  const line6 = await agent.waitForLog((entry) => String(entry.msg).startsWith("IPv6 transparent-source routing"), 5_000, "the IPv6 transparent-source log line");
+  t.is(line6.msg, "IPv6 transparent-source routing already in place");
   t.is(rulesOf("server").match(/0x1539/g)?.length, 1, "the rule was added twice");
+  t.is(rulesOf("server", 6).match(/0x1539/g)?.length, 1, "the IPv6 rule was added twice");
   const result = await exchange("client");
   t.is(ipOf(result.seenByApp), theCluster().topology.pod("client").ip);
+  const result6 = await exchange("client", 6);
+  t.is(ipOf(result6.seenByApp), ip6Of("client"));
 });
 
 test.serial("option off: app sees the pod IP", async (t) => {
@@ -256,6 +358,11 @@ test.serial("option off: app sees the pod IP", async (t) => {
   t.is(ipOf(hbone.seenByApp), serverIp());
   const plaintext = await exchange("outsider");
   t.is(ipOf(plaintext.seenByApp), serverIp());
+  const hbone6 = await exchange("client", 6);
+  t.is(hbone6.dialled, `${ip6Of("server")}:${APP_PORT}`);
+  t.is(ipOf(hbone6.seenByApp), ip6Of("server"));
+  const plaintext6 = await exchange("outsider", 6);
+  t.is(ipOf(plaintext6.seenByApp), ip6Of("server"));
 });
 
 test.serial("unenrolment removes the routing", async (t) => {
@@ -269,6 +376,8 @@ test.serial("unenrolment removes the routing", async (t) => {
   await agent.waitForLog((line) => line.msg === "workload unenrolled" && line.workload === "back/server", 15_000, "unenrolment of back/server", from);
   t.notRegex(rulesOf("server"), /0x1539/);
   t.is(table100Of("server").trim(), "");
+  t.notRegex(rulesOf("server", 6), /0x1539/);
+  t.is(table100Of("server", 6).trim(), "");
   // Outside the mesh the application is reached directly, with the client's own address.
   const result = await exchange("outsider");
   t.is(result.seenByApp, result.own);

@@ -2,6 +2,7 @@ import test from "ava";
 
 import { NATIVE_FEATURES, parseCaptureMode, selectCaptureMode, type FeatureProbe } from "../../agent/capture/probe";
 import { renderPodRuleset, renderRemoval } from "../../agent/capture/nft";
+import { renderPodIp6Change, renderPodRecreation } from "../../agent/capture/nft-ruleset";
 
 const ALL_OK: FeatureProbe[] = ["bpffs", "cgroup2", "object", ...NATIVE_FEATURES].map((feature) => ({ feature, ok: true }));
 
@@ -57,7 +58,7 @@ test("capture flag values", (t) => {
 
 test("pod ruleset redirects both directions", (t) => {
   const rules = renderPodRuleset("10.1.2.3");
-  t.true(rules.startsWith("table inet ambient_agent\ndelete table inet ambient_agent\ntable inet ambient_agent {"), "the table is not replaced in one transaction");
+  t.true(rules.startsWith("table inet ambient_agent\nflush table inet ambient_agent\ntable inet ambient_agent {"), "the table is not replaced in one transaction");
   const outbound = chain(rules, "outbound");
   t.regex(outbound, /type nat hook output priority -100;/);
   t.regex(outbound, /meta mark & 0xfff == 0x539 accept/);
@@ -84,13 +85,42 @@ test("ruleset carries exemptions", (t) => {
     excludedPorts: { inbound: [9090, 9091], outbound: [5432] },
   });
   t.regex(rules, /ip saddr \{ 169\.254\.7\.127 \} accept/);
-  t.notRegex(rules, /fd16::1/);
+  t.regex(rules, /ip6 saddr \{ fd16::1 \} accept/);
   t.regex(rules, /tcp dport \{ 9090, 9091 \} accept\n    meta l4proto tcp redirect to :15006/);
   t.regex(rules, /tcp dport \{ 5432 \} accept\n    meta l4proto tcp redirect to :15001/);
 });
 
 test("ruleset rejects an IPv6 pod", (t) => {
   t.throws(() => renderPodRuleset("fd00::1"), { message: /handles IPv4 pods only/ });
+});
+
+test("ruleset without IPv6 drops native IPv6", (t) => {
+  const rules = renderPodRuleset("10.1.2.3");
+  t.regex(rules, /set pod_ip6 \{\n    type ipv6_addr\n  \}/, "the IPv6 set of a pod without captured IPv6 is not empty");
+  t.regex(chain(rules, "prerouting_guard"), /meta nfproto ipv6 meta l4proto tcp ip6 daddr != @pod_ip6 drop/);
+  const guard = chain(rules, "outbound_guard");
+  t.regex(guard, /type filter hook output priority mangle;/);
+  t.regex(guard, /meta mark & 0xfff == 0x539 accept\n    ip6 saddr ::1 accept\n/);
+  t.regex(guard, /meta nfproto ipv6 meta l4proto tcp ip6 daddr != ::1 ip6 saddr != @pod_ip6 reject with icmpv6 admin-prohibited$/);
+});
+
+test("ruleset captures the pod's IPv6 address", (t) => {
+  const rules = renderPodRuleset("10.1.2.3", "captured", undefined, "fd00::10");
+  t.regex(rules, /set pod_ip6 \{\n    type ipv6_addr\n    elements = \{ fd00::10 \}\n  \}/);
+  t.regex(chain(rules, "inbound"), /ip6 saddr @pod_ip6 accept/);
+  t.regex(chain(rules, "outbound"), /ip6 daddr @pod_ip6 tcp dport \{ 15001, 15006, 15008 \} accept/);
+  t.throws(() => renderPodRuleset("10.1.2.3", "captured", undefined, "10.1.2.4"), { message: /invalid pod IPv6 address "10\.1\.2\.4"/ });
+});
+
+test("IPv6 address changes in place", (t) => {
+  t.is(renderPodIp6Change(undefined, "fd00::10"), "add element inet ambient_agent pod_ip6 { fd00::10 }\n");
+  t.is(renderPodIp6Change("fd00::10", undefined), "delete element inet ambient_agent pod_ip6 { fd00::10 }\n");
+  t.is(renderPodIp6Change("fd00::10", "fd00::11"), "delete element inet ambient_agent pod_ip6 { fd00::10 }\nadd element inet ambient_agent pod_ip6 { fd00::11 }\n");
+  t.throws(() => renderPodIp6Change(undefined, "10.0.0.1"), { message: /invalid pod IPv6 address/ });
+});
+
+test("recreation deletes the table first", (t) => {
+  t.true(renderPodRecreation("10.1.2.3").startsWith("table inet ambient_agent\ndelete table inet ambient_agent\ntable inet ambient_agent {"));
 });
 
 test("removal succeeds without a table", (t) => {

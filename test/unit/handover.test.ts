@@ -14,6 +14,8 @@ import {
   type HandoverMessage,
 } from "../../agent/handover/protocol";
 import { HandoverServer, type HandoverHandlers } from "../../agent/handover/server";
+import { handoverHandlers, takeOver } from "../../agent/handover/takeover";
+import type { EnrollmentReconciler } from "../../agent/enroll/reconciler";
 import { silentLogger } from "../../agent/log";
 
 function socketDirectory(): string {
@@ -177,4 +179,46 @@ test("contact times out on a silent agent", async (t) => {
   for (const connection of connections) connection.destroy();
   await new Promise<void>((resolve) => server.close(() => resolve()));
   fs.rmSync(directory, { recursive: true, force: true });
+});
+
+test("takeover aborts and restores both families", async (t) => {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+
+  // The running agent serves shop/web, whose listeners have an IPv4 and an IPv6 descriptor.
+  const listenerFds: Record<4 | 6, number> = { 4: 41, 6: 61 };
+  const running = [
+    {
+      workload: { uid: "shop/web", ip: "10.1.0.5" },
+      netnsPath: "/var/run/netns/web",
+      cookie: 7n,
+      network: { podIp6: "fd00::5", shareListeners: () => undefined, listenerFd: (_port: number, family: 4 | 6 = 4) => listenerFds[family] },
+    },
+  ];
+  const attached: string[] = [];
+  const capture = {
+    attachInbound: (netnsPath: string, cookie: bigint, podIp: string, fd: number) => void attached.push(`4 ${netnsPath} ${cookie} ${podIp} ${fd}`),
+    attachInbound6: (cookie: bigint, podIp6: string, podIp4: string, fd: number) => void attached.push(`6 ${cookie} ${podIp6} ${podIp4} ${fd}`),
+  };
+  const runningReconciler = { list: () => running } as unknown as EnrollmentReconciler;
+  const server = await HandoverServer.listen(socketPath, handoverHandlers(runningReconciler, capture, 2_000, () => t.fail("released"), silentLogger()), silentLogger());
+  t.teardown(() => server.close());
+
+  // The replacement wants shop/web but could not start its listeners, so it enrolled nothing.
+  const stops: number[] = [];
+  const replacementReconciler = { list: () => [], stop: async (graceMs: number) => void stops.push(graceMs) } as unknown as EnrollmentReconciler;
+  const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.truthy(predecessor);
+  const error = await t.throwsAsync(
+    takeOver({ predecessor: predecessor!, reconciler: replacementReconciler, wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() }),
+  );
+
+  t.regex(error!.message, /could not start the listeners of shop\/web, which that agent serves; it keeps serving the node/);
+  t.deepEqual(attached, ["4 /var/run/netns/web 7 10.1.0.5 41", "6 7 fd00::5 10.1.0.5 61"]);
+  t.deepEqual(stops, [500]);
+  // The running agent accepts the next replacement, because the aborted one ended its hand-over session.
+  const next = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.truthy(next);
+  next!.close();
 });

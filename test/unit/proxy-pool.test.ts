@@ -35,6 +35,12 @@ interface TestServerOptions {
   identity?: Identity;
   /** SETTINGS_MAX_CONCURRENT_STREAMS the server advertises. */
   maxConcurrentStreams?: number;
+  /**
+   * How the server ends its n-th stream (1-based, over all sessions) instead of serving it:
+   * "refused" sends RST_STREAM REFUSED_STREAM, which says that the stream was not processed;
+   * "reset" sends RST_STREAM INTERNAL_ERROR, which does not. undefined serves the stream.
+   */
+  endStream?: (n: number) => "refused" | "reset" | undefined;
 }
 
 /** A minimal HBONE server: it responds to every CONNECT with status 200 and echoes the stream's bytes. */
@@ -45,6 +51,8 @@ interface TestServer {
   closedSessions: number;
   /** The highest number of streams open at once on one session. */
   maxOpenStreams: number;
+  /** Streams received so far, over all sessions. */
+  streams: number;
   /** While true, new connections get the server's SETTINGS and nothing else: the server never reads again. */
   mute: boolean;
   /** TCP connections accepted so far, including those whose TLS handshake failed. */
@@ -71,6 +79,7 @@ async function startServer(t: ExecutionContext, ca: EmbeddedCa, options: TestSer
     sessions: 0,
     closedSessions: 0,
     maxOpenStreams: 0,
+    streams: 0,
     mute: false,
     tcpConnections: 0,
     clientSerials: [],
@@ -78,7 +87,7 @@ async function startServer(t: ExecutionContext, ca: EmbeddedCa, options: TestSer
     setCertificate: (next) => tlsServer.setSecureContext(hboneTlsOptions(next)),
     close: () => closeServer(tlsServer, sockets),
   };
-  trackSessions(h2, server);
+  trackSessions(h2, server, options.endStream);
   tlsServer.on("connection", () => (server.tcpConnections += 1));
   tlsServer.on("secureConnection", (socket) => {
     sockets.add(socket);
@@ -96,7 +105,7 @@ async function startServer(t: ExecutionContext, ca: EmbeddedCa, options: TestSer
   return server;
 }
 
-function trackSessions(h2: http2.Http2Server, server: TestServer): void {
+function trackSessions(h2: http2.Http2Server, server: TestServer, endStream: TestServerOptions["endStream"]): void {
   h2.on("session", (session) => {
     server.sessions += 1;
     server.live.add(session);
@@ -113,7 +122,13 @@ function trackSessions(h2: http2.Http2Server, server: TestServer): void {
     });
   });
   h2.on("stream", (stream) => {
+    server.streams += 1;
     stream.on("error", () => undefined);
+    const ending = endStream?.(server.streams);
+    if (ending !== undefined) {
+      stream.close(ending === "refused" ? http2.constants.NGHTTP2_REFUSED_STREAM : http2.constants.NGHTTP2_INTERNAL_ERROR);
+      return;
+    }
     stream.respond({ ":status": 200 });
     stream.pipe(stream);
   });
@@ -503,4 +518,172 @@ test("peer FIN on a half-open pod socket drops the connection", async (t) => {
   await startServer(t, ca, { ip: "127.77.73.2", port: HBONE_PORT });
   const next = await openTunnel(setup, 73);
   t.is(await roundTrip(next, "after"), "after");
+});
+
+/** Sends `text` through the outbound proxy on 127.77.<subnet>.1:15001, half-closes, and collects the reply. */
+function exchangeThroughProxy(subnet: number, text: string): Promise<{ received: string; errorCode?: string }> {
+  const clientIp = `127.77.${subnet}.1`;
+  return new Promise((resolve, reject) => {
+    let received = "";
+    let errorCode: string | undefined;
+    const socket = net.connect({ host: clientIp, port: 15001, localAddress: clientIp });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error("no reply through the proxy within 5 s"));
+    }, 5_000);
+    socket.on("data", (chunk: Buffer) => (received += chunk.toString()));
+    socket.on("error", (error: NodeJS.ErrnoException) => (errorCode ??= error.code));
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve({ received, errorCode });
+    });
+    socket.end(text);
+  });
+}
+
+/** A TCP relay whose server-to-client direction the test can hold, to delay what the server sends. */
+interface Relay {
+  /** Bytes relayed from clients to the server so far. */
+  forwarded: number;
+  hold(): void;
+  release(): void;
+}
+
+/** Relays every connection to ip:port on to target; the test removes it. */
+async function startRelay(t: ExecutionContext, ip: string, port: number, target: { ip: string; port: number }): Promise<Relay> {
+  const upstreams = new Set<net.Socket>();
+  const sockets = new Set<net.Socket>();
+  let held = false;
+  const relay: Relay = {
+    forwarded: 0,
+    hold: () => {
+      held = true;
+      for (const upstream of upstreams) upstream.pause();
+    },
+    release: () => {
+      held = false;
+      for (const upstream of upstreams) upstream.resume();
+    },
+  };
+  const server = net.createServer((client) => {
+    const upstream = net.connect({ host: target.ip, port: target.port, localAddress: ip });
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on("error", () => undefined);
+      socket.on("close", () => sockets.delete(socket));
+    }
+    upstreams.add(upstream);
+    upstream.on("close", () => upstreams.delete(upstream));
+    client.on("data", (chunk: Buffer) => {
+      relay.forwarded += chunk.length;
+      upstream.write(chunk);
+    });
+    upstream.pipe(client);
+    if (held) upstream.pause();
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(port, ip, resolve));
+  t.teardown(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  return relay;
+}
+
+/** Opens a connection through the outbound proxy on 127.77.<subnet>.1:15001 and keeps it open. */
+async function openThroughProxy(t: ExecutionContext, subnet: number): Promise<net.Socket> {
+  const clientIp = `127.77.${subnet}.1`;
+  const socket = net.connect({ host: clientIp, port: 15001, localAddress: clientIp });
+  socket.on("error", () => undefined);
+  t.teardown(() => void socket.destroy());
+  await new Promise<void>((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  return socket;
+}
+
+/** Writes `text` and resolves with the echo of the same length. */
+function echoOf(socket: net.Socket, text: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let received = "";
+    const timer = setTimeout(() => reject(new Error(`no echo of ${JSON.stringify(text)} within 3 s`)), 3_000);
+    const onData = (chunk: Buffer): void => {
+      received += chunk.toString();
+      if (received.length >= text.length) {
+        clearTimeout(timer);
+        socket.off("data", onData);
+        resolve(received);
+      }
+    };
+    socket.on("data", onData);
+    socket.write(text);
+  });
+}
+
+test("stream that crosses a GOAWAY is retried", async (t) => {
+  // The server is reached through a relay on .2, which lets the test deliver the server's GOAWAY
+  // only after the client has sent a new stream: the race of a peer agent that hands its node over.
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.236.3", port: HBONE_PORT });
+  const relay = await startRelay(t, "127.77.236.2", HBONE_PORT, { ip: "127.77.236.3", port: HBONE_PORT });
+  await startProxy(t, 236, certManager(t, ca));
+  const first = await openThroughProxy(t, 236);
+  t.is(await echoOf(first, "first"), "first");
+
+  relay.hold();
+  for (const session of server.live) {
+    // Stream 1 is the first connection's only stream, so the second connection's stream 3 is above it.
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR, 1);
+  }
+  const forwardedBefore = relay.forwarded;
+  const second = exchangeThroughProxy(236, "after goaway");
+  await waitFor(() => relay.forwarded > forwardedBefore, 2_000, "the second stream to reach the server");
+  relay.release();
+  const result = await second;
+
+  t.is(result.errorCode, undefined);
+  t.is(result.received, "after goaway");
+  t.is(server.sessions, 2, "the retry did not use a fresh connection");
+  t.is(await echoOf(first, "still open"), "still open", "the GOAWAY ended the first connection's open stream");
+});
+
+test("RST_STREAM REFUSED_STREAM is retried", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.237.2", port: HBONE_PORT, endStream: (n) => (n === 1 ? "refused" : undefined) });
+  await startProxy(t, 237, certManager(t, ca));
+
+  const result = await exchangeThroughProxy(237, "after refusal");
+
+  t.is(result.errorCode, undefined);
+  t.is(result.received, "after refusal");
+  t.is(server.streams, 2);
+  t.is(server.sessions, 2, "the retry did not use a fresh connection");
+});
+
+test("refused stream is retried only once", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.238.2", port: HBONE_PORT, endStream: () => "refused" });
+  await startProxy(t, 238, certManager(t, ca));
+
+  const result = await exchangeThroughProxy(238, "never served");
+
+  t.is(result.errorCode, "ECONNRESET");
+  t.is(result.received, "");
+  t.is(server.streams, 2);
+});
+
+test("stream reset after processing is not retried", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.239.2", port: HBONE_PORT, endStream: (n) => (n === 1 ? "reset" : undefined) });
+  await startProxy(t, 239, certManager(t, ca));
+
+  const result = await exchangeThroughProxy(239, "maybe processed");
+
+  t.is(result.errorCode, "ECONNRESET");
+  t.is(server.streams, 1);
 });

@@ -5,7 +5,7 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 
-import { loadNative, netnsCookie } from "./native";
+import { libnftablesAvailable, loadNative, netnsCookie } from "./native";
 import { captureProbe } from "./native-bpf";
 import { nftBinary } from "./nft";
 
@@ -45,15 +45,24 @@ export function checkHost(options: HostCheckOptions): HostProblem[] {
   return problems;
 }
 
-/** nftables capture runs `nsenter ... nft -f -` for each pod. */
+/**
+ * nftables capture writes each pod's table through libnftables (libnftables.so.1) from a thread
+ * inside the pod's namespace, or, when that library is missing, runs `nsenter ... nft -f -`.
+ */
 function checkNftables(): HostProblem[] {
   const problems: HostProblem[] = [];
+  try {
+    loadNative();
+    if (libnftablesAvailable()) return problems;
+  } catch {
+    // The library failing to load is reported by the tool checks below and at first use.
+  }
   for (const tool of [nftBinary(), "nsenter"]) {
     const result = spawnSync(tool, ["--version"], { stdio: "ignore" });
     if (result.error) {
       problems.push({
         what: `${tool} is not installed or not on PATH (${result.error.message})`,
-        fix: tool === "nsenter" ? "install util-linux, which provides nsenter" : "install the nftables package, or run with --capture ebpf",
+        fix: tool === "nsenter" ? "install util-linux, which provides nsenter" : "install the nftables package (libnftables1 or nft), or run with --capture ebpf",
       });
     }
   }

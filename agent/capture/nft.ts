@@ -124,6 +124,12 @@ export class NftCapture {
   private readonly pods = new Map<bigint, NftPod>();
   /** Pods whose table an earlier run wrote and this one has not rewritten yet; removeStale-style callers remove them. */
   private readonly leftovers = new Map<bigint, NftPod>();
+  /**
+   * An open file descriptor of each pod's namespace, by cookie. The table is removed through it
+   * when the namespace's path is gone (its name deleted, or its process ended) but another
+   * reference keeps the namespace alive.
+   */
+  private readonly namespaceFds = new Map<bigint, number>();
   readonly exemptions: NftExemptionStore;
 
   constructor(
@@ -208,8 +214,10 @@ export class NftCapture {
     return originalDestinationOfFd(fd);
   }
 
-  /** Nothing to release: the tables stay, so the pods stay captured while no agent runs. */
-  close(): void {}
+  /** Releases the namespace descriptors; the tables stay, so the pods stay captured while no agent runs. */
+  close(): void {
+    for (const cookie of [...this.namespaceFds.keys()]) this.releaseNamespace(cookie);
+  }
 
   /** Rewrites the tables of the pods at podIp (every pod when undefined) after their exemptions changed. */
   private reapply(podIp: string | undefined): void {
@@ -267,6 +275,7 @@ export class NftCapture {
 
   /** Stores the pod after a write, with the kernel's listing of its table. */
   private record(cookie: bigint, pod: NftPod, startedAt: bigint): void {
+    this.holdNamespace(cookie, pod.netnsPath);
     const written = { ...pod, listing: this.listTable(pod.netnsPath) };
     this.pods.set(cookie, written);
     this.leftovers.delete(cookie);
@@ -295,13 +304,43 @@ export class NftCapture {
   }
 
   private remove(cookie: bigint, pod: NftPod): void {
-    if (this.sameNamespace(pod.netnsPath, cookie)) {
-      runNft(pod.netnsPath, renderRemoval(), `removing the nftables capture table of pod ${pod.podIp}`);
+    const netnsPath = this.reachableNamespace(cookie, pod.netnsPath);
+    if (netnsPath !== undefined) {
+      runNft(netnsPath, renderRemoval(), `removing the nftables capture table of pod ${pod.podIp}`);
     }
+    this.releaseNamespace(cookie);
     this.pods.delete(cookie);
     this.leftovers.delete(cookie);
     fs.rmSync(this.stateFile(cookie), { force: true });
     this.logger.info({ netnsPath: pod.netnsPath, cookie: cookie.toString(), podIp: pod.podIp }, "nftables capture table removed");
+  }
+
+  /** Opens the pod's namespace once, so that its table can be removed after its path is gone. */
+  private holdNamespace(cookie: bigint, netnsPath: string): void {
+    if (this.namespaceFds.has(cookie)) return;
+    try {
+      this.namespaceFds.set(cookie, fs.openSync(netnsPath, "r"));
+    } catch (error) {
+      this.logger.debug({ err: error, netnsPath }, "opening the pod's network namespace failed; its table is removed through its path only");
+    }
+  }
+
+  private releaseNamespace(cookie: bigint): void {
+    const fd = this.namespaceFds.get(cookie);
+    if (fd === undefined) return;
+    this.namespaceFds.delete(cookie);
+    fs.closeSync(fd);
+  }
+
+  /**
+   * Returns a path that opens the namespace with this cookie: the pod's own path, else the
+   * descriptor held since its table was written. Undefined when the namespace is gone.
+   */
+  private reachableNamespace(cookie: bigint, netnsPath: string): string | undefined {
+    if (this.sameNamespace(netnsPath, cookie)) return netnsPath;
+    const fd = this.namespaceFds.get(cookie);
+    const held = fd === undefined ? undefined : `/proc/${process.pid}/fd/${fd}`;
+    return held !== undefined && this.sameNamespace(held, cookie) ? held : undefined;
   }
 
   /** Checks that netnsPath still opens the namespace with this cookie: a /proc/<pid>/ns/net path goes stale when its process ends. */
@@ -335,8 +374,10 @@ export class NftCapture {
       try {
         const pod = JSON.parse(fs.readFileSync(file, "utf8")) as NftPod;
         const cookie = BigInt(match[1]);
-        if (this.sameNamespace(pod.netnsPath, cookie)) this.leftovers.set(cookie, pod);
-        else fs.rmSync(file, { force: true });
+        if (this.sameNamespace(pod.netnsPath, cookie)) {
+          this.leftovers.set(cookie, pod);
+          this.holdNamespace(cookie, pod.netnsPath);
+        } else fs.rmSync(file, { force: true });
       } catch (error) {
         this.logger.warn({ err: error, file: name }, "ignoring an unreadable nftables capture state file");
       }

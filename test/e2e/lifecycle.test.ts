@@ -1,24 +1,27 @@
 // End to end on the real kernel: pods come, go, change address and change enrollment while the
 // agents run (and while one is down), and each change leaves exactly the capture entries, links and
-// listeners it should. The checks read the agents' state the way an operator does: `agentctl
-// capture list` for the pinned entries, `agentctl config` for what an agent serves, and `ss` in
-// the pod for its listeners.
+// listeners it should. The checks read the agents' state the way an operator does. Under eBPF
+// capture, `agentctl capture list` shows the pinned entries. Under nftables capture, the agent's
+// state folder lists the pods with a table, and `nft list` in the pod shows the table. `agentctl
+// config` shows what an agent serves, and `ss` in the pod shows its listeners.
 
 import test, { type ExecutionContext } from "ava";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import type { CaptureEntries } from "../../agent/capture/inspect";
-import { AGENTCTL_BIN } from "../harness/agent-process";
+import { AGENTCTL_BIN, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "../harness/manifests";
+import { nftCaptureTable, nftStatePods, removeNftState } from "../harness/nft-state";
 import { POD_NETWORK, run, type NodeSpec, type PodHandle } from "../harness/topology";
 
-const PREFIX_FAMILY = "aalfc";
+const PREFIX_FAMILY = testPrefixFamily("aalfc");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
-const CLIENT_NODE = "lfc1";
-const SERVER_NODE = "lfc2";
+/** Node names differ per capture mode: an agent locks its node name, and nftables keeps state per node name. */
+const CLIENT_NODE = NFTABLES_CAPTURE ? "nlfc1" : "lfc1";
+const SERVER_NODE = NFTABLES_CAPTURE ? "nlfc2" : "lfc2";
 const AGENT_PORTS = [15001, 15006, 15008];
 const HTTP_PORT = 8080;
 
@@ -88,6 +91,7 @@ test.after.always(async () => {
   // The agents' logs stay in the work folder after a failure.
   if (failed && cluster) console.error(`lifecycle: agent logs kept in ${cluster.workDir}`);
   await cluster?.destroy({ removeWorkDir: !failed });
+  removeNftState([CLIENT_NODE, SERVER_NODE]);
 });
 
 // ---- Operator views of an agent's state ----
@@ -130,16 +134,31 @@ function agentListeners(netnsPath: string): number[] {
   return AGENT_PORTS.filter((port) => ports.includes(port));
 }
 
-/** Asserts that the pod is served: enrolled with its IP, guarded inbound, linked, and listening on every agent port. */
+/** Asserts that the pod is served: captured at its IP, and listening on every agent port. */
 function assertServed(t: ExecutionContext, pod: PodHandle): string {
   const cookie = servedCookie(pod);
+  if (NFTABLES_CAPTURE) assertNftCaptured(t, pod, cookie);
+  else assertPinnedCaptured(t, pod, cookie);
+  t.deepEqual(agentListeners(`/var/run/netns/${pod.netns}`), AGENT_PORTS, `${pod.name}: agent listeners`);
+  return cookie;
+}
+
+/** eBPF capture: the pod is enrolled with its IP, guarded inbound, and has its sk_lookup link. */
+function assertPinnedCaptured(t: ExecutionContext, pod: PodHandle, cookie: string): void {
   const entries = captureList(pod.node);
   t.deepEqual(entries.enrolled.filter((entry) => entry.cookie === cookie), [{ cookie, podIp: pod.ip }], `${pod.name}: enrolled map entry`);
   t.deepEqual(entries.inboundPods.filter((entry) => entry.cookie === cookie), [{ podIp: pod.ip, cookie }], `${pod.name}: inbound pod entry`);
   t.true(entries.inboundListeners.includes(`${pod.ip}:15006`), `${pod.name}: no inbound listener entry for ${pod.ip}:15006 in ${JSON.stringify(entries.inboundListeners)}`);
   t.true(entries.inboundLinks.includes(cookie), `${pod.name}: no sk_lookup link pinned for cookie ${cookie}`);
-  t.deepEqual(agentListeners(`/var/run/netns/${pod.netns}`), AGENT_PORTS, `${pod.name}: agent listeners`);
-  return cookie;
+}
+
+/** nftables capture: the agent lists the pod's namespace with its IP, and the namespace has the table for that IP. */
+function assertNftCaptured(t: ExecutionContext, pod: PodHandle, cookie: string): void {
+  const listed = nftStatePods(pod.node).filter((entry) => entry.cookie === cookie || entry.podIp === pod.ip);
+  t.deepEqual(listed.map((entry) => [entry.cookie, entry.podIp, entry.state]), [[cookie, pod.ip, "captured"]], `${pod.name}: nftables state entry`);
+  const table = nftCaptureTable(`/var/run/netns/${pod.netns}`);
+  t.not(table, undefined, `${pod.name}: no table inet ambient_agent in ${pod.netns}`);
+  t.regex(table ?? "", new RegExp(`ip saddr ${pod.ip.replaceAll(".", "\\.")} accept`), `${pod.name}: the table does not capture ${pod.ip}`);
 }
 
 /**
@@ -148,15 +167,35 @@ function assertServed(t: ExecutionContext, pod: PodHandle): string {
  * no agent listener.
  */
 function assertNotServed(t: ExecutionContext, node: string, uid: string, cookie: string, ip: string, netnsPath?: string): void {
+  assertCaptureReleased(t, node, uid, cookie, ip, netnsPath);
+  const dump = configDump(node);
+  t.false(dump.enrolled.some((entry) => entry.workload === uid), `${uid} is still listed as enrolled`);
+  t.false(dump.isolated.some((entry) => entry.workload === uid), `${uid} is listed as isolated`);
+  if (netnsPath) t.deepEqual(agentListeners(netnsPath), [], `${uid}: agent listeners left in ${netnsPath}`);
+}
+
+/**
+ * Asserts that the node's capture keeps nothing of the namespace with `cookie` or of the address
+ * `ip`. Under nftables capture, the namespace at `netnsPath` (when given) has no capture table.
+ */
+function assertCaptureReleased(t: ExecutionContext, node: string, uid: string, cookie: string, ip: string, netnsPath?: string): void {
+  if (NFTABLES_CAPTURE) {
+    const listed = nftStatePods(node).filter((entry) => entry.cookie === cookie || entry.podIp === ip);
+    t.deepEqual(listed, [], `${uid}: nftables state entries left`);
+    if (netnsPath) t.is(nftCaptureTable(netnsPath), undefined, `${uid}: table inet ambient_agent left in ${netnsPath}`);
+    return;
+  }
   const entries = captureList(node);
   t.deepEqual(entries.enrolled.filter((entry) => entry.cookie === cookie || entry.podIp === ip), [], `${uid}: enrolled map entries left`);
   t.deepEqual(entries.inboundPods.filter((entry) => entry.cookie === cookie || entry.podIp === ip), [], `${uid}: inbound pod entries left`);
   t.deepEqual(entries.inboundListeners.filter((key) => key.startsWith(`${ip}:`)), [], `${uid}: inbound listener entries left`);
   t.false(entries.inboundLinks.includes(cookie), `${uid}: sk_lookup link for cookie ${cookie} still pinned`);
-  const dump = configDump(node);
-  t.false(dump.enrolled.some((entry) => entry.workload === uid), `${uid} is still listed as enrolled`);
-  t.false(dump.isolated.some((entry) => entry.workload === uid), `${uid} is listed as isolated`);
-  if (netnsPath) t.deepEqual(agentListeners(netnsPath), [], `${uid}: agent listeners left in ${netnsPath}`);
+}
+
+/** Whether the node's capture still holds the namespace with `cookie`: pinned entries, or a listed nftables table. */
+function captureHolds(node: string, cookie: string): boolean {
+  if (NFTABLES_CAPTURE) return nftStatePods(node).some((entry) => entry.cookie === cookie);
+  return captureList(node).enrolled.some((entry) => entry.cookie === cookie);
 }
 
 // ---- Traffic checks ----
@@ -299,9 +338,7 @@ test.serial("hostNetwork pod in an ambient namespace is never enrolled", async (
     node.lines.some((line) => typeof line.workload === "string" && line.workload === uidOf(pod)),
     "the agent acted on the hostNetwork pod",
   );
-  const entries = captureList(CLIENT_NODE);
-  t.deepEqual(entries.enrolled.filter((entry) => entry.podIp === pod.ip), []);
-  t.deepEqual(entries.inboundPods.filter((entry) => entry.podIp === pod.ip), []);
+  assertCaptureReleased(t, CLIENT_NODE, uidOf(pod), "none", pod.ip, `/var/run/netns/${pod.netns}`);
   t.deepEqual(agentListeners(`/var/run/netns/${pod.netns}`), []);
   t.false(configDump(CLIENT_NODE).enrolled.some((entry) => entry.workload === uidOf(pod)));
   await assertNotCaptured(t, pod);
@@ -360,9 +397,14 @@ test.serial("pod IP change in its namespace is followed", async (t) => {
   await node.waitForLog((line) => line.msg === "workload re-enrolled" && line.workload === uidOf(pod) && line.ip === pod.ip, 10_000, "re-enrollment of mover", mark);
 
   t.is(assertServed(t, pod), cookie, "the namespace's cookie changed");
-  const entries = captureList(CLIENT_NODE);
-  t.false(entries.inboundPods.some((entry) => entry.podIp === oldIp), `the old IP ${oldIp} is still guarded`);
-  t.false(entries.inboundListeners.some((key) => key.startsWith(`${oldIp}:`)), `the old IP ${oldIp} still has a listener entry`);
+  if (NFTABLES_CAPTURE) {
+    t.false(nftStatePods(CLIENT_NODE).some((entry) => entry.podIp === oldIp), `the old IP ${oldIp} is still listed`);
+    t.false((nftCaptureTable(`/var/run/netns/${pod.netns}`) ?? "").includes(`${oldIp} `), `the table still names the old IP ${oldIp}`);
+  } else {
+    const entries = captureList(CLIENT_NODE);
+    t.false(entries.inboundPods.some((entry) => entry.podIp === oldIp), `the old IP ${oldIp} is still guarded`);
+    t.false(entries.inboundListeners.some((key) => key.startsWith(`${oldIp}:`)), `the old IP ${oldIp} still has a listener entry`);
+  }
   await assertTunnelled(t, pod);
   await assertInboundCaptured(t, pod);
 });
@@ -385,10 +427,7 @@ test.serial("pod recreated with a new IP and namespace is followed", async (t) =
 
     const newCookie = assertServed(t, pod);
     t.not(newCookie, oldCookie, "the recreated pod is served under the old namespace's cookie");
-    const entries = captureList(CLIENT_NODE);
-    t.false(entries.enrolled.some((entry) => entry.cookie === oldCookie), "the old namespace is still enrolled");
-    t.false(entries.inboundPods.some((entry) => entry.podIp === oldIp || entry.cookie === oldCookie), "the old address is still guarded");
-    t.false(entries.inboundLinks.includes(oldCookie), "the old namespace's link is still pinned");
+    assertCaptureReleased(t, CLIENT_NODE, uidOf(pod), oldCookie, oldIp, `/proc/${process.pid}/fd/${oldNetnsFd}`);
     t.deepEqual(agentListeners(`/proc/${process.pid}/fd/${oldNetnsFd}`), [], "the agent still listens in the old namespace");
   } finally {
     fs.closeSync(oldNetnsFd);
@@ -449,9 +488,9 @@ test.serial("pod deleted while the agent is down is removed at start", async (t)
   const cookie = servedCookie(pod);
 
   await c.agent(CLIENT_NODE).kill();
-  // The pinned entries outlive the agent, so the pod stays closed while nothing serves it.
-  const whileDown = captureList(CLIENT_NODE);
-  t.true(whileDown.enrolled.some((entry) => entry.cookie === cookie), "the killed agent's entries vanished with it");
+  // The capture outlives the agent, so the pod stays closed while nothing serves it.
+  t.true(captureHolds(CLIENT_NODE, cookie), "the killed agent's capture vanished with it");
+  if (NFTABLES_CAPTURE) t.not(nftCaptureTable(`/var/run/netns/${pod.netns}`), undefined, "the killed agent's table vanished with it");
   deletePod(pod);
   writePods(c);
 

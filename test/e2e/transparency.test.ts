@@ -8,28 +8,32 @@ import test from "ava";
 import { execFile, execFileSync } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
-import { AgentProcess } from "../harness/agent-process";
+import { AgentProcess, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, writeManifest, type NamespaceSpec } from "../harness/manifests";
+import { removeNftState } from "../harness/nft-state";
 import { registerPid } from "../harness/pid-registry";
 import type { NodeSpec } from "../harness/topology";
 
 const execFileAsync = promisify(execFile);
 
-const PREFIX_FAMILY = "aatpx";
+const PREFIX_FAMILY = testPrefixFamily("aatpx");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
 const APP_PORT = 8080;
+/** Node names differ per capture mode: an agent locks its node name, and nftables keeps state per node name. */
+const CLIENT_NODE = NFTABLES_CAPTURE ? "ntpx1" : "tpx1";
+const SERVER_NODE = NFTABLES_CAPTURE ? "ntpx2" : "tpx2";
 
 const NODES: NodeSpec[] = [
   {
-    name: "tpx1",
+    name: CLIENT_NODE,
     pods: [
       { name: "client", namespace: "front", serviceAccount: "client" },
       { name: "outsider", namespace: "plain", serviceAccount: "default" },
     ],
   },
-  { name: "tpx2", pods: [{ name: "server", namespace: "back", serviceAccount: "server" }] },
+  { name: SERVER_NODE, pods: [{ name: "server", namespace: "back", serviceAccount: "server" }] },
 ];
 const NAMESPACES: NamespaceSpec[] = [
   { name: "front", ambient: true },
@@ -194,6 +198,7 @@ test.before(async () => {
 
 test.after.always(async () => {
   await cluster?.destroy({ removeWorkDir: true });
+  removeNftState([CLIENT_NODE, SERVER_NODE]);
 });
 
 test.serial("enrolment installs transparent routing", (t) => {
@@ -214,7 +219,7 @@ test.serial("enrolment installs IPv6 transparent routing", (t) => {
 test.serial("HBONE app sees the client pod IP", async (t) => {
   const c = theCluster();
   const pcap = path.join(c.workDir, "server-veth.pcap");
-  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  const capture = await PacketCapture.start(c.topology, c.topology.node(SERVER_NODE).netns, "v-server", pcap);
   let result: PeerExchange;
   try {
     result = await exchange("client");
@@ -225,13 +230,13 @@ test.serial("HBONE app sees the client pod IP", async (t) => {
   t.is(result.dialled, `${serverIp()}:${APP_PORT}`, "getpeername in the client app returns the dialled address");
   t.is(ipOf(result.own), c.topology.pod("client").ip);
   t.is(ipOf(result.seenByApp), c.topology.pod("client").ip);
-  const inbound = await c.waitForAudit("tpx2", (record) => record.direction === "inbound" && record.transport === "hbone");
+  const inbound = await c.waitForAudit(SERVER_NODE, (record) => record.direction === "inbound" && record.transport === "hbone");
   t.is(inbound.decision, "allow");
-  // Had sk_lookup captured the proxy's own connection from the client pod's IP, 15006 would have
-  // recorded it as a plaintext connection from that IP.
+  // Had capture taken the proxy's own connection from the client pod's IP (sk_lookup, or the
+  // nftables redirect), 15006 would have recorded it as a plaintext connection from that IP.
   const clientIp = c.topology.pod("client").ip;
   t.false(
-    c.auditRecords("tpx2").some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`${clientIp}:`)),
+    c.auditRecords(SERVER_NODE).some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`${clientIp}:`)),
     "the connection to the application was captured again",
   );
   // The tunnel arrives on 15008; the application's port never appears on the pod's veth, so the
@@ -248,7 +253,7 @@ test.serial("HBONE app sees the client pod IP", async (t) => {
 test.serial("plaintext app sees the outside client IP", async (t) => {
   const c = theCluster();
   const pcap = path.join(c.workDir, "server-veth-plain.pcap");
-  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  const capture = await PacketCapture.start(c.topology, c.topology.node(SERVER_NODE).netns, "v-server", pcap);
   let result: PeerExchange;
   try {
     result = await exchange("outsider");
@@ -260,7 +265,7 @@ test.serial("plaintext app sees the outside client IP", async (t) => {
   t.is(result.dialled, `${serverIp()}:${APP_PORT}`);
   t.is(ipOf(result.seenByApp), outsiderIp);
   t.not(portOf(result.seenByApp), portOf(result.own), "the proxy's connection reused the client's port");
-  const inbound = await c.waitForAudit("tpx2", (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`${outsiderIp}:`));
+  const inbound = await c.waitForAudit(SERVER_NODE, (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`${outsiderIp}:`));
   t.is(inbound.decision, "allow");
   // Every packet on the veth belongs to the client's own connection: none of the application's
   // replies to the proxy's port left the pod.
@@ -277,7 +282,7 @@ test.serial("plaintext app sees the outside client IP", async (t) => {
 test.serial("HBONE over IPv6: app sees the client pod IPv6", async (t) => {
   const c = theCluster();
   const pcap = path.join(c.workDir, "server-veth6.pcap");
-  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  const capture = await PacketCapture.start(c.topology, c.topology.node(SERVER_NODE).netns, "v-server", pcap);
   let result: PeerExchange;
   try {
     result = await exchange("client", 6);
@@ -289,14 +294,15 @@ test.serial("HBONE over IPv6: app sees the client pod IPv6", async (t) => {
   t.is(result.dialled, `${ip6Of("server")}:${APP_PORT}`, "getpeername in the client app returns the dialled IPv6 address");
   t.is(ipOf(result.own), client6);
   t.is(ipOf(result.seenByApp), client6);
-  const inbound = await c.waitForAudit("tpx2", (record) => record.transport === "hbone" && String(record.src.addr).startsWith(`[${client6}]:`));
+  const inbound = await c.waitForAudit(SERVER_NODE, (record) => record.transport === "hbone" && String(record.src.addr).startsWith(`[${client6}]:`));
   t.is(inbound.direction, "inbound");
   t.is(inbound.decision, "allow");
   t.is(inbound.dst.addr, `[${ip6Of("server")}]:${APP_PORT}`);
-  // Had sk_lookup not found the proxy's own connection in aa_own_conns6, 15006 would have
-  // recorded it as a plaintext connection from the client pod's IPv6 address.
+  // Had capture taken the proxy's own IPv6 connection (sk_lookup without its aa_own_conns6 entry,
+  // or the nftables redirect), 15006 would have recorded it as a plaintext connection from the
+  // client pod's IPv6 address.
   t.false(
-    c.auditRecords("tpx2").some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${client6}]:`)),
+    c.auditRecords(SERVER_NODE).some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${client6}]:`)),
     "the IPv6 connection to the application was captured again",
   );
   const ports = packetPorts(pcap);
@@ -311,7 +317,7 @@ test.serial("HBONE over IPv6: app sees the client pod IPv6", async (t) => {
 test.serial("plaintext over IPv6: app sees the outside client IPv6", async (t) => {
   const c = theCluster();
   const pcap = path.join(c.workDir, "server-veth6-plain.pcap");
-  const capture = await PacketCapture.start(c.topology, c.topology.node("tpx2").netns, "v-server", pcap);
+  const capture = await PacketCapture.start(c.topology, c.topology.node(SERVER_NODE).netns, "v-server", pcap);
   let result: PeerExchange;
   try {
     result = await exchange("outsider", 6);
@@ -324,7 +330,7 @@ test.serial("plaintext over IPv6: app sees the outside client IPv6", async (t) =
   t.is(ipOf(result.own), outsider6);
   t.is(ipOf(result.seenByApp), outsider6);
   t.not(portOf(result.seenByApp), portOf(result.own), "the proxy's IPv6 connection reused the client's port");
-  const inbound = await c.waitForAudit("tpx2", (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${outsider6}]:`));
+  const inbound = await c.waitForAudit(SERVER_NODE, (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${outsider6}]:`));
   t.is(inbound.decision, "allow");
   t.is(inbound.dst.addr, `[${ip6Of("server")}]:${APP_PORT}`);
   const clientPort = portOf(result.own);
@@ -338,7 +344,7 @@ test.serial("plaintext over IPv6: app sees the outside client IPv6", async (t) =
 });
 
 test.serial("restart finds the routing in place", async (t) => {
-  const agent = await restartAgentWith("tpx2", [], ["server"]);
+  const agent = await restartAgentWith(SERVER_NODE, [], ["server"]);
   const line = await agent.waitForLog((entry) => String(entry.msg).startsWith("transparent-source routing"), 5_000, "the transparent-source log line");
   t.is(line.msg, "transparent-source routing already in place");
   const line6 = await agent.waitForLog((entry) => String(entry.msg).startsWith("IPv6 transparent-source routing"), 5_000, "the IPv6 transparent-source log line");
@@ -352,7 +358,7 @@ test.serial("restart finds the routing in place", async (t) => {
 });
 
 test.serial("option off: app sees the pod IP", async (t) => {
-  await restartAgentWith("tpx2", ["--no-transparent-source"], ["server"]);
+  await restartAgentWith(SERVER_NODE, ["--no-transparent-source"], ["server"]);
   const hbone = await exchange("client");
   t.is(hbone.dialled, `${serverIp()}:${APP_PORT}`);
   t.is(ipOf(hbone.seenByApp), serverIp());
@@ -367,9 +373,9 @@ test.serial("option off: app sees the pod IP", async (t) => {
 
 test.serial("unenrolment removes the routing", async (t) => {
   const c = theCluster();
-  await restartAgentWith("tpx2", [], ["server"]);
+  await restartAgentWith(SERVER_NODE, [], ["server"]);
   t.regex(rulesOf("server"), /0x1539/);
-  const agent = c.agent("tpx2");
+  const agent = c.agent(SERVER_NODE);
   const from = agent.lines.length;
   const namespaces = NAMESPACES.map((spec) => (spec.name === "back" ? { ...spec, ambient: false } : spec));
   writeManifest(c.manifestsDir, "namespaces.yaml", namespaces.map(namespaceYaml).join("---\n"));

@@ -9,6 +9,7 @@ import { LOCK_DIRECTORY, lockFileOf } from "../../agent/capture/pin-lock";
 import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
 import { endLeftoverProcesses, registerPid } from "./pid-registry";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
+import { removeNftState } from "./nft-state";
 import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
 
 export const PIN_PARENT = "/sys/fs/bpf/ambient-agent";
@@ -232,6 +233,8 @@ export class Cluster {
       }
     }
     this.topology.destroy();
+    // nftables capture keeps a state folder per node; its tables went with the namespaces.
+    removeNftState(this.topology.nodes.keys());
     this.removeStaleLocks();
     if (options.removeWorkDir) fs.rmSync(this.workDir, { recursive: true, force: true });
   }

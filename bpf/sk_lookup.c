@@ -6,12 +6,14 @@
  * capture.c.
  *
  * Connections pass to the normal socket lookup when they
- *  1. are not TCP, or are IPv4 and not addressed to a pod in aa_inbound_pods;
- *  2. come from the pod's own IP or from 127.0.0.0/8;
+ *  1. are not TCP, or use 127.0.0.0/8 as either address;
+ *  2. come from the address they are addressed to (the pod connecting to itself);
  *  3. are the agent's own connections inside the pod (aa_own_conns);
  *  4. come from a kubelet probe source address (aa_probe_sources) to a port other than 15001,
  *     or are addressed to a port that the pod's annotations exclude from inbound capture
  *     (aa_excluded_ports). Both pass whether or not the pod's 15006 listener is present.
+ * A connection to an IPv4 address that is not a pod IP in aa_inbound_pods is dropped: the
+ * program runs only in enrolled pods' namespaces, so such an address was added inside the pod.
  * Every other connection is dropped while the pod's 15006 listener is missing from aa_inbound.
  * The agent is not serving the pod then, so whatever listens on the proxy ports is not the
  * agent. A pod whose proxy is down thus gets no inbound connections rather than unauthorized
@@ -114,11 +116,17 @@ int aa_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 
 	local_ip4 = ctx->local_ip4;
-	if (!bpf_map_lookup_elem(&aa_inbound_pods, &local_ip4))
+	if (aa_is_loopback_ip4(local_ip4) || aa_is_loopback_ip4(ctx->remote_ip4))
+		return SK_PASS;
+	if (ctx->remote_ip4 == local_ip4)
 		return SK_PASS;
 
-	if (ctx->remote_ip4 == local_ip4 || aa_is_loopback_ip4(ctx->remote_ip4))
-		return SK_PASS;
+	/* The program is linked only to enrolled pods' namespaces, so an address that is not a pod
+	 * IP in aa_inbound_pods is another address added inside the pod: drop rather than let a
+	 * client reach the application around the agent.
+	 */
+	if (!bpf_map_lookup_elem(&aa_inbound_pods, &local_ip4))
+		return SK_DROP;
 
 	if (aa_is_own_conn(ctx))
 		return SK_PASS;

@@ -221,7 +221,9 @@ function ipv4Rows(): LookupRow[] {
       verdict: SK_PASS,
       assigned: false,
     },
-    { name: "non-enrolled address passes", input: { localIp: OTHER_IP, localPort: APP_PORT }, verdict: SK_PASS, assigned: false },
+    { name: "second pod address drops", input: { localIp: OTHER_IP, localPort: APP_PORT }, verdict: SK_DROP, assigned: false },
+    { name: "loopback destination passes", input: { remoteIp: "127.0.0.1", localIp: "127.0.0.1", localPort: APP_PORT }, verdict: SK_PASS, assigned: false },
+    { name: "pod to itself passes", input: { remoteIp: OTHER_IP, localIp: OTHER_IP, localPort: APP_PORT }, verdict: SK_PASS, assigned: false },
     { name: "UDP passes", input: { protocol: IPPROTO_UDP, localIp: b.ip, localPort: APP_PORT }, verdict: SK_PASS, assigned: false },
   ];
 }

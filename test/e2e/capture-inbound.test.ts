@@ -337,6 +337,23 @@ test.serial("outbound port is dropped from outside", async (t) => {
   t.is(inbound.length, before.inbound);
 });
 
+test.serial("second address of the pod is dropped", async (t) => {
+  // An address added inside an enrolled pod is not in aa_inbound_pods. The app listens on
+  // 0.0.0.0, so without the drop a client would reach it there around the agent.
+  const { pair, inbound, app } = fx();
+  const second = pair.b.ip.replace(/\.\d+$/, ".77");
+  execFileSync("nsenter", [`--net=${pair.b.path}`, "ip", "addr", "add", `${second}/32`, "dev", pair.b.device]);
+  try {
+    const before = { inbound: inbound.length, app: app.length };
+    const outcome = await connectOutcome(appConnect(pair.a.path, second, APP_PORT));
+    t.not(outcome, "connected", `a client reached ${second}:${APP_PORT} in the pod`);
+    t.is(app.length, before.app);
+    t.is(inbound.length, before.inbound);
+  } finally {
+    execFileSync("nsenter", [`--net=${pair.b.path}`, "ip", "addr", "del", `${second}/32`, "dev", pair.b.device]);
+  }
+});
+
 test.serial("outbound port is reachable from the pod", async (t) => {
   const { pair, outbound } = fx();
   const before = outbound.length;

@@ -87,6 +87,11 @@ const RETRY_DELAY_MS = 1_000;
 export class EnrollmentReconciler {
   private readonly enrolled = new Map<string, EnrolledWorkload>();
   private readonly isolated = new Map<string, IsolatedWorkload>();
+  /**
+   * Namespaces isolated because several held a wanted workload's IP at once, by workload uid. They
+   * stay isolated until one namespace alone has the IP, which is then enrolled.
+   */
+  private readonly ambiguous = new Map<string, IsolatedWorkload[]>();
   /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
   private readonly lastProblem = new Map<string, string>();
   private desired: Workload[] = [];
@@ -153,7 +158,8 @@ export class EnrollmentReconciler {
    * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay closed.
    */
   removeStaleCookies(): void {
-    const wantedCookies = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
+    const quarantined = [...this.ambiguous.values()].flat();
+    const wantedCookies = new Set([...this.enrolled.values(), ...this.isolated.values(), ...quarantined].map((entry) => entry.cookie));
     const capture = this.options.capture;
     for (const cookie of capture.enrolledCookies()) {
       if (wantedCookies.has(cookie)) continue;
@@ -196,6 +202,7 @@ export class EnrollmentReconciler {
       if (wanted.get(entry.workload.uid)?.ip === entry.workload.ip) continue;
       this.release(entry);
     }
+    for (const uid of [...this.ambiguous.keys()]) if (wanted.get(uid)?.ip !== this.ambiguous.get(uid)?.[0]?.workload.ip) this.releaseAmbiguous(uid);
     for (const uid of this.lastProblem.keys()) if (!wanted.has(uid)) this.lastProblem.delete(uid);
 
     const pending = [...wanted.values()].filter((workload) => !this.enrolled.has(workload.uid));
@@ -227,9 +234,70 @@ export class EnrollmentReconciler {
     }
     const candidates = scan(workload.ip);
     if (candidates.length === 1) return candidates[0].path;
-    if (candidates.length === 0) this.report(workload, "no network namespace on this node has the pod IP yet");
-    else this.report(workload, "several network namespaces have the pod IP: not enrolling it", { netns: candidates.map((ref) => ref.path) });
+    if (candidates.length === 0) {
+      this.report(workload, "no network namespace on this node has the pod IP yet");
+      return undefined;
+    }
+    return this.resolveAmbiguity(workload, candidates.map((ref) => ref.path));
+  }
+
+  /**
+   * Chooses among several namespaces that have the workload's IP. The one whose cookie an earlier
+   * run enrolled (pinned capture entries) is the pod's, so a namespace that copied the IP while no
+   * agent ran cannot strip the pod's capture. Without such a namespace, every candidate is
+   * isolated (enrolled with no listener, inbound guarded) until one namespace alone has the IP:
+   * the pod cannot run outside the mesh meanwhile, and neither can the copy.
+   */
+  private resolveAmbiguity(workload: Workload, paths: string[]): string | undefined {
+    const candidates = paths.flatMap((netnsPath) => {
+      try {
+        return [{ workload, netnsPath, cookie: netnsCookie(netnsPath) }];
+      } catch {
+        return [];
+      }
+    });
+    const pinned = new Set(this.options.capture.enrolledCookies());
+    const quarantined = new Set((this.ambiguous.get(workload.uid) ?? []).map((entry) => entry.cookie));
+    const earlier = candidates.filter((entry) => pinned.has(entry.cookie) && !quarantined.has(entry.cookie));
+    if (earlier.length === 1) {
+      this.options.logger.warn(
+        { workload: workload.uid, ip: workload.ip, chosen: earlier[0].netnsPath, others: paths.filter((netnsPath) => netnsPath !== earlier[0].netnsPath) },
+        "several network namespaces have the pod IP: enrolling the one an earlier run enrolled",
+      );
+      return earlier[0].netnsPath;
+    }
+    for (const entry of candidates) {
+      try {
+        this.options.capture.enroll(entry.cookie, workload.ip);
+        this.options.capture.guardInbound(entry.netnsPath, entry.cookie, workload.ip);
+      } catch (error) {
+        this.options.logger.error({ err: error, workload: workload.uid, netns: entry.netnsPath }, "failed to isolate a namespace that has the pod IP");
+      }
+    }
+    const known = this.ambiguous.get(workload.uid) ?? [];
+    this.ambiguous.set(workload.uid, [...known, ...candidates.filter((entry) => !quarantined.has(entry.cookie))]);
+    this.report(workload, "several network namespaces have the pod IP: all of them are isolated until one alone has it", { netns: paths });
     return undefined;
+  }
+
+  /**
+   * Releases the namespaces isolated for a workload's ambiguous IP, except the one with
+   * `keepCookie` (the namespace now enrolled, if any).
+   */
+  private releaseAmbiguous(uid: string, keepCookie?: bigint): void {
+    const entries = this.ambiguous.get(uid);
+    if (!entries) return;
+    this.ambiguous.delete(uid);
+    for (const entry of entries) {
+      if (entry.cookie === keepCookie) continue;
+      try {
+        this.options.capture.unenroll(entry.cookie);
+        this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+      } catch (error) {
+        this.options.logger.error({ err: error, workload: uid, netns: entry.netnsPath }, "failed to release a namespace isolated for an ambiguous pod IP");
+      }
+      this.options.logger.info({ workload: uid, netns: entry.netnsPath, cookie: entry.cookie.toString() }, "namespace isolated for an ambiguous pod IP released");
+    }
   }
 
   private async enroll(workload: Workload, scan: NetnsScan): Promise<boolean> {
@@ -245,6 +313,7 @@ export class EnrollmentReconciler {
     }
     const entry = await this.startProxies(workload, netnsPath, cookie);
     if (!entry) return false;
+    this.releaseAmbiguous(workload.uid, cookie);
     this.isolated.delete(workload.uid);
     this.lastProblem.delete(workload.uid);
     return true;

@@ -10,6 +10,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import type { CaptureEntries } from "../../agent/capture/inspect";
+import { netnsCookie } from "../../agent/capture/native";
 import { AGENTCTL_BIN, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
@@ -498,5 +499,64 @@ test.serial("pod deleted while the agent is down is removed at start", async (t)
   await agent.waitReady();
   assertNotServed(t, CLIENT_NODE, uidOf(pod), cookie, pod.ip);
   for (const name of ["client", "mover", "phoenix"]) assertServed(t, c.topology.pod(name));
+  await assertTunnelled(t, c.topology.pod("client"));
+});
+
+/** Adds `ip` to the loopback of the outsider pod, as a process with CAP_NET_ADMIN there could; returns its removal. */
+function copyIpToOutsider(ip: string): () => void {
+  const c = theCluster();
+  const outsider = c.topology.pod("outsider");
+  c.topology.exec(outsider.netns, "ip", ["addr", "add", `${ip}/32`, "dev", "lo"]);
+  return () => c.topology.exec(outsider.netns, "ip", ["addr", "del", `${ip}/32`, "dev", "lo"], { allowFail: true });
+}
+
+test.serial("copied pod IP cannot strip capture at restart", async (t) => {
+  const c = theCluster();
+  const pod = c.topology.pod("mover");
+  const cookie = servedCookie(pod);
+  await c.agent(CLIENT_NODE).kill();
+  const removeCopy = copyIpToOutsider(pod.ip);
+  try {
+    // Two namespaces have mover's IP now; the one the killed agent enrolled is mover's.
+    const agent = await c.restartAgent(CLIENT_NODE, ["client", "mover", "phoenix"]);
+    await agent.waitReady();
+    t.is(servedCookie(pod), cookie, "the restarted agent enrolled another namespace for mover");
+    assertServed(t, pod);
+    t.false(agent.lines.some((line) => line.msg === "removed stale outbound capture entry"), "the restart removed capture entries");
+  } finally {
+    removeCopy();
+  }
+});
+
+test.serial("new pod with a copied IP stays isolated", async (t) => {
+  const c = theCluster();
+  const pod = c.topology.pod("mover");
+  const agent = c.agent(CLIENT_NODE);
+  const cookie = servedCookie(pod);
+  const outsiderCookie = netnsCookie(`/var/run/netns/${c.topology.pod("outsider").netns}`).toString();
+
+  // mover leaves the mesh, another namespace takes a copy of its IP, and mover joins again.
+  let mark = agent.lines.length;
+  pod.labels = { "istio.io/dataplane-mode": "none" };
+  writePods(c);
+  await waitUnenrolled(pod, mark);
+  const removeCopy = copyIpToOutsider(pod.ip);
+  try {
+    mark = agent.lines.length;
+    pod.labels = {};
+    writePods(c);
+    await agent.waitForLog((line) => /all of them are isolated/.test(String(line.msg)), 10_000, "isolation of both namespaces", mark);
+    // Neither namespace runs outside the mesh: both are captured with no listener.
+    t.true(captureHolds(CLIENT_NODE, cookie), "mover's namespace is not captured while its IP is ambiguous");
+    t.true(captureHolds(CLIENT_NODE, outsiderCookie), "the namespace with the copy is not captured");
+    t.false(configDump(CLIENT_NODE).enrolled.some((entry) => entry.workload === uidOf(pod)), "mover was enrolled while two namespaces had its IP");
+  } finally {
+    mark = agent.lines.length;
+    removeCopy();
+  }
+  // Once mover alone has the IP it is enrolled, and the other namespace is released.
+  await agent.waitEnrolled(uidOf(pod), 15_000, mark);
+  t.is(servedCookie(pod), cookie);
+  t.false(captureHolds(CLIENT_NODE, outsiderCookie), "the namespace with the copy stayed captured");
   await assertTunnelled(t, c.topology.pod("client"));
 });

@@ -65,15 +65,14 @@ export interface CaptureBackend {
 /** The part of a backend that the enrollment reconciler uses. Capture has it as well. */
 export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "close">;
 
-/** eBPF capture: the pinned programs and maps of Capture. */
-export class EbpfCaptureBackend implements CaptureBackend {
-  readonly mode = "ebpf" as const;
+/** The calls that Capture and NftCapture take with the same signature, so a backend passes them on unchanged. */
+type PassedOnCapture = Required<
+  Pick<CaptureBackend, "exemptions" | "enroll" | "unenroll" | "enrolledCookies" | "enrollIpv6" | "guardInbound" | "detachInbound" | "inboundPods" | "close">
+>;
 
-  constructor(readonly capture: Capture) {}
-
-  static attach(options: CaptureOptions, logger: Logger): EbpfCaptureBackend {
-    return new EbpfCaptureBackend(Capture.attach(options, logger));
-  }
+/** The part of both backends that only passes calls on to the capture it wraps. */
+abstract class CapturePassThrough<C extends PassedOnCapture> implements PassedOnCapture {
+  constructor(readonly capture: C) {}
 
   get exemptions(): CaptureExemptionStore {
     return this.capture.exemptions;
@@ -91,16 +90,8 @@ export class EbpfCaptureBackend implements CaptureBackend {
     return this.capture.enrolledCookies();
   }
 
-  attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
-    this.capture.attachInbound(netnsPath, cookie, podIp, listenerFd);
-  }
-
   enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
     this.capture.enrollIpv6(cookie, podIp6);
-  }
-
-  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
-    this.capture.attachInbound6(cookie, podIp6, podIp4, listenerFd);
   }
 
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
@@ -111,16 +102,37 @@ export class EbpfCaptureBackend implements CaptureBackend {
     this.capture.detachInbound(cookie, podIp);
   }
 
+  inboundPods(): InboundPod[] {
+    return this.capture.inboundPods();
+  }
+
+  close(): void {
+    this.capture.close();
+  }
+}
+
+/** eBPF capture: the pinned programs and maps of Capture. */
+export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements CaptureBackend {
+  readonly mode = "ebpf" as const;
+
+  static attach(options: CaptureOptions, logger: Logger): EbpfCaptureBackend {
+    return new EbpfCaptureBackend(Capture.attach(options, logger));
+  }
+
+  attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
+    this.capture.attachInbound(netnsPath, cookie, podIp, listenerFd);
+  }
+
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
+    this.capture.attachInbound6(cookie, podIp6, podIp4, listenerFd);
+  }
+
   forgetInboundIp(cookie: bigint, podIp: string): void {
     this.capture.forgetInboundIp(cookie, podIp);
   }
 
   unlinkInbound(cookie: bigint): void {
     this.capture.unlinkInbound(cookie);
-  }
-
-  inboundPods(): InboundPod[] {
-    return this.capture.inboundPods();
   }
 
   inboundLinkCookies(): bigint[] {
@@ -134,40 +146,14 @@ export class EbpfCaptureBackend implements CaptureBackend {
   inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined {
     return socket.localAddress === undefined || socket.localPort === undefined ? undefined : { ip: socket.localAddress, port: socket.localPort };
   }
-
-  close(): void {
-    this.capture.close();
-  }
 }
 
 /** nftables capture: one table per pod network namespace, IPv4 and IPv6. See nft.ts and nft-ruleset.ts. */
-export class NftCaptureBackend implements CaptureBackend {
+export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements CaptureBackend {
   readonly mode = "nftables" as const;
-
-  constructor(readonly capture: NftCapture) {}
-
-  get exemptions(): CaptureExemptionStore {
-    return this.capture.exemptions;
-  }
-
-  enroll(cookie: bigint, podIp: string): void {
-    this.capture.enroll(cookie, podIp);
-  }
-
-  unenroll(cookie: bigint): void {
-    this.capture.unenroll(cookie);
-  }
-
-  enrolledCookies(): bigint[] {
-    return this.capture.enrolledCookies();
-  }
 
   attachInbound(netnsPath: string, cookie: bigint, podIp: string): void {
     this.capture.attachInbound(netnsPath, cookie, podIp);
-  }
-
-  enrollIpv6(cookie: bigint, podIp6: string | undefined): void {
-    this.capture.enrollIpv6(cookie, podIp6);
   }
 
   /** REDIRECT finds the IPv6 15006 listener by its port, so only the address is recorded. */
@@ -175,23 +161,11 @@ export class NftCaptureBackend implements CaptureBackend {
     this.capture.attachInbound6(cookie, podIp6);
   }
 
-  guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
-    this.capture.guardInbound(netnsPath, cookie, podIp);
-  }
-
-  detachInbound(cookie: bigint, podIp: string): void {
-    this.capture.detachInbound(cookie, podIp);
-  }
-
   /** The table is rewritten for the new IP when the new listener is attached, so the old IP needs nothing. */
   forgetInboundIp(): void {}
 
   /** A table has no per-namespace link. */
   unlinkInbound(): void {}
-
-  inboundPods(): InboundPod[] {
-    return this.capture.inboundPods();
-  }
 
   inboundLinkCookies(): bigint[] {
     return [];
@@ -204,9 +178,5 @@ export class NftCaptureBackend implements CaptureBackend {
   /** REDIRECT rewrote the destination to the listener's port; conntrack keeps the original. */
   inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined {
     return this.capture.takeOriginalDestination(socket);
-  }
-
-  close(): void {
-    this.capture.close();
   }
 }

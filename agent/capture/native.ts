@@ -165,15 +165,24 @@ export interface NetnsSocketOptions {
 }
 
 /**
+ * Returns the aa_agent_socks map fd that netnsSocket and netnsSocket6 flag the socket in (-1 for
+ * an application socket, or in mark-only mode) and the SO_MARK they set.
+ */
+function socketIdentity(netnsPath: string, opts: NetnsSocket6Options): { agentMapFd: number; mark: number } {
+  const agentSocket = opts.agentSocket ?? true;
+  const agentMapFd = agentSocket ? currentAgentSocketMap(netnsPath) : -1;
+  const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
+  return { agentMapFd, mark };
+}
+
+/**
  * Creates a TCP/IPv4 socket inside a network namespace and returns its file descriptor. An agent
  * socket (the default) is flagged in aa_agent_socks before it is returned, so that capture never
  * steers it. Throws when no Capture is attached in this process, because an unflagged agent
  * socket in an enrolled pod would be steered back to the pod's own proxy.
  */
 export function netnsSocket(netnsPath: string, opts: NetnsSocketOptions): number {
-  const agentSocket = opts.agentSocket ?? true;
-  const agentMapFd = agentSocket ? currentAgentSocketMap(netnsPath) : -1;
-  const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
+  const { agentMapFd, mark } = socketIdentity(netnsPath, opts);
   const result = call(
     "aa_netns_socket",
     [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32, DataType.I32],
@@ -231,20 +240,7 @@ export const MAX_SOCKET_BATCH = 1024;
  * when any of them fails or when no Capture is attached in this process.
  */
 export function netnsSockets(netnsPath: string, count: number): number[] {
-  if (!Number.isInteger(count) || count < 1 || count > MAX_SOCKET_BATCH) {
-    throw new AgentError("INTERNAL", `socket batch size ${count} is invalid: use an integer from 1 to ${MAX_SOCKET_BATCH}`);
-  }
-  const agentMapFd = currentAgentSocketMap(netnsPath);
-  const fdsOut = Buffer.alloc(count * 4);
-  const result = call(
-    "aa_netns_sockets",
-    [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.U8Array],
-    [netnsPath, agentMapFd, AGENT_MARK, count, fdsOut],
-  );
-  const created = check(result, `creating ${count} TCP sockets in network namespace ${netnsPath}`, NETNS_FIX);
-  const fds: number[] = [];
-  for (let index = 0; index < created; index++) fds.push(fdsOut.readInt32LE(index * 4));
-  return fds;
+  return createSocketBatch("aa_netns_sockets", netnsPath, count, "TCP");
 }
 
 /**
@@ -254,17 +250,22 @@ export function netnsSockets(netnsPath: string, count: number): number[] {
  * open, when any of them fails or when no Capture is attached in this process.
  */
 export function netnsSockets6(netnsPath: string, count: number): number[] {
+  return createSocketBatch("aa_netns_sockets6", netnsPath, count, "TCP/IPv6");
+}
+
+/** Calls aa_netns_sockets or aa_netns_sockets6, which share one signature, and returns the fds it wrote. */
+function createSocketBatch(funcName: string, netnsPath: string, count: number, protocol: string): number[] {
   if (!Number.isInteger(count) || count < 1 || count > MAX_SOCKET_BATCH) {
     throw new AgentError("INTERNAL", `socket batch size ${count} is invalid: use an integer from 1 to ${MAX_SOCKET_BATCH}`);
   }
   const agentMapFd = currentAgentSocketMap(netnsPath);
   const fdsOut = Buffer.alloc(count * 4);
   const result = call(
-    "aa_netns_sockets6",
+    funcName,
     [DataType.String, DataType.I32, DataType.I32, DataType.I32, DataType.U8Array],
     [netnsPath, agentMapFd, AGENT_MARK, count, fdsOut],
   );
-  const created = check(result, `creating ${count} TCP/IPv6 sockets in network namespace ${netnsPath}`, NETNS_FIX);
+  const created = check(result, `creating ${count} ${protocol} sockets in network namespace ${netnsPath}`, NETNS_FIX);
   const fds: number[] = [];
   for (let index = 0; index < created; index++) fds.push(fdsOut.readInt32LE(index * 4));
   return fds;
@@ -280,9 +281,7 @@ export type NetnsSocket6Options = Omit<NetnsSocketOptions, "transparent">;
  * listener and never sees IPv4-mapped peers.
  */
 export function netnsSocket6(netnsPath: string, opts: NetnsSocket6Options): number {
-  const agentSocket = opts.agentSocket ?? true;
-  const agentMapFd = agentSocket ? currentAgentSocketMap(netnsPath) : -1;
-  const mark = opts.mark ?? (agentSocket ? AGENT_MARK : 0);
+  const { agentMapFd, mark } = socketIdentity(netnsPath, opts);
   const result = call(
     "aa_netns_socket6",
     [DataType.String, DataType.I32, DataType.I32, DataType.String, DataType.I32, DataType.I32],
@@ -294,15 +293,7 @@ export function netnsSocket6(netnsPath: string, opts: NetnsSocket6Options): numb
 
 /** Returns the IPv6 addresses of every interface in a network namespace (::1 and fe80:: included), compressed. */
 export function netnsIpv6Addresses(netnsPath: string): string[] {
-  const buffer = Buffer.alloc(ADDRESS_BUFFER_SIZE);
-  const result = call(
-    "aa_netns_ipv6_addresses",
-    [DataType.String, DataType.U8Array, DataType.I32],
-    [netnsPath, buffer, buffer.length],
-  );
-  const length = check(result, `listing the IPv6 addresses of network namespace ${netnsPath}`, NETNS_FIX);
-  const text = buffer.toString("utf8", 0, length);
-  return text === "" ? [] : text.split(",");
+  return listNetnsAddresses("aa_netns_ipv6_addresses", netnsPath, 6);
 }
 
 /** Returns the cookie of a network namespace (SO_NETNS_COOKIE), the key of the enrolled map. */
@@ -319,13 +310,14 @@ export function netnsCookie(netnsPath: string): bigint {
 
 /** Returns the IPv4 addresses of every interface in a network namespace, loopback included. */
 export function netnsIpv4Addresses(netnsPath: string): string[] {
+  return listNetnsAddresses("aa_netns_ipv4_addresses", netnsPath, 4);
+}
+
+/** Calls aa_netns_ipv4_addresses or aa_netns_ipv6_addresses, which write a comma-separated list. */
+function listNetnsAddresses(funcName: string, netnsPath: string, family: 4 | 6): string[] {
   const buffer = Buffer.alloc(ADDRESS_BUFFER_SIZE);
-  const result = call(
-    "aa_netns_ipv4_addresses",
-    [DataType.String, DataType.U8Array, DataType.I32],
-    [netnsPath, buffer, buffer.length],
-  );
-  const length = check(result, `listing the IPv4 addresses of network namespace ${netnsPath}`, NETNS_FIX);
+  const result = call(funcName, [DataType.String, DataType.U8Array, DataType.I32], [netnsPath, buffer, buffer.length]);
+  const length = check(result, `listing the IPv${family} addresses of network namespace ${netnsPath}`, NETNS_FIX);
   const text = buffer.toString("utf8", 0, length);
   return text === "" ? [] : text.split(",");
 }

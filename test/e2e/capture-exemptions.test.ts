@@ -36,6 +36,7 @@ import {
 import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
 import { mapDelete, mapLookup, mapOpen, mapUpdate, skLookupTestRun, type SkLookupTestInput } from "../../agent/capture/native-bpf";
 import { createEnrolledPair, PIN_PARENT, type EnrolledPair } from "../harness/netns-pair";
+import { listenOn, readAll } from "../harness/netns-sockets";
 
 const PREFIX = "aaexm";
 const SUBNET = 20;
@@ -60,6 +61,7 @@ const PROBE_SOURCE_IP4 = DEFAULT_PROBE_SOURCES[0];
 const PROBE_SOURCE_IP6 = DEFAULT_PROBE_SOURCES[1];
 /** The agent's own connection to B's application, as sockops records it. */
 const OWN_SOURCE_PORT = 41000;
+/** How long a client in these tests waits for the server to reply and close. */
 const WAIT_MS = 3000;
 
 interface Extra {
@@ -73,16 +75,6 @@ let fixture: EnrolledPair<Extra> | undefined;
 function fx(): EnrolledPair<Extra> {
   if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
   return fixture;
-}
-
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => {
-      server.off("error", reject);
-      resolve();
-    });
-  });
 }
 
 /** A server that replies `<name>` and closes. */
@@ -309,45 +301,24 @@ test.serial("proxy ports cannot be excluded", (t) => {
   t.deepEqual(exemptions.excludedPorts().get(fx().pair.b.ip), { inbound: [EXCLUDED_INBOUND_PORT], outbound: [] });
 });
 
-/** Connects an agent socket made in `netnsPath` (bound to bindIp when given) and returns what the server sends. */
-function readFrom(socket: net.Socket, host: string, port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new Error(`no reply from ${host}:${port} within ${WAIT_MS} ms`));
-    }, WAIT_MS);
-    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    socket.once("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    socket.once("close", () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks).toString());
-    });
-    socket.connect(port, host);
-  });
-}
-
 test.serial("real inbound connections", async (t) => {
   const { a, b } = fx().pair;
   const agentClient = (bindIp?: string): net.Socket => new net.Socket({ fd: netnsSocket(a.path, bindIp ? { bindIp } : {}) });
-  t.is(await readFrom(agentClient(), b.ip, APP_PORT), "inbound", "a captured port reaches the 15006 listener");
-  t.is(await readFrom(agentClient(), b.ip, EXCLUDED_INBOUND_PORT), `app:${EXCLUDED_INBOUND_PORT}`, "an excluded port reaches the app");
-  t.is(await readFrom(agentClient(PROBE_SOURCE_IP4), b.ip, APP_PORT), `app:${APP_PORT}`, "a probe reaches the app");
+  t.is(await readAll(agentClient().connect(APP_PORT, b.ip), WAIT_MS), "inbound", "a captured port reaches the 15006 listener");
+  t.is(await readAll(agentClient().connect(EXCLUDED_INBOUND_PORT, b.ip), WAIT_MS), `app:${EXCLUDED_INBOUND_PORT}`, "an excluded port reaches the app");
+  t.is(await readAll(agentClient(PROBE_SOURCE_IP4).connect(APP_PORT, b.ip), WAIT_MS), `app:${APP_PORT}`, "a probe reaches the app");
 });
 
 test.serial("real outbound excluded port", async (t) => {
   const { a, b } = fx().pair;
   const appClient = (): net.Socket => new net.Socket({ fd: netnsSocket(a.path, { agentSocket: false }) });
   // Without the exclusion, connect4 steers A's connection to A:15001, where nothing listens.
-  await t.throwsAsync(readFrom(appClient(), b.ip, EXCLUDED_OUTBOUND_PORT), { code: "ECONNREFUSED" });
+  await t.throwsAsync(readAll(appClient().connect(EXCLUDED_OUTBOUND_PORT, b.ip), WAIT_MS), { code: "ECONNREFUSED" });
   try {
     fx().capture.exemptions.setExcludedPorts(a.ip, { inbound: [], outbound: [EXCLUDED_OUTBOUND_PORT] });
     // The connection leaves A unchanged and reaches B, whose own inbound capture takes it.
-    t.is(await readFrom(appClient(), b.ip, EXCLUDED_OUTBOUND_PORT), "inbound");
-    await t.throwsAsync(readFrom(appClient(), b.ip, APP_PORT), { code: "ECONNREFUSED" }, "other ports stay captured");
+    t.is(await readAll(appClient().connect(EXCLUDED_OUTBOUND_PORT, b.ip), WAIT_MS), "inbound");
+    await t.throwsAsync(readAll(appClient().connect(APP_PORT, b.ip), WAIT_MS), { code: "ECONNREFUSED" }, "other ports stay captured");
   } finally {
     fx().capture.exemptions.clearExcludedPorts(a.ip);
   }

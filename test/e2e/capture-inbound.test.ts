@@ -3,11 +3,10 @@
 // Needs root, bpffs and cgroup v2 (sockops records the agent's own connections), and fails
 // without them.
 import test from "ava";
-import { execFile, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { promisify } from "node:util";
 
 import { Capture } from "../../agent/capture/bpf";
 import {
@@ -20,7 +19,7 @@ import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
 import { mapLookup, mapOpen } from "../../agent/capture/native-bpf";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
-import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
+import { acceptedAfterSettling, connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
 import {
   assertCaptureHost,
   BPFFS,
@@ -30,11 +29,12 @@ import {
   PIN_PARENT,
   deleteNetns,
   linkLocalAddress,
+  removePinParentIfEmpty,
   removeStaleCaptureState,
   type NetnsPair,
 } from "../harness/netns-pair";
+import { appConnect, listenOn, readAll, socatIn } from "../harness/netns-sockets";
 
-const execFileAsync = promisify(execFile);
 const PREFIX = "aainb";
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
 const APP_PORT = 8080;
@@ -93,16 +93,6 @@ function enableTransparentReplies(netns: NetnsPair["b"]): void {
   run("nsenter", [`--net=${netns.path}`, "sysctl", "-q", "-w", "net.ipv4.tcp_fwmark_accept=1"]);
 }
 
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => {
-      server.off("error", reject);
-      resolve();
-    });
-  });
-}
-
 /** Creates a server that records each accepted connection's addresses and replies `<name> <local address>`. */
 function recordingServer(name: string, accepted: Accepted[]): net.Server {
   return net.createServer((socket) => {
@@ -151,33 +141,6 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieB: bigint, 
   return { ...state, ...listener, servers };
 }
 
-/** Connects a socket made inside the namespace but not flagged as the agent's: what an application does. */
-function appConnect(netnsPath: string, host: string, port: number): net.Socket {
-  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { agentSocket: false }) });
-  socket.connect(port, host);
-  return socket;
-}
-
-/** Reads everything the peer sends until it closes, within WAIT_MS. */
-function readAll(socket: net.Socket): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new Error(`no end of stream within ${WAIT_MS} ms`));
-    }, WAIT_MS);
-    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    socket.on("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    socket.on("close", () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks).toString());
-    });
-  });
-}
-
 /** Waits for a socket to connect and returns "connected", the error code, or "timeout" after DROP_WAIT_MS. */
 function connectOutcome(socket: net.Socket): Promise<string> {
   return new Promise((resolve) => {
@@ -204,14 +167,6 @@ function waitConnect(socket: net.Socket): Promise<void> {
   });
 }
 
-async function socatIn(netnsPath: string, address: string): Promise<string> {
-  const { stdout } = await execFileAsync("nsenter", [`--net=${netnsPath}`, "socat", "-T", "3", "-u", address, "-"], {
-    timeout: WAIT_MS,
-    encoding: "utf8",
-  });
-  return stdout;
-}
-
 function inboundLinkPath(cookie: bigint): string {
   return path.join(PIN_ROOT, "links", inboundLinkName(cookie));
 }
@@ -235,12 +190,6 @@ async function eventually(check: () => boolean): Promise<boolean> {
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   return check();
-}
-
-/** Waits a moment for a server's output to arrive, then returns how many connections it accepted. */
-async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  return server.accepted.length;
 }
 
 function closeServer(server: net.Server): Promise<void> {
@@ -273,11 +222,7 @@ function removeTestState(): void {
   fixture?.pair.destroy();
   deleteNetns([GONE_NETNS]);
   Capture.remove(PIN_ROOT);
-  try {
-    fs.rmdirSync(PIN_PARENT);
-  } catch {
-    // Not empty (another run uses it), or already gone.
-  }
+  removePinParentIfEmpty();
 }
 
 // ava skips after.always hooks when a test throws an uncaught exception: clean up on exit too.

@@ -5,7 +5,6 @@
 // listener. Needs root, bpffs and cgroup v2, and fails without them.
 import test from "ava";
 import { execFile } from "node:child_process";
-import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -18,7 +17,8 @@ import { podIpv6ToCapture } from "../../agent/enroll/dual-stack";
 import { silentLogger } from "../../agent/log";
 import type { Workload } from "../../agent/state/types";
 import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { createEnrolledPair, createNetnsPair, linkLocalAddress, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
+import { createEnrolledPair, createNetnsPair, linkLocalAddress, PIN_PARENT, removePinParentIfEmpty, type NetnsPair } from "../harness/netns-pair";
+import { listenOn } from "../harness/netns-sockets";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aav6";
@@ -52,13 +52,6 @@ function fx(): Fixture {
 
 function formatPeer(ip: string | undefined, port: number | undefined): string {
   return net.isIPv6(ip ?? "") ? `[${ip}]:${port}` : `${ip}:${port}`;
-}
-
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => resolve());
-  });
 }
 
 /** Python client: connects from inside the namespace and prints the peer address getpeername() returns and the reply. */
@@ -161,11 +154,7 @@ function removeTestState(): void {
   fixture?.app6.stop();
   fixture?.pair.destroy();
   Capture.remove(PIN_ROOT);
-  try {
-    fs.rmdirSync(PIN_PARENT);
-  } catch {
-    // Another run still uses it, or it is gone.
-  }
+  removePinParentIfEmpty();
 }
 
 test.after.always(() => {

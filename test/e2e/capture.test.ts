@@ -16,8 +16,9 @@ import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { checkHost } from "../../agent/capture/preflight";
 import { findNetnsByIp } from "../../agent/enroll/netns";
 import { silentLogger } from "../../agent/log";
-import { connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
-import { CGROUP_ROOT, createEnrolledPair, linkLocalAddress, OBJECT_PATH, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
+import { acceptedAfterSettling, connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";
+import { CGROUP_ROOT, createEnrolledPair, linkLocalAddress, OBJECT_PATH, PIN_PARENT, removePinParentIfEmpty, type NetnsPair } from "../harness/netns-pair";
+import { appConnect, listenOn, readAll, socatIn } from "../harness/netns-sockets";
 
 const execFileAsync = promisify(execFile);
 const PREFIX = "aacap";
@@ -47,63 +48,6 @@ let fixture: Fixture | undefined;
 function fx(): Fixture {
   if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
   return fixture;
-}
-
-/** Removes the shared parent of the test pin roots unless another run still uses it. */
-function removeIfEmpty(directory: string): void {
-  try {
-    fs.rmdirSync(directory);
-  } catch {
-    // Not empty, or already gone.
-  }
-}
-
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => resolve());
-  });
-}
-
-/** Connects a socket made inside the namespace but not flagged as the agent's: what an application in the pod does. */
-function appConnect(netnsPath: string, host: string, port: number, mark = 0): net.Socket {
-  const socket = new net.Socket({ fd: netnsSocket(netnsPath, { agentSocket: false, mark }) });
-  socket.connect(port, host);
-  return socket;
-}
-
-/** Reads everything the peer sends until it closes, within WAIT_MS. */
-function readAll(socket: net.Socket): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new Error(`no end of stream within ${WAIT_MS} ms`));
-    }, WAIT_MS);
-    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    // Sockets from NetnsPodNetwork allow half-open connections, so the peer's FIN is followed by ours.
-    socket.on("end", () => socket.end());
-    socket.on("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    socket.on("close", () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks).toString());
-    });
-  });
-}
-
-/**
- * Runs socat inside a namespace with a bounded timeout and returns what it printed. It runs
- * asynchronously because the stub proxy that replies to it runs in this process.
- */
-async function socatIn(netnsPath: string, address: string): Promise<string> {
-  const { stdout } = await execFileAsync("nsenter", [`--net=${netnsPath}`, "socat", "-T", "3", "-u", address, "-"], {
-    timeout: WAIT_MS,
-    encoding: "utf8",
-  });
-  return stdout;
 }
 
 function linkedProgramIds(): number[] {
@@ -172,7 +116,7 @@ function removeTestState(): void {
   fixture?.ipv6.b.stop();
   fixture?.pair.destroy();
   Capture.remove(PIN_ROOT);
-  removeIfEmpty(PIN_PARENT);
+  removePinParentIfEmpty();
 }
 
 // ava skips after.always hooks when a test throws an uncaught exception: clean up on exit too.
@@ -348,12 +292,6 @@ for (const mark of [AGENT_MARK, TRANSPARENT_MARK]) {
     t.is(proxied.length, before.proxied + 1);
     t.is(reachedB.length, before.reachedB);
   });
-}
-
-/** Waits a moment for a server's output to arrive, then returns how many connections it accepted. */
-async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  return server.accepted.length;
 }
 
 test.serial("native IPv6 from pod without IPv6 is rejected", async (t) => {

@@ -16,17 +16,14 @@ import { EnrollmentReconciler } from "../../agent/enroll/reconciler";
 import { silentLogger } from "../../agent/log";
 import { EMPTY_DRAIN } from "../../agent/proxy/drain";
 import type { Workload } from "../../agent/state/types";
-import { CGROUP_ROOT, createEnrolledPair, OBJECT_PATH, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
+import { CGROUP_ROOT, createEnrolledPair, OBJECT_PATH, PIN_PARENT, removePinParentIfEmpty, type NetnsPair } from "../harness/netns-pair";
+import { getsockopt, listenOn, readAll, settledSocketsInNetns, SO_MARK, SO_NETNS_COOKIE, socketsInNetns } from "../harness/netns-sockets";
 
 const PREFIX = "aasock";
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
 const APP_PORT = 8080;
-const WAIT_MS = 5000;
 
 const LIBC = "aasock-libc";
-const SOL_SOCKET = 1;
-const SO_MARK = 36;
-const SO_NETNS_COOKIE = 71;
 const F_GETFD = 1;
 const FD_CLOEXEC = 1;
 
@@ -48,22 +45,6 @@ function fx(): Fixture {
   return fixture;
 }
 
-/** Calls getsockopt(2) for an 8-byte or 4-byte option; returns undefined when it fails (not a socket). */
-function getsockopt(fd: number, name: number, size: 4 | 8): bigint | undefined {
-  const value = Buffer.alloc(size);
-  const length = Buffer.alloc(4);
-  length.writeUInt32LE(size);
-  const result = load({
-    library: LIBC,
-    funcName: "getsockopt",
-    retType: DataType.I32,
-    paramsType: [DataType.I32, DataType.I32, DataType.I32, DataType.U8Array, DataType.U8Array],
-    paramsValue: [fd, SOL_SOCKET, name, value, length],
-  }) as number;
-  if (result !== 0) return undefined;
-  return size === 8 ? value.readBigUInt64LE() : BigInt(value.readUInt32LE());
-}
-
 function fdFlags(fd: number): number {
   return load({
     library: LIBC,
@@ -72,30 +53,6 @@ function fdFlags(fd: number): number {
     paramsType: [DataType.I32, DataType.I32],
     paramsValue: [fd, F_GETFD],
   }) as number;
-}
-
-/** Counts this process's sockets that live in the network namespace with this cookie. */
-function socketsInNetns(cookie: bigint): number {
-  let count = 0;
-  for (const entry of fs.readdirSync("/proc/self/fd")) {
-    const fd = Number(entry);
-    if (getsockopt(fd, SO_NETNS_COOKIE, 8) === cookie) count++;
-  }
-  return count;
-}
-
-/**
- * Waits up to WAIT_MS for the count of sockets in a namespace to reach `expected` and returns
- * the last count. The stub proxy closes its side of a connection after the client does.
- */
-async function settledSocketsInNetns(cookie: bigint, expected: number): Promise<number> {
-  const deadline = Date.now() + WAIT_MS;
-  let count = socketsInNetns(cookie);
-  while (count !== expected && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
-    count = socketsInNetns(cookie);
-  }
-  return count;
 }
 
 /** Returns a file limit that leaves exactly `free` descriptor numbers unused below it. */
@@ -112,34 +69,6 @@ function limitLeavingFree(free: number): number {
 /** Connects an fd made by netnsSockets to host:port and reads the reply until the peer closes. */
 function connectFd(fd: number, host: string, port: number): Promise<string> {
   return readAll(new net.Socket({ fd, allowHalfOpen: true }).connect(port, host));
-}
-
-/** Reads everything the peer sends until the socket closes, within WAIT_MS. */
-function readAll(socket: net.Socket): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new Error(`no end of stream within ${WAIT_MS} ms`));
-    }, WAIT_MS);
-    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    socket.on("end", () => socket.end());
-    socket.on("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    socket.on("close", () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks).toString());
-    });
-  });
-}
-
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => resolve());
-  });
 }
 
 /** Sets this process's soft limit of open files with setrlimit(2); returns the previous one. */
@@ -192,11 +121,7 @@ test.before(async () => {
 function removeTestState(): void {
   fixture?.pair.destroy();
   Capture.remove(PIN_ROOT);
-  try {
-    fs.rmdirSync(PIN_PARENT);
-  } catch {
-    // Another run still uses it, or it is already gone.
-  }
+  removePinParentIfEmpty();
 }
 
 process.once("exit", removeTestState);

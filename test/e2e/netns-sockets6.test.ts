@@ -6,25 +6,26 @@ import test from "ava";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { DataType, load, open } from "ffi-rs";
 
 import { Capture } from "../../agent/capture/bpf";
 import { AGENT_MARK } from "../../agent/capture/layout";
 import { netnsSocket6, netnsSockets6 } from "../../agent/capture/native";
 import { NetnsPodNetwork, SPARE_SOCKET_BATCH } from "../../agent/capture/netns-network";
-import { createEnrolledPair, PIN_PARENT, type NetnsPair } from "../harness/netns-pair";
+import { createEnrolledPair, PIN_PARENT, removePinParentIfEmpty, type NetnsPair } from "../harness/netns-pair";
+import {
+  getsockopt,
+  listenOn,
+  readAll,
+  settledSocketsInNetns,
+  SO_DOMAIN,
+  SO_MARK,
+  SO_NETNS_COOKIE,
+} from "../harness/netns-sockets";
 
 const PREFIX = "aatpxs";
 const SUBNET = 235;
 const PIN_ROOT = path.join(PIN_PARENT, `${PREFIX}-${process.pid}`);
 const APP_PORT = 8080;
-const WAIT_MS = 5000;
-
-const LIBC = "aatpxs-libc";
-const SOL_SOCKET = 1;
-const SO_MARK = 36;
-const SO_DOMAIN = 39;
-const SO_NETNS_COOKIE = 71;
 const AF_INET6 = 10;
 
 interface Fixture {
@@ -43,73 +44,6 @@ let fixture: Fixture | undefined;
 function fx(): Fixture {
   if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
   return fixture;
-}
-
-/** Calls getsockopt(2) at SOL_SOCKET for an 8-byte or 4-byte option; undefined when it fails. */
-function getsockopt(fd: number, name: number, size: 4 | 8): bigint | undefined {
-  const value = Buffer.alloc(size);
-  const length = Buffer.alloc(4);
-  length.writeUInt32LE(size);
-  const result = load({
-    library: LIBC,
-    funcName: "getsockopt",
-    retType: DataType.I32,
-    paramsType: [DataType.I32, DataType.I32, DataType.I32, DataType.U8Array, DataType.U8Array],
-    paramsValue: [fd, SOL_SOCKET, name, value, length],
-  }) as number;
-  if (result !== 0) return undefined;
-  return size === 8 ? value.readBigUInt64LE() : BigInt(value.readUInt32LE());
-}
-
-/** Counts this process's sockets that live in the network namespace with this cookie. */
-function socketsInNetns(cookie: bigint): number {
-  let count = 0;
-  for (const entry of fs.readdirSync("/proc/self/fd")) {
-    if (getsockopt(Number(entry), SO_NETNS_COOKIE, 8) === cookie) count++;
-  }
-  return count;
-}
-
-/**
- * Waits up to WAIT_MS for the count of sockets in a namespace to reach `expected` and returns
- * the last count. The stub proxy closes its side of a connection after the client does.
- */
-async function settledSocketsInNetns(cookie: bigint, expected: number): Promise<number> {
-  const deadline = Date.now() + WAIT_MS;
-  let count = socketsInNetns(cookie);
-  while (count !== expected && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
-    count = socketsInNetns(cookie);
-  }
-  return count;
-}
-
-/** Reads everything the peer sends until the socket closes, within WAIT_MS. */
-function readAll(socket: net.Socket): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new Error(`no end of stream within ${WAIT_MS} ms`));
-    }, WAIT_MS);
-    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
-    socket.on("end", () => socket.end());
-    socket.on("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    socket.on("close", () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks).toString());
-    });
-  });
-}
-
-function listenOn(server: net.Server, fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen({ fd }, () => resolve());
-  });
 }
 
 async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint): Promise<Fixture> {
@@ -135,7 +69,6 @@ async function startServers(pair: NetnsPair, capture: Capture, cookieA: bigint):
 }
 
 test.before(async () => {
-  open({ library: LIBC, path: "" });
   const enrolled = await createEnrolledPair(PREFIX, SUBNET, PIN_ROOT, startServers);
   fixture = enrolled.extra;
 });
@@ -144,11 +77,7 @@ test.before(async () => {
 function removeTestState(): void {
   fixture?.pair.destroy();
   Capture.remove(PIN_ROOT);
-  try {
-    fs.rmdirSync(PIN_PARENT);
-  } catch {
-    // Another run still uses it, or it is already gone.
-  }
+  removePinParentIfEmpty();
 }
 
 process.once("exit", removeTestState);

@@ -98,3 +98,9 @@ export async function connectIpv6(netnsPath: string, host: string, port: number)
   });
   return stdout.trim();
 }
+
+/** Waits 300 ms for a server's output to arrive, then returns how many connections it accepted. */
+export async function acceptedAfterSettling(server: Ipv6Server): Promise<number> {
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  return server.accepted.length;
+}

@@ -118,6 +118,15 @@ export const CGROUP_ROOT = "/sys/fs/cgroup/unified";
 export const PIN_PARENT = path.join(BPFFS, "ambient-agent");
 export const OBJECT_PATH = path.resolve(__dirname, "../../../bpf/capture.bpf.o");
 
+/** Removes PIN_PARENT, the shared parent of the test pin roots, unless another run still has one in it. */
+export function removePinParentIfEmpty(): void {
+  try {
+    fs.rmdirSync(PIN_PARENT);
+  } catch {
+    // Not empty (another run uses it), or already gone.
+  }
+}
+
 /** Throws, naming what is missing, unless this process is root with bpffs and cgroup v2 mounted. */
 export function assertCaptureHost(bpffs: string, cgroupRoot: string): void {
   if (process.getuid?.() !== 0) throw new Error("the capture tests must run as root");

@@ -264,6 +264,7 @@ export class Agent {
     await takeOver({
       predecessor,
       reconciler: this.reconciler!,
+      capture: this.capture!,
       wanted: enrolledWorkloads(this.state!, this.options.node).map((workload) => workload.uid),
       drainTimeoutMs: this.options.drainTimeoutMs ?? 0,
       logger: this.logger.child({ component: "handover" }),

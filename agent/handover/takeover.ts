@@ -23,10 +23,13 @@ const EXIT_MARGIN_MS = 15_000;
 export const ADMIN_RETRY_TIMEOUT_MS = 10_000;
 const ADMIN_RETRY_DELAY_MS = 100;
 
+/** The capture calls that point a pod's inbound capture at a listener. */
+type InboundAttachment = Pick<EnrollmentCapture, "attachInbound" | "attachInbound6">;
+
 /** Returns the running agent's side of the hand-over, working on its enrolled workloads. */
 export function handoverHandlers(
   reconciler: EnrollmentReconciler,
-  capture: Pick<EnrollmentCapture, "attachInbound" | "attachInbound6">,
+  capture: InboundAttachment,
   drainTimeoutMs: number,
   release: () => void,
   logger: Logger,
@@ -38,22 +41,32 @@ export function handoverHandlers(
       return { enrolled: entries.map((entry) => entry.workload.uid), drainTimeoutMs };
     },
     resume: () => {
-      for (const entry of reconciler.list()) {
-        const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 4);
-        if (fd !== undefined) capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
-        const podIp6 = entry.network.podIp6;
-        const fd6 = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 6);
-        if (podIp6 !== undefined && fd6 !== undefined) capture.attachInbound6?.(entry.cookie, podIp6, entry.workload.ip, fd6);
-      }
+      reattachInbound(reconciler, capture);
       logger.info("inbound capture points at this agent's listeners again");
     },
     release,
   };
 }
 
+/**
+ * Points the inbound capture of every workload this agent enrolled at its 15006 listeners. The
+ * other agent on the node may have changed it meanwhile: a running agent after its replacement
+ * aborted, or a replaced agent that retried a pod it isolated and so guarded it again.
+ */
+function reattachInbound(reconciler: EnrollmentReconciler, capture: InboundAttachment): void {
+  for (const entry of reconciler.list()) {
+    const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 4);
+    if (fd !== undefined) capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
+    const podIp6 = entry.network.podIp6;
+    const fd6 = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 6);
+    if (podIp6 !== undefined && fd6 !== undefined) capture.attachInbound6?.(entry.cookie, podIp6, entry.workload.ip, fd6);
+  }
+}
+
 export interface TakeOverOptions {
   predecessor: Predecessor;
   reconciler: EnrollmentReconciler;
+  capture: InboundAttachment;
   /** The workloads this agent wants to serve on the node. */
   wanted: string[];
   /** How long this agent's own connections may drain if it aborts. */
@@ -82,8 +95,13 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
   }
 
   await predecessor.handOver(HANDOVER_REPLY_TIMEOUT_MS);
+  // Until it released the node, the running agent kept retrying the pods it isolated, and each
+  // failed retry guarded the pod again over this agent's capture. A retry already under way when
+  // it released the node can still do that, so capture is pointed here again once it exited.
+  reattachInbound(reconciler, options.capture);
   logger.info({ predecessor: predecessor.pid, drainTimeoutMs: predecessor.drainTimeoutMs }, "the running agent handed the node over; waiting for it to drain and exit");
   await predecessor.waitExit(predecessor.drainTimeoutMs + EXIT_MARGIN_MS);
+  reattachInbound(reconciler, options.capture);
 }
 
 /**

@@ -4,14 +4,15 @@
 // while the second node's agent and then the first node's are replaced. Every connection must
 // succeed, be audited with mTLS, and cross the node link only as HBONE.
 
-import test from "ava";
+import test, { type ExecutionContext } from "ava";
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { AgentProcess, testPrefixFamily } from "../harness/agent-process";
+import { AgentProcess, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import type { NamespaceSpec } from "../harness/manifests";
+import { podsYaml, writeManifest, type NamespaceSpec } from "../harness/manifests";
+import { nftCaptureTable } from "../harness/nft-state";
 import { registerPid } from "../harness/pid-registry";
 import type { NodeSpec } from "../harness/topology";
 
@@ -279,3 +280,157 @@ test.serial("replace fails when the running agent is silent", async (t) => {
   const result = await curl(c.topology, "client", serverUrl());
   t.is(result.exitCode, 0, `the running agent no longer serves after the failed replacement: ${result.stderr}`);
 });
+
+/**
+ * Makes the server pod's listeners fail: the pod leaves the mesh, a process in it binds port
+ * 15006, and the pod joins again, so the agent of rst2 isolates it. With `sharePort` the process
+ * sets SO_REUSEPORT, so that a replacement agent, whose listeners set it too, can bind next to it
+ * while the running agent keeps failing. Resolves with the process once the agent isolated the pod.
+ */
+async function isolateServer(sharePort: boolean): Promise<ChildProcess> {
+  const c = theCluster();
+  const server = c.topology.pod("server");
+  const agent = c.agent("rst2");
+  let mark = agent.lines.length;
+  server.labels = { "istio.io/dataplane-mode": "none" };
+  writeManifest(c.manifestsDir, "pods.yaml", podsYaml(c.topology));
+  await agent.waitForLog((line) => line.msg === "workload unenrolled" && line.workload === "back/server", 10_000, "unenrollment of server", mark);
+
+  const reusePort = sharePort ? "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); " : "";
+  const squatter = c.topology.spawn(server.netns, "python3", [
+    "-c",
+    `import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); ${reusePort}s.bind(('0.0.0.0',15006)); s.listen(); print('bound', flush=True); time.sleep(60)`,
+  ]);
+  await waitForOutput(squatter, /bound/, "the process taking port 15006");
+
+  mark = agent.lines.length;
+  server.labels = {};
+  writeManifest(c.manifestsDir, "pods.yaml", podsYaml(c.topology));
+  await agent.waitForLog((line) => line.msg === "workload isolated until its listeners start" && line.workload === "back/server", 10_000, "isolation of server", mark);
+  return squatter;
+}
+
+/**
+ * Waits until a TCP socket listens on `port` in the network namespace of the process `pid`. It
+ * reads /proc/<pid>/net/tcp every millisecond, because the agents' log lines arrive up to 100 ms late.
+ */
+async function waitForListener(pid: number, port: number, timeoutMs: number): Promise<void> {
+  const listening = new RegExp(`^\\s*\\d+: [0-9A-F]{8}:${port.toString(16).toUpperCase().padStart(4, "0")} 00000000:0000 0A `, "m");
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (listening.test(fs.readFileSync(`/proc/${pid}/net/tcp`, "utf8"))) return;
+    await sleep(1);
+  }
+  throw new Error(`nothing listened on port ${port} in the network namespace of PID ${pid} within ${timeoutMs} ms`);
+}
+
+/** Ends `child` and waits until it has exited. */
+async function killAndWait(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  child.kill("SIGKILL");
+  await exited;
+}
+
+/** Checks that the server pod is captured and served: its table is not in the isolated form, and the client reaches it. */
+async function assertServerCaptured(t: ExecutionContext, context: string): Promise<void> {
+  const c = theCluster();
+  if (NFTABLES_CAPTURE) {
+    const table = nftCaptureTable(`/var/run/netns/${c.topology.pod("server").netns}`) ?? "";
+    t.regex(table, /redirect to :15006/, `${context}: the server pod has no capture table`);
+    t.notRegex(table, /iifname != "lo" ip saddr != \S+ meta l4proto tcp reject/, `${context}: the server pod's table is still in the isolated form:\n${table}`);
+  }
+  const result = await curl(c.topology, "client", serverUrl(), 5);
+  t.is(result.exitCode, 0, `${context}: the client did not reach the server pod: ${result.stderr}`);
+}
+
+test.serial("hand-over undoes old agent's isolation", async (t) => {
+  const c = theCluster();
+  const squatter = await isolateServer(true);
+  const old = c.agent("rst2");
+  try {
+    // The old agent retries the pod every second and fails, because the replacement holds its
+    // ports. It is paused from the moment the replacement listens in the pod until the retry is
+    // due, so that the retry runs after the replacement enrolled the pod and before the old agent exits.
+    const replacement = spawnReplacement("rst2");
+    await waitForListener(squatter.pid!, 15008, 20_000);
+    old.signal("SIGSTOP");
+    try {
+      await sleep(1_500);
+    } finally {
+      old.signal("SIGCONT");
+    }
+    await replacement.waitReady(20_000);
+    await old.waitExit(5_000);
+    t.deepEqual(old.exit, { code: 0, signal: null }, `the replaced agent of rst2 did not exit cleanly:\n${old.tail()}`);
+    t.truthy(replacement.lines.find((line) => line.msg === "workload enrolled" && line.workload === "back/server"), `the replacement did not enroll the server pod:\n${replacement.tail()}`);
+    const prepared = old.lines.findIndex((line) => line.msg === "a replacement agent is starting its listeners next to this agent's");
+    const retried = old.lines.slice(prepared).some((line) => line.workload === "back/server" && String(line.msg).startsWith("failed to start the workload's listeners"));
+    // NOTE: with eBPF capture the replacement went from its 15008 listener to the hand-over in
+    // about 2 ms on the test machine, so the pause can come too late, and then this run checks no
+    // retry. Writing an nftables table took about 12 ms more, which leaves time for the pause.
+    if (NFTABLES_CAPTURE) t.true(retried, `the old agent did not retry the pod during the hand-over, so this test checked nothing:\n${old.tail()}`);
+    else if (!retried) t.log("the old agent was paused after the hand-over, so this run checked no retry");
+  } finally {
+    await killAndWait(squatter);
+  }
+  await assertServerCaptured(t, "after the hand-over");
+  t.falsy(c.agent("rst2").lines.find((line) => line.msg === "workload isolated until its listeners start"), "the replacement isolated the server pod");
+});
+
+test.serial("replacement enrolls pod isolated by both", async (t) => {
+  const squatter = await isolateServer(false);
+  try {
+    const { old, replacement } = await replaceAgent("rst2");
+    t.deepEqual(old.exit, { code: 0, signal: null }, `the replaced agent of rst2 did not exit cleanly:\n${old.tail()}`);
+    const mark = replacement.lines.length;
+    await killAndWait(squatter);
+    await replacement.waitEnrolled("back/server", 10_000, mark);
+  } finally {
+    await killAndWait(squatter);
+  }
+  await assertServerCaptured(t, "after the hand-over");
+});
+
+test.serial("restart enrolls pod isolated by both", async (t) => {
+  const c = theCluster();
+  const squatter = await isolateServer(false);
+  await c.agent("rst2").stop();
+  const agent = await c.restartAgent("rst2", []);
+  await agent.waitForLog((line) => line.msg === "workload isolated until its listeners start" && line.workload === "back/server", 10_000, "isolation of server");
+  const mark = agent.lines.length;
+  await killAndWait(squatter);
+  await agent.waitEnrolled("back/server", 10_000, mark);
+  await assertServerCaptured(t, "after the restart");
+});
+
+test.serial("restart undoes old agent's isolation", async (t) => {
+  const c = theCluster();
+  const squatter = await isolateServer(false);
+  await c.agent("rst2").stop();
+  await killAndWait(squatter);
+  await c.restartAgent("rst2", ["server"]);
+  await assertServerCaptured(t, "after the restart");
+});
+
+/** Resolves once `child` prints a line matching `pattern`; rejects when it exits first or after 10 s. */
+function waitForOutput(child: ChildProcess, pattern: RegExp, description: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let output = "";
+    const onData = (chunk: Buffer): void => {
+      output += chunk.toString();
+      if (pattern.test(output)) finish();
+    };
+    const onExit = (code: number | null): void => finish(new Error(`${description} exited with code ${code}: ${output}`));
+    const timer = setTimeout(() => finish(new Error(`${description} printed nothing matching ${pattern} within 10 s: ${output}`)), 10_000);
+    const finish = (error?: Error): void => {
+      clearTimeout(timer);
+      child.stdout?.off("data", onData);
+      child.off("exit", onExit);
+      if (error) reject(error);
+      else resolve();
+    };
+    child.stdout?.on("data", onData);
+    child.once("exit", onExit);
+  });
+}

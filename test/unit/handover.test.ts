@@ -1,4 +1,4 @@
-import test from "ava";
+import test, { type ExecutionContext } from "ava";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -211,7 +211,7 @@ test("takeover aborts and restores both families", async (t) => {
   const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
   t.truthy(predecessor);
   const error = await t.throwsAsync(
-    takeOver({ predecessor: predecessor!, reconciler: replacementReconciler, wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() }),
+    takeOver({ predecessor: predecessor!, reconciler: replacementReconciler, capture: failingCapture(t), wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() }),
   );
 
   t.regex(error!.message, /could not start the listeners of shop\/web, which that agent serves; it keeps serving the node/);
@@ -221,4 +221,44 @@ test("takeover aborts and restores both families", async (t) => {
   const next = await Predecessor.contact(socketPath, 2_000, silentLogger());
   t.truthy(next);
   next!.close();
+});
+
+/** A capture whose calls fail the test: the replacement of an aborted hand-over attaches nothing. */
+function failingCapture(t: ExecutionContext) {
+  return {
+    attachInbound: () => t.fail("the aborted replacement attached inbound capture"),
+    attachInbound6: () => t.fail("the aborted replacement attached inbound IPv6 capture"),
+  };
+}
+
+test("takeover reattaches after release and exit", async (t) => {
+  // Every step lands in one list, so that the order of the hand-over and the attachments shows.
+  const steps: string[] = [];
+  const predecessor = {
+    pid: 4242,
+    enrolled: ["shop/web"],
+    drainTimeoutMs: 0,
+    handOver: async () => void steps.push("handed over"),
+    waitExit: async () => void steps.push("exited"),
+    abort: async () => t.fail("the hand-over was aborted"),
+  } as unknown as Predecessor;
+  const listenerFds: Record<4 | 6, number> = { 4: 42, 6: 62 };
+  const enrolled = [
+    {
+      workload: { uid: "shop/web", ip: "10.1.0.5" },
+      netnsPath: "/var/run/netns/web",
+      cookie: 7n,
+      network: { podIp6: "fd00::5", listenerFd: (_port: number, family: 4 | 6 = 4) => listenerFds[family] },
+    },
+  ];
+  const reconciler = { list: () => enrolled } as unknown as EnrollmentReconciler;
+  const capture = {
+    attachInbound: (netnsPath: string, cookie: bigint, podIp: string, fd: number) => void steps.push(`4 ${netnsPath} ${cookie} ${podIp} ${fd}`),
+    attachInbound6: (cookie: bigint, podIp6: string, podIp4: string, fd: number) => void steps.push(`6 ${cookie} ${podIp6} ${podIp4} ${fd}`),
+  };
+
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() });
+
+  const attachments = ["4 /var/run/netns/web 7 10.1.0.5 42", "6 7 fd00::5 10.1.0.5 62"];
+  t.deepEqual(steps, ["handed over", ...attachments, "exited", ...attachments]);
 });

@@ -98,6 +98,8 @@ export class EnrollmentReconciler {
   private running: Promise<void> = Promise.resolve();
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** Set while the node is being handed to a replacement, which then writes capture alone. */
+  private frozen = false;
   private stopping: Promise<DrainSummary> | undefined;
 
   /** Writes the ports that each workload's annotations exclude from capture. */
@@ -180,8 +182,24 @@ export class EnrollmentReconciler {
     this.excludedPorts.removeStale();
   }
 
+  /**
+   * Stops reconciling and retrying, for an agent that is handing its node over: the replacement
+   * now writes capture, and a late retry here would guard an isolated pod again over the
+   * replacement's listener. Changes that arrive meanwhile are kept for thaw().
+   */
+  freeze(): void {
+    this.frozen = true;
+    clearTimeout(this.retryTimer);
+  }
+
+  /** Reconciles again after freeze(), with the latest wanted workloads: the hand-over was aborted. */
+  thaw(): Promise<void> {
+    this.frozen = false;
+    return this.update(this.desired);
+  }
+
   private async reconcile(): Promise<void> {
-    if (this.stopped) return;
+    if (this.stopped || this.frozen) return;
     const wanted = new Map(this.desired.map((workload) => [workload.uid, workload]));
     // One listing of the node's namespaces serves every pod of this pass.
     const scan = scanNetns();

@@ -36,12 +36,14 @@ export function handoverHandlers(
 ): HandoverHandlers {
   return {
     prepare: () => {
+      reconciler.freeze();
       const entries = reconciler.list();
       for (const entry of entries) entry.network.shareListeners();
       return { enrolled: entries.map((entry) => entry.workload.uid), drainTimeoutMs };
     },
     resume: () => {
       reattachInbound(reconciler, capture);
+      void reconciler.thaw();
       logger.info("inbound capture points at this agent's listeners again");
     },
     release,

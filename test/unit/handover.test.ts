@@ -201,7 +201,13 @@ test("takeover aborts and restores both families", async (t) => {
     attachInbound: (netnsPath: string, cookie: bigint, podIp: string, fd: number) => void attached.push(`4 ${netnsPath} ${cookie} ${podIp} ${fd}`),
     attachInbound6: (cookie: bigint, podIp6: string, podIp4: string, fd: number) => void attached.push(`6 ${cookie} ${podIp6} ${podIp4} ${fd}`),
   };
-  const runningReconciler = { list: () => running } as unknown as EnrollmentReconciler;
+  // The running agent stops reconciling while it prepares, and starts again when the hand-over is aborted.
+  const reconcilerSteps: string[] = [];
+  const runningReconciler = {
+    list: () => running,
+    freeze: () => void reconcilerSteps.push("freeze"),
+    thaw: async () => void reconcilerSteps.push("thaw"),
+  } as unknown as EnrollmentReconciler;
   const server = await HandoverServer.listen(socketPath, handoverHandlers(runningReconciler, capture, 2_000, () => t.fail("released"), silentLogger()), silentLogger());
   t.teardown(() => server.close());
 
@@ -216,6 +222,7 @@ test("takeover aborts and restores both families", async (t) => {
 
   t.regex(error!.message, /could not start the listeners of shop\/web, which that agent serves; it keeps serving the node/);
   t.deepEqual(attached, ["4 /var/run/netns/web 7 10.1.0.5 41", "6 7 fd00::5 10.1.0.5 61"]);
+  t.deepEqual(reconcilerSteps, ["freeze", "thaw"]);
   t.deepEqual(stops, [500]);
   // The running agent accepts the next replacement, because the aborted one ended its hand-over session.
   const next = await Predecessor.contact(socketPath, 2_000, silentLogger());

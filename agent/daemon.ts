@@ -341,8 +341,8 @@ export class Agent {
       lookupSource: (ip) => this.state?.workloadByIp(ip),
       onListenerFd: (fd, family) =>
         family === 6 && network.podIp6 !== undefined
-          ? this.capture!.attachInbound6?.(cookie, network.podIp6, workload.ip, fd)
-          : this.capture!.attachInbound(network.netnsPath, cookie, workload.ip, fd),
+          ? this.capture!.attachInbound6?.(cookie, network.podIp6, network.podIp, fd)
+          : this.capture!.attachInbound(network.netnsPath, cookie, network.podIp ?? workload.ip, fd),
       inboundDestination: (socket) => this.capture!.inboundDestination(socket),
     });
     const servers = [inbound, plaintext, outbound];

@@ -35,9 +35,17 @@ export interface CaptureBackend {
   enrollIpv6?(cookie: bigint, podIp6: string | undefined): void;
   /**
    * Steers inbound IPv6 connections to podIp6 to the pod's IPv6 15006 listener, after
-   * attachInbound or guardInbound. podIp4 is the pod's IPv4 address. Absent without IPv6 capture.
+   * attachInbound or guardInbound. podIp4 is the pod's IPv4 address, undefined for an IPv6-only
+   * pod. Absent without IPv6 capture.
    */
-  attachInbound6?(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void;
+  attachInbound6?(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void;
+  /**
+   * Links inbound capture to the namespace of an IPv6-only pod, with no entry, ahead of
+   * attachInbound6: IPv4 to the namespace is then dropped. Present only in a backend that enrolls
+   * IPv6-only pods, which it keeps under their IPv6 address as podIp in enroll() and
+   * guardInbound(). Without it the reconciler leaves IPv6-only pods unenrolled.
+   */
+  linkInbound?(netnsPath: string, cookie: bigint): void;
   /** Makes every inbound connection to the pod fail until attachInbound supplies a listener. */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void;
   /** Stops steering the pod's inbound connections. */
@@ -123,12 +131,16 @@ export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements C
     this.capture.attachInbound(netnsPath, cookie, podIp, listenerFd);
   }
 
-  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void {
     this.capture.attachInbound6(cookie, podIp6, podIp4, listenerFd);
   }
 
   forgetInboundIp(cookie: bigint, podIp: string): void {
     this.capture.forgetInboundIp(cookie, podIp);
+  }
+
+  linkInbound(netnsPath: string, cookie: bigint): void {
+    this.capture.linkInbound(netnsPath, cookie);
   }
 
   unlinkInbound(cookie: bigint): void {

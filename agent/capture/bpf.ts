@@ -11,6 +11,7 @@
 //   <pinRoot>/progs/aa_sk_lookup       the inbound program (see inbound.ts)
 //   <pinRoot>/links/sk_lookup-<cookie> one bpf_link per pod network namespace
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 
 import { AgentError } from "../errors";
@@ -43,6 +44,12 @@ export interface CaptureOptions {
   /** The prebuilt object, bpf/capture.bpf.o. */
   objectPath: string;
 }
+
+/**
+ * The pod_ip4 of an IPv6-only pod in aa_enrolled and aa_inbound_pods6: it has no IPv4 address,
+ * so connect4 rejects its IPv4 connections and none of its ports is excluded.
+ */
+const NO_POD_IPV4 = "0.0.0.0";
 
 /** Upper bound of an enrolled-map walk. The map has at most 4096 entries (AA_MAX_ENROLLED in bpf/lib/config.h). */
 const MAX_ENROLLED_KEYS = 8192;
@@ -118,10 +125,12 @@ export class Capture {
   /**
    * Starts capturing the pod whose network namespace has this cookie; its proxy listens on
    * podIp:15001. Replaces the pod's entry when it is already enrolled. While nothing listens on
-   * podIp:15001, the pod's outbound connections are refused.
+   * podIp:15001, the pod's outbound connections are refused. podIp is the pod's IPv4 address, or
+   * its IPv6 address when it has no IPv4 one. The entry then contains pod_ip4 0, so connect4 rejects
+   * its IPv4 connections with EPERM, and enrollIpv6 must name the IPv6 address.
    */
   enroll(cookie: bigint, podIp: string): void {
-    mapUpdate(this.enrolledFd, encodeCookie(cookie), encodePodInfo(podIp));
+    mapUpdate(this.enrolledFd, encodeCookie(cookie), encodePodInfo(isNativeIpv6(podIp) ? NO_POD_IPV4 : podIp));
   }
 
   /**
@@ -163,7 +172,19 @@ export class Capture {
    * after guardInbound, replaces the listener. See InboundCapture.attach.
    */
   attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
+    if (isNativeIpv6(podIp)) {
+      throw new AgentError("INTERNAL", `attaching an IPv4 15006 listener to the IPv6 address ${podIp} is not possible: use attachInbound6 for IPv6 listeners`);
+    }
     this.inbound.attach(netnsPath, cookie, podIp, listenerFd);
+  }
+
+  /**
+   * Links sk_lookup to the namespace of an IPv6-only pod (or reuses the pinned link) and writes
+   * no entry. IPv4 to the namespace is then dropped (loopback excepted), and IPv6 follows
+   * aa_inbound_pods6. attachInbound6 then adds the pod's IPv6 listener.
+   */
+  linkInbound(netnsPath: string, cookie: bigint): void {
+    this.inbound.linkNamespace(netnsPath, cookie);
   }
 
   /**
@@ -172,16 +193,25 @@ export class Capture {
    * the namespace at netnsPath (or reuses the pinned link) and removes the pod's listener entry.
    */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
+    if (isNativeIpv6(podIp)) {
+      // An IPv6-only pod has no IPv4 entry: the link alone makes sk_lookup drop IPv4 to the
+      // namespace, and IPv6 to podIp once its entries are gone.
+      this.ipv6.detach(cookie, podIp);
+      this.inbound.linkNamespace(netnsPath, cookie);
+      return;
+    }
     this.inbound.guard(netnsPath, cookie, podIp);
   }
 
   /**
    * Starts steering the pod's inbound IPv6 connections to podIp6 to its IPv6 15006 listener
-   * (listenerFd). Call it after attachInbound or guardInbound, which link sk_lookup to the pod's
-   * namespace. podIp4 is the pod's IPv4 address, under which its excluded ports are kept.
+   * (listenerFd). Call it after attachInbound, guardInbound or linkInbound, which link sk_lookup
+   * to the pod's namespace. podIp4 is the pod's IPv4 address, under which its excluded ports are kept;
+   * undefined or an IPv6 address (the status.podIP of an IPv6-only pod) means that it has none.
    */
-  attachInbound6(cookie: bigint, podIp6: string, podIp4: string, listenerFd: number): void {
-    this.ipv6.attach(cookie, podIp6, podIp4, listenerFd);
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void {
+    const ip4 = podIp4 !== undefined && net.isIPv4(podIp4) ? podIp4 : NO_POD_IPV4;
+    this.ipv6.attach(cookie, podIp6, ip4, listenerFd);
   }
 
   /**
@@ -200,7 +230,8 @@ export class Capture {
 
   /** Deletes the inbound entries of one old IP of the pod and keeps its sk_lookup link. See InboundCapture.forget. */
   forgetInboundIp(cookie: bigint, podIp: string): void {
-    this.inbound.forget(cookie, podIp);
+    if (isNativeIpv6(podIp)) this.ipv6.detach(cookie, podIp);
+    else this.inbound.forget(cookie, podIp);
   }
 
   /** Unpins the sk_lookup link of the netns with this cookie and leaves every map entry as it is. */

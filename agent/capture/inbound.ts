@@ -113,6 +113,15 @@ export class InboundCapture {
     if (owner === undefined || owner === cookie) this.deleteEntries(podIp);
   }
 
+  /**
+   * Links sk_lookup to the namespace of a pod that has no IPv4 address, with no IPv4 entry: the
+   * program then drops IPv4 to every address but loopback there. Returns true when the pinned
+   * link was reused.
+   */
+  linkNamespace(netnsPath: string, cookie: bigint): boolean {
+    return netnsLink(this.programPath(), netnsPath, this.linkPath(cookie));
+  }
+
   /** Unpins the link of the netns with this cookie; the link detaches once no file descriptor refers to it. */
   unlink(cookie: bigint): void {
     fs.rmSync(this.linkPath(cookie), { force: true });

@@ -39,14 +39,19 @@ export class NetnsPodNetwork implements PodNetwork {
   #transparentSourceIpv6: TransparentSourceState = "off";
 
   /**
-   * podIp6 is the pod's IPv6 address when it has one in its namespace: the pod then gets an IPv6
-   * listener next to each IPv4 one, and connect() reaches IPv6 destinations.
+   * podIp is the pod's IPv4 address, undefined for an IPv6-only pod, which then gets no IPv4
+   * listeners. podIp6 is the pod's IPv6 address when it has one in its namespace: the pod then
+   * gets an IPv6 listener on each proxy port, and connect() reaches IPv6 destinations.
    */
   constructor(
     readonly netnsPath: string,
-    readonly podIp: string,
+    readonly podIp: string | undefined,
     readonly podIp6?: string,
-  ) {}
+  ) {
+    if (podIp === undefined && podIp6 === undefined) {
+      throw new AgentError("INTERNAL", `the pod network of ${netnsPath} needs an IPv4 or an IPv6 pod address; both are missing`);
+    }
+  }
 
   /**
    * Whether listeners made from now on get SO_REUSEPORT. A replacement agent sets it while it
@@ -60,11 +65,11 @@ export class NetnsPodNetwork implements PodNetwork {
 
   /**
    * Starts `server` on 0.0.0.0:port inside the pod, with a socket made and bound there, and for a
-   * pod with an IPv6 address also on [::]:port (see listenIpv6). `onListenerFd` gets each
-   * socket's descriptor with its family.
+   * pod with an IPv6 address also on [::]:port (see listenIpv6). An IPv6-only pod gets the IPv6
+   * socket alone. `onListenerFd` gets each socket's descriptor with its family.
    */
   async listen(server: net.Server, port: number, onListenerFd?: (fd: number, family: 4 | 6) => void): Promise<void> {
-    await this.listenIpv4(server, port, onListenerFd && ((fd) => onListenerFd(fd, 4)));
+    if (this.podIp !== undefined) await this.listenIpv4(server, port, onListenerFd && ((fd) => onListenerFd(fd, 4)));
     if (this.podIp6 !== undefined) await this.listenIpv6(server, port, onListenerFd);
   }
 

@@ -11,6 +11,7 @@ import { NO_EXCLUDED_PORTS, PROXY_PORTS, type ExcludedPorts } from "../capture/e
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import type { Direction, Workload } from "../state/types";
+import { capturePodIp } from "./dual-stack";
 
 export const EXCLUDE_INBOUND_PORTS_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts";
 export const EXCLUDE_OUTBOUND_PORTS_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts";
@@ -100,21 +101,22 @@ export class ExcludedPortsWriter {
   apply(workload: Workload): void {
     const previous = this.written.get(workload.uid);
     const { ports, problem } = this.readPorts(workload);
-    if (previous && previous.podIp === workload.ip && previous.problem === problem && sameExcludedPorts(previous.ports, ports)) return;
+    const podIp = capturePodIp(workload);
+    if (previous && previous.podIp === podIp && previous.problem === problem && sameExcludedPorts(previous.ports, ports)) return;
 
-    const log = this.logger.child({ workload: workload.uid, ip: workload.ip });
+    const log = this.logger.child({ workload: workload.uid, ip: podIp });
     if (problem !== undefined && problem !== previous?.problem) log.error(problem);
     try {
-      if (previous && previous.podIp !== workload.ip) this.exemptions.clearExcludedPorts(previous.podIp);
+      if (previous && previous.podIp !== podIp && net.isIPv4(previous.podIp)) this.exemptions.clearExcludedPorts(previous.podIp);
       this.written.delete(workload.uid);
-      this.write(workload, ports);
+      this.write(workload, podIp, ports);
     } catch (error) {
       log.error({ err: error }, "failed to write the pod's excluded ports: none of its ports is excluded from capture");
-      this.clearQuietly(workload.ip);
-      this.written.set(workload.uid, { podIp: workload.ip, ports: NO_EXCLUDED_PORTS, problem });
+      this.clearQuietly(podIp);
+      this.written.set(workload.uid, { podIp, ports: NO_EXCLUDED_PORTS, problem });
       return;
     }
-    this.written.set(workload.uid, { podIp: workload.ip, ports, problem });
+    this.written.set(workload.uid, { podIp, ports, problem });
     if (ports.inbound.length > 0 || ports.outbound.length > 0) {
       log.info({ excludedInboundPorts: ports.inbound, excludedOutboundPorts: ports.outbound }, "ports excluded from capture");
     } else if (previous && (previous.ports.inbound.length > 0 || previous.ports.outbound.length > 0)) {
@@ -157,14 +159,18 @@ export class ExcludedPortsWriter {
     }
   }
 
-  private write(workload: Workload, ports: ExcludedPorts): void {
+  /** Writes the ports under podIp, the pod's IPv4 address (see capturePodIp). */
+  private write(workload: Workload, podIp: string, ports: ExcludedPorts): void {
     const hasPorts = ports.inbound.length > 0 || ports.outbound.length > 0;
-    if (!net.isIPv4(workload.ip)) {
-      // NOTE: aa_excluded_ports is keyed by IPv4 address, so an IPv6 pod gets no exclusions.
-      if (hasPorts) throw new AgentError("INVALID_ANNOTATION", `pod ${workload.uid} has IP ${workload.ip}: ports can be excluded for IPv4 pods only`);
+    if (!net.isIPv4(podIp)) {
+      // NOTE: aa_excluded_ports is keyed by IPv4 address, so an IPv6-only pod gets no exclusions
+      // and every port of it stays captured.
+      if (hasPorts) {
+        throw new AgentError("INVALID_ANNOTATION", `pod ${workload.uid} has no IPv4 address (IP ${podIp}): ports can be excluded only for pods with an IPv4 address`);
+      }
       return;
     }
-    this.exemptions.setExcludedPorts(workload.ip, ports);
+    this.exemptions.setExcludedPorts(podIp, ports);
   }
 
   private clearQuietly(podIp: string): void {

@@ -3,8 +3,11 @@
 import fs from "node:fs";
 import path from "node:path";
 
-import { netnsIpv4Addresses } from "../capture/native";
+import net from "node:net";
+
+import { netnsIpv4Addresses, netnsIpv6Addresses } from "../capture/native";
 import { createLogger, type Logger } from "../log";
+import { canonicalIp } from "../state/ip";
 
 export interface NetnsRef {
   /** A path that opens the namespace: /var/run/netns/<name> when one exists, else /proc/<pid>/ns/net. */
@@ -23,7 +26,8 @@ interface CachedAddresses {
   expiresAt: number;
 }
 
-const addressCache = new Map<number, CachedAddresses>();
+/** Addresses read from each namespace, by inode and then by family. */
+const addressCache = new Map<number, Map<4 | 6, CachedAddresses>>();
 let defaultLogger: Logger | undefined;
 
 /**
@@ -46,7 +50,11 @@ export type NetnsScan = (ip: string) => NetnsRef[];
 export function scanNetns(): NetnsScan {
   const namespaces = listNetns();
   pruneAddressCache(namespaces);
-  return (ip) => namespaces.filter((ref) => addressesOf(ref).includes(ip));
+  return (ip) => {
+    const family = net.isIPv6(ip) ? 6 : 4;
+    const wanted = family === 6 ? canonicalIp(ip) : ip;
+    return namespaces.filter((ref) => addressesOf(ref, family).includes(wanted));
+  };
 }
 
 /**
@@ -108,19 +116,22 @@ function inodeOf(netnsPath: string): number | undefined {
   }
 }
 
-function addressesOf(ref: NetnsRef): string[] {
+/** Returns the namespace's addresses of one family; IPv6 ones in canonical form. */
+function addressesOf(ref: NetnsRef, family: 4 | 6): string[] {
   const now = Date.now();
-  const cached = addressCache.get(ref.inode);
+  const byFamily = addressCache.get(ref.inode) ?? new Map<4 | 6, CachedAddresses>();
+  const cached = byFamily.get(family);
   if (cached && cached.expiresAt > now) return cached.addresses;
 
   let addresses: string[];
   try {
-    addresses = netnsIpv4Addresses(ref.path);
+    addresses = family === 6 ? netnsIpv6Addresses(ref.path).map(canonicalIp) : netnsIpv4Addresses(ref.path);
   } catch {
     // The namespace (or its process) went away between the scan and this read.
     addresses = [];
   }
-  addressCache.set(ref.inode, { addresses, expiresAt: now + ADDRESS_CACHE_TTL_MS });
+  byFamily.set(family, { addresses, expiresAt: now + ADDRESS_CACHE_TTL_MS });
+  addressCache.set(ref.inode, byFamily);
   return addresses;
 }
 

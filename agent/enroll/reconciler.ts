@@ -8,15 +8,15 @@
 // Entries that an earlier run left are removed only for pods that are no longer wanted.
 
 import type { EnrollmentCapture } from "../capture/backend";
-import { netnsCookie, netnsIpv4Addresses } from "../capture/native";
+import { netnsCookie, netnsIpv4Addresses, netnsIpv6Addresses } from "../capture/native";
 import { NetnsPodNetwork } from "../capture/netns-network";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
 import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
 import type { Identity, Workload } from "../state/types";
 import { ExcludedPortsWriter } from "./excluded-ports";
-import { workloadIpOfFamily } from "../state/ip";
-import { podIpv6ToCapture } from "./dual-stack";
+import { canonicalIp, workloadIpOfFamily } from "../state/ip";
+import { capturePodIp, isIpv6Only, podIpv6ToCapture } from "./dual-stack";
 import { scanNetns, type NetnsScan } from "./netns";
 import { disableTransparentSource, enableTransparentSource } from "./transparent-source";
 
@@ -207,7 +207,7 @@ export class EnrollmentReconciler {
     for (const entry of [...this.enrolled.values()]) {
       const next = wanted.get(entry.workload.uid);
       if (!next) await this.unenroll(entry, "no longer enrolled");
-      else if (next.ip !== entry.workload.ip || next.serviceAccount !== entry.workload.serviceAccount || ipv6Changed(entry.workload, next)) {
+      else if (next.ip !== entry.workload.ip || next.serviceAccount !== entry.workload.serviceAccount || addressesChanged(entry.workload, next)) {
         if (!(await this.replace(entry, next, scan))) waiting++;
       }
       else {
@@ -246,11 +246,11 @@ export class EnrollmentReconciler {
 
   /** Finds the workload's namespace; reports why when there is not exactly one. */
   private findNetns(workload: Workload, scan: NetnsScan): string | undefined {
-    if (workload.ip.includes(":")) {
-      this.report(workload, "pods whose status.podIP is IPv6 (IPv6-only or IPv6-first) are not supported: the pod is not enrolled");
+    if (isIpv6Only(workload) && this.options.capture.linkInbound === undefined) {
+      this.report(workload, "IPv6-only pods need the eBPF capture mode, and this capture mode does not enroll them: the pod is not enrolled");
       return undefined;
     }
-    const candidates = scan(workload.ip);
+    const candidates = scan(capturePodIp(workload));
     if (candidates.length === 1) return candidates[0].path;
     if (candidates.length === 0) {
       this.report(workload, "no network namespace on this node has the pod IP yet");
@@ -286,8 +286,8 @@ export class EnrollmentReconciler {
     }
     for (const entry of candidates) {
       try {
-        this.options.capture.enroll(entry.cookie, workload.ip);
-        this.options.capture.guardInbound(entry.netnsPath, entry.cookie, workload.ip);
+        this.options.capture.enroll(entry.cookie, capturePodIp(workload));
+        this.options.capture.guardInbound(entry.netnsPath, entry.cookie, capturePodIp(workload));
       } catch (error) {
         this.options.logger.error({ err: error, workload: workload.uid, netns: entry.netnsPath }, "failed to isolate a namespace that has the pod IP");
       }
@@ -310,7 +310,7 @@ export class EnrollmentReconciler {
       if (entry.cookie === keepCookie) continue;
       try {
         this.options.capture.unenroll(entry.cookie);
-        this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+        this.detachInbound(entry.cookie, entry.workload);
       } catch (error) {
         this.options.logger.error({ err: error, workload: uid, netns: entry.netnsPath }, "failed to release a namespace isolated for an ambiguous pod IP");
       }
@@ -343,7 +343,9 @@ export class EnrollmentReconciler {
    */
   private async startProxies(workload: Workload, netnsPath: string, cookie: bigint): Promise<EnrolledWorkload | undefined> {
     const identity = identityOf(workload, this.options.trustDomain);
-    const network = new NetnsPodNetwork(netnsPath, workload.ip, podIpv6ToCapture(this.options.capture, netnsPath, workload, this.options.logger));
+    const podIp6 = podIpv6ToCapture(this.options.capture, netnsPath, workload, this.options.logger);
+    if (isIpv6Only(workload) && !this.linkIpv6Only(workload, netnsPath, cookie, podIp6)) return undefined;
+    const network = new NetnsPodNetwork(netnsPath, workloadIpOfFamily(workload, 4), podIp6);
     if (this.options.transparentSource) enableTransparentSource(network, workload, this.options.logger);
     const proxies = this.options.createProxies(workload, identity, network, cookie);
     try {
@@ -356,7 +358,7 @@ export class EnrollmentReconciler {
       return undefined;
     }
     this.excludedPorts.apply(workload);
-    this.options.capture.enroll(cookie, workload.ip);
+    this.options.capture.enroll(cookie, capturePodIp(workload));
     this.options.capture.enrollIpv6?.(cookie, network.podIp6);
     const entry = { workload, identity, netnsPath, cookie, proxies, network };
     this.enrolled.set(workload.uid, entry);
@@ -367,10 +369,38 @@ export class EnrollmentReconciler {
     return entry;
   }
 
+  /**
+   * Links sk_lookup to the namespace of an IPv6-only pod before its listeners start: it has no
+   * IPv4 15006 listener whose attachInbound would link it, and attachInbound6 needs the link. On
+   * failure, or when the namespace lacks the pod's IPv6 address, the pod is isolated.
+   */
+  private linkIpv6Only(workload: Workload, netnsPath: string, cookie: bigint, podIp6: string | undefined): boolean {
+    if (podIp6 === undefined) {
+      this.isolate({ workload, netnsPath, cookie });
+      this.report(workload, `the IPv6-only pod's address ${workload.ip} cannot be captured in ${netnsPath}; the pod is isolated`);
+      return false;
+    }
+    try {
+      // Only the link: entries that a running agent's listener has stay during a hand-over.
+      this.options.capture.linkInbound?.(netnsPath, cookie);
+      return true;
+    } catch (error) {
+      this.isolate({ workload, netnsPath, cookie });
+      this.report(workload, `failed to link inbound capture to ${netnsPath}: ${(error as Error).message}`, { err: error });
+      return false;
+    }
+  }
+
+  /** Stops inbound capture of the workload; an IPv6-only pod's link goes too, as it has no IPv4 entry that would take it. */
+  private detachInbound(cookie: bigint, workload: Workload): void {
+    this.options.capture.detachInbound(cookie, capturePodIp(workload));
+    if (isIpv6Only(workload)) this.options.capture.unlinkInbound(cookie);
+  }
+
   private isolate(entry: IsolatedWorkload): void {
     try {
-      this.options.capture.enroll(entry.cookie, entry.workload.ip);
-      this.options.capture.guardInbound(entry.netnsPath, entry.cookie, entry.workload.ip);
+      this.options.capture.enroll(entry.cookie, capturePodIp(entry.workload));
+      this.options.capture.guardInbound(entry.netnsPath, entry.cookie, capturePodIp(entry.workload));
       this.excludedPorts.apply(entry.workload);
       if (!this.isolated.has(entry.workload.uid)) {
         this.options.logger.warn({ workload: entry.workload.uid, cookie: entry.cookie.toString() }, "workload isolated until its listeners start");
@@ -385,7 +415,7 @@ export class EnrollmentReconciler {
   private release(entry: IsolatedWorkload): void {
     this.isolated.delete(entry.workload.uid);
     this.options.capture.unenroll(entry.cookie);
-    this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+    this.detachInbound(entry.cookie, entry.workload);
     this.excludedPorts.remove(entry.workload.uid);
     this.options.logger.info({ workload: entry.workload.uid }, "isolated workload released");
   }
@@ -395,15 +425,17 @@ export class EnrollmentReconciler {
    * place throughout: while no listener runs, the pod's connections are refused, never let through.
    */
   private async replace(entry: EnrolledWorkload, next: Workload, scan: NetnsScan): Promise<boolean> {
-    if (next.ip !== entry.workload.ip) {
-      const addresses = this.netnsAddresses(entry.netnsPath);
-      if (addresses !== undefined && !addresses.includes(next.ip) && scan(next.ip).length === 0) {
+    const oldIp = capturePodIp(entry.workload);
+    const newIp = capturePodIp(next);
+    if (newIp !== oldIp) {
+      const addresses = this.netnsAddresses(entry.netnsPath, newIp);
+      if (addresses !== undefined && !addresses.includes(newIp) && scan(newIp).length === 0) {
         // The manifest is ahead of the namespace. The pod keeps its capture and listeners at the
         // old address until the new one appears somewhere, rather than being released meanwhile.
-        this.report(next, `waiting for the new IP ${next.ip} to appear in ${entry.netnsPath} or another namespace; the pod stays captured at ${entry.workload.ip}`);
+        this.report(next, `waiting for the new IP ${newIp} to appear in ${entry.netnsPath} or another namespace; the pod stays captured at ${oldIp}`);
         return false;
       }
-      if (addresses === undefined || !addresses.includes(next.ip)) {
+      if (addresses === undefined || !addresses.includes(newIp)) {
         await this.move(entry, next);
         return true;
       }
@@ -412,7 +444,7 @@ export class EnrollmentReconciler {
     await this.stopProxies(entry);
     const started = await this.startProxies(next, entry.netnsPath, entry.cookie);
     // The namespace keeps its sk_lookup link, which now guards the new IP.
-    if (next.ip !== entry.workload.ip) this.options.capture.forgetInboundIp(entry.cookie, entry.workload.ip);
+    if (newIp !== oldIp) this.options.capture.forgetInboundIp(entry.cookie, oldIp);
     const oldIp6 = entry.network.podIp6;
     if (oldIp6 !== undefined && oldIp6 !== started?.network.podIp6) this.options.capture.detachInbound(entry.cookie, oldIp6);
     if (started) this.options.logger.info({ workload: next.uid, ip: next.ip, serviceAccount: next.serviceAccount }, "workload re-enrolled");
@@ -430,13 +462,13 @@ export class EnrollmentReconciler {
   }
 
   /**
-   * Lists the IPv4 addresses of the network namespace at `netnsPath`, or undefined when it is
-   * gone. It reads them now, because the scan's cache may still hold the addresses from before a
-   * move.
+   * Lists the addresses of the network namespace at `netnsPath` of the family of `ip`, or
+   * undefined when it is gone. It reads them now, because the scan's cache may still hold the
+   * addresses from before a move.
    */
-  private netnsAddresses(netnsPath: string): string[] | undefined {
+  private netnsAddresses(netnsPath: string, ip: string): string[] | undefined {
     try {
-      return netnsIpv4Addresses(netnsPath);
+      return ip.includes(":") ? netnsIpv6Addresses(netnsPath).map(canonicalIp) : netnsIpv4Addresses(netnsPath);
     } catch {
       return undefined;
     }
@@ -446,7 +478,7 @@ export class EnrollmentReconciler {
     this.enrolled.delete(entry.workload.uid);
     // Capture stops first, so that no new connection is steered to listeners that are closing.
     this.options.capture.unenroll(entry.cookie);
-    this.options.capture.detachInbound(entry.cookie, entry.workload.ip);
+    this.detachInbound(entry.cookie, entry.workload);
     this.excludedPorts.remove(entry.workload.uid);
     await this.stopProxies(entry);
     disableTransparentSource(entry.network, entry.workload, this.options.logger);
@@ -465,7 +497,10 @@ export class EnrollmentReconciler {
   }
 }
 
-/** Tells whether a workload's IPv6 address changed, which needs new IPv6 listeners. */
-function ipv6Changed(before: Workload, after: Workload): boolean {
-  return workloadIpOfFamily(before, 6) !== workloadIpOfFamily(after, 6);
+/**
+ * Tells whether a workload's IPv4 or IPv6 address changed, which needs new listeners. status.podIP
+ * alone misses the IPv4 address of a pod whose status.podIP is IPv6.
+ */
+function addressesChanged(before: Workload, after: Workload): boolean {
+  return workloadIpOfFamily(before, 4) !== workloadIpOfFamily(after, 4) || workloadIpOfFamily(before, 6) !== workloadIpOfFamily(after, 6);
 }

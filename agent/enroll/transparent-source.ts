@@ -1,7 +1,7 @@
 // Per-pod set-up of source-address transparency: the policy routing that lets the inbound
-// proxies connect to the application from the client's address, for IPv4 and, in a pod with an
-// IPv6 address, for IPv6. A failure here never blocks enrolment: the pod's proxies then connect
-// from the pod's own address for that family, as without transparency.
+// proxies connect to the application from the client's address, for IPv4 in a pod with an IPv4
+// address and for IPv6 in a pod with an IPv6 address. A failure here never blocks enrolment: the
+// pod's proxies then connect from the pod's own address for that family, as without transparency.
 
 import type { NetnsPodNetwork } from "../capture/netns-network";
 import type { Logger } from "../log";
@@ -9,16 +9,19 @@ import type { Workload } from "../state/types";
 
 /**
  * Installs the transparent-source routing in the pod, or keeps what an earlier run installed:
- * the IPv4 routing always, and the IPv6 routing when the pod has an IPv6 address. Logs a warning
- * and leaves transparency off for the family whose set-up failed.
+ * the IPv4 routing when the pod has an IPv4 address, and the IPv6 routing when it has an IPv6
+ * one. Logs a warning and leaves transparency off for the family whose set-up failed.
  */
 export function enableTransparentSource(network: NetnsPodNetwork, workload: Workload, logger: Logger): void {
   const log = logger.child({ workload: workload.uid, netns: network.netnsPath });
-  try {
-    const added = network.enableTransparentSource();
-    log.debug({ added }, added === 0 ? "transparent-source routing already in place" : "transparent-source routing installed");
-  } catch (error) {
-    log.warn({ err: error }, "installing the transparent-source routing failed; the application sees the pod's own address as the client of inbound connections");
+  // An IPv6-only pod has no IPv4 listener, so it needs no IPv4 routing.
+  if (network.podIp !== undefined) {
+    try {
+      const added = network.enableTransparentSource();
+      log.debug({ added }, added === 0 ? "transparent-source routing already in place" : "transparent-source routing installed");
+    } catch (error) {
+      log.warn({ err: error }, "installing the transparent-source routing failed; the application sees the pod's own address as the client of inbound connections");
+    }
   }
   if (network.podIp6 === undefined) return;
   try {

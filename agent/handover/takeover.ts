@@ -8,6 +8,7 @@ import type { EnrollmentReconciler } from "../enroll/reconciler";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import { INBOUND_PLAINTEXT_PORT } from "../proxy/hbone";
+import { workloadIpOfFamily } from "../state/ip";
 import type { Predecessor } from "./client";
 import { handoverBlockers } from "./protocol";
 import type { HandoverHandlers } from "./server";
@@ -58,10 +59,10 @@ export function handoverHandlers(
 function reattachInbound(reconciler: EnrollmentReconciler, capture: InboundAttachment): void {
   for (const entry of reconciler.list()) {
     const fd = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 4);
-    if (fd !== undefined) capture.attachInbound(entry.netnsPath, entry.cookie, entry.workload.ip, fd);
+    if (fd !== undefined) capture.attachInbound(entry.netnsPath, entry.cookie, workloadIpOfFamily(entry.workload, 4) ?? entry.workload.ip, fd);
     const podIp6 = entry.network.podIp6;
     const fd6 = entry.network.listenerFd(INBOUND_PLAINTEXT_PORT, 6);
-    if (podIp6 !== undefined && fd6 !== undefined) capture.attachInbound6?.(entry.cookie, podIp6, entry.workload.ip, fd6);
+    if (podIp6 !== undefined && fd6 !== undefined) capture.attachInbound6?.(entry.cookie, podIp6, workloadIpOfFamily(entry.workload, 4), fd6);
   }
 }
 

@@ -12,7 +12,7 @@
 
 /* Value of aa_enrolled; 8 bytes. */
 struct aa_pod_info {
-	__u32 pod_ip4;	/* network byte order */
+	__u32 pod_ip4;	/* network byte order; 0 for an IPv6-only pod, which has no IPv4 address */
 	__u32 flags;	/* reserved, 0 */
 };
 

@@ -68,7 +68,9 @@ static __always_inline int aa_is_probe_source_ip4(__u32 addr)
 	return aa_is_probe_source(&key);
 }
 
-/* pod_ip4 is in network byte order, port in host byte order. Returns 0 for the proxy ports. */
+/* pod_ip4 is in network byte order, port in host byte order. Returns 0 for the proxy ports, and
+ * for pod_ip4 0 (an IPv6-only pod, whose ports are never excluded).
+ */
 static __always_inline int aa_is_excluded_port(__u32 pod_ip4, __u16 port, __u8 direction)
 {
 	struct aa_excluded_port_key key = {
@@ -77,6 +79,8 @@ static __always_inline int aa_is_excluded_port(__u32 pod_ip4, __u16 port, __u8 d
 		.direction = direction,
 	};
 
+	if (pod_ip4 == 0)
+		return 0;
 	if (port == AA_PORT_OUTBOUND || port == AA_PORT_INBOUND_PLAIN || port == AA_PORT_INBOUND_HBONE)
 		return 0;
 	return bpf_map_lookup_elem(&aa_excluded_ports, &key) != NULL;

@@ -38,7 +38,7 @@ export function podsYaml(topology: Topology): string {
         "      image: example.invalid/app",
         ...containerPortsYaml(pod.namedPorts ?? {}),
         "status:",
-        `  podIP: ${pod.ip}`,
+        `  podIP: ${podIpYaml(pod)}`,
         ...podIpsYaml(pod),
         "",
       ].join("\n");
@@ -46,9 +46,19 @@ export function podsYaml(topology: Topology): string {
     .join("---\n");
 }
 
-/** Renders status.podIPs of a dual-stack pod, IPv4 first like status.podIP, and nothing for an IPv4-only pod. */
+/** Renders status.podIP: the IPv6 address of an IPv6-only or IPv6-first pod, else the IPv4 one. */
+function podIpYaml(pod: PodHandle): string {
+  return pod.ip6 !== undefined && (pod.ipv6Only || pod.ipv6First) ? `"${pod.ip6}"` : pod.ip;
+}
+
+/**
+ * Renders status.podIPs: for a dual-stack pod IPv4 first like status.podIP (IPv6 first with
+ * ipv6First), for an IPv6-only pod its IPv6 address alone, and nothing for an IPv4-only pod.
+ */
 function podIpsYaml(pod: PodHandle): string[] {
   if (pod.ip6 === undefined) return [];
+  if (pod.ipv6Only) return ["  podIPs:", `    - ip: "${pod.ip6}"`];
+  if (pod.ipv6First) return ["  podIPs:", `    - ip: "${pod.ip6}"`, `    - ip: ${pod.ip}`];
   return ["  podIPs:", `    - ip: ${pod.ip}`, `    - ip: "${pod.ip6}"`];
 }
 

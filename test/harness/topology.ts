@@ -41,6 +41,13 @@ export interface PodSpec {
   namedPorts?: Record<string, number>;
   /** In a dual-stack topology, false leaves this pod IPv4-only; ignored otherwise. */
   ipv6?: boolean;
+  /**
+   * In a dual-stack topology, true makes this pod IPv6-only: no IPv4 address but loopback, and
+   * a manifest whose podIP and podIPs list its IPv6 address alone. Throws in an IPv4 topology.
+   */
+  ipv6Only?: boolean;
+  /** In a dual-stack topology, true lists the IPv6 address first in the manifest (status.podIP and podIPs). */
+  ipv6First?: boolean;
 }
 
 export interface NodeSpec {
@@ -51,6 +58,7 @@ export interface NodeSpec {
 export interface PodHandle extends PodSpec {
   node: string;
   netns: string;
+  /** The pod's status.podIP: its IPv4 address, or its IPv6 address for an IPv6-only pod. */
   ip: string;
   /** The pod's IPv6 address in a dual-stack topology; undefined for IPv4-only pods. */
   ip6?: string;
@@ -204,15 +212,18 @@ export class Topology {
   }
 
   private addPod(node: string, nodeNetns: string, nodeIndex: number, spec: PodSpec, hostByte: number): void {
+    if (spec.ipv6Only && (!this.dualStack || spec.ipv6 === false)) {
+      throw new Error(`pod ${spec.name} is IPv6-only, which needs a dual-stack topology and ipv6 not set to false`);
+    }
     const netns = `${this.prefix}-${spec.name}`;
-    const ip = `${POD_NETWORK}.${nodeIndex}.${hostByte}`;
+    const ip4 = `${POD_NETWORK}.${nodeIndex}.${hostByte}`;
     const hostSide = `v-${spec.name}`.slice(0, 15);
     run("ip", ["netns", "add", netns]);
     run("ip", ["link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", hostSide, "netns", nodeNetns]);
     this.exec(netns, "ip", ["link", "set", "lo", "up"]);
-    this.exec(netns, "ip", ["addr", "add", `${ip}/24`, "dev", "eth0"]);
+    if (!spec.ipv6Only) this.exec(netns, "ip", ["addr", "add", `${ip4}/24`, "dev", "eth0"]);
     this.exec(netns, "ip", ["link", "set", "eth0", "up"]);
-    this.exec(netns, "ip", ["route", "add", "default", "via", `${POD_NETWORK}.${nodeIndex}.1`]);
+    if (!spec.ipv6Only) this.exec(netns, "ip", ["route", "add", "default", "via", `${POD_NETWORK}.${nodeIndex}.1`]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "master", "br0"]);
     this.exec(nodeNetns, "ip", ["link", "set", hostSide, "up"]);
     const ip6 = this.dualStack && spec.ipv6 !== false ? `${podPrefix6(nodeIndex)}${hostByte}` : undefined;
@@ -220,6 +231,7 @@ export class Topology {
       this.exec(netns, "ip", ["-6", "addr", "add", `${ip6}/64`, "dev", "eth0", "nodad"]);
       this.exec(netns, "ip", ["-6", "route", "add", "default", "via", `${podPrefix6(nodeIndex)}1`]);
     }
+    const ip = spec.ipv6Only && ip6 !== undefined ? ip6 : ip4;
     this.pods.set(spec.name, { ...spec, node, netns, ip, ip6 });
   }
 

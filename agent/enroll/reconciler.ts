@@ -15,7 +15,7 @@ import type { Logger } from "../log";
 import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
 import type { Identity, Workload } from "../state/types";
 import { ExcludedPortsWriter } from "./excluded-ports";
-import { canonicalIp, workloadIpOfFamily } from "../state/ip";
+import { canonicalIp, workloadIpOfFamily, workloadIps } from "../state/ip";
 import { capturePodIp, isIpv6Only, podIpv6ToCapture } from "./dual-stack";
 import { scanNetns, type NetnsScan } from "./netns";
 import { disableTransparentSource, enableTransparentSource } from "./transparent-source";
@@ -92,6 +92,8 @@ export class EnrollmentReconciler {
    * stay isolated until one namespace alone has the IP, which is then enrolled.
    */
   private readonly ambiguous = new Map<string, IsolatedWorkload[]>();
+  /** Every IP of every wanted workload, to the workload's uid, as of the current pass. */
+  private wantedIps = new Map<string, string>();
   /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
   private readonly lastProblem = new Map<string, string>();
   private desired: Workload[] = [];
@@ -201,6 +203,7 @@ export class EnrollmentReconciler {
   private async reconcile(): Promise<void> {
     if (this.stopped || this.frozen) return;
     const wanted = new Map(this.desired.map((workload) => [workload.uid, workload]));
+    this.wantedIps = new Map(this.desired.flatMap((workload) => workloadIps(workload).map((ip) => [canonicalIp(ip), workload.uid] as const)));
     // One listing of the node's namespaces serves every pod of this pass.
     const scan = scanNetns();
     let waiting = 0;
@@ -267,14 +270,29 @@ export class EnrollmentReconciler {
    * the pod cannot run outside the mesh meanwhile, and neither can the copy.
    */
   private resolveAmbiguity(workload: Workload, paths: string[]): string | undefined {
-    const candidates = paths.flatMap((netnsPath) => {
+    const all = paths.flatMap((netnsPath) => {
       try {
         return [{ workload, netnsPath, cookie: netnsCookie(netnsPath) }];
       } catch {
         return [];
       }
     });
-    const pinned = new Set(this.options.capture.enrolledCookies());
+    // A namespace that holds another wanted pod's own IP is that pod's, whatever copy it adds:
+    // it is neither this pod's namespace nor isolated or released on this pod's account.
+    const candidates = all.filter((entry) => !this.holdsAnotherWorkload(entry.netnsPath, workload));
+    if (candidates.length === 1) {
+      this.options.logger.warn(
+        { workload: workload.uid, ip: workload.ip, chosen: candidates[0].netnsPath, others: paths.filter((netnsPath) => netnsPath !== candidates[0].netnsPath) },
+        "several network namespaces have the pod IP: enrolling the one that holds no other pod's IP",
+      );
+      return candidates[0].netnsPath;
+    }
+    if (candidates.length === 0) {
+      this.report(workload, "every network namespace with the pod IP belongs to another pod: not enrolling it", { netns: paths });
+      return undefined;
+    }
+    const ip = capturePodIp(workload);
+    const pinned = new Set(this.options.capture.inboundPods().filter((pod) => pod.podIp === ip).map((pod) => pod.cookie));
     const quarantined = new Set((this.ambiguous.get(workload.uid) ?? []).map((entry) => entry.cookie));
     const earlier = candidates.filter((entry) => pinned.has(entry.cookie) && !quarantined.has(entry.cookie));
     if (earlier.length === 1) {
@@ -294,8 +312,24 @@ export class EnrollmentReconciler {
     }
     const known = this.ambiguous.get(workload.uid) ?? [];
     this.ambiguous.set(workload.uid, [...known, ...candidates.filter((entry) => !quarantined.has(entry.cookie))]);
-    this.report(workload, "several network namespaces have the pod IP: all of them are isolated until one alone has it", { netns: paths });
+    this.report(workload, "several network namespaces have the pod IP: all of them are isolated until one alone has it", {
+      netns: candidates.map((entry) => entry.netnsPath),
+    });
     return undefined;
+  }
+
+  /** Tells whether the namespace at `netnsPath` has the IP of a wanted workload other than `workload`. */
+  private holdsAnotherWorkload(netnsPath: string, workload: Workload): boolean {
+    let addresses: string[];
+    try {
+      addresses = [...netnsIpv4Addresses(netnsPath), ...netnsIpv6Addresses(netnsPath)];
+    } catch {
+      return false;
+    }
+    return addresses.some((address) => {
+      const owner = this.wantedIps.get(canonicalIp(address));
+      return owner !== undefined && owner !== workload.uid;
+    });
   }
 
   /**
@@ -306,8 +340,10 @@ export class EnrollmentReconciler {
     const entries = this.ambiguous.get(uid);
     if (!entries) return;
     this.ambiguous.delete(uid);
+    const served = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
     for (const entry of entries) {
-      if (entry.cookie === keepCookie) continue;
+      // A namespace that another workload of this agent is served or isolated in keeps its capture.
+      if (entry.cookie === keepCookie || served.has(entry.cookie)) continue;
       try {
         this.options.capture.unenroll(entry.cookie);
         this.detachInbound(entry.cookie, entry.workload);

@@ -560,3 +560,27 @@ test.serial("new pod with a copied IP stays isolated", async (t) => {
   t.false(captureHolds(CLIENT_NODE, outsiderCookie), "the namespace with the copy stayed captured");
   await assertTunnelled(t, c.topology.pod("client"));
 });
+
+test.serial("copy in another enrolled pod strips nothing", async (t) => {
+  const c = theCluster();
+  const pod = c.topology.pod("mover");
+  const holder = c.topology.pod("phoenix");
+  const cookies = { pod: servedCookie(pod), holder: servedCookie(holder) };
+  // phoenix, an enrolled pod, adds mover's IP; the agent restarts while the copy is there.
+  c.topology.exec(holder.netns, "ip", ["addr", "add", `${pod.ip}/32`, "dev", "lo"]);
+  let agent = c.agent(CLIENT_NODE);
+  try {
+    await agent.kill();
+    agent = await c.restartAgent(CLIENT_NODE, ["client", "mover", "phoenix"]);
+    await agent.waitReady();
+    t.is(servedCookie(pod), cookies.pod, "mover was enrolled in another namespace");
+    t.is(servedCookie(holder), cookies.holder);
+  } finally {
+    c.topology.exec(holder.netns, "ip", ["addr", "del", `${pod.ip}/32`, "dev", "lo"], { allowFail: true });
+  }
+  // Both stay captured once the copy is gone: nothing was released on mover's account.
+  await new Promise((resolve) => setTimeout(resolve, 1_500));
+  assertServed(t, pod);
+  assertServed(t, holder);
+  await assertTunnelled(t, holder);
+});

@@ -34,6 +34,15 @@
  */
 #define AA_FWMARK_ACCEPT_SYSCTL "/proc/sys/net/ipv4/tcp_fwmark_accept"
 
+/* The sysctls that give the kernel's own replies (a TCP reset from a closed port, ICMP errors)
+ * the mark of the packet they answer. A transparent SYN from the proxy to a port where nothing
+ * listens is then answered through the rule, back to the proxy, instead of out of the pod to
+ * the real client while the proxy waits for its connect timeout. The IPv6 one exists only when
+ * the kernel has IPv6.
+ */
+#define AA_FWMARK_REFLECT_SYSCTL "/proc/sys/net/ipv4/fwmark_reflect"
+#define AA_FWMARK_REFLECT6_SYSCTL "/proc/sys/net/ipv6/fwmark_reflect"
+
 /* Exists only when the kernel has IPv6, and reads 1 when IPv6 is disabled on loopback, the
  * device of the IPv6 local route (the kernel then rejects the route with EACCES).
  */
@@ -150,20 +159,37 @@ static int change_route(int sock, const struct routing_request *req, uint32_t se
 	return netlink_transact(sock, &msg);
 }
 
-static int enable_fwmark_accept(void)
+/* Writes 1 to a sysctl of the calling thread's namespace. optional != 0: a missing file is no
+ * error.
+ */
+static int enable_sysctl(const char *sysctl_path, int optional)
 {
-	int fd = open(AA_FWMARK_ACCEPT_SYSCTL, O_WRONLY | O_CLOEXEC);
+	int fd = open(sysctl_path, O_WRONLY | O_CLOEXEC);
 
-	if (fd < 0)
-		return fail(errno, "open %s", AA_FWMARK_ACCEPT_SYSCTL);
+	if (fd < 0) {
+		if (optional && errno == ENOENT)
+			return 0;
+		return fail(errno, "open %s", sysctl_path);
+	}
 	if (write(fd, "1\n", 2) != 2) {
 		int err = errno;
 
 		close(fd);
-		return fail(err, "write 1 to %s", AA_FWMARK_ACCEPT_SYSCTL);
+		return fail(err, "write 1 to %s", sysctl_path);
 	}
 	close(fd);
 	return 0;
+}
+
+static int enable_fwmark_accept(void)
+{
+	int err = enable_sysctl(AA_FWMARK_ACCEPT_SYSCTL, 0);
+
+	if (!err)
+		err = enable_sysctl(AA_FWMARK_REFLECT_SYSCTL, 0);
+	if (!err)
+		err = enable_sysctl(AA_FWMARK_REFLECT6_SYSCTL, 1);
+	return err;
 }
 
 static const char *family_name(const struct routing_request *req)

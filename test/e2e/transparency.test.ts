@@ -9,7 +9,7 @@ import { execFile, execFileSync } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
 import { AgentProcess, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
-import { PacketCapture } from "../harness/clients";
+import { curl, PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { namespaceYaml, writeManifest, type NamespaceSpec } from "../harness/manifests";
 import { removeNftState } from "../harness/nft-state";
@@ -277,6 +277,21 @@ test.serial("plaintext app sees the outside client IP", async (t) => {
     [],
     "packets of another connection crossed the server pod's veth",
   );
+});
+
+test.serial("closed port refuses the proxy at once", async (t) => {
+  // The proxy's transparent SYN to a port where nothing listens is answered by a kernel reset.
+  // With net.ipv4.fwmark_reflect that reset carries the proxy's mark and comes back to it, so
+  // the connect fails with ECONNREFUSED instead of waiting out its timeout while the reset
+  // leaves the pod for the real client.
+  const c = theCluster();
+  const outsiderIp = c.topology.pod("outsider").ip;
+  const closedPort = 9797;
+  const result = await curl(c.topology, "outsider", `http://${serverIp()}:${closedPort}/`, 12);
+  t.not(result.exitCode, 0, "a closed port answered");
+  const record = await c.waitForAudit(SERVER_NODE, (entry) => entry.dst?.addr === `${serverIp()}:${closedPort}` && String(entry.src.addr).startsWith(`${outsiderIp}:`));
+  t.is(record.error?.code, "UPSTREAM_CONNECT_FAILED");
+  t.regex(String(record.error?.message), /ECONNREFUSED/, "the proxy's connect was not refused by the kernel's reset");
 });
 
 test.serial("HBONE over IPv6: app sees the client pod IPv6", async (t) => {

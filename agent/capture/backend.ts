@@ -40,10 +40,12 @@ export interface CaptureBackend {
    */
   attachInbound6?(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void;
   /**
-   * Links inbound capture to the namespace of an IPv6-only pod, with no entry, ahead of
-   * attachInbound6: IPv4 to the namespace is then dropped. Present only in a backend that enrolls
-   * IPv6-only pods, which it keeps under their IPv6 address as podIp in enroll() and
-   * guardInbound(). Without it the reconciler leaves IPv6-only pods unenrolled.
+   * Prepares inbound capture of an IPv6-only pod's namespace ahead of attachInbound6. eBPF links
+   * sk_lookup with no entry, so IPv4 to the namespace is dropped at once; nftables records the
+   * namespace, and attachInbound6 or guardInbound writes the table that drops it. Present only in
+   * a backend that enrolls IPv6-only pods, which it keeps under their IPv6 address as podIp in
+   * enroll(), guardInbound() and detachInbound(). Without it the reconciler leaves IPv6-only pods
+   * unenrolled.
    */
   linkInbound?(netnsPath: string, cookie: bigint): void;
   /** Makes every inbound connection to the pod fail until attachInbound supplies a listener. */
@@ -168,9 +170,17 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
     this.capture.attachInbound(netnsPath, cookie, podIp);
   }
 
-  /** REDIRECT finds the IPv6 15006 listener by its port, so only the address is recorded. */
-  attachInbound6(cookie: bigint, podIp6: string): void {
-    this.capture.attachInbound6(cookie, podIp6);
+  /**
+   * REDIRECT finds the IPv6 15006 listener by its port, so only the address is recorded. For an
+   * IPv6-only pod (podIp4 undefined) this writes the pod's table.
+   */
+  attachInbound6(cookie: bigint, podIp6: string, podIp4: string | undefined): void {
+    this.capture.attachInbound6(cookie, podIp6, podIp4);
+  }
+
+  /** Records an IPv6-only pod's namespace, where attachInbound6 or guardInbound then writes its table. */
+  linkInbound(netnsPath: string, cookie: bigint): void {
+    this.capture.linkInbound(netnsPath, cookie);
   }
 
   /** The table is rewritten for the new IP when the new listener is attached, so the old IP needs nothing. */

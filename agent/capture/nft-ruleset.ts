@@ -9,6 +9,9 @@
 // address once its IPv6 listeners run. Native IPv6 TCP of any other address fails closed: outbound
 // connects fail with EACCES (an ICMPv6 administratively-prohibited error, where eBPF capture
 // returns EPERM from connect()), and inbound packets are dropped. IPv4 stays captured either way.
+// An IPv6-only pod's table has no IPv4 address, and its IPv4 TCP fails closed: outbound connects
+// to anything but loopback fail with EHOSTUNREACH (an ICMP administratively-prohibited error, where
+// eBPF capture returns EPERM), and inbound packets from outside are dropped.
 //
 // The agent's own sockets carry SO_MARK 0x539 (mask 0xfff; the transparent inbound sockets use
 // 0x1539), and the rules let marked traffic through. A process with CAP_NET_RAW can set the same
@@ -45,21 +48,52 @@ function nftSet(values: readonly (string | number)[]): string {
   return `{ ${values.join(", ")} }`;
 }
 
-function checkPodAddresses(podIp: string, podIp6: string | undefined): void {
-  if (!net.isIPv4(podIp)) {
-    throw new AgentError("INTERNAL", `invalid pod IP ${JSON.stringify(podIp)} for nftables capture: it handles IPv4 pods only`);
+function checkPodAddresses(podIp: string | undefined, podIp6: string | undefined): void {
+  if (podIp !== undefined && !net.isIPv4(podIp)) {
+    throw new AgentError("INTERNAL", `invalid pod IPv4 address ${JSON.stringify(podIp)} for nftables capture: pass undefined for an IPv6-only pod`);
   }
   if (podIp6 !== undefined && !net.isIPv6(podIp6)) {
     throw new AgentError("INTERNAL", `invalid pod IPv6 address ${JSON.stringify(podIp6)} for nftables capture`);
   }
 }
 
+/** The table's rules for IPv4, by the place they take in the chains. */
+interface Ipv4Rules {
+  /** Rule of prerouting_guard and inbound that accepts the pod's own IPv4 packets. */
+  fromPod: string[];
+  /** Rule of outbound that lets connections to the pod's own proxy ports through. */
+  toPodProxyPorts: string[];
+  /** Rule of prerouting_guard that drops IPv4 TCP from outside a pod without an IPv4 address. */
+  inboundClosed: string[];
+  /** Rule of outbound_guard that rejects IPv4 TCP, loopback excepted, of a pod without an IPv4 address. */
+  outboundClosed: string[];
+}
+
+/** Renders the rules that name the pod's IPv4 address, or those that close IPv4 when podIp is undefined (an IPv6-only pod). */
+function renderIpv4Rules(podIp: string | undefined, proxyPorts: string): Ipv4Rules {
+  if (podIp === undefined) {
+    return {
+      fromPod: [],
+      toPodProxyPorts: [],
+      inboundClosed: [`    meta nfproto ipv4 meta l4proto tcp drop`],
+      outboundClosed: [`    meta nfproto ipv4 meta l4proto tcp ip daddr != 127.0.0.0/8 reject with icmp admin-prohibited`],
+    };
+  }
+  return {
+    fromPod: [`    ip saddr ${podIp} accept`],
+    toPodProxyPorts: [`    ip daddr ${podIp} tcp dport ${proxyPorts} accept`],
+    inboundClosed: [],
+    outboundClosed: [],
+  };
+}
+
 /**
  * Renders the definition of the pod's table: `table inet ambient_agent { ... }`. "isolated"
  * rejects every inbound TCP connection from outside the pod, including HBONE, until the
- * listeners start. podIp6 is the pod's captured IPv6 address, if any.
+ * listeners start. podIp is the pod's IPv4 address, undefined for an IPv6-only pod, whose IPv4
+ * TCP then fails closed in both directions. podIp6 is the pod's captured IPv6 address, if any.
  */
-export function renderPodTable(podIp: string, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
+export function renderPodTable(podIp: string | undefined, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
   checkPodAddresses(podIp, podIp6);
   const mark = `meta mark & 0x${AGENT_MARK_MASK.toString(16)} == 0x${AGENT_MARK.toString(16)}`;
   const proxyPorts = nftSet([OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT]);
@@ -76,8 +110,12 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
         ]
       : [];
   const outboundPass = outboundExcluded.length > 0 ? [`    tcp dport ${nftSet(outboundExcluded)} accept`] : [];
-  const isolation = state === "isolated" ? [`    iifname != "lo" ip saddr != ${podIp} meta l4proto tcp reject with tcp reset`] : [];
+  // Without an IPv4 address, prerouting_guard drops IPv4 from outside, and an isolated pod's
+  // empty IPv6 set drops IPv6, so only a pod with an IPv4 address needs the isolation rule.
+  const isolation = state === "isolated" && podIp !== undefined ? [`    iifname != "lo" ip saddr != ${podIp} meta l4proto tcp reject with tcp reset`] : [];
   const elements = podIp6 === undefined ? [] : [`    elements = { ${podIp6} }`];
+  const ipv4 = renderIpv4Rules(podIp, proxyPorts);
+
   return [
     `table ${TABLE} {`,
     `  set ${NFT_POD_IP6_SET} {`,
@@ -87,8 +125,9 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
     `  chain prerouting_guard {`,
     `    type filter hook prerouting priority mangle; policy accept;`,
     `    iifname "lo" accept`,
-    `    ip saddr ${podIp} accept`,
+    ...ipv4.fromPod,
     `    ip6 saddr @${NFT_POD_IP6_SET} accept`,
+    ...ipv4.inboundClosed,
     `    meta nfproto ipv6 meta l4proto tcp ip6 daddr != @${NFT_POD_IP6_SET} drop`,
     `    tcp dport ${OUTBOUND_PORT} drop`,
     `  }`,
@@ -96,7 +135,7 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
     `    type nat hook prerouting priority -100; policy accept;`,
     `    meta l4proto != tcp accept`,
     `    iifname "lo" accept`,
-    `    ip saddr ${podIp} accept`,
+    ...ipv4.fromPod,
     `    ip6 saddr @${NFT_POD_IP6_SET} accept`,
     `    ${mark} accept`,
     ...inboundPass,
@@ -116,6 +155,7 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
     // Resets the kernel sends from a redirected connection's ::1 listener port must pass.
     `    ip6 saddr ::1 accept`,
     `    meta nfproto ipv6 meta l4proto tcp ip6 daddr != ::1 ip6 saddr != @${NFT_POD_IP6_SET} reject with icmpv6 admin-prohibited`,
+    ...ipv4.outboundClosed,
     `  }`,
     `  chain outbound {`,
     `    type nat hook output priority -100; policy accept;`,
@@ -123,7 +163,7 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
     `    ${mark} accept`,
     `    ip daddr 127.0.0.0/8 accept`,
     `    ip6 daddr ::1 accept`,
-    `    ip daddr ${podIp} tcp dport ${proxyPorts} accept`,
+    ...ipv4.toPodProxyPorts,
     `    ip6 daddr @${NFT_POD_IP6_SET} tcp dport ${proxyPorts} accept`,
     ...outboundPass,
     `    meta l4proto tcp redirect to :${OUTBOUND_PORT}`,
@@ -138,7 +178,7 @@ export function renderPodTable(podIp: string, state: NftPodState = "captured", e
  * set elements of an existing table and keeps its chains. Deleting a table waits for an RCU grace
  * period (about 12 ms on the test machine), and flushing a table that has no rules yet does not.
  */
-export function renderPodRuleset(podIp: string, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
+export function renderPodRuleset(podIp: string | undefined, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
   const table = renderPodTable(podIp, state, exemptions, podIp6);
   // Declaring the table first makes the flush succeed when it does not exist yet.
   return [`table ${TABLE}`, `flush table ${TABLE}`, table].join("\n");
@@ -149,7 +189,7 @@ export function renderPodRuleset(podIp: string, state: NftPodState = "captured",
  * replaces chains whose hook or priority an earlier agent version declared differently, which
  * the flushing script cannot change.
  */
-export function renderPodRecreation(podIp: string, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
+export function renderPodRecreation(podIp: string | undefined, state: NftPodState = "captured", exemptions: NftExemptions = NO_EXEMPTIONS, podIp6?: string): string {
   const table = renderPodTable(podIp, state, exemptions, podIp6);
   return [`table ${TABLE}`, `delete table ${TABLE}`, table].join("\n");
 }

@@ -96,6 +96,7 @@ export function runNftTool(netnsPath: string, script: string, what: string): str
 /** A pod that has our table, as stored in the state folder. */
 interface NftPod {
   netnsPath: string;
+  /** The address the pod is kept under: its IPv4 address, or its IPv6 address for an IPv6-only pod. */
   podIp: string;
   /** The pod's captured IPv6 address, in the table's pod_ip6 set. */
   podIp6?: string;
@@ -130,6 +131,8 @@ export class NftCapture {
    * reference keeps the namespace alive.
    */
   private readonly namespaceFds = new Map<bigint, number>();
+  /** Namespaces of IPv6-only pods that linkInbound named and whose table attachInbound6 writes, by cookie. */
+  private readonly linkedNamespaces = new Map<bigint, string>();
   readonly exemptions: NftExemptionStore;
 
   constructor(
@@ -142,9 +145,10 @@ export class NftCapture {
   }
 
   /**
-   * Rewrites the pod's table when its IP changed. The table itself is written by attachInbound or
-   * guardInbound, which know the pod's namespace: the reconciler calls one of them next to every
-   * enroll (attachInbound before it, guardInbound right after it for an isolated pod).
+   * Rewrites the pod's table when its IP changed. The table itself is written by attachInbound
+   * (attachInbound6 for an IPv6-only pod) or guardInbound, which know the pod's namespace: the
+   * reconciler calls one of them next to every enroll (attachInbound before it, guardInbound right
+   * after it for an isolated pod).
    */
   enroll(cookie: bigint, podIp: string): void {
     const pod = this.pods.get(cookie);
@@ -173,9 +177,31 @@ export class NftCapture {
     this.apply(cookie, { netnsPath, podIp, podIp6, state: "captured" });
   }
 
-  /** Captures the pod's IPv6 connections at podIp6, once its IPv6 15006 listener runs; call after attachInbound. */
-  attachInbound6(cookie: bigint, podIp6: string): void {
-    this.setPodIp6(cookie, podIp6);
+  /**
+   * Captures the pod's IPv6 connections at podIp6, once its IPv6 15006 listener runs: call after
+   * attachInbound. podIp4 undefined marks an IPv6-only pod, whose whole table this writes (after
+   * linkInbound named its namespace), with podIp6 as the address the pod is kept under.
+   */
+  attachInbound6(cookie: bigint, podIp6: string, podIp4?: string): void {
+    if (podIp4 !== undefined) {
+      this.setPodIp6(cookie, podIp6);
+      return;
+    }
+    const netnsPath = this.linkedNamespaces.get(cookie) ?? (this.pods.get(cookie) ?? this.leftovers.get(cookie))?.netnsPath;
+    if (netnsPath === undefined) {
+      throw new AgentError("INTERNAL", `capturing IPv6-only pod ${podIp6} is not possible: its network namespace is unknown, so call linkInbound first`);
+    }
+    this.apply(cookie, { netnsPath, podIp: podIp6, podIp6, state: "captured" });
+    this.linkedNamespaces.delete(cookie);
+  }
+
+  /**
+   * Records the namespace of an IPv6-only pod for attachInbound6 and writes nothing, so a table
+   * that an earlier agent wrote stays as it is until then. The reconciler follows this call with
+   * attachInbound6, or with guardInbound when the pod's listeners fail to start.
+   */
+  linkInbound(netnsPath: string, cookie: bigint): void {
+    this.linkedNamespaces.set(cookie, netnsPath);
   }
 
   /** Sets the pod's captured IPv6 address; undefined makes its native IPv6 connections fail again. */
@@ -186,6 +212,7 @@ export class NftCapture {
   /** Writes the pod's table in its isolated form: every inbound TCP connection from outside is reset, and IPv6 fails closed. */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void {
     this.apply(cookie, { netnsPath, podIp, state: "isolated" });
+    this.linkedNamespaces.delete(cookie);
   }
 
   /**
@@ -193,17 +220,19 @@ export class NftCapture {
    * changed). For the pod's captured IPv6 address, stops capturing IPv6 only.
    */
   detachInbound(cookie: bigint, podIp: string): void {
+    this.linkedNamespaces.delete(cookie);
     const pod = this.pods.get(cookie) ?? this.leftovers.get(cookie);
     if (pod === undefined) return;
-    if (pod.podIp6 !== undefined && pod.podIp6 === podIp) this.setPodIp6(cookie, undefined);
-    else if (pod.podIp === podIp) this.remove(cookie, pod);
+    // An IPv6-only pod is kept under its IPv6 address, so that address removes its whole table.
+    if (pod.podIp === podIp) this.remove(cookie, pod);
+    else if (pod.podIp6 !== undefined && pod.podIp6 === podIp) this.setPodIp6(cookie, undefined);
   }
 
   inboundPods(): { podIp: string; cookie: bigint }[] {
     const all = new Map([...this.leftovers, ...this.pods]);
     return [...all.entries()].flatMap(([cookie, pod]) => [
       { podIp: pod.podIp, cookie },
-      ...(pod.podIp6 === undefined ? [] : [{ podIp: pod.podIp6, cookie }]),
+      ...(pod.podIp6 === undefined || pod.podIp6 === pod.podIp ? [] : [{ podIp: pod.podIp6, cookie }]),
     ]);
   }
 
@@ -239,21 +268,22 @@ export class NftCapture {
     const startedAt = process.hrtime.bigint();
     const what = `changing the captured IPv6 address of pod ${pod.podIp} from ${pod.podIp6 ?? "none"} to ${podIp6 ?? "none"}`;
     runNft(pod.netnsPath, renderPodIp6Change(pod.podIp6, podIp6), what);
-    const table = renderPodTable(pod.podIp, pod.state, this.exemptions.of(pod.podIp), podIp6);
+    const table = renderPodTable(podIpv4(pod), pod.state, this.exemptions.of(pod.podIp), podIp6);
     this.record(cookie, { ...pod, podIp6, table }, startedAt);
   }
 
   private apply(cookie: bigint, pod: NftPod): void {
     const startedAt = process.hrtime.bigint();
-    const table = renderPodTable(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6);
+    const podIp4 = podIpv4(pod);
+    const table = renderPodTable(podIp4, pod.state, this.exemptions.of(pod.podIp), pod.podIp6);
     if (this.keepLeftover(cookie, pod, table)) return;
     const what = `writing the nftables capture table of pod ${pod.podIp}`;
     try {
-      runNft(pod.netnsPath, renderPodRuleset(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
+      runNft(pod.netnsPath, renderPodRuleset(podIp4, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
     } catch (error) {
       // A table an earlier agent version wrote may declare a chain with another hook or priority.
       this.logger.warn({ err: error, netnsPath: pod.netnsPath, podIp: pod.podIp }, "replacing the nftables capture table in place failed; recreating it");
-      runNft(pod.netnsPath, renderPodRecreation(pod.podIp, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
+      runNft(pod.netnsPath, renderPodRecreation(podIp4, pod.state, this.exemptions.of(pod.podIp), pod.podIp6), what);
     }
     this.record(cookie, { ...pod, table }, startedAt);
   }
@@ -311,6 +341,7 @@ export class NftCapture {
     this.releaseNamespace(cookie);
     this.pods.delete(cookie);
     this.leftovers.delete(cookie);
+    this.linkedNamespaces.delete(cookie);
     fs.rmSync(this.stateFile(cookie), { force: true });
     this.logger.info({ netnsPath: pod.netnsPath, cookie: cookie.toString(), podIp: pod.podIp }, "nftables capture table removed");
   }
@@ -430,6 +461,11 @@ export class NftExemptionStore {
   of(podIp: string): NftExemptions {
     return { probeSources: this.probeSourceList, excludedPorts: this.excluded.get(podIp) ?? NO_EXCLUDED_PORTS };
   }
+}
+
+/** Returns the pod's IPv4 address, or undefined for an IPv6-only pod, which is kept under its IPv6 address. */
+function podIpv4(pod: NftPod): string | undefined {
+  return net.isIPv4(pod.podIp) ? pod.podIp : undefined;
 }
 
 /** Returns the file descriptor of a socket that Node accepted, or undefined when Node does not expose it. */

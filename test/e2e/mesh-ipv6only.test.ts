@@ -1,8 +1,8 @@
 // End to end with IPv6-only pods on the real kernel: a dual-stack cluster of two nodes, one real
-// agent per node, real eBPF capture and TLS. The pods client6 and db6 have no IPv4 address but
-// loopback, and their manifests list their IPv6 address alone (status.podIP and status.podIPs).
-// api is dual-stack with its IPv6 address listed first (IPv6-first), and legacy is a dual-stack
-// pod outside the mesh.
+// agent per node, real eBPF capture (nftables capture with AA_TEST_CAPTURE=nftables) and TLS. The
+// pods client6 and db6 have no IPv4 address but loopback, and their manifests list their IPv6
+// address alone (status.podIP and status.podIPs). api is dual-stack with its IPv6 address listed
+// first (IPv6-first), and legacy is a dual-stack pod outside the mesh.
 
 import test from "ava";
 import { execFile, execFileSync } from "node:child_process";
@@ -12,7 +12,8 @@ import { promisify } from "node:util";
 import { AGENTCTL_BIN, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import { writeManifest } from "../harness/manifests";
+import { podsYaml, writeManifest } from "../harness/manifests";
+import { nftCaptureTable, nftStatePods } from "../harness/nft-state";
 import { listNetns, POD_NETWORK, type NodeSpec } from "../harness/topology";
 
 const execFileAsync = promisify(execFile);
@@ -148,8 +149,7 @@ test.before(async () => {
   fs.writeFileSync(path.join(site, "marker.html"), `${MARKER}\n`.repeat(64));
   await startHttpServer6(cluster, "api", site);
   await startHttpServer6(cluster, "db6", site);
-  // nftables capture does not enroll IPv6-only pods; see the test for that mode below.
-  await cluster.startAgents(NFTABLES_CAPTURE ? ["api"] : ENROLLED);
+  await cluster.startAgents(ENROLLED);
 });
 
 test.after.always(async () => {
@@ -166,18 +166,9 @@ test.serial("IPv6-only pod has no IPv4 address", (t) => {
   t.is(addresses4.trim(), "");
 });
 
-if (NFTABLES_CAPTURE) {
-  test.serial("nftables mode leaves IPv6-only pods unenrolled", async (t) => {
-    const c = theCluster();
-    const line = await c.agent("v6o1").waitForLog((entry) => entry.workload === "shop/client6" && String(entry.msg).includes("IPv6-only pods need the eBPF capture mode"));
-    t.truthy(line);
-    t.false(configDump("v6o1").enrolled.some((entry) => entry.workload === "shop/client6"));
-  });
-} else {
-  registerEbpfTests();
-}
+registerCaptureTests();
 
-function registerEbpfTests(): void {
+function registerCaptureTests(): void {
   test.serial("agentctl config lists the IPv6-only pod", (t) => {
     const entry = configDump("v6o1").enrolled.find((candidate) => candidate.workload === "shop/client6");
     t.truthy(entry, "shop/client6 is not enrolled");
@@ -290,8 +281,10 @@ function registerEbpfTests(): void {
     const route = `${POD_NETWORK}.2.0/24`;
     c.topology.exec(pod.netns, "ip", ["route", "add", route, "dev", "eth0"]);
     try {
-      t.is(await connectFrom("client6", api4, APP_PORT, 4), "EPERM");
-      t.is(await connectFrom("client6", `::ffff:${api4}`, APP_PORT, 6), "EPERM");
+      // eBPF rejects the connect itself; nftables rejects its SYN with ICMP administratively prohibited.
+      const refused = NFTABLES_CAPTURE ? "EHOSTUNREACH" : "EPERM";
+      t.is(await connectFrom("client6", api4, APP_PORT, 4), refused);
+      t.is(await connectFrom("client6", `::ffff:${api4}`, APP_PORT, 6), refused);
       // Loopback stays inside the pod, as for every enrolled pod.
       t.is(await connectFrom("client6", "127.0.0.1", 1, 4), "ECONNREFUSED");
     } finally {
@@ -311,6 +304,51 @@ function registerEbpfTests(): void {
     t.is(served.exitCode, 0, served.stderr);
     const allowed = await curl(c.topology, "legacy", urlOf("db6"));
     t.is(allowed.exitCode, 0, allowed.stderr);
+  });
+
+  if (NFTABLES_CAPTURE) {
+    test.serial("nftables table of the IPv6-only pod", (t) => {
+      const c = theCluster();
+      const pod = c.topology.pod("db6");
+      const cookie = configDump("v6o2").enrolled.find((entry) => entry.workload === "backend/db6")?.cookie;
+      const listed = nftStatePods("v6o2").filter((entry) => entry.cookie === cookie);
+      t.deepEqual(
+        listed.map((entry) => [entry.podIp, entry.podIp6, entry.state]),
+        [[ip6Of("db6"), ip6Of("db6"), "captured"]],
+        "the state folder does not keep db6 under its IPv6 address",
+      );
+      const table = nftCaptureTable(`/var/run/netns/${pod.netns}`) ?? "";
+      t.true(table.includes(`elements = { ${ip6Of("db6")} }`), table);
+      t.true(table.includes("meta nfproto ipv4 meta l4proto tcp drop"), `inbound IPv4 is not dropped:\n${table}`);
+      t.regex(table, /ip daddr != 127\.0\.0\.0\/8 reject with icmp admin-prohibited/, "outbound IPv4 is not rejected");
+      t.notRegex(table, new RegExp(`ip [sd]addr ${POD_NETWORK.replaceAll(".", "\\.")}`), "the table names an IPv4 pod address");
+    });
+  }
+
+  test.serial("opt-out releases the IPv6-only pod", async (t) => {
+    const c = theCluster();
+    const pod = c.topology.pod("client6");
+    const node = c.agent("v6o1");
+    const cookie = configDump("v6o1").enrolled.find((entry) => entry.workload === "shop/client6")?.cookie;
+    t.truthy(cookie, "shop/client6 is not enrolled");
+
+    const mark = node.lines.length;
+    pod.labels = { "istio.io/dataplane-mode": "none" };
+    writeManifest(c.manifestsDir, "pods.yaml", podsYaml(c.topology));
+    await node.waitForLog((line) => line.msg === "workload unenrolled" && line.workload === "shop/client6", 10_000, "unenrollment of shop/client6", mark);
+
+    t.false(configDump("v6o1").enrolled.some((entry) => entry.workload === "shop/client6"), "agentctl config still lists shop/client6");
+    if (NFTABLES_CAPTURE) {
+      t.is(nftCaptureTable(`/var/run/netns/${pod.netns}`), undefined, "the released pod kept its nftables table");
+      t.deepEqual(nftStatePods("v6o1").filter((entry) => entry.cookie === cookie), [], "the released pod kept its nftables state file");
+    } else {
+      t.false(fs.existsSync(path.join(c.pinRoot("v6o1"), "links", `sk_lookup-${cookie}`)), "the released pod kept its sk_lookup link");
+    }
+    // Outside the mesh, its call reaches db6's plaintext port directly.
+    const direct = await curl(c.topology, "client6", urlOf("db6"));
+    t.is(direct.exitCode, 0, direct.stderr);
+    const inbound = await c.waitForAudit("v6o2", (record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`[${ip6Of("client6")}]:`));
+    t.is(inbound.dst.addr, `[${ip6Of("db6")}]:${APP_PORT}`);
   });
 }
 

@@ -90,8 +90,43 @@ test("ruleset carries exemptions", (t) => {
   t.regex(rules, /tcp dport \{ 5432 \} accept\n    meta l4proto tcp redirect to :15001/);
 });
 
-test("ruleset rejects an IPv6 pod", (t) => {
-  t.throws(() => renderPodRuleset("fd00::1"), { message: /handles IPv4 pods only/ });
+test("ruleset rejects IPv6 as the IPv4 address", (t) => {
+  t.throws(() => renderPodRuleset("fd00::1"), { message: /invalid pod IPv4 address "fd00::1".*undefined for an IPv6-only pod/ });
+});
+
+test("IPv6-only ruleset captures IPv6", (t) => {
+  const rules = renderPodRuleset(undefined, "captured", undefined, "fd00::10");
+  t.notRegex(rules, /ip [sd]addr (?!127\.)\d|ip saddr != /, "an IPv6-only pod's table names an IPv4 pod address");
+  t.regex(rules, /set pod_ip6 \{\n    type ipv6_addr\n    elements = \{ fd00::10 \}\n  \}/);
+  const inbound = chain(rules, "inbound");
+  t.regex(inbound, /ip6 saddr @pod_ip6 accept/);
+  t.regex(inbound, /tcp dport \{ 15006, 15008 \} accept/);
+  t.regex(inbound, /meta l4proto tcp redirect to :15006$/);
+  const outbound = chain(rules, "outbound");
+  t.regex(outbound, /ip daddr 127\.0\.0\.0\/8 accept/);
+  t.regex(outbound, /ip6 daddr @pod_ip6 tcp dport \{ 15001, 15006, 15008 \} accept/);
+  t.regex(outbound, /meta l4proto tcp redirect to :15001$/);
+});
+
+test("IPv6-only ruleset closes IPv4", (t) => {
+  const rules = renderPodRuleset(undefined, "captured", undefined, "fd00::10");
+  const guard = chain(rules, "prerouting_guard");
+  t.regex(guard, /iifname "lo" accept\n    ip6 saddr @pod_ip6 accept\n    meta nfproto ipv4 meta l4proto tcp drop\n/);
+  t.regex(guard, /meta nfproto ipv6 meta l4proto tcp ip6 daddr != @pod_ip6 drop/);
+  const outboundGuard = chain(rules, "outbound_guard");
+  t.regex(outboundGuard, /meta mark & 0xfff == 0x539 accept\n/);
+  t.regex(outboundGuard, /meta nfproto ipv4 meta l4proto tcp ip daddr != 127\.0\.0\.0\/8 reject with icmp admin-prohibited$/);
+  const dualStack = renderPodRuleset("10.1.2.3", "captured", undefined, "fd00::10");
+  t.notRegex(dualStack, /meta nfproto ipv4/, "a pod with an IPv4 address gets the IPv4 fail-closed rules");
+});
+
+test("isolated IPv6-only ruleset captures nothing", (t) => {
+  const rules = renderPodRuleset(undefined, "isolated");
+  t.regex(rules, /set pod_ip6 \{\n    type ipv6_addr\n  \}/, "an isolated pod's IPv6 set is not empty");
+  t.regex(chain(rules, "prerouting_guard"), /meta nfproto ipv4 meta l4proto tcp drop/);
+  t.regex(chain(rules, "prerouting_guard"), /meta nfproto ipv6 meta l4proto tcp ip6 daddr != @pod_ip6 drop/);
+  t.regex(chain(rules, "outbound_guard"), /ip6 saddr != @pod_ip6 reject with icmpv6 admin-prohibited/);
+  t.notRegex(rules, /tcp dport \{ 15006, 15008 \} accept/);
 });
 
 test("ruleset without IPv6 drops native IPv6", (t) => {

@@ -13,10 +13,11 @@ import { NetnsPodNetwork } from "../capture/netns-network";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
 import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
+import { canonicalIp, workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
-import { ExcludedPortsWriter } from "./excluded-ports";
-import { canonicalIp, workloadIpOfFamily, workloadIps } from "../state/ip";
+import { AmbiguousPodIps } from "./ambiguous-ip";
 import { capturePodIp, isIpv6Only, podIpv6ToCapture } from "./dual-stack";
+import { ExcludedPortsWriter } from "./excluded-ports";
 import { scanNetns, type NetnsScan } from "./netns";
 import { disableTransparentSource, enableTransparentSource } from "./transparent-source";
 
@@ -87,13 +88,8 @@ const RETRY_DELAY_MS = 1_000;
 export class EnrollmentReconciler {
   private readonly enrolled = new Map<string, EnrolledWorkload>();
   private readonly isolated = new Map<string, IsolatedWorkload>();
-  /**
-   * Namespaces isolated because several held a wanted workload's IP at once, by workload uid. They
-   * stay isolated until one namespace alone has the IP, which is then enrolled.
-   */
-  private readonly ambiguous = new Map<string, IsolatedWorkload[]>();
-  /** Every IP of every wanted workload, to the workload's uid, as of the current pass. */
-  private wantedIps = new Map<string, string>();
+  /** Namespaces isolated because several held a wanted workload's IP at once. */
+  private readonly ambiguous: AmbiguousPodIps;
   /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
   private readonly lastProblem = new Map<string, string>();
   private desired: Workload[] = [];
@@ -109,6 +105,7 @@ export class EnrollmentReconciler {
 
   constructor(private readonly options: ReconcilerOptions) {
     this.excludedPorts = new ExcludedPortsWriter(options.capture.exemptions, options.logger);
+    this.ambiguous = new AmbiguousPodIps(options.capture, (cookie, workload) => this.detachInbound(cookie, workload), options.logger);
   }
 
   /** Lists the workloads enrolled right now, for diagnostics. */
@@ -162,8 +159,7 @@ export class EnrollmentReconciler {
    * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay closed.
    */
   removeStaleCookies(): void {
-    const quarantined = [...this.ambiguous.values()].flat();
-    const wantedCookies = new Set([...this.enrolled.values(), ...this.isolated.values(), ...quarantined].map((entry) => entry.cookie));
+    const wantedCookies = new Set([...this.servedCookies(), ...this.ambiguous.cookies()]);
     const capture = this.options.capture;
     for (const cookie of capture.enrolledCookies()) {
       if (wantedCookies.has(cookie)) continue;
@@ -203,7 +199,7 @@ export class EnrollmentReconciler {
   private async reconcile(): Promise<void> {
     if (this.stopped || this.frozen) return;
     const wanted = new Map(this.desired.map((workload) => [workload.uid, workload]));
-    this.wantedIps = new Map(this.desired.flatMap((workload) => workloadIps(workload).map((ip) => [canonicalIp(ip), workload.uid] as const)));
+    this.ambiguous.setWanted(this.desired);
     // One listing of the node's namespaces serves every pod of this pass.
     const scan = scanNetns();
     let waiting = 0;
@@ -223,7 +219,7 @@ export class EnrollmentReconciler {
       if (wanted.get(entry.workload.uid)?.ip === entry.workload.ip) continue;
       this.release(entry);
     }
-    for (const uid of [...this.ambiguous.keys()]) if (wanted.get(uid)?.ip !== this.ambiguous.get(uid)?.[0]?.workload.ip) this.releaseAmbiguous(uid);
+    this.ambiguous.releaseUnwanted(wanted, this.servedCookies());
     for (const uid of this.lastProblem.keys()) if (!wanted.has(uid)) this.lastProblem.delete(uid);
 
     const pending = [...wanted.values()].filter((workload) => !this.enrolled.has(workload.uid));
@@ -250,7 +246,7 @@ export class EnrollmentReconciler {
   /** Finds the workload's namespace; reports why when there is not exactly one. */
   private findNetns(workload: Workload, scan: NetnsScan): string | undefined {
     if (isIpv6Only(workload) && this.options.capture.linkInbound === undefined) {
-      this.report(workload, "IPv6-only pods need the eBPF capture mode, and this capture mode does not enroll them: the pod is not enrolled");
+      this.report(workload, "this capture mode cannot capture IPv6-only pods: the pod is not enrolled");
       return undefined;
     }
     const candidates = scan(capturePodIp(workload));
@@ -259,99 +255,15 @@ export class EnrollmentReconciler {
       this.report(workload, "no network namespace on this node has the pod IP yet");
       return undefined;
     }
-    return this.resolveAmbiguity(workload, candidates.map((ref) => ref.path));
-  }
-
-  /**
-   * Chooses among several namespaces that have the workload's IP. The one whose cookie an earlier
-   * run enrolled (pinned capture entries) is the pod's, so a namespace that copied the IP while no
-   * agent ran cannot strip the pod's capture. Without such a namespace, every candidate is
-   * isolated (enrolled with no listener, inbound guarded) until one namespace alone has the IP:
-   * the pod cannot run outside the mesh meanwhile, and neither can the copy.
-   */
-  private resolveAmbiguity(workload: Workload, paths: string[]): string | undefined {
-    const all = paths.flatMap((netnsPath) => {
-      try {
-        return [{ workload, netnsPath, cookie: netnsCookie(netnsPath) }];
-      } catch {
-        return [];
-      }
-    });
-    // A namespace that holds another wanted pod's own IP is that pod's, whatever copy it adds:
-    // it is neither this pod's namespace nor isolated or released on this pod's account.
-    const candidates = all.filter((entry) => !this.holdsAnotherWorkload(entry.netnsPath, workload));
-    if (candidates.length === 1) {
-      this.options.logger.warn(
-        { workload: workload.uid, ip: workload.ip, chosen: candidates[0].netnsPath, others: paths.filter((netnsPath) => netnsPath !== candidates[0].netnsPath) },
-        "several network namespaces have the pod IP: enrolling the one that holds no other pod's IP",
-      );
-      return candidates[0].netnsPath;
-    }
-    if (candidates.length === 0) {
-      this.report(workload, "every network namespace with the pod IP belongs to another pod: not enrolling it", { netns: paths });
-      return undefined;
-    }
-    const ip = capturePodIp(workload);
-    const pinned = new Set(this.options.capture.inboundPods().filter((pod) => pod.podIp === ip).map((pod) => pod.cookie));
-    const quarantined = new Set((this.ambiguous.get(workload.uid) ?? []).map((entry) => entry.cookie));
-    const earlier = candidates.filter((entry) => pinned.has(entry.cookie) && !quarantined.has(entry.cookie));
-    if (earlier.length === 1) {
-      this.options.logger.warn(
-        { workload: workload.uid, ip: workload.ip, chosen: earlier[0].netnsPath, others: paths.filter((netnsPath) => netnsPath !== earlier[0].netnsPath) },
-        "several network namespaces have the pod IP: enrolling the one an earlier run enrolled",
-      );
-      return earlier[0].netnsPath;
-    }
-    for (const entry of candidates) {
-      try {
-        this.options.capture.enroll(entry.cookie, capturePodIp(workload));
-        this.options.capture.guardInbound(entry.netnsPath, entry.cookie, capturePodIp(workload));
-      } catch (error) {
-        this.options.logger.error({ err: error, workload: workload.uid, netns: entry.netnsPath }, "failed to isolate a namespace that has the pod IP");
-      }
-    }
-    const known = this.ambiguous.get(workload.uid) ?? [];
-    this.ambiguous.set(workload.uid, [...known, ...candidates.filter((entry) => !quarantined.has(entry.cookie))]);
-    this.report(workload, "several network namespaces have the pod IP: all of them are isolated until one alone has it", {
-      netns: candidates.map((entry) => entry.netnsPath),
-    });
+    const choice = this.ambiguous.choose(workload, candidates.map((ref) => ref.path));
+    if ("netnsPath" in choice) return choice.netnsPath;
+    this.report(workload, choice.problem, choice.fields);
     return undefined;
   }
 
-  /** Tells whether the namespace at `netnsPath` has the IP of a wanted workload other than `workload`. */
-  private holdsAnotherWorkload(netnsPath: string, workload: Workload): boolean {
-    let addresses: string[];
-    try {
-      addresses = [...netnsIpv4Addresses(netnsPath), ...netnsIpv6Addresses(netnsPath)];
-    } catch {
-      return false;
-    }
-    return addresses.some((address) => {
-      const owner = this.wantedIps.get(canonicalIp(address));
-      return owner !== undefined && owner !== workload.uid;
-    });
-  }
-
-  /**
-   * Releases the namespaces isolated for a workload's ambiguous IP, except the one with
-   * `keepCookie` (the namespace now enrolled, if any).
-   */
-  private releaseAmbiguous(uid: string, keepCookie?: bigint): void {
-    const entries = this.ambiguous.get(uid);
-    if (!entries) return;
-    this.ambiguous.delete(uid);
-    const served = new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
-    for (const entry of entries) {
-      // A namespace that another workload of this agent is served or isolated in keeps its capture.
-      if (entry.cookie === keepCookie || served.has(entry.cookie)) continue;
-      try {
-        this.options.capture.unenroll(entry.cookie);
-        this.detachInbound(entry.cookie, entry.workload);
-      } catch (error) {
-        this.options.logger.error({ err: error, workload: uid, netns: entry.netnsPath }, "failed to release a namespace isolated for an ambiguous pod IP");
-      }
-      this.options.logger.info({ workload: uid, netns: entry.netnsPath, cookie: entry.cookie.toString() }, "namespace isolated for an ambiguous pod IP released");
-    }
+  /** The cookies of the namespaces this agent serves or isolates a workload in. */
+  private servedCookies(): Set<bigint> {
+    return new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
   }
 
   private async enroll(workload: Workload, scan: NetnsScan): Promise<boolean> {
@@ -367,7 +279,7 @@ export class EnrollmentReconciler {
     }
     const entry = await this.startProxies(workload, netnsPath, cookie);
     if (!entry) return false;
-    this.releaseAmbiguous(workload.uid, cookie);
+    this.ambiguous.release(workload.uid, this.servedCookies(), cookie);
     this.isolated.delete(workload.uid);
     this.lastProblem.delete(workload.uid);
     return true;

@@ -4,10 +4,10 @@
 import type net from "node:net";
 
 import type { Logger } from "../log";
-import { Capture, type CaptureOptions } from "./bpf";
-import type { CaptureExemptions } from "./exemptions";
-import type { InboundPod } from "./inbound";
-import { NftCapture } from "./nft";
+import { Capture, type CaptureOptions } from "./ebpf/capture";
+import type { CaptureExemptions } from "./ebpf/exemptions";
+import type { InboundPod } from "./ebpf/inbound";
+import { NftCapture } from "./nft/capture";
 import type { CaptureMode } from "./probe";
 
 /** The exemptions a backend stores: probe sources and the ports pods' annotations exclude. */
@@ -162,7 +162,7 @@ export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements C
   }
 }
 
-/** nftables capture: one table per pod network namespace, IPv4 and IPv6. See nft.ts and nft-ruleset.ts. */
+/** nftables capture: one table per pod network namespace, IPv4 and IPv6. See nft/capture.ts and nft/ruleset.ts. */
 export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements CaptureBackend {
   readonly mode = "nftables" as const;
 

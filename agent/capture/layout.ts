@@ -79,7 +79,7 @@ export const STRUCT_LAYOUTS = {
   aa_inbound_key: { size: 8, offsets: { ip4: 0, port: 4, pad: 6 } },
   aa_conn_key: { size: 12, offsets: { src_ip4: 0, dst_ip4: 4, src_port: 8, dst_port: 10 } },
   aa_agent_sock: { size: 4, offsets: { flags: 0 } },
-  // IPv6 capture (layout-ip6.ts).
+  // IPv6 capture (ebpf/layout-ip6.ts).
   aa_pod_info6: { size: 16, offsets: { pod_ip6: 0 } },
   aa_orig_dst6_key: { size: 32, offsets: { netns_cookie: 0, local_ip6: 8, local_port: 24, pad: 26, pad2: 28 } },
   aa_orig_dst6: { size: 20, offsets: { ip6: 0, port: 16, pad: 18 } },

@@ -1,7 +1,7 @@
 // Bindings to native/libagent.so through ffi-rs: loading the library, and sockets, addresses and
 // rules inside network namespaces. Every call is synchronous and short: the namespace work runs on
 // a helper thread inside the library, never on Node's event loop. The eBPF calls (object, maps,
-// links, probes) are in native-bpf.ts.
+// links, probes) are in ebpf/native-bpf.ts.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";

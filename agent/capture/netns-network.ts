@@ -7,7 +7,7 @@ import net from "node:net";
 import { AgentError } from "../errors";
 import type { ApplicationSource, PodNetwork, TransparentSourceState } from "../proxy/pod-network";
 import { listenIpv6 } from "./ipv6-listener";
-import { isNativeIpv6 } from "./layout-ip6";
+import { isNativeIpv6 } from "./ebpf/layout-ip6";
 import { bindTransparent, closeFd, netnsListener, netnsSocket, netnsSocket6, netnsSockets, netnsSockets6, netnsTransparentRouting, setReusePort } from "./native";
 import { SpareSockets } from "./spare-sockets";
 

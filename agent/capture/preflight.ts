@@ -6,8 +6,8 @@ import fs from "node:fs";
 import path from "node:path";
 
 import { libnftablesAvailable, loadNative, netnsCookie } from "./native";
-import { captureProbe } from "./native-bpf";
-import { nftBinary } from "./nft";
+import { captureProbe } from "./ebpf/native-bpf";
+import { nftBinary } from "./nft/capture";
 
 export interface HostProblem {
   what: string;

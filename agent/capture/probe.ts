@@ -5,7 +5,7 @@ import fs from "node:fs";
 import path from "node:path";
 
 import { loadNative } from "./native";
-import { captureProbeFeatures } from "./native-bpf";
+import { captureProbeFeatures } from "./ebpf/native-bpf";
 
 export type CaptureMode = "ebpf" | "nftables";
 /** The value of --capture: a mode, or "auto" to take eBPF when every hook works and nftables otherwise. */

@@ -4,8 +4,8 @@
 import fs from "node:fs";
 import http from "node:http";
 import { parseArgs } from "node:util";
-import { Capture } from "../capture/bpf";
-import { readCaptureEntries } from "../capture/inspect";
+import { Capture } from "../capture/ebpf/capture";
+import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
 

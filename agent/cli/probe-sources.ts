@@ -1,7 +1,7 @@
 // The --probe-source option of `ambient-agent run`.
 
 import net from "node:net";
-import { DEFAULT_PROBE_SOURCES } from "../capture/exemptions";
+import { DEFAULT_PROBE_SOURCES } from "../capture/ebpf/exemptions";
 import { MAX_PROBE_SOURCES } from "../capture/layout";
 
 /**

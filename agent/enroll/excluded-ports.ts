@@ -7,7 +7,7 @@
 import net from "node:net";
 
 import type { CaptureExemptionStore } from "../capture/backend";
-import { NO_EXCLUDED_PORTS, PROXY_PORTS, type ExcludedPorts } from "../capture/exemptions";
+import { NO_EXCLUDED_PORTS, PROXY_PORTS, type ExcludedPorts } from "../capture/ebpf/exemptions";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import type { Direction, Workload } from "../state/types";

@@ -5,8 +5,8 @@
 // nftables table under nftables) and the pods' listeners before it reports.
 
 import { execFileSync } from "node:child_process";
-import { readCaptureEntries } from "../../agent/capture/inspect";
-import { NFT_TABLE_FAMILY, NFT_TABLE_NAME, nftBinary } from "../../agent/capture/nft";
+import { readCaptureEntries } from "../../agent/capture/ebpf/inspect";
+import { NFT_TABLE_FAMILY, NFT_TABLE_NAME, nftBinary } from "../../agent/capture/nft/capture";
 import type { CaptureMode } from "../../agent/capture/probe";
 import type { LogLine } from "../harness/agent-process";
 import { Cluster } from "../harness/cluster";

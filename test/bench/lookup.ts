@@ -7,7 +7,7 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import {
   MAP_ORIGINAL_DESTINATION,
   STRUCT_LAYOUTS,
@@ -16,7 +16,7 @@ import {
   encodeOriginalDestinationKey,
 } from "../../agent/capture/layout";
 import { closeFd } from "../../agent/capture/native";
-import { mapOpen, mapUpdate } from "../../agent/capture/native-bpf";
+import { mapOpen, mapUpdate } from "../../agent/capture/ebpf/native-bpf";
 import { silentLogger } from "../../agent/log";
 import { CGROUP_ROOT, OBJECT_PATH, PIN_PARENT } from "../harness/netns-pair";
 import { nearestRank, round } from "./stats";

@@ -8,8 +8,8 @@ import { execFileSync } from "node:child_process";
 import net from "node:net";
 import path from "node:path";
 
-import { Capture } from "../../agent/capture/bpf";
-import { DEFAULT_PROBE_SOURCES } from "../../agent/capture/exemptions";
+import { Capture } from "../../agent/capture/ebpf/capture";
+import { DEFAULT_PROBE_SOURCES } from "../../agent/capture/ebpf/exemptions";
 import {
   COOKIE_SIZE,
   INBOUND_PLAINTEXT_PORT,
@@ -34,7 +34,7 @@ import {
   encodeOwnConnectionKey,
 } from "../../agent/capture/layout";
 import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
-import { mapDelete, mapLookup, mapOpen, mapUpdate, skLookupTestRun, type SkLookupTestInput } from "../../agent/capture/native-bpf";
+import { mapDelete, mapLookup, mapOpen, mapUpdate, skLookupTestRun, type SkLookupTestInput } from "../../agent/capture/ebpf/native-bpf";
 import { createEnrolledPair, PIN_PARENT, type EnrolledPair } from "../harness/netns-pair";
 import { listenOn, readAll } from "../harness/netns-sockets";
 

@@ -8,7 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import {
   INBOUND_PROGRAM_NAME,
   MAP_OWN_CONNECTIONS,
@@ -16,7 +16,7 @@ import {
   inboundLinkName,
 } from "../../agent/capture/layout";
 import { closeFd, netnsCookie, netnsSocket } from "../../agent/capture/native";
-import { mapLookup, mapOpen } from "../../agent/capture/native-bpf";
+import { mapLookup, mapOpen } from "../../agent/capture/ebpf/native-bpf";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { silentLogger } from "../../agent/log";
 import { acceptedAfterSettling, connectIpv6, startIpv6Server, type Ipv6Server } from "../harness/ipv6-probe";

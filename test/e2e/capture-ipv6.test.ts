@@ -9,7 +9,7 @@ import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
 
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import { closeFd, netnsCookie, netnsIpv6Addresses, netnsSocket, netnsSocket6 } from "../../agent/capture/native";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";
 import { EbpfCaptureBackend } from "../../agent/capture/backend";

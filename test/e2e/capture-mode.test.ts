@@ -5,7 +5,7 @@ import test from "ava";
 import fs from "node:fs";
 import { startHttpServer, curl } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import { nftBinary } from "../../agent/capture/nft";
+import { nftBinary } from "../../agent/capture/nft/capture";
 import { NATIVE_FEATURES, probeCaptureFeatures } from "../../agent/capture/probe";
 
 const PREFIX_FAMILY = "aanft";

@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import { AGENT_MARK, PROGRAM_NAMES } from "../../agent/capture/layout";
 import { NativeError, closeFd, netnsIpv4Addresses, netnsSocket } from "../../agent/capture/native";
 import { NetnsPodNetwork } from "../../agent/capture/netns-network";

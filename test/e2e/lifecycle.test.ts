@@ -9,7 +9,7 @@ import test, { type ExecutionContext } from "ava";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import type { CaptureEntries } from "../../agent/capture/inspect";
+import type { CaptureEntries } from "../../agent/capture/ebpf/inspect";
 import { netnsCookie } from "../../agent/capture/native";
 import { AGENTCTL_BIN, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, startHttpServer } from "../harness/clients";

@@ -8,7 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { DataType, load, open } from "ffi-rs";
 
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import { AGENT_MARK } from "../../agent/capture/layout";
 import { MAX_SOCKET_BATCH, NativeError, netnsSocket, netnsSockets } from "../../agent/capture/native";
 import { NetnsPodNetwork, SPARE_SOCKET_BATCH } from "../../agent/capture/netns-network";

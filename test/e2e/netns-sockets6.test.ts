@@ -7,7 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import { AGENT_MARK } from "../../agent/capture/layout";
 import { netnsSocket6, netnsSockets6 } from "../../agent/capture/native";
 import { NetnsPodNetwork, SPARE_SOCKET_BATCH } from "../../agent/capture/netns-network";

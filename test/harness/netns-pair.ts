@@ -3,7 +3,7 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { Capture } from "../../agent/capture/bpf";
+import { Capture } from "../../agent/capture/ebpf/capture";
 import { netnsCookie } from "../../agent/capture/native";
 import { silentLogger } from "../../agent/log";
 

@@ -4,7 +4,7 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { nftBinary, NFT_TABLE_FAMILY, NFT_TABLE_NAME } from "../../agent/capture/nft";
+import { nftBinary, NFT_TABLE_FAMILY, NFT_TABLE_NAME } from "../../agent/capture/nft/capture";
 import { LOCK_DIRECTORY } from "../../agent/capture/pin-lock";
 
 /** One pod in an agent's nftables state folder: the namespace whose table the agent wrote. */

@@ -14,7 +14,7 @@ import {
   encodeExcludedPortKey,
   encodeProbeSourceKey,
   type ExcludedPorts,
-} from "../../agent/capture/exemptions";
+} from "../../agent/capture/ebpf/exemptions";
 import { formatIpBytes, ipBytes, ipv6OrMappedBytes } from "../../agent/capture/ip-bytes";
 import { DIRECTION_CODES, STRUCT_LAYOUTS } from "../../agent/capture/layout";
 import { parseManifests } from "../../agent/discovery/manifests";

@@ -1,8 +1,8 @@
 import test from "ava";
 
 import { NATIVE_FEATURES, parseCaptureMode, selectCaptureMode, type FeatureProbe } from "../../agent/capture/probe";
-import { renderPodRuleset, renderRemoval } from "../../agent/capture/nft";
-import { renderPodIp6Change, renderPodRecreation } from "../../agent/capture/nft-ruleset";
+import { renderPodRuleset, renderRemoval } from "../../agent/capture/nft/capture";
+import { renderPodIp6Change, renderPodRecreation } from "../../agent/capture/nft/ruleset";
 
 const ALL_OK: FeatureProbe[] = ["bpffs", "cgroup2", "object", ...NATIVE_FEATURES].map((feature) => ({ feature, ok: true }));
 

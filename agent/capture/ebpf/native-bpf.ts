@@ -5,8 +5,8 @@ import os from "node:os";
 
 import { DataType } from "ffi-rs";
 
-import { ipBytes } from "./ip-bytes";
-import { call, check } from "./native";
+import { ipBytes } from "../ip-bytes";
+import { call, check } from "../native";
 
 /** Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned link; returns the program count. */
 export function captureAttach(objectPath: string, pinRoot: string, cgroupPath: string): number {

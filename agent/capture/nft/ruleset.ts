@@ -18,9 +18,9 @@
 // mark and so escape capture: pods should run without CAP_NET_RAW.
 import net from "node:net";
 
-import { AgentError } from "../errors";
-import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "./exemptions";
-import { AGENT_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "./layout";
+import { AgentError } from "../../errors";
+import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "../ebpf/exemptions";
+import { AGENT_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "../layout";
 
 export const NFT_TABLE_FAMILY = "inet";
 export const NFT_TABLE_NAME = "ambient_agent";

@@ -9,9 +9,9 @@
 import os from "node:os";
 import path from "node:path";
 
-import { AgentError } from "../errors";
-import type { Direction } from "../state/types";
-import { formatIpBytes, ipBytes, ipv6OrMappedBytes } from "./ip-bytes";
+import { AgentError } from "../../errors";
+import type { Direction } from "../../state/types";
+import { formatIpBytes, ipBytes, ipv6OrMappedBytes } from "../ip-bytes";
 import {
   DIRECTION_CODES,
   INBOUND_HBONE_PORT,
@@ -22,8 +22,8 @@ import {
   MAX_PROBE_SOURCES,
   OUTBOUND_PORT,
   STRUCT_LAYOUTS,
-} from "./layout";
-import { closeFd } from "./native";
+} from "../layout";
+import { closeFd } from "../native";
 import { mapDelete, mapKeys, mapOpen, mapUpdate } from "./native-bpf";
 
 /**

@@ -4,8 +4,8 @@
 import net from "node:net";
 import os from "node:os";
 
-import { canonicalIp } from "../state/ip";
-import { encodeCookie, STRUCT_LAYOUTS } from "./layout";
+import { canonicalIp } from "../../state/ip";
+import { encodeCookie, STRUCT_LAYOUTS } from "../layout";
 
 export const MAP_ENROLLED6 = "aa_enrolled6";
 export const MAP_ORIGINAL_DESTINATION6 = "aa_orig_dst6";

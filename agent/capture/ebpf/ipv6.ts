@@ -8,8 +8,8 @@
 //   maps/aa_inbound6        {pod IPv6 address, 15006} -> the IPv6 listener socket (a sockhash)
 import path from "node:path";
 
-import type { Logger } from "../log";
-import { COOKIE_SIZE, INBOUND_PLAINTEXT_PORT, STRUCT_LAYOUTS, decodeCookie, encodeCookie, encodeListenerFd } from "./layout";
+import type { Logger } from "../../log";
+import { COOKIE_SIZE, INBOUND_PLAINTEXT_PORT, STRUCT_LAYOUTS, decodeCookie, encodeCookie, encodeListenerFd } from "../layout";
 import {
   MAP_ENROLLED6,
   MAP_INBOUND_LISTENERS6,
@@ -25,7 +25,7 @@ import {
   encodeOriginalDestination6Key,
   encodePodInfo6,
 } from "./layout-ip6";
-import { closeFd } from "./native";
+import { closeFd } from "../native";
 import { mapDelete, mapKeys, mapLookup, mapLookupAndDelete, mapOpen, mapUpdate } from "./native-bpf";
 
 /** Upper bound of a walk of a per-pod map, which has at most 4096 entries (AA_MAX_ENROLLED). */

@@ -9,7 +9,7 @@
 import fs from "node:fs";
 import path from "node:path";
 
-import type { Logger } from "../log";
+import type { Logger } from "../../log";
 import {
   INBOUND_PLAINTEXT_PORT,
   INBOUND_PROGRAM_NAME,
@@ -25,8 +25,8 @@ import {
   encodeListenerFd,
   inboundLinkName,
   parseInboundLinkName,
-} from "./layout";
-import { closeFd } from "./native";
+} from "../layout";
+import { closeFd } from "../native";
 import { mapDelete, mapKeys, mapLookup, mapOpen, mapUpdate, netnsLink } from "./native-bpf";
 
 /** Upper bound of a walk of aa_inbound_pods, which has at most 4096 entries (AA_MAX_ENROLLED). */

@@ -14,8 +14,8 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 
-import { AgentError } from "../errors";
-import type { Logger } from "../log";
+import { AgentError } from "../../errors";
+import type { Logger } from "../../log";
 import { CaptureExemptions } from "./exemptions";
 import { InboundCapture, type InboundPod } from "./inbound";
 import { Ipv6Capture } from "./ipv6";
@@ -32,8 +32,8 @@ import {
   encodeCookie,
   encodeOriginalDestinationKey,
   encodePodInfo,
-} from "./layout";
-import { closeFd, loadNative, registerAgentSocketMap, unregisterAgentSocketMap } from "./native";
+} from "../layout";
+import { closeFd, loadNative, registerAgentSocketMap, unregisterAgentSocketMap } from "../native";
 import { captureAttach, mapDelete, mapKeys, mapLookupAndDelete, mapOpen, mapUpdate } from "./native-bpf";
 
 export interface CaptureOptions {

@@ -1,5 +1,5 @@
 // nftables capture: the fallback for kernels that lack a hook eBPF capture needs. Each enrolled
-// pod's network namespace gets a table of its own (nft-ruleset.ts), which this file writes,
+// pod's network namespace gets a table of its own (ruleset.ts), which this file writes,
 // keeps track of and removes. The proxies read the address the client dialled with
 // SO_ORIGINAL_DST. conntrack reverses the REDIRECT on replies, so the application's
 // getpeername() still shows the address it dialled.
@@ -13,11 +13,11 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 
-import { AgentError } from "../errors";
-import type { Logger } from "../log";
-import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "./exemptions";
-import { INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "./layout";
-import { libnftablesAvailable, netnsCookie, originalDestinationOfFd, runNftablesScript } from "./native";
+import { AgentError } from "../../errors";
+import type { Logger } from "../../log";
+import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "../ebpf/exemptions";
+import { INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "../layout";
+import { libnftablesAvailable, netnsCookie, originalDestinationOfFd, runNftablesScript } from "../native";
 import {
   renderListing,
   renderPodIp6Change,
@@ -27,7 +27,7 @@ import {
   renderRemoval,
   type NftExemptions,
   type NftPodState,
-} from "./nft-ruleset";
+} from "./ruleset";
 
 export {
   AGENT_MARK_MASK,
@@ -39,7 +39,7 @@ export {
   renderRemoval,
   type NftExemptions,
   type NftPodState,
-} from "./nft-ruleset";
+} from "./ruleset";
 
 /** How long one `nft -f` may run before it is killed. */
 const NFT_TIMEOUT_MS = 10_000;

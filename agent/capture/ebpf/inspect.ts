@@ -16,8 +16,8 @@ import {
   decodeIpv4Key,
   decodePodInfo,
   parseInboundLinkName,
-} from "./layout";
-import { closeFd, loadNative } from "./native";
+} from "../layout";
+import { closeFd, loadNative } from "../native";
 import { mapKeys, mapLookup, mapOpen } from "./native-bpf";
 
 /** Upper bound of a map walk; each map has at most 4096 entries (AA_MAX_ENROLLED in bpf/lib/config.h). */

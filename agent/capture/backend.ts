@@ -50,6 +50,13 @@ export interface CaptureBackend {
   linkInbound?(netnsPath: string, cookie: bigint): void;
   /** Makes every inbound connection to the pod fail until attachInbound supplies a listener. */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void;
+  /**
+   * Isolates one of several namespaces that hold a pod's IP: its TCP is refused both ways, and
+   * nothing records it as the namespace of that IP, so a later agent does not take it for the
+   * pod's. eBPF enrolls its cookie and links sk_lookup with no address entry (every address of
+   * the namespace is then unknown and dropped); nftables writes its isolated table.
+   */
+  isolateCandidate(netnsPath: string, cookie: bigint, podIp: string): void;
   /** Stops steering the pod's inbound connections. */
   detachInbound(cookie: bigint, podIp: string): void;
   /** Forgets one old IP of a pod whose address changed inside the same namespace. */
@@ -145,6 +152,11 @@ export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements C
     this.capture.linkInbound(netnsPath, cookie);
   }
 
+  isolateCandidate(netnsPath: string, cookie: bigint, podIp: string): void {
+    this.capture.enroll(cookie, podIp);
+    this.capture.linkInbound(netnsPath, cookie);
+  }
+
   unlinkInbound(cookie: bigint): void {
     this.capture.unlinkInbound(cookie);
   }
@@ -181,6 +193,13 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
   /** Records an IPv6-only pod's namespace, where attachInbound6 or guardInbound then writes its table. */
   linkInbound(netnsPath: string, cookie: bigint): void {
     this.capture.linkInbound(netnsPath, cookie);
+  }
+
+  /** Each namespace has a table of its own, so the isolated table marks none as the pod's for a later agent. */
+  isolateCandidate(netnsPath: string, cookie: bigint, podIp: string): void {
+    if (podIp.includes(":")) this.capture.linkInbound(netnsPath, cookie);
+    this.capture.enroll(cookie, podIp);
+    this.capture.guardInbound(netnsPath, cookie, podIp);
   }
 
   /** The table is rewritten for the new IP when the new listener is attached, so the old IP needs nothing. */

@@ -4,8 +4,10 @@
 //  - of the others, the one whose cookie the pinned capture maps hold for this IP (the namespace
 //    an earlier run enrolled) is the pod's, so a copy made while no agent ran cannot strip the
 //    pod's capture at the next start;
-//  - otherwise every remaining candidate is isolated (captured with no listener, inbound guarded)
+//  - otherwise every remaining candidate is isolated (captured with no listener, inbound dropped)
 //    until one namespace alone has the IP. Neither the pod nor the copy runs outside the mesh.
+//    Isolation records none of them as the namespace of the IP, so a later agent does not take
+//    the last one isolated for the pod's.
 
 import type { EnrollmentCapture } from "../capture/backend";
 import { netnsCookie, netnsIpv4Addresses, netnsIpv6Addresses } from "../capture/native";
@@ -117,8 +119,7 @@ export class AmbiguousPodIps {
 
   private isolate(entry: NamespaceCandidate, ip: string): void {
     try {
-      this.capture.enroll(entry.cookie, ip);
-      this.capture.guardInbound(entry.netnsPath, entry.cookie, ip);
+      this.capture.isolateCandidate(entry.netnsPath, entry.cookie, ip);
     } catch (error) {
       this.logger.error({ err: error, workload: entry.workload.uid, netns: entry.netnsPath }, "failed to isolate a namespace that has the pod IP");
     }

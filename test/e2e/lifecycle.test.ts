@@ -531,9 +531,14 @@ test.serial("copied pod IP cannot strip capture at restart", async (t) => {
 test.serial("new pod with a copied IP stays isolated", async (t) => {
   const c = theCluster();
   const pod = c.topology.pod("mover");
-  const agent = c.agent(CLIENT_NODE);
+  let agent = c.agent(CLIENT_NODE);
   const cookie = servedCookie(pod);
   const outsiderCookie = netnsCookie(`/var/run/netns/${c.topology.pod("outsider").netns}`).toString();
+  const assertBothIsolated = (when: string): void => {
+    t.true(captureHolds(CLIENT_NODE, cookie), `${when}: mover's namespace is not captured while its IP is ambiguous`);
+    t.true(captureHolds(CLIENT_NODE, outsiderCookie), `${when}: the namespace with the copy is not captured`);
+    t.false(configDump(CLIENT_NODE).enrolled.some((entry) => entry.workload === uidOf(pod)), `${when}: mover was enrolled while two namespaces had its IP`);
+  };
 
   // mover leaves the mesh, another namespace takes a copy of its IP, and mover joins again.
   let mark = agent.lines.length;
@@ -547,9 +552,14 @@ test.serial("new pod with a copied IP stays isolated", async (t) => {
     writePods(c);
     await agent.waitForLog((line) => /all of them are isolated/.test(String(line.msg)), 10_000, "isolation of both namespaces", mark);
     // Neither namespace runs outside the mesh: both are captured with no listener.
-    t.true(captureHolds(CLIENT_NODE, cookie), "mover's namespace is not captured while its IP is ambiguous");
-    t.true(captureHolds(CLIENT_NODE, outsiderCookie), "the namespace with the copy is not captured");
-    t.false(configDump(CLIENT_NODE).enrolled.some((entry) => entry.workload === uidOf(pod)), "mover was enrolled while two namespaces had its IP");
+    assertBothIsolated("while the agent runs");
+
+    // A restart meanwhile must not take either namespace for mover's: isolating them recorded neither.
+    await agent.kill();
+    agent = await c.restartAgent(CLIENT_NODE, ["client", "phoenix"]);
+    await agent.waitReady();
+    await agent.waitForLog((line) => /all of them are isolated/.test(String(line.msg)), 10_000, "isolation of both namespaces after the restart");
+    assertBothIsolated("after a restart");
   } finally {
     mark = agent.lines.length;
     removeCopy();

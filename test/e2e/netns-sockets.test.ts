@@ -8,6 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { DataType, load, open } from "ffi-rs";
 
+import { EbpfCaptureBackend } from "../../agent/capture/backend";
 import { Capture } from "../../agent/capture/ebpf/capture";
 import { AGENT_MARK } from "../../agent/capture/layout";
 import { MAX_SOCKET_BATCH, NativeError, netnsSocket, netnsSockets } from "../../agent/capture/native";
@@ -286,7 +287,7 @@ test.serial("unenroll closes the pod's spares", async (t) => {
   const replies: string[] = [];
   const reconciler = new EnrollmentReconciler({
     trustDomain: "cluster.local",
-    capture: fx().capture,
+    capture: new EbpfCaptureBackend(fx().capture),
     logger: silentLogger(),
     createProxies: (_workload, _identity, network) => ({
       // One connection fills the pod network's reserve, as a proxy's first connection does.

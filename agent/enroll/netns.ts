@@ -19,7 +19,7 @@ export interface NetnsRef {
 const PINNED_NETNS_DIRECTORY = "/var/run/netns";
 const PROC_DIRECTORY = "/proc";
 /** How long the addresses read from a namespace are reused; a new pod may get its IP just after its namespace appears. */
-const ADDRESS_CACHE_TTL_MS = 2000;
+export const ADDRESS_CACHE_TTL_MS = 2000;
 
 interface CachedAddresses {
   addresses: string[];

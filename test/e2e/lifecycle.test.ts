@@ -11,6 +11,7 @@ import fs from "node:fs";
 import path from "node:path";
 import type { CaptureEntries } from "../../agent/capture/ebpf/inspect";
 import { netnsCookie } from "../../agent/capture/native";
+import { ADDRESS_CACHE_TTL_MS } from "../../agent/enroll/netns";
 import { AGENTCTL_BIN, NFTABLES_CAPTURE, testPrefixFamily } from "../harness/agent-process";
 import { curl, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
@@ -547,6 +548,8 @@ test.serial("new pod with a copied IP stays isolated", async (t) => {
   await waitUnenrolled(pod, mark);
   const removeCopy = copyIpToOutsider(pod.ip);
   try {
+    // The agent reuses a namespace's addresses for a while; it must see the copy when mover joins.
+    await new Promise((resolve) => setTimeout(resolve, ADDRESS_CACHE_TTL_MS + 500));
     mark = agent.lines.length;
     pod.labels = {};
     writePods(c);

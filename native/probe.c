@@ -2,7 +2,10 @@
 /* libagent: probing the kernel for every hook eBPF capture needs, by using each one. See libagent.h. */
 #define _GNU_SOURCE
 
+#include <dirent.h>
 #include <errno.h>
+#include <limits.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -182,11 +185,35 @@ static int probe_program(const char *object_path, struct bpf_object *all, const 
 	return err;
 }
 
+/* Removes the probe cgroups of agents that were killed while probing (aa-probe-<pid> with no
+ * such process). rmdir removes only an empty cgroup, so a live one is never touched.
+ */
+static void remove_stale_probe_cgroups(const char *cgroup_path)
+{
+	char path[PATH_MAX];
+	struct dirent *entry;
+	DIR *dir = opendir(cgroup_path);
+	int pid;
+
+	if (!dir)
+		return;
+	while ((entry = readdir(dir)) != NULL) {
+		if (sscanf(entry->d_name, "aa-probe-%d", &pid) != 1 || pid <= 0)
+			continue;
+		if (kill(pid, 0) == 0 || errno != ESRCH)
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", cgroup_path, entry->d_name);
+		rmdir(path);
+	}
+	closedir(dir);
+}
+
 /* Returns an open fd of a new cgroup directory under cgroup_path (its path in dir_out), or -errno. */
 static int make_probe_cgroup(const char *cgroup_path, char *dir_out, size_t dir_len)
 {
 	int fd;
 
+	remove_stale_probe_cgroups(cgroup_path);
 	snprintf(dir_out, dir_len, "%s/aa-probe-%d", cgroup_path, (int)getpid());
 	if (mkdir(dir_out, 0700) != 0 && errno != EEXIST)
 		return -errno;

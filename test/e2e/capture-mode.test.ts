@@ -2,6 +2,7 @@
 // with --capture nftables, checked through its admin API, the pods' nftables tables and a client.
 
 import test from "ava";
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import { startHttpServer, curl } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
@@ -58,6 +59,19 @@ test.serial("probe reports every eBPF feature", (t) => {
   t.true(features.find((probe) => probe.feature === "map:lru_hash")?.ok, "this kernel has LRU hash maps");
   t.false(fs.existsSync(`${CGROUP_ROOT}/aa-probe-${process.pid}`), "the probe left its cgroup behind");
   t.false(fs.existsSync(`/sys/fs/bpf/ambient-agent/${PREFIX}-probe`), "the probe created the pin root");
+});
+
+test.serial("probe removes a killed agent's probe cgroup", (t) => {
+  // A process that has exited leaves a PID no process has (until the kernel reuses it).
+  const gone = spawnSync("true");
+  const stale = `${CGROUP_ROOT}/aa-probe-${gone.pid}`;
+  fs.mkdirSync(stale);
+  try {
+    probeCaptureFeatures({ pinRoot: "/sys/fs/bpf", cgroupPath: CGROUP_ROOT, objectPath: "bpf/capture.bpf.o" });
+    t.false(fs.existsSync(stale), "the cgroup of a probe whose agent is gone is still there");
+  } finally {
+    if (fs.existsSync(stale)) fs.rmdirSync(stale);
+  }
 });
 
 test.serial("probe names a missing object", (t) => {

@@ -415,6 +415,7 @@ export class Agent {
       node: this.options.node,
       trustDomain: this.trustDomain,
       isolated: (this.reconciler?.listIsolated() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
+      ambiguous: (this.reconciler?.listAmbiguous() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
       enrolled: (this.reconciler?.list() ?? []).map((entry) => ({
         workload: entry.workload.uid,
         ip: entry.workload.ip,

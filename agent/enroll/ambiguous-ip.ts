@@ -47,6 +47,11 @@ export class AmbiguousPodIps {
     this.wantedIps = new Map(workloads.flatMap((workload) => workloadIps(workload).map((ip) => [canonicalIp(ip), workload.uid] as const)));
   }
 
+  /** Lists the namespaces isolated for ambiguous IPs, for diagnostics. */
+  list(): { workload: string; ip: string; netns: string; cookie: bigint }[] {
+    return [...this.isolated.values()].flat().map((entry) => ({ workload: entry.workload.uid, ip: capturePodIp(entry.workload), netns: entry.netnsPath, cookie: entry.cookie }));
+  }
+
   /** Lists the cookies of the namespaces isolated for ambiguous IPs, which stale-entry removal keeps. */
   cookies(): bigint[] {
     return [...this.isolated.values()].flat().map((entry) => entry.cookie);

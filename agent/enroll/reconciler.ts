@@ -113,6 +113,14 @@ export class EnrollmentReconciler {
     return [...this.enrolled.values()];
   }
 
+  /**
+   * Lists the namespaces isolated because several held one wanted workload's IP, for diagnostics:
+   * the workload stays unenrolled until one namespace alone has the IP.
+   */
+  listAmbiguous(): { workload: string; ip: string; netns: string; cookie: bigint }[] {
+    return this.ambiguous.list();
+  }
+
   /** Lists the workloads that are isolated because their listeners could not start. */
   listIsolated(): { workload: string; netns: string; cookie: bigint }[] {
     return [...this.isolated.values()].map((entry) => ({ workload: entry.workload.uid, netns: entry.netnsPath, cookie: entry.cookie }));

@@ -107,6 +107,7 @@ function captureList(node: string): CaptureEntries {
 interface ConfigDump {
   enrolled: { workload: string; ip: string; cookie: string }[];
   isolated: { workload: string }[];
+  ambiguous: { workload: string; ip: string; netns: string; cookie: string }[];
   capture: CaptureEntries;
 }
 
@@ -538,7 +539,10 @@ test.serial("new pod with a copied IP stays isolated", async (t) => {
   const assertBothIsolated = (when: string): void => {
     t.true(captureHolds(CLIENT_NODE, cookie), `${when}: mover's namespace is not captured while its IP is ambiguous`);
     t.true(captureHolds(CLIENT_NODE, outsiderCookie), `${when}: the namespace with the copy is not captured`);
-    t.false(configDump(CLIENT_NODE).enrolled.some((entry) => entry.workload === uidOf(pod)), `${when}: mover was enrolled while two namespaces had its IP`);
+    const dump = configDump(CLIENT_NODE);
+    t.false(dump.enrolled.some((entry) => entry.workload === uidOf(pod)), `${when}: mover was enrolled while two namespaces had its IP`);
+    const listed = dump.ambiguous.filter((entry) => entry.workload === uidOf(pod)).map((entry) => entry.cookie);
+    t.deepEqual(listed.sort(), [cookie, outsiderCookie].sort(), `${when}: agentctl config does not list both isolated namespaces`);
   };
 
   // mover leaves the mesh, another namespace takes a copy of its IP, and mover joins again.

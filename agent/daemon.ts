@@ -50,23 +50,23 @@ export interface AgentOptions {
   adminAddress: string;
   /** Namespace whose policies apply mesh-wide. */
   rootNamespace: string;
-  /** --capture: eBPF, nftables, or auto (eBPF when every hook works, else nftables). Default auto. */
+  /** Capture mode from --capture: ebpf, nftables, or auto (eBPF when every hook works, else nftables). Default auto. */
   capture?: RequestedCaptureMode;
   /**
-   * Take the node over from the agent that serves it now, with no failed connection (see
-   * agent/handover). Without a running agent the start is a normal one.
+   * Whether to take the node over from the agent that serves it now, with no failed connection
+   * (see agent/handover). Without a running agent the start is a normal one.
    */
   replace?: boolean;
-  /** How long open connections may drain when this agent stops or hands the node over; default 0. */
+  /** Drain timeout for open connections when this agent stops or hands the node over, in milliseconds. Default 0. */
   drainTimeoutMs?: number;
   /**
    * Source addresses of kubelet health probes, which inbound capture lets through to the
-   * application. Default DEFAULT_PROBE_SOURCES; an empty list exempts no source.
+   * application. Default DEFAULT_PROBE_SOURCES. An empty list exempts no source.
    */
   probeSources?: readonly string[];
   /**
-   * Whether the inbound proxies connect to applications from the client's address, so that
-   * applications see the real client as their peer. Default true.
+   * Whether the inbound proxies connect to applications from the client's address, so that the
+   * applications' peer address is the real client. Default true.
    */
   transparentSource?: boolean;
 }
@@ -94,7 +94,7 @@ export class Agent {
   private nodeLock: PinRootLock | undefined;
   private handover: HandoverServer | undefined;
   #handOver: () => void = () => undefined;
-  /** Settles once this agent handed the node over to a replacement; the process should then stop(). */
+  /** Promise that settles once this agent has handed the node over to a replacement. The process should then call stop(). */
   readonly replaced = new Promise<void>((resolve) => (this.#handOver = resolve));
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
@@ -200,13 +200,13 @@ export class Agent {
    */
   private selectCapture(): CaptureSelection {
     const requested = this.options.capture ?? "auto";
-    // Without root every probe fails with EPERM; checkHost then reports the real problem.
+    // Without root every probe fails with EPERM, so it is skipped and checkHost reports the real problem.
     const probe = requested !== "nftables" && process.getuid?.() === 0;
     const features = probe
       ? probeCaptureFeatures({ pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath })
       : [];
     const selection = selectCaptureMode(requested, features);
-    // checkHost names the fix for a missing mount or object; this error is for missing kernel hooks.
+    // checkHost names the fix for a missing mount or object. This error is only for missing kernel hooks.
     const setupIncomplete = selection.missing.some((feature) => isHostSetupFeature(feature.feature));
     if (selection.mode === "ebpf" && selection.missing.length > 0 && !setupIncomplete) {
       throw new HostNotReadyError(
@@ -247,7 +247,7 @@ export class Agent {
     this.lock = PinRootLock.acquire(this.options.pinRoot);
   }
 
-  /** Asks the agent that serves the node to prepare a hand-over; undefined when none runs. */
+  /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
   private async contactPredecessor(): Promise<Predecessor | undefined> {
     const socketPath = handoverSocketPath(this.options.node);
     const predecessor = await Predecessor.contact(socketPath, HANDOVER_REPLY_TIMEOUT_MS, this.logger.child({ component: "handover" }));
@@ -434,7 +434,7 @@ export class Agent {
     };
   }
 
-  /** Reads the pinned capture entries for the config dump; an error is reported in their place. */
+  /** Reads the pinned capture entries for the config dump. Returns an error in their place when none can be read. */
   private captureEntries(): CaptureEntries | { error: string } {
     if (!this.capture) return { error: "capture is not attached yet" };
     if (this.capture.mode !== "ebpf") return { error: `capture runs in ${this.capture.mode} mode, which pins no eBPF entries` };

@@ -25,8 +25,8 @@
  * TCP over IPv6 follows the same rules with the IPv6 maps (sk_lookup6.h). A pod without IPv6
  * capture gets no IPv6 connections but to ::1, and link-local (fe80::/10) addresses are always
  * dropped.
- * Kubelet health probes pass only when the node makes them come from a probe source address;
- * probes from the node's own IP are captured like any other client.
+ * Kubelet health probes pass only when the node makes them come from a probe source address.
+ * Probes from the node's own IP are captured like any other client.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>

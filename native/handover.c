@@ -25,7 +25,7 @@ int enable_request_migration(void)
 
 	fd = open(MIGRATE_REQ_SYSCTL, O_WRONLY | O_CLOEXEC);
 	if (fd < 0) {
-		/* NOTE: kernels before 5.14 lack the sysctl; a hand-over there resets queued connections. */
+		/* NOTE: kernels before 5.14 lack the sysctl, so a hand-over there resets queued connections. */
 		if (errno == ENOENT)
 			return 0;
 		return fail(errno, "open %s", MIGRATE_REQ_SYSCTL);

@@ -55,8 +55,7 @@ int aa_netns_sockets(const char *netns_path, int agent_map_fd, int mark, int cou
 /*
  * Creates a listening TCP/IPv4 socket (TCP/IPv6 with AA_LISTENER_IPV6) inside the network
  * namespace at netns_path, as aa_netns_socket does with port > 0 and backlog > 0, plus the
- * AA_LISTENER_* flags. Returns its
- * file descriptor.
+ * AA_LISTENER_* flags. Returns its file descriptor.
  */
 int aa_netns_listener(const char *netns_path, int agent_map_fd, int mark, const char *bind_ip,
 		      int port, int backlog, int flags);
@@ -150,26 +149,27 @@ int aa_capture_probe(const char *object_path);
 /*
  * Probes every kernel feature eBPF capture needs by using it: creates each map type, loads each
  * program of the object at object_path and links it to a throwaway cgroup under cgroup_path or a
- * throwaway network namespace, then removes all of it. Writes one line per feature to out,
- * "name<TAB>errno<TAB>detail", errno 0 when the feature works. Returns the text's length.
+ * throwaway network namespace. Then it removes all of them. Writes one line per feature to out,
+ * "name<TAB>errno<TAB>detail", where errno 0 means the feature works. Returns the text's length.
  */
 int aa_capture_probe_features(const char *object_path, const char *cgroup_path, char *out, int out_len);
 
 /*
  * Writes the destination that a connection accepted on fd had before netfilter NAT (REDIRECT)
  * rewrote it, as read with SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6), to ip_out
- * (at least INET6_ADDRSTRLEN bytes). Returns the port; -ENOENT when conntrack has no entry.
+ * (at least INET6_ADDRSTRLEN bytes). Returns the port, or -ENOENT when conntrack has no entry.
  */
 int aa_original_dst(int fd, char *ip_out, int ip_len);
 
-/* Returns 0 when libnftables (libnftables.so.1) can be loaded; -ENOENT or -ENOSYS otherwise. */
+/* Returns 0 when libnftables (libnftables.so.1) can be loaded, and -ENOENT or -ENOSYS otherwise. */
 int aa_nft_available(void);
 
 /*
  * Runs an nftables script (the syntax of `nft -f`) inside the network namespace at netns_path,
- * through libnftables on a helper thread. The script is one transaction. Copies what nftables
- * printed (a listing, for list commands) to out when out is not NULL, and returns its length;
- * -EINVAL with nftables' message when it rejected the script, -ENOSPC when out is too small.
+ * through libnftables on a helper thread. The script is one transaction. Copies the output of
+ * nftables (a listing, for list commands) to out when out is not NULL, and returns its length.
+ * Fails with -EINVAL and nftables' message when it rejected the script, and with -ENOSPC when
+ * out is too small.
  */
 int aa_nft_run(const char *netns_path, const char *script, char *out, int out_len);
 
@@ -184,9 +184,9 @@ int aa_map_next_key(int map_fd, const unsigned char *key, int has_key, unsigned 
 
 /*
  * Runs the sk_lookup program pinned at program_pin_path once with BPF_PROG_TEST_RUN (Linux 5.13
- * or later) on a made-up lookup: family AF_INET or AF_INET6, protocol IPPROTO_TCP or IPPROTO_UDP,
- * remote_ip and local_ip in network byte order (4 bytes for AF_INET, 16 for AF_INET6), ports in
- * host byte order. Writes to result_out (16 bytes, host byte order) the program's verdict as a
+ * or later) on a made-up lookup. The lookup has family AF_INET or AF_INET6 and protocol
+ * IPPROTO_TCP or IPPROTO_UDP. remote_ip and local_ip are in network byte order (4 bytes for
+ * AF_INET, 16 for AF_INET6), and the ports in host byte order. Writes to result_out (16 bytes, host byte order) the program's verdict as a
  * u32 at offset 0 (1 SK_PASS, 0 SK_DROP) and, as a u64 at offset 8, the cookie of the socket the
  * program assigned with bpf_sk_assign (0 when it assigned none). Returns 0.
  */

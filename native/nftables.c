@@ -83,7 +83,7 @@ struct nft_request {
 	int out_len;
 };
 
-/* Copies nftables' output into the request's buffer; returns its length, or -ENOSPC when it does not fit. */
+/* Copies nftables' output into the request's buffer. Returns its length, or -ENOSPC when it does not fit. */
 static int copy_output(const struct nft_request *req, const char *output)
 {
 	size_t len = output ? strlen(output) : 0;

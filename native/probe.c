@@ -30,7 +30,7 @@ struct probe_report {
 	int overflow;
 };
 
-/* Appends "feature<TAB>errno<TAB>detail<NL>"; errno 0 means the feature works. */
+/* Appends "feature<TAB>errno<TAB>detail<NL>", where errno 0 means the feature works. */
 static void report(struct probe_report *r, const char *feature, int err, const char *detail)
 {
 	char clean[AA_PROBE_DETAIL_LEN];

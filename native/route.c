@@ -35,8 +35,8 @@
 #define AA_FWMARK_ACCEPT_SYSCTL "/proc/sys/net/ipv4/tcp_fwmark_accept"
 
 /* The sysctls that give the kernel's own replies (a TCP reset from a closed port, ICMP errors)
- * the mark of the packet they answer. A transparent SYN from the proxy to a port where nothing
- * listens is then answered through the rule, back to the proxy, instead of out of the pod to
+ * the mark of the packet they reply to. A transparent SYN from the proxy to a port where nothing
+ * listens then gets its reply through the rule, back to the proxy, instead of out of the pod to
  * the real client while the proxy waits for its connect timeout. The IPv6 one exists only when
  * the kernel has IPv6.
  */
@@ -159,8 +159,8 @@ static int change_route(int sock, const struct routing_request *req, uint32_t se
 	return netlink_transact(sock, &msg);
 }
 
-/* Writes 1 to a sysctl of the calling thread's namespace. optional != 0: a missing file is no
- * error.
+/* Writes 1 to a sysctl of the calling thread's namespace. When optional != 0, a missing file is
+ * not an error.
  */
 static int enable_sysctl(const char *sysctl_path, int optional)
 {
@@ -214,7 +214,7 @@ static int loopback_ipv6_state(void)
 	return value == '1' ? -EACCES : 0;
 }
 
-/* Installs the route, the rule and the sysctl; an entry already present counts as done.
+/* Installs the route, the rule and the sysctl. An entry already present counts as done.
  * Returns how many of the route and rule were new (0 to 2).
  */
 static int install_routing(int sock, const struct routing_request *req)
@@ -234,7 +234,7 @@ static int install_routing(int sock, const struct routing_request *req)
 	return err ? err : added;
 }
 
-/* Deletes the rule, then the route; an entry already gone counts as done. Returns how many
+/* Deletes the rule, then the route. An entry already gone counts as done. Returns how many
  * were deleted (0 to 2). The sysctl stays, because without marked sockets it changes nothing.
  */
 static int remove_routing(int sock, const struct routing_request *req)
@@ -260,8 +260,8 @@ static int change_routing(void *arg)
 
 	if (req->family == AF_INET6) {
 		result = loopback_ipv6_state();
-		/* A kernel without IPv6 cannot hold IPv6 rules, so there is nothing to remove. A
-		 * namespace whose IPv6 was disabled after the install may still hold the rule, so
+		/* A kernel without IPv6 cannot have IPv6 rules, so there is nothing to remove. A
+		 * namespace whose IPv6 was disabled after the install may still contain the rule, so
 		 * removal goes on there.
 		 */
 		if (result == -EAFNOSUPPORT && !req->install)
@@ -326,14 +326,14 @@ static socklen_t parse_source(int family, const char *ip, struct sockaddr_storag
 
 static int set_transparent(int fd, int family)
 {
-	int one = 1;
+	int enabled = 1;
 
 	if (family == AF_INET6) {
-		if (setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof(one)) != 0)
+		if (setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &enabled, sizeof(enabled)) != 0)
 			return fail(errno, "setsockopt IPV6_TRANSPARENT on fd %d", fd);
 		return 0;
 	}
-	if (setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) != 0)
+	if (setsockopt(fd, SOL_IP, IP_TRANSPARENT, &enabled, sizeof(enabled)) != 0)
 		return fail(errno, "setsockopt IP_TRANSPARENT on fd %d", fd);
 	return 0;
 }

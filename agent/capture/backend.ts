@@ -1,5 +1,5 @@
 // The capture backend: what the enrollment reconciler and the proxies need from capture, with one
-// implementation per mode. eBPF wraps the pinned programs and maps (Capture); nftables writes a
+// implementation per mode. eBPF wraps the pinned programs and maps (Capture), and nftables writes a
 // table into each pod's network namespace (NftCapture).
 import type net from "node:net";
 
@@ -41,20 +41,20 @@ export interface CaptureBackend {
   attachInbound6?(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void;
   /**
    * Prepares inbound capture of an IPv6-only pod's namespace ahead of attachInbound6. eBPF links
-   * sk_lookup with no entry, so IPv4 to the namespace is dropped at once; nftables records the
+   * sk_lookup with no entry, so IPv4 to the namespace is dropped at once. nftables records the
    * namespace, and attachInbound6 or guardInbound writes the table that drops it. Present only in
-   * a backend that enrolls IPv6-only pods, which it keeps under their IPv6 address as podIp in
-   * enroll(), guardInbound() and detachInbound(). Without it the reconciler leaves IPv6-only pods
+   * a backend that enrolls IPv6-only pods. Such a backend keeps them under their IPv6 address as
+   * podIp in enroll(), guardInbound() and detachInbound(). Without it the reconciler leaves IPv6-only pods
    * unenrolled.
    */
   linkInbound?(netnsPath: string, cookie: bigint): void;
   /** Makes every inbound connection to the pod fail until attachInbound supplies a listener. */
   guardInbound(netnsPath: string, cookie: bigint, podIp: string): void;
   /**
-   * Isolates one of several namespaces that hold a pod's IP: its TCP is refused both ways, and
+   * Isolates one of several namespaces that have a pod's IP. Its TCP is refused both ways, and
    * nothing records it as the namespace of that IP, so a later agent does not take it for the
-   * pod's. eBPF enrolls its cookie and links sk_lookup with no address entry (every address of
-   * the namespace is then unknown and dropped); nftables writes its isolated table.
+   * pod's. eBPF enrolls its cookie and links sk_lookup with no address entry, so every address of
+   * the namespace is unknown and dropped. nftables writes its isolated table.
    */
   isolateCandidate(netnsPath: string, cookie: bigint, podIp: string): void;
   /** Stops steering the pod's inbound connections. */
@@ -67,7 +67,7 @@ export interface CaptureBackend {
   inboundLinkCookies(): bigint[];
   /**
    * Returns the address the application dialled, for a connection the outbound proxy of the pod
-   * with this cookie accepted; undefined when capture has no record of it.
+   * with this cookie accepted, or undefined when capture has no record of it.
    */
   takeOriginalDestination(cookie: bigint, socket: net.Socket): { ip: string; port: number } | undefined;
   /**
@@ -75,7 +75,7 @@ export interface CaptureBackend {
    * eBPF assigns the connection without rewriting it, so that is the socket's local address.
    */
   inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined;
-  /** Releases this process's handles; capture itself stays, so pods fail closed while no agent runs. */
+  /** Releases this process's handles. Capture itself stays, so pods fail closed while no agent runs. */
   close(): void;
 }
 
@@ -195,7 +195,10 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
     this.capture.linkInbound(netnsPath, cookie);
   }
 
-  /** Each namespace has a table of its own, so the isolated table marks none as the pod's for a later agent. */
+  /**
+   * Writes the isolated table into the namespace. Each namespace has a table of its own, so the
+   * isolated table marks none as the pod's for a later agent.
+   */
   isolateCandidate(netnsPath: string, cookie: bigint, podIp: string): void {
     if (podIp.includes(":")) this.capture.linkInbound(netnsPath, cookie);
     this.capture.enroll(cookie, podIp);
@@ -216,7 +219,7 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
     return this.capture.takeOriginalDestination(socket);
   }
 
-  /** REDIRECT rewrote the destination to the listener's port; conntrack keeps the original. */
+  /** Returns the original destination from conntrack, because REDIRECT rewrote it to the listener's port. */
   inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined {
     return this.capture.takeOriginalDestination(socket);
   }

@@ -118,7 +118,7 @@ export function agentSocketMapVersion(): number {
   return agentSocketMapChanges;
 }
 
-/** Whether agent sockets are told apart by their mark alone, as nftables capture does. */
+/** Whether agent sockets are identified by their mark alone, as nftables capture does. */
 let markOnlyAgentSockets = false;
 
 /**
@@ -198,7 +198,7 @@ const LISTENER_MIGRATE_REQUESTS = 0x2;
 const LISTENER_IPV6 = 0x4;
 
 export interface NetnsListenerOptions {
-  /** Address to bind; default 0.0.0.0, or :: for an IPv6 listener. */
+  /** Address to bind. The default is 0.0.0.0, or :: for an IPv6 listener. */
   bindIp?: string;
   /** Make a TCP/IPv6 listener with IPV6_V6ONLY, as netnsSocket6 does, instead of a TCP/IPv4 one. */
   ipv6?: boolean;

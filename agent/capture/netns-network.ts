@@ -49,13 +49,13 @@ export class NetnsPodNetwork implements PodNetwork {
     readonly podIp6?: string,
   ) {
     if (podIp === undefined && podIp6 === undefined) {
-      throw new AgentError("INTERNAL", `the pod network of ${netnsPath} needs an IPv4 or an IPv6 pod address; both are missing`);
+      throw new AgentError("INTERNAL", `missing pod address for the pod network of ${netnsPath}: pass an IPv4 or an IPv6 pod address`);
     }
   }
 
   /**
    * Whether listeners made from now on get SO_REUSEPORT. A replacement agent sets it while it
-   * starts its listeners next to the running agent's; see agent/handover/.
+   * starts its listeners next to the running agent's (see agent/handover/).
    */
   static shareNewListeners = false;
   /** The file descriptor of each open IPv4 listener by port, for a hand-over. */

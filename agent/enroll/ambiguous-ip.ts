@@ -1,9 +1,9 @@
-// Pod IPs that several network namespaces hold at once. The agent finds a pod's namespace by its
+// Pod IPs that several network namespaces have at once. The agent finds a pod's namespace by its
 // IP, so a process with CAP_NET_ADMIN in another namespace can add a copy of the IP. The rules:
-//  - a namespace that also holds another wanted pod's own IP is that pod's, and is left alone;
-//  - of the others, the one whose cookie the pinned capture maps hold for this IP (the namespace
+//  - a namespace that also has another wanted pod's own IP is that pod's, and is left alone.
+//  - of the others, the one whose cookie the pinned capture maps contain for this IP (the namespace
 //    an earlier run enrolled) is the pod's, so a copy made while no agent ran cannot strip the
-//    pod's capture at the next start;
+//    pod's capture at the next start.
 //  - otherwise every remaining candidate is isolated (captured with no listener, inbound dropped)
 //    until one namespace alone has the IP. Neither the pod nor the copy runs outside the mesh.
 //    Isolation records none of them as the namespace of the IP, so a later agent does not take
@@ -16,7 +16,7 @@ import { canonicalIp, workloadIps } from "../state/ip";
 import type { Workload } from "../state/types";
 import { capturePodIp } from "./dual-stack";
 
-/** A namespace that holds a workload's IP. */
+/** A namespace that has a workload's IP. */
 export interface NamespaceCandidate {
   workload: Workload;
   netnsPath: string;

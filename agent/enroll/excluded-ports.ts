@@ -1,7 +1,7 @@
 // Ports that a pod excludes from capture with Istio's sidecar annotations. Each annotation is a
-// comma-separated list of port numbers; whitespace around them is allowed. Excluded inbound ports
+// comma-separated list of port numbers, and whitespace around them is allowed. Excluded inbound ports
 // reach the application directly (no mTLS, no authorization, no audit record), and excluded
-// outbound destination ports leave the pod directly: every exclusion is a hole in the mesh, so the
+// outbound destination ports leave the pod directly. Every exclusion is a hole in the mesh, so the
 // reconciler logs each one.
 
 import net from "node:net";
@@ -23,7 +23,7 @@ const ANNOTATIONS: Record<Direction, string> = {
 
 /**
  * Parses a comma-separated port list, for example "8080, 9090". An empty or blank value is an
- * empty list. Returns the ports sorted and without duplicates; throws an Error that says what is
+ * empty list. Returns the ports sorted and without duplicates. Throws an Error that names what is
  * wrong with the value.
  */
 export function parsePortList(value: string): number[] {
@@ -46,8 +46,8 @@ export function parsePortList(value: string): number[] {
 
 /**
  * Returns the ports the workload's annotations exclude from capture. Throws an INVALID_ANNOTATION
- * AgentError naming the pod, the annotation and the value when either annotation is invalid;
- * the caller then enrolls the pod with no exclusions (fail closed).
+ * AgentError naming the pod, the annotation and the value when either annotation is invalid.
+ * The caller then enrolls the pod with no exclusions (fail closed).
  */
 export function excludedPortsOf(workload: Workload): ExcludedPorts {
   const annotations = workload.annotations ?? {};
@@ -74,7 +74,7 @@ export function sameExcludedPorts(a: ExcludedPorts, b: ExcludedPorts): boolean {
   return a.inbound.join(",") === b.inbound.join(",") && a.outbound.join(",") === b.outbound.join(",");
 }
 
-/** What ExcludedPortsWriter last wrote for one workload. */
+/** Exclusions that ExcludedPortsWriter last wrote for one workload. */
 interface WrittenExclusions {
   podIp: string;
   ports: ExcludedPorts;

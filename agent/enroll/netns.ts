@@ -39,7 +39,7 @@ export function findNetnsCandidates(ip: string): NetnsRef[] {
   return scanNetns()(ip);
 }
 
-/** Returns the namespaces, other than the host's and the agent's own, that have an IP; see findNetnsCandidates. */
+/** Lookup that returns the namespaces, other than the host's and the agent's own, that have an IP (see findNetnsCandidates). */
 export type NetnsScan = (ip: string) => NetnsRef[];
 
 /**
@@ -116,7 +116,7 @@ function inodeOf(netnsPath: string): number | undefined {
   }
 }
 
-/** Returns the namespace's addresses of one family; IPv6 ones in canonical form. */
+/** Returns the namespace's addresses of one family, with IPv6 addresses in canonical form. */
 function addressesOf(ref: NetnsRef, family: 4 | 6): string[] {
   const now = Date.now();
   const byFamily = addressCache.get(ref.inode) ?? new Map<4 | 6, CachedAddresses>();

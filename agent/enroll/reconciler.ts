@@ -219,7 +219,7 @@ export class EnrollmentReconciler {
       }
       else {
         entry.workload = next;
-        // The annotations may have changed; nothing is written when they did not.
+        // The annotations may have changed. Nothing is written when they did not.
         this.excludedPorts.apply(next);
       }
     }
@@ -269,7 +269,7 @@ export class EnrollmentReconciler {
     return undefined;
   }
 
-  /** The cookies of the namespaces this agent serves or isolates a workload in. */
+  /** Collects the cookies of the namespaces this agent serves or isolates a workload in. */
   private servedCookies(): Set<bigint> {
     return new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
   }
@@ -347,7 +347,7 @@ export class EnrollmentReconciler {
     }
   }
 
-  /** Stops inbound capture of the workload; an IPv6-only pod's link goes too, as it has no IPv4 entry that would take it. */
+  /** Stops inbound capture of the workload. An IPv6-only pod's link goes too, because it has no IPv4 entry that would take it. */
   private detachInbound(cookie: bigint, workload: Workload): void {
     this.options.capture.detachInbound(cookie, capturePodIp(workload));
     if (isIpv6Only(workload)) this.options.capture.unlinkInbound(cookie);

@@ -36,7 +36,7 @@ export function enableTransparentSource(network: NetnsPodNetwork, workload: Work
 }
 
 /**
- * Removes the transparent-source routing of both families from a pod that left the mesh; call it
+ * Removes the transparent-source routing of both families from a pod that left the mesh. Call it
  * after its proxies stopped. A namespace that is already gone needs no clean-up, so failures are
  * logged at debug level.
  */

@@ -1,5 +1,5 @@
-// The replacement agent's side of a hand-over: it reaches the agent that runs for the node, and
-// requests that it share, then give up, the node. See protocol.ts for the messages.
+// The replacement agent's side of a hand-over. It connects to the agent that serves the node and
+// requests that this agent first share the node and then give it up. See protocol.ts for the messages.
 
 import net from "node:net";
 import { AgentError } from "../errors";
@@ -45,8 +45,8 @@ export class Predecessor {
 
   /**
    * Connects to the hand-over socket and requests that the running agent prepare. Resolves with
-   * undefined when no agent listens there (no socket file, or no process accepts), and throws when
-   * the agent rejects the request or does not reply within timeoutMs; nothing has changed then.
+   * undefined when no agent listens there (no socket file, or no process accepts). Throws when the
+   * agent rejects the request or does not reply within timeoutMs, and nothing has changed then.
    */
   static async contact(socketPath: string, timeoutMs: number, logger: Logger): Promise<Predecessor | undefined> {
     const connection = await connectOrUndefined(socketPath, timeoutMs);
@@ -61,12 +61,12 @@ export class Predecessor {
     return predecessor;
   }
 
-  /** Tells the running agent to close its listeners and exit; resolves once it confirmed. */
+  /** Tells the running agent to close its listeners and exit. Resolves once it confirms. */
   async handOver(timeoutMs: number): Promise<void> {
     await this.request({ type: "handover" }, "released", timeoutMs);
   }
 
-  /** Tells the running agent to keep serving alone; resolves once its inbound capture is restored. */
+  /** Tells the running agent to keep serving alone. Resolves once its inbound capture is restored. */
   async abort(timeoutMs: number): Promise<void> {
     try {
       await this.request({ type: "abort" }, "resumed", timeoutMs);
@@ -98,7 +98,7 @@ export class Predecessor {
     }
   }
 
-  /** Closes the connection without a hand-over; the running agent then restores its inbound capture by itself. */
+  /** Closes the connection without a hand-over. The running agent then restores its inbound capture by itself. */
   close(): void {
     this.connection.destroy();
   }
@@ -112,7 +112,7 @@ export class Predecessor {
     }
     if (reply.type !== expected) {
       this.connection.destroy();
-      throw new AgentError("INTERNAL", `the running agent replied to the ${message.type} request on ${this.socketPath} with ${reply.type}, expected ${expected}; check that both agents run the same version`);
+      throw new AgentError("INTERNAL", `the running agent replied to the ${message.type} request on ${this.socketPath} with ${reply.type}, expected ${expected}. Check that both agents run the same version`);
     }
     return reply;
   }
@@ -136,7 +136,7 @@ export class Predecessor {
           resolve(reply);
         } else if (this.#closed) {
           finish();
-          reject(new AgentError("INTERNAL", `the running agent closed the hand-over connection on ${this.socketPath} before it replied to the ${request} request; check its log`));
+          reject(new AgentError("INTERNAL", `the running agent closed the hand-over connection on ${this.socketPath} before it replied to the ${request} request. Check its log`));
         }
       };
       const finish = (): void => {
@@ -153,13 +153,13 @@ export class Predecessor {
   }
 }
 
-/** Connects to a unix socket; resolves with undefined when the file is missing or no process listens. */
+/** Connects to a unix socket. Resolves with undefined when the file is missing or no process listens. */
 function connectOrUndefined(socketPath: string, timeoutMs: number): Promise<net.Socket | undefined> {
   return new Promise((resolve, reject) => {
     const connection = net.createConnection(socketPath);
     const timer = setTimeout(() => {
       connection.destroy();
-      reject(new AgentError("INTERNAL", `connecting to the hand-over socket ${socketPath} timed out after ${timeoutMs / 1000} s; check the running agent's log`));
+      reject(new AgentError("INTERNAL", `connecting to the hand-over socket ${socketPath} timed out after ${timeoutMs / 1000} s. Check the running agent's log`));
     }, timeoutMs);
     connection.once("connect", () => {
       clearTimeout(timer);

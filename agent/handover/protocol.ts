@@ -1,6 +1,6 @@
 // The hand-over protocol between a running agent and its replacement for the same node. The
-// running agent listens on a unix socket under /run/ambient-agent; in Kubernetes the two agents
-// are in different pods, so the socket sits on a hostPath volume that both mount. Messages are
+// running agent listens on a unix socket under /run/ambient-agent. In Kubernetes the two agents
+// run in different pods, so the socket is on a hostPath volume that both pods mount. Messages are
 // JSON objects, one per line:
 //
 //   replacement -> running      running -> replacement
@@ -25,7 +25,7 @@ export type HandoverMessage =
   | { type: "resumed" }
   | { type: "error"; message: string };
 
-/** Longest message line accepted, which bounds the memory a peer can make the agent hold. */
+/** Maximum length of a message line, which bounds the memory that a peer can make the agent use. */
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
 
 /** Returns the hand-over socket of a node: node-<name>.sock next to the node's lock file. */
@@ -39,15 +39,15 @@ export function formatHandoverMessage(message: HandoverMessage): string {
 }
 
 function invalid(line: string, problem: string): AgentError {
-  const shown = line.length > 200 ? `${line.slice(0, 200)}...` : line;
-  return new AgentError("INTERNAL", `invalid hand-over message ${JSON.stringify(shown)}: ${problem}; check that both agents run the same version`);
+  const excerpt = line.length > 200 ? `${line.slice(0, 200)}...` : line;
+  return new AgentError("INTERNAL", `invalid hand-over message ${JSON.stringify(excerpt)}: ${problem}. Check that both agents run the same version.`);
 }
 
 function isCount(value: unknown): value is number {
   return typeof value === "number" && Number.isInteger(value) && value >= 0;
 }
 
-/** Parses one message line, checking every field; throws an AgentError naming the problem. */
+/** Parses one message line and checks every field. Throws an AgentError that names the invalid field. */
 export function parseHandoverMessage(line: string): HandoverMessage {
   let value: unknown;
   try {
@@ -93,17 +93,17 @@ export class LineSplitter {
     const lines = this.#buffer.split("\n");
     this.#buffer = lines.pop() ?? "";
     if (Buffer.byteLength(this.#buffer) > MAX_MESSAGE_BYTES) {
-      throw new AgentError("INTERNAL", `hand-over message longer than ${MAX_MESSAGE_BYTES} bytes; the peer is not a compatible agent`);
+      throw new AgentError("INTERNAL", `invalid hand-over message: longer than ${MAX_MESSAGE_BYTES} bytes, so the peer is not a compatible agent. Check that both agents run the same version.`);
     }
     return lines.filter((line) => line.trim() !== "");
   }
 }
 
 /**
- * Returns the workloads that the running agent serves, that this agent wants to serve too, and
+ * Returns the workloads that the running agent serves, that this agent also expects to serve, and
  * whose listeners this agent could not start. Taking over would leave them without listeners, so
- * the replacement aborts instead. A workload that this agent no longer wants (its pod left) does
- * not block.
+ * the replacement aborts instead. A workload that this agent no longer expects to serve (its pod
+ * left) does not block.
  */
 export function handoverBlockers(
   predecessorEnrolled: readonly string[],

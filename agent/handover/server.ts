@@ -7,11 +7,11 @@ import path from "node:path";
 import type { Logger } from "../log";
 import { formatHandoverMessage, LineSplitter, parseHandoverMessage, type HandoverMessage } from "./protocol";
 
-/** What the running agent does at each step; the daemon supplies them. */
+/** Callbacks that the running agent runs at each step of a hand-over. The daemon supplies them. */
 export interface HandoverHandlers {
-  /** Lets a replacement's listeners join this agent's; returns the enrolled workloads and the drain timeout. */
+  /** Lets a replacement's listeners join this agent's. Returns the enrolled workloads and the drain timeout. */
   prepare(): { enrolled: string[]; drainTimeoutMs: number };
-  /** Undoes prepare's effect on inbound capture after an abort, or after the replacement went away mid-way. */
+  /** Undoes prepare's effect on inbound capture after an abort, or after the replacement disconnected mid-way. */
   resume(): void;
   /** Closes the listeners at once and starts the drain and the exit. */
   release(): void;
@@ -90,7 +90,7 @@ export class HandoverServer {
       if (this.#active !== connection) return;
       this.#active = undefined;
       if (state === "prepared") {
-        this.logger.warn("the replacement agent went away during the hand-over; this agent keeps serving");
+        this.logger.warn("the replacement agent disconnected during the hand-over, so this agent keeps serving");
         this.resume();
       }
     });
@@ -102,6 +102,7 @@ export class HandoverServer {
     try {
       message = parseHandoverMessage(line);
     } catch (error) {
+      this.logger.warn({ err: error, state }, "rejected an invalid hand-over message");
       reply({ type: "error", message: (error as Error).message });
       return state;
     }
@@ -127,7 +128,7 @@ export class HandoverServer {
   private prepare(connection: net.Socket, pid: number, reply: (message: HandoverMessage) => void): SessionState {
     if (this.#released || this.#active) {
       const reason = this.#released ? "this agent already handed the node over" : "another hand-over is in progress";
-      reply({ type: "error", message: `${reason}; wait until it finishes and try again` });
+      reply({ type: "error", message: `${reason}. Wait until it finishes and try again` });
       return "idle";
     }
     try {

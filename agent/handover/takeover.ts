@@ -24,7 +24,7 @@ const EXIT_MARGIN_MS = 15_000;
 export const ADMIN_RETRY_TIMEOUT_MS = 10_000;
 const ADMIN_RETRY_DELAY_MS = 100;
 
-/** The capture calls that point a pod's inbound capture at a listener. */
+/** Capture calls that point a pod's inbound capture at a listener. */
 type InboundAttachment = Pick<EnrollmentCapture, "attachInbound" | "attachInbound6">;
 
 /** Returns the running agent's side of the hand-over, working on its enrolled workloads. */
@@ -70,9 +70,9 @@ export interface TakeOverOptions {
   predecessor: Predecessor;
   reconciler: EnrollmentReconciler;
   capture: InboundAttachment;
-  /** The workloads this agent wants to serve on the node. */
+  /** Workloads that this agent is expected to serve on the node. */
   wanted: string[];
-  /** How long this agent's own connections may drain if it aborts. */
+  /** Drain timeout for this agent's own connections if it aborts, in milliseconds. */
   drainTimeoutMs: number;
   logger: Logger;
 }
@@ -89,7 +89,7 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
   const blockers = handoverBlockers(predecessor.enrolled, options.wanted, enrolledHere);
   if (blockers.length > 0) {
     logger.error({ workloads: blockers, predecessor: predecessor.pid }, "aborting the hand-over: this agent could not start the listeners of pods the running agent serves");
-    await predecessor.abort(HANDOVER_REPLY_TIMEOUT_MS).catch((error) => logger.error({ err: error }, "the running agent did not confirm the abort"));
+    await predecessor.abort(HANDOVER_REPLY_TIMEOUT_MS).catch((error) => logger.error({ err: error, predecessor: predecessor.pid }, "the running agent failed to confirm the abort"));
     await reconciler.stop(options.drainTimeoutMs);
     throw new AgentError(
       "INTERNAL",
@@ -108,10 +108,10 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
 }
 
 /**
- * Calls start until it resolves, for the admin port that an exiting agent may still hold.
- * Rethrows the last error, with the time spent, after timeoutMs.
+ * Calls start until it resolves, for the admin port that an exiting agent may still hold. After
+ * timeoutMs it rethrows the last error, named by operation and with the time spent.
  */
-export async function retryUntilBound(start: () => Promise<void>, what: string, timeoutMs = ADMIN_RETRY_TIMEOUT_MS): Promise<void> {
+export async function retryUntilBound(start: () => Promise<void>, operation: string, timeoutMs = ADMIN_RETRY_TIMEOUT_MS): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
@@ -119,7 +119,7 @@ export async function retryUntilBound(start: () => Promise<void>, what: string, 
       return;
     } catch (error) {
       if (Date.now() >= deadline) {
-        throw new AgentError("INTERNAL", `${what} failed for ${timeoutMs / 1000} s after the replaced agent exited: ${(error as Error).message}`, { cause: error });
+        throw new AgentError("INTERNAL", `${operation} failed for ${timeoutMs / 1000} s after the replaced agent exited: ${(error as Error).message}`, { cause: error });
       }
     }
     await new Promise((resolve) => setTimeout(resolve, ADMIN_RETRY_DELAY_MS));

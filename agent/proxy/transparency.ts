@@ -1,5 +1,5 @@
 // Source-address transparency for the inbound proxies: the connection to the application is made
-// from the client's IP, so the application sees the real client as its peer and not the pod's
+// from the client's IP, so the application's peer address is the real client and not the pod's
 // own address. The pod network binds a transparent socket to that IP, and this file decides when
 // it can. IPv4 and IPv6 clients are handled alike, each with its own routing in the pod.
 
@@ -29,7 +29,7 @@ function ipv4Problem(ip: string): string | undefined {
   return undefined;
 }
 
-/** Expects the canonical text of normalizeIp. */
+/** Returns why an IPv6 client address cannot be kept. `ip` must be in the canonical text of normalizeIp. */
 function ipv6Problem(ip: string): string | undefined {
   if (ip === "::1") return "the client address is loopback";
   if (ip === "::") return "the client address is unspecified";

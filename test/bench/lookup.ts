@@ -36,7 +36,7 @@ export interface LookupFigures {
   /** Median µs per Capture.takeOriginalDestination call (ffi-rs), when the entry is there and when it is not. */
   ffi_hit_us: number;
   ffi_miss_us: number;
-  /** The same through the Node-API addon; undefined when it could not be built. */
+  /** The same through the Node-API addon, or undefined when the addon could not be built. */
   napi_hit_us?: number;
   napi_miss_us?: number;
 }
@@ -47,7 +47,7 @@ interface NapiLookup {
   lookupAndDelete(mapFd: number, key: Buffer, value: Buffer): boolean;
 }
 
-/** Compiles and loads the addon; returns undefined, with the reason on `step`, when that fails. */
+/** Compiles and loads the addon, or returns undefined and reports the reason on `step` when that fails. */
 function buildAddon(workDir: string, step: (message: string) => void): NapiLookup | undefined {
   if (!fs.existsSync(path.join(NODE_HEADERS, "node_api.h"))) {
     step(`lookup: no Node-API headers in ${NODE_HEADERS}; skipping the addon comparison`);
@@ -63,7 +63,7 @@ function buildAddon(workDir: string, step: (message: string) => void): NapiLooku
   return require(addon) as NapiLookup;
 }
 
-/** Times `take` once per port and returns the samples in µs; `expectHit` checks each outcome. */
+/** Times `take` once per port and returns the samples in µs. `expectHit` is the expected outcome of each call. */
 function timeTakes(take: Take, ports: number[], expectHit: boolean): number[] {
   const samples: number[] = [];
   for (const port of ports) {
@@ -76,7 +76,7 @@ function timeTakes(take: Take, ports: number[], expectHit: boolean): number[] {
   return samples;
 }
 
-/** Runs `rounds` rounds of ROUND_SIZE inserts (untimed) and timed takes, then as many timed misses; returns the medians. */
+/** Runs `rounds` rounds of ROUND_SIZE inserts (untimed) and timed takes, then as many timed misses, and returns the medians. */
 function measureTake(take: Take, insert: (port: number) => void, rounds: number): { hit: number; miss: number } {
   const ports = Array.from({ length: ROUND_SIZE }, (_, index) => 1024 + index);
   const hits: number[] = [];
@@ -96,8 +96,8 @@ function measureTake(take: Take, insert: (port: number) => void, rounds: number)
 }
 
 /**
- * Attaches capture on its own pin root under PIN_PARENT (named `${prefix}-lookup`; no pod is
- * enrolled, so no connection on the machine is steered), measures, and removes the pins again.
+ * Attaches capture on its own pin root `${prefix}-lookup` under PIN_PARENT, measures, and removes
+ * the pins again. No pod is enrolled, so no connection on the machine is steered.
  */
 export function measureLookup(prefix: string, workDir: string, rounds: number, step: (message: string) => void): LookupFigures {
   const pinRoot = path.join(PIN_PARENT, `${prefix}-lookup`);

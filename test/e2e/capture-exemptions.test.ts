@@ -73,11 +73,11 @@ interface Extra {
 let fixture: EnrolledPair<Extra> | undefined;
 
 function fx(): EnrolledPair<Extra> {
-  if (!fixture) throw new Error("the test fixture failed to start; see the before hook's error");
+  if (!fixture) throw new Error("the test fixture failed to start. Fix the before hook's error and rerun.");
   return fixture;
 }
 
-/** A server that replies `<name>` and closes. */
+/** Creates a server that replies `<name>` and closes each connection. */
 function namedServer(name: string): net.Server {
   return net.createServer((socket) => {
     socket.on("error", () => undefined);
@@ -159,7 +159,7 @@ interface LookupRow {
   name: string;
   input: Partial<SkLookupTestInput> & Pick<SkLookupTestInput, "localIp" | "localPort">;
   verdict: number;
-  /** Whether the program must assign B's 15006 listener; otherwise it assigns no socket. */
+  /** Whether the program must assign B's 15006 listener. When false, it must assign no socket. */
   assigned: boolean;
 }
 

@@ -16,7 +16,7 @@ const CGROUP_ROOT = "/sys/fs/cgroup/unified";
 let cluster: Cluster | undefined;
 
 function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  if (!cluster) throw new Error("the cluster was not created. Fix the first failure above and rerun.");
   return cluster;
 }
 

@@ -56,7 +56,7 @@ let cluster: Cluster | undefined;
 let site = "";
 
 function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  if (!cluster) throw new Error("the cluster was not created. Fix the first failure above and rerun.");
   return cluster;
 }
 
@@ -195,7 +195,7 @@ function assertCaptureReleased(t: ExecutionContext, node: string, uid: string, c
   t.false(entries.inboundLinks.includes(cookie), `${uid}: sk_lookup link for cookie ${cookie} still pinned`);
 }
 
-/** Whether the node's capture still holds the namespace with `cookie`: pinned entries, or a listed nftables table. */
+/** Checks whether the node's capture still contains the namespace with `cookie` as pinned entries or a listed nftables table. */
 function captureHolds(node: string, cookie: string): boolean {
   if (NFTABLES_CAPTURE) return nftStatePods(node).some((entry) => entry.cookie === cookie);
   return captureList(node).enrolled.some((entry) => entry.cookie === cookie);
@@ -504,7 +504,7 @@ test.serial("pod deleted while the agent is down is removed at start", async (t)
   await assertTunnelled(t, c.topology.pod("client"));
 });
 
-/** Adds `ip` to the loopback of the outsider pod, as a process with CAP_NET_ADMIN there could; returns its removal. */
+/** Adds `ip` to the loopback of the outsider pod, as a process with CAP_NET_ADMIN there could, and returns a function that removes it. */
 function copyIpToOutsider(ip: string): () => void {
   const c = theCluster();
   const outsider = c.topology.pod("outsider");
@@ -519,7 +519,7 @@ test.serial("copied pod IP cannot strip capture at restart", async (t) => {
   await c.agent(CLIENT_NODE).kill();
   const removeCopy = copyIpToOutsider(pod.ip);
   try {
-    // Two namespaces have mover's IP now; the one the killed agent enrolled is mover's.
+    // Two namespaces have mover's IP now. The one the killed agent enrolled is mover's.
     const agent = await c.restartAgent(CLIENT_NODE, ["client", "mover", "phoenix"]);
     await agent.waitReady();
     t.is(servedCookie(pod), cookie, "the restarted agent enrolled another namespace for mover");
@@ -552,7 +552,7 @@ test.serial("new pod with a copied IP stays isolated", async (t) => {
   await waitUnenrolled(pod, mark);
   const removeCopy = copyIpToOutsider(pod.ip);
   try {
-    // The agent reuses a namespace's addresses for a while; it must see the copy when mover joins.
+    // The agent caches a namespace's addresses for ADDRESS_CACHE_TTL_MS, so wait until it must see the copy when mover joins.
     await new Promise((resolve) => setTimeout(resolve, ADDRESS_CACHE_TTL_MS + 500));
     mark = agent.lines.length;
     pod.labels = {};

@@ -81,7 +81,7 @@ except OSError as error:
 let cluster: Cluster | undefined;
 
 function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  if (!cluster) throw new Error("the cluster was not created. Fix the first failure above and rerun.");
   return cluster;
 }
 
@@ -95,7 +95,7 @@ function urlOf(pod: string): string {
   return `http://[${ip6Of(pod)}]:${APP_PORT}/marker.html`;
 }
 
-/** Runs the python client in a pod; returns the status line or an errno name. */
+/** Runs the python client in a pod and returns the status line or an errno name. */
 async function connectFrom(pod: string, host: string, port: number, family: 4 | 6): Promise<string> {
   const netns = theCluster().topology.pod(pod).netns;
   const { stdout } = await execFileAsync("nsenter", [`--net=/var/run/netns/${netns}`, "python3", "-c", CONNECT_SCRIPT, host, String(port), String(family)], {
@@ -281,7 +281,7 @@ function registerCaptureTests(): void {
     const route = `${POD_NETWORK}.2.0/24`;
     c.topology.exec(pod.netns, "ip", ["route", "add", route, "dev", "eth0"]);
     try {
-      // eBPF rejects the connect itself; nftables rejects its SYN with ICMP administratively prohibited.
+      // eBPF rejects the connect itself, but nftables rejects its SYN with ICMP administratively prohibited.
       const refused = NFTABLES_CAPTURE ? "EHOSTUNREACH" : "EPERM";
       t.is(await connectFrom("client6", api4, APP_PORT, 4), refused);
       t.is(await connectFrom("client6", `::ffff:${api4}`, APP_PORT, 6), refused);

@@ -78,7 +78,7 @@ report("done")
 let cluster: Cluster | undefined;
 
 function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  if (!cluster) throw new Error("the cluster was not created. Fix the first failure above and rerun.");
   return cluster;
 }
 
@@ -88,7 +88,7 @@ function serverUrl(): string {
 
 function serverIp6(): string {
   const ip6 = theCluster().topology.pod("server").ip6;
-  if (ip6 === undefined) throw new Error("the server pod has no IPv6 address; the cluster must be dual-stack");
+  if (ip6 === undefined) throw new Error("the server pod has no IPv6 address. Create the cluster as dual-stack.");
   return ip6;
 }
 
@@ -133,7 +133,7 @@ interface LoadResult {
   errors: string;
 }
 
-/** Runs the load client in the client pod against `host` until `stopFile` appears; resolves with its results. */
+/** Runs the load client in the client pod against `host` until `stopFile` appears, and resolves with its results. */
 function runLoad(host: string, stopFile: string): { child: ChildProcess; done: Promise<LoadResult> } {
   const c = theCluster();
   const args = ["-c", LOAD_CLIENT, host, "8080", String(LOAD_MAX_SECONDS), String(LOAD_MAX_CONNECTIONS), stopFile, MARKER];
@@ -349,7 +349,7 @@ test.serial("hand-over undoes old agent's isolation", async (t) => {
   const squatter = await isolateServer(true);
   const old = c.agent("rst2");
   try {
-    // The old agent retries the pod every second and fails, because the replacement holds its
+    // The old agent retries the pod every second and fails, because the replacement has bound its
     // ports. It is paused from the moment the replacement listens in the pod until the retry is
     // due, so that the retry runs after the replacement enrolled the pod and before the old agent exits.
     const replacement = spawnReplacement("rst2");
@@ -413,7 +413,7 @@ test.serial("restart undoes old agent's isolation", async (t) => {
   await assertServerCaptured(t, "after the restart");
 });
 
-/** Resolves once `child` prints a line matching `pattern`; rejects when it exits first or after 10 s. */
+/** Resolves once `child` prints a line matching `pattern`, and rejects when it exits first or after 10 s. */
 function waitForOutput(child: ChildProcess, pattern: RegExp, description: string): Promise<void> {
   return new Promise((resolve, reject) => {
     let output = "";

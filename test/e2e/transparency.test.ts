@@ -98,7 +98,7 @@ interface PeerExchange {
 let cluster: Cluster | undefined;
 
 function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
+  if (!cluster) throw new Error("the cluster was not created. Fix the first failure above and rerun.");
   return cluster;
 }
 
@@ -239,7 +239,7 @@ test.serial("HBONE app sees the client pod IP", async (t) => {
     c.auditRecords(SERVER_NODE).some((record) => record.transport === "plaintext" && String(record.src.addr).startsWith(`${clientIp}:`)),
     "the connection to the application was captured again",
   );
-  // The tunnel arrives on 15008; the application's port never appears on the pod's veth, so the
+  // The tunnel arrives on 15008. The application's port never appears on the pod's veth, so the
   // application's replies to the client pod's IP stayed in the pod.
   const ports = packetPorts(pcap);
   t.true(ports.some(([source, destination]) => source === 15008 || destination === 15008), "no HBONE packet crossed the server pod's veth");
@@ -280,7 +280,7 @@ test.serial("plaintext app sees the outside client IP", async (t) => {
 });
 
 test.serial("closed port refuses the proxy at once", async (t) => {
-  // The proxy's transparent SYN to a port where nothing listens is answered by a kernel reset.
+  // The kernel replies with a reset to the proxy's transparent SYN to a port where nothing listens.
   // With net.ipv4.fwmark_reflect that reset carries the proxy's mark and comes back to it, so
   // the connect fails with ECONNREFUSED instead of waiting out its timeout while the reset
   // leaves the pod for the real client.

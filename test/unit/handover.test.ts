@@ -156,7 +156,7 @@ test("contact without a running agent returns undefined", async (t) => {
   const directory = socketDirectory();
   t.is(await Predecessor.contact(path.join(directory, "missing.sock"), 2_000, silentLogger()), undefined);
   // A socket file that a killed agent left: no process accepts. Node removes its own socket file on
-  // close, so a second name of the file stands in for the one a killed agent leaves behind.
+  // close, so a second name of the file serves as the one a killed agent leaves behind.
   const listening = path.join(directory, "listening.sock");
   const stale = path.join(directory, "stale.sock");
   const server = net.createServer();
@@ -230,7 +230,7 @@ test("takeover aborts and restores both families", async (t) => {
   next!.close();
 });
 
-/** A capture whose calls fail the test: the replacement of an aborted hand-over attaches nothing. */
+/** Creates a capture whose calls fail the test, because the replacement of an aborted hand-over attaches nothing. */
 function failingCapture(t: ExecutionContext) {
   return {
     attachInbound: () => t.fail("the aborted replacement attached inbound capture"),

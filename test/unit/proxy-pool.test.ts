@@ -36,8 +36,8 @@ interface TestServerOptions {
   /** SETTINGS_MAX_CONCURRENT_STREAMS the server advertises. */
   maxConcurrentStreams?: number;
   /**
-   * How the server ends its n-th stream (1-based, over all sessions) instead of serving it:
-   * "refused" sends RST_STREAM REFUSED_STREAM, which says that the stream was not processed;
+   * How the server ends its n-th stream (1-based, over all sessions) instead of serving it.
+   * "refused" sends RST_STREAM REFUSED_STREAM, which reports that the stream was not processed.
    * "reset" sends RST_STREAM INTERNAL_ERROR, which does not. undefined serves the stream.
    */
   endStream?: (n: number) => "refused" | "reset" | undefined;

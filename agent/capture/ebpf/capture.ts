@@ -206,7 +206,7 @@ export class Capture {
   /**
    * Starts steering the pod's inbound IPv6 connections to podIp6 to its IPv6 15006 listener
    * (listenerFd). Call it after attachInbound, guardInbound or linkInbound, which link sk_lookup
-   * to the pod's namespace. podIp4 is the pod's IPv4 address, under which its excluded ports are kept;
+   * to the pod's namespace. podIp4 is the pod's IPv4 address, under which its excluded ports are kept.
    * undefined or an IPv6 address (the status.podIP of an IPv6-only pod) means that it has none.
    */
   attachInbound6(cookie: bigint, podIp6: string, podIp4: string | undefined, listenerFd: number): void {
@@ -216,7 +216,7 @@ export class Capture {
 
   /**
    * Stops steering the pod's inbound connections to podIp. For an IPv4 address it deletes the
-   * pod's entries, every IPv6 one of the cookie included, and unpins its link; for an IPv6
+   * pod's entries, every IPv6 one of the cookie included, and unpins its link. For an IPv6
    * address only that address's entries go, and IPv6 to it is dropped while the link stays.
    */
   detachInbound(cookie: bigint, podIp: string): void {

@@ -96,7 +96,7 @@ export class CaptureExemptions {
     this.excludedPortsFd = excludedPortsFd;
   }
 
-  /** Opens the pinned exemption maps; Capture.attach must have pinned them. */
+  /** Opens the pinned exemption maps, which Capture.attach must have pinned. */
   static open(pinRoot: string): CaptureExemptions {
     const probeSourcesFd = mapOpen(path.join(pinRoot, "maps", MAP_PROBE_SOURCES));
     try {
@@ -179,7 +179,7 @@ export class CaptureExemptions {
     return byPod;
   }
 
-  /** Closes this process's map file descriptors; the pins and entries stay. */
+  /** Closes this process's map file descriptors. The pins and entries stay. */
   close(): void {
     for (const fd of [this.probeSourcesFd, this.excludedPortsFd]) {
       if (fd >= 0) closeFd(fd);

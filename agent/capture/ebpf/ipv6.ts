@@ -1,6 +1,6 @@
 // IPv6 capture: the maps that let connect6 steer an enrolled pod's native IPv6 connections to
 // [podIPv6]:15001 and sk_lookup steer inbound IPv6 connections to the pod's IPv6 15006 listener.
-// A pod enters these maps only when it has an IPv6 address; without one, connect6 rejects its
+// A pod enters these maps only when it has an IPv6 address. Without one, connect6 rejects its
 // native IPv6 connects (EPERM) and sk_lookup drops IPv6 to it, as before IPv6 was captured.
 //   maps/aa_enrolled6       netns cookie -> the pod's IPv6 address
 //   maps/aa_orig_dst6       {cookie, application's address} -> the IPv6 destination it dialled
@@ -52,7 +52,7 @@ export class Ipv6Capture {
     this.fds = [enrolledFd, originalDestinationFd, podsFd, listenersFd];
   }
 
-  /** Opens the pinned IPv6 maps; Capture.attach must have pinned them. */
+  /** Opens the pinned IPv6 maps, which Capture.attach must have pinned. */
   static open(pinRoot: string, logger: Logger): Ipv6Capture {
     const opened: number[] = [];
     try {
@@ -67,7 +67,7 @@ export class Ipv6Capture {
   }
 
   /**
-   * Captures the native IPv6 connections of the enrolled pod with this cookie to [podIp6]:15001;
+   * Captures the native IPv6 connections of the enrolled pod with this cookie to [podIp6]:15001.
    * undefined stops that, so they are rejected again. The pod needs its aa_enrolled entry too.
    */
   setPodIp(cookie: bigint, podIp6: string | undefined): void {
@@ -140,7 +140,7 @@ export class Ipv6Capture {
     return pods;
   }
 
-  /** Closes this process's map file descriptors; pins and entries stay. */
+  /** Closes this process's map file descriptors. Pins and entries stay. */
   close(): void {
     for (const fd of this.fds.splice(0)) closeFd(fd);
   }

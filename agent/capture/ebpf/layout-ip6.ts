@@ -27,7 +27,7 @@ export function isNativeIpv6(ip: string): boolean {
   return net.isIPv6(ip) && net.isIPv6(canonicalIp(ip));
 }
 
-/** Writes a native IPv6 address in network byte order; throws on anything else. */
+/** Writes a native IPv6 address in network byte order. Throws on any other input. */
 export function writeIpv6(buffer: Buffer, offset: number, ip: string): void {
   if (!isNativeIpv6(ip)) {
     throw new TypeError(`invalid IPv6 address ${JSON.stringify(ip)}: expected a native IPv6 address, not IPv4 or IPv4-mapped`);
@@ -47,9 +47,9 @@ export function readIpv6(buffer: Buffer, offset: number): string {
   return canonicalIp(groups.join(":"));
 }
 
-function writeHostU16(buffer: Buffer, offset: number, value: number, what: string): void {
+function writeHostU16(buffer: Buffer, offset: number, value: number, fieldName: string): void {
   if (!Number.isInteger(value) || value < 0 || value > 65535) {
-    throw new RangeError(`invalid ${what} ${value}: expected an integer from 0 to 65535`);
+    throw new RangeError(`invalid ${fieldName} ${value}: expected an integer from 0 to 65535`);
   }
   if (littleEndian) buffer.writeUInt16LE(value, offset);
   else buffer.writeUInt16BE(value, offset);
@@ -138,7 +138,7 @@ export function encodeInbound6Key(podIp6: string, port: number): Buffer {
   return buffer;
 }
 
-/** Key of aa_own_conns6, seen from the agent's connecting socket; ports in host byte order. */
+/** Key of aa_own_conns6, seen from the agent's connecting socket, with ports in host byte order. */
 export function encodeOwnConnection6Key(sourceIp: string, sourcePort: number, podIp6: string, podPort: number): Buffer {
   const layout = STRUCT_LAYOUTS.aa_conn6_key;
   const buffer = Buffer.alloc(layout.size);

@@ -8,7 +8,10 @@ import { DataType } from "ffi-rs";
 import { ipBytes } from "../ip-bytes";
 import { call, check } from "../native";
 
-/** Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned link; returns the program count. */
+/**
+ * Loads the object with maps pinned under pinRoot and attaches or updates every program's pinned
+ * link. Returns the program count.
+ */
 export function captureAttach(objectPath: string, pinRoot: string, cgroupPath: string): number {
   const result = call(
     "aa_capture_attach",
@@ -66,7 +69,7 @@ export function mapUpdate(mapFd: number, key: Buffer, value: Buffer, what = "map
   check(call("aa_map_update", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, value]), what, fix);
 }
 
-/** Copies the value of a key into valueOut; returns false when the key is not there. */
+/** Copies the value of a key into valueOut. Returns false when the key is not there. */
 export function mapLookup(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
   const result = call("aa_map_lookup", [DataType.I32, DataType.U8Array, DataType.U8Array], [mapFd, key, valueOut]);
   if (result === -os.constants.errno.ENOENT) return false;
@@ -74,7 +77,7 @@ export function mapLookup(mapFd: number, key: Buffer, valueOut: Buffer): boolean
   return true;
 }
 
-/** Deletes a key; returns false when the key was not there. */
+/** Deletes a key. Returns false when the key was not there. */
 export function mapDelete(mapFd: number, key: Buffer): boolean {
   const result = call("aa_map_delete", [DataType.I32, DataType.U8Array], [mapFd, key]);
   if (result === -os.constants.errno.ENOENT) return false;
@@ -82,7 +85,7 @@ export function mapDelete(mapFd: number, key: Buffer): boolean {
   return true;
 }
 
-/** Looks a key up and deletes it in one step; returns false when the key was not there. */
+/** Looks a key up and deletes it in one step. Returns false when the key was not there. */
 export function mapLookupAndDelete(mapFd: number, key: Buffer, valueOut: Buffer): boolean {
   const result = call(
     "aa_map_lookup_and_delete",
@@ -134,7 +137,7 @@ export interface SkLookupTestInput {
 export interface SkLookupTestResult {
   /** 1 (SK_PASS) or 0 (SK_DROP). */
   verdict: number;
-  /** Cookie of the socket the program assigned; 0n when it assigned none. */
+  /** Cookie of the socket the program assigned, or 0n when it assigned none. */
   cookie: bigint;
 }
 

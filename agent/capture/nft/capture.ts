@@ -117,13 +117,13 @@ export interface NftCaptureOptions {
 
 /**
  * nftables capture for the pods of one node. The methods mirror the eBPF Capture's, keyed by the
- * netns cookie; the table of a pod is written when its inbound listener is attached (or the pod
+ * netns cookie. The table of a pod is written when its inbound listener is attached (or the pod
  * is isolated), which always happens before enroll().
  */
 export class NftCapture {
   /** Pods whose table this process wrote or kept. */
   private readonly pods = new Map<bigint, NftPod>();
-  /** Pods whose table an earlier run wrote and this one has not rewritten yet; removeStale-style callers remove them. */
+  /** Pods whose table an earlier run wrote and this one has not rewritten yet. removeStale-style callers remove them. */
   private readonly leftovers = new Map<bigint, NftPod>();
   /**
    * An open file descriptor of each pod's namespace, by cookie. The table is removed through it
@@ -236,14 +236,14 @@ export class NftCapture {
     ]);
   }
 
-  /** Returns the address a redirected connection was dialled to, from conntrack; undefined when it was not redirected. */
+  /** Returns the address a redirected connection was dialled to, from conntrack, or undefined when it was not redirected. */
   takeOriginalDestination(socket: net.Socket): { ip: string; port: number } | undefined {
     const fd = socketFd(socket);
     if (fd === undefined) return undefined;
     return originalDestinationOfFd(fd);
   }
 
-  /** Releases the namespace descriptors; the tables stay, so the pods stay captured while no agent runs. */
+  /** Releases the namespace descriptors. The tables stay, so the pods stay captured while no agent runs. */
   close(): void {
     for (const cookie of [...this.namespaceFds.keys()]) this.releaseNamespace(cookie);
   }

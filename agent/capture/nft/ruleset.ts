@@ -27,13 +27,13 @@ export const NFT_TABLE_NAME = "ambient_agent";
 /** The set of the pod's captured IPv6 address: empty while the pod's IPv6 is not captured. */
 export const NFT_POD_IP6_SET = "pod_ip6";
 
-/** Mask applied to a socket mark before it is compared with AGENT_MARK; 0x1539 passes too. */
+/** Mask applied to a socket mark before it is compared with AGENT_MARK, so 0x1539 passes too. */
 export const AGENT_MARK_MASK = 0xfff;
 
 /** The ruleset variants: normal capture, or isolation of a pod whose listeners could not start. */
 export type NftPodState = "captured" | "isolated";
 
-/** What capture lets through for a pod: kubelet probe sources and the ports its annotations exclude. */
+/** Exemptions that capture lets through for a pod: kubelet probe sources and the ports its annotations exclude. */
 export interface NftExemptions {
   probeSources: readonly string[];
   excludedPorts: ExcludedPorts;

@@ -135,6 +135,7 @@ export class EmbeddedCa {
       identity: { ...identity },
       certPem,
       ...material,
+      caRootsPem: this.rootPem,
       notBefore: leaf.notBefore,
       notAfter: leaf.notAfter,
       secureContext: buildSecureContext(material),

@@ -27,6 +27,7 @@ class FakeIssuer implements CertificateIssuer {
       keyPem: "",
       chainPem: "",
       rootPem: "",
+      caRootsPem: "",
       notBefore: new Date(this.clock.now),
       notAfter: new Date(this.clock.now + 24 * HOUR),
       secureContext: tls.createSecureContext(),

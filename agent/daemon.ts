@@ -346,12 +346,19 @@ export class Agent {
       inboundDestination: (socket) => this.capture!.inboundDestination(socket),
     });
     const servers = [inbound, plaintext, outbound];
+    const certs = this.certs!;
     return {
       start: async () => {
+        // The certificate is requested before the listeners start, so the first connection finds it.
+        certs.retain(identity, workload.uid);
         for (const server of servers) await server.start();
       },
       // Each stop() closes its listener before its first await, so all three close in this tick.
-      stop: async (graceMs = 0) => sumDrains(await Promise.all(servers.map((server) => server.stop(graceMs)))),
+      stop: async (graceMs = 0) => {
+        const drained = sumDrains(await Promise.all(servers.map((server) => server.stop(graceMs))));
+        certs.release(identity, workload.uid);
+        return drained;
+      },
       openConnections: () => servers.reduce((open, server) => open + server.openConnections, 0),
     };
   }

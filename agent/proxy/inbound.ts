@@ -75,9 +75,6 @@ interface ActiveStream {
   done: Promise<void>;
 }
 
-/** How often the server checks whether its certificate was re-issued, at most. */
-const MAX_ROTATION_CHECK_MS = 60_000;
-
 export class InboundHboneServer {
   readonly #options: InboundHboneServerOptions;
   readonly #logger: Logger;
@@ -91,7 +88,7 @@ export class InboundHboneServer {
   readonly #pendingConnects = new Set<net.Socket>();
   #server: http2.Http2SecureServer | undefined;
   #certificate: WorkloadCertificate | undefined;
-  #rotationTimer: NodeJS.Timeout | undefined;
+  #stopFollowing: (() => void) | undefined;
   /** The outcome of the first stop() call; later calls can only shorten its deadline. */
   #stopped: Promise<DrainSummary> | undefined;
   #stopReason: AgentError | undefined;
@@ -130,7 +127,7 @@ export class InboundHboneServer {
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
     this.#server = server;
     this.#certificate = certificate;
-    this.#scheduleRotationCheck();
+    this.#followRotations();
     this.#logger.info({ port: HBONE_PORT }, "inbound HBONE server started");
   }
 
@@ -156,7 +153,7 @@ export class InboundHboneServer {
   }
 
   async #closeAndDrain(graceMs: number): Promise<DrainSummary> {
-    clearTimeout(this.#rotationTimer);
+    this.#stopFollowing?.();
     const server = this.#server;
     this.#server = undefined;
     const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
@@ -363,30 +360,17 @@ export class InboundHboneServer {
     }
   }
 
-  /** Re-reads the pod's certificate periodically and installs a re-issued one for new TLS connections. */
-  #scheduleRotationCheck(): void {
-    const certificate = this.#certificate;
-    if (!certificate || !this.#server) {
-      return;
-    }
-    const lifetime = certificate.notAfter.getTime() - certificate.notBefore.getTime();
-    const delay = Math.max(1_000, Math.min(MAX_ROTATION_CHECK_MS, lifetime / 8));
-    this.#rotationTimer = setTimeout(() => void this.#checkRotation(), delay);
-    this.#rotationTimer.unref();
-  }
-
-  async #checkRotation(): Promise<void> {
-    try {
-      const certificate = await this.#options.certs.get(this.#options.identity);
-      if (this.#server && certificate !== this.#certificate) {
-        this.#server.setSecureContext(hboneTlsOptions(certificate));
-        this.#certificate = certificate;
-        this.#logger.info({ notAfter: certificate.notAfter.toISOString() }, "inbound HBONE certificate rotated");
-      }
-    } catch (error) {
-      this.#logger.error({ err: error }, "reading the inbound HBONE certificate failed; keeping the current one");
-    }
-    this.#scheduleRotationCheck();
+  /**
+   * Installs each new certificate of the pod's identity for new TLS connections: one secure context
+   * per rotation. Connections already open keep the certificate they started with.
+   */
+  #followRotations(): void {
+    this.#stopFollowing = this.#options.certs.onRotation?.(this.#options.identity, (certificate) => {
+      if (!this.#server || certificate === this.#certificate) return;
+      this.#server.setSecureContext(hboneTlsOptions(certificate));
+      this.#certificate = certificate;
+      this.#logger.info({ notAfter: certificate.notAfter.toISOString() }, "inbound HBONE certificate rotated");
+    });
   }
 }
 

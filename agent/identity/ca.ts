@@ -1,5 +1,6 @@
-// The embedded CA: a self-signed root kept in a folder, issuing short-lived workload certificates
-// whose only name is the workload's SPIFFE URI SAN. For clusters without istiod, and for demos.
+// The embedded CA: a root or intermediate kept in a folder (written by initCa, or an Istio CA Secret
+// mounted as a folder), issuing short-lived workload certificates whose only name is the workload's
+// SPIFFE URI SAN. For clusters without istiod, and for demos.
 
 // @peculiar/x509 resolves its ASN.1 providers through tsyringe, which needs a Reflect metadata polyfill
 // loaded before it.
@@ -10,18 +11,19 @@ import path from "node:path";
 import * as x509 from "@peculiar/x509";
 import { AgentError } from "../errors";
 import type { Identity } from "../state/types";
-import { buildSecureContext, type WorkloadCertificate } from "./certificate";
+import { CA_CONFIG_FILE, digestCaFolder, readCaFolder, ROOT_CERT_FILE, ROOT_KEY_FILE, type CaFolderFormat, type CaMaterial } from "./ca-folder";
+import type { CertificateIssuer, IssuedCertificate } from "./certificate";
+import { createCertificateRequest, verifyCertificateRequest } from "./csr";
 import { formatSpiffeId, sameIdentity } from "./spiffe";
+import { buildLeafCertificate, randomSerialNumber } from "./x509-der";
+
+export { CA_CERT_FILE, CA_CONFIG_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE, type CaFolderFormat } from "./ca-folder";
 
 type CryptoKey = crypto.webcrypto.CryptoKey;
 type CryptoKeyPair = crypto.webcrypto.CryptoKeyPair;
 
 // @peculiar/x509 signs and hashes through WebCrypto; Node provides it as crypto.webcrypto.
 x509.cryptoProvider.set(crypto.webcrypto as never);
-
-export const ROOT_CERT_FILE = "root-cert.pem";
-export const ROOT_KEY_FILE = "root-key.pem";
-export const CA_CONFIG_FILE = "ca.json";
 
 const DEFAULT_TRUST_DOMAIN = "cluster.local";
 const ROOT_VALIDITY_YEARS = 10;
@@ -56,7 +58,7 @@ export async function initCa(dir: string, options: { trustDomain?: string; force
   const notAfter = new Date(now);
   notAfter.setUTCFullYear(notAfter.getUTCFullYear() + ROOT_VALIDITY_YEARS);
   const root = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: randomSerialNumber(),
+    serialNumber: randomSerialNumber().toString("hex"),
     name: `CN=ambient-agent root CA, O=${trustDomain}`,
     notBefore: new Date(now - CLOCK_SKEW_MS),
     notAfter,
@@ -77,68 +79,95 @@ export async function initCa(dir: string, options: { trustDomain?: string; force
   await writeFileAtomic(path.join(dir, CA_CONFIG_FILE), JSON.stringify(config, null, 2) + "\n", 0o644);
 }
 
-/** A CA loaded from a folder written by initCa. */
-export class EmbeddedCa {
+/** Options of EmbeddedCa.load. */
+export interface EmbeddedCaOptions {
+  /**
+   * Trust domain of the identities the CA issues for. Required to match ca.json in the agent layout;
+   * the Istio layouts do not name one, so it defaults to cluster.local there.
+   */
+  trustDomain?: string;
+}
+
+/** A certificate signed from a request: everything of an IssuedCertificate except the key, which the requester holds. */
+export type SignedCertificate = Omit<IssuedCertificate, "keyPem">;
+
+/**
+ * A CA loaded from a folder: the agent layout written by initCa, or an Istio CA Secret mounted as a
+ * folder (ca-folder.ts describes the layouts). Issues through a CSR, as a remote CA would.
+ */
+export class EmbeddedCa implements CertificateIssuer {
   readonly trustDomain: string;
+  /** Every root, PEM: the trust bundle that peers need. Several while a root rotates. */
   readonly rootPem: string;
-  readonly #root: x509.X509Certificate;
-  readonly #rootKey: CryptoKey;
+  readonly format: CaFolderFormat;
+  readonly dir: string;
+  readonly #material: CaMaterial;
+  readonly #trustDomainOption: string | undefined;
 
-  private constructor(trustDomain: string, root: x509.X509Certificate, rootKey: CryptoKey) {
-    this.trustDomain = trustDomain;
-    this.#root = root;
-    this.#rootKey = rootKey;
-    this.rootPem = root.toString("pem") + "\n";
+  private constructor(material: CaMaterial, trustDomainOption: string | undefined) {
+    this.#material = material;
+    this.#trustDomainOption = trustDomainOption;
+    this.trustDomain = material.trustDomain;
+    this.rootPem = material.rootsPem;
+    this.format = material.format;
+    this.dir = material.dir;
   }
 
-  /** Loads the CA in `dir`; the error names the file that is missing or invalid. */
-  static async load(dir: string): Promise<EmbeddedCa> {
-    const config = parseCaConfig(dir, await readCaFile(dir, CA_CONFIG_FILE));
-    const root = parseRootCertificate(dir, await readCaFile(dir, ROOT_CERT_FILE));
-    const rootKey = await importRootKey(dir, await readCaFile(dir, ROOT_KEY_FILE));
-    await assertKeyMatchesCertificate(dir, root, rootKey);
-    return new EmbeddedCa(config.trustDomain, root, rootKey);
+  /** Loads and checks the CA in `dir`; the error names the file that is missing or invalid. */
+  static async load(dir: string, options: EmbeddedCaOptions = {}): Promise<EmbeddedCa> {
+    if (options.trustDomain !== undefined) checkTrustDomain(options.trustDomain);
+    return new EmbeddedCa(await readCaFolder(dir, options.trustDomain), options.trustDomain);
   }
 
-  /** Issues a leaf for `identity`: a new P-256 key, the SPIFFE URI SAN only, valid ttlSeconds (default 24 h). */
-  async issue(identity: Identity, ttlSeconds: number = DEFAULT_LEAF_TTL_SECONDS): Promise<WorkloadCertificate> {
+  /**
+   * Reads the folder again. Returns this CA when its files are unchanged (a read and a hash, no parsing),
+   * else the newly loaded CA; throws when the new files are invalid, so the caller can keep this one.
+   */
+  async reload(): Promise<EmbeddedCa> {
+    if ((await digestCaFolder(this.dir, this.#trustDomainOption)) === this.#material.digest) return this;
+    return EmbeddedCa.load(this.dir, { trustDomain: this.#trustDomainOption });
+  }
+
+  /** Issues a leaf for `identity`: a new P-256 key, a CSR, then sign(). Valid ttlSeconds (default 24 h), capped by the CA. */
+  async issue(identity: Identity, ttlSeconds: number = DEFAULT_LEAF_TTL_SECONDS): Promise<IssuedCertificate> {
     this.checkIssuable(identity, ttlSeconds);
-    const keys = (await crypto.webcrypto.subtle.generateKey(EC_KEY, true, ["sign", "verify"])) as CryptoKeyPair;
+    const request = await createCertificateRequest(identity);
+    const signed = await this.sign(request.csrPem, ttlSeconds);
+    return { ...signed, keyPem: request.keyPem };
+  }
+
+  /**
+   * Verifies a PEM CSR (self-signature, ECDSA P-256 key, a SPIFFE URI SAN as its only name, this
+   * trust domain) and signs a leaf for it, valid ttlSeconds (default 24 h) and never beyond the CA's chain.
+   */
+  async sign(csrPem: string, ttlSeconds: number = DEFAULT_LEAF_TTL_SECONDS): Promise<SignedCertificate> {
+    const request = await verifyCertificateRequest(csrPem);
+    this.checkIssuable(request.identity, ttlSeconds);
+    const ca = this.#material;
     const now = Date.now();
-    const notBefore = new Date(now - CLOCK_SKEW_MS);
-    const notAfter = new Date(Math.min(now + ttlSeconds * 1000, this.#root.notAfter.getTime()));
-    const spiffeId = formatSpiffeId(identity);
-
-    const leaf = await x509.X509CertificateGenerator.create({
-      serialNumber: randomSerialNumber(),
-      // The subject is empty, so RFC 5280 requires the subjectAltName extension to be critical.
-      subject: "",
-      issuer: this.#root.subject,
-      notBefore,
-      notAfter,
-      publicKey: keys.publicKey,
-      signingKey: this.#rootKey,
-      signingAlgorithm: SIGNING,
-      extensions: [
-        new x509.BasicConstraintsExtension(false, undefined, true),
-        new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-        new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
-        new x509.SubjectAlternativeNameExtension([{ type: "url", value: spiffeId }], true),
-        await x509.AuthorityKeyIdentifierExtension.create(this.#root.publicKey),
-      ],
-    });
-
-    const certPem = leaf.toString("pem") + "\n";
-    const keyPem = await exportPrivateKeyPem(keys.privateKey);
-    const material = { keyPem, chainPem: certPem, rootPem: this.rootPem };
+    const notBefore = new Date(Math.max(now - CLOCK_SKEW_MS, ca.notBefore.getTime()));
+    const notAfter = new Date(Math.min(now + ttlSeconds * 1000, ca.notAfter.getTime()));
+    const leafDer = buildLeafCertificate(
+      {
+        serialNumber: randomSerialNumber(),
+        issuerName: ca.issuerName,
+        authorityKeyId: ca.authorityKeyId,
+        // X.509 times have whole seconds; rounding here keeps notBefore and notAfter equal to the certificate's.
+        notBefore: wholeSeconds(notBefore),
+        notAfter: wholeSeconds(notAfter),
+        spki: Buffer.from(request.publicKey.rawData),
+        uri: formatSpiffeId(request.identity),
+      },
+      ca.signingKey,
+    );
+    const certPem = x509.PemConverter.encode(leafDer, "CERTIFICATE") + "\n";
     return {
-      identity: { ...identity },
+      identity: request.identity,
       certPem,
-      ...material,
-      caRootsPem: this.rootPem,
-      notBefore: leaf.notBefore,
-      notAfter: leaf.notAfter,
-      secureContext: buildSecureContext(material),
+      chainPem: certPem + ca.caChainPem,
+      caRootsPem: ca.rootsPem,
+      notBefore: wholeSeconds(notBefore),
+      notAfter: wholeSeconds(notAfter),
     };
   }
 
@@ -156,7 +185,7 @@ export class EmbeddedCa {
 }
 
 /** Tells whether a certificate was issued for `identity`; for callers holding several certificates. */
-export function isCertificateFor(certificate: WorkloadCertificate, identity: Identity): boolean {
+export function isCertificateFor(certificate: IssuedCertificate, identity: Identity): boolean {
   return sameIdentity(certificate.identity, identity);
 }
 
@@ -190,81 +219,9 @@ async function fileExists(file: string): Promise<boolean> {
   }
 }
 
-async function readCaFile(dir: string, file: string): Promise<string> {
-  const fullPath = path.join(dir, file);
-  try {
-    return await fs.readFile(fullPath, "utf8");
-  } catch (error) {
-    throw caFileError(dir, file, `cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`, error);
-  }
-}
-
-function parseCaConfig(dir: string, text: string): CaConfig {
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (error) {
-    throw caFileError(dir, CA_CONFIG_FILE, "is not valid JSON", error);
-  }
-  const config = value as Partial<CaConfig> | null;
-  if (typeof config?.trustDomain !== "string" || config.trustDomain === "") {
-    throw caFileError(dir, CA_CONFIG_FILE, "has no trustDomain string");
-  }
-  return { trustDomain: config.trustDomain, created: String(config.created ?? "") };
-}
-
-function parseRootCertificate(dir: string, pem: string): x509.X509Certificate {
-  let root: x509.X509Certificate;
-  try {
-    root = new x509.X509Certificate(pem);
-  } catch (error) {
-    throw caFileError(dir, ROOT_CERT_FILE, "is not a PEM certificate", error);
-  }
-  const constraints = root.getExtension(x509.BasicConstraintsExtension);
-  if (!constraints?.ca) {
-    throw caFileError(dir, ROOT_CERT_FILE, "is not a CA certificate (basicConstraints CA:true is missing)");
-  }
-  return root;
-}
-
-async function importRootKey(dir: string, pem: string): Promise<CryptoKey> {
-  try {
-    const der = x509.PemConverter.decodeFirst(pem);
-    return await crypto.webcrypto.subtle.importKey("pkcs8", der, EC_KEY, false, ["sign"]);
-  } catch (error) {
-    throw caFileError(dir, ROOT_KEY_FILE, "is not a PKCS#8 PEM ECDSA P-256 private key", error);
-  }
-}
-
-/** Signs a probe with the key and verifies it with the certificate, so a mixed-up folder fails at load. */
-async function assertKeyMatchesCertificate(dir: string, root: x509.X509Certificate, rootKey: CryptoKey): Promise<void> {
-  const probe = crypto.randomBytes(32);
-  const signature = await crypto.webcrypto.subtle.sign(SIGNING, rootKey, probe);
-  const publicKey = await root.publicKey.export(EC_KEY, ["verify"]);
-  if (!(await crypto.webcrypto.subtle.verify(SIGNING, publicKey, signature, probe))) {
-    throw caFileError(dir, ROOT_KEY_FILE, `does not belong to the certificate in ${ROOT_CERT_FILE}`);
-  }
-}
-
-function caFileError(dir: string, file: string, problem: string, cause?: unknown): AgentError {
-  return new AgentError(
-    "CA_ERROR",
-    `embedded CA file ${path.join(dir, file)} ${problem}; run \`agentctl ca init --dir ${dir}\` to create a CA there`,
-    { cause },
-  );
-}
-
 async function exportPrivateKeyPem(key: CryptoKey): Promise<string> {
   const der = await crypto.webcrypto.subtle.exportKey("pkcs8", key);
   return x509.PemConverter.encode(der, "PRIVATE KEY") + "\n";
-}
-
-/** Returns a random positive 128-bit serial number in hex. */
-function randomSerialNumber(): string {
-  const bytes = crypto.randomBytes(16);
-  bytes[0] &= 0x7f;
-  bytes[0] |= 0x01;
-  return bytes.toString("hex");
 }
 
 /** Writes through a temporary file and a rename, so a crash never leaves a half-written file. */
@@ -273,4 +230,8 @@ async function writeFileAtomic(file: string, content: string, mode: number): Pro
   await fs.writeFile(temporary, content, { mode });
   await fs.chmod(temporary, mode);
   await fs.rename(temporary, file);
+}
+
+function wholeSeconds(date: Date): Date {
+  return new Date(Math.floor(date.getTime() / 1000) * 1000);
 }

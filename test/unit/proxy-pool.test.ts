@@ -7,7 +7,7 @@ import tls from "node:tls";
 import test, { type ExecutionContext } from "ava";
 import type { EmbeddedCa } from "../../agent/identity/ca";
 import { CertManager, type CertificateProvider, type WorkloadCertificate } from "../../agent/identity/cert-manager";
-import { hboneTlsOptions } from "../../agent/identity/certificate";
+import { hboneTlsOptions, withSecureContext } from "../../agent/identity/certificate";
 import { silentLogger } from "../../agent/log";
 import { HBONE_PORT } from "../../agent/proxy/hbone";
 import { OutboundProxy } from "../../agent/proxy/outbound";
@@ -66,7 +66,7 @@ interface TestServer {
 }
 
 async function startServer(t: ExecutionContext, ca: EmbeddedCa, options: TestServerOptions): Promise<TestServer> {
-  const certificate = await ca.issue(options.identity ?? SERVER_IDENTITY);
+  const certificate = withSecureContext(await ca.issue(options.identity ?? SERVER_IDENTITY));
   const sockets = new Set<net.Socket>();
   const h2 = http2.createServer({ settings: { maxConcurrentStreams: options.maxConcurrentStreams ?? 200 } });
   const tlsServer = tls.createServer({
@@ -423,7 +423,7 @@ test("identity failure does not poison later requests", async (t) => {
   t.is(server.tcpConnections, 1, "waiters on one handshake share it");
   t.is(pooledConnections(setup.pool), 0);
 
-  server.setCertificate(await ca.issue(SERVER_IDENTITY));
+  server.setCertificate(withSecureContext(await ca.issue(SERVER_IDENTITY)));
   const stream = await openTunnel(setup, 68);
   t.is(await roundTrip(stream, "trusted"), "trusted");
 });
@@ -466,12 +466,12 @@ test("GOAWAY keeps open streams and moves new ones", async (t) => {
 test("new connections use the rotated certificate", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.70.2", port: HBONE_PORT });
-  let current = await ca.issue(CLIENT_IDENTITY);
+  let current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
   const certs: CertificateProvider = { get: async () => current };
   const setup = createPool(t, 70, certs, { maxStreamsPerConnection: 1 });
   const first = await openTunnel(setup, 70);
 
-  current = await ca.issue(CLIENT_IDENTITY);
+  current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
   const second = await openTunnel(setup, 70);
 
   t.is(server.clientSerials.length, 2);

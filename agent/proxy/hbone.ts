@@ -7,6 +7,7 @@ import type http2 from "node:http2";
 import type tls from "node:tls";
 import { AgentError } from "../errors";
 import { parseSpiffeId } from "../identity/spiffe";
+import { uriSubjectAltNames } from "../identity/verify";
 import type { Identity, Workload } from "../state/types";
 import { formatAddress } from "./tcp";
 
@@ -159,26 +160,12 @@ export function peerIdentityOf(socket: tls.TLSSocket): Identity | undefined {
 
 /** Reads the first SPIFFE URI from Node's subjectAltName text ("URI:spiffe://..., DNS:..."). */
 export function identityFromSubjectAltName(subjectAltName: string | undefined): Identity | undefined {
-  for (const entry of splitSubjectAltName(subjectAltName ?? "")) {
-    if (!entry.startsWith("URI:")) {
-      continue;
-    }
+  for (const uri of uriSubjectAltNames(subjectAltName)) {
     try {
-      return parseSpiffeId(entry.slice("URI:".length));
+      return parseSpiffeId(uri);
     } catch {
       // Not a SPIFFE id: try the next URI.
     }
   }
   return undefined;
-}
-
-/** Splits Node's subjectAltName text; Node quotes values that contain a comma or a quote as JSON strings. */
-function splitSubjectAltName(text: string): string[] {
-  const entries: string[] = [];
-  const pattern = /([A-Za-z ]+):("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)/g;
-  for (const match of text.matchAll(pattern)) {
-    const value = match[2].startsWith('"') ? (JSON.parse(match[2]) as string) : match[2];
-    entries.push(`${match[1]}:${value}`);
-  }
-  return entries;
 }

@@ -9,6 +9,7 @@ import { AgentError } from "../errors";
 import { hboneTlsOptions } from "../identity/certificate";
 import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
+import { presentedCertificateOf, verifyClientCertificate, type AcceptedTrustDomains } from "../identity/verify";
 import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
@@ -26,7 +27,6 @@ import {
   SERVER_SETTINGS,
   parseAuthority,
   parseForwardedFor,
-  peerIdentityOf,
   type Authority,
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
@@ -40,8 +40,10 @@ export interface InboundHboneServerOptions {
   identity: Identity;
   network: PodNetwork;
   certs: CertificateProvider;
-  /** Clients must present a certificate of this trust domain. */
+  /** Clients must present a certificate of this trust domain or of one of `trustDomainAliases`. */
   trustDomain: string;
+  /** Other trust domains accepted from clients, such as the mesh's previous name during a migration. */
+  trustDomainAliases?: readonly string[];
   authorize(connection: RbacConnection): AuthorizationResult;
   /** The workload that owns a source address, for the audit record only. */
   lookupSource(ip: string): Workload | undefined;
@@ -78,6 +80,7 @@ interface ActiveStream {
 export class InboundHboneServer {
   readonly #options: InboundHboneServerOptions;
   readonly #logger: Logger;
+  readonly #acceptedTrustDomains: AcceptedTrustDomains;
   readonly #peers = new WeakMap<http2.ServerHttp2Session, TunnelPeer>();
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   readonly #streams = new Set<ActiveStream>();
@@ -96,6 +99,7 @@ export class InboundHboneServer {
   constructor(options: InboundHboneServerOptions) {
     this.#options = options;
     this.#logger = options.logger.child({ component: "inbound" });
+    this.#acceptedTrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases ?? [] };
   }
 
   /** Gets the pod's certificate and listens on port 15008 inside the pod. */
@@ -103,8 +107,12 @@ export class InboundHboneServer {
     const certificate = await this.#options.certs.get(this.#options.identity);
     const server = http2.createSecureServer({
       ...hboneTlsOptions(certificate),
+      // The server requests a certificate but lets the handshake finish whatever the client sent, and
+      // #acceptSession verifies it before any stream is served. With rejectUnauthorized: true, Node 20
+      // destroys such a socket itself and reports only "socket hang up" (ECONNRESET), so the audit
+      // record could not say why; Node's own chain verdict stays in socket.authorizationError.
       requestCert: true,
-      rejectUnauthorized: true,
+      rejectUnauthorized: false,
       ALPNProtocols: ["h2"],
       allowHTTP1: false,
       // Node's net.Server option, applied to each accepted TCP socket under the TLS session.
@@ -116,13 +124,10 @@ export class InboundHboneServer {
     });
     server.on("session", (session) => this.#acceptSession(session));
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
-    // Node reports a failed handshake after the socket closed, when its peer address is gone.
-    // Reading the address on accept makes the TCP socket cache it for the log line below.
-    server.on("connection", (socket: net.Socket) => void socket.remoteAddress);
-    // Any client can cause this, so the line carries the reason without a stack trace.
-    server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) =>
-      this.#logger.warn({ error: error.message, code: error.code, "src.addr": handshakePeerOf(socket) }, "HBONE TLS handshake failed"),
-    );
+    // Node reports a failed handshake after the socket closed, when its addresses are gone. Reading
+    // them on accept makes the TCP socket cache them for the audit record of the failure.
+    server.on("connection", (socket: net.Socket) => void [socket.remoteAddress, socket.localAddress]);
+    server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) => this.#recordFailedHandshake(error, socket));
     server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
     this.#server = server;
@@ -180,20 +185,23 @@ export class InboundHboneServer {
     }
   }
 
-  /** Checks the client certificate's trust domain and remembers what the session proved. */
+  /**
+   * Verifies the client's certificate and remembers what the session proved. A session that fails is
+   * destroyed here, synchronously in Node's "session" event and so before any of its frames is read,
+   * and its rejection gets an audit record. Streams of a session not in #peers are refused as well.
+   */
   #acceptSession(session: http2.ServerHttp2Session): void {
     const socket = session.socket as tls.TLSSocket;
     const remote = remoteAddressOf(socket);
     session.on("error", (error) => this.#logger.debug({ err: error, "src.addr": remote }, "HBONE session failed"));
-    const identity = peerIdentityOf(socket);
-    if (!identity || identity.trustDomain !== this.#options.trustDomain) {
-      this.#logger.warn(
-        { "src.addr": remote, "src.identity": identity ? formatSpiffeId(identity) : undefined, trustDomain: this.#options.trustDomain },
-        "HBONE client rejected: its certificate has no SPIFFE identity in this trust domain",
-      );
+    const verification = verifyClientCertificate(presentedCertificateOf(socket), this.#acceptedTrustDomains, remote);
+    if (!verification.verified) {
+      // The record reads the addresses through session.socket, which is unbound once the session is destroyed.
+      this.#recordRejection(socket, verification.reason, verification.error);
       session.destroy();
       return;
     }
+    const identity = verification.identity;
     this.#peers.set(session, {
       identity,
       ip: normalizeIp(socket.remoteAddress ?? ""),
@@ -205,6 +213,41 @@ export class InboundHboneServer {
     session.setLocalWindowSize(CONNECTION_WINDOW_BYTES);
     // A handshake that completed after stop() began gets GOAWAY at once: no stream is served on it.
     if (this.#stopped) session.close();
+  }
+
+  /**
+   * Writes the audit record of a handshake that the server failed at the TLS layer, such as one from
+   * a client without TLS 1.3 or one past the handshake timeout. A client that closed the connection
+   * during the handshake, for example because it rejected our certificate, gets a log line only.
+   */
+  #recordFailedHandshake(error: NodeJS.ErrnoException, socket: tls.TLSSocket): void {
+    if (error.code === "ECONNRESET" || error.code === "EPIPE") {
+      this.#logger.debug({ code: error.code, "src.addr": handshakePeerOf(socket) }, "HBONE client closed the connection during the TLS handshake");
+      return;
+    }
+    const failure = new AgentError("TLS_FAILURE", `TLS handshake with client ${handshakePeerOf(socket)} failed: ${error.code ?? error.message}`, {
+      cause: error,
+    });
+    this.#recordRejection(socket, "tls_handshake_failed", failure);
+  }
+
+  /**
+   * Writes the audit record of a rejected HBONE connection: decision deny, the rejection reason, and
+   * the pod's HBONE address as the destination, because no CONNECT named a target yet.
+   */
+  #recordRejection(socket: tls.TLSSocket, reason: string, error: AgentError): void {
+    const source = handshakePeerOf(socket);
+    const sourceIp = socket.remoteAddress ?? parentOf(socket)?.remoteAddress;
+    const hboneAddr = formatAddress(normalizeIp(socket.localAddress ?? parentOf(socket)?.localAddress ?? this.#options.workload.ip), HBONE_PORT);
+    const record = new ConnectionRecord({
+      node: this.#options.node,
+      direction: "inbound",
+      transport: "hbone",
+      src: peerOf(source, sourceIp ? this.#options.lookupSource(normalizeIp(sourceIp)) : undefined),
+      dst: { ...peerOf(hboneAddr, this.#options.workload, formatSpiffeId(this.#options.identity)), hbone_addr: hboneAddr },
+    });
+    record.deny(reason, error);
+    record.write(this.#options.audit, this.#logger);
   }
 
   #trackStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
@@ -420,6 +463,12 @@ function loggedHeader(value: string | string[] | undefined): string | undefined 
 function handshakePeerOf(socket: tls.TLSSocket): string {
   const own = remoteAddressOf(socket);
   if (own !== "unknown") return own;
+  const parent = parentOf(socket);
+  return parent ? remoteAddressOf(parent) : "unknown";
+}
+
+/** Returns the TCP socket under a TLS socket (Node's undocumented `_parent`), when Node kept it. */
+function parentOf(socket: tls.TLSSocket): net.Socket | undefined {
   const parent = (socket as tls.TLSSocket & { _parent?: unknown })._parent;
-  return parent instanceof net.Socket ? remoteAddressOf(parent) : "unknown";
+  return parent instanceof net.Socket ? parent : undefined;
 }

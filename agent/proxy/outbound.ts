@@ -8,6 +8,7 @@ import type { AuditSink } from "../audit/record";
 import { AgentError } from "../errors";
 import type { CertificateProvider } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
+import { verificationReasonOf } from "../identity/verify";
 import type { Logger } from "../log";
 import { workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
@@ -177,7 +178,10 @@ export class OutboundProxy {
         await this.#passthrough(connection, target.address);
       }
     } catch (error) {
-      record.fail(error);
+      // A destination whose certificate failed verification is a refusal with its own reason.
+      const reason = verificationReasonOf(error);
+      if (reason && error instanceof AgentError) record.deny(reason, error);
+      else record.fail(error);
       resetSocket(client);
     } finally {
       record.write(this.#options.audit, this.#logger);

@@ -17,6 +17,7 @@ import type net from "node:net";
 import { AgentError } from "../errors";
 import type { CertificateProvider } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
+import type { AcceptedTrustDomains } from "../identity/verify";
 import type { Logger } from "../log";
 import type { Identity } from "../state/types";
 import { CONNECT_TIMEOUT_MS, type Authority } from "./hbone";
@@ -59,6 +60,8 @@ export interface HbonePoolOptions {
   connectTimeoutMs?: number;
   /** Default CLOSE_GRACE_MS. */
   closeGraceMs?: number;
+  /** Trust domains that count as one when the destination's identity is checked; exact match when absent. */
+  acceptedTrustDomains?: AcceptedTrustDomains;
 }
 
 /** The source and destination of a stream. Every field is part of the pool key. */
@@ -128,6 +131,7 @@ export function poolKeyOf(destination: HboneDestination): string {
 export class HbonePool {
   readonly #network: PodNetwork;
   readonly #certs: CertificateProvider;
+  readonly #acceptedTrustDomains: AcceptedTrustDomains | undefined;
   readonly #logger: Logger;
   readonly #maxStreams: number;
   readonly #idleTimeoutMs: number;
@@ -145,6 +149,7 @@ export class HbonePool {
   constructor(options: HbonePoolOptions) {
     this.#network = options.network;
     this.#certs = options.certs;
+    this.#acceptedTrustDomains = options.acceptedTrustDomains;
     this.#logger = options.logger.child({ component: "hbone-pool" });
     this.#maxStreams = options.maxStreamsPerConnection ?? MAX_STREAMS_PER_CONNECTION;
     this.#idleTimeoutMs = options.idleTimeoutMs ?? IDLE_TIMEOUT_MS;
@@ -303,6 +308,7 @@ export class HbonePool {
       network: this.#network,
       certificate,
       expectedIdentities: destination.destinationIdentities,
+      acceptedTrustDomains: this.#acceptedTrustDomains,
       hboneAddress: destination.hboneAddress,
       timeoutMs: this.#connectTimeoutMs,
       onSocket: (socket) => connection.sockets.push(socket),

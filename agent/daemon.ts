@@ -22,8 +22,8 @@ import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
 import { enrolledWorkloads, isAmbient } from "./enroll/enrollment";
 import { EnrollmentReconciler, type WorkloadProxies } from "./enroll/reconciler";
-import { EmbeddedCa } from "./identity/ca";
-import { CertManager } from "./identity/cert-manager";
+import type { CertManager } from "./identity/cert-manager";
+import { startIdentity, type IdentityOptions, type IdentityRuntime } from "./identity/setup";
 import { identityOf } from "./identity/spiffe";
 import type { Logger } from "./log";
 import { InboundHboneServer } from "./proxy/inbound";
@@ -40,7 +40,8 @@ import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 export interface AgentOptions {
   node: string;
   manifestsDir: string;
-  caDir: string;
+  /** The CA, trust domain, trusted roots and certificate lifetime. */
+  identity: IdentityOptions;
   auditFile: string;
   /** bpffs folder holding this node's pinned maps and links. */
   pinRoot: string;
@@ -90,6 +91,7 @@ export class Agent {
   private reconciler: EnrollmentReconciler | undefined;
   private admin: AdminServer | undefined;
   private certs: CertManager | undefined;
+  private identity: IdentityRuntime | undefined;
   private lock: PinRootLock | undefined;
   private nodeLock: PinRootLock | undefined;
   private handover: HandoverServer | undefined;
@@ -119,9 +121,9 @@ export class Agent {
     if (!predecessor) this.takeLocks();
     loadNative();
 
-    const ca = await EmbeddedCa.load(this.options.caDir);
-    this.trustDomain = ca.trustDomain;
-    this.certs = new CertManager(ca, this.logger.child({ component: "certs" }));
+    this.identity = await startIdentity(this.options.identity, this.logger);
+    this.trustDomain = this.identity.trustDomain;
+    this.certs = this.identity.certs;
     this.audit = new AuditFileSink(this.options.auditFile, this.logger.child({ component: "audit" }));
 
     this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
@@ -173,6 +175,7 @@ export class Agent {
     await this.drain(drainMs);
     await this.admin?.stop();
     this.capture?.close();
+    this.identity?.close();
     await this.audit?.close();
     this.releaseLocks();
     this.logger.info("agent stopped");
@@ -282,7 +285,8 @@ export class Agent {
 
   /** Re-reads every manifest file now, as on SIGHUP. */
   async reload(): Promise<void> {
-    this.logger.info("re-reading the manifests");
+    this.logger.info("re-reading the manifests and the CA folder");
+    await this.identity?.reload();
     await this.source?.refresh();
   }
 
@@ -324,12 +328,14 @@ export class Agent {
     const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger };
     const outbound = new OutboundProxy({
       ...common,
+      pool: { acceptedTrustDomains: this.identity!.trust },
       originalDestination: (socket) => this.capture!.takeOriginalDestination(cookie, socket),
       resolveDestination: (ip, port) => this.resolveDestination(ip, port),
     });
     const inbound = new InboundHboneServer({
       ...common,
       trustDomain: this.trustDomain,
+      trustDomainAliases: this.identity!.trust.aliases,
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
       currentWorkload: () => this.state?.workload(workload.uid),
@@ -421,6 +427,13 @@ export class Agent {
     return {
       node: this.options.node,
       trustDomain: this.trustDomain,
+      identity: this.identity && {
+        ca: this.identity.caDescription,
+        trustDomainAliases: this.identity.trust.aliases,
+        roots: this.identity.trust.roots(),
+        queue: this.identity.certs.queue,
+      },
+      certificates: this.certs?.status() ?? [],
       isolated: (this.reconciler?.listIsolated() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
       ambiguous: (this.reconciler?.listAmbiguous() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
       enrolled: (this.reconciler?.list() ?? []).map((entry) => ({

@@ -9,15 +9,17 @@ import { parseCaptureMode, type RequestedCaptureMode } from "../capture/probe";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
 import { createLogger } from "../log";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
+import type { IdentityOptions } from "../identity/setup";
+import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags, type IdentityFlagValues } from "./identity-flags";
 import { parseProbeSources } from "./probe-sources";
 
-const USAGE = `usage: ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH [options]
+const USAGE = `usage: ambient-agent run --node NAME --manifests DIR (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE)
+                         --audit-file PATH [options]
 
   --node NAME          this node's name; pods whose spec.nodeName equals it are served
   --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, AuthorizationPolicy,
                        PeerAuthentication), re-read when it changes
-  --ca-dir DIR         embedded CA folder made by \`agentctl ca init --dir DIR\`
-  --audit-file PATH    file that receives one JSON line per connection
+${IDENTITY_USAGE}  --audit-file PATH    file that receives one JSON line per connection
   --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
@@ -79,7 +81,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     options: {
       node: { type: "string" },
       manifests: { type: "string" },
-      "ca-dir": { type: "string" },
+      ...IDENTITY_FLAGS,
       "audit-file": { type: "string" },
       "pin-root": { type: "string" },
       cgroup: { type: "string" },
@@ -95,7 +97,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     },
     strict: true,
   });
-  const missing = ["node", "manifests", "ca-dir", "audit-file"].filter((name) => !values[name as keyof typeof values]);
+  const missing = ["node", "manifests", "audit-file"].filter((name) => !values[name as keyof typeof values]);
   if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.map((name) => `--${name}`).join(", ")}`);
   const node = values.node!;
   if (!/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(node)) {
@@ -104,7 +106,7 @@ function parseRunOptions(argv: string[]): RunOptions {
   const agent: AgentOptions = {
     node,
     manifestsDir: path.resolve(values.manifests!),
-    caDir: path.resolve(values["ca-dir"]!),
+    identity: parseIdentity(values),
     auditFile: path.resolve(values["audit-file"]!),
     pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
@@ -126,6 +128,14 @@ function parseTransparentSource(on: boolean | undefined, off: boolean | undefine
 }
 
 class UsageError extends Error {}
+
+function parseIdentity(values: IdentityFlagValues): IdentityOptions {
+  try {
+    return parseIdentityFlags(values);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
 
 function parseCaptureFlag(value: string | undefined): RequestedCaptureMode {
   try {

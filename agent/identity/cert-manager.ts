@@ -261,7 +261,7 @@ export class CertManager implements CertificateProvider {
       : "the CA has not answered yet";
     return new AgentError(
       "NO_CERTIFICATE",
-      `no valid certificate for ${entry.key} within ${this.#getTimeoutMs} ms: ${why}; check the CA address and credentials (agentctl certificates)`,
+      `no valid certificate for ${entry.key} within ${this.#getTimeoutMs} ms: ${why}; check the CA address and credentials (agentctl config shows each certificate's state)`,
       { cause: entry.lastError },
     );
   }

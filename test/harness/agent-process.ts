@@ -72,7 +72,8 @@ export class AgentProcess {
       "run",
       "--node", options.node,
       "--manifests", options.manifestsDir,
-      "--ca-dir", options.caDir,
+      // An agent that asks Istio's CA has no embedded CA.
+      ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
       "--audit-file", options.auditFile,
       "--pin-root", options.pinRoot,
       ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),

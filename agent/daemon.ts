@@ -412,7 +412,7 @@ export class Agent {
       return { decision: "deny" as const, reason: "no_allow_match" as const, dryRun: [] };
     }
     const policies = state.policiesForWorkload(workload, this.options.rootNamespace);
-    return authorize(connection, policies, { trustDomain: this.trustDomain });
+    return authorize(connection, policies, { trustDomain: this.trustDomain, trustDomainAliases: this.identity?.trust.aliases });
   }
 
   /** Returns the PeerAuthentication mode for a port of a workload; STRICT when the workload is unknown. */

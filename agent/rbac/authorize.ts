@@ -13,6 +13,8 @@ export interface AuthorizeOptions {
    * identities of this trust domain, as Istio rewrites them.
    */
   trustDomain?: string;
+  /** Trust domains that count as the mesh's own: a principal of any of them matches all of them. */
+  trustDomainAliases?: readonly string[];
 }
 
 type Outcome = Omit<AuthorizationResult, "dryRun">;
@@ -29,7 +31,7 @@ export function authorize(
   options: AuthorizeOptions = {},
 ): AuthorizationResult {
   const context = matchContextOf(connection);
-  const matches = (policy: AuthorizationPolicy) => policyMatches(compilePolicy(policy, options.trustDomain), context);
+  const matches = (policy: AuthorizationPolicy) => policyMatches(compilePolicy(policy, { trustDomain: options.trustDomain, aliases: options.trustDomainAliases }), context);
 
   // Dry-run policies (annotation istio.io/dry-run: "true") are evaluated and reported, never enforced.
   const enforced = policies.filter((policy) => !policy.dryRun);

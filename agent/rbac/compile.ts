@@ -43,16 +43,22 @@ const LOCAL_TRUST_DOMAIN_ALIAS = "cluster.local";
 
 const cache = new WeakMap<AuthorizationPolicy, Map<string, CompiledPolicy>>();
 
-/** Compiles a policy, once per policy object and trust domain. */
-export function compilePolicy(policy: AuthorizationPolicy, trustDomain?: string): CompiledPolicy {
+/** The mesh's trust domain and the other trust domains that count as the same one. */
+export interface TrustDomains {
+  trustDomain?: string;
+  aliases?: readonly string[];
+}
+
+/** Compiles a policy, once per policy object, trust domain and aliases. */
+export function compilePolicy(policy: AuthorizationPolicy, trustDomains: TrustDomains = {}): CompiledPolicy {
   const byTrustDomain = cache.get(policy) ?? new Map<string, CompiledPolicy>();
   cache.set(policy, byTrustDomain);
-  const key = trustDomain ?? "";
+  const key = [trustDomains.trustDomain ?? "", ...(trustDomains.aliases ?? [])].join(" ");
   let compiled = byTrustDomain.get(key);
   if (compiled === undefined) {
     const rules: CompiledRule[] = [];
     for (const rule of policy.rules ?? []) {
-      const compiledRule = compileRule(rule, policy, trustDomain);
+      const compiledRule = compileRule(rule, policy, trustDomains);
       if (compiledRule !== undefined) rules.push(compiledRule);
     }
     compiled = { rules };
@@ -69,17 +75,17 @@ export function policyMatches(compiled: CompiledPolicy, context: MatchContext): 
 }
 
 /** Returns the rule's clauses, or undefined when the rule is dropped (an ALLOW rule with HTTP fields). */
-export function compileRule(rule: PolicyRule, policy: AuthorizationPolicy, trustDomain?: string): CompiledRule | undefined {
+export function compileRule(rule: PolicyRule, policy: AuthorizationPolicy, trustDomains: TrustDomains = {}): CompiledRule | undefined {
   if (policy.action === "ALLOW" && ruleNeedsHttp(rule)) return undefined;
   const clauses: CompiledRule = [];
   if (rule.to !== undefined && rule.to.length > 0) {
     clauses.push(rule.to.map((entry) => compileOperation(entry.operation)));
   }
   if (rule.from !== undefined && rule.from.length > 0) {
-    clauses.push(rule.from.map((entry) => compileSource(entry.source, policy.namespace, trustDomain)));
+    clauses.push(rule.from.map((entry) => compileSource(entry.source, policy.namespace, trustDomains)));
   }
   for (const condition of rule.when ?? []) {
-    clauses.push([compileCondition(condition, trustDomain)]);
+    clauses.push([compileCondition(condition, trustDomains)]);
   }
   return clauses;
 }
@@ -92,9 +98,9 @@ export function ruleNeedsHttp(rule: PolicyRule): boolean {
   );
 }
 
-function compileSource(source: PolicySource, policyNamespace: string, trustDomain?: string): Match {
+function compileSource(source: PolicySource, policyNamespace: string, trustDomains: TrustDomains): Match {
   const match: Match = [];
-  const principals = (list?: string[]) => list?.map((pattern) => aliasTrustDomain(pattern, trustDomain));
+  const principals = (list?: string[]) => list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains));
   addCheck(match, principals(source.principals), principals(source.notPrincipals), matchPrincipal);
   addCheck(match, source.namespaces, source.notNamespaces, matchNamespace);
   addCheck(match, source.serviceAccounts, source.notServiceAccounts, (value, context) =>
@@ -111,7 +117,7 @@ function compileOperation(operation: PolicyOperation): Match {
 }
 
 /** Compiles an L4 `when` condition; any other key gives an empty match, which never matches. */
-function compileCondition(condition: PolicyCondition, trustDomain?: string): Match {
+function compileCondition(condition: PolicyCondition, trustDomains: TrustDomains): Match {
   const match: Match = [];
   const { values, notValues } = condition;
   switch (condition.key) {
@@ -128,7 +134,7 @@ function compileCondition(condition: PolicyCondition, trustDomain?: string): Mat
       addCheck(match, values, notValues, matchNamespace);
       break;
     case "source.principal": {
-      const alias = (list?: string[]) => list?.map((pattern) => aliasTrustDomain(pattern, trustDomain));
+      const alias = (list?: string[]) => list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains));
       addCheck(match, alias(values), alias(notValues), matchPrincipal);
       break;
     }
@@ -196,8 +202,15 @@ function ports(list?: string[]): (number | undefined)[] | undefined {
   });
 }
 
-/** Rewrites a principal pattern written for "cluster.local" to the mesh's trust domain. */
-function aliasTrustDomain(pattern: string, trustDomain?: string): string {
-  if (trustDomain === undefined || !pattern.startsWith(`${LOCAL_TRUST_DOMAIN_ALIAS}/`)) return pattern;
-  return `${trustDomain}${pattern.slice(LOCAL_TRUST_DOMAIN_ALIAS.length)}`;
+/**
+ * Rewrites a principal pattern whose trust domain is the mesh's own ("cluster.local" always counts
+ * as it) or one of its aliases into one pattern per trust domain of that set, as istiod does, so a
+ * policy written for one of them matches peers of all of them. Other patterns stay as written.
+ */
+function expandTrustDomain(pattern: string, { trustDomain, aliases = [] }: TrustDomains): string[] {
+  const slash = pattern.indexOf("/");
+  if (trustDomain === undefined || slash < 0) return [pattern];
+  const patternDomain = pattern.slice(0, slash);
+  if (patternDomain !== LOCAL_TRUST_DOMAIN_ALIAS && patternDomain !== trustDomain && !aliases.includes(patternDomain)) return [pattern];
+  return [trustDomain, ...aliases].map((domain) => `${domain}${pattern.slice(slash)}`);
 }

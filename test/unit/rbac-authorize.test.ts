@@ -36,6 +36,7 @@ interface Case {
   connection?: RbacConnection;
   policies: AuthorizationPolicy[];
   trustDomain?: string;
+  trustDomainAliases?: string[];
   expected: Pick<AuthorizationResult, "decision" | "reason"> & { policy?: string };
 }
 
@@ -87,6 +88,38 @@ const cases: Case[] = [
     name: "no alias without trust domain option",
     connection: { ...MTLS, sourceIdentity: { trustDomain: "example.org", namespace: "demo", serviceAccount: "client" } },
     policies: [policy("p", "ALLOW", [from({ principals: ["cluster.local/ns/demo/sa/client"] })])],
+    expected: NO_MATCH,
+  },
+  {
+    name: "principal of the mesh's trust domain matches a peer of an alias",
+    connection: { ...MTLS, sourceIdentity: { trustDomain: "old.example", namespace: "demo", serviceAccount: "client" } },
+    trustDomain: "example.org",
+    trustDomainAliases: ["old.example"],
+    policies: [policy("p", "ALLOW", [from({ principals: ["example.org/ns/demo/sa/client"] })])],
+    expected: ALLOWED("p"),
+  },
+  {
+    name: "principal of an alias matches a peer of the mesh's trust domain",
+    connection: { ...MTLS, sourceIdentity: { trustDomain: "example.org", namespace: "demo", serviceAccount: "client" } },
+    trustDomain: "example.org",
+    trustDomainAliases: ["old.example"],
+    policies: [policy("p", "ALLOW", [from({ principals: ["old.example/ns/demo/sa/client"] })])],
+    expected: ALLOWED("p"),
+  },
+  {
+    name: "notPrincipals of the mesh's trust domain also excludes the alias",
+    connection: { ...MTLS, sourceIdentity: { trustDomain: "old.example", namespace: "demo", serviceAccount: "client" } },
+    trustDomain: "example.org",
+    trustDomainAliases: ["old.example"],
+    policies: [policy("p", "DENY", [from({ notPrincipals: ["cluster.local/ns/demo/sa/client"] })])],
+    expected: { decision: "allow", reason: "no_policy" },
+  },
+  {
+    name: "a trust domain that is not an alias stays apart",
+    connection: { ...MTLS, sourceIdentity: { trustDomain: "stranger.example", namespace: "demo", serviceAccount: "client" } },
+    trustDomain: "example.org",
+    trustDomainAliases: ["old.example"],
+    policies: [policy("p", "ALLOW", [from({ principals: ["example.org/ns/demo/sa/client"] })])],
     expected: NO_MATCH,
   },
 
@@ -166,7 +199,7 @@ const cases: Case[] = [
 
 for (const testCase of cases) {
   test(`authorize: ${testCase.name}`, (t) => {
-    const result = authorize(testCase.connection ?? MTLS, testCase.policies, { trustDomain: testCase.trustDomain });
+    const result = authorize(testCase.connection ?? MTLS, testCase.policies, { trustDomain: testCase.trustDomain, trustDomainAliases: testCase.trustDomainAliases });
     t.is(result.decision, testCase.expected.decision);
     t.is(result.reason, testCase.expected.reason);
     t.is(result.policy, testCase.expected.policy);

@@ -13,7 +13,9 @@
 // Prints a table and writes bench-results.json at the project root. Pass --quick for a shorter run
 // (for checking the harness, not for figures), --markdown to print the table as Markdown too,
 // --cpu-prof to profile both agents and print where their CPU time went, and --capture-only to
-// measure the capture layer alone (its table is printed, no results file is written).
+// measure the capture layer alone (its table is printed, no results file is written). The identity
+// figures (identity.ts: issuing a certificate, 1,000 identities re-issued under load) come first;
+// --identity-only measures them alone.
 
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
@@ -32,7 +34,8 @@ import { makeCertificates, NATIVE_CLIENT_PORT, startNativeTunnel, stopNativeTunn
 import { moveToBenchAddresses } from "./pod-ips";
 import { TcpBench, type IdleOpened } from "./tcp-bench";
 import { assertProcessRuns, cpuSeconds, rssKib } from "./proc-stats";
-import { describeMachine, formatCaptureTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
+import { measureIdentity } from "./identity";
+import { describeMachine, formatCaptureTable, formatIdentityTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
 
 const PREFIX_FAMILY = "aabench";
@@ -391,6 +394,11 @@ async function main(): Promise<void> {
   }
 
   try {
+    const identity = process.argv.includes("--capture-only") ? undefined : await measureIdentity(process.argv.includes("--quick"), step);
+    if (identity && process.argv.includes("--identity-only")) {
+      process.stdout.write(formatIdentityTable(identity, describeMachine(), new Date().toISOString()) + "\n");
+      return;
+    }
     const capture = await measureCapture(settings);
     if (process.argv.includes("--capture-only")) {
       process.stdout.write(formatCaptureTable(capture, describeMachine(), new Date().toISOString()) + "\n");
@@ -405,7 +413,7 @@ async function main(): Promise<void> {
       extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
       agentLogLevel: "info",
     });
-    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture };
+    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity };
     succeeded = true;
     writeResults(RESULTS_FILE, results);
     process.stdout.write(formatTable(results) + "\n");

@@ -1,6 +1,8 @@
 // The benchmark's results: the JSON file the run writes and the table it prints, with the targets
 // next to the figures. The targets are printed, never asserted.
 
+import type { IdentityFigures } from "./identity";
+import type { RotationFigures } from "./cert-rotation";
 import fs from "node:fs";
 import os from "node:os";
 import type { EnrollmentFigures } from "./enrollment";
@@ -28,6 +30,8 @@ export interface BenchResults {
   agent_rss_mb: number;
   /** Enrolment time and original-destination lookups; absent from runs before they were measured. */
   capture?: CaptureFigures;
+  /** Certificate issuance and rotation at node scale; absent from runs before they were measured. */
+  identity?: IdentityFigures;
 }
 
 /** The figures of the capture layer, which `--capture-only` measures alone. */
@@ -83,7 +87,42 @@ function buildRows(results: BenchResults): Row[] {
     { figure: "KiB per idle connection", direct: "", mesh: format(results.idle_connection_kib, 1), nativeTls: "", target: "<= 30", met: results.idle_connection_kib <= 30 },
     { figure: "agent RSS, MB (steady state)", direct: "", mesh: format(results.agent_rss_mb, 1), nativeTls: "", target: "", met: undefined },
     ...(results.capture ? captureRows(results.capture) : []),
+    ...(results.identity ? identityRows(results.identity) : []),
   ];
+}
+
+/** Target of issuance: key, CSR and signature with the embedded CA, median. */
+export const ISSUE_TARGET_MS = 5;
+
+/** Rows for workload identity: issuing one certificate, and every identity re-issued under load without a failed connection. */
+function identityRows(identity: IdentityFigures): Row[] {
+  const row = (figure: string, value: string, target: string, met: boolean | undefined): Row => ({ figure, direct: "", mesh: value, nativeTls: "", target, met });
+  const chosen = identity.issue.chosen;
+  const rotationRows = (rotation: RotationFigures, ca: string): Row[] => [
+    row(
+      `${rotation.identities} identities re-issued (${ca}): failed connections`,
+      `${rotation.failedConnections} of ${rotation.connections}`,
+      "0",
+      rotation.failedConnections === 0 && rotation.rotations === rotation.identities && rotation.longLivedSurvived === rotation.longLived,
+    ),
+    row(`${rotation.identities} identities re-issued (${ca}): s from first to last`, format(rotation.rotationSpreadSeconds, 2), "", undefined),
+    row(`${rotation.identities} identities issued at start (${ca}), s`, format(rotation.initialIssueSeconds, 2), "", undefined),
+  ];
+  return [
+    row("certificate issue, ms (embedded CA, p50)", format(chosen.p50_ms, 2), `<= ${ISSUE_TARGET_MS}`, chosen.p50_ms <= ISSUE_TARGET_MS),
+    row("certificate issue, ms (embedded CA, p90)", format(chosen.p90_ms, 2), "", undefined),
+    ...rotationRows(identity.rotation_embedded, "embedded CA"),
+    ...rotationRows(identity.rotation_istio_ca, "Istio CA, gRPC"),
+  ];
+}
+
+/** Renders the identity figures alone, for an `--identity-only` run. */
+export function formatIdentityTable(identity: IdentityFigures, machine: BenchResults["machine"], time: string): string {
+  const header = ["figure", "value", "target", "met"];
+  const body = identityRows(identity).map((row) => [row.figure, row.mesh, row.target, metText(row.met)]);
+  const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
+  const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
+  return [line(header), line(widths.map((width) => "-".repeat(width))), ...body.map(line), "", `machine: ${machine.model}, ${machine.cores} cores, ${time}`].join("\n");
 }
 
 /** Rows for the capture layer: enrolment time and the original-destination lookup. */

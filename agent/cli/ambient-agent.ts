@@ -97,8 +97,9 @@ function parseRunOptions(argv: string[]): RunOptions {
     },
     strict: true,
   });
-  const missing = ["node", "manifests", "audit-file"].filter((name) => !values[name as keyof typeof values]);
-  if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.map((name) => `--${name}`).join(", ")}`);
+  const missing = ["node", "manifests", "audit-file"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
+  if (!values["ca-dir"] && !values["ca-address"]) missing.push("--ca-dir or --ca-address");
+  if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.join(", ")}`);
   const node = values.node!;
   if (!/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(node)) {
     throw new UsageError(`invalid --node "${node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);

@@ -72,7 +72,7 @@ test.serial("agent without a CA names agentctl ca init", (t) => {
 test.serial("agent with missing options prints usage", (t) => {
   const result = spawnSync(process.execPath, [AGENT_BIN, "run", "--node", "n1"], { encoding: "utf8" });
   t.is(result.status, 2);
-  t.regex(result.stderr, /missing required options: --manifests, --ca-dir, --audit-file/);
+  t.regex(result.stderr, /missing required options: --manifests, --audit-file, --ca-dir or --ca-address/);
   t.regex(result.stderr, /usage: ambient-agent run/);
 });
 

@@ -1,6 +1,6 @@
-// Workload certificates for the identities that run on this node: fetched when a workload with the
-// identity arrives, re-issued at half their lifetime, retried with backoff while the old one keeps
-// serving, and dropped when the last workload with the identity leaves.
+// Workload certificates for the identities that run on this node. Each is fetched when a workload
+// with the identity arrives and re-issued at half its lifetime. A failed request is retried with
+// backoff while the old certificate serves, and the certificate is dropped with its last workload.
 //
 // Invariants:
 // - At most maxInFlight requests reach the CA at once. Waiting requests go in priority order: a
@@ -31,7 +31,7 @@ export interface CertificateProvider {
   onRotation?(identity: Identity, listener: RotationListener): () => void;
 }
 
-/** The roots peers must chain to. The manager tells it the roots each CA response named. */
+/** The roots peers must chain to. The manager passes it the roots that each CA response named. */
 export interface TrustRoots {
   /** Every trusted root, PEM. */
   pem(): string;

@@ -203,9 +203,9 @@ function ports(list?: string[]): (number | undefined)[] | undefined {
 }
 
 /**
- * Rewrites a principal pattern whose trust domain is the mesh's own ("cluster.local" always counts
- * as it) or one of its aliases into one pattern per trust domain of that set, as istiod does, so a
- * policy written for one of them matches peers of all of them. Other patterns stay as written.
+ * Rewrites a principal pattern whose trust domain is the mesh's own or one of its aliases into one
+ * pattern per trust domain of that set, as istiod does. "cluster.local" always counts as the mesh's
+ * own. A policy written for any of them then matches peers of all of them; other patterns stay.
  */
 function expandTrustDomain(pattern: string, { trustDomain, aliases = [] }: TrustDomains): string[] {
   const slash = pattern.indexOf("/");

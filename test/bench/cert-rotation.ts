@@ -2,8 +2,8 @@
 // re-issued while mutual-TLS connections between them keep opening and long-lived ones keep
 // echoing. Every connection must succeed across the rotation.
 //
-// The TLS sockets are real (node:tls on loopback, TLS 1.3, the agent's secure contexts and its
-// peer checks); the pods are not: each identity is a client, and a few servers stand for pods.
+// The TLS sockets are real: node:tls on loopback, TLS 1.3, the agent's secure contexts and its
+// peer checks. The pods are not. Each identity is a client, and a few servers stand for pods.
 // Run alone: node dist/test/bench/cert-rotation.js [--identities N] [--ttl SECONDS]
 
 import fs from "node:fs";
@@ -120,7 +120,7 @@ function trackRotations(manager: CertManager, identities: Identity[]): { count: 
   return state;
 }
 
-/** An echo server presenting `identity`, which installs each rotated certificate once, as the inbound proxy does. */
+/** Starts an echo server presenting `identity` that installs each rotated certificate once, as the inbound proxy does. */
 async function startServer(manager: CertManager, identity: Identity): Promise<tls.Server> {
   const certificate = await manager.get(identity);
   const server = tls.createServer({ ...hboneTlsOptions(certificate), requestCert: true, rejectUnauthorized: true }, (socket) => {
@@ -160,7 +160,7 @@ function connect(certificate: WorkloadCertificate, server: tls.Server, expected:
   });
 }
 
-/** Sends one byte and waits for its echo; rejects when the connection fails or says nothing for 5 s. */
+/** Sends one byte and waits for its echo; rejects when the connection fails or stays silent for 5 s. */
 function echoOnce(socket: tls.TLSSocket): Promise<void> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => finish(new Error("no echo within 5 s")), 5_000);

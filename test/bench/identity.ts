@@ -1,6 +1,6 @@
 // The identity figures of `make bench`: the cost of issuing one certificate with the embedded CA,
-// and 1,000 identities re-issued under mutual-TLS load, once from the embedded CA and once from the
-// test Istio CA over gRPC (test/harness/istio-ca-server.ts, the stand-in for istiod).
+// and 1,000 identities re-issued under mutual-TLS load. The re-issue runs once with the embedded CA
+// and once with the test Istio CA over gRPC (test/harness/istio-ca-server.ts, istiod's stand-in).
 
 import fs from "node:fs";
 import os from "node:os";

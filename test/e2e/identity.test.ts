@@ -1,6 +1,6 @@
 // Workload identity end to end: two agents get their pods' certificates from an Istio CA over gRPC
 // (the protocol-faithful stand-in in test/harness/istio-ca-server.ts), rotate them every few
-// seconds under traffic, ride out a failing CA and a CA that answers for the wrong identity, and
+// seconds under traffic, ride out a failing CA and a CA that signs for the wrong identity, and
 // never write a key or the token to a log or an audit record.
 //
 // The agents run inside the node namespaces, where 127.0.0.1 is the namespace's own loopback. A
@@ -135,7 +135,7 @@ async function waitFor(condition: () => boolean, timeoutMs: number, what: string
   }
 }
 
-test.serial("pods get their certificates from Istio's CA with the node's token, cluster id and impersonation", async (t) => {
+test.serial("Istio CA requests carry token, cluster id and impersonation", async (t) => {
   const result = await curl(theCluster().topology, "client", serverUrl("hello.txt"));
   t.is(result.status, 200, result.stderr);
 
@@ -155,7 +155,7 @@ test.serial("pods get their certificates from Istio's CA with the node's token, 
   t.is(record.decision, "allow");
 });
 
-test.serial("certificates rotate at half their lifetime while a download and new connections keep working", async (t) => {
+test.serial("rotation keeps a download and new connections working", async (t) => {
   const c = theCluster();
   const before = requestsFor(CLIENT_ID).length + requestsFor(SERVER_ID).length;
   const rotatedFrom = (node: string) => c.agent(node).lines.length;
@@ -185,7 +185,7 @@ test.serial("certificates rotate at half their lifetime while a download and new
   t.true(rotated("id-n2", startLines.n2, "inbound HBONE certificate rotated"), "the server's listener took its new certificate");
 });
 
-test.serial("a failing CA is retried with growing delays while the current certificate keeps serving", async (t) => {
+test.serial("failing CA retried with growing delays", async (t) => {
   const c = theCluster();
   const from = c.agent("id-n1").lines.length;
   theCa().failNext(6, grpcStatus.UNAVAILABLE, "istiod is restarting");
@@ -212,7 +212,7 @@ test.serial("a failing CA is retried with growing delays while the current certi
   await c.agent("id-n1").waitForLog((line) => line.msg === "workload certificate rotated" && line.identity === CLIENT_ID, 20_000, "a rotation after the CA recovered", from);
 });
 
-test.serial("a CA answer for another identity is rejected and the current certificate keeps serving", async (t) => {
+test.serial("CA response for another identity rejected", async (t) => {
   const c = theCluster();
   const from = c.agent("id-n1").lines.length;
   theCa().wrongIdentity(true);
@@ -230,7 +230,7 @@ test.serial("a CA answer for another identity is rejected and the current certif
   await c.agent("id-n1").waitForLog((line) => line.msg === "workload certificate rotated" && line.identity === CLIENT_ID, 20_000, "a rotation with a correct answer", from);
 });
 
-test.serial("no private key, CSR or token appears in any log line or audit record of the run", (t) => {
+test.serial("no key, CSR or token in logs or audit", (t) => {
   const c = theCluster();
   const texts = fs
     .readdirSync(c.workDir)

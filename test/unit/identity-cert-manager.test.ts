@@ -25,7 +25,7 @@ test.before(async () => {
 
 /**
  * Issues real certificates from the embedded CA, stamped with the fake clock's validity so that the
- * manager's timing can be driven. It can fail, hold requests until released, or answer for another identity.
+ * manager's timing can be driven. It can fail, hold requests until released, or sign for another identity.
  */
 class FakeIssuer implements CertificateIssuer {
   calls = 0;
@@ -128,7 +128,7 @@ test.serial("an expired certificate is never returned", async (t) => {
   t.is(issuer.calls, 2);
 });
 
-test.serial("without a certificate, get waits for the CA and then fails with NO_CERTIFICATE naming the identity and the CA error", async (t) => {
+test.serial("get without a certificate times out with NO_CERTIFICATE", async (t) => {
   const { issuer, manager } = setup(t, { getTimeoutMs: 100 });
   issuer.failing = true;
 
@@ -295,7 +295,7 @@ class FakeTrust extends EventEmitter {
   }
 }
 
-test.serial("a change of trusted roots rebuilds each secure context once and tells the listeners", async (t) => {
+test.serial("trust change rebuilds each context once", async (t) => {
   const trust = new FakeTrust();
   const { manager } = setup(t, { trust });
   const sleepCert = await manager.get(sleep);

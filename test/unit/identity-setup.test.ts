@@ -53,7 +53,7 @@ for (const [name, values, message] of badFlags) {
   });
 }
 
-test("the embedded CA's roots are trusted, and a root added to or removed from its folder applies on reload", async (t) => {
+test("embedded CA roots follow folder reloads", async (t) => {
   const dir = tempDir(t);
   const caDir = path.join(dir, "ca");
   const otherDir = path.join(dir, "other");
@@ -92,7 +92,7 @@ test("the embedded CA's roots are trusted, and a root added to or removed from i
   t.is((await identity.certs.get(sleep)).rootPem.match(/BEGIN CERTIFICATE/g)?.length, 1);
 });
 
-test("a missing embedded CA folder fails at start with the command that creates one", async (t) => {
+test("missing CA folder names agentctl ca init", async (t) => {
   const dir = tempDir(t);
   await t.throwsAsync(startIdentity({ ca: { kind: "embedded", dir: path.join(dir, "none") }, trustDomainAliases: [] }, silentLogger()), {
     message: /agentctl ca init --dir/,

@@ -261,7 +261,7 @@ test.serial("SIGHUP re-reads the manifests and keeps serving", async (t) => {
   const node2 = c.agent("node2");
   const mark = node2.lines.length;
   node2.signal("SIGHUP");
-  await node2.waitForLog((entry) => entry.msg === "re-reading the manifests", 10_000, "the reload", mark);
+  await node2.waitForLog((entry) => entry.msg === "re-reading the manifests and the CA folder", 10_000, "the reload", mark);
   t.true(node2.running);
   const result = await curl(c.topology, "web", apiUrl("marker.html"));
   t.is(result.exitCode, 0, result.stderr);

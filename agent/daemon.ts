@@ -335,7 +335,7 @@ export class Agent {
     const inbound = new InboundHboneServer({
       ...common,
       trustDomain: this.trustDomain,
-      trustDomainAliases: this.identity!.trust.aliases,
+      acceptedTrustDomains: this.identity!.trust,
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
       currentWorkload: () => this.state?.workload(workload.uid),

@@ -6,7 +6,8 @@ import { DEFAULT_CLUSTER_ID, DEFAULT_TOKEN_FILE } from "../identity/istio-ca";
 import type { IdentityOptions } from "../identity/setup";
 
 export const IDENTITY_USAGE = `  --ca-dir DIR         embedded CA: a folder made by \`agentctl ca init --dir DIR\`, or an Istio
-                       CA Secret (cacerts or istio-ca-secret) mounted as a folder
+                       CA Secret (cacerts or istio-ca-secret) mounted as a folder; re-read every
+                       30 s and on SIGHUP
   --ca-address HOST:PORT
                        Istio's CA (istiod, usually istiod.istio-system.svc:15012) instead of an
                        embedded CA; needs --ca-root-cert
@@ -21,7 +22,8 @@ export const IDENTITY_USAGE = `  --ca-dir DIR         embedded CA: a folder made
   --trust-domain-alias TD
                        another trust domain accepted as this one's, for example a former name or a
                        peer cluster's; repeatable
-  --trust-bundle FILE  PEM file of more trusted roots, re-read when it changes
+  --trust-bundle FILE  PEM file of more trusted roots, for the alias trust domains only (they never
+                       vouch for --trust-domain); re-read when it changes and every 30 s
   --cert-ttl SECONDS   lifetime asked for each workload certificate (default 86400); each is
                        re-issued half-way through its life
 `;
@@ -78,7 +80,8 @@ export function parseIdentityFlags(values: IdentityFlagValues): IdentityOptions 
     }
     return { ...common, ca: { kind: "embedded", dir: path.resolve(caDir!) } };
   }
-  if (!/^(\[[0-9a-fA-F:.]+\]|[^\s:[\]]+):\d{1,5}$/.test(address)) {
+  const port = Number(/:(\d{1,5})$/.exec(address)?.[1]);
+  if (!/^(\[[0-9a-fA-F:.]+\]|[^\s:[\]]+):\d{1,5}$/.test(address) || port < 1 || port > 65535) {
     throw new Error(`invalid --ca-address "${address}": give host:port, for example istiod.istio-system.svc:15012`);
   }
   const rootCertFile = values["ca-root-cert"];
@@ -101,7 +104,7 @@ export function parseIdentityFlags(values: IdentityFlagValues): IdentityOptions 
 function parseCertTtl(value: string | undefined): number | undefined {
   if (value === undefined) return undefined;
   const seconds = Number(value);
-  if (value.trim() === "" || !Number.isInteger(seconds) || seconds < MIN_CERT_TTL_SECONDS) {
+  if (!/^\d+$/.test(value) || seconds < MIN_CERT_TTL_SECONDS) {
     throw new Error(`invalid --cert-ttl "${value}": give a whole number of seconds, at least ${MIN_CERT_TTL_SECONDS} (default 86400)`);
   }
   return seconds;

@@ -281,10 +281,12 @@ export class CertManager implements CertificateProvider {
       if (!entry) return;
       entry.request = "running";
       this.#inFlight += 1;
-      void this.#issue(entry).finally(() => {
-        this.#inFlight -= 1;
-        this.#pump();
-      });
+      void this.#issue(entry)
+        .catch((error: unknown) => this.#logger.error({ err: error, identity: entry.key }, "workload certificate request failed unexpectedly"))
+        .finally(() => {
+          this.#inFlight -= 1;
+          this.#pump();
+        });
     }
   }
 
@@ -311,7 +313,13 @@ export class CertManager implements CertificateProvider {
     }
     // Cleared before the waiters run, so that a caller they wake can queue the next request.
     entry.request = undefined;
-    if (this.#entries.get(entry.key) === entry) this.#store(entry, issued);
+    if (this.#entries.get(entry.key) !== entry) return;
+    try {
+      this.#store(entry, issued);
+    } catch (error) {
+      // Roots the trust bundle refuses, or a key and chain TLS cannot load: a failed request like any other.
+      this.#recordFailure(entry, error);
+    }
   }
 
   #store(entry: Entry, issued: IssuedCertificate): void {

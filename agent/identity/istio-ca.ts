@@ -321,7 +321,10 @@ function classifyChain(elements: string[][]): { leafPem: string; intermediatePem
 }
 
 function isSelfSignedCa(pem: string): boolean {
-  const certificate = new crypto.X509Certificate(pem);
+  return isSelfSignedCaCertificate(new crypto.X509Certificate(pem));
+}
+
+function isSelfSignedCaCertificate(certificate: crypto.X509Certificate): boolean {
   return certificate.ca && certificate.checkIssued(certificate) && certificate.verify(certificate.publicKey);
 }
 
@@ -332,6 +335,14 @@ function checkChain(
   roots: crypto.X509Certificate[],
   reject: (problem: string) => AgentError,
 ): void {
+  for (const [index, root] of roots.entries()) {
+    if (!isSelfSignedCaCertificate(root)) {
+      throw reject(`root ${index + 1} (${root.subject}) is not a self-signed CA certificate`);
+    }
+  }
+  if (leaf.ca) {
+    throw reject("the leaf is a CA certificate (basicConstraints CA:true); a workload certificate has CA:false");
+  }
   let current = leaf;
   for (const [index, intermediate] of intermediates.entries()) {
     if (!intermediate.ca) {
@@ -376,7 +387,7 @@ function readToken(tokenFile: string): string {
     throw new AgentError(
       "CA_REJECTED",
       `cannot read the service-account token file ${tokenFile} (${(error as NodeJS.ErrnoException).code ?? String(error)}): ` +
-        "mount a projected token with audience istio-ca there, or point --token-file at one",
+        "mount a projected token with audience istio-ca there, or point --ca-token-file at one",
     );
   }
   if (token === "") {

@@ -1,6 +1,7 @@
 // The agent's identity parts put together: the CA chosen by the options (embedded or Istio's), the
 // trust bundle, and the certificate manager that the proxies ask for certificates.
 
+import fs from "node:fs";
 import type { Logger } from "../log";
 import { EmbeddedCa } from "./ca";
 import { CertManager } from "./cert-manager";
@@ -77,6 +78,13 @@ function describeCa(ca: CaOptions): string {
 }
 
 function istioIssuer(ca: Extract<CaOptions, { kind: "istio" }>, logger: Logger): IstioCaClient {
+  // The token may be mounted after the agent starts, so a missing one is a warning here and an error per request.
+  if (!fs.existsSync(ca.tokenFile)) {
+    logger.warn(
+      { tokenFile: ca.tokenFile },
+      `the service-account token file ${ca.tokenFile} does not exist: certificate requests fail until it does; mount a projected token with audience istio-ca there or pass --ca-token-file`,
+    );
+  }
   return new IstioCaClient({
     address: ca.address,
     rootCertFile: ca.rootCertFile,

@@ -159,6 +159,17 @@ export class TrustBundle extends EventEmitter<{ change: [] }> implements Accepte
     clearTimeout(this.#debounceTimer);
   }
 
+  /**
+   * Tells whether the root with this fingerprint may vouch for identities of `trustDomain`. The CA's
+   * roots vouch for every trust domain. Roots only in the extra roots file vouch only for trust
+   * domains other than the mesh's own, so a peer cluster's root cannot issue this mesh's identities.
+   */
+  vouchesFor(rootFingerprint: string, trustDomain: string): boolean {
+    const entry = this.#uniqueRoots().find(({ root }) => root.certificate.fingerprint256 === rootFingerprint);
+    if (!entry) return false;
+    return entry.sources.includes(CA_SOURCE) || trustDomain !== this.trustDomain;
+  }
+
   /** Returns every trusted root as PEM, one after the other: the `ca` of a TLS secure context. */
   pem(): string {
     return this.#uniqueRoots()

@@ -42,6 +42,8 @@ export interface PresentedCertificate {
   authorized: boolean;
   /** Node's chain error code (TLSSocket.authorizationError), such as CERT_HAS_EXPIRED; absent when authorized. */
   chainError?: string | null;
+  /** SHA-256 fingerprint of the trusted root the chain ended at, when Node reported one. */
+  rootFingerprint?: string;
 }
 
 /**
@@ -51,6 +53,11 @@ export interface PresentedCertificate {
 export interface AcceptedTrustDomains {
   readonly trustDomain: string;
   readonly aliases: readonly string[];
+  /**
+   * Tells whether the root with this SHA-256 fingerprint may vouch for identities of `trustDomain`.
+   * Without it, any trusted root vouches for any trust domain.
+   */
+  vouchesFor?(rootFingerprint: string, trustDomain: string): boolean;
 }
 
 /** A rejected peer certificate: the registered code of its reason, and the reason itself for the audit record. */
@@ -74,7 +81,29 @@ export function presentedCertificateOf(socket: tls.TLSSocket): PresentedCertific
     authorized: socket.authorized === true,
     // Node sets authorizationError to null on success and to the error's code (a string) on failure.
     chainError: socket.authorizationError == null ? undefined : String(socket.authorizationError),
+    rootFingerprint: rootFingerprintOf(socket),
   };
+}
+
+/**
+ * Returns the fingerprint of the last certificate of the peer's chain as Node reports it. Node
+ * completes the chain with issuers from the socket's trusted roots, so after a verified handshake
+ * the last certificate is the trusted root the chain ended at.
+ */
+export function rootFingerprintOf(socket: tls.TLSSocket): string | undefined {
+  return rootFingerprintOfChain(socket.getPeerCertificate(true));
+}
+
+/** Returns the fingerprint of the last certificate of a chain that Node reported with its issuers. */
+export function rootFingerprintOfChain(leaf: tls.PeerCertificate | undefined): string | undefined {
+  let certificate = leaf as tls.DetailedPeerCertificate | undefined;
+  if (!certificate || Object.keys(certificate).length === 0) return undefined;
+  for (let depth = 0; depth < 16; depth += 1) {
+    const issuer: tls.DetailedPeerCertificate | undefined = certificate.issuerCertificate;
+    if (!issuer || issuer === certificate || issuer.fingerprint256 === certificate.fingerprint256) return certificate.fingerprint256;
+    certificate = issuer;
+  }
+  return undefined;
 }
 
 /**
@@ -83,7 +112,7 @@ export function presentedCertificateOf(socket: tls.TLSSocket): PresentedCertific
  * names the client in messages ("ip:port").
  */
 export function verifyClientCertificate(presented: PresentedCertificate, accepted: AcceptedTrustDomains, peer: string): Verification {
-  const proven = verifyChainAndIdentity(presented, `client ${peer}`);
+  const proven = verifyChainAndIdentity(presented, `client ${peer}`, accepted);
   if (!proven.verified) {
     return proven;
   }
@@ -109,7 +138,7 @@ export function verifyServerCertificate(
   accepted: AcceptedTrustDomains | undefined,
   peer: string,
 ): Verification {
-  const proven = verifyChainAndIdentity(presented, peer);
+  const proven = verifyChainAndIdentity(presented, peer, accepted);
   if (!proven.verified) {
     return proven;
   }
@@ -136,27 +165,27 @@ export function verificationReasonOf(error: unknown): VerificationFailureReason 
 }
 
 /**
- * Returns the identity of a leaf: its first URI SAN that parses as a SPIFFE id. A leaf whose
- * spiffe:// URIs all fail to parse is malformed_spiffe_id; one without any spiffe:// URI is no_spiffe_san.
+ * Returns the identity of a leaf: its one URI SAN, a SPIFFE id. An X.509 SVID has exactly one URI
+ * SAN, so a leaf with several is malformed_spiffe_id whatever they name: otherwise a CA that signs
+ * a second URI could let one certificate pass for two workloads. A leaf whose URI does not parse
+ * is malformed_spiffe_id; one without a spiffe:// URI is no_spiffe_san.
  */
 export function leafSpiffeIdentity(
   leaf: crypto.X509Certificate,
 ): { identity: Identity } | { reason: "no_spiffe_san" | "malformed_spiffe_id"; detail: string } {
   const uris = uriSubjectAltNames(leaf.subjectAltName);
-  let firstProblem: string | undefined;
-  for (const uri of uris) {
-    if (!uri.toLowerCase().startsWith("spiffe://")) continue;
-    try {
-      return { identity: parseSpiffeId(uri) };
-    } catch (error) {
-      firstProblem ??= (error as Error).message;
-    }
+  const spiffeUris = uris.filter((uri) => uri.toLowerCase().startsWith("spiffe://"));
+  if (spiffeUris.length === 0) {
+    return { reason: "no_spiffe_san", detail: `its subject alternative names are ${leaf.subjectAltName ?? "none"}` };
   }
-  if (firstProblem !== undefined) {
-    return { reason: "malformed_spiffe_id", detail: firstProblem };
+  if (uris.length > 1) {
+    return { reason: "malformed_spiffe_id", detail: `it has ${uris.length} URI SANs (${uris.join(", ")}); a workload certificate has exactly one` };
   }
-  const names = leaf.subjectAltName ?? "none";
-  return { reason: "no_spiffe_san", detail: `its subject alternative names are ${names}` };
+  try {
+    return { identity: parseSpiffeId(uris[0]) };
+  } catch (error) {
+    return { reason: "malformed_spiffe_id", detail: (error as Error).message };
+  }
 }
 
 /** Tells whether `trustDomain` is the accepted trust domain or one of its aliases. */
@@ -190,7 +219,7 @@ const CHAIN_ERRORS: ReadonlyMap<string, VerificationFailureReason> = new Map([
   ["CERT_REJECTED", "invalid_chain"],
 ]);
 
-function verifyChainAndIdentity(presented: PresentedCertificate, peer: string): Verification {
+function verifyChainAndIdentity(presented: PresentedCertificate, peer: string, accepted: AcceptedTrustDomains | undefined): Verification {
   if (!presented.leaf) {
     return reject("no_peer_certificate", `${peer} presented no certificate; HBONE requires a workload certificate on both sides`);
   }
@@ -200,14 +229,32 @@ function verifyChainAndIdentity(presented: PresentedCertificate, peer: string): 
     const error = chainFailureOf(code, peer) ?? new PeerVerificationError("invalid_chain", chainMessage("invalid_chain", code, peer));
     return { verified: false, reason: error.reason, error };
   }
+  if (presented.leaf.ca) {
+    return reject("invalid_chain", `${peer} presented a CA certificate (basicConstraints CA:true) as its leaf; a workload certificate has CA:false`);
+  }
   const named = leafSpiffeIdentity(presented.leaf);
   if ("identity" in named) {
-    return { verified: true, identity: named.identity };
+    return checkRootVouches(presented, named.identity, peer, accepted) ?? { verified: true, identity: named.identity };
   }
   if (named.reason === "malformed_spiffe_id") {
     return reject("malformed_spiffe_id", `${peer} presented a certificate with a malformed SPIFFE id: ${named.detail}`);
   }
   return reject("no_spiffe_san", `${peer} presented a certificate without a spiffe:// URI SAN (${named.detail}); expected a workload certificate`);
+}
+
+/**
+ * Rejects an identity whose chain ended at a root that may not vouch for its trust domain, such as
+ * a peer cluster's root from --trust-bundle presenting an identity of this mesh's trust domain.
+ */
+function checkRootVouches(presented: PresentedCertificate, identity: Identity, peer: string, accepted: AcceptedTrustDomains | undefined): Verification | undefined {
+  if (!accepted?.vouchesFor) return undefined;
+  // Fail closed: without the root the chain ended at, the binding cannot be checked.
+  if (presented.rootFingerprint !== undefined && accepted.vouchesFor(presented.rootFingerprint, identity.trustDomain)) return undefined;
+  return reject(
+    "unknown_root",
+    `${peer} presented ${formatSpiffeId(identity)} signed under root ${presented.rootFingerprint ?? "(unknown)"}, which is trusted only for other trust domains; ` +
+      `identities of ${identity.trustDomain} must chain to the CA's roots`,
+  );
 }
 
 function matchesExpected(presented: Identity, expected: Identity, accepted: AcceptedTrustDomains | undefined): boolean {
@@ -229,7 +276,7 @@ function chainMessage(reason: VerificationFailureReason, code: string, peer: str
     case "unknown_root":
       return `${peer} presented a certificate that chains to none of the trusted roots (${code}); check the trust bundle`;
     default:
-      return `${peer} presented an invalid certificate chain (${code})`;
+      return `${peer} presented an invalid certificate chain (${code}): a certificate in it is not a valid CA for the next, or the chain is malformed; check how the peer's certificate was issued`;
   }
 }
 

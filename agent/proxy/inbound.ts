@@ -44,6 +44,11 @@ export interface InboundHboneServerOptions {
   trustDomain: string;
   /** Other trust domains accepted from clients, such as the mesh's previous name during a migration. */
   trustDomainAliases?: readonly string[];
+  /**
+   * The trust bundle, which also says which roots may vouch for which trust domain. When given, its
+   * trust domain and aliases replace `trustDomain` and `trustDomainAliases`.
+   */
+  acceptedTrustDomains?: AcceptedTrustDomains;
   authorize(connection: RbacConnection): AuthorizationResult;
   /** The workload that owns a source address, for the audit record only. */
   lookupSource(ip: string): Workload | undefined;
@@ -99,7 +104,7 @@ export class InboundHboneServer {
   constructor(options: InboundHboneServerOptions) {
     this.#options = options;
     this.#logger = options.logger.child({ component: "inbound" });
-    this.#acceptedTrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases ?? [] };
+    this.#acceptedTrustDomains = options.acceptedTrustDomains ?? { trustDomain: options.trustDomain, aliases: options.trustDomainAliases ?? [] };
   }
 
   /** Gets the pod's certificate and listens on port 15008 inside the pod. */
@@ -209,10 +214,31 @@ export class InboundHboneServer {
       localIp: normalizeIp(socket.localAddress ?? ""),
     });
     this.#sessions.add(session);
-    session.once("close", () => this.#sessions.delete(session));
+    const expiry = this.#closeAtExpiry(session, socket);
+    session.once("close", () => {
+      clearTimeout(expiry);
+      this.#sessions.delete(session);
+    });
     session.setLocalWindowSize(CONNECTION_WINDOW_BYTES);
     // A handshake that completed after stop() began gets GOAWAY at once: no stream is served on it.
     if (this.#stopped) session.close();
+  }
+
+  /**
+   * Sends GOAWAY when the client's certificate expires: the streams open then finish, and new ones
+   * need a new connection, with the client's new certificate. Node's timers cannot wait longer than
+   * about 24.8 days, which is more than any workload certificate lives.
+   */
+  #closeAtExpiry(session: http2.ServerHttp2Session, socket: tls.TLSSocket): NodeJS.Timeout | undefined {
+    const notAfter = socket.getPeerX509Certificate()?.validTo;
+    if (notAfter === undefined) return undefined;
+    const delay = Math.min(Math.max(Date.parse(notAfter) - Date.now(), 0), 2 ** 31 - 1);
+    const timer = setTimeout(() => {
+      this.#logger.info({ "src.addr": remoteAddressOf(socket), notAfter }, "HBONE client certificate expired: GOAWAY sent, open streams finish");
+      session.close();
+    }, delay);
+    timer.unref();
+    return timer;
   }
 
   /**
@@ -410,9 +436,16 @@ export class InboundHboneServer {
   #followRotations(): void {
     this.#stopFollowing = this.#options.certs.onRotation?.(this.#options.identity, (certificate) => {
       if (!this.#server || certificate === this.#certificate) return;
+      const rootsOnly = certificate.certPem === this.#certificate?.certPem;
       this.#server.setSecureContext(hboneTlsOptions(certificate));
       this.#certificate = certificate;
-      this.#logger.info({ notAfter: certificate.notAfter.toISOString() }, "inbound HBONE certificate rotated");
+      if (!rootsOnly) {
+        this.#logger.info({ notAfter: certificate.notAfter.toISOString() }, "inbound HBONE certificate rotated");
+        return;
+      }
+      // The trusted roots changed: every client is verified again against them on a new connection.
+      for (const session of this.#sessions) session.close();
+      this.#logger.info({ sessions: this.#sessions.size }, "trusted roots changed: GOAWAY sent on every HBONE connection");
     });
   }
 }

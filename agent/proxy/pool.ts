@@ -9,13 +9,16 @@
 //   connection that is still handshaking instead of each opening their own.
 // - A connection that failed, received GOAWAY, missed a PING acknowledgement, went idle or closed leaves
 //   the pool at once and never takes a new stream. After a GOAWAY its open streams run until they end.
-// - A new connection presents the source's current certificate. Connections made before a certificate
-//   rotation keep serving their streams with the old one.
+// - A new connection presents the source's current certificate. A rotation of that certificate, or of
+//   the trusted roots, retires the connections made before it: their open streams finish with the old
+//   certificate, and new streams take a new connection. A connection also retires when its own
+//   certificate or the peer's expires.
 
 import type http2 from "node:http2";
 import type net from "node:net";
+import type tls from "node:tls";
 import { AgentError } from "../errors";
-import type { CertificateProvider } from "../identity/cert-manager";
+import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
 import type { AcceptedTrustDomains } from "../identity/verify";
 import type { Logger } from "../log";
@@ -111,6 +114,12 @@ interface PooledConnection {
   /** min(maxStreamsPerConnection, the peer's SETTINGS_MAX_CONCURRENT_STREAMS), undefined until the peer's SETTINGS arrive. */
   limit?: number;
   idleTimer?: NodeJS.Timeout;
+  /** Retires the connection when the first of the two certificates expires. */
+  expiryTimer?: NodeJS.Timeout;
+  /** The source's certificate this connection presented; a rotation retires it. */
+  certificate?: WorkloadCertificate;
+  /** formatSpiffeId of the source identity. */
+  source: string;
   pingTimer?: NodeJS.Timeout;
   pingDeadline?: NodeJS.Timeout;
 }
@@ -143,6 +152,8 @@ export class HbonePool {
   readonly #groups = new Map<string, KeyGroup>();
   /** Every connection not closed yet, in the pool or draining. */
   readonly #connections = new Set<PooledConnection>();
+  /** Unsubscribe functions of the rotation listeners, per source identity. */
+  readonly #rotationSubscriptions = new Map<string, () => void>();
   #nextId = 1;
   #closed = false;
 
@@ -198,10 +209,15 @@ export class HbonePool {
    */
   retire(session: http2.Http2Session): void {
     const connection = [...this.#connections].find((candidate) => candidate.session === session);
-    if (!connection || connection.state !== "ready") {
+    if (connection) this.#retire(connection, "it refused a stream");
+  }
+
+  /** Takes a ready connection out of the pool and sends GOAWAY; its open streams run until they end. */
+  #retire(connection: PooledConnection, why: string): void {
+    if (connection.state !== "ready") {
       return;
     }
-    connection.logger.debug({ streams: connection.streams }, "HBONE connection retired after it refused a stream");
+    connection.logger.debug({ streams: connection.streams }, `HBONE connection retired: ${why}`);
     this.#leavePool(connection);
     connection.state = "draining";
     // Sends GOAWAY and closes the session once its last stream ends; no stream is cut short.
@@ -230,6 +246,7 @@ export class HbonePool {
    */
   async close(): Promise<void> {
     this.#closed = true;
+    this.#stopFollowingRotations();
     const closing = [...this.#connections].map((connection) => this.#closeGracefully(connection));
     await Promise.all(closing);
   }
@@ -237,6 +254,7 @@ export class HbonePool {
   /** Destroys every connection and its streams now. Requests after destroy() fail. */
   destroy(): void {
     this.#closed = true;
+    this.#stopFollowingRotations();
     for (const connection of this.#connections) {
       this.#discard(connection, new AgentError("STREAM_RESET", `the HBONE pool closed the connection to ${connection.hboneAddr}`));
     }
@@ -287,6 +305,7 @@ export class HbonePool {
       waiting: 0,
       streams: 0,
       sockets: [],
+      source: formatSpiffeId(destination.sourceIdentity),
     };
     group.connections.add(connection);
     this.#connections.add(connection);
@@ -303,6 +322,8 @@ export class HbonePool {
   /** Takes the source's current certificate, sets up the HBONE connection, then makes it take streams. */
   async #connect(connection: PooledConnection, destination: HboneDestination): Promise<void> {
     const certificate = await this.#certs.get(destination.sourceIdentity);
+    this.#followRotations(destination.sourceIdentity);
+    connection.certificate = certificate;
     this.#assertConnecting(connection);
     const session = await connectHbone({
       network: this.#network,
@@ -344,11 +365,41 @@ export class HbonePool {
       );
     }
     connection.state = "ready";
+    this.#retireAtExpiry(connection, session);
     connection.pingTimer = setInterval(() => this.#ping(connection), this.#pingIntervalMs);
     connection.pingTimer.unref();
     // Requests that gave up during the handshake may leave the connection without waiters.
     this.#scheduleIdleClose(connection);
     connection.logger.debug({ limit: connection.limit }, "HBONE connection opened");
+  }
+
+  /**
+   * Subscribes once per source identity to its certificate rotations: each new certificate (or new
+   * trusted roots) retires the connections made before it, so new streams go over a connection that
+   * presents the new certificate and verifies the peer against the current roots.
+   */
+  #followRotations(identity: Identity): void {
+    const source = formatSpiffeId(identity);
+    if (this.#rotationSubscriptions.has(source) || !this.#certs.onRotation) return;
+    const unsubscribe = this.#certs.onRotation(identity, (certificate) => {
+      for (const connection of this.#connections) {
+        if (connection.source === source && connection.certificate !== certificate) this.#retire(connection, "the source certificate or the trusted roots changed");
+      }
+    });
+    this.#rotationSubscriptions.set(source, unsubscribe);
+  }
+
+  /** Retires the connection when its own certificate or the peer's expires, whichever comes first. */
+  #retireAtExpiry(connection: PooledConnection, session: http2.ClientHttp2Session): void {
+    const peerNotAfter = (session.socket as tls.TLSSocket | undefined)?.getPeerX509Certificate?.()?.validTo;
+    const expiries = [connection.certificate?.notAfter.getTime(), peerNotAfter === undefined ? undefined : Date.parse(peerNotAfter)].filter(
+      (time): time is number => time !== undefined && Number.isFinite(time),
+    );
+    if (expiries.length === 0) return;
+    // Node's timers cannot wait longer than about 24.8 days, more than any workload certificate lives.
+    const delay = Math.min(Math.max(Math.min(...expiries) - Date.now(), 0), 2 ** 31 - 1);
+    connection.expiryTimer = setTimeout(() => this.#retire(connection, "a certificate of the connection expired"), delay);
+    connection.expiryTimer.unref();
   }
 
   #learnLimit(connection: PooledConnection, settings: http2.Settings): void {
@@ -473,6 +524,11 @@ export class HbonePool {
     }
   }
 
+  #stopFollowingRotations(): void {
+    for (const unsubscribe of this.#rotationSubscriptions.values()) unsubscribe();
+    this.#rotationSubscriptions.clear();
+  }
+
   #leavePool(connection: PooledConnection): void {
     clearTimeout(connection.idleTimer);
     connection.idleTimer = undefined;
@@ -487,6 +543,7 @@ export class HbonePool {
 
   #clearTimers(connection: PooledConnection): void {
     clearTimeout(connection.idleTimer);
+    clearTimeout(connection.expiryTimer);
     clearInterval(connection.pingTimer);
     clearTimeout(connection.pingDeadline);
     connection.idleTimer = undefined;

@@ -188,6 +188,7 @@ test.serial("rotation keeps a download and new connections working", async (t) =
 test.serial("failing CA retried with growing delays", async (t) => {
   const c = theCluster();
   const from = c.agent("id-n1").lines.length;
+  const serverFrom = c.agent("id-n2").lines.length;
   theCa().failNext(6, grpcStatus.UNAVAILABLE, "istiod is restarting");
   const failed = () =>
     c
@@ -210,6 +211,8 @@ test.serial("failing CA retried with growing delays", async (t) => {
   t.true(first >= 800 && first <= 1200, `first retry after ${first} ms`);
   t.true(second >= 1600 && second <= 2400, `second retry after ${second} ms`);
   await c.agent("id-n1").waitForLog((line) => line.msg === "workload certificate rotated" && line.identity === CLIENT_ID, 20_000, "a rotation after the CA recovered", from);
+  // Both sides hold a fresh certificate again before the next test makes the CA misbehave.
+  await c.agent("id-n2").waitForLog((line) => line.msg === "workload certificate rotated" && line.identity === SERVER_ID, 20_000, "the server's rotation", serverFrom);
 });
 
 test.serial("CA response for another identity rejected", async (t) => {

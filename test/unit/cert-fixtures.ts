@@ -71,6 +71,8 @@ export interface LeafOptions {
   dnsNames?: string[];
   notBefore?: Date;
   notAfter?: Date;
+  /** Marks the leaf as a CA (basicConstraints CA:true, no key usage), which a workload certificate must not be. */
+  caFlag?: boolean;
 }
 
 /** A leaf certificate with its key, ready to present in TLS. */
@@ -91,8 +93,8 @@ export async function createLeaf(issuer: TestCa, options: LeafOptions): Promise<
     ...(options.dnsNames ?? []).map((value) => ({ type: "dns" as const, value })),
   ];
   const extensions: x509.Extension[] = [
-    new x509.BasicConstraintsExtension(false, undefined, true),
-    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+    new x509.BasicConstraintsExtension(options.caFlag === true, undefined, true),
+    ...(options.caFlag ? [] : [new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true)]),
     new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
     await x509.AuthorityKeyIdentifierExtension.create(issuer.keys.publicKey),
   ];

@@ -315,6 +315,21 @@ test.serial("trust change rebuilds each context once", async (t) => {
   t.not((await manager.get(echo)).secureContext, echoCert.secureContext);
 });
 
+test.serial("roots the trust bundle refuses fail the request, not the agent", async (t) => {
+  const trust = new FakeTrust();
+  trust.setCaRoots = () => {
+    throw new Error("the CA's roots hold a certificate that is not a CA");
+  };
+  const { issuer, manager } = setup(t, { trust, getTimeoutMs: 200 });
+
+  const error = await t.throwsAsync(manager.get(sleep), { instanceOf: AgentError });
+
+  t.is(error?.code, "NO_CERTIFICATE");
+  t.is(issuer.calls, 1);
+  t.regex(manager.status()[0].lastError ?? "", /not a CA/);
+  t.is(manager.list().length, 0);
+});
+
 test.serial("status carries no key material", async (t) => {
   const { manager } = setup(t);
   const certificate = await manager.get(sleep);

@@ -374,6 +374,7 @@ test("response checks reject malformed chains", async (t) => {
     { name: "garbage", chain: ["not a certificate", server.rootsPem], pattern: /element 0 holds no PEM certificate/ },
     { name: "other key", chain: [issued.certPem, server.rootsPem], pattern: /public key/, forRequest: other },
     { name: "other root", chain: [issued.certPem, unrelatedRoot], pattern: /does not end at any of the 1 root/ },
+    { name: "leaf as root", chain: [issued.certPem, issued.certPem], pattern: /root 1 .* is not a self-signed CA certificate/ },
     { name: "expired", chain: [issued.certPem, server.rootsPem], pattern: /expired/, now: new Date(Date.now() + 3600_000) },
     { name: "not yet valid", chain: [issued.certPem, server.rootsPem], pattern: /not valid before/, now: new Date(Date.now() - 3600_000) },
   ];

@@ -45,6 +45,9 @@ const badFlags: Array<[string, Parameters<typeof parseIdentityFlags>[0], RegExp]
   ["an address without a port", { "ca-address": "istiod", "ca-root-cert": "r.pem" }, /invalid --ca-address "istiod": give host:port/],
   ["a lifetime below 10 s", { "ca-dir": "ca", "cert-ttl": "5" }, /invalid --cert-ttl "5": .* at least 10/],
   ["a lifetime that is not a number", { "ca-dir": "ca", "cert-ttl": "1h" }, /invalid --cert-ttl "1h"/],
+  ["a lifetime in exponent form", { "ca-dir": "ca", "cert-ttl": "1e3" }, /invalid --cert-ttl "1e3"/],
+  ["port 0", { "ca-address": "istiod:0", "ca-root-cert": "r.pem" }, /invalid --ca-address "istiod:0"/],
+  ["a port above 65535", { "ca-address": "istiod:99999", "ca-root-cert": "r.pem" }, /invalid --ca-address "istiod:99999"/],
 ];
 
 for (const [name, values, message] of badFlags) {

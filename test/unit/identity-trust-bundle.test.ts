@@ -208,8 +208,9 @@ function handshake(serverIp: string, leaf: TestLeaf, trustedPem: string): Promis
   });
 }
 
-test("handshakes accept leaves of both roots", async (t) => {
+test("handshakes accept leaves of both CA roots", async (t) => {
   const fixture = await createBundle(t);
+  fixture.bundle.setCaRoots(fixture.rootA.certPem + fixture.rootB.certPem);
   const serverIp = await startVerifyingServer(t, 40, fixture);
   const leafA = await createLeaf(fixture.rootA, { uris: [CLIENT_ID] });
   const leafB = await createLeaf(fixture.rootB, { uris: [CLIENT_ID] });
@@ -218,20 +219,42 @@ test("handshakes accept leaves of both roots", async (t) => {
   t.is(await handshake(serverIp, leafB, fixture.rootA.certPem), "verified");
 });
 
-test("handshakes reject leaves of a removed root", async (t) => {
-  const fixture = await createBundle(t);
+test("handshakes reject leaves of a removed CA root", async (t) => {
+  const fixture = await createBundle(t, { fileRoots: ([rootA]) => rootA.certPem });
+  fixture.bundle.setCaRoots(fixture.rootA.certPem + fixture.rootB.certPem);
   const serverIp = await startVerifyingServer(t, 41, fixture);
   const leafA = await createLeaf(fixture.rootA, { uris: [CLIENT_ID] });
   const leafB = await createLeaf(fixture.rootB, { uris: [CLIENT_ID] });
   t.is(await handshake(serverIp, leafB, fixture.rootA.certPem), "verified");
 
-  // Root B leaves the file; the CA's root A stays.
-  fs.writeFileSync(fixture.file, fixture.rootA.certPem);
-  await fixture.bundle.reloadExtraRoots();
+  // The CA's next answer names root A only: root B's rotation overlap is over.
+  fixture.bundle.setCaRoots(fixture.rootA.certPem);
   t.is(fixture.bundle.roots().length, 1);
 
   t.is(await handshake(serverIp, leafB, fixture.rootA.certPem), "unknown_root");
   t.is(await handshake(serverIp, leafA, fixture.rootA.certPem), "verified");
+});
+
+test("an extra root vouches for an alias trust domain only", async (t) => {
+  const fixture = await createBundle(t, { aliases: ["east.local"] });
+  const serverIp = await startVerifyingServer(t, 42, fixture);
+  const peerLeaf = await createLeaf(fixture.rootB, { uris: ["spiffe://east.local/ns/default/sa/sleep"] });
+  const spoofedLeaf = await createLeaf(fixture.rootB, { uris: [CLIENT_ID] });
+
+  t.is(await handshake(serverIp, peerLeaf, fixture.rootA.certPem), "verified");
+  t.is(await handshake(serverIp, spoofedLeaf, fixture.rootA.certPem), "unknown_root", "a peer cluster's root cannot issue this mesh's identities");
+});
+
+test("an extra root that leaves the file stops vouching", async (t) => {
+  const fixture = await createBundle(t, { aliases: ["east.local"] });
+  const serverIp = await startVerifyingServer(t, 43, fixture);
+  const peerLeaf = await createLeaf(fixture.rootB, { uris: ["spiffe://east.local/ns/default/sa/sleep"] });
+  t.is(await handshake(serverIp, peerLeaf, fixture.rootA.certPem), "verified");
+
+  fs.writeFileSync(fixture.file, fixture.rootA.certPem);
+  await fixture.bundle.reloadExtraRoots();
+
+  t.is(await handshake(serverIp, peerLeaf, fixture.rootA.certPem), "unknown_root");
 });
 
 function fingerprintOf(pem: string): string {

@@ -24,6 +24,7 @@ import type { RbacConnection } from "../../agent/rbac/types";
 import type { Identity } from "../../agent/state/types";
 import { asWorkloadCertificate, createIntermediate, createLeaf, createRoot, type LeafOptions, type TestCa, type TestLeaf } from "./cert-fixtures";
 import { ALLOW_ALL, LoopbackPodNetwork, MemorySink, identity, workload } from "./proxy-fixtures";
+import { delay } from "./hbone-fixtures";
 
 const HOUR_MS = 3_600_000;
 const CLIENT_ID = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -268,6 +269,53 @@ test("server rejects a malformed SPIFFE id", async (t) => {
   await assertRejected(t, pod, outcome, "malformed_spiffe_id", "MALFORMED_SPIFFE_ID");
 });
 
+test("server rejects a client with two URI SANs", async (t) => {
+  const pod = await startServerPod(t, 14);
+  const { trusted } = await roots();
+  const leaf = await clientLeaf({ uris: [CLIENT_ID, "spiffe://cluster.local/ns/apps/sa/echo"] });
+
+  const outcome = await attemptConnect(pod, leaf, trusted.certPem);
+
+  await assertRejected(t, pod, outcome, "malformed_spiffe_id", "MALFORMED_SPIFFE_ID");
+});
+
+test("server rejects a CA certificate as client leaf", async (t) => {
+  const pod = await startServerPod(t, 15);
+  const { trusted } = await roots();
+  const leaf = await clientLeaf({ caFlag: true });
+
+  const outcome = await attemptConnect(pod, leaf, trusted.certPem);
+
+  await assertRejected(t, pod, outcome, "invalid_chain", "TLS_FAILURE");
+});
+
+test("server sends GOAWAY when the client certificate expires", async (t) => {
+  const pod = await startServerPod(t, 16);
+  const { trusted } = await roots();
+  const leaf = await clientLeaf({ notAfter: new Date(Date.now() + 1_500) });
+  const socket = tls.connect({
+    socket: net.connect({ host: pod.serverIp, port: HBONE_PORT, localAddress: pod.clientIp }),
+    key: leaf.keyPem,
+    cert: leaf.chainPem,
+    ca: trusted.certPem,
+    minVersion: "TLSv1.3",
+    ALPNProtocols: ["h2"],
+    servername: "",
+    checkServerIdentity: () => undefined,
+  });
+  t.teardown(() => socket.destroy());
+  await new Promise((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
+  const session = http2.connect(`https://${pod.serverIp}:${HBONE_PORT}`, { createConnection: () => socket });
+  session.on("error", () => undefined);
+  const goaway = new Promise<number>((resolve) => session.once("goaway", (code) => resolve(code)));
+  const started = Date.now();
+
+  const code = await Promise.race([goaway, delay(5_000).then(() => -1)]);
+
+  t.is(code, http2.constants.NGHTTP2_NO_ERROR);
+  t.true(Date.now() - started >= 500, "not before the certificate expired");
+});
+
 test("server rejects a client without certificate", async (t) => {
   const pod = await startServerPod(t, 12);
   const { trusted } = await roots();
@@ -385,6 +433,29 @@ test("client rejects a server without SPIFFE SAN", async (t) => {
   t.is(outcome.code, "NO_SPIFFE_SAN");
 });
 
+test("client rejects a server whose root may not vouch for its trust domain", async (t) => {
+  const pod = await startServerPod(t, 26);
+  const { trusted } = await roots();
+  const trustedRoot = new crypto.X509Certificate(trusted.certPem).fingerprint256;
+  const seen: string[] = [];
+  const vouching = (allowed: boolean): AcceptedTrustDomains => ({
+    trustDomain: "cluster.local",
+    aliases: [],
+    vouchesFor: (fingerprint, trustDomain) => {
+      seen.push(`${fingerprint} ${trustDomain}`);
+      return allowed;
+    },
+  });
+
+  const refused = await connectAsClient(pod, [SERVER_IDENTITY], vouching(false));
+  const allowed = await connectAsClient(pod, [SERVER_IDENTITY], vouching(true));
+
+  t.not(refused, "connected");
+  if (refused !== "connected") t.is(refused.reason, "unknown_root");
+  t.is(allowed, "connected");
+  t.deepEqual(seen, [`${trustedRoot} cluster.local`, `${trustedRoot} cluster.local`], "the root the chain ended at is the one asked about");
+});
+
 test("client accepts a server in an alias trust domain", async (t) => {
   const { trusted } = await roots();
   const aliased = await createLeaf(trusted, { uris: ["spiffe://old.local/ns/apps/sa/echo"] });
@@ -400,16 +471,31 @@ test("client accepts a server in an alias trust domain", async (t) => {
 
 // Pure checks of the verifier's rules, without TLS.
 
-test("leaf identity is the first parsable SPIFFE URI", async (t) => {
+test("leaf with one SPIFFE URI names its identity", async (t) => {
   const { trusted } = await roots();
-  const leaf = await createLeaf(trusted, {
-    uris: ["https://example.com/x", "spiffe://cluster.local/bad", "spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/c/sa/d"],
-  });
+  const leaf = await createLeaf(trusted, { uris: ["spiffe://cluster.local/ns/a/sa/b"], dnsNames: ["b.a.svc"] });
 
   const named = leafSpiffeIdentity(new crypto.X509Certificate(leaf.certPem));
 
   t.deepEqual(named, { identity: identity("a", "b") });
 });
+
+const SEVERAL_URIS: string[][] = [
+  ["spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/c/sa/d"],
+  ["spiffe://cluster.local/bad", "spiffe://cluster.local/ns/a/sa/b"],
+  ["https://example.com/x", "spiffe://cluster.local/ns/a/sa/b"],
+];
+
+for (const uris of SEVERAL_URIS) {
+  test(`leaf with URI SANs ${uris.join(" + ")} is malformed`, async (t) => {
+    const { trusted } = await roots();
+    const leaf = await createLeaf(trusted, { uris });
+
+    const named = leafSpiffeIdentity(new crypto.X509Certificate(leaf.certPem));
+
+    t.true("reason" in named && named.reason === "malformed_spiffe_id");
+  });
+}
 
 test("leaf with only non-SPIFFE URIs has no SPIFFE SAN", async (t) => {
   const { trusted } = await roots();

@@ -260,7 +260,9 @@ test("inbound drain resets streams at the deadline", async (t) => {
   const mesh = await startMesh(t, { subnet: 95 });
   await startApp(t, mesh.serverIp, 8080, (socket) => socket.resume());
   const pending = exchange(mesh, Buffer.from("never answered"));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  // The stream must be open at the destination before the drain starts, however slow the handshake.
+  const deadline = Date.now() + 5_000;
+  while (mesh.inbound.openConnections === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
 
   const startedAt = Date.now();
   const summary = await mesh.inbound.stop(300);

@@ -480,6 +480,49 @@ test("new connections use the rotated certificate", async (t) => {
   t.is(await roundTrip(second, "new certificate"), "new certificate");
 });
 
+test("a rotation retires pooled connections and new streams use the new certificate", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.74.2", port: HBONE_PORT });
+  let current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  const listeners = new Set<(certificate: typeof current) => void>();
+  const certs: CertificateProvider = {
+    get: async () => current,
+    onRotation: (_identity, listener) => {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+  };
+  const setup = createPool(t, 74, certs);
+  const first = await openTunnel(setup, 74);
+
+  current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  for (const listener of listeners) listener(current);
+  const second = await openTunnel(setup, 74);
+
+  t.is(server.clientSerials.length, 2, "the stream after the rotation took a new connection");
+  t.not(server.clientSerials[0], server.clientSerials[1]);
+  t.is(setup.pool.stats().draining, 1);
+  t.is(await roundTrip(first, "old certificate"), "old certificate", "the stream of the retired connection still flows");
+  t.is(await roundTrip(second, "new certificate"), "new certificate");
+});
+
+test("a connection retires when its certificate expires", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.75.2", port: HBONE_PORT });
+  const issued = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  // The manager never hands out an expired certificate, so the pool learns expiry from notAfter alone.
+  const shortLived = { ...issued, notAfter: new Date(Date.now() + 300) };
+  let current = shortLived;
+  const setup = createPool(t, 75, { get: async () => current });
+  await openTunnel(setup, 75);
+  current = issued;
+
+  await waitFor(() => setup.pool.stats().draining === 1, 2_000, "the connection to retire at notAfter");
+  await openTunnel(setup, 75);
+
+  t.is(server.clientSerials.length, 2);
+});
+
 test("pool close sends GOAWAY and rejects requests", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.71.2", port: HBONE_PORT });

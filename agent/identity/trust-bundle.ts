@@ -160,14 +160,18 @@ export class TrustBundle extends EventEmitter<{ change: [] }> implements Accepte
   }
 
   /**
-   * Tells whether the root with this fingerprint may vouch for identities of `trustDomain`. The CA's
-   * roots vouch for every trust domain. Roots only in the extra roots file vouch only for trust
-   * domains other than the mesh's own, so a peer cluster's root cannot issue this mesh's identities.
+   * Tells whether `leaf`, whose chain TLS already verified against the whole bundle, may carry an
+   * identity of `trustDomain`. Roots only in the extra roots file vouch only for trust domains other
+   * than the mesh's own, so a peer cluster's root cannot issue this mesh's identities. An identity of
+   * the mesh's own trust domain must reach one of the CA's roots through `intermediates`, each link
+   * checked by its signature and validity here: the chain Node reports is linked by names only.
    */
-  vouchesFor(rootFingerprint: string, trustDomain: string): boolean {
-    const entry = this.#uniqueRoots().find(({ root }) => root.certificate.fingerprint256 === rootFingerprint);
-    if (!entry) return false;
-    return entry.sources.includes(CA_SOURCE) || trustDomain !== this.trustDomain;
+  vouchesFor(leaf: crypto.X509Certificate, intermediates: readonly crypto.X509Certificate[], trustDomain: string): boolean {
+    if (trustDomain !== this.trustDomain) return true;
+    const caRoots = this.#uniqueRoots()
+      .filter(({ sources }) => sources.includes(CA_SOURCE))
+      .map(({ root }) => root.certificate);
+    return reachesRoot(leaf, intermediates, caRoots, Date.now(), 0);
   }
 
   /** Returns every trusted root as PEM, one after the other: the `ca` of a TLS secure context. */
@@ -276,4 +280,35 @@ function checkTrustDomain(trustDomain: string, what: string): void {
 function sameSet(a: readonly string[], b: readonly string[]): boolean {
   const other = new Set(b);
   return a.length === b.length && a.every((value) => other.has(value));
+}
+
+/** Longest chain of intermediates searched between a leaf and a root. */
+const MAX_CHAIN_DEPTH = 8;
+
+/**
+ * Tells whether `certificate` is one of `roots` or is signed by one of them, directly or through
+ * `intermediates` that are valid CA certificates, each link checked by name and signature.
+ */
+function reachesRoot(
+  certificate: crypto.X509Certificate,
+  intermediates: readonly crypto.X509Certificate[],
+  roots: readonly crypto.X509Certificate[],
+  now: number,
+  depth: number,
+): boolean {
+  if (roots.some((root) => root.fingerprint256 === certificate.fingerprint256 || signedBy(certificate, root))) return true;
+  if (depth >= MAX_CHAIN_DEPTH) return false;
+  return intermediates.some(
+    (issuer) =>
+      issuer.fingerprint256 !== certificate.fingerprint256 &&
+      issuer.ca &&
+      Date.parse(issuer.validFrom) <= now &&
+      now < Date.parse(issuer.validTo) &&
+      signedBy(certificate, issuer) &&
+      reachesRoot(issuer, intermediates, roots, now, depth + 1),
+  );
+}
+
+function signedBy(certificate: crypto.X509Certificate, issuer: crypto.X509Certificate): boolean {
+  return certificate.checkIssued(issuer) && certificate.verify(issuer.publicKey);
 }

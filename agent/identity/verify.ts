@@ -3,6 +3,7 @@
 // trust bundle's roots during the handshake. This module turns that outcome and the leaf's SPIFFE
 // URI SAN into the proven Identity, or into a rejection with a reason for the audit record.
 
+import { X509Certificate } from "node:crypto";
 import type crypto from "node:crypto";
 import type tls from "node:tls";
 import { AgentError, type ErrorCode } from "../errors";
@@ -42,8 +43,12 @@ export interface PresentedCertificate {
   authorized: boolean;
   /** Node's chain error code (TLSSocket.authorizationError), such as CERT_HAS_EXPIRED; absent when authorized. */
   chainError?: string | null;
-  /** SHA-256 fingerprint of the trusted root the chain ended at, when Node reported one. */
-  rootFingerprint?: string;
+  /**
+   * The other certificates Node reported with the leaf: those the peer sent, and the trusted root
+   * Node found. Node links them by name, not by signature, so they are candidates only: a check
+   * that relies on them verifies each signature itself.
+   */
+  intermediates?: crypto.X509Certificate[];
 }
 
 /**
@@ -54,10 +59,10 @@ export interface AcceptedTrustDomains {
   readonly trustDomain: string;
   readonly aliases: readonly string[];
   /**
-   * Tells whether the root with this SHA-256 fingerprint may vouch for identities of `trustDomain`.
-   * Without it, any trusted root vouches for any trust domain.
+   * Tells whether the roots allowed for `trustDomain` vouch for `leaf`, through the candidate
+   * intermediates. Without it, any trusted root vouches for any trust domain.
    */
-  vouchesFor?(rootFingerprint: string, trustDomain: string): boolean;
+  vouchesFor?(leaf: crypto.X509Certificate, intermediates: readonly crypto.X509Certificate[], trustDomain: string): boolean;
 }
 
 /** A rejected peer certificate: the registered code of its reason, and the reason itself for the audit record. */
@@ -76,34 +81,29 @@ export type Verification =
 
 /** Reads what the handshake of `socket` reported about the peer's certificate. */
 export function presentedCertificateOf(socket: tls.TLSSocket): PresentedCertificate {
+  // Read first: on Node 20, once getPeerX509Certificate() has run, getPeerCertificate(true) no longer
+  // follows the intermediates the peer sent.
+  const intermediates = issuersOf(socket.getPeerCertificate(true));
   return {
     leaf: socket.getPeerX509Certificate(),
     authorized: socket.authorized === true,
     // Node sets authorizationError to null on success and to the error's code (a string) on failure.
     chainError: socket.authorizationError == null ? undefined : String(socket.authorizationError),
-    rootFingerprint: rootFingerprintOf(socket),
+    intermediates,
   };
 }
 
-/**
- * Returns the fingerprint of the last certificate of the peer's chain as Node reports it. Node
- * completes the chain with issuers from the socket's trusted roots, so after a verified handshake
- * the last certificate is the trusted root the chain ended at.
- */
-export function rootFingerprintOf(socket: tls.TLSSocket): string | undefined {
-  return rootFingerprintOfChain(socket.getPeerCertificate(true));
-}
-
-/** Returns the fingerprint of the last certificate of a chain that Node reported with its issuers. */
-export function rootFingerprintOfChain(leaf: tls.PeerCertificate | undefined): string | undefined {
+/** Returns the certificates Node linked above `leaf` (at most 16), parsed, without the leaf itself. */
+export function issuersOf(leaf: tls.PeerCertificate | undefined): crypto.X509Certificate[] {
+  const issuers: crypto.X509Certificate[] = [];
   let certificate = leaf as tls.DetailedPeerCertificate | undefined;
-  if (!certificate || Object.keys(certificate).length === 0) return undefined;
-  for (let depth = 0; depth < 16; depth += 1) {
+  for (let depth = 0; depth < 16 && certificate?.raw; depth += 1) {
     const issuer: tls.DetailedPeerCertificate | undefined = certificate.issuerCertificate;
-    if (!issuer || issuer === certificate || issuer.fingerprint256 === certificate.fingerprint256) return certificate.fingerprint256;
+    if (!issuer?.raw || issuer === certificate || issuer.fingerprint256 === certificate.fingerprint256) break;
+    issuers.push(new X509Certificate(issuer.raw));
     certificate = issuer;
   }
-  return undefined;
+  return issuers;
 }
 
 /**
@@ -247,13 +247,12 @@ function verifyChainAndIdentity(presented: PresentedCertificate, peer: string, a
  * a peer cluster's root from --trust-bundle presenting an identity of this mesh's trust domain.
  */
 function checkRootVouches(presented: PresentedCertificate, identity: Identity, peer: string, accepted: AcceptedTrustDomains | undefined): Verification | undefined {
-  if (!accepted?.vouchesFor) return undefined;
-  // Fail closed: without the root the chain ended at, the binding cannot be checked.
-  if (presented.rootFingerprint !== undefined && accepted.vouchesFor(presented.rootFingerprint, identity.trustDomain)) return undefined;
+  if (!accepted?.vouchesFor || !presented.leaf) return undefined;
+  if (accepted.vouchesFor(presented.leaf, presented.intermediates ?? [], identity.trustDomain)) return undefined;
   return reject(
     "unknown_root",
-    `${peer} presented ${formatSpiffeId(identity)} signed under root ${presented.rootFingerprint ?? "(unknown)"}, which is trusted only for other trust domains; ` +
-      `identities of ${identity.trustDomain} must chain to the CA's roots`,
+    `${peer} presented ${formatSpiffeId(identity)}, whose chain does not reach one of the CA's roots by valid signatures; ` +
+      `identities of ${identity.trustDomain} must chain to the CA's roots (--trust-bundle roots vouch for alias trust domains only)`,
   );
 }
 

@@ -7,7 +7,7 @@ import type net from "node:net";
 import tls from "node:tls";
 import { AgentError } from "../errors";
 import type { WorkloadCertificate } from "../identity/cert-manager";
-import { chainFailureOf, rootFingerprintOfChain, verifyServerCertificate, type AcceptedTrustDomains } from "../identity/verify";
+import { chainFailureOf, issuersOf, verifyServerCertificate, type AcceptedTrustDomains } from "../identity/verify";
 import type { Identity } from "../state/types";
 import { CLIENT_SETTINGS, CONNECTION_WINDOW_BYTES, MAX_SESSION_MEMORY_MB, type Authority } from "./hbone";
 import type { PodNetwork } from "./pod-network";
@@ -110,7 +110,7 @@ async function openTls(options: HboneConnectOptions, socket: net.Socket, hboneAd
 /** Returns an error when the server's certificate, whose chain Node verified, carries none of the expected SPIFFE identities. */
 function checkServerIdentity(peer: tls.PeerCertificate, options: HboneConnectOptions, hboneAddr: string): Error | undefined {
   // Node passes the chain it verified, completed with the trusted root.
-  const presented = { leaf: new crypto.X509Certificate(peer.raw), authorized: true, rootFingerprint: rootFingerprintOfChain(peer) };
+  const presented = { leaf: new crypto.X509Certificate(peer.raw), authorized: true, intermediates: issuersOf(peer) };
   const verification = verifyServerCertificate(presented, options.expectedIdentities, options.acceptedTrustDomains, hboneAddr);
   return verification.verified ? undefined : verification.error;
 }

@@ -87,7 +87,8 @@ test.before(async () => {
   assertHostCapable();
   removeLeftovers(PREFIX_FAMILY);
   loadNative();
-  ca = await IstioCaServer.start({ tokens: { [TOKEN]: AGENT_IDENTITY }, trustedNodeAccounts: [AGENT_IDENTITY], clusterId: CLUSTER_ID });
+  // Leaves signed by an intermediate, as with a plugged-in CA: peers must verify through it.
+  ca = await IstioCaServer.start({ tokens: { [TOKEN]: AGENT_IDENTITY }, trustedNodeAccounts: [AGENT_IDENTITY], clusterId: CLUSTER_ID, intermediate: true });
   const caPort = Number(ca.address.split(":").pop());
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), `${PREFIX}-`));
   const tokenFile = path.join(workDir, "istio-token");

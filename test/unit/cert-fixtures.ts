@@ -29,6 +29,8 @@ export interface CaOptions {
   name: string;
   notBefore?: Date;
   notAfter?: Date;
+  /** The key pair of the new certificate; a new one when absent. */
+  keys?: CryptoKeyPair;
 }
 
 /** Creates a self-signed ECDSA P-256 root, valid from an hour ago for a day unless told otherwise. */
@@ -48,7 +50,7 @@ export async function createRoot(options: CaOptions): Promise<TestCa> {
 
 /** Creates an intermediate CA signed by `issuer`. */
 export async function createIntermediate(issuer: TestCa, options: CaOptions): Promise<TestCa> {
-  const keys = (await crypto.webcrypto.subtle.generateKey(EC_KEY, true, ["sign", "verify"])) as CryptoKeyPair;
+  const keys = options.keys ?? ((await crypto.webcrypto.subtle.generateKey(EC_KEY, true, ["sign", "verify"])) as CryptoKeyPair);
   const certificate = await x509.X509CertificateGenerator.create({
     serialNumber: serialNumber(),
     subject: `CN=${options.name}`,

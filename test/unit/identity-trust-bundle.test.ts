@@ -13,7 +13,7 @@ import { hboneTlsOptions } from "../../agent/identity/certificate";
 import { TrustBundle, type TrustBundleOptions } from "../../agent/identity/trust-bundle";
 import { presentedCertificateOf, verifyClientCertificate } from "../../agent/identity/verify";
 import { silentLogger } from "../../agent/log";
-import { createLeaf, createRoot, type TestCa, type TestLeaf } from "./cert-fixtures";
+import { createIntermediate, createLeaf, createRoot, type TestCa, type TestLeaf } from "./cert-fixtures";
 import { delay } from "./hbone-fixtures";
 
 const CLIENT_ID = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -243,6 +243,27 @@ test("an extra root vouches for an alias trust domain only", async (t) => {
 
   t.is(await handshake(serverIp, peerLeaf, fixture.rootA.certPem), "verified");
   t.is(await handshake(serverIp, spoofedLeaf, fixture.rootA.certPem), "unknown_root", "a peer cluster's root cannot issue this mesh's identities");
+});
+
+test("a leaf behind an intermediate of a CA root is accepted", async (t) => {
+  const fixture = await createBundle(t);
+  const serverIp = await startVerifyingServer(t, 44, fixture);
+  const intermediate = await createIntermediate(fixture.rootA, { name: "bundle test intermediate under A" });
+  const leaf = await createLeaf(intermediate, { uris: [CLIENT_ID] });
+
+  t.is(await handshake(serverIp, leaf, fixture.rootA.certPem), "verified");
+});
+
+test("a forged link to a CA root does not make an extra root vouch for the mesh's identities", async (t) => {
+  const fixture = await createBundle(t, { aliases: ["east.local"] });
+  const serverIp = await startVerifyingServer(t, 45, fixture);
+  // Root B's name and key under root A's name, signed by an impostor of A: the link is by name only.
+  const impostorA = await createRoot({ name: "bundle test root A" });
+  const bridge = await createIntermediate(impostorA, { name: "bundle test root B", keys: fixture.rootB.keys });
+  const leaf = await createLeaf(fixture.rootB, { uris: [CLIENT_ID] });
+  const forged = { ...leaf, chainPem: leaf.certPem + bridge.certPem + fixture.rootA.certPem };
+
+  t.is(await handshake(serverIp, forged, fixture.rootA.certPem), "unknown_root");
 });
 
 test("an extra root that leaves the file stops vouching", async (t) => {

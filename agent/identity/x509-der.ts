@@ -1,7 +1,8 @@
 // DER encoding of the two structures that workload identity builds, a PKCS#10 request and a leaf
 // certificate, with node:crypto keys and signatures. @peculiar/asn1-x509 and asn1-csr describe the
-// ASN.1; node:crypto generates keys and signs synchronously, which keeps issuance well under a
-// millisecond where the WebCrypto path of @peculiar/x509 takes several (docs/identity.md has the figures).
+// ASN.1; node:crypto generates keys and signs synchronously. A whole issue (key, request, check,
+// leaf) took 2.7 ms median here against 6.1 ms on the WebCrypto path of @peculiar/x509
+// (docs/identity.md has the figures).
 
 import crypto from "node:crypto";
 import { AsnConvert, OctetString } from "@peculiar/asn1-schema";

@@ -292,13 +292,13 @@ export function parseCertificateResponse(
 function splitPemCertificates(element: string, index: number, reject: (problem: string) => AgentError): string[] {
   const pems = (element.match(PEM_CERTIFICATE) ?? []).map((pem) => pem.trim() + "\n");
   if (pems.length === 0) {
-    throw reject(`cert_chain element ${index} holds no PEM certificate`);
+    throw reject(`cert_chain element ${index} contains no PEM certificate`);
   }
   for (const pem of pems) {
     try {
       new crypto.X509Certificate(pem);
     } catch (error) {
-      throw reject(`cert_chain element ${index} holds a certificate that does not parse (${(error as Error).message})`);
+      throw reject(`cert_chain element ${index} contains an invalid certificate (${(error as Error).message})`);
     }
   }
   return pems;
@@ -412,10 +412,10 @@ function readRootCertificates(rootCertFile: string): Buffer {
   try {
     certificates.forEach((certificate) => new crypto.X509Certificate(certificate));
   } catch (error) {
-    throw new AgentError("CA_UNAVAILABLE", `the CA root certificate file ${rootCertFile} holds a certificate that does not parse`, { cause: error });
+    throw new AgentError("CA_UNAVAILABLE", `the CA root certificate file ${rootCertFile} contains an invalid certificate; give the PEM root of the CA's TLS certificate (root-cert.pem of the istio-ca-root-cert ConfigMap)`, { cause: error });
   }
   if (certificates.length === 0) {
-    throw new AgentError("CA_UNAVAILABLE", `the CA root certificate file ${rootCertFile} holds no PEM certificate`);
+    throw new AgentError("CA_UNAVAILABLE", `the CA root certificate file ${rootCertFile} contains no PEM certificate; give the PEM root of the CA's TLS certificate (root-cert.pem of the istio-ca-root-cert ConfigMap)`);
   }
   return pem;
 }

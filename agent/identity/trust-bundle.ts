@@ -282,7 +282,7 @@ function sameSet(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && a.every((value) => other.has(value));
 }
 
-/** Longest chain of intermediates searched between a leaf and a root. */
+/** Maximum number of intermediates searched between a leaf and a root. */
 const MAX_CHAIN_DEPTH = 8;
 
 /**

@@ -45,7 +45,7 @@ export interface InboundHboneServerOptions {
   /** Other trust domains accepted from clients, such as the mesh's previous name during a migration. */
   trustDomainAliases?: readonly string[];
   /**
-   * The trust bundle, which also says which roots may vouch for which trust domain. When given, its
+   * The trust bundle, which also decides which roots may vouch for which trust domain. When given, its
    * trust domain and aliases replace `trustDomain` and `trustDomainAliases`.
    */
   acceptedTrustDomains?: AcceptedTrustDomains;

@@ -374,9 +374,9 @@ export class HbonePool {
   }
 
   /**
-   * Subscribes once per source identity to its certificate rotations: each new certificate (or new
-   * trusted roots) retires the connections made before it, so new streams go over a connection that
-   * presents the new certificate and verifies the peer against the current roots.
+   * Subscribes once per source identity to its certificate rotations. Each new certificate, or new
+   * trusted roots, retires the connections made before it. New streams then go over a connection
+   * that presents the new certificate and verifies the peer against the current roots.
    */
   #followRotations(identity: Identity): void {
     const source = formatSpiffeId(identity);

@@ -371,7 +371,7 @@ test("response checks reject malformed chains", async (t) => {
   const cases: Array<{ name: string; chain: string[]; pattern: RegExp; forRequest?: typeof request; now?: Date }> = [
     { name: "empty", chain: [], pattern: /0 element/ },
     { name: "leaf only", chain: [issued.certPem], pattern: /1 element/ },
-    { name: "garbage", chain: ["not a certificate", server.rootsPem], pattern: /element 0 holds no PEM certificate/ },
+    { name: "garbage", chain: ["not a certificate", server.rootsPem], pattern: /element 0 contains no PEM certificate/ },
     { name: "other key", chain: [issued.certPem, server.rootsPem], pattern: /public key/, forRequest: other },
     { name: "other root", chain: [issued.certPem, unrelatedRoot], pattern: /does not end at any of the 1 root/ },
     { name: "leaf as root", chain: [issued.certPem, issued.certPem], pattern: /root 1 .* is not a self-signed CA certificate/ },

@@ -251,8 +251,8 @@ function checkRootVouches(presented: PresentedCertificate, identity: Identity, p
   if (accepted.vouchesFor(presented.leaf, presented.intermediates ?? [], identity.trustDomain)) return undefined;
   return reject(
     "unknown_root",
-    `${peer} presented ${formatSpiffeId(identity)}, whose chain does not reach one of the CA's roots by valid signatures; ` +
-      `identities of ${identity.trustDomain} must chain to the CA's roots (--trust-bundle roots vouch for alias trust domains only)`,
+    `${peer} presented ${formatSpiffeId(identity)}, but its chain as sent (leaf first, each certificate's issuer next, at most 8 intermediates) ` +
+      `does not lead to one of the CA's roots; identities of ${identity.trustDomain} must chain to the CA's roots, and --trust-bundle roots vouch for alias trust domains only`,
   );
 }
 

@@ -120,6 +120,8 @@ interface PooledConnection {
   certificate?: WorkloadCertificate;
   /** formatSpiffeId of the source identity. */
   source: string;
+  /** Why the connection must leave the pool once its handshake completes: a rotation during the handshake. */
+  retireWhenReady?: string;
   pingTimer?: NodeJS.Timeout;
   pingDeadline?: NodeJS.Timeout;
 }
@@ -212,16 +214,35 @@ export class HbonePool {
     if (connection) this.#retire(connection, "it refused a stream");
   }
 
-  /** Takes a ready connection out of the pool and sends GOAWAY; its open streams run until they end. */
+  /**
+   * Takes a ready connection out of the pool and sends GOAWAY; its open streams run until they end.
+   * A connection still in its handshake is retired as soon as it is ready.
+   */
   #retire(connection: PooledConnection, why: string): void {
+    if (connection.state === "connecting") {
+      connection.retireWhenReady = why;
+      return;
+    }
     if (connection.state !== "ready") {
       return;
     }
     connection.logger.debug({ streams: connection.streams }, `HBONE connection retired: ${why}`);
     this.#leavePool(connection);
     connection.state = "draining";
+    this.#stopPings(connection);
     // Sends GOAWAY and closes the session once its last stream ends; no stream is cut short.
     connection.session?.close();
+  }
+
+  /**
+   * Stops the PINGs of a connection that this side closes. Node cancels every PING once close() has
+   * run, so an unanswered PING no longer says that the peer is gone.
+   */
+  #stopPings(connection: PooledConnection): void {
+    clearInterval(connection.pingTimer);
+    clearTimeout(connection.pingDeadline);
+    connection.pingTimer = undefined;
+    connection.pingDeadline = undefined;
   }
 
   /** Counts pooled connections and their streams per key. */
@@ -365,6 +386,11 @@ export class HbonePool {
       );
     }
     connection.state = "ready";
+    if (connection.retireWhenReady !== undefined) {
+      // Its waiting requests find no room on it and move to a new connection.
+      this.#retire(connection, connection.retireWhenReady);
+      return;
+    }
     this.#retireAtExpiry(connection, session);
     connection.pingTimer = setInterval(() => this.#ping(connection), this.#pingIntervalMs);
     connection.pingTimer.unref();
@@ -383,7 +409,8 @@ export class HbonePool {
     if (this.#rotationSubscriptions.has(source) || !this.#certs.onRotation) return;
     const unsubscribe = this.#certs.onRotation(identity, (certificate) => {
       for (const connection of this.#connections) {
-        if (connection.source === source && connection.certificate !== certificate) this.#retire(connection, "the source certificate or the trusted roots changed");
+        if (connection.source !== source || connection.certificate === undefined || connection.certificate === certificate) continue;
+        this.#retire(connection, "the source certificate or the trusted roots changed");
       }
     });
     this.#rotationSubscriptions.set(source, unsubscribe);
@@ -457,11 +484,11 @@ export class HbonePool {
     }
     connection.pingDeadline = setTimeout(() => this.#onPingTimeout(connection), this.#pingTimeoutMs);
     connection.pingDeadline.unref();
-    session.ping((error) => {
-      if (!error) {
-        clearTimeout(connection.pingDeadline);
-        connection.pingDeadline = undefined;
-      }
+    // The callback runs on an acknowledgement and when the PING is cancelled (session closed or
+    // destroyed); only a missing callback means the peer is gone.
+    session.ping(() => {
+      clearTimeout(connection.pingDeadline);
+      connection.pingDeadline = undefined;
     });
   }
 
@@ -502,6 +529,7 @@ export class HbonePool {
       return Promise.resolve();
     }
     connection.state = "draining";
+    this.#stopPings(connection);
     const closed = new Promise<void>((resolve) => session.once("close", () => resolve()));
     const grace = setTimeout(() => session.destroy(), this.#closeGraceMs);
     grace.unref();

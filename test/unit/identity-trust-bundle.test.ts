@@ -254,6 +254,17 @@ test("a leaf behind an intermediate of a CA root is accepted", async (t) => {
   t.is(await handshake(serverIp, leaf, fixture.rootA.certPem), "verified");
 });
 
+test("without extra roots, a chain sent out of order is accepted as TLS verified it", async (t) => {
+  const fixture = await createBundle(t, { fileRoots: ([rootA]) => rootA.certPem });
+  const serverIp = await startVerifyingServer(t, 46, fixture);
+  const upper = await createIntermediate(fixture.rootA, { name: "bundle test upper intermediate" });
+  const lower = await createIntermediate(upper, { name: "bundle test lower intermediate" });
+  const leaf = await createLeaf(lower, { uris: [CLIENT_ID] });
+  const reordered = { ...leaf, chainPem: leaf.certPem + upper.certPem + lower.certPem };
+
+  t.is(await handshake(serverIp, reordered, fixture.rootA.certPem), "verified");
+});
+
 test("a forged link to a CA root does not make an extra root vouch for the mesh's identities", async (t) => {
   const fixture = await createBundle(t, { aliases: ["east.local"] });
   const serverIp = await startVerifyingServer(t, 45, fixture);

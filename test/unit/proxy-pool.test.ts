@@ -506,6 +506,30 @@ test("a rotation retires pooled connections and new streams use the new certific
   t.is(await roundTrip(second, "new certificate"), "new certificate");
 });
 
+test("a retired connection keeps its open stream past the PING timeout", async (t) => {
+  const ca = await createCa(t);
+  await startServer(t, ca, { ip: "127.77.76.2", port: HBONE_PORT });
+  let current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  const listeners = new Set<(certificate: typeof current) => void>();
+  const certs: CertificateProvider = {
+    get: async () => current,
+    onRotation: (_identity, listener) => {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+  };
+  const setup = createPool(t, 76, certs, { pingIntervalMs: 50, pingTimeoutMs: 100 });
+  const open = await openTunnel(setup, 76);
+
+  current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  for (const listener of listeners) listener(current);
+  // Several PING intervals and timeouts pass while the retired connection carries its stream.
+  await new Promise((resolve) => setTimeout(resolve, 600));
+
+  t.false(open.destroyed, "the stream was cut when its retired connection stopped answering PINGs");
+  t.is(await roundTrip(open, "still flowing"), "still flowing");
+});
+
 test("a connection retires when its certificate expires", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.75.2", port: HBONE_PORT });

@@ -108,7 +108,7 @@ test.before(async () => {
   const site = path.join(cluster.workDir, "site");
   fs.mkdirSync(site, { recursive: true });
   fs.writeFileSync(path.join(site, "hello.txt"), "hello\n");
-  blobSha = writeRandomFile(path.join(site, "blob.bin"), 3 * 1024 * 1024);
+  blobSha = writeRandomFile(path.join(site, "blob.bin"), 5 * 1024 * 1024);
   await startHttpServer(cluster.topology, "server", site, 8080);
   await cluster.startAgents(["client", "server"]);
 });
@@ -161,7 +161,7 @@ test.serial("rotation keeps a download and new connections working", async (t) =
   const before = requestsFor(CLIENT_ID).length + requestsFor(SERVER_ID).length;
   const rotatedFrom = (node: string) => c.agent(node).lines.length;
   const startLines = { n1: rotatedFrom("id-n1"), n2: rotatedFrom("id-n2") };
-  // About 19 s at 160 KiB/s: the connection outlives at least one rotation on each side.
+  // About 32 s at 160 KiB/s: the stream outlives a rotation on each side by more than the 20 s PING timeout.
   const download = c.topology.spawn(c.topology.pod("client").netns, "python3", ["-c", SLOW_DOWNLOAD, serverUrl("blob.bin")]);
   let downloadOutput = "";
   download.stdout!.on("data", (chunk: Buffer) => (downloadOutput += chunk.toString()));

@@ -73,11 +73,14 @@ interface TunnelPeer {
   port: number;
   /** The address the tunnel arrived on; every CONNECT on it must name this IP. */
   localIp: string;
+  /** Why the tunnel takes no new stream (its certificate expired, or the trusted roots changed); undefined while it does. */
+  retired?: string;
 }
 
 /** One CONNECT stream being served, so that stop() can wait for it or abort it. */
 interface ActiveStream {
   stream: http2.ServerHttp2Stream;
+  session: http2.ServerHttp2Session;
   /** Settles once the stream's record is written. */
   done: Promise<void>;
 }
@@ -214,7 +217,7 @@ export class InboundHboneServer {
       localIp: normalizeIp(socket.localAddress ?? ""),
     });
     this.#sessions.add(session);
-    const expiry = this.#closeAtExpiry(session, socket);
+    const expiry = this.#retireAtExpiry(session, socket);
     session.once("close", () => {
       clearTimeout(expiry);
       this.#sessions.delete(session);
@@ -225,20 +228,38 @@ export class InboundHboneServer {
   }
 
   /**
-   * Sends GOAWAY when the client's certificate expires: the streams open then finish, and new ones
-   * need a new connection, with the client's new certificate. Node's timers cannot wait longer than
-   * about 24.8 days, which is more than any workload certificate lives.
+   * Retires the tunnel when the client's certificate expires, so that new streams need a new
+   * connection with the client's new certificate. Node's timers cannot wait longer than about 24.8
+   * days, which is more than any workload certificate lives.
    */
-  #closeAtExpiry(session: http2.ServerHttp2Session, socket: tls.TLSSocket): NodeJS.Timeout | undefined {
+  #retireAtExpiry(session: http2.ServerHttp2Session, socket: tls.TLSSocket): NodeJS.Timeout | undefined {
     const notAfter = socket.getPeerX509Certificate()?.validTo;
     if (notAfter === undefined) return undefined;
     const delay = Math.min(Math.max(Date.parse(notAfter) - Date.now(), 0), 2 ** 31 - 1);
-    const timer = setTimeout(() => {
-      this.#logger.info({ "src.addr": remoteAddressOf(socket), notAfter }, "HBONE client certificate expired: GOAWAY sent, open streams finish");
-      session.close();
-    }, delay);
+    const timer = setTimeout(() => this.#retireSession(session, `the client certificate expired at ${notAfter}`), delay);
     timer.unref();
     return timer;
+  }
+
+  /**
+   * Refuses new streams on a tunnel (REFUSED_STREAM, which the client retries on a new connection)
+   * while its open streams finish, and closes it after the last one. GOAWAY waits until then, because
+   * the client stops its PINGs, and with them its check that this side is alive, once it gets one.
+   */
+  #retireSession(session: http2.ServerHttp2Session, why: string): void {
+    const peer = this.#peers.get(session);
+    if (!peer || peer.retired !== undefined) return;
+    peer.retired = why;
+    this.#logger.info({ "src.addr": formatAddress(peer.ip, peer.port), reason: why }, "HBONE connection retired: open streams finish, new ones are refused");
+    this.#closeIfRetiredAndIdle(session);
+  }
+
+  #closeIfRetiredAndIdle(session: http2.ServerHttp2Session): void {
+    if (this.#peers.get(session)?.retired === undefined || session.closed || session.destroyed) return;
+    for (const active of this.#streams) {
+      if (active.session === session) return;
+    }
+    session.close();
   }
 
   /**
@@ -277,16 +298,21 @@ export class InboundHboneServer {
   }
 
   #trackStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
-    const active: ActiveStream = { stream, done: Promise.resolve() };
+    // Read now: Node clears a stream's session once the stream is destroyed.
+    const session = stream.session as http2.ServerHttp2Session;
+    const active: ActiveStream = { stream, session, done: Promise.resolve() };
     this.#streams.add(active);
-    active.done = this.#handleStream(stream, headers).finally(() => this.#streams.delete(active));
+    active.done = this.#handleStream(stream, headers).finally(() => {
+      this.#streams.delete(active);
+      this.#closeIfRetiredAndIdle(session);
+    });
     if (this.#drain.expired) this.#drain.abort(active);
   }
 
   async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): Promise<void> {
     stream.on("error", ignoreError);
     const peer = this.#peers.get(stream.session as http2.ServerHttp2Session);
-    if (!peer) {
+    if (!peer || peer.retired !== undefined) {
       stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
       return;
     }
@@ -444,8 +470,7 @@ export class InboundHboneServer {
         return;
       }
       // The trusted roots changed: every client is verified again against them on a new connection.
-      for (const session of this.#sessions) session.close();
-      this.#logger.info({ sessions: this.#sessions.size }, "trusted roots changed: GOAWAY sent on every HBONE connection");
+      for (const session of this.#sessions) this.#retireSession(session, "the trusted roots changed");
     });
   }
 }

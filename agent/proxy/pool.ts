@@ -10,9 +10,9 @@
 // - A connection that failed, received GOAWAY, missed a PING acknowledgement, went idle or closed leaves
 //   the pool at once and never takes a new stream. After a GOAWAY its open streams run until they end.
 // - A new connection presents the source's current certificate. A rotation of that certificate, or of
-//   the trusted roots, retires the connections made before it: their open streams finish with the old
-//   certificate, and new streams take a new connection. A connection also retires when its own
-//   certificate or the peer's expires.
+//   the trusted roots, retires the connections made before it: they take no new stream, their open
+//   streams finish with the old certificate and PINGs, and they close after the last one. A
+//   connection also retires when its own certificate or the peer's expires.
 
 import type http2 from "node:http2";
 import type net from "node:net";
@@ -122,6 +122,8 @@ interface PooledConnection {
   source: string;
   /** Why the connection must leave the pool once its handshake completes: a rotation during the handshake. */
   retireWhenReady?: string;
+  /** Out of the pool by #retire: it closes after its last stream. */
+  retired?: boolean;
   pingTimer?: NodeJS.Timeout;
   pingDeadline?: NodeJS.Timeout;
 }
@@ -197,6 +199,7 @@ export class HbonePool {
         return stream;
       }
       this.#scheduleIdleClose(connection);
+      this.#closeIfRetiredAndIdle(connection);
     }
     throw new AgentError(
       "UPSTREAM_CONNECT_FAILED",
@@ -215,8 +218,10 @@ export class HbonePool {
   }
 
   /**
-   * Takes a ready connection out of the pool and sends GOAWAY; its open streams run until they end.
-   * A connection still in its handshake is retired as soon as it is ready.
+   * Takes a ready connection out of the pool: it takes no new stream, its open streams run until they
+   * end, and it closes after the last one. No GOAWAY is sent until then, because Node cancels PINGs
+   * after one, and the PINGs keep telling whether the peer of those streams is alive. A connection
+   * still in its handshake is retired as soon as it is ready.
    */
   #retire(connection: PooledConnection, why: string): void {
     if (connection.state === "connecting") {
@@ -229,9 +234,15 @@ export class HbonePool {
     connection.logger.debug({ streams: connection.streams }, `HBONE connection retired: ${why}`);
     this.#leavePool(connection);
     connection.state = "draining";
-    this.#stopPings(connection);
-    // Sends GOAWAY and closes the session once its last stream ends; no stream is cut short.
-    connection.session?.close();
+    connection.retired = true;
+    this.#closeIfRetiredAndIdle(connection);
+  }
+
+  /** Closes a retired connection once no stream is open or waiting on it. */
+  #closeIfRetiredAndIdle(connection: PooledConnection): void {
+    if (!connection.retired || connection.state !== "draining" || connection.streams > 0 || connection.waiting > 0) return;
+    connection.retired = false;
+    this.#closeGracefully(connection).catch(() => undefined);
   }
 
   /**
@@ -461,6 +472,7 @@ export class HbonePool {
     stream.once("close", () => {
       connection.streams -= 1;
       this.#scheduleIdleClose(connection);
+      this.#closeIfRetiredAndIdle(connection);
     });
     return stream;
   }

@@ -289,11 +289,9 @@ test("server rejects a CA certificate as client leaf", async (t) => {
   await assertRejected(t, pod, outcome, "invalid_chain", "TLS_FAILURE");
 });
 
-test("server sends GOAWAY when the client certificate expires", async (t) => {
-  const pod = await startServerPod(t, 16);
+/** Connects to the pod's HBONE port with `leaf` and resolves with the HTTP/2 session. */
+async function hboneSession(t: ExecutionContext, pod: ServerPod, leaf: TestLeaf): Promise<http2.ClientHttp2Session> {
   const { trusted } = await roots();
-  const leaf = await clientLeaf({ notAfter: new Date(Date.now() + 3_000) });
-  const notAfter = Date.parse(new crypto.X509Certificate(leaf.certPem).validTo);
   const socket = tls.connect({
     socket: net.connect({ host: pod.serverIp, port: HBONE_PORT, localAddress: pod.clientIp }),
     key: leaf.keyPem,
@@ -308,12 +306,53 @@ test("server sends GOAWAY when the client certificate expires", async (t) => {
   await new Promise((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
   const session = http2.connect(`https://${pod.serverIp}:${HBONE_PORT}`, { createConnection: () => socket });
   session.on("error", () => undefined);
+  return session;
+}
+
+/** Opens a CONNECT stream to the pod's application; resolves with the stream and its status, or the RST_STREAM code. */
+function connectStream(pod: ServerPod, session: http2.ClientHttp2Session): Promise<{ stream: http2.ClientHttp2Stream; status?: number; rstCode?: number }> {
+  return new Promise((resolve) => {
+    const stream = session.request({ ":method": "CONNECT", ":authority": `${pod.serverIp}:${APP_PORT}` }, { endStream: false });
+    stream.on("error", () => undefined);
+    stream.once("response", (headers) => resolve({ stream, status: Number(headers[":status"]) }));
+    stream.once("close", () => resolve({ stream, rstCode: stream.rstCode }));
+  });
+}
+
+test("server sends GOAWAY when an idle client's certificate expires", async (t) => {
+  const pod = await startServerPod(t, 16);
+  const leaf = await clientLeaf({ notAfter: new Date(Date.now() + 3_000) });
+  const notAfter = Date.parse(new crypto.X509Certificate(leaf.certPem).validTo);
+  const session = await hboneSession(t, pod, leaf);
   const goaway = new Promise<number>((resolve) => session.once("goaway", (code) => resolve(code)));
 
   const code = await Promise.race([goaway, delay(6_000).then(() => -1)]);
 
   t.is(code, http2.constants.NGHTTP2_NO_ERROR);
   t.true(Date.now() >= notAfter - 50, "not before the certificate expired");
+});
+
+test("an expired client's open stream keeps flowing and a new one is refused", async (t) => {
+  const pod = await startServerPod(t, 17);
+  const leaf = await clientLeaf({ notAfter: new Date(Date.now() + 3_000) });
+  const notAfter = Date.parse(new crypto.X509Certificate(leaf.certPem).validTo);
+  const session = await hboneSession(t, pod, leaf);
+  let goaway = false;
+  session.once("goaway", () => (goaway = true));
+  const open = await connectStream(pod, session);
+  t.is(open.status, 200);
+
+  await delay(Math.max(notAfter - Date.now(), 0) + 300);
+  const refused = await connectStream(pod, session);
+  const echoed = new Promise<string>((resolve) => open.stream.once("data", (chunk: Buffer) => resolve(chunk.toString())));
+  open.stream.write("after expiry");
+
+  t.is(refused.rstCode, http2.constants.NGHTTP2_REFUSED_STREAM);
+  t.is(await echoed, "after expiry");
+  t.false(goaway, "no GOAWAY while a stream is open, so the client keeps checking the connection with PINGs");
+  open.stream.close();
+  const closed = await Promise.race([new Promise<boolean>((resolve) => session.once("goaway", () => resolve(true))), delay(5_000).then(() => false)]);
+  t.true(closed, "GOAWAY once the last stream ended");
 });
 
 test("server rejects a client without certificate", async (t) => {

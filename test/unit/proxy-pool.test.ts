@@ -1,6 +1,7 @@
 // The HBONE connection pool against a test HBONE server on loopback: real TLS 1.3 and HTTP/2, with
 // connection counts, stream limits, idle close, PING keepalive and failures the test controls.
 
+import crypto from "node:crypto";
 import http2 from "node:http2";
 import net from "node:net";
 import tls from "node:tls";
@@ -753,4 +754,63 @@ test("stream reset after processing is not retried", async (t) => {
 
   t.is(result.errorCode, "ECONNRESET");
   t.is(server.streams, 1);
+});
+
+/** A certificate provider whose rotations the test triggers. */
+function rotatingCerts(initial: WorkloadCertificate): { certs: CertificateProvider; rotate(next: WorkloadCertificate): void } {
+  let current = initial;
+  const listeners = new Set<(certificate: WorkloadCertificate) => void>();
+  return {
+    certs: {
+      get: async () => current,
+      onRotation: (_identity, listener) => {
+        listeners.add(listener);
+        return () => listeners.delete(listener);
+      },
+    },
+    rotate: (next) => {
+      current = next;
+      for (const listener of listeners) listener(next);
+    },
+  };
+}
+
+test("a retired connection closes after its last stream ends", async (t) => {
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.77.2", port: HBONE_PORT });
+  const { certs, rotate } = rotatingCerts(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
+  const setup = createPool(t, 77, certs);
+  const open = await openTunnel(setup, 77);
+
+  rotate(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  t.is(server.closedSessions, 0, "the retired connection stays while its stream is open");
+  open.close();
+
+  await waitFor(() => server.closedSessions === 1, 2_000, "the retired connection to close");
+  t.is(setup.pool.stats().draining, 0);
+});
+
+test("requests waiting on a handshake caught by a rotation move to a new connection", async (t) => {
+  // A relay holds the server's side of the handshake while the requests wait and the certificate rotates.
+  const ca = await createCa(t);
+  const server = await startServer(t, ca, { ip: "127.77.79.2", port: HBONE_PORT });
+  const relay = await startRelay(t, "127.77.78.2", HBONE_PORT, { ip: "127.77.79.2", port: HBONE_PORT });
+  const old = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  const { certs, rotate } = rotatingCerts(old);
+  const setup = createPool(t, 78, certs);
+  relay.hold();
+  const tunnels = Array.from({ length: 50 }, () => openTunnel(setup, 78).then((stream) => ({ stream }), (error: Error) => ({ error })));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+
+  const rotated = withSecureContext(await ca.issue(CLIENT_IDENTITY));
+  rotate(rotated);
+  relay.release();
+  const results = await Promise.all(tunnels);
+
+  t.deepEqual(results.filter((result) => "error" in result).map((result) => ("error" in result ? result.error.message : "")), []);
+  const serials = server.clientSerials.map((serial) => (serial === new crypto.X509Certificate(old.certPem).serialNumber ? "old" : "new"));
+  t.deepEqual(serials, ["old", "new"], "the handshake under way finished, then the requests took a connection with the new certificate");
+  const echoes = await Promise.all(results.map((result, index) => ("stream" in result ? roundTrip(result.stream, `echo ${index}`) : "failed")));
+  t.is(echoes.filter((echoed, index) => echoed === `echo ${index}`).length, 50);
 });

@@ -16,6 +16,7 @@ import {
   sha256,
   startApp,
   startMesh,
+  waitForOpen,
   workload,
 } from "./proxy-fixtures";
 
@@ -127,7 +128,7 @@ test("outbound drain lets an open connection finish", async (t) => {
   const body = crypto.randomBytes(256 * 1024);
   await startApp(t, mesh.serverIp, 8080, delayedReply(body, 400));
   const pending = exchange(mesh, Buffer.from("request"));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  await waitForOpen(mesh.inbound);
 
   const startedAt = Date.now();
   const stopped = mesh.outbound.stop(3_000);
@@ -149,7 +150,7 @@ test("outbound drain resets at the deadline", async (t) => {
   const mesh = await startMesh(t, { subnet: 91 });
   await startApp(t, mesh.serverIp, 8080, (socket) => socket.resume());
   const pending = exchange(mesh, Buffer.from("never answered"));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  await waitForOpen(mesh.inbound);
 
   const startedAt = Date.now();
   const summary = await mesh.outbound.stop(300);
@@ -170,7 +171,7 @@ test("outbound second stop aborts at once", async (t) => {
   const mesh = await startMesh(t, { subnet: 92 });
   await startApp(t, mesh.serverIp, 8080, (socket) => socket.resume());
   const pending = exchange(mesh, Buffer.from("never answered"));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  await waitForOpen(mesh.inbound);
 
   const startedAt = Date.now();
   const first = mesh.outbound.stop(10_000);
@@ -190,7 +191,7 @@ test("outbound stop without grace resets at once", async (t) => {
   const mesh = await startMesh(t, { subnet: 93 });
   await startApp(t, mesh.serverIp, 8080, (socket) => socket.resume());
   const pending = exchange(mesh, Buffer.from("hold"));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  await waitForOpen(mesh.inbound);
 
   const summary = await mesh.outbound.stop();
 
@@ -206,7 +207,7 @@ test("inbound drain sends GOAWAY and finishes streams", async (t) => {
   const pending = exchange(mesh, Buffer.from("request"));
   const idle = await rawHboneSession(mesh, { secureContext: (await mesh.certs.get(mesh.clientIdentity)).secureContext });
   const goaway = new Promise<number>((resolve) => idle.once("goaway", (code: number) => resolve(code)));
-  await new Promise((resolve) => setTimeout(resolve, 150));
+  await waitForOpen(mesh.inbound);
 
   const startedAt = Date.now();
   const stopped = mesh.inbound.stop(3_000);
@@ -260,9 +261,7 @@ test("inbound drain resets streams at the deadline", async (t) => {
   const mesh = await startMesh(t, { subnet: 95 });
   await startApp(t, mesh.serverIp, 8080, (socket) => socket.resume());
   const pending = exchange(mesh, Buffer.from("never answered"));
-  // The stream must be open at the destination before the drain starts, however slow the handshake.
-  const deadline = Date.now() + 5_000;
-  while (mesh.inbound.openConnections === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+  await waitForOpen(mesh.inbound);
 
   const startedAt = Date.now();
   const summary = await mesh.inbound.stop(300);

@@ -297,3 +297,12 @@ export function connectStatus(
     stream.on("close", () => resolve({ error: `closed with RST_STREAM code ${stream.rstCode}` }));
   });
 }
+
+/** Waits until `server` counts at least `count` open connections, so a test acts on a tunnel that exists; fails after timeoutMs. */
+export async function waitForOpen(server: { openConnections: number }, count = 1, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (server.openConnections < count) {
+    if (Date.now() > deadline) throw new Error(`${server.openConnections} of ${count} connections open after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}

@@ -12,6 +12,7 @@ import {
   sha256,
   startApp,
   startMesh,
+  waitForOpen,
 } from "./proxy-fixtures";
 
 /** Checks the fields every record carries. */
@@ -214,7 +215,7 @@ test("stop resets open connections and records them", async (t) => {
   const mesh = await startMesh(t, { subnet: 11 });
   await startApp(t, mesh.serverIp, 8080, () => undefined);
   const pending = exchange(mesh, Buffer.from("hold"));
-  await new Promise((resolve) => setTimeout(resolve, 300));
+  await waitForOpen(mesh.inbound);
 
   await mesh.outbound.stop();
   await mesh.inbound.stop();

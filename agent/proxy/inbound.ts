@@ -100,6 +100,10 @@ export class InboundHboneServer {
   #server: http2.Http2SecureServer | undefined;
   #certificate: WorkloadCertificate | undefined;
   #stopFollowing: (() => void) | undefined;
+  /** Counts changes of the trusted roots, so a handshake that began before the latest one is known. */
+  #rootsGeneration = 0;
+  /** The roots generation at which each TCP connection was accepted. */
+  readonly #acceptedAt = new WeakMap<net.Socket, number>();
   /** The outcome of the first stop() call; later calls can only shorten its deadline. */
   #stopped: Promise<DrainSummary> | undefined;
   #stopReason: AgentError | undefined;
@@ -134,7 +138,10 @@ export class InboundHboneServer {
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
     // Node reports a failed handshake after the socket closed, when its addresses are gone. Reading
     // them on accept makes the TCP socket cache them for the audit record of the failure.
-    server.on("connection", (socket: net.Socket) => void [socket.remoteAddress, socket.localAddress]);
+    server.on("connection", (socket: net.Socket) => {
+      void [socket.remoteAddress, socket.localAddress];
+      this.#acceptedAt.set(socket, this.#rootsGeneration);
+    });
     server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) => this.#recordFailedHandshake(error, socket));
     server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
@@ -218,6 +225,11 @@ export class InboundHboneServer {
     });
     this.#sessions.add(session);
     const expiry = this.#retireAtExpiry(session, socket);
+    // Its handshake ran with the roots of before a change: new streams need a new handshake.
+    const parent = parentOf(socket);
+    if (parent && (this.#acceptedAt.get(parent) ?? this.#rootsGeneration) < this.#rootsGeneration) {
+      this.#retireSession(session, "the trusted roots changed during its handshake");
+    }
     session.once("close", () => {
       clearTimeout(expiry);
       this.#sessions.delete(session);
@@ -470,6 +482,7 @@ export class InboundHboneServer {
         return;
       }
       // The trusted roots changed: every client is verified again against them on a new connection.
+      this.#rootsGeneration += 1;
       for (const session of this.#sessions) this.#retireSession(session, "the trusted roots changed");
     });
   }

@@ -247,7 +247,7 @@ export class OutboundProxy {
     const { record } = connection;
     const hboneAddr = formatAddress(destination.ip, HBONE_PORT);
     for (let attempt = 1; ; attempt += 1) {
-      const stream = await this.#openStream(connection, destination, target);
+      const stream = await this.#openStream(connection, destination, target, attempt > 1);
       // A closed stream no longer refers to its session, which a retry must avoid.
       const session = stream.session;
       connection.upstream.add(stream);
@@ -258,10 +258,10 @@ export class OutboundProxy {
         return { stream, status: await responseStatus(stream, hboneAddr) };
       } catch (error) {
         connection.upstream.delete(stream);
-        if (attempt >= MAX_TUNNEL_ATTEMPTS || stream.rstCode !== http2.constants.NGHTTP2_REFUSED_STREAM) {
-          throw error;
-        }
+        if (stream.rstCode !== http2.constants.NGHTTP2_REFUSED_STREAM) throw error;
+        // A connection that refused a stream takes no more, whether or not this request retries.
         if (session) this.#pool.retire(session);
+        if (attempt >= MAX_TUNNEL_ATTEMPTS) throw error;
         this.#logger.debug({ connection_id: record.id, hbone_addr: hboneAddr }, "HBONE peer refused the CONNECT stream unprocessed; retrying on a fresh connection");
       }
     }
@@ -275,6 +275,7 @@ export class OutboundProxy {
     connection: ActiveConnection,
     destination: Authority,
     target: Extract<DestinationTarget, { kind: "hbone" }>,
+    fresh: boolean,
   ): Promise<http2.ClientHttp2Stream> {
     const { client } = connection;
     const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
@@ -293,6 +294,7 @@ export class OutboundProxy {
         },
         headers,
         waiting.signal,
+        { fresh },
       );
     } finally {
       connection.upstream.delete(pending);

@@ -179,16 +179,19 @@ export class HbonePool {
    * when none has room. Rejects with the error that ended the connection's setup: UPSTREAM_CONNECT_FAILED,
    * TLS_FAILURE, IDENTITY_ERROR or NO_CERTIFICATE. The caller closes the stream. Aborting `signal`
    * makes this request stop waiting with STREAM_RESET, while the connection's handshake goes on for others.
+   * `fresh` opens a new connection for the first attempt instead of taking a pooled one, for a retry
+   * after the peer refused a stream: its other pooled connections may refuse too.
    */
   async request(
     destination: HboneDestination,
     headers: http2.OutgoingHttpHeaders,
     signal?: AbortSignal,
+    options: { fresh?: boolean } = {},
   ): Promise<http2.ClientHttp2Stream> {
     const key = poolKeyOf(destination);
     for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt += 1) {
       this.#assertOpen(destination);
-      const connection = this.#reserve(key, destination);
+      const connection = this.#reserve(key, destination, options.fresh === true && attempt === 1);
       try {
         await untilReady(connection, signal);
       } finally {
@@ -300,13 +303,13 @@ export class HbonePool {
   }
 
   /** Reserves a stream on a connection of the key with room, opening a new connection when none has. */
-  #reserve(key: string, destination: HboneDestination): PooledConnection {
+  #reserve(key: string, destination: HboneDestination, fresh = false): PooledConnection {
     let group = this.#groups.get(key);
     if (!group) {
       group = { connections: new Set() };
       this.#groups.set(key, group);
     }
-    const connection = this.#pick(group) ?? this.#open(key, group, destination);
+    const connection = (fresh ? undefined : this.#pick(group)) ?? this.#open(key, group, destination);
     connection.waiting += 1;
     clearTimeout(connection.idleTimer);
     connection.idleTimer = undefined;

@@ -75,6 +75,15 @@ function setup(t: import("ava").ExecutionContext, options: CertManagerOptions = 
 
 const settle = (ms = 50): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Waits until `condition` holds, checking every 10 ms; throws after timeoutMs. */
+async function waitUntil(condition: () => boolean, what: string, timeoutMs = 3_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await settle(10);
+  }
+}
+
 test.serial("get caches one certificate and one secure context per identity", async (t) => {
   const { issuer, manager } = setup(t);
 
@@ -109,7 +118,7 @@ test.serial("a certificate is re-issued at half its lifetime while the current o
 
   clock.now += 2 * HOUR;
   t.is(await manager.get(sleep), first, "the current certificate is served while the new one is issued");
-  await settle();
+  await waitUntil(() => manager.list()[0] !== first, "the background refresh");
   const renewed = await manager.get(sleep);
 
   t.not(renewed, first);
@@ -163,11 +172,11 @@ test.serial("a failed refresh is retried in the background after its backoff", a
   issuer.failing = true;
   clock.now += 13 * HOUR;
   await manager.get(sleep);
-  await settle();
+  await waitUntil(() => manager.status()[0].failures === 1, "the failed refresh");
   issuer.failing = false;
 
   // The first retry comes 0.8 s later: 1 s with the largest downward jitter.
-  await settle(1_000);
+  await waitUntil(() => manager.status()[0].state === "valid", "the retry", 3_000);
 
   t.is(issuer.calls, 3);
   t.not(await manager.get(sleep), first);
@@ -267,7 +276,7 @@ test.serial("rotation listeners hear each new certificate until they unsubscribe
   const first = await manager.get(sleep);
   clock.now += 13 * HOUR;
   await manager.get(sleep);
-  await settle();
+  await waitUntil(() => seen.length === 2, "the rotation");
   const second = await manager.get(sleep);
   stop();
   clock.now += 13 * HOUR;

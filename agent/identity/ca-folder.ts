@@ -6,7 +6,7 @@
 //   istio-ca-secret   ca-cert.pem, ca-key.pem                Istio's self-signed `istio-ca-secret`
 //
 // A Secret mounted by the kubelet is a folder of symlinks into ..data/, itself a symlink to a
-// timestamped folder; files are read through the symlinks, and names starting with ".." are skipped
+// timestamped folder. Files are read through the symlinks, and names starting with ".." are skipped
 // when the folder's files are listed. An empty file counts as absent.
 
 import crypto from "node:crypto";
@@ -301,7 +301,7 @@ function parsePrivateKey(files: FolderFiles, file: string): crypto.KeyObject {
   try {
     signatureScheme(key);
   } catch (error) {
-    throw caFileError(files.dir, file, `holds a key the CA cannot sign with (${(error as Error).message}); use ECDSA or RSA`, error);
+    throw caFileError(files.dir, file, `contains a key the CA cannot sign with (${(error as Error).message}); use ECDSA or RSA`, error);
   }
   return key;
 }
@@ -326,10 +326,10 @@ function checkSigningCertificate(dir: string, file: string, certificate: crypto.
   // Checked before CA:true because OpenSSL, behind X509Certificate.ca, also reports false without keyCertSign.
   const usage = keyUsageFlags(certificate.raw);
   if (usage !== undefined && (usage & KEY_CERT_SIGN) === 0) {
-    throw caFileError(dir, file, `holds ${name}, whose key usage lacks keyCertSign`);
+    throw caFileError(dir, file, `contains ${name}, whose key usage lacks keyCertSign`);
   }
   if (!certificate.ca) {
-    throw caFileError(dir, file, `holds ${name}, which is not a CA certificate (basicConstraints CA:true is missing)`);
+    throw caFileError(dir, file, `contains ${name}, which is not a CA certificate (basicConstraints CA:true is missing)`);
   }
   checkValidity(dir, file, certificate);
 }
@@ -338,10 +338,10 @@ function checkValidity(dir: string, file: string, certificate: crypto.X509Certif
   const now = Date.now();
   const name = describe(certificate);
   if (Date.parse(certificate.validFrom) > now) {
-    throw caFileError(dir, file, `holds ${name}, which is not valid before ${certificate.validFrom}`);
+    throw caFileError(dir, file, `contains ${name}, which is not valid before ${certificate.validFrom}`);
   }
   if (Date.parse(certificate.validTo) <= now) {
-    throw caFileError(dir, file, `holds ${name}, which expired on ${certificate.validTo}`);
+    throw caFileError(dir, file, `contains ${name}, which expired on ${certificate.validTo}`);
   }
 }
 

@@ -145,8 +145,8 @@ export class CertManager implements CertificateProvider {
   /**
    * Returns a valid certificate for `identity`. Past half its lifetime the held certificate is
    * returned while a new one is requested in the background. Without a valid one, the caller waits
-   * for the CA up to getTimeoutMs; the request does not jump a backoff, so a failing CA is not
-   * asked once per connection. Throws AgentError NO_CERTIFICATE when no certificate comes in time.
+   * for the CA up to getTimeoutMs. The wait does not cut a backoff short, so a failing CA gets no
+   * request per connection. Throws AgentError NO_CERTIFICATE when no certificate comes in time.
    */
   get(identity: Identity): Promise<WorkloadCertificate> {
     const entry = this.#entryFor(identity);
@@ -202,7 +202,7 @@ export class CertManager implements CertificateProvider {
     return [...this.#entries.values()].flatMap((entry) => (entry.current ? [entry.current] : []));
   }
 
-  /** Every identity's state, for diagnostics. Carries no key. */
+  /** Returns every identity's state, for diagnostics, without any key. */
   status(): CertificateStatus[] {
     return [...this.#entries.values()].map((entry) => this.#statusOf(entry));
   }
@@ -256,12 +256,12 @@ export class CertManager implements CertificateProvider {
   }
 
   #noCertificate(entry: Entry): AgentError {
-    const why = entry.lastError
+    const cause = entry.lastError
       ? `the CA failed ${entry.failures} time(s), last: ${entry.lastError.message}`
       : "the CA has not answered yet";
     return new AgentError(
       "NO_CERTIFICATE",
-      `no valid certificate for ${entry.key} within ${this.#getTimeoutMs} ms: ${why}; check the CA address and credentials (agentctl config shows each certificate's state)`,
+      `no valid certificate for ${entry.key} within ${this.#getTimeoutMs} ms: ${cause}; check the CA address and credentials (agentctl config shows each certificate's state)`,
       { cause: entry.lastError },
     );
   }
@@ -361,7 +361,7 @@ export class CertManager implements CertificateProvider {
   }
 
   #scheduleRetry(entry: Entry, delayMs: number): void {
-    this.#schedule(entry, delayMs, () => this.#request(entry, entry.waiters.size > 0 ? Priority.Connection : entry.current ? Priority.Refresh : Priority.Workload));
+    this.#schedule(entry, delayMs, () => this.#request(entry, retryPriority(entry)));
   }
 
   /** Refreshes in the background, so that idle identities rotate too. */
@@ -433,10 +433,16 @@ export class CertManager implements CertificateProvider {
   }
 }
 
+/** Returns the priority of a retry: a waiting connection's, a held certificate's refresh, or a new workload's. */
+function retryPriority(entry: Entry): Priority {
+  if (entry.waiters.size > 0) return Priority.Connection;
+  return entry.current ? Priority.Refresh : Priority.Workload;
+}
+
 /**
- * When a certificate received at `receivedAt` is re-issued: half-way between notBefore and notAfter.
- * CAs date notBefore back to allow for clock skew, so the half-way point starts from the arrival
- * when that is later; a short-lived certificate is then not re-issued the moment it arrives.
+ * Returns when a certificate received at `receivedAt` is re-issued: half-way between notBefore and
+ * notAfter. CAs date notBefore back to allow for clock skew, so the half-way point starts from the
+ * arrival when that is later. A short-lived certificate is then not re-issued the moment it arrives.
  */
 export function refreshTime(certificate: Pick<IssuedCertificate, "notBefore" | "notAfter">, receivedAt: number): number {
   const start = Math.max(certificate.notBefore.getTime(), receivedAt);

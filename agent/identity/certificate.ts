@@ -7,7 +7,7 @@ import type { Identity } from "../state/types";
 /** TLS 1.3 suites HBONE offers: AES-GCM only, as ztunnel does (no ChaCha20). */
 export const HBONE_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384";
 
-/** What a CA returns for one identity. */
+/** A certificate that a CA returned for one identity, with its key and the CA's roots. */
 export interface IssuedCertificate {
   identity: Identity;
   /** The leaf certificate alone, PEM. */

@@ -41,7 +41,7 @@ export async function createCertificateRequest(identity: Identity): Promise<Cert
   };
 }
 
-/** What a verified CSR asks for. */
+/** The identity and key that a verified CSR requests. */
 export interface VerifiedRequest {
   identity: Identity;
   publicKey: x509.PublicKey;

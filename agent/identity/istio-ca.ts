@@ -172,7 +172,7 @@ export class IstioCaClient implements CertificateIssuer {
   private buildRequest(request: CertificateRequest, ttlSeconds: number | undefined): CertificateRequestMessage {
     const message: CertificateRequestMessage = {
       csr: request.csrPem,
-      // Zero asks the CA for its default lifetime.
+      // Zero requests the CA's default lifetime.
       validity_duration: ttlSeconds === undefined ? 0 : Math.ceil(ttlSeconds),
     };
     const agent = this.#options.agentIdentity;

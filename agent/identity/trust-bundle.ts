@@ -97,8 +97,8 @@ export class TrustBundle extends EventEmitter<{ change: [] }> implements Accepte
   }
 
   /**
-   * Reads the extra roots file, when one is configured, and starts following its changes: fs.watch on
-   * its folder, which also sees a Kubernetes ConfigMap's symlink swap, and a poll as a fallback.
+   * Reads the extra roots file, when one is configured, and starts following its changes. It watches
+   * the file's folder, which also catches a Kubernetes ConfigMap's symlink swap, and polls as a fallback.
    * Throws AgentError TRUST_BUNDLE_ERROR naming the file when it is missing or invalid.
    */
   async start(): Promise<void> {
@@ -172,9 +172,9 @@ export class TrustBundle extends EventEmitter<{ change: [] }> implements Accepte
     // Every trusted root is a CA root, so the chain TLS verified ended at one.
     if (roots.every(({ sources }) => sources.includes(CA_SOURCE))) return true;
     const caRoots = roots.filter(({ sources }) => sources.includes(CA_SOURCE)).map(({ root }) => root.certificate);
-    // NOTE: Node reports only the intermediates it linked by name, in the order the peer sent them,
-    // so with --trust-bundle roots a valid chain sent out of order, with a same-named certificate in
-    // front of the right one, or with more than 8 intermediates is rejected here although TLS accepted it.
+    // NOTE: Node reports only the intermediates it linked by name, in the order the peer sent them.
+    // So a valid chain sent out of order, with a same-named certificate in front of the right one, or
+    // with more than 8 intermediates is rejected here although TLS accepted it.
     return reachesRoot(leaf, intermediates, caRoots, Date.now(), 0);
   }
 
@@ -272,11 +272,11 @@ async function readRootsFile(file: string): Promise<string> {
   }
 }
 
-function checkTrustDomain(trustDomain: string, what: string): void {
+function checkTrustDomain(trustDomain: string, label: string): void {
   if (!TRUST_DOMAIN_PATTERN.test(trustDomain)) {
     throw new AgentError(
       "TRUST_BUNDLE_ERROR",
-      `invalid ${what} ${JSON.stringify(trustDomain)}: use lowercase letters, digits, '.', '-' and '_' only`,
+      `invalid ${label} ${JSON.stringify(trustDomain)}: use lowercase letters, digits, '.', '-' and '_' only`,
     );
   }
 }

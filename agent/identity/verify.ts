@@ -151,8 +151,8 @@ export function verifyServerCertificate(
 }
 
 /**
- * Maps a chain error code of Node's TLS (TLSSocket.authorizationError, or the code of the error that
- * a client socket with rejectUnauthorized emits) to a rejection; undefined when `code` is not one.
+ * Maps a chain error code of Node's TLS to a rejection, or to undefined for other codes. The code is
+ * TLSSocket.authorizationError, or that of the error a client socket with rejectUnauthorized emits.
  */
 export function chainFailureOf(code: string | undefined, peer: string): PeerVerificationError | undefined {
   const reason = code === undefined ? undefined : CHAIN_ERRORS.get(code);
@@ -194,8 +194,8 @@ export function acceptsTrustDomain(accepted: AcceptedTrustDomains, trustDomain: 
 }
 
 /**
- * The chain errors Node reports by OpenSSL's X509_V_ERR name, and the rejection each stands for.
- * Unknown root: the issuer of the leaf or of an intermediate is none of the trusted roots.
+ * The chain errors Node reports by OpenSSL's X509_V_ERR name, and the rejection each means.
+ * Unknown root: the issuer of the leaf or of an intermediate is not among the trusted roots.
  */
 const CHAIN_ERRORS: ReadonlyMap<string, VerificationFailureReason> = new Map([
   ["CERT_HAS_EXPIRED", "certificate_expired"],

@@ -73,7 +73,7 @@ interface TunnelPeer {
   port: number;
   /** The address the tunnel arrived on; every CONNECT on it must name this IP. */
   localIp: string;
-  /** Why the tunnel takes no new stream (its certificate expired, or the trusted roots changed); undefined while it does. */
+  /** The reason the tunnel takes no new stream (its certificate expired, or the trusted roots changed); undefined while it does. */
   retired?: string;
 }
 

@@ -249,8 +249,8 @@ export class HbonePool {
   }
 
   /**
-   * Stops the PINGs of a connection that this side closes. Node cancels every PING once close() has
-   * run, so an unanswered PING no longer says that the peer is gone.
+   * Stops the PINGs of a connection that this side closes with GOAWAY. Node cancels every PING once
+   * close() has run, so an unanswered PING no longer means that the peer is gone.
    */
   #stopPings(connection: PooledConnection): void {
     clearInterval(connection.pingTimer);

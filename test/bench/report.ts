@@ -118,11 +118,7 @@ function identityRows(identity: IdentityFigures): Row[] {
 
 /** Renders the identity figures alone, for an `--identity-only` run. */
 export function formatIdentityTable(identity: IdentityFigures, machine: BenchResults["machine"], time: string): string {
-  const header = ["figure", "value", "target", "met"];
-  const body = identityRows(identity).map((row) => [row.figure, row.mesh, row.target, metText(row.met)]);
-  const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
-  const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
-  return [line(header), line(widths.map((width) => "-".repeat(width))), ...body.map(line), "", `machine: ${machine.model}, ${machine.cores} cores, ${time}`].join("\n");
+  return formatValueTable(identityRows(identity), machine, time);
 }
 
 /** Rows for the capture layer: enrolment time and the original-destination lookup. */
@@ -151,8 +147,13 @@ function enrollmentRow(enrollment: EnrollmentFigures): Row {
 
 /** Renders the capture-layer figures alone, for a `--capture-only` run. */
 export function formatCaptureTable(capture: CaptureFigures, machine: BenchResults["machine"], time: string): string {
+  return formatValueTable(captureRows(capture), machine, time);
+}
+
+/** Renders rows that have one value each (no direct or native_tls column) as a plain-text table. */
+function formatValueTable(rows: Row[], machine: BenchResults["machine"], time: string): string {
   const header = ["figure", "value", "target", "met"];
-  const body = captureRows(capture).map((row) => [row.figure, row.mesh, row.target, metText(row.met)]);
+  const body = rows.map((row) => [row.figure, row.mesh, row.target, metText(row.met)]);
   const widths = header.map((title, column) => Math.max(title.length, ...body.map((cells) => cells[column].length)));
   const line = (cells: string[]): string => cells.map((cell, column) => cell.padEnd(widths[column])).join("  ").trimEnd();
   return [line(header), line(widths.map((width) => "-".repeat(width))), ...body.map(line), "", `machine: ${machine.model}, ${machine.cores} cores, ${time}`].join("\n");

@@ -1,6 +1,6 @@
-// Workload identity end to end: two agents get their pods' certificates from an Istio CA over gRPC
-// (the protocol-faithful stand-in in test/harness/istio-ca-server.ts), rotate them every few
-// seconds under traffic, ride out a failing CA and a CA that signs for the wrong identity, and
+// Workload identity end to end. Two agents get their pods' certificates from an Istio CA over gRPC
+// (the protocol-faithful stand-in in test/harness/istio-ca-server.ts) and rotate them every few
+// seconds under traffic. They ride out a failing CA and a CA that signs for the wrong identity, and
 // never write a key or the token to a log or an audit record.
 //
 // The agents run inside the node namespaces, where 127.0.0.1 is the namespace's own loopback. A

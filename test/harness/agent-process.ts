@@ -72,7 +72,7 @@ export class AgentProcess {
       "run",
       "--node", options.node,
       "--manifests", options.manifestsDir,
-      // An agent that asks Istio's CA has no embedded CA.
+      // An agent that requests certificates from Istio's CA has no embedded CA.
       ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
       "--audit-file", options.auditFile,
       "--pin-root", options.pinRoot,

@@ -33,7 +33,7 @@ export interface CaOptions {
   keys?: CryptoKeyPair;
 }
 
-/** Creates a self-signed ECDSA P-256 root, valid from an hour ago for a day unless told otherwise. */
+/** Creates a self-signed ECDSA P-256 root, valid from an hour ago for a day unless the options set the window. */
 export async function createRoot(options: CaOptions): Promise<TestCa> {
   const keys = (await crypto.webcrypto.subtle.generateKey(EC_KEY, true, ["sign", "verify"])) as CryptoKeyPair;
   const certificate = await x509.X509CertificateGenerator.createSelfSigned({

@@ -439,7 +439,7 @@ test.serial("no secret in errors or logs", async (t) => {
   }
 });
 
-/** The second base64 line of a PEM block: past the ASN.1 headers that every P-256 key and CSR share. */
+/** Returns the second base64 line of a PEM block, which comes after the ASN.1 headers that every P-256 key and CSR share. */
 function base64Body(pem: string): string {
   return pem.split("\n")[2];
 }

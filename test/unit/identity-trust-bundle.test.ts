@@ -27,7 +27,7 @@ interface Fixture {
   changes: () => number;
 }
 
-/** A bundle whose CA roots are root A and whose extra roots file holds `fileRoots` (root B by default). */
+/** Creates a bundle whose CA roots are root A and whose extra roots file contains `fileRoots` (root B by default). */
 async function createBundle(t: ExecutionContext, options: Partial<TrustBundleOptions> & { fileRoots?: (roots: TestCa[]) => string } = {}): Promise<Fixture> {
   const rootA = await createRoot({ name: "bundle test root A" });
   const rootB = await createRoot({ name: "bundle test root B" });
@@ -170,7 +170,7 @@ test("bundle rejects an invalid alias", (t) => {
   t.is((error as { code?: string }).code, "TRUST_BUNDLE_ERROR");
 });
 
-/** A node:tls server with the HBONE server's options, trusting the bundle and rebuilt on each change. */
+/** Starts a node:tls server with the HBONE server's options, trusting the bundle and rebuilt on each change. */
 async function startVerifyingServer(t: ExecutionContext, subnet: number, fixture: Fixture): Promise<string> {
   const serverIp = `127.79.${subnet}.2`;
   const serverLeaf = await createLeaf(fixture.rootA, { uris: [SERVER_ID] });
@@ -186,7 +186,7 @@ async function startVerifyingServer(t: ExecutionContext, subnet: number, fixture
   return serverIp;
 }
 
-/** Connects with `leaf` and returns what the server answered: "verified" or the rejection reason. */
+/** Connects with `leaf` and returns the server's reply: "verified" or the rejection reason. */
 function handshake(serverIp: string, leaf: TestLeaf, trustedPem: string): Promise<string> {
   return new Promise((resolve, reject) => {
     const socket = tls.connect({
@@ -227,7 +227,7 @@ test("handshakes reject leaves of a removed CA root", async (t) => {
   const leafB = await createLeaf(fixture.rootB, { uris: [CLIENT_ID] });
   t.is(await handshake(serverIp, leafB, fixture.rootA.certPem), "verified");
 
-  // The CA's next answer names root A only: root B's rotation overlap is over.
+  // The CA's next response names root A only, so root B's rotation overlap is over.
   fixture.bundle.setCaRoots(fixture.rootA.certPem);
   t.is(fixture.bundle.roots().length, 1);
 
@@ -254,7 +254,7 @@ test("a leaf behind an intermediate of a CA root is accepted", async (t) => {
   t.is(await handshake(serverIp, leaf, fixture.rootA.certPem), "verified");
 });
 
-test("without extra roots, a chain sent out of order is accepted as TLS verified it", async (t) => {
+test("no extra roots: reordered chain accepted", async (t) => {
   const fixture = await createBundle(t, { fileRoots: ([rootA]) => rootA.certPem });
   const serverIp = await startVerifyingServer(t, 46, fixture);
   const upper = await createIntermediate(fixture.rootA, { name: "bundle test upper intermediate" });
@@ -265,7 +265,7 @@ test("without extra roots, a chain sent out of order is accepted as TLS verified
   t.is(await handshake(serverIp, reordered, fixture.rootA.certPem), "verified");
 });
 
-test("a forged link to a CA root does not make an extra root vouch for the mesh's identities", async (t) => {
+test("forged link to CA root rejected", async (t) => {
   const fixture = await createBundle(t, { aliases: ["east.local"] });
   const serverIp = await startVerifyingServer(t, 45, fixture);
   // Root B's name and key under root A's name, signed by an impostor of A: the link is by name only.

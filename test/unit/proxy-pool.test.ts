@@ -484,20 +484,11 @@ test("new connections use the rotated certificate", async (t) => {
 test("a rotation retires pooled connections and new streams use the new certificate", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.74.2", port: HBONE_PORT });
-  let current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
-  const listeners = new Set<(certificate: typeof current) => void>();
-  const certs: CertificateProvider = {
-    get: async () => current,
-    onRotation: (_identity, listener) => {
-      listeners.add(listener);
-      return () => listeners.delete(listener);
-    },
-  };
+  const { certs, rotate } = rotatingCerts(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
   const setup = createPool(t, 74, certs);
   const first = await openTunnel(setup, 74);
 
-  current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
-  for (const listener of listeners) listener(current);
+  rotate(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
   const second = await openTunnel(setup, 74);
 
   t.is(server.clientSerials.length, 2, "the stream after the rotation took a new connection");
@@ -510,20 +501,11 @@ test("a rotation retires pooled connections and new streams use the new certific
 test("a retired connection keeps its open stream past the PING timeout", async (t) => {
   const ca = await createCa(t);
   await startServer(t, ca, { ip: "127.77.76.2", port: HBONE_PORT });
-  let current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
-  const listeners = new Set<(certificate: typeof current) => void>();
-  const certs: CertificateProvider = {
-    get: async () => current,
-    onRotation: (_identity, listener) => {
-      listeners.add(listener);
-      return () => listeners.delete(listener);
-    },
-  };
+  const { certs, rotate } = rotatingCerts(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
   const setup = createPool(t, 76, certs, { pingIntervalMs: 50, pingTimeoutMs: 100 });
   const open = await openTunnel(setup, 76);
 
-  current = withSecureContext(await ca.issue(CLIENT_IDENTITY));
-  for (const listener of listeners) listener(current);
+  rotate(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
   // Several PING intervals and timeouts pass while the retired connection carries its stream.
   await new Promise((resolve) => setTimeout(resolve, 600));
 
@@ -756,7 +738,7 @@ test("stream reset after processing is not retried", async (t) => {
   t.is(server.streams, 1);
 });
 
-/** A certificate provider whose rotations the test triggers. */
+/** Returns a certificate provider whose rotations the test triggers with `rotate`. */
 function rotatingCerts(initial: WorkloadCertificate): { certs: CertificateProvider; rotate(next: WorkloadCertificate): void } {
   let current = initial;
   const listeners = new Set<(certificate: WorkloadCertificate) => void>();
@@ -792,8 +774,8 @@ test("a retired connection closes after its last stream ends", async (t) => {
   t.is(server.closedSessions, 1);
 });
 
-test("requests waiting on a handshake caught by a rotation move to a new connection", async (t) => {
-  // A relay holds the server's side of the handshake while the requests wait and the certificate rotates.
+test("rotation mid-handshake moves waiting requests", async (t) => {
+  // A relay delays the server's side of the handshake while the requests wait and the certificate rotates.
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.79.2", port: HBONE_PORT });
   const relay = await startRelay(t, "127.77.78.2", HBONE_PORT, { ip: "127.77.79.2", port: HBONE_PORT });

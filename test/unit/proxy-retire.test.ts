@@ -1,6 +1,6 @@
-// HBONE connections that the destination retires all at once, as when its trusted roots change:
-// the client holds two pooled connections, and new tunnels must neither fail nor land on the
-// second retired connection. Real outbound proxy, inbound server, TLS and HTTP/2 on loopback.
+// HBONE connections that the destination retires all at once, as when its trusted roots change.
+// The client has two pooled connections, and new tunnels must neither fail nor land on the second
+// retired connection. Real outbound proxy, inbound server, TLS and HTTP/2 on loopback.
 
 import net from "node:net";
 import test from "ava";
@@ -94,12 +94,12 @@ for (const [name, concurrent, subnet] of [
     t.teardown(() => outbound.stop().then(() => undefined));
     await startApp(t, serverIp, 8080, echo);
 
-    // 150 held tunnels make two pooled connections (100 and 50 streams); closing 20 leaves room on both.
-    const held = await Promise.all(Array.from({ length: 150 }, () => openTunnel(clientIp)));
-    t.teardown(() => held.forEach((socket) => socket.destroy()));
-    await Promise.all(held.map((socket, index) => echoOf(socket, `held ${index}`)));
+    // 150 long-lived tunnels make two pooled connections (100 and 50 streams); closing 20 leaves room on both.
+    const longLived = await Promise.all(Array.from({ length: 150 }, () => openTunnel(clientIp)));
+    t.teardown(() => longLived.forEach((socket) => socket.destroy()));
+    await Promise.all(longLived.map((socket, index) => echoOf(socket, `long-lived ${index}`)));
     t.is(outbound.poolStats().keys[0]?.connections, 2);
-    held.slice(0, 20).forEach((socket) => socket.destroy());
+    longLived.slice(0, 20).forEach((socket) => socket.destroy());
     await new Promise((resolve) => setTimeout(resolve, 300));
 
     // Same certificate, new trusted roots: the server retires both connections at once.
@@ -122,7 +122,7 @@ for (const [name, concurrent, subnet] of [
     }
 
     t.deepEqual(outcomes.filter((outcome) => outcome !== "ok"), []);
-    const stillOpen = await Promise.allSettled(held.slice(20).map((socket, index) => echoOf(socket, `still ${index}`)));
-    t.is(stillOpen.filter((result) => result.status === "fulfilled").length, 130, "the held tunnels keep flowing on their retired connections");
+    const stillOpen = await Promise.allSettled(longLived.slice(20).map((socket, index) => echoOf(socket, `still ${index}`)));
+    t.is(stillOpen.filter((result) => result.status === "fulfilled").length, 130, "the long-lived tunnels keep flowing on their retired connections");
   });
 }

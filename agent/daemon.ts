@@ -30,11 +30,10 @@ import { InboundHboneServer } from "./proxy/inbound";
 import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
-import { authorize } from "./rbac/authorize";
-import type { RbacConnection } from "./rbac/types";
+import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
 import { workloadIpOfFamily } from "./state/ip";
-import { MeshState } from "./state/mesh-state";
+import { MeshState, type AuthorizationSettings } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 
 export interface AgentOptions {
@@ -342,7 +341,6 @@ export class Agent {
     });
     const plaintext = new InboundPlaintextServer({
       ...common,
-      mtlsMode: (port) => this.mtlsModeFor(workload.uid, port),
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
       onListenerFd: (fd, family) =>
@@ -404,22 +402,19 @@ export class Agent {
     return { kind: "passthrough", workload, address, ...serviceField };
   }
 
-  /** Authorizes an inbound connection with the policies that apply to the destination workload now. */
-  private authorizeInbound(uid: string, connection: RbacConnection) {
+  /**
+   * Authorizes an inbound connection with the policies that apply to the destination workload now.
+   * A workload that left the mesh state is denied.
+   */
+  private authorizeInbound(uid: string, connection: RbacConnection): AuthorizationResult {
     const state = this.state!;
     const workload = state.workload(uid);
-    if (!workload) {
-      return { decision: "deny" as const, reason: "no_allow_match" as const, dryRun: [] };
-    }
-    const policies = state.policiesForWorkload(workload, this.options.rootNamespace);
-    return authorize(connection, policies, { trustDomain: this.trustDomain, trustDomainAliases: this.identity?.trust.aliases });
+    if (!workload) return { decision: "deny", reason: "no_allow_match", dryRun: [] };
+    return state.authorizerFor(workload, this.authorizationSettings()).evaluate(connection);
   }
 
-  /** Returns the PeerAuthentication mode for a port of a workload; STRICT when the workload is unknown. */
-  private mtlsModeFor(uid: string, port: number): "STRICT" | "PERMISSIVE" | "DISABLE" {
-    const workload = this.state?.workload(uid);
-    if (!workload) return "STRICT";
-    return this.state!.mtlsModeFor(workload, port, this.options.rootNamespace);
+  private authorizationSettings(): AuthorizationSettings {
+    return { rootNamespace: this.options.rootNamespace, trustDomain: this.trustDomain, trustDomainAliases: this.identity?.trust.aliases };
   }
 
   private configDump(): unknown {

@@ -29,8 +29,14 @@ export interface AuditRecord {
   dst: AuditPeer;
   transport: Transport;
   decision: Decision;
-  /** "namespace/name" of the AuthorizationPolicy that decided, absent when no policy decided. */
+  /** "namespace/name" of the policy that decided, absent when no policy decided. */
   policy?: string;
+  /** The kind of `policy`: AuthorizationPolicy, or PeerAuthentication for a STRICT denial. */
+  policy_kind?: "AuthorizationPolicy" | "PeerAuthentication";
+  /** Index in the AuthorizationPolicy's spec.rules of the rule that matched. */
+  rule?: number;
+  /** Dry-run policies (istio.io/dry-run) that would have changed the decision, had they been enforced. */
+  dry_run?: { policy: string; rule?: number; decision: Decision }[];
   /** Machine-readable reason, such as allowed_by_policy, no_policy, denied_by_policy or no_allow_match (docs/audit.md lists all). */
   reason: string;
   bytes_sent: number;

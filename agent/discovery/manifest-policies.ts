@@ -24,6 +24,7 @@ const MTLS_MODES: readonly MtlsMode[] = ["UNSET", "DISABLE", "PERMISSIVE", "STRI
 const SOURCE_FIELDS = [
   "principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts", "notServiceAccounts",
   "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "requestPrincipals", "notRequestPrincipals",
+  "trustDomains", "notTrustDomains",
 ] as const satisfies readonly (keyof PolicySource)[];
 
 const OPERATION_FIELDS = [

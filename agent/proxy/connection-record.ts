@@ -5,6 +5,7 @@ import crypto from "node:crypto";
 import type { AuditPeer, AuditRecord, AuditSink, Transport } from "../audit/record";
 import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
 import type { Logger } from "../log";
+import type { AuthorizationResult } from "../rbac/types";
 import type { Decision, Direction, Workload } from "../state/types";
 
 export interface ConnectionRecordInit {
@@ -43,6 +44,9 @@ export class ConnectionRecord {
   decision: Decision = "allow";
   reason = "allowed";
   policy: string | undefined;
+  policyKind: AuthorizationResult["policyKind"];
+  rule: number | undefined;
+  dryRun: AuthorizationResult["dryRun"] = [];
   /** Bytes from the source to the destination. */
   bytesSent = 0;
   /** Bytes from the destination to the source. */
@@ -73,6 +77,16 @@ export class ConnectionRecord {
     this.fail(error);
   }
 
+  /** Records an authorization result: the decision, its reason, the deciding policy and rule, dry-run effects. */
+  authorized(result: AuthorizationResult): void {
+    this.decision = result.decision;
+    this.reason = result.reason;
+    this.policy = result.policy;
+    this.policyKind = result.policyKind;
+    this.rule = result.rule;
+    this.dryRun = result.dryRun;
+  }
+
   /** Builds the record; the time is the end of the connection. */
   toAuditRecord(): AuditRecord {
     const record: AuditRecord = {
@@ -92,7 +106,10 @@ export class ConnectionRecord {
     };
     if (this.policy !== undefined) {
       record.policy = this.policy;
+      if (this.policyKind !== undefined) record.policy_kind = this.policyKind;
     }
+    if (this.rule !== undefined) record.rule = this.rule;
+    if (this.dryRun.length > 0) record.dry_run = this.dryRun;
     if (this.error !== undefined) {
       record.error = this.error;
     }
@@ -119,6 +136,19 @@ export class ConnectionRecord {
   }
 }
 
+/**
+ * Returns the error of a connection that authorization denied. `client` names the client, as in
+ * "spiffe://cluster.local/ns/a/sa/b" or "plaintext client 10.0.0.1:40000".
+ */
+export function denialError(result: AuthorizationResult, client: string, destination: string): AgentError {
+  if (result.reason === "mtls_required") {
+    const policy = result.policy === undefined ? "PeerAuthentication" : `PeerAuthentication ${result.policy}`;
+    return new AgentError("MTLS_REQUIRED", `${client} may not connect to ${destination}: ${policy} requires mutual TLS (STRICT) on this port`);
+  }
+  const by = result.policy === undefined ? "no ALLOW policy matches" : `AuthorizationPolicy ${result.policy} rules[${result.rule}] denies it`;
+  return new AgentError("POLICY_DENIED", `${client} may not connect to ${destination}: ${by} (${result.reason})`);
+}
+
 function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<string, unknown> | undefined): void {
   const failed = record.error !== undefined;
   if (!logger.isLevelEnabled(failed ? "warn" : "info")) {
@@ -136,6 +166,8 @@ function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<s
     ...context,
     decision: record.decision,
     policy: record.policy,
+    rule: record.rule,
+    dry_run: record.dry_run,
     reason: record.reason,
     bytes_sent: record.bytes_sent,
     bytes_recv: record.bytes_recv,

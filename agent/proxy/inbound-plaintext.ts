@@ -10,8 +10,8 @@ import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
-import type { Identity, MtlsMode, Workload } from "../state/types";
-import { ConnectionRecord, peerOf } from "./connection-record";
+import type { Identity, Workload } from "../state/types";
+import { ConnectionRecord, denialError, peerOf } from "./connection-record";
 import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
@@ -24,8 +24,7 @@ export interface InboundPlaintextServerOptions {
   workload: Workload;
   identity: Identity;
   network: PodNetwork;
-  /** The PeerAuthentication mode in force for a port of this workload. */
-  mtlsMode(port: number): Exclude<MtlsMode, "UNSET">;
+  /** Decides a connection with the workload's policies now, PeerAuthentication included. */
   authorize(connection: RbacConnection): AuthorizationResult;
   lookupSource(ip: string): Workload | undefined;
   audit: AuditSink;
@@ -138,7 +137,6 @@ export class InboundPlaintextServer {
     const { client, record } = connection;
     try {
       const port = this.#checkDestination(connection.dialled, record);
-      this.#checkPeerAuthentication(port, record);
       this.#authorize(sourceIp, arrivalIp(connection.dialled.ip, this.#options.workload), port, record);
       connection.upstream = await this.#connectApplication(port, connection, sourceIp);
       connection.upstream.on("error", ignoreError);
@@ -179,27 +177,12 @@ export class InboundPlaintextServer {
     return port;
   }
 
-  #checkPeerAuthentication(port: number, record: ConnectionRecord): void {
-    if (this.#options.mtlsMode(port) !== "STRICT") return;
-    const error = new AgentError(
-      "MTLS_REQUIRED",
-      `plaintext connection from ${record.src.addr} to ${record.dst.addr} rejected: PeerAuthentication requires mutual TLS (STRICT) on this port`,
-    );
-    record.deny("mtls_required", error);
-    throw error;
-  }
-
   #authorize(sourceIp: string, destinationIp: string, port: number, record: ConnectionRecord): void {
     const result = this.#options.authorize({ sourceIp, destinationIp, destinationPort: port });
-    record.decision = result.decision;
-    record.reason = result.reason;
-    record.policy = result.policy;
+    record.authorized(result);
     if (result.decision === "allow") return;
-    const error = new AgentError(
-      "POLICY_DENIED",
-      `plaintext client ${record.src.addr} may not connect to ${record.dst.addr}: ${result.policy ? `AuthorizationPolicy ${result.policy}` : "no ALLOW policy matches"} (${result.reason})`,
-    );
-    record.deny(result.reason, error, result.policy);
+    const error = denialError(result, `plaintext client ${record.src.addr}`, record.dst.addr);
+    record.fail(error);
     throw error;
   }
 

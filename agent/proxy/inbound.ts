@@ -14,7 +14,7 @@ import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
-import { ConnectionRecord, peerOf } from "./connection-record";
+import { ConnectionRecord, denialError, peerOf } from "./connection-record";
 import { copyBidirectional, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import {
@@ -414,15 +414,10 @@ export class InboundHboneServer {
       destinationIp: target.ip,
       destinationPort: target.port,
     });
-    record.decision = result.decision;
-    record.reason = result.reason;
-    record.policy = result.policy;
+    record.authorized(result);
     if (result.decision === "deny") {
-      const error = new AgentError(
-        "POLICY_DENIED",
-        `${formatSpiffeId(peer.identity)} may not connect to ${record.dst.addr}: ${result.policy ? `AuthorizationPolicy ${result.policy}` : "no ALLOW policy matches"} (${result.reason})`,
-      );
-      record.deny(result.reason, error, result.policy);
+      const error = denialError(result, formatSpiffeId(peer.identity), record.dst.addr);
+      record.fail(error);
       throw error;
     }
   }

@@ -32,9 +32,17 @@ type Match = Check[];
 type Clause = Match[];
 
 /** A conjunction of clauses; an empty list matches every connection (`rules: [{}]`). */
-type CompiledRule = Clause[];
+type Clauses = Clause[];
+
+/** One rule of spec.rules that can match, with its position there. */
+export interface CompiledRule {
+  /** Zero-based index in spec.rules, for the audit record and `agentctl authz`. */
+  index: number;
+  clauses: Clauses;
+}
 
 export interface CompiledPolicy {
+  policy: AuthorizationPolicy;
   rules: CompiledRule[];
 }
 
@@ -57,27 +65,30 @@ export function compilePolicy(policy: AuthorizationPolicy, trustDomains: TrustDo
   let compiled = byTrustDomain.get(key);
   if (compiled === undefined) {
     const rules: CompiledRule[] = [];
-    for (const rule of policy.rules ?? []) {
-      const compiledRule = compileRule(rule, policy, trustDomains);
-      if (compiledRule !== undefined) rules.push(compiledRule);
-    }
-    compiled = { rules };
+    (policy.rules ?? []).forEach((rule, index) => {
+      const clauses = compileRule(rule, policy, trustDomains);
+      if (clauses !== undefined) rules.push({ index, clauses });
+    });
+    compiled = { policy, rules };
     byTrustDomain.set(key, compiled);
   }
   return compiled;
 }
 
-/** Tells whether any rule of the compiled policy matches the connection. */
-export function policyMatches(compiled: CompiledPolicy, context: MatchContext): boolean {
-  return compiled.rules.some((rule) =>
-    rule.every((clause) => clause.some((match) => match.length > 0 && match.every((check) => check(context)))),
-  );
+/** Returns the spec.rules index of the first rule that matches the connection, or -1 when none does. */
+export function matchingRule(compiled: CompiledPolicy, context: MatchContext): number {
+  for (const rule of compiled.rules) {
+    if (rule.clauses.every((clause) => clause.some((match) => match.length > 0 && match.every((check) => check(context))))) {
+      return rule.index;
+    }
+  }
+  return -1;
 }
 
 /** Returns the rule's clauses, or undefined when the rule is dropped (an ALLOW rule with HTTP fields). */
-export function compileRule(rule: PolicyRule, policy: AuthorizationPolicy, trustDomains: TrustDomains = {}): CompiledRule | undefined {
+export function compileRule(rule: PolicyRule, policy: AuthorizationPolicy, trustDomains: TrustDomains = {}): Clauses | undefined {
   if (policy.action === "ALLOW" && ruleNeedsHttp(rule)) return undefined;
-  const clauses: CompiledRule = [];
+  const clauses: Clauses = [];
   if (rule.to !== undefined && rule.to.length > 0) {
     clauses.push(rule.to.map((entry) => compileOperation(entry.operation)));
   }
@@ -103,6 +114,8 @@ function compileSource(source: PolicySource, policyNamespace: string, trustDomai
   const principals = (list?: string[]) => list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains));
   addCheck(match, principals(source.principals), principals(source.notPrincipals), matchPrincipal);
   addCheck(match, source.namespaces, source.notNamespaces, matchNamespace);
+  const domains = (list?: string[]) => list?.flatMap((pattern) => expandDomainPattern(pattern, trustDomains));
+  addCheck(match, domains(source.trustDomains), domains(source.notTrustDomains), matchTrustDomain);
   addCheck(match, source.serviceAccounts, source.notServiceAccounts, (value, context) =>
     matchServiceAccount(value, policyNamespace, context),
   );
@@ -176,6 +189,11 @@ function matchNamespace(pattern: string, context: MatchContext): boolean {
   return context.identity !== undefined && matchString(pattern, context.identity.namespace);
 }
 
+/** Matches the trust domain of the peer's SPIFFE id, so plaintext connections match none. */
+function matchTrustDomain(pattern: string, context: MatchContext): boolean {
+  return context.identity !== undefined && matchString(pattern, context.identity.trustDomain);
+}
+
 /** serviceAccounts entries are "namespace/name", or "name" in the policy's namespace; exact match only. */
 function matchServiceAccount(entry: string, policyNamespace: string, context: MatchContext): boolean {
   if (context.identity === undefined) return false;
@@ -207,10 +225,15 @@ function ports(list?: string[]): (number | undefined)[] | undefined {
  * pattern per trust domain of that set, as istiod does. "cluster.local" always counts as the mesh's
  * own. A policy written for any of them then matches peers of all of them; other patterns stay.
  */
-function expandTrustDomain(pattern: string, { trustDomain, aliases = [] }: TrustDomains): string[] {
+function expandTrustDomain(pattern: string, trustDomains: TrustDomains): string[] {
   const slash = pattern.indexOf("/");
-  if (trustDomain === undefined || slash < 0) return [pattern];
-  const patternDomain = pattern.slice(0, slash);
-  if (patternDomain !== LOCAL_TRUST_DOMAIN_ALIAS && patternDomain !== trustDomain && !aliases.includes(patternDomain)) return [pattern];
-  return [trustDomain, ...aliases].map((domain) => `${domain}${pattern.slice(slash)}`);
+  if (slash < 0) return [pattern];
+  return expandDomainPattern(pattern.slice(0, slash), trustDomains).map((domain) => `${domain}${pattern.slice(slash)}`);
+}
+
+/** Rewrites a trust domain that is the mesh's own, "cluster.local" or an alias into all of them; keeps any other. */
+function expandDomainPattern(domain: string, { trustDomain, aliases = [] }: TrustDomains): string[] {
+  if (trustDomain === undefined) return [domain];
+  if (domain !== LOCAL_TRUST_DOMAIN_ALIAS && domain !== trustDomain && !aliases.includes(domain)) return [domain];
+  return [trustDomain, ...aliases];
 }

@@ -6,7 +6,7 @@ import type { PolicyCondition, PolicyOperation, PolicySource } from "../state/ty
 /** Source fields checked at L4. */
 export const L4_SOURCE_FIELDS = [
   "principals", "notPrincipals", "namespaces", "notNamespaces",
-  "serviceAccounts", "notServiceAccounts", "ipBlocks", "notIpBlocks",
+  "serviceAccounts", "notServiceAccounts", "ipBlocks", "notIpBlocks", "trustDomains", "notTrustDomains",
 ] as const satisfies readonly (keyof PolicySource)[];
 
 /**

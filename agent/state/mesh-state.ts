@@ -2,12 +2,13 @@
 // per connection (workload by IP, Service by VIP, policies of a workload). It is immutable: a new
 // snapshot builds a new MeshState, so each connection reads one consistent view.
 
+import { WorkloadAuthorizer, type AuthorizeOptions } from "../rbac/authorize";
+import { mtlsRequirement, type MtlsRequirement, type PeerAuthenticationScopes } from "../rbac/peer-authentication";
 import { canonicalIp, workloadIps } from "./ip";
 import type {
   AuthorizationPolicy,
   ClusterSnapshot,
   Labels,
-  MtlsMode,
   Namespace,
   PeerAuthentication,
   Service,
@@ -17,18 +18,11 @@ import type {
 /** Istio's default root namespace: policies there apply mesh-wide. */
 export const DEFAULT_ROOT_NAMESPACE = "istio-system";
 
-/** The PeerAuthentications that apply to one workload, one per scope. */
-export interface PeerAuthenticationScopes {
-  /** In the root namespace, without selector. */
-  mesh?: PeerAuthentication;
-  /** In the workload's namespace, without selector. */
-  namespace?: PeerAuthentication;
-  /** In the workload's namespace, with a selector matching the workload's labels. */
-  workload?: PeerAuthentication;
+/** What authorization needs besides the mesh state: the root namespace and the trust domains. */
+export interface AuthorizationSettings extends AuthorizeOptions {
+  /** Namespace whose policies apply mesh-wide; default istio-system. */
+  rootNamespace?: string;
 }
-
-/** An mTLS mode after inheritance: UNSET resolves to the parent scope, and to PERMISSIVE at the top. */
-export type EffectiveMtlsMode = Exclude<MtlsMode, "UNSET">;
 
 export function emptySnapshot(): ClusterSnapshot {
   return {
@@ -66,6 +60,8 @@ export class MeshState {
   private readonly byNode = new Map<string, Workload[]>();
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
+  /** The compiled policies of each workload, built on first use with the settings of `key`. */
+  private readonly authorizers = new WeakMap<Workload, { key: string; authorizer: WorkloadAuthorizer }>();
 
   /**
    * `previous` is the state this one replaces: a cluster IP that two Services claim stays with the
@@ -179,30 +175,43 @@ export class MeshState {
     const inRoot = this.peerAuthenticationsByNamespace.get(rootNamespace) ?? [];
     const scopes: PeerAuthenticationScopes = {};
     const mesh = first(inRoot.filter((policy) => isNamespaceWide(policy)));
-    const namespace = workload.namespace === rootNamespace ? undefined : first(inNamespace.filter((policy) => isNamespaceWide(policy)));
-    const selected = first(
-      inNamespace.filter((policy) => !isNamespaceWide(policy) && selectorMatches(policy.selector ?? {}, workload.labels)),
-    );
+    const isRoot = workload.namespace === rootNamespace;
+    const namespace = isRoot ? undefined : first(inNamespace.filter((policy) => isNamespaceWide(policy)));
+    // As in istiod, a policy with a selector in the root namespace selects no workload.
+    const selected = isRoot
+      ? undefined
+      : first(inNamespace.filter((policy) => !isNamespaceWide(policy) && selectorMatches(policy.selector ?? {}, workload.labels)));
     if (mesh !== undefined) scopes.mesh = mesh;
     if (namespace !== undefined) scopes.namespace = namespace;
     if (selected !== undefined) scopes.workload = selected;
     return scopes;
   }
 
+  /** Returns the mutual TLS requirement for connections to `port` (a workload port) of a workload. */
+  mtlsFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): MtlsRequirement {
+    return mtlsRequirement(this.peerAuthenticationsFor(workload, rootNamespace), port);
+  }
+
+  /** Returns the mTLS mode for connections to `port` of a workload: STRICT or PERMISSIVE. */
+  mtlsModeFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): MtlsRequirement["mode"] {
+    return this.mtlsFor(workload, port, rootNamespace).mode;
+  }
+
   /**
-   * Returns the mTLS mode for connections to `port` (a workload port) of a workload. Each scope
-   * overrides the one above it unless its mode is UNSET: mesh, namespace, workload, then the
-   * workload policy's portLevelMtls entry for the port. Nothing set means PERMISSIVE.
+   * Returns the compiled AuthorizationPolicies and PeerAuthentications of a workload of this state.
+   * The first call per workload compiles them; later calls with the same settings reuse them.
    */
-  mtlsModeFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): EffectiveMtlsMode {
-    const scopes = this.peerAuthenticationsFor(workload, rootNamespace);
-    let mode: EffectiveMtlsMode = "PERMISSIVE";
-    for (const policy of [scopes.mesh, scopes.namespace, scopes.workload]) {
-      if (policy !== undefined && policy.mode !== "UNSET") mode = policy.mode;
-    }
-    const portMode = scopes.workload?.portLevelMtls[port];
-    if (portMode !== undefined && portMode !== "UNSET") mode = portMode;
-    return mode;
+  authorizerFor(workload: Workload, settings: AuthorizationSettings = {}): WorkloadAuthorizer {
+    const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
+    const key = [rootNamespace, settings.trustDomain ?? "", ...(settings.trustDomainAliases ?? [])].join(" ");
+    const cached = this.authorizers.get(workload);
+    if (cached !== undefined && cached.key === key) return cached.authorizer;
+    const authorizer = new WorkloadAuthorizer(
+      { policies: this.policiesForWorkload(workload, rootNamespace), peerAuthentications: this.peerAuthenticationsFor(workload, rootNamespace) },
+      settings,
+    );
+    this.authorizers.set(workload, { key, authorizer });
+    return authorizer;
   }
 
   /**

@@ -94,6 +94,9 @@ export interface PolicySource {
   notRemoteIpBlocks?: string[];
   requestPrincipals?: string[];
   notRequestPrincipals?: string[];
+  /** Trust domains of the peer's SPIFFE id (security.istio.io, Istio 1.29 and later). */
+  trustDomains?: string[];
+  notTrustDomains?: string[];
 }
 
 /** Operation fields of a rule's `to` entry. Only ports matter at L4; the HTTP fields are kept to warn about. */

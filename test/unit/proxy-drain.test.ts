@@ -322,7 +322,6 @@ test("plaintext drain finishes then resets", async (t) => {
     workload: workload("echo", "apps", "echo", podIp),
     identity: identity("apps", "echo"),
     network: new SteeredPodNetwork(podIp, 18080),
-    mtlsMode: () => "PERMISSIVE",
     authorize: () => ALLOW_ALL,
     lookupSource: () => undefined,
     audit,

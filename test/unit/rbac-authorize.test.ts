@@ -1,5 +1,6 @@
 import test from "ava";
 import { authorize, policyWarnings } from "../../agent/rbac/authorize";
+import { policyStatus } from "../../agent/rbac/warnings";
 import type { AuthorizationResult, RbacConnection } from "../../agent/rbac/types";
 import type { AuthorizationPolicy, PolicyOperation, PolicyRule, PolicySource } from "../../agent/state/types";
 
@@ -208,13 +209,13 @@ for (const testCase of cases) {
 
 test("dry-run deny reported on allow", (t) => {
   const result = authorize(MTLS, [policy("d", "DENY", [{}], { dryRun: true })]);
-  t.deepEqual(result.dryRun, [{ policy: "demo/d", decision: "deny" }]);
+  t.deepEqual(result.dryRun, [{ policy: "demo/d", rule: 0, decision: "deny" }]);
 });
 
 test("dry-run allow reported on deny", (t) => {
   const result = authorize(MTLS, [policy("a", "ALLOW", [to({ ports: ["9"] })]), policy("b", "ALLOW", [{}], { dryRun: true })]);
   t.is(result.decision, "deny");
-  t.deepEqual(result.dryRun, [{ policy: "demo/b", decision: "allow" }]);
+  t.deepEqual(result.dryRun, [{ policy: "demo/b", rule: 0, decision: "allow" }]);
 });
 
 test("dry-run allow that misses would deny", (t) => {
@@ -235,7 +236,7 @@ test("warnings: clean policy has none", (t) => {
 test("warnings: allow with http fields", (t) => {
   const warnings = policyWarnings(policy("p", "ALLOW", [to({ ports: ["80"], methods: ["GET"] })]));
   t.is(warnings.length, 1);
-  t.regex(warnings[0], /rules\[0\] uses HTTP attributes \(methods\).*ALLOW rule matches no connection/);
+  t.regex(warnings[0], /^AuthorizationPolicy demo\/p: spec\.rules\[0\] uses HTTP attributes \(to\[0\]\.operation\.methods\).*ALLOW rule matches no connection/);
 });
 
 test("warnings: deny keeps l4 part", (t) => {
@@ -250,7 +251,11 @@ test("warnings: deny without l4 part", (t) => {
   t.regex(warnings[0], /when\[0\] has no L4 field left, so this DENY rule never matches/);
 });
 
-test("warnings: audit and custom", (t) => {
-  t.regex(policyWarnings(policy("a", "AUDIT", [{}]))[0], /action AUDIT is not supported at L4/);
-  t.regex(policyWarnings(policy("c", "CUSTOM", [{}]))[0], /action CUSTOM is not supported at L4/);
+test("audit and custom policies are rejected with a status", (t) => {
+  for (const action of ["AUDIT", "CUSTOM"] as const) {
+    const status = policyStatus(policy("a", action, [{}]));
+    t.is(status.state, "rejected");
+    t.regex(status.message ?? "", new RegExp(`AuthorizationPolicy demo/a: spec.action ${action} is not supported`));
+    t.is(authorize(MTLS, [policy("a", action, [{}])]).reason, "no_policy");
+  }
 });

@@ -14,6 +14,7 @@ export const ERROR_CODES = {
   AUTHORITY_MISMATCH: { status: 400, flag: "CONNECT", description: ":authority IP differs from the address the tunnel arrived on" },
   POLICY_DENIED: { status: 401, flag: "DENY", description: "an AuthorizationPolicy denied the connection" },
   MTLS_REQUIRED: { flag: "DENY", description: "a plaintext connection reached a port where PeerAuthentication is STRICT" },
+  POLICY_CHANGED: { flag: "DENY", description: "a policy or workload change no longer allows an open connection, so it was closed" },
   UNKNOWN_DESTINATION: { status: 503, flag: "NO_ROUTE", description: "no local workload has the requested address" },
   NO_HEALTHY_ENDPOINT: { flag: "NO_ROUTE", description: "the Service dialled has no ready endpoint serving the port, or does not expose the port" },
   PROXY_PORT: { status: 503, flag: "NO_ROUTE", description: "the requested port is one of the proxy ports 15001, 15006, 15008" },
@@ -37,6 +38,8 @@ export const ERROR_CODES = {
   CA_UNAVAILABLE: { flag: "IDENTITY_ERROR", description: "Istio's CA could not be reached, failed its TLS check or did not respond in time, or its address or root certificate file is invalid" },
   CA_REJECTED: { flag: "IDENTITY_ERROR", description: "Istio's CA rejected the certificate request, the service-account token file is missing or empty, or the CA's response failed validation" },
   INVALID_ANNOTATION: { flag: "INTERNAL", description: "a pod annotation that the agent reads has an invalid value" },
+  INVALID_QUERY: { flag: "INTERNAL", description: "a diagnostics query (agentctl authz, the admin API) has a missing or malformed source, destination or pod" },
+  UNKNOWN_WORKLOAD: { flag: "INTERNAL", description: "a diagnostics query names a pod that the mesh state does not contain" },
   INTERNAL: { flag: "INTERNAL", description: "an unexpected error inside the agent" },
 } as const satisfies Record<string, ErrorSpec>;
 

@@ -31,6 +31,11 @@ export interface WorkloadProxies {
   stop(graceMs?: number): Promise<DrainSummary>;
   /** Counts the connections and HBONE streams open now. */
   openConnections(): number;
+  /**
+   * Authorizes the open inbound connections and HBONE streams again with the current
+   * configuration, closes the ones it now denies, and returns how many it closed.
+   */
+  recheck(): number;
 }
 
 export interface EnrolledWorkload {
@@ -138,6 +143,19 @@ export class EnrollmentReconciler {
     let open = 0;
     for (const entry of this.enrolled.values()) open += entry.proxies.openConnections();
     return open;
+  }
+
+  /**
+   * Authorizes the open inbound connections of the enrolled workloads in `kept` again with the
+   * current configuration and closes the ones now denied. Returns how many it closed. Workloads
+   * outside `kept` are left to the next update(), which stops their proxies.
+   */
+  recheck(kept: ReadonlySet<string>): number {
+    let closed = 0;
+    for (const entry of this.enrolled.values()) {
+      if (kept.has(entry.workload.uid)) closed += entry.proxies.recheck();
+    }
+    return closed;
   }
 
   /**

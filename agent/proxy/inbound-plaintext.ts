@@ -16,6 +16,7 @@ import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
 import type { PodNetwork } from "./pod-network";
+import { recordPolicyChange } from "./policy-change";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 import { applicationSourceFor } from "./transparency";
 
@@ -49,6 +50,8 @@ interface ActiveConnection {
   upstream?: net.Socket;
   record: ConnectionRecord;
   done: Promise<void>;
+  /** The facts the connection passed authorization with, so recheck() can evaluate them again; unset until then. */
+  authorized?: RbacConnection;
 }
 
 export class InboundPlaintextServer {
@@ -79,6 +82,30 @@ export class InboundPlaintextServer {
   /** Counts the connections open now, for the drain log. */
   get openConnections(): number {
     return this.#active.size;
+  }
+
+  /**
+   * Authorizes every open connection again, with the facts it passed authorization with, and
+   * resets the ones now denied (TCP RST to the client and to the application). Their records get
+   * reason policy_change. Connections not yet authorized are skipped, because they are authorized
+   * with the current configuration anyway. Returns how many connections it closed.
+   */
+  recheck(): number {
+    let closed = 0;
+    for (const connection of this.#active) {
+      if (connection.authorized === undefined || connection.client.destroyed) continue;
+      const result = this.#options.authorize(connection.authorized);
+      if (result.decision !== "deny") continue;
+      recordPolicyChange(connection.record, connection.authorized, result);
+      this.#logger.info(
+        { connection_id: connection.record.id, policy: result.policy, reason: result.reason },
+        "closing a connection that the new configuration denies",
+      );
+      resetSocket(connection.client);
+      if (connection.upstream) resetSocket(connection.upstream);
+      closed += 1;
+    }
+    return closed;
   }
 
   /**
@@ -137,7 +164,7 @@ export class InboundPlaintextServer {
     const { client, record } = connection;
     try {
       const port = this.#checkDestination(connection.dialled, record);
-      this.#authorize(sourceIp, arrivalIp(connection.dialled.ip, this.#options.workload), port, record);
+      connection.authorized = this.#authorize(sourceIp, arrivalIp(connection.dialled.ip, this.#options.workload), port, record);
       connection.upstream = await this.#connectApplication(port, connection, sourceIp);
       connection.upstream.on("error", ignoreError);
       client.resume();
@@ -177,10 +204,12 @@ export class InboundPlaintextServer {
     return port;
   }
 
-  #authorize(sourceIp: string, destinationIp: string, port: number, record: ConnectionRecord): void {
-    const result = this.#options.authorize({ sourceIp, destinationIp, destinationPort: port });
+  /** Authorizes the connection and returns the facts it was allowed with; throws the denial otherwise. */
+  #authorize(sourceIp: string, destinationIp: string, port: number, record: ConnectionRecord): RbacConnection {
+    const connection: RbacConnection = { sourceIp, destinationIp, destinationPort: port };
+    const result = this.#options.authorize(connection);
     record.authorized(result);
-    if (result.decision === "allow") return;
+    if (result.decision === "allow") return connection;
     const error = denialError(result, `plaintext client ${record.src.addr}`, record.dst.addr);
     record.fail(error);
     throw error;

@@ -15,7 +15,7 @@ import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, denialError, peerOf } from "./connection-record";
-import { copyBidirectional, streamEndpoint, tcpEndpoint } from "./copy";
+import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import {
   CONNECT_TIMEOUT_MS,
@@ -30,6 +30,7 @@ import {
   type Authority,
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
+import { recordPolicyChange } from "./policy-change";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 import { applicationSourceFor } from "./transparency";
 
@@ -83,6 +84,10 @@ interface ActiveStream {
   session: http2.ServerHttp2Session;
   /** Settles once the stream's record is written. */
   done: Promise<void>;
+  /** The facts the stream passed authorization with, so recheck() can evaluate them again; unset until then. */
+  authorized?: RbacConnection;
+  /** The connection to the application, once it is open. */
+  upstream?: net.Socket;
 }
 
 export class InboundHboneServer {
@@ -154,6 +159,33 @@ export class InboundHboneServer {
   /** Counts the CONNECT streams open now, for the drain log. */
   get openConnections(): number {
     return this.#streams.size;
+  }
+
+  /**
+   * Authorizes every open stream again, with the facts it passed authorization with, and resets
+   * the ones now denied (RST_STREAM to the client, TCP RST to the application). Their records get
+   * reason policy_change. Streams not yet authorized are skipped, because they are authorized with
+   * the current configuration anyway. Returns how many streams it closed.
+   */
+  recheck(): number {
+    let closed = 0;
+    for (const active of this.#streams) {
+      const record = this.#records.get(active.stream);
+      if (active.authorized === undefined || record === undefined || active.stream.destroyed) continue;
+      const result = this.#options.authorize(active.authorized);
+      if (result.decision !== "deny") continue;
+      const error = recordPolicyChange(record, active.authorized, result);
+      this.#logger.info({ connection_id: record.id, policy: result.policy, reason: result.reason }, "closing a stream that the new configuration denies");
+      this.#resetForPolicyChange(active, error);
+      closed += 1;
+    }
+    return closed;
+  }
+
+  #resetForPolicyChange(active: ActiveStream, error: AgentError): void {
+    // An error makes Node send RST_STREAM INTERNAL_ERROR, which the client's proxy turns into a TCP reset.
+    active.stream.destroy(error);
+    if (active.upstream) resetSocket(active.upstream);
   }
 
   /**
@@ -314,14 +346,14 @@ export class InboundHboneServer {
     const session = stream.session as http2.ServerHttp2Session;
     const active: ActiveStream = { stream, session, done: Promise.resolve() };
     this.#streams.add(active);
-    active.done = this.#handleStream(stream, headers).finally(() => {
+    active.done = this.#handleStream(stream, headers, active).finally(() => {
       this.#streams.delete(active);
       this.#closeIfRetiredAndIdle(session);
     });
     if (this.#drain.expired) this.#drain.abort(active);
   }
 
-  async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): Promise<void> {
+  async #handleStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, active: ActiveStream): Promise<void> {
     stream.on("error", ignoreError);
     const peer = this.#peers.get(stream.session as http2.ServerHttp2Session);
     if (!peer || peer.retired !== undefined) {
@@ -334,8 +366,9 @@ export class InboundHboneServer {
     try {
       const target = this.#validateRequest(peer, headers, record);
       this.#checkDestinationKnown(target, record);
-      this.#authorize(peer, target, record);
+      active.authorized = this.#authorize(peer, target, record);
       upstream = await this.#connectApplication(peer, target, stream);
+      active.upstream = upstream;
       stream.respond({ ":status": 200 });
       const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
       record.bytesSent = result.bytesForward;
@@ -407,19 +440,22 @@ export class InboundHboneServer {
     throw error;
   }
 
-  #authorize(peer: TunnelPeer, target: Authority, record: ConnectionRecord): void {
-    const result = this.#options.authorize({
+  /** Authorizes the stream and returns the facts it was allowed with; throws the denial otherwise. */
+  #authorize(peer: TunnelPeer, target: Authority, record: ConnectionRecord): RbacConnection {
+    const connection: RbacConnection = {
       sourceIdentity: peer.identity,
       sourceIp: peer.ip,
       destinationIp: target.ip,
       destinationPort: target.port,
-    });
+    };
+    const result = this.#options.authorize(connection);
     record.authorized(result);
     if (result.decision === "deny") {
       const error = denialError(result, formatSpiffeId(peer.identity), record.dst.addr);
       record.fail(error);
       throw error;
     }
+    return connection;
   }
 
   /**

@@ -294,6 +294,7 @@ test.serial("unenroll closes the pod's spares", async (t) => {
       start: async () => void replies.push(await readAll(network.connect(pair.b.ip, APP_PORT))),
       stop: async () => EMPTY_DRAIN,
       openConnections: () => 0,
+      recheck: () => 0,
     }),
   });
   const workload: Workload = {

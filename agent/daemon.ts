@@ -5,7 +5,7 @@ import net from "node:net";
 import path from "node:path";
 
 import { AuditFileSink } from "./audit/file-sink";
-import { AdminServer } from "./admin/server";
+import { AdminServer, authorizationRoutes } from "./admin/server";
 import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
 import { readCaptureEntries, type CaptureEntries } from "./capture/ebpf/inspect";
@@ -30,6 +30,7 @@ import { InboundHboneServer } from "./proxy/inbound";
 import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
+import { policyMessages } from "./rbac/explain";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
 import { workloadIpOfFamily } from "./state/ip";
@@ -100,6 +101,8 @@ export class Agent {
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
   private trustDomain = "cluster.local";
+  /** Policy warnings and rejections already logged, so each is logged once while it lasts. */
+  private loggedPolicyMessages = new Set<string>();
 
   constructor(
     private readonly options: AgentOptions,
@@ -130,9 +133,18 @@ export class Agent {
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
     this.warnVipConflicts(this.state);
+    this.warnPolicyMessages(this.state);
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
-    this.admin = new AdminServer(this.options.adminAddress, () => this.configDump(), this.logger.child({ component: "admin" }));
+    const routes = {
+      "/config_dump": () => this.configDump(),
+      ...authorizationRoutes({
+        state: () => this.state,
+        settings: () => this.authorizationSettings(),
+        problems: () => this.source?.problems() ?? [],
+      }),
+    };
+    this.admin = new AdminServer(this.options.adminAddress, routes, this.logger.child({ component: "admin" }));
     if (!predecessor) await this.admin.start();
 
     this.capture = this.attachCapture(selection);
@@ -292,11 +304,30 @@ export class Agent {
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
     this.state = new MeshState(snapshot, this.state);
     this.warnVipConflicts(this.state);
+    this.warnPolicyMessages(this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size },
       "configuration updated",
     );
-    await this.reconciler?.update(enrolledWorkloads(this.state, this.options.node));
+    const desired = enrolledWorkloads(this.state, this.options.node);
+    // Open inbound connections were authorized with the previous configuration, so the ones the new
+    // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
+    const closed = this.reconciler?.recheck(new Set(desired.map((workload) => workload.uid))) ?? 0;
+    if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
+    await this.reconciler?.update(desired);
+  }
+
+  /**
+   * Logs each policy warning and rejection of the state once. A message is logged again only after
+   * a state without it, so a fixed and then broken policy is reported again.
+   */
+  private warnPolicyMessages(state: MeshState): void {
+    const current = new Set<string>();
+    for (const { kind, policy, file, message } of policyMessages(state)) {
+      current.add(message);
+      if (!this.loggedPolicyMessages.has(message)) this.logger.warn({ kind, policy, file }, message);
+    }
+    this.loggedPolicyMessages = current;
   }
 
   /** Logs each Service cluster IP that is not routed to its Service, and why. */
@@ -364,6 +395,7 @@ export class Agent {
         return drained;
       },
       openConnections: () => servers.reduce((open, server) => open + server.openConnections, 0),
+      recheck: () => inbound.recheck() + plaintext.recheck(),
     };
   }
 

@@ -8,6 +8,8 @@ import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
+import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
+import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
 
@@ -23,7 +25,30 @@ const USAGE = `usage: agentctl COMMAND [options]
                      IPs, inbound listeners, sk_lookup links); works while the agent is down
   config [--admin HOST:PORT]
                      print what the running agent serves (from its admin API, default 127.0.0.1:15000)
+  authz check --from SOURCE --to DESTINATION [--admin HOST:PORT] [-o table|json]
+                     tell whether SOURCE may connect to DESTINATION, by which policy and rule, from the
+                     running agent's state. SOURCE: spiffe://TD/ns/NS/sa/SA, TD/ns/NS/sa/SA, a pod NS/NAME
+                     (its identity when enrolled, plaintext otherwise) or an IP (plaintext).
+                     DESTINATION: a pod NS/NAME[:PORT], or IP:PORT of a pod or a Service cluster IP.
+                     Without a port, every port the pod's policies name is checked. Exits 0 for allow and deny
+  authz explain NAMESPACE/NAME [--admin HOST:PORT] [-o table|json]
+                     list the AuthorizationPolicies that apply to the pod in evaluation order, and its
+                     PeerAuthentication scopes with the effective mTLS mode per port
+  policies [--admin HOST:PORT] [-o table|json]
+                     list every AuthorizationPolicy and PeerAuthentication with its status (enforced,
+                     dry-run, rejected, warnings), and the rejected manifests with file, line and field
+
+Exit status: 0 on success, 1 on an error (agent unreachable, unknown pod), 2 on a missing or invalid option.
 `;
+
+const DEFAULT_ADMIN = "127.0.0.1:15000";
+const ADMIN_TIMEOUT_MS = 5_000;
+
+/** A missing or malformed option: agentctl prints the usage text and exits with status 2. */
+class UsageError extends Error {}
+
+/** The options every authz command takes. */
+const OUTPUT_OPTIONS = { admin: { type: "string" }, output: { type: "string", short: "o" } } as const;
 
 async function caInit(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -83,6 +108,89 @@ async function config(argv: string[]): Promise<void> {
   process.stdout.write(body);
 }
 
+/** Runs an option parser; an unknown option or a missing value becomes a usage error. */
+function asUsage<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
+
+function outputFormat(value: string | undefined): "table" | "json" {
+  if (value === undefined || value === "table" || value === "json") return value ?? "table";
+  throw new UsageError(`invalid -o ${JSON.stringify(value)}: use table or json`);
+}
+
+/** Fetches a JSON body from the agent's admin API. A 400 response is a usage error, and any other failure is an error. */
+async function adminGet(address: string, requestPath: string): Promise<unknown> {
+  const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {
+    const request = http.get(`http://${address}${requestPath}`, { timeout: ADMIN_TIMEOUT_MS }, (response) => {
+      let body = "";
+      response.setEncoding("utf8");
+      response.on("data", (chunk) => (body += chunk));
+      response.on("end", () => resolve({ status: response.statusCode ?? 0, text: body }));
+    });
+    request.on("timeout", () => request.destroy(new Error(`no response within ${ADMIN_TIMEOUT_MS / 1000} s`)));
+    request.on("error", (error) =>
+      reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`)),
+    );
+  });
+  let body: { error?: string } | undefined;
+  try {
+    body = JSON.parse(text) as { error?: string };
+  } catch {
+    throw new Error(`the admin API at ${address} responded to ${requestPath} with status ${status} and no JSON: ${text.trim().slice(0, 200)}; is this agent older than agentctl?`);
+  }
+  if (status === 400) throw new UsageError(body.error ?? `the agent rejected ${requestPath}`);
+  if (status !== 200) throw new Error(body.error ?? `the admin API responded to ${requestPath} with status ${status}`);
+  return body;
+}
+
+function validAdmin(value: string | undefined): string {
+  const address = value ?? DEFAULT_ADMIN;
+  if (!/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/.test(address)) {
+    throw new UsageError(`invalid --admin ${JSON.stringify(address)}: write HOST:PORT, for example ${DEFAULT_ADMIN}`);
+  }
+  return address;
+}
+
+async function authzCheck(argv: string[]): Promise<void> {
+  const { values } = asUsage(() => parseArgs({ args: argv, options: { ...OUTPUT_OPTIONS, from: { type: "string" }, to: { type: "string" } } }));
+  const format = outputFormat(values.output);
+  if (values.from === undefined) throw new UsageError("missing --from SOURCE");
+  if (values.to === undefined) throw new UsageError("missing --to DESTINATION");
+  // The forms are checked here too, so a typo is a usage error even with the agent down.
+  try {
+    parseSourceQuery(values.from);
+    parseDestinationQuery(values.to);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+  const query = new URLSearchParams({ from: values.from, to: values.to });
+  const check = (await adminGet(validAdmin(values.admin), `/authz/check?${query}`)) as AccessCheck;
+  process.stdout.write(format === "json" ? JSON.stringify(check, null, 2) + "\n" : formatAccessCheck(check));
+}
+
+async function authzExplain(argv: string[]): Promise<void> {
+  const { values, positionals } = asUsage(() => parseArgs({ args: argv, options: OUTPUT_OPTIONS, allowPositionals: true }));
+  const format = outputFormat(values.output);
+  if (positionals.length !== 1) throw new UsageError(positionals.length === 0 ? "missing pod: write agentctl authz explain NAMESPACE/NAME" : `expected one pod, got ${positionals.join(" ")}`);
+  if (!/^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(positionals[0])) {
+    throw new UsageError(`invalid pod ${JSON.stringify(positionals[0])}: write NAMESPACE/NAME, for example demo/web`);
+  }
+  const query = new URLSearchParams({ pod: positionals[0] });
+  const explanation = (await adminGet(validAdmin(values.admin), `/authz/explain?${query}`)) as WorkloadExplanation;
+  process.stdout.write(format === "json" ? JSON.stringify(explanation, null, 2) + "\n" : formatWorkloadExplanation(explanation));
+}
+
+async function policies(argv: string[]): Promise<void> {
+  const { values } = asUsage(() => parseArgs({ args: argv, options: OUTPUT_OPTIONS }));
+  const format = outputFormat(values.output);
+  const report = (await adminGet(validAdmin(values.admin), "/policies")) as PolicyStatusReport;
+  process.stdout.write(format === "json" ? JSON.stringify(report, null, 2) + "\n" : formatPolicyStatuses(report));
+}
+
 async function main(argv: string[]): Promise<void> {
   const [group, action, ...rest] = argv;
   if (argv.includes("--help") || argv.includes("-h")) {
@@ -93,6 +201,10 @@ async function main(argv: string[]): Promise<void> {
   if (group === "capture" && action === "remove") return captureRemove(rest);
   if (group === "capture" && action === "list") return captureList(rest);
   if (group === "config") return config([action, ...rest].filter((value) => value !== undefined));
+  if (group === "authz" && action === "check") return authzCheck(rest);
+  if (group === "authz" && action === "explain") return authzExplain(rest);
+  if (group === "authz") throw new UsageError(action === undefined ? "missing authz command: use check or explain" : `unknown authz command "${action}": use check or explain`);
+  if (group === "policies") return policies([action, ...rest].filter((value) => value !== undefined));
   if (group === undefined || group === "help" || group === "--help") {
     process.stdout.write(USAGE);
     return;
@@ -102,6 +214,10 @@ async function main(argv: string[]): Promise<void> {
 
 if (require.main === module) {
   main(process.argv.slice(2)).catch((error: Error) => {
+    if (error instanceof UsageError) {
+      process.stderr.write(`agentctl: ${error.message}\n\n${USAGE}`);
+      process.exit(2);
+    }
     process.stderr.write(`agentctl: ${error.message}\n`);
     process.exit(1);
   });

@@ -30,6 +30,8 @@ interface FileState {
   size: number;
   /** The objects this file serves, by key: the last valid version of each. */
   objects: Map<string, ParsedObject>;
+  /** The problems of the file's current version, replaced on each parse. */
+  problems: ManifestProblem[];
 }
 
 export interface ManifestSource {
@@ -45,7 +47,8 @@ export class ManifestSource extends EventEmitter {
   private readonly debounceMs: number;
   private readonly pollIntervalMs: number;
   private current: ClusterSnapshot = buildSnapshot([]);
-  private fingerprint = fingerprintOf(this.current);
+  /** The merged objects of the current snapshot, by key, to tell whether a re-read changed anything. */
+  private published = new Map<string, ParsedObject>();
   private watcher: fs.FSWatcher | undefined;
   private debounceTimer: NodeJS.Timeout | undefined;
   private pollTimer: NodeJS.Timeout | undefined;
@@ -76,6 +79,11 @@ export class ManifestSource extends EventEmitter {
 
   snapshot(): ClusterSnapshot {
     return this.current;
+  }
+
+  /** Returns the problems of the current version of every file, in file name order. */
+  problems(): ManifestProblem[] {
+    return [...this.files.keys()].sort().flatMap((name) => this.files.get(name)!.problems);
   }
 
   /** Stops watching and polling; resolves once a re-read in progress has finished. */
@@ -204,7 +212,7 @@ export class ManifestSource extends EventEmitter {
     }
     const previous = this.files.get(name)?.objects ?? new Map<string, ParsedObject>();
     if (result.syntaxError) {
-      this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects: previous });
+      this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects: previous, problems: result.problems });
       return;
     }
 
@@ -222,7 +230,7 @@ export class ManifestSource extends EventEmitter {
         objects.set(problem.object, lastValid);
       }
     }
-    this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects });
+    this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects, problems: result.problems });
   }
 
   private removeFile(name: string): void {
@@ -246,11 +254,10 @@ export class ManifestSource extends EventEmitter {
         merged.set(object.key, object);
       }
     }
+    if (sameObjects(merged, this.published)) return;
     const snapshot = buildSnapshot([...merged.values()]);
-    const fingerprint = fingerprintOf(snapshot);
-    if (fingerprint === this.fingerprint) return;
     this.current = snapshot;
-    this.fingerprint = fingerprint;
+    this.published = merged;
     this.emit("change", snapshot);
   }
 }
@@ -290,14 +297,17 @@ export function buildSnapshot(objects: ParsedObject[]): ClusterSnapshot {
   return snapshot;
 }
 
-/** Serializes a snapshot with sorted keys: two snapshots give the same string exactly when they contain the same objects. */
-function fingerprintOf(snapshot: ClusterSnapshot): string {
-  const sorted = (map: ReadonlyMap<string, unknown>) => [...map.entries()].sort(([a], [b]) => a.localeCompare(b, "en"));
-  return JSON.stringify([
-    sorted(snapshot.namespaces),
-    sorted(snapshot.workloads),
-    sorted(snapshot.services),
-    sorted(snapshot.authorizationPolicies),
-    sorted(snapshot.peerAuthentications),
-  ]);
+/**
+ * Tells whether two merged object sets contain the same objects. A file that was not re-read keeps
+ * its object instances, so only the objects of re-read files are compared as JSON; comparing the
+ * whole mesh as JSON took tens of milliseconds per change with 10,000 policies.
+ */
+function sameObjects(next: ReadonlyMap<string, ParsedObject>, previous: ReadonlyMap<string, ParsedObject>): boolean {
+  if (next.size !== previous.size) return false;
+  for (const [key, object] of next) {
+    const earlier = previous.get(key);
+    if (earlier === undefined) return false;
+    if (earlier !== object && JSON.stringify(earlier.value) !== JSON.stringify(object.value)) return false;
+  }
+  return true;
 }

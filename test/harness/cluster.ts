@@ -143,10 +143,13 @@ export class Cluster {
     await this.waitEnrolled(expectedEnrolled);
   }
 
-  /** Starts a new agent for `node` in place of the one before (which must have exited). */
-  async restartAgent(node: string, expectedEnrolled: string[] = []): Promise<AgentProcess> {
+  /**
+   * Starts a new agent for `node` in place of the one before (which must have exited). `agentArgs`,
+   * when given, replaces the cluster's agentArgs for this agent only.
+   */
+  async restartAgent(node: string, expectedEnrolled: string[] = [], agentArgs?: string[]): Promise<AgentProcess> {
     if (this.agents.get(node)?.running) throw new Error(`the agent of ${node} is still running`);
-    const agent = this.spawnAgent(node);
+    const agent = this.spawnAgent(node, agentArgs ?? this.options.agentArgs);
     await agent.waitReady();
     await this.waitEnrolled(expectedEnrolled);
     return agent;
@@ -160,7 +163,7 @@ export class Cluster {
     }
   }
 
-  private spawnAgent(node: string): AgentProcess {
+  private spawnAgent(node: string, agentArgs = this.options.agentArgs): AgentProcess {
     const agent = new AgentProcess({
       node,
       nodeNetns: this.topology.node(node).netns,
@@ -169,7 +172,7 @@ export class Cluster {
       auditFile: this.auditFile(node),
       pinRoot: this.pinRoot(node),
       logFile: this.logFile(node),
-      extraArgs: this.options.agentArgs,
+      extraArgs: agentArgs,
       logLevel: this.options.agentLogLevel,
     });
     this.agents.set(node, agent);

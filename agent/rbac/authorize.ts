@@ -140,5 +140,7 @@ function matchContextOf(connection: RbacConnection): MatchContext {
     sourceIp: connection.sourceIp,
     destinationIp: connection.destinationIp,
     destinationPort: connection.destinationPort,
+    sourceAddress: undefined,
+    destinationAddress: undefined,
   };
 }

@@ -9,7 +9,8 @@
 // - an ALLOW rule with any HTTP field is dropped whole, because an L4 proxy cannot prove it;
 // - a policy without rules never matches.
 
-import { cidrContains, canonicalIp, parseCidr, type Cidr } from "../state/ip";
+import net from "node:net";
+import { canonicalIp, parseCidr } from "../state/ip";
 import type { AuthorizationPolicy, Identity, PolicyCondition, PolicyOperation, PolicyRule, PolicySource } from "../state/types";
 import { httpOperationFields, httpSourceFields, isL4Condition } from "./l4-fields";
 
@@ -21,9 +22,40 @@ export interface MatchContext {
   sourceIp: string;
   destinationIp: string;
   destinationPort: number;
+  /** sourceIp parsed on the first CIDR check; null when it is not an IP address. Start with undefined. */
+  sourceAddress: Address | null | undefined;
+  /** destinationIp parsed on the first CIDR check; null when it is not an IP address. Start with undefined. */
+  destinationAddress: Address | null | undefined;
 }
 
-type Check = (context: MatchContext) => boolean;
+/** An IP address as an unsigned 32-bit number (IPv4, also IPv4-mapped IPv6) or a 128-bit bigint (IPv6). */
+export type Address = { family: 4; value: number } | { family: 6; value: bigint };
+
+/** A CIDR prepared for matching: an address is inside when its masked value equals `network`. */
+type CidrMatcher = { family: 4; network: number; mask: number } | { family: 6; network: bigint; mask: bigint };
+
+/** A principal, namespace or trust domain pattern: "*" (any non-empty value), "*suffix", "prefix*" or exact. */
+interface StringPattern {
+  kind: "any" | "suffix" | "prefix" | "exact";
+  text: string;
+}
+
+/** A serviceAccounts entry with its namespace resolved. */
+interface ServiceAccountRef {
+  namespace: string;
+  name: string;
+}
+
+/**
+ * One field check: some value must match, or none may when `negate` is set (a not* field). Checks
+ * are data rather than closures, so that one function with a switch runs all of them: V8 then
+ * keeps a single call target instead of one per field.
+ */
+type Check =
+  | { field: "principal" | "namespace" | "trustDomain"; negate: boolean; values: readonly StringPattern[] }
+  | { field: "serviceAccount"; negate: boolean; values: readonly ServiceAccountRef[] }
+  | { field: "sourceIp" | "destinationIp"; negate: boolean; values: readonly CidrMatcher[] }
+  | { field: "port"; negate: boolean; values: readonly number[] };
 
 /** A conjunction of field checks; an empty list never matches. */
 type Match = Check[];
@@ -77,12 +109,55 @@ export function compilePolicy(policy: AuthorizationPolicy, trustDomains: TrustDo
 
 /** Returns the spec.rules index of the first rule that matches the connection, or -1 when none does. */
 export function matchingRule(compiled: CompiledPolicy, context: MatchContext): number {
-  for (const rule of compiled.rules) {
-    if (rule.clauses.every((clause) => clause.some((match) => match.length > 0 && match.every((check) => check(context))))) {
-      return rule.index;
-    }
+  // Plain loops instead of every() and some(): this runs for each policy of each connection.
+  const rules = compiled.rules;
+  for (let index = 0; index < rules.length; index += 1) {
+    if (clausesMatch(rules[index].clauses, context)) return rules[index].index;
   }
   return -1;
+}
+
+function clausesMatch(clauses: Clauses, context: MatchContext): boolean {
+  for (let index = 0; index < clauses.length; index += 1) {
+    if (!clauseMatches(clauses[index], context)) return false;
+  }
+  return true;
+}
+
+function clauseMatches(clause: Clause, context: MatchContext): boolean {
+  for (let index = 0; index < clause.length; index += 1) {
+    if (matchMatches(clause[index], context)) return true;
+  }
+  return false;
+}
+
+function matchMatches(match: Match, context: MatchContext): boolean {
+  if (match.length === 0) return false;
+  for (let index = 0; index < match.length; index += 1) {
+    const check = match[index];
+    if (anyValueMatches(check, context) === check.negate) return false;
+  }
+  return true;
+}
+
+/** Tells whether some value of the check matches; identity fields never match a connection without identity. */
+function anyValueMatches(check: Check, context: MatchContext): boolean {
+  switch (check.field) {
+    case "principal":
+      return context.principal !== undefined && anyStringMatches(check.values, context.principal);
+    case "namespace":
+      return context.identity !== undefined && anyStringMatches(check.values, context.identity.namespace);
+    case "trustDomain":
+      return context.identity !== undefined && anyStringMatches(check.values, context.identity.trustDomain);
+    case "serviceAccount":
+      return context.identity !== undefined && anyServiceAccountMatches(check.values, context.identity);
+    case "sourceIp":
+      return anyCidrMatches(check.values, sourceAddressOf(context));
+    case "destinationIp":
+      return anyCidrMatches(check.values, destinationAddressOf(context));
+    case "port":
+      return check.values.includes(context.destinationPort);
+  }
 }
 
 /** Returns the rule's clauses, or undefined when the rule is dropped (an ALLOW rule with HTTP fields). */
@@ -111,21 +186,20 @@ export function ruleNeedsHttp(rule: PolicyRule): boolean {
 
 function compileSource(source: PolicySource, policyNamespace: string, trustDomains: TrustDomains): Match {
   const match: Match = [];
-  const principals = (list?: string[]) => list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains));
-  addCheck(match, principals(source.principals), principals(source.notPrincipals), matchPrincipal);
-  addCheck(match, source.namespaces, source.notNamespaces, matchNamespace);
-  const domains = (list?: string[]) => list?.flatMap((pattern) => expandDomainPattern(pattern, trustDomains));
-  addCheck(match, domains(source.trustDomains), domains(source.notTrustDomains), matchTrustDomain);
-  addCheck(match, source.serviceAccounts, source.notServiceAccounts, (value, context) =>
-    matchServiceAccount(value, policyNamespace, context),
-  );
-  addCheck(match, cidrs(source.ipBlocks), cidrs(source.notIpBlocks), (cidr, context) => matchIp(cidr, context.sourceIp));
+  const principals = (list?: string[]) => patterns(list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains)));
+  addCheck(match, "principal", principals(source.principals), principals(source.notPrincipals));
+  addCheck(match, "namespace", patterns(source.namespaces), patterns(source.notNamespaces));
+  const domains = (list?: string[]) => patterns(list?.flatMap((pattern) => expandDomainPattern(pattern, trustDomains)));
+  addCheck(match, "trustDomain", domains(source.trustDomains), domains(source.notTrustDomains));
+  const accounts = (list?: string[]) => list?.map((entry) => serviceAccountRef(entry, policyNamespace));
+  addCheck(match, "serviceAccount", accounts(source.serviceAccounts), accounts(source.notServiceAccounts));
+  addCheck(match, "sourceIp", cidrs(source.ipBlocks), cidrs(source.notIpBlocks));
   return match;
 }
 
 function compileOperation(operation: PolicyOperation): Match {
   const match: Match = [];
-  addCheck(match, ports(operation.ports), ports(operation.notPorts), (port, context) => port === context.destinationPort);
+  addCheck(match, "port", ports(operation.ports), ports(operation.notPorts));
   return match;
 }
 
@@ -135,20 +209,20 @@ function compileCondition(condition: PolicyCondition, trustDomains: TrustDomains
   const { values, notValues } = condition;
   switch (condition.key) {
     case "source.ip":
-      addCheck(match, cidrs(values), cidrs(notValues), (cidr, context) => matchIp(cidr, context.sourceIp));
+      addCheck(match, "sourceIp", cidrs(values), cidrs(notValues));
       break;
     case "destination.ip":
-      addCheck(match, cidrs(values), cidrs(notValues), (cidr, context) => matchIp(cidr, context.destinationIp));
+      addCheck(match, "destinationIp", cidrs(values), cidrs(notValues));
       break;
     case "destination.port":
-      addCheck(match, ports(values), ports(notValues), (port, context) => port === context.destinationPort);
+      addCheck(match, "port", ports(values), ports(notValues));
       break;
     case "source.namespace":
-      addCheck(match, values, notValues, matchNamespace);
+      addCheck(match, "namespace", patterns(values), patterns(notValues));
       break;
     case "source.principal": {
-      const alias = (list?: string[]) => list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains));
-      addCheck(match, alias(values), alias(notValues), matchPrincipal);
+      const alias = (list?: string[]) => patterns(list?.flatMap((pattern) => expandTrustDomain(pattern, trustDomains)));
+      addCheck(match, "principal", alias(values), alias(notValues));
       break;
     }
   }
@@ -159,57 +233,131 @@ function compileCondition(condition: PolicyCondition, trustDomains: TrustDomains
  * Adds the check of one field: some value of `positive` must match, and no value of `negative`.
  * An empty or absent list is not checked.
  */
-function addCheck<T>(
+function addCheck<C extends Check>(
   match: Match,
-  positive: readonly (T | undefined)[] | undefined,
-  negative: readonly (T | undefined)[] | undefined,
-  test: (value: T, context: MatchContext) => boolean,
+  field: C["field"],
+  positive: readonly (C["values"][number] | undefined)[] | undefined,
+  negative: readonly (C["values"][number] | undefined)[] | undefined,
 ): void {
-  const matchesAny = (list: readonly (T | undefined)[], context: MatchContext) =>
-    list.some((value) => value !== undefined && test(value, context));
-  if (positive !== undefined && positive.length > 0) match.push((context) => matchesAny(positive, context));
-  if (negative !== undefined && negative.length > 0) match.push((context) => !matchesAny(negative, context));
+  if (positive !== undefined && positive.length > 0) match.push({ field, negate: false, values: definedValues(positive) } as Check);
+  if (negative !== undefined && negative.length > 0) match.push({ field, negate: true, values: definedValues(negative) } as Check);
 }
 
-/** Istio string match: "*" needs a non-empty value, "*suffix", "prefix*", otherwise exact. */
-export function matchString(pattern: string, value: string): boolean {
-  if (pattern === "*") return value !== "";
-  if (pattern.startsWith("*")) return value.endsWith(pattern.slice(1));
-  if (pattern.endsWith("*")) return value.startsWith(pattern.slice(0, -1));
-  return value === pattern;
+/** Drops the entries that failed to parse: they match nothing, so leaving them out changes no result. */
+function definedValues<T>(list: readonly (T | undefined)[]): T[] {
+  return list.filter((value): value is T => value !== undefined);
 }
 
-/** Matches a principal pattern. A connection without a proven identity has no principal and matches none. */
-function matchPrincipal(pattern: string, context: MatchContext): boolean {
-  return context.principal !== undefined && matchString(pattern, context.principal);
+function patterns(list?: readonly string[]): StringPattern[] | undefined {
+  return list?.map(stringPattern);
 }
 
-/** Matches the source namespace, taken from the peer's SPIFFE id, so plaintext connections match none. */
-function matchNamespace(pattern: string, context: MatchContext): boolean {
-  return context.identity !== undefined && matchString(pattern, context.identity.namespace);
+/** Prepares an Istio string match: "*" needs a non-empty value, then "*suffix", "prefix*", otherwise exact. */
+function stringPattern(pattern: string): StringPattern {
+  if (pattern === "*") return { kind: "any", text: "" };
+  if (pattern.startsWith("*")) return { kind: "suffix", text: pattern.slice(1) };
+  if (pattern.endsWith("*")) return { kind: "prefix", text: pattern.slice(0, -1) };
+  return { kind: "exact", text: pattern };
 }
 
-/** Matches the trust domain of the peer's SPIFFE id, so plaintext connections match none. */
-function matchTrustDomain(pattern: string, context: MatchContext): boolean {
-  return context.identity !== undefined && matchString(pattern, context.identity.trustDomain);
+function anyStringMatches(values: readonly StringPattern[], value: string): boolean {
+  for (let index = 0; index < values.length; index += 1) {
+    const pattern = values[index];
+    switch (pattern.kind) {
+      case "exact":
+        if (value === pattern.text) return true;
+        break;
+      case "prefix":
+        if (value.startsWith(pattern.text)) return true;
+        break;
+      case "suffix":
+        if (value.endsWith(pattern.text)) return true;
+        break;
+      case "any":
+        if (value !== "") return true;
+        break;
+    }
+  }
+  return false;
 }
 
 /** serviceAccounts entries are "namespace/name", or "name" in the policy's namespace; exact match only. */
-function matchServiceAccount(entry: string, policyNamespace: string, context: MatchContext): boolean {
-  if (context.identity === undefined) return false;
+function serviceAccountRef(entry: string, policyNamespace: string): ServiceAccountRef {
   const slash = entry.indexOf("/");
-  const namespace = slash === -1 ? policyNamespace : entry.slice(0, slash);
-  const serviceAccount = slash === -1 ? entry : entry.slice(slash + 1);
-  return context.identity.namespace === namespace && context.identity.serviceAccount === serviceAccount;
+  return slash === -1 ? { namespace: policyNamespace, name: entry } : { namespace: entry.slice(0, slash), name: entry.slice(slash + 1) };
 }
 
-function matchIp(cidr: Cidr, ip: string): boolean {
-  return cidrContains(cidr, canonicalIp(ip));
+function anyServiceAccountMatches(values: readonly ServiceAccountRef[], identity: Identity): boolean {
+  for (let index = 0; index < values.length; index += 1) {
+    if (values[index].namespace === identity.namespace && values[index].name === identity.serviceAccount) return true;
+  }
+  return false;
 }
 
-/** Parses CIDRs; an invalid entry stays as undefined, which matches nothing (and so excludes nothing). */
-function cidrs(list?: string[]): (Cidr | undefined)[] | undefined {
-  return list?.map((text) => parseCidr(text));
+function sourceAddressOf(context: MatchContext): Address | null {
+  if (context.sourceAddress === undefined) context.sourceAddress = parseAddress(context.sourceIp) ?? null;
+  return context.sourceAddress;
+}
+
+function destinationAddressOf(context: MatchContext): Address | null {
+  if (context.destinationAddress === undefined) context.destinationAddress = parseAddress(context.destinationIp) ?? null;
+  return context.destinationAddress;
+}
+
+function anyCidrMatches(values: readonly CidrMatcher[], address: Address | null): boolean {
+  if (address === null) return false;
+  for (let index = 0; index < values.length; index += 1) {
+    const cidr = values[index];
+    if (cidr.family !== address.family) continue;
+    if (cidr.family === 4 ? ((address.value as number) & cidr.mask) >>> 0 === cidr.network : ((address.value as bigint) & cidr.mask) === cidr.network) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/**
+ * Parses CIDRs once, at compile time, so that a check is a mask and a compare. An invalid entry
+ * stays as undefined, which matches nothing (and so excludes nothing).
+ */
+function cidrs(list?: string[]): (CidrMatcher | undefined)[] | undefined {
+  return list?.map((text) => cidrMatcher(text));
+}
+
+/**
+ * Prepares a CIDR with the rules of cidrContains: addresses compare in canonical form, and an
+ * IPv4-mapped IPv6 block such as ::ffff:10.0.0.0/104 matches as its IPv4 equivalent.
+ */
+function cidrMatcher(text: string): CidrMatcher | undefined {
+  const cidr = parseCidr(text);
+  if (cidr === undefined) return undefined;
+  const base = parseAddress(cidr.address);
+  if (base === undefined) return undefined;
+  if (base.family === 4) {
+    const prefix = cidr.family === 6 ? Math.max(0, cidr.prefix - 96) : cidr.prefix;
+    const mask = prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0;
+    return { family: 4, network: ((base.value as number) & mask) >>> 0, mask };
+  }
+  const all = (1n << 128n) - 1n;
+  const mask = all ^ ((1n << BigInt(128 - cidr.prefix)) - 1n);
+  return { family: 6, network: (base.value as bigint) & mask, mask };
+}
+
+/** Parses an address in any text form; IPv4-mapped IPv6 becomes IPv4. Undefined when it is not an IP address. */
+export function parseAddress(text: string): Address | undefined {
+  const canonical = canonicalIp(text);
+  const family = net.isIP(canonical);
+  if (family === 4) {
+    const octets = canonical.split(".");
+    return { family: 4, value: ((+octets[0] << 24) | (+octets[1] << 16) | (+octets[2] << 8) | +octets[3]) >>> 0 };
+  }
+  if (family !== 6 || canonical.includes(".")) return undefined;
+  const [head, tail] = canonical.includes("::") ? canonical.split("::") : [canonical, undefined];
+  const headGroups = head === "" ? [] : head.split(":");
+  const tailGroups = tail === undefined || tail === "" ? [] : tail.split(":");
+  const zeros = tail === undefined ? 0 : 8 - headGroups.length - tailGroups.length;
+  const groups = [...headGroups, ...Array<string>(zeros).fill("0"), ...tailGroups];
+  return { family: 6, value: groups.reduce((value, group) => (value << 16n) | BigInt(parseInt(group, 16)), 0n) };
 }
 
 function ports(list?: string[]): (number | undefined)[] | undefined {

@@ -33,6 +33,11 @@ export function policyWarnings(policy: AuthorizationPolicy): string[] {
   if (policy.action === "AUDIT" || policy.action === "CUSTOM") return [];
   const warnings: string[] = [];
   (policy.rules ?? []).forEach((rule, index) => {
+    for (const field of spiffePrefixedPrincipals(rule)) {
+      warnings.push(
+        `AuthorizationPolicy ${policy.uid}: spec.rules[${index}].${field} starts with "spiffe://", but Istio compares principals without that prefix, so this value never matches a peer; write "cluster.local/ns/NAMESPACE/sa/ACCOUNT"`,
+      );
+    }
     const fields = httpFieldsOf(rule);
     if (fields.length === 0) return;
     const prefix = `AuthorizationPolicy ${policy.uid}: spec.rules[${index}] uses HTTP attributes (${fields.join(", ")}) that an L4 proxy cannot check`;
@@ -48,6 +53,27 @@ export function policyWarnings(policy: AuthorizationPolicy): string[] {
     }
   });
   return warnings;
+}
+
+/** Returns the paths of principal values written as SPIFFE URIs, which Istio never matches. */
+function spiffePrefixedPrincipals(rule: PolicyRule): string[] {
+  const paths: string[] = [];
+  (rule.from ?? []).forEach((entry, index) => {
+    for (const field of ["principals", "notPrincipals"] as const) {
+      (entry.source[field] ?? []).forEach((value, item) => {
+        if (value.startsWith("spiffe://")) paths.push(`from[${index}].source.${field}[${item}]`);
+      });
+    }
+  });
+  (rule.when ?? []).forEach((condition, index) => {
+    if (condition.key !== "source.principal") return;
+    for (const field of ["values", "notValues"] as const) {
+      (condition[field] ?? []).forEach((value, item) => {
+        if (value.startsWith("spiffe://")) paths.push(`when[${index}].${field}[${item}]`);
+      });
+    }
+  });
+  return paths;
 }
 
 /** Returns the paths of the HTTP-only fields of a rule, relative to the rule: "to[0].operation.methods". */

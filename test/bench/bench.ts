@@ -15,7 +15,8 @@
 // --cpu-prof to profile both agents and print where their CPU time went, and --capture-only to
 // measure the capture layer alone (its table is printed, no results file is written). The identity
 // figures (identity.ts: issuing a certificate, 1,000 identities re-issued under load) come first;
-// --identity-only measures them alone.
+// --identity-only measures them alone. The authorization figures (authz.ts: decisions with 10,000
+// policies loaded, loading and changing them) come before those; --authz-only measures them alone.
 
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
@@ -35,6 +36,7 @@ import { moveToBenchAddresses } from "./pod-ips";
 import { TcpBench, type IdleOpened } from "./tcp-bench";
 import { assertProcessRuns, cpuSeconds, rssKib } from "./proc-stats";
 import { measureIdentity } from "./identity";
+import { formatAuthzTable, measureAuthz } from "./authz";
 import { describeMachine, formatCaptureTable, formatIdentityTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
 
@@ -375,6 +377,12 @@ async function measureCapture(settings: Settings): Promise<CaptureFigures> {
 async function main(): Promise<void> {
   const settings = { ...(process.argv.includes("--quick") ? QUICK : FULL) };
   if (process.argv.includes("--cpu-prof")) settings.profileDir = path.join(os.tmpdir(), `${PREFIX}-profiles`);
+  // The authorization figures need no namespaces, so they come before the host check.
+  const authz = process.argv.includes("--capture-only") || process.argv.includes("--identity-only")
+    ? undefined
+    : await measureAuthz(process.argv.includes("--quick"), step);
+  if (authz) process.stdout.write(formatAuthzTable(authz, describeMachine(), new Date().toISOString()) + "\n\n");
+  if (process.argv.includes("--authz-only")) return;
   assertHostCapable();
   removeLeftovers(PREFIX_FAMILY);
 
@@ -413,7 +421,7 @@ async function main(): Promise<void> {
       extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
       agentLogLevel: "info",
     });
-    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity };
+    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity, authz };
     succeeded = true;
     writeResults(RESULTS_FILE, results);
     process.stdout.write(formatTable(results) + "\n");

@@ -259,3 +259,11 @@ test("audit and custom policies are rejected with a status", (t) => {
     t.is(authorize(MTLS, [policy("a", action, [{}])]).reason, "no_policy");
   }
 });
+
+test("warnings: spiffe-prefixed principal", (t) => {
+  const rule: PolicyRule = { from: [{ source: { principals: ["spiffe://cluster.local/ns/demo/sa/client"] } }] };
+  const warnings = policyWarnings(policy("p", "ALLOW", [rule]));
+  t.is(warnings.length, 1);
+  t.regex(warnings[0], /spec\.rules\[0\]\.from\[0\]\.source\.principals\[0\] starts with "spiffe:\/\/"/);
+  t.is(authorize(MTLS, [policy("p", "ALLOW", [rule])]).decision, "deny");
+});

@@ -19,19 +19,20 @@ const MAX_ALIAS_COUNT = 100;
 /**
  * Parses one manifest file. A syntax error anywhere rejects the whole file (syntaxError is
  * true and no object is returned); otherwise each invalid object is rejected alone.
+ * `firstDocument` numbers the documents from that index, for text that is part of a file.
  */
-export function parseManifests(file: string, text: string, logger?: Logger): ParseResult {
+export function parseManifests(file: string, text: string, logger?: Logger, firstDocument = 0): ParseResult {
   const lineCounter = new LineCounter();
   const documents = parseAllDocuments(text, { lineCounter });
   const problems: ManifestProblem[] = [];
   const objects: ParsedObject[] = [];
 
-  const syntaxProblems = findSyntaxErrors(file, documents as Document[]);
+  const syntaxProblems = findSyntaxErrors(file, documents as Document[], firstDocument);
   if (syntaxProblems.length > 0) return { objects, problems: syntaxProblems, syntaxError: true };
 
   let unreadable = false;
   (documents as Document[]).forEach((yaml, index) => {
-    const context: DocumentContext = { file, document: index, yaml, lineCounter, problems };
+    const context: DocumentContext = { file, document: firstDocument + index, yaml, lineCounter, problems };
     let value: unknown;
     try {
       value = yaml.toJS({ maxAliasCount: MAX_ALIAS_COUNT });
@@ -45,9 +46,10 @@ export function parseManifests(file: string, text: string, logger?: Logger): Par
   return unreadable ? { objects: [], problems, syntaxError: true } : { objects, problems, syntaxError: false };
 }
 
-function findSyntaxErrors(file: string, documents: Document[]): ManifestProblem[] {
+function findSyntaxErrors(file: string, documents: Document[], firstDocument: number): ManifestProblem[] {
   const problems: ManifestProblem[] = [];
-  documents.forEach((yaml, index) => {
+  documents.forEach((yaml, position) => {
+    const index = firstDocument + position;
     for (const error of yaml.errors) {
       problems.push({
         file,

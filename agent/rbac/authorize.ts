@@ -7,7 +7,8 @@
 // Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same answer.
 
 import type { AuthorizationPolicy } from "../state/types";
-import { compilePolicy, matchingRule, type CompiledPolicy, type MatchContext, type TrustDomains } from "./compile";
+import { compilePolicy, matchingRuleOf, type CompiledPolicy, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";
+import { mayMatch } from "./prefilter";
 import { mtlsRequirement, type MtlsRequirement, type PeerAuthenticationScopes } from "./peer-authentication";
 import type { AuthorizationResult, DryRunEffect, RbacConnection } from "./types";
 
@@ -30,7 +31,22 @@ export interface WorkloadPolicies {
   peerAuthentications?: PeerAuthenticationScopes;
 }
 
-type Outcome = Omit<AuthorizationResult, "dryRun">;
+/** A policy and those of its rules whose prefilters one peer identity and target port pass. */
+interface Candidate {
+  policy: AuthorizationPolicy;
+  rules: CompiledRule[];
+}
+
+/** The candidates of each kind for one peer identity and target port, in uid order. */
+interface Candidates {
+  deny: Candidate[];
+  allow: Candidate[];
+  dryRunDeny: Candidate[];
+  dryRunAllow: Candidate[];
+}
+
+/** Bound on the candidate lists kept per workload; past it the lists are dropped and built again. */
+const MAX_CANDIDATE_KEYS = 1_024;
 
 /**
  * The compiled policies of one workload. Build it once per mesh state and workload; evaluate()
@@ -38,19 +54,26 @@ type Outcome = Omit<AuthorizationResult, "dryRun">;
  * supports neither (see policyStatus).
  */
 export class WorkloadAuthorizer {
-  readonly #deny: CompiledPolicy[] = [];
-  readonly #allow: CompiledPolicy[] = [];
-  readonly #dryRunDeny: CompiledPolicy[] = [];
-  readonly #dryRunAllow: CompiledPolicy[] = [];
+  readonly #all: { deny: CompiledPolicy[]; allow: CompiledPolicy[]; dryRunDeny: CompiledPolicy[]; dryRunAllow: CompiledPolicy[] } = {
+    deny: [],
+    allow: [],
+    dryRunDeny: [],
+    dryRunAllow: [],
+  };
   readonly #peerAuthentications: PeerAuthenticationScopes;
+  /**
+   * The rules whose prefilters pass, by peer principal (empty for plaintext) and target port. Only
+   * these can match, so a decision walks these alone.
+   */
+  readonly #candidates = new Map<string, Candidates>();
 
   constructor(policies: WorkloadPolicies, options: AuthorizeOptions = {}) {
     const trustDomains: TrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases };
     for (const policy of policies.policies) {
       if (policy.action !== "ALLOW" && policy.action !== "DENY") continue;
       const compiled = compilePolicy(policy, trustDomains);
-      if (policy.dryRun) (policy.action === "DENY" ? this.#dryRunDeny : this.#dryRunAllow).push(compiled);
-      else (policy.action === "DENY" ? this.#deny : this.#allow).push(compiled);
+      if (policy.dryRun) (policy.action === "DENY" ? this.#all.dryRunDeny : this.#all.dryRunAllow).push(compiled);
+      else (policy.action === "DENY" ? this.#all.deny : this.#all.allow).push(compiled);
     }
     this.#peerAuthentications = policies.peerAuthentications ?? {};
   }
@@ -63,53 +86,87 @@ export class WorkloadAuthorizer {
   /** Decides whether a connection is allowed, by which policy and rule, and why. */
   evaluate(connection: RbacConnection): AuthorizationResult {
     const context = matchContextOf(connection);
-    const outcome = this.#decide(connection, context);
-    return { ...outcome, dryRun: this.#dryRunEffects(outcome, context) };
+    const candidates = this.#candidatesFor(context);
+    const result = this.#decide(connection, context, candidates);
+    const effects = this.#dryRunEffects(result, context, candidates);
+    if (effects.length > 0) result.dryRun = effects;
+    return result;
   }
 
-  #decide(connection: RbacConnection, context: MatchContext): Outcome {
+  #candidatesFor(context: MatchContext): Candidates {
+    const key = `${context.principal ?? ""} ${context.destinationPort}`;
+    let candidates = this.#candidates.get(key);
+    if (candidates === undefined) {
+      const passing = (list: CompiledPolicy[]): Candidate[] =>
+        list
+          .map((compiled) => ({ policy: compiled.policy, rules: compiled.rules.filter((rule) => mayMatch(rule.prefilter, context)) }))
+          .filter((candidate) => candidate.rules.length > 0);
+      const all = this.#all;
+      candidates = { deny: passing(all.deny), allow: passing(all.allow), dryRunDeny: passing(all.dryRunDeny), dryRunAllow: passing(all.dryRunAllow) };
+      if (this.#candidates.size >= MAX_CANDIDATE_KEYS) this.#candidates.clear();
+      this.#candidates.set(key, candidates);
+    }
+    return candidates;
+  }
+
+  // Results are written as whole object literals: an object spread here cost more than the rest of
+  // a decision in the authorization benchmark.
+  #decide(connection: RbacConnection, context: MatchContext, candidates: Candidates): AuthorizationResult {
     if (connection.sourceIdentity === undefined) {
       const mtls = this.mtls(connection.destinationPort);
-      if (mtls.mode === "STRICT") return { decision: "deny", reason: "mtls_required", ...peerAuthenticationRef(mtls) };
+      if (mtls.mode === "STRICT") {
+        if (mtls.policy === undefined) return { decision: "deny", reason: "mtls_required", dryRun: [] };
+        return { decision: "deny", reason: "mtls_required", policy: mtls.policy, policyKind: "PeerAuthentication", dryRun: [] };
+      }
     }
-    for (const compiled of this.#deny) {
-      const rule = matchingRule(compiled, context);
-      if (rule >= 0) return { decision: "deny", reason: "denied_by_policy", ...policyRef(compiled, rule) };
+    const deny = firstMatch(candidates.deny, context);
+    if (deny !== undefined) {
+      return { decision: "deny", reason: "denied_by_policy", policy: deny.policy.uid, policyKind: "AuthorizationPolicy", rule: deny.rule, dryRun: [] };
     }
-    if (this.#allow.length === 0) return { decision: "allow", reason: "no_policy" };
-    for (const compiled of this.#allow) {
-      const rule = matchingRule(compiled, context);
-      if (rule >= 0) return { decision: "allow", reason: "allowed_by_policy", ...policyRef(compiled, rule) };
+    // Whether any ALLOW policy applies counts every one, not only the candidates.
+    if (this.#all.allow.length === 0) return { decision: "allow", reason: "no_policy", dryRun: [] };
+    const allow = firstMatch(candidates.allow, context);
+    if (allow !== undefined) {
+      return { decision: "allow", reason: "allowed_by_policy", policy: allow.policy.uid, policyKind: "AuthorizationPolicy", rule: allow.rule, dryRun: [] };
     }
-    return { decision: "deny", reason: "no_allow_match" };
+    return { decision: "deny", reason: "no_allow_match", dryRun: [] };
   }
 
   /** Lists the dry-run policies that would have changed the enforced outcome, had they been enforced. */
-  #dryRunEffects(outcome: Outcome, context: MatchContext): DryRunEffect[] {
+  #dryRunEffects(outcome: AuthorizationResult, context: MatchContext, candidates: Candidates): DryRunEffect[] {
     const effects: DryRunEffect[] = [];
     if (outcome.decision === "allow") {
       // A matching DENY would have denied an allowed connection.
-      for (const compiled of this.#dryRunDeny) {
-        const rule = matchingRule(compiled, context);
-        if (rule >= 0) effects.push({ policy: compiled.policy.uid, rule, decision: "deny" });
+      for (const candidate of candidates.dryRunDeny) {
+        const rule = matchingRuleOf(candidate.rules, context);
+        if (rule >= 0) effects.push({ policy: candidate.policy.uid, rule, decision: "deny" });
       }
       // With no enforced ALLOW policy, dry-run ALLOW policies would have denied a connection none of them matches.
-      if (effects.length === 0 && outcome.reason === "no_policy" && this.#dryRunAllow.length > 0) {
-        if (!this.#dryRunAllow.some((compiled) => matchingRule(compiled, context) >= 0)) {
-          for (const compiled of this.#dryRunAllow) effects.push({ policy: compiled.policy.uid, decision: "deny" });
+      if (effects.length === 0 && outcome.reason === "no_policy" && this.#all.dryRunAllow.length > 0) {
+        if (firstMatch(candidates.dryRunAllow, context) === undefined) {
+          for (const compiled of this.#all.dryRunAllow) effects.push({ policy: compiled.policy.uid, decision: "deny" });
         }
       }
       return effects;
     }
     // A matching ALLOW would have allowed a connection that no enforced ALLOW matched.
     if (outcome.reason === "no_allow_match") {
-      for (const compiled of this.#dryRunAllow) {
-        const rule = matchingRule(compiled, context);
-        if (rule >= 0) effects.push({ policy: compiled.policy.uid, rule, decision: "allow" });
+      for (const candidate of candidates.dryRunAllow) {
+        const rule = matchingRuleOf(candidate.rules, context);
+        if (rule >= 0) effects.push({ policy: candidate.policy.uid, rule, decision: "allow" });
       }
     }
     return effects;
   }
+}
+
+/** Returns the first policy of `list` with a matching rule, and that rule's index. */
+function firstMatch(list: readonly Candidate[], context: MatchContext): { policy: AuthorizationPolicy; rule: number } | undefined {
+  for (let index = 0; index < list.length; index += 1) {
+    const rule = matchingRuleOf(list[index].rules, context);
+    if (rule >= 0) return { policy: list[index].policy, rule };
+  }
+  return undefined;
 }
 
 /**
@@ -122,14 +179,6 @@ export function authorize(
   options: AuthorizeOptions = {},
 ): AuthorizationResult {
   return new WorkloadAuthorizer({ policies }, options).evaluate(connection);
-}
-
-function policyRef(compiled: CompiledPolicy, rule: number): Pick<Outcome, "policy" | "policyKind" | "rule"> {
-  return { policy: compiled.policy.uid, policyKind: "AuthorizationPolicy", rule };
-}
-
-function peerAuthenticationRef(mtls: MtlsRequirement): Pick<Outcome, "policy" | "policyKind"> {
-  return mtls.policy === undefined ? {} : { policy: mtls.policy, policyKind: "PeerAuthentication" };
 }
 
 function matchContextOf(connection: RbacConnection): MatchContext {

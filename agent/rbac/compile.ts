@@ -13,6 +13,7 @@ import net from "node:net";
 import { canonicalIp, parseCidr } from "../state/ip";
 import type { AuthorizationPolicy, Identity, PolicyCondition, PolicyOperation, PolicyRule, PolicySource } from "../state/types";
 import { httpOperationFields, httpSourceFields, isL4Condition } from "./l4-fields";
+import { mayMatch, prefilterOf, type Prefilter } from "./prefilter";
 
 /** The connection attributes the matcher reads, prepared once per authorization. */
 export interface MatchContext {
@@ -35,7 +36,7 @@ export type Address = { family: 4; value: number } | { family: 6; value: bigint 
 type CidrMatcher = { family: 4; network: number; mask: number } | { family: 6; network: bigint; mask: bigint };
 
 /** A principal, namespace or trust domain pattern: "*" (any non-empty value), "*suffix", "prefix*" or exact. */
-interface StringPattern {
+export interface StringPattern {
   kind: "any" | "suffix" | "prefix" | "exact";
   text: string;
 }
@@ -51,26 +52,28 @@ interface ServiceAccountRef {
  * are data rather than closures, so that one function with a switch runs all of them: V8 then
  * keeps a single call target instead of one per field.
  */
-type Check =
+export type Check =
   | { field: "principal" | "namespace" | "trustDomain"; negate: boolean; values: readonly StringPattern[] }
   | { field: "serviceAccount"; negate: boolean; values: readonly ServiceAccountRef[] }
   | { field: "sourceIp" | "destinationIp"; negate: boolean; values: readonly CidrMatcher[] }
   | { field: "port"; negate: boolean; values: readonly number[] };
 
 /** A conjunction of field checks; an empty list never matches. */
-type Match = Check[];
+export type Match = Check[];
 
 /** A disjunction of matches. */
-type Clause = Match[];
+export type Clause = Match[];
 
 /** A conjunction of clauses; an empty list matches every connection (`rules: [{}]`). */
-type Clauses = Clause[];
+export type Clauses = Clause[];
 
 /** One rule of spec.rules that can match, with its position there. */
 export interface CompiledRule {
   /** Zero-based index in spec.rules, for the audit record and `agentctl authz`. */
   index: number;
   clauses: Clauses;
+  /** Values that a connection needs for the rule to match, checked first (see prefilter.ts). */
+  prefilter: Prefilter;
 }
 
 export interface CompiledPolicy {
@@ -99,7 +102,7 @@ export function compilePolicy(policy: AuthorizationPolicy, trustDomains: TrustDo
     const rules: CompiledRule[] = [];
     (policy.rules ?? []).forEach((rule, index) => {
       const clauses = compileRule(rule, policy, trustDomains);
-      if (clauses !== undefined) rules.push({ index, clauses });
+      if (clauses !== undefined) rules.push({ index, clauses, prefilter: prefilterOf(clauses) });
     });
     compiled = { policy, rules };
     byTrustDomain.set(key, compiled);
@@ -109,8 +112,16 @@ export function compilePolicy(policy: AuthorizationPolicy, trustDomains: TrustDo
 
 /** Returns the spec.rules index of the first rule that matches the connection, or -1 when none does. */
 export function matchingRule(compiled: CompiledPolicy, context: MatchContext): number {
-  // Plain loops instead of every() and some(): this runs for each policy of each connection.
   const rules = compiled.rules;
+  for (let index = 0; index < rules.length; index += 1) {
+    if (mayMatch(rules[index].prefilter, context) && clausesMatch(rules[index].clauses, context)) return rules[index].index;
+  }
+  return -1;
+}
+
+/** Returns what matchingRule returns, for rules whose prefilters the connection is known to pass. */
+export function matchingRuleOf(rules: readonly CompiledRule[], context: MatchContext): number {
+  // Plain loops instead of every() and some(): this runs for each policy of each connection.
   for (let index = 0; index < rules.length; index += 1) {
     if (clausesMatch(rules[index].clauses, context)) return rules[index].index;
   }
@@ -345,6 +356,9 @@ function cidrMatcher(text: string): CidrMatcher | undefined {
 
 /** Parses an address in any text form; IPv4-mapped IPv6 becomes IPv4. Undefined when it is not an IP address. */
 export function parseAddress(text: string): Address | undefined {
+  // Most connections are IPv4: a dotted quad is read directly, without the regular expressions.
+  const ipv4 = parseDottedQuad(text);
+  if (ipv4 !== undefined) return { family: 4, value: ipv4 };
   const canonical = canonicalIp(text);
   const family = net.isIP(canonical);
   if (family === 4) {
@@ -358,6 +372,34 @@ export function parseAddress(text: string): Address | undefined {
   const zeros = tail === undefined ? 0 : 8 - headGroups.length - tailGroups.length;
   const groups = [...headGroups, ...Array<string>(zeros).fill("0"), ...tailGroups];
   return { family: 6, value: groups.reduce((value, group) => (value << 16n) | BigInt(parseInt(group, 16)), 0n) };
+}
+
+/**
+ * Returns a dotted-quad IPv4 address as an unsigned 32-bit number, or undefined for any other
+ * text. It accepts what net.isIPv4 accepts: four decimal octets of 0 to 255 without leading zeros.
+ */
+function parseDottedQuad(text: string): number | undefined {
+  let value = 0;
+  let octet = 0;
+  let digits = 0;
+  let dots = 0;
+  for (let index = 0; index < text.length; index += 1) {
+    const code = text.charCodeAt(index);
+    if (code === 46) {
+      if (digits === 0 || dots === 3) return undefined;
+      value = value * 256 + octet;
+      octet = 0;
+      digits = 0;
+      dots += 1;
+      continue;
+    }
+    if (code < 48 || code > 57 || (digits > 0 && octet === 0)) return undefined;
+    octet = octet * 10 + (code - 48);
+    digits += 1;
+    if (octet > 255) return undefined;
+  }
+  if (dots !== 3 || digits === 0) return undefined;
+  return value * 256 + octet;
 }
 
 function ports(list?: string[]): (number | undefined)[] | undefined {

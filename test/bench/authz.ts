@@ -3,9 +3,11 @@
 //   decision   MeshState.authorizerFor(workload, settings).evaluate(connection), as the inbound proxy
 //              calls it, with 10,000 AuthorizationPolicies spread over 100 namespaces. The allowed
 //              connection matches the last ALLOW policy by uid. The denied one matches no policy, so
-//              every DENY and ALLOW policy of the workload is checked
+//              every DENY and ALLOW policy of the workload that its identity and port may match is
+//              checked. Each is timed twice: with the same facts every time, and with a new source
+//              address every time
 //   worst case the same with 1,000 and 10,000 policies that all apply to one workload, from its own
-//              namespace and from the root namespace
+//              namespace and from the root namespace, with a new source address every time
 //   loading    ManifestSource reading a folder of 100 files with 100 policies each, and MeshState built
 //   change     one file rewritten with one policy changed, refresh(), the new MeshState and the
 //              authorizer of a workload that policy applies to
@@ -47,7 +49,8 @@ export interface AuthzFigures {
   namespaces: number;
   /** Policies that apply to the workload of the decision figures. */
   policies_per_workload: number;
-  decision_us: { allowed: DecisionFigures; denied: DecisionFigures };
+  /** The same facts every time, and a new source address every time. */
+  decision_us: { allowed: DecisionFigures; denied: DecisionFigures; allowed_new: DecisionFigures; denied_new: DecisionFigures };
   worst_case_us: Record<string, DecisionFigures>;
   load_ms: { read_and_parse: number; mesh_state: number };
   change_ms: LatencySummary;
@@ -59,7 +62,7 @@ interface Settings {
   changes: number;
 }
 
-const FULL: Settings = { decisions: 200_000, worstCaseDecisions: 20_000, changes: 30 };
+const FULL: Settings = { decisions: 200_000, worstCaseDecisions: 20_000, changes: 100 };
 const QUICK: Settings = { decisions: 20_000, worstCaseDecisions: 2_000, changes: 10 };
 
 // ---------------------------------------------------------------------------------------------
@@ -175,9 +178,18 @@ function deniedConnection(destinationIp: string): RbacConnection {
 // ---------------------------------------------------------------------------------------------
 // Timing
 
-/** Times `count` decisions of `connection` to workload `uid`, as the inbound proxy makes them. */
-function timeDecisions(state: MeshState, uid: string, connection: RbacConnection, count: number, maxSeconds: number): DecisionFigures {
-  const decide = () => state.authorizerFor(state.workload(uid)!, SETTINGS).evaluate(connection);
+/**
+ * Returns 4,096 copies of `connection`, each from another source address in 10.244.0.0/16 (none
+ * of which a generated policy names), more than the evaluator's result cache keeps.
+ */
+function newSources(connection: RbacConnection): RbacConnection[] {
+  return Array.from({ length: 4_096 }, (_, index) => ({ ...connection, sourceIp: `10.244.${index >> 8}.${index & 255}` }));
+}
+
+/** Times `count` decisions to workload `uid` of `connections` in turn, as the inbound proxy makes them. */
+function timeDecisions(state: MeshState, uid: string, connections: RbacConnection[], count: number, maxSeconds: number): DecisionFigures {
+  let turn = 0;
+  const decide = () => state.authorizerFor(state.workload(uid)!, SETTINGS).evaluate(connections[turn++ % connections.length]);
   const result = decide();
   for (let warmup = 0; warmup < Math.min(count / 10, 10_000); warmup += 1) decide();
   const batch = batchSize(decide);
@@ -245,10 +257,14 @@ async function measureMesh(dir: string, settings: Settings, step: (message: stri
     const target = state.workload(`${namespace}/w-3`)!;
     const policiesPerWorkload = state.policiesForWorkload(target, ROOT_NAMESPACE).length;
     step(`authz: ${settings.decisions} decisions per connection, ${policiesPerWorkload} policies apply to ${target.uid}`);
-    const allowed = timeDecisions(state, target.uid, allowedConnection(namespace, target.ip), settings.decisions, 30);
-    const denied = timeDecisions(state, target.uid, deniedConnection(target.ip), settings.decisions, 30);
-    expectOutcome(allowed, "allow", "allowed_by_policy");
-    expectOutcome(denied, "deny", "no_allow_match");
+    const allowedOnce = allowedConnection(namespace, target.ip);
+    const deniedOnce = deniedConnection(target.ip);
+    const allowed = timeDecisions(state, target.uid, [allowedOnce], settings.decisions, 30);
+    const denied = timeDecisions(state, target.uid, [deniedOnce], settings.decisions, 30);
+    const allowedNew = timeDecisions(state, target.uid, newSources(allowedOnce), settings.decisions, 30);
+    const deniedNew = timeDecisions(state, target.uid, newSources(deniedOnce), settings.decisions, 30);
+    for (const figures of [allowed, allowedNew]) expectOutcome(figures, "allow", "allowed_by_policy");
+    for (const figures of [denied, deniedNew]) expectOutcome(figures, "deny", "no_allow_match");
 
     step(`authz: ${settings.changes} changes of one policy`);
     const changes: number[] = [];
@@ -270,6 +286,8 @@ async function measureMesh(dir: string, settings: Settings, step: (message: stri
       policiesPerWorkload,
       allowed,
       denied,
+      allowedNew,
+      deniedNew,
       load: { read_and_parse: round(readAndParse, 1), mesh_state: round(meshState, 1) },
       change: roundSummary(summarizeLatency(changes), 2),
     };
@@ -294,8 +312,8 @@ function measureWorstCase(count: number, policyNamespace: string, decisions: num
   const applied = state.policiesForWorkload(target, ROOT_NAMESPACE).length;
   if (applied !== count) throw new Error(`expected ${count} policies to apply to ${target.uid}, found ${applied}`);
   // The frontend policy of `policyNamespace` names the frontend of that namespace.
-  const allowed = timeDecisions(state, target.uid, allowedConnection(policyNamespace, target.ip), decisions, 20);
-  const denied = timeDecisions(state, target.uid, deniedConnection(target.ip), decisions, 20);
+  const allowed = timeDecisions(state, target.uid, newSources(allowedConnection(policyNamespace, target.ip)), decisions, 20);
+  const denied = timeDecisions(state, target.uid, newSources(deniedConnection(target.ip)), decisions, 20);
   expectOutcome(allowed, "allow", "allowed_by_policy");
   expectOutcome(denied, "deny", "no_allow_match");
   return { allowed, denied };
@@ -325,7 +343,7 @@ export async function measureAuthz(quick: boolean, step: (message: string) => vo
     policies: NAMESPACES * POLICIES_PER_NAMESPACE,
     namespaces: NAMESPACES,
     policies_per_workload: mesh.policiesPerWorkload,
-    decision_us: { allowed: mesh.allowed, denied: mesh.denied },
+    decision_us: { allowed: mesh.allowed, denied: mesh.denied, allowed_new: mesh.allowedNew, denied_new: mesh.deniedNew },
     worst_case_us: worstCase,
     load_ms: mesh.load,
     change_ms: mesh.change,
@@ -343,8 +361,10 @@ export function formatAuthzTable(figures: AuthzFigures, machine: { cores: number
     return [...cells, `p99 <= ${DECISION_TARGET_US}`, value.p99 <= DECISION_TARGET_US ? "yes" : "no"];
   };
   const rows: string[][] = [
-    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, allowed`, figures.decision_us.allowed, true),
-    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied`, figures.decision_us.denied, true),
+    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, allowed, same facts`, figures.decision_us.allowed, true),
+    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied, same facts`, figures.decision_us.denied, true),
+    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, allowed, new source`, figures.decision_us.allowed_new, true),
+    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied, new source`, figures.decision_us.denied_new, true),
     ...Object.entries(figures.worst_case_us).map(([name, value]) => decisionRow(`worst case, µs, ${name.replaceAll("_", " ")}`, value, false)),
     ["load from scratch, ms: read and parse", String(figures.load_ms.read_and_parse), "", "", "", ""],
     ["load from scratch, ms: MeshState", String(figures.load_ms.mesh_state), "", "", "", ""],

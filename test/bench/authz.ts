@@ -180,7 +180,7 @@ function deniedConnection(destinationIp: string): RbacConnection {
 
 /**
  * Returns 4,096 copies of `connection`, each from another source address in 10.244.0.0/16 (none
- * of which a generated policy names), more than the evaluator's result cache keeps.
+ * of which a generated policy names).
  */
 function newSources(connection: RbacConnection): RbacConnection[] {
   return Array.from({ length: 4_096 }, (_, index) => ({ ...connection, sourceIp: `10.244.${index >> 8}.${index & 255}` }));

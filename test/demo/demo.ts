@@ -2,8 +2,10 @@
 // node2: one allowed by an AuthorizationPolicy, one denied, one through a Service VIP, and one from
 // a namespace outside the mesh, which reaches a pod without policies in plaintext but not the
 // policed one.
-// Prints who reached whom and how, then the audit records, and removes everything it made.
+// Prints who reached whom and how, node2's agent explaining the two denials (agentctl authz check),
+// then the audit records, and removes everything it made.
 
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { curl, startHttpServer, type CurlResult } from "../harness/clients";
@@ -136,6 +138,11 @@ async function main(): Promise<void> {
     const rows = [["FROM", "TO", "RESULT", "PATH", "DECISION"]];
     for (const call of calls) rows.push(describe(call, [...inbound, ...outbound]));
     printTable(rows);
+    console.log("\nWhy, as node2's agent explains it (agentctl authz check, run in node2's network namespace):\n");
+    for (const [from, to] of [["shop/scraper", "backend/api:8080"], ["legacy/legacy", "backend/api:8080"]]) {
+      console.log(`$ agentctl authz check --from ${from} --to ${to}`);
+      console.log(agentctlOnNode(cluster, "node2", ["authz", "check", "--from", from, "--to", to]).replace(/^/gm, "  "));
+    }
     console.log(`\nAudit records on node1 (${cluster.auditFile("node1")}):`);
     for (const record of outbound) console.log("  " + JSON.stringify(record));
     console.log(`\nAudit records on node2 (${cluster.auditFile("node2")}):`);
@@ -146,6 +153,14 @@ async function main(): Promise<void> {
     const left = fs.existsSync(PIN_PARENT) ? fs.readdirSync(PIN_PARENT).filter((name) => name.startsWith(PREFIX)) : [];
     console.log(left.length === 0 ? `Done. Logs and audit files stay in ${WORK_DIR}.` : `Left behind under ${PIN_PARENT}: ${left.join(", ")}`);
   }
+}
+
+/** Runs the built agentctl in a node's network namespace, where that node's agent serves its admin API on 127.0.0.1:15000. */
+function agentctlOnNode(cluster: Cluster, node: string, args: string[]): string {
+  const agentctl = path.join(__dirname, "..", "..", "agent", "cli", "agentctl.js");
+  const netns = cluster.topology.node(node).netns;
+  const result = spawnSync("nsenter", [`--net=/var/run/netns/${netns}`, "--", process.execPath, agentctl, ...args], { encoding: "utf8", timeout: 20_000 });
+  return result.status === 0 ? result.stdout.trimEnd() : `agentctl failed: ${result.stderr.trim()}`;
 }
 
 main().catch((error: Error) => {

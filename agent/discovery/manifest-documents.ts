@@ -45,8 +45,8 @@ export function parseManifestsReusing(
     return { text: documentText, startLine, index, result };
   });
 
-  // A syntax error can sit at a document's end, and the parser then reports it where the next
-  // marker stands, so the whole file is parsed again for the same message as a plain parse.
+  // A syntax error can sit at a document's end, and the parser then reports it at the next
+  // marker, so the whole file is parsed again for the same message as a plain parse.
   if (documents.some((document) => document.result.syntaxError)) return { result: parseManifests(file, text, logger), documents };
   const problems = documents.flatMap((document) => document.result.problems);
   const objects = documents.flatMap((document) => document.result.objects);
@@ -55,7 +55,7 @@ export function parseManifestsReusing(
 
 /**
  * Splits a YAML stream at bare "---" lines, as the parser numbers its documents: text before the
- * first marker is a document only when it holds more than blank lines and comments, and every
+ * first marker is a document only when it contains more than blank lines and comments, and every
  * part after a marker is one, even when empty. Returns undefined when another marker or a
  * directive appears, so the caller parses the file whole.
  */

@@ -4,7 +4,7 @@
 // 3. with no ALLOW policy for the workload, the connection is allowed;
 // 4. a matching ALLOW policy allows, and otherwise the connection is denied.
 // Dry-run policies are evaluated next to the enforced ones and reported, never enforced.
-// Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same answer.
+// Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same result.
 
 import type { AuthorizationPolicy } from "../state/types";
 import { compilePolicy, matchingRuleOf, type CompiledPolicy, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";

@@ -8,7 +8,7 @@ import { hasL4OperationField, hasL4SourceField, httpOperationFields, httpSourceF
 export interface PolicyStatus {
   /**
    * enforced: decides connections; dry-run: evaluated and reported only (istio.io/dry-run);
-   * rejected: takes no part in decisions, `message` says why.
+   * rejected: takes no part in decisions, and `message` gives the reason.
    */
   state: "enforced" | "dry-run" | "rejected";
   message?: string;
@@ -18,10 +18,10 @@ export interface PolicyStatus {
 /** Returns how the policy takes part in decisions, with its warnings. */
 export function policyStatus(policy: AuthorizationPolicy): PolicyStatus {
   if (policy.action === "AUDIT" || policy.action === "CUSTOM") {
-    const why = policy.action === "CUSTOM" ? "CUSTOM delegates to an external authorizer" : "AUDIT only marks requests for an HTTP audit log";
+    const reason = policy.action === "CUSTOM" ? "CUSTOM delegates to an external authorizer" : "AUDIT only marks requests for an HTTP audit log";
     return {
       state: "rejected",
-      message: `AuthorizationPolicy ${policy.uid}: spec.action ${policy.action} is not supported by an L4 proxy (${why}), as in Istio's ztunnel; the policy takes no part in decisions. Use ALLOW or DENY, or a waypoint proxy`,
+      message: `AuthorizationPolicy ${policy.uid}: spec.action ${policy.action} is not supported by an L4 proxy (${reason}), as in Istio's ztunnel; the policy takes no part in decisions. Use ALLOW or DENY, or a waypoint proxy`,
       warnings: [],
     };
   }

@@ -161,7 +161,11 @@ export class Agent {
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
     this.reconciler.removeStaleCookies();
-    this.source.on("change", (snapshot: ClusterSnapshot) => void this.applySnapshot(snapshot));
+    this.source.on("change", (snapshot: ClusterSnapshot) => {
+      this.applySnapshot(snapshot).catch((error: unknown) =>
+        this.logger.error({ err: error, workloads: snapshot.workloads.size }, "applying the new configuration failed; the agent keeps serving and applies the next change"),
+      );
+    });
     this.handover = await HandoverServer.listen(
       handoverSocketPath(this.options.node),
       handoverHandlers(this.reconciler, this.capture, this.options.drainTimeoutMs ?? 0, () => this.#handOver(), this.logger.child({ component: "handover" })),

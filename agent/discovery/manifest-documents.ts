@@ -17,7 +17,8 @@ export interface ParsedDocument {
   result: ParseResult;
 }
 
-const BARE_MARKER = /^---[ \t]*(#.*)?$/;
+/** "---" alone, or followed by blanks and a comment; "---#x" is content, as YAML reads it. */
+const BARE_MARKER = /^---([ \t]+(#.*)?)?$/;
 const OTHER_MARKER = /^(---|\.\.\.)([ \t]|$)|^%/;
 
 /**

@@ -7,8 +7,8 @@
 // Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same result.
 
 import type { AuthorizationPolicy } from "../state/types";
-import { compilePolicy, matchingRuleOf, type CompiledPolicy, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";
-import { mayMatch } from "./prefilter";
+import { compilePolicy, matchingRuleOf, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";
+import { mayMatchIdentity } from "./prefilter";
 import { mtlsRequirement, type MtlsRequirement, type PeerAuthenticationScopes } from "./peer-authentication";
 import type { AuthorizationResult, DryRunEffect, RbacConnection } from "./types";
 
@@ -31,22 +31,26 @@ export interface WorkloadPolicies {
   peerAuthentications?: PeerAuthenticationScopes;
 }
 
-/** A policy and those of its rules whose prefilters one peer identity and target port pass. */
+/** A policy and those of its rules whose identity prefilters one peer identity passes. */
 interface Candidate {
   policy: AuthorizationPolicy;
-  rules: CompiledRule[];
+  rules: readonly CompiledRule[];
 }
 
-/** The candidates of each kind for one peer identity and target port, in uid order. */
+/** The candidates of each kind for one peer identity, in uid order. */
 interface Candidates {
-  deny: Candidate[];
-  allow: Candidate[];
-  dryRunDeny: Candidate[];
-  dryRunAllow: Candidate[];
+  deny: readonly Candidate[];
+  allow: readonly Candidate[];
+  dryRunDeny: readonly Candidate[];
+  dryRunAllow: readonly Candidate[];
 }
 
-/** Bound on the candidate lists kept per workload; past it the lists are dropped and built again. */
+/**
+ * Bounds on the candidate lists kept per workload: the peer identities, and the candidates over all
+ * of them. Past either, the lists are dropped and built again as connections arrive.
+ */
 const MAX_CANDIDATE_KEYS = 1_024;
+const MAX_CANDIDATE_ENTRIES = 200_000;
 
 /**
  * The compiled policies of one workload. Build it once per mesh state and workload; evaluate()
@@ -54,27 +58,28 @@ const MAX_CANDIDATE_KEYS = 1_024;
  * supports neither (see policyStatus).
  */
 export class WorkloadAuthorizer {
-  readonly #all: { deny: CompiledPolicy[]; allow: CompiledPolicy[]; dryRunDeny: CompiledPolicy[]; dryRunAllow: CompiledPolicy[] } = {
-    deny: [],
-    allow: [],
-    dryRunDeny: [],
-    dryRunAllow: [],
-  };
+  /** Every policy of each kind, each as a candidate with all of its rules. */
+  readonly #all: Candidates;
   readonly #peerAuthentications: PeerAuthenticationScopes;
   /**
-   * The rules whose prefilters pass, by peer principal (empty for plaintext) and target port. Only
-   * these can match, so a decision walks these alone.
+   * The candidates by peer principal (empty for plaintext). Only their rules can match, so a
+   * decision walks these alone. Keys are identities, never ports: a client that tries many ports
+   * adds no entry.
    */
   readonly #candidates = new Map<string, Candidates>();
+  #candidateEntries = 0;
 
   constructor(policies: WorkloadPolicies, options: AuthorizeOptions = {}) {
     const trustDomains: TrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases };
+    const all = { deny: [] as Candidate[], allow: [] as Candidate[], dryRunDeny: [] as Candidate[], dryRunAllow: [] as Candidate[] };
     for (const policy of policies.policies) {
       if (policy.action !== "ALLOW" && policy.action !== "DENY") continue;
-      const compiled = compilePolicy(policy, trustDomains);
-      if (policy.dryRun) (policy.action === "DENY" ? this.#all.dryRunDeny : this.#all.dryRunAllow).push(compiled);
-      else (policy.action === "DENY" ? this.#all.deny : this.#all.allow).push(compiled);
+      const { rules } = compilePolicy(policy, trustDomains);
+      const candidate = { policy, rules };
+      if (policy.dryRun) (policy.action === "DENY" ? all.dryRunDeny : all.dryRunAllow).push(candidate);
+      else (policy.action === "DENY" ? all.deny : all.allow).push(candidate);
     }
+    this.#all = all;
     this.#peerAuthentications = policies.peerAuthentications ?? {};
   }
 
@@ -85,40 +90,51 @@ export class WorkloadAuthorizer {
 
   /** Decides whether a connection is allowed, by which policy and rule, and why. */
   evaluate(connection: RbacConnection): AuthorizationResult {
+    if (connection.sourceIdentity === undefined) {
+      const denial = this.#strictDenial(connection.destinationPort);
+      if (denial !== undefined) return denial;
+    }
     const context = matchContextOf(connection);
     const candidates = this.#candidatesFor(context);
-    const result = this.#decide(connection, context, candidates);
+    const result = this.#decide(context, candidates);
     const effects = this.#dryRunEffects(result, context, candidates);
     if (effects.length > 0) result.dryRun = effects;
     return result;
   }
 
+  /** Returns the denial of a connection without a peer identity where PeerAuthentication is STRICT. */
+  #strictDenial(port: number): AuthorizationResult | undefined {
+    const mtls = this.mtls(port);
+    if (mtls.mode !== "STRICT") return undefined;
+    if (mtls.policy === undefined) return { decision: "deny", reason: "mtls_required", dryRun: [] };
+    return { decision: "deny", reason: "mtls_required", policy: mtls.policy, policyKind: "PeerAuthentication", dryRun: [] };
+  }
+
   #candidatesFor(context: MatchContext): Candidates {
-    const key = `${context.principal ?? ""} ${context.destinationPort}`;
+    const key = context.principal ?? "";
     let candidates = this.#candidates.get(key);
     if (candidates === undefined) {
-      const passing = (list: CompiledPolicy[]): Candidate[] =>
-        list
-          .map((compiled) => ({ policy: compiled.policy, rules: compiled.rules.filter((rule) => mayMatch(rule.prefilter, context)) }))
-          .filter((candidate) => candidate.rules.length > 0);
       const all = this.#all;
-      candidates = { deny: passing(all.deny), allow: passing(all.allow), dryRunDeny: passing(all.dryRunDeny), dryRunAllow: passing(all.dryRunAllow) };
-      if (this.#candidates.size >= MAX_CANDIDATE_KEYS) this.#candidates.clear();
+      candidates = {
+        deny: passing(all.deny, context),
+        allow: passing(all.allow, context),
+        dryRunDeny: passing(all.dryRunDeny, context),
+        dryRunAllow: passing(all.dryRunAllow, context),
+      };
+      const entries = candidates.deny.length + candidates.allow.length + candidates.dryRunDeny.length + candidates.dryRunAllow.length;
+      if (this.#candidates.size >= MAX_CANDIDATE_KEYS || this.#candidateEntries + entries > MAX_CANDIDATE_ENTRIES) {
+        this.#candidates.clear();
+        this.#candidateEntries = 0;
+      }
       this.#candidates.set(key, candidates);
+      this.#candidateEntries += entries;
     }
     return candidates;
   }
 
   // Results are written as whole object literals: an object spread here cost more than the rest of
   // a decision in the authorization benchmark.
-  #decide(connection: RbacConnection, context: MatchContext, candidates: Candidates): AuthorizationResult {
-    if (connection.sourceIdentity === undefined) {
-      const mtls = this.mtls(connection.destinationPort);
-      if (mtls.mode === "STRICT") {
-        if (mtls.policy === undefined) return { decision: "deny", reason: "mtls_required", dryRun: [] };
-        return { decision: "deny", reason: "mtls_required", policy: mtls.policy, policyKind: "PeerAuthentication", dryRun: [] };
-      }
-    }
+  #decide(context: MatchContext, candidates: Candidates): AuthorizationResult {
     const deny = firstMatch(candidates.deny, context);
     if (deny !== undefined) {
       return { decision: "deny", reason: "denied_by_policy", policy: deny.policy.uid, policyKind: "AuthorizationPolicy", rule: deny.rule, dryRun: [] };
@@ -144,7 +160,7 @@ export class WorkloadAuthorizer {
       // With no enforced ALLOW policy, dry-run ALLOW policies would have denied a connection none of them matches.
       if (effects.length === 0 && outcome.reason === "no_policy" && this.#all.dryRunAllow.length > 0) {
         if (firstMatch(candidates.dryRunAllow, context) === undefined) {
-          for (const compiled of this.#all.dryRunAllow) effects.push({ policy: compiled.policy.uid, decision: "deny" });
+          for (const candidate of this.#all.dryRunAllow) effects.push({ policy: candidate.policy.uid, decision: "deny" });
         }
       }
       return effects;
@@ -158,6 +174,21 @@ export class WorkloadAuthorizer {
     }
     return effects;
   }
+}
+
+/**
+ * Returns the candidates of `list` that have a rule whose identity prefilter the connection passes,
+ * each with those rules. A policy that keeps every rule keeps its candidate object, so the lists of
+ * many identities share them.
+ */
+function passing(list: readonly Candidate[], context: MatchContext): Candidate[] {
+  const result: Candidate[] = [];
+  for (const candidate of list) {
+    const rules = candidate.rules.filter((rule) => mayMatchIdentity(rule.prefilter, context));
+    if (rules.length === candidate.rules.length) result.push(candidate);
+    else if (rules.length > 0) result.push({ policy: candidate.policy, rules });
+  }
+  return result;
 }
 
 /** Returns the first policy of `list` with a matching rule, and that rule's index. */

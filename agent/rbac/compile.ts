@@ -119,10 +119,15 @@ export function matchingRule(compiled: CompiledPolicy, context: MatchContext): n
   return -1;
 }
 
-/** Returns what matchingRule returns, for rules whose prefilters the connection is known to pass. */
+/**
+ * Returns what matchingRule returns, for rules whose identity prefilters the connection is known
+ * to pass (see WorkloadAuthorizer). Their port prefilters are checked here.
+ */
 export function matchingRuleOf(rules: readonly CompiledRule[], context: MatchContext): number {
   // Plain loops instead of every() and some(): this runs for each policy of each connection.
   for (let index = 0; index < rules.length; index += 1) {
+    const ports = rules[index].prefilter.ports;
+    if (ports !== undefined && !ports.has(context.destinationPort)) continue;
     if (clausesMatch(rules[index].clauses, context)) return rules[index].index;
   }
   return -1;
@@ -371,6 +376,8 @@ export function parseAddress(text: string): Address | undefined {
   const tailGroups = tail === undefined || tail === "" ? [] : tail.split(":");
   const zeros = tail === undefined ? 0 : 8 - headGroups.length - tailGroups.length;
   const groups = [...headGroups, ...Array<string>(zeros).fill("0"), ...tailGroups];
+  // A zone id ("fe80::1%eth0") or any other group that is not hexadecimal makes the text no address here.
+  if (groups.length !== 8 || !groups.every((group) => /^[0-9a-f]{1,4}$/i.test(group))) return undefined;
   return { family: 6, value: groups.reduce((value, group) => (value << 16n) | BigInt(parseInt(group, 16)), 0n) };
 }
 

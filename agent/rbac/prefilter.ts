@@ -19,8 +19,14 @@ export interface Prefilter {
 
 /** Tells whether the connection has what the prefilter needs; false means the rule cannot match. */
 export function mayMatch(prefilter: Prefilter, context: MatchContext): boolean {
-  const { ports, identities } = prefilter;
+  const ports = prefilter.ports;
   if (ports !== undefined && !ports.has(context.destinationPort)) return false;
+  return mayMatchIdentity(prefilter, context);
+}
+
+/** Tells whether the connection's peer identity is one the prefilter allows; ports are not checked. */
+export function mayMatchIdentity(prefilter: Prefilter, context: MatchContext): boolean {
+  const identities = prefilter.identities;
   if (identities === undefined) return true;
   const identity = context.identity;
   if (identity === undefined) return false;

@@ -37,12 +37,15 @@ export function canonicalIp(ip: string): string {
   return text;
 }
 
-/** Parses "10.0.0.0/8", "fd00::/8" or a single address; undefined when invalid. */
+/**
+ * Parses "10.0.0.0/8", "fd00::/8" or a single address; undefined when invalid. An IPv6 zone id
+ * ("fe80::1%eth0") is invalid: it names an interface of one host, not addresses of the mesh.
+ */
 export function parseCidr(text: string): Cidr | undefined {
   const slash = text.indexOf("/");
   const address = slash === -1 ? text : text.slice(0, slash);
   const family = net.isIP(address) as 0 | 4 | 6;
-  if (family === 0) return undefined;
+  if (family === 0 || address.includes("%")) return undefined;
   const maxPrefix = family === 4 ? 32 : 128;
   if (slash === -1) return { address, prefix: maxPrefix, family };
   const prefixText = text.slice(slash + 1);

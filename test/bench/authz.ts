@@ -5,7 +5,8 @@
 //              connection matches the last ALLOW policy by uid. The denied one matches no policy, so
 //              every DENY and ALLOW policy of the workload that its identity and port may match is
 //              checked. Each is timed twice: with the same facts every time, and with a new source
-//              address every time
+//              address every time. The denied one is also timed with a new peer identity every time,
+//              so the per-identity candidate lists are built for every decision
 //   worst case the same with 1,000 and 10,000 policies that all apply to one workload, from its own
 //              namespace and from the root namespace, with a new source address every time
 //   loading    ManifestSource reading a folder of 100 files with 100 policies each, and MeshState built
@@ -50,7 +51,13 @@ export interface AuthzFigures {
   /** Policies that apply to the workload of the decision figures. */
   policies_per_workload: number;
   /** The same facts every time, and a new source address every time. */
-  decision_us: { allowed: DecisionFigures; denied: DecisionFigures; allowed_new: DecisionFigures; denied_new: DecisionFigures };
+  decision_us: {
+    allowed: DecisionFigures;
+    denied: DecisionFigures;
+    allowed_new: DecisionFigures;
+    denied_new: DecisionFigures;
+    denied_new_identity: DecisionFigures;
+  };
   worst_case_us: Record<string, DecisionFigures>;
   load_ms: { read_and_parse: number; mesh_state: number };
   change_ms: LatencySummary;
@@ -186,6 +193,15 @@ function newSources(connection: RbacConnection): RbacConnection[] {
   return Array.from({ length: 4_096 }, (_, index) => ({ ...connection, sourceIp: `10.244.${index >> 8}.${index & 255}` }));
 }
 
+/**
+ * Returns 4,096 copies of `connection`, each from another service account of its namespace, more
+ * peer identities than an authorizer keeps candidate lists for.
+ */
+function newIdentities(connection: RbacConnection): RbacConnection[] {
+  const identity = connection.sourceIdentity!;
+  return Array.from({ length: 4_096 }, (_, index) => ({ ...connection, sourceIdentity: { ...identity, serviceAccount: `${identity.serviceAccount}-${index}` } }));
+}
+
 /** Times `count` decisions to workload `uid` of `connections` in turn, as the inbound proxy makes them. */
 function timeDecisions(state: MeshState, uid: string, connections: RbacConnection[], count: number, maxSeconds: number): DecisionFigures {
   let turn = 0;
@@ -263,8 +279,9 @@ async function measureMesh(dir: string, settings: Settings, step: (message: stri
     const denied = timeDecisions(state, target.uid, [deniedOnce], settings.decisions, 30);
     const allowedNew = timeDecisions(state, target.uid, newSources(allowedOnce), settings.decisions, 30);
     const deniedNew = timeDecisions(state, target.uid, newSources(deniedOnce), settings.decisions, 30);
+    const deniedNewIdentity = timeDecisions(state, target.uid, newIdentities(deniedOnce), settings.decisions, 30);
     for (const figures of [allowed, allowedNew]) expectOutcome(figures, "allow", "allowed_by_policy");
-    for (const figures of [denied, deniedNew]) expectOutcome(figures, "deny", "no_allow_match");
+    for (const figures of [denied, deniedNew, deniedNewIdentity]) expectOutcome(figures, "deny", "no_allow_match");
 
     step(`authz: ${settings.changes} changes of one policy`);
     const changes: number[] = [];
@@ -288,6 +305,7 @@ async function measureMesh(dir: string, settings: Settings, step: (message: stri
       denied,
       allowedNew,
       deniedNew,
+      deniedNewIdentity,
       load: { read_and_parse: round(readAndParse, 1), mesh_state: round(meshState, 1) },
       change: roundSummary(summarizeLatency(changes), 2),
     };
@@ -343,7 +361,13 @@ export async function measureAuthz(quick: boolean, step: (message: string) => vo
     policies: NAMESPACES * POLICIES_PER_NAMESPACE,
     namespaces: NAMESPACES,
     policies_per_workload: mesh.policiesPerWorkload,
-    decision_us: { allowed: mesh.allowed, denied: mesh.denied, allowed_new: mesh.allowedNew, denied_new: mesh.deniedNew },
+    decision_us: {
+      allowed: mesh.allowed,
+      denied: mesh.denied,
+      allowed_new: mesh.allowedNew,
+      denied_new: mesh.deniedNew,
+      denied_new_identity: mesh.deniedNewIdentity,
+    },
     worst_case_us: worstCase,
     load_ms: mesh.load,
     change_ms: mesh.change,
@@ -365,6 +389,7 @@ export function formatAuthzTable(figures: AuthzFigures, machine: { cores: number
     decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied, same facts`, figures.decision_us.denied, true),
     decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, allowed, new source`, figures.decision_us.allowed_new, true),
     decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied, new source`, figures.decision_us.denied_new, true),
+    decisionRow(`decision, µs, ${figures.policies} policies, ${figures.policies_per_workload} apply, denied, new identity`, figures.decision_us.denied_new_identity, false),
     ...Object.entries(figures.worst_case_us).map(([name, value]) => decisionRow(`worst case, µs, ${name.replaceAll("_", " ")}`, value, false)),
     ["load from scratch, ms: read and parse", String(figures.load_ms.read_and_parse), "", "", "", ""],
     ["load from scratch, ms: MeshState", String(figures.load_ms.mesh_state), "", "", "", ""],

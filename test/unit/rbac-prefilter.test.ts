@@ -1,6 +1,7 @@
 import test from "ava";
 import net from "node:net";
-import { compilePolicy, matchingRule, parseAddress, type CompiledPolicy, type MatchContext } from "../../agent/rbac/compile";
+import { WorkloadAuthorizer } from "../../agent/rbac/authorize";
+import { compilePolicy, matchingRule, parseAddress, type CompiledPolicy, type MatchContext, type TrustDomains } from "../../agent/rbac/compile";
 import type { AuthorizationPolicy, Identity, PolicyRule, PolicySource } from "../../agent/state/types";
 
 /** A small deterministic generator (mulberry32), so a failure reproduces with its seed. */
@@ -201,4 +202,57 @@ test("parseAddress reads IPv4 as net does", (t) => {
       t.is(address, undefined, text);
     }
   }
+});
+
+/** Decides as WorkloadAuthorizer does, from compiled policies whose prefilters are emptied. */
+function referenceDecision(policies: AuthorizationPolicy[], context: MatchContext, trustDomains: TrustDomains) {
+  const compiled = policies
+    .filter((policy) => !policy.dryRun && (policy.action === "ALLOW" || policy.action === "DENY"))
+    .map((policy) => withoutPrefilter(compilePolicy(policy, trustDomains)));
+  const first = (action: string) => {
+    for (const policy of compiled.filter((entry) => entry.policy.action === action)) {
+      const rule = matchingRule(policy, { ...context });
+      if (rule >= 0) return { policy: policy.policy.uid, rule };
+    }
+    return undefined;
+  };
+  const deny = first("DENY");
+  if (deny !== undefined) return { decision: "deny", reason: "denied_by_policy", ...deny };
+  if (!compiled.some((policy) => policy.policy.action === "ALLOW")) return { decision: "allow", reason: "no_policy" };
+  const allow = first("ALLOW");
+  if (allow !== undefined) return { decision: "allow", reason: "allowed_by_policy", ...allow };
+  return { decision: "deny", reason: "no_allow_match" };
+}
+
+test("workload authorizer equals the reference", (t) => {
+  const next = random(77);
+  let decided = 0;
+  for (let round = 0; round < 400; round += 1) {
+    const trustDomains = next() < 0.5 ? { trustDomain: "cluster.local" } : { trustDomain: "mesh.example", aliases: ["other.td"] };
+    const policies = Array.from({ length: 1 + Math.floor(next() * 6) }, (_, index) => ({
+      ...randomPolicy(next),
+      uid: `demo/p${index}`,
+      name: `p${index}`,
+      dryRun: next() < 0.1,
+    }));
+    const authorizer = new WorkloadAuthorizer({ policies }, { trustDomain: trustDomains.trustDomain, trustDomainAliases: trustDomains.aliases });
+    // Each authorizer decides 40 connections, so later ones reuse the candidate lists of earlier ones.
+    for (let connection = 0; connection < 40; connection += 1) {
+      const context = randomContext(next);
+      const result = authorizer.evaluate({
+        sourceIdentity: context.identity,
+        sourceIp: context.sourceIp,
+        destinationIp: context.destinationIp,
+        destinationPort: context.destinationPort,
+      });
+      const expected = referenceDecision(policies, context, trustDomains);
+      const actual = { decision: result.decision, reason: result.reason, ...(result.policy === undefined ? {} : { policy: result.policy, rule: result.rule }) };
+      if (JSON.stringify(actual) !== JSON.stringify(expected)) {
+        t.fail(`round ${round}: ${JSON.stringify(actual)} instead of ${JSON.stringify(expected)} for ${JSON.stringify(context)}`);
+        return;
+      }
+      if (result.reason !== "no_policy") decided += 1;
+    }
+  }
+  t.true(decided > 4_000, `${decided} decisions by a policy`);
 });

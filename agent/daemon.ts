@@ -327,7 +327,7 @@ export class Agent {
    */
   private warnPolicyMessages(state: MeshState): void {
     const current = new Set<string>();
-    for (const { kind, policy, file, message } of policyMessages(state)) {
+    for (const { kind, policy, file, message } of policyMessages(state, this.options.rootNamespace)) {
       current.add(message);
       if (!this.loggedPolicyMessages.has(message)) this.logger.warn({ kind, policy, file }, message);
     }

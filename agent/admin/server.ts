@@ -60,7 +60,7 @@ export function authorizationRoutes(diagnostics: AuthorizationDiagnostics): Admi
       const state = currentState();
       return explainWorkload(state, diagnostics.settings(), findWorkload(state, pod));
     },
-    "/policies": () => policyStatuses(currentState(), diagnostics.problems()),
+    "/policies": () => policyStatuses(currentState(), diagnostics.problems(), diagnostics.settings().rootNamespace),
   };
 }
 

@@ -51,13 +51,19 @@ export function formatWorkloadExplanation(explanation: WorkloadExplanation): str
   lines.push("");
   lines.push("AUTHORIZATION POLICIES (evaluation order)");
   if (explanation.policies.length === 0) {
-    lines.push("  none: every connection is allowed unless PeerAuthentication requires mutual TLS");
+    lines.push(
+      explanation.enrolled
+        ? "  none: every connection is allowed unless PeerAuthentication requires mutual TLS"
+        : "  none: every connection is allowed, because no agent checks policies on a pod that is not enrolled",
+    );
   } else {
+    if (!explanation.enrolled) lines.push("  not enforced: no agent checks policies on a pod that is not enrolled; the ones listed apply once it is enrolled");
     lines.push(...indent(table(["POLICY", "ACTION", "SCOPE", "STATUS", "RULES", "FILE"], explanation.policies.map(appliedPolicyRow))));
     lines.push(...explanation.policies.flatMap(policyDetails));
   }
   lines.push("");
   lines.push("PEER AUTHENTICATION");
+  if (!explanation.enrolled) lines.push("  not enforced: connections to a pod that is not enrolled are plaintext and no agent checks mutual TLS; the modes listed apply once it is enrolled");
   const scopes = (["mesh", "namespace", "workload"] as const).flatMap((scope) => {
     const ref = explanation.peerAuthentication[scope];
     return ref === undefined ? [] : [[scope, ref.uid, ref.mode, path.basename(ref.file)]];
@@ -124,7 +130,7 @@ export function formatPolicyStatuses(report: PolicyStatusReport): string {
       problem.line === undefined ? problem.file : `${problem.file}:${problem.line}`,
       problem.field === "" ? "-" : problem.field,
       problem.lastValidServing ? "last valid version" : "nothing",
-      problem.message,
+      problem.problems > 1 ? `${problem.message} (${countOf(problem.problems - 1, "more problem")} in this document)` : problem.message,
     ]);
     lines.push(...indent(table(["OBJECT", "FILE", "FIELD", "SERVING", "MESSAGE"], rows)));
   }

@@ -101,6 +101,9 @@ function readObject(
   const kind = reader.requiredString(["kind"]);
   const apiVersion = reader.requiredString(["apiVersion"]);
   if (kind === undefined || apiVersion === undefined) return;
+  // Problems found before the metadata is checked still name the object, so that the last valid
+  // version of an object whose apiVersion or kind was mistyped keeps serving.
+  reader.label = labelOf(kind, value.metadata) ?? reader.label;
 
   const source: ObjectSource = { file: context.file, document: context.document };
   const parsed = readKnownKind(reader, kind, apiVersion, source);
@@ -128,8 +131,24 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
       }
       return readSecurityKind(reader, kind, source);
     default:
+      // A misspelt policy kind would otherwise vanish without a word and take its policy away.
+      if (apiVersion.startsWith("security.istio.io/") && !OTHER_SECURITY_KINDS.includes(kind)) {
+        reader.reject(["kind"], `unknown kind ${describeValue(kind)} in security.istio.io; the agent reads AuthorizationPolicy and PeerAuthentication`);
+        return undefined;
+      }
       return "unknown";
   }
+}
+
+/** Kinds of security.istio.io that apply to waypoints or gateways, which the agent skips. */
+const OTHER_SECURITY_KINDS: readonly string[] = ["RequestAuthentication"];
+
+/** Returns "Kind namespace/name" (or "Kind name" without a namespace) from raw metadata, when it has a name. */
+function labelOf(kind: string, metadata: unknown): string | undefined {
+  if (!isMapping(metadata) || typeof metadata.name !== "string") return undefined;
+  if (kind === "Namespace") return `${kind} ${metadata.name}`;
+  const namespace = typeof metadata.namespace === "string" && metadata.namespace !== "" ? metadata.namespace : "default";
+  return `${kind} ${namespace}/${metadata.name}`;
 }
 
 function readCoreKind(reader: ObjectReader, kind: "Namespace" | "Pod" | "Service", source: ObjectSource): ParsedObject | undefined {

@@ -155,6 +155,7 @@ function readSource(reader: ObjectReader, entryPath: FieldPath): PolicySource {
     if (CIDR_FIELDS.includes(field)) checkCidrs(reader, [...path, field]);
     source[field] = values;
   }
+  rejectAllEmpty(reader, path, "from entry", "source");
   if ((source.serviceAccounts ?? source.notServiceAccounts) !== undefined && (source.principals ?? source.namespaces) !== undefined) {
     reader.reject(path, "serviceAccounts cannot be combined with principals or namespaces in one source; split them into two from entries");
   }
@@ -174,16 +175,24 @@ function readOperation(reader: ObjectReader, entryPath: FieldPath): PolicyOperat
     if (PORT_FIELDS.includes(field)) checkPorts(reader, [...path, field]);
     operation[field] = values;
   }
+  rejectAllEmpty(reader, path, "to entry", "operation");
   return operation;
 }
 
 function readCondition(reader: ObjectReader, path: FieldPath): PolicyCondition {
   reader.knownFields(path, ["key", "values", "notValues"]);
   const key = reader.requiredString([...path, "key"]) ?? "";
+  if (key !== "" && !isConditionKey(key)) {
+    reader.reject(
+      [...path, "key"],
+      `unknown condition key ${describeValue(key)}; use source.ip, source.namespace, source.principal, destination.ip or destination.port (checked at L4), or an HTTP key such as request.headers[NAME]`,
+    );
+  }
   const values = reader.stringList([...path, "values"]);
   const notValues = reader.stringList([...path, "notValues"]);
-  if (values === undefined && notValues === undefined) {
-    reader.reject(path, "a condition needs values or notValues; add one of them");
+  // An empty list is the same as no list, as in Istio's protobuf API.
+  if ((values ?? []).length === 0 && (notValues ?? []).length === 0) {
+    reader.reject(path, "a condition needs a non-empty values or notValues; add one of them");
   }
   for (const [field, list] of [["values", values], ["notValues", notValues]] as const) {
     if (list === undefined) continue;
@@ -194,6 +203,30 @@ function readCondition(reader: ObjectReader, path: FieldPath): PolicyCondition {
   if (values !== undefined) condition.values = values;
   if (notValues !== undefined) condition.notValues = notValues;
   return condition;
+}
+
+/** Condition keys that Istio accepts: exact keys, and the prefixes of keys that take a name in brackets. */
+const CONDITION_KEYS: readonly string[] = [
+  "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
+  "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "connection.sni",
+];
+const CONDITION_KEY_FORMS = [/^request\.headers\[[^\]]+\]$/, /^request\.auth\.claims(\[[^\]]+\])+$/, /^experimental\.envoy\.filters\.[^\s]+$/];
+
+/** Tells whether `key` is a condition key that Istio defines; a misspelt key is no HTTP attribute. */
+function isConditionKey(key: string): boolean {
+  return CONDITION_KEYS.includes(key) || CONDITION_KEY_FORMS.some((form) => form.test(key));
+}
+
+/**
+ * Rejects a source or operation whose fields are all empty lists: Istio reads an empty list as an
+ * absent field, and rejects an empty source or operation.
+ */
+function rejectAllEmpty(reader: ObjectReader, path: FieldPath, entry: string, field: string): void {
+  const raw = reader.value(path);
+  const lists = raw !== null && typeof raw === "object" ? Object.values(raw) : [];
+  if (lists.length > 0 && lists.every((list) => Array.isArray(list) && list.length === 0)) {
+    reader.reject(path, `a ${entry} needs a non-empty ${field}, and every list in it is empty; add values or remove the entry`);
+  }
 }
 
 /** Checks that `path` is a mapping with at least one field; an empty source or operation is invalid in Istio. */

@@ -234,10 +234,10 @@ export class ManifestSource extends EventEmitter {
       objects.set(object.key, object);
     }
     for (const problem of result.problems) {
-      const lastValid = previous.get(problem.object);
-      if (lastValid !== undefined && !objects.has(problem.object)) {
-        this.logger.warn({ file, object: problem.object }, "keeping the last valid version of a rejected object");
-        objects.set(problem.object, lastValid);
+      for (const key of lastValidKeys(problem, previous)) {
+        if (objects.has(key)) continue;
+        this.logger.warn({ file, object: key, problem: problem.object }, "keeping the last valid version of a rejected object");
+        objects.set(key, previous.get(key)!);
       }
     }
     this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects, problems: result.problems, documents });
@@ -267,6 +267,35 @@ export class ManifestSource extends EventEmitter {
     if (snapshot !== undefined) this.emit("change", snapshot);
   }
 
+}
+
+/**
+ * Returns the keys of the objects read before from the same file that a rejected object replaces:
+ * the object of the same key, or, when the kind or a metadata field was the mistake, the object of
+ * the same name under another kind or namespace. A mistyped apiVersion, kind or namespace thus
+ * keeps the last valid version serving instead of removing the object.
+ */
+function lastValidKeys(problem: ManifestProblem, previous: ReadonlyMap<string, ParsedObject>): string[] {
+  if (previous.has(problem.object)) return [problem.object];
+  const rejected = splitKey(problem.object);
+  if (rejected === undefined) return [];
+  const kindWrong = problem.field === "kind";
+  const namespaceWrong = problem.field.startsWith("metadata");
+  return [...previous.keys()].filter((key) => {
+    const earlier = splitKey(key)!;
+    return (
+      earlier.name === rejected.name &&
+      (earlier.kind === rejected.kind || kindWrong) &&
+      (earlier.namespace === rejected.namespace || namespaceWrong)
+    );
+  });
+}
+
+/** Splits "Kind namespace/name" or "Kind name"; undefined for labels such as "document 2". */
+function splitKey(key: string): { kind: string; namespace?: string; name: string } | undefined {
+  const match = /^(\S+) (?:([^/\s]+)\/)?([^/\s]+)$/.exec(key);
+  if (match === null || /^\d+$/.test(match[3]) || match[1] === "document") return undefined;
+  return { kind: match[1], namespace: match[2], name: match[3] };
 }
 
 /** Number of stat calls in flight while a folder is re-read. */

@@ -25,7 +25,14 @@ export interface Metadata {
 }
 
 /** Reads metadata.name, metadata.namespace (default "default" for namespaced kinds), labels and annotations. */
+/** The fields of a Kubernetes ObjectMeta; any other field under metadata is a mistake, such as "namespce". */
+const METADATA_FIELDS = [
+  "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
+  "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations", "ownerReferences", "finalizers", "managedFields",
+];
+
 export function readMetadata(reader: ObjectReader, kind: ObjectKind, namespaced: boolean): Metadata | undefined {
+  reader.knownFields(["metadata"], METADATA_FIELDS);
   const name = reader.requiredString(["metadata", "name"]);
   if (name === undefined) return undefined;
   let namespace: string | undefined;

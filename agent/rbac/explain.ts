@@ -163,6 +163,8 @@ export function checkAccess(state: MeshState, settings: AuthorizationSettings, f
   const { source, identity } = resolveSource(state, settings, sourceQuery, from, notes);
   const targets = resolveDestination(state, destinationQuery, to);
   const results = targets.flatMap((target) => decideTarget(state, settings, source, identity, target, notes));
+  const hint = bareIpv6Hint(state, to, targets);
+  if (hint !== undefined) notes.push(hint);
   return { source, destination: to, results, notes: [...new Set(notes)] };
 }
 
@@ -227,6 +229,24 @@ function resolveDestination(state: MeshState, query: DestinationQuery, text: str
   return [{ kind: "outside", ip: query.ip, port: query.port }];
 }
 
+/**
+ * Returns a note for a bare IPv6 destination that no pod or Service has: "fd00::10:8080" is read
+ * as one address, and a port needs brackets. When the last group read as a port gives a known
+ * address, the note names that reading.
+ */
+function bareIpv6Hint(state: MeshState, text: string, targets: readonly Target[]): string | undefined {
+  const value = text.trim();
+  if (!net.isIPv6(value) || targets.some((target) => target.kind !== "outside")) return undefined;
+  const note = `${value} is read as the IPv6 address ${canonicalIp(value)}, which no pod or Service has; to give a port with an IPv6 address, write [ADDRESS]:PORT`;
+  const colon = value.lastIndexOf(":");
+  const head = value.slice(0, colon);
+  const port = value.slice(colon + 1);
+  if (!net.isIPv6(head) || !/^[0-9]{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535) return note;
+  const ip = canonicalIp(head);
+  if (state.workloadByIp(ip) === undefined && state.serviceByVip(ip) === undefined) return note;
+  return `${note}, for example [${ip}]:${Number(port)}`;
+}
+
 /** Returns one target per ready endpoint of the Service port, as the outbound proxy would pick them. */
 function serviceTargets(state: MeshState, vip: string, port: number): Target[] {
   const found = serviceEndpoints(state, vip, port)!;
@@ -279,7 +299,7 @@ function decideTarget(
     if (rejected !== undefined) return { ...where, port, ...rejected, enforced: true, dryRun: [], mtls };
     const result = authorizer.evaluate({ sourceIdentity: identity, sourceIp: source.ip ?? "", destinationIp: target.ip, destinationPort: evaluated });
     const allowPolicies = state.policiesForWorkload(workload, rootNamespace).filter((policy) => policy.action === "ALLOW" && !policy.dryRun);
-    return { ...where, port, ...result, enforced: true, mtls, explanation: explainResult(result, workload, evaluated, mtls, allowPolicies) };
+    return { ...where, port, ...result, enforced: true, mtls, explanation: explainResult(result, workload, port, mtls, allowPolicies) };
   });
 }
 
@@ -303,11 +323,12 @@ function rejectedBeforePolicy(
   return undefined;
 }
 
-function explainResult(result: AuthorizationResult, workload: Workload, port: number, mtls: MtlsRequirement, allowPolicies: AuthorizationPolicy[]): string {
+/** Explains an evaluator result; `port` is "other" for the stand-in port, whose number means nothing to the reader. */
+function explainResult(result: AuthorizationResult, workload: Workload, port: number | "other", mtls: MtlsRequirement, allowPolicies: AuthorizationPolicy[]): string {
   let text: string;
   switch (result.reason) {
     case "mtls_required":
-      text = `denied: PeerAuthentication ${result.policy} sets STRICT mutual TLS for port ${port}${mtls.scope === "port" ? " (portLevelMtls)" : ""}, and a plaintext connection has no peer identity`;
+      text = `denied: PeerAuthentication ${result.policy} sets STRICT mutual TLS for ${port === "other" ? "other ports" : `port ${port}`}${mtls.scope === "port" ? " (portLevelMtls)" : ""}, and a plaintext connection has no peer identity`;
       break;
     case "denied_by_policy":
       text = `denied: rules[${result.rule}] of DENY policy ${result.policy} matches`;

@@ -3,7 +3,7 @@
 // no I/O.
 
 import type { ManifestProblem } from "../discovery/manifest-problem";
-import type { MeshState } from "../state/mesh-state";
+import { DEFAULT_ROOT_NAMESPACE, type MeshState } from "../state/mesh-state";
 import type { AuthorizationPolicy, Labels, MtlsMode, PeerAuthentication } from "../state/types";
 import { peerAuthenticationWarnings } from "./peer-authentication";
 import { policyStatus } from "./warnings";
@@ -34,8 +34,11 @@ export interface AuthorizationPolicyStatus {
 
 export interface PeerAuthenticationStatus extends PeerAuthenticationRef {
   selector?: Labels;
-  /** enforced: applied as written; partial: applied with the changes its warnings name. */
-  status: "enforced" | "partial";
+  /**
+   * enforced: applied as written; partial: applied with the changes its warnings name; ignored:
+   * selects no pod, because it has a selector in the root namespace.
+   */
+  status: "enforced" | "partial" | "ignored";
 }
 
 /** A policy that the manifest reader rejected, or a file problem that may hide policies. */
@@ -47,8 +50,14 @@ export interface RejectedPolicy {
   file: string;
   line?: number;
   field: string;
+  /** The first problem's message, when the row stands for several problems of one document. */
   message: string;
-  /** Whether a last valid version of the object still serves, because the state contains an object of that key. */
+  /** Number of manifest problems of this row: a document with several YAML errors is one row. */
+  problems: number;
+  /**
+   * Whether a last valid version still serves: the state contains an object of that key, or, for a
+   * file rejected as a whole for its syntax, objects read from that file before.
+   */
   lastValidServing: boolean;
 }
 
@@ -62,7 +71,7 @@ export interface PolicyStatusReport {
  * Lists every AuthorizationPolicy and PeerAuthentication with how it is enforced, and the manifest
  * problems that rejected objects of those kinds or whole documents of unknown kind.
  */
-export function policyStatuses(state: MeshState, problems: readonly ManifestProblem[]): PolicyStatusReport {
+export function policyStatuses(state: MeshState, problems: readonly ManifestProblem[], rootNamespace = DEFAULT_ROOT_NAMESPACE): PolicyStatusReport {
   const byUid = <T extends { uid: string }>(a: T, b: T) => (a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0);
   const authorizationPolicies = [...state.snapshot.authorizationPolicies.values()].sort(byUid).map((policy) => {
     const status = policyStatus(policy);
@@ -77,25 +86,81 @@ export function policyStatuses(state: MeshState, problems: readonly ManifestProb
       file: policy.source.file,
     };
   });
-  const peerAuthentications = [...state.snapshot.peerAuthentications.values()].sort(byUid).map((policy) => {
-    const ref = peerAuthenticationRef(policy);
-    return { ...ref, ...(policy.selector !== undefined && { selector: policy.selector }), status: ref.warnings.length > 0 ? ("partial" as const) : ("enforced" as const) };
-  });
-  const rejected = problems.flatMap((problem) => rejectedPolicy(state, problem));
+  const peerAuthentications = [...state.snapshot.peerAuthentications.values()].sort(byUid).map((policy) => peerAuthenticationStatus(policy, rootNamespace));
+  const rejected = rejectedPolicies(state, problems);
   return { authorizationPolicies, peerAuthentications, rejected };
 }
 
-function rejectedPolicy(state: MeshState, problem: ManifestProblem): RejectedPolicy[] {
-  const base = { object: problem.object, file: problem.file, ...(problem.line !== undefined && { line: problem.line }), field: problem.field, message: problem.message };
+function peerAuthenticationStatus(policy: PeerAuthentication, rootNamespace: string): PeerAuthenticationStatus {
+  const ref = peerAuthenticationRef(policy);
+  const selector = policy.selector !== undefined && { selector: policy.selector };
+  const ignored = ignoredPeerAuthenticationWarning(policy, rootNamespace);
+  // The mode warnings of an ignored policy do not matter, because it applies to no pod.
+  if (ignored !== undefined) return { ...ref, ...selector, warnings: [ignored], status: "ignored" };
+  return { ...ref, ...selector, status: ref.warnings.length > 0 ? "partial" : "enforced" };
+}
+
+/**
+ * Returns the warning for a PeerAuthentication that selects no pod: as in istiod, a selector in
+ * the root namespace matches nothing, so only selector-less root policies apply (mesh-wide).
+ */
+function ignoredPeerAuthenticationWarning(policy: PeerAuthentication, rootNamespace: string): string | undefined {
+  if (policy.namespace !== rootNamespace || Object.keys(policy.selector ?? {}).length === 0) return undefined;
+  return `PeerAuthentication ${policy.uid} selects no pod: a selector is ignored in the root namespace ${rootNamespace}; move the policy to the namespace of the pods it is for, or remove spec.selector to make it mesh-wide`;
+}
+
+/**
+ * Lists one row per rejected object, in problem order. The problems of one document of unknown
+ * kind (often several YAML errors) become one row that counts them.
+ */
+function rejectedPolicies(state: MeshState, problems: readonly ManifestProblem[]): RejectedPolicy[] {
+  const rows: RejectedPolicy[] = [];
+  const documentRows = new Map<string, RejectedPolicy>();
+  for (const problem of problems) {
+    const row = rejectedPolicy(state, problem);
+    if (row === undefined) continue;
+    if (row.kind !== undefined) {
+      rows.push(row);
+      continue;
+    }
+    const key = `${problem.file}\n${problem.object}`;
+    const earlier = documentRows.get(key);
+    if (earlier !== undefined) {
+      earlier.problems++;
+      continue;
+    }
+    documentRows.set(key, row);
+    rows.push(row);
+  }
+  return rows;
+}
+
+function rejectedPolicy(state: MeshState, problem: ManifestProblem): RejectedPolicy | undefined {
+  const base = { object: problem.object, file: problem.file, ...(problem.line !== undefined && { line: problem.line }), field: problem.field, message: problem.message, problems: 1 };
   for (const kind of ["AuthorizationPolicy", "PeerAuthentication"] as const) {
     if (!problem.object.startsWith(`${kind} `)) continue;
     const uid = problem.object.slice(kind.length + 1);
     const map = kind === "AuthorizationPolicy" ? state.snapshot.authorizationPolicies : state.snapshot.peerAuthentications;
-    return [{ kind, ...base, lastValidServing: map.has(uid) }];
+    return { kind, ...base, lastValidServing: map.has(uid) };
   }
   // A document whose kind is unknown (a syntax error, a missing kind) may be a policy.
-  if (problem.object.startsWith("document ")) return [{ ...base, lastValidServing: false }];
-  return [];
+  if (problem.object.startsWith("document ")) return { ...base, lastValidServing: rejectsWholeFile(problem) && hasObjectsFrom(state, problem.file) };
+  return undefined;
+}
+
+/**
+ * Whether the problem rejected its whole file: the manifest reader then keeps serving the objects
+ * it read from that file before. Other document problems drop that document alone.
+ * NOTE: recognized by the message prefixes that the manifest parser writes for these two cases.
+ */
+function rejectsWholeFile(problem: ManifestProblem): boolean {
+  return /^(invalid YAML|cannot be read):/.test(problem.message);
+}
+
+function hasObjectsFrom(state: MeshState, file: string): boolean {
+  const { namespaces, workloads, services, authorizationPolicies, peerAuthentications } = state.snapshot;
+  const maps: ReadonlyMap<string, { source: { file: string } }>[] = [namespaces, workloads, services, authorizationPolicies, peerAuthentications];
+  return maps.some((map) => [...map.values()].some((object) => object.source.file === file));
 }
 
 /** A warning or rejection message about one policy, for the agent's log. */
@@ -107,7 +172,7 @@ export interface PolicyMessage {
 }
 
 /** Lists the rejection messages and warnings of every policy of the state, for logging when a state is applied. */
-export function policyMessages(state: MeshState): PolicyMessage[] {
+export function policyMessages(state: MeshState, rootNamespace = DEFAULT_ROOT_NAMESPACE): PolicyMessage[] {
   const messages: PolicyMessage[] = [];
   for (const policy of state.snapshot.authorizationPolicies.values()) {
     const status = policyStatus(policy);
@@ -116,7 +181,7 @@ export function policyMessages(state: MeshState): PolicyMessage[] {
     for (const warning of status.warnings) messages.push({ ...base, message: warning });
   }
   for (const policy of state.snapshot.peerAuthentications.values()) {
-    for (const warning of peerAuthenticationWarnings(policy)) {
+    for (const warning of peerAuthenticationStatus(policy, rootNamespace).warnings) {
       messages.push({ kind: "PeerAuthentication", policy: policy.uid, file: policy.source.file, message: warning });
     }
   }

@@ -59,7 +59,7 @@ test("v1alpha1 rejected with the value", (t) => {
   const result = parseManifests("old.yaml", `apiVersion: security.istio.io/v1alpha1\n${POLICY_BODY}`);
   t.deepEqual(result.objects, []);
   t.deepEqual(result.problems.map(formatManifestProblem), [
-    'old.yaml:1: document 1: apiVersion: unsupported apiVersion "security.istio.io/v1alpha1"; use security.istio.io/v1 or security.istio.io/v1beta1',
+    'old.yaml:1: AuthorizationPolicy demo/allow-client: apiVersion: unsupported apiVersion "security.istio.io/v1alpha1"; use security.istio.io/v1 or security.istio.io/v1beta1',
   ]);
 });
 
@@ -126,7 +126,32 @@ const badValues: BadValue[] = [
   {
     name: "when without values",
     spec: "  rules:\n  - when:\n    - key: source.ip\n",
-    problem: `${OBJECT.replace("LINE", "7")} spec.rules[0].when[0]: a condition needs values or notValues; add one of them`,
+    problem: `${OBJECT.replace("LINE", "7")} spec.rules[0].when[0]: a condition needs a non-empty values or notValues; add one of them`,
+  },
+  {
+    name: "misspelt when key",
+    spec: "  rules:\n  - when:\n    - key: source.namespce\n      values: [demo]\n",
+    problem: `${OBJECT.replace("LINE", "7")} spec.rules[0].when[0].key: unknown condition key "source.namespce"; use source.ip, source.namespace, source.principal, destination.ip or destination.port (checked at L4), or an HTTP key such as request.headers[NAME]`,
+  },
+  {
+    name: "source with only empty lists",
+    spec: "  rules:\n  - from:\n    - source: {principals: []}\n",
+    problem: `${OBJECT.replace("LINE", "7")} spec.rules[0].from[0].source: a from entry needs a non-empty source, and every list in it is empty; add values or remove the entry`,
+  },
+  {
+    name: "operation with only empty lists",
+    spec: "  rules:\n  - to:\n    - operation: {ports: [], methods: []}\n",
+    problem: `${OBJECT.replace("LINE", "7")} spec.rules[0].to[0].operation: a to entry needs a non-empty operation, and every list in it is empty; add values or remove the entry`,
+  },
+  {
+    name: "misspelt metadata field",
+    document: "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: bad\n  namespce: demo\nspec: {}\n",
+    problem: 'bad.yaml:5: AuthorizationPolicy default/bad: metadata.namespce: unknown field; expected one of name, generateName, namespace, selfLink, uid, resourceVersion, generation, creationTimestamp, deletionTimestamp, deletionGracePeriodSeconds, labels, annotations, ownerReferences, finalizers, managedFields',
+  },
+  {
+    name: "misspelt security kind",
+    document: "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata: {name: bad, namespace: demo}\nspec: {}\n",
+    problem: 'bad.yaml:2: AuthorisationPolicy demo/bad: kind: unknown kind "AuthorisationPolicy" in security.istio.io; the agent reads AuthorizationPolicy and PeerAuthentication',
   },
   {
     name: "action lower case",
@@ -164,4 +189,12 @@ test("misspelt source field rejected", (t) => {
   t.deepEqual(result.objects, []);
   t.is(result.problems.length, 1);
   t.is(result.problems[0].field, "spec.rules[0].from[0].source.principal");
+});
+
+test("http condition keys accepted", (t) => {
+  for (const key of ["request.headers[x-user]", "request.auth.claims[groups]", "request.auth.claims[a][b]", "remote.ip", "connection.sni"]) {
+    const values = key === "remote.ip" ? '["10.0.0.0/8"]' : "[x]";
+    const result = parseManifests("ok.yaml", `${HEADER}  action: DENY\n  rules:\n  - when:\n    - key: ${key}\n      values: ${values}\n`);
+    t.deepEqual(result.problems.map(formatManifestProblem), [], key);
+  }
 });

@@ -89,6 +89,52 @@ test("invalid object keeps its last valid version", async (t) => {
   });
 });
 
+const DENY_POLICY = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-a
+  namespace: shop
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/x/sa/a"]}}]
+`;
+
+const TYPOS: Record<string, string> = {
+  apiVersion: DENY_POLICY.replace("security.istio.io/v1", "security.istio.io/v2"),
+  kind: DENY_POLICY.replace("kind: AuthorizationPolicy", "kind: AuthorisationPolicy"),
+  "metadata field": DENY_POLICY.replace("  namespace: shop", "  namespce: shop"),
+  "when key": DENY_POLICY.replace('from: [{source: {principals: ["cluster.local/ns/x/sa/a"]}}]', "when: [{key: source.namespce, values: [x]}]"),
+};
+
+for (const [name, text] of Object.entries(TYPOS)) {
+  test(`policy typo in ${name} keeps last valid version`, async (t) => {
+    await withFolder(async (dir, source) => {
+      const file = path.join(dir, "p.yaml");
+      fs.writeFileSync(file, DENY_POLICY);
+      await source.start();
+
+      fs.writeFileSync(file, text);
+      await source.refresh();
+      t.deepEqual([...source.snapshot().authorizationPolicies.keys()], ["shop/deny-a"]);
+      t.is(source.snapshot().authorizationPolicies.get("shop/deny-a")?.action, "DENY");
+      t.is(source.problems().length, 1, JSON.stringify(source.problems()));
+    });
+  });
+}
+
+test("renamed policy replaces the old one", async (t) => {
+  await withFolder(async (dir, source) => {
+    const file = path.join(dir, "p.yaml");
+    fs.writeFileSync(file, DENY_POLICY);
+    await source.start();
+
+    fs.writeFileSync(file, DENY_POLICY.replace("deny-a", "deny-b"));
+    await source.refresh();
+    t.deepEqual([...source.snapshot().authorizationPolicies.keys()], ["shop/deny-b"]);
+  });
+});
+
 test("invalid new object is not served", async (t) => {
   await withFolder(async (dir, source) => {
     fs.writeFileSync(path.join(dir, "a.yaml"), podYaml("a", "999.0.0.1"));

@@ -38,7 +38,7 @@ export function parseManifests(file: string, text: string, logger?: Logger, firs
       value = yaml.toJS({ maxAliasCount: MAX_ALIAS_COUNT });
     } catch (error) {
       unreadable = true;
-      problems.push(documentProblem(context, `cannot be read: ${(error as Error).message}`));
+      problems.push({ ...documentProblem(context, `cannot be read: ${(error as Error).message}`), wholeFile: true });
       return;
     }
     readDocument(context, value, objects, logger);
@@ -58,6 +58,7 @@ function findSyntaxErrors(file: string, documents: Document[], firstDocument: nu
         object: `document ${index + 1}`,
         field: "",
         message: `invalid YAML: ${error.message.split("\n")[0]}; fix the syntax (the file's last valid version stays in use)`,
+        wholeFile: true,
       });
     }
   });

@@ -21,6 +21,8 @@ export interface ManifestProblem {
   /** Dotted path of the field, e.g. "status.podIP"; empty when the whole document or file is at fault. */
   field: string;
   message: string;
+  /** Set when the problem rejects the whole file (a syntax error), whose last valid objects then keep serving. */
+  wholeFile?: true;
 }
 
 /** An accepted object; `key` ("Pod demo/web", "Namespace demo") identifies it across files and reads. */

@@ -323,7 +323,7 @@ function rejectedBeforePolicy(
   return undefined;
 }
 
-/** Explains an evaluator result; `port` is "other" for the stand-in port, whose number means nothing to the reader. */
+/** Explains an evaluator result. `port` is "other" for the stand-in port, whose number means nothing to the reader. */
 function explainResult(result: AuthorizationResult, workload: Workload, port: number | "other", mtls: MtlsRequirement, allowPolicies: AuthorizationPolicy[]): string {
   let text: string;
   switch (result.reason) {

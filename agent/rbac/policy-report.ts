@@ -52,7 +52,7 @@ export interface RejectedPolicy {
   field: string;
   /** The first problem's message, when the row stands for several problems of one document. */
   message: string;
-  /** Number of manifest problems of this row: a document with several YAML errors is one row. */
+  /** Number of manifest problems in this row, because a document with several YAML errors is one row. */
   problems: number;
   /**
    * Whether a last valid version still serves: the state contains an object of that key, or, for a
@@ -149,12 +149,11 @@ function rejectedPolicy(state: MeshState, problem: ManifestProblem): RejectedPol
 }
 
 /**
- * Whether the problem rejected its whole file: the manifest reader then keeps serving the objects
- * it read from that file before. Other document problems drop that document alone.
- * NOTE: recognized by the message prefixes that the manifest parser writes for these two cases.
+ * Returns whether the problem rejected its whole file, so the manifest reader keeps serving the
+ * objects it read from that file before. Other document problems drop that document alone.
  */
 function rejectsWholeFile(problem: ManifestProblem): boolean {
-  return /^(invalid YAML|cannot be read):/.test(problem.message);
+  return problem.wholeFile === true;
 }
 
 function hasObjectsFrom(state: MeshState, file: string): boolean {

@@ -218,6 +218,11 @@ test.serial("check without port lists policy ports", (t) => {
   ]);
   const table = agentctl("authz", "check", "--from", "shop/web", "--to", "backend/db");
   t.regex(table.stdout, /-> backend\/db:<other ports> \(no_policy\)/);
+
+  // The explanation names no stand-in port number for the other ports.
+  const plaintext = agentctl("authz", "check", "--from", "legacy/legacy", "--to", "backend/db");
+  t.is(plaintext.status, 0, plaintext.stderr);
+  t.regex(plaintext.stdout, /-> backend\/db:<other ports> by PeerAuthentication backend\/db-strict \(mtls_required\)\n\s+denied: PeerAuthentication backend\/db-strict sets STRICT mutual TLS for other ports,/);
 });
 
 test.serial("explain lists policies in order", (t) => {

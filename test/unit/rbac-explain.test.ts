@@ -18,6 +18,7 @@ import {
   type PortDecision,
 } from "../../agent/rbac/explain";
 import { MeshState, type AuthorizationSettings } from "../../agent/state/mesh-state";
+import { formatPolicyStatuses, formatWorkloadExplanation } from "../../agent/cli/authz-output";
 
 const SETTINGS: AuthorizationSettings = { trustDomain: "cluster.local", rootNamespace: "istio-system" };
 
@@ -312,6 +313,34 @@ test("port omitted checks every policy port and others", (t) => {
   t.true(check.notes.some((note) => /no port given/.test(note)));
 });
 
+test("other ports hide the stand-in port", (t) => {
+  const strict = peerAuthentication("strict", "backend", "{mtls: {mode: STRICT}}");
+  const check = checkAccess(mesh(strict, MESH_DENY_9000), SETTINGS, "legacy/old", "backend/db");
+  t.deepEqual(check.results.map((result) => [result.port, result.reason]), [
+    [9000, "mtls_required"],
+    ["other", "mtls_required"],
+  ]);
+  t.is(check.results[0].explanation, "denied: PeerAuthentication backend/strict sets STRICT mutual TLS for port 9000, and a plaintext connection has no peer identity");
+  t.is(check.results[1].explanation, "denied: PeerAuthentication backend/strict sets STRICT mutual TLS for other ports, and a plaintext connection has no peer identity");
+});
+
+test("bare IPv6 destination notes brackets", (t) => {
+  const state = mesh(pod("backend", "v6", "v6", "fd00:234:2::10"));
+  const check = checkAccess(state, SETTINGS, "shop/web", "fd00:234:2::10:8080");
+  t.is(only(check.results).reason, "unknown_destination");
+  t.true(
+    check.notes.includes("fd00:234:2::10:8080 is read as the IPv6 address fd00:234:2::10:8080, which no pod or Service has; to give a port with an IPv6 address, write [ADDRESS]:PORT, for example [fd00:234:2::10]:8080"),
+    JSON.stringify(check.notes),
+  );
+  const unknown = checkAccess(state, SETTINGS, "shop/web", "fd00:99::1");
+  t.deepEqual(unknown.notes, ["fd00:99::1 is read as the IPv6 address fd00:99::1, which no pod or Service has; to give a port with an IPv6 address, write [ADDRESS]:PORT"]);
+  const known = checkAccess(state, SETTINGS, "shop/web", "fd00:234:2::10");
+  t.is(known.results[0].workload, "backend/v6");
+  t.false(known.notes.some((note) => /\[ADDRESS\]:PORT/.test(note)));
+  const bracketed = checkAccess(state, SETTINGS, "shop/web", "[fd00:99::1]:8080");
+  t.deepEqual(bracketed.notes, []);
+});
+
 test("proxy port is refused", (t) => {
   const result = only(checkAccess(mesh(), SETTINGS, "shop/web", "backend/db:15008").results);
   t.is(result.decision, "deny");
@@ -382,6 +411,26 @@ test("explain of a pod not enrolled says why", (t) => {
   t.is(explanation.notEnrolledReason, "its namespace legacy is not labelled istio.io/dataplane-mode=ambient");
 });
 
+test("explain table of a pod not enrolled", (t) => {
+  const state = mesh(peerAuthentication("strict", "legacy", "{mtls: {mode: STRICT}}"));
+  const text = formatWorkloadExplanation(explainWorkload(state, SETTINGS, findWorkload(state, "legacy/old")));
+  t.regex(text, /^ENROLLED   no: its namespace legacy is not labelled istio.io\/dataplane-mode=ambient; the agent enforces no policy on this pod$/m);
+  t.notRegex(text, /unless PeerAuthentication requires mutual TLS/);
+  t.regex(text, /^  none: every connection is allowed, because no agent checks policies on a pod that is not enrolled$/m);
+  t.regex(text, /^  not enforced: connections to a pod that is not enrolled are plaintext and no agent checks mutual TLS/m);
+
+  const enrolled = formatWorkloadExplanation(explainWorkload(state, SETTINGS, findWorkload(state, "backend/db")));
+  t.regex(enrolled, /^  none: every connection is allowed unless PeerAuthentication requires mutual TLS$/m);
+  t.notRegex(enrolled, /not enforced/);
+});
+
+test("explain table marks policies of a pod not enrolled", (t) => {
+  const state = mesh(policy("deny-all", "legacy", "{action: DENY, rules: [{}]}"));
+  const text = formatWorkloadExplanation(explainWorkload(state, SETTINGS, findWorkload(state, "legacy/old")));
+  t.regex(text, /^  not enforced: no agent checks policies on a pod that is not enrolled; the ones listed apply once it is enrolled$/m);
+  t.regex(text, /legacy\/deny-all\s+DENY/);
+});
+
 // ---- policyStatuses --------------------------------------------------------------------------
 
 const INVALID_POLICY = policy("broken", "backend", `{action: DENY, rules: [{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]}`);
@@ -424,6 +473,32 @@ test("document of unknown kind is listed", (t) => {
   t.is(policyStatuses(mesh(), [problem]).rejected.length, 1);
 });
 
+test("root namespace selector is ignored", (t) => {
+  const selected = peerAuthentication("api-strict", "istio-system", "{selector: {matchLabels: {app: api}}, mtls: {mode: DISABLE}}");
+  const meshWide = peerAuthentication("default", "istio-system", "{mtls: {mode: STRICT}}");
+  const state = mesh(selected, meshWide);
+  const report = policyStatuses(state, [], "istio-system");
+  t.deepEqual(report.peerAuthentications.map((entry) => [entry.uid, entry.status]), [
+    ["istio-system/api-strict", "ignored"],
+    ["istio-system/default", "enforced"],
+  ]);
+  const [warning] = report.peerAuthentications[0].warnings;
+  t.is(report.peerAuthentications[0].warnings.length, 1);
+  t.is(
+    warning,
+    "PeerAuthentication istio-system/api-strict selects no pod: a selector is ignored in the root namespace istio-system; move the policy to the namespace of the pods it is for, or remove spec.selector to make it mesh-wide",
+  );
+  t.deepEqual(report.peerAuthentications[1].warnings, []);
+  t.regex(formatPolicyStatuses(report), /istio-system\/api-strict\s+app=api\s+DISABLE\s+-\s+ignored\s+mesh.yaml/);
+
+  // Another root namespace makes the same policy an ordinary namespace policy.
+  t.deepEqual(policyStatuses(state, [], "mesh-root").peerAuthentications.map((entry) => entry.status), ["partial", "enforced"]);
+
+  const messages = policyMessages(state, "istio-system").filter((message) => message.policy === "istio-system/api-strict");
+  t.deepEqual(messages, [{ kind: "PeerAuthentication", policy: "istio-system/api-strict", file: "/manifests/mesh.yaml", message: warning }]);
+  t.is(policyMessages(state).find((message) => message.policy === "istio-system/api-strict")?.message, warning);
+});
+
 test("policy messages name policy and file", (t) => {
   const http = policy("http-allow", "backend", `{action: ALLOW, rules: [{to: [{operation: {methods: ["GET"]}}]}]}`);
   const messages = policyMessages(mesh(http, CUSTOM, peerAuthentication("loose", "backend", "{mtls: {mode: DISABLE}}")));
@@ -436,6 +511,48 @@ test("policy messages name policy and file", (t) => {
     ],
   );
   t.regex(messages[0].message, /spec.rules\[0\]/);
+});
+
+const BROKEN_YAML = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: x, namespace: backend
+spec:
+  action: [DENY
+`;
+
+test("YAML errors of one document are one row", (t) => {
+  const { problems } = parse([namespace("extra", false), BROKEN_YAML]);
+  t.true(problems.length >= 2, "the fixture has several YAML errors in one document");
+  const report = policyStatuses(mesh(), problems);
+  t.is(report.rejected.length, 1);
+  const [rejected] = report.rejected;
+  t.is(rejected.object, "document 2");
+  t.is(rejected.problems, problems.length);
+  t.is(rejected.message, problems[0].message);
+  t.is(rejected.line, problems[0].line);
+  // The fixture state has objects of /manifests/mesh.yaml, which a syntax error keeps serving.
+  t.true(rejected.lastValidServing);
+
+  const table = formatPolicyStatuses(report).split("\n").filter((line) => line.includes("document 2"));
+  t.is(table.length, 1);
+  t.regex(table[0], new RegExp(`last valid version\\s+invalid YAML: .* \\(${problems.length - 1} more problems? in this document\\)$`));
+});
+
+test("YAML error in a new file serves nothing", (t) => {
+  const { problems } = parseManifests("/manifests/new.yaml", BROKEN_YAML);
+  const [rejected] = policyStatuses(mesh(), problems).rejected;
+  t.false(rejected.lastValidServing);
+  const table = formatPolicyStatuses(policyStatuses(mesh(), problems));
+  t.regex(table, /document 1\s+\/manifests\/new.yaml:\d+\s+-\s+nothing\s+invalid YAML/);
+});
+
+test("document without kind serves nothing", (t) => {
+  const { problems } = parse(["apiVersion: v1\nmetadata: {name: nokind}\n"]);
+  t.is(problems.length, 1);
+  const [rejected] = policyStatuses(mesh(), problems).rejected;
+  t.is(rejected.object, "document 1");
+  t.is(rejected.problems, 1);
+  t.false(rejected.lastValidServing, "the rest of the file serves, but this document has no earlier version");
 });
 
 test("manifest source keeps problems of current files", async (t) => {
@@ -460,6 +577,14 @@ test("manifest source keeps problems of current files", async (t) => {
   const report = policyStatuses(new MeshState(source.snapshot()), source.problems());
   t.true(report.rejected[0].lastValidServing);
   t.deepEqual(report.authorizationPolicies.map((entry) => entry.uid), ["backend/broken"]);
+
+  // A syntax error keeps the file's objects, and its document is one row marked as serving.
+  fs.writeFileSync(file, policy("broken", "backend", "{action: DENY}") + "---\n" + BROKEN_YAML);
+  await source.refresh();
+  t.true(source.problems().length >= 2);
+  const broken = policyStatuses(new MeshState(source.snapshot()), source.problems());
+  t.deepEqual(broken.rejected.map((row) => [row.object, row.file, row.lastValidServing]), [["document 2", file, true]]);
+  t.deepEqual(broken.authorizationPolicies.map((entry) => entry.uid), ["backend/broken"]);
 
   fs.rmSync(file);
   await source.refresh();

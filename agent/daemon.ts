@@ -310,7 +310,7 @@ export class Agent {
     this.warnVipConflicts(this.state);
     this.warnPolicyMessages(this.state);
     this.logger.info(
-      { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size },
+      { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
       "configuration updated",
     );
     const desired = enrolledWorkloads(this.state, this.options.node);

@@ -173,7 +173,8 @@ async function httpGet(client: string, server: string, port: number): Promise<At
   return {
     received: result.body.toString(),
     succeeded: result.exitCode === 0 && result.status === 200,
-    reset: RESET_EXIT_CODES.includes(result.exitCode),
+    // A reset between the connect and curl's getpeername() call shows as exit 55 with ENOTCONN.
+    reset: RESET_EXIT_CODES.includes(result.exitCode) || (result.exitCode === 55 && /getpeername\(\) failed/.test(result.stderr)),
     exitCode: result.exitCode,
     stderr: result.stderr,
     record,

@@ -101,6 +101,8 @@ export class Agent {
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
   private trustDomain = "cluster.local";
+  /** Set once stop() begins: configuration changes then only re-check open connections. */
+  private stopping = false;
   /** Policy warnings and rejections already logged, so each is logged once while it lasts. */
   private loggedPolicyMessages = new Set<string>();
 
@@ -186,8 +188,11 @@ export class Agent {
    */
   async stop(drainMs = 0): Promise<void> {
     this.handover?.close();
-    this.source?.stop();
+    // The manifests are still followed while connections drain, so a policy change still closes
+    // the connections it denies; enrolment no longer changes.
+    this.stopping = true;
     await this.drain(drainMs);
+    await this.source?.stop();
     await this.admin?.stop();
     this.capture?.close();
     this.identity?.close();
@@ -318,7 +323,7 @@ export class Agent {
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
     const closed = this.reconciler?.recheck(new Set(desired.map((workload) => workload.uid))) ?? 0;
     if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
-    await this.reconciler?.update(desired);
+    if (!this.stopping) await this.reconciler?.update(desired);
   }
 
   /**

@@ -35,19 +35,34 @@ export interface WorkloadPolicies {
 interface Candidate {
   policy: AuthorizationPolicy;
   rules: readonly CompiledRule[];
-}
-
-/** The candidates of each kind for one peer identity, in uid order. */
-interface Candidates {
-  deny: readonly Candidate[];
-  allow: readonly Candidate[];
-  dryRunDeny: readonly Candidate[];
-  dryRunAllow: readonly Candidate[];
+  /** The policy's place in uid order among the policies of its kind, so merged lists keep that order. */
+  position: number;
 }
 
 /**
- * Bounds on the candidate lists kept per workload: the peer identities, and the candidates over all
- * of them. Past either, the lists are dropped and built again as connections arrive.
+ * The candidates of one kind for one peer identity: `shared` holds the policies whose rules name no
+ * identity, the same for every peer, and `own` those that this peer's identity lets through. Both
+ * are in uid order, and a decision walks them merged in that order.
+ */
+interface CandidateList {
+  shared: readonly Candidate[];
+  own: readonly Candidate[];
+}
+
+/** The candidates of each kind for one peer identity. */
+interface Candidates {
+  deny: CandidateList;
+  allow: CandidateList;
+  dryRunDeny: CandidateList;
+  dryRunAllow: CandidateList;
+}
+
+type Kind = keyof Candidates;
+const KINDS: readonly Kind[] = ["deny", "allow", "dryRunDeny", "dryRunAllow"];
+
+/**
+ * Bounds on the identity-specific candidates kept per workload: the peer identities, and the
+ * candidates over all of them. Past either, they are dropped and built again as connections arrive.
  */
 const MAX_CANDIDATE_KEYS = 1_024;
 const MAX_CANDIDATE_ENTRIES = 200_000;
@@ -59,27 +74,28 @@ const MAX_CANDIDATE_ENTRIES = 200_000;
  */
 export class WorkloadAuthorizer {
   /** Every policy of each kind, each as a candidate with all of its rules. */
-  readonly #all: Candidates;
+  readonly #all: Record<Kind, Candidate[]> = { deny: [], allow: [], dryRunDeny: [], dryRunAllow: [] };
+  /** The policies of each kind whose rules name no identity. */
+  readonly #shared: Record<Kind, Candidate[]> = { deny: [], allow: [], dryRunDeny: [], dryRunAllow: [] };
   readonly #peerAuthentications: PeerAuthenticationScopes;
   /**
-   * The candidates by peer principal (empty for plaintext). Only their rules can match, so a
-   * decision walks these alone. Keys are identities, never ports: a client that tries many ports
-   * adds no entry.
+   * The identity-specific candidates by peer principal (empty for plaintext). Only these and the
+   * shared ones can match, so a decision walks these alone. Keys are identities, never ports: a
+   * client that tries many ports adds no entry.
    */
   readonly #candidates = new Map<string, Candidates>();
   #candidateEntries = 0;
 
   constructor(policies: WorkloadPolicies, options: AuthorizeOptions = {}) {
     const trustDomains: TrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases };
-    const all = { deny: [] as Candidate[], allow: [] as Candidate[], dryRunDeny: [] as Candidate[], dryRunAllow: [] as Candidate[] };
     for (const policy of policies.policies) {
       if (policy.action !== "ALLOW" && policy.action !== "DENY") continue;
+      const kind: Kind = policy.dryRun ? (policy.action === "DENY" ? "dryRunDeny" : "dryRunAllow") : policy.action === "DENY" ? "deny" : "allow";
       const { rules } = compilePolicy(policy, trustDomains);
-      const candidate = { policy, rules };
-      if (policy.dryRun) (policy.action === "DENY" ? all.dryRunDeny : all.dryRunAllow).push(candidate);
-      else (policy.action === "DENY" ? all.deny : all.allow).push(candidate);
+      const candidate = { policy, rules, position: this.#all[kind].length };
+      this.#all[kind].push(candidate);
+      if (rules.every((rule) => rule.prefilter.identities === undefined)) this.#shared[kind].push(candidate);
     }
-    this.#all = all;
     this.#peerAuthentications = policies.peerAuthentications ?? {};
   }
 
@@ -114,20 +130,16 @@ export class WorkloadAuthorizer {
     const key = context.principal ?? "";
     let candidates = this.#candidates.get(key);
     if (candidates === undefined) {
-      const all = this.#all;
-      candidates = {
-        deny: passing(all.deny, context),
-        allow: passing(all.allow, context),
-        dryRunDeny: passing(all.dryRunDeny, context),
-        dryRunAllow: passing(all.dryRunAllow, context),
-      };
-      const entries = candidates.deny.length + candidates.allow.length + candidates.dryRunDeny.length + candidates.dryRunAllow.length;
+      const own = (kind: Kind): CandidateList => ({ shared: this.#shared[kind], own: passing(this.#all[kind], context) });
+      const built: Candidates = { deny: own("deny"), allow: own("allow"), dryRunDeny: own("dryRunDeny"), dryRunAllow: own("dryRunAllow") };
+      const entries = KINDS.reduce((sum, kind) => sum + built[kind].own.length, 0);
       if (this.#candidates.size >= MAX_CANDIDATE_KEYS || this.#candidateEntries + entries > MAX_CANDIDATE_ENTRIES) {
         this.#candidates.clear();
         this.#candidateEntries = 0;
       }
-      this.#candidates.set(key, candidates);
+      this.#candidates.set(key, built);
       this.#candidateEntries += entries;
+      candidates = built;
     }
     return candidates;
   }
@@ -153,10 +165,11 @@ export class WorkloadAuthorizer {
     const effects: DryRunEffect[] = [];
     if (outcome.decision === "allow") {
       // A matching DENY would have denied an allowed connection.
-      for (const candidate of candidates.dryRunDeny) {
+      forEachInOrder(candidates.dryRunDeny, (candidate) => {
         const rule = matchingRuleOf(candidate.rules, context);
         if (rule >= 0) effects.push({ policy: candidate.policy.uid, rule, decision: "deny" });
-      }
+        return false;
+      });
       // With no enforced ALLOW policy, dry-run ALLOW policies would have denied a connection none of them matches.
       if (effects.length === 0 && outcome.reason === "no_policy" && this.#all.dryRunAllow.length > 0) {
         if (firstMatch(candidates.dryRunAllow, context) === undefined) {
@@ -167,37 +180,56 @@ export class WorkloadAuthorizer {
     }
     // A matching ALLOW would have allowed a connection that no enforced ALLOW matched.
     if (outcome.reason === "no_allow_match") {
-      for (const candidate of candidates.dryRunAllow) {
+      forEachInOrder(candidates.dryRunAllow, (candidate) => {
         const rule = matchingRuleOf(candidate.rules, context);
         if (rule >= 0) effects.push({ policy: candidate.policy.uid, rule, decision: "allow" });
-      }
+        return false;
+      });
     }
     return effects;
   }
 }
 
 /**
- * Returns the candidates of `list` that have a rule whose identity prefilter the connection passes,
- * each with those rules. A policy that keeps every rule keeps its candidate object, so the lists of
- * many identities share them.
+ * Returns the candidates of `list` that name an identity, each with those of its rules whose
+ * identity prefilter the connection passes. The shared candidates, whose rules name none, are left
+ * out: they stay in the CandidateList's shared part.
  */
 function passing(list: readonly Candidate[], context: MatchContext): Candidate[] {
   const result: Candidate[] = [];
   for (const candidate of list) {
+    if (candidate.rules.every((rule) => rule.prefilter.identities === undefined)) continue;
     const rules = candidate.rules.filter((rule) => mayMatchIdentity(rule.prefilter, context));
     if (rules.length === candidate.rules.length) result.push(candidate);
-    else if (rules.length > 0) result.push({ policy: candidate.policy, rules });
+    else if (rules.length > 0) result.push({ policy: candidate.policy, rules, position: candidate.position });
   }
   return result;
 }
 
-/** Returns the first policy of `list` with a matching rule, and that rule's index. */
-function firstMatch(list: readonly Candidate[], context: MatchContext): { policy: AuthorizationPolicy; rule: number } | undefined {
-  for (let index = 0; index < list.length; index += 1) {
-    const rule = matchingRuleOf(list[index].rules, context);
-    if (rule >= 0) return { policy: list[index].policy, rule };
+/**
+ * Calls `visit` with the candidates of both parts of `list` in uid order, until it returns true.
+ * Returns the candidate it stopped at.
+ */
+function forEachInOrder(list: CandidateList, visit: (candidate: Candidate) => boolean): Candidate | undefined {
+  const { shared, own } = list;
+  let next = 0;
+  let nextOwn = 0;
+  while (next < shared.length || nextOwn < own.length) {
+    const takeShared = nextOwn >= own.length || (next < shared.length && shared[next].position < own[nextOwn].position);
+    const candidate = takeShared ? shared[next++] : own[nextOwn++];
+    if (visit(candidate)) return candidate;
   }
   return undefined;
+}
+
+/** Returns the first policy of `list` with a matching rule, and that rule's index. */
+function firstMatch(list: CandidateList, context: MatchContext): { policy: AuthorizationPolicy; rule: number } | undefined {
+  let rule = -1;
+  const found = forEachInOrder(list, (candidate) => {
+    rule = matchingRuleOf(candidate.rules, context);
+    return rule >= 0;
+  });
+  return found === undefined ? undefined : { policy: found.policy, rule };
 }
 
 /**
@@ -218,6 +250,7 @@ function matchContextOf(connection: RbacConnection): MatchContext {
     identity,
     principal: identity && `${identity.trustDomain}/ns/${identity.namespace}/sa/${identity.serviceAccount}`,
     sourceIp: connection.sourceIp,
+    sourceIpUnknown: connection.sourceIpUnknown === true,
     destinationIp: connection.destinationIp,
     destinationPort: connection.destinationPort,
     sourceAddress: undefined,

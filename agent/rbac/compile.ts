@@ -21,6 +21,8 @@ export interface MatchContext {
   /** "<trust domain>/ns/<namespace>/sa/<service account>", the SPIFFE id without "spiffe://". */
   principal?: string;
   sourceIp: string;
+  /** True when the source address is unknown (diagnostics only): a match that checks it fails. */
+  sourceIpUnknown: boolean;
   destinationIp: string;
   destinationPort: number;
   /** sourceIp parsed on the first CIDR check; null when it is not an IP address. Start with undefined. */
@@ -151,6 +153,7 @@ function matchMatches(match: Match, context: MatchContext): boolean {
   if (match.length === 0) return false;
   for (let index = 0; index < match.length; index += 1) {
     const check = match[index];
+    if (check.field === "sourceIp" && context.sourceIpUnknown) return false;
     if (anyValueMatches(check, context) === check.negate) return false;
   }
   return true;

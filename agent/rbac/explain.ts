@@ -179,7 +179,7 @@ function resolveSource(
 ): { source: CheckSource; identity?: Identity } {
   switch (query.kind) {
     case "identity":
-      notes.push("the source is an identity with no IP: rules on source IPs (ipBlocks, source.ip) are checked as not matching");
+      notes.push("the source is an identity with no IP: rules on source IPs (ipBlocks, notIpBlocks, source.ip) are checked as not matching");
       return { source: { query: text, kind: "identity", transport: "hbone", identity: formatSpiffeId(query.identity) }, identity: query.identity };
     case "ip": {
       const workload = state.workloadByIp(query.ip);
@@ -297,7 +297,13 @@ function decideTarget(
     const mtls = authorizer.mtls(evaluated);
     const rejected = rejectedBeforePolicy(settings, identity, evaluated);
     if (rejected !== undefined) return { ...where, port, ...rejected, enforced: true, dryRun: [], mtls };
-    const result = authorizer.evaluate({ sourceIdentity: identity, sourceIp: source.ip ?? "", destinationIp: target.ip, destinationPort: evaluated });
+    const result = authorizer.evaluate({
+      sourceIdentity: identity,
+      sourceIp: source.ip ?? "",
+      sourceIpUnknown: source.ip === undefined,
+      destinationIp: target.ip,
+      destinationPort: evaluated,
+    });
     const allowPolicies = state.policiesForWorkload(workload, rootNamespace).filter((policy) => policy.action === "ALLOW" && !policy.dryRun);
     return { ...where, port, ...result, enforced: true, mtls, explanation: explainResult(result, workload, port, mtls, allowPolicies) };
   });

@@ -5,6 +5,11 @@ export interface RbacConnection {
   /** The peer identity proven by mTLS; undefined for plaintext connections. */
   sourceIdentity?: Identity;
   sourceIp: string;
+  /**
+   * Set by diagnostics that know the peer's identity but not its address: every match that checks
+   * the source address then fails, its not* forms included. Never set for real connections.
+   */
+  sourceIpUnknown?: boolean;
   destinationIp: string;
   /** The target (container) port the client asked for. */
   destinationPort: number;

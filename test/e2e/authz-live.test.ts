@@ -1,7 +1,8 @@
 // End to end on the real kernel: open connections are authorized again when the configuration
 // changes. Two client pods on one node keep a line-echo connection open to a server pod on the
 // other node. A new AuthorizationPolicy, or a label change that brings the server under a selector
-// policy, must close the connection it no longer allows and leave the other one flowing.
+// policy, must close the connection it no longer allows and leave the other one flowing, also while
+// the agent drains before it exits.
 
 import test from "ava";
 import type { ChildProcess } from "node:child_process";
@@ -42,6 +43,8 @@ spec:
         - source:
             principals: ["cluster.local/ns/shop/sa/a"]
 `;
+
+const DENY_B_POLICY = DENY_A_POLICY.replace("deny-a", "deny-b").replace("sa/a", "sa/b");
 
 const ALLOW_B_GUARDED_POLICY = `apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -276,4 +279,29 @@ test.serial("label change brings the pod under an ALLOW policy", async (t) => {
   t.regex(outcome, /ended/, `a new connection from a was not rejected: ${outcome}`);
   await b.waitForEchoes(5);
   b.stop();
+});
+
+test.serial("a draining agent still closes denied connections", async (t) => {
+  const c = theCluster();
+  // After the label change, the ALLOW policy admits b alone. A long drain keeps the agent serving b.
+  const previous = c.agent(SERVER_NODE);
+  previous.signal("SIGTERM");
+  await previous.waitExit(15_000);
+  const agent = await c.restartAgent(SERVER_NODE, ["server"], ["--drain-timeout", "30"]);
+  const b = await startLineClient("b");
+  const fromLine = agent.lines.length;
+
+  agent.signal("SIGTERM");
+  await agent.waitForLog((line) => typeof line.msg === "string" && line.msg.startsWith("draining"), 10_000, "the drain start", fromLine);
+  writeManifest(c.manifestsDir, "live-policy.yaml", DENY_B_POLICY);
+  const end = await b.waitForEnd(CLOSE_DEADLINE_MS);
+
+  t.not(end, undefined, `b's connection was still open ${CLOSE_DEADLINE_MS / 1000} s after a DENY policy was written during the drain`);
+  t.regex(end ?? "", /^(error ECONNRESET|eof)$/, `b's connection ended with "${end}", not a reset`);
+  // With no connection left, the drain ends and the agent exits, its audit file flushed.
+  const exit = await agent.waitExit(15_000);
+  t.is(exit.code, 0);
+  const records = c.auditRecords(SERVER_NODE).filter((candidate) => isInboundFrom("b", candidate) && candidate.reason === "policy_change");
+  t.is(records.length, 1);
+  t.is(records[0].policy, "backend/deny-b");
 });

@@ -590,3 +590,15 @@ test("manifest source keeps problems of current files", async (t) => {
   await source.refresh();
   t.deepEqual(source.problems(), []);
 });
+
+test("identity source fails notIpBlocks rules", (t) => {
+  const denyOutside = policy("deny-outside", "backend", `{action: DENY, rules: [{from: [{source: {notIpBlocks: ["10.1.0.0/16"]}}]}]}`);
+  const state = mesh(denyOutside);
+  // The pod's own address is inside the block, so the real connection is allowed.
+  t.is(checkAccess(state, SETTINGS, "shop/web", "backend/api:8080").results[0].reason, "no_policy");
+  // Without an address, the rule is not decided as matching either.
+  const byIdentity = checkAccess(state, SETTINGS, "spiffe://cluster.local/ns/shop/sa/web", "backend/api:8080");
+  t.is(byIdentity.results[0].decision, "allow");
+  t.is(byIdentity.results[0].reason, "no_policy");
+  t.true(byIdentity.notes.some((note) => note.includes("notIpBlocks")));
+});

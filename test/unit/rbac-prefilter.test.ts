@@ -115,6 +115,7 @@ function randomContext(next: () => number): MatchContext {
     identity,
     principal: identity && `${identity.trustDomain}/ns/${identity.namespace}/sa/${identity.serviceAccount}`,
     sourceIp: pick(next, ["10.1.2.3", "10.9.0.1", "192.168.0.1"]),
+    sourceIpUnknown: false,
     destinationIp: "10.2.0.1",
     destinationPort: Number(pick(next, [...PORTS, "9090"])),
     sourceAddress: undefined,

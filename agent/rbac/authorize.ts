@@ -99,6 +99,11 @@ export class WorkloadAuthorizer {
     this.#peerAuthentications = policies.peerAuthentications ?? {};
   }
 
+  /** The peer identities with candidate lists kept now, and their identity-specific candidates. */
+  candidateCacheSize(): { identities: number; entries: number } {
+    return { identities: this.#candidates.size, entries: this.#candidateEntries };
+  }
+
   /** The mutual TLS requirement for a workload port. */
   mtls(port: number): MtlsRequirement {
     return mtlsRequirement(this.#peerAuthentications, port);

@@ -78,12 +78,22 @@ async function waitForCount(count: () => number, expected: number, what: string)
   }
 }
 
+/** The open connections of an echo application, and the error codes its closed connections ended with. */
+interface EchoApp extends Set<net.Socket> {
+  endings: string[];
+}
+
 /** Starts an echo application and returns the set of its open connections. */
-async function startEchoApp(t: Parameters<typeof startApp>[0], ip: string, port: number): Promise<Set<net.Socket>> {
-  const open = new Set<net.Socket>();
+async function startEchoApp(t: Parameters<typeof startApp>[0], ip: string, port: number): Promise<EchoApp> {
+  const open = Object.assign(new Set<net.Socket>(), { endings: [] as string[] });
   await startApp(t, ip, port, (socket) => {
     open.add(socket);
-    socket.once("close", () => open.delete(socket));
+    let errorCode: string | undefined;
+    socket.on("error", (error: NodeJS.ErrnoException) => (errorCode ??= error.code ?? error.message));
+    socket.once("close", () => {
+      open.delete(socket);
+      open.endings.push(errorCode ?? "closed");
+    });
     socket.pipe(socket);
   });
   return open;
@@ -164,6 +174,7 @@ test("plaintext recheck resets only denied connections", async (t) => {
   t.is(record.bytes_sent, "intruder-1".length);
   t.is(record.bytes_recv, "intruder-1".length);
   await waitForCount(() => appConnections.size, 1, "open application connections");
+  t.deepEqual(appConnections.endings, ["ECONNRESET"], "the application side of the closed connection was not reset");
 
   t.is(await friend.roundTrip("still here"), "still here");
   t.is(audit.records.length, 1, "the allowed connection wrote a record while still open");
@@ -246,6 +257,7 @@ test("hbone recheck resets only denied streams", async (t) => {
   t.is(record.bytes_sent, "intruder-1".length);
   t.is(record.bytes_recv, "intruder-1".length);
   await waitForCount(() => appConnections.size, 1, "open application connections");
+  t.deepEqual(appConnections.endings, ["ECONNRESET"], "the application side of the closed connection was not reset");
 
   t.is(await friend.roundTrip("still here"), "still here");
   t.is(mesh.destinationAudit.records.length, 1, "the allowed stream wrote a record while still open");

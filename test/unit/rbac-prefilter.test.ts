@@ -257,3 +257,67 @@ test("workload authorizer equals the reference", (t) => {
   }
   t.true(decided > 4_000, `${decided} decisions by a policy`);
 });
+
+test("candidate lists stay bounded", (t) => {
+  const policies: AuthorizationPolicy[] = Array.from({ length: 300 }, (_, index) => ({
+    uid: `demo/p${String(index).padStart(3, "0")}`,
+    name: `p${index}`,
+    namespace: "demo",
+    action: "DENY",
+    rules: [{ from: [{ source: { namespaces: [`team-${index}`] } }] }, { to: [{ operation: { ports: ["9"] } }] }],
+    dryRun: false,
+    source: { file: "test", document: 0 },
+  }));
+  const authorizer = new WorkloadAuthorizer({ policies }, { trustDomain: "cluster.local" });
+  for (let peer = 0; peer < 2_000; peer += 1) {
+    const result = authorizer.evaluate({
+      sourceIdentity: { trustDomain: "cluster.local", namespace: `team-${peer % 300}`, serviceAccount: `sa-${peer}` },
+      sourceIp: "10.0.0.1",
+      destinationIp: "10.0.0.2",
+      destinationPort: 80,
+    });
+    t.is(result.policy, `demo/p${String(peer % 300).padStart(3, "0")}`);
+    const size = authorizer.candidateCacheSize();
+    t.true(size.identities <= 1_024, `${size.identities} identities kept`);
+  }
+  // Ports are no key: a plaintext client trying every port adds one entry at most.
+  const before = authorizer.candidateCacheSize().identities;
+  for (let port = 1; port <= 2_000; port += 1) authorizer.evaluate({ sourceIp: "10.0.0.3", destinationIp: "10.0.0.2", destinationPort: port });
+  t.true(authorizer.candidateCacheSize().identities <= before + 1);
+});
+
+test("compiled policies differ per trust domain", (t) => {
+  const policy = randomPolicy(random(5));
+  policy.rules = [{ from: [{ source: { principals: ["cluster.local/ns/a/sa/x"] } }] }];
+  const local = compilePolicy(policy, { trustDomain: "cluster.local" });
+  const aliased = compilePolicy(policy, { trustDomain: "mesh.example", aliases: ["cluster.local"] });
+  t.not(local, aliased);
+  const context = (trustDomain: string): MatchContext => ({
+    identity: { trustDomain, namespace: "a", serviceAccount: "x" },
+    principal: `${trustDomain}/ns/a/sa/x`,
+    sourceIp: "10.0.0.1",
+    sourceIpUnknown: false,
+    destinationIp: "10.0.0.2",
+    destinationPort: 80,
+    sourceAddress: undefined,
+    destinationAddress: undefined,
+  });
+  t.is(matchingRule(local, context("mesh.example")), -1);
+  t.is(matchingRule(aliased, context("mesh.example")), 0);
+});
+
+test("mapped IPv6 blocks match at their IPv4 boundary", (t) => {
+  const policy = randomPolicy(random(6));
+  const matches = (block: string, ip: string): boolean => {
+    policy.rules = [{ from: [{ source: { ipBlocks: [block] } }] }];
+    const compiled = compilePolicy({ ...policy }, {});
+    return matchingRule(compiled, { identity: undefined, principal: undefined, sourceIp: ip, sourceIpUnknown: false, destinationIp: "10.0.0.2", destinationPort: 80, sourceAddress: undefined, destinationAddress: undefined }) === 0;
+  };
+  t.true(matches("::ffff:10.1.0.0/112", "10.1.255.255"));
+  t.false(matches("::ffff:10.1.0.0/112", "10.2.0.0"));
+  t.true(matches("::ffff:10.1.2.0/120", "10.1.2.200"));
+  t.false(matches("::ffff:10.1.2.0/120", "10.1.3.1"));
+  t.true(matches("::ffff:0.0.0.0/96", "192.0.2.1"));
+  t.true(matches("::ffff:10.1.2.3/128", "::ffff:10.1.2.3"));
+  t.false(matches("::ffff:10.1.2.3/128", "10.1.2.4"));
+});

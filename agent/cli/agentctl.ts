@@ -213,6 +213,11 @@ async function main(argv: string[]): Promise<void> {
 }
 
 if (require.main === module) {
+  // A reader that stops early (agentctl policies | head) is no error.
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    if (error.code === "EPIPE") process.exit(0);
+    throw error;
+  });
   main(process.argv.slice(2)).catch((error: Error) => {
     if (error instanceof UsageError) {
       process.stderr.write(`agentctl: ${error.message}\n\n${USAGE}`);

@@ -48,6 +48,11 @@ export function formatWorkloadExplanation(explanation: WorkloadExplanation): str
       ? `ENROLLED   yes, identity ${explanation.identity}`
       : `ENROLLED   no: ${explanation.notEnrolledReason}; the agent enforces no policy on this pod`,
   );
+  if (explanation.excludedInboundPorts.length > 0) {
+    lines.push(
+      `EXCLUDED   inbound ports ${explanation.excludedInboundPorts.join(", ")} (traffic.sidecar.istio.io/excludeInboundPorts): no mutual TLS, policy or audit applies to them`,
+    );
+  }
   lines.push("");
   lines.push("AUTHORIZATION POLICIES (evaluation order)");
   if (explanation.policies.length === 0) {

@@ -125,7 +125,9 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
       return readCoreKind(reader, kind, source);
     case "AuthorizationPolicy":
     case "PeerAuthentication":
-      if (!apiVersion.startsWith("security.istio.io/")) return "unknown";
+      // Another project's kind of the same name is skipped, but a mistyped group such as
+      // "security.isito.io/v1" or a missing one is rejected, so the policy does not vanish unnoticed.
+      if (isOtherGroup(apiVersion)) return "unknown";
       if (!SECURITY_API.includes(apiVersion)) {
         reader.reject(["apiVersion"], `unsupported apiVersion ${describeValue(apiVersion)}; use ${SECURITY_API.join(" or ")}`);
         return undefined;
@@ -139,6 +141,27 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
       }
       return "unknown";
   }
+}
+
+/** Tells whether an apiVersion names a group that is neither security.istio.io nor a likely typo of it. */
+function isOtherGroup(apiVersion: string): boolean {
+  const slash = apiVersion.lastIndexOf("/");
+  const group = slash === -1 ? "" : apiVersion.slice(0, slash).toLowerCase();
+  return group !== "" && !group.includes("istio") && editDistance(group, "security.istio.io") > 3;
+}
+
+/** Returns the Levenshtein distance between two short strings. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, index) => index);
+  for (let row = 1; row <= a.length; row += 1) {
+    const current = [row];
+    for (let column = 1; column <= b.length; column += 1) {
+      const substitution = previous[column - 1] + (a[row - 1] === b[column - 1] ? 0 : 1);
+      current.push(Math.min(previous[column] + 1, current[column - 1] + 1, substitution));
+    }
+    previous = current;
+  }
+  return previous[b.length];
 }
 
 /** Kinds of security.istio.io that apply to waypoints or gateways, which the agent skips. */

@@ -100,13 +100,24 @@ export function readPeerAuthentication(reader: ObjectReader, source: ObjectSourc
 function readSelector(reader: ObjectReader): Labels | undefined {
   if (reader.mapping(["spec", "selector"]) === undefined) return undefined;
   reader.knownFields(["spec", "selector"], ["matchLabels"]);
-  return reader.stringMap(["spec", "selector", "matchLabels"]);
+  const labels = reader.stringMap(["spec", "selector", "matchLabels"]);
+  // As in Istio, a wildcard is no pattern here: it would select no pod while looking like it selects all.
+  for (const [key, value] of Object.entries(labels)) {
+    if (key.includes("*") || value.includes("*")) {
+      reader.reject(["spec", "selector", "matchLabels", key], `wildcards are not supported in a selector (${describeValue(`${key}: ${value}`)}); name the label value, or remove the selector to select every pod of the namespace`);
+    }
+  }
+  return labels;
 }
+
+/** The spellings of true and false that Istio accepts for istio.io/dry-run (Go's strconv.ParseBool). */
+const DRY_RUN_TRUE = ["1", "t", "T", "TRUE", "true", "True"];
+const DRY_RUN_FALSE = ["0", "f", "F", "FALSE", "false", "False"];
 
 function readDryRun(reader: ObjectReader, annotations: Record<string, string>): boolean {
   const value = annotations[DRY_RUN_ANNOTATION];
-  if (value === undefined || value === "false") return false;
-  if (value === "true") return true;
+  if (value === undefined || DRY_RUN_FALSE.includes(value)) return false;
+  if (DRY_RUN_TRUE.includes(value)) return true;
   reader.reject(["metadata", "annotations", DRY_RUN_ANNOTATION], `invalid value ${describeValue(value)}; use "true" or "false"`);
   return false;
 }

@@ -240,6 +240,15 @@ export class ManifestSource extends EventEmitter {
         objects.set(key, previous.get(key)!);
       }
     }
+    // A document rejected so early that it names no object (a mistyped kind or name field) keeps
+    // the objects that the document at its place in the file defined before.
+    const servedDocuments = new Set(result.objects.map((object) => object.value.source.document));
+    const rejectedDocuments = new Set(result.problems.map((problem) => problem.document).filter((document) => !servedDocuments.has(document)));
+    for (const [key, object] of previous) {
+      if (objects.has(key) || !rejectedDocuments.has(object.value.source.document)) continue;
+      this.logger.warn({ file, object: key, document: object.value.source.document }, "keeping the last valid version of an object whose document was rejected");
+      objects.set(key, object);
+    }
     this.files.set(name, { mtimeMs: stat.mtimeMs, size: stat.size, objects, problems: result.problems, documents });
     this.dirty.add(name);
   }

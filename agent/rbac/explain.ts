@@ -5,6 +5,7 @@
 
 import net from "node:net";
 import { isAmbient, DATAPLANE_MODE_LABEL } from "../enroll/enrollment";
+import { EXCLUDE_INBOUND_PORTS_ANNOTATION, excludedPortsOf } from "../enroll/excluded-ports";
 import { AgentError } from "../errors";
 import { formatSpiffeId, identityOf, parseSpiffeId } from "../identity/spiffe";
 import { serviceEndpoints } from "../state/endpoints";
@@ -50,6 +51,8 @@ export type DestinationQuery = { kind: "pod"; uid: string; port?: number } | { k
  * - unknown_destination: no pod or Service of the mesh state has the address;
  * - no_service_port, no_healthy_endpoint: a Service cluster IP with nowhere to send the connection;
  * - proxy_port: the target port is one of the agent's ports 15001, 15006, 15008;
+ * - port_excluded: the pod's traffic.sidecar.istio.io/excludeInboundPorts annotation takes the port
+ *   out of inbound capture, so no agent sees its connections;
  * - wrong_trust_domain: the peer's trust domain is not accepted, so the mutual TLS handshake fails.
  */
 export type CheckReason =
@@ -59,6 +62,7 @@ export type CheckReason =
   | "no_service_port"
   | "no_healthy_endpoint"
   | "proxy_port"
+  | "port_excluded"
   | "wrong_trust_domain";
 
 /** The source of a check, resolved against the mesh state. */
@@ -288,11 +292,17 @@ function decideTarget(
     return [{ ...where, port: target.port ?? "other", decision: "allow", reason: "not_enrolled", enforced: false, dryRun: [], explanation }];
   }
   const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
-  const ports: (number | "other")[] = target.port !== undefined ? [target.port] : [...policyPorts(state, workload, rootNamespace), "other"];
+  const excluded = excludedInboundPorts(workload);
+  const named = [...new Set([...policyPorts(state, workload, rootNamespace), ...excluded])].sort((a, b) => a - b);
+  const ports: (number | "other")[] = target.port !== undefined ? [target.port] : [...named, "other"];
   if (target.port === undefined) notes.push(`no port given: checked every port that the policies of ${workload.uid} name, and "other" for all the rest`);
   const authorizer = state.authorizerFor(workload, settings);
   const otherPort = standInPort(ports);
   return ports.map((port) => {
+    if (port !== "other" && excluded.includes(port)) {
+      const explanation = `not protected: the pod's ${EXCLUDE_INBOUND_PORTS_ANNOTATION} annotation excludes port ${port} from inbound capture, so connections to it reach the application directly, without mutual TLS, policy or audit`;
+      return { ...where, port, decision: "allow", reason: "port_excluded", enforced: false, dryRun: [], explanation };
+    }
     const evaluated = port === "other" ? otherPort : port;
     const mtls = authorizer.mtls(evaluated);
     const rejected = rejectedBeforePolicy(settings, identity, evaluated);
@@ -307,6 +317,15 @@ function decideTarget(
     const allowPolicies = state.policiesForWorkload(workload, rootNamespace).filter((policy) => policy.action === "ALLOW" && !policy.dryRun);
     return { ...where, port, ...result, enforced: true, mtls, explanation: explainResult(result, workload, port, mtls, allowPolicies) };
   });
+}
+
+/** Returns the inbound ports that the pod's annotation excludes from capture; none when it is invalid, as the agent then excludes none. */
+function excludedInboundPorts(workload: Workload): number[] {
+  try {
+    return excludedPortsOf(workload).inbound;
+  } catch {
+    return [];
+  }
 }
 
 /** Returns the rejection that comes before policies are read: a proxy port, or a peer of a trust domain the server does not accept. */
@@ -430,6 +449,8 @@ export interface WorkloadExplanation {
   /** SPIFFE URI the pod's connections carry, when enrolled. */
   identity?: string;
   ip: string;
+  /** Inbound ports that the pod's annotation takes out of capture: no mutual TLS, policy or audit applies to them. */
+  excludedInboundPorts: number[];
   /** The applicable AuthorizationPolicies in evaluation order: DENY, ALLOW, dry-run DENY, dry-run ALLOW, rejected. */
   policies: AppliedPolicy[];
   peerAuthentication: {
@@ -462,6 +483,7 @@ export function explainWorkload(state: MeshState, settings: AuthorizationSetting
     ...(!enrolled && { notEnrolledReason: notEnrolledReason(state, workload) }),
     ...(enrolled && { identity: formatSpiffeId(identityOf(workload, settings.trustDomain ?? "cluster.local")) }),
     ip: workload.ip,
+    excludedInboundPorts: excludedInboundPorts(workload),
     policies,
     peerAuthentication: { ...peerAuthenticationRefs(scopes), ports },
   };

@@ -198,3 +198,21 @@ test("http condition keys accepted", (t) => {
     t.deepEqual(result.problems.map(formatManifestProblem), [], key);
   }
 });
+
+test("dry-run annotation takes Go's boolean spellings", (t) => {
+  for (const [value, dryRun] of [["True", true], ["1", true], ["t", true], ["False", false], ["0", false], ["F", false]] as const) {
+    const text = `apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: demo\n  annotations: {istio.io/dry-run: "${value}"}\nspec: {}\n`;
+    t.is(parseOne<AuthorizationPolicy>("p.yaml", text).dryRun, dryRun, value);
+  }
+});
+
+test("wildcard selector value rejected", (t) => {
+  const result = parseManifests("bad.yaml", `${HEADER}  selector: {matchLabels: {app: "*"}}\n`);
+  t.deepEqual(result.objects, []);
+  t.is(result.problems[0]?.field, "spec.selector.matchLabels.app");
+});
+
+test("policy kind of another group is skipped", (t) => {
+  const result = parseManifests("other.yaml", "apiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\nspec: {}\n");
+  t.deepEqual(result, { objects: [], problems: [], syntaxError: false });
+});

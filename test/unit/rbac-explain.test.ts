@@ -602,3 +602,26 @@ test("identity source fails notIpBlocks rules", (t) => {
   t.is(byIdentity.results[0].reason, "no_policy");
   t.true(byIdentity.notes.some((note) => note.includes("notIpBlocks")));
 });
+
+test("excluded inbound port is not protected", (t) => {
+  const excludedPod = `apiVersion: v1
+kind: Pod
+metadata:
+  name: ex
+  namespace: backend
+  labels: {app: ex}
+  annotations: {traffic.sidecar.istio.io/excludeInboundPorts: "9001"}
+spec: {nodeName: node-a, serviceAccountName: ex}
+status: {podIP: "10.2.0.9"}
+`;
+  const strict = peerAuthentication("strict", "backend", "{mtls: {mode: STRICT}}");
+  const state = mesh(excludedPod, strict);
+  const excluded = checkAccess(state, SETTINGS, "legacy/old", "backend/ex:9001").results[0];
+  t.is(excluded.reason, "port_excluded");
+  t.is(excluded.decision, "allow");
+  t.false(excluded.enforced);
+  t.is(checkAccess(state, SETTINGS, "legacy/old", "backend/ex:9000").results[0].reason, "mtls_required");
+  const ports = checkAccess(state, SETTINGS, "legacy/old", "backend/ex").results.map((result) => result.port);
+  t.deepEqual(ports, [9001, "other"]);
+  t.deepEqual(explainWorkload(state, SETTINGS, findWorkload(state, "backend/ex")).excludedInboundPorts, [9001]);
+});

@@ -1,6 +1,6 @@
 // Incremental parsing of a multi-document manifest file. The text is split at bare "---" document
-// markers, and a document whose text is the same as at the last parse keeps its parsed objects
-// and problems, so an edit of one policy in a file of hundreds parses that document alone. A file
+// markers. A document whose text is the same as at the last parse keeps its parsed objects and
+// problems, so an edit of one policy in a file of hundreds parses that document alone. A file
 // with directives, "..." markers or content after "---" is parsed whole.
 
 import type { Logger } from "../log";
@@ -55,9 +55,9 @@ export function parseManifestsReusing(
 }
 
 /**
- * Splits a YAML stream at bare "---" lines, as the parser numbers its documents: text before the
- * first marker is a document only when it contains more than blank lines and comments, and every
- * part after a marker is one, even when empty. Returns undefined when another marker or a
+ * Splits a YAML stream at bare "---" lines, numbering the documents as the parser does. Text
+ * before the first marker is a document only when it contains more than blank lines and comments.
+ * Every part after a marker is one, even when empty. Returns undefined when another marker or a
  * directive appears, so the caller parses the file whole.
  */
 export function splitDocuments(text: string): { text: string; startLine: number }[] | undefined {

@@ -279,9 +279,9 @@ export class ManifestSource extends EventEmitter {
 }
 
 /**
- * Returns the keys of the objects read before from the same file that a rejected object replaces:
- * the object of the same key, or, when the kind or a metadata field was the mistake, the object of
- * the same name under another kind or namespace. A mistyped apiVersion, kind or namespace thus
+ * Returns the keys of the objects read before from the same file that a rejected object replaces.
+ * That is the object of the same key, or, when the kind or a metadata field was the mistake, the
+ * object of the same name under another kind or namespace. A mistyped apiVersion, kind or namespace thus
  * keeps the last valid version serving instead of removing the object.
  */
 function lastValidKeys(problem: ManifestProblem, previous: ReadonlyMap<string, ParsedObject>): string[] {

@@ -40,8 +40,8 @@ interface Candidate {
 }
 
 /**
- * The candidates of one kind for one peer identity: `shared` holds the policies whose rules name no
- * identity, the same for every peer, and `own` those that this peer's identity lets through. Both
+ * The candidates of one kind for one peer identity. `shared` contains the policies whose rules name
+ * no identity, the same for every peer, and `own` those that this peer's identity lets through. Both
  * are in uid order, and a decision walks them merged in that order.
  */
 interface CandidateList {
@@ -90,7 +90,7 @@ export class WorkloadAuthorizer {
     const trustDomains: TrustDomains = { trustDomain: options.trustDomain, aliases: options.trustDomainAliases };
     for (const policy of policies.policies) {
       if (policy.action !== "ALLOW" && policy.action !== "DENY") continue;
-      const kind: Kind = policy.dryRun ? (policy.action === "DENY" ? "dryRunDeny" : "dryRunAllow") : policy.action === "DENY" ? "deny" : "allow";
+      const kind = kindOf(policy);
       const { rules } = compilePolicy(policy, trustDomains);
       const candidate = { policy, rules, position: this.#all[kind].length };
       this.#all[kind].push(candidate);
@@ -99,12 +99,12 @@ export class WorkloadAuthorizer {
     this.#peerAuthentications = policies.peerAuthentications ?? {};
   }
 
-  /** The peer identities with candidate lists kept now, and their identity-specific candidates. */
+  /** Counts the peer identities with candidate lists kept now, and their identity-specific candidates. */
   candidateCacheSize(): { identities: number; entries: number } {
     return { identities: this.#candidates.size, entries: this.#candidateEntries };
   }
 
-  /** The mutual TLS requirement for a workload port. */
+  /** Returns the mutual TLS requirement for a workload port. */
   mtls(port: number): MtlsRequirement {
     return mtlsRequirement(this.#peerAuthentications, port);
   }
@@ -193,6 +193,12 @@ export class WorkloadAuthorizer {
     }
     return effects;
   }
+}
+
+/** Returns the candidate list that an ALLOW or DENY policy belongs to. */
+function kindOf(policy: AuthorizationPolicy): Kind {
+  if (policy.dryRun) return policy.action === "DENY" ? "dryRunDeny" : "dryRunAllow";
+  return policy.action === "DENY" ? "deny" : "allow";
 }
 
 /**

@@ -52,7 +52,7 @@ export type DestinationQuery = { kind: "pod"; uid: string; port?: number } | { k
  * - no_service_port, no_healthy_endpoint: a Service cluster IP with nowhere to send the connection;
  * - proxy_port: the target port is one of the agent's ports 15001, 15006, 15008;
  * - port_excluded: the pod's traffic.sidecar.istio.io/excludeInboundPorts annotation takes the port
- *   out of inbound capture, so no agent sees its connections;
+ *   out of inbound capture, so its connections never reach an agent;
  * - wrong_trust_domain: the peer's trust domain is not accepted, so the mutual TLS handshake fails.
  */
 export type CheckReason =

@@ -66,7 +66,7 @@ function neededByClause<T>(clause: Clause, neededByMatch: (match: Match) => Need
   return union;
 }
 
-/** The checks of a match are ANDed, so what any one positive check needs the match needs too. */
+/** Returns the smallest set that a positive check of the match needs: checks are ANDed, so each one's set is necessary. */
 function neededByChecks<T>(match: Match, neededByCheck: (check: Check) => Needed<T>): Needed<T> {
   return smallest(match.filter((check) => !check.negate).map(neededByCheck));
 }

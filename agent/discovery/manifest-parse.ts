@@ -117,6 +117,16 @@ function readObject(
 
 /** Reads an object of a kind the mesh uses; "unknown" for other kinds, undefined when rejected. */
 function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, source: ObjectSource): ParsedObject | undefined | "unknown" {
+  if (KNOWN_KINDS.includes(kind)) {
+    // A misspelt "spec" would otherwise read as an empty spec: a policy without rules, or UNSET mTLS.
+    reader.knownFields([], ["apiVersion", "kind", "metadata", "spec", "status"]);
+  } else {
+    const meant = KNOWN_KINDS.find((known) => known.toLowerCase() === kind.toLowerCase());
+    if (meant !== undefined) {
+      reader.reject(["kind"], `invalid kind ${describeValue(kind)}; kinds are case-sensitive, write ${meant}`);
+      return undefined;
+    }
+  }
   switch (kind) {
     case "Namespace":
     case "Pod":
@@ -125,9 +135,9 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
       return readCoreKind(reader, kind, source);
     case "AuthorizationPolicy":
     case "PeerAuthentication":
-      // Another project's kind of the same name is skipped, but a mistyped group such as
-      // "security.isito.io/v1" or a missing one is rejected, so the policy does not vanish unnoticed.
-      if (isOtherGroup(apiVersion)) return "unknown";
+      // Any other group is rejected, not skipped: a mistyped group such as "security.isito.io/v1"
+      // must not make a policy vanish unnoticed. Another project's kind of the same name (Linkerd's
+      // policy.linkerd.io AuthorizationPolicy) is then reported too, which is harmless.
       if (!SECURITY_API.includes(apiVersion)) {
         reader.reject(["apiVersion"], `unsupported apiVersion ${describeValue(apiVersion)}; use ${SECURITY_API.join(" or ")}`);
         return undefined;
@@ -143,26 +153,8 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
   }
 }
 
-/** Tells whether an apiVersion names a group that is neither security.istio.io nor a likely typo of it. */
-function isOtherGroup(apiVersion: string): boolean {
-  const slash = apiVersion.lastIndexOf("/");
-  const group = slash === -1 ? "" : apiVersion.slice(0, slash).toLowerCase();
-  return group !== "" && !group.includes("istio") && editDistance(group, "security.istio.io") > 3;
-}
-
-/** Returns the Levenshtein distance between two short strings. */
-function editDistance(a: string, b: string): number {
-  let previous = Array.from({ length: b.length + 1 }, (_, index) => index);
-  for (let row = 1; row <= a.length; row += 1) {
-    const current = [row];
-    for (let column = 1; column <= b.length; column += 1) {
-      const substitution = previous[column - 1] + (a[row - 1] === b[column - 1] ? 0 : 1);
-      current.push(Math.min(previous[column] + 1, current[column - 1] + 1, substitution));
-    }
-    previous = current;
-  }
-  return previous[b.length];
-}
+/** The kinds the agent reads; List documents are unpacked before. */
+const KNOWN_KINDS: readonly string[] = ["Namespace", "Pod", "Service", "AuthorizationPolicy", "PeerAuthentication", "List"];
 
 /** Kinds of security.istio.io that apply to waypoints or gateways, which the agent skips. */
 const OTHER_SECURITY_KINDS: readonly string[] = ["RequestAuthentication"];

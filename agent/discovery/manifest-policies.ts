@@ -218,10 +218,15 @@ function readCondition(reader: ObjectReader, path: FieldPath): PolicyCondition {
 
 /** Condition keys that Istio accepts: exact keys, and the prefixes of keys that take a name in brackets. */
 const CONDITION_KEYS: readonly string[] = [
-  "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
-  "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "connection.sni",
+  "source.ip", "remote.ip", "source.namespace", "source.principal", "source.serviceAccount", "destination.ip",
+  "destination.port", "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "connection.sni",
 ];
-const CONDITION_KEY_FORMS = [/^request\.headers\[[^\]]+\]$/, /^request\.auth\.claims(\[[^\]]+\])+$/, /^experimental\.envoy\.filters\.[^\s]+$/];
+const CONDITION_KEY_FORMS = [
+  /^request\.headers\[[^\]]+\]$/,
+  /^request\.experimental\.inline\.headers\[[^\]]+\]$/,
+  /^request\.auth\.claims(\[[^\]]+\])+$/,
+  /^experimental\.envoy\.filters\.[^\s[\]]+\[[^\]]+\]$/,
+];
 
 /** Tells whether `key` is a condition key that Istio defines; a misspelt key is no HTTP attribute. */
 function isConditionKey(key: string): boolean {

@@ -241,9 +241,13 @@ export class ManifestSource extends EventEmitter {
       }
     }
     // A document rejected so early that it names no object (a mistyped kind or name field) keeps
-    // the objects that the document at its place in the file defined before.
+    // the objects that the document at its place in the file defined before. A document whose
+    // problems name an object is matched by that name above, never by its place.
     const servedDocuments = new Set(result.objects.map((object) => object.value.source.document));
-    const rejectedDocuments = new Set(result.problems.map((problem) => problem.document).filter((document) => !servedDocuments.has(document)));
+    const namingDocuments = new Set(result.problems.filter((problem) => splitKey(problem.object) !== undefined).map((problem) => problem.document));
+    const rejectedDocuments = new Set(
+      result.problems.map((problem) => problem.document).filter((document) => !servedDocuments.has(document) && !namingDocuments.has(document)),
+    );
     for (const [key, object] of previous) {
       if (objects.has(key) || !rejectedDocuments.has(object.value.source.document)) continue;
       this.logger.warn({ file, object: key, document: object.value.source.document }, "keeping the last valid version of an object whose document was rejected");

@@ -211,11 +211,18 @@ test("peer authentication port levels need a selector", (t) => {
   t.deepEqual(peer.selector, { app: "a" });
 });
 
-test("unknown kinds and api groups are skipped", (t) => {
-  const text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n";
+test("unknown kinds are skipped", (t) => {
+  const text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: a}\n";
   const result = parseManifests("c.yaml", text);
   t.deepEqual(result.objects, []);
   t.deepEqual(result.problems, []);
+});
+
+test("known kind names are case-sensitive", (t) => {
+  const result = parseManifests("c.yaml", "apiVersion: v1\nkind: list\nitems: []\n");
+  t.deepEqual(result.objects, []);
+  t.is(result.problems.length, 1);
+  t.regex(result.problems[0].message, /kinds are case-sensitive, write List/);
 });
 
 test("empty documents are skipped", (t) => {

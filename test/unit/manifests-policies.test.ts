@@ -212,7 +212,25 @@ test("wildcard selector value rejected", (t) => {
   t.is(result.problems[0]?.field, "spec.selector.matchLabels.app");
 });
 
-test("policy kind of another group is skipped", (t) => {
-  const result = parseManifests("other.yaml", "apiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\nspec: {}\n");
-  t.deepEqual(result, { objects: [], problems: [], syntaxError: false });
+test("policy kind of another group is rejected", (t) => {
+  for (const apiVersion of ["security.io/v1", "policy.linkerd.io/v1alpha1", "v1"]) {
+    const result = parseManifests("other.yaml", `apiVersion: ${apiVersion}\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\nspec: {}\n`);
+    t.deepEqual(result.objects, [], apiVersion);
+    t.is(result.problems[0]?.field, "apiVersion", apiVersion);
+  }
+});
+
+test("misspelt spec key rejected", (t) => {
+  const result = parseManifests("bad.yaml", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nsepc:\n  mtls: {mode: STRICT}\n");
+  t.deepEqual(result.objects, []);
+  t.is(result.problems[0]?.field, "sepc");
+});
+
+test("newer and experimental condition keys accepted", (t) => {
+  for (const key of ["source.serviceAccount", "request.experimental.inline.headers[x-user]", "experimental.envoy.filters.network.mysql_proxy[db.table]"]) {
+    const result = parseManifests("ok.yaml", `${HEADER}  action: DENY\n  rules:\n  - when:\n    - key: ${key}\n      values: [x]\n`);
+    t.deepEqual(result.problems.map(formatManifestProblem), [], key);
+  }
+  const result = parseManifests("bad.yaml", `${HEADER}  rules:\n  - when:\n    - key: experimental.envoy.filters.mysql\n      values: [x]\n`);
+  t.is(result.problems.length, 1);
 });

@@ -112,7 +112,8 @@ const TYPOS: Record<string, string> = {
   "kind key": DENY_POLICY.replace("kind:", "knd:"),
   "metadata key": DENY_POLICY.replace("metadata:", "metdata:"),
   "name key": DENY_POLICY.replace("  name: deny-a", "  nmae: deny-a"),
-  "name value": DENY_POLICY.replace("name: deny-a", "name: Deny-A"),
+  "spec key": DENY_POLICY.replace("spec:", "sepc:"),
+  "kind case": DENY_POLICY.replace("kind: AuthorizationPolicy", "kind: authorizationpolicy"),
 };
 
 for (const [name, text] of Object.entries(TYPOS)) {
@@ -130,6 +131,22 @@ for (const [name, text] of Object.entries(TYPOS)) {
     });
   });
 }
+
+test("deleted policy goes although a rejected one takes its place", async (t) => {
+  await withFolder(async (dir, source) => {
+    const file = path.join(dir, "p.yaml");
+    const waypoint = DENY_POLICY.replace("deny-a", "waypoint").replace("spec:\n", "spec:\n  targetRefs: [{kind: Service, group: \"\", name: reviews}]\n");
+    fs.writeFileSync(file, DENY_POLICY + "---\n" + waypoint);
+    await source.start();
+
+    fs.writeFileSync(file, waypoint);
+    await source.refresh();
+    t.deepEqual([...source.snapshot().authorizationPolicies.keys()], []);
+    fs.writeFileSync(file, DENY_POLICY.replace("deny-a", "other").replace("action: DENY", "action: ALOW"));
+    await source.refresh();
+    t.deepEqual([...source.snapshot().authorizationPolicies.keys()], []);
+  });
+});
 
 test("renamed policy replaces the old one", async (t) => {
   await withFolder(async (dir, source) => {

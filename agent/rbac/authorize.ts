@@ -233,14 +233,22 @@ function forEachInOrder(list: CandidateList, visit: (candidate: Candidate) => bo
   return undefined;
 }
 
-/** Returns the first policy of `list` with a matching rule, and that rule's index. */
+/**
+ * Returns the first policy of `list` with a matching rule, and that rule's index. It merges the two
+ * parts inline, as forEachInOrder does: this runs for every connection, and a callback per candidate
+ * cost a tenth of a decision in the authorization benchmark.
+ */
 function firstMatch(list: CandidateList, context: MatchContext): { policy: AuthorizationPolicy; rule: number } | undefined {
-  let rule = -1;
-  const found = forEachInOrder(list, (candidate) => {
-    rule = matchingRuleOf(candidate.rules, context);
-    return rule >= 0;
-  });
-  return found === undefined ? undefined : { policy: found.policy, rule };
+  const { shared, own } = list;
+  let next = 0;
+  let nextOwn = 0;
+  while (next < shared.length || nextOwn < own.length) {
+    const takeShared = nextOwn >= own.length || (next < shared.length && shared[next].position < own[nextOwn].position);
+    const candidate = takeShared ? shared[next++] : own[nextOwn++];
+    const rule = matchingRuleOf(candidate.rules, context);
+    if (rule >= 0) return { policy: candidate.policy, rule };
+  }
+  return undefined;
 }
 
 /**

@@ -31,10 +31,11 @@ import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
 import { policyMessages } from "./rbac/explain";
+import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
 import { workloadIpOfFamily } from "./state/ip";
-import { MeshState, type AuthorizationSettings } from "./state/mesh-state";
+import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 
 export interface AgentOptions {
@@ -451,7 +452,7 @@ export class Agent {
     const state = this.state!;
     const workload = state.workload(uid);
     if (!workload) return { decision: "deny", reason: "no_allow_match", dryRun: [] };
-    return state.authorizerFor(workload, this.authorizationSettings()).evaluate(connection);
+    return authorizerFor(state, workload, this.authorizationSettings()).evaluate(connection);
   }
 
   private authorizationSettings(): AuthorizationSettings {

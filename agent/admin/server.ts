@@ -6,7 +6,8 @@ import type { ManifestProblem } from "../discovery/manifest-problem";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import { checkAccess, explainWorkload, findWorkload, policyStatuses } from "../rbac/explain";
-import type { AuthorizationSettings, MeshState } from "../state/mesh-state";
+import type { AuthorizationSettings } from "../rbac/authorize";
+import type { MeshState } from "../state/mesh-state";
 
 /** Splits "host:port" (IPv6 in brackets) and checks the port. */
 export function parseAddress(address: string): { host: string; port: number } {

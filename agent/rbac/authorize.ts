@@ -6,7 +6,8 @@
 // Dry-run policies are evaluated next to the enforced ones and reported, never enforced.
 // Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same result.
 
-import type { AuthorizationPolicy } from "../state/types";
+import { DEFAULT_ROOT_NAMESPACE, type MeshState } from "../state/mesh-state";
+import type { AuthorizationPolicy, Workload } from "../state/types";
 import { compilePolicy, matchingRuleOf, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";
 import { mayMatchIdentity } from "./prefilter";
 import { mtlsRequirement, type MtlsRequirement, type PeerAuthenticationScopes } from "./peer-authentication";
@@ -22,6 +23,37 @@ export interface AuthorizeOptions {
   trustDomain?: string;
   /** Trust domains that count as the mesh's own: a principal of any of them matches all of them. */
   trustDomainAliases?: readonly string[];
+}
+
+/** What authorization needs besides the mesh state: the root namespace and the trust domains. */
+export interface AuthorizationSettings extends AuthorizeOptions {
+  /** Namespace whose policies apply mesh-wide; default istio-system. */
+  rootNamespace?: string;
+}
+
+/** The authorizers of each workload of each mesh state, built on first use with the settings of `key`. */
+const authorizers = new WeakMap<MeshState, WeakMap<Workload, { key: string; authorizer: WorkloadAuthorizer }>>();
+
+/**
+ * Returns the compiled AuthorizationPolicies and PeerAuthentications of a workload of `state`.
+ * The first call per state and workload compiles them; later calls with the same settings reuse them.
+ */
+export function authorizerFor(state: MeshState, workload: Workload, settings: AuthorizationSettings = {}): WorkloadAuthorizer {
+  const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
+  const key = [rootNamespace, settings.trustDomain ?? "", ...(settings.trustDomainAliases ?? [])].join(" ");
+  let byWorkload = authorizers.get(state);
+  if (byWorkload === undefined) {
+    byWorkload = new WeakMap();
+    authorizers.set(state, byWorkload);
+  }
+  const cached = byWorkload.get(workload);
+  if (cached !== undefined && cached.key === key) return cached.authorizer;
+  const authorizer = new WorkloadAuthorizer(
+    { policies: state.policiesForWorkload(workload, rootNamespace), peerAuthentications: state.peerAuthenticationsFor(workload, rootNamespace) },
+    settings,
+  );
+  byWorkload.set(workload, { key, authorizer });
+  return authorizer;
 }
 
 /** Everything that decides connections to one workload. */

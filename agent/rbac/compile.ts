@@ -13,61 +13,10 @@ import net from "node:net";
 import { canonicalIp, parseCidr } from "../state/ip";
 import type { AuthorizationPolicy, Identity, PolicyCondition, PolicyOperation, PolicyRule, PolicySource } from "../state/types";
 import { httpOperationFields, httpSourceFields, isL4Condition } from "./l4-fields";
+import type { Address, Check, CidrMatcher, Clause, Clauses, Match, MatchContext, ServiceAccountRef, StringPattern } from "./match";
 import { mayMatch, prefilterOf, type Prefilter } from "./prefilter";
 
-/** The connection attributes the matcher reads, prepared once per authorization. */
-export interface MatchContext {
-  identity?: Identity;
-  /** "<trust domain>/ns/<namespace>/sa/<service account>", the SPIFFE id without "spiffe://". */
-  principal?: string;
-  sourceIp: string;
-  /** True when the source address is unknown (diagnostics only): a match that checks it fails. */
-  sourceIpUnknown: boolean;
-  destinationIp: string;
-  destinationPort: number;
-  /** sourceIp parsed on the first CIDR check; null when it is not an IP address. Start with undefined. */
-  sourceAddress: Address | null | undefined;
-  /** destinationIp parsed on the first CIDR check; null when it is not an IP address. Start with undefined. */
-  destinationAddress: Address | null | undefined;
-}
-
-/** An IP address as an unsigned 32-bit number (IPv4, also IPv4-mapped IPv6) or a 128-bit bigint (IPv6). */
-export type Address = { family: 4; value: number } | { family: 6; value: bigint };
-
-/** A CIDR prepared for matching: an address is inside when its masked value equals `network`. */
-type CidrMatcher = { family: 4; network: number; mask: number } | { family: 6; network: bigint; mask: bigint };
-
-/** A principal, namespace or trust domain pattern: "*" (any non-empty value), "*suffix", "prefix*" or exact. */
-export interface StringPattern {
-  kind: "any" | "suffix" | "prefix" | "exact";
-  text: string;
-}
-
-/** A serviceAccounts entry with its namespace resolved. */
-interface ServiceAccountRef {
-  namespace: string;
-  name: string;
-}
-
-/**
- * One field check: some value must match, or none may when `negate` is set (a not* field). Checks
- * are data rather than closures, so that one function with a switch runs all of them: V8 then
- * keeps a single call target instead of one per field.
- */
-export type Check =
-  | { field: "principal" | "namespace" | "trustDomain"; negate: boolean; values: readonly StringPattern[] }
-  | { field: "serviceAccount"; negate: boolean; values: readonly ServiceAccountRef[] }
-  | { field: "sourceIp" | "destinationIp"; negate: boolean; values: readonly CidrMatcher[] }
-  | { field: "port"; negate: boolean; values: readonly number[] };
-
-/** A conjunction of field checks; an empty list never matches. */
-export type Match = Check[];
-
-/** A disjunction of matches. */
-export type Clause = Match[];
-
-/** A conjunction of clauses; an empty list matches every connection (`rules: [{}]`). */
-export type Clauses = Clause[];
+export type { Address, MatchContext } from "./match";
 
 /** One rule of spec.rules that can match, with its position there. */
 export interface CompiledRule {

@@ -6,18 +6,20 @@
 import net from "node:net";
 import { isAmbient, DATAPLANE_MODE_LABEL } from "../enroll/enrollment";
 import { EXCLUDE_INBOUND_PORTS_ANNOTATION, excludedPortsOf } from "../enroll/excluded-ports";
-import { AgentError } from "../errors";
-import { formatSpiffeId, identityOf, parseSpiffeId } from "../identity/spiffe";
+import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import { serviceEndpoints } from "../state/endpoints";
 import { canonicalIp } from "../state/ip";
-import { DEFAULT_ROOT_NAMESPACE, type AuthorizationSettings, type MeshState } from "../state/mesh-state";
+import { DEFAULT_ROOT_NAMESPACE, type MeshState } from "../state/mesh-state";
 import type { AuthorizationPolicy, Identity, Labels, Workload } from "../state/types";
+import { authorizerFor, type AuthorizationSettings } from "./authorize";
+import { findWorkload, invalidQuery, parseDestinationQuery, parseSourceQuery, type DestinationQuery, type SourceQuery } from "./authz-query";
 import { compilePolicy } from "./compile";
 import type { MtlsRequirement, PeerAuthenticationScopes } from "./peer-authentication";
 import { peerAuthenticationRef, type PeerAuthenticationRef } from "./policy-report";
 import type { AuthorizationReason, AuthorizationResult } from "./types";
 import { policyStatus } from "./warnings";
 
+export { findWorkload, parseDestinationQuery, parseSourceQuery, type DestinationQuery, type SourceQuery } from "./authz-query";
 export {
   policyMessages,
   policyStatuses,
@@ -29,21 +31,8 @@ export {
   type RejectedPolicy,
 } from "./policy-report";
 
-/** Kubernetes names: a namespace is a DNS-1123 label, a pod name a DNS-1123 subdomain. */
-const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
-const POD_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
-
 /** The agent's own ports: an HBONE request with one of them as its target port is rejected with 503. */
 const PROXY_PORTS: readonly number[] = [15001, 15006, 15008];
-
-/** A source as written by the caller, before it is looked up in the mesh state. */
-export type SourceQuery =
-  | { kind: "identity"; identity: Identity }
-  | { kind: "pod"; uid: string }
-  | { kind: "ip"; ip: string };
-
-/** A destination as written by the caller; `port` is absent when every relevant port is wanted. */
-export type DestinationQuery = { kind: "pod"; uid: string; port?: number } | { kind: "ip"; ip: string; port?: number };
 
 /**
  * Why a check came out as it did: the evaluator's reasons, plus
@@ -113,47 +102,6 @@ export interface AccessCheck {
   results: PortDecision[];
   /** Facts that limit the result, such as a source IP that the check could not know. */
   notes: string[];
-}
-
-/** Parses `from`: spiffe://TD/ns/N/sa/S, TD/ns/N/sa/S, a pod "namespace/name", or an IP. */
-export function parseSourceQuery(text: string): SourceQuery {
-  const value = text.trim();
-  if (value === "") throw invalidQuery(`missing source; ${SOURCE_FORMS}`);
-  if (value.startsWith("spiffe://")) return { kind: "identity", identity: parseIdentity(value, text) };
-  if (/^[^/]+\/ns\/[^/]+\/sa\/[^/]+$/.test(value)) return { kind: "identity", identity: parseIdentity(`spiffe://${value}`, text) };
-  if (net.isIP(value) !== 0) return { kind: "ip", ip: canonicalIp(value) };
-  const uid = parsePodUid(value);
-  if (uid !== undefined) return { kind: "pod", uid };
-  throw invalidQuery(`invalid source ${JSON.stringify(text)}; ${SOURCE_FORMS}`);
-}
-
-/** Parses `to`: a pod "namespace/name[:port]", "ip[:port]" or "[ipv6][:port]". */
-export function parseDestinationQuery(text: string): DestinationQuery {
-  const value = text.trim();
-  if (value === "") throw invalidQuery(`missing destination; ${DESTINATION_FORMS}`);
-  if (net.isIP(value) !== 0) return { kind: "ip", ip: canonicalIp(value) };
-  const bracketed = /^\[([^\]]+)\](?::([^:]*))?$/.exec(value);
-  if (bracketed !== null && net.isIPv6(bracketed[1])) {
-    return { kind: "ip", ip: canonicalIp(bracketed[1]), ...portPart(bracketed[2], text) };
-  }
-  const colon = value.lastIndexOf(":");
-  const head = colon === -1 ? value : value.slice(0, colon);
-  const port = colon === -1 ? {} : portPart(value.slice(colon + 1), text);
-  if (net.isIPv4(head)) return { kind: "ip", ip: head, ...port };
-  const uid = parsePodUid(head);
-  if (uid !== undefined) return { kind: "pod", uid, ...port };
-  throw invalidQuery(`invalid destination ${JSON.stringify(text)}; ${DESTINATION_FORMS}`);
-}
-
-/** Returns the pod with uid "namespace/name"; throws INVALID_QUERY for another form and UNKNOWN_WORKLOAD when absent. */
-export function findWorkload(state: MeshState, text: string): Workload {
-  const uid = parsePodUid(text.trim());
-  if (uid === undefined) throw invalidQuery(`invalid pod ${JSON.stringify(text)}; write NAMESPACE/NAME, for example demo/web`);
-  const workload = state.workload(uid);
-  if (workload === undefined) {
-    throw new AgentError("UNKNOWN_WORKLOAD", `pod ${uid} is not in the agent's mesh state; check the name and namespace, and that its manifest was accepted (agentctl policies lists rejected objects)`);
-  }
-  return workload;
 }
 
 /**
@@ -296,7 +244,7 @@ function decideTarget(
   const named = [...new Set([...policyPorts(state, workload, rootNamespace), ...excluded])].sort((a, b) => a - b);
   const ports: (number | "other")[] = target.port !== undefined ? [target.port] : [...named, "other"];
   if (target.port === undefined) notes.push(`no port given: checked every port that the policies of ${workload.uid} name, and "other" for all the rest`);
-  const authorizer = state.authorizerFor(workload, settings);
+  const authorizer = authorizerFor(state, workload, settings);
   const otherPort = standInPort(ports);
   return ports.map((port) => {
     if (port !== "other" && excluded.includes(port)) {
@@ -471,7 +419,7 @@ export function explainWorkload(state: MeshState, settings: AuthorizationSetting
     .map((policy) => appliedPolicy(policy, rootNamespace, settings))
     .sort((a, b) => evaluationRank(a) - evaluationRank(b) || (a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0));
   const scopes = state.peerAuthenticationsFor(workload, rootNamespace);
-  const authorizer = state.authorizerFor(workload, settings);
+  const authorizer = authorizerFor(state, workload, settings);
   const listed = Object.keys(scopes.workload?.portLevelMtls ?? {}).map(Number).sort((a, b) => a - b);
   const ports = [...listed, "other" as const].map((port) => {
     const requirement = authorizer.mtls(port === "other" ? standInPort(listed) : port);
@@ -521,34 +469,4 @@ function peerAuthenticationRefs(scopes: PeerAuthenticationScopes): Partial<Recor
     if (policy !== undefined) refs[scope] = peerAuthenticationRef(policy);
   }
   return refs;
-}
-
-// ---- parsing helpers -------------------------------------------------------------------------
-
-const SOURCE_FORMS = "write spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT, TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT, a pod NAMESPACE/NAME, or an IP";
-const DESTINATION_FORMS = "write a pod NAMESPACE/NAME[:PORT], or IP:PORT for a pod IP or a Service cluster IP ([IPV6]:PORT for IPv6)";
-
-function parseIdentity(uri: string, text: string): Identity {
-  try {
-    return parseSpiffeId(uri);
-  } catch (error) {
-    throw invalidQuery(`invalid source ${JSON.stringify(text)}: ${(error as Error).message}`);
-  }
-}
-
-function parsePodUid(text: string): string | undefined {
-  const parts = text.split("/");
-  if (parts.length !== 2 || !NAMESPACE_NAME.test(parts[0]) || !POD_NAME.test(parts[1])) return undefined;
-  return `${parts[0]}/${parts[1]}`;
-}
-
-function portPart(text: string | undefined, whole: string): { port?: number } {
-  if (text === undefined) return {};
-  const port = /^[0-9]{1,5}$/.test(text) ? Number(text) : 0;
-  if (port < 1 || port > 65535) throw invalidQuery(`invalid port ${JSON.stringify(text)} in destination ${JSON.stringify(whole)}; use a port from 1 to 65535`);
-  return { port };
-}
-
-function invalidQuery(message: string): AgentError {
-  return new AgentError("INVALID_QUERY", message);
 }

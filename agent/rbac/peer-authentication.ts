@@ -3,17 +3,10 @@
 // (plaintext to port 15006). DISABLE cannot be honoured by a mesh that always tunnels with mutual
 // TLS, so it counts as PERMISSIVE, as in Istio's ambient mode.
 
-import type { PeerAuthentication } from "../state/types";
+import { DEFAULT_ROOT_NAMESPACE, type MeshState, type PeerAuthenticationScopes } from "../state/mesh-state";
+import type { PeerAuthentication, Workload } from "../state/types";
 
-/** The PeerAuthentications that apply to one workload, one per scope. */
-export interface PeerAuthenticationScopes {
-  /** Namespace-wide policy of the root namespace. */
-  mesh?: PeerAuthentication;
-  /** Namespace-wide policy of the workload's namespace. */
-  namespace?: PeerAuthentication;
-  /** Policy of the workload's namespace whose selector matches the workload. */
-  workload?: PeerAuthentication;
-}
+export type { PeerAuthenticationScopes } from "../state/mesh-state";
 
 export type MtlsScope = "mesh" | "namespace" | "workload" | "port";
 
@@ -41,6 +34,11 @@ export function mtlsRequirement(scopes: PeerAuthenticationScopes, port: number):
     requirement = { mode: effective(portMode), policy: scopes.workload!.uid, scope: "port" };
   }
   return requirement;
+}
+
+/** Returns the mutual TLS requirement for connections to `port` (a workload port) of a workload of `state`. */
+export function mtlsFor(state: MeshState, workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): MtlsRequirement {
+  return mtlsRequirement(state.peerAuthenticationsFor(workload, rootNamespace), port);
 }
 
 function effective(mode: PeerAuthentication["mode"]): MtlsRequirement["mode"] {

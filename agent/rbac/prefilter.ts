@@ -4,7 +4,7 @@
 // only, so a connection that passes still goes through the full match, and a rule that cannot be
 // narrowed gets no set.
 
-import type { Check, Clause, Clauses, Match, MatchContext, StringPattern } from "./compile";
+import type { Check, Clause, Clauses, Match, MatchContext, StringPattern } from "./match";
 
 export interface Prefilter {
   /** Target ports outside this set match no rule; absent when any port may match. */

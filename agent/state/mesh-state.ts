@@ -2,8 +2,6 @@
 // per connection (workload by IP, Service by VIP, policies of a workload). It is immutable: a new
 // snapshot builds a new MeshState, so each connection reads one consistent view.
 
-import { WorkloadAuthorizer, type AuthorizeOptions } from "../rbac/authorize";
-import { mtlsRequirement, type MtlsRequirement, type PeerAuthenticationScopes } from "../rbac/peer-authentication";
 import { canonicalIp, workloadIps } from "./ip";
 import type {
   AuthorizationPolicy,
@@ -18,10 +16,14 @@ import type {
 /** Istio's default root namespace: policies there apply mesh-wide. */
 export const DEFAULT_ROOT_NAMESPACE = "istio-system";
 
-/** What authorization needs besides the mesh state: the root namespace and the trust domains. */
-export interface AuthorizationSettings extends AuthorizeOptions {
-  /** Namespace whose policies apply mesh-wide; default istio-system. */
-  rootNamespace?: string;
+/** The PeerAuthentications that apply to one workload, one per scope. */
+export interface PeerAuthenticationScopes {
+  /** Namespace-wide policy of the root namespace. */
+  mesh?: PeerAuthentication;
+  /** Namespace-wide policy of the workload's namespace. */
+  namespace?: PeerAuthentication;
+  /** Policy of the workload's namespace whose selector matches the workload. */
+  workload?: PeerAuthentication;
 }
 
 export function emptySnapshot(): ClusterSnapshot {
@@ -60,8 +62,6 @@ export class MeshState {
   private readonly byNode = new Map<string, Workload[]>();
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
-  /** The compiled policies of each workload, built on first use with the settings of `key`. */
-  private readonly authorizers = new WeakMap<Workload, { key: string; authorizer: WorkloadAuthorizer }>();
 
   /**
    * `previous` is the state this one replaces: a cluster IP that two Services claim stays with the
@@ -185,33 +185,6 @@ export class MeshState {
     if (namespace !== undefined) scopes.namespace = namespace;
     if (selected !== undefined) scopes.workload = selected;
     return scopes;
-  }
-
-  /** Returns the mutual TLS requirement for connections to `port` (a workload port) of a workload. */
-  mtlsFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): MtlsRequirement {
-    return mtlsRequirement(this.peerAuthenticationsFor(workload, rootNamespace), port);
-  }
-
-  /** Returns the mTLS mode for connections to `port` of a workload: STRICT or PERMISSIVE. */
-  mtlsModeFor(workload: Workload, port: number, rootNamespace = DEFAULT_ROOT_NAMESPACE): MtlsRequirement["mode"] {
-    return this.mtlsFor(workload, port, rootNamespace).mode;
-  }
-
-  /**
-   * Returns the compiled AuthorizationPolicies and PeerAuthentications of a workload of this state.
-   * The first call per workload compiles them; later calls with the same settings reuse them.
-   */
-  authorizerFor(workload: Workload, settings: AuthorizationSettings = {}): WorkloadAuthorizer {
-    const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
-    const key = [rootNamespace, settings.trustDomain ?? "", ...(settings.trustDomainAliases ?? [])].join(" ");
-    const cached = this.authorizers.get(workload);
-    if (cached !== undefined && cached.key === key) return cached.authorizer;
-    const authorizer = new WorkloadAuthorizer(
-      { policies: this.policiesForWorkload(workload, rootNamespace), peerAuthentications: this.peerAuthenticationsFor(workload, rootNamespace) },
-      settings,
-    );
-    this.authorizers.set(workload, { key, authorizer });
-    return authorizer;
   }
 
   /**

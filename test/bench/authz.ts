@@ -1,6 +1,6 @@
 // The authorization figures of `make bench`, measured in this process without namespaces or agents:
 //
-//   decision   MeshState.authorizerFor(workload, settings).evaluate(connection), as the inbound proxy
+//   decision   authorizerFor(state, workload, settings).evaluate(connection), as the inbound proxy
 //              calls it, with 10,000 AuthorizationPolicies spread over 100 namespaces. The allowed
 //              connection matches the last ALLOW policy by uid. The denied one matches no policy, so
 //              every DENY and ALLOW policy of the workload that its identity and port may match is
@@ -24,7 +24,8 @@ import { ManifestSource, buildSnapshot } from "../../agent/discovery/manifest-so
 import { parseManifests } from "../../agent/discovery/manifests";
 import { silentLogger } from "../../agent/log";
 import type { RbacConnection } from "../../agent/rbac/types";
-import { MeshState, type AuthorizationSettings } from "../../agent/state/mesh-state";
+import { authorizerFor, type AuthorizationSettings } from "../../agent/rbac/authorize";
+import { MeshState } from "../../agent/state/mesh-state";
 import { round, summarizeLatency, type LatencySummary } from "./stats";
 
 /** Target of one decision with 10,000 policies loaded, at p99. */
@@ -205,7 +206,7 @@ function newIdentities(connection: RbacConnection): RbacConnection[] {
 /** Times `count` decisions to workload `uid` of `connections` in turn, as the inbound proxy makes them. */
 function timeDecisions(state: MeshState, uid: string, connections: RbacConnection[], count: number, maxSeconds: number): DecisionFigures {
   let turn = 0;
-  const decide = () => state.authorizerFor(state.workload(uid)!, SETTINGS).evaluate(connections[turn++ % connections.length]);
+  const decide = () => authorizerFor(state, state.workload(uid)!, SETTINGS).evaluate(connections[turn++ % connections.length]);
   const result = decide();
   for (let warmup = 0; warmup < Math.min(count / 10, 10_000); warmup += 1) decide();
   const batch = batchSize(decide);
@@ -293,7 +294,7 @@ async function measureMesh(dir: string, settings: Settings, step: (message: stri
       fs.writeFileSync(file, text);
       await source.refresh();
       state = new MeshState(source.snapshot(), state);
-      const authorizer = state.authorizerFor(state.workload(target.uid)!, SETTINGS);
+      const authorizer = authorizerFor(state, state.workload(target.uid)!, SETTINGS);
       changes.push(millisecondsSince(start));
       if (authorizer.evaluate({ ...deniedConnection(target.ip), destinationPort: 9008 + change }).reason !== "denied_by_policy") {
         throw new Error(`change ${change}: the changed policy ${namespace}/p-00008 did not take effect`);

@@ -6,7 +6,9 @@ import test from "ava";
 import { WorkloadAuthorizer, type AuthorizeOptions } from "../../agent/rbac/authorize";
 import type { AuthorizationReason, DryRunEffect, PolicyKind, RbacConnection } from "../../agent/rbac/types";
 import type { PeerAuthenticationScopes } from "../../agent/rbac/peer-authentication";
-import { emptySnapshot, MeshState, type AuthorizationSettings } from "../../agent/state/mesh-state";
+import { authorizerFor, type AuthorizationSettings } from "../../agent/rbac/authorize";
+import { mtlsFor } from "../../agent/rbac/peer-authentication";
+import { emptySnapshot, MeshState } from "../../agent/state/mesh-state";
 import type {
   AuthorizationPolicy,
   ClusterSnapshot,
@@ -746,7 +748,7 @@ function snapshotOf(workloads: Workload[], policies: AuthorizationPolicy[], peer
 function decide(state: MeshState, uid: string, connection: RbacConnection = MTLS, settings: AuthorizationSettings = {}) {
   const target = state.workload(uid);
   if (target === undefined) throw new Error(`workload ${uid} missing from the test state`);
-  return state.authorizerFor(target, settings).evaluate(connection);
+  return authorizerFor(state, target, settings).evaluate(connection);
 }
 
 test("mesh state: root namespace policy applies everywhere", (t) => {
@@ -822,8 +824,8 @@ test("mesh state: label change brings workload under selector", (t) => {
 
 test("mesh state: authorizer cached per settings", (t) => {
   const state = new MeshState(snapshotOf([WEB], [allow("a", [{}])]));
-  t.is(state.authorizerFor(WEB), state.authorizerFor(WEB));
-  t.not(state.authorizerFor(WEB), state.authorizerFor(WEB, { trustDomain: "example.org" }));
+  t.is(authorizerFor(state, WEB), authorizerFor(state, WEB));
+  t.not(authorizerFor(state, WEB), authorizerFor(state, WEB, { trustDomain: "example.org" }));
 });
 
 test("mesh state: peer authentication scopes", (t) => {
@@ -836,7 +838,7 @@ test("mesh state: peer authentication scopes", (t) => {
   t.deepEqual(decide(state, "demo/web", PLAINTEXT), { ...MTLS_REQUIRED("istio-system/default"), dryRun: [] });
   t.is(decide(state, "other/api", PLAINTEXT).reason, "no_policy");
   t.is(decide(state, "demo/db", PLAINTEXT).reason, "no_policy");
-  t.deepEqual(state.mtlsFor(DB, 8080), { mode: "PERMISSIVE", policy: "demo/db-lax", scope: "workload" });
+  t.deepEqual(mtlsFor(state, DB, 8080), { mode: "PERMISSIVE", policy: "demo/db-lax", scope: "workload" });
 });
 
 test("mesh state: root selector peer authentication selects nothing", (t) => {
@@ -844,7 +846,7 @@ test("mesh state: root selector peer authentication selects nothing", (t) => {
   const state = new MeshState(snapshotOf([WEB, API], [], [rootSelected]));
   t.is(decide(state, "demo/web", PLAINTEXT).reason, "no_policy");
   t.is(decide(state, "other/api", PLAINTEXT).reason, "no_policy");
-  t.deepEqual(state.mtlsFor(WEB, 8080), { mode: "PERMISSIVE" });
+  t.deepEqual(mtlsFor(state, WEB, 8080), { mode: "PERMISSIVE" });
 });
 
 test("mesh state: custom root namespace peer authentication", (t) => {

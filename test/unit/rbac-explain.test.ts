@@ -17,7 +17,8 @@ import {
   policyStatuses,
   type PortDecision,
 } from "../../agent/rbac/explain";
-import { MeshState, type AuthorizationSettings } from "../../agent/state/mesh-state";
+import type { AuthorizationSettings } from "../../agent/rbac/authorize";
+import { MeshState } from "../../agent/state/mesh-state";
 import { formatPolicyStatuses, formatWorkloadExplanation } from "../../agent/cli/authz-output";
 
 const SETTINGS: AuthorizationSettings = { trustDomain: "cluster.local", rootNamespace: "istio-system" };

@@ -2,6 +2,7 @@ import test from "ava";
 import { canonicalIp, cidrContains, parseCidr } from "../../agent/state/ip";
 import { MeshState } from "../../agent/state/mesh-state";
 import { buildSnapshot } from "../../agent/discovery/manifest-source";
+import { mtlsFor } from "../../agent/rbac/peer-authentication";
 import { parseManifests } from "../../agent/discovery/manifests";
 
 const MANIFESTS = `
@@ -188,10 +189,10 @@ test("peer authentication scopes and mode", (t) => {
   t.is(scopes.mesh?.uid, "istio-system/mesh");
   t.is(scopes.namespace?.uid, "demo/ns");
   t.is(scopes.workload?.uid, "demo/web");
-  t.is(mesh.mtlsModeFor(web, 8080), "STRICT");
-  t.is(mesh.mtlsModeFor(web, 9090), "PERMISSIVE");
-  t.is(mesh.mtlsModeFor(mesh.workload("other/api")!, 8080), "PERMISSIVE");
-  t.is(mesh.mtlsModeFor(web, 8080, "mesh-root"), "PERMISSIVE");
+  t.is(mtlsFor(mesh, web, 8080).mode, "STRICT");
+  t.is(mtlsFor(mesh, web, 9090).mode, "PERMISSIVE");
+  t.is(mtlsFor(mesh, mesh.workload("other/api")!, 8080).mode, "PERMISSIVE");
+  t.is(mtlsFor(mesh, web, 8080, "mesh-root").mode, "PERMISSIVE");
 });
 
 test("empty state", (t) => {

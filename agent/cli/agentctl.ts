@@ -8,6 +8,7 @@ import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
+import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
 import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 
@@ -176,7 +177,7 @@ async function authzExplain(argv: string[]): Promise<void> {
   const { values, positionals } = asUsage(() => parseArgs({ args: argv, options: OUTPUT_OPTIONS, allowPositionals: true }));
   const format = outputFormat(values.output);
   if (positionals.length !== 1) throw new UsageError(positionals.length === 0 ? "missing pod: write agentctl authz explain NAMESPACE/NAME" : `expected one pod, got ${positionals.join(" ")}`);
-  if (!/^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(positionals[0])) {
+  if (parsePodUid(positionals[0]) === undefined) {
     throw new UsageError(`invalid pod ${JSON.stringify(positionals[0])}: write NAMESPACE/NAME, for example demo/web`);
   }
   const query = new URLSearchParams({ pod: positionals[0] });

@@ -73,7 +73,8 @@ function parseIdentity(uri: string, text: string): Identity {
   }
 }
 
-function parsePodUid(text: string): string | undefined {
+/** Returns "namespace/name" when `text` is a valid pod reference, else undefined. */
+export function parsePodUid(text: string): string | undefined {
   const parts = text.split("/");
   if (parts.length !== 2 || !NAMESPACE_NAME.test(parts[0]) || !POD_NAME.test(parts[1])) return undefined;
   return `${parts[0]}/${parts[1]}`;

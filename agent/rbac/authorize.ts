@@ -25,7 +25,7 @@ export interface AuthorizeOptions {
   trustDomainAliases?: readonly string[];
 }
 
-/** What authorization needs besides the mesh state: the root namespace and the trust domains. */
+/** The settings authorization needs besides the mesh state: the root namespace and the trust domains. */
 export interface AuthorizationSettings extends AuthorizeOptions {
   /** Namespace whose policies apply mesh-wide; default istio-system. */
   rootNamespace?: string;

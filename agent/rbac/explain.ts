@@ -233,18 +233,27 @@ function decideTarget(
     const explanation = `not protected: no pod or Service in the mesh state has the address ${target.ip}, so the agent passes the connection through and enforces no policy`;
     return [{ ip: target.ip, port: target.port ?? "other", decision: "allow", reason: "unknown_destination", enforced: false, dryRun: [], explanation }];
   }
+
   const { workload } = target;
   const where = { workload: workload.uid, ...(target.service && { service: target.service, servicePort: target.servicePort }), ip: target.ip };
   if (!isAmbient(state, workload)) {
     const explanation = `not protected: pod ${workload.uid} is not enrolled (${notEnrolledReason(state, workload)}), so no agent enforces policy on its connections`;
     return [{ ...where, port: target.port ?? "other", decision: "allow", reason: "not_enrolled", enforced: false, dryRun: [], explanation }];
   }
+
   const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
   const excluded = excludedInboundPorts(workload);
-  const named = [...new Set([...policyPorts(state, workload, rootNamespace), ...excluded])].sort((a, b) => a - b);
-  const ports: (number | "other")[] = target.port !== undefined ? [target.port] : [...named, "other"];
-  if (target.port === undefined) notes.push(`no port given: checked every port that the policies of ${workload.uid} name, and "other" for all the rest`);
+  let ports: (number | "other")[] = [];
+  if (target.port !== undefined) {
+    ports = [target.port];
+  } else {
+    const named = new Set([...policyPorts(state, workload, rootNamespace), ...excluded]);
+    ports = [...[...named].sort((a, b) => a - b), "other"];
+    notes.push(`no port given: checked every port that the policies of ${workload.uid} name, and "other" for all the rest`);
+  }
+
   const authorizer = authorizerFor(state, workload, settings);
+  const allowPolicies = state.policiesForWorkload(workload, rootNamespace).filter((policy) => policy.action === "ALLOW" && !policy.dryRun);
   const otherPort = standInPort(ports);
   return ports.map((port) => {
     if (port !== "other" && excluded.includes(port)) {
@@ -262,7 +271,6 @@ function decideTarget(
       destinationIp: target.ip,
       destinationPort: evaluated,
     });
-    const allowPolicies = state.policiesForWorkload(workload, rootNamespace).filter((policy) => policy.action === "ALLOW" && !policy.dryRun);
     return { ...where, port, ...result, enforced: true, mtls, explanation: explainResult(result, workload, port, mtls, allowPolicies) };
   });
 }
@@ -369,7 +377,7 @@ function notEnrolledReason(state: MeshState, workload: Workload): string {
 
 // ---- one workload ----------------------------------------------------------------------------
 
-/** Where an applicable AuthorizationPolicy comes from. */
+/** The origin of an applicable AuthorizationPolicy. */
 export type PolicyScope = "namespace" | "workload" | "mesh";
 
 export interface AppliedPolicy {
@@ -379,7 +387,7 @@ export interface AppliedPolicy {
   scope: PolicyScope;
   selector?: Labels;
   status: "enforced" | "dry-run" | "rejected";
-  /** Why the policy is rejected. */
+  /** The reason the policy is rejected. */
   message?: string;
   warnings: string[];
   /** Number of entries in spec.rules; 0 means the policy matches no connection. */
@@ -392,7 +400,7 @@ export interface AppliedPolicy {
 export interface WorkloadExplanation {
   workload: string;
   enrolled: boolean;
-  /** Why the pod is not enrolled; absent when it is. */
+  /** The reason the pod is not enrolled; absent when it is. */
   notEnrolledReason?: string;
   /** SPIFFE URI the pod's connections carry, when enrolled. */
   identity?: string;
@@ -417,7 +425,7 @@ export function explainWorkload(state: MeshState, settings: AuthorizationSetting
   const policies = state
     .policiesForWorkload(workload, rootNamespace)
     .map((policy) => appliedPolicy(policy, rootNamespace, settings))
-    .sort((a, b) => evaluationRank(a) - evaluationRank(b) || (a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0));
+    .sort(byEvaluationOrder);
   const scopes = state.peerAuthenticationsFor(workload, rootNamespace);
   const authorizer = authorizerFor(state, workload, settings);
   const listed = Object.keys(scopes.workload?.portLevelMtls ?? {}).map(Number).sort((a, b) => a - b);
@@ -439,7 +447,9 @@ export function explainWorkload(state: MeshState, settings: AuthorizationSetting
 
 function appliedPolicy(policy: AuthorizationPolicy, rootNamespace: string, settings: AuthorizationSettings): AppliedPolicy {
   const status = policyStatus(policy);
-  const scope: PolicyScope = policy.namespace === rootNamespace ? "mesh" : policy.selector === undefined ? "namespace" : "workload";
+  let scope: PolicyScope = "workload";
+  if (policy.namespace === rootNamespace) scope = "mesh";
+  else if (policy.selector === undefined) scope = "namespace";
   const enforcedRules = status.state === "rejected" ? 0 : compilePolicy(policy, settings).rules.length;
   return {
     uid: policy.uid,
@@ -455,7 +465,17 @@ function appliedPolicy(policy: AuthorizationPolicy, rootNamespace: string, setti
   };
 }
 
-/** Orders policies as the evaluator reads them: enforced DENY, enforced ALLOW, dry-run DENY, dry-run ALLOW, rejected. */
+/**
+ * Orders policies as the evaluator reads them (enforced DENY, enforced ALLOW, dry-run DENY, dry-run
+ * ALLOW, rejected), then by uid.
+ */
+function byEvaluationOrder(a: AppliedPolicy, b: AppliedPolicy): number {
+  const rank = evaluationRank(a) - evaluationRank(b);
+  if (rank !== 0) return rank;
+  if (a.uid === b.uid) return 0;
+  return a.uid < b.uid ? -1 : 1;
+}
+
 function evaluationRank(policy: AppliedPolicy): number {
   if (policy.status === "rejected") return 4;
   const dryRun = policy.status === "dry-run" ? 2 : 0;

@@ -5,8 +5,8 @@
 //              connection matches the last ALLOW policy by uid. The denied one matches no policy, so
 //              every DENY and ALLOW policy of the workload that its identity and port may match is
 //              checked. Each is timed twice: with the same facts every time, and with a new source
-//              address every time. The denied one is also timed with a new peer identity every time,
-//              so the per-identity candidate lists are built for every decision
+//              address every time. The denied one is also timed with a new peer identity every
+//              time. Its candidate lists are then built for every decision
 //   worst case the same with 1,000 and 10,000 policies that all apply to one workload, from its own
 //              namespace and from the root namespace, with a new source address every time
 //   loading    ManifestSource reading a folder of 100 files with 100 policies each, and MeshState built

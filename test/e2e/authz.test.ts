@@ -65,7 +65,7 @@ const ENROLLED = ["cli-a", "cli-b", "cli-o", "peer", "srv", "open"];
 
 /**
  * Serves HTTP on each port given after the root folder, from the subfolder named by the port, so
- * that the body names the port that answered. One process runs one thread per port.
+ * that the body names the port that served the request. One process runs one thread per port.
  */
 const MULTI_PORT_HTTP_SERVER = `
 import functools, http.server, os, sys, threading

@@ -503,7 +503,7 @@ test("a retired connection keeps its open stream past the PING timeout", async (
   await startServer(t, ca, { ip: "127.77.76.2", port: HBONE_PORT });
   const { certs, rotate } = rotatingCerts(withSecureContext(await ca.issue(CLIENT_IDENTITY)));
   // The timeout leaves room for a loaded machine: the server shares this process's event loop with
-  // the other tests of the file, and a late answer would count as a dead connection.
+  // the other tests of the file, and a late PING acknowledgement would count as a dead connection.
   const setup = createPool(t, 76, certs, { pingIntervalMs: 100, pingTimeoutMs: 1_000 });
   const open = await openTunnel(setup, 76);
 

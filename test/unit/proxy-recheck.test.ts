@@ -1,4 +1,4 @@
-import test from "ava";
+import test, { type ExecutionContext } from "ava";
 import net from "node:net";
 import type { AuditRecord } from "../../agent/audit/record";
 import { silentLogger } from "../../agent/log";
@@ -67,6 +67,20 @@ async function waitForRecord(sink: MemorySink, matches: (record: AuditRecord) =>
     if (Date.now() > deadline) throw new Error(`no matching record within 5 s; records: ${JSON.stringify(sink.records)}`);
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
+}
+
+/** Checks the record of the intruder's connection that a recheck closed after it echoed "intruder-1". */
+function assertPolicyChangeRecord(t: ExecutionContext, record: AuditRecord, messagePrefix: string): void {
+  t.is(record.decision, "deny");
+  t.is(record.reason, "policy_change");
+  t.is(record.policy, "apps/deny-intruder");
+  t.is(record.policy_kind, "AuthorizationPolicy");
+  t.is(record.rule, 0);
+  t.is(record.error?.code, "POLICY_CHANGED");
+  t.true(record.error?.message.startsWith(messagePrefix), record.error?.message);
+  t.true(record.error?.message.includes("apps/deny-intruder"), record.error?.message);
+  t.is(record.bytes_sent, "intruder-1".length);
+  t.is(record.bytes_recv, "intruder-1".length);
 }
 
 /** Waits until `count()` returns `expected`; fails after 5 s. */
@@ -163,16 +177,7 @@ test("plaintext recheck resets only denied connections", async (t) => {
   t.is(closed, 1);
   t.is(await intruder.closed, "ECONNRESET", "the denied client did not see a reset");
   const record = await waitForRecord(audit, (candidate) => candidate.src.addr.startsWith(`${intruderIp}:`));
-  t.is(record.decision, "deny");
-  t.is(record.reason, "policy_change");
-  t.is(record.policy, "apps/deny-intruder");
-  t.is(record.policy_kind, "AuthorizationPolicy");
-  t.is(record.rule, 0);
-  t.is(record.error?.code, "POLICY_CHANGED");
-  t.true(record.error?.message.startsWith("closed: policy change:"), record.error?.message);
-  t.true(record.error?.message.includes("apps/deny-intruder"), record.error?.message);
-  t.is(record.bytes_sent, "intruder-1".length);
-  t.is(record.bytes_recv, "intruder-1".length);
+  assertPolicyChangeRecord(t, record, "closed: policy change:");
   await waitForCount(() => appConnections.size, 1, "open application connections");
   t.deepEqual(appConnections.endings, ["ECONNRESET"], "the application side of the closed connection was not reset");
 
@@ -246,16 +251,7 @@ test("hbone recheck resets only denied streams", async (t) => {
   t.is(closed, 1);
   t.is(await intruder.closed, "ECONNRESET", "the denied client did not see a reset");
   const record = await waitForRecord(mesh.destinationAudit, (candidate) => candidate.src.identity === "spiffe://cluster.local/ns/default/sa/intruder");
-  t.is(record.decision, "deny");
-  t.is(record.reason, "policy_change");
-  t.is(record.policy, "apps/deny-intruder");
-  t.is(record.policy_kind, "AuthorizationPolicy");
-  t.is(record.rule, 0);
-  t.is(record.error?.code, "POLICY_CHANGED");
-  t.true(record.error?.message.startsWith("closed: policy change: spiffe://cluster.local/ns/default/sa/intruder"), record.error?.message);
-  t.true(record.error?.message.includes("apps/deny-intruder"), record.error?.message);
-  t.is(record.bytes_sent, "intruder-1".length);
-  t.is(record.bytes_recv, "intruder-1".length);
+  assertPolicyChangeRecord(t, record, "closed: policy change: spiffe://cluster.local/ns/default/sa/intruder");
   await waitForCount(() => appConnections.size, 1, "open application connections");
   t.deepEqual(appConnections.endings, ["ECONNRESET"], "the application side of the closed connection was not reset");
 

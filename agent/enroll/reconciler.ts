@@ -146,14 +146,14 @@ export class EnrollmentReconciler {
   }
 
   /**
-   * Authorizes the open inbound connections of the enrolled workloads in `wanted` again with the
+   * Authorizes the open inbound connections of the enrolled workloads in `stillEnrolled` again with the
    * current configuration and closes the ones now denied. Returns how many it closed. Workloads
-   * outside `wanted` are left to the next update(), which stops their proxies.
+   * outside `stillEnrolled` are left to the next update(), which stops their proxies.
    */
-  recheck(wanted: ReadonlySet<string>): number {
+  recheck(stillEnrolled: ReadonlySet<string>): number {
     let closed = 0;
     for (const entry of this.enrolled.values()) {
-      if (wanted.has(entry.workload.uid)) closed += entry.proxies.recheck();
+      if (stillEnrolled.has(entry.workload.uid)) closed += entry.proxies.recheck();
     }
     return closed;
   }

@@ -10,7 +10,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "../log";
-import type { AuditRecord, AuditSink } from "./record";
+import type { AuditEvent, AuditRecorder } from "./record";
 
 export interface AuditFileSinkOptions {
   /** How long a queued record waits for others before the writer starts; flush() and close() skip the wait. */
@@ -23,7 +23,7 @@ export interface AuditFileSinkOptions {
 }
 
 /** Formats a record as one JSON line (without the newline), `time` first. */
-export function formatAuditLine(record: AuditRecord): string {
+export function formatAuditLine(record: AuditEvent): string {
   const { time, ...rest } = record;
   return JSON.stringify({ time, ...rest });
 }
@@ -34,7 +34,7 @@ export function formatAuditLine(record: AuditRecord): string {
  */
 const DEFAULT_BATCH_DELAY_MS = 10;
 
-export class AuditFileSink implements AuditSink {
+export class AuditFileSink implements AuditRecorder {
   private readonly queue: string[] = [];
   /** Bytes taken from the queue and not yet fully written; a retry resumes at `pendingOffset`. */
   private pending: Buffer | undefined;
@@ -68,16 +68,16 @@ export class AuditFileSink implements AuditSink {
   }
 
   /** Queues a record. Serialization errors are logged, not thrown. Records written after close() are logged and dropped. */
-  write(record: AuditRecord): void {
+  write(record: AuditEvent): void {
     if (this.closed) {
-      this.logger.error({ file: this.filePath, connection_id: record.connection_id }, "audit record written after the sink was closed; record dropped");
+      this.logger.error({ file: this.filePath, type: record.type }, "audit record written after the sink was closed; record dropped");
       return;
     }
     let line: string;
     try {
       line = formatAuditLine(record);
     } catch (error) {
-      this.logger.error({ file: this.filePath, connection_id: record.connection_id, err: error }, "audit record cannot be serialized; record dropped");
+      this.logger.error({ file: this.filePath, type: record.type, err: error }, "audit record cannot be serialized; record dropped");
       return;
     }
     this.queue.push(`${line}\n`);

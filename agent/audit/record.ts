@@ -1,4 +1,11 @@
+// The audit record schema, version 1 (docs/audit.md). Every record is one JSON object with the
+// envelope fields (`time`, `type`, `node`, and the chain fields added when the record is spooled)
+// followed by the fields of its type.
+
 import type { Decision, Direction } from "../state/types";
+
+/** Version of the record schema, written in every record as `v`. */
+export const AUDIT_SCHEMA_VERSION = 1;
 
 /** One side of a connection in an audit record. Fields are omitted when unknown. */
 export interface AuditPeer {
@@ -16,11 +23,16 @@ export interface AuditPeer {
 /** The transport of the bytes between the two nodes. */
 export type Transport = "hbone" | "plaintext";
 
-/** One connection seen by the agent; exactly one record per connection and direction. */
-export interface AuditRecord {
-  /** RFC 3339 time at which the connection ended. */
-  time: string;
-  /** RFC 3339 time at which the connection was accepted. */
+/** A dry-run policy that would have changed the decision. */
+export interface DryRunEffect {
+  policy: string;
+  rule?: number;
+  decision: Decision;
+}
+
+/** Fields shared by the opened and the completed record of a connection. */
+export interface ConnectionFields {
+  /** RFC 3339 time at which the agent accepted the connection. */
   start: string;
   node: string;
   connection_id: string;
@@ -36,20 +48,83 @@ export interface AuditRecord {
   /** Index in the AuthorizationPolicy's spec.rules of the rule that matched. */
   rule?: number;
   /** Dry-run policies (istio.io/dry-run) that would have changed the decision, had they been enforced. */
-  dry_run?: { policy: string; rule?: number; decision: Decision }[];
+  dry_run?: DryRunEffect[];
   /** Machine-readable reason, such as allowed_by_policy, no_policy, denied_by_policy or no_allow_match (docs/audit.md lists all). */
   reason: string;
-  bytes_sent: number;
-  bytes_recv: number;
-  duration_ms: number;
+}
+
+/** Written once a connection is established: authorized, and connected to its destination. */
+export interface ConnectionOpenedRecord extends ConnectionFields {
+  type: "connection.opened";
+  /** RFC 3339 time at which the connection was established. */
+  time: string;
+}
+
+/** Written exactly once per connection, when it ends, including refused and failed ones. */
+export interface ConnectionCompletedRecord extends ConnectionFields {
+  type: "connection.completed";
+  /** RFC 3339 time at which the connection ended. */
+  time: string;
+  /** Whether a `connection.opened` record was written for the connection. */
+  established: boolean;
+  /** Bytes from the source to the destination application; absent when unknown (after an agent crash). */
+  bytes_sent?: number;
+  /** Bytes from the destination application back to the source; absent when unknown. */
+  bytes_recv?: number;
+  /** Time from `start` to `time`; absent when unknown. */
+  duration_ms?: number;
+  /** Response flag of the error code (docs/audit.md), present with `error`. */
+  flag?: string;
   /** Stable error code and message when the connection failed; absent on success. */
   error?: { code: string; message: string };
 }
 
-/** A destination for records. write() must not throw and must not lose a record it accepted. */
-export interface AuditSink {
-  write(record: AuditRecord): void;
-  /** Resolves once every accepted record is durably written, or the sink gave up and logged it. */
-  flush(): Promise<void>;
-  close(): Promise<void>;
+/** A policy named in a control record. */
+export interface PolicyRef {
+  kind: string;
+  namespace?: string;
+  name?: string;
+}
+
+/** Records about the agent itself rather than one connection. */
+export type ControlRecord =
+  | { type: "agent.started"; time: string; node: string; version: string; pid: number; previous_stop?: "clean" | "unclean"; settings: Record<string, unknown> }
+  | { type: "agent.stopped"; time: string; node: string; reason: string; open_connections: number }
+  | { type: "capture.mode"; time: string; node: string; mode: string; requested: string; reason: string; previous_mode?: string }
+  | { type: "workload.enrolled" | "workload.unenrolled"; time: string; node: string; workload: string; namespace: string; ip?: string; identity?: string; reason: string }
+  | { type: "policy.added" | "policy.changed" | "policy.removed"; time: string; node: string; policy: PolicyRef; file?: string; changes?: PolicyChange[] }
+  | { type: "policy.rejected"; time: string; node: string; policy: PolicyRef; file: string; line?: number; message: string }
+  | { type: "certificate.issued" | "certificate.rotated"; time: string; node: string; identity: string; serial: string; not_before: string; not_after: string; fingerprint_sha256: string; issuer?: string }
+  | { type: "audit.gap"; time: string; node: string; reason: "queue_full" | "spool_full" | "spool_write_failed"; lost: number; first_time: string; last_time: string; sink?: string; first_seq?: number; last_seq?: number };
+
+/** One changed field of a policy: its path in the object, and the values before and after (absent when the field did not exist). */
+export interface PolicyChange {
+  path: string;
+  before?: unknown;
+  after?: unknown;
+}
+
+/** A record as the agent produces it, before the pipeline adds the chain fields. */
+export type AuditEvent = ConnectionOpenedRecord | ConnectionCompletedRecord | ControlRecord;
+
+/** The fields the pipeline adds when it spools a record; `hash` is computed over the rest of the line. */
+export interface ChainFields {
+  v: number;
+  /** Position in this node's chain, starting at 1 and increasing by one per record. */
+  seq: number;
+  /** Random UUID of the record, the key for de-duplication at the sinks. */
+  id: string;
+  /** `hash` of the record with seq - 1, or 64 zeros for seq 1. */
+  prev_hash: string;
+}
+
+/** A record as spooled and shipped: the event with its chain fields and hash. */
+export type SealedRecord = AuditEvent & ChainFields & { hash: string };
+
+/** The legacy name of the completed connection record, which the proxies build. */
+export type AuditRecord = ConnectionCompletedRecord;
+
+/** The data path's view of the audit pipeline: hands a record over and returns at once. */
+export interface AuditRecorder {
+  write(record: AuditEvent): void;
 }

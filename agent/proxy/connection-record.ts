@@ -2,7 +2,7 @@
 // exactly once, from the proxies' finally paths, so that failures are recorded too.
 
 import crypto from "node:crypto";
-import type { AuditPeer, AuditRecord, AuditSink, Transport } from "../audit/record";
+import type { AuditPeer, AuditRecord, AuditRecorder, Transport } from "../audit/record";
 import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
 import type { Logger } from "../log";
 import type { AuthorizationResult } from "../rbac/types";
@@ -90,6 +90,7 @@ export class ConnectionRecord {
   /** Builds the record; the time is the end of the connection. */
   toAuditRecord(): AuditRecord {
     const record: AuditRecord = {
+      type: "connection.completed",
       time: new Date().toISOString(),
       start: new Date(this.#startedAt).toISOString(),
       node: this.#node,
@@ -100,6 +101,7 @@ export class ConnectionRecord {
       transport: this.transport,
       decision: this.decision,
       reason: this.reason,
+      established: false,
       bytes_sent: this.bytesSent,
       bytes_recv: this.bytesRecv,
       duration_ms: Number(process.hrtime.bigint() - this.#startedNs) / 1e6,
@@ -111,6 +113,7 @@ export class ConnectionRecord {
     if (this.rule !== undefined) record.rule = this.rule;
     if (this.dryRun.length > 0) record.dry_run = this.dryRun;
     if (this.error !== undefined) {
+      record.flag = flagOf(this.error.code);
       record.error = this.error;
     }
     return record;
@@ -121,7 +124,7 @@ export class ConnectionRecord {
    * nothing. `context` adds fields to the log line only, such as request headers. The line carries
    * the connection's id and addresses itself, so callers need no child logger per connection.
    */
-  write(sink: AuditSink, logger: Logger, context?: Record<string, unknown>): void {
+  write(sink: AuditRecorder, logger: Logger, context?: Record<string, unknown>): void {
     if (this.#written) {
       return;
     }
@@ -171,7 +174,7 @@ function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<s
     reason: record.reason,
     bytes_sent: record.bytes_sent,
     bytes_recv: record.bytes_recv,
-    duration_ms: Math.round(record.duration_ms * 1000) / 1000,
+    duration_ms: Math.round((record.duration_ms ?? 0) * 1000) / 1000,
     flag: record.error ? flagOf(record.error.code) : undefined,
     error: record.error?.message,
   };

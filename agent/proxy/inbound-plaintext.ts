@@ -4,7 +4,7 @@
 // the pod's AuthorizationPolicies decide, with no peer identity, as for any plaintext source.
 
 import net from "node:net";
-import type { AuditSink } from "../audit/record";
+import type { AuditRecorder } from "../audit/record";
 import { AgentError } from "../errors";
 import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
@@ -28,7 +28,7 @@ export interface InboundPlaintextServerOptions {
   /** Decides a connection with the workload's policies now, PeerAuthentication included. */
   authorize(connection: RbacConnection): AuthorizationResult;
   lookupSource(ip: string): Workload | undefined;
-  audit: AuditSink;
+  audit: AuditRecorder;
   logger: Logger;
   /**
    * Called with each listener's file descriptor before it accepts, so capture can steer to it:

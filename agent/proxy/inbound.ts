@@ -4,7 +4,7 @@
 import http2 from "node:http2";
 import net from "node:net";
 import type tls from "node:tls";
-import type { AuditSink } from "../audit/record";
+import type { AuditRecorder } from "../audit/record";
 import { AgentError } from "../errors";
 import { hboneTlsOptions } from "../identity/certificate";
 import type { CertificateProvider, WorkloadCertificate } from "../identity/cert-manager";
@@ -53,7 +53,7 @@ export interface InboundHboneServerOptions {
   authorize(connection: RbacConnection): AuthorizationResult;
   /** The workload that owns a source address, for the audit record only. */
   lookupSource(ip: string): Workload | undefined;
-  audit: AuditSink;
+  audit: AuditRecorder;
   logger: Logger;
   /**
    * Returns the workload this server delivers to as the mesh state has it now, or undefined once it

@@ -4,7 +4,7 @@
 
 import http2 from "node:http2";
 import net from "node:net";
-import type { AuditSink } from "../audit/record";
+import type { AuditRecorder } from "../audit/record";
 import { AgentError } from "../errors";
 import type { CertificateProvider } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
@@ -44,7 +44,7 @@ export interface OutboundProxyOptions {
   originalDestination(socket: net.Socket): Authority | undefined;
   /** Routes a connection the application made to ip:port. */
   resolveDestination(ip: string, port: number): DestinationTarget;
-  audit: AuditSink;
+  audit: AuditRecorder;
   logger: Logger;
   /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;

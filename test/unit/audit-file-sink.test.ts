@@ -9,6 +9,8 @@ import { silentLogger } from "../../agent/log";
 
 function record(index: number): AuditRecord {
   return {
+    type: "connection.completed",
+    established: true,
     start: "2026-01-01T00:00:00.000Z",
     time: `2026-01-01T00:00:${String(index % 60).padStart(2, "0")}.000Z`,
     node: "node-a",

@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import tls from "node:tls";
 import type { ExecutionContext } from "ava";
-import type { AuditRecord, AuditSink } from "../../agent/audit/record";
+import type { AuditEvent, AuditRecord, AuditRecorder, ConnectionOpenedRecord } from "../../agent/audit/record";
 import { EmbeddedCa, initCa } from "../../agent/identity/ca";
 import { CertManager, type CertificateProvider } from "../../agent/identity/cert-manager";
 import { silentLogger } from "../../agent/log";
@@ -40,13 +40,15 @@ export class LoopbackPodNetwork implements PodNetwork {
   }
 }
 
-/** An audit sink that keeps records in memory. */
-export class MemorySink implements AuditSink {
+/** An audit recorder that keeps records in memory: completion records in `records`, the others in `opened`. */
+export class MemorySink implements AuditRecorder {
   readonly records: AuditRecord[] = [];
+  readonly opened: ConnectionOpenedRecord[] = [];
   #waiters: (() => void)[] = [];
 
-  write(record: AuditRecord): void {
-    this.records.push(record);
+  write(record: AuditEvent): void {
+    if (record.type === "connection.completed") this.records.push(record);
+    else if (record.type === "connection.opened") this.opened.push(record);
     for (const wake of this.#waiters.splice(0)) {
       wake();
     }

@@ -1,0 +1,32 @@
+// The contract between the audit pipeline and a destination of records.
+
+import type { SealedRecord } from "./record";
+
+/** A record read back from the spool: the exact line (without the newline) and its parsed form. */
+export interface SpooledRecord {
+  seq: number;
+  id: string;
+  /** The record's JSON line exactly as spooled, hash included, without the trailing newline. */
+  line: string;
+  record: SealedRecord;
+}
+
+/**
+ * A destination of audit records. The pipeline calls send() with batches in `seq` order, one batch
+ * at a time, and resends the same batch (after a backoff) when send() rejects. A sink may therefore
+ * receive a record more than once: remote sinks pass `id` along so receivers can drop duplicates,
+ * and local sinks skip what they already hold.
+ */
+export interface AuditSink {
+  /** Stable name of the sink in logs, metrics and the spool's cursor file, such as "file:/var/log/audit.log". */
+  readonly name: string;
+  /**
+   * Called once before the first send(). Returns the highest `seq` the destination already holds
+   * (a file sink reads its last line), so the pipeline starts after it, or undefined when unknown.
+   */
+  open(): Promise<number | undefined>;
+  /** Delivers the batch. Resolves once the destination has accepted every record of it; rejects with the reason otherwise. */
+  send(batch: readonly SpooledRecord[]): Promise<void>;
+  /** Releases connections and files; send() is not called afterwards. */
+  close(): Promise<void>;
+}

@@ -13,7 +13,7 @@ import { NetnsPodNetwork } from "../capture/netns-network";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
 import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
-import { canonicalIp, workloadIpOfFamily } from "../state/ip";
+import { canonicalIp, workloadIpOfFamily, workloadIps } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { AmbiguousPodIps } from "./ambiguous-ip";
 import { capturePodIp, isIpv6Only, podIpv6ToCapture } from "./dual-stack";
@@ -63,7 +63,21 @@ export interface ReconcilerOptions {
   logger: Logger;
   /** Whether the inbound proxies connect to applications from the client's address (default false). */
   transparentSource?: boolean;
+  /** Called after each enrollment and unenrollment, for the audit log. An error it throws is logged. */
+  onEnrollment?: (event: EnrollmentEvent) => void;
 }
+
+/** A workload that the reconciler enrolled or unenrolled, and why. */
+export interface EnrollmentEvent {
+  action: "enrolled" | "unenrolled";
+  workload: Workload;
+  identity: Identity;
+  reason: string;
+}
+
+/** Reasons used when update() was given none for a workload. */
+export const DEFAULT_ENROLL_REASON = "pod selected for ambient mode on this node";
+export const DEFAULT_UNENROLL_REASON = "pod no longer selected for ambient mode on this node";
 
 /**
  * Workloads enrolled at once. Their native calls run one after another on the event loop, but
@@ -98,6 +112,8 @@ export class EnrollmentReconciler {
   /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
   private readonly lastProblem = new Map<string, string>();
   private desired: Workload[] = [];
+  /** Reasons given to update() for workloads not yet enrolled or unenrolled, by uid. */
+  private readonly reasons = new Map<string, string>();
   private running: Promise<void> = Promise.resolve();
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -131,9 +147,14 @@ export class EnrollmentReconciler {
     return [...this.isolated.values()].map((entry) => ({ workload: entry.workload.uid, netns: entry.netnsPath, cookie: entry.cookie }));
   }
 
-  /** Sets the workloads that should be enrolled and reconciles; calls are serialized. */
-  update(desired: Workload[]): Promise<void> {
+  /**
+   * Sets the workloads that should be enrolled and reconciles; calls are serialized. `reasons`
+   * explains, by workload uid, why workloads entered or left the set; an enrollment that waits
+   * for a retry keeps its reason until it succeeds.
+   */
+  update(desired: Workload[], reasons?: ReadonlyMap<string, string>): Promise<void> {
     this.desired = desired;
+    for (const [uid, reason] of reasons ?? []) this.reasons.set(uid, reason);
     this.running = this.running.then(() => this.reconcile());
     return this.running;
   }
@@ -231,7 +252,7 @@ export class EnrollmentReconciler {
     let waiting = 0;
     for (const entry of [...this.enrolled.values()]) {
       const next = wanted.get(entry.workload.uid);
-      if (!next) await this.unenroll(entry, "no longer enrolled");
+      if (!next) await this.unenroll(entry, "no longer enrolled", this.reasons.get(entry.workload.uid) ?? DEFAULT_UNENROLL_REASON);
       else if (next.ip !== entry.workload.ip || next.serviceAccount !== entry.workload.serviceAccount || addressesChanged(entry.workload, next)) {
         if (!(await this.replace(entry, next, scan))) waiting++;
       }
@@ -247,6 +268,7 @@ export class EnrollmentReconciler {
     }
     this.ambiguous.releaseUnwanted(wanted, this.servedCookies());
     for (const uid of this.lastProblem.keys()) if (!wanted.has(uid)) this.lastProblem.delete(uid);
+    for (const uid of this.reasons.keys()) if (!wanted.has(uid)) this.reasons.delete(uid);
 
     const pending = [...wanted.values()].filter((workload) => !this.enrolled.has(workload.uid));
     const outcomes = await runConcurrently(pending, ENROLL_CONCURRENCY, (workload) => this.enroll(workload, scan));
@@ -305,6 +327,8 @@ export class EnrollmentReconciler {
     }
     const entry = await this.startProxies(workload, netnsPath, cookie);
     if (!entry) return false;
+    this.notify("enrolled", entry, this.reasons.get(workload.uid) ?? DEFAULT_ENROLL_REASON);
+    this.reasons.delete(workload.uid);
     this.ambiguous.release(workload.uid, this.servedCookies(), cookie);
     this.isolated.delete(workload.uid);
     this.lastProblem.delete(workload.uid);
@@ -416,7 +440,11 @@ export class EnrollmentReconciler {
     }
     this.enrolled.delete(entry.workload.uid);
     await this.stopProxies(entry);
+    const reason = changeReason(entry.workload, next);
+    this.notify("unenrolled", entry, reason);
     const started = await this.startProxies(next, entry.netnsPath, entry.cookie);
+    if (started) this.notify("enrolled", started, reason);
+    else this.reasons.set(next.uid, reason);
     // The namespace keeps its sk_lookup link, which now guards the new IP.
     if (newIp !== oldIp) this.options.capture.forgetInboundIp(entry.cookie, oldIp);
     const oldIp6 = entry.network.podIp6;
@@ -432,7 +460,9 @@ export class EnrollmentReconciler {
    * wherever its new IP is.
    */
   private async move(entry: EnrolledWorkload, next: Workload): Promise<void> {
-    await this.unenroll(entry, `its IP changed from ${entry.workload.ip} to ${next.ip}, which is not in ${entry.netnsPath}`);
+    const reason = changeReason(entry.workload, next);
+    await this.unenroll(entry, `its IP changed from ${entry.workload.ip} to ${next.ip}, which is not in ${entry.netnsPath}`, reason);
+    this.reasons.set(next.uid, reason);
   }
 
   /**
@@ -448,7 +478,8 @@ export class EnrollmentReconciler {
     }
   }
 
-  private async unenroll(entry: EnrolledWorkload, reason: string): Promise<void> {
+  /** Unenrolls the workload; `reason` goes to the log, and `eventReason` to the onEnrollment listener. */
+  private async unenroll(entry: EnrolledWorkload, reason: string, eventReason = reason): Promise<void> {
     this.enrolled.delete(entry.workload.uid);
     // Capture stops first, so that no new connection is steered to listeners that are closing.
     this.options.capture.unenroll(entry.cookie);
@@ -457,6 +488,16 @@ export class EnrollmentReconciler {
     await this.stopProxies(entry);
     disableTransparentSource(entry.network, entry.workload, this.options.logger);
     this.options.logger.info({ workload: entry.workload.uid, reason }, "workload unenrolled");
+    this.reasons.delete(entry.workload.uid);
+    this.notify("unenrolled", entry, eventReason);
+  }
+
+  private notify(action: EnrollmentEvent["action"], entry: EnrolledWorkload, reason: string): void {
+    try {
+      this.options.onEnrollment?.({ action, workload: entry.workload, identity: entry.identity, reason });
+    } catch (error) {
+      this.options.logger.error({ err: error, workload: entry.workload.uid, action }, "enrollment listener failed");
+    }
   }
 
   private async stopProxies(entry: EnrolledWorkload, graceMs = 0): Promise<DrainSummary> {
@@ -469,6 +510,16 @@ export class EnrollmentReconciler {
       entry.network.close();
     }
   }
+}
+
+/** Describes what changed in a workload that was enrolled again: its IP, its service account, or both. */
+function changeReason(before: Workload, after: Workload): string {
+  const changes: string[] = [];
+  if (before.ip !== after.ip || addressesChanged(before, after)) {
+    changes.push(`pod IP changed from ${workloadIps(before).join(" and ")} to ${workloadIps(after).join(" and ")}`);
+  }
+  if (before.serviceAccount !== after.serviceAccount) changes.push(`service account changed from ${before.serviceAccount} to ${after.serviceAccount}`);
+  return changes.join(", ");
 }
 
 /**

@@ -23,6 +23,19 @@ export type { CertificateIssuer, WorkloadCertificate } from "./certificate";
 /** Called with an identity's new certificate: a rotation, or the same key with rebuilt trusted roots. */
 export type RotationListener = (certificate: WorkloadCertificate) => void;
 
+/**
+ * A certificate stored for an identity: the first one it holds (rotated false; again after the
+ * identity was dropped with its last workload), or one that replaced a held certificate.
+ */
+export interface CertificateIssuedEvent {
+  identity: Identity;
+  rotated: boolean;
+  certificate: IssuedCertificate;
+}
+
+/** Called with each certificate the manager stores; an error it throws is logged. */
+export type IssuedListener = (event: CertificateIssuedEvent) => void;
+
 /** The part of a certificate manager that the proxies use. */
 export interface CertificateProvider {
   /** Returns a valid certificate for `identity`, waiting for the CA when none is held. */
@@ -54,6 +67,8 @@ export interface CertManagerOptions {
   now?: () => number;
   /** Random number in [0, 1), for the backoff jitter; for tests. */
   random?: () => number;
+  /** Listener for each stored certificate, as onIssued() adds. */
+  onIssued?: IssuedListener;
 }
 
 /** Requests to the CA at once, as ztunnel allows. */
@@ -125,6 +140,7 @@ export class CertManager implements CertificateProvider {
   /** Waiting requests per priority, oldest first. Entries whose request moved or ended are skipped. */
   readonly #queues: Entry[][] = [[], [], []];
   readonly #rotations = new EventEmitter();
+  readonly #issuedListeners = new Set<IssuedListener>();
   readonly #onTrustChange = (): void => this.#rebuildContexts();
   #inFlight = 0;
   #closed = false;
@@ -139,6 +155,7 @@ export class CertManager implements CertificateProvider {
     this.#now = options.now ?? Date.now;
     this.#random = options.random ?? Math.random;
     this.#rotations.setMaxListeners(0);
+    if (options.onIssued) this.#issuedListeners.add(options.onIssued);
     this.#trust?.on("change", this.#onTrustChange);
   }
 
@@ -197,6 +214,12 @@ export class CertManager implements CertificateProvider {
     return () => this.#rotations.off(event, listener);
   }
 
+  /** Calls `listener` with each certificate stored from now on, until the returned function is called. */
+  onIssued(listener: IssuedListener): () => void {
+    this.#issuedListeners.add(listener);
+    return () => this.#issuedListeners.delete(listener);
+  }
+
   /** Held certificates, for diagnostics. */
   list(): WorkloadCertificate[] {
     return [...this.#entries.values()].flatMap((entry) => (entry.current ? [entry.current] : []));
@@ -223,6 +246,7 @@ export class CertManager implements CertificateProvider {
     }
     this.#entries.clear();
     this.#rotations.removeAllListeners();
+    this.#issuedListeners.clear();
   }
 
   #entryFor(identity: Identity): Entry {
@@ -343,6 +367,17 @@ export class CertManager implements CertificateProvider {
     }
     entry.waiters.clear();
     this.#rotations.emit(entry.key, certificate);
+    this.#notifyIssued({ identity: entry.identity, rotated, certificate: issued });
+  }
+
+  #notifyIssued(event: CertificateIssuedEvent): void {
+    for (const listener of this.#issuedListeners) {
+      try {
+        listener(event);
+      } catch (error) {
+        this.#logger.error({ err: error, identity: formatSpiffeId(event.identity) }, "certificate issued listener failed");
+      }
+    }
   }
 
   #recordFailure(entry: Entry, error: unknown): void {

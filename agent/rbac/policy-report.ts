@@ -135,13 +135,20 @@ function rejectedPolicies(state: MeshState, problems: readonly ManifestProblem[]
   return rows;
 }
 
+/** Returns the policy kind and "namespace/name" that a problem's object names, or undefined for other objects. */
+export function problemPolicy(problem: Pick<ManifestProblem, "object">): { kind: "AuthorizationPolicy" | "PeerAuthentication"; uid: string } | undefined {
+  for (const kind of ["AuthorizationPolicy", "PeerAuthentication"] as const) {
+    if (problem.object.startsWith(`${kind} `)) return { kind, uid: problem.object.slice(kind.length + 1) };
+  }
+  return undefined;
+}
+
 function rejectedPolicy(state: MeshState, problem: ManifestProblem): RejectedPolicy | undefined {
   const base = { object: problem.object, file: problem.file, ...(problem.line !== undefined && { line: problem.line }), field: problem.field, message: problem.message, problems: 1 };
-  for (const kind of ["AuthorizationPolicy", "PeerAuthentication"] as const) {
-    if (!problem.object.startsWith(`${kind} `)) continue;
-    const uid = problem.object.slice(kind.length + 1);
-    const map = kind === "AuthorizationPolicy" ? state.snapshot.authorizationPolicies : state.snapshot.peerAuthentications;
-    return { kind, ...base, lastValidServing: map.has(uid) };
+  const policy = problemPolicy(problem);
+  if (policy !== undefined) {
+    const map = policy.kind === "AuthorizationPolicy" ? state.snapshot.authorizationPolicies : state.snapshot.peerAuthentications;
+    return { kind: policy.kind, ...base, lastValidServing: map.has(policy.uid) };
   }
   // A document whose kind is unknown (a syntax error, a missing kind) may be a policy.
   if (problem.object.startsWith("document ")) return { ...base, lastValidServing: rejectsWholeFile(problem) && hasObjectsFrom(state, problem.file) };

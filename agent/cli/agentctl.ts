@@ -10,6 +10,7 @@ import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { initCa } from "../identity/ca";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
+import { AUDIT_USAGE, runAuditCommand } from "./audit-commands";
 import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
@@ -38,7 +39,7 @@ const USAGE = `usage: agentctl COMMAND [options]
   policies [--admin HOST:PORT] [-o table|json]
                      list every AuthorizationPolicy and PeerAuthentication with its status (enforced,
                      dry-run, rejected, warnings), and the rejected manifests with file, line and field
-
+${AUDIT_USAGE}
 Exit status: 0 on success, 1 on an error (agent unreachable, unknown pod), 2 on a missing or invalid option.
 `;
 
@@ -205,6 +206,10 @@ async function main(argv: string[]): Promise<void> {
   if (group === "authz" && action === "check") return authzCheck(rest);
   if (group === "authz" && action === "explain") return authzExplain(rest);
   if (group === "authz") throw new UsageError(action === undefined ? "missing authz command: use check or explain" : `unknown authz command "${action}": use check or explain`);
+  if (group === "audit") {
+    process.exitCode = await runAuditCommand(action, rest);
+    return;
+  }
   if (group === "policies") return policies([action, ...rest].filter((value) => value !== undefined));
   if (group === undefined || group === "help" || group === "--help") {
     process.stdout.write(USAGE);

@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PREFIX ?= /usr/local
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 nftables iperf3 socat wrk hyperfine \
-	nghttp2-client tshark tcpdump curl python3 gcc make procps
+	nghttp2-client tshark tcpdump curl python3 gcc make procps rsyslog rsyslog-gnutls
 # One object: capture.c includes the per-hook files so that every program shares the same maps.
 BPF_SOURCES := bpf/capture.c
 BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)

@@ -4,8 +4,24 @@
 import net from "node:net";
 import path from "node:path";
 
-import { AuditFileSink } from "./audit/file-sink";
-import { AdminServer, authorizationRoutes } from "./admin/server";
+import type { AuditOptions } from "./audit/config";
+import { createSinks, readRedactionKey } from "./audit/create-sinks";
+import {
+  agentStartedRecord,
+  agentStoppedRecord,
+  captureModeRecord,
+  certificateRecord,
+  enrollmentReasons,
+  policyRecords,
+  rejectionRecords,
+  unenforcedPolicyProblems,
+  workloadRecord,
+} from "./audit/control";
+import type { ManifestProblem } from "./discovery/manifest-problem";
+import { AuditPipeline } from "./audit/pipeline";
+import { Registry } from "prom-client";
+import { registerAuditMetrics } from "./admin/metrics";
+import { AdminServer, TextResponse, authorizationRoutes } from "./admin/server";
 import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
 import { readCaptureEntries, type CaptureEntries } from "./capture/ebpf/inspect";
@@ -43,7 +59,7 @@ export interface AgentOptions {
   manifestsDir: string;
   /** The CA, trust domain, trusted roots and certificate lifetime. */
   identity: IdentityOptions;
-  auditFile: string;
+  audit: AuditOptions;
   /** bpffs folder holding this node's pinned maps and links. */
   pinRoot: string;
   cgroupPath: string;
@@ -88,7 +104,7 @@ export class Agent {
   private source: ManifestSource | undefined;
   private capture: CaptureBackend | undefined;
   private captureSelection: CaptureSelection | undefined;
-  private audit: AuditFileSink | undefined;
+  private audit: AuditPipeline | undefined;
   private reconciler: EnrollmentReconciler | undefined;
   private admin: AdminServer | undefined;
   private certs: CertManager | undefined;
@@ -101,11 +117,14 @@ export class Agent {
   readonly replaced = new Promise<void>((resolve) => (this.#handOver = resolve));
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
+  private readonly metrics = new Registry();
   private trustDomain = "cluster.local";
   /** Set once stop() begins: configuration changes then only re-check open connections. */
   private stopping = false;
   /** Policy warnings and rejections already logged, so each is logged once while it lasts. */
   private loggedPolicyMessages = new Set<string>();
+  /** Manifest problems already written as policy.rejected records. */
+  private recordedProblems: readonly ManifestProblem[] = [];
 
   constructor(
     private readonly options: AgentOptions,
@@ -123,13 +142,20 @@ export class Agent {
     if (problems.length > 0) throw new HostNotReadyError(problems);
     // A replacement takes the locks and the admin port only once the agent it replaces exits.
     const predecessor = this.options.replace ? await this.contactPredecessor() : undefined;
-    if (!predecessor) this.takeLocks();
+    // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
+    // because the spool and the audit file take one writer at a time.
+    this.audit = this.createAuditPipeline();
+    registerAuditMetrics(this.metrics, () => this.audit?.status());
+    if (!predecessor) {
+      this.takeLocks();
+      await this.startAudit();
+    }
     loadNative();
 
     this.identity = await startIdentity(this.options.identity, this.logger);
     this.trustDomain = this.identity.trustDomain;
     this.certs = this.identity.certs;
-    this.audit = new AuditFileSink(this.options.auditFile, this.logger.child({ component: "audit" }));
+    this.certs.onIssued((event) => this.audit?.write(certificateRecord(event, this.options.node, new Date().toISOString())));
 
     this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
     this.logger.info({ dir: this.options.manifestsDir }, "reading the manifests");
@@ -137,10 +163,13 @@ export class Agent {
     this.state = new MeshState(this.source.snapshot());
     this.warnVipConflicts(this.state);
     this.warnPolicyMessages(this.state);
+    this.recordPolicyChanges(undefined, this.state);
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
     const routes = {
       "/config_dump": () => this.configDump(),
+      "/audit": () => this.audit?.status(),
+      "/metrics": async () => new TextResponse(this.metrics.contentType, await this.metrics.metrics()),
       ...authorizationRoutes({
         state: () => this.state,
         settings: () => this.authorizationSettings(),
@@ -158,9 +187,10 @@ export class Agent {
       createProxies: (workload, identity, network, cookie) => this.createProxies(workload, identity, network, cookie),
       logger: this.logger.child({ component: "enroll" }),
       transparentSource: this.options.transparentSource ?? true,
+      onEnrollment: (event) => this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString())),
     });
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
-    await this.reconciler.update(enrolledWorkloads(this.state, this.options.node));
+    await this.reconciler.update(enrolledWorkloads(this.state, this.options.node), enrollmentReasons(undefined, this.state.snapshot, this.options.node));
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
     this.reconciler.removeStaleCookies();
@@ -187,7 +217,7 @@ export class Agent {
    * stay, so enrolled pods fail closed: their connections are refused until an agent serves them
    * again. `agentctl capture remove` detaches them.
    */
-  async stop(drainMs = 0): Promise<void> {
+  async stop(drainMs = 0, reason = "stop requested"): Promise<void> {
     this.handover?.close();
     // The manifests are still followed while connections drain, so a policy change still closes
     // the connections it denies; enrolment no longer changes.
@@ -197,6 +227,7 @@ export class Agent {
     await this.admin?.stop();
     this.capture?.close();
     this.identity?.close();
+    this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
     await this.audit?.close();
     this.releaseLocks();
     this.logger.info("agent stopped");
@@ -266,6 +297,52 @@ export class Agent {
     this.logger.info({ probeSources }, probeSources.length > 0 ? "kubelet probe sources exempt from inbound capture" : "no probe source is exempt from inbound capture");
   }
 
+  private createAuditPipeline(): AuditPipeline {
+    const logger = this.logger.child({ component: "audit" });
+    const audit = this.options.audit;
+    return new AuditPipeline(
+      {
+        node: this.options.node,
+        spoolDir: audit.spoolDir,
+        sinks: createSinks(audit, this.options.node, logger),
+        spoolMaxBytes: audit.spoolMaxBytes,
+        fsync: audit.fsync,
+        queueCapacity: audit.queueCapacity,
+        redaction: audit.redaction,
+        redactionKey: readRedactionKey(audit),
+      },
+      logger,
+    );
+  }
+
+  /** Starts the audit pipeline, records the start, and completes the connections a killed predecessor left open. */
+  private async startAudit(): Promise<void> {
+    const audit = this.audit!;
+    await audit.start();
+    audit.write(agentStartedRecord({ previousStop: audit.previousStop, settings: this.recordedSettings() }, this.options.node, new Date().toISOString()));
+    if (this.captureSelection) audit.write(captureModeRecord(this.captureSelection, this.options.node, new Date().toISOString()));
+    audit.recordInterrupted();
+  }
+
+  /** The settings named in the agent.started record: what shapes capture, policy and audit, never a key or token. */
+  private recordedSettings(): Record<string, unknown> {
+    const audit = this.options.audit;
+    return {
+      capture: this.options.capture ?? "auto",
+      root_namespace: this.options.rootNamespace,
+      admin: this.options.adminAddress,
+      drain_timeout_ms: this.options.drainTimeoutMs ?? 0,
+      replace: this.options.replace ?? false,
+      audit: {
+        file: audit.file?.path,
+        sinks: this.audit?.status().sinks.map((sink) => sink.name),
+        spool: audit.spoolDir,
+        fsync: audit.fsync.mode === "interval" ? `${audit.fsync.intervalMs}ms` : audit.fsync.mode,
+        redacted: audit.redaction.map((rule) => `${rule.path}:${rule.mode}`),
+      },
+    };
+  }
+
   private takeLocks(): void {
     this.nodeLock = PinRootLock.acquireNode(this.options.node);
     this.lock = PinRootLock.acquire(this.options.pinRoot);
@@ -294,6 +371,7 @@ export class Agent {
       logger: this.logger.child({ component: "handover" }),
     });
     this.takeLocks();
+    await this.startAudit();
     const admin = this.admin!;
     await retryUntilBound(() => admin.start(), `binding the admin API on ${this.options.adminAddress}`);
   }
@@ -312,9 +390,11 @@ export class Agent {
   }
 
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
+    const previous = this.state?.snapshot;
     this.state = new MeshState(snapshot, this.state);
     this.warnVipConflicts(this.state);
     this.warnPolicyMessages(this.state);
+    this.recordPolicyChanges(previous, this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
       "configuration updated",
@@ -324,7 +404,16 @@ export class Agent {
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
     const closed = this.reconciler?.recheck(new Set(desired.map((workload) => workload.uid))) ?? 0;
     if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
-    if (!this.stopping) await this.reconciler?.update(desired);
+    if (!this.stopping) await this.reconciler?.update(desired, enrollmentReasons(previous, snapshot, this.options.node));
+  }
+
+  /** Writes the audit records of policies added, changed, removed and rejected since `previous`. */
+  private recordPolicyChanges(previous: ClusterSnapshot | undefined, state: MeshState): void {
+    const time = new Date().toISOString();
+    const problems = [...(this.source?.problems() ?? []), ...unenforcedPolicyProblems(state.snapshot)];
+    for (const record of policyRecords(previous, state.snapshot, this.options.node, time)) this.audit?.write(record);
+    for (const record of rejectionRecords(this.recordedProblems, problems, this.options.node, time)) this.audit?.write(record);
+    this.recordedProblems = problems;
   }
 
   /**

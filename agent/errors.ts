@@ -34,12 +34,15 @@ export const ERROR_CODES = {
   NO_CERTIFICATE: { flag: "IDENTITY_ERROR", description: "no workload certificate could be issued" },
   STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },
   DRAIN_TIMEOUT: { flag: "RESET", description: "the agent stopped and the connection was still open when its drain deadline passed" },
+  AGENT_INTERRUPTED: { flag: "RESET", description: "the agent process ended without closing the connection (killed or crashed); recorded at the next start" },
   CA_ERROR: { flag: "INTERNAL", description: "the embedded CA folder is missing, invalid or already initialized" },
   CA_UNAVAILABLE: { flag: "IDENTITY_ERROR", description: "Istio's CA could not be reached, failed its TLS check or did not respond in time, or its address or root certificate file is invalid" },
   CA_REJECTED: { flag: "IDENTITY_ERROR", description: "Istio's CA rejected the certificate request, the service-account token file is missing or empty, or the CA's response failed validation" },
   INVALID_ANNOTATION: { flag: "INTERNAL", description: "a pod annotation that the agent reads has an invalid value" },
   INVALID_QUERY: { flag: "INTERNAL", description: "a diagnostics query (agentctl authz, the admin API) has a missing or malformed source, destination or pod" },
   UNKNOWN_WORKLOAD: { flag: "INTERNAL", description: "a diagnostics query names a pod that the mesh state does not contain" },
+  INVALID_AUDIT_SINK: { flag: "INTERNAL", description: "an audit sink's settings are invalid, such as a syslog facility, host name or SD-ID outside RFC 5424's limits" },
+  AUDIT_SINK_FAILED: { flag: "INTERNAL", description: "an audit sink could not deliver a batch: its destination was unreachable, closed the connection, or did not acknowledge in time" },
   INTERNAL: { flag: "INTERNAL", description: "an unexpected error inside the agent" },
 } as const satisfies Record<string, ErrorSpec>;
 

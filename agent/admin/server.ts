@@ -19,8 +19,16 @@ export function parseAddress(address: string): { host: string; port: number } {
   return { host: match[1] ?? match[2], port };
 }
 
+/** A route result sent as it is, not as JSON, such as Prometheus' text format. */
+export class TextResponse {
+  constructor(
+    readonly contentType: string,
+    readonly text: string,
+  ) {}
+}
+
 /**
- * Handles a GET of one path: returns the JSON body. Throwing AgentError INVALID_QUERY returns 400,
+ * Handles a GET of one path: returns the JSON body, a TextResponse, or a promise of either. Throwing AgentError INVALID_QUERY returns 400,
  * UNKNOWN_WORKLOAD 404, AdminUnavailableError 503, and any other error 500.
  */
 export type AdminRoute = (query: URLSearchParams) => unknown;
@@ -119,16 +127,22 @@ export class AdminServer {
   }
 
   private serveRoute(path: string, query: URLSearchParams, response: http.ServerResponse): void {
+    const failed = (error: unknown): void => {
+      const { status, code } = statusOf(error);
+      if (status === 500) this.logger.error({ err: error, path }, "admin request failed");
+      sendJson(response, status, { error: (error as Error).message, code });
+    };
     let body: unknown;
     try {
       body = this.routes[path](query);
     } catch (error) {
-      const { status, code } = statusOf(error);
-      if (status === 500) this.logger.error({ err: error, path }, "admin request failed");
-      sendJson(response, status, { error: (error as Error).message, code });
+      failed(error);
       return;
     }
-    sendJson(response, 200, body);
+    Promise.resolve(body).then((resolved) => {
+      if (resolved instanceof TextResponse) response.writeHead(200, { "content-type": resolved.contentType }).end(resolved.text);
+      else sendJson(response, 200, resolved);
+    }, failed);
   }
 }
 

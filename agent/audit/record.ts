@@ -92,12 +92,16 @@ export type ControlRecord =
   | { type: "agent.stopped"; time: string; node: string; reason: string; open_connections: number }
   | { type: "capture.mode"; time: string; node: string; mode: string; requested: string; reason: string; previous_mode?: string }
   | { type: "workload.enrolled" | "workload.unenrolled"; time: string; node: string; workload: string; namespace: string; ip?: string; identity?: string; reason: string }
-  | { type: "policy.added" | "policy.changed" | "policy.removed"; time: string; node: string; policy: PolicyRef; file?: string; changes?: PolicyChange[] }
+  | { type: "policy.added" | "policy.changed" | "policy.removed"; time: string; node: string; policy: PolicyRef; file?: string; previous_file?: string; changes?: PolicyChange[]; changes_omitted?: number }
   | { type: "policy.rejected"; time: string; node: string; policy: PolicyRef; file: string; line?: number; message: string }
   | { type: "certificate.issued" | "certificate.rotated"; time: string; node: string; identity: string; serial: string; not_before: string; not_after: string; fingerprint_sha256: string; issuer?: string }
   | { type: "audit.gap"; time: string; node: string; reason: "queue_full" | "spool_full" | "spool_write_failed"; lost: number; first_time: string; last_time: string; sink?: string; first_seq?: number; last_seq?: number };
 
-/** One changed field of a policy: its path in the object, and the values before and after (absent when the field did not exist). */
+/**
+ * One changed field of a policy: its path in the object, and the values before and after (absent
+ * when the field did not exist). A `policy.changed` record lists at most 50, and `changes_omitted`
+ * counts the rest. `previous_file` is set when the policy moved to another manifest file.
+ */
 export interface PolicyChange {
   path: string;
   before?: unknown;

@@ -1,5 +1,5 @@
 #!/usr/bin/env -S node --single-threaded-gc --max-semi-space-size=2
-// ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR --audit-file PATH`.
+// ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR [--audit-file PATH]`.
 
 import fs from "node:fs";
 import path from "node:path";
@@ -11,16 +11,17 @@ import { createLogger } from "../log";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
 import type { IdentityOptions } from "../identity/setup";
 import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags, type IdentityFlagValues } from "./identity-flags";
+import { AUDIT_FLAGS, AUDIT_USAGE, parseAuditFlags, type AuditFlagValues } from "./audit-flags";
+import type { AuditOptions } from "../audit/config";
 import { parseProbeSources } from "./probe-sources";
 
 const USAGE = `usage: ambient-agent run --node NAME --manifests DIR (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE)
-                         --audit-file PATH [options]
+                         [options]
 
   --node NAME          this node's name; pods whose spec.nodeName equals it are served
   --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, AuthorizationPolicy,
                        PeerAuthentication), re-read when it changes
-${IDENTITY_USAGE}  --audit-file PATH    file that receives one JSON line per connection
-  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
+${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
@@ -82,7 +83,7 @@ function parseRunOptions(argv: string[]): RunOptions {
       node: { type: "string" },
       manifests: { type: "string" },
       ...IDENTITY_FLAGS,
-      "audit-file": { type: "string" },
+      ...AUDIT_FLAGS,
       "pin-root": { type: "string" },
       cgroup: { type: "string" },
       "bpf-object": { type: "string" },
@@ -97,7 +98,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     },
     strict: true,
   });
-  const missing = ["node", "manifests", "audit-file"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
+  const missing = ["node", "manifests"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
   if (!values["ca-dir"] && !values["ca-address"]) missing.push("--ca-dir or --ca-address");
   if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.join(", ")}`);
   const node = values.node!;
@@ -108,7 +109,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     node,
     manifestsDir: path.resolve(values.manifests!),
     identity: parseIdentity(values),
-    auditFile: path.resolve(values["audit-file"]!),
+    audit: parseAudit(values, node),
     pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
@@ -133,6 +134,14 @@ class UsageError extends Error {}
 function parseIdentity(values: IdentityFlagValues): IdentityOptions {
   try {
     return parseIdentityFlags(values);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
+
+function parseAudit(values: AuditFlagValues, node: string): AuditOptions {
+  try {
+    return parseAuditFlags(values, node);
   } catch (error) {
     throw new UsageError((error as Error).message);
   }
@@ -186,7 +195,7 @@ async function main(argv: string[]): Promise<number> {
     const message = error instanceof HostNotReadyError ? error.message : `failed to start: ${(error as Error).message}`;
     logger.fatal({ err: error }, message);
     process.stderr.write(`ambient-agent: ${message}\n`);
-    await agent.stop().catch(() => undefined);
+    await agent.stop(0, `start failed: ${message}`).catch(() => undefined);
     return 1;
   }
 
@@ -211,7 +220,7 @@ async function main(argv: string[]): Promise<number> {
   // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
   const deadlineMs = options.drainTimeoutMs + STOP_DEADLINE_MS;
   const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
-  if ((await Promise.race([agent.stop(options.drainTimeoutMs).then(() => "stopped" as const), deadline])) === "timeout") {
+  if ((await Promise.race([agent.stop(options.drainTimeoutMs, signal === "hand-over" ? "node handed over to a new agent" : `signal ${signal}`).then(() => "stopped" as const), deadline])) === "timeout") {
     logger.error({ deadlineMs }, "stopping took too long; exiting with connections still open");
     agent.releaseLocks();
     return 1;

@@ -2,7 +2,7 @@
 // exactly once, from the proxies' finally paths, so that failures are recorded too.
 
 import crypto from "node:crypto";
-import type { AuditPeer, AuditRecord, AuditRecorder, Transport } from "../audit/record";
+import type { AuditPeer, AuditRecord, AuditRecorder, ConnectionFields, Transport } from "../audit/record";
 import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
 import type { Logger } from "../log";
 import type { AuthorizationResult } from "../rbac/types";
@@ -37,6 +37,7 @@ export class ConnectionRecord {
   readonly #node: string;
   readonly #direction: Direction;
   #written = false;
+  #opened = false;
 
   src: AuditPeer;
   dst: AuditPeer;
@@ -87,11 +88,9 @@ export class ConnectionRecord {
     this.dryRun = result.dryRun;
   }
 
-  /** Builds the record; the time is the end of the connection. */
-  toAuditRecord(): AuditRecord {
-    const record: AuditRecord = {
-      type: "connection.completed",
-      time: new Date().toISOString(),
+  /** The fields shared by the opened and the completed record. */
+  #fields(): ConnectionFields {
+    const fields: ConnectionFields = {
       start: new Date(this.#startedAt).toISOString(),
       node: this.#node,
       connection_id: this.id,
@@ -101,22 +100,50 @@ export class ConnectionRecord {
       transport: this.transport,
       decision: this.decision,
       reason: this.reason,
-      established: false,
+    };
+    if (this.policy !== undefined) {
+      fields.policy = this.policy;
+      if (this.policyKind !== undefined) fields.policy_kind = this.policyKind;
+    }
+    if (this.rule !== undefined) fields.rule = this.rule;
+    if (this.dryRun.length > 0) fields.dry_run = this.dryRun;
+    return fields;
+  }
+
+  /** Builds the completion record; the time is the end of the connection. */
+  toAuditRecord(): AuditRecord {
+    const record: AuditRecord = {
+      type: "connection.completed",
+      time: new Date().toISOString(),
+      ...this.#fields(),
+      established: this.#opened,
       bytes_sent: this.bytesSent,
       bytes_recv: this.bytesRecv,
       duration_ms: Number(process.hrtime.bigint() - this.#startedNs) / 1e6,
     };
-    if (this.policy !== undefined) {
-      record.policy = this.policy;
-      if (this.policyKind !== undefined) record.policy_kind = this.policyKind;
-    }
-    if (this.rule !== undefined) record.rule = this.rule;
-    if (this.dryRun.length > 0) record.dry_run = this.dryRun;
     if (this.error !== undefined) {
       record.flag = flagOf(this.error.code);
       record.error = this.error;
     }
     return record;
+  }
+
+  /**
+   * Writes the `connection.opened` record once the connection is established (authorized and
+   * connected to its destination); every call after the first does nothing. The source and
+   * destination objects are copied, because the proxies keep filling them in.
+   */
+  opened(sink: AuditRecorder): void {
+    if (this.#opened || this.#written) return;
+    this.#opened = true;
+    const fields = this.#fields();
+    fields.src = { ...fields.src };
+    fields.dst = { ...fields.dst };
+    try {
+      sink.write({ type: "connection.opened", time: new Date().toISOString(), ...fields });
+    } catch {
+      // write() of the pipeline does not throw; a test double that throws loses only this record.
+    }
   }
 
   /**

@@ -168,6 +168,7 @@ export class InboundPlaintextServer {
       connection.upstream = await this.#connectApplication(port, connection, sourceIp);
       connection.upstream.on("error", ignoreError);
       client.resume();
+      record.opened(this.#options.audit);
       const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;

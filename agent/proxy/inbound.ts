@@ -370,6 +370,7 @@ export class InboundHboneServer {
       upstream = await this.#connectApplication(peer, target, stream);
       active.upstream = upstream;
       stream.respond({ ":status": 200 });
+      record.opened(this.#options.audit);
       const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;

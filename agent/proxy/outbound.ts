@@ -204,6 +204,7 @@ export class OutboundProxy {
   /** Connects straight to the destination and copies bytes both ways. */
   async #passthrough(connection: ActiveConnection, destination: Authority): Promise<void> {
     const upstream = await this.#connectUpstream(connection, destination.ip, destination.port);
+    connection.record.opened(this.#options.audit);
     const result = await copyBidirectional(tcpEndpoint("client", connection.client), tcpEndpoint("destination", upstream));
     this.#recordCopy(connection.record, result);
   }
@@ -225,6 +226,7 @@ export class OutboundProxy {
       if (status !== 200) {
         this.#rejectTunnel(record, status);
       }
+      record.opened(this.#options.audit);
       const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream));
       this.#recordCopy(record, result);
     } finally {

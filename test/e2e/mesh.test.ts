@@ -338,7 +338,7 @@ test.serial("second agent for a node is rejected", async (t) => {
   const second = spawnSync(
     "nsenter",
     [`--net=/var/run/netns/${c.topology.node("node1").netns}`, "--", process.execPath, AGENT_BIN, "run", "--node", "node1", "--manifests", c.manifestsDir,
-      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--pin-root", `${c.pinRoot("node1")}-second`, "--admin", "127.0.0.1:15099",
+      "--ca-dir", c.caDir, "--audit-file", path.join(c.workDir, "second.jsonl"), "--audit-spool", path.join(c.workDir, "second-spool"), "--pin-root", `${c.pinRoot("node1")}-second`, "--admin", "127.0.0.1:15099",
       "--capture", TEST_CAPTURE],
     { encoding: "utf8", timeout: 20_000 },
   );

@@ -169,6 +169,7 @@ async function restartAgentWith(node: string, extraArgs: string[], pods: string[
     manifestsDir: c.manifestsDir,
     caDir: c.caDir,
     auditFile: c.auditFile(node),
+    spoolDir: c.spoolDir(node),
     pinRoot: c.pinRoot(node),
     logFile: c.logFile(node),
     extraArgs,

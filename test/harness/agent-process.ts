@@ -40,6 +40,8 @@ export interface AgentProcessOptions {
   manifestsDir: string;
   caDir: string;
   auditFile: string;
+  /** Folder of the agent's audit spool. */
+  spoolDir: string;
   pinRoot: string;
   /** Where the agent's log lines are copied, for debugging a failed run. */
   logFile: string;
@@ -75,6 +77,7 @@ export class AgentProcess {
       // An agent that requests certificates from Istio's CA has no embedded CA.
       ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
       "--audit-file", options.auditFile,
+      ...((options.extraArgs ?? []).includes("--audit-spool") ? [] : ["--audit-spool", options.spoolDir]),
       "--pin-root", options.pinRoot,
       ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),
       ...(options.extraArgs ?? []),

@@ -128,6 +128,10 @@ export class Cluster {
     return path.join(this.workDir, `audit-${node}.jsonl`);
   }
 
+  spoolDir(node: string): string {
+    return path.join(this.workDir, `spool-${node}`);
+  }
+
   logFile(node: string): string {
     return path.join(this.workDir, `agent-${node}.log`);
   }
@@ -170,6 +174,7 @@ export class Cluster {
       manifestsDir: this.manifestsDir,
       caDir: this.caDir,
       auditFile: this.auditFile(node),
+      spoolDir: this.spoolDir(node),
       pinRoot: this.pinRoot(node),
       logFile: this.logFile(node),
       extraArgs: agentArgs,
@@ -187,25 +192,34 @@ export class Cluster {
     return agent;
   }
 
-  /** Reads the audit records a node's agent has written so far. */
-  auditRecords(node: string): Record<string, any>[] {
+  /**
+   * Reads the audit records of one type that a node's agent has written so far: by default the
+   * completion record of each connection, "*" for every record.
+   */
+  auditRecords(node: string, type = "connection.completed"): Record<string, any>[] {
     const file = this.auditFile(node);
     if (!fs.existsSync(file)) return [];
     return fs
       .readFileSync(file, "utf8")
       .split("\n")
       .filter((line) => line.trim() !== "")
-      .map((line) => JSON.parse(line));
+      .map((line) => JSON.parse(line))
+      .filter((record) => type === "*" || record.type === type);
   }
 
-  /** Waits until `predicate` holds for some audit record of `node`. */
-  async waitForAudit(node: string, predicate: (record: Record<string, any>) => boolean, timeoutMs = 10_000): Promise<Record<string, any>> {
+  /** Waits until `predicate` holds for some audit record of `node` of the given type ("*" for any). */
+  async waitForAudit(
+    node: string,
+    predicate: (record: Record<string, any>) => boolean,
+    timeoutMs = 10_000,
+    type = "connection.completed",
+  ): Promise<Record<string, any>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const found = this.auditRecords(node).find(predicate);
+      const found = this.auditRecords(node, type).find(predicate);
       if (found) return found;
       if (Date.now() > deadline) {
-        throw new Error(`no matching audit record on ${node} within ${timeoutMs} ms; records:\n${JSON.stringify(this.auditRecords(node), null, 1)}`);
+        throw new Error(`no matching audit record on ${node} within ${timeoutMs} ms; records:\n${JSON.stringify(this.auditRecords(node, type), null, 1)}`);
       }
       await new Promise((resolve) => setTimeout(resolve, 100));
     }

@@ -1,0 +1,476 @@
+// The audit pipeline. The data path calls write(), which only appends to a bounded in-memory queue.
+// One writer seals queued records into the hash chain (seq, id, prev_hash, hash) and appends them to
+// the spool on disk; only then do the sinks see them. Each sink has its own cursor (the last seq it
+// accepted) and its own loop, so a slow or failing sink delays no other sink and never the data path.
+// Failed sends are retried with a capped exponential backoff until they succeed: remote delivery is
+// at-least-once, and every record carries its `id` for de-duplication.
+// Records are lost only when a bound is hit, and then they are counted and a gap record says how
+// many and when: a full queue drops new records (the spool cannot keep up or fails), and a full
+// spool evicts its oldest segment, whose records a lagging sink then never receives.
+
+import crypto from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import type { Logger } from "../log";
+import { GENESIS_HASH, sealLine } from "./chain";
+import { OpenConnections } from "./open-connections";
+import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedRecord } from "./record";
+import { Redactor, scrubSecrets, type RedactionRule } from "./redact";
+import type { AuditSink, SpooledRecord } from "./sink";
+import { SinkRunner, type RetryPolicy } from "./sink-runner";
+import { Spool, type FsyncPolicy, type Segment } from "./spool";
+
+export interface AuditPipelineOptions {
+  node: string;
+  spoolDir: string;
+  sinks: AuditSink[];
+  /** Spool size above which the oldest segment is evicted. Default 256 MiB. */
+  spoolMaxBytes?: number;
+  /** Size of one spool segment. Default an eighth of spoolMaxBytes, at most 16 MiB. */
+  segmentBytes?: number;
+  /** Default: fdatasync every second. */
+  fsync?: FsyncPolicy;
+  /** Records the queue holds before new ones are dropped. Default 50,000. */
+  queueCapacity?: number;
+  /** Records per spool append and per sink send. Default 500. */
+  batchSize?: number;
+  retry?: Partial<RetryPolicy>;
+  redaction?: readonly RedactionRule[];
+  /** Key of the redaction hashes. Default: a random key kept in the spool folder, so hashes stay stable across restarts. */
+  redactionKey?: Buffer;
+}
+
+/** Counters and state for the admin API, metrics and logs. */
+export interface AuditPipelineStatus {
+  queue: { records: number; capacity: number };
+  records: Record<string, number>;
+  dropped: { queue_full: number; closed: number };
+  spool: { dir: string; bytes: number; maxBytes: number; segments: number; oldestSeq?: number; headSeq: number; fsync: string };
+  openConnections: number;
+  sinks: ReturnType<SinkRunner["status"]>[];
+}
+
+const DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024;
+const MAX_SEGMENT_BYTES = 16 * 1024 * 1024;
+/** Records kept in memory after spooling, so sinks that keep up never read the disk. */
+const TAIL_RECORDS = 10_000;
+/** How long cursor updates wait before they are written to the spool folder together. */
+const CURSOR_SAVE_DELAY_MS = 250;
+const CURSOR_FILE = "cursors.json";
+
+/** Records dropped by the queue and not yet reported by a gap record. */
+interface PendingLoss {
+  lost: number;
+  firstTime: string;
+  lastTime: string;
+}
+
+export class AuditPipeline implements AuditRecorder {
+  private readonly spool: Spool;
+  private readonly openConnections: OpenConnections;
+  private readonly runners: SinkRunner[];
+  private readonly queue: AuditEvent[] = [];
+  /** Gap records, written ahead of the queue and never dropped. */
+  private readonly gaps: AuditEvent[] = [];
+  private redactor: Redactor | undefined;
+  private readonly queueCapacity: number;
+  private readonly batchSize: number;
+  private readonly spoolMaxBytes: number;
+  private readonly fsync: FsyncPolicy;
+
+  /** Last record sealed (it may still wait for the spool) and last record spooled. */
+  private sealedHead = { seq: 0, hash: GENESIS_HASH };
+  private spooledSeq = 0;
+  private pending: { lines: string[]; records: SpooledRecord[]; events: AuditEvent[] } | undefined;
+  private tail: SpooledRecord[] = [];
+  private queueLoss: PendingLoss | undefined;
+
+  private writerScheduled = false;
+  private writing = false;
+  private writeRetryTimer: NodeJS.Timeout | undefined;
+  private writeFailures = 0;
+  private writeRetryDelayMs: number;
+  private readonly retry: RetryPolicy;
+  private cursorTimer: NodeJS.Timeout | undefined;
+  private started = false;
+  private closed = false;
+  private idleWaiters: (() => void)[] = [];
+  /** "clean" when the spool's last record is agent.stopped, "unclean" when it is another record, undefined for a new spool. */
+  previousStop: "clean" | "unclean" | undefined;
+
+  private readonly counts = { records: {} as Record<string, number>, queueFull: 0, closed: 0 };
+
+  constructor(
+    private readonly options: AuditPipelineOptions,
+    private readonly logger: Logger,
+  ) {
+    this.spoolMaxBytes = options.spoolMaxBytes ?? DEFAULT_SPOOL_MAX_BYTES;
+    this.fsync = options.fsync ?? { mode: "interval", intervalMs: 1_000 };
+    this.spool = new Spool(
+      options.spoolDir,
+      {
+        maxBytes: this.spoolMaxBytes,
+        segmentBytes: options.segmentBytes ?? Math.min(MAX_SEGMENT_BYTES, Math.max(64 * 1024, Math.floor(this.spoolMaxBytes / 8))),
+        fsync: this.fsync,
+      },
+      logger,
+    );
+    this.openConnections = new OpenConnections(options.spoolDir);
+    this.queueCapacity = options.queueCapacity ?? 50_000;
+    this.batchSize = options.batchSize ?? 500;
+    this.retry = { initialDelayMs: options.retry?.initialDelayMs ?? 200, maxDelayMs: options.retry?.maxDelayMs ?? 30_000 };
+    this.writeRetryDelayMs = this.retry.initialDelayMs;
+    this.runners = options.sinks.map(
+      (sink) =>
+        new SinkRunner(sink, {
+          retry: this.retry,
+          batchSize: this.batchSize,
+          head: () => this.spooledSeq,
+          batchFrom: (seq, max) => this.batchFrom(seq, max),
+          delivered: () => this.cursorMoved(),
+          logger: logger.child({ sink: sink.name }),
+        }),
+    );
+  }
+
+  /**
+   * Opens the spool, continues its chain, restores the sinks' cursors and the connections left open
+   * by the previous process, and starts the sinks. Records written before start() are queued.
+   */
+  async start(): Promise<void> {
+    const contents = await this.spool.open();
+    if (contents.head) {
+      this.sealedHead = { seq: contents.head.seq, hash: contents.head.hash };
+      this.spooledSeq = contents.head.seq;
+      this.previousStop = contents.head.type === "agent.stopped" ? "clean" : "unclean";
+    }
+    this.redactor = await this.createRedactor();
+    await this.openConnections.load();
+    for await (const spooled of this.spool.readAll()) this.openConnections.track(spooled.record);
+
+    const saved = await this.loadCursors();
+    for (const runner of this.runners) {
+      const held = await runner.sink.open().catch((error: unknown) => {
+        this.logger.warn({ sink: runner.sink.name, err: error }, "opening an audit sink failed; its records stay spooled and are retried");
+        return undefined;
+      });
+      // A sink new to this spool starts at the head: it receives new records, not the history.
+      const cursor = Math.max(saved[runner.sink.name] ?? this.spooledSeq, held ?? 0, contents.oldestSeq - 1);
+      runner.start(Math.min(cursor, this.spooledSeq));
+    }
+    this.started = true;
+    this.logger.info(
+      { spool: this.options.spoolDir, headSeq: this.spooledSeq, previousStop: this.previousStop, sinks: this.runners.map((runner) => runner.status()) },
+      "audit pipeline started",
+    );
+    this.scheduleWriter();
+  }
+
+  /** Hands a record over; never blocks and never throws. A full queue drops it, and a later gap record counts it. */
+  write(record: AuditEvent): void {
+    if (this.closed) {
+      if (this.counts.closed++ === 0) this.logger.error({ type: record.type }, "audit record written after the pipeline closed; dropped");
+      return;
+    }
+    this.counts.records[record.type] = (this.counts.records[record.type] ?? 0) + 1;
+    if (this.queue.length >= this.queueCapacity) {
+      this.countQueueLoss(record.time);
+      return;
+    }
+    this.queue.push(record);
+    this.scheduleWriter();
+  }
+
+  /** Writes completion records for the connections the previous process left open (see OpenConnections). */
+  recordInterrupted(): number {
+    const records = this.openConnections.completeInterrupted(new Date().toISOString());
+    for (const record of records) this.write(record);
+    if (records.length > 0) {
+      this.logger.warn({ connections: records.length }, "the previous agent process ended with connections open; recorded their completion with error AGENT_INTERRUPTED");
+    }
+    return records.length;
+  }
+
+  private countQueueLoss(time: string): void {
+    this.counts.queueFull++;
+    if (this.queueLoss === undefined) {
+      this.queueLoss = { lost: 0, firstTime: time, lastTime: time };
+      this.logger.error({ capacity: this.queueCapacity }, "audit queue full: dropping new records until the spool catches up; a gap record will count them");
+    }
+    this.queueLoss.lost++;
+    this.queueLoss.lastTime = time;
+  }
+
+  private scheduleWriter(): void {
+    if (!this.started || this.writerScheduled || this.writing || this.writeRetryTimer !== undefined) return;
+    this.writerScheduled = true;
+    setImmediate(() => {
+      this.writerScheduled = false;
+      void this.writeLoop();
+    });
+  }
+
+  /** Seals and spools queued records batch by batch until the queue is empty or a write fails. */
+  private async writeLoop(): Promise<void> {
+    if (this.writing) return;
+    this.writing = true;
+    try {
+      while (this.pending !== undefined || this.queue.length > 0 || this.gaps.length > 0 || this.queueLoss !== undefined) {
+        this.pending ??= this.sealBatch();
+        try {
+          await this.spool.append(this.pending.lines, this.pending.records[0].seq);
+        } catch (error) {
+          this.writeFailed(error);
+          return;
+        }
+        this.commit(this.pending);
+        this.pending = undefined;
+        await this.evictOverflow();
+      }
+    } finally {
+      this.writing = false;
+      if (this.isIdle()) for (const resolve of this.idleWaiters.splice(0)) resolve();
+    }
+  }
+
+  private sealBatch(): { lines: string[]; records: SpooledRecord[]; events: AuditEvent[] } {
+    if (this.queueLoss !== undefined) {
+      const loss = this.queueLoss;
+      this.queueLoss = undefined;
+      this.gaps.push({ type: "audit.gap", time: new Date().toISOString(), node: this.options.node, reason: "queue_full", lost: loss.lost, first_time: loss.firstTime, last_time: loss.lastTime });
+    }
+    const events = this.gaps.splice(0);
+    events.push(...this.queue.splice(0, Math.max(0, this.batchSize - events.length)));
+    const lines: string[] = [];
+    const records: SpooledRecord[] = [];
+    for (const event of events) {
+      const spooled = this.seal(event);
+      lines.push(spooled.line);
+      records.push(spooled);
+    }
+    return { lines, records, events };
+  }
+
+  /** Redacts the record and adds the chain fields; the hash covers the line as written. */
+  private seal(event: AuditEvent): SpooledRecord {
+    this.redactor?.apply(event);
+    const seq = this.sealedHead.seq + 1;
+    const id = crypto.randomUUID();
+    // time and type come first so that lines sort by time and read well; assign() keeps their place.
+    let record = Object.assign({ time: event.time, type: event.type, v: AUDIT_SCHEMA_VERSION, seq, id }, event, { prev_hash: this.sealedHead.hash }) as Omit<SealedRecord, "hash">;
+    let body = JSON.stringify(record);
+    const scrubbed = scrubSecrets(record, body);
+    if (scrubbed !== record) {
+      record = scrubbed;
+      body = JSON.stringify(record);
+    }
+    const { line, hash } = sealLine(body);
+    this.sealedHead = { seq, hash };
+    const sealed = record as SealedRecord;
+    sealed.hash = hash;
+    return { seq, id, line, record: sealed };
+  }
+
+  private writeFailed(error: unknown): void {
+    this.writeFailures++;
+    if (this.writeFailures === 1) {
+      this.logger.error(
+        { err: error, spool: this.options.spoolDir, queued: this.queue.length + (this.pending?.lines.length ?? 0) },
+        "writing to the audit spool failed; keeping the records queued and retrying",
+      );
+    }
+    const delay = this.writeRetryDelayMs;
+    this.writeRetryDelayMs = Math.min(this.writeRetryDelayMs * 2, this.retry.maxDelayMs);
+    this.writeRetryTimer = setTimeout(() => {
+      this.writeRetryTimer = undefined;
+      this.scheduleWriter();
+    }, delay);
+  }
+
+  /** Publishes a spooled batch: the head moves, the tail and the open connections follow, the sinks wake. */
+  private commit(batch: { records: SpooledRecord[]; events: AuditEvent[] }): void {
+    if (this.writeFailures > 0) {
+      this.logger.info({ failedAttempts: this.writeFailures, spool: this.options.spoolDir }, "writing to the audit spool works again");
+      this.writeFailures = 0;
+      this.writeRetryDelayMs = this.retry.initialDelayMs;
+    }
+    this.spooledSeq = batch.records[batch.records.length - 1].seq;
+    for (const event of batch.events) this.openConnections.track(event);
+    this.tail.push(...batch.records);
+    if (this.tail.length > 2 * TAIL_RECORDS) this.tail = this.tail.slice(-TAIL_RECORDS);
+    for (const runner of this.runners) runner.wake();
+  }
+
+  /** Returns up to `max` spooled records from `seq` on, from memory when recent and from disk otherwise. */
+  private async batchFrom(seq: number, max: number): Promise<SpooledRecord[]> {
+    const first = this.tail[0];
+    if (first !== undefined && seq >= first.seq) {
+      const start = seq - first.seq;
+      return this.tail.slice(start, start + max);
+    }
+    const records = await this.spool.read(seq, max);
+    if (records.length === 0 && seq <= this.spooledSeq) {
+      // The records were evicted while the sink waited; its cursor was already moved past them.
+      return [];
+    }
+    return records;
+  }
+
+  /** Evicts the oldest segments while the spool is over its limit, with a gap record for each sink that lacked them. */
+  private async evictOverflow(): Promise<void> {
+    for (let segment = this.spool.overflow(); segment !== undefined; segment = this.spool.overflow()) {
+      const lagging = this.runners.filter((runner) => runner.cursor < segment!.lastSeq);
+      if (lagging.length > 0) await this.recordEviction(segment, lagging);
+      await this.openConnections.save();
+      await this.spool.evictOldest();
+    }
+  }
+
+  private async recordEviction(segment: Segment, lagging: SinkRunner[]): Promise<void> {
+    const bounds = await this.spool.segmentBounds(segment);
+    for (const runner of lagging) {
+      const firstSeq = Math.max(runner.cursor + 1, segment.firstSeq);
+      const lost = segment.lastSeq - firstSeq + 1;
+      runner.skipTo(segment.lastSeq, lost);
+      this.logger.error(
+        { sink: runner.sink.name, lost, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.spoolMaxBytes },
+        "audit spool full: evicted records this sink has not received; a gap record counts them",
+      );
+      this.gaps.push({
+        type: "audit.gap",
+        time: new Date().toISOString(),
+        node: this.options.node,
+        reason: "spool_full",
+        sink: runner.sink.name,
+        lost,
+        first_seq: firstSeq,
+        last_seq: segment.lastSeq,
+        first_time: bounds.first?.record.time ?? "",
+        last_time: bounds.last?.record.time ?? "",
+      });
+    }
+  }
+
+  /** After a sink accepted records: saves the cursors soon, and deletes the segments every sink has. */
+  private cursorMoved(): void {
+    if (this.cursorTimer === undefined) {
+      this.cursorTimer = setTimeout(() => {
+        this.cursorTimer = undefined;
+        void this.persistProgress().catch((error: unknown) => this.logger.warn({ err: error, spool: this.options.spoolDir }, "saving the audit sink cursors failed; retrying at the next delivery"));
+      }, CURSOR_SAVE_DELAY_MS);
+      this.cursorTimer.unref();
+    }
+    if (this.isIdle()) for (const resolve of this.idleWaiters.splice(0)) resolve();
+  }
+
+  private async persistProgress(): Promise<void> {
+    await this.saveCursors();
+    const delivered = this.runners.reduce((min, runner) => Math.min(min, runner.cursor), this.spooledSeq);
+    if (this.spool.releasable(delivered)) {
+      await this.openConnections.save();
+      await this.spool.release(delivered);
+    }
+  }
+
+  private async saveCursors(): Promise<void> {
+    const cursors: Record<string, number> = {};
+    for (const runner of this.runners) cursors[runner.sink.name] = runner.cursor;
+    const file = path.join(this.options.spoolDir, CURSOR_FILE);
+    await fs.promises.writeFile(`${file}.tmp`, JSON.stringify({ version: 1, sinks: cursors }), { mode: 0o600 });
+    await fs.promises.rename(`${file}.tmp`, file);
+  }
+
+  private async loadCursors(): Promise<Record<string, number>> {
+    try {
+      const parsed = JSON.parse(await fs.promises.readFile(path.join(this.options.spoolDir, CURSOR_FILE), "utf8")) as { sinks?: Record<string, number> };
+      return parsed.sinks ?? {};
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") {
+        this.logger.warn({ err: error, spool: this.options.spoolDir }, "the audit sink cursor file is unreadable; sinks resend what they may already have");
+        return { };
+      }
+      return {};
+    }
+  }
+
+  private async createRedactor(): Promise<Redactor | undefined> {
+    const rules = this.options.redaction ?? [];
+    if (rules.length === 0) return undefined;
+    if (this.options.redactionKey) return new Redactor(rules, this.options.redactionKey);
+    const file = path.join(this.options.spoolDir, "redaction.key");
+    let key: Buffer;
+    try {
+      key = await fs.promises.readFile(file);
+    } catch {
+      key = crypto.randomBytes(32);
+      await fs.promises.writeFile(file, key, { mode: 0o600 });
+    }
+    return new Redactor(rules, key);
+  }
+
+  private isIdle(): boolean {
+    return (
+      this.queue.length === 0 &&
+      this.gaps.length === 0 &&
+      this.pending === undefined &&
+      !this.writing &&
+      this.runners.every((runner) => runner.cursor >= this.spooledSeq)
+    );
+  }
+
+  /** Resolves once every record written so far is spooled and accepted by every sink. */
+  flush(): Promise<void> {
+    if (this.isIdle()) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /**
+   * Stops accepting records and waits up to `timeoutMs` for the queue to reach the spool and the
+   * sinks to catch up. Records that a sink has not accepted by then stay in the spool and are sent
+   * after the next start.
+   */
+  async close(timeoutMs = 5_000): Promise<void> {
+    if (!this.started) {
+      this.closed = true;
+      if (this.queue.length > 0) this.logger.warn({ queued: this.queue.length }, "audit pipeline closed before it started; its queued records were not spooled");
+      return;
+    }
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), timeoutMs)));
+    const result = await Promise.race([this.flush(), timedOut]);
+    clearTimeout(timer);
+    this.closed = true;
+    clearTimeout(this.writeRetryTimer);
+    clearTimeout(this.cursorTimer);
+    for (const runner of this.runners) runner.stop();
+    if (result === "timeout") {
+      this.logger.warn(
+        { queued: this.queue.length + (this.pending?.lines.length ?? 0), sinks: this.runners.map((runner) => runner.status()) },
+        "audit pipeline closed before every record was delivered; spooled records are sent after the next start",
+      );
+    }
+    await this.persistProgress().catch((error: unknown) => this.logger.warn({ err: error }, "saving the audit sink cursors failed at close"));
+    await this.openConnections.save().catch((error: unknown) => this.logger.warn({ err: error }, "saving the open connections failed at close"));
+    await Promise.all(this.runners.map((runner) => runner.close()));
+    await this.spool.close();
+  }
+
+  status(): AuditPipelineStatus {
+    return {
+      queue: { records: this.queue.length, capacity: this.queueCapacity },
+      records: { ...this.counts.records },
+      dropped: { queue_full: this.counts.queueFull, closed: this.counts.closed },
+      spool: {
+        dir: this.options.spoolDir,
+        bytes: this.spool.bytes,
+        maxBytes: this.spoolMaxBytes,
+        segments: this.spool.segmentCount,
+        oldestSeq: this.spool.oldestSeq,
+        headSeq: this.spooledSeq,
+        fsync: this.fsync.mode === "interval" ? `interval ${this.fsync.intervalMs} ms` : this.fsync.mode,
+      },
+      openConnections: this.openConnections.size,
+      sinks: this.runners.map((runner) => runner.status()),
+    };
+  }
+}

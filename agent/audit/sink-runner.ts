@@ -1,0 +1,143 @@
+// Delivery to one sink: a loop that sends the records after the sink's cursor, batch by batch, and
+// retries a failed batch with a capped exponential backoff (with jitter, so many nodes do not
+// retry against one collector in step) until the sink accepts it.
+
+import type { Logger } from "../log";
+import type { AuditSink, SpooledRecord } from "./sink";
+
+export interface RetryPolicy {
+  initialDelayMs: number;
+  maxDelayMs: number;
+}
+
+export interface SinkRunnerContext {
+  retry: RetryPolicy;
+  batchSize: number;
+  /** Seq of the last spooled record. */
+  head(): number;
+  batchFrom(seq: number, max: number): Promise<SpooledRecord[]>;
+  /** Called after the sink accepted a batch. */
+  delivered(): void;
+  logger: Logger;
+}
+
+export class SinkRunner {
+  /** Seq of the last record the sink accepted (or was skipped past by an eviction). */
+  cursor = 0;
+  private running = false;
+  private stopped = false;
+  private retryDelayMs: number;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private failureStreak = 0;
+  private counts = { delivered: 0, failures: 0, dropped: 0 };
+  private lastError: string | undefined;
+  private lastErrorTime: string | undefined;
+  private current: Promise<void> | undefined;
+
+  constructor(
+    readonly sink: AuditSink,
+    private readonly context: SinkRunnerContext,
+  ) {
+    this.retryDelayMs = context.retry.initialDelayMs;
+  }
+
+  start(cursor: number): void {
+    this.cursor = cursor;
+    this.wake();
+  }
+
+  /** Starts the loop if records wait and it is not running or backing off. */
+  wake(): void {
+    if (this.running || this.stopped || this.retryTimer !== undefined) return;
+    if (this.cursor >= this.context.head()) return;
+    this.current = this.run();
+  }
+
+  /** Moves the cursor past records evicted from the spool before this sink received them. */
+  skipTo(seq: number, lost: number): void {
+    if (seq <= this.cursor) return;
+    this.cursor = seq;
+    this.counts.dropped += lost;
+  }
+
+  private async run(): Promise<void> {
+    this.running = true;
+    try {
+      while (!this.stopped && this.cursor < this.context.head()) {
+        const batch = await this.context.batchFrom(this.cursor + 1, this.context.batchSize);
+        if (batch.length === 0) break;
+        try {
+          await this.sink.send(batch);
+        } catch (error) {
+          this.failed(error, batch.length);
+          return;
+        }
+        this.succeeded(batch);
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private succeeded(batch: readonly SpooledRecord[]): void {
+    const last = batch[batch.length - 1].seq;
+    if (last > this.cursor) {
+      this.counts.delivered += last - Math.max(this.cursor, batch[0].seq - 1);
+      this.cursor = last;
+    }
+    if (this.failureStreak > 0) {
+      this.context.logger.info({ sink: this.sink.name, failedAttempts: this.failureStreak }, "audit sink accepts records again");
+      this.failureStreak = 0;
+      this.retryDelayMs = this.context.retry.initialDelayMs;
+    }
+    this.context.delivered();
+  }
+
+  private failed(error: unknown, records: number): void {
+    this.counts.failures++;
+    this.failureStreak++;
+    this.lastError = error instanceof Error ? error.message : String(error);
+    this.lastErrorTime = new Date().toISOString();
+    const delay = Math.round(this.retryDelayMs * (0.8 + Math.random() * 0.4));
+    if (this.failureStreak === 1) {
+      this.context.logger.error(
+        { sink: this.sink.name, err: error, records, lag: this.context.head() - this.cursor },
+        "audit sink failed; records stay spooled and are retried with backoff",
+      );
+    } else if (this.failureStreak % 10 === 0) {
+      this.context.logger.warn({ sink: this.sink.name, failedAttempts: this.failureStreak, lastError: this.lastError, nextRetryMs: delay }, "audit sink still failing");
+    }
+    this.retryDelayMs = Math.min(this.retryDelayMs * 2, this.context.retry.maxDelayMs);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.wake();
+    }, delay);
+  }
+
+  /** Stops sending; a send in flight finishes. */
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+  }
+
+  async close(): Promise<void> {
+    this.stop();
+    await this.current?.catch(() => undefined);
+    await this.sink.close().catch((error: unknown) => this.context.logger.warn({ sink: this.sink.name, err: error }, "closing an audit sink failed"));
+  }
+
+  status(): { name: string; cursor: number; lag: number; delivered: number; failures: number; dropped: number; up: boolean; lastError?: string; lastErrorTime?: string } {
+    return {
+      name: this.sink.name,
+      cursor: this.cursor,
+      lag: Math.max(0, this.context.head() - this.cursor),
+      delivered: this.counts.delivered,
+      failures: this.counts.failures,
+      dropped: this.counts.dropped,
+      up: this.failureStreak === 0,
+      lastError: this.lastError,
+      lastErrorTime: this.lastErrorTime,
+    };
+  }
+}

@@ -1,0 +1,231 @@
+import test from "ava";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { GENESIS_HASH, hashBody, unsealLine } from "../../agent/audit/chain";
+import { AuditPipeline, type AuditPipelineOptions } from "../../agent/audit/pipeline";
+import type { AuditEvent, ConnectionOpenedRecord } from "../../agent/audit/record";
+import type { AuditSink, SpooledRecord } from "../../agent/audit/sink";
+import { silentLogger } from "../../agent/log";
+
+/** A sink that keeps every line it accepted and can be made to fail. */
+class MemorySink implements AuditSink {
+  readonly lines: string[] = [];
+  sends = 0;
+  failing = false;
+  constructor(readonly name = "memory") {}
+  async open(): Promise<number | undefined> {
+    return undefined;
+  }
+  async send(batch: readonly SpooledRecord[]): Promise<void> {
+    this.sends++;
+    if (this.failing) throw new Error("sink down");
+    for (const record of batch) this.lines.push(record.line);
+  }
+  async close(): Promise<void> {}
+  records(): Record<string, any>[] {
+    return this.lines.map((line) => JSON.parse(line));
+  }
+}
+
+function tempDir(t: { teardown(fn: () => void): void }): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "audit-pipeline-"));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+function control(index: number): AuditEvent {
+  return { type: "workload.enrolled", time: new Date().toISOString(), node: "n1", workload: `w${index}`, namespace: "demo", reason: "test" };
+}
+
+function opened(id: string): ConnectionOpenedRecord {
+  return {
+    type: "connection.opened",
+    time: new Date().toISOString(),
+    start: new Date().toISOString(),
+    node: "n1",
+    connection_id: id,
+    direction: "inbound",
+    src: { addr: "10.0.0.1:40000" },
+    dst: { addr: "10.0.0.2:80" },
+    transport: "hbone",
+    decision: "allow",
+    reason: "no_policy",
+  };
+}
+
+function pipeline(dir: string, sinks: AuditSink[], extra: Partial<AuditPipelineOptions> = {}): AuditPipeline {
+  return new AuditPipeline({ node: "n1", spoolDir: dir, sinks, retry: { initialDelayMs: 10, maxDelayMs: 50 }, ...extra }, silentLogger());
+}
+
+/** Checks seq order, links and hashes of sealed lines; returns the number of records. */
+function assertChain(t: import("ava").ExecutionContext, lines: readonly string[], firstPrev = GENESIS_HASH): void {
+  let previous = firstPrev;
+  lines.forEach((line, index) => {
+    const unsealed = unsealLine(line);
+    t.truthy(unsealed, `line ${index} has a hash member`);
+    t.is(hashBody(unsealed!.body), unsealed!.hash, `line ${index} hash`);
+    const record = JSON.parse(line);
+    t.is(record.prev_hash, previous, `line ${index} prev_hash`);
+    previous = record.hash;
+  });
+}
+
+test("pipeline seals and delivers in order", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink();
+  const audit = pipeline(dir, [sink]);
+  await audit.start();
+  for (let i = 0; i < 1200; i++) audit.write(control(i));
+  await audit.flush();
+  const records = sink.records();
+  t.is(records.length, 1200);
+  t.deepEqual(records.map((record) => record.seq), Array.from({ length: 1200 }, (_, i) => i + 1));
+  t.is(records[0].v, 1);
+  t.deepEqual(Object.keys(records[0]).slice(0, 5), ["time", "type", "v", "seq", "id"]);
+  assertChain(t, sink.lines);
+  await audit.close();
+});
+
+test("pipeline retries a failing sink without losing records", async (t) => {
+  const dir = tempDir(t);
+  const good = new MemorySink("good");
+  const bad = new MemorySink("bad");
+  bad.failing = true;
+  const audit = pipeline(dir, [good, bad]);
+  await audit.start();
+  for (let i = 0; i < 100; i++) audit.write(control(i));
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  t.is(good.lines.length, 100);
+  t.is(bad.lines.length, 0);
+  t.true(bad.sends > 1);
+  t.false(audit.status().sinks[1].up);
+  bad.failing = false;
+  await audit.flush();
+  t.deepEqual(bad.lines, good.lines);
+  await audit.close();
+});
+
+test("pipeline continues its chain after a restart", async (t) => {
+  const dir = tempDir(t);
+  const first = new MemorySink("sink");
+  const audit = pipeline(dir, [first]);
+  await audit.start();
+  for (let i = 0; i < 10; i++) audit.write(control(i));
+  audit.write({ type: "agent.stopped", time: new Date().toISOString(), node: "n1", reason: "test", open_connections: 0 });
+  await audit.close();
+
+  const second = new MemorySink("sink");
+  const again = pipeline(dir, [second]);
+  await again.start();
+  t.is(again.previousStop, "clean");
+  again.write(control(99));
+  await again.flush();
+  t.is(second.lines.length, 1, "records the sink already had are not resent");
+  const record = JSON.parse(second.lines[0]);
+  t.is(record.seq, 12);
+  t.is(record.prev_hash, JSON.parse(first.lines[10]).hash);
+  await again.close();
+});
+
+test("pipeline resends undelivered records after a restart", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink("sink");
+  sink.failing = true;
+  const audit = pipeline(dir, [sink]);
+  await audit.start();
+  for (let i = 0; i < 20; i++) audit.write(control(i));
+  await audit.close(100);
+
+  const later = new MemorySink("sink");
+  const again = pipeline(dir, [later]);
+  await again.start();
+  t.is(again.previousStop, "unclean");
+  await again.flush();
+  t.deepEqual(later.records().map((record) => record.seq), Array.from({ length: 20 }, (_, i) => i + 1));
+  await again.close();
+});
+
+test("pipeline completes connections left open by a killed process", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink("sink");
+  const audit = pipeline(dir, [sink]);
+  await audit.start();
+  audit.write(opened("c1"));
+  audit.write(opened("c2"));
+  await audit.flush();
+  // No close(): the process is gone. The next pipeline finds c1 and c2 open in the spool.
+  const later = new MemorySink("sink");
+  const again = pipeline(dir, [later]);
+  await again.start();
+  t.is(again.recordInterrupted(), 2);
+  await again.flush();
+  const completions = later.records().filter((record) => record.type === "connection.completed");
+  t.deepEqual(completions.map((record) => record.connection_id).sort(), ["c1", "c2"]);
+  t.is(completions[0].error.code, "AGENT_INTERRUPTED");
+  t.is(completions[0].bytes_sent, undefined);
+  await again.close();
+  const third = pipeline(dir, [new MemorySink("sink")]);
+  await third.start();
+  t.is(third.recordInterrupted(), 0, "completed connections are not completed twice");
+  await third.close();
+});
+
+test("pipeline evicts for a lagging sink and writes a gap record", async (t) => {
+  const dir = tempDir(t);
+  const good = new MemorySink("good");
+  const stuck = new MemorySink("stuck");
+  stuck.failing = true;
+  const audit = pipeline(dir, [good, stuck], { spoolMaxBytes: 200_000, segmentBytes: 50_000 });
+  await audit.start();
+  for (let i = 0; i < 2000; i++) audit.write(control(i));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const gaps = good.records().filter((record) => record.type === "audit.gap");
+  t.true(gaps.length > 0);
+  t.is(gaps[0].sink, "stuck");
+  t.is(gaps[0].reason, "spool_full");
+  const lost = gaps.reduce((sum, gap) => sum + gap.lost, 0);
+  t.is(audit.status().sinks[1].dropped, lost);
+  stuck.failing = false;
+  await audit.flush();
+  const received = stuck.records();
+  const total = good.lines.length;
+  t.is(received.length + lost, total, "the stuck sink has every record except the evicted ones");
+  assertChain(t, good.lines);
+  t.true(audit.status().spool.bytes <= 200_000 + 50_000);
+  await audit.close();
+});
+
+test("pipeline counts queue drops in a gap record", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink("sink");
+  const audit = pipeline(dir, [sink], { queueCapacity: 10 });
+  for (let i = 0; i < 25; i++) audit.write(control(i));
+  await audit.start();
+  await audit.flush();
+  const records = sink.records();
+  t.is(records[0].type, "audit.gap");
+  t.is(records[0].reason, "queue_full");
+  t.is(records[0].lost, 15);
+  t.is(records.length, 11);
+  t.is(audit.status().dropped.queue_full, 15);
+  await audit.close();
+});
+
+test("pipeline redacts fields and scrubs secrets", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink("sink");
+  const audit = pipeline(dir, [sink], { redaction: [{ path: "src.addr", mode: "hash" }, { path: "dst.addr", mode: "remove" }] });
+  await audit.start();
+  const record = opened("c1");
+  audit.write(record);
+  audit.write({ ...opened("c2"), reason: "bad -----BEGIN PRIVATE KEY----- MIIE" });
+  await audit.flush();
+  const [first, second] = sink.records();
+  t.regex(first.src.addr, /^hmac-sha256:[0-9a-f]{32}$/);
+  t.is(first.dst.addr, undefined);
+  t.notRegex(sink.lines.join("\n"), /BEGIN PRIVATE KEY/);
+  t.regex(second.reason, /removed/);
+  assertChain(t, sink.lines);
+  await audit.close();
+});

@@ -3,9 +3,9 @@
 // a namespace outside the mesh, which reaches a pod without policies in plaintext but not the
 // policed one.
 // Prints who reached whom and how, node2's agent explaining the two denials (agentctl authz check),
-// then the audit records, and removes everything it made.
+// then the audit records (queried and verified with agentctl), and removes everything it made.
 
-import { spawnSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { curl, startHttpServer, type CurlResult } from "../harness/clients";
@@ -143,16 +143,28 @@ async function main(): Promise<void> {
       console.log(`$ agentctl authz check --from ${from} --to ${to}`);
       console.log(agentctlOnNode(cluster, "node2", ["authz", "check", "--from", from, "--to", to]).replace(/^/gm, "  "));
     }
-    console.log(`\nAudit records on node1 (${cluster.auditFile("node1")}):`);
-    for (const record of outbound) console.log("  " + JSON.stringify(record));
-    console.log(`\nAudit records on node2 (${cluster.auditFile("node2")}):`);
-    for (const record of inbound) console.log("  " + JSON.stringify(record));
+    for (const node of ["node1", "node2"]) {
+      const file = cluster.auditFile(node);
+      console.log(`\nAudit records on ${node} so far:\n\n$ agentctl audit query --file ${file}`);
+      console.log(agentctl(["audit", "query", "--file", file]).replace(/^/gm, "  "));
+    }
+    const file = cluster.auditFile("node2");
+    console.log(`\nOne of them in full, and the check of node2's hash chain:\n\n$ agentctl audit query --file ${file} --decision deny --limit 1 -o json`);
+    console.log(agentctl(["audit", "query", "--file", file, "--decision", "deny", "--limit", "1", "-o", "json"]).replace(/^/gm, "  "));
+    console.log(`$ agentctl audit verify ${file}`);
+    console.log(agentctl(["audit", "verify", file]).replace(/^/gm, "  "));
   } finally {
     console.log("\nTearing down: agents, pinned eBPF programs, namespaces...");
     await tearDown();
     const left = fs.existsSync(PIN_PARENT) ? fs.readdirSync(PIN_PARENT).filter((name) => name.startsWith(PREFIX)) : [];
     console.log(left.length === 0 ? `Done. Logs and audit files stay in ${WORK_DIR}.` : `Left behind under ${PIN_PARENT}: ${left.join(", ")}`);
   }
+}
+
+/** Runs the built agentctl here, as a 150-column terminal would, and returns its output. */
+function agentctl(args: string[]): string {
+  const agentctlPath = path.join(__dirname, "..", "..", "agent", "cli", "agentctl.js");
+  return execFileSync(process.execPath, [agentctlPath, ...args], { encoding: "utf8", env: { ...process.env, COLUMNS: "150" } }).trimEnd();
 }
 
 /** Runs the built agentctl in a node's network namespace, where that node's agent serves its admin API on 127.0.0.1:15000. */

@@ -82,14 +82,23 @@ export function severityOf(record: SealedRecord): SeverityText {
  * nine fraction digits. Returns "0", which OTLP reads as unknown, when the time does not parse.
  */
 export function unixNanoOfTime(time: string): string {
+  const parts = splitUnixTime(time);
+  if (parts === undefined) return "0";
+  return (BigInt(parts.seconds) * 1_000_000_000n + BigInt(parts.nanos)).toString();
+}
+
+/**
+ * Splits an RFC 3339 time into whole seconds since the Unix epoch and the nanoseconds of its
+ * fraction (up to nine digits). Returns undefined when the time does not parse or lies before 1970.
+ */
+export function splitUnixTime(time: string): { seconds: number; nanos: number } | undefined {
   const match = RFC3339.exec(time);
-  if (match === null) return "0";
+  if (match === null) return undefined;
   // Parsed without the fraction, so the milliseconds are whole seconds and the fraction adds the rest.
   const millis = Date.parse(`${match[1]}${match[3].toUpperCase()}`);
-  if (Number.isNaN(millis)) return "0";
-  const fraction = BigInt((match[2] ?? "").padEnd(9, "0"));
-  const nanos = BigInt(millis) * 1_000_000n + fraction;
-  return nanos < 0n ? "0" : nanos.toString();
+  if (Number.isNaN(millis) || millis < 0) return undefined;
+  const nanos = match[2] === undefined ? 0 : Number(match[2].padEnd(9, "0"));
+  return { seconds: millis / 1000, nanos };
 }
 
 function unixNanoOfMillis(millis: number): string {

@@ -1,6 +1,7 @@
 // OTLP's LogsService as @grpc/proto-loader loads it from agent/audit/proto, the message shapes it
-// encodes and decodes, and the conversion between JSON values and OTLP's AnyValue. The sink and the
-// test receiver both use this module, so both speak the same definitions.
+// encodes and decodes, and the conversion between JSON values and OTLP's AnyValue. The test receiver
+// decodes with these definitions; the sink encodes with its own writer (otlp-encode.ts), which the
+// tests compare with them byte for byte.
 
 import fs from "node:fs";
 import path from "node:path";

@@ -2,17 +2,22 @@
 // call per batch, or several when its lines exceed MAX_REQUEST_LINE_BYTES. Each record's `id`
 // travels as the log.record.uid attribute, so a receiver drops the copies that a resent batch
 // delivers again. The channel is kept across calls, and grpc-js reconnects by itself after the
-// collector restarts.
+// collector restarts. otlp-encode.ts writes the requests' protobuf bytes directly, because
+// building proto-loader's message objects took 7 to 14 times as much CPU per record (measured on
+// batches of 500 connection records of about 1 kB).
 
 import fs from "node:fs";
 import * as grpc from "@grpc/grpc-js";
 import { AgentError } from "../../errors";
 import type { Logger } from "../../log";
 import type { AuditSink, SpooledRecord } from "../sink";
-import { buildExportRequest } from "./otlp-mapping";
-import { loadLogsService, type ExportLogsRequestMessage, type ExportLogsResponseMessage, type LogsServiceClient } from "./otlp-proto";
+import { decodeExportResponse, encodeExportRequest } from "./otlp-encode";
+import type { ExportLogsResponseMessage } from "./otlp-proto";
 
 export const DEFAULT_OTLP_TIMEOUT_MS = 10_000;
+
+/** The gRPC method path of opentelemetry.proto.collector.logs.v1.LogsService/Export. */
+export const EXPORT_METHOD = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 
 /**
  * Upper bound of grpc-js's reconnect backoff (its default is 120 s), so a collector that comes back
@@ -58,7 +63,7 @@ export interface OtlpSinkOptions {
 export class OtlpLogsSink implements AuditSink {
   readonly name: string;
   readonly endpoint: string;
-  readonly #client: LogsServiceClient;
+  readonly #client: grpc.Client;
   readonly #metadata: grpc.Metadata;
   readonly #timeoutMs: number;
   readonly #node: string;
@@ -78,8 +83,7 @@ export class OtlpLogsSink implements AuditSink {
     this.#metadata = buildMetadata(options.headers ?? {}, options.endpoint);
     this.#logger = logger.child({ component: "audit-sink", sink: this.name });
 
-    const Service = loadLogsService();
-    this.#client = new Service(options.endpoint, buildCredentials(options), buildChannelOptions(options, host)) as unknown as LogsServiceClient;
+    this.#client = new grpc.Client(options.endpoint, buildCredentials(options), buildChannelOptions(options, host));
   }
 
   /** Returns undefined because a collector reports nothing about what it already holds, so the pipeline starts at its own cursor. */
@@ -98,7 +102,7 @@ export class OtlpLogsSink implements AuditSink {
       throw new AgentError("AUDIT_SINK_FAILED", `the OTLP sink for ${this.endpoint} is closed; ${batch.length} audit records were not sent`);
     }
     for (const chunk of splitByLineBytes(batch, MAX_REQUEST_LINE_BYTES)) {
-      const request = buildExportRequest(chunk, this.#node);
+      const request = encodeExportRequest(chunk, this.#node);
       let response: ExportLogsResponseMessage;
       try {
         response = await this.export(request);
@@ -116,13 +120,22 @@ export class OtlpLogsSink implements AuditSink {
     this.#client.close();
   }
 
-  private export(request: ExportLogsRequestMessage): Promise<ExportLogsResponseMessage> {
+  /** Sends one ExportLogsServiceRequest that encodeExportRequest() encoded, so serializing returns the bytes as they are. */
+  private export(request: Buffer): Promise<ExportLogsResponseMessage> {
     const deadline = Date.now() + this.#timeoutMs;
     return new Promise((resolve, reject) => {
-      this.#client.Export(request, this.#metadata.clone(), { deadline }, (error, response) => {
-        if (error) reject(error);
-        else resolve(response ?? {});
-      });
+      this.#client.makeUnaryRequest<Buffer, ExportLogsResponseMessage>(
+        EXPORT_METHOD,
+        passEncoded,
+        decodeExportResponse,
+        request,
+        this.#metadata.clone(),
+        { deadline },
+        (error, response) => {
+          if (error) reject(error);
+          else resolve(response ?? {});
+        },
+      );
     });
   }
 
@@ -185,6 +198,10 @@ export function splitByLineBytes(batch: readonly SpooledRecord[], maxBytes: numb
   }
   if (chunk.length > 0) chunks.push(chunk);
   return chunks;
+}
+
+function passEncoded(request: Buffer): Buffer {
+  return request;
 }
 
 /** Returns what to check for a failed call's status. */

@@ -18,7 +18,7 @@ import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedR
 import { Redactor, scrubSecrets, type RedactionRule } from "./redact";
 import type { AuditSink, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
-import { Spool, type FsyncPolicy, type Segment } from "./spool";
+import { Spool, SpoolDamagedError, type FsyncPolicy, type Segment, type SpoolContents } from "./spool";
 
 export interface AuditPipelineOptions {
   node: string;
@@ -52,8 +52,11 @@ export interface AuditPipelineStatus {
 
 const DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024;
 const MAX_SEGMENT_BYTES = 16 * 1024 * 1024;
-/** Records kept in memory after spooling, so sinks that keep up never read the disk. */
-const TAIL_RECORDS = 10_000;
+/**
+ * Records kept in memory after spooling, so sinks that keep up never read the disk; between this
+ * and twice this many, with their parsed objects (a few kB each).
+ */
+const TAIL_RECORDS = 2_048;
 /** How long cursor updates wait before they are written to the spool folder together. */
 const CURSOR_SAVE_DELAY_MS = 250;
 const CURSOR_FILE = "cursors.json";
@@ -138,7 +141,7 @@ export class AuditPipeline implements AuditRecorder {
    * by the previous process, and starts the sinks. Records written before start() are queued.
    */
   async start(): Promise<void> {
-    const contents = await this.spool.open();
+    const contents = await this.openSpool();
     if (contents.head) {
       this.sealedHead = { seq: contents.head.seq, hash: contents.head.hash };
       this.spooledSeq = contents.head.seq;
@@ -146,7 +149,7 @@ export class AuditPipeline implements AuditRecorder {
     }
     this.redactor = await this.createRedactor();
     await this.openConnections.load();
-    for await (const spooled of this.spool.readAll()) this.openConnections.track(spooled.record);
+    for await (const record of this.spool.readConnectionRecords()) this.openConnections.track(record);
 
     const saved = await this.loadCursors();
     for (const runner of this.runners) {
@@ -164,6 +167,26 @@ export class AuditPipeline implements AuditRecorder {
       "audit pipeline started",
     );
     this.scheduleWriter();
+  }
+
+  /**
+   * Opens the spool. A spool whose last record cannot be read (a damaged disk, an edit) is moved
+   * aside with its contents, and a new chain begins, so that the agent keeps serving; the move and
+   * its folder are logged, and `agentctl audit verify` reports the new chain's start.
+   */
+  private async openSpool(): Promise<SpoolContents> {
+    try {
+      return await this.spool.open();
+    } catch (error) {
+      if (!(error instanceof SpoolDamagedError)) throw error;
+      const aside = `${this.options.spoolDir}.damaged-${new Date().toISOString().replace(/[:.]/g, "")}`;
+      await fs.promises.rename(this.options.spoolDir, aside);
+      this.logger.error(
+        { err: error, spool: this.options.spoolDir, movedTo: aside },
+        "the audit spool is damaged; moved it aside and starting a new chain (its undelivered records stay in the moved folder)",
+      );
+      return await this.spool.open();
+    }
   }
 
   /** Hands a record over; never blocks and never throws. A full queue drops it, and a later gap record counts it. */
@@ -217,6 +240,10 @@ export class AuditPipeline implements AuditRecorder {
     try {
       while (this.pending !== undefined || this.queue.length > 0 || this.gaps.length > 0 || this.queueLoss !== undefined) {
         this.pending ??= this.sealBatch();
+        if (this.pending.records.length === 0) {
+          this.pending = undefined;
+          continue;
+        }
         try {
           await this.spool.append(this.pending.lines, this.pending.records[0].seq);
         } catch (error) {
@@ -225,7 +252,9 @@ export class AuditPipeline implements AuditRecorder {
         }
         this.commit(this.pending);
         this.pending = undefined;
-        await this.evictOverflow();
+        await this.evictOverflow().catch((error: unknown) =>
+          this.logger.error({ err: error, spool: this.options.spoolDir }, "evicting from the full audit spool failed; retrying after the next append"),
+        );
       }
     } finally {
       this.writing = false;
@@ -243,12 +272,21 @@ export class AuditPipeline implements AuditRecorder {
     events.push(...this.queue.splice(0, Math.max(0, this.batchSize - events.length)));
     const lines: string[] = [];
     const records: SpooledRecord[] = [];
+    const sealed: AuditEvent[] = [];
     for (const event of events) {
-      const spooled = this.seal(event);
+      let spooled: SpooledRecord;
+      try {
+        spooled = this.seal(event);
+      } catch (error) {
+        // Only a record the agent built wrongly (one that JSON cannot hold) gets here.
+        this.logger.error({ err: error, type: event.type }, "audit record cannot be serialized; dropped");
+        continue;
+      }
       lines.push(spooled.line);
       records.push(spooled);
+      sealed.push(event);
     }
-    return { lines, records, events };
+    return { lines, records, events: sealed };
   }
 
   /** Redacts the record and adds the chain fields; the hash covers the line as written. */
@@ -308,12 +346,25 @@ export class AuditPipeline implements AuditRecorder {
       const start = seq - first.seq;
       return this.tail.slice(start, start + max);
     }
-    const records = await this.spool.read(seq, max);
-    if (records.length === 0 && seq <= this.spooledSeq) {
-      // The records were evicted while the sink waited; its cursor was already moved past them.
+    try {
+      return await this.spool.read(seq, max);
+    } catch (error) {
+      if (!(error instanceof SpoolDamagedError) || error.seq === undefined) throw error;
+      this.skipDamaged(error.seq, error);
       return [];
     }
-    return records;
+  }
+
+  /** Moves every sink that still needs it past a damaged spool line, and records the loss in a gap record. */
+  private skipDamaged(seq: number, error: Error): void {
+    for (const runner of this.runners) {
+      if (runner.cursor !== seq - 1) continue;
+      runner.skipTo(seq, 1);
+      this.logger.error({ sink: runner.sink.name, seq, err: error }, "audit spool line is damaged; this sink skips it and a gap record counts it");
+      const time = new Date().toISOString();
+      this.gaps.push({ type: "audit.gap", time, node: this.options.node, reason: "spool_damaged", sink: runner.sink.name, lost: 1, first_seq: seq, last_seq: seq, first_time: time, last_time: time });
+    }
+    this.scheduleWriter();
   }
 
   /** Evicts the oldest segments while the spool is over its limit, with a gap record for each sink that lacked them. */

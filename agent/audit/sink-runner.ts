@@ -64,7 +64,14 @@ export class SinkRunner {
     this.running = true;
     try {
       while (!this.stopped && this.cursor < this.context.head()) {
-        const batch = await this.context.batchFrom(this.cursor + 1, this.context.batchSize);
+        let batch: SpooledRecord[];
+        try {
+          batch = await this.context.batchFrom(this.cursor + 1, this.context.batchSize);
+        } catch (error) {
+          // Reading the spool failed (a segment evicted meanwhile, a disk error): retry like a failed send.
+          this.failed(error, 0);
+          return;
+        }
         if (batch.length === 0) break;
         try {
           await this.sink.send(batch);

@@ -46,11 +46,27 @@ function segmentName(firstSeq: number): string {
   return `segment-${String(firstSeq).padStart(20, "0")}.jsonl`;
 }
 
-/** Reads seq, id and hash from a sealed line without a full JSON parse of the fields in between. */
+/** A spool whose last record cannot be read, so the chain cannot continue from it. */
+export class SpoolDamagedError extends Error {
+  /** Seq of the damaged line, when known. */
+  seq: number | undefined;
+
+  constructor(message: string) {
+    super(message);
+    this.name = "SpoolDamagedError";
+  }
+}
+
+/** Parses a sealed line. Throws SpoolDamagedError when it is not JSON or lacks seq, id or hash. */
 export function parseSpooledLine(line: string): SpooledRecord {
-  const record = JSON.parse(line) as SealedRecord;
-  if (typeof record.seq !== "number" || typeof record.id !== "string" || typeof record.hash !== "string") {
-    throw new Error(`spooled line has no seq, id or hash: ${line.slice(0, 120)}`);
+  let record: SealedRecord;
+  try {
+    record = JSON.parse(line) as SealedRecord;
+  } catch {
+    throw new SpoolDamagedError(`spooled line is not JSON: ${line.slice(0, 120)}`);
+  }
+  if (typeof record !== "object" || record === null || typeof record.seq !== "number" || typeof record.id !== "string" || typeof record.hash !== "string") {
+    throw new SpoolDamagedError(`spooled line has no seq, id or hash: ${line.slice(0, 120)}`);
   }
   return { seq: record.seq, id: record.id, line, record };
 }
@@ -111,7 +127,7 @@ export class Spool {
       last.bytes = Buffer.byteLength(text.slice(0, end));
       const { seq, record } = parseSpooledLine(lines[lines.length - 1]);
       if (seq !== last.lastSeq) {
-        throw new Error(
+        throw new SpoolDamagedError(
           `audit spool segment ${last.file} is inconsistent: its last line has seq ${seq}, expected ${last.lastSeq}; move the spool folder away to start a new chain`,
         );
       }
@@ -201,7 +217,11 @@ export class Spool {
     }
   }
 
-  /** Reads up to `max` records starting at `fromSeq`. Returns fewer, or none, when the spool ends or fromSeq was evicted. */
+  /**
+   * Reads up to `max` records starting at `fromSeq`. Returns fewer, or none, when the spool ends or
+   * fromSeq was evicted. Stops before a damaged line; when the first line is damaged, throws
+   * SpoolDamagedError with its seq in `seq`.
+   */
   async read(fromSeq: number, max: number): Promise<SpooledRecord[]> {
     const segment = this.segments.find((candidate) => candidate.firstSeq <= fromSeq && fromSeq <= candidate.lastSeq);
     if (!segment) return [];
@@ -213,17 +233,39 @@ export class Spool {
       this.readCache = { file: segment.file, lines };
     }
     const start = fromSeq - segment.firstSeq;
-    return lines.slice(start, start + max).map(parseSpooledLine);
+    const records: SpooledRecord[] = [];
+    for (const line of lines.slice(start, start + max)) {
+      try {
+        records.push(parseSpooledLine(line));
+      } catch (error) {
+        if (records.length > 0) break;
+        (error as SpoolDamagedError).seq = fromSeq;
+        throw error;
+      }
+    }
+    return records;
   }
 
-  /** Reads every record of the spool in order, for the start-up scan of open connections. */
-  async *readAll(): AsyncGenerator<SpooledRecord> {
+  /**
+   * Reads the connection records of the spool in order, for the start-up scan of open connections.
+   * Other records are skipped without parsing, and a damaged line is skipped with a warning.
+   */
+  async *readConnectionRecords(): AsyncGenerator<SealedRecord> {
+    let damaged = 0;
     for (const segment of [...this.segments]) {
       const text = await fs.promises.readFile(segment.file, "utf8").catch(() => "");
       const lines = text.split("\n");
       lines.length = Math.max(0, Math.min(lines.length, segment.lastSeq - segment.firstSeq + 1));
-      for (const line of lines) yield parseSpooledLine(line);
+      for (const line of lines) {
+        if (!line.includes('"type":"connection.')) continue;
+        try {
+          yield parseSpooledLine(line).record;
+        } catch {
+          damaged++;
+        }
+      }
     }
+    if (damaged > 0) this.logger.warn({ dir: this.dir, damaged }, "audit spool has damaged lines; skipped them when looking for open connections");
   }
 
   /** Tells whether release(seq) would delete a segment. */

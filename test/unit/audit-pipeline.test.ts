@@ -229,3 +229,54 @@ test("pipeline redacts fields and scrubs secrets", async (t) => {
   assertChain(t, sink.lines);
   await audit.close();
 });
+
+test("pipeline moves a damaged spool aside and starts a new chain", async (t) => {
+  const dir = tempDir(t);
+  const spoolDir = path.join(dir, "spool");
+  const first = pipeline(spoolDir, [new MemorySink("sink")]);
+  await first.start();
+  for (let i = 0; i < 5; i++) first.write(control(i));
+  await first.close();
+  const segment = path.join(spoolDir, fs.readdirSync(spoolDir).find((name) => name.startsWith("segment-"))!);
+  fs.appendFileSync(segment, "not json\n");
+
+  const sink = new MemorySink("sink");
+  const again = pipeline(spoolDir, [sink]);
+  await again.start();
+  again.write(control(9));
+  await again.flush();
+  t.is(JSON.parse(sink.lines[0]).seq, 1, "a new chain begins");
+  const aside = fs.readdirSync(dir).filter((name) => name.startsWith("spool.damaged-"));
+  t.is(aside.length, 1, "the damaged spool is kept aside");
+  t.true(fs.readFileSync(path.join(dir, aside[0], path.basename(segment)), "utf8").includes("not json"));
+  await again.close();
+});
+
+test("pipeline skips a damaged spool line with a gap record", async (t) => {
+  const dir = tempDir(t);
+  const good = new MemorySink("good");
+  const late = new MemorySink("late");
+  late.failing = true;
+  const audit = pipeline(dir, [good, late], { segmentBytes: 20_000 });
+  await audit.start();
+  // More records than the pipeline keeps in memory, so the failing sink reads the first ones from disk.
+  for (let i = 0; i < 5000; i++) audit.write(control(i));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  // Damage line 3 of the second segment: the failing sink has read (and cached) only the first one.
+  const second = fs.readdirSync(dir).filter((name) => name.startsWith("segment-")).sort()[1];
+  const damagedSeq = Number(/segment-(\d+)/.exec(second)![1]) + 2;
+  const segment = path.join(dir, second);
+  const lines = fs.readFileSync(segment, "utf8").split("\n");
+  lines[2] = "x".repeat(lines[2].length);
+  fs.writeFileSync(segment, lines.join("\n"));
+  late.failing = false;
+  await audit.flush();
+  const received = late.records();
+  t.false(received.some((record) => record.seq === damagedSeq), "the damaged record is not sent");
+  const gap = good.records().find((record) => record.type === "audit.gap");
+  t.is(gap?.reason, "spool_damaged");
+  t.is(gap?.sink, "late");
+  t.is(gap?.first_seq, damagedSeq);
+  t.is(received.filter((record) => record.type !== "audit.gap").length, 4999);
+  await audit.close();
+});

@@ -34,6 +34,11 @@ export interface AuditPipelineOptions {
   queueCapacity?: number;
   /** Records per spool append and per sink send. Default 500. */
   batchSize?: number;
+  /**
+   * How long the first queued record waits for others before the writer spools them. Default 5 ms.
+   * A SIGKILL loses the records of this window that are not spooled yet.
+   */
+  writeDelayMs?: number;
   retry?: Partial<RetryPolicy>;
   redaction?: readonly RedactionRule[];
   /** Key of the redaction hashes. Default: a random key kept in the spool folder, so hashes stay stable across restarts. */
@@ -51,6 +56,7 @@ export interface AuditPipelineStatus {
 }
 
 const DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024;
+const DEFAULT_WRITE_DELAY_MS = 5;
 const MAX_SEGMENT_BYTES = 16 * 1024 * 1024;
 /**
  * Records kept in memory after spooling, so sinks that keep up never read the disk; between this
@@ -78,6 +84,7 @@ export class AuditPipeline implements AuditRecorder {
   private redactor: Redactor | undefined;
   private readonly queueCapacity: number;
   private readonly batchSize: number;
+  private readonly writeDelayMs: number;
   private readonly spoolMaxBytes: number;
   private readonly fsync: FsyncPolicy;
 
@@ -88,7 +95,7 @@ export class AuditPipeline implements AuditRecorder {
   private tail: SpooledRecord[] = [];
   private queueLoss: PendingLoss | undefined;
 
-  private writerScheduled = false;
+  private writerTimer: NodeJS.Timeout | undefined;
   private writing = false;
   private writeRetryTimer: NodeJS.Timeout | undefined;
   private writeFailures = 0;
@@ -121,6 +128,7 @@ export class AuditPipeline implements AuditRecorder {
     this.openConnections = new OpenConnections(options.spoolDir);
     this.queueCapacity = options.queueCapacity ?? 50_000;
     this.batchSize = options.batchSize ?? 500;
+    this.writeDelayMs = options.writeDelayMs ?? DEFAULT_WRITE_DELAY_MS;
     this.retry = { initialDelayMs: options.retry?.initialDelayMs ?? 200, maxDelayMs: options.retry?.maxDelayMs ?? 30_000 };
     this.writeRetryDelayMs = this.retry.initialDelayMs;
     this.runners = options.sinks.map(
@@ -224,13 +232,21 @@ export class AuditPipeline implements AuditRecorder {
     this.queueLoss.lastTime = time;
   }
 
-  private scheduleWriter(): void {
-    if (!this.started || this.writerScheduled || this.writing || this.writeRetryTimer !== undefined) return;
-    this.writerScheduled = true;
-    setImmediate(() => {
-      this.writerScheduled = false;
+  /**
+   * Starts the writer after `delayMs`, unless it runs, waits for a retry, or is already due. The
+   * delay collects the records of a busy moment into one append and one batch per sink. A delay of
+   * 0 moves a pending start forward (flush() and close() use it).
+   */
+  private scheduleWriter(delayMs = this.writeDelayMs): void {
+    if (!this.started || this.writing || this.writeRetryTimer !== undefined) return;
+    if (this.writerTimer !== undefined) {
+      if (delayMs > 0) return;
+      clearTimeout(this.writerTimer);
+    }
+    this.writerTimer = setTimeout(() => {
+      this.writerTimer = undefined;
       void this.writeLoop();
-    });
+    }, delayMs);
   }
 
   /** Seals and spools queued records batch by batch until the queue is empty or a write fails. */
@@ -472,6 +488,8 @@ export class AuditPipeline implements AuditRecorder {
   /** Resolves once every record written so far is spooled and accepted by every sink. */
   flush(): Promise<void> {
     if (this.isIdle()) return Promise.resolve();
+    this.scheduleWriter(0);
+    for (const runner of this.runners) runner.sendNow();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -492,6 +510,7 @@ export class AuditPipeline implements AuditRecorder {
     clearTimeout(timer);
     this.closed = true;
     clearTimeout(this.writeRetryTimer);
+    clearTimeout(this.writerTimer);
     clearTimeout(this.cursorTimer);
     for (const runner of this.runners) runner.stop();
     if (result === "timeout") {

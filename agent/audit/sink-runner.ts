@@ -28,6 +28,9 @@ export class SinkRunner {
   private stopped = false;
   private retryDelayMs: number;
   private retryTimer: NodeJS.Timeout | undefined;
+  private lingerTimer: NodeJS.Timeout | undefined;
+  /** Set when the linger ended, so that the next run sends a batch that is not full. */
+  private lingered = false;
   private failureStreak = 0;
   private counts = { delivered: 0, failures: 0, dropped: 0 };
   private lastError: string | undefined;
@@ -46,11 +49,33 @@ export class SinkRunner {
     this.wake();
   }
 
-  /** Starts the loop if records wait and it is not running or backing off. */
+  /**
+   * Starts the loop if records wait and it is not running or backing off. With the sink's lingerMs,
+   * a batch that is not full waits that long for more records first.
+   */
   wake(): void {
-    if (this.running || this.stopped || this.retryTimer !== undefined) return;
-    if (this.cursor >= this.context.head()) return;
+    if (this.running || this.stopped || this.retryTimer !== undefined || this.lingerTimer !== undefined) return;
+    const waiting = this.context.head() - this.cursor;
+    if (waiting <= 0) return;
+    const linger = this.sink.lingerMs ?? 0;
+    if (linger > 0 && waiting < this.context.batchSize && !this.lingered) {
+      this.lingerTimer = setTimeout(() => {
+        this.lingerTimer = undefined;
+        this.lingered = true;
+        this.wake();
+      }, linger);
+      return;
+    }
     this.current = this.run();
+  }
+
+  /** Ends a linger now, for flush() and close(). */
+  sendNow(): void {
+    if (this.lingerTimer === undefined) return;
+    clearTimeout(this.lingerTimer);
+    this.lingerTimer = undefined;
+    this.lingered = true;
+    this.wake();
   }
 
   /** Moves the cursor past records evicted from the spool before this sink received them. */
@@ -83,6 +108,7 @@ export class SinkRunner {
       }
     } finally {
       this.running = false;
+      this.lingered = false;
     }
   }
 
@@ -125,7 +151,9 @@ export class SinkRunner {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.retryTimer);
+    clearTimeout(this.lingerTimer);
     this.retryTimer = undefined;
+    this.lingerTimer = undefined;
   }
 
   async close(): Promise<void> {

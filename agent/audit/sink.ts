@@ -21,6 +21,11 @@ export interface AuditSink {
   /** Stable name of the sink in logs, metrics and the spool's cursor file, such as "file:/var/log/audit.log". */
   readonly name: string;
   /**
+   * How long the pipeline waits for more records before it sends a batch that is not full, so a
+   * remote sink gets fewer, larger calls. Default 0: send as soon as records are spooled.
+   */
+  readonly lingerMs?: number;
+  /**
    * Called once before the first send(). Returns the highest `seq` the destination already holds
    * (a file sink reads its last line), so the pipeline starts after it, or undefined when unknown.
    */

@@ -17,6 +17,9 @@
 // figures (identity.ts: issuing a certificate, 1,000 identities re-issued under load) come first;
 // --identity-only measures them alone. The authorization figures (authz.ts: decisions with 10,000
 // policies loaded, loading and changing them) come before those; --authz-only measures them alone.
+// The audit figures (audit.ts: records per second through the audit pipeline, and connection setup
+// with remote audit sinks against the file alone) come after the authorization figures;
+// --audit-only measures them alone.
 
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
@@ -37,6 +40,7 @@ import { TcpBench, type IdleOpened } from "./tcp-bench";
 import { assertProcessRuns, cpuSeconds, rssKib } from "./proc-stats";
 import { measureIdentity } from "./identity";
 import { formatAuthzTable, measureAuthz } from "./authz";
+import { formatAuditTable, measureAudit } from "./audit";
 import { describeMachine, formatCaptureTable, formatIdentityTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
 
@@ -378,12 +382,18 @@ async function main(): Promise<void> {
   const settings = { ...(process.argv.includes("--quick") ? QUICK : FULL) };
   if (process.argv.includes("--cpu-prof")) settings.profileDir = path.join(os.tmpdir(), `${PREFIX}-profiles`);
   // The authorization figures need no namespaces, so they come before the host check.
-  const authz = process.argv.includes("--capture-only") || process.argv.includes("--identity-only")
+  const authz = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--audit-only")
     ? undefined
     : await measureAuthz(process.argv.includes("--quick"), step);
   if (authz) process.stdout.write(formatAuthzTable(authz, describeMachine(), new Date().toISOString()) + "\n\n");
   if (process.argv.includes("--authz-only")) return;
   assertHostCapable();
+  // The audit figures build a cluster of their own (prefix family aabaud) and remove it before the rest.
+  const audit = process.argv.includes("--capture-only") || process.argv.includes("--identity-only")
+    ? undefined
+    : await measureAudit(process.argv.includes("--quick"), step);
+  if (audit) process.stdout.write(formatAuditTable(audit, describeMachine(), new Date().toISOString()) + "\n\n");
+  if (process.argv.includes("--audit-only")) return;
   removeLeftovers(PREFIX_FAMILY);
 
   let cluster: Cluster | undefined;
@@ -421,7 +431,7 @@ async function main(): Promise<void> {
       extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
       agentLogLevel: "info",
     });
-    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity, authz };
+    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity, authz, audit };
     succeeded = true;
     writeResults(RESULTS_FILE, results);
     process.stdout.write(formatTable(results) + "\n");

@@ -286,7 +286,7 @@ test("outside rename opens new file", async (t) => {
   const file = path.join(dir, "audit.log");
   const chain = buildChain(9);
   const { logger, lines } = capturingLogger();
-  const sink = new FileSink({ path: file }, logger);
+  const sink = new FileSink({ path: file, pathCheckIntervalMs: 0 }, logger);
   await sink.open();
   await sink.send(chain.slice(0, 3));
 
@@ -307,7 +307,7 @@ test("unwritable path rejects then recovers", async (t) => {
   const folder = path.join(dir, "logs");
   const file = path.join(folder, "audit.log");
   const chain = buildChain(6);
-  const sink = new FileSink({ path: file }, silentLogger());
+  const sink = new FileSink({ path: file, pathCheckIntervalMs: 0 }, silentLogger());
   await sink.open();
   await sink.send(chain.slice(0, 2));
 
@@ -423,4 +423,21 @@ test("full disk write resends cleanly", async (t) => {
   await sink.send(chain.slice(10));
   await sink.close();
   t.is(fs.readFileSync(file, "utf8"), contentOf(chain));
+});
+
+test("outside rename noticed within the check interval", async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, "audit.log");
+  const chain = buildChain(3);
+  const sink = new FileSink({ path: file, pathCheckIntervalMs: 200 }, silentLogger());
+  await sink.open();
+  await sink.send(chain.slice(0, 1));
+  fs.renameSync(file, path.join(dir, "moved.log"));
+  // Within the interval the sink still writes to the file it has open.
+  await sink.send(chain.slice(1, 2));
+  await new Promise((resolve) => setTimeout(resolve, 250));
+  await sink.send(chain.slice(2));
+  await sink.close();
+  t.deepEqual(seqsIn(path.join(dir, "moved.log")), [1, 2]);
+  t.deepEqual(seqsIn(file), [3]);
 });

@@ -5,8 +5,9 @@
 // - send() skips records at or below the last seq written, and writes a batch with one write(2)
 //   where the kernel accepts it whole. After a failed write, the next send() first truncates the file
 //   back to its size before that batch, so a resent batch leaves no half line and no duplicate.
-// Before each batch one stat(2) of the path checks that it still names the open file. A file
-// renamed or deleted by an outside rotator is left alone and a new file is opened at the path.
+// Before a batch, at most once per second, one stat(2) of the path checks that it still names the
+// open file. A file renamed or deleted by an outside rotator is left alone and a new file is opened
+// at the path.
 
 import fs from "node:fs";
 import path from "node:path";
@@ -25,6 +26,8 @@ export interface FileSinkOptions {
   maxFiles?: number;
   /** Calls fdatasync(2) after each batch. Default false. */
   fsync?: boolean;
+  /** Time between checks that the path still names the open file. Default 1 s. */
+  pathCheckIntervalMs?: number;
 }
 
 const DEFAULT_MAX_BYTES = 100 * 1024 * 1024;
@@ -35,6 +38,7 @@ const FILE_MODE = 0o640;
 /** First read size when looking for the first or last line; doubled until a whole line is found. */
 const LINE_READ_BYTES = 64 * 1024;
 const NEWLINE = 0x0a;
+const DEFAULT_PATH_CHECK_INTERVAL_MS = 1_000;
 
 /** The open active file. */
 interface ActiveFile {
@@ -55,6 +59,9 @@ export class FileSink implements AuditSink {
   private readonly maxFiles: number;
   private readonly fsync: boolean;
   private active: ActiveFile | undefined;
+  /** When the path was last checked against the active file, in ms since the epoch. */
+  private pathCheckedAt = 0;
+  private readonly pathCheckIntervalMs: number;
   /** Highest seq in the file; records at or below it are skipped. */
   private lastSeq: number | undefined;
   /** Size of the file before a batch whose write failed; the next send() truncates back to it. */
@@ -71,6 +78,7 @@ export class FileSink implements AuditSink {
     this.maxAgeMs = options.maxAgeMs ?? DEFAULT_MAX_AGE_MS;
     this.maxFiles = options.maxFiles ?? DEFAULT_MAX_FILES;
     this.fsync = options.fsync ?? false;
+    this.pathCheckIntervalMs = options.pathCheckIntervalMs ?? DEFAULT_PATH_CHECK_INTERVAL_MS;
   }
 
   /** Opens the active file and returns the seq of its last record, or of the newest rotated file's when it is empty. */
@@ -166,9 +174,17 @@ export class FileSink implements AuditSink {
     return this.active;
   }
 
+  /**
+   * Tells whether the path still names the active file. The stat(2) runs at most once per
+   * pathCheckIntervalMs, so a busy sink does not pay it per batch, and a rename by an outside
+   * rotator is noticed within that interval.
+   */
   private async pathNames(active: ActiveFile): Promise<boolean> {
+    const now = Date.now();
+    if (now - this.pathCheckedAt < this.pathCheckIntervalMs) return true;
     try {
       const atPath = await fs.promises.stat(this.filePath);
+      this.pathCheckedAt = now;
       return atPath.ino === active.ino && atPath.dev === active.dev;
     } catch {
       return false;
@@ -215,6 +231,7 @@ export class FileSink implements AuditSink {
 
   /** Creates the folder, opens the file at the path for appending, and cuts a torn last line. */
   private async openActive(): Promise<ActiveFile> {
+    this.pathCheckedAt = Date.now();
     await fs.promises.mkdir(path.dirname(this.filePath), { recursive: true, mode: FOLDER_MODE });
     const handle = await fs.promises.open(this.filePath, "a+", FILE_MODE);
     try {

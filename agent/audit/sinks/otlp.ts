@@ -62,6 +62,8 @@ export interface OtlpSinkOptions {
 
 export class OtlpLogsSink implements AuditSink {
   readonly name: string;
+  /** A remote call per batch costs far more than a record, so batches wait up to 50 ms to fill. */
+  readonly lingerMs = 50;
   readonly endpoint: string;
   readonly #client: grpc.Client;
   readonly #metadata: grpc.Metadata;

@@ -67,6 +67,8 @@ const DEFAULT_REPLAY_WINDOW_MS = 5_000;
 const DEFAULT_REPLAY_MAX_BYTES = 32 * 1024 * 1024;
 /** Interval between two reads of the send queue while send() waits for the acknowledgement. */
 const ACK_POLL_INTERVAL_MS = 1;
+/** The poll interval doubles from ACK_POLL_INTERVAL_MS up to this, so a slow receiver costs few native calls. */
+const ACK_POLL_MAX_INTERVAL_MS = 32;
 /** Time close() waits for the receiver to close the connection before it destroys the socket. */
 const CLOSE_TIMEOUT_MS = 1_000;
 
@@ -93,6 +95,8 @@ interface SyslogConnection {
 
 export class SyslogSink implements AuditSink {
   readonly name: string;
+  /** A remote call per batch costs far more than a record, so batches wait up to 50 ms to fill. */
+  readonly lingerMs = 50;
   private readonly header: SyslogHeader;
   private readonly connectTimeoutMs: number;
   private readonly ackTimeoutMs: number;
@@ -212,7 +216,7 @@ export class SyslogSink implements AuditSink {
    */
   private async awaitAcknowledgement(connection: SyslogConnection): Promise<void> {
     const deadline = Date.now() + this.ackTimeoutMs;
-    for (;;) {
+    for (let interval = ACK_POLL_INTERVAL_MS; ; interval = Math.min(interval * 2, ACK_POLL_MAX_INTERVAL_MS)) {
       if (connection.broken !== undefined) throw connection.broken;
       if (connection.socket.destroyed || connection.tcp.destroyed) throw new Error("the connection was closed");
       const pending = connection.socket.writableLength + connection.tcp.writableLength;
@@ -223,7 +227,7 @@ export class SyslogSink implements AuditSink {
           `sending to ${this.name} failed: the receiver did not acknowledge the written records within ${this.ackTimeoutMs} ms`,
         );
       }
-      await delay(ACK_POLL_INTERVAL_MS);
+      await delay(interval);
     }
   }
 

@@ -5,7 +5,7 @@ import net from "node:net";
 import path from "node:path";
 
 import type { AuditOptions } from "./audit/config";
-import { createSinks, readRedactionKey } from "./audit/create-sinks";
+import { createAuditPipeline } from "./audit/setup";
 import {
   agentStartedRecord,
   agentStoppedRecord,
@@ -18,7 +18,7 @@ import {
   workloadRecord,
 } from "./audit/control";
 import type { ManifestProblem } from "./discovery/manifest-problem";
-import { AuditPipeline } from "./audit/pipeline";
+import type { AuditPipeline } from "./audit/pipeline";
 import { Registry } from "prom-client";
 import { registerAuditMetrics } from "./admin/metrics";
 import { AdminServer, TextResponse, authorizationRoutes } from "./admin/server";
@@ -144,7 +144,7 @@ export class Agent {
     const predecessor = this.options.replace ? await this.contactPredecessor() : undefined;
     // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
     // because the spool and the audit file take one writer at a time.
-    this.audit = this.createAuditPipeline();
+    this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
     registerAuditMetrics(this.metrics, () => this.audit?.status());
     if (!predecessor) {
       this.takeLocks();
@@ -295,24 +295,6 @@ export class Agent {
     const probeSources = this.options.probeSources ?? DEFAULT_PROBE_SOURCES;
     capture.exemptions.setProbeSources(probeSources);
     this.logger.info({ probeSources }, probeSources.length > 0 ? "kubelet probe sources exempt from inbound capture" : "no probe source is exempt from inbound capture");
-  }
-
-  private createAuditPipeline(): AuditPipeline {
-    const logger = this.logger.child({ component: "audit" });
-    const audit = this.options.audit;
-    return new AuditPipeline(
-      {
-        node: this.options.node,
-        spoolDir: audit.spoolDir,
-        sinks: createSinks(audit, this.options.node, logger),
-        spoolMaxBytes: audit.spoolMaxBytes,
-        fsync: audit.fsync,
-        queueCapacity: audit.queueCapacity,
-        redaction: audit.redaction,
-        redactionKey: readRedactionKey(audit),
-      },
-      logger,
-    );
   }
 
   /** Starts the audit pipeline, records the start, and completes the connections a killed predecessor left open. */

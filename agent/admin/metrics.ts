@@ -6,31 +6,35 @@ import type { AuditPipelineStatus } from "../audit/pipeline";
 
 /** Registers the audit pipeline's metrics; `status` returns undefined before the pipeline exists. */
 export function registerAuditMetrics(registry: Registry, status: () => AuditPipelineStatus | undefined): void {
-  const counter = (name: string, help: string, labelNames: string[], values: (current: AuditPipelineStatus) => [Record<string, string>, number][]): void => {
+  type Values = (current: AuditPipelineStatus) => [Record<string, string>, number][];
+  // Counters are set from the pipeline's own totals, so collect() resets them and adds the total.
+  const counter = (name: string, help: string, labelNames: string[], values: Values): void => {
     new Counter({
       name,
       help,
       labelNames,
       registers: [registry],
       collect() {
-        const current = status();
         this.reset();
-        if (current) for (const [labels, value] of values(current)) this.inc(labels, value);
+        for (const [labels, value] of valuesOf(values)) this.inc(labels, value);
       },
     });
   };
-  const gauge = (name: string, help: string, labelNames: string[], values: (current: AuditPipelineStatus) => [Record<string, string>, number][]): void => {
+  const gauge = (name: string, help: string, labelNames: string[], values: Values): void => {
     new Gauge({
       name,
       help,
       labelNames,
       registers: [registry],
       collect() {
-        const current = status();
         this.reset();
-        if (current) for (const [labels, value] of values(current)) this.set(labels, value);
+        for (const [labels, value] of valuesOf(values)) this.set(labels, value);
       },
     });
+  };
+  const valuesOf = (values: Values): [Record<string, string>, number][] => {
+    const current = status();
+    return current === undefined ? [] : values(current);
   };
 
   counter("ambient_agent_audit_records_total", "Audit records handed to the pipeline, by record type.", ["type"], (s) =>

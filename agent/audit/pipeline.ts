@@ -10,7 +10,6 @@
 
 import crypto from "node:crypto";
 import fs from "node:fs";
-import path from "node:path";
 import type { Logger } from "../log";
 import { GENESIS_HASH, sealLine } from "./chain";
 import { OpenConnections } from "./open-connections";
@@ -18,6 +17,7 @@ import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedR
 import { Redactor, scrubSecrets, type RedactionRule } from "./redact";
 import type { AuditSink, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
+import { loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
 import { Spool, SpoolDamagedError, type FsyncPolicy, type Segment, type SpoolContents } from "./spool";
 
 export interface AuditPipelineOptions {
@@ -65,7 +65,6 @@ const MAX_SEGMENT_BYTES = 16 * 1024 * 1024;
 const TAIL_RECORDS = 2_048;
 /** How long cursor updates wait before they are written to the spool folder together. */
 const CURSOR_SAVE_DELAY_MS = 250;
-const CURSOR_FILE = "cursors.json";
 
 /** Records dropped by the queue and not yet reported by a gap record. */
 interface PendingLoss {
@@ -159,7 +158,7 @@ export class AuditPipeline implements AuditRecorder {
     await this.openConnections.load();
     for await (const record of this.spool.readConnectionRecords()) this.openConnections.track(record);
 
-    const saved = await this.loadCursors();
+    const saved = await loadCursors(this.options.spoolDir, this.logger);
     for (const runner of this.runners) {
       const held = await runner.sink.open().catch((error: unknown) => {
         this.logger.warn({ sink: runner.sink.name, err: error }, "opening an audit sink failed; its records stay spooled and are retried");
@@ -442,37 +441,13 @@ export class AuditPipeline implements AuditRecorder {
   private async saveCursors(): Promise<void> {
     const cursors: Record<string, number> = {};
     for (const runner of this.runners) cursors[runner.sink.name] = runner.cursor;
-    const file = path.join(this.options.spoolDir, CURSOR_FILE);
-    await fs.promises.writeFile(`${file}.tmp`, JSON.stringify({ version: 1, sinks: cursors }), { mode: 0o600 });
-    await fs.promises.rename(`${file}.tmp`, file);
-  }
-
-  private async loadCursors(): Promise<Record<string, number>> {
-    try {
-      const parsed = JSON.parse(await fs.promises.readFile(path.join(this.options.spoolDir, CURSOR_FILE), "utf8")) as { sinks?: Record<string, number> };
-      return parsed.sinks ?? {};
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "ENOENT") {
-        this.logger.warn({ err: error, spool: this.options.spoolDir }, "the audit sink cursor file is unreadable; sinks resend what they may already have");
-        return { };
-      }
-      return {};
-    }
+    await saveCursors(this.options.spoolDir, cursors);
   }
 
   private async createRedactor(): Promise<Redactor | undefined> {
     const rules = this.options.redaction ?? [];
     if (rules.length === 0) return undefined;
-    if (this.options.redactionKey) return new Redactor(rules, this.options.redactionKey);
-    const file = path.join(this.options.spoolDir, "redaction.key");
-    let key: Buffer;
-    try {
-      key = await fs.promises.readFile(file);
-    } catch {
-      key = crypto.randomBytes(32);
-      await fs.promises.writeFile(file, key, { mode: 0o600 });
-    }
-    return new Redactor(rules, key);
+    return new Redactor(rules, this.options.redactionKey ?? (await spoolRedactionKey(this.options.spoolDir)));
   }
 
   private isIdle(): boolean {

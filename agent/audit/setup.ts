@@ -1,14 +1,32 @@
-// Builds the sinks that the audit options name: the local file first, then the remote sinks in
-// the order given.
+// Builds the audit pipeline from the agent's audit options: the sinks they name (the local file
+// first, then the remote sinks in the order given), the spool and the redaction.
 
 import fs from "node:fs";
 import type { Logger } from "../log";
 import type { AuditOptions, RemoteSinkSpec } from "./config";
+import { AuditPipeline } from "./pipeline";
 import type { AuditSink } from "./sink";
 import { FileSink } from "./sinks/file";
 import { OtlpLogsSink } from "./sinks/otlp";
 import { StdoutSink } from "./sinks/stdout";
 import { SyslogSink } from "./sinks/syslog";
+
+/** Creates the node's pipeline; start() it once this agent is the node's only writer of the spool. */
+export function createAuditPipeline(node: string, options: AuditOptions, logger: Logger): AuditPipeline {
+  return new AuditPipeline(
+    {
+      node,
+      spoolDir: options.spoolDir,
+      sinks: createSinks(options, node, logger),
+      spoolMaxBytes: options.spoolMaxBytes,
+      fsync: options.fsync,
+      queueCapacity: options.queueCapacity,
+      redaction: options.redaction,
+      redactionKey: readRedactionKey(options),
+    },
+    logger,
+  );
+}
 
 export function createSinks(options: AuditOptions, node: string, logger: Logger): AuditSink[] {
   const sinks: AuditSink[] = [];

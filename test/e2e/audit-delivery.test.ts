@@ -59,7 +59,7 @@ test.before(async () => {
       { name: "shop", ambient: true },
       { name: "backend", ambient: true },
     ],
-    agentArgs: ["--audit-sink", `otlp://127.0.0.1:${otlpPort}`, "--audit-sink", `syslog+tcp://127.0.0.1:${syslogPort}`],
+    agentArgs: ["--audit-sink", `otlp://127.0.0.1:${otlpPort}`, "--audit-sink", `syslog+tcp://127.0.0.1:${syslogPort}`, "--audit-sink", "stdout"],
   });
   const c = cluster;
   for (const node of [CLIENT_NODE, SERVER_NODE]) {
@@ -153,6 +153,21 @@ async function assertDelivered(t: import("ava").ExecutionContext, node: string):
   t.is(syslogUnique.size, byId.size, `${node}: rsyslog holds exactly the file's records`);
   for (const [id, record] of syslogUnique) t.is(record.hash, byId.get(id)?.hash, `${node}: syslog record ${id} is the file's line`);
   t.log(`${node}: ${records.length} records; duplicates resent: OTLP ${otlp.length - otlpUnique.size}, syslog ${syslog.length - syslogUnique.size}`);
+
+  // The harness writes each agent's standard output, where the stdout sink writes, to LOG.stdout.
+  // A SIGKILL can cut the line being written; the next agent sends that record again.
+  const stdoutIds = new Set<string>();
+  let tornLines = 0;
+  for (const line of fs.readFileSync(`${theCluster().logFile(node)}.stdout`, "utf8").split("\n")) {
+    if (line === "") continue;
+    try {
+      stdoutIds.add(JSON.parse(line).id as string);
+    } catch {
+      tornLines += 1;
+    }
+  }
+  t.true(tornLines <= 1, `${node}: ${tornLines} torn lines on stdout, at most one per kill`);
+  t.deepEqual([...byId.keys()].filter((id) => !stdoutIds.has(id)), [], `${node}: records missing on stdout`);
 
   assertOnePerConnection(t, node, [...otlpUnique.values()].map((received) => received.record));
   return records;

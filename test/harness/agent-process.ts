@@ -84,7 +84,9 @@ export class AgentProcess {
     ];
     const log = fs.createWriteStream(options.logFile, { flags: "a" });
     this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
-    this.child.stdout!.pipe(log);
+    // Standard output goes to a file of its own: it carries the stdout audit sink's records, whose
+    // lines must not interleave with the log lines of standard error.
+    this.child.stdout!.pipe(fs.createWriteStream(`${options.logFile}.stdout`, { flags: "a" }));
     const reader = readline.createInterface({ input: this.child.stderr! });
     reader.on("line", (text) => {
       log.write(text + "\n");

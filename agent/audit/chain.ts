@@ -13,7 +13,7 @@ export const HASH_SUFFIX_LENGTH = 75;
 
 /** Hashes `body`, a serialized JSON object that already contains prev_hash, and returns the sealed line and its hash. */
 export function sealLine(body: string): { line: string; hash: string } {
-  const hash = crypto.createHash("sha256").update(body).digest("hex");
+  const hash = hashBody(body);
   return { line: `${body.slice(0, -1)},"hash":"${hash}"}`, hash };
 }
 
@@ -29,7 +29,8 @@ export function unsealLine(line: string): { body: string; hash: string } | undef
   return { body: `${line.slice(0, -HASH_SUFFIX_LENGTH)}}`, hash: match[1] };
 }
 
-/** Computes the hash of a body as sealLine() does. */
+/** Computes the hash of a body as sealLine() does: SHA-256 of its UTF-8 bytes, in hex. */
 export function hashBody(body: string): string {
-  return crypto.createHash("sha256").update(body).digest("hex");
+  // The one-shot crypto.hash() costs about half of a createHash() chain per record.
+  return crypto.hash("sha256", body, "hex");
 }

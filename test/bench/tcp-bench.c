@@ -11,6 +11,13 @@
 //   tcp-bench rate HOST PORT THREADS SECONDS MAX
 //       THREADS loops that each connect, send 1 byte, wait for the echo and close, until SECONDS
 //       pass or MAX connections are done; prints {"completed","errors","elapsed_s","error_codes"}.
+//   tcp-bench connect HOST PORT INTERVAL_US COUNT THREADS
+//       COUNT connections at a fixed pace, open loop: connection i is scheduled at i * INTERVAL_US
+//       after the start. THREADS threads take the connections in order, so a connection starts on
+//       time unless all threads are still busy with earlier ones, and then at once when one is free.
+//       Each connects, sends 1 byte, reads the echo and closes. Prints {"samples_us":[...],"late",
+//       "max_late_us","elapsed_s","errors","error_codes"}: the time from connect() to the echo of
+//       each completed connection in schedule order, and how many started more than LATE_US late.
 //   tcp-bench idle HOST PORT COUNT
 //       opens COUNT connections one after another, each with a 1-byte echo so that it is
 //       established end to end; prints {"opened","failed"}, keeps them open until a line arrives on
@@ -39,6 +46,8 @@
 // A step (connect, send, receive) that makes no progress in this time fails.
 #define STEP_TIMEOUT_S 10
 #define MAX_ERRNO 256
+// A connection of the connect mode that starts later than this after its scheduled time counts as late.
+#define LATE_US 1000
 
 static struct sockaddr_in target;
 
@@ -174,18 +183,37 @@ static int run_latency(size_t size, int warmup, int count) {
   return 0;
 }
 
+// Failed connections: the total and the count per errno value (0 for values out of range).
+struct error_tally {
+  atomic_long total;
+  atomic_long counts[MAX_ERRNO];
+};
+
 struct rate_state {
   double deadline;
   long max_count;
   atomic_long started;
   atomic_long completed;
-  atomic_long errors;
-  atomic_long error_counts[MAX_ERRNO];
+  struct error_tally errors;
 };
 
-static void count_error(struct rate_state *state, int error) {
-  atomic_fetch_add(&state->errors, 1);
-  atomic_fetch_add(&state->error_counts[error > 0 && error < MAX_ERRNO ? error : 0], 1);
+static void count_error(struct error_tally *tally, int error) {
+  atomic_fetch_add(&tally->total, 1);
+  atomic_fetch_add(&tally->counts[error > 0 && error < MAX_ERRNO ? error : 0], 1);
+}
+
+// Prints "errors":N,"error_codes":{NAME:COUNT,...} for the errno values that occurred.
+static void print_errors(struct error_tally *tally) {
+  printf("\"errors\":%ld,\"error_codes\":{", atomic_load(&tally->total));
+  const char *separator = "";
+  for (int error = 0; error < MAX_ERRNO; error++) {
+    long n = atomic_load(&tally->counts[error]);
+    if (n == 0) continue;
+    const char *name = error > 0 ? strerrorname_np(error) : NULL;
+    printf("%s\"%s\":%ld", separator, name ? name : "unknown", n);
+    separator = ",";
+  }
+  printf("}");
 }
 
 static void *rate_loop(void *argument) {
@@ -194,11 +222,11 @@ static void *rate_loop(void *argument) {
   while (now_seconds() < state->deadline && atomic_fetch_add(&state->started, 1) < state->max_count) {
     int fd = connect_target();
     if (fd < 0) {
-      count_error(state, errno);
+      count_error(&state->errors, errno);
       continue;
     }
     if (write_all(fd, &byte, 1) == 0 && read_exact(fd, &byte, 1) == 0) atomic_fetch_add(&state->completed, 1);
-    else count_error(state, errno);
+    else count_error(&state->errors, errno);
     close(fd);
   }
   return NULL;
@@ -214,16 +242,82 @@ static int run_rate(int threads, double seconds, long max_count) {
   for (int i = 0; i < threads; i++) pthread_create(&ids[i], NULL, rate_loop, &state);
   for (int i = 0; i < threads; i++) pthread_join(ids[i], NULL);
   double elapsed = now_seconds() - started;
-  printf("{\"completed\":%ld,\"errors\":%ld,\"elapsed_s\":%.4f,\"error_codes\":{", atomic_load(&state.completed), atomic_load(&state.errors), elapsed);
+  printf("{\"completed\":%ld,\"elapsed_s\":%.4f,", atomic_load(&state.completed), elapsed);
+  print_errors(&state.errors);
+  printf("}\n");
+  return 0;
+}
+
+// Sleeps until `deadline` (CLOCK_MONOTONIC seconds); returns at once when it has passed.
+static void sleep_until(double deadline) {
+  struct timespec ts = {.tv_sec = (time_t)deadline, .tv_nsec = (long)((deadline - (double)(time_t)deadline) * 1e9)};
+  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+  }
+}
+
+struct connect_state {
+  double started;
+  double interval_s;
+  long count;
+  atomic_long next;
+  // Time from connect() to the echo of connection i, µs, or -1 when it failed.
+  double *samples;
+  atomic_long late;
+  atomic_long max_late_us;
+  struct error_tally errors;
+};
+
+static void record_lateness(struct connect_state *state, long late_us) {
+  if (late_us > LATE_US) atomic_fetch_add(&state->late, 1);
+  long seen = atomic_load(&state->max_late_us);
+  while (late_us > seen && !atomic_compare_exchange_weak(&state->max_late_us, &seen, late_us)) {
+  }
+}
+
+// Takes the next connection index, waits for its scheduled time, and runs it, until COUNT are taken.
+static void *connect_loop(void *argument) {
+  struct connect_state *state = argument;
+  char byte = '1';
+  for (long i = atomic_fetch_add(&state->next, 1); i < state->count; i = atomic_fetch_add(&state->next, 1)) {
+    double scheduled = state->started + (double)i * state->interval_s;
+    sleep_until(scheduled);
+    double begin = now_seconds();
+    record_lateness(state, (long)((begin - scheduled) * 1e6));
+    state->samples[i] = -1;
+    int fd = connect_target();
+    if (fd < 0) {
+      count_error(&state->errors, errno);
+      continue;
+    }
+    if (write_all(fd, &byte, 1) == 0 && read_exact(fd, &byte, 1) == 0) state->samples[i] = (now_seconds() - begin) * 1e6;
+    else count_error(&state->errors, errno);
+    close(fd);
+  }
+  return NULL;
+}
+
+static int run_connect(double interval_us, long count, int threads) {
+  static struct connect_state state;
+  state.interval_s = interval_us / 1e6;
+  state.count = count > 0 ? count : 0;
+  state.samples = malloc(sizeof(double) * (size_t)(state.count > 0 ? state.count : 1));
+  if (state.samples == NULL) die("malloc");
+  pthread_t ids[256];
+  if (threads < 1 || threads > 256) threads = 8;
+  state.started = now_seconds();
+  for (int i = 0; i < threads; i++) pthread_create(&ids[i], NULL, connect_loop, &state);
+  for (int i = 0; i < threads; i++) pthread_join(ids[i], NULL);
+  double elapsed = now_seconds() - state.started;
+  printf("{\"samples_us\":[");
   const char *separator = "";
-  for (int error = 0; error < MAX_ERRNO; error++) {
-    long n = atomic_load(&state.error_counts[error]);
-    if (n == 0) continue;
-    const char *name = error > 0 ? strerrorname_np(error) : NULL;
-    printf("%s\"%s\":%ld", separator, name ? name : "unknown", n);
+  for (long i = 0; i < state.count; i++) {
+    if (state.samples[i] < 0) continue;
+    printf("%s%.1f", separator, state.samples[i]);
     separator = ",";
   }
-  printf("}}\n");
+  printf("],\"late\":%ld,\"max_late_us\":%ld,\"elapsed_s\":%.4f,", atomic_load(&state.late), atomic_load(&state.max_late_us), elapsed);
+  print_errors(&state.errors);
+  printf("}\n");
   return 0;
 }
 
@@ -262,10 +356,14 @@ int main(int argc, char **argv) {
     parse_target(argv[2], argv[3]);
     return run_rate(atoi(argv[4]), atof(argv[5]), atol(argv[6]));
   }
+  if (strcmp(mode, "connect") == 0 && argc >= 7) {
+    parse_target(argv[2], argv[3]);
+    return run_connect(atof(argv[4]), atol(argv[5]), atoi(argv[6]));
+  }
   if (strcmp(mode, "idle") == 0 && argc >= 5) {
     parse_target(argv[2], argv[3]);
     return run_idle(atoi(argv[4]));
   }
-  fprintf(stderr, "usage: tcp-bench server PORT | latency HOST PORT SIZE WARMUP COUNT | rate HOST PORT THREADS SECONDS MAX | idle HOST PORT COUNT\n");
+  fprintf(stderr, "usage: tcp-bench server PORT | latency HOST PORT SIZE WARMUP COUNT | rate HOST PORT THREADS SECONDS MAX | connect HOST PORT INTERVAL_US COUNT THREADS | idle HOST PORT COUNT\n");
   return 2;
 }

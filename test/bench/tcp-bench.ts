@@ -1,5 +1,5 @@
 // Builds and runs tcp-bench.c, the benchmark's TCP application: the echo server in the server pod and
-// the latency, connection-rate and idle-connection clients in the client pod.
+// the latency, connection-rate, paced connection-setup and idle-connection clients in the client pod.
 
 import { execFileSync, type ChildProcess } from "node:child_process";
 import path from "node:path";
@@ -15,6 +15,18 @@ export interface RateResult {
   errors: number;
   elapsed_s: number;
   /** Failed connections by errno name (ECONNREFUSED, ETIMEDOUT, ...). */
+  error_codes: Record<string, number>;
+}
+
+export interface ConnectResult {
+  /** Time from connect() to the 1-byte echo of each completed connection, µs, in schedule order. */
+  samples_us: number[];
+  errors: number;
+  /** Connections that started more than 1 ms after their scheduled time (every thread was busy or woke late), and the largest delay, µs. */
+  late: number;
+  max_late_us: number;
+  elapsed_s: number;
+  /** Failed connections by errno name. */
   error_codes: Record<string, number>;
 }
 
@@ -73,6 +85,17 @@ export class TcpBench {
   async rate(pod: string, host: string, port: number, threads: number, seconds: number, maxCount: number): Promise<RateResult> {
     const output = await this.run(pod, ["rate", host, String(port), String(threads), String(seconds), String(maxCount)], (seconds + 30) * 1000);
     return JSON.parse(output) as RateResult;
+  }
+
+  /**
+   * Opens `count` connections at a fixed pace, one every `intervalUs`, each with a 1-byte echo, and
+   * returns the time of each. Open loop: `threads` threads take the connections in order, so a slow
+   * connection delays the next only when every thread is busy. Runs on the latency CPU, like latency().
+   */
+  async connect(pod: string, host: string, port: number, intervalUs: number, count: number, threads: number): Promise<ConnectResult> {
+    const timeoutMs = (count * intervalUs) / 1000 + 60_000;
+    const output = await this.run(pod, ["connect", host, String(port), String(intervalUs), String(count), String(threads)], timeoutMs, true);
+    return JSON.parse(output) as ConnectResult;
   }
 
   /**

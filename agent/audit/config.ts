@@ -103,15 +103,20 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
   const query = url.searchParams;
   const host = url.hostname.replace(/^\[(.*)\]$/, "$1");
   if (host === "") throw new Error(sinkError(text, "the host is missing"));
+  if (url.username !== "" || url.password !== "") {
+    throw new Error(sinkError(text, "user information in the URI is not used; give credentials as a header parameter"));
+  }
   const known = new Set(["ca", "cert", "key", "server_name", "header", "facility", "sd_id"]);
-  for (const name of query.keys()) if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name}"`));
+  for (const name of query.keys()) {
+    if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}"`));
+  }
   const tls = tlsOf(query);
   if (url.protocol === "otlp:") {
     if (url.port === "") throw new Error(sinkError(text, "give the port, for example otlp://127.0.0.1:4317"));
     const headers: Record<string, string> = {};
     for (const header of query.getAll("header")) {
       const colon = header.indexOf(":");
-      if (colon <= 0) throw new Error(sinkError(text, `header "${header.split(":")[0]}" must be NAME:VALUE`));
+      if (colon <= 0) throw new Error(sinkError(text, "a header parameter must be NAME:VALUE, for example header=authorization:Bearer%20TOKEN"));
       headers[header.slice(0, colon).trim().toLowerCase()] = header.slice(colon + 1).trim();
     }
     return { kind: "otlp", endpoint: `${url.hostname}:${url.port}`, tls, headers };
@@ -144,7 +149,7 @@ function tlsOf(query: URLSearchParams): SinkTls | undefined {
 }
 
 function sinkError(text: string, problem: string): string {
-  // Header values may hold credentials, so they are not repeated in the message.
-  const shown = text.replace(/header=[^&]*/g, "header=…");
+  // Parameter values (a header may hold a token) and user information are not repeated in the message.
+  const shown = text.replace(/\?.*$/s, (query) => query.replace(/=[^&]*/g, "=…")).replace(/\/\/[^/@?]*@/, "//…@");
   return `invalid --audit-sink "${shown}": ${problem}; expected stdout, otlp://HOST:PORT, syslog+tcp://HOST[:PORT] or syslog+tls://HOST[:PORT]?ca=FILE`;
 }

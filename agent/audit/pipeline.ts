@@ -14,10 +14,10 @@ import type { Logger } from "../log";
 import { GENESIS_HASH, sealLine } from "./chain";
 import { OpenConnections } from "./open-connections";
 import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedRecord } from "./record";
-import { Redactor, scrubSecrets, type RedactionRule } from "./redact";
+import { Redactor, scrubRecord, type RedactionRule } from "./redact";
 import type { AuditSink, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
-import { loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
+import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
 import { Spool, SpoolDamagedError, type FsyncPolicy, type Segment, type SpoolContents } from "./spool";
 
 export interface AuditPipelineOptions {
@@ -81,6 +81,8 @@ export class AuditPipeline implements AuditRecorder {
   /** Gap records, written ahead of the queue and never dropped. */
   private readonly gaps: AuditEvent[] = [];
   private redactor: Redactor | undefined;
+  /** Records already redacted, so that none is hashed twice. */
+  private readonly redacted = new WeakSet<AuditEvent>();
   private readonly queueCapacity: number;
   private readonly batchSize: number;
   private readonly writeDelayMs: number;
@@ -188,6 +190,7 @@ export class AuditPipeline implements AuditRecorder {
       if (!(error instanceof SpoolDamagedError)) throw error;
       const aside = `${this.options.spoolDir}.damaged-${new Date().toISOString().replace(/[:.]/g, "")}`;
       await fs.promises.rename(this.options.spoolDir, aside);
+      await copyRedactionKey(aside, this.options.spoolDir);
       this.logger.error(
         { err: error, spool: this.options.spoolDir, movedTo: aside },
         "the audit spool is damaged; moved it aside and starting a new chain (its undelivered records stay in the moved folder)",
@@ -196,8 +199,19 @@ export class AuditPipeline implements AuditRecorder {
     }
   }
 
-  /** Hands a record over; never blocks and never throws. A full queue drops it, and a later gap record counts it. */
+  /** True when redaction rules are configured. */
+  get redacting(): boolean {
+    return (this.options.redaction ?? []).length > 0;
+  }
+
+  /**
+   * Hands a record over; never blocks and never throws. A full queue drops it, and a later gap
+   * record counts it. Once the pipeline has started, redaction is applied here, in place, so the
+   * caller's log line about the record shows the redacted values; records written before start()
+   * are redacted when they are sealed.
+   */
   write(record: AuditEvent): void {
+    this.redact(record);
     if (this.closed) {
       if (this.counts.closed++ === 0) this.logger.error({ type: record.type }, "audit record written after the pipeline closed; dropped");
       return;
@@ -214,7 +228,11 @@ export class AuditPipeline implements AuditRecorder {
   /** Writes completion records for the connections the previous process left open (see OpenConnections). */
   recordInterrupted(): number {
     const records = this.openConnections.completeInterrupted(new Date().toISOString());
-    for (const record of records) this.write(record);
+    for (const record of records) {
+      // Built from spooled records, which were redacted already: a second hash would change the values.
+      this.redacted.add(record);
+      this.write(record);
+    }
     if (records.length > 0) {
       this.logger.warn({ connections: records.length }, "the previous agent process ended with connections open; recorded their completion with error AGENT_INTERRUPTED");
     }
@@ -304,15 +322,22 @@ export class AuditPipeline implements AuditRecorder {
     return { lines, records, events: sealed };
   }
 
-  /** Redacts the record and adds the chain fields; the hash covers the line as written. */
+  /** Applies the redaction rules once per record; records queued before start() wait for the key. */
+  private redact(record: AuditEvent): void {
+    if (this.redactor === undefined || this.redacted.has(record)) return;
+    this.redactor.apply(record);
+    this.redacted.add(record);
+  }
+
+  /** Redacts the record if write() could not, and adds the chain fields; the hash covers the line as written. */
   private seal(event: AuditEvent): SpooledRecord {
-    this.redactor?.apply(event);
+    this.redact(event);
     const seq = this.sealedHead.seq + 1;
     const id = crypto.randomUUID();
     // time and type come first so that lines sort by time and read well; assign() keeps their place.
     let record = Object.assign({ time: event.time, type: event.type, v: AUDIT_SCHEMA_VERSION, seq, id }, event, { prev_hash: this.sealedHead.hash }) as Omit<SealedRecord, "hash">;
     let body = JSON.stringify(record);
-    const scrubbed = scrubSecrets(record, body);
+    const scrubbed = scrubRecord(record, body);
     if (scrubbed !== record) {
       record = scrubbed;
       body = JSON.stringify(record);
@@ -447,7 +472,7 @@ export class AuditPipeline implements AuditRecorder {
   private async createRedactor(): Promise<Redactor | undefined> {
     const rules = this.options.redaction ?? [];
     if (rules.length === 0) return undefined;
-    return new Redactor(rules, this.options.redactionKey ?? (await spoolRedactionKey(this.options.spoolDir)));
+    return new Redactor(rules, this.options.redactionKey ?? (await spoolRedactionKey(this.options.spoolDir, this.logger)));
   }
 
   private isIdle(): boolean {

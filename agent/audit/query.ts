@@ -1,9 +1,8 @@
 // Filtering of audit records read back from files: the filters of `agentctl audit query`, parsed
 // from their command-line values, and a streaming reader that yields the records that match.
 
-import fs from "node:fs";
-import readline from "node:readline";
 import { AgentError } from "../errors";
+import { readFileLines } from "./line-reader";
 
 /** The record types of schema version 1, to warn about a --type that can match nothing. */
 export const KNOWN_RECORD_TYPES: readonly string[] = [
@@ -65,7 +64,7 @@ export interface AuditQuery {
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
 const SPIFFE_ID = /^spiffe:\/\/[^/\s*]+\/ns\/[^/\s*]+\/sa\/[^/\s*]+$/;
-const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
 const DURATION = /^(\d+)(s|m|h|d)$/;
 const DURATION_UNIT_MS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
@@ -135,11 +134,32 @@ function parseType(text: string): TextMatch {
 function parseTime(option: string, text: string, now: number): number {
   const duration = DURATION.exec(text);
   if (duration) return now - Number(duration[1]) * DURATION_UNIT_MS[duration[2]];
-  const time = RFC3339.test(text) ? Date.parse(text) : Number.NaN;
-  if (Number.isNaN(time)) {
+  const time = parseRfc3339(text);
+  if (time === undefined) {
     throw invalid(option, text, "write an RFC 3339 time such as 2026-03-01T10:00:00Z, or a duration before now in seconds, minutes, hours or days such as 30s, 15m, 2h or 7d");
   }
   return time;
+}
+
+/**
+ * Returns milliseconds since the epoch, or undefined when a field is out of range. Date.parse()
+ * rolls 2026-02-31 over to March 3, so each field is checked against the date it builds. A leap
+ * second (:60) is rejected, as Date cannot hold it.
+ */
+function parseRfc3339(text: string): number | undefined {
+  const match = RFC3339.exec(text);
+  if (match === null) return undefined;
+  const [year, month, day, hour, minute, second] = match.slice(1, 7).map(Number);
+  const date = new Date(0);
+  date.setUTCFullYear(year, month - 1, day);
+  date.setUTCHours(hour, minute, second, match[7] === undefined ? 0 : Number(`${match[7].slice(1)}00`.slice(0, 3)));
+  const fields = [date.getUTCFullYear(), date.getUTCMonth() + 1, date.getUTCDate(), date.getUTCHours(), date.getUTCMinutes(), date.getUTCSeconds()];
+  if (fields.some((field, index) => field !== [year, month, day, hour, minute, second][index])) return undefined;
+  if (match[8] === undefined) return date.getTime();
+  const [offsetHours, offsetMinutes] = [Number(match[9]), Number(match[10])];
+  if (offsetHours > 23 || offsetMinutes > 59) return undefined;
+  const offset = (offsetHours * 60 + offsetMinutes) * 60_000;
+  return match[8] === "+" ? date.getTime() - offset : date.getTime() + offset;
 }
 
 function parseLimit(text: string): number {
@@ -221,7 +241,8 @@ function dryRunPolicies(record: StoredRecord): unknown[] {
 
 /** A record that matched, with its line unchanged. */
 export interface QueryMatch {
-  line: string;
+  /** The bytes of the line, without its 0x0A: they are only valid until `onMatch` returns or resolves. */
+  bytes: Buffer;
   record: StoredRecord;
 }
 
@@ -229,7 +250,7 @@ export interface QuerySummary {
   /** Lines that hold a JSON object. */
   records: number;
   matched: number;
-  /** Lines skipped because they are not a JSON object (torn or edited lines). */
+  /** Lines skipped because they are not a JSON object (torn or edited lines) or longer than MAX_LINE_BYTES. */
   skipped: number;
   /** File and line number of the first skipped line. */
   firstSkipped?: string;
@@ -246,42 +267,40 @@ export async function queryAuditFiles(
   onMatch: (match: QueryMatch) => void | Promise<void>,
 ): Promise<QuerySummary> {
   const summary: QuerySummary = { records: 0, matched: 0, skipped: 0 };
-  // With a limit, the last `limit` matching lines are kept in a ring and parsed again at the end.
-  const ring: string[] = [];
+  // With a limit, copies of the last `limit` matching lines are kept in a ring and parsed again at the end.
+  const ring: Buffer[] = [];
   for (const file of files) {
-    let lineNumber = 0;
-    const lines = readline.createInterface({ input: fs.createReadStream(file, { encoding: "utf8", highWaterMark: 1 << 20 }), crlfDelay: Infinity });
-    for await (const line of lines) {
-      lineNumber += 1;
-      const record = parseRecord(line);
+    for await (const line of readFileLines(file)) {
+      const record = line.tooLong ? undefined : parseRecord(line.bytes);
       if (record === undefined) {
         summary.skipped += 1;
-        summary.firstSkipped ??= `${file}:${lineNumber}`;
+        summary.firstSkipped ??= `${file}:${line.number}`;
         continue;
       }
       summary.records += 1;
       if (!matchesQuery(record, query)) continue;
       summary.matched += 1;
       if (query.limit === undefined) {
-        await onMatch({ line, record });
+        await onMatch({ bytes: line.bytes, record });
         continue;
       }
-      ring[(summary.matched - 1) % query.limit] = line;
+      ring[(summary.matched - 1) % query.limit] = Buffer.from(line.bytes);
     }
   }
   if (query.limit !== undefined) {
     const start = summary.matched > query.limit ? summary.matched % query.limit : 0;
     for (let index = 0; index < ring.length; index += 1) {
-      const line = ring[(start + index) % ring.length];
-      await onMatch({ line, record: parseRecord(line)! });
+      const bytes = ring[(start + index) % ring.length];
+      await onMatch({ bytes, record: parseRecord(bytes)! });
     }
   }
   return summary;
 }
 
-function parseRecord(line: string): StoredRecord | undefined {
+/** Parses a line as a JSON object. Invalid UTF-8 is decoded to U+FFFD: `audit verify` reports it. */
+function parseRecord(bytes: Buffer): StoredRecord | undefined {
   try {
-    const value: unknown = JSON.parse(line);
+    const value: unknown = JSON.parse(bytes.toString("utf8"));
     return typeof value === "object" && value !== null && !Array.isArray(value) ? (value as StoredRecord) : undefined;
   } catch {
     return undefined;

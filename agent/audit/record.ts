@@ -130,5 +130,8 @@ export type AuditRecord = ConnectionCompletedRecord;
 
 /** The data path's view of the audit pipeline: hands a record over and returns at once. */
 export interface AuditRecorder {
+  /** Queues the record. A recorder that redacts does it in place before returning, so later readers of the object see the redacted values. */
   write(record: AuditEvent): void;
+  /** True when redaction rules apply, so that callers leave unredacted details (such as request headers) out of their logs. */
+  readonly redacting?: boolean;
 }

@@ -11,18 +11,44 @@ export interface RedactionRule {
   mode: "remove" | "hash";
 }
 
+/**
+ * The field paths of schema version 1 that rules may name, across all record types. A segment
+ * that reaches an array applies to each element, as in dry_run.policy or changes.after.
+ */
+export const REDACTABLE_FIELDS: readonly string[] = [
+  // Connection records.
+  "start", "connection_id", "direction", "transport", "decision", "reason", "established",
+  "src", "src.addr", "src.workload", "src.namespace", "src.identity", "src.service",
+  "dst", "dst.addr", "dst.workload", "dst.namespace", "dst.identity", "dst.service", "dst.hbone_addr",
+  "policy", "policy_kind", "rule", "dry_run", "dry_run.policy", "dry_run.rule", "dry_run.decision",
+  "bytes_sent", "bytes_recv", "duration_ms", "flag", "error", "error.code", "error.message",
+  // Control records.
+  "version", "pid", "previous_stop", "settings", "open_connections", "mode", "requested", "previous_mode",
+  "workload", "namespace", "ip", "identity", "policy.kind", "policy.namespace", "policy.name",
+  "file", "previous_file", "line", "message", "changes", "changes.path", "changes.before", "changes.after",
+  "changes_omitted", "serial", "not_before", "not_after", "fingerprint_sha256", "issuer",
+  "lost", "first_time", "last_time", "sink", "first_seq", "last_seq",
+];
+
 /** Fields that may not be redacted: the chain and the record type hold the pipeline together. */
 const PROTECTED_FIELDS = new Set(["time", "type", "v", "seq", "id", "prev_hash", "hash", "node"]);
 
 /**
+ * Fields that repeat another field's value: a rule on the first applies to the second too, so that
+ * hiding dst.addr does not leave the same IP in dst.hbone_addr.
+ */
+const COMPANION_FIELDS: Readonly<Record<string, string>> = { "dst.addr": "dst.hbone_addr" };
+
+/**
  * Parses redaction rules written as PATH or PATH:hash (PATH:remove is the default), comma
- * separated, such as "src.addr:hash,dst.addr:hash,error.message". Throws on a malformed rule.
+ * separated, such as "src.addr:hash,dst.addr:hash,error.message". Throws on a malformed rule or
+ * a path that names no field of any record type.
  */
 export function parseRedactionRules(text: string): RedactionRule[] {
   const rules: RedactionRule[] = [];
   for (const item of text.split(",").map((part) => part.trim()).filter((part) => part.length > 0)) {
     const [fieldPath, mode = "remove", extra] = item.split(":");
-    if (extra !== undefined || !/^[a-z_]+(\.[a-z_]+)*$/.test(fieldPath) || (mode !== "remove" && mode !== "hash")) {
+    if (extra !== undefined || !/^[a-z_0-9]+(\.[a-z_0-9]+)*$/.test(fieldPath) || (mode !== "remove" && mode !== "hash")) {
       throw new Error(
         `invalid audit redaction rule "${item}": expected FIELD or FIELD:hash with a dotted field path such as src.addr or dst.identity:hash`,
       );
@@ -30,13 +56,25 @@ export function parseRedactionRules(text: string): RedactionRule[] {
     if (PROTECTED_FIELDS.has(fieldPath)) {
       throw new Error(`invalid audit redaction rule "${item}": ${fieldPath} holds the record's chain or type and cannot be redacted`);
     }
+    if (!REDACTABLE_FIELDS.includes(fieldPath)) {
+      throw new Error(
+        `invalid audit redaction rule "${item}": no record has the field ${fieldPath}; fields include src.addr, src.identity, dst.addr, dst.identity, ip, error.message (docs/audit.md lists all)`,
+      );
+    }
     rules.push({ path: fieldPath, mode });
+    const companion = COMPANION_FIELDS[fieldPath];
+    if (companion !== undefined) rules.push({ path: companion, mode });
   }
   return rules;
 }
 
-/** Text that looks like a PEM block or a JSON Web Token (three base64url parts, the first two JSON objects). */
-const SECRET_PATTERN = /-----BEGIN [A-Z ]+-----|eyJ[A-Za-z0-9_-]{6,}\.eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*/g;
+/**
+ * Text that looks like a PEM block (through its END line, or to the end of the text when that is
+ * missing) or a JSON Web Token (three base64url parts, the first two JSON objects).
+ */
+const SECRET_PATTERN = /-----BEGIN ([A-Z0-9 ]+)-----[\s\S]*?(?:-----END \1-----|$)|eyJ[A-Za-z0-9_-]{6,}\.eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*/g;
+/** A cheap test for the serialized record, before the slower replacement. */
+const SECRET_HINT = /-----BEGIN|eyJ[A-Za-z0-9_-]{6,}\.eyJ/;
 const SECRET_REPLACEMENT = "[removed: looked like a certificate, key or token]";
 
 export class Redactor {
@@ -49,38 +87,56 @@ export class Redactor {
 
   /** Applies the rules to the record in place and returns it. */
   apply(record: AuditEvent): AuditEvent {
-    for (const rule of this.rules) this.applyRule(record as unknown as Record<string, unknown>, rule.keys, rule.mode);
+    for (const rule of this.rules) this.applyRule(record, rule.keys, rule.mode);
     return record;
   }
 
-  private applyRule(target: Record<string, unknown>, keys: readonly string[], mode: RedactionRule["mode"]): void {
-    let parent: unknown = target;
-    for (const key of keys.slice(0, -1)) {
-      parent = (parent as Record<string, unknown> | undefined)?.[key];
-      if (typeof parent !== "object" || parent === null) return;
+  /** Follows `keys` from `target`, into every element of an array on the way, and redacts what the last key names. */
+  private applyRule(target: unknown, keys: readonly string[], mode: RedactionRule["mode"]): void {
+    if (Array.isArray(target)) {
+      for (const element of target) this.applyRule(element, keys, mode);
+      return;
     }
-    const object = parent as Record<string, unknown>;
-    const last = keys[keys.length - 1];
-    if (!(last in object)) return;
-    if (mode === "remove") delete object[last];
-    else object[last] = this.hash(object[last]);
+    if (typeof target !== "object" || target === null) return;
+    const object = target as Record<string, unknown>;
+    const [key, ...rest] = keys;
+    if (!Object.hasOwn(object, key)) return;
+    if (rest.length > 0) {
+      this.applyRule(object[key], rest, mode);
+    } else if (mode === "remove") {
+      delete object[key];
+    } else {
+      object[key] = this.hashLeaves(object[key]);
+    }
   }
 
-  private hash(value: unknown): string {
-    const text = typeof value === "string" ? value : JSON.stringify(value);
-    return `hmac-sha256:${crypto.createHmac("sha256", this.key).update(text).digest("hex").slice(0, 32)}`;
+  /** Replaces each string, number and boolean in `value` with its hash, keeping objects and arrays in shape. */
+  private hashLeaves(value: unknown): unknown {
+    if (Array.isArray(value)) return value.map((element) => this.hashLeaves(element));
+    if (typeof value === "object" && value !== null) {
+      const copy: Record<string, unknown> = {};
+      for (const [name, item] of Object.entries(value)) copy[name] = this.hashLeaves(item);
+      return copy;
+    }
+    if (value === null || value === undefined) return value;
+    return `hmac-sha256:${crypto.createHmac("sha256", this.key).update(String(value)).digest("hex").slice(0, 32)}`;
   }
 }
 
+/** JSON.stringify writes a lone UTF-16 surrogate as a \udXXX escape; paired ones stay raw characters. */
+const LONE_SURROGATE_ESCAPE = /\\ud[89a-f][0-9a-f]{2}/i;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
+
 /**
- * Replaces any text in the serialized record that looks like a certificate, private key or token.
- * Records never carry them by design; this guards free-text fields such as error messages. Returns
- * the record unchanged (the same object) when nothing matched.
+ * Cleans the strings of a serialized record: text that looks like a certificate, private key or
+ * token is replaced (records never carry them by design; this guards free-text fields such as error
+ * messages), and a lone UTF-16 surrogate, which has no UTF-8 form, becomes U+FFFD, so that every
+ * sink carries the same text the hash covers. Returns the record unchanged (the same object) when
+ * nothing matched.
  */
-export function scrubSecrets<T extends object>(record: T, serialized: string): T {
-  SECRET_PATTERN.lastIndex = 0;
-  if (!SECRET_PATTERN.test(serialized)) return record;
+export function scrubRecord<T extends object>(record: T, serialized: string): T {
+  if (!SECRET_HINT.test(serialized) && !LONE_SURROGATE_ESCAPE.test(serialized)) return record;
   return JSON.parse(serialized, (_key, value: unknown) =>
-    typeof value === "string" ? value.replace(SECRET_PATTERN, SECRET_REPLACEMENT) : value,
+    typeof value === "string" ? value.replace(SECRET_PATTERN, SECRET_REPLACEMENT).replace(LONE_SURROGATE, "\ufffd") : value,
   ) as T;
 }

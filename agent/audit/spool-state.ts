@@ -32,15 +32,49 @@ export async function loadCursors(spoolDir: string, logger: Logger): Promise<Rec
   }
 }
 
-/** Reads the spool's redaction key, creating 32 random bytes (mode 0600) on first use. */
-export async function spoolRedactionKey(spoolDir: string): Promise<Buffer> {
+/** Bytes of a key the spool creates; a key file shorter than MIN_KEY_BYTES is replaced. */
+const KEY_BYTES = 32;
+const MIN_KEY_BYTES = 16;
+
+/**
+ * Reads the spool's redaction key, creating KEY_BYTES random bytes (mode 0600) on first use. A key
+ * file that is shorter than MIN_KEY_BYTES (an interrupted first write, an edit) would make the hashes
+ * easy to reverse, so it is replaced and the replacement logged: hashes then change once.
+ */
+export async function spoolRedactionKey(spoolDir: string, logger: Logger): Promise<Buffer> {
   const file = path.join(spoolDir, REDACTION_KEY_FILE);
   try {
-    return await fs.promises.readFile(file);
+    const key = await fs.promises.readFile(file);
+    if (key.length >= MIN_KEY_BYTES) return key;
+    logger.error(
+      { file, bytes: key.length },
+      `the audit redaction key file holds ${key.length} bytes, fewer than ${MIN_KEY_BYTES}; replacing it with a new key, so hashed values of earlier records no longer match new ones`,
+    );
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
   }
-  const key = crypto.randomBytes(32);
-  await fs.promises.writeFile(file, key, { mode: 0o600, flag: "wx" });
+  const key = crypto.randomBytes(KEY_BYTES);
+  await writeAtomically(file, key);
   return key;
+}
+
+/** Copies the redaction key of a spool folder into a new one, so hashes stay the same after a damaged spool was moved aside. */
+export async function copyRedactionKey(fromDir: string, toDir: string): Promise<void> {
+  const key = await fs.promises.readFile(path.join(fromDir, REDACTION_KEY_FILE)).catch(() => undefined);
+  if (key === undefined || key.length < MIN_KEY_BYTES) return;
+  await fs.promises.mkdir(toDir, { recursive: true, mode: 0o700 });
+  await writeAtomically(path.join(toDir, REDACTION_KEY_FILE), key);
+}
+
+/** Writes a file with mode 0600 through a synced temporary file and a rename, so a crash leaves the old file or the whole new one. */
+async function writeAtomically(file: string, data: Buffer): Promise<void> {
+  const temporary = `${file}.tmp`;
+  const handle = await fs.promises.open(temporary, "w", 0o600);
+  try {
+    await handle.writeFile(data);
+    await handle.datasync();
+  } finally {
+    await handle.close();
+  }
+  await fs.promises.rename(temporary, file);
 }

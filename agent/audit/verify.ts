@@ -1,11 +1,12 @@
 // Verification of the audit hash chain in one or more files, read in the order given (rotated
 // files oldest first, then the active file). Every line must carry a valid `hash` of its own bytes,
 // a `prev_hash` equal to the previous record's hash, and a `seq` one above the previous record's.
-// Files are streamed line by line, so memory stays bounded whatever their size.
+// Files are streamed line by line as raw bytes, so memory stays bounded whatever their size, and
+// each hash covers the bytes on disk rather than a decoded copy.
 
-import fs from "node:fs";
-import readline from "node:readline";
-import { GENESIS_HASH, hashBody, unsealLine } from "./chain";
+import { GENESIS_HASH } from "./chain";
+import { MAX_LINE_BYTES, readFileLines, type FileLine } from "./line-reader";
+import { parseChainLine } from "./verify-line";
 
 /** Kind of break in the chain at one line. */
 export type ChainProblemKind =
@@ -47,8 +48,12 @@ export interface VerifyReport {
   problemCount: number;
   problems: ChainProblem[];
   problemsByKind: Partial<Record<ChainProblemKind, number>>;
-  /** Facts that are no problem, such as a chain that starts past seq 1 because older files were removed. */
+  /**
+   * Facts that are no problem, such as a chain that starts past seq 1 because older files were
+   * removed, or files that hold no record.
+   */
   notes: string[];
+  /** True when at least one record was read and no problem was found. */
   intact: boolean;
 }
 
@@ -64,8 +69,8 @@ const SEQ_WINDOW = 8192;
 /** Forward jumps whose missing seqs may still turn up later (as moved lines); older ones stay gaps. */
 const MAX_OPEN_GAPS = 64;
 
-const HEX64 = /^[0-9a-f]{64}$/;
-const SEQ_IN_TEXT = /"seq":(\d{1,15})[,}]/;
+/** Problems at the first record of a file that may come from files given in the wrong order. */
+const FILE_BOUNDARY_KINDS: ReadonlySet<ChainProblemKind> = new Set(["chain_restart", "gap", "reorder", "broken_link"]);
 
 /** Position of a line: the file and its line number. */
 interface Position {
@@ -81,69 +86,24 @@ interface OpenGap {
   problem: ChainProblem;
 }
 
-/** A line read back: either a record with its chain fields, or the reason it is malformed. */
-type ParsedLine =
-  | { ok: true; seq: number; prevHash: string; hash: string; hashValid: boolean; computed: string }
-  | { ok: false; reason: string; seq?: number };
+/** The records of one file as read: where its chain part starts and ends. */
+interface FileChain {
+  file: string;
+  first: Position;
+  firstSeq: number;
+  firstPrevHash: string;
+  lastSeq: number;
+  lastHash: string;
+}
 
 /** Checks the chain across `files`, in the order given. Rejects when a file cannot be read. */
 export async function verifyAuditFiles(files: readonly string[]): Promise<VerifyReport> {
   const verifier = new ChainVerifier([...files]);
   for (const file of files) {
-    let line = 0;
-    const input = fs.createReadStream(file, { encoding: "utf8", highWaterMark: 1 << 20 });
-    const lines = readline.createInterface({ input, crlfDelay: Infinity });
-    for await (const text of lines) {
-      line += 1;
-      verifier.check(text, { file, line });
-    }
-    if (line > 0 && !(await endsWithNewline(file))) verifier.markTornLastLine({ file, line });
+    verifier.startFile();
+    for await (const line of readFileLines(file)) verifier.check(line, { file, line: line.number });
   }
   return verifier.finish();
-}
-
-/** Reads the last byte of a non-empty file. */
-async function endsWithNewline(file: string): Promise<boolean> {
-  const handle = await fs.promises.open(file, "r");
-  try {
-    const { size } = await handle.stat();
-    if (size === 0) return true;
-    const byte = Buffer.alloc(1);
-    await handle.read(byte, 0, 1, size - 1);
-    return byte[0] === 0x0a;
-  } finally {
-    await handle.close();
-  }
-}
-
-/** Parses one line and checks its hash, without looking at other lines. */
-export function parseChainLine(text: string): ParsedLine {
-  if (text === "") return { ok: false, reason: "the line is empty" };
-  const sealed = unsealLine(text);
-  if (sealed === undefined) {
-    return { ok: false, reason: 'the line does not end with a "hash" member of 64 hex digits', seq: seqInText(text) };
-  }
-  let body: Record<string, unknown>;
-  try {
-    body = JSON.parse(sealed.body) as Record<string, unknown>;
-  } catch {
-    return { ok: false, reason: "the line is not one JSON object", seq: seqInText(text) };
-  }
-  if (typeof body !== "object" || body === null || Array.isArray(body)) return { ok: false, reason: "the line is not a JSON object" };
-  const { seq, prev_hash: prevHash } = body;
-  if (typeof seq !== "number" || !Number.isSafeInteger(seq) || seq < 1) {
-    return { ok: false, reason: `"seq" is ${JSON.stringify(seq)}, not a positive integer` };
-  }
-  if (typeof prevHash !== "string" || !HEX64.test(prevHash)) {
-    return { ok: false, reason: `"prev_hash" is ${JSON.stringify(prevHash)}, not 64 hex digits`, seq };
-  }
-  const computed = hashBody(sealed.body);
-  return { ok: true, seq, prevHash, hash: sealed.hash, hashValid: computed === sealed.hash, computed };
-}
-
-function seqInText(text: string): number | undefined {
-  const match = SEQ_IN_TEXT.exec(text);
-  return match ? Number(match[1]) : undefined;
 }
 
 /** The chain state between lines. One instance checks one sequence of files. */
@@ -160,8 +120,15 @@ class ChainVerifier {
   private lastPosition: Position | undefined;
   private readonly recent = new Map<number, { hash: string; position: Position }>();
   private openGaps: OpenGap[] = [];
-  /** Malformed lines since the last good record: they may hold the seqs that seem to be missing. */
+  /** Malformed lines since the last record, and the first of them: a gap after them names them. */
   private malformedRun = 0;
+  private firstMalformed: Position | undefined;
+  /** The first and last record of each file that holds records, in the order read. */
+  private readonly fileChains: FileChain[] = [];
+  private currentFile: FileChain | undefined;
+  /** Problems found at the first record of a file, withdrawn when the files were only given out of order. */
+  private readonly fileBoundaryProblems: ChainProblem[] = [];
+  private atFileBoundary = false;
   private problemCount = 0;
   private readonly problems: ChainProblem[] = [];
   private readonly problemsByKind: Partial<Record<ChainProblemKind, number>> = {};
@@ -169,25 +136,53 @@ class ChainVerifier {
 
   constructor(private readonly files: string[]) {}
 
-  check(text: string, at: Position): void {
+  /** Starts the next file: its first record is where files given in the wrong order show. */
+  startFile(): void {
+    this.currentFile = undefined;
+  }
+
+  check(line: FileLine, at: Position): void {
     this.lines += 1;
-    const parsed = parseChainLine(text);
+    if (line.tooLong) {
+      this.reportMalformed({ reason: `the line is ${line.length} bytes long, more than the limit of ${MAX_LINE_BYTES} bytes (1 MiB) for one record, so it was not read` }, at);
+    } else {
+      this.checkRecord(line.bytes, at);
+    }
+    if (line.unterminated) this.markTornLastLine(at);
+  }
+
+  private checkRecord(bytes: Buffer, at: Position): void {
+    const parsed = parseChainLine(bytes);
     if (!parsed.ok) {
       this.reportMalformed(parsed, at);
       return;
     }
     this.records += 1;
     if (!parsed.hashValid) {
+      const change = parsed.change ?? `its content hashes to ${short(parsed.computed!)}, but its "hash" member is ${short(parsed.hash)}`;
       this.report({
         kind: "hash_mismatch",
         ...at,
         seq: parsed.seq,
         expected: parsed.computed,
         found: parsed.hash,
-        message: `${where(at)} (seq ${parsed.seq}) was changed after it was written: its content hashes to ${short(parsed.computed)}, but its "hash" member is ${short(parsed.hash)}`,
+        message: `${where(at)} (seq ${parsed.seq}) was changed after it was written: ${change}`,
       });
     }
-    this.link(parsed.seq, parsed.prevHash, parsed.hash, at);
+    this.trackFile(parsed.seq, parsed.prevHash, parsed.hash, at);
+  }
+
+  /** Records where the current file's records start and end, and links the record to the ones before it. */
+  private trackFile(seq: number, prevHash: string, hash: string, at: Position): void {
+    if (this.currentFile === undefined) {
+      this.currentFile = { file: at.file, first: at, firstSeq: seq, firstPrevHash: prevHash, lastSeq: seq, lastHash: hash };
+      this.fileChains.push(this.currentFile);
+      this.atFileBoundary = true;
+    }
+    this.link(seq, prevHash, hash, at);
+    this.atFileBoundary = false;
+    this.currentFile.lastSeq = seq;
+    this.currentFile.lastHash = hash;
   }
 
   /** Compares a record with the ones before it, then makes it the new end of the chain. */
@@ -217,8 +212,8 @@ class ChainVerifier {
     }
     if (seq === this.lastSeq + 1) {
       if (this.lastHash !== undefined && prevHash !== this.lastHash) this.reportBrokenLink(seq, prevHash, this.lastHash, at);
-    } else if (seq - this.lastSeq - 1 > malformedBefore) {
-      this.reportGap(seq, at);
+    } else {
+      this.reportGap(seq, at, malformedBefore);
     }
     this.advance(seq, hash, at);
   }
@@ -228,11 +223,7 @@ class ChainVerifier {
     this.firstSeq = seq;
     this.firstPrevHash = prevHash;
     this.firstPosition = at;
-    if (seq > 1) {
-      this.notes.push(`${where(at)}: the chain starts at seq ${seq}, so records 1 to ${seq - 1} are in files not given here (rotated files that were removed, for example); their links cannot be checked`);
-      return;
-    }
-    if (prevHash !== GENESIS_HASH) {
+    if (seq === 1 && prevHash !== GENESIS_HASH) {
       this.report({
         kind: "broken_link",
         ...at,
@@ -243,7 +234,6 @@ class ChainVerifier {
       });
     }
   }
-
   /** Handles a record whose seq is not above the highest one seen: a moved line, or one inserted twice. */
   private placeBehind(seq: number, prevHash: string, hash: string, at: Position): void {
     const gap = this.openGaps.find((candidate) => seq > candidate.from && seq < candidate.to);
@@ -293,6 +283,10 @@ class ChainVerifier {
     if (this.recent.size > SEQ_WINDOW) this.recent.delete(this.recent.keys().next().value!);
   }
 
+  /**
+   * Reports a line that holds no record that can be checked. It never stands in for a record, even
+   * when a seq can be read from it, so the next record reports the seqs it skipped as a gap.
+   */
   private reportMalformed(parsed: { reason: string; seq?: number }, at: Position): void {
     this.report({
       kind: "malformed",
@@ -300,22 +294,15 @@ class ChainVerifier {
       seq: parsed.seq,
       message: `${where(at)}${parsed.seq === undefined ? "" : ` (seq ${parsed.seq})`} is malformed: ${parsed.reason}; the record cannot be checked, and the link to the next record is skipped`,
     });
-    if (parsed.seq !== undefined && this.lastSeq !== undefined && parsed.seq === this.lastSeq + 1) {
-      // The seq is readable, so the chain goes on from it; its hash is unknown.
-      this.lastSeq = parsed.seq;
-      this.lastHash = undefined;
-      this.lastPosition = at;
-      return;
-    }
+    if (this.malformedRun === 0) this.firstMalformed = at;
     this.malformedRun += 1;
     this.lastHash = undefined;
   }
 
   /** Called when a file does not end with a newline: its last line is incomplete. */
-  markTornLastLine(at: Position): void {
-    const alreadyMalformed = this.problems.some((problem) => problem.file === at.file && problem.line === at.line && problem.kind === "malformed");
-    if (alreadyMalformed) {
-      const problem = this.problems.find((candidate) => candidate.file === at.file && candidate.line === at.line)!;
+  private markTornLastLine(at: Position): void {
+    const problem = this.problems.find((candidate) => candidate.file === at.file && candidate.line === at.line && candidate.kind === "malformed");
+    if (problem !== undefined) {
       problem.message += ". The file does not end with a newline, so the writer stopped in the middle of this line (a crash or a full disk)";
       return;
     }
@@ -325,7 +312,6 @@ class ChainVerifier {
       message: `${where(at)} has no newline at the end of the file: the writer stopped in the middle of the line (a crash or a full disk), although what it wrote verifies`,
     });
   }
-
   private reportDuplicate(seq: number, at: Position, earlier: Position): void {
     this.report({
       kind: "duplicate",
@@ -360,9 +346,14 @@ class ChainVerifier {
     });
   }
 
-  private reportGap(seq: number, at: Position): void {
+  private reportGap(seq: number, at: Position, malformedBefore: number): void {
     const from = this.lastSeq!;
     const missing = seq - from - 1;
+    const records = missing === 1 ? `1 record (seq ${from + 1}) is` : `${missing} records (seq ${from + 1} to ${seq - 1}) are`;
+    const them = missing === 1 ? "it" : "them";
+    let malformed = "so lines were removed";
+    if (malformedBefore === 1) malformed = `so lines were removed or replaced: the malformed line ${where(this.firstMalformed!)} may have held ${them}, but cannot be checked`;
+    if (malformedBefore > 1) malformed = `so lines were removed or replaced: the ${malformedBefore} malformed lines from ${where(this.firstMalformed!)} on may have held ${them}, but cannot be checked`;
     const problem: ChainProblem = {
       kind: "gap",
       ...at,
@@ -370,7 +361,7 @@ class ChainVerifier {
       expected: `seq ${from + 1}`,
       found: `seq ${seq}`,
       missing,
-      message: `${where(at)} has seq ${seq} right after seq ${from}: ${missing === 1 ? `1 record (seq ${from + 1}) is` : `${missing} records (seq ${from + 1} to ${seq - 1}) are`} missing, so lines were removed`,
+      message: `${where(at)} has seq ${seq} right after seq ${from}: ${records} missing, ${malformed}`,
     };
     this.report(problem);
     this.openGaps.push({ from, to: seq, found: 0, problem });
@@ -381,11 +372,29 @@ class ChainVerifier {
     this.problemCount += 1;
     this.problemsByKind[problem.kind] = (this.problemsByKind[problem.kind] ?? 0) + 1;
     if (this.problems.length < MAX_REPORTED_PROBLEMS) this.problems.push(problem);
+    if (this.atFileBoundary && FILE_BOUNDARY_KINDS.has(problem.kind)) this.fileBoundaryProblems.push(problem);
+  }
+
+  /** Takes back a problem that turned out to be part of another one. */
+  private withdraw(problem: ChainProblem): number {
+    this.problemCount -= 1;
+    this.problemsByKind[problem.kind] = (this.problemsByKind[problem.kind] ?? 1) - 1;
+    const index = this.problems.indexOf(problem);
+    if (index >= 0) this.problems.splice(index, 1);
+    return index;
   }
 
   finish(): VerifyReport {
-    this.reportUnfilledReorders();
-    this.detectFilesOutOfOrder();
+    if (!this.detectFilesOutOfOrder()) {
+      this.detectChainHalvesSwapped();
+      this.reportUnfilledReorders();
+    }
+    this.noteChainStart();
+    if (this.records === 0) {
+      this.notes.push(
+        `the ${this.files.length === 1 ? "file holds" : "files hold"} no record (${countOf(this.lines, "line")} read), so there is nothing to check. A file emptied or cut short by someone who may write it looks the same: only the last seq and hash held elsewhere, such as by a remote sink, show what is missing`,
+      );
+    }
     for (const kind of Object.keys(this.problemsByKind) as ChainProblemKind[]) {
       if (this.problemsByKind[kind] === 0) delete this.problemsByKind[kind];
     }
@@ -400,24 +409,71 @@ class ChainVerifier {
       problems: this.problems,
       problemsByKind: this.problemsByKind,
       notes: this.notes,
-      intact: this.problemCount === 0,
+      intact: this.problemCount === 0 && this.records > 0,
     };
+  }
+
+  /** Notes a chain that starts past seq 1: older records are in files not given, which is no problem. */
+  private noteChainStart(): void {
+    if (this.firstSeq === undefined || this.firstSeq === 1) return;
+    const at = this.firstPosition!;
+    this.notes.push(
+      `${where(at)}: the chain starts at seq ${this.firstSeq}, so records 1 to ${this.firstSeq - 1} are in files not given here (rotated files that were removed, for example); their links cannot be checked`,
+    );
+  }
+
+  /**
+   * Replaces the problems at file boundaries with one reorder when the files, sorted by their first
+   * seq, form one chain without a break: then they were only given in the wrong order. Returns
+   * whether it did.
+   */
+  private detectFilesOutOfOrder(): boolean {
+    const given = this.fileChains;
+    if (this.fileBoundaryProblems.length === 0 || given.length < 2) return false;
+    const sorted = [...given].sort((a, b) => a.firstSeq - b.firstSeq);
+    if (sorted.every((chain, index) => chain === given[index])) return false;
+    const linked = sorted.every((chain, index) => index === 0 || (chain.firstSeq === sorted[index - 1].lastSeq + 1 && chain.firstPrevHash === sorted[index - 1].lastHash));
+    if (!linked) return false;
+
+    const [firstBoundary] = this.fileBoundaryProblems;
+    const indexes = this.fileBoundaryProblems.map((problem) => this.withdraw(problem)).filter((index) => index >= 0);
+    const order = sorted.map((chain) => `${chain.file} (seq ${chain.firstSeq} to ${chain.lastSeq})`).join(", ");
+    const problem: ChainProblem = {
+      kind: "reorder",
+      file: firstBoundary.file,
+      line: firstBoundary.line,
+      seq: firstBoundary.seq,
+      expected: `files in chain order: ${sorted.map((chain) => chain.file).join(", ")}`,
+      found: `files in the order given: ${given.map((chain) => chain.file).join(", ")}`,
+      message: `${where(firstBoundary)} (seq ${firstBoundary.seq}) does not follow the file read before it, but in the order ${order} the files form one chain without a break: the files are out of order; give rotated files oldest first, then the active file`,
+    };
+    this.report(problem);
+    // report() appended the problem: move it to where the first withdrawn one was, to keep file order.
+    if (indexes.length > 0 && this.problems[this.problems.length - 1] === problem) {
+      this.problems.pop();
+      this.problems.splice(Math.min(...indexes), 0, problem);
+    }
+    this.firstSeq = sorted[0].firstSeq;
+    this.firstPrevHash = sorted[0].firstPrevHash;
+    this.firstPosition = sorted[0].first;
+    this.lastSeq = sorted[sorted.length - 1].lastSeq;
+    this.lastHash = sorted[sorted.length - 1].lastHash;
+    return true;
   }
 
   /**
    * Turns the last chain_restart into a reorder when the chain that follows it ends with the record
-   * the first one links to: then the files were given in the wrong order rather than the spool reset.
+   * the first one links to: then the records were given in the wrong order rather than the spool reset.
    */
-  private detectFilesOutOfOrder(): void {
+  private detectChainHalvesSwapped(): void {
     const restart = this.lastRestart;
     if (restart === undefined || this.firstSeq === undefined || this.lastHash === undefined) return;
     if (this.lastSeq! + 1 !== this.firstSeq || this.lastHash !== this.firstPrevHash) return;
     this.problemsByKind.chain_restart = (this.problemsByKind.chain_restart ?? 1) - 1;
     this.problemsByKind.reorder = (this.problemsByKind.reorder ?? 0) + 1;
     restart.kind = "reorder";
-    restart.message = `${where(restart)} (seq 1) comes after ${where(this.firstPosition!)} (seq ${this.firstSeq}), although the chain from seq 1 ends at seq ${this.lastSeq} and links to it: the files are out of order; give rotated files oldest first, then the active file`;
+    restart.message = `${where(restart)} (seq 1) comes after ${where(this.firstPosition!)} (seq ${this.firstSeq}), although the chain from seq 1 ends at seq ${this.lastSeq} and links to it: the lines are out of order (files given in the wrong order, or a part of a file moved); give rotated files oldest first, then the active file`;
   }
-
   /** Reports the records that a jump partly filled by moved lines still misses: they appear nowhere. */
   private reportUnfilledReorders(): void {
     for (const gap of this.openGaps) {
@@ -442,4 +498,8 @@ function where(at: Position): string {
 /** Shortens a hash to its first 12 hex digits, enough to compare by eye. */
 function short(hash: string): string {
   return hash.length > 12 ? `${hash.slice(0, 12)}…` : hash;
+}
+
+function countOf(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

@@ -13,7 +13,7 @@ import { NetnsPodNetwork } from "../capture/netns-network";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Logger } from "../log";
 import { EMPTY_DRAIN, sumDrains, type DrainSummary } from "../proxy/drain";
-import { canonicalIp, workloadIpOfFamily, workloadIps } from "../state/ip";
+import { canonicalIp, workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { AmbiguousPodIps } from "./ambiguous-ip";
 import { capturePodIp, isIpv6Only, podIpv6ToCapture } from "./dual-stack";
@@ -516,7 +516,8 @@ export class EnrollmentReconciler {
 function changeReason(before: Workload, after: Workload): string {
   const changes: string[] = [];
   if (before.ip !== after.ip || addressesChanged(before, after)) {
-    changes.push(`pod IP changed from ${workloadIps(before).join(" and ")} to ${workloadIps(after).join(" and ")}`);
+    // The addresses are in the records' ip fields, where redaction rules can reach them.
+    changes.push("pod IP changed");
   }
   if (before.serviceAccount !== after.serviceAccount) changes.push(`service account changed from ${before.serviceAccount} to ${after.serviceAccount}`);
   return changes.join(", ");

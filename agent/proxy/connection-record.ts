@@ -162,7 +162,8 @@ export class ConnectionRecord {
     } catch (error) {
       logger.error({ err: error, connection_id: record.connection_id }, "audit sink rejected a connection record");
     }
-    logConnectionEnd(logger, record, context);
+    // The record's fields are redacted by now; request headers are not, so they stay out of the log then.
+    logConnectionEnd(logger, record, sink.redacting ? undefined : context);
   }
 }
 

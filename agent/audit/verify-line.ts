@@ -27,12 +27,14 @@ export function parseChainLine(bytes: Buffer): ParsedLine {
   if (!isUtf8(bytes)) {
     return { ok: false, reason: "the line is not valid UTF-8, although the agent writes only UTF-8, so its bytes were changed", seq: seqInText(bytes.toString("latin1")) };
   }
+
   const text = bytes.toString("utf8");
   const carriageReturns = /\r+$/.exec(text)?.[0].length ?? 0;
   const sealed = unsealLine(carriageReturns === 0 ? text : text.slice(0, -carriageReturns));
   if (sealed === undefined) {
     return { ok: false, reason: 'the line does not end with a "hash" member of 64 hex digits', seq: seqInText(text) };
   }
+
   let body: Record<string, unknown>;
   try {
     body = JSON.parse(sealed.body) as Record<string, unknown>;
@@ -40,6 +42,7 @@ export function parseChainLine(bytes: Buffer): ParsedLine {
     return { ok: false, reason: "the line is not one JSON object", seq: seqInText(text) };
   }
   if (typeof body !== "object" || body === null || Array.isArray(body)) return { ok: false, reason: "the line is not a JSON object" };
+
   const { seq, prev_hash: prevHash } = body;
   if (typeof seq !== "number" || !Number.isSafeInteger(seq) || seq < 1) {
     return { ok: false, reason: `"seq" is ${JSON.stringify(seq)}, not a positive integer` };
@@ -47,6 +50,7 @@ export function parseChainLine(bytes: Buffer): ParsedLine {
   if (typeof prevHash !== "string" || !HEX64.test(prevHash)) {
     return { ok: false, reason: `"prev_hash" is ${JSON.stringify(prevHash)}, not 64 hex digits`, seq };
   }
+
   if (carriageReturns > 0) {
     const change = `it ends with ${carriageReturns === 1 ? "a carriage return" : `${carriageReturns} carriage returns`} (0x0D) after its "hash" member, which the agent never writes (the file was converted to CRLF line endings or edited)`;
     return { ok: true, seq, prevHash, hash: sealed.hash, hashValid: false, change };

@@ -86,24 +86,33 @@ interface OpenGap {
   problem: ChainProblem;
 }
 
-/** The records of one file as read: where its chain part starts and ends. */
+/** The seqs of the first and last record of one file. */
 interface FileChain {
   file: string;
-  first: Position;
   firstSeq: number;
-  firstPrevHash: string;
   lastSeq: number;
-  lastHash: string;
 }
 
-/** Checks the chain across `files`, in the order given. Rejects when a file cannot be read. */
+/**
+ * Checks the chain across `files`, in the order given. When their records show that the files were
+ * given out of order, it checks them again in the order of their seqs and reports one reorder
+ * problem for the order. Rejects when a file cannot be read.
+ */
 export async function verifyAuditFiles(files: readonly string[]): Promise<VerifyReport> {
+  const given = await readInOrder(files);
+  const order = given.chainOrder();
+  if (order === undefined) return given.finish();
+  const sorted = await readInOrder(order.files);
+  return sorted.finishReordered(files, order.problem);
+}
+
+async function readInOrder(files: readonly string[]): Promise<ChainVerifier> {
   const verifier = new ChainVerifier([...files]);
   for (const file of files) {
     verifier.startFile();
     for await (const line of readFileLines(file)) verifier.check(line, { file, line: line.number });
   }
-  return verifier.finish();
+  return verifier;
 }
 
 /** The chain state between lines. One instance checks one sequence of files. */
@@ -123,11 +132,11 @@ class ChainVerifier {
   /** Malformed lines since the last record, and the first of them: a gap after them names them. */
   private malformedRun = 0;
   private firstMalformed: Position | undefined;
-  /** The first and last record of each file that holds records, in the order read. */
+  /** The first and last seq of each file that contains records, in the order read. */
   private readonly fileChains: FileChain[] = [];
   private currentFile: FileChain | undefined;
-  /** Problems found at the first record of a file, withdrawn when the files were only given out of order. */
-  private readonly fileBoundaryProblems: ChainProblem[] = [];
+  /** The first problem found at the first record of a file: files given in the wrong order show there. */
+  private firstFileBoundaryProblem: ChainProblem | undefined;
   private atFileBoundary = false;
   private problemCount = 0;
   private readonly problems: ChainProblem[] = [];
@@ -172,17 +181,16 @@ class ChainVerifier {
     this.trackFile(parsed.seq, parsed.prevHash, parsed.hash, at);
   }
 
-  /** Records where the current file's records start and end, and links the record to the ones before it. */
+  /** Records the seqs where the current file starts and ends, and links the record to the ones before it. */
   private trackFile(seq: number, prevHash: string, hash: string, at: Position): void {
     if (this.currentFile === undefined) {
-      this.currentFile = { file: at.file, first: at, firstSeq: seq, firstPrevHash: prevHash, lastSeq: seq, lastHash: hash };
+      this.currentFile = { file: at.file, firstSeq: seq, lastSeq: seq };
       this.fileChains.push(this.currentFile);
       this.atFileBoundary = true;
     }
     this.link(seq, prevHash, hash, at);
     this.atFileBoundary = false;
     this.currentFile.lastSeq = seq;
-    this.currentFile.lastHash = hash;
   }
 
   /** Compares a record with the ones before it, then makes it the new end of the chain. */
@@ -284,7 +292,7 @@ class ChainVerifier {
   }
 
   /**
-   * Reports a line that holds no record that can be checked. It never stands in for a record, even
+   * Reports a line without a record that can be checked. It never takes the place of a record, even
    * when a seq can be read from it, so the next record reports the seqs it skipped as a gap.
    */
   private reportMalformed(parsed: { reason: string; seq?: number }, at: Position): void {
@@ -372,23 +380,12 @@ class ChainVerifier {
     this.problemCount += 1;
     this.problemsByKind[problem.kind] = (this.problemsByKind[problem.kind] ?? 0) + 1;
     if (this.problems.length < MAX_REPORTED_PROBLEMS) this.problems.push(problem);
-    if (this.atFileBoundary && FILE_BOUNDARY_KINDS.has(problem.kind)) this.fileBoundaryProblems.push(problem);
-  }
-
-  /** Takes back a problem that turned out to be part of another one. */
-  private withdraw(problem: ChainProblem): number {
-    this.problemCount -= 1;
-    this.problemsByKind[problem.kind] = (this.problemsByKind[problem.kind] ?? 1) - 1;
-    const index = this.problems.indexOf(problem);
-    if (index >= 0) this.problems.splice(index, 1);
-    return index;
+    if (this.atFileBoundary && FILE_BOUNDARY_KINDS.has(problem.kind)) this.firstFileBoundaryProblem ??= problem;
   }
 
   finish(): VerifyReport {
-    if (!this.detectFilesOutOfOrder()) {
-      this.detectChainHalvesSwapped();
-      this.reportUnfilledReorders();
-    }
+    this.detectChainHalvesSwapped();
+    this.reportUnfilledReorders();
     this.noteChainStart();
     if (this.records === 0) {
       this.notes.push(
@@ -423,42 +420,45 @@ class ChainVerifier {
   }
 
   /**
-   * Replaces the problems at file boundaries with one reorder when the files, sorted by their first
-   * seq, form one chain without a break: then they were only given in the wrong order. Returns
-   * whether it did.
+   * Returns the files sorted by the seq of their first record, with the first problem that their
+   * given order caused, when sorting puts the seq ranges one after another without overlap. Returns
+   * undefined when the order given is already that order or sorting does not help (a chain that
+   * restarted, or overlapping files). Files without records go last.
    */
-  private detectFilesOutOfOrder(): boolean {
+  chainOrder(): { files: string[]; problem: ChainProblem } | undefined {
+    const problem = this.firstFileBoundaryProblem;
     const given = this.fileChains;
-    if (this.fileBoundaryProblems.length === 0 || given.length < 2) return false;
+    if (problem === undefined || given.length < 2) return undefined;
     const sorted = [...given].sort((a, b) => a.firstSeq - b.firstSeq);
-    if (sorted.every((chain, index) => chain === given[index])) return false;
-    const linked = sorted.every((chain, index) => index === 0 || (chain.firstSeq === sorted[index - 1].lastSeq + 1 && chain.firstPrevHash === sorted[index - 1].lastHash));
-    if (!linked) return false;
+    if (sorted.every((chain, index) => chain === given[index])) return undefined;
+    if (!sorted.every((chain, index) => index === 0 || chain.firstSeq > sorted[index - 1].lastSeq)) return undefined;
+    const withRecords = new Set(given.map((chain) => chain.file));
+    return { files: [...sorted.map((chain) => chain.file), ...this.files.filter((file) => !withRecords.has(file))], problem };
+  }
 
-    const [firstBoundary] = this.fileBoundaryProblems;
-    const indexes = this.fileBoundaryProblems.map((problem) => this.withdraw(problem)).filter((index) => index >= 0);
-    const order = sorted.map((chain) => `${chain.file} (seq ${chain.firstSeq} to ${chain.lastSeq})`).join(", ");
+  /**
+   * Finishes a check of files that were read in chain order because `givenFiles` were out of order,
+   * adding one reorder problem at `firstBoundary`, the first place where the given order broke.
+   */
+  finishReordered(givenFiles: readonly string[], firstBoundary: ChainProblem): VerifyReport {
+    const report = this.finish();
+    const order = this.fileChains.map((chain) => `${chain.file} (seq ${chain.firstSeq} to ${chain.lastSeq})`).join(", ");
     const problem: ChainProblem = {
       kind: "reorder",
       file: firstBoundary.file,
       line: firstBoundary.line,
       seq: firstBoundary.seq,
-      expected: `files in chain order: ${sorted.map((chain) => chain.file).join(", ")}`,
-      found: `files in the order given: ${given.map((chain) => chain.file).join(", ")}`,
-      message: `${where(firstBoundary)} (seq ${firstBoundary.seq}) does not follow the file read before it, but in the order ${order} the files form one chain without a break: the files are out of order; give rotated files oldest first, then the active file`,
+      expected: `files in chain order: ${this.files.join(", ")}`,
+      found: `files in the order given: ${givenFiles.join(", ")}`,
+      message: `${where(firstBoundary)} (seq ${firstBoundary.seq}) does not follow the file before it: the files are out of order, so they were checked in the order of their seqs, ${order}; give rotated files oldest first, then the active file`,
     };
-    this.report(problem);
-    // report() appended the problem: move it to where the first withdrawn one was, to keep file order.
-    if (indexes.length > 0 && this.problems[this.problems.length - 1] === problem) {
-      this.problems.pop();
-      this.problems.splice(Math.min(...indexes), 0, problem);
-    }
-    this.firstSeq = sorted[0].firstSeq;
-    this.firstPrevHash = sorted[0].firstPrevHash;
-    this.firstPosition = sorted[0].first;
-    this.lastSeq = sorted[sorted.length - 1].lastSeq;
-    this.lastHash = sorted[sorted.length - 1].lastHash;
-    return true;
+    report.files = [...givenFiles];
+    report.problems.unshift(problem);
+    if (report.problems.length > MAX_REPORTED_PROBLEMS) report.problems.pop();
+    report.problemCount += 1;
+    report.problemsByKind.reorder = (report.problemsByKind.reorder ?? 0) + 1;
+    report.intact = false;
+    return report;
   }
 
   /**

@@ -5,8 +5,9 @@ import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { AgentError } from "../errors";
 import { auditFileSet } from "../audit/files";
-import { parseAuditQuery, queryAuditFiles, typeIsKnown, KNOWN_RECORD_TYPES, type QueryMatch, type StoredRecord } from "../audit/query";
+import { parseAuditQuery, queryAuditFiles, typeIsKnown, KNOWN_RECORD_TYPES, type QueryMatch } from "../audit/query";
 import { verifyAuditFiles, type VerifyReport } from "../audit/verify";
+import { AuditTable } from "./audit-table";
 
 /** The audit file that the agent writes by default. */
 export const DEFAULT_AUDIT_FILE = "/var/log/ambient-agent/audit.log";
@@ -15,12 +16,16 @@ export const AUDIT_USAGE = `  audit verify FILE... [--all] [-o json]
                      check the hash chain of audit files, given oldest first: each line's hash, its
                      prev_hash link to the record before, and seq numbers that grow by one. --all adds
                      the rotated siblings of each FILE (NAME-<UTC time>.EXT), oldest first.
-                     Exits 0 when intact, 1 when a line was changed, removed, moved, repeated or torn,
-                     or the chain restarted, 2 when a FILE cannot be read
+                     A line longer than 1 MiB is reported as malformed without being read.
+                     Exits 0 when intact, 1 when a line was changed, removed, moved, repeated, torn or
+                     malformed, or the chain restarted, 2 when a FILE cannot be read, 3 when the files
+                     hold no record
   audit query [--file PATH]... [--all] [FILTERS] [-o table|json]
                      print the records that match every filter, in file order. Without --file it reads
                      ${DEFAULT_AUDIT_FILE} and its rotated siblings; --all adds the rotated
-                     siblings of each --file. -o json prints each matching line unchanged.
+                     siblings of each --file. -o json prints each matching line unchanged; -o table
+                     shows control characters escaped, such as \\u001b for ESC. Lines that are not JSON
+                     objects, or longer than 1 MiB, are skipped and counted on stderr.
                        --identity ID          source or destination SPIFFE id (spiffe:// optional);
                                               a trailing * matches a prefix
                        --workload [NS/]NAME   source or destination pod
@@ -42,6 +47,7 @@ const MAX_PRINTED_PROBLEMS = 50;
 const EXIT_OK = 0;
 const EXIT_PROBLEM = 1;
 const EXIT_USAGE = 2;
+const EXIT_NO_RECORDS = 3;
 
 /** A missing or malformed option: exit status 2 and the usage text. */
 class AuditUsageError extends Error {}
@@ -77,7 +83,8 @@ async function auditVerify(argv: string[]): Promise<number> {
   const files = auditFiles(positionals, values.all === true);
   const report = await readFiles(() => verifyAuditFiles(files));
   await writeOut(values.output === "json" ? JSON.stringify(report, null, 2) + "\n" : formatVerifyReport(report));
-  return report.intact ? EXIT_OK : EXIT_PROBLEM;
+  if (report.problemCount > 0) return EXIT_PROBLEM;
+  return report.records === 0 ? EXIT_NO_RECORDS : EXIT_OK;
 }
 
 /** Formats a verification report for a terminal: a summary line, the problems, notes and the last hash. */
@@ -86,6 +93,7 @@ export function formatVerifyReport(report: VerifyReport): string {
   const range = report.lastSeq === undefined ? "no records" : `${countOf(report.records, "record")}, seq ${report.firstSeq} to ${report.lastSeq}`;
   const fileCount = countOf(report.files.length, "file");
   if (report.intact) lines.push(`audit chain intact: ${range}, in ${fileCount}`);
+  else if (report.problemCount === 0) lines.push(`audit chain not checked: no records in ${fileCount}`);
   else {
     const kinds = Object.entries(report.problemsByKind).map(([kind, count]) => `${kind} ${count}`).join(", ");
     lines.push(`audit chain BROKEN: ${countOf(report.problemCount, "problem")} (${kinds}) in ${range}, in ${fileCount}`);
@@ -96,7 +104,7 @@ export function formatVerifyReport(report: VerifyReport): string {
   for (const note of report.notes) lines.push(`note: ${note}`);
   if (report.lastHash !== undefined) {
     lines.push(`last record: seq ${report.lastSeq}, hash ${report.lastHash}`);
-    lines.push("  (a chain re-hashed to its end verifies: compare this hash with a copy held elsewhere, such as a remote sink)");
+    lines.push("  (records removed from the end, or a chain re-hashed to its end, still verify: compare this seq and hash with a copy held elsewhere, such as a remote sink)");
   }
   return lines.join("\n") + "\n";
 }
@@ -132,11 +140,11 @@ async function auditQuery(argv: string[]): Promise<number> {
   const files = values.file === undefined ? defaultAuditFiles() : auditFiles(values.file, values.all === true);
 
   const table = format === "table" ? new AuditTable(terminalWidth()) : undefined;
-  const print = format === "json" ? (match: QueryMatch) => writeOut(`${match.line}\n`) : (match: QueryMatch) => table!.add(match.record, writeOut);
+  const print = format === "json" ? (match: QueryMatch) => writeOut(Buffer.concat([match.bytes, NEWLINE])) : (match: QueryMatch) => table!.add(match.record, writeOut);
   const summary = await readFiles(() => queryAuditFiles(files, query, print));
   if (table !== undefined) await table.flush(writeOut);
   if (summary.skipped > 0) {
-    process.stderr.write(`agentctl: skipped ${countOf(summary.skipped, "line")} that are not JSON records, the first at ${summary.firstSkipped}; agentctl audit verify tells why\n`);
+    process.stderr.write(`agentctl: skipped ${countOf(summary.skipped, "line")} that ${summary.skipped === 1 ? "is" : "are"} not a JSON record or longer than 1 MiB, the first at ${summary.firstSkipped}; agentctl audit verify tells why\n`);
   }
   if (summary.matched === 0) process.stderr.write(`agentctl: no record matches (${countOf(summary.records, "record")} read from ${countOf(files.length, "file")})\n`);
   return EXIT_OK;
@@ -202,8 +210,10 @@ function parseOptions<T>(parse: () => T): T {
   }
 }
 
+const NEWLINE = Buffer.from("\n");
+
 /** Writes to stdout and waits when its buffer is full, so a large query does not pile up in memory. */
-function writeOut(text: string): Promise<void> | void {
+function writeOut(text: string | Uint8Array): Promise<void> | void {
   if (process.stdout.write(text)) return;
   return new Promise((resolve) => process.stdout.once("drain", resolve));
 }
@@ -217,169 +227,4 @@ function terminalWidth(): number | undefined {
 
 function countOf(count: number, noun: string): string {
   return `${count} ${noun}${count === 1 ? "" : "s"}`;
-}
-
-/** Rows laid out per chunk; the first chunk sets the column widths, so output streams. */
-const TABLE_CHUNK_ROWS = 200;
-const TABLE_HEADER = ["TIME", "TYPE", "DIR", "DECISION", "SOURCE", "DESTINATION", "POLICY", "REASON"];
-/** SOURCE, DESTINATION, POLICY and REASON share the width the other columns leave. */
-const FIRST_FLEXIBLE_COLUMN = 4;
-const TIME_COLUMN = 0;
-const TYPE_COLUMN = 1;
-const SOURCE_COLUMN = 4;
-const DESTINATION_COLUMN = 5;
-const MIN_FLEXIBLE_WIDTH = 6;
-const MIN_TYPE_WIDTH = 9;
-/** 2026-03-01T10:15:02: whole seconds. */
-const MIN_TIME_WIDTH = 19;
-const COLUMN_GAP = "  ";
-
-/**
- * The table output of `audit query`: one row per record, fitted to `width` columns when it is
- * known. Long identities and addresses lose their middle, other cells their end, marked with "…".
- * TYPE shows connection records as opened and completed, without "connection.", and DIR shows in
- * and out.
- */
-export class AuditTable {
-  private rows: string[][] = [];
-  private widths: number[] | undefined;
-
-  constructor(private readonly width: number | undefined) {}
-
-  add(record: StoredRecord, write: (text: string) => Promise<void> | void): Promise<void> | void {
-    this.rows.push(tableRow(record));
-    if (this.rows.length >= TABLE_CHUNK_ROWS) return this.flush(write);
-  }
-
-  async flush(write: (text: string) => Promise<void> | void): Promise<void> {
-    if (this.widths === undefined) {
-      if (this.rows.length === 0) return;
-      this.widths = fitWidths([TABLE_HEADER, ...this.rows], this.width);
-      await write(this.layout(TABLE_HEADER));
-    }
-    const text = this.rows.map((row) => this.layout(row)).join("");
-    this.rows = [];
-    if (text !== "") await write(text);
-  }
-
-  private layout(row: string[]): string {
-    const cells = row.map((cell, column) => {
-      const width = this.widths![column];
-      const fitted = this.width === undefined ? cell : shortenCell(cell, width, column);
-      return column === row.length - 1 ? fitted : fitted.padEnd(width);
-    });
-    return cells.join(COLUMN_GAP).trimEnd() + "\n";
-  }
-}
-
-/**
- * Natural column widths, shrunk to fit a terminal `width`: SOURCE, DESTINATION, POLICY and REASON
- * shrink first (widest first, down to MIN_FLEXIBLE_WIDTH). When that is not enough, TIME drops its
- * milliseconds and TYPE shrinks down to 9. A terminal narrower than that gets lines that wrap.
- */
-function fitWidths(rows: string[][], width: number | undefined): number[] {
-  const widths = TABLE_HEADER.map((_, column) => Math.max(...rows.map((row) => row[column].length)));
-  if (width === undefined) return widths;
-  const gaps = COLUMN_GAP.length * (TABLE_HEADER.length - 1);
-  const flexibleMinimum = widths.slice(FIRST_FLEXIBLE_COLUMN).reduce((sum, value) => sum + Math.min(value, MIN_FLEXIBLE_WIDTH), 0);
-  let deficit = sum(widths.slice(0, FIRST_FLEXIBLE_COLUMN)) + gaps + flexibleMinimum - width;
-  if (deficit > 0 && widths[TIME_COLUMN] > MIN_TIME_WIDTH) {
-    deficit -= widths[TIME_COLUMN] - MIN_TIME_WIDTH;
-    widths[TIME_COLUMN] = MIN_TIME_WIDTH;
-  }
-  if (deficit > 0) widths[TYPE_COLUMN] = Math.max(MIN_TYPE_WIDTH, widths[TYPE_COLUMN] - deficit);
-
-  let available = width - sum(widths.slice(0, FIRST_FLEXIBLE_COLUMN)) - gaps;
-  const flexible = widths.map((value, column) => ({ column, value })).slice(FIRST_FLEXIBLE_COLUMN);
-  flexible.sort((a, b) => a.value - b.value);
-  flexible.forEach((entry, index) => {
-    const share = Math.floor(available / (flexible.length - index));
-    widths[entry.column] = Math.max(Math.min(entry.value, MIN_FLEXIBLE_WIDTH), Math.min(entry.value, share));
-    available -= widths[entry.column];
-  });
-  return widths;
-}
-
-function sum(values: number[]): number {
-  return values.reduce((total, value) => total + value, 0);
-}
-
-/** TIME loses its end (milliseconds, then Z), SOURCE and DESTINATION their middle, other cells their end. */
-function shortenCell(cell: string, width: number, column: number): string {
-  if (column === TIME_COLUMN) return cell.slice(0, width);
-  return shorten(cell, width, column === SOURCE_COLUMN || column === DESTINATION_COLUMN);
-}
-
-function shorten(cell: string, width: number, keepEnds: boolean): string {
-  if (cell.length <= width) return cell;
-  if (!keepEnds) return `${cell.slice(0, width - 1)}…`;
-  const head = Math.ceil((width - 1) / 2);
-  return `${cell.slice(0, head)}…${cell.slice(cell.length - (width - 1 - head))}`;
-}
-
-interface PeerFields {
-  addr?: string;
-  workload?: string;
-  namespace?: string;
-  identity?: string;
-}
-
-function tableRow(record: StoredRecord): string[] {
-  const type = text(record.type);
-  const time = text(record.time);
-  if (type.startsWith("connection.")) {
-    const error = record.error as { code?: string } | undefined;
-    const reason = error?.code === undefined ? text(record.reason) : `${text(record.reason)} (${error.code})`;
-    return [time, type.slice("connection.".length), directionLabel(record.direction), text(record.decision), peerLabel(record.src), peerLabel(record.dst), text(record.policy), reason];
-  }
-  const [subject, policy, detail] = controlCells(type, record);
-  return [time, type, "-", "-", "-", subject, policy, detail];
-}
-
-function directionLabel(direction: unknown): string {
-  if (direction === "inbound") return "in";
-  if (direction === "outbound") return "out";
-  return text(direction);
-}
-
-/** Labels a peer by its identity without spiffe://TRUST_DOMAIN/ns/, else by NAMESPACE/POD, else by its address. */
-function peerLabel(value: unknown): string {
-  if (typeof value !== "object" || value === null) return "-";
-  const peer = value as PeerFields;
-  if (peer.identity !== undefined) return shortIdentity(peer.identity);
-  if (peer.workload !== undefined) return `${peer.namespace ?? "?"}/${peer.workload}`;
-  return peer.addr ?? "-";
-}
-
-function shortIdentity(identity: string): string {
-  const match = /^spiffe:\/\/[^/]+\/ns\/(.+)$/.exec(identity);
-  return match ? match[1] : identity;
-}
-
-/** DESTINATION, POLICY and REASON cells of a control record: what it is about and what happened. */
-function controlCells(type: string, record: StoredRecord): [string, string, string] {
-  const field = (name: string): string => text(record[name]);
-  if (type.startsWith("workload.")) return [`${field("namespace")}/${field("workload")}`, "-", field("reason")];
-  if (type.startsWith("certificate.")) return [shortIdentity(field("identity")), "-", `serial ${field("serial")}, valid until ${field("not_after")}`];
-  if (type.startsWith("policy.")) {
-    const policy = (record.policy ?? {}) as { kind?: string; namespace?: string; name?: string };
-    const name = policy.namespace === undefined ? text(policy.name) : `${policy.namespace}/${text(policy.name)}`;
-    const changes = Array.isArray(record.changes) ? `${record.changes.length} changed fields, ` : "";
-    const file = record.file === undefined ? "" : ` in ${field("file")}`;
-    const detail = type === "policy.rejected" ? field("message") : `${changes}${text(policy.kind)}${file}`;
-    return ["-", name, detail];
-  }
-  if (type === "agent.started") return ["-", "-", `version ${field("version")}, pid ${field("pid")}${record.previous_stop === undefined ? "" : `, previous stop ${field("previous_stop")}`}`];
-  if (type === "agent.stopped") return ["-", "-", `${field("reason")}, ${field("open_connections")} connections open`];
-  if (type === "capture.mode") return ["-", "-", `mode ${field("mode")} (requested ${field("requested")}): ${field("reason")}`];
-  if (type === "audit.gap") {
-    const seqs = record.first_seq === undefined ? "" : `, seq ${field("first_seq")} to ${field("last_seq")}`;
-    return ["-", "-", `${field("lost")} records lost (${field("reason")})${seqs}${record.sink === undefined ? "" : ` at sink ${field("sink")}`}`];
-  }
-  return ["-", "-", "-"];
-}
-
-function text(value: unknown): string {
-  if (value === undefined || value === null || value === "") return "-";
-  return typeof value === "string" ? value : JSON.stringify(value);
 }

@@ -3,9 +3,11 @@
 
 import test from "ava";
 import { spawnSync } from "node:child_process";
+import fs from "node:fs";
 import path from "node:path";
+import { GENESIS_HASH } from "../../agent/audit/chain";
 import { AGENTCTL_BIN } from "../harness/agent-process";
-import { connectionChain, connectionEvent, buildChain, linesOf, tempAuditDir, writeLines } from "../harness/audit-chain";
+import { connectionChain, connectionEvent, buildChain, linesOf, sealEvent, tempAuditDir, writeLines } from "../harness/audit-chain";
 
 interface Run {
   status: number | null;
@@ -13,8 +15,8 @@ interface Run {
   stderr: string;
 }
 
-function agentctl(args: string[]): Run {
-  const result = spawnSync(process.execPath, [AGENTCTL_BIN, ...args], { encoding: "utf8", timeout: 30_000, env: { ...process.env, COLUMNS: "" } });
+function agentctl(args: string[], env: Record<string, string> = {}): Run {
+  const result = spawnSync(process.execPath, [AGENTCTL_BIN, ...args], { encoding: "utf8", timeout: 30_000, env: { ...process.env, COLUMNS: "", ...env } });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
@@ -69,6 +71,27 @@ test("verify --all finds a removed line in a rotated file", (t) => {
   t.like(report.problems[0], { kind: "gap", file: path.join(dir, "audit-20260301T110000Z.log"), line: 5, missing: 1 });
 });
 
+test("verify file without records exits 3", (t) => {
+  const dir = tempAuditDir(t);
+  const empty = writeLines(path.join(dir, "audit.log"), []);
+  const run = agentctl(["audit", "verify", empty]);
+  t.is(run.status, 3, run.stderr);
+  t.regex(run.stdout, /^audit chain not checked: no records in 1 file$/m);
+  t.regex(run.stdout, /note: the file holds no record \(0 lines read\)/);
+  t.regex(run.stdout, /only the last seq and hash held elsewhere/);
+  const json = agentctl(["audit", "verify", empty, "-o", "json"]);
+  t.is(json.status, 3);
+  t.like(JSON.parse(json.stdout), { records: 0, problemCount: 0, intact: false });
+});
+
+test("verify CRLF file exits 1", (t) => {
+  const file = path.join(tempAuditDir(t), "audit.log");
+  fs.writeFileSync(file, linesOf(connectionChain(4)).join("\r\n") + "\r\n");
+  const run = agentctl(["audit", "verify", file]);
+  t.is(run.status, 1, run.stderr);
+  t.regex(run.stdout, /audit chain BROKEN: 4 problems \(hash_mismatch 4\)/);
+});
+
 test("verify unreadable file exits 2", (t) => {
   const dir = tempAuditDir(t);
   const missing = agentctl(["audit", "verify", path.join(dir, "nope.log")]);
@@ -84,6 +107,7 @@ test("verify without files is usage error", (t) => {
   t.is(run.status, 2);
   t.regex(run.stderr, /missing FILE/);
   t.regex(run.stderr, /audit query \[--file PATH\]/);
+  t.notRegex(run.stderr, /[\u0000-\u0009\u000b-\u001f\u007f]/);
   const unknown = agentctl(["audit", "prune"]);
   t.is(unknown.status, 2);
   t.regex(unknown.stderr, /unknown audit command "prune": use verify or query/);
@@ -111,6 +135,48 @@ test("query table across rotated files with limit", (t) => {
   t.regex(rows[2], /^2026-03-01T10:00:30\.000Z /);
 });
 
+test("query table escapes control characters", (t) => {
+  const rejected = sealEvent(
+    {
+      type: "policy.rejected",
+      time: "2026-03-01T10:00:00.000Z",
+      node: "node-a",
+      policy: { kind: "AuthorizationPolicy", namespace: "shop", name: "bad" },
+      file: "/etc/policies/shop.yaml",
+      message: 'unknown key "\u001b]0;TITLE\u0007\nrow" in spec',
+    },
+    1,
+    GENESIS_HASH,
+  );
+  const file = writeLines(path.join(tempAuditDir(t), "audit.log"), [rejected.line]);
+  const table = agentctl(["audit", "query", "--file", file]);
+  t.is(table.status, 0, table.stderr);
+  t.is(table.stdout.split("\n").length, 3);
+  t.notRegex(table.stdout, /[\u0000-\u0009\u000b-\u001f]/);
+  t.true(table.stdout.includes('unknown key "\\u001b]0;TITLE\\u0007\\u000arow" in spec'), table.stdout);
+  const json = agentctl(["audit", "query", "--file", file, "-o", "json"]);
+  t.is(json.stdout, `${rejected.line}\n`);
+});
+
+test("query table shows fields of unexpected types", (t) => {
+  const line = JSON.stringify({ ...JSON.parse(linesOf(connectionChain(1))[0]), src: { identity: 5 }, dst: { addr: 7 } });
+  const file = writeLines(path.join(tempAuditDir(t), "audit.log"), [line]);
+  for (const columns of ["", "80"]) {
+    const run = agentctl(["audit", "query", "--file", file], { COLUMNS: columns });
+    t.is(run.status, 0, run.stderr);
+    t.regex(run.stdout.split("\n")[1], / 5 +7 /, `COLUMNS=${columns}`);
+  }
+});
+
+test("query skips a line over 1 MiB", (t) => {
+  const lines = linesOf(connectionChain(2));
+  const file = writeLines(path.join(tempAuditDir(t), "audit.log"), [lines[0], `{"pad":"${"x".repeat(1 << 20)}"}`, lines[1]]);
+  const run = agentctl(["audit", "query", "--file", file, "-o", "json"]);
+  t.is(run.status, 0, run.stderr);
+  t.is(run.stdout, `${lines[0]}\n${lines[1]}\n`);
+  t.regex(run.stderr, /skipped 1 line that is not a JSON record or longer than 1 MiB, the first at .*audit\.log:2/);
+});
+
 test("query with no match notes it on stderr", (t) => {
   const file = writeLines(path.join(tempAuditDir(t), "audit.log"), linesOf(connectionChain(3)));
   const run = agentctl(["audit", "query", "--file", file, "--workload", "nobody"]);
@@ -124,6 +190,7 @@ test("query bad filter exits 2 naming the value", (t) => {
   const cases: [string[], RegExp][] = [
     [["--decision", "maybe"], /invalid --decision "maybe": use allow or deny/],
     [["--since", "last week"], /invalid --since "last week": write an RFC 3339 time/],
+    [["--since", "2026-02-31T00:00:00Z"], /invalid --since "2026-02-31T00:00:00Z": write an RFC 3339 time/],
     [["-o", "yaml"], /invalid -o "yaml": use table or json/],
     [["--colour"], /Unknown option '--colour'/],
     [["extra"], /unexpected argument "extra"/],

@@ -54,6 +54,15 @@ function opened(id: string): ConnectionOpenedRecord {
   };
 }
 
+/** Polls `done` every 10 ms; fails the test after 10 s. */
+async function waitFor(done: () => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error("condition not met within 10 s");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 function pipeline(dir: string, sinks: AuditSink[], extra: Partial<AuditPipelineOptions> = {}): AuditPipeline {
   return new AuditPipeline({ node: "n1", spoolDir: dir, sinks, retry: { initialDelayMs: 10, maxDelayMs: 50 }, ...extra }, silentLogger());
 }
@@ -95,7 +104,7 @@ test("pipeline retries a failing sink without losing records", async (t) => {
   const audit = pipeline(dir, [good, bad]);
   await audit.start();
   for (let i = 0; i < 100; i++) audit.write(control(i));
-  await new Promise((resolve) => setTimeout(resolve, 100));
+  await waitFor(() => good.lines.length === 100 && bad.sends > 1);
   t.is(good.lines.length, 100);
   t.is(bad.lines.length, 0);
   t.true(bad.sends > 1);
@@ -179,12 +188,16 @@ test("pipeline evicts for a lagging sink and writes a gap record", async (t) => 
   const audit = pipeline(dir, [good, stuck], { spoolMaxBytes: 200_000, segmentBytes: 50_000 });
   await audit.start();
   for (let i = 0; i < 2000; i++) audit.write(control(i));
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  const gaps = good.records().filter((record) => record.type === "audit.gap");
+  // Every eviction of this burst has happened once all 2,000 records are spooled; the good sink
+  // then has them and the gap records, which come after the evictions.
+  const gapRecords = (): Record<string, any>[] => good.records().filter((record) => record.type === "audit.gap");
+  const lostIn = (gaps: Record<string, any>[]): number => gaps.reduce((sum, gap) => sum + gap.lost, 0);
+  await waitFor(() => good.lines.length - gapRecords().length === 2000 && lostIn(gapRecords()) === audit.status().sinks[1].dropped);
+  const gaps = gapRecords();
   t.true(gaps.length > 0);
   t.is(gaps[0].sink, "stuck");
   t.is(gaps[0].reason, "spool_full");
-  const lost = gaps.reduce((sum, gap) => sum + gap.lost, 0);
+  const lost = lostIn(gaps);
   t.is(audit.status().sinks[1].dropped, lost);
   stuck.failing = false;
   await audit.flush();
@@ -261,7 +274,7 @@ test("pipeline skips a damaged spool line with a gap record", async (t) => {
   await audit.start();
   // More records than the pipeline keeps in memory, so the failing sink reads the first ones from disk.
   for (let i = 0; i < 5000; i++) audit.write(control(i));
-  await new Promise((resolve) => setTimeout(resolve, 300));
+  await waitFor(() => good.lines.length === 5000 && late.sends > 0);
   // Damage line 3 of the second segment: the failing sink has read (and cached) only the first one.
   const second = fs.readdirSync(dir).filter((name) => name.startsWith("segment-")).sort()[1];
   const damagedSeq = Number(/segment-(\d+)/.exec(second)![1]) + 2;

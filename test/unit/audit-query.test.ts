@@ -1,8 +1,10 @@
 import test from "ava";
+import fs from "node:fs";
 import path from "node:path";
+import { MAX_LINE_BYTES } from "../../agent/audit/line-reader";
 import { parseAuditQuery, queryAuditFiles, matchesQuery, typeIsKnown, type AuditQueryOptions, type StoredRecord } from "../../agent/audit/query";
 import type { AuditEvent } from "../../agent/audit/record";
-import { AuditTable } from "../../agent/cli/audit-commands";
+import { AuditTable, displayWidth } from "../../agent/cli/audit-table";
 import { buildChain, connectionEvent, linesOf, tempAuditDir, writeLines } from "../harness/audit-chain";
 
 const NOW = Date.parse("2026-03-01T12:00:00.000Z");
@@ -128,6 +130,19 @@ test("invalid filter values name value and form", (t) => {
   }
 });
 
+test("times that do not exist are invalid", (t) => {
+  for (const since of ["2026-02-31T00:00:00Z", "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-00-10T00:00:00Z", "2026-03-01T24:00:00Z", "2026-03-01T10:60:00Z", "2026-03-01T10:00:60Z", "2026-03-01T10:00:00+24:00", "2026-03-01T10:00:00+01:60"]) {
+    const error = t.throws(() => parseAuditQuery({ since }, NOW), undefined, since);
+    t.regex(error!.message, /invalid --since .*write an RFC 3339 time/, since);
+  }
+});
+
+test("valid times parse to the same instant as Date", (t) => {
+  for (const since of ["2024-02-29T23:59:59Z", "2026-03-01T11:00:02+01:00", "2026-03-01T10:00:00.5z", "2026-03-01 10:00:00.123456-02:30", "0099-01-01T00:00:00Z"]) {
+    t.is(parseAuditQuery({ since }, NOW).since, Date.parse(since.replace(" ", "T").replace("z", "Z")), since);
+  }
+});
+
 test("query streams matches across files", async (t) => {
   const dir = tempAuditDir(t);
   const lines = linesOf(buildChain(sampleEvents()));
@@ -135,13 +150,41 @@ test("query streams matches across files", async (t) => {
   const second = writeLines(path.join(dir, "audit.log"), [...lines.slice(3), "torn {\"time\""], false);
   const matched: string[] = [];
   const summary = await queryAuditFiles([first, second], parseAuditQuery({ namespace: "shop" }), (match) => {
-    matched.push(match.line);
+    matched.push(match.bytes.toString("utf8"));
   });
   t.deepEqual(matched, [lines[0], lines[1], lines[3], lines[4]]);
   t.is(summary.records, 7);
   t.is(summary.matched, 4);
   t.is(summary.skipped, 1);
   t.is(summary.firstSkipped, `${second}:5`);
+});
+
+test("query keeps line bytes unchanged", async (t) => {
+  const dir = tempAuditDir(t);
+  const lines = linesOf(buildChain([connectionEvent(0), connectionEvent(1)]));
+  const file = path.join(dir, "audit.log");
+  fs.writeFileSync(file, Buffer.concat([Buffer.from(`${lines[0]}\r\n`), Buffer.from(`${lines[1].replace("node-a", "node-\u00ff")}\n`, "latin1")]));
+  const matched: Buffer[] = [];
+  await queryAuditFiles([file], parseAuditQuery({}), (match) => {
+    matched.push(Buffer.from(match.bytes));
+  });
+  t.is(matched.length, 2);
+  t.deepEqual(matched[0], Buffer.from(`${lines[0]}\r`));
+  t.is(matched[1][matched[1].indexOf("node-") + 5], 0xff);
+});
+
+test("query skips a line over 1 MiB", async (t) => {
+  const dir = tempAuditDir(t);
+  const lines = linesOf(buildChain([connectionEvent(0), connectionEvent(1)]));
+  const long = `{"type":"connection.completed","pad":"${"x".repeat(MAX_LINE_BYTES)}"}`;
+  const file = writeLines(path.join(dir, "audit.log"), [lines[0], long, lines[1]]);
+  const seqs: number[] = [];
+  const summary = await queryAuditFiles([file], parseAuditQuery({}), (match) => {
+    seqs.push(match.record.seq as number);
+  });
+  t.deepEqual(seqs, [1, 2]);
+  t.is(summary.skipped, 1);
+  t.is(summary.firstSkipped, `${file}:2`);
 });
 
 test("limit keeps the last matches in order", async (t) => {
@@ -196,4 +239,77 @@ test("table columns line up across chunks", async (t) => {
   t.is(lines.length, 451);
   const reasonColumn = lines[0].indexOf("REASON");
   t.true(lines.every((line, index) => index === 0 || line.indexOf("allowed_by_policy") === reasonColumn));
+});
+
+/** Builds a connection record with `fields` replaced. */
+function recordWith(fields: Record<string, unknown>): StoredRecord {
+  return { ...(JSON.parse(linesOf(buildChain([connectionEvent(0)]))[0]) as StoredRecord), ...fields };
+}
+
+test("table escapes control characters", async (t) => {
+  const rejected: StoredRecord = {
+    type: "policy.rejected",
+    time: "2026-03-01T10:00:00.000Z",
+    policy: { kind: "AuthorizationPolicy", namespace: "shop", name: "bad" },
+    file: "/etc/policies/shop.yaml",
+    message: 'unknown key "\u001b]0;TITLE\u0007\nx" in spec\u009b2J \u202eevil\u007f',
+  };
+  const lines = await renderTable([rejected, recordWith({ reason: "a\rb" })], 200);
+  t.is(lines.length, 3);
+  t.true(lines[1].endsWith('unknown key "\\u001b]0;TITLE\\u0007\\u000ax" in spec\\u009b2J \\u202eevil\\u007f'), lines[1]);
+  t.regex(lines[2], /a\\u000db$/);
+  for (const line of lines) t.notRegex(line, /[\u0000-\u001f\u007f-\u009f\u202e]/);
+});
+
+test("table shows fields of unexpected types", async (t) => {
+  const records = [
+    recordWith({ src: { identity: 5, addr: "10.0.0.1:1" }, dst: { addr: 7 } }),
+    recordWith({ src: 5, dst: [1], error: "x", reason: { code: 1 }, decision: true, direction: 3, type: "connection.opened", time: 12 }),
+    recordWith({ src: { workload: ["a"], namespace: 9 }, dst: null, error: { code: { nested: 1 } } }),
+    { type: "policy.added", time: "2026-03-01T10:00:00Z", policy: "shop/allow", changes: "many", file: 4 },
+    { type: "policy.changed", time: "2026-03-01T10:00:00Z", policy: { namespace: 3, name: null, kind: [] } },
+    { type: "workload.enrolled", time: "2026-03-01T10:00:00Z", namespace: {}, workload: 1 },
+    { type: 42, time: null },
+  ];
+  for (const width of [undefined, 60, 120]) {
+    const lines = await renderTable(records, width);
+    t.is(lines.length, records.length + 1, `width ${width}`);
+  }
+  const lines = await renderTable(records, undefined);
+  t.regex(lines[1], / 5 +7 +/);
+  t.regex(lines[2], /^12 +opened +3 +true +\? +\? +\S+ +\{"code":1\}$/);
+  t.regex(lines[3], / 9\/\["a"\] +- +.* \(\{"nested":1\}\)$/);
+  t.regex(lines[4], / - +AuthorizationPolicy|policy\.added +- +- +- +- +- +- in 4$/);
+  t.regex(lines[5], /policy\.changed +- +- +- +- +3\/- +\[\]$/);
+  t.regex(lines[6], /workload\.enrolled +- +- +- +\{\}\/1 /);
+  t.regex(lines[7], /^- +42 /);
+});
+
+test("table aligns wide characters", async (t) => {
+  const records = [
+    recordWith({}),
+    recordWith({ src: { identity: "spiffe://cluster.local/ns/店/sa/客户端" } }),
+    recordWith({ src: { identity: "spiffe://cluster.local/ns/e\u0301/sa/🚀🚀" } }),
+  ];
+  const lines = await renderTable(records, undefined);
+  const destination = lines.map((line) => displayWidth(line.slice(0, line.indexOf("shop/sa/web"))));
+  t.deepEqual(destination.slice(2), [destination[1], destination[1]]);
+  t.is(displayWidth("店"), 2);
+  t.is(displayWidth("e\u0301"), 1);
+  t.is(displayWidth("🚀"), 2);
+});
+
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+test("table cuts between code points", async (t) => {
+  const astral = "𝒜".repeat(60);
+  const records = [recordWith({ reason: astral, policy: `p${astral}`, src: { identity: `spiffe://cluster.local/ns/${astral}` } })];
+  for (const width of [80, 101, 130]) {
+    const lines = await renderTable(records, width);
+    for (const line of lines) {
+      t.notRegex(line, LONE_SURROGATE, `width ${width}: ${line}`);
+      t.true(displayWidth(line) <= width, `width ${width}: ${displayWidth(line)} columns`);
+    }
+    t.true(lines[1].includes("𝒜…𝒜"), `width ${width}: ${lines[1]}`);
+  }
 });

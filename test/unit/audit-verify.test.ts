@@ -1,6 +1,8 @@
 import test from "ava";
+import fs from "node:fs";
 import path from "node:path";
 import { GENESIS_HASH } from "../../agent/audit/chain";
+import { MAX_LINE_BYTES, readFileLines, type FileLine } from "../../agent/audit/line-reader";
 import { verifyAuditFiles, type VerifyReport } from "../../agent/audit/verify";
 import { buildChain, connectionChain, connectionEvent, linesOf, resealFrom, sealEvent, tempAuditDir, writeLines } from "../harness/audit-chain";
 
@@ -28,11 +30,15 @@ test("intact chain verifies", async (t) => {
   t.deepEqual(report.notes, []);
 });
 
-test("empty file verifies with no records", async (t) => {
+test("empty file is not intact and says so", async (t) => {
   const { report } = await verifyLines(t, []);
-  t.true(report.intact);
+  t.false(report.intact);
+  t.is(report.problemCount, 0);
   t.is(report.records, 0);
   t.is(report.lastSeq, undefined);
+  t.is(report.notes.length, 1);
+  t.regex(report.notes[0], /the file holds no record \(0 lines read\), so there is nothing to check/);
+  t.regex(report.notes[0], /last seq and hash held elsewhere/);
 });
 
 test("edited field is hash_mismatch at its line", async (t) => {
@@ -120,12 +126,92 @@ test("torn last line is malformed", async (t) => {
 
 test("line that is not JSON is malformed and the chain goes on", async (t) => {
   const lines = linesOf(connectionChain(6));
-  lines.splice(2, 1, "garbage written by hand");
+  lines.splice(2, 0, "garbage written by hand");
   const { report } = await verifyLines(t, lines);
   t.is(report.problemCount, 1, JSON.stringify(report.problems));
   t.is(report.problems[0].kind, "malformed");
   t.is(report.problems[0].line, 3);
   t.is(report.lastSeq, 6);
+});
+
+test("record replaced by a malformed line is also a gap", async (t) => {
+  for (const replacement of ["", '{"seq":4}', "garbage written by hand", '{"seq":4,"prev_hash":"x","hash":"y"}']) {
+    const lines = linesOf(connectionChain(6));
+    lines[3] = replacement;
+    const { report } = await verifyLines(t, lines);
+    t.deepEqual(
+      report.problems.map((problem) => `${problem.kind}@${problem.line}`),
+      ["malformed@4", "gap@5"],
+      JSON.stringify(replacement),
+    );
+    t.is(report.problems[1].missing, 1);
+    t.regex(report.problems[1].message, /1 record \(seq 4\) is missing, so lines were removed or replaced: the malformed line .*audit\.log:4 may have held it/);
+  }
+});
+
+test("invalid UTF-8 in place of U+FFFD is malformed", async (t) => {
+  const chain = buildChain([connectionEvent(0), connectionEvent(1, { reason: "allowed_by_policy \ufffd" }), connectionEvent(2)]);
+  const bytes = Buffer.from(linesOf(chain).join("\n") + "\n");
+  const at = bytes.indexOf(Buffer.from([0xef, 0xbf, 0xbd]));
+  const edited = Buffer.concat([bytes.subarray(0, at), Buffer.from([0xff]), bytes.subarray(at + 3)]);
+  const file = path.join(tempAuditDir(t), "audit.log");
+  fs.writeFileSync(file, edited);
+  const report = await verifyAuditFiles([file]);
+  t.false(report.intact);
+  t.is(report.problems[0].kind, "malformed");
+  t.is(report.problems[0].line, 2);
+  t.is(report.problems[0].seq, 2);
+  t.regex(report.problems[0].message, /not valid UTF-8/);
+});
+
+test("CRLF line endings are hash_mismatch", async (t) => {
+  const lines = linesOf(connectionChain(3));
+  const file = path.join(tempAuditDir(t), "audit.log");
+  fs.writeFileSync(file, lines.map((line) => `${line}\r\n`).join(""));
+  const report = await verifyAuditFiles([file]);
+  t.false(report.intact);
+  t.deepEqual(report.problemsByKind, { hash_mismatch: 3 });
+  t.is(report.lastSeq, 3);
+  t.regex(report.problems[0].message, /ends with a carriage return \(0x0D\)/);
+});
+
+test("carriage return inside a line is hash_mismatch", async (t) => {
+  const lines = linesOf(connectionChain(3));
+  lines[1] = editLine(lines[1], ',"node":', ',\r"node":');
+  const { report } = await verifyLines(t, lines);
+  t.is(report.problemCount, 1, JSON.stringify(report.problems));
+  t.is(report.problems[0].kind, "hash_mismatch");
+  t.is(report.problems[0].line, 2);
+  t.is(report.records, 3);
+});
+
+test("line over 1 MiB is malformed and not read", async (t) => {
+  const lines = linesOf(connectionChain(3));
+  const long = `${lines[1].slice(0, -1)},"pad":"${"x".repeat(MAX_LINE_BYTES)}"}`;
+  const { report } = await verifyLines(t, [lines[0], long, lines[2]]);
+  t.deepEqual(
+    report.problems.map((problem) => `${problem.kind}@${problem.line}`),
+    ["malformed@2", "gap@3"],
+  );
+  t.regex(report.problems[0].message, new RegExp(`is ${Buffer.byteLength(long)} bytes long, more than the limit of ${MAX_LINE_BYTES} bytes`));
+});
+
+test("line reader drops bytes past the limit", async (t) => {
+  const file = path.join(tempAuditDir(t), "lines");
+  fs.writeFileSync(file, `short\n${"y".repeat(40)}\n\n${"z".repeat(17)}\nend\r\n${"w".repeat(30)}`);
+  const read: FileLine[] = [];
+  for await (const line of readFileLines(file, 16)) read.push({ ...line, bytes: Buffer.from(line.bytes) });
+  t.deepEqual(
+    read.map((line) => [line.number, line.bytes.toString(), line.length, line.tooLong, line.unterminated]),
+    [
+      [1, "short", 5, false, false],
+      [2, "", 40, true, false],
+      [3, "", 0, false, false],
+      [4, "", 17, true, false],
+      [5, "end\r", 4, false, false],
+      [6, "", 30, true, true],
+    ],
+  );
 });
 
 test("replaced line with valid hash is broken_link", async (t) => {
@@ -229,6 +315,59 @@ test("rotated files in the wrong order are reorder", async (t) => {
   t.is(report.problems[0].line, 1);
   t.regex(report.problems[0].message, /the files are out of order/);
   t.deepEqual(report.problemsByKind, { reorder: 1 });
+});
+
+test("rotated files in a shuffled order are reorder", async (t) => {
+  const dir = tempAuditDir(t);
+  const chain = connectionChain(12);
+  const lines = linesOf(chain);
+  const r1 = writeLines(path.join(dir, "audit-20260301T100000Z.log"), lines.slice(0, 5));
+  const r2 = writeLines(path.join(dir, "audit-20260301T110000Z.log"), lines.slice(5, 9));
+  const r3 = writeLines(path.join(dir, "audit.log"), lines.slice(9));
+  for (const order of [
+    [r2, r1, r3],
+    [r1, r3, r2],
+    [r3, r2, r1],
+    [r2, r3, r1],
+  ]) {
+    const report = await verifyAuditFiles(order);
+    const name = order.map((file) => path.basename(file)).join(" ");
+    t.deepEqual(report.problemsByKind, { reorder: 1 }, name);
+    t.is(report.problems.length, 1, name);
+    t.regex(report.problems[0].message, /the files are out of order/, name);
+    t.true(report.problems[0].message.includes(`${r1} (seq 1 to 5), ${r2} (seq 6 to 9), ${r3} (seq 10 to 12)`), name);
+    t.is(report.firstSeq, 1, name);
+    t.is(report.lastSeq, 12, name);
+    t.is(report.lastHash, chain[11].hash, name);
+    t.deepEqual(report.notes, [], name);
+  }
+  const shuffled = await verifyAuditFiles([r2, r1, r3]);
+  t.like(shuffled.problems[0], { file: r1, line: 1, seq: 1 });
+});
+
+test("shuffled files with one removed are reorder and gap", async (t) => {
+  const dir = tempAuditDir(t);
+  const lines = linesOf(connectionChain(12));
+  const r1 = writeLines(path.join(dir, "audit-20260301T100000Z.log"), lines.slice(0, 5));
+  const r3 = writeLines(path.join(dir, "audit.log"), lines.slice(9));
+  const report = await verifyAuditFiles([r3, r1]);
+  t.false(report.intact);
+  t.deepEqual(report.files, [r3, r1]);
+  t.deepEqual(
+    report.problems.map((problem) => `${problem.kind}@${path.basename(problem.file)}:${problem.line}`),
+    ["reorder@audit-20260301T100000Z.log:1", "gap@audit.log:1"],
+  );
+  t.is(report.problems[1].missing, 4);
+});
+
+test("restarted chain in a later file stays chain_restart", async (t) => {
+  const dir = tempAuditDir(t);
+  const r1 = writeLines(path.join(dir, "audit-20260301T100000Z.log"), linesOf(connectionChain(5)));
+  const r2 = writeLines(path.join(dir, "audit.log"), linesOf(connectionChain(3)));
+  const report = await verifyAuditFiles([r1, r2]);
+  t.deepEqual(report.problemsByKind, { chain_restart: 1 });
+  const reversed = await verifyAuditFiles([r2, r1]);
+  t.deepEqual(reversed.problemsByKind, { chain_restart: 1 });
 });
 
 test("counting goes on after the first problem", async (t) => {

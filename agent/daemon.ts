@@ -111,6 +111,7 @@ export class Agent {
   private identity: IdentityRuntime | undefined;
   private lock: PinRootLock | undefined;
   private nodeLock: PinRootLock | undefined;
+  private spoolLock: PinRootLock | undefined;
   private handover: HandoverServer | undefined;
   #handOver: () => void = () => undefined;
   /** Promise that settles once this agent has handed the node over to a replacement. The process should then call stop(). */
@@ -328,6 +329,7 @@ export class Agent {
   private takeLocks(): void {
     this.nodeLock = PinRootLock.acquireNode(this.options.node);
     this.lock = PinRootLock.acquire(this.options.pinRoot);
+    this.spoolLock = PinRootLock.acquireSpool(this.options.audit.spoolDir);
   }
 
   /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
@@ -362,6 +364,7 @@ export class Agent {
   releaseLocks(): void {
     this.lock?.release();
     this.nodeLock?.release();
+    this.spoolLock?.release();
   }
 
   /** Re-reads every manifest file now, as on SIGHUP. */

@@ -53,6 +53,12 @@ export function registerAuditMetrics(registry: Registry, status: () => AuditPipe
     ["sink"],
     (s) => s.sinks.map((sink) => [{ sink: sink.name }, sink.dropped]),
   );
+  counter(
+    "ambient_agent_audit_sink_rejected_records_total",
+    "Audit records a sink's destination refused for good (an OTLP partial success); they are not sent again.",
+    ["sink"],
+    (s) => s.sinks.map((sink) => [{ sink: sink.name }, sink.rejected]),
+  );
   gauge("ambient_agent_audit_sink_lag_records", "Spooled audit records a sink has not accepted yet.", ["sink"], (s) => s.sinks.map((sink) => [{ sink: sink.name }, sink.lag]));
   gauge("ambient_agent_audit_sink_up", "1 when the sink's last delivery succeeded, 0 while it fails.", ["sink"], (s) => s.sinks.map((sink) => [{ sink: sink.name }, sink.up ? 1 : 0]));
 }

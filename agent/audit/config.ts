@@ -15,7 +15,7 @@ export interface SinkTls {
 export type RemoteSinkSpec =
   | { kind: "stdout" }
   | { kind: "otlp"; endpoint: string; tls?: SinkTls; headers: Record<string, string> }
-  | { kind: "syslog"; transport: "tcp" | "tls"; host: string; port: number; tls?: SinkTls; facility?: string; sdId?: string };
+  | { kind: "syslog"; transport: "tcp" | "tls"; host: string; port: number; tls?: SinkTls; facility?: string; sdId?: string; maxMessageBytes?: number };
 
 export interface AuditFileOptions {
   path: string;
@@ -75,21 +75,28 @@ export function parseDurationMs(value: string, flag: string): number {
 export function parseFsyncPolicy(value: string | undefined): FsyncPolicy {
   if (value === undefined) return { mode: "interval", intervalMs: AUDIT_DEFAULTS.fsyncIntervalMs };
   if (value === "always" || value === "never") return { mode: value };
+  let intervalMs: number;
   try {
-    return { mode: "interval", intervalMs: parseDurationMs(value, "--audit-fsync") };
+    intervalMs = parseDurationMs(value, "--audit-fsync");
   } catch {
-    throw new Error(`invalid --audit-fsync "${value}": give always, never, or the time between syncs such as 1s`);
+    intervalMs = NaN;
   }
+  if (!(intervalMs >= MIN_FSYNC_INTERVAL_MS)) {
+    throw new Error(`invalid --audit-fsync "${value}": give always, never, or the time between syncs, at least 10ms, such as 1s`);
+  }
+  return { mode: "interval", intervalMs };
 }
 
 const SYSLOG_DEFAULT_PORTS = { tcp: 514, tls: 6514 } as const;
+/** A shorter interval costs an fdatasync(2) per batch anyway: use "always" for that. */
+const MIN_FSYNC_INTERVAL_MS = 10;
 
 /**
  * Parses a sink URI:
  *   stdout
  *   otlp://HOST:PORT[?ca=FILE&cert=FILE&key=FILE&server_name=NAME&header=NAME:VALUE]
- *   syslog+tcp://HOST[:PORT][?facility=NAME&sd_id=ID]
- *   syslog+tls://HOST[:PORT]?ca=FILE[&cert=FILE&key=FILE&server_name=NAME&facility=NAME&sd_id=ID]
+ *   syslog+tcp://HOST[:PORT][?facility=NAME&sd_id=ID&max_message_size=SIZE]
+ *   syslog+tls://HOST[:PORT]?ca=FILE[&cert=FILE&key=FILE&server_name=NAME&facility=NAME&sd_id=ID&max_message_size=SIZE]
  * An otlp URI with ca, cert or key uses TLS, without them plaintext HTTP/2.
  */
 export function parseSinkUri(text: string): RemoteSinkSpec {
@@ -98,15 +105,17 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
   try {
     url = new URL(text);
   } catch {
-    throw new Error(sinkError(text, "it is not a URI"));
+    const port = /^[a-z+]+:\/\/[^/?#]*:(\d+)/.exec(text)?.[1];
+    throw new Error(sinkError(text, port !== undefined && Number(port) > 65535 ? `port ${port} is out of range 1-65535` : "it is not a URI"));
   }
+  if (url.port === "0") throw new Error(sinkError(text, "port 0 is out of range 1-65535"));
   const query = url.searchParams;
   const host = url.hostname.replace(/^\[(.*)\]$/, "$1");
   if (host === "") throw new Error(sinkError(text, "the host is missing"));
   if (url.username !== "" || url.password !== "") {
     throw new Error(sinkError(text, "user information in the URI is not used; give credentials as a header parameter"));
   }
-  const known = new Set(["ca", "cert", "key", "server_name", "header", "facility", "sd_id"]);
+  const known = new Set(["ca", "cert", "key", "server_name", "header", "facility", "sd_id", "max_message_size"]);
   for (const name of query.keys()) {
     if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}"`));
   }
@@ -133,9 +142,22 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
       tls: transport === "tls" ? (tls ?? {}) : undefined,
       facility: query.get("facility") ?? undefined,
       sdId: query.get("sd_id") ?? undefined,
+      maxMessageBytes: query.has("max_message_size") ? parseMessageSize(text, query.get("max_message_size")!) : undefined,
     };
   }
   throw new Error(sinkError(text, `unknown scheme "${url.protocol}"`));
+}
+
+/** Parses max_message_size, the receiver's largest message (rsyslog's maxMessageSize): at least 2048 bytes, which RFC 5425 requires every receiver to take. */
+function parseMessageSize(text: string, value: string): number {
+  let bytes: number;
+  try {
+    bytes = parseByteSize(value, "max_message_size");
+  } catch {
+    bytes = NaN;
+  }
+  if (!(bytes >= 2048)) throw new Error(sinkError(text, "max_message_size must be a size of at least 2048 bytes, such as 8KiB or 64KiB"));
+  return bytes;
 }
 
 function tlsOf(query: URLSearchParams): SinkTls | undefined {

@@ -15,7 +15,8 @@ import { GENESIS_HASH, sealLine } from "./chain";
 import { OpenConnections } from "./open-connections";
 import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedRecord } from "./record";
 import { Redactor, scrubRecord, type RedactionRule } from "./redact";
-import type { AuditSink, SpooledRecord } from "./sink";
+import { MAX_RECORD_BYTES, shrinkRecord } from "./record-limit";
+import type { AuditSink, HeldRecord, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
 import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
 import { Spool, SpoolDamagedError, type FsyncPolicy, type Segment, type SpoolContents } from "./spool";
@@ -26,7 +27,7 @@ export interface AuditPipelineOptions {
   sinks: AuditSink[];
   /** Spool size above which the oldest segment is evicted. Default 256 MiB. */
   spoolMaxBytes?: number;
-  /** Size of one spool segment. Default an eighth of spoolMaxBytes, at most 16 MiB. */
+  /** Size of one spool segment. Default an eighth of spoolMaxBytes, at most 2 MiB. */
   segmentBytes?: number;
   /** Default: fdatasync every second. */
   fsync?: FsyncPolicy;
@@ -57,7 +58,8 @@ export interface AuditPipelineStatus {
 
 const DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024;
 const DEFAULT_WRITE_DELAY_MS = 5;
-const MAX_SEGMENT_BYTES = 16 * 1024 * 1024;
+/** Segments stay small because a sink that catches up reads one whole segment on the event loop. */
+const MAX_SEGMENT_BYTES = 2 * 1024 * 1024;
 /**
  * Records kept in memory after spooling, so sinks that keep up never read the disk; between this
  * and twice this many, with their parsed objects (a few kB each).
@@ -103,6 +105,7 @@ export class AuditPipeline implements AuditRecorder {
   private writeRetryDelayMs: number;
   private readonly retry: RetryPolicy;
   private cursorTimer: NodeJS.Timeout | undefined;
+  private cursorSaveFailures = 0;
   private started = false;
   private closed = false;
   private idleWaiters: (() => void)[] = [];
@@ -166,9 +169,7 @@ export class AuditPipeline implements AuditRecorder {
         this.logger.warn({ sink: runner.sink.name, err: error }, "opening an audit sink failed; its records stay spooled and are retried");
         return undefined;
       });
-      // A sink new to this spool starts at the head: it receives new records, not the history.
-      const cursor = Math.max(saved[runner.sink.name] ?? this.spooledSeq, held ?? 0, contents.oldestSeq - 1);
-      runner.start(Math.min(cursor, this.spooledSeq));
+      runner.start(await this.startingCursor(runner, saved[runner.sink.name], held, contents.oldestSeq));
     }
     this.started = true;
     this.logger.info(
@@ -176,6 +177,40 @@ export class AuditPipeline implements AuditRecorder {
       "audit pipeline started",
     );
     this.scheduleWriter();
+  }
+
+  /**
+   * Returns the seq after which a sink starts. Without a saved cursor (a new sink, or a cursor file
+   * that was lost) it receives every record still in the spool: at-least-once, not a silent skip.
+   * A sink that says which record it holds starts after it, unless that record belongs to another
+   * chain (the spool was lost or moved aside as damaged): the sink is then told to take the new
+   * chain after what it holds, which `agentctl audit verify` reports as a chain restart.
+   */
+  private async startingCursor(runner: SinkRunner, saved: number | undefined, held: HeldRecord | undefined, oldestSeq: number): Promise<number> {
+    let cursor = Math.max(saved ?? 0, oldestSeq - 1);
+    if (held !== undefined) {
+      if (await this.isOfThisChain(held)) {
+        cursor = Math.max(cursor, held.seq);
+      } else {
+        this.logger.warn(
+          { sink: runner.sink.name, heldSeq: held.seq, headSeq: this.spooledSeq },
+          "audit sink holds records of an earlier chain (the spool was lost or replaced); it receives the new chain after them",
+        );
+        runner.sink.startNewChain?.();
+        cursor = oldestSeq - 1;
+      }
+    }
+    return Math.min(cursor, this.spooledSeq);
+  }
+
+  /** Tells whether a record a sink holds is this spool's record of that seq, as far as the spool still knows it. */
+  private async isOfThisChain(held: HeldRecord): Promise<boolean> {
+    if (held.seq > this.spooledSeq) return false;
+    if (held.hash === undefined) return true;
+    if (held.seq === this.spooledSeq) return held.hash === this.sealedHead.hash;
+    const [spooled] = await this.spool.read(held.seq, 1).catch(() => []);
+    // A record no longer in the spool was delivered to every sink and deleted: the same chain.
+    return spooled === undefined || spooled.seq !== held.seq || spooled.record.hash === held.hash;
   }
 
   /**
@@ -277,6 +312,7 @@ export class AuditPipeline implements AuditRecorder {
           this.pending = undefined;
           continue;
         }
+        await this.forgetVanishedSegments();
         try {
           await this.spool.append(this.pending.lines, this.pending.records[0].seq);
         } catch (error) {
@@ -342,6 +378,14 @@ export class AuditPipeline implements AuditRecorder {
       record = scrubbed;
       body = JSON.stringify(record);
     }
+    const shrunk = shrinkRecord(record as unknown as Record<string, unknown>, body);
+    if (shrunk !== undefined) {
+      this.logger.warn({ type: event.type, seq, bytes: shrunk.original_bytes, maxBytes: MAX_RECORD_BYTES }, "audit record too large; its long values were cut");
+      // The chain fields come back after the cut, which may have dropped them with the payload.
+      delete shrunk.prev_hash;
+      record = Object.assign({ time: shrunk.time, type: shrunk.type, v: AUDIT_SCHEMA_VERSION, seq, id }, shrunk, { prev_hash: this.sealedHead.hash }) as Omit<SealedRecord, "hash">;
+      body = JSON.stringify(record);
+    }
     const { line, hash } = sealLine(body);
     this.sealedHead = { seq, hash };
     const sealed = record as SealedRecord;
@@ -363,6 +407,7 @@ export class AuditPipeline implements AuditRecorder {
       this.writeRetryTimer = undefined;
       this.scheduleWriter();
     }, delay);
+    this.writeRetryTimer.unref();
   }
 
   /** Publishes a spooled batch: the head moves, the tail and the open connections follow, the sinks wake. */
@@ -417,21 +462,35 @@ export class AuditPipeline implements AuditRecorder {
     }
   }
 
-  private async recordEviction(segment: Segment, lagging: SinkRunner[]): Promise<void> {
-    const bounds = await this.spool.segmentBounds(segment);
+  /** Writes gap records for the sinks that lacked the records of segment files someone removed. */
+  private async forgetVanishedSegments(): Promise<void> {
+    const vanished = await this.spool.findVanished().catch(() => []);
+    if (vanished.length === 0) return;
+    this.logger.error(
+      { spool: this.options.spoolDir, segments: vanished.map((segment) => segment.file) },
+      "audit spool files were removed while the agent ran; writing to a new segment, and the sinks that lacked their records get gap records",
+    );
+    for (const segment of vanished) {
+      const lagging = this.runners.filter((runner) => runner.cursor < segment.lastSeq);
+      if (lagging.length > 0) await this.recordEviction(segment, lagging, "spool_damaged");
+    }
+  }
+
+  private async recordEviction(segment: Segment, lagging: SinkRunner[], reason: "spool_full" | "spool_damaged" = "spool_full"): Promise<void> {
+    const bounds = await this.spool.segmentBounds(segment).catch(() => ({ first: undefined, last: undefined }));
     for (const runner of lagging) {
       const firstSeq = Math.max(runner.cursor + 1, segment.firstSeq);
       const lost = segment.lastSeq - firstSeq + 1;
       runner.skipTo(segment.lastSeq, lost);
       this.logger.error(
-        { sink: runner.sink.name, lost, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.spoolMaxBytes },
-        "audit spool full: evicted records this sink has not received; a gap record counts them",
+        { sink: runner.sink.name, lost, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.spoolMaxBytes, reason },
+        "audit records this sink has not received left the spool; a gap record counts them",
       );
       this.gaps.push({
         type: "audit.gap",
         time: new Date().toISOString(),
         node: this.options.node,
-        reason: "spool_full",
+        reason,
         sink: runner.sink.name,
         lost,
         first_seq: firstSeq,
@@ -447,7 +506,15 @@ export class AuditPipeline implements AuditRecorder {
     if (this.cursorTimer === undefined) {
       this.cursorTimer = setTimeout(() => {
         this.cursorTimer = undefined;
-        void this.persistProgress().catch((error: unknown) => this.logger.warn({ err: error, spool: this.options.spoolDir }, "saving the audit sink cursors failed; retrying at the next delivery"));
+        void this.persistProgress().then(
+          () => {
+            if (this.cursorSaveFailures > 0) this.logger.info({ failedAttempts: this.cursorSaveFailures }, "saving the audit sink cursors works again");
+            this.cursorSaveFailures = 0;
+          },
+          (error: unknown) => {
+            if (this.cursorSaveFailures++ === 0) this.logger.warn({ err: error, spool: this.options.spoolDir }, "saving the audit sink cursors failed; retrying at the next delivery");
+          },
+        );
       }, CURSOR_SAVE_DELAY_MS);
       this.cursorTimer.unref();
     }

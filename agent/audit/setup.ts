@@ -50,7 +50,7 @@ function createRemoteSink(spec: RemoteSinkSpec, node: string, logger: Logger): A
       return new OtlpLogsSink({ endpoint: spec.endpoint, tls: spec.tls, headers: spec.headers, node }, logger.child({ sink: "otlp" }));
     case "syslog":
       return new SyslogSink(
-        { host: spec.host, port: spec.port, tls: spec.tls, facility: spec.facility, sdId: spec.sdId, node },
+        { host: spec.host, port: spec.port, tls: spec.tls, facility: spec.facility, sdId: spec.sdId, maxMessageBytes: spec.maxMessageBytes, node },
         logger.child({ sink: "syslog" }),
       );
   }

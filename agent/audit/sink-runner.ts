@@ -5,6 +5,11 @@
 import type { Logger } from "../log";
 import type { AuditSink, SpooledRecord } from "./sink";
 
+/** How long close() waits for a send in flight before it closes the sink anyway. */
+const CLOSE_WAIT_MS = 1_000;
+/** A send in flight for longer than this makes the sink count as down in status() and metrics. */
+const STALLED_SEND_MS = 30_000;
+
 export interface RetryPolicy {
   initialDelayMs: number;
   maxDelayMs: number;
@@ -32,10 +37,12 @@ export class SinkRunner {
   /** Set when the linger ended, so that the next run sends a batch that is not full. */
   private lingered = false;
   private failureStreak = 0;
-  private counts = { delivered: 0, failures: 0, dropped: 0 };
+  private counts = { delivered: 0, failures: 0, dropped: 0, rejected: 0 };
   private lastError: string | undefined;
   private lastErrorTime: string | undefined;
   private current: Promise<void> | undefined;
+  /** When the send in flight began, in ms since the epoch. */
+  private sendingSince: number | undefined;
 
   constructor(
     readonly sink: AuditSink,
@@ -69,11 +76,13 @@ export class SinkRunner {
     this.current = this.run();
   }
 
-  /** Ends a linger now, for flush() and close(). */
+  /** Ends a linger or a retry wait now, for flush() and close(). */
   sendNow(): void {
-    if (this.lingerTimer === undefined) return;
+    if (this.lingerTimer === undefined && this.retryTimer === undefined) return;
     clearTimeout(this.lingerTimer);
+    clearTimeout(this.retryTimer);
     this.lingerTimer = undefined;
+    this.retryTimer = undefined;
     this.lingered = true;
     this.wake();
   }
@@ -98,11 +107,15 @@ export class SinkRunner {
           return;
         }
         if (batch.length === 0) break;
+        this.sendingSince = Date.now();
         try {
-          await this.sink.send(batch);
+          const result = await this.sink.send(batch);
+          if (result) this.counts.rejected += Math.min(Math.max(result.rejected, 0), batch.length);
         } catch (error) {
           this.failed(error, batch.length);
           return;
+        } finally {
+          this.sendingSince = undefined;
         }
         this.succeeded(batch);
       }
@@ -119,7 +132,7 @@ export class SinkRunner {
       this.cursor = last;
     }
     if (this.failureStreak > 0) {
-      this.context.logger.info({ sink: this.sink.name, failedAttempts: this.failureStreak }, "audit sink accepts records again");
+      this.context.logger.info({ failedAttempts: this.failureStreak }, "audit sink accepts records again");
       this.failureStreak = 0;
       this.retryDelayMs = this.context.retry.initialDelayMs;
     }
@@ -134,17 +147,19 @@ export class SinkRunner {
     const delay = Math.round(this.retryDelayMs * (0.8 + Math.random() * 0.4));
     if (this.failureStreak === 1) {
       this.context.logger.error(
-        { sink: this.sink.name, err: error, records, lag: this.context.head() - this.cursor },
+        { err: error, records, lag: this.context.head() - this.cursor },
         "audit sink failed; records stay spooled and are retried with backoff",
       );
     } else if (this.failureStreak % 10 === 0) {
-      this.context.logger.warn({ sink: this.sink.name, failedAttempts: this.failureStreak, lastError: this.lastError, nextRetryMs: delay }, "audit sink still failing");
+      this.context.logger.warn({ failedAttempts: this.failureStreak, lastError: this.lastError, nextRetryMs: delay }, "audit sink still failing");
     }
     this.retryDelayMs = Math.min(this.retryDelayMs * 2, this.context.retry.maxDelayMs);
     this.retryTimer = setTimeout(() => {
       this.retryTimer = undefined;
       this.wake();
     }, delay);
+    // The agent's servers keep the process alive; a sink that keeps failing must not.
+    this.retryTimer.unref();
   }
 
   /** Stops sending; a send in flight finishes. */
@@ -156,13 +171,17 @@ export class SinkRunner {
     this.lingerTimer = undefined;
   }
 
+  /** Stops, waits up to CLOSE_WAIT_MS for a send in flight, and closes the sink. */
   async close(): Promise<void> {
     this.stop();
-    await this.current?.catch(() => undefined);
-    await this.sink.close().catch((error: unknown) => this.context.logger.warn({ sink: this.sink.name, err: error }, "closing an audit sink failed"));
+    let timer: NodeJS.Timeout | undefined;
+    const waited = new Promise<void>((resolve) => (timer = setTimeout(resolve, CLOSE_WAIT_MS)));
+    await Promise.race([this.current?.catch(() => undefined), waited]);
+    clearTimeout(timer);
+    await this.sink.close().catch((error: unknown) => this.context.logger.warn({ err: error }, "closing an audit sink failed"));
   }
 
-  status(): { name: string; cursor: number; lag: number; delivered: number; failures: number; dropped: number; up: boolean; lastError?: string; lastErrorTime?: string } {
+  status(): { name: string; cursor: number; lag: number; delivered: number; failures: number; dropped: number; rejected: number; up: boolean; lastError?: string; lastErrorTime?: string } {
     return {
       name: this.sink.name,
       cursor: this.cursor,
@@ -170,7 +189,9 @@ export class SinkRunner {
       delivered: this.counts.delivered,
       failures: this.counts.failures,
       dropped: this.counts.dropped,
-      up: this.failureStreak === 0,
+      rejected: this.counts.rejected,
+      // A send that hangs (a receiver that never reads, a blocked stdout) counts as down too.
+      up: this.failureStreak === 0 && (this.sendingSince === undefined || Date.now() - this.sendingSince < STALLED_SEND_MS),
       lastError: this.lastError,
       lastErrorTime: this.lastErrorTime,
     };

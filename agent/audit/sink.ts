@@ -2,6 +2,18 @@
 
 import type { SealedRecord } from "./record";
 
+/** What a destination reported about a batch it took. */
+export interface SendResult {
+  /** Records it refused for good, so they are not sent again. */
+  rejected: number;
+}
+
+/** The last record a sink holds: its seq, and its hash when the sink can read it. */
+export interface HeldRecord {
+  seq: number;
+  hash?: string;
+}
+
 /** A record read back from the spool: the exact line (without the newline) and its parsed form. */
 export interface SpooledRecord {
   seq: number;
@@ -26,12 +38,20 @@ export interface AuditSink {
    */
   readonly lingerMs?: number;
   /**
-   * Called once before the first send(). Returns the highest `seq` the destination already holds
+   * Called once before the first send(). Returns the last record the destination already holds
    * (a file sink reads its last line), so the pipeline starts after it, or undefined when unknown.
    */
-  open(): Promise<number | undefined>;
-  /** Delivers the batch. Resolves once the destination has accepted every record of it; rejects with the reason otherwise. */
-  send(batch: readonly SpooledRecord[]): Promise<void>;
+  open(): Promise<HeldRecord | undefined>;
+  /**
+   * Called after open() when the held record belongs to an earlier chain: the sink must then accept
+   * records whose seq is at or below the one it holds. Only sinks that skip held records need it.
+   */
+  startNewChain?(): void;
+  /**
+   * Delivers the batch. Resolves once the destination has taken every record of it, with the count
+   * it rejected for good when it says so (an OTLP partial success); rejects with the reason otherwise.
+   */
+  send(batch: readonly SpooledRecord[]): Promise<void | SendResult>;
   /** Releases connections and files; send() is not called afterwards. */
   close(): Promise<void>;
 }

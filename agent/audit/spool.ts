@@ -41,6 +41,7 @@ export interface SpoolContents {
 }
 
 const SEGMENT_PATTERN = /^segment-(\d{20})\.jsonl$/;
+const VANISH_CHECK_INTERVAL_MS = 1_000;
 
 function segmentName(firstSeq: number): string {
   return `segment-${String(firstSeq).padStart(20, "0")}.jsonl`;
@@ -76,6 +77,10 @@ export class Spool {
   private handle: fs.promises.FileHandle | undefined;
   private fsyncTimer: NodeJS.Timeout | undefined;
   private unsynced = false;
+  private handleIno = 0;
+  private vanishCheckedAt = 0;
+  /** Set when the active segment's file vanished: the next append starts a new segment. */
+  private activeVanished = false;
   /** Lines of the segment read last, for sinks that replay from disk batch after batch. */
   private readCache: { file: string; lines: string[] } | undefined;
 
@@ -158,7 +163,8 @@ export class Spool {
    */
   async append(lines: readonly string[], firstSeq: number): Promise<void> {
     let segment = this.segments[this.segments.length - 1];
-    if (segment === undefined || segment.bytes >= this.options.segmentBytes) {
+    if (segment === undefined || segment.bytes >= this.options.segmentBytes || this.activeVanished) {
+      this.activeVanished = false;
       segment = await this.startSegment(firstSeq);
     }
     if (segment.lastSeq + 1 !== firstSeq) {
@@ -195,8 +201,37 @@ export class Spool {
   private async openActive(segment: Segment): Promise<fs.promises.FileHandle> {
     if (this.handle) return this.handle;
     await fs.promises.mkdir(this.dir, { recursive: true, mode: 0o700 });
-    this.handle = await fs.promises.open(segment.file, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o600);
-    return this.handle;
+    const handle = await fs.promises.open(segment.file, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o600);
+    this.handle = handle;
+    this.handleIno = (await handle.stat()).ino;
+    return handle;
+  }
+
+  /**
+   * Finds segment files that were removed (an operator deleted the spool folder, for example) and
+   * forgets them, at most once per VANISH_CHECK_INTERVAL_MS. Writes would otherwise go on into a
+   * deleted file that no reader can open. Returns the vanished segments; the next append starts a
+   * new segment, with the folder created again, when the active one is among them.
+   */
+  async findVanished(): Promise<Segment[]> {
+    const now = Date.now();
+    const active = this.segments[this.segments.length - 1];
+    if (active === undefined || this.handle === undefined || now - this.vanishCheckedAt < VANISH_CHECK_INTERVAL_MS) return [];
+    this.vanishCheckedAt = now;
+    const atPath = await fs.promises.stat(active.file).catch(() => undefined);
+    if (atPath !== undefined && atPath.ino === this.handleIno) return [];
+    const vanished: Segment[] = [];
+    for (const segment of this.segments) {
+      const current = segment === active ? atPath : await fs.promises.stat(segment.file).catch(() => undefined);
+      if (current === undefined || segment === active) vanished.push(segment);
+    }
+    this.segments = this.segments.filter((segment) => !vanished.includes(segment));
+    if (vanished.includes(active)) {
+      await this.closeActive();
+      this.activeVanished = true;
+    }
+    if (this.readCache !== undefined && vanished.some((segment) => segment.file === this.readCache!.file)) this.readCache = undefined;
+    return vanished;
   }
 
   private async closeActive(): Promise<void> {

@@ -64,7 +64,12 @@ export class PinRootLock {
     return PinRootLock.acquireFile(path.join(directory, `node-${node.replace(/[^A-Za-z0-9._-]/g, "_")}.pid`), `the node ${node}`, directory);
   }
 
-  private static acquireFile(file: string, subject: string, directory: string): PinRootLock {
+  /** Takes the lock of an audit spool folder: two agents appending to one spool would break its chain. */
+  static acquireSpool(spoolDir: string, directory = LOCK_DIRECTORY): PinRootLock {
+    return PinRootLock.acquireFile(lockFileOf(spoolDir, directory), `the audit spool ${spoolDir}`, directory, "give this agent its own --audit-spool");
+  }
+
+  private static acquireFile(file: string, subject: string, directory: string, fix = "give this agent its own --node and --pin-root"): PinRootLock {
     fs.mkdirSync(directory, { recursive: true });
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
@@ -77,7 +82,7 @@ export class PinRootLock {
       if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && isRunning(holder)) {
         throw new AgentError(
           "INTERNAL",
-          `another agent (PID ${holder}) already serves ${subject}; stop it first, or give this agent its own --node and --pin-root (lock file ${file})`,
+          `another agent (PID ${holder}) already serves ${subject}; stop it first, or ${fix} (lock file ${file})`,
         );
       }
       // The holder is gone: its lock is stale.

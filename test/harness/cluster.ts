@@ -227,7 +227,11 @@ export class Cluster {
 
   /** Returns the lock files of this cluster's agents, which a killed agent leaves behind. */
   lockFiles(): string[] {
-    return [...this.topology.nodes.keys()].flatMap((node) => [lockFileOf(this.pinRoot(node)), path.join(LOCK_DIRECTORY, `node-${node}.pid`)]);
+    return [...this.topology.nodes.keys()].flatMap((node) => [
+      lockFileOf(this.pinRoot(node)),
+      path.join(LOCK_DIRECTORY, `node-${node}.pid`),
+      lockFileOf(this.spoolDir(node)),
+    ]);
   }
 
   /** Removes lock files whose agent is gone; a live holder keeps its lock. */

@@ -14,7 +14,7 @@ class MemorySink implements AuditSink {
   sends = 0;
   failing = false;
   constructor(readonly name = "memory") {}
-  async open(): Promise<number | undefined> {
+  async open(): Promise<undefined> {
     return undefined;
   }
   async send(batch: readonly SpooledRecord[]): Promise<void> {
@@ -291,5 +291,107 @@ test("pipeline skips a damaged spool line with a gap record", async (t) => {
   t.is(gap?.sink, "late");
   t.is(gap?.first_seq, damagedSeq);
   t.is(received.filter((record) => record.type !== "audit.gap").length, 4999);
+  await audit.close();
+});
+
+test("sink without a saved cursor gets the spooled backlog", async (t) => {
+  const dir = tempDir(t);
+  const down = new MemorySink("remote");
+  down.failing = true;
+  const first = pipeline(dir, [down]);
+  await first.start();
+  for (let i = 0; i < 20; i++) first.write(control(i));
+  await waitFor(() => first.status().spool.headSeq === 20);
+  // No close(): the process is killed before any delivery, so no cursor was ever saved.
+  t.false(fs.existsSync(path.join(dir, "cursors.json")));
+  const up = new MemorySink("remote");
+  const again = pipeline(dir, [up]);
+  await again.start();
+  await again.flush();
+  t.deepEqual(up.records().map((record) => record.seq), Array.from({ length: 20 }, (_, i) => i + 1));
+  await again.close();
+});
+
+test("sink holding another chain receives the new one", async (t) => {
+  const dir = tempDir(t);
+  class HoldingSink extends MemorySink {
+    newChain = false;
+    override async open(): Promise<undefined> {
+      return { seq: 305, hash: "f".repeat(64) } as unknown as undefined;
+    }
+    startNewChain(): void {
+      this.newChain = true;
+    }
+  }
+  const sink = new HoldingSink("file");
+  const audit = pipeline(path.join(dir, "fresh-spool"), [sink]);
+  await audit.start();
+  for (let i = 0; i < 3; i++) audit.write(control(i));
+  await audit.flush();
+  t.true(sink.newChain, "the sink is told that a new chain follows what it holds");
+  t.deepEqual(sink.records().map((record) => record.seq), [1, 2, 3]);
+  await audit.close();
+});
+
+test("pipeline recovers from a removed spool folder", async (t) => {
+  const dir = tempDir(t);
+  const spoolDir = path.join(dir, "spool");
+  const good = new MemorySink("good");
+  const down = new MemorySink("down");
+  down.failing = true;
+  const audit = pipeline(spoolDir, [good, down]);
+  await audit.start();
+  for (let i = 0; i < 10; i++) audit.write(control(i));
+  await waitFor(() => good.lines.length === 10);
+  fs.rmSync(spoolDir, { recursive: true, force: true });
+  // The spool notices at most once a second.
+  await new Promise((resolve) => setTimeout(resolve, 1_100));
+  for (let i = 10; i < 20; i++) audit.write(control(i));
+  await waitFor(() => good.records().some((record) => record.type === "audit.gap"));
+  t.true(fs.readdirSync(spoolDir).some((name) => name.startsWith("segment-")), "a new segment is written in a new folder");
+  down.failing = false;
+  await audit.flush();
+  const gap = down.records().find((record) => record.type === "audit.gap");
+  t.is(gap?.reason, "spool_damaged");
+  t.is(gap?.sink, "down");
+  t.is(gap?.lost, 10);
+  t.true(down.records().filter((record) => record.type === "workload.enrolled").length >= 10, "records after the removal reach the sink");
+  await audit.close();
+});
+
+test("pipeline cuts a record larger than the limit", async (t) => {
+  const dir = tempDir(t);
+  const sink = new MemorySink("sink");
+  const audit = pipeline(dir, [sink]);
+  await audit.start();
+  audit.write({ type: "policy.rejected", time: new Date().toISOString(), node: "n1", policy: { kind: "AuthorizationPolicy", name: "p" }, file: "f", message: "x".repeat(5 * 1024 * 1024) });
+  audit.write(control(1));
+  await audit.flush();
+  const [cut, next] = sink.records();
+  t.true(Buffer.byteLength(sink.lines[0]) <= 64 * 1024);
+  t.true(cut.truncated);
+  t.true(cut.original_bytes > 5 * 1024 * 1024);
+  t.regex(cut.message, /cut from 5242880 characters/);
+  t.is(cut.seq, 1);
+  t.is(next.seq, 2);
+  assertChain(t, sink.lines);
+  t.deepEqual(Object.keys(cut).slice(-3), ["original_bytes", "prev_hash", "hash"]);
+  await audit.close();
+});
+
+test("pipeline counts records a sink rejects for good", async (t) => {
+  const dir = tempDir(t);
+  class RejectingSink extends MemorySink {
+    override async send(batch: readonly SpooledRecord[]): Promise<void> {
+      await super.send(batch);
+      return { rejected: 2 } as unknown as void;
+    }
+  }
+  const audit = pipeline(dir, [new RejectingSink("otlp")]);
+  await audit.start();
+  for (let i = 0; i < 5; i++) audit.write(control(i));
+  await audit.flush();
+  t.is(audit.status().sinks[0].rejected, 2);
+  t.is(audit.status().sinks[0].delivered, 5);
   await audit.close();
 });

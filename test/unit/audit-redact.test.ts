@@ -31,7 +31,7 @@ function opened(id: string): ConnectionOpenedRecord {
 class MemorySink implements AuditSink {
   readonly name = "memory";
   readonly lines: string[] = [];
-  async open(): Promise<number | undefined> {
+  async open(): Promise<undefined> {
     return undefined;
   }
   async send(batch: readonly SpooledRecord[]): Promise<void> {

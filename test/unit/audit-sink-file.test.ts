@@ -127,7 +127,9 @@ test("reopen resumes after last seq", async (t) => {
   await first.close();
 
   const second = new FileSink({ path: file }, silentLogger());
-  t.is(await second.open(), 5);
+  const held = await second.open();
+  t.is(held?.seq, 5);
+  t.is(held?.hash, chain[4].record.hash, "open() returns the last record's hash");
   await second.send(chain.slice(2, 8));
   await second.send(chain.slice(6, 8));
   await second.close();
@@ -143,7 +145,7 @@ test("torn last line is cut at open", async (t) => {
 
   const { logger, lines } = capturingLogger();
   const sink = new FileSink({ path: file }, logger);
-  t.is(await sink.open(), 3);
+  t.is((await sink.open())?.seq, 3);
   t.is(fs.readFileSync(file, "utf8"), contentOf(chain.slice(0, 3)));
   t.true(lines.some((line) => line.level === 40 && line.msg.includes("incomplete line") && line.bytes_cut === 100));
 
@@ -170,7 +172,7 @@ test("long last line is found", async (t) => {
   fs.writeFileSync(file, `${long}\n${long}\n`);
 
   const sink = new FileSink({ path: file }, silentLogger());
-  t.is(await sink.open(), 7);
+  t.is((await sink.open())?.seq, 7);
   await sink.close();
 });
 
@@ -183,7 +185,7 @@ test("empty active file resumes from rotated", async (t) => {
   fs.writeFileSync(file, "");
 
   const sink = new FileSink({ path: file }, silentLogger());
-  t.is(await sink.open(), 4);
+  t.is((await sink.open())?.seq, 4);
   await sink.send(chain);
   await sink.close();
   t.is(fs.readFileSync(file, "utf8"), contentOf(chain.slice(4)));
@@ -262,7 +264,7 @@ test("age uses first record after reopen", async (t) => {
   fs.writeFileSync(file, contentOf(chain.slice(0, 2)));
 
   const sink = new FileSink({ path: file, maxAgeMs: 60_000 }, silentLogger());
-  t.is(await sink.open(), 2);
+  t.is((await sink.open())?.seq, 2);
   await sink.send(chain.slice(2));
   await sink.close();
   t.deepEqual(auditFileSet(file).map((each) => seqsIn(each)), [[1, 2], [3]]);
@@ -361,6 +363,41 @@ test.serial("partial write is truncated before resend", async (t) => {
   t.is(fs.readFileSync(file, "utf8"), contentOf(chain));
 });
 
+// Serial: it patches FileHandle.prototype.write, which the other tests of this file use too.
+test.serial("close after partial write leaves whole lines", async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, "audit.log");
+  const chain = buildChain(7);
+  const { logger, lines } = capturingLogger();
+  const sink = new FileSink({ path: file }, logger);
+  await sink.open();
+  await sink.send(chain.slice(0, 3));
+
+  // The next write(2) stores half of its bytes and the one after fails, as on a full disk.
+  const probe = await fs.promises.open(path.join(dir, "probe"), "w");
+  const prototype = Object.getPrototypeOf(probe) as { write: (...args: unknown[]) => Promise<{ bytesWritten: number }> };
+  await probe.close();
+  const originalWrite = prototype.write;
+  let calls = 0;
+  prototype.write = async function (this: unknown, buffer: unknown, offset: unknown, length: unknown, ...rest: unknown[]) {
+    calls += 1;
+    if (calls === 1) return originalWrite.call(this, buffer, offset, Math.floor((length as number) / 2), ...rest);
+    const error = new Error("ENOSPC: no space left on device, write") as NodeJS.ErrnoException;
+    error.code = "ENOSPC";
+    throw error;
+  };
+  try {
+    await t.throwsAsync(sink.send(chain.slice(3)));
+  } finally {
+    prototype.write = originalWrite;
+  }
+  t.true(fs.statSync(file).size > contentOf(chain.slice(0, 3)).length, "the failed batch left part of itself behind");
+
+  await sink.close();
+  t.is(fs.readFileSync(file, "utf8"), contentOf(chain.slice(0, 3)));
+  t.true(lines.some((line) => line.msg.includes("truncated to its size before the failed write")));
+});
+
 test("fsync option writes the batch", async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, "audit.log");
@@ -423,6 +460,29 @@ test("full disk write resends cleanly", async (t) => {
   await sink.send(chain.slice(10));
   await sink.close();
   t.is(fs.readFileSync(file, "utf8"), contentOf(chain));
+});
+
+test("full disk then close leaves whole lines", async (t) => {
+  const mountPoint = mountTinyTmpfs(t, 64);
+  if (mountPoint === undefined) {
+    t.log("skipped: mounting a tmpfs needs root");
+    t.pass();
+    return;
+  }
+  const file = path.join(mountPoint, "audit", "audit.log");
+  const chain = buildChain(60);
+  const sink = new FileSink({ path: file }, silentLogger());
+  await sink.open();
+  await sink.send(chain.slice(0, 10));
+
+  // Leave about 4 KiB free, so the next batch of 50 lines is written in part.
+  const free = fs.statfsSync(mountPoint).bavail * fs.statfsSync(mountPoint).bsize;
+  fs.writeFileSync(path.join(mountPoint, "filler"), Buffer.alloc(free - 4096));
+  await t.throwsAsync(sink.send(chain.slice(10)), { message: /ENOSPC/ });
+  t.true(fs.statSync(file).size > contentOf(chain.slice(0, 10)).length, "part of the failed batch reached the disk");
+
+  await sink.close();
+  t.is(fs.readFileSync(file, "utf8"), contentOf(chain.slice(0, 10)));
 });
 
 test("outside rename noticed within the check interval", async (t) => {

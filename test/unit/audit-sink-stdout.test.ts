@@ -99,3 +99,78 @@ test("stdout destroy while waiting rejects", async (t) => {
   await t.throwsAsync(sending, { message: /stdout failed/ });
   await sink.close();
 });
+
+/** Creates a Writable whose reader takes nothing until release() is called. */
+function stuckWritable(highWaterMark: number): { stream: Writable; received: string[]; release: () => void } {
+  const received: string[] = [];
+  let stuck: (() => void) | undefined;
+  let released = false;
+  const stream = new Writable({
+    highWaterMark,
+    write(chunk: Buffer, _encoding, callback) {
+      received.push(chunk.toString("utf8"));
+      if (released) callback();
+      else stuck = callback;
+    },
+  });
+  const release = (): void => {
+    released = true;
+    stuck?.();
+  };
+  return { stream, received, release };
+}
+
+/** Resolves to the outcome of `promise`, or to "pending" after `ms`. */
+function settledWithin(promise: Promise<unknown>, ms: number): Promise<unknown> {
+  return Promise.race([
+    promise.then(
+      () => "resolved",
+      (error: Error) => error,
+    ),
+    new Promise((resolve) => setTimeout(() => resolve("pending"), ms)),
+  ]);
+}
+
+test("stdout blocked reader times out, then recovers", async (t) => {
+  const { stream, received, release } = stuckWritable(16);
+  const sink = new StdoutSink(silentLogger(), stream, { drainTimeoutMs: 200 });
+  const chain = buildChain(4);
+
+  const started = Date.now();
+  const first = await settledWithin(sink.send(chain.slice(0, 1)), 2_000);
+  t.true(first instanceof Error, `send() ${String(first)}`);
+  t.regex((first as Error).message, /did not take the records within 200 ms/);
+  t.true(Date.now() - started < 1_000);
+
+  const buffered = stream.writableLength;
+  const again = Date.now();
+  const second = await settledWithin(sink.send(chain.slice(1, 2)), 2_000);
+  t.true(second instanceof Error, `send() ${String(second)}`);
+  t.regex((second as Error).message, /stdout is blocked: .*nothing was written/);
+  t.true(Date.now() - again < 50, "a send() to a blocked stream rejects at once");
+  t.is(stream.writableLength, buffered, "a send() to a blocked stream writes nothing");
+
+  release();
+  await new Promise((resolve) => setImmediate(resolve));
+  await sink.send(chain.slice(1, 2));
+  await sink.send(chain.slice(2));
+  t.is(received.join(""), chain.map((record) => `${record.line}\n`).join(""));
+  await sink.close();
+});
+
+test("stdout close does not wait for a blocked stream", async (t) => {
+  const { stream } = stuckWritable(16);
+  const sink = new StdoutSink(silentLogger(), stream);
+  const sending = settledWithin(sink.send(buildChain(1)), 2_000);
+  await new Promise((resolve) => setTimeout(resolve, 20));
+
+  const started = Date.now();
+  await sink.close();
+  t.true(Date.now() - started < 1_000);
+  const outcome = await sending;
+  t.true(outcome instanceof Error, `the waiting send() ${String(outcome)}`);
+  t.regex((outcome as Error).message, /closed/);
+  // The stream still buffers the batch, so a late error must not find it without a listener.
+  t.notThrows(() => stream.emit("error", new Error("write EPIPE")));
+  await t.throwsAsync(sink.send(buildChain(1)), { message: /closed/ });
+});

@@ -3,9 +3,14 @@ import test from "ava";
 import { sealLine } from "../../agent/audit/chain";
 import type { AuditEvent, SealedRecord } from "../../agent/audit/record";
 import {
+  DEFAULT_SYSLOG_MAX_MESSAGE_BYTES,
+  MIN_SYSLOG_MAX_MESSAGE_BYTES,
+  checkMaxMessageBytes,
   checkSyslogHeader,
   escapeParamValue,
+  formatStandInMsg,
   formatStructuredData,
+  formatSyslogFrame,
   formatSyslogMessage,
   frameOctetCounted,
   parseSyslogFacility,
@@ -160,4 +165,79 @@ test("octet counting frames by UTF-8 byte length", (t) => {
   const space = framed.indexOf(0x20);
   t.is(Number(framed.subarray(0, space).toString("ascii")), framed.length - space - 1);
   t.is(framed.subarray(space + 1).toString("utf8"), message);
+});
+
+/** Splits an octet-counted frame into its count and its message. */
+function unframe(frame: Buffer): { count: number; message: string } {
+  const space = frame.indexOf(0x20);
+  return { count: Number(frame.subarray(0, space).toString("ascii")), message: frame.subarray(space + 1).toString("utf8") };
+}
+
+test("frame within the limit carries the line", (t) => {
+  const { record, line } = seal(completed());
+  const { frame, standInForBytes } = formatSyslogFrame(HEADER, record, line, DEFAULT_SYSLOG_MAX_MESSAGE_BYTES);
+  t.is(standInForBytes, undefined);
+  t.is(unframe(frame).message, formatSyslogMessage(HEADER, record, line));
+});
+
+test("frame of exactly the limit carries the line", (t) => {
+  const { record, line } = seal(completed());
+  const bytes = Buffer.byteLength(formatSyslogMessage(HEADER, record, line), "utf8");
+  t.is(formatSyslogFrame(HEADER, record, line, bytes).standInForBytes, undefined);
+  t.not(formatSyslogFrame(HEADER, record, line, bytes - 1).standInForBytes, undefined);
+});
+
+test("oversized record becomes a stand-in", (t) => {
+  const { record, line } = seal(completed({ src: { addr: "10.0.0.1:1", workload: "ü".repeat(10_000) } }));
+  const lineBytes = Buffer.byteLength(line, "utf8");
+  const { frame, standInForBytes } = formatSyslogFrame(HEADER, record, line, 8192);
+  const { count, message } = unframe(frame);
+
+  t.is(standInForBytes, lineBytes);
+  t.true(count <= 8192, `the stand-in has ${count} bytes`);
+  t.is(count, Buffer.byteLength(message, "utf8"));
+  const standIn = formatStandInMsg(record, line);
+  t.is(message, formatSyslogMessage(HEADER, record, standIn));
+  t.deepEqual(JSON.parse(standIn), {
+    time: record.time,
+    type: "connection.completed",
+    v: 1,
+    seq: 7,
+    id: ID,
+    node: "node-a",
+    truncated: true,
+    bytes: lineBytes,
+    hash: record.hash,
+  });
+});
+
+test("stand-in fits the minimum with the longest header", (t) => {
+  const header = checkSyslogHeader({ facility: 23, hostname: "h".repeat(255), procId: "9".repeat(128), sdId: `${"s".repeat(25)}@123456` });
+  const { record, line } = seal(completed({ node: "h".repeat(255), src: { addr: "10.0.0.1:1", workload: "w".repeat(5_000) } }), Number.MAX_SAFE_INTEGER);
+  const { frame, standInForBytes } = formatSyslogFrame(header, record, line, MIN_SYSLOG_MAX_MESSAGE_BYTES);
+  const { count, message } = unframe(frame);
+  t.not(standInForBytes, undefined);
+  t.true(count <= MIN_SYSLOG_MAX_MESSAGE_BYTES, `the stand-in has ${count} bytes`);
+  const standIn = JSON.parse(message.slice(message.indexOf("] ") + 2)) as { truncated: boolean; node: string };
+  t.is(standIn.truncated, true);
+  t.is(standIn.node, "h".repeat(255), "the full stand-in fits, not only the short one");
+});
+
+test("short stand-in when the full one is too long", (t) => {
+  // A time too long for the stand-in: TIMESTAMP becomes the NILVALUE, but the stand-in's MSG carries it.
+  const { record, line } = seal(completed({ time: "x".repeat(3_000) }));
+  const { frame, standInForBytes } = formatSyslogFrame(HEADER, record, line, MIN_SYSLOG_MAX_MESSAGE_BYTES);
+  const { count, message } = unframe(frame);
+  t.is(standInForBytes, Buffer.byteLength(line, "utf8"));
+  t.true(count <= MIN_SYSLOG_MAX_MESSAGE_BYTES, `the stand-in has ${count} bytes`);
+  t.deepEqual(JSON.parse(message.slice(message.indexOf("] ") + 2)), { seq: 7, id: ID, truncated: true, bytes: standInForBytes, hash: record.hash });
+});
+
+test("maximum message size has a floor of 2048", (t) => {
+  t.is(checkMaxMessageBytes(2048), 2048);
+  t.is(checkMaxMessageBytes(65536), 65536);
+  for (const value of [2047, 0, -1, 4096.5, Number.NaN]) {
+    const error = t.throws(() => checkMaxMessageBytes(value), undefined, String(value));
+    t.true(error instanceof AgentError && error.code === "INVALID_AUDIT_SINK", String(value));
+  }
 });

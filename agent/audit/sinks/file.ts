@@ -5,6 +5,7 @@
 // - send() skips records at or below the last seq written, and writes a batch with one write(2)
 //   where the kernel accepts it whole. After a failed write, the next send() first truncates the file
 //   back to its size before that batch, so a resent batch leaves no half line and no duplicate.
+//   close() truncates it too, so a clean stop after a failed write leaves no half line either.
 // Before a batch, at most once per second, one stat(2) of the path checks that it still names the
 // open file. A file renamed or deleted by an outside rotator is left alone and a new file is opened
 // at the path.
@@ -13,7 +14,8 @@ import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../log";
 import { auditFileSet, freeRotatedFileName } from "../files";
-import type { AuditSink, SpooledRecord } from "../sink";
+import { unsealLine } from "../chain";
+import type { AuditSink, HeldRecord, SpooledRecord } from "../sink";
 
 export interface FileSinkOptions {
   /** Path of the active file, such as /var/log/ambient-agent/audit.log. */
@@ -64,7 +66,7 @@ export class FileSink implements AuditSink {
   private readonly pathCheckIntervalMs: number;
   /** Highest seq in the file; records at or below it are skipped. */
   private lastSeq: number | undefined;
-  /** Size of the file before a batch whose write failed; the next send() truncates back to it. */
+  /** Size of the file before a batch whose write failed; the next send() or close() truncates back to it. */
   private sizeBeforeFailedWrite: number | undefined;
   private closed = false;
 
@@ -81,14 +83,19 @@ export class FileSink implements AuditSink {
     this.pathCheckIntervalMs = options.pathCheckIntervalMs ?? DEFAULT_PATH_CHECK_INTERVAL_MS;
   }
 
-  /** Opens the active file and returns the seq of its last record, or of the newest rotated file's when it is empty. */
-  async open(): Promise<number | undefined> {
+  /** Opens the active file and returns its last record, or the newest rotated file's when it is empty. */
+  async open(): Promise<HeldRecord | undefined> {
     await this.closeActive();
     this.active = await this.openActive();
-    const seq = this.active.size > 0 ? await this.readLastSeq(this.active.handle, this.active.size, this.filePath) : await this.readRotatedLastSeq();
-    this.lastSeq = seq;
-    this.logger.info({ file: this.filePath, last_seq: seq ?? null, bytes: this.active.size }, "audit file opened");
-    return seq;
+    const held = this.active.size > 0 ? await this.readLastRecord(this.active.handle, this.active.size, this.filePath) : await this.readRotatedLastRecord();
+    this.lastSeq = held?.seq;
+    this.logger.info({ file: this.filePath, last_seq: held?.seq ?? null, bytes: this.active.size }, "audit file opened");
+    return held;
+  }
+
+  /** Accepts the records of a new chain, whose seqs start again at 1, after the records the file holds. */
+  startNewChain(): void {
+    this.lastSeq = undefined;
   }
 
   /** Appends the records of the batch that the file does not hold yet. Rejects with an error naming the file. */
@@ -111,8 +118,13 @@ export class FileSink implements AuditSink {
     }
   }
 
+  /** Truncates what a failed write left behind (best effort, logged on failure) and closes the file. */
   async close(): Promise<void> {
     this.closed = true;
+    if (this.sizeBeforeFailedWrite !== undefined && this.active !== undefined) {
+      await this.truncateFailedWrite(this.active, this.sizeBeforeFailedWrite);
+      this.sizeBeforeFailedWrite = undefined;
+    }
     await this.closeActive();
   }
 
@@ -144,16 +156,7 @@ export class FileSink implements AuditSink {
     const size = this.sizeBeforeFailedWrite;
     if (size === undefined) return;
 
-    const active = this.active;
-    if (active !== undefined) {
-      try {
-        await active.handle.truncate(size);
-        active.size = size;
-        this.logger.info({ file: this.filePath, size }, "audit file truncated to its size before the failed write");
-      } catch (error) {
-        this.logger.warn({ file: this.filePath, size, err: error }, "truncating the audit file after a failed write failed; cutting its last line at reopen");
-      }
-    }
+    if (this.active !== undefined) await this.truncateFailedWrite(this.active, size);
     await this.closeActive();
     const reopened = await this.openActive();
     this.active = reopened;
@@ -162,6 +165,17 @@ export class FileSink implements AuditSink {
       if (fileSeq !== undefined && (this.lastSeq === undefined || fileSeq > this.lastSeq)) this.lastSeq = fileSeq;
     }
     this.sizeBeforeFailedWrite = undefined;
+  }
+
+  /** Truncates the file back to `size`, its size before a failed write. A failure is logged: the next open cuts the half line. */
+  private async truncateFailedWrite(active: ActiveFile, size: number): Promise<void> {
+    try {
+      await active.handle.truncate(size);
+      active.size = size;
+      this.logger.info({ file: this.filePath, size }, "audit file truncated to its size before the failed write");
+    } catch (error) {
+      this.logger.warn({ file: this.filePath, size, err: error }, "truncating the audit file after a failed write failed; cutting its last line at reopen");
+    }
   }
 
   /** Returns the open file if the path still names it, or else opens a new file at the path. */
@@ -258,22 +272,28 @@ export class FileSink implements AuditSink {
 
   /** Returns the seq of the last line of a file of complete lines, or undefined when it has none. */
   private async readLastSeq(handle: fs.promises.FileHandle, size: number, file: string): Promise<number | undefined> {
+    return (await this.readLastRecord(handle, size, file))?.seq;
+  }
+
+  /** Returns the seq and hash of the last line of a file of complete lines, or undefined when it has none. */
+  private async readLastRecord(handle: fs.promises.FileHandle, size: number, file: string): Promise<HeldRecord | undefined> {
     const { line } = await readLastLine(handle, size);
     const seq = line === undefined ? undefined : parseSeq(line);
     if (line !== undefined && seq === undefined) {
       this.logger.warn({ file, line: line.slice(0, 200) }, "last line of the audit file has no valid seq; resuming where the pipeline's cursor points");
     }
-    return seq;
+    if (seq === undefined) return undefined;
+    return { seq, hash: unsealLine(line!)?.hash };
   }
 
-  private async readRotatedLastSeq(): Promise<number | undefined> {
+  private async readRotatedLastRecord(): Promise<HeldRecord | undefined> {
     const rotated = auditFileSet(this.filePath).filter((file) => file !== this.filePath);
     const newest = rotated.at(-1);
     if (newest === undefined) return undefined;
     const handle = await fs.promises.open(newest, "r");
     try {
       const { size } = await handle.stat();
-      return size > 0 ? await this.readLastSeq(handle, size, newest) : undefined;
+      return size > 0 ? await this.readLastRecord(handle, size, newest) : undefined;
     } finally {
       await handle.close();
     }

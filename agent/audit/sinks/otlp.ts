@@ -10,7 +10,7 @@ import fs from "node:fs";
 import * as grpc from "@grpc/grpc-js";
 import { AgentError } from "../../errors";
 import type { Logger } from "../../log";
-import type { AuditSink, SpooledRecord } from "../sink";
+import type { AuditSink, SendResult, SpooledRecord } from "../sink";
 import { decodeExportResponse, encodeExportRequest } from "./otlp-encode";
 import type { ExportLogsResponseMessage } from "./otlp-proto";
 
@@ -89,7 +89,7 @@ export class OtlpLogsSink implements AuditSink {
   }
 
   /** Returns undefined because a collector reports nothing about what it already holds, so the pipeline starts at its own cursor. */
-  async open(): Promise<number | undefined> {
+  async open(): Promise<undefined> {
     return undefined;
   }
 
@@ -99,10 +99,11 @@ export class OtlpLogsSink implements AuditSink {
    * success, logged as a warning). Rejects with AgentError AUDIT_SINK_FAILED on the first gRPC
    * error, so that the pipeline sends the whole batch again: the calls before it are delivered twice.
    */
-  async send(batch: readonly SpooledRecord[]): Promise<void> {
+  async send(batch: readonly SpooledRecord[]): Promise<SendResult> {
     if (this.#closed) {
       throw new AgentError("AUDIT_SINK_FAILED", `the OTLP sink for ${this.endpoint} is closed; ${batch.length} audit records were not sent`);
     }
+    let rejected = 0;
     for (const chunk of splitByLineBytes(batch, MAX_REQUEST_LINE_BYTES)) {
       const request = encodeExportRequest(chunk, this.#node);
       let response: ExportLogsResponseMessage;
@@ -111,8 +112,9 @@ export class OtlpLogsSink implements AuditSink {
       } catch (error) {
         throw this.exportFailed(chunk, error as grpc.ServiceError);
       }
-      this.exportSucceeded(chunk, response);
+      rejected += this.exportSucceeded(chunk, response);
     }
+    return { rejected };
   }
 
   /** Closes the channel; a call in flight fails with CANCELLED. */
@@ -141,14 +143,17 @@ export class OtlpLogsSink implements AuditSink {
     });
   }
 
-  private exportSucceeded(batch: readonly SpooledRecord[], response: ExportLogsResponseMessage): void {
+  /** Logs a recovery or a partial success, and returns how many records the collector rejected (at most the batch's). */
+  private exportSucceeded(batch: readonly SpooledRecord[], response: ExportLogsResponseMessage): number {
     if (this.#failureStreak > 0) {
       this.#logger.info({ failures: this.#failureStreak }, "OTLP export succeeded again after failed attempts");
       this.#failureStreak = 0;
     }
 
     const partial = response.partial_success;
-    const rejected = Number(partial?.rejected_log_records ?? 0);
+    // A collector may report any number; more than the call carried, or a negative one, says nothing more.
+    const reported = Number(partial?.rejected_log_records ?? 0);
+    const rejected = Number.isFinite(reported) ? Math.min(Math.max(reported, 0), batch.length) : 0;
     const message = (partial?.error_message ?? "").slice(0, MAX_LOGGED_MESSAGE_LENGTH);
     if (rejected > 0) {
       this.#rejectedTotal += rejected;
@@ -161,6 +166,7 @@ export class OtlpLogsSink implements AuditSink {
       this.#logger.warn({ message }, "the OTLP collector accepted the batch and returned a warning");
     }
     this.#lastWarning = message === "" ? undefined : message;
+    return rejected;
   }
 
   private exportFailed(batch: readonly SpooledRecord[], error: grpc.ServiceError): AgentError {

@@ -192,6 +192,80 @@ export function formatSyslogMessage(header: SyslogHeader, record: SealedRecord, 
   return `${fields.join(" ")} ${line}`;
 }
 
+/**
+ * Default maximum bytes of one message (the frame without its octet count). In RFC 5425, receivers
+ * SHOULD accept 8192 octets, and rsyslog 8.2302's default maxMessageSize is 8 KiB. rsyslog cuts a
+ * longer octet-counted frame at its limit and parses the rest of the frame as further messages,
+ * whose header fields then come from the record's content.
+ */
+export const DEFAULT_SYSLOG_MAX_MESSAGE_BYTES = 8192;
+
+/**
+ * Lowest accepted maxMessageBytes: in RFC 5425, receivers MUST accept 2048 octets. A stand-in fits
+ * below it with the longest header fields that checkSyslogHeader allows, as long as the record's
+ * id, time and type have the lengths that the recorder gives them.
+ */
+export const MIN_SYSLOG_MAX_MESSAGE_BYTES = 2048;
+
+/** A message ready to write, framed by octet counting. */
+export interface SyslogFrame {
+  frame: Buffer;
+  /** Bytes of the record's full line when the frame carries the stand-in, undefined otherwise. */
+  standInForBytes?: number;
+}
+
+/** Throws INVALID_AUDIT_SINK unless `value` is an integer of at least MIN_SYSLOG_MAX_MESSAGE_BYTES. */
+export function checkMaxMessageBytes(value: number): number {
+  if (!Number.isSafeInteger(value) || value < MIN_SYSLOG_MAX_MESSAGE_BYTES) {
+    throw new AgentError(
+      "INVALID_AUDIT_SINK",
+      `syslog maximum message size ${value} is invalid: use an integer of at least ${MIN_SYSLOG_MAX_MESSAGE_BYTES} bytes, ` +
+        "and no more than the receiver accepts (rsyslog's maxMessageSize, default 8192)",
+    );
+  }
+  return value;
+}
+
+/**
+ * Returns the MSG that replaces a record too long for the receiver. It is a JSON object with the
+ * record's envelope and chain position, "truncated": true, the byte length of the full line and
+ * its hash. The full record can then be found by id in the audit file or another sink.
+ */
+export function formatStandInMsg(record: SealedRecord, line: string): string {
+  return JSON.stringify({
+    time: record.time,
+    type: record.type,
+    v: record.v,
+    seq: record.seq,
+    id: record.id,
+    node: record.node,
+    truncated: true,
+    bytes: Buffer.byteLength(line, "utf8"),
+    hash: record.hash,
+  });
+}
+
+/** Returns the stand-in without time, type, v and node, for records whose full stand-in does not fit. */
+function formatShortStandInMsg(record: SealedRecord, line: string): string {
+  return JSON.stringify({ seq: record.seq, id: record.id, truncated: true, bytes: Buffer.byteLength(line, "utf8"), hash: record.hash });
+}
+
+/**
+ * Formats and frames one record. When the message would exceed maxMessageBytes, the frame carries
+ * the same header and structured data with the stand-in of formatStandInMsg as MSG instead.
+ */
+export function formatSyslogFrame(header: SyslogHeader, record: SealedRecord, line: string, maxMessageBytes: number): SyslogFrame {
+  const message = formatSyslogMessage(header, record, line);
+  if (Buffer.byteLength(message, "utf8") <= maxMessageBytes) return { frame: frameOctetCounted(message) };
+
+  const standIn = formatSyslogMessage(header, record, formatStandInMsg(record, line));
+  const standInForBytes = Buffer.byteLength(line, "utf8");
+  if (Buffer.byteLength(standIn, "utf8") <= maxMessageBytes) return { frame: frameOctetCounted(standIn), standInForBytes };
+  // NOTE: an id longer than about 600 bytes (an estimate from the header limits) makes even the
+  // short stand-in exceed MIN_SYSLOG_MAX_MESSAGE_BYTES. The recorder's ids are 36-byte UUIDs.
+  return { frame: frameOctetCounted(formatSyslogMessage(header, record, formatShortStandInMsg(record, line))), standInForBytes };
+}
+
 /** Frames a message by octet counting: its length in bytes of UTF-8, a space, then the message. */
 export function frameOctetCounted(message: string): Buffer {
   const body = Buffer.from(message, "utf8");

@@ -5,19 +5,26 @@
 // receiving application, so the sink relies on two things.
 //  1. Kernel acknowledgement. After writing a batch, send() polls the socket's send queue
 //     (SIOCOUTQ) until it is empty, which means the receiver's kernel acknowledged every byte.
-//     send() rejects when that takes longer than ackTimeoutMs, or when the connection breaks first.
+//     send() rejects when the write and the acknowledgement together take longer than
+//     ackTimeoutMs, or when the connection breaks first. A receiver that reads nothing can keep a
+//     large write from ever reaching the kernel, so the deadline starts before the write, and on
+//     expiry the connection is destroyed.
 //  2. Replay of recent records. A receiver that stops loses what is still unread in its socket
 //     buffer or queued inside it, although its kernel acknowledged those bytes. The sink therefore
-//     keeps the records written during the last replayWindowMs on the current connection. When
-//     the connection breaks (closed, reset, failed write or timed out), those records are sent
-//     again first on the next connection. A receiver may then get a record twice. Both copies
-//     carry the same `id` in the structured data, and receivers drop the second.
+//     keeps the records first written during the last replayWindowMs. When the connection breaks
+//     (closed, reset, failed write or timed out), those records are sent again first on the next
+//     connection. A replayed record keeps the time of its first write, so a receiver that keeps
+//     breaking connections gets it only during replayWindowMs after that. A receiver may get a
+//     record twice. Both copies carry the same `id` in the structured data, and receivers drop the second.
 // This covers a receiver that stops or restarts. It does not cover one that accepts a record and
 // then loses it more than replayWindowMs later without closing the connection. RELP gives an
 // acknowledgement per message for that case; rsyslog supports it, but this sink does not speak it.
 //
 // A broken connection is replaced on the next send(); send() rejects on every failure, so the
 // pipeline resends the batch after its backoff.
+//
+// A message longer than maxMessageBytes is replaced by a stand-in (syslog-format.ts), because
+// receivers cut longer frames and parse the rest as further messages.
 
 import fs from "node:fs";
 import net from "node:net";
@@ -27,7 +34,15 @@ import { socketUnackedBytes } from "../../capture/native-socket-queue";
 import { AgentError } from "../../errors";
 import type { Logger } from "../../log";
 import type { AuditSink, SpooledRecord } from "../sink";
-import { DEFAULT_SD_ID, DEFAULT_SYSLOG_FACILITY, checkSyslogHeader, formatSyslogMessage, frameOctetCounted, type SyslogHeader } from "./syslog-format";
+import {
+  DEFAULT_SD_ID,
+  DEFAULT_SYSLOG_FACILITY,
+  DEFAULT_SYSLOG_MAX_MESSAGE_BYTES,
+  checkMaxMessageBytes,
+  checkSyslogHeader,
+  formatSyslogFrame,
+  type SyslogHeader,
+} from "./syslog-format";
 
 /** TLS settings. Setting them selects TLS (RFC 5425) instead of plain TCP. */
 export interface SyslogTlsOptions {
@@ -53,12 +68,17 @@ export interface SyslogSinkOptions {
   sdId?: string;
   /** Timeout of the TCP connect and of the TLS handshake, each. Default 10 s. */
   connectTimeoutMs?: number;
-  /** Timeout for the receiver's kernel to acknowledge a written batch. Default 10 s. */
+  /** Timeout for writing a batch and for the receiver's kernel to acknowledge it, together. Default 10 s. */
   ackTimeoutMs?: number;
   /** Time for which written records are kept for a replay. Default 5 s. */
   replayWindowMs?: number;
   /** Maximum bytes of messages kept for a replay. Beyond it the oldest are dropped. Default 32 MiB. */
   replayMaxBytes?: number;
+  /**
+   * Maximum bytes of one message without its octet count, at most what the receiver accepts
+   * (rsyslog's maxMessageSize). A longer record is sent as a stand-in. Default 8192, minimum 2048.
+   */
+  maxMessageBytes?: number;
 }
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
@@ -71,12 +91,20 @@ const ACK_POLL_INTERVAL_MS = 1;
 const ACK_POLL_MAX_INTERVAL_MS = 32;
 /** Time close() waits for the receiver to close the connection before it destroys the socket. */
 const CLOSE_TIMEOUT_MS = 1_000;
+/** Minimum time between two warnings about records sent as stand-ins. */
+const STAND_IN_WARNING_INTERVAL_MS = 60_000;
 
-/** A record written on a connection, kept for a replay. */
-interface WrittenRecord {
+/** A record to write, with its framed message. */
+interface FramedRecord {
   record: SpooledRecord;
   frame: Buffer;
-  writtenAt: number;
+  /** When the record was first written, on any connection, in ms since the epoch; undefined before its first write. */
+  firstWrittenAt?: number;
+}
+
+/** A record written on a connection, kept for a replay. */
+interface WrittenRecord extends FramedRecord {
+  firstWrittenAt: number;
 }
 
 /** One TCP or TLS connection to the receiver. */
@@ -102,11 +130,15 @@ export class SyslogSink implements AuditSink {
   private readonly ackTimeoutMs: number;
   private readonly replayWindowMs: number;
   private readonly replayMaxBytes: number;
+  private readonly maxMessageBytes: number;
   private connection: SyslogConnection | undefined;
   /** Records of broken connections to send again, first thing on the next connection. */
   private replay: WrittenRecord[] = [];
   private sending = false;
   private closed = false;
+  /** When the last stand-in warning was logged, and how many stand-ins were sent since without a warning. */
+  private standInWarnedAt = 0;
+  private standInsNotWarned = 0;
 
   constructor(
     private readonly options: SyslogSinkOptions,
@@ -128,10 +160,11 @@ export class SyslogSink implements AuditSink {
     this.ackTimeoutMs = options.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS;
     this.replayWindowMs = options.replayWindowMs ?? DEFAULT_REPLAY_WINDOW_MS;
     this.replayMaxBytes = options.replayMaxBytes ?? DEFAULT_REPLAY_MAX_BYTES;
+    this.maxMessageBytes = checkMaxMessageBytes(options.maxMessageBytes ?? DEFAULT_SYSLOG_MAX_MESSAGE_BYTES);
   }
 
   /** Returns undefined: a syslog receiver cannot report which records it holds. Connects on the first send(). */
-  async open(): Promise<number | undefined> {
+  async open(): Promise<undefined> {
     return undefined;
   }
 
@@ -142,8 +175,7 @@ export class SyslogSink implements AuditSink {
     try {
       const connection = await this.usableConnection();
       const records = this.recordsToWrite(batch);
-      await this.writeRecords(connection, records);
-      await this.awaitAcknowledgement(connection);
+      await this.deliverBeforeDeadline(connection, records);
       this.replay = [];
       this.forgetOldRecords(connection);
     } catch (error) {
@@ -187,21 +219,61 @@ export class SyslogSink implements AuditSink {
    * Returns the replayed records followed by the batch, in seq order, each id once. A record of
    * the batch may also be in the replay when an earlier send() of the same batch failed.
    */
-  private recordsToWrite(batch: readonly SpooledRecord[]): WrittenRecord[] {
-    const byId = new Map<string, WrittenRecord>();
+  private recordsToWrite(batch: readonly SpooledRecord[]): FramedRecord[] {
+    const byId = new Map<string, FramedRecord>();
     for (const written of this.replay) byId.set(written.record.id, written);
     for (const record of batch) {
       if (byId.has(record.id)) continue;
-      const frame = frameOctetCounted(formatSyslogMessage(this.header, record.record, record.line));
-      byId.set(record.id, { record, frame, writtenAt: 0 });
+      const { frame, standInForBytes } = formatSyslogFrame(this.header, record.record, record.line, this.maxMessageBytes);
+      if (standInForBytes !== undefined) this.warnStandIn(record, standInForBytes);
+      byId.set(record.id, { record, frame });
     }
     return [...byId.values()].sort((a, b) => a.record.seq - b.record.seq);
   }
 
-  private async writeRecords(connection: SyslogConnection, records: WrittenRecord[]): Promise<void> {
+  /** Logs a record sent as a stand-in, at most once per STAND_IN_WARNING_INTERVAL_MS, with the count of the others. */
+  private warnStandIn(record: SpooledRecord, bytes: number): void {
+    this.standInsNotWarned++;
+    const now = Date.now();
+    if (now - this.standInWarnedAt < STAND_IN_WARNING_INTERVAL_MS) return;
+    this.logger.warn(
+      { sink: this.name, seq: record.seq, id: record.id, bytes, max_message_bytes: this.maxMessageBytes, stand_ins: this.standInsNotWarned },
+      "audit record is longer than the syslog maximum message size, so a stand-in with its id and hash was sent; the full record is in the audit file and the other sinks",
+    );
+    this.standInWarnedAt = now;
+    this.standInsNotWarned = 0;
+  }
+
+  /**
+   * Writes the records and waits for their acknowledgement, both within ackTimeoutMs. On expiry
+   * the connection is destroyed, which also ends a write that the receiver never took.
+   */
+  private async deliverBeforeDeadline(connection: SyslogConnection, records: FramedRecord[]): Promise<void> {
+    const deadline = Date.now() + this.ackTimeoutMs;
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => {
+        const error = this.ackTimeoutError();
+        this.markBroken(connection, error);
+        connection.socket.destroy();
+        reject(error);
+      }, this.ackTimeoutMs);
+    });
+    const delivered = (async () => {
+      await this.writeRecords(connection, records);
+      await this.awaitAcknowledgement(connection, deadline);
+    })();
+    try {
+      await Promise.race([delivered, expired]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async writeRecords(connection: SyslogConnection, records: FramedRecord[]): Promise<void> {
     const now = Date.now();
     for (const written of records) {
-      connection.written.push({ ...written, writtenAt: now });
+      connection.written.push({ ...written, firstWrittenAt: written.firstWrittenAt ?? now });
       connection.writtenBytes += written.frame.length;
     }
     const data = Buffer.concat(records.map((written) => written.frame));
@@ -214,34 +286,36 @@ export class SyslogSink implements AuditSink {
    * Resolves once the receiver's kernel acknowledged every byte written on the connection. The
    * send queue is read only while the socket is open: after destroy() its fd may belong to another file.
    */
-  private async awaitAcknowledgement(connection: SyslogConnection): Promise<void> {
-    const deadline = Date.now() + this.ackTimeoutMs;
+  private async awaitAcknowledgement(connection: SyslogConnection, deadline: number): Promise<void> {
     for (let interval = ACK_POLL_INTERVAL_MS; ; interval = Math.min(interval * 2, ACK_POLL_MAX_INTERVAL_MS)) {
       if (connection.broken !== undefined) throw connection.broken;
       if (connection.socket.destroyed || connection.tcp.destroyed) throw new Error("the connection was closed");
       const pending = connection.socket.writableLength + connection.tcp.writableLength;
       if (pending === 0 && socketUnackedBytes(connection.fd) === 0) return;
-      if (Date.now() >= deadline) {
-        throw new AgentError(
-          "AUDIT_SINK_FAILED",
-          `sending to ${this.name} failed: the receiver did not acknowledge the written records within ${this.ackTimeoutMs} ms`,
-        );
-      }
+      if (Date.now() >= deadline) throw this.ackTimeoutError();
       await delay(interval);
     }
   }
 
-  /** Drops records written before the replay window, and the oldest ones beyond replayMaxBytes. */
+  private ackTimeoutError(): AgentError {
+    return new AgentError(
+      "AUDIT_SINK_FAILED",
+      `sending to ${this.name} failed: the receiver did not take and acknowledge the written records within ${this.ackTimeoutMs} ms. ` +
+        "Check that the syslog receiver runs and reads its connections",
+    );
+  }
+
+  /** Drops records first written before the replay window, and the oldest ones beyond replayMaxBytes. */
   private forgetOldRecords(connection: SyslogConnection): void {
     const oldest = Date.now() - this.replayWindowMs;
     let drop = 0;
     let bytes = connection.writtenBytes;
-    while (drop < connection.written.length && (connection.written[drop].writtenAt < oldest || bytes > this.replayMaxBytes)) {
+    while (drop < connection.written.length && (connection.written[drop].firstWrittenAt < oldest || bytes > this.replayMaxBytes)) {
       bytes -= connection.written[drop].frame.length;
       drop++;
     }
     if (drop === 0) return;
-    const overflow = connection.written[drop - 1].writtenAt >= oldest;
+    const overflow = connection.written[drop - 1].firstWrittenAt >= oldest;
     if (overflow) {
       // NOTE: records dropped here are not replayed if the receiver loses them within the window.
       this.logger.warn({ sink: this.name, dropped: drop, replayMaxBytes: this.replayMaxBytes }, "syslog replay buffer is full, so the oldest records will not be replayed");
@@ -251,8 +325,8 @@ export class SyslogSink implements AuditSink {
   }
 
   /**
-   * Closes the current connection after a failure and moves the records written on it during the
-   * replay window before it broke into the replay.
+   * Closes the current connection after a failure and moves the records written on it into the
+   * replay, if they were first written during the replay window before it broke.
    */
   private dropConnection(reason: unknown): void {
     const connection = this.connection;
@@ -263,7 +337,7 @@ export class SyslogSink implements AuditSink {
     const since = (connection.brokenAt ?? Date.now()) - this.replayWindowMs;
     const replayed = new Map(this.replay.map((written) => [written.record.id, written]));
     for (const written of connection.written) {
-      if (written.writtenAt >= since) replayed.set(written.record.id, written);
+      if (written.firstWrittenAt >= since) replayed.set(written.record.id, written);
     }
     this.replay = [...replayed.values()].sort((a, b) => a.record.seq - b.record.seq);
     this.logger.warn(

@@ -36,6 +36,8 @@ export class SinkRunner {
   private lingerTimer: NodeJS.Timeout | undefined;
   /** Set when the linger ended, so that the next run sends a batch that is not full. */
   private lingered = false;
+  /** Set by sendNow() until the sink has caught up: no linger in between. */
+  private urgent = false;
   private failureStreak = 0;
   private counts = { delivered: 0, failures: 0, dropped: 0, rejected: 0 };
   private lastError: string | undefined;
@@ -65,7 +67,7 @@ export class SinkRunner {
     const waiting = this.context.head() - this.cursor;
     if (waiting <= 0) return;
     const linger = this.sink.lingerMs ?? 0;
-    if (linger > 0 && waiting < this.context.batchSize && !this.lingered) {
+    if (linger > 0 && waiting < this.context.batchSize && !this.lingered && !this.urgent) {
       this.lingerTimer = setTimeout(() => {
         this.lingerTimer = undefined;
         this.lingered = true;
@@ -76,8 +78,9 @@ export class SinkRunner {
     this.current = this.run();
   }
 
-  /** Ends a linger or a retry wait now, for flush() and close(). */
+  /** Ends a linger or a retry wait now, and sends without lingering until the sink has caught up, for flush() and close(). */
   sendNow(): void {
+    this.urgent = this.cursor < this.context.head();
     if (this.lingerTimer === undefined && this.retryTimer === undefined) return;
     clearTimeout(this.lingerTimer);
     clearTimeout(this.retryTimer);
@@ -118,6 +121,13 @@ export class SinkRunner {
           this.sendingSince = undefined;
         }
         this.succeeded(batch);
+        // The few records that arrived during the send wait for the next linger, not a call of their own.
+        if ((this.sink.lingerMs ?? 0) > 0 && this.context.head() - this.cursor < this.context.batchSize && !this.stopped && !this.urgent) {
+          this.running = false;
+          this.lingered = false;
+          this.wake();
+          return;
+        }
       }
     } finally {
       this.running = false;
@@ -131,6 +141,7 @@ export class SinkRunner {
       this.counts.delivered += last - Math.max(this.cursor, batch[0].seq - 1);
       this.cursor = last;
     }
+    if (this.cursor >= this.context.head()) this.urgent = false;
     if (this.failureStreak > 0) {
       this.context.logger.info({ failedAttempts: this.failureStreak }, "audit sink accepts records again");
       this.failureStreak = 0;

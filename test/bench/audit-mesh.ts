@@ -221,7 +221,8 @@ async function buildRound(config: MeshAuditConfig, roundIndex: number): Promise<
     for (const node of nodes) {
       const netns = cluster.topology.node(node).netns;
       const otlp = new OtlpReceiverProcess(cluster.topology, netns, otlpPort, path.join(cluster.workDir, `otlp-${node}.jsonl`));
-      await otlp.start();
+      // The counting receiver decodes nothing, so the agents, not a test decoder, are what the rounds compare.
+      await otlp.start("count");
       const syslog = await RsyslogServer.start({ prefix: `${cluster.topology.prefix}-${node}`, netns, tcpPort: syslogPort }).catch(async (error: unknown) => {
         await otlp.stop();
         throw error;
@@ -326,7 +327,7 @@ async function checkDelivered(mesh: RoundCluster): Promise<DeliveredRecords[]> {
       continue;
     }
     const { otlp, syslog } = mesh.receivers.get(node)!;
-    const counts = (): { otlp: number; syslog: number } => ({ otlp: countLines(otlp.outputFile), syslog: syslog.readMessages().length });
+    const counts = (): { otlp: number; syslog: number } => ({ otlp: otlp.countedRecords(), syslog: syslog.readMessages().length });
     const deadline = Date.now() + RECEIVER_TIMEOUT_MS;
     let received = counts();
     while (received.otlp < file || received.syslog < file) {

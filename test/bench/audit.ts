@@ -336,7 +336,7 @@ const FULL: AuditSettings = {
   remoteBurstRecords: 50_000,
   burstRounds: 3,
   steadySeconds: 10,
-  mesh: { rounds: 3, setupRate: 400, setupSeconds: 10, setupWarmupSeconds: 1, rateSeconds: 4, rateThreads: 16, rateMaxCount: 200_000 },
+  mesh: { rounds: 3, setupRate: 200, setupSeconds: 15, setupWarmupSeconds: 1, rateSeconds: 4, rateThreads: 16, rateMaxCount: 200_000 },
 };
 const QUICK: AuditSettings = {
   fileBurstRecords: 20_000,

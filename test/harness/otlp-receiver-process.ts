@@ -2,11 +2,16 @@
 // runs and can reach it on 127.0.0.1. Every record it accepted is appended to a JSON-lines file
 // that the test reads. SIGTERM stops the server and writes what is still unwritten before exit,
 // so a record the agent saw accepted is always in the file.
-//   node otlp-receiver-process.js PORT OUTPUT_FILE
+// In "count" mode, for benchmarks, it decodes nothing: it answers each Export and counts the records
+// of the request, which is cheap enough not to take CPU from the agents it measures, and keeps
+// {"records":N} in the output file.
+//   node otlp-receiver-process.js PORT OUTPUT_FILE [count]
 
 import { type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
+import * as grpc from "@grpc/grpc-js";
+import { EXPORT_METHOD } from "../../agent/audit/sinks/otlp";
 import { OtlpReceiver } from "./otlp-receiver";
 import type { Topology } from "./topology";
 
@@ -32,10 +37,10 @@ export class OtlpReceiverProcess {
     return `127.0.0.1:${this.port}`;
   }
 
-  /** Starts the receiver and waits until it listens. */
-  async start(): Promise<void> {
+  /** Starts the receiver and waits until it listens; `mode` "count" only counts records (see the file's header). */
+  async start(mode: "store" | "count" = "store"): Promise<void> {
     if (this.child) throw new Error("the OTLP receiver already runs");
-    this.child = this.topology.spawn(this.netns, process.execPath, [__filename, String(this.port), this.outputFile], { stdio: ["ignore", "ignore", "inherit"] });
+    this.child = this.topology.spawn(this.netns, process.execPath, [__filename, String(this.port), this.outputFile, mode], { stdio: ["ignore", "ignore", "inherit"] });
     const deadline = Date.now() + 10_000;
     while (Date.now() < deadline) {
       const listening = this.topology.exec(this.netns, "ss", ["-Hltn", `sport = :${this.port}`], { allowFail: true });
@@ -56,6 +61,13 @@ export class OtlpReceiverProcess {
     const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
     await exited;
     clearTimeout(timer);
+  }
+
+  /** Records counted so far by a receiver started in "count" mode. */
+  countedRecords(): number {
+    if (!fs.existsSync(this.outputFile)) return 0;
+    const text = fs.readFileSync(this.outputFile, "utf8");
+    return text === "" ? 0 : (JSON.parse(text) as { records: number }).records;
   }
 
   /** Every accepted record so far, duplicates included, in arrival order. */
@@ -81,8 +93,60 @@ export async function pickPort(): Promise<number> {
   });
 }
 
+/** The bytes of the attribute key that every LogRecord of the sink carries once. */
+const RECORD_ID_KEY = Buffer.from("log.record.uid");
+
+/** Counts the LogRecords of an encoded request by their log.record.uid attribute key, without decoding it. */
+export function countEncodedRecords(request: Buffer): number {
+  let count = 0;
+  for (let at = request.indexOf(RECORD_ID_KEY); at >= 0; at = request.indexOf(RECORD_ID_KEY, at + RECORD_ID_KEY.length)) count++;
+  return count;
+}
+
+/** Serves Export with no decoding and keeps the running count of records in `outputFile`. */
+async function countRecords(port: number, outputFile: string): Promise<void> {
+  let records = 0;
+  let written = -1;
+  const server = new grpc.Server();
+  const passThrough = (bytes: Buffer): Buffer => bytes;
+  server.addService(
+    {
+      Export: {
+        path: EXPORT_METHOD,
+        requestStream: false,
+        responseStream: false,
+        requestSerialize: passThrough,
+        requestDeserialize: passThrough,
+        // An ExportLogsServiceResponse with no field set is full success, and encodes to no bytes.
+        responseSerialize: () => Buffer.alloc(0),
+        responseDeserialize: passThrough,
+      },
+    },
+    {
+      Export: (call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => {
+        records += countEncodedRecords(call.request);
+        callback(null, Buffer.alloc(0));
+      },
+    },
+  );
+  await new Promise<void>((resolve, reject) => server.bindAsync(`127.0.0.1:${port}`, grpc.ServerCredentials.createInsecure(), (error) => (error ? reject(error) : resolve())));
+  const writeCount = (): void => {
+    if (records === written) return;
+    written = records;
+    fs.writeFileSync(outputFile, JSON.stringify({ records }));
+  };
+  const timer = setInterval(writeCount, 50);
+  process.once("SIGTERM", () => {
+    clearInterval(timer);
+    server.forceShutdown();
+    writeCount();
+    process.exit(0);
+  });
+}
+
 async function main(): Promise<void> {
-  const [portText, outputFile] = process.argv.slice(2);
+  const [portText, outputFile, mode] = process.argv.slice(2);
+  if (mode === "count") return countRecords(Number(portText), outputFile);
   const receiver = await OtlpReceiver.start({ port: Number(portText) });
   let written = 0;
   const writeNew = (): void => {

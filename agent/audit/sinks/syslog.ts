@@ -123,8 +123,11 @@ interface SyslogConnection {
 
 export class SyslogSink implements AuditSink {
   readonly name: string;
-  /** A remote call per batch costs far more than a record, so batches wait up to 50 ms to fill. */
-  readonly lingerMs = 50;
+  /**
+   * A remote call costs the agent far more than one record, so a batch that is not full waits up to
+   * 500 ms to fill: at low rates this cut the agent's CPU per connection measurably (docs/benchmarks.md).
+   */
+  readonly lingerMs = 500;
   private readonly header: SyslogHeader;
   private readonly connectTimeoutMs: number;
   private readonly ackTimeoutMs: number;

@@ -1,7 +1,7 @@
-// The size limit of one audit record. A record that large cannot come from a connection; it comes
-// from configuration text, such as a policy with very long values, and would otherwise be refused
-// by every remote sink again and again (gRPC servers take 4 MiB messages by default, and syslog
-// receivers often 8 KiB), holding up the records behind it.
+// The size limit of one audit record. No connection makes a record that large: configuration text
+// does, such as a policy with very long values. Remote sinks would reject such a record again and
+// again and hold up the records behind it, because gRPC servers take 4 MiB messages by default and
+// syslog receivers often 8 KiB.
 
 /** Largest serialized record, in bytes, before its long values are cut. */
 export const MAX_RECORD_BYTES = 64 * 1024;

@@ -4,7 +4,7 @@
 import crypto from "node:crypto";
 import type { AuditEvent } from "./record";
 
-/** How one field is redacted: removed, or replaced by a keyed hash that still correlates equal values. */
+/** A redaction of one field: removal, or a keyed hash that still matches equal values. */
 export interface RedactionRule {
   /** Dotted path in the record, such as "src.addr" or "error.message". */
   path: string;
@@ -128,11 +128,10 @@ const LONE_SURROGATE_ESCAPE = /\\ud[89a-f][0-9a-f]{2}/i;
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
 
 /**
- * Cleans the strings of a serialized record: text that looks like a certificate, private key or
- * token is replaced (records never carry them by design; this guards free-text fields such as error
- * messages), and a lone UTF-16 surrogate, which has no UTF-8 form, becomes U+FFFD, so that every
- * sink carries the same text the hash covers. Returns the record unchanged (the same object) when
- * nothing matched.
+ * Cleans the strings of a serialized record. Text that looks like a certificate, private key or
+ * token is replaced: records never carry them by design, and this guards free-text fields such as
+ * error messages. A lone UTF-16 surrogate, which has no UTF-8 form, becomes U+FFFD, so that every
+ * sink carries the text the hash covers. Returns the same object when nothing matched.
  */
 export function scrubRecord<T extends object>(record: T, serialized: string): T {
   if (!SECRET_HINT.test(serialized) && !LONE_SURROGATE_ESCAPE.test(serialized)) return record;

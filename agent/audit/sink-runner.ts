@@ -1,6 +1,6 @@
-// Delivery to one sink: a loop that sends the records after the sink's cursor, batch by batch, and
-// retries a failed batch with a capped exponential backoff (with jitter, so many nodes do not
-// retry against one collector in step) until the sink accepts it.
+// Delivery to one sink: a loop that sends the records after the sink's cursor, batch by batch. A
+// failed batch is retried with a capped exponential backoff until the sink accepts it. The jitter
+// keeps many nodes from retrying against one collector in step.
 
 import type { Logger } from "../log";
 import type { AuditSink, SpooledRecord } from "./sink";

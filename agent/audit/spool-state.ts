@@ -17,8 +17,8 @@ export async function saveCursors(spoolDir: string, cursors: Record<string, numb
 }
 
 /**
- * Loads the saved cursors by sink name. A missing file is an empty map; an unreadable one is logged
- * and read as empty, so the sinks start at the spool's head or where they say they are.
+ * Loads the saved cursors by sink name. A missing file is an empty map. An unreadable one is logged
+ * and read as empty, so the sinks receive the records still in the spool again.
  */
 export async function loadCursors(spoolDir: string, logger: Logger): Promise<Record<string, number>> {
   try {
@@ -26,7 +26,7 @@ export async function loadCursors(spoolDir: string, logger: Logger): Promise<Rec
     return parsed.sinks ?? {};
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== "ENOENT") {
-      logger.warn({ err: error, spool: spoolDir }, "the audit sink cursor file is unreadable; sinks start at the spool's head or at what they hold");
+      logger.warn({ err: error, spool: spoolDir }, "the audit sink cursor file is unreadable; sinks receive the records still in the spool again");
     }
     return {};
   }

@@ -32,7 +32,7 @@ export interface Segment {
   bytes: number;
 }
 
-/** What open() finds on disk. */
+/** The chain head and oldest record that open() finds on disk. */
 export interface SpoolContents {
   /** Seq and hash of the last record, or undefined for an empty spool. */
   head: { seq: number; hash: string; type: string } | undefined;
@@ -209,7 +209,7 @@ export class Spool {
 
   /**
    * Finds segment files that were removed (an operator deleted the spool folder, for example) and
-   * forgets them, at most once per VANISH_CHECK_INTERVAL_MS. Writes would otherwise go on into a
+   * drops them from the segment list, at most once per VANISH_CHECK_INTERVAL_MS. Writes would otherwise go on into a
    * deleted file that no reader can open. Returns the vanished segments; the next append starts a
    * new segment, with the folder created again, when the active one is among them.
    */
@@ -333,7 +333,7 @@ export class Spool {
     if (segment) await this.remove(segment);
   }
 
-  /** The first and last record of a segment, for the times in a gap record. */
+  /** Reads the first and last record of a segment, for the times in a gap record. */
   async segmentBounds(segment: Segment): Promise<{ first?: SpooledRecord; last?: SpooledRecord }> {
     const first = (await this.read(segment.firstSeq, 1))[0];
     const last = (await this.read(segment.lastSeq, 1))[0];

@@ -8,18 +8,19 @@
 // many and when: a full queue drops new records (the spool cannot keep up or fails), and a full
 // spool evicts its oldest segment, whose records a lagging sink then never receives.
 
-import crypto from "node:crypto";
 import fs from "node:fs";
 import type { Logger } from "../log";
-import { GENESIS_HASH, sealLine } from "./chain";
+import { GENESIS_HASH } from "./chain";
 import { OpenConnections } from "./open-connections";
-import { AUDIT_SCHEMA_VERSION, type AuditEvent, type AuditRecorder, type SealedRecord } from "./record";
-import { Redactor, scrubRecord, type RedactionRule } from "./redact";
-import { MAX_RECORD_BYTES, shrinkRecord } from "./record-limit";
+import type { AuditEvent, AuditRecorder } from "./record";
+import { Redactor, type RedactionRule } from "./redact";
+import { MAX_RECORD_BYTES } from "./record-limit";
+import { sealRecord } from "./seal";
 import type { AuditSink, HeldRecord, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
 import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
-import { Spool, SpoolDamagedError, type FsyncPolicy, type Segment, type SpoolContents } from "./spool";
+import { SpoolLosses } from "./spool-losses";
+import { Spool, SpoolDamagedError, type FsyncPolicy, type SpoolContents } from "./spool";
 
 export interface AuditPipelineOptions {
   node: string;
@@ -79,6 +80,7 @@ export class AuditPipeline implements AuditRecorder {
   private readonly spool: Spool;
   private readonly openConnections: OpenConnections;
   private readonly runners: SinkRunner[];
+  private readonly losses: SpoolLosses;
   private readonly queue: AuditEvent[] = [];
   /** Gap records, written ahead of the queue and never dropped. */
   private readonly gaps: AuditEvent[] = [];
@@ -146,6 +148,15 @@ export class AuditPipeline implements AuditRecorder {
           logger: logger.child({ sink: sink.name }),
         }),
     );
+    this.losses = new SpoolLosses({
+      node: options.node,
+      spool: this.spool,
+      spoolMaxBytes: this.spoolMaxBytes,
+      runners: this.runners,
+      openConnections: this.openConnections,
+      logger,
+      addGap: (gap) => this.gaps.push(gap),
+    });
   }
 
   /**
@@ -312,7 +323,7 @@ export class AuditPipeline implements AuditRecorder {
           this.pending = undefined;
           continue;
         }
-        await this.forgetVanishedSegments();
+        await this.losses.forgetVanishedSegments();
         try {
           await this.spool.append(this.pending.lines, this.pending.records[0].seq);
         } catch (error) {
@@ -321,7 +332,7 @@ export class AuditPipeline implements AuditRecorder {
         }
         this.commit(this.pending);
         this.pending = undefined;
-        await this.evictOverflow().catch((error: unknown) =>
+        await this.losses.evictOverflow().catch((error: unknown) =>
           this.logger.error({ err: error, spool: this.options.spoolDir }, "evicting from the full audit spool failed; retrying after the next append"),
         );
       }
@@ -369,28 +380,12 @@ export class AuditPipeline implements AuditRecorder {
   private seal(event: AuditEvent): SpooledRecord {
     this.redact(event);
     const seq = this.sealedHead.seq + 1;
-    const id = crypto.randomUUID();
-    // time and type come first so that lines sort by time and read well; assign() keeps their place.
-    let record = Object.assign({ time: event.time, type: event.type, v: AUDIT_SCHEMA_VERSION, seq, id }, event, { prev_hash: this.sealedHead.hash }) as Omit<SealedRecord, "hash">;
-    let body = JSON.stringify(record);
-    const scrubbed = scrubRecord(record, body);
-    if (scrubbed !== record) {
-      record = scrubbed;
-      body = JSON.stringify(record);
+    const { spooled, hash, originalBytes } = sealRecord(event, seq, this.sealedHead.hash);
+    if (originalBytes !== undefined) {
+      this.logger.warn({ type: event.type, seq, bytes: originalBytes, maxBytes: MAX_RECORD_BYTES }, "audit record too large; its long values were cut");
     }
-    const shrunk = shrinkRecord(record as unknown as Record<string, unknown>, body);
-    if (shrunk !== undefined) {
-      this.logger.warn({ type: event.type, seq, bytes: shrunk.original_bytes, maxBytes: MAX_RECORD_BYTES }, "audit record too large; its long values were cut");
-      // The chain fields come back after the cut, which may have dropped them with the payload.
-      delete shrunk.prev_hash;
-      record = Object.assign({ time: shrunk.time, type: shrunk.type, v: AUDIT_SCHEMA_VERSION, seq, id }, shrunk, { prev_hash: this.sealedHead.hash }) as Omit<SealedRecord, "hash">;
-      body = JSON.stringify(record);
-    }
-    const { line, hash } = sealLine(body);
     this.sealedHead = { seq, hash };
-    const sealed = record as SealedRecord;
-    sealed.hash = hash;
-    return { seq, id, line, record: sealed };
+    return spooled;
   }
 
   private writeFailed(error: unknown): void {
@@ -435,69 +430,9 @@ export class AuditPipeline implements AuditRecorder {
       return await this.spool.read(seq, max);
     } catch (error) {
       if (!(error instanceof SpoolDamagedError) || error.seq === undefined) throw error;
-      this.skipDamaged(error.seq, error);
+      this.losses.skipDamaged(error.seq, error);
+      this.scheduleWriter();
       return [];
-    }
-  }
-
-  /** Moves every sink that still needs it past a damaged spool line, and records the loss in a gap record. */
-  private skipDamaged(seq: number, error: Error): void {
-    for (const runner of this.runners) {
-      if (runner.cursor !== seq - 1) continue;
-      runner.skipTo(seq, 1);
-      this.logger.error({ sink: runner.sink.name, seq, err: error }, "audit spool line is damaged; this sink skips it and a gap record counts it");
-      const time = new Date().toISOString();
-      this.gaps.push({ type: "audit.gap", time, node: this.options.node, reason: "spool_damaged", sink: runner.sink.name, lost: 1, first_seq: seq, last_seq: seq, first_time: time, last_time: time });
-    }
-    this.scheduleWriter();
-  }
-
-  /** Evicts the oldest segments while the spool is over its limit, with a gap record for each sink that lacked them. */
-  private async evictOverflow(): Promise<void> {
-    for (let segment = this.spool.overflow(); segment !== undefined; segment = this.spool.overflow()) {
-      const lagging = this.runners.filter((runner) => runner.cursor < segment!.lastSeq);
-      if (lagging.length > 0) await this.recordEviction(segment, lagging);
-      await this.openConnections.save();
-      await this.spool.evictOldest();
-    }
-  }
-
-  /** Writes gap records for the sinks that lacked the records of segment files someone removed. */
-  private async forgetVanishedSegments(): Promise<void> {
-    const vanished = await this.spool.findVanished().catch(() => []);
-    if (vanished.length === 0) return;
-    this.logger.error(
-      { spool: this.options.spoolDir, segments: vanished.map((segment) => segment.file) },
-      "audit spool files were removed while the agent ran; writing to a new segment, and the sinks that lacked their records get gap records",
-    );
-    for (const segment of vanished) {
-      const lagging = this.runners.filter((runner) => runner.cursor < segment.lastSeq);
-      if (lagging.length > 0) await this.recordEviction(segment, lagging, "spool_damaged");
-    }
-  }
-
-  private async recordEviction(segment: Segment, lagging: SinkRunner[], reason: "spool_full" | "spool_damaged" = "spool_full"): Promise<void> {
-    const bounds = await this.spool.segmentBounds(segment).catch(() => ({ first: undefined, last: undefined }));
-    for (const runner of lagging) {
-      const firstSeq = Math.max(runner.cursor + 1, segment.firstSeq);
-      const lost = segment.lastSeq - firstSeq + 1;
-      runner.skipTo(segment.lastSeq, lost);
-      this.logger.error(
-        { sink: runner.sink.name, lost, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.spoolMaxBytes, reason },
-        "audit records this sink has not received left the spool; a gap record counts them",
-      );
-      this.gaps.push({
-        type: "audit.gap",
-        time: new Date().toISOString(),
-        node: this.options.node,
-        reason,
-        sink: runner.sink.name,
-        lost,
-        first_seq: firstSeq,
-        last_seq: segment.lastSeq,
-        first_time: bounds.first?.record.time ?? "",
-        last_time: bounds.last?.record.time ?? "",
-      });
     }
   }
 

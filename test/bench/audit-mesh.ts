@@ -21,14 +21,13 @@ import fs from "node:fs";
 import path from "node:path";
 import { auditFileSet } from "../../agent/audit/files";
 import { Cluster, removeLeftovers } from "../harness/cluster";
-import type { NamespaceSpec } from "../harness/manifests";
 import { OtlpReceiverProcess, pickPort } from "../harness/otlp-receiver-process";
 import { RsyslogServer } from "../harness/rsyslog";
-import type { NodeSpec } from "../harness/topology";
 import { moveToBenchAddresses } from "./pod-ips";
 import { cpuSeconds } from "./proc-stats";
 import { nearestRank, round } from "./stats";
 import { TcpBench, type ConnectResult } from "./tcp-bench";
+import { ALLOW_CLIENT_POLICY, BENCH_NAMESPACES, CLIENT, SERVER, benchNodes } from "./mesh-pods";
 
 export type MeshAuditConfig = "file" | "file_otlp_syslog";
 
@@ -114,8 +113,6 @@ export interface MeshAuditSettings {
 
 const PREFIX_FAMILY = "aabaud";
 const RUN_PREFIX = `${PREFIX_FAMILY}${process.pid}`;
-const CLIENT = "client";
-const SERVER = "server";
 const ECHO_PORT = 7000;
 /** Threads of the paced client: connections overlap only when one takes longer than the interval. */
 const SETUP_THREADS = 8;
@@ -123,26 +120,8 @@ const CATCH_UP_TIMEOUT_MS = 60_000;
 /** How long the receivers get to store what the agents saw accepted: the OTLP receiver writes its file every 50 ms. */
 const RECEIVER_TIMEOUT_MS = 10_000;
 
-const NODES: NodeSpec[] = [
-  { name: "baud-n1", pods: [{ name: CLIENT, namespace: "bench-client", serviceAccount: "client" }] },
-  { name: "baud-n2", pods: [{ name: SERVER, namespace: "bench-server", serviceAccount: "server" }] },
-];
-const NAMESPACES: NamespaceSpec[] = [
-  { name: "bench-client", ambient: true },
-  { name: "bench-server", ambient: true },
-];
-const ALLOW_CLIENT_POLICY = `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: server-allow-client
-  namespace: bench-server
-spec:
-  action: ALLOW
-  rules:
-    - from:
-        - source:
-            principals: ["cluster.local/ns/bench-client/sa/client"]
-`;
+const NODES = benchNodes("baud");
+const NAMESPACES = BENCH_NAMESPACES;
 
 interface Receivers {
   otlp: OtlpReceiverProcess;

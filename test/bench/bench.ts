@@ -28,8 +28,6 @@ import path from "node:path";
 import readline from "node:readline";
 import { AGENT_BIN, REPO_ROOT } from "../harness/agent-process";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import type { NamespaceSpec } from "../harness/manifests";
-import type { NodeSpec } from "../harness/topology";
 import { IPERF_PORT, runIperfClient, startIperfServer, type IperfResult } from "./iperf";
 import { summarizeProfiles, withCpuProfiles } from "./cpu-profile";
 import { measureEnrollment } from "./enrollment";
@@ -43,36 +41,16 @@ import { formatAuthzTable, measureAuthz } from "./authz";
 import { formatAuditTable, measureAudit } from "./audit";
 import { describeMachine, formatCaptureTable, formatIdentityTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
+import { ALLOW_CLIENT_POLICY, BENCH_NAMESPACES, CLIENT, SERVER, benchNodes } from "./mesh-pods";
 
 const PREFIX_FAMILY = "aabench";
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
-const CLIENT = "client";
-const SERVER = "server";
 const ECHO_PORT = 7000;
 const RESULTS_FILE = path.join(REPO_ROOT, "bench-results.json");
 const GIB = 1024 ** 3;
 
-const NODES: NodeSpec[] = [
-  { name: "bench-n1", pods: [{ name: CLIENT, namespace: "bench-client", serviceAccount: "client" }] },
-  { name: "bench-n2", pods: [{ name: SERVER, namespace: "bench-server", serviceAccount: "server" }] },
-];
-const NAMESPACES: NamespaceSpec[] = [
-  { name: "bench-client", ambient: true },
-  { name: "bench-server", ambient: true },
-];
-/** One ALLOW policy, so that every mesh connection goes through a policy evaluation as in production. */
-const ALLOW_CLIENT_POLICY = `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: server-allow-client
-  namespace: bench-server
-spec:
-  action: ALLOW
-  rules:
-    - from:
-        - source:
-            principals: ["cluster.local/ns/bench-client/sa/client"]
-`;
+const NODES = benchNodes("bench");
+const NAMESPACES = BENCH_NAMESPACES;
 
 interface Settings {
   /** Folder for the agents' CPU profiles, or undefined for a run without profiling. */

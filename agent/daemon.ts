@@ -112,6 +112,7 @@ export class Agent {
   private lock: PinRootLock | undefined;
   private nodeLock: PinRootLock | undefined;
   private spoolLock: PinRootLock | undefined;
+  private auditFileLock: PinRootLock | undefined;
   private handover: HandoverServer | undefined;
   #handOver: () => void = () => undefined;
   /** Promise that settles once this agent has handed the node over to a replacement. The process should then call stop(). */
@@ -330,6 +331,7 @@ export class Agent {
     this.nodeLock = PinRootLock.acquireNode(this.options.node);
     this.lock = PinRootLock.acquire(this.options.pinRoot);
     this.spoolLock = PinRootLock.acquireSpool(this.options.audit.spoolDir);
+    if (this.options.audit.file) this.auditFileLock = PinRootLock.acquireAuditFile(this.options.audit.file.path);
   }
 
   /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
@@ -365,6 +367,7 @@ export class Agent {
     this.lock?.release();
     this.nodeLock?.release();
     this.spoolLock?.release();
+    this.auditFileLock?.release();
   }
 
   /** Re-reads every manifest file now, as on SIGHUP. */

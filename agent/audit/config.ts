@@ -115,6 +115,9 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
   if (url.username !== "" || url.password !== "") {
     throw new Error(sinkError(text, "user information in the URI is not used; give credentials as a header parameter"));
   }
+  if (url.hash !== "" || (url.pathname !== "" && url.pathname !== "/")) {
+    throw new Error(sinkError(text, "a path or #fragment in the URI is not used; put parameters after ? (a # inside a value must be written %23)"));
+  }
   const known = new Set(["ca", "cert", "key", "server_name", "header", "facility", "sd_id", "max_message_size"]);
   for (const name of query.keys()) {
     if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}"`));
@@ -172,6 +175,8 @@ function tlsOf(query: URLSearchParams): SinkTls | undefined {
 
 function sinkError(text: string, problem: string): string {
   // Parameter values (a header may hold a token) and user information are not repeated in the message.
-  const shown = text.replace(/\?.*$/s, (query) => query.replace(/=[^&]*/g, "=…")).replace(/\/\/[^/@?]*@/, "//…@");
+  const shown = text
+    .replace(/[?#].*$/s, (rest) => rest.replace(/=[^&#]*/g, "=…"))
+    .replace(/^([a-z+]+:\/\/)[^?#]*@/i, "$1…@");
   return `invalid --audit-sink "${shown}": ${problem}; expected stdout, otlp://HOST:PORT, syslog+tcp://HOST[:PORT] or syslog+tls://HOST[:PORT]?ca=FILE`;
 }

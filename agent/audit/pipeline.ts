@@ -18,7 +18,7 @@ import { MAX_RECORD_BYTES } from "./record-limit";
 import { sealRecord } from "./seal";
 import type { AuditSink, HeldRecord, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
-import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey } from "./spool-state";
+import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey, writeRedactionKey } from "./spool-state";
 import { SpoolLosses } from "./spool-losses";
 import { Spool, SpoolDamagedError, type FsyncPolicy, type SpoolContents } from "./spool";
 
@@ -81,6 +81,8 @@ export class AuditPipeline implements AuditRecorder {
   private readonly openConnections: OpenConnections;
   private readonly runners: SinkRunner[];
   private readonly losses: SpoolLosses;
+  /** The redaction key kept in the spool folder, when no key file was given. */
+  private spoolKey: Buffer | undefined;
   private readonly queue: AuditEvent[] = [];
   /** Gap records, written ahead of the queue and never dropped. */
   private readonly gaps: AuditEvent[] = [];
@@ -198,7 +200,9 @@ export class AuditPipeline implements AuditRecorder {
    * chain after what it holds, which `agentctl audit verify` reports as a chain restart.
    */
   private async startingCursor(runner: SinkRunner, saved: number | undefined, held: HeldRecord | undefined, oldestSeq: number): Promise<number> {
-    let cursor = Math.max(saved ?? 0, oldestSeq - 1);
+    // A saved cursor below the oldest spooled record means records were removed while the agent was
+    // down: the first read finds them missing and writes the gap record.
+    let cursor = saved ?? oldestSeq - 1;
     if (held !== undefined) {
       if (await this.isOfThisChain(held)) {
         cursor = Math.max(cursor, held.seq);
@@ -323,7 +327,7 @@ export class AuditPipeline implements AuditRecorder {
           this.pending = undefined;
           continue;
         }
-        await this.losses.forgetVanishedSegments();
+        if (await this.losses.forgetVanishedSegments()) await this.restoreSpoolFiles();
         try {
           await this.spool.append(this.pending.lines, this.pending.records[0].seq);
         } catch (error) {
@@ -426,14 +430,23 @@ export class AuditPipeline implements AuditRecorder {
       const start = seq - first.seq;
       return this.tail.slice(start, start + max);
     }
+    let records: SpooledRecord[];
     try {
-      return await this.spool.read(seq, max);
+      records = await this.spool.read(seq, max);
     } catch (error) {
       if (!(error instanceof SpoolDamagedError) || error.seq === undefined) throw error;
       this.losses.skipDamaged(error.seq, error);
       this.scheduleWriter();
       return [];
     }
+    if (records.length > 0 || seq > this.spooledSeq) return records;
+    // The spool no longer has this seq (segment files were removed): skip to the next record it has.
+    const next = Math.min(this.spool.firstSeqFrom(seq) ?? Infinity, this.tail[0]?.seq ?? Infinity, this.spooledSeq + 1);
+    if (next > seq) {
+      this.losses.skipMissing(seq, next - 1);
+      this.scheduleWriter();
+    }
+    return [];
   }
 
   /** After a sink accepted records: saves the cursors soon, and deletes the segments every sink has. */
@@ -474,7 +487,22 @@ export class AuditPipeline implements AuditRecorder {
   private async createRedactor(): Promise<Redactor | undefined> {
     const rules = this.options.redaction ?? [];
     if (rules.length === 0) return undefined;
-    return new Redactor(rules, this.options.redactionKey ?? (await spoolRedactionKey(this.options.spoolDir, this.logger)));
+    this.spoolKey = this.options.redactionKey === undefined ? await spoolRedactionKey(this.options.spoolDir, this.logger) : undefined;
+    return new Redactor(rules, this.options.redactionKey ?? this.spoolKey!);
+  }
+
+  /**
+   * Writes the spool's small files again after its folder was removed: the redaction key, so that
+   * hashes stay the same after the next start, and the connections open now, so that a crash still
+   * completes them.
+   */
+  private async restoreSpoolFiles(): Promise<void> {
+    try {
+      if (this.spoolKey !== undefined) await writeRedactionKey(this.options.spoolDir, this.spoolKey);
+      await this.openConnections.save();
+    } catch (error) {
+      this.logger.error({ err: error, spool: this.options.spoolDir }, "writing the audit spool's key and open connections again failed");
+    }
   }
 
   private isIdle(): boolean {

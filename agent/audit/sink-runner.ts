@@ -101,6 +101,7 @@ export class SinkRunner {
     this.running = true;
     try {
       while (!this.stopped && this.cursor < this.context.head()) {
+        const before = this.cursor;
         let batch: SpooledRecord[];
         try {
           batch = await this.context.batchFrom(this.cursor + 1, this.context.batchSize);
@@ -109,7 +110,11 @@ export class SinkRunner {
           this.failed(error, 0);
           return;
         }
-        if (batch.length === 0) break;
+        // An empty batch after a skip past missing records means: go on from the new cursor.
+        if (batch.length === 0) {
+          if (this.cursor > before) continue;
+          break;
+        }
         this.sendingSince = Date.now();
         try {
           const result = await this.sink.send(batch);

@@ -34,6 +34,20 @@ export class SpoolLosses {
     }
   }
 
+  /** Moves the sinks waiting for `firstSeq` past the records up to `lastSeq`, which the spool no longer has, with a gap record each. */
+  skipMissing(firstSeq: number, lastSeq: number): void {
+    for (const runner of this.context.runners) {
+      if (runner.cursor !== firstSeq - 1) continue;
+      const lost = lastSeq - firstSeq + 1;
+      runner.skipTo(lastSeq, lost);
+      this.context.logger.error(
+        { sink: runner.sink.name, lost, firstSeq, lastSeq },
+        "audit records this sink has not received are missing from the spool (its files were removed); a gap record counts them",
+      );
+      this.context.addGap({ type: "audit.gap", time: new Date().toISOString(), node: this.context.node, reason: "spool_damaged", sink: runner.sink.name, lost, first_seq: firstSeq, last_seq: lastSeq });
+    }
+  }
+
   /** Evicts the oldest segments while the spool is over its limit, with a gap record for each sink that lacked them. */
   async evictOverflow(): Promise<void> {
     for (let segment = this.context.spool.overflow(); segment !== undefined; segment = this.context.spool.overflow()) {
@@ -44,10 +58,10 @@ export class SpoolLosses {
     }
   }
 
-  /** Writes gap records for the sinks that lacked the records of segment files someone removed. */
-  async forgetVanishedSegments(): Promise<void> {
+  /** Writes gap records for the sinks that lacked the records of segment files someone removed; returns whether any were. */
+  async forgetVanishedSegments(): Promise<boolean> {
     const vanished = await this.context.spool.findVanished().catch(() => []);
-    if (vanished.length === 0) return;
+    if (vanished.length === 0) return false;
     this.context.logger.error(
       { spool: this.context.spool.dir, segments: vanished.map((segment) => segment.file) },
       "audit spool files were removed while the agent ran; writing to a new segment, and the sinks that lacked their records get gap records",
@@ -56,6 +70,7 @@ export class SpoolLosses {
       const lagging = this.context.runners.filter((runner) => runner.cursor < segment.lastSeq);
       if (lagging.length > 0) await this.recordEviction(segment, lagging, "spool_damaged");
     }
+    return true;
   }
 
   private async recordEviction(segment: Segment, lagging: SinkRunner[], reason: "spool_full" | "spool_damaged" = "spool_full"): Promise<void> {
@@ -77,8 +92,8 @@ export class SpoolLosses {
         lost,
         first_seq: firstSeq,
         last_seq: segment.lastSeq,
-        first_time: bounds.first?.record.time ?? "",
-        last_time: bounds.last?.record.time ?? "",
+        ...(bounds.first !== undefined && { first_time: bounds.first.record.time }),
+        ...(bounds.last !== undefined && { last_time: bounds.last.record.time }),
       });
     }
   }

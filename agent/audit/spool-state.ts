@@ -58,6 +58,12 @@ export async function spoolRedactionKey(spoolDir: string, logger: Logger): Promi
   return key;
 }
 
+/** Writes the redaction key into the spool folder, creating the folder when it was removed. */
+export async function writeRedactionKey(spoolDir: string, key: Buffer): Promise<void> {
+  await fs.promises.mkdir(spoolDir, { recursive: true, mode: 0o700 });
+  await writeAtomically(path.join(spoolDir, REDACTION_KEY_FILE), key);
+}
+
 /** Copies the redaction key of a spool folder into a new one, so hashes stay the same after a damaged spool was moved aside. */
 export async function copyRedactionKey(fromDir: string, toDir: string): Promise<void> {
   const key = await fs.promises.readFile(path.join(fromDir, REDACTION_KEY_FILE)).catch(() => undefined);

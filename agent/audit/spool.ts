@@ -219,12 +219,11 @@ export class Spool {
     if (active === undefined || this.handle === undefined || now - this.vanishCheckedAt < VANISH_CHECK_INTERVAL_MS) return [];
     this.vanishCheckedAt = now;
     const atPath = await fs.promises.stat(active.file).catch(() => undefined);
-    if (atPath !== undefined && atPath.ino === this.handleIno) return [];
-    const vanished: Segment[] = [];
-    for (const segment of this.segments) {
-      const current = segment === active ? atPath : await fs.promises.stat(segment.file).catch(() => undefined);
-      if (current === undefined || segment === active) vanished.push(segment);
-    }
+    const activeReplaced = atPath === undefined || atPath.ino !== this.handleIno;
+    // One readdir finds older segments removed one by one, which the active file's inode cannot show.
+    const present = new Set(await fs.promises.readdir(this.dir).catch(() => [] as string[]));
+    const vanished = this.segments.filter((segment) => (segment === active ? activeReplaced : !present.has(path.basename(segment.file))));
+    if (vanished.length === 0) return [];
     this.segments = this.segments.filter((segment) => !vanished.includes(segment));
     if (vanished.includes(active)) {
       await this.closeActive();
@@ -262,7 +261,15 @@ export class Spool {
     if (!segment) return [];
     let lines = this.readCache?.file === segment.file ? this.readCache.lines : undefined;
     if (lines === undefined || segment.firstSeq + lines.length - 1 < Math.min(segment.lastSeq, fromSeq + max - 1)) {
-      const text = await fs.promises.readFile(segment.file, "utf8");
+      let text: string;
+      try {
+        text = await fs.promises.readFile(segment.file, "utf8");
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+        // The file was removed from under the spool: its records are gone, and the caller skips them.
+        this.segments = this.segments.filter((candidate) => candidate !== segment);
+        return [];
+      }
       lines = text.split("\n");
       lines.length = Math.min(lines.length, segment.lastSeq - segment.firstSeq + 1);
       this.readCache = { file: segment.file, lines };
@@ -290,6 +297,10 @@ export class Spool {
     for (const segment of [...this.segments]) {
       const text = await fs.promises.readFile(segment.file, "utf8").catch(() => "");
       const lines = text.split("\n");
+      lines.pop();
+      // A segment's last seq was taken from the next segment's name; its lines say what it really holds,
+      // which differs when a segment file in between was removed.
+      if (segment !== this.segments[this.segments.length - 1]) segment.lastSeq = Math.min(segment.lastSeq, segment.firstSeq + lines.length - 1);
       lines.length = Math.max(0, Math.min(lines.length, segment.lastSeq - segment.firstSeq + 1));
       for (const line of lines) {
         if (!line.includes('"type":"connection.')) continue;
@@ -301,6 +312,15 @@ export class Spool {
       }
     }
     if (damaged > 0) this.logger.warn({ dir: this.dir, damaged }, "audit spool has damaged lines; skipped them when looking for open connections");
+  }
+
+  /** Returns the first seq at or after `seq` that the spool holds, or undefined when it holds none. */
+  firstSeqFrom(seq: number): number | undefined {
+    for (const segment of this.segments) {
+      if (segment.lastSeq < segment.firstSeq || segment.lastSeq < seq) continue;
+      return Math.max(seq, segment.firstSeq);
+    }
+    return undefined;
   }
 
   /** Tells whether release(seq) would delete a segment. */

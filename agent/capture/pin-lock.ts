@@ -69,6 +69,11 @@ export class PinRootLock {
     return PinRootLock.acquireFile(lockFileOf(spoolDir, directory), `the audit spool ${spoolDir}`, directory, "give this agent its own --audit-spool");
   }
 
+  /** Takes the lock of an audit file: two agents appending to one file would copy each other's records into it. */
+  static acquireAuditFile(file: string, directory = LOCK_DIRECTORY): PinRootLock {
+    return PinRootLock.acquireFile(lockFileOf(file, directory), `the audit file ${file}`, directory, "give this agent its own --audit-file");
+  }
+
   private static acquireFile(file: string, subject: string, directory: string, fix = "give this agent its own --node and --pin-root"): PinRootLock {
     fs.mkdirSync(directory, { recursive: true });
     for (let attempt = 0; attempt < 2; attempt++) {

@@ -231,6 +231,7 @@ export class Cluster {
       lockFileOf(this.pinRoot(node)),
       path.join(LOCK_DIRECTORY, `node-${node}.pid`),
       lockFileOf(this.spoolDir(node)),
+      lockFileOf(this.auditFile(node)),
     ]);
   }
 

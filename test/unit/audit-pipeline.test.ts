@@ -395,3 +395,64 @@ test("pipeline counts records a sink rejects for good", async (t) => {
   t.is(audit.status().sinks[0].delivered, 5);
   await audit.close();
 });
+
+/** Returns the spool's segment files, oldest first, with the seq of their first line. */
+function segmentsOf(dir: string): { file: string; firstSeq: number }[] {
+  return fs
+    .readdirSync(dir)
+    .filter((name) => name.startsWith("segment-"))
+    .sort()
+    .map((name) => ({ file: path.join(dir, name), firstSeq: Number(/segment-(\d+)/.exec(name)![1]) }));
+}
+
+test("removed segment is a gap for a lagging sink", async (t) => {
+  const dir = tempDir(t);
+  const good = new MemorySink("good");
+  const late = new MemorySink("late");
+  late.failing = true;
+  const audit = pipeline(dir, [good, late], { segmentBytes: 20_000 });
+  await audit.start();
+  for (let i = 0; i < 5000; i++) audit.write(control(i));
+  await waitFor(() => good.lines.length === 5000);
+  const [, second, third] = segmentsOf(dir);
+  fs.rmSync(second.file);
+  // The spool notices the removal at most once a second, or when a sink reads the missing file.
+  await new Promise((resolve) => setTimeout(resolve, 1_100));
+  audit.write(control(5000));
+  late.failing = false;
+  await audit.flush();
+  const received = late.records();
+  const gap = received.find((record) => record.type === "audit.gap");
+  t.is(gap?.reason, "spool_damaged");
+  t.is(gap?.first_seq, second.firstSeq);
+  t.is(gap?.last_seq, third.firstSeq - 1);
+  t.is(gap?.lost, third.firstSeq - second.firstSeq);
+  const seqs = new Set(received.map((record) => record.seq));
+  t.true(seqs.has(second.firstSeq - 1) && seqs.has(third.firstSeq), "records around the removed segment arrive");
+  t.is(received.filter((record) => record.type === "workload.enrolled").length, 5001 - gap!.lost);
+  await audit.close();
+});
+
+test("segment removed while stopped is a gap after restart", async (t) => {
+  const dir = tempDir(t);
+  const down = new MemorySink("remote");
+  down.failing = true;
+  const first = pipeline(dir, [down], { segmentBytes: 20_000 });
+  await first.start();
+  for (let i = 0; i < 5000; i++) first.write(control(i));
+  await waitFor(() => first.status().spool.headSeq === 5000);
+  await first.close(100);
+  const [, second, third] = segmentsOf(dir);
+  fs.rmSync(second.file);
+
+  const up = new MemorySink("remote");
+  const again = pipeline(dir, [up], { segmentBytes: 20_000 });
+  await again.start();
+  await again.flush();
+  const gap = up.records().find((record) => record.type === "audit.gap");
+  t.is(gap?.first_seq, second.firstSeq);
+  t.is(gap?.lost, third.firstSeq - second.firstSeq);
+  t.is(up.records().filter((record) => record.type === "workload.enrolled").length, 5000 - gap!.lost);
+  t.true(again.status().sinks[0].up);
+  await again.close();
+});

@@ -337,12 +337,17 @@ export class SyslogSink implements AuditSink {
     this.connection = undefined;
     if (connection.broken === undefined) this.markBroken(connection, toError(reason));
     connection.socket.destroy();
+    // Replayed records that were never acknowledged keep their first write time, so the window and
+    // the byte cap apply to them as to the connection's own records.
     const since = (connection.brokenAt ?? Date.now()) - this.replayWindowMs;
-    const replayed = new Map(this.replay.map((written) => [written.record.id, written]));
-    for (const written of connection.written) {
+    const replayed = new Map<string, FramedRecord & { firstWrittenAt: number }>();
+    for (const written of [...this.replay, ...connection.written]) {
       if (written.firstWrittenAt >= since) replayed.set(written.record.id, written);
     }
-    this.replay = [...replayed.values()].sort((a, b) => a.record.seq - b.record.seq);
+    const kept = [...replayed.values()].sort((a, b) => a.record.seq - b.record.seq);
+    let bytes = kept.reduce((sum, written) => sum + written.frame.length, 0);
+    while (kept.length > 0 && bytes > this.replayMaxBytes) bytes -= kept.shift()!.frame.length;
+    this.replay = kept;
     this.logger.warn(
       { sink: this.name, err: connection.broken, replay: this.replay.length },
       "connection to the syslog receiver broke; recent records will be sent again on the next connection",

@@ -384,6 +384,20 @@ test("large batch split under message limit", async (t) => {
   t.is(receiver.uniqueRecords()[4].record.padding, padding);
 });
 
+test("chunk that encodes too large is halved", async (t) => {
+  const receiver = await startReceiver(t);
+  const sink = createSink(t, { endpoint: receiver.address });
+  // Arrays of -1 take 3 bytes of JSON per element and 13 encoded: 1.8 MB of lines, one chunk by
+  // line size, encode to about 8 MB, twice what a grpc-js server accepts in one message.
+  const numbers = new Array(60_000).fill(-1);
+  const batch = Array.from({ length: 10 }, (_, index) => spooled(completed(index + 1, { numbers })));
+
+  await sink.send(batch);
+
+  t.true(receiver.exports.length >= 3, `${receiver.exports.length} calls`);
+  t.deepEqual(receiver.uniqueRecords().map((record) => record.seq), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+});
+
 test("closed sink rejects send", async (t) => {
   const receiver = await startReceiver(t);
   const sink = createSink(t, { endpoint: receiver.address });

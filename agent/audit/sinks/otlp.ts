@@ -32,6 +32,8 @@ const MAX_RECONNECT_BACKOFF_MS = 5_000;
  * by default. Larger batches are split into several calls.
  */
 export const MAX_REQUEST_LINE_BYTES = 2 * 1024 * 1024;
+/** Largest encoded request sent: below the 4 MiB that gRPC servers accept by default, with room for framing. */
+const MAX_REQUEST_BYTES = 3.5 * 1024 * 1024;
 
 /** Maximum length of a collector's error_message in a log line; the rest is cut off. */
 const MAX_LOGGED_MESSAGE_LENGTH = 500;
@@ -107,8 +109,16 @@ export class OtlpLogsSink implements AuditSink {
       throw new AgentError("AUDIT_SINK_FAILED", `the OTLP sink for ${this.endpoint} is closed; ${batch.length} audit records were not sent`);
     }
     let rejected = 0;
-    for (const chunk of splitByLineBytes(batch, MAX_REQUEST_LINE_BYTES)) {
+    const chunks = splitByLineBytes(batch, MAX_REQUEST_LINE_BYTES);
+    while (chunks.length > 0) {
+      const chunk = chunks.shift()!;
       const request = encodeExportRequest(chunk, this.#node);
+      // Values such as long arrays of small numbers encode larger than their JSON: halve such a chunk.
+      if (request.length > MAX_REQUEST_BYTES && chunk.length > 1) {
+        const half = Math.ceil(chunk.length / 2);
+        chunks.unshift(chunk.slice(0, half), chunk.slice(half));
+        continue;
+      }
       let response: ExportLogsResponseMessage;
       try {
         response = await this.export(request);

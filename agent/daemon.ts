@@ -303,8 +303,9 @@ export class Agent {
   private async startAudit(): Promise<void> {
     const audit = this.audit!;
     await audit.start();
-    audit.write(agentStartedRecord({ previousStop: audit.previousStop, settings: this.recordedSettings() }, this.options.node, new Date().toISOString()));
-    if (this.captureSelection) audit.write(captureModeRecord(this.captureSelection, this.options.node, new Date().toISOString()));
+    // With --replace, records of the new agent's first moments are queued already: these go first.
+    if (this.captureSelection) audit.writeFirst(captureModeRecord(this.captureSelection, this.options.node, new Date().toISOString()));
+    audit.writeFirst(agentStartedRecord({ previousStop: audit.previousStop, settings: this.recordedSettings() }, this.options.node, new Date().toISOString()));
     audit.recordInterrupted();
   }
 

@@ -88,6 +88,11 @@ export function parseFsyncPolicy(value: string | undefined): FsyncPolicy {
 }
 
 const SYSLOG_DEFAULT_PORTS = { tcp: 514, tls: 6514 } as const;
+const KNOWN_PARAMETERS: Readonly<Record<string, ReadonlySet<string>>> = {
+  "otlp:": new Set(["ca", "cert", "key", "server_name", "header"]),
+  "syslog+tcp:": new Set(["facility", "sd_id", "max_message_size"]),
+  "syslog+tls:": new Set(["ca", "cert", "key", "server_name", "facility", "sd_id", "max_message_size"]),
+};
 /** A shorter interval costs an fdatasync(2) per batch anyway: use "always" for that. */
 const MIN_FSYNC_INTERVAL_MS = 10;
 
@@ -118,9 +123,11 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
   if (url.hash !== "" || (url.pathname !== "" && url.pathname !== "/")) {
     throw new Error(sinkError(text, "a path or #fragment in the URI is not used; put parameters after ? (a # inside a value must be written %23)"));
   }
-  const known = new Set(["ca", "cert", "key", "server_name", "header", "facility", "sd_id", "max_message_size"]);
+  const known = KNOWN_PARAMETERS[url.protocol] ?? new Set<string>();
   for (const name of query.keys()) {
-    if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}"`));
+    if (url.protocol === "syslog+tcp:" && ["ca", "cert", "key", "server_name"].includes(name)) throw new Error(sinkError(text, "TLS parameters need syslog+tls://"));
+    if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}" for ${url.protocol}// sinks`));
+    if (query.getAll(name).length > 1 && name !== "header") throw new Error(sinkError(text, `parameter "${name}" is given twice`));
   }
   const tls = tlsOf(query);
   if (url.protocol === "otlp:") {

@@ -255,6 +255,17 @@ export class AuditPipeline implements AuditRecorder {
   }
 
   /**
+   * Queues a record ahead of every record queued so far, for the start record of an agent that
+   * queued records while it waited to take over the spool.
+   */
+  writeFirst(record: AuditEvent): void {
+    this.redact(record);
+    this.counts.records[record.type] = (this.counts.records[record.type] ?? 0) + 1;
+    this.queue.unshift(record);
+    this.scheduleWriter();
+  }
+
+  /**
    * Hands a record over; never blocks and never throws. A full queue drops it, and a later gap
    * record counts it. Once the pipeline has started, redaction is applied here, in place, so the
    * caller's log line about the record shows the redacted values; records written before start()
@@ -278,11 +289,9 @@ export class AuditPipeline implements AuditRecorder {
   /** Writes completion records for the connections the previous process left open (see OpenConnections). */
   recordInterrupted(): number {
     const records = this.openConnections.completeInterrupted(new Date().toISOString());
-    for (const record of records) {
-      // Built from spooled records, which were redacted already: a second hash would change the values.
-      this.redacted.add(record);
-      this.write(record);
-    }
+    // Built from spooled records, which may carry hashes already: the redactor leaves those alone,
+    // and applies today's rules to the rest, such as the new error message.
+    for (const record of records) this.write(record);
     if (records.length > 0) {
       this.logger.warn({ connections: records.length }, "the previous agent process ended with connections open; recorded their completion with error AGENT_INTERRUPTED");
     }

@@ -95,7 +95,7 @@ export type ControlRecord =
   | { type: "policy.added" | "policy.changed" | "policy.removed"; time: string; node: string; policy: PolicyRef; file?: string; previous_file?: string; changes?: PolicyChange[]; changes_omitted?: number }
   | { type: "policy.rejected"; time: string; node: string; policy: PolicyRef; file: string; line?: number; message: string }
   | { type: "certificate.issued" | "certificate.rotated"; time: string; node: string; identity: string; serial: string; not_before: string; not_after: string; fingerprint_sha256: string; issuer?: string }
-  | { type: "audit.gap"; time: string; node: string; reason: "queue_full" | "spool_full" | "spool_damaged"; lost: number; first_time?: string; last_time?: string; sink?: string; first_seq?: number; last_seq?: number };
+  | { type: "audit.gap"; time: string; node: string; reason: "queue_full" | "spool_full" | "spool_damaged"; lost: number; first_time?: string; last_time?: string; sink?: string; first_seq?: number; last_seq?: number; unreported_lost?: number; unreported_first_seq?: number };
 
 /**
  * One changed field of a policy: its path in the object, and the values before and after (absent

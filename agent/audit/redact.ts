@@ -77,6 +77,8 @@ const SECRET_PATTERN = /-----BEGIN ([A-Z0-9 ]+)-----[\s\S]*?(?:-----END \1-----|
 const SECRET_HINT = /-----BEGIN|eyJ[A-Za-z0-9_-]{6,}\.eyJ/;
 const SECRET_REPLACEMENT = "[removed: looked like a certificate, key or token]";
 
+const HASH_PREFIX = "hmac-sha256:";
+
 export class Redactor {
   private readonly rules: readonly { keys: string[]; mode: RedactionRule["mode"] }[];
 
@@ -119,6 +121,8 @@ export class Redactor {
       return copy;
     }
     if (value === null || value === undefined) return value;
+    // A value hashed already (a record rebuilt from the spool) keeps its hash.
+    if (typeof value === "string" && value.startsWith(HASH_PREFIX)) return value;
     return `hmac-sha256:${crypto.createHmac("sha256", this.key).update(String(value)).digest("hex").slice(0, 32)}`;
   }
 }

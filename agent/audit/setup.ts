@@ -31,7 +31,7 @@ export function createAuditPipeline(node: string, options: AuditOptions, logger:
 export function createSinks(options: AuditOptions, node: string, logger: Logger): AuditSink[] {
   const sinks: AuditSink[] = [];
   if (options.file) {
-    sinks.push(new FileSink({ ...options.file, fsync: options.fsync.mode === "always" }, logger.child({ sink: "file" })));
+    sinks.push(new FileSink({ ...options.file, fsync: options.fsync.mode === "always" }, logger));
   }
   for (const spec of options.sinks) sinks.push(createRemoteSink(spec, node, logger));
   const names = new Set<string>();
@@ -45,13 +45,13 @@ export function createSinks(options: AuditOptions, node: string, logger: Logger)
 function createRemoteSink(spec: RemoteSinkSpec, node: string, logger: Logger): AuditSink {
   switch (spec.kind) {
     case "stdout":
-      return new StdoutSink(logger.child({ sink: "stdout" }));
+      return new StdoutSink(logger);
     case "otlp":
-      return new OtlpLogsSink({ endpoint: spec.endpoint, tls: spec.tls, headers: spec.headers, node }, logger.child({ sink: "otlp" }));
+      return new OtlpLogsSink({ endpoint: spec.endpoint, tls: spec.tls, headers: spec.headers, node }, logger);
     case "syslog":
       return new SyslogSink(
         { host: spec.host, port: spec.port, tls: spec.tls, facility: spec.facility, sdId: spec.sdId, maxMessageBytes: spec.maxMessageBytes, node },
-        logger.child({ sink: "syslog" }),
+        logger,
       );
   }
 }

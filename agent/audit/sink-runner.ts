@@ -43,6 +43,8 @@ export class SinkRunner {
   private lastError: string | undefined;
   private lastErrorTime: string | undefined;
   private current: Promise<void> | undefined;
+  /** Losses this sink has not received a gap record about yet. */
+  private unreported: { firstSeq: number; lastSeq: number; lost: number } | undefined;
   /** When the send in flight began, in ms since the epoch. */
   private sendingSince: number | undefined;
 
@@ -88,6 +90,18 @@ export class SinkRunner {
     this.retryTimer = undefined;
     this.lingered = true;
     this.wake();
+  }
+
+  /**
+   * Adds a loss to the losses this sink has not received a gap record about, and returns their
+   * total: the first lost seq and the count.
+   */
+  addUnreportedLoss(loss: { firstSeq: number; lastSeq: number; lost: number }): { firstSeq: number; lastSeq: number; lost: number } {
+    this.unreported =
+      this.unreported === undefined
+        ? { ...loss }
+        : { firstSeq: this.unreported.firstSeq, lastSeq: loss.lastSeq, lost: this.unreported.lost + loss.lost };
+    return this.unreported;
   }
 
   /** Moves the cursor past records evicted from the spool before this sink received them. */
@@ -147,6 +161,12 @@ export class SinkRunner {
       this.cursor = last;
     }
     if (this.cursor >= this.context.head()) this.urgent = false;
+    // A gap record about this sink's latest loss has reached it: it knows of every earlier loss.
+    const unreportedUntil = this.unreported?.lastSeq;
+    if (unreportedUntil !== undefined) {
+      const told = batch.some(({ record }) => record.type === "audit.gap" && record.sink === this.sink.name && (record.last_seq ?? 0) >= unreportedUntil);
+      if (told) this.unreported = undefined;
+    }
     if (this.failureStreak > 0) {
       this.context.logger.info({ failedAttempts: this.failureStreak }, "audit sink accepts records again");
       this.failureStreak = 0;

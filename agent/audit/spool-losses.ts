@@ -27,10 +27,8 @@ export class SpoolLosses {
   skipDamaged(seq: number, error: Error): void {
     for (const runner of this.context.runners) {
       if (runner.cursor !== seq - 1) continue;
-      runner.skipTo(seq, 1);
       this.context.logger.error({ sink: runner.sink.name, seq, err: error }, "audit spool line is damaged; this sink skips it and a gap record counts it");
-      const time = new Date().toISOString();
-      this.context.addGap({ type: "audit.gap", time, node: this.context.node, reason: "spool_damaged", sink: runner.sink.name, lost: 1, first_seq: seq, last_seq: seq, first_time: time, last_time: time });
+      this.recordLoss(runner, "spool_damaged", { firstSeq: seq, lastSeq: seq });
     }
   }
 
@@ -38,13 +36,11 @@ export class SpoolLosses {
   skipMissing(firstSeq: number, lastSeq: number): void {
     for (const runner of this.context.runners) {
       if (runner.cursor !== firstSeq - 1) continue;
-      const lost = lastSeq - firstSeq + 1;
-      runner.skipTo(lastSeq, lost);
       this.context.logger.error(
-        { sink: runner.sink.name, lost, firstSeq, lastSeq },
+        { sink: runner.sink.name, lost: lastSeq - firstSeq + 1, firstSeq, lastSeq },
         "audit records this sink has not received are missing from the spool (its files were removed); a gap record counts them",
       );
-      this.context.addGap({ type: "audit.gap", time: new Date().toISOString(), node: this.context.node, reason: "spool_damaged", sink: runner.sink.name, lost, first_seq: firstSeq, last_seq: lastSeq });
+      this.recordLoss(runner, "spool_damaged", { firstSeq, lastSeq });
     }
   }
 
@@ -52,7 +48,7 @@ export class SpoolLosses {
   async evictOverflow(): Promise<void> {
     for (let segment = this.context.spool.overflow(); segment !== undefined; segment = this.context.spool.overflow()) {
       const lagging = this.context.runners.filter((runner) => runner.cursor < segment!.lastSeq);
-      if (lagging.length > 0) await this.recordEviction(segment, lagging);
+      if (lagging.length > 0) await this.recordEviction(segment, lagging, "spool_full");
       await this.context.openConnections.save();
       await this.context.spool.evictOldest();
     }
@@ -73,28 +69,49 @@ export class SpoolLosses {
     return true;
   }
 
-  private async recordEviction(segment: Segment, lagging: SinkRunner[], reason: "spool_full" | "spool_damaged" = "spool_full"): Promise<void> {
+  private async recordEviction(segment: Segment, lagging: SinkRunner[], reason: "spool_full" | "spool_damaged"): Promise<void> {
     const bounds = await this.context.spool.segmentBounds(segment).catch(() => ({ first: undefined, last: undefined }));
     for (const runner of lagging) {
       const firstSeq = Math.max(runner.cursor + 1, segment.firstSeq);
-      const lost = segment.lastSeq - firstSeq + 1;
-      runner.skipTo(segment.lastSeq, lost);
       this.context.logger.error(
-        { sink: runner.sink.name, lost, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.context.spoolMaxBytes, reason },
+        { sink: runner.sink.name, lost: segment.lastSeq - firstSeq + 1, firstSeq, lastSeq: segment.lastSeq, spoolMaxBytes: this.context.spoolMaxBytes, reason },
         "audit records this sink has not received left the spool; a gap record counts them",
       );
-      this.context.addGap({
-        type: "audit.gap",
-        time: new Date().toISOString(),
-        node: this.context.node,
-        reason,
-        sink: runner.sink.name,
-        lost,
-        first_seq: firstSeq,
-        last_seq: segment.lastSeq,
-        ...(bounds.first !== undefined && { first_time: bounds.first.record.time }),
-        ...(bounds.last !== undefined && { last_time: bounds.last.record.time }),
-      });
+      this.recordLoss(runner, reason, { firstSeq, lastSeq: segment.lastSeq, firstTime: bounds.first?.record.time, lastTime: bounds.last?.record.time });
     }
   }
+
+  /**
+   * Moves the sink past the lost records and queues the gap record. `lost` counts this loss alone,
+   * so adding up the `lost` of all gap records counts every record once. A lagging sink can lose
+   * the gap records about its earlier losses too (they sit in the segments evicted next), so each
+   * gap record also states everything that sink has not been told yet, in `unreported_lost` and
+   * `unreported_first_seq`.
+   */
+  private recordLoss(runner: SinkRunner, reason: "spool_full" | "spool_damaged", loss: LossRange): void {
+    const lost = loss.lastSeq - loss.firstSeq + 1;
+    runner.skipTo(loss.lastSeq, lost);
+    const unreported = runner.addUnreportedLoss({ ...loss, lost });
+    this.context.addGap({
+      type: "audit.gap",
+      time: new Date().toISOString(),
+      node: this.context.node,
+      reason,
+      sink: runner.sink.name,
+      lost,
+      first_seq: loss.firstSeq,
+      last_seq: loss.lastSeq,
+      ...(loss.firstTime !== undefined && { first_time: loss.firstTime }),
+      ...(loss.lastTime !== undefined && { last_time: loss.lastTime }),
+      ...(unreported.lost > lost && { unreported_lost: unreported.lost, unreported_first_seq: unreported.firstSeq }),
+    });
+  }
+}
+
+/** A range of seqs a sink lost, with the times of its first and last record when known. */
+export interface LossRange {
+  firstSeq: number;
+  lastSeq: number;
+  firstTime?: string;
+  lastTime?: string;
 }

@@ -204,6 +204,13 @@ test("pipeline evicts for a lagging sink and writes a gap record", async (t) => 
   const received = stuck.records();
   const total = good.lines.length;
   t.is(received.length + lost, total, "the stuck sink has every record except the evicted ones");
+  // The gap records the stuck sink received cover every seq it lacks, also when the gap records
+  // about its first losses were evicted with the rest.
+  const have = new Set(received.map((record) => record.seq));
+  const covered = (seq: number): boolean =>
+    received.some((record) => record.type === "audit.gap" && record.sink === "stuck" && (record.unreported_first_seq ?? record.first_seq) <= seq && seq <= record.last_seq);
+  const uncovered = good.records().map((record) => record.seq).filter((seq) => !have.has(seq) && !covered(seq));
+  t.deepEqual(uncovered, []);
   assertChain(t, good.lines);
   t.true(audit.status().spool.bytes <= 200_000 + 50_000);
   await audit.close();

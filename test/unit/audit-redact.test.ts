@@ -148,3 +148,22 @@ test("write redacts in place for the caller's log", async (t) => {
   t.false("addr" in record.src);
   await audit.close();
 });
+
+test("rules added after a kill apply to interrupted connections", async (t) => {
+  const dir = tempDir(t);
+  const first = new AuditPipeline({ node: "n1", spoolDir: dir, sinks: [new MemorySink()] }, silentLogger());
+  await first.start();
+  first.write(opened("c1"));
+  await first.flush();
+  // Killed with no rules; the next agent runs with rules.
+  const sink = new MemorySink();
+  const second = new AuditPipeline({ node: "n1", spoolDir: dir, sinks: [sink], redaction: parseRedactionRules("src.addr:hash,error.message") }, silentLogger());
+  await second.start();
+  second.recordInterrupted();
+  await second.flush();
+  const completed = sink.lines.map((line) => JSON.parse(line)).find((record) => record.type === "connection.completed");
+  t.regex(completed.src.addr, /^hmac-sha256:/);
+  t.is(completed.error.code, "AGENT_INTERRUPTED");
+  t.false("message" in completed.error);
+  await second.close();
+});

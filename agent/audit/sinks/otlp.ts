@@ -88,7 +88,7 @@ export class OtlpLogsSink implements AuditSink {
     this.#timeoutMs = checkTimeout(options.timeoutMs ?? DEFAULT_OTLP_TIMEOUT_MS, options.endpoint);
     this.#node = options.node;
     this.#metadata = buildMetadata(options.headers ?? {}, options.endpoint);
-    this.#logger = logger.child({ component: "audit-sink", sink: this.name });
+    this.#logger = logger.child({ sink: this.name });
 
     this.#client = new grpc.Client(options.endpoint, buildCredentials(options), buildChannelOptions(options, host));
   }

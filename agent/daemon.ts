@@ -309,7 +309,7 @@ export class Agent {
     audit.recordInterrupted();
   }
 
-  /** The settings named in the agent.started record: what shapes capture, policy and audit, never a key or token. */
+  /** Returns the settings for the agent.started record: what shapes capture, policy and audit, never a key or token. */
   private recordedSettings(): Record<string, unknown> {
     const audit = this.options.audit;
     return {

@@ -32,7 +32,7 @@ export interface AuditPipelineOptions {
   segmentBytes?: number;
   /** Default: fdatasync every second. */
   fsync?: FsyncPolicy;
-  /** Records the queue holds before new ones are dropped. Default 50,000. */
+  /** Records the queue takes before new ones are dropped. Default 50,000. */
   queueCapacity?: number;
   /** Records per spool append and per sink send. Default 500. */
   batchSize?: number;
@@ -195,7 +195,7 @@ export class AuditPipeline implements AuditRecorder {
   /**
    * Returns the seq after which a sink starts. Without a saved cursor (a new sink, or a cursor file
    * that was lost) it receives every record still in the spool: at-least-once, not a silent skip.
-   * A sink that says which record it holds starts after it, unless that record belongs to another
+   * A sink that reports the last record it has starts after it, unless that record belongs to another
    * chain (the spool was lost or moved aside as damaged): the sink is then told to take the new
    * chain after what it holds, which `agentctl audit verify` reports as a chain restart.
    */
@@ -218,7 +218,7 @@ export class AuditPipeline implements AuditRecorder {
     return Math.min(cursor, this.spooledSeq);
   }
 
-  /** Tells whether a record a sink holds is this spool's record of that seq, as far as the spool still knows it. */
+  /** Tells whether a sink's last record is this spool's record of that seq, as far as the spool still has it. */
   private async isOfThisChain(held: HeldRecord): Promise<boolean> {
     if (held.seq > this.spooledSeq) return false;
     if (held.hash === undefined) return true;

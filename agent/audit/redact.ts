@@ -54,7 +54,7 @@ export function parseRedactionRules(text: string): RedactionRule[] {
       );
     }
     if (PROTECTED_FIELDS.has(fieldPath)) {
-      throw new Error(`invalid audit redaction rule "${item}": ${fieldPath} holds the record's chain or type and cannot be redacted`);
+      throw new Error(`invalid audit redaction rule "${item}": ${fieldPath} is part of the record's chain or type and cannot be redacted`);
     }
     if (!REDACTABLE_FIELDS.includes(fieldPath)) {
       throw new Error(

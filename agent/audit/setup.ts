@@ -65,6 +65,6 @@ export function readRedactionKey(options: AuditOptions): Buffer | undefined {
   } catch (error) {
     throw new Error(`cannot read --audit-redact-key-file ${options.redactionKeyFile}: ${(error as Error).message}`);
   }
-  if (key.length < 16) throw new Error(`--audit-redact-key-file ${options.redactionKeyFile} holds ${key.length} bytes; give a key of at least 16 bytes`);
+  if (key.length < 16) throw new Error(`--audit-redact-key-file ${options.redactionKeyFile} contains ${key.length} bytes; give a key of at least 16 bytes`);
   return key;
 }

@@ -161,7 +161,7 @@ export class SinkRunner {
       this.cursor = last;
     }
     if (this.cursor >= this.context.head()) this.urgent = false;
-    // A gap record about this sink's latest loss has reached it: it knows of every earlier loss.
+    // A gap record about this sink's latest loss has reached it, and that record covers every earlier loss.
     const unreportedUntil = this.unreported?.lastSeq;
     if (unreportedUntil !== undefined) {
       const told = batch.some(({ record }) => record.type === "audit.gap" && record.sink === this.sink.name && (record.last_seq ?? 0) >= unreportedUntil);

@@ -298,7 +298,7 @@ export class Spool {
       const text = await fs.promises.readFile(segment.file, "utf8").catch(() => "");
       const lines = text.split("\n");
       lines.pop();
-      // A segment's last seq was taken from the next segment's name; its lines say what it really holds,
+      // A segment's last seq was taken from the next segment's name. Its line count gives the real one,
       // which differs when a segment file in between was removed.
       if (segment !== this.segments[this.segments.length - 1]) segment.lastSeq = Math.min(segment.lastSeq, segment.firstSeq + lines.length - 1);
       lines.length = Math.max(0, Math.min(lines.length, segment.lastSeq - segment.firstSeq + 1));
@@ -314,7 +314,7 @@ export class Spool {
     if (damaged > 0) this.logger.warn({ dir: this.dir, damaged }, "audit spool has damaged lines; skipped them when looking for open connections");
   }
 
-  /** Returns the first seq at or after `seq` that the spool holds, or undefined when it holds none. */
+  /** Returns the first seq at or after `seq` that the spool still has, or undefined when there is none. */
   firstSeqFrom(seq: number): number | undefined {
     for (const segment of this.segments) {
       if (segment.lastSeq < segment.firstSeq || segment.lastSeq < seq) continue;

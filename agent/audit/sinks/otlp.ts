@@ -164,7 +164,7 @@ export class OtlpLogsSink implements AuditSink {
     }
 
     const partial = response.partial_success;
-    // A collector may report any number; more than the call carried, or a negative one, says nothing more.
+    // A collector may report any number: a count above the call's records, or below 0, is clamped.
     const reported = Number(partial?.rejected_log_records ?? 0);
     const rejected = Number.isFinite(reported) ? Math.min(Math.max(reported, 0), batch.length) : 0;
     const message = (partial?.error_message ?? "").slice(0, MAX_LOGGED_MESSAGE_LENGTH);

@@ -128,6 +128,7 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
     if (url.protocol === "syslog+tcp:" && ["ca", "cert", "key", "server_name"].includes(name)) throw new Error(sinkError(text, "TLS parameters need syslog+tls://"));
     if (!known.has(name)) throw new Error(sinkError(text, `unknown parameter "${name.slice(0, 40).replace(/[^\x20-\x7e]/g, "?")}" for ${url.protocol}// sinks`));
     if (query.getAll(name).length > 1 && name !== "header") throw new Error(sinkError(text, `parameter "${name}" is given twice`));
+    if (query.getAll(name).some((value) => value.trim() === "")) throw new Error(sinkError(text, `parameter "${name}" has no value`));
   }
   const tls = tlsOf(query);
   if (url.protocol === "otlp:") {
@@ -136,7 +137,9 @@ export function parseSinkUri(text: string): RemoteSinkSpec {
     for (const header of query.getAll("header")) {
       const colon = header.indexOf(":");
       if (colon <= 0) throw new Error(sinkError(text, "a header parameter must be NAME:VALUE, for example header=authorization:Bearer%20TOKEN"));
-      headers[header.slice(0, colon).trim().toLowerCase()] = header.slice(colon + 1).trim();
+      const headerName = header.slice(0, colon).trim().toLowerCase();
+      if (Object.hasOwn(headers, headerName)) throw new Error(sinkError(text, `header "${headerName}" is given twice`));
+      headers[headerName] = header.slice(colon + 1).trim();
     }
     return { kind: "otlp", endpoint: `${url.hostname}:${url.port}`, tls, headers };
   }

@@ -18,7 +18,7 @@ import { MAX_RECORD_BYTES } from "./record-limit";
 import { sealRecord } from "./seal";
 import type { AuditSink, HeldRecord, SpooledRecord } from "./sink";
 import { SinkRunner, type RetryPolicy } from "./sink-runner";
-import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey, writeRedactionKey } from "./spool-state";
+import { copyRedactionKey, loadCursors, saveCursors, spoolRedactionKey, writeRedactionKey, type SavedCursors } from "./spool-state";
 import { SpoolLosses } from "./spool-losses";
 import { Spool, SpoolDamagedError, type FsyncPolicy, type SpoolContents } from "./spool";
 
@@ -178,11 +178,12 @@ export class AuditPipeline implements AuditRecorder {
 
     const saved = await loadCursors(this.options.spoolDir, this.logger);
     for (const runner of this.runners) {
+      runner.restoreUnreportedLoss(saved.unreported[runner.sink.name]);
       const held = await runner.sink.open().catch((error: unknown) => {
         this.logger.warn({ sink: runner.sink.name, err: error }, "opening an audit sink failed; its records stay spooled and are retried");
         return undefined;
       });
-      runner.start(await this.startingCursor(runner, saved[runner.sink.name], held, contents.oldestSeq));
+      runner.start(await this.startingCursor(runner, saved.sinks[runner.sink.name], held, contents.oldestSeq));
     }
     this.started = true;
     this.logger.info(
@@ -289,9 +290,16 @@ export class AuditPipeline implements AuditRecorder {
   /** Writes completion records for the connections the previous process left open (see OpenConnections). */
   recordInterrupted(): number {
     const records = this.openConnections.completeInterrupted(new Date().toISOString());
-    // Built from spooled records, which may carry hashes already: the redactor leaves those alone,
-    // and applies today's rules to the rest, such as the new error message.
-    for (const record of records) this.write(record);
+    // Built from spooled records, which may carry hashes already: the redactor leaves those alone in
+    // these records only, and applies today's rules to the rest, such as the new error message. They
+    // bypass the queue's bound, which they exceed by at most the connections that were open.
+    for (const record of records) {
+      this.redactor?.apply(record, { keepHashed: true });
+      this.redacted.add(record);
+      this.counts.records[record.type] = (this.counts.records[record.type] ?? 0) + 1;
+      this.queue.push(record);
+    }
+    this.scheduleWriter();
     if (records.length > 0) {
       this.logger.warn({ connections: records.length }, "the previous agent process ended with connections open; recorded their completion with error AGENT_INTERRUPTED");
     }
@@ -343,8 +351,12 @@ export class AuditPipeline implements AuditRecorder {
           this.writeFailed(error);
           return;
         }
+        const spooledGap = this.pending.events.some((event) => event.type === "audit.gap");
         this.commit(this.pending);
         this.pending = undefined;
+        // Sinks moved past lost records: their cursors are saved as soon as the gap records that say
+        // so are spooled, so a crash after this neither loses the gap nor counts it twice.
+        if (spooledGap) await this.saveCursors().catch((error: unknown) => this.logger.warn({ err: error }, "saving the audit sink cursors failed"));
         await this.losses.evictOverflow().catch((error: unknown) =>
           this.logger.error({ err: error, spool: this.options.spoolDir }, "evicting from the full audit spool failed; retrying after the next append"),
         );
@@ -488,9 +500,13 @@ export class AuditPipeline implements AuditRecorder {
   }
 
   private async saveCursors(): Promise<void> {
-    const cursors: Record<string, number> = {};
-    for (const runner of this.runners) cursors[runner.sink.name] = runner.cursor;
-    await saveCursors(this.options.spoolDir, cursors);
+    const saved: SavedCursors = { sinks: {}, unreported: {} };
+    for (const runner of this.runners) {
+      saved.sinks[runner.sink.name] = runner.cursor;
+      const unreported = runner.unreportedLoss;
+      if (unreported !== undefined) saved.unreported[runner.sink.name] = unreported;
+    }
+    await saveCursors(this.options.spoolDir, saved);
   }
 
   private async createRedactor(): Promise<Redactor | undefined> {

@@ -81,15 +81,24 @@ const HASH_PREFIX = "hmac-sha256:";
 
 export class Redactor {
   private readonly rules: readonly { keys: string[]; mode: RedactionRule["mode"] }[];
+  private keepHashed = false;
 
   /** `key` keys the hash of "hash" rules, so that a hashed address cannot be found by hashing every address. */
   constructor(rules: readonly RedactionRule[], private readonly key: Buffer) {
     this.rules = rules.map((rule) => ({ keys: rule.path.split("."), mode: rule.mode }));
   }
 
-  /** Applies the rules to the record in place and returns it. */
-  apply(record: AuditEvent): AuditEvent {
-    for (const rule of this.rules) this.applyRule(record, rule.keys, rule.mode);
+  /**
+   * Applies the rules to the record in place and returns it. With `keepHashed`, for records rebuilt
+   * from spooled ones, values that already carry the hash prefix keep it instead of being hashed again.
+   */
+  apply(record: AuditEvent, options: { keepHashed?: boolean } = {}): AuditEvent {
+    this.keepHashed = options.keepHashed ?? false;
+    try {
+      for (const rule of this.rules) this.applyRule(record, rule.keys, rule.mode);
+    } finally {
+      this.keepHashed = false;
+    }
     return record;
   }
 
@@ -121,8 +130,8 @@ export class Redactor {
       return copy;
     }
     if (value === null || value === undefined) return value;
-    // A value hashed already (a record rebuilt from the spool) keeps its hash.
-    if (typeof value === "string" && value.startsWith(HASH_PREFIX)) return value;
+    // A value hashed already, in a record rebuilt from the spool, keeps its hash.
+    if (this.keepHashed && typeof value === "string" && value.startsWith(HASH_PREFIX)) return value;
     return `hmac-sha256:${crypto.createHmac("sha256", this.key).update(String(value)).digest("hex").slice(0, 32)}`;
   }
 }

@@ -104,6 +104,16 @@ export class SinkRunner {
     return this.unreported;
   }
 
+  /** Losses this sink has not received a gap record about, for the cursor file. */
+  get unreportedLoss(): { firstSeq: number; lastSeq: number; lost: number } | undefined {
+    return this.unreported;
+  }
+
+  /** Restores the unreported losses saved by an earlier process. */
+  restoreUnreportedLoss(loss: { firstSeq: number; lastSeq: number; lost: number } | undefined): void {
+    this.unreported = loss === undefined ? undefined : { ...loss };
+  }
+
   /** Moves the cursor past records evicted from the spool before this sink received them. */
   skipTo(seq: number, lost: number): void {
     if (seq <= this.cursor) return;

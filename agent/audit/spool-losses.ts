@@ -54,18 +54,18 @@ export class SpoolLosses {
     }
   }
 
-  /** Writes gap records for the sinks that lacked the records of segment files someone removed; returns whether any were. */
+  /**
+   * Logs segment files someone removed and returns whether there were any. Their records are
+   * skipped, with a gap record, when a sink that lacks them reaches them (see skipMissing), so records
+   * still in memory, or in earlier segments, are not counted as lost.
+   */
   async forgetVanishedSegments(): Promise<boolean> {
     const vanished = await this.context.spool.findVanished().catch(() => []);
     if (vanished.length === 0) return false;
     this.context.logger.error(
       { spool: this.context.spool.dir, segments: vanished.map((segment) => segment.file) },
-      "audit spool files were removed while the agent ran; writing to a new segment, and the sinks that lacked their records get gap records",
+      "audit spool files were removed while the agent ran; writing to a new segment, and the sinks that lack their records get gap records",
     );
-    for (const segment of vanished) {
-      const lagging = this.context.runners.filter((runner) => runner.cursor < segment.lastSeq);
-      if (lagging.length > 0) await this.recordEviction(segment, lagging, "spool_damaged");
-    }
     return true;
   }
 

@@ -9,10 +9,23 @@ import type { Logger } from "../log";
 const CURSOR_FILE = "cursors.json";
 const REDACTION_KEY_FILE = "redaction.key";
 
-/** Saves each sink's cursor (the seq of the last record it accepted) atomically: write, then rename. */
-export async function saveCursors(spoolDir: string, cursors: Record<string, number>): Promise<void> {
+/** Losses a sink has not received a gap record about: the first and last lost seq and the count. */
+export interface UnreportedLoss {
+  firstSeq: number;
+  lastSeq: number;
+  lost: number;
+}
+
+/** What the cursor file keeps per sink: the seq of the last record it accepted, and its unreported losses. */
+export interface SavedCursors {
+  sinks: Record<string, number>;
+  unreported: Record<string, UnreportedLoss>;
+}
+
+/** Saves the sinks' cursors and unreported losses atomically: write, then rename. */
+export async function saveCursors(spoolDir: string, saved: SavedCursors): Promise<void> {
   const file = path.join(spoolDir, CURSOR_FILE);
-  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify({ version: 1, sinks: cursors }), { mode: 0o600 });
+  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify({ version: 1, ...saved }), { mode: 0o600 });
   await fs.promises.rename(`${file}.tmp`, file);
 }
 
@@ -20,15 +33,15 @@ export async function saveCursors(spoolDir: string, cursors: Record<string, numb
  * Loads the saved cursors by sink name. A missing file is an empty map. An unreadable one is logged
  * and read as empty, so the sinks receive the records still in the spool again.
  */
-export async function loadCursors(spoolDir: string, logger: Logger): Promise<Record<string, number>> {
+export async function loadCursors(spoolDir: string, logger: Logger): Promise<SavedCursors> {
   try {
-    const parsed = JSON.parse(await fs.promises.readFile(path.join(spoolDir, CURSOR_FILE), "utf8")) as { sinks?: Record<string, number> };
-    return parsed.sinks ?? {};
+    const parsed = JSON.parse(await fs.promises.readFile(path.join(spoolDir, CURSOR_FILE), "utf8")) as Partial<SavedCursors>;
+    return { sinks: parsed.sinks ?? {}, unreported: parsed.unreported ?? {} };
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== "ENOENT") {
       logger.warn({ err: error, spool: spoolDir }, "the audit sink cursor file is unreadable; sinks receive the records still in the spool again");
     }
-    return {};
+    return { sinks: {}, unreported: {} };
   }
 }
 

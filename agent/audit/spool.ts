@@ -267,6 +267,10 @@ export class Spool {
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
         // The file was removed from under the spool: its records are gone, and the caller skips them.
+        if (segment === this.segments[this.segments.length - 1]) {
+          await this.closeActive();
+          this.activeVanished = true;
+        }
         this.segments = this.segments.filter((candidate) => candidate !== segment);
         return [];
       }

@@ -62,3 +62,8 @@ test("audit flags need a destination", (t) => {
   t.throws(() => parseAuditFlags({ "audit-queue": "0" }, "n1"), { message: /--audit-queue "0"/ });
   t.throws(() => parseAuditFlags({ "audit-redact": ["src.adr"] }, "n1"), { message: /no record has the field src\.adr/ });
 });
+
+test("empty and repeated sink parameters are rejected", (t) => {
+  t.throws(() => parseSinkUri("syslog+tls://h?ca="), { message: /"ca" has no value/ });
+  t.throws(() => parseSinkUri("otlp://h:1?header=a:1&header=a:2"), { message: /header "a" is given twice/ });
+});

@@ -167,3 +167,14 @@ test("rules added after a kill apply to interrupted connections", async (t) => {
   t.false("message" in completed.error);
   await second.close();
 });
+
+test("a value with the hash prefix is hashed in new records", (t) => {
+  const record = opened("c1");
+  record.src.addr = "hmac-sha256:0123456789abcdef0123456789abcdef";
+  new Redactor(parseRedactionRules("src.addr:hash"), KEY).apply(record);
+  t.not(record.src.addr, "hmac-sha256:0123456789abcdef0123456789abcdef");
+  const rebuilt = opened("c2");
+  rebuilt.src.addr = "hmac-sha256:0123456789abcdef0123456789abcdef";
+  new Redactor(parseRedactionRules("src.addr:hash"), KEY).apply(rebuilt, { keepHashed: true });
+  t.is(rebuilt.src.addr, "hmac-sha256:0123456789abcdef0123456789abcdef");
+});

@@ -57,7 +57,7 @@ export class OpenConnections {
   }
 
   /**
-   * Returns a completion record for every connection still open, and forgets them. Used once at
+   * Returns a completion record for every connection still open, and clears the set. Used once at
    * start: these connections were open when the previous agent process ended without closing them.
    */
   completeInterrupted(time: string): ConnectionCompletedRecord[] {

@@ -1,12 +1,12 @@
 // The audit pipeline. The data path calls write(), which only appends to a bounded in-memory queue.
 // One writer seals queued records into the hash chain (seq, id, prev_hash, hash) and appends them to
-// the spool on disk; only then do the sinks see them. Each sink has its own cursor (the last seq it
-// accepted) and its own loop, so a slow or failing sink delays no other sink and never the data path.
-// Failed sends are retried with a capped exponential backoff until they succeed: remote delivery is
-// at-least-once, and every record carries its `id` for de-duplication.
-// Records are lost only when a bound is hit, and then they are counted and a gap record says how
-// many and when: a full queue drops new records (the spool cannot keep up or fails), and a full
-// spool evicts its oldest segment, whose records a lagging sink then never receives.
+// the spool on disk. Only then do the sinks receive them. Each sink has its own cursor (the last seq
+// it accepted) and its own loop, so a slow or failing sink delays no other sink and never the data
+// path. Failed sends are retried with a capped exponential backoff until they succeed, so remote
+// delivery is at-least-once, and every record carries its `id` for de-duplication.
+// Records are lost only when a bound is hit. They are then counted, and a gap record gives how many
+// and when. A full queue drops new records (the spool cannot keep up or fails), and a full spool
+// evicts its oldest segment, whose records a lagging sink then never receives.
 
 import fs from "node:fs";
 import type { Logger } from "../log";
@@ -62,8 +62,8 @@ const DEFAULT_WRITE_DELAY_MS = 5;
 /** Segments stay small because a sink that catches up reads one whole segment on the event loop. */
 const MAX_SEGMENT_BYTES = 2 * 1024 * 1024;
 /**
- * Records kept in memory after spooling, so sinks that keep up never read the disk; between this
- * and twice this many, with their parsed objects (a few kB each).
+ * Records kept in memory after spooling, so that sinks that keep up never read the disk. The tail
+ * keeps between this many and twice this many, each with its parsed object (a few kB).
  */
 const TAIL_RECORDS = 2_048;
 /** How long cursor updates wait before they are written to the spool folder together. */
@@ -197,8 +197,8 @@ export class AuditPipeline implements AuditRecorder {
    * Returns the seq after which a sink starts. Without a saved cursor (a new sink, or a cursor file
    * that was lost) it receives every record still in the spool: at-least-once, not a silent skip.
    * A sink that reports the last record it has starts after it, unless that record belongs to another
-   * chain (the spool was lost or moved aside as damaged): the sink is then told to take the new
-   * chain after what it holds, which `agentctl audit verify` reports as a chain restart.
+   * chain (the spool was lost or moved aside as damaged). startNewChain() then makes the sink take the
+   * new chain after its records, which `agentctl audit verify` reports as a chain restart.
    */
   private async startingCursor(runner: SinkRunner, saved: number | undefined, held: HeldRecord | undefined, oldestSeq: number): Promise<number> {
     // A saved cursor below the oldest spooled record means records were removed while the agent was
@@ -231,8 +231,8 @@ export class AuditPipeline implements AuditRecorder {
 
   /**
    * Opens the spool. A spool whose last record cannot be read (a damaged disk, an edit) is moved
-   * aside with its contents, and a new chain begins, so that the agent keeps serving; the move and
-   * its folder are logged, and `agentctl audit verify` reports the new chain's start.
+   * aside with its contents, and a new chain begins, so that the agent keeps serving. The move is
+   * logged with the new folder, and `agentctl audit verify` reports the new chain's start.
    */
   private async openSpool(): Promise<SpoolContents> {
     try {
@@ -354,8 +354,8 @@ export class AuditPipeline implements AuditRecorder {
         const spooledGap = this.pending.events.some((event) => event.type === "audit.gap");
         this.commit(this.pending);
         this.pending = undefined;
-        // Sinks moved past lost records: their cursors are saved as soon as the gap records that say
-        // so are spooled, so a crash after this neither loses the gap nor counts it twice.
+        // Sinks moved past lost records get their cursors saved as soon as the gap records about the
+        // loss are spooled, so a crash after this neither loses the gap nor counts it twice.
         if (spooledGap) await this.saveCursors().catch((error: unknown) => this.logger.warn({ err: error }, "saving the audit sink cursors failed"));
         await this.losses.evictOverflow().catch((error: unknown) =>
           this.logger.error({ err: error, spool: this.options.spoolDir }, "evicting from the full audit spool failed; retrying after the next append"),

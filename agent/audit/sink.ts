@@ -2,7 +2,7 @@
 
 import type { SealedRecord } from "./record";
 
-/** What a destination reported about a batch it took. */
+/** The report of a destination about a batch it took. */
 export interface SendResult {
   /** Records it refused for good, so they are not sent again. */
   rejected: number;
@@ -38,7 +38,7 @@ export interface AuditSink {
    */
   readonly lingerMs?: number;
   /**
-   * Called once before the first send(). Returns the last record the destination already holds
+   * Called once before the first send(). Returns the last record the destination already has
    * (a file sink reads its last line), so the pipeline starts after it, or undefined when unknown.
    */
   open(): Promise<HeldRecord | undefined>;
@@ -49,7 +49,7 @@ export interface AuditSink {
   startNewChain?(): void;
   /**
    * Delivers the batch. Resolves once the destination has taken every record of it, with the count
-   * it rejected for good when it says so (an OTLP partial success); rejects with the reason otherwise.
+   * it rejected for good when it reports one (an OTLP partial success). Rejects with the reason otherwise.
    */
   send(batch: readonly SpooledRecord[]): Promise<void | SendResult>;
   /** Releases connections and files; send() is not called afterwards. */

@@ -84,9 +84,9 @@ export class SpoolLosses {
   /**
    * Moves the sink past the lost records and queues the gap record. `lost` counts this loss alone,
    * so adding up the `lost` of all gap records counts every record once. A lagging sink can lose
-   * the gap records about its earlier losses too (they sit in the segments evicted next), so each
-   * gap record also counts every loss of that sink that no gap record it received covers, in
-   * `unreported_lost` and `unreported_first_seq`.
+   * the gap records about its earlier losses too, because they sit in the segments evicted next.
+   * Each gap record therefore also gives, in `unreported_lost` and `unreported_first_seq`, every
+   * loss of that sink that no gap record it received covers.
    */
   private recordLoss(runner: SinkRunner, reason: "spool_full" | "spool_damaged", loss: LossRange): void {
     const lost = loss.lastSeq - loss.firstSeq + 1;

@@ -16,7 +16,7 @@ export interface UnreportedLoss {
   lost: number;
 }
 
-/** What the cursor file keeps per sink: the seq of the last record it accepted, and its unreported losses. */
+/** The cursor file's contents per sink: the seq of the last record it accepted, and its unreported losses. */
 export interface SavedCursors {
   sinks: Record<string, number>;
   unreported: Record<string, UnreportedLoss>;

@@ -8,7 +8,7 @@ import type { NodeSpec } from "../harness/topology";
 export const CLIENT = "client";
 export const SERVER = "server";
 
-/** The client node and the server node, named `<prefix>-n1` and `<prefix>-n2`. */
+/** Returns the client node and the server node, named `<prefix>-n1` and `<prefix>-n2`. */
 export function benchNodes(prefix: string): NodeSpec[] {
   return [
     { name: `${prefix}-n1`, pods: [{ name: CLIENT, namespace: "bench-client", serviceAccount: "client" }] },

@@ -128,7 +128,7 @@ async function waitForDelivery(node: string): Promise<{ otlp: string[]; syslog: 
 }
 
 /**
- * Checks one node: the local chain is intact, each sink holds exactly the file's records after
+ * Checks one node: the local chain is intact, each sink has exactly the file's records after
  * de-duplication, and each connection has one completion record after its opened record.
  */
 async function assertDelivered(t: import("ava").ExecutionContext, node: string): Promise<Record<string, any>[]> {
@@ -173,7 +173,7 @@ async function assertDelivered(t: import("ava").ExecutionContext, node: string):
   return records;
 }
 
-/** Each connection has one completion record, and its opened record (if any) comes first in seq order. */
+/** Checks that each connection has one completion record, after its opened record (if any) in seq order. */
 function assertOnePerConnection(t: import("ava").ExecutionContext, node: string, records: Record<string, any>[]): void {
   const connections = new Map<string, { opened: number[]; completed: number[] }>();
   for (const record of records) {

@@ -2,9 +2,9 @@
 // runs and can reach it on 127.0.0.1. Every record it accepted is appended to a JSON-lines file
 // that the test reads. SIGTERM stops the server and writes what is still unwritten before exit,
 // so a record the agent saw accepted is always in the file.
-// In "count" mode, for benchmarks, it decodes nothing: it answers each Export and counts the records
-// of the request, which is cheap enough not to take CPU from the agents it measures, and keeps
-// {"records":N} in the output file.
+// In "count" mode, for benchmarks, it decodes nothing. It replies to each Export with success and
+// counts the request's records, which costs too little CPU to slow the agents it measures, and it
+// keeps {"records":N} in the output file.
 //   node otlp-receiver-process.js PORT OUTPUT_FILE [count]
 
 import { type ChildProcess } from "node:child_process";
@@ -15,7 +15,7 @@ import { EXPORT_METHOD } from "../../agent/audit/sinks/otlp";
 import { OtlpReceiver } from "./otlp-receiver";
 import type { Topology } from "./topology";
 
-/** What the file holds per accepted record. */
+/** One accepted record as the output file stores it. */
 export interface StoredOtlpRecord {
   id: string;
   seq: number;
@@ -70,7 +70,7 @@ export class OtlpReceiverProcess {
     return text === "" ? 0 : (JSON.parse(text) as { records: number }).records;
   }
 
-  /** Every accepted record so far, duplicates included, in arrival order. */
+  /** Returns every accepted record so far, duplicates included, in arrival order. */
   records(): StoredOtlpRecord[] {
     if (!fs.existsSync(this.outputFile)) return [];
     return fs

@@ -96,20 +96,20 @@ export class OtlpReceiver {
     return this.#server !== undefined;
   }
 
-  /** Answers the next `count` calls with `code` and stores none of their records. */
+  /** Fails the next `count` calls with `code` and stores none of their records. */
   failNext(count: number, code: grpc.status = grpc.status.UNAVAILABLE, details = "injected failure"): void {
     for (let i = 0; i < count; i += 1) this.#failures.push({ code, details });
   }
 
   /**
-   * Answers the next call with a partial success that rejects `count` records: the last `count`
+   * Replies to the next call with a partial success that rejects `count` records: the last `count`
    * records of that call are dropped, and the rest are stored.
    */
   rejectNext(count: number, message = "injected rejection"): void {
     this.#rejections.push({ count, message });
   }
 
-  /** Delays the answer to the next call by `ms`. */
+  /** Delays the reply to the next call by `ms`. */
   delayNext(ms: number): void {
     this.#delays.push(ms);
   }

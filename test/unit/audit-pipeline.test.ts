@@ -188,8 +188,8 @@ test("pipeline evicts for a lagging sink and writes a gap record", async (t) => 
   const audit = pipeline(dir, [good, stuck], { spoolMaxBytes: 200_000, segmentBytes: 50_000 });
   await audit.start();
   for (let i = 0; i < 2000; i++) audit.write(control(i));
-  // Every eviction of this burst has happened once all 2,000 records are spooled; the good sink
-  // then has them and the gap records, which come after the evictions.
+  // Every eviction of this burst has happened once all 2,000 records are spooled. The good sink then
+  // has them and the gap records, which come after the evictions.
   const gapRecords = (): Record<string, any>[] => good.records().filter((record) => record.type === "audit.gap");
   const lostIn = (gaps: Record<string, any>[]): number => gaps.reduce((sum, gap) => sum + gap.lost, 0);
   await waitFor(() => good.lines.length - gapRecords().length === 2000 && lostIn(gapRecords()) === audit.status().sinks[1].dropped);

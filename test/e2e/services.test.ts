@@ -86,11 +86,14 @@ async function countAnswers(url: string, count: number): Promise<Map<string, num
 
 /** Waits until the client node's agent has written at least `count` outbound records that match `predicate`. */
 async function outboundRecords(predicate: (record: Record<string, any>) => boolean, count: number): Promise<Record<string, any>[]> {
+  return nodeRecords(CLIENT_NODE, (record) => record.direction === "outbound" && predicate(record), count);
+}
+
+/** Waits up to 10 s until `count` completion records of `node` match, because the agent writes them a few milliseconds after the connection ends. */
+async function nodeRecords(node: string, predicate: (record: Record<string, any>) => boolean, count: number): Promise<Record<string, any>[]> {
   const deadline = Date.now() + 10_000;
   for (;;) {
-    const records = theCluster()
-      .auditRecords(CLIENT_NODE)
-      .filter((record) => record.direction === "outbound" && predicate(record));
+    const records = theCluster().auditRecords(node).filter(predicate);
     if (records.length >= count || Date.now() > deadline) return records;
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
@@ -120,7 +123,8 @@ test.serial("VIP connections spread evenly over endpoints", async (t) => {
     [...byAddress].sort(([a], [b]) => (a < b ? -1 : 1)),
     ENDPOINTS.map((name) => [`${c.topology.pod(name).ip}:8080`, rounds]),
   );
-  const inbound = c.auditRecords(SERVER_NODE).filter((record) => record.direction === "inbound" && String(record.src.addr).startsWith(`${c.topology.pod("client").ip}:`));
+  const fromClient = (record: Record<string, any>): boolean => record.direction === "inbound" && String(record.src.addr).startsWith(`${c.topology.pod("client").ip}:`);
+  const inbound = await nodeRecords(SERVER_NODE, fromClient, rounds * ENDPOINTS.length);
   t.is(inbound.length, rounds * ENDPOINTS.length);
 });
 

@@ -46,6 +46,19 @@ export function parseManifests(file: string, text: string, logger?: Logger, firs
   return unreadable ? { objects: [], problems, syntaxError: true } : { objects, problems, syntaxError: false };
 }
 
+/**
+ * Reads one object as the Kubernetes API returned it (already decoded JSON), with the same field
+ * checks as a manifest. `source` names where it came from, such as "kubernetes:pods". Objects of
+ * kinds the mesh does not use give no object and no problem.
+ */
+export function parseApiObject(value: unknown, source: ObjectSource, logger?: Logger): { object?: ParsedObject; problems: ManifestProblem[] } {
+  const problems: ManifestProblem[] = [];
+  const objects: ParsedObject[] = [];
+  const context: DocumentContext = { file: source.file, document: source.document, problems };
+  readObject(context, value, [], labelOf(String((value as { kind?: unknown })?.kind ?? "object"), (value as { metadata?: unknown })?.metadata) ?? "object", objects, logger);
+  return { object: objects[0], problems };
+}
+
 function findSyntaxErrors(file: string, documents: Document[], firstDocument: number): ManifestProblem[] {
   const problems: ManifestProblem[] = [];
   documents.forEach((yaml, position) => {
@@ -194,11 +207,11 @@ function readSecurityKind(
 }
 
 function documentProblem(context: DocumentContext, message: string): ManifestProblem {
-  const range = context.yaml.contents?.range;
+  const range = context.yaml?.contents?.range;
   return {
     file: context.file,
     document: context.document,
-    line: range ? context.lineCounter.linePos(range[0]).line : undefined,
+    line: range && context.lineCounter ? context.lineCounter.linePos(range[0]).line : undefined,
     object: `document ${context.document + 1}`,
     field: "",
     message,

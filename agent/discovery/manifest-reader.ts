@@ -14,8 +14,9 @@ export type FieldPath = readonly (string | number)[];
 export interface DocumentContext {
   file: string;
   document: number;
-  yaml: Document;
-  lineCounter: LineCounter;
+  /** The YAML document and its line counter, for line numbers; absent for objects read from the Kubernetes API. */
+  yaml?: Document;
+  lineCounter?: LineCounter;
   problems: ManifestProblem[];
 }
 
@@ -192,8 +193,8 @@ export class ObjectReader {
   private lineOf(path: FieldPath): number | undefined {
     const full = [...this.basePath, ...path];
     for (let length = full.length; length >= 0; length -= 1) {
-      const node = this.context.yaml.getIn(full.slice(0, length), true);
-      if (isNode(node) && node.range) return this.context.lineCounter.linePos(node.range[0]).line;
+      const node = this.context.yaml?.getIn(full.slice(0, length), true);
+      if (isNode(node) && node.range && this.context.lineCounter) return this.context.lineCounter.linePos(node.range[0]).line;
     }
     return undefined;
   }

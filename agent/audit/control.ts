@@ -9,7 +9,15 @@ import fs from "node:fs";
 import path from "node:path";
 import type { ManifestProblem } from "../discovery/manifest-problem";
 import { DRY_RUN_ANNOTATION } from "../discovery/manifest-policies";
-import { DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE } from "../enroll/enrollment";
+import {
+  DATAPLANE_MODE_AMBIENT,
+  DATAPLANE_MODE_LABEL,
+  DATAPLANE_MODE_NONE,
+  DEFAULT_ENROLLMENT_SETTINGS,
+  enrollmentDecision,
+  type EnrollmentRule,
+  type EnrollmentSettings,
+} from "../enroll/enrollment";
 import type { EnrollmentEvent } from "../enroll/reconciler";
 import type { CertificateIssuedEvent } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
@@ -260,60 +268,96 @@ export const AGENT_START_REASON = "agent start";
 /**
  * Explains, for each workload that is enrolled in one snapshot and not in the other, why it entered
  * or left the enrolled set of `node`: keyed by workload uid. With `before` undefined every enrolled
- * workload has the reason "agent start". The rules are those of enroll/enrollment.ts: an ambient
- * namespace, no opt-out label, no host network, an IP, and this node.
+ * workload has the reason "agent start". The rules are those of enrolledWorkloads in
+ * enroll/enrollment.ts: this node, an IP, then enrollmentDecision with `settings`.
  */
-export function enrollmentReasons(before: ClusterSnapshot | undefined, after: ClusterSnapshot, node: string): Map<string, string> {
+export function enrollmentReasons(
+  before: ClusterSnapshot | undefined,
+  after: ClusterSnapshot,
+  node: string,
+  settings: EnrollmentSettings = DEFAULT_ENROLLMENT_SETTINGS,
+): Map<string, string> {
+  const ruleOf = (snapshot: ClusterSnapshot, workload: Workload) => enrollmentRule(snapshot, workload, node, settings);
   const reasons = new Map<string, string>();
   for (const workload of after.workloads.values()) {
-    if (enrollmentBlocker(after, workload, node) !== undefined) continue;
+    const now = ruleOf(after, workload);
+    if (!ENROLLING_RULES.has(now)) continue;
     const old = before?.workloads.get(workload.uid);
     if (before === undefined) reasons.set(workload.uid, AGENT_START_REASON);
     else if (old === undefined) reasons.set(workload.uid, "pod created");
     else {
-      const blocker = enrollmentBlocker(before, old, node);
-      if (blocker !== undefined) reasons.set(workload.uid, ENROLLED_BECAUSE[blocker]);
+      const was = ruleOf(before, old);
+      if (!ENROLLING_RULES.has(was)) reasons.set(workload.uid, enrolledBecause(was, now, workload));
     }
   }
   if (before === undefined) return reasons;
   for (const old of before.workloads.values()) {
-    if (enrollmentBlocker(before, old, node) !== undefined) continue;
+    const was = ruleOf(before, old);
+    if (!ENROLLING_RULES.has(was)) continue;
     const workload = after.workloads.get(old.uid);
     if (workload === undefined) reasons.set(old.uid, "pod deleted");
     else {
-      const blocker = enrollmentBlocker(after, workload, node);
-      if (blocker !== undefined) reasons.set(old.uid, blocker === "node" ? `pod moved to node ${workload.nodeName}` : UNENROLLED_BECAUSE[blocker]);
+      const now = ruleOf(after, workload);
+      if (!ENROLLING_RULES.has(now)) reasons.set(old.uid, unenrolledBecause(now, was, workload));
     }
   }
   return reasons;
 }
 
-type Blocker = "node" | "ip" | "hostNetwork" | "podOptOut" | "namespace";
+/** node and ip come before enrollmentDecision's rules, as in enrolledWorkloads. */
+type NodeRule = "node" | "ip" | EnrollmentRule;
 
-const ENROLLED_BECAUSE: Record<Blocker, string> = {
-  node: "pod scheduled to this node",
-  ip: "pod got an IP",
-  hostNetwork: "pod no longer uses the host network",
-  podOptOut: `pod label ${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_NONE} removed`,
-  namespace: `namespace labelled ${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_AMBIENT}`,
-};
+const ENROLLING_RULES: ReadonlySet<NodeRule> = new Set<NodeRule>(["podLabel", "namespaceLabel"]);
 
-const UNENROLLED_BECAUSE: Record<Exclude<Blocker, "node">, string> = {
-  ip: "pod has no IP",
-  hostNetwork: "pod uses the host network",
-  podOptOut: `pod labelled ${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_NONE}`,
-  namespace: "namespace no longer ambient",
-};
-
-/** Returns the first rule that keeps the workload out of `node`'s enrolled set, or undefined when it is enrolled. */
-function enrollmentBlocker(snapshot: ClusterSnapshot, workload: Workload, node: string): Blocker | undefined {
+/** Returns the first rule that keeps the workload out of `node`'s enrolled set, or the rule that enrolls it. */
+function enrollmentRule(snapshot: ClusterSnapshot, workload: Workload, node: string, settings: EnrollmentSettings): NodeRule {
   if (workload.nodeName !== node) return "node";
   if (workload.ip === "") return "ip";
-  if (workload.hostNetwork) return "hostNetwork";
-  if (workload.labels[DATAPLANE_MODE_LABEL] === DATAPLANE_MODE_NONE) return "podOptOut";
-  if (snapshot.namespaces.get(workload.namespace)?.labels[DATAPLANE_MODE_LABEL] !== DATAPLANE_MODE_AMBIENT) return "namespace";
-  return undefined;
+  const namespaces = { namespace: (name: string) => snapshot.namespaces.get(name) };
+  return enrollmentDecision(namespaces, workload, settings).rule;
 }
+
+/** Explains an enrollment: `was` is the rule that kept the workload out, `now` the rule that enrolls it. */
+function enrolledBecause(was: NodeRule, now: NodeRule, workload: Workload): string {
+  switch (was) {
+    case "node":
+      return "pod scheduled to this node";
+    case "ip":
+      return "pod got an IP";
+    case "hostNetwork":
+      return "pod no longer uses the host network";
+    case "podOptOut":
+      return `pod label ${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_NONE} removed`;
+    case "sidecar":
+      return "pod no longer has an Istio sidecar";
+    case "excludedNamespace":
+      return `namespace ${workload.namespace} no longer excluded from ambient mode`;
+    default:
+      return now === "podLabel" ? `pod labelled ${AMBIENT_LABEL}` : `namespace labelled ${AMBIENT_LABEL}`;
+  }
+}
+
+/** Explains an unenrollment: `now` is the rule that keeps the workload out, `was` the rule that enrolled it. */
+function unenrolledBecause(now: NodeRule, was: NodeRule, workload: Workload): string {
+  switch (now) {
+    case "node":
+      return `pod moved to node ${workload.nodeName}`;
+    case "ip":
+      return "pod has no IP";
+    case "hostNetwork":
+      return "pod uses the host network";
+    case "podOptOut":
+      return `pod labelled ${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_NONE}`;
+    case "sidecar":
+      return "pod has an Istio sidecar";
+    case "excludedNamespace":
+      return `namespace ${workload.namespace} is excluded from ambient mode`;
+    default:
+      return was === "podLabel" ? `pod label ${AMBIENT_LABEL} removed` : "namespace no longer ambient";
+  }
+}
+
+const AMBIENT_LABEL = `${DATAPLANE_MODE_LABEL}=${DATAPLANE_MODE_AMBIENT}`;
 
 // ---------------------------------------------------------------------------------------------
 // The agent

@@ -121,10 +121,14 @@ function mapOf(snapshot: MutableSnapshot, object: ParsedObject): Map<string, unk
       return snapshot.authorizationPolicies;
     case "PeerAuthentication":
       return snapshot.peerAuthentications;
+    case "EndpointSlice":
+      // Created with the first slice, so that snapshots without slices keep their earlier shape.
+      snapshot.endpointSlices ??= new Map();
+      return snapshot.endpointSlices;
   }
 }
 
-type MutableSnapshot = { [K in keyof ClusterSnapshot]: Map<string, unknown> };
+type MutableSnapshot = { [K in Exclude<keyof ClusterSnapshot, "endpointSlices">]: Map<string, unknown> } & { endpointSlices?: Map<string, unknown> };
 
 /** Copies the maps of a snapshot: a published snapshot is never changed, since readers may hold it. */
 function copySnapshot(snapshot: ClusterSnapshot): ClusterSnapshot & MutableSnapshot {
@@ -134,6 +138,7 @@ function copySnapshot(snapshot: ClusterSnapshot): ClusterSnapshot & MutableSnaps
     services: new Map(snapshot.services),
     authorizationPolicies: new Map(snapshot.authorizationPolicies),
     peerAuthentications: new Map(snapshot.peerAuthentications),
+    ...(snapshot.endpointSlices !== undefined && { endpointSlices: new Map(snapshot.endpointSlices) }),
   } as ClusterSnapshot & MutableSnapshot;
 }
 

@@ -6,12 +6,14 @@ import { LineCounter, parseAllDocuments, type Document } from "yaml";
 import type { Logger } from "../log";
 import type { ObjectSource } from "../state/types";
 import { objectKey, type ManifestProblem, type ParsedObject, type ParseResult } from "./manifest-problem";
+import { ENDPOINT_SLICE_FIELDS, readEndpointSlice } from "./manifest-endpointslices";
 import { readAuthorizationPolicy, readPeerAuthentication } from "./manifest-policies";
 import { describeValue, isMapping, ObjectReader, type DocumentContext, type FieldPath } from "./manifest-reader";
 import { readNamespace, readPod, readService } from "./manifest-workloads";
 
 const CORE_API = ["v1"];
 const SECURITY_API = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+const DISCOVERY_API = ["discovery.k8s.io/v1"];
 
 /** Aliases allowed per document, to stop "billion laughs" expansion. */
 const MAX_ALIAS_COUNT = 100;
@@ -132,7 +134,7 @@ function readObject(
 function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, source: ObjectSource): ParsedObject | undefined | "unknown" {
   if (KNOWN_KINDS.includes(kind)) {
     // A misspelt "spec" would otherwise read as an empty spec: a policy without rules, or UNSET mTLS.
-    reader.knownFields([], ["apiVersion", "kind", "metadata", "spec", "status"]);
+    reader.knownFields([], kind === "EndpointSlice" ? ENDPOINT_SLICE_FIELDS : ["apiVersion", "kind", "metadata", "spec", "status"]);
   } else {
     const meant = KNOWN_KINDS.find((known) => known.toLowerCase() === kind.toLowerCase());
     if (meant !== undefined) {
@@ -146,6 +148,11 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
     case "Service":
       if (!CORE_API.includes(apiVersion)) return "unknown";
       return readCoreKind(reader, kind, source);
+    case "EndpointSlice": {
+      if (!DISCOVERY_API.includes(apiVersion)) return "unknown";
+      const value = readEndpointSlice(reader, source);
+      return value && { kind, key: objectKey(kind, value.namespace, value.name), value };
+    }
     case "AuthorizationPolicy":
     case "PeerAuthentication":
       // Any other group is rejected, not skipped: a mistyped group such as "security.isito.io/v1"
@@ -167,7 +174,7 @@ function readKnownKind(reader: ObjectReader, kind: string, apiVersion: string, s
 }
 
 /** The kinds the agent reads; List documents are unpacked before. */
-const KNOWN_KINDS: readonly string[] = ["Namespace", "Pod", "Service", "AuthorizationPolicy", "PeerAuthentication", "List"];
+const KNOWN_KINDS: readonly string[] = ["Namespace", "Pod", "Service", "EndpointSlice", "AuthorizationPolicy", "PeerAuthentication", "List"];
 
 /** Kinds of security.istio.io that apply to waypoints or gateways, which the agent skips. */
 const OTHER_SECURITY_KINDS: readonly string[] = ["RequestAuthentication"];

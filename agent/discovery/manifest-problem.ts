@@ -3,6 +3,7 @@
 
 import type {
   AuthorizationPolicy,
+  EndpointSlice,
   Namespace,
   PeerAuthentication,
   Service,
@@ -31,7 +32,8 @@ export type ParsedObject =
   | { kind: "Pod"; key: string; value: Workload }
   | { kind: "Service"; key: string; value: Service }
   | { kind: "AuthorizationPolicy"; key: string; value: AuthorizationPolicy }
-  | { kind: "PeerAuthentication"; key: string; value: PeerAuthentication };
+  | { kind: "PeerAuthentication"; key: string; value: PeerAuthentication }
+  | { kind: "EndpointSlice"; key: string; value: EndpointSlice };
 
 export type ObjectKind = ParsedObject["kind"];
 

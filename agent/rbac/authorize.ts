@@ -6,6 +6,7 @@
 // Dry-run policies are evaluated next to the enforced ones and reported, never enforced.
 // Pure: no I/O and no clock, so the proxies and `agentctl authz` get the same result.
 
+import type { EnrollmentSettings } from "../enroll/enrollment";
 import { DEFAULT_ROOT_NAMESPACE, type MeshState } from "../state/mesh-state";
 import type { AuthorizationPolicy, Workload } from "../state/types";
 import { compilePolicy, matchingRuleOf, type CompiledRule, type MatchContext, type TrustDomains } from "./compile";
@@ -29,6 +30,8 @@ export interface AuthorizeOptions {
 export interface AuthorizationSettings extends AuthorizeOptions {
   /** Namespace whose policies apply mesh-wide; default istio-system. */
   rootNamespace?: string;
+  /** Which pods are enrolled, for the diagnostics that tell whether a pod is protected; default DEFAULT_ENROLLMENT_SETTINGS. */
+  enrollment?: EnrollmentSettings;
 }
 
 /** The authorizers of each workload of each mesh state, built on first use with the settings of `key`. */

@@ -4,7 +4,7 @@
 // API return what a real connection would get from the same state.
 
 import net from "node:net";
-import { isAmbient, DATAPLANE_MODE_LABEL } from "../enroll/enrollment";
+import { enrollmentDecision, isAmbient } from "../enroll/enrollment";
 import { EXCLUDE_INBOUND_PORTS_ANNOTATION, excludedPortsOf } from "../enroll/excluded-ports";
 import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import { serviceEndpoints } from "../state/endpoints";
@@ -135,7 +135,7 @@ function resolveSource(
       return { source: { query: text, kind: "identity", transport: "hbone", identity: formatSpiffeId(query.identity) }, identity: query.identity };
     case "ip": {
       const workload = state.workloadByIp(query.ip);
-      if (workload !== undefined && isAmbient(state, workload)) {
+      if (workload !== undefined && isAmbient(state, workload, settings.enrollment)) {
         notes.push(`${query.ip} is the IP of the enrolled pod ${workload.uid}, whose connections carry its identity; pass --from ${workload.uid} to check those`);
       }
       return { source: { query: text, kind: "ip", transport: "plaintext", ip: query.ip, ...(workload && { workload: workload.uid }) } };
@@ -144,8 +144,8 @@ function resolveSource(
       const workload = findWorkload(state, query.uid);
       const ip = workload.ip === "" ? undefined : workload.ip;
       if (ip === undefined) notes.push(`pod ${workload.uid} has no IP yet: rules on source IPs are checked as not matching`);
-      if (!isAmbient(state, workload)) {
-        notes.push(`pod ${workload.uid} is not enrolled (${notEnrolledReason(state, workload)}): it connects in plaintext, with no identity`);
+      if (!isAmbient(state, workload, settings.enrollment)) {
+        notes.push(`pod ${workload.uid} is not enrolled (${notEnrolledReason(state, workload, settings)}): it connects in plaintext, with no identity`);
         return { source: { query: text, kind: "pod", transport: "plaintext", workload: workload.uid, ...(ip && { ip }) } };
       }
       const identity = identityOf(workload, settings.trustDomain ?? "cluster.local");
@@ -205,14 +205,11 @@ function serviceTargets(state: MeshState, vip: string, port: number): Target[] {
   if (found.kind === "unavailable") {
     return [{ kind: "unavailable", ip: vip, port, service: found.service.uid, reason: found.reason, message: found.message }];
   }
-  return found.endpoints.map((endpoint) => ({
-    kind: "workload",
-    workload: endpoint.workload,
-    ip: endpoint.workload.ip,
-    port: endpoint.targetPort,
-    service: found.service.uid,
-    servicePort: port,
-  }));
+  return found.endpoints.map((endpoint): Target => {
+    // An EndpointSlice address that no known pod has is reached as plain TCP, like any address outside the mesh.
+    if (endpoint.workload === undefined) return { kind: "outside", ip: endpoint.ip, port: endpoint.targetPort };
+    return { kind: "workload", workload: endpoint.workload, ip: endpoint.ip, port: endpoint.targetPort, service: found.service.uid, servicePort: port };
+  });
 }
 
 // ---- decisions -------------------------------------------------------------------------------
@@ -236,8 +233,8 @@ function decideTarget(
 
   const { workload } = target;
   const where = { workload: workload.uid, ...(target.service && { service: target.service, servicePort: target.servicePort }), ip: target.ip };
-  if (!isAmbient(state, workload)) {
-    const explanation = `not protected: pod ${workload.uid} is not enrolled (${notEnrolledReason(state, workload)}), so no agent enforces policy on its connections`;
+  if (!isAmbient(state, workload, settings.enrollment)) {
+    const explanation = `not protected: pod ${workload.uid} is not enrolled (${notEnrolledReason(state, workload, settings)}), so no agent enforces policy on its connections`;
     return [{ ...where, port: target.port ?? "other", decision: "allow", reason: "not_enrolled", enforced: false, dryRun: [], explanation }];
   }
 
@@ -368,11 +365,9 @@ function standInPort(ports: readonly (number | "other")[]): number {
   return port;
 }
 
-function notEnrolledReason(state: MeshState, workload: Workload): string {
-  if (workload.hostNetwork) return "it uses the host network";
-  if (workload.labels[DATAPLANE_MODE_LABEL] === "none") return `it is labelled ${DATAPLANE_MODE_LABEL}=none`;
+function notEnrolledReason(state: MeshState, workload: Workload, settings: AuthorizationSettings): string {
   if (state.namespace(workload.namespace) === undefined) return `its namespace ${workload.namespace} is not in the mesh state`;
-  return `its namespace ${workload.namespace} is not labelled ${DATAPLANE_MODE_LABEL}=ambient`;
+  return enrollmentDecision(state, workload, settings.enrollment).reason;
 }
 
 // ---- one workload ----------------------------------------------------------------------------
@@ -421,7 +416,7 @@ export interface WorkloadExplanation {
 /** Lists what decides connections to a workload: its policies in evaluation order and its PeerAuthentication scopes. */
 export function explainWorkload(state: MeshState, settings: AuthorizationSettings, workload: Workload): WorkloadExplanation {
   const rootNamespace = settings.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
-  const enrolled = isAmbient(state, workload);
+  const enrolled = isAmbient(state, workload, settings.enrollment);
   const policies = state
     .policiesForWorkload(workload, rootNamespace)
     .map((policy) => appliedPolicy(policy, rootNamespace, settings))
@@ -436,7 +431,7 @@ export function explainWorkload(state: MeshState, settings: AuthorizationSetting
   return {
     workload: workload.uid,
     enrolled,
-    ...(!enrolled && { notEnrolledReason: notEnrolledReason(state, workload) }),
+    ...(!enrolled && { notEnrolledReason: notEnrolledReason(state, workload, settings) }),
     ...(enrolled && { identity: formatSpiffeId(identityOf(workload, settings.trustDomain ?? "cluster.local")) }),
     ip: workload.ip,
     excludedInboundPorts: excludedInboundPorts(workload),

@@ -6,6 +6,7 @@ import { canonicalIp, workloadIps } from "./ip";
 import type {
   AuthorizationPolicy,
   ClusterSnapshot,
+  EndpointSlice,
   Labels,
   Namespace,
   PeerAuthentication,
@@ -62,6 +63,8 @@ export class MeshState {
   private readonly byNode = new Map<string, Workload[]>();
   private readonly policiesByNamespace = new Map<string, AuthorizationPolicy[]>();
   private readonly peerAuthenticationsByNamespace = new Map<string, PeerAuthentication[]>();
+  /** EndpointSlices by the uid of their Service ("namespace/name"), each list sorted by slice uid. */
+  private readonly slicesByService = new Map<string, EndpointSlice[]>();
 
   /**
    * `previous` is the state this one replaces: a cluster IP that two Services claim stays with the
@@ -75,6 +78,7 @@ export class MeshState {
     this.indexServices(previous);
     groupByNamespace(snapshot.authorizationPolicies.values(), this.policiesByNamespace);
     groupByNamespace(snapshot.peerAuthentications.values(), this.peerAuthenticationsByNamespace);
+    this.indexEndpointSlices();
   }
 
   /** Returns the workload with this pod IP (any textual form of it, and any of a dual-stack pod's IPs). */
@@ -147,6 +151,14 @@ export class MeshState {
   }
 
   /**
+   * Returns the EndpointSlices of a Service (label kubernetes.io/service-name in its namespace),
+   * sorted by uid. Empty when the snapshot has none, as for manifest folders.
+   */
+  endpointSlicesForService(service: Service): EndpointSlice[] {
+    return [...(this.slicesByService.get(service.uid) ?? [])];
+  }
+
+  /**
    * Returns the AuthorizationPolicies that apply to a workload, sorted by uid:
    * 1. policies of its namespace without selector (namespace-wide);
    * 2. policies of its namespace whose selector matches its labels;
@@ -203,6 +215,17 @@ export class MeshState {
         onNode.push(workload);
         this.byNode.set(workload.nodeName, onNode);
       }
+    }
+  }
+
+  private indexEndpointSlices(): void {
+    const sorted = [...(this.snapshot.endpointSlices?.values() ?? [])].sort((a, b) => compare(a.uid, b.uid));
+    for (const slice of sorted) {
+      if (slice.service === "") continue;
+      const key = `${slice.namespace}/${slice.service}`;
+      const slices = this.slicesByService.get(key) ?? [];
+      slices.push(slice);
+      this.slicesByService.set(key, slices);
     }
   }
 

@@ -151,6 +151,52 @@ export interface PeerAuthentication {
   source: ObjectSource;
 }
 
+/** The address family of an EndpointSlice; FQDN slices are read but give no Service endpoint. */
+export type EndpointSliceAddressType = "IPv4" | "IPv6" | "FQDN";
+
+/** A reference from an EndpointSlice endpoint to the object behind it, usually a Pod. */
+export interface EndpointTargetRef {
+  kind: string;
+  namespace: string;
+  name: string;
+}
+
+/** One endpoint of an EndpointSlice: the addresses of one pod or other backend, and its conditions. */
+export interface EndpointSliceEndpoint {
+  /** One address for IPv4 and IPv6 slices (canonical text form), one name for FQDN slices. */
+  addresses: string[];
+  /** conditions.ready; absent means true, as in Kubernetes. */
+  ready: boolean;
+  /** conditions.serving; absent means true, as in Kubernetes. */
+  serving: boolean;
+  /** conditions.terminating; absent means false. */
+  terminating: boolean;
+  nodeName?: string;
+  targetRef?: EndpointTargetRef;
+}
+
+export interface EndpointSlicePort {
+  /** "" for a slice port without a name, which matches a Service port without a name. */
+  name: string;
+  /** Undefined when the slice sets none, which the API defines as "all ports". The agent routes nothing to such a port, since it has no number to dial. */
+  port?: number;
+  protocol: "TCP" | "UDP" | "SCTP";
+}
+
+/** A discovery.k8s.io/v1 EndpointSlice: part of the endpoints of one Service. */
+export interface EndpointSlice {
+  /** "namespace/name". */
+  uid: string;
+  name: string;
+  namespace: string;
+  /** The Service's name, from the label kubernetes.io/service-name; "" when the label is missing. */
+  service: string;
+  addressType: EndpointSliceAddressType;
+  endpoints: EndpointSliceEndpoint[];
+  ports: EndpointSlicePort[];
+  source: ObjectSource;
+}
+
 /** The whole mesh configuration at one moment. Immutable: a change builds a new snapshot. */
 export interface ClusterSnapshot {
   namespaces: ReadonlyMap<string, Namespace>;
@@ -158,6 +204,11 @@ export interface ClusterSnapshot {
   services: ReadonlyMap<string, Service>;
   authorizationPolicies: ReadonlyMap<string, AuthorizationPolicy>;
   peerAuthentications: ReadonlyMap<string, PeerAuthentication>;
+  /**
+   * EndpointSlices by uid. Optional because manifest folders and older snapshot builders have
+   * none: absent and empty both mean that every Service finds its endpoints by selector.
+   */
+  endpointSlices?: ReadonlyMap<string, EndpointSlice>;
 }
 
 export type Direction = "inbound" | "outbound";

@@ -208,7 +208,7 @@ test("pod not enrolled connects in plaintext", (t) => {
   t.is(check.source.transport, "plaintext");
   t.is(check.source.identity, undefined);
   t.is(check.source.ip, "10.1.0.9");
-  t.true(check.notes.some((note) => /legacy\/old is not enrolled \(its namespace legacy is not labelled istio.io\/dataplane-mode=ambient\)/.test(note)));
+  t.true(check.notes.some((note) => /legacy\/old is not enrolled \(neither namespace legacy nor the pod is labelled istio.io\/dataplane-mode=ambient\)/.test(note)));
   const result = only(check.results);
   t.is(result.decision, "deny");
   t.is(result.reason, "no_allow_match");
@@ -258,7 +258,7 @@ test("destination not enrolled is not protected", (t) => {
   t.is(result.reason, "not_enrolled");
   t.false(result.enforced);
   t.is(result.mtls, undefined);
-  t.regex(result.explanation, /^not protected: pod legacy\/old is not enrolled \(its namespace legacy is not labelled/);
+  t.regex(result.explanation, /^not protected: pod legacy\/old is not enrolled \(neither namespace legacy nor the pod is labelled/);
 });
 
 test("address outside the mesh is not protected", (t) => {
@@ -409,13 +409,13 @@ test("explain of a pod not enrolled says why", (t) => {
   const explanation = explainWorkload(state, SETTINGS, findWorkload(state, "legacy/old"));
   t.false(explanation.enrolled);
   t.is(explanation.identity, undefined);
-  t.is(explanation.notEnrolledReason, "its namespace legacy is not labelled istio.io/dataplane-mode=ambient");
+  t.is(explanation.notEnrolledReason, "neither namespace legacy nor the pod is labelled istio.io/dataplane-mode=ambient");
 });
 
 test("explain table of a pod not enrolled", (t) => {
   const state = mesh(peerAuthentication("strict", "legacy", "{mtls: {mode: STRICT}}"));
   const text = formatWorkloadExplanation(explainWorkload(state, SETTINGS, findWorkload(state, "legacy/old")));
-  t.regex(text, /^ENROLLED   no: its namespace legacy is not labelled istio.io\/dataplane-mode=ambient; the agent enforces no policy on this pod$/m);
+  t.regex(text, /^ENROLLED   no: neither namespace legacy nor the pod is labelled istio.io\/dataplane-mode=ambient; the agent enforces no policy on this pod$/m);
   t.notRegex(text, /unless PeerAuthentication requires mutual TLS/);
   t.regex(text, /^  none: every connection is allowed, because no agent checks policies on a pod that is not enrolled$/m);
   t.regex(text, /^  not enforced: connections to a pod that is not enrolled are plaintext and no agent checks mutual TLS/m);

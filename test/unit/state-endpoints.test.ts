@@ -40,7 +40,7 @@ function mesh(...documents: string[]): MeshState {
 
 function picked(choice: EndpointChoice | undefined): { workload: string; ip: string; port: number } {
   if (choice?.kind !== "endpoint") throw new Error(`expected an endpoint, got ${JSON.stringify(choice)}`);
-  return { workload: choice.endpoint.workload.name, ip: choice.endpoint.workload.ip, port: choice.endpoint.targetPort };
+  return { workload: choice.endpoint.workload?.name ?? "", ip: choice.endpoint.ip, port: choice.endpoint.targetPort };
 }
 
 const NAMED_PORTS = "[{name: http, containerPort: 8080}]";
@@ -64,7 +64,7 @@ test("named target port per endpoint", (t) => {
   const found = serviceEndpoints(state, "10.96.0.10", 80);
   if (found?.kind !== "endpoints") throw new Error(`expected endpoints, got ${JSON.stringify(found)}`);
   t.deepEqual(
-    found.endpoints.map((endpoint) => [endpoint.workload.name, endpoint.targetPort]),
+    found.endpoints.map((endpoint) => [endpoint.workload?.name, endpoint.targetPort]),
     [["api-1", 8080], ["api-2", 8081]],
   );
 });
@@ -95,7 +95,7 @@ test("unready pods skipped", (t) => {
   );
   const found = serviceEndpoints(state, "10.96.0.10", 80);
   if (found?.kind !== "endpoints") throw new Error(`expected endpoints, got ${JSON.stringify(found)}`);
-  t.deepEqual(found.endpoints.map((endpoint) => endpoint.workload.name), ["ready", "running-explicit"]);
+  t.deepEqual(found.endpoints.map((endpoint) => endpoint.workload?.name), ["ready", "running-explicit"]);
 });
 
 test("pod readiness from status", (t) => {

@@ -27,11 +27,15 @@ node_modules/.package-lock.json: package.json package-lock.json
 	@echo "setup: npm ci"
 	@npm ci --no-audit --no-fund --loglevel=error
 
-## build: the native library and the TypeScript (the prebuilt eBPF objects are used as they are)
-build: setup native/libagent.so dist/.built
+## build: the native library, the CNI plugin and the TypeScript (the prebuilt eBPF objects are used as they are)
+build: setup native/libagent.so native/cni/ambient-agent-cni dist/.built
 
 native/libagent.so: $(wildcard native/*.c native/*.h)
 	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ $(wildcard native/*.c) -lbpf -lpthread
+
+# The CNI plugin runs on the host, outside any image, so it is linked statically.
+native/cni/ambient-agent-cni: $(wildcard native/cni/*.c native/cni/*.h)
+	gcc -O2 -Wall -Wextra -static -o $@ $(wildcard native/cni/*.c)
 
 dist/.built: $(TS_SOURCES) tsconfig.json package.json
 	@npx tsc -p tsconfig.json
@@ -79,4 +83,4 @@ install: build
 	ln -sf $(CURDIR)/dist/agent/cli/agentctl.js $(PREFIX)/bin/agentctl
 
 clean:
-	rm -rf dist native/libagent.so
+	rm -rf dist native/libagent.so native/cni/ambient-agent-cni

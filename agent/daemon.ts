@@ -1,7 +1,6 @@
 // The node agent: wires discovery, state, capture, identity, the per-pod proxies, authorization
 // and audit together, and keeps them in step as the manifests change.
 
-import net from "node:net";
 import path from "node:path";
 
 import type { AuditOptions } from "./audit/config";
@@ -36,7 +35,13 @@ import { HandoverServer } from "./handover/server";
 import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, retryUntilBound, takeOver } from "./handover/takeover";
 import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
-import { enrolledWorkloads, isAmbient } from "./enroll/enrollment";
+import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
+import { KubeSource } from "./discovery/kube-source";
+import { DEFAULT_ENROLLMENT_SETTINGS, excludedLabelledNamespaces, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
+import { CniPods } from "./enroll/cni-pods";
+import { RedirectionAnnotator } from "./enroll/redirection-annotation";
+import { startCni, type CniPodEvent, type CniRuntime, type CniSettings } from "./cni/setup";
+import { AgentError } from "./errors";
 import { EnrollmentReconciler, type WorkloadProxies } from "./enroll/reconciler";
 import type { CertManager } from "./identity/cert-manager";
 import { startIdentity, type IdentityOptions, type IdentityRuntime } from "./identity/setup";
@@ -50,13 +55,19 @@ import { policyMessages } from "./rbac/explain";
 import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
-import { workloadIpOfFamily } from "./state/ip";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
 
 export interface AgentOptions {
   node: string;
-  manifestsDir: string;
+  /** Folder of manifest files to read the mesh configuration from. Exactly one of this and `kubernetes`. */
+  manifestsDir?: string;
+  /** Credentials of the Kubernetes API server to read the mesh configuration from. */
+  kubernetes?: KubeCredentials;
+  /** Namespaces whose pods are never enrolled. Default ["kube-system"]. */
+  excludedNamespaces?: readonly string[];
+  /** The chained CNI plugin that holds new pods until their capture is in place; off when absent. */
+  cni?: CniSettings;
   /** The CA, trust domain, trusted roots and certificate lifetime. */
   identity: IdentityOptions;
   audit: AuditOptions;
@@ -89,6 +100,19 @@ export interface AgentOptions {
   transparentSource?: boolean;
 }
 
+/** How long a CNI ADD waits for its pod to appear in the mesh state, which the API server's watch fills. */
+const CNI_POD_WAIT_MS = 10_000;
+
+/** What the agent reads its configuration from: the manifest folder or the Kubernetes API. */
+interface ConfigSource {
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  snapshot(): ClusterSnapshot;
+  problems(): ManifestProblem[];
+  refresh(): Promise<void>;
+  on(event: "change", listener: (snapshot: ClusterSnapshot) => void): unknown;
+}
+
 /** The problems found before start, each with what is missing and how to fix it. */
 export class HostNotReadyError extends Error {
   constructor(readonly problems: { what: string; fix: string }[]) {
@@ -101,7 +125,14 @@ export class HostNotReadyError extends Error {
 
 export class Agent {
   private state: MeshState | undefined;
-  private source: ManifestSource | undefined;
+  private source: ConfigSource | undefined;
+  private kube: KubeSource | undefined;
+  private annotator: RedirectionAnnotator | undefined;
+  private cni: CniRuntime | undefined;
+  /** Pods that the CNI plugin announced, by uid: their namespace and IPs before the API shows them. */
+  private readonly cniPods = new CniPods();
+  /** Ambient-labelled namespaces already warned about for being excluded. */
+  private warnedExcluded = new Set<string>();
   private capture: CaptureBackend | undefined;
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
@@ -159,10 +190,10 @@ export class Agent {
     this.certs = this.identity.certs;
     this.certs.onIssued((event) => this.audit?.write(certificateRecord(event, this.options.node, new Date().toISOString())));
 
-    this.source = new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
-    this.logger.info({ dir: this.options.manifestsDir }, "reading the manifests");
+    this.source = this.createSource();
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
+    this.warnExcludedNamespaces(this.state);
     this.warnVipConflicts(this.state);
     this.warnPolicyMessages(this.state);
     this.recordPolicyChanges(undefined, this.state);
@@ -171,6 +202,8 @@ export class Agent {
     const routes = {
       "/config_dump": () => this.configDump(),
       "/audit": () => this.audit?.status(),
+      "/kubernetes": () => this.kube?.health() ?? { error: "the agent reads manifest files, not the Kubernetes API" },
+      "/healthz/ready": () => this.readiness(),
       "/metrics": async () => new TextResponse(this.metrics.contentType, await this.metrics.metrics()),
       ...authorizationRoutes({
         state: () => this.state,
@@ -189,13 +222,18 @@ export class Agent {
       createProxies: (workload, identity, network, cookie) => this.createProxies(workload, identity, network, cookie),
       logger: this.logger.child({ component: "enroll" }),
       transparentSource: this.options.transparentSource ?? true,
+      netnsHint: (workload) => this.cniPods.netnsOf(workload),
       onEnrollment: (event) => this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString())),
     });
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
-    await this.reconciler.update(enrolledWorkloads(this.state, this.options.node), enrollmentReasons(undefined, this.state.snapshot, this.options.node));
+    await this.reconciler.update(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
     this.reconciler.removeStaleCookies();
+    this.syncAnnotations();
+    if (this.options.cni) {
+      this.cni = await startCni(this.options.cni, { add: (event) => this.cniAdd(event), del: (event) => this.cniDel(event) }, this.logger.child({ component: "cni" }));
+    }
     this.source.on("change", (snapshot: ClusterSnapshot) => {
       this.applySnapshot(snapshot).catch((error: unknown) =>
         this.logger.error({ err: error, workloads: snapshot.workloads.size }, "applying the new configuration failed; the agent keeps serving and applies the next change"),
@@ -221,6 +259,8 @@ export class Agent {
    */
   async stop(drainMs = 0, reason = "stop requested"): Promise<void> {
     this.handover?.close();
+    await this.cni?.close();
+    this.annotator?.stop();
     // The manifests are still followed while connections drain, so a policy change still closes
     // the connections it denies; enrolment no longer changes.
     this.stopping = true;
@@ -353,7 +393,7 @@ export class Agent {
       predecessor,
       reconciler: this.reconciler!,
       capture: this.capture!,
-      wanted: enrolledWorkloads(this.state!, this.options.node).map((workload) => workload.uid),
+      wanted: this.desiredWorkloads(this.state!).map((workload) => workload.uid),
       drainTimeoutMs: this.options.drainTimeoutMs ?? 0,
       logger: this.logger.child({ component: "handover" }),
     });
@@ -383,17 +423,142 @@ export class Agent {
     this.state = new MeshState(snapshot, this.state);
     this.warnVipConflicts(this.state);
     this.warnPolicyMessages(this.state);
+    this.warnExcludedNamespaces(this.state);
     this.recordPolicyChanges(previous, this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
       "configuration updated",
     );
-    const desired = enrolledWorkloads(this.state, this.options.node);
+    const desired = this.desiredWorkloads(this.state);
     // Open inbound connections were authorized with the previous configuration, so the ones the new
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
     const closed = this.reconciler?.recheck(new Set(desired.map((workload) => workload.uid))) ?? 0;
     if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
-    if (!this.stopping) await this.reconciler?.update(desired, enrollmentReasons(previous, snapshot, this.options.node));
+    if (!this.stopping) await this.reconciler?.update(desired, enrollmentReasons(previous, snapshot, this.options.node, this.enrollmentSettings()));
+    this.syncAnnotations();
+  }
+
+  /** Reads the configuration from the manifest folder or from the Kubernetes API, as the options say. */
+  private createSource(): ConfigSource {
+    if (this.options.kubernetes) {
+      const client = KubeClient.load(this.options.kubernetes);
+      this.logger.info({ server: client.server, credentials: this.options.kubernetes.kind }, "reading the configuration from the Kubernetes API server");
+      this.kube = new KubeSource({ node: this.options.node, client }, this.logger.child({ component: "kubernetes" }));
+      this.annotator = new RedirectionAnnotator(client, this.logger.child({ component: "annotations" }));
+      return this.kube;
+    }
+    if (!this.options.manifestsDir) throw new AgentError("INTERNAL", "no configuration source: pass --manifests DIR or --kubernetes");
+    this.logger.info({ dir: this.options.manifestsDir }, "reading the manifests");
+    return new ManifestSource(this.options.manifestsDir, this.logger.child({ component: "manifests" }));
+  }
+
+  private enrollmentSettings(): EnrollmentSettings {
+    return { excludedNamespaces: this.options.excludedNamespaces ?? DEFAULT_ENROLLMENT_SETTINGS.excludedNamespaces };
+  }
+
+  /**
+   * Lists the workloads of this node to enroll: the ambient ones with an IP. A pod that the CNI
+   * plugin announced has its IPs from the plugin until the API server's copy shows them.
+   */
+  private desiredWorkloads(state: MeshState): Workload[] {
+    const settings = this.enrollmentSettings();
+    return state
+      .workloadsOnNode(this.options.node)
+      .map((workload) => this.cniPods.complete(workload))
+      .filter((workload) => workload.ip !== "" && isAmbient(state, workload, settings));
+  }
+
+  /** Writes ambient.istio.io/redirection on the pods whose capture is in place, and removes it from the others. */
+  private syncAnnotations(): void {
+    if (!this.annotator || !this.state || !this.reconciler || this.stopping) return;
+    const enrolled = new Set(this.reconciler.list().map((entry) => entry.workload.uid));
+    this.annotator.sync(this.state.workloadsOnNode(this.options.node), enrolled);
+  }
+
+  /**
+   * Handles the CNI plugin's ADD for a new pod: once this returns, the pod's capture is in place
+   * (or it is not an ambient pod). Throws, which fails the pod's sandbox so the kubelet tries
+   * again, when the pod is unknown or its capture could not be put in place.
+   */
+  private async cniAdd(event: CniPodEvent): Promise<void> {
+    if (!event.podNamespace || !event.podName) {
+      this.logger.info({ netns: event.netns, container: event.containerId }, "CNI ADD without a Kubernetes pod name: not a pod, nothing to capture");
+      return;
+    }
+    const uid = `${event.podNamespace}/${event.podName}`;
+    const workload = await this.waitForPod(uid);
+    if (workload === undefined) {
+      throw new AgentError("CNI_ERROR", `pod ${uid} is not in the agent's view of the cluster after ${CNI_POD_WAIT_MS / 1000} s; the kubelet will try again`);
+    }
+    const state = this.state!;
+    const candidate = this.cniPods.complete(workload, event);
+    if (!isAmbient(state, candidate, this.enrollmentSettings())) {
+      this.logger.debug({ pod: uid }, "CNI ADD for a pod outside ambient mode");
+      return;
+    }
+    if (event.ips.length === 0 && workload.ip === "") {
+      throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
+    }
+    this.cniPods.add(uid, event);
+    await this.reconciler!.update(this.desiredWorkloads(state));
+    const entry = this.reconciler!.list().find((enrolled) => enrolled.workload.uid === uid);
+    if (!entry) {
+      throw new AgentError("CNI_ERROR", `capture of pod ${uid} in ${event.netns} is not in place yet (see the agent log); the kubelet will try again`);
+    }
+    this.syncAnnotations();
+    this.logger.info({ pod: uid, netns: event.netns, ip: entry.workload.ip }, "CNI ADD: capture in place before the pod starts");
+  }
+
+  /** Handles the CNI plugin's DEL: the pod's sandbox is going away. */
+  private async cniDel(event: CniPodEvent): Promise<void> {
+    if (this.cniPods.remove(event) && this.state && this.reconciler && !this.stopping) {
+      await this.reconciler.update(this.desiredWorkloads(this.state));
+    }
+  }
+
+  /** Waits until the pod is in the mesh state with this node's name, for at most CNI_POD_WAIT_MS. */
+  private async waitForPod(uid: string): Promise<Workload | undefined> {
+    const deadline = Date.now() + CNI_POD_WAIT_MS;
+    for (;;) {
+      const workload = this.state?.workload(uid);
+      if (workload && workload.nodeName === this.options.node) return workload;
+      if (Date.now() >= deadline || this.stopping) return undefined;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
+  /** Tells whether the node is ready: configuration read, capture attached, certificates issued for the enrolled pods. */
+  private readiness(): TextResponse {
+    const kube = this.kube?.health();
+    const certificates = this.certs?.status() ?? [];
+    const checks = {
+      configuration: this.state !== undefined && (kube === undefined || kube.synced),
+      capture: this.capture !== undefined,
+      enrolment: this.reconciler !== undefined,
+      certificates: certificates.every((certificate) => (certificate as { state?: string }).state !== "failed"),
+    };
+    const ready = Object.values(checks).every(Boolean) && !this.stopping;
+    const body = {
+      ready,
+      checks,
+      kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
+      enrolled: this.reconciler?.list().length ?? 0,
+    };
+    return new TextResponse("application/json", JSON.stringify(body, null, 2) + "\n", ready ? 200 : 503);
+  }
+
+  /** Logs once per namespace that it is labelled for ambient mode but excluded. */
+  private warnExcludedNamespaces(state: MeshState): void {
+    const current = new Set<string>();
+    for (const namespace of excludedLabelledNamespaces(state, this.enrollmentSettings())) {
+      current.add(namespace);
+      if (this.warnedExcluded.has(namespace)) continue;
+      this.logger.warn(
+        { namespace },
+        `namespace ${namespace} is labelled istio.io/dataplane-mode=ambient but is excluded from ambient mode (--excluded-namespaces); its pods are not enrolled`,
+      );
+    }
+    this.warnedExcluded = current;
   }
 
   /** Writes the audit records of policies added, changed, removed and rejected since `previous`. */
@@ -501,9 +666,7 @@ export class Agent {
       return { kind: "unavailable", service: choice.service.uid, reason: choice.reason, message: choice.message };
     }
     if (choice?.kind === "endpoint") {
-      const { workload, targetPort } = choice.endpoint;
-      // An IPv6 cluster IP leads to the endpoint's IPv6 address when it has one.
-      const endpointIp = workloadIpOfFamily(workload, net.isIP(ip) === 6 ? 6 : 4) ?? workload.ip;
+      const { workload, ip: endpointIp, targetPort } = choice.endpoint;
       return this.routeToWorkload(state, workload, { ip: endpointIp, port: targetPort }, choice.service.uid);
     }
     return this.routeToWorkload(state, state.workloadByIp(ip), { ip, port });
@@ -516,7 +679,7 @@ export class Agent {
     service?: string,
   ): DestinationTarget {
     const serviceField = service === undefined ? {} : { service };
-    if (workload && isAmbient(state, workload)) {
+    if (workload && isAmbient(state, workload, this.enrollmentSettings())) {
       return { kind: "hbone", workload, identity: identityOf(workload, this.trustDomain), address, ...serviceField };
     }
     return { kind: "passthrough", workload, address, ...serviceField };
@@ -534,7 +697,12 @@ export class Agent {
   }
 
   private authorizationSettings(): AuthorizationSettings {
-    return { rootNamespace: this.options.rootNamespace, trustDomain: this.trustDomain, trustDomainAliases: this.identity?.trust.aliases };
+    return {
+      rootNamespace: this.options.rootNamespace,
+      trustDomain: this.trustDomain,
+      trustDomainAliases: this.identity?.trust.aliases,
+      enrollment: this.enrollmentSettings(),
+    };
   }
 
   private configDump(): unknown {

@@ -24,6 +24,8 @@ export class TextResponse {
   constructor(
     readonly contentType: string,
     readonly text: string,
+    /** HTTP status of the response; 200 unless given. */
+    readonly status = 200,
   ) {}
 }
 
@@ -113,14 +115,14 @@ export class AdminServer {
   private handle(request: http.IncomingMessage, response: http.ServerResponse): void {
     const url = new URL(request.url ?? "/", "http://admin.invalid");
     const path = url.pathname;
-    if (path === "/healthz/ready") {
+    if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {
       response.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
     } else if (request.method !== "GET" && request.method !== "HEAD") {
       sendJson(response, 405, { error: `method ${request.method} is not allowed; the admin API serves GET only` });
     } else if (Object.hasOwn(this.routes, path)) {
       this.serveRoute(path, url.searchParams, response);
     } else {
-      const known = ["/healthz/ready", ...Object.keys(this.routes)].join(", ");
+      const known = [...new Set(["/healthz/ready", ...Object.keys(this.routes)])].join(", ");
       response.writeHead(404, { "content-type": "text/plain" }).end(`not found: ${path}; try ${known}\n`);
     }
     this.logger.debug({ path, status: response.statusCode }, "admin request");
@@ -140,7 +142,7 @@ export class AdminServer {
       return;
     }
     Promise.resolve(body).then((resolved) => {
-      if (resolved instanceof TextResponse) response.writeHead(200, { "content-type": resolved.contentType }).end(resolved.text);
+      if (resolved instanceof TextResponse) response.writeHead(resolved.status, { "content-type": resolved.contentType }).end(resolved.text);
       else sendJson(response, 200, resolved);
     }, failed);
   }

@@ -11,6 +11,7 @@ import { initCa } from "../identity/ca";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
 import { AUDIT_USAGE, runAuditCommand } from "./audit-commands";
+import { fetchReadiness, formatReadiness } from "./status-command";
 import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
@@ -25,6 +26,10 @@ const USAGE = `usage: agentctl COMMAND [options]
   capture list --node NAME [--pin-root DIR]
                      print the node's pinned capture entries as JSON (enrolled netns cookies, guarded pod
                      IPs, inbound listeners, sk_lookup links); works while the agent is down
+  status [--admin HOST:PORT] [-o table|json]
+                     tell whether the agent is ready (configuration read, capture attached,
+                     certificates issued), how many pods are enrolled, and the state of each
+                     Kubernetes API watch (listed, watching, last error)
   config [--admin HOST:PORT]
                      print what the running agent serves (from its admin API, default 127.0.0.1:15000)
   authz check --from SOURCE --to DESTINATION [--admin HOST:PORT] [-o table|json]
@@ -193,6 +198,13 @@ async function policies(argv: string[]): Promise<void> {
   process.stdout.write(format === "json" ? JSON.stringify(report, null, 2) + "\n" : formatPolicyStatuses(report));
 }
 
+async function status(argv: string[]): Promise<void> {
+  const { values } = asUsage(() => parseArgs({ args: argv, options: OUTPUT_OPTIONS }));
+  const format = outputFormat(values.output);
+  const readiness = await fetchReadiness(validAdmin(values.admin), ADMIN_TIMEOUT_MS);
+  process.stdout.write(format === "json" ? JSON.stringify(readiness, null, 2) + "\n" : formatReadiness(readiness));
+}
+
 async function main(argv: string[]): Promise<void> {
   const [group, action, ...rest] = argv;
   if (argv.includes("--help") || argv.includes("-h")) {
@@ -210,6 +222,7 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runAuditCommand(action, rest);
     return;
   }
+  if (group === "status") return status([action, ...rest].filter((value) => value !== undefined));
   if (group === "policies") return policies([action, ...rest].filter((value) => value !== undefined));
   if (group === undefined || group === "help" || group === "--help") {
     process.stdout.write(USAGE);

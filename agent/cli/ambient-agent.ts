@@ -14,13 +14,28 @@ import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags, type IdentityFlagVa
 import { AUDIT_FLAGS, AUDIT_USAGE, parseAuditFlags, type AuditFlagValues } from "./audit-flags";
 import type { AuditOptions } from "../audit/config";
 import { parseProbeSources } from "./probe-sources";
+import type { CniSettings } from "../cni/setup";
 
-const USAGE = `usage: ambient-agent run --node NAME --manifests DIR (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE)
-                         [options]
+const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kubernetes [--kubeconfig FILE])
+                         (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE) [options]
 
   --node NAME          this node's name; pods whose spec.nodeName equals it are served
-  --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, AuthorizationPolicy,
-                       PeerAuthentication), re-read when it changes
+  --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, EndpointSlice,
+                       AuthorizationPolicy, PeerAuthentication), re-read when it changes
+  --kubernetes         read the same kinds from the Kubernetes API server (list and watch), with the
+                       pod's service account (in-cluster) unless --kubeconfig is given
+  --kubeconfig FILE    kubeconfig file for the API server; implies --kubernetes
+  --excluded-namespaces NS[,NS...]
+                       namespaces whose pods are never enrolled, even when labelled
+                       istio.io/dataplane-mode=ambient (default kube-system; "none" for no exclusion)
+  --cni-conf-dir DIR   chain the agent's CNI plugin into the node's CNI configuration in DIR (for
+                       example /etc/cni/net.d), so that a new pod waits until its capture is in
+                       place; off when absent
+  --cni-bin-dir DIR    folder the container runtime runs CNI plugins from (default /opt/cni/bin)
+  --cni-socket PATH    unix socket the plugin reaches the agent on (default /var/run/ambient-agent/cni.sock)
+  --cni-timeout SECONDS
+                       how long the plugin waits for the agent before it fails the pod's sandbox,
+                       which the kubelet then retries (default 30)
 ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
@@ -82,6 +97,13 @@ function parseRunOptions(argv: string[]): RunOptions {
     options: {
       node: { type: "string" },
       manifests: { type: "string" },
+      kubernetes: { type: "boolean" },
+      kubeconfig: { type: "string" },
+      "excluded-namespaces": { type: "string", multiple: true },
+      "cni-conf-dir": { type: "string" },
+      "cni-bin-dir": { type: "string" },
+      "cni-socket": { type: "string" },
+      "cni-timeout": { type: "string" },
       ...IDENTITY_FLAGS,
       ...AUDIT_FLAGS,
       "pin-root": { type: "string" },
@@ -98,7 +120,12 @@ function parseRunOptions(argv: string[]): RunOptions {
     },
     strict: true,
   });
-  const missing = ["node", "manifests"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
+  const missing = ["node"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
+  const kubernetes = values.kubernetes === true || values.kubeconfig !== undefined;
+  if (kubernetes && values.manifests !== undefined) {
+    throw new UsageError("--manifests and --kubernetes (or --kubeconfig) both name where the configuration comes from: give one of them");
+  }
+  if (!kubernetes && values.manifests === undefined) missing.push("--manifests or --kubernetes");
   if (!values["ca-dir"] && !values["ca-address"]) missing.push("--ca-dir or --ca-address");
   if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.join(", ")}`);
   const node = values.node!;
@@ -107,7 +134,10 @@ function parseRunOptions(argv: string[]): RunOptions {
   }
   const agent: AgentOptions = {
     node,
-    manifestsDir: path.resolve(values.manifests!),
+    manifestsDir: values.manifests === undefined ? undefined : path.resolve(values.manifests),
+    kubernetes: !kubernetes ? undefined : values.kubeconfig ? { kind: "kubeconfig", path: path.resolve(values.kubeconfig) } : { kind: "in-cluster" },
+    excludedNamespaces: parseExcludedNamespaces(values["excluded-namespaces"]),
+    cni: parseCniFlags(values),
     identity: parseIdentity(values),
     audit: parseAudit(values, node),
     pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
@@ -130,6 +160,48 @@ function parseTransparentSource(on: boolean | undefined, off: boolean | undefine
 }
 
 class UsageError extends Error {}
+
+const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+/** Parses --excluded-namespaces: comma-separated namespace names, repeatable; "none" excludes nothing. */
+function parseExcludedNamespaces(values: string[] | undefined): string[] {
+  if (values === undefined) return ["kube-system"];
+  const names = values.flatMap((value) => value.split(",")).map((name) => name.trim()).filter((name) => name !== "");
+  if (names.length === 1 && names[0] === "none") return [];
+  for (const name of names) {
+    if (name.length > 63 || !NAMESPACE_NAME.test(name)) {
+      throw new UsageError(`invalid namespace "${name}" in --excluded-namespaces: use Kubernetes namespace names (lowercase letters, digits and '-'), comma-separated`);
+    }
+  }
+  return [...new Set(names)];
+}
+
+/** Default of --cni-timeout, in seconds: how long a pod's sandbox waits for the agent. */
+const DEFAULT_CNI_TIMEOUT_S = 30;
+
+/** Reads the --cni-* flags; undefined when --cni-conf-dir is absent (no CNI plugin). */
+function parseCniFlags(values: { "cni-conf-dir"?: string; "cni-bin-dir"?: string; "cni-socket"?: string; "cni-timeout"?: string; "excluded-namespaces"?: string[] }): CniSettings | undefined {
+  const others = (["cni-bin-dir", "cni-socket", "cni-timeout"] as const).filter((name) => values[name] !== undefined);
+  if (values["cni-conf-dir"] === undefined) {
+    if (others.length > 0) throw new UsageError(`--${others[0]} needs --cni-conf-dir, the folder of the node's CNI configuration`);
+    return undefined;
+  }
+  let timeoutSeconds = DEFAULT_CNI_TIMEOUT_S;
+  if (values["cni-timeout"] !== undefined) {
+    timeoutSeconds = Number(values["cni-timeout"]);
+    if (!Number.isInteger(timeoutSeconds) || timeoutSeconds < 1 || timeoutSeconds > 600) {
+      throw new UsageError(`invalid --cni-timeout "${values["cni-timeout"]}": give whole seconds from 1 to 600`);
+    }
+  }
+  return {
+    confDir: path.resolve(values["cni-conf-dir"]),
+    binDir: path.resolve(values["cni-bin-dir"] ?? "/opt/cni/bin"),
+    socketPath: path.resolve(values["cni-socket"] ?? "/var/run/ambient-agent/cni.sock"),
+    pluginBinary: path.resolve(__dirname, "..", "..", "..", "native", "cni", "ambient-agent-cni"),
+    excludeNamespaces: parseExcludedNamespaces(values["excluded-namespaces"]),
+    timeoutSeconds,
+  };
+}
 
 function parseIdentity(values: IdentityFlagValues): IdentityOptions {
   try {

@@ -63,6 +63,11 @@ export interface ReconcilerOptions {
   logger: Logger;
   /** Whether the inbound proxies connect to applications from the client's address (default false). */
   transparentSource?: boolean;
+  /**
+   * The network namespace that the CNI plugin named for a workload, when it did. It is used when
+   * it holds the workload's IP; otherwise the namespace is found by IP as for any other pod.
+   */
+  netnsHint?: (workload: Workload) => string | undefined;
   /** Called after each enrollment and unenrollment, for the audit log. An error it throws is logged. */
   onEnrollment?: (event: EnrollmentEvent) => void;
 }
@@ -297,6 +302,8 @@ export class EnrollmentReconciler {
       this.report(workload, "this capture mode cannot capture IPv6-only pods: the pod is not enrolled");
       return undefined;
     }
+    const hinted = this.options.netnsHint?.(workload);
+    if (hinted !== undefined && this.netnsAddresses(hinted, capturePodIp(workload))?.includes(capturePodIp(workload))) return hinted;
     const candidates = scan(capturePodIp(workload));
     if (candidates.length === 1) return candidates[0].path;
     if (candidates.length === 0) {

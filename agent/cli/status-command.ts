@@ -1,0 +1,73 @@
+// agentctl status: whether the node's agent is ready, and the state of each of its Kubernetes API
+// watches, from the admin API's /healthz/ready.
+
+import http from "node:http";
+
+interface ResourceHealth {
+  resource: string;
+  synced: boolean;
+  watching: boolean;
+  absent: boolean;
+  resourceVersion: string;
+  lastError?: string;
+  lastErrorTime?: string;
+  lastEventTime?: string;
+  lists: number;
+  watches: number;
+  expired: number;
+}
+
+export interface Readiness {
+  ready: boolean;
+  checks: Record<string, boolean>;
+  enrolled: number;
+  kubernetes?: { server: string; synced: boolean; watching: boolean; resources: ResourceHealth[] };
+}
+
+/** Reads /healthz/ready, which answers 200 when ready and 503 when not, both with a JSON body. */
+export function fetchReadiness(address: string, timeoutMs: number): Promise<Readiness> {
+  return new Promise((resolve, reject) => {
+    const request = http.get(`http://${address}/healthz/ready`, { timeout: timeoutMs }, (response) => {
+      let body = "";
+      response.setEncoding("utf8");
+      response.on("data", (chunk) => (body += chunk));
+      response.on("end", () => {
+        try {
+          resolve(JSON.parse(body) as Readiness);
+        } catch {
+          reject(new Error(`the admin API at ${address} answered /healthz/ready with status ${response.statusCode} and no JSON: ${body.trim().slice(0, 200)}; is this agent older than agentctl?`));
+        }
+      });
+    });
+    request.on("timeout", () => request.destroy(new Error(`no response within ${timeoutMs / 1000} s`)));
+    request.on("error", (error) => reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`)));
+  });
+}
+
+/** Formats the readiness as text: the checks, then one line per watched resource. */
+export function formatReadiness(readiness: Readiness): string {
+  const lines = [`ready: ${readiness.ready ? "yes" : "no"}`];
+  for (const [check, ok] of Object.entries(readiness.checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
+  lines.push(`enrolled pods: ${readiness.enrolled}`);
+  const kube = readiness.kubernetes;
+  if (kube === undefined) {
+    lines.push("configuration source: manifest files");
+    return lines.join("\n") + "\n";
+  }
+  lines.push(`kubernetes: ${kube.server} (${kube.synced ? "listed" : "not listed yet"}, ${kube.watching ? "watching" : "not watching: serving the last state read"})`);
+  const rows = kube.resources.map((resource) => [
+    resource.resource,
+    resource.absent ? "absent" : resource.synced ? "yes" : "no",
+    resource.watching ? "yes" : "no",
+    resource.resourceVersion || "-",
+    String(resource.lists),
+    String(resource.expired),
+    resource.lastError ? `${resource.lastErrorTime ?? ""} ${resource.lastError}`.trim() : "-",
+  ]);
+  const header = ["RESOURCE", "LISTED", "WATCHING", "VERSION", "LISTS", "EXPIRED", "LAST ERROR"];
+  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
+  const format = (row: string[]): string => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]))).join("  ");
+  lines.push("  " + format(header));
+  for (const row of rows) lines.push("  " + format(row));
+  return lines.join("\n") + "\n";
+}

@@ -1,0 +1,239 @@
+// The connection to the Kubernetes API server: credentials from a kubeconfig file or from the
+// pod's service account (in-cluster), plain requests for lists and patches, and watch streams.
+// @kubernetes/client-node loads the configuration and authenticates (token files, client
+// certificates, exec plugins). Requests go through node:http so that objects stay plain decoded
+// JSON, which the manifest readers check field by field (the library's generated classes would
+// turn them into models), and so that every event of a watch stream is handled before its end.
+
+import http from "node:http";
+import https from "node:https";
+import type { KubeConfig } from "@kubernetes/client-node";
+import { AgentError } from "../errors";
+
+/** Where the agent finds its API server credentials. */
+export type KubeCredentials = { kind: "kubeconfig"; path: string } | { kind: "in-cluster"; pathPrefix?: string };
+
+/** A response whose status is not 2xx, with the Status message the server sent. */
+export class KubeApiError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly reason?: string,
+  ) {
+    super(message);
+    this.name = "KubeApiError";
+  }
+}
+
+/** The largest response body read, so that a broken server cannot fill the agent's memory. */
+const MAX_RESPONSE_BYTES = 256 * 1024 * 1024;
+/** The longest watch event accepted; an object is at most a few megabytes. */
+const MAX_WATCH_LINE_BYTES = 16 * 1024 * 1024;
+/** TCP keep-alive on watch connections, so that a dead server is noticed. */
+const WATCH_KEEPALIVE_MS = 30_000;
+/** How long a list page or a patch may take. */
+const REQUEST_TIMEOUT_MS = 60_000;
+
+export interface RequestOptions {
+  query?: Record<string, string | number | boolean | undefined>;
+  body?: unknown;
+  contentType?: string;
+  timeoutMs?: number;
+}
+
+/** Called with each watch event; `done` once the stream ended, with the error that ended it. */
+export interface WatchHandlers {
+  event(type: string, object: unknown): void;
+  done(error: unknown): void;
+}
+
+export class KubeClient {
+  private constructor(
+    private readonly config: KubeConfig,
+    readonly server: string,
+  ) {}
+
+  /** Loads the credentials. Throws an AgentError that names the file or variable to fix. */
+  static load(credentials: KubeCredentials): KubeClient {
+    // Loaded here so that an agent that reads manifest files never pays for the library.
+    const { KubeConfig: ConfigClass } = require("@kubernetes/client-node") as typeof import("@kubernetes/client-node");
+    const config = new ConfigClass();
+    if (credentials.kind === "kubeconfig") {
+      try {
+        config.loadFromFile(credentials.path);
+      } catch (error) {
+        throw new AgentError("INVALID_KUBECONFIG", `cannot read the kubeconfig ${credentials.path}: ${(error as Error).message}; fix the file or pass another with --kubeconfig`, { cause: error });
+      }
+    } else {
+      if (!process.env.KUBERNETES_SERVICE_HOST || !process.env.KUBERNETES_SERVICE_PORT) {
+        throw new AgentError(
+          "INVALID_KUBECONFIG",
+          "--kubernetes without --kubeconfig reads the in-cluster configuration, but KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set; run the agent in a pod or pass --kubeconfig FILE",
+        );
+      }
+      config.loadFromCluster(credentials.pathPrefix);
+    }
+    const cluster = config.getCurrentCluster();
+    if (!cluster || !cluster.server) {
+      const where = credentials.kind === "kubeconfig" ? credentials.path : "the in-cluster configuration";
+      throw new AgentError("INVALID_KUBECONFIG", `${where} names no current cluster with a server address; set current-context to a context whose cluster has a server`);
+    }
+    let url: URL;
+    try {
+      url = new URL(cluster.server);
+    } catch {
+      throw new AgentError("INVALID_KUBECONFIG", `invalid API server address "${cluster.server}" in the kubeconfig; write it as https://HOST:PORT`);
+    }
+    if (url.protocol !== "https:" && url.protocol !== "http:") {
+      throw new AgentError("INVALID_KUBECONFIG", `API server address "${cluster.server}" is neither https nor http; write it as https://HOST:PORT`);
+    }
+    return new KubeClient(config, cluster.server.replace(/\/+$/, ""));
+  }
+
+  /** Sends one request and returns the decoded JSON body. Throws KubeApiError for a non-2xx status. */
+  async request(method: string, path: string, options: RequestOptions = {}): Promise<unknown> {
+    const url = new URL(this.server + path);
+    for (const [key, value] of Object.entries(options.query ?? {})) if (value !== undefined) url.searchParams.set(key, String(value));
+    const init = await this.config.applyToFetchOptions({});
+    const headers: Record<string, string> = { accept: "application/json" };
+    (init.headers as unknown as { forEach(callback: (value: string, key: string) => void): void }).forEach((value, key) => {
+      headers[key] = value;
+    });
+    let payload: Buffer | undefined;
+    if (options.body !== undefined) {
+      payload = Buffer.from(JSON.stringify(options.body));
+      headers["content-type"] = options.contentType ?? "application/json";
+      headers["content-length"] = String(payload.length);
+    }
+    const transport = url.protocol === "https:" ? https : http;
+    return new Promise((resolve, reject) => {
+      const request = transport.request(url, { method, headers, agent: init.agent as http.Agent | undefined }, (response) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        response.on("data", (chunk: Buffer) => {
+          size += chunk.length;
+          if (size > MAX_RESPONSE_BYTES) {
+            request.destroy(new Error(`the response to ${method} ${url.pathname} is larger than ${MAX_RESPONSE_BYTES} bytes`));
+            return;
+          }
+          chunks.push(chunk);
+        });
+        response.on("error", reject);
+        response.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          const status = response.statusCode ?? 0;
+          let body: unknown;
+          try {
+            body = text === "" ? undefined : JSON.parse(text);
+          } catch {
+            body = undefined;
+          }
+          if (status < 200 || status > 299) {
+            reject(apiError(status, body, `${method} ${url.pathname}`));
+            return;
+          }
+          if (body === undefined) {
+            reject(new KubeApiError(status, `${method} ${url.pathname} returned a body that is not JSON`));
+            return;
+          }
+          resolve(body);
+        });
+      });
+      request.setTimeout(options.timeoutMs ?? REQUEST_TIMEOUT_MS, () => request.destroy(new Error(`${method} ${url.pathname} timed out after ${(options.timeoutMs ?? REQUEST_TIMEOUT_MS) / 1000} s`)));
+      request.on("error", reject);
+      request.end(payload);
+    });
+  }
+
+  /**
+   * Opens a watch stream: one JSON event per line. Every event of the stream reaches
+   * `handlers.event` before `handlers.done`, which is called once: with undefined when the server
+   * ended the stream, with the error otherwise. The returned function ends the stream.
+   */
+  async watch(path: string, query: Record<string, string | number | boolean | undefined>, handlers: WatchHandlers): Promise<() => void> {
+    const url = new URL(this.server + path);
+    url.searchParams.set("watch", "true");
+    for (const [key, value] of Object.entries(query)) if (value !== undefined && value !== "") url.searchParams.set(key, String(value));
+    const init = await this.config.applyToFetchOptions({});
+    const headers: Record<string, string> = { accept: "application/json" };
+    (init.headers as unknown as { forEach(callback: (value: string, key: string) => void): void }).forEach((value, key) => {
+      headers[key] = value;
+    });
+    const transport = url.protocol === "https:" ? https : http;
+    let ended = false;
+    const done = (error: unknown): void => {
+      if (ended) return;
+      ended = true;
+      handlers.done(error);
+    };
+    const request = transport.request(url, { method: "GET", headers, agent: init.agent as http.Agent | undefined }, (response) => {
+      const status = response.statusCode ?? 0;
+      if (status !== 200) {
+        const chunks: Buffer[] = [];
+        response.on("data", (chunk: Buffer) => chunks.length < 64 && chunks.push(chunk));
+        response.on("end", () => {
+          let body: unknown;
+          try {
+            body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+          } catch {
+            body = undefined;
+          }
+          done(apiError(status, body, `watch ${url.pathname}`));
+        });
+        response.on("error", done);
+        return;
+      }
+      response.socket?.setKeepAlive(true, WATCH_KEEPALIVE_MS);
+      let pending = "";
+      response.setEncoding("utf8");
+      response.on("data", (chunk: string) => {
+        if (ended) return;
+        pending += chunk;
+        if (pending.length > MAX_WATCH_LINE_BYTES) {
+          request.destroy();
+          done(new KubeApiError(200, `watch ${url.pathname}: an event is longer than ${MAX_WATCH_LINE_BYTES} bytes`));
+          return;
+        }
+        let newline: number;
+        while (!ended && (newline = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, newline).trim();
+          pending = pending.slice(newline + 1);
+          if (line === "") continue;
+          let event: { type?: unknown; object?: unknown };
+          try {
+            event = JSON.parse(line) as { type?: unknown; object?: unknown };
+          } catch {
+            request.destroy();
+            done(new KubeApiError(200, `watch ${url.pathname}: the server sent a line that is not JSON`));
+            return;
+          }
+          handlers.event(typeof event.type === "string" ? event.type : "", event.object);
+        }
+      });
+      response.on("end", () => done(undefined));
+      response.on("aborted", () => done(new Error(`watch ${url.pathname}: the connection closed in the middle of the stream`)));
+      response.on("error", done);
+    });
+    request.on("error", done);
+    request.end();
+    return () => {
+      done(undefined);
+      request.destroy();
+    };
+  }
+}
+
+/** Builds the error of a failed request from the Status object the API server sent, when it sent one. */
+function apiError(status: number, body: unknown, what: string): KubeApiError {
+  const statusObject = body as { message?: unknown; reason?: unknown } | undefined;
+  const message = typeof statusObject?.message === "string" ? statusObject.message : http.STATUS_CODES[status] ?? "unknown status";
+  const reason = typeof statusObject?.reason === "string" ? statusObject.reason : undefined;
+  return new KubeApiError(status, `${what}: ${status} ${message}`, reason);
+}
+
+/** Tells the status code of an error from a request or a watch, when it has one. */
+export function statusOf(error: unknown): number | undefined {
+  if (error instanceof KubeApiError) return error.status;
+  const value = (error as { statusCode?: unknown; code?: unknown } | undefined)?.statusCode;
+  return typeof value === "number" ? value : undefined;
+}

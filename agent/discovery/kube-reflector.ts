@@ -1,0 +1,327 @@
+// Keeps one resource of the Kubernetes API in step: a paginated list, then a watch from the
+// list's resourceVersion with bookmarks. A watch that ends is resumed from the last version seen;
+// a version the server no longer has (410 Gone) makes it list again. Failures back off with jitter
+// and never clear the store, so the agent keeps the last state it read through an outage.
+
+import type { Logger } from "../log";
+import { KubeApiError, statusOf, type KubeClient } from "./kube-client";
+
+/** One resource to follow: where to list and watch it, and how to select objects. */
+export interface ResourceSpec {
+  /** Name in logs, health and object sources, e.g. "pods (this node)". */
+  name: string;
+  /** Collection path, e.g. /api/v1/pods. */
+  path: string;
+  fieldSelector?: string;
+  labelSelector?: string;
+  /**
+   * Whether the resource may be absent from the server (a CustomResourceDefinition that is not
+   * installed): a 404 then counts as an empty, synced list, checked again every minute.
+   */
+  optional?: boolean;
+}
+
+/** Receives the objects of one resource. */
+export interface ReflectorStore {
+  /** Replaces every object with a full list. */
+  replace(objects: unknown[]): void;
+  upsert(object: unknown): void;
+  remove(object: unknown): void;
+}
+
+export interface ReflectorHealth {
+  resource: string;
+  /** Whether a full list has been read at least once. */
+  synced: boolean;
+  /** Whether a watch stream is open now. */
+  watching: boolean;
+  /** Whether the server reported the resource as not served (404), for optional resources. */
+  absent: boolean;
+  resourceVersion: string;
+  lastSyncTime?: string;
+  lastEventTime?: string;
+  lastError?: string;
+  lastErrorTime?: string;
+  lists: number;
+  watches: number;
+  /** Lists started because the server no longer had the version to resume from (410 Gone). */
+  expired: number;
+}
+
+export interface ReflectorOptions {
+  /** Objects per list page (limit). */
+  pageSize?: number;
+  /** First and largest delay between failed attempts. */
+  minBackoffMs?: number;
+  maxBackoffMs?: number;
+  /** Server-side watch timeout range in seconds; each watch picks a value in it, so that watches do not end together. */
+  watchTimeoutSeconds?: [number, number];
+  /** How often an optional resource that the server lacks is listed again. */
+  absentRetryMs?: number;
+}
+
+const DEFAULTS: Required<ReflectorOptions> = {
+  pageSize: 500,
+  minBackoffMs: 200,
+  maxBackoffMs: 30_000,
+  watchTimeoutSeconds: [300, 600],
+  absentRetryMs: 60_000,
+};
+
+/** A watch that lasted this long counts as healthy, and resets the backoff. */
+const HEALTHY_WATCH_MS = 30_000;
+/** Slack beyond the server-side timeout before a silent watch is ended by the agent. */
+const WATCH_IDLE_SLACK_MS = 30_000;
+
+/** A watch that ends sooner than this with no event counts as a failure, which backs off. */
+const QUICK_END_MS = 1_000;
+
+/** Thrown inside the loop when the server no longer has the version to resume from. */
+class ExpiredError extends Error {}
+
+export class Reflector {
+  private readonly options: Required<ReflectorOptions>;
+  private readonly state: ReflectorHealth;
+  private stopped = false;
+  private running: Promise<void> | undefined;
+  private endWatch: (() => void) | undefined;
+  private wake: (() => void) | undefined;
+  private failures = 0;
+  #synced: () => void = () => undefined;
+  /** Settles once the first full list has been stored. */
+  readonly synced = new Promise<void>((resolve) => (this.#synced = resolve));
+
+  constructor(
+    private readonly client: KubeClient,
+    readonly spec: ResourceSpec,
+    private readonly store: ReflectorStore,
+    private readonly logger: Logger,
+    options: ReflectorOptions = {},
+  ) {
+    this.options = { ...DEFAULTS, ...options };
+    this.state = { resource: spec.name, synced: false, watching: false, absent: false, resourceVersion: "", lists: 0, watches: 0, expired: 0 };
+  }
+
+  start(): void {
+    this.running ??= this.loop();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.endWatch?.();
+    this.wake?.();
+    await this.running;
+  }
+
+  health(): ReflectorHealth {
+    return { ...this.state };
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopped) {
+      try {
+        if (this.state.resourceVersion === "") await this.list();
+        if (this.stopped) break;
+        if (this.state.absent) {
+          await this.sleep(this.options.absentRetryMs);
+          this.state.resourceVersion = "";
+          continue;
+        }
+        await this.watchOnce();
+      } catch (error) {
+        if (this.stopped) break;
+        if (error instanceof ExpiredError) {
+          this.state.expired++;
+          this.state.resourceVersion = "";
+          this.logger.info({ resource: this.spec.name }, "the API server no longer has the version to resume from (410 Gone); listing again");
+          continue;
+        }
+        await this.backOff(error);
+      }
+    }
+  }
+
+  /** Reads every page of the list and replaces the store with it. */
+  private async list(): Promise<void> {
+    this.state.lists++;
+    const objects: unknown[] = [];
+    let continueToken: string | undefined;
+    let resourceVersion = "";
+    try {
+      do {
+        const page = (await this.client.request("GET", this.spec.path, {
+          query: { limit: this.options.pageSize, continue: continueToken, fieldSelector: this.spec.fieldSelector, labelSelector: this.spec.labelSelector },
+        })) as { metadata?: { resourceVersion?: unknown; continue?: unknown }; items?: unknown };
+        if (!Array.isArray(page.items)) throw new KubeApiError(200, `GET ${this.spec.path} returned no items list`);
+        for (const item of page.items) objects.push(item);
+        resourceVersion = typeof page.metadata?.resourceVersion === "string" ? page.metadata.resourceVersion : "";
+        continueToken = typeof page.metadata?.continue === "string" && page.metadata.continue !== "" ? page.metadata.continue : undefined;
+      } while (continueToken !== undefined && !this.stopped);
+    } catch (error) {
+      // An expired continue token: the list starts over from the first page.
+      if (statusOf(error) === 410) throw new ExpiredError();
+      if (statusOf(error) === 404 && this.spec.optional) {
+        this.markAbsent();
+        return;
+      }
+      throw error;
+    }
+    if (this.stopped) return;
+    if (resourceVersion === "") throw new KubeApiError(200, `GET ${this.spec.path} returned no resourceVersion`);
+    this.store.replace(objects);
+    this.state.absent = false;
+    this.state.resourceVersion = resourceVersion;
+    this.state.lastSyncTime = new Date().toISOString();
+    if (!this.state.synced) {
+      this.state.synced = true;
+      this.logger.info({ resource: this.spec.name, objects: objects.length, resourceVersion }, "listed");
+    } else {
+      this.logger.info({ resource: this.spec.name, objects: objects.length, resourceVersion }, "listed again");
+    }
+    this.#synced();
+  }
+
+  private markAbsent(): void {
+    if (!this.state.absent) {
+      this.logger.warn(
+        { resource: this.spec.name, path: this.spec.path },
+        `the API server does not serve ${this.spec.path} (404): its CustomResourceDefinition is not installed; treating it as empty and checking again every ${this.options.absentRetryMs / 1000} s`,
+      );
+    }
+    this.store.replace([]);
+    this.state.absent = true;
+    this.state.synced = true;
+    this.state.lastSyncTime = new Date().toISOString();
+    this.#synced();
+  }
+
+  /** Runs one watch stream until it ends. Throws ExpiredError on 410 and the error that ended it otherwise. */
+  private async watchOnce(): Promise<void> {
+    const [low, high] = this.options.watchTimeoutSeconds;
+    const timeoutSeconds = Math.round(low + Math.random() * (high - low));
+    const startedAt = Date.now();
+    const eventsBefore = this.state.lastEventTime;
+    this.state.watches++;
+    let idleTimer: NodeJS.Timeout | undefined;
+    const outcome = await new Promise<unknown>((resolve) => {
+      let settled = false;
+      const finish = (error: unknown): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(idleTimer);
+        resolve(error);
+      };
+      const armIdle = (): void => {
+        clearTimeout(idleTimer);
+        idleTimer = setTimeout(() => {
+          this.logger.warn({ resource: this.spec.name, idleSeconds: timeoutSeconds + WATCH_IDLE_SLACK_MS / 1000 }, "the watch stream went silent; reconnecting");
+          finish(new Error("the watch stream went silent"));
+          this.endWatch?.();
+        }, timeoutSeconds * 1000 + WATCH_IDLE_SLACK_MS);
+        idleTimer.unref();
+      };
+      armIdle();
+      this.client
+        .watch(
+          this.spec.path,
+          {
+            resourceVersion: this.state.resourceVersion,
+            allowWatchBookmarks: true,
+            timeoutSeconds,
+            fieldSelector: this.spec.fieldSelector,
+            labelSelector: this.spec.labelSelector,
+          },
+          {
+            event: (type, object) => {
+              armIdle();
+              try {
+                this.onEvent(type, object);
+              } catch (error) {
+                // The outcome is settled first: ending the stream reports a clean end.
+                finish(error);
+                this.endWatch?.();
+              }
+            },
+            done: (error) => finish(error),
+          },
+        )
+        .then((end) => {
+          this.state.watching = !settled;
+          this.endWatch = end;
+          if (settled || this.stopped) end();
+        }, finish);
+    });
+    this.state.watching = false;
+    this.endWatch = undefined;
+    if (Date.now() - startedAt >= HEALTHY_WATCH_MS) this.failures = 0;
+    if (outcome instanceof ExpiredError) throw outcome;
+    if (statusOf(outcome) === 410) throw new ExpiredError();
+    if (outcome !== undefined && outcome !== null) throw outcome;
+    // A stream that the server ends at once with nothing in it must not turn into a busy loop.
+    if (Date.now() - startedAt < QUICK_END_MS && this.state.lastEventTime === eventsBefore) {
+      throw new Error("the watch stream ended as soon as it opened");
+    }
+  }
+
+  private onEvent(type: string, object: unknown): void {
+    this.state.lastEventTime = new Date().toISOString();
+    if (type === "ERROR") {
+      const status = object as { code?: unknown; message?: unknown; reason?: unknown };
+      if (status?.code === 410 || status?.reason === "Expired" || status?.reason === "Gone") throw new ExpiredError();
+      throw new KubeApiError(typeof status?.code === "number" ? status.code : 500, `watch ${this.spec.path}: ${typeof status?.message === "string" ? status.message : "error event"}`);
+    }
+    const version = (object as { metadata?: { resourceVersion?: unknown } } | undefined)?.metadata?.resourceVersion;
+    switch (type) {
+      case "ADDED":
+      case "MODIFIED":
+        this.store.upsert(object);
+        break;
+      case "DELETED":
+        this.store.remove(object);
+        break;
+      case "BOOKMARK":
+        break;
+      default:
+        this.logger.debug({ resource: this.spec.name, type }, "ignored a watch event of an unknown type");
+        return;
+    }
+    if (typeof version === "string" && version !== "") this.state.resourceVersion = version;
+    // A successful event shows the server is back: later failures start from the shortest delay.
+    this.failures = 0;
+  }
+
+  private async backOff(error: unknown): Promise<void> {
+    this.failures++;
+    const status = statusOf(error);
+    const message = describeFailure(this.spec, error, status);
+    const delay = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** Math.min(this.failures - 1, 20));
+    const jittered = Math.round(delay / 2 + Math.random() * (delay / 2));
+    const repeated = this.state.lastError === message;
+    this.state.lastError = message;
+    this.state.lastErrorTime = new Date().toISOString();
+    const fields = { resource: this.spec.name, status, retryInMs: jittered, failures: this.failures, serving: this.state.synced ? "the last state read" : "nothing yet" };
+    if (repeated) this.logger.debug(fields, message);
+    else this.logger.warn(fields, message);
+    await this.sleep(jittered);
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      timer.unref();
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+}
+
+/** Words a failed list or watch for the log and for health, with what to check. */
+function describeFailure(spec: ResourceSpec, error: unknown, status: number | undefined): string {
+  const detail = (error as Error)?.message ?? String(error);
+  if (status === 401) return `the API server refused the agent's credentials for ${spec.path} (401): ${detail}; check the token or kubeconfig`;
+  if (status === 403) return `the agent may not list or watch ${spec.path} (403): ${detail}; grant list and watch on it in the agent's ClusterRole`;
+  if (status !== undefined) return `listing or watching ${spec.path} failed (${status}): ${detail}; retrying`;
+  return `cannot reach the API server for ${spec.path}: ${detail}; retrying`;
+}

@@ -1,0 +1,227 @@
+// Serves the mesh configuration read from the Kubernetes API server: Namespaces, this node's Pods,
+// the other nodes' Pods, Services, EndpointSlices, AuthorizationPolicies and PeerAuthentications.
+// Each object is converted by the same readers as a manifest file, so the two sources cannot
+// disagree. An invalid new version of an object is rejected alone and its last valid version keeps
+// serving; a deleted object goes. Through an API-server outage the last state read keeps serving.
+
+import { EventEmitter } from "node:events";
+import type { Logger } from "../log";
+import type { ClusterSnapshot } from "../state/types";
+import type { KubeClient } from "./kube-client";
+import { Reflector, type ReflectorHealth, type ReflectorOptions, type ReflectorStore, type ResourceSpec } from "./kube-reflector";
+import { buildSnapshot } from "./manifest-merge";
+import { parseApiObject } from "./manifest-parse";
+import type { ManifestProblem, ParsedObject } from "./manifest-problem";
+
+/** The name that stands for the API server where a manifest problem names a file. */
+export const KUBERNETES_SOURCE = "kubernetes";
+
+/** kubectl's copy of the whole applied object, often kilobytes per pod, which the agent never reads. */
+const LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration";
+
+interface KubeResource extends ResourceSpec {
+  /** apiVersion and kind of the items, which list responses leave out. */
+  apiVersion: string;
+  kind: string;
+}
+
+/** The resources the agent follows for `node`. Policies are optional: Istio's CRDs may be missing. */
+export function kubeResources(node: string): KubeResource[] {
+  return [
+    { name: "namespaces", path: "/api/v1/namespaces", apiVersion: "v1", kind: "Namespace" },
+    // Pods of other nodes first: a pod that is being bound moves from that set to this node's, which then wins.
+    { name: "pods of other nodes", path: "/api/v1/pods", fieldSelector: `spec.nodeName!=${node}`, apiVersion: "v1", kind: "Pod" },
+    { name: "pods of this node", path: "/api/v1/pods", fieldSelector: `spec.nodeName=${node}`, apiVersion: "v1", kind: "Pod" },
+    { name: "services", path: "/api/v1/services", apiVersion: "v1", kind: "Service" },
+    { name: "endpointslices", path: "/apis/discovery.k8s.io/v1/endpointslices", apiVersion: "discovery.k8s.io/v1", kind: "EndpointSlice" },
+    { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", optional: true },
+    { name: "peerauthentications", path: "/apis/security.istio.io/v1/peerauthentications", apiVersion: "security.istio.io/v1", kind: "PeerAuthentication", optional: true },
+  ];
+}
+
+export interface KubeSourceOptions {
+  node: string;
+  client: KubeClient;
+  /** Delay that gathers a burst of events into one new snapshot. */
+  debounceMs?: number;
+  reflector?: ReflectorOptions;
+}
+
+export interface KubeHealth {
+  server: string;
+  /** Whether every resource has been listed at least once. */
+  synced: boolean;
+  /** Whether every resource that the server serves has a watch open now. */
+  watching: boolean;
+  resources: ReflectorHealth[];
+}
+
+export interface KubeSource {
+  on(event: "change", listener: (snapshot: ClusterSnapshot) => void): this;
+  emit(event: "change", snapshot: ClusterSnapshot): boolean;
+}
+
+/** The objects and problems of one resource, by "namespace/name". */
+class ResourceStore implements ReflectorStore {
+  readonly objects = new Map<string, ParsedObject>();
+  readonly problems = new Map<string, ManifestProblem[]>();
+
+  constructor(
+    private readonly resource: KubeResource,
+    private readonly changed: () => void,
+    private readonly logger: Logger,
+  ) {}
+
+  replace(items: unknown[]): void {
+    const seen = new Set<string>();
+    for (const item of items) {
+      const key = this.read(item);
+      if (key !== undefined) seen.add(key);
+    }
+    for (const key of [...this.objects.keys()]) if (!seen.has(key)) this.objects.delete(key);
+    for (const key of [...this.problems.keys()]) if (!seen.has(key)) this.problems.delete(key);
+    this.changed();
+  }
+
+  upsert(item: unknown): void {
+    if (this.read(item) !== undefined) this.changed();
+  }
+
+  remove(item: unknown): void {
+    const key = keyOf(item);
+    if (key === undefined) return;
+    const removed = this.objects.delete(key);
+    const hadProblems = this.problems.delete(key);
+    if (removed || hadProblems) this.changed();
+  }
+
+  /** Converts one object and stores it, or records why it was rejected. Returns its key. */
+  private read(item: unknown): string | undefined {
+    const key = keyOf(item);
+    if (key === undefined) {
+      this.logger.warn({ resource: this.resource.name }, "the API server sent an object without metadata.name; skipped");
+      return undefined;
+    }
+    const { object, problems } = parseApiObject(this.complete(item), { file: KUBERNETES_SOURCE, document: 0 });
+    if (problems.length > 0) this.problems.set(key, problems);
+    else this.problems.delete(key);
+    // A rejected new version leaves the last valid one in place.
+    if (object !== undefined && problems.length === 0) this.objects.set(key, object);
+    return key;
+  }
+
+  /** Fills in apiVersion and kind, which list items lack, and drops what the agent never reads. */
+  private complete(item: unknown): unknown {
+    const value = item as { apiVersion?: unknown; kind?: unknown; metadata?: { annotations?: Record<string, unknown>; managedFields?: unknown } };
+    const metadata = value.metadata && { ...value.metadata };
+    if (metadata) {
+      delete metadata.managedFields;
+      if (metadata.annotations && LAST_APPLIED_ANNOTATION in metadata.annotations) {
+        metadata.annotations = { ...metadata.annotations };
+        delete metadata.annotations[LAST_APPLIED_ANNOTATION];
+      }
+    }
+    return { ...value, apiVersion: value.apiVersion ?? this.resource.apiVersion, kind: value.kind ?? this.resource.kind, metadata };
+  }
+}
+
+function keyOf(item: unknown): string | undefined {
+  const metadata = (item as { metadata?: { name?: unknown; namespace?: unknown } } | undefined)?.metadata;
+  if (typeof metadata?.name !== "string" || metadata.name === "") return undefined;
+  return typeof metadata.namespace === "string" && metadata.namespace !== "" ? `${metadata.namespace}/${metadata.name}` : metadata.name;
+}
+
+export class KubeSource extends EventEmitter {
+  private readonly stores: ResourceStore[];
+  private readonly reflectors: Reflector[];
+  private current: ClusterSnapshot;
+  private publishTimer: NodeJS.Timeout | undefined;
+  private started = false;
+  private readonly debounceMs: number;
+
+  constructor(
+    private readonly options: KubeSourceOptions,
+    private readonly logger: Logger,
+  ) {
+    super();
+    this.debounceMs = options.debounceMs ?? 20;
+    const resources = kubeResources(options.node);
+    this.stores = resources.map((resource) => new ResourceStore(resource, () => this.schedulePublish(), logger));
+    this.reflectors = resources.map(
+      (resource, index) => new Reflector(options.client, resource, this.stores[index], logger.child({ resource: resource.name }), options.reflector),
+    );
+    this.current = buildSnapshot([]);
+  }
+
+  /** Lists every resource, then watches; resolves once each has been listed. Logs what it still waits for every 10 s. */
+  async start(): Promise<void> {
+    for (const reflector of this.reflectors) reflector.start();
+    const waiting = setInterval(() => {
+      const pending = this.reflectors.filter((reflector) => !reflector.health().synced);
+      this.logger.warn(
+        { server: this.options.client.server, pending: pending.map((reflector) => ({ resource: reflector.spec.name, lastError: reflector.health().lastError })) },
+        "still waiting for the first list from the Kubernetes API server; no pod is enrolled until every resource has been read",
+      );
+    }, 10_000);
+    waiting.unref();
+    try {
+      await Promise.all(this.reflectors.map((reflector) => reflector.synced));
+    } finally {
+      clearInterval(waiting);
+    }
+    this.started = true;
+    clearTimeout(this.publishTimer);
+    this.current = this.build();
+    this.logger.info(
+      { server: this.options.client.server, namespaces: this.current.namespaces.size, workloads: this.current.workloads.size, services: this.current.services.size },
+      "Kubernetes API source started",
+    );
+  }
+
+  snapshot(): ClusterSnapshot {
+    return this.current;
+  }
+
+  /** The rejected objects and why, in key order. */
+  problems(): ManifestProblem[] {
+    return this.stores.flatMap((store) => [...store.problems.entries()].sort(([a], [b]) => (a < b ? -1 : 1)).flatMap(([, problems]) => problems));
+  }
+
+  health(): KubeHealth {
+    const resources = this.reflectors.map((reflector) => reflector.health());
+    return {
+      server: this.options.client.server,
+      synced: resources.every((resource) => resource.synced),
+      watching: resources.every((resource) => resource.watching || resource.absent),
+      resources,
+    };
+  }
+
+  /** Publishes a snapshot of what the stores hold now. */
+  async refresh(): Promise<void> {
+    if (this.started) this.publish();
+  }
+
+  async stop(): Promise<void> {
+    clearTimeout(this.publishTimer);
+    this.started = false;
+    await Promise.all(this.reflectors.map((reflector) => reflector.stop()));
+  }
+
+  private schedulePublish(): void {
+    if (!this.started || this.publishTimer !== undefined) return;
+    this.publishTimer = setTimeout(() => this.publish(), this.debounceMs);
+  }
+
+  private publish(): void {
+    clearTimeout(this.publishTimer);
+    this.publishTimer = undefined;
+    if (!this.started) return;
+    this.current = this.build();
+    this.emit("change", this.current);
+  }
+
+  private build(): ClusterSnapshot {
+    return buildSnapshot(this.stores.flatMap((store) => [...store.objects.values()]));
+  }
+}

@@ -1,0 +1,53 @@
+// Pods that the CNI plugin announced and that are not gone yet. The plugin runs before the kubelet
+// reports the pod's IP to the API server, so for a while the plugin's result is the only source of
+// the pod's addresses and network namespace.
+
+import { canonicalIp } from "../state/ip";
+import type { Workload } from "../state/types";
+
+/** What the CNI plugin tells about one pod sandbox. */
+export interface CniPodSandbox {
+  containerId: string;
+  netns: string;
+  /** The pod's addresses from the previous plugin's result, without prefix lengths. */
+  ips: readonly string[];
+}
+
+export class CniPods {
+  private readonly byUid = new Map<string, CniPodSandbox>();
+
+  add(uid: string, sandbox: CniPodSandbox): void {
+    this.byUid.set(uid, { containerId: sandbox.containerId, netns: sandbox.netns, ips: sandbox.ips.map(canonicalIp) });
+  }
+
+  /** Forgets the sandbox that `sandbox` names by container id. Returns whether one was known. */
+  remove(sandbox: { containerId: string }): boolean {
+    for (const [uid, known] of this.byUid) {
+      if (known.containerId === sandbox.containerId) {
+        this.byUid.delete(uid);
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /** The namespace path the plugin gave for the pod, when it is still the pod's. */
+  netnsOf(workload: Workload): string | undefined {
+    const known = this.byUid.get(workload.uid);
+    if (known === undefined) return undefined;
+    // Once the API shows other addresses, the sandbox was replaced and the path may be stale.
+    if (workload.ip !== "" && !known.ips.includes(canonicalIp(workload.ip))) return undefined;
+    return known.netns;
+  }
+
+  /**
+   * Returns the workload with the plugin's addresses when the API shows none yet. `sandbox`
+   * overrides the known one, for a pod being announced now.
+   */
+  complete(workload: Workload, sandbox?: CniPodSandbox): Workload {
+    const known = sandbox ?? this.byUid.get(workload.uid);
+    if (known === undefined || workload.ip !== "" || known.ips.length === 0) return workload;
+    const ips = known.ips.map(canonicalIp);
+    return { ...workload, ip: ips[0], ips };
+  }
+}

@@ -1,0 +1,121 @@
+// Marks enrolled pods in the Kubernetes API, as istio-cni does: the annotation
+// ambient.istio.io/redirection=enabled is on a pod while its capture is in place, and removed when
+// the pod leaves ambient mode. Other Istio components (istiod's probe rewrite, istioctl) read it.
+//
+// The writer is level-triggered: each sync() compares the wanted value with what the API last
+// showed and patches the difference, so a failed or lost patch is retried by the next sync.
+
+import type { KubeClient } from "../discovery/kube-client";
+import { statusOf } from "../discovery/kube-client";
+import type { Logger } from "../log";
+import type { Workload } from "../state/types";
+
+export const REDIRECTION_ANNOTATION = "ambient.istio.io/redirection";
+export const REDIRECTION_ENABLED = "enabled";
+
+/** Patches in flight at once. */
+const PATCH_CONCURRENCY = 8;
+/** Delay before a failed patch is tried again. */
+const RETRY_DELAY_MS = 2_000;
+
+interface PendingPatch {
+  namespace: string;
+  name: string;
+  /** The value to write; undefined removes the annotation. */
+  value: string | undefined;
+}
+
+export class RedirectionAnnotator {
+  /** Patches waiting to be sent, by pod uid; a newer sync replaces a waiting entry. */
+  private readonly queue = new Map<string, PendingPatch>();
+  /** Values written and not yet seen back in the pod, by uid, so a sync does not patch them twice. */
+  private readonly written = new Map<string, string | undefined>();
+  private readonly inFlight = new Set<string>();
+  /** Patches that failed, by uid, waiting for the retry timer. */
+  private readonly delayed = new Map<string, PendingPatch>();
+  private retryTimer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private failures = 0;
+
+  constructor(
+    private readonly client: KubeClient,
+    private readonly logger: Logger,
+  ) {}
+
+  /** Brings the annotation of every pod of this node in line with `enrolled` (uids whose capture is in place). */
+  sync(podsOnNode: readonly Workload[], enrolled: ReadonlySet<string>): void {
+    const present = new Set<string>();
+    for (const pod of podsOnNode) {
+      present.add(pod.uid);
+      const have = pod.annotations?.[REDIRECTION_ANNOTATION];
+      const want = enrolled.has(pod.uid) ? REDIRECTION_ENABLED : undefined;
+      if (this.written.has(pod.uid) && this.written.get(pod.uid) === have) this.written.delete(pod.uid);
+      if (have === want) {
+        this.queue.delete(pod.uid);
+        this.delayed.delete(pod.uid);
+        continue;
+      }
+      if (this.written.has(pod.uid) && this.written.get(pod.uid) === want) continue;
+      if (this.delayed.has(pod.uid) && this.delayed.get(pod.uid)!.value === want) continue;
+      this.delayed.delete(pod.uid);
+      this.queue.set(pod.uid, { namespace: pod.namespace, name: pod.name, value: want });
+    }
+    for (const uid of [...this.queue.keys()]) if (!present.has(uid)) this.queue.delete(uid);
+    for (const uid of [...this.written.keys()]) if (!present.has(uid)) this.written.delete(uid);
+    for (const uid of [...this.delayed.keys()]) if (!present.has(uid)) this.delayed.delete(uid);
+    this.pump();
+  }
+
+  /** Counts the patches not yet written, for status. */
+  pending(): number {
+    return this.queue.size + this.inFlight.size + this.delayed.size;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+  }
+
+  private pump(): void {
+    if (this.stopped) return;
+    for (const [uid, patch] of this.queue) {
+      if (this.inFlight.size >= PATCH_CONCURRENCY) return;
+      if (this.inFlight.has(uid)) continue;
+      this.queue.delete(uid);
+      this.inFlight.add(uid);
+      void this.send(uid, patch).finally(() => {
+        this.inFlight.delete(uid);
+        this.pump();
+      });
+    }
+  }
+
+  private async send(uid: string, patch: PendingPatch): Promise<void> {
+    const path = `/api/v1/namespaces/${encodeURIComponent(patch.namespace)}/pods/${encodeURIComponent(patch.name)}/status`;
+    try {
+      await this.client.request("PATCH", path, {
+        body: { metadata: { annotations: { [REDIRECTION_ANNOTATION]: patch.value ?? null } } },
+        contentType: "application/merge-patch+json",
+      });
+      this.written.set(uid, patch.value);
+      this.failures = 0;
+      this.logger.debug({ pod: uid, annotation: REDIRECTION_ANNOTATION, value: patch.value ?? null }, "pod annotation written");
+    } catch (error) {
+      // A pod that is gone needs no annotation.
+      if (statusOf(error) === 404) return;
+      this.failures++;
+      const log = this.failures === 1 ? this.logger.warn.bind(this.logger) : this.logger.debug.bind(this.logger);
+      log({ pod: uid, err: error }, `cannot write the ${REDIRECTION_ANNOTATION} annotation of pod ${uid}; retrying in ${RETRY_DELAY_MS / 1000} s (add patch on pods/status to the agent's ClusterRole if the API server refused it)`);
+      if (!this.queue.has(uid)) this.delayed.set(uid, patch);
+      if (this.retryTimer === undefined) {
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = undefined;
+          for (const [delayedUid, delayedPatch] of this.delayed) if (!this.queue.has(delayedUid)) this.queue.set(delayedUid, delayedPatch);
+          this.delayed.clear();
+          this.pump();
+        }, RETRY_DELAY_MS);
+        this.retryTimer.unref();
+      }
+    }
+  }
+}

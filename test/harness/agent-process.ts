@@ -38,6 +38,8 @@ export interface AgentProcessOptions {
   node: string;
   nodeNetns: string;
   manifestsDir: string;
+  /** Kubeconfig of the fake API server; when set, the agent reads it instead of the manifest folder. */
+  kubeconfig?: string;
   caDir: string;
   auditFile: string;
   /** Folder of the agent's audit spool. */
@@ -73,7 +75,7 @@ export class AgentProcess {
       AGENT_BIN,
       "run",
       "--node", options.node,
-      "--manifests", options.manifestsDir,
+      ...(options.kubeconfig ? ["--kubeconfig", options.kubeconfig] : ["--manifests", options.manifestsDir]),
       // An agent that requests certificates from Istio's CA has no embedded CA.
       ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
       "--audit-file", options.auditFile,

@@ -11,6 +11,8 @@ import { endLeftoverProcesses, registerPid } from "./pid-registry";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
 import { removeNftState } from "./nft-state";
 import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
+import { parseAllDocuments } from "yaml";
+import { FakeKubeApi, type KubeObject } from "./fake-kube-api";
 
 export const PIN_PARENT = "/sys/fs/bpf/ambient-agent";
 
@@ -30,6 +32,9 @@ export interface ClusterOptions {
   /** Gives pods, bridges and the node link IPv6 addresses as well (see TopologyOptions). */
   dualStack?: boolean;
 }
+
+/** Port of the fake API server inside each node's namespace, on its loopback address. */
+export const KUBE_API_PORT = 6443;
 
 /** Checks what the end-to-end harness needs and throws one message naming everything that is missing. */
 export function assertHostCapable(): void {
@@ -89,6 +94,11 @@ export class Cluster {
   onAgentSpawned: ((pid: number) => void) | undefined;
   readonly manifestsDir: string;
   readonly caDir: string;
+  /**
+   * The fake Kubernetes API server of a cluster made with createWithApi(); its agents read the
+   * configuration from it instead of the manifest folder.
+   */
+  kube: FakeKubeApi | undefined;
 
   private constructor(
     readonly options: ClusterOptions,
@@ -118,6 +128,35 @@ export class Cluster {
       throw error;
     }
     return cluster;
+  }
+
+  /**
+   * Builds the cluster as create() does, then starts a fake Kubernetes API server (HTTPS with a
+   * token) that listens on 127.0.0.1:6443 inside every node's namespace and holds the cluster's
+   * namespaces, pods and extra manifests. Agents then run with --kubeconfig.
+   */
+  static async createWithApi(options: ClusterOptions): Promise<Cluster> {
+    const cluster = Cluster.create(options);
+    try {
+      const api = await FakeKubeApi.start({ tls: true, token: `token-${options.prefix}`, bookmarkIntervalMs: 5_000 });
+      cluster.kube = api;
+      for (const node of cluster.topology.nodes.keys()) {
+        const url = await api.listenInNetns(`/var/run/netns/${cluster.topology.node(node).netns}`, "127.0.0.1", KUBE_API_PORT);
+        api.writeKubeconfig(cluster.kubeconfig(node), url);
+      }
+      for (const file of fs.readdirSync(cluster.manifestsDir).sort()) {
+        for (const object of manifestObjects(fs.readFileSync(path.join(cluster.manifestsDir, file), "utf8"))) api.put(object);
+      }
+    } catch (error) {
+      await cluster.destroy();
+      throw error;
+    }
+    return cluster;
+  }
+
+  /** Kubeconfig of a node's agent in a cluster made with createWithApi(). */
+  kubeconfig(node: string): string {
+    return path.join(this.workDir, `kubeconfig-${node}`);
   }
 
   pinRoot(node: string): string {
@@ -172,6 +211,7 @@ export class Cluster {
       node,
       nodeNetns: this.topology.node(node).netns,
       manifestsDir: this.manifestsDir,
+      kubeconfig: this.kube ? this.kubeconfig(node) : undefined,
       caDir: this.caDir,
       auditFile: this.auditFile(node),
       spoolDir: this.spoolDir(node),
@@ -254,10 +294,23 @@ export class Cluster {
         fs.rmSync(this.pinRoot(node), { recursive: true, force: true });
       }
     }
+    await this.kube?.stop();
     this.topology.destroy();
     // nftables capture keeps a state folder per node; its tables went with the namespaces.
     removeNftState(this.topology.nodes.keys());
     this.removeStaleLocks();
     if (options.removeWorkDir) fs.rmSync(this.workDir, { recursive: true, force: true });
   }
+}
+
+/** Reads the objects of a YAML manifest, unpacking a `kind: List`. */
+function manifestObjects(text: string): KubeObject[] {
+  const objects: KubeObject[] = [];
+  for (const document of parseAllDocuments(text)) {
+    const value = document.toJS() as KubeObject | null;
+    if (value === null || value === undefined) continue;
+    if ((value as { kind?: unknown }).kind === "List") objects.push(...((value as { items?: KubeObject[] }).items ?? []));
+    else objects.push(value);
+  }
+  return objects;
 }

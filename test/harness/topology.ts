@@ -153,6 +153,28 @@ export class Topology {
     return node;
   }
 
+  /**
+   * Adds a pod to a running topology, as a container runtime would for a new pod: its namespace,
+   * veth and addresses. Host bytes continue after the node's existing pods (at most 240 pods per node).
+   */
+  addPodTo(nodeName: string, spec: PodSpec): PodHandle {
+    if (this.pods.has(spec.name)) throw new Error(`the topology already has a pod named ${spec.name}`);
+    const node = this.node(nodeName);
+    const nodeIndex = [...this.nodes.keys()].indexOf(nodeName) + 1;
+    const used = [...this.pods.values()].filter((pod) => pod.node === nodeName).map((pod) => Number(pod.ip.split(".")[3] ?? 0));
+    const hostByte = Math.max(9, ...used) + 1;
+    if (hostByte > 250) throw new Error(`node ${nodeName} has no free pod address left`);
+    this.addPod(nodeName, node.netns, nodeIndex, spec, hostByte);
+    return this.pod(spec.name);
+  }
+
+  /** Removes a pod's namespace (and so its veth), as a container runtime does when a pod is deleted. */
+  removePod(name: string): void {
+    const pod = this.pod(name);
+    run("ip", ["netns", "delete", pod.netns], { allowFail: true });
+    this.pods.delete(name);
+  }
+
   /** Runs a command inside a namespace and waits for it. */
   exec(netns: string, command: string, args: string[], options: { input?: string; allowFail?: boolean } = {}): string {
     return run("ip", ["netns", "exec", netns, command, ...args], options);

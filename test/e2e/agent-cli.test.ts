@@ -73,8 +73,52 @@ test.serial("agent without a CA names agentctl ca init", (t) => {
 test.serial("agent with missing options prints usage", (t) => {
   const result = spawnSync(process.execPath, [AGENT_BIN, "run", "--node", "n1"], { encoding: "utf8" });
   t.is(result.status, 2);
-  t.regex(result.stderr, /missing required options: --manifests, --ca-dir or --ca-address/);
+  t.regex(result.stderr, /missing required options: --manifests or --kubernetes, --ca-dir or --ca-address/);
   t.regex(result.stderr, /usage: ambient-agent run/);
+});
+
+/** Runs `ambient-agent run` with exactly these arguments after `run`. */
+function runAgentArgs(args: string[], env: NodeJS.ProcessEnv = process.env): { status: number | null; stderr: string } {
+  const result = spawnSync(process.execPath, [AGENT_BIN, "run", ...args], { encoding: "utf8", timeout: 20_000, env });
+  return { status: result.status, stderr: result.stderr };
+}
+
+test.serial("configuration source and CNI options are checked before anything starts", (t) => {
+  const base = ["--node", "n1", "--ca-dir", path.join(workDir, "ca")];
+  const both = runAgentArgs([...base, "--manifests", workDir, "--kubernetes"]);
+  t.is(both.status, 2);
+  t.regex(both.stderr, /--manifests and --kubernetes \(or --kubeconfig\) both name where the configuration comes from/);
+  const badNamespace = runAgentArgs([...base, "--manifests", workDir, "--excluded-namespaces", "kube-system,Bad_NS"]);
+  t.is(badNamespace.status, 2);
+  t.regex(badNamespace.stderr, /invalid namespace "Bad_NS" in --excluded-namespaces/);
+  const lonelyTimeout = runAgentArgs([...base, "--manifests", workDir, "--cni-timeout", "5"]);
+  t.is(lonelyTimeout.status, 2);
+  t.regex(lonelyTimeout.stderr, /--cni-timeout needs --cni-conf-dir/);
+  const badTimeout = runAgentArgs([...base, "--manifests", workDir, "--cni-conf-dir", workDir, "--cni-timeout", "0.5"]);
+  t.is(badTimeout.status, 2);
+  t.regex(badTimeout.stderr, /invalid --cni-timeout "0.5": give whole seconds from 1 to 600/);
+});
+
+test.serial("agent in Kubernetes mode without credentials says what to pass", (t) => {
+  const env = { ...process.env };
+  delete env.KUBERNETES_SERVICE_HOST;
+  delete env.KUBERNETES_SERVICE_PORT;
+  const common = {
+    "ca-dir": path.join(workDir, "ca"),
+    "audit-file": path.join(workDir, "audit.jsonl"),
+    "audit-spool": path.join(workDir, "spool"),
+    "pin-root": "/sys/fs/bpf/ambient-agent/aacli-node",
+    admin: "127.0.0.1:0",
+  };
+  const flags = Object.entries(common).flatMap(([name, value]) => [`--${name}`, value]);
+  const inCluster = runAgentArgs(["--node", "cli-node", "--kubernetes", ...flags], env);
+  t.is(inCluster.status, 1);
+  t.regex(inCluster.stderr, /KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set; run the agent in a pod or pass --kubeconfig FILE/);
+  const missing = path.join(workDir, "no-such-kubeconfig");
+  const noFile = runAgentArgs(["--node", "cli-node", "--kubeconfig", missing, ...flags], env);
+  t.is(noFile.status, 1);
+  t.true(noFile.stderr.includes(`cannot read the kubeconfig ${missing}`), noFile.stderr);
+  t.false(fs.existsSync("/sys/fs/bpf/ambient-agent/aacli-node"), "capture was attached before the configuration source was checked");
 });
 
 test.serial("ca init refuses to overwrite a CA", (t) => {

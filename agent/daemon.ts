@@ -527,7 +527,10 @@ export class Agent {
     }
   }
 
-  /** Tells whether the node is ready: configuration read, capture attached, certificates issued for the enrolled pods. */
+  /**
+   * Tells whether the node is ready: configuration read (from the API server: every resource listed
+   * once), capture attached, and a usable certificate for every identity of its enrolled pods.
+   */
   private readiness(): TextResponse {
     const kube = this.kube?.health();
     const certificates = this.certs?.status() ?? [];
@@ -535,7 +538,8 @@ export class Agent {
       configuration: this.state !== undefined && (kube === undefined || kube.synced),
       capture: this.capture !== undefined,
       enrolment: this.reconciler !== undefined,
-      certificates: certificates.every((certificate) => (certificate as { state?: string }).state !== "failed"),
+      // Every identity of an enrolled pod has a usable certificate (a refresh may be running).
+      certificates: certificates.every((certificate) => certificate.state === "valid" || certificate.state === "refreshing"),
     };
     const ready = Object.values(checks).every(Boolean) && !this.stopping;
     const body = {

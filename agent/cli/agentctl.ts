@@ -7,6 +7,7 @@ import { parseArgs } from "node:util";
 import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
+import { unchain } from "../cni/chain";
 import { initCa } from "../identity/ca";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
@@ -26,6 +27,10 @@ const USAGE = `usage: agentctl COMMAND [options]
   capture list --node NAME [--pin-root DIR]
                      print the node's pinned capture entries as JSON (enrolled netns cookies, guarded pod
                      IPs, inbound listeners, sk_lookup links); works while the agent is down
+  cni remove --conf-dir DIR
+                     remove the agent's plugin entry from the node's CNI configuration in DIR, for
+                     uninstalling; new pods then start without waiting for an agent. Stop the agent
+                     first: a running agent puts the entry back
   status [--admin HOST:PORT] [-o table|json]
                      tell whether the agent is ready (configuration read, capture attached,
                      certificates issued), how many pods are enrolled, and the state of each
@@ -97,6 +102,19 @@ function captureRemove(argv: string[]): void {
   }
   const removed = Capture.remove(pinRoot);
   process.stdout.write(removed ? `removed capture pinned under ${pinRoot}\n` : `nothing pinned under ${pinRoot}\n`);
+}
+
+function cniRemove(argv: string[]): void {
+  const { values } = asUsage(() => parseArgs({ args: argv, options: { "conf-dir": { type: "string" } } }));
+  const confDir = values["conf-dir"];
+  if (!confDir) throw new UsageError("missing --conf-dir DIR: the node's CNI configuration folder, for example /etc/cni/net.d");
+  if (!fs.existsSync(confDir)) throw new Error(`the CNI configuration folder ${confDir} does not exist; pass the folder the container runtime reads`);
+  const changed = unchain(confDir);
+  if (changed.length === 0) {
+    process.stdout.write(`no CNI configuration file in ${confDir} has the agent's plugin entry; nothing to remove\n`);
+    return;
+  }
+  for (const file of changed) process.stdout.write(`removed the agent's plugin entry from ${file}\n`);
 }
 
 async function config(argv: string[]): Promise<void> {
@@ -214,6 +232,8 @@ async function main(argv: string[]): Promise<void> {
   if (group === "ca" && action === "init") return caInit(rest);
   if (group === "capture" && action === "remove") return captureRemove(rest);
   if (group === "capture" && action === "list") return captureList(rest);
+  if (group === "cni" && action === "remove") return cniRemove(rest);
+  if (group === "cni") throw new UsageError(action === undefined ? "missing cni command: use remove" : `unknown cni command "${action}": use remove`);
   if (group === "config") return config([action, ...rest].filter((value) => value !== undefined));
   if (group === "authz" && action === "check") return authzCheck(rest);
   if (group === "authz" && action === "explain") return authzExplain(rest);

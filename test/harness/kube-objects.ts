@@ -1,7 +1,7 @@
 // Kubernetes objects for the fake API server, built from the harness's pods, as a kubelet and
 // scheduler would leave them: a bound Pod with or without its IPs in status.
 
-import type { KubeObject } from "./fake-kube-api";
+import type { FakeKubeApi, KubeObject } from "./fake-kube-api";
 import type { PodHandle } from "./topology";
 
 export interface PodObjectOptions {
@@ -38,4 +38,81 @@ export function podObject(pod: PodHandle, options: PodObjectOptions = {}): KubeO
 
 export function namespaceObject(name: string, labels: Record<string, string> = {}): KubeObject {
   return { apiVersion: "v1", kind: "Namespace", metadata: { name, labels } };
+}
+
+export interface ServicePortSpec {
+  name?: string;
+  port: number;
+  targetPort: number;
+}
+
+/** A Service with one cluster IP and TCP ports; without `selector` only EndpointSlices give it endpoints. */
+export function serviceObject(namespace: string, name: string, clusterIP: string, ports: ServicePortSpec[], selector?: Record<string, string>): KubeObject {
+  return {
+    apiVersion: "v1",
+    kind: "Service",
+    metadata: { name, namespace },
+    spec: {
+      clusterIP,
+      clusterIPs: [clusterIP],
+      ...(selector !== undefined && { selector }),
+      ports: ports.map((port) => ({ ...(port.name !== undefined && { name: port.name }), port: port.port, targetPort: port.targetPort, protocol: "TCP" })),
+    },
+  };
+}
+
+/**
+ * An IPv4 EndpointSlice of Service `serviceName` that lists `pods` as ready endpoints, each pointing
+ * back at its Pod, with the given slice ports (the pods' ports, one per Service port name).
+ */
+export function endpointSliceObject(serviceName: string, name: string, pods: PodHandle[], ports: { name?: string; port: number }[]): KubeObject {
+  const namespace = pods[0]?.namespace ?? "default";
+  return {
+    apiVersion: "discovery.k8s.io/v1",
+    kind: "EndpointSlice",
+    metadata: { name, namespace, labels: { "kubernetes.io/service-name": serviceName } },
+    addressType: "IPv4",
+    endpoints: pods.map((pod) => ({
+      addresses: [pod.ip],
+      conditions: { ready: true },
+      nodeName: pod.node,
+      targetRef: { kind: "Pod", namespace: pod.namespace, name: pod.name },
+    })),
+    ports: ports.map((port) => ({ ...(port.name !== undefined && { name: port.name }), port: port.port, protocol: "TCP" })),
+  };
+}
+
+/** A security.istio.io/v1 AuthorizationPolicy with the given spec (action, selector, rules). */
+export function authorizationPolicyObject(namespace: string, name: string, spec: Record<string, unknown>): KubeObject {
+  return { apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", metadata: { name, namespace }, spec };
+}
+
+/** Returns one annotation of an object, undefined when the object or the annotation is absent. */
+export function annotationOf(object: KubeObject | undefined, key: string): string | undefined {
+  const annotations = (object?.metadata as { annotations?: Record<string, string> } | undefined)?.annotations;
+  return annotations?.[key];
+}
+
+/**
+ * Polls the fake API server until `predicate` holds for the stored object (undefined when it does
+ * not exist), every 100 ms; throws after `timeoutMs` with the object as last seen.
+ */
+export async function waitForObject(
+  api: FakeKubeApi,
+  resource: string,
+  namespace: string | undefined,
+  name: string,
+  predicate: (object: KubeObject | undefined) => boolean,
+  timeoutMs: number,
+  description: string,
+): Promise<KubeObject | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const object = api.get(resource, namespace, name);
+    if (predicate(object)) return object;
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${description} of ${resource} ${namespace ?? ""}/${name}; it is now:\n${JSON.stringify(object?.metadata ?? null)}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
 }

@@ -100,6 +100,9 @@ export interface AgentOptions {
   transparentSource?: boolean;
 }
 
+/** The audit reason of an enrolment that a CNI ADD asked for. */
+const CNI_ENROLL_REASON = "pod sandbox created (CNI ADD)";
+
 /** How long a CNI ADD waits for its pod to appear in the mesh state, which the API server's watch fills. */
 const CNI_POD_WAIT_MS = 10_000;
 
@@ -231,14 +234,17 @@ export class Agent {
     if (predecessor) await this.takeOverFrom(predecessor);
     this.reconciler.removeStaleCookies();
     this.syncAnnotations();
-    if (this.options.cni) {
-      this.cni = await startCni(this.options.cni, { add: (event) => this.cniAdd(event), del: (event) => this.cniDel(event) }, this.logger.child({ component: "cni" }));
-    }
-    this.source.on("change", (snapshot: ClusterSnapshot) => {
+    const apply = (snapshot: ClusterSnapshot): void => {
       this.applySnapshot(snapshot).catch((error: unknown) =>
         this.logger.error({ err: error, workloads: snapshot.workloads.size }, "applying the new configuration failed; the agent keeps serving and applies the next change"),
       );
-    });
+    };
+    this.source.on("change", apply);
+    // A change published while the first enrolment ran had no listener yet.
+    if (this.source.snapshot() !== this.state.snapshot) apply(this.source.snapshot());
+    if (this.options.cni) {
+      this.cni = await startCni(this.options.cni, { add: (event) => this.cniAdd(event), del: (event) => this.cniDel(event) }, this.logger.child({ component: "cni" }));
+    }
     this.handover = await HandoverServer.listen(
       handoverSocketPath(this.options.node),
       handoverHandlers(this.reconciler, this.capture, this.options.drainTimeoutMs ?? 0, () => this.#handOver(), this.logger.child({ component: "handover" })),
@@ -429,6 +435,7 @@ export class Agent {
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
       "configuration updated",
     );
+    this.cniPods.retain((uid) => snapshot.workloads.has(uid));
     const desired = this.desiredWorkloads(this.state);
     // Open inbound connections were authorized with the previous configuration, so the ones the new
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
@@ -500,7 +507,7 @@ export class Agent {
       throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
     }
     this.cniPods.add(uid, event);
-    await this.reconciler!.update(this.desiredWorkloads(state));
+    await this.reconciler!.update(this.desiredWorkloads(state), new Map([[uid, CNI_ENROLL_REASON]]));
     const entry = this.reconciler!.list().find((enrolled) => enrolled.workload.uid === uid);
     if (!entry) {
       throw new AgentError("CNI_ERROR", `capture of pod ${uid} in ${event.netns} is not in place yet (see the agent log); the kubelet will try again`);

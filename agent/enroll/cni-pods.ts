@@ -31,6 +31,11 @@ export class CniPods {
     return false;
   }
 
+  /** Forgets the pods for which `keep` is false: pods deleted without a DEL, such as while no agent ran. */
+  retain(keep: (uid: string) => boolean): void {
+    for (const uid of [...this.byUid.keys()]) if (!keep(uid)) this.byUid.delete(uid);
+  }
+
   /** The namespace path the plugin gave for the pod, when it is still the pod's. */
   netnsOf(workload: Workload): string | undefined {
     const known = this.byUid.get(workload.uid);

@@ -2,6 +2,7 @@
 // scheduler would leave them: a bound Pod with or without its IPs in status.
 
 import type { FakeKubeApi, KubeObject } from "./fake-kube-api";
+import type { Cluster } from "./cluster";
 import type { PodHandle } from "./topology";
 
 export interface PodObjectOptions {
@@ -115,4 +116,9 @@ export async function waitForObject(
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
+}
+
+/** The highest chain position (`seq`) among a node's audit records so far, 0 before any; newer records have a higher one. */
+export function auditMark(cluster: Cluster, node: string): number {
+  return cluster.auditRecords(node, "*").reduce((highest, record) => Math.max(highest, Number(record.seq) || 0), 0);
 }

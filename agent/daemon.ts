@@ -193,7 +193,7 @@ export class Agent {
     this.certs = this.identity.certs;
     this.certs.onIssued((event) => this.audit?.write(certificateRecord(event, this.options.node, new Date().toISOString())));
 
-    this.source = this.createSource();
+    this.source = await this.createSource();
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
     this.warnExcludedNamespaces(this.state);
@@ -446,9 +446,9 @@ export class Agent {
   }
 
   /** Reads the configuration from the manifest folder or from the Kubernetes API, as the options say. */
-  private createSource(): ConfigSource {
+  private async createSource(): Promise<ConfigSource> {
     if (this.options.kubernetes) {
-      const client = KubeClient.load(this.options.kubernetes);
+      const client = await KubeClient.load(this.options.kubernetes);
       this.logger.info({ server: client.server, credentials: this.options.kubernetes.kind }, "reading the configuration from the Kubernetes API server");
       this.kube = new KubeSource({ node: this.options.node, client }, this.logger.child({ component: "kubernetes" }));
       this.annotator = new RedirectionAnnotator(client, this.logger.child({ component: "annotations" }));

@@ -1,17 +1,14 @@
 // The connection to the Kubernetes API server: credentials from a kubeconfig file or from the
 // pod's service account (in-cluster), plain requests for lists and patches, and watch streams.
-// @kubernetes/client-node loads the configuration and authenticates (token files, client
-// certificates, exec plugins). Requests go through node:http so that objects stay plain decoded
+// @kubernetes/client-node reads the configuration (kube-credentials.ts). Requests go through node:http so that objects stay plain decoded
 // JSON, which the manifest readers check field by field (the library's generated classes would
 // turn them into models), and so that every event of a watch stream is handled before its end.
 
 import http from "node:http";
 import https from "node:https";
-import type { KubeConfig } from "@kubernetes/client-node";
-import { AgentError } from "../errors";
+import { CredentialSource, resolveCredentials, type KubeCredentials } from "./kube-credentials";
 
-/** Where the agent finds its API server credentials. */
-export type KubeCredentials = { kind: "kubeconfig"; path: string } | { kind: "in-cluster"; pathPrefix?: string };
+export type { KubeCredentials } from "./kube-credentials";
 
 /** A response whose status is not 2xx, with the Status message the server sent. */
 export class KubeApiError extends Error {
@@ -41,64 +38,36 @@ export interface RequestOptions {
   timeoutMs?: number;
 }
 
-/** Called with each watch event; `done` once the stream ended, with the error that ended it. */
+/** Called once the server accepted the watch (status 200), with each event, and once the stream ended. */
 export interface WatchHandlers {
+  opened?(): void;
   event(type: string, object: unknown): void;
   done(error: unknown): void;
 }
 
 export class KubeClient {
   private constructor(
-    private readonly config: KubeConfig,
+    private readonly auth: CredentialSource,
     readonly server: string,
   ) {}
 
   /** Loads the credentials. Throws an AgentError that names the file or variable to fix. */
-  static load(credentials: KubeCredentials): KubeClient {
-    // Loaded here so that an agent that reads manifest files never pays for the library.
-    const { KubeConfig: ConfigClass } = require("@kubernetes/client-node") as typeof import("@kubernetes/client-node");
-    const config = new ConfigClass();
-    if (credentials.kind === "kubeconfig") {
-      try {
-        config.loadFromFile(credentials.path);
-      } catch (error) {
-        throw new AgentError("INVALID_KUBECONFIG", `cannot read the kubeconfig ${credentials.path}: ${(error as Error).message}; fix the file or pass another with --kubeconfig`, { cause: error });
-      }
-    } else {
-      if (!process.env.KUBERNETES_SERVICE_HOST || !process.env.KUBERNETES_SERVICE_PORT) {
-        throw new AgentError(
-          "INVALID_KUBECONFIG",
-          "--kubernetes without --kubeconfig reads the in-cluster configuration, but KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set; run the agent in a pod or pass --kubeconfig FILE",
-        );
-      }
-      config.loadFromCluster(credentials.pathPrefix);
-    }
-    const cluster = config.getCurrentCluster();
-    if (!cluster || !cluster.server) {
-      const where = credentials.kind === "kubeconfig" ? credentials.path : "the in-cluster configuration";
-      throw new AgentError("INVALID_KUBECONFIG", `${where} names no current cluster with a server address; set current-context to a context whose cluster has a server`);
-    }
-    let url: URL;
-    try {
-      url = new URL(cluster.server);
-    } catch {
-      throw new AgentError("INVALID_KUBECONFIG", `invalid API server address "${cluster.server}" in the kubeconfig; write it as https://HOST:PORT`);
-    }
-    if (url.protocol !== "https:" && url.protocol !== "http:") {
-      throw new AgentError("INVALID_KUBECONFIG", `API server address "${cluster.server}" is neither https nor http; write it as https://HOST:PORT`);
-    }
-    return new KubeClient(config, cluster.server.replace(/\/+$/, ""));
+  static async load(credentials: KubeCredentials): Promise<KubeClient> {
+    const resolved = await resolveCredentials(credentials);
+    return new KubeClient(new CredentialSource(resolved, credentials), resolved.server);
+  }
+
+  /** Closes the idle connections of lists and patches; open watches end with their own end function. */
+  close(): void {
+    this.auth.close();
   }
 
   /** Sends one request and returns the decoded JSON body. Throws KubeApiError for a non-2xx status. */
   async request(method: string, path: string, options: RequestOptions = {}): Promise<unknown> {
     const url = new URL(this.server + path);
     for (const [key, value] of Object.entries(options.query ?? {})) if (value !== undefined) url.searchParams.set(key, String(value));
-    const init = await this.config.applyToFetchOptions({});
-    const headers: Record<string, string> = { accept: "application/json" };
-    (init.headers as unknown as { forEach(callback: (value: string, key: string) => void): void }).forEach((value, key) => {
-      headers[key] = value;
-    });
+    const auth = await this.auth.requestAuth();
+    const headers: Record<string, string> = { accept: "application/json", ...auth.headers };
     let payload: Buffer | undefined;
     if (options.body !== undefined) {
       payload = Buffer.from(JSON.stringify(options.body));
@@ -107,7 +76,7 @@ export class KubeClient {
     }
     const transport = url.protocol === "https:" ? https : http;
     return new Promise((resolve, reject) => {
-      const request = transport.request(url, { method, headers, agent: init.agent as http.Agent | undefined }, (response) => {
+      const request = transport.request(url, { method, headers, agent: auth.agent }, (response) => {
         const chunks: Buffer[] = [];
         let size = 0;
         response.on("data", (chunk: Buffer) => {
@@ -154,11 +123,8 @@ export class KubeClient {
     const url = new URL(this.server + path);
     url.searchParams.set("watch", "true");
     for (const [key, value] of Object.entries(query)) if (value !== undefined && value !== "") url.searchParams.set(key, String(value));
-    const init = await this.config.applyToFetchOptions({});
-    const headers: Record<string, string> = { accept: "application/json" };
-    (init.headers as unknown as { forEach(callback: (value: string, key: string) => void): void }).forEach((value, key) => {
-      headers[key] = value;
-    });
+    const auth = await this.auth.requestAuth();
+    const headers: Record<string, string> = { accept: "application/json", ...auth.headers };
     const transport = url.protocol === "https:" ? https : http;
     let ended = false;
     const done = (error: unknown): void => {
@@ -166,7 +132,7 @@ export class KubeClient {
       ended = true;
       handlers.done(error);
     };
-    const request = transport.request(url, { method: "GET", headers, agent: init.agent as http.Agent | undefined }, (response) => {
+    const request = transport.request(url, { method: "GET", headers, agent: auth.agent }, (response) => {
       const status = response.statusCode ?? 0;
       if (status !== 200) {
         const chunks: Buffer[] = [];
@@ -184,6 +150,7 @@ export class KubeClient {
         return;
       }
       response.socket?.setKeepAlive(true, WATCH_KEEPALIVE_MS);
+      handlers.opened?.();
       let pending = "";
       response.setEncoding("utf8");
       response.on("data", (chunk: string) => {

@@ -3,6 +3,7 @@
 // a version the server no longer has (410 Gone) makes it list again. Failures back off with jitter
 // and never clear the store, so the agent keeps the last state it read through an outage.
 
+import v8 from "node:v8";
 import type { Logger } from "../log";
 import { KubeApiError, statusOf, type KubeClient } from "./kube-client";
 
@@ -21,10 +22,16 @@ export interface ResourceSpec {
   optional?: boolean;
 }
 
-/** Receives the objects of one resource. */
+/**
+ * Receives the objects of one resource. A list arrives page by page between beginList() and
+ * endList(), which then replaces every object; abortList() drops a list that failed half-way.
+ * Pages are converted as they arrive, so a large list never holds all its raw objects at once.
+ */
 export interface ReflectorStore {
-  /** Replaces every object with a full list. */
-  replace(objects: unknown[]): void;
+  beginList(): void;
+  listPage(objects: unknown[]): void;
+  endList(): void;
+  abortList(): void;
   upsert(object: unknown): void;
   remove(object: unknown): void;
 }
@@ -61,7 +68,7 @@ export interface ReflectorOptions {
 }
 
 const DEFAULTS: Required<ReflectorOptions> = {
-  pageSize: 500,
+  pageSize: 250,
   minBackoffMs: 200,
   maxBackoffMs: 30_000,
   watchTimeoutSeconds: [300, 600],
@@ -75,6 +82,25 @@ const WATCH_IDLE_SLACK_MS = 30_000;
 
 /** A watch that ends sooner than this with no event counts as a failure, which backs off. */
 const QUICK_END_MS = 1_000;
+
+/**
+ * Growth of V8's old generation per major collection while any list is read, in percent. A list of
+ * 10,000 pods makes about 100 MiB of short-lived garbage, and with V8's own factor (up to four
+ * times the live size) the heap grew to 140 MiB before its first major collection and kept those
+ * pages. With 10% it is collected as it is made (test/bench/kubernetes.ts, docs/benchmarks.md).
+ */
+const LIST_HEAP_GROWING_PERCENT = 10;
+let listsInProgress = 0;
+
+/** Limits the heap's growth while the first of several concurrent lists runs, until the last ends. */
+function listStarted(): void {
+  if (listsInProgress++ === 0) v8.setFlagsFromString(`--heap-growing-percent=${LIST_HEAP_GROWING_PERCENT}`);
+}
+
+/** Gives V8 back its own growth factor (0 selects it) once no list runs. */
+function listEnded(): void {
+  if (--listsInProgress === 0) v8.setFlagsFromString("--heap-growing-percent=0");
+}
 
 /** Thrown inside the loop when the server no longer has the version to resume from. */
 class ExpiredError extends Error {}
@@ -144,20 +170,34 @@ export class Reflector {
   /** Reads every page of the list and replaces the store with it. */
   private async list(): Promise<void> {
     this.state.lists++;
-    const objects: unknown[] = [];
+    listStarted();
+    try {
+      await this.readList();
+    } finally {
+      listEnded();
+    }
+  }
+
+  /** Reads the pages of one list into the store. */
+  private async readList(): Promise<void> {
+    let count = 0;
     let continueToken: string | undefined;
     let resourceVersion = "";
+    this.store.beginList();
     try {
       do {
         const page = (await this.client.request("GET", this.spec.path, {
           query: { limit: this.options.pageSize, continue: continueToken, fieldSelector: this.spec.fieldSelector, labelSelector: this.spec.labelSelector },
         })) as { metadata?: { resourceVersion?: unknown; continue?: unknown }; items?: unknown };
         if (!Array.isArray(page.items)) throw new KubeApiError(200, `GET ${this.spec.path} returned no items list`);
-        for (const item of page.items) objects.push(item);
+        this.store.listPage(page.items);
+        count += page.items.length;
         resourceVersion = typeof page.metadata?.resourceVersion === "string" ? page.metadata.resourceVersion : "";
         continueToken = typeof page.metadata?.continue === "string" && page.metadata.continue !== "" ? page.metadata.continue : undefined;
       } while (continueToken !== undefined && !this.stopped);
+      if (!this.stopped && resourceVersion === "") throw new KubeApiError(200, `GET ${this.spec.path} returned no resourceVersion`);
     } catch (error) {
+      this.store.abortList();
       // An expired continue token: the list starts over from the first page.
       if (statusOf(error) === 410) throw new ExpiredError();
       if (statusOf(error) === 404 && this.spec.optional) {
@@ -166,17 +206,19 @@ export class Reflector {
       }
       throw error;
     }
-    if (this.stopped) return;
-    if (resourceVersion === "") throw new KubeApiError(200, `GET ${this.spec.path} returned no resourceVersion`);
-    this.store.replace(objects);
+    if (this.stopped) {
+      this.store.abortList();
+      return;
+    }
+    this.store.endList();
     this.state.absent = false;
     this.state.resourceVersion = resourceVersion;
     this.state.lastSyncTime = new Date().toISOString();
     if (!this.state.synced) {
       this.state.synced = true;
-      this.logger.info({ resource: this.spec.name, objects: objects.length, resourceVersion }, "listed");
+      this.logger.info({ resource: this.spec.name, objects: count, resourceVersion }, "listed");
     } else {
-      this.logger.info({ resource: this.spec.name, objects: objects.length, resourceVersion }, "listed again");
+      this.logger.info({ resource: this.spec.name, objects: count, resourceVersion }, "listed again");
     }
     this.#synced();
   }
@@ -188,7 +230,8 @@ export class Reflector {
         `the API server does not serve ${this.spec.path} (404): its CustomResourceDefinition is not installed; treating it as empty and checking again every ${this.options.absentRetryMs / 1000} s`,
       );
     }
-    this.store.replace([]);
+    this.store.beginList();
+    this.store.endList();
     this.state.absent = true;
     this.state.synced = true;
     this.state.lastSyncTime = new Date().toISOString();
@@ -232,6 +275,9 @@ export class Reflector {
             labelSelector: this.spec.labelSelector,
           },
           {
+            opened: () => {
+              if (!settled) this.state.watching = true;
+            },
             event: (type, object) => {
               armIdle();
               try {
@@ -246,7 +292,6 @@ export class Reflector {
           },
         )
         .then((end) => {
-          this.state.watching = !settled;
           this.endWatch = end;
           if (settled || this.stopped) end();
         }, finish);

@@ -16,6 +16,9 @@ import type { ManifestProblem, ParsedObject } from "./manifest-problem";
 /** The name that stands for the API server where a manifest problem names a file. */
 export const KUBERNETES_SOURCE = "kubernetes";
 
+/** Istio's sidecar injection marker; enrolment reads it on destination pods too. */
+const SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status";
+
 /** kubectl's copy of the whole applied object, often kilobytes per pod, which the agent never reads. */
 const LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -23,6 +26,8 @@ interface KubeResource extends ResourceSpec {
   /** apiVersion and kind of the items, which list responses leave out. */
   apiVersion: string;
   kind: string;
+  /** "sidecar-only" keeps no annotation but the sidecar marker. */
+  annotations?: "sidecar-only";
 }
 
 /** The resources the agent follows for `node`. Policies are optional: Istio's CRDs may be missing. */
@@ -30,7 +35,7 @@ export function kubeResources(node: string): KubeResource[] {
   return [
     { name: "namespaces", path: "/api/v1/namespaces", apiVersion: "v1", kind: "Namespace" },
     // Pods of other nodes first: a pod that is being bound moves from that set to this node's, which then wins.
-    { name: "pods of other nodes", path: "/api/v1/pods", fieldSelector: `spec.nodeName!=${node}`, apiVersion: "v1", kind: "Pod" },
+    { name: "pods of other nodes", path: "/api/v1/pods", fieldSelector: `spec.nodeName!=${node}`, apiVersion: "v1", kind: "Pod", annotations: "sidecar-only" },
     { name: "pods of this node", path: "/api/v1/pods", fieldSelector: `spec.nodeName=${node}`, apiVersion: "v1", kind: "Pod" },
     { name: "services", path: "/api/v1/services", apiVersion: "v1", kind: "Service" },
     { name: "endpointslices", path: "/apis/discovery.k8s.io/v1/endpointslices", apiVersion: "discovery.k8s.io/v1", kind: "EndpointSlice" },
@@ -63,8 +68,10 @@ export interface KubeSource {
 
 /** The objects and problems of one resource, by "namespace/name". */
 class ResourceStore implements ReflectorStore {
-  readonly objects = new Map<string, ParsedObject>();
-  readonly problems = new Map<string, ManifestProblem[]>();
+  objects = new Map<string, ParsedObject>();
+  problems = new Map<string, ManifestProblem[]>();
+  /** The list being read: its objects and problems, swapped in by endList(). */
+  private listing: { objects: Map<string, ParsedObject>; problems: Map<string, ManifestProblem[]> } | undefined;
 
   constructor(
     private readonly resource: KubeResource,
@@ -72,15 +79,37 @@ class ResourceStore implements ReflectorStore {
     private readonly logger: Logger,
   ) {}
 
-  replace(items: unknown[]): void {
-    const seen = new Set<string>();
+  beginList(): void {
+    this.listing = { objects: new Map(), problems: new Map() };
+  }
+
+  listPage(items: unknown[]): void {
+    const listing = this.listing;
+    if (listing === undefined) return;
     for (const item of items) {
-      const key = this.read(item);
-      if (key !== undefined) seen.add(key);
+      const key = keyOf(item);
+      if (key === undefined) {
+        this.logger.warn({ resource: this.resource.name }, "the API server sent an object without metadata.name; skipped");
+        continue;
+      }
+      const { object, problems } = this.convert(item);
+      if (problems.length > 0) listing.problems.set(key, problems);
+      // A rejected object keeps the valid version held before the list, if any.
+      const kept = object ?? this.objects.get(key);
+      if (kept !== undefined) listing.objects.set(key, kept);
     }
-    for (const key of [...this.objects.keys()]) if (!seen.has(key)) this.objects.delete(key);
-    for (const key of [...this.problems.keys()]) if (!seen.has(key)) this.problems.delete(key);
+  }
+
+  endList(): void {
+    if (this.listing === undefined) return;
+    this.objects = this.listing.objects;
+    this.problems = this.listing.problems;
+    this.listing = undefined;
     this.changed();
+  }
+
+  abortList(): void {
+    this.listing = undefined;
   }
 
   upsert(item: unknown): void {
@@ -102,26 +131,43 @@ class ResourceStore implements ReflectorStore {
       this.logger.warn({ resource: this.resource.name }, "the API server sent an object without metadata.name; skipped");
       return undefined;
     }
-    const { object, problems } = parseApiObject(this.complete(item), { file: KUBERNETES_SOURCE, document: 0 });
+    const { object, problems } = this.convert(item);
     if (problems.length > 0) this.problems.set(key, problems);
     else this.problems.delete(key);
     // A rejected new version leaves the last valid one in place.
-    if (object !== undefined && problems.length === 0) this.objects.set(key, object);
+    if (object !== undefined) this.objects.set(key, object);
     return key;
   }
 
-  /** Fills in apiVersion and kind, which list items lack, and drops what the agent never reads. */
+  /** Converts one object with the manifest readers; the object is undefined when it was rejected or is of no use. */
+  private convert(item: unknown): { object?: ParsedObject; problems: ManifestProblem[] } {
+    const { object, problems } = parseApiObject(this.complete(item), { file: KUBERNETES_SOURCE, document: 0 });
+    return { object: problems.length === 0 ? object : undefined, problems };
+  }
+
+  /**
+   * Fills in apiVersion and kind, which list items lack, and drops what the agent never reads:
+   * managedFields, kubectl's applied copy, and the annotations of other nodes' pods, of which
+   * only the sidecar marker matters (it takes a destination out of the mesh).
+   */
   private complete(item: unknown): unknown {
     const value = item as { apiVersion?: unknown; kind?: unknown; metadata?: { annotations?: Record<string, unknown>; managedFields?: unknown } };
     const metadata = value.metadata && { ...value.metadata };
     if (metadata) {
       delete metadata.managedFields;
-      if (metadata.annotations && LAST_APPLIED_ANNOTATION in metadata.annotations) {
-        metadata.annotations = { ...metadata.annotations };
-        delete metadata.annotations[LAST_APPLIED_ANNOTATION];
-      }
+      if (metadata.annotations) metadata.annotations = this.keptAnnotations(metadata.annotations);
     }
     return { ...value, apiVersion: value.apiVersion ?? this.resource.apiVersion, kind: value.kind ?? this.resource.kind, metadata };
+  }
+
+  private keptAnnotations(annotations: Record<string, unknown>): Record<string, unknown> {
+    if (this.resource.annotations === "sidecar-only") {
+      return SIDECAR_STATUS_ANNOTATION in annotations ? { [SIDECAR_STATUS_ANNOTATION]: annotations[SIDECAR_STATUS_ANNOTATION] } : {};
+    }
+    if (!(LAST_APPLIED_ANNOTATION in annotations)) return annotations;
+    const kept = { ...annotations };
+    delete kept[LAST_APPLIED_ANNOTATION];
+    return kept;
   }
 }
 
@@ -206,6 +252,7 @@ export class KubeSource extends EventEmitter {
     clearTimeout(this.publishTimer);
     this.started = false;
     await Promise.all(this.reflectors.map((reflector) => reflector.stop()));
+    this.options.client.close();
   }
 
   private schedulePublish(): void {

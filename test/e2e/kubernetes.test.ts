@@ -133,7 +133,7 @@ test.serial("pods listed from the API server are enrolled and talk over HBONE", 
   await waitForRedirection("client", "enabled");
 });
 
-test.serial("labelling a namespace enrols its pods and removing the label unenrols them", async (t) => {
+test.serial("namespace label enrols and unenrols pods", async (t) => {
   const c = theCluster();
   const kube = c.kube!;
 
@@ -165,7 +165,7 @@ test.serial("labelling a namespace enrols its pods and removing the label unenro
   t.is(after.inbound, undefined);
 });
 
-test.serial("the pod label, the sidecar annotation and the excluded namespaces override the namespace label", async (t) => {
+test.serial("pod label, sidecar and exclusion override namespace", async (t) => {
   const c = theCluster();
   const kube = c.kube!;
 

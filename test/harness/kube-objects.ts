@@ -47,7 +47,7 @@ export interface ServicePortSpec {
   targetPort: number;
 }
 
-/** A Service with one cluster IP and TCP ports; without `selector` only EndpointSlices give it endpoints. */
+/** Builds a Service with one cluster IP and TCP ports. Without `selector`, only EndpointSlices give it endpoints. */
 export function serviceObject(namespace: string, name: string, clusterIP: string, ports: ServicePortSpec[], selector?: Record<string, string>): KubeObject {
   return {
     apiVersion: "v1",
@@ -63,8 +63,8 @@ export function serviceObject(namespace: string, name: string, clusterIP: string
 }
 
 /**
- * An IPv4 EndpointSlice of Service `serviceName` that lists `pods` as ready endpoints, each pointing
- * back at its Pod, with the given slice ports (the pods' ports, one per Service port name).
+ * Builds an IPv4 EndpointSlice of Service `serviceName` that lists `pods` as ready endpoints, each
+ * pointing back at its Pod, with the given slice ports (the pods' ports, one per Service port name).
  */
 export function endpointSliceObject(serviceName: string, name: string, pods: PodHandle[], ports: { name?: string; port: number }[]): KubeObject {
   const namespace = pods[0]?.namespace ?? "default";
@@ -83,7 +83,7 @@ export function endpointSliceObject(serviceName: string, name: string, pods: Pod
   };
 }
 
-/** A security.istio.io/v1 AuthorizationPolicy with the given spec (action, selector, rules). */
+/** Builds a security.istio.io/v1 AuthorizationPolicy with the given spec (action, selector, rules). */
 export function authorizationPolicyObject(namespace: string, name: string, spec: Record<string, unknown>): KubeObject {
   return { apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", metadata: { name, namespace }, spec };
 }
@@ -95,8 +95,8 @@ export function annotationOf(object: KubeObject | undefined, key: string): strin
 }
 
 /**
- * Polls the fake API server until `predicate` holds for the stored object (undefined when it does
- * not exist), every 100 ms; throws after `timeoutMs` with the object as last seen.
+ * Polls the fake API server every 100 ms until `predicate` holds for the stored object, which is
+ * undefined when it does not exist. Throws after `timeoutMs` with the object as last seen.
  */
 export async function waitForObject(
   api: FakeKubeApi,
@@ -118,7 +118,7 @@ export async function waitForObject(
   }
 }
 
-/** The highest chain position (`seq`) among a node's audit records so far, 0 before any; newer records have a higher one. */
+/** Returns the highest chain position (`seq`) among a node's audit records so far, or 0 before any. Newer records have a higher one. */
 export function auditMark(cluster: Cluster, node: string): number {
   return cluster.auditRecords(node, "*").reduce((highest, record) => Math.max(highest, Number(record.seq) || 0), 0);
 }

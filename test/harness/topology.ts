@@ -121,6 +121,10 @@ export class Topology {
   readonly nodes = new Map<string, NodeHandle>();
   readonly pods = new Map<string, PodHandle>();
   private readonly children = new Set<ChildProcess>();
+  /** The namespace each started process runs in, so that removePod() can end a pod's processes. */
+  private readonly childNetns = new Map<ChildProcess, string>();
+  /** The highest pod host byte ever given per node: addPodTo() never reuses the address of a removed pod. */
+  private readonly lastHostByte = new Map<string, number>();
 
   private constructor(
     readonly prefix: string,
@@ -162,16 +166,25 @@ export class Topology {
     const node = this.node(nodeName);
     const nodeIndex = [...this.nodes.keys()].indexOf(nodeName) + 1;
     const used = [...this.pods.values()].filter((pod) => pod.node === nodeName).map((pod) => Number(pod.ip.split(".")[3] ?? 0));
-    const hostByte = Math.max(9, ...used) + 1;
+    const hostByte = Math.max(9, this.lastHostByte.get(nodeName) ?? 0, ...used) + 1;
     if (hostByte > 250) throw new Error(`node ${nodeName} has no free pod address left`);
     this.addPod(nodeName, node.netns, nodeIndex, spec, hostByte);
+    this.lastHostByte.set(nodeName, hostByte);
     return this.pod(spec.name);
   }
 
-  /** Removes a pod's namespace (and so its veth), as a container runtime does when a pod is deleted. */
+  /**
+   * Removes a pod as a container runtime does when it is deleted: ends the processes started in
+   * its namespace (the namespace lives on while one runs in it), deletes the namespace and its
+   * veth, and drops the node's neighbour entry for its IP.
+   */
   removePod(name: string): void {
     const pod = this.pod(name);
+    for (const [child, netns] of this.childNetns) {
+      if (netns === pod.netns && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    }
     run("ip", ["netns", "delete", pod.netns], { allowFail: true });
+    this.exec(this.node(pod.node).netns, "ip", ["neigh", "flush", "to", pod.ip, "dev", "br0"], { allowFail: true });
     this.pods.delete(name);
   }
 
@@ -192,8 +205,12 @@ export class Topology {
     child.stdout?.resume();
     child.stderr?.resume();
     this.children.add(child);
+    this.childNetns.set(child, netns);
     registerPid(this.prefix, child.pid);
-    child.once("exit", () => this.children.delete(child));
+    child.once("exit", () => {
+      this.children.delete(child);
+      this.childNetns.delete(child);
+    });
     return child;
   }
 
@@ -203,6 +220,7 @@ export class Topology {
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
     }
     this.children.clear();
+    this.childNetns.clear();
     removeNetnsWithPrefix(this.prefix);
     forgetRun(this.prefix);
   }

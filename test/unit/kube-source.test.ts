@@ -8,6 +8,8 @@ import path from "node:path";
 import pino from "pino";
 import { KubeClient } from "../../agent/discovery/kube-client";
 import { KubeSource } from "../../agent/discovery/kube-source";
+import { Reflector } from "../../agent/discovery/kube-reflector";
+import http from "node:http";
 import { REDIRECTION_ANNOTATION, RedirectionAnnotator } from "../../agent/enroll/redirection-annotation";
 import type { ClusterSnapshot } from "../../agent/state/types";
 import { FakeKubeApi, type KubeObject } from "../harness/fake-kube-api";
@@ -47,7 +49,7 @@ async function setUp(t: { teardown(fn: () => unknown): void }, options: { token?
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-source-"));
   const kubeconfig = path.join(dir, "kubeconfig");
   api.writeKubeconfig(kubeconfig);
-  const client = KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
   const source = new KubeSource({ node: "node1", client, debounceMs: 5, reflector: FAST_BACKOFF }, quietLogger());
   t.teardown(async () => {
     await source.stop();
@@ -203,19 +205,50 @@ test("start waits for the first list of every resource and retries until the ser
   t.true(source.health().synced);
 });
 
-test("a kubeconfig without a server, or a missing file, is a clear error", (t) => {
+test("a watch the server has not answered is not reported as watching", async (t) => {
+  // Lists are answered; watch requests are accepted and never answered.
+  const server = http.createServer((request, response) => {
+    if (request.url?.includes("watch=true")) return;
+    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ kind: "NamespaceList", apiVersion: "v1", metadata: { resourceVersion: "7" }, items: [] }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-silent-"));
+  const kubeconfig = path.join(dir, "kubeconfig");
+  fs.writeFileSync(
+    kubeconfig,
+    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  );
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  const store = { beginList: () => undefined, listPage: () => undefined, endList: () => undefined, abortList: () => undefined, upsert: () => undefined, remove: () => undefined };
+  const reflector = new Reflector(client, { name: "namespaces", path: "/api/v1/namespaces" }, store, quietLogger(), FAST_BACKOFF);
+  t.teardown(async () => {
+    await reflector.stop();
+    client.close();
+    server.closeAllConnections();
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  reflector.start();
+  await reflector.synced;
+  await waitFor(() => reflector.health().watches >= 1, "the watch request");
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  t.true(reflector.health().synced);
+  t.false(reflector.health().watching);
+});
+
+test("a kubeconfig without a server, or a missing file, is a clear error", async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-config-"));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const missing = path.join(dir, "absent");
-  t.throws(() => KubeClient.load({ kind: "kubeconfig", path: missing }), { message: new RegExp(`cannot read the kubeconfig ${missing}`) });
+  await t.throwsAsync(() => KubeClient.load({ kind: "kubeconfig", path: missing }), { message: new RegExp(`cannot read the kubeconfig ${missing}`) });
   const empty = path.join(dir, "empty");
   fs.writeFileSync(empty, "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n");
-  t.throws(() => KubeClient.load({ kind: "kubeconfig", path: empty }), { message: /names no current cluster/ });
+  await t.throwsAsync(() => KubeClient.load({ kind: "kubeconfig", path: empty }), { message: /names no current cluster/ });
   const saved = { host: process.env.KUBERNETES_SERVICE_HOST, port: process.env.KUBERNETES_SERVICE_PORT };
   delete process.env.KUBERNETES_SERVICE_HOST;
   delete process.env.KUBERNETES_SERVICE_PORT;
   try {
-    t.throws(() => KubeClient.load({ kind: "in-cluster" }), { message: /KUBERNETES_SERVICE_HOST/ });
+    await t.throwsAsync(() => KubeClient.load({ kind: "in-cluster" }), { message: /KUBERNETES_SERVICE_HOST/ });
   } finally {
     if (saved.host !== undefined) process.env.KUBERNETES_SERVICE_HOST = saved.host;
     if (saved.port !== undefined) process.env.KUBERNETES_SERVICE_PORT = saved.port;
@@ -240,7 +273,7 @@ test("the in-cluster configuration reads the service account token and CA", asyn
   process.env.KUBERNETES_SERVICE_PORT = url.port;
   try {
     api.put(namespace("apps"));
-    const client = KubeClient.load({ kind: "in-cluster", pathPrefix: root });
+    const client = await KubeClient.load({ kind: "in-cluster", pathPrefix: root });
     const list = (await client.request("GET", "/api/v1/namespaces")) as { items: { metadata: { name: string } }[] };
     t.deepEqual(list.items.map((item) => item.metadata.name), ["apps"]);
   } finally {
@@ -249,6 +282,47 @@ test("the in-cluster configuration reads the service account token and CA", asyn
     if (saved.host === undefined) delete process.env.KUBERNETES_SERVICE_HOST;
     if (saved.port === undefined) delete process.env.KUBERNETES_SERVICE_PORT;
   }
+});
+
+test("a kubeconfig whose user runs an exec plugin gets a token from it", async (t) => {
+  const api = await FakeKubeApi.start({ tls: true, token: "exec-token" });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-exec-"));
+  t.teardown(async () => {
+    await api.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  api.put(namespace("apps"));
+  const credential = JSON.stringify({ apiVersion: "client.authentication.k8s.io/v1", kind: "ExecCredential", status: { token: "exec-token" } });
+  const kubeconfig = path.join(dir, "kubeconfig");
+  fs.writeFileSync(
+    kubeconfig,
+    [
+      "apiVersion: v1",
+      "kind: Config",
+      "clusters:",
+      "- name: fake",
+      "  cluster:",
+      `    server: ${api.url}`,
+      `    certificate-authority-data: ${Buffer.from(api.caPem!).toString("base64")}`,
+      "users:",
+      "- name: exec-user",
+      "  user:",
+      "    exec:",
+      "      apiVersion: client.authentication.k8s.io/v1",
+      "      command: /bin/sh",
+      `      args: ["-c", ${JSON.stringify(`echo '${credential}'`)}]`,
+      "      interactiveMode: Never",
+      "contexts:",
+      "- name: fake",
+      "  context: {cluster: fake, user: exec-user}",
+      "current-context: fake",
+      "",
+    ].join("\n"),
+  );
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  t.teardown(() => client.close());
+  const list = (await client.request("GET", "/api/v1/namespaces")) as { items: { metadata: { name: string } }[] };
+  t.deepEqual(list.items.map((item) => item.metadata.name), ["apps"]);
 });
 
 test("the annotator marks enrolled pods and unmarks the others, once each", async (t) => {

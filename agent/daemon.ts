@@ -20,6 +20,7 @@ import type { ManifestProblem } from "./discovery/manifest-problem";
 import type { AuditPipeline } from "./audit/pipeline";
 import { Registry } from "prom-client";
 import { registerAuditMetrics } from "./admin/metrics";
+import { readinessResponse } from "./admin/readiness";
 import { AdminServer, TextResponse, authorizationRoutes } from "./admin/server";
 import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
@@ -38,9 +39,9 @@ import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
 import { DEFAULT_ENROLLMENT_SETTINGS, excludedLabelledNamespaces, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
-import { CniPods } from "./enroll/cni-pods";
+import { CniEnrolment } from "./enroll/cni-enrolment";
 import { RedirectionAnnotator } from "./enroll/redirection-annotation";
-import { startCni, type CniPodEvent, type CniRuntime, type CniSettings } from "./cni/setup";
+import { startCni, type CniRuntime, type CniSettings } from "./cni/setup";
 import { AgentError } from "./errors";
 import { EnrollmentReconciler, type WorkloadProxies } from "./enroll/reconciler";
 import type { CertManager } from "./identity/cert-manager";
@@ -100,12 +101,6 @@ export interface AgentOptions {
   transparentSource?: boolean;
 }
 
-/** The audit reason of an enrolment that a CNI ADD asked for. */
-const CNI_ENROLL_REASON = "pod sandbox created (CNI ADD)";
-
-/** How long a CNI ADD waits for its pod to appear in the mesh state, which the API server's watch fills. */
-const CNI_POD_WAIT_MS = 10_000;
-
 /** What the agent reads its configuration from: the manifest folder or the Kubernetes API. */
 interface ConfigSource {
   start(): Promise<void>;
@@ -132,8 +127,8 @@ export class Agent {
   private kube: KubeSource | undefined;
   private annotator: RedirectionAnnotator | undefined;
   private cni: CniRuntime | undefined;
-  /** Pods that the CNI plugin announced, by uid: their namespace and IPs before the API shows them. */
-  private readonly cniPods = new CniPods();
+  /** Enrolment asked for by the CNI plugin, and the pod sandboxes it announced. */
+  private readonly cniEnrolment: CniEnrolment;
   /** Ambient-labelled namespaces already warned about for being excluded. */
   private warnedExcluded = new Set<string>();
   private capture: CaptureBackend | undefined;
@@ -165,7 +160,21 @@ export class Agent {
   constructor(
     private readonly options: AgentOptions,
     private readonly logger: Logger,
-  ) {}
+  ) {
+    this.cniEnrolment = new CniEnrolment({
+      node: this.options.node,
+      state: () => this.state,
+      settings: () => this.enrollmentSettings(),
+      stopping: () => this.stopping,
+      reconcile: async (reasons) => {
+        if (this.state && this.reconciler && !this.stopping) await this.reconciler.update(this.desiredWorkloads(this.state), reasons);
+      },
+      enrolled: (uid) => this.reconciler?.list().find((entry) => entry.workload.uid === uid),
+      evict: async (uid, reason) => this.reconciler?.evict(uid, reason),
+      enrolledByCni: () => this.syncAnnotations(),
+      logger: this.logger.child({ component: "cni" }),
+    });
+  }
 
   async start(): Promise<void> {
     const selection = this.selectCapture();
@@ -206,7 +215,16 @@ export class Agent {
       "/config_dump": () => this.configDump(),
       "/audit": () => this.audit?.status(),
       "/kubernetes": () => this.kube?.health() ?? { error: "the agent reads manifest files, not the Kubernetes API" },
-      "/healthz/ready": () => this.readiness(),
+      "/healthz/ready": () =>
+        readinessResponse({
+          configurationRead: this.state !== undefined,
+          kubernetes: this.kube?.health(),
+          captureAttached: this.capture !== undefined,
+          enrolmentRunning: this.reconciler !== undefined,
+          certificates: this.certs?.status() ?? [],
+          enrolled: this.reconciler?.list().length ?? 0,
+          stopping: this.stopping,
+        }),
       "/metrics": async () => new TextResponse(this.metrics.contentType, await this.metrics.metrics()),
       ...authorizationRoutes({
         state: () => this.state,
@@ -225,7 +243,7 @@ export class Agent {
       createProxies: (workload, identity, network, cookie) => this.createProxies(workload, identity, network, cookie),
       logger: this.logger.child({ component: "enroll" }),
       transparentSource: this.options.transparentSource ?? true,
-      netnsHint: (workload) => this.cniPods.netnsOf(workload),
+      netnsHint: (workload) => this.cniEnrolment.pods.netnsOf(workload),
       onEnrollment: (event) => this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString())),
     });
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
@@ -243,7 +261,7 @@ export class Agent {
     // A change published while the first enrolment ran had no listener yet.
     if (this.source.snapshot() !== this.state.snapshot) apply(this.source.snapshot());
     if (this.options.cni) {
-      this.cni = await startCni(this.options.cni, { add: (event) => this.cniAdd(event), del: (event) => this.cniDel(event) }, this.logger.child({ component: "cni" }));
+      this.cni = await startCni(this.options.cni, { add: (event) => this.cniEnrolment.add(event), del: (event) => this.cniEnrolment.del(event) }, this.logger.child({ component: "cni" }));
     }
     this.handover = await HandoverServer.listen(
       handoverSocketPath(this.options.node),
@@ -435,7 +453,7 @@ export class Agent {
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
       "configuration updated",
     );
-    this.cniPods.retain((uid) => snapshot.workloads.has(uid));
+    this.cniEnrolment.pods.retain((uid) => snapshot.workloads.has(uid));
     const desired = this.desiredWorkloads(this.state);
     // Open inbound connections were authorized with the previous configuration, so the ones the new
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
@@ -471,7 +489,7 @@ export class Agent {
     const settings = this.enrollmentSettings();
     return state
       .workloadsOnNode(this.options.node)
-      .map((workload) => this.cniPods.complete(workload))
+      .map((workload) => this.cniEnrolment.pods.complete(workload))
       .filter((workload) => workload.ip !== "" && isAmbient(state, workload, settings));
   }
 
@@ -480,82 +498,6 @@ export class Agent {
     if (!this.annotator || !this.state || !this.reconciler || this.stopping) return;
     const enrolled = new Set(this.reconciler.list().map((entry) => entry.workload.uid));
     this.annotator.sync(this.state.workloadsOnNode(this.options.node), enrolled);
-  }
-
-  /**
-   * Handles the CNI plugin's ADD for a new pod: once this returns, the pod's capture is in place
-   * (or it is not an ambient pod). Throws, which fails the pod's sandbox so the kubelet tries
-   * again, when the pod is unknown or its capture could not be put in place.
-   */
-  private async cniAdd(event: CniPodEvent): Promise<void> {
-    if (!event.podNamespace || !event.podName) {
-      this.logger.info({ netns: event.netns, container: event.containerId }, "CNI ADD without a Kubernetes pod name: not a pod, nothing to capture");
-      return;
-    }
-    const uid = `${event.podNamespace}/${event.podName}`;
-    const workload = await this.waitForPod(uid);
-    if (workload === undefined) {
-      throw new AgentError("CNI_ERROR", `pod ${uid} is not in the agent's view of the cluster after ${CNI_POD_WAIT_MS / 1000} s; the kubelet will try again`);
-    }
-    const state = this.state!;
-    const candidate = this.cniPods.complete(workload, event);
-    if (!isAmbient(state, candidate, this.enrollmentSettings())) {
-      this.logger.debug({ pod: uid }, "CNI ADD for a pod outside ambient mode");
-      return;
-    }
-    if (event.ips.length === 0 && workload.ip === "") {
-      throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
-    }
-    this.cniPods.add(uid, event);
-    await this.reconciler!.update(this.desiredWorkloads(state), new Map([[uid, CNI_ENROLL_REASON]]));
-    const entry = this.reconciler!.list().find((enrolled) => enrolled.workload.uid === uid);
-    if (!entry) {
-      throw new AgentError("CNI_ERROR", `capture of pod ${uid} in ${event.netns} is not in place yet (see the agent log); the kubelet will try again`);
-    }
-    this.syncAnnotations();
-    this.logger.info({ pod: uid, netns: event.netns, ip: entry.workload.ip }, "CNI ADD: capture in place before the pod starts");
-  }
-
-  /** Handles the CNI plugin's DEL: the pod's sandbox is going away. */
-  private async cniDel(event: CniPodEvent): Promise<void> {
-    if (this.cniPods.remove(event) && this.state && this.reconciler && !this.stopping) {
-      await this.reconciler.update(this.desiredWorkloads(this.state));
-    }
-  }
-
-  /** Waits until the pod is in the mesh state with this node's name, for at most CNI_POD_WAIT_MS. */
-  private async waitForPod(uid: string): Promise<Workload | undefined> {
-    const deadline = Date.now() + CNI_POD_WAIT_MS;
-    for (;;) {
-      const workload = this.state?.workload(uid);
-      if (workload && workload.nodeName === this.options.node) return workload;
-      if (Date.now() >= deadline || this.stopping) return undefined;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-
-  /**
-   * Tells whether the node is ready: configuration read (from the API server: every resource listed
-   * once), capture attached, and a usable certificate for every identity of its enrolled pods.
-   */
-  private readiness(): TextResponse {
-    const kube = this.kube?.health();
-    const certificates = this.certs?.status() ?? [];
-    const checks = {
-      configuration: this.state !== undefined && (kube === undefined || kube.synced),
-      capture: this.capture !== undefined,
-      enrolment: this.reconciler !== undefined,
-      // Every identity of an enrolled pod has a usable certificate (a refresh may be running).
-      certificates: certificates.every((certificate) => certificate.state === "valid" || certificate.state === "refreshing"),
-    };
-    const ready = Object.values(checks).every(Boolean) && !this.stopping;
-    const body = {
-      ready,
-      checks,
-      kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
-      enrolled: this.reconciler?.list().length ?? 0,
-    };
-    return new TextResponse("application/json", JSON.stringify(body, null, 2) + "\n", ready ? 200 : 503);
   }
 
   /** Logs once per namespace that it is labelled for ambient mode but excluded. */

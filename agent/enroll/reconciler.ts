@@ -164,6 +164,18 @@ export class EnrollmentReconciler {
     return this.running;
   }
 
+  /**
+   * Unenrolls a workload now, whatever the wanted set says, for a pod whose sandbox is being
+   * replaced: its namespace is going away. The next update() enrolls it again wherever it is then.
+   */
+  evict(uid: string, reason: string): Promise<void> {
+    this.running = this.running.then(async () => {
+      const entry = this.enrolled.get(uid);
+      if (entry !== undefined && !this.stopped && !this.frozen) await this.unenroll(entry, reason);
+    });
+    return this.running;
+  }
+
   /** Counts the connections and HBONE streams open now across every enrolled workload. */
   openConnections(): number {
     let open = 0;

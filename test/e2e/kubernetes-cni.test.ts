@@ -18,7 +18,7 @@ import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster"
 import { podObject } from "../harness/kube-objects";
 import { registerPid } from "../harness/pid-registry";
 import type { NamespaceSpec } from "../harness/manifests";
-import type { NodeSpec, PodHandle, PodSpec } from "../harness/topology";
+import { run, type NodeSpec, type PodHandle, type PodSpec } from "../harness/topology";
 
 const PREFIX_FAMILY = testPrefixFamily("aakcni");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
@@ -334,6 +334,38 @@ test.serial("ADD returns once the pod is captured", async (t) => {
   t.true(Number(added.time) < reportedAt);
   const annotated = await waitFor(() => redirectionOf("fresh"), 5_000);
   t.is(annotated, "enabled");
+});
+
+test.serial("replaced sandbox with the same IP is captured", async (t) => {
+  const c = theCluster();
+  const pod = schedulePod({ name: "resandbox", namespace: "shop", serviceAccount: "fresh" });
+  const first = await runPlugin("ADD", pod);
+  t.is(first.status, 0, first.stdout);
+  // The runtime replaces the sandbox and no DEL reaches the agent: the old namespace goes, and a
+  // new one gets the same IP. Without a check of the namespace the agent would keep the old one.
+  c.topology.removePod("resandbox");
+  const netns = `${PREFIX}-resandbox2`;
+  const node = c.topology.node(CNI_NODE);
+  const hostSide = "v-resandbox2";
+  run("ip", ["netns", "add", netns]);
+  run("ip", ["link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", hostSide, "netns", node.netns]);
+  c.topology.exec(netns, "ip", ["link", "set", "lo", "up"]);
+  c.topology.exec(netns, "ip", ["addr", "add", `${pod.ip}/24`, "dev", "eth0"]);
+  c.topology.exec(netns, "ip", ["link", "set", "eth0", "up"]);
+  c.topology.exec(netns, "ip", ["route", "add", "default", "via", pod.ip.replace(/\.\d+$/, ".1")]);
+  c.topology.exec(node.netns, "ip", ["link", "set", hostSide, "master", "br0"]);
+  c.topology.exec(node.netns, "ip", ["link", "set", hostSide, "up"]);
+  const replaced: PodHandle = { ...pod, netns };
+  c.topology.pods.set("resandbox", replaced);
+
+  const mark = c.auditRecords(SERVER_NODE).length;
+  const second = await runPlugin("ADD", replaced);
+  assertPrevResult(t, second, replaced);
+  const denied = await curl(c.topology, "resandbox", `http://${c.topology.pod("ledger").ip}:8080/`, 5);
+  t.true(RESET_EXIT_CODES.includes(denied.exitCode), `curl to ledger from the new sandbox: exit ${denied.exitCode} ${denied.stderr}`);
+  const record = await inboundRecord(mark, replaced, "ledger");
+  t.is(record.transport, "hbone");
+  t.is(record.decision, "deny");
 });
 
 test.serial("ADD outside ambient mode skips enrolment", async (t) => {

@@ -1,0 +1,37 @@
+// The node's readiness for /healthz/ready and agentctl status: configuration read (from the API
+// server, every resource listed once), capture attached, and a usable certificate for every
+// identity of the enrolled pods. The body also carries the state of each Kubernetes API watch.
+
+import type { KubeHealth } from "../discovery/kube-source";
+import type { CertificateStatus } from "../identity/cert-manager";
+import { TextResponse } from "./server";
+
+export interface ReadinessInputs {
+  configurationRead: boolean;
+  kubernetes?: KubeHealth;
+  captureAttached: boolean;
+  enrolmentRunning: boolean;
+  certificates: readonly CertificateStatus[];
+  enrolled: number;
+  stopping: boolean;
+}
+
+/** Builds the readiness response: 200 when every check passes, 503 otherwise, with a JSON body either way. */
+export function readinessResponse(inputs: ReadinessInputs): TextResponse {
+  const kube = inputs.kubernetes;
+  const checks = {
+    configuration: inputs.configurationRead && (kube === undefined || kube.synced),
+    capture: inputs.captureAttached,
+    enrolment: inputs.enrolmentRunning,
+    // A certificate being refreshed still serves.
+    certificates: inputs.certificates.every((certificate) => certificate.state === "valid" || certificate.state === "refreshing"),
+  };
+  const ready = Object.values(checks).every(Boolean) && !inputs.stopping;
+  const body = {
+    ready,
+    checks,
+    kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
+    enrolled: inputs.enrolled,
+  };
+  return new TextResponse("application/json", JSON.stringify(body, null, 2) + "\n", ready ? 200 : 503);
+}

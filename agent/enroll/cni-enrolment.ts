@@ -1,0 +1,119 @@
+// Enrolment driven by the CNI plugin: an ADD for a new pod sandbox returns only once the pod's
+// capture is in place in the namespace the runtime named, and a DEL releases the sandbox. A
+// rejected ADD fails the sandbox, which the kubelet then creates again, so no pod starts uncaptured.
+
+import fs from "node:fs";
+import type { CniPodEvent } from "../cni/setup";
+import { AgentError } from "../errors";
+import type { Logger } from "../log";
+import type { MeshState } from "../state/mesh-state";
+import type { Workload } from "../state/types";
+import { CniPods } from "./cni-pods";
+import { isAmbient, type EnrollmentSettings } from "./enrollment";
+import type { EnrolledWorkload } from "./reconciler";
+
+/** The audit reason of an enrolment that a CNI ADD asked for. */
+export const CNI_ENROLL_REASON = "pod sandbox created (CNI ADD)";
+/** The audit reason of an unenrolment because the pod's sandbox went away. */
+const CNI_DELETE_REASON = "pod sandbox deleted (CNI DEL)";
+/** How long an ADD waits for its pod to appear in the mesh state, which the API server's watch fills. */
+const POD_WAIT_MS = 10_000;
+const POD_POLL_MS = 50;
+
+/** What the CNI handlers need from the agent. */
+export interface CniEnrolmentHost {
+  node: string;
+  state(): MeshState | undefined;
+  settings(): EnrollmentSettings;
+  stopping(): boolean;
+  /** Reconciles enrolment with the node's wanted workloads; `reasons` explains new ones by uid. */
+  reconcile(reasons?: ReadonlyMap<string, string>): Promise<void>;
+  enrolled(uid: string): EnrolledWorkload | undefined;
+  /** Unenrolls a pod now; the next reconcile enrolls it again where it is then. */
+  evict(uid: string, reason: string): Promise<void>;
+  /** Called once an ADD enrolled a pod. */
+  enrolledByCni(uid: string): void;
+  logger: Logger;
+}
+
+export class CniEnrolment {
+  /** Pod sandboxes announced by the plugin, with their namespace and addresses. */
+  readonly pods = new CniPods();
+
+  constructor(private readonly host: CniEnrolmentHost) {}
+
+  /**
+   * Handles an ADD: resolves once the pod's capture is in place, or at once for a pod outside
+   * ambient mode. Throws AgentError CNI_ERROR when the pod is unknown or its capture failed.
+   */
+  async add(event: CniPodEvent): Promise<void> {
+    const log = this.host.logger;
+    if (!event.podNamespace || !event.podName) {
+      log.info({ netns: event.netns, container: event.containerId }, "CNI ADD without a Kubernetes pod name: not a pod, nothing to capture");
+      return;
+    }
+    const uid = `${event.podNamespace}/${event.podName}`;
+    const workload = await this.waitForPod(uid);
+    if (workload === undefined) {
+      throw new AgentError("CNI_ERROR", `pod ${uid} is not in the agent's view of the cluster after ${POD_WAIT_MS / 1000} s; the kubelet will try again`);
+    }
+    const state = this.host.state()!;
+    if (!isAmbient(state, this.pods.complete(workload, event), this.host.settings())) {
+      log.debug({ pod: uid }, "CNI ADD for a pod outside ambient mode");
+      return;
+    }
+    if (event.ips.length === 0 && workload.ip === "") {
+      throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
+    }
+    this.pods.add(uid, event);
+    // A pod enrolled in another namespace has a new sandbox; with the same IP the reconciler would keep the old one.
+    const previous = this.host.enrolled(uid);
+    if (previous !== undefined && !sameNamespace(previous.netnsPath, event.netns)) {
+      await this.host.evict(uid, `pod sandbox replaced: ${previous.netnsPath} by ${event.netns}`);
+    }
+    await this.host.reconcile(new Map([[uid, CNI_ENROLL_REASON]]));
+    const entry = this.host.enrolled(uid);
+    if (entry === undefined || !sameNamespace(entry.netnsPath, event.netns)) {
+      throw new AgentError("CNI_ERROR", `capture of pod ${uid} in ${event.netns} is not in place yet (see the agent log); the kubelet will try again`);
+    }
+    this.host.enrolledByCni(uid);
+    log.info({ pod: uid, netns: event.netns, ip: entry.workload.ip }, "CNI ADD: capture in place before the pod starts");
+  }
+
+  /** Handles a DEL: forgets the sandbox, and unenrolls its pod when the pod was enrolled in it. */
+  async del(event: CniPodEvent): Promise<void> {
+    const known = this.pods.remove(event);
+    const uid = event.podNamespace && event.podName ? `${event.podNamespace}/${event.podName}` : undefined;
+    const entry = uid === undefined ? undefined : this.host.enrolled(uid);
+    if (this.host.stopping()) return;
+    if (uid !== undefined && entry !== undefined && event.netns !== "" && sameNamespace(entry.netnsPath, event.netns)) {
+      await this.host.evict(uid, CNI_DELETE_REASON);
+      await this.host.reconcile();
+    } else if (known) {
+      await this.host.reconcile();
+    }
+  }
+
+  /** Waits until the pod is in the mesh state with this node's name, for at most POD_WAIT_MS. */
+  private async waitForPod(uid: string): Promise<Workload | undefined> {
+    const deadline = Date.now() + POD_WAIT_MS;
+    for (;;) {
+      const workload = this.host.state()?.workload(uid);
+      if (workload && workload.nodeName === this.host.node) return workload;
+      if (Date.now() >= deadline || this.host.stopping()) return undefined;
+      await new Promise((resolve) => setTimeout(resolve, POD_POLL_MS));
+    }
+  }
+}
+
+/** Tells whether two paths open the same network namespace; paths that cannot be read compare as text. */
+function sameNamespace(first: string, second: string): boolean {
+  if (first === second) return true;
+  try {
+    const a = fs.statSync(first);
+    const b = fs.statSync(second);
+    return a.dev === b.dev && a.ino === b.ino;
+  } catch {
+    return false;
+  }
+}

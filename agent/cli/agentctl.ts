@@ -3,11 +3,12 @@
 
 import fs from "node:fs";
 import http from "node:http";
+import net from "node:net";
 import { parseArgs } from "node:util";
 import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
-import { unchain } from "../cni/chain";
+import { chainedSockets, unchain } from "../cni/chain";
 import { initCa } from "../identity/ca";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
@@ -27,10 +28,10 @@ const USAGE = `usage: agentctl COMMAND [options]
   capture list --node NAME [--pin-root DIR]
                      print the node's pinned capture entries as JSON (enrolled netns cookies, guarded pod
                      IPs, inbound listeners, sk_lookup links); works while the agent is down
-  cni remove --conf-dir DIR
+  cni remove --conf-dir DIR [--force]
                      remove the agent's plugin entry from the node's CNI configuration in DIR, for
-                     uninstalling; new pods then start without waiting for an agent. Stop the agent
-                     first: a running agent puts the entry back
+                     uninstalling; new pods then start without waiting for an agent. Refused while an
+                     agent serves the entry's socket (it would put the entry back), unless --force
   status [--admin HOST:PORT] [-o table|json]
                      tell whether the agent is ready (configuration read, capture attached,
                      certificates issued), how many pods are enrolled, and the state of each
@@ -104,17 +105,38 @@ function captureRemove(argv: string[]): void {
   process.stdout.write(removed ? `removed capture pinned under ${pinRoot}\n` : `nothing pinned under ${pinRoot}\n`);
 }
 
-function cniRemove(argv: string[]): void {
-  const { values } = asUsage(() => parseArgs({ args: argv, options: { "conf-dir": { type: "string" } } }));
+async function cniRemove(argv: string[]): Promise<void> {
+  const { values } = asUsage(() => parseArgs({ args: argv, options: { "conf-dir": { type: "string" }, force: { type: "boolean" } } }));
   const confDir = values["conf-dir"];
   if (!confDir) throw new UsageError("missing --conf-dir DIR: the node's CNI configuration folder, for example /etc/cni/net.d");
   if (!fs.existsSync(confDir)) throw new Error(`the CNI configuration folder ${confDir} does not exist; pass the folder the container runtime reads`);
+  if (!values.force) {
+    for (const socket of chainedSockets(confDir)) {
+      if (await socketAnswers(socket)) {
+        throw new Error(`an agent serves ${socket} and would put the entry back: stop it first, or pass --force`);
+      }
+    }
+  }
   const changed = unchain(confDir);
   if (changed.length === 0) {
     process.stdout.write(`no CNI configuration file in ${confDir} has the agent's plugin entry; nothing to remove\n`);
     return;
   }
   for (const file of changed) process.stdout.write(`removed the agent's plugin entry from ${file}\n`);
+}
+
+/** Tells whether a process accepts connections on the unix socket `socketPath` (within 1 s). */
+function socketAnswers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(socketPath);
+    const finish = (answered: boolean): void => {
+      socket.destroy();
+      resolve(answered);
+    };
+    socket.setTimeout(1_000, () => finish(false));
+    socket.once("connect", () => finish(true));
+    socket.once("error", () => finish(false));
+  });
 }
 
 async function config(argv: string[]): Promise<void> {

@@ -171,6 +171,20 @@ export function unchain(confDir: string): string[] {
   return changed;
 }
 
+/** Lists the agent sockets that the plugin entries in `confDir` name, once each. */
+export function chainedSockets(confDir: string): string[] {
+  const sockets = new Set<string>();
+  for (const file of listConfigFiles(confDir)) {
+    const plugins = readConfig(file)?.plugins;
+    if (!Array.isArray(plugins)) continue;
+    for (const plugin of plugins.filter(isPluginEntry)) {
+      const socket = (plugin as { agent_socket?: unknown }).agent_socket;
+      if (typeof socket === "string" && socket !== "") sockets.add(socket);
+    }
+  }
+  return [...sockets];
+}
+
 /**
  * Copies the plugin binary into the CNI bin folder as ambient-agent-cni with mode 0755, unless an
  * identical file is there. Returns whether it copied. The copy is atomic, so a runtime that runs

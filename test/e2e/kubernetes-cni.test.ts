@@ -454,7 +454,11 @@ test.serial("ADD sent during agent start-up succeeds", async (t) => {
 test.serial("agentctl cni remove unchains the plugin", async (t) => {
   const c = theCluster();
   const confDir = cniPaths(CNI_NODE).confDir;
-  // A running agent puts its entry back, so it is stopped first, as an uninstall does.
+  // A running agent would put its entry back, so the command refuses while it serves the socket.
+  const refused = await agentctl(["cni", "remove", "--conf-dir", confDir]);
+  t.is(refused.code, 1);
+  t.regex(refused.stderr, /an agent serves .*cni\.sock and would put the entry back: stop it first, or pass --force/);
+  t.true(readConflist(CNI_NODE).plugins.some((plugin) => plugin.type === PLUGIN_TYPE), "the entry stays after a refusal");
   await c.agent(CNI_NODE).stop();
 
   const removed = await agentctl(["cni", "remove", "--conf-dir", confDir]);

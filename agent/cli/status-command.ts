@@ -24,7 +24,7 @@ export interface Readiness {
   kubernetes?: { server: string; synced: boolean; watching: boolean; resources: ResourceHealth[] };
 }
 
-/** Reads /healthz/ready, which answers 200 when ready and 503 when not, both with a JSON body. */
+/** Reads /healthz/ready, which responds with 200 when ready and 503 when not, both with a JSON body. */
 export function fetchReadiness(address: string, timeoutMs: number): Promise<Readiness> {
   return new Promise((resolve, reject) => {
     const request = http.get(`http://${address}/healthz/ready`, { timeout: timeoutMs }, (response) => {
@@ -35,7 +35,7 @@ export function fetchReadiness(address: string, timeoutMs: number): Promise<Read
         try {
           resolve(JSON.parse(body) as Readiness);
         } catch {
-          reject(new Error(`the admin API at ${address} answered /healthz/ready with status ${response.statusCode} and no JSON: ${body.trim().slice(0, 200)}; is this agent older than agentctl?`));
+          reject(new Error(`the admin API at ${address} responded to /healthz/ready with status ${response.statusCode} and no JSON: ${body.trim().slice(0, 200)}; is this agent older than agentctl?`));
         }
       });
     });

@@ -10,7 +10,7 @@ import { Worker } from "node:worker_threads";
 import type { KubeConfig } from "@kubernetes/client-node";
 import { AgentError } from "../errors";
 
-/** Where the agent finds its API server credentials. */
+/** The source of the agent's API server credentials: a kubeconfig file or the pod's service account. */
 export type KubeCredentials = { kind: "kubeconfig"; path: string } | { kind: "in-cluster"; pathPrefix?: string };
 
 /** Credentials as plain data: the server, the TLS material and the headers to send. */

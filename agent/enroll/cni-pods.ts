@@ -5,7 +5,7 @@
 import { canonicalIp } from "../state/ip";
 import type { Workload } from "../state/types";
 
-/** What the CNI plugin tells about one pod sandbox. */
+/** One pod sandbox as the CNI plugin reports it. */
 export interface CniPodSandbox {
   containerId: string;
   netns: string;

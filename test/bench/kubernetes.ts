@@ -47,7 +47,9 @@ const MEMORY_HOOK = path.join(__dirname, "memory-hook.js");
 /** Target: every pod of a newly labelled namespace enrolled within this many ms. */
 const LABEL_TARGET_MS = 2000;
 /** Target: agent RSS with the large cluster loaded, in MB (MiB as VmRSS counts it). */
+/** The memory target: 150 MB (10^6 bytes), which is 143.05 MiB; RSS figures are in MiB. */
 const MEMORY_TARGET_MB = 150;
+const MEMORY_TARGET_MIB = (MEMORY_TARGET_MB * 1e6) / 2 ** 20;
 
 export interface KubernetesSettings {
   labelPods: number;
@@ -526,7 +528,7 @@ function kubernetesRows(figures: KubernetesFigures): string[][] {
     [`label change, ${pods} annotated (kubernetes)`, `${kubernetes.annotated_median_ms ?? Number.NaN} ms`, "", ""],
     [`label change, ${pods} enrolled (manifests)`, `${manifests.enrolled_median_ms} ms`, `≤ ${LABEL_TARGET_MS} ms`, met(manifests.enrolled_median_ms, LABEL_TARGET_MS)],
     [`agent RSS, ${memory.local_pods} local pods, empty cluster`, `${memory.baseline_rss_median_mb} MiB`, "", ""],
-    [`agent RSS, ${memory.pods} pods, ${memory.services} services`, `${memory.loaded_rss_median_mb} MiB`, `≤ ${MEMORY_TARGET_MB} MiB`, met(memory.loaded_rss_median_mb, MEMORY_TARGET_MB)],
+    [`agent RSS, ${memory.pods} pods, ${memory.services} services`, `${memory.loaded_rss_median_mb} MiB`, `≤ ${MEMORY_TARGET_MB} MB`, met(memory.loaded_rss_median_mb, MEMORY_TARGET_MIB)],
     [`  of which anonymous (heaps), empty / large`, `${memory.baseline_rss_anonymous_mb} / ${memory.loaded_rss_anonymous_mb} MiB`, "", ""],
     [`  heap used / total, empty cluster`, `${memory.baseline_heap.heap_used_mb} / ${memory.baseline_heap.heap_total_mb} MiB`, "", ""],
     [`  heap used / total, large cluster`, `${memory.loaded_heap.heap_used_mb} / ${memory.loaded_heap.heap_total_mb} MiB`, "", ""],

@@ -203,12 +203,6 @@ export class Agent {
     this.certs.onIssued((event) => this.audit?.write(certificateRecord(event, this.options.node, new Date().toISOString())));
 
     this.source = await this.createSource();
-    await this.source.start();
-    this.state = new MeshState(this.source.snapshot());
-    this.warnExcludedNamespaces(this.state);
-    this.warnVipConflicts(this.state);
-    this.warnPolicyMessages(this.state);
-    this.recordPolicyChanges(undefined, this.state);
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
     const routes = {
@@ -222,6 +216,7 @@ export class Agent {
           captureAttached: this.capture !== undefined,
           enrolmentRunning: this.reconciler !== undefined,
           certificates: this.certs?.status() ?? [],
+          cni: this.options.cni ? (this.cni?.chain.status() ?? { chained: false, outcome: "not started" }) : undefined,
           enrolled: this.reconciler?.list().length ?? 0,
           stopping: this.stopping,
         }),
@@ -233,7 +228,15 @@ export class Agent {
       }),
     };
     this.admin = new AdminServer(this.options.adminAddress, routes, this.logger.child({ component: "admin" }));
+    // Started before the first list of the API server, which may take long: readiness then says what it waits for.
     if (!predecessor) await this.admin.start();
+
+    await this.source.start();
+    this.state = new MeshState(this.source.snapshot());
+    this.warnExcludedNamespaces(this.state);
+    this.warnVipConflicts(this.state);
+    this.warnPolicyMessages(this.state);
+    this.recordPolicyChanges(undefined, this.state);
 
     this.capture = this.attachCapture(selection);
     this.setProbeSources(this.capture);
@@ -469,7 +472,7 @@ export class Agent {
       const client = await KubeClient.load(this.options.kubernetes);
       this.logger.info({ server: client.server, credentials: this.options.kubernetes.kind }, "reading the configuration from the Kubernetes API server");
       this.kube = new KubeSource({ node: this.options.node, client }, this.logger.child({ component: "kubernetes" }));
-      this.annotator = new RedirectionAnnotator(client, this.logger.child({ component: "annotations" }));
+      this.annotator = new RedirectionAnnotator(client, this.logger.child({ component: "annotations" }), () => this.annotationInputs());
       return this.kube;
     }
     if (!this.options.manifestsDir) throw new AgentError("INTERNAL", "no configuration source: pass --manifests DIR or --kubernetes");
@@ -495,9 +498,14 @@ export class Agent {
 
   /** Writes ambient.istio.io/redirection on the pods whose capture is in place, and removes it from the others. */
   private syncAnnotations(): void {
-    if (!this.annotator || !this.state || !this.reconciler || this.stopping) return;
-    const enrolled = new Set(this.reconciler.list().map((entry) => entry.workload.uid));
-    this.annotator.sync(this.state.workloadsOnNode(this.options.node), enrolled);
+    const inputs = this.annotationInputs();
+    if (inputs) this.annotator?.sync(inputs.podsOnNode, inputs.enrolled);
+  }
+
+  /** Returns the node's pods and the uids whose capture is in place, or undefined before enrolment runs or once the agent stops. */
+  private annotationInputs(): { podsOnNode: Workload[]; enrolled: Set<string> } | undefined {
+    if (!this.state || !this.reconciler || this.stopping) return undefined;
+    return { podsOnNode: this.state.workloadsOnNode(this.options.node), enrolled: new Set(this.reconciler.list().map((entry) => entry.workload.uid)) };
   }
 
   /** Logs once per namespace that it is labelled for ambient mode but excluded. */

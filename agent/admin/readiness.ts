@@ -1,6 +1,7 @@
 // The node's readiness for /healthz/ready and agentctl status: configuration read (from the API
-// server, every resource listed once), capture attached, and a usable certificate for every
-// identity of the enrolled pods. The body also carries the state of each Kubernetes API watch.
+// server, every resource listed once), capture attached, a usable certificate for every identity
+// of the enrolled pods, and with a CNI folder the plugin chained. The body also carries the state
+// of each Kubernetes API watch.
 
 import type { KubeHealth } from "../discovery/kube-source";
 import type { CertificateStatus } from "../identity/cert-manager";
@@ -12,6 +13,8 @@ export interface ReadinessInputs {
   captureAttached: boolean;
   enrolmentRunning: boolean;
   certificates: readonly CertificateStatus[];
+  /** The CNI plugin's chaining, when the agent runs with a CNI configuration folder. */
+  cni?: { chained: boolean; file?: string; outcome: string };
   enrolled: number;
   stopping: boolean;
 }
@@ -25,12 +28,15 @@ export function readinessResponse(inputs: ReadinessInputs): TextResponse {
     enrolment: inputs.enrolmentRunning,
     // A certificate being refreshed still serves.
     certificates: inputs.certificates.every((certificate) => certificate.state === "valid" || certificate.state === "refreshing"),
+    // New pods start uncaptured while the plugin is missing from the runtime's configuration.
+    ...(inputs.cni && { cni: inputs.cni.chained }),
   };
   const ready = Object.values(checks).every(Boolean) && !inputs.stopping;
   const body = {
     ready,
     checks,
     kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
+    cni: inputs.cni,
     enrolled: inputs.enrolled,
   };
   return new TextResponse("application/json", JSON.stringify(body, null, 2) + "\n", ready ? 200 : 503);

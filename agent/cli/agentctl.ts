@@ -34,8 +34,9 @@ const USAGE = `usage: agentctl COMMAND [options]
                      agent serves the entry's socket (it would put the entry back), unless --force
   status [--admin HOST:PORT] [-o table|json]
                      tell whether the agent is ready (configuration read, capture attached,
-                     certificates issued), how many pods are enrolled, and the state of each
-                     Kubernetes API watch (listed, watching, last error)
+                     certificates issued, CNI plugin chained), how many pods are enrolled, and the
+                     state of each Kubernetes API watch (listed, watching, last error). Exits 1
+                     when the agent is not ready
   config [--admin HOST:PORT]
                      print what the running agent serves (from its admin API, default 127.0.0.1:15000)
   authz check --from SOURCE --to DESTINATION [--admin HOST:PORT] [-o table|json]
@@ -243,6 +244,8 @@ async function status(argv: string[]): Promise<void> {
   const format = outputFormat(values.output);
   const readiness = await fetchReadiness(validAdmin(values.admin), ADMIN_TIMEOUT_MS);
   process.stdout.write(format === "json" ? JSON.stringify(readiness, null, 2) + "\n" : formatReadiness(readiness));
+  // A script can test readiness by the exit status alone.
+  if (!readiness.ready) process.exitCode = 1;
 }
 
 async function main(argv: string[]): Promise<void> {

@@ -166,9 +166,13 @@ const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 /** Parses --excluded-namespaces: comma-separated namespace names, repeatable; "none" excludes nothing. */
 function parseExcludedNamespaces(values: string[] | undefined): string[] {
   if (values === undefined) return ["kube-system"];
-  const names = values.flatMap((value) => value.split(",")).map((name) => name.trim()).filter((name) => name !== "");
+  const names = values.flatMap((value) => value.split(",")).map((name) => name.trim());
   if (names.length === 1 && names[0] === "none") return [];
   for (const name of names) {
+    if (name === "") {
+      throw new UsageError(`empty namespace name in --excluded-namespaces ${JSON.stringify(values.join(","))}: list namespace names separated by commas, or give "none" alone to exclude nothing`);
+    }
+    if (name === "none") throw new UsageError(`"none" in --excluded-namespaces must stand alone; it excludes nothing`);
     if (name.length > 63 || !NAMESPACE_NAME.test(name)) {
       throw new UsageError(`invalid namespace "${name}" in --excluded-namespaces: use Kubernetes namespace names (lowercase letters, digits and '-'), comma-separated`);
     }

@@ -22,6 +22,7 @@ export interface Readiness {
   checks: Record<string, boolean>;
   enrolled: number;
   kubernetes?: { server: string; synced: boolean; watching: boolean; resources: ResourceHealth[] };
+  cni?: { chained: boolean; file?: string; outcome: string };
 }
 
 /** Reads /healthz/ready, which responds with 200 when ready and 503 when not, both with a JSON body. */
@@ -49,12 +50,16 @@ export function formatReadiness(readiness: Readiness): string {
   const lines = [`ready: ${readiness.ready ? "yes" : "no"}`];
   for (const [check, ok] of Object.entries(readiness.checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
   lines.push(`enrolled pods: ${readiness.enrolled}`);
+  if (readiness.cni !== undefined) {
+    lines.push(readiness.cni.chained ? `cni plugin: chained into ${readiness.cni.file}` : `cni plugin: not chained (${readiness.cni.outcome}): new pods start without waiting for capture`);
+  }
   const kube = readiness.kubernetes;
   if (kube === undefined) {
     lines.push("configuration source: manifest files");
     return lines.join("\n") + "\n";
   }
-  lines.push(`kubernetes: ${kube.server} (${kube.synced ? "listed" : "not listed yet"}, ${kube.watching ? "watching" : "not watching: serving the last state read"})`);
+  const watching = kube.watching ? "watching" : kube.synced ? "not watching: serving the last state read" : "not watching";
+  lines.push(`kubernetes: ${kube.server} (${kube.synced ? "listed" : "not listed yet: no pod is enrolled until every resource is"}, ${watching})`);
   const rows = kube.resources.map((resource) => [
     resource.resource,
     resource.absent ? "absent" : resource.synced ? "yes" : "no",

@@ -231,6 +231,9 @@ export class CniChain {
   /** Last outcome reported per file, so that a repeated state is logged once. */
   #lastReport = "";
   #closed = false;
+  #watchFailureLogged = false;
+  /** The outcome of the last check, and the file it concerned. */
+  #state: { outcome: ChainOutcome; file?: string } = { outcome: "no-config" };
 
   private constructor(
     private readonly options: CniChainOptions,
@@ -258,10 +261,18 @@ export class CniChain {
     } catch (error) {
       this.logger.error({ err: error }, "failed to chain the CNI plugin into the node's CNI configuration; retrying at the next change or poll");
       this.#lastReport = "";
+      this.#state = { outcome: "invalid" };
       return "invalid";
     }
     this.report(result.outcome, result.file);
+    this.#state = result;
     return result.outcome;
+  }
+
+  /** Tells whether the entry is in the runtime's configuration file now, and which file that is. */
+  status(): { chained: boolean; file?: string; outcome: ChainOutcome } {
+    const { outcome, file } = this.#state;
+    return { chained: outcome === "chained" || outcome === "unchanged", file, outcome };
   }
 
   /** Stops watching. The entry stays, so that new pods wait for the next agent instead of starting uncaptured. */
@@ -294,8 +305,11 @@ export class CniChain {
         this.#watcher?.close();
         this.#watcher = undefined;
       });
+      this.#watchFailureLogged = false;
     } catch (error) {
-      this.logger.warn({ err: error }, "failed to watch the CNI configuration folder; polling instead");
+      // Logged once until a watch works: a missing folder is retried at every poll.
+      if (!this.#watchFailureLogged) this.logger.warn({ err: error }, "failed to watch the CNI configuration folder; polling instead");
+      this.#watchFailureLogged = true;
     }
   }
 

@@ -167,14 +167,14 @@ function checkIfName(command: CniCommand, ifName: string): string {
   return ifName;
 }
 
-/** Splits CNI_ARGS ("K8S_POD_NAMESPACE=a;K8S_POD_NAME=b") into its pairs. A later pair replaces an earlier one. */
+/** Splits CNI_ARGS ("K8S_POD_NAMESPACE=a;K8S_POD_NAME=b") into its pairs. The first pair of a key wins, as in the plugin. */
 export function parseCniArgs(text: string): Map<string, string> {
   const args = new Map<string, string>();
   for (const pair of text.split(";")) {
     if (pair === "") continue;
     const equals = pair.indexOf("=");
     if (equals <= 0) throw invalidEnvironment(`CNI_ARGS entry ${JSON.stringify(pair.slice(0, 80))} is not KEY=VALUE`);
-    args.set(pair.slice(0, equals), pair.slice(equals + 1));
+    if (!args.has(pair.slice(0, equals))) args.set(pair.slice(0, equals), pair.slice(equals + 1));
   }
   return args;
 }

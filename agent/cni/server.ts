@@ -162,7 +162,7 @@ export class CniServer {
     try {
       if (event.command === "ADD") await this.handler.add(event);
       else await this.handler.del(event);
-      logger.info({ netns: event.netns, ips: event.ips, durationMs: Date.now() - started }, event.command === "ADD" ? "pod added: capture is in place" : "pod removed");
+      logger.info({ netns: event.netns, ips: event.ips, durationMs: Date.now() - started }, event.command === "ADD" ? "CNI ADD answered: the sandbox may start" : "CNI DEL answered");
       connection.end(formatCniReply(0, event.command === "ADD" ? successOutput(request.config) : ""));
     } catch (error) {
       logger.error({ err: error, netns: event.netns, durationMs: Date.now() - started }, `CNI ${event.command} failed`);

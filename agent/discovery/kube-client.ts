@@ -16,6 +16,8 @@ export class KubeApiError extends Error {
     readonly status: number,
     message: string,
     readonly reason?: string,
+    /** The server's Retry-After, in seconds, when it sent one. */
+    readonly retryAfterSeconds?: number,
   ) {
     super(message);
     this.name = "KubeApiError";
@@ -98,7 +100,7 @@ export class KubeClient {
             body = undefined;
           }
           if (status < 200 || status > 299) {
-            reject(apiError(status, body, `${method} ${url.pathname}`));
+            reject(apiError(status, body, `${method} ${url.pathname}`, response.headers["retry-after"]));
             return;
           }
           if (body === undefined) {
@@ -144,7 +146,7 @@ export class KubeClient {
           } catch {
             body = undefined;
           }
-          done(apiError(status, body, `watch ${url.pathname}`));
+          done(apiError(status, body, `watch ${url.pathname}`, response.headers["retry-after"]));
         });
         response.on("error", done);
         return;
@@ -191,11 +193,12 @@ export class KubeClient {
 }
 
 /** Builds the error of a failed request from the Status object the API server sent, when it sent one. */
-function apiError(status: number, body: unknown, what: string): KubeApiError {
+function apiError(status: number, body: unknown, what: string, retryAfter?: string): KubeApiError {
   const statusObject = body as { message?: unknown; reason?: unknown } | undefined;
   const message = typeof statusObject?.message === "string" ? statusObject.message : http.STATUS_CODES[status] ?? "unknown status";
   const reason = typeof statusObject?.reason === "string" ? statusObject.reason : undefined;
-  return new KubeApiError(status, `${what}: ${status} ${message}`, reason);
+  const seconds = retryAfter !== undefined && /^\d{1,5}$/.test(retryAfter.trim()) ? Number(retryAfter.trim()) : undefined;
+  return new KubeApiError(status, `${what}: ${status} ${message}`, reason, seconds);
 }
 
 /** Tells the status code of an error from a request or a watch, when it has one. */

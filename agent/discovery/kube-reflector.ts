@@ -211,6 +211,7 @@ export class Reflector {
       return;
     }
     this.store.endList();
+    this.clearError();
     this.state.absent = false;
     this.state.resourceVersion = resourceVersion;
     this.state.lastSyncTime = new Date().toISOString();
@@ -276,7 +277,9 @@ export class Reflector {
           },
           {
             opened: () => {
-              if (!settled) this.state.watching = true;
+              if (settled) return;
+              this.state.watching = true;
+              this.clearError();
             },
             event: (type, object) => {
               armIdle();
@@ -335,12 +338,21 @@ export class Reflector {
     this.failures = 0;
   }
 
+  /** Forgets the last error once a list or a watch succeeded, so that health shows only a current one. */
+  private clearError(): void {
+    this.state.lastError = undefined;
+    this.state.lastErrorTime = undefined;
+  }
+
   private async backOff(error: unknown): Promise<void> {
     this.failures++;
     const status = statusOf(error);
     const message = describeFailure(this.spec, error, status);
     const delay = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** Math.min(this.failures - 1, 20));
-    const jittered = Math.round(delay / 2 + Math.random() * (delay / 2));
+    const backedOff = Math.round(delay / 2 + Math.random() * (delay / 2));
+    // A server that asks for a pause (429 or 503 with Retry-After) gets at least that, within the largest delay.
+    const retryAfterMs = error instanceof KubeApiError && error.retryAfterSeconds !== undefined ? error.retryAfterSeconds * 1000 : 0;
+    const jittered = Math.min(this.options.maxBackoffMs, Math.max(backedOff, retryAfterMs));
     const repeated = this.state.lastError === message;
     this.state.lastError = message;
     this.state.lastErrorTime = new Date().toISOString();

@@ -194,7 +194,7 @@ export class KubeSource extends EventEmitter {
     const resources = kubeResources(options.node);
     this.stores = resources.map((resource) => new ResourceStore(resource, () => this.schedulePublish(), logger));
     this.reflectors = resources.map(
-      (resource, index) => new Reflector(options.client, resource, this.stores[index], logger.child({ resource: resource.name }), options.reflector),
+      (resource, index) => new Reflector(options.client, resource, this.stores[index], logger, options.reflector),
     );
     this.current = buildSnapshot([]);
   }
@@ -209,7 +209,7 @@ export class KubeSource extends EventEmitter {
         "still waiting for the first list from the Kubernetes API server; no pod is enrolled until every resource has been read",
       );
     }, 10_000);
-    waiting.unref();
+    // This timer is not unref'd: while every reflector sleeps in its backoff it keeps the process alive.
     try {
       await Promise.all(this.reflectors.map((reflector) => reflector.synced));
     } finally {

@@ -22,6 +22,8 @@ export interface Metadata {
   namespace?: string;
   labels: Record<string, string>;
   annotations: Record<string, string>;
+  /** metadata.uid, which the API server sets; manifests usually have none. */
+  uid?: string;
 }
 
 /** Reads metadata.name, metadata.namespace (default "default" for namespaced kinds), labels and annotations. */
@@ -51,7 +53,8 @@ export function readMetadata(reader: ObjectReader, kind: ObjectKind, namespaced:
 
   const labels = reader.stringMap(["metadata", "labels"]);
   const annotations = reader.stringMap(["metadata", "annotations"]);
-  return { name, namespace, labels, annotations };
+  const uid = reader.string(["metadata", "uid"]);
+  return { name, namespace, labels, annotations, ...(uid !== undefined && uid !== "" && { uid }) };
 }
 
 export function readNamespace(reader: ObjectReader, source: ObjectSource): Namespace | undefined {
@@ -81,6 +84,7 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
 
   return {
     uid: `${metadata.namespace}/${metadata.name}`,
+    ...(metadata.uid !== undefined && { podUid: metadata.uid }),
     name: metadata.name,
     namespace: metadata.namespace,
     serviceAccount,

@@ -53,11 +53,14 @@ export class CniEnrolment {
       return;
     }
     const uid = `${event.podNamespace}/${event.podName}`;
-    const workload = await this.waitForPod(uid);
+    const workload = await this.waitForPod(uid, event.podUid);
     if (workload === undefined) {
-      throw new AgentError("CNI_ERROR", `pod ${uid} is not in the agent's view of the cluster after ${POD_WAIT_MS / 1000} s; the kubelet will try again`);
+      const which = event.podUid ? ` with uid ${event.podUid}` : "";
+      throw new AgentError("CNI_ERROR", `pod ${uid}${which}, or its namespace, is not in the agent's view of the cluster after ${POD_WAIT_MS / 1000} s; the kubelet will try again`);
     }
     const state = this.host.state()!;
+    // Kept for every pod: one whose namespace turns ambient later is enrolled in this sandbox.
+    if (event.ips.length > 0) this.pods.add(uid, event);
     if (!isAmbient(state, this.pods.complete(workload, event), this.host.settings())) {
       log.debug({ pod: uid }, "CNI ADD for a pod outside ambient mode");
       return;
@@ -65,7 +68,6 @@ export class CniEnrolment {
     if (event.ips.length === 0 && workload.ip === "") {
       throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
     }
-    this.pods.add(uid, event);
     // A pod enrolled in another namespace has a new sandbox; with the same IP the reconciler would keep the old one.
     const previous = this.host.enrolled(uid);
     if (previous !== undefined && !sameNamespace(previous.netnsPath, event.netns)) {
@@ -94,12 +96,18 @@ export class CniEnrolment {
     }
   }
 
-  /** Waits until the pod is in the mesh state with this node's name, for at most POD_WAIT_MS. */
-  private async waitForPod(uid: string): Promise<Workload | undefined> {
+  /**
+   * Waits, for at most POD_WAIT_MS, until the mesh state has the pod on this node and its
+   * namespace, whose labels decide enrolment. With `podUid` (K8S_POD_UID), an older pod of the
+   * same name does not count: it may have been deleted and recreated while a watch lagged.
+   */
+  private async waitForPod(uid: string, podUid: string | undefined): Promise<Workload | undefined> {
     const deadline = Date.now() + POD_WAIT_MS;
     for (;;) {
-      const workload = this.host.state()?.workload(uid);
-      if (workload && workload.nodeName === this.host.node) return workload;
+      const state = this.host.state();
+      const workload = state?.workload(uid);
+      const current = workload !== undefined && (podUid === undefined || workload.podUid === undefined || workload.podUid === podUid);
+      if (workload && current && workload.nodeName === this.host.node && state?.namespace(workload.namespace) !== undefined) return workload;
       if (Date.now() >= deadline || this.host.stopping()) return undefined;
       await new Promise((resolve) => setTimeout(resolve, POD_POLL_MS));
     }

@@ -36,23 +36,21 @@ export class CniPods {
     for (const uid of [...this.byUid.keys()]) if (!keep(uid)) this.byUid.delete(uid);
   }
 
-  /** The namespace path the plugin gave for the pod, when it is still the pod's. */
+  /** The namespace path the plugin gave for the pod's current sandbox. */
   netnsOf(workload: Workload): string | undefined {
-    const known = this.byUid.get(workload.uid);
-    if (known === undefined) return undefined;
-    // Once the API shows other addresses, the sandbox was replaced and the path may be stale.
-    if (workload.ip !== "" && !known.ips.includes(canonicalIp(workload.ip))) return undefined;
-    return known.netns;
+    return this.byUid.get(workload.uid)?.netns;
   }
 
   /**
-   * Returns the workload with the plugin's addresses when the API shows none yet. `sandbox`
+   * Returns the workload with the addresses of its current sandbox. The plugin's are newer than the
+   * API server's: a replaced sandbox has new addresses before the kubelet reports them. `sandbox`
    * overrides the known one, for a pod being announced now.
    */
   complete(workload: Workload, sandbox?: CniPodSandbox): Workload {
     const known = sandbox ?? this.byUid.get(workload.uid);
-    if (known === undefined || workload.ip !== "" || known.ips.length === 0) return workload;
+    if (known === undefined || known.ips.length === 0) return workload;
     const ips = known.ips.map(canonicalIp);
+    if (workload.ip !== "" && canonicalIp(workload.ip) === ips[0] && ips.length === (workload.ips?.length ?? 1)) return workload;
     return { ...workload, ip: ips[0], ips };
   }
 }

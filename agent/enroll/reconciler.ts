@@ -314,8 +314,13 @@ export class EnrollmentReconciler {
       this.report(workload, "this capture mode cannot capture IPv6-only pods: the pod is not enrolled");
       return undefined;
     }
+    // A pod that the CNI plugin announced is enrolled in the namespace it named, or not at all.
     const hinted = this.options.netnsHint?.(workload);
-    if (hinted !== undefined && this.netnsAddresses(hinted, capturePodIp(workload))?.includes(capturePodIp(workload))) return hinted;
+    if (hinted !== undefined) {
+      if (this.netnsAddresses(hinted, capturePodIp(workload))?.includes(capturePodIp(workload))) return hinted;
+      this.report(workload, `the network namespace ${hinted} that the CNI plugin named does not have the pod IP ${capturePodIp(workload)}`);
+      return undefined;
+    }
     const candidates = scan(capturePodIp(workload));
     if (candidates.length === 1) return candidates[0].path;
     if (candidates.length === 0) {

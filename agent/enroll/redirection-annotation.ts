@@ -13,6 +13,11 @@ import type { Workload } from "../state/types";
 export const REDIRECTION_ANNOTATION = "ambient.istio.io/redirection";
 export const REDIRECTION_ENABLED = "enabled";
 
+/**
+ * How long a written value is trusted before the pod's object shows it. Past that, another writer
+ * may have overwritten it, and the next check compares again and patches.
+ */
+const WRITTEN_TRUST_MS = 5_000;
 /** Patches in flight at once. */
 const PATCH_CONCURRENCY = 8;
 /** Delay before a failed patch is tried again. */
@@ -29,7 +34,8 @@ export class RedirectionAnnotator {
   /** Patches waiting to be sent, by pod uid; a newer sync replaces a waiting entry. */
   private readonly queue = new Map<string, PendingPatch>();
   /** Values written and not yet seen back in the pod, by uid, so a sync does not patch them twice. */
-  private readonly written = new Map<string, string | undefined>();
+  private readonly written = new Map<string, { value: string | undefined; at: number }>();
+  private recheckTimer: NodeJS.Timeout | undefined;
   private readonly inFlight = new Set<string>();
   /** Patches that failed, by uid, waiting for the retry timer. */
   private readonly delayed = new Map<string, PendingPatch>();
@@ -37,9 +43,15 @@ export class RedirectionAnnotator {
   private stopped = false;
   private failures = 0;
 
+  /**
+   * `current` returns the node's pods and the uids whose capture is in place, for the checks that
+   * run without a configuration change.
+   */
   constructor(
     private readonly client: KubeClient,
     private readonly logger: Logger,
+    private readonly current: () => { podsOnNode: readonly Workload[]; enrolled: ReadonlySet<string> } | undefined = () => undefined,
+    private readonly writtenTrustMs = WRITTEN_TRUST_MS,
   ) {}
 
   /** Brings the annotation of every pod of this node in line with `enrolled` (uids whose capture is in place). */
@@ -49,13 +61,15 @@ export class RedirectionAnnotator {
       present.add(pod.uid);
       const have = pod.annotations?.[REDIRECTION_ANNOTATION];
       const want = enrolled.has(pod.uid) ? REDIRECTION_ENABLED : undefined;
-      if (this.written.has(pod.uid) && this.written.get(pod.uid) === have) this.written.delete(pod.uid);
+      const written = this.written.get(pod.uid);
+      if (written !== undefined && (written.value === have || Date.now() - written.at > this.writtenTrustMs)) this.written.delete(pod.uid);
       if (have === want) {
         this.queue.delete(pod.uid);
         this.delayed.delete(pod.uid);
         continue;
       }
-      if (this.written.has(pod.uid) && this.written.get(pod.uid) === want) continue;
+      const trusted = this.written.get(pod.uid);
+      if (trusted !== undefined && trusted.value === want) continue;
       if (this.delayed.has(pod.uid) && this.delayed.get(pod.uid)!.value === want) continue;
       this.delayed.delete(pod.uid);
       this.queue.set(pod.uid, { namespace: pod.namespace, name: pod.name, value: want });
@@ -64,6 +78,20 @@ export class RedirectionAnnotator {
     for (const uid of [...this.written.keys()]) if (!present.has(uid)) this.written.delete(uid);
     for (const uid of [...this.delayed.keys()]) if (!present.has(uid)) this.delayed.delete(uid);
     this.pump();
+    this.scheduleRecheck();
+  }
+
+  /** Checks again once the written values are no longer trusted, unless a sync comes first. */
+  private scheduleRecheck(): void {
+    clearTimeout(this.recheckTimer);
+    this.recheckTimer = undefined;
+    if (this.written.size === 0 || this.stopped) return;
+    this.recheckTimer = setTimeout(() => {
+      this.recheckTimer = undefined;
+      const current = this.current();
+      if (current !== undefined) this.sync(current.podsOnNode, current.enrolled);
+    }, this.writtenTrustMs + 100);
+    this.recheckTimer.unref();
   }
 
   /** Counts the patches not yet written, for status. */
@@ -74,6 +102,7 @@ export class RedirectionAnnotator {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.retryTimer);
+    clearTimeout(this.recheckTimer);
   }
 
   private pump(): void {
@@ -97,7 +126,8 @@ export class RedirectionAnnotator {
         body: { metadata: { annotations: { [REDIRECTION_ANNOTATION]: patch.value ?? null } } },
         contentType: "application/merge-patch+json",
       });
-      this.written.set(uid, patch.value);
+      this.written.set(uid, { value: patch.value, at: Date.now() });
+      this.scheduleRecheck();
       this.failures = 0;
       this.logger.debug({ pod: uid, annotation: REDIRECTION_ANNOTATION, value: patch.value ?? null }, "pod annotation written");
     } catch (error) {

@@ -29,6 +29,8 @@ export interface Namespace {
 export interface Workload {
   /** "namespace/name", unique in the cluster. */
   uid: string;
+  /** metadata.uid of the Pod, which tells apart two pods of the same name; absent in most manifests. */
+  podUid?: string;
   name: string;
   namespace: string;
   serviceAccount: string;

@@ -7,10 +7,10 @@ import os from "node:os";
 import path from "node:path";
 import { LOCK_DIRECTORY, lockFileOf } from "../../agent/capture/pin-lock";
 import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
-import { endLeftoverProcesses, registerPid } from "./pid-registry";
+import { endLeftoverProcesses, ownedByLiveRun, registerPid } from "./pid-registry";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
 import { removeNftState } from "./nft-state";
-import { removeNetnsWithPrefix, Topology, type NodeSpec } from "./topology";
+import { listNetns, run, Topology, type NodeSpec } from "./topology";
 import { parseAllDocuments } from "yaml";
 import { FakeKubeApi, type KubeObject } from "./fake-kube-api";
 
@@ -53,14 +53,19 @@ export function assertHostCapable(): void {
   if (problems.length > 0) throw new Error("the end-to-end harness cannot run here:\n  - " + problems.join("\n  - "));
 }
 
-/** Removes what a crashed run with the same prefix family left: processes, namespaces and pinned capture. */
+/**
+ * Removes what a crashed run with the same prefix family left: processes, namespaces and pinned
+ * capture. What belongs to a run whose test process still runs is left alone.
+ */
 export function removeLeftovers(prefixFamily: string): void {
   endLeftoverProcesses(prefixFamily);
-  removeNetnsWithPrefix(prefixFamily);
+  for (const name of listNetns()) {
+    if (name.startsWith(prefixFamily) && !ownedByLiveRun(name, prefixFamily)) run("ip", ["netns", "del", name], { allowFail: true });
+  }
   removeStaleLocks(prefixFamily);
   if (!fs.existsSync(PIN_PARENT)) return;
   for (const name of fs.readdirSync(PIN_PARENT)) {
-    if (name.startsWith(prefixFamily)) fs.rmSync(path.join(PIN_PARENT, name), { recursive: true, force: true });
+    if (name.startsWith(prefixFamily) && !ownedByLiveRun(name, prefixFamily)) fs.rmSync(path.join(PIN_PARENT, name), { recursive: true, force: true });
   }
 }
 

@@ -24,7 +24,24 @@ export function forgetRun(prefix: string): void {
 }
 
 /**
- * Ends the processes recorded by earlier runs whose prefix starts with `prefixFamily`. A PID is ended
+ * Tells whether `name` (a run prefix, or a namespace or pin named after one) belongs to another
+ * test process that still runs. A run's prefix is its family followed by the PID of its test
+ * process, so two runs of one file at once leave each other alone.
+ */
+export function ownedByLiveRun(name: string, prefixFamily: string): boolean {
+  const owner = Number(/^\d+/.exec(name.slice(prefixFamily.length))?.[0] ?? NaN);
+  if (!Number.isInteger(owner) || owner <= 0 || owner === process.pid) return false;
+  try {
+    process.kill(owner, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * Ends the processes recorded by earlier runs whose prefix starts with `prefixFamily`, unless their
+ * test process still runs. A PID is ended
  * only while its command line still names the run's prefix, so a reused PID is left alone.
  */
 export function endLeftoverProcesses(prefixFamily: string): void {
@@ -32,6 +49,7 @@ export function endLeftoverProcesses(prefixFamily: string): void {
   for (const name of fs.readdirSync(REGISTRY_DIRECTORY)) {
     if (!name.startsWith(prefixFamily) || !name.endsWith(".pids")) continue;
     const prefix = name.slice(0, -".pids".length);
+    if (ownedByLiveRun(prefix, prefixFamily)) continue;
     for (const pid of fs.readFileSync(path.join(REGISTRY_DIRECTORY, name), "utf8").split(/\s+/).filter(Boolean).map(Number)) {
       try {
         if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(prefix)) process.kill(pid, "SIGKILL");

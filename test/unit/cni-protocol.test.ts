@@ -166,8 +166,9 @@ test("reader rejects bytes after the configuration", (t) => {
 });
 
 test("CNI_ARGS splits into pairs", (t) => {
+  // The first pair of a key wins, as in the plugin, which reads the namespace for its exclusions.
   t.deepEqual([...parseCniArgs("A=1;;B=x=y;A=2")], [
-    ["A", "2"],
+    ["A", "1"],
     ["B", "x=y"],
   ]);
   t.deepEqual([...parseCniArgs("")], []);

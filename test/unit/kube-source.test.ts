@@ -349,3 +349,23 @@ test("the annotator marks enrolled pods and unmarks the others, once each", asyn
   await waitFor(() => annotationOf(api, "web") === undefined, "the annotation removed");
   t.is(annotator.pending(), 0);
 });
+
+test("the annotator writes the annotation again after another writer removed it", async (t) => {
+  const { api, source, client } = await setUp(t);
+  api.put(namespace("apps"));
+  api.put(pod("web", "node1", "10.1.0.5"));
+  await source.start();
+  const enrolled = new Set(["apps/web"]);
+  const onNode = () => [...source.snapshot().workloads.values()].filter((workload) => workload.nodeName === "node1");
+  const annotator = new RedirectionAnnotator(client, quietLogger(), () => ({ podsOnNode: onNode(), enrolled }), 300);
+  t.teardown(() => annotator.stop());
+  annotator.sync(onNode(), enrolled);
+  await waitFor(() => annotationOf(api, "web") === "enabled", "the first write");
+  // Another writer removes it at once, before the agent's own write comes back in the watch.
+  const stored = api.get("pods", "apps", "web")!;
+  const metadata = stored.metadata as { annotations?: Record<string, string> };
+  delete metadata.annotations?.[REDIRECTION_ANNOTATION];
+  api.put(stored);
+  await waitFor(() => annotationOf(api, "web") === "enabled", "the annotation written again");
+  t.is(annotationOf(api, "web"), "enabled");
+});

@@ -2,7 +2,7 @@
 // message that names it and the fix, and the agent exits with status 1 before touching the kernel.
 
 import test from "ava";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -119,6 +119,41 @@ test.serial("agent in Kubernetes mode without credentials says what to pass", (t
   t.is(noFile.status, 1);
   t.true(noFile.stderr.includes(`cannot read the kubeconfig ${missing}`), noFile.stderr);
   t.false(fs.existsSync("/sys/fs/bpf/ambient-agent/aacli-node"), "capture was attached before the configuration source was checked");
+});
+
+test.serial("agent waits for an unreachable API server and reports it", async (t) => {
+  // Port 1 on loopback: nothing listens, so every list is refused.
+  const kubeconfig = path.join(workDir, "kubeconfig-unreachable");
+  fs.writeFileSync(
+    kubeconfig,
+    "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n",
+  );
+  const admin = `127.0.0.1:${20_000 + (process.pid % 10_000)}`;
+  const args = [
+    AGENT_BIN, "run", "--node", "cli-node", "--kubeconfig", kubeconfig, "--ca-dir", path.join(workDir, "ca"),
+    "--audit-file", path.join(workDir, "audit-wait.jsonl"), "--audit-spool", path.join(workDir, "spool-wait"),
+    "--pin-root", "/sys/fs/bpf/ambient-agent/aacli-node", "--admin", admin,
+  ];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr!.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  });
+  const outcome = await Promise.race([exited.then((code) => `exited with ${code}`), new Promise<string>((resolve) => setTimeout(() => resolve("running"), 3_000))]);
+  t.is(outcome, "running", stderr.slice(-2_000));
+  const ready = spawnSync("curl", ["-sS", "--max-time", "5", "-w", "\n%{http_code}", `http://${admin}/healthz/ready`], { encoding: "utf8" });
+  const [body, status] = [ready.stdout.slice(0, ready.stdout.lastIndexOf("\n")), ready.stdout.slice(ready.stdout.lastIndexOf("\n") + 1)];
+  t.is(status, "503", ready.stdout + ready.stderr);
+  const readiness = JSON.parse(body) as { ready: boolean; checks: { configuration: boolean }; kubernetes: { synced: boolean; resources: { lastError?: string }[] } };
+  t.false(readiness.ready);
+  t.false(readiness.checks.configuration);
+  t.false(readiness.kubernetes.synced);
+  t.true(readiness.kubernetes.resources.every((resource) => resource.lastError !== undefined));
+  t.false(fs.existsSync("/sys/fs/bpf/ambient-agent/aacli-node"), "capture was attached before the configuration was read");
+  child.kill("SIGKILL");
+  await exited;
 });
 
 test.serial("ca init refuses to overwrite a CA", (t) => {

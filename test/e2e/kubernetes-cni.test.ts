@@ -202,10 +202,10 @@ function podEnv(command: string, pod: PodHandle): Record<string, string> {
 }
 
 /** Runs the plugin binary that the agent installed on the CNI node, with env and stdin, as a container runtime does. */
-function runPlugin(command: string, pod: PodHandle, overrides: Record<string, unknown> = {}): Promise<PluginRun> {
+function runPlugin(command: string, pod: PodHandle, overrides: Record<string, unknown> = {}, env: Record<string, string> = {}): Promise<PluginRun> {
   const binary = path.join(cniPaths(CNI_NODE).binDir, PLUGIN_TYPE);
   const started = Date.now();
-  const child = spawn(binary, [], { env: podEnv(command, pod), stdio: ["pipe", "pipe", "pipe"] });
+  const child = spawn(binary, [], { env: { ...podEnv(command, pod), ...env }, stdio: ["pipe", "pipe", "pipe"] });
   registerPid(PREFIX, child.pid);
   const killer = setTimeout(() => child.kill("SIGKILL"), PLUGIN_KILL_MS);
   let stdout = "";
@@ -366,6 +366,23 @@ test.serial("replaced sandbox with the same IP is captured", async (t) => {
   const record = await inboundRecord(mark, replaced, "ledger");
   t.is(record.transport, "hbone");
   t.is(record.decision, "deny");
+});
+
+test.serial("ADD waits for the pod uid the runtime names", async (t) => {
+  const c = theCluster();
+  // The agent knows an older pod of this name, which opted out; the runtime starts a newer one.
+  const pod = c.topology.addPodTo(CNI_NODE, { name: "renamed", namespace: "shop", serviceAccount: "fresh" });
+  const older = c.kube!.put(podObject(pod, { withoutIp: true, labels: { "istio.io/dataplane-mode": "none" } }));
+  const olderUid = (older.metadata as { uid: string }).uid;
+  const newerUid = "0e4a7c2b-7f10-4c77-9a7e-5f1b8a0d9c31";
+  const args = `IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=renamed;K8S_POD_INFRA_CONTAINER_ID=sandbox-renamed;K8S_POD_UID=${newerUid}`;
+  t.not(olderUid, newerUid);
+  // The agent waits 10 s for the uid, within the plugin's reply timeout.
+  const run = await runPlugin("ADD", pod, { timeout_seconds: 20 }, { CNI_ARGS: args });
+  t.not(run.status, 0, `ADD for an unseen pod uid succeeded: ${run.stdout}`);
+  t.regex(JSON.parse(run.stdout).msg, /pod shop\/renamed with uid 0e4a7c2b-7f10-4c77-9a7e-5f1b8a0d9c31, or its namespace, is not in the agent's view/);
+  const matching = await runPlugin("ADD", pod, {}, { CNI_ARGS: args.replace(newerUid, olderUid) });
+  t.is(matching.status, 0, matching.stdout);
 });
 
 test.serial("ADD outside ambient mode skips enrolment", async (t) => {

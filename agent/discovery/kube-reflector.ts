@@ -13,6 +13,11 @@ export interface ResourceSpec {
   name: string;
   /** Collection path, e.g. /api/v1/pods. */
   path: string;
+  /**
+   * Paths of older API versions of the same resource, tried in order when the server does not serve
+   * `path` (404): Istio before 1.22 serves security.istio.io v1beta1 only.
+   */
+  olderPaths?: string[];
   fieldSelector?: string;
   labelSelector?: string;
   /**
@@ -109,6 +114,8 @@ export class Reflector {
   private readonly options: Required<ReflectorOptions>;
   private readonly state: ReflectorHealth;
   private stopped = false;
+  /** The path in use: `spec.path` or the first of `spec.olderPaths` that the server serves. */
+  private path: string;
   private running: Promise<void> | undefined;
   private endWatch: (() => void) | undefined;
   private wake: (() => void) | undefined;
@@ -125,6 +132,7 @@ export class Reflector {
     options: ReflectorOptions = {},
   ) {
     this.options = { ...DEFAULTS, ...options };
+    this.path = spec.path;
     this.state = { resource: spec.name, synced: false, watching: false, absent: false, resourceVersion: "", lists: 0, watches: 0, expired: 0 };
   }
 
@@ -186,22 +194,24 @@ export class Reflector {
     this.store.beginList();
     try {
       do {
-        const page = (await this.client.request("GET", this.spec.path, {
+        const page = (await this.client.request("GET", this.path, {
           query: { limit: this.options.pageSize, continue: continueToken, fieldSelector: this.spec.fieldSelector, labelSelector: this.spec.labelSelector },
         })) as { metadata?: { resourceVersion?: unknown; continue?: unknown }; items?: unknown };
-        if (!Array.isArray(page.items)) throw new KubeApiError(200, `GET ${this.spec.path} returned no items list`);
+        if (!Array.isArray(page.items)) throw new KubeApiError(200, `GET ${this.path} returned no items list`);
         this.store.listPage(page.items);
         count += page.items.length;
         resourceVersion = typeof page.metadata?.resourceVersion === "string" ? page.metadata.resourceVersion : "";
         continueToken = typeof page.metadata?.continue === "string" && page.metadata.continue !== "" ? page.metadata.continue : undefined;
       } while (continueToken !== undefined && !this.stopped);
-      if (!this.stopped && resourceVersion === "") throw new KubeApiError(200, `GET ${this.spec.path} returned no resourceVersion`);
+      if (!this.stopped && resourceVersion === "") throw new KubeApiError(200, `GET ${this.path} returned no resourceVersion`);
     } catch (error) {
       this.store.abortList();
       // An expired continue token: the list starts over from the first page.
       if (statusOf(error) === 410) throw new ExpiredError();
+      if (statusOf(error) === 404 && this.useOlderPath()) return this.readList();
       if (statusOf(error) === 404 && this.spec.optional) {
         this.markAbsent();
+        this.path = this.spec.path;
         return;
       }
       throw error;
@@ -224,11 +234,21 @@ export class Reflector {
     this.#synced();
   }
 
+  /** Moves to the next older API version after a 404. Returns false when none is left. */
+  private useOlderPath(): boolean {
+    const candidates = [this.spec.path, ...(this.spec.olderPaths ?? [])];
+    const next = candidates[candidates.indexOf(this.path) + 1];
+    if (next === undefined) return false;
+    this.logger.info({ resource: this.spec.name, path: this.path, next }, `the API server does not serve ${this.path} (404); trying ${next}`);
+    this.path = next;
+    return true;
+  }
+
   private markAbsent(): void {
     if (!this.state.absent) {
       this.logger.warn(
-        { resource: this.spec.name, path: this.spec.path },
-        `the API server does not serve ${this.spec.path} (404): its CustomResourceDefinition is not installed; treating it as empty and checking again every ${this.options.absentRetryMs / 1000} s`,
+        { resource: this.spec.name, path: this.path },
+        `the API server does not serve ${this.path} (404): its CustomResourceDefinition is not installed; treating it as empty and checking again every ${this.options.absentRetryMs / 1000} s`,
       );
     }
     this.store.beginList();
@@ -267,7 +287,7 @@ export class Reflector {
       armIdle();
       this.client
         .watch(
-          this.spec.path,
+          this.path,
           {
             resourceVersion: this.state.resourceVersion,
             allowWatchBookmarks: true,
@@ -316,7 +336,7 @@ export class Reflector {
     if (type === "ERROR") {
       const status = object as { code?: unknown; message?: unknown; reason?: unknown };
       if (status?.code === 410 || status?.reason === "Expired" || status?.reason === "Gone") throw new ExpiredError();
-      throw new KubeApiError(typeof status?.code === "number" ? status.code : 500, `watch ${this.spec.path}: ${typeof status?.message === "string" ? status.message : "error event"}`);
+      throw new KubeApiError(typeof status?.code === "number" ? status.code : 500, `watch ${this.path}: ${typeof status?.message === "string" ? status.message : "error event"}`);
     }
     const version = (object as { metadata?: { resourceVersion?: unknown } } | undefined)?.metadata?.resourceVersion;
     switch (type) {

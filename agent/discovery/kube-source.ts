@@ -39,8 +39,23 @@ export function kubeResources(node: string): KubeResource[] {
     { name: "pods of this node", path: "/api/v1/pods", fieldSelector: `spec.nodeName=${node}`, apiVersion: "v1", kind: "Pod" },
     { name: "services", path: "/api/v1/services", apiVersion: "v1", kind: "Service" },
     { name: "endpointslices", path: "/apis/discovery.k8s.io/v1/endpointslices", apiVersion: "discovery.k8s.io/v1", kind: "EndpointSlice" },
-    { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", optional: true },
-    { name: "peerauthentications", path: "/apis/security.istio.io/v1/peerauthentications", apiVersion: "security.istio.io/v1", kind: "PeerAuthentication", optional: true },
+    // List items carry their apiVersion, so the v1beta1 fallback converts with the right one.
+    {
+      name: "authorizationpolicies",
+      path: "/apis/security.istio.io/v1/authorizationpolicies",
+      olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"],
+      apiVersion: "security.istio.io/v1",
+      kind: "AuthorizationPolicy",
+      optional: true,
+    },
+    {
+      name: "peerauthentications",
+      path: "/apis/security.istio.io/v1/peerauthentications",
+      olderPaths: ["/apis/security.istio.io/v1beta1/peerauthentications"],
+      apiVersion: "security.istio.io/v1",
+      kind: "PeerAuthentication",
+      optional: true,
+    },
   ];
 }
 

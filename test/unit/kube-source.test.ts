@@ -369,3 +369,44 @@ test("the annotator writes the annotation again after another writer removed it"
   await waitFor(() => annotationOf(api, "web") === "enabled", "the annotation written again");
   t.is(annotationOf(api, "web"), "enabled");
 });
+
+test("policies are read from v1beta1 when the server does not serve v1", async (t) => {
+  // Istio before 1.22 serves security.istio.io v1beta1 only.
+  const requested: string[] = [];
+  const server = http.createServer((request, response) => {
+    const url = new URL(request.url ?? "/", "http://x");
+    requested.push(url.pathname);
+    if (url.searchParams.get("watch") === "true") return;
+    if (url.pathname !== "/apis/security.istio.io/v1beta1/authorizationpolicies") {
+      response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
+      return;
+    }
+    const policy = { apiVersion: "security.istio.io/v1beta1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
+    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-v1beta1-"));
+  const kubeconfig = path.join(dir, "kubeconfig");
+  fs.writeFileSync(
+    kubeconfig,
+    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  );
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  const listed: unknown[] = [];
+  const store = { beginList: () => undefined, listPage: (items: unknown[]) => listed.push(...items), endList: () => undefined, abortList: () => undefined, upsert: () => undefined, remove: () => undefined };
+  const spec = { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"], optional: true };
+  const reflector = new Reflector(client, spec, store, quietLogger(), FAST_BACKOFF);
+  t.teardown(async () => {
+    await reflector.stop();
+    client.close();
+    server.closeAllConnections();
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  reflector.start();
+  await reflector.synced;
+  t.is(listed.length, 1);
+  t.false(reflector.health().absent);
+  t.true(requested.includes("/apis/security.istio.io/v1/authorizationpolicies"));
+  await waitFor(() => requested.filter((pathname) => pathname.endsWith("v1beta1/authorizationpolicies")).length >= 2, "the watch on v1beta1");
+});

@@ -347,6 +347,8 @@ test("the annotator marks enrolled pods and unmarks the others, once each", asyn
 
   annotator.sync(onNode() as never, new Set());
   await waitFor(() => annotationOf(api, "web") === undefined, "the annotation removed");
+  // The server applies the patch before its response reaches the annotator.
+  await waitFor(() => annotator.pending() === 0, "the patch to finish");
   t.is(annotator.pending(), 0);
 });
 

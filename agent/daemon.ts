@@ -67,7 +67,7 @@ export interface AgentOptions {
   kubernetes?: KubeCredentials;
   /** Namespaces whose pods are never enrolled. Default ["kube-system"]. */
   excludedNamespaces?: readonly string[];
-  /** The chained CNI plugin that holds new pods until their capture is in place; off when absent. */
+  /** The chained CNI plugin that keeps new pods waiting until their capture is in place; off when absent. */
   cni?: CniSettings;
   /** The CA, trust domain, trusted roots and certificate lifetime. */
   identity: IdentityOptions;
@@ -101,7 +101,7 @@ export interface AgentOptions {
   transparentSource?: boolean;
 }
 
-/** What the agent reads its configuration from: the manifest folder or the Kubernetes API. */
+/** The agent's configuration source: the manifest folder or the Kubernetes API. */
 interface ConfigSource {
   start(): Promise<void>;
   stop(): Promise<void>;
@@ -228,7 +228,7 @@ export class Agent {
       }),
     };
     this.admin = new AdminServer(this.options.adminAddress, routes, this.logger.child({ component: "admin" }));
-    // Started before the first list of the API server, which may take long: readiness then says what it waits for.
+    // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
     if (!predecessor) await this.admin.start();
 
     await this.source.start();
@@ -466,7 +466,7 @@ export class Agent {
     this.syncAnnotations();
   }
 
-  /** Reads the configuration from the manifest folder or from the Kubernetes API, as the options say. */
+  /** Creates the configuration source that the options name: the manifest folder or the Kubernetes API. */
   private async createSource(): Promise<ConfigSource> {
     if (this.options.kubernetes) {
       const client = await KubeClient.load(this.options.kubernetes);

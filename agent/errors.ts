@@ -44,7 +44,6 @@ export const ERROR_CODES = {
   INVALID_AUDIT_SINK: { flag: "INTERNAL", description: "an audit sink's settings are invalid, such as a syslog facility, host name or SD-ID outside RFC 5424's limits" },
   AUDIT_SINK_FAILED: { flag: "INTERNAL", description: "an audit sink could not deliver a batch: its destination was unreachable, closed the connection, or did not acknowledge in time" },
   INVALID_KUBECONFIG: { flag: "INTERNAL", description: "the kubeconfig file or the in-cluster configuration is missing, unreadable or names no API server" },
-  KUBE_API_UNAVAILABLE: { flag: "INTERNAL", description: "the Kubernetes API server could not be reached or refused a list or watch; the agent serves the last state it read" },
   CNI_ERROR: { flag: "INTERNAL", description: "a CNI request for a new pod failed: the pod is unknown, or its capture could not be put in place" },
   INVALID_CNI_REQUEST: { flag: "INTERNAL", description: "a request from the CNI plugin is malformed: an unknown command, a relative netns path, a missing variable, invalid JSON, or over a size limit" },
   CNI_SETUP_FAILED: { flag: "INTERNAL", description: "the agent could not install its CNI plugin: the CNI configuration or bin folder is missing or not writable, or another agent serves the CNI socket" },

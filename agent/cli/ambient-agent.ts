@@ -15,6 +15,7 @@ import { AUDIT_FLAGS, AUDIT_USAGE, parseAuditFlags, type AuditFlagValues } from 
 import type { AuditOptions } from "../audit/config";
 import { parseProbeSources } from "./probe-sources";
 import type { CniSettings } from "../cni/setup";
+import type { KubeCredentials } from "../discovery/kube-credentials";
 
 const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kubernetes [--kubeconfig FILE])
                          (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE) [options]
@@ -135,7 +136,7 @@ function parseRunOptions(argv: string[]): RunOptions {
   const agent: AgentOptions = {
     node,
     manifestsDir: values.manifests === undefined ? undefined : path.resolve(values.manifests),
-    kubernetes: !kubernetes ? undefined : values.kubeconfig ? { kind: "kubeconfig", path: path.resolve(values.kubeconfig) } : { kind: "in-cluster" },
+    kubernetes: kubernetes ? kubeCredentials(values.kubeconfig) : undefined,
     excludedNamespaces: parseExcludedNamespaces(values["excluded-namespaces"]),
     cni: parseCniFlags(values),
     identity: parseIdentity(values),
@@ -160,6 +161,12 @@ function parseTransparentSource(on: boolean | undefined, off: boolean | undefine
 }
 
 class UsageError extends Error {}
+
+/** Returns the API server credentials: the kubeconfig file when given, else the pod's service account. */
+function kubeCredentials(kubeconfig: string | undefined): KubeCredentials {
+  if (kubeconfig !== undefined) return { kind: "kubeconfig", path: path.resolve(kubeconfig) };
+  return { kind: "in-cluster" };
+}
 
 const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 

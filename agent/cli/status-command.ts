@@ -45,6 +45,12 @@ export function fetchReadiness(address: string, timeoutMs: number): Promise<Read
   });
 }
 
+/** Returns the LISTED column: "absent" for a resource the server does not serve. */
+function listedColumn(resource: ResourceHealth): string {
+  if (resource.absent) return "absent";
+  return resource.synced ? "yes" : "no";
+}
+
 /** Formats the readiness as text: the checks, then one line per watched resource. */
 export function formatReadiness(readiness: Readiness): string {
   const lines = [`ready: ${readiness.ready ? "yes" : "no"}`];
@@ -58,11 +64,12 @@ export function formatReadiness(readiness: Readiness): string {
     lines.push("configuration source: manifest files");
     return lines.join("\n") + "\n";
   }
-  const watching = kube.watching ? "watching" : kube.synced ? "not watching: serving the last state read" : "not watching";
+  let watching = "watching";
+  if (!kube.watching) watching = kube.synced ? "not watching: serving the last state read" : "not watching";
   lines.push(`kubernetes: ${kube.server} (${kube.synced ? "listed" : "not listed yet: no pod is enrolled until every resource is"}, ${watching})`);
   const rows = kube.resources.map((resource) => [
     resource.resource,
-    resource.absent ? "absent" : resource.synced ? "yes" : "no",
+    listedColumn(resource),
     resource.watching ? "yes" : "no",
     resource.resourceVersion || "-",
     String(resource.lists),

@@ -1,8 +1,8 @@
 // The connection to the Kubernetes API server: credentials from a kubeconfig file or from the
 // pod's service account (in-cluster), plain requests for lists and patches, and watch streams.
-// @kubernetes/client-node reads the configuration (kube-credentials.ts). Requests go through node:http so that objects stay plain decoded
-// JSON, which the manifest readers check field by field (the library's generated classes would
-// turn them into models), and so that every event of a watch stream is handled before its end.
+// @kubernetes/client-node reads the configuration (kube-credentials.ts). Requests go through
+// node:http, for two reasons. Objects stay plain decoded JSON, which the manifest readers check
+// field by field. And every event of a watch stream is handled before its end is reported.
 
 import http from "node:http";
 import https from "node:https";
@@ -26,7 +26,7 @@ export class KubeApiError extends Error {
 
 /** The largest response body read, so that a broken server cannot fill the agent's memory. */
 const MAX_RESPONSE_BYTES = 256 * 1024 * 1024;
-/** The longest watch event accepted; an object is at most a few megabytes. */
+/** The maximum length of one watch event; Kubernetes objects are at most a few megabytes. */
 const MAX_WATCH_LINE_BYTES = 16 * 1024 * 1024;
 /** TCP keep-alive on watch connections, so that a dead server is noticed. */
 const WATCH_KEEPALIVE_MS = 30_000;

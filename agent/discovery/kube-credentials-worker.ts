@@ -1,6 +1,6 @@
 // Runs in a worker thread: loads the API server credentials with @kubernetes/client-node and posts
-// them back as plain data. The library's generated API modules take about 50 MiB of memory once
-// loaded; a worker that exits gives most of that back, so the agent keeps only what it uses.
+// them back as plain data. Once loaded, the library's generated API modules take about 50 MiB of
+// memory. A worker that exits gives most of that back, so the agent keeps only what it uses.
 
 import { parentPort, workerData } from "node:worker_threads";
 import type { KubeCredentials, ResolvedCredentials } from "./kube-credentials";
@@ -13,8 +13,8 @@ async function resolve(credentials: KubeCredentials): Promise<ResolvedCredential
   const cluster = config.getCurrentCluster();
   const user = config.getCurrentUser();
   const tokenFile = (user?.authProvider?.config as { tokenFile?: unknown } | undefined)?.tokenFile;
-  // Exec plugins and auth providers other than a token file make credentials that expire: the
-  // agent then loads the library itself and asks it before each request.
+  // Exec plugins and auth providers other than a token file make credentials that expire, so the
+  // agent then loads the library itself and gets credentials from it before each request.
   const dynamic = user?.exec !== undefined || (user?.authProvider !== undefined && typeof tokenFile !== "string");
   const options: { headers: Record<string, string>; ca?: Buffer; cert?: Buffer; key?: Buffer; rejectUnauthorized?: boolean; servername?: string; auth?: string } = { headers: {} };
   if (!dynamic) await config.applyToHTTPSOptions(options as never);

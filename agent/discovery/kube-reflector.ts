@@ -30,7 +30,7 @@ export interface ResourceSpec {
 /**
  * Receives the objects of one resource. A list arrives page by page between beginList() and
  * endList(), which then replaces every object; abortList() drops a list that failed half-way.
- * Pages are converted as they arrive, so a large list never holds all its raw objects at once.
+ * Pages are converted as they arrive, so a large list never keeps all its raw objects at once.
  */
 export interface ReflectorStore {
   beginList(): void;
@@ -370,7 +370,7 @@ export class Reflector {
     const message = describeFailure(this.spec, error, status);
     const delay = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** Math.min(this.failures - 1, 20));
     const backedOff = Math.round(delay / 2 + Math.random() * (delay / 2));
-    // A server that asks for a pause (429 or 503 with Retry-After) gets at least that, within the largest delay.
+    // A Retry-After (with 429 or 503) sets the shortest delay, within the largest one.
     const retryAfterMs = error instanceof KubeApiError && error.retryAfterSeconds !== undefined ? error.retryAfterSeconds * 1000 : 0;
     const jittered = Math.min(this.options.maxBackoffMs, Math.max(backedOff, retryAfterMs));
     const repeated = this.state.lastError === message;

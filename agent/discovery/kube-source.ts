@@ -30,7 +30,7 @@ interface KubeResource extends ResourceSpec {
   annotations?: "sidecar-only";
 }
 
-/** The resources the agent follows for `node`. Policies are optional: Istio's CRDs may be missing. */
+/** Lists the resources the agent follows for `node`. Policies are optional, because Istio's CRDs may be missing. */
 export function kubeResources(node: string): KubeResource[] {
   return [
     { name: "namespaces", path: "/api/v1/namespaces", apiVersion: "v1", kind: "Namespace" },
@@ -162,8 +162,8 @@ class ResourceStore implements ReflectorStore {
 
   /**
    * Fills in apiVersion and kind, which list items lack, and drops what the agent never reads:
-   * managedFields, kubectl's applied copy, and the annotations of other nodes' pods, of which
-   * only the sidecar marker matters (it takes a destination out of the mesh).
+   * managedFields, kubectl's applied copy, and the annotations of other nodes' pods. Of those,
+   * only the sidecar marker matters, because it takes a destination out of the mesh.
    */
   private complete(item: unknown): unknown {
     const value = item as { apiVersion?: unknown; kind?: unknown; metadata?: { annotations?: Record<string, unknown>; managedFields?: unknown } };
@@ -243,7 +243,7 @@ export class KubeSource extends EventEmitter {
     return this.current;
   }
 
-  /** The rejected objects and why, in key order. */
+  /** Lists the rejected objects and why, in key order. */
   problems(): ManifestProblem[] {
     return this.stores.flatMap((store) => [...store.problems.entries()].sort(([a], [b]) => (a < b ? -1 : 1)).flatMap(([, problems]) => problems));
   }

@@ -20,7 +20,7 @@ const CNI_DELETE_REASON = "pod sandbox deleted (CNI DEL)";
 const POD_WAIT_MS = 10_000;
 const POD_POLL_MS = 50;
 
-/** What the CNI handlers need from the agent. */
+/** The agent's side of the CNI handlers. */
 export interface CniEnrolmentHost {
   node: string;
   state(): MeshState | undefined;
@@ -82,7 +82,7 @@ export class CniEnrolment {
     log.info({ pod: uid, netns: event.netns, ip: entry.workload.ip }, "CNI ADD: capture in place before the pod starts");
   }
 
-  /** Handles a DEL: forgets the sandbox, and unenrolls its pod when the pod was enrolled in it. */
+  /** Handles a DEL: drops the sandbox, and unenrolls its pod when the pod was enrolled in it. */
   async del(event: CniPodEvent): Promise<void> {
     const known = this.pods.remove(event);
     const uid = event.podNamespace && event.podName ? `${event.podNamespace}/${event.podName}` : undefined;

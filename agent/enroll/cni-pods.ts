@@ -36,7 +36,7 @@ export class CniPods {
     for (const uid of [...this.byUid.keys()]) if (!keep(uid)) this.byUid.delete(uid);
   }
 
-  /** The namespace path the plugin gave for the pod's current sandbox. */
+  /** Returns the namespace path the plugin gave for the pod's current sandbox. */
   netnsOf(workload: Workload): string | undefined {
     return this.byUid.get(workload.uid)?.netns;
   }

@@ -64,8 +64,9 @@ export interface ReconcilerOptions {
   /** Whether the inbound proxies connect to applications from the client's address (default false). */
   transparentSource?: boolean;
   /**
-   * The network namespace that the CNI plugin named for a workload, when it did. It is used when
-   * it holds the workload's IP; otherwise the namespace is found by IP as for any other pod.
+   * The network namespace that the CNI plugin named for a workload, when it did. The workload is
+   * enrolled there when the namespace has its IP, and nowhere else. Without a hint, the namespace
+   * is found by IP.
    */
   netnsHint?: (workload: Workload) => string | undefined;
   /** Called after each enrollment and unenrollment, for the audit log. An error it throws is logged. */
@@ -165,7 +166,7 @@ export class EnrollmentReconciler {
   }
 
   /**
-   * Unenrolls a workload now, whatever the wanted set says, for a pod whose sandbox is being
+   * Unenrolls a workload now, even when it is still wanted, for a pod whose sandbox is being
    * replaced: its namespace is going away. The next update() enrolls it again wherever it is then.
    */
   evict(uid: string, reason: string): Promise<void> {

@@ -30,7 +30,7 @@ export interface AuthorizeOptions {
 export interface AuthorizationSettings extends AuthorizeOptions {
   /** Namespace whose policies apply mesh-wide; default istio-system. */
   rootNamespace?: string;
-  /** Which pods are enrolled, for the diagnostics that tell whether a pod is protected; default DEFAULT_ENROLLMENT_SETTINGS. */
+  /** The enrolment rules, for the diagnostics that show whether a pod is protected; default DEFAULT_ENROLLMENT_SETTINGS. */
   enrollment?: EnrollmentSettings;
 }
 

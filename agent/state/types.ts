@@ -29,7 +29,7 @@ export interface Namespace {
 export interface Workload {
   /** "namespace/name", unique in the cluster. */
   uid: string;
-  /** metadata.uid of the Pod, which tells apart two pods of the same name; absent in most manifests. */
+  /** metadata.uid of the Pod, which differs between two pods of the same name; absent in most manifests. */
   podUid?: string;
   name: string;
   namespace: string;

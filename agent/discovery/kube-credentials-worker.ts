@@ -14,8 +14,10 @@ async function resolve(credentials: KubeCredentials): Promise<ResolvedCredential
   const user = config.getCurrentUser();
   const tokenFile = (user?.authProvider?.config as { tokenFile?: unknown } | undefined)?.tokenFile;
   // Exec plugins and auth providers other than a token file make credentials that expire, so the
-  // agent then loads the library itself and gets credentials from it before each request.
-  const dynamic = user?.exec !== undefined || (user?.authProvider !== undefined && typeof tokenFile !== "string");
+  // agent then loads the library itself and gets credentials from it before each request. It
+  // does the same for a cluster reached through a proxy.
+  // A proxy-url is honoured by the library's own HTTP agent only.
+  const dynamic = user?.exec !== undefined || (user?.authProvider !== undefined && typeof tokenFile !== "string") || Boolean(cluster?.proxyUrl);
   const options: { headers: Record<string, string>; ca?: Buffer; cert?: Buffer; key?: Buffer; rejectUnauthorized?: boolean; servername?: string; auth?: string } = { headers: {} };
   if (!dynamic) await config.applyToHTTPSOptions(options as never);
   return {

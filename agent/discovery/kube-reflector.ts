@@ -116,6 +116,8 @@ export class Reflector {
   private stopped = false;
   /** The path in use: `spec.path` or the first of `spec.olderPaths` that the server serves. */
   private path: string;
+  /** Set once a list of the resource succeeded: a later 404 is then a failure, not an absent resource. */
+  private served = false;
   private running: Promise<void> | undefined;
   private endWatch: (() => void) | undefined;
   private wake: (() => void) | undefined;
@@ -208,8 +210,10 @@ export class Reflector {
       this.store.abortList();
       // An expired continue token: the list starts over from the first page.
       if (statusOf(error) === 410) throw new ExpiredError();
-      if (statusOf(error) === 404 && this.useOlderPath()) return this.readList();
-      if (statusOf(error) === 404 && this.spec.optional) {
+      // An API server that is starting may answer 404 for a custom resource it served before: that
+      // keeps the last state and backs off like any failure, instead of emptying the policies.
+      if (statusOf(error) === 404 && !this.served && this.useOlderPath()) return this.readList();
+      if (statusOf(error) === 404 && !this.served && this.spec.optional) {
         this.markAbsent();
         this.path = this.spec.path;
         return;
@@ -221,6 +225,7 @@ export class Reflector {
       return;
     }
     this.store.endList();
+    this.served = true;
     this.clearError();
     this.state.absent = false;
     this.state.resourceVersion = resourceVersion;

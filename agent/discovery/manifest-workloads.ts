@@ -79,8 +79,15 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
   if (podIp !== "" && net.isIP(podIp) === 0) {
     reader.reject(["status", "podIP"], `invalid IPv4 or IPv6 address ${describeValue(podIp)}; fix the value or remove the field`);
   }
-  const ips = readPodIps(reader, podIp);
-  const ip = podIp !== "" ? podIp : (ips[0] ?? "");
+  let ips = readPodIps(reader, podIp);
+  let ip = podIp !== "" ? podIp : (ips[0] ?? "");
+  // A pod that has finished (Succeeded or Failed) keeps status.podIP, but the network plugin has
+  // released the address, which a new pod may have now: the finished pod owns no address.
+  const phase = reader.value(["status", "phase"]);
+  if (phase === "Succeeded" || phase === "Failed") {
+    ip = "";
+    ips = [];
+  }
 
   return {
     uid: `${metadata.namespace}/${metadata.name}`,

@@ -39,6 +39,8 @@ export interface CniEnrolmentHost {
 export class CniEnrolment {
   /** Pod sandboxes announced by the plugin, with their namespace and addresses. */
   readonly pods = new CniPods();
+  /** The ADD running per pod: two ADDs of one pod run one after the other, so the later sandbox wins cleanly. */
+  private readonly adding = new Map<string, Promise<void>>();
 
   constructor(private readonly host: CniEnrolmentHost) {}
 
@@ -47,6 +49,19 @@ export class CniEnrolment {
    * ambient mode. Throws AgentError CNI_ERROR when the pod is unknown or its capture failed.
    */
   async add(event: CniPodEvent): Promise<void> {
+    if (!event.podNamespace || !event.podName) return this.addOne(event);
+    const uid = `${event.podNamespace}/${event.podName}`;
+    const previous = this.adding.get(uid) ?? Promise.resolve();
+    const current = previous.catch(() => undefined).then(() => this.addOne(event));
+    this.adding.set(uid, current);
+    try {
+      await current;
+    } finally {
+      if (this.adding.get(uid) === current) this.adding.delete(uid);
+    }
+  }
+
+  private async addOne(event: CniPodEvent): Promise<void> {
     const log = this.host.logger;
     if (!event.podNamespace || !event.podName) {
       log.info({ netns: event.netns, container: event.containerId }, "CNI ADD without a Kubernetes pod name: not a pod, nothing to capture");

@@ -412,3 +412,57 @@ test("policies are read from v1beta1 when the server does not serve v1", async (
   t.true(requested.includes("/apis/security.istio.io/v1/authorizationpolicies"));
   await waitFor(() => requested.filter((pathname) => pathname.endsWith("v1beta1/authorizationpolicies")).length >= 2, "the watch on v1beta1");
 });
+
+test("a 404 for policies that were served keeps them and backs off", async (t) => {
+  // An API server that restarts may answer 404 for a custom resource it served a moment ago.
+  let lists = 0;
+  const server = http.createServer((request, response) => {
+    const url = new URL(request.url ?? "/", "http://x");
+    if (url.searchParams.get("watch") === "true") {
+      // Forces a new list, which then gets 404.
+      response.writeHead(200, { "content-type": "application/json" });
+      response.end(JSON.stringify({ type: "ERROR", object: { kind: "Status", code: 410, reason: "Expired", message: "too old" } }) + "\n");
+      return;
+    }
+    lists++;
+    if (lists > 1) {
+      response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
+      return;
+    }
+    const policy = { apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
+    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-404-"));
+  const kubeconfig = path.join(dir, "kubeconfig");
+  fs.writeFileSync(
+    kubeconfig,
+    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  );
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  const sizes: number[] = [];
+  let pending = 0;
+  const store = {
+    beginList: () => (pending = 0),
+    listPage: (items: unknown[]) => (pending += items.length),
+    endList: () => sizes.push(pending),
+    abortList: () => undefined,
+    upsert: () => undefined,
+    remove: () => undefined,
+  };
+  const spec = { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"], optional: true };
+  const reflector = new Reflector(client, spec, store, quietLogger(), FAST_BACKOFF);
+  t.teardown(async () => {
+    await reflector.stop();
+    client.close();
+    server.closeAllConnections();
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  reflector.start();
+  await reflector.synced;
+  await waitFor(() => lists >= 3, "lists that get 404");
+  t.deepEqual(sizes, [1], "the store was never replaced by an empty list");
+  t.false(reflector.health().absent);
+  t.regex(reflector.health().lastError ?? "", /404/);
+});

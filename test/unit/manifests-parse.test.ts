@@ -229,3 +229,15 @@ test("empty documents are skipped", (t) => {
   const result = parseManifests("e.yaml", "---\n# only a comment\n---\n");
   t.deepEqual(result, { objects: [], problems: [], syntaxError: false });
 });
+
+test("a finished pod owns no address", (t) => {
+  const pod = (phase: string): string =>
+    `apiVersion: v1\nkind: Pod\nmetadata: {name: job-${phase.toLowerCase()}, namespace: shop}\nspec: {nodeName: n1}\nstatus: {phase: ${phase}, podIP: 10.244.1.9, podIPs: [{ip: 10.244.1.9}]}\n`;
+  const result = parseManifests("pods.yaml", ["Succeeded", "Failed", "Running"].map(pod).join("---\n"));
+  t.deepEqual(result.problems, []);
+  const ipOf = (index: number): string => (result.objects[index].value as Workload).ip;
+  t.is(ipOf(0), "", "a Succeeded pod's address may belong to a new pod");
+  t.is(ipOf(1), "", "a Failed pod's address may belong to a new pod");
+  t.is(ipOf(2), "10.244.1.9");
+  t.deepEqual((result.objects[0].value as Workload).ips, []);
+});

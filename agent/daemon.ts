@@ -38,8 +38,9 @@ import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
-import { DEFAULT_ENROLLMENT_SETTINGS, excludedLabelledNamespaces, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
+import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, excludedLabelledNamespaces, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
 import { CniEnrolment } from "./enroll/cni-enrolment";
+import { EnrolledFile } from "./enroll/enrolled-file";
 import { RedirectionAnnotator } from "./enroll/redirection-annotation";
 import { startCni, type CniRuntime, type CniSettings } from "./cni/setup";
 import { AgentError } from "./errors";
@@ -129,6 +130,9 @@ export class Agent {
   private cni: CniRuntime | undefined;
   /** Enrolment asked for by the CNI plugin, and the pod sandboxes it announced. */
   private readonly cniEnrolment: CniEnrolment;
+  /** The enrolled workloads by cookie, kept for the next agent, which releases stale capture entries by pod. */
+  private readonly enrolledFile: EnrolledFile;
+  private enrolledSaveTimer: NodeJS.Timeout | undefined;
   /** Ambient-labelled namespaces already warned about for being excluded. */
   private warnedExcluded = new Set<string>();
   private capture: CaptureBackend | undefined;
@@ -161,6 +165,7 @@ export class Agent {
     private readonly options: AgentOptions,
     private readonly logger: Logger,
   ) {
+    this.enrolledFile = new EnrolledFile(path.join(LOCK_DIRECTORY, `enrolled-${options.node}.json`));
     this.cniEnrolment = new CniEnrolment({
       node: this.options.node,
       state: () => this.state,
@@ -247,13 +252,17 @@ export class Agent {
       logger: this.logger.child({ component: "enroll" }),
       transparentSource: this.options.transparentSource ?? true,
       netnsHint: (workload) => this.cniEnrolment.pods.netnsOf(workload),
-      onEnrollment: (event) => this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString())),
+      onEnrollment: (event) => {
+        this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString()));
+        this.scheduleEnrolledSave();
+      },
     });
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
     await this.reconciler.update(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
-    this.reconciler.removeStaleCookies();
+    this.releaseStale(this.reconciler.removeStaleCookies());
+    this.saveEnrolled();
     this.syncAnnotations();
     const apply = (snapshot: ClusterSnapshot): void => {
       this.applySnapshot(snapshot).catch((error: unknown) =>
@@ -272,7 +281,12 @@ export class Agent {
       this.logger.child({ component: "handover" }),
     );
     this.logger.info(
-      { enrolled: this.reconciler.list().map((entry) => entry.workload.uid), admin: this.options.adminAddress, replaced: predecessor?.pid },
+      {
+        enrolled: this.reconciler.list().map((entry) => entry.workload.uid),
+        admin: this.options.adminAddress,
+        replaced: predecessor?.pid,
+        cni: this.cni?.chain.status(),
+      },
       "agent ready",
     );
   }
@@ -464,6 +478,48 @@ export class Agent {
     if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
     if (!this.stopping) await this.reconciler?.update(desired, enrollmentReasons(previous, snapshot, this.options.node, this.enrollmentSettings()));
     this.syncAnnotations();
+  }
+
+  /**
+   * Records the release of pods whose capture entries a previous agent left and that are no
+   * longer wanted: each gets a workload.unenrolled record that says why, and a log line naming it.
+   */
+  private releaseStale(cookies: readonly bigint[]): void {
+    if (cookies.length === 0) return;
+    const previous = this.enrolledFile.load();
+    for (const cookie of cookies) {
+      const record = previous.get(cookie.toString());
+      if (record === undefined) continue;
+      const reason = `while no agent ran: ${this.releaseReason(record.workload)}`;
+      this.logger.info({ workload: record.workload.uid, cookie: cookie.toString(), reason }, "released the capture of a pod that is no longer enrolled");
+      this.audit?.write(workloadRecord({ action: "unenrolled", workload: record.workload, identity: record.identity, reason }, this.options.node, new Date().toISOString()));
+    }
+  }
+
+  /** Says why a workload that a previous agent enrolled is not enrolled now. */
+  private releaseReason(before: Workload): string {
+    const now = this.state?.workload(before.uid);
+    if (now === undefined) return "pod deleted";
+    if (now.nodeName !== this.options.node) return `pod moved to node ${now.nodeName}`;
+    if (now.ip === "") return "pod has no IP";
+    const decision = enrollmentDecision(this.state!, now, this.enrollmentSettings());
+    return decision.enrolled ? "its sandbox was replaced" : decision.reason;
+  }
+
+  /** Saves the enrolled set soon, once a burst of enrolments is over. */
+  private scheduleEnrolledSave(): void {
+    if (this.enrolledSaveTimer !== undefined) return;
+    this.enrolledSaveTimer = setTimeout(() => {
+      this.enrolledSaveTimer = undefined;
+      this.saveEnrolled();
+    }, 100);
+    this.enrolledSaveTimer.unref();
+  }
+
+  private saveEnrolled(): void {
+    const entries = this.reconciler?.list() ?? [];
+    const error = this.enrolledFile.save(entries.map((entry) => ({ cookie: entry.cookie, workload: entry.workload, identity: entry.identity })));
+    if (error) this.logger.warn({ err: error }, "cannot save the list of enrolled pods; a later agent cannot name the pods whose capture it releases");
   }
 
   /** Creates the configuration source that the options name: the manifest folder or the Kubernetes API. */

@@ -272,14 +272,34 @@ async function main(argv: string[]): Promise<number> {
     );
   }
   const agent = new Agent(options.agent, logger);
+  // Start may wait long for the API server's first list: a signal meanwhile stops the agent cleanly.
+  let stoppedDuringStart: Promise<void> | undefined;
+  const stopDuringStart = (signal: string): void => {
+    if (stoppedDuringStart) return;
+    logger.info({ signal }, "signal received while starting, stopping");
+    stoppedDuringStart = agent.stop(0, `signal ${signal} during start`).catch((error) => logger.error({ err: error }, "stopping failed"));
+  };
+  process.on("SIGTERM", stopDuringStart);
+  process.on("SIGINT", stopDuringStart);
   try {
     await agent.start();
   } catch (error) {
+    if (stoppedDuringStart) {
+      await stoppedDuringStart;
+      return 0;
+    }
     const message = error instanceof HostNotReadyError ? error.message : `failed to start: ${(error as Error).message}`;
     logger.fatal({ err: error }, message);
     process.stderr.write(`ambient-agent: ${message}\n`);
     await agent.stop(0, `start failed: ${message}`).catch(() => undefined);
     return 1;
+  } finally {
+    process.off("SIGTERM", stopDuringStart);
+    process.off("SIGINT", stopDuringStart);
+  }
+  if (stoppedDuringStart) {
+    await stoppedDuringStart;
+    return 0;
   }
 
   const onHangup = (): void => void agent.reload().catch((error) => logger.error({ err: error }, "manifest reload failed"));

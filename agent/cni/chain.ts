@@ -291,7 +291,7 @@ export class CniChain {
     } else if (key !== this.#lastReport && outcome === "invalid") {
       this.logger.warn({ file }, "the node's CNI configuration file is not a valid JSON object or its plugins is not an array, so it was left unchanged");
     } else if (key !== this.#lastReport && outcome === "no-config") {
-      this.logger.info("no CNI configuration file yet; the plugin is chained once the network plugin writes one");
+      this.logger.warn("no CNI configuration file yet, so new pods start without waiting for their capture; the plugin is chained once the network plugin writes one");
     }
     this.#lastReport = outcome === "chained" ? `unchanged:${file ?? ""}` : key;
   }

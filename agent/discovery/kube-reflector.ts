@@ -118,6 +118,8 @@ export class Reflector {
   private path: string;
   /** Set once a list of the resource succeeded: a later 404 is then a failure, not an absent resource. */
   private served = false;
+  /** The kind of the current streak of failures (a status code, or "unreachable"), logged once per streak. */
+  private failureKind: string | undefined;
   private running: Promise<void> | undefined;
   private endWatch: (() => void) | undefined;
   private wake: (() => void) | undefined;
@@ -365,6 +367,8 @@ export class Reflector {
 
   /** Forgets the last error once a list or a watch succeeded, so that health shows only a current one. */
   private clearError(): void {
+    if (this.failureKind !== undefined) this.logger.info({ resource: this.spec.name, failures: this.failures }, "reached the API server again");
+    this.failureKind = undefined;
     this.state.lastError = undefined;
     this.state.lastErrorTime = undefined;
   }
@@ -378,7 +382,10 @@ export class Reflector {
     // A Retry-After (with 429 or 503) sets the shortest delay, within the largest one.
     const retryAfterMs = error instanceof KubeApiError && error.retryAfterSeconds !== undefined ? error.retryAfterSeconds * 1000 : 0;
     const jittered = Math.min(this.options.maxBackoffMs, Math.max(backedOff, retryAfterMs));
-    const repeated = this.state.lastError === message;
+    // One warning per streak of failures of one kind; the network's error text varies between tries.
+    const kind = status === undefined ? "unreachable" : String(status);
+    const repeated = this.failureKind === kind;
+    this.failureKind = kind;
     this.state.lastError = message;
     this.state.lastErrorTime = new Date().toISOString();
     const fields = { resource: this.spec.name, status, retryInMs: jittered, failures: this.failures, serving: this.state.synced ? "the last state read" : "nothing yet" };

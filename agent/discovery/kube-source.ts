@@ -5,6 +5,7 @@
 // serving; a deleted object goes. Through an API-server outage the last state read keeps serving.
 
 import { EventEmitter } from "node:events";
+import { AgentError } from "../errors";
 import type { Logger } from "../log";
 import type { ClusterSnapshot } from "../state/types";
 import type { KubeClient } from "./kube-client";
@@ -199,6 +200,9 @@ export class KubeSource extends EventEmitter {
   private publishTimer: NodeJS.Timeout | undefined;
   private started = false;
   private readonly debounceMs: number;
+  #stopRequested: () => void = () => undefined;
+  /** Settles when stop() is called, so that a start() still waiting for its first lists ends. */
+  private readonly stopRequested = new Promise<void>((resolve) => (this.#stopRequested = resolve));
 
   constructor(
     private readonly options: KubeSourceOptions,
@@ -226,7 +230,8 @@ export class KubeSource extends EventEmitter {
     }, 10_000);
     // This timer is not unref'd: while every reflector sleeps in its backoff it keeps the process alive.
     try {
-      await Promise.all(this.reflectors.map((reflector) => reflector.synced));
+      const outcome = await Promise.race([Promise.all(this.reflectors.map((reflector) => reflector.synced)).then(() => "synced" as const), this.stopRequested.then(() => "stopped" as const)]);
+      if (outcome === "stopped") throw new AgentError("INTERNAL", "the agent stopped before the Kubernetes API server's first list completed");
     } finally {
       clearInterval(waiting);
     }
@@ -264,6 +269,7 @@ export class KubeSource extends EventEmitter {
   }
 
   async stop(): Promise<void> {
+    this.#stopRequested();
     clearTimeout(this.publishTimer);
     this.started = false;
     await Promise.all(this.reflectors.map((reflector) => reflector.stop()));

@@ -221,19 +221,23 @@ export class EnrollmentReconciler {
 
   /**
    * Removes capture entries of network namespaces that no wanted workload has: pods that left
-   * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay closed.
+   * while no agent ran. Entries of wanted pods stay even when they failed to enroll, so they stay
+   * closed. Returns the cookies whose entries were removed.
    */
-  removeStaleCookies(): void {
+  removeStaleCookies(): bigint[] {
     const wantedCookies = new Set([...this.servedCookies(), ...this.ambiguous.cookies()]);
     const capture = this.options.capture;
+    const removed = new Set<bigint>();
     for (const cookie of capture.enrolledCookies()) {
       if (wantedCookies.has(cookie)) continue;
       capture.unenroll(cookie);
+      removed.add(cookie);
       this.options.logger.info({ cookie: cookie.toString() }, "removed stale outbound capture entry");
     }
     for (const pod of capture.inboundPods()) {
       if (wantedCookies.has(pod.cookie)) continue;
       capture.detachInbound(pod.cookie, pod.podIp);
+      removed.add(pod.cookie);
       this.options.logger.info({ cookie: pod.cookie.toString(), ip: pod.podIp }, "removed stale inbound capture entry");
     }
     // A link can outlive its pod entry when another pod took the IP while no agent ran.
@@ -243,6 +247,7 @@ export class EnrollmentReconciler {
       this.options.logger.info({ cookie: cookie.toString() }, "removed stale inbound capture link");
     }
     this.excludedPorts.removeStale();
+    return [...removed];
   }
 
   /**

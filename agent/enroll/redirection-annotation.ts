@@ -6,7 +6,7 @@
 // showed and patches the difference, so a failed or lost patch is retried by the next sync.
 
 import type { KubeClient } from "../discovery/kube-client";
-import { statusOf } from "../discovery/kube-client";
+import { KubeApiError, statusOf } from "../discovery/kube-client";
 import type { Logger } from "../log";
 import type { Workload } from "../state/types";
 
@@ -20,8 +20,9 @@ export const REDIRECTION_ENABLED = "enabled";
 const WRITTEN_TRUST_MS = 5_000;
 /** Patches in flight at once. */
 const PATCH_CONCURRENCY = 8;
-/** Delay before a failed patch is tried again. */
+/** Delay before failed patches are tried again; it doubles per failure in a row, up to the maximum. */
 const RETRY_DELAY_MS = 2_000;
+const MAX_RETRY_DELAY_MS = 60_000;
 
 interface PendingPatch {
   namespace: string;
@@ -41,6 +42,8 @@ export class RedirectionAnnotator {
   private readonly delayed = new Map<string, PendingPatch>();
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** No patch is sent before this time, after a failure. */
+  private pausedUntil = 0;
   private failures = 0;
 
   /**
@@ -106,7 +109,7 @@ export class RedirectionAnnotator {
   }
 
   private pump(): void {
-    if (this.stopped) return;
+    if (this.stopped || Date.now() < this.pausedUntil) return;
     for (const [uid, patch] of this.queue) {
       if (this.inFlight.size >= PATCH_CONCURRENCY) return;
       if (this.inFlight.has(uid)) continue;
@@ -134,18 +137,21 @@ export class RedirectionAnnotator {
       // A pod that is gone needs no annotation.
       if (statusOf(error) === 404) return;
       this.failures++;
+      const retryAfterMs = error instanceof KubeApiError && error.retryAfterSeconds !== undefined ? error.retryAfterSeconds * 1000 : 0;
+      const delay = Math.min(MAX_RETRY_DELAY_MS, Math.max(retryAfterMs, RETRY_DELAY_MS * 2 ** Math.min(this.failures - 1, 10)));
       const log = this.failures === 1 ? this.logger.warn.bind(this.logger) : this.logger.debug.bind(this.logger);
-      log({ pod: uid, err: error }, `cannot write the ${REDIRECTION_ANNOTATION} annotation of pod ${uid}; retrying in ${RETRY_DELAY_MS / 1000} s (add patch on pods/status to the agent's ClusterRole if the API server refused it)`);
+      log({ pod: uid, err: error, retryInMs: delay }, `cannot write the ${REDIRECTION_ANNOTATION} annotation of pod ${uid}; retrying (add patch on pods/status to the agent's ClusterRole if the API server refused it)`);
       if (!this.queue.has(uid)) this.delayed.set(uid, patch);
-      if (this.retryTimer === undefined) {
-        this.retryTimer = setTimeout(() => {
-          this.retryTimer = undefined;
-          for (const [delayedUid, delayedPatch] of this.delayed) if (!this.queue.has(delayedUid)) this.queue.set(delayedUid, delayedPatch);
-          this.delayed.clear();
-          this.pump();
-        }, RETRY_DELAY_MS);
-        this.retryTimer.unref();
-      }
+      // Patches wait for the timer, so that an unreachable server gets one round of them per delay.
+      this.pausedUntil = Math.max(this.pausedUntil, Date.now() + delay);
+      clearTimeout(this.retryTimer);
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = undefined;
+        for (const [delayedUid, delayedPatch] of this.delayed) if (!this.queue.has(delayedUid)) this.queue.set(delayedUid, delayedPatch);
+        this.delayed.clear();
+        this.pump();
+      }, this.pausedUntil - Date.now());
+      this.retryTimer.unref();
     }
   }
 }

@@ -152,8 +152,13 @@ test.serial("agent waits for an unreachable API server and reports it", async (t
   t.false(readiness.kubernetes.synced);
   t.true(readiness.kubernetes.resources.every((resource) => resource.lastError !== undefined));
   t.false(fs.existsSync("/sys/fs/bpf/ambient-agent/aacli-node"), "capture was attached before the configuration was read");
-  child.kill("SIGKILL");
-  await exited;
+  // A stop signal during the wait stops the agent cleanly.
+  child.kill("SIGTERM");
+  const code = await Promise.race([exited, new Promise<string>((resolve) => setTimeout(() => resolve("still running"), 10_000))]);
+  t.is(code, 0, stderr.slice(-2_000));
+  t.regex(stderr, /signal received while starting, stopping/);
+  const records = fs.readFileSync(path.join(workDir, "audit-wait.jsonl"), "utf8").trim().split("\n").map((line) => JSON.parse(line) as { type: string; reason?: string });
+  t.is(records.at(-1)?.type, "agent.stopped");
 });
 
 test.serial("ca init refuses to overwrite a CA", (t) => {

@@ -209,3 +209,22 @@ test.serial("pod label, sidecar and exclusion override namespace", async (t) => 
   const changes = c.auditRecords(SERVER_NODE, "*").filter((r) => r.type.startsWith("workload.")).map((r) => `${r.type} ${r.workload} ${r.reason}`);
   t.is(agentStatus(SERVER_NODE).enrolled, 2, changes.join("\n"));
 });
+
+test.serial("pods that left while no agent ran are released by name", async (t) => {
+  const c = theCluster();
+  // optin is enrolled by its pod label; api by its namespace. Both leave while the agent is down.
+  await c.agent(SERVER_NODE).stop();
+  const mark = auditMark(c, SERVER_NODE);
+  c.kube!.remove("pods", "plain", "optin");
+  c.kube!.patchLabels("pods", "shop", "api", { [MODE_LABEL]: "none" });
+  const agent = await c.restartAgent(SERVER_NODE);
+  const released = await c.waitForAudit(SERVER_NODE, (r) => r.seq > mark && r.workload === "optin", 10_000, "workload.unenrolled");
+  t.is(released.reason, "while no agent ran: pod deleted");
+  const optedOut = await c.waitForAudit(SERVER_NODE, (r) => r.seq > mark && r.workload === "api", 10_000, "workload.unenrolled");
+  t.is(optedOut.reason, `while no agent ran: pod is labelled ${MODE_LABEL}=none`);
+  const line = await agent.waitForLog((entry) => entry.msg === "released the capture of a pod that is no longer enrolled" && entry.workload === "shop/api", 5_000, "the release line");
+  t.truthy(line.cookie);
+  await waitForRedirection("api", undefined);
+  const { outbound } = await fetchFromClient("api");
+  t.is(outbound.transport, "plaintext");
+});

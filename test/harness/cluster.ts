@@ -300,6 +300,8 @@ export class Cluster {
       }
     }
     await this.kube?.stop();
+    // The agents' list of enrolled pods, which lives next to their locks.
+    for (const node of this.topology.nodes.keys()) fs.rmSync(path.join(LOCK_DIRECTORY, `enrolled-${node}.json`), { force: true });
     this.topology.destroy();
     // nftables capture keeps a state folder per node; its tables went with the namespaces.
     removeNftState(this.topology.nodes.keys());

@@ -9,7 +9,7 @@ import { KubeApiError, statusOf, type KubeClient } from "./kube-client";
 
 /** One resource to follow: where to list and watch it, and how to select objects. */
 export interface ResourceSpec {
-  /** Name in logs, health and object sources, e.g. "pods (this node)". */
+  /** Name in logs and health, e.g. "pods of this node". */
   name: string;
   /** Collection path, e.g. /api/v1/pods. */
   path: string;
@@ -22,7 +22,8 @@ export interface ResourceSpec {
   labelSelector?: string;
   /**
    * Whether the resource may be absent from the server (a CustomResourceDefinition that is not
-   * installed): a 404 then counts as an empty, synced list, checked again every minute.
+   * installed): a 404 at the first list then counts as an empty, synced list, checked again every
+   * minute. After a list succeeded, a 404 is a failure like any other.
    */
   optional?: boolean;
 }
@@ -63,8 +64,9 @@ export interface ReflectorHealth {
 export interface ReflectorOptions {
   /** Objects per list page (limit). */
   pageSize?: number;
-  /** First and largest delay between failed attempts. */
+  /** First delay after a failure; it doubles with each failure in a row. */
   minBackoffMs?: number;
+  /** Largest delay between failed attempts. */
   maxBackoffMs?: number;
   /** Server-side watch timeout range in seconds; each watch picks a value in it, so that watches do not end together. */
   watchTimeoutSeconds?: [number, number];

@@ -38,7 +38,8 @@ import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
-import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, excludedLabelledNamespaces, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
+import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
+import { ConfigWarnings } from "./config-warnings";
 import { CniEnrolment } from "./enroll/cni-enrolment";
 import { EnrolledFile } from "./enroll/enrolled-file";
 import { RedirectionAnnotator } from "./enroll/redirection-annotation";
@@ -53,7 +54,6 @@ import { InboundHboneServer } from "./proxy/inbound";
 import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
-import { policyMessages } from "./rbac/explain";
 import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
@@ -133,8 +133,8 @@ export class Agent {
   /** The enrolled workloads by cookie, kept for the next agent, which releases stale capture entries by pod. */
   private readonly enrolledFile: EnrolledFile;
   private enrolledSaveTimer: NodeJS.Timeout | undefined;
-  /** Ambient-labelled namespaces already warned about for being excluded. */
-  private warnedExcluded = new Set<string>();
+  /** Warnings about the configuration, each logged once while it lasts. */
+  private readonly warnings: ConfigWarnings;
   private capture: CaptureBackend | undefined;
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
@@ -156,8 +156,6 @@ export class Agent {
   private trustDomain = "cluster.local";
   /** Set once stop() begins: configuration changes then only re-check open connections. */
   private stopping = false;
-  /** Policy warnings and rejections already logged, so each is logged once while it lasts. */
-  private loggedPolicyMessages = new Set<string>();
   /** Manifest problems already written as policy.rejected records. */
   private recordedProblems: readonly ManifestProblem[] = [];
 
@@ -165,6 +163,7 @@ export class Agent {
     private readonly options: AgentOptions,
     private readonly logger: Logger,
   ) {
+    this.warnings = new ConfigWarnings(logger, options.rootNamespace, () => this.enrollmentSettings());
     this.enrolledFile = new EnrolledFile(path.join(LOCK_DIRECTORY, `enrolled-${options.node}.json`));
     this.cniEnrolment = new CniEnrolment({
       node: this.options.node,
@@ -238,9 +237,7 @@ export class Agent {
 
     await this.source.start();
     this.state = new MeshState(this.source.snapshot());
-    this.warnExcludedNamespaces(this.state);
-    this.warnVipConflicts(this.state);
-    this.warnPolicyMessages(this.state);
+    this.warnings.check(this.state);
     this.recordPolicyChanges(undefined, this.state);
 
     this.capture = this.attachCapture(selection);
@@ -462,9 +459,7 @@ export class Agent {
   private async applySnapshot(snapshot: ClusterSnapshot): Promise<void> {
     const previous = this.state?.snapshot;
     this.state = new MeshState(snapshot, this.state);
-    this.warnVipConflicts(this.state);
-    this.warnPolicyMessages(this.state);
-    this.warnExcludedNamespaces(this.state);
+    this.warnings.check(this.state);
     this.recordPolicyChanges(previous, this.state);
     this.logger.info(
       { workloads: snapshot.workloads.size, policies: snapshot.authorizationPolicies.size, peerAuthentications: snapshot.peerAuthentications.size },
@@ -564,20 +559,6 @@ export class Agent {
     return { podsOnNode: this.state.workloadsOnNode(this.options.node), enrolled: new Set(this.reconciler.list().map((entry) => entry.workload.uid)) };
   }
 
-  /** Logs once per namespace that it is labelled for ambient mode but excluded. */
-  private warnExcludedNamespaces(state: MeshState): void {
-    const current = new Set<string>();
-    for (const namespace of excludedLabelledNamespaces(state, this.enrollmentSettings())) {
-      current.add(namespace);
-      if (this.warnedExcluded.has(namespace)) continue;
-      this.logger.warn(
-        { namespace },
-        `namespace ${namespace} is labelled istio.io/dataplane-mode=ambient but is excluded from ambient mode (--excluded-namespaces); its pods are not enrolled`,
-      );
-    }
-    this.warnedExcluded = current;
-  }
-
   /** Writes the audit records of policies added, changed, removed and rejected since `previous`. */
   private recordPolicyChanges(previous: ClusterSnapshot | undefined, state: MeshState): void {
     const time = new Date().toISOString();
@@ -585,42 +566,6 @@ export class Agent {
     for (const record of policyRecords(previous, state.snapshot, this.options.node, time)) this.audit?.write(record);
     for (const record of rejectionRecords(this.recordedProblems, problems, this.options.node, time)) this.audit?.write(record);
     this.recordedProblems = problems;
-  }
-
-  /**
-   * Logs each policy warning and rejection of the state once. A message is logged again only after
-   * a state without it, so a fixed and then broken policy is reported again.
-   */
-  private warnPolicyMessages(state: MeshState): void {
-    const current = new Set<string>();
-    for (const { kind, policy, file, message } of policyMessages(state, this.options.rootNamespace)) {
-      current.add(message);
-      if (!this.loggedPolicyMessages.has(message)) this.logger.warn({ kind, policy, file }, message);
-    }
-    this.loggedPolicyMessages = current;
-  }
-
-  /** Logs each Service cluster IP that is not routed to its Service, and why. */
-  private warnVipConflicts(state: MeshState): void {
-    for (const { service, vip, workload, other } of state.vipConflicts()) {
-      const fields = { service: service.uid, vip, workload: workload?.uid, other: other?.uid, file: service.source.file };
-      if (workload) {
-        this.logger.warn(
-          fields,
-          `Service ${service.uid} has cluster IP ${vip}, which is the IP of pod ${workload.uid}; the Service is not routed at that address. Give it a cluster IP from the Service range`,
-        );
-      } else if (other && state.serviceByVip(vip)?.uid === other.uid) {
-        this.logger.warn(
-          fields,
-          `Service ${service.uid} has cluster IP ${vip}, which Service ${other.uid} already uses; ${other.uid} keeps it. Give ${service.uid} a cluster IP of its own`,
-        );
-      } else {
-        this.logger.warn(
-          fields,
-          `Services ${service.uid} and ${other?.uid} both have cluster IP ${vip}; neither is routed at that address until one of them changes it`,
-        );
-      }
-    }
   }
 
   private createProxies(workload: Workload, identity: Identity, network: NetnsPodNetwork, cookie: bigint): WorkloadProxies {

@@ -38,7 +38,7 @@ import { checkHost } from "./capture/preflight";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
-import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, isAmbient, type EnrollmentSettings } from "./enroll/enrollment";
+import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, isAmbient, onePerIp, type EnrollmentSettings, type IpConflict } from "./enroll/enrollment";
 import { ConfigWarnings } from "./config-warnings";
 import { CniEnrolment } from "./enroll/cni-enrolment";
 import { EnrolledFile } from "./enroll/enrolled-file";
@@ -135,6 +135,8 @@ export class Agent {
   private enrolledSaveTimer: NodeJS.Timeout | undefined;
   /** Warnings about the configuration, each logged once while it lasts. */
   private readonly warnings: ConfigWarnings;
+  /** IPs that several pods of this node claim, already warned about. */
+  private ipConflicts = new Set<string>();
   private capture: CaptureBackend | undefined;
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
@@ -541,10 +543,25 @@ export class Agent {
    */
   private desiredWorkloads(state: MeshState): Workload[] {
     const settings = this.enrollmentSettings();
-    return state
+    const ambient = state
       .workloadsOnNode(this.options.node)
       .map((workload) => this.cniEnrolment.pods.complete(workload))
       .filter((workload) => workload.ip !== "" && isAmbient(state, workload, settings));
+    // Two Pod objects with one IP: a pod not being deleted wins, then the one enrolled now.
+    const enrolled = new Set((this.reconciler?.list() ?? []).map((entry) => entry.workload.uid));
+    const { kept, conflicts } = onePerIp(ambient, (workload) => (workload.deleting ? 2 : 0) + (enrolled.has(workload.uid) ? 0 : 1));
+    this.warnIpConflicts(conflicts);
+    return kept;
+  }
+
+  /** Logs each IP that several pods of this node claim at once, once while it lasts: none of them is enrolled. */
+  private warnIpConflicts(conflicts: readonly IpConflict[]): void {
+    const current = new Set(conflicts.map((conflict) => `${conflict.ip} ${conflict.uids.join(" ")}`));
+    for (const conflict of conflicts) {
+      if (this.ipConflicts.has(`${conflict.ip} ${conflict.uids.join(" ")}`)) continue;
+      this.logger.warn({ ip: conflict.ip, pods: conflict.uids }, `pods ${conflict.uids.join(", ")} of this node all have IP ${conflict.ip}; none of them is enrolled until one alone has it`);
+    }
+    this.ipConflicts = current;
   }
 
   /** Writes ambient.istio.io/redirection on the pods whose capture is in place, and removes it from the others. */

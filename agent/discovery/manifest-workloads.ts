@@ -92,6 +92,7 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
   return {
     uid: `${metadata.namespace}/${metadata.name}`,
     ...(metadata.uid !== undefined && { podUid: metadata.uid }),
+    ...(isDeleting(reader) && { deleting: true }),
     name: metadata.name,
     namespace: metadata.namespace,
     serviceAccount,
@@ -146,10 +147,14 @@ const POD_PHASES = ["Pending", "Running", "Succeeded", "Failed", "Unknown"];
  * "Unknown" are not ready). Manifests often carry no status, so an absent phase or Ready condition
  * counts as ready.
  */
-function readReadiness(reader: ObjectReader): boolean {
-  // Any value marks the pod as terminating; its format does not matter here.
+/** Tells whether metadata.deletionTimestamp is set; any value marks the pod as terminating, whatever its format. */
+function isDeleting(reader: ObjectReader): boolean {
   const deletionTimestamp = reader.value(["metadata", "deletionTimestamp"]);
-  const deleting = deletionTimestamp !== undefined && deletionTimestamp !== null && deletionTimestamp !== "";
+  return deletionTimestamp !== undefined && deletionTimestamp !== null && deletionTimestamp !== "";
+}
+
+function readReadiness(reader: ObjectReader): boolean {
+  const deleting = isDeleting(reader);
   const phase = reader.string(["status", "phase"]);
   if (phase !== undefined && !POD_PHASES.includes(phase)) {
     reader.reject(["status", "phase"], `invalid phase ${describeValue(phase)}; use one of ${POD_PHASES.join(", ")}`);

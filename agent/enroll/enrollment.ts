@@ -2,6 +2,7 @@
 // state, so the reconciler can compute the wanted set on every change and act only on the difference.
 
 import type { MeshState } from "../state/mesh-state";
+import { workloadIps } from "../state/ip";
 import type { Namespace, Workload } from "../state/types";
 
 export const DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode";
@@ -150,4 +151,33 @@ function notLabelledReason(state: NamespaceLookup, workload: Workload): string {
     return `namespace ${workload.namespace} is not in the mesh state and the pod is not labelled ${wanted}`;
   }
   return `neither namespace ${workload.namespace} nor the pod is labelled ${wanted}`;
+}
+
+/** Workloads of one node that claim the same IP, which one network namespace cannot serve twice. */
+export interface IpConflict {
+  ip: string;
+  uids: string[];
+}
+
+/**
+ * Keeps at most one workload per IP: the one with the lowest `rank`. When several share the lowest
+ * rank for an IP, none of them is kept for it, and the conflict is returned. Kubernetes gives a pod
+ * being deleted and the pod that got its address the same IP for a while; the rank decides which
+ * one the namespace of that address serves.
+ */
+export function onePerIp(workloads: readonly Workload[], rank: (workload: Workload) => number): { kept: Workload[]; conflicts: IpConflict[] } {
+  const byIp = new Map<string, Workload[]>();
+  for (const workload of workloads) {
+    for (const ip of workloadIps(workload)) byIp.set(ip, [...(byIp.get(ip) ?? []), workload]);
+  }
+  const dropped = new Set<string>();
+  const conflicts: IpConflict[] = [];
+  for (const [ip, claimants] of byIp) {
+    if (claimants.length < 2) continue;
+    const best = Math.min(...claimants.map(rank));
+    const winners = claimants.filter((workload) => rank(workload) === best);
+    for (const workload of claimants) if (winners.length > 1 || workload !== winners[0]) dropped.add(workload.uid);
+    if (winners.length > 1) conflicts.push({ ip, uids: winners.map((workload) => workload.uid).sort() });
+  }
+  return { kept: workloads.filter((workload) => !dropped.has(workload.uid)), conflicts };
 }

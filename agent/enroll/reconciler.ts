@@ -113,6 +113,8 @@ const RETRY_DELAY_MS = 1_000;
 export class EnrollmentReconciler {
   private readonly enrolled = new Map<string, EnrolledWorkload>();
   private readonly isolated = new Map<string, IsolatedWorkload>();
+  /** Namespaces whose workload is being enrolled now, by cookie, so that two enrolments at once cannot share one. */
+  private readonly claims = new Map<bigint, string>();
   /** Namespaces isolated because several held a wanted workload's IP at once. */
   private readonly ambiguous: AmbiguousPodIps;
   /** The last problem logged per workload, so a retry that fails the same way logs at debug level. */
@@ -339,6 +341,12 @@ export class EnrollmentReconciler {
     return undefined;
   }
 
+  /** Returns the uid of the workload that is enrolled, isolated or being enrolled in the namespace of `cookie`. */
+  private holderOf(cookie: bigint): string | undefined {
+    for (const entry of [...this.enrolled.values(), ...this.isolated.values()]) if (entry.cookie === cookie) return entry.workload.uid;
+    return this.claims.get(cookie);
+  }
+
   /** Collects the cookies of the namespaces this agent serves or isolates a workload in. */
   private servedCookies(): Set<bigint> {
     return new Set([...this.enrolled.values(), ...this.isolated.values()].map((entry) => entry.cookie));
@@ -355,7 +363,20 @@ export class EnrollmentReconciler {
       this.report(workload, `failed to read the cookie of network namespace ${netnsPath}`, { err: error });
       return false;
     }
-    const entry = await this.startProxies(workload, netnsPath, cookie);
+    // One namespace serves one workload: two Pod objects with one IP (a pod being deleted and the
+    // pod that got its address) must not share, or take over, the capture of that namespace.
+    const holder = this.holderOf(cookie);
+    if (holder !== undefined && holder !== workload.uid) {
+      this.report(workload, `network namespace ${netnsPath} already serves pod ${holder}, which has the same IP; not enrolling a second pod there`);
+      return false;
+    }
+    this.claims.set(cookie, workload.uid);
+    let entry: EnrolledWorkload | undefined;
+    try {
+      entry = await this.startProxies(workload, netnsPath, cookie);
+    } finally {
+      this.claims.delete(cookie);
+    }
     if (!entry) return false;
     this.notify("enrolled", entry, this.reasons.get(workload.uid) ?? DEFAULT_ENROLL_REASON);
     this.reasons.delete(workload.uid);
@@ -442,6 +463,11 @@ export class EnrollmentReconciler {
   /** Removes the capture entries of an isolated workload that is no longer wanted at that address. */
   private release(entry: IsolatedWorkload): void {
     this.isolated.delete(entry.workload.uid);
+    // Capture entries that another workload holds stay.
+    if (this.holderOf(entry.cookie) !== undefined) {
+      this.excludedPorts.remove(entry.workload.uid);
+      return;
+    }
     this.options.capture.unenroll(entry.cookie);
     this.detachInbound(entry.cookie, entry.workload);
     this.excludedPorts.remove(entry.workload.uid);

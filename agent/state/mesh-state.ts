@@ -201,14 +201,15 @@ export class MeshState {
 
   /**
    * Indexes workloads by IP and node. When two workloads share an IP, a pod network workload wins
-   * over a hostNetwork one (those carry the node's IP), then the first by uid.
+   * over a hostNetwork one (those carry the node's IP), then a pod that is not being deleted (the
+   * address of a pod whose sandbox is gone may belong to a new pod already), then the first by uid.
    */
   private indexWorkloads(): void {
     const sorted = [...this.snapshot.workloads.values()].sort((a, b) => compare(a.uid, b.uid));
     for (const workload of sorted) {
       for (const key of workloadIps(workload)) {
         const existing = this.byIp.get(key);
-        if (existing === undefined || (existing.hostNetwork && !workload.hostNetwork)) this.byIp.set(key, workload);
+        if (existing === undefined || ownsIpBefore(workload, existing)) this.byIp.set(key, workload);
       }
       if (workload.nodeName !== "") {
         const onNode = this.byNode.get(workload.nodeName) ?? [];
@@ -281,4 +282,10 @@ function compare(a: string, b: string): number {
   if (a < b) return -1;
   if (a > b) return 1;
   return 0;
+}
+
+/** Tells whether `candidate` owns a shared IP before `existing`, which comes first by uid. */
+function ownsIpBefore(candidate: Workload, existing: Workload): boolean {
+  if (existing.hostNetwork !== candidate.hostNetwork) return existing.hostNetwork;
+  return existing.deleting === true && candidate.deleting !== true;
 }

@@ -31,6 +31,8 @@ export interface Workload {
   uid: string;
   /** metadata.uid of the Pod, which differs between two pods of the same name; absent in most manifests. */
   podUid?: string;
+  /** Whether the pod is being deleted (metadata.deletionTimestamp is set). */
+  deleting?: boolean;
   name: string;
   namespace: string;
   serviceAccount: string;

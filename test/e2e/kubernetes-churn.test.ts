@@ -213,3 +213,27 @@ test.serial("EndpointSlice Service routes VIP to listed pod", async (t) => {
   t.is(attempt.outbound.dst.service, "shop/api-sliced");
   t.is(attempt.outbound.transport, "hbone");
 });
+
+test.serial("a second pod object at an enrolled pod's IP takes nothing over", async (t) => {
+  const c = theCluster();
+  const api = c.topology.pod("api");
+  const agent = c.agent(SERVER_NODE);
+  const from = agent.lines.length;
+  // A pod being deleted whose address the network plugin gave to api, as Kubernetes shows for a while.
+  const ghost = { ...podObject({ ...api, name: "ghost", serviceAccount: "admin" }), metadata: { name: "ghost", namespace: "shop", labels: { app: "ghost" }, deletionTimestamp: new Date().toISOString() } };
+  c.kube!.put(ghost);
+  await new Promise((resolve) => setTimeout(resolve, 1_500));
+  t.false(agent.lines.slice(from).some((line) => line.msg === "workload enrolled" && line.workload === "shop/ghost"), "the second pod was enrolled");
+  const during = await fetchPod("api");
+  t.is(during.inbound.transport, "hbone");
+  t.is(during.inbound.dst.identity, "spiffe://cluster.local/ns/shop/sa/api");
+
+  c.kube!.remove("pods", "shop", "ghost");
+  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  // api's own capture must be intact: its outbound connections still go through the agent.
+  const mark = auditMark(c, SERVER_NODE);
+  // The client pod serves nothing: the connection fails, but its record shows that capture holds.
+  await curl(c.topology, "api", `http://${c.topology.pod("client").ip}:${HTTP_PORT}/`, 5);
+  const outbound = await c.waitForAudit(SERVER_NODE, (r) => r.seq > mark && r.direction === "outbound" && r.src.workload === "api", 5_000);
+  t.is(outbound.src.identity, "spiffe://cluster.local/ns/shop/sa/api");
+});

@@ -8,6 +8,7 @@ import {
   enrollmentDecision,
   excludedLabelledNamespaces,
   isAmbient,
+  onePerIp,
   type EnrollmentRule,
   type EnrollmentSettings,
 } from "../../agent/enroll/enrollment";
@@ -176,4 +177,16 @@ test("enrollment reasons when pod label outlives namespace", (t) => {
   const before = snapshot([namespace("plain", AMBIENT)], [labelled]);
   const after = snapshot([namespace("plain")], [labelled]);
   t.deepEqual([...enrollmentReasons(before, after, NODE)], [], "the pod label keeps the pod enrolled");
+});
+
+test("one workload per IP: the lower rank wins, a tie keeps none", (t) => {
+  const workload = (uid: string, ip: string, deleting = false): Workload =>
+    ({ uid, name: uid, namespace: "shop", serviceAccount: "sa", nodeName: "n1", ip, labels: {}, namedPorts: {}, hostNetwork: false, ready: true, source: { file: "t", document: 0 }, ...(deleting && { deleting }) }) as Workload;
+  const rank = (w: Workload): number => (w.deleting ? 2 : 0);
+  const { kept, conflicts } = onePerIp([workload("api", "10.1.0.5"), workload("ghost", "10.1.0.5", true), workload("db", "10.1.0.6")], rank);
+  t.deepEqual(kept.map((w) => w.uid), ["api", "db"]);
+  t.deepEqual(conflicts, []);
+  const tie = onePerIp([workload("a", "10.1.0.7"), workload("b", "10.1.0.7"), workload("c", "10.1.0.8")], rank);
+  t.deepEqual(tie.kept.map((w) => w.uid), ["c"]);
+  t.deepEqual(tie.conflicts, [{ ip: "10.1.0.7", uids: ["a", "b"] }]);
 });

@@ -169,6 +169,8 @@ function kubeCredentials(kubeconfig: string | undefined): KubeCredentials {
 }
 
 const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+/** The most excluded namespaces: the CNI plugin rejects a longer list, which would fail every new pod. */
+const MAX_EXCLUDED_NAMESPACES = 256;
 
 /** Parses --excluded-namespaces: comma-separated namespace names, repeatable; "none" excludes nothing. */
 function parseExcludedNamespaces(values: string[] | undefined): string[] {
@@ -184,7 +186,11 @@ function parseExcludedNamespaces(values: string[] | undefined): string[] {
       throw new UsageError(`invalid namespace "${name}" in --excluded-namespaces: use Kubernetes namespace names (lowercase letters, digits and '-'), comma-separated`);
     }
   }
-  return [...new Set(names)];
+  const unique = [...new Set(names)];
+  if (unique.length > MAX_EXCLUDED_NAMESPACES) {
+    throw new UsageError(`--excluded-namespaces lists ${unique.length} namespaces; at most ${MAX_EXCLUDED_NAMESPACES} are allowed (the CNI plugin's limit)`);
+  }
+  return unique;
 }
 
 /** Default of --cni-timeout, in seconds: how long a pod's sandbox waits for the agent. */

@@ -91,6 +91,10 @@ test.serial("configuration source and CNI options are checked before anything st
   const badNamespace = runAgentArgs([...base, "--manifests", workDir, "--excluded-namespaces", "kube-system,Bad_NS"]);
   t.is(badNamespace.status, 2);
   t.regex(badNamespace.stderr, /invalid namespace "Bad_NS" in --excluded-namespaces/);
+  const many = Array.from({ length: 257 }, (_, index) => `ns${index}`).join(",");
+  const tooMany = runAgentArgs([...base, "--manifests", workDir, "--excluded-namespaces", many]);
+  t.is(tooMany.status, 2);
+  t.regex(tooMany.stderr, /--excluded-namespaces lists 257 namespaces; at most 256 are allowed/);
   const lonelyTimeout = runAgentArgs([...base, "--manifests", workDir, "--cni-timeout", "5"]);
   t.is(lonelyTimeout.status, 2);
   t.regex(lonelyTimeout.stderr, /--cni-timeout needs --cni-conf-dir/);

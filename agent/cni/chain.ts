@@ -2,9 +2,10 @@
 // gives pods their addresses, and keeps it there while other installers rewrite the file.
 //
 // By default containerd and CRI-O load the first file by name among *.conf, *.conflist and
-// *.json in the CNI configuration folder. A .conflist (or a .json with a
-// "plugins" array) runs its plugins in order, each receiving the previous one's result as
-// prevResult. A single-plugin .conf cannot chain, so it is rewritten as a .conflist.
+// *.json in the CNI configuration folder. A .conflist runs its plugins in order, each receiving
+// the previous one's result as prevResult. A single-plugin .conf cannot chain, so it is rewritten
+// as a .conflist. NOTE: a .json file with a "plugins" array is chained into as it is, but
+// containerd reads only *.conflist files as plugin lists.
 
 import fs from "node:fs";
 import path from "node:path";

@@ -366,6 +366,14 @@ test.serial("replaced sandbox with the same IP is captured", async (t) => {
   const record = await inboundRecord(mark, replaced, "ledger");
   t.is(record.transport, "hbone");
   t.is(record.decision, "deny");
+
+  // The runtime deletes the sandbox: its pod leaves the mesh at once.
+  const serverMark = c.auditRecords(CNI_NODE, "workload.unenrolled").length;
+  const del = await runPlugin("DEL", replaced);
+  t.is(del.status, 0, del.stdout);
+  const unenrolled = await c.waitForAudit(CNI_NODE, (r) => r.workload === "resandbox" && r.reason === "pod sandbox deleted (CNI DEL)", 5_000, "workload.unenrolled");
+  t.truthy(unenrolled);
+  t.true(c.auditRecords(CNI_NODE, "workload.unenrolled").length > serverMark);
 });
 
 test.serial("ADD waits for the pod uid the runtime names", async (t) => {
@@ -380,6 +388,7 @@ test.serial("ADD waits for the pod uid the runtime names", async (t) => {
   // The agent waits 10 s for the uid, within the plugin's reply timeout.
   const run = await runPlugin("ADD", pod, { timeout_seconds: 20 }, { CNI_ARGS: args });
   t.not(run.status, 0, `ADD for an unseen pod uid succeeded: ${run.stdout}`);
+  t.is(JSON.parse(run.stdout).code, 100, "the agent's refusal");
   t.regex(JSON.parse(run.stdout).msg, /pod shop\/renamed with uid 0e4a7c2b-7f10-4c77-9a7e-5f1b8a0d9c31, or its namespace, is not in the agent's view/);
   const matching = await runPlugin("ADD", pod, {}, { CNI_ARGS: args.replace(newerUid, olderUid) });
   t.is(matching.status, 0, matching.stdout);

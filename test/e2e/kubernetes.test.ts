@@ -90,6 +90,8 @@ async function fetchFromClient(pod: string): Promise<{ outbound: Record<string, 
   }
   const destination = `${target.ip}:${HTTP_PORT}`;
   const outbound = await c.waitForAudit(CLIENT_NODE, (r) => r.seq > clientMark && r.direction === "outbound" && r.dst.addr === destination, 5_000);
+  // A captured connection's inbound record follows within milliseconds; waiting lets its absence mean something.
+  await new Promise((resolve) => setTimeout(resolve, 300));
   const inbound = c.auditRecords(SERVER_NODE).find((r) => r.seq > serverMark && r.direction === "inbound" && r.dst.addr === destination);
   return { outbound, inbound };
 }

@@ -159,9 +159,12 @@ test("a watch whose version is gone (410) lists again and loses no change", asyn
   api.setOutage(true);
   await waitFor(() => !source.health().watching, "the watches to drop");
   api.put(namespace("after-compaction"));
+  // Deleted while the agent could not see it: only the relist can tell.
+  api.remove("namespaces", undefined, "apps");
   api.compact();
   api.setOutage(false);
   await waitForSnapshot(source, (snapshot) => snapshot.namespaces.has("after-compaction"), "the namespace made after the compaction");
+  t.false(source.snapshot().namespaces.has("apps"), "the relist drops an object deleted meanwhile");
   const namespaces = source.health().resources.find((resource) => resource.resource === "namespaces")!;
   await waitFor(() => source.health().resources.find((resource) => resource.resource === "namespaces")!.expired >= 1, "the 410 relist");
   t.true(source.health().resources.find((resource) => resource.resource === "namespaces")!.lists > listsBefore);

@@ -479,7 +479,7 @@ export class Agent {
 
   /**
    * Records the release of pods whose capture entries a previous agent left and that are no
-   * longer wanted: each gets a workload.unenrolled record that says why, and a log line naming it.
+   * longer wanted. Each gets a workload.unenrolled record with the reason, and a log line naming it.
    */
   private releaseStale(cookies: readonly bigint[]): void {
     if (cookies.length === 0) return;

@@ -156,13 +156,13 @@ export class CniServer {
       return;
     }
 
-    // NOTE: a request holds its slot until the handler settles, even after the plugin gave up waiting.
+    // NOTE: a request keeps its slot until the handler settles, even after the plugin gave up waiting.
     this.#inFlight++;
     const started = Date.now();
     try {
       if (event.command === "ADD") await this.handler.add(event);
       else await this.handler.del(event);
-      logger.info({ netns: event.netns, ips: event.ips, durationMs: Date.now() - started }, event.command === "ADD" ? "CNI ADD answered: the sandbox may start" : "CNI DEL answered");
+      logger.info({ netns: event.netns, ips: event.ips, durationMs: Date.now() - started }, event.command === "ADD" ? "CNI ADD succeeded: the sandbox may start" : "CNI DEL succeeded");
       connection.end(formatCniReply(0, event.command === "ADD" ? successOutput(request.config) : ""));
     } catch (error) {
       logger.error({ err: error, netns: event.netns, durationMs: Date.now() - started }, `CNI ${event.command} failed`);

@@ -214,8 +214,8 @@ export class Reflector {
       this.store.abortList();
       // An expired continue token: the list starts over from the first page.
       if (statusOf(error) === 410) throw new ExpiredError();
-      // An API server that is starting may answer 404 for a custom resource it served before: that
-      // keeps the last state and backs off like any failure, instead of emptying the policies.
+      // An API server that is starting may respond with 404 for a custom resource it served before.
+      // That keeps the last state and backs off like any failure, instead of emptying the policies.
       if (statusOf(error) === 404 && !this.served && this.useOlderPath()) return this.readList();
       if (statusOf(error) === 404 && !this.served && this.spec.optional) {
         this.markAbsent();

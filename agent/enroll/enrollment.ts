@@ -161,9 +161,9 @@ export interface IpConflict {
 
 /**
  * Keeps at most one workload per IP: the one with the lowest `rank`. When several share the lowest
- * rank for an IP, none of them is kept for it, and the conflict is returned. Kubernetes gives a pod
- * being deleted and the pod that got its address the same IP for a while; the rank decides which
- * one the namespace of that address serves.
+ * rank for an IP, none of them is kept for it, and the conflict is returned. For a while Kubernetes
+ * shows a pod being deleted and the pod that got its address with the same IP, so the rank decides
+ * which one the namespace of that address serves.
  */
 export function onePerIp(workloads: readonly Workload[], rank: (workload: Workload) => number): { kept: Workload[]; conflicts: IpConflict[] } {
   const byIp = new Map<string, Workload[]>();

@@ -463,7 +463,7 @@ export class EnrollmentReconciler {
   /** Removes the capture entries of an isolated workload that is no longer wanted at that address. */
   private release(entry: IsolatedWorkload): void {
     this.isolated.delete(entry.workload.uid);
-    // Capture entries that another workload holds stay.
+    // Capture entries that another workload uses stay.
     if (this.holderOf(entry.cookie) !== undefined) {
       this.excludedPorts.remove(entry.workload.uid);
       return;

@@ -137,7 +137,7 @@ export class Cluster {
 
   /**
    * Builds the cluster as create() does, then starts a fake Kubernetes API server (HTTPS with a
-   * token) that listens on 127.0.0.1:6443 inside every node's namespace and holds the cluster's
+   * token) that listens on 127.0.0.1:6443 inside every node's namespace and serves the cluster's
    * namespaces, pods and extra manifests. Agents then run with --kubeconfig.
    */
   static async createWithApi(options: ClusterOptions): Promise<Cluster> {

@@ -13,7 +13,7 @@ export interface PodObjectOptions {
   hostNetwork?: boolean;
 }
 
-/** The Pod object of a topology pod, bound to its node. */
+/** Builds the Pod object of a topology pod, bound to its node. */
 export function podObject(pod: PodHandle, options: PodObjectOptions = {}): KubeObject {
   const ips = [pod.ip, ...(pod.ip6 !== undefined && pod.ip6 !== pod.ip ? [pod.ip6] : [])];
   return {

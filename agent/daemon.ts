@@ -538,8 +538,8 @@ export class Agent {
   }
 
   /**
-   * Lists the workloads of this node to enroll: the ambient ones with an IP. A pod that the CNI
-   * plugin announced has its IPs from the plugin until the API server's copy shows them.
+   * Lists the workloads of this node to enroll: the ambient ones with an IP, one per IP. A pod
+   * that the CNI plugin announced has the addresses of its current sandbox, from the plugin.
    */
   private desiredWorkloads(state: MeshState): Workload[] {
     const settings = this.enrollmentSettings();

@@ -137,6 +137,12 @@ export class Agent {
   private readonly warnings: ConfigWarnings;
   /** IPs that several pods of this node claim, already warned about. */
   private ipConflicts = new Set<string>();
+  /** The pods of this node that claim an IP with others now, by uid: none of them is enrolled. */
+  private conflicted = new Set<string>();
+  /** The pods the previous agent had enrolled, read at start, which win IP ties until the first enrolment ran. */
+  private enrolledAtStart = new Set<string>();
+  /** Set by abortStart(): start() then stops at its next step. */
+  private startAborted = false;
   private capture: CaptureBackend | undefined;
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
@@ -193,6 +199,7 @@ export class Agent {
     if (problems.length > 0) throw new HostNotReadyError(problems);
     // A replacement takes the locks and the admin port only once the agent it replaces exits.
     const predecessor = this.options.replace ? await this.contactPredecessor() : undefined;
+    this.checkAborted();
     // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
     // because the spool and the audit file take one writer at a time.
     this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
@@ -204,11 +211,13 @@ export class Agent {
     loadNative();
 
     this.identity = await startIdentity(this.options.identity, this.logger);
+    this.checkAborted();
     this.trustDomain = this.identity.trustDomain;
     this.certs = this.identity.certs;
     this.certs.onIssued((event) => this.audit?.write(certificateRecord(event, this.options.node, new Date().toISOString())));
 
     this.source = await this.createSource();
+    this.checkAborted();
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
     const routes = {
@@ -236,8 +245,10 @@ export class Agent {
     this.admin = new AdminServer(this.options.adminAddress, routes, this.logger.child({ component: "admin" }));
     // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
     if (!predecessor) await this.admin.start();
+    this.checkAborted();
 
     await this.source.start();
+    this.checkAborted();
     this.state = new MeshState(this.source.snapshot());
     this.warnings.check(this.state);
     this.recordPolicyChanges(undefined, this.state);
@@ -256,11 +267,14 @@ export class Agent {
         this.scheduleEnrolledSave();
       },
     });
+    this.enrolledAtStart = new Set([...this.enrolledFile.load().values()].map((record) => record.workload.uid));
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
     await this.reconciler.update(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
+    this.checkAborted();
     this.releaseStale(this.reconciler.removeStaleCookies());
+    this.enrolledAtStart = new Set();
     this.saveEnrolled();
     this.syncAnnotations();
     const apply = (snapshot: ClusterSnapshot): void => {
@@ -279,6 +293,7 @@ export class Agent {
       handoverHandlers(this.reconciler, this.capture, this.options.drainTimeoutMs ?? 0, () => this.#handOver(), this.logger.child({ component: "handover" })),
       this.logger.child({ component: "handover" }),
     );
+    this.checkAborted();
     this.logger.info(
       {
         enrolled: this.reconciler.list().map((entry) => entry.workload.uid),
@@ -288,6 +303,20 @@ export class Agent {
       },
       "agent ready",
     );
+  }
+
+  /**
+   * Asks a start() in progress to stop at its next step, where it throws; the caller then calls
+   * stop(). A source waiting for the API server's first list ends its wait at once.
+   */
+  abortStart(): void {
+    this.startAborted = true;
+    void this.source?.stop();
+  }
+
+  /** Throws when abortStart() was called, so that start() goes no further. */
+  private checkAborted(): void {
+    if (this.startAborted) throw new AgentError("INTERNAL", "the agent was asked to stop while it was starting");
   }
 
   /**
@@ -499,6 +528,7 @@ export class Agent {
     if (now === undefined) return "pod deleted";
     if (now.nodeName !== this.options.node) return `pod moved to node ${now.nodeName}`;
     if (now.ip === "") return "pod has no IP";
+    if (this.conflicted.has(now.uid)) return "another pod of this node has its IP";
     const decision = enrollmentDecision(this.state!, now, this.enrollmentSettings());
     return decision.enrolled ? "its sandbox was replaced" : decision.reason;
   }
@@ -543,19 +573,23 @@ export class Agent {
    */
   private desiredWorkloads(state: MeshState): Workload[] {
     const settings = this.enrollmentSettings();
-    const ambient = state
+    // Every pod of the node with an address claims it, ambient or not: a live pod that left the
+    // mesh still owns its namespace, which a pod being deleted with the same IP must not take.
+    const claimants = state
       .workloadsOnNode(this.options.node)
       .map((workload) => this.cniEnrolment.pods.complete(workload))
-      .filter((workload) => workload.ip !== "" && isAmbient(state, workload, settings));
-    // Two Pod objects with one IP: a pod not being deleted wins, then the one enrolled now.
-    const enrolled = new Set((this.reconciler?.list() ?? []).map((entry) => entry.workload.uid));
-    const { kept, conflicts } = onePerIp(ambient, (workload) => (workload.deleting ? 2 : 0) + (enrolled.has(workload.uid) ? 0 : 1));
+      .filter((workload) => workload.ip !== "" && !workload.hostNetwork);
+    // Two Pod objects with one IP: a pod not being deleted wins, then the one enrolled now (or by
+    // the previous agent, at start).
+    const enrolled = new Set([...(this.reconciler?.list() ?? []).map((entry) => entry.workload.uid), ...this.enrolledAtStart]);
+    const { kept, conflicts } = onePerIp(claimants, (workload) => (workload.deleting ? 2 : 0) + (enrolled.has(workload.uid) ? 0 : 1));
     this.warnIpConflicts(conflicts);
-    return kept;
+    return kept.filter((workload) => isAmbient(state, workload, settings));
   }
 
   /** Logs each IP that several pods of this node claim at once, once while it lasts: none of them is enrolled. */
   private warnIpConflicts(conflicts: readonly IpConflict[]): void {
+    this.conflicted = new Set(conflicts.flatMap((conflict) => conflict.uids));
     const current = new Set(conflicts.map((conflict) => `${conflict.ip} ${conflict.uids.join(" ")}`));
     for (const conflict of conflicts) {
       if (this.ipConflicts.has(`${conflict.ip} ${conflict.uids.join(" ")}`)) continue;

@@ -278,20 +278,22 @@ async function main(argv: string[]): Promise<number> {
     );
   }
   const agent = new Agent(options.agent, logger);
-  // Start may wait long for the API server's first list: a signal meanwhile stops the agent cleanly.
-  let stoppedDuringStart: Promise<void> | undefined;
+  // Start may wait long for the API server's first list: a signal meanwhile makes start() end at
+  // its next step, and the agent then stops cleanly.
+  let signalDuringStart: string | undefined;
   const stopDuringStart = (signal: string): void => {
-    if (stoppedDuringStart) return;
+    if (signalDuringStart) return;
+    signalDuringStart = signal;
     logger.info({ signal }, "signal received while starting, stopping");
-    stoppedDuringStart = agent.stop(0, `signal ${signal} during start`).catch((error) => logger.error({ err: error }, "stopping failed"));
+    agent.abortStart();
   };
   process.on("SIGTERM", stopDuringStart);
   process.on("SIGINT", stopDuringStart);
   try {
     await agent.start();
   } catch (error) {
-    if (stoppedDuringStart) {
-      await stoppedDuringStart;
+    if (signalDuringStart) {
+      await agent.stop(0, `signal ${signalDuringStart} during start`).catch((stopError) => logger.error({ err: stopError }, "stopping failed"));
       return 0;
     }
     const message = error instanceof HostNotReadyError ? error.message : `failed to start: ${(error as Error).message}`;
@@ -303,8 +305,9 @@ async function main(argv: string[]): Promise<number> {
     process.off("SIGTERM", stopDuringStart);
     process.off("SIGINT", stopDuringStart);
   }
-  if (stoppedDuringStart) {
-    await stoppedDuringStart;
+  if (signalDuringStart) {
+    // start() finished its last step as the signal came.
+    await agent.stop(0, `signal ${signalDuringStart} during start`).catch((error) => logger.error({ err: error }, "stopping failed"));
     return 0;
   }
 

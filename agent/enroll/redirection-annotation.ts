@@ -18,6 +18,8 @@ export const REDIRECTION_ENABLED = "enabled";
  * may have overwritten it, and the next check compares again and patches.
  */
 const WRITTEN_TRUST_MS = 5_000;
+/** The longest trust period, reached when something keeps removing what the agent writes. */
+const MAX_WRITTEN_TRUST_MS = 300_000;
 /** Patches in flight at once. */
 const PATCH_CONCURRENCY = 8;
 /** Delay before failed patches are tried again; it doubles per failure in a row, up to the maximum. */
@@ -34,8 +36,14 @@ interface PendingPatch {
 export class RedirectionAnnotator {
   /** Patches waiting to be sent, by pod uid; a newer sync replaces a waiting entry. */
   private readonly queue = new Map<string, PendingPatch>();
-  /** Values written and not yet seen back in the pod, by uid, so a sync does not patch them twice. */
-  private readonly written = new Map<string, { value: string | undefined; at: number }>();
+  /**
+   * Values written and not yet seen back in the pod, by uid, so a sync does not patch them twice.
+   * `trustMs` doubles each time the same value is written again without ever being seen, so that
+   * something that strips the annotation (a webhook) gets fewer and fewer patches.
+   */
+  private readonly written = new Map<string, { value: string | undefined; at: number; trustMs: number }>();
+  /** The last trust period per pod whose written value was never seen, carried into its next write. */
+  private readonly unseen = new Map<string, { value: string | undefined; trustMs: number }>();
   private recheckTimer: NodeJS.Timeout | undefined;
   private readonly inFlight = new Set<string>();
   /** Patches that failed, by uid, waiting for the retry timer. */
@@ -65,7 +73,13 @@ export class RedirectionAnnotator {
       const have = pod.annotations?.[REDIRECTION_ANNOTATION];
       const want = enrolled.has(pod.uid) ? REDIRECTION_ENABLED : undefined;
       const written = this.written.get(pod.uid);
-      if (written !== undefined && (written.value === have || Date.now() - written.at > this.writtenTrustMs)) this.written.delete(pod.uid);
+      if (written !== undefined && written.value === have) {
+        this.written.delete(pod.uid);
+        this.unseen.delete(pod.uid);
+      } else if (written !== undefined && Date.now() - written.at > written.trustMs) {
+        this.written.delete(pod.uid);
+        this.unseen.set(pod.uid, { value: written.value, trustMs: written.trustMs });
+      }
       if (have === want) {
         this.queue.delete(pod.uid);
         this.delayed.delete(pod.uid);
@@ -79,6 +93,7 @@ export class RedirectionAnnotator {
     }
     for (const uid of [...this.queue.keys()]) if (!present.has(uid)) this.queue.delete(uid);
     for (const uid of [...this.written.keys()]) if (!present.has(uid)) this.written.delete(uid);
+    for (const uid of [...this.unseen.keys()]) if (!present.has(uid)) this.unseen.delete(uid);
     for (const uid of [...this.delayed.keys()]) if (!present.has(uid)) this.delayed.delete(uid);
     this.pump();
     this.scheduleRecheck();
@@ -89,11 +104,12 @@ export class RedirectionAnnotator {
     clearTimeout(this.recheckTimer);
     this.recheckTimer = undefined;
     if (this.written.size === 0 || this.stopped) return;
+    const soonest = Math.min(...[...this.written.values()].map((written) => written.at + written.trustMs));
     this.recheckTimer = setTimeout(() => {
       this.recheckTimer = undefined;
       const current = this.current();
       if (current !== undefined) this.sync(current.podsOnNode, current.enrolled);
-    }, this.writtenTrustMs + 100);
+    }, Math.max(0, soonest - Date.now()) + 100);
     this.recheckTimer.unref();
   }
 
@@ -129,7 +145,9 @@ export class RedirectionAnnotator {
         body: { metadata: { annotations: { [REDIRECTION_ANNOTATION]: patch.value ?? null } } },
         contentType: "application/merge-patch+json",
       });
-      this.written.set(uid, { value: patch.value, at: Date.now() });
+      const unseen = this.unseen.get(uid);
+      const trustMs = unseen !== undefined && unseen.value === patch.value ? Math.min(unseen.trustMs * 2, MAX_WRITTEN_TRUST_MS) : this.writtenTrustMs;
+      this.written.set(uid, { value: patch.value, at: Date.now(), trustMs });
       this.scheduleRecheck();
       this.failures = 0;
       this.logger.debug({ pod: uid, annotation: REDIRECTION_ANNOTATION, value: patch.value ?? null }, "pod annotation written");

@@ -165,6 +165,36 @@ test.serial("agent waits for an unreachable API server and reports it", async (t
   t.is(records.at(-1)?.type, "agent.stopped");
 });
 
+test.serial("agent stopped at its first log line exits cleanly", async (t) => {
+  const kubeconfig = path.join(workDir, "kubeconfig-early");
+  fs.writeFileSync(
+    kubeconfig,
+    "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n",
+  );
+  const args = [
+    AGENT_BIN, "run", "--node", "cli-node", "--kubeconfig", kubeconfig, "--ca-dir", path.join(workDir, "ca"),
+    "--audit-file", path.join(workDir, "audit-early.jsonl"), "--audit-spool", path.join(workDir, "spool-early"),
+    "--pin-root", "/sys/fs/bpf/ambient-agent/aacli-node", "--admin", `127.0.0.1:${21_000 + (process.pid % 9_000)}`,
+  ];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  });
+  let stderr = "";
+  let signalled = false;
+  child.stderr!.on("data", (chunk: Buffer) => {
+    stderr += chunk.toString();
+    if (!signalled) {
+      signalled = true;
+      child.kill("SIGTERM");
+    }
+  });
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  const code = await Promise.race([exited, new Promise<string>((resolve) => setTimeout(() => resolve("still running"), 10_000))]);
+  t.is(code, 0, stderr.slice(-2_000));
+  t.false(fs.existsSync("/sys/fs/bpf/ambient-agent/aacli-node"), "capture was attached after the stop");
+});
+
 test.serial("ca init refuses to overwrite a CA", (t) => {
   const result = spawnSync(process.execPath, [AGENTCTL_BIN, "ca", "init", "--dir", path.join(workDir, "ca")], { encoding: "utf8" });
   t.is(result.status, 1);

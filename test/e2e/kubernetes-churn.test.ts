@@ -237,3 +237,35 @@ test.serial("a second pod object at an enrolled pod's IP takes nothing over", as
   const outbound = await c.waitForAudit(SERVER_NODE, (r) => r.seq > mark && r.direction === "outbound" && r.src.workload === "api", 5_000);
   t.is(outbound.src.identity, "spiffe://cluster.local/ns/shop/sa/api");
 });
+
+test.serial("a pod being deleted never takes a live pod's namespace", async (t) => {
+  const c = theCluster();
+  const api = c.topology.pod("api");
+  const agent = c.agent(SERVER_NODE);
+  const from = agent.lines.length;
+  const mark = auditMark(c, SERVER_NODE);
+  const ghost = { ...podObject({ ...api, name: "ghost2", serviceAccount: "admin" }), metadata: { name: "ghost2", namespace: "shop", labels: { app: "ghost2" }, deletionTimestamp: new Date().toISOString() } };
+  c.kube!.put(ghost);
+  // api leaves the mesh but keeps its address: the pod being deleted must not get its namespace.
+  c.kube!.put(podObject(api, { labels: { "istio.io/dataplane-mode": "none" } }));
+  await c.waitForAudit(SERVER_NODE, (r) => r.seq > mark && r.workload === "api", 10_000, "workload.unenrolled");
+  await new Promise((resolve) => setTimeout(resolve, 1_500));
+  t.false(agent.lines.slice(from).some((line) => line.msg === "workload enrolled" && line.workload === "shop/ghost2"), "the pod being deleted was enrolled in api's namespace");
+  c.kube!.remove("pods", "shop", "ghost2");
+  c.kube!.put(podObject(api));
+  await agent.waitEnrolled("shop/api", 10_000, from);
+});
+
+test.serial("a restart keeps the enrolled pod when a second live object claims its IP", async (t) => {
+  const c = theCluster();
+  const api = c.topology.pod("api");
+  c.kube!.put(podObject({ ...api, name: "twin", serviceAccount: "admin" }));
+  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  await c.agent(SERVER_NODE).stop();
+  const mark = auditMark(c, SERVER_NODE);
+  const agent = await c.restartAgent(SERVER_NODE);
+  await agent.waitEnrolled("shop/api", 10_000);
+  t.false(agent.lines.some((line) => line.msg === "workload enrolled" && line.workload === "shop/twin"));
+  t.false(c.auditRecords(SERVER_NODE, "workload.unenrolled").some((r) => r.seq > mark && r.workload === "api"), "the restart released api");
+  c.kube!.remove("pods", "shop", "twin");
+});

@@ -83,6 +83,7 @@ export class RedirectionAnnotator {
       if (have === want) {
         this.queue.delete(pod.uid);
         this.delayed.delete(pod.uid);
+        this.unseen.delete(pod.uid);
         continue;
       }
       const trusted = this.written.get(pod.uid);

@@ -1,6 +1,7 @@
 // The node agent: wires discovery, state, capture, identity, the per-pod proxies, authorization
 // and audit together, and keeps them in step as the manifests change.
 
+import fs from "node:fs";
 import path from "node:path";
 
 import type { AuditOptions } from "./audit/config";
@@ -41,7 +42,7 @@ import { KubeSource } from "./discovery/kube-source";
 import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, isAmbient, onePerIp, type EnrollmentSettings, type IpConflict } from "./enroll/enrollment";
 import { ConfigWarnings } from "./config-warnings";
 import { CniEnrolment } from "./enroll/cni-enrolment";
-import { EnrolledFile } from "./enroll/enrolled-file";
+import { EnrolledFile, type EnrolledRecord } from "./enroll/enrolled-file";
 import { RedirectionAnnotator } from "./enroll/redirection-annotation";
 import { startCni, type CniRuntime, type CniSettings } from "./cni/setup";
 import { AgentError } from "./errors";
@@ -183,7 +184,11 @@ export class Agent {
       },
       enrolled: (uid) => this.reconciler?.list().find((entry) => entry.workload.uid === uid),
       evict: async (uid, reason) => this.reconciler?.evict(uid, reason),
-      enrolledByCni: () => this.syncAnnotations(),
+      enrolledByCni: () => {
+        // Saved at once: the next agent needs the sandbox until the kubelet reports the pod's IP.
+        this.saveEnrolled();
+        this.syncAnnotations();
+      },
       logger: this.logger.child({ component: "cni" }),
     });
   }
@@ -267,7 +272,9 @@ export class Agent {
         this.scheduleEnrolledSave();
       },
     });
-    this.enrolledAtStart = new Set([...this.enrolledFile.load().values()].map((record) => record.workload.uid));
+    const previous = [...this.enrolledFile.load().values()];
+    this.enrolledAtStart = new Set(previous.map((record) => record.workload.uid));
+    this.restoreSandboxes(previous);
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
     await this.reconciler.update(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
     NetnsPodNetwork.shareNewListeners = false;
@@ -328,6 +335,8 @@ export class Agent {
    */
   async stop(drainMs = 0, reason = "stop requested"): Promise<void> {
     this.handover?.close();
+    clearTimeout(this.enrolledSaveTimer);
+    if (this.reconciler) this.saveEnrolled();
     await this.cni?.close();
     this.annotator?.stop();
     // The manifests are still followed while connections drain, so a policy change still closes
@@ -522,6 +531,21 @@ export class Agent {
     }
   }
 
+  /**
+   * Takes over the CNI sandboxes that the previous agent had enrolled: until the kubelet reports a
+   * new pod's IP, only the sandbox has it, and without it the pod would be released.
+   */
+  private restoreSandboxes(previous: readonly EnrolledRecord[]): void {
+    for (const record of previous) {
+      const sandbox = record.sandbox;
+      const workload = this.state?.workload(record.workload.uid);
+      if (sandbox === undefined || workload === undefined || workload.nodeName !== this.options.node) continue;
+      if (workload.podUid !== undefined && record.workload.podUid !== undefined && workload.podUid !== record.workload.podUid) continue;
+      if (!fs.existsSync(sandbox.netns)) continue;
+      this.cniEnrolment.pods.add(workload.uid, sandbox);
+    }
+  }
+
   /** Says why a workload that a previous agent enrolled is not enrolled now. */
   private releaseReason(before: Workload): string {
     const now = this.state?.workload(before.uid);
@@ -545,7 +569,9 @@ export class Agent {
 
   private saveEnrolled(): void {
     const entries = this.reconciler?.list() ?? [];
-    const error = this.enrolledFile.save(entries.map((entry) => ({ cookie: entry.cookie, workload: entry.workload, identity: entry.identity })));
+    const error = this.enrolledFile.save(
+      entries.map((entry) => ({ cookie: entry.cookie, workload: entry.workload, identity: entry.identity, sandbox: this.cniEnrolment.pods.sandboxOf(entry.workload.uid) })),
+    );
     if (error) this.logger.warn({ err: error }, "cannot save the list of enrolled pods; a later agent cannot name the pods whose capture it releases");
   }
 

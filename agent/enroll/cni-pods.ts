@@ -31,6 +31,11 @@ export class CniPods {
     return false;
   }
 
+  /** Returns the sandbox announced for a pod, when there is one. */
+  sandboxOf(uid: string): CniPodSandbox | undefined {
+    return this.byUid.get(uid);
+  }
+
   /** Forgets the pods for which `keep` is false: pods deleted without a DEL, such as while no agent ran. */
   retain(keep: (uid: string) => boolean): void {
     for (const uid of [...this.byUid.keys()]) if (!keep(uid)) this.byUid.delete(uid);

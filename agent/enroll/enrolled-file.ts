@@ -5,11 +5,14 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { Identity, Workload } from "../state/types";
+import type { CniPodSandbox } from "./cni-pods";
 
 /** One enrolled workload, as the file keeps it. */
 export interface EnrolledRecord {
   workload: Workload;
   identity: Identity;
+  /** The sandbox the CNI plugin announced for it, which the next agent needs until the API shows the pod's IP. */
+  sandbox?: CniPodSandbox;
 }
 
 export class EnrolledFile {
@@ -29,9 +32,9 @@ export class EnrolledFile {
   }
 
   /** Writes the current set atomically when it changed. A failure is returned, not thrown: the file only serves diagnostics. */
-  save(entries: readonly { cookie: bigint; workload: Workload; identity: Identity }[]): Error | undefined {
-    const rows = entries.map((entry) => [entry.cookie.toString(), { workload: entry.workload, identity: entry.identity }] as const);
-    const key = rows.map(([cookie, record]) => `${cookie}:${record.workload.uid}:${record.workload.ip}`).sort().join(",");
+  save(entries: readonly ({ cookie: bigint } & EnrolledRecord)[]): Error | undefined {
+    const rows = entries.map((entry) => [entry.cookie.toString(), { workload: entry.workload, identity: entry.identity, sandbox: entry.sandbox }] as const);
+    const key = rows.map(([cookie, record]) => `${cookie}:${record.workload.uid}:${record.workload.ip}:${record.sandbox?.netns ?? ""}`).sort().join(",");
     if (key === this.lastWritten) return undefined;
     try {
       fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });

@@ -412,6 +412,22 @@ test.serial("ADD outside ambient mode skips enrolment", async (t) => {
   t.false(agent.lines.slice(from).some(enrolledLine("plain/outsider")), "the agent enrolled a pod outside ambient mode");
 });
 
+test.serial("a restart keeps a CNI-added pod captured before its IP is reported", async (t) => {
+  const c = theCluster();
+  const pod = schedulePod({ name: "restarter", namespace: "shop", serviceAccount: "fresh" });
+  const run = await runPlugin("ADD", pod);
+  assertPrevResult(t, run, pod);
+  await c.agent(CNI_NODE).stop();
+  await c.restartAgent(CNI_NODE, ["early", "restarter"], cniArgs(CNI_NODE));
+  t.is(podIpOf("restarter"), undefined, "the kubelet has not reported the IP yet");
+  const mark = c.auditRecords(SERVER_NODE).length;
+  const denied = await curl(c.topology, "restarter", `http://${c.topology.pod("ledger").ip}:8080/`, 5);
+  t.true(RESET_EXIT_CODES.includes(denied.exitCode), `curl to ledger after the restart: exit ${denied.exitCode} ${denied.stderr}`);
+  const record = await inboundRecord(mark, pod, "ledger");
+  t.is(record.transport, "hbone");
+  t.is(record.decision, "deny");
+});
+
 test.serial("ADD waits for a stopped agent, then fails", async (t) => {
   const c = theCluster();
   const paths = cniPaths(CNI_NODE);

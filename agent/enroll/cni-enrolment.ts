@@ -73,6 +73,7 @@ export class CniEnrolment {
       const which = event.podUid ? ` with uid ${event.podUid}` : "";
       throw new AgentError("CNI_ERROR", `pod ${uid}${which}, or its namespace, is not in the agent's view of the cluster after ${POD_WAIT_MS / 1000} s; the kubelet will try again`);
     }
+
     const state = this.host.state()!;
     // Kept for every pod: one whose namespace turns ambient later is enrolled in this sandbox.
     if (event.ips.length > 0) this.pods.add(uid, event);
@@ -83,12 +84,14 @@ export class CniEnrolment {
     if (event.ips.length === 0 && workload.ip === "") {
       throw new AgentError("CNI_ERROR", `the CNI result for pod ${uid} has no IP address; chain the agent's plugin after the plugin that assigns pod addresses`);
     }
+
     // A pod enrolled in another namespace has a new sandbox; with the same IP the reconciler would keep the old one.
     const previous = this.host.enrolled(uid);
     if (previous !== undefined && !sameNamespace(previous.netnsPath, event.netns)) {
       await this.host.evict(uid, `pod sandbox replaced: ${previous.netnsPath} by ${event.netns}`);
     }
     await this.host.reconcile(new Map([[uid, CNI_ENROLL_REASON]]));
+
     const entry = this.host.enrolled(uid);
     if (entry === undefined || !sameNamespace(entry.netnsPath, event.netns)) {
       throw new AgentError("CNI_ERROR", `capture of pod ${uid} in ${event.netns} is not in place yet (see the agent log); the kubelet will try again`);

@@ -81,7 +81,7 @@ test.after.always(async () => {
     await otlp.stop().catch(() => undefined);
     await syslog.cleanup().catch(() => undefined);
   }
-  await cluster?.destroy();
+  await cluster?.destroy({ removeWorkDir: true });
 });
 
 /** Runs the connection loop in the client pod for `durationMs`, one connection per 50 ms. */

@@ -1,11 +1,11 @@
 // Installs the agent's plugin into the node's CNI configuration, after the network plugin that
 // gives pods their addresses, and keeps it there while other installers rewrite the file.
 //
-// By default containerd and CRI-O load the first file by name among *.conf, *.conflist and
-// *.json in the CNI configuration folder. A .conflist runs its plugins in order, each receiving
+// The plugin is chained into the first file by name among *.conf, *.conflist and *.json in the
+// CNI configuration folder. NOTE: that containerd and CRI-O load this file when no network is
+// named is not checked against their code. A .conflist runs its plugins in order, each receiving
 // the previous one's result as prevResult. A single-plugin .conf cannot chain, so it is rewritten
-// as a .conflist. NOTE: a .json file with a "plugins" array is chained into as it is, but
-// containerd reads only *.conflist files as plugin lists.
+// as a .conflist. A .json file with a "plugins" array is chained into as it is.
 
 import fs from "node:fs";
 import path from "node:path";

@@ -6,6 +6,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { AgentError } from "../errors";
+import { listenUnixSocket } from "../unix-socket";
 import type { Logger } from "../log";
 import {
   CNI_ERROR_CODES,
@@ -63,20 +64,11 @@ export class CniServer {
     await removeStaleSocket(socketPath);
 
     let self: CniServer | undefined;
-    const server = net.createServer((connection) => self?.accept(connection));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(socketPath, () => {
-        server.off("error", reject);
-        resolve();
-      });
-    });
-    fs.chmodSync(socketPath, 0o600);
-    server.on("error", (error) => logger.error({ err: error, socket: socketPath }, "CNI socket failed"));
+    const { server, inode } = await listenUnixSocket(socketPath, (connection) => self?.accept(connection), logger, "CNI socket");
     self = new CniServer(
       socketPath,
       server,
-      fs.statSync(socketPath).ino,
+      inode,
       handler,
       logger,
       options.maxConcurrentRequests ?? DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -184,8 +176,8 @@ function setupFailed(message: string, cause?: unknown): AgentError {
 
 /**
  * Creates the socket's folder with mode 0700, or checks that an existing one is a folder owned by
- * this user that no one else can write to, because anyone who can replace the socket could reply to
- * the plugin in the agent's place.
+ * this user that no one else can write to. Anyone who could replace the socket could reply to the
+ * plugin in the agent's place.
  */
 function prepareSocketFolder(folder: string): void {
   if (!fs.existsSync(folder)) {

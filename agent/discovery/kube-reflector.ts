@@ -15,7 +15,7 @@ export interface ResourceSpec {
   path: string;
   /**
    * Paths of older API versions of the same resource, tried in order when the server does not serve
-   * `path` (404): Istio before 1.22 serves security.istio.io v1beta1 only.
+   * `path` (404), as older Istio releases serve security.istio.io v1beta1 only.
    */
   olderPaths?: string[];
   fieldSelector?: string;

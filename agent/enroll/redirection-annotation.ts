@@ -1,6 +1,6 @@
 // Marks enrolled pods in the Kubernetes API, as istio-cni does: the annotation
 // ambient.istio.io/redirection=enabled is on a pod while its capture is in place, and removed when
-// the pod leaves ambient mode. Other Istio components (istiod's probe rewrite, istioctl) read it.
+// the pod leaves ambient mode, for the other Istio components that read it.
 //
 // The writer is level-triggered: each sync() compares the wanted value with what the API last
 // showed and patches the difference, so a failed or lost patch is retried by the next sync.
@@ -18,7 +18,7 @@ export const REDIRECTION_ENABLED = "enabled";
  * may have overwritten it, and the next check compares again and patches.
  */
 const WRITTEN_TRUST_MS = 5_000;
-/** The longest trust period, reached when something keeps removing what the agent writes. */
+/** The maximum trust period, reached when something keeps removing what the agent writes. */
 const MAX_WRITTEN_TRUST_MS = 300_000;
 /** Patches in flight at once. */
 const PATCH_CONCURRENCY = 8;

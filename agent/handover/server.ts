@@ -4,6 +4,7 @@
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
+import { listenUnixSocket } from "../unix-socket";
 import type { Logger } from "../log";
 import { formatHandoverMessage, LineSplitter, parseHandoverMessage, type HandoverMessage } from "./protocol";
 
@@ -40,17 +41,8 @@ export class HandoverServer {
     fs.mkdirSync(path.dirname(socketPath), { recursive: true });
     fs.rmSync(socketPath, { force: true });
     let self: HandoverServer | undefined;
-    const server = net.createServer((connection) => self?.accept(connection));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(socketPath, () => {
-        server.off("error", reject);
-        resolve();
-      });
-    });
-    fs.chmodSync(socketPath, 0o600);
-    server.on("error", (error) => logger.error({ err: error, socket: socketPath }, "hand-over socket failed"));
-    self = new HandoverServer(socketPath, server, fs.statSync(socketPath).ino, handlers, logger);
+    const { server, inode } = await listenUnixSocket(socketPath, (connection) => self?.accept(connection), logger, "hand-over socket");
+    self = new HandoverServer(socketPath, server, inode, handlers, logger);
     logger.debug({ socket: socketPath }, "hand-over socket listening");
     return self;
   }

@@ -228,7 +228,7 @@ static void parse_config(const char *text, size_t length, struct config *config)
 			json_skip_space(&s);
 			if (result == -1 || s.p >= s.end || *s.p++ != ':')
 				fail(NULL, CNI_ERR_DECODE, NULL, "failed to decode the network configuration: invalid member name");
-			/* A longer name is none of the members read here, so its value is only checked. */
+			/* A longer name matches no member read here, so its value is only checked. */
 			read_config_member(&s, config, result == -2 ? "" : key);
 			json_skip_space(&s);
 			if (s.p < s.end && *s.p == '}') {

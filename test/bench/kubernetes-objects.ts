@@ -18,7 +18,7 @@ export interface ClusterShape {
 const CREATED = "2026-11-02T08:14:03Z";
 const STARTED = "2026-11-02T08:14:09Z";
 
-/** A deterministic UID, so two runs hold the same objects. */
+/** Returns a deterministic UID, so that two runs have the same objects. */
 function uidOf(text: string): string {
   const hex = createHash("sha256").update(text).digest("hex");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
@@ -49,7 +49,7 @@ function appName(serviceIndex: number): string {
   return `svc-${serviceIndex}`;
 }
 
-/** Where pod `podIndex` belongs: its Service (and Deployment), namespace, replica number and node. */
+/** Places pod `podIndex`: its Service (and Deployment), namespace, replica number and node. */
 function placement(shape: ClusterShape, podIndex: number): { service: number; namespace: string; node: string } {
   const service = podIndex % shape.services;
   return { service, namespace: namespaceName(service % shape.namespaces), node: `remote-${podIndex % shape.remoteNodes}` };
@@ -190,7 +190,7 @@ export function service(shape: ClusterShape, serviceIndex: number): KubeObject {
   };
 }
 
-/** The EndpointSlice of a Service, with one endpoint per pod of its Deployment. */
+/** Builds the EndpointSlice of a Service, with one endpoint per pod of its Deployment. */
 export function endpointSlice(shape: ClusterShape, serviceIndex: number): KubeObject {
   const app = appName(serviceIndex);
   const namespace = namespaceName(serviceIndex % shape.namespaces);
@@ -224,7 +224,7 @@ export function endpointSlice(shape: ClusterShape, serviceIndex: number): KubeOb
   };
 }
 
-/** Every object of the synthetic cluster: namespaces, pods, Services and EndpointSlices. */
+/** Yields every object of the synthetic cluster: namespaces, pods, Services and EndpointSlices. */
 export function* clusterObjects(shape: ClusterShape): Generator<KubeObject> {
   for (let index = 0; index < shape.namespaces; index++) {
     yield { apiVersion: "v1", kind: "Namespace", metadata: { name: namespaceName(index), uid: uidOf(`ns/${index}`), labels: { "kubernetes.io/metadata.name": namespaceName(index) } } };

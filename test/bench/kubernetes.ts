@@ -522,7 +522,8 @@ export async function measureKubernetes(settings: KubernetesSettings, step: (mes
 }
 
 function met(value: number, target: number): string {
-  return Number.isFinite(value) ? (value <= target ? "yes" : "no") : "n/a";
+  if (!Number.isFinite(value)) return "n/a";
+  return value <= target ? "yes" : "no";
 }
 
 function kubernetesRows(figures: KubernetesFigures): string[][] {

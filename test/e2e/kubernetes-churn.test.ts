@@ -214,7 +214,7 @@ test.serial("EndpointSlice Service routes VIP to listed pod", async (t) => {
   t.is(attempt.outbound.transport, "hbone");
 });
 
-test.serial("a second pod object at an enrolled pod's IP takes nothing over", async (t) => {
+test.serial("IP twin takes nothing over", async (t) => {
   const c = theCluster();
   const api = c.topology.pod("api");
   const agent = c.agent(SERVER_NODE);
@@ -238,7 +238,7 @@ test.serial("a second pod object at an enrolled pod's IP takes nothing over", as
   t.is(outbound.src.identity, "spiffe://cluster.local/ns/shop/sa/api");
 });
 
-test.serial("a pod being deleted never takes a live pod's namespace", async (t) => {
+test.serial("deleting pod never takes live namespace", async (t) => {
   const c = theCluster();
   const api = c.topology.pod("api");
   const agent = c.agent(SERVER_NODE);
@@ -256,7 +256,7 @@ test.serial("a pod being deleted never takes a live pod's namespace", async (t) 
   await agent.waitEnrolled("shop/api", 10_000, from);
 });
 
-test.serial("a restart keeps the enrolled pod when a second live object claims its IP", async (t) => {
+test.serial("restart keeps pod against an IP twin", async (t) => {
   const c = theCluster();
   const api = c.topology.pod("api");
   c.kube!.put(podObject({ ...api, name: "twin", serviceAccount: "admin" }));

@@ -378,7 +378,7 @@ test.serial("replaced sandbox with the same IP is captured", async (t) => {
 
 test.serial("ADD waits for the pod uid the runtime names", async (t) => {
   const c = theCluster();
-  // The agent knows an older pod of this name, which opted out; the runtime starts a newer one.
+  // The agent has an older pod of this name, which opted out; the runtime starts a newer one.
   const pod = c.topology.addPodTo(CNI_NODE, { name: "renamed", namespace: "shop", serviceAccount: "fresh" });
   const older = c.kube!.put(podObject(pod, { withoutIp: true, labels: { "istio.io/dataplane-mode": "none" } }));
   const olderUid = (older.metadata as { uid: string }).uid;
@@ -412,7 +412,7 @@ test.serial("ADD outside ambient mode skips enrolment", async (t) => {
   t.false(agent.lines.slice(from).some(enrolledLine("plain/outsider")), "the agent enrolled a pod outside ambient mode");
 });
 
-test.serial("a restart keeps a CNI-added pod captured before its IP is reported", async (t) => {
+test.serial("restart keeps CNI pod before its IP", async (t) => {
   const c = theCluster();
   const pod = schedulePod({ name: "restarter", namespace: "shop", serviceAccount: "fresh" });
   const run = await runPlugin("ADD", pod);

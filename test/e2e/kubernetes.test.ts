@@ -212,7 +212,7 @@ test.serial("pod label, sidecar and exclusion override namespace", async (t) => 
   t.is(agentStatus(SERVER_NODE).enrolled, 2, changes.join("\n"));
 });
 
-test.serial("pods that left while no agent ran are released by name", async (t) => {
+test.serial("pods gone while down released by name", async (t) => {
   const c = theCluster();
   // optin is enrolled by its pod label; api by its namespace. Both leave while the agent is down.
   await c.agent(SERVER_NODE).stop();

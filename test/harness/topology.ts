@@ -174,9 +174,9 @@ export class Topology {
   }
 
   /**
-   * Removes a pod as a container runtime does when it is deleted: ends the processes started in
-   * its namespace (the namespace lives on while one runs in it), deletes the namespace and its
-   * veth, and drops the node's neighbour entry for its IP.
+   * Removes a pod as a container runtime does when it is deleted. It ends the processes started in
+   * its namespace, because the namespace lives on while one runs in it. Then it deletes the
+   * namespace and its veth, and drops the node's neighbour entry for its IP.
    */
   removePod(name: string): void {
     const pod = this.pod(name);

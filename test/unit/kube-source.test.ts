@@ -90,7 +90,73 @@ async function waitFor(condition: () => boolean, what: string): Promise<void> {
   }
 }
 
-test("lists every resource, converts pods like manifests and follows changes", async (t) => {
+/** The AuthorizationPolicy resource as the agent follows it, with its older API version. */
+const POLICY_SPEC = {
+  name: "authorizationpolicies",
+  path: "/apis/security.istio.io/v1/authorizationpolicies",
+  olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"],
+  optional: true,
+};
+
+/** Objects that a stub store of a reflector received, by list. */
+interface StubStore {
+  store: ConstructorParameters<typeof Reflector>[2];
+  /** The number of objects of each completed list. */
+  lists: number[];
+  /** The objects of every page received. */
+  listed: unknown[];
+}
+
+function stubStore(): StubStore {
+  const result: StubStore = { lists: [], listed: [], store: undefined as never };
+  let pending = 0;
+  result.store = {
+    beginList: () => (pending = 0),
+    listPage: (items: unknown[]) => {
+      pending += items.length;
+      result.listed.push(...items);
+    },
+    endList: () => result.lists.push(pending),
+    abortList: () => undefined,
+    upsert: () => undefined,
+    remove: () => undefined,
+  };
+  return result;
+}
+
+/**
+ * Starts a reflector of `spec` against a plain HTTP server on loopback that answers with
+ * `handler`, through a kubeconfig, and stops both at the end of the test.
+ */
+async function stubReflector(
+  t: { teardown(fn: () => unknown): void },
+  handler: http.RequestListener,
+  spec: ConstructorParameters<typeof Reflector>[1],
+): Promise<{ reflector: Reflector; stub: StubStore }> {
+  const server = http.createServer(handler);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-stub-"));
+  const kubeconfig = path.join(dir, "kubeconfig");
+  const port = (server.address() as { port: number }).port;
+  fs.writeFileSync(
+    kubeconfig,
+    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  );
+  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
+  const stub = stubStore();
+  const reflector = new Reflector(client, spec, stub.store, quietLogger(), FAST_BACKOFF);
+  t.teardown(async () => {
+    await reflector.stop();
+    client.close();
+    server.closeAllConnections();
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  reflector.start();
+  return { reflector, stub };
+}
+
+test("lists, converts and follows changes", async (t) => {
   const { api, source } = await setUp(t);
   api.put(namespace("apps", { "istio.io/dataplane-mode": "ambient" }));
   api.put(pod("web", "node1", "10.1.0.5"));
@@ -120,7 +186,7 @@ test("lists every resource, converts pods like manifests and follows changes", a
   t.true(unlabelled.workloads.has("apps/web"));
 });
 
-test("watches this node's pods and the other nodes' pods with field selectors", async (t) => {
+test("pod watches split by node", async (t) => {
   const { api, source } = await setUp(t);
   await source.start();
   const watched = api.requests.filter((request) => request.path === "/api/v1/pods").map((request) => request.query.fieldSelector);
@@ -128,7 +194,7 @@ test("watches this node's pods and the other nodes' pods with field selectors", 
   t.true(watched.includes("spec.nodeName!=node1"));
 });
 
-test("an invalid new version of a policy is rejected alone and its last valid version keeps serving", async (t) => {
+test("invalid policy update keeps last version", async (t) => {
   const { api, source } = await setUp(t);
   api.put(namespace("apps"));
   api.put(denyPolicy("deny-other"));
@@ -150,12 +216,12 @@ test("an invalid new version of a policy is rejected alone and its last valid ve
   await waitForSnapshot(source, (snapshot) => !snapshot.authorizationPolicies.has("apps/deny-other"), "the deleted policy");
 });
 
-test("a watch whose version is gone (410) lists again and loses no change", async (t) => {
+test("410 relists without loss", async (t) => {
   const { api, source } = await setUp(t);
   api.put(namespace("apps"));
   await source.start();
   const listsBefore = source.health().resources.find((resource) => resource.resource === "namespaces")!.lists;
-  // The agent misses a change while disconnected, and the server then forgets the versions before it.
+  // The agent misses a change while disconnected, and the server then drops the versions before it.
   api.setOutage(true);
   await waitFor(() => !source.health().watching, "the watches to drop");
   api.put(namespace("after-compaction"));
@@ -171,7 +237,7 @@ test("a watch whose version is gone (410) lists again and loses no change", asyn
   t.true(namespaces.synced);
 });
 
-test("through an outage the last state keeps serving, health says so, and changes made meanwhile arrive after it", async (t) => {
+test("outage keeps last state, then catches up", async (t) => {
   const { api, source } = await setUp(t);
   api.put(namespace("apps"));
   api.put(pod("web", "node1", "10.1.0.5"));
@@ -193,7 +259,7 @@ test("through an outage the last state keeps serving, health says so, and change
   await waitFor(() => source.health().watching, "the watches to reopen");
 });
 
-test("start waits for the first list of every resource and retries until the server answers", async (t) => {
+test("start waits for every first list", async (t) => {
   const { api, source } = await setUp(t);
   api.put(namespace("apps"));
   api.setOutage(true);
@@ -208,30 +274,16 @@ test("start waits for the first list of every resource and retries until the ser
   t.true(source.health().synced);
 });
 
-test("a watch the server has not answered is not reported as watching", async (t) => {
-  // Lists are answered; watch requests are accepted and never answered.
-  const server = http.createServer((request, response) => {
-    if (request.url?.includes("watch=true")) return;
-    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ kind: "NamespaceList", apiVersion: "v1", metadata: { resourceVersion: "7" }, items: [] }));
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-silent-"));
-  const kubeconfig = path.join(dir, "kubeconfig");
-  fs.writeFileSync(
-    kubeconfig,
-    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+test("unanswered watch is not watching", async (t) => {
+  // Lists get a response; watch requests are accepted and never get one.
+  const { reflector } = await stubReflector(
+    t,
+    (request, response) => {
+      if (request.url?.includes("watch=true")) return;
+      response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ kind: "NamespaceList", apiVersion: "v1", metadata: { resourceVersion: "7" }, items: [] }));
+    },
+    { name: "namespaces", path: "/api/v1/namespaces" },
   );
-  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
-  const store = { beginList: () => undefined, listPage: () => undefined, endList: () => undefined, abortList: () => undefined, upsert: () => undefined, remove: () => undefined };
-  const reflector = new Reflector(client, { name: "namespaces", path: "/api/v1/namespaces" }, store, quietLogger(), FAST_BACKOFF);
-  t.teardown(async () => {
-    await reflector.stop();
-    client.close();
-    server.closeAllConnections();
-    server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  reflector.start();
   await reflector.synced;
   await waitFor(() => reflector.health().watches >= 1, "the watch request");
   await new Promise((resolve) => setTimeout(resolve, 300));
@@ -239,7 +291,7 @@ test("a watch the server has not answered is not reported as watching", async (t
   t.false(reflector.health().watching);
 });
 
-test("a kubeconfig without a server, or a missing file, is a clear error", async (t) => {
+test("bad kubeconfig is a clear error", async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-config-"));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const missing = path.join(dir, "absent");
@@ -258,7 +310,7 @@ test("a kubeconfig without a server, or a missing file, is a clear error", async
   }
 });
 
-test("the in-cluster configuration reads the service account token and CA", async (t) => {
+test("in-cluster token and CA", async (t) => {
   const api = await FakeKubeApi.start({ tls: true, token: "in-cluster-token" });
   const root = fs.mkdtempSync(path.join(os.tmpdir(), "kube-incluster-"));
   t.teardown(async () => {
@@ -287,7 +339,7 @@ test("the in-cluster configuration reads the service account token and CA", asyn
   }
 });
 
-test("a kubeconfig whose user runs an exec plugin gets a token from it", async (t) => {
+test("exec plugin supplies the token", async (t) => {
   const api = await FakeKubeApi.start({ tls: true, token: "exec-token" });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-exec-"));
   t.teardown(async () => {
@@ -328,7 +380,7 @@ test("a kubeconfig whose user runs an exec plugin gets a token from it", async (
   t.deepEqual(list.items.map((item) => item.metadata.name), ["apps"]);
 });
 
-test("the annotator marks enrolled pods and unmarks the others, once each", async (t) => {
+test("annotator marks and unmarks once", async (t) => {
   const { api, source, client } = await setUp(t);
   api.put(namespace("apps"));
   api.put(pod("web", "node1", "10.1.0.5"));
@@ -355,7 +407,7 @@ test("the annotator marks enrolled pods and unmarks the others, once each", asyn
   t.is(annotator.pending(), 0);
 });
 
-test("the annotator writes the annotation again after another writer removed it", async (t) => {
+test("annotator restores a removed annotation", async (t) => {
   const { api, source, client } = await setUp(t);
   api.put(namespace("apps"));
   api.put(pod("web", "node1", "10.1.0.5"));
@@ -375,97 +427,57 @@ test("the annotator writes the annotation again after another writer removed it"
   t.is(annotationOf(api, "web"), "enabled");
 });
 
-test("policies are read from v1beta1 when the server does not serve v1", async (t) => {
-  // Istio before 1.22 serves security.istio.io v1beta1 only.
+test("policies fall back to v1beta1", async (t) => {
+  // Older Istio releases serve security.istio.io v1beta1 only.
   const requested: string[] = [];
-  const server = http.createServer((request, response) => {
-    const url = new URL(request.url ?? "/", "http://x");
-    requested.push(url.pathname);
-    if (url.searchParams.get("watch") === "true") return;
-    if (url.pathname !== "/apis/security.istio.io/v1beta1/authorizationpolicies") {
-      response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
-      return;
-    }
-    const policy = { apiVersion: "security.istio.io/v1beta1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
-    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-v1beta1-"));
-  const kubeconfig = path.join(dir, "kubeconfig");
-  fs.writeFileSync(
-    kubeconfig,
-    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  const { reflector, stub } = await stubReflector(
+    t,
+    (request, response) => {
+      const url = new URL(request.url ?? "/", "http://x");
+      requested.push(url.pathname);
+      if (url.searchParams.get("watch") === "true") return;
+      if (url.pathname !== "/apis/security.istio.io/v1beta1/authorizationpolicies") {
+        response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
+        return;
+      }
+      const policy = { apiVersion: "security.istio.io/v1beta1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
+      response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
+    },
+    POLICY_SPEC,
   );
-  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
-  const listed: unknown[] = [];
-  const store = { beginList: () => undefined, listPage: (items: unknown[]) => listed.push(...items), endList: () => undefined, abortList: () => undefined, upsert: () => undefined, remove: () => undefined };
-  const spec = { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"], optional: true };
-  const reflector = new Reflector(client, spec, store, quietLogger(), FAST_BACKOFF);
-  t.teardown(async () => {
-    await reflector.stop();
-    client.close();
-    server.closeAllConnections();
-    server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  reflector.start();
   await reflector.synced;
-  t.is(listed.length, 1);
+  t.is(stub.listed.length, 1);
   t.false(reflector.health().absent);
   t.true(requested.includes("/apis/security.istio.io/v1/authorizationpolicies"));
   await waitFor(() => requested.filter((pathname) => pathname.endsWith("v1beta1/authorizationpolicies")).length >= 2, "the watch on v1beta1");
 });
 
-test("a 404 for policies that were served keeps them and backs off", async (t) => {
-  // An API server that restarts may answer 404 for a custom resource it served a moment ago.
+test("404 after a list keeps policies", async (t) => {
+  // An API server that restarts may respond with 404 for a custom resource it served a moment ago.
   let lists = 0;
-  const server = http.createServer((request, response) => {
-    const url = new URL(request.url ?? "/", "http://x");
-    if (url.searchParams.get("watch") === "true") {
-      // Forces a new list, which then gets 404.
-      response.writeHead(200, { "content-type": "application/json" });
-      response.end(JSON.stringify({ type: "ERROR", object: { kind: "Status", code: 410, reason: "Expired", message: "too old" } }) + "\n");
-      return;
-    }
-    lists++;
-    if (lists > 1) {
-      response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
-      return;
-    }
-    const policy = { apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
-    response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "kube-404-"));
-  const kubeconfig = path.join(dir, "kubeconfig");
-  fs.writeFileSync(
-    kubeconfig,
-    `apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: "http://127.0.0.1:${(server.address() as { port: number }).port}", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n`,
+  const { reflector, stub } = await stubReflector(
+    t,
+    (request, response) => {
+      const url = new URL(request.url ?? "/", "http://x");
+      if (url.searchParams.get("watch") === "true") {
+        // Forces a new list, which then gets 404.
+        response.writeHead(200, { "content-type": "application/json" });
+        response.end(JSON.stringify({ type: "ERROR", object: { kind: "Status", code: 410, reason: "Expired", message: "too old" } }) + "\n");
+        return;
+      }
+      lists++;
+      if (lists > 1) {
+        response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ kind: "Status", code: 404 }));
+        return;
+      }
+      const policy = { apiVersion: "security.istio.io/v1", kind: "AuthorizationPolicy", metadata: { name: "deny", namespace: "apps" }, spec: { action: "DENY", rules: [{}] } };
+      response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ metadata: { resourceVersion: "3" }, items: [policy] }));
+    },
+    POLICY_SPEC,
   );
-  const client = await KubeClient.load({ kind: "kubeconfig", path: kubeconfig });
-  const sizes: number[] = [];
-  let pending = 0;
-  const store = {
-    beginList: () => (pending = 0),
-    listPage: (items: unknown[]) => (pending += items.length),
-    endList: () => sizes.push(pending),
-    abortList: () => undefined,
-    upsert: () => undefined,
-    remove: () => undefined,
-  };
-  const spec = { name: "authorizationpolicies", path: "/apis/security.istio.io/v1/authorizationpolicies", olderPaths: ["/apis/security.istio.io/v1beta1/authorizationpolicies"], optional: true };
-  const reflector = new Reflector(client, spec, store, quietLogger(), FAST_BACKOFF);
-  t.teardown(async () => {
-    await reflector.stop();
-    client.close();
-    server.closeAllConnections();
-    server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  reflector.start();
   await reflector.synced;
   await waitFor(() => lists >= 3, "lists that get 404");
-  t.deepEqual(sizes, [1], "the store was never replaced by an empty list");
+  t.deepEqual(stub.lists, [1], "the store was never replaced by an empty list");
   t.false(reflector.health().absent);
   t.regex(reflector.health().lastError ?? "", /404/);
 });

@@ -19,13 +19,17 @@ import {
 } from "./audit/control";
 import type { ManifestProblem } from "./discovery/manifest-problem";
 import type { AuditPipeline } from "./audit/pipeline";
-import { Registry } from "prom-client";
+import { Registry, collectDefaultMetrics } from "prom-client";
 import { registerAuditMetrics } from "./admin/metrics";
-import { readinessResponse } from "./admin/readiness";
-import { AdminServer, TextResponse, authorizationRoutes } from "./admin/server";
+import { registerAgentMetrics } from "./admin/metrics-agent";
+import { TrafficMetrics } from "./admin/metrics-traffic";
+import { ConnectionTracker } from "./proxy/connection-tracker";
+import { problemPolicy } from "./rbac/policy-report";
+import { captureEntriesOf, inspectionRoutes, loggingPostRoutes, type AdminSources } from "./admin/routes";
+import { AdminServer, TextResponse, authorizationRoutes, type AdminRoute, type AdminRoutes } from "./admin/server";
 import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
-import { readCaptureEntries, type CaptureEntries } from "./capture/ebpf/inspect";
+import type { MapUsageView } from "./admin/views";
 import { loadNative, useMarkOnlyAgentSockets } from "./capture/native";
 import { NftCapture } from "./capture/nft/capture";
 import { NetnsPodNetwork } from "./capture/netns-network";
@@ -50,7 +54,7 @@ import { EnrollmentReconciler, type WorkloadProxies } from "./enroll/reconciler"
 import type { CertManager } from "./identity/cert-manager";
 import { startIdentity, type IdentityOptions, type IdentityRuntime } from "./identity/setup";
 import { identityOf } from "./identity/spiffe";
-import type { Logger } from "./log";
+import { logLevelsOf, type Logger } from "./log";
 import { InboundHboneServer } from "./proxy/inbound";
 import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
@@ -60,6 +64,7 @@ import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { EndpointPicker } from "./state/endpoints";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
+import { agentVersion } from "./version";
 
 export interface AgentOptions {
   node: string;
@@ -80,6 +85,10 @@ export interface AgentOptions {
   objectPath: string;
   /** "host:port" of the admin API. */
   adminAddress: string;
+  /** "host:port" of the Prometheus metrics server (/metrics, /stats/prometheus); not started when absent. */
+  metricsAddress?: string;
+  /** "host:port" of the readiness server (/healthz/ready); not started when absent. */
+  readinessAddress?: string;
   /** Namespace whose policies apply mesh-wide. */
   rootNamespace: string;
   /** Capture mode from --capture: ebpf, nftables, or auto (eBPF when every hook works, else nftables). Default auto. */
@@ -162,6 +171,14 @@ export class Agent {
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
   private readonly metrics = new Registry();
+  /** The open connections of every proxy of this agent. */
+  private readonly tracker = new ConnectionTracker();
+  /** The metrics server and the readiness server, each absent when its address is not configured. */
+  private listeners: { server: AdminServer; description: string }[] = [];
+  /** policy.rejected records written since start, for ambient_agent_policy_rejections_total. */
+  private policyRejections = 0;
+  /** Set while reading the capture maps' usage fails, so the failure is logged once. */
+  private captureUsageFailing = false;
   private trustDomain = "cluster.local";
   /** Set once stop() begins: configuration changes then only re-check open connections. */
   private stopping = false;
@@ -209,6 +226,7 @@ export class Agent {
     // because the spool and the audit file take one writer at a time.
     this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
     registerAuditMetrics(this.metrics, () => this.audit?.status());
+    this.registerMetrics();
     if (!predecessor) {
       this.takeLocks();
       await this.startAudit();
@@ -225,21 +243,11 @@ export class Agent {
     this.checkAborted();
 
     // The admin port is taken before capture is touched, so a port conflict fails without side effects.
+    const sources = this.adminSources();
     const routes = {
-      "/config_dump": () => this.configDump(),
+      ...inspectionRoutes(sources),
       "/audit": () => this.audit?.status(),
       "/kubernetes": () => this.kube?.health() ?? { error: "the agent reads manifest files, not the Kubernetes API" },
-      "/healthz/ready": () =>
-        readinessResponse({
-          configurationRead: this.state !== undefined,
-          kubernetes: this.kube?.health(),
-          captureAttached: this.capture !== undefined,
-          enrolmentRunning: this.reconciler !== undefined,
-          certificates: this.certs?.status() ?? [],
-          cni: this.options.cni ? (this.cni?.chain.status() ?? { chained: false, outcome: "not started" }) : undefined,
-          enrolled: this.reconciler?.list().length ?? 0,
-          stopping: this.stopping,
-        }),
       "/metrics": async () => new TextResponse(this.metrics.contentType, await this.metrics.metrics()),
       ...authorizationRoutes({
         state: () => this.state,
@@ -247,9 +255,16 @@ export class Agent {
         problems: () => this.source?.problems() ?? [],
       }),
     };
-    this.admin = new AdminServer(this.options.adminAddress, routes, this.logger.child({ component: "admin" }));
+    const adminLogger = this.logger.child({ component: "admin" });
+    this.admin = new AdminServer(this.options.adminAddress, routes, adminLogger, loggingPostRoutes(sources.logLevels, adminLogger));
+    // The readiness and metrics servers serve the admin API's own routes, so all three always agree.
+    const adminRoutes: AdminRoutes = routes;
+    this.listeners = this.createListeners(adminRoutes["/healthz/ready"], adminRoutes["/metrics"]);
     // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
-    if (!predecessor) await this.admin.start();
+    if (!predecessor) {
+      await this.admin.start();
+      for (const listener of this.listeners) await listener.server.start();
+    }
     this.checkAborted();
 
     await this.source.start();
@@ -345,6 +360,7 @@ export class Agent {
     await this.drain(drainMs);
     await this.source?.stop();
     await this.admin?.stop();
+    await Promise.all(this.listeners.map((listener) => listener.server.stop()));
     this.capture?.close();
     this.identity?.close();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
@@ -453,6 +469,62 @@ export class Agent {
     if (this.options.audit.file) this.auditFileLock = PinRootLock.acquireAuditFile(this.options.audit.file.path);
   }
 
+  /**
+   * Creates the metrics server (GET /metrics and /stats/prometheus, from the admin API's registry)
+   * and the readiness server (GET /healthz/ready, the admin API's response), each only when its
+   * address is configured. A path either does not serve returns 404.
+   */
+  private createListeners(readiness: AdminRoute, metrics: AdminRoute): { server: AdminServer; description: string }[] {
+    const listeners: { server: AdminServer; description: string }[] = [];
+    if (this.options.metricsAddress !== undefined) {
+      const notReadiness = (): TextResponse =>
+        new TextResponse("text/plain", "not found: /healthz/ready; the metrics server serves /metrics and /stats/prometheus, and readiness is on the --readiness address\n", 404);
+      const routes = { "/metrics": metrics, "/stats/prometheus": metrics, "/healthz/ready": notReadiness };
+      const logger = this.logger.child({ component: "metrics" });
+      const server = new AdminServer(this.options.metricsAddress, routes, logger, {}, { name: "metrics server", flag: "--metrics" });
+      listeners.push({ server, description: `the metrics server on ${this.options.metricsAddress}` });
+    }
+    if (this.options.readinessAddress !== undefined) {
+      const logger = this.logger.child({ component: "readiness" });
+      const server = new AdminServer(this.options.readinessAddress, { "/healthz/ready": readiness }, logger, {}, { name: "readiness server", flag: "--readiness" });
+      listeners.push({ server, description: `the readiness server on ${this.options.readinessAddress}` });
+    }
+    return listeners;
+  }
+
+  /** Registers the Istio TCP metrics, the agent's own metrics and the process metrics in the admin registry. */
+  private registerMetrics(): void {
+    const traffic = new TrafficMetrics({ workload: (uid) => this.state?.workload(uid) });
+    traffic.register(this.metrics);
+    this.tracker.observe(traffic);
+    registerAgentMetrics(this.metrics, {
+      version: agentVersion(),
+      capture: () => this.captureSelection && this.capture && { mode: this.captureSelection.mode, requested: this.captureSelection.requested },
+      captureMaps: () => this.captureMapUsage(),
+      workloads: () => ({ enrolled: this.reconciler?.list().length ?? 0, isolated: this.reconciler?.listIsolated().length ?? 0 }),
+      certificates: () => this.certs?.status() ?? [],
+      policyRejections: () => this.policyRejections,
+      rejectedPolicies: () => new Set(this.recordedProblems.flatMap((problem) => problemPolicy(problem)?.uid ?? [])).size,
+      connections: () => this.tracker.counts(),
+    });
+    collectDefaultMetrics({ register: this.metrics });
+  }
+
+  /** Returns the capture maps' usage for the metrics; none while capture is not attached or cannot be read. */
+  private captureMapUsage(): MapUsageView[] {
+    if (!this.capture) return [];
+    try {
+      const maps = this.capture.usage().maps;
+      this.captureUsageFailing = false;
+      return maps;
+    } catch (error) {
+      // Logged once per failing period, because Prometheus scrapes every few seconds.
+      if (!this.captureUsageFailing) this.logger.warn({ err: error }, "cannot read the capture maps' usage; the capture map metrics are left out until it can be read");
+      this.captureUsageFailing = true;
+      return [];
+    }
+  }
+
   /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
   private async contactPredecessor(): Promise<Predecessor | undefined> {
     const socketPath = handoverSocketPath(this.options.node);
@@ -479,6 +551,7 @@ export class Agent {
     await this.startAudit();
     const admin = this.admin!;
     await retryUntilBound(() => admin.start(), `binding the admin API on ${this.options.adminAddress}`);
+    for (const listener of this.listeners) await retryUntilBound(() => listener.server.start(), `binding ${listener.description}`);
   }
 
   /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
@@ -641,13 +714,16 @@ export class Agent {
     const time = new Date().toISOString();
     const problems = [...(this.source?.problems() ?? []), ...unenforcedPolicyProblems(state.snapshot)];
     for (const record of policyRecords(previous, state.snapshot, this.options.node, time)) this.audit?.write(record);
-    for (const record of rejectionRecords(this.recordedProblems, problems, this.options.node, time)) this.audit?.write(record);
+    for (const record of rejectionRecords(this.recordedProblems, problems, this.options.node, time)) {
+      this.audit?.write(record);
+      this.policyRejections += 1;
+    }
     this.recordedProblems = problems;
   }
 
   private createProxies(workload: Workload, identity: Identity, network: NetnsPodNetwork, cookie: bigint): WorkloadProxies {
-    const logger = this.logger.child({ workload: workload.uid });
-    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger };
+    const logger = this.logger.child({ component: "proxy", workload: workload.uid });
+    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger, tracker: this.tracker };
     const outbound = new OutboundProxy({
       ...common,
       pool: { acceptedTrustDomains: this.identity!.trust },
@@ -744,46 +820,33 @@ export class Agent {
     };
   }
 
-  private configDump(): unknown {
-    const state = this.state;
+  /** Collects the agent's state for the admin routes, as functions read at request time. */
+  private adminSources(): AdminSources {
     return {
       node: this.options.node,
-      trustDomain: this.trustDomain,
-      identity: this.identity && {
-        ca: this.identity.caDescription,
-        trustDomainAliases: this.identity.trust.aliases,
-        roots: this.identity.trust.roots(),
-        queue: this.identity.certs.queue,
-      },
-      certificates: this.certs?.status() ?? [],
-      isolated: (this.reconciler?.listIsolated() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
-      ambiguous: (this.reconciler?.listAmbiguous() ?? []).map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
-      enrolled: (this.reconciler?.list() ?? []).map((entry) => ({
-        workload: entry.workload.uid,
-        ip: entry.workload.ip,
-        netns: entry.netnsPath,
-        cookie: entry.cookie.toString(),
-      })),
-      workloads: state ? [...state.snapshot.workloads.values()].map((workload) => workload.uid) : [],
-      policies: state ? [...state.snapshot.authorizationPolicies.keys()] : [],
-      capture: this.captureEntries(),
-      captureMode: this.captureSelection && {
-        mode: this.captureSelection.mode,
-        requested: this.captureSelection.requested,
-        reason: this.captureSelection.reason,
-        features: this.captureSelection.features,
-      },
+      version: agentVersion(),
+      // The process's start, so that uptime matches the pid that /status reports.
+      startedAt: Date.now() - Math.round(process.uptime() * 1000),
+      configurationSource: this.options.kubernetes ? "kubernetes" : "manifests",
+      rootNamespace: this.options.rootNamespace,
+      trustDomain: () => this.trustDomain,
+      state: () => this.state,
+      enrollmentSettings: () => this.enrollmentSettings(),
+      enrolled: () => this.reconciler?.list(),
+      ambiguous: () => this.reconciler?.listAmbiguous() ?? [],
+      isolated: () => this.reconciler?.listIsolated() ?? [],
+      certificates: () => this.certs?.status() ?? [],
+      identity: () => this.identity,
+      captureSelection: () => this.captureSelection,
+      captureAttached: () => this.capture !== undefined,
+      captureUsage: () => this.capture?.usage(),
+      captureEntries: () => captureEntriesOf(this.capture, this.options.pinRoot),
+      kubernetes: () => this.kube?.health(),
+      cni: () => (this.options.cni ? (this.cni?.chain.status() ?? { chained: false, outcome: "not started" }) : undefined),
+      problems: () => this.source?.problems() ?? [],
+      connections: () => this.tracker,
+      stopping: () => this.stopping,
+      logLevels: logLevelsOf(this.logger),
     };
-  }
-
-  /** Reads the pinned capture entries for the config dump. Returns an error in their place when none can be read. */
-  private captureEntries(): CaptureEntries | { error: string } {
-    if (!this.capture) return { error: "capture is not attached yet" };
-    if (this.capture.mode !== "ebpf") return { error: `capture runs in ${this.capture.mode} mode, which pins no eBPF entries` };
-    try {
-      return readCaptureEntries(this.options.pinRoot);
-    } catch (error) {
-      return { error: (error as Error).message };
-    }
   }
 }

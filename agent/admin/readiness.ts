@@ -19,10 +19,16 @@ export interface ReadinessInputs {
   stopping: boolean;
 }
 
-/** Builds the readiness response: 200 when every check passes, 503 otherwise, with a JSON body either way. */
-export function readinessResponse(inputs: ReadinessInputs): TextResponse {
+/** The readiness checks by name, and whether the node is ready: every check passes and the agent is not stopping. */
+export interface Readiness {
+  ready: boolean;
+  checks: Record<string, boolean>;
+}
+
+/** Computes the readiness checks that /healthz/ready and /status report. */
+export function readinessChecks(inputs: ReadinessInputs): Readiness {
   const kube = inputs.kubernetes;
-  const checks = {
+  const checks: Record<string, boolean> = {
     configuration: inputs.configurationRead && (kube === undefined || kube.synced),
     capture: inputs.captureAttached,
     enrolment: inputs.enrolmentRunning,
@@ -31,7 +37,13 @@ export function readinessResponse(inputs: ReadinessInputs): TextResponse {
     // New pods start uncaptured while the plugin is missing from the runtime's configuration.
     ...(inputs.cni && { cni: inputs.cni.chained }),
   };
-  const ready = Object.values(checks).every(Boolean) && !inputs.stopping;
+  return { ready: Object.values(checks).every(Boolean) && !inputs.stopping, checks };
+}
+
+/** Builds the readiness response: 200 when every check passes, 503 otherwise, with a JSON body either way. */
+export function readinessResponse(inputs: ReadinessInputs): TextResponse {
+  const kube = inputs.kubernetes;
+  const { ready, checks } = readinessChecks(inputs);
   const body = {
     ready,
     checks,

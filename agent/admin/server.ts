@@ -38,6 +38,15 @@ export type AdminRoute = (query: URLSearchParams) => unknown;
 /** The JSON routes by path, such as "/config_dump". /healthz/ready is always served. */
 export type AdminRoutes = Readonly<Record<string, AdminRoute>>;
 
+/** Handles a POST of one path, as AdminRoute does a GET; `remoteAddress` is the client's, for the log. */
+export type AdminPostRoute = (query: URLSearchParams, remoteAddress: string | undefined) => unknown;
+
+/**
+ * Content types a browser sends in a cross-site request without asking the server first (a CORS
+ * "simple request"), such as an HTML form's POST.
+ */
+const BROWSER_FORM_TYPES = ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain"];
+
 /** Thrown by a route whose data does not exist yet, such as the mesh state while the agent starts. */
 export class AdminUnavailableError extends Error {
   constructor(message: string) {
@@ -88,6 +97,10 @@ export class AdminServer {
     private readonly address: string,
     private readonly routes: AdminRoutes,
     private readonly logger: Logger,
+    /** The only paths that accept POST, such as "/logging". */
+    private readonly postRoutes: Readonly<Record<string, AdminPostRoute>> = {},
+    /** The server's name and the flag that sets its address, for the error when it cannot listen. */
+    private readonly listener: { name: string; flag: string } = { name: "admin API", flag: "--admin" },
   ) {
     this.server = http.createServer((request, response) => this.handle(request, response));
   }
@@ -96,7 +109,7 @@ export class AdminServer {
     const { host, port } = parseAddress(this.address);
     await new Promise<void>((resolve, reject) => {
       this.server.once("error", (error: NodeJS.ErrnoException) => {
-        reject(new Error(`admin API could not listen on ${this.address}: ${error.code ?? error.message}; pass --admin with a free address`));
+        reject(new Error(`${this.listener.name} could not listen on ${this.address}: ${error.code ?? error.message}; pass ${this.listener.flag} with a free address`));
       });
       this.server.listen(port, host, () => resolve());
     });
@@ -115,12 +128,25 @@ export class AdminServer {
   private handle(request: http.IncomingMessage, response: http.ServerResponse): void {
     const url = new URL(request.url ?? "/", "http://admin.invalid");
     const path = url.pathname;
-    if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {
-      response.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
+    const hasGet = Object.hasOwn(this.routes, path) || path === "/healthz/ready";
+    const hasPost = Object.hasOwn(this.postRoutes, path);
+    if (request.method === "POST" && hasPost) {
+      request.resume();
+      this.servePost(path, url.searchParams, request, response);
+    } else if (request.method !== "GET" && request.method !== "HEAD" && (hasGet || hasPost)) {
+      const allow = [...(hasGet ? ["GET", "HEAD"] : []), ...(hasPost ? ["POST"] : [])].join(", ");
+      response.setHeader("allow", allow);
+      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use ${allow}` });
     } else if (request.method !== "GET" && request.method !== "HEAD") {
-      sendJson(response, 405, { error: `method ${request.method} is not allowed; the admin API serves GET only` });
+      response.setHeader("allow", "GET, HEAD");
+      sendJson(response, 405, { error: `method ${request.method} is not allowed; the admin API serves GET, and POST on ${Object.keys(this.postRoutes).join(", ") || "no path"}` });
+    } else if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {
+      response.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
     } else if (Object.hasOwn(this.routes, path)) {
       this.serveRoute(path, url.searchParams, response);
+    } else if (hasPost) {
+      response.setHeader("allow", "POST");
+      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use POST` });
     } else {
       const known = [...new Set(["/healthz/ready", ...Object.keys(this.routes)])].join(", ");
       response.writeHead(404, { "content-type": "text/plain" }).end(`not found: ${path}; try ${known}\n`);
@@ -128,7 +154,29 @@ export class AdminServer {
     this.logger.debug({ path, status: response.statusCode }, "admin request");
   }
 
-  private serveRoute(path: string, query: URLSearchParams, response: http.ServerResponse): void {
+  /**
+   * Serves a POST, which changes the agent's state. A web page open in a browser on the node can
+   * send a POST to 127.0.0.1 from another site. So a request with an Origin header, which browsers
+   * add to every cross-origin POST, is rejected with 403, and so is one with a content type that
+   * an HTML form can send. curl and agentctl send neither.
+   */
+  private servePost(path: string, query: URLSearchParams, request: http.IncomingMessage, response: http.ServerResponse): void {
+    const origin = request.headers.origin;
+    const contentType = (request.headers["content-type"] ?? "").split(";")[0].trim().toLowerCase();
+    if (origin !== undefined) {
+      this.logger.warn({ path, origin, remoteAddress: request.socket.remoteAddress }, "rejected an admin POST with an Origin header");
+      sendJson(response, 403, { error: `POST ${path} with an Origin header (${origin}) is rejected, because browsers send it on cross-site requests; send the request without it, for example with curl -X POST` });
+      return;
+    }
+    if (BROWSER_FORM_TYPES.includes(contentType)) {
+      this.logger.warn({ path, contentType, remoteAddress: request.socket.remoteAddress }, "rejected an admin POST with a form content type");
+      sendJson(response, 403, { error: `POST ${path} with content type ${contentType} is rejected, because HTML forms send it; send the request without a body, for example with curl -X POST` });
+      return;
+    }
+    this.serveRoute(path, query, response, () => this.postRoutes[path](query, request.socket.remoteAddress));
+  }
+
+  private serveRoute(path: string, query: URLSearchParams, response: http.ServerResponse, route: () => unknown = () => this.routes[path](query)): void {
     const failed = (error: unknown): void => {
       const { status, code } = statusOf(error);
       if (status === 500) this.logger.error({ err: error, path }, "admin request failed");
@@ -136,7 +184,7 @@ export class AdminServer {
     };
     let body: unknown;
     try {
-      body = this.routes[path](query);
+      body = route();
     } catch (error) {
       failed(error);
       return;

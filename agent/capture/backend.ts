@@ -3,11 +3,13 @@
 // table into each pod's network namespace (NftCapture).
 import type net from "node:net";
 
+import type { MapUsageView, ProgramView } from "../admin/views";
 import type { Logger } from "../log";
 import { Capture, type CaptureOptions } from "./ebpf/capture";
 import type { CaptureExemptions } from "./ebpf/exemptions";
 import type { InboundPod } from "./ebpf/inbound";
 import { NftCapture } from "./nft/capture";
+import { readEbpfUsage } from "./ebpf/usage";
 import type { CaptureMode } from "./probe";
 
 /** The exemptions a backend stores: probe sources and the ports pods' annotations exclude. */
@@ -75,12 +77,17 @@ export interface CaptureBackend {
    * eBPF assigns the connection without rewriting it, so that is the socket's local address.
    */
   inboundDestination(socket: net.Socket): { ip: string; port: number } | undefined;
+  /**
+   * Lists the programs (eBPF) or tables (nftables) capture has in place and the entries in use of
+   * each map or set. Cheap enough for every metrics scrape: eBPF walks its maps at most once a second.
+   */
+  usage(): { programs: ProgramView[]; maps: MapUsageView[] };
   /** Releases this process's handles. Capture itself stays, so pods fail closed while no agent runs. */
   close(): void;
 }
 
 /** The part of a backend that the enrollment reconciler uses. Capture has it as well. */
-export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "close">;
+export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "usage" | "close">;
 
 /** The calls that Capture and NftCapture take with the same signature, so a backend passes them on unchanged. */
 type PassedOnCapture = Required<
@@ -128,12 +135,33 @@ abstract class CapturePassThrough<C extends PassedOnCapture> implements PassedOn
   }
 }
 
+/** How long the eBPF backend reuses a map walk in usage(), in milliseconds. */
+const USAGE_CACHE_MS = 1000;
+
 /** eBPF capture: the pinned programs and maps of Capture. */
 export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements CaptureBackend {
   readonly mode = "ebpf" as const;
+  #usage: { at: number; value: ReturnType<CaptureBackend["usage"]> } | undefined;
+
+  constructor(
+    capture: Capture,
+    /** The cgroup v2 directory the cgroup programs are attached to, as usage() reports it. */
+    private readonly cgroupPath = "unknown",
+  ) {
+    super(capture);
+  }
 
   static attach(options: CaptureOptions, logger: Logger): EbpfCaptureBackend {
-    return new EbpfCaptureBackend(Capture.attach(options, logger));
+    return new EbpfCaptureBackend(Capture.attach(options, logger), options.cgroupPath);
+  }
+
+  /** Reads the pins and walks the maps at most once per USAGE_CACHE_MS; scrapes in between get the same result. */
+  usage(): ReturnType<CaptureBackend["usage"]> {
+    const now = Date.now();
+    if (this.#usage === undefined || now - this.#usage.at >= USAGE_CACHE_MS) {
+      this.#usage = { at: now, value: readEbpfUsage(this.capture.pinRoot, this.cgroupPath) };
+    }
+    return this.#usage.value;
   }
 
   attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
@@ -217,6 +245,10 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
 
   takeOriginalDestination(_cookie: bigint, socket: net.Socket): { ip: string; port: number } | undefined {
     return this.capture.takeOriginalDestination(socket);
+  }
+
+  usage(): ReturnType<CaptureBackend["usage"]> {
+    return this.capture.usage();
   }
 
   /** Returns the original destination from conntrack, because REDIRECT rewrote it to the listener's port. */

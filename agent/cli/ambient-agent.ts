@@ -4,10 +4,11 @@
 import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
+import { parseAddress } from "../admin/server";
 import { canonicalPinRoot } from "../capture/pin-lock";
 import { parseCaptureMode, type RequestedCaptureMode } from "../capture/probe";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
-import { createLogger } from "../log";
+import { createLogger, parseLogLevels } from "../log";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
 import type { IdentityOptions } from "../identity/setup";
 import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags, type IdentityFlagValues } from "./identity-flags";
@@ -41,6 +42,12 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
+  --metrics HOST:PORT  address of the Prometheus metrics server, which serves /metrics and
+                       /stats/prometheus (default 0.0.0.0:15020; port 0 picks a free port)
+  --readiness HOST:PORT
+                       address of the readiness server, which serves /healthz/ready: 200 once the
+                       configuration is read, capture is attached and certificates are issued, else
+                       503 (default 0.0.0.0:15021; port 0 picks a free port)
   --root-namespace NS  namespace whose policies apply mesh-wide (default istio-system)
   --capture MODE       how pods' traffic is steered to the agent: ebpf, nftables, or auto (default),
                        which probes the kernel and takes ebpf when every hook works, else nftables
@@ -57,6 +64,13 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
                        (it waits --drain-timeout of that agent). Fails, leaving that agent
                        serving, when it does not reply within 5 s. With no agent running, a
                        normal start
+  --log-level LEVEL[,COMPONENT=LEVEL...]
+                       log level of every component, then of single components, for example
+                       info,cni=debug,access=warn. Levels: fatal, error, warn, info, debug, trace,
+                       silent. Components: the "component" field of the log lines, "agent" for
+                       lines without one, and "access" for the connection lines. Overrides
+                       AMBIENT_AGENT_LOG_LEVEL (same syntax; default info). POST /logging on the
+                       admin API changes levels while the agent runs
   --no-transparent-source
                        inbound proxies connect to applications from the pod's own address, so
                        applications see that address as every client's (default: the client's
@@ -74,6 +88,8 @@ export function defaultCgroupPath(): string {
 interface RunOptions {
   agent: AgentOptions;
   drainTimeoutMs: number;
+  /** The start-up log levels from --log-level or AMBIENT_AGENT_LOG_LEVEL, already checked by parseLogLevels. */
+  logLevel: string;
 }
 
 /**
@@ -111,6 +127,8 @@ function parseRunOptions(argv: string[]): RunOptions {
       cgroup: { type: "string" },
       "bpf-object": { type: "string" },
       admin: { type: "string" },
+      metrics: { type: "string" },
+      readiness: { type: "string" },
       "root-namespace": { type: "string" },
       capture: { type: "string" },
       "drain-timeout": { type: "string" },
@@ -118,6 +136,7 @@ function parseRunOptions(argv: string[]): RunOptions {
       "probe-source": { type: "string", multiple: true },
       "transparent-source": { type: "boolean" },
       "no-transparent-source": { type: "boolean" },
+      "log-level": { type: "string" },
     },
     strict: true,
   });
@@ -145,19 +164,44 @@ function parseRunOptions(argv: string[]): RunOptions {
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     adminAddress: values.admin ?? "127.0.0.1:15000",
+    metricsAddress: parseListenFlag("metrics", values.metrics ?? "0.0.0.0:15020"),
+    readinessAddress: parseListenFlag("readiness", values.readiness ?? "0.0.0.0:15021"),
     rootNamespace: values["root-namespace"] ?? "istio-system",
     capture: parseCaptureFlag(values.capture),
     probeSources: parseProbeSources(values["probe-source"]),
     transparentSource: parseTransparentSource(values["transparent-source"], values["no-transparent-source"]),
   };
   const drainTimeoutMs = parseDrainTimeout(values["drain-timeout"]);
-  return { agent: { ...agent, replace: values.replace ?? false, drainTimeoutMs }, drainTimeoutMs };
+  const logLevel = parseLogLevelFlag(values["log-level"]);
+  return { agent: { ...agent, replace: values.replace ?? false, drainTimeoutMs }, drainTimeoutMs, logLevel };
+}
+
+/** Reads --log-level, or else AMBIENT_AGENT_LOG_LEVEL, or else "info", and checks it. */
+function parseLogLevelFlag(flag: string | undefined): string {
+  const text = flag ?? process.env.AMBIENT_AGENT_LOG_LEVEL ?? "info";
+  try {
+    parseLogLevels(text);
+  } catch (error) {
+    const source = flag === undefined ? "AMBIENT_AGENT_LOG_LEVEL" : "--log-level";
+    throw new UsageError(`invalid ${source}: ${(error as Error).message}`);
+  }
+  return text;
 }
 
 /** Reads --transparent-source and --no-transparent-source; on unless the second is given. */
 function parseTransparentSource(on: boolean | undefined, off: boolean | undefined): boolean {
   if (on && off) throw new UsageError("--transparent-source and --no-transparent-source contradict each other: give one of them");
   return !off;
+}
+
+/** Checks the HOST:PORT of a listening flag such as --metrics and returns it. */
+function parseListenFlag(flag: string, address: string): string {
+  try {
+    parseAddress(address);
+  } catch {
+    throw new UsageError(`invalid --${flag} "${address}": expected HOST:PORT with a port from 0 to 65535, for example 127.0.0.1:0`);
+  }
+  return address;
 }
 
 class UsageError extends Error {}
@@ -270,7 +314,7 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
 
-  const logger = createLogger({ node: options.agent.node });
+  const logger = createLogger({ node: options.agent.node }, options.logLevel);
   if (!runsWithAgentFlags()) {
     logger.warn(
       { expected: AGENT_NODE_FLAGS, got: process.execArgv },

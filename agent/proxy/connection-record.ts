@@ -4,9 +4,11 @@
 import crypto from "node:crypto";
 import type { AuditPeer, AuditRecord, AuditRecorder, ConnectionFields, Transport } from "../audit/record";
 import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
-import type { Logger } from "../log";
+import { accessLogger, type Logger } from "../log";
 import type { AuthorizationResult } from "../rbac/types";
 import type { Decision, Direction, Workload } from "../state/types";
+import type { ConnectionTracker } from "./connection-tracker";
+import type { ByteCounters } from "./copy";
 
 export interface ConnectionRecordInit {
   node: string;
@@ -14,6 +16,10 @@ export interface ConnectionRecordInit {
   transport: Transport;
   src: AuditPeer;
   dst: AuditPeer;
+  /** The tracker of the agent's open connections; the record registers with it now and leaves it in write(). */
+  tracker?: ConnectionTracker;
+  /** The uid (namespace/name) of the enrolled pod whose proxy serves the connection. */
+  workload?: string;
 }
 
 /** Describes a workload as one side of an audit record. */
@@ -36,6 +42,14 @@ export class ConnectionRecord {
   readonly #startedNs = process.hrtime.bigint();
   readonly #node: string;
   readonly #direction: Direction;
+  readonly #tracker: ConnectionTracker | undefined;
+  /** The uid of the enrolled pod whose proxy serves the connection; empty when the proxy did not give it. */
+  readonly workload: string;
+  /**
+   * Bytes copied so far, which the copy adds to while the connection is open: forward is from the
+   * source to the destination, backward the other way.
+   */
+  readonly counters: ByteCounters = { bytesForward: 0, bytesBackward: 0 };
   #written = false;
   #opened = false;
 
@@ -48,10 +62,6 @@ export class ConnectionRecord {
   policyKind: AuthorizationResult["policyKind"];
   rule: number | undefined;
   dryRun: AuthorizationResult["dryRun"] = [];
-  /** Bytes from the source to the destination. */
-  bytesSent = 0;
-  /** Bytes from the destination to the source. */
-  bytesRecv = 0;
   error: { code: string; message: string } | undefined;
 
   constructor(init: ConnectionRecordInit) {
@@ -60,6 +70,41 @@ export class ConnectionRecord {
     this.src = { ...init.src };
     this.dst = { ...init.dst };
     this.transport = init.transport;
+    this.workload = init.workload ?? "";
+    this.#tracker = init.tracker;
+    this.#tracker?.add(this);
+  }
+
+  /** Bytes from the source to the destination, counted while they flow. */
+  get bytesSent(): number {
+    return this.counters.bytesForward;
+  }
+
+  set bytesSent(bytes: number) {
+    this.counters.bytesForward = bytes;
+  }
+
+  /** Bytes from the destination to the source, counted while they flow. */
+  get bytesRecv(): number {
+    return this.counters.bytesBackward;
+  }
+
+  set bytesRecv(bytes: number) {
+    this.counters.bytesBackward = bytes;
+  }
+
+  get direction(): Direction {
+    return this.#direction;
+  }
+
+  /** Milliseconds since the epoch at which the proxy accepted the connection. */
+  get startedAt(): number {
+    return this.#startedAt;
+  }
+
+  /** Whether the connection was established: authorized and connected to its destination. */
+  get established(): boolean {
+    return this.#opened;
   }
 
   /** Records the first failure; later ones are consequences of it. */
@@ -136,6 +181,7 @@ export class ConnectionRecord {
   opened(sink: AuditRecorder): void {
     if (this.#opened || this.#written) return;
     this.#opened = true;
+    this.#tracker?.opened(this);
     const fields = this.#fields();
     fields.src = { ...fields.src };
     fields.dst = { ...fields.dst };
@@ -156,6 +202,7 @@ export class ConnectionRecord {
       return;
     }
     this.#written = true;
+    this.#tracker?.remove(this);
     const record = this.toAuditRecord();
     try {
       sink.write(record);
@@ -180,7 +227,9 @@ export function denialError(result: AuthorizationResult, client: string, destina
   return new AgentError("POLICY_DENIED", `${client} may not connect to ${destination}: ${by} (${result.reason})`);
 }
 
-function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<string, unknown> | undefined): void {
+function logConnectionEnd(proxyLogger: Logger, record: AuditRecord, context: Record<string, unknown> | undefined): void {
+  // Component "access", like ztunnel's access log, so that its level is set apart from the proxy's.
+  const logger = accessLogger(proxyLogger);
   const failed = record.error !== undefined;
   if (!logger.isLevelEnabled(failed ? "warn" : "info")) {
     return;
@@ -213,6 +262,7 @@ function logConnectionEnd(logger: Logger, record: AuditRecord, context: Record<s
   }
 }
 
-function flagOf(code: string): string {
+/** Returns the response flag of an error code, such as DENY for POLICY_DENIED; INTERNAL for an unknown code. */
+export function flagOf(code: string): string {
   return code in ERROR_CODES ? ERROR_CODES[code as keyof typeof ERROR_CODES].flag : "INTERNAL";
 }

@@ -27,6 +27,17 @@ export interface CopyEndpoint {
   closedNormally(error: unknown, ended: boolean): boolean;
 }
 
+/**
+ * Byte counts of a copy in progress, updated in place as chunks pass, so that the owner of a
+ * connection can read them while bytes flow.
+ */
+export interface ByteCounters {
+  /** Bytes read from the first endpoint and written to the second. */
+  bytesForward: number;
+  /** Bytes read from the second endpoint and written to the first. */
+  bytesBackward: number;
+}
+
 export interface CopyResult {
   /** Bytes read from the first endpoint and written to the second. */
   bytesForward: number;
@@ -118,14 +129,16 @@ export function resetSocket(socket: net.Socket): void {
 
 /**
  * Copies bytes both ways between `first` and `second` until both closed, with byte counts.
+ * `counters` is added to as chunks pass, so its owner can read the bytes of an open connection.
  * Resolves, never rejects: failures come back as CopyResult.error.
  */
-export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint): Promise<CopyResult> {
-  const result: CopyResult = { bytesForward: 0, bytesBackward: 0 };
+export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint, counters: ByteCounters = { bytesForward: 0, bytesBackward: 0 }): Promise<CopyResult> {
+  let error: AgentError | undefined;
   const copy: CopyState = {
+    counters,
     closedByCopy: new Set(),
-    recordError: (endpoint, error) => {
-      result.error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, error), { cause: error });
+    recordError: (endpoint, cause) => {
+      error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, cause), { cause });
     },
   };
 
@@ -134,16 +147,19 @@ export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint): Pr
     const onClosed = (): void => {
       open -= 1;
       if (open === 0) {
+        const result: CopyResult = { bytesForward: counters.bytesForward, bytesBackward: counters.bytesBackward };
+        if (error !== undefined) result.error = error;
         resolve(result);
       }
     };
-    forwardOneWay(first, second, (bytes) => (result.bytesForward += bytes), copy, onClosed);
-    forwardOneWay(second, first, (bytes) => (result.bytesBackward += bytes), copy, onClosed);
+    forwardOneWay(first, second, true, copy, onClosed);
+    forwardOneWay(second, first, false, copy, onClosed);
   });
 }
 
 /** State shared by the two directions of one copy. */
 interface CopyState {
+  counters: ByteCounters;
   /** Endpoints the copy itself closed after their other half closed; their close is not an abort. */
   closedByCopy: Set<CopyEndpoint>;
   recordError(endpoint: CopyEndpoint, error: unknown): void;
@@ -157,7 +173,7 @@ interface CopyState {
 function forwardOneWay(
   source: CopyEndpoint,
   target: CopyEndpoint,
-  count: (bytes: number) => void,
+  forward: boolean,
   copy: CopyState,
   onClosed: () => void,
 ): void {
@@ -167,7 +183,8 @@ function forwardOneWay(
   const output = target.duplex;
   input.on("error", (error) => (lastError ??= error));
   input.on("data", (chunk: Buffer) => {
-    count(chunk.length);
+    if (forward) copy.counters.bytesForward += chunk.length;
+    else copy.counters.bytesBackward += chunk.length;
     // A target that is gone takes nothing more; its close event settles the copy.
     if (output.destroyed || output.writableEnded) return;
     if (!output.write(chunk) && !input.isPaused()) {

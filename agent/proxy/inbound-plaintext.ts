@@ -12,6 +12,7 @@ import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, denialError, peerOf } from "./connection-record";
+import type { ConnectionTracker } from "./connection-tracker";
 import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
@@ -30,6 +31,8 @@ export interface InboundPlaintextServerOptions {
   lookupSource(ip: string): Workload | undefined;
   audit: AuditRecorder;
   logger: Logger;
+  /** The agent's tracker of open connections, with which every connection record registers. */
+  tracker?: ConnectionTracker;
   /**
    * Called with each listener's file descriptor before it accepts, so capture can steer to it:
    * the IPv4 one, and for a dual-stack pod the IPv6 one (family 6).
@@ -154,6 +157,8 @@ export class InboundPlaintextServer {
         this.#options.workload,
         formatSpiffeId(this.#options.identity),
       ),
+      tracker: this.#options.tracker,
+      workload: this.#options.workload.uid,
     });
     const connection: ActiveConnection = { client, dialled, record, done: Promise.resolve() };
     connection.done = this.#serve(connection, sourceIp).finally(() => this.#active.delete(connection));
@@ -169,7 +174,7 @@ export class InboundPlaintextServer {
       connection.upstream.on("error", ignoreError);
       client.resume();
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream));
+      const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream), record.counters);
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;
       if (result.error) record.fail(result.error);

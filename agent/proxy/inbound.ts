@@ -15,6 +15,7 @@ import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, denialError, peerOf } from "./connection-record";
+import type { ConnectionTracker } from "./connection-tracker";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import {
@@ -55,6 +56,8 @@ export interface InboundHboneServerOptions {
   lookupSource(ip: string): Workload | undefined;
   audit: AuditRecorder;
   logger: Logger;
+  /** The agent's tracker of open connections, with which every connection record registers. */
+  tracker?: ConnectionTracker;
   /**
    * Returns the workload this server delivers to as the mesh state has it now, or undefined once it
    * left. Checked on every CONNECT. Without this option, `workload` counts as known for good.
@@ -336,6 +339,8 @@ export class InboundHboneServer {
       transport: "hbone",
       src: peerOf(source, sourceIp ? this.#options.lookupSource(normalizeIp(sourceIp)) : undefined),
       dst: { ...peerOf(hboneAddr, this.#options.workload, formatSpiffeId(this.#options.identity)), hbone_addr: hboneAddr },
+      tracker: this.#options.tracker,
+      workload: this.#options.workload.uid,
     });
     record.deny(reason, error);
     record.write(this.#options.audit, this.#logger);
@@ -371,7 +376,7 @@ export class InboundHboneServer {
       active.upstream = upstream;
       stream.respond({ ":status": 200 });
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream));
+      const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream), record.counters);
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;
       if (result.error) {
@@ -399,6 +404,8 @@ export class InboundHboneServer {
         ...peerOf(String(headers[":authority"] ?? "unknown"), this.#options.workload, formatSpiffeId(this.#options.identity)),
         hbone_addr: formatAddress(peer.localIp, HBONE_PORT),
       },
+      tracker: this.#options.tracker,
+      workload: this.#options.workload.uid,
     });
   }
 

@@ -13,6 +13,7 @@ import type { Logger } from "../log";
 import { workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf } from "./connection-record";
+import type { ConnectionTracker } from "./connection-tracker";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, buildConnectHeaders, type Authority } from "./hbone";
@@ -46,6 +47,8 @@ export interface OutboundProxyOptions {
   resolveDestination(ip: string, port: number): DestinationTarget;
   audit: AuditRecorder;
   logger: Logger;
+  /** The agent's tracker of open connections, with which every connection record registers. */
+  tracker?: ConnectionTracker;
   /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
 }
@@ -147,6 +150,8 @@ export class OutboundProxy {
       transport: "plaintext",
       src: peerOf(remoteAddressOf(client), this.#options.workload, this.#sourceIdentity),
       dst: { addr: "unknown" },
+      tracker: this.#options.tracker,
+      workload: this.#options.workload.uid,
     });
     const connection: ActiveConnection = { client, record, upstream: new Set(), done: Promise.resolve() };
     this.#active.add(connection);
@@ -205,7 +210,7 @@ export class OutboundProxy {
   async #passthrough(connection: ActiveConnection, destination: Authority): Promise<void> {
     const upstream = await this.#connectUpstream(connection, destination.ip, destination.port);
     connection.record.opened(this.#options.audit);
-    const result = await copyBidirectional(tcpEndpoint("client", connection.client), tcpEndpoint("destination", upstream));
+    const result = await copyBidirectional(tcpEndpoint("client", connection.client), tcpEndpoint("destination", upstream), connection.record.counters);
     this.#recordCopy(connection.record, result);
   }
 
@@ -227,7 +232,7 @@ export class OutboundProxy {
         this.#rejectTunnel(record, status);
       }
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream));
+      const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream), record.counters);
       this.#recordCopy(record, result);
     } finally {
       closeStream(stream);

@@ -33,6 +33,8 @@ function runAgent(extra: Record<string, string>, prefix: string[] = []): { statu
     "audit-spool": path.join(workDir, "spool"),
     "pin-root": "/sys/fs/bpf/ambient-agent/aacli-node",
     admin: "127.0.0.1:0",
+    metrics: "127.0.0.1:0",
+    readiness: "127.0.0.1:0",
     ...extra,
   };
   const args = ["run", ...Object.entries(options).flatMap(([name, value]) => [`--${name}`, value])];
@@ -84,7 +86,7 @@ function runAgentArgs(args: string[], env: NodeJS.ProcessEnv = process.env): { s
 }
 
 test.serial("configuration source and CNI options are checked before anything starts", (t) => {
-  const base = ["--node", "n1", "--ca-dir", path.join(workDir, "ca")];
+  const base = ["--node", "n1", "--ca-dir", path.join(workDir, "ca"), "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0"];
   const both = runAgentArgs([...base, "--manifests", workDir, "--kubernetes"]);
   t.is(both.status, 2);
   t.regex(both.stderr, /--manifests and --kubernetes \(or --kubeconfig\) both name where the configuration comes from/);
@@ -113,6 +115,8 @@ test.serial("agent in Kubernetes mode without credentials says what to pass", (t
     "audit-spool": path.join(workDir, "spool"),
     "pin-root": "/sys/fs/bpf/ambient-agent/aacli-node",
     admin: "127.0.0.1:0",
+    metrics: "127.0.0.1:0",
+    readiness: "127.0.0.1:0",
   };
   const flags = Object.entries(common).flatMap(([name, value]) => [`--${name}`, value]);
   const inCluster = runAgentArgs(["--node", "cli-node", "--kubernetes", ...flags], env);
@@ -136,7 +140,7 @@ test.serial("agent waits for an unreachable API server and reports it", async (t
   const args = [
     AGENT_BIN, "run", "--node", "cli-node", "--kubeconfig", kubeconfig, "--ca-dir", path.join(workDir, "ca"),
     "--audit-file", path.join(workDir, "audit-wait.jsonl"), "--audit-spool", path.join(workDir, "spool-wait"),
-    "--pin-root", "/sys/fs/bpf/ambient-agent/aacli-node", "--admin", admin,
+    "--pin-root", "/sys/fs/bpf/ambient-agent/aacli-node", "--admin", admin, "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0",
   ];
   const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
@@ -175,6 +179,7 @@ test.serial("agent stopped at its first log line exits cleanly", async (t) => {
     AGENT_BIN, "run", "--node", "cli-node", "--kubeconfig", kubeconfig, "--ca-dir", path.join(workDir, "ca"),
     "--audit-file", path.join(workDir, "audit-early.jsonl"), "--audit-spool", path.join(workDir, "spool-early"),
     "--pin-root", "/sys/fs/bpf/ambient-agent/aacli-node", "--admin", `127.0.0.1:${21_000 + (process.pid % 9_000)}`,
+    "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0",
   ];
   const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
   t.teardown(() => {

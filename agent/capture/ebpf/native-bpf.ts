@@ -122,6 +122,28 @@ export function mapKeys(mapFd: number, keySize: number, maxKeys: number): Buffer
   return [...seen.values()];
 }
 
+/**
+ * Counts the keys of a map by walking them with two buffers, without keeping them. The walk
+ * stops after maxSteps keys, so a map whose keys are deleted while it runs (the kernel then
+ * restarts from the first key) is counted at most maxSteps. Throws for a map type without keys
+ * to walk, such as socket storage.
+ */
+export function mapCountKeys(mapFd: number, keySize: number, maxSteps: number): number {
+  let current = Buffer.alloc(keySize);
+  let next = Buffer.alloc(keySize);
+  let hasKey = 0;
+  let count = 0;
+  while (count < maxSteps) {
+    const result = call("aa_map_next_key", [DataType.I32, DataType.U8Array, DataType.I32, DataType.U8Array], [mapFd, current, hasKey, next]);
+    if (result === -os.constants.errno.ENOENT) break;
+    check(result, "map iteration", MAP_FIX);
+    count += 1;
+    [current, next] = [next, current];
+    hasKey = 1;
+  }
+  return count;
+}
+
 /** A connection for skLookupTestRun. Addresses are IPv4 for AF_INET and IPv6 for AF_INET6. */
 export interface SkLookupTestInput {
   /** 2 (AF_INET) or 10 (AF_INET6). */

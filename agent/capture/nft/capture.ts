@@ -13,12 +13,16 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 
+import type { MapUsageView, ProgramView } from "../../admin/views";
 import { AgentError } from "../../errors";
 import type { Logger } from "../../log";
 import { NO_EXCLUDED_PORTS, type ExcludedPorts } from "../ebpf/exemptions";
 import { INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT } from "../layout";
 import { libnftablesAvailable, netnsCookie, originalDestinationOfFd, runNftablesScript } from "../native";
 import {
+  NFT_POD_IP6_SET,
+  NFT_TABLE_FAMILY,
+  NFT_TABLE_NAME,
   renderListing,
   renderPodIp6Change,
   renderPodRecreation,
@@ -234,6 +238,18 @@ export class NftCapture {
       { podIp: pod.podIp, cookie },
       ...(pod.podIp6 === undefined || pod.podIp6 === pod.podIp ? [] : [{ podIp: pod.podIp6, cookie }]),
     ]);
+  }
+
+  /**
+   * Lists the pods' tables (one per pod network namespace, written by this process or left by an
+   * earlier one) and the entries of their pod_ip6 sets summed over the tables. nftables sets have
+   * no fixed capacity, so maxEntries is 0. Reads only this process's records, not the kernel.
+   */
+  usage(): { programs: ProgramView[]; maps: MapUsageView[] } {
+    const all = new Map([...this.leftovers, ...this.pods]);
+    const programs = [...all.values()].map((pod) => ({ name: `${NFT_TABLE_FAMILY} ${NFT_TABLE_NAME}`, type: `nftables table (${pod.state})`, attachedTo: pod.netnsPath }));
+    const ip6Entries = [...all.values()].filter((pod) => pod.podIp6 !== undefined).length;
+    return { programs, maps: [{ name: NFT_POD_IP6_SET, entries: ip6Entries, maxEntries: 0 }] };
   }
 
   /** Returns the address a redirected connection was dialled to, from conntrack, or undefined when it was not redirected. */

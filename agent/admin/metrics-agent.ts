@@ -1,0 +1,82 @@
+// The agent's own metrics (ambient_agent_*) and istio_build. Like the audit metrics, each value
+// is read from its source when Prometheus scrapes.
+
+import { Counter, Gauge, type Registry } from "prom-client";
+import type { CertificateStatus } from "../identity/cert-manager";
+import type { MapUsageView } from "./views";
+
+/** The values behind the agent metrics. Each returns undefined (or nothing) while its source does not exist yet. */
+export interface AgentMetricsSources {
+  version: string;
+  capture(): { mode: string; requested: string } | undefined;
+  captureMaps(): readonly MapUsageView[];
+  workloads(): { enrolled: number; isolated: number };
+  certificates(): readonly CertificateStatus[];
+  /** policy.rejected records written since the agent started. */
+  policyRejections(): number;
+  /** Policies rejected now: in the configuration but not enforced. */
+  rejectedPolicies(): number;
+  connections(): { inbound: number; outbound: number };
+}
+
+const CERTIFICATE_STATES: readonly CertificateStatus["state"][] = ["valid", "refreshing", "pending", "failing", "expired"];
+
+/** Registers istio_build and the ambient_agent_* metrics other than the audit ones. */
+export function registerAgentMetrics(registry: Registry, sources: AgentMetricsSources): void {
+  type Values = () => Iterable<[Record<string, string>, number]>;
+  const gauge = (name: string, help: string, labelNames: string[], values: Values): void => {
+    new Gauge({
+      name,
+      help,
+      labelNames,
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [labels, value] of values()) this.set(labels, value);
+      },
+    });
+  };
+
+  gauge("istio_build", "Istio component build information: 1 for each component this agent stands in for.", ["component", "tag"], () => [
+    [{ component: "ztunnel", tag: sources.version }, 1],
+    [{ component: "ambient-agent", tag: sources.version }, 1],
+  ]);
+  gauge("ambient_agent_capture_mode", "1 for the capture mode in use (ebpf or nftables) and the mode requested with --capture.", ["mode", "requested"], () => {
+    const capture = sources.capture();
+    return capture === undefined ? [] : [[{ mode: capture.mode, requested: capture.requested }, 1]];
+  });
+  gauge("ambient_agent_enrolled_pods", "Pods of this node whose traffic the agent captures and serves.", [], () => [[{}, sources.workloads().enrolled]]);
+  gauge("ambient_agent_isolated_pods", "Pod network namespaces isolated because they share an IP with another pod's.", [], () => [[{}, sources.workloads().isolated]]);
+  gauge("ambient_agent_capture_map_entries", "Entries in use of each capture map: eBPF maps, or nftables sets summed over the pods' tables.", ["map"], () =>
+    sources.captureMaps().map((map) => [{ map: map.name }, map.entries]),
+  );
+  gauge("ambient_agent_capture_map_max_entries", "Capacity of each capture map in entries; 0 means unbounded (nftables sets).", ["map"], () =>
+    sources.captureMaps().map((map) => [{ map: map.name }, map.maxEntries]),
+  );
+  gauge("ambient_agent_certificate_expiry_timestamp_seconds", "Expiry (notAfter) of the current certificate of each identity, in seconds since the epoch.", ["identity"], () =>
+    sources.certificates().flatMap((certificate): [Record<string, string>, number][] =>
+      certificate.notAfter === undefined ? [] : [[{ identity: certificate.identity }, Date.parse(certificate.notAfter) / 1000]],
+    ),
+  );
+  gauge("ambient_agent_certificates", "Certificates of the enrolled pods' identities, by state.", ["state"], () => {
+    const certificates = sources.certificates();
+    return CERTIFICATE_STATES.map((state) => [{ state }, certificates.filter((certificate) => certificate.state === state).length]);
+  });
+  gauge("ambient_agent_rejected_policies", "Policies in the configuration that the agent rejected and does not enforce now.", [], () => [[{}, sources.rejectedPolicies()]]);
+  gauge("ambient_agent_connections_open", "Connections open now in the proxies of this node's enrolled pods, by direction.", ["direction"], () => {
+    const counts = sources.connections();
+    return [
+      [{ direction: "inbound" }, counts.inbound],
+      [{ direction: "outbound" }, counts.outbound],
+    ];
+  });
+  new Counter({
+    name: "ambient_agent_policy_rejections_total",
+    help: "policy.rejected audit records written: each time a policy was rejected as invalid or not enforceable.",
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(sources.policyRejections());
+    },
+  });
+}

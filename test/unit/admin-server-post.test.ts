@@ -1,0 +1,109 @@
+import test from "ava";
+import http from "node:http";
+import { AdminServer, type AdminPostRoute } from "../../agent/admin/server";
+import { AgentError } from "../../agent/errors";
+import { silentLogger } from "../../agent/log";
+
+interface Reply {
+  status: number;
+  allow?: string;
+  body: string;
+}
+
+function request(port: number, method: string, requestPath: string, headers: Record<string, string> = {}, body?: string): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const outgoing = http.request({ host: "127.0.0.1", port, method, path: requestPath, headers }, (response) => {
+      let text = "";
+      response.setEncoding("utf8");
+      response.on("data", (chunk) => (text += chunk));
+      response.on("end", () => resolve({ status: response.statusCode ?? 0, allow: response.headers.allow, body: text }));
+    });
+    outgoing.on("error", reject);
+    outgoing.setTimeout(5_000, () => outgoing.destroy(new Error(`${method} ${requestPath} timed out`)));
+    outgoing.end(body);
+  });
+}
+
+async function startServer(t: { teardown(fn: () => Promise<void>): void }): Promise<{ port: number; posts: string[] }> {
+  const posts: string[] = [];
+  const logging: AdminPostRoute = (query, remoteAddress) => {
+    if (query.get("level") === "bad") throw new AgentError("INVALID_QUERY", `unknown log level "bad"`);
+    posts.push(`${query.toString()} from ${remoteAddress}`);
+    return { default: query.get("level") ?? "info", components: {} };
+  };
+  const server = new AdminServer("127.0.0.1:0", { "/status": () => ({ ok: true }), "/logging": () => ({ default: "info", components: {} }) }, silentLogger(), {
+    "/logging": logging,
+    "/post-only": () => ({ posted: true }),
+  });
+  await server.start();
+  t.teardown(() => server.stop());
+  return { port: server.listeningAddress()!.port, posts };
+}
+
+test("post to logging", async (t) => {
+  const { port, posts } = await startServer(t);
+  const reply = await request(port, "POST", "/logging?level=debug");
+  t.is(reply.status, 200);
+  t.deepEqual(JSON.parse(reply.body), { default: "debug", components: {} });
+  t.deepEqual(posts, ["level=debug from 127.0.0.1"]);
+});
+
+test("post with json content type", async (t) => {
+  const { port } = await startServer(t);
+  const reply = await request(port, "POST", "/logging?level=debug", { "content-type": "application/json" }, "{}");
+  t.is(reply.status, 200);
+});
+
+test("post with origin rejected", async (t) => {
+  const { port, posts } = await startServer(t);
+  const reply = await request(port, "POST", "/logging?level=debug", { origin: "https://attacker.example" });
+  t.is(reply.status, 403);
+  t.regex(reply.body, /Origin header/);
+  t.deepEqual(posts, []);
+});
+
+test("post with form types rejected", async (t) => {
+  const { port, posts } = await startServer(t);
+  for (const type of ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain;charset=UTF-8", "Text/Plain"]) {
+    const reply = await request(port, "POST", "/logging?level=debug", { "content-type": type }, "level=debug");
+    t.is(reply.status, 403, type);
+  }
+  t.deepEqual(posts, []);
+});
+
+test("post bad query is 400", async (t) => {
+  const { port } = await startServer(t);
+  const reply = await request(port, "POST", "/logging?level=bad");
+  t.is(reply.status, 400);
+  t.deepEqual(JSON.parse(reply.body), { error: 'unknown log level "bad"', code: "INVALID_QUERY" });
+});
+
+test("post elsewhere is 405", async (t) => {
+  const { port } = await startServer(t);
+  const status = await request(port, "POST", "/status");
+  t.is(status.status, 405);
+  t.is(status.allow, "GET, HEAD");
+  const unknown = await request(port, "POST", "/nothing");
+  t.is(unknown.status, 405);
+  t.is(unknown.allow, "GET, HEAD");
+});
+
+test("other methods on logging are 405", async (t) => {
+  const { port } = await startServer(t);
+  const reply = await request(port, "PUT", "/logging?level=debug");
+  t.is(reply.status, 405);
+  t.is(reply.allow, "GET, HEAD, POST");
+});
+
+test("get on post-only path is 405", async (t) => {
+  const { port } = await startServer(t);
+  const reply = await request(port, "GET", "/post-only");
+  t.is(reply.status, 405);
+  t.is(reply.allow, "POST");
+});
+
+test("get still served", async (t) => {
+  const { port } = await startServer(t);
+  t.is((await request(port, "GET", "/logging")).status, 200);
+  t.is((await request(port, "GET", "/healthz/ready")).status, 200);
+});

@@ -7,25 +7,34 @@ import { AgentError } from "../errors";
 import { auditFileSet } from "../audit/files";
 import { parseAuditQuery, queryAuditFiles, typeIsKnown, KNOWN_RECORD_TYPES, type QueryMatch } from "../audit/query";
 import { verifyAuditFiles, type VerifyReport } from "../audit/verify";
+import { UsageError } from "./admin-client";
 import { AuditTable } from "./audit-table";
+import { formatBytes, formatDuration, parseOutputFormat } from "./output";
+import { stringify as yamlStringify } from "yaml";
 
 /** The audit file that the agent writes by default. */
 export const DEFAULT_AUDIT_FILE = "/var/log/ambient-agent/audit.log";
 
-export const AUDIT_USAGE = `  audit verify FILE... [--all] [-o json]
+/** How many problems `audit verify` lists as text; -o json lists every recorded one. */
+const MAX_PRINTED_PROBLEMS = 50;
+
+export const AUDIT_USAGE = `  audit verify FILE... [--all] [-o table|json|yaml]
                      check the hash chain of audit files, given oldest first: each line's hash, its
                      prev_hash link to the record before, and seq numbers that grow by one. --all adds
                      the rotated siblings of each FILE (NAME-<UTC time>.EXT), oldest first.
-                     A line longer than 1 MiB is reported as malformed without being read.
+                     A line longer than 1 MiB is reported as malformed without being read. -o table
+                     (the default) prints a summary and the first ${MAX_PRINTED_PROBLEMS} problems; json and yaml print
+                     the whole report. On a terminal, files over 64 MiB in all show the time spent on stderr.
                      Exits 0 when intact, 1 when a line was changed, removed, moved, repeated, torn or
                      malformed, or the chain restarted, 2 when a FILE cannot be read, 3 when the files
                      hold no record
-  audit query [--file PATH]... [--all] [FILTERS] [-o table|json]
+  audit query [--file PATH]... [--all] [FILTERS] [-o table|json|yaml]
                      print the records that match every filter, in file order. Without --file it reads
                      ${DEFAULT_AUDIT_FILE} and its rotated siblings; --all adds the rotated
-                     siblings of each --file. -o json prints each matching line unchanged; -o table
-                     shows control characters escaped, such as \\u001b for ESC. Lines that are not JSON
-                     objects, or longer than 1 MiB, are skipped and counted on stderr.
+                     siblings of each --file. -o json prints each matching line unchanged, -o yaml each
+                     record as a YAML document; -o table (the default) shows control characters
+                     escaped, such as \\u001b for ESC. Lines that are not JSON objects, or longer
+                     than 1 MiB, are skipped and counted on stderr.
                        --identity ID          source or destination SPIFFE id (spiffe:// optional);
                                               a trailing * matches a prefix
                        --workload [NS/]NAME   source or destination pod
@@ -39,9 +48,6 @@ export const AUDIT_USAGE = `  audit verify FILE... [--all] [-o json]
                      --identity (workload.*, certificate.*), --workload (workload.*), --namespace
                      (workload.*, policy.*), --policy (policy.*); --decision excludes them
 `;
-
-/** How many problems `audit verify` lists as text; -o json lists every recorded one. */
-const MAX_PRINTED_PROBLEMS = 50;
 
 /** Exit status of a command that ran, or of bad usage. */
 const EXIT_OK = 0;
@@ -62,7 +68,7 @@ export async function runAuditCommand(action: string | undefined, argv: string[]
     if (action === "query") return await auditQuery(argv);
     throw new AuditUsageError(action === undefined ? "missing audit command: use verify or query" : `unknown audit command "${action}": use verify or query`);
   } catch (error) {
-    if (error instanceof AuditUsageError || (error instanceof AgentError && error.code === "INVALID_QUERY")) {
+    if (error instanceof AuditUsageError || error instanceof UsageError || (error instanceof AgentError && error.code === "INVALID_QUERY")) {
       process.stderr.write(`agentctl: ${error.message}\n\nusage:\n${AUDIT_USAGE}`);
       return EXIT_USAGE;
     }
@@ -78,11 +84,18 @@ async function auditVerify(argv: string[]): Promise<number> {
   const { values, positionals } = parseOptions(() =>
     parseArgs({ args: argv, allowPositionals: true, options: { all: { type: "boolean" }, output: { type: "string", short: "o" } } }),
   );
-  if (values.output !== undefined && values.output !== "json") throw new AuditUsageError(`invalid -o ${JSON.stringify(values.output)}: use json, or leave -o out for text`);
+  const format = parseOutputFormat(values.output);
   if (positionals.length === 0) throw new AuditUsageError("missing FILE: name the audit files to verify, oldest first, or the active file with --all");
   const files = auditFiles(positionals, values.all === true);
-  const report = await readFiles(() => verifyAuditFiles(files));
-  await writeOut(values.output === "json" ? JSON.stringify(report, null, 2) + "\n" : formatVerifyReport(report));
+  const stopProgress = startVerifyProgress(files);
+  let report: VerifyReport;
+  try {
+    report = await readFiles(() => verifyAuditFiles(files));
+  } finally {
+    stopProgress();
+  }
+  if (format === "table") await writeOut(formatVerifyReport(report));
+  else await writeOut(format === "json" ? JSON.stringify(report, null, 2) + "\n" : yamlStringify(report));
   if (report.problemCount > 0) return EXIT_PROBLEM;
   return report.records === 0 ? EXIT_NO_RECORDS : EXIT_OK;
 }
@@ -131,8 +144,7 @@ async function auditQuery(argv: string[]): Promise<number> {
     }),
   );
   if (positionals.length > 0) throw new AuditUsageError(`unexpected argument ${JSON.stringify(positionals[0])}: name files with --file PATH`);
-  const format = values.output ?? "table";
-  if (format !== "table" && format !== "json") throw new AuditUsageError(`invalid -o ${JSON.stringify(format)}: use table or json`);
+  const format = parseOutputFormat(values.output);
   const query = parseAuditQuery(values);
   if (query.type !== undefined && !typeIsKnown(query.type)) {
     process.stderr.write(`agentctl: note: --type ${query.type.value} matches no record type of schema version 1 (${KNOWN_RECORD_TYPES.join(", ")})\n`);
@@ -140,7 +152,12 @@ async function auditQuery(argv: string[]): Promise<number> {
   const files = values.file === undefined ? defaultAuditFiles() : auditFiles(values.file, values.all === true);
 
   const table = format === "table" ? new AuditTable(terminalWidth()) : undefined;
-  const print = format === "json" ? (match: QueryMatch) => writeOut(Buffer.concat([match.bytes, NEWLINE])) : (match: QueryMatch) => table!.add(match.record, writeOut);
+  const printers = {
+    json: (match: QueryMatch) => writeOut(Buffer.concat([match.bytes, NEWLINE])),
+    yaml: (match: QueryMatch) => writeOut(`---\n${yamlStringify(match.record)}`),
+    table: (match: QueryMatch) => table!.add(match.record, writeOut),
+  };
+  const print = printers[format];
   const summary = await readFiles(() => queryAuditFiles(files, query, print));
   if (table !== undefined) await table.flush(writeOut);
   if (summary.skipped > 0) {
@@ -211,6 +228,28 @@ function parseOptions<T>(parse: () => T): T {
 }
 
 const NEWLINE = Buffer.from("\n");
+
+/** Audit files smaller than this in all verify in a few seconds, without a progress line. */
+const PROGRESS_MIN_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Shows on stderr, when it is a terminal and the files are large, how long verification has run,
+ * once a second. Returns the function that removes the line.
+ */
+function startVerifyProgress(files: readonly string[]): () => void {
+  const total = files.reduce((sum, file) => sum + fs.statSync(file).size, 0);
+  if (!process.stderr.isTTY || total < PROGRESS_MIN_BYTES) return () => undefined;
+  const started = Date.now();
+  const show = (): void => {
+    process.stderr.write(`\r\x1b[Kverifying ${countOf(files.length, "file")} (${formatBytes(total)})... ${formatDuration((Date.now() - started) / 1000)}`);
+  };
+  show();
+  const timer = setInterval(show, 1_000);
+  return () => {
+    clearInterval(timer);
+    process.stderr.write("\r\x1b[K");
+  };
+}
 
 /** Writes to stdout and waits when its buffer is full, so a large query does not pile up in memory. */
 function writeOut(text: string | Uint8Array): Promise<void> | void {

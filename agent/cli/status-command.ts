@@ -1,7 +1,10 @@
 // agentctl status: whether the node's agent is ready, and the state of each of its Kubernetes API
-// watches, from the admin API's /healthz/ready.
+// watches, from the admin API's /healthz/ready, and the node summary from /status.
 
 import http from "node:http";
+import type { StatusView } from "../admin/views";
+import { adminJson, RouteNotFoundError } from "./admin-client";
+import { formatStatusView } from "./inspect-output";
 
 interface ResourceHealth {
   resource: string;
@@ -56,6 +59,12 @@ export function formatReadiness(readiness: Readiness): string {
   const lines = [`ready: ${readiness.ready ? "yes" : "no"}`];
   for (const [check, ok] of Object.entries(readiness.checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
   lines.push(`enrolled pods: ${readiness.enrolled}`);
+  return lines.join("\n") + "\n" + formatWatches(readiness);
+}
+
+/** Formats the CNI plugin's state and the Kubernetes API watches, one line per watched resource. */
+export function formatWatches(readiness: Readiness): string {
+  const lines: string[] = [];
   if (readiness.cni !== undefined) {
     lines.push(readiness.cni.chained ? `cni plugin: chained into ${readiness.cni.file}` : `cni plugin: not chained (${readiness.cni.outcome}): new pods start without waiting for capture`);
   }
@@ -82,4 +91,44 @@ export function formatReadiness(readiness: Readiness): string {
   lines.push("  " + format(header));
   for (const row of rows) lines.push("  " + format(row));
   return lines.join("\n") + "\n";
+}
+
+/** The output of `agentctl status`: the /status view when the agent serves it, and the readiness. */
+export interface StatusReport {
+  status?: StatusView;
+  readiness: Readiness;
+}
+
+/**
+ * Reads /status and /healthz/ready together. An agent without /status (status 404: older than
+ * agentctl) gives a report with the readiness alone.
+ */
+export async function fetchStatusReport(address: string, timeoutMs: number): Promise<StatusReport> {
+  const [status, readiness] = await Promise.all([
+    adminJson(address, "/status").catch((error: unknown) => {
+      if (error instanceof RouteNotFoundError) return undefined;
+      throw error;
+    }),
+    fetchReadiness(address, timeoutMs),
+  ]);
+  return { status: status as StatusView | undefined, readiness };
+}
+
+/**
+ * Returns the report as one JSON object: the readiness body, with the /status fields over it.
+ * Both have ready, checks and enrolled; the readiness alone has kubernetes and cni.
+ */
+export function statusData(report: StatusReport): object {
+  return report.status === undefined ? report.readiness : { ...report.readiness, ...report.status };
+}
+
+/** Formats the report: the node summary, then the CNI plugin and the Kubernetes watches. */
+export function formatStatusReport(report: StatusReport, now: Date = new Date()): string {
+  if (report.status === undefined) return formatReadiness(report.readiness);
+  return formatStatusView(report.status, now) + formatWatches(report.readiness);
+}
+
+/** Tells whether both the readiness route and /status report the agent ready. */
+export function reportReady(report: StatusReport): boolean {
+  return report.readiness.ready && (report.status?.ready ?? true);
 }

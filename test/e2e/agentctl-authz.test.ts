@@ -289,7 +289,7 @@ test.serial("exit status 2 on bad usage", (t) => {
     [["authz", "check", "--from", "shop/web"], /missing --to DESTINATION/],
     [["authz", "check", "--from", "Shop", "--to", "backend/api:8080"], /invalid source "Shop"/],
     [["authz", "check", "--from", "shop/web", "--to", "backend/api:99999"], /invalid port "99999"/],
-    [["authz", "check", "--from", "shop/web", "--to", "backend/api", "-o", "yaml"], /invalid -o "yaml": use table or json/],
+    [["authz", "check", "--from", "shop/web", "--to", "backend/api", "-o", "xml"], /invalid -o "xml": use table, json, yaml/],
     [["authz", "explain"], /missing pod/],
     [["authz", "frobnicate"], /unknown authz command "frobnicate"/],
     [["policies", "--bogus"], /Unknown option '--bogus'/],

@@ -5,6 +5,7 @@ import test from "ava";
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import YAML from "yaml";
 import { GENESIS_HASH } from "../../agent/audit/chain";
 import { AGENTCTL_BIN } from "../harness/agent-process";
 import { connectionChain, connectionEvent, buildChain, linesOf, sealEvent, tempAuditDir, writeLines } from "../harness/audit-chain";
@@ -185,13 +186,28 @@ test("query with no match notes it on stderr", (t) => {
   t.regex(run.stderr, /no record matches \(3 records read from 1 file\)/);
 });
 
+test("query yaml prints one document per record", (t) => {
+  const file = writeLines(path.join(tempAuditDir(t), "audit.log"), linesOf(connectionChain(3)));
+  const run = agentctl(["audit", "query", "--file", file, "-o", "yaml"]);
+  t.is(run.status, 0, run.stderr);
+  const documents = YAML.parseAllDocuments(run.stdout).map((document) => document.toJS() as { seq: number });
+  t.deepEqual(documents.map((record) => record.seq), [1, 2, 3]);
+});
+
+test("verify yaml prints the whole report", (t) => {
+  const file = writeLines(path.join(tempAuditDir(t), "audit.log"), linesOf(connectionChain(4)));
+  const run = agentctl(["audit", "verify", file, "-o", "yaml"]);
+  t.is(run.status, 0, run.stderr);
+  t.like(YAML.parse(run.stdout), { records: 4, intact: true, problemCount: 0 });
+});
+
 test("query bad filter exits 2 naming the value", (t) => {
   const file = writeLines(path.join(tempAuditDir(t), "audit.log"), linesOf(connectionChain(3)));
   const cases: [string[], RegExp][] = [
     [["--decision", "maybe"], /invalid --decision "maybe": use allow or deny/],
     [["--since", "last week"], /invalid --since "last week": write an RFC 3339 time/],
     [["--since", "2026-02-31T00:00:00Z"], /invalid --since "2026-02-31T00:00:00Z": write an RFC 3339 time/],
-    [["-o", "yaml"], /invalid -o "yaml": use table or json/],
+    [["-o", "xml"], /invalid -o "xml": use table, json, yaml/],
     [["--colour"], /Unknown option '--colour'/],
     [["extra"], /unexpected argument "extra"/],
   ];

@@ -1,0 +1,285 @@
+// `agentctl doctor`: checks whether this host can run the agent, before or while it runs. The eBPF
+// checks are the agent's own: probeCaptureFeatures (each map, program and link type, used for real
+// on a throwaway cgroup and network namespace) and checkHost (the start-up check that loads the
+// whole object). Both need root, like the agent.
+
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { DataType, load, open } from "ffi-rs";
+import si from "systeminformation";
+import { canonicalPinRoot } from "../capture/pin-lock";
+import { checkHost, type HostProblem } from "../capture/preflight";
+import { isHostSetupFeature, parseCaptureMode, probeCaptureFeatures, type FeatureProbe, type RequestedCaptureMode } from "../capture/probe";
+import { adminRequest, asUsage, DEFAULT_ADMIN, validAdmin } from "./admin-client";
+import { formatTable, parseOutputFormat, render } from "./output";
+
+export const DOCTOR_USAGE = `  doctor [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH] [--capture ebpf|nftables|auto]
+         [--admin HOST:PORT] [-o table|json|yaml]
+                     check whether this host can run the agent: kernel version, BTF, bpffs under the pin
+                     root, cgroup v2, capabilities, the eBPF programs (loaded for real, as the agent
+                     does at start), nftables for the fallback, clock synchronisation, and whether an
+                     agent answers on the admin API. Prints PASS, WARN or FAIL per check with what to do.
+                     Run it as root, like the agent. Exits 1 when a check fails, 0 otherwise
+                       --pin-root DIR     the agent's pin root (default /sys/fs/bpf/ambient-agent/HOSTNAME,
+                                          the agent's default when its node is named like this host)
+                       --cgroup PATH      cgroup v2 root (default /sys/fs/cgroup/unified if it is
+                                          cgroup2, else /sys/fs/cgroup)
+                       --bpf-object PATH  eBPF object (default bpf/capture.bpf.o of this installation)
+                       --capture MODE     the capture mode the agent will run with (default auto):
+                                          decides which failures are FAIL and which WARN
+                       --admin HOST:PORT  admin API to try (default ${DEFAULT_ADMIN}); no answer is a WARN
+`;
+
+export type CheckResult = "PASS" | "WARN" | "FAIL";
+
+export interface DoctorCheck {
+  name: string;
+  result: CheckResult;
+  message: string;
+}
+
+export interface DoctorOptions {
+  pinRoot: string;
+  cgroupPath: string;
+  objectPath: string;
+  capture: RequestedCaptureMode;
+  admin: string;
+  /** Called with each check's name before it runs. */
+  onCheck?: (name: string) => void;
+}
+
+/** The oldest kernel with every hook the capture programs use, from the start-up check's advice. */
+const MIN_KERNEL: [number, number] = [5, 15];
+
+/** Capability bit numbers, from linux/capability.h. */
+const CAPABILITIES = { CAP_NET_ADMIN: 12, CAP_NET_RAW: 13, CAP_SYS_PTRACE: 19, CAP_SYS_ADMIN: 21, CAP_BPF: 39 } as const;
+
+/** adjtimex(2): the TIME_ERROR return value and the STA_UNSYNC status bit, from linux/timex.h. */
+const TIME_ERROR = 5;
+const STA_UNSYNC = 0x0040;
+/** sizeof(struct timex) on 64-bit Linux, and the offsets of maxerror (long, µs) and status (int). */
+const TIMEX_SIZE = 208;
+const TIMEX_MAXERROR = 24;
+const TIMEX_STATUS = 40;
+
+export async function runDoctorCommand(argv: string[]): Promise<number> {
+  const { values } = asUsage(() =>
+    parseArgs({
+      args: argv,
+      options: {
+        "pin-root": { type: "string" },
+        cgroup: { type: "string" },
+        "bpf-object": { type: "string" },
+        capture: { type: "string" },
+        admin: { type: "string" },
+        output: { type: "string", short: "o" },
+      },
+    }),
+  );
+  const format = parseOutputFormat(values.output);
+  const capture = asUsage(() => parseCaptureMode(values.capture));
+  const { defaultCgroupPath } = await import("./ambient-agent");
+  const options: DoctorOptions = {
+    pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${os.hostname().toLowerCase()}`),
+    cgroupPath: values.cgroup ?? defaultCgroupPath(),
+    objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
+    capture,
+    admin: validAdmin(values.admin),
+    onCheck: process.stderr.isTTY ? showProgress : undefined,
+  };
+  const checks = await runDoctorChecks(options);
+  if (options.onCheck !== undefined) process.stderr.write("\r\x1b[K");
+  process.stdout.write(render(format, { capture, checks }, () => formatDoctor(checks)));
+  return checks.some((check) => check.result === "FAIL") ? 1 : 0;
+}
+
+function showProgress(name: string): void {
+  process.stderr.write(`\r\x1b[Kchecking ${name}... `);
+}
+
+/** Runs every check in order and returns their results. */
+export async function runDoctorChecks(options: DoctorOptions): Promise<DoctorCheck[]> {
+  const checks: DoctorCheck[] = [];
+  const run = async (name: string, check: () => Omit<DoctorCheck, "name"> | Promise<Omit<DoctorCheck, "name">>): Promise<void> => {
+    options.onCheck?.(name);
+    checks.push({ name, ...(await check()) });
+  };
+  const needsEbpf = options.capture !== "nftables";
+  await run("kernel", checkKernelVersion);
+  await run("btf", checkBtf);
+  options.onCheck?.("ebpf features");
+  const features = probeCaptureFeatures(options);
+  await run("bpffs", () => hostSetupCheck(features, "bpffs", needsEbpf, "mount bpffs there (mount -t bpf bpf /sys/fs/bpf), or pass a --pin-root under a bpffs mount", `the pin root ${options.pinRoot} is on bpffs`));
+  await run("cgroup2", () => hostSetupCheck(features, "cgroup2", needsEbpf, "pass --cgroup with the cgroup v2 mount, such as /sys/fs/cgroup", `${options.cgroupPath} is a cgroup v2 directory`));
+  await run("capabilities", checkCapabilities);
+  options.onCheck?.("nftables");
+  const nftables = nftablesProblems(options);
+  const ebpf = ebpfProblems(options, features);
+  await run("ebpf programs", () => ebpfCheck(options.capture, ebpf, nftables.length === 0));
+  await run("nftables", () => nftablesCheck(options.capture, nftables, ebpf.problems.length === 0 && ebpf.blocked === undefined));
+  await run("clock", checkClock);
+  await run("admin api", () => checkAdmin(options.admin));
+  return checks;
+}
+
+export function formatDoctor(checks: readonly DoctorCheck[]): string {
+  const table = formatTable(["CHECK", "RESULT", "MESSAGE"], checks.map((check) => [check.name, check.result, check.message]));
+  const failed = checks.filter((check) => check.result === "FAIL").length;
+  const warned = checks.filter((check) => check.result === "WARN").length;
+  return `${table}\n${failed} failed, ${warned} ${warned === 1 ? "warning" : "warnings"}, ${checks.length - failed - warned} passed\n`;
+}
+
+async function checkKernelVersion(): Promise<Omit<DoctorCheck, "name">> {
+  const info = await si.osInfo();
+  const release = info.kernel || os.release();
+  const match = /^(\d+)\.(\d+)/.exec(release);
+  const distribution = info.distro ? ` (${info.distro}${info.release ? ` ${info.release}` : ""})` : "";
+  if (match === null) return { result: "WARN", message: `cannot read the kernel version from ${JSON.stringify(release)}; the ebpf programs check decides` };
+  const [major, minor] = [Number(match[1]), Number(match[2])];
+  if (major > MIN_KERNEL[0] || (major === MIN_KERNEL[0] && minor >= MIN_KERNEL[1])) return { result: "PASS", message: `Linux ${release}${distribution}` };
+  return {
+    result: "WARN",
+    message: `Linux ${release}${distribution} is older than ${MIN_KERNEL.join(".")}, the first release with every hook eBPF capture uses; a distribution backport may still have them, so the ebpf programs check decides. Upgrade the kernel, or run with --capture nftables`,
+  };
+}
+
+function checkBtf(): Omit<DoctorCheck, "name"> {
+  if (fs.existsSync("/sys/kernel/btf/vmlinux")) return { result: "PASS", message: "/sys/kernel/btf/vmlinux present" };
+  // The capture programs use no CO-RE relocation, so they load without kernel BTF.
+  return { result: "WARN", message: "no /sys/kernel/btf/vmlinux: capture works without it, but bpftool cannot show the programs' kernel types; use a kernel built with CONFIG_DEBUG_INFO_BTF=y to get it" };
+}
+
+function hostSetupCheck(features: FeatureProbe[], feature: string, needed: boolean, fix: string, passed: string): Omit<DoctorCheck, "name"> {
+  const probe = features.find((entry) => entry.feature === feature);
+  if (probe?.ok) return { result: "PASS", message: passed };
+  const error = probe?.error ?? `${feature} not probed`;
+  if (!needed) return { result: "WARN", message: `${error}; nftables capture does not need it` };
+  return { result: "FAIL", message: `${error}: ${fix}` };
+}
+
+/**
+ * Reads CapEff from /proc/self/status. The agent needs CAP_SYS_ADMIN (setns into pods' network
+ * namespaces, unshare for the probes), CAP_NET_ADMIN (attaching cgroup, sockops and sk_lookup
+ * programs, IP_TRANSPARENT, SO_MARK, routes and nftables in pods' namespaces) and CAP_BPF (maps and
+ * programs), which CAP_SYS_ADMIN also grants. CAP_SYS_PTRACE opens /proc/PID/ns/net of
+ * other users' processes, the fallback when a runtime keeps no /var/run/netns entry.
+ */
+function checkCapabilities(): Omit<DoctorCheck, "name"> {
+  const status = fs.readFileSync("/proc/self/status", "utf8");
+  const match = /^CapEff:\s*([0-9a-f]+)$/m.exec(status);
+  if (match === null) return { result: "FAIL", message: "no CapEff line in /proc/self/status: cannot tell the capabilities; run on Linux" };
+  const effective = BigInt(`0x${match[1]}`);
+  const has = (name: keyof typeof CAPABILITIES): boolean => (effective & (1n << BigInt(CAPABILITIES[name]))) !== 0n;
+  const uid = process.getuid?.();
+  const missing: string[] = (["CAP_SYS_ADMIN", "CAP_NET_ADMIN"] as const).filter((name) => !has(name));
+  if (!has("CAP_BPF") && !has("CAP_SYS_ADMIN")) missing.push("CAP_BPF");
+  if (uid !== 0 || missing.length > 0) {
+    const notRoot = uid === 0 ? "" : `agentctl runs as uid ${uid ?? "unknown"} and the agent must run as root; `;
+    const lacking = missing.length === 0 ? "" : `missing ${missing.join(", ")}; `;
+    return { result: "FAIL", message: `${notRoot}${lacking}run the agent as root in a privileged container, or grant CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_BPF` };
+  }
+  if (!has("CAP_SYS_PTRACE")) {
+    return { result: "WARN", message: "missing CAP_SYS_PTRACE: pods whose runtime keeps no /var/run/netns entry cannot be enrolled (their /proc/PID/ns/net cannot be opened); grant CAP_SYS_PTRACE" };
+  }
+  const rawNote = has("CAP_NET_RAW") ? "" : " (CAP_NET_RAW is absent, and the agent does not use it)";
+  return { result: "PASS", message: `CAP_SYS_ADMIN, CAP_NET_ADMIN, ${has("CAP_BPF") ? "CAP_BPF" : "CAP_BPF through CAP_SYS_ADMIN"}, CAP_SYS_PTRACE${rawNote}` };
+}
+
+/**
+ * Lists what keeps eBPF capture from starting: the object file, each kernel hook the probe found
+ * missing, then the agent's own start-up check, which loads the whole object. The start-up check
+ * runs only once the host set-up passes, so that its problems are the kernel's alone. `blocked`
+ * names the failed check that kept the kernel from being probed.
+ */
+function ebpfProblems(options: DoctorOptions, features: FeatureProbe[]): { problems: string[]; blocked?: string } {
+  const object = features.find((probe) => probe.feature === "object");
+  if (object !== undefined && !object.ok) return { problems: [`${object.error}: build it with \`make bpf\`, or pass --bpf-object`] };
+  const setup = features.find((probe) => isHostSetupFeature(probe.feature) && !probe.ok);
+  if (setup !== undefined) return { problems: [], blocked: setup.feature };
+  if (process.getuid?.() !== 0) return { problems: [], blocked: "capabilities" };
+  const hooks = groupByError(features.filter((probe) => !probe.ok && !isHostSetupFeature(probe.feature)));
+  if (hooks.length > 0) return { problems: hooks };
+  return { problems: checkHost({ pinRoot: options.pinRoot, cgroupPath: options.cgroupPath, objectPath: options.objectPath, capture: "ebpf" }).map(describeProblem) };
+}
+
+/** Joins the features that failed with the same error: "cgroup/bind4, cgroup/bind6: EPERM". */
+function groupByError(failed: FeatureProbe[]): string[] {
+  const byError = new Map<string, string[]>();
+  for (const probe of failed) {
+    const error = probe.error ?? "failed";
+    byError.set(error, [...(byError.get(error) ?? []), probe.feature]);
+  }
+  return [...byError].map(([error, names]) => `${names.join(", ")}: ${error}`);
+}
+
+function ebpfCheck(capture: RequestedCaptureMode, ebpf: { problems: string[]; blocked?: string }, nftablesWorks: boolean): Omit<DoctorCheck, "name"> {
+  // The blocking check has failed already and names the fix.
+  if (ebpf.blocked !== undefined) return { result: "WARN", message: `not probed until the ${ebpf.blocked} check passes` };
+  if (ebpf.problems.length === 0) return { result: "PASS", message: "the kernel loads the capture programs and accepts every hook they use" };
+  const list = ebpf.problems.join("; ");
+  if (capture === "nftables") return { result: "WARN", message: `eBPF capture is unavailable (${list}); --capture nftables does not need it` };
+  if (capture === "auto" && nftablesWorks) {
+    return { result: "WARN", message: `${list}; --capture auto falls back to nftables capture, which lets a pod with CAP_NET_RAW bypass capture` };
+  }
+  return { result: "FAIL", message: list };
+}
+
+/** Returns the start-up check's nftables problems, without the uid problem that the capabilities check reports. */
+function nftablesProblems(options: DoctorOptions): string[] {
+  const problems = checkHost({ pinRoot: options.pinRoot, cgroupPath: options.cgroupPath, objectPath: options.objectPath, capture: "nftables" });
+  return problems.slice(process.getuid?.() === 0 ? 0 : 1).map(describeProblem);
+}
+
+function nftablesCheck(capture: RequestedCaptureMode, problems: string[], ebpfWorks: boolean): Omit<DoctorCheck, "name"> {
+  if (problems.length === 0) return { result: "PASS", message: "libnftables or the nft and nsenter tools are available for nftables capture" };
+  const list = problems.join("; ");
+  if (capture === "nftables" || (capture === "auto" && !ebpfWorks)) return { result: "FAIL", message: list };
+  return { result: "WARN", message: `${list}; needed only for --capture nftables, or by auto when an eBPF hook is missing` };
+}
+
+function describeProblem(problem: HostProblem): string {
+  return `${problem.what}: ${problem.fix}`;
+}
+
+/**
+ * Reads the kernel's clock synchronisation state with adjtimex(2) in read-only mode (modes 0),
+ * or, when libc cannot be called, from systemd-timesyncd's /run/systemd/timesync/synchronized.
+ */
+function checkClock(): Omit<DoctorCheck, "name"> {
+  const time = si.time();
+  const now = `${new Date(time.current).toISOString()} (time zone ${time.timezone || "unknown"})`;
+  const fix = "run an NTP client such as chrony or systemd-timesyncd: certificates are checked against this clock";
+  let kernel: { synchronised: boolean; maxErrorSeconds: number } | undefined;
+  try {
+    kernel = readAdjtimex();
+  } catch {
+    kernel = undefined;
+  }
+  if (kernel !== undefined) {
+    if (kernel.synchronised) return { result: "PASS", message: `${now}; the kernel clock is synchronised (maximum error ${kernel.maxErrorSeconds.toFixed(3)} s)` };
+    return { result: "WARN", message: `${now}; the kernel clock is not synchronised (adjtimex reports TIME_ERROR): ${fix}` };
+  }
+  if (fs.existsSync("/run/systemd/timesync/synchronized")) return { result: "PASS", message: `${now}; systemd-timesyncd reports the clock synchronised` };
+  return { result: "WARN", message: `${now}; cannot tell whether the clock is synchronised (adjtimex failed and /run/systemd/timesync/synchronized is absent): ${fix}` };
+}
+
+function readAdjtimex(): { synchronised: boolean; maxErrorSeconds: number } {
+  open({ library: "agentctl-libc", path: "libc.so.6" });
+  const timex = Buffer.alloc(TIMEX_SIZE);
+  const state = load({ library: "agentctl-libc", funcName: "adjtimex", retType: DataType.I32, paramsType: [DataType.U8Array], paramsValue: [timex] }) as number;
+  if (state < 0) throw new Error(`adjtimex returned ${state}`);
+  const status = timex.readInt32LE(TIMEX_STATUS);
+  return { synchronised: state !== TIME_ERROR && (status & STA_UNSYNC) === 0, maxErrorSeconds: Number(timex.readBigInt64LE(TIMEX_MAXERROR)) / 1e6 };
+}
+
+async function checkAdmin(address: string): Promise<Omit<DoctorCheck, "name">> {
+  try {
+    const { status } = await adminRequest(address, "GET", "/healthz/ready");
+    if (status === 200) return { result: "PASS", message: `an agent at ${address} responds and is ready` };
+    return { result: "WARN", message: `an agent at ${address} responds but is not ready (status ${status}); agentctl status --admin ${address} tells why` };
+  } catch (error) {
+    return { result: "WARN", message: `${(error as Error).message.replace(/; is the agent running.*$/, "")}; start the agent, or pass --admin with its address (this check is optional)` };
+  }
+}

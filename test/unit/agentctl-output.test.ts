@@ -1,0 +1,156 @@
+// Table, JSON and YAML output of the agentctl commands that read the admin API, from fixtures typed
+// by the admin API's views.
+
+import test from "ava";
+import YAML from "yaml";
+import { UsageError } from "../../agent/cli/admin-client";
+import { formatCertificates, formatConnections, formatLogLevels, formatServices, formatStatusView, formatWorkloads } from "../../agent/cli/inspect-output";
+import { formatBytes, formatDuration, formatTable, parseOutputFormat, render } from "../../agent/cli/output";
+import { formatStatusReport, statusData } from "../../agent/cli/status-command";
+import { CERTIFICATES, CONNECTIONS, LOG_LEVELS, NOW, READINESS, SERVICES, STATUS, WORKLOADS } from "./agentctl-fixtures";
+
+/** Splits a table into rows of cells, cutting each line at the header's column starts. */
+function cells(table: string): string[][] {
+  const [header, ...rows] = table.trimEnd().split("\n");
+  const starts = [...header.matchAll(/(?:^|\s{2})(\S)/g)].map((match) => (match.index ?? 0) + match[0].indexOf(match[1]));
+  return [header, ...rows].map((line) => starts.map((start, i) => line.slice(start, starts[i + 1]).trim()));
+}
+
+test("table aligns columns under the header", (t) => {
+  const table = formatTable(["NAME", "VALUE"], [["a", "1"], ["longer", "22"]]);
+  t.is(table, "NAME    VALUE\na       1\nlonger  22\n");
+});
+
+test("table leaves the last column unpadded", (t) => {
+  const table = formatTable(["A", "B"], [["x", ""], ["y", "long text"]]);
+  t.deepEqual(table.split("\n"), ["A  B", "x", "y  long text", ""]);
+});
+
+test("output format accepts table json yaml", (t) => {
+  t.is(parseOutputFormat(undefined), "table");
+  t.is(parseOutputFormat("json"), "json");
+  t.is(parseOutputFormat("yaml"), "yaml");
+  t.is(parseOutputFormat(undefined, ["json", "yaml"]), "json");
+});
+
+test("output format rejects other values by name", (t) => {
+  const error = t.throws(() => parseOutputFormat("xml"), { instanceOf: UsageError });
+  t.is(error?.message, 'invalid -o "xml": use table, json, yaml');
+  const config = t.throws(() => parseOutputFormat("table", ["json", "yaml"]), { instanceOf: UsageError });
+  t.is(config?.message, 'invalid -o "table": use json, yaml');
+});
+
+test("render json and yaml keep every field", (t) => {
+  t.deepEqual(JSON.parse(render("json", WORKLOADS, () => "")), WORKLOADS);
+  t.deepEqual(YAML.parse(render("yaml", WORKLOADS, () => "")), WORKLOADS);
+  t.is(render("json", STATUS, () => "").split("\n")[1], '  "version": "0.1.0",', "json is indented by two spaces");
+  t.is(render("table", STATUS, () => "TABLE"), "TABLE");
+});
+
+test("duration keeps the two largest units", (t) => {
+  const cases: [number, string][] = [
+    [0, "0s"],
+    [45, "45s"],
+    [303, "5m 3s"],
+    [7200, "2h"],
+    [8100, "2h 15m"],
+    [86_400 * 89 + 3600 * 23 + 59, "89d 23h"],
+    [86_400 + 30, "1d"],
+    [-90, "1m 30s"],
+  ];
+  for (const [seconds, expected] of cases) t.is(formatDuration(seconds), expected, `${seconds} s`);
+});
+
+test("bytes use binary units", (t) => {
+  t.is(formatBytes(0), "0 B");
+  t.is(formatBytes(512), "512 B");
+  t.is(formatBytes(1536), "1.5 KiB");
+  t.is(formatBytes(20 * 1024 * 1024), "20.0 MiB");
+});
+
+test("workloads table has the ztunnel columns", (t) => {
+  const rows = cells(formatWorkloads(WORKLOADS));
+  t.deepEqual(rows[0], ["NAMESPACE", "POD NAME", "ADDRESS", "NODE", "PROTOCOL", "STATE"]);
+  t.deepEqual(rows[1], ["shop", "web", "10.0.1.5,fd00::1:5", "node-a", "HBONE", "Up"]);
+  t.deepEqual(rows[2], ["backend", "api", "10.0.2.7", "node-b", "HBONE", "Remote"]);
+  t.deepEqual(rows[3], ["shop", "legacy", "-", "node-a", "TCP", "NotEnrolled"]);
+});
+
+test("empty workloads table prints the header", (t) => {
+  t.is(formatWorkloads([]), "NAMESPACE  POD NAME  ADDRESS  NODE  PROTOCOL  STATE\n");
+});
+
+test("services table shows ports and endpoints", (t) => {
+  const rows = cells(formatServices(SERVICES));
+  t.deepEqual(rows[0], ["NAMESPACE", "SERVICE NAME", "SERVICE VIP", "PORTS", "ENDPOINTS"]);
+  t.deepEqual(rows[1], ["backend", "api", "10.96.0.10", "80->8080/TCP,9090/TCP", "2/3"]);
+});
+
+test("certificates table has a row per chain entry", (t) => {
+  const [table, notes] = formatCertificates(CERTIFICATES, NOW).split("\n\n");
+  const rows = cells(table);
+  t.deepEqual(rows[0], ["IDENTITY", "TYPE", "STATE", "SERIAL", "NOT BEFORE", "NOT AFTER", "EXPIRES IN"]);
+  t.deepEqual(rows[1], ["spiffe://cluster.local/ns/shop/sa/web", "Leaf", "valid", "0a1b", "2026-03-01T00:00:00Z", "2026-03-02T00:00:00Z", "12h"]);
+  t.deepEqual(rows[2], ["spiffe://cluster.local/ns/shop/sa/web", "Root", "expired", "01", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", "expired 28d 12h ago"]);
+  t.deepEqual(rows[3], ["spiffe://cluster.local/ns/shop/sa/batch", "-", "failing", "-", "-", "-", "-"]);
+  t.is(notes, "spiffe://cluster.local/ns/shop/sa/batch: 3 failed requests, next retry at 2026-03-01T12:00:30Z: CA unreachable\n");
+});
+
+test("connections table shows the peer identity", (t) => {
+  const rows = cells(formatConnections(CONNECTIONS));
+  t.deepEqual(rows[0], ["WORKLOAD", "DIRECTION", "LOCAL", "REMOTE", "REMOTE TARGET", "PROTOCOL", "IDENTITY", "BYTES SENT", "BYTES RECV", "AGE"]);
+  t.deepEqual(rows[1], [
+    "shop/web",
+    "outbound",
+    "10.0.1.5:40000",
+    "10.0.2.7:15008",
+    "10.0.2.7:8080",
+    "HBONE",
+    "spiffe://cluster.local/ns/backend/sa/api",
+    "1.5 KiB",
+    "20.0 MiB",
+    "5m",
+  ]);
+  t.deepEqual(rows[2], ["shop/web", "inbound", "10.0.1.5:8080", "10.0.3.2:51000", "-", "TCP", "-", "10 B", "0 B", "2s"]);
+});
+
+test("log levels table lists the default first", (t) => {
+  t.deepEqual(cells(formatLogLevels(LOG_LEVELS)), [
+    ["COMPONENT", "LEVEL"],
+    ["(default)", "info"],
+    ["capture", "info"],
+    ["proxy", "debug"],
+  ]);
+});
+
+test("status view summarises the node", (t) => {
+  const text = formatStatusView(STATUS, NOW);
+  t.regex(text, /^agent: version 0\.1\.0 on node node-a \(pid 4242, up 3h 2m\)$/m);
+  t.regex(text, /^ready: yes$/m);
+  t.regex(text, /^ {2}capture {8}ok$/m);
+  t.regex(text, /^capture: ebpf \(requested auto: all hooks present\)$/m);
+  t.regex(text, /^ {2}aa_connect4 +cgroup\/connect4 +\/sys\/fs\/cgroup$/m);
+  t.regex(text, /^ {2}aa_netns +25\/100 +25\.0%$/m);
+  t.regex(text, /^pods: 1 enrolled, 0 pending, 0 isolated$/m);
+  t.regex(text, /^certificates: 2 total: 1 valid, 0 refreshing, 0 pending, 1 failing, 0 expired; next expiry 2026-03-02T00:00:00Z \(12h\)$/m);
+  t.regex(text, /^connections: 1 inbound, 1 outbound$/m);
+});
+
+test("status view without capture says so", (t) => {
+  t.regex(formatStatusView({ ...STATUS, capture: undefined }, NOW), /^capture: not attached$/m);
+});
+
+test("status report adds the watches to the view", (t) => {
+  const text = formatStatusReport({ status: STATUS, readiness: READINESS }, NOW);
+  t.regex(text, /^agent: version 0\.1\.0/);
+  t.regex(text, /^configuration source: manifest files$/m);
+  t.deepEqual(statusData({ status: STATUS, readiness: READINESS }), { ...READINESS, ...STATUS });
+});
+
+test("status report without view is the readiness", (t) => {
+  const text = formatStatusReport({ readiness: READINESS }, NOW);
+  t.regex(text, /^ready: yes\n/);
+  t.regex(text, /^enrolled pods: 1$/m);
+  t.notRegex(text, /^agent:/m);
+  t.deepEqual(statusData({ readiness: READINESS }), READINESS);
+});

@@ -66,7 +66,10 @@ export interface ConnectionView {
   /** The uid (namespace/name) of the enrolled pod whose proxy holds the connection. */
   workload: string;
   direction: "inbound" | "outbound";
-  /** The connection's source and destination addresses, "ip:port". */
+  /**
+   * The enrolled pod's address and the peer's, "ip:port": outbound the pod is the source, inbound
+   * the destination. With HBONE the destination's address is the tunnel's (ip:15008).
+   */
   local: string;
   remote: string;
   /** For HBONE: the address inside the tunnel (the destination pod's ip:port). */
@@ -77,7 +80,9 @@ export interface ConnectionView {
   policy?: string;
   startedAt: string;
   durationMs: number;
+  /** Bytes from the connection's source to its destination so far, as in the audit record. */
   bytesSent: number;
+  /** Bytes from the destination to the source so far. */
   bytesRecv: number;
 }
 

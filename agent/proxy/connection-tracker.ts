@@ -6,6 +6,14 @@ import type { ConnectionView } from "../admin/views";
 import type { Direction } from "../state/types";
 import type { ConnectionRecord } from "./connection-record";
 
+/**
+ * Benchmark switch, read once when the agent starts: with AMBIENT_BENCH_NO_CONNECTION_TRACKER=1 the
+ * proxies get no tracker, so no connection registers and the Istio TCP metrics stay empty. The
+ * diagnostics benchmark (test/bench/diagnostics.ts) sets it to measure what the tracker and the
+ * metrics cost the data path. Never set it in production: /connections and istio_tcp_* go blind.
+ */
+export const TRACKER_DISABLED_FOR_BENCHMARK = process.env.AMBIENT_BENCH_NO_CONNECTION_TRACKER === "1";
+
 /** Receives each connection's establishment and end, such as the Istio TCP metrics. */
 export interface ConnectionObserver {
   /** Called once, when the connection is established (the `connection.opened` record). */
@@ -69,18 +77,22 @@ export class ConnectionTracker {
 }
 
 /**
- * Describes one open connection. `local` is the source address and `remote` the destination
- * address. For a connection carried in HBONE, `remote` is the tunnel's address (ip:15008) and
- * `remoteTarget` the destination pod's address inside the tunnel.
+ * Describes one open connection from the side of the enrolled pod that holds it: `local` is the
+ * pod's address and `remote` the peer's. Outbound, the pod is the source and the peer the
+ * destination, whose address is the tunnel's (ip:15008) when the connection is carried in HBONE.
+ * Inbound, the pod is the destination (the tunnel's address for HBONE) and the peer the source.
+ * For HBONE, `remoteTarget` is the destination pod's address inside the tunnel.
  */
 export function connectionView(record: ConnectionRecord, now = Date.now()): ConnectionView {
   const tunnel = record.dst.hbone_addr;
+  const destination = tunnel ?? record.dst.addr;
+  const inbound = record.direction === "inbound";
   const view: ConnectionView = {
     id: record.id,
     workload: record.workload,
     direction: record.direction,
-    local: record.src.addr,
-    remote: tunnel ?? record.dst.addr,
+    local: inbound ? destination : record.src.addr,
+    remote: inbound ? record.src.addr : destination,
     protocol: record.transport === "hbone" ? "HBONE" : "TCP",
     startedAt: new Date(record.startedAt).toISOString(),
     durationMs: Math.max(0, now - record.startedAt),

@@ -84,13 +84,9 @@ export function canonicalRevision(workload: Workload): string {
   return labels["service.istio.io/canonical-revision"] ?? labels["app.kubernetes.io/version"] ?? labels["version"] ?? "latest";
 }
 
-/**
- * Returns the workload name of the metrics labels. Istio uses the name of the pod's controller
- * (the Deployment of its ReplicaSet, for example), but the mesh state keeps no owner references,
- * so this is the pod name.
- */
+/** Returns the workload name of the metrics labels: the pod's controller (a Deployment, for example), else the pod name. */
 export function workloadName(workload: Workload): string {
-  return workload.name;
+  return workload.workloadName ?? workload.name;
 }
 
 /** Builds the labels of a connection; `responseFlags` is "-" unless the connection failed. */

@@ -104,8 +104,32 @@ export function readPod(reader: ObjectReader, source: ObjectSource): Workload | 
     namedPorts: readNamedPorts(reader),
     hostNetwork,
     ready: readReadiness(reader),
+    ...workloadNameOf(reader, metadata.name, metadata.labels),
     source,
   };
+}
+
+/** A Job name that a CronJob made: the CronJob's name, '-', and the scheduled time in minutes (8 to 10 digits). */
+const CRONJOB_JOB_NAME = /^(.+)-\d{8,10}$/;
+
+/**
+ * Returns the name of the pod's controller as Istio's telemetry names workloads, when it differs
+ * from the pod name: for a pod with metadata.generateName, its controller reference's name, with
+ * a ReplicaSet's pod-template-hash suffix removed (the Deployment's name) and a CronJob's Job
+ * suffix removed (the CronJob's name).
+ */
+function workloadNameOf(reader: ObjectReader, podName: string, labels: Readonly<Record<string, string>>): { workloadName?: string } {
+  if (nonEmpty(reader.string(["metadata", "generateName"])) === undefined) return {};
+  const references = reader.list(["metadata", "ownerReferences"]) ?? [];
+  const index = references.findIndex((_, position) => reader.value(["metadata", "ownerReferences", position, "controller"]) === true);
+  if (index === -1) return {};
+  const kind = reader.string(["metadata", "ownerReferences", index, "kind"]);
+  let name = nonEmpty(reader.string(["metadata", "ownerReferences", index, "name"]));
+  if (name === undefined) return {};
+  const hash = labels["pod-template-hash"];
+  if (kind === "ReplicaSet" && hash !== undefined && name.endsWith(`-${hash}`)) name = name.slice(0, -hash.length - 1);
+  else if (kind === "Job") name = CRONJOB_JOB_NAME.exec(name)?.[1] ?? name;
+  return name === podName ? {} : { workloadName: name };
 }
 
 /**

@@ -59,6 +59,11 @@ export interface Workload {
    * "True" (either may be absent), and it is not being deleted (no metadata.deletionTimestamp).
    */
   ready: boolean;
+  /**
+   * The name of the pod's controller, as Istio's metrics name workloads: the Deployment of a
+   * ReplicaSet's pod, the CronJob of a Job's pod, or the controller itself. Absent: the pod name.
+   */
+  workloadName?: string;
   source: ObjectSource;
 }
 

@@ -241,3 +241,32 @@ test("a finished pod owns no address", (t) => {
   t.is(ipOf(2), "10.244.1.9");
   t.deepEqual((result.objects[0].value as Workload).ips, []);
 });
+
+test("pod workload name comes from its controller, as Istio's metrics name it", (t) => {
+  const pod = (name: string, generateName: string | undefined, owner: { kind: string; name: string; controller?: boolean } | undefined, hash?: string): string =>
+    [
+      "apiVersion: v1",
+      "kind: Pod",
+      "metadata:",
+      `  name: ${name}`,
+      "  namespace: shop",
+      ...(generateName ? [`  generateName: ${generateName}`] : []),
+      ...(hash ? ["  labels:", `    pod-template-hash: ${hash}`] : []),
+      ...(owner ? ["  ownerReferences:", `  - {apiVersion: apps/v1, kind: ${owner.kind}, name: ${owner.name}, uid: u1, controller: ${owner.controller ?? true}}`] : []),
+      "spec: {nodeName: node1}",
+      "status: {podIP: 10.0.0.1}",
+    ].join("\n");
+  const workloadName = (text: string): string | undefined => {
+    const { objects, problems } = parseManifests("pods.yaml", text);
+    t.deepEqual(problems, []);
+    return (objects[0].value as Workload).workloadName;
+  };
+  t.is(workloadName(pod("web-5d9c7b-x2x4k", "web-5d9c7b-", { kind: "ReplicaSet", name: "web-5d9c7b" }, "5d9c7b")), "web");
+  t.is(workloadName(pod("db-0", "db-", { kind: "StatefulSet", name: "db" })), "db");
+  t.is(workloadName(pod("backup-28812345-abcde", "backup-28812345-", { kind: "Job", name: "backup-28812345" })), "backup");
+  t.is(workloadName(pod("migrate-abcde", "migrate-", { kind: "Job", name: "migrate" })), "migrate");
+  // A ReplicaSet without a Deployment keeps its own name; a pod without generateName is its own workload.
+  t.is(workloadName(pod("rs-abcde", "rs-", { kind: "ReplicaSet", name: "rs" })), "rs");
+  t.is(workloadName(pod("web", undefined, { kind: "ReplicaSet", name: "web-5d9c7b" }, "5d9c7b")), undefined);
+  t.is(workloadName(pod("web-x", "web-", { kind: "ReplicaSet", name: "web-5d9c7b", controller: false }, "5d9c7b")), undefined);
+});

@@ -70,7 +70,7 @@ test-e2e: build host
 
 ## demo: two nodes, five pods, two agents, allowed and denied traffic, then the audit records
 demo: build host
-	node dist/test/demo/demo.js
+	node dist/test/demo/demo.js $(if $(KEEP),--keep)
 
 ## bench: throughput, CPU, latency, connection rate and memory of direct TCP, native TLS and the mesh (needs root)
 bench: build host

@@ -3,9 +3,11 @@
 // a namespace outside the mesh, which reaches a pod without policies in plaintext but not the
 // policed one.
 // Prints who reached whom and how, node2's agent explaining the two denials (agentctl authz check),
-// then the audit records (queried and verified with agentctl), and removes everything it made.
+// what node2's agent serves (agentctl status, workloads, connections and its Istio metrics), then
+// the audit records (queried and verified with agentctl), and removes everything it made. With
+// --keep it leaves the nodes and agents running until Ctrl-C, for trying agentctl by hand.
 
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { curl, startHttpServer, type CurlResult } from "../harness/clients";
@@ -19,7 +21,7 @@ const WORK_DIR = "/tmp/ambient-agent-demo";
 const PID_FILE = path.join(WORK_DIR, "agents.pid");
 /** A Service in front of the db pod: port 80 of this VIP goes to the pod's port 8080. */
 const DB_SERVICE = { name: "db", namespace: "backend", vip: "10.96.0.10", selector: { app: "db" }, ports: [{ port: 80, targetPort: 8080 }] };
-
+const KEEP = process.argv.includes("--keep");
 
 interface Call {
   from: string;
@@ -143,6 +145,7 @@ async function main(): Promise<void> {
       console.log(`$ agentctl authz check --from ${from} --to ${to}`);
       console.log(agentctlOnNode(cluster, "node2", ["authz", "check", "--from", from, "--to", to]).replace(/^/gm, "  "));
     }
+    await showNode(cluster);
     for (const node of ["node1", "node2"]) {
       const file = cluster.auditFile(node);
       console.log(`\nAudit records on ${node} so far:\n\n$ agentctl audit query --file ${file}`);
@@ -153,12 +156,72 @@ async function main(): Promise<void> {
     console.log(agentctl(["audit", "query", "--file", file, "--decision", "deny", "--limit", "1", "-o", "json"]).replace(/^/gm, "  "));
     console.log(`$ agentctl audit verify ${file}`);
     console.log(agentctl(["audit", "verify", file]).replace(/^/gm, "  "));
+    if (KEEP) await keepRunning(cluster);
   } finally {
     console.log("\nTearing down: agents, pinned eBPF programs, namespaces...");
     await tearDown();
     const left = fs.existsSync(PIN_PARENT) ? fs.readdirSync(PIN_PARENT).filter((name) => name.startsWith(PREFIX)) : [];
     console.log(left.length === 0 ? `Done. Logs and audit files stay in ${WORK_DIR}.` : `Left behind under ${PIN_PARENT}: ${left.join(", ")}`);
   }
+}
+
+/**
+ * Shows what node2's agent serves: its status, its workloads, a connection from web held open
+ * (an HTTP request whose headers never end), and the Istio metrics of the calls made so far.
+ */
+async function showNode(cluster: Cluster): Promise<void> {
+  console.log("\nWhat node2's agent serves (agentctl, run in node2's network namespace):\n");
+  for (const args of [["status"], ["workloads", "--local"]]) {
+    console.log(`$ agentctl ${args.join(" ")}`);
+    console.log(agentctlOnNode(cluster, "node2", args).replace(/^/gm, "  "));
+  }
+  const api = cluster.topology.pod("api");
+  const held = spawn("ip", ["netns", "exec", cluster.topology.pod("web").netns, "socat", "-", `TCP:${api.ip}:8080`], { stdio: ["pipe", "ignore", "ignore"] });
+  rememberPid(held.pid);
+  try {
+    held.stdin.write("GET / HTTP/1.1\r\nHost: api\r\n");
+    await waitFor(() => agentctlOnNode(cluster, "node2", ["connections", "-o", "json"]).includes(api.ip), 5_000);
+    console.log("$ agentctl connections   # web holds one connection open to api");
+    console.log(agentctlOnNode(cluster, "node2", ["connections"]).replace(/^/gm, "  "));
+  } finally {
+    held.kill("SIGKILL");
+  }
+  const netns = cluster.topology.node("node2").netns;
+  const metrics = spawnSync("ip", ["netns", "exec", netns, "curl", "-s", "http://127.0.0.1:15020/metrics"], { encoding: "utf8", timeout: 10_000 }).stdout ?? "";
+  console.log("\n$ curl -s 127.0.0.1:15020/metrics | grep -E '^istio_tcp_connections_(opened|failed)_total'   # labels shortened here");
+  for (const line of metrics.split("\n").filter((text) => /^istio_tcp_connections_(opened|failed)_total/.test(text))) console.log("  " + shortenMetric(line));
+}
+
+/** Keeps only the labels that tell a metric line apart in the demo: reporter, source, destination and flags. */
+function shortenMetric(line: string): string {
+  const match = /^(\w+)\{(.*)\} (.+)$/.exec(line);
+  if (!match) return line;
+  const keep = ["reporter", "source_workload", "destination_workload", "connection_security_policy", "response_flags"];
+  const labels = [...match[2].matchAll(/(\w+)="([^"]*)"/g)].filter(([, name]) => keep.includes(name)).map(([, name, value]) => `${name}="${value}"`);
+  return `${match[1]}{${labels.join(",")}} ${match[3]}`;
+}
+
+/** Polls `check` every 100 ms until it holds or `timeoutMs` passes. */
+async function waitFor(check: () => boolean, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+}
+
+/** Leaves the nodes and agents running and prints how to reach them, until SIGINT or SIGTERM tears them down. */
+async function keepRunning(cluster: Cluster): Promise<void> {
+  const agentctlPath = path.resolve(__dirname, "..", "..", "agent", "cli", "agentctl.js");
+  console.log("\nThe nodes and agents keep running. Each agent serves its admin API on 127.0.0.1:15000 of its node's network namespace:\n");
+  for (const node of ["node1", "node2"]) {
+    const netns = cluster.topology.node(node).netns;
+    console.log(`  nsenter --net=/var/run/netns/${netns} -- node ${agentctlPath} status`);
+  }
+  const web = cluster.topology.pod("web");
+  console.log(`  ip netns exec ${cluster.topology.node("node2").netns} curl -s 127.0.0.1:15020/metrics`);
+  console.log(`  ip netns exec ${web.netns} curl -s http://${cluster.topology.pod("api").ip}:8080/   # a call from web to api`);
+  console.log("\nPress Ctrl-C to tear everything down.");
+  // The signal handler tears down and exits; the timer keeps the process alive until then.
+  setInterval(() => undefined, 60_000);
+  await new Promise(() => undefined);
 }
 
 /** Runs the built agentctl here, as a 150-column terminal would, and returns its output. */

@@ -68,7 +68,7 @@ test-unit: build
 test-e2e: build host
 	npx ava 'dist/test/e2e/**/*.test.js'
 
-## demo: two nodes, five pods, two agents, allowed and denied traffic, then the audit records
+## demo: two nodes, five pods, two agents, allowed and denied traffic, agentctl and the audit records (KEEP=1 leaves them running)
 demo: build host
 	node dist/test/demo/demo.js $(if $(KEEP),--keep)
 

@@ -19,27 +19,22 @@ import {
 } from "./audit/control";
 import type { ManifestProblem } from "./discovery/manifest-problem";
 import type { AuditPipeline } from "./audit/pipeline";
-import { Registry, collectDefaultMetrics } from "prom-client";
-import { registerAuditMetrics } from "./admin/metrics";
-import { registerAgentMetrics } from "./admin/metrics-agent";
-import { TrafficMetrics } from "./admin/metrics-traffic";
-import { ConnectionTracker } from "./proxy/connection-tracker";
+import { NodeServers } from "./admin/node-servers";
+import { ConnectionTracker, TRACKER_DISABLED_FOR_BENCHMARK } from "./proxy/connection-tracker";
 import { problemPolicy } from "./rbac/policy-report";
-import { captureEntriesOf, inspectionRoutes, loggingPostRoutes, type AdminSources } from "./admin/routes";
-import { AdminServer, TextResponse, authorizationRoutes, type AdminRoute, type AdminRoutes } from "./admin/server";
-import { EbpfCaptureBackend, NftCaptureBackend, type CaptureBackend } from "./capture/backend";
-import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
-import type { MapUsageView } from "./admin/views";
-import { loadNative, useMarkOnlyAgentSockets } from "./capture/native";
-import { NftCapture } from "./capture/nft/capture";
+import { captureEntriesOf, inspectionRoutes, type AdminSources } from "./admin/routes";
+import { authorizationRoutes } from "./admin/server";
+import type { CaptureBackend } from "./capture/backend";
+import { loadNative } from "./capture/native";
 import { NetnsPodNetwork } from "./capture/netns-network";
 import { LOCK_DIRECTORY, PinRootLock } from "./capture/pin-lock";
-import { isHostSetupFeature, probeCaptureFeatures, selectCaptureMode, type CaptureSelection, type RequestedCaptureMode } from "./capture/probe";
+import type { CaptureSelection, RequestedCaptureMode } from "./capture/probe";
 import { Predecessor } from "./handover/client";
 import { handoverSocketPath } from "./handover/protocol";
 import { HandoverServer } from "./handover/server";
-import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, retryUntilBound, takeOver } from "./handover/takeover";
-import { checkHost } from "./capture/preflight";
+import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeOver } from "./handover/takeover";
+import { HostNotReadyError, checkHost } from "./capture/preflight";
+import { attachCapture, selectCapture, setProbeSources } from "./capture/setup";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
@@ -122,15 +117,7 @@ interface ConfigSource {
   on(event: "change", listener: (snapshot: ClusterSnapshot) => void): unknown;
 }
 
-/** The problems found before start, each with what is missing and how to fix it. */
-export class HostNotReadyError extends Error {
-  constructor(readonly problems: { what: string; fix: string }[]) {
-    super(
-      "this host cannot run the agent:\n" + problems.map((problem) => `  - ${problem.what}: ${problem.fix}`).join("\n"),
-    );
-    this.name = "HostNotReadyError";
-  }
-}
+export { HostNotReadyError } from "./capture/preflight";
 
 export class Agent {
   private state: MeshState | undefined;
@@ -157,7 +144,8 @@ export class Agent {
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
   private reconciler: EnrollmentReconciler | undefined;
-  private admin: AdminServer | undefined;
+  /** The admin API, metrics and readiness servers, and the metrics registry. */
+  private readonly servers: NodeServers;
   private certs: CertManager | undefined;
   private identity: IdentityRuntime | undefined;
   private lock: PinRootLock | undefined;
@@ -170,15 +158,10 @@ export class Agent {
   readonly replaced = new Promise<void>((resolve) => (this.#handOver = resolve));
   /** Round-robin position of each Service port, so connections to a VIP spread over its endpoints. */
   private readonly endpointPicker = new EndpointPicker();
-  private readonly metrics = new Registry();
   /** The open connections of every proxy of this agent. */
   private readonly tracker = new ConnectionTracker();
-  /** The metrics server and the readiness server, each absent when its address is not configured. */
-  private listeners: { server: AdminServer; description: string }[] = [];
   /** policy.rejected records written since start, for ambient_agent_policy_rejections_total. */
   private policyRejections = 0;
-  /** Set while reading the capture maps' usage fails, so the failure is logged once. */
-  private captureUsageFailing = false;
   private trustDomain = "cluster.local";
   /** Set once stop() begins: configuration changes then only re-check open connections. */
   private stopping = false;
@@ -190,6 +173,7 @@ export class Agent {
     private readonly logger: Logger,
   ) {
     this.warnings = new ConfigWarnings(logger, options.rootNamespace, () => this.enrollmentSettings());
+    this.servers = new NodeServers({ admin: options.adminAddress, metrics: options.metricsAddress, readiness: options.readinessAddress }, logger);
     this.enrolledFile = new EnrolledFile(path.join(LOCK_DIRECTORY, `enrolled-${options.node}.json`));
     this.cniEnrolment = new CniEnrolment({
       node: this.options.node,
@@ -211,7 +195,8 @@ export class Agent {
   }
 
   async start(): Promise<void> {
-    const selection = this.selectCapture();
+    const selection = selectCapture(this.options, this.logger);
+    this.captureSelection = selection;
     const problems = checkHost({
       pinRoot: this.options.pinRoot,
       cgroupPath: this.options.cgroupPath,
@@ -225,7 +210,6 @@ export class Agent {
     // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
     // because the spool and the audit file take one writer at a time.
     this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
-    registerAuditMetrics(this.metrics, () => this.audit?.status());
     this.registerMetrics();
     if (!predecessor) {
       this.takeLocks();
@@ -248,23 +232,16 @@ export class Agent {
       ...inspectionRoutes(sources),
       "/audit": () => this.audit?.status(),
       "/kubernetes": () => this.kube?.health() ?? { error: "the agent reads manifest files, not the Kubernetes API" },
-      "/metrics": async () => new TextResponse(this.metrics.contentType, await this.metrics.metrics()),
+      "/metrics": this.servers.metricsRoute,
       ...authorizationRoutes({
         state: () => this.state,
         settings: () => this.authorizationSettings(),
         problems: () => this.source?.problems() ?? [],
       }),
     };
-    const adminLogger = this.logger.child({ component: "admin" });
-    this.admin = new AdminServer(this.options.adminAddress, routes, adminLogger, loggingPostRoutes(sources.logLevels, adminLogger));
-    // The readiness and metrics servers serve the admin API's own routes, so all three always agree.
-    const adminRoutes: AdminRoutes = routes;
-    this.listeners = this.createListeners(adminRoutes["/healthz/ready"], adminRoutes["/metrics"]);
+    this.servers.create(routes, sources.logLevels);
     // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
-    if (!predecessor) {
-      await this.admin.start();
-      for (const listener of this.listeners) await listener.server.start();
-    }
+    if (!predecessor) await this.servers.start();
     this.checkAborted();
 
     await this.source.start();
@@ -273,8 +250,8 @@ export class Agent {
     this.warnings.check(this.state);
     this.recordPolicyChanges(undefined, this.state);
 
-    this.capture = this.attachCapture(selection);
-    this.setProbeSources(this.capture);
+    this.capture = attachCapture(selection, this.options, this.logger);
+    setProbeSources(this.capture, this.options, this.logger);
     this.reconciler = new EnrollmentReconciler({
       trustDomain: this.trustDomain,
       capture: this.capture,
@@ -359,8 +336,7 @@ export class Agent {
     this.stopping = true;
     await this.drain(drainMs);
     await this.source?.stop();
-    await this.admin?.stop();
-    await Promise.all(this.listeners.map((listener) => listener.server.stop()));
+    await this.servers.stop();
     this.capture?.close();
     this.identity?.close();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
@@ -383,54 +359,6 @@ export class Agent {
     const startedAt = Date.now();
     const summary = await this.reconciler.stop(drainMs);
     this.logger.info({ ...summary, durationMs: Date.now() - startedAt }, "drain finished");
-  }
-
-  /**
-   * Probes the kernel and chooses the capture mode. Throws HostNotReadyError when eBPF was
-   * requested and a hook is missing, naming the hook and the kernel's error.
-   */
-  private selectCapture(): CaptureSelection {
-    const requested = this.options.capture ?? "auto";
-    // Without root every probe fails with EPERM, so it is skipped and checkHost reports the real problem.
-    const probe = requested !== "nftables" && process.getuid?.() === 0;
-    const features = probe
-      ? probeCaptureFeatures({ pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath })
-      : [];
-    const selection = selectCaptureMode(requested, features);
-    // checkHost names the fix for a missing mount or object. This error is only for missing kernel hooks.
-    const setupIncomplete = selection.missing.some((feature) => isHostSetupFeature(feature.feature));
-    if (selection.mode === "ebpf" && selection.missing.length > 0 && !setupIncomplete) {
-      throw new HostNotReadyError(
-        selection.missing.map((feature) => ({
-          what: `eBPF capture needs ${feature.feature}, which failed: ${feature.error ?? "unknown error"}`,
-          fix: "start the agent with --capture nftables (or auto), or on a kernel that has this hook",
-        })),
-      );
-    }
-    this.captureSelection = selection;
-    this.logger.info(
-      { capture: selection.mode, requested, reason: selection.reason, missing: selection.missing.map((feature) => feature.feature) },
-      `capture mode ${selection.mode}: ${selection.reason}`,
-    );
-    return selection;
-  }
-
-  private attachCapture(selection: CaptureSelection): CaptureBackend {
-    const logger = this.logger.child({ component: "capture" });
-    if (selection.mode === "ebpf") {
-      return EbpfCaptureBackend.attach({ pinRoot: this.options.pinRoot, cgroupPath: this.options.cgroupPath, objectPath: this.options.objectPath }, logger);
-    }
-    // nftables rules tell the agent's sockets apart by their mark alone.
-    useMarkOnlyAgentSockets();
-    const stateDirectory = path.join(LOCK_DIRECTORY, `nftables-${this.options.node}`);
-    return new NftCaptureBackend(new NftCapture({ stateDirectory }, logger));
-  }
-
-  /** Fills aa_probe_sources with the configured probe source addresses, replacing what an earlier run left. */
-  private setProbeSources(capture: CaptureBackend): void {
-    const probeSources = this.options.probeSources ?? DEFAULT_PROBE_SOURCES;
-    capture.exemptions.setProbeSources(probeSources);
-    this.logger.info({ probeSources }, probeSources.length > 0 ? "kubelet probe sources exempt from inbound capture" : "no probe source is exempt from inbound capture");
   }
 
   /** Starts the audit pipeline, records the start, and completes the connections a killed predecessor left open. */
@@ -469,60 +397,20 @@ export class Agent {
     if (this.options.audit.file) this.auditFileLock = PinRootLock.acquireAuditFile(this.options.audit.file.path);
   }
 
-  /**
-   * Creates the metrics server (GET /metrics and /stats/prometheus, from the admin API's registry)
-   * and the readiness server (GET /healthz/ready, the admin API's response), each only when its
-   * address is configured. A path either does not serve returns 404.
-   */
-  private createListeners(readiness: AdminRoute, metrics: AdminRoute): { server: AdminServer; description: string }[] {
-    const listeners: { server: AdminServer; description: string }[] = [];
-    if (this.options.metricsAddress !== undefined) {
-      const notReadiness = (): TextResponse =>
-        new TextResponse("text/plain", "not found: /healthz/ready; the metrics server serves /metrics and /stats/prometheus, and readiness is on the --readiness address\n", 404);
-      const routes = { "/metrics": metrics, "/stats/prometheus": metrics, "/healthz/ready": notReadiness };
-      const logger = this.logger.child({ component: "metrics" });
-      const server = new AdminServer(this.options.metricsAddress, routes, logger, {}, { name: "metrics server", flag: "--metrics" });
-      listeners.push({ server, description: `the metrics server on ${this.options.metricsAddress}` });
-    }
-    if (this.options.readinessAddress !== undefined) {
-      const logger = this.logger.child({ component: "readiness" });
-      const server = new AdminServer(this.options.readinessAddress, { "/healthz/ready": readiness }, logger, {}, { name: "readiness server", flag: "--readiness" });
-      listeners.push({ server, description: `the readiness server on ${this.options.readinessAddress}` });
-    }
-    return listeners;
-  }
-
-  /** Registers the Istio TCP metrics, the agent's own metrics and the process metrics in the admin registry. */
+  /** Registers the audit metrics, the Istio TCP metrics, the agent's own metrics and the process metrics. */
   private registerMetrics(): void {
-    const traffic = new TrafficMetrics({ workload: (uid) => this.state?.workload(uid) });
-    traffic.register(this.metrics);
-    this.tracker.observe(traffic);
-    registerAgentMetrics(this.metrics, {
+    this.servers.registerMetrics({
       version: agentVersion(),
+      audit: () => this.audit?.status(),
+      workload: (uid) => this.state?.workload(uid),
       capture: () => this.captureSelection && this.capture && { mode: this.captureSelection.mode, requested: this.captureSelection.requested },
-      captureMaps: () => this.captureMapUsage(),
+      captureUsage: () => this.capture?.usage(),
       workloads: () => ({ enrolled: this.reconciler?.list().length ?? 0, isolated: this.reconciler?.listIsolated().length ?? 0 }),
       certificates: () => this.certs?.status() ?? [],
       policyRejections: () => this.policyRejections,
       rejectedPolicies: () => new Set(this.recordedProblems.flatMap((problem) => problemPolicy(problem)?.uid ?? [])).size,
-      connections: () => this.tracker.counts(),
+      connections: this.tracker,
     });
-    collectDefaultMetrics({ register: this.metrics });
-  }
-
-  /** Returns the capture maps' usage for the metrics; none while capture is not attached or cannot be read. */
-  private captureMapUsage(): MapUsageView[] {
-    if (!this.capture) return [];
-    try {
-      const maps = this.capture.usage().maps;
-      this.captureUsageFailing = false;
-      return maps;
-    } catch (error) {
-      // Logged once per failing period, because Prometheus scrapes every few seconds.
-      if (!this.captureUsageFailing) this.logger.warn({ err: error }, "cannot read the capture maps' usage; the capture map metrics are left out until it can be read");
-      this.captureUsageFailing = true;
-      return [];
-    }
   }
 
   /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
@@ -549,9 +437,7 @@ export class Agent {
     });
     this.takeLocks();
     await this.startAudit();
-    const admin = this.admin!;
-    await retryUntilBound(() => admin.start(), `binding the admin API on ${this.options.adminAddress}`);
-    for (const listener of this.listeners) await retryUntilBound(() => listener.server.start(), `binding ${listener.description}`);
+    await this.servers.rebind();
   }
 
   /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
@@ -723,7 +609,8 @@ export class Agent {
 
   private createProxies(workload: Workload, identity: Identity, network: NetnsPodNetwork, cookie: bigint): WorkloadProxies {
     const logger = this.logger.child({ component: "proxy", workload: workload.uid });
-    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger, tracker: this.tracker };
+    const tracker = TRACKER_DISABLED_FOR_BENCHMARK ? undefined : this.tracker;
+    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger, tracker };
     const outbound = new OutboundProxy({
       ...common,
       pool: { acceptedTrustDomains: this.identity!.trust },

@@ -1,8 +1,9 @@
 // The agent's own metrics (ambient_agent_*) and istio_build. Like the audit metrics, each value
 // is read from its source when Prometheus scrapes.
 
-import { Counter, Gauge, type Registry } from "prom-client";
+import type { Registry } from "prom-client";
 import type { CertificateStatus } from "../identity/cert-manager";
+import { collectedCounter, collectedGauge, type MetricSamples } from "./metrics";
 import type { MapUsageView } from "./views";
 
 /** The values behind the agent metrics. Each returns undefined (or nothing) while its source does not exist yet. */
@@ -23,19 +24,7 @@ const CERTIFICATE_STATES: readonly CertificateStatus["state"][] = ["valid", "ref
 
 /** Registers istio_build and the ambient_agent_* metrics other than the audit ones. */
 export function registerAgentMetrics(registry: Registry, sources: AgentMetricsSources): void {
-  type Values = () => Iterable<[Record<string, string>, number]>;
-  const gauge = (name: string, help: string, labelNames: string[], values: Values): void => {
-    new Gauge({
-      name,
-      help,
-      labelNames,
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const [labels, value] of values()) this.set(labels, value);
-      },
-    });
-  };
+  const gauge = (name: string, help: string, labelNames: string[], samples: MetricSamples): void => collectedGauge(registry, name, help, labelNames, samples);
 
   gauge("istio_build", "Istio component build information: 1 for each component this agent stands in for.", ["component", "tag"], () => [
     [{ component: "ztunnel", tag: sources.version }, 1],
@@ -70,13 +59,11 @@ export function registerAgentMetrics(registry: Registry, sources: AgentMetricsSo
       [{ direction: "outbound" }, counts.outbound],
     ];
   });
-  new Counter({
-    name: "ambient_agent_policy_rejections_total",
-    help: "policy.rejected audit records written: each time a policy was rejected as invalid or not enforceable.",
-    registers: [registry],
-    collect() {
-      this.reset();
-      this.inc(sources.policyRejections());
-    },
-  });
+  collectedCounter(
+    registry,
+    "ambient_agent_policy_rejections_total",
+    "policy.rejected audit records written: each time a policy was rejected as invalid or not enforceable.",
+    [],
+    () => [[{}, sources.policyRejections()]],
+  );
 }

@@ -7,11 +7,12 @@
 // sets are never removed, because a counter that disappears and comes back reads as a reset, so
 // the count grows with the distinct workload pairs seen since the agent started.
 
-import { Counter, type Registry } from "prom-client";
+import type { Registry } from "prom-client";
 import { flagOf, type ConnectionRecord } from "../proxy/connection-record";
 import type { ConnectionObserver } from "../proxy/connection-tracker";
 import type { AuditPeer } from "../audit/record";
 import type { Workload } from "../state/types";
+import { collectedCounter } from "./metrics";
 
 /** Istio's default cluster id (the istiod flag --clusterID and ztunnel's CLUSTER_ID default to it). */
 export const DEFAULT_CLUSTER_ID = "Kubernetes";
@@ -187,19 +188,8 @@ export class TrafficMetrics implements ConnectionObserver {
 
   /** Registers the istio_tcp_* counters in `registry`. */
   register(registry: Registry): void {
-    const labelNames = [...TRAFFIC_LABEL_NAMES];
-    const counter = (name: string, help: string, values: () => Iterable<[TrafficLabels, number]>): void => {
-      new Counter({
-        name,
-        help,
-        labelNames,
-        registers: [registry],
-        collect() {
-          this.reset();
-          for (const [labels, value] of values()) this.inc(labels, value);
-        },
-      });
-    };
+    const counter = (name: string, help: string, samples: () => Iterable<[TrafficLabels, number]>): void =>
+      collectedCounter(registry, name, help, TRAFFIC_LABEL_NAMES, samples);
     const totals = (value: (totals: TrafficTotals) => number): [TrafficLabels, number][] =>
       [...this.#totals.values()].map((entry) => [entry.labels, value(entry)]);
 

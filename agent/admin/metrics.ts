@@ -1,41 +1,53 @@
-// Prometheus metrics served by the admin API at /metrics. Values are read from their sources when
-// Prometheus scrapes, so the data path updates no metric object.
+// Prometheus metrics served by the admin API at /metrics: the audit pipeline's, and the helpers that
+// every metric of the agent is registered with. Values are read from their sources when Prometheus
+// scrapes, so the data path updates no metric object.
 
-import { Counter, Gauge, Registry } from "prom-client";
+import { Counter, Gauge, type Registry } from "prom-client";
 import type { AuditPipelineStatus } from "../audit/pipeline";
+
+/** The samples of a metric at one scrape: each label set with its value. */
+export type MetricSamples = () => Iterable<readonly [Readonly<Record<string, string>>, number]>;
+
+/**
+ * Registers a counter whose samples `samples` returns at each scrape. The sources keep their own
+ * totals, so the counter is reset and set to them each time.
+ */
+export function collectedCounter(registry: Registry, name: string, help: string, labelNames: readonly string[], samples: MetricSamples): void {
+  new Counter({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [labels, value] of samples()) this.inc(labels, value);
+    },
+  });
+}
+
+/** Registers a gauge whose samples `samples` returns at each scrape; a label set it no longer returns disappears. */
+export function collectedGauge(registry: Registry, name: string, help: string, labelNames: readonly string[], samples: MetricSamples): void {
+  new Gauge({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [labels, value] of samples()) this.set(labels, value);
+    },
+  });
+}
 
 /** Registers the audit pipeline's metrics; `status` returns undefined before the pipeline exists. */
 export function registerAuditMetrics(registry: Registry, status: () => AuditPipelineStatus | undefined): void {
   type Values = (current: AuditPipelineStatus) => [Record<string, string>, number][];
-  // Counters are set from the pipeline's own totals, so collect() resets them and adds the total.
-  const counter = (name: string, help: string, labelNames: string[], values: Values): void => {
-    new Counter({
-      name,
-      help,
-      labelNames,
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const [labels, value] of valuesOf(values)) this.inc(labels, value);
-      },
-    });
-  };
-  const gauge = (name: string, help: string, labelNames: string[], values: Values): void => {
-    new Gauge({
-      name,
-      help,
-      labelNames,
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const [labels, value] of valuesOf(values)) this.set(labels, value);
-      },
-    });
-  };
-  const valuesOf = (values: Values): [Record<string, string>, number][] => {
+  const valuesOf = (values: Values) => (): [Record<string, string>, number][] => {
     const current = status();
     return current === undefined ? [] : values(current);
   };
+  const counter = (name: string, help: string, labelNames: string[], values: Values): void => collectedCounter(registry, name, help, labelNames, valuesOf(values));
+  const gauge = (name: string, help: string, labelNames: string[], values: Values): void => collectedGauge(registry, name, help, labelNames, valuesOf(values));
 
   counter("ambient_agent_audit_records_total", "Audit records handed to the pipeline, by record type.", ["type"], (s) =>
     Object.entries(s.records).map(([type, count]) => [{ type }, count]),

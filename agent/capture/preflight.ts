@@ -14,6 +14,14 @@ export interface HostProblem {
   fix: string;
 }
 
+/** The problems found before start, each with what is missing and how to fix it. */
+export class HostNotReadyError extends Error {
+  constructor(readonly problems: HostProblem[]) {
+    super("this host cannot run the agent:\n" + problems.map((problem) => `  - ${problem.what}: ${problem.fix}`).join("\n"));
+    this.name = "HostNotReadyError";
+  }
+}
+
 export interface HostCheckOptions {
   pinRoot: string;
   cgroupPath: string;

@@ -9,7 +9,7 @@ import { parseAuditQuery, queryAuditFiles, typeIsKnown, KNOWN_RECORD_TYPES, type
 import { verifyAuditFiles, type VerifyReport } from "../audit/verify";
 import { UsageError } from "./admin-client";
 import { AuditTable } from "./audit-table";
-import { formatBytes, formatDuration, parseOutputFormat } from "./output";
+import { countOf, formatBytes, formatDuration, parseOutputFormat, render } from "./output";
 import { stringify as yamlStringify } from "yaml";
 
 /** The audit file that the agent writes by default. */
@@ -94,8 +94,7 @@ async function auditVerify(argv: string[]): Promise<number> {
   } finally {
     stopProgress();
   }
-  if (format === "table") await writeOut(formatVerifyReport(report));
-  else await writeOut(format === "json" ? JSON.stringify(report, null, 2) + "\n" : yamlStringify(report));
+  await writeOut(render(format, report, () => formatVerifyReport(report)));
   if (report.problemCount > 0) return EXIT_PROBLEM;
   return report.records === 0 ? EXIT_NO_RECORDS : EXIT_OK;
 }
@@ -262,8 +261,4 @@ function terminalWidth(): number | undefined {
   if (process.stdout.isTTY && process.stdout.columns > 0) return process.stdout.columns;
   const columns = Number(process.env.COLUMNS);
   return Number.isInteger(columns) && columns > 0 ? columns : undefined;
-}
-
-function countOf(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

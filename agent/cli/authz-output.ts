@@ -3,6 +3,7 @@
 
 import path from "node:path";
 import type { AccessCheck, AppliedPolicy, PeerAuthenticationRef, PolicyStatusReport, PortDecision, WorkloadExplanation } from "../rbac/explain";
+import { countOf, formatTable } from "./output";
 
 /** Formats a check: one line per destination port with the decision first, then its explanation. */
 export function formatAccessCheck(check: AccessCheck): string {
@@ -63,7 +64,7 @@ export function formatWorkloadExplanation(explanation: WorkloadExplanation): str
     );
   } else {
     if (!explanation.enrolled) lines.push("  not enforced: no agent checks policies on a pod that is not enrolled; the ones listed apply once it is enrolled");
-    lines.push(...indent(table(["POLICY", "ACTION", "SCOPE", "STATUS", "RULES", "FILE"], explanation.policies.map(appliedPolicyRow))));
+    lines.push(...table(["POLICY", "ACTION", "SCOPE", "STATUS", "RULES", "FILE"], explanation.policies.map(appliedPolicyRow)));
     lines.push(...explanation.policies.flatMap(policyDetails));
   }
   lines.push("");
@@ -74,13 +75,13 @@ export function formatWorkloadExplanation(explanation: WorkloadExplanation): str
     return ref === undefined ? [] : [[scope, ref.uid, ref.mode, path.basename(ref.file)]];
   });
   if (scopes.length === 0) lines.push("  none: PERMISSIVE on every port");
-  else lines.push(...indent(table(["SCOPE", "POLICY", "MODE", "FILE"], scopes)));
+  else lines.push(...table(["SCOPE", "POLICY", "MODE", "FILE"], scopes));
   const ports = explanation.peerAuthentication.ports.map((entry) => [
     entry.port === "other" ? "other" : String(entry.port),
     entry.mode,
     entry.policy === undefined ? "-" : `${entry.policy} (${entry.scope})`,
   ]);
-  lines.push(...indent(table(["PORT", "EFFECTIVE MODE", "SET BY"], ports)));
+  lines.push(...table(["PORT", "EFFECTIVE MODE", "SET BY"], ports));
   const warnings = (["mesh", "namespace", "workload"] as const).flatMap((scope) => explanation.peerAuthentication[scope]?.warnings ?? []);
   lines.push(...warnings.map((warning) => `  warning: ${warning}`));
   return lines.join("\n") + "\n";
@@ -110,7 +111,7 @@ export function formatPolicyStatuses(report: PolicyStatusReport): string {
       policy.warnings.length > 0 ? `${policy.rules} (${countOf(policy.warnings.length, "warning")})` : String(policy.rules),
       path.basename(policy.file),
     ]);
-    lines.push(...indent(table(["POLICY", "ACTION", "SELECTOR", "STATUS", "RULES", "FILE"], rows)));
+    lines.push(...table(["POLICY", "ACTION", "SELECTOR", "STATUS", "RULES", "FILE"], rows));
     lines.push(...report.authorizationPolicies.flatMap(policyDetails));
   }
   lines.push("", "PEER AUTHENTICATIONS");
@@ -124,7 +125,7 @@ export function formatPolicyStatuses(report: PolicyStatusReport): string {
       policy.status,
       path.basename(policy.file),
     ]);
-    lines.push(...indent(table(["POLICY", "SELECTOR", "MODE", "PORTS", "STATUS", "FILE"], rows)));
+    lines.push(...table(["POLICY", "SELECTOR", "MODE", "PORTS", "STATUS", "FILE"], rows));
     lines.push(...report.peerAuthentications.flatMap(policyDetails));
   }
   lines.push("", "REJECTED");
@@ -137,7 +138,7 @@ export function formatPolicyStatuses(report: PolicyStatusReport): string {
       problem.lastValidServing ? "last valid version" : "nothing",
       problem.problems > 1 ? `${problem.message} (${countOf(problem.problems - 1, "more problem")} in this document)` : problem.message,
     ]);
-    lines.push(...indent(table(["OBJECT", "FILE", "FIELD", "SERVING", "MESSAGE"], rows)));
+    lines.push(...table(["OBJECT", "FILE", "FIELD", "SERVING", "MESSAGE"], rows));
   }
   return lines.join("\n") + "\n";
 }
@@ -152,22 +153,7 @@ function selectorText(selector: Readonly<Record<string, string>>): string {
   return pairs.length === 0 ? "{}" : pairs.join(",");
 }
 
-/** Lays out rows in columns padded to the widest cell; the last column is not padded. */
+/** Lays out rows under a header, indented by two spaces, as the lines of the table. */
 function table(header: string[], rows: string[][]): string[] {
-  const all = [header, ...rows];
-  const widths = header.map((_, column) => Math.max(...all.map((row) => (row[column] ?? "").length)));
-  return all.map((row) =>
-    row
-      .map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column])))
-      .join("  ")
-      .trimEnd(),
-  );
-}
-
-function countOf(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
-}
-
-function indent(lines: string[]): string[] {
-  return lines.map((line) => `  ${line}`);
+  return formatTable(header, rows, "  ").trimEnd().split("\n");
 }

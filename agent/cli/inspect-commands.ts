@@ -6,14 +6,12 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import type { CertificateView, ConnectionView, LogLevelsView, ServiceView, WorkloadView } from "../admin/views";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
-import { ADMIN_TIMEOUT_MS, adminJson, asUsage, DEFAULT_ADMIN, listIn, UsageError, validAdmin } from "./admin-client";
+import { LOG_LEVELS } from "../log-level";
+import { adminJson, asUsage, DEFAULT_ADMIN, listIn, UsageError, validAdmin } from "./admin-client";
 import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 import { formatCertificates, formatConnections, formatLogLevels, formatServices, formatWorkloads } from "./inspect-output";
 import { parseOutputFormat, render, type OutputFormat } from "./output";
 import { fetchStatusReport, formatStatusReport, reportReady, statusData } from "./status-command";
-
-/** Log levels, most verbose first, as pino names them. */
-export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal", "silent"] as const;
 
 export const INSPECT_USAGE = `  status [--admin HOST:PORT] [-o table|json|yaml]
                      tell whether the agent is ready (configuration read, capture attached,
@@ -109,7 +107,7 @@ function write(format: OutputFormat, data: unknown, table: () => string): void {
 async function status(argv: string[]): Promise<void> {
   const { values } = parseCommand(argv, {});
   const format = parseOutputFormat(values.output);
-  const report = await fetchStatusReport(validAdmin(values.admin), ADMIN_TIMEOUT_MS);
+  const report = await fetchStatusReport(validAdmin(values.admin));
   write(format, statusData(report), () => formatStatusReport(report));
   // A script can test readiness by the exit status alone.
   if (!reportReady(report)) process.exitCode = 1;

@@ -2,7 +2,7 @@
 // /status part of `agentctl status`. The columns follow `istioctl ztunnel-config`.
 
 import type { CertificateChainEntry, CertificateView, ConnectionView, LogLevelsView, ServiceView, StatusView, WorkloadView } from "../admin/views";
-import { cell, formatBytes, formatDuration, formatTable } from "./output";
+import { cell, countOf, formatBytes, formatDuration, formatTable } from "./output";
 
 export function formatWorkloads(workloads: readonly WorkloadView[]): string {
   const rows = workloads.map((workload) => [
@@ -100,8 +100,7 @@ export function formatLogLevels(levels: LogLevelsView): string {
 /** Formats the node summary of GET /status, the part of `agentctl status` above the Kubernetes watches. */
 export function formatStatusView(status: StatusView, now: Date = new Date()): string {
   const lines = [`agent: version ${status.version} on node ${status.node} (pid ${status.pid}, up ${formatDuration(status.uptimeSeconds)})`];
-  lines.push(`ready: ${status.ready ? "yes" : "no"}`);
-  for (const [check, ok] of Object.entries(status.checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
+  lines.push(...readinessLines(status.ready, status.checks));
   lines.push(...captureLines(status));
   const configuration = status.configuration;
   lines.push(
@@ -111,6 +110,13 @@ export function formatStatusView(status: StatusView, now: Date = new Date()): st
   lines.push(certificateLine(status.certificates, now));
   lines.push(`connections: ${status.connections.inbound} inbound, ${status.connections.outbound} outbound`);
   return lines.join("\n") + "\n";
+}
+
+/** Formats "ready: yes" or "ready: no", then one line per readiness check. */
+export function readinessLines(ready: boolean, checks: Readonly<Record<string, boolean>>): string[] {
+  const lines = [`ready: ${ready ? "yes" : "no"}`];
+  for (const [check, ok] of Object.entries(checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
+  return lines;
 }
 
 function captureLines(status: StatusView): string[] {
@@ -137,8 +143,4 @@ function certificateLine(certificates: StatusView["certificates"], now: Date): s
   const counts = `${certificates.total} total: ${certificates.valid} valid, ${certificates.refreshing} refreshing, ${certificates.pending} pending, ${certificates.failing} failing, ${certificates.expired} expired`;
   if (certificates.nextExpiry === undefined) return `certificates: ${counts}`;
   return `certificates: ${counts}; next expiry ${certificates.nextExpiry} (${expiresIn(certificates.nextExpiry, now)})`;
-}
-
-function countOf(count: number, noun: string, plural = `${noun}s`): string {
-  return `${count} ${count === 1 ? noun : plural}`;
 }

@@ -79,6 +79,11 @@ export function formatBytes(bytes: number): string {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+/** Returns "1 policy" or "2 policies": the count with the noun, plural unless the count is 1. */
+export function countOf(count: number, noun: string, plural = `${noun}s`): string {
+  return `${count} ${count === 1 ? noun : plural}`;
+}
+
 /** Returns "-" for an absent or empty value, so that every table cell has text. */
 export function cell(value: string | number | undefined): string {
   if (value === undefined || value === "") return "-";

@@ -1,10 +1,10 @@
 // agentctl status: whether the node's agent is ready, and the state of each of its Kubernetes API
 // watches, from the admin API's /healthz/ready, and the node summary from /status.
 
-import http from "node:http";
 import type { StatusView } from "../admin/views";
-import { adminJson, RouteNotFoundError } from "./admin-client";
-import { formatStatusView } from "./inspect-output";
+import { adminJson, adminRequest, RouteNotFoundError } from "./admin-client";
+import { formatStatusView, readinessLines } from "./inspect-output";
+import { formatTable } from "./output";
 
 interface ResourceHealth {
   resource: string;
@@ -29,23 +29,13 @@ export interface Readiness {
 }
 
 /** Reads /healthz/ready, which responds with 200 when ready and 503 when not, both with a JSON body. */
-export function fetchReadiness(address: string, timeoutMs: number): Promise<Readiness> {
-  return new Promise((resolve, reject) => {
-    const request = http.get(`http://${address}/healthz/ready`, { timeout: timeoutMs }, (response) => {
-      let body = "";
-      response.setEncoding("utf8");
-      response.on("data", (chunk) => (body += chunk));
-      response.on("end", () => {
-        try {
-          resolve(JSON.parse(body) as Readiness);
-        } catch {
-          reject(new Error(`the admin API at ${address} responded to /healthz/ready with status ${response.statusCode} and no JSON: ${body.trim().slice(0, 200)}; is this agent older than agentctl?`));
-        }
-      });
-    });
-    request.on("timeout", () => request.destroy(new Error(`no response within ${timeoutMs / 1000} s`)));
-    request.on("error", (error) => reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`)));
-  });
+export async function fetchReadiness(address: string): Promise<Readiness> {
+  const { status, text } = await adminRequest(address, "GET", "/healthz/ready");
+  try {
+    return JSON.parse(text) as Readiness;
+  } catch {
+    throw new Error(`the admin API at ${address} responded to /healthz/ready with status ${status} and no JSON: ${text.trim().slice(0, 200)}; is this agent older than agentctl?`);
+  }
 }
 
 /** Returns the LISTED column: "absent" for a resource the server does not serve. */
@@ -56,8 +46,7 @@ function listedColumn(resource: ResourceHealth): string {
 
 /** Formats the readiness as text: the checks, then one line per watched resource. */
 export function formatReadiness(readiness: Readiness): string {
-  const lines = [`ready: ${readiness.ready ? "yes" : "no"}`];
-  for (const [check, ok] of Object.entries(readiness.checks)) lines.push(`  ${check.padEnd(14)} ${ok ? "ok" : "not ready"}`);
+  const lines = readinessLines(readiness.ready, readiness.checks);
   lines.push(`enrolled pods: ${readiness.enrolled}`);
   return lines.join("\n") + "\n" + formatWatches(readiness);
 }
@@ -85,11 +74,7 @@ export function formatWatches(readiness: Readiness): string {
     String(resource.expired),
     resource.lastError ? `${resource.lastErrorTime ?? ""} ${resource.lastError}`.trim() : "-",
   ]);
-  const header = ["RESOURCE", "LISTED", "WATCHING", "VERSION", "LISTS", "EXPIRED", "LAST ERROR"];
-  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
-  const format = (row: string[]): string => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]))).join("  ");
-  lines.push("  " + format(header));
-  for (const row of rows) lines.push("  " + format(row));
+  lines.push(formatTable(["RESOURCE", "LISTED", "WATCHING", "VERSION", "LISTS", "EXPIRED", "LAST ERROR"], rows, "  ").trimEnd());
   return lines.join("\n") + "\n";
 }
 
@@ -103,13 +88,13 @@ export interface StatusReport {
  * Reads /status and /healthz/ready together. An agent without /status (status 404: older than
  * agentctl) gives a report with the readiness alone.
  */
-export async function fetchStatusReport(address: string, timeoutMs: number): Promise<StatusReport> {
+export async function fetchStatusReport(address: string): Promise<StatusReport> {
   const [status, readiness] = await Promise.all([
     adminJson(address, "/status").catch((error: unknown) => {
       if (error instanceof RouteNotFoundError) return undefined;
       throw error;
     }),
-    fetchReadiness(address, timeoutMs),
+    fetchReadiness(address),
   ]);
   return { status: status as StatusView | undefined, readiness };
 }

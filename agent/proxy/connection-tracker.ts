@@ -56,11 +56,6 @@ export class ConnectionTracker {
     for (const observer of this.#observers) observer.closed(record);
   }
 
-  /** Returns the open connections, oldest first. */
-  records(): IterableIterator<ConnectionRecord> {
-    return this.#open.values();
-  }
-
   counts(): { inbound: number; outbound: number } {
     return { inbound: this.#inbound, outbound: this.#outbound };
   }

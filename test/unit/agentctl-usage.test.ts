@@ -88,7 +88,7 @@ test("bad options exit 2 naming the value", async (t) => {
     [["certificates", "-o", "short"], /invalid -o "short"/],
     [["connections", "--direction", "sideways"], /invalid --direction "sideways": use inbound or outbound/],
     [["connections", "--workload", "web"], /invalid --workload "web": write NAMESPACE\/NAME/],
-    [["log", "--level", "loud"], /invalid --level "loud": use trace, debug, info, warn, error, fatal, silent/],
+    [["log", "--level", "loud"], /invalid --level "loud": use fatal, error, warn, info, debug, trace, silent/],
     [["log", "proxy:verbose"], /invalid level "verbose" in "proxy:verbose"/],
     [["log", "proxy"], /missing level for "proxy"/],
     [["log", "Proxy:debug"], /invalid log setting "Proxy:debug"/],

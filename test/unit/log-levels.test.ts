@@ -13,6 +13,7 @@ import {
   createLevelledLogger,
   logLevelsOf,
   parseLogLevels,
+  withLastComponentOnly,
   type Logger,
 } from "../../agent/log";
 
@@ -110,6 +111,38 @@ test("innermost component wins", (t) => {
   );
   t.is(lines[1].component, "access");
   t.is(lines[1].workload, "shop/web");
+});
+
+test("one component key per line", (t) => {
+  const raw: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      raw.push(...chunk.toString().split("\n").filter((line) => line !== ""));
+      done();
+    },
+  });
+  const levels = new LogLevels(parseLogLevels("info,outbound=debug"));
+  const root = createLevelledLogger(levels, { node: "node-a" }, sink);
+  const proxy = root.child({ component: "proxy", workload: "shop/web" });
+  const outbound = proxy.child({ component: "outbound" });
+  accessLogger(outbound.child({ connection: "c1" })).info("connection complete");
+  outbound.debug("outbound debug");
+  root.info("root info");
+  t.is(raw.length, 3);
+  t.is(raw[0].match(/"component":/g)?.length, 1, raw[0]);
+  t.is(raw[1].match(/"component":/g)?.length, 1, raw[1]);
+  t.is(raw[2].match(/"component":/g), null, raw[2]);
+  const access = JSON.parse(raw[0]) as Record<string, unknown>;
+  t.is(access.component, "access");
+  t.is(access.workload, "shop/web");
+  t.is(access.connection, "c1");
+  t.is((JSON.parse(raw[1]) as Record<string, unknown>).component, "outbound");
+});
+
+test("nested component binding kept", (t) => {
+  const bindings = ',"pid":1,"component":"proxy","peer":{"name":"a,b","component":"x"},"note":"\\",\\"component\\":","component":"access"';
+  t.is(withLastComponentOnly(bindings), ',"pid":1,"peer":{"name":"a,b","component":"x"},"note":"\\",\\"component\\":","component":"access"');
+  t.is(withLastComponentOnly(',"pid":1,"component":"cni"'), ',"pid":1,"component":"cni"');
 });
 
 test("access logger made once per parent", (t) => {

@@ -20,7 +20,7 @@ import { workloadIps } from "../state/ip";
 import type { MeshState } from "../state/mesh-state";
 import type { Direction, Service, Workload } from "../state/types";
 import { readinessChecks, readinessResponse, type ReadinessInputs } from "./readiness";
-import { AdminUnavailableError, type AdminPostRoute, type AdminRoutes } from "./server";
+import { requireState, type AdminPostRoute, type AdminRoutes } from "./server";
 import type {
   CertificateChainEntry,
   CertificateView,
@@ -76,20 +76,14 @@ export interface AdminSources {
 export function inspectionRoutes(sources: AdminSources): AdminRoutes {
   return {
     "/status": () => statusView(sources),
-    "/workloads": () => workloadViews(sources, requireState(sources)),
-    "/services": () => serviceViews(requireState(sources)),
-    "/certificates": () => certificateViews(sources.certificates()),
+    "/workloads": () => workloadViews(sources, requireState(() => sources.state())),
+    "/services": () => serviceViews(requireState(() => sources.state())),
+    "/certificates": () => certificateViews(sources.certificates(), sources.identity()?.trust.pem()),
     "/connections": (query) => connectionViews(sources, query),
     "/config_dump": () => configDump(sources),
     "/healthz/ready": () => readinessResponse(readinessInputs(sources)),
     ...(sources.logLevels && { "/logging": () => sources.logLevels!.view() }),
   };
-}
-
-function requireState(sources: AdminSources): MeshState {
-  const state = sources.state();
-  if (state === undefined) throw new AdminUnavailableError("the agent has not read its configuration yet; retry in a few seconds");
-  return state;
 }
 
 function readinessInputs(sources: AdminSources): ReadinessInputs {
@@ -247,7 +241,12 @@ function serviceEndpointSummary(state: MeshState, service: Service): ServiceView
 }
 
 /** Describes the certificates of this node's identities with their chains. Private keys are never read here. */
-export function certificateViews(statuses: readonly CertificateStatus[], now = Date.now()): CertificateView[] {
+/**
+ * Describes each identity's certificate, with its chain and then the trusted roots (`rootsPem`)
+ * that issued the chain's last certificate.
+ */
+export function certificateViews(statuses: readonly CertificateStatus[], rootsPem?: string, now = Date.now()): CertificateView[] {
+  const roots = (rootsPem?.match(CERTIFICATE_PEM) ?? []).map((pem) => new crypto.X509Certificate(pem));
   return statuses
     .map((status) => {
       const view: CertificateView = {
@@ -255,7 +254,7 @@ export function certificateViews(statuses: readonly CertificateStatus[], now = D
         state: status.state,
         failures: status.failures,
         workloads: [...status.workloads],
-        chain: status.chainPem === undefined ? [] : parseChain(status.chainPem),
+        chain: status.chainPem === undefined ? [] : parseChain(status.chainPem, roots),
       };
       if (status.notBefore !== undefined) view.notBefore = status.notBefore;
       if (status.notAfter !== undefined) {
@@ -274,24 +273,35 @@ const CERTIFICATE_PEM = /-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE---
 
 /**
  * Parses a PEM chain, leaf first: the first certificate is the Leaf, a self-signed one is a Root,
- * and the others are Intermediates. Only CERTIFICATE blocks are read, so a key in the text is skipped.
+ * and the others are Intermediates. Only CERTIFICATE blocks are read, so a key in the text is
+ * skipped. The `roots` that issued the chain's last certificate follow it, unless the chain ends
+ * with a root already.
  */
-export function parseChain(chainPem: string): CertificateChainEntry[] {
-  const blocks = chainPem.match(CERTIFICATE_PEM) ?? [];
-  return blocks.map((pem, index) => {
-    const certificate = new crypto.X509Certificate(pem);
-    let type: CertificateChainEntry["type"] = "Intermediate";
-    if (index === 0) type = "Leaf";
-    else if (certificate.checkIssued(certificate) && certificate.verify(certificate.publicKey)) type = "Root";
-    return {
-      type,
-      // Node.js returns undefined for an empty subject, which a SPIFFE leaf may have, and one line per attribute otherwise.
-      subject: (certificate.subject ?? "").split("\n").join(", "),
-      serialNumber: certificate.serialNumber,
-      notBefore: new Date(certificate.validFrom).toISOString(),
-      notAfter: new Date(certificate.validTo).toISOString(),
-    };
-  });
+export function parseChain(chainPem: string, roots: readonly crypto.X509Certificate[] = []): CertificateChainEntry[] {
+  const certificates = (chainPem.match(CERTIFICATE_PEM) ?? []).map((pem) => new crypto.X509Certificate(pem));
+  const entries = certificates.map((certificate, index) => chainEntry(certificate, index === 0 ? "Leaf" : selfSigned(certificate) ? "Root" : "Intermediate"));
+  const last = certificates[certificates.length - 1];
+  if (last !== undefined && !(certificates.length > 1 && selfSigned(last))) {
+    for (const root of roots) {
+      if (last.checkIssued(root) && last.verify(root.publicKey)) entries.push(chainEntry(root, "Root"));
+    }
+  }
+  return entries;
+}
+
+function selfSigned(certificate: crypto.X509Certificate): boolean {
+  return certificate.checkIssued(certificate) && certificate.verify(certificate.publicKey);
+}
+
+function chainEntry(certificate: crypto.X509Certificate, type: CertificateChainEntry["type"]): CertificateChainEntry {
+  return {
+    type,
+    // Node.js returns undefined for an empty subject, which a SPIFFE leaf may have, and one line per attribute otherwise.
+    subject: (certificate.subject ?? "").split("\n").join(", "),
+    serialNumber: certificate.serialNumber,
+    notBefore: new Date(certificate.validFrom).toISOString(),
+    notAfter: new Date(certificate.validTo).toISOString(),
+  };
 }
 
 /** Lists the open connections, in one direction when the query names it. */
@@ -378,7 +388,7 @@ export function configDump(sources: AdminSources): Record<string, unknown> {
     workloads: state ? workloadViews(sources, state) : [],
     services: state ? serviceViews(state) : [],
     policies: state ? policyDump(state, sources.rootNamespace) : [],
-    certificates: certificateViews(sources.certificates()),
+    certificates: certificateViews(sources.certificates(), sources.identity()?.trust.pem()),
     workloadState,
     isolated: sources.isolated().map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),
     ambiguous: sources.ambiguous().map((entry) => ({ ...entry, cookie: entry.cookie.toString() })),

@@ -2,6 +2,7 @@
 // diagnostics behind `agentctl authz` and `agentctl policies`. Bound to localhost by default.
 
 import http from "node:http";
+import net from "node:net";
 import type { ManifestProblem } from "../discovery/manifest-problem";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
@@ -62,13 +63,16 @@ export interface AuthorizationDiagnostics {
   problems(): readonly ManifestProblem[];
 }
 
+/** Returns the mesh state that `state` returns, or throws AdminUnavailableError (503) before the configuration is read. */
+export function requireState(state: () => MeshState | undefined): MeshState {
+  const current = state();
+  if (current === undefined) throw new AdminUnavailableError("the agent has not read its configuration yet; retry in a few seconds");
+  return current;
+}
+
 /** Builds /authz/check?from=&to=, /authz/explain?pod= and /policies over the agent's current state. */
 export function authorizationRoutes(diagnostics: AuthorizationDiagnostics): AdminRoutes {
-  const currentState = (): MeshState => {
-    const state = diagnostics.state();
-    if (state === undefined) throw new AdminUnavailableError("the agent has not read its manifests yet; retry in a few seconds");
-    return state;
-  };
+  const currentState = (): MeshState => requireState(() => diagnostics.state());
   return {
     "/authz/check": (query) => {
       const from = requiredParameter(query, "from", "/authz/check?from=SOURCE&to=DESTINATION, for example from=shop/web&to=backend/api:8080");
@@ -99,8 +103,11 @@ export class AdminServer {
     private readonly logger: Logger,
     /** The only paths that accept POST, such as "/logging". */
     private readonly postRoutes: Readonly<Record<string, AdminPostRoute>> = {},
-    /** The server's name and the flag that sets its address, for the error when it cannot listen. */
-    private readonly listener: { name: string; flag: string } = { name: "admin API", flag: "--admin" },
+    /**
+     * The server's name and the flag that sets its address, for the error when it cannot listen.
+     * `ipHostsOnly` rejects requests addressed to a host name other than localhost.
+     */
+    private readonly listener: { name: string; flag: string; ipHostsOnly?: boolean } = { name: "admin API", flag: "--admin", ipHostsOnly: true },
   ) {
     this.server = http.createServer((request, response) => this.handle(request, response));
   }
@@ -128,6 +135,13 @@ export class AdminServer {
   private handle(request: http.IncomingMessage, response: http.ServerResponse): void {
     const url = new URL(request.url ?? "/", "http://admin.invalid");
     const path = url.pathname;
+    if (this.listener.ipHostsOnly && !addressedByIpOrLocalhost(request.headers.host)) {
+      this.logger.warn({ path, host: request.headers.host, remoteAddress: request.socket.remoteAddress }, "rejected an admin request addressed to a host name");
+      sendJson(response, 403, {
+        error: `requests to the ${this.listener.name} must name an IP address or localhost in the Host header, not ${JSON.stringify(request.headers.host)}; connect to ${this.address}`,
+      });
+      return;
+    }
     const hasGet = Object.hasOwn(this.routes, path) || path === "/healthz/ready";
     const hasPost = Object.hasOwn(this.postRoutes, path);
     if (request.method === "POST" && hasPost) {
@@ -194,6 +208,17 @@ export class AdminServer {
       else sendJson(response, 200, resolved);
     }, failed);
   }
+}
+
+/**
+ * Tells whether a Host header names an IP address or localhost, or is absent. A web page in a
+ * browser on the node can make a host name of its own site resolve to 127.0.0.1 (DNS rebinding)
+ * and then read the admin API as same-origin; such requests carry that host name.
+ */
+export function addressedByIpOrLocalhost(host: string | undefined): boolean {
+  if (host === undefined) return true;
+  const name = /^\[([^\]]*)\](?::\d*)?$/.exec(host)?.[1] ?? host.replace(/:\d*$/, "");
+  return name.toLowerCase() === "localhost" || net.isIP(name) !== 0;
 }
 
 function statusOf(error: unknown): { status: number; code: string } {

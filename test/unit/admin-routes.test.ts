@@ -1,3 +1,4 @@
+import crypto from "node:crypto";
 import test from "ava";
 import { buildSnapshot } from "../../agent/discovery/manifest-source";
 import { parseManifests } from "../../agent/discovery/manifests";
@@ -297,6 +298,24 @@ test("parse chain of a leaf only", async (t) => {
     ["Leaf"],
   );
   t.deepEqual(parseChain(""), []);
+});
+
+test("parse chain appends issuing root", async (t) => {
+  const root = await createRoot({ name: "issuing-root" });
+  const other = await createRoot({ name: "other-root" });
+  const leaf = await createLeaf(root, { uris: ["spiffe://cluster.local/ns/shop/sa/web"] });
+  const roots = [other.certPem, root.certPem].map((pem) => new crypto.X509Certificate(pem));
+  const chain = parseChain(leaf.certPem, roots);
+  t.deepEqual(
+    chain.map((entry) => entry.type),
+    ["Leaf", "Root"],
+  );
+  t.is(chain[1].subject, "CN=issuing-root");
+  // A chain that ends with its root gets no second copy of it.
+  t.deepEqual(
+    parseChain(leaf.certPem + root.certPem, roots).map((entry) => entry.type),
+    ["Leaf", "Root"],
+  );
 });
 
 test("config dump fields", (t) => {

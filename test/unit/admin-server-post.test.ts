@@ -1,6 +1,6 @@
 import test from "ava";
 import http from "node:http";
-import { AdminServer, type AdminPostRoute } from "../../agent/admin/server";
+import { AdminServer, addressedByIpOrLocalhost, type AdminPostRoute } from "../../agent/admin/server";
 import { AgentError } from "../../agent/errors";
 import { silentLogger } from "../../agent/log";
 
@@ -106,4 +106,24 @@ test("get still served", async (t) => {
   const { port } = await startServer(t);
   t.is((await request(port, "GET", "/logging")).status, 200);
   t.is((await request(port, "GET", "/healthz/ready")).status, 200);
+});
+
+test("host name requests rejected", async (t) => {
+  const { port } = await startServer(t);
+  // A DNS-rebinding page reaches 127.0.0.1 under its own host name.
+  const rebound = await request(port, "GET", "/status", { host: `attacker.example:${port}` });
+  t.is(rebound.status, 403);
+  t.regex(rebound.body, /attacker\.example/);
+  for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`, "10.0.0.1"]) {
+    t.is((await request(port, "GET", "/status", { host })).status, 200, host);
+  }
+});
+
+test("addressed by ip or localhost", (t) => {
+  t.true(addressedByIpOrLocalhost(undefined));
+  t.true(addressedByIpOrLocalhost("LOCALHOST"));
+  t.true(addressedByIpOrLocalhost("[fd00::1]:15000"));
+  t.false(addressedByIpOrLocalhost("localhost.attacker.example"));
+  t.false(addressedByIpOrLocalhost("127.0.0.1.nip.io:15000"));
+  t.false(addressedByIpOrLocalhost(""));
 });

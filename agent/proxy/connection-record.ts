@@ -7,8 +7,17 @@ import { AgentError, ERROR_CODES, errorCodeOf } from "../errors";
 import { accessLogger, type Logger } from "../log";
 import type { AuthorizationResult } from "../rbac/types";
 import type { Decision, Direction, Workload } from "../state/types";
-import type { ConnectionTracker } from "./connection-tracker";
 import type { ByteCounters } from "./copy";
+
+/** Where records register while their connection is open, such as the agent's ConnectionTracker. */
+export interface ConnectionRegistry {
+  /** Registers a record when its connection is accepted. */
+  add(record: ConnectionRecord): void;
+  /** Reports the establishment of a registered connection. */
+  opened(record: ConnectionRecord): void;
+  /** Removes a record once it is written. */
+  remove(record: ConnectionRecord): void;
+}
 
 export interface ConnectionRecordInit {
   node: string;
@@ -17,7 +26,7 @@ export interface ConnectionRecordInit {
   src: AuditPeer;
   dst: AuditPeer;
   /** The tracker of the agent's open connections; the record registers with it now and leaves it in write(). */
-  tracker?: ConnectionTracker;
+  tracker?: ConnectionRegistry;
   /** The uid (namespace/name) of the enrolled pod whose proxy serves the connection. */
   workload?: string;
 }
@@ -42,7 +51,7 @@ export class ConnectionRecord {
   readonly #startedNs = process.hrtime.bigint();
   readonly #node: string;
   readonly #direction: Direction;
-  readonly #tracker: ConnectionTracker | undefined;
+  readonly #tracker: ConnectionRegistry | undefined;
   /** The uid of the enrolled pod whose proxy serves the connection; empty when the proxy did not give it. */
   readonly workload: string;
   /**

@@ -4,7 +4,7 @@
 
 import type { ConnectionView } from "../admin/views";
 import type { Direction } from "../state/types";
-import type { ConnectionRecord } from "./connection-record";
+import type { ConnectionRecord, ConnectionRegistry } from "./connection-record";
 
 /**
  * Benchmark switch, read once when the agent starts: with AMBIENT_BENCH_NO_CONNECTION_TRACKER=1 the
@@ -22,7 +22,7 @@ export interface ConnectionObserver {
   closed(record: ConnectionRecord): void;
 }
 
-export class ConnectionTracker {
+export class ConnectionTracker implements ConnectionRegistry {
   /** A Set iterates in insertion order, so the oldest connection comes first. */
   readonly #open = new Set<ConnectionRecord>();
   #inbound = 0;

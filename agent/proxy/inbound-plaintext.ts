@@ -11,8 +11,7 @@ import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
-import { ConnectionRecord, denialError, peerOf } from "./connection-record";
-import type { ConnectionTracker } from "./connection-tracker";
+import { ConnectionRecord, denialError, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, INBOUND_PLAINTEXT_PORT, PROXY_PORTS } from "./hbone";
@@ -32,7 +31,7 @@ export interface InboundPlaintextServerOptions {
   audit: AuditRecorder;
   logger: Logger;
   /** The agent's tracker of open connections, with which every connection record registers. */
-  tracker?: ConnectionTracker;
+  tracker?: ConnectionRegistry;
   /**
    * Called with each listener's file descriptor before it accepts, so capture can steer to it:
    * the IPv4 one, and for a dual-stack pod the IPv6 one (family 6).

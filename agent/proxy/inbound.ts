@@ -14,8 +14,7 @@ import type { Logger } from "../log";
 import type { AuthorizationResult, RbacConnection } from "../rbac/types";
 import { hasWorkloadIp } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
-import { ConnectionRecord, denialError, peerOf } from "./connection-record";
-import type { ConnectionTracker } from "./connection-tracker";
+import { ConnectionRecord, denialError, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import {
@@ -57,7 +56,7 @@ export interface InboundHboneServerOptions {
   audit: AuditRecorder;
   logger: Logger;
   /** The agent's tracker of open connections, with which every connection record registers. */
-  tracker?: ConnectionTracker;
+  tracker?: ConnectionRegistry;
   /**
    * Returns the workload this server delivers to as the mesh state has it now, or undefined once it
    * left. Checked on every CONNECT. Without this option, `workload` counts as known for good.

@@ -12,8 +12,7 @@ import { verificationReasonOf } from "../identity/verify";
 import type { Logger } from "../log";
 import { workloadIpOfFamily } from "../state/ip";
 import type { Identity, Workload } from "../state/types";
-import { ConnectionRecord, peerOf } from "./connection-record";
-import type { ConnectionTracker } from "./connection-tracker";
+import { ConnectionRecord, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, buildConnectHeaders, type Authority } from "./hbone";
@@ -48,7 +47,7 @@ export interface OutboundProxyOptions {
   audit: AuditRecorder;
   logger: Logger;
   /** The agent's tracker of open connections, with which every connection record registers. */
-  tracker?: ConnectionTracker;
+  tracker?: ConnectionRegistry;
   /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
 }

@@ -112,14 +112,36 @@ export class AdminServer {
     this.server = http.createServer((request, response) => this.handle(request, response));
   }
 
+  /**
+   * Listens on the configured address. "::" takes IPv4 connections too; on a kernel without IPv6
+   * it falls back to 0.0.0.0, so that the all-addresses default works on every node.
+   */
   async start(): Promise<void> {
     const { host, port } = parseAddress(this.address);
-    await new Promise<void>((resolve, reject) => {
-      this.server.once("error", (error: NodeJS.ErrnoException) => {
-        reject(new Error(`${this.listener.name} could not listen on ${this.address}: ${error.code ?? error.message}; pass ${this.listener.flag} with a free address`));
+    try {
+      await this.listen(host, port);
+    } catch (error) {
+      if (host !== "::" || (error as NodeJS.ErrnoException).code !== "EAFNOSUPPORT") throw this.listenError(error as NodeJS.ErrnoException);
+      this.logger.info({ address: this.address }, `${this.listener.name}: this kernel has no IPv6, listening on 0.0.0.0:${port}`);
+      await this.listen("0.0.0.0", port).catch((fallback: NodeJS.ErrnoException) => {
+        throw this.listenError(fallback);
       });
-      this.server.listen(port, host, () => resolve());
+    }
+  }
+
+  private listen(host: string, port: number): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const failed = (error: Error): void => reject(error);
+      this.server.once("error", failed);
+      this.server.listen(port, host, () => {
+        this.server.off("error", failed);
+        resolve();
+      });
     });
+  }
+
+  private listenError(error: NodeJS.ErrnoException): Error {
+    return new Error(`${this.listener.name} could not listen on ${this.address}: ${error.code ?? error.message}; pass ${this.listener.flag} with a free address`);
   }
 
   /** Returns the address the server listens on, with the port the kernel chose when the configured port is 0. */

@@ -43,11 +43,13 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
   --metrics HOST:PORT  address of the Prometheus metrics server, which serves /metrics and
-                       /stats/prometheus (default 0.0.0.0:15020; port 0 picks a free port)
+                       /stats/prometheus (default [::]:15020, every IPv4 and IPv6 address;
+                       port 0 picks a free port)
   --readiness HOST:PORT
                        address of the readiness server, which serves /healthz/ready: 200 once the
                        configuration is read, capture is attached and certificates are issued, else
-                       503 (default 0.0.0.0:15021; port 0 picks a free port)
+                       503 (default [::]:15021, every IPv4 and IPv6 address; port 0 picks a
+                       free port)
   --root-namespace NS  namespace whose policies apply mesh-wide (default istio-system)
   --capture MODE       how pods' traffic is steered to the agent: ebpf, nftables, or auto (default),
                        which probes the kernel and takes ebpf when every hook works, else nftables
@@ -164,8 +166,8 @@ function parseRunOptions(argv: string[]): RunOptions {
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     adminAddress: values.admin ?? "127.0.0.1:15000",
-    metricsAddress: parseListenFlag("metrics", values.metrics ?? "0.0.0.0:15020"),
-    readinessAddress: parseListenFlag("readiness", values.readiness ?? "0.0.0.0:15021"),
+    metricsAddress: parseListenFlag("metrics", values.metrics ?? "[::]:15020"),
+    readinessAddress: parseListenFlag("readiness", values.readiness ?? "[::]:15021"),
     rootNamespace: values["root-namespace"] ?? "istio-system",
     capture: parseCaptureFlag(values.capture),
     probeSources: parseProbeSources(values["probe-source"]),

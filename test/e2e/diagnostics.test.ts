@@ -593,6 +593,9 @@ test.serial("metrics and readiness ports", (t) => {
     const admin = curlInNode(node, `http://${address}:15000/status`);
     t.is(admin.httpStatus, 0, "the admin API responded on the node's address");
     t.not(admin.status, 0);
+    // The default address takes IPv6 too, for the kubelet of an IPv6-only node.
+    const ready6 = curlInNode(node, "http://[::1]:15021/healthz/ready");
+    t.is(ready6.httpStatus, 200, ready6.stderr);
   }
 });
 

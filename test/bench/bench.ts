@@ -22,7 +22,10 @@
 // --audit-only measures them alone. The Kubernetes figures (kubernetes.ts: enrolment after a
 // namespace label change, agent memory with 10,000 pods and 1,000 services in the API server, and
 // pod churn) come after the audit figures; --kubernetes-only measures them alone, and
-// --heap-snapshot adds a heap snapshot of the loaded agent and its largest constructors.
+// --heap-snapshot adds a heap snapshot of the loaded agent and its largest constructors. The
+// diagnostics figures (diagnostics.ts: mesh throughput and connection rate with the connection
+// tracker and Istio TCP metrics on and off, /metrics scrape cost, admin API latency with 10,000
+// workloads) come after the Kubernetes figures; --diagnostics-only measures them alone.
 
 import { execFileSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
@@ -43,6 +46,7 @@ import { measureIdentity } from "./identity";
 import { formatAuthzTable, measureAuthz } from "./authz";
 import { formatAuditTable, measureAudit } from "./audit";
 import { formatKubernetesTable, KUBERNETES_FULL, KUBERNETES_QUICK, measureKubernetes } from "./kubernetes";
+import { DIAGNOSTICS_FULL, DIAGNOSTICS_QUICK, formatDiagnosticsTable, measureDiagnostics } from "./diagnostics";
 import { describeMachine, formatCaptureTable, formatIdentityTable, formatMarkdown, formatTable, writeResults, type BenchResults, type CaptureFigures } from "./report";
 import { round, type LatencySummary } from "./stats";
 import { ALLOW_CLIENT_POLICY, BENCH_NAMESPACES, CLIENT, SERVER, benchNodes } from "./mesh-pods";
@@ -364,24 +368,30 @@ async function main(): Promise<void> {
   const settings = { ...(process.argv.includes("--quick") ? QUICK : FULL) };
   if (process.argv.includes("--cpu-prof")) settings.profileDir = path.join(os.tmpdir(), `${PREFIX}-profiles`);
   // The authorization figures need no namespaces, so they come before the host check.
-  const authz = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--audit-only") || process.argv.includes("--kubernetes-only")
+  const authz = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--audit-only") || process.argv.includes("--kubernetes-only") || process.argv.includes("--diagnostics-only")
     ? undefined
     : await measureAuthz(process.argv.includes("--quick"), step);
   if (authz) process.stdout.write(formatAuthzTable(authz, describeMachine(), new Date().toISOString()) + "\n\n");
   if (process.argv.includes("--authz-only")) return;
   assertHostCapable();
   // The audit figures build a cluster of their own (prefix family aabaud) and remove it before the rest.
-  const audit = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--kubernetes-only")
+  const audit = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--kubernetes-only") || process.argv.includes("--diagnostics-only")
     ? undefined
     : await measureAudit(process.argv.includes("--quick"), step);
   if (audit) process.stdout.write(formatAuditTable(audit, describeMachine(), new Date().toISOString()) + "\n\n");
   if (process.argv.includes("--audit-only")) return;
   // The Kubernetes figures build clusters of their own (prefix family aakbench) and remove them before the rest.
-  const kubernetes = process.argv.includes("--capture-only") || process.argv.includes("--identity-only")
+  const kubernetes = process.argv.includes("--capture-only") || process.argv.includes("--identity-only") || process.argv.includes("--diagnostics-only")
     ? undefined
     : await measureKubernetes({ ...(process.argv.includes("--quick") ? KUBERNETES_QUICK : KUBERNETES_FULL), heapSnapshot: process.argv.includes("--heap-snapshot") }, step);
   if (kubernetes) process.stdout.write(formatKubernetesTable(kubernetes, describeMachine(), new Date().toISOString()) + "\n\n");
   if (process.argv.includes("--kubernetes-only")) return;
+  // The diagnostics figures build clusters of their own (prefix family aadbench) and remove them before the rest.
+  const diagnostics = process.argv.includes("--capture-only") || process.argv.includes("--identity-only")
+    ? undefined
+    : await measureDiagnostics({ ...(process.argv.includes("--quick") ? DIAGNOSTICS_QUICK : DIAGNOSTICS_FULL), profileDir: settings.profileDir && path.join(settings.profileDir, "diagnostics") }, step);
+  if (diagnostics) process.stdout.write(formatDiagnosticsTable(diagnostics, describeMachine(), new Date().toISOString()) + "\n\n");
+  if (process.argv.includes("--diagnostics-only")) return;
   removeLeftovers(PREFIX_FAMILY);
 
   let cluster: Cluster | undefined;
@@ -419,7 +429,7 @@ async function main(): Promise<void> {
       extraManifests: { "policies.yaml": ALLOW_CLIENT_POLICY },
       agentLogLevel: "info",
     });
-    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity, authz, audit, kubernetes };
+    const results = { ...(await runBenchmark(await prepareRun(cluster, settings))), capture, identity, authz, audit, kubernetes, diagnostics };
     succeeded = true;
     writeResults(RESULTS_FILE, results);
     process.stdout.write(formatTable(results) + "\n");

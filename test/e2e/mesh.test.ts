@@ -194,6 +194,53 @@ test.serial("20 MB transfer arrives byte-exact", async (t) => {
   t.true(inbound.bytes_recv >= BLOB_SIZE, "bytes_recv counts the bytes from the application back to the client");
 });
 
+test.serial("bytes of a client that closes at once arrive", async (t) => {
+  // A client that writes and closes before the agent accepts its connection finishes its socket
+  // at once; the agent must still find where the connection was going and deliver the bytes.
+  const c = theCluster();
+  const port = 9071;
+  const connections = 300;
+  const size = 100;
+  const server = c.topology.spawn(c.topology.pod("db").netns, "python3", [
+    "-u",
+    "-c",
+    [
+      "import socket, sys",
+      "server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
+      "server.bind(('0.0.0.0', int(sys.argv[1]))); server.listen(512); total = 0",
+      "while True:",
+      "    connection, _ = server.accept()",
+      "    while (chunk := connection.recv(65536)): total += len(chunk)",
+      "    connection.close(); print(total, flush=True)",
+    ].join("\n"),
+    String(port),
+  ], { stdio: ["ignore", "pipe", "ignore"] });
+  let received = 0;
+  server.stdout!.on("data", (chunk: Buffer) => {
+    const lines = chunk.toString().trim().split("\n");
+    received = Number(lines[lines.length - 1]);
+  });
+  try {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const client = [
+      "import socket, sys",
+      "for _ in range(int(sys.argv[3])):",
+      "    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)",
+      `    s.sendall(b"x" * ${size}); s.close()`,
+    ].join("\n");
+    const sent = spawnSync("ip", ["netns", "exec", c.topology.pod("web").netns, "python3", "-c", client, c.topology.pod("db").ip, String(port), String(connections)], {
+      encoding: "utf8",
+      timeout: 60_000,
+    });
+    t.is(sent.status, 0, sent.stderr);
+    const deadline = Date.now() + 15_000;
+    while (received < connections * size && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+    t.is(received, connections * size);
+  } finally {
+    server.kill("SIGKILL");
+  }
+});
+
 test.serial("sequential connections share one pooled HBONE connection", async (t) => {
   const c = theCluster();
   const pcap = path.join(c.workDir, "pool.pcap");

@@ -22,7 +22,7 @@ import type { AuditPipeline } from "./audit/pipeline";
 import { NodeServers } from "./admin/node-servers";
 import { ConnectionTracker, TRACKER_DISABLED_FOR_BENCHMARK } from "./proxy/connection-tracker";
 import { problemPolicy } from "./rbac/policy-report";
-import { captureEntriesOf, inspectionRoutes, type AdminSources } from "./admin/routes";
+import { captureEntriesOf, inspectionRoutes, podCounts, type AdminSources } from "./admin/routes";
 import { authorizationRoutes } from "./admin/server";
 import type { CaptureBackend } from "./capture/backend";
 import { loadNative } from "./capture/native";
@@ -56,6 +56,7 @@ import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
 import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
+import { inboundServiceOf } from "./state/destination-service";
 import { EndpointPicker } from "./state/endpoints";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
@@ -399,13 +400,14 @@ export class Agent {
 
   /** Registers the audit metrics, the Istio TCP metrics, the agent's own metrics and the process metrics. */
   private registerMetrics(): void {
+    const sources = this.adminSources();
     this.servers.registerMetrics({
       version: agentVersion(),
       audit: () => this.audit?.status(),
       workload: (uid) => this.state?.workload(uid),
       capture: () => this.captureSelection && this.capture && { mode: this.captureSelection.mode, requested: this.captureSelection.requested },
       captureUsage: () => this.capture?.usage(),
-      workloads: () => ({ enrolled: this.reconciler?.list().length ?? 0, isolated: this.reconciler?.listIsolated().length ?? 0 }),
+      workloads: () => podCounts(sources),
       certificates: () => this.certs?.status() ?? [],
       policyRejections: () => this.policyRejections,
       rejectedPolicies: () => new Set(this.recordedProblems.flatMap((problem) => problemPolicy(problem)?.uid ?? [])).size,
@@ -624,6 +626,7 @@ export class Agent {
       authorize: (connection) => this.authorizeInbound(workload.uid, connection),
       lookupSource: (ip) => this.state?.workloadByIp(ip),
       currentWorkload: () => this.state?.workload(workload.uid),
+      destinationService: (port, requestedHost) => this.state && inboundServiceOf(this.state, workload.uid, port, requestedHost),
     });
     const plaintext = new InboundPlaintextServer({
       ...common,
@@ -634,6 +637,7 @@ export class Agent {
           ? this.capture!.attachInbound6?.(cookie, network.podIp6, network.podIp, fd)
           : this.capture!.attachInbound(network.netnsPath, cookie, network.podIp ?? workload.ip, fd),
       inboundDestination: (socket) => this.capture!.inboundDestination(socket),
+      destinationService: (port) => this.state && inboundServiceOf(this.state, workload.uid, port, undefined),
     });
     const servers = [inbound, plaintext, outbound];
     const certs = this.certs!;

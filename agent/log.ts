@@ -161,7 +161,8 @@ export class LogLevels {
     for (const match of added.matchAll(COMPONENT_BINDING)) component = match[1];
     if (component === undefined) return;
     setChindings(child, withLastComponentOnly(chindingsOf(child)));
-    const parentChain = this.#chainAbove(parent);
+    // The access log has its own level, whichever proxy logger writes it, as ztunnel's access target does.
+    const parentChain = INDEPENDENT_COMPONENTS.has(component) ? [ROOT_COMPONENT] : this.#chainAbove(parent);
     if (component === parentChain[parentChain.length - 1]) return;
     const chain = [...parentChain, component];
     const known = this.#knownChains.get(component);
@@ -306,6 +307,9 @@ export function createLevelledLogger(levels: LogLevels, bindings: Record<string,
 }
 
 const accessLoggers = new WeakMap<Logger, Logger>();
+
+/** Components whose level does not follow the logger they are made from. */
+const INDEPENDENT_COMPONENTS: ReadonlySet<string> = new Set(["access"]);
 
 /**
  * Returns the child of `logger` with component "access", for the lines that end a connection. The

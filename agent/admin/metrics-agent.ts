@@ -11,7 +11,7 @@ export interface AgentMetricsSources {
   version: string;
   capture(): { mode: string; requested: string } | undefined;
   captureMaps(): readonly MapUsageView[];
-  workloads(): { enrolled: number; isolated: number };
+  workloads(): { enrolled: number; pending: number; isolated: number };
   certificates(): readonly CertificateStatus[];
   /** policy.rejected records written since the agent started. */
   policyRejections(): number;
@@ -35,6 +35,7 @@ export function registerAgentMetrics(registry: Registry, sources: AgentMetricsSo
     return capture === undefined ? [] : [[{ mode: capture.mode, requested: capture.requested }, 1]];
   });
   gauge("ambient_agent_enrolled_pods", "Pods of this node whose traffic the agent captures and serves.", [], () => [[{}, sources.workloads().enrolled]]);
+  gauge("ambient_agent_pending_pods", "Pods of this node to enrol that are not served yet; readiness waits for them.", [], () => [[{}, sources.workloads().pending]]);
   gauge("ambient_agent_isolated_pods", "Pod network namespaces isolated because they share an IP with another pod's.", [], () => [[{}, sources.workloads().isolated]]);
   gauge("ambient_agent_capture_map_entries", "Entries in use of each capture map: eBPF maps, or nftables sets summed over the pods' tables.", ["map"], () =>
     sources.captureMaps().map((map) => [{ map: map.name }, map.entries]),

@@ -2,6 +2,7 @@
 // server (GET /metrics and /stats/prometheus) and the readiness server (GET /healthz/ready). The
 // metrics and readiness servers serve the admin API's own route functions, so all three agree.
 
+import net from "node:net";
 import { Registry, collectDefaultMetrics } from "prom-client";
 import type { AuditPipelineStatus } from "../audit/pipeline";
 import { retryUntilBound } from "../handover/takeover";
@@ -12,7 +13,7 @@ import { registerAuditMetrics } from "./metrics";
 import { registerAgentMetrics, type AgentMetricsSources } from "./metrics-agent";
 import { TrafficMetrics } from "./metrics-traffic";
 import { loggingPostRoutes } from "./routes";
-import { AdminServer, TextResponse, type AdminRoute, type AdminRoutes } from "./server";
+import { AdminServer, TextResponse, parseAddress, type AdminRoute, type AdminRoutes } from "./server";
 import type { MapUsageView } from "./views";
 
 /** The "host:port" addresses of the servers. The metrics and readiness servers are not created when their address is absent. */
@@ -81,6 +82,12 @@ export class NodeServers {
    */
   create(routes: AdminRoutes, logLevels: LogLevels | undefined): void {
     const adminLogger = this.logger.child({ component: "admin" });
+    if (!isLoopback(parseAddress(this.addresses.admin).host)) {
+      adminLogger.warn(
+        { admin: this.addresses.admin },
+        `the admin API listens on ${this.addresses.admin}, which other hosts and pods may reach: it lists every connection and changes log levels; pass --admin 127.0.0.1:15000 unless a firewall keeps others out`,
+      );
+    }
     this.#admin = new AdminServer(this.addresses.admin, routes, adminLogger, loggingPostRoutes(logLevels, adminLogger));
     this.#listeners = this.#createListeners(routes["/healthz/ready"], routes["/metrics"]);
   }
@@ -140,4 +147,10 @@ export class NodeServers {
       return [];
     }
   }
+}
+
+/** Tells whether a listen host is a loopback address or localhost. */
+export function isLoopback(host: string): boolean {
+  if (host === "localhost" || host === "::1") return true;
+  return net.isIPv4(host) && host.startsWith("127.");
 }

@@ -1,17 +1,22 @@
 // The node's readiness for /healthz/ready and agentctl status: configuration read (from the API
-// server, every resource listed once), capture attached, a usable certificate for every identity
-// of the enrolled pods, and with a CNI folder the plugin chained. The body also carries the state
-// of each Kubernetes API watch.
+// server, every resource listed once), capture attached, every pod to enrol served, a usable
+// certificate for every identity of the enrolled pods, and with a CNI folder the plugin chained.
+// The body also carries the pods still waited for and the state of each Kubernetes API watch.
 
 import type { KubeHealth } from "../discovery/kube-source";
 import type { CertificateStatus } from "../identity/cert-manager";
 import { TextResponse } from "./server";
+
+/** Pods named in the readiness body's `pending` list at most. */
+const PENDING_LISTED = 20;
 
 export interface ReadinessInputs {
   configurationRead: boolean;
   kubernetes?: KubeHealth;
   captureAttached: boolean;
   enrolmentRunning: boolean;
+  /** Pods of this node to enrol that are not served yet, by uid. */
+  pending: readonly string[];
   certificates: readonly CertificateStatus[];
   /** The CNI plugin's chaining, when the agent runs with a CNI configuration folder. */
   cni?: { chained: boolean; file?: string; outcome: string };
@@ -26,18 +31,28 @@ export interface Readiness {
 }
 
 /** Computes the readiness checks that /healthz/ready and /status report. */
-export function readinessChecks(inputs: ReadinessInputs): Readiness {
+export function readinessChecks(inputs: ReadinessInputs, now = Date.now()): Readiness {
   const kube = inputs.kubernetes;
   const checks: Record<string, boolean> = {
     configuration: inputs.configurationRead && (kube === undefined || kube.synced),
     capture: inputs.captureAttached,
-    enrolment: inputs.enrolmentRunning,
-    // A certificate being refreshed still serves.
-    certificates: inputs.certificates.every((certificate) => certificate.state === "valid" || certificate.state === "refreshing"),
+    // A pod whose enrolment is retried (its certificate request failed, for example) holds no
+    // certificate meanwhile, so the certificates check alone would pass without it.
+    enrolment: inputs.enrolmentRunning && inputs.pending.length === 0,
+    certificates: inputs.certificates.every((certificate) => servesUntilExpiry(certificate, now)),
     // New pods start uncaptured while the plugin is missing from the runtime's configuration.
     ...(inputs.cni && { cni: inputs.cni.chained }),
   };
   return { ready: Object.values(checks).every(Boolean) && !inputs.stopping, checks };
+}
+
+/**
+ * Tells whether a certificate serves its pods: valid, being renewed, or still valid while its
+ * renewals fail (the CA may come back before it expires).
+ */
+function servesUntilExpiry(certificate: CertificateStatus, now: number): boolean {
+  if (certificate.state === "valid" || certificate.state === "refreshing") return true;
+  return certificate.state === "failing" && certificate.notAfter !== undefined && Date.parse(certificate.notAfter) > now;
 }
 
 /** Builds the readiness response: 200 when every check passes, 503 otherwise, with a JSON body either way. */
@@ -50,6 +65,10 @@ export function readinessResponse(inputs: ReadinessInputs): TextResponse {
     kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
     cni: inputs.cni,
     enrolled: inputs.enrolled,
+    ...(inputs.stopping && { stopping: true }),
+    // Capped, so that a node whose API answers thousands of pods keeps a small probe response.
+    pending: inputs.pending.slice(0, PENDING_LISTED),
+    ...(inputs.pending.length > PENDING_LISTED && { pendingTotal: inputs.pending.length }),
   };
   return new TextResponse("application/json", JSON.stringify(body, null, 2) + "\n", ready ? 200 : 503);
 }

@@ -7,7 +7,7 @@ import crypto from "node:crypto";
 import type { CaptureBackend } from "../capture/backend";
 import { readCaptureEntries, type CaptureEntries } from "../capture/ebpf/inspect";
 import type { CaptureSelection } from "../capture/probe";
-import type { KubeHealth } from "../discovery/kube-source";
+import { KUBERNETES_SOURCE, type KubeHealth } from "../discovery/kube-source";
 import type { ManifestProblem } from "../discovery/manifest-problem";
 import { enrollmentDecision, type EnrollmentSettings } from "../enroll/enrollment";
 import type { EnrolledWorkload } from "../enroll/reconciler";
@@ -18,7 +18,7 @@ import { formatSpiffeId } from "../identity/spiffe";
 import { InvalidLogLevelError, parseLogLevels, type LogLevels, type Logger } from "../log";
 import { workloadIps } from "../state/ip";
 import type { MeshState } from "../state/mesh-state";
-import type { Direction, Service, Workload } from "../state/types";
+import type { Direction, ObjectSource, Service, Workload } from "../state/types";
 import { readinessChecks, readinessResponse, type ReadinessInputs } from "./readiness";
 import { requireState, type AdminPostRoute, type AdminRoutes } from "./server";
 import type {
@@ -88,16 +88,47 @@ export function inspectionRoutes(sources: AdminSources): AdminRoutes {
 
 function readinessInputs(sources: AdminSources): ReadinessInputs {
   const enrolled = sources.enrolled();
+  const state = sources.state();
   return {
-    configurationRead: sources.state() !== undefined,
+    configurationRead: state !== undefined,
     kubernetes: sources.kubernetes(),
     captureAttached: sources.captureAttached(),
     enrolmentRunning: enrolled !== undefined,
+    pending: state === undefined || enrolled === undefined ? [] : pendingPods(sources, state, enrolled),
     certificates: sources.certificates(),
     cni: sources.cni(),
     enrolled: enrolled?.length ?? 0,
     stopping: sources.stopping(),
   };
+}
+
+/** Counts this node's pods that are served, waited for (see pendingPods) and isolated because another namespace has their IP. */
+export function podCounts(sources: AdminSources): { enrolled: number; pending: number; isolated: number } {
+  const enrolled = sources.enrolled();
+  const state = sources.state();
+  return {
+    enrolled: enrolled?.length ?? 0,
+    pending: state === undefined || enrolled === undefined ? 0 : pendingPods(sources, state, enrolled).length,
+    isolated: sources.ambiguous().length,
+  };
+}
+
+/**
+ * Lists this node's pods that the enrolment rules enrol but that are not served yet: their
+ * listeners or their certificate are missing, or their network namespace is not found. A pod
+ * being deleted, or isolated because another namespace has its IP, is not waited for.
+ */
+function pendingPods(sources: AdminSources, state: MeshState, enrolled: readonly EnrolledWorkload[]): string[] {
+  const served = new Set(enrolled.map((entry) => entry.workload.uid));
+  // A pod kept closed because its listeners failed is retried, so it is waited for.
+  const isolated = new Set(sources.ambiguous().map((entry) => entry.workload));
+  const settings = sources.enrollmentSettings();
+  return state
+    .workloadsOnNode(sources.node)
+    .filter((workload) => !served.has(workload.uid) && !isolated.has(workload.uid) && !workload.deleting && workload.ip !== "")
+    .filter((workload) => enrollmentDecision(state, workload, settings).enrolled)
+    .map((workload) => workload.uid)
+    .sort(compare);
 }
 
 export function statusView(sources: AdminSources, now = Date.now()): StatusView {
@@ -107,7 +138,7 @@ export function statusView(sources: AdminSources, now = Date.now()): StatusView 
   const usage = readCaptureUsage(sources);
   const certificates = sources.certificates();
   const enrolledUids = new Set((sources.enrolled() ?? []).map((entry) => entry.workload.uid));
-  const views = state ? workloadViews(sources, state) : [];
+  const counts = podCounts(sources);
   return {
     version: sources.version,
     node: sources.node,
@@ -115,6 +146,7 @@ export function statusView(sources: AdminSources, now = Date.now()): StatusView 
     uptimeSeconds: Math.floor((now - sources.startedAt) / 1000),
     ready,
     checks,
+    ...(sources.stopping() && { stopping: true }),
     capture: selection && {
       mode: selection.mode,
       requested: selection.requested,
@@ -130,8 +162,8 @@ export function statusView(sources: AdminSources, now = Date.now()): StatusView 
       rejected: sources.problems().length,
     },
     enrolled: enrolledUids.size,
-    pending: views.filter((view) => view.state === "Pending").length,
-    isolated: views.filter((view) => view.state === "Isolated").length,
+    pending: counts.pending,
+    isolated: counts.isolated,
     connections: sources.connections()?.counts() ?? { inbound: 0, outbound: 0 },
     certificates: certificateCounts(certificates),
   };
@@ -160,7 +192,8 @@ function certificateCounts(certificates: readonly CertificateStatus[]): StatusVi
 /** Lists every workload of the mesh state, sorted by namespace then name, with its state on this node. */
 export function workloadViews(sources: AdminSources, state: MeshState): WorkloadView[] {
   const enrolled = new Set((sources.enrolled() ?? []).map((entry) => entry.workload.uid));
-  const isolated = new Set([...sources.isolated(), ...sources.ambiguous()].map((entry) => entry.workload));
+  // Pods kept closed because their listeners failed are retried, so they show as Pending.
+  const isolated = new Set(sources.ambiguous().map((entry) => entry.workload));
   const settings = sources.enrollmentSettings();
   const trustDomain = sources.trustDomain();
   const views: WorkloadView[] = [];
@@ -321,8 +354,19 @@ interface PolicyDumpEntry {
   scope: "Global" | "Namespace" | "WorkloadSelector";
   /** ALLOW, DENY, AUDIT or CUSTOM for an AuthorizationPolicy; the mTLS mode for a PeerAuthentication. */
   action: string;
+  /** The workload selector's labels, when the scope is WorkloadSelector. */
+  selector?: Readonly<Record<string, string>>;
+  /** An AuthorizationPolicy's rules as enforced (HTTP-only fields dropped); absent when the policy has no rules field. */
+  rules?: readonly unknown[];
   dryRun?: boolean;
   portLevelMtls?: Readonly<Record<number, string>>;
+  /** The file and document, or the API object, the policy was read from. */
+  source: string;
+}
+
+/** Names where an object was read: "kubernetes" (the API server), or a file and document such as "policies.yaml, document 2". */
+function sourceOf(source: ObjectSource): string {
+  return source.file === KUBERNETES_SOURCE ? source.file : `${source.file}, document ${source.document + 1}`;
 }
 
 function policyDump(state: MeshState, rootNamespace: string): PolicyDumpEntry[] {
@@ -332,7 +376,16 @@ function policyDump(state: MeshState, rootNamespace: string): PolicyDumpEntry[] 
   };
   const entries: PolicyDumpEntry[] = [];
   for (const policy of state.snapshot.authorizationPolicies.values()) {
-    const entry: PolicyDumpEntry = { kind: "AuthorizationPolicy", namespace: policy.namespace, name: policy.name, scope: scopeOf(policy.namespace, policy.selector), action: policy.action };
+    const entry: PolicyDumpEntry = {
+      kind: "AuthorizationPolicy",
+      namespace: policy.namespace,
+      name: policy.name,
+      scope: scopeOf(policy.namespace, policy.selector),
+      action: policy.action,
+      source: sourceOf(policy.source),
+    };
+    if (policy.selector !== undefined && Object.keys(policy.selector).length > 0) entry.selector = policy.selector;
+    if (policy.rules !== undefined) entry.rules = policy.rules;
     if (policy.dryRun) entry.dryRun = true;
     entries.push(entry);
   }
@@ -343,7 +396,9 @@ function policyDump(state: MeshState, rootNamespace: string): PolicyDumpEntry[] 
       name: policy.name,
       scope: scopeOf(policy.namespace, policy.selector),
       action: policy.mode,
+      ...(policy.selector !== undefined && Object.keys(policy.selector).length > 0 && { selector: policy.selector }),
       portLevelMtls: policy.portLevelMtls,
+      source: sourceOf(policy.source),
     });
   }
   return entries.sort((a, b) => compare(a.kind, b.kind) || compare(a.namespace, b.namespace) || compare(a.name, b.name));
@@ -416,6 +471,10 @@ export function configDump(sources: AdminSources): Record<string, unknown> {
  */
 export function changeLogLevels(levels: LogLevels, query: URLSearchParams, remoteAddress: string | undefined, logger: Logger): LogLevelsView {
   const level = query.get("level");
+  const reset = query.get("reset");
+  if (reset !== null && reset !== "" && reset !== "true") {
+    throw new AgentError("INVALID_QUERY", `invalid reset=${JSON.stringify(reset)}; POST /logging?reset (or ?reset=true) returns to the start-up levels`);
+  }
   if (query.has("reset") === (level !== null)) {
     throw new AgentError("INVALID_QUERY", "POST /logging requires exactly one of ?level=LEVEL, ?level=COMPONENT:LEVEL[,COMPONENT:LEVEL] or ?reset, for example /logging?level=cni:debug");
   }
@@ -434,10 +493,17 @@ export function changeLogLevels(levels: LogLevels, query: URLSearchParams, remot
   return levels.view();
 }
 
-/** Builds POST /logging over the agent's log levels; none without them. */
+/**
+ * Builds POST /logging over the agent's log levels; none without them. Changes are logged at info
+ * whatever the levels are, so that silencing a component, the admin API's own included, leaves a
+ * line that says who did it.
+ */
 export function loggingPostRoutes(levels: LogLevels | undefined, logger: Logger): Record<string, AdminPostRoute> {
   if (levels === undefined) return {};
-  return { "/logging": (query, remoteAddress) => changeLogLevels(levels, query, remoteAddress, logger) };
+  // A child that binds no component is not governed by the levels once it has a level of its own.
+  const changeLogger = logger.child({});
+  changeLogger.level = "info";
+  return { "/logging": (query, remoteAddress) => changeLogLevels(levels, query, remoteAddress, changeLogger) };
 }
 
 /** Reads the pinned capture entries for the config dump. Returns an error in their place when none can be read. */

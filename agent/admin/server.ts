@@ -155,12 +155,18 @@ export class AdminServer {
   }
 
   private handle(request: http.IncomingMessage, response: http.ServerResponse): void {
-    const url = new URL(request.url ?? "/", "http://admin.invalid");
+    const target = request.url ?? "/";
+    // An absolute-form target (GET http://host/path) names its host itself. Any other target is a
+    // path, also one that starts with "//", which new URL() would otherwise read as a host.
+    const absolute = /^[a-z][a-z0-9+.-]*:\/\//i.test(target);
+    const url = absolute ? new URL(target) : new URL(`http://admin.invalid${target.startsWith("/") ? "" : "/"}${target}`);
     const path = url.pathname;
-    if (this.listener.ipHostsOnly && !addressedByIpOrLocalhost(request.headers.host)) {
-      this.logger.warn({ path, host: request.headers.host, remoteAddress: request.socket.remoteAddress }, "rejected an admin request addressed to a host name");
+    const host = absolute ? url.host : request.headers.host;
+    if (this.listener.ipHostsOnly && !(addressedByIpOrLocalhost(host) && addressedByIpOrLocalhost(request.headers.host))) {
+      this.logger.warn({ path, host, remoteAddress: request.socket.remoteAddress }, "rejected an admin request addressed to a host name");
       sendJson(response, 403, {
-        error: `requests to the ${this.listener.name} must name an IP address or localhost in the Host header, not ${JSON.stringify(request.headers.host)}; connect to ${this.address}`,
+        error: `requests to the ${this.listener.name} must name an IP address or localhost as their host, not ${JSON.stringify(host)}; connect to ${this.address}`,
+        code: "FORBIDDEN",
       });
       return;
     }
@@ -172,20 +178,23 @@ export class AdminServer {
     } else if (request.method !== "GET" && request.method !== "HEAD" && (hasGet || hasPost)) {
       const allow = [...(hasGet ? ["GET", "HEAD"] : []), ...(hasPost ? ["POST"] : [])].join(", ");
       response.setHeader("allow", allow);
-      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use ${allow}` });
+      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use ${allow}`, code: "METHOD_NOT_ALLOWED" });
     } else if (request.method !== "GET" && request.method !== "HEAD") {
       response.setHeader("allow", "GET, HEAD");
-      sendJson(response, 405, { error: `method ${request.method} is not allowed; the admin API serves GET, and POST on ${Object.keys(this.postRoutes).join(", ") || "no path"}` });
+      sendJson(response, 405, {
+        error: `method ${request.method} is not allowed; the ${this.listener.name} serves GET, and POST on ${Object.keys(this.postRoutes).join(", ") || "no path"}`,
+        code: "METHOD_NOT_ALLOWED",
+      });
     } else if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {
       response.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
     } else if (Object.hasOwn(this.routes, path)) {
       this.serveRoute(path, url.searchParams, response);
     } else if (hasPost) {
       response.setHeader("allow", "POST");
-      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use POST` });
+      sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use POST`, code: "METHOD_NOT_ALLOWED" });
     } else {
       const known = [...new Set(["/healthz/ready", ...Object.keys(this.routes)])].join(", ");
-      response.writeHead(404, { "content-type": "text/plain" }).end(`not found: ${path}; try ${known}\n`);
+      sendJson(response, 404, { error: `not found: ${path}; try ${known}`, code: "NOT_FOUND" });
     }
     this.logger.debug({ path, status: response.statusCode }, "admin request");
   }
@@ -201,12 +210,18 @@ export class AdminServer {
     const contentType = (request.headers["content-type"] ?? "").split(";")[0].trim().toLowerCase();
     if (origin !== undefined) {
       this.logger.warn({ path, origin, remoteAddress: request.socket.remoteAddress }, "rejected an admin POST with an Origin header");
-      sendJson(response, 403, { error: `POST ${path} with an Origin header (${origin}) is rejected, because browsers send it on cross-site requests; send the request without it, for example with curl -X POST` });
+      sendJson(response, 403, {
+        error: `POST ${path} with an Origin header (${origin}) is rejected, because browsers send it on cross-site requests; send the request without it, for example with curl -X POST`,
+        code: "FORBIDDEN",
+      });
       return;
     }
     if (BROWSER_FORM_TYPES.includes(contentType)) {
       this.logger.warn({ path, contentType, remoteAddress: request.socket.remoteAddress }, "rejected an admin POST with a form content type");
-      sendJson(response, 403, { error: `POST ${path} with content type ${contentType} is rejected, because HTML forms send it; send the request without a body, for example with curl -X POST` });
+      sendJson(response, 403, {
+        error: `POST ${path} with content type ${contentType} is rejected, because HTML forms can send it; send no Content-Type header, as curl -X POST does, or application/json`,
+        code: "FORBIDDEN",
+      });
       return;
     }
     this.serveRoute(path, query, response, () => this.postRoutes[path](query, request.socket.remoteAddress));

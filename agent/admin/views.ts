@@ -108,6 +108,8 @@ export interface StatusView {
   uptimeSeconds: number;
   ready: boolean;
   checks: Record<string, boolean>;
+  /** Present while the agent drains its connections before it exits; it is then not ready. */
+  stopping?: boolean;
   capture?: {
     mode: string;
     requested: string;

@@ -41,7 +41,8 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
 ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
-  --admin HOST:PORT    admin API address (default 127.0.0.1:15000)
+  --admin HOST:PORT    admin API address (default 127.0.0.1:15000). Keep it on loopback: the admin
+                       API lists every connection and changes log levels; another address logs a warning
   --metrics HOST:PORT  address of the Prometheus metrics server, which serves /metrics and
                        /stats/prometheus (default [::]:15020, every IPv4 and IPv6 address;
                        port 0 picks a free port)

@@ -72,6 +72,12 @@ export class ConnectionRecord {
   rule: number | undefined;
   dryRun: AuthorizationResult["dryRun"] = [];
   error: { code: string; message: string } | undefined;
+  /**
+   * Whether the proxy routed the connection, whatever authorization decides next. Outbound, that is
+   * once a route was chosen. Inbound, it is once the CONNECT request or the dialled address passed
+   * its checks. Istio's TCP metrics count only routed connections, as ztunnel does.
+   */
+  routed = false;
 
   constructor(init: ConnectionRecordInit) {
     this.#node = init.node;
@@ -190,6 +196,7 @@ export class ConnectionRecord {
   opened(sink: AuditRecorder): void {
     if (this.#opened || this.#written) return;
     this.#opened = true;
+    this.routed = true;
     this.#tracker?.opened(this);
     const fields = this.#fields();
     fields.src = { ...fields.src };

@@ -73,6 +73,11 @@ export interface ConnectRequest {
   cluster?: string;
   /** A W3C traceparent to continue; a new one is made when absent. */
   traceparent?: string;
+  /**
+   * The hostname (name.namespace.svc.cluster.local) of the Service whose VIP the client dialled,
+   * sent as `host` in `forwarded` so that the destination can name the Service in its metrics.
+   */
+  serviceHost?: string;
 }
 
 /** Builds the HTTP/2 CONNECT headers of an HBONE request. */
@@ -80,10 +85,16 @@ export function buildConnectHeaders(request: ConnectRequest): http2.OutgoingHttp
   return {
     ":method": "CONNECT",
     ":authority": formatAddress(request.destination.ip, request.destination.port),
-    forwarded: `for="${formatAddress(request.source.ip, request.source.port)}"`,
+    forwarded: buildForwarded(request.source, request.serviceHost),
     baggage: buildBaggage(request.workload, request.cluster ?? "Kubernetes"),
     traceparent: request.traceparent ?? newTraceparent(),
   };
+}
+
+/** Builds the `forwarded` header as ztunnel does: for="ip:port", then ;host=HOSTNAME when the client dialled a Service. */
+export function buildForwarded(source: Authority, serviceHost?: string): string {
+  const forwarded = `for="${formatAddress(source.ip, source.port)}"`;
+  return serviceHost === undefined ? forwarded : `${forwarded};host=${serviceHost}`;
 }
 
 /**
@@ -150,6 +161,32 @@ export function parseForwardedFor(header: string | string[] | undefined): Author
   } catch {
     return undefined;
   }
+}
+
+/** Longest `forwarded` header whose `host` is read; a longer one is ignored, because the client chooses it. */
+export const MAX_FORWARDED_CHARS = 512;
+/** A DNS name of at most 253 characters: labels of letters, digits and inner hyphens, 63 characters each at most. */
+const DNS_NAME = /^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$/;
+
+/**
+ * Returns the `host` parameter of the first element of a `forwarded` header (RFC 7239), quoted or
+ * not, in lower case. Undefined when the header is absent, longer than MAX_FORWARDED_CHARS, has no
+ * host, or the host is not a DNS name. The value comes from the client, so callers must accept it
+ * only when it names one of a bounded set of Services.
+ */
+export function parseForwardedHost(header: string | string[] | undefined): string | undefined {
+  const value = Array.isArray(header) ? header[0] : header;
+  if (value === undefined || value.length > MAX_FORWARDED_CHARS) return undefined;
+  const element = value.split(",", 1)[0];
+  for (const pair of element.split(";")) {
+    const equals = pair.indexOf("=");
+    if (equals < 0 || pair.slice(0, equals).trim().toLowerCase() !== "host") continue;
+    let host = pair.slice(equals + 1).trim();
+    if (host.length >= 2 && host.startsWith('"') && host.endsWith('"')) host = host.slice(1, -1);
+    host = host.toLowerCase();
+    return DNS_NAME.test(host) ? host : undefined;
+  }
+  return undefined;
 }
 
 /** Returns the identity a TLS peer proved: the first URI SAN of its certificate that is a SPIFFE id. */

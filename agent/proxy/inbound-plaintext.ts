@@ -42,6 +42,8 @@ export interface InboundPlaintextServerOptions {
    * When absent or undefined, the accepted socket's local address is the dialled address.
    */
   inboundDestination?(socket: net.Socket): { ip: string; port: number } | undefined;
+  /** Returns the uid of the Service that a connection to the pod's `port` is for (see inboundServiceOf); without it, records name no Service. */
+  destinationService?(port: number): string | undefined;
 }
 
 /** One accepted connection, so that stop() can abort it. */
@@ -168,6 +170,9 @@ export class InboundPlaintextServer {
     const { client, record } = connection;
     try {
       const port = this.#checkDestination(connection.dialled, record);
+      record.routed = true;
+      const service = this.#options.destinationService?.(port);
+      if (service !== undefined) record.dst.service = service;
       connection.authorized = this.#authorize(sourceIp, arrivalIp(connection.dialled.ip, this.#options.workload), port, record);
       connection.upstream = await this.#connectApplication(port, connection, sourceIp);
       connection.upstream.on("error", ignoreError);

@@ -27,6 +27,7 @@ import {
   SERVER_SETTINGS,
   parseAuthority,
   parseForwardedFor,
+  parseForwardedHost,
   type Authority,
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
@@ -62,6 +63,12 @@ export interface InboundHboneServerOptions {
    * left. Checked on every CONNECT. Without this option, `workload` counts as known for good.
    */
   currentWorkload?(): Workload | undefined;
+  /**
+   * Returns the uid of the Service that a connection to the pod's `port` is for, given the `host`
+   * that the client's agent named in its Forwarded header (see inboundServiceOf). Without this
+   * option, inbound records name no Service.
+   */
+  destinationService?(port: number, requestedHost: string | undefined): string | undefined;
   /** Deadline of the connect to the application, in ms. Defaults to CONNECT_TIMEOUT_MS. */
   connectTimeoutMs?: number;
   /** Streams a client may open at once on one HBONE connection. Defaults to SERVER_MAX_CONCURRENT_STREAMS. */
@@ -370,6 +377,7 @@ export class InboundHboneServer {
     try {
       const target = this.#validateRequest(peer, headers, record);
       this.#checkDestinationKnown(target, record);
+      this.#route(target, headers, record);
       active.authorized = this.#authorize(peer, target, record);
       upstream = await this.#connectApplication(peer, target, stream);
       active.upstream = upstream;
@@ -445,6 +453,13 @@ export class InboundHboneServer {
     );
     record.deny("unknown_destination", error);
     throw error;
+  }
+
+  /** Marks the validated request routed and names the Service it is for. */
+  #route(target: Authority, headers: http2.IncomingHttpHeaders, record: ConnectionRecord): void {
+    record.routed = true;
+    const service = this.#options.destinationService?.(target.port, parseForwardedHost(headers["forwarded"]));
+    if (service !== undefined) record.dst.service = service;
   }
 
   /** Authorizes the stream and returns the facts it was allowed with; throws the denial otherwise. */

@@ -11,6 +11,7 @@ import { formatSpiffeId } from "../identity/spiffe";
 import { verificationReasonOf } from "../identity/verify";
 import type { Logger } from "../log";
 import { workloadIpOfFamily } from "../state/ip";
+import { serviceHostname } from "../state/destination-service";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
@@ -170,6 +171,7 @@ export class OutboundProxy {
       }
       record.dst = peerOf(formatAddress(target.address.ip, target.address.port), target.workload);
       if (target.service !== undefined) record.dst.service = target.service;
+      record.routed = true;
       if (this.#logger.isLevelEnabled("debug")) {
         this.#logger.debug(
           { connection_id: record.id, "src.addr": record.src.addr, "dst.addr": record.dst.addr, "dst.service": target.service, kind: target.kind },
@@ -193,6 +195,10 @@ export class OutboundProxy {
   }
 
   #originalDestination(client: net.Socket, record: ConnectionRecord): Authority {
+    // A client reset before the accept leaves a socket without a peer address to look up by.
+    if (client.remoteAddress === undefined) {
+      throw new AgentError("STREAM_RESET", "the client reset the connection before the agent accepted it");
+    }
     const destination = this.#options.originalDestination(client);
     if (!destination) {
       const error = new AgentError(
@@ -285,7 +291,8 @@ export class OutboundProxy {
   ): Promise<http2.ClientHttp2Stream> {
     const { client } = connection;
     const source = { ip: normalizeIp(client.remoteAddress ?? ""), port: client.remotePort ?? 0 };
-    const headers = buildConnectHeaders({ destination, source, workload: this.#options.workload });
+    const serviceHost = target.service === undefined ? undefined : serviceHostname(target.service);
+    const headers = buildConnectHeaders({ destination, source, workload: this.#options.workload, serviceHost });
     // Lets stop() end the wait for a pooled connection that is still handshaking.
     const waiting = new AbortController();
     const pending = { destroy: () => waiting.abort() };

@@ -137,6 +137,17 @@ test.serial("certificates wait for the CA", async (t) => {
     t.false(waiting.body!.ready);
     t.true(waiting.body!.checks.configuration);
     t.is(ca.requests.length, 0);
+    // The pod's listeners wait 10 s for a certificate, then its enrolment is retried; the node
+    // stays unready through those retries, while the pod holds no certificate request at all.
+    const watchUntil = Date.now() + 14_000;
+    const answers = new Set<string>();
+    while (Date.now() < watchUntil) {
+      const probe = await readiness(cluster, node);
+      answers.add(`${probe.status} enrolment=${probe.body?.checks.enrolment} certificates=${probe.body?.checks.certificates}`);
+      t.is(probe.status, 503, probe.text);
+      await sleep(200);
+    }
+    t.log([...answers].join("; "));
 
     forwarder = await forwardCaInto(cluster.topology.node(node).netns, Number(ca.address.split(":").pop()));
     // The retry delay doubles from 1 s, and only a few requests failed so far, so the next one comes within seconds.

@@ -176,11 +176,15 @@ test("workload states from the reconciler", (t) => {
   const admin = sources();
   const byUid = new Map(workloadViews(admin, admin.state()!).map((view) => [view.uid, view]));
   t.is(byUid.get("shop/web")?.state, "Up");
-  t.is(byUid.get("shop/stuck")?.state, "Isolated");
+  // Listeners that failed to start are retried, so the pod is still pending.
+  t.is(byUid.get("shop/stuck")?.state, "Pending");
   t.is(byUid.get("shop/new")?.state, "Pending");
   t.is(byUid.get("plain/db")?.state, "NotEnrolled");
   t.is(byUid.get("shop/remote")?.state, "Remote");
   t.false(byUid.get("shop/remote")!.local);
+  const ambiguous = sources({ ambiguous: () => [{ workload: "shop/stuck", ip: "10.0.0.9", netns: "/var/run/netns/stuck", cookie: 13n }] });
+  const stuck = workloadViews(ambiguous, ambiguous.state()!).find((view) => view.uid === "shop/stuck");
+  t.is(stuck?.state, "Isolated");
 });
 
 test("workload view fields", (t) => {
@@ -231,11 +235,12 @@ test("status counts and checks", (t) => {
   t.is(status.version, "1.2.3");
   t.is(status.node, "node-a");
   t.is(status.uptimeSeconds, 90);
-  t.true(status.ready);
-  t.deepEqual(status.checks, { configuration: true, capture: true, enrolment: true, certificates: true });
+  // One pod to enrol is not served yet, so the node is not ready.
+  t.false(status.ready);
+  t.deepEqual(status.checks, { configuration: true, capture: true, enrolment: false, certificates: true });
   t.is(status.enrolled, 2);
-  t.is(status.isolated, 1);
-  t.is(status.pending, 1);
+  t.is(status.isolated, 0);
+  t.is(status.pending, 2);
   t.deepEqual(status.connections, { inbound: 2, outbound: 1 });
   t.is(status.configuration.workloads, 6);
   t.is(status.configuration.services, 1);
@@ -254,9 +259,13 @@ test("status certificate counts", (t) => {
     { identity: "a", state: "valid", failures: 0, workloads: [], notAfter: "2030-01-02T00:00:00.000Z" },
     { identity: "b", state: "failing", failures: 2, workloads: [], notAfter: "2030-01-01T00:00:00.000Z" },
   ];
+  // Renewals of b fail, but its certificate is valid until 2030, so its pods are still served.
   const status = statusView(sources({ certificates: () => certificates }));
-  t.false(status.ready);
-  t.false(status.checks.certificates);
+  t.true(status.checks.certificates);
+  const expired = statusView(sources({ certificates: () => [{ ...certificates[1], notAfter: "2020-01-01T00:00:00.000Z" }] }));
+  t.false(expired.checks.certificates);
+  const none = statusView(sources({ certificates: () => [{ identity: "c", state: "failing", failures: 1, workloads: [] }] }));
+  t.false(none.checks.certificates);
   t.deepEqual(status.certificates, { total: 2, valid: 1, refreshing: 0, pending: 0, failing: 1, expired: 0, nextExpiry: "2030-01-01T00:00:00.000Z" });
 });
 
@@ -325,7 +334,11 @@ test("config dump fields", (t) => {
   t.is(dump.trustDomain, "cluster.local");
   t.is((dump.workloads as unknown[]).length, 6);
   t.is((dump.services as unknown[]).length, 1);
-  t.deepEqual(dump.policies, [
+  const policies = dump.policies as { rules?: unknown[]; selector?: unknown; source: string }[];
+  t.true(policies.every((policy) => /^routes\.yaml, document \d+$/.test(policy.source)));
+  t.is(policies[0].rules?.length, 1);
+  t.deepEqual(policies[1].selector, { app: "web" });
+  t.deepEqual(policies.map(({ rules, selector, source, ...rest }) => rest), [
     { kind: "AuthorizationPolicy", namespace: "istio-system", name: "deny-all", scope: "Global", action: "DENY" },
     { kind: "AuthorizationPolicy", namespace: "shop", name: "allow-web", scope: "WorkloadSelector", action: "ALLOW" },
     { kind: "PeerAuthentication", namespace: "shop", name: "strict", scope: "Namespace", action: "STRICT", portLevelMtls: {} },

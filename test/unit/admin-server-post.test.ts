@@ -1,5 +1,6 @@
 import test from "ava";
 import http from "node:http";
+import net from "node:net";
 import { AdminServer, addressedByIpOrLocalhost, type AdminPostRoute } from "../../agent/admin/server";
 import { AgentError } from "../../agent/errors";
 import { silentLogger } from "../../agent/log";
@@ -126,4 +127,21 @@ test("addressed by ip or localhost", (t) => {
   t.false(addressedByIpOrLocalhost("localhost.attacker.example"));
   t.false(addressedByIpOrLocalhost("127.0.0.1.nip.io:15000"));
   t.false(addressedByIpOrLocalhost(""));
+});
+
+test("absolute-form targets checked", async (t) => {
+  const { port } = await startServer(t);
+  const raw = (requestLine: string): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const socket = net.connect(port, "127.0.0.1", () => socket.end(`${requestLine}\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`));
+      let text = "";
+      socket.setEncoding("utf8");
+      socket.on("data", (chunk) => (text += chunk));
+      socket.on("end", () => resolve(text.split("\r\n")[0]));
+      socket.on("error", reject);
+    });
+  t.regex(await raw("GET http://evil.example/status HTTP/1.1"), / 403 /);
+  t.regex(await raw(`GET http://127.0.0.1:${port}/status HTTP/1.1`), / 200 /);
+  // A path that starts with "//" is a path, not a host.
+  t.regex(await raw("GET //evil.example/status HTTP/1.1"), / 404 /);
 });

@@ -5,6 +5,7 @@ import { Writable } from "node:stream";
 import v8 from "node:v8";
 import vm from "node:vm";
 import pino from "pino";
+import { loggingPostRoutes } from "../../agent/admin/routes";
 import {
   InvalidLogLevelError,
   LOG_COMPONENTS,
@@ -101,13 +102,15 @@ test("innermost component wins", (t) => {
   const access = accessLogger(outbound);
   levels.set(parseLogLevels("proxy=debug"));
   outbound.debug("outbound follows proxy");
-  access.debug("access follows proxy");
+  // The access log keeps its own level, whichever proxy logger it comes from.
+  access.debug("access debug hidden");
   levels.set(parseLogLevels("access=warn"));
   access.info("access info hidden");
+  access.warn("access warn shown");
   outbound.debug("outbound still debug");
   t.deepEqual(
     lines.map((line) => line.msg),
-    ["outbound follows proxy", "access follows proxy", "outbound still debug"],
+    ["outbound follows proxy", "access warn shown", "outbound still debug"],
   );
   t.is(lines[1].component, "access");
   t.is(lines[1].workload, "shop/web");
@@ -251,4 +254,29 @@ test("components cover the source", (t) => {
   walk(root);
   t.true(found.size > 5);
   for (const component of found) t.true(LOG_COMPONENTS.includes(component), `component "${component}" is missing from LOG_COMPONENTS`);
+});
+
+test("access level independent of proxy", (t) => {
+  const levels = new LogLevels(parseLogLevels("info"));
+  const { root, lines } = capture(levels);
+  const inbound = root.child({ component: "proxy", workload: "shop/web" }).child({ component: "inbound" });
+  const access = accessLogger(inbound);
+  levels.set(parseLogLevels("inbound=warn,proxy=error"));
+  access.info("connection complete");
+  t.is(lines.filter((line) => line.msg === "connection complete").length, 1);
+  levels.set({ components: { access: "warn" } });
+  access.info("connection complete");
+  t.is(lines.filter((line) => line.msg === "connection complete").length, 1);
+  t.is(levels.view().components.access, "warn");
+});
+
+test("silencing admin still logs the change", (t) => {
+  const levels = new LogLevels(parseLogLevels("info"));
+  const { root, lines } = capture(levels);
+  const post = loggingPostRoutes(levels, root.child({ component: "admin" }))["/logging"];
+  post(new URLSearchParams("level=silent"), "127.0.0.1");
+  const changed = lines.filter((line) => line.msg === "log levels changed");
+  t.is(changed.length, 1);
+  t.is(changed[0].remoteAddress, "127.0.0.1");
+  t.throws(() => post(new URLSearchParams("reset=false"), "127.0.0.1"), { message: /invalid reset="false"/ });
 });

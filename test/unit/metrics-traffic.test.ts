@@ -1,7 +1,7 @@
 import test from "ava";
-import { Registry } from "prom-client";
+import { Counter, Registry } from "prom-client";
 import { registerAgentMetrics } from "../../agent/admin/metrics-agent";
-import { TrafficMetrics, canonicalRevision, canonicalService, trafficLabels } from "../../agent/admin/metrics-traffic";
+import { TRAFFIC_LABEL_NAMES, TrafficMetrics, canonicalRevision, canonicalService, responseFlagsOf, trafficLabels } from "../../agent/admin/metrics-traffic";
 import { AgentError } from "../../agent/errors";
 import { silentLogger } from "../../agent/log";
 import { ConnectionRecord, peerOf, type ConnectionRecordInit } from "../../agent/proxy/connection-record";
@@ -137,7 +137,8 @@ test("counters stay monotonic from open to close", async (t) => {
   record.opened(sink);
   const opened = await scrape(registry);
   t.is(valueOf(opened, "istio_tcp_connections_opened_total", { reporter: "source" }), 1);
-  t.is(valueOf(opened, "istio_tcp_connections_closed_total", { reporter: "source" }), 0);
+  // As in ztunnel, the closed series of a label set exists once a connection of it closed.
+  t.is(valueOf(opened, "istio_tcp_connections_closed_total", { reporter: "source" }), undefined);
   t.is(valueOf(opened, "istio_tcp_received_bytes_total"), 0);
 
   // The copy adds to the record's counters while bytes flow; a scrape reads them before the close.
@@ -163,15 +164,112 @@ test("counters stay monotonic from open to close", async (t) => {
   t.is(valueOf(again, "istio_tcp_received_bytes_total"), 1_024);
 });
 
-test("denied connection counts as failed with DENY", async (t) => {
+test("denial counts as opened, closed and failed", async (t) => {
   const { tracker, registry, sink } = setup();
   const record = inboundPlaintext(tracker);
+  record.routed = true;
   record.deny("no_allow_match", new AgentError("POLICY_DENIED", "denied for the test"));
   record.write(sink, silentLogger());
   const samples = await scrape(registry);
-  t.is(valueOf(samples, "istio_tcp_connections_failed_total", { reporter: "destination", response_flags: "DENY" }), 1);
-  t.is(valueOf(samples, "istio_tcp_connections_opened_total"), undefined);
-  t.is(valueOf(samples, "istio_tcp_connections_closed_total"), undefined);
+  const destination = { reporter: "destination" };
+  t.is(valueOf(samples, "istio_tcp_connections_opened_total", { ...destination, response_flags: "-" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_opened_total"), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_closed_total", { ...destination, response_flags: "DENY" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_closed_total"), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_failed_total", { ...destination, response_flags: "DENY" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_failed_total"), 1);
+  t.is(valueOf(samples, "istio_tcp_received_bytes_total", { response_flags: "-" }), 0);
+});
+
+test("failure before routing counts nowhere", async (t) => {
+  const { tracker, registry, sink } = setup();
+  const record = inboundPlaintext(tracker);
+  record.deny("proxy_port", new AgentError("PROXY_PORT", "proxy port for the test"));
+  record.write(sink, silentLogger());
+  const samples = await scrape(registry);
+  for (const name of ["istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total", "istio_tcp_connections_failed_total", "istio_tcp_sent_bytes_total"]) {
+    t.is(valueOf(samples, name), undefined, name);
+  }
+});
+
+test("reset after establishment counts as failed CONNECT", async (t) => {
+  const { tracker, registry, sink } = setup();
+  const record = outboundHbone(tracker);
+  record.opened(sink);
+  record.counters.bytesForward += 300;
+  record.fail(new AgentError("STREAM_RESET", "reset for the test"));
+  record.write(sink, silentLogger());
+  const samples = await scrape(registry);
+  t.is(valueOf(samples, "istio_tcp_connections_opened_total", { response_flags: "-" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_closed_total", { response_flags: "CONNECT" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_closed_total", { response_flags: "-" }), undefined);
+  t.is(valueOf(samples, "istio_tcp_connections_failed_total", { response_flags: "CONNECT" }), 1);
+  t.is(valueOf(samples, "istio_tcp_received_bytes_total", { response_flags: "-" }), 300);
+});
+
+test("drained connection closes without a flag", async (t) => {
+  const { tracker, registry, sink } = setup();
+  const record = outboundHbone(tracker);
+  record.opened(sink);
+  record.fail(new AgentError("DRAIN_TIMEOUT", "drained for the test"));
+  record.write(sink, silentLogger());
+  const samples = await scrape(registry);
+  t.is(valueOf(samples, "istio_tcp_connections_closed_total", { response_flags: "-" }), 1);
+  t.is(valueOf(samples, "istio_tcp_connections_failed_total"), undefined);
+});
+
+const flagCases: [string | undefined, string][] = [
+  [undefined, "-"],
+  ["DRAIN_TIMEOUT", "-"],
+  ["POLICY_DENIED", "DENY"],
+  ["MTLS_REQUIRED", "DENY"],
+  ["POLICY_CHANGED", "DENY"],
+  ["UPSTREAM_CONNECT_FAILED", "CONNECT"],
+  ["TUNNEL_REJECTED", "CONNECT"],
+  ["STREAM_RESET", "CONNECT"],
+  ["INTERNAL", "CONNECT"],
+  ["TLS_FAILURE", "TLS_FAILURE"],
+  ["UNKNOWN_ROOT", "TLS_FAILURE"],
+  ["IDENTITY_ERROR", "IDENTITY_ERROR"],
+  ["NO_CERTIFICATE", "IDENTITY_ERROR"],
+  ["NO_HEALTHY_ENDPOINT", "CONNECT"],
+];
+
+for (const [code, flags] of flagCases) {
+  test(`responseFlagsOf ${code ?? "no error"} is ${flags}`, (t) => {
+    const record = outboundHbone();
+    if (code !== undefined) record.fail(new AgentError(code as ConstructorParameters<typeof AgentError>[0], "for the test"));
+    t.is(responseFlagsOf(record), flags);
+  });
+}
+
+test("exposition equals a prom-client Counter's", async (t) => {
+  // Label values with the characters the text format escapes, and several label sets and flags.
+  const odd = { ...client, uid: "shop/odd", name: "odd", labels: { app: 'we"ird\\app', version: "line\nbreak" } };
+  const workloads = new Map<string, Workload>([...WORKLOADS, [odd.uid, odd]]);
+  const tracker = new ConnectionTracker();
+  const traffic = new TrafficMetrics({ workload: (uid) => workloads.get(uid) });
+  const registry = new Registry();
+  traffic.register(registry);
+  tracker.observe(traffic);
+  const sink = new MemorySink();
+  const records = [outboundHbone(tracker), inboundPlaintext(tracker), outboundHbone(tracker)];
+  const oddRecord = new ConnectionRecord({ node: "node-1", direction: "outbound", transport: "hbone", src: peerOf("10.0.0.9:1", odd, CLIENT_ID), dst: peerOf("10.0.0.2:8080", server, SERVER_ID), tracker });
+  for (const record of [...records, oddRecord]) record.opened(sink);
+  records[0].counters.bytesForward = 11;
+  records[1].fail(new AgentError("POLICY_CHANGED", "for the test"));
+  oddRecord.counters.bytesBackward = 5;
+  for (const record of [records[0], records[1], oddRecord]) record.write(sink, silentLogger());
+
+  // The reference: prom-client Counters given the same samples, read from the JSON of TrafficMetrics.
+  const reference = new Registry();
+  for (const family of await registry.getMetricsAsJSON()) {
+    const counter = new Counter({ name: family.name, help: family.help, labelNames: TRAFFIC_LABEL_NAMES, registers: [reference] });
+    for (const sample of family.values) counter.inc(sample.labels as Record<string, string>, sample.value);
+  }
+  t.is(await registry.metrics(), await reference.metrics());
+  t.true((await registry.metrics()).includes('source_app="we\\"ird\\\\app"'), "the quote and backslash are escaped");
+  t.is(valueOf(await scrape(registry), "istio_tcp_received_bytes_total", { reporter: "source" }), 11);
 });
 
 test("tracker lists open connections oldest first", (t) => {
@@ -208,7 +306,7 @@ test("agent metrics render capture, certificates and connections", async (t) => 
     version: "1.2.3",
     capture: () => ({ mode: "ebpf", requested: "auto" }),
     captureMaps: () => [{ name: "aa_enrolled", entries: 3, maxEntries: 4096 }],
-    workloads: () => ({ enrolled: 3, isolated: 1 }),
+    workloads: () => ({ enrolled: 3, pending: 2, isolated: 1 }),
     certificates: () => [
       { identity: CLIENT_ID, state: "valid", notAfter: "2030-01-01T00:00:00.000Z", failures: 0, workloads: [client.uid] },
       { identity: SERVER_ID, state: "pending", failures: 2, workloads: [server.uid] },
@@ -224,6 +322,7 @@ test("agent metrics render capture, certificates and connections", async (t) => 
   t.is(valueOf(samples, "ambient_agent_capture_map_max_entries", { map: "aa_enrolled" }), 4096);
   t.is(valueOf(samples, "ambient_agent_enrolled_pods"), 3);
   t.is(valueOf(samples, "ambient_agent_isolated_pods"), 1);
+  t.is(valueOf(samples, "ambient_agent_pending_pods"), 2);
   t.is(valueOf(samples, "ambient_agent_certificate_expiry_timestamp_seconds", { identity: CLIENT_ID }), Date.parse("2030-01-01T00:00:00Z") / 1000);
   t.is(valueOf(samples, "ambient_agent_certificate_expiry_timestamp_seconds", { identity: SERVER_ID }), undefined);
   t.is(valueOf(samples, "ambient_agent_certificates", { state: "pending" }), 1);

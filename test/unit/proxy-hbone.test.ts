@@ -1,10 +1,12 @@
 import test from "ava";
 import { AgentError } from "../../agent/errors";
 import {
+  MAX_FORWARDED_CHARS,
   buildConnectHeaders,
   identityFromSubjectAltName,
   parseAuthority,
   parseForwardedFor,
+  parseForwardedHost,
   newTraceparent,
 } from "../../agent/proxy/hbone";
 import type { Workload } from "../../agent/state/types";
@@ -91,6 +93,45 @@ test("parseForwardedFor reads the for address", (t) => {
   t.is(parseForwardedFor("for=unknown"), undefined);
   t.is(parseForwardedFor(undefined), undefined);
 });
+
+test("buildConnectHeaders names the Service in forwarded", (t) => {
+  const headers = buildConnectHeaders({
+    destination: { ip: "10.0.0.2", port: 8080 },
+    source: { ip: "10.0.0.1", port: 40000 },
+    workload: sleep,
+    serviceHost: "api.backend.svc.cluster.local",
+  });
+  // ztunnel's form (build_forwarded in src/proxy/outbound.rs): the host is not quoted.
+  t.is(headers["forwarded"], 'for="10.0.0.1:40000";host=api.backend.svc.cluster.local');
+  t.deepEqual(parseForwardedFor(headers["forwarded"]), { ip: "10.0.0.1", port: 40000 });
+  t.is(parseForwardedHost(headers["forwarded"]), "api.backend.svc.cluster.local");
+});
+
+const forwardedHosts: [string, string | string[] | undefined, string | undefined][] = [
+  ["unquoted", 'for="10.0.0.1:1";host=api.backend.svc.cluster.local', "api.backend.svc.cluster.local"],
+  ["quoted", 'for="10.0.0.1:1";host="api.backend.svc.cluster.local";proto=https', "api.backend.svc.cluster.local"],
+  ["upper-case name and value", 'HOST=API.Backend.svc.cluster.local', "api.backend.svc.cluster.local"],
+  ["first of a list", ['host=a.b.svc.cluster.local', "host=c.d.svc.cluster.local"], "a.b.svc.cluster.local"],
+  ["first element only", "for=x;host=a.b.svc.cluster.local, host=c.d.svc.cluster.local", "a.b.svc.cluster.local"],
+  ["host in the second element", "for=x, host=c.d.svc.cluster.local", undefined],
+  ["absent header", undefined, undefined],
+  ["no host", 'for="10.0.0.1:1";proto=https', undefined],
+  ["empty host", 'for="10.0.0.1:1";host=', undefined],
+  ["host with a space", "host=a b.svc", undefined],
+  ["host with a quote inside", 'host="a"b.svc"', undefined],
+  ["non-ASCII host", "host=pröto.svc.cluster.local", undefined],
+  ["host with a port", "host=a.b.svc.cluster.local:80", undefined],
+  ["label of 63 characters", `host=${"a".repeat(63)}.svc`, `${"a".repeat(63)}.svc`],
+  ["label of 64 characters", `host=${"a".repeat(64)}.svc`, undefined],
+  ["name of 254 characters", `host=${Array.from({ length: 51 }, () => "abcd").join(".")}`, undefined],
+  ["header over the limit", `host=a.b.svc.cluster.local;x=${"y".repeat(MAX_FORWARDED_CHARS)}`, undefined],
+];
+
+for (const [name, header, expected] of forwardedHosts) {
+  test(`parseForwardedHost: ${name}`, (t) => {
+    t.is(parseForwardedHost(header), expected);
+  });
+}
 
 test("identityFromSubjectAltName takes the first SPIFFE URI", (t) => {
   t.deepEqual(identityFromSubjectAltName("DNS:echo, URI:https://x/y, URI:spiffe://cluster.local/ns/a/sa/b, URI:spiffe://cluster.local/ns/c/sa/d"), {

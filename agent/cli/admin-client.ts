@@ -2,11 +2,12 @@
 // the usage error that makes agentctl exit with status 2.
 
 import http from "node:http";
+import { listProblem, shapeProblem, type Shape } from "./view-shapes";
 
 export const DEFAULT_ADMIN = "127.0.0.1:15000";
 export const ADMIN_TIMEOUT_MS = 5_000;
 
-/** A missing or malformed option: agentctl prints the usage text and exits with status 2. */
+/** A missing or malformed option: agentctl prints the message with the command's synopsis and exits with status 2. */
 export class UsageError extends Error {}
 
 /** A route that the agent does not serve (status 404), such as a route newer than the agent. */
@@ -49,32 +50,73 @@ export function adminRequest(address: string, method: "GET" | "POST", requestPat
 }
 
 /**
- * Requests a JSON body from the admin API. A 400 response is a usage error, a 404 a
- * RouteNotFoundError, and any other status but 200 an error with the agent's message.
+ * The agent's own response to a path it does not serve: status 404 with {"error": "not found: PATH;
+ * try ...", "code": "NOT_FOUND"}, or with that text alone from older agents. Any other response
+ * without JSON comes from a server that is no agent.
  */
-export async function adminJson(address: string, requestPath: string, method: "GET" | "POST" = "GET"): Promise<unknown> {
-  const { status, text } = await adminRequest(address, method, requestPath);
-  let body: { error?: string } | undefined;
-  try {
-    body = JSON.parse(text) as { error?: string };
-  } catch {
-    if (status === 404) throw new RouteNotFoundError(`the agent at ${address} does not serve ${method} ${requestPath} (status 404); upgrade the agent to the version of agentctl`);
-    throw new Error(`the admin API at ${address} responded to ${requestPath} with status ${status} and no JSON: ${text.trim().slice(0, 200)}; is this agent older than agentctl?`);
-  }
-  const message = body !== null && typeof body === "object" && typeof body.error === "string" ? body.error : undefined;
-  if (status === 400) throw new UsageError(message ?? `the agent rejected ${requestPath}`);
-  if (status === 404) throw new RouteNotFoundError(message ?? `the agent at ${address} does not serve ${method} ${requestPath} (status 404); upgrade the agent to the version of agentctl`);
-  if (status !== 200) throw new Error(message ?? `the admin API responded to ${requestPath} with status ${status}`);
-  return body;
+const AGENT_NOT_FOUND_TEXT = /^not found: \//;
+
+/** Returns the error for a response that no ambient-agent admin API sends; `returned` describes it. */
+export function notAnAgentError(address: string, method: string, requestPath: string, returned: string): Error {
+  return new Error(
+    `the server at ${address} is not an ambient-agent admin API (${method} ${requestPath} returned ${returned}); pass the agent's admin API address with --admin (default ${DEFAULT_ADMIN})`,
+  );
+}
+
+/** Returns the first `max` characters of a response body on one line, for an error message. */
+export function bodyExcerpt(text: string, max = 120): string {
+  const line = text.replace(/\s+/g, " ").trim();
+  if (line === "") return "an empty body";
+  return JSON.stringify(line.length > max ? `${line.slice(0, max)}...` : line);
 }
 
 /**
- * Returns the list in a body that is either the list itself or an object with the list under
- * `key`, such as [..] or {"workloads": [..]} for GET /workloads.
+ * Requests a JSON body from the admin API. A 400 response is a usage error, a 404 a
+ * RouteNotFoundError, and any other status but 200 an error with the agent's message. A response
+ * that the agent does not send, such as HTML or JSON without an "error" field on an error status,
+ * is an error saying that the server is no agent.
  */
-export function listIn<T>(body: unknown, key: string, address: string, requestPath: string): T[] {
-  if (Array.isArray(body)) return body as T[];
-  const list = body !== null && typeof body === "object" ? (body as Record<string, unknown>)[key] : undefined;
-  if (Array.isArray(list)) return list as T[];
-  throw new Error(`the admin API at ${address} responded to ${requestPath} with JSON that is neither a list nor an object with a "${key}" list; is this agent older than agentctl?`);
+export async function adminJson(address: string, requestPath: string, method: "GET" | "POST" = "GET"): Promise<unknown> {
+  const { status, text } = await adminRequest(address, method, requestPath);
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    if (status === 404 && AGENT_NOT_FOUND_TEXT.test(text)) throw routeNotFound(address, method, requestPath);
+    throw notAnAgentError(address, method, requestPath, `status ${status} and no JSON: ${bodyExcerpt(text)}`);
+  }
+  const fields: { error?: unknown; code?: unknown } = body !== null && typeof body === "object" ? body : {};
+  const message = typeof fields.error === "string" ? fields.error : undefined;
+  if (status === 200) return body;
+  if (message === undefined) throw notAnAgentError(address, method, requestPath, `status ${status} and JSON without an "error" field`);
+  if (status === 400) throw new UsageError(message);
+  if (status === 404 && (fields.code === "NOT_FOUND" || AGENT_NOT_FOUND_TEXT.test(message))) throw routeNotFound(address, method, requestPath);
+  if (status === 404) throw new RouteNotFoundError(message);
+  throw new Error(message);
+}
+
+function routeNotFound(address: string, method: string, requestPath: string): RouteNotFoundError {
+  return new RouteNotFoundError(`the agent at ${address} does not serve ${method} ${requestPath} (status 404); upgrade the agent to the version of agentctl`);
+}
+
+/** Requests a JSON object from the admin API and checks it against `shape` (see adminJson for the errors). */
+export async function adminView<T>(address: string, requestPath: string, shape: Shape, method: "GET" | "POST" = "GET"): Promise<T> {
+  const body = await adminJson(address, requestPath, method);
+  const problem = shapeProblem(body, shape);
+  if (problem !== undefined) throw notAnAgentError(address, method, requestPath, problem);
+  return body as T;
+}
+
+/**
+ * Requests a list from the admin API: the body is either the list itself or an object with the
+ * list under `key`, such as [..] or {"workloads": [..]} for GET /workloads. Every item must fit
+ * `itemShape`.
+ */
+export async function adminList<T>(address: string, requestPath: string, key: string, itemShape: Shape): Promise<T[]> {
+  const body = await adminJson(address, requestPath);
+  const wrapped = body !== null && typeof body === "object" && !Array.isArray(body) ? (body as Record<string, unknown>)[key] : undefined;
+  const list = Array.isArray(wrapped) ? wrapped : body;
+  const problem = listProblem(list, itemShape);
+  if (problem !== undefined) throw notAnAgentError(address, "GET", requestPath, problem);
+  return list as T[];
 }

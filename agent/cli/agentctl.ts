@@ -3,18 +3,21 @@
 
 import fs from "node:fs";
 import net from "node:net";
-import { parseArgs } from "node:util";
 import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
 import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
 import { chainedSockets, unchain } from "../cni/chain";
 import { initCa } from "../identity/ca";
-import { asUsage, UsageError } from "./admin-client";
+import { UsageError } from "./admin-client";
 import { AUDIT_USAGE, runAuditCommand } from "./audit-commands";
 import { DOCTOR_USAGE, runDoctorCommand } from "./doctor";
 import { INSPECT_USAGE, runInspectCommand } from "./inspect-commands";
+import { parseOptions, synopsisOf, usageErrorText } from "./usage";
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
+
+/** The trust domains initCa accepts; checked here too, so that a bad --trust-domain is a usage error. */
+const TRUST_DOMAIN = /^[a-z0-9._-]+$/;
 
 const USAGE = `usage: agentctl COMMAND [options]
 
@@ -34,19 +37,22 @@ const USAGE = `usage: agentctl COMMAND [options]
                      uninstalling; new pods then start without waiting for an agent. Refused while an
                      agent serves the entry's socket (it would put the entry back), unless --force
 ${INSPECT_USAGE}${DOCTOR_USAGE}${AUDIT_USAGE}
-\`agentctl COMMAND --help\` prints this text.
+\`agentctl --help\`, \`agentctl help\` and \`agentctl COMMAND --help\` print this text.
 Exit status: 0 on success; 1 on an error (agent unreachable or not ready, unknown pod, a doctor check
-failed); 2 on an unknown command or a missing or invalid option. audit has its own statuses, listed above.
+failed); 2 on a missing or unknown command or a missing or invalid option. audit has its own statuses,
+listed above.
 `;
 
 async function caInit(argv: string[]): Promise<void> {
-  const { values } = asUsage(() =>
-    parseArgs({
-      args: argv,
-      options: { dir: { type: "string" }, "trust-domain": { type: "string" }, force: { type: "boolean" } },
-    }),
-  );
+  const { values } = parseOptions({
+    args: argv,
+    options: { dir: { type: "string" }, "trust-domain": { type: "string" }, force: { type: "boolean" } },
+  });
   if (!values.dir) throw new UsageError("missing --dir: the folder that will hold the CA");
+  const trustDomain = values["trust-domain"];
+  if (trustDomain !== undefined && !TRUST_DOMAIN.test(trustDomain)) {
+    throw new UsageError(`invalid --trust-domain ${JSON.stringify(trustDomain)}: use lowercase letters, digits, '.', '-' and '_' only, for example cluster.local`);
+  }
   await initCa(values.dir, { trustDomain: values["trust-domain"], force: values.force });
   process.stdout.write(`created CA in ${values.dir} (trust domain ${values["trust-domain"] ?? "cluster.local"})\n`);
 }
@@ -61,19 +67,17 @@ function pinRootOption(values: { node?: string; "pin-root"?: string }): string {
 }
 
 function captureList(argv: string[]): void {
-  const { values } = asUsage(() => parseArgs({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } }));
+  const { values } = parseOptions({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } });
   const pinRoot = pinRootOption(values);
   if (!fs.existsSync(pinRoot)) throw new Error(`nothing is pinned under ${pinRoot}: no agent has attached capture for this node`);
   process.stdout.write(JSON.stringify(readCaptureEntries(pinRoot), null, 2) + "\n");
 }
 
 function captureRemove(argv: string[]): void {
-  const { values } = asUsage(() =>
-    parseArgs({
-      args: argv,
-      options: { node: { type: "string" }, "pin-root": { type: "string" }, force: { type: "boolean" } },
-    }),
-  );
+  const { values } = parseOptions({
+    args: argv,
+    options: { node: { type: "string" }, "pin-root": { type: "string" }, force: { type: "boolean" } },
+  });
   const pinRoot = pinRootOption(values);
   const holder = lockHolder(pinRoot);
   if (holder !== undefined && !values.force) {
@@ -86,7 +90,7 @@ function captureRemove(argv: string[]): void {
 }
 
 async function cniRemove(argv: string[]): Promise<void> {
-  const { values } = asUsage(() => parseArgs({ args: argv, options: { "conf-dir": { type: "string" }, force: { type: "boolean" } } }));
+  const { values } = parseOptions({ args: argv, options: { "conf-dir": { type: "string" }, force: { type: "boolean" } } });
   const confDir = values["conf-dir"];
   if (!confDir) throw new UsageError("missing --conf-dir DIR: the node's CNI configuration folder, for example /etc/cni/net.d");
   if (!fs.existsSync(confDir)) throw new Error(`the CNI configuration folder ${confDir} does not exist; pass the folder the container runtime reads`);
@@ -140,12 +144,26 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = await runAuditCommand(action, rest);
     return;
   }
-  if (group === undefined || group === "help") {
+  if (group === "help") {
     process.stdout.write(USAGE);
     return;
   }
+  if (group === undefined) throw new MissingCommandError();
   if (await runInspectCommand(group, action, rest)) return;
-  throw new UsageError(`unknown command "${group}": see the commands below`);
+  throw new UsageError(`unknown command "${group}"; ${COMMAND_NAMES}`);
+}
+
+/** `agentctl` without a command: bad usage, printed with the whole help text. */
+class MissingCommandError extends UsageError {}
+
+const COMMAND_NAMES = "the commands are ca, capture, cni, status, config, workloads, services, certificates, connections, log, authz, policies, doctor and audit";
+
+/** Returns the words of the command that `argv` names, such as ["authz", "check"]; [] for an unknown command. */
+function commandWords(argv: readonly string[]): string[] {
+  const [group, action] = argv;
+  if (group === undefined) return [];
+  if (action !== undefined && synopsisOf(USAGE, [group, action]).length > 0) return [group, action];
+  return synopsisOf(USAGE, [group]).length > 0 ? [group] : [];
 }
 
 if (require.main === module) {
@@ -155,8 +173,12 @@ if (require.main === module) {
     throw error;
   });
   main(process.argv.slice(2)).catch((error: Error) => {
+    if (error instanceof MissingCommandError) {
+      process.stderr.write(`agentctl: missing command\n\n${USAGE}`);
+      process.exit(2);
+    }
     if (error instanceof UsageError) {
-      process.stderr.write(`agentctl: ${error.message}\n\n${USAGE}`);
+      process.stderr.write(usageErrorText(USAGE, commandWords(process.argv.slice(2)), error.message));
       process.exit(2);
     }
     process.stderr.write(`agentctl: ${error.message}\n`);

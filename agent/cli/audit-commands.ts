@@ -2,7 +2,6 @@
 // files on this node. Both read the files directly, so they work while the agent is down.
 
 import fs from "node:fs";
-import { parseArgs } from "node:util";
 import { AgentError } from "../errors";
 import { auditFileSet } from "../audit/files";
 import { parseAuditQuery, queryAuditFiles, typeIsKnown, KNOWN_RECORD_TYPES, type QueryMatch } from "../audit/query";
@@ -10,6 +9,7 @@ import { verifyAuditFiles, type VerifyReport } from "../audit/verify";
 import { UsageError } from "./admin-client";
 import { AuditTable } from "./audit-table";
 import { countOf, formatBytes, formatDuration, parseOutputFormat, render } from "./output";
+import { parseOptions, usageErrorText } from "./usage";
 import { stringify as yamlStringify } from "yaml";
 
 /** The audit file that the agent writes by default. */
@@ -69,7 +69,8 @@ export async function runAuditCommand(action: string | undefined, argv: string[]
     throw new AuditUsageError(action === undefined ? "missing audit command: use verify or query" : `unknown audit command "${action}": use verify or query`);
   } catch (error) {
     if (error instanceof AuditUsageError || error instanceof UsageError || (error instanceof AgentError && error.code === "INVALID_QUERY")) {
-      process.stderr.write(`agentctl: ${error.message}\n\nusage:\n${AUDIT_USAGE}`);
+      const words = action === "verify" || action === "query" ? ["audit", action] : ["audit"];
+      process.stderr.write(usageErrorText(AUDIT_USAGE, words, error.message));
       return EXIT_USAGE;
     }
     if (error instanceof AuditFileError) {
@@ -81,9 +82,7 @@ export async function runAuditCommand(action: string | undefined, argv: string[]
 }
 
 async function auditVerify(argv: string[]): Promise<number> {
-  const { values, positionals } = parseOptions(() =>
-    parseArgs({ args: argv, allowPositionals: true, options: { all: { type: "boolean" }, output: { type: "string", short: "o" } } }),
-  );
+  const { values, positionals } = parseOptions({ args: argv, allowPositionals: true, options: { all: { type: "boolean" }, output: { type: "string", short: "o" } } });
   const format = parseOutputFormat(values.output);
   if (positionals.length === 0) throw new AuditUsageError("missing FILE: name the audit files to verify, oldest first, or the active file with --all");
   const files = auditFiles(positionals, values.all === true);
@@ -122,26 +121,24 @@ export function formatVerifyReport(report: VerifyReport): string {
 }
 
 async function auditQuery(argv: string[]): Promise<number> {
-  const { values, positionals } = parseOptions(() =>
-    parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        file: { type: "string", multiple: true },
-        all: { type: "boolean" },
-        output: { type: "string", short: "o" },
-        identity: { type: "string" },
-        workload: { type: "string" },
-        namespace: { type: "string" },
-        decision: { type: "string" },
-        policy: { type: "string" },
-        type: { type: "string" },
-        since: { type: "string" },
-        until: { type: "string" },
-        limit: { type: "string" },
-      },
-    }),
-  );
+  const { values, positionals } = parseOptions({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      file: { type: "string", multiple: true },
+      all: { type: "boolean" },
+      output: { type: "string", short: "o" },
+      identity: { type: "string" },
+      workload: { type: "string" },
+      namespace: { type: "string" },
+      decision: { type: "string" },
+      policy: { type: "string" },
+      type: { type: "string" },
+      since: { type: "string" },
+      until: { type: "string" },
+      limit: { type: "string" },
+    },
+  });
   if (positionals.length > 0) throw new AuditUsageError(`unexpected argument ${JSON.stringify(positionals[0])}: name files with --file PATH`);
   const format = parseOutputFormat(values.output);
   const query = parseAuditQuery(values);
@@ -215,15 +212,6 @@ function describeFsError(error: unknown): string {
   if (code === "EACCES") return "permission denied (run as a user that may read the audit folder, such as root)";
   if (code === "EISDIR") return "it is a folder; name the audit file inside it";
   return message;
-}
-
-/** Runs an option parser; an unknown option or a missing value becomes a usage error. */
-function parseOptions<T>(parse: () => T): T {
-  try {
-    return parse();
-  } catch (error) {
-    throw new AuditUsageError((error as Error).message);
-  }
 }
 
 const NEWLINE = Buffer.from("\n");

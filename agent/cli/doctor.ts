@@ -6,7 +6,6 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { parseArgs } from "node:util";
 import { DataType, load, open } from "ffi-rs";
 import si from "systeminformation";
 import { canonicalPinRoot } from "../capture/pin-lock";
@@ -14,6 +13,7 @@ import { checkHost, type HostProblem } from "../capture/preflight";
 import { isHostSetupFeature, parseCaptureMode, probeCaptureFeatures, type FeatureProbe, type RequestedCaptureMode } from "../capture/probe";
 import { adminRequest, asUsage, DEFAULT_ADMIN, validAdmin } from "./admin-client";
 import { formatTable, parseOutputFormat, render } from "./output";
+import { parseOptions } from "./usage";
 
 export const DOCTOR_USAGE = `  doctor [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH] [--capture ebpf|nftables|auto]
          [--admin HOST:PORT] [-o table|json|yaml]
@@ -65,19 +65,17 @@ const TIMEX_MAXERROR = 24;
 const TIMEX_STATUS = 40;
 
 export async function runDoctorCommand(argv: string[]): Promise<number> {
-  const { values } = asUsage(() =>
-    parseArgs({
-      args: argv,
-      options: {
-        "pin-root": { type: "string" },
-        cgroup: { type: "string" },
-        "bpf-object": { type: "string" },
-        capture: { type: "string" },
-        admin: { type: "string" },
-        output: { type: "string", short: "o" },
-      },
-    }),
-  );
+  const { values } = parseOptions({
+    args: argv,
+    options: {
+      "pin-root": { type: "string" },
+      cgroup: { type: "string" },
+      "bpf-object": { type: "string" },
+      capture: { type: "string" },
+      admin: { type: "string" },
+      output: { type: "string", short: "o" },
+    },
+  });
   const format = parseOutputFormat(values.output);
   const capture = asUsage(() => parseCaptureMode(values.capture));
   const { defaultCgroupPath } = await import("./ambient-agent");

@@ -2,16 +2,28 @@
 // policies, workloads, services, certificates, connections and log. Each takes --admin HOST:PORT
 // and, where it prints data, -o table|json|yaml.
 
-import { parseArgs, type ParseArgsConfig } from "node:util";
+import type { ParseArgsConfig } from "node:util";
 import type { CertificateView, ConnectionView, LogLevelsView, ServiceView, WorkloadView } from "../admin/views";
 import { parsePodUid } from "../rbac/authz-query";
 import { parseDestinationQuery, parseSourceQuery, type AccessCheck, type PolicyStatusReport, type WorkloadExplanation } from "../rbac/explain";
 import { LOG_LEVELS } from "../log-level";
-import { adminJson, asUsage, DEFAULT_ADMIN, listIn, UsageError, validAdmin } from "./admin-client";
+import { adminList, adminView, DEFAULT_ADMIN, UsageError, validAdmin } from "./admin-client";
 import { formatAccessCheck, formatPolicyStatuses, formatWorkloadExplanation } from "./authz-output";
 import { formatCertificates, formatConnections, formatLogLevels, formatServices, formatWorkloads } from "./inspect-output";
 import { parseOutputFormat, render, type OutputFormat } from "./output";
 import { fetchStatusReport, formatStatusReport, reportReady, statusData } from "./status-command";
+import { parseOptions } from "./usage";
+import {
+  ACCESS_CHECK_SHAPE,
+  CERTIFICATE_SHAPE,
+  CONFIG_DUMP_SHAPE,
+  CONNECTION_SHAPE,
+  EXPLANATION_SHAPE,
+  LOG_LEVELS_SHAPE,
+  POLICY_REPORT_SHAPE,
+  SERVICE_SHAPE,
+  WORKLOAD_SHAPE,
+} from "./view-shapes";
 
 export const INSPECT_USAGE = `  status [--admin HOST:PORT] [-o table|json|yaml]
                      tell whether the agent is ready (configuration read, capture attached,
@@ -39,10 +51,12 @@ export const INSPECT_USAGE = `  status [--admin HOST:PORT] [-o table|json|yaml]
                      local and remote address, the address inside the HBONE tunnel, protocol, the
                      peer's identity, bytes sent and received, and age. --direction keeps one direction
                      (default both); --workload keeps the connections of one pod
-  log [COMPONENT[:LEVEL]...] [--level LEVEL] [--reset] [--admin HOST:PORT] [-o table|json|yaml]
+  log [SETTING[,SETTING...]...] [--level LEVEL] [--reset] [--admin HOST:PORT] [-o table|json|yaml]
                      without arguments, print the log level of each component. --level LEVEL alone
-                     sets every component; COMPONENT:LEVEL sets one component, and a COMPONENT without
-                     :LEVEL takes --level. --reset restores the levels the agent started with.
+                     sets every component. A SETTING is COMPONENT=LEVEL or COMPONENT:LEVEL (one
+                     component), a LEVEL (every component), or a COMPONENT alone, which takes --level;
+                     the forms of the agent's --log-level, such as access:debug,outbound=warn.
+                     --reset restores the levels the agent started with.
                      Levels: ${LOG_LEVELS.join(", ")}
   authz check --from SOURCE --to DESTINATION [--admin HOST:PORT] [-o table|json|yaml]
                      tell whether SOURCE may connect to DESTINATION, by which policy and rule, from the
@@ -96,8 +110,7 @@ export async function runInspectCommand(group: string, action: string | undefine
 
 /** Parses a command's options; an unknown option, a missing value or a stray argument is a usage error. */
 function parseCommand<O extends NonNullable<ParseArgsConfig["options"]>>(argv: string[], options: O, allowPositionals = false) {
-  const config = { args: argv, options: { ...ADMIN_OPTIONS, ...options }, allowPositionals, strict: true as const };
-  return asUsage(() => parseArgs(config));
+  return parseOptions({ args: argv, options: { ...options, ...ADMIN_OPTIONS }, allowPositionals, strict: true as const });
 }
 
 function write(format: OutputFormat, data: unknown, table: () => string): void {
@@ -116,7 +129,7 @@ async function status(argv: string[]): Promise<void> {
 async function config(argv: string[]): Promise<void> {
   const { values } = parseCommand(argv, {});
   const format = parseOutputFormat(values.output, ["json", "yaml"]);
-  const dump = await adminJson(validAdmin(values.admin), "/config_dump");
+  const dump = await adminView<object>(validAdmin(values.admin), "/config_dump", CONFIG_DUMP_SHAPE);
   write(format, dump, () => "");
 }
 
@@ -133,7 +146,7 @@ async function authzCheck(argv: string[]): Promise<void> {
     throw new UsageError((error as Error).message);
   }
   const query = new URLSearchParams({ from: values.from, to: values.to });
-  const check = (await adminJson(validAdmin(values.admin), `/authz/check?${query}`)) as AccessCheck;
+  const check = await adminView<AccessCheck>(validAdmin(values.admin), `/authz/check?${query}`, ACCESS_CHECK_SHAPE);
   write(format, check, () => formatAccessCheck(check));
 }
 
@@ -143,14 +156,14 @@ async function authzExplain(argv: string[]): Promise<void> {
   if (positionals.length !== 1) throw new UsageError(positionals.length === 0 ? "missing pod: write agentctl authz explain NAMESPACE/NAME" : `expected one pod, got ${positionals.join(" ")}`);
   checkPod(positionals[0], "pod");
   const query = new URLSearchParams({ pod: positionals[0] });
-  const explanation = (await adminJson(validAdmin(values.admin), `/authz/explain?${query}`)) as WorkloadExplanation;
+  const explanation = await adminView<WorkloadExplanation>(validAdmin(values.admin), `/authz/explain?${query}`, EXPLANATION_SHAPE);
   write(format, explanation, () => formatWorkloadExplanation(explanation));
 }
 
 async function policies(argv: string[]): Promise<void> {
   const { values } = parseCommand(argv, {});
   const format = parseOutputFormat(values.output);
-  const report = (await adminJson(validAdmin(values.admin), "/policies")) as PolicyStatusReport;
+  const report = await adminView<PolicyStatusReport>(validAdmin(values.admin), "/policies", POLICY_REPORT_SHAPE);
   write(format, report, () => formatPolicyStatuses(report));
 }
 
@@ -160,7 +173,7 @@ async function workloads(argv: string[]): Promise<void> {
   if (values.namespace !== undefined) checkName(values.namespace, "--namespace");
   if (values.node !== undefined) checkName(values.node, "--node");
   const address = validAdmin(values.admin);
-  const all = listIn<WorkloadView>(await adminJson(address, "/workloads"), "workloads", address, "/workloads");
+  const all = await adminList<WorkloadView>(address, "/workloads", "workloads", WORKLOAD_SHAPE);
   const selected = all.filter(
     (workload) =>
       (values.namespace === undefined || workload.namespace === values.namespace) &&
@@ -175,7 +188,7 @@ async function services(argv: string[]): Promise<void> {
   const format = parseOutputFormat(values.output);
   if (values.namespace !== undefined) checkName(values.namespace, "--namespace");
   const address = validAdmin(values.admin);
-  const all = listIn<ServiceView>(await adminJson(address, "/services"), "services", address, "/services");
+  const all = await adminList<ServiceView>(address, "/services", "services", SERVICE_SHAPE);
   const selected = all.filter((service) => values.namespace === undefined || service.namespace === values.namespace);
   write(format, selected, () => formatServices(selected));
 }
@@ -184,7 +197,7 @@ async function certificates(argv: string[]): Promise<void> {
   const { values } = parseCommand(argv, {});
   const format = parseOutputFormat(values.output);
   const address = validAdmin(values.admin);
-  const list = listIn<CertificateView>(await adminJson(address, "/certificates"), "certificates", address, "/certificates");
+  const list = await adminList<CertificateView>(address, "/certificates", "certificates", CERTIFICATE_SHAPE);
   write(format, list, () => formatCertificates(list));
 }
 
@@ -198,7 +211,7 @@ async function connections(argv: string[]): Promise<void> {
   if (values.workload !== undefined) checkPod(values.workload, "--workload");
   const address = validAdmin(values.admin);
   const requestPath = direction === undefined ? "/connections" : `/connections?direction=${direction}`;
-  const all = listIn<ConnectionView>(await adminJson(address, requestPath), "connections", address, requestPath);
+  const all = await adminList<ConnectionView>(address, requestPath, "connections", CONNECTION_SHAPE);
   // Filtered here as well, so that an agent that ignores the query still prints only what was asked.
   const selected = all.filter(
     (connection) => (direction === undefined || connection.direction === direction) && (values.workload === undefined || connection.workload === values.workload),
@@ -210,30 +223,42 @@ async function log(argv: string[]): Promise<void> {
   const { values, positionals } = parseCommand(argv, { level: { type: "string" }, reset: { type: "boolean" } }, true);
   const format = parseOutputFormat(values.output);
   if (values.level !== undefined) checkLevel(values.level, `invalid --level ${JSON.stringify(values.level)}`);
-  const settings = positionals.map((setting) => parseLogSetting(setting, values.level));
+  const settings = positionals.flatMap((argument) => parseLogSettings(argument, values.level));
   if (values.reset === true && (settings.length > 0 || values.level !== undefined)) {
-    throw new UsageError("--reset restores every start-up level and takes no COMPONENT:LEVEL or --level; run a second agentctl log to set levels after it");
+    throw new UsageError("--reset restores every start-up level and takes no COMPONENT=LEVEL or --level; run a second agentctl log to set levels after it");
   }
   const address = validAdmin(values.admin);
   let levels: LogLevelsView;
-  if (values.reset === true) levels = (await adminJson(address, "/logging?reset", "POST")) as LogLevelsView;
-  else if (settings.length > 0) levels = (await adminJson(address, `/logging?level=${encodeURIComponent(settings.join(","))}`, "POST")) as LogLevelsView;
-  else if (values.level !== undefined) levels = (await adminJson(address, `/logging?level=${values.level}`, "POST")) as LogLevelsView;
-  else levels = (await adminJson(address, "/logging")) as LogLevelsView;
+  if (values.reset === true) levels = await adminView<LogLevelsView>(address, "/logging?reset", LOG_LEVELS_SHAPE, "POST");
+  else if (settings.length > 0) levels = await adminView<LogLevelsView>(address, `/logging?level=${encodeURIComponent(settings.join(","))}`, LOG_LEVELS_SHAPE, "POST");
+  else if (values.level !== undefined) levels = await adminView<LogLevelsView>(address, `/logging?level=${values.level}`, LOG_LEVELS_SHAPE, "POST");
+  else levels = await adminView<LogLevelsView>(address, "/logging", LOG_LEVELS_SHAPE);
   write(format, levels, () => formatLogLevels(levels));
 }
 
-/** Returns "component:level" for a COMPONENT[:LEVEL] argument; a COMPONENT alone takes `level`. */
-export function parseLogSetting(setting: string, level: string | undefined): string {
-  const [component, own, ...extra] = setting.split(":");
-  if (extra.length > 0 || !COMPONENT_NAME.test(component)) {
-    throw new UsageError(`invalid log setting ${JSON.stringify(setting)}: write COMPONENT:LEVEL, for example proxy:debug`);
+/**
+ * Parses one argument of `agentctl log`: comma-separated settings, each COMPONENT=LEVEL or
+ * COMPONENT:LEVEL, a LEVEL for every component, or a COMPONENT alone, which takes `level`
+ * (--level). Returns them as the admin API reads them: "component:level" or "level".
+ */
+export function parseLogSettings(argument: string, level: string | undefined): string[] {
+  return argument.split(",").map((setting) => parseLogSetting(setting.trim(), argument, level));
+}
+
+function parseLogSetting(setting: string, argument: string, level: string | undefined): string {
+  const where = setting === argument ? JSON.stringify(setting) : `${JSON.stringify(setting)} of ${JSON.stringify(argument)}`;
+  const separator = setting.search(/[=:]/);
+  const component = separator === -1 ? setting : setting.slice(0, separator);
+  const own = separator === -1 ? undefined : setting.slice(separator + 1);
+  if (own === undefined && (LOG_LEVELS as readonly string[]).includes(component)) return component;
+  if (!COMPONENT_NAME.test(component) || own?.includes(":") === true || own?.includes("=") === true) {
+    throw new UsageError(`invalid log setting ${where}: write COMPONENT=LEVEL, COMPONENT:LEVEL or LEVEL, for example proxy=debug`);
   }
   if (own === undefined) {
-    if (level === undefined) throw new UsageError(`missing level for ${JSON.stringify(component)}: write ${component}:LEVEL, or add --level LEVEL`);
+    if (level === undefined) throw new UsageError(`missing level for ${JSON.stringify(component)}: write ${component}=LEVEL, or add --level LEVEL`);
     return `${component}:${level}`;
   }
-  checkLevel(own, `invalid level ${JSON.stringify(own)} in ${JSON.stringify(setting)}`);
+  checkLevel(own, `invalid level ${JSON.stringify(own)} in ${where}`);
   return `${component}:${own}`;
 }
 

@@ -68,6 +68,18 @@ function expiresIn(notAfter: string, now: Date): string {
   return seconds > 0 ? formatDuration(seconds) : `expired ${formatDuration(-seconds)} ago`;
 }
 
+/** Formats one line per identity whose certificate is not valid, at most MAX_LISTED_CERTIFICATES. */
+function unhealthyCertificateLines(certificates: readonly CertificateView[]): string[] {
+  const lines = certificates.slice(0, MAX_LISTED_CERTIFICATES).map((certificate) => {
+    const retry = certificate.nextRetryAt === undefined ? "" : `, next retry at ${certificate.nextRetryAt}`;
+    const error = certificate.lastError === undefined ? "" : `: ${certificate.lastError}`;
+    return `  ${certificate.identity}: ${certificate.state}${retry}${error}`;
+  });
+  const more = certificates.length - lines.length;
+  if (more > 0) lines.push(`  and ${more} more: agentctl certificates lists them`);
+  return lines;
+}
+
 function certificateNote(certificate: CertificateView): string {
   const retry = certificate.nextRetryAt === undefined ? "" : `, next retry at ${certificate.nextRetryAt}`;
   const error = certificate.lastError === undefined ? "" : `: ${certificate.lastError}`;
@@ -97,8 +109,14 @@ export function formatLogLevels(levels: LogLevelsView): string {
   return formatTable(["COMPONENT", "LEVEL"], [["(default)", levels.default], ...components]);
 }
 
-/** Formats the node summary of GET /status, the part of `agentctl status` above the Kubernetes watches. */
-export function formatStatusView(status: StatusView, now: Date = new Date()): string {
+/** Identities with a certificate that is not valid that `agentctl status` lists; `agentctl certificates` lists all. */
+const MAX_LISTED_CERTIFICATES = 10;
+
+/**
+ * Formats the node summary of GET /status, the part of `agentctl status` above the Kubernetes
+ * watches. `unhealthy` lists the identities whose certificate is not valid, from GET /certificates.
+ */
+export function formatStatusView(status: StatusView, now: Date = new Date(), unhealthy: readonly CertificateView[] = []): string {
   const lines = [`agent: version ${status.version} on node ${status.node} (pid ${status.pid}, up ${formatDuration(status.uptimeSeconds)})`];
   lines.push(...readinessLines(status.ready, status.checks));
   lines.push(...captureLines(status));
@@ -108,6 +126,7 @@ export function formatStatusView(status: StatusView, now: Date = new Date()): st
   );
   lines.push(`pods: ${status.enrolled} enrolled, ${status.pending} pending, ${status.isolated} isolated`);
   lines.push(certificateLine(status.certificates, now));
+  lines.push(...unhealthyCertificateLines(unhealthy));
   lines.push(`connections: ${status.connections.inbound} inbound, ${status.connections.outbound} outbound`);
   return lines.join("\n") + "\n";
 }
@@ -122,7 +141,9 @@ export function readinessLines(ready: boolean, checks: Readonly<Record<string, b
 function captureLines(status: StatusView): string[] {
   const capture = status.capture;
   if (capture === undefined) return ["capture: not attached"];
-  const lines = [`capture: ${capture.mode} (requested ${capture.requested}: ${capture.reason})`];
+  // The reason of a mode chosen by name is "requested with --capture MODE" already.
+  const why = capture.requested === capture.mode ? capture.reason : `--capture ${capture.requested}: ${capture.reason}`;
+  const lines = [`capture: ${capture.mode} (${why})`];
   if (capture.programs.length > 0) {
     const programs = capture.programs.map((program) => [program.name, program.type, program.attachedTo]);
     lines.push(formatTable(["PROGRAM", "TYPE", "ATTACHED TO"], programs, "  ").trimEnd());
@@ -136,7 +157,10 @@ function captureLines(status: StatusView): string[] {
 
 function usagePercent(entries: number, maxEntries: number): string {
   if (maxEntries <= 0) return "-";
-  return `${((entries / maxEntries) * 100).toFixed(1)}%`;
+  const percent = (entries / maxEntries) * 100;
+  // A few entries of a large map would round to 0.0%, which reads as empty.
+  if (entries > 0 && percent < 0.1) return "<0.1%";
+  return `${percent.toFixed(1)}%`;
 }
 
 function certificateLine(certificates: StatusView["certificates"], now: Date): string {

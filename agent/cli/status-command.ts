@@ -1,10 +1,11 @@
 // agentctl status: whether the node's agent is ready, and the state of each of its Kubernetes API
 // watches, from the admin API's /healthz/ready, and the node summary from /status.
 
-import type { StatusView } from "../admin/views";
-import { adminJson, adminRequest, RouteNotFoundError } from "./admin-client";
+import type { CertificateView, StatusView } from "../admin/views";
+import { adminList, adminRequest, adminView, bodyExcerpt, notAnAgentError, RouteNotFoundError } from "./admin-client";
 import { formatStatusView, readinessLines } from "./inspect-output";
 import { formatTable } from "./output";
+import { CERTIFICATE_SHAPE, READINESS_KUBERNETES_SHAPE, READINESS_SHAPE, shapeProblem, STATUS_CAPTURE_SHAPE, STATUS_SHAPE } from "./view-shapes";
 
 interface ResourceHealth {
   resource: string;
@@ -26,16 +27,36 @@ export interface Readiness {
   enrolled: number;
   kubernetes?: { server: string; synced: boolean; watching: boolean; resources: ResourceHealth[] };
   cni?: { chained: boolean; file?: string; outcome: string };
+  /** Pods of the node to enrol that are not served yet (the first 20), and their number when there are more. */
+  pending?: string[];
+  pendingTotal?: number;
+  /** True once the agent has begun to shut down: it drains its connections and exits. */
+  stopping?: boolean;
 }
 
-/** Reads /healthz/ready, which responds with 200 when ready and 503 when not, both with a JSON body. */
+/**
+ * Reads /healthz/ready, which responds with 200 when ready and 503 when not, both with a JSON body.
+ * Any other response comes from a server that is no agent.
+ */
 export async function fetchReadiness(address: string): Promise<Readiness> {
-  const { status, text } = await adminRequest(address, "GET", "/healthz/ready");
+  const requestPath = "/healthz/ready";
+  const { status, text } = await adminRequest(address, "GET", requestPath);
+  let body: unknown;
   try {
-    return JSON.parse(text) as Readiness;
+    body = JSON.parse(text);
   } catch {
-    throw new Error(`the admin API at ${address} responded to /healthz/ready with status ${status} and no JSON: ${text.trim().slice(0, 200)}; is this agent older than agentctl?`);
+    throw notAnAgentError(address, "GET", requestPath, `status ${status} and no JSON: ${bodyExcerpt(text)}`);
   }
+  if (status !== 200 && status !== 503) throw notAnAgentError(address, "GET", requestPath, `status ${status}`);
+  const problem = shapeProblem(body, READINESS_SHAPE) ?? nestedProblem(body, "kubernetes", READINESS_KUBERNETES_SHAPE);
+  if (problem !== undefined) throw notAnAgentError(address, "GET", requestPath, problem);
+  return body as Readiness;
+}
+
+/** Checks the optional object field `field` of `body` against `shape`. */
+function nestedProblem(body: unknown, field: string, shape: Parameters<typeof shapeProblem>[1]): string | undefined {
+  const value = (body as Record<string, unknown>)[field];
+  return value === undefined ? undefined : shapeProblem(value, shape, field);
 }
 
 /** Returns the LISTED column: "absent" for a resource the server does not serve. */
@@ -54,6 +75,11 @@ export function formatReadiness(readiness: Readiness): string {
 /** Formats the CNI plugin's state and the Kubernetes API watches, one line per watched resource. */
 export function formatWatches(readiness: Readiness): string {
   const lines: string[] = [];
+  const pending = readiness.pending ?? [];
+  if (pending.length > 0) {
+    const more = (readiness.pendingTotal ?? pending.length) - pending.length;
+    lines.push(`waiting for pods: ${pending.join(", ")}${more > 0 ? ` and ${more} more` : ""} (their logs under "enroll" say why)`);
+  }
   if (readiness.cni !== undefined) {
     lines.push(readiness.cni.chained ? `cni plugin: chained into ${readiness.cni.file}` : `cni plugin: not chained (${readiness.cni.outcome}): new pods start without waiting for capture`);
   }
@@ -82,21 +108,38 @@ export function formatWatches(readiness: Readiness): string {
 export interface StatusReport {
   status?: StatusView;
   readiness: Readiness;
+  /** The identities whose certificate is not valid (pending, failing, expired), from /certificates. */
+  unhealthyCertificates?: CertificateView[];
 }
 
+/** Certificate states that agentctl status lists one by one. */
+const UNHEALTHY_CERTIFICATE_STATES: readonly string[] = ["failing", "expired", "pending"];
+
 /**
- * Reads /status and /healthz/ready together. An agent without /status (status 404: older than
- * agentctl) gives a report with the readiness alone.
+ * Reads /status and /healthz/ready together, then /certificates when /status counts certificates
+ * that are not valid. An agent without /status (status 404: older than agentctl) gives a report
+ * with the readiness alone.
  */
 export async function fetchStatusReport(address: string): Promise<StatusReport> {
   const [status, readiness] = await Promise.all([
-    adminJson(address, "/status").catch((error: unknown) => {
+    adminView<StatusView>(address, "/status", STATUS_SHAPE).catch((error: unknown) => {
       if (error instanceof RouteNotFoundError) return undefined;
       throw error;
     }),
     fetchReadiness(address),
   ]);
-  return { status: status as StatusView | undefined, readiness };
+  const captureProblem = status === undefined ? undefined : nestedProblem(status, "capture", STATUS_CAPTURE_SHAPE);
+  if (captureProblem !== undefined) throw notAnAgentError(address, "GET", "/status", captureProblem);
+  const report: StatusReport = { status, readiness };
+  const counts = status?.certificates;
+  if (counts !== undefined && counts.failing + counts.expired + counts.pending > 0) {
+    const certificates = await adminList<CertificateView>(address, "/certificates", "certificates", CERTIFICATE_SHAPE).catch((error: unknown) => {
+      if (error instanceof RouteNotFoundError) return [];
+      throw error;
+    });
+    report.unhealthyCertificates = certificates.filter((certificate) => UNHEALTHY_CERTIFICATE_STATES.includes(certificate.state));
+  }
+  return report;
 }
 
 /**
@@ -107,10 +150,25 @@ export function statusData(report: StatusReport): object {
   return report.status === undefined ? report.readiness : { ...report.readiness, ...report.status };
 }
 
-/** Formats the report: the node summary, then the CNI plugin and the Kubernetes watches. */
+/**
+ * Formats the report: the node summary with the identities whose certificate is not valid, then
+ * the CNI plugin and the Kubernetes watches.
+ */
 export function formatStatusReport(report: StatusReport, now: Date = new Date()): string {
-  if (report.status === undefined) return formatReadiness(report.readiness);
-  return formatStatusView(report.status, now) + formatWatches(report.readiness);
+  const stopping = report.readiness.stopping === true || report.status?.stopping === true;
+  if (report.status === undefined) return withStopping(formatReadiness(report.readiness), stopping);
+  return withStopping(formatStatusView(report.status, now, report.unhealthyCertificates), stopping) + formatWatches(report.readiness);
+}
+
+export const STOPPING_LINE = "stopping: the agent is draining its connections and exits soon";
+
+/**
+ * Puts the stopping line in place of "ready: no", whose checks all pass while the agent stops.
+ * A check that fails as well keeps its line below.
+ */
+function withStopping(text: string, stopping: boolean): string {
+  if (!stopping) return text;
+  return text.replace(/^ready: (yes|no)$/m, STOPPING_LINE);
 }
 
 /** Tells whether both the readiness route and /status report the agent ready. */

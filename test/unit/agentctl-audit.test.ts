@@ -106,12 +106,26 @@ test("verify unreadable file exits 2", (t) => {
 test("verify without files is usage error", (t) => {
   const run = agentctl(["audit", "verify"]);
   t.is(run.status, 2);
-  t.regex(run.stderr, /missing FILE/);
-  t.regex(run.stderr, /audit query \[--file PATH\]/);
+  t.regex(run.stderr, /^agentctl audit verify: missing FILE/);
+  t.regex(run.stderr, /^usage: agentctl audit verify FILE\.\.\. \[--all\]/m);
+  t.regex(run.stderr, /\nrun agentctl --help for every command and option\n$/);
+  t.notRegex(run.stderr, /audit query/, "only the synopsis of audit verify");
   t.notRegex(run.stderr, /[\u0000-\u0009\u000b-\u001f\u007f]/);
   const unknown = agentctl(["audit", "prune"]);
   t.is(unknown.status, 2);
   t.regex(unknown.stderr, /unknown audit command "prune": use verify or query/);
+  t.regex(unknown.stderr, /^usage: agentctl audit verify/m);
+  t.regex(unknown.stderr, /^usage: agentctl audit query/m);
+});
+
+test("query negative limit names the fix", (t) => {
+  const run = agentctl(["audit", "query", "--limit", "-1"]);
+  t.is(run.status, 2);
+  t.regex(run.stderr, /^agentctl audit query: the value "-1" of --limit starts with "-" and reads as an option; write --limit=-1 to pass it as the value$/m);
+  t.notRegex(run.stderr, /ambiguous/);
+  const written = agentctl(["audit", "query", "--limit=-1"]);
+  t.is(written.status, 2);
+  t.regex(written.stderr, /--limit/);
 });
 
 test("query json prints matching lines unchanged", (t) => {
@@ -208,7 +222,7 @@ test("query bad filter exits 2 naming the value", (t) => {
     [["--since", "last week"], /invalid --since "last week": write an RFC 3339 time/],
     [["--since", "2026-02-31T00:00:00Z"], /invalid --since "2026-02-31T00:00:00Z": write an RFC 3339 time/],
     [["-o", "xml"], /invalid -o "xml": use table, json, yaml/],
-    [["--colour"], /Unknown option '--colour'/],
+    [["--colour"], /^agentctl audit query: unknown option --colour; the options are --file, --all, -o, --identity/],
     [["extra"], /unexpected argument "extra"/],
   ];
   for (const [args, message] of cases) {

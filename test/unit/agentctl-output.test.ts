@@ -6,7 +6,11 @@ import YAML from "yaml";
 import { UsageError } from "../../agent/cli/admin-client";
 import { formatCertificates, formatConnections, formatLogLevels, formatServices, formatStatusView, formatWorkloads } from "../../agent/cli/inspect-output";
 import { formatBytes, formatDuration, formatTable, parseOutputFormat, render } from "../../agent/cli/output";
+import { parseLogSettings } from "../../agent/cli/inspect-commands";
 import { formatStatusReport, statusData } from "../../agent/cli/status-command";
+import { synopsisOf } from "../../agent/cli/usage";
+import { CERTIFICATE_SHAPE, listProblem, shapeProblem, STATUS_SHAPE } from "../../agent/cli/view-shapes";
+import type { CertificateView } from "../../agent/admin/views";
 import { CERTIFICATES, CONNECTIONS, LOG_LEVELS, NOW, READINESS, SERVICES, STATUS, WORKLOADS } from "./agentctl-fixtures";
 
 /** Splits a table into rows of cells, cutting each line at the header's column starts. */
@@ -128,7 +132,7 @@ test("status view summarises the node", (t) => {
   t.regex(text, /^agent: version 0\.1\.0 on node node-a \(pid 4242, up 3h 2m\)$/m);
   t.regex(text, /^ready: yes$/m);
   t.regex(text, /^ {2}capture {8}ok$/m);
-  t.regex(text, /^capture: ebpf \(requested auto: all hooks present\)$/m);
+  t.regex(text, /^capture: ebpf \(--capture auto: all hooks present\)$/m);
   t.regex(text, /^ {2}aa_connect4 +cgroup\/connect4 +\/sys\/fs\/cgroup$/m);
   t.regex(text, /^ {2}aa_netns +25\/100 +25\.0%$/m);
   t.regex(text, /^pods: 1 enrolled, 0 pending, 0 isolated$/m);
@@ -153,4 +157,89 @@ test("status report without view is the readiness", (t) => {
   t.regex(text, /^enrolled pods: 1$/m);
   t.notRegex(text, /^agent:/m);
   t.deepEqual(statusData({ readiness: READINESS }), READINESS);
+});
+
+test("certificates table keeps identities without chain", (t) => {
+  const pending: CertificateView = { identity: "spiffe://cluster.local/ns/shop/sa/new", state: "pending", failures: 0, workloads: ["shop/new"], chain: [] };
+  const failedOnce: CertificateView = { ...pending, identity: "spiffe://cluster.local/ns/shop/sa/once", state: "failing", failures: 1, lastError: "CA returned 403" };
+  const [table, notes] = formatCertificates([pending, failedOnce], NOW).split("\n\n");
+  const rows = cells(table);
+  t.deepEqual(rows[1], ["spiffe://cluster.local/ns/shop/sa/new", "-", "pending", "-", "-", "-", "-"]);
+  t.deepEqual(rows[2], ["spiffe://cluster.local/ns/shop/sa/once", "-", "failing", "-", "-", "-", "-"]);
+  t.is(notes, "spiffe://cluster.local/ns/shop/sa/once: 1 failed request: CA returned 403\n");
+});
+
+test("status view lists unhealthy certificates", (t) => {
+  const failing = CERTIFICATES.filter((certificate) => certificate.state !== "valid");
+  const text = formatStatusView(STATUS, NOW, failing);
+  t.regex(text, /; next expiry 2026-03-02T00:00:00Z \(12h\)\n {2}spiffe:\/\/cluster\.local\/ns\/shop\/sa\/batch: failing, next retry at 2026-03-01T12:00:30Z: CA unreachable\nconnections:/);
+});
+
+test("status view caps the certificate list", (t) => {
+  const many: CertificateView[] = Array.from({ length: 13 }, (_, index) => ({
+    identity: `spiffe://cluster.local/ns/shop/sa/sa${index}`,
+    state: "pending",
+    failures: 0,
+    workloads: [],
+    chain: [],
+  }));
+  const lines = formatStatusView(STATUS, NOW, many).split("\n");
+  t.is(lines.filter((line) => /^ {2}spiffe:/.test(line)).length, 10);
+  t.true(lines.includes("  spiffe://cluster.local/ns/shop/sa/sa9: pending"));
+  t.true(lines.includes("  and 3 more: agentctl certificates lists them"));
+});
+
+test("status report of stopping agent", (t) => {
+  const readiness = { ...READINESS, ready: false, stopping: true };
+  const text = formatStatusReport({ status: { ...STATUS, ready: false, stopping: true }, readiness }, NOW);
+  t.regex(text, /^agent: version 0\.1\.0.*\nstopping: the agent is draining its connections and exits soon\n {2}configuration +ok$/m);
+  t.notRegex(text, /^ready:/m);
+  const readinessOnly = formatStatusReport({ readiness }, NOW);
+  t.regex(readinessOnly, /^stopping: the agent is draining its connections and exits soon$/m);
+  t.regex(formatStatusReport({ status: { ...STATUS, ready: false }, readiness: { ...READINESS, ready: false } }, NOW), /^ready: no$/m);
+});
+
+test("log settings accept every form", (t) => {
+  t.deepEqual(parseLogSettings("access:debug", undefined), ["access:debug"]);
+  t.deepEqual(parseLogSettings("access=debug", undefined), ["access:debug"]);
+  t.deepEqual(parseLogSettings("access:debug,outbound=warn", undefined), ["access:debug", "outbound:warn"]);
+  t.deepEqual(parseLogSettings("info,cni=debug", undefined), ["info", "cni:debug"]);
+  t.deepEqual(parseLogSettings("proxy", "trace"), ["proxy:trace"]);
+  t.deepEqual(parseLogSettings("proxy, outbound:warn", "trace"), ["proxy:trace", "outbound:warn"]);
+});
+
+test("log settings reject bad entries by name", (t) => {
+  const cases: [string, string][] = [
+    ["proxy", 'missing level for "proxy": write proxy=LEVEL, or add --level LEVEL'],
+    ["Proxy=debug", 'invalid log setting "Proxy=debug": write COMPONENT=LEVEL, COMPONENT:LEVEL or LEVEL, for example proxy=debug'],
+    ["proxy=loud", 'invalid level "loud" in "proxy=loud": use fatal, error, warn, info, debug, trace, silent'],
+    ["proxy=debug,,cni=info", 'invalid log setting "" of "proxy=debug,,cni=info": write COMPONENT=LEVEL, COMPONENT:LEVEL or LEVEL, for example proxy=debug'],
+    ["proxy:debug:x", 'invalid log setting "proxy:debug:x": write COMPONENT=LEVEL, COMPONENT:LEVEL or LEVEL, for example proxy=debug'],
+  ];
+  for (const [argument, message] of cases) {
+    const error = t.throws(() => parseLogSettings(argument, undefined), { instanceOf: UsageError }, argument);
+    t.is(error?.message, message, argument);
+  }
+});
+
+test("shape check names the first misfit", (t) => {
+  t.is(shapeProblem(STATUS, STATUS_SHAPE), undefined);
+  t.is(shapeProblem({ ...STATUS, stopping: true }, STATUS_SHAPE), undefined);
+  t.is(listProblem(CERTIFICATES, CERTIFICATE_SHAPE), undefined);
+  t.is(shapeProblem([], STATUS_SHAPE), "JSON that is a list, expected an object");
+  t.is(shapeProblem({ ...STATUS, version: 1 }, STATUS_SHAPE), 'JSON in which "version" is a number, expected a string');
+  t.is(shapeProblem({ ...STATUS, checks: null }, STATUS_SHAPE), 'JSON in which "checks" is null, expected an object');
+  t.is(shapeProblem({ ...STATUS, stopping: "yes" }, STATUS_SHAPE), 'JSON in which "stopping" is a string, expected a boolean');
+  t.is(shapeProblem({ ...STATUS, certificates: { ...STATUS.certificates, failing: "1" } }, STATUS_SHAPE), 'JSON in which "certificates.failing" is a string, expected a number');
+  t.is(listProblem({}, CERTIFICATE_SHAPE), "JSON that is an object, expected a list");
+  t.is(listProblem([CERTIFICATES[0], { ...CERTIFICATES[1], chain: {} }], CERTIFICATE_SHAPE), 'JSON in which "[1].chain" is an object, expected a list');
+});
+
+test("synopsis lines of a command", (t) => {
+  const usage = "usage: x\n\n  ca init --dir DIR\n                     create a CA\n  doctor [--a A]\n         [--b B]\n                     check\n  Options of doctor:\n";
+  t.deepEqual(synopsisOf(usage, ["ca"]), ["usage: agentctl ca init --dir DIR"]);
+  t.deepEqual(synopsisOf(usage, ["ca", "init"]), ["usage: agentctl ca init --dir DIR"]);
+  t.deepEqual(synopsisOf(usage, ["doctor"]), ["usage: agentctl doctor [--a A]", "       [--b B]"]);
+  t.deepEqual(synopsisOf(usage, ["ca", "list"]), []);
+  t.deepEqual(synopsisOf(usage, []), []);
 });

@@ -77,12 +77,16 @@ const ROUTES = {
 test("bad options exit 2 naming the value", async (t) => {
   const cases: [string[], RegExp][] = [
     [["frobnicate"], /unknown command "frobnicate"/],
-    [["status", "--bogus"], /Unknown option '--bogus'/],
+    [["status", "--bogus"], /^agentctl status: unknown option --bogus; the options are --admin, -o$/m],
+    [["connections", "--direction"], /^agentctl connections: missing value of --direction; write --direction VALUE$/m],
+    [["connections", "--bogus"], /^agentctl connections: unknown option --bogus; the options are --direction, --workload, --admin, -o$/m],
+    [["workloads", "--local=yes"], /--local takes no value, but got "--local=yes"; write --local alone/],
+    [["authz", "check", "--from", "-x"], /^agentctl authz check: the value "-x" of --from starts with "-"/m],
     [["status", "-o", "xml"], /invalid -o "xml": use table, json, yaml/],
     [["config", "-o", "table"], /invalid -o "table": use json, yaml/],
     [["workloads", "--namespace", "Shop"], /invalid --namespace "Shop"/],
     [["workloads", "--node"], /argument missing|--node/],
-    [["workloads", "extra"], /Unexpected argument 'extra'/],
+    [["workloads", "extra"], /^agentctl workloads: unexpected argument "extra"; this command takes options only: --namespace, --node, --local, --admin, -o$/m],
     [["services", "--admin", "localhost"], /invalid --admin "localhost": write HOST:PORT/],
     [["services", "--admin", "127.0.0.1:70000"], /invalid --admin "127.0.0.1:70000"/],
     [["certificates", "-o", "short"], /invalid -o "short"/],
@@ -92,6 +96,8 @@ test("bad options exit 2 naming the value", async (t) => {
     [["log", "proxy:verbose"], /invalid level "verbose" in "proxy:verbose"/],
     [["log", "proxy"], /missing level for "proxy"/],
     [["log", "Proxy:debug"], /invalid log setting "Proxy:debug"/],
+    [["log", "proxy=debug,outbound:loud"], /invalid level "loud" in "outbound:loud" of "proxy=debug,outbound:loud"/],
+    [["log", "proxy=debug=trace"], /invalid log setting "proxy=debug=trace": write COMPONENT=LEVEL, COMPONENT:LEVEL or LEVEL/],
     [["log", "--reset", "proxy:debug"], /--reset restores every start-up level/],
     [["doctor", "--capture", "bpf"], /invalid --capture "bpf": use auto, ebpf, nftables/],
     [["doctor", "-o", "xml"], /invalid -o "xml"/],
@@ -100,14 +106,45 @@ test("bad options exit 2 naming the value", async (t) => {
     [["capture", "list", "--node", "Node_A"], /invalid --node "Node_A"/],
     [["capture", "frob"], /unknown capture command "frob"/],
     [["ca", "init"], /missing --dir/],
-    [["ca", "init", "--bogus"], /Unknown option '--bogus'/],
+    [["ca", "init", "--bogus"], /^agentctl ca init: unknown option --bogus; the options are --dir, --trust-domain, --force$/m],
+    [["ca", "init", "--dir", "/nonexistent/ca", "--trust-domain", "bad domain"], /^agentctl ca init: invalid --trust-domain "bad domain": use lowercase letters/m],
   ];
   const runs = await Promise.all(cases.map(([args]) => agentctl(...args)));
   cases.forEach(([args, message], i) => {
     t.is(runs[i].status, 2, `agentctl ${args.join(" ")}: ${runs[i].stderr}`);
     t.regex(runs[i].stderr, message, args.join(" "));
-    t.regex(runs[i].stderr, /usage: agentctl COMMAND/, args.join(" "));
+    t.regex(runs[i].stderr, /\nrun agentctl --help for every command and option\n$/, args.join(" "));
+    t.notRegex(runs[i].stderr, /usage: agentctl COMMAND/, `${args.join(" ")}: the whole help text`);
+    t.true(runs[i].stderr.split("\n").length <= 6, `${args.join(" ")}: ${runs[i].stderr}`);
+    t.notRegex(runs[i].stderr, /Unknown option|argument missing|ambiguous|Unexpected argument/, `${args.join(" ")}: a node:util message`);
   });
+});
+
+test("usage error shows the command synopsis", async (t) => {
+  const run = await agentctl("doctor", "--bogus");
+  t.is(run.status, 2);
+  t.deepEqual(run.stderr.split("\n"), [
+    "agentctl doctor: unknown option --bogus; the options are --pin-root, --cgroup, --bpf-object, --capture, --admin, -o",
+    "usage: agentctl doctor [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH] [--capture ebpf|nftables|auto]",
+    "       [--admin HOST:PORT] [-o table|json|yaml]",
+    "run agentctl --help for every command and option",
+    "",
+  ]);
+  const unknown = await agentctl("frobnicate");
+  t.regex(unknown.stderr, /^agentctl: unknown command "frobnicate"; the commands are ca, capture, cni, status/);
+});
+
+test("missing command exits 2 with help", async (t) => {
+  const run = await agentctl();
+  t.is(run.status, 2);
+  t.regex(run.stderr, /^agentctl: missing command\n\nusage: agentctl COMMAND/);
+  t.is(run.stdout, "");
+  for (const help of [["help"], ["--help"], ["-h"]]) {
+    const shown = await agentctl(...help);
+    t.is(shown.status, 0, help.join(" "));
+    t.regex(shown.stdout, /^usage: agentctl COMMAND/, help.join(" "));
+    t.is(shown.stderr, "", help.join(" "));
+  }
 });
 
 test("help flag prints usage for a command", async (t) => {
@@ -178,12 +215,95 @@ test("log gets and posts levels", async (t) => {
   t.is((await agentctl("log", "--admin", admin.address, "--level", "warn")).status, 0);
   t.is((await agentctl("log", "--admin", admin.address, "proxy:trace", "capture", "--level", "error")).status, 0);
   t.is((await agentctl("log", "--admin", admin.address, "--reset")).status, 0);
+  t.is((await agentctl("log", "--admin", admin.address, "access=debug,outbound:warn")).status, 0);
+  t.is((await agentctl("log", "--admin", admin.address, "info,proxy=debug", "cni")).status, 2, "cni has no level and no --level");
+  t.is((await agentctl("log", "--admin", admin.address, "info,proxy=debug")).status, 0);
   t.deepEqual(admin.requests, [
     "GET /logging",
     "POST /logging?level=warn",
     "POST /logging?level=proxy%3Atrace%2Ccapture%3Aerror",
     "POST /logging?reset",
+    "POST /logging?level=access%3Adebug%2Coutbound%3Awarn",
+    "POST /logging?level=info%2Cproxy%3Adebug",
   ]);
+});
+
+/** Serves the same status and body on every path, as a web server that is no agent does. */
+async function foreignServer(status: number, contentType: string, body: string): Promise<{ address: string; close(): Promise<void> }> {
+  const server = http.createServer((_request, response) => response.writeHead(status, { "content-type": contentType }).end(body));
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as net.AddressInfo;
+  return { address: `127.0.0.1:${port}`, close: () => new Promise((resolve) => server.close(() => resolve())) };
+}
+
+const ADMIN_COMMANDS = [
+  ["status"],
+  ["config"],
+  ["workloads"],
+  ["services"],
+  ["certificates"],
+  ["connections"],
+  ["log"],
+  ["log", "proxy=debug"],
+  ["policies"],
+  ["authz", "check", "--from", "shop/web", "--to", "backend/api"],
+  ["authz", "explain", "shop/web"],
+];
+
+test("html server is not an agent", async (t) => {
+  const server = await foreignServer(404, "text/html", "<html><body><h1>404 Not Found</h1></body></html>");
+  t.teardown(() => server.close());
+  for (const command of ADMIN_COMMANDS) {
+    const run = await agentctl(...command, "--admin", server.address);
+    const context = `agentctl ${command.join(" ")}: ${run.stderr}`;
+    t.is(run.status, 1, context);
+    t.regex(run.stderr, new RegExp(`^agentctl: the server at ${server.address} is not an ambient-agent admin API \\((GET|POST) /\\S* returned status 404 and no JSON: "<html>`), context);
+    t.regex(run.stderr, /pass the agent's admin API address with --admin/, context);
+    t.notRegex(run.stderr, /older|upgrade/, context);
+  }
+});
+
+test("foreign json is not an agent", async (t) => {
+  const bodies: [string, unknown, RegExp][] = [
+    ["object", { hello: "world" }, /returned JSON (in which "\S+" is missing, expected|that is an object, expected a list)/],
+    ["list", [{ id: 1 }], /returned JSON (in which "\[0\]\.\S+" is missing, expected|that is a list, expected an object)/],
+    ["null", null, /returned JSON that is null, expected (a list|an object)/],
+  ];
+  for (const [kind, body, problem] of bodies) {
+    const server = await foreignServer(200, "application/json", JSON.stringify(body));
+    for (const command of ADMIN_COMMANDS) {
+      const run = await agentctl(...command, "--admin", server.address);
+      const context = `agentctl ${command.join(" ")} against ${kind}: ${run.stderr}`;
+      t.is(run.status, 1, context);
+      t.regex(run.stderr, new RegExp(`^agentctl: the server at ${server.address} is not an ambient-agent admin API \\(`), context);
+      t.regex(run.stderr, problem, context);
+      t.notRegex(run.stderr, /Cannot convert|Cannot read|reading '|is not a function|undefined/, context);
+    }
+    await server.close();
+  }
+});
+
+test("nested shape errors name the field", async (t) => {
+  const broken = [{ ...CERTIFICATES[0], chain: [{ type: "Leaf" }] }];
+  const admin = await fakeAdmin({ ...ROUTES, "/certificates": { body: broken }, "/services": { body: [{ ...SERVICES[0], endpoints: "3" }] } });
+  t.teardown(() => admin.close());
+  const certificates = await agentctl("certificates", "--admin", admin.address);
+  t.is(certificates.status, 1);
+  t.regex(certificates.stderr, /GET \/certificates returned JSON in which "\[0\]\.chain\[0\]\.serialNumber" is missing, expected a string\)/);
+  const services = await agentctl("services", "--admin", admin.address);
+  t.is(services.status, 1);
+  t.regex(services.stderr, /GET \/services returned JSON in which "\[0\]\.endpoints" is a string, expected an object\)/);
+});
+
+test("agent error status keeps its message", async (t) => {
+  const admin = await fakeAdmin({ "/workloads": { status: 503, body: { error: "the agent has not read its configuration yet" } }, "/services": { status: 500, body: { message: "boom" } } });
+  t.teardown(() => admin.close());
+  const workloads = await agentctl("workloads", "--admin", admin.address);
+  t.is(workloads.status, 1);
+  t.is(workloads.stderr, "agentctl: the agent has not read its configuration yet\n");
+  const services = await agentctl("services", "--admin", admin.address);
+  t.is(services.status, 1);
+  t.regex(services.stderr, /is not an ambient-agent admin API \(GET \/services returned status 500 and JSON without an "error" field\)/);
 });
 
 test("agent rejection of a request exits 2", async (t) => {
@@ -215,6 +335,38 @@ test("status exits 1 when not ready", async (t) => {
   t.regex(run.stdout, /^ {2}certificates +not ready$/m);
 });
 
+test("status lists failing certificates", async (t) => {
+  const admin = await fakeAdmin(ROUTES);
+  t.teardown(() => admin.close());
+  const run = await agentctl("status", "--admin", admin.address);
+  t.is(run.status, 0, run.stderr);
+  t.regex(run.stdout, /^certificates: 2 total: .*1 failing.*\n {2}spiffe:\/\/cluster\.local\/ns\/shop\/sa\/batch: failing, next retry at 2026-03-01T12:00:30Z: CA unreachable$/m);
+  t.notRegex(run.stdout, /^ {2}spiffe:\/\/cluster\.local\/ns\/shop\/sa\/web:/m, "a valid certificate is not listed");
+  t.true(admin.requests.includes("GET /certificates"));
+});
+
+test("status skips certificates when all valid", async (t) => {
+  const healthy = { ...STATUS, certificates: { ...STATUS.certificates, valid: 2, failing: 0 } };
+  const admin = await fakeAdmin({ ...ROUTES, "/status": { body: healthy } });
+  t.teardown(() => admin.close());
+  const run = await agentctl("status", "--admin", admin.address);
+  t.is(run.status, 0, run.stderr);
+  t.false(admin.requests.includes("GET /certificates"));
+});
+
+test("status of a stopping agent", async (t) => {
+  const readiness = { ...READINESS, ready: false, stopping: true };
+  const admin = await fakeAdmin({ ...ROUTES, "/status": { body: { ...STATUS, ready: false, stopping: true } }, "/healthz/ready": { status: 503, body: readiness } });
+  t.teardown(() => admin.close());
+  const run = await agentctl("status", "--admin", admin.address);
+  t.is(run.status, 1, "a stopping agent is not ready");
+  t.regex(run.stdout, /^stopping: the agent is draining its connections and exits soon$/m);
+  t.notRegex(run.stdout, /^ready: no$/m);
+  t.regex(run.stdout, /^ {2}capture +ok$/m);
+  const json = await agentctl("status", "--admin", admin.address, "-o", "json");
+  t.like(JSON.parse(json.stdout), { ready: false, stopping: true });
+});
+
 test("status falls back without the status route", async (t) => {
   const admin = await fakeAdmin({ "/healthz/ready": { body: READINESS } });
   t.teardown(() => admin.close());
@@ -224,6 +376,27 @@ test("status falls back without the status route", async (t) => {
   t.regex(run.stdout, /^enrolled pods: 1$/m);
   const json = await agentctl("status", "--admin", admin.address, "-o", "json");
   t.deepEqual(JSON.parse(json.stdout), READINESS);
+});
+
+test("agent 404 names the missing route", async (t) => {
+  const server = http.createServer((request, response) => {
+    const path = new URL(request.url ?? "/", "http://agent").pathname;
+    if (path === "/healthz/ready") {
+      response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(READINESS));
+      return;
+    }
+    // As the agent's admin server responds to a path it does not serve.
+    response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ error: `not found: ${path}; try /healthz/ready`, code: "NOT_FOUND" }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  const status = await agentctl("status", "--admin", address);
+  t.is(status.status, 0, status.stderr);
+  t.regex(status.stdout, /^enrolled pods: 1$/m);
+  const workloads = await agentctl("workloads", "--admin", address);
+  t.is(workloads.status, 1);
+  t.is(workloads.stderr, `agentctl: the agent at ${address} does not serve GET /workloads (status 404); upgrade the agent to the version of agentctl\n`);
 });
 
 test("config prints json or yaml", async (t) => {

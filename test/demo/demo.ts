@@ -50,8 +50,10 @@ function endLeftoverProcesses(): void {
   fs.rmSync(PID_FILE, { force: true });
 }
 
+// A denial resets the connection; when the reset comes before curl sees the connect succeed,
+// curl reports exit 7 ("couldn't connect") rather than 56.
 const CURL_FAILURES: Record<number, string> = {
-  7: "connection refused",
+  7: "connection reset or refused",
   28: "timed out",
   52: "empty reply",
   56: "connection reset",
@@ -98,9 +100,13 @@ async function main(): Promise<void> {
     teardown ??= cluster.destroy().then(() => fs.rmSync(PID_FILE, { force: true }));
     return teardown;
   };
+  // With --keep, Ctrl-C is the way to end the demo, so it exits 0 once everything is removed.
   const onSignal = (): void => {
-    console.log("\nInterrupted: tearing down...");
-    void tearDown().then(() => process.exit(130));
+    console.log(KEEP ? "\nTearing down: agents, pinned eBPF programs, namespaces..." : "\nInterrupted: tearing down...");
+    void tearDown().then(() => {
+      if (KEEP) console.log(`Done. Logs and audit files stay in ${WORK_DIR}.`);
+      process.exit(KEEP ? 0 : 130);
+    });
   };
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);

@@ -196,7 +196,7 @@ test.serial("status in every format", (t) => {
   const lines = table.split("\n");
   t.regex(lines[0], new RegExp(`^agent: version \\S+ on node ${CLIENT_NODE} \\(pid ${json.pid}, up `));
   t.is(lines[1], "ready: yes");
-  t.regex(table, new RegExp(`^capture: ${TEST_CAPTURE} \\(requested ${TEST_CAPTURE}: `, "m"));
+  t.regex(table, new RegExp(`^capture: ${TEST_CAPTURE} \\(requested with --capture ${TEST_CAPTURE}\\)$`, "m"));
   t.regex(table, /^configuration: from manifests: 5 workloads, 1 service, 2 policies, 0 rejected$/m);
   t.regex(table, /^pods: 2 enrolled, 0 pending, 0 isolated$/m);
 });
@@ -383,6 +383,9 @@ function webToApi(reporter: "source" | "destination"): Record<string, string> {
   };
 }
 
+/** The destination_service* labels of api's Service. */
+const API_SERVICE_LABELS = { destination_service: "api.backend.svc.cluster.local", destination_service_name: "api", destination_service_namespace: "backend" };
+
 const TRAFFIC_COUNTERS = ["istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"];
 
 function trafficTotals(node: string, labels: Record<string, string>): Record<string, number> {
@@ -427,6 +430,13 @@ test.serial("mTLS metrics match the bytes", async (t) => {
   await waitFor(() => JSON.stringify(difference(trafficTotals(SERVER_NODE, webToApi("destination")), serverBefore)) === JSON.stringify(expected), "the server node's counters").catch(() => undefined);
   t.deepEqual(difference(trafficTotals(SERVER_NODE, webToApi("destination")), serverBefore), expected, "the server node's counters");
 
+  // Dialled by pod IP, the source names no Service, and the destination finds api's Service by its target port.
+  for (const record of outboundRecords()) t.is(record.dst.service, undefined, "the outbound record names no Service");
+  for (const record of inboundRecords()) t.is(record.dst.service, "backend/api", "the inbound record names the Service of the target port");
+  const serverSeries = samplesOf(metricsOf(SERVER_NODE), "istio_tcp_connections_opened_total", webToApi("destination"));
+  t.deepEqual([...new Set(serverSeries.map((sample) => sample.labels.destination_service))], [API_SERVICE_LABELS.destination_service]);
+  t.deepEqual([...new Set(serverSeries.map((sample) => sample.labels.destination_service_name))], [API_SERVICE_LABELS.destination_service_name]);
+
   // Each node reports only its own side.
   t.is(sumOf(metricsOf(CLIENT_NODE), "istio_tcp_connections_opened_total", { reporter: "destination", source_workload: "web" }), 0);
   t.is(sumOf(metricsOf(SERVER_NODE), "istio_tcp_connections_opened_total", { reporter: "source", source_workload: "web" }), 0);
@@ -435,9 +445,12 @@ test.serial("mTLS metrics match the bytes", async (t) => {
 });
 
 test.serial("Service VIP metrics name the Service", async (t) => {
-  const labels = { ...webToApi("source"), destination_service: "api.backend.svc.cluster.local", destination_service_name: "api", destination_service_namespace: "backend" };
+  const labels = { ...webToApi("source"), ...API_SERVICE_LABELS };
+  const serverLabels = { ...webToApi("destination"), ...API_SERVICE_LABELS };
   const before = sumOf(metricsOf(CLIENT_NODE), "istio_tcp_connections_closed_total", labels);
-  const { client } = await connectFrom("web", API_VIP, 80);
+  const serverBefore = sumOf(metricsOf(SERVER_NODE), "istio_tcp_connections_closed_total", serverLabels);
+  const serverMark = theCluster().auditRecords(SERVER_NODE, "*").length;
+  const { client, port } = await connectFrom("web", API_VIP, 80);
   try {
     await client.round(100, 100);
     await client.close();
@@ -446,12 +459,31 @@ test.serial("Service VIP metrics name the Service", async (t) => {
   }
   await waitFor(() => sumOf(metricsOf(CLIENT_NODE), "istio_tcp_connections_closed_total", labels) === before + 1, "the closed connection through the VIP").catch(() => undefined);
   t.is(sumOf(metricsOf(CLIENT_NODE), "istio_tcp_connections_closed_total", labels), before + 1);
+
+  // The destination reads the Service from the host of the CONNECT request's Forwarded header.
+  const source = `${podIp("web")}:${port}`;
+  const inbound = (): Record<string, any> | undefined =>
+    theCluster().auditRecords(SERVER_NODE, "*").slice(serverMark).find((record) => record.type === "connection.completed" && record.src.addr === source);
+  await waitFor(() => inbound() !== undefined, "the server node's record of the connection through the VIP");
+  t.is(inbound()!.dst.service, "backend/api");
+  await waitFor(() => sumOf(metricsOf(SERVER_NODE), "istio_tcp_connections_closed_total", serverLabels) === serverBefore + 1, "the server's count").catch(() => undefined);
+  t.is(sumOf(metricsOf(SERVER_NODE), "istio_tcp_connections_closed_total", serverLabels), serverBefore + 1);
+  const logged = await theCluster()
+    .agent(SERVER_NODE)
+    .waitForLog((line) => line.msg === "connection complete" && line["src.addr"] === source, 5_000, "the server's access log line of the connection");
+  t.is(logged.forwarded, `for="${source}";host=api.backend.svc.cluster.local`, "the CONNECT request's Forwarded header names the Service");
 });
 
-test.serial("denial counted as failed", async (t) => {
+test.serial("denial counted as opened, closed and failed", async (t) => {
   const c = theCluster();
   const denied = { reporter: "destination", source_workload: "scraper", source_principal: SCRAPER_ID, destination_workload: "api", destination_workload_namespace: "backend" };
-  const failedBefore = sumOf(metricsOf(SERVER_NODE), "istio_tcp_connections_failed_total", { ...denied, response_flags: "DENY" });
+  const countsOf = (samples: MetricSample[]): Record<string, number> => ({
+    opened: sumOf(samples, "istio_tcp_connections_opened_total", { ...denied, response_flags: "-" }),
+    closed: sumOf(samples, "istio_tcp_connections_closed_total", { ...denied, response_flags: "DENY" }),
+    failed: sumOf(samples, "istio_tcp_connections_failed_total", { ...denied, response_flags: "DENY" }),
+    closedWithoutFlag: sumOf(samples, "istio_tcp_connections_closed_total", { ...denied, response_flags: "-" }),
+  });
+  const before = countsOf(metricsOf(SERVER_NODE));
   const mark = c.auditRecords(SERVER_NODE, "*").length;
 
   const { client } = await connectFrom("scraper", podIp("api"));
@@ -462,10 +494,12 @@ test.serial("denial counted as failed", async (t) => {
     "the server node's record of the denial",
   );
 
-  const samples = metricsOf(SERVER_NODE);
-  t.is(sumOf(samples, "istio_tcp_connections_failed_total", { ...denied, response_flags: "DENY" }), failedBefore + 1);
-  t.is(sumOf(samples, "istio_tcp_connections_opened_total", { reporter: "destination", source_workload: "scraper" }), 0, "a denied connection is never counted as opened");
-  t.is(sumOf(samples, "istio_tcp_connections_closed_total", { reporter: "destination", source_workload: "scraper" }), 0);
+  // As in ztunnel: opened when the request is routed, before authorization, then closed and failed with DENY.
+  const after = countsOf(metricsOf(SERVER_NODE));
+  t.is(after.opened, before.opened + 1, "opened with response_flags -");
+  t.is(after.closed, before.closed + 1, "closed with response_flags DENY");
+  t.is(after.failed, before.failed + 1, "failed with response_flags DENY");
+  t.is(after.closedWithoutFlag, before.closedWithoutFlag, "no close without a flag");
 });
 
 test.serial("plaintext metrics have no mTLS", async (t) => {
@@ -607,7 +641,7 @@ test.serial("exit statuses", (t) => {
   t.regex(unreachable.stderr, /cannot reach the agent's admin API at 127\.0\.0\.1:1/);
   const unknownOption = agentctl(CLIENT_NODE, "workloads", "--bogus");
   t.is(unknownOption.status, 2);
-  t.regex(unknownOption.stderr, /Unknown option '--bogus'/);
+  t.regex(unknownOption.stderr, /^agentctl workloads: unknown option --bogus; the options are --namespace, --node, --local, --admin, -o$/m);
   const badDirection = agentctl(CLIENT_NODE, "connections", "--direction", "sideways");
   t.is(badDirection.status, 2);
   t.regex(badDirection.stderr, /invalid --direction "sideways": use inbound or outbound/);

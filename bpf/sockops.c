@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* sockops: publishes the original destination of a captured connection under the key the
  * outbound proxy can compute from its accepted socket, records the agent's own connections
- * to a pod's IP for sk_lookup, and deletes the latter when the connection closes. The proxy
- * deletes the original destination when it takes it. Built as part of capture.c.
+ * to a pod's IP for sk_lookup, and deletes both entries when the connection closes, unless
+ * the application closed it gracefully first: then the proxy deletes the original
+ * destination when it takes it. Built as part of capture.c.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -28,12 +29,7 @@ static __always_inline void aa_orig_dst_key_of(struct bpf_sock_ops *ctx,
 }
 
 /* TCP_CONNECT_CB runs once the local port is assigned and before the SYN is sent, so the
- * entry exists before the proxy can accept the connection. The entry stays when the
- * application's socket closes: a client that writes and closes at once finishes its socket
- * (TCP_CLOSE once its FIN is acknowledged) before the proxy has accepted the connection, and
- * the proxy still needs the destination to deliver the bytes. The proxy's lookup deletes the
- * entry; the map is an LRU hash, so entries no proxy takes are evicted, and a new connection
- * from the same local port replaces the entry before its SYN is sent.
+ * entry exists before the proxy can accept the connection.
  */
 static __always_inline void aa_publish_orig_dst(struct bpf_sock_ops *ctx)
 {
@@ -51,6 +47,7 @@ static __always_inline void aa_publish_orig_dst(struct bpf_sock_ops *ctx)
 
 	aa_orig_dst_key_of(ctx, &key);
 	bpf_map_update_elem(&aa_orig_dst, &key, orig, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* The key sk_lookup computes for this connection: remote_port arrives in network byte
@@ -129,6 +126,7 @@ static __always_inline void aa_publish_orig_dst6(struct bpf_sock_ops *ctx)
 
 	aa_orig_dst6_key_of(ctx, &key);
 	bpf_map_update_elem(&aa_orig_dst6, &key, orig, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void aa_conn6_key_of(struct bpf_sock_ops *ctx, struct aa_conn6_key *key)
@@ -176,30 +174,56 @@ static __always_inline void aa_record_own_conn6(struct bpf_sock_ops *ctx)
 	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* Deletes the IPv6 entry of a closing AF_INET6 socket; a key that is not there is ignored. */
-static __always_inline void aa_forget_connection6(struct bpf_sock_ops *ctx)
+/* Tells whether a socket reaching TCP_CLOSE from `old_state` was closed gracefully by its own
+ * side first (its FIN sent). Such a client may finish its socket (TCP_CLOSE once its FIN is
+ * acknowledged) before the proxy has accepted the connection, and the proxy still needs the
+ * original destination to deliver the bytes sent before the FIN. Its entry is left for the
+ * proxy's lookup to delete; the maps are LRU hashes, so an entry no proxy takes (no agent
+ * runs, for example) is evicted, and a new connection from the same local port replaces it
+ * before its SYN is sent. A reset or a failed connect deletes the entry at once.
+ */
+static __always_inline int aa_closed_after_own_fin(__u32 old_state)
 {
+	return old_state == BPF_TCP_FIN_WAIT1 || old_state == BPF_TCP_FIN_WAIT2 ||
+	       old_state == BPF_TCP_CLOSING;
+}
+
+/* Deletes the IPv6 entries of a closing AF_INET6 socket; keys that are not there are ignored. */
+static __always_inline void aa_forget_connection6(struct bpf_sock_ops *ctx, int keep_orig)
+{
+	struct aa_orig_dst6_key orig_key = {};
 	struct aa_conn6_key conn_key = {};
 
 	if (ctx->family != AA_AF_INET6)
 		return;
+	if (!keep_orig) {
+		aa_orig_dst6_key_of(ctx, &orig_key);
+		bpf_map_delete_elem(&aa_orig_dst6, &orig_key);
+	}
 	aa_conn6_key_of(ctx, &conn_key);
 	bpf_map_delete_elem(&aa_own_conns6, &conn_key);
 }
 
-/* Runs only for the sockets that aa_record_own_conn or aa_record_own_conn6 subscribed to
+/* Runs only for the sockets that aa_publish_orig_dst or aa_record_own_conn subscribed to
  * state changes. Deleting a key that is not there is harmless.
  */
 static __always_inline void aa_forget_connection(struct bpf_sock_ops *ctx)
 {
+	struct aa_orig_dst_key orig_key = {};
 	struct aa_conn_key conn_key = {};
+	int keep_orig;
 
 	if (ctx->args[1] != BPF_TCP_CLOSE)
 		return;
 
+	keep_orig = aa_closed_after_own_fin(ctx->args[0]);
+	if (!keep_orig) {
+		aa_orig_dst_key_of(ctx, &orig_key);
+		bpf_map_delete_elem(&aa_orig_dst, &orig_key);
+	}
 	aa_conn_key_of(ctx, &conn_key);
 	bpf_map_delete_elem(&aa_own_conns, &conn_key);
-	aa_forget_connection6(ctx);
+	aa_forget_connection6(ctx, keep_orig);
 }
 
 SEC("sockops")

@@ -4,8 +4,9 @@
  *    socket and read back by getpeername4/getpeername6;
  *  - aa_orig_dst (LRU hash) is written by sockops once the socket has a local port, keyed
  *    by the peer address of the socket that the outbound proxy accepts. The proxy looks the
- *    entry up and deletes it. Entries no proxy takes (the proxy was down, for example) age out
- *    of the LRU hash.
+ *    entry up and deletes it. sockops deletes it when the application's socket is reset or its
+ *    connect fails, and leaves it after a graceful close for the proxy to take; entries no proxy
+ *    takes (no agent runs, for example) age out of the LRU hash.
  */
 #ifndef AA_ORIG_DST_H
 #define AA_ORIG_DST_H

@@ -207,7 +207,7 @@ test.serial("bytes of a client that closes at once arrive", async (t) => {
     [
       "import socket, sys",
       "server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
-      "server.bind(('0.0.0.0', int(sys.argv[1]))); server.listen(512); total = 0",
+      "server.bind(('0.0.0.0', int(sys.argv[1]))); server.listen(512); total = 0; print(0, flush=True)",
       "while True:",
       "    connection, _ = server.accept()",
       "    while (chunk := connection.recv(65536)): total += len(chunk)",
@@ -215,13 +215,16 @@ test.serial("bytes of a client that closes at once arrive", async (t) => {
     ].join("\n"),
     String(port),
   ], { stdio: ["ignore", "pipe", "ignore"] });
-  let received = 0;
+  let received = -1;
   server.stdout!.on("data", (chunk: Buffer) => {
     const lines = chunk.toString().trim().split("\n");
     received = Number(lines[lines.length - 1]);
   });
   try {
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    // The server prints 0 once it listens.
+    const listening = Date.now() + 10_000;
+    while (received < 0 && Date.now() < listening) await new Promise((resolve) => setTimeout(resolve, 50));
+    t.is(received, 0, "the byte-counting server did not start");
     const client = [
       "import socket, sys",
       "for _ in range(int(sys.argv[3])):",
@@ -236,6 +239,23 @@ test.serial("bytes of a client that closes at once arrive", async (t) => {
     const deadline = Date.now() + 15_000;
     while (received < connections * size && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
     t.is(received, connections * size);
+    // Clients that reset at once (SO_LINGER 0) leave no original destination behind either.
+    const resetting = client.replace("s.close()", 's.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00"); s.close()');
+    const reset = spawnSync("ip", ["netns", "exec", c.topology.pod("web").netns, "python3", "-c", resetting, c.topology.pod("db").ip, String(port), String(connections)], {
+      encoding: "utf8",
+      timeout: 60_000,
+    });
+    t.is(reset.status, 0, reset.stderr);
+    if (!NFTABLES_CAPTURE) {
+      let left = -1;
+      const leftDeadline = Date.now() + 10_000;
+      do {
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        const dump = execFileSync("bpftool", ["-j", "map", "dump", "pinned", path.join(c.pinRoot("node1"), "maps", "aa_orig_dst")], { encoding: "utf8" });
+        left = (JSON.parse(dump) as unknown[]).length;
+      } while (left > 0 && Date.now() < leftDeadline);
+      t.is(left, 0, "original destinations left in aa_orig_dst");
+    }
   } finally {
     server.kill("SIGKILL");
   }

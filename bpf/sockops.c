@@ -178,8 +178,8 @@ static __always_inline void aa_record_own_conn6(struct bpf_sock_ops *ctx)
  * side first (its FIN sent). Such a client may finish its socket (TCP_CLOSE once its FIN is
  * acknowledged) before the proxy has accepted the connection, and the proxy still needs the
  * original destination to deliver the bytes sent before the FIN. Its entry is left for the
- * proxy's lookup to delete; the maps are LRU hashes, so an entry no proxy takes (no agent
- * runs, for example) is evicted, and a new connection from the same local port replaces it
+ * proxy's lookup to delete. The maps are LRU hashes, so an entry that no proxy takes (no agent
+ * runs, for example) is evicted. A new connection from the same local port replaces the entry
  * before its SYN is sent. A reset or a failed connect deletes the entry at once.
  */
 static __always_inline int aa_closed_after_own_fin(__u32 old_state)

@@ -36,7 +36,7 @@ export function readinessChecks(inputs: ReadinessInputs, now = Date.now()): Read
   const checks: Record<string, boolean> = {
     configuration: inputs.configurationRead && (kube === undefined || kube.synced),
     capture: inputs.captureAttached,
-    // A pod whose enrolment is retried (its certificate request failed, for example) holds no
+    // A pod whose enrolment is retried (its certificate request failed, for example) has no
     // certificate meanwhile, so the certificates check alone would pass without it.
     enrolment: inputs.enrolmentRunning && inputs.pending.length === 0,
     certificates: inputs.certificates.every((certificate) => servesUntilExpiry(certificate, now)),

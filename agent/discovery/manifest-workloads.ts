@@ -114,9 +114,9 @@ const CRONJOB_JOB_NAME = /^(.+)-\d{8,10}$/;
 
 /**
  * Returns the name of the pod's controller as Istio's telemetry names workloads, when it differs
- * from the pod name: for a pod with metadata.generateName, its controller reference's name, with
- * a ReplicaSet's pod-template-hash suffix removed (the Deployment's name) and a CronJob's Job
- * suffix removed (the CronJob's name).
+ * from the pod name. A pod with metadata.generateName takes its controller reference's name. A
+ * ReplicaSet's pod-template-hash suffix is removed (the Deployment's name), and so is a CronJob's
+ * Job suffix (the CronJob's name).
  */
 function workloadNameOf(reader: ObjectReader, podName: string, labels: Readonly<Record<string, string>>): { workloadName?: string } {
   if (nonEmpty(reader.string(["metadata", "generateName"])) === undefined) return {};

@@ -50,7 +50,7 @@ function endLeftoverProcesses(): void {
   fs.rmSync(PID_FILE, { force: true });
 }
 
-// A denial resets the connection; when the reset comes before curl sees the connect succeed,
+// A denial resets the connection. When the reset arrives before curl has registered the connect,
 // curl reports exit 7 ("couldn't connect") rather than 56.
 const CURL_FAILURES: Record<number, string> = {
   7: "connection reset or refused",

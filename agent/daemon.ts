@@ -182,7 +182,7 @@ export class Agent {
       settings: () => this.enrollmentSettings(),
       stopping: () => this.stopping,
       reconcile: async (reasons) => {
-        if (this.state && this.reconciler && !this.stopping) await this.reconciler.update(this.desiredWorkloads(this.state), reasons);
+        if (this.state && this.reconciler && !this.stopping) await this.enrol(this.desiredWorkloads(this.state), reasons);
       },
       enrolled: (uid) => this.reconciler?.list().find((entry) => entry.workload.uid === uid),
       evict: async (uid, reason) => this.reconciler?.evict(uid, reason),
@@ -269,7 +269,7 @@ export class Agent {
     this.enrolledAtStart = new Set(previous.map((record) => record.workload.uid));
     this.restoreSandboxes(previous);
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
-    await this.reconciler.update(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
+    await this.enrol(this.desiredWorkloads(this.state), enrollmentReasons(undefined, this.state.snapshot, this.options.node, this.enrollmentSettings()));
     NetnsPodNetwork.shareNewListeners = false;
     if (predecessor) await this.takeOverFrom(predecessor);
     this.checkAborted();
@@ -405,6 +405,7 @@ export class Agent {
       version: agentVersion(),
       audit: () => this.audit?.status(),
       workload: (uid) => this.state?.workload(uid),
+      trustDomain: () => this.trustDomain,
       capture: () => this.captureSelection && this.capture && { mode: this.captureSelection.mode, requested: this.captureSelection.requested },
       captureUsage: () => this.capture?.usage(),
       workloads: () => podCounts(sources),
@@ -472,7 +473,7 @@ export class Agent {
     // one denies are closed. This runs before enrolment, which may wait for new pods' certificates.
     const closed = this.reconciler?.recheck(new Set(desired.map((workload) => workload.uid))) ?? 0;
     if (closed > 0) this.logger.info({ closed }, `closed ${closed} connections that the new configuration no longer allows`);
-    if (!this.stopping) await this.reconciler?.update(desired, enrollmentReasons(previous, snapshot, this.options.node, this.enrollmentSettings()));
+    if (!this.stopping) await this.enrol(desired, enrollmentReasons(previous, snapshot, this.options.node, this.enrollmentSettings()));
     this.syncAnnotations();
   }
 
@@ -572,6 +573,15 @@ export class Agent {
     const { kept, conflicts } = onePerIp(claimants, (workload) => (workload.deleting ? 2 : 0) + (enrolled.has(workload.uid) ? 0 : 1));
     this.warnIpConflicts(conflicts);
     return kept.filter((workload) => isAmbient(state, workload, settings));
+  }
+
+  /**
+   * Requests the certificates of the pods to enrol, then enrols them. A pod whose listeners fail
+   * keeps its certificate requested while it is retried, so readiness sees a failing request.
+   */
+  private async enrol(desired: Workload[], reasons?: ReadonlyMap<string, string>): Promise<void> {
+    this.certs?.expectPods(new Map(desired.map((workload) => [workload.uid, identityOf(workload, this.trustDomain)])));
+    await this.reconciler?.update(desired, reasons);
   }
 
   /** Logs each IP that several pods of this node claim at once, once while it lasts: none of them is enrolled. */
@@ -724,6 +734,7 @@ export class Agent {
       state: () => this.state,
       enrollmentSettings: () => this.enrollmentSettings(),
       enrolled: () => this.reconciler?.list(),
+      desired: () => this.reconciler?.desiredWorkloads() ?? [],
       ambiguous: () => this.reconciler?.listAmbiguous() ?? [],
       isolated: () => this.reconciler?.listIsolated() ?? [],
       certificates: () => this.certs?.status() ?? [],

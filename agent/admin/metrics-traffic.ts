@@ -13,6 +13,7 @@ import { flagOf, type ConnectionRecord } from "../proxy/connection-record";
 import type { ConnectionObserver } from "../proxy/connection-tracker";
 import type { AuditPeer } from "../audit/record";
 import { serviceHostname } from "../state/destination-service";
+import { formatSpiffeId, identityOf } from "../identity/spiffe";
 import type { Workload } from "../state/types";
 
 /** Istio's default cluster id (the istiod flag --clusterID and ztunnel's CLUSTER_ID default to it). */
@@ -43,6 +44,10 @@ export const TRAFFIC_LABEL_NAMES = [
   "request_protocol",
   "response_flags",
   "connection_security_policy",
+  "source_region",
+  "source_zone",
+  "destination_region",
+  "destination_zone",
 ] as const;
 
 export type TrafficLabels = Record<(typeof TRAFFIC_LABEL_NAMES)[number], string>;
@@ -53,6 +58,8 @@ const UNKNOWN = "unknown";
 export interface TrafficLookup {
   /** The workload by uid, "namespace/name". */
   workload(uid: string): Workload | undefined;
+  /** The mesh's trust domain, for the principal of a destination reached without mTLS. */
+  trustDomain(): string;
 }
 
 /** The response_flags value of a connection that did not fail, as in ztunnel. */
@@ -118,6 +125,9 @@ export function responseFlagsOf(record: ConnectionRecord): string {
   const code = record.error?.code;
   if (code === undefined || code === "DRAIN_TIMEOUT") return NO_RESPONSE_FLAGS;
   const flag = flagOf(code);
+  // ztunnel's source side sees a denial at the destination as a CONNECT answered with 401 or 403,
+  // which it counts as a connection failure.
+  if (record.direction === "outbound" && flag === "DENY") return "CONNECT";
   return ZTUNNEL_FLAGS.has(flag) ? flag : "CONNECT";
 }
 
@@ -132,7 +142,8 @@ export function trafficLabels(record: ConnectionRecord, lookup: TrafficLookup, r
     source_canonical_service: source ? canonicalService(source) : UNKNOWN,
     source_canonical_revision: source ? canonicalRevision(source) : UNKNOWN,
     source_workload_namespace: source?.namespace ?? UNKNOWN,
-    source_principal: record.src.identity ?? UNKNOWN,
+    // As in ztunnel, only a peer authenticated by mTLS has a source principal.
+    source_principal: (record.transport === "hbone" ? record.src.identity : undefined) ?? UNKNOWN,
     source_app: source ? canonicalService(source) : UNKNOWN,
     source_version: source ? canonicalRevision(source) : UNKNOWN,
     source_cluster: source ? DEFAULT_CLUSTER_ID : UNKNOWN,
@@ -143,13 +154,19 @@ export function trafficLabels(record: ConnectionRecord, lookup: TrafficLookup, r
     destination_canonical_service: destination ? canonicalService(destination) : UNKNOWN,
     destination_canonical_revision: destination ? canonicalRevision(destination) : UNKNOWN,
     destination_workload_namespace: destination?.namespace ?? UNKNOWN,
-    destination_principal: record.dst.identity ?? UNKNOWN,
+    // As in ztunnel, a known destination workload has its identity as principal, with mTLS or not.
+    destination_principal: record.dst.identity ?? (destination ? formatSpiffeId(identityOf(destination, lookup.trustDomain())) : UNKNOWN),
     destination_app: destination ? canonicalService(destination) : UNKNOWN,
     destination_version: destination ? canonicalRevision(destination) : UNKNOWN,
     destination_cluster: destination ? DEFAULT_CLUSTER_ID : UNKNOWN,
     request_protocol: "tcp",
     response_flags: responseFlags,
     connection_security_policy: record.transport === "hbone" ? "mutual_tls" : UNKNOWN,
+    // The agent knows no locality: pods carry no topology labels, and Nodes are not watched.
+    source_region: UNKNOWN,
+    source_zone: UNKNOWN,
+    destination_region: UNKNOWN,
+    destination_zone: UNKNOWN,
   };
 }
 

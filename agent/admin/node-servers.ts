@@ -29,6 +29,8 @@ export interface NodeMetricsSources extends Omit<AgentMetricsSources, "captureMa
   audit(): AuditPipelineStatus | undefined;
   /** The workload by uid, for the istio_tcp_* labels. */
   workload(uid: string): Workload | undefined;
+  /** The mesh's trust domain. */
+  trustDomain(): string;
   /** The capture maps' usage; undefined while capture is not attached. May throw when the maps cannot be read. */
   captureUsage(): { maps: MapUsageView[] } | undefined;
   /** The open connections of every proxy, which also feed the istio_tcp_* metrics. */
@@ -60,7 +62,7 @@ export class NodeServers {
   /** Registers the audit metrics, the Istio TCP metrics, the agent's own metrics and the process metrics. */
   registerMetrics(sources: NodeMetricsSources): void {
     registerAuditMetrics(this.registry, () => sources.audit());
-    const traffic = new TrafficMetrics({ workload: (uid) => sources.workload(uid) });
+    const traffic = new TrafficMetrics({ workload: (uid) => sources.workload(uid), trustDomain: () => sources.trustDomain() });
     traffic.register(this.registry);
     sources.connections.observe(traffic);
     registerAgentMetrics(this.registry, {

@@ -1,7 +1,7 @@
 // The node's readiness for /healthz/ready and agentctl status: configuration read (from the API
-// server, every resource listed once), capture attached, every pod to enrol served, a usable
-// certificate for every identity of the enrolled pods, and with a CNI folder the plugin chained.
-// The body also carries the pods still waited for and the state of each Kubernetes API watch.
+// server, every resource listed once), capture attached, enrolment running, a usable certificate
+// for every identity of the pods to enrol, and with a CNI folder the plugin chained. The body
+// also carries the pods not served yet and the state of each Kubernetes API watch.
 
 import type { KubeHealth } from "../discovery/kube-source";
 import type { CertificateStatus } from "../identity/cert-manager";
@@ -36,9 +36,10 @@ export function readinessChecks(inputs: ReadinessInputs, now = Date.now()): Read
   const checks: Record<string, boolean> = {
     configuration: inputs.configurationRead && (kube === undefined || kube.synced),
     capture: inputs.captureAttached,
-    // A pod whose enrolment is retried (its certificate request failed, for example) has no
-    // certificate meanwhile, so the certificates check alone would pass without it.
-    enrolment: inputs.enrolmentRunning && inputs.pending.length === 0,
+    // Pods still waited for are listed but do not make the node unready: one pod whose namespace
+    // never appears would otherwise hold back every rolling update. Their certificates are
+    // requested before their listeners start, so a failing CA shows in the certificates check.
+    enrolment: inputs.enrolmentRunning,
     certificates: inputs.certificates.every((certificate) => servesUntilExpiry(certificate, now)),
     // New pods start uncaptured while the plugin is missing from the runtime's configuration.
     ...(inputs.cni && { cni: inputs.cni.chained }),

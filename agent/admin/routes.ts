@@ -53,6 +53,8 @@ export interface AdminSources {
   rootNamespace: string;
   /** The enrolled workloads, or undefined before the reconciler starts. */
   enrolled(): readonly EnrolledWorkload[] | undefined;
+  /** The workloads the reconciler was last asked to enrol: this node's ambient pods, one per IP. */
+  desired(): readonly Workload[];
   ambiguous(): readonly { workload: string; ip: string; netns: string; cookie: bigint }[];
   isolated(): readonly { workload: string; netns: string; cookie: bigint }[];
   certificates(): readonly CertificateStatus[];
@@ -94,7 +96,7 @@ function readinessInputs(sources: AdminSources): ReadinessInputs {
     kubernetes: sources.kubernetes(),
     captureAttached: sources.captureAttached(),
     enrolmentRunning: enrolled !== undefined,
-    pending: state === undefined || enrolled === undefined ? [] : pendingPods(sources, state, enrolled),
+    pending: enrolled === undefined ? [] : pendingPods(sources, enrolled),
     certificates: sources.certificates(),
     cni: sources.cni(),
     enrolled: enrolled?.length ?? 0,
@@ -108,25 +110,23 @@ export function podCounts(sources: AdminSources): { enrolled: number; pending: n
   const state = sources.state();
   return {
     enrolled: enrolled?.length ?? 0,
-    pending: state === undefined || enrolled === undefined ? 0 : pendingPods(sources, state, enrolled).length,
+    pending: enrolled === undefined ? 0 : pendingPods(sources, enrolled).length,
     isolated: sources.ambiguous().length,
   };
 }
 
 /**
- * Lists this node's pods that the enrolment rules enrol but that are not served yet: their
- * listeners or their certificate are missing, or their network namespace is not found. A pod
- * being deleted, or isolated because another namespace has its IP, is not waited for.
+ * Lists the pods that the reconciler was asked to enrol and does not serve yet: their listeners
+ * or their certificate are missing, or their network namespace is not found. A pod isolated
+ * because another namespace has its IP is not counted. A pod that lost an IP to another Pod
+ * object is not asked for, so it is not counted either.
  */
-function pendingPods(sources: AdminSources, state: MeshState, enrolled: readonly EnrolledWorkload[]): string[] {
+function pendingPods(sources: AdminSources, enrolled: readonly EnrolledWorkload[]): string[] {
   const served = new Set(enrolled.map((entry) => entry.workload.uid));
-  // A pod kept closed because its listeners failed is retried, so it is waited for.
   const isolated = new Set(sources.ambiguous().map((entry) => entry.workload));
-  const settings = sources.enrollmentSettings();
-  return state
-    .workloadsOnNode(sources.node)
-    .filter((workload) => !served.has(workload.uid) && !isolated.has(workload.uid) && !workload.deleting && workload.ip !== "")
-    .filter((workload) => enrollmentDecision(state, workload, settings).enrolled)
+  return sources
+    .desired()
+    .filter((workload) => !served.has(workload.uid) && !isolated.has(workload.uid))
     .map((workload) => workload.uid)
     .sort(compare);
 }

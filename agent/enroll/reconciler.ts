@@ -142,6 +142,11 @@ export class EnrollmentReconciler {
     return [...this.enrolled.values()];
   }
 
+  /** Returns the workloads that the last update() asked to enrol, served or not yet. */
+  desiredWorkloads(): readonly Workload[] {
+    return this.desired;
+  }
+
   /**
    * Lists the namespaces isolated because several held one wanted workload's IP, for diagnostics:
    * the workload stays unenrolled until one namespace alone has the IP.

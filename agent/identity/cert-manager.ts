@@ -124,10 +124,14 @@ interface Entry {
   lastError?: Error;
   timer?: NodeJS.Timeout;
   owners: Set<string>;
+  /** The pods expected to run with the identity (see expectPods), by uid. */
+  expected: Set<string>;
   waiters: Set<Waiter>;
 }
 
 export class CertManager implements CertificateProvider {
+  /** The identity key of each expected pod, by uid. */
+  readonly #expectedPods = new Map<string, string>();
   readonly #issuer: CertificateIssuer;
   readonly #logger: Logger;
   readonly #ttlSeconds: number | undefined;
@@ -194,7 +198,32 @@ export class CertManager implements CertificateProvider {
     const entry = this.#entries.get(formatSpiffeId(identity));
     if (!entry) return;
     entry.owners.delete(owner);
-    if (entry.owners.size === 0) this.forget(identity);
+    if (entry.owners.size === 0 && entry.expected.size === 0) this.forget(identity);
+  }
+
+  /**
+   * Sets the pods of this node that are to be enrolled, by uid, with their identities. Their
+   * certificates are requested and kept like a workload's, before and while the pods' listeners
+   * start, so that a pod whose enrolment is retried still has its certificate's state reported.
+   */
+  expectPods(pods: ReadonlyMap<string, Identity>): void {
+    for (const [uid, key] of this.#expectedPods) {
+      const pod = pods.get(uid);
+      // A pod whose identity is unchanged stays, unless forget() dropped its entry meanwhile.
+      if (pod !== undefined && formatSpiffeId(pod) === key && this.#entries.has(key)) continue;
+      this.#expectedPods.delete(uid);
+      const entry = this.#entries.get(key);
+      if (!entry) continue;
+      entry.expected.delete(uid);
+      if (entry.owners.size === 0 && entry.expected.size === 0) this.forget(entry.identity);
+    }
+    for (const [uid, identity] of pods) {
+      if (this.#expectedPods.has(uid)) continue;
+      const entry = this.#entryFor(identity);
+      this.#expectedPods.set(uid, entry.key);
+      entry.expected.add(uid);
+      if (!entry.current && this.#now() >= entry.retryAt) this.#request(entry, Priority.Workload);
+    }
   }
 
   /** Drops the certificate of an identity and stops refreshing it. Waiting callers fail. */
@@ -253,7 +282,7 @@ export class CertManager implements CertificateProvider {
     const key = formatSpiffeId(identity);
     let entry = this.#entries.get(key);
     if (!entry) {
-      entry = { key, identity: { ...identity }, refreshAt: 0, failures: 0, retryAt: 0, owners: new Set(), waiters: new Set() };
+      entry = { key, identity: { ...identity }, refreshAt: 0, failures: 0, retryAt: 0, owners: new Set(), expected: new Set(), waiters: new Set() };
       this.#entries.set(key, entry);
     }
     return entry;
@@ -392,7 +421,7 @@ export class CertManager implements CertificateProvider {
       keepingCurrent ? "workload certificate refresh failed; the current certificate serves until it expires" : "workload certificate request failed",
     );
     // Retried in the background while a workload needs it or a caller waits.
-    if (entry.owners.size > 0 || entry.waiters.size > 0 || keepingCurrent) this.#scheduleRetry(entry, delay);
+    if (entry.owners.size > 0 || entry.expected.size > 0 || entry.waiters.size > 0 || keepingCurrent) this.#scheduleRetry(entry, delay);
   }
 
   #scheduleRetry(entry: Entry, delayMs: number): void {
@@ -462,7 +491,7 @@ export class CertManager implements CertificateProvider {
       failures: entry.failures,
       nextRetryAt: entry.failures > 0 ? new Date(entry.retryAt).toISOString() : undefined,
       lastError: entry.lastError?.message,
-      workloads: [...entry.owners].sort(),
+      workloads: [...new Set([...entry.owners, ...entry.expected])].sort(),
       chainPem: current?.chainPem,
     };
   }

@@ -195,7 +195,7 @@ function syntheticWorkload(index: number, side: string): Workload {
 async function measureLabelSets(labelSets: number, count: number, open = 0): Promise<RequestFigure> {
   const workloads = new Map<string, Workload>();
   const registry = new Registry();
-  const traffic = new TrafficMetrics({ workload: (uid) => workloads.get(uid) });
+  const traffic = new TrafficMetrics({ workload: (uid) => workloads.get(uid), trustDomain: () => "cluster.local" });
   traffic.register(registry);
   for (let index = 0; index < labelSets; index++) {
     const source = syntheticWorkload(index, "client");
@@ -246,7 +246,7 @@ function measureRecordCost(batches: number, batch: number): RecordCostFigures {
   const destination = syntheticWorkload(0, "server");
   const workloads = new Map([source, destination].map((workload) => [workload.uid, workload]));
   const tracker = new ConnectionTracker();
-  tracker.observe(new TrafficMetrics({ workload: (uid) => workloads.get(uid) }));
+  tracker.observe(new TrafficMetrics({ workload: (uid) => workloads.get(uid), trustDomain: () => "cluster.local" }));
   const sink = { write: (): void => {} };
   const logger = silentLogger();
   // Both inits are built once: a spread per record with one more property costs about 2 µs on its own.

@@ -35,6 +35,7 @@ interface ReadinessBody {
   ready: boolean;
   checks: Record<string, boolean>;
   enrolled: number;
+  pending: string[];
 }
 
 interface Probe {
@@ -155,7 +156,10 @@ test.serial("certificates wait for the CA", async (t) => {
     t.true(ready.body!.ready);
     t.true(Object.values(ready.body!.checks).every(Boolean), ready.text);
     t.true(ca.requests.some((request) => request.issuedIdentity === "spiffe://cluster.local/ns/ready/sa/app"));
-    await started;
+    // The pod's listeners start once its certificate arrives. startAgents() waits 15 s at most for the
+    // enrolment, which passed while the CA was down, so its result is not awaited.
+    const served = await waitReadiness(cluster, node, (response) => response.body?.enrolled === 1, "the pod to be enrolled", 30_000);
+    t.deepEqual(served.body!.pending, []);
   } finally {
     await cluster.destroy({ removeWorkDir: true });
     forwarder?.close();

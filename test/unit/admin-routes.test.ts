@@ -145,6 +145,7 @@ function sources(overrides: Partial<AdminSources> = {}): AdminSources {
     state: () => state,
     enrollmentSettings: () => DEFAULT_ENROLLMENT_SETTINGS,
     enrolled: () => enrolled,
+    desired: () => ["shop/web", "shop/api", "shop/stuck", "shop/new"].map((uid) => state.workload(uid)!),
     ambiguous: () => [],
     isolated: () => [{ workload: "shop/stuck", netns: "/var/run/netns/stuck", cookie: 13n }],
     certificates: () => [],
@@ -235,9 +236,9 @@ test("status counts and checks", (t) => {
   t.is(status.version, "1.2.3");
   t.is(status.node, "node-a");
   t.is(status.uptimeSeconds, 90);
-  // One pod to enrol is not served yet, so the node is not ready.
-  t.false(status.ready);
-  t.deepEqual(status.checks, { configuration: true, capture: true, enrolment: false, certificates: true });
+  // Pods not served yet are counted, but only their certificates could make the node unready.
+  t.true(status.ready);
+  t.deepEqual(status.checks, { configuration: true, capture: true, enrolment: true, certificates: true });
   t.is(status.enrolled, 2);
   t.is(status.isolated, 0);
   t.is(status.pending, 2);

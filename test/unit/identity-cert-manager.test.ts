@@ -267,6 +267,27 @@ test.serial("retain fetches before any connection; the last release drops the ce
   t.is(issuer.calls, 2);
 });
 
+test.serial("expected pods keep their certificate through a failed start", async (t) => {
+  const { issuer, manager } = setup(t);
+
+  manager.expectPods(new Map([["default/sleep-1", sleep]]));
+  await settle();
+  t.is(issuer.calls, 1);
+  t.deepEqual(manager.status()[0].workloads, ["default/sleep-1"]);
+
+  // The pod's listeners start and fail: its proxies retain and release the identity.
+  manager.retain(sleep, "default/sleep-1#proxies");
+  manager.release(sleep, "default/sleep-1#proxies");
+  t.is(manager.list().length, 1, "the pod is still to be enrolled");
+
+  manager.expectPods(new Map([["default/sleep-1", sleep]]));
+  await settle();
+  t.is(issuer.calls, 1, "an unchanged expectation requests nothing");
+
+  manager.expectPods(new Map());
+  t.is(manager.list().length, 0);
+});
+
 test.serial("rotation listeners hear each new certificate until they unsubscribe", async (t) => {
   const { clock, manager } = setup(t);
   const seen: string[] = [];

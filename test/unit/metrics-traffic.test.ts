@@ -15,7 +15,7 @@ const server = {
   labels: { "service.istio.io/canonical-name": "api", "service.istio.io/canonical-revision": "r7", app: "ignored" },
 };
 const WORKLOADS = new Map<string, Workload>([client, server].map((entry) => [entry.uid, entry]));
-const lookup = { workload: (uid: string) => WORKLOADS.get(uid) };
+const lookup = { workload: (uid: string) => WORKLOADS.get(uid), trustDomain: () => "cluster.local" };
 const CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client";
 const SERVER_ID = "spiffe://cluster.local/ns/backend/sa/server";
 
@@ -237,18 +237,25 @@ const flagCases: [string | undefined, string][] = [
 
 for (const [code, flags] of flagCases) {
   test(`responseFlagsOf ${code ?? "no error"} is ${flags}`, (t) => {
-    const record = outboundHbone();
+    const record = inboundPlaintext();
     if (code !== undefined) record.fail(new AgentError(code as ConstructorParameters<typeof AgentError>[0], "for the test"));
     t.is(responseFlagsOf(record), flags);
   });
 }
+
+test("denial seen by the source is CONNECT", (t) => {
+  // ztunnel's source side gets the destination's 401 as a failed CONNECT.
+  const record = outboundHbone();
+  record.fail(new AgentError("POLICY_DENIED", "denied at the destination"));
+  t.is(responseFlagsOf(record), "CONNECT");
+});
 
 test("exposition equals a prom-client Counter's", async (t) => {
   // Label values with the characters the text format escapes, and several label sets and flags.
   const odd = { ...client, uid: "shop/odd", name: "odd", labels: { app: 'we"ird\\app', version: "line\nbreak" } };
   const workloads = new Map<string, Workload>([...WORKLOADS, [odd.uid, odd]]);
   const tracker = new ConnectionTracker();
-  const traffic = new TrafficMetrics({ workload: (uid) => workloads.get(uid) });
+  const traffic = new TrafficMetrics({ workload: (uid) => workloads.get(uid), trustDomain: () => "cluster.local" });
   const registry = new Registry();
   traffic.register(registry);
   tracker.observe(traffic);
@@ -330,4 +337,22 @@ test("agent metrics render capture, certificates and connections", async (t) => 
   t.is(valueOf(samples, "ambient_agent_policy_rejections_total"), 4);
   t.is(valueOf(samples, "ambient_agent_rejected_policies"), 2);
   t.is(valueOf(samples, "ambient_agent_connections_open", { direction: "outbound" }), 6);
+});
+
+test("passthrough principals as ztunnel sets them", (t) => {
+  // A connection to a pod outside the mesh: no mTLS, so no source principal, while the known
+  // destination workload has its identity as principal.
+  const record = new ConnectionRecord({
+    node: "node-1",
+    direction: "outbound",
+    transport: "plaintext",
+    src: peerOf("10.0.0.1:40000", client, CLIENT_ID),
+    dst: peerOf("10.0.0.2:8080", server),
+    workload: client.uid,
+  });
+  const labels = trafficLabels(record, lookup);
+  t.is(labels.source_principal, "unknown");
+  t.is(labels.destination_principal, SERVER_ID);
+  t.is(labels.connection_security_policy, "unknown");
+  t.is(labels.destination_zone, "unknown");
 });

@@ -122,7 +122,15 @@ export class NodeServers {
     const listeners: Listener[] = [];
     if (this.addresses.metrics !== undefined) {
       const notReadiness = (): TextResponse =>
-        new TextResponse("text/plain", "not found: /healthz/ready; the metrics server serves /metrics and /stats/prometheus, and readiness is on the --readiness address\n", 404);
+        new TextResponse(
+          "application/json",
+          JSON.stringify({
+            error: "not found: /healthz/ready; the metrics server serves /metrics and /stats/prometheus, and readiness is on the --readiness address",
+            code: "NOT_FOUND",
+            server: "metrics server",
+          }) + "\n",
+          404,
+        );
       const routes = { "/metrics": metrics, "/stats/prometheus": metrics, "/healthz/ready": notReadiness };
       const logger = this.logger.child({ component: "metrics" });
       const server = new AdminServer(this.addresses.metrics, routes, logger, {}, { name: "metrics server", flag: "--metrics" });

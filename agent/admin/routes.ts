@@ -159,7 +159,8 @@ export function statusView(sources: AdminSources, now = Date.now()): StatusView 
       workloads: state?.snapshot.workloads.size ?? 0,
       services: state?.snapshot.services.size ?? 0,
       policies: (state?.snapshot.authorizationPolicies.size ?? 0) + (state?.snapshot.peerAuthentications.size ?? 0),
-      rejected: sources.problems().length,
+      // One object may have many field problems; count the objects.
+      rejected: new Set(sources.problems().map((problem) => `${problem.file}\u0000${problem.document}\u0000${problem.object}`)).size,
     },
     enrolled: enrolledUids.size,
     pending: counts.pending,

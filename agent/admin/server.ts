@@ -194,7 +194,7 @@ export class AdminServer {
       sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use POST`, code: "METHOD_NOT_ALLOWED" });
     } else {
       const known = [...new Set(["/healthz/ready", ...Object.keys(this.routes)])].join(", ");
-      sendJson(response, 404, { error: `not found: ${path}; try ${known}`, code: "NOT_FOUND" });
+      sendJson(response, 404, { error: `not found: ${path}; try ${known}`, code: "NOT_FOUND", server: this.listener.name });
     }
     this.logger.debug({ path, status: response.statusCode }, "admin request");
   }

@@ -42,9 +42,11 @@ export function adminRequest(address: string, method: "GET" | "POST", requestPat
       response.on("end", () => resolve({ status: response.statusCode ?? 0, text: body }));
     });
     request.on("timeout", () => request.destroy(new Error(`no response within ${ADMIN_TIMEOUT_MS / 1000} s`)));
-    request.on("error", (error) =>
-      reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`)),
-    );
+    request.on("error", (error: NodeJS.ErrnoException) => {
+      // Node's HTTP parser codes start with HPE_: something answered, but not in HTTP.
+      if (error.code?.startsWith("HPE_")) reject(notAnAgentError(address, method, requestPath, `a response that is not HTTP: ${error.message}`));
+      else reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`));
+    });
     request.end();
   });
 }
@@ -85,9 +87,13 @@ export async function adminJson(address: string, requestPath: string, method: "G
     if (status === 404 && AGENT_NOT_FOUND_TEXT.test(text)) throw routeNotFound(address, method, requestPath);
     throw notAnAgentError(address, method, requestPath, `status ${status} and no JSON: ${bodyExcerpt(text)}`);
   }
-  const fields: { error?: unknown; code?: unknown } = body !== null && typeof body === "object" ? body : {};
+  const fields: { error?: unknown; code?: unknown; server?: unknown } = body !== null && typeof body === "object" ? body : {};
   const message = typeof fields.error === "string" ? fields.error : undefined;
   if (status === 200) return body;
+  // The agent's metrics and readiness servers name themselves in their errors.
+  if (typeof fields.server === "string" && fields.server !== "admin API") {
+    throw new Error(`the server at ${address} is the agent's ${fields.server}, not its admin API; pass the admin API address with --admin (default ${DEFAULT_ADMIN})`);
+  }
   if (message === undefined) throw notAnAgentError(address, method, requestPath, `status ${status} and JSON without an "error" field`);
   if (status === 400) throw new UsageError(message);
   if (status === 404 && (fields.code === "NOT_FOUND" || AGENT_NOT_FOUND_TEXT.test(message))) throw routeNotFound(address, method, requestPath);

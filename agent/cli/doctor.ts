@@ -248,7 +248,7 @@ function describeProblem(problem: HostProblem): string {
 function checkClock(): Omit<DoctorCheck, "name"> {
   const time = si.time();
   const now = `${new Date(time.current).toISOString()} (time zone ${time.timezone || "unknown"})`;
-  const fix = "run an NTP client such as chrony or systemd-timesyncd: certificates are checked against this clock";
+  const fix = "certificates are checked against this clock, so run an NTP client such as chrony or systemd-timesyncd";
   let kernel: { synchronised: boolean; maxErrorSeconds: number } | undefined;
   try {
     kernel = readAdjtimex();
@@ -257,10 +257,10 @@ function checkClock(): Omit<DoctorCheck, "name"> {
   }
   if (kernel !== undefined) {
     if (kernel.synchronised) return { result: "PASS", message: `${now}; the kernel clock is synchronised (maximum error ${kernel.maxErrorSeconds.toFixed(3)} s)` };
-    return { result: "WARN", message: `${now}; the kernel clock is not synchronised (adjtimex reports TIME_ERROR): ${fix}` };
+    return { result: "WARN", message: `${now}; the kernel clock is not synchronised (adjtimex reports TIME_ERROR); ${fix}` };
   }
   if (fs.existsSync("/run/systemd/timesync/synchronized")) return { result: "PASS", message: `${now}; systemd-timesyncd reports the clock synchronised` };
-  return { result: "WARN", message: `${now}; cannot tell whether the clock is synchronised (adjtimex failed and /run/systemd/timesync/synchronized is absent): ${fix}` };
+  return { result: "WARN", message: `${now}; cannot tell whether the clock is synchronised (adjtimex failed and /run/systemd/timesync/synchronized is absent); ${fix}` };
 }
 
 function readAdjtimex(): { synchronised: boolean; maxErrorSeconds: number } {

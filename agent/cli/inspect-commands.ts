@@ -224,6 +224,10 @@ async function log(argv: string[]): Promise<void> {
   const format = parseOutputFormat(values.output);
   if (values.level !== undefined) checkLevel(values.level, `invalid --level ${JSON.stringify(values.level)}`);
   const settings = positionals.flatMap((argument) => parseLogSettings(argument, values.level));
+  const bareComponent = (setting: string): boolean => !/[=:]/.test(setting) && !(LOG_LEVELS as readonly string[]).includes(setting);
+  if (values.level !== undefined && positionals.length > 0 && !positionals.some((argument) => argument.split(",").some((setting) => bareComponent(setting.trim())))) {
+    throw new UsageError(`--level ${values.level} applies to COMPONENT names written without a level, and ${positionals.join(" ")} has none; drop --level, or write the component alone`);
+  }
   if (values.reset === true && (settings.length > 0 || values.level !== undefined)) {
     throw new UsageError("--reset restores every start-up level and takes no COMPONENT=LEVEL or --level; run a second agentctl log to set levels after it");
   }

@@ -144,10 +144,13 @@ export async function fetchStatusReport(address: string): Promise<StatusReport> 
 
 /**
  * Returns the report as one JSON object: the readiness body, with the /status fields over it.
- * Both have ready, checks and enrolled; the readiness alone has kubernetes and cni.
+ * Both have ready, checks and enrolled; the readiness alone has kubernetes and cni. Its list of
+ * pods not served yet becomes pendingPods, because /status counts them in pending.
  */
 export function statusData(report: StatusReport): object {
-  return report.status === undefined ? report.readiness : { ...report.readiness, ...report.status };
+  if (report.status === undefined) return report.readiness;
+  const { pending, pendingTotal, ...readiness } = report.readiness;
+  return { ...readiness, ...report.status, pendingPods: pending ?? [], ...(pendingTotal !== undefined && { pendingPodsTotal: pendingTotal }) };
 }
 
 /**

@@ -148,7 +148,7 @@ test("status report adds the watches to the view", (t) => {
   const text = formatStatusReport({ status: STATUS, readiness: READINESS }, NOW);
   t.regex(text, /^agent: version 0\.1\.0/);
   t.regex(text, /^configuration source: manifest files$/m);
-  t.deepEqual(statusData({ status: STATUS, readiness: READINESS }), { ...READINESS, ...STATUS });
+  t.deepEqual(statusData({ status: STATUS, readiness: { ...READINESS, pending: ["shop/new"] } }), { ...READINESS, ...STATUS, pendingPods: ["shop/new"] });
 });
 
 test("status report without view is the readiness", (t) => {

@@ -263,6 +263,35 @@ test("html server is not an agent", async (t) => {
   }
 });
 
+test("metrics port is named, not the admin API", async (t) => {
+  const body = JSON.stringify({ error: "not found: /status; try /metrics, /stats/prometheus", code: "NOT_FOUND", server: "metrics server" });
+  const server = await foreignServer(404, "application/json", body);
+  t.teardown(() => server.close());
+  const run = await agentctl("workloads", "--admin", server.address);
+  t.is(run.status, 1);
+  t.regex(run.stderr, /is the agent's metrics server, not its admin API/);
+  t.notRegex(run.stderr, /upgrade/);
+});
+
+test("a server that is not HTTP is not an agent", async (t) => {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on("error", () => undefined);
+    socket.end("SSH-2.0-OpenSSH\r\n");
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  });
+  const { port } = server.address() as net.AddressInfo;
+  const run = await agentctl("status", "--admin", `127.0.0.1:${port}`);
+  t.is(run.status, 1);
+  t.regex(run.stderr, /is not an ambient-agent admin API \(GET \/\S+ returned a response that is not HTTP/);
+  t.notRegex(run.stderr, /cannot reach/);
+});
+
 test("foreign json is not an agent", async (t) => {
   const bodies: [string, unknown, RegExp][] = [
     ["object", { hello: "world" }, /returned JSON (in which "\S+" is missing, expected|that is an object, expected a list)/],
@@ -433,4 +462,10 @@ test("doctor fails for a missing eBPF object", async (t) => {
   t.is(run.status, 1);
   t.regex(run.stdout, /^ebpf programs +FAIL +eBPF object \/nonexistent\/capture\.bpf\.o not found: build it with `make bpf`, or pass --bpf-object$/m);
   t.regex(run.stdout, /^\d+ failed, \d+ warnings?, \d+ passed$/m);
+});
+
+test("log --level without a bare component is bad usage", async (t) => {
+  const run = await agentctl("log", "--level", "debug", "access:warn", "--admin", "127.0.0.1:1");
+  t.is(run.status, 2);
+  t.regex(run.stderr, /--level debug applies to COMPONENT names written without a level/);
 });

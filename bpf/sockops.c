@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* sockops: publishes the original destination of a captured connection under the key the
  * outbound proxy can compute from its accepted socket, records the agent's own connections
- * to a pod's IP for sk_lookup, and deletes both entries when the connection closes, unless
- * the application closed it gracefully first: then the proxy deletes the original
- * destination when it takes it. Built as part of capture.c.
+ * to a pod's IP for sk_lookup, and deletes both entries when the connection closes. The
+ * original destination goes when the proxy's side of the connection closes, or when the
+ * application's connect fails or is reset, not when the application closes gracefully: the
+ * proxy may not have accepted the connection yet. Built as part of capture.c.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -11,6 +12,7 @@
 
 #include "lib/agent_socks.h"
 #include "lib/config.h"
+#include "lib/enrolled.h"
 #include "lib/inbound.h"
 #include "lib/inbound6.h"
 #include "lib/orig_dst.h"
@@ -174,13 +176,10 @@ static __always_inline void aa_record_own_conn6(struct bpf_sock_ops *ctx)
 	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* Tells whether a socket reaching TCP_CLOSE from `old_state` was closed gracefully by its own
- * side first (its FIN sent). Such a client may finish its socket (TCP_CLOSE once its FIN is
- * acknowledged) before the proxy has accepted the connection, and the proxy still needs the
- * original destination to deliver the bytes sent before the FIN. Its entry is left for the
- * proxy's lookup to delete. The maps are LRU hashes, so an entry that no proxy takes (no agent
- * runs, for example) is evicted. A new connection from the same local port replaces the entry
- * before its SYN is sent. A reset or a failed connect deletes the entry at once.
+/* Tells whether a socket reaching TCP_CLOSE from `old_state` had sent its FIN. Such a client
+ * may finish its socket (TCP_CLOSE once its FIN is acknowledged) before the proxy has accepted
+ * the connection, and the proxy still needs the original destination to deliver the bytes sent
+ * before the FIN. Its entry is left for the proxy's side to delete (aa_forget_proxy_side).
  */
 static __always_inline int aa_closed_after_own_fin(__u32 old_state)
 {
@@ -204,8 +203,46 @@ static __always_inline void aa_forget_connection6(struct bpf_sock_ops *ctx, int 
 	bpf_map_delete_elem(&aa_own_conns6, &conn_key);
 }
 
-/* Runs only for the sockets that aa_publish_orig_dst or aa_record_own_conn subscribed to
- * state changes. Deleting a key that is not there is harmless.
+/* Subscribes the outbound proxy's side of a captured connection (local port 15001 in an
+ * enrolled namespace, which applications cannot bind) to state changes. PASSIVE_ESTABLISHED_CB
+ * runs when the handshake completes, before the proxy accepts the socket.
+ */
+static __always_inline void aa_watch_proxy_side(struct bpf_sock_ops *ctx)
+{
+	if (ctx->local_port != AA_PORT_OUTBOUND)
+		return;
+	if (!aa_enrolled_lookup(bpf_get_netns_cookie(ctx)))
+		return;
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Deletes the original destination of a connection whose proxy side closed: the proxy has taken
+ * the entry by then, or never will (the connection was reset before it was accepted). The key
+ * is the application's address, which is this socket's peer.
+ */
+static __always_inline void aa_forget_proxy_side(struct bpf_sock_ops *ctx)
+{
+	struct aa_orig_dst6_key key6 = {};
+	struct aa_orig_dst_key key = {};
+
+	if (ctx->family == AA_AF_INET6) {
+		key6.netns_cookie = bpf_get_netns_cookie(ctx);
+		key6.local_ip6[0] = ctx->remote_ip6[0];
+		key6.local_ip6[1] = ctx->remote_ip6[1];
+		key6.local_ip6[2] = ctx->remote_ip6[2];
+		key6.local_ip6[3] = ctx->remote_ip6[3];
+		key6.local_port = (__u16)bpf_ntohl(ctx->remote_port);
+		bpf_map_delete_elem(&aa_orig_dst6, &key6);
+	}
+	/* An IPv4 application behind an AF_INET6 listener has a mapped address and an IPv4 key. */
+	key.netns_cookie = bpf_get_netns_cookie(ctx);
+	key.local_ip4 = ctx->remote_ip4;
+	key.local_port = (__u16)bpf_ntohl(ctx->remote_port);
+	bpf_map_delete_elem(&aa_orig_dst, &key);
+}
+
+/* Runs only for the sockets that aa_publish_orig_dst, aa_record_own_conn or
+ * aa_watch_proxy_side subscribed to state changes. Deleting a key that is not there is harmless.
  */
 static __always_inline void aa_forget_connection(struct bpf_sock_ops *ctx)
 {
@@ -216,6 +253,10 @@ static __always_inline void aa_forget_connection(struct bpf_sock_ops *ctx)
 	if (ctx->args[1] != BPF_TCP_CLOSE)
 		return;
 
+	if (ctx->local_port == AA_PORT_OUTBOUND) {
+		aa_forget_proxy_side(ctx);
+		return;
+	}
 	keep_orig = aa_closed_after_own_fin(ctx->args[0]);
 	if (!keep_orig) {
 		aa_orig_dst_key_of(ctx, &orig_key);
@@ -235,6 +276,9 @@ int aa_sockops(struct bpf_sock_ops *ctx)
 		aa_record_own_conn(ctx);
 		aa_publish_orig_dst6(ctx);
 		aa_record_own_conn6(ctx);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		aa_watch_proxy_side(ctx);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		aa_forget_connection(ctx);

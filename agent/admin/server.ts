@@ -109,7 +109,16 @@ export class AdminServer {
      */
     private readonly listener: { name: string; flag: string; ipHostsOnly?: boolean } = { name: "admin API", flag: "--admin", ipHostsOnly: true },
   ) {
-    this.server = http.createServer((request, response) => this.handle(request, response));
+    this.server = http.createServer((request, response) => {
+      // A request that the routes do not expect must cost one 500, never the process.
+      try {
+        this.handle(request, response);
+      } catch (error) {
+        this.logger.error({ err: error, url: request.url?.slice(0, 256) }, `${this.listener.name} request failed`);
+        if (!response.headersSent) sendJson(response, 500, { error: `internal error: ${(error as Error).message}`, code: "INTERNAL" });
+        else response.destroy();
+      }
+    });
   }
 
   /**
@@ -159,7 +168,13 @@ export class AdminServer {
     // An absolute-form target (GET http://host/path) names its host itself. Any other target is a
     // path, also one that starts with "//", which new URL() would otherwise read as a host.
     const absolute = /^[a-z][a-z0-9+.-]*:\/\//i.test(target);
-    const url = absolute ? new URL(target) : new URL(`http://admin.invalid${target.startsWith("/") ? "" : "/"}${target}`);
+    let url: URL;
+    try {
+      url = absolute ? new URL(target) : new URL(`http://admin.invalid${target.startsWith("/") ? "" : "/"}${target}`);
+    } catch {
+      sendJson(response, 400, { error: `invalid request target ${JSON.stringify(target.slice(0, 256))}; request a path such as /status`, code: "INVALID_TARGET" });
+      return;
+    }
     const path = url.pathname;
     const host = absolute ? url.host : request.headers.host;
     if (this.listener.ipHostsOnly && !(addressedByIpOrLocalhost(host) && addressedByIpOrLocalhost(request.headers.host))) {
@@ -182,7 +197,7 @@ export class AdminServer {
     } else if (request.method !== "GET" && request.method !== "HEAD") {
       response.setHeader("allow", "GET, HEAD");
       sendJson(response, 405, {
-        error: `method ${request.method} is not allowed; the ${this.listener.name} serves GET, and POST on ${Object.keys(this.postRoutes).join(", ") || "no path"}`,
+        error: `method ${request.method} is not allowed; the ${this.listener.name} serves GET and HEAD${Object.keys(this.postRoutes).length > 0 ? `, and POST on ${Object.keys(this.postRoutes).join(", ")}` : ""}`,
         code: "METHOD_NOT_ALLOWED",
       });
     } else if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {

@@ -145,3 +145,20 @@ test("absolute-form targets checked", async (t) => {
   // A path that starts with "//" is a path, not a host.
   t.regex(await raw("GET //evil.example/status HTTP/1.1"), / 404 /);
 });
+
+test("invalid targets answer 400 and the server stays up", async (t) => {
+  const { port } = await startServer(t);
+  const raw = (requestLine: string): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const socket = net.connect(port, "127.0.0.1", () => socket.end(`${requestLine}\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`));
+      let text = "";
+      socket.setEncoding("utf8");
+      socket.on("data", (chunk) => (text += chunk));
+      socket.on("end", () => resolve(text.split("\r\n")[0]));
+      socket.on("error", reject);
+    });
+  for (const target of ["http://[zz/metrics", "http://%zz/status", "http://a:99999/"]) {
+    t.regex(await raw(`GET ${target} HTTP/1.1`), / 400 /, target);
+  }
+  t.is((await request(port, "GET", "/status")).status, 200);
+});

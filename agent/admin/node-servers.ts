@@ -121,24 +121,14 @@ export class NodeServers {
   #createListeners(readiness: AdminRoute, metrics: AdminRoute): Listener[] {
     const listeners: Listener[] = [];
     if (this.addresses.metrics !== undefined) {
-      const notReadiness = (): TextResponse =>
-        new TextResponse(
-          "application/json",
-          JSON.stringify({
-            error: "not found: /healthz/ready; the metrics server serves /metrics and /stats/prometheus, and readiness is on the --readiness address",
-            code: "NOT_FOUND",
-            server: "metrics server",
-          }) + "\n",
-          404,
-        );
-      const routes = { "/metrics": metrics, "/stats/prometheus": metrics, "/healthz/ready": notReadiness };
+      const routes = { "/metrics": metrics, "/stats/prometheus": metrics };
       const logger = this.logger.child({ component: "metrics" });
       const server = new AdminServer(this.addresses.metrics, routes, logger, {}, { name: "metrics server", flag: "--metrics" });
       listeners.push({ server, description: `the metrics server on ${this.addresses.metrics}` });
     }
     if (this.addresses.readiness !== undefined) {
       const logger = this.logger.child({ component: "readiness" });
-      const server = new AdminServer(this.addresses.readiness, { "/healthz/ready": readiness }, logger, {}, { name: "readiness server", flag: "--readiness" });
+      const server = new AdminServer(this.addresses.readiness, { "/healthz/ready": probeSummary(readiness) }, logger, {}, { name: "readiness server", flag: "--readiness" });
       listeners.push({ server, description: `the readiness server on ${this.addresses.readiness}` });
     }
     return listeners;
@@ -163,4 +153,18 @@ export class NodeServers {
 export function isLoopback(host: string): boolean {
   if (host === "localhost" || host === "::1") return true;
   return net.isIPv4(host) && host.startsWith("127.");
+}
+
+/**
+ * Wraps the admin API's readiness route for the readiness server, which every pod can reach: the
+ * same status with only `ready`, `checks` and `stopping` in the body. The API server's address,
+ * the watches and the names of the node's pods stay on the admin API.
+ */
+function probeSummary(readiness: AdminRoute): AdminRoute {
+  return async (query) => {
+    const full = (await readiness(query)) as TextResponse;
+    const body = JSON.parse(full.text) as { ready: boolean; checks: Record<string, boolean>; stopping?: boolean };
+    const summary = { ready: body.ready, checks: body.checks, ...(body.stopping === true && { stopping: true }) };
+    return new TextResponse("application/json", JSON.stringify(summary, null, 2) + "\n", full.status);
+  };
 }

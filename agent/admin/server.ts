@@ -36,7 +36,7 @@ export class TextResponse {
  */
 export type AdminRoute = (query: URLSearchParams) => unknown;
 
-/** The JSON routes by path, such as "/config_dump". /healthz/ready is always served. */
+/** The JSON routes by path, such as "/config_dump". */
 export type AdminRoutes = Readonly<Record<string, AdminRoute>>;
 
 /** Handles a POST of one path, as AdminRoute does a GET; `remoteAddress` is the client's, for the log. */
@@ -94,6 +94,16 @@ function requiredParameter(query: URLSearchParams, name: string, usage: string):
   return value;
 }
 
+/** Connections each server keeps open at most; further ones are closed at once. */
+const MAX_CONNECTIONS = 64;
+/** How long a client may take to send a request's headers, and the whole request, in ms. */
+const HEADERS_TIMEOUT_MS = 5_000;
+const REQUEST_TIMEOUT_MS = 10_000;
+/** How long an idle keep-alive connection stays open, in ms. */
+const KEEP_ALIVE_TIMEOUT_MS = 5_000;
+/** How often Node checks the headers and request timeouts, in ms (30 s by default). */
+const CONNECTION_CHECK_MS = 1_000;
+
 export class AdminServer {
   private readonly server: http.Server;
 
@@ -109,7 +119,7 @@ export class AdminServer {
      */
     private readonly listener: { name: string; flag: string; ipHostsOnly?: boolean } = { name: "admin API", flag: "--admin", ipHostsOnly: true },
   ) {
-    this.server = http.createServer((request, response) => {
+    this.server = http.createServer({ connectionsCheckingInterval: CONNECTION_CHECK_MS }, (request, response) => {
       // A request that the routes do not expect must cost one 500, never the process.
       try {
         this.handle(request, response);
@@ -119,6 +129,33 @@ export class AdminServer {
         else response.destroy();
       }
     });
+    // The metrics and readiness servers listen on every address, so a pod can open connections
+    // to them: they are bounded in number and in how long they may stay idle.
+    this.server.maxConnections = MAX_CONNECTIONS;
+    this.server.headersTimeout = HEADERS_TIMEOUT_MS;
+    this.server.requestTimeout = REQUEST_TIMEOUT_MS;
+    this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
+    this.server.on("drop", (data?: { remoteAddress?: string }) => this.#logDrop(data?.remoteAddress));
+    // CONNECT is not routed through the request handler; without this listener Node closes the
+    // connection without an answer.
+    this.server.on("connect", (request: http.IncomingMessage, socket: import("node:stream").Duplex) => {
+      socket.on("error", () => undefined);
+      socket.end(`HTTP/1.1 405 Method Not Allowed\r\nallow: GET, HEAD\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
+      this.logger.debug({ target: request.url?.slice(0, 256) }, `${this.listener.name} rejected a CONNECT request`);
+    });
+  }
+
+  #droppedSince = 0;
+
+  /** Logs connections dropped at MAX_CONNECTIONS, at most once a minute. */
+  #logDrop(remoteAddress: string | undefined): void {
+    const now = Date.now();
+    if (now - this.#droppedSince < 60_000) return;
+    this.#droppedSince = now;
+    this.logger.warn(
+      { remoteAddress, maxConnections: MAX_CONNECTIONS },
+      `${this.listener.name} has ${MAX_CONNECTIONS} connections open and drops new ones; a client may be holding connections open`,
+    );
   }
 
   /**
@@ -172,7 +209,10 @@ export class AdminServer {
     try {
       url = absolute ? new URL(target) : new URL(`http://admin.invalid${target.startsWith("/") ? "" : "/"}${target}`);
     } catch {
-      sendJson(response, 400, { error: `invalid request target ${JSON.stringify(target.slice(0, 256))}; request a path such as /status`, code: "INVALID_TARGET" });
+      sendJson(response, 400, {
+        error: `invalid request target ${JSON.stringify(target.slice(0, 256))}; request a path such as ${Object.keys(this.routes)[0] ?? "/"}`,
+        code: "INVALID_TARGET",
+      });
       return;
     }
     const path = url.pathname;
@@ -185,7 +225,7 @@ export class AdminServer {
       });
       return;
     }
-    const hasGet = Object.hasOwn(this.routes, path) || path === "/healthz/ready";
+    const hasGet = Object.hasOwn(this.routes, path);
     const hasPost = Object.hasOwn(this.postRoutes, path);
     if (request.method === "POST" && hasPost) {
       request.resume();
@@ -200,15 +240,13 @@ export class AdminServer {
         error: `method ${request.method} is not allowed; the ${this.listener.name} serves GET and HEAD${Object.keys(this.postRoutes).length > 0 ? `, and POST on ${Object.keys(this.postRoutes).join(", ")}` : ""}`,
         code: "METHOD_NOT_ALLOWED",
       });
-    } else if (path === "/healthz/ready" && !Object.hasOwn(this.routes, path)) {
-      response.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
     } else if (Object.hasOwn(this.routes, path)) {
       this.serveRoute(path, url.searchParams, response);
     } else if (hasPost) {
       response.setHeader("allow", "POST");
       sendJson(response, 405, { error: `method ${request.method} is not allowed on ${path}; use POST`, code: "METHOD_NOT_ALLOWED" });
     } else {
-      const known = [...new Set(["/healthz/ready", ...Object.keys(this.routes)])].join(", ");
+      const known = Object.keys(this.routes).join(", ");
       sendJson(response, 404, { error: `not found: ${path}; try ${known}`, code: "NOT_FOUND", server: this.listener.name });
     }
     this.logger.debug({ path, status: response.statusCode }, "admin request");

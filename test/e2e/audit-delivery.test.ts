@@ -242,12 +242,19 @@ test.serial("agent killed mid-stream loses no record", async (t) => {
   const loop = startLoop(20_000);
   // A connection held open across the kill gets its completion record from the next agent.
   const server = c.topology.pod("server");
+  const holderStartedAt = Date.now();
   const holder = c.topology.spawn(c.topology.pod("client").netns, "python3", [
     "-c",
     `import socket, time\nconnection = socket.create_connection(("${server.ip}", ${HTTP_PORT}))\nprint(connection.getsockname()[1], flush=True)\ntime.sleep(60)`,
   ]);
   const holderPort = await new Promise<number>((resolve) => holder.stdout!.once("data", (chunk: Buffer) => resolve(Number(chunk.toString().trim()))));
-  const opened = await c.waitForAudit(CLIENT_NODE, (record) => record.src.addr.endsWith(`:${holderPort}`), 10_000, "connection.opened");
+  // An earlier connection of the file's runs may have used the same source port, so the record must be newer.
+  const opened = await c.waitForAudit(
+    CLIENT_NODE,
+    (record) => record.src.addr.endsWith(`:${holderPort}`) && Date.parse(record.time) >= holderStartedAt - 1_000,
+    10_000,
+    "connection.opened",
+  );
   await sleep(5_000);
   const killedAt = Date.now();
   await c.agent(CLIENT_NODE).kill();

@@ -106,7 +106,8 @@ test("get on post-only path is 405", async (t) => {
 test("get still served", async (t) => {
   const { port } = await startServer(t);
   t.is((await request(port, "GET", "/logging")).status, 200);
-  t.is((await request(port, "GET", "/healthz/ready")).status, 200);
+  // Only the routes given are served: the metrics server has no /healthz/ready.
+  t.is((await request(port, "GET", "/healthz/ready")).status, 404);
 });
 
 test("host name requests rejected", async (t) => {
@@ -161,4 +162,39 @@ test("invalid targets answer 400 and the server stays up", async (t) => {
     t.regex(await raw(`GET ${target} HTTP/1.1`), / 400 /, target);
   }
   t.is((await request(port, "GET", "/status")).status, 200);
+});
+
+test("connections beyond the limit are dropped", async (t) => {
+  const { port } = await startServer(t);
+  const idle: net.Socket[] = [];
+  t.teardown(() => idle.forEach((socket) => socket.destroy()));
+  const open = (): Promise<net.Socket> =>
+    new Promise((resolve, reject) => {
+      const socket = net.connect(port, "127.0.0.1", () => resolve(socket));
+      socket.on("error", reject);
+    });
+  for (let index = 0; index < 64; index++) idle.push(await open());
+  // The 65th connection is accepted by the kernel and closed by the server at once.
+  const extra = await open();
+  const closed = await new Promise<boolean>((resolve) => {
+    extra.on("close", () => resolve(true));
+    setTimeout(() => resolve(false), 2_000);
+  });
+  t.true(closed);
+  idle.splice(0).forEach((socket) => socket.destroy());
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  t.is((await request(port, "GET", "/status")).status, 200);
+});
+
+test("CONNECT gets 405", async (t) => {
+  const { port } = await startServer(t);
+  const line = await new Promise<string>((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.write(`CONNECT 127.0.0.1:15000 HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`));
+    let text = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk) => (text += chunk));
+    socket.on("end", () => resolve(text.split("\r\n")[0]));
+    socket.on("error", reject);
+  });
+  t.regex(line, / 405 /);
 });

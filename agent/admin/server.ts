@@ -96,6 +96,8 @@ function requiredParameter(query: URLSearchParams, name: string, usage: string):
 
 /** Connections each server keeps open at most; further ones are closed at once. */
 const MAX_CONNECTIONS = 64;
+/** Connections one remote address may keep open to one server. */
+const MAX_CONNECTIONS_PER_SOURCE = 8;
 /** How long a client may take to send a request's headers, and the whole request, in ms. */
 const HEADERS_TIMEOUT_MS = 5_000;
 const REQUEST_TIMEOUT_MS = 10_000;
@@ -136,6 +138,7 @@ export class AdminServer {
     this.server.requestTimeout = REQUEST_TIMEOUT_MS;
     this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
     this.server.on("drop", (data?: { remoteAddress?: string }) => this.#logDrop(data?.remoteAddress));
+    this.server.on("connection", (socket: net.Socket) => this.#limitPerSource(socket));
     // CONNECT is not routed through the request handler; without this listener Node closes the
     // connection without an answer.
     this.server.on("connect", (request: http.IncomingMessage, socket: import("node:stream").Duplex) => {
@@ -146,6 +149,28 @@ export class AdminServer {
   }
 
   #droppedSince = 0;
+  /** Open connections by remote address. */
+  readonly #perSource = new Map<string, number>();
+
+  /**
+   * Closes a connection from an address that has MAX_CONNECTIONS_PER_SOURCE open already, so that
+   * one pod cannot take every connection slot and leave the kubelet's probe without one.
+   */
+  #limitPerSource(socket: net.Socket): void {
+    const source = socket.remoteAddress ?? "";
+    const open = (this.#perSource.get(source) ?? 0) + 1;
+    if (open > MAX_CONNECTIONS_PER_SOURCE) {
+      socket.destroy();
+      this.#logDrop(source);
+      return;
+    }
+    this.#perSource.set(source, open);
+    socket.once("close", () => {
+      const left = (this.#perSource.get(source) ?? 1) - 1;
+      if (left > 0) this.#perSource.set(source, left);
+      else this.#perSource.delete(source);
+    });
+  }
 
   /** Logs connections dropped at MAX_CONNECTIONS, at most once a minute. */
   #logDrop(remoteAddress: string | undefined): void {
@@ -153,8 +178,8 @@ export class AdminServer {
     if (now - this.#droppedSince < 60_000) return;
     this.#droppedSince = now;
     this.logger.warn(
-      { remoteAddress, maxConnections: MAX_CONNECTIONS },
-      `${this.listener.name} has ${MAX_CONNECTIONS} connections open and drops new ones; a client may be holding connections open`,
+      { remoteAddress, maxConnections: MAX_CONNECTIONS, maxConnectionsPerSource: MAX_CONNECTIONS_PER_SOURCE },
+      `${this.listener.name} dropped a connection from ${remoteAddress ?? "an unknown address"}: at most ${MAX_CONNECTIONS} connections, ${MAX_CONNECTIONS_PER_SOURCE} per address, stay open; a client may be holding connections open`,
     );
   }
 

@@ -164,23 +164,29 @@ test("invalid targets answer 400 and the server stays up", async (t) => {
   t.is((await request(port, "GET", "/status")).status, 200);
 });
 
-test("connections beyond the limit are dropped", async (t) => {
+test("connections beyond the limits are dropped", async (t) => {
   const { port } = await startServer(t);
   const idle: net.Socket[] = [];
   t.teardown(() => idle.forEach((socket) => socket.destroy()));
-  const open = (): Promise<net.Socket> =>
+  const open = (localAddress: string): Promise<net.Socket> =>
     new Promise((resolve, reject) => {
-      const socket = net.connect(port, "127.0.0.1", () => resolve(socket));
+      const socket = net.connect({ port, host: "127.0.0.1", localAddress }, () => resolve(socket));
       socket.on("error", reject);
     });
-  for (let index = 0; index < 64; index++) idle.push(await open());
-  // The 65th connection is accepted by the kernel and closed by the server at once.
-  const extra = await open();
-  const closed = await new Promise<boolean>((resolve) => {
-    extra.on("close", () => resolve(true));
-    setTimeout(() => resolve(false), 2_000);
-  });
-  t.true(closed);
+  const closedSoon = (socket: net.Socket): Promise<boolean> =>
+    new Promise((resolve) => {
+      socket.on("close", () => resolve(true));
+      setTimeout(() => resolve(false), 2_000);
+    });
+  // Eight connections per address: the ninth from 127.0.0.1 is closed, while another address is served.
+  for (let index = 0; index < 8; index++) idle.push(await open("127.0.0.1"));
+  t.true(await closedSoon(await open("127.0.0.1")));
+  const other = await open("127.0.0.2");
+  t.false(await closedSoon(other), "a connection from another address stays open");
+  other.destroy();
+  // Sixty-four in all: with eight from each of eight addresses, a ninth address is closed.
+  for (let host = 2; host <= 8; host++) for (let index = 0; index < 8; index++) idle.push(await open(`127.0.0.${host}`));
+  t.true(await closedSoon(await open("127.0.0.9")));
   idle.splice(0).forEach((socket) => socket.destroy());
   await new Promise((resolve) => setTimeout(resolve, 100));
   t.is((await request(port, "GET", "/status")).status, 200);

@@ -139,8 +139,8 @@ export class AdminServer {
     this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
     this.server.on("drop", (data?: { remoteAddress?: string }) => this.#logDrop(data?.remoteAddress));
     this.server.on("connection", (socket: net.Socket) => this.#limitPerSource(socket));
-    // CONNECT is not routed through the request handler; without this listener Node closes the
-    // connection without an answer.
+    // Node does not pass CONNECT to the request handler: without this listener it closes the
+    // connection without a response.
     this.server.on("connect", (request: http.IncomingMessage, socket: import("node:stream").Duplex) => {
       socket.on("error", () => undefined);
       socket.end(`HTTP/1.1 405 Method Not Allowed\r\nallow: GET, HEAD\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
@@ -172,7 +172,7 @@ export class AdminServer {
     });
   }
 
-  /** Logs connections dropped at MAX_CONNECTIONS, at most once a minute. */
+  /** Logs a connection dropped at a connection limit; one line a minute at most. */
   #logDrop(remoteAddress: string | undefined): void {
     const now = Date.now();
     if (now - this.#droppedSince < 60_000) return;
@@ -327,8 +327,8 @@ export class AdminServer {
 
 /**
  * Tells whether a Host header names an IP address or localhost, or is absent. A web page in a
- * browser on the node can make a host name of its own site resolve to 127.0.0.1 (DNS rebinding)
- * and then read the admin API as same-origin; such requests carry that host name.
+ * browser on the node can make a host name of its own site resolve to 127.0.0.1 (DNS rebinding),
+ * so that it reads the admin API as same-origin. Its requests carry that host name.
  */
 export function addressedByIpOrLocalhost(host: string | undefined): boolean {
   if (host === undefined) return true;

@@ -94,7 +94,7 @@ function requiredParameter(query: URLSearchParams, name: string, usage: string):
   return value;
 }
 
-/** Connections each server keeps open at most; further ones are closed at once. */
+/** Connections from other hosts and pods that each server keeps open at most; further ones are closed at once. */
 const MAX_CONNECTIONS = 64;
 /** Connections one remote address may keep open to one server. */
 const MAX_CONNECTIONS_PER_SOURCE = 8;
@@ -133,12 +133,10 @@ export class AdminServer {
     });
     // The metrics and readiness servers listen on every address, so a pod can open connections
     // to them: they are bounded in number and in how long they may stay idle.
-    this.server.maxConnections = MAX_CONNECTIONS;
     this.server.headersTimeout = HEADERS_TIMEOUT_MS;
     this.server.requestTimeout = REQUEST_TIMEOUT_MS;
     this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
-    this.server.on("drop", (data?: { remoteAddress?: string }) => this.#logDrop(data?.remoteAddress));
-    this.server.on("connection", (socket: net.Socket) => this.#limitPerSource(socket));
+    this.server.on("connection", (socket: net.Socket) => this.#admit(socket));
     // Node does not pass CONNECT to the request handler: without this listener it closes the
     // connection without a response.
     this.server.on("connect", (request: http.IncomingMessage, socket: import("node:stream").Duplex) => {
@@ -149,37 +147,45 @@ export class AdminServer {
   }
 
   #droppedSince = 0;
-  /** Open connections by remote address. */
+  /** Open connections from other hosts and pods, in all and by remote address. */
+  #remoteConnections = 0;
   readonly #perSource = new Map<string, number>();
 
   /**
-   * Closes a connection from an address that has MAX_CONNECTIONS_PER_SOURCE open already, so that
-   * one pod cannot take every connection slot and leave the kubelet's probe without one.
+   * Closes a connection from another host or pod beyond MAX_CONNECTIONS, or beyond
+   * MAX_CONNECTIONS_PER_SOURCE from its address. A connection from the node to its own address
+   * (the kubelet's probe of a host-network pod, agentctl on 127.0.0.1) is not counted, so that
+   * pods holding connections open cannot turn the node's probe away.
    */
-  #limitPerSource(socket: net.Socket): void {
+  #admit(socket: net.Socket): void {
     const source = socket.remoteAddress ?? "";
-    const open = (this.#perSource.get(source) ?? 0) + 1;
-    if (open > MAX_CONNECTIONS_PER_SOURCE) {
+    if (source !== "" && source === socket.localAddress) return;
+    const fromSource = (this.#perSource.get(source) ?? 0) + 1;
+    if (fromSource > MAX_CONNECTIONS_PER_SOURCE || this.#remoteConnections >= MAX_CONNECTIONS) {
       socket.destroy();
       this.#logDrop(source);
       return;
     }
-    this.#perSource.set(source, open);
+    this.#perSource.set(source, fromSource);
+    this.#remoteConnections += 1;
     socket.once("close", () => {
+      this.#remoteConnections -= 1;
       const left = (this.#perSource.get(source) ?? 1) - 1;
       if (left > 0) this.#perSource.set(source, left);
       else this.#perSource.delete(source);
     });
   }
 
-  /** Logs a connection dropped at a connection limit; one line a minute at most. */
-  #logDrop(remoteAddress: string | undefined): void {
+  /** Logs a connection dropped at a connection limit, with the address that holds the most; one line a minute at most. */
+  #logDrop(remoteAddress: string): void {
     const now = Date.now();
     if (now - this.#droppedSince < 60_000) return;
     this.#droppedSince = now;
+    let busiest: [string, number] = ["", 0];
+    for (const entry of this.#perSource) if (entry[1] > busiest[1]) busiest = entry;
     this.logger.warn(
-      { remoteAddress, maxConnections: MAX_CONNECTIONS, maxConnectionsPerSource: MAX_CONNECTIONS_PER_SOURCE },
-      `${this.listener.name} dropped a connection from ${remoteAddress ?? "an unknown address"}: at most ${MAX_CONNECTIONS} connections, ${MAX_CONNECTIONS_PER_SOURCE} per address, stay open; a client may be holding connections open`,
+      { remoteAddress, busiestAddress: busiest[0], busiestConnections: busiest[1], remoteConnections: this.#remoteConnections },
+      `${this.listener.name} dropped a connection from ${remoteAddress || "an unknown address"}: other hosts and pods may keep ${MAX_CONNECTIONS} connections open, ${MAX_CONNECTIONS_PER_SOURCE} per address; ${busiest[0] || "no address"} holds ${busiest[1]}`,
     );
   }
 

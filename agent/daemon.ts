@@ -577,7 +577,7 @@ export class Agent {
 
   /**
    * Requests the certificates of the pods to enrol, then enrols them. A pod whose listeners fail
-   * keeps its certificate requested while it is retried, so readiness sees a failing request.
+   * keeps its certificate requested while it is retried, so a failing request shows in readiness.
    */
   private async enrol(desired: Workload[], reasons?: ReadonlyMap<string, string>): Promise<void> {
     this.certs?.expectPods(new Map(desired.map((workload) => [workload.uid, identityOf(workload, this.trustDomain)])));

@@ -125,7 +125,7 @@ export function responseFlagsOf(record: ConnectionRecord): string {
   const code = record.error?.code;
   if (code === undefined || code === "DRAIN_TIMEOUT") return NO_RESPONSE_FLAGS;
   const flag = flagOf(code);
-  // ztunnel's source side sees a denial at the destination as a CONNECT answered with 401 or 403,
+  // ztunnel's source side receives a denial at the destination as a CONNECT answered with 401 or 403,
   // which it counts as a connection failure.
   if (record.direction === "outbound" && flag === "DENY") return "CONNECT";
   return ZTUNNEL_FLAGS.has(flag) ? flag : "CONNECT";
@@ -162,7 +162,7 @@ export function trafficLabels(record: ConnectionRecord, lookup: TrafficLookup, r
     request_protocol: "tcp",
     response_flags: responseFlags,
     connection_security_policy: record.transport === "hbone" ? "mutual_tls" : UNKNOWN,
-    // The agent knows no locality: pods carry no topology labels, and Nodes are not watched.
+    // The agent has no locality: pods carry no topology labels, and Nodes are not watched.
     source_region: UNKNOWN,
     source_zone: UNKNOWN,
     destination_region: UNKNOWN,

@@ -67,7 +67,7 @@ export function readinessResponse(inputs: ReadinessInputs): TextResponse {
     cni: inputs.cni,
     enrolled: inputs.enrolled,
     ...(inputs.stopping && { stopping: true }),
-    // Capped, so that a node whose API answers thousands of pods keeps a small probe response.
+    // Capped, so that a node with thousands of pods not served yet keeps a small response.
     pending: inputs.pending.slice(0, PENDING_LISTED),
     ...(inputs.pending.length > PENDING_LISTED && { pendingTotal: inputs.pending.length }),
   };

@@ -497,7 +497,7 @@ export function changeLogLevels(levels: LogLevels, query: URLSearchParams, remot
 /**
  * Builds POST /logging over the agent's log levels; none without them. Changes are logged at info
  * whatever the levels are, so that silencing a component, the admin API's own included, leaves a
- * line that says who did it.
+ * line that names who did it.
  */
 export function loggingPostRoutes(levels: LogLevels | undefined, logger: Logger): Record<string, AdminPostRoute> {
   if (levels === undefined) return {};

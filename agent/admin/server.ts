@@ -176,7 +176,7 @@ export class AdminServer {
     });
   }
 
-  /** Logs a connection dropped at a connection limit, with the address that holds the most; one line a minute at most. */
+  /** Logs a connection dropped at a connection limit, with the address that has the most open, at most once a minute. */
   #logDrop(remoteAddress: string): void {
     const now = Date.now();
     if (now - this.#droppedSince < 60_000) return;
@@ -185,7 +185,7 @@ export class AdminServer {
     for (const entry of this.#perSource) if (entry[1] > busiest[1]) busiest = entry;
     this.logger.warn(
       { remoteAddress, busiestAddress: busiest[0], busiestConnections: busiest[1], remoteConnections: this.#remoteConnections },
-      `${this.listener.name} dropped a connection from ${remoteAddress || "an unknown address"}: other hosts and pods may keep ${MAX_CONNECTIONS} connections open, ${MAX_CONNECTIONS_PER_SOURCE} per address; ${busiest[0] || "no address"} holds ${busiest[1]}`,
+      `${this.listener.name} dropped a connection from ${remoteAddress || "an unknown address"}: other hosts and pods may keep ${MAX_CONNECTIONS} connections open, ${MAX_CONNECTIONS_PER_SOURCE} per address; ${busiest[0] || "no address"} has ${busiest[1]} open`,
     );
   }
 

@@ -1,7 +1,7 @@
 // The JSON shapes the admin API serves and agentctl reads. The server builds them from the agent's
 // state; agentctl only formats them, so both sides compile against these types.
 
-/** GET /workloads: one entry per workload the agent knows, on this node or another. */
+/** GET /workloads: one entry per workload in the agent's mesh state, on this node or another. */
 export interface WorkloadView {
   uid: string;
   namespace: string;
@@ -21,7 +21,7 @@ export interface WorkloadView {
    * Isolated (shares its IP with another pod's namespace), NotEnrolled, or Remote (another node).
    */
   state: "Up" | "Pending" | "Isolated" | "NotEnrolled" | "Remote";
-  /** Why the pod is or is not enrolled, as the enrolment rules decided. */
+  /** The enrolment rules' reason for enrolling the pod or not. */
   reason?: string;
 }
 
@@ -63,7 +63,7 @@ export interface CertificateView {
 /** GET /connections?direction=inbound|outbound: the connections open now, oldest first. */
 export interface ConnectionView {
   id: string;
-  /** The uid (namespace/name) of the enrolled pod whose proxy holds the connection. */
+  /** The uid (namespace/name) of the enrolled pod whose proxy serves the connection. */
   workload: string;
   direction: "inbound" | "outbound";
   /**
@@ -125,7 +125,7 @@ export interface StatusView {
   certificates: { total: number; valid: number; refreshing: number; pending: number; failing: number; expired: number; nextExpiry?: string };
 }
 
-/** GET /logging, and the answer to POST /logging: the level of each component. */
+/** GET /logging, and the response to POST /logging: the level of each component. */
 export interface LogLevelsView {
   /** The level components take unless set one by one. */
   default: string;

@@ -43,7 +43,7 @@ export function adminRequest(address: string, method: "GET" | "POST", requestPat
     });
     request.on("timeout", () => request.destroy(new Error(`no response within ${ADMIN_TIMEOUT_MS / 1000} s`)));
     request.on("error", (error: NodeJS.ErrnoException) => {
-      // Node's HTTP parser codes start with HPE_: something answered, but not in HTTP.
+      // Node's HTTP parser codes start with HPE_: a server responded, but not in HTTP.
       if (error.code?.startsWith("HPE_")) reject(notAnAgentError(address, method, requestPath, `a response that is not HTTP: ${error.message}`));
       else reject(new Error(`cannot reach the agent's admin API at ${address}: ${error.message}; is the agent running (and in this network namespace)?`));
     });

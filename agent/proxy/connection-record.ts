@@ -9,7 +9,7 @@ import type { AuthorizationResult } from "../rbac/types";
 import type { Decision, Direction, Workload } from "../state/types";
 import type { ByteCounters } from "./copy";
 
-/** Where records register while their connection is open, such as the agent's ConnectionTracker. */
+/** The registry that records join while their connection is open, such as the agent's ConnectionTracker. */
 export interface ConnectionRegistry {
   /** Registers a record when its connection is accepted. */
   add(record: ConnectionRecord): void;

@@ -72,7 +72,7 @@ export class ConnectionTracker implements ConnectionRegistry {
 }
 
 /**
- * Describes one open connection from the side of the enrolled pod that holds it: `local` is the
+ * Describes one open connection from the side of the enrolled pod whose proxy serves it: `local` is the
  * pod's address and `remote` the peer's. Outbound, the pod is the source and the peer the
  * destination, whose address is the tunnel's (ip:15008) when the connection is carried in HBONE.
  * Inbound, the pod is the destination (the tunnel's address for HBONE) and the peer the source.

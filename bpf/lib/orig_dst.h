@@ -4,10 +4,10 @@
  *    socket and read back by getpeername4/getpeername6;
  *  - aa_orig_dst (LRU hash) is written by sockops once the socket has a local port, keyed
  *    by the peer address of the socket that the outbound proxy accepts. The proxy looks the
- *    entry up and deletes it; sockops deletes it when the proxy's side of the connection closes,
- *    or when the application's connect fails or its socket is reset before its own FIN. An
- *    entry of a connection for which no proxy socket ever existed stays until the LRU hash,
- *    once full, evicts it.
+ *    entry up and deletes it. sockops also deletes it when the proxy's side of the connection
+ *    closes, or when the application's connect fails or its socket is reset before its own FIN.
+ *    An entry of a connection that never had a proxy socket stays until the full LRU hash
+ *    evicts it.
  */
 #ifndef AA_ORIG_DST_H
 #define AA_ORIG_DST_H

@@ -5,7 +5,7 @@
  *    back by getpeername6;
  *  - aa_orig_dst6 (LRU hash) is written by sockops once the socket has a local port, keyed by
  *    the peer address of the socket that the outbound proxy accepts on [podIPv6]:15001. The
- *    proxy looks the entry up and deletes it; sockops deletes it as lib/orig_dst.h says.
+ *    proxy looks the entry up and deletes it, and sockops deletes it as described in lib/orig_dst.h.
  * IPv4-mapped destinations (::ffff:a.b.c.d) use the IPv4 maps of lib/orig_dst.h.
  */
 #ifndef AA_ORIG_DST6_H

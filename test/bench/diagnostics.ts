@@ -7,7 +7,8 @@
 //                  in alternating rounds with the tracker on and off. Off means each agent started
 //                  with AMBIENT_BENCH_NO_CONNECTION_TRACKER=1, so its proxies get no tracker and the
 //                  metrics see no connection. Each round starts both agents afresh. The byte counters
-//                  of copy.ts run in both variants: the copy counted bytes per chunk before them too
+//                  of copy.ts run in both variants, because the copy counted bytes per chunk before
+//                  them too.
 //   scrape         GET /metrics timed in-process on a TrafficMetrics fed synthetic connection
 //                  records, with 0, 1,000 and 5,000 label sets (source × destination pairs), and on a
 //                  live agent with no connection and with 1,000 open ones
@@ -422,10 +423,10 @@ async function measureDataPath(prefix: string, settings: DiagnosticsSettings, st
     moveToBenchAddresses(cluster);
     for (const pod of [CLIENT, SERVER]) {
       // As in the main mesh figures: reuse TIME_WAIT ports and widen the ephemeral range for the rate
-      // test. Unlike them, the rounds here follow each other within TIME_WAIT's 60 s: with 10,000 and
+      // test. Unlike them, the rounds here follow each other within TIME_WAIT's 60 s. With 10,000 and
       // more sockets in TIME_WAIT left by earlier rounds, the agents' CPU per connection was about 2.5
-      // times higher and the rate fell from about 1,200 to about 420 per second in either variant. A
-      // cap of 1,000 TIME_WAIT sockets per pod keeps every round in the same state.
+      // times higher, and the rate fell from about 1,200 to about 420 per second in either variant.
+      // A cap of 1,000 TIME_WAIT sockets per pod keeps every round in the same state.
       cluster.topology.exec(cluster.topology.pod(pod).netns, "sysctl", ["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=20000 64999", "net.ipv4.tcp_max_tw_buckets=1000"]);
     }
     const tcp = TcpBench.build(cluster.topology, cluster.workDir);

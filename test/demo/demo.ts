@@ -207,7 +207,7 @@ function shortenMetric(line: string): string {
   return `${match[1]}{${labels.join(",")}} ${match[3]}`;
 }
 
-/** Polls `check` every 100 ms until it holds or `timeoutMs` passes. */
+/** Polls `check` every 100 ms until it returns true or `timeoutMs` passes. */
 async function waitFor(check: () => boolean, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!check() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));

@@ -196,7 +196,7 @@ test.serial("20 MB transfer arrives byte-exact", async (t) => {
 
 test.serial("bytes of a client that closes at once arrive", async (t) => {
   // A client that writes and closes before the agent accepts its connection finishes its socket
-  // at once; the agent must still find where the connection was going and deliver the bytes.
+  // at once. The agent must still find where the connection was going, so that the bytes arrive.
   const c = theCluster();
   const port = 9071;
   const connections = 300;

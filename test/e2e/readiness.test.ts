@@ -151,8 +151,8 @@ test.serial("certificates wait for the CA", async (t) => {
     t.false(waiting.body!.ready);
     t.true(waiting.body!.checks.configuration);
     t.is(ca.requests.length, 0);
-    // The pod's listeners wait 10 s for a certificate, then its enrolment is retried; the node
-    // stays unready through those retries, while the pod holds no certificate request at all.
+    // The pod's listeners wait 10 s for a certificate, then its enrolment is retried. The node
+    // stays unready through those retries, also between two of them.
     const watchUntil = Date.now() + 14_000;
     const answers = new Set<string>();
     while (Date.now() < watchUntil) {

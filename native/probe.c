@@ -5,13 +5,14 @@
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
-#include <signal.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <bpf/bpf.h>
@@ -185,37 +186,48 @@ static int probe_program(const char *object_path, struct bpf_object *all, const 
 	return err;
 }
 
-/* Removes the probe cgroups of agents that were killed while probing (aa-probe-<pid> with no
- * such process). rmdir removes only an empty cgroup, so a live one is never touched.
+/* A probe cgroup lives for one probe, well under a second; one older than this was left by an
+ * agent killed while probing. */
+#define STALE_PROBE_CGROUP_SECONDS 600
+
+/* Removes probe cgroups (aa-probe-*) older than STALE_PROBE_CGROUP_SECONDS. Their age decides, not
+ * the pid in the name: an agent in a container sees its own pid namespace, where the pid of
+ * another agent means nothing. rmdir removes only an empty cgroup, and no process ever joins one.
  */
 static void remove_stale_probe_cgroups(const char *cgroup_path)
 {
 	char path[PATH_MAX];
 	struct dirent *entry;
+	struct stat st;
+	time_t now = time(NULL);
 	DIR *dir = opendir(cgroup_path);
-	int pid;
 
 	if (!dir)
 		return;
 	while ((entry = readdir(dir)) != NULL) {
-		if (sscanf(entry->d_name, "aa-probe-%d", &pid) != 1 || pid <= 0)
-			continue;
-		if (kill(pid, 0) == 0 || errno != ESRCH)
+		if (strncmp(entry->d_name, "aa-probe-", strlen("aa-probe-")) != 0)
 			continue;
 		snprintf(path, sizeof(path), "%s/%s", cgroup_path, entry->d_name);
-		rmdir(path);
+		if (stat(path, &st) == 0 && now - st.st_mtime > STALE_PROBE_CGROUP_SECONDS)
+			rmdir(path);
 	}
 	closedir(dir);
 }
 
-/* Returns an open fd of a new cgroup directory under cgroup_path (its path in dir_out), or -errno. */
+/* Returns an open fd of a new cgroup directory under cgroup_path (its path in dir_out), or -errno.
+ * The name has the pid and a random part: agents in containers are often pid 1 in their own
+ * namespaces, and two of them probe at once during a rolling update.
+ */
 static int make_probe_cgroup(const char *cgroup_path, char *dir_out, size_t dir_len)
 {
+	unsigned int nonce = 0;
 	int fd;
 
 	remove_stale_probe_cgroups(cgroup_path);
-	snprintf(dir_out, dir_len, "%s/aa-probe-%d", cgroup_path, (int)getpid());
-	if (mkdir(dir_out, 0700) != 0 && errno != EEXIST)
+	if (getrandom(&nonce, sizeof(nonce), 0) != sizeof(nonce))
+		nonce = (unsigned int)time(NULL);
+	snprintf(dir_out, dir_len, "%s/aa-probe-%d-%08x", cgroup_path, (int)getpid(), nonce);
+	if (mkdir(dir_out, 0700) != 0)
 		return -errno;
 	fd = open(dir_out, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0) {

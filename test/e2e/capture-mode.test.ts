@@ -2,7 +2,6 @@
 // with --capture nftables, checked through its admin API, the pods' nftables tables and a client.
 
 import test from "ava";
-import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import { startHttpServer, curl } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
@@ -57,22 +56,31 @@ test.serial("probe reports every eBPF feature", (t) => {
     else t.true((probe.error ?? "").length > 0, `${probe.feature} failed without a message`);
   }
   t.true(features.find((probe) => probe.feature === "map:lru_hash")?.ok, "this kernel has LRU hash maps");
-  t.false(fs.existsSync(`${CGROUP_ROOT}/aa-probe-${process.pid}`), "the probe left its cgroup behind");
+  t.deepEqual(probeCgroupsOf(process.pid), [], "the probe left its cgroup behind");
   t.false(fs.existsSync(`/sys/fs/bpf/ambient-agent/${PREFIX}-probe`), "the probe created the pin root");
 });
 
-test.serial("probe removes a killed agent's probe cgroup", (t) => {
-  // A process that has exited leaves a PID no process has (until the kernel reuses it).
-  const gone = spawnSync("true");
-  const stale = `${CGROUP_ROOT}/aa-probe-${gone.pid}`;
+test.serial("probe removes probe cgroups older than ten minutes and keeps newer ones", (t) => {
+  // Age decides, not the pid in the name: agents in containers see other pid namespaces.
+  const stale = `${CGROUP_ROOT}/aa-probe-1-${PREFIX}old`;
+  const recent = `${CGROUP_ROOT}/aa-probe-1-${PREFIX}new`;
   fs.mkdirSync(stale);
+  fs.mkdirSync(recent);
   try {
+    const elevenMinutesAgo = new Date(Date.now() - 11 * 60_000);
+    fs.utimesSync(stale, elevenMinutesAgo, elevenMinutesAgo);
     probeCaptureFeatures({ pinRoot: "/sys/fs/bpf", cgroupPath: CGROUP_ROOT, objectPath: "bpf/capture.bpf.o" });
-    t.false(fs.existsSync(stale), "the cgroup of a probe whose agent is gone is still there");
+    t.false(fs.existsSync(stale), "a probe cgroup left eleven minutes ago is still there");
+    t.true(fs.existsSync(recent), "a probe cgroup made just now was removed, although its agent may still be probing");
   } finally {
-    if (fs.existsSync(stale)) fs.rmdirSync(stale);
+    for (const dir of [stale, recent]) if (fs.existsSync(dir)) fs.rmdirSync(dir);
   }
 });
+
+/** Probe cgroups named after `pid` (aa-probe-PID-RANDOM) under the cgroup root. */
+function probeCgroupsOf(pid: number): string[] {
+  return fs.readdirSync(CGROUP_ROOT).filter((name) => name.startsWith(`aa-probe-${pid}-`));
+}
 
 test.serial("probe names a missing object", (t) => {
   const features = probeCaptureFeatures({ pinRoot: "/sys/fs/bpf", cgroupPath: CGROUP_ROOT, objectPath: "/nonexistent/capture.bpf.o" });

@@ -33,7 +33,7 @@ import { Predecessor } from "./handover/client";
 import { handoverSocketPath } from "./handover/protocol";
 import { HandoverServer } from "./handover/server";
 import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeOver } from "./handover/takeover";
-import { HostNotReadyError, checkHost } from "./capture/preflight";
+import { HostNotReadyError, capabilityProblems, checkHost } from "./capture/preflight";
 import { attachCapture, selectCapture, setProbeSources } from "./capture/setup";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
@@ -42,6 +42,7 @@ import { DEFAULT_ENROLLMENT_SETTINGS, enrollmentDecision, isAmbient, onePerIp, t
 import { ConfigWarnings } from "./config-warnings";
 import { CniEnrolment } from "./enroll/cni-enrolment";
 import { EnrolledFile, type EnrolledRecord } from "./enroll/enrolled-file";
+import { DEFAULT_HOST_PROC, useHostProc } from "./enroll/netns";
 import { RedirectionAnnotator } from "./enroll/redirection-annotation";
 import { startCni, type CniRuntime, type CniSettings } from "./cni/setup";
 import { AgentError } from "./errors";
@@ -60,7 +61,13 @@ import { inboundServiceOf } from "./state/destination-service";
 import { EndpointPicker } from "./state/endpoints";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
+import { removeCniEntry, removePinnedCapture, UninstallCheck, type DaemonSetRef, type StopDecision } from "./uninstall";
 import { agentVersion } from "./version";
+
+/** The reason of the workload.unenrolled records that an uninstall writes. */
+export const UNINSTALL_REASON = "agent uninstalled";
+/** How long an uninstall waits for the patches that remove the pods' redirection annotation. */
+const UNINSTALL_ANNOTATION_TIMEOUT_MS = 3_000;
 
 export interface AgentOptions {
   node: string;
@@ -106,6 +113,16 @@ export interface AgentOptions {
    * applications' peer address is the real client. Default true.
    */
   transparentSource?: boolean;
+  /**
+   * The host's procfs as mounted where the agent runs, for the host's processes and the
+   * per-namespace sysctls. Default /proc.
+   */
+  hostProc?: string;
+  /**
+   * The DaemonSet that runs this agent, watched from start to tell an uninstall from a restart at
+   * a stop signal (agent/uninstall.ts). Needs `kubernetes`. No uninstall detection when absent.
+   */
+  daemonset?: DaemonSetRef;
 }
 
 /** The agent's configuration source: the manifest folder or the Kubernetes API. */
@@ -154,6 +171,8 @@ export class Agent {
   private spoolLock: PinRootLock | undefined;
   private auditFileLock: PinRootLock | undefined;
   private handover: HandoverServer | undefined;
+  /** Watches the DaemonSet and decides at a stop signal; set with --daemonset in Kubernetes mode. */
+  private uninstallCheck: UninstallCheck | undefined;
   #handOver: () => void = () => undefined;
   /** Promise that settles once this agent has handed the node over to a replacement. The process should then call stop(). */
   readonly replaced = new Promise<void>((resolve) => (this.#handOver = resolve));
@@ -196,6 +215,8 @@ export class Agent {
   }
 
   async start(): Promise<void> {
+    const lacking = capabilityProblems();
+    if (lacking.length > 0) throw new HostNotReadyError(lacking);
     const selection = selectCapture(this.options, this.logger);
     this.captureSelection = selection;
     const problems = checkHost({
@@ -203,6 +224,7 @@ export class Agent {
       cgroupPath: this.options.cgroupPath,
       objectPath: this.options.objectPath,
       capture: selection.mode,
+      hostProc: this.options.hostProc ?? DEFAULT_HOST_PROC,
     });
     if (problems.length > 0) throw new HostNotReadyError(problems);
     // A replacement takes the locks and the admin port only once the agent it replaces exits.
@@ -217,6 +239,7 @@ export class Agent {
       await this.startAudit();
     }
     loadNative();
+    useHostProc(this.options.hostProc ?? DEFAULT_HOST_PROC);
 
     this.identity = await startIdentity(this.options.identity, this.logger);
     this.checkAborted();
@@ -325,20 +348,30 @@ export class Agent {
    * and the audit file is flushed before this resolves. The pinned capture programs and map entries
    * stay, so enrolled pods fail closed: their connections are refused until an agent serves them
    * again. `agentctl capture remove` detaches them.
+   *
+   * With `uninstall` (stopDecision() found the agent's DaemonSet deleted) the agent removes what it
+   * installed on the node instead. First its CNI plugin entry goes, then every pod's enrolment,
+   * with a workload.unenrolled record of reason UNINSTALL_REASON and the pod's redirection
+   * annotation removed. Last goes its pinned capture, as `agentctl cni remove` and `agentctl
+   * capture remove` do. New connections then reach the pods directly while open ones drain.
    */
-  async stop(drainMs = 0, reason = "stop requested"): Promise<void> {
+  async stop(drainMs = 0, reason = "stop requested", uninstall = false): Promise<void> {
     this.handover?.close();
     clearTimeout(this.enrolledSaveTimer);
     if (this.reconciler) this.saveEnrolled();
     await this.cni?.close();
-    this.annotator?.stop();
+    if (uninstall && this.options.cni) removeCniEntry(this.options.cni.confDir, this.logger.child({ component: "cni" }));
+    // An uninstall still needs the annotator, which removes the annotations once the pods are unenrolled.
+    if (!uninstall) this.annotator?.stop();
     // The manifests are still followed while connections drain, so a policy change still closes
     // the connections it denies; enrolment no longer changes.
     this.stopping = true;
-    await this.drain(drainMs);
-    await this.source?.stop();
+    await this.drain(drainMs, uninstall);
+    if (uninstall) await this.finishUninstall();
+    await Promise.all([this.source?.stop(), this.uninstallCheck?.stop()]);
     await this.servers.stop();
     this.capture?.close();
+    if (uninstall) removePinnedCapture(this.options.pinRoot, this.logger.child({ component: "capture" }));
     this.identity?.close();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
     await this.audit?.close();
@@ -353,13 +386,36 @@ export class Agent {
     void this.reconciler.stop(0);
   }
 
-  private async drain(drainMs: number): Promise<void> {
+  /**
+   * Decides whether a stop signal uninstalls the agent (see stop()): with --daemonset from the
+   * DaemonSet's deletion that the watch saw or, without one, by reading the DaemonSet, which takes
+   * at most about twice DAEMONSET_READ_TIMEOUT_MS; without --daemonset, never.
+   */
+  async stopDecision(): Promise<StopDecision> {
+    return (await this.uninstallCheck?.decide()) ?? { uninstall: false, reason: "no --daemonset to check" };
+  }
+
+  /** Closes the listeners and drains; an uninstall unenrolls every pod first (see stop()). */
+  private async drain(drainMs: number, uninstall: boolean): Promise<void> {
     if (!this.reconciler) return;
     const open = this.reconciler.openConnections();
-    this.logger.info({ open, drainTimeoutMs: drainMs }, "draining: closing the listeners and waiting for open connections");
+    this.logger.info({ open, drainTimeoutMs: drainMs, uninstall }, "draining: closing the listeners and waiting for open connections");
     const startedAt = Date.now();
-    const summary = await this.reconciler.stop(drainMs);
+    const summary = await (uninstall ? this.reconciler.uninstall(UNINSTALL_REASON, drainMs) : this.reconciler.stop(drainMs));
     this.logger.info({ ...summary, durationMs: Date.now() - startedAt }, "drain finished");
+  }
+
+  /** Saves the now empty list of enrolled pods and removes the pods' redirection annotations, after an uninstall's unenrolment. */
+  private async finishUninstall(): Promise<void> {
+    clearTimeout(this.enrolledSaveTimer);
+    this.saveEnrolled();
+    if (!this.annotator || !this.state) return;
+    this.annotator.sync(this.state.workloadsOnNode(this.options.node), new Set());
+    const unwritten = await this.annotator.flush(UNINSTALL_ANNOTATION_TIMEOUT_MS);
+    if (unwritten > 0) {
+      this.logger.warn({ unwritten, timeoutMs: UNINSTALL_ANNOTATION_TIMEOUT_MS }, "uninstall: some pods keep their redirection annotation, because removing it failed or took too long");
+    }
+    this.annotator.stop();
   }
 
   /** Starts the audit pipeline, records the start, and completes the connections a killed predecessor left open. */
@@ -443,12 +499,16 @@ export class Agent {
     await this.servers.rebind();
   }
 
-  /** Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish. */
+  /**
+   * Gives up the node and pin-root locks, for an exit that does not wait for stop() to finish, and
+   * lets a replacement that this agent handed the node over to take it.
+   */
   releaseLocks(): void {
     this.lock?.release();
     this.nodeLock?.release();
     this.spoolLock?.release();
     this.auditFileLock?.release();
+    this.handover?.closeReleased();
   }
 
   /** Re-reads every manifest file now, as on SIGHUP. */
@@ -544,6 +604,10 @@ export class Agent {
       this.logger.info({ server: client.server, credentials: this.options.kubernetes.kind }, "reading the configuration from the Kubernetes API server");
       this.kube = new KubeSource({ node: this.options.node, client }, this.logger.child({ component: "kubernetes" }));
       this.annotator = new RedirectionAnnotator(client, this.logger.child({ component: "annotations" }), () => this.annotationInputs());
+      if (this.options.daemonset) {
+        this.uninstallCheck = new UninstallCheck(client, this.options.daemonset, this.logger.child({ component: "kubernetes" }));
+        this.uninstallCheck.start();
+      }
       return this.kube;
     }
     if (!this.options.manifestsDir) throw new AgentError("INTERNAL", "no configuration source: pass --manifests DIR or --kubernetes");

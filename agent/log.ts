@@ -1,6 +1,7 @@
 import pino from "pino";
 
 import type { LogLevelsView } from "./admin/views";
+import { TextDestination, type LogFormat } from "./log-format";
 import { LOG_LEVELS, type LogLevel } from "./log-level";
 
 export type Logger = pino.Logger;
@@ -325,7 +326,8 @@ export function accessLogger(logger: Logger): Logger {
 }
 
 /**
- * Creates the process logger: JSON lines on stderr. `levelText` (the --log-level flag) or else
+ * Creates the process logger: JSON lines on stderr, or text lines with `format` "text"
+ * (TextDestination). `levelText` (the --log-level flag) or else
  * AMBIENT_AGENT_LOG_LEVEL sets the levels, as parseLogLevels reads them: default info.
  * Lines are collected and written with one synchronous write(2) per LOG_BATCH_BYTES, or every
  * LOG_FLUSH_INTERVAL_MS, so a busy proxy makes no write(2) per connection. The batch is also written
@@ -334,13 +336,13 @@ export function accessLogger(logger: Logger): Logger {
  * batch to libuv's thread pool, and keep the lines in order with what the process prints on exit.
  * Throws InvalidLogLevelError for an invalid level setting.
  */
-export function createLogger(bindings: Record<string, unknown> = {}, levelText?: string): Logger {
+export function createLogger(bindings: Record<string, unknown> = {}, levelText?: string, format: LogFormat = "json"): Logger {
   const text = levelText ?? process.env.AMBIENT_AGENT_LOG_LEVEL ?? "info";
   const levels = new LogLevels(parseLogLevels(text));
   const destination = pino.destination({ dest: 2, sync: true, minLength: LOG_BATCH_BYTES, periodicFlush: LOG_FLUSH_INTERVAL_MS });
   // Pino registers an exit flush only for asynchronous destinations.
   process.once("exit", () => flushOnExit(destination));
-  return createLevelledLogger(levels, bindings, destination);
+  return createLevelledLogger(levels, bindings, format === "text" ? new TextDestination(destination) : destination);
 }
 
 function flushOnExit(destination: ReturnType<typeof pino.destination>): void {

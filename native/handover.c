@@ -6,39 +6,14 @@
 #define _GNU_SOURCE
 
 #include <errno.h>
-#include <fcntl.h>
-#include <string.h>
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include "internal.h"
 
-/* /proc/sys/net resolves to the network namespace of the thread that opens it, so the netns
- * helper thread reaches the pod's own copy of the sysctl.
- */
-#define MIGRATE_REQ_SYSCTL "/proc/sys/net/ipv4/tcp_migrate_req"
-
 int enable_request_migration(void)
 {
-	ssize_t written;
-	int fd;
-
-	fd = open(MIGRATE_REQ_SYSCTL, O_WRONLY | O_CLOEXEC);
-	if (fd < 0) {
-		/* NOTE: kernels before 5.14 lack the sysctl, so a hand-over there resets queued connections. */
-		if (errno == ENOENT)
-			return 0;
-		return fail(errno, "open %s", MIGRATE_REQ_SYSCTL);
-	}
-	written = write(fd, "1\n", 2);
-	if (written != 2) {
-		int err = written < 0 ? errno : EIO;
-
-		close(fd);
-		return fail(err, "write 1 to %s", MIGRATE_REQ_SYSCTL);
-	}
-	close(fd);
-	return 0;
+	/* NOTE: kernels before 5.14 lack the sysctl, so a hand-over there resets queued connections. */
+	return enable_sysctl("net/ipv4/tcp_migrate_req", 1);
 }
 
 int aa_socket_set_reuseport(int fd, int on)

@@ -3,6 +3,8 @@
 #ifndef AMBIENT_AGENT_INTERNAL_H
 #define AMBIENT_AGENT_INTERNAL_H
 
+#include <stddef.h>
+
 #include "libagent.h"
 
 #ifndef SO_NETNS_COOKIE
@@ -34,6 +36,17 @@ int run_in_netns(const char *netns_path, int (*work)(void *arg), void *arg);
  * without the sysctl (before Linux 5.14) is left as it is (handover.c).
  */
 int enable_request_migration(void);
+
+/* Opens the sysctl `name` (such as "net/ipv4/tcp_fwmark_accept") under the proc root that
+ * aa_set_proc_root set, with open(2) flags plus O_CLOEXEC. Writes the path it opened to path
+ * (path_len bytes) for error messages. Returns the fd, or -1 with errno set (sysctl.c).
+ */
+int open_sysctl(const char *name, int flags, char *path, size_t path_len);
+
+/* Writes 1 to the sysctl `name` of the calling thread's namespace. When optional != 0, a
+ * missing sysctl is not an error (sysctl.c).
+ */
+int enable_sysctl(const char *name, int optional);
 
 /* The last failure of the calling thread, and a way to carry one over from another thread. */
 const char *last_error_text(void);

@@ -17,6 +17,15 @@
 int aa_last_error(char *out, int out_len);
 
 /*
+ * Sets the proc root: the folder where the host's procfs is mounted (default /proc). Every
+ * per-namespace sysctl this library writes is opened as <dir>/sys/net/..., from a thread inside
+ * the namespace. Trailing slashes are dropped. Call it once, before any other function, because
+ * helper threads read it without a lock. Fails with -EINVAL for a relative path and with
+ * -ENAMETOOLONG for a path longer than about 4000 bytes.
+ */
+int aa_set_proc_root(const char *dir);
+
+/*
  * Creates a TCP/IPv4 socket inside the network namespace at netns_path (for example
  * /var/run/netns/pod1 or /proc/PID/ns/net) and returns its file descriptor, close-on-exec.
  * agent_map_fd >= 0 is an open fd of the socket storage map aa_agent_socks: the socket gets its

@@ -26,13 +26,15 @@
 
 #include "internal.h"
 
-/* The sysctl that gives an accepted socket the mark of the SYN that opened it, so the
- * application's replies carry the proxy's mark and match the rule. It is per network
- * namespace, and /proc/sys/net resolves to the namespace of the thread that opens it. Despite
- * its ipv4 path it covers TCP over IPv6 too: the kernel's shared TCP code (tcp_conn_request,
- * via inet_request_mark) reads it for both families.
+/* The sysctls below are per network namespace, and are opened under the proc root (sysctl.c)
+ * from a helper thread inside the pod's namespace.
+ *
+ * tcp_fwmark_accept gives an accepted socket the mark of the SYN that opened it, so the
+ * application's replies carry the proxy's mark and match the rule. Despite its ipv4 path it
+ * covers TCP over IPv6 too: the kernel's shared TCP code (tcp_conn_request, via
+ * inet_request_mark) reads it for both families.
  */
-#define AA_FWMARK_ACCEPT_SYSCTL "/proc/sys/net/ipv4/tcp_fwmark_accept"
+#define AA_FWMARK_ACCEPT_SYSCTL "net/ipv4/tcp_fwmark_accept"
 
 /* The sysctls that give the kernel's own replies (a TCP reset from a closed port, ICMP errors)
  * the mark of the packet they reply to. A transparent SYN from the proxy to a port where nothing
@@ -40,13 +42,13 @@
  * the real client while the proxy waits for its connect timeout. The IPv6 one exists only when
  * the kernel has IPv6.
  */
-#define AA_FWMARK_REFLECT_SYSCTL "/proc/sys/net/ipv4/fwmark_reflect"
-#define AA_FWMARK_REFLECT6_SYSCTL "/proc/sys/net/ipv6/fwmark_reflect"
+#define AA_FWMARK_REFLECT_SYSCTL "net/ipv4/fwmark_reflect"
+#define AA_FWMARK_REFLECT6_SYSCTL "net/ipv6/fwmark_reflect"
 
 /* Exists only when the kernel has IPv6, and reads 1 when IPv6 is disabled on loopback, the
  * device of the IPv6 local route (the kernel then rejects the route with EACCES).
  */
-#define AA_LOOPBACK_DISABLE_IPV6_SYSCTL "/proc/sys/net/ipv6/conf/lo/disable_ipv6"
+#define AA_LOOPBACK_DISABLE_IPV6_SYSCTL "net/ipv6/conf/lo/disable_ipv6"
 
 #define AA_NETLINK_BUFFER 512
 
@@ -159,28 +161,6 @@ static int change_route(int sock, const struct routing_request *req, uint32_t se
 	return netlink_transact(sock, &msg);
 }
 
-/* Writes 1 to a sysctl of the calling thread's namespace. When optional != 0, a missing file is
- * not an error.
- */
-static int enable_sysctl(const char *sysctl_path, int optional)
-{
-	int fd = open(sysctl_path, O_WRONLY | O_CLOEXEC);
-
-	if (fd < 0) {
-		if (optional && errno == ENOENT)
-			return 0;
-		return fail(errno, "open %s", sysctl_path);
-	}
-	if (write(fd, "1\n", 2) != 2) {
-		int err = errno;
-
-		close(fd);
-		return fail(err, "write 1 to %s", sysctl_path);
-	}
-	close(fd);
-	return 0;
-}
-
 static int enable_fwmark_accept(void)
 {
 	int err = enable_sysctl(AA_FWMARK_ACCEPT_SYSCTL, 0);
@@ -203,8 +183,9 @@ static const char *family_name(const struct routing_request *req)
  */
 static int loopback_ipv6_state(void)
 {
+	char path[AA_PATH_LEN];
 	char value = '0';
-	int fd = open(AA_LOOPBACK_DISABLE_IPV6_SYSCTL, O_RDONLY | O_CLOEXEC);
+	int fd = open_sysctl(AA_LOOPBACK_DISABLE_IPV6_SYSCTL, O_RDONLY, path, sizeof(path));
 
 	if (fd < 0)
 		return errno == ENOENT ? -EAFNOSUPPORT : 0;

@@ -61,6 +61,15 @@ export function loadNative(libraryPath: string = defaultLibraryPath()): void {
   loadedPath = libraryPath;
 }
 
+/**
+ * Makes the native library open every per-namespace sysctl it writes under `dir`, the host's
+ * procfs as mounted where the agent runs (default /proc), as DIR/sys/net/... . Call it before any
+ * namespace work: helper threads read the setting without a lock.
+ */
+export function setProcRoot(dir: string): void {
+  check(call("aa_set_proc_root", [DataType.String], [dir]), `setting the proc root to ${dir}`, "Pass the absolute path of a procfs mount, such as /proc or /host/proc.");
+}
+
 /** Calls a libagent function that returns an int (>= 0 on success, -errno on failure). */
 export function call(funcName: string, paramsType: DataType[], paramsValue: unknown[]): number {
   loadNative(loadedPath);

@@ -5,6 +5,7 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 
+import { missingRequiredCapabilities, readEffectiveCapabilities } from "./capabilities";
 import { libnftablesAvailable, loadNative, netnsCookie } from "./native";
 import { captureProbe } from "./ebpf/native-bpf";
 import { nftBinary } from "./nft/capture";
@@ -28,11 +29,14 @@ export interface HostCheckOptions {
   objectPath: string;
   /** The capture mode chosen; nftables needs neither bpffs, cgroup v2 nor the eBPF object, but the nft tool. Default ebpf. */
   capture?: "ebpf" | "nftables";
+  /** The host's procfs as mounted where the agent runs (--host-proc); not checked when absent. */
+  hostProc?: string;
 }
 
 /** statfs(2) f_type values, from linux/magic.h. */
 const BPF_FS_MAGIC = 0xcafe4a11;
 const CGROUP2_SUPER_MAGIC = 0x63677270;
+const PROC_SUPER_MAGIC = 0x9fa0;
 
 /** Returns every problem found; an empty list means capture can start. */
 export function checkHost(options: HostCheckOptions): HostProblem[] {
@@ -42,6 +46,12 @@ export function checkHost(options: HostCheckOptions): HostProblem[] {
     problems.push({
       what: `the agent runs as uid ${uid ?? "unknown"}, not root`,
       fix: "run the agent as root (a privileged container) so that it can load eBPF programs and enter network namespaces",
+    });
+  }
+  if (options.hostProc !== undefined && filesystemType(options.hostProc) !== PROC_SUPER_MAGIC) {
+    problems.push({
+      what: `${options.hostProc} is not a procfs mount`,
+      fix: "set the host proc folder to a procfs mount: /proc, or in a pod the host's /proc mounted into the container as a hostPath volume (for example at /host/proc)",
     });
   }
   if (options.capture === "nftables") {
@@ -57,6 +67,21 @@ export function checkHost(options: HostCheckOptions): HostProblem[] {
  * nftables capture writes each pod's table through libnftables (libnftables.so.1) from a thread
  * inside the pod's namespace, or, when that library is missing, runs `nsenter ... nft -f -`.
  */
+/**
+ * The capabilities a root agent lacks. Without CAP_SYS_ADMIN or CAP_NET_ADMIN it would start and
+ * then fail every pod one by one (setns, SO_MARK, routes), so it refuses to start instead, before
+ * the capture probe, whose errors would name only the first operation refused. Empty for a
+ * non-root process, which checkHost reports.
+ */
+export function capabilityProblems(): HostProblem[] {
+  const capabilities = readEffectiveCapabilities();
+  if (capabilities === undefined || process.getuid?.() !== 0) return [];
+  return missingRequiredCapabilities(capabilities).map((name) => ({
+    what: `the agent runs without ${name}`,
+    fix: `grant ${name}: CAP_SYS_ADMIN enters pods' network namespaces and loads eBPF programs, CAP_NET_ADMIN attaches them and sets socket marks, routes and nftables in pods' namespaces (the Helm chart grants both; a container needs securityContext.capabilities.add)`,
+  }));
+}
+
 function checkNftables(): HostProblem[] {
   const problems: HostProblem[] = [];
   try {

@@ -6,14 +6,16 @@ import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseAddress } from "../admin/server";
 import { canonicalPinRoot } from "../capture/pin-lock";
-import { parseCaptureMode, type RequestedCaptureMode } from "../capture/probe";
+import { parseCaptureMode } from "../capture/probe";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
-import { createLogger, parseLogLevels } from "../log";
+import { DEFAULT_HOST_PROC } from "../enroll/netns";
+import { createLogger, parseLogLevels, type Logger } from "../log";
+import { parseLogFormat, type LogFormat } from "../log-format";
+import { parseDaemonSetRef } from "../uninstall";
+import { withConfigFile } from "./config-file";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
-import type { IdentityOptions } from "../identity/setup";
-import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags, type IdentityFlagValues } from "./identity-flags";
+import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags } from "./identity-flags";
 import { AUDIT_FLAGS, AUDIT_USAGE, parseAuditFlags, type AuditFlagValues } from "./audit-flags";
-import type { AuditOptions } from "../audit/config";
 import { parseProbeSources } from "./probe-sources";
 import type { CniSettings } from "../cni/setup";
 import type { KubeCredentials } from "../discovery/kube-credentials";
@@ -21,12 +23,26 @@ import type { KubeCredentials } from "../discovery/kube-credentials";
 const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kubernetes [--kubeconfig FILE])
                          (--ca-dir DIR | --ca-address HOST:PORT --ca-root-cert FILE) [options]
 
+  --config FILE        YAML file of options, read once at start: a mapping from long option names
+                       without the dashes to values, for example "kubernetes: true",
+                       "excluded-namespaces: [kube-system, ambient-agent]" or "cni-timeout: 30".
+                       Switches take true or false (false: not given), repeatable and
+                       comma-separated options a list. An option on the command line replaces the
+                       file's value
   --node NAME          this node's name; pods whose spec.nodeName equals it are served
   --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, EndpointSlice,
                        AuthorizationPolicy, PeerAuthentication), re-read when it changes
   --kubernetes         read the same kinds from the Kubernetes API server (list and watch), with the
                        pod's service account (in-cluster) unless --kubeconfig is given
   --kubeconfig FILE    kubeconfig file for the API server; implies --kubernetes
+  --daemonset NAMESPACE/NAME
+                       the DaemonSet that runs this agent (needs --kubernetes), watched from
+                       start. At SIGTERM or SIGINT after the watch saw it deleted or being
+                       deleted, the agent is being uninstalled: it removes its CNI plugin entry,
+                       every pod's enrolment and its pinned capture. Without such an event it
+                       reads the DaemonSet (2 s timeout): being deleted, or not found though the
+                       watch saw it before, is an uninstall too. Otherwise (found, API server
+                       unreachable, any error) capture stays pinned
   --excluded-namespaces NS[,NS...]
                        namespaces whose pods are never enrolled, even when labelled
                        istio.io/dataplane-mode=ambient (default kube-system; "none" for no exclusion)
@@ -40,6 +56,9 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
                        which the kubelet then retries (default 30)
 ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
+  --host-proc DIR      the host's /proc as mounted where the agent runs (default /proc; in a pod, for
+                       example /host/proc): the host's processes, their network namespaces, a
+                       CNI_NETNS under /proc/, and every per-pod sysctl the agent writes
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000). Keep it on loopback: the admin
                        API lists every connection and changes log levels; another address logs a warning
@@ -62,6 +81,10 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
   --drain-timeout SECONDS
                        on SIGTERM or SIGINT, how long open connections may finish before they are
                        reset (default 5; 0 resets them at once). A second signal resets them at once.
+  --idle-after-handover
+                       after handing the node over to a replacement (--replace), close everything
+                       and wait for SIGTERM or SIGINT instead of exiting, so that a container
+                       runtime does not restart this agent, which would take the node back
   --replace            take the node over from the agent that serves it now, with no failed
                        connection: start listeners next to its own, then let it drain and exit
                        (it waits --drain-timeout of that agent). Fails, leaving that agent
@@ -74,6 +97,8 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
                        lines without one, and "access" for the connection lines. Overrides
                        AMBIENT_AGENT_LOG_LEVEL (same syntax; default info). POST /logging on the
                        admin API changes levels while the agent runs
+  --log-format FORMAT  json (default): one JSON object per line; or text: one line per record,
+                       "TIME LEVEL component message key=value..."
   --no-transparent-source
                        inbound proxies connect to applications from the pod's own address, so
                        applications see that address as every client's (default: the client's
@@ -87,12 +112,15 @@ export function defaultCgroupPath(): string {
   return "/sys/fs/cgroup";
 }
 
-/** The options of `ambient-agent run`: the agent's own, and how the process stops it. */
+/** The options of `ambient-agent run`: the agent's own, and how the process logs and stops it. */
 interface RunOptions {
   agent: AgentOptions;
   drainTimeoutMs: number;
   /** The start-up log levels from --log-level or AMBIENT_AGENT_LOG_LEVEL, already checked by parseLogLevels. */
   logLevel: string;
+  logFormat: LogFormat;
+  /** Whether the process stays until SIGTERM or SIGINT after a hand-over, instead of exiting. */
+  idleAfterHandover: boolean;
 }
 
 /**
@@ -111,38 +139,45 @@ function parseDrainTimeout(value: string | undefined): number {
   return Math.round(seconds * 1000);
 }
 
+/** The options of `ambient-agent run`, for node:util parseArgs and for the --config file's keys. */
+export const RUN_OPTIONS = {
+  config: { type: "string" },
+  node: { type: "string" },
+  manifests: { type: "string" },
+  kubernetes: { type: "boolean" },
+  kubeconfig: { type: "string" },
+  daemonset: { type: "string" },
+  "excluded-namespaces": { type: "string", multiple: true },
+  "cni-conf-dir": { type: "string" },
+  "cni-bin-dir": { type: "string" },
+  "cni-socket": { type: "string" },
+  "cni-timeout": { type: "string" },
+  ...IDENTITY_FLAGS,
+  ...AUDIT_FLAGS,
+  "pin-root": { type: "string" },
+  cgroup: { type: "string" },
+  "host-proc": { type: "string" },
+  "bpf-object": { type: "string" },
+  admin: { type: "string" },
+  metrics: { type: "string" },
+  readiness: { type: "string" },
+  "root-namespace": { type: "string" },
+  capture: { type: "string" },
+  "drain-timeout": { type: "string" },
+  replace: { type: "boolean" },
+  "idle-after-handover": { type: "boolean" },
+  "probe-source": { type: "string", multiple: true },
+  "transparent-source": { type: "boolean" },
+  "no-transparent-source": { type: "boolean" },
+  "log-level": { type: "string" },
+  "log-format": { type: "string" },
+} as const;
+
+/** Options that are given once with a comma-separated value, which a --config file may write as a list. */
+const COMMA_LIST_OPTIONS: ReadonlySet<string> = new Set(["log-level"]);
+
 function parseRunOptions(argv: string[]): RunOptions {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      node: { type: "string" },
-      manifests: { type: "string" },
-      kubernetes: { type: "boolean" },
-      kubeconfig: { type: "string" },
-      "excluded-namespaces": { type: "string", multiple: true },
-      "cni-conf-dir": { type: "string" },
-      "cni-bin-dir": { type: "string" },
-      "cni-socket": { type: "string" },
-      "cni-timeout": { type: "string" },
-      ...IDENTITY_FLAGS,
-      ...AUDIT_FLAGS,
-      "pin-root": { type: "string" },
-      cgroup: { type: "string" },
-      "bpf-object": { type: "string" },
-      admin: { type: "string" },
-      metrics: { type: "string" },
-      readiness: { type: "string" },
-      "root-namespace": { type: "string" },
-      capture: { type: "string" },
-      "drain-timeout": { type: "string" },
-      replace: { type: "boolean" },
-      "probe-source": { type: "string", multiple: true },
-      "transparent-source": { type: "boolean" },
-      "no-transparent-source": { type: "boolean" },
-      "log-level": { type: "string" },
-    },
-    strict: true,
-  });
+  const { values } = parseArgs({ args: withConfigFile(argv, RUN_OPTIONS, COMMA_LIST_OPTIONS), options: RUN_OPTIONS, strict: true });
   const missing = ["node"].filter((name) => !values[name as keyof typeof values]).map((name) => `--${name}`);
   const kubernetes = values.kubernetes === true || values.kubeconfig !== undefined;
   if (kubernetes && values.manifests !== undefined) {
@@ -150,6 +185,9 @@ function parseRunOptions(argv: string[]): RunOptions {
   }
   if (!kubernetes && values.manifests === undefined) missing.push("--manifests or --kubernetes");
   if (!values["ca-dir"] && !values["ca-address"]) missing.push("--ca-dir or --ca-address");
+  if (values.daemonset !== undefined && !kubernetes) {
+    throw new UsageError("--daemonset needs --kubernetes (or --kubeconfig): the agent reads its DaemonSet from the API server");
+  }
   if (missing.length > 0) throw new UsageError(`missing required option${missing.length > 1 ? "s" : ""}: ${missing.join(", ")}`);
   const node = values.node!;
   if (!/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(node)) {
@@ -161,8 +199,8 @@ function parseRunOptions(argv: string[]): RunOptions {
     kubernetes: kubernetes ? kubeCredentials(values.kubeconfig) : undefined,
     excludedNamespaces: parseExcludedNamespaces(values["excluded-namespaces"]),
     cni: parseCniFlags(values),
-    identity: parseIdentity(values),
-    audit: parseAudit(values, node),
+    identity: parseWith(parseIdentityFlags, values),
+    audit: parseWith((flags: AuditFlagValues) => parseAuditFlags(flags, node), values),
     pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
     cgroupPath: values.cgroup ?? defaultCgroupPath(),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
@@ -170,13 +208,31 @@ function parseRunOptions(argv: string[]): RunOptions {
     metricsAddress: parseListenFlag("metrics", values.metrics ?? "[::]:15020"),
     readinessAddress: parseListenFlag("readiness", values.readiness ?? "[::]:15021"),
     rootNamespace: values["root-namespace"] ?? "istio-system",
-    capture: parseCaptureFlag(values.capture),
+    capture: parseWith(parseCaptureMode, values.capture),
     probeSources: parseProbeSources(values["probe-source"]),
     transparentSource: parseTransparentSource(values["transparent-source"], values["no-transparent-source"]),
+    hostProc: path.resolve(values["host-proc"] ?? DEFAULT_HOST_PROC),
+    daemonset: values.daemonset === undefined ? undefined : parseWith(parseDaemonSetRef, values.daemonset),
   };
   const drainTimeoutMs = parseDrainTimeout(values["drain-timeout"]);
   const logLevel = parseLogLevelFlag(values["log-level"]);
-  return { agent: { ...agent, replace: values.replace ?? false, drainTimeoutMs }, drainTimeoutMs, logLevel };
+  const logFormat = values["log-format"] === undefined ? "json" : parseWith(parseLogFormat, values["log-format"], "--log-format");
+  return {
+    agent: { ...agent, replace: values.replace ?? false, drainTimeoutMs },
+    drainTimeoutMs,
+    logLevel,
+    logFormat,
+    idleAfterHandover: values["idle-after-handover"] ?? false,
+  };
+}
+
+/** Runs an option parser and turns its error into a UsageError, prefixed with `flag` when given. */
+function parseWith<I, T>(parse: (input: I) => T, input: I, flag?: string): T {
+  try {
+    return parse(input);
+  } catch (error) {
+    throw new UsageError(flag === undefined ? (error as Error).message : `invalid ${flag}: ${(error as Error).message}`);
+  }
 }
 
 /** Reads --log-level, or else AMBIENT_AGENT_LOG_LEVEL, or else "info", and checks it. */
@@ -267,32 +323,10 @@ function parseCniFlags(values: { "cni-conf-dir"?: string; "cni-bin-dir"?: string
   };
 }
 
-function parseIdentity(values: IdentityFlagValues): IdentityOptions {
-  try {
-    return parseIdentityFlags(values);
-  } catch (error) {
-    throw new UsageError((error as Error).message);
-  }
-}
-
-function parseAudit(values: AuditFlagValues, node: string): AuditOptions {
-  try {
-    return parseAuditFlags(values, node);
-  } catch (error) {
-    throw new UsageError((error as Error).message);
-  }
-}
-
-function parseCaptureFlag(value: string | undefined): RequestedCaptureMode {
-  try {
-    return parseCaptureMode(value);
-  } catch (error) {
-    throw new UsageError((error as Error).message);
-  }
-}
-
 /** How much longer than the drain timeout the whole stop may take (audit flush, admin and capture close) before the process exits anyway. */
 const STOP_DEADLINE_MS = 10_000;
+/** Period of the timer that keeps an idle agent's process alive; it does nothing when it fires. */
+const IDLE_TIMER_MS = 3_600_000;
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -317,7 +351,7 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
 
-  const logger = createLogger({ node: options.agent.node }, options.logLevel);
+  const logger = createLogger({ node: options.agent.node }, options.logLevel, options.logFormat);
   if (!runsWithAgentFlags()) {
     logger.warn(
       { expected: AGENT_NODE_FLAGS, got: process.execArgv },
@@ -367,24 +401,67 @@ async function main(argv: string[]): Promise<number> {
     void agent.replaced.then(() => resolve("hand-over"));
   });
   process.off("SIGHUP", onHangup);
+  const { code, signalled } = await stopAgent(agent, logger, options, signal);
+  // A signal during the stop after a hand-over is the one the idle agent would wait for.
+  if (signal === "hand-over" && options.idleAfterHandover && !signalled) return idleUntilSignal(logger, code);
+  return code;
+}
 
-  logger.info({ signal, drainTimeoutMs: options.drainTimeoutMs }, signal === "hand-over" ? "node handed over, stopping" : "signal received, stopping");
+/**
+ * Stops the agent after `signal`. Returns the exit status, 0 or 1 when the stop outlived its
+ * deadline, and whether a SIGTERM or SIGINT came during the stop. After a stop signal (not a hand-over) the agent first decides whether it is being
+ * uninstalled (Agent.stopDecision).
+ * A second signal resets the open connections at once.
+ */
+async function stopAgent(agent: Agent, logger: Logger, options: RunOptions, signal: string): Promise<{ code: number; signalled: boolean }> {
+  let draining = false;
+  let cutShort = false;
   const onSecondSignal = (second: string): void => {
-    logger.warn({ signal: second }, "second stop signal received");
-    agent.abortDrain();
+    logger.warn({ signal: second }, "signal received while stopping");
+    cutShort = true;
+    if (draining) agent.abortDrain();
   };
   process.on("SIGTERM", onSecondSignal);
   process.on("SIGINT", onSecondSignal);
-
-  // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
-  const deadlineMs = options.drainTimeoutMs + STOP_DEADLINE_MS;
-  const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
-  if ((await Promise.race([agent.stop(options.drainTimeoutMs, signal === "hand-over" ? "node handed over to a new agent" : `signal ${signal}`).then(() => "stopped" as const), deadline])) === "timeout") {
-    logger.error({ deadlineMs }, "stopping took too long; exiting with connections still open");
-    agent.releaseLocks();
-    return 1;
+  try {
+    const handOver = signal === "hand-over";
+    const decision = handOver ? { uninstall: false, reason: "node handed over to a new agent" } : await agent.stopDecision();
+    const drainTimeoutMs = cutShort ? 0 : options.drainTimeoutMs;
+    logger.info({ signal, drainTimeoutMs, uninstall: decision.uninstall }, handOver ? "node handed over, stopping" : "signal received, stopping");
+    draining = true;
+    // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
+    const deadlineMs = drainTimeoutMs + STOP_DEADLINE_MS;
+    const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
+    const reason = handOver ? decision.reason : `signal ${signal}${decision.uninstall ? `: ${decision.reason}` : ""}`;
+    const stopped = agent.stop(drainTimeoutMs, reason, decision.uninstall).then(() => "stopped" as const);
+    if ((await Promise.race([stopped, deadline])) === "timeout") {
+      logger.error({ deadlineMs }, "stopping took too long; exiting with connections still open");
+      agent.releaseLocks();
+      return { code: 1, signalled: cutShort };
+    }
+    return { code: 0, signalled: cutShort };
+  } finally {
+    process.off("SIGTERM", onSecondSignal);
+    process.off("SIGINT", onSecondSignal);
   }
-  return 0;
+}
+
+/**
+ * Waits, with everything closed, until SIGTERM or SIGINT after a hand-over (--idle-after-handover),
+ * then returns `code`. A container runtime would restart an agent that exits, and the restarted
+ * agent would take the node back.
+ */
+async function idleUntilSignal(logger: Logger, code: number): Promise<number> {
+  logger.info("node handed over: idle until SIGTERM or SIGINT");
+  // Signal handlers do not keep Node's event loop alive; this timer does.
+  const keepAlive = setInterval(() => undefined, IDLE_TIMER_MS);
+  const signal = await new Promise<string>((resolve) => {
+    process.once("SIGTERM", () => resolve("SIGTERM"));
+    process.once("SIGINT", () => resolve("SIGINT"));
+  });
+  clearInterval(keepAlive);
+  logger.info({ signal }, "signal received while idle after the hand-over, exiting");
+  return code;
 }
 
 if (require.main === module) {

@@ -8,6 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { DataType, load, open } from "ffi-rs";
 import si from "systeminformation";
+import { missingRequiredCapabilities, readEffectiveCapabilities } from "../capture/capabilities";
 import { canonicalPinRoot } from "../capture/pin-lock";
 import { checkHost, type HostProblem } from "../capture/preflight";
 import { isHostSetupFeature, parseCaptureMode, probeCaptureFeatures, type FeatureProbe, type RequestedCaptureMode } from "../capture/probe";
@@ -54,8 +55,6 @@ export interface DoctorOptions {
 const MIN_KERNEL: [number, number] = [5, 15];
 
 /** Capability bit numbers, from linux/capability.h. */
-const CAPABILITIES = { CAP_NET_ADMIN: 12, CAP_NET_RAW: 13, CAP_SYS_PTRACE: 19, CAP_SYS_ADMIN: 21, CAP_BPF: 39 } as const;
-
 /** adjtimex(2): the TIME_ERROR return value and the STA_UNSYNC status bit, from linux/timex.h. */
 const TIME_ERROR = 5;
 const STA_UNSYNC = 0x0040;
@@ -111,7 +110,7 @@ export async function runDoctorChecks(options: DoctorOptions): Promise<DoctorChe
   const features = probeCaptureFeatures(options);
   await run("bpffs", () => hostSetupCheck(features, "bpffs", needsEbpf, "mount bpffs there (mount -t bpf bpf /sys/fs/bpf), or pass a --pin-root under a bpffs mount", `the pin root ${options.pinRoot} is on bpffs`));
   await run("cgroup2", () => hostSetupCheck(features, "cgroup2", needsEbpf, "pass --cgroup with the cgroup v2 mount, such as /sys/fs/cgroup", `${options.cgroupPath} is a cgroup v2 directory`));
-  await run("capabilities", checkCapabilities);
+  await run("capabilities", () => checkCapabilities(options));
   options.onCheck?.("nftables");
   const nftables = nftablesProblems(options);
   const ebpf = ebpfProblems(options, features);
@@ -158,31 +157,40 @@ function hostSetupCheck(features: FeatureProbe[], feature: string, needed: boole
 }
 
 /**
- * Reads CapEff from /proc/self/status. The agent needs CAP_SYS_ADMIN (setns into pods' network
- * namespaces, unshare for the probes), CAP_NET_ADMIN (attaching cgroup, sockops and sk_lookup
- * programs, IP_TRANSPARENT, SO_MARK, routes and nftables in pods' namespaces) and CAP_BPF (maps and
- * programs), which CAP_SYS_ADMIN also grants. CAP_SYS_PTRACE opens /proc/PID/ns/net of
- * other users' processes, the fallback when a runtime keeps no /var/run/netns entry.
+ * Reads the effective capabilities. Besides the ones missingRequiredCapabilities names,
+ * CAP_SYS_PTRACE opens /proc/PID/ns/net of other users' processes, the fallback when a runtime
+ * keeps no /var/run/netns entry, and CAP_DAC_OVERRIDE lets the eBPF probe make its test cgroup
+ * under a cgroup v2 root of mode 0555, as systemd mounts it.
  */
-function checkCapabilities(): Omit<DoctorCheck, "name"> {
-  const status = fs.readFileSync("/proc/self/status", "utf8");
-  const match = /^CapEff:\s*([0-9a-f]+)$/m.exec(status);
-  if (match === null) return { result: "FAIL", message: "no CapEff line in /proc/self/status: cannot tell the capabilities; run on Linux" };
-  const effective = BigInt(`0x${match[1]}`);
-  const has = (name: keyof typeof CAPABILITIES): boolean => (effective & (1n << BigInt(CAPABILITIES[name]))) !== 0n;
+function checkCapabilities(options: DoctorOptions): Omit<DoctorCheck, "name"> {
+  const capabilities = readEffectiveCapabilities();
+  if (capabilities === undefined) return { result: "FAIL", message: "no CapEff line in /proc/self/status: cannot tell the capabilities; run on Linux" };
   const uid = process.getuid?.();
-  const missing: string[] = (["CAP_SYS_ADMIN", "CAP_NET_ADMIN"] as const).filter((name) => !has(name));
-  if (!has("CAP_BPF") && !has("CAP_SYS_ADMIN")) missing.push("CAP_BPF");
+  const missing = missingRequiredCapabilities(capabilities);
   if (uid !== 0 || missing.length > 0) {
     const notRoot = uid === 0 ? "" : `agentctl runs as uid ${uid ?? "unknown"} and the agent must run as root; `;
     const lacking = missing.length === 0 ? "" : `missing ${missing.join(", ")}; `;
-    return { result: "FAIL", message: `${notRoot}${lacking}run the agent as root in a privileged container, or grant CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_BPF` };
+    return { result: "FAIL", message: `${notRoot}${lacking}run the agent as root with CAP_SYS_ADMIN and CAP_NET_ADMIN (the Helm chart grants them)` };
   }
-  if (!has("CAP_SYS_PTRACE")) {
-    return { result: "WARN", message: "missing CAP_SYS_PTRACE: pods whose runtime keeps no /var/run/netns entry cannot be enrolled (their /proc/PID/ns/net cannot be opened); grant CAP_SYS_PTRACE" };
+  const warnings: string[] = [];
+  if (!capabilities.has("CAP_SYS_PTRACE")) {
+    warnings.push("missing CAP_SYS_PTRACE: pods whose runtime keeps no /var/run/netns entry cannot be enrolled (their /proc/PID/ns/net cannot be opened); grant CAP_SYS_PTRACE");
   }
-  const rawNote = has("CAP_NET_RAW") ? "" : " (CAP_NET_RAW is absent, and the agent does not use it)";
-  return { result: "PASS", message: `CAP_SYS_ADMIN, CAP_NET_ADMIN, ${has("CAP_BPF") ? "CAP_BPF" : "CAP_BPF through CAP_SYS_ADMIN"}, CAP_SYS_PTRACE${rawNote}` };
+  if (!capabilities.has("CAP_DAC_OVERRIDE") && !ownerWritable(options.cgroupPath)) {
+    warnings.push(`missing CAP_DAC_OVERRIDE and ${options.cgroupPath} is not writable by its owner: the eBPF probe cannot make its test cgroup, so auto capture falls back to nftables; grant CAP_DAC_OVERRIDE`);
+  }
+  if (warnings.length > 0) return { result: "WARN", message: warnings.join("; ") };
+  const rawNote = capabilities.has("CAP_NET_RAW") ? "" : " (CAP_NET_RAW is absent, and the agent does not use it)";
+  return { result: "PASS", message: `CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE${rawNote}` };
+}
+
+/** Whether `directory`'s mode lets its owner write; true when it cannot be read, so that only a known mode warns. */
+function ownerWritable(directory: string): boolean {
+  try {
+    return (fs.statSync(directory).mode & 0o200) !== 0;
+  } catch {
+    return true;
+  }
 }
 
 /**

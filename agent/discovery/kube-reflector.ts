@@ -131,7 +131,7 @@ export class Reflector {
   readonly synced = new Promise<void>((resolve) => (this.#synced = resolve));
 
   constructor(
-    private readonly client: KubeClient,
+    private readonly client: Pick<KubeClient, "request" | "watch">,
     readonly spec: ResourceSpec,
     private readonly store: ReflectorStore,
     private readonly logger: Logger,
@@ -412,7 +412,7 @@ export class Reflector {
 function describeFailure(spec: ResourceSpec, error: unknown, status: number | undefined): string {
   const detail = (error as Error)?.message ?? String(error);
   if (status === 401) return `the API server refused the agent's credentials for ${spec.path} (401): ${detail}; check the token or kubeconfig`;
-  if (status === 403) return `the agent may not list or watch ${spec.path} (403): ${detail}; grant list and watch on it in the agent's ClusterRole`;
+  if (status === 403) return `the agent may not list or watch ${spec.path} (403): ${detail}; grant list and watch on it to the agent's service account`;
   if (status !== undefined) return `listing or watching ${spec.path} failed (${status}): ${detail}; retrying`;
   return `cannot reach the API server for ${spec.path}: ${detail}; retrying`;
 }

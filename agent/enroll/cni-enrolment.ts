@@ -10,6 +10,7 @@ import type { MeshState } from "../state/mesh-state";
 import type { Workload } from "../state/types";
 import { CniPods } from "./cni-pods";
 import { isAmbient, type EnrollmentSettings } from "./enrollment";
+import { hostProcPath } from "./netns";
 import type { EnrolledWorkload } from "./reconciler";
 
 /** The audit reason of an enrolment that a CNI ADD asked for. */
@@ -48,7 +49,8 @@ export class CniEnrolment {
    * Handles an ADD: resolves once the pod's capture is in place, or at once for a pod outside
    * ambient mode. Throws AgentError CNI_ERROR when the pod is unknown or its capture failed.
    */
-  async add(event: CniPodEvent): Promise<void> {
+  async add(request: CniPodEvent): Promise<void> {
+    const event = onHostProc(request);
     if (!event.podNamespace || !event.podName) return this.addOne(event);
     const uid = `${event.podNamespace}/${event.podName}`;
     const previous = this.adding.get(uid) ?? Promise.resolve();
@@ -101,7 +103,8 @@ export class CniEnrolment {
   }
 
   /** Handles a DEL: drops the sandbox, and unenrolls its pod when the pod was enrolled in it. */
-  async del(event: CniPodEvent): Promise<void> {
+  async del(request: CniPodEvent): Promise<void> {
+    const event = onHostProc(request);
     const known = this.pods.remove(event);
     const uid = event.podNamespace && event.podName ? `${event.podNamespace}/${event.podName}` : undefined;
     const entry = uid === undefined ? undefined : this.host.enrolled(uid);
@@ -130,6 +133,12 @@ export class CniEnrolment {
       await new Promise((resolve) => setTimeout(resolve, POD_POLL_MS));
     }
   }
+}
+
+/** Returns the event with a CNI_NETNS under /proc/ moved into the host's procfs mount, where the agent can open it. */
+function onHostProc(event: CniPodEvent): CniPodEvent {
+  const netns = hostProcPath(event.netns);
+  return netns === event.netns ? event : { ...event, netns };
 }
 
 /** Tells whether two paths open the same network namespace; paths that cannot be read compare as text. */

@@ -1,23 +1,28 @@
 // Finds the network namespace of a pod from its IP address. Container runtimes pin pod
-// namespaces under /var/run/netns (containerd, CRI-O); /proc/<pid>/ns/net covers the rest.
+// namespaces under /var/run/netns (containerd, CRI-O); /proc/<pid>/ns/net covers the rest. The
+// /proc of an agent in a container lists only the container's processes, so the host's procfs is
+// mounted elsewhere (--host-proc, for example /host/proc) and every host process is looked up there.
 import fs from "node:fs";
 import path from "node:path";
 
 import net from "node:net";
 
-import { netnsIpv4Addresses, netnsIpv6Addresses } from "../capture/native";
+import { netnsIpv4Addresses, netnsIpv6Addresses, setProcRoot } from "../capture/native";
 import { createLogger, type Logger } from "../log";
 import { canonicalIp } from "../state/ip";
 
 export interface NetnsRef {
-  /** A path that opens the namespace: /var/run/netns/<name> when one exists, else /proc/<pid>/ns/net. */
+  /** A path that opens the namespace: /var/run/netns/<name> when one exists, else HOST_PROC/<pid>/ns/net. */
   path: string;
   /** Inode number of the namespace in nsfs; equal inodes mean the same namespace. */
   inode: number;
 }
 
 const PINNED_NETNS_DIRECTORY = "/var/run/netns";
-const PROC_DIRECTORY = "/proc";
+/** The default procfs mount, which is also the prefix of the paths that runtimes use to name host processes. */
+export const DEFAULT_HOST_PROC = "/proc";
+/** The host's procfs as mounted where the agent runs; useHostProc() sets it. */
+let hostProc = DEFAULT_HOST_PROC;
 /** How long the addresses read from a namespace are reused; a new pod may get its IP just after its namespace appears. */
 export const ADDRESS_CACHE_TTL_MS = 2000;
 
@@ -29,6 +34,27 @@ interface CachedAddresses {
 /** Addresses read from each namespace, by inode and then by family. */
 const addressCache = new Map<number, Map<4 | 6, CachedAddresses>>();
 let defaultLogger: Logger | undefined;
+
+/**
+ * Makes every lookup of the host's processes, and every per-namespace sysctl that the native
+ * library writes, go through the host's procfs mounted at `dir`. Call it once at start, before
+ * any namespace work.
+ */
+export function useHostProc(dir: string): void {
+  setProcRoot(dir);
+  hostProc = dir;
+}
+
+/**
+ * Translates a path under /proc/ that a container runtime passed (a CNI_NETNS such as
+ * /proc/1234/ns/net, numbered in the host's PID namespace) into the host's procfs mount. Other
+ * paths are returned as they are.
+ */
+export function hostProcPath(netnsPath: string, procDir: string = hostProc): string {
+  const prefix = `${DEFAULT_HOST_PROC}/`;
+  if (procDir === DEFAULT_HOST_PROC || !netnsPath.startsWith(prefix)) return netnsPath;
+  return path.join(procDir, netnsPath.slice(prefix.length));
+}
 
 /**
  * Returns every network namespace, other than the host's and the agent's own, that has `ip` on an interface.
@@ -71,10 +97,13 @@ export function findNetnsByIp(ip: string, logger?: Logger): NetnsRef | undefined
   return matches[0];
 }
 
-/** Lists every namespace once, by inode, skipping the host's (PID 1) and the agent's own. */
+/**
+ * Lists every namespace once, by inode, skipping the host's (PID 1 of the host's procfs) and the
+ * agent's own (which differs from the host's when the agent runs in a pod network).
+ */
 export function listNetns(): NetnsRef[] {
   const excluded = new Set<number>();
-  for (const own of ["/proc/1/ns/net", "/proc/self/ns/net"]) {
+  for (const own of [path.join(hostProc, "1", "ns", "net"), "/proc/self/ns/net"]) {
     const inode = inodeOf(own);
     if (inode !== undefined) excluded.add(inode);
   }
@@ -94,9 +123,9 @@ function pinnedNetnsPaths(): string[] {
 }
 
 function processNetnsPaths(): string[] {
-  return readDirectory(PROC_DIRECTORY)
+  return readDirectory(hostProc)
     .filter((name) => /^\d+$/.test(name))
-    .map((pid) => path.join(PROC_DIRECTORY, pid, "ns", "net"));
+    .map((pid) => path.join(hostProc, pid, "ns", "net"));
 }
 
 function readDirectory(directory: string): string[] {

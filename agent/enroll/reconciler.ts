@@ -128,6 +128,8 @@ export class EnrollmentReconciler {
   /** Set while the node is being handed to a replacement, which then writes capture alone. */
   private frozen = false;
   private stopping: Promise<DrainSummary> | undefined;
+  /** The workloads whose proxies uninstall() drains, which it no longer lists as enrolled. */
+  private draining: EnrolledWorkload[] | undefined;
 
   /** Writes the ports that each workload's annotations exclude from capture. */
   private readonly excludedPorts: ExcludedPortsWriter;
@@ -187,7 +189,7 @@ export class EnrollmentReconciler {
   /** Counts the connections and HBONE streams open now across every enrolled workload. */
   openConnections(): number {
     let open = 0;
-    for (const entry of this.enrolled.values()) open += entry.proxies.openConnections();
+    for (const entry of this.draining ?? this.enrolled.values()) open += entry.proxies.openConnections();
     return open;
   }
 
@@ -211,7 +213,7 @@ export class EnrollmentReconciler {
    */
   stop(graceMs = 0): Promise<DrainSummary> {
     if (this.stopping) {
-      for (const entry of this.enrolled.values()) void this.stopProxies(entry, graceMs);
+      for (const entry of this.draining ?? this.enrolled.values()) void this.stopProxies(entry, graceMs);
       return this.stopping;
     }
     this.stopped = true;
@@ -224,6 +226,33 @@ export class EnrollmentReconciler {
     await this.running;
     const entries = [...this.enrolled.values()];
     return sumDrains(await Promise.all(entries.map((entry) => this.stopProxies(entry, graceMs))));
+  }
+
+  /**
+   * Unenrolls every workload for good, for an agent being uninstalled. The capture entries go
+   * first, so new connections reach the pods directly, and the isolated and ambiguous namespaces
+   * are released. Open connections then drain as in stop(), whose second call shortens the
+   * deadline here too. Last, each pod's transparent-source routing goes and each workload gets
+   * an unenrolled event with `reason`.
+   */
+  uninstall(reason: string, graceMs = 0): Promise<DrainSummary> {
+    if (this.stopping) return this.stopping;
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    this.stopping = this.uninstallAll(reason, graceMs);
+    return this.stopping;
+  }
+
+  private async uninstallAll(reason: string, graceMs: number): Promise<DrainSummary> {
+    await this.running;
+    const entries = [...this.enrolled.values()];
+    this.draining = entries;
+    for (const entry of entries) this.releaseLogged(entry.workload.uid, () => this.releaseCapture(entry));
+    for (const entry of [...this.isolated.values()]) this.releaseLogged(entry.workload.uid, () => this.release(entry));
+    this.ambiguous.releaseUnwanted(new Map(), new Set());
+    const drained = sumDrains(await Promise.all(entries.map((entry) => this.stopProxies(entry, graceMs))));
+    for (const entry of entries) this.finishUnenroll(entry, reason, reason);
+    return drained;
   }
 
   /**
@@ -541,12 +570,35 @@ export class EnrollmentReconciler {
 
   /** Unenrolls the workload; `reason` goes to the log, and `eventReason` to the onEnrollment listener. */
   private async unenroll(entry: EnrolledWorkload, reason: string, eventReason = reason): Promise<void> {
-    this.enrolled.delete(entry.workload.uid);
     // Capture stops first, so that no new connection is steered to listeners that are closing.
+    this.releaseCapture(entry);
+    await this.stopProxies(entry);
+    this.finishUnenroll(entry, reason, eventReason);
+  }
+
+  /**
+   * Runs one release of an uninstall and logs a failure. With eBPF capture the entry left behind
+   * goes with the pinned capture that the agent removes next. With nftables capture the pod keeps
+   * its table and stays closed.
+   */
+  private releaseLogged(uid: string, release: () => void): void {
+    try {
+      release();
+    } catch (error) {
+      this.options.logger.error({ err: error, workload: uid }, "failed to remove the capture entries of a workload");
+    }
+  }
+
+  /** Removes the workload's capture entries and excluded ports. */
+  private releaseCapture(entry: EnrolledWorkload): void {
+    this.enrolled.delete(entry.workload.uid);
     this.options.capture.unenroll(entry.cookie);
     this.detachInbound(entry.cookie, entry.workload);
     this.excludedPorts.remove(entry.workload.uid);
-    await this.stopProxies(entry);
+  }
+
+  /** Removes the pod's transparent-source routing once its proxies stopped, then logs and reports the unenrollment. */
+  private finishUnenroll(entry: EnrolledWorkload, reason: string, eventReason: string): void {
     disableTransparentSource(entry.network, entry.workload, this.options.logger);
     this.options.logger.info({ workload: entry.workload.uid, reason }, "workload unenrolled");
     this.reasons.delete(entry.workload.uid);

@@ -25,6 +25,8 @@ const PATCH_CONCURRENCY = 8;
 /** Delay before failed patches are tried again; it doubles per failure in a row, up to the maximum. */
 const RETRY_DELAY_MS = 2_000;
 const MAX_RETRY_DELAY_MS = 60_000;
+/** How often flush() checks whether the queued patches were sent. */
+const FLUSH_POLL_MS = 20;
 
 interface PendingPatch {
   namespace: string;
@@ -117,6 +119,18 @@ export class RedirectionAnnotator {
   /** Counts the patches not yet written, for status. */
   pending(): number {
     return this.queue.size + this.inFlight.size + this.delayed.size;
+  }
+
+  /**
+   * Waits until every queued patch was sent once (written or failed), or `timeoutMs` passed.
+   * Returns how many patches were not written, failed ones included.
+   */
+  async flush(timeoutMs: number): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    while ((this.queue.size > 0 || this.inFlight.size > 0) && Date.now() < deadline && !this.stopped) {
+      await new Promise((resolve) => setTimeout(resolve, FLUSH_POLL_MS));
+    }
+    return this.pending();
   }
 
   stop(): void {

@@ -61,6 +61,15 @@ export class HandoverServer {
     }
   }
 
+  /**
+   * Closes the connection of the replacement that this agent handed the node over to, which then
+   * takes the node. Call it once this agent released its locks. An agent that exits closes the
+   * connection by exiting; one that stays idle after the hand-over must call this.
+   */
+  closeReleased(): void {
+    if (this.#released) this.#active?.destroy();
+  }
+
   private accept(connection: net.Socket): void {
     let state: SessionState = "idle";
     const splitter = new LineSplitter();

@@ -59,33 +59,31 @@ export interface LogLine {
   [key: string]: unknown;
 }
 
-export class AgentProcess {
+/** What names a followed agent in messages, and where its output is copied. */
+export interface FollowedAgentOptions {
+  node: string;
+  /** Where the agent's log lines are copied, for debugging a failed run. Standard output goes to the same name with .stdout. */
+  logFile: string;
+}
+
+/**
+ * An agent process, however it was started, whose JSON log lines on standard error are collected
+ * as they arrive. stop() and signal() send their signals to the process that `signalTarget`
+ * returns, by default the started process. A launcher that does not pass signals on (a pod
+ * sandbox) names the agent's PID there.
+ */
+export class FollowedAgent<Options extends FollowedAgentOptions = FollowedAgentOptions> {
   readonly lines: LogLine[] = [];
-  private readonly child: ChildProcess;
   private readonly waiters = new Set<() => void>();
   private exited = false;
   private exitStatus: { code: number | null; signal: NodeJS.Signals | null } | undefined;
 
-  constructor(readonly options: AgentProcessOptions) {
-    const args = [
-      `--net=/var/run/netns/${options.nodeNetns}`,
-      "--",
-      process.execPath,
-      ...AGENT_NODE_FLAGS,
-      AGENT_BIN,
-      "run",
-      "--node", options.node,
-      ...(options.kubeconfig ? ["--kubeconfig", options.kubeconfig] : ["--manifests", options.manifestsDir]),
-      // An agent that requests certificates from Istio's CA has no embedded CA.
-      ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
-      "--audit-file", options.auditFile,
-      ...((options.extraArgs ?? []).includes("--audit-spool") ? [] : ["--audit-spool", options.spoolDir]),
-      "--pin-root", options.pinRoot,
-      ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),
-      ...(options.extraArgs ?? []),
-    ];
+  constructor(
+    readonly options: Options,
+    private readonly child: ChildProcess,
+    private readonly signalTarget: () => number | undefined = () => child.pid,
+  ) {
     const log = fs.createWriteStream(options.logFile, { flags: "a" });
-    this.child = spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
     // Standard output goes to a file of its own: it carries the stdout audit sink's records, whose
     // lines must not interleave with the log lines of standard error.
     this.child.stdout!.pipe(fs.createWriteStream(`${options.logFile}.stdout`, { flags: "a" }));
@@ -186,7 +184,7 @@ export class AgentProcess {
   async stop(graceMs = 20_000): Promise<void> {
     if (this.exited) return;
     const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
-    this.child.kill("SIGTERM");
+    this.send("SIGTERM");
     const timer = setTimeout(() => this.child.kill("SIGKILL"), graceMs);
     await exited;
     clearTimeout(timer);
@@ -194,7 +192,21 @@ export class AgentProcess {
 
   /** Sends a signal without waiting, for signals that do not stop the agent (SIGHUP). */
   signal(name: NodeJS.Signals): void {
-    this.child.kill(name);
+    this.send(name);
+  }
+
+  /** Sends `signal` to the signal target. A target that is gone already is no error. */
+  private send(signal: NodeJS.Signals): void {
+    const pid = this.signalTarget();
+    if (pid === undefined || pid === this.child.pid) {
+      this.child.kill(signal);
+      return;
+    }
+    try {
+      process.kill(pid, signal);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ESRCH") throw error;
+    }
   }
 
   /** Kills the agent at once, as a crash would. */
@@ -204,4 +216,32 @@ export class AgentProcess {
     this.child.kill("SIGKILL");
     await exited;
   }
+}
+
+/** A real `ambient-agent run` process inside a node's network namespace. */
+export class AgentProcess extends FollowedAgent<AgentProcessOptions> {
+  constructor(options: AgentProcessOptions) {
+    super(options, spawnAgent(options));
+  }
+}
+
+function spawnAgent(options: AgentProcessOptions): ChildProcess {
+  const args = [
+    `--net=/var/run/netns/${options.nodeNetns}`,
+    "--",
+    process.execPath,
+    ...AGENT_NODE_FLAGS,
+    AGENT_BIN,
+    "run",
+    "--node", options.node,
+    ...(options.kubeconfig ? ["--kubeconfig", options.kubeconfig] : ["--manifests", options.manifestsDir]),
+    // An agent that requests certificates from Istio's CA has no embedded CA.
+    ...((options.extraArgs ?? []).includes("--ca-address") ? [] : ["--ca-dir", options.caDir]),
+    "--audit-file", options.auditFile,
+    ...((options.extraArgs ?? []).includes("--audit-spool") ? [] : ["--audit-spool", options.spoolDir]),
+    "--pin-root", options.pinRoot,
+    ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),
+    ...(options.extraArgs ?? []),
+  ];
+  return spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
 }

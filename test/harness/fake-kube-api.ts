@@ -1,8 +1,9 @@
 // A fake Kubernetes API server for the tests, because no real one can run on the test machine. It
-// serves list, watch, GET and PATCH for namespaces, pods, services, endpointslices and the
-// security.istio.io policies over HTTP or HTTPS with the wire format of the real server, so
-// @kubernetes/client-node, client-go and kubectl can all talk to it. The test changes the
-// objects directly (put, remove, patchLabels) and can simulate compaction, restarts and outages.
+// serves list, watch, GET and PATCH for namespaces, pods, services, endpointslices, the
+// security.istio.io policies and apps/v1 daemonsets over HTTP or HTTPS with the wire format of the
+// real server, so @kubernetes/client-node, client-go and kubectl can all talk to it. The test changes
+// the objects directly (put, remove, patchLabels) and can simulate compaction, restarts, outages and
+// revoked permissions.
 
 import fs from "node:fs";
 import http from "node:http";
@@ -72,6 +73,7 @@ export class FakeKubeApi {
   readonly #sockets = new Set<net.Socket>();
   readonly #netnsListeners: NetnsListener[] = [];
   #outage = false;
+  #refusal: 401 | 403 | undefined;
 
   private constructor(options: FakeKubeApiOptions, ca: FakeKubeCa | undefined, server: (handler: http.RequestListener) => http.Server) {
     this.token = options.token;
@@ -168,6 +170,15 @@ export class FakeKubeApi {
     for (const watch of [...this.#watches]) watch.end();
   }
 
+  /**
+   * Refuses every new request with `status` until called with undefined, as the real API server
+   * does once a client's ServiceAccount (401) or RBAC objects (403) are deleted. Open watch streams
+   * go on, because the real server authorizes a watch only when it opens.
+   */
+  refuseRequests(status: 401 | 403 | undefined): void {
+    this.#refusal = status;
+  }
+
   /** Number of watch streams open now. */
   openWatches(): number {
     return this.#watches.size;
@@ -225,7 +236,7 @@ export class FakeKubeApi {
 
   #resource(name: string): ResourceType {
     const type = resourceByName(name);
-    if (!type) throw new Error(`unknown resource "${name}": use namespaces, pods, services, endpointslices, authorizationpolicies or peerauthentications`);
+    if (!type) throw new Error(`unknown resource "${name}": use namespaces, pods, services, endpointslices, authorizationpolicies, peerauthentications or daemonsets`);
     return type;
   }
 
@@ -234,8 +245,13 @@ export class FakeKubeApi {
   #handle(request: http.IncomingMessage, response: http.ServerResponse): void {
     const url = new URL(request.url ?? "/", "http://fake-kube-api");
     this.#record(request.method ?? "", url);
-    if (this.token !== undefined && request.headers.authorization !== `Bearer ${this.token}`) {
+    const badToken = this.token !== undefined && request.headers.authorization !== `Bearer ${this.token}`;
+    if (badToken || this.#refusal === 401) {
       send(response, errorReply(401, "Unauthorized", "Unauthorized"));
+      return;
+    }
+    if (this.#refusal === 403) {
+      send(response, errorReply(403, "Forbidden", `${request.method} ${url.pathname} is forbidden: the client's RBAC objects were deleted`));
       return;
     }
     try {

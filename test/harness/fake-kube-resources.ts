@@ -4,7 +4,7 @@
 import type { FieldReader, KubeObject } from "./fake-kube-selectors";
 
 /** Plural resource names, as they appear in request paths. */
-export type ResourceName = "namespaces" | "pods" | "services" | "endpointslices" | "authorizationpolicies" | "peerauthentications";
+export type ResourceName = "namespaces" | "pods" | "services" | "endpointslices" | "authorizationpolicies" | "peerauthentications" | "daemonsets";
 
 export interface ResourceType {
   name: ResourceName;
@@ -61,6 +61,8 @@ export const RESOURCES: readonly ResourceType[] = [
   resource("endpointslices", "discovery.k8s.io", "EndpointSlice", true),
   resource("authorizationpolicies", "security.istio.io", "AuthorizationPolicy", true),
   resource("peerauthentications", "security.istio.io", "PeerAuthentication", true),
+  // Read by an agent with --daemonset, to tell an uninstall from a restart.
+  resource("daemonsets", "apps", "DaemonSet", true),
 ];
 
 /** Returns "v1" for the core group and "group/version" otherwise. */

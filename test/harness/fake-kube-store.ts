@@ -86,7 +86,7 @@ export class KubeStore {
    */
   put(input: KubeObject): KubeObject {
     const type = resourceOfObject(input);
-    if (!type) throw new Error(`cannot store kind ${input.kind} of apiVersion ${input.apiVersion}: the fake API server serves only namespaces, pods, services, endpointslices, authorizationpolicies and peerauthentications`);
+    if (!type) throw new Error(`cannot store kind ${input.kind} of apiVersion ${input.apiVersion}: the fake API server serves only namespaces, pods, services, endpointslices, authorizationpolicies, peerauthentications and daemonsets`);
     if (!input.metadata?.name) throw new Error(`cannot store a ${input.kind} without metadata.name`);
 
     const object = structuredClone(input) as KubeObject & { metadata: Record<string, unknown> };

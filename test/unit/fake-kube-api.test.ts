@@ -481,6 +481,29 @@ test("requests without the token get 401", async (t) => {
   t.deepEqual(api.requests.at(-1), { method: "GET", path: "/api/v1/pods", query: {} });
 });
 
+test("refused requests leave open watches", async (t) => {
+  const api = await started(t);
+  const daemonSet = { apiVersion: "apps/v1", kind: "DaemonSet", metadata: { name: "agent", namespace: "mesh" }, spec: {} };
+  api.put(daemonSet);
+  api.put({ ...daemonSet, metadata: { name: "other", namespace: "mesh" } });
+  const watch = await Recorder.start(kubeConfigFor(api), "/apis/apps/v1/namespaces/mesh/daemonsets", { fieldSelector: "metadata.name=agent" });
+  t.teardown(() => watch.stop());
+  t.deepEqual((await watch.waitFor(1)).map((event) => `${event.type} ${event.object.metadata.name}`), ["ADDED agent"]);
+
+  api.refuseRequests(403);
+  const forbidden = await request(api, "/apis/apps/v1/namespaces/mesh/daemonsets/agent");
+  t.is(forbidden.status, 403);
+  t.is(JSON.parse(forbidden.body).reason, "Forbidden");
+  api.remove("daemonsets", "mesh", "other");
+  api.remove("daemonsets", "mesh", "agent");
+  t.deepEqual((await watch.waitFor(2)).map((event) => `${event.type} ${event.object.metadata.name}`), ["ADDED agent", "DELETED agent"]);
+
+  api.refuseRequests(401);
+  t.is((await request(api, "/apis/apps/v1/namespaces/mesh/daemonsets")).status, 401);
+  api.refuseRequests(undefined);
+  t.is((await request(api, "/apis/apps/v1/namespaces/mesh/daemonsets")).status, 200);
+});
+
 test("outage resets connections and recovery works", async (t) => {
   const api = await started(t);
   api.put(pod("a"));
@@ -538,7 +561,7 @@ test("discovery documents", async (t) => {
   t.is((await getJson(api, "/version")).major, "1");
   t.deepEqual((await getJson(api, "/api")).versions, ["v1"]);
   const groups = (await getJson(api, "/apis")).groups.map((group: any) => group.name).sort();
-  t.deepEqual(groups, ["discovery.k8s.io", "security.istio.io"]);
+  t.deepEqual(groups, ["apps", "discovery.k8s.io", "security.istio.io"]);
   const core = await getJson(api, "/api/v1");
   t.true(core.resources.some((entry: any) => entry.name === "pods" && entry.namespaced && entry.verbs.includes("watch")));
 });

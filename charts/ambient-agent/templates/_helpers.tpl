@@ -1,0 +1,163 @@
+{{/*
+Application name: the chart's name unless nameOverride replaces it.
+*/}}
+{{- define "ambient-agent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Name of every object of the release: fullnameOverride, else the release name when it already contains the
+application name, else "<release>-<application name>". Kubernetes limits label values and many names to 63
+characters.
+*/}}
+{{- define "ambient-agent.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "ambient-agent.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Labels that select the agent's pods. They never change across upgrades, because a DaemonSet's selector is immutable.
+*/}}
+{{- define "ambient-agent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ambient-agent.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/*
+Labels of every object of the release.
+*/}}
+{{- define "ambient-agent.labels" -}}
+{{ include "ambient-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+app.kubernetes.io/part-of: ambient-agent
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" | quote }}
+{{- end -}}
+
+{{/*
+Image reference: repository@digest when a digest is given, else repository:tag with the appVersion as default tag.
+*/}}
+{{- define "ambient-agent.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The embedded CA mode: true when ca.secretName names the CA's Secret, false for istiod's CA.
+*/}}
+{{- define "ambient-agent.embeddedCa" -}}
+{{- if .Values.ca.secretName -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Checks the combinations of values that values.schema.json cannot express clearly, and fails with the values'
+names and the fix.
+*/}}
+{{- define "ambient-agent.validate" -}}
+{{- $ca := .Values.ca -}}
+{{- if and $ca.address $ca.secretName -}}
+{{- fail (printf "ca.address (%q) and ca.secretName (%q) are both set: set ca.address for istiod's CA, or ca.secretName for the embedded CA and ca.address to \"\"" $ca.address $ca.secretName) -}}
+{{- end -}}
+{{- if not (or $ca.address $ca.secretName) -}}
+{{- fail "ca.address and ca.secretName are both empty: set ca.address to istiod's CA (for example istiod.istio-system.svc:15012), or ca.secretName to a Secret made from `agentctl ca init`" -}}
+{{- end -}}
+{{- if and $ca.secretName $ca.serverName -}}
+{{- fail (printf "ca.serverName (%q) applies to istiod's CA only, but ca.secretName selects the embedded CA: set ca.serverName to \"\"" $ca.serverName) -}}
+{{- end -}}
+{{- if has "none" .Values.excludedNamespaces -}}
+{{- fail "excludedNamespaces contains \"none\", but the release namespace is always excluded: give [] to exclude the release namespace only" -}}
+{{- end -}}
+{{- if and (not .Values.audit.file.enabled) (empty .Values.audit.sinks) -}}
+{{- fail "audit.file.enabled is false and audit.sinks is empty: the agent needs an audit destination, so enable the file or add a sink such as stdout" -}}
+{{- end -}}
+{{- $stopSeconds := add1 (add 10 (ceil .Values.drainTimeoutSeconds)) -}}
+{{- if lt (float64 .Values.terminationGracePeriodSeconds) (float64 $stopSeconds) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least %v: the agent's stop may take drainTimeoutSeconds (%v) plus 10 s before it exits" .Values.terminationGracePeriodSeconds $stopSeconds .Values.drainTimeoutSeconds) -}}
+{{- end -}}
+{{- if and .Values.cni.enabled (not (has .Values.hostPaths.run (list "/run/ambient-agent" "/var/run/ambient-agent"))) -}}
+{{- fail (printf "hostPaths.run (%q) must be /run/ambient-agent or /var/run/ambient-agent while cni.enabled is true: the CNI plugin on the host dials /var/run/ambient-agent/cni.sock" .Values.hostPaths.run) -}}
+{{- end -}}
+{{- range .Values.securityContext.extraCapabilities -}}
+{{- if hasPrefix "CAP_" . -}}
+{{- fail (printf "securityContext.extraCapabilities lists %q: give it without the CAP_ prefix (%s), as Kubernetes names capabilities" . (trimPrefix "CAP_" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The agent's configuration file: the long option names of `ambient-agent run` without the dashes, and their values.
+toYaml quotes every value, so no value can add keys.
+*/}}
+{{- define "ambient-agent.config" -}}
+{{- $v := .Values -}}
+{{- $config := dict
+  "kubernetes" true
+  "host-proc" "/host/proc"
+  "cgroup" "/host/sys/fs/cgroup"
+  "replace" true
+  "idle-after-handover" true
+  "daemonset" (printf "%s/%s" .Release.Namespace (include "ambient-agent.fullname" .))
+  "excluded-namespaces" (uniq (concat $v.excludedNamespaces (list .Release.Namespace)))
+  "root-namespace" $v.rootNamespace
+  "trust-domain" $v.trustDomain
+  "capture" $v.capture.mode
+  "cert-ttl" $v.certTtlSeconds
+  "audit-fsync" $v.audit.fsync
+  "drain-timeout" $v.drainTimeoutSeconds
+  "log-level" $v.logging.level
+  "log-format" $v.logging.format
+-}}
+{{- if $v.capture.transparentSource -}}
+{{- $_ := set $config "transparent-source" true -}}
+{{- else -}}
+{{- $_ := set $config "no-transparent-source" true -}}
+{{- end -}}
+{{- with $v.trustDomainAliases -}}
+{{- $_ := set $config "trust-domain-alias" . -}}
+{{- end -}}
+{{- with $v.probeSource -}}
+{{- $_ := set $config "probe-source" . -}}
+{{- end -}}
+{{- if $v.cni.enabled -}}
+{{- $_ := set $config "cni-conf-dir" "/host/etc/cni/net.d" -}}
+{{- $_ := set $config "cni-bin-dir" "/host/opt/cni/bin" -}}
+{{- $_ := set $config "cni-timeout" $v.cni.timeoutSeconds -}}
+{{- end -}}
+{{- if include "ambient-agent.embeddedCa" . -}}
+{{- $_ := set $config "ca-dir" "/etc/ambient-agent/ca" -}}
+{{- else -}}
+{{- $_ := set $config "ca-address" $v.ca.address -}}
+{{- $_ := set $config "ca-root-cert" "/var/run/secrets/istio/root-cert.pem" -}}
+{{- $_ := set $config "ca-token-file" "/var/run/secrets/tokens/istio-token" -}}
+{{- $_ := set $config "cluster-id" $v.ca.clusterId -}}
+{{- with $v.ca.serverName -}}
+{{- $_ := set $config "ca-server-name" . -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.audit.file.enabled -}}
+{{- $_ := set $config "audit-file" "/var/log/ambient-agent/audit.log" -}}
+{{- $_ := set $config "audit-file-max-size" $v.audit.file.maxSize -}}
+{{- $_ := set $config "audit-file-max-age" $v.audit.file.maxAge -}}
+{{- $_ := set $config "audit-file-max-files" $v.audit.file.maxFiles -}}
+{{- else -}}
+{{- $_ := set $config "audit-file" "none" -}}
+{{- end -}}
+{{- with $v.audit.sinks -}}
+{{- $_ := set $config "audit-sink" . -}}
+{{- end -}}
+{{- with $v.audit.redact -}}
+{{- $_ := set $config "audit-redact" . -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}

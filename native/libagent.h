@@ -203,6 +203,15 @@ int aa_sk_lookup_test_run(const char *program_pin_path, int family, int protocol
 			  const unsigned char *remote_ip, int remote_port,
 			  const unsigned char *local_ip, int local_port, unsigned char *result_out);
 
+/*
+ * Places a flock(2) lock on the open file fd: exclusive when exclusive != 0, shared otherwise.
+ * With nonblocking != 0 it fails at once with -EWOULDBLOCK while another open file description
+ * holds a conflicting lock; otherwise it waits. The lock belongs to fd's open file description and
+ * is released when the last descriptor of it closes, also when the process dies, whatever PID
+ * namespace the holder runs in. Returns 0.
+ */
+int aa_flock(int fd, int exclusive, int nonblocking);
+
 /* Closes a file descriptor returned by this library. */
 int aa_close(int fd);
 

@@ -367,6 +367,19 @@ export function closeFd(fd: number): void {
   check(call("aa_close", [DataType.I32], [fd]), `closing fd ${fd}`, "This is a bug in the agent.");
 }
 
+/**
+ * Places an exclusive or a shared flock(2) lock on the open file `fd` without waiting. Returns
+ * false when another open file description holds a conflicting lock. The kernel releases the lock
+ * when the last descriptor of this open file description closes or the process dies, whatever PID
+ * namespace the holder runs in. `file` names the file in errors.
+ */
+export function tryFlock(fd: number, mode: "exclusive" | "shared", file: string): boolean {
+  const result = call("aa_flock", [DataType.I32, DataType.I32, DataType.I32], [fd, mode === "exclusive" ? 1 : 0, 1]);
+  if (result === -os.constants.errno.EWOULDBLOCK) return false;
+  check(result, `taking a ${mode} flock on ${file}`, "Keep the lock folder on a local file system that supports flock(2), such as tmpfs under /run.");
+  return true;
+}
+
 /** Buffer for an address from aa_original_dst: INET6_ADDRSTRLEN (46) and room to spare. */
 const ORIGINAL_DESTINATION_BUFFER_SIZE = 64;
 

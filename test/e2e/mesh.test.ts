@@ -418,7 +418,7 @@ test.serial("second agent for a node is rejected", async (t) => {
     { encoding: "utf8", timeout: 20_000 },
   );
   t.is(second.status, 1, second.stderr);
-  t.regex(second.stderr, /another agent \(PID \d+\) already serves the node node1/);
+  t.regex(second.stderr, /another agent \(PID \d+ in its own PID namespace\) already serves the node node1/);
   t.false(fs.existsSync(`${c.pinRoot("node1")}-second`), "the second agent attached capture before it gave up");
   t.true(first.running);
 

@@ -5,7 +5,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { LOCK_DIRECTORY, lockFileOf } from "../../agent/capture/pin-lock";
+import { LOCK_DIRECTORY, lockFileHolder, lockFileOf } from "../../agent/capture/pin-lock";
 import { AGENTCTL_BIN, AgentProcess } from "./agent-process";
 import { endLeftoverProcesses, ownedByLiveRun, registerPid } from "./pid-registry";
 import { namespaceYaml, podsYaml, writeManifest, type NamespaceSpec } from "./manifests";
@@ -70,8 +70,9 @@ export function removeLeftovers(prefixFamily: string): void {
 }
 
 /**
- * Deletes the pin-root lock files of a crashed run's agents. An agent treats a lock whose holder is
- * dead as stale anyway; this keeps /run/ambient-agent from filling up with them.
+ * Deletes the pin-root lock files of a crashed run's agents. The kernel released their flock locks
+ * when the agents died, and an agent reuses such a file anyway; this keeps /run/ambient-agent from
+ * filling up with them.
  */
 function removeStaleLocks(prefixFamily: string): void {
   if (!fs.existsSync(LOCK_DIRECTORY)) return;
@@ -79,17 +80,7 @@ function removeStaleLocks(prefixFamily: string): void {
   for (const name of fs.readdirSync(LOCK_DIRECTORY)) {
     if (!name.startsWith(marker)) continue;
     const file = path.join(LOCK_DIRECTORY, name);
-    const holder = Number(fs.readFileSync(file, "utf8").trim());
-    if (!Number.isInteger(holder) || holder <= 0 || !processRuns(holder)) fs.rmSync(file, { force: true });
-  }
-}
-
-function processRuns(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
+    if (lockFileHolder(file) === undefined) fs.rmSync(file, { force: true });
   }
 }
 
@@ -280,12 +271,10 @@ export class Cluster {
     ]);
   }
 
-  /** Removes lock files whose agent is gone; a live holder keeps its lock. */
+  /** Removes lock files that no process holds; a live holder keeps its lock. */
   private removeStaleLocks(): void {
     for (const file of this.lockFiles()) {
-      if (!fs.existsSync(file)) continue;
-      const holder = Number(fs.readFileSync(file, "utf8").trim());
-      if (!fs.existsSync(`/proc/${holder}`)) fs.rmSync(file, { force: true });
+      if (lockFileHolder(file) === undefined) fs.rmSync(file, { force: true });
     }
   }
 

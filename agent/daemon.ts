@@ -31,10 +31,12 @@ import { LOCK_DIRECTORY, PinRootLock } from "./capture/pin-lock";
 import type { CaptureSelection, RequestedCaptureMode } from "./capture/probe";
 import { Predecessor } from "./handover/client";
 import { handoverSocketPath } from "./handover/protocol";
-import { HandoverServer } from "./handover/server";
-import { HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeOver } from "./handover/takeover";
+import { HandoverServer, preparedTimeoutFromEnvironment } from "./handover/server";
+import { EXIT_MARGIN_MS, HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeLocksWhenFree, takeOver } from "./handover/takeover";
 import { HostNotReadyError, capabilityProblems, checkHost } from "./capture/preflight";
 import { attachCapture, selectCapture, setProbeSources } from "./capture/setup";
+import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
+import { ProbeSnat } from "./capture/nft/probe-snat";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
@@ -59,9 +61,10 @@ import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
 import { inboundServiceOf } from "./state/destination-service";
 import { EndpointPicker } from "./state/endpoints";
+import { workloadIps } from "./state/ip";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
-import { removeCniEntry, removePinnedCapture, UninstallCheck, type DaemonSetRef, type StopDecision } from "./uninstall";
+import { removeCniEntry, removePinnedCapture, removeProbeSnatTable, UninstallCheck, type DaemonSetRef, type StopDecision } from "./uninstall";
 import { agentVersion } from "./version";
 
 /** The reason of the workload.unenrolled records that an uninstall writes. */
@@ -108,6 +111,15 @@ export interface AgentOptions {
    * application. Default DEFAULT_PROBE_SOURCES. An empty list exempts no source.
    */
   probeSources?: readonly string[];
+  /**
+   * Whether to keep the probe SNAT table in the host network namespace (agent/capture/nft/probe-snat.ts),
+   * which rewrites the source of the host's connections to enrolled pods, the kubelet's probes among
+   * them, to the first IPv4 and IPv6 probe source. Without it, a table an earlier run left is
+   * removed at start. Default false.
+   */
+  probeSnat?: boolean;
+  /** The host's network namespace, where the probe SNAT table lives. Default HOST_PROC/1/ns/net. */
+  hostNetns?: string;
   /**
    * Whether the inbound proxies connect to applications from the client's address, so that the
    * applications' peer address is the real client. Default true.
@@ -159,6 +171,10 @@ export class Agent {
   /** Set by abortStart(): start() then stops at its next step. */
   private startAborted = false;
   private capture: CaptureBackend | undefined;
+  /** The probe SNAT table with --probe-snat. */
+  private probeSnat: ProbeSnat | undefined;
+  /** Set while an update of the probe SNAT table's addresses waits for the current burst of enrolments to end. */
+  private probeSnatUpdatePending = false;
   private captureSelection: CaptureSelection | undefined;
   private audit: AuditPipeline | undefined;
   private reconciler: EnrollmentReconciler | undefined;
@@ -227,18 +243,22 @@ export class Agent {
       hostProc: this.options.hostProc ?? DEFAULT_HOST_PROC,
     });
     if (problems.length > 0) throw new HostNotReadyError(problems);
-    // A replacement takes the locks and the admin port only once the agent it replaces exits.
-    const predecessor = this.options.replace ? await this.contactPredecessor() : undefined;
+    const preparedTimeoutMs = preparedTimeoutFromEnvironment();
+    // The locks are flock(2) locks, taken through the native library.
+    loadNative();
+    // A replacement takes the locks and the admin port only once the agent it replaces exits. It
+    // requests the hand-over only once it can enrol at once, because a prepared agent enrols and
+    // unenrols nothing. Until then it only checks whether an agent runs.
+    const agentRuns = this.options.replace ? await this.probePredecessor() : false;
     this.checkAborted();
     // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
     // because the spool and the audit file take one writer at a time.
     this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
     this.registerMetrics();
-    if (!predecessor) {
+    if (!agentRuns) {
       this.takeLocks();
       await this.startAudit();
     }
-    loadNative();
     useHostProc(this.options.hostProc ?? DEFAULT_HOST_PROC);
 
     this.identity = await startIdentity(this.options.identity, this.logger);
@@ -265,7 +285,7 @@ export class Agent {
     };
     this.servers.create(routes, sources.logLevels);
     // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
-    if (!predecessor) await this.servers.start();
+    if (!agentRuns) await this.servers.start();
     this.checkAborted();
 
     await this.source.start();
@@ -273,6 +293,10 @@ export class Agent {
     this.state = new MeshState(this.source.snapshot());
     this.warnings.check(this.state);
     this.recordPolicyChanges(undefined, this.state);
+
+    const predecessor = agentRuns ? await this.contactPredecessor() : undefined;
+    this.checkAborted();
+    if (agentRuns && !predecessor) await this.startAfterStoppedAgent();
 
     this.capture = attachCapture(selection, this.options, this.logger);
     setProbeSources(this.capture, this.options, this.logger);
@@ -286,9 +310,11 @@ export class Agent {
       onEnrollment: (event) => {
         this.audit?.write(workloadRecord(event, this.options.node, new Date().toISOString()));
         this.scheduleEnrolledSave();
+        this.scheduleProbeSnatUpdate();
       },
     });
     const previous = [...this.enrolledFile.load().values()];
+    this.startProbeSnat(previous);
     this.enrolledAtStart = new Set(previous.map((record) => record.workload.uid));
     this.restoreSandboxes(previous);
     NetnsPodNetwork.shareNewListeners = predecessor !== undefined;
@@ -297,6 +323,8 @@ export class Agent {
     if (predecessor) await this.takeOverFrom(predecessor);
     this.checkAborted();
     this.releaseStale(this.reconciler.removeStaleCookies());
+    // The table holds the previous agent's pods until now, when this agent's are known.
+    this.probeSnat?.update(this.enrolledAddresses());
     this.enrolledAtStart = new Set();
     this.saveEnrolled();
     this.syncAnnotations();
@@ -315,6 +343,7 @@ export class Agent {
       handoverSocketPath(this.options.node),
       handoverHandlers(this.reconciler, this.capture, this.options.drainTimeoutMs ?? 0, () => this.#handOver(), this.logger.child({ component: "handover" })),
       this.logger.child({ component: "handover" }),
+      preparedTimeoutMs,
     );
     this.checkAborted();
     this.logger.info(
@@ -371,7 +400,11 @@ export class Agent {
     await Promise.all([this.source?.stop(), this.uninstallCheck?.stop()]);
     await this.servers.stop();
     this.capture?.close();
-    if (uninstall) removePinnedCapture(this.options.pinRoot, this.logger.child({ component: "capture" }));
+    this.probeSnat?.close();
+    if (uninstall) {
+      removePinnedCapture(this.options.pinRoot, this.logger.child({ component: "capture" }));
+      removeProbeSnatTable(this.hostNetns(), this.logger.child({ component: "capture" }));
+    }
     this.identity?.close();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
     await this.audit?.close();
@@ -437,6 +470,7 @@ export class Agent {
       admin: this.options.adminAddress,
       drain_timeout_ms: this.options.drainTimeoutMs ?? 0,
       replace: this.options.replace ?? false,
+      probe_snat: this.options.probeSnat ?? false,
       audit: {
         file: audit.file?.path,
         sinks: this.audit?.status().sinks.map((sink) => sink.name),
@@ -447,11 +481,18 @@ export class Agent {
     };
   }
 
+  /** Takes the node, pin-root, spool and audit file locks, or none of them: a failure releases the ones taken. */
   private takeLocks(): void {
-    this.nodeLock = PinRootLock.acquireNode(this.options.node);
-    this.lock = PinRootLock.acquire(this.options.pinRoot);
-    this.spoolLock = PinRootLock.acquireSpool(this.options.audit.spoolDir);
-    if (this.options.audit.file) this.auditFileLock = PinRootLock.acquireAuditFile(this.options.audit.file.path);
+    try {
+      this.nodeLock = PinRootLock.acquireNode(this.options.node);
+      this.lock = PinRootLock.acquire(this.options.pinRoot);
+      this.spoolLock = PinRootLock.acquireSpool(this.options.audit.spoolDir);
+      if (this.options.audit.file) this.auditFileLock = PinRootLock.acquireAuditFile(this.options.audit.file.path);
+    } catch (error) {
+      this.releaseLocks();
+      this.nodeLock = this.lock = this.spoolLock = this.auditFileLock = undefined;
+      throw error;
+    }
   }
 
   /** Registers the audit metrics, the Istio TCP metrics, the agent's own metrics and the process metrics. */
@@ -472,19 +513,43 @@ export class Agent {
     });
   }
 
-  /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when no agent runs. */
+  /** Tells whether an agent serves the node now, without asking it for anything. */
+  private async probePredecessor(): Promise<boolean> {
+    const socketPath = handoverSocketPath(this.options.node);
+    const agentRuns = await Predecessor.probe(socketPath, HANDOVER_REPLY_TIMEOUT_MS);
+    if (agentRuns) {
+      this.logger.info({ socket: socketPath }, "an agent serves the node: requesting the hand-over once this agent can enrol the node's pods");
+    } else {
+      this.logger.info({ socket: socketPath }, "no running agent to replace: starting normally");
+    }
+    return agentRuns;
+  }
+
+  /** Asks the agent that serves the node to prepare a hand-over. Returns undefined when that agent has stopped since the probe. */
   private async contactPredecessor(): Promise<Predecessor | undefined> {
     const socketPath = handoverSocketPath(this.options.node);
     const predecessor = await Predecessor.contact(socketPath, HANDOVER_REPLY_TIMEOUT_MS, this.logger.child({ component: "handover" }));
     if (predecessor) {
       this.logger.info({ predecessor: predecessor.pid, enrolled: predecessor.enrolled.length, socket: socketPath }, "replacing the running agent: starting listeners next to its own");
-    } else {
-      this.logger.info({ socket: socketPath }, "no running agent to replace: starting normally");
     }
     return predecessor;
   }
 
-  /** Hands the node over from the predecessor, then takes its locks and its admin port. */
+  /**
+   * Starts as without --replace once the agent that served the node has stopped before the
+   * hand-over: takes the locks once that agent released them, then starts audit and the servers.
+   * That agent's drain timeout is unknown here, so this agent waits for as long as its own would take.
+   * The locks are flock(2) locks, so a draining agent in another pod's PID namespace holds them too.
+   */
+  private async startAfterStoppedAgent(): Promise<void> {
+    const timeoutMs = (this.options.drainTimeoutMs ?? 0) + EXIT_MARGIN_MS;
+    this.logger.info({ timeoutMs }, "the running agent stopped before the hand-over: starting normally once its locks are free");
+    await takeLocksWhenFree(() => this.takeLocks(), timeoutMs, "the agent that served the node stopped before the hand-over");
+    await this.startAudit();
+    await this.servers.rebind();
+  }
+
+  /** Hands the node over from the predecessor, then takes its locks, starts audit and binds the servers' ports. */
   private async takeOverFrom(predecessor: Predecessor): Promise<void> {
     await takeOver({
       predecessor,
@@ -492,9 +557,9 @@ export class Agent {
       capture: this.capture!,
       wanted: this.desiredWorkloads(this.state!).map((workload) => workload.uid),
       drainTimeoutMs: this.options.drainTimeoutMs ?? 0,
+      takeLocks: () => this.takeLocks(),
       logger: this.logger.child({ component: "handover" }),
     });
-    this.takeLocks();
     await this.startAudit();
     await this.servers.rebind();
   }
@@ -577,6 +642,44 @@ export class Agent {
     if (this.conflicted.has(now.uid)) return "another pod of this node has its IP";
     const decision = enrollmentDecision(this.state!, now, this.enrollmentSettings());
     return decision.enrolled ? "its sandbox was replaced" : decision.reason;
+  }
+
+  /** Returns the path of the host's network namespace: --host-netns, else the one of the host's PID 1. */
+  private hostNetns(): string {
+    return this.options.hostNetns ?? path.join(this.options.hostProc ?? DEFAULT_HOST_PROC, "1", "ns", "net");
+  }
+
+  /**
+   * With --probe-snat, writes the probe SNAT table with the addresses of the pods that the previous
+   * agent had enrolled, which the first enrolment then replaces. Without it, removes a table that
+   * an earlier run left. A failure is logged and never stops the start.
+   */
+  private startProbeSnat(previous: readonly EnrolledRecord[]): void {
+    const logger = this.logger.child({ component: "capture" });
+    if (!this.options.probeSnat) {
+      removeProbeSnatTable(this.hostNetns(), logger);
+      return;
+    }
+    this.probeSnat = new ProbeSnat({ hostNetns: this.hostNetns(), probeSources: this.options.probeSources ?? DEFAULT_PROBE_SOURCES, logger });
+    this.probeSnat.install(previous.flatMap((record) => workloadIps(record.workload)));
+  }
+
+  /** Returns the addresses of the enrolled workloads, every family. */
+  private enrolledAddresses(): string[] {
+    return (this.reconciler?.list() ?? []).flatMap((entry) => workloadIps(entry.workload));
+  }
+
+  /**
+   * Updates the probe SNAT table's addresses once the current burst of enrolments is over, in one
+   * nftables transaction. Nothing changes once the agent stops: the table keeps its pods.
+   */
+  private scheduleProbeSnatUpdate(): void {
+    if (this.probeSnat === undefined || this.probeSnatUpdatePending) return;
+    this.probeSnatUpdatePending = true;
+    setImmediate(() => {
+      this.probeSnatUpdatePending = false;
+      if (!this.stopping) this.probeSnat?.update(this.enrolledAddresses());
+    });
   }
 
   /** Saves the enrolled set soon, once a burst of enrolments is over. */
@@ -807,6 +910,7 @@ export class Agent {
       captureAttached: () => this.capture !== undefined,
       captureUsage: () => this.capture?.usage(),
       captureEntries: () => captureEntriesOf(this.capture, this.options.pinRoot),
+      probeSnat: () => this.probeSnat?.status(),
       kubernetes: () => this.kube?.health(),
       cni: () => (this.options.cni ? (this.cni?.chain.status() ?? { chained: false, outcome: "not started" }) : undefined),
       problems: () => this.source?.problems() ?? [],

@@ -13,6 +13,8 @@ export class Predecessor {
   readonly #replies: HandoverMessage[] = [];
   readonly #waiters = new Set<() => void>();
   #closed = false;
+  /** The reason this agent closed the connection itself, on an invalid reply. */
+  #invalidReply: Error | undefined;
   readonly #exited: Promise<void>;
   enrolled: string[] = [];
   drainTimeoutMs = 0;
@@ -29,6 +31,7 @@ export class Predecessor {
         for (const line of splitter.push(chunk)) this.#replies.push(parseHandoverMessage(line));
       } catch (error) {
         this.logger.error({ err: error }, "invalid reply from the running agent");
+        this.#invalidReply = error as Error;
         connection.destroy();
       }
       this.#wake();
@@ -44,15 +47,27 @@ export class Predecessor {
   }
 
   /**
+   * Tells whether an agent listens on the hand-over socket, by connecting and closing at once. The
+   * running agent changes nothing for a connection that sends no request, so this freezes nothing.
+   */
+  static async probe(socketPath: string, timeoutMs: number): Promise<boolean> {
+    const connection = await connectOrUndefined(socketPath, timeoutMs);
+    connection?.destroy();
+    return connection !== undefined;
+  }
+
+  /**
    * Connects to the hand-over socket and requests that the running agent prepare. Resolves with
-   * undefined when no agent listens there (no socket file, or no process accepts). Throws when the
-   * agent rejects the request or does not reply within timeoutMs, and nothing has changed then.
+   * undefined when no agent listens there (no socket file, or no process accepts), or when the
+   * agent closed the connection before it replied, because it stopped. Throws when the agent
+   * rejects the request or does not reply within timeoutMs, and nothing has changed then.
    */
   static async contact(socketPath: string, timeoutMs: number, logger: Logger): Promise<Predecessor | undefined> {
     const connection = await connectOrUndefined(socketPath, timeoutMs);
     if (!connection) return undefined;
     const predecessor = new Predecessor(socketPath, connection, logger);
     const reply = await predecessor.request({ type: "prepare", pid: process.pid }, "prepared", timeoutMs);
+    if (reply === undefined) return undefined;
     if (reply.type === "prepared") {
       predecessor.pid = reply.pid;
       predecessor.enrolled = reply.enrolled;
@@ -61,15 +76,21 @@ export class Predecessor {
     return predecessor;
   }
 
-  /** Tells the running agent to close its listeners and exit. Resolves once it confirms. */
-  async handOver(timeoutMs: number): Promise<void> {
-    await this.request({ type: "handover" }, "released", timeoutMs);
+  /**
+   * Tells the running agent to close its listeners and exit. Resolves with true once it confirms,
+   * and with false when it closed the connection first: it stopped without handing the node over.
+   */
+  async handOver(timeoutMs: number): Promise<boolean> {
+    return (await this.request({ type: "handover" }, "released", timeoutMs)) !== undefined;
   }
 
-  /** Tells the running agent to keep serving alone. Resolves once its inbound capture is restored. */
-  async abort(timeoutMs: number): Promise<void> {
+  /**
+   * Tells the running agent to keep serving alone. Resolves with true once its inbound capture is
+   * restored, and with false when it closed the connection first: it stopped.
+   */
+  async abort(timeoutMs: number): Promise<boolean> {
     try {
-      await this.request({ type: "abort" }, "resumed", timeoutMs);
+      return (await this.request({ type: "abort" }, "resumed", timeoutMs)) !== undefined;
     } finally {
       this.connection.destroy();
     }
@@ -103,9 +124,11 @@ export class Predecessor {
     this.connection.destroy();
   }
 
-  private async request(message: HandoverMessage, expected: Reply, timeoutMs: number): Promise<HandoverMessage> {
-    this.connection.write(formatHandoverMessage(message));
+  /** Sends a request and returns the reply, or undefined when the running agent closed the connection before it replied. */
+  private async request(message: HandoverMessage, expected: Reply, timeoutMs: number): Promise<HandoverMessage | undefined> {
+    if (!this.#closed) this.connection.write(formatHandoverMessage(message));
     const reply = await this.nextReply(timeoutMs, message.type);
+    if (reply === undefined) return undefined;
     if (reply.type === "error") {
       this.connection.destroy();
       throw new AgentError("INTERNAL", `the running agent rejected the ${message.type} request on ${this.socketPath}: ${reply.message}`);
@@ -117,7 +140,8 @@ export class Predecessor {
     return reply;
   }
 
-  private nextReply(timeoutMs: number, request: string): Promise<HandoverMessage> {
+  /** Resolves with the next reply, or with undefined once the connection closed with no reply left to read. */
+  private nextReply(timeoutMs: number, request: string): Promise<HandoverMessage | undefined> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         finish();
@@ -134,9 +158,12 @@ export class Predecessor {
         if (reply) {
           finish();
           resolve(reply);
+        } else if (this.#invalidReply) {
+          finish();
+          reject(this.#invalidReply);
         } else if (this.#closed) {
           finish();
-          reject(new AgentError("INTERNAL", `the running agent closed the hand-over connection on ${this.socketPath} before it replied to the ${request} request. Check its log`));
+          resolve(undefined);
         }
       };
       const finish = (): void => {

@@ -7,10 +7,13 @@
 //   prepare {pid}               prepared {pid, enrolled, drainTimeoutMs}: its listeners now share their ports
 //   handover                    released: its listeners are closed; it drains, flushes audit and exits
 //   abort                       resumed: its 15006 listeners are back in the sk_lookup map
-//                               error {message}: the request was rejected
+//                               error {message}: the request was rejected, or the running agent
+//                               stayed prepared past its deadline and serves alone again
 //
-// The replacement takes the node once the running agent's connection closes, which happens when
-// that process exits.
+// Before it sends prepare, the replacement may connect and close without a message, to learn
+// whether an agent runs. The replacement takes the node once the running agent's connection
+// closes, which happens when that process exits. When the connection closes with no released
+// reply, the running agent was stopped, and the replacement takes the node once its locks are free.
 
 import path from "node:path";
 import { AgentError } from "../errors";

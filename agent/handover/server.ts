@@ -4,6 +4,7 @@
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
+import { AgentError } from "../errors";
 import { listenUnixSocket } from "../unix-socket";
 import type { Logger } from "../log";
 import { formatHandoverMessage, LineSplitter, parseHandoverMessage, type HandoverMessage } from "./protocol";
@@ -12,17 +13,51 @@ import { formatHandoverMessage, LineSplitter, parseHandoverMessage, type Handove
 export interface HandoverHandlers {
   /** Lets a replacement's listeners join this agent's. Returns the enrolled workloads and the drain timeout. */
   prepare(): { enrolled: string[]; drainTimeoutMs: number };
-  /** Undoes prepare's effect on inbound capture after an abort, or after the replacement disconnected mid-way. */
+  /**
+   * Undoes prepare's effect on inbound capture after an abort, after the replacement disconnected
+   * mid-way, or after it stayed prepared past the deadline.
+   */
   resume(): void;
   /** Closes the listeners at once and starts the drain and the exit. */
   release(): void;
 }
 
-type SessionState = "idle" | "prepared" | "released";
+/** "expired": the prepared deadline passed, and the connection is closing. */
+type SessionState = "idle" | "prepared" | "released" | "expired";
+
+/** One replacement's connection and the step its hand-over has reached. */
+interface Session {
+  connection: net.Socket;
+  state: SessionState;
+  /** Ends the prepared state of a replacement that sends neither handover nor abort in time. */
+  deadline?: NodeJS.Timeout;
+}
+
+/**
+ * How long the running agent stays prepared without a handover or abort request, in milliseconds.
+ * Prepared, it enrols and unenrols no pod, so a replacement that stalls must not keep it there.
+ */
+export const DEFAULT_PREPARED_TIMEOUT_MS = 60_000;
+/** The environment variable that sets the prepared deadline in milliseconds, for tests. */
+export const PREPARED_TIMEOUT_VARIABLE = "AMBIENT_AGENT_HANDOVER_PREPARED_TIMEOUT_MS";
+
+/**
+ * Returns the prepared deadline that the environment sets, DEFAULT_PREPARED_TIMEOUT_MS when it is
+ * unset or empty. Throws an AgentError that names the value when it is not a positive integer.
+ */
+export function preparedTimeoutFromEnvironment(environment: NodeJS.ProcessEnv = process.env): number {
+  const text = environment[PREPARED_TIMEOUT_VARIABLE];
+  if (text === undefined || text === "") return DEFAULT_PREPARED_TIMEOUT_MS;
+  const value = Number(text);
+  if (!/^[0-9]+$/.test(text) || !Number.isSafeInteger(value) || value === 0) {
+    throw new AgentError("INTERNAL", `invalid ${PREPARED_TIMEOUT_VARIABLE}=${JSON.stringify(text)}: expected a positive number of milliseconds; unset it to use ${DEFAULT_PREPARED_TIMEOUT_MS}`);
+  }
+  return value;
+}
 
 export class HandoverServer {
-  /** The connection of the replacement being served, while a hand-over runs. */
-  #active: net.Socket | undefined;
+  /** The session of the replacement being served, while a hand-over runs. */
+  #active: Session | undefined;
   #released = false;
 
   private constructor(
@@ -30,19 +65,22 @@ export class HandoverServer {
     private readonly server: net.Server,
     private readonly socketInode: number,
     private readonly handlers: HandoverHandlers,
+    private readonly preparedTimeoutMs: number,
     private readonly logger: Logger,
   ) {}
 
   /**
    * Listens on socketPath, replacing a socket file that a stopped agent left. The caller must hold
-   * the node's lock, which makes any existing file stale. The file is readable by root only.
+   * the node's lock, which makes any existing file stale. The file is readable by root only. A
+   * replacement that stays prepared for preparedTimeoutMs without handover or abort is dropped,
+   * and this agent resumes serving alone.
    */
-  static async listen(socketPath: string, handlers: HandoverHandlers, logger: Logger): Promise<HandoverServer> {
+  static async listen(socketPath: string, handlers: HandoverHandlers, logger: Logger, preparedTimeoutMs = DEFAULT_PREPARED_TIMEOUT_MS): Promise<HandoverServer> {
     fs.mkdirSync(path.dirname(socketPath), { recursive: true });
     fs.rmSync(socketPath, { force: true });
     let self: HandoverServer | undefined;
     const { server, inode } = await listenUnixSocket(socketPath, (connection) => self?.accept(connection), logger, "hand-over socket");
-    self = new HandoverServer(socketPath, server, inode, handlers, logger);
+    self = new HandoverServer(socketPath, server, inode, handlers, preparedTimeoutMs, logger);
     logger.debug({ socket: socketPath }, "hand-over socket listening");
     return self;
   }
@@ -53,6 +91,8 @@ export class HandoverServer {
    * learns that the node is free.
    */
   close(): void {
+    // A stopping agent no longer resumes: the replacement learns of the stop when this process exits.
+    clearTimeout(this.#active?.deadline);
     this.server.close();
     try {
       if (fs.statSync(this.socketPath).ino === this.socketInode) fs.rmSync(this.socketPath, { force: true });
@@ -67,11 +107,11 @@ export class HandoverServer {
    * connection by exiting; one that stays idle after the hand-over must call this.
    */
   closeReleased(): void {
-    if (this.#released) this.#active?.destroy();
+    if (this.#released) this.#active?.connection.destroy();
   }
 
   private accept(connection: net.Socket): void {
-    let state: SessionState = "idle";
+    const session: Session = { connection, state: "idle" };
     const splitter = new LineSplitter();
     const reply = (message: HandoverMessage): void => void connection.write(formatHandoverMessage(message));
 
@@ -85,65 +125,91 @@ export class HandoverServer {
         connection.destroy();
         return;
       }
-      for (const line of lines) state = this.handle(connection, state, line, reply);
+      for (const line of lines) this.handle(session, line, reply);
     });
     connection.on("close", () => {
-      if (this.#active !== connection) return;
+      clearTimeout(session.deadline);
+      if (this.#active !== session) return;
       this.#active = undefined;
-      if (state === "prepared") {
+      if (session.state === "prepared") {
         this.logger.warn("the replacement agent disconnected during the hand-over, so this agent keeps serving");
         this.resume();
       }
     });
   }
 
-  /** Handles one request and returns the session's next state. */
-  private handle(connection: net.Socket, state: SessionState, line: string, reply: (message: HandoverMessage) => void): SessionState {
+  /** Handles one request and moves the session to its next state. */
+  private handle(session: Session, line: string, reply: (message: HandoverMessage) => void): void {
+    if (session.state === "expired") return;
     let message: HandoverMessage;
     try {
       message = parseHandoverMessage(line);
     } catch (error) {
-      this.logger.warn({ err: error, state }, "rejected an invalid hand-over message");
+      this.logger.warn({ err: error, state: session.state }, "rejected an invalid hand-over message");
       reply({ type: "error", message: (error as Error).message });
-      return state;
+      return;
     }
 
-    if (message.type === "prepare" && state === "idle") return this.prepare(connection, message.pid, reply);
-    if (message.type === "handover" && state === "prepared") {
+    if (message.type === "prepare" && session.state === "idle") {
+      this.prepare(session, message.pid, reply);
+      return;
+    }
+    if (message.type === "handover" && session.state === "prepared") {
+      clearTimeout(session.deadline);
       this.#released = true;
       this.logger.info("handing the node over: closing the listeners and draining");
       this.handlers.release();
       reply({ type: "released" });
-      return "released";
+      session.state = "released";
+      return;
     }
-    if (message.type === "abort" && state === "prepared") {
+    if (message.type === "abort" && session.state === "prepared") {
+      clearTimeout(session.deadline);
       this.#active = undefined;
       this.resume();
       reply({ type: "resumed" });
-      return "idle";
+      session.state = "idle";
+      return;
     }
-    reply({ type: "error", message: `unexpected ${message.type} request while the hand-over is ${state}` });
-    return state;
+    reply({ type: "error", message: `unexpected ${message.type} request while the hand-over is ${session.state}` });
   }
 
-  private prepare(connection: net.Socket, pid: number, reply: (message: HandoverMessage) => void): SessionState {
+  private prepare(session: Session, pid: number, reply: (message: HandoverMessage) => void): void {
     if (this.#released || this.#active) {
       const reason = this.#released ? "this agent already handed the node over" : "another hand-over is in progress";
       reply({ type: "error", message: `${reason}. Wait until it finishes and try again` });
-      return "idle";
+      return;
     }
     try {
       const { enrolled, drainTimeoutMs } = this.handlers.prepare();
-      this.#active = connection;
+      this.#active = session;
       this.logger.info({ replacement: pid, enrolled: enrolled.length }, "a replacement agent is starting its listeners next to this agent's");
       reply({ type: "prepared", pid: process.pid, enrolled, drainTimeoutMs });
-      return "prepared";
+      session.state = "prepared";
+      session.deadline = setTimeout(() => this.expire(session, pid), this.preparedTimeoutMs).unref();
     } catch (error) {
       this.logger.error({ err: error, replacement: pid }, "failed to prepare the hand-over");
       this.resume();
       reply({ type: "error", message: `the running agent failed to prepare the hand-over: ${(error as Error).message}` });
-      return "idle";
     }
+  }
+
+  /**
+   * Ends a hand-over whose replacement stayed prepared too long: this agent resumes serving alone,
+   * sends the replacement an error with the reason and closes the connection.
+   */
+  private expire(session: Session, pid: number): void {
+    if (session.state !== "prepared" || this.#active !== session) return;
+    const seconds = this.preparedTimeoutMs / 1000;
+    this.logger.warn(
+      { replacement: pid, timeoutMs: this.preparedTimeoutMs },
+      `the replacement agent sent neither handover nor abort within ${seconds} s of prepare; this agent resumes serving alone and closes the hand-over connection`,
+    );
+    this.#active = undefined;
+    session.state = "expired";
+    this.resume();
+    const message = `the hand-over timed out: no handover or abort request within ${seconds} s of prepare, so the running agent (PID ${process.pid}) serves the node alone again. Start the replacement again`;
+    session.connection.end(formatHandoverMessage({ type: "error", message }), () => session.connection.destroy());
   }
 
   private resume(): void {

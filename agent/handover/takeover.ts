@@ -1,7 +1,9 @@
 // The steps of a hand-over inside the daemon, on both sides. The running agent shares its
 // listeners' ports, and after an abort puts its 15006 listeners back in the sk_lookup map. The
 // replacement checks that it serves every pod the running agent serves, hands over, and waits for
-// the running agent to exit before it takes the node's lock and admin port.
+// the running agent to exit before it takes the node's lock and admin port. A running agent that
+// is stopped during the hand-over closes the connection instead, and the replacement then takes
+// the node once that agent's locks are free.
 
 import type { EnrollmentCapture } from "../capture/backend";
 import type { EnrollmentReconciler } from "../enroll/reconciler";
@@ -16,13 +18,22 @@ import type { HandoverHandlers } from "./server";
 /** How long each request of a hand-over may wait for the running agent's reply. */
 export const HANDOVER_REPLY_TIMEOUT_MS = 5_000;
 /**
- * How much longer than its drain timeout the running agent may take to exit after the hand-over.
- * The agent's own stop deadline is its drain timeout plus 10 s, after which it exits anyway.
+ * How much longer than its drain timeout the running agent may take to exit after the hand-over or
+ * a stop signal. The agent's own stop deadline is its drain timeout plus 10 s, after which it
+ * releases its locks and exits anyway.
  */
-const EXIT_MARGIN_MS = 15_000;
+export const EXIT_MARGIN_MS = 15_000;
 /** How long the replacement retries binding the admin port that the exited agent held. */
 export const ADMIN_RETRY_TIMEOUT_MS = 10_000;
 const ADMIN_RETRY_DELAY_MS = 100;
+/** How often a replacement tries the locks of an agent that stopped without handing the node over. */
+const LOCK_RETRY_DELAY_MS = 100;
+/**
+ * How long a replacement retries the locks once the agent that handed the node over closed the
+ * connection. An agent that stops releases its locks before it exits, but one killed then loses
+ * them only as the kernel closes its files, which may come after the connection's close.
+ */
+const LOCK_RELEASE_TIMEOUT_MS = 2_000;
 
 /** Capture calls that point a pod's inbound capture at a listener. */
 type InboundAttachment = Pick<EnrollmentCapture, "attachInbound" | "attachInbound6">;
@@ -74,14 +85,18 @@ export interface TakeOverOptions {
   wanted: string[];
   /** Drain timeout for this agent's own connections if it aborts, in milliseconds. */
   drainTimeoutMs: number;
+  /** Takes the node's locks, or throws while another agent holds one of them. */
+  takeLocks: () => void;
   logger: Logger;
 }
 
 /**
  * Finishes a replacement's start once its listeners run next to the running agent's: hands the
- * node over and resolves once the running agent has exited. When this agent could not start the
- * listeners of a pod that the running agent serves, it aborts instead: the running agent keeps
- * serving, this agent drains its own connections and the returned promise rejects.
+ * node over, waits for the running agent to exit and takes the node's locks. When this agent could
+ * not start the listeners of a pod that the running agent serves, it aborts instead: the running
+ * agent keeps serving, this agent drains its own connections and the returned promise rejects.
+ * When the running agent closes the connection before it hands the node over, it was stopped, and
+ * this agent takes the node once that agent's locks are free.
  */
 export async function takeOver(options: TakeOverOptions): Promise<void> {
   const { predecessor, reconciler, logger } = options;
@@ -89,7 +104,13 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
   const blockers = handoverBlockers(predecessor.enrolled, options.wanted, enrolledHere);
   if (blockers.length > 0) {
     logger.error({ workloads: blockers, predecessor: predecessor.pid }, "aborting the hand-over: this agent could not start the listeners of pods the running agent serves");
-    await predecessor.abort(HANDOVER_REPLY_TIMEOUT_MS).catch((error) => logger.error({ err: error, predecessor: predecessor.pid }, "the running agent failed to confirm the abort"));
+    const resumed = await predecessor.abort(HANDOVER_REPLY_TIMEOUT_MS).catch((error) => {
+      logger.error({ err: error, predecessor: predecessor.pid }, "the running agent failed to confirm the abort");
+      return true;
+    });
+    // The running agent stopped meanwhile: this agent serves what it can, and the reconciler
+    // retries the blocked pods, whose capture stays closed until their listeners start.
+    if (!resumed) return takeOverFromStopped(options);
     await reconciler.stop(options.drainTimeoutMs);
     throw new AgentError(
       "INTERNAL",
@@ -97,7 +118,7 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
     );
   }
 
-  await predecessor.handOver(HANDOVER_REPLY_TIMEOUT_MS);
+  if (!(await predecessor.handOver(HANDOVER_REPLY_TIMEOUT_MS))) return takeOverFromStopped(options);
   // Until it released the node, the running agent kept retrying the pods it isolated, and each
   // failed retry guarded the pod again over this agent's capture. A retry already under way when
   // it released the node can still do that, so capture is pointed here again once it exited.
@@ -105,6 +126,58 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
   logger.info({ predecessor: predecessor.pid, drainTimeoutMs: predecessor.drainTimeoutMs }, "the running agent handed the node over; waiting for it to drain and exit");
   await predecessor.waitExit(predecessor.drainTimeoutMs + EXIT_MARGIN_MS);
   reattachInbound(reconciler, options.capture);
+  const exited = `the agent being replaced (PID ${predecessor.pid}) closed the hand-over connection after handing the node over`;
+  await takeLocksWhenFree(options.takeLocks, LOCK_RELEASE_TIMEOUT_MS, exited);
+}
+
+/**
+ * Takes the node from a running agent that closed the hand-over connection without handing the
+ * node over, which happens when it is stopped (SIGTERM) after prepare. Its listeners close as it
+ * drains, while this agent's listeners already serve next to them. This agent waits until that
+ * agent's locks are free, then points inbound capture at its own listeners.
+ */
+async function takeOverFromStopped(options: TakeOverOptions): Promise<void> {
+  const { predecessor, logger } = options;
+  const timeoutMs = predecessor.drainTimeoutMs + EXIT_MARGIN_MS;
+  logger.warn(
+    { predecessor: predecessor.pid, timeoutMs },
+    "the running agent closed the hand-over connection before it handed the node over, so it is stopping; taking the node once its locks are free",
+  );
+  const stopped = `the agent being replaced (PID ${predecessor.pid}) closed the hand-over connection without handing the node over`;
+  await takeLocksWhenFree(options.takeLocks, timeoutMs, stopped);
+  reattachInbound(options.reconciler, options.capture);
+}
+
+/**
+ * Calls takeLocks until it succeeds, while the agent being replaced may still hold the locks: it
+ * stopped without handing the node over and may still drain, or it is exiting. After timeoutMs it
+ * throws an error that starts with `stopped` (what happened to that agent) and names the lock
+ * still taken.
+ */
+export async function takeLocksWhenFree(takeLocks: () => void, timeoutMs: number, stopped: string): Promise<void> {
+  try {
+    await retryUntil(async () => takeLocks(), timeoutMs, LOCK_RETRY_DELAY_MS);
+  } catch (error) {
+    throw new AgentError(
+      "INTERNAL",
+      `${stopped}, and its locks were still taken after ${timeoutMs / 1000} s: ${(error as Error).message}. Check that agent's log; once it has exited, start this agent again`,
+      { cause: error },
+    );
+  }
+}
+
+/** Calls attempt until it resolves, every delayMs. After timeoutMs it rethrows the last error. */
+async function retryUntil(attempt: () => Promise<void>, timeoutMs: number, delayMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      await attempt();
+      return;
+    } catch (error) {
+      if (Date.now() >= deadline) throw error;
+    }
+    await new Promise((resolve) => setTimeout(resolve, delayMs));
+  }
 }
 
 /**
@@ -112,16 +185,9 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
  * timeoutMs it rethrows the last error, named by operation and with the time spent.
  */
 export async function retryUntilBound(start: () => Promise<void>, operation: string, timeoutMs = ADMIN_RETRY_TIMEOUT_MS): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      await start();
-      return;
-    } catch (error) {
-      if (Date.now() >= deadline) {
-        throw new AgentError("INTERNAL", `${operation} failed for ${timeoutMs / 1000} s after the replaced agent exited: ${(error as Error).message}`, { cause: error });
-      }
-    }
-    await new Promise((resolve) => setTimeout(resolve, ADMIN_RETRY_DELAY_MS));
+  try {
+    await retryUntil(start, timeoutMs, ADMIN_RETRY_DELAY_MS);
+  } catch (error) {
+    throw new AgentError("INTERNAL", `${operation} failed for ${timeoutMs / 1000} s after the replaced agent exited: ${(error as Error).message}`, { cause: error });
   }
 }

@@ -13,8 +13,8 @@ import {
   parseHandoverMessage,
   type HandoverMessage,
 } from "../../agent/handover/protocol";
-import { HandoverServer, type HandoverHandlers } from "../../agent/handover/server";
-import { handoverHandlers, takeOver } from "../../agent/handover/takeover";
+import { DEFAULT_PREPARED_TIMEOUT_MS, HandoverServer, preparedTimeoutFromEnvironment, PREPARED_TIMEOUT_VARIABLE, type HandoverHandlers } from "../../agent/handover/server";
+import { handoverHandlers, takeLocksWhenFree, takeOver } from "../../agent/handover/takeover";
 import type { EnrollmentReconciler } from "../../agent/enroll/reconciler";
 import { silentLogger } from "../../agent/log";
 
@@ -35,6 +35,40 @@ function countingHandlers(enrolled = ["shop/web"]): HandoverHandlers & { calls: 
     release: () => void calls.push("release"),
   };
 }
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * Listens on a socket as a running agent that replies with `replies`, one line per request, and
+ * closes the connection once they are used up. Returns the socket path; the test's teardown closes the server.
+ */
+async function scriptedAgent(t: ExecutionContext, replies: string[]): Promise<string> {
+  const directory = socketDirectory();
+  const socketPath = path.join(directory, "node-n.sock");
+  const connections: net.Socket[] = [];
+  const server = net.createServer((connection) => {
+    connections.push(connection);
+    const splitter = new LineSplitter();
+    let next = 0;
+    connection.on("data", (chunk: Buffer) => {
+      for (const _line of splitter.push(chunk)) {
+        if (next < replies.length) connection.write(replies[next++]);
+        if (next >= replies.length) connection.end();
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  t.teardown(async () => {
+    for (const connection of connections) connection.destroy();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    fs.rmSync(directory, { recursive: true, force: true });
+  });
+  return socketPath;
+}
+
+const PREPARED_LINE = formatHandoverMessage({ type: "prepared", pid: 4242, enrolled: ["shop/web"], drainTimeoutMs: 0 });
 
 async function waitFor(condition: () => boolean): Promise<void> {
   const deadline = Date.now() + 2_000;
@@ -217,7 +251,15 @@ test("takeover aborts and restores both families", async (t) => {
   const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
   t.truthy(predecessor);
   const error = await t.throwsAsync(
-    takeOver({ predecessor: predecessor!, reconciler: replacementReconciler, capture: failingCapture(t), wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() }),
+    takeOver({
+      predecessor: predecessor!,
+      reconciler: replacementReconciler,
+      capture: failingCapture(t),
+      wanted: ["shop/web"],
+      drainTimeoutMs: 500,
+      takeLocks: () => t.fail("the aborted replacement took the locks"),
+      logger: silentLogger(),
+    }),
   );
 
   t.regex(error!.message, /could not start the listeners of shop\/web, which that agent serves; it keeps serving the node/);
@@ -245,7 +287,10 @@ test("takeover reattaches after release and exit", async (t) => {
     pid: 4242,
     enrolled: ["shop/web"],
     drainTimeoutMs: 0,
-    handOver: async () => void steps.push("handed over"),
+    handOver: async () => {
+      steps.push("handed over");
+      return true;
+    },
     waitExit: async () => void steps.push("exited"),
     abort: async () => t.fail("the hand-over was aborted"),
   } as unknown as Predecessor;
@@ -264,8 +309,198 @@ test("takeover reattaches after release and exit", async (t) => {
     attachInbound6: (cookie: bigint, podIp6: string, podIp4: string, fd: number) => void steps.push(`6 ${cookie} ${podIp6} ${podIp4} ${fd}`),
   };
 
-  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, logger: silentLogger() });
+  const takeLocks = (): void => void steps.push("locked");
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks, logger: silentLogger() });
 
   const attachments = ["4 /var/run/netns/web 7 10.1.0.5 42", "6 7 fd00::5 10.1.0.5 62"];
-  t.deepEqual(steps, ["handed over", ...attachments, "exited", ...attachments]);
+  t.deepEqual(steps, ["handed over", ...attachments, "exited", ...attachments, "locked"]);
+});
+
+test("probe connects without preparing", async (t) => {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  t.false(await Predecessor.probe(socketPath, 2_000));
+
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger());
+  t.teardown(() => server.close());
+  t.true(await Predecessor.probe(socketPath, 2_000));
+  t.deepEqual(handlers.calls, []);
+  // The probe left no session behind, so a hand-over can start at once.
+  const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.truthy(predecessor);
+  t.deepEqual(handlers.calls, ["prepare"]);
+  predecessor!.close();
+});
+
+test("prepared state expires without handover", async (t) => {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), 100);
+  t.teardown(() => server.close());
+
+  const stalled = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  await waitFor(() => handlers.calls.length === 2);
+  t.deepEqual(handlers.calls, ["prepare", "resume"]);
+  // The replacement learns why once it sends its request, and the running agent ignores it.
+  const error = await t.throwsAsync(stalled!.handOver(2_000));
+  t.regex(error!.message, /the hand-over timed out: no handover or abort request within 0.1 s of prepare, so the running agent \(PID \d+\) serves the node alone again/);
+  t.deepEqual(handlers.calls, ["prepare", "resume"]);
+
+  // The running agent serves the next replacement.
+  const next = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.true(await next!.handOver(2_000));
+  t.deepEqual(handlers.calls, ["prepare", "resume", "prepare", "release"]);
+  next!.close();
+});
+
+test("handover or abort ends the deadline", async (t) => {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), 100);
+  t.teardown(() => server.close());
+
+  const aborting = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.true(await aborting!.abort(2_000));
+  const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  t.true(await predecessor!.handOver(2_000));
+  await sleep(300);
+  t.deepEqual(handlers.calls, ["prepare", "resume", "prepare", "release"]);
+  predecessor!.close();
+});
+
+test("stopping agent no longer expires", async (t) => {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), 100);
+  const predecessor = await Predecessor.contact(socketPath, 2_000, silentLogger());
+  // As on SIGTERM: the running agent stops while prepared, and must not tell the replacement that it serves alone again.
+  server.close();
+  await sleep(300);
+  t.deepEqual(handlers.calls, ["prepare"]);
+  predecessor!.close();
+});
+
+test("closed connection reads as a stopped agent", async (t) => {
+  // Closed before the prepare reply: the agent is gone, as if no agent ran.
+  t.is(await Predecessor.contact(await scriptedAgent(t, []), 2_000, silentLogger()), undefined);
+
+  // Closed after prepared, before the handover or abort reply.
+  const handingOver = await Predecessor.contact(await scriptedAgent(t, [PREPARED_LINE]), 2_000, silentLogger());
+  t.is(handingOver!.pid, 4242);
+  t.false(await handingOver!.handOver(2_000));
+  const aborting = await Predecessor.contact(await scriptedAgent(t, [PREPARED_LINE]), 2_000, silentLogger());
+  t.false(await aborting!.abort(2_000));
+});
+
+test("invalid reply is an error", async (t) => {
+  const socketPath = await scriptedAgent(t, ['{"type":"reboot"}\n']);
+  const error = await t.throwsAsync(Predecessor.contact(socketPath, 2_000, silentLogger()));
+  t.regex(error!.message, /invalid hand-over message .*unknown type "reboot"/);
+});
+
+/** Returns a predecessor whose connection closed after prepared, as one stopped by SIGTERM. */
+function stoppedPredecessor(t: ExecutionContext, steps: string[]): Predecessor {
+  return {
+    pid: 4242,
+    enrolled: ["shop/web"],
+    drainTimeoutMs: 0,
+    handOver: async () => {
+      steps.push("handover unanswered");
+      return false;
+    },
+    abort: async () => {
+      steps.push("abort unanswered");
+      return false;
+    },
+    waitExit: async () => t.fail("waited for the exit of an agent that never released the node"),
+  } as unknown as Predecessor;
+}
+
+/** Returns the replacement's reconciler, which enrolled shop/web unless `enrolled` is false, and a capture that records each attachment in `steps`. */
+function replacementSide(steps: string[], enrolled = true) {
+  const entries = [
+    {
+      workload: { uid: "shop/web", ip: "10.1.0.5" },
+      netnsPath: "/var/run/netns/web",
+      cookie: 7n,
+      network: { podIp6: undefined, listenerFd: () => 42 },
+    },
+  ];
+  return {
+    reconciler: { list: () => (enrolled ? entries : []), stop: async () => void steps.push("stopped") } as unknown as EnrollmentReconciler,
+    capture: {
+      attachInbound: (netnsPath: string, cookie: bigint, podIp: string, fd: number) => void steps.push(`4 ${netnsPath} ${cookie} ${podIp} ${fd}`),
+    },
+  };
+}
+
+/** Returns a takeLocks that fails `held` times, as while the stopped agent drains, and then succeeds. */
+function locksFreeAfter(held: number, steps: string[]): () => void {
+  let attempts = 0;
+  return () => {
+    if (attempts++ < held) {
+      steps.push("held");
+      throw new Error("another agent (PID 4242) already serves the node n");
+    }
+    steps.push("locked");
+  };
+}
+
+test("takeover from a stopped agent waits for its locks", async (t) => {
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps);
+  const predecessor = stoppedPredecessor(t, steps);
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(2, steps), logger: silentLogger() });
+  t.deepEqual(steps, ["handover unanswered", "held", "held", "locked", "4 /var/run/netns/web 7 10.1.0.5 42"]);
+});
+
+test("takeover retries locks after exit", async (t) => {
+  // A killed agent's lock files close as the kernel closes its files, possibly after its hand-over connection.
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps);
+  const predecessor = {
+    pid: 4242,
+    enrolled: ["shop/web"],
+    drainTimeoutMs: 0,
+    handOver: async () => true,
+    waitExit: async () => void steps.push("exited"),
+    abort: async () => t.fail("the hand-over was aborted"),
+  } as unknown as Predecessor;
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(1, steps), logger: silentLogger() });
+  const attachment = "4 /var/run/netns/web 7 10.1.0.5 42";
+  t.deepEqual(steps, [attachment, "exited", attachment, "held", "locked"]);
+});
+
+test("abort to a stopped agent continues", async (t) => {
+  // The replacement could not start shop/web, and the running agent stopped before it confirmed the abort.
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps, false);
+  const predecessor = stoppedPredecessor(t, steps);
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(0, steps), logger: silentLogger() });
+  t.deepEqual(steps, ["abort unanswered", "locked"]);
+});
+
+test("lock wait names the agent and the lock", async (t) => {
+  const steps: string[] = [];
+  const error = await t.throwsAsync(takeLocksWhenFree(locksFreeAfter(Infinity, steps), 300, "the agent being replaced (PID 4242) closed the hand-over connection"));
+  t.regex(error!.message, /^the agent being replaced \(PID 4242\) closed the hand-over connection, and its locks were still taken after 0.3 s: another agent \(PID 4242\) already serves the node n\. Check that agent's log/);
+  t.false(steps.includes("locked"));
+});
+
+test("prepared deadline comes from the environment", (t) => {
+  t.is(preparedTimeoutFromEnvironment({}), DEFAULT_PREPARED_TIMEOUT_MS);
+  t.is(preparedTimeoutFromEnvironment({ [PREPARED_TIMEOUT_VARIABLE]: "" }), DEFAULT_PREPARED_TIMEOUT_MS);
+  t.is(preparedTimeoutFromEnvironment({ [PREPARED_TIMEOUT_VARIABLE]: "2500" }), 2_500);
+  for (const text of ["0", "-1", "1.5", "1e3", "soon", " 5"]) {
+    const error = t.throws(() => preparedTimeoutFromEnvironment({ [PREPARED_TIMEOUT_VARIABLE]: text }), undefined, text);
+    t.is(error!.message, `invalid ${PREPARED_TIMEOUT_VARIABLE}=${JSON.stringify(text)}: expected a positive number of milliseconds; unset it to use 60000`, text);
+  }
 });

@@ -6,7 +6,9 @@
 //   cni-timeout: 30
 //
 // Each entry becomes command-line tokens (`--cni-timeout=30`) placed before the real command
-// line, so the file's values go through the same parser and checks as the command line's.
+// line, so the file's values go through the same parser and checks as the command line's. A
+// switch set to false gives its `no-` twin when the table has one (`transparent-source: false`
+// gives `--no-transparent-source`), and nothing otherwise, so the option's default applies.
 
 import fs from "node:fs";
 import { parseArgs, type ParseArgsConfig } from "node:util";
@@ -30,20 +32,31 @@ export class ConfigFileError extends Error {
  * Returns argv with the tokens of the `--config` file in front of it, or argv unchanged without
  * `--config`. An option given on the command line replaces the file's value entirely, even for
  * an option that repeats. A switch and its `no-` form (transparent-source, no-transparent-source)
- * count as one option. `commaLists` names the options that take one comma-separated value, which
- * the file may give as a list. Throws ConfigFileError for a file that cannot be read or
- * contains a value that `table` does not accept, and parseArgs' own error for an invalid command line.
+ * count as one option, which the file may set only once. `commaLists` names the options that take
+ * one comma-separated value, which the file may give as a list. Throws ConfigFileError for a file
+ * that cannot be read or contains a key or value that `table` does not accept, and parseArgs' own
+ * error for an invalid command line.
  */
 export function withConfigFile(argv: string[], table: OptionTable, commaLists: ReadonlySet<string> = new Set()): string[] {
   const { values, tokens } = parseArgs({ args: argv, options: table, strict: true, tokens: true });
   const file = values[CONFIG_OPTION];
   if (typeof file !== "string") return argv;
+  if (tokens.filter((token) => token.kind === "option" && token.name === CONFIG_OPTION).length > 1) {
+    throw new ConfigFileError(`--${CONFIG_OPTION} is given more than once: give one config file`);
+  }
   const given = new Set(tokens.flatMap((token) => (token.kind === "option" ? [token.name] : [])));
   const fileArgs: string[] = [];
-  for (const [key, value] of Object.entries(readConfigFile(file))) {
+  const entries = readConfigFile(file);
+  for (const [key, value] of Object.entries(entries)) {
     if (key === CONFIG_OPTION) throw new ConfigFileError(`the config file ${file} sets "${CONFIG_OPTION}": a config file cannot name another one; remove the key`);
+    const option = optionOf(file, key, table);
+    const twin = twinOf(key, table);
+    if (twin !== undefined && Object.hasOwn(entries, twin) && key.startsWith("no-")) {
+      throw new ConfigFileError(`the config file ${file} sets both "${twin}" and "${key}", which are one switch: keep one of them`);
+    }
     if (isGiven(key, given)) continue;
-    fileArgs.push(...optionTokens(file, key, value, table, commaLists));
+    // A loop, not push(...): a list of many thousand entries would overflow the call's arguments.
+    for (const token of optionTokens(file, key, option, value, table, commaLists)) fileArgs.push(token);
   }
   return [...fileArgs, ...argv];
 }
@@ -54,18 +67,30 @@ function isGiven(key: string, given: ReadonlySet<string>): boolean {
   return key.startsWith("no-") && given.has(key.slice("no-".length));
 }
 
+/**
+ * Returns the other form of a switch that has a `no-` twin in `table` (transparent-source and
+ * no-transparent-source), or undefined for any other key.
+ */
+function twinOf(key: string, table: OptionTable): string | undefined {
+  const twin = key.startsWith("no-") ? key.slice("no-".length) : `no-${key}`;
+  const isSwitch = (name: string): boolean => Object.hasOwn(table, name) && table[name].type === "boolean";
+  return isSwitch(key) && isSwitch(twin) ? twin : undefined;
+}
+
 /** Reads the file as one YAML document holding a mapping; an empty file is an empty mapping. */
 function readConfigFile(file: string): Record<string, unknown> {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, "utf8");
-  } catch (error) {
-    throw new ConfigFileError(`cannot read the config file ${file}: ${(error as Error).message}`);
-  }
-  const document = parseDocument(text, { prettyErrors: true });
+  const text = readText(file);
+  // merge: the YAML 1.1 merge key "<<", which Kubernetes users write in their manifests.
+  const document = parseDocument(text, { prettyErrors: true, merge: true });
   const problem = document.errors[0] ?? document.warnings[0];
   if (problem !== undefined) throw new ConfigFileError(`invalid YAML in the config file ${file}: ${problem.message}`);
-  const content: unknown = document.toJS();
+  let content: unknown;
+  try {
+    // toJS refuses documents whose aliases would expand without bound ("billion laughs").
+    content = document.toJS();
+  } catch (error) {
+    throw new ConfigFileError(`invalid YAML in the config file ${file}: ${(error as Error).message}`);
+  }
   if (content === null || content === undefined) return {};
   if (typeof content !== "object" || Array.isArray(content)) {
     throw new ConfigFileError(`the config file ${file} contains ${describe(content)}, not a mapping: write a mapping of option names to values, for example "log-level: info"`);
@@ -73,15 +98,49 @@ function readConfigFile(file: string): Record<string, unknown> {
   return content as Record<string, unknown>;
 }
 
-/** Converts one entry of the file into the tokens that the command line would carry. */
-function optionTokens(file: string, key: string, value: unknown, table: OptionTable, commaLists: ReadonlySet<string>): string[] {
-  const option = table[key];
-  if (option === undefined) {
+/** The largest config file read: a ConfigMap holds at most 1 MiB. */
+const MAX_CONFIG_BYTES = 1024 * 1024;
+
+/** Reads the file as UTF-8, at most MAX_CONFIG_BYTES, reading no further (a device such as /dev/zero has no size). */
+function readText(file: string): string {
+  const buffer = Buffer.alloc(MAX_CONFIG_BYTES + 1);
+  let length = 0;
+  try {
+    const fd = fs.openSync(file, "r");
+    try {
+      for (let read = -1; read !== 0 && length < buffer.length; length += read) {
+        read = fs.readSync(fd, buffer, length, buffer.length - length, null);
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (error) {
+    throw new ConfigFileError(`cannot read the config file ${file}: ${(error as Error).message}`);
+  }
+  if (length > MAX_CONFIG_BYTES) throw new ConfigFileError(`the config file ${file} is larger than ${MAX_CONFIG_BYTES} bytes: a config file holds options, not data`);
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(buffer.subarray(0, length));
+  } catch {
+    throw new ConfigFileError(`the config file ${file} is not valid UTF-8: save it as UTF-8`);
+  }
+}
+
+/** Returns the option that a key of the file names. Throws ConfigFileError for an unknown key. */
+function optionOf(file: string, key: string, table: OptionTable): OptionTable[string] {
+  // Object.hasOwn, so that keys such as __proto__ or toString are unknown rather than inherited.
+  if (!Object.hasOwn(table, key)) {
     throw new ConfigFileError(`unknown key "${key}" in the config file ${file}: keys are the long option names of ambient-agent run without the leading "--" (see ambient-agent run --help)`);
   }
+  return table[key];
+}
+
+/** Converts one entry of the file into the tokens that the command line would carry. */
+function optionTokens(file: string, key: string, option: OptionTable[string], value: unknown, table: OptionTable, commaLists: ReadonlySet<string>): string[] {
   if (option.type === "boolean") {
     if (typeof value !== "boolean") throw new ConfigFileError(`invalid value of "${key}" in the config file ${file}: ${describe(value)}, where the switch takes true or false`);
-    return value ? [`--${key}`] : [];
+    if (value) return [`--${key}`];
+    const twin = twinOf(key, table);
+    return twin === undefined ? [] : [`--${twin}`];
   }
   const items = Array.isArray(value) ? value : [value];
   if (Array.isArray(value) && !option.multiple && !commaLists.has(key)) {

@@ -10,6 +10,13 @@ import { CredentialSource, resolveCredentials, type KubeCredentials } from "./ku
 
 export type { KubeCredentials } from "./kube-credentials";
 
+/** The `details` of a meta/v1 Status: the object that a failed request names. */
+export interface KubeStatusDetails {
+  name?: string;
+  group?: string;
+  kind?: string;
+}
+
 /** A response whose status is not 2xx, with the Status message the server sent. */
 export class KubeApiError extends Error {
   constructor(
@@ -18,6 +25,8 @@ export class KubeApiError extends Error {
     readonly reason?: string,
     /** The server's Retry-After, in seconds, when it sent one. */
     readonly retryAfterSeconds?: number,
+    /** The string fields of the body's `details`, set only when the body is a meta/v1 Status (kind "Status"). */
+    readonly details?: KubeStatusDetails,
   ) {
     super(message);
     this.name = "KubeApiError";
@@ -194,11 +203,23 @@ export class KubeClient {
 
 /** Builds the error of a failed request from the Status object the API server sent, when it sent one. */
 function apiError(status: number, body: unknown, what: string, retryAfter?: string): KubeApiError {
-  const statusObject = body as { message?: unknown; reason?: unknown } | undefined;
+  const statusObject = body as { kind?: unknown; message?: unknown; reason?: unknown; details?: unknown } | undefined;
   const message = typeof statusObject?.message === "string" ? statusObject.message : http.STATUS_CODES[status] ?? "unknown status";
   const reason = typeof statusObject?.reason === "string" ? statusObject.reason : undefined;
   const seconds = retryAfter !== undefined && /^\d{1,5}$/.test(retryAfter.trim()) ? Number(retryAfter.trim()) : undefined;
-  return new KubeApiError(status, `${what}: ${status} ${message}`, reason, seconds);
+  const details = statusObject?.kind === "Status" ? statusDetailsOf(statusObject.details) : undefined;
+  return new KubeApiError(status, `${what}: ${status} ${message}`, reason, seconds, details);
+}
+
+/** Keeps the string fields name, group and kind of a Status's `details`; an absent or malformed one gives {}. */
+function statusDetailsOf(details: unknown): KubeStatusDetails {
+  const fields = (typeof details === "object" && details !== null ? details : {}) as Record<string, unknown>;
+  const kept: KubeStatusDetails = {};
+  for (const key of ["name", "group", "kind"] as const) {
+    const value = fields[key];
+    if (typeof value === "string") kept[key] = value;
+  }
+  return kept;
 }
 
 /** Tells the status code of an error from a request or a watch, when it has one. */

@@ -8,6 +8,7 @@ import path from "node:path";
 import net from "node:net";
 
 import { netnsIpv4Addresses, netnsIpv6Addresses, setProcRoot } from "../capture/native";
+import { AgentError } from "../errors";
 import { createLogger, type Logger } from "../log";
 import { canonicalIp } from "../state/ip";
 
@@ -45,14 +46,27 @@ export function useHostProc(dir: string): void {
   hostProc = dir;
 }
 
+/** The namespace paths under /proc/ that hostProcPath translates: a process's or a thread's ns/net. */
+const PROC_NETNS_PATH = /^\/proc\/[1-9][0-9]*\/(task\/[1-9][0-9]*\/)?ns\/net$/;
+
 /**
  * Translates a path under /proc/ that a container runtime passed (a CNI_NETNS such as
- * /proc/1234/ns/net, numbered in the host's PID namespace) into the host's procfs mount. Other
- * paths are returned as they are.
+ * /proc/1234/ns/net, numbered in the host's PID namespace) into the host's procfs mount. Only
+ * /proc/PID/ns/net and /proc/PID/task/TID/ns/net are accepted under /proc/, because any other
+ * path there, such as /proc/../../var/run/netns/x or /proc/self/ns/net, would open something
+ * other than a host process's namespace. Paths outside /proc/ are returned as they are. Throws
+ * AgentError INVALID_CNI_REQUEST for another path under /proc/, with the default /proc as well.
  */
 export function hostProcPath(netnsPath: string, procDir: string = hostProc): string {
   const prefix = `${DEFAULT_HOST_PROC}/`;
-  if (procDir === DEFAULT_HOST_PROC || !netnsPath.startsWith(prefix)) return netnsPath;
+  if (!netnsPath.startsWith(prefix)) return netnsPath;
+  if (!PROC_NETNS_PATH.test(netnsPath)) {
+    throw new AgentError(
+      "INVALID_CNI_REQUEST",
+      `invalid network namespace path ${JSON.stringify(netnsPath.slice(0, 200))}: under /proc/ the agent opens only /proc/PID/ns/net or /proc/PID/task/TID/ns/net; check the container runtime's CNI_NETNS`,
+    );
+  }
+  if (procDir === DEFAULT_HOST_PROC) return netnsPath;
   return path.join(procDir, netnsPath.slice(prefix.length));
 }
 

@@ -2,8 +2,8 @@
 // serves list, watch, GET and PATCH for namespaces, pods, services, endpointslices, the
 // security.istio.io policies and apps/v1 daemonsets over HTTP or HTTPS with the wire format of the
 // real server, so @kubernetes/client-node, client-go and kubectl can all talk to it. The test changes
-// the objects directly (put, remove, patchLabels) and can simulate compaction, restarts, outages and
-// revoked permissions.
+// the objects directly (put, remove, patchLabels) and can simulate compaction, restarts, outages,
+// revoked permissions and responses of something else in front of the server (respondFirst).
 
 import fs from "node:fs";
 import http from "node:http";
@@ -44,6 +44,18 @@ export interface RequestRecord {
   query: Record<string, string>;
 }
 
+/** A response that a test sends in place of the server's own (see respondFirst). */
+export interface ResponseOverride {
+  code: number;
+  /** The body as sent; JSON.stringify it for a JSON body. */
+  body: string;
+  /** Default application/json. */
+  contentType?: string;
+}
+
+/** Returns the response to send in place of the server's own, or undefined to let the server respond. */
+export type RequestInterceptor = (request: RequestRecord) => ResponseOverride | undefined;
+
 /** Number of requests kept in `requests`; older ones are dropped. */
 export const REQUEST_LOG_LIMIT = 1000;
 const MAX_BODY_BYTES = 3 * 1024 * 1024;
@@ -74,6 +86,7 @@ export class FakeKubeApi {
   readonly #netnsListeners: NetnsListener[] = [];
   #outage = false;
   #refusal: 401 | 403 | undefined;
+  #interceptor: RequestInterceptor | undefined;
 
   private constructor(options: FakeKubeApiOptions, ca: FakeKubeCa | undefined, server: (handler: http.RequestListener) => http.Server) {
     this.token = options.token;
@@ -179,6 +192,16 @@ export class FakeKubeApi {
     this.#refusal = status;
   }
 
+  /**
+   * Lets `interceptor` respond to each new request before the token and refusal checks, as a proxy
+   * in front of the API server or an API server that is still starting does. Requests for which it
+   * returns undefined reach the server as before; undefined removes the interceptor. The request is
+   * recorded in `requests` either way.
+   */
+  respondFirst(interceptor: RequestInterceptor | undefined): void {
+    this.#interceptor = interceptor;
+  }
+
   /** Number of watch streams open now. */
   openWatches(): number {
     return this.#watches.size;
@@ -244,7 +267,13 @@ export class FakeKubeApi {
 
   #handle(request: http.IncomingMessage, response: http.ServerResponse): void {
     const url = new URL(request.url ?? "/", "http://fake-kube-api");
-    this.#record(request.method ?? "", url);
+    const record = this.#record(request.method ?? "", url);
+    const override = this.#interceptor?.(record);
+    if (override !== undefined) {
+      response.writeHead(override.code, { "Content-Type": override.contentType ?? "application/json", "Content-Length": Buffer.byteLength(override.body) });
+      response.end(override.body);
+      return;
+    }
     const badToken = this.token !== undefined && request.headers.authorization !== `Bearer ${this.token}`;
     if (badToken || this.#refusal === 401) {
       send(response, errorReply(401, "Unauthorized", "Unauthorized"));
@@ -262,9 +291,11 @@ export class FakeKubeApi {
     }
   }
 
-  #record(method: string, url: URL): void {
-    this.requests.push({ method, path: url.pathname, query: Object.fromEntries(url.searchParams) });
+  #record(method: string, url: URL): RequestRecord {
+    const record = { method, path: url.pathname, query: Object.fromEntries(url.searchParams) };
+    this.requests.push(record);
     if (this.requests.length > REQUEST_LOG_LIMIT) this.requests.splice(0, this.requests.length - REQUEST_LOG_LIMIT);
+    return record;
   }
 
   #dispatch(request: http.IncomingMessage, response: http.ServerResponse, url: URL): void {

@@ -96,6 +96,28 @@ test("command line switch replaces its no- twin", (t) => {
   t.false("transparent-source" in reversed);
 });
 
+test("false switch gives its no- twin", (t) => {
+  const off = parse(["--config", configFile("transparent-source: false\n")]);
+  t.is(off["no-transparent-source"], true, "transparent-source: false left the default on");
+  t.false("transparent-source" in off);
+  const on = parse(["--config", configFile("no-transparent-source: false\n")]);
+  t.is(on["transparent-source"], true, "no-transparent-source: false gave nothing");
+  t.false("no-transparent-source" in on);
+  const cli = parse(["--config", configFile("transparent-source: false\n"), "--transparent-source"]);
+  t.is(cli["transparent-source"], true, "the command line did not replace the file's false");
+  t.false("no-transparent-source" in cli);
+});
+
+test("false switch without a twin gives nothing", (t) => {
+  const file = configFile("replace: false\nkubernetes: false\n");
+  t.deepEqual(withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LISTS), ["--config", file]);
+});
+
+test("both forms of one switch are rejected", (t) => {
+  assertRejected(t, "transparent-source: false\nno-transparent-source: false\n", /sets both "transparent-source" and "no-transparent-source", which are one switch/);
+  assertRejected(t, "no-transparent-source: true\ntransparent-source: true\n", /sets both "transparent-source" and "no-transparent-source"/);
+});
+
 test("values that look like options stay values", (t) => {
   const file = configFile(`node: "--kubernetes"\nprobe-source: ["-1"]\n`);
   const values = parse(["--config", file]);
@@ -115,6 +137,20 @@ test("empty file and empty list give nothing", (t) => {
 test("unknown key is rejected", (t) => {
   assertRejected(t, "nod: n1\n", /unknown key "nod"/);
   assertRejected(t, "--node: n1\n", /unknown key "--node"/);
+  assertRejected(t, "no-replace: true\n", /unknown key "no-replace"/);
+});
+
+test("inherited property names are unknown keys", (t) => {
+  for (const key of ["__proto__", "toString", "constructor", "hasOwnProperty"]) {
+    assertRejected(t, `${key}: true\n`, new RegExp(`unknown key "${key}"`));
+    assertRejected(t, `${key}: n1\n`, new RegExp(`unknown key "${key}"`));
+  }
+});
+
+test("unknown key is rejected although the command line gives its base", (t) => {
+  const file = configFile("no-node: true\n");
+  const error = t.throws(() => withConfigFile(["--config", file, "--node", "n1"], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", /unknown key "no-node"/);
 });
 
 test("config key inside the file is rejected", (t) => {
@@ -154,4 +190,45 @@ test("unreadable file is rejected", (t) => {
 test("invalid command line fails before the file is read", (t) => {
   const missing = path.join(workDir, "never-read.yaml");
   t.throws(() => withConfigFile(["--config", missing, "--no-such-option"], RUN_OPTIONS, COMMA_LISTS), { message: /--no-such-option/ });
+});
+
+test("alias bomb is rejected with the file's name", (t) => {
+  const levels = ["a: &a [x, x, x, x, x, x, x, x, x]"];
+  for (let i = 1; i < 9; i++) levels.push(`${String.fromCharCode(97 + i)}: &${String.fromCharCode(97 + i)} [${Array(9).fill(`*${String.fromCharCode(96 + i)}`).join(", ")}]`);
+  assertRejected(t, `${levels.join("\n")}\n`, /^invalid YAML in the config file .*config-\d+\.yaml: .*alias/i);
+});
+
+test("a list of many entries does not overflow", (t) => {
+  // 300,000 entries fit under the size limit; push(...) of them would throw RangeError.
+  const file = configFile(`probe-source: [${Array.from({ length: 300_000 }, () => "x").join(",")}]\n`);
+  t.is(withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LISTS).length, 300_002);
+});
+
+test("file over 1 MiB and a device without end are rejected", (t) => {
+  assertRejected(t, `# ${"x".repeat(1024 * 1024)}\n`, /is larger than 1048576 bytes/);
+  const error = t.throws(() => withConfigFile(["--config", "/dev/zero"], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", /\/dev\/zero is larger than 1048576 bytes/);
+});
+
+test("file that is not UTF-8 is rejected", (t) => {
+  const file = path.join(workDir, "latin1.yaml");
+  fs.writeFileSync(file, Buffer.from("audit-file: /tmp/caf\xe9.log\n", "latin1"));
+  const error = t.throws(() => withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", /latin1\.yaml is not valid UTF-8/);
+});
+
+test("a second --config is rejected", (t) => {
+  const first = configFile("log-level: info\n");
+  const second = configFile("log-level: debug\n");
+  const error = t.throws(() => withConfigFile(["--config", first, "--config", second], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
+  t.regex(error?.message ?? "", /--config is given more than once/);
+});
+
+test("merge keys apply", (t) => {
+  const file = configFile("defaults: &defaults\n  log-level: debug\n<<: *defaults\n");
+  t.throws(() => parse(["--config", file]), { message: /unknown key "defaults"/ });
+  const merged = configFile("<<: {log-level: debug, capture: nftables}\nnode: n1\n");
+  const values = parse(["--config", merged]);
+  t.is(values["log-level"], "debug");
+  t.is(values.capture, "nftables");
 });

@@ -3,6 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { NativeError, setProcRoot } from "../../agent/capture/native";
+import { AgentError } from "../../agent/errors";
 import { CniEnrolment } from "../../agent/enroll/cni-enrolment";
 import type { EnrolledWorkload } from "../../agent/enroll/reconciler";
 import { DEFAULT_HOST_PROC, hostProcPath, listNetns, useHostProc } from "../../agent/enroll/netns";
@@ -43,6 +44,49 @@ test("other paths are kept", (t) => {
   t.is(hostProcPath("/proc", "/host/proc"), "/proc");
   t.is(hostProcPath("/procfs/1234/ns/net", "/host/proc"), "/procfs/1234/ns/net");
   t.is(hostProcPath("/proc/1234/ns/net", DEFAULT_HOST_PROC), "/proc/1234/ns/net");
+});
+
+test("other paths under /proc/ are rejected", (t) => {
+  const rejected = [
+    "/proc/../../var/run/netns/x",
+    "/proc/1234/../../var/run/netns/x",
+    "/proc/./1234/ns/net",
+    "/proc/1234/ns/./net",
+    "/proc//1234/ns/net",
+    "/proc/1234/ns/net/",
+    "/proc/self/ns/net",
+    "/proc/thread-self/ns/net",
+    "/proc/1/root/var/run/netns/x",
+    "/proc/1234/ns/mnt",
+    "/proc/1234/task/self/ns/net",
+    "/proc/0/ns/net",
+    "/proc/",
+  ];
+  for (const procDir of ["/host/proc", DEFAULT_HOST_PROC]) {
+    for (const netnsPath of rejected) {
+      const error = t.throws(() => hostProcPath(netnsPath, procDir), { instanceOf: AgentError }, `${netnsPath} with ${procDir} was accepted`);
+      t.is(error?.code, "INVALID_CNI_REQUEST");
+      t.true(error?.message.includes(JSON.stringify(netnsPath)), `the message does not name ${netnsPath}: ${error?.message}`);
+      t.regex(error?.message ?? "", /only \/proc\/PID\/ns\/net or \/proc\/PID\/task\/TID\/ns\/net/);
+    }
+  }
+});
+
+test.serial("CNI ADD with a rejected netns fails with its reason", async (t) => {
+  const enrolment = new CniEnrolment({
+    node: "n1",
+    state: () => undefined,
+    settings: () => ({ excludedNamespaces: [] }),
+    stopping: () => false,
+    reconcile: async () => t.fail("the ADD reached the reconciler"),
+    enrolled: () => undefined,
+    evict: async () => t.fail("the ADD evicted a pod"),
+    enrolledByCni: () => t.fail("the ADD enrolled a pod"),
+    logger: silentLogger(),
+  });
+  const add = enrolment.add({ command: "ADD", containerId: "c1", netns: "/proc/1/root/var/run/netns/x", ifName: "eth0", podNamespace: "shop", podName: "web", ips: [], cniVersion: "1.0.0" });
+  const error = await t.throwsAsync(add, { instanceOf: AgentError });
+  t.regex(error?.message ?? "", /invalid network namespace path "\/proc\/1\/root\/var\/run\/netns\/x"/);
 });
 
 test.serial("namespace scan lists the host proc folder's processes", (t) => {

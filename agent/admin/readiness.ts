@@ -1,10 +1,13 @@
 // The node's readiness for /healthz/ready and agentctl status: configuration read (from the API
 // server, every resource listed once), capture attached, enrolment running, a usable certificate
-// for every identity of the pods to enrol, and with a CNI folder the plugin chained. The body
-// also carries the pods not served yet and the state of each Kubernetes API watch.
+// for every identity of the pods to enrol, with a CNI folder the plugin chained, and with
+// --probe-snat the probe SNAT table in place, without which kubelet probes of enrolled pods are
+// captured and refused under STRICT mTLS. The body also carries the pods not served yet and the
+// state of each Kubernetes API watch.
 
 import type { KubeHealth } from "../discovery/kube-source";
 import type { CertificateStatus } from "../identity/cert-manager";
+import type { ProbeSnatStatus } from "../capture/nft/probe-snat";
 import { TextResponse } from "./server";
 
 /** Pods named in the readiness body's `pending` list at most. */
@@ -20,6 +23,8 @@ export interface ReadinessInputs {
   certificates: readonly CertificateStatus[];
   /** The CNI plugin's chaining, when the agent runs with a CNI configuration folder. */
   cni?: { chained: boolean; file?: string; outcome: string };
+  /** The probe SNAT table, when the agent runs with --probe-snat. */
+  probeSnat?: ProbeSnatStatus;
   enrolled: number;
   stopping: boolean;
 }
@@ -43,6 +48,8 @@ export function readinessChecks(inputs: ReadinessInputs, now = Date.now()): Read
     certificates: inputs.certificates.every((certificate) => servesUntilExpiry(certificate, now)),
     // New pods start uncaptured while the plugin is missing from the runtime's configuration.
     ...(inputs.cni && { cni: inputs.cni.chained }),
+    // Enrolment goes on without the table, but the kubelet's probes of enrolled pods then fail.
+    ...(inputs.probeSnat && { probeSnat: inputs.probeSnat.installed }),
   };
   return { ready: Object.values(checks).every(Boolean) && !inputs.stopping, checks };
 }
@@ -65,6 +72,7 @@ export function readinessResponse(inputs: ReadinessInputs): TextResponse {
     checks,
     kubernetes: kube && { server: kube.server, synced: kube.synced, watching: kube.watching, resources: kube.resources },
     cni: inputs.cni,
+    probeSnat: inputs.probeSnat,
     enrolled: inputs.enrolled,
     ...(inputs.stopping && { stopping: true }),
     // Capped, so that a node with thousands of pods not served yet keeps a small response.

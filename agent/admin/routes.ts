@@ -67,6 +67,8 @@ export interface AdminSources {
   captureEntries(): unknown;
   kubernetes(): KubeHealth | undefined;
   cni(): ReadinessInputs["cni"];
+  /** The probe SNAT table's state with --probe-snat, else undefined. */
+  probeSnat?(): ReadinessInputs["probeSnat"];
   problems(): readonly ManifestProblem[];
   connections(): ConnectionSource | undefined;
   stopping(): boolean;
@@ -99,6 +101,7 @@ function readinessInputs(sources: AdminSources): ReadinessInputs {
     pending: enrolled === undefined ? [] : pendingPods(sources, enrolled),
     certificates: sources.certificates(),
     cni: sources.cni(),
+    probeSnat: sources.probeSnat?.(),
     enrolled: enrolled?.length ?? 0,
     stopping: sources.stopping(),
   };

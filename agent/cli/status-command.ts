@@ -27,6 +27,8 @@ export interface Readiness {
   enrolled: number;
   kubernetes?: { server: string; synced: boolean; watching: boolean; resources: ResourceHealth[] };
   cni?: { chained: boolean; file?: string; outcome: string };
+  /** The probe SNAT table (--probe-snat), absent without it. */
+  probeSnat?: { installed: boolean; table: string; netns: string; sources: string[]; pods: { ipv4: number; ipv6: number }; error?: string };
   /** Pods of the node to enrol that are not served yet (the first 20), and their number when there are more. */
   pending?: string[];
   pendingTotal?: number;
@@ -83,6 +85,7 @@ export function formatWatches(readiness: Readiness): string {
   if (readiness.cni !== undefined) {
     lines.push(readiness.cni.chained ? `cni plugin: chained into ${readiness.cni.file}` : `cni plugin: not chained (${readiness.cni.outcome}): new pods start without waiting for capture`);
   }
+  if (readiness.probeSnat !== undefined) lines.push(probeSnatLine(readiness.probeSnat));
   const kube = readiness.kubernetes;
   if (kube === undefined) {
     lines.push("configuration source: manifest files");
@@ -102,6 +105,15 @@ export function formatWatches(readiness: Readiness): string {
   ]);
   lines.push(formatTable(["RESOURCE", "LISTED", "WATCHING", "VERSION", "LISTS", "EXPIRED", "LAST ERROR"], rows, "  ").trimEnd());
   return lines.join("\n") + "\n";
+}
+
+/** Formats the probe SNAT table's line: where it is and how many pod addresses it has, or why it is missing. */
+function probeSnatLine(probeSnat: NonNullable<Readiness["probeSnat"]>): string {
+  const where = `table ${probeSnat.table} in ${probeSnat.netns}`;
+  if (!probeSnat.installed) {
+    return `probe snat: ${where} not in place (${probeSnat.error ?? "not written yet"}): kubelet probes of enrolled pods come from the node's address and are captured`;
+  }
+  return `probe snat: ${where}, to ${probeSnat.sources.join(" and ")}, for ${probeSnat.pods.ipv4} IPv4 and ${probeSnat.pods.ipv6} IPv6 pod addresses`;
 }
 
 /** The output of `agentctl status`: the /status view when the agent serves it, and the readiness. */

@@ -57,7 +57,7 @@ export const STATUS_SHAPE: Shape = {
 /** The capture part of /status, when present. */
 export const STATUS_CAPTURE_SHAPE: Shape = { mode: "string", requested: "string", reason: "string", programs: "array", maps: "array" };
 
-export const READINESS_SHAPE: Shape = { ready: "boolean", checks: "object", enrolled: "number", kubernetes: "object?", cni: "object?", pending: "array?", stopping: "boolean?" };
+export const READINESS_SHAPE: Shape = { ready: "boolean", checks: "object", enrolled: "number", kubernetes: "object?", cni: "object?", probeSnat: "object?", pending: "array?", stopping: "boolean?" };
 
 export const READINESS_KUBERNETES_SHAPE: Shape = { server: "string", synced: "boolean", watching: "boolean", resources: "array" };
 

@@ -51,6 +51,8 @@ export interface AgentProcessOptions {
   extraArgs?: string[];
   /** AMBIENT_AGENT_LOG_LEVEL of the agent; "debug" by default, so that tests can wait for debug lines. */
   logLevel?: string;
+  /** More environment variables of the agent, added to the test process's own. */
+  env?: Record<string, string>;
 }
 
 export interface LogLine {
@@ -241,7 +243,9 @@ function spawnAgent(options: AgentProcessOptions): ChildProcess {
     ...((options.extraArgs ?? []).includes("--audit-spool") ? [] : ["--audit-spool", options.spoolDir]),
     "--pin-root", options.pinRoot,
     ...((options.extraArgs ?? []).includes("--capture") ? [] : ["--capture", TEST_CAPTURE]),
+    // The node's namespace is the host's for its agent, and this machine's own must stay untouched.
+    ...((options.extraArgs ?? []).includes("--host-netns") ? [] : ["--host-netns", `/var/run/netns/${options.nodeNetns}`]),
     ...(options.extraArgs ?? []),
   ];
-  return spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
+  return spawn("nsenter", args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...options.env, AMBIENT_AGENT_LOG_LEVEL: options.logLevel ?? "debug" } });
 }

@@ -14,7 +14,7 @@ export const CAPABILITY_NUMBERS = {
 
 export type CapabilityName = keyof typeof CAPABILITY_NUMBERS;
 
-/** The effective capability set; `has` answers for one capability. */
+/** The effective capability set; `has` tells whether it holds one capability. */
 export interface EffectiveCapabilities {
   has(name: CapabilityName): boolean;
 }
@@ -27,7 +27,7 @@ export function parseEffectiveCapabilities(statusText: string): EffectiveCapabil
   return { has: (name) => (effective & (1n << BigInt(CAPABILITY_NUMBERS[name]))) !== 0n };
 }
 
-/** The effective capabilities of this process; undefined off Linux. */
+/** Reads the effective capabilities of this process; undefined off Linux. */
 export function readEffectiveCapabilities(): EffectiveCapabilities | undefined {
   try {
     return parseEffectiveCapabilities(fs.readFileSync("/proc/self/status", "utf8"));
@@ -37,7 +37,7 @@ export function readEffectiveCapabilities(): EffectiveCapabilities | undefined {
 }
 
 /**
- * The capabilities the agent cannot serve a pod without, missing from `capabilities`:
+ * Lists the capabilities that the agent cannot serve a pod without and `capabilities` lacks:
  * CAP_SYS_ADMIN enters pods' network namespaces (setns) and loads eBPF programs; CAP_NET_ADMIN
  * attaches them and sets SO_MARK, IP_TRANSPARENT, routes and nftables in pods' namespaces.
  * CAP_BPF alone would load programs, but setns still needs CAP_SYS_ADMIN.

@@ -111,10 +111,10 @@ function checkFilesystems(options: HostCheckOptions): HostProblem[] {
       fix: "mount bpffs there (mount -t bpf bpf /sys/fs/bpf) or set the pin root to a directory under a bpffs mount",
     });
   }
-  if (filesystemType(options.cgroupPath) !== CGROUP2_SUPER_MAGIC) {
+  if (!isCgroup2Directory(options.cgroupPath)) {
     problems.push({
       what: `${options.cgroupPath} is not a cgroup v2 directory`,
-      fix: "set the cgroup path to the cgroup v2 mount (for example /sys/fs/cgroup or /sys/fs/cgroup/unified)",
+      fix: "point --cgroup at the host's cgroup v2 mount, or at a folder whose unified subfolder is one, as on hybrid cgroup hosts (in the Helm chart, hostPaths.cgroup). On nodes with cgroup v1 only, run with --capture nftables (in the Helm chart, capture.mode: nftables)",
     });
   }
   if (!fs.existsSync(options.objectPath)) {
@@ -153,6 +153,11 @@ function checkKernel(options: HostCheckOptions, hostReady: boolean): HostProblem
     });
   }
   return problems;
+}
+
+/** Tells whether `directory` is on a cgroup v2 filesystem. A folder that cannot be read is not. */
+export function isCgroup2Directory(directory: string): boolean {
+  return filesystemType(directory) === CGROUP2_SUPER_MAGIC;
 }
 
 function nearestExistingDirectory(directory: string): string {

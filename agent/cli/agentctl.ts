@@ -5,16 +5,15 @@ import fs from "node:fs";
 import net from "node:net";
 import { Capture } from "../capture/ebpf/capture";
 import { readCaptureEntries } from "../capture/ebpf/inspect";
-import { canonicalPinRoot, lockHolder } from "../capture/pin-lock";
+import { describeHolderPid, lockHolder } from "../capture/pin-lock";
 import { chainedSockets, unchain } from "../cni/chain";
 import { initCa } from "../identity/ca";
 import { UsageError } from "./admin-client";
 import { AUDIT_USAGE, runAuditCommand } from "./audit-commands";
 import { DOCTOR_USAGE, runDoctorCommand } from "./doctor";
 import { INSPECT_USAGE, runInspectCommand } from "./inspect-commands";
+import { pinRootOption } from "./pin-root-option";
 import { parseOptions, synopsisOf, usageErrorText } from "./usage";
-
-const NODE_NAME = /^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/;
 
 /** The trust domains initCa accepts; checked here too, so that a bad --trust-domain is a usage error. */
 const TRUST_DOMAIN = /^[a-z0-9._-]+$/;
@@ -57,18 +56,16 @@ async function caInit(argv: string[]): Promise<void> {
   process.stdout.write(`created CA in ${values.dir} (trust domain ${values["trust-domain"] ?? "cluster.local"})\n`);
 }
 
-/** Returns the pin root that --node or --pin-root names. */
-function pinRootOption(values: { node?: string; "pin-root"?: string }): string {
-  if (!values.node && !values["pin-root"]) throw new UsageError("missing --node NAME (or --pin-root DIR)");
-  if (values.node && !NODE_NAME.test(values.node)) {
-    throw new UsageError(`invalid --node "${values.node}": use a Kubernetes node name (lowercase letters, digits, '-' and '.')`);
-  }
-  return canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${values.node}`);
+/** Returns the pin root that --node or --pin-root names. Throws UsageError without either. */
+function requiredPinRoot(values: { node?: string; "pin-root"?: string }): string {
+  const pinRoot = pinRootOption(values);
+  if (pinRoot === undefined) throw new UsageError("missing --node NAME (or --pin-root DIR)");
+  return pinRoot;
 }
 
 function captureList(argv: string[]): void {
   const { values } = parseOptions({ args: argv, options: { node: { type: "string" }, "pin-root": { type: "string" } } });
-  const pinRoot = pinRootOption(values);
+  const pinRoot = requiredPinRoot(values);
   if (!fs.existsSync(pinRoot)) throw new Error(`nothing is pinned under ${pinRoot}: no agent has attached capture for this node`);
   process.stdout.write(JSON.stringify(readCaptureEntries(pinRoot), null, 2) + "\n");
 }
@@ -78,11 +75,11 @@ function captureRemove(argv: string[]): void {
     args: argv,
     options: { node: { type: "string" }, "pin-root": { type: "string" }, force: { type: "boolean" } },
   });
-  const pinRoot = pinRootOption(values);
+  const pinRoot = requiredPinRoot(values);
   const holder = lockHolder(pinRoot);
   if (holder !== undefined && !values.force) {
     throw new Error(
-      `the agent with PID ${holder} serves ${pinRoot}; removing its capture would open its pods. Stop the agent first, or pass --force`,
+      `an agent (${describeHolderPid(holder)}) serves ${pinRoot}; removing its capture would open its pods. Stop the agent first, or pass --force`,
     );
   }
   const removed = Capture.remove(pinRoot);

@@ -1,11 +1,11 @@
 #!/usr/bin/env -S node --single-threaded-gc --max-semi-space-size=2
 // ambient-agent: the node agent. `ambient-agent run --node NAME --manifests DIR --ca-dir DIR [--audit-file PATH]`.
 
-import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseAddress } from "../admin/server";
 import { canonicalPinRoot } from "../capture/pin-lock";
+import { isCgroup2Directory } from "../capture/preflight";
 import { parseCaptureMode } from "../capture/probe";
 import { Agent, HostNotReadyError, type AgentOptions } from "../daemon";
 import { DEFAULT_HOST_PROC } from "../enroll/netns";
@@ -26,9 +26,10 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
   --config FILE        YAML file of options, read once at start: a mapping from long option names
                        without the dashes to values, for example "kubernetes: true",
                        "excluded-namespaces: [kube-system, ambient-agent]" or "cni-timeout: 30".
-                       Switches take true or false (false: not given), repeatable and
-                       comma-separated options a list. An option on the command line replaces the
-                       file's value
+                       Switches take true or false. False gives the no- form of a switch that
+                       has one ("transparent-source: false" is --no-transparent-source) and, for
+                       other switches, counts as not given. Repeatable and comma-separated options
+                       take a list. An option on the command line replaces the file's value
   --node NAME          this node's name; pods whose spec.nodeName equals it are served
   --manifests DIR      folder of Kubernetes YAML (Namespace, Pod, Service, EndpointSlice,
                        AuthorizationPolicy, PeerAuthentication), re-read when it changes
@@ -37,12 +38,13 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
   --kubeconfig FILE    kubeconfig file for the API server; implies --kubernetes
   --daemonset NAMESPACE/NAME
                        the DaemonSet that runs this agent (needs --kubernetes), watched from
-                       start. At SIGTERM or SIGINT after the watch saw it deleted or being
-                       deleted, the agent is being uninstalled: it removes its CNI plugin entry,
-                       every pod's enrolment and its pinned capture. Without such an event it
-                       reads the DaemonSet (2 s timeout): being deleted, or not found though the
-                       watch saw it before, is an uninstall too. Otherwise (found, API server
-                       unreachable, any error) capture stays pinned
+                       start. At SIGTERM or SIGINT the agent reads it (2 s timeout). Being deleted,
+                       or the API server's NotFound for a DaemonSet the watch saw before, means an
+                       uninstall: the agent removes its CNI plugin entry, every pod's enrolment and
+                       its pinned capture. Found without deletionTimestamp means a restart. When
+                       the read fails (401, 403, 5xx, another 404, no answer), a DELETED event or
+                       deletionTimestamp that the watch saw for the same uid means an uninstall;
+                       without one, capture stays pinned
   --excluded-namespaces NS[,NS...]
                        namespaces whose pods are never enrolled, even when labelled
                        istio.io/dataplane-mode=ambient (default kube-system; "none" for no exclusion)
@@ -55,10 +57,13 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
                        how long the plugin waits for the agent before it fails the pod's sandbox,
                        which the kubelet then retries (default 30)
 ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
-  --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup/unified if it is cgroup2, else /sys/fs/cgroup)
+  --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup). When PATH is not cgroup v2 but
+                       PATH/unified is, as on hybrid cgroup hosts, the agent attaches there and logs it
   --host-proc DIR      the host's /proc as mounted where the agent runs (default /proc; in a pod, for
                        example /host/proc): the host's processes, their network namespaces, a
                        CNI_NETNS under /proc/, and every per-pod sysctl the agent writes
+  --host-netns PATH    the host's network namespace, where --probe-snat writes its nftables table
+                       (default DIR/1/ns/net of --host-proc)
   --bpf-object PATH    prebuilt eBPF object (default bpf/capture.bpf.o of this installation)
   --admin HOST:PORT    admin API address (default 127.0.0.1:15000). Keep it on loopback: the admin
                        API lists every connection and changes log levels; another address logs a warning
@@ -76,8 +81,15 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
   --probe-source ADDRESS[,ADDRESS...]
                        source address of kubelet health probes, which inbound capture lets through
                        to the application; repeatable (default 169.254.7.127 and
-                       fd16:9254:7127:1337:ffff:ffff:ffff:ffff, "none" for no exemption). The node
-                       must SNAT kubelet's probes to it; the agent installs no SNAT rule
+                       fd16:9254:7127:1337:ffff:ffff:ffff:ffff, "none" for no exemption). The
+                       node must SNAT kubelet's probes to it, as --probe-snat does
+  --probe-snat         keep an nftables table (inet ambient_agent_probes) in the host's network
+                       namespace that rewrites the source of TCP connections opened by the host's
+                       own processes, the kubelet's probes among them, to enrolled pods: to the first
+                       IPv4 and the first IPv6 --probe-source. Every such connection then reaches
+                       the application uncaptured. The table stays when the agent stops; an agent
+                       started without --probe-snat, or uninstalled, removes it. Needs a
+                       --probe-source address
   --drain-timeout SECONDS
                        on SIGTERM or SIGINT, how long open connections may finish before they are
                        reset (default 5; 0 resets them at once). A second signal resets them at once.
@@ -105,11 +117,18 @@ ${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node
                        address, with a policy routing rule installed in each enrolled pod)
 `;
 
-/** Returns the cgroup v2 mount: /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup. */
-export function defaultCgroupPath(): string {
-  const unified = "/sys/fs/cgroup/unified";
-  if (fs.existsSync(path.join(unified, "cgroup.procs"))) return unified;
-  return "/sys/fs/cgroup";
+/** Default of --cgroup, which cgroupV2Root resolves on hybrid hosts. */
+export const DEFAULT_CGROUP_PATH = "/sys/fs/cgroup";
+
+/**
+ * Returns the cgroup v2 folder for --cgroup `folder`: the folder itself when it is cgroup v2, else
+ * its `unified` subfolder when that is, as on hybrid hosts that mount cgroup v1 at /sys/fs/cgroup
+ * and cgroup v2 at /sys/fs/cgroup/unified. Otherwise `folder`, which the host check then reports.
+ */
+export function cgroupV2Root(folder: string, isCgroup2: (directory: string) => boolean = isCgroup2Directory): string {
+  if (isCgroup2(folder)) return folder;
+  const unified = path.join(folder, "unified");
+  return isCgroup2(unified) ? unified : folder;
 }
 
 /** The options of `ambient-agent run`: the agent's own, and how the process logs and stops it. */
@@ -167,6 +186,8 @@ export const RUN_OPTIONS = {
   replace: { type: "boolean" },
   "idle-after-handover": { type: "boolean" },
   "probe-source": { type: "string", multiple: true },
+  "probe-snat": { type: "boolean" },
+  "host-netns": { type: "string" },
   "transparent-source": { type: "boolean" },
   "no-transparent-source": { type: "boolean" },
   "log-level": { type: "string" },
@@ -174,7 +195,7 @@ export const RUN_OPTIONS = {
 } as const;
 
 /** Options that are given once with a comma-separated value, which a --config file may write as a list. */
-const COMMA_LIST_OPTIONS: ReadonlySet<string> = new Set(["log-level"]);
+export const COMMA_LIST_OPTIONS: ReadonlySet<string> = new Set(["log-level"]);
 
 function parseRunOptions(argv: string[]): RunOptions {
   const { values } = parseArgs({ args: withConfigFile(argv, RUN_OPTIONS, COMMA_LIST_OPTIONS), options: RUN_OPTIONS, strict: true });
@@ -202,7 +223,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     identity: parseWith(parseIdentityFlags, values),
     audit: parseWith((flags: AuditFlagValues) => parseAuditFlags(flags, node), values),
     pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${node}`),
-    cgroupPath: values.cgroup ?? defaultCgroupPath(),
+    cgroupPath: values.cgroup ?? DEFAULT_CGROUP_PATH,
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     adminAddress: values.admin ?? "127.0.0.1:15000",
     metricsAddress: parseListenFlag("metrics", values.metrics ?? "[::]:15020"),
@@ -210,10 +231,15 @@ function parseRunOptions(argv: string[]): RunOptions {
     rootNamespace: values["root-namespace"] ?? "istio-system",
     capture: parseWith(parseCaptureMode, values.capture),
     probeSources: parseProbeSources(values["probe-source"]),
+    probeSnat: values["probe-snat"] ?? false,
     transparentSource: parseTransparentSource(values["transparent-source"], values["no-transparent-source"]),
     hostProc: path.resolve(values["host-proc"] ?? DEFAULT_HOST_PROC),
+    hostNetns: values["host-netns"] === undefined ? undefined : path.resolve(values["host-netns"]),
     daemonset: values.daemonset === undefined ? undefined : parseWith(parseDaemonSetRef, values.daemonset),
   };
+  if (agent.probeSnat && agent.probeSources!.length === 0) {
+    throw new UsageError(`--probe-snat needs a probe source address to rewrite kubelet probes to, but --probe-source is "none": give --probe-source an address or leave out --probe-snat`);
+  }
   const drainTimeoutMs = parseDrainTimeout(values["drain-timeout"]);
   const logLevel = parseLogLevelFlag(values["log-level"]);
   const logFormat = values["log-format"] === undefined ? "json" : parseWith(parseLogFormat, values["log-format"], "--log-format");
@@ -224,6 +250,14 @@ function parseRunOptions(argv: string[]): RunOptions {
     logFormat,
     idleAfterHandover: values["idle-after-handover"] ?? false,
   };
+}
+
+/** Returns `options` with cgroupPath resolved by cgroupV2Root, and logs a change. */
+function withCgroupV2Root(options: AgentOptions, logger: Logger): AgentOptions {
+  const cgroupPath = cgroupV2Root(options.cgroupPath);
+  if (cgroupPath === options.cgroupPath) return options;
+  logger.info({ cgroup: options.cgroupPath, attachTo: cgroupPath }, `${options.cgroupPath} is not cgroup v2 but ${cgroupPath} is, as on a hybrid cgroup host: using ${cgroupPath} as the cgroup v2 root`);
+  return { ...options, cgroupPath };
 }
 
 /** Runs an option parser and turns its error into a UsageError, prefixed with `flag` when given. */
@@ -358,7 +392,7 @@ async function main(argv: string[]): Promise<number> {
       `Node.js runs without ${AGENT_NODE_FLAGS.join(" ")}: the data path will use more CPU; start the agent as \`node ${AGENT_NODE_FLAGS.join(" ")} ambient-agent.js\` or through the ambient-agent script`,
     );
   }
-  const agent = new Agent(options.agent, logger);
+  const agent = new Agent(withCgroupV2Root(options.agent, logger), logger);
   // Start may wait long for the API server's first list: a signal meanwhile makes start() end at
   // its next step, and the agent then stops cleanly.
   let signalDuringStart: string | undefined;

@@ -6,6 +6,7 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { parseArgs } from "node:util";
 import { DataType, load, open } from "ffi-rs";
 import si from "systeminformation";
 import { missingRequiredCapabilities, readEffectiveCapabilities } from "../capture/capabilities";
@@ -13,20 +14,27 @@ import { canonicalPinRoot } from "../capture/pin-lock";
 import { checkHost, type HostProblem } from "../capture/preflight";
 import { isHostSetupFeature, parseCaptureMode, probeCaptureFeatures, type FeatureProbe, type RequestedCaptureMode } from "../capture/probe";
 import { adminRequest, asUsage, DEFAULT_ADMIN, validAdmin } from "./admin-client";
-import { formatTable, parseOutputFormat, render } from "./output";
+import { withConfigFile } from "./config-file";
+import { formatTable, parseOutputFormat, render, type OutputFormat } from "./output";
+import { pinRootOption } from "./pin-root-option";
 import { parseOptions } from "./usage";
 
-export const DOCTOR_USAGE = `  doctor [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH] [--capture ebpf|nftables|auto]
-         [--admin HOST:PORT] [-o table|json|yaml]
+export const DOCTOR_USAGE = `  doctor [--config FILE] [--node NAME] [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH]
+         [--capture ebpf|nftables|auto] [--admin HOST:PORT] [-o table|json|yaml]
                      check whether this host can run the agent: kernel version, BTF, bpffs under the pin
                      root, cgroup v2, capabilities, the eBPF programs (loaded for real, as the agent
                      does at start), nftables for the fallback, clock synchronisation, and whether an
                      agent answers on the admin API. Prints PASS, WARN or FAIL per check with what to do.
                      Run it as root, like the agent. Exits 1 when a check fails, 0 otherwise
-                       --pin-root DIR     the agent's pin root (default /sys/fs/bpf/ambient-agent/HOSTNAME,
-                                          the agent's default when its node is named like this host)
-                       --cgroup PATH      cgroup v2 root (default /sys/fs/cgroup/unified if it is
-                                          cgroup2, else /sys/fs/cgroup)
+                       --config FILE      the agent's --config file (in the Helm chart's pod,
+                                          /etc/ambient-agent/config.yaml), read as \`ambient-agent run\`
+                                          reads it, for node, pin-root, cgroup, bpf-object, capture and
+                                          admin. The options below replace the file's values
+                       --node NAME        the agent's node, which names its default pin root
+                       --pin-root DIR     the agent's pin root (default /sys/fs/bpf/ambient-agent/NODE,
+                                          with NODE from --node, else this host's name)
+                       --cgroup PATH      cgroup v2 root (default /sys/fs/cgroup); when PATH is not
+                                          cgroup v2 but PATH/unified is, doctor checks that, as the agent does
                        --bpf-object PATH  eBPF object (default bpf/capture.bpf.o of this installation)
                        --capture MODE     the capture mode the agent will run with (default auto):
                                           decides which failures are FAIL and which WARN
@@ -63,33 +71,63 @@ const TIMEX_SIZE = 208;
 const TIMEX_MAXERROR = 24;
 const TIMEX_STATUS = 40;
 
+/** The options of `agentctl doctor`. */
+const DOCTOR_OPTIONS = {
+  config: { type: "string" },
+  node: { type: "string" },
+  "pin-root": { type: "string" },
+  cgroup: { type: "string" },
+  "bpf-object": { type: "string" },
+  capture: { type: "string" },
+  admin: { type: "string" },
+  output: { type: "string", short: "o" },
+} as const;
+
+/** The options of `ambient-agent run` that doctor takes from the agent's --config file. */
+const AGENT_FILE_KEYS = ["node", "pin-root", "cgroup", "bpf-object", "capture", "admin"] as const;
+
+type AgentFileValues = Partial<Record<(typeof AGENT_FILE_KEYS)[number], string>>;
+
 export async function runDoctorCommand(argv: string[]): Promise<number> {
-  const { values } = parseOptions({
-    args: argv,
-    options: {
-      "pin-root": { type: "string" },
-      cgroup: { type: "string" },
-      "bpf-object": { type: "string" },
-      capture: { type: "string" },
-      admin: { type: "string" },
-      output: { type: "string", short: "o" },
-    },
-  });
-  const format = parseOutputFormat(values.output);
-  const capture = asUsage(() => parseCaptureMode(values.capture));
-  const { defaultCgroupPath } = await import("./ambient-agent");
-  const options: DoctorOptions = {
-    pinRoot: canonicalPinRoot(values["pin-root"] ?? `/sys/fs/bpf/ambient-agent/${os.hostname().toLowerCase()}`),
-    cgroupPath: values.cgroup ?? defaultCgroupPath(),
-    objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
-    capture,
-    admin: validAdmin(values.admin),
-    onCheck: process.stderr.isTTY ? showProgress : undefined,
-  };
+  const { format, options } = await parseDoctorOptions(argv);
+  options.onCheck = process.stderr.isTTY ? showProgress : undefined;
   const checks = await runDoctorChecks(options);
   if (options.onCheck !== undefined) process.stderr.write("\r\x1b[K");
-  process.stdout.write(render(format, { capture, checks }, () => formatDoctor(checks)));
+  process.stdout.write(render(format, { capture: options.capture, checks }, () => formatDoctor(checks)));
   return checks.some((check) => check.result === "FAIL") ? 1 : 0;
+}
+
+/**
+ * Reads doctor's command line, and the agent's --config file when one is given: an option on the
+ * command line replaces the file's value, as it does for the agent. Throws UsageError for an
+ * invalid option or file.
+ */
+export async function parseDoctorOptions(argv: string[]): Promise<{ format: OutputFormat; options: DoctorOptions }> {
+  const { values: given } = parseOptions({ args: argv, options: DOCTOR_OPTIONS });
+  const fromFile = given.config === undefined ? {} : await readAgentFile(given.config);
+  const values = { ...fromFile, ...definedValues(given) };
+  const format = parseOutputFormat(given.output);
+  const { cgroupV2Root, DEFAULT_CGROUP_PATH } = await import("./ambient-agent");
+  const options: DoctorOptions = {
+    pinRoot: pinRootOption(values) ?? canonicalPinRoot(`/sys/fs/bpf/ambient-agent/${os.hostname().toLowerCase()}`),
+    cgroupPath: cgroupV2Root(values.cgroup ?? DEFAULT_CGROUP_PATH),
+    objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
+    capture: asUsage(() => parseCaptureMode(values.capture)),
+    admin: validAdmin(values.admin),
+  };
+  return { format, options };
+}
+
+/** Reads the agent's --config file through the agent's own option table and returns the options doctor shares with it. */
+async function readAgentFile(file: string): Promise<AgentFileValues> {
+  const { COMMA_LIST_OPTIONS, RUN_OPTIONS } = await import("./ambient-agent");
+  const { values } = asUsage(() => parseArgs({ args: withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LIST_OPTIONS), options: RUN_OPTIONS, strict: true }));
+  return definedValues(Object.fromEntries(AGENT_FILE_KEYS.map((key) => [key, values[key]])));
+}
+
+/** Returns `values` without the keys whose value is undefined, so that spreading it replaces only what was given. */
+function definedValues<T extends Record<string, unknown>>(values: T): Partial<T> {
+  return Object.fromEntries(Object.entries(values).filter(([, value]) => value !== undefined)) as Partial<T>;
 }
 
 function showProgress(name: string): void {
@@ -109,7 +147,7 @@ export async function runDoctorChecks(options: DoctorOptions): Promise<DoctorChe
   options.onCheck?.("ebpf features");
   const features = probeCaptureFeatures(options);
   await run("bpffs", () => hostSetupCheck(features, "bpffs", needsEbpf, "mount bpffs there (mount -t bpf bpf /sys/fs/bpf), or pass a --pin-root under a bpffs mount", `the pin root ${options.pinRoot} is on bpffs`));
-  await run("cgroup2", () => hostSetupCheck(features, "cgroup2", needsEbpf, "pass --cgroup with the cgroup v2 mount, such as /sys/fs/cgroup", `${options.cgroupPath} is a cgroup v2 directory`));
+  await run("cgroup2", () => hostSetupCheck(features, "cgroup2", needsEbpf, "pass --cgroup with the cgroup v2 mount, such as /sys/fs/cgroup, or the agent's --config file; on nodes with cgroup v1 only, run the agent with --capture nftables", `${options.cgroupPath} is a cgroup v2 directory`));
   await run("capabilities", () => checkCapabilities(options));
   options.onCheck?.("nftables");
   const nftables = nftablesProblems(options);

@@ -57,6 +57,8 @@ test.serial("agent without cgroup v2 names the path", (t) => {
   t.is(result.status, 1);
   t.regex(result.stderr, /not a cgroup v2 directory/);
   t.true(result.stderr.includes(workDir));
+  t.regex(result.stderr, /hostPaths\.cgroup/);
+  t.regex(result.stderr, /cgroup v1 only, run with --capture nftables/);
 });
 
 test.serial("agent as non-root says to run as root", (t) => {

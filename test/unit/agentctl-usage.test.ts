@@ -101,6 +101,8 @@ test("bad options exit 2 naming the value", async (t) => {
     [["log", "--reset", "proxy:debug"], /--reset restores every start-up level/],
     [["doctor", "--capture", "bpf"], /invalid --capture "bpf": use auto, ebpf, nftables/],
     [["doctor", "-o", "xml"], /invalid -o "xml"/],
+    [["doctor", "--config", "/nonexistent/config.yaml"], /cannot read the config file \/nonexistent\/config\.yaml/],
+    [["doctor", "--node", "Node_A"], /invalid --node "Node_A"/],
     [["authz", "check", "--from", "shop/web", "--to", "backend/api", "-o", "xml"], /invalid -o "xml"/],
     [["capture", "list"], /missing --node NAME/],
     [["capture", "list", "--node", "Node_A"], /invalid --node "Node_A"/],
@@ -124,9 +126,9 @@ test("usage error shows the command synopsis", async (t) => {
   const run = await agentctl("doctor", "--bogus");
   t.is(run.status, 2);
   t.deepEqual(run.stderr.split("\n"), [
-    "agentctl doctor: unknown option --bogus; the options are --pin-root, --cgroup, --bpf-object, --capture, --admin, -o",
-    "usage: agentctl doctor [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH] [--capture ebpf|nftables|auto]",
-    "       [--admin HOST:PORT] [-o table|json|yaml]",
+    "agentctl doctor: unknown option --bogus; the options are --config, --node, --pin-root, --cgroup, --bpf-object, --capture, --admin, -o",
+    "usage: agentctl doctor [--config FILE] [--node NAME] [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH]",
+    "       [--capture ebpf|nftables|auto] [--admin HOST:PORT] [-o table|json|yaml]",
     "run agentctl --help for every command and option",
     "",
   ]);

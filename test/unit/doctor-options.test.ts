@@ -1,0 +1,114 @@
+// `agentctl doctor --config FILE`: the options doctor takes from the agent's config file, read as
+// `ambient-agent run` reads it, and the command-line options that replace them.
+
+import test from "ava";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { UsageError } from "../../agent/cli/admin-client";
+import { cgroupV2Root } from "../../agent/cli/ambient-agent";
+import { parseDoctorOptions } from "../../agent/cli/doctor";
+
+let workDir = "";
+
+test.before(() => {
+  workDir = fs.mkdtempSync(path.join(os.tmpdir(), "aadoctor-"));
+});
+
+test.after.always(() => {
+  fs.rmSync(workDir, { recursive: true, force: true });
+});
+
+let fileCount = 0;
+
+/** Writes `text` to a new file in the work folder and returns its path. */
+function configFile(text: string): string {
+  const file = path.join(workDir, `config-${++fileCount}.yaml`);
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+/** Writes a config file as the Helm chart does, with options that doctor does not use among the ones it does. */
+function agentConfig(): string {
+  const cgroup = path.join(workDir, "cgroup");
+  const pinRoot = path.join(workDir, "pins", "worker-1");
+  return configFile(
+    [
+      "kubernetes: true",
+      "host-proc: /host/proc",
+      `cgroup: ${cgroup}`,
+      `pin-root: ${pinRoot}`,
+      "bpf-object: /opt/ambient-agent/bpf/capture.bpf.o",
+      "capture: nftables",
+      "admin: 127.0.0.1:15099",
+      "excluded-namespaces: [kube-system, ambient-agent]",
+      "log-level: [info, cni=debug]",
+      "transparent-source: true",
+      "",
+    ].join("\n"),
+  );
+}
+
+test("options come from the config file", async (t) => {
+  const { options, format } = await parseDoctorOptions(["--config", agentConfig()]);
+  t.is(options.cgroupPath, path.join(workDir, "cgroup"));
+  t.is(options.pinRoot, path.join(workDir, "pins", "worker-1"));
+  t.is(options.objectPath, "/opt/ambient-agent/bpf/capture.bpf.o");
+  t.is(options.capture, "nftables");
+  t.is(options.admin, "127.0.0.1:15099");
+  t.is(format, "table");
+});
+
+test("command line replaces the file", async (t) => {
+  const { options, format } = await parseDoctorOptions([
+    "--config", agentConfig(),
+    "--cgroup", "/elsewhere/cgroup",
+    "--pin-root", "/elsewhere/pins",
+    "--capture", "ebpf",
+    "--admin", "127.0.0.1:15000",
+    "-o", "json",
+  ]);
+  t.is(options.cgroupPath, "/elsewhere/cgroup");
+  t.is(options.pinRoot, "/elsewhere/pins");
+  t.is(options.capture, "ebpf");
+  t.is(options.admin, "127.0.0.1:15000");
+  t.is(options.objectPath, "/opt/ambient-agent/bpf/capture.bpf.o");
+  t.is(format, "json");
+});
+
+test("node names the pin root", async (t) => {
+  const file = configFile("kubernetes: true\ncapture: auto\n");
+  const { options } = await parseDoctorOptions(["--config", file, "--node", "worker-1"]);
+  t.is(options.pinRoot, "/sys/fs/bpf/ambient-agent/worker-1");
+  const fromFile = await parseDoctorOptions(["--config", configFile("node: worker-2\n")]);
+  t.is(fromFile.options.pinRoot, "/sys/fs/bpf/ambient-agent/worker-2");
+  // The agent's own rule: --pin-root wins over the default of --node.
+  const both = await parseDoctorOptions(["--node", "worker-1", "--pin-root", "/elsewhere/pins"]);
+  t.is(both.options.pinRoot, "/elsewhere/pins");
+});
+
+test("defaults without a config file", async (t) => {
+  const { options } = await parseDoctorOptions([]);
+  t.is(options.capture, "auto");
+  t.is(options.admin, "127.0.0.1:15000");
+  t.is(options.pinRoot, `/sys/fs/bpf/ambient-agent/${os.hostname().toLowerCase()}`);
+  t.is(options.cgroupPath, cgroupV2Root("/sys/fs/cgroup"));
+});
+
+test("bad config file is a usage error", async (t) => {
+  const cases: [string, RegExp][] = [
+    [path.join(workDir, "missing.yaml"), /cannot read the config file .*missing\.yaml/],
+    [configFile("cgroupp: /sys/fs/cgroup\n"), /unknown key "cgroupp" in the config file/],
+    [configFile("capture: [ebpf, nftables]\n"), /invalid value of "capture" in the config file .*: a list/],
+    [configFile("capture: iptables\n"), /invalid --capture "iptables"/],
+  ];
+  for (const [file, message] of cases) {
+    const error = await t.throwsAsync(parseDoctorOptions(["--config", file]), { instanceOf: UsageError });
+    t.regex(error?.message ?? "", message, file);
+  }
+});
+
+test("invalid node is a usage error", async (t) => {
+  const error = await t.throwsAsync(parseDoctorOptions(["--node", "Worker_1"]), { instanceOf: UsageError });
+  t.regex(error?.message ?? "", /invalid --node "Worker_1": use a Kubernetes node name/);
+});

@@ -84,7 +84,7 @@ host:
 
 # The agent-level end-to-end files run a second time with nftables capture, the fallback mode.
 NFTABLES_E2E := $(addprefix dist/test/e2e/,mesh.test.js mesh-ipv6.test.js services.test.js drain.test.js restart.test.js transparency.test.js \
-	lifecycle.test.js mesh-ipv6only.test.js kubernetes-cni.test.js diagnostics.test.js)
+	lifecycle.test.js mesh-ipv6only.test.js kubernetes-cni.test.js diagnostics.test.js probe-snat.test.js handover-rollout.test.js)
 
 ## test: unit and end-to-end tests (end-to-end tests need root), then the agent-level ones in nftables mode
 test: build host

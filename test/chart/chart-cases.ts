@@ -30,4 +30,5 @@ export const CHART_CASES: ChartCase[] = [
     options: { release: "mesh", namespace: "mesh-system" },
   },
   { name: "Kubernetes 1.29", values: {}, options: { kubeVersion: "1.29.0" } },
+  { name: "OnDelete updates", values: { updateStrategy: { type: "OnDelete" } } },
 ];

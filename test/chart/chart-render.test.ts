@@ -9,9 +9,12 @@ import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import YAML from "yaml";
-import { RUN_OPTIONS } from "../../agent/cli/ambient-agent";
+import { cgroupV2Root, RUN_OPTIONS } from "../../agent/cli/ambient-agent";
 import { withConfigFile } from "../../agent/cli/config-file";
-import { DEFAULT_NAMESPACE, findObject, renderChart, type RenderedObject } from "../harness/helm";
+import { parseDoctorOptions } from "../../agent/cli/doctor";
+import { LOG_COMPONENTS, parseLogLevels } from "../../agent/log";
+import { REPO_ROOT } from "../harness/agent-process";
+import { CHART_DIR, DEFAULT_NAMESPACE, findObject, renderChart, type RenderedObject } from "../harness/helm";
 import { validateObject } from "../harness/kube-schema";
 import { CHART_CASES, TEST_DIGEST, type ChartCase } from "./chart-cases";
 
@@ -175,6 +178,7 @@ test("default configuration", async (t) => {
     "trust-domain": "cluster.local",
     capture: "auto",
     "transparent-source": true,
+    "probe-snat": true,
     "cert-ttl": 86400,
     "drain-timeout": 5,
     "log-level": "info",
@@ -277,6 +281,7 @@ test("nftables capture options", async (t) => {
   t.is(config["no-transparent-source"], true);
   t.false("transparent-source" in config);
   t.deepEqual(config["probe-source"], ["none"]);
+  t.false("probe-snat" in config, "probe-snat without a probe source");
 });
 
 test("audit sinks without file", async (t) => {
@@ -326,6 +331,86 @@ test("AppArmor annotation before Kubernetes 1.30", async (t) => {
 test("extra args follow the chart's", async (t) => {
   const container = agentContainer(await renderChart({ extraArgs: ["--audit-queue", "100000"] }));
   t.deepEqual(container.args, ["run", "--config", "/etc/ambient-agent/config.yaml", "--node", "$(NODE_NAME)", "--audit-queue", "100000"]);
+  // Options backed by a value, switches that only repeat the file's true, options the chart leaves alone, and a
+  // name that only starts like a rejected one (--audit-file).
+  const allowed = ["--log-level=debug", "--capture", "nftables", "--replace", "--idle-after-handover", "--kubernetes", "--pin-root=/sys/fs/bpf/agent", "--audit-file-max-size=1MiB"];
+  const others = agentContainer(await renderChart({ extraArgs: allowed }));
+  t.deepEqual(others.args.slice(5), allowed);
+});
+
+test("OnDelete renders no rolling update", async (t) => {
+  const spec = findObject(await render(caseNamed("OnDelete updates")), "DaemonSet").spec as { updateStrategy: unknown };
+  t.deepEqual(spec.updateStrategy, { type: "OnDelete" });
+});
+
+test("rolling update by percentages", async (t) => {
+  const objects = await renderChart({ updateStrategy: { rollingUpdate: { maxSurge: "25%", maxUnavailable: 0 } } });
+  const spec = findObject(objects, "DaemonSet").spec as { updateStrategy: unknown };
+  t.deepEqual(spec.updateStrategy, { type: "RollingUpdate", rollingUpdate: { maxSurge: "25%", maxUnavailable: 0 } });
+  t.deepEqual(validateObject(findObject(objects, "DaemonSet")), []);
+});
+
+test("every log component passes the schema", async (t) => {
+  const levels = [...LOG_COMPONENTS.map((component) => `info,${component}=debug`), "info, trust-bundle : warn", " debug ,,hbone-pool=trace, ", "istio-ca:error", "inbound-plaintext=silent,warn"];
+  const rendered = await Promise.all(levels.map(async (level) => agentConfig(await renderChart({ logging: { level } }))["log-level"]));
+  levels.forEach((level, index) => {
+    t.is(rendered[index], level, `logging.level ${JSON.stringify(level)}`);
+    t.notThrows(() => parseLogLevels(level), `the agent rejects ${JSON.stringify(level)}`);
+  });
+});
+
+test("log level pattern agrees with the agent", (t) => {
+  // Go's \s, which Helm uses, lacks \v and the Unicode spaces that JavaScript's has, so the samples use tab, newline and space only.
+  const schema = JSON.parse(fs.readFileSync(path.join(CHART_DIR, "values.schema.json"), "utf8")) as { properties: { logging: { properties: { level: { pattern: string } } } } };
+  const pattern = new RegExp(schema.properties.logging.properties.level.pattern);
+  const entries = ["", " ", "info", "\tdebug\n", "cni=debug", "hbone-pool:warn", "trust-bundle = trace", "loud", "bogus=info", "cni=loud", "cni", "=info", "info debug", "cni==debug", "Info", "inbound-plaintext"];
+  let samples = 0;
+  for (const first of entries) {
+    for (const second of [undefined, ...entries]) {
+      for (const third of second === undefined ? [undefined] : [undefined, ...entries]) {
+        const text = [first, second, third].filter((entry) => entry !== undefined).join(",");
+        t.is(pattern.test(text), acceptsLogLevel(text), `logging.level ${JSON.stringify(text)}`);
+        samples++;
+      }
+    }
+  }
+  t.true(samples > 4000);
+});
+
+function acceptsLogLevel(text: string): boolean {
+  try {
+    parseLogLevels(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+test("doctor reads the pod's config file", async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "aa-chart-doctor-"));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  for (const name of ["default values", "nftables capture"]) {
+    const objects = await render(caseNamed(name));
+    const file = path.join(dir, "config.yaml");
+    fs.writeFileSync(file, (findObject(objects, "ConfigMap").data as Record<string, string>)["config.yaml"]);
+    const { options } = await parseDoctorOptions(["--config", file, "--node", "worker-1"]);
+    t.is(options.cgroupPath, cgroupV2Root("/host/sys/fs/cgroup"), name);
+    t.is(options.pinRoot, "/sys/fs/bpf/ambient-agent/worker-1", name);
+    t.is(options.capture, agentConfig(objects).capture as typeof options.capture, name);
+  }
+});
+
+test("docs run doctor with the pod's settings", (t) => {
+  const files = ["docs/install.md", "docs/diagnostics.md", "charts/ambient-agent/README.md", "charts/ambient-agent/templates/NOTES.txt"];
+  let commands = 0;
+  for (const file of files) {
+    for (const line of fs.readFileSync(path.join(REPO_ROOT, file), "utf8").split("\n")) {
+      if (!/exec .*agentctl doctor/.test(line)) continue;
+      commands++;
+      t.regex(line, /agentctl doctor --config \/etc\/ambient-agent\/config\.yaml --node \$NODE\b/, `${file}: ${line}`);
+    }
+  }
+  t.true(commands >= files.length, `${commands} doctor commands in ${files.join(", ")}`);
 });
 
 test("pod annotations and labels cannot replace the chart's", async (t) => {

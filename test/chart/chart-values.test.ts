@@ -3,6 +3,7 @@
 // or by the templates' checks of combinations.
 
 import test from "ava";
+import { RUN_OPTIONS } from "../../agent/cli/ambient-agent";
 import { renderChartError, type ChartValues, type RenderOptions } from "../harness/helm";
 
 interface RejectedCase {
@@ -20,20 +21,47 @@ function namesValue(message: string, dotted: string): boolean {
 }
 
 const REJECTED: RejectedCase[] = [
-  { name: "both CA modes", values: { ca: { address: "istiod.istio-system.svc:15012", secretName: "ambient-agent-ca" } }, names: ["ca.address", "ca.secretName"] },
-  { name: "neither CA mode", values: { ca: { address: "", secretName: "" } }, names: ["ca.address", "ca.secretName"] },
+  // The templates' messages, which name the values and the fix, and not a schema message.
   {
-    name: "both CA modes, template check",
+    name: "both CA modes",
     values: { ca: { address: "istiod.istio-system.svc:15012", secretName: "ambient-agent-ca" } },
     names: ["ca.address", "ca.secretName"],
-    mentions: [/"istiod\.istio-system\.svc:15012"/, /"ambient-agent-ca"/],
-    options: { skipSchemaValidation: true },
+    mentions: [/"istiod\.istio-system\.svc:15012"/, /"ambient-agent-ca"/, /set ca\.address for istiod's CA, or ca\.secretName for the embedded CA/],
   },
-  { name: "neither CA mode, template check", values: { ca: { address: "", secretName: "" } }, names: ["ca.address", "ca.secretName"], options: { skipSchemaValidation: true } },
+  {
+    name: "neither CA mode",
+    values: { ca: { address: "", secretName: "" } },
+    names: ["ca.address", "ca.secretName"],
+    mentions: [/are both empty/, /agentctl ca init/],
+  },
   { name: "server name with embedded CA", values: { ca: { address: "", secretName: "ambient-agent-ca", serverName: "istiod" } }, names: ["ca.serverName"] },
   { name: "unknown capture mode", values: { capture: { mode: "iptables" } }, names: ["capture.mode"], mentions: [/ebpf/, /nftables/] },
   { name: "bad log format", values: { logging: { format: "xml" } }, names: ["logging.format"], mentions: [/json/, /text/] },
   { name: "bad log level", values: { logging: { level: "loud" } }, names: ["logging.level"], mentions: [/loud/] },
+  { name: "unknown log component", values: { logging: { level: "info,bogus=debug" } }, names: ["logging.level"], mentions: [/bogus/] },
+  { name: "bad level of a component", values: { logging: { level: "info,hbone-pool=verbose" } }, names: ["logging.level"] },
+  { name: "component without a level", values: { logging: { level: "info,cni" } }, names: ["logging.level"] },
+  { name: "two levels in one entry", values: { logging: { level: "info debug" } }, names: ["logging.level"] },
+  { name: "log level of commas only", values: { logging: { level: " , ," } }, names: ["logging.level"] },
+  { name: "unknown update strategy", values: { updateStrategy: { type: "Recreate" } }, names: ["updateStrategy.type"], mentions: [/OnDelete/] },
+  { name: "surge without a percent sign", values: { updateStrategy: { rollingUpdate: { maxSurge: "25" } } }, names: ["updateStrategy.rollingUpdate.maxSurge"] },
+  {
+    name: "rolling update of zero pods",
+    values: { updateStrategy: { rollingUpdate: { maxSurge: 0, maxUnavailable: 0 } } },
+    names: ["updateStrategy.rollingUpdate.maxSurge", "updateStrategy.rollingUpdate.maxUnavailable"],
+    mentions: [/Kubernetes rejects/],
+  },
+  {
+    name: "rolling update of zero percent",
+    values: { updateStrategy: { rollingUpdate: { maxSurge: "0%", maxUnavailable: "0%" } } },
+    names: ["updateStrategy.rollingUpdate.maxSurge", "updateStrategy.rollingUpdate.maxUnavailable"],
+  },
+  {
+    // null removes the default, and Kubernetes defaults an absent maxSurge to 0.
+    name: "rolling update without surge",
+    values: { updateStrategy: { rollingUpdate: { maxSurge: null, maxUnavailable: 0 } } },
+    names: ["updateStrategy.rollingUpdate.maxSurge", "updateStrategy.rollingUpdate.maxUnavailable"],
+  },
   { name: "unknown top-level key", values: { capturee: { mode: "ebpf" } }, names: [], mentions: [/'capturee'/] },
   { name: "unknown nested key", values: { cni: { enbled: false } }, names: ["cni"], mentions: [/'enbled'/] },
   { name: "unknown key two levels down", values: { audit: { file: { maxsize: "1MiB" } } }, names: ["audit.file"], mentions: [/'maxsize'/] },
@@ -53,6 +81,41 @@ const REJECTED: RejectedCase[] = [
   { name: "capability with CAP_ prefix", values: { securityContext: { extraCapabilities: ["CAP_NET_RAW"] } }, names: ["securityContext.extraCapabilities"], mentions: [/NET_RAW/] },
   { name: "grace period shorter than the stop", values: { terminationGracePeriodSeconds: 10 }, names: ["terminationGracePeriodSeconds", "drainTimeoutSeconds"] },
 ];
+
+/**
+ * The options that extraArgs may not give, each with what the message must point to instead. On the
+ * command line they would replace the value the chart writes into config.yaml or the path it mounts.
+ */
+const CHART_OPTIONS: Record<string, RegExp> = {
+  config: /set the chart's values instead/,
+  node: /spec\.nodeName/,
+  daemonset: /chart's own DaemonSet/,
+  "excluded-namespaces": /set excludedNamespaces instead.*release namespace/,
+  "host-proc": /hostPaths\.proc/,
+  cgroup: /hostPaths\.cgroup/,
+  "cni-conf-dir": /cni\.confDir/,
+  "cni-bin-dir": /cni\.binDir/,
+  "cni-socket": /hostPaths\.run/,
+  "audit-file": /audit\.file\.enabled/,
+  "ca-dir": /ca\.secretName/,
+  "ca-root-cert": /ca\.rootCertConfigMap/,
+  "ca-token-file": /ca\.tokenAudience/,
+};
+
+for (const [option, pointer] of Object.entries(CHART_OPTIONS)) {
+  REJECTED.push(
+    { name: `extra arg --${option}`, values: { extraArgs: ["--audit-queue", "100", `--${option}`, "x"] }, names: ["extraArgs"], mentions: [new RegExp(`"--${option}"`), pointer] },
+    { name: `extra arg --${option}=VALUE`, values: { extraArgs: [`--${option}=x`] }, names: ["extraArgs"], mentions: [new RegExp(`"--${option}=x"`), pointer] },
+  );
+}
+REJECTED.push(
+  { name: "extra arg excluding no namespace", values: { extraArgs: ["--excluded-namespaces=none"] }, names: ["extraArgs", "excludedNamespaces"] },
+  { name: "extra arg value across lines", values: { extraArgs: ["--config=/tmp/a\nb"] }, names: ["extraArgs"], mentions: [/--config/] },
+);
+
+test("chart options are agent options", (t) => {
+  for (const option of Object.keys(CHART_OPTIONS)) t.true(Object.hasOwn(RUN_OPTIONS, option), `--${option} is not an option of ambient-agent run`);
+});
 
 for (const rejected of REJECTED) {
   test(`rejects ${rejected.name}`, async (t) => {

@@ -3,7 +3,8 @@
 // own mount and PID namespaces, the chart's volumes, read-only /sys and /proc/sys, and only the
 // capabilities of the rendered securityContext. The tests check that this is enough (two nodes
 // serve HBONE, policy, STRICT mTLS and source transparency, and a rolling update keeps a
-// connection) and that each added capability, and --host-proc, is needed.
+// connection) and that each added capability, and --host-proc, is needed. The last test checks
+// that the chart's RBAC objects allow every request that the agents made to the API server.
 
 // The pod network of this file. The topology reads it when the harness loads, so it is set before the imports.
 process.env.AA_TEST_POD_NET ??= "10.230";
@@ -13,14 +14,16 @@ import { execFile, execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
+import YAML from "yaml";
 import type { IContainer } from "kubernetes-models/v1/Container";
-import { defaultCgroupPath } from "../../agent/cli/ambient-agent";
+import { cgroupV2Root, DEFAULT_CGROUP_PATH } from "../../agent/cli/ambient-agent";
 import { PLUGIN_TYPE } from "../../agent/cni/chain";
 import { AGENTCTL_BIN, TEST_CAPTURE, testPrefixFamily, type FollowedAgent, type LogLine } from "../harness/agent-process";
 import { curl, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
 import { assertHostCapable, Cluster, KUBE_API_PORT, PIN_PARENT, removeLeftovers } from "../harness/cluster";
-import type { KubeObject } from "../harness/fake-kube-api";
+import { REQUEST_LOG_LIMIT, type KubeObject, type RequestRecord } from "../harness/fake-kube-api";
 import { findObject, renderChart, type ChartValues, type RenderedObject } from "../harness/helm";
+import { describeAttributes, RbacAuthorizer, requestAttributes, serviceAccountUser } from "../harness/kube-rbac";
 import { containerCapabilities, PodSandbox, setprivArguments } from "../harness/pod-sandbox";
 import { RoundClient, startRoundServer } from "../harness/round-trip";
 import { DENY_SCRAPER_POLICY } from "../harness/scenario";
@@ -133,9 +136,11 @@ function theFixture(): Fixture {
 function chartValues(extraArgs: string[] = []): ChartValues {
   return {
     ca: { address: "", secretName: CA_SECRET },
-    hostPaths: { cgroup: defaultCgroupPath() },
+    hostPaths: { cgroup: cgroupV2Root(DEFAULT_CGROUP_PATH) },
     capture: { mode: TEST_CAPTURE },
-    extraArgs,
+    // The chart's probe SNAT table goes to the host's PID 1 namespace, and this machine's must stay
+    // untouched: the sandbox's own PID 1 runs in the node's namespace, the host's stand-in.
+    extraArgs: ["--host-netns", "/proc/1/ns/net", ...extraArgs],
   };
 }
 
@@ -299,6 +304,15 @@ async function kernelOperationWith(capability: string, capabilities: string[], n
   return stdout.trim();
 }
 
+/** Returns the rendered objects with the ConfigMap's config.yaml changed by `change`. */
+function withConfig(objects: RenderedObject[], change: (config: Record<string, unknown>) => Record<string, unknown>): RenderedObject[] {
+  return objects.map((object) => {
+    if (object.kind !== "ConfigMap") return object;
+    const data = (object.data ?? {}) as Record<string, string>;
+    return { ...object, data: { ...data, "config.yaml": YAML.stringify(change(YAML.parse(data["config.yaml"]) as Record<string, unknown>)) } };
+  });
+}
+
 /** Opens /proc/PID/ns/net as root with only `capabilities`, under setpriv, and returns "ok" or the error code. */
 async function openNetnsWith(capabilities: string[], pid: number): Promise<string> {
   const script = `const fs = require("fs"); try { fs.closeSync(fs.openSync("/proc/${pid}/ns/net", "r")); console.log("ok"); } catch (error) { console.log(error.code); }`;
@@ -315,8 +329,8 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
 
   for (const capability of rendered.filter((name) => name !== "SYS_PTRACE")) {
     const expected = FAILURE_WITHOUT[capability];
-    if (capability === "DAC_OVERRIDE" && (fs.statSync(defaultCgroupPath()).mode & 0o200) !== 0) {
-      t.log(`without DAC_OVERRIDE: not needed on this host, whose cgroup v2 root ${defaultCgroupPath()} its owner may write`);
+    if (capability === "DAC_OVERRIDE" && (fs.statSync(cgroupV2Root(DEFAULT_CGROUP_PATH)).mode & 0o200) !== 0) {
+      t.log(`without DAC_OVERRIDE: not needed on this host, whose cgroup v2 root ${cgroupV2Root(DEFAULT_CGROUP_PATH)} its owner may write`);
       continue;
     }
     if (expected === undefined) {
@@ -349,7 +363,8 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
   t.is(await openNetnsWith(rendered.filter((name) => name !== "SYS_PTRACE"), hiddenServerPid), "EACCES");
 
   // With the agent's default /proc, the container's own procfs, both uses of the host's fail.
-  const defaultProc = await renderChart(chartValues(["--host-proc", "/proc"]));
+  // The chart refuses --host-proc in extraArgs, so the rendered ConfigMap is changed instead.
+  const defaultProc = withConfig(await renderChart(chartValues()), (config) => ({ ...config, "host-proc": "/proc" }));
   const sandbox = startSandbox(SERVER_NODE, findObject(defaultProc, "DaemonSet"), defaultProc);
   try {
     const sysctl = await sandbox.agent.waitForLog((line) => /open \/proc\/sys\/net\/ipv4\/\w+: Read-only file system \(EROFS\)/.test(failureText(line)), 30_000, "the failed sysctl write");
@@ -465,5 +480,46 @@ test.serial("rolling update keeps a held connection", async (t) => {
     await stopSandbox(old);
   } finally {
     client.kill();
+  }
+});
+
+/** Returns the user that the DaemonSet's pods authenticate as: its ServiceAccount. */
+function podUser(daemonSet: RenderedObject): ReturnType<typeof serviceAccountUser> {
+  const { serviceAccountName } = (daemonSet.spec as { template: { spec: { serviceAccountName?: string } } }).template.spec;
+  if (daemonSet.metadata.namespace === undefined) throw new Error("the rendered DaemonSet has no namespace");
+  return serviceAccountUser(daemonSet.metadata.namespace, serviceAccountName ?? "default");
+}
+
+// Runs last, over the requests of every agent of this file, those started without a capability too.
+test.serial("agents' API requests pass the chart's RBAC", async (t) => {
+  const f = theFixture();
+  // An agent reads its DaemonSet at a stop signal, so the agents stop first.
+  for (const sandbox of [...f.serving.values()]) await stopSandbox(sandbox);
+  f.serving.clear();
+
+  const requests = f.cluster.kube!.requests;
+  t.true(requests.length < REQUEST_LOG_LIMIT, `the fake API server kept only the newest ${REQUEST_LOG_LIMIT} requests, so older ones went unchecked`);
+  // The decision depends on the attributes alone, so one request of each stands for all.
+  const byAttributes = new Map<string, { example: RequestRecord; count: number }>();
+  for (const request of requests) {
+    const key = describeAttributes(requestAttributes(request));
+    const entry = byAttributes.get(key) ?? { example: request, count: 0 };
+    entry.count += 1;
+    byAttributes.set(key, entry);
+  }
+  t.log(`${requests.length} requests: ${[...byAttributes].map(([key, { count }]) => `${key} (${count})`).join("; ")}`);
+
+  const user = podUser(f.daemonSet);
+  const authorizer = new RbacAuthorizer(f.objects);
+  for (const { example, count } of byAttributes.values()) {
+    const decision = authorizer.authorize(user, requestAttributes(example));
+    const query = new URLSearchParams(example.query).toString();
+    t.true(decision.allowed, `${example.method} ${example.path}${query === "" ? "" : `?${query}`} (${count} alike): ${decision.reason}`);
+  }
+
+  // Guards the recording: the agents' own kinds of request must be among those checked.
+  const { name, namespace } = f.daemonSet.metadata;
+  for (const expected of ["patch pods/status", `watch apps/daemonsets "${name}" in namespace ${namespace}`, `get apps/daemonsets "${name}" in namespace ${namespace}`]) {
+    t.true([...byAttributes.keys()].some((key) => key.startsWith(expected)), `no request of the agents was ${expected}`);
   }
 });

@@ -1,5 +1,5 @@
-// Reads a Containerfile into its stages: base image, WORKDIR, COPY instructions, packages installed
-// with apt-get, symlinks and ENTRYPOINT. Only the forms charts/image/Containerfile uses are read.
+// Reads a Containerfile into its stages: base image, WORKDIR, COPY and RUN instructions, packages
+// installed with apt-get, symlinks and ENTRYPOINT. Only the forms charts/image/Containerfile uses are read.
 
 import path from "node:path";
 
@@ -20,6 +20,8 @@ export interface Stage {
   /** The last WORKDIR of the stage, "/" when it sets none. */
   workdir: string;
   copies: CopyInstruction[];
+  /** The RUN instructions, in order, with continued lines joined. */
+  runs: { line: number; command: string }[];
   /** Packages named by `apt-get install` in the stage's RUN instructions. */
   aptPackages: string[];
   /** `ln -s TARGET LINK` pairs of the stage's RUN instructions. */
@@ -65,7 +67,7 @@ export function parseContainerfile(text: string): Stage[] {
     if (instruction.keyword === "FROM") {
       const match = /^(\S+)(?:\s+AS\s+(\S+))?$/i.exec(instruction.rest);
       if (match === null) throw new Error(`Containerfile line ${instruction.line}: unreadable FROM "${instruction.rest}"`);
-      stages.push({ image: match[1], name: match[2], workdir: "/", copies: [], aptPackages: [], symlinks: [] });
+      stages.push({ image: match[1], name: match[2], workdir: "/", copies: [], runs: [], aptPackages: [], symlinks: [] });
       continue;
     }
     const stage = stages.at(-1);
@@ -78,6 +80,7 @@ export function parseContainerfile(text: string): Stage[] {
         stage.copies.push(parseCopy(instruction, stage.workdir));
         break;
       case "RUN":
+        stage.runs.push({ line: instruction.line, command: instruction.rest });
         stage.aptPackages.push(...aptPackages(instruction.rest));
         stage.symlinks.push(...symlinks(instruction.rest));
         break;
@@ -100,8 +103,21 @@ function parseCopy(instruction: Instruction, workdir: string): CopyInstruction {
   }
   if (words[0]?.startsWith("[")) throw new Error(`Containerfile line ${instruction.line}: the JSON form of COPY is not read by this parser; use the plain form`);
   if (words.length < 2) throw new Error(`Containerfile line ${instruction.line}: COPY needs a source and a destination`);
+  const wildcard = words.slice(0, -1).find((source) => /[*?[]/.test(source));
+  if (wildcard !== undefined) throw new Error(`Containerfile line ${instruction.line}: the wildcard source ${wildcard} is not read by this parser; name the files`);
   const destination = words.at(-1)!;
   return { line: instruction.line, from, sources: words.slice(0, -1), destination, absoluteDestination: path.posix.resolve(workdir, destination) };
+}
+
+/**
+ * Returns where COPY puts `inner`, a path inside `source` ("" for the source itself), as an absolute
+ * path in the image. A folder's contents go into the destination. A file keeps its name in a
+ * destination that ends with "/" or receives several sources, and takes the destination's name otherwise.
+ */
+export function copiedPath(copy: CopyInstruction, source: string, sourceIsDirectory: boolean, inner: string): string {
+  if (sourceIsDirectory) return path.posix.join(copy.absoluteDestination, inner);
+  const intoFolder = copy.destination.endsWith("/") || copy.sources.length > 1;
+  return intoFolder ? path.posix.join(copy.absoluteDestination, path.posix.basename(source)) : copy.absoluteDestination;
 }
 
 /** Returns the package names of every `apt-get install` in a RUN command, without options. */

@@ -41,8 +41,6 @@ export interface RenderOptions {
   namespace?: string;
   /** The Kubernetes version the templates see (.Capabilities.KubeVersion); Helm's own default when absent. */
   kubeVersion?: string;
-  /** Skips values.schema.json, so that the templates' own checks of the values run. */
-  skipSchemaValidation?: boolean;
 }
 
 /** Returns the Helm binary: $AA_HELM when set, else the one `make build` extracts. Throws when it is missing. */
@@ -93,7 +91,6 @@ function templateArgs(options: RenderOptions): string[] {
 function commonArgs(options: RenderOptions): string[] {
   const args = ["--namespace", options.namespace ?? DEFAULT_NAMESPACE];
   if (options.kubeVersion !== undefined) args.push("--kube-version", options.kubeVersion);
-  if (options.skipSchemaValidation === true) args.push("--skip-schema-validation");
   return args;
 }
 

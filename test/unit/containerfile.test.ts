@@ -1,15 +1,21 @@
 // charts/image/Containerfile against the checkout. Every COPY source must exist where the build finds
-// it. Every file the agent opens relative to its installation must reach the image in the same
-// layout. Every shared library the native code needs must come from a package the image installs.
+// it, and the build stage must receive every file that `make compile` reads. Every file the agent
+// opens relative to its installation must reach the image in the same layout. The runtime stage's
+// files, linked into a scratch folder, must load every module the agent requires. Every shared
+// library the native code needs must come from a package the image installs.
 // Needs `make build` first (native/libagent.so, the CNI plugin and dist/ must exist), and dpkg and
 // ldd, as on the Debian machines the project builds on.
 
 import test from "ava";
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
+import { isBuiltin } from "node:module";
+import os from "node:os";
 import path from "node:path";
+import { performance } from "node:perf_hooks";
 import { REPO_ROOT } from "../harness/agent-process";
-import { parseContainerfile, type CopyInstruction, type Stage } from "../harness/containerfile";
+import { copiedPath, parseContainerfile, type CopyInstruction, type Stage } from "../harness/containerfile";
+import { linkCopies, productionPackageDirs, ProductionFilter, type CheckoutCopy } from "../harness/image-tree";
 
 const CONTAINERFILE = path.join(REPO_ROOT, "charts", "image", "Containerfile");
 const stages = parseContainerfile(fs.readFileSync(CONTAINERFILE, "utf8"));
@@ -22,8 +28,8 @@ function stageNamed(name: string): Stage {
   return stage;
 }
 
-function run(command: string, args: string[]): { code: number; stdout: string; stderr: string } {
-  const result = spawnSync(command, args, { cwd: REPO_ROOT, encoding: "utf8" });
+function run(command: string, args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): { code: number; stdout: string; stderr: string } {
+  const result = spawnSync(command, args, { cwd: options.cwd ?? REPO_ROOT, env: options.env, encoding: "utf8", timeout: 60_000 });
   if (result.error !== undefined) throw new Error(`running ${command} failed: ${result.error.message}`);
   return { code: result.status ?? -1, stdout: result.stdout, stderr: result.stderr };
 }
@@ -42,7 +48,7 @@ function checkoutPathOf(copy: CopyInstruction, source: string): string {
 }
 
 /** The runtime stage's copies from the build stage, as checkout paths. */
-const runtimeCopies = runtimeStage.copies.flatMap((copy) => copy.sources.map((source) => ({ copy, relative: checkoutPathOf(copy, source) })));
+const runtimeCopies: CheckoutCopy[] = runtimeStage.copies.flatMap((copy) => copy.sources.map((source) => ({ copy, source, relative: checkoutPathOf(copy, source) })));
 
 function copiedIntoImage(relative: string): boolean {
   return runtimeCopies.some((entry) => relative === entry.relative || relative.startsWith(`${entry.relative}/`));
@@ -67,6 +73,108 @@ test("build stage copies committed checkout files", (t) => {
       t.false(ignored, `Containerfile line ${copy.line}: ${source} is ignored by git, so \`make image\` does not send it`);
     }
   }
+});
+
+/** A target of make's database: its prerequisites and whether a rule gives it a recipe. */
+interface MakeTarget {
+  prerequisites: string[];
+  recipe: boolean;
+}
+
+/** Reads the targets of make's database for the checkout's Makefile (`make -p`) and the phony ones. */
+function makeDatabase(): { targets: Map<string, MakeTarget>; phony: Set<string> } {
+  // -q runs no recipe. Its exit status only reports whether compile is up to date, so it is ignored.
+  const { stdout } = run("make", ["-p", "-q", "compile"]);
+  const targets = new Map<string, MakeTarget>();
+  for (const block of stdout.split("\n\n")) {
+    const lines = block.split("\n").filter((line) => !line.startsWith("#"));
+    const match = /^([^\s:=%][^:=%]*?):{1,2}(?!=)(.*)$/.exec(lines[0] ?? "");
+    if (match === null || targets.has(match[1])) continue;
+    // Prerequisites after "|" are order-only, and make needs them as well.
+    const prerequisites = match[2].split(/\s+/).filter((word) => word !== "" && word !== "|");
+    targets.set(match[1], { prerequisites, recipe: lines.some((line) => line.startsWith("\t")) });
+  }
+  const phony = new Set(targets.get(".PHONY")?.prerequisites ?? []);
+  return { targets, phony };
+}
+
+/**
+ * Walks the prerequisites of `make compile`. Returns its inputs (files no rule makes) and its
+ * products (the files of the rules with a recipe), as checkout paths.
+ */
+function compileGraph(): { inputs: string[]; products: string[] } {
+  const { targets, phony } = makeDatabase();
+  if (!targets.has("compile")) throw new Error("make -p shows no compile target in the Makefile");
+  const inputs = new Set<string>();
+  const products = new Set<string>();
+  const pending = ["compile"];
+  for (let name = pending.pop(); name !== undefined; name = pending.pop()) {
+    const target = targets.get(name);
+    if (target !== undefined && (target.recipe || phony.has(name))) {
+      if (!phony.has(name)) products.add(name);
+      pending.push(...target.prerequisites.filter((prerequisite) => !inputs.has(prerequisite) && !products.has(prerequisite)));
+    } else {
+      inputs.add(name);
+    }
+  }
+  return { inputs: [...inputs], products: [...products] };
+}
+
+/** Lists the files at `relative` in the checkout: itself, or every file under it. */
+function filesAt(relative: string): string[] {
+  const absolute = path.join(REPO_ROOT, relative);
+  if (!fs.statSync(absolute).isDirectory()) return [relative];
+  return fs
+    .readdirSync(absolute, { recursive: true, withFileTypes: true })
+    .filter((entry) => !entry.isDirectory())
+    .map((entry) => path.relative(REPO_ROOT, path.join(entry.parentPath, entry.name)));
+}
+
+/** Returns whether a COPY of the build context before `beforeLine` puts the checkout file `relative` at the same path under the WORKDIR. */
+function receivedBefore(relative: string, beforeLine: number): boolean {
+  const expectedPath = path.posix.join(buildStage.workdir, relative);
+  return buildStage.copies.some(
+    (copy) =>
+      copy.from === undefined &&
+      copy.line < beforeLine &&
+      copy.sources.some((source) => {
+        const normalized = path.posix.normalize(source).replace(/\/$/, "");
+        if (relative === normalized) return copiedPath(copy, source, false, "") === expectedPath;
+        const inner = path.posix.relative(normalized, relative);
+        if (inner.startsWith("..")) return false;
+        return copiedPath(copy, source, true, inner) === expectedPath;
+      }),
+  );
+}
+
+function runLine(pattern: RegExp, description: string): number {
+  const found = buildStage.runs.find((instruction) => pattern.test(instruction.command));
+  if (found === undefined) throw new Error(`the build stage has no RUN that ${description}`);
+  return found.line;
+}
+
+test("build stage receives compile's inputs", (t) => {
+  const makeLine = runLine(/\bmake\b[^&;|]*\bcompile\b/, "runs `make compile`");
+  const npmLine = runLine(/\bnpm ci\b/, "runs `npm ci`");
+  const { inputs, products } = compileGraph();
+  // Guards the reading of make's database: these must be among the inputs.
+  for (const expected of ["tsconfig.json", "package.json", "native/libagent.h", "agent/cli/ambient-agent.ts"]) t.true(inputs.includes(expected), `make compile has no input ${expected}`);
+
+  // The prerequisites under test/ only build dist/test, which the runtime stage does not copy.
+  t.false(copiedIntoImage("dist/test"));
+  const needed = ["Makefile", ...inputs.filter((input) => !input.startsWith("test/"))];
+  for (const input of needed) t.true(receivedBefore(input, makeLine), `make compile reads ${input}, which no COPY before Containerfile line ${makeLine} puts at ${buildStage.workdir}/${input}`);
+  for (const input of ["package.json", "package-lock.json"]) t.true(receivedBefore(input, npmLine), `npm ci reads ${input}, which no COPY before Containerfile line ${npmLine} puts at ${buildStage.workdir}/${input}`);
+
+  // What the runtime stage takes from the build stage and no build step makes (the eBPF object,
+  // the protocol files) must come from the build context.
+  const outDir = (JSON.parse(fs.readFileSync(path.join(REPO_ROOT, "tsconfig.json"), "utf8")) as { compilerOptions: { outDir: string } }).compilerOptions.outDir;
+  // tsc writes under outDir, and npm ci writes node_modules.
+  const builtPaths = [...products, path.posix.normalize(outDir), "node_modules"];
+  const isBuilt = (relative: string): boolean => builtPaths.some((built) => relative === built || relative.startsWith(`${built}/`));
+  const unbuiltFiles = runtimeCopies.filter(({ relative }) => !isBuilt(relative)).flatMap(({ relative }) => filesAt(relative));
+  t.true(unbuiltFiles.includes("bpf/capture.bpf.o"), `the runtime stage takes no prebuilt bpf/capture.bpf.o from the build stage: ${unbuiltFiles.join(", ")}`);
+  for (const file of unbuiltFiles) t.true(receivedBefore(file, Infinity), `the runtime stage copies ${file} from the build stage, where no COPY puts it`);
 });
 
 test("runtime copies exist after the build", (t) => {
@@ -127,6 +235,98 @@ test("files opened relative to the installation are copied", (t) => {
     for (const member of existing) {
       t.true(copiedIntoImage(member.relative), `${member.source} opens ${member.relative}, which no COPY of the runtime stage brings into the image`);
     }
+  }
+});
+
+/**
+ * Requires each [file, specifier] pair of argv[1] (JSON) from its file, as that file's own require
+ * does, and writes [file, specifier, error message or null] triples to stdout as JSON. A required
+ * package may keep timers or handles open, so the script exits as soon as it has written.
+ */
+const REQUIRE_EACH = `
+const fs = require("node:fs");
+const { createRequire } = require("node:module");
+const results = JSON.parse(process.argv[1]).map(([from, specifier]) => {
+  try {
+    createRequire(from)(specifier);
+    return [from, specifier, null];
+  } catch (error) {
+    return [from, specifier, String(error.message).split("\\n")[0]];
+  }
+});
+fs.writeSync(1, JSON.stringify(results));
+process.exit(0);
+`;
+
+/** Returns the JavaScript files of the tree outside node_modules: the agent's own. */
+function agentScripts(imageRoot: string): string[] {
+  return fs
+    .readdirSync(imageRoot, { recursive: true, withFileTypes: true })
+    .map((entry) => path.join(entry.parentPath, entry.name))
+    .filter((file) => file.endsWith(".js") && !path.relative(imageRoot, file).split(path.sep).includes("node_modules"));
+}
+
+/** Returns the package specifiers (not node: built-ins, not relative paths) that a compiled file passes to require(). */
+function requiredPackages(file: string): string[] {
+  const text = fs.readFileSync(file, "utf8");
+  return [...new Set([...text.matchAll(/\brequire\("([^"]+)"\)/g)].map((match) => match[1]))].filter(
+    (specifier) => !specifier.startsWith(".") && !specifier.startsWith("/") && !isBuiltin(specifier),
+  );
+}
+
+/** Throws when a node_modules folder outside the tree, which Node.js would search too, could hide a missing module. */
+function assertNoOuterModules(scratch: string): void {
+  const outer = [path.resolve(process.execPath, "..", "..", "lib", "node")];
+  for (let dir = scratch; ; dir = path.dirname(dir)) {
+    outer.push(path.join(dir, "node_modules"));
+    if (dir === path.dirname(dir)) break;
+  }
+  const present = outer.filter((folder) => fs.existsSync(folder));
+  if (present.length > 0) throw new Error(`${present.join(", ")} would serve modules the image tree lacks: remove it, or set TMPDIR to a folder outside it`);
+}
+
+test("runtime files load every dependency", (t) => {
+  requireBuilt("dist/agent/cli/ambient-agent.js");
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), "aa-image-tree-"));
+  t.teardown(() => fs.rmSync(scratch, { recursive: true, force: true }));
+  assertNoOuterModules(scratch);
+  const imageRoot = path.join(scratch, "root");
+  const home = path.join(scratch, "home");
+  const cwd = path.join(scratch, "cwd");
+  fs.mkdirSync(home);
+  fs.mkdirSync(cwd);
+
+  const started = performance.now();
+  const files = linkCopies(REPO_ROOT, runtimeCopies, imageRoot, new ProductionFilter(productionPackageDirs(REPO_ROOT)));
+  t.log(`linked ${files} files of the runtime stage in ${Math.round(performance.now() - started)} ms`);
+  // No NODE_PATH, and a HOME with no .node_modules: only the tree's own node_modules serves packages.
+  const env = { PATH: process.env.PATH, HOME: home, NODE_PATH: "" };
+  const inTree = (imagePath: string): string => path.join(imageRoot, imagePath);
+
+  // The commands on PATH, run as the image runs them, with only the modules their start loads.
+  t.true(runtimeStage.symlinks.length > 0, "the runtime stage links no command");
+  for (const { target, link } of runtimeStage.symlinks) {
+    const help = run(process.execPath, [inTree(target), "--help"], { cwd, env });
+    const failure = help.stderr.split("\n").find((line) => /\bError\b/.test(line)) ?? help.stderr.trim();
+    t.is(help.code, 0, `${link} --help in the runtime files: ${failure}`);
+    t.regex(help.stdout, /^usage: /, `${link} --help`);
+  }
+
+  // Every package the agent requires, from the file that requires it, even where it is required
+  // only on some path, and every production dependency of package.json with what it loads.
+  const manifest = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, "package.json"), "utf8")) as { dependencies: Record<string, string> };
+  const fromWorkdir = path.join(inTree(runtimeStage.workdir), "package.json");
+  const pairs = [
+    ...agentScripts(imageRoot).flatMap((file) => requiredPackages(file).map((specifier) => [file, specifier])),
+    ...Object.keys(manifest.dependencies).map((name) => [fromWorkdir, name]),
+  ];
+  t.true(pairs.some(([, specifier]) => specifier === "@kubernetes/client-node"), "no compiled file of the tree requires @kubernetes/client-node");
+  const loadStarted = performance.now();
+  const loaded = run(process.execPath, ["-e", REQUIRE_EACH, JSON.stringify(pairs)], { cwd, env });
+  t.log(`required ${pairs.length} packages in ${Math.round(performance.now() - loadStarted)} ms`);
+  t.is(loaded.code, 0, loaded.stderr);
+  for (const [from, specifier, error] of JSON.parse(loaded.stdout) as [string, string, string | null][]) {
+    t.is(error, null, `${path.relative(imageRoot, from)} requires ${specifier}`);
   }
 });
 
@@ -209,9 +409,7 @@ test("dlopen'd libraries are installed", (t) => {
 
 test("Node addons' libraries are installed", (t) => {
   // Only production dependencies reach the image (npm prune --omit=dev).
-  const listed = run("npm", ["ls", "--omit=dev", "--all", "--parseable"]);
-  const packageDirs = listed.stdout.split("\n").filter((dir) => dir.startsWith(path.join(REPO_ROOT, "node_modules")));
-  const addons = packageDirs.flatMap((dir) =>
+  const addons = productionPackageDirs(REPO_ROOT).flatMap((dir) =>
     fs.readdirSync(dir, { recursive: true, encoding: "utf8" }).filter((file) => file.endsWith(".node")).map((file) => path.join(dir, file)),
   );
   t.true(addons.some((addon) => addon.includes("ffi-rs")), `no ffi-rs addon among the production dependencies: ${addons.join(", ")}`);

@@ -93,6 +93,56 @@ names and the fix.
 {{- fail (printf "securityContext.extraCapabilities lists %q: give it without the CAP_ prefix (%s), as Kubernetes names capabilities" . (trimPrefix "CAP_" .)) -}}
 {{- end -}}
 {{- end -}}
+{{- include "ambient-agent.validateUpdateStrategy" . -}}
+{{- include "ambient-agent.validateExtraArgs" . -}}
+{{- end -}}
+
+{{/*
+Fails for a RollingUpdate that may neither start a new pod early nor stop one early, which the API server
+rejects. Kubernetes defaults an absent maxSurge to 0 and an absent maxUnavailable to 1.
+*/}}
+{{- define "ambient-agent.validateUpdateStrategy" -}}
+{{- $strategy := .Values.updateStrategy -}}
+{{- if eq $strategy.type "RollingUpdate" -}}
+{{- $rolling := $strategy.rollingUpdate | default dict -}}
+{{- $surge := dig "maxSurge" 0 $rolling | toString -}}
+{{- $unavailable := dig "maxUnavailable" 1 $rolling | toString -}}
+{{- if and (has $surge (list "0" "0%")) (has $unavailable (list "0" "0%")) -}}
+{{- fail (printf "updateStrategy.rollingUpdate.maxSurge (%s) and updateStrategy.rollingUpdate.maxUnavailable (%s) are both zero, which Kubernetes rejects: keep maxSurge 1 with maxUnavailable 0, which hands each node over with no failed connection" $surge $unavailable) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Fails when extraArgs gives an option that the chart sets from the release or ties to a volume it mounts:
+on the command line it would replace the ConfigMap's value. --replace, --idle-after-handover and
+--kubernetes are left out, because a switch on the command line can only repeat the file's true.
+*/}}
+{{- define "ambient-agent.validateExtraArgs" -}}
+{{- $chartOptions := dict
+  "config" "the agent reads the chart's ConfigMap from it, so set the chart's values instead"
+  "node" "the chart gives the pod's node (spec.nodeName), which the agent serves"
+  "daemonset" "the agent watches the chart's own DaemonSet to tell an uninstall from a restart, so another one would leave capture and the CNI entry on every node after helm uninstall"
+  "excluded-namespaces" "set excludedNamespaces instead. The chart adds the release namespace to that list, and a list given here would drop it, so that a new agent pod could wait on the agent's own CNI plugin"
+  "host-proc" "set hostPaths.proc, which the chart mounts at /host/proc"
+  "cgroup" "set hostPaths.cgroup, which the chart mounts at /host/sys/fs/cgroup"
+  "cni-conf-dir" "set cni.confDir or cni.enabled, which the chart mounts at /host/etc/cni/net.d"
+  "cni-bin-dir" "set cni.binDir, which the chart mounts at /host/opt/cni/bin"
+  "cni-socket" "the CNI plugin on the host dials /var/run/ambient-agent/cni.sock, under hostPaths.run"
+  "audit-file" "set audit.file.enabled and hostPaths.auditLog, which the chart mounts at /var/log/ambient-agent"
+  "ca-dir" "set ca.secretName, which the chart mounts at /etc/ambient-agent/ca"
+  "ca-root-cert" "set ca.rootCertConfigMap, which the chart mounts at /var/run/secrets/istio"
+  "ca-token-file" "set ca.tokenAudience, the audience of the token the chart mounts at /var/run/secrets/tokens"
+-}}
+{{- range $arg := .Values.extraArgs -}}
+{{- if hasPrefix "--" $arg -}}
+{{- /* --NAME and --NAME=VALUE name the same option. */ -}}
+{{- $name := regexReplaceAll "(?s)=.*" (trimPrefix "--" $arg) "" -}}
+{{- with get $chartOptions $name -}}
+{{- fail (printf "extraArgs gives %q, but the chart controls --%s: %s" $arg $name .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -128,6 +178,9 @@ toYaml quotes every value, so no value can add keys.
 {{- end -}}
 {{- with $v.probeSource -}}
 {{- $_ := set $config "probe-source" . -}}
+{{- end -}}
+{{- if and $v.probeSnat (not (has "none" $v.probeSource)) -}}
+{{- $_ := set $config "probe-snat" true -}}
 {{- end -}}
 {{- if $v.cni.enabled -}}
 {{- $_ := set $config "cni-conf-dir" "/host/etc/cni/net.d" -}}

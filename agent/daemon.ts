@@ -36,7 +36,7 @@ import { EXIT_MARGIN_MS, HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeLocksW
 import { HostNotReadyError, capabilityProblems, checkHost } from "./capture/preflight";
 import { attachCapture, selectCapture, setProbeSources } from "./capture/setup";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
-import { ProbeSnat } from "./capture/nft/probe-snat";
+import { hostNetnsPath, ProbeSnat } from "./capture/nft/probe-snat";
 import { ManifestSource } from "./discovery/manifests";
 import { KubeClient, type KubeCredentials } from "./discovery/kube-client";
 import { KubeSource } from "./discovery/kube-source";
@@ -646,7 +646,7 @@ export class Agent {
 
   /** Returns the path of the host's network namespace: --host-netns, else the one of the host's PID 1. */
   private hostNetns(): string {
-    return this.options.hostNetns ?? path.join(this.options.hostProc ?? DEFAULT_HOST_PROC, "1", "ns", "net");
+    return hostNetnsPath(this.options.hostNetns, this.options.hostProc ?? DEFAULT_HOST_PROC);
   }
 
   /**

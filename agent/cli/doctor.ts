@@ -11,8 +11,12 @@ import { DataType, load, open } from "ffi-rs";
 import si from "systeminformation";
 import { missingRequiredCapabilities, readEffectiveCapabilities } from "../capture/capabilities";
 import { canonicalPinRoot } from "../capture/pin-lock";
+import { loadNative } from "../capture/native";
+import { hasProbeSnatTable, hostNetnsPath } from "../capture/nft/probe-snat";
+import { PROBE_SNAT_TABLE_FAMILY, PROBE_SNAT_TABLE_NAME } from "../capture/nft/probe-snat-ruleset";
 import { checkHost, type HostProblem } from "../capture/preflight";
 import { isHostSetupFeature, parseCaptureMode, probeCaptureFeatures, type FeatureProbe, type RequestedCaptureMode } from "../capture/probe";
+import { DEFAULT_HOST_PROC } from "../enroll/netns";
 import { adminRequest, asUsage, DEFAULT_ADMIN, validAdmin } from "./admin-client";
 import { withConfigFile } from "./config-file";
 import { formatTable, parseOutputFormat, render, type OutputFormat } from "./output";
@@ -20,16 +24,19 @@ import { pinRootOption } from "./pin-root-option";
 import { parseOptions } from "./usage";
 
 export const DOCTOR_USAGE = `  doctor [--config FILE] [--node NAME] [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH]
-         [--capture ebpf|nftables|auto] [--admin HOST:PORT] [-o table|json|yaml]
+         [--capture ebpf|nftables|auto] [--probe-snat] [--host-proc DIR] [--host-netns PATH]
+         [--admin HOST:PORT] [-o table|json|yaml]
                      check whether this host can run the agent: kernel version, BTF, bpffs under the pin
                      root, cgroup v2, capabilities, the eBPF programs (loaded for real, as the agent
-                     does at start), nftables for the fallback, clock synchronisation, and whether an
-                     agent answers on the admin API. Prints PASS, WARN or FAIL per check with what to do.
+                     does at start), nftables for the fallback and for --probe-snat, the host network
+                     namespace for --probe-snat, clock synchronisation, and whether an agent answers
+                     on the admin API. Prints PASS, WARN or FAIL per check with what to do.
                      Run it as root, like the agent. Exits 1 when a check fails, 0 otherwise
                        --config FILE      the agent's --config file (in the Helm chart's pod,
                                           /etc/ambient-agent/config.yaml), read as \`ambient-agent run\`
-                                          reads it, for node, pin-root, cgroup, bpf-object, capture and
-                                          admin. The options below replace the file's values
+                                          reads it, for node, pin-root, cgroup, bpf-object, capture,
+                                          probe-snat, host-proc, host-netns and admin. The options
+                                          below replace the file's values
                        --node NAME        the agent's node, which names its default pin root
                        --pin-root DIR     the agent's pin root (default /sys/fs/bpf/ambient-agent/NODE,
                                           with NODE from --node, else this host's name)
@@ -38,6 +45,12 @@ export const DOCTOR_USAGE = `  doctor [--config FILE] [--node NAME] [--pin-root 
                        --bpf-object PATH  eBPF object (default bpf/capture.bpf.o of this installation)
                        --capture MODE     the capture mode the agent will run with (default auto):
                                           decides which failures are FAIL and which WARN
+                       --probe-snat       the agent runs with --probe-snat: nftables is required
+                                          whatever the capture mode, and the host network
+                                          namespace must open
+                       --host-proc DIR    the host's /proc as the agent sees it (default /proc)
+                       --host-netns PATH  the host's network namespace, where --probe-snat writes its
+                                          table (default DIR/1/ns/net of --host-proc)
                        --admin HOST:PORT  admin API to try (default ${DEFAULT_ADMIN}); no answer is a WARN
 `;
 
@@ -54,6 +67,10 @@ export interface DoctorOptions {
   cgroupPath: string;
   objectPath: string;
   capture: RequestedCaptureMode;
+  /** Whether the agent runs with --probe-snat, which needs nftables and the host network namespace. */
+  probeSnat: boolean;
+  /** The host network namespace that --probe-snat writes its table in. */
+  hostNetns: string;
   admin: string;
   /** Called with each check's name before it runs. */
   onCheck?: (name: string) => void;
@@ -79,21 +96,24 @@ const DOCTOR_OPTIONS = {
   cgroup: { type: "string" },
   "bpf-object": { type: "string" },
   capture: { type: "string" },
+  "probe-snat": { type: "boolean" },
+  "host-proc": { type: "string" },
+  "host-netns": { type: "string" },
   admin: { type: "string" },
   output: { type: "string", short: "o" },
 } as const;
 
 /** The options of `ambient-agent run` that doctor takes from the agent's --config file. */
-const AGENT_FILE_KEYS = ["node", "pin-root", "cgroup", "bpf-object", "capture", "admin"] as const;
+const AGENT_FILE_KEYS = ["node", "pin-root", "cgroup", "bpf-object", "capture", "probe-snat", "host-proc", "host-netns", "admin"] as const;
 
-type AgentFileValues = Partial<Record<(typeof AGENT_FILE_KEYS)[number], string>>;
+type AgentFileValues = Partial<Record<Exclude<(typeof AGENT_FILE_KEYS)[number], "probe-snat">, string>> & { "probe-snat"?: boolean };
 
 export async function runDoctorCommand(argv: string[]): Promise<number> {
   const { format, options } = await parseDoctorOptions(argv);
   options.onCheck = process.stderr.isTTY ? showProgress : undefined;
   const checks = await runDoctorChecks(options);
   if (options.onCheck !== undefined) process.stderr.write("\r\x1b[K");
-  process.stdout.write(render(format, { capture: options.capture, checks }, () => formatDoctor(checks)));
+  process.stdout.write(render(format, { capture: options.capture, probeSnat: options.probeSnat, checks }, () => formatDoctor(checks)));
   return checks.some((check) => check.result === "FAIL") ? 1 : 0;
 }
 
@@ -113,6 +133,8 @@ export async function parseDoctorOptions(argv: string[]): Promise<{ format: Outp
     cgroupPath: cgroupV2Root(values.cgroup ?? DEFAULT_CGROUP_PATH),
     objectPath: values["bpf-object"] ?? path.resolve(__dirname, "..", "..", "..", "bpf", "capture.bpf.o"),
     capture: asUsage(() => parseCaptureMode(values.capture)),
+    probeSnat: values["probe-snat"] ?? false,
+    hostNetns: path.resolve(hostNetnsPath(values["host-netns"], values["host-proc"] ?? DEFAULT_HOST_PROC)),
     admin: validAdmin(values.admin),
   };
   return { format, options };
@@ -122,7 +144,7 @@ export async function parseDoctorOptions(argv: string[]): Promise<{ format: Outp
 async function readAgentFile(file: string): Promise<AgentFileValues> {
   const { COMMA_LIST_OPTIONS, RUN_OPTIONS } = await import("./ambient-agent");
   const { values } = asUsage(() => parseArgs({ args: withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LIST_OPTIONS), options: RUN_OPTIONS, strict: true }));
-  return definedValues(Object.fromEntries(AGENT_FILE_KEYS.map((key) => [key, values[key]])));
+  return definedValues(Object.fromEntries(AGENT_FILE_KEYS.map((key) => [key, values[key]]))) as AgentFileValues;
 }
 
 /** Returns `values` without the keys whose value is undefined, so that spreading it replaces only what was given. */
@@ -153,7 +175,8 @@ export async function runDoctorChecks(options: DoctorOptions): Promise<DoctorChe
   const nftables = nftablesProblems(options);
   const ebpf = ebpfProblems(options, features);
   await run("ebpf programs", () => ebpfCheck(options.capture, ebpf, nftables.length === 0));
-  await run("nftables", () => nftablesCheck(options.capture, nftables, ebpf.problems.length === 0 && ebpf.blocked === undefined));
+  await run("nftables", () => nftablesCheck(options.capture, nftables, ebpf.problems.length === 0 && ebpf.blocked === undefined, options.probeSnat));
+  if (options.probeSnat) await run("host netns", () => hostNetnsCheck(options.hostNetns));
   await run("clock", checkClock);
   await run("admin api", () => checkAdmin(options.admin));
   return checks;
@@ -276,11 +299,44 @@ function nftablesProblems(options: DoctorOptions): string[] {
   return problems.slice(process.getuid?.() === 0 ? 0 : 1).map(describeProblem);
 }
 
-function nftablesCheck(capture: RequestedCaptureMode, problems: string[], ebpfWorks: boolean): Omit<DoctorCheck, "name"> {
-  if (problems.length === 0) return { result: "PASS", message: "libnftables or the nft and nsenter tools are available for nftables capture" };
+/**
+ * Judges the nftables problems: fatal when the capture mode needs nftables, and with --probe-snat,
+ * which writes its table with nftables whatever the capture mode.
+ */
+export function nftablesCheck(capture: RequestedCaptureMode, problems: string[], ebpfWorks: boolean, probeSnat: boolean): Omit<DoctorCheck, "name"> {
+  if (problems.length === 0) {
+    return { result: "PASS", message: `libnftables or the nft and nsenter tools are available for nftables capture${probeSnat ? " and for --probe-snat" : ""}` };
+  }
   const list = problems.join("; ");
+  if (probeSnat) return { result: "FAIL", message: `${list}; --probe-snat writes its table with nftables whatever the capture mode` };
   if (capture === "nftables" || (capture === "auto" && !ebpfWorks)) return { result: "FAIL", message: list };
   return { result: "WARN", message: `${list}; needed only for --capture nftables, or by auto when an eBPF hook is missing` };
+}
+
+/**
+ * Opens the host network namespace that --probe-snat writes its table in, then lists its nftables
+ * tables with `hasTable` (default hasProbeSnatTable), as the agent does before it removes the table.
+ */
+export function hostNetnsCheck(hostNetns: string, hasTable: (netnsPath: string) => boolean = readProbeSnatTable): Omit<DoctorCheck, "name"> {
+  const fix = "run doctor as root in the agent's container, and pass --host-netns with the host's network namespace, or --host-proc with the host's /proc (in the Helm chart, hostPaths.proc)";
+  try {
+    fs.closeSync(fs.openSync(hostNetns, "r"));
+  } catch (error) {
+    return { result: "FAIL", message: `cannot open the host network namespace ${hostNetns}, where --probe-snat writes its table (${(error as Error).message}): ${fix}` };
+  }
+  let present: boolean;
+  try {
+    present = hasTable(hostNetns);
+  } catch (error) {
+    return { result: "FAIL", message: `${(error as Error).message.replace(/\.+$/, "")}; --probe-snat writes its table there: ${fix}` };
+  }
+  const table = `${PROBE_SNAT_TABLE_FAMILY} ${PROBE_SNAT_TABLE_NAME}`;
+  return { result: "PASS", message: `nftables reads the host network namespace ${hostNetns}, which ${present ? "has" : "does not have"} the table ${table}` };
+}
+
+function readProbeSnatTable(hostNetns: string): boolean {
+  loadNative();
+  return hasProbeSnatTable(hostNetns);
 }
 
 function describeProblem(problem: HostProblem): string {

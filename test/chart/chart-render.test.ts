@@ -397,6 +397,8 @@ test("doctor reads the pod's config file", async (t) => {
     t.is(options.cgroupPath, cgroupV2Root("/host/sys/fs/cgroup"), name);
     t.is(options.pinRoot, "/sys/fs/bpf/ambient-agent/worker-1", name);
     t.is(options.capture, agentConfig(objects).capture as typeof options.capture, name);
+    t.is(options.probeSnat, agentConfig(objects)["probe-snat"] === true, name);
+    t.is(options.hostNetns, "/host/proc/1/ns/net", name);
   }
 });
 

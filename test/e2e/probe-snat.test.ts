@@ -2,21 +2,24 @@
 // (the harness passes --host-netns), so a curl run there is the kubelet probing a pod. The pods of
 // the strict namespace are enrolled under STRICT mTLS. With --probe-snat the node's plain HTTP GET
 // reaches the application from the probe source address, over IPv4 and IPv6. Connections of
-// another pod, and of another node, keep their source and are refused. The table's sets follow
-// enrolment, the table stays while no agent runs, a failure to write it shows in readiness without
-// holding back enrolment, and an agent started without the switch removes it.
+// another pod, and of another node, keep their source and are refused. So do a SYN that a pod
+// forges with the node's address as its source, and a connection of the node from a transparent
+// socket that has another address as its source. The table's sets follow enrolment, the table
+// stays while no agent runs, a failure to write it shows in readiness without holding back
+// enrolment, and an agent started without the switch removes it.
 
 // The pod network of this file. The topology reads it when the harness loads, so it is set before the imports.
 process.env.AA_TEST_POD_NET ??= "10.226";
 
 import test, { type ExecutionContext } from "ava";
-import { spawnSync, type ChildProcess } from "node:child_process";
+import { execFileSync, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { nftBinary } from "../../agent/capture/nft/capture";
 import { PROBE_SNAT_SET4, PROBE_SNAT_SET6, PROBE_SNAT_TABLE_FAMILY, PROBE_SNAT_TABLE_NAME } from "../../agent/capture/nft/probe-snat-ruleset";
 import { DEFAULT_PROBE_SOURCES } from "../../agent/capture/ebpf/exemptions";
 import { AGENT_BIN, AGENTCTL_BIN, testPrefixFamily } from "../harness/agent-process";
+import { PacketCapture } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { podsYaml, writeManifest } from "../harness/manifests";
 import type { NodeSpec } from "../harness/topology";
@@ -78,6 +81,63 @@ while True:
     except OSError:
         pass
     connection.close()
+`;
+
+/**
+ * Sends one TCP SYN with a forged source address through an AF_PACKET socket on eth0, as a pod
+ * with CAP_NET_RAW can: argv is the IP version, source, destination, destination MAC address,
+ * source port and destination port. The kernel neither checks nor rewrites the source.
+ */
+const FORGED_SYN = `
+import socket, struct, sys
+
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+version, source, destination, mac = sys.argv[1:5]
+sport, dport = int(sys.argv[5]), int(sys.argv[6])
+family = socket.AF_INET if version == "4" else socket.AF_INET6
+src, dst = socket.inet_pton(family, source), socket.inet_pton(family, destination)
+tcp = struct.pack("!HHIIBBHHH", sport, dport, 0x5EED, 0, 5 << 4, 0x02, 64240, 0, 0)
+if version == "4":
+    pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    ethertype = 0x0800
+else:
+    pseudo = src + dst + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+    ethertype = 0x86DD
+tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype))
+sock.sendto(ip + tcp, ("eth0", ethertype, 0, 0, bytes.fromhex(mac.replace(":", ""))))
+`;
+
+/**
+ * Opens one TCP connection from a socket with IP_TRANSPARENT (IPV6_TRANSPARENT, 75, for IPv6)
+ * bound to an address that is not the namespace's own, as a proxy that keeps its clients'
+ * addresses does. argv is the IP version, source, source port, destination and destination port.
+ * Only its SYN matters, so a failed or timed-out connect is fine.
+ */
+const TRANSPARENT_CONNECT = `
+import socket, sys
+
+version, source, sport, destination, dport = sys.argv[1:6]
+if version == "4":
+    sock = socket.socket(socket.AF_INET)
+    sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+else:
+    sock = socket.socket(socket.AF_INET6)
+    sock.setsockopt(socket.IPPROTO_IPV6, 75, 1)
+sock.bind((source, int(sport)))
+sock.settimeout(1)
+try:
+    sock.connect((destination, int(dport)))
+except OSError:
+    pass
 `;
 
 interface Fixture {
@@ -199,11 +259,62 @@ async function inboundRecordFrom(sourceIp: string, pod: string, mark: number): P
   }
 }
 
-/** The node's own address on its pod bridge, the source of its connections to its pods. */
-function nodeBridgeIp(node: string): string {
+/** Returns the node's own address of `family` on its pod bridge, the source of its connections to its pods. */
+function nodeBridgeIp(node: string, family: 4 | 6 = 4): string {
   const { cluster } = theFixture();
   const pod = [...cluster.topology.pods.values()].find((candidate) => candidate.node === node)!;
-  return pod.ip.replace(/\.\d+$/, ".1");
+  return family === 4 ? pod.ip.replace(/\.\d+$/, ".1") : pod.ip6!.replace(/::[0-9a-f]+$/, "::1");
+}
+
+/** Reads the MAC address of an interface in a namespace. */
+function macAddress(netns: string, iface: string): string {
+  const [link] = JSON.parse(theFixture().cluster.topology.exec(netns, "ip", ["-j", "link", "show", iface])) as { address: string }[];
+  return link.address;
+}
+
+/** How a forged SYN reaches the destination pod: its Ethernet destination is the pod itself (bridged) or the node's bridge (routed by the node). */
+type ForgedSynRoute = "bridged" | "routed";
+
+/** Sends a SYN from a pod's namespace to a pod on the same node, with that node's bridge address as its forged source. */
+function sendForgedSyn(from: string, to: string, family: 4 | 6, route: ForgedSynRoute, sourcePort: number): void {
+  const { topology } = theFixture().cluster;
+  const target = topology.pod(to);
+  const mac = route === "bridged" ? macAddress(target.netns, "eth0") : macAddress(topology.node(target.node).netns, "br0");
+  const destination = family === 4 ? target.ip : target.ip6!;
+  const args = ["-c", FORGED_SYN, String(family), nodeBridgeIp(target.node, family), destination, mac, String(sourcePort), String(APP_PORT)];
+  topology.exec(topology.pod(from).netns, "python3", args);
+}
+
+/** Connects from a pod's node to the pod from a transparent socket that has the client pod's address as its source. */
+function connectTransparently(client: string, to: string, family: 4 | 6, sourcePort: number): void {
+  const { topology } = theFixture().cluster;
+  const target = topology.pod(to);
+  const [source, destination] = family === 4 ? [topology.pod(client).ip, target.ip] : [topology.pod(client).ip6!, target.ip6!];
+  const args = ["-c", TRANSPARENT_CONNECT, String(family), source, String(sourcePort), destination, String(APP_PORT)];
+  topology.exec(topology.node(target.node).netns, "python3", args);
+}
+
+/** Polls a capture file every 100 ms for 10 s at most, until it contains a SYN from each port; returns the SYNs' sources. */
+async function waitForSyns(pcap: string, ports: number[]): Promise<Map<number, string>> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const sources = synSources(pcap);
+    if (ports.every((port) => sources.has(port)) || Date.now() > deadline) return sources;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** Returns the source address of each TCP SYN in a capture file, by TCP source port. */
+function synSources(pcap: string): Map<number, string> {
+  const fields = ["-e", "tcp.srcport", "-e", "ip.src", "-e", "ipv6.src"];
+  // tshark's warning about running as root goes nowhere, because this runs once per poll.
+  const output = execFileSync("tshark", ["-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", ...fields], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  const sources = new Map<number, string>();
+  for (const line of output.split("\n").filter((row) => row.trim() !== "")) {
+    const [port, ip4, ip6] = line.split("\t");
+    sources.set(Number(port), ip4 || ip6);
+  }
+  return sources;
 }
 
 /** Returns the elements of the probe SNAT table's sets in a node's namespace, or undefined when the table is absent. */
@@ -286,6 +397,41 @@ test.serial("other pods and nodes stay captured", async (t) => {
   const seen = peers.get("app")!;
   t.false(seen.includes(outsider.ip), `the application saw the outsider pod: ${seen.join(", ")}`);
   t.false(seen.includes(clientNodeIp), `the application saw the client node: ${seen.join(", ")}`);
+});
+
+test.serial("forged node source stays captured", async (t) => {
+  const { cluster } = theFixture();
+  const outsider = cluster.topology.pod("outsider");
+  const nodeIp = (family: 4 | 6): string => nodeBridgeIp(CLIENT_NODE, family);
+  // outsider and web are both on the client node. br_netfilter, on by default in every network
+  // namespace of this kernel, passes bridged frames through the node's IPv4 and IPv6 postrouting
+  // chains. A routed IPv4 packet with a local source is dropped as a martian before it gets there,
+  // but a routed IPv6 one is not. The transparent sockets are the node's own, but speak for
+  // another address, which is what `fib saddr type local` is kept for.
+  const cases = [
+    { description: "IPv4 SYN bridged to web", sourcePort: 41001, expected: nodeIp(4), send: () => sendForgedSyn("outsider", "web", 4, "bridged", 41001) },
+    { description: "IPv6 SYN bridged to web", sourcePort: 41002, expected: nodeIp(6), send: () => sendForgedSyn("outsider", "web", 6, "bridged", 41002) },
+    { description: "IPv6 SYN routed to web", sourcePort: 41003, expected: nodeIp(6), send: () => sendForgedSyn("outsider", "web", 6, "routed", 41003) },
+    { description: "IPv4 transparent node socket", sourcePort: 41004, expected: outsider.ip, send: () => connectTransparently("outsider", "web", 4, 41004) },
+    { description: "IPv6 transparent node socket", sourcePort: 41005, expected: outsider.ip6!, send: () => connectTransparently("outsider", "web", 6, 41005) },
+  ];
+  const pcap = path.join(cluster.workDir, "forged-syn.pcap");
+  const capture = await PacketCapture.start(cluster.topology, cluster.topology.pod("web").netns, "eth0", pcap);
+  let seen: Map<number, string>;
+  try {
+    for (const { send } of cases) send();
+    seen = await waitForSyns(pcap, cases.map((syn) => syn.sourcePort));
+  } finally {
+    await capture.stop();
+  }
+  // The source that reached web's namespace is the one its inbound capture judges.
+  for (const { description, sourcePort, expected } of cases) {
+    t.is(seen.get(sourcePort), expected, `${description}: the source address that reached web`);
+  }
+
+  // The node's own connections still get the probe source.
+  assertServedFrom(t, probeFromNode("web"), PROBE_SOURCE4, "IPv4 probe of web");
+  assertServedFrom(t, probeFromNode("web", 6), PROBE_SOURCE6, "IPv6 probe of web");
 });
 
 test.serial("status shows the table", (t) => {

@@ -1,5 +1,6 @@
 // `agentctl doctor --config FILE`: the options doctor takes from the agent's config file, read as
-// `ambient-agent run` reads it, and the command-line options that replace them.
+// `ambient-agent run` reads it, and the command-line options that replace them. Then the checks
+// that --probe-snat adds: nftables whatever the capture mode, and the host network namespace.
 
 import test from "ava";
 import fs from "node:fs";
@@ -7,7 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { UsageError } from "../../agent/cli/admin-client";
 import { cgroupV2Root } from "../../agent/cli/ambient-agent";
-import { parseDoctorOptions } from "../../agent/cli/doctor";
+import { hostNetnsCheck, nftablesCheck, parseDoctorOptions } from "../../agent/cli/doctor";
 
 let workDir = "";
 
@@ -44,6 +45,7 @@ function agentConfig(): string {
       "excluded-namespaces: [kube-system, ambient-agent]",
       "log-level: [info, cni=debug]",
       "transparent-source: true",
+      "probe-snat: true",
       "",
     ].join("\n"),
   );
@@ -56,6 +58,8 @@ test("options come from the config file", async (t) => {
   t.is(options.objectPath, "/opt/ambient-agent/bpf/capture.bpf.o");
   t.is(options.capture, "nftables");
   t.is(options.admin, "127.0.0.1:15099");
+  t.true(options.probeSnat);
+  t.is(options.hostNetns, "/host/proc/1/ns/net");
   t.is(format, "table");
 });
 
@@ -66,6 +70,7 @@ test("command line replaces the file", async (t) => {
     "--pin-root", "/elsewhere/pins",
     "--capture", "ebpf",
     "--admin", "127.0.0.1:15000",
+    "--host-proc", "/elsewhere/proc",
     "-o", "json",
   ]);
   t.is(options.cgroupPath, "/elsewhere/cgroup");
@@ -73,7 +78,19 @@ test("command line replaces the file", async (t) => {
   t.is(options.capture, "ebpf");
   t.is(options.admin, "127.0.0.1:15000");
   t.is(options.objectPath, "/opt/ambient-agent/bpf/capture.bpf.o");
+  t.is(options.hostNetns, "/elsewhere/proc/1/ns/net");
   t.is(format, "json");
+});
+
+test("host netns from file and flags", async (t) => {
+  const file = configFile("host-proc: /host/proc\nhost-netns: /run/netns/host\nprobe-snat: true\n");
+  t.is((await parseDoctorOptions(["--config", file])).options.hostNetns, "/run/netns/host");
+  t.is((await parseDoctorOptions(["--config", file, "--host-netns", "/elsewhere/net"])).options.hostNetns, "/elsewhere/net");
+  // A relative path is resolved, as the agent resolves it.
+  t.is((await parseDoctorOptions(["--host-netns", "host-net"])).options.hostNetns, path.resolve("host-net"));
+  const flag = await parseDoctorOptions(["--probe-snat", "--host-proc", "/host/proc"]);
+  t.true(flag.options.probeSnat);
+  t.is(flag.options.hostNetns, "/host/proc/1/ns/net");
 });
 
 test("node names the pin root", async (t) => {
@@ -93,6 +110,8 @@ test("defaults without a config file", async (t) => {
   t.is(options.admin, "127.0.0.1:15000");
   t.is(options.pinRoot, `/sys/fs/bpf/ambient-agent/${os.hostname().toLowerCase()}`);
   t.is(options.cgroupPath, cgroupV2Root("/sys/fs/cgroup"));
+  t.false(options.probeSnat);
+  t.is(options.hostNetns, "/proc/1/ns/net");
 });
 
 test("bad config file is a usage error", async (t) => {
@@ -111,4 +130,44 @@ test("bad config file is a usage error", async (t) => {
 test("invalid node is a usage error", async (t) => {
   const error = await t.throwsAsync(parseDoctorOptions(["--node", "Worker_1"]), { instanceOf: UsageError });
   t.regex(error?.message ?? "", /invalid --node "Worker_1": use a Kubernetes node name/);
+});
+
+const NFT_MISSING = "nft is not installed or not on PATH (spawnSync nft ENOENT): install the nftables package (libnftables1 or nft), or run with --capture ebpf";
+
+test("nftables check with probe-snat", (t) => {
+  for (const capture of ["ebpf", "nftables", "auto"] as const) {
+    const check = nftablesCheck(capture, [NFT_MISSING], true, true);
+    t.is(check.result, "FAIL", capture);
+    t.true(check.message.startsWith(NFT_MISSING), check.message);
+    t.regex(check.message, /--probe-snat writes its table with nftables whatever the capture mode$/);
+  }
+  t.regex(nftablesCheck("ebpf", [], true, true).message, /available for nftables capture and for --probe-snat$/);
+  t.is(nftablesCheck("ebpf", [], true, true).result, "PASS");
+});
+
+test("nftables check without probe-snat", (t) => {
+  t.is(nftablesCheck("ebpf", [NFT_MISSING], true, false).result, "WARN");
+  t.is(nftablesCheck("auto", [NFT_MISSING], true, false).result, "WARN");
+  t.is(nftablesCheck("auto", [NFT_MISSING], false, false).result, "FAIL");
+  t.is(nftablesCheck("nftables", [NFT_MISSING], true, false).result, "FAIL");
+  t.false(nftablesCheck("ebpf", [], true, false).message.includes("probe-snat"));
+});
+
+test("host netns check", (t) => {
+  const missing = path.join(workDir, "no-such-netns");
+  const unopened = hostNetnsCheck(missing, () => t.fail("listed the tables of a namespace that did not open"));
+  t.is(unopened.result, "FAIL");
+  t.true(unopened.message.startsWith(`cannot open the host network namespace ${missing}, where --probe-snat writes its table (ENOENT`), unopened.message);
+  t.regex(unopened.message, /pass --host-netns with the host's network namespace, or --host-proc with the host's \/proc \(in the Helm chart, hostPaths\.proc\)$/);
+
+  const file = configFile("");
+  const unlisted = hostNetnsCheck(file, () => {
+    throw new Error(`listing the nftables tables in network namespace ${file} failed: setns into network namespace ${file}: Invalid argument (EINVAL).`);
+  });
+  t.is(unlisted.result, "FAIL");
+  t.true(unlisted.message.startsWith(`listing the nftables tables in network namespace ${file} failed: setns into network namespace ${file}: Invalid argument (EINVAL); --probe-snat writes its table there: `), unlisted.message);
+
+  const present = hostNetnsCheck(file, () => true);
+  t.deepEqual(present, { result: "PASS", message: `nftables reads the host network namespace ${file}, which has the table inet ambient_agent_probes` });
+  t.is(hostNetnsCheck(file, () => false).message, `nftables reads the host network namespace ${file}, which does not have the table inet ambient_agent_probes`);
 });

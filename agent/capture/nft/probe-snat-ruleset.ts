@@ -5,13 +5,20 @@
 // the probe source address, which inbound capture lets through to the application, as istio-cni's
 // SNAT rule does. Its sets contain the enrolled pods' IPv4 and IPv6 addresses.
 //
-// The rule matches connections that the host opens itself (`fib saddr type local`), so forwarded
-// traffic of other pods and nodes keeps its source and stays captured. Connections that a DNAT rule
-// of the host (kube-proxy's Service rules) sent to the pod are left alone too, because kubelet
-// probes dial the pod's own address. Checked on kernel 6.18 with nftables 1.0.6: `fib saddr type
-// local` matches in a postrouting chain. It runs at srcnat - 10, before the SNAT and masquerade
-// rules of other tables (iptables' nat table runs at srcnat), because the first NAT binding of a
-// connection wins.
+// The rule matches connections that processes of the host open as the host. `meta skuid >= 0`
+// matches a packet only when it carries a full socket of this namespace that a process opened:
+// forwarded and bridged packets carry none, and a packet that crossed a veth from another
+// namespace has no socket of this one. So a pod that forges a SYN with the node's address as its
+// source keeps that source and stays captured. CAP_NET_RAW is enough to forge one, and the
+// martian check stops neither a routed IPv6 packet nor a bridged one that br_netfilter hands to
+// these hooks. `fib saddr type local` stays as well, because a host socket with IP_TRANSPARENT can
+// speak for another address, as a proxy in the host's namespace that keeps its clients' addresses
+// does, and its connections are not the node's.
+// Connections that a DNAT rule of the host (kube-proxy's Service rules) sent to the pod are left
+// alone too, because kubelet probes dial the pod's own address. Checked on kernel 6.18 with
+// nftables 1.0.6, by test/e2e/probe-snat.test.ts: both matches work in a postrouting chain. It
+// runs at srcnat - 10, before the SNAT and masquerade rules of other tables (iptables' nat table
+// runs at srcnat), because the first NAT binding of a connection wins.
 import net from "node:net";
 
 import { AgentError } from "../../errors";
@@ -78,7 +85,7 @@ export function renderProbeSnatTable(sources: ProbeSnatSources, pods: ProbeSnatP
   if (sources.ipv4 !== undefined && !net.isIPv4(sources.ipv4)) throw new AgentError("INTERNAL", `invalid IPv4 probe source ${JSON.stringify(sources.ipv4)}`);
   if (sources.ipv6 !== undefined && !net.isIPv6(sources.ipv6)) throw new AgentError("INTERNAL", `invalid IPv6 probe source ${JSON.stringify(sources.ipv6)}`);
   // A NAT chain sees the first packet of each connection only, so the rules act on new connections.
-  const match = "meta l4proto tcp ct status & dnat == 0 fib saddr type local";
+  const match = "meta l4proto tcp ct status & dnat == 0 meta skuid >= 0 fib saddr type local";
   return [
     `table ${TABLE} {`,
     ...setDefinition(PROBE_SNAT_SET4, "ipv4_addr", pods.ipv4),

@@ -2,6 +2,8 @@
 // enrolled pods' addresses in its sets. The table stays when the agent stops, so kubelet probes keep
 // reaching the applications through the probe-source exemption while no agent runs. Writing it
 // never holds back enrolment: a failure is logged, shown by readiness, and retried.
+import path from "node:path";
+
 import type { Logger } from "../../log";
 import { runNft } from "./capture";
 import {
@@ -156,14 +158,23 @@ export class ProbeSnat {
   }
 }
 
+/** Returns the path of the host network namespace that the table goes in: --host-netns, else that of PID 1 under --host-proc. */
+export function hostNetnsPath(hostNetns: string | undefined, hostProc: string): string {
+  return hostNetns ?? path.join(hostProc, "1", "ns", "net");
+}
+
+/** Tells whether the host network namespace at hostNetns has the probe SNAT table. Throws with nftables' message when the namespace cannot be read. */
+export function hasProbeSnatTable(hostNetns: string): boolean {
+  return listsProbeSnatTable(runNft(hostNetns, renderInetTablesListing(), "listing the nftables tables"));
+}
+
 /**
  * Removes the probe SNAT table from the host network namespace at hostNetns. Writes nothing when
  * the table is absent. Returns whether there was a table. Throws with nftables' message when the
  * namespace cannot be read or the table cannot be removed.
  */
 export function removeProbeSnat(hostNetns: string): boolean {
-  const listing = runNft(hostNetns, renderInetTablesListing(), "listing the nftables tables");
-  if (!listsProbeSnatTable(listing)) return false;
+  if (!hasProbeSnatTable(hostNetns)) return false;
   runNft(hostNetns, renderProbeSnatRemoval(), "removing the probe SNAT table");
   return true;
 }

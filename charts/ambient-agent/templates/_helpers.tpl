@@ -78,6 +78,9 @@ names and the fix.
 {{- if has "none" .Values.excludedNamespaces -}}
 {{- fail "excludedNamespaces contains \"none\", but the release namespace is always excluded: give [] to exclude the release namespace only" -}}
 {{- end -}}
+{{- if and (has "none" .Values.probeSource) (gt (len .Values.probeSource) 1) -}}
+{{- fail (printf "probeSource (%s) combines \"none\" with addresses: give [\"none\"] alone to exempt no address, or addresses only" (toJson .Values.probeSource)) -}}
+{{- end -}}
 {{- if and (not .Values.audit.file.enabled) (empty .Values.audit.sinks) -}}
 {{- fail "audit.file.enabled is false and audit.sinks is empty: the agent needs an audit destination, so enable the file or add a sink such as stdout" -}}
 {{- end -}}
@@ -114,9 +117,12 @@ rejects. Kubernetes defaults an absent maxSurge to 0 and an absent maxUnavailabl
 {{- end -}}
 
 {{/*
-Fails when extraArgs gives an option that the chart sets from the release or ties to a volume it mounts:
-on the command line it would replace the ConfigMap's value. --replace, --idle-after-handover and
---kubernetes are left out, because a switch on the command line can only repeat the file's true.
+Fails when extraArgs gives an option that the chart sets from the release or ties to a volume it mounts,
+or one of the kubelet probe options that the chart sets together from probeSource and probeSnat: on the
+command line it would replace the ConfigMap's value. --replace, --idle-after-handover and --kubernetes
+are left out, because a switch on the command line can only repeat the file's true. --probe-snat is not,
+because the file lacks it when probeSnat is false or probeSource is ["none"]. The agent has no
+--no-probe-snat, and the entry points to the value that turns the table off.
 */}}
 {{- define "ambient-agent.validateExtraArgs" -}}
 {{- $chartOptions := dict
@@ -133,6 +139,10 @@ on the command line it would replace the ConfigMap's value. --replace, --idle-af
   "ca-dir" "set ca.secretName, which the chart mounts at /etc/ambient-agent/ca"
   "ca-root-cert" "set ca.rootCertConfigMap, which the chart mounts at /var/run/secrets/istio"
   "ca-token-file" "set ca.tokenAudience, the audience of the token the chart mounts at /var/run/secrets/tokens"
+  "probe-source" "set probeSource instead. The chart writes probe-snat only when probeSource is not [\"none\"], and a list given here would replace probeSource behind that decision"
+  "probe-snat" "set probeSnat: true instead, which the chart leaves out when probeSource is [\"none\"]"
+  "no-probe-snat" "set probeSnat: false instead"
+  "host-netns" "the agent writes the probe SNAT table in the network namespace of the host's PID 1 under hostPaths.proc, which the chart mounts at /host/proc, so set hostPaths.proc instead"
 -}}
 {{- range $arg := .Values.extraArgs -}}
 {{- if hasPrefix "--" $arg -}}

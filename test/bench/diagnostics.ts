@@ -3,6 +3,8 @@
 //
 //   per record     CPU time of a connection record's life with and without the tracker and the
 //                  metrics, in the benchmark process
+//   log line       CPU time of one access log line as JSON and as text (--log-format), in the
+//                  benchmark process
 //   data path      mesh throughput (iperf3) and connection rate (tcp-bench) between the bench pods,
 //                  in alternating rounds with the tracker on and off. Off means each agent started
 //                  with AMBIENT_BENCH_NO_CONNECTION_TRACKER=1, so its proxies get no tracker and the
@@ -23,7 +25,8 @@ import os from "node:os";
 import path from "node:path";
 import { Registry } from "prom-client";
 import { TrafficMetrics } from "../../agent/admin/metrics-traffic";
-import { silentLogger } from "../../agent/log";
+import { createLevelledLogger, LogLevels, parseLogLevels, silentLogger } from "../../agent/log";
+import { TextDestination } from "../../agent/log-format";
 import { ConnectionRecord } from "../../agent/proxy/connection-record";
 import { ConnectionTracker } from "../../agent/proxy/connection-tracker";
 import type { Workload } from "../../agent/state/types";
@@ -123,8 +126,18 @@ export interface RecordCostFigures {
   added_ns: number;
 }
 
+/** CPU ns per access log line in each --log-format, in the benchmark process. */
+export interface LogFormatFigures {
+  lines: number;
+  json_ns: number;
+  text_ns: number;
+  /** Median of the per-pair ratios text / json. */
+  ratio: number;
+}
+
 export interface DiagnosticsFigures {
   record_cost: RecordCostFigures;
+  log_format: LogFormatFigures;
   data_path: DataPathFigures;
   scrape_label_sets: RequestFigure[];
   scrape_agent: RequestFigure[];
@@ -284,6 +297,48 @@ function measureRecordCost(batches: number, batch: number): RecordCostFigures {
   }
   if (tracker.counts().outbound !== 0) throw new Error(`the tracker still counts ${tracker.counts().outbound} connections after every record was written`);
   return { records: batches * batch, tracker_on_ns: Math.round(median(on)), tracker_off_ns: Math.round(median(off)), added_ns: Math.round(median(on) - median(off)) };
+}
+
+/**
+ * Times one access line, as the proxies log a closed connection, through the logger of each
+ * --log-format to a sink that drops the line: JSON, and text (TextDestination parses each JSON
+ * line and writes it again). Batches of `batch` lines alternate between the formats; returns the
+ * median CPU ns per line of each over `batches` batches.
+ */
+function measureLogFormatCost(batches: number, batch: number): LogFormatFigures {
+  const levels = new LogLevels(parseLogLevels("info"));
+  const sink = { write: (): void => {} };
+  const loggers = {
+    json: createLevelledLogger(levels, { node: "bench" }, sink).child({ component: "access" }),
+    text: createLevelledLogger(levels, { node: "bench" }, new TextDestination(sink)).child({ component: "access" }),
+  };
+  const fields = {
+    src: { addr: "10.1.0.5:40000", workload: "client", namespace: "shop", identity: "spiffe://cluster.local/ns/shop/sa/client" },
+    dst: { addr: "10.1.1.7:8080", workload: "server", namespace: "backend", service: "backend/server" },
+    direction: "outbound",
+    transport: "hbone",
+    bytes_sent: 1843,
+    bytes_recv: 90211,
+    duration_ms: 12,
+    policy: "backend/allow-shop",
+  };
+  const runBatch = (format: "json" | "text"): number => {
+    const logger = loggers[format];
+    const started = process.cpuUsage();
+    for (let index = 0; index < batch; index++) logger.info(fields, "connection complete");
+    const used = process.cpuUsage(started);
+    return ((used.user + used.system) * 1000) / batch;
+  };
+  runBatch("json");
+  runBatch("text");
+  const json: number[] = [];
+  const text: number[] = [];
+  for (let index = 0; index < batches; index++) {
+    json.push(runBatch("json"));
+    text.push(runBatch("text"));
+  }
+  const ratios = text.map((value, index) => value / json[index]);
+  return { lines: batches * batch, json_ns: Math.round(median(json)), text_ns: Math.round(median(text)), ratio: round(median(ratios), 2) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,6 +571,8 @@ async function measureAdmin(prefix: string, settings: DiagnosticsSettings, step:
 export async function measureDiagnostics(settings: DiagnosticsSettings, step: (message: string) => void): Promise<DiagnosticsFigures> {
   const recordCost = measureRecordCost(settings.recordBatches, 20_000);
   step(`diagnostics: connection record life, ns: ${JSON.stringify(recordCost)}`);
+  const logFormat = measureLogFormatCost(settings.recordBatches, 20_000);
+  step(`diagnostics: access log line, ns: ${JSON.stringify(logFormat)}`);
   const scrapeLabelSets: RequestFigure[] = [];
   for (const labelSets of settings.labelSets) {
     scrapeLabelSets.push(await measureLabelSets(labelSets, settings.requests));
@@ -526,7 +583,7 @@ export async function measureDiagnostics(settings: DiagnosticsSettings, step: (m
   const prefix = `${PREFIX_FAMILY}${process.pid}`;
   const { dataPath, scrape } = await measureDataPath(`${prefix}d`, settings, step);
   const admin = await measureAdmin(`${prefix}a`, settings, step);
-  return { record_cost: recordCost, data_path: dataPath, scrape_label_sets: scrapeLabelSets, scrape_agent: scrape, admin };
+  return { record_cost: recordCost, log_format: logFormat, data_path: dataPath, scrape_label_sets: scrapeLabelSets, scrape_agent: scrape, admin };
 }
 
 function table(header: string[], rows: string[][]): string[] {
@@ -551,6 +608,7 @@ export function formatDiagnosticsTable(figures: DiagnosticsFigures, machine: { c
   const cost = figures.record_cost;
   return [
     `connection record life (in process, ${cost.records} records per variant): ${cost.tracker_on_ns} ns with the tracker and metrics, ${cost.tracker_off_ns} ns without, ${cost.added_ns} ns added`,
+    `access log line (in process, ${figures.log_format.lines} lines per format): ${figures.log_format.json_ns} ns as JSON, ${figures.log_format.text_ns} ns as text (ratio ${figures.log_format.ratio})`,
     "",
     `1-minute load average before and after the rounds: ${dataPath.load_average.join(" and ")}`,
     ...table(["figure (median of rounds)", "tracker on", "tracker off", "ratio on/off (median of pairs)", "rounds on / off"], dataRows),

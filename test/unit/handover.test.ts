@@ -36,6 +36,17 @@ function countingHandlers(enrolled = ["shop/web"]): HandoverHandlers & { calls: 
   };
 }
 
+/** Starts a hand-over server with counting handlers in a new folder; both end with the test. */
+async function countingServer(t: ExecutionContext, preparedTimeoutMs?: number): Promise<{ socketPath: string; handlers: ReturnType<typeof countingHandlers> }> {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), preparedTimeoutMs);
+  t.teardown(() => server.close());
+  return { socketPath, handlers };
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -335,12 +346,7 @@ test("probe connects without preparing", async (t) => {
 });
 
 test("prepared state expires without handover", async (t) => {
-  const directory = socketDirectory();
-  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
-  const socketPath = path.join(directory, "node-n.sock");
-  const handlers = countingHandlers();
-  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), 100);
-  t.teardown(() => server.close());
+  const { socketPath, handlers } = await countingServer(t, 100);
 
   const stalled = await Predecessor.contact(socketPath, 2_000, silentLogger());
   await waitFor(() => handlers.calls.length === 2);
@@ -358,12 +364,7 @@ test("prepared state expires without handover", async (t) => {
 });
 
 test("handover or abort ends the deadline", async (t) => {
-  const directory = socketDirectory();
-  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
-  const socketPath = path.join(directory, "node-n.sock");
-  const handlers = countingHandlers();
-  const server = await HandoverServer.listen(socketPath, handlers, silentLogger(), 100);
-  t.teardown(() => server.close());
+  const { socketPath, handlers } = await countingServer(t, 100);
 
   const aborting = await Predecessor.contact(socketPath, 2_000, silentLogger());
   t.true(await aborting!.abort(2_000));

@@ -34,7 +34,7 @@ import { handoverSocketPath } from "./handover/protocol";
 import { HandoverServer, preparedTimeoutFromEnvironment } from "./handover/server";
 import { EXIT_MARGIN_MS, HANDOVER_REPLY_TIMEOUT_MS, handoverHandlers, takeLocksWhenFree, takeOver } from "./handover/takeover";
 import { HostNotReadyError, capabilityProblems, checkHost } from "./capture/preflight";
-import { attachCapture, selectCapture, setProbeSources } from "./capture/setup";
+import { attachCapture, nftStateDirectory, selectCapture, setProbeSources } from "./capture/setup";
 import { DEFAULT_PROBE_SOURCES } from "./capture/ebpf/exemptions";
 import { hostNetnsPath, ProbeSnat } from "./capture/nft/probe-snat";
 import { ManifestSource } from "./discovery/manifests";
@@ -64,7 +64,7 @@ import { EndpointPicker } from "./state/endpoints";
 import { workloadIps } from "./state/ip";
 import { MeshState } from "./state/mesh-state";
 import type { ClusterSnapshot, Identity, Workload } from "./state/types";
-import { removeCniEntry, removePinnedCapture, removeProbeSnatTable, UninstallCheck, type DaemonSetRef, type StopDecision } from "./uninstall";
+import { removeCniEntry, removeNftCaptureTables, removePinnedCapture, removeProbeSnatTable, UninstallCheck, type DaemonSetRef, type StopDecision } from "./uninstall";
 import { agentVersion } from "./version";
 
 /** The reason of the workload.unenrolled records that an uninstall writes. */
@@ -168,8 +168,8 @@ export class Agent {
   private conflicted = new Set<string>();
   /** The pods the previous agent had enrolled, read at start, which win IP ties until the first enrolment ran. */
   private enrolledAtStart = new Set<string>();
-  /** Set by abortStart(): start() then stops at its next step. */
-  private startAborted = false;
+  /** Aborted by abortStart(): start() then stops at its next step, and a wait for a stopped agent's locks ends. */
+  readonly #startAbort = new AbortController();
   private capture: CaptureBackend | undefined;
   /** The probe SNAT table with --probe-snat. */
   private probeSnat: ProbeSnat | undefined;
@@ -296,7 +296,10 @@ export class Agent {
 
     const predecessor = agentRuns ? await this.contactPredecessor() : undefined;
     this.checkAborted();
-    if (agentRuns && !predecessor) await this.startAfterStoppedAgent();
+    if (agentRuns && !predecessor) {
+      await this.startAfterStoppedAgent();
+      this.checkAborted();
+    }
 
     this.capture = attachCapture(selection, this.options, this.logger);
     setProbeSources(this.capture, this.options, this.logger);
@@ -362,13 +365,13 @@ export class Agent {
    * stop(). A source waiting for the API server's first list ends its wait at once.
    */
   abortStart(): void {
-    this.startAborted = true;
+    this.#startAbort.abort(new AgentError("INTERNAL", "the agent was asked to stop while it was starting"));
     void this.source?.stop();
   }
 
   /** Throws when abortStart() was called, so that start() goes no further. */
   private checkAborted(): void {
-    if (this.startAborted) throw new AgentError("INTERNAL", "the agent was asked to stop while it was starting");
+    this.#startAbort.signal.throwIfAborted();
   }
 
   /**
@@ -381,30 +384,36 @@ export class Agent {
    * With `uninstall` (stopDecision() found the agent's DaemonSet deleted) the agent removes what it
    * installed on the node instead. First its CNI plugin entry goes, then every pod's enrolment,
    * with a workload.unenrolled record of reason UNINSTALL_REASON and the pod's redirection
-   * annotation removed. Last goes its pinned capture, as `agentctl cni remove` and `agentctl
-   * capture remove` do. New connections then reach the pods directly while open ones drain.
+   * annotation removed. Last goes the node's capture, as `agentctl cni remove` and `agentctl
+   * capture remove` do: the pins, the nftables tables and the probe SNAT table, so also what the
+   * previous agent left when this one stops before it enrolled the pods. New connections then
+   * reach the pods directly while open ones drain. An agent that does not hold the node's locks
+   * removes nothing, because another agent serves the node or is stopping, and decides for itself.
+   *
+   * The hand-over socket closes first, and a replacement that it is serving gets an error, so no
+   * replacement takes the node while this agent drains or removes capture.
    */
   async stop(drainMs = 0, reason = "stop requested", uninstall = false): Promise<void> {
     this.handover?.close();
+    // The uninstall steps below run only with the node's locks.
+    const removes = uninstall && this.mayUninstall();
+    const previous = removes ? this.previousEnrolments() : [];
     clearTimeout(this.enrolledSaveTimer);
     if (this.reconciler) this.saveEnrolled();
     await this.cni?.close();
-    if (uninstall && this.options.cni) removeCniEntry(this.options.cni.confDir, this.logger.child({ component: "cni" }));
+    if (removes && this.options.cni) removeCniEntry(this.options.cni.confDir, this.logger.child({ component: "cni" }));
     // An uninstall still needs the annotator, which removes the annotations once the pods are unenrolled.
-    if (!uninstall) this.annotator?.stop();
+    if (!removes) this.annotator?.stop();
     // The manifests are still followed while connections drain, so a policy change still closes
     // the connections it denies; enrolment no longer changes.
     this.stopping = true;
-    await this.drain(drainMs, uninstall);
-    if (uninstall) await this.finishUninstall();
+    await this.drain(drainMs, removes);
+    if (removes) await this.finishUninstall(previous);
     await Promise.all([this.source?.stop(), this.uninstallCheck?.stop()]);
     await this.servers.stop();
     this.capture?.close();
     this.probeSnat?.close();
-    if (uninstall) {
-      removePinnedCapture(this.options.pinRoot, this.logger.child({ component: "capture" }));
-      removeProbeSnatTable(this.hostNetns(), this.logger.child({ component: "capture" }));
-    }
+    if (removes) this.removeNodeCapture();
     this.identity?.close();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
     await this.audit?.close();
@@ -420,12 +429,45 @@ export class Agent {
   }
 
   /**
-   * Decides whether a stop signal uninstalls the agent (see stop()): with --daemonset from the
-   * DaemonSet's deletion that the watch saw or, without one, by reading the DaemonSet, which takes
-   * at most about twice DAEMONSET_READ_TIMEOUT_MS; without --daemonset, never.
+   * Decides whether a stop signal uninstalls the agent (see stop()): with --daemonset by reading
+   * the DaemonSet or, when the read fails, from its deletion that the watch saw, which takes at
+   * most about twice DAEMONSET_READ_TIMEOUT_MS; without --daemonset, never. It ends every
+   * hand-over first, so that none completes while it reads, and an agent that already handed the
+   * node over never uninstalls.
    */
   async stopDecision(): Promise<StopDecision> {
+    this.handover?.close();
+    if (this.handover?.handedOver) return { uninstall: false, reason: "node handed over to a new agent" };
     return (await this.uninstallCheck?.decide()) ?? { uninstall: false, reason: "no --daemonset to check" };
+  }
+
+  /**
+   * Tells whether this agent holds the node's locks, which an uninstall needs, and logs a warning
+   * when it does not: another agent then serves the node or is stopping, and removing capture
+   * would open its pods.
+   */
+  private mayUninstall(): boolean {
+    if (this.nodeLock !== undefined && this.lock !== undefined) return true;
+    this.logger.warn("not uninstalling: another agent holds this node's locks, so it serves the node or is stopping and decides for itself; this agent removes nothing");
+    return false;
+  }
+
+  /**
+   * Returns the enrolled-pods file's records of pods that this agent does not serve: at an
+   * uninstall before the first enrolment, the pods of the previous agent, whose capture goes with
+   * the node's.
+   */
+  private previousEnrolments(): EnrolledRecord[] {
+    const served = new Set((this.reconciler?.list() ?? []).map((entry) => entry.workload.uid));
+    return [...this.enrolledFile.load().values()].filter((record) => !served.has(record.workload.uid));
+  }
+
+  /** Removes the node's capture for an uninstall: the pins, the nftables tables no agent removed, and the probe SNAT table. */
+  private removeNodeCapture(): void {
+    const logger = this.logger.child({ component: "capture" });
+    removePinnedCapture(this.options.pinRoot, logger);
+    removeNftCaptureTables(nftStateDirectory(this.options.node), logger);
+    removeProbeSnatTable(this.hostNetns(), logger);
   }
 
   /** Closes the listeners and drains; an uninstall unenrolls every pod first (see stop()). */
@@ -438,17 +480,27 @@ export class Agent {
     this.logger.info({ ...summary, durationMs: Date.now() - startedAt }, "drain finished");
   }
 
-  /** Saves the now empty list of enrolled pods and removes the pods' redirection annotations, after an uninstall's unenrolment. */
-  private async finishUninstall(): Promise<void> {
+  /**
+   * Saves the now empty list of enrolled pods, records the unenrolment of `previous` (pods that
+   * this agent did not serve), and removes the pods' redirection annotations, after an
+   * uninstall's unenrolment.
+   */
+  private async finishUninstall(previous: readonly EnrolledRecord[]): Promise<void> {
     clearTimeout(this.enrolledSaveTimer);
     this.saveEnrolled();
-    if (!this.annotator || !this.state) return;
-    this.annotator.sync(this.state.workloadsOnNode(this.options.node), new Set());
-    const unwritten = await this.annotator.flush(UNINSTALL_ANNOTATION_TIMEOUT_MS);
-    if (unwritten > 0) {
-      this.logger.warn({ unwritten, timeoutMs: UNINSTALL_ANNOTATION_TIMEOUT_MS }, "uninstall: some pods keep their redirection annotation, because removing it failed or took too long");
+    for (const record of previous) {
+      this.logger.info({ workload: record.workload.uid, reason: UNINSTALL_REASON }, "workload unenrolled with the node's capture: the previous agent had enrolled it");
+      this.audit?.write(workloadRecord({ action: "unenrolled", workload: record.workload, identity: record.identity, reason: UNINSTALL_REASON }, this.options.node, new Date().toISOString()));
     }
-    this.annotator.stop();
+    // Without a first list there are no pods to patch.
+    if (this.annotator && this.state) {
+      this.annotator.sync(this.state.workloadsOnNode(this.options.node), new Set());
+      const unwritten = await this.annotator.flush(UNINSTALL_ANNOTATION_TIMEOUT_MS);
+      if (unwritten > 0) {
+        this.logger.warn({ unwritten, timeoutMs: UNINSTALL_ANNOTATION_TIMEOUT_MS }, "uninstall: some pods keep their redirection annotation, because removing it failed or took too long");
+      }
+    }
+    this.annotator?.stop();
   }
 
   /** Starts the audit pipeline, records the start, and completes the connections a killed predecessor left open. */
@@ -544,7 +596,7 @@ export class Agent {
   private async startAfterStoppedAgent(): Promise<void> {
     const timeoutMs = (this.options.drainTimeoutMs ?? 0) + EXIT_MARGIN_MS;
     this.logger.info({ timeoutMs }, "the running agent stopped before the hand-over: starting normally once its locks are free");
-    await takeLocksWhenFree(() => this.takeLocks(), timeoutMs, "the agent that served the node stopped before the hand-over");
+    await takeLocksWhenFree(() => this.takeLocks(), timeoutMs, "the agent that served the node stopped before the hand-over", this.#startAbort.signal);
     await this.startAudit();
     await this.servers.rebind();
   }
@@ -558,6 +610,8 @@ export class Agent {
       wanted: this.desiredWorkloads(this.state!).map((workload) => workload.uid),
       drainTimeoutMs: this.options.drainTimeoutMs ?? 0,
       takeLocks: () => this.takeLocks(),
+      missingCapture: () => this.capture!.missingCapture(),
+      signal: this.#startAbort.signal,
       logger: this.logger.child({ component: "handover" }),
     });
     await this.startAudit();

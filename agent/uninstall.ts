@@ -19,7 +19,10 @@
 // as a watched deletion. A new list without the DaemonSet proves nothing (an etcd restore, another
 // store behind a proxy), so it leaves the deletion unknown.
 
+import fs from "node:fs";
+
 import { Capture } from "./capture/ebpf/capture";
+import { NftCapture } from "./capture/nft/capture";
 import { removeProbeSnat } from "./capture/nft/probe-snat";
 import { unchain } from "./cni/chain";
 import { KubeApiError, statusOf, type KubeClient } from "./discovery/kube-client";
@@ -401,6 +404,30 @@ export function removePinnedCapture(pinRoot: string, logger: Logger): void {
   } catch (error) {
     logger.error({ err: error, pinRoot }, `failed to remove the pinned capture; remove it with \`agentctl capture remove --pin-root ${pinRoot}\``);
   }
+}
+
+/**
+ * Removes the nftables capture tables that the state folder still lists: those of pods that no
+ * agent unenrolled, such as the previous agent's pods when the uninstall comes before this agent
+ * enrolled them. Each removal is logged. Does nothing when the folder does not exist.
+ */
+export function removeNftCaptureTables(stateDirectory: string, logger: Logger): void {
+  if (!fs.existsSync(stateDirectory)) return;
+  let capture: NftCapture;
+  try {
+    capture = new NftCapture({ stateDirectory }, logger);
+  } catch (error) {
+    logger.error({ err: error, stateDirectory }, "failed to read the list of pods with an nftables capture table; their tables stay and keep them closed");
+    return;
+  }
+  for (const cookie of capture.enrolledCookies()) {
+    try {
+      capture.unenroll(cookie);
+    } catch (error) {
+      logger.error({ err: error, cookie: cookie.toString() }, "failed to remove a pod's nftables capture table; the pod stays closed until `nft delete table inet ambient_agent` runs in its network namespace");
+    }
+  }
+  capture.close();
 }
 
 /**

@@ -82,12 +82,18 @@ export interface CaptureBackend {
    * each map or set. Cheap enough for every metrics scrape: eBPF walks its maps at most once a second.
    */
   usage(): { programs: ProgramView[]; maps: MapUsageView[] };
+  /**
+   * Lists what of this agent's capture is gone from the node: pins (eBPF) or the tables of its
+   * pods (nftables). Another agent's uninstall removes them, and this agent then captures nothing
+   * through its handles.
+   */
+  missingCapture(): string[];
   /** Releases this process's handles. Capture itself stays, so pods fail closed while no agent runs. */
   close(): void;
 }
 
 /** The part of a backend that the enrollment reconciler uses. Capture has it as well. */
-export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "usage" | "close">;
+export type EnrollmentCapture = Omit<CaptureBackend, "mode" | "takeOriginalDestination" | "inboundDestination" | "usage" | "missingCapture" | "close">;
 
 /** The calls that Capture and NftCapture take with the same signature, so a backend passes them on unchanged. */
 type PassedOnCapture = Required<
@@ -162,6 +168,10 @@ export class EbpfCaptureBackend extends CapturePassThrough<Capture> implements C
       this.#usage = { at: now, value: readEbpfUsage(this.capture.pinRoot, this.cgroupPath) };
     }
     return this.#usage.value;
+  }
+
+  missingCapture(): string[] {
+    return this.capture.missingPins();
   }
 
   attachInbound(netnsPath: string, cookie: bigint, podIp: string, listenerFd: number): void {
@@ -249,6 +259,10 @@ export class NftCaptureBackend extends CapturePassThrough<NftCapture> implements
 
   usage(): ReturnType<CaptureBackend["usage"]> {
     return this.capture.usage();
+  }
+
+  missingCapture(): string[] {
+    return this.capture.missingTables();
   }
 
   /** Returns the original destination from conntrack, because REDIRECT rewrote it to the listener's port. */

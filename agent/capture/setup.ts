@@ -60,8 +60,12 @@ export function attachCapture(selection: CaptureSelection, options: CaptureOptio
   }
   // nftables rules tell the agent's sockets apart by their mark alone.
   useMarkOnlyAgentSockets();
-  const stateDirectory = path.join(LOCK_DIRECTORY, `nftables-${options.node}`);
-  return new NftCaptureBackend(new NftCapture({ stateDirectory }, captureLogger));
+  return new NftCaptureBackend(new NftCapture({ stateDirectory: nftStateDirectory(options.node) }, captureLogger));
+}
+
+/** Returns the folder that lists the node's pods with an nftables capture table, shared by the node's agents. */
+export function nftStateDirectory(node: string): string {
+  return path.join(LOCK_DIRECTORY, `nftables-${node}`);
 }
 
 /** Fills aa_probe_sources with the configured probe source addresses, replacing what an earlier run left. */

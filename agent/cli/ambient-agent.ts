@@ -12,6 +12,7 @@ import { DEFAULT_HOST_PROC } from "../enroll/netns";
 import { createLogger, parseLogLevels, type Logger } from "../log";
 import { parseLogFormat, type LogFormat } from "../log-format";
 import { parseDaemonSetRef } from "../uninstall";
+import { handleHangups, idleUntilSignal, stopAgent, type StopCause } from "./agent-stop";
 import { withConfigFile } from "./config-file";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
 import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags } from "./identity-flags";
@@ -357,11 +358,6 @@ function parseCniFlags(values: { "cni-conf-dir"?: string; "cni-bin-dir"?: string
   };
 }
 
-/** How much longer than the drain timeout the whole stop may take (audit flush, admin and capture close) before the process exits anyway. */
-const STOP_DEADLINE_MS = 10_000;
-/** Period of the timer that keeps an idle agent's process alive; it does nothing when it fires. */
-const IDLE_TIMER_MS = 3_600_000;
-
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === undefined || command === "--help" || command === "-h" || command === "help") {
@@ -393,6 +389,8 @@ async function main(argv: string[]): Promise<number> {
     );
   }
   const agent = new Agent(withCgroupV2Root(options.agent, logger), logger);
+  let serving = false;
+  handleHangups(agent, logger, () => serving);
   // Start may wait long for the API server's first list: a signal meanwhile makes start() end at
   // its next step, and the agent then stops cleanly.
   let signalDuringStart: string | undefined;
@@ -404,97 +402,36 @@ async function main(argv: string[]): Promise<number> {
   };
   process.on("SIGTERM", stopDuringStart);
   process.on("SIGINT", stopDuringStart);
+  let failure: { error: unknown } | undefined;
   try {
     await agent.start();
   } catch (error) {
-    if (signalDuringStart) {
-      await agent.stop(0, `signal ${signalDuringStart} during start`).catch((stopError) => logger.error({ err: stopError }, "stopping failed"));
-      return 0;
-    }
-    const message = error instanceof HostNotReadyError ? error.message : `failed to start: ${(error as Error).message}`;
-    logger.fatal({ err: error }, message);
-    process.stderr.write(`ambient-agent: ${message}\n`);
-    await agent.stop(0, `start failed: ${message}`).catch(() => undefined);
-    return 1;
+    failure = { error };
   } finally {
     process.off("SIGTERM", stopDuringStart);
     process.off("SIGINT", stopDuringStart);
   }
-  if (signalDuringStart) {
-    // start() finished its last step as the signal came.
-    await agent.stop(0, `signal ${signalDuringStart} during start`).catch((error) => logger.error({ err: error }, "stopping failed"));
-    return 0;
+  // Also when start() finished its last step as the signal came.
+  if (signalDuringStart) return (await stopAgent(agent, logger, options.drainTimeoutMs, { kind: "signal during start", signal: signalDuringStart })).code;
+  if (failure) {
+    const message = failure.error instanceof HostNotReadyError ? failure.error.message : `failed to start: ${(failure.error as Error).message}`;
+    logger.fatal({ err: failure.error }, message);
+    process.stderr.write(`ambient-agent: ${message}\n`);
+    return (await stopAgent(agent, logger, options.drainTimeoutMs, { kind: "start failed", message })).code;
   }
 
-  const onHangup = (): void => void agent.reload().catch((error) => logger.error({ err: error }, "manifest reload failed"));
-  process.on("SIGHUP", onHangup);
+  serving = true;
   // A replacement agent ends this one through the hand-over socket, as a signal would.
   const signal = await new Promise<string>((resolve) => {
     process.once("SIGTERM", () => resolve("SIGTERM"));
     process.once("SIGINT", () => resolve("SIGINT"));
     void agent.replaced.then(() => resolve("hand-over"));
   });
-  process.off("SIGHUP", onHangup);
-  const { code, signalled } = await stopAgent(agent, logger, options, signal);
+  serving = false;
+  const cause: StopCause = signal === "hand-over" ? { kind: "hand-over" } : { kind: "signal", signal };
+  const { code, signalled } = await stopAgent(agent, logger, options.drainTimeoutMs, cause);
   // A signal during the stop after a hand-over is the one the idle agent would wait for.
   if (signal === "hand-over" && options.idleAfterHandover && !signalled) return idleUntilSignal(logger, code);
-  return code;
-}
-
-/**
- * Stops the agent after `signal`. Returns the exit status, 0 or 1 when the stop outlived its
- * deadline, and whether a SIGTERM or SIGINT came during the stop. After a stop signal (not a hand-over) the agent first decides whether it is being
- * uninstalled (Agent.stopDecision).
- * A second signal resets the open connections at once.
- */
-async function stopAgent(agent: Agent, logger: Logger, options: RunOptions, signal: string): Promise<{ code: number; signalled: boolean }> {
-  let draining = false;
-  let cutShort = false;
-  const onSecondSignal = (second: string): void => {
-    logger.warn({ signal: second }, "signal received while stopping");
-    cutShort = true;
-    if (draining) agent.abortDrain();
-  };
-  process.on("SIGTERM", onSecondSignal);
-  process.on("SIGINT", onSecondSignal);
-  try {
-    const handOver = signal === "hand-over";
-    const decision = handOver ? { uninstall: false, reason: "node handed over to a new agent" } : await agent.stopDecision();
-    const drainTimeoutMs = cutShort ? 0 : options.drainTimeoutMs;
-    logger.info({ signal, drainTimeoutMs, uninstall: decision.uninstall }, handOver ? "node handed over, stopping" : "signal received, stopping");
-    draining = true;
-    // Capture stays pinned whatever happens here, so a stop that hangs cannot open a pod. Give up after a deadline.
-    const deadlineMs = drainTimeoutMs + STOP_DEADLINE_MS;
-    const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
-    const reason = handOver ? decision.reason : `signal ${signal}${decision.uninstall ? `: ${decision.reason}` : ""}`;
-    const stopped = agent.stop(drainTimeoutMs, reason, decision.uninstall).then(() => "stopped" as const);
-    if ((await Promise.race([stopped, deadline])) === "timeout") {
-      logger.error({ deadlineMs }, "stopping took too long; exiting with connections still open");
-      agent.releaseLocks();
-      return { code: 1, signalled: cutShort };
-    }
-    return { code: 0, signalled: cutShort };
-  } finally {
-    process.off("SIGTERM", onSecondSignal);
-    process.off("SIGINT", onSecondSignal);
-  }
-}
-
-/**
- * Waits, with everything closed, until SIGTERM or SIGINT after a hand-over (--idle-after-handover),
- * then returns `code`. A container runtime would restart an agent that exits, and the restarted
- * agent would take the node back.
- */
-async function idleUntilSignal(logger: Logger, code: number): Promise<number> {
-  logger.info("node handed over: idle until SIGTERM or SIGINT");
-  // Signal handlers do not keep Node's event loop alive; this timer does.
-  const keepAlive = setInterval(() => undefined, IDLE_TIMER_MS);
-  const signal = await new Promise<string>((resolve) => {
-    process.once("SIGTERM", () => resolve("SIGTERM"));
-    process.once("SIGINT", () => resolve("SIGINT"));
-  });
-  clearInterval(keepAlive);
-  logger.info({ signal }, "signal received while idle after the hand-over, exiting");
   return code;
 }
 

@@ -16,8 +16,8 @@ export interface EnrolledRecord {
 }
 
 export class EnrolledFile {
-  /** The keys last written, so that an unchanged set is not written again. */
-  private lastWritten = "";
+  /** The keys last written, so that an unchanged set is not written again; undefined before the first write, which always writes. */
+  private lastWritten: string | undefined;
 
   constructor(private readonly file: string) {}
 

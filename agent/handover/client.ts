@@ -59,8 +59,8 @@ export class Predecessor {
   /**
    * Connects to the hand-over socket and requests that the running agent prepare. Resolves with
    * undefined when no agent listens there (no socket file, or no process accepts), or when the
-   * agent closed the connection before it replied, because it stopped. Throws when the agent
-   * rejects the request or does not reply within timeoutMs, and nothing has changed then.
+   * agent closed the connection or replied that it is stopping before it prepared. Throws when
+   * the agent rejects the request or does not reply within timeoutMs, and nothing has changed then.
    */
   static async contact(socketPath: string, timeoutMs: number, logger: Logger): Promise<Predecessor | undefined> {
     const connection = await connectOrUndefined(socketPath, timeoutMs);
@@ -78,7 +78,8 @@ export class Predecessor {
 
   /**
    * Tells the running agent to close its listeners and exit. Resolves with true once it confirms,
-   * and with false when it closed the connection first: it stopped without handing the node over.
+   * and with false when it closed the connection or replied that it is stopping: it stops without
+   * handing the node over.
    */
   async handOver(timeoutMs: number): Promise<boolean> {
     return (await this.request({ type: "handover" }, "released", timeoutMs)) !== undefined;
@@ -86,7 +87,7 @@ export class Predecessor {
 
   /**
    * Tells the running agent to keep serving alone. Resolves with true once its inbound capture is
-   * restored, and with false when it closed the connection first: it stopped.
+   * restored, and with false when it closed the connection or replied that it is stopping.
    */
   async abort(timeoutMs: number): Promise<boolean> {
     try {
@@ -124,11 +125,19 @@ export class Predecessor {
     this.connection.destroy();
   }
 
-  /** Sends a request and returns the reply, or undefined when the running agent closed the connection before it replied. */
+  /**
+   * Sends a request and returns the reply, or undefined when the running agent closed the
+   * connection, or replied that it is stopping, before it replied to the request.
+   */
   private async request(message: HandoverMessage, expected: Reply, timeoutMs: number): Promise<HandoverMessage | undefined> {
     if (!this.#closed) this.connection.write(formatHandoverMessage(message));
     const reply = await this.nextReply(timeoutMs, message.type);
     if (reply === undefined) return undefined;
+    if (reply.type === "error" && reply.stopping === true) {
+      this.logger.info({ request: message.type, reply: reply.message }, "the running agent is stopping, so it hands the node over to no one");
+      this.connection.destroy();
+      return undefined;
+    }
     if (reply.type === "error") {
       this.connection.destroy();
       throw new AgentError("INTERNAL", `the running agent rejected the ${message.type} request on ${this.socketPath}: ${reply.message}`);

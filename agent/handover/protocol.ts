@@ -9,11 +9,15 @@
 //   abort                       resumed: its 15006 listeners are back in the sk_lookup map
 //                               error {message}: the request was rejected, or the running agent
 //                               stayed prepared past its deadline and serves alone again
+//                               error {message, stopping: true}: the running agent is stopping,
+//                               sent unrequested, after which it closes the connection
 //
 // Before it sends prepare, the replacement may connect and close without a message, to learn
 // whether an agent runs. The replacement takes the node once the running agent's connection
 // closes, which happens when that process exits. When the connection closes with no released
-// reply, the running agent was stopped, and the replacement takes the node once its locks are free.
+// reply, or the running agent replies that it is stopping, the replacement takes the node once
+// that agent's locks are free. A running agent that began to stop hands the node over to no one,
+// because its stop may be an uninstall, which removes the node's capture.
 
 import path from "node:path";
 import { AgentError } from "../errors";
@@ -26,7 +30,7 @@ export type HandoverMessage =
   | { type: "released" }
   | { type: "abort" }
   | { type: "resumed" }
-  | { type: "error"; message: string };
+  | { type: "error"; message: string; stopping?: boolean };
 
 /** Maximum length of a message line, which bounds the memory that a peer can make the agent use. */
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
@@ -78,7 +82,8 @@ export function parseHandoverMessage(line: string): HandoverMessage {
       return { type: message.type };
     case "error":
       if (typeof message.message !== "string") throw invalid(line, "message must be a string");
-      return { type: "error", message: message.message };
+      if (message.stopping !== undefined && typeof message.stopping !== "boolean") throw invalid(line, "stopping must be true or false");
+      return message.stopping === true ? { type: "error", message: message.message, stopping: true } : { type: "error", message: message.message };
     default:
       throw invalid(line, `unknown type ${JSON.stringify(message.type)}`);
   }

@@ -22,8 +22,11 @@ export interface HandoverHandlers {
   release(): void;
 }
 
-/** "expired": the prepared deadline passed, and the connection is closing. */
-type SessionState = "idle" | "prepared" | "released" | "expired";
+/**
+ * "expired": the prepared deadline passed, and the connection is closing. "ended": this agent
+ * began to stop, and the connection is closing.
+ */
+type SessionState = "idle" | "prepared" | "released" | "expired" | "ended";
 
 /** One replacement's connection and the step its hand-over has reached. */
 interface Session {
@@ -58,7 +61,10 @@ export function preparedTimeoutFromEnvironment(environment: NodeJS.ProcessEnv = 
 export class HandoverServer {
   /** The session of the replacement being served, while a hand-over runs. */
   #active: Session | undefined;
+  /** Every open connection, so that close() can end them. */
+  readonly #sessions = new Set<Session>();
   #released = false;
+  #closed = false;
 
   private constructor(
     readonly socketPath: string,
@@ -85,19 +91,30 @@ export class HandoverServer {
     return self;
   }
 
+  /** Whether this agent handed the node over to a replacement (it replied released). */
+  get handedOver(): boolean {
+    return this.#released;
+  }
+
   /**
-   * Stops accepting replacements and removes the socket file if it is still this agent's. A
-   * replacement that was released stays connected until this process exits, which is how it
-   * learns that the node is free.
+   * Ends hand-overs for good, as the agent's stop begins: stops accepting replacements, removes
+   * the socket file if it is still this agent's, and ends every session but a released one. Each
+   * connected replacement, prepared or not, gets an `error` with `stopping` and its connection
+   * closes, so no hand-over completes while this agent drains or removes what an uninstall
+   * removes. A replacement that was released stays connected until this process exits, which is
+   * how it learns that the node is free. Calls after the first do nothing.
    */
   close(): void {
-    // A stopping agent no longer resumes: the replacement learns of the stop when this process exits.
-    clearTimeout(this.#active?.deadline);
+    if (this.#closed) return;
+    this.#closed = true;
     this.server.close();
     try {
       if (fs.statSync(this.socketPath).ino === this.socketInode) fs.rmSync(this.socketPath, { force: true });
     } catch {
       // Already gone.
+    }
+    for (const session of this.#sessions) {
+      if (session.state !== "released") this.end(session);
     }
   }
 
@@ -112,6 +129,7 @@ export class HandoverServer {
 
   private accept(connection: net.Socket): void {
     const session: Session = { connection, state: "idle" };
+    this.#sessions.add(session);
     const splitter = new LineSplitter();
     const reply = (message: HandoverMessage): void => void connection.write(formatHandoverMessage(message));
 
@@ -129,6 +147,7 @@ export class HandoverServer {
     });
     connection.on("close", () => {
       clearTimeout(session.deadline);
+      this.#sessions.delete(session);
       if (this.#active !== session) return;
       this.#active = undefined;
       if (session.state === "prepared") {
@@ -136,11 +155,13 @@ export class HandoverServer {
         this.resume();
       }
     });
+    // Accepted as close() ran: the listening socket was still open.
+    if (this.#closed) this.end(session);
   }
 
   /** Handles one request and moves the session to its next state. */
   private handle(session: Session, line: string, reply: (message: HandoverMessage) => void): void {
-    if (session.state === "expired") return;
+    if (session.state === "expired" || session.state === "ended") return;
     let message: HandoverMessage;
     try {
       message = parseHandoverMessage(line);
@@ -210,6 +231,21 @@ export class HandoverServer {
     this.resume();
     const message = `the hand-over timed out: no handover or abort request within ${seconds} s of prepare, so the running agent (PID ${process.pid}) serves the node alone again. Start the replacement again`;
     session.connection.end(formatHandoverMessage({ type: "error", message }), () => session.connection.destroy());
+  }
+
+  /**
+   * Ends a session because this agent is stopping: sends the replacement an `error` with
+   * `stopping` and closes the connection. A prepared replacement's listeners keep serving next
+   * to this agent's, and capture is not pointed back here, because this agent's stop closes its
+   * listeners anyway.
+   */
+  private end(session: Session): void {
+    clearTimeout(session.deadline);
+    if (session.state === "prepared") this.logger.info("ending the prepared hand-over: this agent is stopping and hands the node over to no one");
+    session.state = "ended";
+    if (this.#active === session) this.#active = undefined;
+    const message = `the running agent is stopping (PID ${process.pid}) and hands the node over to no one: take the node once its locks are free`;
+    session.connection.end(formatHandoverMessage({ type: "error", message, stopping: true }), () => session.connection.destroy());
   }
 
   private resume(): void {

@@ -2,8 +2,10 @@
 // listeners' ports, and after an abort puts its 15006 listeners back in the sk_lookup map. The
 // replacement checks that it serves every pod the running agent serves, hands over, and waits for
 // the running agent to exit before it takes the node's lock and admin port. A running agent that
-// is stopped during the hand-over closes the connection instead, and the replacement then takes
-// the node once that agent's locks are free.
+// is stopped during the hand-over ends the session instead (an error with `stopping`, then the
+// connection closes), and the replacement then takes the node once that agent's locks are free.
+
+import { setTimeout as delay } from "node:timers/promises";
 
 import type { EnrollmentCapture } from "../capture/backend";
 import type { EnrollmentReconciler } from "../enroll/reconciler";
@@ -87,6 +89,13 @@ export interface TakeOverOptions {
   drainTimeoutMs: number;
   /** Takes the node's locks, or throws while another agent holds one of them. */
   takeLocks: () => void;
+  /**
+   * Lists what of this agent's capture is gone from the node, checked once this agent holds the
+   * locks of an agent that stopped during the hand-over: that agent's uninstall removes it.
+   */
+  missingCapture?: () => string[];
+  /** Ends the wait for the locks of an agent that stopped during the hand-over, when this agent's start is aborted. */
+  signal?: AbortSignal;
   logger: Logger;
 }
 
@@ -131,10 +140,12 @@ export async function takeOver(options: TakeOverOptions): Promise<void> {
 }
 
 /**
- * Takes the node from a running agent that closed the hand-over connection without handing the
- * node over, which happens when it is stopped (SIGTERM) after prepare. Its listeners close as it
- * drains, while this agent's listeners already serve next to them. This agent waits until that
- * agent's locks are free, then points inbound capture at its own listeners.
+ * Takes the node from a running agent that ended the hand-over without handing the node over,
+ * which happens when it is stopped (SIGTERM) after prepare. Its listeners close as it drains,
+ * while this agent's listeners already serve next to them. This agent waits until that agent's
+ * locks are free, then points inbound capture at its own listeners. When that agent's stop was
+ * an uninstall, it removed the capture that this agent attached, and this agent throws instead:
+ * pointing capture here would pin a part of it again.
  */
 async function takeOverFromStopped(options: TakeOverOptions): Promise<void> {
   const { predecessor, logger } = options;
@@ -144,7 +155,15 @@ async function takeOverFromStopped(options: TakeOverOptions): Promise<void> {
     "the running agent closed the hand-over connection before it handed the node over, so it is stopping; taking the node once its locks are free",
   );
   const stopped = `the agent being replaced (PID ${predecessor.pid}) closed the hand-over connection without handing the node over`;
-  await takeLocksWhenFree(options.takeLocks, timeoutMs, stopped);
+  await takeLocksWhenFree(options.takeLocks, timeoutMs, stopped, options.signal);
+  const missing = options.missingCapture?.() ?? [];
+  if (missing.length > 0) {
+    throw new AgentError(
+      "INTERNAL",
+      `the agent being replaced (PID ${predecessor.pid}) removed this node's capture as it stopped, as an uninstall does (${missing.length} gone, such as ${missing[0]}), ` +
+        "so this agent does not serve the node. Start it again to attach capture anew",
+    );
+  }
   reattachInbound(options.reconciler, options.capture);
 }
 
@@ -152,12 +171,13 @@ async function takeOverFromStopped(options: TakeOverOptions): Promise<void> {
  * Calls takeLocks until it succeeds, while the agent being replaced may still hold the locks: it
  * stopped without handing the node over and may still drain, or it is exiting. After timeoutMs it
  * throws an error that starts with `stopped` (what happened to that agent) and names the lock
- * still taken.
+ * still taken. Once `signal` aborts, it stops waiting and throws the signal's reason.
  */
-export async function takeLocksWhenFree(takeLocks: () => void, timeoutMs: number, stopped: string): Promise<void> {
+export async function takeLocksWhenFree(takeLocks: () => void, timeoutMs: number, stopped: string, signal?: AbortSignal): Promise<void> {
   try {
-    await retryUntil(async () => takeLocks(), timeoutMs, LOCK_RETRY_DELAY_MS);
+    await retryUntil(async () => takeLocks(), timeoutMs, LOCK_RETRY_DELAY_MS, signal);
   } catch (error) {
+    if (signal?.aborted) throw signal.reason;
     throw new AgentError(
       "INTERNAL",
       `${stopped}, and its locks were still taken after ${timeoutMs / 1000} s: ${(error as Error).message}. Check that agent's log; once it has exited, start this agent again`,
@@ -166,17 +186,21 @@ export async function takeLocksWhenFree(takeLocks: () => void, timeoutMs: number
   }
 }
 
-/** Calls attempt until it resolves, every delayMs. After timeoutMs it rethrows the last error. */
-async function retryUntil(attempt: () => Promise<void>, timeoutMs: number, delayMs: number): Promise<void> {
+/**
+ * Calls attempt until it resolves, every delayMs. After timeoutMs it rethrows the last error.
+ * Once `signal` aborts, it rejects at once, without another attempt.
+ */
+async function retryUntil(attempt: () => Promise<void>, timeoutMs: number, delayMs: number, signal?: AbortSignal): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    signal?.throwIfAborted();
     try {
       await attempt();
       return;
     } catch (error) {
       if (Date.now() >= deadline) throw error;
     }
-    await new Promise((resolve) => setTimeout(resolve, delayMs));
+    await delay(delayMs, undefined, { signal });
   }
 }
 

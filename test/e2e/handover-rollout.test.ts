@@ -4,7 +4,9 @@
 // hand-over only when it can enrol at once. A running agent stopped (SIGTERM) before or during the
 // hand-over leaves the node to the replacement, which then serves it. And a running agent that a stalled
 // replacement left prepared resumes on its own after a deadline. Through all of it, plaintext
-// never reaches the server pod, whose namespace requires mutual TLS.
+// never reaches the server pod, whose namespace requires mutual TLS. Last, the agents' DaemonSet
+// (--daemonset) is deleted during a hand-over: the running agent ends the hand-over before it
+// uninstalls, and the replacement stops without serving on the removed capture.
 //
 // The first node runs a client in the mesh and a pod outside it; the second runs the server pods.
 
@@ -15,11 +17,12 @@ import path from "node:path";
 import { LOCK_DIRECTORY } from "../../agent/capture/pin-lock";
 import { formatHandoverMessage, handoverSocketPath, LineSplitter, parseHandoverMessage, type HandoverMessage } from "../../agent/handover/protocol";
 import { PREPARED_TIMEOUT_VARIABLE } from "../../agent/handover/server";
-import { AgentProcess, testPrefixFamily, type AgentProcessOptions, type LogLine } from "../harness/agent-process";
+import { AgentProcess, NFTABLES_CAPTURE, testPrefixFamily, type AgentProcessOptions, type LogLine } from "../harness/agent-process";
 import { curl, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { podObject } from "../harness/kube-objects";
 import type { NamespaceSpec } from "../harness/manifests";
+import { nftCaptureTable } from "../harness/nft-state";
 import { registerPid } from "../harness/pid-registry";
 import type { NodeSpec } from "../harness/topology";
 
@@ -34,6 +37,7 @@ const REFUSED_TIMEOUT_S = 3;
 const PREPARED_TIMEOUT_MS = 3_000;
 const PREPARED_LINE = "a replacement agent is starting its listeners next to this agent's";
 const UNLABELLED = { "istio.io/dataplane-mode": null };
+const DAEMONSET = { namespace: "ambient-agent", name: "ambient-agent" };
 const LABELLED_OUT = { "istio.io/dataplane-mode": "none" };
 
 const NODES: NodeSpec[] = [
@@ -119,10 +123,11 @@ async function assertServed(t: ExecutionContext, pod: string, context: string): 
 /**
  * Puts a relay in front of the node's hand-over socket, for the next replacement. It passes every
  * message on, but holds back the replacement's handover request and calls `onHandover` instead,
- * so the running agent never replies to it. The relay stops listening then, before the
- * replacement creates its own socket at the same path. Returns a function that removes what is left.
+ * so the running agent replies to it only if `onHandover` calls `forward`, which passes it on. The
+ * relay stops listening then, before the replacement creates its own socket at the same path.
+ * Returns a function that removes what is left.
  */
-async function relayHoldingHandover(node: string, onHandover: () => void): Promise<() => void> {
+async function relayHoldingHandover(node: string, onHandover: (forward: () => void) => void): Promise<() => void> {
   const socketPath = handoverSocketPath(node);
   const agentSocket = `${socketPath}.agent`;
   fs.renameSync(socketPath, agentSocket);
@@ -138,7 +143,7 @@ async function relayHoldingHandover(node: string, onHandover: () => void): Promi
           continue;
         }
         relay.close();
-        onHandover();
+        onHandover(() => agent.write(`${line}\n`));
       }
     });
     agent.on("data", (chunk: Buffer) => replacement.write(chunk));
@@ -179,8 +184,9 @@ test.before(async () => {
     nodes: NODES,
     namespaces: NAMESPACES,
     extraManifests: { "strict.yaml": STRICT_MTLS },
-    agentArgs: ["--drain-timeout", "1", "--idle-after-handover"],
+    agentArgs: ["--drain-timeout", "1", "--idle-after-handover", "--daemonset", `${DAEMONSET.namespace}/${DAEMONSET.name}`],
   });
+  cluster.kube!.put({ apiVersion: "apps/v1", kind: "DaemonSet", metadata: { ...DAEMONSET }, spec: {} });
   const site = path.join(cluster.workDir, "site");
   fs.mkdirSync(site, { recursive: true });
   fs.writeFileSync(path.join(site, "marker.html"), `${MARKER}\n`);
@@ -321,4 +327,91 @@ test.serial("prepared agent resumes after the deadline", async (t) => {
   t.true(running.running);
   t.is(nodeLockHolder(SERVER_NODE), running.pid);
   await assertServed(t, "server", "after the deadline");
+});
+
+/** Tells whether the server pod is captured: its agent's pins (eBPF) or its table (nftables). */
+function serverCaptureInPlace(): boolean {
+  const c = theCluster();
+  if (NFTABLES_CAPTURE) return nftCaptureTable(`/var/run/netns/${c.topology.pod("server").netns}`) !== undefined;
+  return fs.existsSync(path.join(c.pinRoot(SERVER_NODE), "links"));
+}
+
+/**
+ * Deletes the DaemonSet while the replacement `spawnReplacement` starts is prepared, and sends the
+ * running agent SIGTERM, as `helm uninstall` during a rollout does. Once the running agent decided
+ * to uninstall, the replacement's handover request reaches it. `alsoStop` sends the replacement
+ * SIGTERM too, as the kubelet does to every pod of the deleted DaemonSet. Returns both agents once
+ * they exited.
+ */
+async function uninstallDuringHandover(t: ExecutionContext, alsoStop: boolean): Promise<{ running: AgentProcess; replacement: AgentProcess }> {
+  const c = theCluster();
+  const running = c.agent(SERVER_NODE);
+  let handoverHeld = false;
+  let replacement: AgentProcess | undefined;
+  const removeRelay = await relayHoldingHandover(SERVER_NODE, (forward) => {
+    handoverHeld = true;
+    const mark = running.lines.length;
+    c.kube!.remove("daemonsets", DAEMONSET.namespace, DAEMONSET.name);
+    running.signal("SIGTERM");
+    if (alsoStop) replacement?.signal("SIGTERM");
+    const decided = (line: LogLine): boolean => String(line.msg).startsWith(`uninstall: DaemonSet ${DAEMONSET.namespace}/${DAEMONSET.name}`);
+    void running.waitForLog(decided, 20_000, "the uninstall decision", mark).then(forward, () => undefined);
+  });
+  try {
+    replacement = spawnReplacement();
+    detachedAgents.push(replacement);
+    await running.waitExit(30_000);
+    await replacement.waitExit(30_000);
+  } finally {
+    removeRelay();
+  }
+  t.true(handoverHeld, "the replacement sent no handover request, so this test checked nothing");
+  t.deepEqual(running.exit, { code: 0, signal: null }, `the running agent did not exit cleanly:\n${running.tail()}`);
+  t.not(lineIndex(running, (line) => String(line.msg).startsWith(`uninstall: DaemonSet ${DAEMONSET.namespace}/${DAEMONSET.name}`)), -1, running.tail());
+  t.is(lineIndex(running, (line) => line.msg === "handing the node over: closing the listeners and draining"), -1, "the uninstalling agent handed the node over");
+  t.not(
+    lineIndex(replacement, (line) => String(line.msg).startsWith("the running agent closed the hand-over connection before it handed the node over")),
+    -1,
+    `the replacement was not told that the running agent stopped:\n${replacement.tail()}`,
+  );
+  t.is(lineIndex(replacement, (line) => line.msg === "agent ready"), -1, "the replacement served the node after the uninstall");
+  return { running, replacement };
+}
+
+/** Checks that the node's whole capture is gone, and that plaintext reaches the server pod again. */
+async function assertUninstalled(t: ExecutionContext): Promise<void> {
+  const c = theCluster();
+  t.false(serverCaptureInPlace(), "capture is still in place");
+  if (!NFTABLES_CAPTURE) t.false(fs.existsSync(c.pinRoot(SERVER_NODE)), "a part of the pin root is still there");
+  const direct = await curl(c.topology, "legacy", `http://${c.topology.pod("server").ip}:8080/marker.html`, REFUSED_TIMEOUT_S);
+  t.is(direct.status, 200, `plaintext did not reach the server after the uninstall: ${direct.stderr}`);
+  t.true(direct.body.toString().includes(MARKER));
+}
+
+test.serial("uninstall during a hand-over ends it first", async (t) => {
+  // A running agent with the default prepared deadline, which the relay must not reach.
+  const fresh = spawnReplacement({ env: {} });
+  await fresh.waitReady(40_000);
+  adoptReplacement(fresh);
+  t.true(serverCaptureInPlace());
+
+  const { replacement } = await uninstallDuringHandover(t, true);
+  t.deepEqual(replacement.exit, { code: 0, signal: null }, `the replacement did not exit cleanly:\n${replacement.tail()}`);
+  // The replacement decides on an uninstall too, but leaves the removal to the agent that holds the node.
+  t.not(lineIndex(replacement, (line) => String(line.msg).startsWith("not uninstalling: another agent holds this node's locks")), -1, replacement.tail());
+  await assertUninstalled(t);
+});
+
+test.serial("replacement stops on capture removed under it", async (t) => {
+  const c = theCluster();
+  // As `helm install` after the uninstall above.
+  c.kube!.put({ apiVersion: "apps/v1", kind: "DaemonSet", metadata: { ...DAEMONSET }, spec: {} });
+  await c.restartAgent(SERVER_NODE, ["server", "newcomer"]);
+  t.true(serverCaptureInPlace());
+
+  // Only the running agent is stopped, so the replacement takes its locks once it exited.
+  const { replacement } = await uninstallDuringHandover(t, false);
+  t.deepEqual(replacement.exit, { code: 1, signal: null }, `the replacement did not fail its start:\n${replacement.tail()}`);
+  t.not(lineIndex(replacement, (line) => /removed this node's capture as it stopped, as an uninstall does/.test(String(line.msg))), -1, replacement.tail());
+  await assertUninstalled(t);
 });

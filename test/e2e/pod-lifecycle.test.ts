@@ -4,7 +4,9 @@
 // and watch their DaemonSet (--daemonset). A stop with the DaemonSet present or the API server
 // unreachable keeps capture pinned, so the enrolled pod stays closed. A stop after the DaemonSet
 // was deleted is an uninstall, after which plaintext reaches the pod again, also when the API
-// server refuses the agent by then, as after `helm uninstall` deleted its RBAC objects.
+// server refuses the agent by then, as after `helm uninstall` deleted its RBAC objects. The same
+// holds when the stop signal comes while the agent still waits for its first list. SIGHUP during
+// an agent's start, or while it idles after a hand-over, is ignored.
 //
 // The first node runs a client in the mesh and a pod outside it; the second runs the server and
 // the CNI plugin.
@@ -166,19 +168,31 @@ function uninstallRecordsOfServer(): number {
   return unenrolled.filter((record) => record.namespace === "back" && record.workload === "server" && record.reason === "agent uninstalled").length;
 }
 
-/** Checks what an uninstall leaves on the server node: no CNI entry, no capture, plaintext reaching the pod. */
-async function assertUninstalled(t: ExecutionContext): Promise<void> {
+/**
+ * Checks what an uninstall leaves on the server node: no CNI entry, no capture, no enrolled pod in
+ * the enrolled-pods file, plaintext reaching the pod. `signal` starts the agent.stopped record's reason.
+ */
+async function assertUninstalled(t: ExecutionContext, signal = "signal SIGTERM"): Promise<void> {
   const c = theCluster();
   t.false(cniEntryPresent(), "the CNI plugin entry is still there");
   t.is(JSON.parse(fs.readFileSync(conflistFile(), "utf8")).plugins.length, PRIMARY_CONFLIST.plugins.length, "the network plugin's own entries changed");
   t.false(serverCaptureInPlace(), "capture is still in place");
   if (!NFTABLES_CAPTURE) t.false(fs.existsSync(c.pinRoot(SERVER_NODE)), "the pin root is still there");
+  t.deepEqual(JSON.parse(fs.readFileSync(path.join(LOCK_DIRECTORY, `enrolled-${SERVER_NODE}.json`), "utf8")), [], "the enrolled-pods file still lists pods");
   const stopped = c.auditRecords(SERVER_NODE, "agent.stopped").at(-1);
-  t.regex(String(stopped?.reason), /^signal SIGTERM: DaemonSet ambient-agent\/ambient-agent was deleted \(watch event at [^)]+\)$/);
+  t.true(String(stopped?.reason).startsWith(`${signal}: DaemonSet ambient-agent/ambient-agent was deleted (watch event at `), `agent.stopped reason: ${stopped?.reason}`);
 
   const direct = await plaintextToServer();
   t.is(direct.status, 200, `plaintext did not reach the formerly enrolled server: ${direct.stderr}`);
   t.true(direct.body.toString().includes(MARKER));
+}
+
+/** Sends SIGHUP to an agent that does not serve, and checks that it logged the signal as ignored and runs on. */
+async function assertHangupIgnored(t: ExecutionContext, agent: AgentProcess): Promise<void> {
+  const from = agent.lines.length;
+  agent.signal("SIGHUP");
+  await agent.waitForLog((line) => String(line.msg).startsWith("SIGHUP ignored"), 10_000, "the ignored SIGHUP", from);
+  t.true(agent.running, `SIGHUP ended the agent:\n${agent.tail()}`);
 }
 
 /** Waits for the node's agent to stop and checks that it exited 0. */
@@ -253,6 +267,7 @@ test.serial("agent stays idle after handing the node over", async (t) => {
   await replacement.waitReady(40_000);
   await old.waitForLog((line) => line.msg === "node handed over: idle until SIGTERM or SIGINT", 20_000, "the idle line");
   t.true(old.running, "the replaced agent exited");
+  await assertHangupIgnored(t, old);
   const oldPid = old.pid!;
   const newPid = String(replacement.pid);
 
@@ -350,4 +365,41 @@ test.serial("uninstall after the API server refuses the agent", async (t) => {
   t.is(annotationOf(c.kube!.get("pods", "back", "server"), REDIRECTION), "enabled", "the annotation was removed, so the API server did not refuse the agent");
   t.true(uninstallRecordsOfServer() > recordsBefore, "no workload.unenrolled record with reason \"agent uninstalled\" for the server pod");
   await assertUninstalled(t);
+});
+
+test.serial("stop during start after the DaemonSet is deleted uninstalls", async (t) => {
+  const c = theCluster();
+  putDaemonSet();
+  const served = await c.restartAgent(SERVER_NODE, ["server"], serverNodeArgs());
+  await served.waitForLog((line) => String(line.msg).startsWith(`found DaemonSet ${DAEMONSET.namespace}/${DAEMONSET.name}`), 10_000, "the DaemonSet's first list");
+  // A restart: the next agent finds the pod captured, its CNI entry and the enrolled-pods file.
+  await stopAgent(t, SERVER_NODE);
+  t.true(serverCaptureInPlace(), "the restart removed capture");
+  t.true(cniEntryPresent(), "the restart removed the CNI plugin entry");
+  const recordsBefore = uninstallRecordsOfServer();
+
+  // The next agent lists its DaemonSet, but every other list is refused, so it stays in its start.
+  const daemonSets = `/apis/apps/v1/namespaces/${DAEMONSET.namespace}/daemonsets`;
+  const forbidden = { code: 403, body: JSON.stringify({ kind: "Status", apiVersion: "v1", status: "Failure", reason: "Forbidden", message: "forbidden by the test", code: 403 }) };
+  c.kube!.respondFirst((request) => (request.path === daemonSets ? undefined : forbidden));
+  const starting = new AgentProcess({ ...served.options });
+  registerPid(PREFIX, starting.pid);
+  c.agents.set(SERVER_NODE, starting);
+  try {
+    await starting.waitForLog((line) => String(line.msg).startsWith(`found DaemonSet ${DAEMONSET.namespace}/${DAEMONSET.name}`), 20_000, "the DaemonSet's first list");
+    await starting.waitForLog((line) => line.status === 403, 20_000, "a refused list");
+    await assertHangupIgnored(t, starting);
+    // As `helm uninstall`: the DaemonSet goes and then the agent's RBAC objects, before SIGTERM.
+    await deleteDaemonSet(starting);
+    c.kube!.refuseRequests(403);
+    await stopAgent(t, SERVER_NODE);
+  } finally {
+    c.kube!.refuseRequests(undefined);
+    c.kube!.respondFirst(undefined);
+  }
+  t.false(starting.lines.some((line) => line.msg === "agent ready"), "the agent finished its start, so this test checked nothing");
+  t.truthy(starting.lines.find((line) => line.msg === "signal received while starting, stopping"), starting.tail());
+  t.truthy(starting.lines.find((line) => String(line.msg).startsWith(`uninstall: DaemonSet ${DAEMONSET.namespace}/${DAEMONSET.name} was deleted (watch event at `)), starting.tail());
+  t.true(uninstallRecordsOfServer() > recordsBefore, "no workload.unenrolled record with reason \"agent uninstalled\" for the server pod");
+  await assertUninstalled(t, "signal SIGTERM during start");
 });

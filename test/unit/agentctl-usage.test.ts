@@ -126,9 +126,10 @@ test("usage error shows the command synopsis", async (t) => {
   const run = await agentctl("doctor", "--bogus");
   t.is(run.status, 2);
   t.deepEqual(run.stderr.split("\n"), [
-    "agentctl doctor: unknown option --bogus; the options are --config, --node, --pin-root, --cgroup, --bpf-object, --capture, --admin, -o",
+    "agentctl doctor: unknown option --bogus; the options are --config, --node, --pin-root, --cgroup, --bpf-object, --capture, --probe-snat, --host-proc, --host-netns, --admin, -o",
     "usage: agentctl doctor [--config FILE] [--node NAME] [--pin-root DIR] [--cgroup PATH] [--bpf-object PATH]",
-    "       [--capture ebpf|nftables|auto] [--admin HOST:PORT] [-o table|json|yaml]",
+    "       [--capture ebpf|nftables|auto] [--probe-snat] [--host-proc DIR] [--host-netns PATH]",
+    "       [--admin HOST:PORT] [-o table|json|yaml]",
     "run agentctl --help for every command and option",
     "",
   ]);

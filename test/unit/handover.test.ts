@@ -505,3 +505,170 @@ test("prepared deadline comes from the environment", (t) => {
     t.is(error!.message, `invalid ${PREPARED_TIMEOUT_VARIABLE}=${JSON.stringify(text)}: expected a positive number of milliseconds; unset it to use 60000`, text);
   }
 });
+
+/** Starts a hand-over server with counting handlers in a new folder, and returns the server too; both end with the test. */
+async function stoppableServer(t: ExecutionContext): Promise<{ server: HandoverServer; socketPath: string; handlers: ReturnType<typeof countingHandlers> }> {
+  const directory = socketDirectory();
+  t.teardown(() => fs.rmSync(directory, { recursive: true, force: true }));
+  const socketPath = path.join(directory, "node-n.sock");
+  const handlers = countingHandlers();
+  const server = await HandoverServer.listen(socketPath, handlers, silentLogger());
+  t.teardown(() => server.close());
+  return { server, socketPath, handlers };
+}
+
+/** Connects to a hand-over socket as a replacement and collects the messages the running agent sends. */
+async function rawReplacement(socketPath: string): Promise<{ connection: net.Socket; messages: HandoverMessage[]; closed: Promise<void> }> {
+  const connection = net.createConnection(socketPath);
+  const messages: HandoverMessage[] = [];
+  const splitter = new LineSplitter();
+  connection.on("data", (chunk: Buffer) => messages.push(...splitter.push(chunk).map(parseHandoverMessage)));
+  connection.on("error", () => undefined);
+  const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    connection.once("connect", resolve);
+    connection.once("error", reject);
+  });
+  return { connection, messages, closed };
+}
+
+/** Returns the message of the error that a stopping agent sends, or undefined for any other message. */
+function stoppingMessage(message: HandoverMessage | undefined): string | undefined {
+  return message?.type === "error" && message.stopping === true ? message.message : undefined;
+}
+
+const STOPPING = /^the running agent is stopping \(PID \d+\) and hands the node over to no one: take the node once its locks are free$/;
+
+test("stopping flag survives a round trip", (t) => {
+  const message: HandoverMessage = { type: "error", message: "the running agent is stopping", stopping: true };
+  t.deepEqual(parseHandoverMessage(formatHandoverMessage(message).trim()), message);
+  t.deepEqual(parseHandoverMessage('{"type":"error","message":"busy","stopping":false}'), { type: "error", message: "busy" });
+  t.throws(() => parseHandoverMessage('{"type":"error","message":"busy","stopping":"yes"}'), { message: /stopping must be true or false/ });
+});
+
+test("stop ends a prepared session", async (t) => {
+  const { server, handlers } = await stoppableServer(t);
+  const replacement = await rawReplacement(server.socketPath);
+  replacement.connection.write(formatHandoverMessage({ type: "prepare", pid: process.pid }));
+  await waitFor(() => replacement.messages.length === 1);
+  t.is(replacement.messages[0]?.type, "prepared");
+
+  // As at SIGTERM: the stop begins before the replacement sends handover, which then comes too late.
+  server.close();
+  replacement.connection.write(formatHandoverMessage({ type: "handover" }));
+  await replacement.closed;
+  t.is(replacement.messages.length, 2, JSON.stringify(replacement.messages));
+  t.regex(stoppingMessage(replacement.messages[1]) ?? "", STOPPING);
+  // Neither released nor resumed: the stopping agent closes its listeners itself.
+  t.deepEqual(handlers.calls, ["prepare"]);
+  t.false(server.handedOver);
+});
+
+test("stop ends an idle connection", async (t) => {
+  const { server, handlers } = await stoppableServer(t);
+  const replacement = await rawReplacement(server.socketPath);
+  server.close();
+  await replacement.closed;
+  t.is(replacement.messages.length, 1);
+  t.regex(stoppingMessage(replacement.messages[0]) ?? "", STOPPING);
+  t.deepEqual(handlers.calls, []);
+});
+
+test("stopped server refuses new replacements", async (t) => {
+  const { server, handlers } = await stoppableServer(t);
+  server.close();
+  t.false(fs.existsSync(server.socketPath));
+  t.is(await Predecessor.contact(server.socketPath, 2_000, silentLogger()), undefined);
+  t.false(await Predecessor.probe(server.socketPath, 2_000));
+  t.deepEqual(handlers.calls, []);
+});
+
+test("stopping reply reads as stopped", async (t) => {
+  const { server, handlers } = await stoppableServer(t);
+  const handingOver = await Predecessor.contact(server.socketPath, 2_000, silentLogger());
+  t.truthy(handingOver);
+  server.close();
+  t.false(await handingOver!.handOver(2_000));
+  await handingOver!.waitExit(2_000);
+  t.deepEqual(handlers.calls, ["prepare"]);
+
+  // The same reply to prepare and to abort, from an agent that sends it in place of the reply.
+  const stopping = formatHandoverMessage({ type: "error", message: "the running agent is stopping", stopping: true });
+  t.is(await Predecessor.contact(await scriptedAgent(t, [stopping]), 2_000, silentLogger()), undefined);
+  const aborting = await Predecessor.contact(await scriptedAgent(t, [PREPARED_LINE, stopping]), 2_000, silentLogger());
+  t.false(await aborting!.abort(2_000));
+});
+
+test("stop keeps the released session open", async (t) => {
+  const { server, handlers } = await stoppableServer(t);
+  const replacement = await Predecessor.contact(server.socketPath, 2_000, silentLogger());
+  t.true(await replacement!.handOver(2_000));
+  t.true(server.handedOver);
+  let closed = false;
+  const exited = replacement!.waitExit(2_000).then(() => (closed = true));
+  server.close();
+  await sleep(100);
+  t.false(closed, "the stop closed the connection of the replacement that took the node");
+  // The replacement learns that the node is free once this agent released its locks.
+  server.closeReleased();
+  await exited;
+  t.deepEqual(handlers.calls, ["prepare", "release"]);
+});
+
+test("takeover stops on removed capture", async (t) => {
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps);
+  const predecessor = stoppedPredecessor(t, steps);
+  const missingCapture = (): string[] => ["/sys/fs/bpf/ambient-agent/n/maps/aa_enrolled", "/sys/fs/bpf/ambient-agent/n/links/aa_connect4"];
+  const error = await t.throwsAsync(
+    takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(1, steps), missingCapture, logger: silentLogger() }),
+  );
+  t.is(
+    error!.message,
+    "the agent being replaced (PID 4242) removed this node's capture as it stopped, as an uninstall does (2 gone, such as /sys/fs/bpf/ambient-agent/n/maps/aa_enrolled), " +
+      "so this agent does not serve the node. Start it again to attach capture anew",
+  );
+  // Inbound capture is not pointed here, which would pin a link under the removed pin root.
+  t.deepEqual(steps, ["handover unanswered", "held", "locked"]);
+});
+
+test("takeover keeps intact capture", async (t) => {
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps);
+  const predecessor = stoppedPredecessor(t, steps);
+  await takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(0, steps), missingCapture: () => [], logger: silentLogger() });
+  t.deepEqual(steps, ["handover unanswered", "locked", "4 /var/run/netns/web 7 10.1.0.5 42"]);
+});
+
+test("lock wait ends on abort", async (t) => {
+  const steps: string[] = [];
+  const controller = new AbortController();
+  const reason = new Error("the agent was asked to stop while it was starting");
+  const takeLocks = (): void => {
+    steps.push("held");
+    if (steps.length === 2) controller.abort(reason);
+    throw new Error("another agent (PID 4242) already serves the node n");
+  };
+  // The timeout is far beyond the test's, so only the abort can end the wait.
+  const error = await t.throwsAsync(takeLocksWhenFree(takeLocks, 600_000, "the agent that served the node stopped before the hand-over", controller.signal));
+  t.is(error, reason);
+  t.deepEqual(steps, ["held", "held"]);
+
+  // Aborted before the wait: no attempt at all.
+  const attempts: string[] = [];
+  await t.throwsAsync(takeLocksWhenFree(() => void attempts.push("locked"), 600_000, "stopped", controller.signal), { is: reason });
+  t.deepEqual(attempts, []);
+});
+
+test("stopped-agent takeover ends on abort", async (t) => {
+  const steps: string[] = [];
+  const { reconciler, capture } = replacementSide(steps);
+  const predecessor = stoppedPredecessor(t, steps);
+  const controller = new AbortController();
+  controller.abort(new Error("the agent was asked to stop while it was starting"));
+  await t.throwsAsync(
+    takeOver({ predecessor, reconciler, capture, wanted: ["shop/web"], drainTimeoutMs: 500, takeLocks: locksFreeAfter(0, steps), signal: controller.signal, logger: silentLogger() }),
+    { message: "the agent was asked to stop while it was starting" },
+  );
+  t.deepEqual(steps, ["handover unanswered"]);
+});

@@ -251,6 +251,19 @@ export class Capture {
   }
 
   /**
+   * Lists the pins of this capture that are gone from pinRoot: the maps this instance opened and
+   * the cgroup programs' links. remove() in another agent, as its uninstall runs, removes them,
+   * and the programs then detach while this instance's maps still accept entries.
+   */
+  missingPins(): string[] {
+    const pins = [
+      ...[MAP_ENROLLED, MAP_ORIGINAL_DESTINATION, MAP_AGENT_SOCKETS].map((name) => path.join(this.pinRoot, "maps", name)),
+      ...PROGRAM_NAMES.map((name) => path.join(this.pinRoot, "links", name)),
+    ];
+    return pins.filter((pin) => !fs.existsSync(pin));
+  }
+
+  /**
    * Closes this process's map file descriptors, after which netnsSocket no longer flags sockets
    * through this instance. The pins stay, so the programs keep capturing.
    */

@@ -259,6 +259,14 @@ export class NftCapture {
     return originalDestinationOfFd(fd);
   }
 
+  /**
+   * Lists the network namespaces whose table this process wrote or kept and whose state file is
+   * gone: another agent removed the table, as its uninstall does, so the pod is no longer captured.
+   */
+  missingTables(): string[] {
+    return [...this.pods.entries()].filter(([cookie]) => !fs.existsSync(this.stateFile(cookie))).map(([, pod]) => pod.netnsPath);
+  }
+
   /** Releases the namespace descriptors. The tables stay, so the pods stay captured while no agent runs. */
   close(): void {
     for (const cookie of [...this.namespaceFds.keys()]) this.releaseNamespace(cookie);

@@ -132,22 +132,26 @@ function theFixture(): Fixture {
   return fixture;
 }
 
-/** Returns the values the chart is rendered with: the embedded CA from a Secret, this machine's cgroup2 root, the harness's capture mode. */
-function chartValues(extraArgs: string[] = []): ChartValues {
-  return {
-    ca: { address: "", secretName: CA_SECRET },
-    hostPaths: { cgroup: cgroupV2Root(DEFAULT_CGROUP_PATH) },
-    capture: { mode: TEST_CAPTURE },
-    // The chart's probe SNAT table goes to the host's PID 1 namespace, and this machine's must stay
-    // untouched: the sandbox's own PID 1 runs in the node's namespace, the host's stand-in.
-    extraArgs: ["--host-netns", "/proc/1/ns/net", ...extraArgs],
-  };
+/** The values the chart is rendered with: the embedded CA from a Secret, this machine's cgroup2 root, the harness's capture mode. */
+const CHART_VALUES: ChartValues = {
+  ca: { address: "", secretName: CA_SECRET },
+  hostPaths: { cgroup: cgroupV2Root(DEFAULT_CGROUP_PATH) },
+  capture: { mode: TEST_CAPTURE },
+};
+
+/**
+ * Renders the chart for the test. The chart's probe SNAT table goes to the host's PID 1 namespace,
+ * and this machine's must stay untouched: the sandbox's own PID 1 runs in the node's namespace,
+ * the host's stand-in. The chart refuses --host-netns in extraArgs, so the ConfigMap is changed.
+ */
+async function renderForTest(change: (config: Record<string, unknown>) => Record<string, unknown> = (config) => config): Promise<RenderedObject[]> {
+  return withConfig(await renderChart(CHART_VALUES), (config) => change({ ...config, "host-netns": "/proc/1/ns/net" }));
 }
 
 test.before(async () => {
   assertHostCapable();
   removeLeftovers(PREFIX_FAMILY);
-  const objects = await renderChart(chartValues());
+  const objects = await renderForTest();
   const cluster = await Cluster.createWithApi({
     prefix: PREFIX,
     nodes: NODES,
@@ -364,7 +368,7 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
 
   // With the agent's default /proc, the container's own procfs, both uses of the host's fail.
   // The chart refuses --host-proc in extraArgs, so the rendered ConfigMap is changed instead.
-  const defaultProc = withConfig(await renderChart(chartValues()), (config) => ({ ...config, "host-proc": "/proc" }));
+  const defaultProc = await renderForTest((config) => ({ ...config, "host-proc": "/proc" }));
   const sandbox = startSandbox(SERVER_NODE, findObject(defaultProc, "DaemonSet"), defaultProc);
   try {
     const sysctl = await sandbox.agent.waitForLog((line) => /open \/proc\/sys\/net\/ipv4\/\w+: Read-only file system \(EROFS\)/.test(failureText(line)), 30_000, "the failed sysctl write");

@@ -369,6 +369,11 @@ export class Agent {
     void this.source?.stop();
   }
 
+  /** Tells whether `error` is the one that abortStart() made start() throw, not a failure of its own. */
+  startAborted(error: unknown): boolean {
+    return this.#startAbort.signal.aborted && error === this.#startAbort.signal.reason;
+  }
+
   /** Throws when abortStart() was called, so that start() goes no further. */
   private checkAborted(): void {
     this.#startAbort.signal.throwIfAborted();
@@ -438,7 +443,9 @@ export class Agent {
   async stopDecision(): Promise<StopDecision> {
     this.handover?.close();
     if (this.handover?.handedOver) return { uninstall: false, reason: "node handed over to a new agent" };
-    return (await this.uninstallCheck?.decide()) ?? { uninstall: false, reason: "no --daemonset to check" };
+    if (this.uninstallCheck) return this.uninstallCheck.decide();
+    if (this.options.daemonset) return { uninstall: false, reason: "the agent stopped before it started watching its DaemonSet" };
+    return { uninstall: false, reason: "no --daemonset to check" };
   }
 
   /**
@@ -448,8 +455,14 @@ export class Agent {
    */
   private mayUninstall(): boolean {
     if (this.nodeLock !== undefined && this.lock !== undefined) return true;
-    this.logger.warn("not uninstalling: another agent holds this node's locks, so it serves the node or is stopping and decides for itself; this agent removes nothing");
-    return false;
+    // A replacement still starting holds no locks. When they are free, no agent serves the node.
+    try {
+      this.takeLocks();
+      return true;
+    } catch (error) {
+      this.logger.warn({ err: error }, "not uninstalling: another agent holds this node's locks, so it serves the node or is stopping and decides for itself; this agent removes nothing");
+      return false;
+    }
   }
 
   /**

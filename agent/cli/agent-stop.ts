@@ -5,8 +5,10 @@ import type { Agent } from "../daemon";
 import type { Logger } from "../log";
 import type { StopDecision } from "../uninstall";
 
-/** How much longer than the drain timeout the whole stop may take (audit flush, admin and capture close) before the process exits anyway. */
+/** How much longer than the drain timeout the stop may take (audit flush, admin and capture close) before the process exits anyway. */
 const STOP_DEADLINE_MS = 10_000;
+/** The most the uninstall decision adds to the deadline: the wait for the watch's first list and the read, 2 s each, and a margin. */
+const DECISION_DEADLINE_MS = 5_000;
 /** Period of the timer that keeps an idle agent's process alive; it does nothing when it fires. */
 const IDLE_TIMER_MS = 3_600_000;
 
@@ -43,15 +45,16 @@ export async function stopAgent(agent: Agent, logger: Logger, drainTimeoutMs: nu
   process.on("SIGTERM", onSecondSignal);
   process.on("SIGINT", onSecondSignal);
   try {
-    const decision = cause.kind === "hand-over" ? { uninstall: false, reason: "node handed over to a new agent" } : await agent.stopDecision();
-    const drainMs = cutShort || cause.kind === "start failed" ? 0 : drainTimeoutMs;
-    const signal = "signal" in cause ? cause.signal : undefined;
-    logger.info({ signal, drainTimeoutMs: drainMs, uninstall: decision.uninstall }, STOPPING_MESSAGES[cause.kind]);
-    draining = true;
-    // A stop that hangs leaves capture in place, which fails closed. Give up after a deadline.
-    const deadlineMs = drainMs + STOP_DEADLINE_MS;
+    // A stop that hangs leaves capture in place, which fails closed. Give up after a deadline that
+    // starts now, so that it covers the decision too (terminationGracePeriodSeconds must exceed it).
+    const drainMs = cause.kind === "start failed" ? 0 : drainTimeoutMs;
+    const deadlineMs = DECISION_DEADLINE_MS + drainMs + STOP_DEADLINE_MS;
     const deadline = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), deadlineMs).unref());
-    const stopped = agent.stop(drainMs, stopReason(cause, decision), decision.uninstall).then(
+    const decision = cause.kind === "hand-over" ? { uninstall: false, reason: "node handed over to a new agent" } : await agent.stopDecision();
+    const signal = "signal" in cause ? cause.signal : undefined;
+    logger.info({ signal, drainTimeoutMs: cutShort ? 0 : drainMs, uninstall: decision.uninstall }, STOPPING_MESSAGES[cause.kind]);
+    draining = true;
+    const stopped = agent.stop(cutShort ? 0 : drainMs, stopReason(cause, decision), decision.uninstall).then(
       () => "stopped" as const,
       (error: unknown) => {
         logger.error({ err: error }, "stopping failed");

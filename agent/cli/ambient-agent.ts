@@ -411,7 +411,9 @@ async function main(argv: string[]): Promise<number> {
     process.off("SIGTERM", stopDuringStart);
     process.off("SIGINT", stopDuringStart);
   }
-  // Also when start() finished its last step as the signal came.
+  // Also when start() finished its last step as the signal came. A start that failed for another
+  // reason meanwhile is still logged.
+  if (signalDuringStart && failure && !agent.startAborted(failure.error)) logger.warn({ err: failure.error }, "start ended with an error after the stop signal");
   if (signalDuringStart) return (await stopAgent(agent, logger, options.drainTimeoutMs, { kind: "signal during start", signal: signalDuringStart })).code;
   if (failure) {
     const message = failure.error instanceof HostNotReadyError ? failure.error.message : `failed to start: ${(failure.error as Error).message}`;

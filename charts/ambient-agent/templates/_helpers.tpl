@@ -84,9 +84,9 @@ names and the fix.
 {{- if and (not .Values.audit.file.enabled) (empty .Values.audit.sinks) -}}
 {{- fail "audit.file.enabled is false and audit.sinks is empty: the agent needs an audit destination, so enable the file or add a sink such as stdout" -}}
 {{- end -}}
-{{- $stopSeconds := add1 (add 10 (ceil .Values.drainTimeoutSeconds)) -}}
+{{- $stopSeconds := add1 (add 15 (ceil .Values.drainTimeoutSeconds)) -}}
 {{- if lt (float64 .Values.terminationGracePeriodSeconds) (float64 $stopSeconds) -}}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least %v: the agent's stop may take drainTimeoutSeconds (%v) plus 10 s before it exits" .Values.terminationGracePeriodSeconds $stopSeconds .Values.drainTimeoutSeconds) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least %v: the agent's stop may take drainTimeoutSeconds (%v) plus 15 s before it exits (the uninstall decision, then the rest of the stop)" .Values.terminationGracePeriodSeconds $stopSeconds .Values.drainTimeoutSeconds) -}}
 {{- end -}}
 {{- if and .Values.cni.enabled (not (has .Values.hostPaths.run (list "/run/ambient-agent" "/var/run/ambient-agent"))) -}}
 {{- fail (printf "hostPaths.run (%q) must be /run/ambient-agent or /var/run/ambient-agent while cni.enabled is true: the CNI plugin on the host dials /var/run/ambient-agent/cni.sock" .Values.hostPaths.run) -}}

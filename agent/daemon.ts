@@ -449,13 +449,12 @@ export class Agent {
   }
 
   /**
-   * Tells whether this agent holds the node's locks, which an uninstall needs, and logs a warning
-   * when it does not: another agent then serves the node or is stopping, and removing capture
-   * would open its pods.
+   * Tells whether this agent holds the node's locks, which an uninstall needs, taking them when
+   * they are free (a replacement still starting holds none). When another agent holds them, it
+   * serves the node or is stopping, removing capture would open its pods, and a warning is logged.
    */
   private mayUninstall(): boolean {
     if (this.nodeLock !== undefined && this.lock !== undefined) return true;
-    // A replacement still starting holds no locks. When they are free, no agent serves the node.
     try {
       this.takeLocks();
       return true;

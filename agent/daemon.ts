@@ -326,7 +326,7 @@ export class Agent {
     if (predecessor) await this.takeOverFrom(predecessor);
     this.checkAborted();
     this.releaseStale(this.reconciler.removeStaleCookies());
-    // The table holds the previous agent's pods until now, when this agent's are known.
+    // Until now the table contains the previous agent's pods; this agent's pods are known from here on.
     this.probeSnat?.update(this.enrolledAddresses());
     this.enrolledAtStart = new Set();
     this.saveEnrolled();
@@ -434,11 +434,11 @@ export class Agent {
   }
 
   /**
-   * Decides whether a stop signal uninstalls the agent (see stop()): with --daemonset by reading
-   * the DaemonSet or, when the read fails, from its deletion that the watch saw, which takes at
-   * most about twice DAEMONSET_READ_TIMEOUT_MS; without --daemonset, never. It ends every
-   * hand-over first, so that none completes while it reads, and an agent that already handed the
-   * node over never uninstalls.
+   * Decides whether a stop signal uninstalls the agent (see stop()). With --daemonset it reads the
+   * DaemonSet, or when the read fails uses a deletion that the watch saw, in at most about twice
+   * DAEMONSET_READ_TIMEOUT_MS. Without --daemonset the answer is always no. Every hand-over ends
+   * first, so that none completes during the read, and an agent that already handed the node over
+   * never uninstalls.
    */
   async stopDecision(): Promise<StopDecision> {
     this.handover?.close();
@@ -449,9 +449,10 @@ export class Agent {
   }
 
   /**
-   * Tells whether this agent holds the node's locks, which an uninstall needs, taking them when
-   * they are free (a replacement still starting holds none). When another agent holds them, it
-   * serves the node or is stopping, removing capture would open its pods, and a warning is logged.
+   * Tells whether this agent has the node's locks, which an uninstall needs, and takes them when
+   * they are free, because a replacement that is still starting has none. When another agent has
+   * them, that agent serves the node or is stopping, so removing capture would open its pods: a
+   * warning is logged and the result is false.
    */
   private mayUninstall(): boolean {
     if (this.nodeLock !== undefined && this.lock !== undefined) return true;
@@ -459,7 +460,7 @@ export class Agent {
       this.takeLocks();
       return true;
     } catch (error) {
-      this.logger.warn({ err: error }, "not uninstalling: another agent holds this node's locks, so it serves the node or is stopping and decides for itself; this agent removes nothing");
+      this.logger.warn({ err: error }, "uninstall skipped: another agent has this node's locks, so it serves the node or is stopping and decides for itself; this agent removes nothing");
       return false;
     }
   }

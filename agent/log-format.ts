@@ -86,9 +86,8 @@ export interface LineDestination extends pino.DestinationStream {
 /**
  * A pino destination that writes each record to `target` as a text line (formatTextLine). The
  * flushes pass through, so batching and the flush at exit work as they do for JSON. Parsing the
- * record again costs CPU. An access line of 370 bytes took about 5.0 us in text and 1.2 us in
- * JSON, logger call included. That was measured with 200,000 lines to a sink that discards them,
- * Node.js 20 with the agent's flags, on a 2-vCPU AMD EPYC VM.
+ * record again costs CPU: the diagnostics benchmark (test/bench/diagnostics.ts) measures an access
+ * line at about 3.7 times its JSON cost, and docs/benchmarks.md records the figures.
  */
 export class TextDestination implements LineDestination {
   constructor(private readonly target: LineDestination) {}

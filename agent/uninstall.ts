@@ -38,7 +38,7 @@ export interface DaemonSetRef {
 /** How long the read of the DaemonSet at a stop signal may take before it counts as unreachable. */
 export const DAEMONSET_READ_TIMEOUT_MS = 2_000;
 
-/** What a stop does: uninstall, or keep capture pinned. `reason` explains why, for the log and the agent.stopped record. */
+/** The outcome of a stop: uninstall, or keep capture pinned. `reason` explains why, for the log and the agent.stopped record. */
 export interface StopDecision {
   uninstall: boolean;
   reason: string;
@@ -274,7 +274,7 @@ class DaemonSetTracker implements ReflectorStore {
     }
   }
 
-  /** Keeps the first deletion seen; a DELETED event after a deletionTimestamp changes nothing. */
+  /** Records the first deletion only, so a DELETED event after a deletionTimestamp changes nothing. */
   #remember(reason: string): void {
     if (this.deletion) return;
     this.deletion = reason;
@@ -310,25 +310,25 @@ function deletingReason(ref: DaemonSetRef, since: string): string {
  *    watch saw, when there is one, else a restart.
  */
 export function decisionOf(state: DaemonSetState, ref: DaemonSetRef, watch: WatchRecord): SourcedDecision {
-  const which = `DaemonSet ${refText(ref)}`;
+  const subject = `DaemonSet ${refText(ref)}`;
   const read = "read at stop";
   switch (state.kind) {
     case "present":
-      if (watch.deletion !== undefined) return { uninstall: false, source: read, reason: `${which} exists, so it was created again after the deletion that the watch saw` };
-      return { uninstall: false, source: read, reason: `${which} exists` };
+      if (watch.deletion !== undefined) return { uninstall: false, source: read, reason: `${subject} exists, so it was created again after the deletion that the watch saw` };
+      return { uninstall: false, source: read, reason: `${subject} exists` };
     case "deleting":
       return { uninstall: true, source: read, reason: deletingReason(ref, state.since) };
     case "not-found":
-      if (watch.seen) return { uninstall: true, source: read, reason: watch.deletion ?? `${which} not found` };
-      if (watch.listed) return { uninstall: false, source: read, reason: `${which} not found, as at start, so --daemonset may name the wrong object` };
-      return { uninstall: false, source: read, reason: `${which} not found, and no list of it has succeeded since the agent started, so --daemonset may name the wrong object` };
+      if (watch.seen) return { uninstall: true, source: read, reason: watch.deletion ?? `${subject} not found` };
+      if (watch.listed) return { uninstall: false, source: read, reason: `${subject} not found, as at start, so --daemonset may name the wrong object` };
+      return { uninstall: false, source: read, reason: `${subject} not found, and no list of it has succeeded since the agent started, so --daemonset may name the wrong object` };
     case "error":
       if (watch.deletion !== undefined) return { uninstall: true, source: "watch", reason: watch.deletion };
-      return { uninstall: false, source: read, reason: `cannot read ${which}: ${state.message}` };
+      return { uninstall: false, source: read, reason: `cannot read ${subject}: ${state.message}` };
   }
 }
 
-/** Says why the source of an uninstall decided it, for the log. */
+/** Returns why the source of an uninstall decided it, for the log. */
 function basisOf(decision: SourcedDecision, state: DaemonSetState): string {
   if (decision.source === "watch") return "the read at the stop failed, so the deletion that the watch saw decides";
   if (state.kind === "not-found") return "the read at the stop returned the API server's NotFound Status for the DaemonSet that the watch saw before";
@@ -365,7 +365,7 @@ async function readDaemonSet(client: Pick<KubeClient, "request">, ref: DaemonSet
 }
 
 /**
- * Tells whether a failed read is the API server's own NotFound for the DaemonSet: a 404 whose body
+ * Checks whether a failed read is the API server's own NotFound for the DaemonSet: a 404 whose body
  * is a Status with reason NotFound and details naming apps daemonsets `ref.name`, as in
  * `{"kind":"Status","reason":"NotFound","details":{"name":"NAME","group":"apps","kind":"daemonsets"},"code":404}`.
  */

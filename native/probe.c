@@ -191,7 +191,7 @@ static int probe_program(const char *object_path, struct bpf_object *all, const 
 #define STALE_PROBE_CGROUP_SECONDS 600
 
 /* Removes probe cgroups (aa-probe-*) older than STALE_PROBE_CGROUP_SECONDS. Their age decides, not
- * the pid in the name: an agent in a container sees its own pid namespace, where the pid of
+ * the pid in the name: an agent in a container runs in its own pid namespace, where the pid of
  * another agent means nothing. rmdir removes only an empty cgroup, and no process ever joins one.
  */
 static void remove_stale_probe_cgroups(const char *cgroup_path)

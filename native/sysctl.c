@@ -30,10 +30,10 @@ int aa_set_proc_root(const char *dir)
 	/* "/host/proc/" and "/host/proc" name the same folder. */
 	while (len > 1 && dir[len - 1] == '/')
 		len--;
-	/* Room for "/sys/" and the longest sysctl name this library writes. */
+	/* Leaves 64 bytes for "/sys/", the sysctl names this library writes and the NUL. */
 	if (len + 64 >= sizeof(proc_root))
 		return fail(ENAMETOOLONG, "proc root %.64s... is longer than %zu bytes", dir,
-			    sizeof(proc_root) - 64);
+			    sizeof(proc_root) - 65);
 	memcpy(proc_root, dir, len);
 	proc_root[len] = '\0';
 	return 0;

@@ -14,7 +14,7 @@ export const CAPABILITY_NUMBERS = {
 
 export type CapabilityName = keyof typeof CAPABILITY_NUMBERS;
 
-/** The effective capability set; `has` tells whether it holds one capability. */
+/** The effective capability set. `has` returns whether it contains one capability. */
 export interface EffectiveCapabilities {
   has(name: CapabilityName): boolean;
 }

@@ -68,9 +68,9 @@ export function checkHost(options: HostCheckOptions): HostProblem[] {
  * inside the pod's namespace, or, when that library is missing, runs `nsenter ... nft -f -`.
  */
 /**
- * The capabilities a root agent lacks. Without CAP_SYS_ADMIN or CAP_NET_ADMIN it would start and
- * then fail every pod one by one (setns, SO_MARK, routes), so it refuses to start instead, before
- * the capture probe, whose errors would name only the first operation refused. Empty for a
+ * Lists the capabilities a root agent lacks, as host problems. Without CAP_SYS_ADMIN or CAP_NET_ADMIN it would start and
+ * then fail every pod one by one (setns, SO_MARK, routes), so it rejects the start instead, before
+ * the capture probe, whose errors would name only the first operation that failed. Empty for a
  * non-root process, which checkHost reports.
  */
 export function capabilityProblems(): HostProblem[] {

@@ -7,9 +7,9 @@ import type { StopDecision } from "../uninstall";
 
 /** How much longer than the drain timeout the stop may take (audit flush, admin and capture close) before the process exits anyway. */
 const STOP_DEADLINE_MS = 10_000;
-/** The most the uninstall decision adds to the deadline: the wait for the watch's first list and the read, 2 s each, and a margin. */
+/** The maximum the uninstall decision adds to the deadline: the wait for the watch's first list and the read, 2 s each, and a margin. */
 const DECISION_DEADLINE_MS = 5_000;
-/** Period of the timer that keeps an idle agent's process alive; it does nothing when it fires. */
+/** Period of the timer that keeps an idle agent's process alive. Its callback does nothing. */
 const IDLE_TIMER_MS = 3_600_000;
 
 /** The cause of the agent's stop. */
@@ -96,7 +96,7 @@ function stopReason(cause: StopCause, decision: StopDecision): string {
  */
 export async function idleUntilSignal(logger: Logger, code: number): Promise<number> {
   logger.info("node handed over: idle until SIGTERM or SIGINT");
-  // Signal handlers do not keep Node's event loop alive; this timer does.
+  // Signal handlers do not keep Node's event loop alive, but this timer does.
   const keepAlive = setInterval(() => undefined, IDLE_TIMER_MS);
   const signal = await new Promise<string>((resolve) => {
     process.once("SIGTERM", () => resolve("SIGTERM"));

@@ -98,7 +98,7 @@ function readConfigFile(file: string): Record<string, unknown> {
   return content as Record<string, unknown>;
 }
 
-/** The largest config file read: a ConfigMap holds at most 1 MiB. */
+/** The maximum config file size in bytes, because a ConfigMap contains at most 1 MiB of data. */
 const MAX_CONFIG_BYTES = 1024 * 1024;
 
 /** Reads the file as UTF-8, at most MAX_CONFIG_BYTES, reading no further (a device such as /dev/zero has no size). */
@@ -117,7 +117,7 @@ function readText(file: string): string {
   } catch (error) {
     throw new ConfigFileError(`cannot read the config file ${file}: ${(error as Error).message}`);
   }
-  if (length > MAX_CONFIG_BYTES) throw new ConfigFileError(`the config file ${file} is larger than ${MAX_CONFIG_BYTES} bytes: a config file holds options, not data`);
+  if (length > MAX_CONFIG_BYTES) throw new ConfigFileError(`the config file ${file} is larger than ${MAX_CONFIG_BYTES} bytes: a config file contains options, not data`);
   try {
     return new TextDecoder("utf-8", { fatal: true }).decode(buffer.subarray(0, length));
   } catch {

@@ -218,10 +218,10 @@ function hostSetupCheck(features: FeatureProbe[], feature: string, needed: boole
 }
 
 /**
- * Reads the effective capabilities. Besides the ones missingRequiredCapabilities names,
- * CAP_SYS_PTRACE opens /proc/PID/ns/net of other users' processes, the fallback when a runtime
- * keeps no /var/run/netns entry, and CAP_DAC_OVERRIDE lets the eBPF probe make its test cgroup
- * under a cgroup v2 root of mode 0555, as systemd mounts it.
+ * Checks the effective capabilities. Besides the ones missingRequiredCapabilities names, it warns
+ * about two more. CAP_SYS_PTRACE opens /proc/PID/ns/net of other users' processes, the fallback
+ * when a runtime keeps no /var/run/netns entry. CAP_DAC_OVERRIDE lets the eBPF probe make its test
+ * cgroup under a cgroup v2 root of mode 0555, as systemd mounts it.
  */
 function checkCapabilities(options: DoctorOptions): Omit<DoctorCheck, "name"> {
   const capabilities = readEffectiveCapabilities();
@@ -245,7 +245,7 @@ function checkCapabilities(options: DoctorOptions): Omit<DoctorCheck, "name"> {
   return { result: "PASS", message: `CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE${rawNote}` };
 }
 
-/** Whether `directory`'s mode lets its owner write; true when it cannot be read, so that only a known mode warns. */
+/** Checks whether `directory`'s mode lets its owner write. Returns true when the mode cannot be read, so that only a known mode warns. */
 function ownerWritable(directory: string): boolean {
   try {
     return (fs.statSync(directory).mode & 0o200) !== 0;

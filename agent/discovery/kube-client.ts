@@ -211,7 +211,7 @@ function apiError(status: number, body: unknown, what: string, retryAfter?: stri
   return new KubeApiError(status, `${what}: ${status} ${message}`, reason, seconds, details);
 }
 
-/** Keeps the string fields name, group and kind of a Status's `details`; an absent or malformed one gives {}. */
+/** Extracts the string fields name, group and kind of a Status's `details`. Returns {} for an absent or malformed one. */
 function statusDetailsOf(details: unknown): KubeStatusDetails {
   const fields = (typeof details === "object" && details !== null ? details : {}) as Record<string, unknown>;
   const kept: KubeStatusDetails = {};

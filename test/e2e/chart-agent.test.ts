@@ -40,7 +40,7 @@ const HTTP_PORT = 8080;
 const PEER_PORT = 9090;
 const ROUND_PORT = 7070;
 const BLOB_SIZE = 1024 * 1024;
-/** The unprivileged user of the pod whose network namespace only a process holds. */
+/** The unprivileged uid of the hidden pod, whose network namespace only its server process keeps open. */
 const NOBODY = 65534;
 /** The network plugin's configuration file in each node's CNI folder. */
 const NETWORK_CONFIG = "10-harness.conflist";
@@ -101,7 +101,7 @@ print(own, connection.makefile().readline().strip())
 /**
  * For each capability the chart adds (but SYS_PTRACE, measured apart), the failure that an agent
  * without it logs. The agent checks NET_ADMIN and SYS_ADMIN itself at start, and KERNEL_OPERATION
- * shows the kernel's refusal behind each; DAC_OVERRIDE is measured by the eBPF probe's own failure.
+ * shows the kernel error behind each. DAC_OVERRIDE is measured by the eBPF probe's own failure.
  */
 const FAILURE_WITHOUT: Record<string, RegExp> = {
   NET_ADMIN: /the agent runs without CAP_NET_ADMIN/,
@@ -142,7 +142,7 @@ const CHART_VALUES: ChartValues = {
 /**
  * Renders the chart for the test. The chart's probe SNAT table goes to the host's PID 1 namespace,
  * and this machine's must stay untouched: the sandbox's own PID 1 runs in the node's namespace,
- * the host's stand-in. The chart refuses --host-netns in extraArgs, so the ConfigMap is changed.
+ * the host's stand-in. The chart rejects --host-netns in extraArgs, so the ConfigMap is changed.
  */
 async function renderForTest(change: (config: Record<string, unknown>) => Record<string, unknown> = (config) => config): Promise<RenderedObject[]> {
   return withConfig(await renderChart(CHART_VALUES), (config) => change({ ...config, "host-netns": "/proc/1/ns/net" }));
@@ -164,7 +164,7 @@ test.before(async () => {
   });
   const daemonSet = findObject(objects, "DaemonSet");
   fixture = { cluster, objects, daemonSet, blobSha256: "", hiddenServerPid: 0, sandboxes: new Set(), started: 0, serving: new Map() };
-  // The agents read their DaemonSet at start and at a stop signal, to tell an uninstall from a restart.
+  // The agents read their DaemonSet at start and at a stop signal, to distinguish an uninstall from a restart.
   cluster.kube!.put(daemonSet as KubeObject);
   for (const node of cluster.topology.nodes.keys()) {
     linkAuditFile(cluster, node);
@@ -333,6 +333,8 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
 
   for (const capability of rendered.filter((name) => name !== "SYS_PTRACE")) {
     const expected = FAILURE_WITHOUT[capability];
+    // NOTE: DAC_OVERRIDE is measured only on hosts whose cgroup v2 root is mode 0555 (systemd's, and
+    // the test machines'); elsewhere the agent does not need it and this step only logs that.
     if (capability === "DAC_OVERRIDE" && (fs.statSync(cgroupV2Root(DEFAULT_CGROUP_PATH)).mode & 0o200) !== 0) {
       t.log(`without DAC_OVERRIDE: not needed on this host, whose cgroup v2 root ${cgroupV2Root(DEFAULT_CGROUP_PATH)} its owner may write`);
       continue;
@@ -354,7 +356,7 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
     }
     const operation = KERNEL_OPERATION[capability];
     if (operation !== undefined) {
-      // The agent's refusal above is its own check; this is the kernel's answer that makes it needed.
+      // The agent's failure above comes from its own check. The kernel's EPERM below is why the check is needed.
       const netnsPath = `/var/run/netns/${theFixture().cluster.topology.node(SERVER_NODE).netns}`;
       t.is(await kernelOperationWith(capability, rendered, netnsPath), "ok", `${operation(netnsPath)[0]} fails with every rendered capability`);
       t.is(await kernelOperationWith(capability, rendered.filter((name) => name !== capability), netnsPath), "EPERM", `the kernel allows it without ${capability}`);
@@ -367,7 +369,7 @@ test.serial("each added capability and --host-proc is needed", async (t) => {
   t.is(await openNetnsWith(rendered.filter((name) => name !== "SYS_PTRACE"), hiddenServerPid), "EACCES");
 
   // With the agent's default /proc, the container's own procfs, both uses of the host's fail.
-  // The chart refuses --host-proc in extraArgs, so the rendered ConfigMap is changed instead.
+  // The chart rejects --host-proc in extraArgs, so the rendered ConfigMap is changed instead.
   const defaultProc = await renderForTest((config) => ({ ...config, "host-proc": "/proc" }));
   const sandbox = startSandbox(SERVER_NODE, findObject(defaultProc, "DaemonSet"), defaultProc);
   try {
@@ -503,7 +505,7 @@ test.serial("agents' API requests pass the chart's RBAC", async (t) => {
 
   const requests = f.cluster.kube!.requests;
   t.true(requests.length < REQUEST_LOG_LIMIT, `the fake API server kept only the newest ${REQUEST_LOG_LIMIT} requests, so older ones went unchecked`);
-  // The decision depends on the attributes alone, so one request of each stands for all.
+  // The decision depends on the attributes alone, so one request of each represents all.
   const byAttributes = new Map<string, { example: RequestRecord; count: number }>();
   for (const request of requests) {
     const key = describeAttributes(requestAttributes(request));

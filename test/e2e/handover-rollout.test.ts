@@ -8,7 +8,7 @@
 // (--daemonset) is deleted during a hand-over: the running agent ends the hand-over before it
 // uninstalls, and the replacement stops without serving on the removed capture.
 //
-// The first node runs a client in the mesh and a pod outside it; the second runs the server pods.
+// The first node runs a client in the mesh and a pod outside it, and the second runs the server pods.
 
 import test, { type ExecutionContext } from "ava";
 import fs from "node:fs";
@@ -147,7 +147,7 @@ async function relayHoldingHandover(node: string, onHandover: (forward: () => vo
       }
     });
     agent.on("data", (chunk: Buffer) => replacement.write(chunk));
-    // The running agent's end closes when it exits, and the replacement sees that as it would without the relay.
+    // The running agent's end closes when it exits, and the replacement reads that end of file as it would without the relay.
     agent.on("close", () => replacement.destroy());
     replacement.on("close", () => agent.destroy());
     for (const socket of [replacement, agent]) socket.on("error", () => undefined);
@@ -399,7 +399,7 @@ test.serial("uninstall during a hand-over ends it first", async (t) => {
   t.deepEqual(replacement.exit, { code: 0, signal: null }, `the replacement did not exit cleanly:\n${replacement.tail()}`);
   // The replacement decides on an uninstall too. It leaves the removal to the agent that holds the
   // node, or, when that agent has finished and released the locks, takes them and finds little left.
-  const refused = lineIndex(replacement, (line) => String(line.msg).startsWith("not uninstalling: another agent holds this node's locks"));
+  const refused = lineIndex(replacement, (line) => String(line.msg).startsWith("uninstall skipped: another agent has this node's locks"));
   const tookOver = lineIndex(replacement, (line) => String(line.msg).startsWith("removed the pinned capture") || String(line.msg).startsWith("nothing was pinned"));
   t.true(refused !== -1 || tookOver !== -1, replacement.tail());
   await assertUninstalled(t);

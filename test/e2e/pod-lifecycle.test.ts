@@ -8,7 +8,7 @@
 // holds when the stop signal comes while the agent still waits for its first list. SIGHUP during
 // an agent's start, or while it idles after a hand-over, is ignored.
 //
-// The first node runs a client in the mesh and a pod outside it; the second runs the server and
+// The first node runs a client in the mesh and a pod outside it, and the second runs the server and
 // the CNI plugin.
 
 import test, { type ExecutionContext } from "ava";

@@ -62,7 +62,7 @@ spec:
     mode: STRICT
 `;
 
-/** Answers each HTTP request with the peer address it came from, and prints that address on its own line. */
+/** Responds to each HTTP request with the peer address it came from, and prints that address on its own line. */
 const PEER_SERVER = `
 import socket, sys
 server = socket.socket(socket.AF_INET6)

@@ -71,8 +71,8 @@ export function removeLeftovers(prefixFamily: string): void {
 
 /**
  * Deletes the pin-root lock files of a crashed run's agents. The kernel released their flock locks
- * when the agents died, and an agent reuses such a file anyway; this keeps /run/ambient-agent from
- * filling up with them.
+ * when the agents died, and an agent reuses such a file anyway. Deleting them keeps
+ * /run/ambient-agent from filling up.
  */
 function removeStaleLocks(prefixFamily: string): void {
   if (!fs.existsSync(LOCK_DIRECTORY)) return;

@@ -6,13 +6,13 @@
 //     mounts are slaves of this machine's, so new netns pins reach the netns volume
 //     (HostToContainer propagation), and nothing propagates back;
 //   - a root filesystem made of this machine's, under an overlay whose upper layer is a tmpfs, so
-//     mount points are made without touching the machine; the agent's installation at
-//     /opt/ambient-agent with its commands on PATH, as the image has them; read-only when
-//     readOnlyRootFilesystem is set;
+//     mount points are made without touching the machine. The agent's installation is at
+//     /opt/ambient-agent with its commands on PATH, as the image has them. The root is read-only
+//     when readOnlyRootFilesystem is set;
 //   - every volume at its mountPath: hostPath volumes bound from the host, ConfigMap and Secret
 //     files, projected tokens and the service account's files written to the sandbox's folder and
-//     bound read-only, emptyDir as tmpfs; then the runtime's hardening: /sys and /proc/sys (with
-//     its read-only siblings) read-only;
+//     bound read-only, emptyDir as tmpfs. The runtime's hardening then makes /sys, /proc/sys and
+//     its read-only siblings read-only;
 //   - the capabilities, user and no_new_privs of the securityContext, through setpriv;
 //   - the command, args and env with $(VAR) expanded as the kubelet does, the downward API fields,
 //     and KUBERNETES_SERVICE_HOST/PORT of the API server.

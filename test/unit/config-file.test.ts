@@ -1,31 +1,15 @@
 import test from "ava";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { RUN_OPTIONS } from "../../agent/cli/ambient-agent";
 import { ConfigFileError, withConfigFile } from "../../agent/cli/config-file";
+import { useTempFolder } from "../harness/temp-files";
 
 const COMMA_LISTS = new Set(["log-level"]);
 
-let workDir = "";
-
-test.before(() => {
-  workDir = fs.mkdtempSync(path.join(os.tmpdir(), "aacfg-"));
-});
-
-test.after.always(() => {
-  fs.rmSync(workDir, { recursive: true, force: true });
-});
-
-let fileCount = 0;
-
-/** Writes `text` to a new file in the work folder and returns its path. */
-function configFile(text: string): string {
-  const file = path.join(workDir, `config-${++fileCount}.yaml`);
-  fs.writeFileSync(file, text);
-  return file;
-}
+const temp = useTempFolder(test, "aacfg-");
+const configFile = (text: string): string => temp.configFile(text);
 
 /** Runs withConfigFile with the real option table of `ambient-agent run`, then parses the result as the agent does. */
 function parse(argv: string[]): Record<string, unknown> {
@@ -181,14 +165,14 @@ test("file that is no mapping is rejected", (t) => {
 });
 
 test("unreadable file is rejected", (t) => {
-  const missing = path.join(workDir, "missing.yaml");
+  const missing = path.join(temp.path, "missing.yaml");
   const error = t.throws(() => withConfigFile(["--config", missing], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
   t.regex(error?.message ?? "", /cannot read the config file/);
   t.true(error?.message.includes(missing));
 });
 
 test("invalid command line fails before the file is read", (t) => {
-  const missing = path.join(workDir, "never-read.yaml");
+  const missing = path.join(temp.path, "never-read.yaml");
   t.throws(() => withConfigFile(["--config", missing, "--no-such-option"], RUN_OPTIONS, COMMA_LISTS), { message: /--no-such-option/ });
 });
 
@@ -211,7 +195,7 @@ test("file over 1 MiB and a device without end are rejected", (t) => {
 });
 
 test("file that is not UTF-8 is rejected", (t) => {
-  const file = path.join(workDir, "latin1.yaml");
+  const file = path.join(temp.path, "latin1.yaml");
   fs.writeFileSync(file, Buffer.from("audit-file: /tmp/caf\xe9.log\n", "latin1"));
   const error = t.throws(() => withConfigFile(["--config", file], RUN_OPTIONS, COMMA_LISTS), { instanceOf: ConfigFileError });
   t.regex(error?.message ?? "", /latin1\.yaml is not valid UTF-8/);

@@ -9,30 +9,15 @@ import path from "node:path";
 import { UsageError } from "../../agent/cli/admin-client";
 import { cgroupV2Root } from "../../agent/cli/ambient-agent";
 import { hostNetnsCheck, nftablesCheck, parseDoctorOptions } from "../../agent/cli/doctor";
+import { useTempFolder } from "../harness/temp-files";
 
-let workDir = "";
-
-test.before(() => {
-  workDir = fs.mkdtempSync(path.join(os.tmpdir(), "aadoctor-"));
-});
-
-test.after.always(() => {
-  fs.rmSync(workDir, { recursive: true, force: true });
-});
-
-let fileCount = 0;
-
-/** Writes `text` to a new file in the work folder and returns its path. */
-function configFile(text: string): string {
-  const file = path.join(workDir, `config-${++fileCount}.yaml`);
-  fs.writeFileSync(file, text);
-  return file;
-}
+const temp = useTempFolder(test, "aadoctor-");
+const configFile = (text: string): string => temp.configFile(text);
 
 /** Writes a config file as the Helm chart does, with options that doctor does not use among the ones it does. */
 function agentConfig(): string {
-  const cgroup = path.join(workDir, "cgroup");
-  const pinRoot = path.join(workDir, "pins", "worker-1");
+  const cgroup = path.join(temp.path, "cgroup");
+  const pinRoot = path.join(temp.path, "pins", "worker-1");
   return configFile(
     [
       "kubernetes: true",
@@ -53,8 +38,8 @@ function agentConfig(): string {
 
 test("options come from the config file", async (t) => {
   const { options, format } = await parseDoctorOptions(["--config", agentConfig()]);
-  t.is(options.cgroupPath, path.join(workDir, "cgroup"));
-  t.is(options.pinRoot, path.join(workDir, "pins", "worker-1"));
+  t.is(options.cgroupPath, path.join(temp.path, "cgroup"));
+  t.is(options.pinRoot, path.join(temp.path, "pins", "worker-1"));
   t.is(options.objectPath, "/opt/ambient-agent/bpf/capture.bpf.o");
   t.is(options.capture, "nftables");
   t.is(options.admin, "127.0.0.1:15099");
@@ -116,7 +101,7 @@ test("defaults without a config file", async (t) => {
 
 test("bad config file is a usage error", async (t) => {
   const cases: [string, RegExp][] = [
-    [path.join(workDir, "missing.yaml"), /cannot read the config file .*missing\.yaml/],
+    [path.join(temp.path, "missing.yaml"), /cannot read the config file .*missing\.yaml/],
     [configFile("cgroupp: /sys/fs/cgroup\n"), /unknown key "cgroupp" in the config file/],
     [configFile("capture: [ebpf, nftables]\n"), /invalid value of "capture" in the config file .*: a list/],
     [configFile("capture: iptables\n"), /invalid --capture "iptables"/],
@@ -154,7 +139,7 @@ test("nftables check without probe-snat", (t) => {
 });
 
 test("host netns check", (t) => {
-  const missing = path.join(workDir, "no-such-netns");
+  const missing = path.join(temp.path, "no-such-netns");
   const unopened = hostNetnsCheck(missing, () => t.fail("listed the tables of a namespace that did not open"));
   t.is(unopened.result, "FAIL");
   t.true(unopened.message.startsWith(`cannot open the host network namespace ${missing}, where --probe-snat writes its table (ENOENT`), unopened.message);

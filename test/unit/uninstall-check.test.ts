@@ -98,7 +98,7 @@ async function waitUntil(condition: () => boolean, what: string): Promise<void> 
 async function startWatching(check: UninstallCheck, messages: string[]): Promise<void> {
   check.start();
   await waitUntil(() => messages.some((message) => message.startsWith("found DaemonSet mesh/ambient-agent")), "the watch to list the DaemonSet");
-  // The watch opens after the list; later changes reach it from the list's resourceVersion.
+  // The watch opens after the list, and later changes reach it from the list's resourceVersion.
   await waitUntil(() => api.requests.some((request) => request.path === COLLECTION_PATH && request.query.watch === "true"), "the watch to open");
 }
 

@@ -84,7 +84,7 @@ function setDefinition(name: string, type: string, elements: readonly string[]):
 export function renderProbeSnatTable(sources: ProbeSnatSources, pods: ProbeSnatPods): string {
   if (sources.ipv4 !== undefined && !net.isIPv4(sources.ipv4)) throw new AgentError("INTERNAL", `invalid IPv4 probe source ${JSON.stringify(sources.ipv4)}`);
   if (sources.ipv6 !== undefined && !net.isIPv6(sources.ipv6)) throw new AgentError("INTERNAL", `invalid IPv6 probe source ${JSON.stringify(sources.ipv6)}`);
-  // A NAT chain sees the first packet of each connection only, so the rules act on new connections.
+  // A NAT chain receives the first packet of each connection only, so the rules act on new connections.
   const match = "meta l4proto tcp ct status & dnat == 0 meta skuid >= 0 fib saddr type local";
   return [
     `table ${TABLE} {`,

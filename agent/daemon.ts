@@ -56,6 +56,9 @@ import { logLevelsOf, type Logger } from "./log";
 import { InboundHboneServer } from "./proxy/inbound";
 import { sumDrains } from "./proxy/drain";
 import { InboundPlaintextServer } from "./proxy/inbound-plaintext";
+import { LimitTracker } from "./proxy/limit-tracker";
+import { DEFAULT_LIMITS, limitSettings, type ProxyLimits } from "./proxy/limits";
+import { RefusalLog } from "./proxy/refusal-log";
 import { OutboundProxy, type DestinationTarget } from "./proxy/outbound";
 import { authorizerFor, type AuthorizationSettings } from "./rbac/authorize";
 import type { AuthorizationResult, RbacConnection } from "./rbac/types";
@@ -135,6 +138,8 @@ export interface AgentOptions {
    * a stop signal (agent/uninstall.ts). Needs `kubernetes`. No uninstall detection when absent.
    */
   daemonset?: DaemonSetRef;
+  /** Limits of the proxies, such as open connections per pod and the idle timeout. Default DEFAULT_LIMITS. */
+  limits?: ProxyLimits;
 }
 
 /** The agent's configuration source: the manifest folder or the Kubernetes API. */
@@ -196,6 +201,10 @@ export class Agent {
   private readonly endpointPicker = new EndpointPicker();
   /** The open connections of every proxy of this agent. */
   private readonly tracker = new ConnectionTracker();
+  /** The counters behind the proxies' limits, shared by every pod's proxies. */
+  private readonly limitTracker: LimitTracker;
+  /** Counts refused connections and writes their connection.refused records; created with the audit pipeline. */
+  private refusals: RefusalLog | undefined;
   /** policy.rejected records written since start, for ambient_agent_policy_rejections_total. */
   private policyRejections = 0;
   private trustDomain = "cluster.local";
@@ -209,6 +218,7 @@ export class Agent {
     private readonly logger: Logger,
   ) {
     this.warnings = new ConfigWarnings(logger, options.rootNamespace, () => this.enrollmentSettings());
+    this.limitTracker = new LimitTracker(options.limits ?? DEFAULT_LIMITS);
     this.servers = new NodeServers({ admin: options.adminAddress, metrics: options.metricsAddress, readiness: options.readinessAddress }, logger);
     this.enrolledFile = new EnrolledFile(path.join(LOCK_DIRECTORY, `enrolled-${options.node}.json`));
     this.cniEnrolment = new CniEnrolment({
@@ -254,6 +264,7 @@ export class Agent {
     // Records queue in memory until the pipeline starts, which waits for the predecessor to exit,
     // because the spool and the audit file take one writer at a time.
     this.audit = createAuditPipeline(this.options.node, this.options.audit, this.logger.child({ component: "audit" }));
+    this.refusals = new RefusalLog({ node: this.options.node, audit: this.audit, logger: this.logger.child({ component: "limits" }) });
     this.registerMetrics();
     if (!agentRuns) {
       this.takeLocks();
@@ -283,7 +294,7 @@ export class Agent {
         problems: () => this.source?.problems() ?? [],
       }),
     };
-    this.servers.create(routes, sources.logLevels);
+    this.servers.create(routes, sources.logLevels, this.refusals);
     // Started before the first list of the API server, which may take long, so that readiness shows what the agent waits for.
     if (!agentRuns) await this.servers.start();
     this.checkAborted();
@@ -420,6 +431,7 @@ export class Agent {
     this.probeSnat?.close();
     if (removes) this.removeNodeCapture();
     this.identity?.close();
+    this.refusals?.flush();
     this.audit?.write(agentStoppedRecord({ reason, openConnections: this.reconciler?.openConnections() ?? 0 }, this.options.node, new Date().toISOString()));
     await this.audit?.close();
     this.releaseLocks();
@@ -536,6 +548,7 @@ export class Agent {
       drain_timeout_ms: this.options.drainTimeoutMs ?? 0,
       replace: this.options.replace ?? false,
       probe_snat: this.options.probeSnat ?? false,
+      limits: limitSettings(this.limitTracker.limits),
       audit: {
         file: audit.file?.path,
         sinks: this.audit?.status().sinks.map((sink) => sink.name),
@@ -575,6 +588,7 @@ export class Agent {
       policyRejections: () => this.policyRejections,
       rejectedPolicies: () => new Set(this.recordedProblems.flatMap((problem) => problemPolicy(problem)?.uid ?? [])).size,
       connections: this.tracker,
+      refusals: () => this.refusals?.totals() ?? [],
     });
   }
 
@@ -856,7 +870,8 @@ export class Agent {
   private createProxies(workload: Workload, identity: Identity, network: NetnsPodNetwork, cookie: bigint): WorkloadProxies {
     const logger = this.logger.child({ component: "proxy", workload: workload.uid });
     const tracker = TRACKER_DISABLED_FOR_BENCHMARK ? undefined : this.tracker;
-    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger, tracker };
+    const limits = { limits: this.limitTracker.limits, limitTracker: this.limitTracker, refusals: this.refusals };
+    const common = { node: this.options.node, workload, identity, network, certs: this.certs!, audit: this.audit!, logger, tracker, ...limits };
     const outbound = new OutboundProxy({
       ...common,
       pool: { acceptedTrustDomains: this.identity!.trust },

@@ -35,6 +35,7 @@ export const LOG_COMPONENTS: readonly string[] = [
   "inbound-plaintext",
   "istio-ca",
   "kubernetes",
+  "limits",
   "manifests",
   "metrics",
   "netns",

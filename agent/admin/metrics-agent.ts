@@ -18,6 +18,8 @@ export interface AgentMetricsSources {
   /** Policies rejected now: in the configuration but not enforced. */
   rejectedPolicies(): number;
   connections(): { inbound: number; outbound: number };
+  /** Refused connections and connections closed by a limit, per listener and reason, since the agent started; none when absent. */
+  refusals?(): ReadonlyArray<{ listener: string; reason: string; count: number }>;
 }
 
 const CERTIFICATE_STATES: readonly CertificateStatus["state"][] = ["valid", "refreshing", "pending", "failing", "expired"];
@@ -66,5 +68,12 @@ export function registerAgentMetrics(registry: Registry, sources: AgentMetricsSo
     "policy.rejected audit records written: each time a policy was rejected as invalid or not enforceable.",
     [],
     () => [[{}, sources.policyRejections()]],
+  );
+  collectedCounter(
+    registry,
+    "ambient_agent_refused_connections_total",
+    "Connections refused by a listener, or closed by a limit such as the idle timeout, by listener and reason (connection.refused records count each refusal once, folded or not).",
+    ["listener", "reason"],
+    () => (sources.refusals?.() ?? []).map((total) => [{ listener: total.listener, reason: total.reason }, total.count]),
   );
 }

@@ -13,7 +13,7 @@ import { registerAuditMetrics } from "./metrics";
 import { registerAgentMetrics, type AgentMetricsSources } from "./metrics-agent";
 import { TrafficMetrics } from "./metrics-traffic";
 import { loggingPostRoutes } from "./routes";
-import { AdminServer, TextResponse, parseAddress, type AdminRoute, type AdminRoutes } from "./server";
+import { AdminServer, TextResponse, parseAddress, type AdminRefusals, type AdminRoute, type AdminRoutes } from "./server";
 import type { MapUsageView } from "./views";
 
 /** The "host:port" addresses of the servers. The metrics and readiness servers are not created when their address is absent. */
@@ -74,6 +74,7 @@ export class NodeServers {
       policyRejections: () => sources.policyRejections(),
       rejectedPolicies: () => sources.rejectedPolicies(),
       connections: () => sources.connections.counts(),
+      refusals: () => sources.refusals?.() ?? [],
     });
     collectDefaultMetrics({ register: this.registry });
   }
@@ -81,8 +82,9 @@ export class NodeServers {
   /**
    * Creates the admin API over `routes`, with POST /logging when `logLevels` is given, and the
    * metrics and readiness servers over its /metrics and /healthz/ready routes. None listens yet.
+   * Each server records the connections it drops at its limits in `refusals` when given.
    */
-  create(routes: AdminRoutes, logLevels: LogLevels | undefined): void {
+  create(routes: AdminRoutes, logLevels: LogLevels | undefined, refusals?: AdminRefusals["log"]): void {
     const adminLogger = this.logger.child({ component: "admin" });
     if (!isLoopback(parseAddress(this.addresses.admin).host)) {
       adminLogger.warn(
@@ -90,8 +92,9 @@ export class NodeServers {
         `the admin API listens on ${this.addresses.admin}, which other hosts and pods may reach: it lists every connection and changes log levels; pass --admin 127.0.0.1:15000 unless a firewall keeps others out`,
       );
     }
-    this.#admin = new AdminServer(this.addresses.admin, routes, adminLogger, loggingPostRoutes(logLevels, adminLogger));
-    this.#listeners = this.#createListeners(routes["/healthz/ready"], routes["/metrics"]);
+    const adminRefusals = refusals && { log: refusals, listener: "admin" as const };
+    this.#admin = new AdminServer(this.addresses.admin, routes, adminLogger, loggingPostRoutes(logLevels, adminLogger), undefined, adminRefusals);
+    this.#listeners = this.#createListeners(routes["/healthz/ready"], routes["/metrics"], refusals);
   }
 
   /** Starts the admin API, then the metrics and readiness servers. */
@@ -118,17 +121,19 @@ export class NodeServers {
    * and the readiness server (GET /healthz/ready, the admin API's response), each only when its
    * address is configured. A path either does not serve returns 404.
    */
-  #createListeners(readiness: AdminRoute, metrics: AdminRoute): Listener[] {
+  #createListeners(readiness: AdminRoute, metrics: AdminRoute, refusals: AdminRefusals["log"] | undefined): Listener[] {
     const listeners: Listener[] = [];
     if (this.addresses.metrics !== undefined) {
       const routes = { "/metrics": metrics, "/stats/prometheus": metrics };
       const logger = this.logger.child({ component: "metrics" });
-      const server = new AdminServer(this.addresses.metrics, routes, logger, {}, { name: "metrics server", flag: "--metrics" });
+      const recorded = refusals && { log: refusals, listener: "metrics" as const };
+      const server = new AdminServer(this.addresses.metrics, routes, logger, {}, { name: "metrics server", flag: "--metrics" }, recorded);
       listeners.push({ server, description: `the metrics server on ${this.addresses.metrics}` });
     }
     if (this.addresses.readiness !== undefined) {
       const logger = this.logger.child({ component: "readiness" });
-      const server = new AdminServer(this.addresses.readiness, { "/healthz/ready": probeSummary(readiness) }, logger, {}, { name: "readiness server", flag: "--readiness" });
+      const recorded = refusals && { log: refusals, listener: "readiness" as const };
+      const server = new AdminServer(this.addresses.readiness, { "/healthz/ready": probeSummary(readiness) }, logger, {}, { name: "readiness server", flag: "--readiness" }, recorded);
       listeners.push({ server, description: `the readiness server on ${this.addresses.readiness}` });
     }
     return listeners;

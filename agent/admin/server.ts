@@ -6,6 +6,8 @@ import net from "node:net";
 import type { ManifestProblem } from "../discovery/manifest-problem";
 import { AgentError } from "../errors";
 import type { Logger } from "../log";
+import type { RefusalLog } from "../proxy/refusal-log";
+import { formatAddress, normalizeIp } from "../proxy/tcp";
 import { checkAccess, explainWorkload, findWorkload, policyStatuses } from "../rbac/explain";
 import type { AuthorizationSettings } from "../rbac/authorize";
 import type { MeshState } from "../state/mesh-state";
@@ -105,6 +107,19 @@ const REQUEST_TIMEOUT_MS = 10_000;
 const KEEP_ALIVE_TIMEOUT_MS = 5_000;
 /** How often Node checks the headers and request timeouts, in ms (30 s by default). */
 const CONNECTION_CHECK_MS = 1_000;
+/**
+ * How long a connection may go without a byte read or written, in ms. It ends a client that sends
+ * requests and never reads the responses, which the other timeouts do not cover once the headers
+ * have arrived.
+ */
+const SOCKET_IDLE_TIMEOUT_MS = 30_000;
+
+/** The refusal log and listener name with which a server records the connections it drops at its connection limits. */
+export interface AdminRefusals {
+  log: Pick<RefusalLog, "refuse">;
+  /** The server's listener name in connection.refused records. */
+  listener: "admin" | "metrics" | "readiness";
+}
 
 export class AdminServer {
   private readonly server: http.Server;
@@ -120,6 +135,8 @@ export class AdminServer {
      * `ipHostsOnly` rejects requests addressed to a host name other than localhost.
      */
     private readonly listener: { name: string; flag: string; ipHostsOnly?: boolean } = { name: "admin API", flag: "--admin", ipHostsOnly: true },
+    /** Records each connection dropped at a limit; without it, drops are only logged, once a minute. */
+    private readonly refusals?: AdminRefusals,
   ) {
     this.server = http.createServer({ connectionsCheckingInterval: CONNECTION_CHECK_MS }, (request, response) => {
       // A request that the routes do not expect must cost one 500, never the process.
@@ -136,6 +153,8 @@ export class AdminServer {
     this.server.headersTimeout = HEADERS_TIMEOUT_MS;
     this.server.requestTimeout = REQUEST_TIMEOUT_MS;
     this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
+    // Without a "timeout" listener, Node destroys a socket once it has been idle this long.
+    this.server.timeout = SOCKET_IDLE_TIMEOUT_MS;
     this.server.on("connection", (socket: net.Socket) => this.#admit(socket));
     // Node does not pass CONNECT to the request handler: without this listener it closes the
     // connection without a response.
@@ -162,8 +181,10 @@ export class AdminServer {
     if (source !== "" && source === socket.localAddress) return;
     const fromSource = (this.#perSource.get(source) ?? 0) + 1;
     if (fromSource > MAX_CONNECTIONS_PER_SOURCE || this.#remoteConnections >= MAX_CONNECTIONS) {
+      // Recorded before the destroy, which clears the socket's addresses.
+      if (this.refusals) this.#recordDrop(socket, source, fromSource - 1);
+      else this.#logDrop(source);
       socket.destroy();
-      this.#logDrop(source);
       return;
     }
     this.#perSource.set(source, fromSource);
@@ -173,6 +194,24 @@ export class AdminServer {
       const left = (this.#perSource.get(source) ?? 1) - 1;
       if (left > 0) this.#perSource.set(source, left);
       else this.#perSource.delete(source);
+    });
+  }
+
+  /** Records a connection dropped at a connection limit as a connection.refused record of reason admin_connections. */
+  #recordDrop(socket: net.Socket, source: string, openFromSource: number): void {
+    const port = socket.localPort ?? 0;
+    const perSource = openFromSource >= MAX_CONNECTIONS_PER_SOURCE;
+    const message = perSource
+      ? `${normalizeIp(source)} has ${openFromSource} open connections to the ${this.listener.name}, the limit per remote address`
+      : `other hosts and pods have ${this.#remoteConnections} open connections to the ${this.listener.name}, the limit`;
+    this.refusals!.log.refuse({
+      listener: this.refusals!.listener,
+      port,
+      src: { addr: formatAddress(normalizeIp(source), socket.remotePort ?? 0) },
+      dst: { addr: formatAddress(normalizeIp(socket.localAddress ?? ""), port) },
+      reason: "admin_connections",
+      message,
+      limit: perSource ? MAX_CONNECTIONS_PER_SOURCE : MAX_CONNECTIONS,
     });
   }
 

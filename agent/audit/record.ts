@@ -86,6 +86,52 @@ export interface PolicyRef {
   name?: string;
 }
 
+/** The agent's listeners as `connection.refused` names them. */
+export type RefusalListener = "outbound" | "inbound" | "inbound_plaintext" | "admin" | "metrics" | "readiness";
+
+/** Why a listener refused a connection or a limit closed one (docs/limits.md describes each). */
+export type RefusalReason =
+  | "connections_per_pod"
+  | "connections_per_peer"
+  | "streams_per_connection"
+  | "streams_per_peer"
+  | "header_list_size"
+  | "handshake_timeout"
+  | "tls_handshake"
+  | "http2_protocol"
+  | "http2_flood"
+  | "idle_timeout"
+  | "buffered_bytes"
+  | "proxy_port_target"
+  | "admin_connections";
+
+/**
+ * Written for connections refused before they had a connection record: at the TCP, TLS or HTTP/2
+ * level, or by a limit at accept. Refusals with the same listener, reason, source IP and
+ * destination within one window are folded into one record with their `count`.
+ */
+export interface ConnectionRefusedRecord {
+  type: "connection.refused";
+  time: string;
+  node: string;
+  listener: RefusalListener;
+  /** The listener's port, such as 15001, 15008, 15006, 15000, 15020 or 15021. */
+  port: number;
+  /** The client: "ip:port" at least, and its workload, namespace and identity when known. */
+  src: AuditPeer;
+  /** The pod, or the original destination, when known. */
+  dst?: AuditPeer;
+  reason: RefusalReason;
+  /** One sentence naming the value and the limit. */
+  message: string;
+  /** The configured limit, when a limit refused the connection. */
+  limit?: number;
+  /** Refusals with the same key since the previous record for that key, at least 1. */
+  count: number;
+  /** RFC 3339 time of the first of those `count` refusals. */
+  first_time: string;
+}
+
 /** Records about the agent itself rather than one connection. */
 export type ControlRecord =
   | { type: "agent.started"; time: string; node: string; version: string; pid: number; previous_stop?: "clean" | "unclean"; settings: Record<string, unknown> }
@@ -95,6 +141,7 @@ export type ControlRecord =
   | { type: "policy.added" | "policy.changed" | "policy.removed"; time: string; node: string; policy: PolicyRef; file?: string; previous_file?: string; changes?: PolicyChange[]; changes_omitted?: number }
   | { type: "policy.rejected"; time: string; node: string; policy: PolicyRef; file: string; line?: number; message: string }
   | { type: "certificate.issued" | "certificate.rotated"; time: string; node: string; identity: string; serial: string; not_before: string; not_after: string; fingerprint_sha256: string; issuer?: string }
+  | ConnectionRefusedRecord
   | { type: "audit.gap"; time: string; node: string; reason: "queue_full" | "spool_full" | "spool_damaged"; lost: number; first_time?: string; last_time?: string; sink?: string; first_seq?: number; last_seq?: number; unreported_lost?: number; unreported_first_seq?: number };
 
 /**

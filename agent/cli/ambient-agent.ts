@@ -17,6 +17,8 @@ import { withConfigFile } from "./config-file";
 import { AGENT_NODE_FLAGS, runsWithAgentFlags } from "./node-flags";
 import { IDENTITY_FLAGS, IDENTITY_USAGE, parseIdentityFlags } from "./identity-flags";
 import { AUDIT_FLAGS, AUDIT_USAGE, parseAuditFlags, type AuditFlagValues } from "./audit-flags";
+import { LIMIT_FLAGS, LIMIT_USAGE } from "./limit-flags";
+import { parseLimitFlags } from "../proxy/limits";
 import { parseProbeSources } from "./probe-sources";
 import type { CniSettings } from "../cni/setup";
 import type { KubeCredentials } from "../discovery/kube-credentials";
@@ -57,7 +59,7 @@ const USAGE = `usage: ambient-agent run --node NAME (--manifests DIR | --kuberne
   --cni-timeout SECONDS
                        how long the plugin waits for the agent before it fails the pod's sandbox,
                        which the kubelet then retries (default 30)
-${IDENTITY_USAGE}${AUDIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
+${IDENTITY_USAGE}${AUDIT_USAGE}${LIMIT_USAGE}  --pin-root DIR       bpffs folder for this node's maps and links (default /sys/fs/bpf/ambient-agent/NODE)
   --cgroup PATH        cgroup v2 root to attach to (default /sys/fs/cgroup). When PATH is not cgroup v2 but
                        PATH/unified is, as on hybrid cgroup hosts, the agent attaches there and logs it
   --host-proc DIR      the host's /proc as mounted where the agent runs (default /proc; in a pod, for
@@ -174,6 +176,7 @@ export const RUN_OPTIONS = {
   "cni-timeout": { type: "string" },
   ...IDENTITY_FLAGS,
   ...AUDIT_FLAGS,
+  ...LIMIT_FLAGS,
   "pin-root": { type: "string" },
   cgroup: { type: "string" },
   "host-proc": { type: "string" },
@@ -237,6 +240,7 @@ function parseRunOptions(argv: string[]): RunOptions {
     hostProc: path.resolve(values["host-proc"] ?? DEFAULT_HOST_PROC),
     hostNetns: values["host-netns"] === undefined ? undefined : path.resolve(values["host-netns"]),
     daemonset: values.daemonset === undefined ? undefined : parseWith(parseDaemonSetRef, values.daemonset),
+    limits: parseWith(parseLimitFlags, values),
   };
   if (agent.probeSnat && agent.probeSources!.length === 0) {
     throw new UsageError(`--probe-snat needs a probe source address to rewrite kubelet probes to, but --probe-source is "none": give --probe-source an address or leave out --probe-snat`);

@@ -10,6 +10,7 @@ import http2 from "node:http2";
 import type net from "node:net";
 import type { Duplex } from "node:stream";
 import { AgentError } from "../errors";
+import type { BufferedBytes } from "./limit-tracker";
 
 const { NGHTTP2_NO_ERROR, NGHTTP2_CANCEL } = http2.constants;
 
@@ -36,6 +37,14 @@ export interface ByteCounters {
   bytesForward: number;
   /** Bytes read from the second endpoint and written to the first. */
   bytesBackward: number;
+}
+
+/** Limits that a copy enforces while it runs. */
+export interface CopyLimits {
+  /** Time in ms without a byte in either direction after which both endpoints are reset (IDLE_TIMEOUT); 0 turns it off. */
+  idleTimeoutMs: number;
+  /** The node-wide count to which the copy adds each chunk it writes until the write completes. */
+  buffered?: BufferedBytes;
 }
 
 export interface CopyResult {
@@ -130,9 +139,15 @@ export function resetSocket(socket: net.Socket): void {
 /**
  * Copies bytes both ways between `first` and `second` until both closed, with byte counts.
  * `counters` is added to as chunks pass, so its owner can read the bytes of an open connection.
- * Resolves, never rejects: failures come back as CopyResult.error.
+ * `limits` adds the idle timeout and the node-wide buffered bytes count. Resolves, never rejects:
+ * failures come back as CopyResult.error, IDLE_TIMEOUT among them.
  */
-export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint, counters: ByteCounters = { bytesForward: 0, bytesBackward: 0 }): Promise<CopyResult> {
+export function copyBidirectional(
+  first: CopyEndpoint,
+  second: CopyEndpoint,
+  counters: ByteCounters = { bytesForward: 0, bytesBackward: 0 },
+  limits?: CopyLimits,
+): Promise<CopyResult> {
   let error: AgentError | undefined;
   const copy: CopyState = {
     counters,
@@ -140,21 +155,99 @@ export function copyBidirectional(first: CopyEndpoint, second: CopyEndpoint, cou
     recordError: (endpoint, cause) => {
       error ??= new AgentError("STREAM_RESET", describeAbort(endpoint, cause), { cause });
     },
+    lastActivity: 0,
   };
+  const idleTimer = limits && limits.idleTimeoutMs > 0 ? new IdleTimer(copy, limits.idleTimeoutMs, first, second, (idle) => (error ??= idle)) : undefined;
+  const forwardWrites = limits?.buffered ? new PendingWrites(limits.buffered) : undefined;
+  const backwardWrites = limits?.buffered ? new PendingWrites(limits.buffered) : undefined;
 
   return new Promise((resolve) => {
     let open = 2;
     const onClosed = (): void => {
       open -= 1;
       if (open === 0) {
+        idleTimer?.stop();
+        forwardWrites?.close();
+        backwardWrites?.close();
         const result: CopyResult = { bytesForward: counters.bytesForward, bytesBackward: counters.bytesBackward };
         if (error !== undefined) result.error = error;
         resolve(result);
       }
     };
-    forwardOneWay(first, second, true, copy, onClosed);
-    forwardOneWay(second, first, false, copy, onClosed);
+    forwardOneWay(first, second, true, copy, onClosed, forwardWrites);
+    forwardOneWay(second, first, false, copy, onClosed, backwardWrites);
   });
+}
+
+/**
+ * Resets both endpoints of a copy once no byte passed for `timeoutMs`. One timer per copy: each
+ * chunk only stamps the time, and the timer, when it fires early, waits for the rest.
+ */
+class IdleTimer {
+  #timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly copy: CopyState,
+    private readonly timeoutMs: number,
+    private readonly first: CopyEndpoint,
+    private readonly second: CopyEndpoint,
+    private readonly onIdle: (error: AgentError) => void,
+  ) {
+    copy.lastActivity = Date.now();
+    this.#timer = setTimeout(() => this.#check(), timeoutMs);
+    this.#timer.unref();
+  }
+
+  stop(): void {
+    clearTimeout(this.#timer);
+  }
+
+  #check(): void {
+    const idleMs = Date.now() - this.copy.lastActivity;
+    if (idleMs < this.timeoutMs) {
+      this.#timer = setTimeout(() => this.#check(), this.timeoutMs - idleMs);
+      this.#timer.unref();
+      return;
+    }
+    this.onIdle(new AgentError("IDLE_TIMEOUT", `no byte passed in either direction for ${this.timeoutMs / 1000} s, the idle timeout (--idle-timeout), so the agent closed the connection`));
+    this.first.reset();
+    this.second.reset();
+  }
+}
+
+/**
+ * The chunks one direction of a copy has written and the target has not yet flushed, counted in
+ * the node-wide BufferedBytes. Write callbacks of a stream run in write order, so each one
+ * removes the oldest length.
+ */
+class PendingWrites {
+  readonly #lengths: number[] = [];
+  #bytes = 0;
+  #closed = false;
+
+  constructor(private readonly buffered: BufferedBytes) {}
+
+  add(length: number): void {
+    this.#lengths.push(length);
+    this.#bytes += length;
+    this.buffered.add(length);
+  }
+
+  /** The write callback: the oldest chunk was flushed, or failed with its stream. */
+  readonly written = (): void => {
+    if (this.#closed) return;
+    const length = this.#lengths.shift() ?? 0;
+    this.#bytes -= length;
+    this.buffered.subtract(length);
+  };
+
+  /** Removes what is still counted once the copy ended; later callbacks do nothing. */
+  close(): void {
+    this.buffered.subtract(this.#bytes);
+    this.#bytes = 0;
+    this.#lengths.length = 0;
+    this.#closed = true;
+  }
 }
 
 /** State shared by the two directions of one copy. */
@@ -163,6 +256,8 @@ interface CopyState {
   /** Endpoints the copy itself closed after their other half closed; their close is not an abort. */
   closedByCopy: Set<CopyEndpoint>;
   recordError(endpoint: CopyEndpoint, error: unknown): void;
+  /** Date.now() of the latest chunk in either direction, which the idle timeout reads. */
+  lastActivity: number;
 }
 
 /**
@@ -176,6 +271,7 @@ function forwardOneWay(
   forward: boolean,
   copy: CopyState,
   onClosed: () => void,
+  pendingWrites: PendingWrites | undefined,
 ): void {
   let lastError: unknown;
   let sourceEnded = false;
@@ -185,9 +281,17 @@ function forwardOneWay(
   input.on("data", (chunk: Buffer) => {
     if (forward) copy.counters.bytesForward += chunk.length;
     else copy.counters.bytesBackward += chunk.length;
+    copy.lastActivity = Date.now();
     // A target that is gone takes nothing more; its close event settles the copy.
     if (output.destroyed || output.writableEnded) return;
-    if (!output.write(chunk) && !input.isPaused()) {
+    let flowing: boolean;
+    if (pendingWrites === undefined) {
+      flowing = output.write(chunk);
+    } else {
+      pendingWrites.add(chunk.length);
+      flowing = output.write(chunk, pendingWrites.written);
+    }
+    if (!flowing && !input.isPaused()) {
       input.pause();
       output.once("drain", () => input.resume());
     }

@@ -4,7 +4,7 @@
 // the pod's AuthorizationPolicies decide, with no peer identity, as for any plaintext source.
 
 import net from "node:net";
-import type { AuditRecorder } from "../audit/record";
+import type { AuditPeer, AuditRecorder } from "../audit/record";
 import { AgentError } from "../errors";
 import { formatSpiffeId } from "../identity/spiffe";
 import type { Logger } from "../log";
@@ -19,8 +19,10 @@ import type { PodNetwork } from "./pod-network";
 import { recordPolicyChange } from "./policy-change";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 import { applicationSourceFor } from "./transparency";
+import { bufferedBytesRefusal, copyLimitsOf, resolveLimitOptions, type LimitTracker, type ProxyLimitOptions, type Release } from "./limit-tracker";
+import { closeReasonOf, type RefusalEvent, type RefusalLog } from "./refusal-log";
 
-export interface InboundPlaintextServerOptions {
+export interface InboundPlaintextServerOptions extends ProxyLimitOptions {
   node: string;
   workload: Workload;
   identity: Identity;
@@ -63,6 +65,8 @@ export class InboundPlaintextServer {
   readonly #logger: Logger;
   readonly #active = new Set<ActiveConnection>();
   readonly #drain = new ConnectionDrain<ActiveConnection>(() => this.#active, (connection) => this.#abort(connection));
+  readonly #limits: LimitTracker;
+  readonly #refusals: RefusalLog;
   #server: net.Server | undefined;
   /** The outcome of the first stop() call; later calls can only shorten its deadline. */
   #stopped: Promise<DrainSummary> | undefined;
@@ -71,6 +75,9 @@ export class InboundPlaintextServer {
   constructor(options: InboundPlaintextServerOptions) {
     this.#options = options;
     this.#logger = options.logger.child({ component: "inbound-plaintext" });
+    const { tracker, refusals } = resolveLimitOptions(options, options.node, this.#logger);
+    this.#limits = tracker;
+    this.#refusals = refusals;
   }
 
   /** Listens on port 15006 inside the pod. */
@@ -148,22 +155,61 @@ export class InboundPlaintextServer {
     client.on("error", ignoreError);
     const sourceIp = normalizeIp(client.remoteAddress ?? "");
     const dialled = this.#dialledAddress(client);
+    const src = peerOf(remoteAddressOf(client), this.#options.lookupSource(sourceIp));
+    const dst = peerOf(formatAddress(normalizeIp(dialled.ip), dialled.port), this.#options.workload, formatSpiffeId(this.#options.identity));
+    const release = this.#admit(client, sourceIp, src, dst, dialled.port);
+    if (release === undefined) return;
     const record = new ConnectionRecord({
       node: this.#options.node,
       direction: "inbound",
       transport: "plaintext",
-      src: peerOf(remoteAddressOf(client), this.#options.lookupSource(sourceIp)),
-      dst: peerOf(
-        formatAddress(normalizeIp(dialled.ip), dialled.port),
-        this.#options.workload,
-        formatSpiffeId(this.#options.identity),
-      ),
+      src,
+      dst,
       tracker: this.#options.tracker,
       workload: this.#options.workload.uid,
     });
     const connection: ActiveConnection = { client, dialled, record, done: Promise.resolve() };
-    connection.done = this.#serve(connection, sourceIp).finally(() => this.#active.delete(connection));
+    connection.done = this.#serve(connection, sourceIp).finally(() => {
+      this.#active.delete(connection);
+      release();
+    });
     this.#active.add(connection);
+  }
+
+  /**
+   * Applies the limits before the connection gets a record: the node's buffered bytes, a proxy
+   * port as the destination, the client's open connections to this pod's 15006, and the pod's
+   * open inbound connections. Resets the client and records the refusal when one of them refuses
+   * it; otherwise returns the function that gives the slots back.
+   */
+  #admit(client: net.Socket, sourceIp: string, src: AuditPeer, dst: AuditPeer, port: number): Release | undefined {
+    const pod = this.#options.workload.uid;
+    const limits = this.#limits.limits;
+    const refuse = (event: Pick<RefusalEvent, "reason" | "message" | "limit">): undefined => {
+      resetSocket(client);
+      this.#refusals.refuse({ listener: "inbound_plaintext", port: INBOUND_PLAINTEXT_PORT, src, dst, ...event });
+      return undefined;
+    };
+    const overBuffered = bufferedBytesRefusal(this.#limits, this.#options.node);
+    if (overBuffered !== undefined) return refuse(overBuffered);
+    if (PROXY_PORTS.has(port)) {
+      return refuse({ reason: "proxy_port_target", message: `plaintext connection from ${src.addr} to ${dst.addr}, a proxy port (15001, 15006, 15008) of pod ${pod}, which is never a destination` });
+    }
+    const releasePeer = this.#limits.acquirePeer(pod, "inbound_plaintext", sourceIp);
+    if (releasePeer === undefined) {
+      const message = `${sourceIp} has ${limits.maxConnectionsPerPeer} open plaintext connections to pod ${pod}, the limit (--max-connections-per-peer)`;
+      return refuse({ reason: "connections_per_peer", message, limit: limits.maxConnectionsPerPeer });
+    }
+    const releasePod = this.#limits.acquire(pod, "inbound");
+    if (releasePod === undefined) {
+      releasePeer();
+      const message = `pod ${pod} has ${limits.maxConnectionsPerPod} open inbound connections, the limit (--max-connections-per-pod)`;
+      return refuse({ reason: "connections_per_pod", message, limit: limits.maxConnectionsPerPod });
+    }
+    return () => {
+      releasePeer();
+      releasePod();
+    };
   }
 
   async #serve(connection: ActiveConnection, sourceIp: string): Promise<void> {
@@ -178,10 +224,10 @@ export class InboundPlaintextServer {
       connection.upstream.on("error", ignoreError);
       client.resume();
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream), record.counters);
+      const result = await copyBidirectional(tcpEndpoint("client", client), tcpEndpoint("application", connection.upstream), record.counters, copyLimitsOf(this.#limits));
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;
-      if (result.error) record.fail(result.error);
+      if (result.error) this.#recordCopyError(record, result.error);
     } catch (error) {
       record.fail(error);
       connection.upstream?.destroy();
@@ -191,24 +237,25 @@ export class InboundPlaintextServer {
     }
   }
 
+  #recordCopyError(record: ConnectionRecord, error: AgentError): void {
+    record.fail(error);
+    const reason = closeReasonOf(error);
+    if (reason !== undefined) this.#refusals.countClosed("inbound_plaintext", reason);
+  }
+
   /** Returns the address the client dialled: from capture when it rewrote the destination, else the socket's local address. */
   #dialledAddress(client: net.Socket): { ip: string; port: number } {
     const fromCapture = this.#options.inboundDestination?.(client);
     return fromCapture ?? { ip: client.localAddress ?? "", port: client.localPort ?? 0 };
   }
 
-  /** Returns the port the client dialled; the address must be this pod's and the port not a proxy port. */
+  /** Returns the port the client dialled; the address must be this pod's (#admit refused proxy ports). */
   #checkDestination(dialled: { ip: string; port: number }, record: ConnectionRecord): number {
     const ip = normalizeIp(dialled.ip);
     const port = dialled.port;
     if (!hasWorkloadIp(this.#options.workload, ip)) {
       const error = new AgentError("UNKNOWN_DESTINATION", `plaintext connection to ${record.dst.addr} is not for pod ${this.#options.workload.uid} at ${this.#options.workload.ip}`);
       record.deny("unknown_destination", error);
-      throw error;
-    }
-    if (PROXY_PORTS.has(port)) {
-      const error = new AgentError("PROXY_PORT", `plaintext connection to the proxy port ${record.dst.addr} is not served`);
-      record.deny("proxy_port", error);
       throw error;
     }
     return port;

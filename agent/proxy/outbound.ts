@@ -10,13 +10,15 @@ import type { CertificateProvider } from "../identity/cert-manager";
 import { formatSpiffeId } from "../identity/spiffe";
 import { verificationReasonOf } from "../identity/verify";
 import type { Logger } from "../log";
-import { workloadIpOfFamily } from "../state/ip";
+import { hasWorkloadIp, workloadIpOfFamily } from "../state/ip";
 import { serviceHostname } from "../state/destination-service";
 import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
-import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, buildConnectHeaders, type Authority } from "./hbone";
+import { CONNECT_TIMEOUT_MS, HBONE_PORT, OUTBOUND_PORT, PROXY_PORTS, buildConnectHeaders, type Authority } from "./hbone";
+import { bufferedBytesRefusal, copyLimitsOf, resolveLimitOptions, type LimitTracker, type ProxyLimitOptions, type Release } from "./limit-tracker";
+import { closeReasonOf, type RefusalEvent, type RefusalLog } from "./refusal-log";
 import type { PodNetwork } from "./pod-network";
 import { HbonePool, type HbonePoolOptions, type PoolStats } from "./pool";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
@@ -34,7 +36,7 @@ export type DestinationTarget =
   /** Nowhere: a Service without a usable endpoint for the port. The connection is refused with `reason`. */
   | { kind: "unavailable"; service: string; reason: string; message: string };
 
-export interface OutboundProxyOptions {
+export interface OutboundProxyOptions extends ProxyLimitOptions {
   node: string;
   /** The enrolled pod whose connections this proxy carries. */
   workload: Workload;
@@ -53,6 +55,18 @@ export interface OutboundProxyOptions {
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
 }
 
+/** Where a connection goes: its original destination, and the route resolveDestination chose. */
+interface Route {
+  destination: Authority;
+  target: DestinationTarget;
+}
+
+/** A connection the limits let in: its slot of the pod's outbound connections, and its route when capture recorded one. */
+interface Admission {
+  release: Release;
+  route?: Route;
+}
+
 /** One accepted connection, so that stop() can abort it. */
 interface ActiveConnection {
   client: net.Socket;
@@ -69,6 +83,8 @@ export class OutboundProxy {
   readonly #active = new Set<ActiveConnection>();
   readonly #drain = new ConnectionDrain<ActiveConnection>(() => this.#active, (connection) => this.#abort(connection));
   readonly #pool: HbonePool;
+  readonly #limits: LimitTracker;
+  readonly #refusals: RefusalLog;
   #server: net.Server | undefined;
   /** The outcome of the first stop() call; later calls can only shorten its deadline. */
   #stopped: Promise<DrainSummary> | undefined;
@@ -79,6 +95,9 @@ export class OutboundProxy {
     this.#logger = options.logger.child({ component: "outbound" });
     this.#sourceIdentity = formatSpiffeId(options.identity);
     this.#pool = new HbonePool({ ...options.pool, network: options.network, certs: options.certs, logger: this.#logger });
+    const { tracker, refusals } = resolveLimitOptions(options, options.node, this.#logger);
+    this.#limits = tracker;
+    this.#refusals = refusals;
   }
 
   /** Counts the HBONE pool's connections and streams, for diagnostics. */
@@ -144,6 +163,8 @@ export class OutboundProxy {
 
   #accept(client: net.Socket): void {
     client.on("error", ignoreError);
+    const admission = this.#admit(client);
+    if (admission === undefined) return;
     const record = new ConnectionRecord({
       node: this.#options.node,
       direction: "outbound",
@@ -155,14 +176,72 @@ export class OutboundProxy {
     });
     const connection: ActiveConnection = { client, record, upstream: new Set(), done: Promise.resolve() };
     this.#active.add(connection);
-    connection.done = this.#handle(connection).finally(() => this.#active.delete(connection));
+    connection.done = this.#handle(connection, admission).finally(() => {
+      this.#active.delete(connection);
+      admission.release();
+    });
   }
 
-  async #handle(connection: ActiveConnection): Promise<void> {
+  /**
+   * Applies the limits before the connection gets a record: the node's buffered bytes, a proxy
+   * port as the destination, and the pod's open outbound connections. Resets the client and
+   * records the refusal when one of them refuses it.
+   */
+  #admit(client: net.Socket): Admission | undefined {
+    const workload = this.#options.workload;
+    const limits = this.#limits.limits;
+    const src = peerOf(remoteAddressOf(client), workload, this.#sourceIdentity);
+    const refuse = (event: Pick<RefusalEvent, "reason" | "message" | "limit" | "dst">): undefined => {
+      resetSocket(client);
+      this.#refusals.refuse({ listener: "outbound", port: OUTBOUND_PORT, src, ...event });
+      return undefined;
+    };
+    const overBuffered = bufferedBytesRefusal(this.#limits, this.#options.node);
+    if (overBuffered !== undefined) return refuse(overBuffered);
+    // A client reset before the accept leaves a socket without a peer address to look up by: #handle records it.
+    const recorded = client.remoteAddress === undefined ? undefined : this.#options.originalDestination(client);
+    let route: Route | undefined;
+    if (recorded !== undefined) {
+      const destination = { ip: normalizeIp(recorded.ip), port: recorded.port };
+      route = { destination, target: this.#options.resolveDestination(destination.ip, destination.port) };
+    }
+    const proxyPort = route && this.#proxyPortTarget(route);
+    if (proxyPort !== undefined) {
+      const message = `pod ${workload.uid} dialled ${proxyPort.addr}, a proxy port (15001, 15006, 15008) of ${proxyPort.owner}, which is never a destination`;
+      return refuse({ reason: "proxy_port_target", message, dst: { addr: proxyPort.addr } });
+    }
+    const release = this.#limits.acquire(workload.uid, "outbound");
+    if (release === undefined) {
+      const message = `pod ${workload.uid} has ${limits.maxConnectionsPerPod} open outbound connections, the limit (--max-connections-per-pod)`;
+      const dst = route && { addr: formatAddress(route.destination.ip, route.destination.port) };
+      return refuse({ reason: "connections_per_pod", message, limit: limits.maxConnectionsPerPod, dst });
+    }
+    return { release, route };
+  }
+
+  /**
+   * Returns the address and its owner when the connection would reach a proxy port (15001, 15006,
+   * 15008) of a loopback address, of this pod, or of a pod in the mesh: such a connection can only
+   * loop through the agent or reach its listeners from the wrong side. Checks the dialled address
+   * and, for a Service, the chosen endpoint.
+   */
+  #proxyPortTarget({ destination, target }: Route): { addr: string; owner: string } | undefined {
+    const addresses = target.kind === "unavailable" ? [destination] : [destination, target.address];
+    for (const address of addresses) {
+      if (!PROXY_PORTS.has(address.port)) continue;
+      const addr = formatAddress(address.ip, address.port);
+      if (hasWorkloadIp(this.#options.workload, address.ip)) return { addr, owner: "the pod itself" };
+      if (isLoopbackIp(address.ip)) return { addr, owner: "a loopback address" };
+      const routedInMesh = target.kind === "hbone" && target.address.ip === address.ip && target.address.port === address.port;
+      if (routedInMesh) return { addr, owner: "a pod in the mesh" };
+    }
+    return undefined;
+  }
+
+  async #handle(connection: ActiveConnection, admission: Admission): Promise<void> {
     const { client, record } = connection;
     try {
-      const destination = this.#originalDestination(client, record);
-      const target = this.#options.resolveDestination(destination.ip, destination.port);
+      const { destination, target } = this.#checkedRoute(client, record, admission.route);
       if (target.kind === "unavailable") {
         record.dst = { addr: formatAddress(destination.ip, destination.port), service: target.service };
         const error = new AgentError("NO_HEALTHY_ENDPOINT", target.message);
@@ -194,13 +273,12 @@ export class OutboundProxy {
     }
   }
 
-  #originalDestination(client: net.Socket, record: ConnectionRecord): Authority {
-    // A client reset before the accept leaves a socket without a peer address to look up by.
+  /** Returns the route that #admit looked up; throws the denial when capture recorded no original destination. */
+  #checkedRoute(client: net.Socket, record: ConnectionRecord, route: Route | undefined): Route {
     if (client.remoteAddress === undefined) {
       throw new AgentError("STREAM_RESET", "the client reset the connection before the agent accepted it");
     }
-    const destination = this.#options.originalDestination(client);
-    if (!destination) {
+    if (!route) {
       const error = new AgentError(
         "NO_ORIGINAL_DESTINATION",
         `no original destination recorded for the connection from ${record.src.addr}; check that capture is attached for this pod`,
@@ -208,14 +286,14 @@ export class OutboundProxy {
       record.deny("no_original_destination", error);
       throw error;
     }
-    return { ip: normalizeIp(destination.ip), port: destination.port };
+    return route;
   }
 
   /** Connects straight to the destination and copies bytes both ways. */
   async #passthrough(connection: ActiveConnection, destination: Authority): Promise<void> {
     const upstream = await this.#connectUpstream(connection, destination.ip, destination.port);
     connection.record.opened(this.#options.audit);
-    const result = await copyBidirectional(tcpEndpoint("client", connection.client), tcpEndpoint("destination", upstream), connection.record.counters);
+    const result = await copyBidirectional(tcpEndpoint("client", connection.client), tcpEndpoint("destination", upstream), connection.record.counters, copyLimitsOf(this.#limits));
     this.#recordCopy(connection.record, result);
   }
 
@@ -237,7 +315,7 @@ export class OutboundProxy {
         this.#rejectTunnel(record, status);
       }
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream), record.counters);
+      const result = await copyBidirectional(tcpEndpoint("client", client), streamEndpoint("tunnel", stream), record.counters, copyLimitsOf(this.#limits));
       this.#recordCopy(record, result);
     } finally {
       closeStream(stream);
@@ -348,6 +426,8 @@ export class OutboundProxy {
     record.bytesRecv = result.bytesBackward;
     if (result.error) {
       record.fail(result.error);
+      const reason = closeReasonOf(result.error);
+      if (reason !== undefined) this.#refusals.countClosed("outbound", reason);
     }
   }
 }
@@ -358,6 +438,11 @@ export class OutboundProxy {
  * two streams per connection, not a loop.
  */
 const MAX_TUNNEL_ATTEMPTS = 2;
+
+/** Tells whether a canonical IP (normalizeIp) is a loopback address: 127.0.0.0/8 or ::1. */
+function isLoopbackIp(ip: string): boolean {
+  return ip.startsWith("127.") || ip === "::1";
+}
 
 /** Waits for the CONNECT response and returns its status. */
 function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string): Promise<number> {

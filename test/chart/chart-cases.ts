@@ -31,4 +31,5 @@ export const CHART_CASES: ChartCase[] = [
   },
   { name: "Kubernetes 1.29", values: {}, options: { kubeVersion: "1.29.0" } },
   { name: "OnDelete updates", values: { updateStrategy: { type: "OnDelete" } } },
+  { name: "large limits", values: { limits: { maxConnectionsPerPod: 1_000_000, maxBufferedBytes: 4 * 1024 ** 3, idleTimeoutSeconds: 0, handshakeTimeoutSeconds: 2.5 } } },
 ];

@@ -13,6 +13,7 @@ import { cgroupV2Root, RUN_OPTIONS } from "../../agent/cli/ambient-agent";
 import { withConfigFile } from "../../agent/cli/config-file";
 import { parseDoctorOptions } from "../../agent/cli/doctor";
 import { LOG_COMPONENTS, parseLogLevels } from "../../agent/log";
+import { parseLimitFlags } from "../../agent/proxy/limits";
 import { REPO_ROOT } from "../harness/agent-process";
 import { CHART_DIR, DEFAULT_NAMESPACE, findObject, renderChart, type RenderedObject } from "../harness/helm";
 import { validateObject } from "../harness/kube-schema";
@@ -181,6 +182,14 @@ test("default configuration", async (t) => {
     "probe-snat": true,
     "cert-ttl": 86400,
     "drain-timeout": 5,
+    "max-connections-per-pod": 4096,
+    "max-connections-per-peer": 512,
+    "max-streams-per-connection": 200,
+    "max-streams-per-peer": 2048,
+    "max-header-list-size": "16KiB",
+    "handshake-timeout": 10,
+    "idle-timeout": 3600,
+    "max-buffered-bytes": "256MiB",
     "log-level": "info",
     "log-format": "json",
     "cni-conf-dir": "/host/etc/cni/net.d",
@@ -196,6 +205,16 @@ test("default configuration", async (t) => {
     "audit-file-max-files": 10,
     "audit-fsync": "1s",
   });
+});
+
+test("large limits render as whole numbers", async (t) => {
+  const config = agentConfig(await render(caseNamed("large limits")));
+  const values = Object.fromEntries(Object.entries(config).map(([key, value]) => [key, String(value)]));
+  const limits = parseLimitFlags(values);
+  t.is(limits.maxConnectionsPerPod, 1_000_000);
+  t.is(limits.maxBufferedBytes, 4 * 1024 ** 3);
+  t.is(limits.idleTimeoutMs, 0);
+  t.is(limits.handshakeTimeoutMs, 2500);
 });
 
 test("default container and pod", async (t) => {

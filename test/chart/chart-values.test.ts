@@ -79,6 +79,11 @@ const REJECTED: RejectedCase[] = [
   { name: "no audit destination", values: { audit: { file: { enabled: false }, sinks: [] } }, names: ["audit.file.enabled", "audit.sinks"] },
   { name: "relative host path", values: { hostPaths: { bpffs: "sys/fs/bpf" } }, names: ["hostPaths.bpffs"] },
   { name: "capability with CAP_ prefix", values: { securityContext: { extraCapabilities: ["CAP_NET_RAW"] } }, names: ["securityContext.extraCapabilities"], mentions: [/NET_RAW/] },
+  { name: "per-pod limit of zero", values: { limits: { maxConnectionsPerPod: 0 } }, names: ["limits.maxConnectionsPerPod"] },
+  { name: "fractional stream limit", values: { limits: { maxStreamsPerPeer: 1.5 } }, names: ["limits.maxStreamsPerPeer"] },
+  { name: "buffered bytes with an unknown unit", values: { limits: { maxBufferedBytes: "256MB" } }, names: ["limits.maxBufferedBytes"] },
+  { name: "negative idle timeout", values: { limits: { idleTimeoutSeconds: -1 } }, names: ["limits.idleTimeoutSeconds"] },
+  { name: "zero handshake timeout", values: { limits: { handshakeTimeoutSeconds: 0 } }, names: ["limits.handshakeTimeoutSeconds"] },
   { name: "grace period shorter than the stop", values: { terminationGracePeriodSeconds: 10 }, names: ["terminationGracePeriodSeconds", "drainTimeoutSeconds"] },
   {
     name: "none with probe addresses",

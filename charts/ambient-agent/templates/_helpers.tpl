@@ -222,5 +222,19 @@ toYaml quotes every value, so no value can add keys.
 {{- with $v.audit.redact -}}
 {{- $_ := set $config "audit-redact" . -}}
 {{- end -}}
+{{- $limits := dict
+  "max-connections-per-pod" $v.limits.maxConnectionsPerPod
+  "max-connections-per-peer" $v.limits.maxConnectionsPerPeer
+  "max-streams-per-connection" $v.limits.maxStreamsPerConnection
+  "max-streams-per-peer" $v.limits.maxStreamsPerPeer
+  "max-header-list-size" $v.limits.maxHeaderListSize
+  "max-buffered-bytes" $v.limits.maxBufferedBytes
+-}}
+{{- range $key, $value := $limits -}}
+{{- /* Helm reads numbers as float64, which toYaml writes as 1e+06 from a million up: the schema allows only whole numbers here. */ -}}
+{{- $_ := set $config $key (ternary (int64 $value) $value (kindIs "float64" $value)) -}}
+{{- end -}}
+{{- $_ := set $config "handshake-timeout" $v.limits.handshakeTimeoutSeconds -}}
+{{- $_ := set $config "idle-timeout" $v.limits.idleTimeoutSeconds -}}
 {{- toYaml $config -}}
 {{- end -}}

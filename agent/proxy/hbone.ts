@@ -32,7 +32,7 @@ export const STREAM_WINDOW_BYTES = 1 << 20;
 export const CONNECTION_WINDOW_BYTES = 16 << 20;
 /** Largest DATA frame the peer may send; 64 KiB with the windows above gave full loopback throughput on Node 20. */
 export const MAX_FRAME_BYTES = 64 << 10;
-/** Streams a server accepts at once on one HBONE connection. */
+/** Streams a server accepts at once on one HBONE connection, unless --max-streams-per-connection sets another value. */
 export const SERVER_MAX_CONCURRENT_STREAMS = 200;
 /**
  * Node's per-session memory limit in MB: past it, Node rejects new streams on the session. It counts
@@ -48,13 +48,25 @@ export const CLIENT_SETTINGS: http2.Settings = {
   maxHeaderListSize: 16 << 10,
 };
 
-/** HTTP/2 SETTINGS sent by the HBONE server. */
+/**
+ * HTTP/2 SETTINGS sent by the HBONE server. The inbound server replaces maxConcurrentStreams and
+ * maxHeaderListSize with its limits (--max-streams-per-connection, --max-header-list-size).
+ */
 export const SERVER_SETTINGS: http2.Settings = {
   initialWindowSize: STREAM_WINDOW_BYTES,
   maxFrameSize: MAX_FRAME_BYTES,
   maxConcurrentStreams: SERVER_MAX_CONCURRENT_STREAMS,
-  maxHeaderListSize: 64 << 10,
+  maxHeaderListSize: 16 << 10,
 };
+
+/**
+ * Invalid frames (frames on closed or idle streams, bad lengths) a client may send on one HBONE
+ * connection before Node closes it; Node's default is 1000. An HBONE client sends none but for
+ * races with a reset stream.
+ */
+export const MAX_SESSION_INVALID_FRAMES = 100;
+/** Streams that Node refuses on creation (session memory, concurrency) before it closes the connection; Node's default too. */
+export const MAX_SESSION_REJECTED_STREAMS = 100;
 
 /** The target of a CONNECT request. */
 export interface Authority {
@@ -114,8 +126,12 @@ export function buildBaggage(workload: Workload, cluster: string): string {
     ["service.name", serviceName],
     ["service.version", serviceVersion],
   ];
-  return entries.map(([key, value]) => `${key}=${encodeURIComponent(value)}`).join(",");
+  // encodeURIComponent throws on a lone UTF-16 surrogate, which a label value in a manifest can carry.
+  return entries.map(([key, value]) => `${key}=${encodeURIComponent(value.replace(LONE_SURROGATE, "\ufffd"))}`).join(",");
 }
+
+/** A UTF-16 surrogate that is not half of a pair: with the u flag, a pair is one code point and never matches. */
+const LONE_SURROGATE = /\p{Cs}/gu;
 
 /** Random bytes for trace ids, filled 256 ids at a time: two randomBytes() calls per CONNECT were 3% of the proxies' CPU on loopback. */
 const TRACE_ID_POOL = Buffer.alloc(24 * 256);

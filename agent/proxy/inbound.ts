@@ -17,13 +17,17 @@ import type { Identity, Workload } from "../state/types";
 import { ConnectionRecord, denialError, peerOf, type ConnectionRegistry } from "./connection-record";
 import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./copy";
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
+import { InboundGuard } from "./inbound-guard";
+import { resolveLimitOptions, type ProxyLimitOptions } from "./limit-tracker";
+import type { RefusalLog } from "./refusal-log";
 import {
   CONNECT_TIMEOUT_MS,
   CONNECTION_WINDOW_BYTES,
   HBONE_PORT,
+  MAX_SESSION_INVALID_FRAMES,
   MAX_SESSION_MEMORY_MB,
+  MAX_SESSION_REJECTED_STREAMS,
   PROXY_PORTS,
-  SERVER_MAX_CONCURRENT_STREAMS,
   SERVER_SETTINGS,
   parseAuthority,
   parseForwardedFor,
@@ -35,7 +39,7 @@ import { recordPolicyChange } from "./policy-change";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 import { applicationSourceFor } from "./transparency";
 
-export interface InboundHboneServerOptions {
+export interface InboundHboneServerOptions extends ProxyLimitOptions {
   node: string;
   /** The enrolled pod this server delivers to. */
   workload: Workload;
@@ -71,7 +75,7 @@ export interface InboundHboneServerOptions {
   destinationService?(port: number, requestedHost: string | undefined): string | undefined;
   /** Deadline of the connect to the application, in ms. Defaults to CONNECT_TIMEOUT_MS. */
   connectTimeoutMs?: number;
-  /** Streams a client may open at once on one HBONE connection. Defaults to SERVER_MAX_CONCURRENT_STREAMS. */
+  /** Streams a client may open at once on one HBONE connection, in place of the limits' maxStreamsPerConnection. */
   maxConcurrentStreams?: number;
 }
 
@@ -103,6 +107,8 @@ export class InboundHboneServer {
   readonly #options: InboundHboneServerOptions;
   readonly #logger: Logger;
   readonly #acceptedTrustDomains: AcceptedTrustDomains;
+  readonly #refusals: RefusalLog;
+  readonly #guard: InboundGuard;
   readonly #peers = new WeakMap<http2.ServerHttp2Session, TunnelPeer>();
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   readonly #streams = new Set<ActiveStream>();
@@ -126,11 +132,26 @@ export class InboundHboneServer {
     this.#options = options;
     this.#logger = options.logger.child({ component: "inbound" });
     this.#acceptedTrustDomains = options.acceptedTrustDomains ?? { trustDomain: options.trustDomain, aliases: options.trustDomainAliases ?? [] };
+    const { tracker, refusals } = resolveLimitOptions(options, options.node, this.#logger);
+    this.#refusals = refusals;
+    const limits = { ...tracker.limits, maxStreamsPerConnection: options.maxConcurrentStreams ?? tracker.limits.maxStreamsPerConnection };
+    this.#guard = new InboundGuard({
+      podUid: options.workload.uid,
+      destination: (localIp) => {
+        const hboneAddr = formatAddress(localIp || options.workload.ip, HBONE_PORT);
+        return { ...peerOf(hboneAddr, options.workload, formatSpiffeId(options.identity)), hbone_addr: hboneAddr };
+      },
+      limits,
+      tracker,
+      refusals,
+      logger: this.#logger,
+    });
   }
 
   /** Gets the pod's certificate and listens on port 15008 inside the pod. */
   async start(): Promise<void> {
     const certificate = await this.#options.certs.get(this.#options.identity);
+    const limits = this.#guard.limits;
     const server = http2.createSecureServer({
       ...hboneTlsOptions(certificate),
       // The server requests a certificate but lets the handshake finish whatever the client sent, and
@@ -143,10 +164,13 @@ export class InboundHboneServer {
       allowHTTP1: false,
       // Node's net.Server option, applied to each accepted TCP socket under the TLS session.
       noDelay: true,
-      // Node's default of 120 s would let a stalled handshake hold stop() open that long.
-      handshakeTimeout: CONNECT_TIMEOUT_MS,
-      settings: { ...SERVER_SETTINGS, maxConcurrentStreams: this.#options.maxConcurrentStreams ?? SERVER_MAX_CONCURRENT_STREAMS },
+      // Node's default of 120 s would let a stalled handshake hold stop() open that long. The guard's
+      // own deadline, from the accept to the first CONNECT, covers the rest of the handshake.
+      handshakeTimeout: limits.handshakeTimeoutMs,
+      settings: { ...SERVER_SETTINGS, maxConcurrentStreams: limits.maxStreamsPerConnection, maxHeaderListSize: limits.maxHeaderListBytes },
       maxSessionMemory: MAX_SESSION_MEMORY_MB,
+      maxSessionInvalidFrames: MAX_SESSION_INVALID_FRAMES,
+      maxSessionRejectedStreams: MAX_SESSION_REJECTED_STREAMS,
     });
     server.on("session", (session) => this.#acceptSession(session));
     server.on("stream", (stream, headers) => this.#trackStream(stream, headers));
@@ -154,9 +178,10 @@ export class InboundHboneServer {
     // them on accept makes the TCP socket cache them for the audit record of the failure.
     server.on("connection", (socket: net.Socket) => {
       void [socket.remoteAddress, socket.localAddress];
+      if (!this.#guard.acceptConnection(socket)) return;
       this.#acceptedAt.set(socket, this.#rootsGeneration);
     });
-    server.on("tlsClientError", (error: NodeJS.ErrnoException, socket) => this.#recordFailedHandshake(error, socket));
+    server.on("tlsClientError", (error: NodeJS.ErrnoException, socket: tls.TLSSocket) => this.#guard.recordTlsFailure(error, parentOf(socket), handshakePeerOf(socket)));
     server.on("error", (error) => this.#logger.error({ err: error }, "HBONE listener failed"));
     await this.#options.network.listen(server as unknown as net.Server, HBONE_PORT);
     this.#server = server;
@@ -249,14 +274,16 @@ export class InboundHboneServer {
   #acceptSession(session: http2.ServerHttp2Session): void {
     const socket = session.socket as tls.TLSSocket;
     const remote = remoteAddressOf(socket);
-    session.on("error", (error) => this.#logger.debug({ err: error, "src.addr": remote }, "HBONE session failed"));
     const verification = verifyClientCertificate(presentedCertificateOf(socket), this.#acceptedTrustDomains, remote);
     if (!verification.verified) {
+      session.on("error", (error) => this.#logger.debug({ err: error, "src.addr": remote }, "HBONE session failed"));
       // The record reads the addresses through session.socket, which is unbound once the session is destroyed.
       this.#recordRejection(socket, verification.reason, verification.error);
+      this.#guard.countRejectedCertificate();
       session.destroy();
       return;
     }
+    this.#guard.watchSession(session, parentOf(socket));
     const identity = verification.identity;
     this.#peers.set(session, {
       identity,
@@ -316,22 +343,6 @@ export class InboundHboneServer {
   }
 
   /**
-   * Writes the audit record of a handshake that the server failed at the TLS layer, such as one from
-   * a client without TLS 1.3 or one past the handshake timeout. A client that closed the connection
-   * during the handshake, for example because it rejected our certificate, gets a log line only.
-   */
-  #recordFailedHandshake(error: NodeJS.ErrnoException, socket: tls.TLSSocket): void {
-    if (error.code === "ECONNRESET" || error.code === "EPIPE") {
-      this.#logger.debug({ code: error.code, "src.addr": handshakePeerOf(socket) }, "HBONE client closed the connection during the TLS handshake");
-      return;
-    }
-    const failure = new AgentError("TLS_FAILURE", `TLS handshake with client ${handshakePeerOf(socket)} failed: ${error.code ?? error.message}`, {
-      cause: error,
-    });
-    this.#recordRejection(socket, "tls_handshake_failed", failure);
-  }
-
-  /**
    * Writes the audit record of a rejected HBONE connection: decision deny, the rejection reason, and
    * the pod's HBONE address as the destination, because no CONNECT named a target yet.
    */
@@ -371,6 +382,9 @@ export class InboundHboneServer {
       stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
       return;
     }
+    // A stream refused by a limit gets a connection.refused record and no connection record.
+    const release = this.#guard.admitStream(stream, headers, formatSpiffeId(peer.identity));
+    if (!release) return;
     const record = this.#newRecord(peer, headers);
     this.#records.set(stream, record);
     let upstream: net.Socket | undefined;
@@ -383,17 +397,20 @@ export class InboundHboneServer {
       active.upstream = upstream;
       stream.respond({ ":status": 200 });
       record.opened(this.#options.audit);
-      const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream), record.counters);
+      const limits = { idleTimeoutMs: this.#guard.limits.idleTimeoutMs, buffered: this.#guard.buffered };
+      const result = await copyBidirectional(streamEndpoint("tunnel", stream), tcpEndpoint("application", upstream), record.counters, limits);
       record.bytesSent = result.bytesForward;
       record.bytesRecv = result.bytesBackward;
       if (result.error) {
         record.fail(result.error);
+        if (result.error.code === "IDLE_TIMEOUT") this.#refusals.countClosed("inbound", "idle_timeout");
       }
     } catch (error) {
       record.fail(error);
       upstream?.destroy();
       answerFailure(stream, error);
     } finally {
+      release();
       record.write(this.#options.audit, this.#logger, requestContext(headers));
     }
   }
@@ -437,6 +454,8 @@ export class InboundHboneServer {
     } catch (error) {
       const code = error instanceof AgentError ? error.code.toLowerCase() : "bad_request";
       record.deny(code, error as AgentError);
+      // Both try to use the tunnel for another target than the pod's own ports: the agent, the node, loopback.
+      if (code === "proxy_port" || code === "authority_mismatch") this.#refusals.countClosed("inbound", "proxy_port_target");
       throw error;
     }
   }
@@ -493,6 +512,8 @@ export class InboundHboneServer {
     };
     stream.once("close", abortConnect);
     try {
+      // A stream reset in the same read as its headers is closed already, and its 'close' has passed.
+      if (stream.closed || stream.destroyed) throw resetDuringConnect(address);
       const timeoutMs = this.#options.connectTimeoutMs ?? CONNECT_TIMEOUT_MS;
       const socket = await connectTcp(this.#options.network, target.ip, target.port, timeoutMs, (created) => {
         pending = created;

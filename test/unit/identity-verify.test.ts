@@ -20,6 +20,8 @@ import { silentLogger } from "../../agent/log";
 import { connectHbone } from "../../agent/proxy/hbone-client";
 import { HBONE_PORT } from "../../agent/proxy/hbone";
 import { InboundHboneServer } from "../../agent/proxy/inbound";
+import { RefusalLog } from "../../agent/proxy/refusal-log";
+import type { AuditEvent } from "../../agent/audit/record";
 import type { RbacConnection } from "../../agent/rbac/types";
 import type { Identity } from "../../agent/state/types";
 import { asWorkloadCertificate, createIntermediate, createLeaf, createRoot, type LeafOptions, type TestCa, type TestLeaf } from "./cert-fixtures";
@@ -58,6 +60,8 @@ interface ServerPod {
   clientIp: string;
   serverIp: string;
   audit: MemorySink;
+  /** The records of the server's refusal log, such as connection.refused. */
+  refused: AuditEvent[];
   authorizations: RbacConnection[];
   /** Connections the application behind the server accepted. */
   appConnections: () => number;
@@ -69,6 +73,7 @@ async function startServerPod(t: ExecutionContext, subnet: number, aliases: stri
   const clientIp = `127.79.${subnet}.1`;
   const serverIp = `127.79.${subnet}.2`;
   const audit = new MemorySink();
+  const refused: AuditEvent[] = [];
   const authorizations: RbacConnection[] = [];
   const leaf = serverLeaf ?? (await createLeaf(trusted, { uris: [SERVER_ID] }));
   const server = new InboundHboneServer({
@@ -86,6 +91,7 @@ async function startServerPod(t: ExecutionContext, subnet: number, aliases: stri
     lookupSource: () => undefined,
     audit,
     logger: silentLogger(),
+    refusals: new RefusalLog({ node: "node-2", audit: { write: (record) => refused.push(record) }, logger: silentLogger() }),
   });
   await server.start();
   t.teardown(() => server.stop());
@@ -97,7 +103,7 @@ async function startServerPod(t: ExecutionContext, subnet: number, aliases: stri
   });
   await new Promise<void>((resolve) => app.listen(APP_PORT, serverIp, resolve));
   t.teardown(() => new Promise<void>((resolve) => app.close(() => resolve())));
-  return { clientIp, serverIp, audit, authorizations, appConnections: () => accepted };
+  return { clientIp, serverIp, audit, refused, authorizations, appConnections: () => accepted };
 }
 
 /**
@@ -382,10 +388,14 @@ test("server records a failed TLS handshake", async (t) => {
   });
 
   t.not(outcome, "connected");
-  const record = await pod.audit.next("inbound");
-  t.is(record.reason, "tls_handshake_failed");
-  t.is(record.error?.code, "TLS_FAILURE");
+  await delay(200);
+  const [record] = pod.refused;
+  t.is(record?.type, "connection.refused");
+  if (record?.type !== "connection.refused") return;
+  t.is(record.reason, "tls_handshake");
+  t.regex(record.message, /TLS handshake with client 127\.79\.13\.1:\d+ failed/);
   t.regex(record.src.addr, /^127\.79\.13\.1:\d+$/);
+  t.deepEqual(pod.audit.records, [], "a failed TLS handshake gets no connection record");
   t.is(pod.appConnections(), 0);
 });
 

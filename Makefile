@@ -4,13 +4,13 @@
 SHELL := /bin/bash
 PREFIX ?= /usr/local
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 nftables iperf3 socat wrk hyperfine \
-	nghttp2-client tshark tcpdump curl python3 gcc make procps rsyslog rsyslog-gnutls unzip
+	nghttp2-client tshark tcpdump curl python3 gcc make procps rsyslog rsyslog-gnutls unzip libclang-rt-14-dev
 # One object: capture.c includes the per-hook files so that every program shares the same maps.
 BPF_SOURCES := bpf/capture.c
 BPF_OBJECTS := $(BPF_SOURCES:.c=.bpf.o)
 TS_SOURCES := $(shell find agent test -name '*.ts' 2>/dev/null)
 
-.PHONY: setup build compile helm image bpf test test-unit test-e2e demo bench install host clean
+.PHONY: setup build compile helm image bpf test test-unit test-e2e soak demo bench install host clean fuzz fuzz-native
 
 ## setup: install the Debian packages and npm dependencies (quiet when all is present)
 setup: node_modules/.package-lock.json
@@ -87,15 +87,39 @@ NFTABLES_E2E := $(addprefix dist/test/e2e/,mesh.test.js mesh-ipv6.test.js servic
 	lifecycle.test.js mesh-ipv6only.test.js kubernetes-cni.test.js diagnostics.test.js probe-snat.test.js handover-rollout.test.js)
 
 ## test: unit and end-to-end tests (end-to-end tests need root), then the agent-level ones in nftables mode
-test: build host
+test: build host fuzz-native
 	npx ava
 	AA_TEST_CAPTURE=nftables npx ava $(NFTABLES_E2E)
 
-test-unit: build
+test-unit: build fuzz-native
 	npx ava 'dist/test/unit/**/*.test.js'
 
 test-e2e: build host
 	npx ava 'dist/test/e2e/**/*.test.js'
+
+# libFuzzer harnesses of the CNI plugin's readers, built with clang's fuzzer runtime (libclang-rt-14-dev)
+# into the npm cache folder, never into the checkout. `make test` runs them briefly (test/unit/fuzz-native.test.ts).
+FUZZ_DIR := node_modules/.cache/ambient-agent/fuzz
+FUZZ_NATIVE := $(FUZZ_DIR)/json-scan $(FUZZ_DIR)/cni-reply
+FUZZ_SECONDS ?= 60
+
+$(FUZZ_DIR)/json-scan: test/fuzz/native/json-scan-fuzz.c native/cni/json-scan.c native/cni/json-scan.h
+$(FUZZ_DIR)/cni-reply: test/fuzz/native/cni-reply-fuzz.c native/cni/socket-io.c native/cni/socket-io.h
+
+$(FUZZ_NATIVE): | setup
+	@mkdir -p $(@D)
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -I native/cni -o $@ $(filter %.c,$^)
+
+fuzz-native: $(FUZZ_NATIVE)
+
+## fuzz: every fuzz target for FUZZ_SECONDS seconds (default 60): the TypeScript parsers with fast-check, the CNI plugin's with libFuzzer
+fuzz: build fuzz-native
+	node dist/test/fuzz/fuzz.js --seconds $(FUZZ_SECONDS)
+	@for harness in $(notdir $(FUZZ_NATIVE)); do test/fuzz/native/run.sh $$harness $(FUZZ_SECONDS) || exit 1; done
+
+## soak: the soak test for 600 s instead of the 45 s of `make test`: mixed allowed, denied and abusive traffic, then checks descriptors and memory (needs root)
+soak: build host
+	AA_SOAK_SECONDS=600 npx ava --timeout=15m dist/test/e2e/soak.test.js
 
 ## demo: two nodes, five pods, two agents, allowed and denied traffic, agentctl and the audit records (KEEP=1 leaves them running)
 demo: build host

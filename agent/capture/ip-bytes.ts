@@ -15,9 +15,12 @@ export function ipv6OrMappedBytes(ip: string): Buffer {
   return Buffer.concat([Buffer.from([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]), bytes]);
 }
 
-/** Formats 4 or 16 address bytes; an IPv4-mapped IPv6 address comes out as ::ffff:a.b.c.d. */
+/** Formats 4 or 16 address bytes; an IPv4-mapped IPv6 address comes out as ::ffff:a.b.c.d. Throws TypeError on any other length. */
 export function formatIpBytes(bytes: Buffer): string {
   if (bytes.length === 4) return [...bytes].join(".");
+  if (bytes.length !== 16) {
+    throw new TypeError(`invalid IP address bytes ${bytes.toString("hex")}: expected 4 (IPv4) or 16 (IPv6) bytes, found ${bytes.length}`);
+  }
   const isMapped = bytes.subarray(0, 10).every((byte) => byte === 0) && bytes[10] === 0xff && bytes[11] === 0xff;
   if (isMapped) return `::ffff:${[...bytes.subarray(12)].join(".")}`;
   const groups: string[] = [];

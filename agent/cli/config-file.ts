@@ -13,6 +13,7 @@
 import fs from "node:fs";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { parseDocument } from "yaml";
+import { findTooDeepNesting, MAX_YAML_NESTING } from "../discovery/yaml-nesting";
 
 /** The option table of node:util parseArgs. */
 export type OptionTable = NonNullable<ParseArgsConfig["options"]>;
@@ -80,8 +81,13 @@ function twinOf(key: string, table: OptionTable): string | undefined {
 /** Reads the file as one YAML document holding a mapping; an empty file is an empty mapping. */
 function readConfigFile(file: string): Record<string, unknown> {
   const text = readText(file);
+  const tooDeep = findTooDeepNesting(text);
+  if (tooDeep !== undefined) {
+    throw new ConfigFileError(`invalid YAML in the config file ${file}: line ${tooDeep.line}: collections nest deeper than ${MAX_YAML_NESTING} levels (in flow style, or opened on one line); an option's value is a string, a number, true, false or a list`);
+  }
   // merge: the YAML 1.1 merge key "<<", which Kubernetes users write in their manifests.
-  const document = parseDocument(text, { prettyErrors: true, merge: true });
+  // logLevel "error": no process warning on stderr for a key that is a collection (it is stringified, then rejected as unknown).
+  const document = parseDocument(text, { prettyErrors: true, merge: true, logLevel: "error" });
   const problem = document.errors[0] ?? document.warnings[0];
   if (problem !== undefined) throw new ConfigFileError(`invalid YAML in the config file ${file}: ${problem.message}`);
   let content: unknown;

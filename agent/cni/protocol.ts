@@ -187,6 +187,7 @@ function decodeConfig(bytes: Buffer): Record<string, unknown> {
     throw new InvalidCniRequestError(CNI_ERROR_CODES.DECODE_FAILED, `failed to decode the network configuration: ${(error as Error).message}`);
   }
   if (typeof config !== "object" || config === null || Array.isArray(config)) throw invalidConfig("it is not a JSON object");
+  if (nestingDepth(config) > MAX_CONFIG_NESTING) throw invalidConfig(`it nests objects and arrays deeper than ${MAX_CONFIG_NESTING} levels`);
   const record = config as Record<string, unknown>;
   if (typeof record.cniVersion !== "string" || record.cniVersion === "") throw invalidConfig("cniVersion is missing or not a string");
   const prevResult = record.prevResult;
@@ -194,6 +195,25 @@ function decodeConfig(bytes: Buffer): Record<string, unknown> {
     throw invalidConfig("prevResult is not an object");
   }
   return record;
+}
+
+/**
+ * Nesting limit of a configuration, as in the plugin's JSON reader (MAX_JSON_DEPTH in
+ * native/cni/json-scan.c). Without it, JSON.stringify of a deep prevResult in the reply overflows the stack.
+ */
+const MAX_CONFIG_NESTING = 64;
+
+/** Returns how deep objects and arrays nest in a decoded JSON value, counted without recursion; stops past MAX_CONFIG_NESTING. */
+function nestingDepth(value: unknown): number {
+  let deepest = 0;
+  const pending: [unknown, number][] = [[value, 1]];
+  while (pending.length > 0 && deepest <= MAX_CONFIG_NESTING) {
+    const [item, depth] = pending.pop()!;
+    if (typeof item !== "object" || item === null) continue;
+    deepest = Math.max(deepest, depth);
+    for (const child of Object.values(item)) pending.push([child, depth + 1]);
+  }
+  return deepest;
 }
 
 /** Returns the addresses of prevResult.ips[] without their prefix lengths. */

@@ -10,6 +10,7 @@ import { ENDPOINT_SLICE_FIELDS, readEndpointSlice } from "./manifest-endpointsli
 import { readAuthorizationPolicy, readPeerAuthentication } from "./manifest-policies";
 import { describeValue, isMapping, ObjectReader, type DocumentContext, type FieldPath } from "./manifest-reader";
 import { readNamespace, readPod, readService } from "./manifest-workloads";
+import { findTooDeepNesting, MAX_YAML_NESTING, type TooDeepNesting } from "./yaml-nesting";
 
 const CORE_API = ["v1"];
 const SECURITY_API = ["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -24,8 +25,13 @@ const MAX_ALIAS_COUNT = 100;
  * `firstDocument` numbers the documents from that index, for text that is part of a file.
  */
 export function parseManifests(file: string, text: string, logger?: Logger, firstDocument = 0): ParseResult {
+  const tooDeep = findTooDeepNesting(text);
+  if (tooDeep !== undefined) return { objects: [], problems: [tooDeepProblem(file, tooDeep, firstDocument)], syntaxError: true };
+
   const lineCounter = new LineCounter();
-  const documents = parseAllDocuments(text, { lineCounter });
+  // logLevel "error": the package would print a process warning to stderr for each key that is a
+  // collection, so that a file of such keys floods the log. The key is stringified either way.
+  const documents = parseAllDocuments(text, { lineCounter, logLevel: "error" });
   const problems: ManifestProblem[] = [];
   const objects: ParsedObject[] = [];
 
@@ -59,6 +65,19 @@ export function parseApiObject(value: unknown, source: ObjectSource, logger?: Lo
   const context: DocumentContext = { file: source.file, document: source.document, problems };
   readObject(context, value, [], labelOf(String((value as { kind?: unknown })?.kind ?? "object"), (value as { metadata?: unknown })?.metadata) ?? "object", objects, logger);
   return { object: objects[0], problems };
+}
+
+function tooDeepProblem(file: string, tooDeep: TooDeepNesting, firstDocument: number): ManifestProblem {
+  const index = firstDocument + tooDeep.document;
+  return {
+    file,
+    document: index,
+    line: tooDeep.line,
+    object: `document ${index + 1}`,
+    field: "",
+    message: `invalid YAML: collections nest deeper than ${MAX_YAML_NESTING} levels (in flow style, or opened on one line); flatten the document (the file's last valid version stays in use)`,
+    wholeFile: true,
+  };
 }
 
 function findSyntaxErrors(file: string, documents: Document[], firstDocument: number): ManifestProblem[] {

@@ -294,7 +294,19 @@ export function uriSubjectAltNames(subjectAltName: string | undefined): string[]
   const pattern = /([A-Za-z ]+):("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)/g;
   for (const match of (subjectAltName ?? "").matchAll(pattern)) {
     if (match[1] !== "URI") continue;
-    uris.push(match[2].startsWith('"') ? (JSON.parse(match[2]) as string) : match[2]);
+    uris.push(match[2].startsWith('"') ? unquoteSubjectAltName(match[2]) : match[2]);
   }
   return uris;
+}
+
+/**
+ * Decodes a quoted value. One that is not valid JSON (a raw control character, an unknown escape)
+ * stays quoted: it still counts as a URI SAN, and no SPIFFE id parses from it.
+ */
+function unquoteSubjectAltName(quoted: string): string {
+  try {
+    return JSON.parse(quoted) as string;
+  } catch {
+    return quoted;
+  }
 }

@@ -363,9 +363,9 @@ static int exchange(const struct config *config, const char *request, size_t req
 	int last_error = 0;
 	long long deadline = now_ms() + timeout_ms;
 	int fd = connect_until(config->agent_socket, deadline, &last_error);
-	char *reply, *newline, *end;
+	char *reply;
 	ssize_t length;
-	long status;
+	int status, result;
 
 	if (fd < 0)
 		fail(config->cni_version, CNI_ERR_TRY_AGAIN_LATER, strerror(last_error),
@@ -386,20 +386,16 @@ static int exchange(const struct config *config, const char *request, size_t req
 		     "the ambient agent on %s did not reply within %.1f s: check the agent's log", config->agent_socket, timeout_ms / 1000.0);
 	close(fd);
 
-	newline = memchr(reply, '\n', (size_t)length);
 	if (length == 0)
 		fail(config->cni_version, CNI_ERR_TRY_AGAIN_LATER, NULL,
 		     "the ambient agent on %s closed the connection without a reply: check the agent's log", config->agent_socket);
-	if (!newline)
+	result = parse_reply(reply, (size_t)length, &status, body, body_length);
+	if (result == -1)
 		fail(config->cni_version, CNI_ERR_IO, NULL, "invalid reply from the ambient agent: no status line");
-	*newline = '\0';
-	errno = 0;
-	status = strtol(reply, &end, 10);
-	if (end == reply || *end != '\0' || errno || status < 0 || status > 255)
-		fail(config->cni_version, CNI_ERR_IO, NULL, "invalid reply from the ambient agent: bad status line");
-	*body = newline + 1;
-	*body_length = (size_t)(reply + length - *body);
-	return (int)status;
+	if (result < 0)
+		fail(config->cni_version, CNI_ERR_IO, NULL,
+		     "invalid reply from the ambient agent: bad status line (expected 0 to 255): check that the plugin binary matches the agent's version");
+	return status;
 }
 /* ---- commands ---- */
 

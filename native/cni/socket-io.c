@@ -118,3 +118,28 @@ ssize_t receive_all(int fd, char *buffer, size_t capacity, long long deadline)
 		}
 	}
 }
+
+int parse_reply(char *reply, size_t length, int *status, char **body, size_t *body_length)
+{
+	char *newline = memchr(reply, '\n', length);
+	size_t digits;
+	int value = 0;
+
+	if (!newline)
+		return -1;
+	digits = (size_t)(newline - reply);
+	/* Digits only: strtol() would also take blanks, a sign, and a NUL that ends the line early. */
+	if (digits == 0 || digits > 3)
+		return -2;
+	for (size_t i = 0; i < digits; i++) {
+		if (reply[i] < '0' || reply[i] > '9')
+			return -2;
+		value = value * 10 + (reply[i] - '0');
+	}
+	if (value > 255)
+		return -2;
+	*status = value;
+	*body = newline + 1;
+	*body_length = length - digits - 1;
+	return 0;
+}

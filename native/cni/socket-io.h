@@ -22,4 +22,11 @@ int send_all(int fd, const char *data, size_t length, long long deadline);
 /* Reads until the peer closes the connection. Returns the byte count, or -1 with errno set (EMSGSIZE when capacity is reached). */
 ssize_t receive_all(int fd, char *buffer, size_t capacity, long long deadline);
 
+/*
+ * Splits the agent's reply into the plugin's exit status and the bytes to print. The status line is
+ * 1 to 3 decimal digits with a value of at most 255, then a newline. Returns 0, -1 when the reply
+ * has no newline, or -2 for any other status line.
+ */
+int parse_reply(char *reply, size_t length, int *status, char **body, size_t *body_length);
+
 #endif

@@ -114,7 +114,18 @@ const CONNECTION_CHECK_MS = 1_000;
  */
 const SOCKET_IDLE_TIMEOUT_MS = 30_000;
 
-/** The refusal log and listener name with which a server records the connections it drops at its connection limits. */
+/**
+ * The responses that Node's HTTP server without a 'clientError' listener writes to a client whose
+ * request failed to parse or timed out, before it closes the connection. A server with that listener writes them itself.
+ */
+const CLIENT_ERROR_RESPONSES: Readonly<Record<string, string>> = {
+  ERR_HTTP_REQUEST_TIMEOUT: "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n",
+  HPE_HEADER_OVERFLOW: "HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n",
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: "HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n\r\n",
+};
+const BAD_REQUEST_RESPONSE = "HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n";
+
+/** The refusal log and listener name with which a server records the connections it drops at its limits. */
 export interface AdminRefusals {
   log: Pick<RefusalLog, "refuse">;
   /** The server's listener name in connection.refused records. */
@@ -139,6 +150,8 @@ export class AdminServer {
     private readonly refusals?: AdminRefusals,
   ) {
     this.server = http.createServer({ connectionsCheckingInterval: CONNECTION_CHECK_MS }, (request, response) => {
+      this.#responses.set(request.socket, response);
+      response.once("finish", () => this.#responses.delete(request.socket));
       // A request that the routes do not expect must cost one 500, never the process.
       try {
         this.handle(request, response);
@@ -153,9 +166,10 @@ export class AdminServer {
     this.server.headersTimeout = HEADERS_TIMEOUT_MS;
     this.server.requestTimeout = REQUEST_TIMEOUT_MS;
     this.server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
-    // Without a "timeout" listener, Node destroys a socket once it has been idle this long.
     this.server.timeout = SOCKET_IDLE_TIMEOUT_MS;
     this.server.on("connection", (socket: net.Socket) => this.#admit(socket));
+    this.server.on("clientError", (error: NodeJS.ErrnoException, socket: net.Socket) => this.#clientError(error, socket));
+    this.server.on("timeout", (socket: net.Socket) => this.#socketIdle(socket));
     // Node does not pass CONNECT to the request handler: without this listener it closes the
     // connection without a response.
     this.server.on("connect", (request: http.IncomingMessage, socket: import("node:stream").Duplex) => {
@@ -165,6 +179,8 @@ export class AdminServer {
     });
   }
 
+  /** The response in progress on each connection, from its request's headers until it is written. */
+  readonly #responses = new WeakMap<net.Socket, http.ServerResponse>();
   #droppedSince = 0;
   /** Open connections from other hosts and pods, in all and by remote address. */
   #remoteConnections = 0;
@@ -199,19 +215,65 @@ export class AdminServer {
 
   /** Records a connection dropped at a connection limit as a connection.refused record of reason admin_connections. */
   #recordDrop(socket: net.Socket, source: string, openFromSource: number): void {
-    const port = socket.localPort ?? 0;
     const perSource = openFromSource >= MAX_CONNECTIONS_PER_SOURCE;
     const message = perSource
       ? `${normalizeIp(source)} has ${openFromSource} open connections to the ${this.listener.name}, the limit per remote address`
       : `other hosts and pods have ${this.#remoteConnections} open connections to the ${this.listener.name}, the limit`;
+    this.#refuse(socket, "admin_connections", message, perSource ? MAX_CONNECTIONS_PER_SOURCE : MAX_CONNECTIONS);
+  }
+
+  /**
+   * Handles a request that failed to parse or timed out, as Node does without this listener: it
+   * sends an error response when no response has started, then closes the connection. A timeout,
+   * for the headers (HEADERS_TIMEOUT_MS) or the whole request (REQUEST_TIMEOUT_MS), is recorded
+   * with reason request_timeout.
+   */
+  #clientError(error: NodeJS.ErrnoException, socket: net.Socket): void {
+    if (error.code === "ERR_HTTP_REQUEST_TIMEOUT") {
+      // A request whose headers arrived has a response in progress: its body came too slowly.
+      const headersArrived = this.#responses.has(socket);
+      const seconds = (headersArrived ? REQUEST_TIMEOUT_MS : HEADERS_TIMEOUT_MS) / 1000;
+      const what = headersArrived ? "its whole request" : "its request headers";
+      this.#recordTimeout(socket, `client ${this.#clientOf(socket)} did not send ${what} within ${seconds} s, the limit of the ${this.listener.name}`, seconds);
+    }
+    if (socket.writable && !this.#responses.get(socket)?.headersSent) socket.write(CLIENT_ERROR_RESPONSES[error.code ?? ""] ?? BAD_REQUEST_RESPONSE);
+    socket.destroy();
+  }
+
+  /**
+   * Closes a connection whose idle timer fired, which Node does without this listener. The timer is
+   * either the keep-alive one between requests, an ordinary close, or SOCKET_IDLE_TIMEOUT_MS, which
+   * is recorded with reason request_timeout.
+   */
+  #socketIdle(socket: net.Socket): void {
+    if (socket.timeout === SOCKET_IDLE_TIMEOUT_MS) {
+      const seconds = SOCKET_IDLE_TIMEOUT_MS / 1000;
+      this.#recordTimeout(socket, `no byte moved on the connection of client ${this.#clientOf(socket)} for ${seconds} s, the limit of the ${this.listener.name}`, seconds);
+    }
+    socket.destroy();
+  }
+
+  /** Records a connection closed at a timeout, or logs it at debug level without a refusal log. */
+  #recordTimeout(socket: net.Socket, message: string, seconds: number): void {
+    if (this.refusals) this.#refuse(socket, "request_timeout", message, seconds);
+    else this.logger.debug({ remoteAddress: socket.remoteAddress }, `${this.listener.name} closed a connection: ${message}`);
+  }
+
+  #clientOf(socket: net.Socket): string {
+    return formatAddress(normalizeIp(socket.remoteAddress ?? ""), socket.remotePort ?? 0);
+  }
+
+  /** Writes a connection.refused record through the refusal log; called before the socket is destroyed, which clears its addresses. */
+  #refuse(socket: net.Socket, reason: "admin_connections" | "request_timeout", message: string, limit: number): void {
+    const port = socket.localPort ?? 0;
     this.refusals!.log.refuse({
       listener: this.refusals!.listener,
       port,
-      src: { addr: formatAddress(normalizeIp(source), socket.remotePort ?? 0) },
+      src: { addr: this.#clientOf(socket) },
       dst: { addr: formatAddress(normalizeIp(socket.localAddress ?? ""), port) },
-      reason: "admin_connections",
+      reason,
       message,
-      limit: perSource ? MAX_CONNECTIONS_PER_SOURCE : MAX_CONNECTIONS,
+      limit,
     });
   }
 

@@ -89,7 +89,7 @@ export interface PolicyRef {
 /** The agent's listeners as `connection.refused` names them. */
 export type RefusalListener = "outbound" | "inbound" | "inbound_plaintext" | "admin" | "metrics" | "readiness";
 
-/** Why a listener refused a connection or a limit closed one (docs/limits.md describes each). */
+/** The cause for which a listener refused a connection or a limit closed one (docs/limits.md describes each). */
 export type RefusalReason =
   | "connections_per_pod"
   | "connections_per_peer"
@@ -103,7 +103,8 @@ export type RefusalReason =
   | "idle_timeout"
   | "buffered_bytes"
   | "proxy_port_target"
-  | "admin_connections";
+  | "admin_connections"
+  | "request_timeout";
 
 /**
  * Written for connections refused before they had a connection record: at the TCP, TLS or HTTP/2

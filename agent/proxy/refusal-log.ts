@@ -205,9 +205,6 @@ export class RefusalLog {
 /** The error codes of a limit that closes an established connection, and their refusal reasons. */
 const CLOSE_REASONS: Partial<Record<ErrorCode, RefusalReason>> = {
   IDLE_TIMEOUT: "idle_timeout",
-  BUFFERED_BYTES: "buffered_bytes",
-  STREAMS_PER_PEER: "streams_per_peer",
-  CONNECTIONS_PER_POD: "connections_per_pod",
 };
 
 /** Returns the refusal reason of an error that a limit raised, for RefusalLog.countClosed; undefined for other errors. */

@@ -5,6 +5,9 @@
 //                  metrics, in the benchmark process
 //   log line       CPU time of one access log line as JSON and as text (--log-format), in the
 //                  benchmark process
+//   proxy limits   CPU per MiB of the proxies' copy with and without the idle timer and the
+//                  buffered-bytes count, and one per-pod slot acquire (limits-cost.ts), in the
+//                  benchmark process
 //   data path      mesh throughput (iperf3) and connection rate (tcp-bench) between the bench pods,
 //                  in alternating rounds with the tracker on and off. Off means each agent started
 //                  with AMBIENT_BENCH_NO_CONNECTION_TRACKER=1, so its proxies get no tracker and the
@@ -34,6 +37,7 @@ import { AGENT_BIN, AGENTCTL_BIN } from "../harness/agent-process";
 import { Cluster, removeLeftovers } from "../harness/cluster";
 import { IPERF_PORT, runIperfClient, startIperfServer } from "./iperf";
 import { clusterObjects, type ClusterShape } from "./kubernetes-objects";
+import { measureLimitsCost, type LimitsCostFigures } from "./limits-cost";
 import { ALLOW_CLIENT_POLICY, BENCH_NAMESPACES, CLIENT, SERVER, benchNodes } from "./mesh-pods";
 import { moveToBenchAddresses } from "./pod-ips";
 import { assertProcessRuns, cpuSeconds } from "./proc-stats";
@@ -138,6 +142,7 @@ export interface LogFormatFigures {
 export interface DiagnosticsFigures {
   record_cost: RecordCostFigures;
   log_format: LogFormatFigures;
+  limits: LimitsCostFigures;
   data_path: DataPathFigures;
   scrape_label_sets: RequestFigure[];
   scrape_agent: RequestFigure[];
@@ -573,6 +578,8 @@ export async function measureDiagnostics(settings: DiagnosticsSettings, step: (m
   step(`diagnostics: connection record life, ns: ${JSON.stringify(recordCost)}`);
   const logFormat = measureLogFormatCost(settings.recordBatches, 20_000);
   step(`diagnostics: access log line, ns: ${JSON.stringify(logFormat)}`);
+  const limits = await measureLimitsCost(settings.recordBatches, 256);
+  step(`diagnostics: proxy limits: ${JSON.stringify(limits)}`);
   const scrapeLabelSets: RequestFigure[] = [];
   for (const labelSets of settings.labelSets) {
     scrapeLabelSets.push(await measureLabelSets(labelSets, settings.requests));
@@ -583,7 +590,7 @@ export async function measureDiagnostics(settings: DiagnosticsSettings, step: (m
   const prefix = `${PREFIX_FAMILY}${process.pid}`;
   const { dataPath, scrape } = await measureDataPath(`${prefix}d`, settings, step);
   const admin = await measureAdmin(`${prefix}a`, settings, step);
-  return { record_cost: recordCost, log_format: logFormat, data_path: dataPath, scrape_label_sets: scrapeLabelSets, scrape_agent: scrape, admin };
+  return { record_cost: recordCost, log_format: logFormat, limits, data_path: dataPath, scrape_label_sets: scrapeLabelSets, scrape_agent: scrape, admin };
 }
 
 function table(header: string[], rows: string[][]): string[] {
@@ -609,6 +616,7 @@ export function formatDiagnosticsTable(figures: DiagnosticsFigures, machine: { c
   return [
     `connection record life (in process, ${cost.records} records per variant): ${cost.tracker_on_ns} ns with the tracker and metrics, ${cost.tracker_off_ns} ns without, ${cost.added_ns} ns added`,
     `access log line (in process, ${figures.log_format.lines} lines per format): ${figures.log_format.json_ns} ns as JSON, ${figures.log_format.text_ns} ns as text (ratio ${figures.log_format.ratio})`,
+    `proxy limits (in process, ${figures.limits.rounds} rounds of ${figures.limits.mib_per_round} MiB per variant): ${figures.limits.plain_cpu_us_per_mib} µs of CPU per MiB copied without, ${figures.limits.limited_cpu_us_per_mib} µs with the idle timer and buffered-bytes count (ratio ${figures.limits.ratio_cpu}); ${figures.limits.tracker_acquire_ns} ns per slot acquire and release`,
     "",
     `1-minute load average before and after the rounds: ${dataPath.load_average.join(" and ")}`,
     ...table(["figure (median of rounds)", "tracker on", "tracker off", "ratio on/off (median of pairs)", "rounds on / off"], dataRows),

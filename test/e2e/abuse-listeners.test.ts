@@ -10,7 +10,8 @@
 //
 // The agents run with short limits so that the file stays short: --idle-timeout 2,
 // --handshake-timeout 2 and --max-connections-per-peer 8. The HTTP servers' own limits are
-// fixed: 5 s for a request's headers, 8 connections per remote address.
+// fixed: 5 s for a request's headers (then 408, recorded with reason request_timeout), 8
+// connections per remote address.
 //
 // What a pod may reach of the agent: GET /metrics and /stats/prometheus on the node's address at
 // 15020, and GET /healthz/ready at 15021 with only `ready`, `checks` and `stopping`. Both reject
@@ -353,6 +354,8 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
   const c = theCluster();
   const extra = 3;
   const count = String(SERVER_PER_SOURCE_LIMIT + extra);
+  const listeners = ["metrics", "readiness", "admin"];
+  const timeoutsBefore = await Promise.all(listeners.map((listener) => refusedTotal(CLIENT_NODE, listener, "request_timeout")));
   const runs = await checkAbuse(
     t,
     [
@@ -365,7 +368,7 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
         startSlowClient(c.topology, c.topology.node(CLIENT_NODE).netns, ["hold", "127.0.0.1", "15000", count, "300", "9000", REQUEST, "127.0.0.2"]).done,
       ]),
   );
-  for (const [index, listener] of ["metrics", "readiness", "admin"].entries()) {
+  for (const [index, listener] of listeners.entries()) {
     const connections = runs[index].connections;
     const dropped = connections.filter((connection) => connection.received === 0 && connection.closedMs !== null && connection.closedMs < 1_000);
     const timedOut = connections.filter((connection) => connection.head.startsWith("HTTP/1.1 408"));
@@ -374,6 +377,12 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
     for (const connection of timedOut) t.true(connection.closedMs! < SERVER_HEADERS_TIMEOUT_MS + 3_000, `${listener}: a trickling client held its slot for ${connection.closedMs} ms`);
     const refused = c.auditRecords(CLIENT_NODE, "connection.refused").filter(refusedFor("admin_connections", listener));
     t.true(refused.length > 0, `no admin_connections refusal of the ${listener} server was recorded`);
+    // The first 408 of each client address is written at once; the others are folded into a later record.
+    const timeoutRecords = c.auditRecords(CLIENT_NODE, "connection.refused").filter(refusedFor("request_timeout", listener));
+    t.true(timeoutRecords.length > 0, `no request_timeout refusal of the ${listener} server was recorded`);
+    t.true(timeoutRecords.every((record) => record.limit === SERVER_HEADERS_TIMEOUT_MS / 1000), `${listener}: ${JSON.stringify(timeoutRecords)}`);
+    const timeoutsAfter = await refusedTotal(CLIENT_NODE, listener, "request_timeout");
+    t.true(timeoutsAfter - timeoutsBefore[index] >= timedOut.length, `${listener}: ${timedOut.length} clients got 408, the counter rose by ${timeoutsAfter - timeoutsBefore[index]}`);
   }
   // The slots are free again.
   t.is((await curlIn(netnsOf("outsider"), [`http://${nodeAddress(CLIENT_NODE)}:15020/metrics`])).status, 200);

@@ -121,7 +121,8 @@ test.before(async () => {
     const site = path.join(cluster.workDir, "site");
     blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
     await startHttpServer(cluster.topology, "pb", site, 8080);
-    for (const pod of ["server", "outsider"]) cluster.topology.spawn(cluster.topology.pod(pod).netns, "python3", ["-c", SINK_SERVER], { stdio: "ignore" });
+    // The prefix in their command lines lets removeLeftovers() end them after a crashed run.
+    for (const pod of ["server", "outsider"]) cluster.topology.spawn(cluster.topology.pod(pod).netns, "python3", ["-c", SINK_SERVER, PREFIX], { stdio: "ignore" });
     await cluster.startAgents(ENROLLED);
   } catch (error) {
     await cluster.destroy({ removeWorkDir: true });

@@ -1,5 +1,6 @@
 // Hostile TCP clients for the end-to-end tests, run inside a pod's or a node's network namespace
-// with `node slow-client.js MODE ...`. Every mode is bounded in connections, bytes and time, and
+// with `node slow-client.js RUN_PREFIX MODE ...`. RUN_PREFIX, the test run's prefix, only puts it in
+// the command line, so that removeLeftovers() can end the client after a crashed run. Every mode is bounded in connections, bytes and time, and
 // prints one JSON summary line on standard output when it ends.
 //
 //   hold HOST PORT CONNECTIONS INTERVAL_MS DURATION_MS [PAYLOAD] [LOCAL_ADDRESS]
@@ -38,7 +39,7 @@ export interface SlowClientSummary {
   connections: HeldConnection[];
 }
 
-/** The longest run any mode accepts, in ms. */
+/** The maximum duration of a run in any mode, in ms. */
 const MAX_DURATION_MS = 600_000;
 const MAX_CONNECTIONS = 512;
 const FLOOD_CHUNK = Buffer.alloc(64 * 1024, 0x66);
@@ -142,9 +143,9 @@ function finish(connections: Connection[]): SlowClientSummary {
 
 function usage(message: string): never {
   process.stderr.write(
-    `${message}\nusage: slow-client hold HOST PORT CONNECTIONS INTERVAL_MS DURATION_MS [PAYLOAD] [LOCAL_ADDRESS]\n` +
-      `       slow-client flood HOST PORT MAX_BYTES DURATION_MS\n` +
-      `       slow-client garbage HOST PORT CONNECTIONS BYTES\n` +
+    `${message}\nusage: slow-client RUN_PREFIX hold HOST PORT CONNECTIONS INTERVAL_MS DURATION_MS [PAYLOAD] [LOCAL_ADDRESS]\n` +
+      `       slow-client RUN_PREFIX flood HOST PORT MAX_BYTES DURATION_MS\n` +
+      `       slow-client RUN_PREFIX garbage HOST PORT CONNECTIONS BYTES\n` +
       `(CONNECTIONS at most ${MAX_CONNECTIONS}, DURATION_MS at most ${MAX_DURATION_MS})\n`,
   );
   process.exit(2);
@@ -166,7 +167,7 @@ function boundedInteger(text: string | undefined, name: string, max: number): nu
 }
 
 async function main(): Promise<void> {
-  const [mode, host, portText, ...rest] = process.argv.slice(2);
+  const [, mode, host, portText, ...rest] = process.argv.slice(2);
   const port = boundedInteger(portText, "PORT", 65535);
   if (!host) usage("missing HOST");
   let summary: SlowClientSummary;
@@ -194,7 +195,7 @@ export interface SlowClientRun {
 
 /** Starts this script with `args` inside `netns`; Topology.destroy() ends it if it still runs. */
 export function startSlowClient(topology: Topology, netns: string, args: string[]): SlowClientRun {
-  const child = topology.spawn(netns, process.execPath, [__filename, ...args]);
+  const child = topology.spawn(netns, process.execPath, [__filename, topology.prefix, ...args]);
   let stdout = "";
   let stderr = "";
   child.stdout!.on("data", (chunk: Buffer) => (stdout += chunk.toString()));

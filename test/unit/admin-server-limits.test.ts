@@ -98,3 +98,53 @@ test("closed connection frees its slot", async (t) => {
   t.is(await get(port, "127.0.0.2"), 200);
   t.deepEqual(refusals, []);
 });
+
+test("trickled headers get 408 and are recorded", async (t) => {
+  const { port, refusals } = await startServer(t);
+  const socket = await connectFrom(port, "127.0.0.2");
+  t.teardown(() => socket.destroy());
+  const outcome = new Promise<string>((resolve) => {
+    let head = "";
+    socket.on("data", (chunk: Buffer) => (head += chunk.toString("latin1")));
+    socket.on("error", () => undefined);
+    socket.once("close", () => resolve(head));
+  });
+  // The request line, never finished: the server's 5 s headers timeout ends it.
+  socket.write("GET /metrics HT");
+
+  t.regex(await outcome, /^HTTP\/1\.1 408 /);
+  t.is(refusals.length, 1);
+  const [refusal] = refusals;
+  t.is(refusal.listener, "metrics");
+  t.is(refusal.reason, "request_timeout");
+  t.is(refusal.limit, 5);
+  t.regex(refusal.src.addr, /^127\.0\.0\.2:\d+$/);
+  t.is(refusal.dst?.addr, `127.0.0.1:${port}`);
+  t.regex(refusal.message, /did not send its request headers within 5 s, the limit of the metrics server/);
+});
+
+test("malformed request gets 400 without a record", async (t) => {
+  const { port, refusals } = await startServer(t);
+  const socket = await connectFrom(port, "127.0.0.2");
+  t.teardown(() => socket.destroy());
+  const outcome = closed(socket);
+  let head = "";
+  socket.on("data", (chunk: Buffer) => (head += chunk.toString("latin1")));
+  socket.write("NOT HTTP\r\n\r\n");
+
+  await outcome;
+  t.regex(head, /^HTTP\/1\.1 400 /);
+  t.deepEqual(refusals, []);
+});
+
+test("idle keep-alive connection closes without a record", async (t) => {
+  const { port, refusals } = await startServer(t);
+  const socket = await connectFrom(port, "127.0.0.2");
+  t.teardown(() => socket.destroy());
+  const outcome = closed(socket);
+  socket.write("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+
+  // The server closes the connection after its keep-alive timeout, an ordinary close.
+  t.true((await outcome).received > 0);
+  t.deepEqual(refusals, []);
+});

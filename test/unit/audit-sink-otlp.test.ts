@@ -16,6 +16,20 @@ import { OtlpReceiver, type OtlpReceiverOptions } from "../harness/otlp-receiver
 import { createLeaf, createRoot } from "./cert-fixtures";
 
 const NODE = "node-a";
+/** A connection.refused record before sealing. */
+const REFUSED = {
+  type: "connection.refused",
+  time: "2026-03-01T10:00:00Z",
+  node: NODE,
+  listener: "metrics",
+  port: 15020,
+  src: { addr: "10.0.0.9:40000" },
+  reason: "request_timeout",
+  message: "client 10.0.0.9:40000 did not send its request headers within 5 s, the limit of the metrics server",
+  limit: 5,
+  count: 1,
+  first_time: "2026-03-01T10:00:00Z",
+};
 
 function completed(seq: number, fields: Record<string, unknown> = {}): SealedRecord {
   return {
@@ -130,6 +144,7 @@ test("mapping severity per record kind", (t) => {
   t.is(severityOf(completed(1, { decision: "deny", reason: "denied_by_policy" })), "WARN");
   t.is(severityOf(completed(1, { error: { code: "UPSTREAM_CONNECT_FAILED", message: "refused" }, flag: "CONNECT" })), "WARN");
   t.is(severityOf(gap(1)), "ERROR");
+  t.is(severityOf({ ...REFUSED, v: 1, seq: 2, id: "y", prev_hash: "", hash: "" } as SealedRecord), "WARN");
   const started = { time: "2026-03-01T10:00:00Z", type: "agent.started", node: NODE, version: "0.1.0", pid: 1, settings: {}, v: 1, seq: 1, id: "x", prev_hash: "", hash: "" };
   t.is(severityOf(started as SealedRecord), "INFO");
 });

@@ -98,6 +98,11 @@ test("severity by record type and outcome", (t) => {
     ["opened", { ...(completed() as object), type: "connection.opened" } as AuditEvent, 6],
     ["control", { type: "agent.stopped", time: "t", node: "n", reason: "signal", open_connections: 0 }, 6],
     ["gap", { type: "audit.gap", time: "t", node: "n", reason: "spool_full", lost: 1, first_time: "a", last_time: "b" }, 3],
+    [
+      "refused",
+      { type: "connection.refused", time: "t", node: "n", listener: "metrics", port: 15020, src: { addr: "10.0.0.9:40000" }, reason: "request_timeout", message: "m", limit: 5, count: 1, first_time: "t" },
+      4,
+    ],
   ];
   for (const [name, event, severity] of cases) {
     t.is(syslogSeverity(seal(event).record), severity, name);

@@ -143,7 +143,6 @@ test("window end writes the folded record", async (t) => {
 
 test("limit errors map to refusal reasons", (t) => {
   t.is(closeReasonOf(new AgentError("IDLE_TIMEOUT", "idle")), "idle_timeout");
-  t.is(closeReasonOf(new AgentError("STREAMS_PER_PEER", "streams")), "streams_per_peer");
   t.is(closeReasonOf(new AgentError("STREAM_RESET", "reset")), undefined);
   t.is(closeReasonOf(new Error("plain")), undefined);
 });

@@ -67,11 +67,12 @@ export function buildLogRecord(spooled: SpooledRecord, observedUnixNano: string)
 }
 
 /**
- * Returns ERROR for audit.gap (records were lost), WARN for a denied connection or a record with an
- * `error`, and INFO for everything else: allowed connections and control records.
+ * Returns ERROR for audit.gap (records were lost), WARN for a denied or refused connection or a
+ * record with an `error`, and INFO for everything else: allowed connections and control records.
  */
 export function severityOf(record: SealedRecord): SeverityText {
   if (record.type === "audit.gap") return "ERROR";
+  if (record.type === "connection.refused") return "WARN";
   const fields = record as { decision?: unknown; error?: unknown };
   if (fields.decision === "deny" || fields.error !== undefined) return "WARN";
   return "INFO";

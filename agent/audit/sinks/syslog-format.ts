@@ -135,10 +135,11 @@ function checkSdId(sdId: string): void {
 
 /**
  * Returns the severity of a record: error for audit.gap (records were lost), warning for a
- * denied or failed connection, and info for an allowed connection and the other control records.
+ * denied, refused or failed connection, and info for an allowed connection and the other control records.
  */
 export function syslogSeverity(record: SealedRecord): number {
   if (record.type === "audit.gap") return SEVERITY_ERROR;
+  if (record.type === "connection.refused") return SEVERITY_WARNING;
   if (record.type === "connection.opened" || record.type === "connection.completed") {
     const failed = record.type === "connection.completed" && record.error !== undefined;
     return record.decision === "deny" || failed ? SEVERITY_WARNING : SEVERITY_INFO;

@@ -1,5 +1,5 @@
 // The limits of the inbound HBONE server (15008) against hostile clients. They cover connections per
-// client IP, the handshake deadline (TCP accept to the first CONNECT headers), and streams per
+// client IP, the handshake deadline (TCP accept to the first CONNECT stream the limits admit), and streams per
 // connection, per client identity and per pod. They also cover the header list size, rapid stream
 // resets and idle sessions, and write the refusal records of TLS and HTTP/2 failures.
 //
@@ -19,6 +19,10 @@
 //   to Node's 128 header pairs reaches the 'stream' event, where admitStream() checks it.
 // - WINDOW_UPDATE overflow, frames on idle streams and malformed frames: the session fails with
 //   "Flow control error" or "Protocol error".
+// - More than maxSessionInvalidFrames invalid frames (empty DATA frames, streams that nghttp2
+//   refused before the SETTINGS acknowledgement): ERR_HTTP2_TOO_MANY_INVALID_FRAMES.
+// - An HPACK block that the decoder rejects, or a stream that depends on itself: nghttp2 sends GOAWAY
+//   and stops reading without any JavaScript event, so session-liveness.ts polls for such sessions.
 
 import http2 from "node:http2";
 import type net from "node:net";
@@ -28,7 +32,8 @@ import type { Logger } from "../log";
 import type { LimitTracker, Release } from "./limit-tracker";
 import type { ProxyLimits } from "./limits";
 import type { RefusalLog, RefusalReason } from "./refusal-log";
-import { HBONE_PORT } from "./hbone";
+import { HBONE_PORT, MAX_SESSION_INVALID_FRAMES } from "./hbone";
+import { DEFAULT_LIVENESS, SessionLiveness, type LivenessTiming } from "./session-liveness";
 import { normalizeIp, remoteAddressOf } from "./tcp";
 
 /**
@@ -51,6 +56,8 @@ export interface InboundGuardOptions {
   tracker: LimitTracker;
   refusals: RefusalLog;
   logger: Logger;
+  /** The liveness check of sessions with open streams; DEFAULT_LIVENESS when absent. */
+  liveness?: Readonly<LivenessTiming>;
 }
 
 /** The state of one HBONE session that the limits need. */
@@ -61,6 +68,7 @@ interface SessionState {
   resetTokens: number;
   refilledAt: number;
   idleTimer?: NodeJS.Timeout;
+  liveness: SessionLiveness;
   tcp?: net.Socket;
 }
 
@@ -113,7 +121,7 @@ export class InboundGuard {
   #handshakeExpired(socket: net.Socket): void {
     if (socket.destroyed) return;
     const seconds = this.limits.handshakeTimeoutMs / 1000;
-    this.#refuse(socket, "handshake_timeout", `client ${remoteAddressOf(socket)} sent no CONNECT request within ${seconds} s of connecting, the limit (--handshake-timeout)`, seconds);
+    this.#refuse(socket, "handshake_timeout", `client ${remoteAddressOf(socket)} sent no CONNECT request within ${seconds} s of connecting, or only refused ones, the limit (--handshake-timeout)`, seconds);
     socket.destroy();
   }
 
@@ -143,30 +151,60 @@ export class InboundGuard {
     this.#options.refusals.countClosed("inbound", "tls_handshake");
   }
 
-  /** Starts following a verified session: its HTTP/2 errors, its idle time and its stream resets. */
+  /** Starts following a verified session: its HTTP/2 errors, its idle time, its liveness and its stream resets. */
   watchSession(session: http2.ServerHttp2Session, tcp: net.Socket | undefined): void {
-    const state: SessionState = { open: new Set(), resetTokens: RAPID_RESET_BURST, refilledAt: Date.now(), tcp };
+    const timing = this.#options.liveness ?? DEFAULT_LIVENESS;
+    const state: SessionState = {
+      open: new Set(),
+      resetTokens: RAPID_RESET_BURST,
+      refilledAt: Date.now(),
+      liveness: new SessionLiveness(session, timing, () => state.open.size > 0, (stalled) => this.#sessionDead(session, state, stalled)),
+      tcp,
+    };
     this.#sessions.set(session, state);
     session.on("error", (error: NodeJS.ErrnoException) => this.#sessionFailed(session, state, error));
-    session.once("close", () => clearTimeout(state.idleTimer));
+    session.once("close", () => {
+      clearTimeout(state.idleTimer);
+      state.liveness.stop();
+    });
     this.#armIdle(session, state);
   }
 
   /**
-   * Records the HTTP/2 error that ended a session. Floods are reason http2_flood. A "Protocol error"
-   * while the session has maxStreamsPerConnection streams open is nghttp2 refusing one more stream
-   * after the client acknowledged the limit. A client that vanished or sent GOAWAY with an error
-   * is logged only.
+   * Destroys a session whose liveness PING was not acknowledged, with its streams. Their copies then
+   * reset the application sockets, and the streams release their slots and buffered bytes.
+   */
+  #sessionDead(session: http2.ServerHttp2Session, state: SessionState, stalled: boolean): void {
+    const source = state.tcp ? remoteAddressOf(state.tcp) : "unknown";
+    const seconds = (this.#options.liveness ?? DEFAULT_LIVENESS).pingTimeoutMs / 1000;
+    const streams = state.open.size;
+    const message = stalled
+      ? `HTTP/2 session with client ${source} stopped reading: Node.js ended it after an HTTP/2 error of the client without reporting it, so the agent closed it and its ${streams} open streams`
+      : `client ${source} did not acknowledge a PING within ${seconds} s, so the agent closed its HTTP/2 session and its ${streams} open streams`;
+    this.#refuseFrom(state.tcp, source, "http2_protocol", message);
+    // The error goes to the session's 'error' listener, which logs it; the streams are destroyed with it.
+    session.destroy(new Error(message), http2.constants.NGHTTP2_PROTOCOL_ERROR);
+  }
+
+  /**
+   * Records the HTTP/2 error that ended a session. Floods are reason http2_flood, and so are more
+   * than MAX_SESSION_INVALID_FRAMES invalid frames (ERR_HTTP2_TOO_MANY_INVALID_FRAMES: empty DATA
+   * frames, frames on closed streams, streams that nghttp2 refused). A "Protocol error", or too many
+   * invalid frames, while the session has maxStreamsPerConnection streams open is nghttp2 refusing
+   * more streams than the limit. A client that vanished or sent GOAWAY with an error is logged only.
    */
   #sessionFailed(session: http2.ServerHttp2Session, state: SessionState, error: NodeJS.ErrnoException): void {
     const source = state.tcp ? remoteAddressOf(state.tcp) : "unknown";
-    if (error.code !== "ERR_HTTP2_ERROR") {
+    const invalidFrames = error.code === "ERR_HTTP2_TOO_MANY_INVALID_FRAMES";
+    if (error.code !== "ERR_HTTP2_ERROR" && !invalidFrames) {
       this.#options.logger.debug({ err: error, "src.addr": source }, "HBONE session failed");
       return;
     }
     const limit = this.limits.maxStreamsPerConnection;
-    if (/Protocol error/.test(error.message) && state.open.size >= limit) {
+    if ((invalidFrames || /Protocol error/.test(error.message)) && state.open.size >= limit) {
       this.#refuseFrom(state.tcp, source, "streams_per_connection", `client ${source} opened more than ${limit} streams on one connection, the limit (--max-streams-per-connection)`, limit);
+    } else if (invalidFrames) {
+      this.#refuseFrom(state.tcp, source, "http2_flood", `client ${source} sent more than ${MAX_SESSION_INVALID_FRAMES} invalid HTTP/2 frames on one connection, such as empty DATA frames or frames on closed streams`);
     } else {
       const reason: RefusalReason = /Flooding|Too many CONTINUATION/.test(error.message) ? "http2_flood" : "http2_protocol";
       this.#refuseFrom(state.tcp, source, reason, `HTTP/2 session with client ${source} failed: ${error.message}`);
@@ -178,13 +216,14 @@ export class InboundGuard {
    * Admits a CONNECT stream, or refuses it and returns undefined. Checks, in order: streams open
    * on its connection, the header list size, the node's buffered bytes, the pod's inbound
    * connections, and the streams of the client's identity. The returned function releases what
-   * the stream counted; the stream's close releases it too.
+   * the stream counted; the stream's close releases it too. Only an admitted stream ends the
+   * connection's handshake deadline, so a connection whose streams are all refused is closed at
+   * it, whatever the idle timeout.
    */
   admitStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, identity: string): Release | undefined {
     const session = stream.session as http2.ServerHttp2Session;
     const state = this.#sessions.get(session);
     if (!state) return undefined;
-    this.#firstRequest(state);
 
     const refused = this.#checkStream(state, headers, identity);
     if (refused) {
@@ -211,8 +250,10 @@ export class InboundGuard {
       return undefined;
     }
 
+    this.#firstAdmitted(state);
     state.open.add(stream);
     clearTimeout(state.idleTimer);
+    state.liveness.start();
     const release = (): void => {
       releasePod();
       releasePeer();
@@ -252,8 +293,8 @@ export class InboundGuard {
     return undefined;
   }
 
-  /** Ends the handshake deadline: the connection's first CONNECT request arrived. */
-  #firstRequest(state: SessionState): void {
+  /** Ends the handshake deadline: the limits admitted a CONNECT stream of the connection. */
+  #firstAdmitted(state: SessionState): void {
     if (state.tcp) clearTimeout(this.#handshakeTimers.get(state.tcp));
   }
 

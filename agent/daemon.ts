@@ -998,6 +998,8 @@ export class Agent {
       problems: () => this.source?.problems() ?? [],
       connections: () => this.tracker,
       stopping: () => this.stopping,
+      limits: () => this.limitTracker.limits,
+      refusals: () => this.refusals?.totals() ?? [],
       logLevels: logLevelsOf(this.logger),
     };
   }

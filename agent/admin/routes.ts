@@ -17,6 +17,7 @@ import type { IdentityRuntime } from "../identity/setup";
 import { formatSpiffeId } from "../identity/spiffe";
 import { InvalidLogLevelError, parseLogLevels, type LogLevels, type Logger } from "../log";
 import { workloadIps } from "../state/ip";
+import { limitFlagOf, limitSettings, type ProxyLimits } from "../proxy/limits";
 import type { MeshState } from "../state/mesh-state";
 import type { Direction, ObjectSource, Service, Workload } from "../state/types";
 import { readinessChecks, readinessResponse, type ReadinessInputs } from "./readiness";
@@ -28,6 +29,7 @@ import type {
   LogLevelsView,
   MapUsageView,
   ProgramView,
+  RefusalView,
   ServiceView,
   StatusView,
   WorkloadView,
@@ -72,6 +74,10 @@ export interface AdminSources {
   problems(): readonly ManifestProblem[];
   connections(): ConnectionSource | undefined;
   stopping(): boolean;
+  /** The proxies' limits in force; absent in tests of single modules. */
+  limits?(): ProxyLimits;
+  /** Refusals since start per listener and reason (RefusalLog.totals); absent in tests of single modules. */
+  refusals?(): readonly { listener: string; reason: string; count: number }[];
   /** The log levels of the agent's logger tree; /logging is not served without them. */
   logLevels?: LogLevels;
 }
@@ -169,8 +175,20 @@ export function statusView(sources: AdminSources, now = Date.now()): StatusView 
     pending: counts.pending,
     isolated: counts.isolated,
     connections: sources.connections()?.counts() ?? { inbound: 0, outbound: 0 },
+    ...(sources.refusals && { refusals: refusalViews(sources.refusals()) }),
     certificates: certificateCounts(certificates),
   };
+}
+
+/** Lists the refusals with a count above 0, sorted by listener and reason, each with the flag of its limit. */
+export function refusalViews(totals: readonly { listener: string; reason: string; count: number }[]): RefusalView[] {
+  return totals
+    .filter((total) => total.count > 0)
+    .map((total) => {
+      const flag = limitFlagOf(total.reason);
+      return { listener: total.listener, reason: total.reason, count: total.count, ...(flag !== undefined && { flag }) };
+    })
+    .sort((a, b) => compare(a.listener, b.listener) || compare(a.reason, b.reason));
 }
 
 /** Reads the capture programs and maps, or the reason they cannot be listed. */
@@ -465,6 +483,7 @@ export function configDump(sources: AdminSources): Record<string, unknown> {
       features: selection.features,
     },
     captureUsage: readCaptureUsage(sources),
+    ...(sources.limits && { limits: limitSettings(sources.limits()) }),
   };
 }
 

@@ -122,7 +122,18 @@ export interface StatusView {
   pending: number;
   isolated: number;
   connections: { inbound: number; outbound: number };
+  /** Refused connections since start with a count above 0, by listener and reason; absent from agents without limits. */
+  refusals?: RefusalView[];
   certificates: { total: number; valid: number; refreshing: number; pending: number; failing: number; expired: number; nextExpiry?: string };
+}
+
+/** Refusals of one listener for one reason since the agent started, as ambient_agent_refused_connections_total counts them. */
+export interface RefusalView {
+  listener: string;
+  reason: string;
+  count: number;
+  /** The flag of the limit behind the reason; absent for reasons that no limit sets (tls_handshake, http2_flood). */
+  flag?: string;
 }
 
 /** GET /logging, and the response to POST /logging: the level of each component. */

@@ -1,7 +1,7 @@
 // Table output of `agentctl workloads`, `services`, `certificates`, `connections`, `log` and the
 // /status part of `agentctl status`. The columns follow `istioctl ztunnel-config`.
 
-import type { CertificateChainEntry, CertificateView, ConnectionView, LogLevelsView, ServiceView, StatusView, WorkloadView } from "../admin/views";
+import type { CertificateChainEntry, CertificateView, ConnectionView, LogLevelsView, RefusalView, ServiceView, StatusView, WorkloadView } from "../admin/views";
 import { cell, countOf, formatBytes, formatDuration, formatTable } from "./output";
 
 export function formatWorkloads(workloads: readonly WorkloadView[]): string {
@@ -128,6 +128,7 @@ export function formatStatusView(status: StatusView, now: Date = new Date(), unh
   lines.push(certificateLine(status.certificates, now));
   lines.push(...unhealthyCertificateLines(unhealthy));
   lines.push(`connections: ${status.connections.inbound} inbound, ${status.connections.outbound} outbound`);
+  if (status.refusals !== undefined) lines.push(...refusalLines(status.refusals));
   return lines.join("\n") + "\n";
 }
 
@@ -167,4 +168,11 @@ function certificateLine(certificates: StatusView["certificates"], now: Date): s
   const counts = `${certificates.total} total: ${certificates.valid} valid, ${certificates.refreshing} refreshing, ${certificates.pending} pending, ${certificates.failing} failing, ${certificates.expired} expired`;
   if (certificates.nextExpiry === undefined) return `certificates: ${counts}`;
   return `certificates: ${counts}; next expiry ${certificates.nextExpiry} (${expiresIn(certificates.nextExpiry, now)})`;
+}
+
+/** Formats the refused connections since start as a table by listener and reason, with the flag of each limit; none gives one line. */
+function refusalLines(refusals: readonly RefusalView[]): string[] {
+  if (refusals.length === 0) return ["refused connections: none"];
+  const rows = refusals.map((refusal) => [refusal.listener, refusal.reason, String(refusal.count), refusal.flag ?? "-"]);
+  return ["refused connections (docs/limits.md):", formatTable(["LISTENER", "REASON", "COUNT", "LIMIT"], rows, "  ").trimEnd()];
 }

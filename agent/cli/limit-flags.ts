@@ -16,8 +16,8 @@ export const LIMIT_USAGE = `  --max-connections-per-pod N
                        open CONNECT streams from one peer identity to one pod, over all its
                        connections (default ${DEFAULT_LIMITS.maxStreamsPerPeer})
   --max-header-list-size BYTES
-                       largest header list of an HBONE request, in bytes or with a unit KiB or MiB
-                       (default ${DEFAULT_LIMITS.maxHeaderListBytes})
+                       largest header list of an HBONE request, in bytes or with a unit KiB, MiB or
+                       GiB, at most 4294967295 bytes (default ${DEFAULT_LIMITS.maxHeaderListBytes})
   --handshake-timeout SECONDS
                        time from accepting an HBONE connection to its first CONNECT request,
                        TLS handshake included (default ${DEFAULT_LIMITS.handshakeTimeoutMs / 1000})

@@ -102,13 +102,17 @@ function parseBytes(values: LimitFlagValues, flag: keyof LimitFlagValues, fallba
   return bytes;
 }
 
-/** Parses seconds (fractions allowed) into ms: more than 0, or 0 too when `zeroTurnsOff`. */
+/**
+ * Parses seconds into ms: a plain decimal number (digits, optionally a fraction) from 0.001, or 0
+ * too when `zeroTurnsOff`. Hexadecimal, binary, exponent and signed forms are rejected.
+ */
 function parseSeconds(values: LimitFlagValues, flag: keyof LimitFlagValues, fallbackMs: number, zeroTurnsOff: boolean): number {
   const value = values[flag];
   if (value === undefined) return fallbackMs;
+  const plainDecimal = /^\d+(\.\d+)?$/.test(value.trim());
   const seconds = Number(value);
   const ms = Math.round(seconds * 1000);
-  const valid = value.trim() !== "" && Number.isFinite(seconds) && ms <= MAX_TIMER_MS && (zeroTurnsOff ? seconds === 0 || ms >= 1 : ms >= 1);
+  const valid = plainDecimal && ms <= MAX_TIMER_MS && (seconds >= 0.001 || (zeroTurnsOff && seconds === 0));
   if (!valid) {
     const range = zeroTurnsOff ? "0 to turn it off, or from 0.001" : "from 0.001";
     throw new Error(`invalid --${flag} "${value}": give a number of seconds, ${range} to ${Math.floor(MAX_TIMER_MS / 1000)} (for example ${fallbackMs / 1000} or 2.5)`);
@@ -119,6 +123,23 @@ function parseSeconds(values: LimitFlagValues, flag: keyof LimitFlagValues, fall
 /** Writes a byte count as "NMiB" when it is a whole number of MiB, else as KiB. */
 function formatMiB(bytes: number): string {
   return bytes % (1024 * 1024) === 0 ? `${bytes / (1024 * 1024)}MiB` : `${Math.round(bytes / 1024)}KiB`;
+}
+
+/** The flag of the limit behind each refusal reason that a limit sets. */
+const FLAG_OF_REASON: Readonly<Record<string, string>> = {
+  connections_per_pod: "--max-connections-per-pod",
+  connections_per_peer: "--max-connections-per-peer",
+  streams_per_connection: "--max-streams-per-connection",
+  streams_per_peer: "--max-streams-per-peer",
+  header_list_size: "--max-header-list-size",
+  handshake_timeout: "--handshake-timeout",
+  idle_timeout: "--idle-timeout",
+  buffered_bytes: "--max-buffered-bytes",
+};
+
+/** Returns the flag of the limit behind a refusal reason, or undefined for a reason that no limit sets (tls_handshake, http2_flood). */
+export function limitFlagOf(reason: string): string | undefined {
+  return Object.hasOwn(FLAG_OF_REASON, reason) ? FLAG_OF_REASON[reason] : undefined;
 }
 
 /** Returns the limits as the `agent.started` record's settings list them, in snake case with their units. */

@@ -32,4 +32,19 @@ export const CHART_CASES: ChartCase[] = [
   { name: "Kubernetes 1.29", values: {}, options: { kubeVersion: "1.29.0" } },
   { name: "OnDelete updates", values: { updateStrategy: { type: "OnDelete" } } },
   { name: "large limits", values: { limits: { maxConnectionsPerPod: 1_000_000, maxBufferedBytes: 4 * 1024 ** 3, idleTimeoutSeconds: 0, handshakeTimeoutSeconds: 2.5 } } },
+  {
+    name: "limits at the schema's maxima",
+    values: {
+      limits: {
+        maxConnectionsPerPod: Number.MAX_SAFE_INTEGER,
+        maxStreamsPerConnection: 2 ** 32 - 1,
+        maxHeaderListSize: 2 ** 32 - 1,
+        maxBufferedBytes: Number.MAX_SAFE_INTEGER,
+        handshakeTimeoutSeconds: 2147483.647,
+        idleTimeoutSeconds: 1500000.5,
+      },
+    },
+  },
+  { name: "limits with maximal units", values: { limits: { maxHeaderListSize: "4194303KiB", maxBufferedBytes: "8388607GiB", idleTimeoutSeconds: 0.001, handshakeTimeoutSeconds: 0.001 } } },
+  { name: "header list size in GiB", values: { limits: { maxHeaderListSize: "3GiB", maxBufferedBytes: "9007199254740991" } } },
 ];

@@ -137,6 +137,9 @@ for (const chartCase of CHART_CASES) {
     const args = agentContainer(objects).args.slice(1).map((arg) => (arg === "/etc/ambient-agent/config.yaml" ? file : arg));
     const argv = withConfigFile(args, RUN_OPTIONS);
     t.notThrows(() => parseArgs({ args: argv, options: RUN_OPTIONS, strict: true }));
+    // The limits that the schema accepted must start the agent, which checks them only at start.
+    const { values } = parseArgs({ args: argv, options: RUN_OPTIONS, strict: true });
+    t.notThrows(() => parseLimitFlags(values));
   });
 
   test(`configured paths are mounted: ${chartCase.name}`, async (t) => {

@@ -20,6 +20,7 @@ import type { EnrolledWorkload } from "../../agent/enroll/reconciler";
 import { AgentError } from "../../agent/errors";
 import type { CertificateStatus } from "../../agent/identity/cert-manager";
 import { LogLevels, silentLogger } from "../../agent/log";
+import { DEFAULT_LIMITS, limitSettings } from "../../agent/proxy/limits";
 import { MeshState } from "../../agent/state/mesh-state";
 import type { Direction } from "../../agent/state/types";
 import { agentVersion } from "../../agent/version";
@@ -408,4 +409,23 @@ test("capture usage listed", (t) => {
   const status = statusView(sources({ captureUsage: () => usage }));
   t.deepEqual(status.capture?.programs, usage.programs);
   t.deepEqual(status.capture?.maps, usage.maps);
+});
+
+test("config dump lists the limits in force", (t) => {
+  t.is(configDump(sources()).limits, undefined);
+  const limits = { ...DEFAULT_LIMITS, maxConnectionsPerPod: 7, idleTimeoutMs: 0 };
+  t.deepEqual(configDump(sources({ limits: () => limits })).limits, limitSettings(limits));
+});
+
+test("status lists refusals with their limit", (t) => {
+  t.is(statusView(sources()).refusals, undefined);
+  const totals = [
+    { listener: "outbound", reason: "connections_per_pod", count: 3 },
+    { listener: "inbound", reason: "tls_handshake", count: 2 },
+    { listener: "inbound", reason: "handshake_timeout", count: 0 },
+  ];
+  t.deepEqual(statusView(sources({ refusals: () => totals })).refusals, [
+    { listener: "inbound", reason: "tls_handshake", count: 2 },
+    { listener: "outbound", reason: "connections_per_pod", count: 3, flag: "--max-connections-per-pod" },
+  ]);
 });

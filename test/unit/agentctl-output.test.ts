@@ -140,6 +140,20 @@ test("status view summarises the node", (t) => {
   t.regex(text, /^connections: 1 inbound, 1 outbound$/m);
 });
 
+test("status view lists refused connections", (t) => {
+  const refusals = [
+    { listener: "inbound", reason: "tls_handshake", count: 2 },
+    { listener: "outbound", reason: "connections_per_pod", count: 3, flag: "--max-connections-per-pod" },
+  ];
+  const text = formatStatusView({ ...STATUS, refusals }, NOW);
+  t.regex(text, /^refused connections \(docs\/limits\.md\):$/m);
+  t.regex(text, /^ {2}LISTENER +REASON +COUNT +LIMIT$/m);
+  t.regex(text, /^ {2}inbound +tls_handshake +2 +-$/m);
+  t.regex(text, /^ {2}outbound +connections_per_pod +3 +--max-connections-per-pod$/m);
+  t.regex(formatStatusView({ ...STATUS, refusals: [] }, NOW), /^refused connections: none$/m);
+  t.notRegex(formatStatusView(STATUS, NOW), /refused connections/);
+});
+
 test("status view without capture says so", (t) => {
   t.regex(formatStatusView({ ...STATUS, capture: undefined }, NOW), /^capture: not attached$/m);
 });

@@ -75,6 +75,18 @@ const INVALID: Array<[keyof LimitFlagValues, string]> = [
   ["handshake-timeout", "0.0001"],
   ["handshake-timeout", "Infinity"],
   ["handshake-timeout", "2147484"],
+  ["handshake-timeout", "0x10"],
+  ["handshake-timeout", "1e3"],
+  ["handshake-timeout", "0b11"],
+  ["handshake-timeout", "-0"],
+  ["handshake-timeout", "+5"],
+  ["handshake-timeout", ".5"],
+  ["handshake-timeout", "5."],
+  ["handshake-timeout", "0.0005"],
+  ["handshake-timeout", "0.0009"],
+  ["idle-timeout", "-0"],
+  ["idle-timeout", "0x0"],
+  ["idle-timeout", "0.0005"],
   ["idle-timeout", "-5"],
   ["idle-timeout", "0.0004"],
   ["idle-timeout", "NaN"],
@@ -92,6 +104,14 @@ for (const [flag, value] of INVALID) {
     t.regex(error?.message ?? "", /for example/);
   });
 }
+
+test("timeouts take plain decimals from 0.001", (t) => {
+  t.is(parseLimitFlags({ "handshake-timeout": "0.001" }).handshakeTimeoutMs, 1);
+  t.is(parseLimitFlags({ "handshake-timeout": "007" }).handshakeTimeoutMs, 7000);
+  t.is(parseLimitFlags({ "handshake-timeout": " 2.5 " }).handshakeTimeoutMs, 2500);
+  t.is(parseLimitFlags({ "idle-timeout": "0" }).idleTimeoutMs, 0);
+  t.is(parseLimitFlags({ "idle-timeout": "0.000" }).idleTimeoutMs, 0);
+});
 
 test("timeouts at the timer maximum pass", (t) => {
   t.is(parseLimitFlags({ "idle-timeout": "2147483" }).idleTimeoutMs, 2_147_483_000);

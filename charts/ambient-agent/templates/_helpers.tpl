@@ -98,6 +98,26 @@ names and the fix.
 {{- end -}}
 {{- include "ambient-agent.validateUpdateStrategy" . -}}
 {{- include "ambient-agent.validateExtraArgs" . -}}
+{{- include "ambient-agent.validateSize" (list "limits.maxHeaderListSize" .Values.limits.maxHeaderListSize 4294967295) -}}
+{{- include "ambient-agent.validateSize" (list "limits.maxBufferedBytes" .Values.limits.maxBufferedBytes 9007199254740991) -}}
+{{- end -}}
+
+{{/*
+Fails for a size with a unit (the schema checks its form) above the agent's maximum in bytes. Takes a list of the
+value's name, the value and the maximum. The product is a float64, which is exact at both maxima (a power of 2 times a
+whole number below 2^53), and rounding never moves a larger size below them.
+*/}}
+{{- define "ambient-agent.validateSize" -}}
+{{- $name := index . 0 -}}
+{{- $value := index . 1 -}}
+{{- $max := index . 2 -}}
+{{- if kindIs "string" $value -}}
+{{- $unit := get (dict "" 1 "kib" 1024 "mib" 1048576 "gib" 1073741824) (lower (regexFind "[A-Za-z]*$" $value)) -}}
+{{- $bytes := mulf (float64 (regexFind "^[0-9]+" $value)) $unit -}}
+{{- if gt $bytes (float64 $max) -}}
+{{- fail (printf "%s (%q) is %.0f bytes, more than the agent's maximum of %.0f bytes: give a smaller size, for example %s" $name $value $bytes (float64 $max) (ternary "16KiB" "256MiB" (eq $name "limits.maxHeaderListSize"))) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -234,7 +254,11 @@ toYaml quotes every value, so no value can add keys.
 {{- /* Helm reads numbers as float64, which toYaml writes as 1e+06 from a million up: the schema allows only whole numbers here. */ -}}
 {{- $_ := set $config $key (ternary (int64 $value) $value (kindIs "float64" $value)) -}}
 {{- end -}}
-{{- $_ := set $config "handshake-timeout" $v.limits.handshakeTimeoutSeconds -}}
-{{- $_ := set $config "idle-timeout" $v.limits.idleTimeoutSeconds -}}
+{{- range $key, $value := dict "handshake-timeout" $v.limits.handshakeTimeoutSeconds "idle-timeout" $v.limits.idleTimeoutSeconds -}}
+{{- /* Whole seconds as integers and fractions as plain decimals, because toYaml writes a float64 from a million up
+with an exponent (1.5e+06), which the agent rejects. The agent keeps ms, so 3 decimals lose nothing. */ -}}
+{{- $whole := eq (float64 (int64 $value)) (float64 $value) -}}
+{{- $_ := set $config $key (ternary (int64 $value) (regexReplaceAll "\\.?0+$" (printf "%.3f" (float64 $value)) "") $whole) -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}

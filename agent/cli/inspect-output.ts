@@ -170,9 +170,12 @@ function certificateLine(certificates: StatusView["certificates"], now: Date): s
   return `certificates: ${counts}; next expiry ${certificates.nextExpiry} (${expiresIn(certificates.nextExpiry, now)})`;
 }
 
-/** Formats the refused connections since start as a table by listener and reason, with the flag of each limit; none gives one line. */
+/**
+ * Formats the connections refused or closed by a limit since start as a table by listener and
+ * reason, with the flag of each limit. The refusal totals count both kinds. None gives one line.
+ */
 function refusalLines(refusals: readonly RefusalView[]): string[] {
-  if (refusals.length === 0) return ["refused connections: none"];
+  if (refusals.length === 0) return ["connections refused or closed by a limit: none"];
   const rows = refusals.map((refusal) => [refusal.listener, refusal.reason, String(refusal.count), refusal.flag ?? "-"]);
-  return ["refused connections (docs/limits.md):", formatTable(["LISTENER", "REASON", "COUNT", "LIMIT"], rows, "  ").trimEnd()];
+  return ["connections refused or closed by a limit (docs/limits.md):", formatTable(["LISTENER", "REASON", "COUNT", "LIMIT"], rows, "  ").trimEnd()];
 }

@@ -9,9 +9,9 @@
 import http2 from "node:http2";
 import type net from "node:net";
 import type { Duplex } from "node:stream";
-import { socketUnackedBytes } from "../capture/native-socket-queue";
 import { AgentError } from "../errors";
-import type { BufferedBytes } from "./limit-tracker";
+import type { BufferedBytes } from "./buffered-bytes";
+import { unackedBytesOf } from "./tcp";
 
 const { NGHTTP2_NO_ERROR, NGHTTP2_CANCEL } = http2.constants;
 
@@ -32,6 +32,12 @@ export interface CopyEndpoint {
    * when the endpoint cannot tell. The idle timeout reads it to see bytes move inside the kernel.
    */
   unackedBytes?(): number | undefined;
+  /**
+   * Tells whether the endpoint waits for its HTTP/2 peer: bytes written to it wait for the peer's
+   * flow-control window (queued on the stream, or a write not yet completed), or its writable side
+   * ended and its readable side waits for the peer's answer. Only HTTP/2 streams have it.
+   */
+  awaitsPeer?(): boolean;
 }
 
 /**
@@ -48,8 +54,8 @@ export interface ByteCounters {
 /** Limits that a copy enforces while it runs. */
 export interface CopyLimits {
   /**
-   * Time in ms in which no byte moved in either direction, read or written, after which both
-   * endpoints are reset (IDLE_TIMEOUT); 0 turns it off.
+   * Time in ms without a byte read or written in either direction, after which both endpoints
+   * are reset (IDLE_TIMEOUT). 0 turns it off.
    */
   idleTimeoutMs: number;
   /** The node-wide count to which the copy adds each chunk it writes until the write completes. */
@@ -89,14 +95,7 @@ class TcpEndpoint implements CopyEndpoint {
   }
 
   unackedBytes(): number | undefined {
-    const fd = (this.duplex as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (fd === undefined || fd < 0) return undefined;
-    try {
-      return socketUnackedBytes(fd);
-    } catch {
-      // A socket closing under the call, or no native library: the kernel's progress is unknown.
-      return undefined;
-    }
+    return unackedBytesOf(this.duplex);
   }
 }
 
@@ -124,6 +123,12 @@ class StreamEndpoint implements CopyEndpoint {
     const rstCode = this.duplex.rstCode;
     const errorIsEnd = error === undefined || ((error as NodeJS.ErrnoException).code === "ERR_HTTP2_STREAM_ERROR" && isEndOfStreamCode(rstCode));
     return !this.#aborted && errorIsEnd && isEndOfStreamCode(rstCode);
+  }
+
+  awaitsPeer(): boolean {
+    // bufferSize counts the stream's writable buffer and the bytes handed to nghttp2 and not yet sent.
+    const stream = this.duplex;
+    return stream.bufferSize > 0 || (stream.writableEnded && !stream.readableEnded);
   }
 }
 
@@ -205,11 +210,22 @@ export function copyBidirectional(
  * waits for the rest.
  *
  * A TCP socket whose send buffer is full takes more bytes only after about a third of it
- * drained, which on a fast link is megabytes, so a slow reader can take bytes for longer than
- * the timeout without a write completing. So each time the timer fires it also reads how many
- * bytes each TCP endpoint's peer has not acknowledged yet: a count that changed since the
+ * drained, which on a fast link is megabytes. So a slow reader can take bytes for longer than
+ * the timeout without a write completing. Each time the timer fires, it therefore also reads how
+ * many bytes each TCP endpoint's peer has not acknowledged yet: a count that changed since the
  * previous firing means bytes moved in the kernel. A reader that stopped reading keeps that count
  * still and is reset after one to two timeouts.
+ *
+ * An HTTP/2 stream tells nothing of the kind: the peer's agent grants flow-control window in
+ * bursts, after its application took half a window, which at a slow reader can take longer than
+ * the timeout; after the last write, the peer may hold a window of bytes for its reader. So while
+ * a stream endpoint waits for its peer (bytes waiting for window, or its writable side ended and
+ * its readable side still open) and no TCP endpoint of the copy holds bytes for its reader, this
+ * node leaves the decision to the other node's copy: that copy sees its application take bytes or
+ * stall, and resets the stream when it stalls, which ends this copy too. A copy that holds bytes
+ * for its own TCP reader is judged here, so two copies stalled both ways do not wait for each
+ * other. A stream whose writable side is open and has nothing queued gives no such hint: a sender
+ * that stops without ending, while the peer still holds bytes for a slow reader, is judged here.
  */
 class IdleTimer {
   #timer: NodeJS.Timeout;
@@ -235,6 +251,7 @@ class IdleTimer {
   #check(): void {
     const now = Date.now();
     if (this.#kernelMoved()) this.copy.lastActivity = now;
+    if (this.#peerDecides()) this.copy.lastActivity = now;
     const idleMs = now - this.copy.lastActivity;
     if (idleMs < this.timeoutMs) {
       this.#timer = setTimeout(() => this.#check(), this.timeoutMs - idleMs);
@@ -251,6 +268,17 @@ class IdleTimer {
     const previous = this.#unacked;
     this.#unacked = this.#readUnacked();
     return this.#unacked.some((bytes, index) => bytes !== undefined && previous[index] !== undefined && bytes !== previous[index]);
+  }
+
+  /**
+   * Tells whether a stream endpoint waits for its peer while no TCP endpoint holds bytes for its
+   * reader, unsent or unacknowledged; reads the counts of the current firing.
+   */
+  #peerDecides(): boolean {
+    const endpoints = [this.first, this.second];
+    if (!endpoints.some((endpoint) => endpoint.awaitsPeer?.() === true)) return false;
+    const holding = endpoints.some((endpoint, index) => endpoint.awaitsPeer === undefined && (endpoint.duplex.writableLength > 0 || (this.#unacked[index] ?? 0) > 0));
+    return !holding;
   }
 
   #readUnacked(): [number | undefined, number | undefined] {

@@ -9,7 +9,7 @@
 // - CONTINUATION floods: the session fails with "Too many CONTINUATION frames following a HEADER
 //   frame", without GOAWAY.
 // - Rapid reset: nghttp2 sends GOAWAY INTERNAL_ERROR after about 1000 resets (burst 1000, 33 per
-//   second) but leaves the socket open and tells JavaScript nothing. Node 20 ignores the
+//   second) but leaves the socket open and emits no event to JavaScript. Node 20 ignores the
 //   streamResetBurst and streamResetRate options, so this module counts resets itself.
 // - SETTINGS_MAX_CONCURRENT_STREAMS: nghttp2 refuses excess streams with RST_STREAM REFUSED_STREAM
 //   from the moment the SETTINGS frame is sent, and fails the session with "Protocol error" once
@@ -46,6 +46,7 @@ export const RAPID_RESET_BURST = 200;
 /** Refill rate of the reset bucket, per second. */
 export const RAPID_RESET_PER_SECOND = 20;
 
+/** The pod, limits and records of one InboundGuard. */
 export interface InboundGuardOptions {
   /** The pod's uid, the key of its counters in the tracker. */
   podUid: string;
@@ -86,6 +87,7 @@ export class InboundGuard {
     this.#options = options;
   }
 
+  /** The limits this guard applies. */
   get limits(): Readonly<ProxyLimits> {
     return this.#options.limits;
   }
@@ -158,7 +160,7 @@ export class InboundGuard {
       open: new Set(),
       resetTokens: RAPID_RESET_BURST,
       refilledAt: Date.now(),
-      liveness: new SessionLiveness(session, timing, () => state.open.size > 0, (stalled) => this.#sessionDead(session, state, stalled)),
+      liveness: new SessionLiveness(session, tcp, timing, () => state.open.size > 0, (stalled) => this.#sessionDead(session, state, stalled)),
       tcp,
     };
     this.#sessions.set(session, state);
@@ -179,8 +181,8 @@ export class InboundGuard {
     const seconds = (this.#options.liveness ?? DEFAULT_LIVENESS).pingTimeoutMs / 1000;
     const streams = state.open.size;
     const message = stalled
-      ? `HTTP/2 session with client ${source} stopped reading: Node.js ended it after an HTTP/2 error of the client without reporting it, so the agent closed it and its ${streams} open streams`
-      : `client ${source} did not acknowledge a PING within ${seconds} s, so the agent closed its HTTP/2 session and its ${streams} open streams`;
+      ? `HTTP/2 session with client ${source} read and wrote no byte while a PING waited ${seconds} s to be sent: Node.js ended the session after an HTTP/2 error of the client without reporting it, or the client stopped taking bytes, so the agent closed it and its ${streams} open streams`
+      : `client ${source} did not acknowledge a PING within ${seconds} s while its HTTP/2 session read and wrote no byte, so the agent closed the session and its ${streams} open streams`;
     this.#refuseFrom(state.tcp, source, "http2_protocol", message);
     // The error goes to the session's 'error' listener, which logs it; the streams are destroyed with it.
     session.destroy(new Error(message), http2.constants.NGHTTP2_PROTOCOL_ERROR);
@@ -223,7 +225,11 @@ export class InboundGuard {
   admitStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, identity: string): Release | undefined {
     const session = stream.session as http2.ServerHttp2Session;
     const state = this.#sessions.get(session);
-    if (!state) return undefined;
+    // Every verified session is watched, so a stream of another session is refused unrecorded.
+    if (!state) {
+      stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      return undefined;
+    }
 
     const refused = this.#checkStream(state, headers, identity);
     if (refused) {
@@ -288,7 +294,8 @@ export class InboundGuard {
     }
     if (this.#options.tracker.buffered.exceeded) {
       const max = this.limits.maxBufferedBytes;
-      return { reason: "buffered_bytes", message: `the proxies hold more than ${max} buffered bytes, the limit (--max-buffered-bytes)`, limit: max, source };
+      const bytes = this.#options.tracker.buffered.bytes;
+      return { reason: "buffered_bytes", message: `the proxies hold ${bytes} bytes read and not yet written, more than the limit of ${max} (--max-buffered-bytes)`, limit: max, source };
     }
     return undefined;
   }
@@ -322,7 +329,7 @@ export class InboundGuard {
     session.destroy(new Error(`rapid reset from client ${source}`), http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
   }
 
-  /** Closes the session with GOAWAY when it has had no open stream for idleTimeoutMs (0 turns this off). */
+  /** Arms the timer that closes the session with GOAWAY after idleTimeoutMs without an open stream (0 turns it off). */
   #armIdle(session: http2.ServerHttp2Session, state: SessionState): void {
     const idleMs = this.limits.idleTimeoutMs;
     if (idleMs === 0 || session.closed || session.destroyed) return;
@@ -340,7 +347,10 @@ export class InboundGuard {
     this.#refuseFrom(socket, remoteAddressOf(socket), reason, message, limit);
   }
 
-  /** Writes one refusal through the refusal log, once per TCP socket for connection-level reasons. */
+  /**
+   * Writes one refusal through the refusal log, and marks its TCP socket so that the TLS error of
+   * the socket's destruction is not recorded again.
+   */
   #refuseFrom(tcp: net.Socket | undefined, source: string, reason: RefusalReason, message: string, limit?: number): void {
     if (tcp) this.#refused.add(tcp);
     const localIp = normalizeIp(tcp?.localAddress ?? "");

@@ -10,13 +10,24 @@
 // hold would stay until something else closes them.
 //
 // The check therefore polls, and only sessions with open streams: a session without one costs a
-// socket only, which the idle timeout bounds. Each check reads one number. A session that read no
-// byte since the previous check gets a PING, and one that leaves it unanswered for pingTimeoutMs
-// is reported dead. Every HTTP/2 peer must acknowledge a PING (RFC 9113 section 6.7), and the
-// HTTP/2 libraries of Node's client and of ztunnel do so without their application. A session closing gracefully is not checked,
-// because Node 20 cancels the PINGs of a closed session at once.
+// socket only, which the idle timeout bounds. Each check reads three numbers: the bytes the
+// session's socket read and wrote, and the bytes its TCP peer has not acknowledged yet. A session
+// where none of them changed since the previous check gets a PING, and one that leaves it
+// unanswered for pingTimeoutMs while none of them changes is reported dead. Every HTTP/2 peer must
+// acknowledge a PING (RFC 9113 section 6.7), and the HTTP/2 libraries of Node's client and of
+// ztunnel do so without their application.
+//
+// Writes count because a PING waits behind the DATA that Node already handed to the socket. On a
+// slow link a client can take a download for minutes without sending a byte (its window is not
+// half used), and Node then writes nothing new until the kernel took its previous write. The
+// kernel's count of unacknowledged bytes still changes as the client's acknowledgements arrive.
+//
+// A session closing gracefully is not checked: Node.js 20.20.2 cancels a PING submitted after
+// close() (ERR_HTTP2_PING_CANCEL). A PING submitted before close() is still sent and acknowledged.
 
 import type http2 from "node:http2";
+import type net from "node:net";
+import { unackedBytesOf } from "./tcp";
 
 /** How often a session with open streams is checked, and how long its PING may go unacknowledged. */
 export interface LivenessTiming {
@@ -34,22 +45,34 @@ export interface LivenessTiming {
 export const DEFAULT_LIVENESS: Readonly<LivenessTiming> = { intervalMs: 10_000, pingTimeoutMs: 20_000 };
 
 /**
- * Reports a session whose PING was not acknowledged. `stalled` is true when the PING never left the
- * outbound queue, the mark of a session that nghttp2 ended. When it is false, the PING was sent
- * and the client did not acknowledge it.
+ * Reports a session that read and wrote nothing while its PING went unacknowledged. `stalled` is
+ * true when the PING never left the outbound queue: nghttp2 ended the session, or the client
+ * stopped taking bytes. When it is false, the PING was sent and the client did not acknowledge it.
  */
 export type DeadSessionHandler = (stalled: boolean) => void;
 
-/** The liveness check of one HTTP/2 session; one timer, armed only while the session has open streams. */
+/** The byte counts a check compares with those of the previous check. */
+interface Progress {
+  read: number;
+  written: number;
+  /** The TCP peer's unacknowledged bytes; undefined when unknown. */
+  unacked: number | undefined;
+}
+
+/**
+ * The liveness check of one HTTP/2 session; one timer, armed only while the session has open
+ * streams. `tcp` is the TCP socket under the session, whose kernel send queue the check reads.
+ */
 export class SessionLiveness {
   #timer: NodeJS.Timeout | undefined;
-  /** The socket's bytesRead at the previous check; -1 before the first. */
-  #bytesRead = -1;
+  /** The byte counts at the previous check; undefined before the first. */
+  #progress: Progress | undefined;
   /** Whether a PING of this check waits for its acknowledgement. */
   #pinging = false;
 
   constructor(
     private readonly session: http2.Http2Session,
+    private readonly tcp: net.Socket | undefined,
     private readonly timing: Readonly<LivenessTiming>,
     private readonly hasOpenStreams: () => boolean,
     private readonly onDead: DeadSessionHandler,
@@ -75,16 +98,20 @@ export class SessionLiveness {
     this.#timer = undefined;
     const session = this.session;
     if (session.destroyed) return;
+    const moved = this.#moved();
     if (this.#pinging) {
+      // Bytes still move, so the PING may wait behind them: give it another timeout.
+      if (moved) {
+        this.#arm(this.timing.pingTimeoutMs);
+        return;
+      }
       this.#pinging = false;
       this.onDead((session.state.outboundQueueSize ?? 0) > 0);
       return;
     }
     // The next start() arms the checks again.
     if (session.closed || !this.hasOpenStreams()) return;
-    const bytesRead = session.socket.bytesRead;
-    if (bytesRead !== this.#bytesRead) {
-      this.#bytesRead = bytesRead;
+    if (moved) {
       this.#arm(this.timing.intervalMs);
       return;
     }
@@ -93,13 +120,28 @@ export class SessionLiveness {
     this.#arm(this.timing.pingTimeoutMs);
   }
 
-  /** Handles the PING's acknowledgement. Node cancels the PING (an error) when the session closes or is destroyed. */
+  /** Tells whether the session read or wrote a byte, or its kernel send queue changed, since the previous call. */
+  #moved(): boolean {
+    const socket = this.session.socket;
+    const previous = this.#progress;
+    const current: Progress = { read: socket.bytesRead, written: socket.bytesWritten, unacked: unackedBytesOf(this.tcp) };
+    this.#progress = current;
+    if (previous === undefined) return true;
+    const kernelMoved = current.unacked !== undefined && previous.unacked !== undefined && current.unacked !== previous.unacked;
+    return current.read !== previous.read || current.written !== previous.written || kernelMoved;
+  }
+
+  /**
+   * Handles the PING's acknowledgement. Node cancels the PING (an error) when the session is
+   * destroyed. close() while the PING waits cancels nothing: the client's acknowledgement still
+   * arrives, and without it the next check reports the session.
+   */
   #answered(error: Error | null): void {
     if (error !== null || !this.#pinging) return;
     this.#pinging = false;
     this.stop();
     if (this.session.destroyed) return;
-    this.#bytesRead = this.session.socket.bytesRead;
+    this.#moved();
     this.#arm(this.timing.intervalMs);
   }
 }

@@ -1,6 +1,7 @@
 // TCP helpers shared by the proxies: address formatting and connects with a deadline.
 
 import net from "node:net";
+import { socketUnackedBytes } from "../capture/native-socket-queue";
 import { canonicalIp } from "../state/ip";
 import type { ApplicationSource, PodNetwork } from "./pod-network";
 
@@ -24,6 +25,22 @@ export function normalizeIp(ip: string): string {
   // Node reports IPv4 peers in dotted form, which is canonical already: skip the parse on the common path.
   if (!ip.includes(":")) return ip;
   return canonicalIp(ip).toLowerCase();
+}
+
+/**
+ * Returns how many bytes written to a TCP socket its peer has not acknowledged yet, or undefined
+ * when that is unknown: no socket, no file descriptor, or no native library. The idle timeout
+ * and the liveness check of HBONE sessions read it to see bytes move inside the kernel.
+ */
+export function unackedBytesOf(socket: net.Socket | undefined): number | undefined {
+  const fd = (socket as { _handle?: { fd?: number } } | undefined)?._handle?.fd;
+  if (fd === undefined || fd < 0) return undefined;
+  try {
+    return socketUnackedBytes(fd);
+  } catch {
+    // A socket closing under the call, or no native library: the kernel's progress is unknown.
+    return undefined;
+  }
 }
 
 /** Returns the remote address of a socket as ip:port, or "unknown" once the socket has lost it. */

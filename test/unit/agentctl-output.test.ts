@@ -140,18 +140,18 @@ test("status view summarises the node", (t) => {
   t.regex(text, /^connections: 1 inbound, 1 outbound$/m);
 });
 
-test("status view lists refused connections", (t) => {
+test("status view lists connections refused or closed by a limit", (t) => {
   const refusals = [
     { listener: "inbound", reason: "tls_handshake", count: 2 },
     { listener: "outbound", reason: "connections_per_pod", count: 3, flag: "--max-connections-per-pod" },
   ];
   const text = formatStatusView({ ...STATUS, refusals }, NOW);
-  t.regex(text, /^refused connections \(docs\/limits\.md\):$/m);
+  t.regex(text, /^connections refused or closed by a limit \(docs\/limits\.md\):$/m);
   t.regex(text, /^ {2}LISTENER +REASON +COUNT +LIMIT$/m);
   t.regex(text, /^ {2}inbound +tls_handshake +2 +-$/m);
   t.regex(text, /^ {2}outbound +connections_per_pod +3 +--max-connections-per-pod$/m);
-  t.regex(formatStatusView({ ...STATUS, refusals: [] }, NOW), /^refused connections: none$/m);
-  t.notRegex(formatStatusView(STATUS, NOW), /refused connections/);
+  t.regex(formatStatusView({ ...STATUS, refusals: [] }, NOW), /^connections refused or closed by a limit: none$/m);
+  t.notRegex(formatStatusView(STATUS, NOW), /refused or closed/);
 });
 
 test("status view without capture says so", (t) => {

@@ -14,7 +14,19 @@ import { headerListSize } from "../../agent/proxy/inbound-guard";
 import { LimitTracker } from "../../agent/proxy/limit-tracker";
 import { DEFAULT_LIMITS, type ProxyLimits } from "../../agent/proxy/limits";
 import { RefusalLog } from "../../agent/proxy/refusal-log";
-import { FrameType, RawH2Connection, connectHeaderBlock, dataFrame, errorCodeOf, headersFrame, settingsFrame } from "../harness/h2-raw";
+import {
+  FrameFlag,
+  FrameType,
+  RawH2Connection,
+  Setting,
+  connectHeaderBlock,
+  dataFrame,
+  errorCodeOf,
+  headersFrame,
+  pingFrame,
+  settingsFrame,
+  windowUpdateFrame,
+} from "../harness/h2-raw";
 import { delay, openClientSession, openTunnel, startInboundPod, type InboundPod } from "./hbone-fixtures";
 
 const APP_PORT = 8080;
@@ -133,7 +145,7 @@ test("a closed stream releases its counts", async (t) => {
 });
 
 /** Opens a raw HBONE connection to the pod with the client's certificate and sends the preface. */
-async function rawConnection(t: ExecutionContext, pod: GuardedPod): Promise<RawH2Connection> {
+async function rawConnection(t: ExecutionContext, pod: GuardedPod, settings: ReadonlyArray<readonly [number, number]> = []): Promise<RawH2Connection> {
   const certificate = await pod.certs.get(pod.clientIdentity);
   const connection = await RawH2Connection.open({
     host: pod.serverIp,
@@ -141,7 +153,7 @@ async function rawConnection(t: ExecutionContext, pod: GuardedPod): Promise<RawH
     tls: { certPem: certificate.chainPem, keyPem: certificate.keyPem, caPem: certificate.rootPem },
   });
   t.teardown(() => connection.destroy());
-  connection.start();
+  connection.start(settings);
   return connection;
 }
 
@@ -254,7 +266,7 @@ test("session ended by nghttp2 releases its streams", async (t) => {
   const [record] = refusalsOf(pod, "http2_protocol");
   t.is(record?.type, "connection.refused");
   if (record?.type !== "connection.refused") return;
-  t.regex(record.message, /stopped reading: Node\.js ended it after an HTTP\/2 error of the client/);
+  t.regex(record.message, /read and wrote no byte while a PING waited 0\.3 s to be sent: Node\.js ended the session after an HTTP\/2 error of the client/);
   t.regex(record.message, /its 4 open streams/);
   t.regex(record.src.addr, /^127\.0\.0\.1:\d+$/, "the raw client's address");
   t.is(totalOf(pod, "http2_protocol"), 1);
@@ -276,7 +288,7 @@ test("unacknowledged PING closes the session", async (t) => {
   const [record] = refusalsOf(pod, "http2_protocol");
   t.is(record?.type, "connection.refused");
   if (record?.type !== "connection.refused") return;
-  t.regex(record.message, /did not acknowledge a PING within 0\.3 s, so the agent closed its HTTP\/2 session and its 2 open streams/);
+  t.regex(record.message, /did not acknowledge a PING within 0\.3 s while its HTTP\/2 session read and wrote no byte, so the agent closed the session and its 2 open streams/);
   t.is(totalOf(pod, "http2_protocol"), 1);
   await assertReleased(t, pod, streams);
 });
@@ -293,6 +305,42 @@ test("session acknowledging PINGs stays open", async (t) => {
   tunnel.write("still open");
   t.is((await echoed).toString(), "still open");
   t.deepEqual(pod.refused, []);
+});
+
+test("session of a client that reads its socket slowly stays open", async (t) => {
+  const pod = await startGuardedPod(t, 195, {}, FAST_LIVENESS);
+  // An application that sends more than the kernel buffers hold on loopback as soon as a tunnel connects.
+  const payload = Buffer.alloc(4 * 1024 * 1024, 0x5a);
+  const sender = net.createServer((socket) => {
+    socket.on("error", () => undefined);
+    socket.end(payload);
+  });
+  await new Promise<void>((resolve) => sender.listen(APP_PORT + 1, pod.serverIp, resolve));
+  t.teardown(() => new Promise<void>((resolve) => sender.close(() => resolve())));
+
+  // Windows large enough that the client never needs to send a WINDOW_UPDATE: it only reads.
+  const connection = await rawConnection(t, pod, [[Setting.INITIAL_WINDOW_SIZE, 0x7fffffff]]);
+  connection.write(settingsFrame([], true), windowUpdateFrame(0, 0x7fffffff - 65_535));
+  connection.write(headersFrame(1, connectHeaderBlock(`${pod.serverIp}:${APP_PORT + 1}`)));
+  await connection.waitForFrame((frame) => frame.streamId === 1 && frame.type === FrameType.HEADERS, 5_000, "the answer to the CONNECT");
+
+  // One socket buffer (16 KiB) every 5 ms, and nothing sent but PING acknowledgements. A PING would
+  // wait behind megabytes of DATA, far longer than the 0.3 s the client has to acknowledge it, so
+  // the check must count the session's writes as progress.
+  connection.socket.pause();
+  let acknowledged = 0;
+  const received = (): number => connection.frames.reduce((sum, frame) => sum + (frame.type === FrameType.DATA && frame.streamId === 1 ? frame.payload.length : 0), 0);
+  while (received() < payload.length && !connection.isClosed) {
+    connection.socket.read();
+    const pings = connection.frames.filter((frame) => frame.type === FrameType.PING && (frame.flags & FrameFlag.ACK) === 0);
+    for (const ping of pings.slice(acknowledged)) connection.write(pingFrame(ping.payload, true));
+    acknowledged = pings.length;
+    await delay(5);
+  }
+
+  t.false(connection.isClosed, `frames: ${connection.describeFrames().slice(-300)}`);
+  t.is(received(), payload.length);
+  t.deepEqual(refusalsOf(pod, "http2_protocol"), []);
 });
 
 test("empty DATA flood is recorded", async (t) => {

@@ -6,27 +6,14 @@
 // takes the refusals of new keys past that, so memory stays bounded whatever the sources. Every
 // refusal is counted in totals() whether or not its record is folded.
 
-import type { AuditPeer, AuditRecorder, ConnectionRefusedRecord, RefusalListener, RefusalReason } from "../audit/record";
+import type { AuditRecorder, ConnectionRefusedRecord, RefusalListener, RefusalReason } from "../audit/record";
 import { AgentError, type ErrorCode } from "../errors";
 import type { Logger } from "../log";
 
 export type { RefusalListener, RefusalReason } from "../audit/record";
 
-/** One refusal, as a listener reports it. */
-export interface RefusalEvent {
-  listener: RefusalListener;
-  /** The listener's port. */
-  port: number;
-  /** The client: "ip:port" at least. */
-  src: AuditPeer;
-  /** The pod or the original destination, when known. */
-  dst?: AuditPeer;
-  reason: RefusalReason;
-  /** One sentence naming the value and the limit. */
-  message: string;
-  /** The configured limit, when a limit refused the connection. */
-  limit?: number;
-}
+/** One refusal as a listener reports it, with the record fields that the RefusalLog does not fill in itself. */
+export type RefusalEvent = Omit<ConnectionRefusedRecord, "type" | "time" | "node" | "count" | "first_time">;
 
 /** Options of a RefusalLog. */
 export interface RefusalLogOptions {

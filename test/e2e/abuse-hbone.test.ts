@@ -6,17 +6,13 @@
 // ambient_agent_refused_connections_total{listener="inbound",reason}.
 
 import test, { type ExecutionContext } from "ava";
-import { execFile } from "node:child_process";
-import fs from "node:fs";
 import http2 from "node:http2";
 import net from "node:net";
-import path from "node:path";
 import tls from "node:tls";
 import { loadNative } from "../../agent/capture/native";
 import { EmbeddedCa } from "../../agent/identity/ca";
+import { AbuseCluster, assertBlobReceived, type ServedBlob } from "../harness/abuse";
 import { testPrefixFamily } from "../harness/agent-process";
-import { curl, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
-import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import {
   FrameType,
   RawH2Connection,
@@ -35,7 +31,6 @@ import {
   type RawH2Target,
 } from "../harness/h2-raw";
 import type { NamespaceSpec } from "../harness/manifests";
-import { parsePrometheusText, sumOf } from "../harness/prometheus-text";
 import type { NodeSpec } from "../harness/topology";
 
 const PREFIX_FAMILY = testPrefixFamily("aahb");
@@ -71,21 +66,14 @@ const NAMESPACES: NamespaceSpec[] = [
   { name: "aahb-evil", ambient: false },
 ];
 
-let cluster: Cluster | undefined;
-let blobSha = "";
+const abuse = new AbuseCluster();
+let blob: ServedBlob;
 let attackerTls: RawH2Target["tls"];
 let clientHello: Buffer = Buffer.alloc(0);
 
-function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
-  return cluster;
-}
-
 test.before(async () => {
-  assertHostCapable();
-  removeLeftovers(PREFIX_FAMILY);
   loadNative();
-  cluster = Cluster.create({
+  const options = {
     prefix: PREFIX,
     nodes: NODES,
     namespaces: NAMESPACES,
@@ -95,20 +83,18 @@ test.before(async () => {
       "--max-streams-per-connection", String(MAX_STREAMS_PER_CONNECTION),
     ],
     agentLogLevel: "info",
+  };
+  await abuse.start(PREFIX_FAMILY, options, async (cluster) => {
+    blob = await abuse.serveBlob(["server", "target"], APP_PORT, BLOB_SIZE);
+    await cluster.startAgents(["client", "server", "target"]);
+    const issued = await (await EmbeddedCa.load(cluster.caDir)).issue(ATTACKER_IDENTITY);
+    attackerTls = { certPem: issued.chainPem, keyPem: issued.keyPem, caPem: issued.caRootsPem };
+    clientHello = await captureClientHello();
   });
-  const site = path.join(cluster.workDir, "site");
-  fs.mkdirSync(site, { recursive: true });
-  blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
-  await startHttpServer(cluster.topology, "server", site, APP_PORT);
-  await startHttpServer(cluster.topology, "target", site, APP_PORT);
-  await cluster.startAgents(["client", "server", "target"]);
-  const issued = await (await EmbeddedCa.load(cluster.caDir)).issue(ATTACKER_IDENTITY);
-  attackerTls = { certPem: issued.chainPem, keyPem: issued.keyPem, caPem: issued.caRootsPem };
-  clientHello = await captureClientHello();
 });
 
 test.after.always(async () => {
-  await cluster?.destroy({ removeWorkDir: true });
+  await abuse.destroy();
 });
 
 /** Returns the first flight of a real TLS 1.3 client, captured by a local server that reads it and closes. */
@@ -129,47 +115,23 @@ async function captureClientHello(): Promise<Buffer> {
 
 /** Returns the target pod's HBONE port as reached from an attacker pod, with the mesh certificate or without TLS. */
 function targetOf(attacker: string, withTls = true): RawH2Target {
-  const c = theCluster();
   return {
-    host: c.topology.pod("target").ip,
+    host: abuse.ipOf("target"),
     port: HBONE_PORT,
-    netnsPath: `/var/run/netns/${c.topology.pod(attacker).netns}`,
+    netnsPath: `/var/run/netns/${abuse.netnsOf(attacker)}`,
     tls: withTls ? attackerTls : undefined,
   };
 }
 
-function nodeBridgeIp(node: string): string {
-  return theCluster().topology.node(node).podCidr.replace(/\.0\/24$/, ".1");
-}
-
-function httpGet(netns: string, url: string): Promise<{ status: number; body: string }> {
-  return new Promise((resolve) => {
-    execFile("nsenter", [`--net=/var/run/netns/${netns}`, "--", "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url], { encoding: "utf8", timeout: 10_000 }, (_error, stdout) => {
-      const newline = stdout.lastIndexOf("\n");
-      resolve({ status: Number(stdout.slice(newline + 1)) || 0, body: stdout.slice(0, Math.max(newline, 0)) });
-    });
-  });
-}
-
 /** Reads the refusal counter of the inbound listener for `reason` from aahb-n2's metrics server. */
-async function refusedTotal(reason: string): Promise<number> {
-  const netns = theCluster().topology.node("aahb-n2").netns;
-  const metrics = await httpGet(netns, `http://${nodeBridgeIp("aahb-n2")}:15020/metrics`);
-  if (metrics.status !== 200) throw new Error(`the metrics server answered ${metrics.status}: ${metrics.body.slice(0, 200)}`);
-  return sumOf(parsePrometheusText(metrics.body), "ambient_agent_refused_connections_total", { listener: "inbound", reason });
-}
-
-/** Downloads the blob from the server pod through the mesh and returns its SHA-256, or the failure. */
-async function legitimateDownload(): Promise<string> {
-  const result = await curl(theCluster().topology, "client", `http://${theCluster().topology.pod("server").ip}:${APP_PORT}/blob.bin`, 30);
-  if (result.exitCode !== 0 || result.status !== 200) return `curl exit ${result.exitCode}, status ${result.status}: ${result.stderr}`;
-  return sha256(result.body);
+function refusedTotal(reason: string): Promise<number> {
+  return abuse.refusedTotal("aahb-n2", "inbound", reason);
 }
 
 /** Waits until a connection.refused record of aahb-n2 from `attacker` has `reason`, and returns it. */
 function waitForRefusal(attacker: string, reason: string): Promise<Record<string, any>> {
-  const ip = theCluster().topology.pod(attacker).ip;
-  return theCluster().waitForAudit("aahb-n2", (record) => record.reason === reason && String(record.src?.addr).startsWith(`${ip}:`), 10_000, "connection.refused");
+  const ip = abuse.ipOf(attacker);
+  return abuse.cluster.waitForAudit("aahb-n2", (record) => record.reason === reason && String(record.src?.addr).startsWith(`${ip}:`), 10_000, "connection.refused");
 }
 
 interface AbuseCase {
@@ -184,15 +146,11 @@ interface AbuseCase {
 
 /** Runs an abuse next to a legitimate download and checks the three outcomes every case must have. */
 async function checkAbuse(t: ExecutionContext, abuseCase: AbuseCase): Promise<void> {
-  const c = theCluster();
   const before = await refusedTotal(abuseCase.reason);
-  const [digest] = await Promise.all([legitimateDownload(), abuseCase.abuse()]);
+  const [transfer] = await Promise.all([abuse.fetchBlob("client", "server", blob), abuseCase.abuse()]);
 
-  const agent = c.agent("aahb-n2");
-  t.true(agent.running, `the agent exited: ${JSON.stringify(agent.exit)}\n${agent.tail()}`);
-  const ready = await httpGet(c.topology.node("aahb-n2").netns, `http://${nodeBridgeIp("aahb-n2")}:15021/healthz/ready`);
-  t.is(ready.status, 200, ready.body);
-  t.is(digest, blobSha, "the legitimate download is byte-exact");
+  await abuse.assertAgentsServe(t, ["aahb-n2"]);
+  assertBlobReceived(t, transfer, blob, "the legitimate download");
   if (abuseCase.recorded) {
     await abuseCase.recorded(t);
   } else {
@@ -219,7 +177,7 @@ async function serverClosed(connection: RawH2Connection, timeoutMs = 10_000): Pr
 }
 
 function targetAuthority(port = APP_PORT): string {
-  return `${theCluster().topology.pod("target").ip}:${port}`;
+  return `${abuse.ipOf("target")}:${port}`;
 }
 
 test.serial("TLS garbage bytes", async (t) => {
@@ -302,8 +260,8 @@ test.serial("RST_STREAM rapid reset", async (t) => {
     },
   });
   // A reset stream's connect to the application is aborted or never starts, so no tunnel opens.
-  const attackerIp = theCluster().topology.pod("mallory-c").ip;
-  const opened = theCluster().auditRecords("aahb-n2", "connection.opened").filter((record) => String(record.src?.addr).startsWith(`${attackerIp}:`));
+  const attackerIp = abuse.ipOf("mallory-c");
+  const opened = abuse.cluster.auditRecords("aahb-n2", "connection.opened").filter((record) => String(record.src?.addr).startsWith(`${attackerIp}:`));
   t.deepEqual(opened, [], "a reset stream opened a tunnel");
 });
 
@@ -380,12 +338,12 @@ test.serial("more streams than advertised", async (t) => {
 });
 
 test.serial("CONNECT to proxy ports and agent addresses", async (t) => {
-  const c = theCluster();
+  const c = abuse.cluster;
   const targets = [
     { authority: targetAuthority(15001), status: 503, code: "PROXY_PORT" },
     { authority: targetAuthority(15006), status: 503, code: "PROXY_PORT" },
     { authority: targetAuthority(15008), status: 503, code: "PROXY_PORT" },
-    { authority: `${nodeBridgeIp("aahb-n2")}:15000`, status: 400, code: "AUTHORITY_MISMATCH" },
+    { authority: `${abuse.nodeAddress("aahb-n2")}:15000`, status: 400, code: "AUTHORITY_MISMATCH" },
     { authority: `${c.topology.node("aahb-n2").linkIp}:15020`, status: 400, code: "AUTHORITY_MISMATCH" },
     { authority: "127.0.0.1:15000", status: 400, code: "AUTHORITY_MISMATCH" },
   ];

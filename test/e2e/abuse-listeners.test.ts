@@ -22,13 +22,8 @@
 process.env.AA_TEST_POD_NET ??= "10.234";
 
 import test, { type ExecutionContext } from "ava";
-import { execFile, type ChildProcess } from "node:child_process";
-import fs from "node:fs";
-import path from "node:path";
+import { AbuseCluster, assertBlobReceived, curlInNetns, sleep, type ServedBlob } from "../harness/abuse";
 import { testPrefixFamily } from "../harness/agent-process";
-import { curl, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
-import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import { parsePrometheusText, sumOf } from "../harness/prometheus-text";
 import { startSlowClient } from "../harness/slow-client";
 import type { NodeSpec } from "../harness/topology";
 
@@ -66,88 +61,10 @@ const NEVER_READ_PORT = 9002;
 const BLOB_SIZE = 4 * 1024 * 1024;
 /** The agent's memory may grow by this much while a destination that never reads is flooded. */
 const RSS_GROWTH_LIMIT = 64 * 1024 * 1024;
-const METRIC = "ambient_agent_refused_connections_total";
 const REQUEST = "GET /metrics HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n";
 
-/** Accepts on DRAIN_PORT and reads everything, and on NEVER_READ_PORT and keeps the connections open unread. */
-const SINK_SERVER = `
-import socket, sys, threading
-def drain(connection):
-    while connection.recv(65536):
-        pass
-    connection.close()
-def serve(port, read):
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", port))
-    server.listen(1024)
-    held = []
-    while True:
-        connection, _ = server.accept()
-        if read:
-            threading.Thread(target=drain, args=(connection,), daemon=True).start()
-        else:
-            held.append(connection)
-threading.Thread(target=serve, args=(${DRAIN_PORT}, True), daemon=True).start()
-serve(${NEVER_READ_PORT}, False)
-`;
-
-let cluster: Cluster | undefined;
-let blobSha = "";
-
-function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
-  return cluster;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-function ipOf(pod: string): string {
-  return theCluster().topology.pod(pod).ip;
-}
-
-function netnsOf(pod: string): string {
-  return theCluster().topology.pod(pod).netns;
-}
-
-/** Returns the node's address on its pod bridge, where the metrics and readiness servers listen and the admin API does not. */
-function nodeAddress(node: string): string {
-  return theCluster().topology.node(node).podCidr.replace(/\.0\/24$/, ".1");
-}
-
-/** Runs curl in a namespace without blocking the event loop; status 0 when no response arrived. */
-function curlIn(netns: string, args: string[]): Promise<{ status: number; body: string; exitCode: number }> {
-  return new Promise((resolve) => {
-    execFile("nsenter", [`--net=/var/run/netns/${netns}`, "--", "curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", ...args], { encoding: "utf8", timeout: 15_000 }, (error, stdout) => {
-      const newline = stdout.lastIndexOf("\n");
-      let exitCode = 0;
-      if (error) exitCode = typeof error.code === "number" ? error.code : -1;
-      resolve({ status: Number(stdout.slice(newline + 1)) || 0, body: stdout.slice(0, Math.max(newline, 0)), exitCode });
-    });
-  });
-}
-
-async function readinessStatus(node: string): Promise<number> {
-  return (await curlIn(theCluster().topology.node(node).netns, ["http://127.0.0.1:15021/healthz/ready"])).status;
-}
-
-/** Reads a node's ambient_agent_refused_connections_total for one listener and reason from its metrics server. */
-async function refusedTotal(node: string, listener: string, reason: string): Promise<number> {
-  const response = await curlIn(theCluster().topology.node(node).netns, ["http://127.0.0.1:15020/metrics"]);
-  if (response.status !== 200) throw new Error(`GET /metrics on ${node} returned ${response.status}: ${response.body.slice(0, 200)}`);
-  return sumOf(parsePrometheusText(response.body), METRIC, { listener, reason });
-}
-
-/** Returns VmRSS of a node's agent in bytes, from /proc/PID/status. */
-function agentRss(node: string): number {
-  const pid = theCluster().agent(node).pid;
-  const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
-  const kib = /^VmRSS:\s+(\d+) kB$/m.exec(status)?.[1];
-  if (kib === undefined) throw new Error(`no VmRSS in /proc/${pid}/status of the agent of ${node}`);
-  return Number(kib) * 1024;
-}
+const abuse = new AbuseCluster();
+let blob: ServedBlob;
 
 /** A refusal an abuse test expects: on which node, counted under which listener and reason, and the audit record that shows it. */
 interface ExpectedRefusal {
@@ -160,37 +77,31 @@ interface ExpectedRefusal {
 }
 
 /**
- * Runs `abuse` while pod pa fetches a blob from pod pb over HBONE, then checks the three outcomes:
+ * Runs `run` while pod pa fetches a blob from pod pb over HBONE, then checks the three outcomes:
  * both agents run and are ready, the blob arrived byte-exact, and at least one of `expected` was
- * recorded and counted. Returns what `abuse` returned.
+ * recorded and counted. Returns what `run` returned.
  */
-async function checkAbuse<T>(t: ExecutionContext, expected: ExpectedRefusal[], abuse: () => Promise<T>): Promise<T> {
-  const c = theCluster();
-  const before = await Promise.all(expected.map((refusal) => refusedTotal(refusal.node, refusal.listener, refusal.reason)));
-  const running = abuse();
-  const transfer = await curl(c.topology, "pa", `http://${ipOf("pb")}:8080/blob.bin`, 30);
+async function checkAbuse<T>(t: ExecutionContext, expected: ExpectedRefusal[], run: () => Promise<T>): Promise<T> {
+  const before = await Promise.all(expected.map((refusal) => abuse.refusedTotal(refusal.node, refusal.listener, refusal.reason)));
+  const running = run();
+  const transfer = await abuse.fetchBlob("pa", "pb", blob);
   const result = await running;
 
-  t.is(transfer.exitCode, 0, `the transfer between pa and pb failed during the abuse: ${transfer.stderr}`);
-  t.is(transfer.body.length, BLOB_SIZE);
-  t.is(sha256(transfer.body), blobSha, "the transfer between pa and pb arrived altered");
-  for (const node of [CLIENT_NODE, SERVER_NODE]) {
-    t.true(c.agent(node).running, `the agent of ${node} exited:\n${c.agent(node).tail()}`);
-    t.is(await readinessStatus(node), 200, `the readiness of ${node}`);
-  }
+  assertBlobReceived(t, transfer, blob, "the transfer between pa and pb during the abuse");
+  await abuse.assertAgentsServe(t, [CLIENT_NODE, SERVER_NODE]);
   await waitRecorded(t, expected, before);
   return result;
 }
 
 /** Waits up to 15 s for one of `expected` to show in the audit file with its counter above `before`. */
 async function waitRecorded(t: ExecutionContext, expected: ExpectedRefusal[], before: number[]): Promise<void> {
-  const c = theCluster();
+  const c = abuse.cluster;
   const deadline = Date.now() + 15_000;
   for (;;) {
     for (const [index, refusal] of expected.entries()) {
       const record = c.auditRecords(refusal.node, refusal.type).find(refusal.record);
       if (record === undefined) continue;
-      const after = await refusedTotal(refusal.node, refusal.listener, refusal.reason);
+      const after = await abuse.refusedTotal(refusal.node, refusal.listener, refusal.reason);
       if (after <= before[index]) continue;
       t.pass(`${refusal.node} recorded ${refusal.listener}/${refusal.reason} and counted ${after - before[index]}`);
       return;
@@ -218,9 +129,7 @@ function srcIp(record: Record<string, any>): string {
 }
 
 test.before(async () => {
-  assertHostCapable();
-  removeLeftovers(PREFIX_FAMILY);
-  cluster = Cluster.create({
+  const options = {
     prefix: PREFIX,
     nodes: NODES,
     namespaces: [
@@ -233,28 +142,17 @@ test.before(async () => {
       "--max-connections-per-peer", String(PER_PEER_LIMIT),
     ],
     agentLogLevel: "info",
-  });
-  try {
-    const site = path.join(cluster.workDir, "site");
-    blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
-    await startHttpServer(cluster.topology, "pb", site, 8080);
-    startSinkServer(cluster);
+  };
+  await abuse.start(PREFIX_FAMILY, options, async (cluster) => {
+    blob = await abuse.serveBlob(["pb"], 8080, BLOB_SIZE);
+    abuse.startSinkServer("server", { drainPort: DRAIN_PORT, neverReadPort: NEVER_READ_PORT });
     await cluster.startAgents(ENROLLED);
-  } catch (error) {
-    await cluster.destroy({ removeWorkDir: true });
-    cluster = undefined;
-    throw error;
-  }
+  });
 });
 
 test.after.always(async () => {
-  await cluster?.destroy({ removeWorkDir: true });
+  await abuse.destroy();
 });
-
-function startSinkServer(c: Cluster): ChildProcess {
-  // The prefix in its command line lets removeLeftovers() end it after a crashed run.
-  return c.topology.spawn(c.topology.pod("server").netns, "python3", ["-c", SINK_SERVER, PREFIX], { stdio: ["ignore", "ignore", "ignore"] });
-}
 
 test.serial("15001 trickling writer is closed when idle", async (t) => {
   const payload = "abcdef";
@@ -263,10 +161,10 @@ test.serial("15001 trickling writer is closed when idle", async (t) => {
     // Both agents time the same silence, so either may close the connection first.
     [
       { node: CLIENT_NODE, listener: "outbound", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && record.src.workload === "client" && record.bytes_sent === payload.length },
-      { node: SERVER_NODE, listener: "inbound", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && srcIp(record) === ipOf("client") && record.bytes_sent === payload.length },
+      { node: SERVER_NODE, listener: "inbound", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && srcIp(record) === abuse.ipOf("client") && record.bytes_sent === payload.length },
     ],
     async () => {
-      const run = startSlowClient(theCluster().topology, netnsOf("client"), ["hold", ipOf("server"), String(DRAIN_PORT), "1", "400", "10000", payload]);
+      const run = startSlowClient(abuse.cluster.topology, abuse.netnsOf("client"), ["hold", abuse.ipOf("server"), String(DRAIN_PORT), "1", "400", "10000", payload]);
       return run.done;
     },
   );
@@ -277,7 +175,7 @@ test.serial("15001 trickling writer is closed when idle", async (t) => {
 });
 
 test.serial("15001 flood to non-reading destination stays bounded", async (t) => {
-  const rssBefore = { client: agentRss(CLIENT_NODE), server: agentRss(SERVER_NODE) };
+  const rssBefore = { client: abuse.agentRss(CLIENT_NODE), server: abuse.agentRss(SERVER_NODE) };
   let rssDuring = { client: 0, server: 0 };
   const summary = await checkAbuse(
     t,
@@ -286,11 +184,11 @@ test.serial("15001 flood to non-reading destination stays bounded", async (t) =>
       { node: SERVER_NODE, listener: "inbound", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && String(record.dst.addr).endsWith(`:${NEVER_READ_PORT}`) },
     ],
     async () => {
-      const run = startSlowClient(theCluster().topology, netnsOf("client"), ["flood", ipOf("server"), String(NEVER_READ_PORT), String(1024 * 1024 * 1024), "8000"]);
+      const run = startSlowClient(abuse.cluster.topology, abuse.netnsOf("client"), ["flood", abuse.ipOf("server"), String(NEVER_READ_PORT), String(1024 * 1024 * 1024), "8000"]);
       await run.connected;
       // Measured once the buffers on the way are full, before the idle timeout closes the connection.
       await sleep(1_500);
-      rssDuring = { client: agentRss(CLIENT_NODE), server: agentRss(SERVER_NODE) };
+      rssDuring = { client: abuse.agentRss(CLIENT_NODE), server: abuse.agentRss(SERVER_NODE) };
       return run.done;
     },
   );
@@ -309,8 +207,8 @@ test.serial("15006 trickling client is closed when idle", async (t) => {
   const payload = "abcdef";
   const summary = await checkAbuse(
     t,
-    [{ node: SERVER_NODE, listener: "inbound_plaintext", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && srcIp(record) === ipOf("outsider") && record.transport === "plaintext" }],
-    () => startSlowClient(theCluster().topology, netnsOf("outsider"), ["hold", ipOf("server"), String(DRAIN_PORT), "1", "400", "10000", payload]).done,
+    [{ node: SERVER_NODE, listener: "inbound_plaintext", reason: "idle_timeout", type: "connection.completed", record: (record) => endedWith("IDLE_TIMEOUT")(record) && srcIp(record) === abuse.ipOf("outsider") && record.transport === "plaintext" }],
+    () => startSlowClient(abuse.cluster.topology, abuse.netnsOf("outsider"), ["hold", abuse.ipOf("server"), String(DRAIN_PORT), "1", "400", "10000", payload]).done,
   );
   const [connection] = summary.connections;
   t.not(connection.closedMs, null, "the idle plaintext connection was still open after 10 s");
@@ -321,8 +219,8 @@ test.serial("15006 connections over per-peer limit are refused", async (t) => {
   const extra = 4;
   const summary = await checkAbuse(
     t,
-    [{ node: SERVER_NODE, listener: "inbound_plaintext", reason: "connections_per_peer", type: "connection.refused", record: refusedFor("connections_per_peer", "inbound_plaintext", (record) => srcIp(record) === ipOf("outsider") && record.limit === PER_PEER_LIMIT) }],
-    () => startSlowClient(theCluster().topology, netnsOf("outsider"), ["hold", ipOf("server"), String(NEVER_READ_PORT), String(PER_PEER_LIMIT + extra), "100", "1500"]).done,
+    [{ node: SERVER_NODE, listener: "inbound_plaintext", reason: "connections_per_peer", type: "connection.refused", record: refusedFor("connections_per_peer", "inbound_plaintext", (record) => srcIp(record) === abuse.ipOf("outsider") && record.limit === PER_PEER_LIMIT) }],
+    () => startSlowClient(abuse.cluster.topology, abuse.netnsOf("outsider"), ["hold", abuse.ipOf("server"), String(NEVER_READ_PORT), String(PER_PEER_LIMIT + extra), "100", "1500"]).done,
   );
   const refused = summary.connections.filter((connection) => connection.closedMs !== null && connection.closedMs < 1_000);
   t.is(refused.length, extra, `connections closed at once: ${JSON.stringify(summary.connections)}`);
@@ -330,14 +228,14 @@ test.serial("15006 connections over per-peer limit are refused", async (t) => {
 
 test.serial("15008 unfinished TLS handshake is closed", async (t) => {
   // One connection sends nothing; the other trickles the start of a TLS record, a byte every 300 ms.
-  const c = theCluster();
+  const c = abuse.cluster;
   const summaries = await checkAbuse(
     t,
-    [{ node: SERVER_NODE, listener: "inbound", reason: "handshake_timeout", type: "connection.refused", record: refusedFor("handshake_timeout", "inbound", (record) => srcIp(record) === ipOf("outsider")) }],
+    [{ node: SERVER_NODE, listener: "inbound", reason: "handshake_timeout", type: "connection.refused", record: refusedFor("handshake_timeout", "inbound", (record) => srcIp(record) === abuse.ipOf("outsider")) }],
     () =>
       Promise.all([
-        startSlowClient(c.topology, netnsOf("outsider"), ["hold", ipOf("server"), "15008", "1", "300", "8000"]).done,
-        startSlowClient(c.topology, netnsOf("outsider"), ["hold", ipOf("server"), "15008", "1", "300", "8000", "\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03" + "r".repeat(40)]).done,
+        startSlowClient(c.topology, abuse.netnsOf("outsider"), ["hold", abuse.ipOf("server"), "15008", "1", "300", "8000"]).done,
+        startSlowClient(c.topology, abuse.netnsOf("outsider"), ["hold", abuse.ipOf("server"), "15008", "1", "300", "8000", "\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03" + "r".repeat(40)]).done,
       ]),
   );
   for (const summary of summaries) {
@@ -351,20 +249,20 @@ test.serial("15008 unfinished TLS handshake is closed", async (t) => {
 test.serial("HTTP servers drop slow and excess clients", async (t) => {
   // Pod outsider is outside the mesh, so it reaches the node's metrics and readiness servers directly.
   // The admin API only listens on 127.0.0.1: a client on 127.0.0.2 in the node's namespace stands in for a remote one.
-  const c = theCluster();
+  const c = abuse.cluster;
   const extra = 3;
   const count = String(SERVER_PER_SOURCE_LIMIT + extra);
   const listeners = ["metrics", "readiness", "admin"];
-  const timeoutsBefore = await Promise.all(listeners.map((listener) => refusedTotal(CLIENT_NODE, listener, "request_timeout")));
+  const timeoutsBefore = await Promise.all(listeners.map((listener) => abuse.refusedTotal(CLIENT_NODE, listener, "request_timeout")));
   const runs = await checkAbuse(
     t,
     [
-      { node: CLIENT_NODE, listener: "metrics", reason: "admin_connections", type: "connection.refused", record: refusedFor("admin_connections", "metrics", (record) => srcIp(record) === ipOf("outsider")) },
+      { node: CLIENT_NODE, listener: "metrics", reason: "admin_connections", type: "connection.refused", record: refusedFor("admin_connections", "metrics", (record) => srcIp(record) === abuse.ipOf("outsider")) },
     ],
     () =>
       Promise.all([
-        startSlowClient(c.topology, netnsOf("outsider"), ["hold", nodeAddress(CLIENT_NODE), "15020", count, "300", "9000", REQUEST]).done,
-        startSlowClient(c.topology, netnsOf("outsider"), ["hold", nodeAddress(CLIENT_NODE), "15021", count, "300", "9000", REQUEST]).done,
+        startSlowClient(c.topology, abuse.netnsOf("outsider"), ["hold", abuse.nodeAddress(CLIENT_NODE), "15020", count, "300", "9000", REQUEST]).done,
+        startSlowClient(c.topology, abuse.netnsOf("outsider"), ["hold", abuse.nodeAddress(CLIENT_NODE), "15021", count, "300", "9000", REQUEST]).done,
         startSlowClient(c.topology, c.topology.node(CLIENT_NODE).netns, ["hold", "127.0.0.1", "15000", count, "300", "9000", REQUEST, "127.0.0.2"]).done,
       ]),
   );
@@ -381,42 +279,42 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
     const timeoutRecords = c.auditRecords(CLIENT_NODE, "connection.refused").filter(refusedFor("request_timeout", listener));
     t.true(timeoutRecords.length > 0, `no request_timeout refusal of the ${listener} server was recorded`);
     t.true(timeoutRecords.every((record) => record.limit === SERVER_HEADERS_TIMEOUT_MS / 1000), `${listener}: ${JSON.stringify(timeoutRecords)}`);
-    const timeoutsAfter = await refusedTotal(CLIENT_NODE, listener, "request_timeout");
+    const timeoutsAfter = await abuse.refusedTotal(CLIENT_NODE, listener, "request_timeout");
     t.true(timeoutsAfter - timeoutsBefore[index] >= timedOut.length, `${listener}: ${timedOut.length} clients got 408, the counter rose by ${timeoutsAfter - timeoutsBefore[index]}`);
   }
   // The slots are free again.
-  t.is((await curlIn(netnsOf("outsider"), [`http://${nodeAddress(CLIENT_NODE)}:15020/metrics`])).status, 200);
-  t.is((await curlIn(c.topology.node(CLIENT_NODE).netns, ["--interface", "127.0.0.2", "http://127.0.0.1:15000/healthz/ready"])).status, 200);
+  t.is((await curlInNetns(abuse.netnsOf("outsider"), [`http://${abuse.nodeAddress(CLIENT_NODE)}:15020/metrics`])).status, 200);
+  t.is((await curlInNetns(c.topology.node(CLIENT_NODE).netns, ["--interface", "127.0.0.2", "http://127.0.0.1:15000/healthz/ready"])).status, 200);
 });
 
 test.serial("pod reaches only metrics and readiness", async (t) => {
   // The client pod is enrolled: its connections to the node's address pass its outbound proxy (15001).
-  const c = theCluster();
-  const node = nodeAddress(CLIENT_NODE);
+  const c = abuse.cluster;
+  const node = abuse.nodeAddress(CLIENT_NODE);
   await checkAbuse(
     t,
-    [{ node: CLIENT_NODE, listener: "metrics", reason: "admin_connections", type: "connection.refused", record: refusedFor("admin_connections", "metrics", (record) => srcIp(record) === ipOf("client")) }],
+    [{ node: CLIENT_NODE, listener: "metrics", reason: "admin_connections", type: "connection.refused", record: refusedFor("admin_connections", "metrics", (record) => srcIp(record) === abuse.ipOf("client")) }],
     async () => {
-      const admin = await curlIn(netnsOf("client"), [`http://${node}:15000/healthz/ready`]);
+      const admin = await curlInNetns(abuse.netnsOf("client"), [`http://${node}:15000/healthz/ready`]);
       t.is(admin.status, 0, `a pod reached the admin API on the node's address: ${admin.body}`);
-      const loopback = await curlIn(netnsOf("client"), ["http://127.0.0.1:15000/healthz/ready"]);
+      const loopback = await curlInNetns(abuse.netnsOf("client"), ["http://127.0.0.1:15000/healthz/ready"]);
       t.is(loopback.status, 0, "the pod's own loopback served an admin API");
-      const outsider = await curlIn(netnsOf("outsider"), [`http://${node}:15000/healthz/ready`]);
+      const outsider = await curlInNetns(abuse.netnsOf("outsider"), [`http://${node}:15000/healthz/ready`]);
       t.is(outsider.status, 0, "a pod outside the mesh reached the admin API");
 
-      const metrics = await curlIn(netnsOf("client"), [`http://${node}:15020/metrics`]);
+      const metrics = await curlInNetns(abuse.netnsOf("client"), [`http://${node}:15020/metrics`]);
       t.is(metrics.status, 200);
       t.regex(metrics.body, /ambient_agent_/);
-      const post = await curlIn(netnsOf("client"), ["-X", "POST", `http://${node}:15020/logging?level=debug`]);
+      const post = await curlInNetns(abuse.netnsOf("client"), ["-X", "POST", `http://${node}:15020/logging?level=debug`]);
       t.is(post.status, 405, "the metrics server took a POST");
-      const dump = await curlIn(netnsOf("client"), [`http://${node}:15020/config_dump`]);
+      const dump = await curlInNetns(abuse.netnsOf("client"), [`http://${node}:15020/config_dump`]);
       t.is(dump.status, 404, "the metrics server served an admin route");
-      const ready = await curlIn(netnsOf("client"), [`http://${node}:15021/healthz/ready`]);
+      const ready = await curlInNetns(abuse.netnsOf("client"), [`http://${node}:15021/healthz/ready`]);
       t.is(ready.status, 200);
       t.deepEqual(Object.keys(JSON.parse(ready.body)).sort(), ["checks", "ready"]);
 
       // More connections through 15001 to the metrics server than it takes from one address.
-      return startSlowClient(c.topology, netnsOf("client"), ["hold", node, "15020", String(SERVER_PER_SOURCE_LIMIT + 2), "100", "1500"]).done;
+      return startSlowClient(c.topology, abuse.netnsOf("client"), ["hold", node, "15020", String(SERVER_PER_SOURCE_LIMIT + 2), "100", "1500"]).done;
     },
   );
   const failed = c.auditRecords(CLIENT_NODE).find((record) => record.dst?.addr === `${node}:15000` && record.src.workload === "client");
@@ -424,39 +322,39 @@ test.serial("pod reaches only metrics and readiness", async (t) => {
 });
 
 test.serial("proxy ports as destination are refused", async (t) => {
-  const c = theCluster();
+  const c = abuse.cluster;
   const targets = [
-    ...[15001, 15006, 15008].map((port) => ({ pod: "client", url: `http://${ipOf("server")}:${port}/` })),
-    ...[15001, 15006, 15008].map((port) => ({ pod: "client", url: `http://${ipOf("client")}:${port}/` })),
-    ...[15001, 15006].map((port) => ({ pod: "outsider", url: `http://${ipOf("server")}:${port}/` })),
+    ...[15001, 15006, 15008].map((port) => ({ pod: "client", url: `http://${abuse.ipOf("server")}:${port}/` })),
+    ...[15001, 15006, 15008].map((port) => ({ pod: "client", url: `http://${abuse.ipOf("client")}:${port}/` })),
+    ...[15001, 15006].map((port) => ({ pod: "outsider", url: `http://${abuse.ipOf("server")}:${port}/` })),
   ];
   const outcomes = await checkAbuse(
     t,
     [
-      { node: CLIENT_NODE, listener: "outbound", reason: "proxy_port_target", type: "connection.refused", record: refusedFor("proxy_port_target", "outbound", (record) => record.dst?.addr === `${ipOf("server")}:15008`) },
+      { node: CLIENT_NODE, listener: "outbound", reason: "proxy_port_target", type: "connection.refused", record: refusedFor("proxy_port_target", "outbound", (record) => record.dst?.addr === `${abuse.ipOf("server")}:15008`) },
     ],
-    () => Promise.all(targets.map((target) => curlIn(netnsOf(target.pod), [target.url]).then((outcome) => ({ ...target, ...outcome })))),
+    () => Promise.all(targets.map((target) => curlInNetns(abuse.netnsOf(target.pod), [target.url]).then((outcome) => ({ ...target, ...outcome })))),
   );
   for (const outcome of outcomes) t.is(outcome.status, 0, `${outcome.pod} got a response from ${outcome.url}: ${outcome.body}`);
   for (const port of [15001, 15006, 15008]) {
-    const recorded = c.auditRecords(CLIENT_NODE, "connection.refused").some(refusedFor("proxy_port_target", "outbound", (record) => record.dst?.addr === `${ipOf("server")}:${port}`));
-    t.true(recorded, `no proxy_port_target refusal for ${ipOf("server")}:${port}`);
+    const recorded = c.auditRecords(CLIENT_NODE, "connection.refused").some(refusedFor("proxy_port_target", "outbound", (record) => record.dst?.addr === `${abuse.ipOf("server")}:${port}`));
+    t.true(recorded, `no proxy_port_target refusal for ${abuse.ipOf("server")}:${port}`);
   }
   // The pod's own proxy ports are not captured: its connections meet the listeners directly.
   const refusedOnClientNode = c.auditRecords(CLIENT_NODE, "connection.refused");
-  t.true(refusedOnClientNode.some(refusedFor("proxy_port_target", "inbound_plaintext", (record) => record.dst?.addr === `${ipOf("client")}:15006`)), "no refusal of the pod's connection to its own 15006");
-  t.true(refusedOnClientNode.some(refusedFor("tls_handshake", "inbound", (record) => record.dst?.addr === `${ipOf("client")}:15008`)), "no refusal of the pod's plaintext to its own 15008");
+  t.true(refusedOnClientNode.some(refusedFor("proxy_port_target", "inbound_plaintext", (record) => record.dst?.addr === `${abuse.ipOf("client")}:15006`)), "no refusal of the pod's connection to its own 15006");
+  t.true(refusedOnClientNode.some(refusedFor("tls_handshake", "inbound", (record) => record.dst?.addr === `${abuse.ipOf("client")}:15008`)), "no refusal of the pod's plaintext to its own 15008");
   const ownOutbound = await c.waitForAudit(CLIENT_NODE, (record) => record.direction === "outbound" && record.reason === "no_original_destination", 5_000);
   t.is(ownOutbound.decision, "deny");
   const refusedOnServerNode = c.auditRecords(SERVER_NODE, "connection.refused");
   t.true(
-    refusedOnServerNode.some(refusedFor("proxy_port_target", "inbound_plaintext", (record) => record.dst?.addr === `${ipOf("server")}:15006` && srcIp(record) === ipOf("outsider"))),
+    refusedOnServerNode.some(refusedFor("proxy_port_target", "inbound_plaintext", (record) => record.dst?.addr === `${abuse.ipOf("server")}:15006` && srcIp(record) === abuse.ipOf("outsider"))),
     "no refusal of a plaintext client's connection to 15006",
   );
 });
 
 /** Logs the agents' refusal records when a test failed, for the investigation. */
 test.afterEach.always((t) => {
-  if (t.passed || !cluster) return;
-  for (const node of [CLIENT_NODE, SERVER_NODE]) t.log(`${node} connection.refused: ${JSON.stringify(cluster.auditRecords(node, "connection.refused").slice(-5))}`);
+  if (t.passed || !abuse.created) return;
+  for (const node of [CLIENT_NODE, SERVER_NODE]) t.log(`${node} connection.refused: ${JSON.stringify(abuse.cluster.auditRecords(node, "connection.refused").slice(-5))}`);
 });

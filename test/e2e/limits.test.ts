@@ -7,13 +7,9 @@
 // The pod network of this file. The topology reads it when the harness loads, so it is set before the imports.
 process.env.AA_TEST_POD_NET ??= "10.232";
 
-import test, { type ExecutionContext } from "ava";
-import { execFile } from "node:child_process";
-import path from "node:path";
+import test from "ava";
+import { AbuseCluster, assertBlobReceived, type ServedBlob } from "../harness/abuse";
 import { testPrefixFamily } from "../harness/agent-process";
-import { curl, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
-import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
-import { parsePrometheusText, sumOf } from "../harness/prometheus-text";
 import { startSlowClient, type HeldConnection } from "../harness/slow-client";
 import type { NodeSpec } from "../harness/topology";
 
@@ -21,6 +17,7 @@ const PREFIX_FAMILY = testPrefixFamily("aalim");
 const PREFIX = `${PREFIX_FAMILY}${process.pid}`;
 const CLIENT_NODE = "aalim-n1";
 const SERVER_NODE = "aalim-n2";
+const AGENT_NODES = [CLIENT_NODE, SERVER_NODE];
 const NODES: NodeSpec[] = [
   {
     name: CLIENT_NODE,
@@ -44,70 +41,18 @@ const IDLE_TIMEOUT_S = 2;
 /** Port of the reading sink in pods server and outsider. */
 const SINK_PORT = 9001;
 const BLOB_SIZE = 8 * 1024 * 1024;
-const METRIC = "ambient_agent_refused_connections_total";
 
-/** Accepts on SINK_PORT and reads every connection until its end, sending nothing back. */
-const SINK_SERVER = `
-import socketserver
-class Sink(socketserver.BaseRequestHandler):
-    def handle(self):
-        while self.request.recv(65536):
-            pass
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer.daemon_threads = True
-socketserver.ThreadingTCPServer(("0.0.0.0", ${SINK_PORT}), Sink).serve_forever()
-`;
-
-let cluster: Cluster | undefined;
-let blobSha = "";
-
-function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
-  return cluster;
-}
-
-function ipOf(pod: string): string {
-  return theCluster().topology.pod(pod).ip;
-}
+const abuse = new AbuseCluster();
+let blob: ServedBlob;
 
 /** Runs `hold` of the slow client in a pod: `count` connections to host:port, each writing `payload` a byte every 200 ms. */
 function hold(pod: string, host: string, port: number, count: number, durationMs: number, payload = ""): Promise<HeldConnection[]> {
-  const c = theCluster();
   const args = ["hold", host, String(port), String(count), "200", String(durationMs), payload];
-  return startSlowClient(c.topology, c.topology.pod(pod).netns, args).done.then((summary) => summary.connections);
-}
-
-/** GETs a path of a node's metrics (15020) or readiness (15021) server from inside the node's namespace. */
-function getFromNode(node: string, url: string): Promise<{ status: number; body: string }> {
-  const netns = theCluster().topology.node(node).netns;
-  return new Promise((resolve) => {
-    const args = [`--net=/var/run/netns/${netns}`, "--", "curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", url];
-    execFile("nsenter", args, { encoding: "utf8", timeout: 10_000 }, (_error, stdout) => {
-      const newline = stdout.lastIndexOf("\n");
-      resolve({ status: Number(stdout.slice(newline + 1)) || 0, body: stdout.slice(0, Math.max(newline, 0)) });
-    });
-  });
-}
-
-async function refusedCount(node: string, listener: string, reason: string): Promise<number> {
-  const response = await getFromNode(node, "http://127.0.0.1:15020/metrics");
-  if (response.status !== 200) throw new Error(`GET /metrics of ${node} returned ${response.status}`);
-  return sumOf(parsePrometheusText(response.body), METRIC, { listener, reason });
-}
-
-/** Checks that both agents still run and that their readiness returns 200. */
-async function assertAgentsServe(t: ExecutionContext): Promise<void> {
-  const c = theCluster();
-  for (const node of [CLIENT_NODE, SERVER_NODE]) {
-    t.true(c.agent(node).running, `the agent of ${node} exited:\n${c.agent(node).tail()}`);
-    t.is((await getFromNode(node, "http://127.0.0.1:15021/healthz/ready")).status, 200, `the readiness of ${node}`);
-  }
+  return startSlowClient(abuse.cluster.topology, abuse.netnsOf(pod), args).done.then((summary) => summary.connections);
 }
 
 test.before(async () => {
-  assertHostCapable();
-  removeLeftovers(PREFIX_FAMILY);
-  cluster = Cluster.create({
+  const options = {
     prefix: PREFIX,
     nodes: NODES,
     namespaces: [
@@ -116,44 +61,35 @@ test.before(async () => {
     ],
     agentArgs: ["--max-connections-per-pod", String(PER_POD_LIMIT), "--idle-timeout", String(IDLE_TIMEOUT_S)],
     agentLogLevel: "info",
-  });
-  try {
-    const site = path.join(cluster.workDir, "site");
-    blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
-    await startHttpServer(cluster.topology, "pb", site, 8080);
-    // The prefix in their command lines lets removeLeftovers() end them after a crashed run.
-    for (const pod of ["server", "outsider"]) cluster.topology.spawn(cluster.topology.pod(pod).netns, "python3", ["-c", SINK_SERVER, PREFIX], { stdio: "ignore" });
+  };
+  await abuse.start(PREFIX_FAMILY, options, async (cluster) => {
+    blob = await abuse.serveBlob(["pb"], 8080, BLOB_SIZE);
+    for (const pod of ["server", "outsider"]) abuse.startSinkServer(pod, { drainPort: SINK_PORT });
     await cluster.startAgents(ENROLLED);
-  } catch (error) {
-    await cluster.destroy({ removeWorkDir: true });
-    cluster = undefined;
-    throw error;
-  }
+  });
 });
 
 test.after.always(async () => {
-  await cluster?.destroy({ removeWorkDir: true });
+  await abuse.destroy();
 });
 
 test.serial("agent.started lists the limits", async (t) => {
-  const started = await theCluster().waitForAudit(CLIENT_NODE, () => true, 10_000, "agent.started");
+  const started = await abuse.cluster.waitForAudit(CLIENT_NODE, () => true, 10_000, "agent.started");
   t.is(started.settings.limits.max_connections_per_pod, PER_POD_LIMIT);
   t.is(started.settings.limits.idle_timeout_ms, IDLE_TIMEOUT_S * 1000);
   t.is(started.settings.limits.max_connections_per_peer, 512);
 });
 
 test.serial("pod over its connection limit is refused", async (t) => {
-  const c = theCluster();
+  const c = abuse.cluster;
   const extra = 3;
-  const before = await refusedCount(CLIENT_NODE, "outbound", "connections_per_pod");
+  const before = await abuse.refusedTotal(CLIENT_NODE, "outbound", "connections_per_pod");
   // 30 bytes at one per 200 ms keep the held connections busy for 6 s, past the idle timeout.
-  const held = hold("hog", ipOf("server"), SINK_PORT, PER_POD_LIMIT + extra, 5_000, "x".repeat(30));
-  const transfer = await curl(c.topology, "pa", `http://${ipOf("pb")}:8080/blob.bin`, 30);
+  const held = hold("hog", abuse.ipOf("server"), SINK_PORT, PER_POD_LIMIT + extra, 5_000, "x".repeat(30));
+  const transfer = await abuse.fetchBlob("pa", "pb", blob);
   const connections = await held;
 
-  t.is(transfer.exitCode, 0, `the transfer between pa and pb failed while hog was refused: ${transfer.stderr}`);
-  t.is(transfer.body.length, BLOB_SIZE);
-  t.is(sha256(transfer.body), blobSha);
+  assertBlobReceived(t, transfer, blob, "the transfer between pa and pb while hog was refused");
   const closed = connections.filter((connection) => connection.closedMs !== null);
   t.is(closed.length, extra, `connections the agent closed: ${JSON.stringify(connections)}`);
   t.true(
@@ -169,58 +105,58 @@ test.serial("pod over its connection limit is refused", async (t) => {
   );
   t.is(record.port, 15001);
   t.is(record.limit, PER_POD_LIMIT);
-  t.is(record.dst.addr, `${ipOf("server")}:${SINK_PORT}`);
+  t.is(record.dst.addr, `${abuse.ipOf("server")}:${SINK_PORT}`);
   t.regex(record.message, /--max-connections-per-pod/);
   t.true(record.count >= 1);
-  t.is((await refusedCount(CLIENT_NODE, "outbound", "connections_per_pod")) - before, extra);
-  await assertAgentsServe(t);
+  t.is((await abuse.refusedTotal(CLIENT_NODE, "outbound", "connections_per_pod")) - before, extra);
+  await abuse.assertAgentsServe(t, AGENT_NODES);
 });
 
 test.serial("idle connections are closed", async (t) => {
-  const c = theCluster();
+  const c = abuse.cluster;
   const before = {
-    outbound: await refusedCount(CLIENT_NODE, "outbound", "idle_timeout"),
-    plaintext: await refusedCount(SERVER_NODE, "inbound_plaintext", "idle_timeout"),
+    outbound: await abuse.refusedTotal(CLIENT_NODE, "outbound", "idle_timeout"),
+    plaintext: await abuse.refusedTotal(SERVER_NODE, "inbound_plaintext", "idle_timeout"),
   };
   // 15001 passthrough (outsider is outside the mesh) and 15006 plaintext, each sending 5 bytes, then silent.
   const [outbound, plaintext] = await Promise.all([
-    hold("pa", ipOf("outsider"), SINK_PORT, 1, 10_000, "hello"),
-    hold("outsider", ipOf("server"), SINK_PORT, 1, 10_000, "hello"),
+    hold("pa", abuse.ipOf("outsider"), SINK_PORT, 1, 10_000, "hello"),
+    hold("outsider", abuse.ipOf("server"), SINK_PORT, 1, 10_000, "hello"),
   ]);
   t.not(outbound[0].closedMs, null, "the idle connection through 15001 was still open after 10 s");
   t.not(plaintext[0].closedMs, null, "the idle connection through 15006 was still open after 10 s");
 
-  const outboundRecord = await c.waitForAudit(CLIENT_NODE, (entry) => entry.src.workload === "pa" && entry.dst.addr === `${ipOf("outsider")}:${SINK_PORT}`);
+  const outboundRecord = await c.waitForAudit(CLIENT_NODE, (entry) => entry.src.workload === "pa" && entry.dst.addr === `${abuse.ipOf("outsider")}:${SINK_PORT}`);
   t.is(outboundRecord.error?.code, "IDLE_TIMEOUT");
   t.is(outboundRecord.bytes_sent, 5);
-  const plaintextRecord = await c.waitForAudit(SERVER_NODE, (entry) => entry.transport === "plaintext" && String(entry.src.addr).startsWith(`${ipOf("outsider")}:`));
+  const plaintextRecord = await c.waitForAudit(SERVER_NODE, (entry) => entry.transport === "plaintext" && String(entry.src.addr).startsWith(`${abuse.ipOf("outsider")}:`));
   t.is(plaintextRecord.error?.code, "IDLE_TIMEOUT");
   t.is(plaintextRecord.bytes_sent, 5);
-  t.true((await refusedCount(CLIENT_NODE, "outbound", "idle_timeout")) > before.outbound);
-  t.true((await refusedCount(SERVER_NODE, "inbound_plaintext", "idle_timeout")) > before.plaintext);
-  await assertAgentsServe(t);
+  t.true((await abuse.refusedTotal(CLIENT_NODE, "outbound", "idle_timeout")) > before.outbound);
+  t.true((await abuse.refusedTotal(SERVER_NODE, "inbound_plaintext", "idle_timeout")) > before.plaintext);
+  await abuse.assertAgentsServe(t, AGENT_NODES);
 });
 
 test.serial("proxy ports are never a destination", async (t) => {
-  const c = theCluster();
+  const c = abuse.cluster;
   const runs = await Promise.all([
-    hold("hog", ipOf("server"), 15008, 1, 3_000),
-    hold("hog", ipOf("hog"), 15006, 1, 3_000),
-    hold("outsider", ipOf("server"), 15006, 1, 3_000),
+    hold("hog", abuse.ipOf("server"), 15008, 1, 3_000),
+    hold("hog", abuse.ipOf("hog"), 15006, 1, 3_000),
+    hold("outsider", abuse.ipOf("server"), 15006, 1, 3_000),
   ]);
   for (const [connection] of runs) t.not(connection.closedMs, null, `a connection to a proxy port stayed open: ${JSON.stringify(connection)}`);
 
   const refused = (node: string, listener: string, dst: string): Promise<Record<string, any>> =>
     c.waitForAudit(node, (entry) => entry.reason === "proxy_port_target" && entry.listener === listener && entry.dst?.addr === dst, 10_000, "connection.refused");
-  const mesh = await refused(CLIENT_NODE, "outbound", `${ipOf("server")}:15008`);
+  const mesh = await refused(CLIENT_NODE, "outbound", `${abuse.ipOf("server")}:15008`);
   t.regex(mesh.message, /a pod in the mesh/);
   // Capture leaves a pod's connections to its own proxy ports alone, so they reach 15006 directly.
-  const self = await refused(CLIENT_NODE, "inbound_plaintext", `${ipOf("hog")}:15006`);
+  const self = await refused(CLIENT_NODE, "inbound_plaintext", `${abuse.ipOf("hog")}:15006`);
   t.is(self.port, 15006);
-  const plaintext = await refused(SERVER_NODE, "inbound_plaintext", `${ipOf("server")}:15006`);
-  t.is(plaintext.src.addr.split(":")[0], ipOf("outsider"));
-  t.true((await refusedCount(CLIENT_NODE, "outbound", "proxy_port_target")) >= 1);
-  t.true((await refusedCount(CLIENT_NODE, "inbound_plaintext", "proxy_port_target")) >= 1);
-  t.true((await refusedCount(SERVER_NODE, "inbound_plaintext", "proxy_port_target")) >= 1);
-  await assertAgentsServe(t);
+  const plaintext = await refused(SERVER_NODE, "inbound_plaintext", `${abuse.ipOf("server")}:15006`);
+  t.is(plaintext.src.addr.split(":")[0], abuse.ipOf("outsider"));
+  t.true((await abuse.refusedTotal(CLIENT_NODE, "outbound", "proxy_port_target")) >= 1);
+  t.true((await abuse.refusedTotal(CLIENT_NODE, "inbound_plaintext", "proxy_port_target")) >= 1);
+  t.true((await abuse.refusedTotal(SERVER_NODE, "inbound_plaintext", "proxy_port_target")) >= 1);
+  await abuse.assertAgentsServe(t, AGENT_NODES);
 });

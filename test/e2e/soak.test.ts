@@ -16,17 +16,15 @@
 process.env.AA_TEST_POD_NET ??= "10.235";
 
 import test, { type ExecutionContext } from "ava";
-import { execFile } from "node:child_process";
 import fs from "node:fs";
-import path from "node:path";
 import { loadNative } from "../../agent/capture/native";
 import { SPARE_SOCKET_BATCH } from "../../agent/capture/spare-sockets";
 import { EmbeddedCa } from "../../agent/identity/ca";
+import { AbuseCluster, sleep, type ServedBlob } from "../harness/abuse";
 import { testPrefixFamily } from "../harness/agent-process";
-import { curl, sha256, startHttpServer, writeRandomFile } from "../harness/clients";
-import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
+import { sha256 } from "../harness/clients";
 import { connectHeaderBlock, H2Error, headersFrame, RawH2Connection, rstStreamFrame, type RawH2Target } from "../harness/h2-raw";
-import { parsePrometheusText, sumOf } from "../harness/prometheus-text";
+import { sumOf } from "../harness/prometheus-text";
 import { startSlowClient } from "../harness/slow-client";
 import type { NodeSpec } from "../harness/topology";
 
@@ -91,28 +89,6 @@ const SETTLE_MS = 60_000;
 const RAPID_RESET_STREAMS = 600;
 const ATTACKER_IDENTITY = { trustDomain: "cluster.local", namespace: "plain", serviceAccount: "mallory" };
 
-/** Accepts on DRAIN_PORT and reads everything, and on NEVER_READ_PORT and keeps the connections open unread for 1 s. */
-const SINK_SERVER = `
-import socket, threading, time
-def drain(connection):
-    while connection.recv(65536):
-        pass
-    connection.close()
-def hold(connection):
-    time.sleep(1)
-    connection.close()
-def serve(port, handler):
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", port))
-    server.listen(1024)
-    while True:
-        connection, _ = server.accept()
-        threading.Thread(target=handler, args=(connection,), daemon=True).start()
-threading.Thread(target=serve, args=(${DRAIN_PORT}, drain), daemon=True).start()
-serve(${NEVER_READ_PORT}, hold)
-`;
-
 function soakSecondsFromEnv(value: string | undefined): number {
   if (value === undefined || value === "") return 45;
   const seconds = Number(value);
@@ -143,51 +119,14 @@ interface SoakTally {
   rapidResetConnections: number;
 }
 
-let cluster: Cluster | undefined;
-let blobSha = "";
+const abuse = new AbuseCluster();
+let blob: ServedBlob;
 let attackerTls: RawH2Target["tls"];
 
-function theCluster(): Cluster {
-  if (!cluster) throw new Error("the cluster was not created; see the first failure");
-  return cluster;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-function ipOf(pod: string): string {
-  return theCluster().topology.pod(pod).ip;
-}
-
-function netnsOf(pod: string): string {
-  return theCluster().topology.pod(pod).netns;
-}
-
-/** Runs curl in a node's namespace without blocking the event loop; status 0 when no response arrived. */
-function curlInNode(node: string, url: string): Promise<{ status: number; body: string }> {
-  return new Promise((resolve) => {
-    const netns = theCluster().topology.node(node).netns;
-    execFile("nsenter", [`--net=/var/run/netns/${netns}`, "--", "curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", url], { encoding: "utf8", timeout: 15_000 }, (_error, stdout) => {
-      const newline = stdout.lastIndexOf("\n");
-      resolve({ status: Number(stdout.slice(newline + 1)) || 0, body: stdout.slice(0, Math.max(newline, 0)) });
-    });
-  });
-}
-
-async function metricsOf(node: string): Promise<ReturnType<typeof parsePrometheusText>> {
-  const response = await curlInNode(node, "http://127.0.0.1:15020/metrics");
-  if (response.status !== 200) throw new Error(`GET /metrics on ${node} returned ${response.status}: ${response.body.slice(0, 200)}`);
-  return parsePrometheusText(response.body);
-}
-
 async function usageOf(node: string): Promise<AgentUsage> {
-  const pid = theCluster().agent(node).pid;
-  const fds = fs.readdirSync(`/proc/${pid}/fd`).length;
-  const kib = /^VmRSS:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1];
-  if (kib === undefined) throw new Error(`no VmRSS in /proc/${pid}/status of the agent of ${node}`);
-  const heapUsed = sumOf(await metricsOf(node), "nodejs_heap_size_used_bytes");
-  return { fds, rss: Number(kib) * 1024, heapUsed };
+  const fds = fs.readdirSync(`/proc/${abuse.cluster.agent(node).pid}/fd`).length;
+  const heapUsed = sumOf(await abuse.metricsOf(node), "nodejs_heap_size_used_bytes");
+  return { fds, rss: abuse.agentRss(node), heapUsed };
 }
 
 /** Samples the agents' descriptors every second until three samples in a row agree, for at most 15 s; returns the last usage. */
@@ -204,15 +143,9 @@ async function settledUsage(): Promise<Record<string, AgentUsage>> {
   }
 }
 
-async function refusedTotal(node: string, listener: string, reason: string): Promise<number> {
-  return sumOf(await metricsOf(node), "ambient_agent_refused_connections_total", { listener, reason });
-}
-
 test.before(async () => {
-  assertHostCapable();
-  removeLeftovers(PREFIX_FAMILY);
   loadNative();
-  cluster = Cluster.create({
+  const options = {
     prefix: PREFIX,
     nodes: NODES,
     namespaces: [
@@ -226,67 +159,61 @@ test.before(async () => {
       "--max-connections-per-pod", String(PER_POD_LIMIT),
     ],
     agentLogLevel: "info",
-  });
-  try {
-    const site = path.join(cluster.workDir, "site");
-    blobSha = writeRandomFile(path.join(site, "blob.bin"), BLOB_SIZE);
-    await startHttpServer(cluster.topology, "api", site, APP_PORT);
-    // The prefix in their command lines lets removeLeftovers() end them after a crashed run.
-    for (const pod of ["api", "db"]) cluster.topology.spawn(cluster.topology.pod(pod).netns, "python3", ["-c", SINK_SERVER, PREFIX], { stdio: ["ignore", "ignore", "ignore"] });
+  };
+  await abuse.start(PREFIX_FAMILY, options, async (cluster) => {
+    blob = await abuse.serveBlob(["api"], APP_PORT, BLOB_SIZE);
+    // The never-read sink closes its connections after 1 s.
+    for (const pod of ["api", "db"]) abuse.startSinkServer(pod, { drainPort: DRAIN_PORT, neverReadPort: NEVER_READ_PORT, holdSeconds: 1 });
     await cluster.startAgents(ENROLLED);
     const issued = await (await EmbeddedCa.load(cluster.caDir)).issue(ATTACKER_IDENTITY);
     attackerTls = { certPem: issued.chainPem, keyPem: issued.keyPem, caPem: issued.caRootsPem };
-  } catch (error) {
-    await cluster.destroy({ removeWorkDir: true });
-    cluster = undefined;
-    throw error;
-  }
+  });
 });
 
 test.after.always(async () => {
-  await cluster?.destroy({ removeWorkDir: true });
+  await abuse.destroy();
 });
 
 /** Fetches the blob from api as web and adds the outcome to the tally. */
 async function allowedTransfer(tally: SoakTally): Promise<void> {
-  const result = await curl(theCluster().topology, "web", `http://${ipOf("api")}:${APP_PORT}/blob.bin`, 30);
+  const result = await abuse.fetchBlob("web", "api", blob);
   tally.allowed += 1;
   if (result.exitCode !== 0) tally.allowedFailures.push(`curl exit ${result.exitCode}: ${result.stderr}`);
-  else if (result.body.length !== BLOB_SIZE || sha256(result.body) !== blobSha) tally.allowedFailures.push(`altered: ${result.body.length} bytes, sha256 ${sha256(result.body)}`);
+  else if (result.body.length !== blob.size || sha256(result.body) !== blob.sha256) tally.allowedFailures.push(`altered: ${result.body.length} bytes, sha256 ${sha256(result.body)}`);
 }
 
 /** Requests the blob as scraper, whom the DENY policy refuses, and adds the outcome to the tally. */
 async function deniedRequest(tally: SoakTally): Promise<void> {
-  const result = await curl(theCluster().topology, "scraper", `http://${ipOf("api")}:${APP_PORT}/blob.bin`, 5);
+  const result = await abuse.fetchBlob("scraper", "api", blob, 5);
   tally.denied += 1;
   if (result.exitCode === 0 || result.status !== 0) tally.deniedLeaks.push(`curl exit ${result.exitCode}, status ${result.status}, ${result.body.length} bytes`);
 }
 
 /** Sends random bytes to api's 15008 from a pod outside the mesh. */
 async function garbageBurst(tally: SoakTally): Promise<void> {
-  const summary = await startSlowClient(theCluster().topology, netnsOf("intruder"), ["garbage", ipOf("api"), "15008", "10", "2048"]).done;
+  const summary = await startSlowClient(abuse.cluster.topology, abuse.netnsOf("intruder"), ["garbage", abuse.ipOf("api"), "15008", "10", "2048"]).done;
   tally.garbageConnections += summary.connections.length;
 }
 
 /** Trickles a few bytes through slow's 15001 to api, then lets the idle timeout close the connections. */
 async function slowWriters(tally: SoakTally, deadline: number): Promise<void> {
   const durationMs = Math.max(1, Math.min(10_000, deadline - Date.now()));
-  const summary = await startSlowClient(theCluster().topology, netnsOf("slow"), ["hold", ipOf("api"), String(DRAIN_PORT), "2", "500", String(durationMs), "abcdef"]).done;
+  const summary = await startSlowClient(abuse.cluster.topology, abuse.netnsOf("slow"), ["hold", abuse.ipOf("api"), String(DRAIN_PORT), "2", "500", String(durationMs), "abcdef"]).done;
   tally.slowConnections += summary.connections.length;
 }
 
 /** Opens more connections from greedy than the per-pod limit takes, and holds them for 2 s. */
 async function greedyBurst(tally: SoakTally): Promise<void> {
-  const summary = await startSlowClient(theCluster().topology, netnsOf("greedy"), ["hold", ipOf("db"), String(NEVER_READ_PORT), String(PER_POD_LIMIT + 4), "100", "2000"]).done;
+  const summary = await startSlowClient(abuse.cluster.topology, abuse.netnsOf("greedy"), ["hold", abuse.ipOf("db"), String(NEVER_READ_PORT), String(PER_POD_LIMIT + 4), "100", "2000"]).done;
   tally.greedyConnections += summary.connections.length;
 }
 
 /** Opens CONNECT streams and resets each at once, over mTLS with a mesh certificate, until the agent closes the connection or 5 s pass. */
 async function rapidReset(tally: SoakTally): Promise<void> {
-  const connection = await RawH2Connection.open({ host: ipOf("api"), port: 15008, netnsPath: `/var/run/netns/${netnsOf("intruder")}`, tls: attackerTls });
+  const connection = await RawH2Connection.open({ host: abuse.ipOf("api"), port: 15008, netnsPath: `/var/run/netns/${abuse.netnsOf("intruder")}`, tls: attackerTls });
   try {
     connection.start();
-    const block = connectHeaderBlock(`${ipOf("api")}:${APP_PORT}`);
+    const block = connectHeaderBlock(`${abuse.ipOf("api")}:${APP_PORT}`);
     for (let index = 0; index < RAPID_RESET_STREAMS && !connection.isClosed; index += 1) {
       const stream = 1 + 2 * index;
       connection.write(headersFrame(stream, block), rstStreamFrame(stream, H2Error.CANCEL));
@@ -327,7 +254,7 @@ async function warmUp(tally: SoakTally): Promise<void> {
  * SPARE_SOCKET_BATCH at a time when empty, so the count moves by up to a batch per pod.
  */
 function fdSlack(node: string): number {
-  const pods = ENROLLED.filter((pod) => theCluster().topology.pod(pod).node === node).length;
+  const pods = ENROLLED.filter((pod) => abuse.cluster.topology.pod(pod).node === node).length;
   return FD_SLACK_BASE + SPARE_SOCKET_BATCH * pods;
 }
 
@@ -348,7 +275,7 @@ async function waitSettled(baseline: Record<string, AgentUsage>): Promise<Record
 
 test.serial("mixed traffic leaves agents unchanged", async (t) => {
   t.timeout((SOAK_SECONDS + 180) * 1000);
-  const c = theCluster();
+  const c = abuse.cluster;
   const tally: SoakTally = { allowed: 0, allowedFailures: [], denied: 0, deniedLeaks: [], garbageConnections: 0, slowConnections: 0, greedyConnections: 0, rapidResetConnections: 0 };
   await warmUp(tally);
   const baseline = await settledUsage();
@@ -372,10 +299,7 @@ test.serial("mixed traffic leaves agents unchanged", async (t) => {
   t.deepEqual(tally.allowedFailures, [], "allowed transfers failed or arrived altered");
   t.true(tally.denied > 1, "no denied request ran");
   t.deepEqual(tally.deniedLeaks, [], "denied requests got a response");
-  for (const node of AGENT_NODES) {
-    t.true(c.agent(node).running, `the agent of ${node} exited:\n${c.agent(node).tail()}`);
-    t.is((await curlInNode(node, "http://127.0.0.1:15021/healthz/ready")).status, 200, `the readiness of ${node}`);
-  }
+  await abuse.assertAgentsServe(t, AGENT_NODES);
   const denials = c.auditRecords(SERVER_NODE).filter((record) => record.decision === "deny" && record.policy === "soak/deny-scraper");
   t.true(denials.length > 0, "the server node recorded no denial of scraper");
   assertRefusalsCounted(t, refusedBefore, await refusedCounts());
@@ -398,7 +322,7 @@ const EXPECTED_REFUSALS: ReadonlyArray<readonly [string, string, string]> = [
 ];
 
 async function refusedCounts(): Promise<number[]> {
-  return Promise.all(EXPECTED_REFUSALS.map(([node, listener, reason]) => refusedTotal(node, listener, reason)));
+  return Promise.all(EXPECTED_REFUSALS.map(([node, listener, reason]) => abuse.refusedTotal(node, listener, reason)));
 }
 
 function assertRefusalsCounted(t: ExecutionContext, before: number[], after: number[]): void {

@@ -116,7 +116,8 @@ const SOCKET_IDLE_TIMEOUT_MS = 30_000;
 
 /**
  * The responses that Node's HTTP server without a 'clientError' listener writes to a client whose
- * request failed to parse or timed out, before it closes the connection. A server with that listener writes them itself.
+ * request failed to parse or timed out, before it closes the connection. A server with that
+ * listener writes them itself.
  */
 const CLIENT_ERROR_RESPONSES: Readonly<Record<string, string>> = {
   ERR_HTTP_REQUEST_TIMEOUT: "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n",
@@ -233,17 +234,17 @@ export class AdminServer {
       // A request whose headers arrived has a response in progress: its body came too slowly.
       const headersArrived = this.#responses.has(socket);
       const seconds = (headersArrived ? REQUEST_TIMEOUT_MS : HEADERS_TIMEOUT_MS) / 1000;
-      const what = headersArrived ? "its whole request" : "its request headers";
-      this.#recordTimeout(socket, `client ${this.#clientOf(socket)} did not send ${what} within ${seconds} s, the limit of the ${this.listener.name}`, seconds);
+      const missing = headersArrived ? "its whole request" : "its request headers";
+      this.#recordTimeout(socket, `client ${this.#clientOf(socket)} did not send ${missing} within ${seconds} s, the limit of the ${this.listener.name}`, seconds);
     }
     if (socket.writable && !this.#responses.get(socket)?.headersSent) socket.write(CLIENT_ERROR_RESPONSES[error.code ?? ""] ?? BAD_REQUEST_RESPONSE);
     socket.destroy();
   }
 
   /**
-   * Closes a connection whose idle timer fired, which Node does without this listener. The timer is
-   * either the keep-alive one between requests, an ordinary close, or SOCKET_IDLE_TIMEOUT_MS, which
-   * is recorded with reason request_timeout.
+   * Closes a connection whose socket timeout fired, which Node does without this listener. The
+   * timeout is either KEEP_ALIVE_TIMEOUT_MS between requests, an ordinary close, or
+   * SOCKET_IDLE_TIMEOUT_MS, which is recorded with reason request_timeout.
    */
   #socketIdle(socket: net.Socket): void {
     if (socket.timeout === SOCKET_IDLE_TIMEOUT_MS) {

@@ -107,8 +107,8 @@ export type RefusalReason =
   | "request_timeout";
 
 /**
- * Written for connections refused before they had a connection record: at the TCP, TLS or HTTP/2
- * level, or by a limit at accept. Refusals with the same listener, reason, source IP and
+ * The record of connections refused before they had a connection record: at the TCP, TLS or
+ * HTTP/2 level, or by a limit at accept. Refusals with the same listener, reason, source IP and
  * destination within one window are folded into one record with their `count`.
  */
 export interface ConnectionRefusedRecord {
@@ -125,7 +125,7 @@ export interface ConnectionRefusedRecord {
   reason: RefusalReason;
   /** One sentence naming the value and the limit. */
   message: string;
-  /** The configured limit, when a limit refused the connection. */
+  /** The configured limit, when a limit refused the connection: a count, bytes, or seconds for a timeout. */
   limit?: number;
   /** Refusals with the same key since the previous record for that key, at least 1. */
   count: number;

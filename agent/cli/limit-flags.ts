@@ -3,6 +3,7 @@
 
 import { DEFAULT_LIMITS } from "../proxy/limits";
 
+/** The help text of the limit options, for the usage of `ambient-agent run`. */
 export const LIMIT_USAGE = `  --max-connections-per-pod N
                        open proxied connections per enrolled pod as a source (15001), and
                        separately as a destination (15006 and HBONE streams together); more are
@@ -29,6 +30,7 @@ export const LIMIT_USAGE = `  --max-connections-per-pod N
                        new connections are refused (default 256MiB; units KiB, MiB, GiB)
 `;
 
+/** The limit options in node:util parseArgs form; each takes a string that parseLimitFlags checks. */
 export const LIMIT_FLAGS = {
   "max-connections-per-pod": { type: "string" },
   "max-connections-per-peer": { type: "string" },

@@ -197,7 +197,7 @@ export class InboundPlaintextServer {
     }
     const releasePeer = this.#limits.acquirePeer(pod, "inbound_plaintext", sourceIp);
     if (releasePeer === undefined) {
-      const message = `${sourceIp} has ${limits.maxConnectionsPerPeer} open plaintext connections to pod ${pod}, the limit (--max-connections-per-peer)`;
+      const message = `client ${sourceIp} has ${limits.maxConnectionsPerPeer} open plaintext connections to pod ${pod}, the limit (--max-connections-per-peer)`;
       return refuse({ reason: "connections_per_peer", message, limit: limits.maxConnectionsPerPeer });
     }
     const releasePod = this.#limits.acquire(pod, "inbound");

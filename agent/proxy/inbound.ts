@@ -459,7 +459,8 @@ export class InboundHboneServer {
     } catch (error) {
       const code = error instanceof AgentError ? error.code.toLowerCase() : "bad_request";
       record.deny(code, error as AgentError);
-      // Both try to use the tunnel for another target than the pod's own ports: the agent, the node, loopback.
+      // Both codes mean the client aimed the tunnel at something other than the pod's own ports:
+      // the agent, the node or loopback.
       if (code === "proxy_port" || code === "authority_mismatch") this.#refusals.countClosed("inbound", "proxy_port_target");
       throw error;
     }

@@ -16,6 +16,7 @@
 
 import type { Logger } from "../log";
 import type { Direction } from "../state/types";
+import { BufferedBytes } from "./buffered-bytes";
 import type { CopyLimits } from "./copy";
 import { DEFAULT_LIMITS, type ProxyLimits } from "./limits";
 import { RefusalLog } from "./refusal-log";
@@ -25,34 +26,6 @@ export type Release = () => void;
 
 /** A listener that limits connections per remote IP. */
 export type PeerListener = "inbound" | "inbound_plaintext";
-
-/**
- * Bytes that the proxies have read and not yet written, node-wide. The copy adds a chunk when it
- * writes it to the other side and subtracts it when the write completes or the connection ends.
- */
-export class BufferedBytes {
-  #bytes = 0;
-
-  constructor(readonly max: number) {}
-
-  /** Bytes held now. */
-  get bytes(): number {
-    return this.#bytes;
-  }
-
-  /** Tells whether the proxies hold more than the limit, so new connections must be refused. */
-  get exceeded(): boolean {
-    return this.#bytes > this.max;
-  }
-
-  add(bytes: number): void {
-    this.#bytes += bytes;
-  }
-
-  subtract(bytes: number): void {
-    this.#bytes -= bytes;
-  }
-}
 
 /** Counts what the limits bound; one per agent. */
 export class LimitTracker {
@@ -72,7 +45,7 @@ export class LimitTracker {
 
   /**
    * Counts a proxied connection of a pod: as the source ("outbound", 15001) or as the destination
-   * ("inbound", 15006 connections and 15008 streams together). Undefined when the pod has
+   * ("inbound", 15006 connections and 15008 streams together). Returns undefined when the pod has
    * maxConnectionsPerPod open in that direction.
    */
   acquire(podUid: string, direction: Direction): Release | undefined {
@@ -81,7 +54,7 @@ export class LimitTracker {
 
   /**
    * Counts a TCP connection from `peerIp` to a pod's 15008 ("inbound") or 15006
-   * ("inbound_plaintext"). Undefined when maxConnectionsPerPeer are open.
+   * ("inbound_plaintext"). Returns undefined when maxConnectionsPerPeer are open.
    */
   acquirePeer(podUid: string, listener: PeerListener, peerIp: string): Release | undefined {
     return take(this.#peers, `${podUid} ${listener} ${peerIp}`, this.limits.maxConnectionsPerPeer);
@@ -89,7 +62,7 @@ export class LimitTracker {
 
   /**
    * Counts a CONNECT stream from the peer identity `peerIdentity` (SPIFFE id) to a pod, over all
-   * its connections. Undefined when maxStreamsPerPeer are open.
+   * its connections. Returns undefined when maxStreamsPerPeer are open.
    */
   acquirePeerStream(podUid: string, peerIdentity: string): Release | undefined {
     return take(this.#peerStreams, `${podUid} ${peerIdentity}`, this.limits.maxStreamsPerPeer);
@@ -100,7 +73,7 @@ export class LimitTracker {
     return this.#pods.get(`${podUid} ${direction}`) ?? 0;
   }
 
-  /** Counts the keys held in every map, which the tests check for leaks. */
+  /** Returns the number of keys in all three maps, which tests check for leaks. */
   keyCount(): number {
     return this.#pods.size + this.#peers.size + this.#peerStreams.size;
   }
@@ -145,8 +118,9 @@ export function resolveLimitOptions(options: ProxyLimitOptions, node: string, lo
  */
 export function bufferedBytesRefusal(tracker: LimitTracker, node: string): { reason: "buffered_bytes"; message: string; limit: number } | undefined {
   if (!tracker.buffered.exceeded) return undefined;
-  const message = `the proxies of node ${node} hold ${tracker.buffered.bytes} bytes read and not yet written, more than the limit (--max-buffered-bytes)`;
-  return { reason: "buffered_bytes", message, limit: tracker.limits.maxBufferedBytes };
+  const limit = tracker.limits.maxBufferedBytes;
+  const message = `the proxies of node ${node} hold ${tracker.buffered.bytes} bytes read and not yet written, more than the limit of ${limit} (--max-buffered-bytes)`;
+  return { reason: "buffered_bytes", message, limit };
 }
 
 /** Returns the limits a proxy's copy enforces: the idle timeout and the node-wide buffered bytes. */

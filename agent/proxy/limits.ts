@@ -35,7 +35,9 @@ export const DEFAULT_LIMITS: Readonly<ProxyLimits> = Object.freeze({
   // ztunnel's server value; an HTTP/2 client opens a new connection past it.
   maxStreamsPerConnection: 200,
   maxStreamsPerPeer: 2048,
+  // ztunnel's HBONE client sends at most 16 KiB; its server accepts 64 KiB.
   maxHeaderListBytes: 16 * 1024,
+  // The same as the upstream connect timeout (CONNECT_TIMEOUT_MS).
   handshakeTimeoutMs: 10_000,
   // Envoy's TCP proxy default idle timeout.
   idleTimeoutMs: 60 * 60 * 1000,

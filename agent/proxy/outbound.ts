@@ -53,19 +53,19 @@ export interface OutboundProxyOptions extends ProxyLimitOptions {
   tracker?: ConnectionRegistry;
   /** Limits and timers of the HBONE connection pool. The pool's defaults apply when absent. */
   pool?: Omit<HbonePoolOptions, "network" | "certs" | "logger">;
-  /** Deadline of the answer to a CONNECT request, in ms. Defaults to CONNECT_RESPONSE_TIMEOUT_MS. */
+  /** Deadline of the response to a CONNECT request, in ms. Defaults to CONNECT_RESPONSE_TIMEOUT_MS. */
   connectResponseTimeoutMs?: number;
 }
 
 /**
- * How long the outbound side waits for the answer to a CONNECT: the destination agent's own
+ * How long the outbound side waits for the response to a CONNECT: the destination agent's own
  * deadline for its connect to the application (CONNECT_TIMEOUT_MS), plus 5 s for the round trip
- * and a busy peer. A peer that answers PINGs but never a CONNECT then holds the pod's outbound
- * slot for this long, not forever.
+ * and a busy peer. A peer that acknowledges PINGs but never responds to a CONNECT then holds the
+ * pod's outbound slot for this long, not forever.
  */
 export const CONNECT_RESPONSE_TIMEOUT_MS = CONNECT_TIMEOUT_MS + 5_000;
 
-/** Where a connection goes: its original destination, and the route resolveDestination chose. */
+/** The destination of a connection: its original destination, and the route resolveDestination chose. */
 interface Route {
   destination: Authority;
   target: DestinationTarget;
@@ -231,9 +231,9 @@ export class OutboundProxy {
 
   /**
    * Returns the address and its owner when the connection would reach a proxy port (15001, 15006,
-   * 15008) of a loopback address, of this pod, or of a pod in the mesh: such a connection can only
-   * loop through the agent or reach its listeners from the wrong side. Checks the dialled address
-   * and, for a Service, the chosen endpoint.
+   * 15008) of a loopback or unspecified address, of this pod, or of a pod in the mesh: such a
+   * connection can only loop through the agent or reach its listeners from the wrong side. Checks
+   * the dialled address and, for a Service, the chosen endpoint.
    */
   #proxyPortTarget({ destination, target }: Route): { addr: string; owner: string } | undefined {
     const addresses = target.kind === "unavailable" ? [destination] : [destination, target.address];
@@ -242,6 +242,7 @@ export class OutboundProxy {
       const addr = formatAddress(address.ip, address.port);
       if (hasWorkloadIp(this.#options.workload, address.ip)) return { addr, owner: "the pod itself" };
       if (isLoopbackIp(address.ip)) return { addr, owner: "a loopback address" };
+      if (address.ip === "0.0.0.0" || address.ip === "::") return { addr, owner: "the unspecified address, which Linux connects to the local host" };
       const routedInMesh = target.kind === "hbone" && target.address.ip === address.ip && target.address.port === address.port;
       if (routedInMesh) return { addr, owner: "a pod in the mesh" };
     }

@@ -47,7 +47,7 @@ export function invariant(condition: boolean, message: () => string): asserts co
 export interface FuzzOptions {
   /** Time for generated inputs, after the corpus replay. */
   seconds: number;
-  /** Most generated inputs; unbounded when absent. */
+  /** Maximum number of generated inputs; unbounded when absent. */
   maxRuns?: number;
   /** fast-check seed, to repeat a run. */
   seed?: number;

@@ -208,6 +208,7 @@ export class RawH2Connection {
     return RawH2Connection.open({ ...target, tls: undefined });
   }
 
+  /** Tells whether the socket closed. */
   get isClosed(): boolean {
     return this.#isClosed;
   }
@@ -224,14 +225,14 @@ export class RawH2Connection {
   }
 
   /** Resolves with the first frame read (now or later) that satisfies `predicate`; rejects on close or timeout. */
-  waitForFrame(predicate: (frame: Frame) => boolean, timeoutMs = 5_000, what = "a frame"): Promise<Frame> {
+  waitForFrame(predicate: (frame: Frame) => boolean, timeoutMs = 5_000, expected = "a frame"): Promise<Frame> {
     return new Promise((resolve, reject) => {
       const check = (): void => {
         const found = this.frames.find(predicate);
         if (found) return finish(() => resolve(found));
-        if (this.#isClosed) finish(() => reject(new Error(`the connection closed before ${what}; frames: ${this.describeFrames()}`)));
+        if (this.#isClosed) finish(() => reject(new Error(`the connection closed before ${expected}; frames: ${this.describeFrames()}`)));
       };
-      const timer = setTimeout(() => finish(() => reject(new Error(`no ${what} within ${timeoutMs} ms; frames: ${this.describeFrames()}`))), timeoutMs);
+      const timer = setTimeout(() => finish(() => reject(new Error(`no ${expected} within ${timeoutMs} ms; frames: ${this.describeFrames()}`))), timeoutMs);
       const finish = (settle: () => void): void => {
         clearTimeout(timer);
         this.#waiters.delete(check);

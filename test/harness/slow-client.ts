@@ -110,7 +110,18 @@ async function flood(host: string, port: number, maxBytes: number, durationMs: n
     queued += FLOOD_CHUNK.length;
     if (socket.write(FLOOD_CHUNK)) continue;
     // Stalled: wait for the destination to take more, for the close, or for the deadline.
-    await Promise.race([new Promise((resolve) => socket.once("drain", resolve)), connection.settled.then(() => sleep(1)), sleep(Math.max(0, deadline - Date.now()))]);
+    // `connection.settled` resolved at the connect already, so it cannot signal the close.
+    await new Promise<void>((resolve) => {
+      const resume = (): void => {
+        clearTimeout(timer);
+        socket.off("drain", resume);
+        socket.off("close", resume);
+        resolve();
+      };
+      const timer = setTimeout(resume, Math.max(0, deadline - Date.now()));
+      socket.once("drain", resume);
+      socket.once("close", resume);
+    });
   }
   await untilClosedOr([connection], deadline);
   return finish([connection]);

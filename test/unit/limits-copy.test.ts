@@ -3,7 +3,7 @@ import crypto from "node:crypto";
 import net from "node:net";
 import { once } from "node:events";
 import { copyBidirectional, tcpEndpoint } from "../../agent/proxy/copy";
-import { BufferedBytes } from "../../agent/proxy/limit-tracker";
+import { BufferedBytes } from "../../agent/proxy/buffered-bytes";
 
 /** Returns both ends of a TCP connection on loopback. */
 async function socketPair(): Promise<{ near: net.Socket; far: net.Socket }> {

@@ -112,6 +112,7 @@ const PROXY_PORT_CASES: Array<{ name: string; destination: { ip: string; port: n
     addr: "10.232.9.9:15008",
     owner: /a pod in the mesh/,
   },
+  { name: "unspecified 15006", destination: { ip: "0.0.0.0", port: 15006 }, addr: "0.0.0.0:15006", owner: /the unspecified address/ },
 ];
 
 for (const [index, testCase] of PROXY_PORT_CASES.entries()) {

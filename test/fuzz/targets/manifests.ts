@@ -51,8 +51,8 @@ function useObjects(objects: readonly ParsedObject[]): void {
 
 /**
  * The yaml package spends about 0.03 ms on each syntax error it reports (linear in the size), and
- * 16 KiB of ":" lines contains 7,000 of them, so the YAML targets get a looser bound and 8 KiB inputs.
- * Catastrophic backtracking still exceeds the bound by far.
+ * 16 KiB of ":" lines contains 7,000 of them. So the YAML targets get a looser bound and 8 KiB
+ * inputs. Catastrophic backtracking still exceeds the bound by far.
  */
 export const YAML_INPUT_MS = 500;
 export const YAML_MAX_BYTES = 8192;

@@ -74,9 +74,9 @@ export interface AdminSources {
   problems(): readonly ManifestProblem[];
   connections(): ConnectionSource | undefined;
   stopping(): boolean;
-  /** The proxies' limits in force; absent in tests of single modules. */
+  /** The proxies' limits in force. It is absent in tests of single modules. */
   limits?(): ProxyLimits;
-  /** Refusals since start per listener and reason (RefusalLog.totals); absent in tests of single modules. */
+  /** Refusals since start per listener and reason (RefusalLog.totals). It is absent in tests of single modules. */
   refusals?(): readonly { listener: string; reason: string; count: number }[];
   /** The log levels of the agent's logger tree; /logging is not served without them. */
   logLevels?: LogLevels;

@@ -147,7 +147,7 @@ export class AdminServer {
      * `ipHostsOnly` rejects requests addressed to a host name other than localhost.
      */
     private readonly listener: { name: string; flag: string; ipHostsOnly?: boolean } = { name: "admin API", flag: "--admin", ipHostsOnly: true },
-    /** Records each connection dropped at a limit; without it, drops are only logged, once a minute. */
+    /** Records each connection dropped at a limit. Without it, drops are only logged, once a minute. */
     private readonly refusals?: AdminRefusals,
   ) {
     this.server = http.createServer({ connectionsCheckingInterval: CONNECTION_CHECK_MS }, (request, response) => {
@@ -264,7 +264,7 @@ export class AdminServer {
     return formatAddress(normalizeIp(socket.remoteAddress ?? ""), socket.remotePort ?? 0);
   }
 
-  /** Writes a connection.refused record through the refusal log; called before the socket is destroyed, which clears its addresses. */
+  /** Writes a connection.refused record through the refusal log. Call it before the socket is destroyed, which clears its addresses. */
   #refuse(socket: net.Socket, reason: "admin_connections" | "request_timeout", message: string, limit: number): void {
     const port = socket.localPort ?? 0;
     this.refusals!.log.refuse({

@@ -122,7 +122,7 @@ export interface StatusView {
   pending: number;
   isolated: number;
   connections: { inbound: number; outbound: number };
-  /** Refused connections since start with a count above 0, by listener and reason; absent from agents without limits. */
+  /** Refused connections since start with a count above 0, by listener and reason. It is absent from agents without limits. */
   refusals?: RefusalView[];
   certificates: { total: number; valid: number; refreshing: number; pending: number; failing: number; expired: number; nextExpiry?: string };
 }
@@ -132,7 +132,7 @@ export interface RefusalView {
   listener: string;
   reason: string;
   count: number;
-  /** The flag of the limit behind the reason; absent for reasons that no limit sets (tls_handshake, http2_flood). */
+  /** The flag of the limit behind the reason. It is absent for reasons that no limit sets (tls_handshake, http2_flood). */
   flag?: string;
 }
 

@@ -1,4 +1,4 @@
-// The limit options of `ambient-agent run`; agent/proxy/limits.ts parses them and docs/limits.md
+// The limit options of `ambient-agent run`. agent/proxy/limits.ts parses them and docs/limits.md
 // describes what each limit does when it is reached.
 
 import { DEFAULT_LIMITS } from "../proxy/limits";
@@ -30,7 +30,7 @@ export const LIMIT_USAGE = `  --max-connections-per-pod N
                        new connections are refused (default 256MiB; units KiB, MiB, GiB)
 `;
 
-/** The limit options in node:util parseArgs form; each takes a string that parseLimitFlags checks. */
+/** The limit options in node:util parseArgs form. Each takes a string that parseLimitFlags checks. */
 export const LIMIT_FLAGS = {
   "max-connections-per-pod": { type: "string" },
   "max-connections-per-peer": { type: "string" },

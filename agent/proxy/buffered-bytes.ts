@@ -1,4 +1,4 @@
-// The node-wide count of bytes that the proxies hold in memory, which --max-buffered-bytes bounds.
+// The node-wide count of bytes that the proxies buffer in memory, which --max-buffered-bytes bounds.
 
 /**
  * Bytes that the proxies have read and not yet written, node-wide. The copy adds a chunk when it
@@ -14,7 +14,7 @@ export class BufferedBytes {
     return this.#bytes;
   }
 
-  /** Tells whether the proxies hold more than the limit, so new connections must be refused. */
+  /** Returns whether the proxies buffer more than the limit, so that new connections are refused. */
   get exceeded(): boolean {
     return this.#bytes > this.max;
   }

@@ -29,13 +29,14 @@ export interface CopyEndpoint {
   closedNormally(error: unknown, ended: boolean): boolean;
   /**
    * Bytes written to the endpoint's socket that its peer has not acknowledged yet, or undefined
-   * when the endpoint cannot tell. The idle timeout reads it to see bytes move inside the kernel.
+   * when the endpoint cannot measure it. The idle timeout reads it to see bytes move inside the kernel.
    */
   unackedBytes?(): number | undefined;
   /**
-   * Tells whether the endpoint waits for its HTTP/2 peer: bytes written to it wait for the peer's
-   * flow-control window (queued on the stream, or a write not yet completed), or its writable side
-   * ended and its readable side waits for the peer's answer. Only HTTP/2 streams have it.
+   * Returns whether the endpoint waits for its HTTP/2 peer. It does when bytes written to it wait
+   * for the peer's flow-control window (queued on the stream, or a write not yet completed), or
+   * when its writable side ended and its readable side waits for the peer's response. Only HTTP/2
+   * streams have it.
    */
   awaitsPeer?(): boolean;
 }
@@ -216,16 +217,16 @@ export function copyBidirectional(
  * previous firing means bytes moved in the kernel. A reader that stopped reading keeps that count
  * still and is reset after one to two timeouts.
  *
- * An HTTP/2 stream tells nothing of the kind: the peer's agent grants flow-control window in
+ * An HTTP/2 stream reports nothing of the kind. The peer's agent grants flow-control window in
  * bursts, after its application took half a window, which at a slow reader can take longer than
- * the timeout; after the last write, the peer may hold a window of bytes for its reader. So while
+ * the timeout. After the last write, the peer may keep a window of bytes for its reader. So while
  * a stream endpoint waits for its peer (bytes waiting for window, or its writable side ended and
- * its readable side still open) and no TCP endpoint of the copy holds bytes for its reader, this
- * node leaves the decision to the other node's copy: that copy sees its application take bytes or
- * stall, and resets the stream when it stalls, which ends this copy too. A copy that holds bytes
+ * its readable side still open) and no TCP endpoint of the copy keeps bytes for its reader, this
+ * node leaves the decision to the other node's copy. That copy sees its application take bytes or
+ * stall, and resets the stream when it stalls, which ends this copy too. A copy that keeps bytes
  * for its own TCP reader is judged here, so two copies stalled both ways do not wait for each
  * other. A stream whose writable side is open and has nothing queued gives no such hint: a sender
- * that stops without ending, while the peer still holds bytes for a slow reader, is judged here.
+ * that stops without ending, while the peer still keeps bytes for a slow reader, is judged here.
  */
 class IdleTimer {
   #timer: NodeJS.Timeout;
@@ -263,7 +264,7 @@ class IdleTimer {
     this.second.reset();
   }
 
-  /** Tells whether an endpoint's count of unacknowledged bytes changed since the previous firing. */
+  /** Returns whether an endpoint's count of unacknowledged bytes changed since the previous firing. */
   #kernelMoved(): boolean {
     const previous = this.#unacked;
     this.#unacked = this.#readUnacked();
@@ -271,8 +272,8 @@ class IdleTimer {
   }
 
   /**
-   * Tells whether a stream endpoint waits for its peer while no TCP endpoint holds bytes for its
-   * reader, unsent or unacknowledged; reads the counts of the current firing.
+   * Returns whether a stream endpoint waits for its peer while no TCP endpoint contains bytes for
+   * its reader, unsent or unacknowledged. It reads the counts of the current firing.
    */
   #peerDecides(): boolean {
     const endpoints = [this.first, this.second];
@@ -319,7 +320,7 @@ class PendingWrites {
     this.buffered.subtract(length);
   };
 
-  /** Removes what is still counted once the copy ended; later callbacks do nothing. */
+  /** Removes what is still counted once the copy ended, so later callbacks do nothing. */
   close(): void {
     this.buffered?.subtract(this.#bytes);
     this.#bytes = 0;

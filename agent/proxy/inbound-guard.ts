@@ -14,7 +14,7 @@
 // - SETTINGS_MAX_CONCURRENT_STREAMS: nghttp2 refuses excess streams with RST_STREAM REFUSED_STREAM
 //   from the moment the SETTINGS frame is sent, and fails the session with "Protocol error" once
 //   the client acknowledged it. Neither refusal reaches JavaScript as a stream.
-// - SETTINGS_MAX_HEADER_LIST_SIZE: applies only after the client acknowledged the SETTINGS frame;
+// - SETTINGS_MAX_HEADER_LIST_SIZE: applies only after the client acknowledged the SETTINGS frame.
 //   Node then resets the stream with ENHANCE_YOUR_CALM and emits nothing. Before that, any size up
 //   to Node's 128 header pairs reaches the 'stream' event, where admitStream() checks it.
 // - WINDOW_UPDATE overflow, frames on idle streams and malformed frames: the session fails with
@@ -37,7 +37,7 @@ import { DEFAULT_LIVENESS, SessionLiveness, type LivenessTiming } from "./sessio
 import { normalizeIp, remoteAddressOf } from "./tcp";
 
 /**
- * Streams a client may reset before their response, in one burst, on one connection; the bucket
+ * Streams a client may reset before their response, in one burst, on one connection. The bucket
  * refills at RAPID_RESET_PER_SECOND. Past it the connection gets GOAWAY ENHANCE_YOUR_CALM. A
  * client's proxy resets a stream before its response only when its application gave up during
  * the connect, which is rare next to this.
@@ -52,12 +52,12 @@ export interface InboundGuardOptions {
   podUid: string;
   /** The pod as refusal records name it. */
   destination(localIp: string): AuditPeer;
-  /** The limits to apply; the tracker's own, or those with a server's override. */
+  /** The limits to apply: the tracker's own, or those with a server's override. */
   limits: Readonly<ProxyLimits>;
   tracker: LimitTracker;
   refusals: RefusalLog;
   logger: Logger;
-  /** The liveness check of sessions with open streams; DEFAULT_LIVENESS when absent. */
+  /** The liveness check of sessions with open streams, or DEFAULT_LIVENESS when absent. */
   liveness?: Readonly<LivenessTiming>;
 }
 
@@ -92,7 +92,7 @@ export class InboundGuard {
     return this.#options.limits;
   }
 
-  /** The node-wide count of bytes the proxies hold, for the copy of each stream. */
+  /** The node-wide count of bytes the proxies buffer, for the copy of each stream. */
   get buffered(): LimitTracker["buffered"] {
     return this.#options.tracker.buffered;
   }
@@ -148,7 +148,7 @@ export class InboundGuard {
     this.#refuseFrom(tcp, source, "tls_handshake", `TLS handshake with client ${source} failed: ${cause} (${tcp?.bytesRead ?? 0} bytes received)`);
   }
 
-  /** Counts a session whose client certificate failed verification; its connection record states why. */
+  /** Counts a session whose client certificate failed verification. Its connection record states why. */
   countRejectedCertificate(): void {
     this.#options.refusals.countClosed("inbound", "tls_handshake");
   }
@@ -184,7 +184,7 @@ export class InboundGuard {
       ? `HTTP/2 session with client ${source} read and wrote no byte while a PING waited ${seconds} s to be sent: Node.js ended the session after an HTTP/2 error of the client without reporting it, or the client stopped taking bytes, so the agent closed it and its ${streams} open streams`
       : `client ${source} did not acknowledge a PING within ${seconds} s while its HTTP/2 session read and wrote no byte, so the agent closed the session and its ${streams} open streams`;
     this.#refuseFrom(state.tcp, source, "http2_protocol", message);
-    // The error goes to the session's 'error' listener, which logs it; the streams are destroyed with it.
+    // The error goes to the session's 'error' listener, which logs it, and the streams are destroyed with it.
     session.destroy(new Error(message), http2.constants.NGHTTP2_PROTOCOL_ERROR);
   }
 
@@ -218,7 +218,7 @@ export class InboundGuard {
    * Admits a CONNECT stream, or refuses it and returns undefined. Checks, in order: streams open
    * on its connection, the header list size, the node's buffered bytes, the pod's inbound
    * connections, and the streams of the client's identity. The returned function releases what
-   * the stream counted; the stream's close releases it too. Only an admitted stream ends the
+   * the stream counted, and the stream's close releases it too. Only an admitted stream ends the
    * connection's handshake deadline, so a connection whose streams are all refused is closed at
    * it, whatever the idle timeout.
    */
@@ -295,7 +295,7 @@ export class InboundGuard {
     if (this.#options.tracker.buffered.exceeded) {
       const max = this.limits.maxBufferedBytes;
       const bytes = this.#options.tracker.buffered.bytes;
-      return { reason: "buffered_bytes", message: `the proxies hold ${bytes} bytes read and not yet written, more than the limit of ${max} (--max-buffered-bytes)`, limit: max, source };
+      return { reason: "buffered_bytes", message: `the proxies buffer ${bytes} bytes read and not yet written, more than the limit of ${max} (--max-buffered-bytes)`, limit: max, source };
     }
     return undefined;
   }

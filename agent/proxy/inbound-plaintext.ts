@@ -180,7 +180,7 @@ export class InboundPlaintextServer {
    * Applies the limits before the connection gets a record: the node's buffered bytes, a proxy
    * port as the destination, the client's open connections to this pod's 15006, and the pod's
    * open inbound connections. Resets the client and records the refusal when one of them refuses
-   * it; otherwise returns the function that gives the slots back.
+   * it. Otherwise it returns the function that gives the slots back.
    */
   #admit(client: net.Socket, sourceIp: string, src: AuditPeer, dst: AuditPeer, port: number): Release | undefined {
     const pod = this.#options.workload.uid;
@@ -249,7 +249,7 @@ export class InboundPlaintextServer {
     return fromCapture ?? { ip: client.localAddress ?? "", port: client.localPort ?? 0 };
   }
 
-  /** Returns the port the client dialled; the address must be this pod's (#admit refused proxy ports). */
+  /** Returns the port the client dialled. The address must be this pod's (#admit refused proxy ports). */
   #checkDestination(dialled: { ip: string; port: number }, record: ConnectionRecord): number {
     const ip = normalizeIp(dialled.ip);
     const port = dialled.port;

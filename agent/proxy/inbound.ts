@@ -78,7 +78,7 @@ export interface InboundHboneServerOptions extends ProxyLimitOptions {
   connectTimeoutMs?: number;
   /** Streams a client may open at once on one HBONE connection, in place of the limits' maxStreamsPerConnection. */
   maxConcurrentStreams?: number;
-  /** The liveness check of HBONE connections with open streams; DEFAULT_LIVENESS when absent. */
+  /** The liveness check of HBONE connections with open streams, or DEFAULT_LIVENESS when absent. */
   liveness?: Readonly<LivenessTiming>;
 }
 

@@ -1,10 +1,10 @@
 // The counters behind the connection limits (limits.ts): open connections per pod and direction,
 // per remote IP and listener, open CONNECT streams per peer identity, and the node-wide bytes the
-// proxies hold. One tracker per agent, shared by the proxies of every pod.
+// proxies buffer. One tracker per agent, shared by the proxies of every pod.
 //
 // Use: a listener calls an acquire method when it accepts a connection or stream. Undefined means
 // the limit is reached: the listener refuses (RefusalLog.refuse) and keeps nothing. Otherwise it
-// keeps the returned release function and calls it once when the connection or stream ends; a
+// keeps the returned release function and calls it once when the connection or stream ends. A
 // second call does nothing. A 15008 CONNECT stream takes its pod's "inbound" slot, as a 15006
 // connection does, so the two share maxConnectionsPerPod:
 //
@@ -12,7 +12,7 @@
 //   if (release === undefined) { refusals.refuse({ ..., reason: "connections_per_pod", limit: tracker.limits.maxConnectionsPerPod }); return; }
 //   try { ... } finally { release(); }
 //
-// Counters are removed at zero, so the maps hold only keys with something open.
+// Counters are removed at zero, so the maps contain only keys with something open.
 
 import type { Logger } from "../log";
 import type { Direction } from "../state/types";
@@ -21,13 +21,13 @@ import type { CopyLimits } from "./copy";
 import { DEFAULT_LIMITS, type ProxyLimits } from "./limits";
 import { RefusalLog } from "./refusal-log";
 
-/** Ends what an acquire method counted; idempotent. */
+/** Ends what an acquire method counted. A second call does nothing. */
 export type Release = () => void;
 
 /** A listener that limits connections per remote IP. */
 export type PeerListener = "inbound" | "inbound_plaintext";
 
-/** Counts what the limits bound; one per agent. */
+/** Counts what the limits bound. The agent has one. */
 export class LimitTracker {
   readonly limits: Readonly<ProxyLimits>;
   readonly buffered: BufferedBytes;
@@ -96,11 +96,11 @@ function take(counts: Map<string, number>, key: string, limit: number): Release 
 
 /** The limit options that every proxy takes. Each is optional, so tests of one module may omit them. */
 export interface ProxyLimitOptions {
-  /** The agent's limits; DEFAULT_LIMITS when absent. */
+  /** The agent's limits, or DEFAULT_LIMITS when absent. */
   limits?: Readonly<ProxyLimits>;
-  /** The agent's counters, shared by the proxies of every pod; a tracker of this proxy alone when absent. */
+  /** The agent's counters, shared by the proxies of every pod, or a tracker of this proxy alone when absent. */
   limitTracker?: LimitTracker;
-  /** The agent's refusal log; when absent, refusals are only logged. */
+  /** The agent's refusal log. When absent, refusals are only logged. */
   refusals?: RefusalLog;
 }
 
@@ -113,13 +113,13 @@ export function resolveLimitOptions(options: ProxyLimitOptions, node: string, lo
 }
 
 /**
- * Returns the refusal of a new connection while the node's proxies hold more than
- * maxBufferedBytes, for RefusalLog.refuse; undefined while they hold less.
+ * Returns the refusal of a new connection while the node's proxies buffer more than
+ * maxBufferedBytes, for RefusalLog.refuse, or undefined while they buffer less.
  */
 export function bufferedBytesRefusal(tracker: LimitTracker, node: string): { reason: "buffered_bytes"; message: string; limit: number } | undefined {
   if (!tracker.buffered.exceeded) return undefined;
   const limit = tracker.limits.maxBufferedBytes;
-  const message = `the proxies of node ${node} hold ${tracker.buffered.bytes} bytes read and not yet written, more than the limit of ${limit} (--max-buffered-bytes)`;
+  const message = `the proxies of node ${node} buffer ${tracker.buffered.bytes} bytes read and not yet written, more than the limit of ${limit} (--max-buffered-bytes)`;
   return { reason: "buffered_bytes", message, limit };
 }
 

@@ -21,10 +21,10 @@ export interface ProxyLimits {
   handshakeTimeoutMs: number;
   /**
    * Time in ms after which a proxied connection with no byte in either direction is closed, and
-   * an HBONE session with no open stream; 0 turns it off.
+   * an HBONE session with no open stream. 0 turns it off.
    */
   idleTimeoutMs: number;
-  /** Node-wide bytes that the proxies have read and not yet written; above it, new connections are refused. */
+  /** Node-wide bytes that the proxies have read and not yet written. Above it, new connections are refused. */
   maxBufferedBytes: number;
 }
 
@@ -32,10 +32,10 @@ export interface ProxyLimits {
 export const DEFAULT_LIMITS: Readonly<ProxyLimits> = Object.freeze({
   maxConnectionsPerPod: 4096,
   maxConnectionsPerPeer: 512,
-  // ztunnel's server value; an HTTP/2 client opens a new connection past it.
+  // ztunnel's server value. An HTTP/2 client opens a new connection past it.
   maxStreamsPerConnection: 200,
   maxStreamsPerPeer: 2048,
-  // ztunnel's HBONE client sends at most 16 KiB; its server accepts 64 KiB.
+  // ztunnel's HBONE client sends at most 16 KiB, and its server accepts 64 KiB.
   maxHeaderListBytes: 16 * 1024,
   // The same as the upstream connect timeout (CONNECT_TIMEOUT_MS).
   handshakeTimeoutMs: 10_000,
@@ -64,7 +64,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 const SIZE_UNITS: Record<string, number> = { "": 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3 };
 
 /**
- * Reads the limit flags; an absent flag keeps its DEFAULT_LIMITS value. Throws an Error whose
+ * Reads the limit flags. An absent flag keeps its DEFAULT_LIMITS value. Throws an Error whose
  * message names the flag, the value and an example of a valid one.
  */
 export function parseLimitFlags(values: LimitFlagValues): ProxyLimits {

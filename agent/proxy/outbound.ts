@@ -60,7 +60,7 @@ export interface OutboundProxyOptions extends ProxyLimitOptions {
 /**
  * How long the outbound side waits for the response to a CONNECT: the destination agent's own
  * deadline for its connect to the application (CONNECT_TIMEOUT_MS), plus 5 s for the round trip
- * and a busy peer. A peer that acknowledges PINGs but never responds to a CONNECT then holds the
+ * and a busy peer. A peer that acknowledges PINGs but never responds to a CONNECT then keeps the
  * pod's outbound slot for this long, not forever.
  */
 export const CONNECT_RESPONSE_TIMEOUT_MS = CONNECT_TIMEOUT_MS + 5_000;
@@ -284,7 +284,7 @@ export class OutboundProxy {
     }
   }
 
-  /** Returns the route that #admit looked up; throws the denial when capture recorded no original destination. */
+  /** Returns the route that #admit looked up, and throws the denial when capture recorded no original destination. */
   #checkedRoute(client: net.Socket, record: ConnectionRecord, route: Route | undefined): Route {
     if (client.remoteAddress === undefined) {
       throw new AgentError("STREAM_RESET", "the client reset the connection before the agent accepted it");
@@ -453,7 +453,7 @@ export class OutboundProxy {
  */
 const MAX_TUNNEL_ATTEMPTS = 2;
 
-/** Tells whether a canonical IP (normalizeIp) is a loopback address: 127.0.0.0/8 or ::1. */
+/** Returns whether a canonical IP (normalizeIp) is a loopback address: 127.0.0.0/8 or ::1. */
 function isLoopbackIp(ip: string): boolean {
   return ip.startsWith("127.") || ip === "::1";
 }

@@ -30,7 +30,7 @@ export interface RefusalLogOptions {
 interface FoldEntry {
   /** Time in ms at which the window ends and the folded refusals are written. */
   windowEnd: number;
-  /** Refusals since the last record; 0 when none came after it. */
+  /** Refusals since the last record, or 0 when none came after it. */
   pending: number;
   /** RFC 3339 time of the first pending refusal. */
   firstTime: string;
@@ -43,7 +43,7 @@ interface FoldEntry {
 const DEFAULT_WINDOW_MS = 10_000;
 const DEFAULT_MAX_KEYS = 1024;
 
-/** Counts refusals and writes their folded `connection.refused` records; one per agent. */
+/** Counts refusals and writes their folded `connection.refused` records. The agent has one. */
 export class RefusalLog {
   readonly #node: string;
   readonly #audit: AuditRecorder;
@@ -102,7 +102,7 @@ export class RefusalLog {
     return [...this.#totals.values()].map((total) => ({ ...total }));
   }
 
-  /** Writes every pending folded record and clears the windows; called at agent stop. */
+  /** Writes every pending folded record and clears the windows. The agent calls it at stop. */
   flush(): void {
     clearTimeout(this.#timer);
     this.#timer = undefined;
@@ -194,7 +194,7 @@ const CLOSE_REASONS: Partial<Record<ErrorCode, RefusalReason>> = {
   IDLE_TIMEOUT: "idle_timeout",
 };
 
-/** Returns the refusal reason of an error that a limit raised, for RefusalLog.countClosed; undefined for other errors. */
+/** Returns the refusal reason of an error that a limit raised, for RefusalLog.countClosed, or undefined for other errors. */
 export function closeReasonOf(error: unknown): RefusalReason | undefined {
   return error instanceof AgentError ? CLOSE_REASONS[error.code] : undefined;
 }

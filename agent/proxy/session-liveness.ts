@@ -55,17 +55,17 @@ export type DeadSessionHandler = (stalled: boolean) => void;
 interface Progress {
   read: number;
   written: number;
-  /** The TCP peer's unacknowledged bytes; undefined when unknown. */
+  /** The TCP peer's unacknowledged bytes, or undefined when unknown. */
   unacked: number | undefined;
 }
 
 /**
- * The liveness check of one HTTP/2 session; one timer, armed only while the session has open
- * streams. `tcp` is the TCP socket under the session, whose kernel send queue the check reads.
+ * The liveness check of one HTTP/2 session. It uses one timer, armed only while the session has
+ * open streams. `tcp` is the TCP socket under the session, whose kernel send queue the check reads.
  */
 export class SessionLiveness {
   #timer: NodeJS.Timeout | undefined;
-  /** The byte counts at the previous check; undefined before the first. */
+  /** The byte counts at the previous check, or undefined before the first. */
   #progress: Progress | undefined;
   /** Whether a PING of this check waits for its acknowledgement. */
   #pinging = false;
@@ -78,12 +78,12 @@ export class SessionLiveness {
     private readonly onDead: DeadSessionHandler,
   ) {}
 
-  /** Starts the checks unless they run already; call it when the session gets an open stream. */
+  /** Starts the checks unless they run already. Call it when the session gets an open stream. */
   start(): void {
     if (this.#timer === undefined && !this.session.destroyed) this.#arm(this.timing.intervalMs);
   }
 
-  /** Stops the checks; call it when the session closes. */
+  /** Stops the checks. Call it when the session closes. */
   stop(): void {
     clearTimeout(this.#timer);
     this.#timer = undefined;
@@ -120,7 +120,7 @@ export class SessionLiveness {
     this.#arm(this.timing.pingTimeoutMs);
   }
 
-  /** Tells whether the session read or wrote a byte, or its kernel send queue changed, since the previous call. */
+  /** Returns whether the session read or wrote a byte, or its kernel send queue changed, since the previous call. */
   #moved(): boolean {
     const socket = this.session.socket;
     const previous = this.#progress;

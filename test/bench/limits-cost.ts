@@ -1,7 +1,7 @@
-// What the proxy limits cost on the data path, in the benchmark process: the same loopback copy
-// through copyBidirectional with and without CopyLimits (the idle timer stamp and the node-wide
-// buffered-bytes count per chunk), in alternating rounds, and one acquire and release of a per-pod
-// slot in the LimitTracker.
+// Measures what the proxy limits cost on the data path, in the benchmark process. It runs the same
+// loopback copy through copyBidirectional with and without CopyLimits in alternating rounds. CopyLimits
+// add the idle timer stamp and the node-wide buffered-bytes count per chunk. It also times one acquire
+// and release of a per-pod slot in the LimitTracker.
 
 import net from "node:net";
 import { copyBidirectional, tcpEndpoint, type CopyLimits } from "../../agent/proxy/copy";

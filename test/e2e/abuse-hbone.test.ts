@@ -140,7 +140,7 @@ interface AbuseCase {
   reason: string;
   /** Runs the abuse and resolves when it is over. */
   abuse(): Promise<void>;
-  /** Checks the audit trail; by default a connection.refused record with `reason` from the attacker. */
+  /** Checks the audit trail. By default it expects a connection.refused record with `reason` from the attacker. */
   recorded?(t: ExecutionContext): Promise<void>;
 }
 
@@ -169,7 +169,7 @@ async function hboneConnection(attacker: string, parameters: ReadonlyArray<reado
   return connection;
 }
 
-/** Resolves when the server closed the connection, or destroys it after `timeoutMs`; returns whether the server closed it. */
+/** Waits until the server closes the connection or `timeoutMs` pass, then destroys it. Resolves with whether the server closed it. */
 async function serverClosed(connection: RawH2Connection, timeoutMs = 10_000): Promise<boolean> {
   const closed = await Promise.race([connection.closed.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), timeoutMs))]);
   connection.destroy();

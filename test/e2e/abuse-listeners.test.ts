@@ -248,12 +248,13 @@ test.serial("15008 unfinished TLS handshake is closed", async (t) => {
 
 test.serial("HTTP servers drop slow and excess clients", async (t) => {
   // Pod outsider is outside the mesh, so it reaches the node's metrics and readiness servers directly.
-  // The admin API only listens on 127.0.0.1: a client on 127.0.0.2 in the node's namespace stands in for a remote one.
+  // The admin API only listens on 127.0.0.1, so a client on 127.0.0.2 in the node's namespace acts as a remote one.
   const c = abuse.cluster;
   const extra = 3;
   const count = String(SERVER_PER_SOURCE_LIMIT + extra);
   const listeners = ["metrics", "readiness", "admin"];
   const timeoutsBefore = await Promise.all(listeners.map((listener) => abuse.refusedTotal(CLIENT_NODE, listener, "request_timeout")));
+
   const runs = await checkAbuse(
     t,
     [
@@ -266,6 +267,7 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
         startSlowClient(c.topology, c.topology.node(CLIENT_NODE).netns, ["hold", "127.0.0.1", "15000", count, "300", "9000", REQUEST, "127.0.0.2"]).done,
       ]),
   );
+
   for (const [index, listener] of listeners.entries()) {
     const connections = runs[index].connections;
     const dropped = connections.filter((connection) => connection.received === 0 && connection.closedMs !== null && connection.closedMs < 1_000);
@@ -273,15 +275,19 @@ test.serial("HTTP servers drop slow and excess clients", async (t) => {
     t.is(dropped.length, extra, `${listener}: connections dropped at once: ${JSON.stringify(connections)}`);
     t.is(timedOut.length, SERVER_PER_SOURCE_LIMIT, `${listener}: connections closed with 408: ${JSON.stringify(connections)}`);
     for (const connection of timedOut) t.true(connection.closedMs! < SERVER_HEADERS_TIMEOUT_MS + 3_000, `${listener}: a trickling client held its slot for ${connection.closedMs} ms`);
+
     const refused = c.auditRecords(CLIENT_NODE, "connection.refused").filter(refusedFor("admin_connections", listener));
     t.true(refused.length > 0, `no admin_connections refusal of the ${listener} server was recorded`);
+
     // The first 408 of each client address is written at once; the others are folded into a later record.
     const timeoutRecords = c.auditRecords(CLIENT_NODE, "connection.refused").filter(refusedFor("request_timeout", listener));
     t.true(timeoutRecords.length > 0, `no request_timeout refusal of the ${listener} server was recorded`);
     t.true(timeoutRecords.every((record) => record.limit === SERVER_HEADERS_TIMEOUT_MS / 1000), `${listener}: ${JSON.stringify(timeoutRecords)}`);
+
     const timeoutsAfter = await abuse.refusedTotal(CLIENT_NODE, listener, "request_timeout");
     t.true(timeoutsAfter - timeoutsBefore[index] >= timedOut.length, `${listener}: ${timedOut.length} clients got 408, the counter rose by ${timeoutsAfter - timeoutsBefore[index]}`);
   }
+
   // The slots are free again.
   t.is((await curlInNetns(abuse.netnsOf("outsider"), [`http://${abuse.nodeAddress(CLIENT_NODE)}:15020/metrics`])).status, 200);
   t.is((await curlInNetns(c.topology.node(CLIENT_NODE).netns, ["--interface", "127.0.0.2", "http://127.0.0.1:15000/healthz/ready"])).status, 200);

@@ -202,7 +202,7 @@ async function slowWriters(tally: SoakTally, deadline: number): Promise<void> {
   tally.slowConnections += summary.connections.length;
 }
 
-/** Opens more connections from greedy than the per-pod limit takes, and holds them for 2 s. */
+/** Opens more connections from greedy than the per-pod limit takes, and keeps them open for 2 s. */
 async function greedyBurst(tally: SoakTally): Promise<void> {
   const summary = await startSlowClient(abuse.cluster.topology, abuse.netnsOf("greedy"), ["hold", abuse.ipOf("db"), String(NEVER_READ_PORT), String(PER_POD_LIMIT + 4), "100", "2000"]).done;
   tally.greedyConnections += summary.connections.length;

@@ -10,22 +10,9 @@ import net from "node:net";
 import { once } from "node:events";
 import { copyBidirectional, streamEndpoint, tcpEndpoint } from "../../agent/proxy/copy";
 import { BufferedBytes } from "../../agent/proxy/buffered-bytes";
+import { socketPair } from "../harness/socket-pair";
 
-/** Returns both ends of a TCP connection on loopback. */
-async function socketPair(): Promise<{ near: net.Socket; far: net.Socket }> {
-  const server = net.createServer({ allowHalfOpen: true });
-  server.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const { port } = server.address() as net.AddressInfo;
-  const accepted = once(server, "connection");
-  const near = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true });
-  const [far] = (await accepted) as [net.Socket];
-  await once(near, "connect");
-  server.close();
-  return { near, far };
-}
-
-/** Two loopback connections joined by a copy: client → (copy) → app, with the idle timeout `idleTimeoutMs`. */
+/** Joins two loopback connections by a copy with the idle timeout `idleTimeoutMs`: client → (copy) → app. */
 async function proxiedPair(idleTimeoutMs: number) {
   const client = await socketPair();
   const app = await socketPair();

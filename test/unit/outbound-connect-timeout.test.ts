@@ -1,5 +1,5 @@
-// The deadline of the answer to a CONNECT: a destination that completes TLS and HTTP/2, and answers
-// PINGs, but never answers a CONNECT, must not hold the source pod's outbound slot forever.
+// The deadline of the response to a CONNECT: a destination that completes TLS and HTTP/2 and acknowledges
+// PINGs, but never responds to a CONNECT, must not keep the source pod's outbound slot forever.
 // Real outbound proxy, TLS and HTTP/2 on loopback; the destination is a bare HTTP/2 server.
 
 import test, { type ExecutionContext } from "ava";
@@ -17,7 +17,7 @@ import { LoopbackPodNetwork, MemorySink, createCa, identity, workload } from "./
 const CLIENT_IP = "127.77.241.1";
 const SERVER_IP = "127.77.241.2";
 
-/** An HBONE server that accepts every CONNECT stream and never sends a response; keeps them in `streams`. */
+/** Starts an HBONE server that accepts every CONNECT stream, never sends a response and keeps the streams in the returned array. */
 async function startSilentServer(t: ExecutionContext, certificate: Parameters<typeof hboneTlsOptions>[0]): Promise<http2.ServerHttp2Stream[]> {
   const streams: http2.ServerHttp2Stream[] = [];
   const sessions = new Set<http2.ServerHttp2Session>();

@@ -32,9 +32,9 @@ import { delay, openClientSession, openTunnel, startInboundPod, type InboundPod 
 const APP_PORT = 8080;
 
 /**
- * Waits past the tick of a stream reset. NOTE: on Node 20.20, a client session destroyed in the
- * same tick as the server's RST_STREAM of one stream, while another stream is open, never returns
- * from destroy() and grows memory until std::bad_alloc; the teardown destroys the client sessions.
+ * Waits past the tick of a stream reset. NOTE: on Node 20.20, a client session can be destroyed in
+ * the same tick as the server's RST_STREAM of one stream while another stream is open. Its destroy()
+ * then never returns and memory grows until std::bad_alloc, so the teardown destroys the client sessions.
  */
 function afterReset(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));

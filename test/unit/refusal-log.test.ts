@@ -4,7 +4,7 @@ import { createLogger } from "../../agent/log";
 import { RefusalLog, closeReasonOf, type RefusalEvent } from "../../agent/proxy/refusal-log";
 import { AgentError } from "../../agent/errors";
 
-/** A RefusalLog writing into an array, with a logger that counts its warn lines. */
+/** Returns a RefusalLog that writes into an array, with a logger that counts its warn lines. */
 function refusalLog(options: { windowMs?: number; maxKeys?: number } = {}): { log: RefusalLog; records: ConnectionRefusedRecord[]; warnings: () => number } {
   const records: ConnectionRefusedRecord[] = [];
   const logger = createLogger({}, "silent");

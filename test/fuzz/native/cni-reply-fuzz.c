@@ -24,7 +24,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	int pair[2], status = -1;
 	ssize_t length;
 
-	/* The socket buffer holds the whole input, so one thread can write it all before reading. */
+	/* The socket buffer keeps the whole input, so one thread can write it all before reading. */
 	if (size > 64 * 1024)
 		return -1;
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0)

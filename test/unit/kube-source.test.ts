@@ -415,7 +415,13 @@ test("annotator restores a removed annotation", async (t) => {
   const enrolled = new Set(["apps/web"]);
   const onNode = () => [...source.snapshot().workloads.values()].filter((workload) => workload.nodeName === "node1");
   const annotator = new RedirectionAnnotator(client, quietLogger(), () => ({ podsOnNode: onNode(), enrolled }), 300);
-  t.teardown(() => annotator.stop());
+  // The agent syncs on every change of the cluster view, so a removal seen after the recheck is acted on too.
+  const onChange = (): void => annotator.sync(onNode(), enrolled);
+  source.on("change", onChange);
+  t.teardown(() => {
+    source.off("change", onChange);
+    annotator.stop();
+  });
   annotator.sync(onNode(), enrolled);
   await waitFor(() => annotationOf(api, "web") === "enabled", "the first write");
   // Another writer removes it at once, before the agent's own write comes back in the watch.

@@ -11,7 +11,7 @@ import { spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { testPrefixFamily, type LogLine } from "../harness/agent-process";
-import { curl, type CurlResult } from "../harness/clients";
+import { curl, curlWasReset, type CurlResult } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { writeManifest, type NamespaceSpec } from "../harness/manifests";
 import { listNetns, type NodeSpec, type Topology } from "../harness/topology";
@@ -24,8 +24,6 @@ const HTTP_PORTS = [8080, 8081];
 const ECHO_PORT = 9000;
 /** The manifest file that contains the policies of the running case. Each case replaces it. */
 const CASE_FILE = "case.yaml";
-/** curl's exit codes for a connection that the agent resets: 56 after the connect completed, 7 when the reset came first. */
-const RESET_EXIT_CODES = [7, 56];
 const ALTERNATE_ROOT = "mesh-root";
 
 const ALPHA = "cluster.local/ns/clients/sa/alpha";
@@ -173,8 +171,7 @@ async function httpGet(client: string, server: string, port: number): Promise<At
   return {
     received: result.body.toString(),
     succeeded: result.exitCode === 0 && result.status === 200,
-    // A reset between the connect and curl's getpeername() call shows as exit 55 with ENOTCONN.
-    reset: RESET_EXIT_CODES.includes(result.exitCode) || (result.exitCode === 55 && /getpeername\(\) failed/.test(result.stderr)),
+    reset: curlWasReset(result),
     exitCode: result.exitCode,
     stderr: result.stderr,
     record,

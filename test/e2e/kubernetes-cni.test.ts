@@ -13,7 +13,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { PLUGIN_TYPE } from "../../agent/cni/chain";
 import { AGENTCTL_BIN, REPO_ROOT, testPrefixFamily, type LogLine } from "../harness/agent-process";
-import { curl, startHttpServer } from "../harness/clients";
+import { curl, curlWasReset, startHttpServer } from "../harness/clients";
 import { assertHostCapable, Cluster, removeLeftovers } from "../harness/cluster";
 import { podObject } from "../harness/kube-objects";
 import { registerPid } from "../harness/pid-registry";
@@ -30,8 +30,6 @@ const CNI_TIMEOUT_SECONDS = 3;
 /** Bounds a plugin run, so that a plugin that hangs fails its test instead of ava's timeout. */
 const PLUGIN_KILL_MS = 20_000;
 const FRESH_PRINCIPAL = "cluster.local/ns/shop/sa/fresh";
-/** curl's exit codes for a connection that the agent resets: 56 after the connect completed, 7 when the reset came first. */
-const RESET_EXIT_CODES = [7, 56];
 
 const NODES: NodeSpec[] = [
   { name: CNI_NODE, pods: [{ name: "early", namespace: "shop", serviceAccount: "early" }] },
@@ -315,7 +313,7 @@ test.serial("ADD returns once the pod is captured", async (t) => {
   t.is(allowedRecord.transport, "hbone");
   t.is(allowedRecord.src.identity, `spiffe://${FRESH_PRINCIPAL}`);
 
-  t.true(RESET_EXIT_CODES.includes(deniedResult.exitCode), `curl to ledger: exit ${deniedResult.exitCode} ${deniedResult.stderr}`);
+  t.true(curlWasReset(deniedResult), `curl to ledger: exit ${deniedResult.exitCode} ${deniedResult.stderr}`);
   const deniedRecord = await inboundRecord(mark, pod, "ledger");
   t.is(deniedRecord.transport, "hbone");
   t.is(deniedRecord.decision, "deny");
@@ -362,7 +360,7 @@ test.serial("replaced sandbox with the same IP is captured", async (t) => {
   const second = await runPlugin("ADD", replaced);
   assertPrevResult(t, second, replaced);
   const denied = await curl(c.topology, "resandbox", `http://${c.topology.pod("ledger").ip}:8080/`, 5);
-  t.true(RESET_EXIT_CODES.includes(denied.exitCode), `curl to ledger from the new sandbox: exit ${denied.exitCode} ${denied.stderr}`);
+  t.true(curlWasReset(denied), `curl to ledger from the new sandbox: exit ${denied.exitCode} ${denied.stderr}`);
   const record = await inboundRecord(mark, replaced, "ledger");
   t.is(record.transport, "hbone");
   t.is(record.decision, "deny");
@@ -422,7 +420,7 @@ test.serial("restart keeps CNI pod before its IP", async (t) => {
   t.is(podIpOf("restarter"), undefined, "the kubelet has not reported the IP yet");
   const mark = c.auditRecords(SERVER_NODE).length;
   const denied = await curl(c.topology, "restarter", `http://${c.topology.pod("ledger").ip}:8080/`, 5);
-  t.true(RESET_EXIT_CODES.includes(denied.exitCode), `curl to ledger after the restart: exit ${denied.exitCode} ${denied.stderr}`);
+  t.true(curlWasReset(denied), `curl to ledger after the restart: exit ${denied.exitCode} ${denied.stderr}`);
   const record = await inboundRecord(mark, pod, "ledger");
   t.is(record.transport, "hbone");
   t.is(record.decision, "deny");

@@ -34,6 +34,16 @@ export function curl(topology: Topology, pod: string, url: string, timeoutSecond
   });
 }
 
+/**
+ * True when curl saw its connection reset or refused: exit 7 when the reset came before the connect
+ * completed, 56 after it, and 55 with ENOTCONN when it came between the connect and curl's
+ * getpeername() call.
+ */
+export function curlWasReset(result: Pick<CurlResult, "exitCode" | "stderr">): boolean {
+  if (result.exitCode === 7 || result.exitCode === 56) return true;
+  return result.exitCode === 55 && /getpeername\(\) failed/.test(result.stderr);
+}
+
 /** Starts python3's HTTP server in a pod, serving `root` on `port`, and waits until it accepts connections. */
 export async function startHttpServer(topology: Topology, pod: string, root: string, port: number): Promise<ChildProcess> {
   // Its request log goes nowhere: the tests read the agents' audit records instead.

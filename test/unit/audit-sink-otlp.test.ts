@@ -269,20 +269,22 @@ test("RESOURCE_EXHAUSTED and INTERNAL reject", async (t) => {
 
 test("deadline exceeded rejects within timeout", async (t) => {
   const receiver = await startReceiver(t);
-  const sink = createSink(t, { endpoint: receiver.address, timeoutMs: 300 });
+  // The deadline leaves room for a loaded machine, and the delayed reply comes far later.
+  const sink = createSink(t, { endpoint: receiver.address, timeoutMs: 1_500 });
   const batch = batchOf(2);
   await sink.send(batchOf(1, 100));
-  receiver.delayNext(1_000);
+  receiver.delayNext(6_000);
 
   const started = Date.now();
   const error = await t.throwsAsync(sink.send(batch));
   t.true(error!.message.includes("DEADLINE_EXCEEDED"));
-  t.true(Date.now() - started < 900);
+  t.true(Date.now() - started < 5_000, "the send waited for the late reply instead of its deadline");
 
   // The late call still lands at the receiver, so the resend is a duplicate that de-dup removes.
   await sink.send(batch);
-  await receiver.waitForUnique(3, 5_000);
-  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  await receiver.waitForUnique(3, 10_000);
+  const landed = Date.now() + 15_000;
+  while (receiver.records.length < 5 && Date.now() < landed) await new Promise((resolve) => setTimeout(resolve, 50));
   t.is(receiver.uniqueRecords().length, 3);
   t.is(receiver.duplicateCount(), 2);
 });

@@ -209,6 +209,8 @@ function roundTrip(stream: http2.ClientHttp2Stream, text: string): Promise<strin
     };
     stream.on("data", onData);
     stream.once("error", reject);
+    // A stream that ends first would leave the promise pending until ava's timeout.
+    stream.once("close", () => reject(new Error(`the stream closed after ${received.length} of ${text.length} bytes came back`)));
     stream.write(text);
   });
 }
@@ -384,10 +386,11 @@ test("missed PING acknowledgement destroys the connection", async (t) => {
 test("answered PINGs keep the connection", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.66.2", port: HBONE_PORT });
-  const setup = createPool(t, 66, certManager(t, ca), { pingIntervalMs: 50, pingTimeoutMs: 100 });
+  // Dozens of PINGs go out during the wait, and it outlasts the timeout, which is wide enough for a loaded machine.
+  const setup = createPool(t, 66, certManager(t, ca), { pingIntervalMs: 50, pingTimeoutMs: 1_000 });
 
   const stream = await openTunnel(setup, 66);
-  await new Promise((resolve) => setTimeout(resolve, 500));
+  await new Promise((resolve) => setTimeout(resolve, 2_500));
 
   t.is(await roundTrip(stream, "still here"), "still here");
   t.is(pooledConnections(setup.pool), 1);

@@ -200,14 +200,16 @@ test.serial("EndpointSlice Service routes VIP to listed pod", async (t) => {
   // No selector: only the slice can give the Service an endpoint.
   kube.put(serviceObject("shop", "api-sliced", SLICE_VIP, [{ name: "http", port: 80, targetPort: HTTP_PORT }]));
   kube.put(endpointSliceObject("api-sliced", "api-sliced-1", [api], [{ name: "http", port: HTTP_PORT }]));
-  // The agent routes the VIP once both objects reached it. Until then the client's connection fails.
-  const fetchVip = () => fetchFromClient(`http://${SLICE_VIP}/`, `${api.ip}:${HTTP_PORT}`, `${SLICE_VIP}:80`);
-  const deadline = Date.now() + 10_000;
-  let attempt = await fetchVip();
-  while (attempt.result.exitCode !== 0 && Date.now() < deadline) {
+  // The agent routes the VIP once both objects reached it. Until then the client's connection fails,
+  // and its record may come only after the agent's own connect timeout, so the wait reads no record.
+  const deadline = Date.now() + 30_000;
+  let routed = await curl(c.topology, "client", `http://${SLICE_VIP}/`, 5);
+  while (routed.exitCode !== 0 && Date.now() < deadline) {
     await new Promise((resolve) => setTimeout(resolve, 200));
-    attempt = await fetchVip();
+    routed = await curl(c.topology, "client", `http://${SLICE_VIP}/`, 5);
   }
+  t.is(routed.exitCode, 0, routed.stderr);
+  const attempt = await fetchFromClient(`http://${SLICE_VIP}/`, `${api.ip}:${HTTP_PORT}`);
   t.is(attempt.result.exitCode, 0, attempt.result.stderr);
   t.is(attempt.result.body.toString(), "api\n");
   t.is(attempt.outbound.dst.service, "shop/api-sliced");

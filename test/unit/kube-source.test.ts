@@ -407,6 +407,22 @@ test("annotator marks and unmarks once", async (t) => {
   t.is(annotator.pending(), 0);
 });
 
+test("annotator writes again when the pod never shows its value", async (t) => {
+  // Only the recheck can act here: nothing syncs on changes, and the pods it reads never show the write.
+  const { api, source, client } = await setUp(t);
+  api.put(namespace("apps"));
+  api.put(pod("web", "node1", "10.1.0.5"));
+  await source.start();
+  const enrolled = new Set(["apps/web"]);
+  const before = [...source.snapshot().workloads.values()].filter((workload) => workload.nodeName === "node1");
+  const annotator = new RedirectionAnnotator(client, quietLogger(), () => ({ podsOnNode: before, enrolled }), 300);
+  t.teardown(() => annotator.stop());
+  const patches = (): number => api.requests.filter((request) => request.method === "PATCH").length;
+  annotator.sync(before, enrolled);
+  await waitFor(() => patches() >= 2, "a second write after the 300 ms trust period");
+  t.true(patches() >= 2);
+});
+
 test("annotator restores a removed annotation", async (t) => {
   const { api, source, client } = await setUp(t);
   api.put(namespace("apps"));

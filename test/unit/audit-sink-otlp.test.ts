@@ -283,10 +283,10 @@ test("deadline exceeded rejects within timeout", async (t) => {
   // The late call still lands at the receiver, so the resend is a duplicate that de-dup removes.
   await sink.send(batch);
   await receiver.waitForUnique(3, 10_000);
-  const landed = Date.now() + 15_000;
-  while (receiver.records.length < 5 && Date.now() < landed) await new Promise((resolve) => setTimeout(resolve, 50));
+  const lateReplyDeadline = Date.now() + 15_000;
+  while (receiver.records.length < 5 && Date.now() < lateReplyDeadline) await new Promise((resolve) => setTimeout(resolve, 50));
   t.is(receiver.uniqueRecords().length, 3);
-  t.is(receiver.duplicateCount(), 2);
+  t.is(receiver.duplicateCount(), 2, "the late call did not land");
 });
 
 test("partial success resolves and warns", async (t) => {

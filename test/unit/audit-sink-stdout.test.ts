@@ -133,7 +133,7 @@ function settledWithin(promise: Promise<unknown>, ms: number): Promise<unknown> 
 
 test("stdout blocked reader times out, then recovers", async (t) => {
   const { stream, received, release } = stuckWritable(16);
-  // The drain timeout is long enough that a loaded machine cannot make "at once" look like it.
+  // A 1 s drain timeout keeps "at once" apart from "after the timeout", even on a loaded machine.
   const sink = new StdoutSink(silentLogger(), stream, { drainTimeoutMs: 1_000 });
   const chain = buildChain(4);
 

@@ -197,20 +197,25 @@ async function openTunnel(setup: PoolSetup, subnet: number): Promise<http2.Clien
 }
 
 /** Writes `text` into a tunnel and resolves with what the echo server sends back. */
+/** Writes `text` and resolves with the echo; rejects when the stream is or becomes closed, or after 5 s. */
 function roundTrip(stream: http2.ClientHttp2Stream, text: string): Promise<string> {
+  if (stream.destroyed || stream.closed) return Promise.reject(new Error(`the stream was closed before the round trip (RST_STREAM code ${stream.rstCode})`));
   return new Promise((resolve, reject) => {
     let received = "";
+    const timer = setTimeout(() => reject(new Error(`${received.length} of ${text.length} bytes came back within 5 s`)), 5_000);
+    const settle = (error?: Error): void => {
+      clearTimeout(timer);
+      stream.off("data", onData);
+      if (error) reject(error);
+      else resolve(received);
+    };
     const onData = (chunk: Buffer): void => {
       received += chunk.toString();
-      if (received.length >= text.length) {
-        stream.off("data", onData);
-        resolve(received);
-      }
+      if (received.length >= text.length) settle();
     };
     stream.on("data", onData);
-    stream.once("error", reject);
-    // A stream that ends first would leave the promise pending until ava's timeout.
-    stream.once("close", () => reject(new Error(`the stream closed after ${received.length} of ${text.length} bytes came back`)));
+    stream.once("error", settle);
+    stream.once("close", () => settle(new Error(`the stream closed after ${received.length} of ${text.length} bytes came back (RST_STREAM code ${stream.rstCode})`)));
     stream.write(text);
   });
 }
@@ -386,14 +391,15 @@ test("missed PING acknowledgement destroys the connection", async (t) => {
 test("answered PINGs keep the connection", async (t) => {
   const ca = await createCa(t);
   const server = await startServer(t, ca, { ip: "127.77.66.2", port: HBONE_PORT });
-  // Dozens of PINGs go out during the wait, and it outlasts the timeout, which is wide enough for a loaded machine.
+  // The 2.5 s wait is longer than the 1 s PING timeout, so a PING whose acknowledgement the pool
+  // failed to count would destroy the connection before the round trip.
   const setup = createPool(t, 66, certManager(t, ca), { pingIntervalMs: 50, pingTimeoutMs: 1_000 });
 
   const stream = await openTunnel(setup, 66);
   await new Promise((resolve) => setTimeout(resolve, 2_500));
 
-  t.is(await roundTrip(stream, "still here"), "still here");
   t.is(pooledConnections(setup.pool), 1);
+  t.is(await roundTrip(stream, "still here"), "still here");
   t.is(server.sessions, 1);
   stream.close();
 });

@@ -7,7 +7,7 @@ import path from "node:path";
 import type { Topology } from "./topology";
 
 export interface CurlResult {
-  /** curl's exit code: 0 on success, 7 refused, 28 timed out, 52 empty reply, 56 receive failure (reset). */
+  /** curl's exit code: 0 on success, 7 refused, 28 timed out, 52 empty reply, 55 send failure, 56 receive failure (reset). */
   exitCode: number;
   /** The HTTP status, 0 when no response arrived. */
   status: number;
@@ -36,12 +36,14 @@ export function curl(topology: Topology, pod: string, url: string, timeoutSecond
 
 /**
  * True when curl saw its connection reset or refused: exit 7 when the reset came before the connect
- * completed, 56 after it, and 55 with ENOTCONN when it came between the connect and curl's
- * getpeername() call.
+ * completed, 56 after it, and 55 with ENOTCONN (errno 107) when it came between the connect and
+ * curl's getpeername() call.
+ * NOTE: curl 7.88 prints the same message for every exit 7, so an unreachable address passes too;
+ * the callers also check the agent's audit record of the refusal.
  */
 export function curlWasReset(result: Pick<CurlResult, "exitCode" | "stderr">): boolean {
   if (result.exitCode === 7 || result.exitCode === 56) return true;
-  return result.exitCode === 55 && /getpeername\(\) failed/.test(result.stderr);
+  return result.exitCode === 55 && /getpeername\(\) failed with errno 107\b/.test(result.stderr);
 }
 
 /** Starts python3's HTTP server in a pod, serving `root` on `port`, and waits until it accepts connections. */

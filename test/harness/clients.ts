@@ -38,8 +38,8 @@ export function curl(topology: Topology, pod: string, url: string, timeoutSecond
  * True when curl saw its connection reset or refused: exit 7 when the reset came before the connect
  * completed, 56 after it, and 55 with ENOTCONN (errno 107) when it came between the connect and
  * curl's getpeername() call.
- * NOTE: curl 7.88 prints the same message for every exit 7, so an unreachable address passes too;
- * the callers also check the agent's audit record of the refusal.
+ * NOTE: curl 7.88 prints the same message for every exit 7, so an unreachable address passes too.
+ * The callers also check the agent's audit record of the refusal.
  */
 export function curlWasReset(result: Pick<CurlResult, "exitCode" | "stderr">): boolean {
   if (result.exitCode === 7 || result.exitCode === 56) return true;

@@ -418,9 +418,12 @@ test("annotator writes again when the pod never shows its value", async (t) => {
   const annotator = new RedirectionAnnotator(client, quietLogger(), () => ({ podsOnNode: before, enrolled }), 300);
   t.teardown(() => annotator.stop());
   const patches = (): number => api.requests.filter((request) => request.method === "PATCH").length;
+  const syncedAt = Date.now();
   annotator.sync(before, enrolled);
-  await waitFor(() => patches() >= 2, "a second write after the 300 ms trust period");
-  t.true(patches() >= 2);
+  await waitFor(() => patches() >= 2, "a second write");
+  // Load can only make this longer, so the lower bound holds on any machine.
+  const elapsed = Date.now() - syncedAt;
+  t.true(elapsed >= 300, `the second write came ${elapsed} ms after the sync, within the 300 ms trust period`);
 });
 
 test("annotator restores a removed annotation", async (t) => {

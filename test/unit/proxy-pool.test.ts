@@ -196,7 +196,6 @@ async function openTunnel(setup: PoolSetup, subnet: number): Promise<http2.Clien
   return stream;
 }
 
-/** Writes `text` into a tunnel and resolves with what the echo server sends back. */
 /** Writes `text` and resolves with the echo; rejects when the stream is or becomes closed, or after 5 s. */
 function roundTrip(stream: http2.ClientHttp2Stream, text: string): Promise<string> {
   if (stream.destroyed || stream.closed) return Promise.reject(new Error(`the stream was closed before the round trip (RST_STREAM code ${stream.rstCode})`));
@@ -398,7 +397,7 @@ test("answered PINGs keep the connection", async (t) => {
   const stream = await openTunnel(setup, 66);
   await new Promise((resolve) => setTimeout(resolve, 2_500));
 
-  t.is(pooledConnections(setup.pool), 1);
+  t.is(pooledConnections(setup.pool), 1, "the pool destroyed the connection during the PING wait");
   t.is(await roundTrip(stream, "still here"), "still here");
   t.is(server.sessions, 1);
   stream.close();

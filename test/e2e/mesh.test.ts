@@ -195,8 +195,8 @@ test.serial("20 MB transfer arrives byte-exact", async (t) => {
 });
 
 /**
- * Lists the last records since `marks` (record counts per node) whose error is not STREAM_RESET, for a
- * failure message: the resetting clients below make STREAM_RESET records by the hundred.
+ * Formats the last records since `marks` (record counts per node) whose error is not STREAM_RESET, for
+ * a failure message. The resetting clients below make hundreds of STREAM_RESET records.
  */
 function failedRecords(c: ReturnType<typeof theCluster>, marks: Record<string, number>): string {
   const failed = (node: string): string =>

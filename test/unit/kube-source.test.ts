@@ -407,8 +407,8 @@ test("annotator marks and unmarks once", async (t) => {
   t.is(annotator.pending(), 0);
 });
 
-test("annotator writes again when the pod never shows its value", async (t) => {
-  // Only the recheck can act here: nothing syncs on changes, and the pods it reads never show the write.
+test("annotator recheck rewrites an unseen value", async (t) => {
+  // Only the recheck can write again here, because nothing syncs on changes and the pods it reads never show the write.
   const { api, source, client } = await setUp(t);
   api.put(namespace("apps"));
   api.put(pod("web", "node1", "10.1.0.5"));

@@ -196,12 +196,12 @@ async function openTunnel(setup: PoolSetup, subnet: number): Promise<http2.Clien
   return stream;
 }
 
-/** Writes `text` and resolves with the echo; rejects when the stream is or becomes closed, or after 5 s. */
+/** Writes `text` and resolves with the echo. Rejects when the stream is or becomes closed, or after 5 s. */
 function roundTrip(stream: http2.ClientHttp2Stream, text: string): Promise<string> {
   if (stream.destroyed || stream.closed) return Promise.reject(new Error(`the stream was closed before the round trip (RST_STREAM code ${stream.rstCode})`));
   return new Promise((resolve, reject) => {
     let received = "";
-    const timer = setTimeout(() => reject(new Error(`${received.length} of ${text.length} bytes came back within 5 s`)), 5_000);
+    const timer = setTimeout(() => reject(new Error(`the round trip timed out after 5 s with ${received.length} of ${text.length} bytes back`)), 5_000);
     const settle = (error?: Error): void => {
       clearTimeout(timer);
       stream.off("data", onData);
